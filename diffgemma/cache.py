@@ -1,0 +1,92 @@
+"""The encoder KV cache: preallocated per layer, a ring buffer on sliding-window layers.
+
+Every layer's buffer ends with `canvas_length` spare slots. The decoder writes the canvas keys and values
+there on each denoising step, so a step concatenates nothing and never changes what the encoder stored.
+
+Positions are absolute token indices shared by the batch (left padding included, as in the reference);
+`valid` marks which stored slots are real tokens of each row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+
+@dataclass
+class LayerCache:
+    keys: torch.Tensor  # [batch, kv_heads, slots, head_dim]
+    values: torch.Tensor  # [batch, kv_heads, slots, head_dim]
+    positions: torch.Tensor  # [slots] absolute position held by each slot, -1 when empty
+    valid: torch.Tensor  # [batch, slots] slot holds a real (non-padding) token of that row
+    ring: int | None  # sliding layers: number of ring slots (window - 1); None for full attention
+
+
+class EncoderCache:
+    """Keys and values the encoder wrote, read by every decoder step of the following canvas."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        self.config = config
+        self.batch_size = batch_size
+        self.capacity = capacity
+        self.length = 0  # tokens encoded so far: the next token's position
+        self.layers: list[LayerCache] = []
+        for shape in config.layers:
+            ring = config.sliding_window - 1 if shape.is_sliding else None
+            stored = ring if ring is not None else capacity
+            self.layers.append(
+                self._allocate(stored + config.canvas_length, shape.num_kv_heads, shape.head_dim, ring, device, dtype)
+            )
+
+    def _allocate(
+        self, slots: int, kv_heads: int, head_dim: int, ring: int | None, device: torch.device | str, dtype
+    ) -> LayerCache:
+        shape = (self.batch_size, kv_heads, slots, head_dim)
+        return LayerCache(
+            keys=torch.zeros(shape, device=device, dtype=dtype),
+            values=torch.zeros(shape, device=device, dtype=dtype),
+            positions=torch.full((slots,), -1, dtype=torch.long, device=device),
+            valid=torch.zeros((self.batch_size, slots), dtype=torch.bool, device=device),
+            ring=ring,
+        )
+
+    def ensure_capacity(self, new_tokens: int) -> None:
+        """Grow the full-attention buffers (doubling) when the sequence outgrows them."""
+        needed = self.length + new_tokens
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        tail = self.config.canvas_length
+        for index, layer in enumerate(self.layers):
+            if layer.ring is not None:
+                continue
+            grown = self._allocate(
+                capacity + tail, layer.keys.shape[1], layer.keys.shape[3], None, layer.keys.device, layer.keys.dtype
+            )
+            grown.keys[:, :, : self.length] = layer.keys[:, :, : self.length]
+            grown.values[:, :, : self.length] = layer.values[:, :, : self.length]
+            grown.positions[: self.length] = layer.positions[: self.length]
+            grown.valid[:, : self.length] = layer.valid[:, : self.length]
+            self.layers[index] = grown
+        self.capacity = capacity
+
+    def stored_slots(self, layer: LayerCache) -> int:
+        """How many leading slots hold encoder tokens (the decoder's canvas goes right after them)."""
+        return layer.ring if layer.ring is not None else self.length
+
+    def memory_bytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for layer in self.layers
+            for t in (layer.keys, layer.values, layer.positions, layer.valid)
+        )

@@ -1,0 +1,339 @@
+"""Safetensors checkpoints in the reference layout: read straight into the model, written atomically.
+
+Reading parses each file's header itself and reads every tensor's bytes directly into the parameter that
+will hold it (or through one tensor-sized buffer when the dtype or device differs), so loading never keeps
+a second copy of the model in host memory, and a truncated or inconsistent file is caught before any read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ModelConfig, SamplerSettings
+from .errors import DiffGemmaError
+from .model import DiffusionGemma
+
+logger = logging.getLogger("diffgemma")
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DECODER = "model.decoder."
+ENCODER = "model.encoder.language_model."
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+if hasattr(torch, "float8_e4m3fn"):
+    DTYPES["F8_E4M3"] = torch.float8_e4m3fn
+    DTYPES["F8_E5M2"] = torch.float8_e5m2
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    path: Path
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """Parse and check a safetensors header: every tensor's bytes must lie inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise DiffGemmaError(f"{path}: truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8:
+                raise DiffGemmaError(f"{path}: truncated safetensors file (header runs past the end)")
+            raw = f.read(header_len)
+    except OSError as err:
+        raise DiffGemmaError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DiffGemmaError(f"{path}: not a safetensors file (unreadable header)") from None
+    base = 8 + header_len
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise DiffGemmaError(f"{path}: tensor `{name}` has unsupported dtype {entry.get('dtype')!r}")
+        start, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - start != numel * dtype.itemsize:
+            raise DiffGemmaError(f"{path}: tensor `{name}` byte range does not match its shape {list(shape)}")
+        if base + end > size:
+            raise DiffGemmaError(
+                f"{path}: truncated safetensors file: tensor `{name}` needs bytes up to {base + end}, "
+                f"the file has {size}"
+            )
+        tensors[name] = StoredTensor(path, name, dtype, shape, base + start, base + end)
+    return tensors
+
+
+def stored_tensors(folder: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a checkpoint folder, single-file or sharded through the index."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DiffGemmaError(f"{index_path}: not a valid safetensors index (no `weight_map`)") from None
+        tensors: dict[str, StoredTensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / shard
+            if not shard_path.is_file():
+                raise DiffGemmaError(f"{index_path}: names shard {shard!r}, which is missing from {folder}")
+            tensors.update(read_header(shard_path))
+        for name, shard in weight_map.items():
+            if name not in tensors or tensors[name].path.name != shard:
+                raise DiffGemmaError(f"{index_path}: tensor `{name}` is not in shard {shard!r}")
+        return tensors
+    single = folder / SINGLE_FILE
+    if not single.is_file():
+        raise DiffGemmaError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+    return read_header(single)
+
+
+def reference_name(name: str) -> str:
+    """Our state-dict name -> the reference checkpoint's tensor name."""
+    layer_prefix, _, rest = name.partition(".")
+    if layer_prefix == "layers" and rest.endswith(".encoder_layer_scalar"):
+        return f"{ENCODER}layers.{rest.split('.')[0]}.layer_scalar"
+    return DECODER + name
+
+
+def _own_name(ref_name: str) -> tuple[str | None, bool]:
+    """Reference name -> (our name or None, is a tied duplicate). Tied encoder copies and lm_head alias ours."""
+    if ref_name.startswith(DECODER):
+        return ref_name[len(DECODER) :], False
+    if ref_name.startswith(ENCODER):
+        rest = ref_name[len(ENCODER) :]
+        if rest.startswith("layers.") and rest.endswith(".layer_scalar"):
+            return rest.replace(".layer_scalar", ".encoder_layer_scalar"), False
+        return rest, True
+    if ref_name == "lm_head.weight":
+        return "embed_tokens.weight", True
+    return None, False
+
+
+def _read_into(stored: StoredTensor, target: torch.Tensor, handle) -> None:
+    """Read one tensor's bytes into `target` (same dtype, CPU) or via one temporary buffer."""
+    direct = target.device.type == "cpu" and target.dtype == stored.dtype and target.is_contiguous()
+    buffer = target if direct else torch.empty(stored.shape, dtype=stored.dtype)
+    view = buffer.reshape(-1).view(torch.uint8).numpy()
+    handle.seek(stored.start)
+    filled = 0
+    while filled < view.size:
+        count = handle.readinto(view[filled:])
+        if not count:
+            raise DiffGemmaError(f"{stored.path}: truncated while reading tensor `{stored.name}`")
+        filled += count
+    if not direct:
+        target.copy_(buffer)
+
+
+def read_tensor(stored: StoredTensor) -> torch.Tensor:
+    tensor = torch.empty(stored.shape, dtype=stored.dtype)
+    with open(stored.path, "rb") as handle:
+        _read_into(stored, tensor, handle)
+    return tensor
+
+
+def load_weights(model: DiffusionGemma, folder: Path) -> dict[str, StoredTensor]:
+    """Fill every parameter and buffer of `model` from the checkpoint in `folder`.
+
+    Returns the tensors that are not part of the text model (the vision tower), kept by reference so a save
+    can carry them over unchanged.
+    """
+    tensors = stored_tensors(folder)
+    targets = dict(model.named_parameters())
+    targets.update((name, buf) for name, buf in model.named_buffers())
+    plan: dict[str, StoredTensor] = {}
+    aliases: dict[str, StoredTensor] = {}
+    passthrough: dict[str, StoredTensor] = {}
+    for ref_name, stored in tensors.items():
+        if ref_name.startswith(VISION_PREFIXES):
+            passthrough[ref_name] = stored
+            continue
+        own, tied = _own_name(ref_name)
+        if own is None or own not in targets:
+            raise DiffGemmaError(f"{stored.path}: unexpected tensor `{ref_name}` (not part of a DiffusionGemma model)")
+        (aliases if tied else plan)[own] = stored
+    for own, stored in aliases.items():
+        plan.setdefault(own, stored)
+    missing = [reference_name(name) for name in targets if name not in plan]
+    if missing:
+        shown = ", ".join(f"`{name}`" for name in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DiffGemmaError(f"{folder}: checkpoint is missing tensor {shown}{more}")
+    for own, stored in plan.items():
+        expected = tuple(targets[own].shape)
+        if stored.shape != expected:
+            raise DiffGemmaError(
+                f"{stored.path}: tensor `{stored.name}` has shape {list(stored.shape)}, expected {list(expected)}"
+            )
+    if passthrough:
+        logger.warning("diffgemma: %s carries a vision tower; it is kept on disk, text only is loaded", folder)
+
+    by_file: dict[Path, list[tuple[str, StoredTensor]]] = {}
+    for own, stored in plan.items():
+        by_file.setdefault(stored.path, []).append((own, stored))
+    with torch.no_grad():
+        for path, entries in by_file.items():
+            with open(path, "rb") as handle:
+                for own, stored in sorted(entries, key=lambda item: item[1].start):
+                    _read_into(stored, targets[own], handle)
+    return passthrough
+
+
+def _shards(sizes: list[tuple[str, int]], max_bytes: int) -> Iterator[list[str]]:
+    """Group tensor names into shards of at most `max_bytes` (a larger tensor gets a shard of its own)."""
+    shard: list[str] = []
+    size = 0
+    for name, nbytes in sizes:
+        if shard and size + nbytes > max_bytes:
+            yield shard
+            shard, size = [], 0
+        shard.append(name)
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def generation_config_dict(settings: SamplerSettings) -> dict:
+    """Sampler defaults in the reference's generation_config.json layout."""
+    eos = list(settings.eos_token_id)
+    return {
+        "max_denoising_steps": settings.max_denoising_steps,
+        "sampler_config": {"entropy_bound": settings.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"},
+        "t_min": settings.t_min,
+        "t_max": settings.t_max,
+        "stability_threshold": settings.stability_threshold,
+        "confidence_threshold": settings.confidence_threshold,
+        "max_new_tokens": settings.max_new_tokens,
+        "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
+        "pad_token_id": settings.pad_token_id,
+        "return_dict_in_generate": True,
+    }
+
+
+def save_checkpoint(
+    model: DiffusionGemma,
+    settings: SamplerSettings,
+    folder: str | os.PathLike,
+    extra_files: dict[str, Path] | None = None,
+    passthrough: dict[str, StoredTensor] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    config: ModelConfig | None = None,
+) -> Path:
+    """Write `model` in the reference layout (loadable by `transformers`), atomically.
+
+    Everything goes to a temporary folder beside `folder` first; only a complete write replaces it, so a
+    failed save leaves the previous checkpoint (if any) as it was.
+    """
+    destination = Path(folder).absolute()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    config = config or model.config
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.saving-", dir=destination.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        state = [(reference_name(name), t) for name, t in model.state_dict().items()]
+        state += [(name, stored) for name, stored in (passthrough or {}).items()]
+        sizes = [(name, _nbytes(t)) for name, t in state]
+        weight_map: dict[str, str] = {}
+        shard_lists = list(_shards(sizes, max_shard_bytes))
+        lookup = dict(state)
+        for number, shard in enumerate(shard_lists, start=1):
+            filename = SINGLE_FILE
+            if len(shard_lists) > 1:
+                filename = f"model-{number:05d}-of-{len(shard_lists):05d}.safetensors"
+            tensors = {name: _materialize(lookup[name]) for name in shard}
+            save_file(tensors, str(staging / filename), metadata={"format": "pt"})
+            weight_map.update((name, filename) for name in tensors)
+        if len(shard_lists) > 1:
+            total = sum(size for _, size in sizes)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+        raw = dict(config.raw)
+        if not passthrough:
+            raw.pop("vision_config", None)
+        (staging / "config.json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
+        (staging / "generation_config.json").write_text(
+            json.dumps(generation_config_dict(settings), indent=2), encoding="utf-8"
+        )
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, staging / name)
+        # mkdtemp makes a private folder; a checkpoint gets the usual permissions.
+        os.chmod(staging, 0o777 & ~umask)
+        for path in staging.iterdir():
+            os.chmod(path, 0o666 & ~umask)
+        _swap_into_place(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination
+
+
+def _nbytes(tensor: torch.Tensor | StoredTensor) -> int:
+    if isinstance(tensor, StoredTensor):
+        return tensor.end - tensor.start
+    return tensor.numel() * tensor.element_size()
+
+
+def _materialize(tensor: torch.Tensor | StoredTensor) -> torch.Tensor:
+    if isinstance(tensor, StoredTensor):
+        return read_tensor(tensor)
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _swap_into_place(staging: Path, destination: Path) -> None:
+    """Replace `destination` by the finished `staging` folder; the old one is removed only afterwards."""
+    if not destination.exists():
+        os.replace(staging, destination)
+        return
+    if not destination.is_dir():
+        raise DiffGemmaError(f"{destination}: exists and is not a folder")
+    retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
+    os.rmdir(retired)
+    os.replace(destination, retired)
+    try:
+        os.replace(staging, destination)
+    except BaseException:
+        os.replace(retired, destination)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

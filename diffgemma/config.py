@@ -1,0 +1,394 @@
+"""Model shape and sampler defaults, read from a checkpoint's `config.json` and `generation_config.json`.
+
+The derived values (layer pattern, per-layer head shapes, RoPE tables) follow the reference
+`DiffusionGemmaTextConfig.__post_init__` exactly, so the same file means the same network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DiffGemmaError
+
+MODEL_TYPE = "diffusion_gemma"
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+LAYER_TYPES = (SLIDING, FULL)
+SLIDING_PATTERN = 6  # reference default when `layer_types` is absent: five sliding layers, then one full
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu")
+ROPE_TYPES = ("default", "proportional")
+DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+DEFAULT_GLOBAL_HEAD_DIM = 512
+
+# Keys without a safe default: a config.json without them describes no particular network.
+REQUIRED_TEXT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "top_k_experts",
+    "moe_intermediate_size",
+)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What differs between layers: attention kind, head size, KV heads and the RoPE table."""
+
+    layer_type: str
+    head_dim: int
+    num_kv_heads: int
+    rope_type: str
+    rope_theta: float
+    partial_rotary_factor: float
+    rope_factor: float
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.layer_type == SLIDING
+
+    @property
+    def shares_kv(self) -> bool:
+        """Full-attention layers have no v_proj: the key projection serves as the value (K=V)."""
+        return not self.is_sliding
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    layer_types: tuple[str, ...]
+    layers: tuple[AttentionShape, ...]
+    sliding_window: int
+    canvas_length: int = 256
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float = 30.0
+    attention_bias: bool = False
+    max_position_embeddings: int = 131_072
+    pad_token_id: int | None = 0
+    eos_token_id: tuple[int, ...] = (1,)
+    bos_token_id: int | None = 2
+    use_bidirectional_attention: str | None = None
+    has_vision: bool = False
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def embed_scale(self) -> float:
+        return self.hidden_size**0.5
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per token) text parameters, counting the tied embedding once."""
+        h = self.hidden_size
+        total = active = self.vocab_size * h + h  # embeddings (tied head) and final norm
+        sc = 3 * h * self.intermediate_size + h
+        total += sc
+        active += sc
+        for shape in self.layers:
+            q = self.num_attention_heads * shape.head_dim
+            kv = shape.num_kv_heads * shape.head_dim
+            attn = h * q + h * kv * (1 if shape.shares_kv else 2) + q * h + 2 * shape.head_dim
+            dense = 3 * h * self.intermediate_size
+            router = h * self.num_experts + h + self.num_experts
+            expert = 3 * h * self.moe_intermediate_size
+            norms = 7 * h
+            total += attn + dense + router + norms + self.num_experts * expert
+            active += attn + dense + router + norms + self.top_k_experts * expert
+        return total, active
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Sampler defaults: a checkpoint's generation_config.json, then the reference's global defaults."""
+
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_max: float = 0.8
+    t_min: float = 0.4
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    max_new_tokens: int = 256
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def replace(self, **overrides: Any) -> SamplerSettings:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise DiffGemmaError(f"unknown sampler setting(s): {', '.join(sorted(unknown))}")
+        if "eos_token_id" in overrides:
+            overrides["eos_token_id"] = _as_id_tuple(overrides["eos_token_id"], "eos_token_id", "call")
+        settings = dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        settings.validate("call arguments")
+        return settings
+
+    def validate(self, source: str) -> None:
+        def fail(key: str, expected: str) -> None:
+            raise DiffGemmaError(f"{source}: `{key}` must be {expected}, got {getattr(self, key)!r}")
+
+        if not _is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
+            fail("max_denoising_steps", "a positive integer")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+            fail("max_new_tokens", "a positive integer")
+        if not _is_number(self.entropy_bound) or self.entropy_bound <= 0:
+            fail("entropy_bound", "a number > 0")
+        if not _is_number(self.t_min) or self.t_min < 0:
+            fail("t_min", "a number >= 0")
+        if not _is_number(self.t_max) or self.t_max <= self.t_min:
+            fail("t_max", f"a number > t_min ({self.t_min})")
+        if not _is_int(self.stability_threshold) or self.stability_threshold < 0:
+            fail("stability_threshold", "an integer >= 0")
+        if not _is_number(self.confidence_threshold) or self.confidence_threshold <= 0:
+            fail("confidence_threshold", "a number > 0")
+        if self.pad_token_id is not None and not _is_int(self.pad_token_id):
+            fail("pad_token_id", "an integer or null")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _as_id_tuple(value: Any, key: str, source: str) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    values = value if isinstance(value, list | tuple) else [value]
+    if not all(_is_int(v) and v >= 0 for v in values):
+        raise DiffGemmaError(f"{source}: `{key}` must be a token id or a list of token ids, got {value!r}")
+    return tuple(values)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DiffGemmaError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DiffGemmaError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise DiffGemmaError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _layer_types(text: dict[str, Any], num_layers: int, where: str) -> tuple[str, ...]:
+    layer_types = text.get("layer_types")
+    if layer_types is None:
+        layer_types = [SLIDING if (i + 1) % SLIDING_PATTERN else FULL for i in range(num_layers)]
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+        raise DiffGemmaError(f"{where}: `layer_types` must be a list of {num_layers} entries (num_hidden_layers)")
+    for kind in layer_types:
+        if kind not in LAYER_TYPES:
+            raise DiffGemmaError(f"{where}: `layer_types` has {kind!r}; expected one of {LAYER_TYPES}")
+    # The reference forces the last layer to full attention.
+    return (*layer_types[:-1], FULL)
+
+
+def _full_layer_overrides(text: dict[str, Any], layer_types: tuple[str, ...], where: str) -> dict[int, dict]:
+    per_layer = text.get("per_layer_config")
+    if per_layer is None:
+        overrides: dict[str, Any] = {"head_dim": text.get("global_head_dim", DEFAULT_GLOBAL_HEAD_DIM)}
+        if text.get("num_global_key_value_heads") is not None:
+            overrides["num_key_value_heads"] = text["num_global_key_value_heads"]
+        return {i: overrides for i, kind in enumerate(layer_types) if kind == FULL}
+    if not isinstance(per_layer, dict):
+        raise DiffGemmaError(f"{where}: `per_layer_config` must be an object keyed by layer index")
+    result: dict[int, dict] = {}
+    for key, value in per_layer.items():
+        try:
+            index = int(key)
+        except ValueError:
+            raise DiffGemmaError(f"{where}: `per_layer_config` key {key!r} is not a layer index") from None
+        if not 0 <= index < len(layer_types) or not isinstance(value, dict):
+            raise DiffGemmaError(f"{where}: `per_layer_config.{key}` is not a valid layer entry")
+        unknown = set(value) - {"head_dim", "num_key_value_heads"}
+        if unknown:
+            raise DiffGemmaError(f"{where}: `per_layer_config.{key}` has unsupported keys {sorted(unknown)}")
+        result[index] = value
+    return result
+
+
+def _rope(text: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    rope = text.get("rope_parameters") or DEFAULT_ROPE
+    if not isinstance(rope, dict):
+        raise DiffGemmaError(f"{where}: `rope_parameters` must be an object keyed by layer type")
+    for kind in LAYER_TYPES:
+        params = rope.get(kind)
+        if not isinstance(params, dict):
+            raise DiffGemmaError(f"{where}: `rope_parameters.{kind}` is missing")
+        if params.get("rope_type", "default") not in ROPE_TYPES:
+            raise DiffGemmaError(
+                f"{where}: `rope_parameters.{kind}.rope_type` is {params.get('rope_type')!r}; "
+                f"supported: {ROPE_TYPES}"
+            )
+        if not _is_number(params.get("rope_theta")) or params["rope_theta"] <= 0:
+            raise DiffGemmaError(f"{where}: `rope_parameters.{kind}.rope_theta` must be a positive number")
+    return rope
+
+
+def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Validate a `config.json` dict and derive the per-layer shapes the reference derives."""
+    if raw.get("model_type") != MODEL_TYPE:
+        raise DiffGemmaError(f"{source}: `model_type` is {raw.get('model_type')!r}; expected {MODEL_TYPE!r}")
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        raise DiffGemmaError(f"{source}: `text_config` is missing or not an object")
+    where = f"{source}: text_config"
+    for key in REQUIRED_TEXT_KEYS:
+        if key not in text or text[key] is None:
+            raise DiffGemmaError(f"{where}: required key `{key}` is missing")
+        if not _is_int(text[key]) or text[key] <= 0:
+            raise DiffGemmaError(f"{where}: `{key}` must be a positive integer, got {text[key]!r}")
+    if raw.get("tie_word_embeddings", True) is False or text.get("tie_word_embeddings", True) is False:
+        raise DiffGemmaError(
+            f"{source}: `tie_word_embeddings` is false; diffgemma runs the tied layout only "
+            "(one set of weights for encoder, decoder and head)"
+        )
+    bidirectional = text.get("use_bidirectional_attention")
+    if bidirectional not in (None, "vision", "all"):
+        raise DiffGemmaError(f"{where}: `use_bidirectional_attention` must be null, 'vision' or 'all'")
+    if bidirectional == "all":
+        raise DiffGemmaError(f"{where}: `use_bidirectional_attention: all` (a non-causal encoder) is not supported")
+    activation = text.get("hidden_activation", "gelu_pytorch_tanh")
+    if activation not in ACTIVATIONS:
+        raise DiffGemmaError(f"{where}: `hidden_activation` is {activation!r}; supported: {ACTIVATIONS}")
+
+    num_layers = text["num_hidden_layers"]
+    layer_types = _layer_types(text, num_layers, where)
+    overrides = _full_layer_overrides(text, layer_types, where)
+    rope = _rope(text, where)
+    heads = text["num_attention_heads"]
+    layers = []
+    for index, kind in enumerate(layer_types):
+        override = overrides.get(index, {})
+        head_dim = override.get("head_dim", text["head_dim"])
+        kv_heads = override.get("num_key_value_heads", text["num_key_value_heads"])
+        for key, value in (("head_dim", head_dim), ("num_key_value_heads", kv_heads)):
+            if not _is_int(value) or value <= 0:
+                raise DiffGemmaError(f"{where}: layer {index} `{key}` must be a positive integer, got {value!r}")
+        if head_dim % 2:
+            raise DiffGemmaError(f"{where}: layer {index} head_dim {head_dim} must be even (RoPE rotates pairs)")
+        if heads % kv_heads:
+            raise DiffGemmaError(
+                f"{where}: layer {index}: num_attention_heads {heads} is not a multiple of its {kv_heads} KV heads"
+            )
+        params = rope[kind]
+        layers.append(
+            AttentionShape(
+                layer_type=kind,
+                head_dim=head_dim,
+                num_kv_heads=kv_heads,
+                rope_type=params.get("rope_type", "default"),
+                rope_theta=float(params["rope_theta"]),
+                partial_rotary_factor=float(params.get("partial_rotary_factor", 1.0)),
+                rope_factor=float(params.get("factor", 1.0)),
+            )
+        )
+
+    if text["top_k_experts"] > text["num_experts"]:
+        raise DiffGemmaError(
+            f"{where}: `top_k_experts` ({text['top_k_experts']}) exceeds `num_experts` ({text['num_experts']})"
+        )
+    sliding_window = text.get("sliding_window", 512)
+    if not _is_int(sliding_window) or sliding_window < 2:
+        raise DiffGemmaError(f"{where}: `sliding_window` must be an integer >= 2, got {sliding_window!r}")
+    canvas_length = raw.get("canvas_length", 256)
+    if not _is_int(canvas_length) or canvas_length <= 0:
+        raise DiffGemmaError(f"{source}: `canvas_length` must be a positive integer, got {canvas_length!r}")
+    softcap = text.get("final_logit_softcapping", 30.0)
+    if not _is_number(softcap) or softcap <= 0:
+        raise DiffGemmaError(f"{where}: `final_logit_softcapping` must be a positive number, got {softcap!r}")
+    eps = text.get("rms_norm_eps", 1e-6)
+    if not _is_number(eps) or eps <= 0:
+        raise DiffGemmaError(f"{where}: `rms_norm_eps` must be a positive number, got {eps!r}")
+
+    return ModelConfig(
+        vocab_size=text["vocab_size"],
+        hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"],
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=text["num_key_value_heads"],
+        head_dim=text["head_dim"],
+        num_experts=text["num_experts"],
+        top_k_experts=text["top_k_experts"],
+        moe_intermediate_size=text["moe_intermediate_size"],
+        layer_types=layer_types,
+        layers=tuple(layers),
+        sliding_window=sliding_window,
+        canvas_length=canvas_length,
+        hidden_activation=activation,
+        rms_norm_eps=float(eps),
+        final_logit_softcapping=float(softcap),
+        attention_bias=bool(text.get("attention_bias", False)),
+        max_position_embeddings=text.get("max_position_embeddings", 131_072),
+        pad_token_id=text.get("pad_token_id", 0),
+        eos_token_id=_as_id_tuple(text.get("eos_token_id", 1), "eos_token_id", where),
+        bos_token_id=text.get("bos_token_id", 2),
+        use_bidirectional_attention=bidirectional,
+        has_vision=raw.get("vision_config") is not None,
+        raw=raw,
+    )
+
+
+def parse_sampler_settings(raw: dict[str, Any], source: str = "generation_config.json") -> SamplerSettings:
+    """Read the sampler defaults a checkpoint ships; unset values take the reference's global defaults."""
+    values: dict[str, Any] = {}
+    for key in (
+        "max_denoising_steps",
+        "t_min",
+        "t_max",
+        "stability_threshold",
+        "confidence_threshold",
+        "max_new_tokens",
+        "pad_token_id",
+    ):
+        if raw.get(key) is not None:
+            values[key] = raw[key]
+    sampler = raw.get("sampler_config")
+    if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
+        values["entropy_bound"] = sampler["entropy_bound"]
+    elif sampler is not None and not isinstance(sampler, dict):
+        raise DiffGemmaError(f"{source}: `sampler_config` must be an object with `entropy_bound`")
+    values["eos_token_id"] = _as_id_tuple(raw.get("eos_token_id"), "eos_token_id", source)
+    settings = SamplerSettings(**values)
+    settings.validate(source)
+    return settings
+
+
+def load_configs(folder: Path) -> tuple[ModelConfig, SamplerSettings]:
+    """Read `config.json` (required) and `generation_config.json` (optional) from a checkpoint folder."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise DiffGemmaError(f"{folder}: no config.json (is this a DiffusionGemma checkpoint folder?)")
+    config = parse_model_config(read_json(config_path), str(config_path))
+    generation_path = folder / "generation_config.json"
+    generation_raw = read_json(generation_path) if generation_path.is_file() else {}
+    settings = parse_sampler_settings(generation_raw, str(generation_path))
+    # A checkpoint that names no EOS/pad for generation still has them in its model config.
+    if not settings.eos_token_id:
+        settings = dataclasses.replace(settings, eos_token_id=config.eos_token_id)
+    if settings.pad_token_id is None:
+        settings = dataclasses.replace(settings, pad_token_id=config.pad_token_id)
+    return config, settings

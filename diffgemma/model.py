@@ -1,0 +1,421 @@
+"""The DiffusionGemma network: one set of weights, used two ways.
+
+`encode` runs the layers causally over new tokens (the prompt, or a committed canvas) and writes their keys
+and values into the `EncoderCache`. `denoise` runs the same layers bidirectionally over a canvas, reading
+the cache without changing what it holds, and returns the canvas logits.
+
+Each layer: attention (sliding window or full; full layers use the key projection as the value, K=V),
+then a dense gated MLP and a mixture of experts side by side, each with its own norms, summed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import EncoderCache, LayerCache
+from .config import SLIDING, AttentionShape, ModelConfig
+
+ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Gemma RMSNorm, computed in float32: x / rms(x), times `weight` (not 1 + weight) when it has one."""
+    x32 = x.float()
+    normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        normed = normed * weight.float()
+    return normed.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(shape: AttentionShape) -> torch.Tensor:
+    """Inverse frequencies for one layer type: standard RoPE, or proportional partial RoPE.
+
+    Proportional RoPE rotates the first `partial_rotary_factor` of the angle pairs with frequencies of the
+    full head size and leaves the rest unrotated (frequency 0), so cos/sin always span the whole head.
+    """
+    if shape.rope_type == "proportional":
+        angles = int(shape.partial_rotary_factor * shape.head_dim // 2)
+        exponents = torch.arange(0, 2 * angles, 2, dtype=torch.int64, device="cpu").float() / shape.head_dim
+        rotated = 1.0 / (shape.rope_theta**exponents)
+        unrotated = torch.zeros(shape.head_dim // 2 - angles, device="cpu")
+        return torch.cat([rotated, unrotated]) / shape.rope_factor
+    dim = int(shape.head_dim * shape.partial_rotary_factor)
+    steps = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float()
+    return 1.0 / (shape.rope_theta ** (steps / dim))
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos and sin of shape [1, tokens, 1, head_dim] for positions [tokens]."""
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    angles = torch.cat([freqs, freqs], dim=-1)[None, :, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, shape: AttentionShape) -> None:
+        super().__init__()
+        self.shape = shape
+        heads, kv_heads, head_dim = config.num_attention_heads, shape.num_kv_heads, shape.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        self.v_proj = None if shape.shares_kv else nn.Linear(config.hidden_size, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.eps = config.rms_norm_eps
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries [B, H, T, D] and keys/values [B, KV, T, D], normed (no score scaling: the norms do it)."""
+        batch, tokens, _ = x.shape
+        head_dim = self.shape.head_dim
+        q = self.q_proj(x).view(batch, tokens, -1, head_dim)
+        k_raw = self.k_proj(x).view(batch, tokens, -1, head_dim)
+        v_raw = k_raw if self.v_proj is None else self.v_proj(x).view(batch, tokens, -1, head_dim)
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_norm(k_raw), cos, sin).transpose(1, 2)
+        v = rms_norm(v_raw, None, self.eps).transpose(1, 2)
+        return q, k, v
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, activation: str) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = ACTIVATION_FNS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Picks `top_k` experts per token: softmax over experts, renormalised top-k, then a per-expert scale."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(config.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
+        self.top_k = config.top_k_experts
+        self.eps = config.rms_norm_eps
+        self.root_size = config.hidden_size**-0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.proj(rms_norm(x, None, self.eps) * self.scale * self.root_size)
+        probs = scores.softmax(dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, k=self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[experts], experts
+
+
+class Experts(nn.Module):
+    """All experts' weights as two stacked tensors, in the checkpoint's fused layout."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        e, h, i = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.act = ACTIVATION_FNS[config.hidden_activation]
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H]; experts, weights [N, K]. Tokens are grouped by expert, one matmul pair per expert hit."""
+        top_k = experts.shape[1]
+        flat_experts = experts.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0]).tolist()
+        flat_weights = weights.reshape(-1)
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            picks = order[start : start + count]
+            start += count
+            tokens = picks // top_k
+            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.down_proj[expert])
+            out.index_add_(0, tokens, (y * flat_weights[picks, None]).to(out.dtype))
+        return out
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Layer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.index = index
+        self.self_attn = Attention(config, config.layers[index])
+        self.mlp = DenseMLP(h, config.intermediate_size, config.hidden_activation)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        # The checkpoint stores a scalar per layer for each role; they are buffers, not tied weights.
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def forward(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, ...], attend: Attend, encoder: bool):
+        residual = hidden
+        q, k, v = self.self_attn.project(self.input_layernorm(hidden), *rope)
+        attended = attend(self.index, q, k, v).transpose(1, 2).reshape(*hidden.shape[:2], -1)
+        hidden = residual + self.post_attention_layernorm(self.self_attn.o_proj(attended))
+
+        residual = hidden
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(hidden)))
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        weights, experts = self.router(flat)
+        sparse = self.experts(self.pre_feedforward_layernorm_2(flat), experts, weights)
+        sparse = self.post_feedforward_layernorm_2(sparse.reshape(hidden.shape))
+        hidden = residual + self.post_feedforward_layernorm(dense + sparse)
+        return hidden * (self.encoder_layer_scalar if encoder else self.layer_scalar)
+
+
+class SelfConditioning(nn.Module):
+    """Turns the previous step's distribution into a signal added to the canvas embeddings."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.pre_norm = RMSNorm(h, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(h, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, h, bias=False)
+        self.act = ACTIVATION_FNS[config.hidden_activation]
+        self.eps = config.rms_norm_eps
+
+    def forward(self, embeds: torch.Tensor, soft_embeds: torch.Tensor | None) -> torch.Tensor:
+        if soft_embeds is not None:
+            normed = self.pre_norm(soft_embeds)
+            embeds = embeds + self.down_proj(self.act(self.gate_proj(normed)) * self.up_proj(normed))
+        # With no signal the MLP adds exactly zero; the closing unscaled norm still applies.
+        return rms_norm(embeds, None, self.eps)
+
+
+def _attention_mask(
+    key_valid: torch.Tensor,
+    key_positions: torch.Tensor,
+    query_positions: torch.Tensor | None,
+    window: int | None,
+) -> torch.Tensor | None:
+    """Boolean mask [B, 1, Q or 1, K]; None when every key is visible to every query.
+
+    With `query_positions` the mask is causal (and windowed when `window` is set). A query may always see its
+    own key, so a padding query never has an empty row (its output is unused, but must stay finite).
+    """
+    if query_positions is None:
+        return None if bool(key_valid.all()) else key_valid[:, None, None, :]
+    allowed = key_positions[None, :] <= query_positions[:, None]
+    if window is not None:
+        allowed &= key_positions[None, :] > query_positions[:, None] - window
+    allowed = key_valid[:, None, :] & allowed[None]
+    allowed |= (key_positions[None, :] == query_positions[:, None])[None]
+    return allowed[:, None]
+
+
+class DiffusionGemma(nn.Module):
+    """The text model: embeddings, layers, final norm, tied head with soft-capping, self-conditioning."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self._inv_freq = {shape.layer_type: rope_inv_freq(shape) for shape in config.layers}
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight
+        return F.embedding(ids, weight) * torch.tensor(self.config.embed_scale).to(weight.dtype)
+
+    def soft_embed(self, probs: torch.Tensor) -> torch.Tensor:
+        """Expected embedding under a distribution over the vocabulary [B, C, V] -> [B, C, H]."""
+        weight = self.embed_tokens.weight
+        return (probs.to(weight.dtype) @ weight) * torch.tensor(self.config.embed_scale).to(weight.dtype)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head, float32 logits, soft-capped to +-final_logit_softcapping."""
+        cap = self.config.final_logit_softcapping
+        logits = F.linear(hidden, self.embed_tokens.weight).float()
+        return torch.tanh(logits / cap) * cap
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {kind: rope_tables(inv, positions, dtype) for kind, inv in self._inv_freq.items()}
+
+    def new_cache(self, batch_size: int, capacity: int) -> EncoderCache:
+        return EncoderCache(self.config, batch_size, capacity, self.device, self.dtype)
+
+    def encode(
+        self, ids: torch.Tensor, cache: EncoderCache, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run the causal encoder over `ids` [B, T] (positions continue the cache) and append them to the cache.
+
+        `attention_mask` [B, T] marks real tokens (False for padding). Returns the final hidden states [B, T, H].
+        """
+        batch, tokens = ids.shape
+        start = cache.length
+        cache.ensure_capacity(tokens)
+        positions = torch.arange(start, start + tokens, device=ids.device)
+        new_valid = (
+            torch.ones(batch, tokens, dtype=torch.bool, device=ids.device)
+            if attention_mask is None
+            else attention_mask.to(device=ids.device, dtype=torch.bool)
+        )
+        masks: dict[str, torch.Tensor | None] = {}
+        for kind in set(self.config.layer_types):
+            layer = cache.layers[self.config.layer_types.index(kind)]
+            if kind == SLIDING:
+                key_valid = torch.cat([layer.valid[:, : layer.ring], new_valid], dim=1)
+                key_positions = torch.cat([layer.positions[: layer.ring], positions])
+                masks[kind] = _attention_mask(key_valid, key_positions, positions, self.config.sliding_window)
+            else:
+                key_valid = torch.cat([layer.valid[:, :start], new_valid], dim=1)
+                key_positions = torch.cat([layer.positions[:start], positions])
+                masks[kind] = _attention_mask(key_valid, key_positions, positions, None)
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            layer = cache.layers[index]
+            mask = masks[self.config.layer_types[index]]
+            if layer.ring is None:
+                _write(layer, slice(start, start + tokens), k, v, positions, new_valid)
+                keys, values = layer.keys[:, :, : start + tokens], layer.values[:, :, : start + tokens]
+            else:
+                keys = torch.cat([layer.keys[:, :, : layer.ring], k], dim=2)
+                values = torch.cat([layer.values[:, :, : layer.ring], v], dim=2)
+                kept = min(tokens, layer.ring)
+                slots = positions[-kept:] % layer.ring
+                _write(layer, slots, k[:, :, -kept:], v[:, :, -kept:], positions[-kept:], new_valid[:, -kept:])
+            return _sdpa(q, keys, values, mask)
+
+        hidden = self.embed(ids)
+        rope = self._rope(positions, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, rope[self.config.layer_types[layer.index]], attend, encoder=True)
+        cache.length = start + tokens
+        return self.norm(hidden)
+
+    def denoise(
+        self,
+        canvas: torch.Tensor,
+        cache: EncoderCache,
+        self_conditioning: torch.Tensor | None = None,
+        self_conditioning_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, C, V] for a canvas [B, C] that attends to itself and to everything the cache holds.
+
+        `self_conditioning` is the previous step's distribution over the vocabulary [B, C, V] (probabilities,
+        i.e. the softmax of its logits), or None on a first step. `self_conditioning_mask` [B] zeroes the
+        signal for some rows. The cache is read, never advanced.
+        """
+        batch, length = canvas.shape
+        start = cache.length
+        positions = torch.arange(start, start + length, device=canvas.device)
+        canvas_valid = torch.ones(batch, length, dtype=torch.bool, device=canvas.device)
+        masks: dict[str, torch.Tensor | None] = {}
+        for kind in set(self.config.layer_types):
+            layer = cache.layers[self.config.layer_types.index(kind)]
+            stored = cache.stored_slots(layer)
+            masks[kind] = _attention_mask(torch.cat([layer.valid[:, :stored], canvas_valid], dim=1), None, None, None)
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            layer = cache.layers[index]
+            stored = cache.stored_slots(layer)
+            end = stored + length
+            layer.keys[:, :, stored:end] = k
+            layer.values[:, :, stored:end] = v
+            return _sdpa(q, layer.keys[:, :, :end], layer.values[:, :, :end], masks[self.config.layer_types[index]])
+
+        embeds = self.embed(canvas)
+        soft = None
+        if self_conditioning is not None:
+            soft = self.soft_embed(self_conditioning)
+            if self_conditioning_mask is not None:
+                soft = soft * self_conditioning_mask.to(soft.dtype)[:, None, None]
+        hidden = self.self_conditioning(embeds, soft)
+        rope = self._rope(positions, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, rope[self.config.layer_types[layer.index]], attend, encoder=False)
+        return self.head(self.norm(hidden))
+
+    def denoise_logits(
+        self,
+        prompt_ids: torch.Tensor,
+        canvas_ids: torch.Tensor,
+        self_conditioning_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Encode the prompt, then one decoder pass over the canvas: logits [B, C, V] (float32).
+
+        The stable parity surface: `self_conditioning_logits` are the previous step's (temperature-scaled)
+        logits, turned into a distribution here exactly as the reference does.
+        """
+        prompt_ids = prompt_ids.to(self.device)
+        canvas_ids = canvas_ids.to(self.device)
+        cache = self.new_cache(prompt_ids.shape[0], prompt_ids.shape[1])
+        with torch.no_grad():
+            self.encode(prompt_ids, cache)
+            probs = None
+            if self_conditioning_logits is not None:
+                probs = self_conditioning_logits.to(self.device).softmax(dim=-1, dtype=torch.float32)
+            return self.denoise(canvas_ids, cache, probs)
+
+
+def _write(
+    layer: LayerCache,
+    slots: slice | torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+) -> None:
+    layer.keys[:, :, slots] = k
+    layer.values[:, :, slots] = v
+    layer.positions[slots] = positions
+    layer.valid[:, slots] = valid
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    # Scores are not scaled by 1/sqrt(d): the q/k RMS norms set their size.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
+

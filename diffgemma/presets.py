@@ -1,0 +1,211 @@
+"""Named model shapes and random-weight checkpoints of them, for benchmarks, tests and demos offline.
+
+The real shape (`26b-a4b`) is that of `google/diffusiongemma-26B-A4B-it`; the smaller ones keep its
+structure (sliding and full layers, K=V, dense MLP + experts, self-conditioning) at sizes a CPU can run.
+A random checkpoint is written through the same `save_checkpoint` as a trained one, so it has the
+reference layout and `transformers` loads it too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from .checkpoint import save_checkpoint
+from .config import SamplerSettings, parse_model_config
+from .errors import DiffGemmaError
+from .model import DiffusionGemma
+from .tokenizer import TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
+
+# A Gemma 4 style template: turns are `<|turn>role\n ... <turn|>`, thinking is asked for with `<|think|>`
+# in a system turn, and a non-thinking answer starts after an empty thought channel.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if enable_thinking %}<|turn>system\n<|think|><turn|>\n{% endif %}"
+    "{% for message in messages %}"
+    "<|turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{{ message['content'] | trim }}<turn|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n"
+    "{% if not enable_thinking %}<|channel>thought\n<channel|>{% endif %}"
+    "{% endif %}"
+)
+
+
+def _text_config(**shape: Any) -> dict[str, Any]:
+    return {
+        "model_type": "diffusion_gemma_text",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": 1e-6,
+        "final_logit_softcapping": 30.0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        "tie_word_embeddings": True,
+        "attention_bias": False,
+        "max_position_embeddings": 131072,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+        },
+        **shape,
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "canvas_length": 32,
+        "text_config": _text_config(
+            vocab_size=len(SPECIAL_TOKENS) + 256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            sliding_window=16,
+            num_experts=8,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        ),
+    },
+    # About 90M parameters, a 32k vocabulary: the CPU benchmark's shape.
+    "bench-90m": {
+        "canvas_length": 256,
+        "text_config": _text_config(
+            vocab_size=32768,
+            hidden_size=512,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            global_head_dim=128,
+            num_global_key_value_heads=2,
+            sliding_window=128,
+            num_experts=24,
+            top_k_experts=4,
+            moe_intermediate_size=256,
+        ),
+    },
+    # google/diffusiongemma-26B-A4B-it: 25.2B text parameters, 3.8B active.
+    "26b-a4b": {
+        "canvas_length": 256,
+        "text_config": _text_config(
+            vocab_size=262144,
+            hidden_size=2816,
+            intermediate_size=2112,
+            num_hidden_layers=30,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            global_head_dim=512,
+            num_global_key_value_heads=2,
+            sliding_window=1024,
+            num_experts=128,
+            top_k_experts=8,
+            moe_intermediate_size=704,
+            max_position_embeddings=262144,
+        ),
+    },
+}
+
+
+def preset_config(name: str, **text_overrides: Any) -> dict[str, Any]:
+    """A full `config.json` dict for a named shape, with optional text_config overrides."""
+    if name not in PRESETS:
+        raise DiffGemmaError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    preset = copy.deepcopy(PRESETS[name])
+    preset["text_config"].update(text_overrides)
+    return {
+        "architectures": ["DiffusionGemmaForBlockDiffusion"],
+        "model_type": "diffusion_gemma",
+        "tie_word_embeddings": True,
+        "vision_config": None,
+        **preset,
+    }
+
+
+def byte_tokenizer() -> RustTokenizer:
+    """A byte-level tokenizer: the special tokens, then one token per byte. BOS is added to plain text."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for symbol in sorted(alphabet):
+        vocab[symbol] = len(vocab)
+    tokenizer = RustTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return tokenizer
+
+
+def write_tokenizer(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    byte_tokenizer().save(str(folder / TOKENIZER_FILE))
+    settings = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 131072,
+    }
+    (folder / TOKENIZER_CONFIG).write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    (folder / TEMPLATE_FILE).write_text(CHAT_TEMPLATE, encoding="utf-8")
+
+
+@torch.no_grad()
+def init_random_(network: DiffusionGemma, seed: int, std: float = 0.02) -> None:
+    """Random weights on whatever device the network lives: normal matrices, norms and scales near 1."""
+    generator = torch.Generator(device=network.device).manual_seed(seed)
+    for name, tensor in list(network.named_parameters()) + list(network.named_buffers()):
+        if tensor.ndim >= 2:
+            tensor.normal_(0.0, std, generator=generator)
+        else:
+            tensor.uniform_(0.8, 1.2, generator=generator)
+        if name.endswith("layer_scalar"):
+            tensor.fill_(1.0)
+
+
+def random_checkpoint(
+    folder: str | os.PathLike,
+    preset: str = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    max_shard_bytes: int | None = None,
+    **text_overrides: Any,
+) -> Path:
+    """Write a random-weight checkpoint of a named shape (with a byte-level tokenizer) to `folder`."""
+    raw = preset_config(preset, **text_overrides)
+    config = parse_model_config(raw, f"preset {preset}")
+    with torch.device("meta"):
+        network = DiffusionGemma(config)
+    network = network.to(dtype).to_empty(device=device)
+    init_random_(network, seed)
+    staging = Path(folder).absolute().parent / f".{Path(folder).name}.tokenizer"
+    write_tokenizer(staging)
+    try:
+        extra = {name: staging / name for name in (TOKENIZER_FILE, TOKENIZER_CONFIG, TEMPLATE_FILE)}
+        kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+        settings = SamplerSettings(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+        return save_checkpoint(network, settings, folder, extra, **kwargs)
+    finally:
+        for path in staging.iterdir():
+            path.unlink()
+        staging.rmdir()

@@ -1,0 +1,148 @@
+"""Text <-> ids: `tokenizer.json` through `tokenizers`, the chat template through `jinja2`.
+
+Also splits the Gemma 4 thinking channel (`<|channel>thought\\n ... <channel|>`) from the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+from tokenizers import Tokenizer as RustTokenizer
+
+from .errors import DiffGemmaError
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, TEMPLATE_FILE, "special_tokens_map.json")
+THINKING_OPEN = "<|channel>thought\n"
+THINKING_CLOSE = "<channel|>"
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """A model turn split into its visible answer and its thinking channel (empty when there is none)."""
+
+    content: str
+    reasoning: str
+
+
+def split_thinking(text: str) -> ChatReply:
+    """Separate thinking-channel blocks from the answer; an unclosed block is all thinking so far."""
+    content: list[str] = []
+    reasoning: list[str] = []
+    rest = text
+    while THINKING_OPEN in rest:
+        before, _, after = rest.partition(THINKING_OPEN)
+        content.append(before)
+        thought, closed, rest = after.partition(THINKING_CLOSE)
+        reasoning.append(thought)
+        if not closed:
+            rest = ""
+    content.append(rest)
+    return ChatReply("".join(content).strip(), "\n".join(r.strip() for r in reasoning).strip())
+
+
+def _token_text(value: Any) -> str | None:
+    """Special tokens are written either as plain strings or as AddedToken objects with `content`."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    def __init__(self, folder: Path) -> None:
+        path = folder / TOKENIZER_FILE
+        try:
+            self.backend = RustTokenizer.from_file(str(path))
+        except Exception as err:  # the Rust library raises plain Exceptions for bad files
+            raise DiffGemmaError(f"{path}: cannot read tokenizer ({err})") from None
+        config_path = folder / TOKENIZER_CONFIG
+        settings: dict[str, Any] = {}
+        if config_path.is_file():
+            try:
+                settings = json.loads(config_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise DiffGemmaError(f"{config_path}: not valid JSON ({err})") from None
+        self.special = {
+            role: _token_text(settings.get(f"{role}_token")) for role in ("bos", "eos", "pad", "unk")
+        }
+        template_path = folder / TEMPLATE_FILE
+        template = settings.get("chat_template")
+        if template_path.is_file():
+            template = template_path.read_text(encoding="utf-8")
+        if isinstance(template, list):  # named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        self.chat_template = template if isinstance(template, str) else None
+        self._compiled = None
+        if self.chat_template is not None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_error
+            try:
+                self._compiled = env.from_string(self.chat_template)
+            except jinja2.TemplateSyntaxError as err:
+                raise DiffGemmaError(f"{folder}: chat template has a syntax error: {err}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = False,
+        **extra: Any,
+    ) -> str:
+        """Render a conversation to prompt text with the checkpoint's template."""
+        if self._compiled is None:
+            raise DiffGemmaError("this checkpoint's tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
+        _check_messages(messages)
+        try:
+            return self._compiled.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                enable_thinking=enable_thinking,
+                bos_token=self.special["bos"] or "",
+                eos_token=self.special["eos"] or "",
+                **extra,
+            )
+        except jinja2.TemplateError as err:
+            raise DiffGemmaError(f"chat template failed: {err}") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]], enable_thinking: bool = False, **extra: Any) -> list[int]:
+        """Chat prompt ids; the template writes its own special tokens (BOS included)."""
+        text = self.apply_chat_template(messages, enable_thinking=enable_thinking, **extra)
+        return self.encode(text, add_special_tokens=False)
+
+
+def _raise_template_error(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DiffGemmaError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            raise DiffGemmaError(f"messages[{i}] must be an object with a string `role` and a `content`")
+
+
+def load_tokenizer(folder: Path) -> Tokenizer | None:
+    """The folder's tokenizer, or None when it ships no tokenizer.json."""
+    return Tokenizer(folder) if (folder / TOKENIZER_FILE).is_file() else None
