@@ -239,8 +239,7 @@ def _rope(text: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
             raise DiffGemmaError(f"{where}: `rope_parameters.{kind}` is missing")
         if params.get("rope_type", "default") not in ROPE_TYPES:
             raise DiffGemmaError(
-                f"{where}: `rope_parameters.{kind}.rope_type` is {params.get('rope_type')!r}; "
-                f"supported: {ROPE_TYPES}"
+                f"{where}: `rope_parameters.{kind}.rope_type` is {params.get('rope_type')!r}; supported: {ROPE_TYPES}"
             )
         if not _is_number(params.get("rope_theta")) or params["rope_theta"] <= 0:
             raise DiffGemmaError(f"{where}: `rope_parameters.{kind}.rope_theta` must be a positive number")

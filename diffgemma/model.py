@@ -418,4 +418,3 @@ def _write(
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     # Scores are not scaled by 1/sqrt(d): the q/k RMS norms set their size.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
-

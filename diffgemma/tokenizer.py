@@ -69,9 +69,7 @@ class Tokenizer:
                 settings = json.loads(config_path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 raise DiffGemmaError(f"{config_path}: not valid JSON ({err})") from None
-        self.special = {
-            role: _token_text(settings.get(f"{role}_token")) for role in ("bos", "eos", "pad", "unk")
-        }
+        self.special = {role: _token_text(settings.get(f"{role}_token")) for role in ("bos", "eos", "pad", "unk")}
         template_path = folder / TEMPLATE_FILE
         template = settings.get("chat_template")
         if template_path.is_file():
@@ -111,7 +109,9 @@ class Tokenizer:
     ) -> str:
         """Render a conversation to prompt text with the checkpoint's template."""
         if self._compiled is None:
-            raise DiffGemmaError("this checkpoint's tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
+            raise DiffGemmaError(
+                "this checkpoint's tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)"
+            )
         _check_messages(messages)
         try:
             return self._compiled.render(
