@@ -1,4 +1,4 @@
-"""The encoder KV cache: preallocated per layer, a ring buffer on sliding-window layers.
+"""The encoder KV cache: preallocated per layer, a fixed window on sliding-window layers.
 
 Every layer's buffer ends with `canvas_length` spare slots. The decoder writes the canvas keys and values
 there on each denoising step, so a step concatenates nothing and never changes what the encoder stored.
@@ -22,7 +22,7 @@ class LayerCache:
     values: torch.Tensor  # [batch, kv_heads, slots, head_dim]
     positions: torch.Tensor  # [slots] absolute position held by each slot, -1 when empty
     valid: torch.Tensor  # [batch, slots] slot holds a real (non-padding) token of that row
-    ring: int | None  # sliding layers: number of ring slots (window - 1); None for full attention
+    ring: int | None  # sliding layers: slots of the kept window (sliding_window - 1), oldest first; None for full
 
 
 class EncoderCache:

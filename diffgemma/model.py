@@ -145,24 +145,30 @@ class Experts(nn.Module):
         self.act = ACTIVATION_FNS[config.hidden_activation]
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, H]; experts, weights [N, K]. Tokens are grouped by expert, one matmul pair per expert hit."""
-        top_k = experts.shape[1]
-        flat_experts = experts.reshape(-1)
-        order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0]).tolist()
-        flat_weights = weights.reshape(-1)
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            picks = order[start : start + count]
-            start += count
-            tokens = picks // top_k
-            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[expert])
-            out.index_add_(0, tokens, (y * flat_weights[picks, None]).to(out.dtype))
-        return out
+        """x [N, H]; experts, weights [N, K] -> [N, H].
+
+        Token-expert pairs are sorted by expert and each projection is one grouped matmul over all experts,
+        with no host synchronisation (the group sizes stay on the device).
+        """
+        tokens, top_k = experts.shape
+        num_experts = self.gate_up_proj.shape[0]
+        sorted_experts, order = torch.sort(experts.reshape(-1))
+        rows = x[order // top_k]
+        group_sizes = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+        group_sizes.scatter_add_(0, sorted_experts, torch.ones_like(sorted_experts, dtype=torch.int32))
+        offsets = torch.cumsum(group_sizes, dim=0, dtype=torch.int32)
+        gate, up = grouped_linear(rows, self.gate_up_proj, offsets).chunk(2, dim=-1)
+        projected = grouped_linear(self.act(gate) * up, self.down_proj, offsets)
+        weighted = projected * weights.reshape(-1)[order, None]
+        # Back to (token, k) order, then sum each token's k expert outputs (deterministic, no atomics).
+        unsorted = torch.empty_like(weighted)
+        unsorted[order] = weighted
+        return unsorted.view(tokens, top_k, -1).sum(dim=1).to(x.dtype)
+
+
+def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """rows [S, in] sorted by group; weight [G, out, in]; offsets [G] cumulative group ends -> [S, out]."""
+    return F.grouped_mm(rows.to(weight.dtype), weight.transpose(-2, -1), offs=offsets)
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -322,11 +328,18 @@ class DiffusionGemma(nn.Module):
                 _write(layer, slice(start, start + tokens), k, v, positions, new_valid)
                 keys, values = layer.keys[:, :, : start + tokens], layer.values[:, :, : start + tokens]
             else:
-                keys = torch.cat([layer.keys[:, :, : layer.ring], k], dim=2)
-                values = torch.cat([layer.values[:, :, : layer.ring], v], dim=2)
-                kept = min(tokens, layer.ring)
-                slots = positions[-kept:] % layer.ring
-                _write(layer, slots, k[:, :, -kept:], v[:, :, -kept:], positions[-kept:], new_valid[:, -kept:])
+                ring = layer.ring
+                keys = torch.cat([layer.keys[:, :, :ring], k], dim=2)
+                values = torch.cat([layer.values[:, :, :ring], v], dim=2)
+                # Keep the window in time order (oldest first), as the reference's cache does.
+                _write(
+                    layer,
+                    slice(0, ring),
+                    keys[:, :, -ring:],
+                    values[:, :, -ring:],
+                    torch.cat([layer.positions[:ring], positions])[-ring:],
+                    torch.cat([layer.valid[:, :ring], new_valid], dim=1)[:, -ring:],
+                )
             return _sdpa(q, keys, values, mask)
 
         hidden = self.embed(ids)
@@ -403,7 +416,7 @@ class DiffusionGemma(nn.Module):
 
 def _write(
     layer: LayerCache,
-    slots: slice | torch.Tensor,
+    slots: slice,
     k: torch.Tensor,
     v: torch.Tensor,
     positions: torch.Tensor,

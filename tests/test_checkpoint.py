@@ -1,0 +1,191 @@
+"""Saving, reloading, and every kind of bad checkpoint input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from reference import load_reference
+
+import diffgemma
+from diffgemma import DiffGemmaError
+from diffgemma.checkpoint import read_header
+from diffgemma.presets import random_checkpoint
+
+
+def random_inputs(config, batch=2, prompt=11, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        torch.randint(0, config.vocab_size, (batch, prompt), generator=generator),
+        torch.randint(0, config.vocab_size, (batch, config.canvas_length), generator=generator),
+    )
+
+
+def test_saved_checkpoint_loads_in_transformers_with_same_logits(ours, tmp_path):
+    model = ours["A"]
+    saved = model.save(tmp_path / "saved")
+    prompt, canvas = random_inputs(model.config)
+    expected = model.denoise_logits(prompt, canvas)
+    with torch.no_grad():
+        reference = load_reference(saved)(input_ids=prompt, decoder_input_ids=canvas).logits
+    assert (reference - expected).abs().max().item() <= 1e-4
+    again = diffgemma.load(saved)
+    assert torch.equal(again.denoise_logits(prompt, canvas), expected)
+    # tokenizer, sampler defaults and the vision tower travel with the save
+    assert again.tokenizer is not None
+    assert again.settings == model.settings
+    assert any(name.startswith("model.encoder.vision_tower.") for name in read_header(saved / "model.safetensors"))
+
+
+def test_sharded_save_round_trips(ours, tmp_path):
+    model = ours["B"]
+    saved = model.save(tmp_path / "sharded", max_shard_bytes=200_000)
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    prompt, canvas = random_inputs(model.config)
+    assert torch.equal(diffgemma.load(saved).denoise_logits(prompt, canvas), model.denoise_logits(prompt, canvas))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(ours, tmp_path, monkeypatch):
+    model = ours["A"]
+    target = model.save(tmp_path / "keep")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def broken_save_file(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("diffgemma.checkpoint.save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(target)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]  # no staging folder left behind
+
+
+def test_bfloat16_load_is_close_to_float32(ours, reference_checkpoints):
+    model = diffgemma.load(reference_checkpoints["A"], dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    prompt, canvas = random_inputs(model.config)
+    full = ours["A"].denoise_logits(prompt, canvas)
+    half = model.denoise_logits(prompt, canvas)
+    assert half.dtype == torch.float32
+    agreement = (half.argmax(-1) == full.argmax(-1)).float().mean()
+    assert agreement > 0.8
+
+
+@pytest.fixture()
+def checkpoint_copy(reference_checkpoints, tmp_path):
+    target = tmp_path / "ckpt"
+    shutil.copytree(reference_checkpoints["A"], target)
+    return target
+
+
+def rewrite_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("text_"):
+            config["text_config"][key[5:]] = value
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def rewrite_tensors(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DiffGemmaError, match="folder not found"):
+        diffgemma.load(tmp_path / "nowhere")
+
+
+def test_missing_config(checkpoint_copy):
+    (checkpoint_copy / "config.json").unlink()
+    with pytest.raises(DiffGemmaError, match="no config.json"):
+        diffgemma.load(checkpoint_copy)
+
+
+def test_wrong_model_type(checkpoint_copy):
+    rewrite_config(checkpoint_copy, model_type="gemma4")
+    with pytest.raises(DiffGemmaError, match=r"config.json: `model_type` is 'gemma4'; expected 'diffusion_gemma'"):
+        diffgemma.load(checkpoint_copy)
+
+
+def test_missing_required_key(checkpoint_copy):
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    del config["text_config"]["num_experts"]
+    (checkpoint_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DiffGemmaError, match="config.json: text_config: required key `num_experts` is missing"):
+        diffgemma.load(checkpoint_copy)
+
+
+def test_invalid_value(checkpoint_copy):
+    rewrite_config(checkpoint_copy, text_top_k_experts=99)
+    with pytest.raises(DiffGemmaError, match="`top_k_experts` .99. exceeds `num_experts`"):
+        diffgemma.load(checkpoint_copy)
+
+
+def test_missing_tensor(checkpoint_copy):
+    rewrite_tensors(checkpoint_copy, lambda t: t.pop("model.decoder.layers.1.router.proj.weight"))
+    with pytest.raises(DiffGemmaError, match=r"missing tensor `model.decoder.layers.1.router.proj.weight`"):
+        diffgemma.load(checkpoint_copy)
+
+
+def test_unexpected_tensor(checkpoint_copy):
+    rewrite_tensors(checkpoint_copy, lambda t: t.update({"model.decoder.extra.weight": torch.zeros(3)}))
+    with pytest.raises(DiffGemmaError, match=r"model.safetensors: unexpected tensor `model.decoder.extra.weight`"):
+        diffgemma.load(checkpoint_copy)
+
+
+def test_wrong_shape(checkpoint_copy):
+    name = "model.decoder.layers.0.mlp.up_proj.weight"
+    rewrite_tensors(checkpoint_copy, lambda t: t.update({name: torch.zeros(3, 4)}))
+    with pytest.raises(DiffGemmaError, match=rf"tensor `{name}` has shape \[3, 4\], expected \[96, 64\]"):
+        diffgemma.load(checkpoint_copy)
+
+
+def test_truncated_file(checkpoint_copy):
+    path = checkpoint_copy / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(DiffGemmaError, match="model.safetensors: truncated safetensors file"):
+        diffgemma.load(checkpoint_copy)
+
+
+def test_not_a_safetensors_file(checkpoint_copy):
+    (checkpoint_copy / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(DiffGemmaError, match="not a safetensors file"):
+        diffgemma.load(checkpoint_copy)
+
+
+def test_missing_shard(ours, tmp_path):
+    saved = ours["A"].save(tmp_path / "sharded", max_shard_bytes=200_000)
+    shard = sorted(saved.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(DiffGemmaError, match=rf"names shard '{shard.name}', which is missing"):
+        diffgemma.load(saved)
+
+
+def test_checkpoint_without_vision_or_tokenizer(tmp_path):
+    folder = random_checkpoint(tmp_path / "plain", preset="tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).unlink()
+    model = diffgemma.load(folder)
+    assert model.tokenizer is None
+    assert not model.config.has_vision
+
+
+def test_bad_device_and_dtype(reference_checkpoints):
+    with pytest.raises(DiffGemmaError, match="unknown dtype 'int3'"):
+        diffgemma.load(reference_checkpoints["A"], dtype="int3")
+    with pytest.raises(DiffGemmaError, match="unknown device"):
+        diffgemma.load(reference_checkpoints["A"], device="warp-drive")
+
+
+def test_hub_id_offline_fails_clearly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DiffGemmaError, match="downloading it from the Hugging Face Hub failed"):
+        diffgemma.load("google/diffusiongemma-26B-A4B-it")

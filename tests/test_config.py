@@ -1,0 +1,76 @@
+"""Derived config values equal the reference's `__post_init__`."""
+
+import json
+
+import pytest
+
+from diffgemma import DiffGemmaError
+from diffgemma.config import load_configs, parse_model_config, parse_sampler_settings
+from diffgemma.presets import preset_config
+
+
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_per_layer_shapes_match_reference(reference_models, ours, which):
+    reference = reference_models[which].config.text_config
+    config = ours[which].config
+    assert list(config.layer_types) == reference.layer_types
+    for index, shape in enumerate(config.layers):
+        layer = reference.per_layer_config[index]
+        assert shape.head_dim == layer.head_dim
+        assert shape.num_kv_heads == layer.num_key_value_heads
+    assert config.sliding_window == reference.sliding_window
+
+
+def test_global_head_dim_form_equals_per_layer_form():
+    """Google's config.json writes global_head_dim; transformers rewrites it as per_layer_config."""
+    raw = preset_config("tiny")
+    via_global = parse_model_config(raw)
+    text = dict(raw["text_config"])
+    text.pop("global_head_dim")
+    text.pop("num_global_key_value_heads")
+    full = [i for i, kind in enumerate(via_global.layer_types) if kind == "full_attention"]
+    text["per_layer_config"] = {str(i): {"head_dim": 32, "num_key_value_heads": 1} for i in full}
+    assert parse_model_config({**raw, "text_config": text}).layers == via_global.layers
+
+
+def test_defaults_follow_reference():
+    raw = preset_config("tiny")
+    text = dict(raw["text_config"])
+    for key in ("layer_types", "rope_parameters", "global_head_dim", "num_global_key_value_heads"):
+        text.pop(key)
+    text["num_hidden_layers"] = 7
+    config = parse_model_config({**raw, "text_config": text})
+    assert config.layer_types == ("sliding_attention",) * 5 + ("full_attention",) * 2
+    full = config.layers[-1]
+    assert (full.head_dim, full.num_kv_heads) == (512, 2)
+    assert (full.rope_type, full.partial_rotary_factor) == ("proportional", 0.25)
+    assert config.layers[0].rope_theta == 10_000.0
+
+
+def test_sampler_settings_defaults_and_overrides(tmp_path):
+    settings = parse_sampler_settings({})
+    assert (settings.max_denoising_steps, settings.entropy_bound, settings.t_max, settings.t_min) == (48, 0.1, 0.8, 0.4)
+    assert (settings.stability_threshold, settings.confidence_threshold) == (1, 0.005)
+    assert settings.replace(max_denoising_steps=8).max_denoising_steps == 8
+    with pytest.raises(DiffGemmaError, match="`t_max` must be a number > t_min"):
+        settings.replace(t_max=0.1)
+    with pytest.raises(DiffGemmaError, match="unknown sampler setting"):
+        settings.replace(temperature=3)
+    with pytest.raises(DiffGemmaError, match="generation_config.json: `max_denoising_steps` must be a positive"):
+        parse_sampler_settings({"max_denoising_steps": 0})
+
+
+def test_invalid_json_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(DiffGemmaError, match="config.json: not valid JSON"):
+        load_configs(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(preset_config("tiny")))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"sampler_config": {"entropy_bound": -1.0}}))
+    with pytest.raises(DiffGemmaError, match="generation_config.json: `entropy_bound` must be a number > 0"):
+        load_configs(tmp_path)
+
+
+def test_parameter_counts_of_the_real_shape():
+    total, active = parse_model_config(preset_config("26b-a4b")).parameter_counts()
+    assert 25.1e9 < total < 25.3e9
+    assert 3.7e9 < active < 3.9e9
