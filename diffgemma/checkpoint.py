@@ -150,20 +150,28 @@ def _own_name(ref_name: str) -> tuple[str | None, bool]:
     return None, False
 
 
-def _read_into(stored: StoredTensor, target: torch.Tensor, handle) -> None:
-    """Read one tensor's bytes into `target` (same dtype, CPU) or via one temporary buffer."""
-    direct = target.device.type == "cpu" and target.dtype == stored.dtype and target.is_contiguous()
-    buffer = target if direct else torch.empty(stored.shape, dtype=stored.dtype)
-    view = buffer.reshape(-1).view(torch.uint8).numpy()
+def _needs_buffer(stored: StoredTensor, target: torch.Tensor) -> bool:
+    return not (target.device.type == "cpu" and target.dtype == stored.dtype and target.is_contiguous())
+
+
+def _read_into(stored: StoredTensor, target: torch.Tensor, handle, scratch: torch.Tensor | None = None) -> None:
+    """Read one tensor's bytes into `target`: directly when it is a CPU tensor of the stored dtype, else
+    through `scratch` (a reusable byte buffer at least as large as the tensor), then converted by copy."""
+    nbytes = stored.end - stored.start
+    if _needs_buffer(stored, target):
+        raw = scratch[:nbytes] if scratch is not None else torch.empty(nbytes, dtype=torch.uint8)
+    else:
+        raw = target.reshape(-1).view(torch.uint8)
+    view = raw.numpy()
     handle.seek(stored.start)
     filled = 0
-    while filled < view.size:
+    while filled < nbytes:
         count = handle.readinto(view[filled:])
         if not count:
             raise DiffGemmaError(f"{stored.path}: truncated while reading tensor `{stored.name}`")
         filled += count
-    if not direct:
-        target.copy_(buffer)
+    if _needs_buffer(stored, target):
+        target.copy_(raw.view(stored.dtype).view(stored.shape))
 
 
 def read_tensor(stored: StoredTensor) -> torch.Tensor:
@@ -212,11 +220,15 @@ def load_weights(model: DiffusionGemma, folder: Path) -> dict[str, StoredTensor]
     by_file: dict[Path, list[tuple[str, StoredTensor]]] = {}
     for own, stored in plan.items():
         by_file.setdefault(stored.path, []).append((own, stored))
+    # One scratch buffer serves every tensor that needs converting, so the allocator never piles up
+    # tensor-sized temporaries of different sizes.
+    converted = [s.end - s.start for own, s in plan.items() if _needs_buffer(s, targets[own])]
+    scratch = torch.empty(max(converted), dtype=torch.uint8) if converted else None
     with torch.no_grad():
         for path, entries in by_file.items():
             with open(path, "rb") as handle:
                 for own, stored in sorted(entries, key=lambda item: item[1].start):
-                    _read_into(stored, targets[own], handle)
+                    _read_into(stored, targets[own], handle, scratch)
     return passthrough
 
 
