@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results  # noqa: E402
+from common import append_results
 
-from diffgemma.presets import random_checkpoint  # noqa: E402
+from diffgemma.presets import random_checkpoint
 
 # bench-90m widened to about 1 GB of float32 weights
 SHAPE = {"hidden_size": 1024, "intermediate_size": 2048, "moe_intermediate_size": 512, "num_hidden_layers": 5}
