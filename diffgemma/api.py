@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .checkpoint import StoredTensor, load_weights, save_checkpoint
 from .config import ModelConfig, SamplerSettings, load_configs
 from .errors import DiffGemmaError
+from .generate import (
+    CanvasCommit,
+    ChatResult,
+    Done,
+    Draft,
+    GenerationResult,
+    InfillResult,
+    Prompt,
+    attach_text,
+    chat_reply,
+    denoising_loop,
+    infill_clamp,
+    prepare_prompts,
+    run_to_end,
+)
 from .model import DiffusionGemma
 from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
@@ -112,6 +129,131 @@ class DiffGemma:
         """Encode `prompt_ids` [B, P], then one decoder pass over `canvas_ids` [B, C]: logits [B, C, V]."""
         return self.network.denoise_logits(prompt_ids, canvas_ids, self_conditioning_logits)
 
+    def _events(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int | None,
+        seed: int | None,
+        mode: str,
+        clamp: torch.Tensor | list | None,
+        enable_thinking: bool,
+        stop_at_eos: bool,
+        sampler: dict[str, Any],
+    ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
+        settings = self.settings.replace(max_new_tokens=max_new_tokens, **sampler)
+        pad = settings.pad_token_id if settings.pad_token_id is not None else 0
+        ids, mask, batched = prepare_prompts(prompt, self.tokenizer, pad, enable_thinking)
+        if clamp is not None and not isinstance(clamp, torch.Tensor):
+            clamp = torch.tensor([[-1 if t is None else t for t in row] for row in _rows(clamp)], dtype=torch.long)
+        events = denoising_loop(
+            self.network, settings, ids, mask, mode, seed, clamp, stop_at_eos, self.tokenizer
+        )
+        return events, batched
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        mode: str = "fast",
+        clamp: torch.Tensor | list | None = None,
+        enable_thinking: bool = False,
+        **sampler: Any,
+    ) -> GenerationResult:
+        """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
+
+        Sampler settings (`max_denoising_steps`, `entropy_bound`, `t_max`, `t_min`, `stability_threshold`,
+        `confidence_threshold`, `eos_token_id`, `pad_token_id`) override the checkpoint's defaults for this
+        call. `clamp` fixes generated positions to given ids (-1 or None = free), in every step and in the
+        output. With `seed` the run is reproducible; without it the global torch RNG is used.
+        """
+        events, batched = self._events(prompt, max_new_tokens, seed, mode, clamp, enable_thinking, True, sampler)
+        return attach_text(run_to_end(events), self.tokenizer, batched)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        mode: str = "fast",
+        clamp: torch.Tensor | list | None = None,
+        enable_thinking: bool = False,
+        **sampler: Any,
+    ) -> Iterator[Draft | CanvasCommit | Done]:
+        """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
+        then `Done` with the result. Closing the iterator (or breaking out of the loop) stops the work."""
+        events, batched = self._events(prompt, max_new_tokens, seed, mode, clamp, enable_thinking, True, sampler)
+        for event in events:
+            if isinstance(event, Done):
+                attach_text(event.result, self.tokenizer, batched)
+            yield event
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        enable_thinking: bool = False,
+        max_new_tokens: int | None = None,
+        seed: int | None = None,
+        mode: str = "fast",
+        **sampler: Any,
+    ) -> ChatResult:
+        """One model turn through the checkpoint's chat template; the thinking channel comes back apart."""
+        tokenizer = self._need_tokenizer()
+        result = self.generate(messages, max_new_tokens, seed, mode, enable_thinking=enable_thinking, **sampler)
+        reply = chat_reply(tokenizer, result.new_tokens[0])
+        return ChatResult(reply.content, reply.reasoning, result)
+
+    def infill(
+        self,
+        prefix: str,
+        suffix: str,
+        length: int,
+        seed: int | None = None,
+        mode: str = "fast",
+        **sampler: Any,
+    ) -> InfillResult:
+        """Fill `length` tokens between `prefix` (encoded as the prompt) and `suffix` (clamped on the canvas)."""
+        tokenizer = self._need_tokenizer()
+        settings = self.settings
+        eos = settings.eos_token_id[0] if settings.eos_token_id else self.config.eos_token_id[0]
+        pad = settings.pad_token_id if settings.pad_token_id is not None else 0
+        prompt, clamp = infill_clamp(tokenizer, prefix, suffix, length, self.config.canvas_length, eos, pad)
+        events, _ = self._events(
+            [prompt], self.config.canvas_length, seed, mode, [clamp], False, False, sampler
+        )
+        result = run_to_end(events)
+        fill_ids = result.new_tokens[0][:length]
+        for index, token in enumerate(fill_ids):
+            if token in settings.eos_token_id or token == pad:
+                fill_ids = fill_ids[:index]
+                break
+        fill = tokenizer.decode(fill_ids)
+        result.text = prefix + fill + suffix
+        return InfillResult(result.text, fill, result)
+
+    def edit(
+        self,
+        text: str,
+        start: int,
+        end: int,
+        length: int | None = None,
+        seed: int | None = None,
+        mode: str = "fast",
+        **sampler: Any,
+    ) -> InfillResult:
+        """Regenerate the characters `text[start:end]` in place (as many tokens as they had, or `length`)."""
+        if not 0 <= start <= end <= len(text):
+            raise DiffGemmaError(f"edit span {start}:{end} is outside the text (length {len(text)})")
+        tokenizer = self._need_tokenizer()
+        if length is None:
+            length = max(1, len(tokenizer.encode(text[start:end], add_special_tokens=False)))
+        return self.infill(text[:start], text[end:], length, seed, mode, **sampler)
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise DiffGemmaError("this checkpoint has no tokenizer (tokenizer.json); text features need one")
+        return self.tokenizer
+
     def save(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> Path:
         """Write this model (and its tokenizer files) as a checkpoint `transformers` loads too; atomic."""
         extra = {}
@@ -119,6 +261,10 @@ class DiffGemma:
             extra = {name: self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()}
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         return save_checkpoint(self.network, self.settings, folder, extra, self._passthrough, **kwargs)
+
+
+def _rows(clamp: list) -> list[list]:
+    return clamp if clamp and isinstance(clamp[0], list | tuple) else [clamp]
 
 
 def load(

@@ -32,8 +32,11 @@ class ChatReply:
     reasoning: str
 
 
-def split_thinking(text: str) -> ChatReply:
-    """Separate thinking-channel blocks from the answer; an unclosed block is all thinking so far."""
+def split_thinking(text: str, strip: tuple[str, ...] = ()) -> ChatReply:
+    """Separate thinking-channel blocks from the answer; an unclosed block is all thinking so far.
+
+    Strings in `strip` (other special tokens, such as the end-of-turn marker) are removed from both parts.
+    """
     content: list[str] = []
     reasoning: list[str] = []
     rest = text
@@ -45,7 +48,13 @@ def split_thinking(text: str) -> ChatReply:
         if not closed:
             rest = ""
     content.append(rest)
-    return ChatReply("".join(content).strip(), "\n".join(r.strip() for r in reasoning).strip())
+
+    def clean(part: str) -> str:
+        for token in strip:
+            part = part.replace(token, "")
+        return part.strip()
+
+    return ChatReply(clean("".join(content)), clean("\n".join(r.strip() for r in reasoning)))
 
 
 def _token_text(value: Any) -> str | None:
@@ -86,6 +95,12 @@ class Tokenizer:
                 self._compiled = env.from_string(self.chat_template)
             except jinja2.TemplateSyntaxError as err:
                 raise DiffGemmaError(f"{folder}: chat template has a syntax error: {err}") from None
+
+    @property
+    def special_strings(self) -> tuple[str, ...]:
+        """The text of every special added token (markers that plain decoding drops)."""
+        added = self.backend.get_added_tokens_decoder().values()
+        return tuple(token.content for token in added if token.special)
 
     @property
     def vocab_size(self) -> int:

@@ -27,3 +27,16 @@ def reference_models(reference_checkpoints):
 @pytest.fixture(scope="session")
 def ours(reference_checkpoints):
     return {name: diffgemma.load(path) for name, path in reference_checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def generation_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Gentler weights than the logits tests: over many denoising steps, self-conditioning feeds each
+    step's distribution into the next, and large random weights turn float32 rounding into chaos."""
+    root = tmp_path_factory.mktemp("generation")
+    return {name: make_reference_checkpoint(root / name, name, seed=1, scale=0.5) for name in "AB"}
+
+
+@pytest.fixture(scope="session")
+def generation_pairs(generation_checkpoints):
+    return {name: (diffgemma.load(path), load_reference(path)) for name, path in generation_checkpoints.items()}

@@ -69,7 +69,7 @@ GENERATION = {
 
 
 @torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
+def randomize_(model: torch.nn.Module, seed: int, scale: float = 1.0) -> None:
     """Weights large enough that every path matters: matrices ~ 1/sqrt(fan-in), norms/scales around 1.
 
     Encoder and decoder layer scalars get different values, so mixing them up fails the parity tests.
@@ -79,7 +79,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
         if param.ndim >= 2:
             fan_in = param.shape[-1]
             std = 0.25 if "embed_tokens" in name else 0.6 / math.sqrt(fan_in)
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            param.copy_(torch.randn(param.shape, generator=generator) * std * scale)
         else:
             param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
     for name, buffer in model.named_buffers():
@@ -87,7 +87,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
 
 
-def make_reference_checkpoint(folder: Path, which: str, seed: int = 0) -> Path:
+def make_reference_checkpoint(folder: Path, which: str, seed: int = 0, scale: float = 1.0) -> Path:
     """Build a random `DiffusionGemmaForBlockDiffusion`, save it with `save_pretrained`, add a tokenizer."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
@@ -99,7 +99,7 @@ def make_reference_checkpoint(folder: Path, which: str, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config)
-    randomize_(model, seed)
+    randomize_(model, seed, scale)
     model.save_pretrained(folder)
     (folder / "generation_config.json").write_text(json.dumps(GENERATION, indent=2))
     write_tokenizer(folder)

@@ -1,0 +1,354 @@
+"""The generation loop: prefill -> canvases -> denoising steps -> commit, with events along the way.
+
+    prompt ids --encode--> cache
+    for each canvas:  random canvas (clamped positions fixed)
+                      repeat: denoise -> temperature -> stats -> accept -> sample/renoise -> stop test
+                      commit the argmax canvas (pad after EOS), encode it into the cache
+
+`mode="reference"` draws random numbers exactly as the reference implementation does, so a seeded run
+returns the same sequences. `mode="fast"` (the default) samples only accepted positions, from one
+random stream per row, so a row's result does not depend on the other rows of its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import sampling
+from .config import SamplerSettings
+from .errors import DiffGemmaError
+from .model import DiffusionGemma
+from .tokenizer import ChatReply, Tokenizer, split_thinking
+
+MODES = ("fast", "reference")
+
+Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | list[dict[str, Any]]
+
+
+@dataclass
+class Draft:
+    """After every denoising step: the argmax canvas so far and what the sampler decided."""
+
+    canvas_index: int
+    step: int  # 1-based within the canvas
+    ids: torch.Tensor  # [B, C] argmax draft
+    accepted: torch.Tensor  # [B, C] positions accepted this step
+    mean_entropy: torch.Tensor  # [B]
+    finished: torch.Tensor  # [B] rows whose canvas has stopped denoising
+    tokenizer: Tokenizer | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> list[str]:
+        return _decode_rows(self.tokenizer, self.ids)
+
+
+@dataclass
+class CanvasCommit:
+    """A canvas is finished: its committed tokens (pad after EOS) go into the sequence and the cache."""
+
+    canvas_index: int
+    ids: torch.Tensor  # [B, C]
+    steps: list[int]  # denoising passes this canvas took, per row
+    tokenizer: Tokenizer | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> list[str]:
+        return _decode_rows(self.tokenizer, self.ids)
+
+
+@dataclass
+class GenerationResult:
+    sequences: torch.Tensor  # [B, P + canvases * C], prompt then canvases, pad after a row's EOS
+    prompt_length: int
+    new_tokens: list[list[int]]  # per row: generated ids up to max_new_tokens, ending before EOS, no pad
+    steps: list[list[int]]  # per canvas, per row: denoising passes
+    tokens_per_forward: list[float]  # per row: generated non-pad tokens / decoder passes (reference's metric)
+    wall_time: float
+    text: str | list[str] | None = None  # one string per prompt (a list for a batch), None without tokenizer
+
+    @property
+    def tokens_per_second(self) -> float:
+        produced = sum(len(row) for row in self.new_tokens)
+        return produced / self.wall_time if self.wall_time > 0 else 0.0
+
+
+@dataclass
+class Done:
+    result: GenerationResult
+
+
+@dataclass
+class ChatResult:
+    content: str
+    reasoning: str
+    result: GenerationResult
+
+
+@dataclass
+class InfillResult:
+    text: str  # prefix + fill + suffix
+    fill: str
+    result: GenerationResult
+
+
+def _decode_rows(tokenizer: Tokenizer | None, ids: torch.Tensor) -> list[str]:
+    if tokenizer is None:
+        raise DiffGemmaError("this checkpoint has no tokenizer, so there is no text; use the ids")
+    return [tokenizer.decode(row) for row in ids.tolist()]
+
+
+def prepare_prompts(
+    prompt: Prompt, tokenizer: Tokenizer | None, pad_id: int, enable_thinking: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """Any prompt form -> (ids [B, P] left-padded, attention mask or None, whether the input was a batch)."""
+    if isinstance(prompt, torch.Tensor):
+        if prompt.ndim not in (1, 2) or prompt.dtype not in (torch.int64, torch.int32):
+            raise DiffGemmaError("a prompt tensor must hold token ids, shaped [tokens] or [batch, tokens]")
+        rows = prompt.tolist() if prompt.ndim == 2 else [prompt.tolist()]
+        batched = prompt.ndim == 2
+    elif isinstance(prompt, str):
+        rows, batched = [_need_tokenizer(tokenizer).encode(prompt)], False
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, dict) for p in prompt):
+        rows, batched = [_need_tokenizer(tokenizer).encode_chat(list(prompt), enable_thinking)], False
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
+        rows, batched = [_need_tokenizer(tokenizer).encode(p) for p in prompt], True
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, int) for p in prompt):
+        rows, batched = [list(prompt)], False
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, Sequence) for p in prompt):
+        rows, batched = [list(p) for p in prompt], True
+    else:
+        raise DiffGemmaError("prompt must be text, a list of texts, chat messages, token ids or a list of them")
+    if any(len(row) == 0 for row in rows):
+        raise DiffGemmaError("a prompt has no tokens; give at least one (e.g. the BOS token)")
+    longest = max(len(row) for row in rows)
+    ids = torch.tensor([[pad_id] * (longest - len(row)) + row for row in rows], dtype=torch.long)
+    if all(len(row) == longest for row in rows):
+        return ids, None, batched
+    mask = torch.tensor([[False] * (longest - len(row)) + [True] * len(row) for row in rows])
+    return ids, mask, batched
+
+
+def _need_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
+    if tokenizer is None:
+        raise DiffGemmaError("this checkpoint has no tokenizer; pass token ids instead of text")
+    return tokenizer
+
+
+class RandomSource:
+    """Random tokens and samples. Reference mode: one stream for the batch, consumed as the reference
+    consumes it. Fast mode: one stream per row."""
+
+    def __init__(self, mode: str, batch: int, device: torch.device, seed: int | None) -> None:
+        self.mode = mode
+        self.device = device
+        if mode == "reference":
+            self.shared = None if seed is None else torch.Generator(device).manual_seed(seed)
+            self.rows: list[torch.Generator] = []
+        else:
+            base = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
+            self.rows = [torch.Generator(device).manual_seed(base + 1_000_003 * row) for row in range(batch)]
+
+    def tokens(self, batch: int, length: int, vocab: int) -> torch.Tensor:
+        if self.mode == "reference":
+            return torch.randint(0, vocab, (batch, length), device=self.device, generator=self.shared)
+        return torch.stack(
+            [torch.randint(0, vocab, (length,), device=self.device, generator=g) for g in self.rows[:batch]]
+        )
+
+
+def _validate_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise DiffGemmaError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def denoising_loop(
+    network: DiffusionGemma,
+    settings: SamplerSettings,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    mode: str = "fast",
+    seed: int | None = None,
+    clamp: torch.Tensor | None = None,
+    stop_at_eos: bool = True,
+    tokenizer: Tokenizer | None = None,
+) -> Iterator[Draft | CanvasCommit | Done]:
+    """The whole generation as a stream of events; closing the iterator stops the work at once.
+
+    `clamp` [B, L] fixes generated positions (L <= canvases * C) to given ids; -1 leaves a position free.
+    """
+    _validate_mode(mode)
+    started = time.perf_counter()
+    config = network.config
+    device = network.device
+    batch, prompt_length = ids.shape
+    length, vocab = config.canvas_length, config.vocab_size
+    canvases = math.ceil(settings.max_new_tokens / length)
+    if clamp is not None:
+        if clamp.ndim != 2 or clamp.shape[0] != batch or clamp.shape[1] > canvases * length:
+            raise DiffGemmaError(f"clamp must be [batch={batch}, at most {canvases * length}] token ids (-1 = free)")
+        if bool(((clamp < -1) | (clamp >= vocab)).any()):
+            raise DiffGemmaError(f"clamped ids must be -1 (free) or token ids below {vocab}")
+        clamp = torch.nn.functional.pad(clamp, (0, canvases * length - clamp.shape[1]), value=-1).to(device)
+    if prompt_length + canvases * length > config.max_position_embeddings:
+        raise DiffGemmaError(
+            f"prompt ({prompt_length}) plus {canvases} canvas(es) of {length} exceeds the model's "
+            f"{config.max_position_embeddings} positions"
+        )
+    ids = ids.to(device)
+    eos = torch.tensor(settings.eos_token_id, dtype=torch.long, device=device)
+    pad = settings.pad_token_id
+    rng = RandomSource(mode, batch, device, seed)
+    window = settings.stability_threshold
+
+    cache = network.new_cache(batch, prompt_length + canvases * length)
+    sequences = ids
+    rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
+    passes = torch.zeros(batch, dtype=torch.long, device=device)
+    steps_per_canvas: list[list[int]] = []
+    with torch.no_grad():
+        network.encode(ids, cache, attention_mask)
+        for canvas_index in range(canvases):
+            canvas = rng.tokens(batch, length, vocab)
+            fixed = None
+            if clamp is not None:
+                fixed_ids = clamp[:, canvas_index * length : (canvas_index + 1) * length]
+                fixed = fixed_ids >= 0
+                canvas = torch.where(fixed, fixed_ids, canvas)
+            free_count = length - (fixed.sum(-1) if fixed is not None else 0)
+            argmax = canvas
+            self_conditioning = None
+            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            history = torch.full((window, batch, length), -1, dtype=torch.long, device=device)
+            canvas_steps = torch.zeros(batch, dtype=torch.long, device=device)
+            for step, steps_left in enumerate(range(settings.max_denoising_steps, 0, -1), start=1):
+                active = ~(finished | rows_done)
+                passes += active
+                canvas_steps += ~finished
+                logits = network.denoise(canvas, cache, self_conditioning)
+                schedule = sampling.temperature(steps_left, settings.max_denoising_steps, settings.t_min, settings.t_max)
+                logits.div_(schedule.to(device))
+                if mode == "reference":
+                    sampled = sampling.reference_sample(logits, rng.shared)
+                    new_argmax = logits.argmax(dim=-1)
+                    entropy = sampling.reference_entropy(logits)
+                    probs = torch.softmax(logits.to(network.dtype), dim=-1, dtype=torch.float32)
+                    del logits
+                else:
+                    probs, entropy, new_argmax = sampling.logit_stats(logits)
+                    del logits
+                if fixed is not None:
+                    entropy = entropy.masked_fill(fixed, 0.0)
+                accept = sampling.entropy_bound_accept(entropy, settings.entropy_bound)
+                if mode == "fast":
+                    sampled = canvas.clone()
+                    for row, generator in enumerate(rng.rows):
+                        where = accept[row].nonzero().squeeze(-1)
+                        sampled[row, where] = sampling.sample_rows(probs[row, where], generator)
+                accepted = torch.where(accept, sampled, canvas)
+                new_canvas = sampling.renoise(accepted, accept, rng.tokens(batch, length, vocab))
+                if fixed is not None:
+                    new_canvas = torch.where(fixed, fixed_ids, new_canvas)
+                    new_argmax = torch.where(fixed, fixed_ids, new_argmax)
+                # Rows that already stopped keep their canvas and draft (they ride along in the batch).
+                new_argmax = torch.where(finished[:, None], argmax, new_argmax)
+                new_canvas = torch.where(finished[:, None], canvas, new_canvas)
+                mean_entropy = entropy.sum(-1) / free_count if fixed is not None else entropy.mean(-1)
+                stop = sampling.stable_and_confident(history, new_argmax, mean_entropy, settings.confidence_threshold)
+                history = sampling.push_history(history, new_argmax)
+                finished = finished | stop
+                canvas, argmax, self_conditioning = new_canvas, new_argmax, probs
+                yield Draft(canvas_index, step, argmax, accept, mean_entropy, finished | rows_done, tokenizer)
+                if bool(finished.all()):
+                    break
+            self_conditioning = None
+            committed = argmax.clone()
+            last = canvas_index == canvases - 1
+            done_now = torch.full_like(rows_done, last)
+            if stop_at_eos and eos.numel():
+                done_now |= torch.isin(committed, eos).any(dim=-1)
+            if pad is not None and bool((rows_done | done_now).any()):
+                committed[rows_done] = pad
+                if stop_at_eos and eos.numel():
+                    committed = torch.where(
+                        rows_done[:, None], committed, sampling.pad_after_eos(committed, eos, pad)[0]
+                    )
+            sequences = torch.cat([sequences, committed], dim=1)
+            steps_per_canvas.append(canvas_steps.tolist())
+            yield CanvasCommit(canvas_index, committed, canvas_steps.tolist(), tokenizer)
+            rows_done |= done_now
+            if bool(rows_done.all()):
+                break
+            network.encode(committed, cache)
+
+    new_tokens = [_trim(row, settings, prompt_length, stop_at_eos) for row in sequences.tolist()]
+    generated = sequences[:, prompt_length:]
+    valid = (generated != pad).sum(-1) if pad is not None else torch.full_like(passes, generated.shape[1])
+    per_forward = (valid.float() / passes.clamp_min(1).float()).tolist()
+    result = GenerationResult(
+        sequences=sequences.cpu(),
+        prompt_length=prompt_length,
+        new_tokens=new_tokens,
+        steps=steps_per_canvas,
+        tokens_per_forward=per_forward,
+        wall_time=time.perf_counter() - started,
+    )
+    yield Done(result)
+
+
+def _trim(row: list[int], settings: SamplerSettings, prompt_length: int, stop_at_eos: bool) -> list[int]:
+    """A row's generated ids as the user asked for them: at most max_new_tokens, ending before EOS."""
+    generated = row[prompt_length : prompt_length + settings.max_new_tokens]
+    if stop_at_eos:
+        for index, token in enumerate(generated):
+            if token in settings.eos_token_id:
+                return generated[:index]
+    return generated
+
+
+def run_to_end(events: Iterator[Draft | CanvasCommit | Done]) -> GenerationResult:
+    for event in events:
+        if isinstance(event, Done):
+            return event.result
+    raise RuntimeError("generation ended without a result")  # pragma: no cover - the loop always yields Done
+
+
+def attach_text(result: GenerationResult, tokenizer: Tokenizer | None, batched: bool) -> GenerationResult:
+    if tokenizer is not None:
+        texts = [tokenizer.decode(row) for row in result.new_tokens]
+        result.text = texts if batched else texts[0]
+    return result
+
+
+def chat_reply(tokenizer: Tokenizer, ids: list[int]) -> ChatReply:
+    """Split a generated model turn into answer and thinking (the markers are special tokens)."""
+    return split_thinking(tokenizer.decode(ids, skip_special_tokens=False), tokenizer.special_strings)
+
+
+def infill_clamp(
+    tokenizer: Tokenizer, prefix: str, suffix: str, length: int, canvas_length: int, eos: int, pad: int
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, canvas clamp) for fill-in-the-middle: `length` free slots, then the suffix, then EOS.
+
+    A suffix that does not fit in the canvas after the free slots is cut at its end, with a warning.
+    """
+    if not 0 < length <= canvas_length:
+        raise DiffGemmaError(f"infill length must be between 1 and the canvas length ({canvas_length}), got {length}")
+    prompt = tokenizer.encode(prefix) if prefix else tokenizer.encode("")
+    suffix_ids = tokenizer.encode(suffix, add_special_tokens=False) if suffix else []
+    room = canvas_length - length
+    if len(suffix_ids) > room:
+        warnings.warn(
+            f"infill: the suffix is {len(suffix_ids)} tokens but only {room} fit after {length} free positions "
+            f"in a {canvas_length}-token canvas; dropped its last {len(suffix_ids) - room} tokens",
+            stacklevel=3,
+        )
+        suffix_ids = suffix_ids[:room]
+    tail = [eos] + [pad] * (room - len(suffix_ids) - 1) if room > len(suffix_ids) else []
+    return prompt, [-1] * length + suffix_ids + tail

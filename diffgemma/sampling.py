@@ -1,0 +1,106 @@
+"""The sampler's math: pure tensor functions, no modules and no state.
+
+One denoising step, given the decoder's logits [B, C, V]:
+  temperature (linear schedule) -> per-position statistics (distribution, entropy, argmax)
+  -> entropy-bound acceptance (lowest-entropy positions whose summed entropy, less the largest, stays
+  within the bound) -> accepted positions take a sample, the rest are re-noised uniformly
+  -> stop when the argmax canvas has been stable and the mean entropy is tiny.
+
+Two ways to get the statistics and samples. `reference_*` reproduces the reference implementation's
+operations and random draws exactly (a sample for every position, via `torch.multinomial` over the
+whole [B*C, V] tensor). The fast path computes softmax, entropy and argmax from one shifted exponential
+and samples only the accepted positions, which is the same distribution for far less work and memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def temperature(steps_left: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    """Linear schedule over the steps still to run: t_max on the first step, falling towards t_min.
+
+    `steps_left` counts down from `max_steps` (first step) to 1 (last step), as in the reference, and the
+    value is computed in float32 the way the reference computes it (a 0-dim tensor to divide logits by).
+    """
+    fraction = torch.tensor(steps_left, dtype=torch.int32) / max_steps
+    return t_min + (t_max - t_min) * fraction
+
+
+def logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities, entropy, argmax) of temperature-scaled logits [..., V], in float32.
+
+    One max pass gives the argmax and the shift; one exponential gives the distribution; the entropy
+    uses H = log Z - sum(p * (x - max)), so no log-probability tensor is made. Besides the input, the only
+    vocabulary-sized tensor is the returned distribution.
+    """
+    shift, argmax = logits.max(dim=-1, keepdim=True)
+    probs = torch.sub(logits, shift).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    probs.div_(total)
+    # sum_v p_v * (x_v - max) as a batched dot product (no [.., V] temporary)
+    expected_shifted = torch.einsum("...v,...v->...", probs, logits) - shift.squeeze(-1)
+    entropy = (total.squeeze(-1).log() - expected_shifted).clamp_min_(0.0)
+    return probs, entropy, argmax.squeeze(-1)
+
+
+def reference_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy computed with the same operations as the reference (`Categorical(logits=...).entropy()`)."""
+    normalized = logits - logits.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(normalized, dim=-1)
+    return -(normalized.clamp(min=torch.finfo(normalized.dtype).min) * probs).sum(dim=-1)
+
+
+def reference_sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One sample per position [B, C] from the whole [B, C, V] tensor, drawing random numbers as the reference."""
+    batch, length, vocab = logits.shape
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    return torch.multinomial(probs.view(-1, vocab), num_samples=1, generator=generator).view(batch, length)
+
+
+def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One sample per row of a [N, V] distribution (N may be 0)."""
+    if probs.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=probs.device)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
+    """Accept mask [B, C]: the k lowest-entropy positions with sum(entropy) - max(entropy) <= bound.
+
+    Sorted ascending, the running sum less the current (largest so far) entropy only grows, so the
+    accepted set is a prefix of the sorted order. Ties keep their canvas order (stable sort).
+    """
+    sorted_entropy, order = torch.sort(entropy, dim=-1, stable=True)
+    keep = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def renoise(canvas: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Positions not kept take the fresh uniform `noise` tokens."""
+    return torch.where(keep, canvas, noise)
+
+
+def stable_and_confident(
+    history: torch.Tensor, argmax: torch.Tensor, mean_entropy: torch.Tensor, confidence_threshold: float
+) -> torch.Tensor:
+    """Per-row stop test [B]: the argmax canvas equals each of the last `window` ones (`history`
+    [window, B, C], -1 where there is no such step yet) and the mean entropy is below the threshold.
+    With a window of 0 only confidence counts."""
+    stable = (history == argmax[None]).all(dim=-1).all(dim=0)
+    return stable & (mean_entropy < confidence_threshold)
+
+
+def push_history(history: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
+    """Drop the oldest argmax canvas from the window and append the newest."""
+    if history.shape[0] == 0:
+        return history
+    return torch.cat([history[1:], argmax[None]], dim=0)
+
+
+def pad_after_eos(tokens: torch.Tensor, eos_ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace everything after each row's first EOS by pad. Returns (tokens, row has an EOS)."""
+    is_eos = torch.isin(tokens, eos_ids)
+    seen = is_eos.cumsum(dim=-1)
+    after_first = (seen > 0) & ~((seen == 1) & is_eos)
+    return tokens.masked_fill(after_first, pad_id), is_eos.any(dim=-1)
