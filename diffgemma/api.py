@@ -145,9 +145,7 @@ class DiffGemma:
         ids, mask, batched = prepare_prompts(prompt, self.tokenizer, pad, enable_thinking)
         if clamp is not None and not isinstance(clamp, torch.Tensor):
             clamp = torch.tensor([[-1 if t is None else t for t in row] for row in _rows(clamp)], dtype=torch.long)
-        events = denoising_loop(
-            self.network, settings, ids, mask, mode, seed, clamp, stop_at_eos, self.tokenizer
-        )
+        events = denoising_loop(self.network, settings, ids, mask, mode, seed, clamp, stop_at_eos, self.tokenizer)
         return events, batched
 
     def generate(
@@ -218,9 +216,7 @@ class DiffGemma:
         eos = settings.eos_token_id[0] if settings.eos_token_id else self.config.eos_token_id[0]
         pad = settings.pad_token_id if settings.pad_token_id is not None else 0
         prompt, clamp = infill_clamp(tokenizer, prefix, suffix, length, self.config.canvas_length, eos, pad)
-        events, _ = self._events(
-            [prompt], self.config.canvas_length, seed, mode, [clamp], False, False, sampler
-        )
+        events, _ = self._events([prompt], self.config.canvas_length, seed, mode, [clamp], False, False, sampler)
         result = run_to_end(events)
         fill_ids = result.new_tokens[0][:length]
         for index, token in enumerate(fill_ids):

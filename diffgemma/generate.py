@@ -232,8 +232,8 @@ def denoising_loop(
                 passes += active
                 canvas_steps += ~finished
                 logits = network.denoise(canvas, cache, self_conditioning)
-                schedule = sampling.temperature(steps_left, settings.max_denoising_steps, settings.t_min, settings.t_max)
-                logits.div_(schedule.to(device))
+                steps = settings.max_denoising_steps
+                logits.div_(sampling.temperature(steps_left, steps, settings.t_min, settings.t_max).to(device))
                 if mode == "reference":
                     sampled = sampling.reference_sample(logits, rng.shared)
                     new_argmax = logits.argmax(dim=-1)

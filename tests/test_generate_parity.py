@@ -23,7 +23,11 @@ def run_both(pair, prompt, seed, attention_mask=None, **settings):
     finally:
         reference.forward = forward
     torch.manual_seed(seed)
-    prompt_arg = prompt if attention_mask is None else [row[mask].tolist() for row, mask in zip(prompt, attention_mask)]
+    prompt_arg = (
+        prompt
+        if attention_mask is None
+        else [row[mask].tolist() for row, mask in zip(prompt, attention_mask, strict=True)]
+    )
     got = ours.generate(prompt_arg, mode="reference", **settings)
     return expected, got, len(calls)
 
