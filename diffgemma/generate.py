@@ -145,9 +145,13 @@ class RandomSource:
     """Random tokens and samples. Reference mode: one stream for the batch, consumed as the reference
     consumes it. Fast mode: one stream per row."""
 
-    def __init__(self, mode: str, batch: int, device: torch.device, seed: int | None) -> None:
+    def __init__(
+        self, mode: str, batch: int, device: torch.device, seed: int | None, weights_dtype: torch.dtype = torch.float32
+    ) -> None:
+        _validate_mode(mode)
         self.mode = mode
         self.device = device
+        self.weights_dtype = weights_dtype
         if mode == "reference":
             self.shared = None if seed is None else torch.Generator(device).manual_seed(seed)
             self.rows: list[torch.Generator] = []
@@ -161,6 +165,54 @@ class RandomSource:
         return torch.stack(
             [torch.randint(0, vocab, (length,), device=self.device, generator=g) for g in self.rows[:batch]]
         )
+
+
+@dataclass
+class StepOutput:
+    canvas: torch.Tensor  # [B, C] next canvas: accepted samples, fresh noise elsewhere, clamps in place
+    argmax: torch.Tensor  # [B, C] draft
+    accept: torch.Tensor  # [B, C]
+    entropy: torch.Tensor  # [B, C] (0 at clamped positions)
+    probs: torch.Tensor  # [B, C, V] distribution: the next step's self-conditioning input
+
+
+def sampler_step(
+    logits: torch.Tensor,
+    canvas: torch.Tensor,
+    entropy_bound: float,
+    rng: RandomSource,
+    fixed_ids: torch.Tensor | None = None,
+) -> StepOutput:
+    """From temperature-scaled logits [B, C, V] to the next canvas.
+
+    Reference mode samples every position first (as the reference does); fast mode decides acceptance
+    from the entropies and samples only the accepted positions. Clamped positions (`fixed_ids` >= 0) have
+    zero entropy (always accepted, free of the entropy budget) and always hold their given id.
+    """
+    if rng.mode == "reference":
+        sampled = sampling.reference_sample(logits, rng.shared)
+        argmax = logits.argmax(dim=-1)
+        entropy = sampling.reference_entropy(logits)
+        # The reference hands the next step its logits in the weights' dtype; softmax happens there.
+        probs = torch.softmax(logits.to(rng.weights_dtype), dim=-1, dtype=torch.float32)
+    else:
+        probs, entropy, argmax = sampling.logit_stats(logits)
+    fixed = None if fixed_ids is None else fixed_ids >= 0
+    if fixed is not None:
+        entropy = entropy.masked_fill(fixed, 0.0)
+    accept = sampling.entropy_bound_accept(entropy, entropy_bound)
+    if rng.mode == "fast":
+        sampled = canvas.clone()
+        for row, generator in enumerate(rng.rows):
+            where = accept[row].nonzero().squeeze(-1)
+            sampled[row, where] = sampling.sample_rows(probs[row, where], generator)
+    batch, length = canvas.shape
+    accepted = torch.where(accept, sampled, canvas)
+    new_canvas = sampling.renoise(accepted, accept, rng.tokens(batch, length, logits.shape[-1]))
+    if fixed is not None:
+        new_canvas = torch.where(fixed, fixed_ids, new_canvas)
+        argmax = torch.where(fixed, fixed_ids, argmax)
+    return StepOutput(new_canvas, argmax, accept, entropy, probs)
 
 
 def _validate_mode(mode: str) -> None:
@@ -204,7 +256,7 @@ def denoising_loop(
     ids = ids.to(device)
     eos = torch.tensor(settings.eos_token_id, dtype=torch.long, device=device)
     pad = settings.pad_token_id
-    rng = RandomSource(mode, batch, device, seed)
+    rng = RandomSource(mode, batch, device, seed, network.dtype)
     window = settings.stability_threshold
 
     cache = network.new_cache(batch, prompt_length + canvases * length)
@@ -216,7 +268,7 @@ def denoising_loop(
         network.encode(ids, cache, attention_mask)
         for canvas_index in range(canvases):
             canvas = rng.tokens(batch, length, vocab)
-            fixed = None
+            fixed = fixed_ids = None
             if clamp is not None:
                 fixed_ids = clamp[:, canvas_index * length : (canvas_index + 1) * length]
                 fixed = fixed_ids >= 0
@@ -232,30 +284,10 @@ def denoising_loop(
                 passes += active
                 canvas_steps += ~finished
                 logits = network.denoise(canvas, cache, self_conditioning)
-                steps = settings.max_denoising_steps
-                logits.div_(sampling.temperature(steps_left, steps, settings.t_min, settings.t_max).to(device))
-                if mode == "reference":
-                    sampled = sampling.reference_sample(logits, rng.shared)
-                    new_argmax = logits.argmax(dim=-1)
-                    entropy = sampling.reference_entropy(logits)
-                    probs = torch.softmax(logits.to(network.dtype), dim=-1, dtype=torch.float32)
-                    del logits
-                else:
-                    probs, entropy, new_argmax = sampling.logit_stats(logits)
-                    del logits
-                if fixed is not None:
-                    entropy = entropy.masked_fill(fixed, 0.0)
-                accept = sampling.entropy_bound_accept(entropy, settings.entropy_bound)
-                if mode == "fast":
-                    sampled = canvas.clone()
-                    for row, generator in enumerate(rng.rows):
-                        where = accept[row].nonzero().squeeze(-1)
-                        sampled[row, where] = sampling.sample_rows(probs[row, where], generator)
-                accepted = torch.where(accept, sampled, canvas)
-                new_canvas = sampling.renoise(accepted, accept, rng.tokens(batch, length, vocab))
-                if fixed is not None:
-                    new_canvas = torch.where(fixed, fixed_ids, new_canvas)
-                    new_argmax = torch.where(fixed, fixed_ids, new_argmax)
+                scale = sampling.temperature(steps_left, settings.max_denoising_steps, settings.t_min, settings.t_max)
+                out = sampler_step(logits.div_(scale.to(device)), canvas, settings.entropy_bound, rng, fixed_ids)
+                del logits
+                new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
                 # Rows that already stopped keep their canvas and draft (they ride along in the batch).
                 new_argmax = torch.where(finished[:, None], argmax, new_argmax)
                 new_canvas = torch.where(finished[:, None], canvas, new_canvas)
@@ -263,7 +295,7 @@ def denoising_loop(
                 stop = sampling.stable_and_confident(history, new_argmax, mean_entropy, settings.confidence_threshold)
                 history = sampling.push_history(history, new_argmax)
                 finished = finished | stop
-                canvas, argmax, self_conditioning = new_canvas, new_argmax, probs
+                canvas, argmax, self_conditioning = new_canvas, new_argmax, out.probs
                 yield Draft(canvas_index, step, argmax, accept, mean_entropy, finished | rows_done, tokenizer)
                 if bool(finished.all()):
                     break

@@ -1,0 +1,156 @@
+"""The sampler's pure functions: hand-computed cases, agreement with the reference's classes, and the fast
+path's sampling distribution against reference mode."""
+
+import math
+
+import pytest
+import torch
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+    EntropyBoundSampler,
+    EntropyBoundSamplerConfig,
+    LinearTemperatureScheduleLogitsProcessor,
+    StableAndConfidentStoppingCriteria,
+)
+
+from diffgemma import sampling
+from diffgemma.generate import RandomSource, sampler_step
+
+
+def test_temperature_schedule_hand_values_and_reference():
+    assert float(sampling.temperature(48, 48, 0.4, 0.8)) == pytest.approx(0.8)
+    assert float(sampling.temperature(1, 48, 0.4, 0.8)) == pytest.approx(0.4 + 0.4 / 48)
+    assert float(sampling.temperature(24, 48, 0.4, 0.8)) == pytest.approx(0.6)
+    processor = LinearTemperatureScheduleLogitsProcessor(t_min=0.4, t_max=0.8, max_denoising_steps=12)
+    logits = torch.randn(2, 5, 11)
+    for steps_left in range(12, 0, -1):
+        expected = processor(None, logits, cur_step=torch.tensor(steps_left, dtype=torch.int32))
+        assert torch.equal(logits / sampling.temperature(steps_left, 12, 0.4, 0.8), expected)
+
+
+def test_logit_stats_hand_cases():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [50.0, 0.0, 0.0, 0.0], [math.log(3.0), 0.0, -1e9, -1e9]]])
+    probs, entropy, argmax = sampling.logit_stats(logits)
+    assert torch.allclose(probs.sum(-1), torch.ones(1, 3))
+    assert entropy[0, 0].item() == pytest.approx(math.log(4))
+    assert entropy[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    # p = (3/4, 1/4): H = -(.75 ln .75 + .25 ln .25)
+    assert entropy[0, 2].item() == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), rel=1e-5)
+    assert argmax.tolist() == [[0, 0, 0]]
+    assert probs[0, 2, :2].tolist() == pytest.approx([0.75, 0.25])
+
+
+def test_logit_stats_match_reference_entropy_and_softmax():
+    logits = torch.randn(3, 17, 301) * 4
+    probs, entropy, argmax = sampling.logit_stats(logits)
+    assert torch.allclose(entropy, torch.distributions.Categorical(logits=logits).entropy(), atol=2e-5)
+    assert torch.allclose(entropy, sampling.reference_entropy(logits), atol=2e-5)
+    assert torch.allclose(probs, torch.softmax(logits, -1), atol=1e-6)
+    assert torch.equal(argmax, logits.argmax(-1))
+
+
+def test_entropy_bound_accept_hand_cases():
+    entropy = torch.tensor([[0.5, 0.125, 2.0, 0.25]])
+    # sorted 0.125, 0.25, 0.5, 2.0 -> sum before each: 0, 0.125, 0.375, 0.875
+    assert sampling.entropy_bound_accept(entropy, 0.375).tolist() == [[True, True, False, True]]
+    assert sampling.entropy_bound_accept(entropy, 0.124).tolist() == [[False, True, False, False]]
+    # the lowest-entropy position is always accepted, however small the bound
+    assert sampling.entropy_bound_accept(torch.tensor([[3.0, 9.0]]), 1e-9).tolist() == [[True, False]]
+    # ties keep canvas order: with room for two of three equal entropies, the first two are taken
+    assert sampling.entropy_bound_accept(torch.tensor([[0.25, 0.25, 0.25]]), 0.25).tolist() == [[True, True, False]]
+
+
+def test_entropy_bound_accept_matches_reference_sampler():
+    torch.manual_seed(0)
+    for bound in (0.1, 0.5, 2.0):
+        logits = torch.randn(4, 32, 50) * 3
+        reference = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 32, 50, 10)
+        canvas = torch.randint(0, 50, (4, 32))
+        reference.accept_canvas(canvas, canvas, logits, 1)
+        mine = sampling.entropy_bound_accept(sampling.logit_stats(logits)[1], bound)
+        assert torch.equal(mine, reference.accepted_token_mask)
+
+
+def test_stable_and_confident_window():
+    history = torch.full((2, 1, 3), -1)
+    canvas = torch.tensor([[4, 5, 6]])
+    confident = torch.tensor([0.001])
+    results = []
+    for _ in range(3):
+        results.append(sampling.stable_and_confident(history, canvas, confident, 0.005).item())
+        history = sampling.push_history(history, canvas)
+    assert results == [False, False, True]  # stable only once the last two drafts equal this one
+    assert not sampling.stable_and_confident(history, canvas, torch.tensor([0.01]), 0.005).item()
+    assert not sampling.stable_and_confident(history, torch.tensor([[4, 5, 7]]), confident, 0.005).item()
+    empty = torch.empty(0, 1, 3, dtype=torch.long)
+    assert sampling.stable_and_confident(empty, canvas, confident, 0.005).item()  # window 0: confidence alone
+
+
+def test_stopping_matches_reference_criteria():
+    torch.manual_seed(1)
+    for window in (0, 1, 3):
+        reference = StableAndConfidentStoppingCriteria(stability_threshold=window, confidence_threshold=2.5)
+        history = torch.full((window, 2, 6), -1)
+        base = torch.randint(0, 5, (2, 6))
+        for step in range(8):
+            logits = torch.randn(2, 6, 5) * (step + 1)
+            argmax = base if step % 3 else torch.randint(0, 5, (2, 6))
+            expected = reference(argmax, logits)
+            mean_entropy = sampling.logit_stats(logits)[1].mean(-1)
+            assert torch.equal(sampling.stable_and_confident(history, argmax, mean_entropy, 2.5), expected)
+            history = sampling.push_history(history, argmax)
+
+
+def test_pad_after_eos():
+    tokens = torch.tensor([[5, 1, 6, 1, 7], [5, 6, 7, 8, 9], [9, 9, 9, 9, 2]])
+    padded, found = sampling.pad_after_eos(tokens, torch.tensor([1, 2]), 0)
+    assert padded.tolist() == [[5, 1, 0, 0, 0], [5, 6, 7, 8, 9], [9, 9, 9, 9, 2]]
+    assert found.tolist() == [True, False, True]
+
+
+def test_renoise_keeps_accepted_positions():
+    canvas = torch.tensor([[1, 2, 3]])
+    noise = torch.tensor([[7, 8, 9]])
+    assert sampling.renoise(canvas, torch.tensor([[True, False, True]]), noise).tolist() == [[1, 8, 3]]
+
+
+def chi_square_rejects(counts_a: torch.Tensor, counts_b: torch.Tensor, alpha_z: float = 3.09) -> bool:
+    """Two-sample chi-square test of equal distributions (Wilson-Hilferty critical value, one-sided z)."""
+    keep = (counts_a + counts_b) > 0
+    a, b = counts_a[keep].double(), counts_b[keep].double()
+    n_a, n_b = a.sum(), b.sum()
+    statistic = (((a * (n_b / n_a).sqrt() - b * (n_a / n_b).sqrt()) ** 2) / (a + b)).sum().item()
+    df = int(keep.sum()) - 1
+    critical = df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
+    return statistic > critical
+
+
+def accepted_token_counts(mode: str, logits: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    """Histogram of the token placed at each accepted position, over many sampler steps on fixed logits."""
+    vocab = logits.shape[-1]
+    counts = torch.zeros(logits.shape[1], vocab, dtype=torch.long)
+    torch.manual_seed(seed)
+    rng = RandomSource(mode, logits.shape[0], torch.device("cpu"), seed)
+    canvas = torch.zeros(logits.shape[:2], dtype=torch.long)
+    for _ in range(draws):
+        out = sampler_step(logits.clone(), canvas, 0.6, rng)
+        assert out.accept.any()
+        positions = out.accept[0].nonzero().squeeze(-1)
+        counts[positions, out.canvas[0, positions]] += 1
+    return counts
+
+
+def test_fast_mode_samples_the_reference_distribution():
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 6, 12, generator=generator) * 2.5
+    fast = accepted_token_counts("fast", logits, 3000, seed=11)
+    reference = accepted_token_counts("reference", logits, 3000, seed=12)
+    # acceptance is deterministic, so the same positions were accepted in both modes
+    assert torch.equal(fast.sum(-1) > 0, reference.sum(-1) > 0)
+    for position in (fast.sum(-1) > 0).nonzero().squeeze(-1).tolist():
+        assert not chi_square_rejects(fast[position], reference[position])
+    # and the test has power: a slightly different distribution (temperature 1.3) is rejected
+    skewed = accepted_token_counts("fast", logits / 1.3, 3000, seed=13)
+    rejected = [
+        chi_square_rejects(skewed[p], reference[p]) for p in (reference.sum(-1) > 0).nonzero().squeeze(-1).tolist()
+    ]
+    assert any(rejected)
