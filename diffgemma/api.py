@@ -181,10 +181,13 @@ class DiffGemma:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
         then `Done` with the result. Closing the iterator (or breaking out of the loop) stops the work."""
         events, batched = self._events(prompt, max_new_tokens, seed, mode, clamp, enable_thinking, True, sampler)
-        for event in events:
-            if isinstance(event, Done):
-                attach_text(event.result, self.tokenizer, batched)
-            yield event
+        try:
+            for event in events:
+                if isinstance(event, Done):
+                    attach_text(event.result, self.tokenizer, batched)
+                yield event
+        finally:
+            events.close()
 
     def chat(
         self,

@@ -40,3 +40,14 @@ def generation_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def generation_pairs(generation_checkpoints):
     return {name: (diffgemma.load(path), load_reference(path)) for name, path in generation_checkpoints.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Our own random `tiny` preset (byte-level tokenizer, chat template), loaded."""
+    from diffgemma.presets import random_checkpoint
+
+    folder = random_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny", preset="tiny", seed=3)
+    model = diffgemma.load(folder)
+    model.settings = model.settings.replace(max_denoising_steps=8)
+    return model

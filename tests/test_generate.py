@@ -1,0 +1,172 @@
+"""Generation features on a small random model: results, streaming, clamping, infill, edit, chat, batches."""
+
+import warnings
+
+import pytest
+import torch
+
+from diffgemma import DiffGemmaError
+from diffgemma.generate import CanvasCommit, Done, Draft, chat_reply
+from diffgemma.sampling import pad_after_eos
+from diffgemma.tokenizer import split_thinking
+
+
+def test_result_layout_and_stats(tiny):
+    length = tiny.config.canvas_length
+    result = tiny.generate("Hello", max_new_tokens=length + 3, seed=1)
+    prompt_length = len(tiny.tokenizer.encode("Hello"))
+    assert result.prompt_length == prompt_length
+    assert result.sequences.shape == (1, prompt_length + 2 * length)  # whole canvases, as the reference
+    assert len(result.new_tokens[0]) <= length + 3
+    assert isinstance(result.text, str)
+    assert len(result.steps) >= 1 and all(1 <= s <= 8 for s in result.steps[0])
+    assert result.wall_time > 0 and result.tokens_per_second > 0
+    assert result.tokens_per_forward[0] > 0
+
+
+def test_seeded_fast_generation_is_reproducible(tiny):
+    a = tiny.generate("abc", max_new_tokens=40, seed=5)
+    b = tiny.generate("abc", max_new_tokens=40, seed=5)
+    c = tiny.generate("abc", max_new_tokens=40, seed=6)
+    assert torch.equal(a.sequences, b.sequences)
+    assert not torch.equal(a.sequences, c.sequences)
+
+
+def test_rows_do_not_affect_each_other(tiny):
+    """Fast mode draws from one random stream per row: a row's result does not depend on its neighbours."""
+    first = [2, 40, 41, 42, 43]
+    pair = tiny.generate([first, [2, 50, 51, 52, 53]], max_new_tokens=64, seed=9, confidence_threshold=5.4)
+    other = tiny.generate([first, [2, 60, 61, 62, 63]], max_new_tokens=64, seed=9, confidence_threshold=5.4)
+    assert torch.equal(pair.sequences[0], other.sequences[0])
+    assert not torch.equal(pair.sequences[1], other.sequences[1])
+    assert isinstance(pair.text, list) and len(pair.text) == 2
+
+
+def test_stream_one_draft_per_step_and_same_result_as_generate(tiny):
+    events = list(tiny.stream("stream me", max_new_tokens=50, seed=3))
+    drafts = [e for e in events if isinstance(e, Draft)]
+    commits = [e for e in events if isinstance(e, CanvasCommit)]
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert len(drafts) == sum(max(steps) for steps in done.result.steps)
+    for commit, steps in zip(commits, done.result.steps, strict=True):
+        in_canvas = [d for d in drafts if d.canvas_index == commit.canvas_index]
+        assert [d.step for d in in_canvas] == list(range(1, max(steps) + 1))
+    eos = torch.tensor(tiny.settings.eos_token_id)
+    for commit in commits:
+        last_draft = [d for d in drafts if d.canvas_index == commit.canvas_index][-1]
+        expected, _ = pad_after_eos(last_draft.ids, eos, tiny.settings.pad_token_id)
+        assert torch.equal(commit.ids, expected)
+    generated = tiny.generate("stream me", max_new_tokens=50, seed=3)
+    assert torch.equal(done.result.sequences, generated.sequences)
+    assert done.result.text == generated.text
+    assert isinstance(drafts[0].text[0], str)
+    assert drafts[0].accepted.dtype == torch.bool and drafts[0].mean_entropy.shape == (1,)
+
+
+def test_closing_the_stream_stops_the_work(tiny, monkeypatch):
+    calls = []
+    denoise = tiny.network.denoise
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return denoise(*args, **kwargs)
+
+    monkeypatch.setattr(tiny.network, "denoise", counting)
+    stream = tiny.stream("stop early", max_new_tokens=200, seed=1, confidence_threshold=1e-9)
+    for index, _event in enumerate(stream):
+        if index == 2:
+            break
+    stream.close()
+    assert len(calls) == 3  # one denoising pass per draft received, none after
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert len(calls) == 3
+
+
+def test_clamped_positions_hold_in_every_step_and_the_output(tiny):
+    length = tiny.config.canvas_length
+    clamp = [-1] * length * 2
+    fixed = {0: 70, 5: 71, length + 3: 72, 2 * length - 1: 73}
+    for position, token in fixed.items():
+        clamp[position] = token
+    prompt = tiny.tokenizer.encode("clamp")
+    events = list(tiny.stream(prompt, max_new_tokens=2 * length, seed=4, clamp=clamp, eos_token_id=[]))
+    for event in events:
+        if isinstance(event, Draft):
+            offset = event.canvas_index * length
+            for position, token in fixed.items():
+                if offset <= position < offset + length:
+                    assert event.ids[0, position - offset].item() == token
+    sequence = events[-1].result.sequences[0, len(prompt) :]
+    assert all(sequence[p].item() == t for p, t in fixed.items())
+
+
+def test_clamp_validation(tiny):
+    with pytest.raises(DiffGemmaError, match="clamped ids must be -1"):
+        tiny.generate("x", max_new_tokens=8, clamp=[tiny.config.vocab_size + 5])
+    with pytest.raises(DiffGemmaError, match="clamp must be"):
+        tiny.generate("x", max_new_tokens=8, clamp=[-1] * (tiny.config.canvas_length + 1))
+
+
+def test_infill_keeps_prefix_and_suffix(tiny):
+    result = tiny.infill("def add(a, b):\n    ", "\n    return c\n", length=6, seed=2)
+    assert result.text.startswith("def add(a, b):\n    ")
+    assert result.text.endswith("\n    return c\n")
+    assert result.text == "def add(a, b):\n    " + result.fill + "\n    return c\n"
+    suffix_ids = tiny.tokenizer.encode("\n    return c\n", add_special_tokens=False)
+    canvas = result.result.sequences[0, result.result.prompt_length :].tolist()
+    assert canvas[6 : 6 + len(suffix_ids)] == suffix_ids
+
+
+def test_infill_suffix_too_long_warns_with_the_count(tiny):
+    length = tiny.config.canvas_length
+    suffix = "x" * (length + 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny.infill("p", suffix, length=4, seed=1)
+    messages = [str(w.message) for w in caught]
+    assert any(f"dropped its last {length + 5 - (length - 4)} tokens" in m for m in messages)
+    with pytest.raises(DiffGemmaError, match="infill length must be between 1 and"):
+        tiny.infill("p", "s", length=length + 1)
+
+
+def test_edit_changes_only_the_span(tiny):
+    text = "The quick brown fox jumps."
+    result = tiny.edit(text, 4, 9, seed=3)
+    assert result.text.startswith("The ") and result.text.endswith(" brown fox jumps.")
+    with pytest.raises(DiffGemmaError, match="outside the text"):
+        tiny.edit(text, 5, 100)
+
+
+def test_chat_and_thinking_split(tiny):
+    reply = tiny.chat([{"role": "user", "content": "hi"}], max_new_tokens=20, seed=1)
+    assert isinstance(reply.content, str) and isinstance(reply.reasoning, str)
+    assert reply.result.prompt_length == len(tiny.tokenizer.encode_chat([{"role": "user", "content": "hi"}]))
+    rendered = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], enable_thinking=True)
+    assert "<|think|>" in rendered
+    plain = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], enable_thinking=False)
+    assert "<|think|>" not in plain and plain.endswith("<|turn>model\n<|channel>thought\n<channel|>")
+    ids = tiny.tokenizer.encode("<|channel>thought\nlet me think<channel|>The answer.<turn|>", add_special_tokens=False)
+    split = chat_reply(tiny.tokenizer, ids)
+    assert (split.content, split.reasoning) == ("The answer.", "let me think")
+
+
+def test_split_thinking_unclosed_and_absent():
+    assert split_thinking("just text").content == "just text"
+    assert split_thinking("just text").reasoning == ""
+    unclosed = split_thinking("<|channel>thought\nstill thinking")
+    assert (unclosed.content, unclosed.reasoning) == ("", "still thinking")
+
+
+def test_bad_calls(tiny):
+    with pytest.raises(DiffGemmaError, match="mode must be one of"):
+        tiny.generate("x", max_new_tokens=4, mode="turbo")
+    with pytest.raises(DiffGemmaError, match="`max_new_tokens` must be a positive integer"):
+        tiny.generate("x", max_new_tokens=0)
+    with pytest.raises(DiffGemmaError, match="unknown sampler setting"):
+        tiny.generate("x", max_new_tokens=4, top_p=0.9)
+    with pytest.raises(DiffGemmaError, match="prompt must be"):
+        tiny.generate(3.5)
+    with pytest.raises(DiffGemmaError, match="has no tokens"):
+        tiny.generate([[]])
