@@ -1,0 +1,96 @@
+"""Per-step time of the sampler modes on the CPU benchmark shape (bench-90m: ~90M parameters, 32k vocabulary,
+canvas 256, prompt 128), and how much of a step the sampler itself takes.
+
+    python bench/sampler.py [--steps 16] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results
+
+import diffgemma
+from diffgemma import sampling
+from diffgemma.generate import RandomSource, sampler_step
+from diffgemma.presets import random_checkpoint
+
+
+def time_it(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = diffgemma.load(random_checkpoint(Path(tmp) / "bench", preset="bench-90m", seed=0))
+    config = model.config
+    torch.manual_seed(0)
+    prompt = torch.randint(3, config.vocab_size, (1, 128))
+    network = model.network
+    cache = network.new_cache(1, 128 + config.canvas_length)
+    canvas = torch.randint(0, config.vocab_size, (1, config.canvas_length))
+    with torch.no_grad():
+        network.encode(prompt, cache)
+        logits = network.denoise(canvas, cache)
+        probs = torch.softmax(logits, -1)
+        denoise_ms = time_it(lambda: network.denoise(canvas, cache, probs), 5)
+        scaled = logits / 0.8
+        rows = []
+        for label, sharpen in (("model's own (random weights)", 1.0), ("the same, sharpened x6", 6.0)):
+            step_logits = scaled * sharpen
+            accepted = int(sampling.entropy_bound_accept(sampling.logit_stats(step_logits)[1], 0.1).sum())
+            for mode in ("reference", "fast"):
+                rng = RandomSource(mode, 1, torch.device("cpu"), 0)
+                ms = time_it(lambda lg=step_logits, r=rng: sampler_step(lg.clone(), canvas, 0.1, r), 10)
+                rows.append((label, accepted, mode, ms))
+        step_ms = {}
+        for mode in ("reference", "fast"):
+            start = time.perf_counter()
+            result = model.generate(
+                prompt,
+                max_new_tokens=config.canvas_length,
+                mode=mode,
+                seed=0,
+                max_denoising_steps=args.steps,
+                confidence_threshold=1e-9,
+            )
+            step_ms[mode] = (time.perf_counter() - start) * 1000 / sum(result.steps[0])
+    table = ["| logits | accepted/step | mode | sampler ms/step | share of a step |", "|---|---|---|---|---|"]
+    for label, accepted, mode, ms in rows:
+        table.append(f"| {label} | {accepted} | {mode} | {ms:.1f} | {ms / (ms + denoise_ms):.0%} |")
+    table.append("")
+    table.append("| mode | whole step ms (generate, incl. prefill) | decoder pass ms | speed-up |")
+    table.append("|---|---|---|---|")
+    for mode in ("reference", "fast"):
+        speedup = step_ms["reference"] / step_ms[mode]
+        table.append(f"| {mode} | {step_ms[mode]:.1f} | {denoise_ms:.1f} | {speedup:.2f}x |")
+    append_results(
+        "Sampler modes (bench/sampler.py)",
+        "\n".join(table),
+        f"bench-90m ({sum(network.config.parameter_counts()[:1]) / 1e6:.0f}M parameters, vocabulary "
+        f"{config.vocab_size}), batch 1, prompt 128, canvas {config.canvas_length}, {args.steps} steps.",
+    )
+
+
+if __name__ == "__main__":
+    main()
