@@ -132,30 +132,47 @@ class DiffGemma:
     def _events(
         self,
         prompt: Prompt,
-        max_new_tokens: int | None,
-        seed: int | None,
+        max_new_tokens: int | list[int] | None,
+        seed: int | list[int] | None,
         mode: str,
         clamp: torch.Tensor | list | None,
         enable_thinking: bool,
         stop_at_eos: bool,
         sampler: dict[str, Any],
+        commit_stable_prefix: bool = False,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
+        row_limits = None
+        if isinstance(max_new_tokens, list | tuple):
+            row_limits, max_new_tokens = list(max_new_tokens), max(max_new_tokens, default=0)
         settings = self.settings.replace(max_new_tokens=max_new_tokens, **sampler)
         pad = settings.pad_token_id if settings.pad_token_id is not None else 0
         ids, mask, batched = prepare_prompts(prompt, self.tokenizer, pad, enable_thinking)
         if clamp is not None and not isinstance(clamp, torch.Tensor):
             clamp = torch.tensor([[-1 if t is None else t for t in row] for row in _rows(clamp)], dtype=torch.long)
-        events = denoising_loop(self.network, settings, ids, mask, mode, seed, clamp, stop_at_eos, self.tokenizer)
+        events = denoising_loop(
+            self.network,
+            settings,
+            ids,
+            mask,
+            mode,
+            seed,
+            clamp,
+            stop_at_eos,
+            self.tokenizer,
+            row_limits,
+            commit_stable_prefix,
+        )
         return events, batched
 
     def generate(
         self,
         prompt: Prompt,
-        max_new_tokens: int | None = None,
-        seed: int | None = None,
+        max_new_tokens: int | list[int] | None = None,
+        seed: int | list[int] | None = None,
         mode: str = "fast",
         clamp: torch.Tensor | list | None = None,
         enable_thinking: bool = False,
+        commit_stable_prefix: bool = False,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
@@ -163,24 +180,32 @@ class DiffGemma:
         Sampler settings (`max_denoising_steps`, `entropy_bound`, `t_max`, `t_min`, `stability_threshold`,
         `confidence_threshold`, `eos_token_id`, `pad_token_id`) override the checkpoint's defaults for this
         call. `clamp` fixes generated positions to given ids (-1 or None = free), in every step and in the
-        output. With `seed` the run is reproducible; without it the global torch RNG is used.
+        output. With `seed` the run is reproducible; without it the global torch RNG is used. For a batch,
+        `seed` and `max_new_tokens` may be lists (one per row). `commit_stable_prefix` fixes each canvas's
+        settled leading tokens as it goes (what `stream` needs to send text before a canvas ends).
         """
-        events, batched = self._events(prompt, max_new_tokens, seed, mode, clamp, enable_thinking, True, sampler)
+        events, batched = self._events(
+            prompt, max_new_tokens, seed, mode, clamp, enable_thinking, True, sampler, commit_stable_prefix
+        )
         return attach_text(run_to_end(events), self.tokenizer, batched)
 
     def stream(
         self,
         prompt: Prompt,
-        max_new_tokens: int | None = None,
-        seed: int | None = None,
+        max_new_tokens: int | list[int] | None = None,
+        seed: int | list[int] | None = None,
         mode: str = "fast",
         clamp: torch.Tensor | list | None = None,
         enable_thinking: bool = False,
+        commit_stable_prefix: bool = False,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
-        then `Done` with the result. Closing the iterator (or breaking out of the loop) stops the work."""
-        events, batched = self._events(prompt, max_new_tokens, seed, mode, clamp, enable_thinking, True, sampler)
+        then `Done` with the result. Closing the iterator (or breaking out of the loop) stops the work.
+        With `commit_stable_prefix`, each draft's `settled` says how many leading canvas tokens are final."""
+        events, batched = self._events(
+            prompt, max_new_tokens, seed, mode, clamp, enable_thinking, True, sampler, commit_stable_prefix
+        )
         try:
             for event in events:
                 if isinstance(event, Done):

@@ -35,14 +35,18 @@ class EncoderCache:
         capacity: int,
         device: torch.device | str,
         dtype: torch.dtype,
+        keep_all: bool = False,
     ) -> None:
+        """`keep_all` keeps every token on sliding layers too (training: each row's decoder may look back
+        from a different point, so no window can be dropped)."""
         self.config = config
+        self.keep_all = keep_all
         self.batch_size = batch_size
         self.capacity = capacity
         self.length = 0  # tokens encoded so far: the next token's position
         self.layers: list[LayerCache] = []
         for shape in config.layers:
-            ring = config.sliding_window - 1 if shape.is_sliding else None
+            ring = config.sliding_window - 1 if shape.is_sliding and not keep_all else None
             stored = ring if ring is not None else capacity
             self.layers.append(
                 self._allocate(stored + config.canvas_length, shape.num_kv_heads, shape.head_dim, ring, device, dtype)

@@ -43,6 +43,7 @@ class Draft:
     mean_entropy: torch.Tensor  # [B]
     finished: torch.Tensor  # [B] rows whose canvas has stopped denoising
     tokenizer: Tokenizer | None = field(default=None, repr=False)
+    settled: torch.Tensor | None = None  # [B] with commit_stable_prefix: length of the prefix now fixed
 
     @property
     def text(self) -> list[str]:
@@ -146,18 +147,31 @@ class RandomSource:
     consumes it. Fast mode: one stream per row."""
 
     def __init__(
-        self, mode: str, batch: int, device: torch.device, seed: int | None, weights_dtype: torch.dtype = torch.float32
+        self,
+        mode: str,
+        batch: int,
+        device: torch.device,
+        seed: int | Sequence[int] | None,
+        weights_dtype: torch.dtype = torch.float32,
     ) -> None:
         _validate_mode(mode)
         self.mode = mode
         self.device = device
         self.weights_dtype = weights_dtype
+        self.rows: list[torch.Generator] = []
         if mode == "reference":
+            if isinstance(seed, Sequence):
+                raise DiffGemmaError("reference mode draws from one stream for the batch: give one seed, not a list")
             self.shared = None if seed is None else torch.Generator(device).manual_seed(seed)
-            self.rows: list[torch.Generator] = []
+            return
+        if isinstance(seed, Sequence):
+            if len(seed) != batch:
+                raise DiffGemmaError(f"got {len(seed)} seeds for a batch of {batch}")
+            seeds = list(seed)
         else:
             base = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
-            self.rows = [torch.Generator(device).manual_seed(base + 1_000_003 * row) for row in range(batch)]
+            seeds = [base + 1_000_003 * row for row in range(batch)]
+        self.rows = [torch.Generator(device).manual_seed(s) for s in seeds]
 
     def tokens(self, batch: int, length: int, vocab: int) -> torch.Tensor:
         if self.mode == "reference":
@@ -226,14 +240,20 @@ def denoising_loop(
     ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     mode: str = "fast",
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     clamp: torch.Tensor | None = None,
     stop_at_eos: bool = True,
     tokenizer: Tokenizer | None = None,
+    row_limits: Sequence[int] | None = None,
+    commit_stable_prefix: bool = False,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
     `clamp` [B, L] fixes generated positions (L <= canvases * C) to given ids; -1 leaves a position free.
+    `row_limits` gives each row its own max_new_tokens (at most the settings' value). With
+    `commit_stable_prefix`, a canvas's leading positions are fixed as soon as they settle (argmax stable
+    over the stability window, entropy below the entropy bound), so a stream can send them early and never
+    take them back.
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -242,6 +262,10 @@ def denoising_loop(
     batch, prompt_length = ids.shape
     length, vocab = config.canvas_length, config.vocab_size
     canvases = math.ceil(settings.max_new_tokens / length)
+    limits = [settings.max_new_tokens] * batch if row_limits is None else list(row_limits)
+    if len(limits) != batch or not all(0 < limit <= settings.max_new_tokens for limit in limits):
+        raise DiffGemmaError(f"row_limits must give {batch} values between 1 and {settings.max_new_tokens}")
+    row_canvases = torch.tensor([math.ceil(limit / length) for limit in limits], device=device)
     if clamp is not None:
         if clamp.ndim != 2 or clamp.shape[0] != batch or clamp.shape[1] > canvases * length:
             raise DiffGemmaError(f"clamp must be [batch={batch}, at most {canvases * length}] token ids (-1 = free)")
@@ -268,12 +292,13 @@ def denoising_loop(
         network.encode(ids, cache, attention_mask)
         for canvas_index in range(canvases):
             canvas = rng.tokens(batch, length, vocab)
-            fixed = fixed_ids = None
+            fixed = fixed_ids = user_ids = None
             if clamp is not None:
-                fixed_ids = clamp[:, canvas_index * length : (canvas_index + 1) * length]
+                fixed_ids = user_ids = clamp[:, canvas_index * length : (canvas_index + 1) * length]
                 fixed = fixed_ids >= 0
                 canvas = torch.where(fixed, fixed_ids, canvas)
             free_count = length - (fixed.sum(-1) if fixed is not None else 0)
+            settled = torch.zeros(batch, dtype=torch.long, device=device)
             argmax = canvas
             self_conditioning = None
             finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -293,16 +318,28 @@ def denoising_loop(
                 new_canvas = torch.where(finished[:, None], canvas, new_canvas)
                 mean_entropy = entropy.sum(-1) / free_count if fixed is not None else entropy.mean(-1)
                 stop = sampling.stable_and_confident(history, new_argmax, mean_entropy, settings.confidence_threshold)
+                if commit_stable_prefix:
+                    settled = sampling.stable_prefix(settled, history, new_argmax, entropy, settings.entropy_bound)
+                    prefix = torch.arange(length, device=device)[None, :] < settled[:, None]
+                    fixed_ids = torch.where(prefix, new_argmax, -1 if user_ids is None else user_ids)
                 history = sampling.push_history(history, new_argmax)
                 finished = finished | stop
                 canvas, argmax, self_conditioning = new_canvas, new_argmax, out.probs
-                yield Draft(canvas_index, step, argmax, accept, mean_entropy, finished | rows_done, tokenizer)
+                yield Draft(
+                    canvas_index,
+                    step,
+                    argmax,
+                    accept,
+                    mean_entropy,
+                    finished | rows_done,
+                    tokenizer,
+                    settled if commit_stable_prefix else None,
+                )
                 if bool(finished.all()):
                     break
             self_conditioning = None
             committed = argmax.clone()
-            last = canvas_index == canvases - 1
-            done_now = torch.full_like(rows_done, last)
+            done_now = row_canvases <= canvas_index + 1
             if stop_at_eos and eos.numel():
                 done_now |= torch.isin(committed, eos).any(dim=-1)
             if pad is not None and bool((rows_done | done_now).any()):
@@ -319,7 +356,10 @@ def denoising_loop(
                 break
             network.encode(committed, cache)
 
-    new_tokens = [_trim(row, settings, prompt_length, stop_at_eos) for row in sequences.tolist()]
+    new_tokens = [
+        _trim(row, limit, settings.eos_token_id, prompt_length, stop_at_eos)
+        for row, limit in zip(sequences.tolist(), limits, strict=True)
+    ]
     generated = sequences[:, prompt_length:]
     valid = (generated != pad).sum(-1) if pad is not None else torch.full_like(passes, generated.shape[1])
     per_forward = (valid.float() / passes.clamp_min(1).float()).tolist()
@@ -334,12 +374,12 @@ def denoising_loop(
     yield Done(result)
 
 
-def _trim(row: list[int], settings: SamplerSettings, prompt_length: int, stop_at_eos: bool) -> list[int]:
-    """A row's generated ids as the user asked for them: at most max_new_tokens, ending before EOS."""
-    generated = row[prompt_length : prompt_length + settings.max_new_tokens]
+def _trim(row: list[int], limit: int, eos: tuple[int, ...], prompt_length: int, stop_at_eos: bool) -> list[int]:
+    """A row's generated ids as the user asked for them: at most `limit`, ending before EOS."""
+    generated = row[prompt_length : prompt_length + limit]
     if stop_at_eos:
         for index, token in enumerate(generated):
-            if token in settings.eos_token_id:
+            if token in eos:
                 return generated[:index]
     return generated
 

@@ -63,9 +63,10 @@ def rope_inv_freq(shape: AttentionShape) -> torch.Tensor:
 
 
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """cos and sin of shape [1, tokens, 1, head_dim] for positions [tokens]."""
-    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
-    angles = torch.cat([freqs, freqs], dim=-1)[None, :, None, :]
+    """cos and sin [1 or B, tokens, 1, head_dim] for positions [tokens] (shared) or [B, tokens] (per row)."""
+    rows = positions if positions.ndim == 2 else positions[None]
+    freqs = rows.float()[..., None] * inv_freq.to(positions.device)
+    angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -290,8 +291,8 @@ class DiffusionGemma(nn.Module):
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
         return {kind: rope_tables(inv, positions, dtype) for kind, inv in self._inv_freq.items()}
 
-    def new_cache(self, batch_size: int, capacity: int) -> EncoderCache:
-        return EncoderCache(self.config, batch_size, capacity, self.device, self.dtype)
+    def new_cache(self, batch_size: int, capacity: int, keep_all: bool = False) -> EncoderCache:
+        return EncoderCache(self.config, batch_size, capacity, self.device, self.dtype, keep_all)
 
     def encode(
         self, ids: torch.Tensor, cache: EncoderCache, attention_mask: torch.Tensor | None = None
@@ -309,23 +310,22 @@ class DiffusionGemma(nn.Module):
             if attention_mask is None
             else attention_mask.to(device=ids.device, dtype=torch.bool)
         )
+        window = self.config.sliding_window
         masks: dict[str, torch.Tensor | None] = {}
         for kind in set(self.config.layer_types):
             layer = cache.layers[self.config.layer_types.index(kind)]
-            if kind == SLIDING:
-                key_valid = torch.cat([layer.valid[:, : layer.ring], new_valid], dim=1)
-                key_positions = torch.cat([layer.positions[: layer.ring], positions])
-                masks[kind] = _attention_mask(key_valid, key_positions, positions, self.config.sliding_window)
-            else:
-                key_valid = torch.cat([layer.valid[:, :start], new_valid], dim=1)
-                key_positions = torch.cat([layer.positions[:start], positions])
-                masks[kind] = _attention_mask(key_valid, key_positions, positions, None)
+            stored = cache.stored_slots(layer)
+            key_valid = torch.cat([layer.valid[:, :stored], new_valid], dim=1)
+            key_positions = torch.cat([layer.positions[:stored], positions])
+            masks[kind] = _attention_mask(key_valid, key_positions, positions, window if kind == SLIDING else None)
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             layer = cache.layers[index]
             mask = masks[self.config.layer_types[index]]
             if layer.ring is None:
                 _write(layer, slice(start, start + tokens), k, v, positions, new_valid)
+                if start == 0:  # nothing cached before: attend to the new keys themselves (keeps autograd simple)
+                    return _sdpa(q, k, v, mask)
                 keys, values = layer.keys[:, :, : start + tokens], layer.values[:, :, : start + tokens]
             else:
                 ring = layer.ring
@@ -355,30 +355,48 @@ class DiffusionGemma(nn.Module):
         cache: EncoderCache,
         self_conditioning: torch.Tensor | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
+        context_end: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, C, V] for a canvas [B, C] that attends to itself and to everything the cache holds.
 
         `self_conditioning` is the previous step's distribution over the vocabulary [B, C, V] (probabilities,
         i.e. the softmax of its logits), or None on a first step. `self_conditioning_mask` [B] zeroes the
         signal for some rows. The cache is read, never advanced.
+
+        `context_end` [B] (training, with a `keep_all` cache) lets each row see only the cached tokens before
+        its own position (and, on sliding layers, only the last window of them), exactly what inference would
+        have cached at that point; the canvas then sits at positions context_end + 0..C-1.
         """
         batch, length = canvas.shape
-        start = cache.length
-        positions = torch.arange(start, start + length, device=canvas.device)
+        if context_end is None:
+            positions = torch.arange(cache.length, cache.length + length, device=canvas.device)
+        else:
+            positions = context_end[:, None] + torch.arange(length, device=canvas.device)[None, :]
         canvas_valid = torch.ones(batch, length, dtype=torch.bool, device=canvas.device)
         masks: dict[str, torch.Tensor | None] = {}
         for kind in set(self.config.layer_types):
             layer = cache.layers[self.config.layer_types.index(kind)]
             stored = cache.stored_slots(layer)
-            masks[kind] = _attention_mask(torch.cat([layer.valid[:, :stored], canvas_valid], dim=1), None, None, None)
+            visible = layer.valid[:, :stored]
+            if context_end is not None:
+                cached = layer.positions[:stored][None, :]
+                visible = visible & (cached < context_end[:, None])
+                if kind == SLIDING:
+                    visible = visible & (cached >= context_end[:, None] - (self.config.sliding_window - 1))
+            masks[kind] = _attention_mask(torch.cat([visible, canvas_valid], dim=1), None, None, None)
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             layer = cache.layers[index]
             stored = cache.stored_slots(layer)
+            mask = masks[self.config.layer_types[index]]
+            if context_end is not None:  # training: no in-place writes into tensors autograd has saved
+                keys = torch.cat([layer.keys[:, :, :stored], k], dim=2)
+                values = torch.cat([layer.values[:, :, :stored], v], dim=2)
+                return _sdpa(q, keys, values, mask)
             end = stored + length
             layer.keys[:, :, stored:end] = k
             layer.values[:, :, stored:end] = v
-            return _sdpa(q, layer.keys[:, :, :end], layer.values[:, :, :end], masks[self.config.layer_types[index]])
+            return _sdpa(q, layer.keys[:, :, :end], layer.values[:, :, :end], mask)
 
         embeds = self.embed(canvas)
         soft = None

@@ -98,6 +98,20 @@ def push_history(history: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
     return torch.cat([history[1:], argmax[None]], dim=0)
 
 
+def stable_prefix(
+    committed: torch.Tensor, history: torch.Tensor, argmax: torch.Tensor, entropy: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """Length [B] of each row's settled prefix: from the canvas start, positions whose argmax equals the
+    last `window` drafts (`history` [window, B, C], before this step is pushed) and whose entropy is below
+    `threshold`. Never shorter than `committed` [B], the prefix settled before."""
+    length = argmax.shape[-1]
+    ready = (history == argmax[None]).all(dim=0) & (entropy < threshold)
+    ready |= torch.arange(length, device=argmax.device)[None, :] < committed[:, None]
+    gaps = ~ready
+    first_gap = torch.where(gaps.any(dim=-1), gaps.int().argmax(dim=-1), length)
+    return torch.maximum(committed, first_gap)
+
+
 def pad_after_eos(tokens: torch.Tensor, eos_ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace everything after each row's first EOS by pad. Returns (tokens, row has an EOS)."""
     is_eos = torch.isin(tokens, eos_ids)

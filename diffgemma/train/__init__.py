@@ -1,0 +1,1 @@
+"""Training: the uniform-state block-diffusion objective and what drives it."""

@@ -1,0 +1,130 @@
+"""The uniform-state block-diffusion objective, as the public recipes for this model define it.
+
+Per example: the response is cut into canvases (the last filled with EOS to the boundary) and one canvas
+is chosen at random. The encoder reads the prompt and the clean canvases (causally, in one pass); the
+decoder sees what inference would have cached before the chosen canvas, plus that canvas corrupted at a
+random level t ~ U(eps, 1): each token kept with probability 1 - t, else replaced by a uniform random id
+(no mask token; the model is not told t). Self-conditioning: a first decoder pass without it, detached;
+then, per example with probability 1/2, its distribution feeds the second pass, the only one scored.
+Loss: cross-entropy over every canvas position (no 1/t weight) plus the encoder's next-token
+cross-entropy over prompt and clean response (weight `ar_weight`).
+
+Corruption is drawn from a generator seeded by (seed, example id, epoch), so a resumed run sees the
+same noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DiffGemmaError
+from ..model import DiffusionGemma
+
+EPSILON = 1e-3
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: list[int]
+    response: list[int]
+    id: int = 0
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, L] left-padded prompt, then response canvases (EOS-filled), right-padded
+    valid: torch.Tensor  # [B, L]
+    canvas_start: torch.Tensor  # [B] position of the chosen canvas
+    clean: torch.Tensor  # [B, C] the chosen canvas
+    noisy: torch.Tensor  # [B, C] the same, corrupted
+    keep: torch.Tensor  # [B, C] positions left clean
+    t: torch.Tensor  # [B] corruption level
+    use_self_conditioning: torch.Tensor  # [B]
+
+
+def example_generator(seed: int, example_id: int, epoch: int) -> torch.Generator:
+    mixed = (seed * 1_000_003 + example_id * 7_919 + epoch * 104_729) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def make_batch(
+    examples: list[Example], canvas_length: int, vocab_size: int, eos_id: int, pad_id: int, seed: int, epoch: int
+) -> Batch:
+    """Lay out a batch and draw its per-example corruption."""
+    if not examples:
+        raise DiffGemmaError("a training batch needs at least one example")
+    prompt_length = max(len(e.prompt) for e in examples)
+    canvases = [max(1, math.ceil(len(e.response) / canvas_length)) for e in examples]
+    total = prompt_length + max(canvases) * canvas_length
+    ids = torch.full((len(examples), total), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(examples), total), dtype=torch.bool)
+    starts, cleans, noisies, keeps, levels, self_cond = [], [], [], [], [], []
+    for row, (example, count) in enumerate(zip(examples, canvases, strict=True)):
+        if not example.prompt:
+            raise DiffGemmaError(f"example {example.id} has an empty prompt")
+        response = example.response + [eos_id] * (count * canvas_length - len(example.response))
+        offset = prompt_length - len(example.prompt)
+        ids[row, offset:prompt_length] = torch.tensor(example.prompt)
+        ids[row, prompt_length : prompt_length + len(response)] = torch.tensor(response)
+        valid[row, offset : prompt_length + len(response)] = True
+        generator = example_generator(seed, example.id, epoch)
+        chosen = int(torch.randint(0, count, (1,), generator=generator))
+        start = prompt_length + chosen * canvas_length
+        t = EPSILON + (1 - EPSILON) * float(torch.rand((), generator=generator))
+        keep = torch.rand(canvas_length, generator=generator) >= t
+        noise = torch.randint(0, vocab_size, (canvas_length,), generator=generator)
+        clean = ids[row, start : start + canvas_length]
+        starts.append(start)
+        cleans.append(clean)
+        noisies.append(torch.where(keep, clean, noise))
+        keeps.append(keep)
+        levels.append(t)
+        self_cond.append(bool(torch.rand((), generator=generator) < 0.5))
+    return Batch(
+        ids=ids,
+        valid=valid,
+        canvas_start=torch.tensor(starts),
+        clean=torch.stack(cleans),
+        noisy=torch.stack(noisies),
+        keep=torch.stack(keeps),
+        t=torch.tensor(levels),
+        use_self_conditioning=torch.tensor(self_cond),
+    )
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    diffusion: torch.Tensor
+    autoregressive: torch.Tensor
+
+
+def block_diffusion_loss(network: DiffusionGemma, batch: Batch, ar_weight: float = 1.0) -> Losses:
+    """Loss of one batch; gradients flow through the encoder (both terms) and the second decoder pass."""
+    device = network.device
+    ids, valid = batch.ids.to(device), batch.valid.to(device)
+    context_end = batch.canvas_start.to(device)
+    noisy, clean = batch.noisy.to(device), batch.clean.to(device)
+
+    cache = network.new_cache(ids.shape[0], ids.shape[1], keep_all=True)
+    hidden = network.encode(ids, cache, valid)
+    with torch.no_grad():
+        first = network.denoise(noisy, cache, context_end=context_end)
+        self_conditioning = first.softmax(dim=-1)
+    logits = network.denoise(
+        noisy, cache, self_conditioning, batch.use_self_conditioning.to(device), context_end=context_end
+    )
+    diffusion = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1))
+
+    autoregressive = torch.zeros((), device=device)
+    if ar_weight:
+        next_logits = network.head(hidden[:, :-1])
+        targets = ids[:, 1:].masked_fill(~(valid[:, 1:] & valid[:, :-1]), -100)
+        autoregressive = F.cross_entropy(
+            next_logits.reshape(-1, next_logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+        )
+    return Losses(diffusion + ar_weight * autoregressive, diffusion, autoregressive)
