@@ -57,7 +57,11 @@ def train(
     autocast = network.device.type == "cuda" and torch.cuda.is_bf16_supported()
     losses = []
     cursor, epoch = len(pool), -1
-    columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"))
+    columns = (
+        TextColumn("training"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+    )
     with Progress(*columns, TimeRemainingColumn(), disable=not show_progress) as progress:
         task = progress.add_task("train", total=config.steps, loss="-")
         for step in range(config.steps):

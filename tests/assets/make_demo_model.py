@@ -36,7 +36,7 @@ def main() -> None:
     examples = []
     for index, (question, answer) in enumerate(ANSWERS.items()):
         prompt = tokenizer.encode_chat([{"role": "user", "content": question}])
-        response = tokenizer.encode(answer, add_special_tokens=False) + [end_of_turn]
+        response = [*tokenizer.encode(answer, add_special_tokens=False), end_of_turn]
         examples.append(Example(prompt, response, id=index))
     torch.manual_seed(0)
     config = TrainConfig(steps=1500, batch_size=16, peak_lr=3e-3, warmup=100, seed=0)
