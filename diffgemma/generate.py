@@ -44,6 +44,7 @@ class Draft:
     finished: torch.Tensor  # [B] rows whose canvas has stopped denoising
     tokenizer: Tokenizer | None = field(default=None, repr=False)
     settled: torch.Tensor | None = None  # [B] with commit_stable_prefix: length of the prefix now fixed
+    entropy: torch.Tensor | None = None  # [B, C] per-position entropy of this step's distribution
 
     @property
     def text(self) -> list[str]:
@@ -334,6 +335,7 @@ def denoising_loop(
                     finished | rows_done,
                     tokenizer,
                     settled if commit_stable_prefix else None,
+                    entropy,
                 )
                 if bool(finished.all()):
                     break

@@ -51,3 +51,12 @@ def tiny(tmp_path_factory):
     model = diffgemma.load(folder)
     model.settings = model.settings.replace(max_denoising_steps=8)
     return model
+
+
+DEMO = Path(__file__).parent / "assets" / "demo"
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The trained demo model (tests/assets/make_demo_model.py): canned answers that really converge."""
+    return diffgemma.load(DEMO)

@@ -1,0 +1,456 @@
+"""An OpenAI-compatible server (FastAPI): chat and text completions, streaming, infill, the playground.
+
+Streaming sends text before a canvas ends: the engine fixes each canvas's settled prefix as it goes, and
+the server sends whatever newly settled, never taking anything back. The thinking channel goes out as
+`reasoning_content`. With `"drafts": true` a client also gets every denoising step's canvas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..api import DiffGemma
+from ..errors import DiffGemmaError
+from ..tokenizer import split_thinking
+from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
+
+STATIC = Path(__file__).with_name("static")
+SAMPLER_FIELDS = (
+    "max_denoising_steps",
+    "entropy_bound",
+    "t_max",
+    "t_min",
+    "stability_threshold",
+    "confidence_threshold",
+)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    model_name: str = "diffgemma"
+    api_key: str | None = None
+    max_prompt_tokens: int = 8192
+    max_tokens: int = 4096
+    max_body_bytes: int = 1_000_000
+    max_concurrent: int = 16
+    max_batch: int = 8
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class SamplerExtras(BaseModel):
+    """diffgemma's own request fields, beside OpenAI's."""
+
+    model_config = ConfigDict(extra="ignore")
+    seed: int | None = None
+    drafts: bool = False
+    max_denoising_steps: int | None = Field(default=None, gt=0, le=1024)
+    entropy_bound: float | None = Field(default=None, gt=0)
+    t_max: float | None = Field(default=None, ge=0)
+    t_min: float | None = Field(default=None, ge=0)
+    stability_threshold: int | None = Field(default=None, ge=0)
+    confidence_threshold: float | None = Field(default=None, gt=0)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = True
+
+
+class ChatRequest(SamplerExtras):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    enable_thinking: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(SamplerExtras):
+    model: str | None = None
+    prompt: str
+    max_tokens: int | None = Field(default=None, gt=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+
+
+class InfillRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    prefix: str = ""
+    suffix: str = ""
+    max_tokens: int | None = Field(default=None, gt=0)
+    original: str | None = None  # the text being replaced: without max_tokens, the fill gets its length
+    seed: int | None = None
+
+
+def _message_text(message: Message) -> str:
+    if isinstance(message.content, list):
+        return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
+    return message.content or ""
+
+
+class ReplyText:
+    """Turns generated ids into (content, reasoning) text, and into deltas that are never taken back."""
+
+    def __init__(self, model: DiffGemma, chat: bool) -> None:
+        self.tokenizer = model.tokenizer
+        self.eos = set(model.settings.eos_token_id)
+        self.pad = model.settings.pad_token_id
+        self.chat = chat
+        self.sent = ["", ""]  # content, reasoning
+
+    def _cut(self, tokens: list[int]) -> list[int]:
+        for index, token in enumerate(tokens):
+            if token in self.eos:
+                return tokens[:index]
+        return [t for t in tokens if t != self.pad]
+
+    def parts(self, tokens: list[int]) -> tuple[str, str]:
+        tokens = self._cut(tokens)
+        if not self.chat:
+            return self.tokenizer.decode(tokens).lstrip(), ""
+        reply = split_thinking(self.tokenizer.decode(tokens, skip_special_tokens=False), self.tokenizer.special_strings)
+        return reply.content, reply.reasoning
+
+    def deltas(self, tokens: list[int], final: bool = False) -> tuple[str, str]:
+        """New text since the last call. Until the end, trailing whitespace and a half-decoded character
+        are held back, since more tokens may still join them."""
+        out = []
+        for index, text in enumerate(self.parts(tokens)):
+            if not final:
+                text = text.rstrip().rstrip("\ufffd")
+            sent = self.sent[index]
+            if text.startswith(sent) and len(text) > len(sent):
+                out.append(text[len(sent) :])
+                self.sent[index] = text
+            else:
+                out.append("")
+        return out[0], out[1]
+
+
+def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: Batcher | None = None) -> FastAPI:
+    options = options or ServerOptions()
+    if model.tokenizer is None:
+        raise DiffGemmaError("the server needs a checkpoint with a tokenizer (tokenizer.json)")
+    batcher = batcher or Batcher(model, options.max_batch)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if not batcher.running:
+            batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="diffgemma", version="0.1.0", lifespan=lifespan)
+    app.state.batcher = batcher
+    app.state.active = 0
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(error_body(err.message, err.kind, err.code, err.param), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return JSONResponse(error_body(message, "invalid_request_error", "invalid_value", where), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(err.detail), "invalid_request_error"), status_code=err.status_code)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if options.api_key and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("api_key", "")
+            if not secrets.compare_digest(given.encode(), options.api_key.encode()):
+                body = error_body("missing or wrong API key", "invalid_request_error", "invalid_api_key")
+                return JSONResponse(body, status_code=401)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > options.max_body_bytes:
+            body = error_body(f"request body over {options.max_body_bytes} bytes", "invalid_request_error")
+            return JSONResponse(body, status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok" if batcher.running else "stopped", "model": options.model_name}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": options.model_name, "object": "model", "created": 0, "owned_by": "diffgemma"}],
+        }
+
+    @app.get("/")
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    def admit(prompt: list[int], max_tokens: int | None, n: int) -> int:
+        if n != 1:
+            raise APIError(400, "only n=1 is supported", "invalid_request_error", "unsupported_value", "n")
+        if len(prompt) > options.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"prompt is {len(prompt)} tokens; the limit is {options.max_prompt_tokens}",
+                "invalid_request_error",
+                "context_length_exceeded",
+                "messages",
+            )
+        limit = max_tokens or min(model.settings.max_new_tokens, options.max_tokens)
+        if limit > options.max_tokens:
+            raise APIError(
+                400,
+                f"max_tokens {limit} is over the limit {options.max_tokens}",
+                "invalid_request_error",
+                "invalid_value",
+                "max_tokens",
+            )
+        if app.state.active >= options.max_concurrent:
+            raise APIError(429, "too many concurrent requests; try again shortly", "rate_limit_error", "rate_limited")
+        if not batcher.running:
+            raise APIError(503, "the generation engine is not running", "server_error", "unavailable")
+        return limit
+
+    def sampler_overrides(body: SamplerExtras) -> dict[str, Any]:
+        overrides = {name: getattr(body, name) for name in SAMPLER_FIELDS if getattr(body, name) is not None}
+        try:
+            model.settings.replace(**overrides)
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value") from None
+        return overrides
+
+    def new_job(prompt: list[int], limit: int, body: SamplerExtras) -> Job:
+        seed = body.seed if body.seed is not None else secrets.randbits(62)
+        job = Job(prompt, limit, seed, sampler_overrides(body), asyncio.get_running_loop())
+        try:
+            batcher.submit(job)
+        except EngineStopped as err:
+            raise APIError(503, str(err), "server_error", "unavailable") from None
+        return job
+
+    async def run_job(job: Job, request: Request) -> RowDone:
+        """Wait for a job's result; if the client goes away first, cancel the job."""
+        app.state.active += 1
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), timeout=0.25)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        raise APIError(499, "client closed the request", "invalid_request_error") from None
+                    continue
+                if isinstance(event, Exception):
+                    raise APIError(500, f"generation failed: {event}", "server_error")
+                if isinstance(event, RowDone):
+                    return event
+        finally:
+            app.state.active -= 1
+
+    async def stream_job(job: Job, reply: ReplyText, chunk, drafts: bool) -> AsyncIterator[str]:
+        app.state.active += 1
+        try:
+            yield _sse(chunk(role=True))
+            while True:
+                event = await job.events.get()
+                if isinstance(event, Exception):
+                    yield _sse(error_body(f"generation failed: {event}", "server_error"))
+                    break
+                if isinstance(event, RowDraft):
+                    if drafts:
+                        yield _sse(chunk(draft=_draft_payload(event, model)))
+                    visible = (event.committed + event.ids[: event.settled])[: job.max_new_tokens]
+                    content, reasoning = reply.deltas(visible)
+                    if content or reasoning:
+                        yield _sse(chunk(content=content, reasoning=reasoning))
+                elif isinstance(event, RowDone):
+                    content, reasoning = reply.deltas(event.new_tokens, final=True)
+                    if content or reasoning:
+                        yield _sse(chunk(content=content, reasoning=reasoning))
+                    yield _sse(chunk(finish=_finish_reason(event, job, model)))
+                    yield _sse(chunk(usage=_usage(job, event)))
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # a client that went away frees its slot, and its rows stop receiving work
+            app.state.active -= 1
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        messages = [{"role": m.role, "content": _message_text(m)} for m in body.messages]
+        thinking = bool(body.enable_thinking or (body.chat_template_kwargs or {}).get("enable_thinking"))
+        try:
+            prompt = model.tokenizer.encode_chat(messages, enable_thinking=thinking)
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", "messages") from None
+        limit = admit(prompt, body.max_completion_tokens or body.max_tokens, body.n)
+        job = new_job(prompt, limit, body)
+        reply = ReplyText(model, chat=True)
+        identity = _identity("chatcmpl")
+        if body.stream:
+            return _event_stream(stream_job(job, reply, _chat_chunk(identity, options.model_name), body.drafts))
+        done = await run_job(job, request)
+        content, reasoning = reply.parts(done.new_tokens)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        return {
+            **identity,
+            "object": "chat.completion",
+            "model": options.model_name,
+            "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(done, job, model)}],
+            "usage": _usage(job, done),
+            "diffgemma": {"steps": done.steps},
+        }
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompt = model.tokenizer.encode(body.prompt)
+        limit = admit(prompt, body.max_tokens, body.n)
+        job = new_job(prompt, limit, body)
+        reply = ReplyText(model, chat=False)
+        identity = _identity("cmpl")
+        if body.stream:
+            return _event_stream(stream_job(job, reply, _text_chunk(identity, options.model_name), body.drafts))
+        done = await run_job(job, request)
+        text, _ = reply.parts(done.new_tokens)
+        return {
+            **identity,
+            "object": "text_completion",
+            "model": options.model_name,
+            "choices": [{"index": 0, "text": text, "finish_reason": _finish_reason(done, job, model)}],
+            "usage": _usage(job, done),
+        }
+
+    @app.post("/v1/infill")
+    async def infill(body: InfillRequest):
+        length = body.max_tokens
+        if length is None:
+            original = model.tokenizer.encode(body.original or "", add_special_tokens=False)
+            length = max(1, len(original)) if body.original else 32
+        if length > model.config.canvas_length:
+            raise APIError(
+                400,
+                f"max_tokens for infill is at most the canvas length ({model.config.canvas_length})",
+                "invalid_request_error",
+                "invalid_value",
+                "max_tokens",
+            )
+        admit(model.tokenizer.encode(body.prefix), length, 1)
+        try:
+            future = batcher.run_exclusive(lambda: model.infill(body.prefix, body.suffix, length, seed=body.seed))
+        except EngineStopped as err:
+            raise APIError(503, str(err), "server_error", "unavailable") from None
+        app.state.active += 1
+        try:
+            result = await asyncio.wrap_future(future)
+        finally:
+            app.state.active -= 1
+        return {"object": "infill", "model": options.model_name, "text": result.text, "fill": result.fill}
+
+    return app
+
+
+def _identity(prefix: str) -> dict[str, Any]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _usage(job: Job, done: RowDone) -> dict[str, int]:
+    completion = len(done.new_tokens)
+    return {
+        "prompt_tokens": len(job.prompt),
+        "completion_tokens": completion,
+        "total_tokens": len(job.prompt) + completion,
+    }
+
+
+def _finish_reason(done: RowDone, job: Job, model: DiffGemma) -> str:
+    return "length" if len(done.new_tokens) >= job.max_new_tokens else "stop"
+
+
+def _draft_payload(event: RowDraft, model: DiffGemma) -> dict[str, Any]:
+    tokenizer = model.tokenizer
+    return {
+        "canvas": event.canvas_index,
+        "step": event.step,
+        "tokens": [tokenizer.decode([t], skip_special_tokens=False) for t in event.ids],
+        "accepted": event.accepted,
+        "entropy": [round(e, 4) for e in event.entropy],
+        "settled": event.settled,
+        "text": tokenizer.decode(event.committed + event.ids),
+    }
+
+
+def _chat_chunk(identity: dict, model_name: str):
+    def chunk(role=False, content="", reasoning="", finish=None, usage=None, draft=None) -> dict:
+        base = {**identity, "object": "chat.completion.chunk", "model": model_name}
+        if usage is not None:
+            return {**base, "choices": [], "usage": usage}
+        if draft is not None:
+            return {**base, "choices": [], "draft": draft}
+        delta: dict[str, Any] = {}
+        if role:
+            delta = {"role": "assistant", "content": ""}
+        if content:
+            delta["content"] = content
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    return chunk
+
+
+def _text_chunk(identity: dict, model_name: str):
+    def chunk(role=False, content="", reasoning="", finish=None, usage=None, draft=None) -> dict:
+        base = {**identity, "object": "text_completion", "model": model_name}
+        if usage is not None:
+            return {**base, "choices": [], "usage": usage}
+        if draft is not None:
+            return {**base, "choices": [], "draft": draft}
+        return {**base, "choices": [{"index": 0, "text": content, "finish_reason": finish}]}
+
+    return chunk

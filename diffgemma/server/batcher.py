@@ -1,0 +1,193 @@
+"""Requests that arrive together are denoised together: one worker thread, batches of compatible jobs.
+
+A job is one prompt with its own seed and token limit. The worker takes every waiting job that shares
+the first one's sampler settings (up to `max_batch`), runs them as one batch through the public
+`stream` API (fast mode, one random stream per row, settled prefixes committed), and hands each job its
+own rows of the events. Jobs that arrive while a batch runs wait for the next one. A cancelled job stops
+receiving events at once; when every job of a batch is cancelled, the batch stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..api import DiffGemma
+from ..generate import CanvasCommit, Done, Draft
+
+
+@dataclass
+class RowDraft:
+    canvas_index: int
+    step: int
+    ids: list[int]
+    accepted: list[bool]
+    entropy: list[float]
+    settled: int
+    committed: list[int]  # tokens of earlier canvases, as committed
+
+
+@dataclass
+class RowDone:
+    new_tokens: list[int]
+    steps: list[int]
+    wall_time: float
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    max_new_tokens: int
+    seed: int
+    sampler: dict[str, Any]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def key(self) -> tuple:
+        return tuple(sorted(self.sampler.items()))
+
+    def send(self, event: Any) -> None:
+        if not self.cancelled.is_set():
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class EngineStopped(RuntimeError):
+    """The worker is not running (stopped or failed): requests are refused with 503."""
+
+
+class Batcher:
+    def __init__(self, model: DiffGemma, max_batch: int = 8) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self._inbox: queue.Queue[Job | Callable | None] = queue.Queue()
+        self._waiting: list[Job] = []
+        self._exclusive: list[tuple[Callable, Future]] = []
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.batches_run: list[int] = []  # batch sizes, for tests and logs
+
+    @property
+    def running(self) -> bool:
+        return self._running and self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._work, name="diffgemma-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        if not self.running:
+            raise EngineStopped("the generation engine is not running")
+        self._inbox.put(job)
+
+    def run_exclusive(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the worker thread between batches (the model is never used by two threads at once)."""
+        if not self.running:
+            raise EngineStopped("the generation engine is not running")
+        future: Future = Future()
+        self._inbox.put((fn, future))
+        return future
+
+    def _drain(self, block: bool) -> bool:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return False
+        if item is None:
+            return True
+        if isinstance(item, Job):
+            self._waiting.append(item)
+        else:
+            self._exclusive.append(item)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                continue
+            if isinstance(item, Job):
+                self._waiting.append(item)
+            else:
+                self._exclusive.append(item)
+
+    def _work(self) -> None:
+        while self._running:
+            if not self._waiting and not self._exclusive:
+                self._drain(block=True)
+                continue
+            self._drain(block=False)
+            while self._exclusive:
+                fn, future = self._exclusive.pop(0)
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as err:  # handed to the waiting request
+                        future.set_exception(err)
+            self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]
+            if not self._waiting:
+                continue
+            key = self._waiting[0].key()
+            batch = [job for job in self._waiting if job.key() == key][: self.max_batch]
+            self._waiting = [job for job in self._waiting if job not in batch]
+            self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        self.batches_run.append(len(batch))
+        committed: list[list[int]] = [[] for _ in batch]
+        try:
+            stream = self.model.stream(
+                [job.prompt for job in batch],
+                max_new_tokens=[job.max_new_tokens for job in batch],
+                seed=[job.seed for job in batch],
+                commit_stable_prefix=True,
+                **batch[0].sampler,
+            )
+            try:
+                for event in stream:
+                    if all(job.cancelled.is_set() for job in batch):
+                        break
+                    self._dispatch(event, batch, committed)
+            finally:
+                stream.close()
+        except Exception as err:  # one bad batch must not take the server down
+            for job in batch:
+                job.send(err)
+
+    @staticmethod
+    def _dispatch(event: Draft | CanvasCommit | Done, batch: list[Job], committed: list[list[int]]) -> None:
+        if isinstance(event, Draft):
+            ids, accepted = event.ids.tolist(), event.accepted.tolist()
+            entropy = event.entropy.tolist() if event.entropy is not None else [[0.0] * len(ids[0])] * len(ids)
+            settled = event.settled.tolist() if event.settled is not None else [0] * len(ids)
+            for row, job in enumerate(batch):
+                job.send(
+                    RowDraft(
+                        event.canvas_index,
+                        event.step,
+                        ids[row],
+                        accepted[row],
+                        entropy[row],
+                        settled[row],
+                        list(committed[row]),
+                    )
+                )
+        elif isinstance(event, CanvasCommit):
+            for row, tokens in enumerate(event.ids.tolist()):
+                committed[row].extend(tokens)
+        else:
+            result = event.result
+            for row, job in enumerate(batch):
+                job.send(RowDone(result.new_tokens[row], [steps[row] for steps in result.steps], result.wall_time))

@@ -1,0 +1,208 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over real HTTP on 127.0.0.1."""
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from assets.make_demo_model import ANSWERS
+from server_util import running
+
+from diffgemma.server import ServerOptions, create_app
+from diffgemma.server.batcher import Batcher
+
+SKY = "Why is the sky blue?"
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    app = create_app(demo, ServerOptions(model_name="demo", max_prompt_tokens=400, max_tokens=512))
+    with running(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def ask(question):
+    return [{"role": "user", "content": question}]
+
+
+def test_chat_non_streaming(client):
+    response = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1)
+    assert response.choices[0].message.content == ANSWERS[SKY]
+    assert response.choices[0].finish_reason == "stop"
+    assert response.usage.completion_tokens == len(ANSWERS[SKY])  # byte-level tokenizer: one token a byte
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_chat_streaming_equals_non_streaming_and_prefix_arrives_early(client):
+    """The first text arrives while the first canvas is still denoising; the streamed text equals the
+    non-streamed text for the same seed."""
+    slow = {"confidence_threshold": 1e-9, "drafts": True}  # no early stop: every canvas runs all its steps
+    question = "Write a haiku about rain."
+    chunks = list(
+        client.chat.completions.create(model="demo", messages=ask(question), seed=4, stream=True, extra_body=slow)
+    )
+    drafts = [(i, c.model_extra["draft"]) for i, c in enumerate(chunks) if (c.model_extra or {}).get("draft")]
+    contents = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content]
+    first_content = contents[0]
+    first_canvas_drafts = [i for i, d in drafts if d["canvas"] == 0]
+    assert first_content < first_canvas_drafts[-1]  # text came before canvas 0 finished its steps
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(model="demo", messages=ask(question), seed=4, extra_body=slow)
+    assert streamed == whole.choices[0].message.content == ANSWERS[question]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(ANSWERS[question])
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+
+
+def test_drafts_extension_one_per_step(client):
+    chunks = list(
+        client.chat.completions.create(
+            model="demo", messages=ask("Say hello."), seed=2, stream=True, extra_body={"drafts": True}
+        )
+    )
+    drafts = [c.model_extra["draft"] for c in chunks if (c.model_extra or {}).get("draft")]
+    assert drafts, "no drafts streamed"
+    for canvas in {d["canvas"] for d in drafts}:
+        steps = [d["step"] for d in drafts if d["canvas"] == canvas]
+        assert steps == list(range(1, len(steps) + 1))
+    first = drafts[0]
+    assert len(first["tokens"]) == len(first["accepted"]) == len(first["entropy"])
+    plain = list(client.chat.completions.create(model="demo", messages=ask("Say hello."), seed=2, stream=True))
+    assert not any((c.model_extra or {}).get("draft") for c in plain)
+
+
+def test_text_completions(client):
+    response = client.completions.create(model="demo", prompt="Hello", max_tokens=20, seed=3)
+    assert response.object == "text_completion" and isinstance(response.choices[0].text, str)
+    assert response.usage.completion_tokens <= 20
+    streamed = list(client.completions.create(model="demo", prompt="Hello", max_tokens=20, seed=3, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == response.choices[0].text
+
+
+def test_models_health_and_infill(server, client):
+    assert [m.id for m in client.models.list()] == ["demo"]
+    url = server[0]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    body = {"prefix": "Hello! I am a ", "suffix": " diffusion model.", "max_tokens": 4, "seed": 1}
+    result = httpx.post(url + "/v1/infill", json=body, timeout=60).json()
+    assert result["text"].startswith("Hello! I am a ") and result["text"].endswith(" diffusion model.")
+    assert result["text"] == body["prefix"] + result["fill"] + body["suffix"]
+
+
+def test_error_statuses(server, client):
+    url = server[0]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="demo", messages=ask("x" * 1000))
+    assert bad.value.status_code == 400 and bad.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="demo", messages=ask("hi"), max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="demo", messages=ask("hi"), n=2)
+    with pytest.raises(openai.UnprocessableEntityError) as invalid:
+        client.chat.completions.create(model="demo", messages=[])
+    assert invalid.value.status_code == 422 and "messages" in invalid.value.message
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="demo", messages=[{"role": "wizard", "content": "x"}])
+    with pytest.raises(openai.APIStatusError) as too_big:
+        client.chat.completions.create(model="demo", messages=ask("x" * 2_000_000))
+    assert too_big.value.status_code == 413
+    bad_json = httpx.post(
+        url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert bad_json.status_code == 422 and "error" in bad_json.json()
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="demo", messages=ask("hi"), extra_body={"t_max": 0.1, "t_min": 0.5})
+
+
+def test_too_many_concurrent_requests_and_disconnect_frees_the_slot(demo):
+    app = create_app(demo, ServerOptions(model_name="demo", max_concurrent=1))
+    slow = {"confidence_threshold": 1e-9, "max_denoising_steps": 200}
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model="demo", messages=ask(SKY), stream=True, max_tokens=256, extra_body=slow
+        )
+        next(iter(stream))  # the request holds the only slot
+        with pytest.raises(openai.RateLimitError) as limited:
+            client.chat.completions.create(model="demo", messages=ask("Say hello."))
+        assert limited.value.status_code == 429
+        stream.close()  # the client goes away mid-stream
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                answer = client.chat.completions.create(model="demo", messages=ask("Say hello."), seed=1)
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline, "the slot was never freed"
+                time.sleep(0.1)
+        assert answer.choices[0].message.content == ANSWERS["Say hello."]
+
+
+def test_engine_stopped_is_503(demo):
+    batcher = Batcher(demo)
+    app = create_app(demo, ServerOptions(model_name="demo"), batcher)
+    with running(app) as url:
+        batcher.stop()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            client.chat.completions.create(model="demo", messages=ask("hi"))
+        assert unavailable.value.status_code == 503
+        assert httpx.get(url + "/health").json()["status"] == "stopped"
+
+
+def test_api_key(demo):
+    app = create_app(demo, ServerOptions(model_name="demo", api_key="s3cret"))
+    with running(app) as url:
+        for key in ("wrong", ""):
+            client = openai.OpenAI(base_url=url + "/v1", api_key=key or "x", max_retries=0)
+            if not key:
+                client = openai.OpenAI(
+                    base_url=url + "/v1", api_key="x", max_retries=0, default_headers={"Authorization": ""}
+                )
+            with pytest.raises(openai.AuthenticationError):
+                client.chat.completions.create(model="demo", messages=ask("Say hello."))
+        assert httpx.get(url + "/health").status_code == 200
+        assert httpx.get(url + "/v1/models").status_code == 401
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.chat.completions.create(model="demo", messages=ask("Say hello."), seed=1).choices[0].message.content
+
+
+def test_concurrent_requests_are_batched_and_faster(demo):
+    questions = list(ANSWERS)[:8]
+    batcher = Batcher(demo, max_batch=8)
+    app = create_app(demo, ServerOptions(model_name="demo", max_batch=8), batcher)
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        slow = {"confidence_threshold": 1e-9}
+
+        def one(question):
+            return client.chat.completions.create(model="demo", messages=ask(question), seed=5, extra_body=slow)
+
+        client.chat.completions.create(model="demo", messages=ask("Say hello."), seed=5)  # warm up
+        start = time.perf_counter()
+        sequential = [one(q).choices[0].message.content for q in questions]
+        sequential_time = time.perf_counter() - start
+
+        answers = [None] * len(questions)
+        barrier = threading.Barrier(len(questions))
+
+        def worker(index, question):
+            barrier.wait()
+            answers[index] = one(question).choices[0].message.content
+
+        threads = [threading.Thread(target=worker, args=item) for item in enumerate(questions)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        together_time = time.perf_counter() - start
+    assert answers == sequential == [ANSWERS[q] for q in questions]
+    assert max(batcher.batches_run) > 1
+    assert together_time < sequential_time
