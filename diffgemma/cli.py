@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from .errors import DiffGemmaError
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
+MODEL_ENV = "DIFFGEMMA_MODEL"
+SAMPLER_OPTIONS = {
+    "steps": "max_denoising_steps",
+    "entropy_bound": "entropy_bound",
+    "t_max": "t_max",
+    "t_min": "t_min",
+    "stability": "stability_threshold",
+    "confidence": "confidence_threshold",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad options get one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"diffgemma: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _gib(n: float) -> str:
@@ -19,11 +41,39 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _model_path(args: argparse.Namespace) -> str:
+    path = args.model or os.environ.get(MODEL_ENV)
+    if not path:
+        raise DiffGemmaError(
+            f"no model given: pass --model PATH (a DiffusionGemma checkpoint folder) or set {MODEL_ENV}; "
+            "`diffgemma random-checkpoint DIR` writes a small one to try things with"
+        )
+    return path
+
+
+def _load(args: argparse.Namespace):
+    from .api import load
+
+    return load(_model_path(args), device=args.device, dtype=args.dtype)
+
+
+def _sampler(args: argparse.Namespace) -> dict[str, Any]:
+    values = {name: getattr(args, option) for option, name in SAMPLER_OPTIONS.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    if args.max_new_tokens is not None:
+        values["max_new_tokens"] = args.max_new_tokens
+    return values
+
+
+def _read_prompt(prompt: str) -> str:
+    return sys.stdin.read() if prompt == "-" else prompt
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .api import resolve_folder
     from .config import load_configs
 
-    folder = resolve_folder(args.model)
+    folder = resolve_folder(_model_path(args))
     config, settings = load_configs(folder)
     total, active = config.parameter_counts()
     kinds = {kind: config.layer_types.count(kind) for kind in dict.fromkeys(config.layer_types)}
@@ -55,12 +105,231 @@ def cmd_random_checkpoint(args: argparse.Namespace) -> None:
     print(f"wrote a random {args.preset} checkpoint to {path}")
 
 
+def _watch(model, prompt: Any, args: argparse.Namespace, sampler: dict[str, Any], **extra: Any):
+    """Run a generation, showing the canvas converge in place; returns the result."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.text import Text
+
+    from .generate import Done, Draft
+
+    console = Console(stderr=False)
+    started = time.perf_counter()
+    committed_text = ""
+    result = None
+    with Live(console=console, refresh_per_second=20, transient=False) as live:
+        for event in model.stream(prompt, seed=args.seed, mode=args.mode, **sampler, **extra):
+            if isinstance(event, Draft):
+                tokens = event.ids[0].tolist()
+                accepted = event.accepted[0].tolist()
+                body = Text(committed_text)
+                for token, is_accepted in zip(tokens, accepted, strict=True):
+                    piece = model.tokenizer.decode([token])
+                    body.append(piece, style="bold green" if is_accepted else "grey50")
+                elapsed = time.perf_counter() - started
+                title = (
+                    f"canvas {event.canvas_index + 1} · step {event.step} · "
+                    f"entropy {float(event.mean_entropy[0]):.3f} · {elapsed:.1f}s"
+                )
+                live.update(Panel(body, title=title, title_align="left"), refresh=True)
+            elif isinstance(event, Done):
+                result = event.result
+            else:
+                committed_text += model.tokenizer.decode(event.ids[0].tolist())
+    return result
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model = _load(args)
+    prompt = _read_prompt(args.prompt)
+    sampler = _sampler(args)
+    if args.watch:
+        result = _watch(model, prompt, args, sampler)
+    else:
+        result = model.generate(prompt, seed=args.seed, mode=args.mode, **sampler)
+    print(result.text)
+    if args.stats:
+        steps = sum(sum(rows) for rows in result.steps)
+        print(
+            f"[{len(result.new_tokens[0])} tokens, {steps} denoising steps, {result.tokens_per_second:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from .generate import chat_reply
+
+    model = _load(args)
+    sampler = _sampler(args)
+    history: list[dict[str, str]] = []
+    thinking = args.think
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; /reset clears the history, /think on|off, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history.clear()
+            print("(history cleared)")
+            continue
+        if line.startswith("/think"):
+            thinking = line.split()[-1] == "on"
+            print(f"(thinking {'on' if thinking else 'off'})")
+            continue
+        history.append({"role": "user", "content": line})
+        if args.watch and interactive:
+            result = _watch(model, history, args, sampler, enable_thinking=thinking)
+        else:
+            result = model.generate(history, seed=args.seed, mode=args.mode, enable_thinking=thinking, **sampler)
+        reply = chat_reply(model.tokenizer, result.new_tokens[0])
+        if reply.reasoning:
+            print(f"[thinking] {reply.reasoning}")
+        print(f"model> {reply.content}" if interactive else reply.content)
+        history.append({"role": "assistant", "content": reply.content})
+
+
+def cmd_infill(args: argparse.Namespace) -> None:
+    model = _load(args)
+    result = model.infill(args.prefix, args.suffix, args.length, seed=args.seed, mode=args.mode, **_sampler(args))
+    print(result.text)
+
+
+def _lines(spec: str, total: int) -> tuple[int, int]:
+    try:
+        first, _, last = spec.partition(":")
+        start, end = int(first), int(last or first)
+    except ValueError:
+        raise DiffGemmaError(f"--lines must look like A:B (1-based, inclusive), got {spec!r}") from None
+    if not 1 <= start <= end <= total:
+        raise DiffGemmaError(f"--lines {spec} is outside the file's {total} lines")
+    return start, end
+
+
+def write_atomically(path: Path, text: str, backup: bool) -> None:
+    """Write `text` to `path` through a temporary file and a rename; keep `path.bak` if asked."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        if path.exists():
+            os.chmod(temporary, path.stat().st_mode & 0o777)
+            if backup:
+                backup_path = path.with_name(path.name + ".bak")
+                backup_path.write_bytes(path.read_bytes())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    path = Path(args.file)
+    if not path.is_file():
+        raise DiffGemmaError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    first, last = _lines(args.lines, len(lines))
+    start = sum(len(line) for line in lines[: first - 1])
+    end = start + sum(len(line) for line in lines[first - 1 : last])
+    if lines[last - 1].endswith("\n"):
+        end -= 1  # keep the span's final newline
+    model = _load(args)
+    result = model.edit(text, start, end, args.length, seed=args.seed, mode=args.mode, **_sampler(args))
+    if args.write:
+        write_atomically(path, result.text, backup=not args.no_backup)
+        print(f"rewrote lines {first}-{last} of {path}" + ("" if args.no_backup else f" (backup: {path.name}.bak)"))
+    else:
+        print(result.text, end="")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server import ServerOptions, serve
+
+    model = _load(args)
+    options = ServerOptions(
+        model_name=args.name or Path(_model_path(args)).name,
+        api_key=args.api_key or os.environ.get("DIFFGEMMA_API_KEY"),
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens_limit,
+        max_concurrent=args.max_concurrent,
+        max_batch=args.max_batch,
+    )
+    serve(model, args.host, args.port, options)
+
+
+def _add_model_options(parser: argparse.ArgumentParser, sampling: bool = True) -> None:
+    parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    if not sampling:
+        return
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--mode", default="fast", choices=["fast", "reference"])
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="maximum denoising steps per canvas")
+    parser.add_argument("--entropy-bound", type=float, default=None)
+    parser.add_argument("--t-max", type=float, default=None, help="temperature on the first step")
+    parser.add_argument("--t-min", type=float, default=None, help="temperature towards the last step")
+    parser.add_argument("--stability", type=int, default=None, help="steps the draft must stay unchanged")
+    parser.add_argument("--confidence", type=float, default=None, help="mean entropy under which a canvas stops")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffgemma", description="DiffusionGemma block text diffusion")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="diffgemma", description="DiffusionGemma block text diffusion")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    generate = commands.add_parser("generate", help="generate text after a prompt")
+    generate.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    generate.add_argument("--watch", action="store_true", help="show the canvas converge live")
+    generate.add_argument("--stats", action="store_true", help="print tokens, steps and speed to stderr")
+    _add_model_options(generate)
+    generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="an interactive chat (/reset, /think on|off, /exit)")
+    chat.add_argument("--think", action="store_true", help="start with thinking on")
+    chat.add_argument("--watch", action="store_true", help="show each answer's canvas converge")
+    _add_model_options(chat)
+    chat.set_defaults(run=cmd_chat)
+
+    infill = commands.add_parser("infill", help="fill the middle between a prefix and a suffix")
+    infill.add_argument("--prefix", required=True)
+    infill.add_argument("--suffix", required=True)
+    infill.add_argument("--length", type=int, default=32, help="tokens to fill")
+    _add_model_options(infill)
+    infill.set_defaults(run=cmd_infill)
+
+    edit = commands.add_parser("edit", help="regenerate some lines of a file in place")
+    edit.add_argument("file")
+    edit.add_argument("--lines", required=True, help="A:B, 1-based and inclusive")
+    edit.add_argument("--length", type=int, default=None, help="tokens for the new lines (default: as many as before)")
+    edit.add_argument("--write", action="store_true", help="write the file (atomically) instead of printing")
+    edit.add_argument("--no-backup", action="store_true", help="with --write, keep no FILE.bak")
+    _add_model_options(edit)
+    edit.set_defaults(run=cmd_edit)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server with a playground page")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--name", default=None, help="model id the API reports")
+    serve.add_argument("--api-key", default=None, help="require this Bearer key (or set DIFFGEMMA_API_KEY)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=8192)
+    serve.add_argument("--max-tokens-limit", type=int, default=4096)
+    serve.add_argument("--max-concurrent", type=int, default=16)
+    serve.add_argument("--max-batch", type=int, default=8)
+    _add_model_options(serve, sampling=False)
+    serve.set_defaults(run=cmd_serve)
 
     info = commands.add_parser("info", help="summarise a checkpoint: shape, parameters, memory, sampler")
-    info.add_argument("--model", required=True, help="checkpoint folder")
+    info.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     info.set_defaults(run=cmd_info)
 
     random = commands.add_parser("random-checkpoint", help="write a random-weight checkpoint of a named shape")
@@ -79,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiffGemmaError as err:
         print(f"diffgemma: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

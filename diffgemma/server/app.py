@@ -421,6 +421,7 @@ def _draft_payload(event: RowDraft, model: DiffGemma) -> dict[str, Any]:
         "accepted": event.accepted,
         "entropy": [round(e, 4) for e in event.entropy],
         "settled": event.settled,
+        "before": tokenizer.decode(event.committed),
         "text": tokenizer.decode(event.committed + event.ids),
     }
 

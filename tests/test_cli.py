@@ -1,0 +1,147 @@
+"""The `diffgemma` command: outputs, errors (one line, exit 2), atomic edits, and the live canvas in a terminal."""
+
+import fcntl
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+from assets.make_demo_model import ANSWERS
+
+from diffgemma.cli import main
+
+DEMO = str(Path(__file__).parent / "assets" / "demo")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info(capsys):
+    code, out, _ = run(capsys, "info", "--model", DEMO)
+    assert code == 0 and "experts" in out and "parameters" in out and "bfloat16" in out
+
+
+def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFGEMMA_MODEL", raising=False)
+    for argv, expected in (
+        (["generate", "hi"], "no model given: pass --model PATH"),
+        (["generate", "hi", "--model", str(tmp_path / "missing")], "folder not found"),
+        (["edit", str(tmp_path / "nofile.txt"), "--lines", "1:2", "--model", DEMO], "file not found"),
+    ):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and expected in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as bad_option:
+        main(["generate", "hi", "--steps", "many"])
+    assert bad_option.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_generate_chat_and_infill(capsys):
+    code, out, err = run(
+        capsys, "generate", "Hello", "--model", DEMO, "--seed", "1", "--max-new-tokens", "20", "--stats"
+    )
+    assert code == 0 and out.endswith("\n") and "denoising steps" in err
+    code, out, _ = run(
+        capsys,
+        "infill",
+        "--prefix",
+        "Hello! I am a ",
+        "--suffix",
+        " model.",
+        "--length",
+        "3",
+        "--model",
+        DEMO,
+        "--seed",
+        "2",
+    )
+    assert code == 0 and out.startswith("Hello! I am a ") and out.rstrip("\n").endswith(" model.")
+
+
+def test_chat_session_with_reset(tmp_path):
+    session = "Say hello.\n/think off\n/reset\nCount to five.\n/exit\n"
+    out = subprocess.run(
+        [sys.executable, "-m", "diffgemma.cli", "chat", "--model", DEMO, "--seed", "0"],
+        input=session,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    assert out == [ANSWERS["Say hello."], "(thinking off)", "(history cleared)", ANSWERS["Count to five."]]
+
+
+def test_edit_writes_atomically_with_backup(capsys, tmp_path):
+    path = tmp_path / "notes.txt"
+    original = "first line\nsecond line\nthird line\n"
+    path.write_text(original)
+    code, out, _ = run(capsys, "edit", str(path), "--lines", "2:2", "--model", DEMO, "--seed", "1")
+    assert code == 0 and path.read_text() == original  # without --write it only prints
+    printed = out.splitlines()
+    assert printed[0] == "first line" and printed[-1] == "third line"
+    code, _, _ = run(capsys, "edit", str(path), "--lines", "2:2", "--model", DEMO, "--seed", "1", "--write")
+    lines = path.read_text().splitlines()
+    assert code == 0 and lines[0] == "first line" and lines[-1] == "third line"
+    assert (tmp_path / "notes.txt.bak").read_text() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "notes.txt.bak"]
+    code, _, err = run(capsys, "edit", str(path), "--lines", "9:12", "--model", DEMO)
+    assert code == 2 and "outside the file" in err
+
+
+def test_watch_shows_the_canvas_converge_in_a_terminal():
+    """Under a pseudo-terminal, `generate --watch` redraws the canvas: several distinct drafts, then the text."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "diffgemma.cli",
+            "generate",
+            "Tell me about canvases",
+            "--watch",
+            "--model",
+            DEMO,
+            "--seed",
+            "3",
+            "--max-new-tokens",
+            "32",
+            "--confidence",
+            "1e-9",
+            "--steps",
+            "6",
+        ],
+        stdout=follower,
+        stderr=follower,
+        stdin=follower,
+        env=env,
+        close_fds=True,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert process.wait(timeout=120) == 0
+    screen = ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
+    frames = re.findall(r"canvas 1 · step (\d+)[^\n]*\n(.*?)(?=╰)", screen, flags=re.S)
+    steps = {int(step) for step, _ in frames}
+    bodies = {re.sub(r"[│\s]", "", body) for _, body in frames}
+    assert steps >= {1, 2, 6} and len(bodies) > 1
+    final = screen.rstrip().splitlines()[-1]
+    assert "╰" not in final  # the final text comes after the live panel

@@ -1,0 +1,70 @@
+"""The playground page in a real headless browser (Debian's chromium driven by playwright)."""
+
+import os
+from pathlib import Path
+
+import pytest
+from assets.make_demo_model import ANSWERS
+from server_util import running
+
+from diffgemma.server import ServerOptions, create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+RECORD_DRAFTS = """
+() => {
+  window.__drafts = [];
+  new MutationObserver(() => {
+    const text = document.getElementById('canvas').textContent;
+    if (text && window.__drafts[window.__drafts.length - 1] !== text) window.__drafts.push(text);
+  }).observe(document.getElementById('canvas'), {childList: true, subtree: true, characterData: true});
+}
+"""
+
+
+def test_playground_generates_and_edits(demo, tmp_path):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium for the browser test")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    question = "Why is the sky blue?"
+    app = create_app(demo, ServerOptions(model_name="demo"))
+    with running(app) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url + "/")
+            page.fill("#prompt", question)
+            page.fill("#seed", "1")
+            page.evaluate(RECORD_DRAFTS)
+            page.click("#generate")
+            page.wait_for_selector("body[data-state=done]", timeout=60_000)
+            drafts = page.evaluate("window.__drafts")
+            result = page.input_value("#result")
+            assert len(set(drafts)) >= 2, drafts
+            assert result == ANSWERS[question]
+            assert "tokens/s" in page.inner_text("#stats")
+
+            start, end = result.index("blue"), result.index("blue") + len("blue")
+            select = "([a, b]) => { const box = document.getElementById('result'); box.setSelectionRange(a, b); }"
+            page.evaluate(select, [start, end])
+            page.click("#regenerate")
+            page.wait_for_selector("body[data-edited=yes]", timeout=60_000)
+            edited = page.input_value("#result")
+            assert edited.startswith(result[:start]) and edited.endswith(result[end:])
+            page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+            if os.environ.get("DIFFGEMMA_SCREENSHOT"):
+                page.screenshot(path=os.environ["DIFFGEMMA_SCREENSHOT"], full_page=True)
+            assert (tmp_path / "playground.png").stat().st_size > 10_000
+        finally:
+            browser.close()
