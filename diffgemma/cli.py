@@ -251,6 +251,133 @@ def cmd_edit(args: argparse.Namespace) -> None:
         print(result.text, end="")
 
 
+SUDOKU_MODEL = Path(__file__).resolve().parent.parent / "models" / "sudoku"
+
+
+def _sudoku_model(args: argparse.Namespace):
+    from .api import load
+
+    path = args.model or (SUDOKU_MODEL if (SUDOKU_MODEL / "config.json").is_file() else None)
+    if path is None:
+        raise DiffGemmaError(
+            "no sudoku model given and none is shipped yet: pass --model DIR "
+            "(train one with `diffgemma train sudoku --out DIR`)"
+        )
+    return load(path, device=args.device, dtype=args.dtype)
+
+
+def cmd_sudoku(args: argparse.Namespace) -> None:
+    import random
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    from .generate import Done, Draft
+    from .tasks import sudoku
+
+    model = _sudoku_model(args)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    if args.puzzle:
+        puzzle = sudoku.parse(args.puzzle, "--puzzle")
+    else:
+        puzzle, _ = sudoku.make_puzzle(random.Random(seed), args.givens)
+    console = Console()
+    grid = puzzle
+    steps = 0
+    with Live(console=console, refresh_per_second=20) as live:
+        events = model.stream(
+            [sudoku.prompt_ids(puzzle)],
+            max_new_tokens=sudoku.CELLS,
+            seed=seed,
+            clamp=[sudoku.clamp_ids(puzzle)],
+            eos_token_id=[],
+            **_sampler(args),
+        )
+        for event in events:
+            if isinstance(event, Draft):
+                grid, steps = sudoku.grid_from_ids(event.ids[0].tolist()), event.step
+                live.update(_sudoku_board(puzzle, grid, f"step {steps}", Text), refresh=True)
+            elif isinstance(event, Done):
+                grid = sudoku.grid_from_ids(event.result.sequences[0, event.result.prompt_length :].tolist())
+        verdict = "solved" if sudoku.is_solution(grid, puzzle) else "not solved"
+        live.update(_sudoku_board(puzzle, grid, f"{verdict} in {steps} steps", Text), refresh=True)
+    print(sudoku.format_grid(grid))
+
+
+def _sudoku_board(puzzle, grid, title: str, text_type):
+    board = text_type(f"{title}\n")
+    for row in range(9):
+        if row and row % 3 == 0:
+            board.append("------+-------+------\n")
+        for col in range(9):
+            if col and col % 3 == 0:
+                board.append("| ")
+            cell = row * 9 + col
+            digit = str(grid[cell]) if grid[cell] else "."
+            board.append(digit + " ", style="bold" if puzzle[cell] else "cyan")
+        board.append("\n")
+    return board
+
+
+def cmd_sudoku_puzzles(args: argparse.Namespace) -> None:
+    import random
+
+    from .tasks import sudoku
+
+    low, _, high = args.givens.partition(":")
+    try:
+        low_givens, high_givens = int(low), int(high or low)
+    except ValueError:
+        raise DiffGemmaError(f"--givens must look like 24:36, got {args.givens!r}") from None
+    rng = random.Random(args.seed)
+    for _ in range(args.count):
+        puzzle, _ = sudoku.make_puzzle(rng, rng.randint(low_givens, high_givens))
+        print(sudoku.format_grid(puzzle))
+
+
+def cmd_eval_sudoku(args: argparse.Namespace) -> None:
+    import json
+
+    from .tasks import sudoku
+
+    model = _sudoku_model(args)
+    metrics = sudoku.evaluate(model, sudoku.read_puzzles(args.puzzles), seed=args.seed or 0, **_sampler(args))
+    if args.json:
+        print(json.dumps(metrics))
+        return
+    print(
+        f"puzzles {metrics['n']}: solved {metrics['solved_rate']:.1%}, cells {metrics['cell_accuracy']:.1%}, "
+        f"givens kept {metrics['givens_kept_rate']:.1%}, mean steps {metrics['mean_steps']:.1f}"
+    )
+    for givens, block in metrics["per_givens"].items():
+        print(
+            f"  {givens} givens: {block['n']} puzzles, solved {block['solved_rate']:.1%}, "
+            f"cells {block['cell_accuracy']:.1%}, steps {block['mean_steps']:.1f}"
+        )
+
+
+def cmd_train_sudoku(args: argparse.Namespace) -> None:
+    import torch
+
+    from .tasks import sudoku
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    sudoku.train_sudoku(
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        peak_lr=args.lr,
+        ar_weight=args.ar_weight,
+        eval_every=args.eval_every,
+        resume=args.resume,
+        log=lambda line: print(line, flush=True),
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     from .server import ServerOptions, serve
 
@@ -327,6 +454,38 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=8)
     _add_model_options(serve, sampling=False)
     serve.set_defaults(run=cmd_serve)
+
+    sudoku = commands.add_parser("sudoku", help="solve a sudoku (a fresh one, or --puzzle) and watch it converge")
+    sudoku.add_argument("--puzzle", default=None, help="81 characters, 0 or . for empty cells")
+    sudoku.add_argument("--givens", type=int, default=30, help="givens of a fresh puzzle")
+    _add_model_options(sudoku)
+    sudoku.set_defaults(run=cmd_sudoku)
+
+    puzzles = commands.add_parser("sudoku-puzzles", help="print fresh unique-solution puzzles, one a line")
+    puzzles.add_argument("count", type=int)
+    puzzles.add_argument("--givens", default="24:36", help="a number or a range A:B")
+    puzzles.add_argument("--seed", type=int, default=0)
+    puzzles.set_defaults(run=cmd_sudoku_puzzles)
+
+    evaluate = commands.add_parser("eval", help="evaluate a task: `eval sudoku --puzzles FILE`")
+    evaluate.add_argument("task", choices=["sudoku"])
+    evaluate.add_argument("--puzzles", required=True, help="one puzzle a line (81 characters; 0 or . empty)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_model_options(evaluate)
+    evaluate.set_defaults(run=cmd_eval_sudoku)
+
+    trainer = commands.add_parser("train", help="train a task model: `train sudoku --out DIR` (checkpoints as it goes)")
+    trainer.add_argument("task", choices=["sudoku"])
+    trainer.add_argument("--out", required=True)
+    trainer.add_argument("--steps", type=int, default=20000)
+    trainer.add_argument("--batch-size", type=int, default=64)
+    trainer.add_argument("--lr", type=float, default=2e-3)
+    trainer.add_argument("--ar-weight", type=float, default=0.25)
+    trainer.add_argument("--eval-every", type=int, default=500)
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.add_argument("--threads", type=int, default=None)
+    trainer.add_argument("--resume", action="store_true")
+    trainer.set_defaults(run=cmd_train_sudoku)
 
     info = commands.add_parser("info", help="summarise a checkpoint: shape, parameters, memory, sampler")
     info.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")

@@ -144,8 +144,12 @@ def _need_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
 
 
 class RandomSource:
-    """Random tokens and samples. Reference mode: one stream for the batch, consumed as the reference
-    consumes it. Fast mode: one stream per row."""
+    """Random tokens and samples.
+
+    Reference mode: one torch stream for the batch, consumed as the reference consumes it. Fast mode:
+    counter-based draws keyed by (row seed, draw number, position), so a row draws the same numbers
+    whatever else is in its batch, and the whole batch is drawn in one vectorised operation.
+    """
 
     def __init__(
         self,
@@ -159,7 +163,7 @@ class RandomSource:
         self.mode = mode
         self.device = device
         self.weights_dtype = weights_dtype
-        self.rows: list[torch.Generator] = []
+        self.draws = 0
         if mode == "reference":
             if isinstance(seed, Sequence):
                 raise DiffGemmaError("reference mode draws from one stream for the batch: give one seed, not a list")
@@ -172,14 +176,23 @@ class RandomSource:
         else:
             base = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
             seeds = [base + 1_000_003 * row for row in range(batch)]
-        self.rows = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.seeds = torch.tensor(seeds, dtype=torch.long, device=device)
+
+    def _streams(self) -> torch.Tensor:
+        """This draw's stream per row: a fresh one for every call."""
+        self.draws += 1
+        return sampling.mix64(self.seeds * 0x10001 + self.draws)
 
     def tokens(self, batch: int, length: int, vocab: int) -> torch.Tensor:
         if self.mode == "reference":
             return torch.randint(0, vocab, (batch, length), device=self.device, generator=self.shared)
-        return torch.stack(
-            [torch.randint(0, vocab, (length,), device=self.device, generator=g) for g in self.rows[:batch]]
-        )
+        positions = torch.arange(length, device=self.device)
+        return sampling.counter_tokens(self._streams()[:batch, None], positions[None, :], vocab)
+
+    def sample_at(self, probs: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """Fast mode: one sample at each True position of `where` [B, C] from `probs` [B, C, V]."""
+        rows, cols = where.nonzero(as_tuple=True)
+        return sampling.counter_sample(probs[rows, cols], self._streams()[rows], cols)
 
 
 @dataclass
@@ -218,9 +231,7 @@ def sampler_step(
     accept = sampling.entropy_bound_accept(entropy, entropy_bound)
     if rng.mode == "fast":
         sampled = canvas.clone()
-        for row, generator in enumerate(rng.rows):
-            where = accept[row].nonzero().squeeze(-1)
-            sampled[row, where] = sampling.sample_rows(probs[row, where], generator)
+        sampled[accept] = rng.sample_at(probs, accept)
     batch, length = canvas.shape
     accepted = torch.where(accept, sampled, canvas)
     new_canvas = sampling.renoise(accepted, accept, rng.tokens(batch, length, logits.shape[-1]))

@@ -81,6 +81,25 @@ PRESETS: dict[str, dict[str, Any]] = {
             layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         ),
     },
+    # Sudoku (tasks/sudoku.py): a 14-token vocabulary, one 81-cell canvas, about 3M parameters.
+    "sudoku": {
+        "canvas_length": 81,
+        "text_config": _text_config(
+            vocab_size=14,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            global_head_dim=64,
+            num_global_key_value_heads=1,
+            sliding_window=256,
+            num_experts=8,
+            top_k_experts=2,
+            moe_intermediate_size=128,
+        ),
+    },
     # About 90M parameters, a 32k vocabulary: the CPU benchmark's shape.
     "bench-90m": {
         "canvas_length": 256,

@@ -58,11 +58,43 @@ def reference_sample(logits: torch.Tensor, generator: torch.Generator | None = N
     return torch.multinomial(probs.view(-1, vocab), num_samples=1, generator=generator).view(batch, length)
 
 
-def sample_rows(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One sample per row of a [N, V] distribution (N may be 0)."""
-    if probs.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long, device=probs.device)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # splitmix64 constants, as signed 64-bit integers
+_MIX_1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX_2 = 0x94D049BB133111EB - 2**64
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic): a counter -> 64 well-mixed bits."""
+    x = x + _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX_1
+    x = (x ^ _shift_right(x, 27)) * _MIX_2
+    return x ^ _shift_right(x, 31)
+
+
+def counter_bits(stream: torch.Tensor, position: torch.Tensor, index: torch.Tensor | int = 0) -> torch.Tensor:
+    """Random bits that depend only on (stream, position, index): counter-based, so every row of a batch
+    draws exactly what it would draw alone, with no generator state and no loop over rows."""
+    return mix64(mix64(stream + position * 0x100000) + index)
+
+
+def counter_tokens(stream: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Uniform token ids, one per (stream, position)."""
+    return _shift_right(counter_bits(stream, positions), 1) % vocab
+
+
+def counter_sample(probs: torch.Tensor, stream: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One sample per row of `probs` [K, V], by the exponential race (argmax p / E, E ~ Exp(1)), with the
+    uniforms drawn from (stream, position, vocabulary index). K may be 0."""
+    vocab = probs.shape[-1]
+    index = torch.arange(vocab, device=probs.device)
+    bits = counter_bits(stream[:, None], position[:, None], index[None, :])
+    uniform = (_shift_right(bits, 40).float() + 0.5) * 2.0**-24
+    return torch.argmax(probs / -torch.log(uniform), dim=-1)
 
 
 def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:

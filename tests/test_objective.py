@@ -4,7 +4,7 @@ import torch
 
 import diffgemma
 from diffgemma.train.objective import Example, block_diffusion_loss, make_batch
-from diffgemma.train.trainer import TrainConfig, learning_rate, train
+from diffgemma.train.trainer import TrainConfig, epoch_batches, learning_rate, train
 
 
 def test_corruption_ids_are_valid_and_clean_fraction_tracks_t():
@@ -56,7 +56,7 @@ def test_loss_falls_on_a_toy_task(tmp_path):
     model = diffgemma.load(random_checkpoint(tmp_path / "toy", preset="tiny", seed=1))
     examples = [Example([2, 10 + i], [40 + i] * 20 + [60 + i] * 12, id=i) for i in range(4)]
     config = TrainConfig(steps=40, batch_size=4, peak_lr=5e-3, warmup=5, seed=0)
-    losses = train(model.network, examples, config, eos_id=1, pad_id=0, show_progress=False)
+    losses = train(model.network, epoch_batches(examples, 4, 0), config, eos_id=1, pad_id=0, show_progress=False)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3
 
 
@@ -78,3 +78,34 @@ def test_gradients_reach_encoder_and_decoder(tmp_path):
     block_diffusion_loss(network, batch).total.backward()
     assert network.self_conditioning.gate_proj.weight.grad is not None
     assert network.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_resume_continues_exactly(tmp_path):
+    """N steps straight, and N/2 + checkpoint + resume + N/2, end with identical weights and losses."""
+    from diffgemma.presets import random_checkpoint
+    from diffgemma.train.trainer import save_state
+
+    folder = random_checkpoint(tmp_path / "start", preset="tiny", seed=4)
+    examples = [Example([2, 10 + i, 11], list(range(30 + i, 70 + i)), id=i) for i in range(6)]
+    config = TrainConfig(steps=8, batch_size=3, peak_lr=3e-3, warmup=2, seed=1)
+    batches = epoch_batches(examples, config.batch_size, config.seed)
+
+    straight = diffgemma.load(folder)
+    straight_losses = train(straight.network, batches, config, 1, 0, show_progress=False)
+
+    halves = diffgemma.load(folder)
+    state_dir = tmp_path / "run"
+
+    def checkpoint(step, optimizer, losses):
+        halves.save(state_dir)
+        save_state(state_dir, step, optimizer, config, losses)
+
+    train(halves.network, batches, config, 1, 0, show_progress=False, checkpoint=checkpoint, stop_at=4)
+    resumed = diffgemma.load(state_dir)
+    resumed_losses = train(resumed.network, batches, config, 1, 0, show_progress=False, resume_from=state_dir)
+
+    assert resumed_losses == straight_losses
+    for (name, a), (_, b) in zip(
+        straight.network.state_dict().items(), resumed.network.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name

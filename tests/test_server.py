@@ -206,3 +206,38 @@ def test_concurrent_requests_are_batched_and_faster(demo):
     assert answers == sequential == [ANSWERS[q] for q in questions]
     assert max(batcher.batches_run) > 1
     assert together_time < sequential_time
+
+
+def test_reply_text_splits_thinking_and_never_takes_text_back(demo):
+    from diffgemma.server.app import ReplyText
+
+    tokenizer = demo.tokenizer
+    full = tokenizer.encode("<|channel>thought\nadd them up<channel|>The sum is 7.<turn|>", add_special_tokens=False)
+    reply = ReplyText(demo, chat=True)
+    streamed = ["", ""]
+    for end in range(1, len(full) + 1):
+        content, reasoning = reply.deltas(full[:end])
+        streamed[0] += content
+        streamed[1] += reasoning
+    content, reasoning = reply.deltas(full, final=True)
+    streamed = [streamed[0] + content, streamed[1] + reasoning]
+    assert streamed == ["The sum is 7.", "add them up"]
+    assert reply.parts(full) == ("The sum is 7.", "add them up")
+
+
+def test_thinking_goes_out_as_reasoning_content(client):
+    from assets.make_demo_model import THINKING
+
+    question = "What is 3 + 4?"
+    thought, answer = THINKING[question]
+    extra = {"chat_template_kwargs": {"enable_thinking": True}}
+    response = client.chat.completions.create(model="demo", messages=ask(question), seed=1, extra_body=extra)
+    message = response.choices[0].message
+    assert message.content == answer
+    assert message.model_extra["reasoning_content"] == thought
+    chunks = list(
+        client.chat.completions.create(model="demo", messages=ask(question), seed=1, stream=True, extra_body=extra)
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == answer
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thought

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
-from ..tokenizer import split_thinking
+from ..tokenizer import THINKING_OPEN, split_thinking
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 
 STATIC = Path(__file__).with_name("static")
@@ -137,18 +137,24 @@ class ReplyText:
                 return tokens[:index]
         return [t for t in tokens if t != self.pad]
 
-    def parts(self, tokens: list[int]) -> tuple[str, str]:
+    def parts(self, tokens: list[int], final: bool = True) -> tuple[str, str]:
         tokens = self._cut(tokens)
         if not self.chat:
             return self.tokenizer.decode(tokens).lstrip(), ""
-        reply = split_thinking(self.tokenizer.decode(tokens, skip_special_tokens=False), self.tokenizer.special_strings)
+        raw = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        if not final:  # a thinking marker still arriving must not leak into the answer
+            for size in range(len(THINKING_OPEN) - 1, 0, -1):
+                if raw.endswith(THINKING_OPEN[:size]):
+                    raw = raw[:-size]
+                    break
+        reply = split_thinking(raw, self.tokenizer.special_strings)
         return reply.content, reply.reasoning
 
     def deltas(self, tokens: list[int], final: bool = False) -> tuple[str, str]:
         """New text since the last call. Until the end, trailing whitespace and a half-decoded character
         are held back, since more tokens may still join them."""
         out = []
-        for index, text in enumerate(self.parts(tokens)):
+        for index, text in enumerate(self.parts(tokens, final)):
             if not final:
                 text = text.rstrip().rstrip("\ufffd")
             sent = self.sent[index]

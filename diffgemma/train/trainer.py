@@ -1,18 +1,28 @@
 """A compact training loop: AdamW, warmup then cosine decay to a tenth of the peak, gradient clipping and
-accumulation, bf16 autocast where the device has it, and a progress bar."""
+accumulation, bf16 autocast where the device has it, a progress bar, and exact resume.
+
+Batches are a function of the step number (`batch_for_step`), and corruption is seeded per example, so a
+run stopped and resumed from a checkpoint sees exactly the data and noise an unbroken run would.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import random
+import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
 from .objective import Example, block_diffusion_loss, make_batch
+
+STATE_FILE = "trainer_state.pt"
 
 
 @dataclass(frozen=True)
@@ -37,45 +47,86 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.peak_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def epoch_batches(examples: Sequence[Example], batch_size: int, seed: int) -> Callable[[int], list[Example]]:
+    """Batches over a fixed list, reshuffled each epoch; batch k is the same whenever it is asked for."""
+    pool = list(examples)
+    if not pool:
+        raise DiffGemmaError("no training examples")
+    per_epoch = max(1, len(pool) // batch_size)
+
+    def batch(index: int) -> list[Example]:
+        epoch, offset = divmod(index, per_epoch)
+        order = list(pool)
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        chosen = order[offset * batch_size : (offset + 1) * batch_size] or order[:batch_size]
+        return [Example(e.prompt, e.response, e.id + epoch * len(pool)) for e in chosen]
+
+    return batch
+
+
+def save_state(folder: Path, step: int, optimizer: torch.optim.Optimizer, config: TrainConfig, losses: list[float]):
+    """Optimizer and progress beside the weights, written atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".trainer_state.", dir=folder)
+    os.close(handle)
+    try:
+        payload = {"step": step, "optimizer": optimizer.state_dict(), "config": asdict(config), "losses": losses}
+        torch.save(payload, temporary)
+        os.replace(temporary, folder / STATE_FILE)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def train(
     network: DiffusionGemma,
-    examples: Sequence[Example],
+    batch_for_step: Callable[[int], list[Example]],
     config: TrainConfig,
     eos_id: int,
     pad_id: int,
     on_step: Callable[[int, float], None] | None = None,
     show_progress: bool = True,
+    checkpoint: Callable[[int, torch.optim.Optimizer, list[float]], None] | None = None,
+    checkpoint_every: int = 0,
+    resume_from: Path | None = None,
+    stop_at: int | None = None,
 ) -> list[float]:
-    """Train `network` in place on `examples`; returns the loss of every optimizer step."""
+    """Train `network` in place; returns the loss of every optimizer step (including resumed ones).
+
+    `batch_for_step(k)` gives the k-th micro-batch. `checkpoint(step, optimizer, losses)` is called every
+    `checkpoint_every` steps and at the end; `resume_from` is a folder with a trainer state to continue
+    from. `stop_at` ends early (after that many steps) without changing the schedule.
+    """
     network.train()
     network.requires_grad_(True)
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=config.peak_lr, betas=config.betas, weight_decay=config.weight_decay
     )
-    order = random.Random(config.seed)
-    pool = list(examples)
+    start, losses = 0, []
+    if resume_from is not None:
+        path = Path(resume_from) / STATE_FILE
+        if not path.is_file():
+            raise DiffGemmaError(f"{path}: no trainer state to resume from")
+        state = torch.load(path, map_location=network.device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses = state["step"], list(state["losses"])
     autocast = network.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    losses = []
-    cursor, epoch = len(pool), -1
+    end = min(config.steps, stop_at if stop_at is not None else config.steps)
     columns = (
         TextColumn("training"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
     )
     with Progress(*columns, TimeRemainingColumn(), disable=not show_progress) as progress:
-        task = progress.add_task("train", total=config.steps, loss="-")
-        for step in range(config.steps):
+        task = progress.add_task("train", total=config.steps, completed=start, loss="-")
+        for step in range(start, end):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
             total = 0.0
-            for _ in range(config.accumulation):
-                if cursor + config.batch_size > len(pool):
-                    order.shuffle(pool)
-                    cursor, epoch = 0, epoch + 1
-                chunk = pool[cursor : cursor + config.batch_size]
-                cursor += config.batch_size
+            for micro in range(config.accumulation):
+                chunk = batch_for_step(step * config.accumulation + micro)
                 batch = make_batch(
-                    chunk, network.config.canvas_length, network.config.vocab_size, eos_id, pad_id, config.seed, epoch
+                    chunk, network.config.canvas_length, network.config.vocab_size, eos_id, pad_id, config.seed, 0
                 )
                 with torch.autocast(network.device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = block_diffusion_loss(network, batch, config.ar_weight).total / config.accumulation
@@ -88,6 +139,11 @@ def train(
             if on_step is not None:
                 on_step(step, total)
             progress.update(task, advance=1, loss=f"{total:.3f}")
+            done = step + 1
+            if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < end:
+                checkpoint(done, optimizer, losses)
+        if checkpoint is not None and end > start:
+            checkpoint(end, optimizer, losses)
     network.eval()
     network.requires_grad_(False)
     return losses
