@@ -210,6 +210,7 @@ def sampler_step(
     entropy_bound: float,
     rng: RandomSource,
     fixed_ids: torch.Tensor | None = None,
+    probs_out: torch.Tensor | None = None,
 ) -> StepOutput:
     """From temperature-scaled logits [B, C, V] to the next canvas.
 
@@ -224,7 +225,7 @@ def sampler_step(
         # The reference hands the next step its logits in the weights' dtype; softmax happens there.
         probs = torch.softmax(logits.to(rng.weights_dtype), dim=-1, dtype=torch.float32)
     else:
-        probs, entropy, argmax = sampling.logit_stats(logits)
+        probs, entropy, argmax = sampling.logit_stats(logits, probs_out)
     fixed = None if fixed_ids is None else fixed_ids >= 0
     if fixed is not None:
         entropy = entropy.masked_fill(fixed, 0.0)
@@ -296,6 +297,9 @@ def denoising_loop(
     window = settings.stability_threshold
 
     cache = network.new_cache(batch, prompt_length + canvases * length)
+    buffers: list[torch.Tensor | None] = [None, None]
+    if mode == "fast":
+        buffers = [torch.empty(batch, length, vocab, device=device) for _ in range(2)]
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)
@@ -320,10 +324,13 @@ def denoising_loop(
                 active = ~(finished | rows_done)
                 passes += active
                 canvas_steps += ~finished
-                logits = network.denoise(canvas, cache, self_conditioning)
+                # Two vocabulary-sized buffers serve every step: the logits, and the distribution (which the
+                # next step reads as its self-conditioning input before this one is overwritten).
+                logits = network.denoise(canvas, cache, self_conditioning, logits_out=buffers[0])
                 scale = sampling.temperature(steps_left, settings.max_denoising_steps, settings.t_min, settings.t_max)
-                out = sampler_step(logits.div_(scale.to(device)), canvas, settings.entropy_bound, rng, fixed_ids)
-                del logits
+                out = sampler_step(
+                    logits.div_(scale.to(device)), canvas, settings.entropy_bound, rng, fixed_ids, buffers[1]
+                )
                 new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
                 # Rows that already stopped keep their canvas and draft (they ride along in the batch).
                 new_argmax = torch.where(finished[:, None], argmax, new_argmax)

@@ -282,11 +282,22 @@ class DiffusionGemma(nn.Module):
         weight = self.embed_tokens.weight
         return (probs.to(weight.dtype) @ weight) * torch.tensor(self.config.embed_scale).to(weight.dtype)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied LM head, float32 logits, soft-capped to +-final_logit_softcapping."""
+    def head(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tied LM head, float32 logits, soft-capped to +-final_logit_softcapping.
+
+        `out` (float32, the logits' shape, same dtype as the weights) receives the logits, so a generation
+        loop can reuse one vocabulary-sized buffer instead of asking the allocator for a new one each step.
+        """
         cap = self.config.final_logit_softcapping
-        logits = F.linear(hidden, self.embed_tokens.weight).float()
-        return torch.tanh(logits / cap) * cap
+        weight = self.embed_tokens.weight
+        if out is not None and weight.dtype == torch.float32:
+            logits = torch.matmul(hidden, weight.t(), out=out)
+        else:
+            logits = F.linear(hidden, weight).float()
+        # In place: three passes over a vocabulary-sized tensor and no new ones (the same arithmetic).
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return torch.tanh(logits / cap) * cap
+        return logits.div_(cap).tanh_().mul_(cap)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
         return {kind: rope_tables(inv, positions, dtype) for kind, inv in self._inv_freq.items()}
@@ -356,6 +367,7 @@ class DiffusionGemma(nn.Module):
         self_conditioning: torch.Tensor | None = None,
         self_conditioning_mask: torch.Tensor | None = None,
         context_end: torch.Tensor | None = None,
+        logits_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, C, V] for a canvas [B, C] that attends to itself and to everything the cache holds.
 
@@ -366,6 +378,8 @@ class DiffusionGemma(nn.Module):
         `context_end` [B] (training, with a `keep_all` cache) lets each row see only the cached tokens before
         its own position (and, on sliding layers, only the last window of them), exactly what inference would
         have cached at that point; the canvas then sits at positions context_end + 0..C-1.
+
+        `logits_out` is an optional [B, C, V] float32 buffer for the logits (see `head`).
         """
         batch, length = canvas.shape
         if context_end is None:
@@ -408,7 +422,7 @@ class DiffusionGemma(nn.Module):
         rope = self._rope(positions, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, rope[self.config.layer_types[layer.index]], attend, encoder=False)
-        return self.head(self.norm(hidden))
+        return self.head(self.norm(hidden), logits_out)
 
     def denoise_logits(
         self,

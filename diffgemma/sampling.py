@@ -27,15 +27,17 @@ def temperature(steps_left: int, max_steps: int, t_min: float, t_max: float) -> 
     return t_min + (t_max - t_min) * fraction
 
 
-def logit_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def logit_stats(
+    logits: torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(probabilities, entropy, argmax) of temperature-scaled logits [..., V], in float32.
 
     One max pass gives the argmax and the shift; one exponential gives the distribution; the entropy
     uses H = log Z - sum(p * (x - max)), so no log-probability tensor is made. Besides the input, the only
-    vocabulary-sized tensor is the returned distribution.
+    vocabulary-sized tensor is the returned distribution (written into `out` when given).
     """
     shift, argmax = logits.max(dim=-1, keepdim=True)
-    probs = torch.sub(logits, shift).exp_()
+    probs = torch.sub(logits, shift, out=out).exp_()
     total = probs.sum(dim=-1, keepdim=True)
     probs.div_(total)
     # sum_v p_v * (x_v - max) as a batched dot product (no [.., V] temporary)

@@ -1,0 +1,142 @@
+"""diffgemma against the reference `transformers` implementation on the CPU, side by side in one process.
+
+The fixed mid-size shape (bench-90m: about 90M parameters, vocabulary 32k, canvas 256), prompt 128, batch 1,
+16 denoising steps a canvas (no early stop), the same random weights for both. Reports ms per denoising step
+(decoder pass + sampler, timed between consecutive drafts), tokens/s at 16 steps, and resident memory.
+
+    python bench/cpu.py [--steps 16] [--canvases 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results
+
+import diffgemma
+from diffgemma.generate import Draft
+from diffgemma.presets import random_checkpoint
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024**2
+    return 0.0
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def step_times_ours(model, prompt, steps: int, canvases: int, mode: str) -> list[float]:
+    marks = []
+    stream = model.stream(
+        prompt,
+        max_new_tokens=canvases * model.config.canvas_length,
+        seed=0,
+        mode=mode,
+        max_denoising_steps=steps,
+        confidence_threshold=1e-9,
+        eos_token_id=[],
+    )
+    last = time.perf_counter()
+    for event in stream:
+        now = time.perf_counter()
+        if isinstance(event, Draft) and event.step > 1:  # step 1 includes the prefill or the canvas encode
+            marks.append(now - last)
+        last = time.perf_counter()
+    return marks
+
+
+class DraftTimer:
+    """A streamer for the reference `generate`: records the time between consecutive drafts."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+        self.last = time.perf_counter()
+        self.step = 0
+
+    def put(self, value) -> None:
+        self.last = time.perf_counter()
+        self.step = 0
+
+    def put_draft(self, value=None, logits=None) -> None:
+        now = time.perf_counter()
+        self.step += 1
+        if self.step > 1:
+            self.marks.append(now - self.last)
+        self.last = now
+
+    def end(self) -> None:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--canvases", type=int, default=2)
+    args = parser.parse_args()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = random_checkpoint(Path(tmp) / "bench", preset="bench-90m", seed=0)
+        base = rss_gb()
+        model = diffgemma.load(folder)
+        ours_loaded = rss_gb()
+        config = model.config
+        torch.manual_seed(0)
+        prompt = torch.randint(3, config.vocab_size, (1, 128))
+        results = {}
+        for mode in ("fast", "reference"):
+            step_times_ours(model, prompt, 3, 1, mode)  # warm up
+            results[f"diffgemma ({mode} sampler)"] = statistics.median(
+                step_times_ours(model, prompt, args.steps, args.canvases, mode)
+            )
+        ours_peak = peak_gb()
+        reference = DiffusionGemmaForBlockDiffusion.from_pretrained(folder).eval()
+        reference_loaded = rss_gb()
+        timer = DraftTimer()
+        settings = dict(max_denoising_steps=args.steps, confidence_threshold=1e-9, eos_token_id=None, pad_token_id=None)
+        with torch.no_grad():
+            reference.generate(prompt, max_new_tokens=config.canvas_length, **{**settings, "max_denoising_steps": 3})
+            reference.generate(prompt, max_new_tokens=args.canvases * config.canvas_length, streamer=timer, **settings)
+        results["transformers 5.23 (reference)"] = statistics.median(timer.marks)
+        reference_peak = peak_gb()
+    reference_ms = results["transformers 5.23 (reference)"] * 1000
+    for name, seconds in results.items():
+        ms = seconds * 1000
+        tokens_per_second = config.canvas_length / (args.steps * seconds)
+        rows.append(f"| {name} | {ms:.0f} | {tokens_per_second:.1f} | {reference_ms / ms:.2f}x |")
+    table = "\n".join(
+        ["| implementation | ms per denoising step | tokens/s at 16 steps | vs reference |", "|---|---|---|---|", *rows]
+    )
+    memory = (
+        f"Resident memory: interpreter {base:.2f} GB; diffgemma loaded {ours_loaded:.2f} GB, peak {ours_peak:.2f} GB; "
+        f"then the reference loaded {reference_loaded:.2f} GB (it also builds a default vision tower), "
+        f"peak {reference_peak:.2f} GB."
+    )
+    append_results(
+        "CPU: diffgemma vs transformers (bench/cpu.py)",
+        table,
+        f"bench-90m ({config.parameter_counts()[0] / 1e6:.0f}M parameters, vocabulary {config.vocab_size}), "
+        f"prompt 128, canvas {config.canvas_length}, batch 1, {args.steps} steps a canvas, float32, median over "
+        f"{args.canvases} canvases (the first step of each canvas, which includes encoding, is left out).\n{memory}",
+    )
+
+
+if __name__ == "__main__":
+    main()
