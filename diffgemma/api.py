@@ -184,10 +184,9 @@ class DiffGemma:
         `seed` and `max_new_tokens` may be lists (one per row). `commit_stable_prefix` fixes each canvas's
         settled leading tokens as it goes (what `stream` needs to send text before a canvas ends).
         """
-        events, batched = self._events(
-            prompt, max_new_tokens, seed, mode, clamp, enable_thinking, True, sampler, commit_stable_prefix
+        return run_to_end(
+            self.stream(prompt, max_new_tokens, seed, mode, clamp, enable_thinking, commit_stable_prefix, **sampler)
         )
-        return attach_text(run_to_end(events), self.tokenizer, batched)
 
     def stream(
         self,

@@ -309,7 +309,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                     content, reasoning = reply.deltas(event.new_tokens, final=True)
                     if content or reasoning:
                         yield _sse(chunk(content=content, reasoning=reasoning))
-                    yield _sse(chunk(finish=_finish_reason(event, job, model)))
+                    yield _sse(chunk(finish=_finish_reason(event, job)))
                     yield _sse(chunk(usage=_usage(job, event)))
                     break
             yield "data: [DONE]\n\n"
@@ -340,7 +340,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             **identity,
             "object": "chat.completion",
             "model": options.model_name,
-            "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(done, job, model)}],
+            "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(done, job)}],
             "usage": _usage(job, done),
             "diffgemma": {"steps": done.steps},
         }
@@ -360,7 +360,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             **identity,
             "object": "text_completion",
             "model": options.model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": _finish_reason(done, job, model)}],
+            "choices": [{"index": 0, "text": text, "finish_reason": _finish_reason(done, job)}],
             "usage": _usage(job, done),
         }
 
@@ -414,7 +414,7 @@ def _usage(job: Job, done: RowDone) -> dict[str, int]:
     }
 
 
-def _finish_reason(done: RowDone, job: Job, model: DiffGemma) -> str:
+def _finish_reason(done: RowDone, job: Job) -> str:
     return "length" if len(done.new_tokens) >= job.max_new_tokens else "stop"
 
 
