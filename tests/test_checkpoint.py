@@ -21,6 +21,14 @@ def random_inputs(config, batch=2, prompt=11, seed=0):
     )
 
 
+def test_vision_tower_is_kept_on_disk_with_one_notice(reference_checkpoints, caplog):
+    with caplog.at_level("WARNING", logger="diffgemma"):
+        model = diffgemma.load(reference_checkpoints["A"])
+    notices = [r.getMessage() for r in caplog.records if r.name == "diffgemma"]
+    assert len(notices) == 1 and "vision tower" in notices[0]
+    assert model.config.has_vision
+
+
 def test_saved_checkpoint_loads_in_transformers_with_same_logits(ours, tmp_path):
     model = ours["A"]
     saved = model.save(tmp_path / "saved")

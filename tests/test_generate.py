@@ -170,3 +170,14 @@ def test_bad_calls(tiny):
         tiny.generate(3.5)
     with pytest.raises(DiffGemmaError, match="has no tokens"):
         tiny.generate([[]])
+
+
+def test_chat_returns_the_thinking_channel_apart(demo):
+    from assets.make_demo_model import THINKING
+
+    question = "What is 3 + 4?"
+    thought, answer = THINKING[question]
+    reply = demo.chat([{"role": "user", "content": question}], enable_thinking=True, seed=1)
+    assert (reply.content, reply.reasoning) == (answer, thought)
+    plain = demo.chat([{"role": "user", "content": "Name a fruit."}], seed=1)
+    assert (plain.content, plain.reasoning) == ("An apple.", "")
