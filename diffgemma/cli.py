@@ -90,6 +90,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"canvas          {config.canvas_length} tokens")
     print(f"parameters      {_count(total)} total, {_count(active)} active per token")
     print("weights         " + ", ".join(f"{name} {_gib(total * size)}" for name, size in BYTES_PER_DTYPE.items()))
+    print(f"memory for {args.context} tokens of context, batch {args.batch} (weights + cache + sampler buffers):")
+    sampler_bytes = config.sampler_bytes(args.batch)
+    for name, size in BYTES_PER_DTYPE.items():
+        cache = config.cache_bytes(args.context, args.batch, size)
+        whole = total * size + cache + sampler_bytes
+        print(f"  {name:<14}{_gib(whole)} (cache {_gib(cache)}, sampler {_gib(sampler_bytes)})")
     print(
         f"sampler         {settings.max_denoising_steps} steps, entropy bound {settings.entropy_bound}, "
         f"temperature {settings.t_max} -> {settings.t_min}, stop after {settings.stability_threshold} stable "
@@ -489,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="summarise a checkpoint: shape, parameters, memory, sampler")
     info.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
+    info.add_argument("--context", type=int, default=4096, help="tokens of context for the memory estimate")
+    info.add_argument("--batch", type=int, default=1, help="rows for the memory estimate")
     info.set_defaults(run=cmd_info)
 
     random = commands.add_parser("random-checkpoint", help="write a random-weight checkpoint of a named shape")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from diffgemma import DiffGemmaError
 from diffgemma.config import load_configs, parse_model_config, parse_sampler_settings
@@ -74,3 +75,13 @@ def test_parameter_counts_of_the_real_shape():
     total, active = parse_model_config(preset_config("26b-a4b")).parameter_counts()
     assert 25.1e9 < total < 25.3e9
     assert 3.7e9 < active < 3.9e9
+
+
+def test_memory_estimate_matches_what_is_allocated():
+    from diffgemma.cache import EncoderCache
+
+    config = parse_model_config(preset_config("tiny"))
+    for context, batch in ((10, 1), (100, 3)):
+        cache = EncoderCache(config, batch, context, "cpu", torch.float32)
+        assert config.cache_bytes(context, batch, 4) == cache.memory_bytes()
+    assert config.sampler_bytes(2) == 2 * 2 * config.canvas_length * config.vocab_size * 4
