@@ -118,10 +118,10 @@ class ModelConfig:
 
     def cache_bytes(self, context: int, batch: int, bytes_per_value: int) -> int:
         """The encoder cache diffgemma allocates for `context` tokens: keys and values on every layer (full
-        layers hold the whole context, sliding layers their window), each with a canvas of spare slots."""
+        layers hold the whole context, sliding layers a window's worth), each with a canvas of spare slots."""
         total = 0
         for shape in self.layers:
-            slots = (context if not shape.is_sliding else min(context, self.sliding_window - 1)) + self.canvas_length
+            slots = (self.sliding_window - 1 if shape.is_sliding else context) + self.canvas_length
             total += 2 * batch * shape.num_kv_heads * shape.head_dim * slots * bytes_per_value
             total += slots * 8 + batch * slots  # positions (int64) and validity (bool)
         return total
