@@ -317,7 +317,9 @@ def denoising_loop(
             settled = torch.zeros(batch, dtype=torch.long, device=device)
             argmax = canvas
             self_conditioning = None
-            finished = torch.zeros(batch, dtype=torch.bool, device=device)
+            # Rows already done (an earlier canvas ended them) ride along frozen. The reference keeps denoising
+            # them, which reference mode must reproduce; fast mode lets the canvas stop without them.
+            finished = rows_done.clone() if mode == "fast" else torch.zeros_like(rows_done)
             history = torch.full((window, batch, length), -1, dtype=torch.long, device=device)
             canvas_steps = torch.zeros(batch, dtype=torch.long, device=device)
             for step, steps_left in enumerate(range(settings.max_denoising_steps, 0, -1), start=1):
