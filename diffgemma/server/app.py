@@ -317,6 +317,28 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             job.cancelled.set()  # a client that went away frees its slot, and its rows stop receiving work
             app.state.active -= 1
 
+    async def complete(body: ChatRequest | CompletionRequest, request: Request, prompt: list[int], chat: bool):
+        """Admit, queue, then stream the job or wait for it: the part both completion routes share."""
+        limit = admit(prompt, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n)
+        job = new_job(prompt, limit, body)
+        reply = ReplyText(model, chat=chat)
+        identity = _identity("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            chunk = (_chat_chunk if chat else _text_chunk)(identity, options.model_name)
+            return _event_stream(stream_job(job, reply, chunk, body.drafts))
+        done = await run_job(job, request)
+        content, reasoning = reply.parts(done.new_tokens)
+        finish = _finish_reason(done, job)
+        response: dict[str, Any] = {**identity, "model": options.model_name, "usage": _usage(job, done)}
+        if not chat:
+            choice = {"index": 0, "text": content, "finish_reason": finish}
+            return {**response, "object": "text_completion", "choices": [choice]}
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        choice = {"index": 0, "message": message, "finish_reason": finish}
+        return {**response, "object": "chat.completion", "choices": [choice], "diffgemma": {"steps": done.steps}}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": _message_text(m)} for m in body.messages]
@@ -325,44 +347,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             prompt = model.tokenizer.encode_chat(messages, enable_thinking=thinking)
         except DiffGemmaError as err:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value", "messages") from None
-        limit = admit(prompt, body.max_completion_tokens or body.max_tokens, body.n)
-        job = new_job(prompt, limit, body)
-        reply = ReplyText(model, chat=True)
-        identity = _identity("chatcmpl")
-        if body.stream:
-            return _event_stream(stream_job(job, reply, _chat_chunk(identity, options.model_name), body.drafts))
-        done = await run_job(job, request)
-        content, reasoning = reply.parts(done.new_tokens)
-        message: dict[str, Any] = {"role": "assistant", "content": content}
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        return {
-            **identity,
-            "object": "chat.completion",
-            "model": options.model_name,
-            "choices": [{"index": 0, "message": message, "finish_reason": _finish_reason(done, job)}],
-            "usage": _usage(job, done),
-            "diffgemma": {"steps": done.steps},
-        }
+        return await complete(body, request, prompt, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompt = model.tokenizer.encode(body.prompt)
-        limit = admit(prompt, body.max_tokens, body.n)
-        job = new_job(prompt, limit, body)
-        reply = ReplyText(model, chat=False)
-        identity = _identity("cmpl")
-        if body.stream:
-            return _event_stream(stream_job(job, reply, _text_chunk(identity, options.model_name), body.drafts))
-        done = await run_job(job, request)
-        text, _ = reply.parts(done.new_tokens)
-        return {
-            **identity,
-            "object": "text_completion",
-            "model": options.model_name,
-            "choices": [{"index": 0, "text": text, "finish_reason": _finish_reason(done, job)}],
-            "usage": _usage(job, done),
-        }
+        return await complete(body, request, model.tokenizer.encode(body.prompt), chat=False)
 
     @app.post("/v1/infill")
     async def infill(body: InfillRequest):
