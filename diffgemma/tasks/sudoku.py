@@ -11,6 +11,7 @@ tab and anything else (ignored).
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,12 +350,20 @@ def train_sudoku(
                 f"cells {metrics['cell_accuracy']:.1%} (24-36 givens, {metrics['n']} puzzles)"
             )
 
+    started = time.perf_counter()
+
+    def progress(step: int, loss: float) -> None:
+        if (step + 1) % 50 == 0:
+            elapsed = time.perf_counter() - started
+            log(f"step {step + 1}/{steps}: loss {loss:.4f} ({elapsed / 60:.1f} min)")
+
     return train(
         model.network,
         batch_for_step,
         config,
         eos_id=VOCAB["<eos>"],
         pad_id=VOCAB["<pad>"],
+        on_step=progress,
         checkpoint=checkpoint,
         checkpoint_every=eval_every,
         resume_from=folder if resume else None,
