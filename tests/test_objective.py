@@ -109,3 +109,42 @@ def test_resume_continues_exactly(tmp_path):
         straight.network.state_dict().items(), resumed.network.state_dict().items(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from server_util import free_port
+
+    from diffgemma.presets import random_checkpoint
+
+    folder = random_checkpoint(tmp_path / "start", preset="tiny", seed=5)
+    worker = Path(__file__).with_name("ddp_worker.py")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(worker),
+        str(folder),
+        str(tmp_path),
+    ]
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as sink:
+        code = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, timeout=300).returncode
+    assert code == 0, log.read_text()[-3000:]
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    start = diffgemma.load(folder).network.state_dict()
+    changed = False
+    for name, weight in first["state"].items():
+        assert torch.equal(weight, second["state"][name]), name
+        changed |= not torch.equal(weight, start[name])
+    assert changed  # they trained, and stayed in step
+    assert first["losses"] != second["losses"]  # each rank saw its own batches

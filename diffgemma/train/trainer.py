@@ -78,6 +78,26 @@ def save_state(folder: Path, step: int, optimizer: torch.optim.Optimizer, config
         raise
 
 
+class Objective(torch.nn.Module):
+    """The loss as a module's forward, so DistributedDataParallel can wrap it (its gradient hooks and
+    all-reduce run on every backward); the network inside is the same one inference runs."""
+
+    def __init__(self, network: DiffusionGemma, ar_weight: float) -> None:
+        super().__init__()
+        self.network = network
+        self.ar_weight = ar_weight
+
+    def forward(self, batch) -> torch.Tensor:
+        return block_diffusion_loss(self.network, batch, self.ar_weight).total
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def train(
     network: DiffusionGemma,
     batch_for_step: Callable[[int], list[Example]],
@@ -93,12 +113,21 @@ def train(
 ) -> list[float]:
     """Train `network` in place; returns the loss of every optimizer step (including resumed ones).
 
+    Under `torchrun` (a process group initialised), the loss runs inside DistributedDataParallel and each
+    rank takes its own micro-batches, so every rank ends each step with the same averaged gradients.
+
     `batch_for_step(k)` gives the k-th micro-batch. `checkpoint(step, optimizer, losses)` is called every
     `checkpoint_every` steps and at the end; `resume_from` is a folder with a trainer state to continue
     from. `stop_at` ends early (after that many steps) without changing the schedule.
     """
     network.train()
     network.requires_grad_(True)
+    rank, world = _distributed()
+    objective: torch.nn.Module = Objective(network, config.ar_weight)
+    if world > 1:
+        # Every parameter takes part in every step (the experts are stacked tensors used whole by the
+        # grouped matmuls), so DDP needs no search for unused ones.
+        objective = torch.nn.parallel.DistributedDataParallel(objective)
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=config.peak_lr, betas=config.betas, weight_decay=config.weight_decay
     )
@@ -117,19 +146,19 @@ def train(
         BarColumn(),
         TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
     )
-    with Progress(*columns, TimeRemainingColumn(), disable=not show_progress) as progress:
+    with Progress(*columns, TimeRemainingColumn(), disable=not show_progress or rank != 0) as progress:
         task = progress.add_task("train", total=config.steps, completed=start, loss="-")
         for step in range(start, end):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
             total = 0.0
             for micro in range(config.accumulation):
-                chunk = batch_for_step(step * config.accumulation + micro)
+                chunk = batch_for_step((step * config.accumulation + micro) * world + rank)
                 batch = make_batch(
                     chunk, network.config.canvas_length, network.config.vocab_size, eos_id, pad_id, config.seed, 0
                 )
                 with torch.autocast(network.device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = block_diffusion_loss(network, batch, config.ar_weight).total / config.accumulation
+                    loss = objective(batch) / config.accumulation
                 loss.backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(network.parameters(), config.clip)
