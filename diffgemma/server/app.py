@@ -324,7 +324,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         reply = ReplyText(model, chat=chat)
         identity = _identity("chatcmpl" if chat else "cmpl")
         if body.stream:
-            chunk = (_chat_chunk if chat else _text_chunk)(identity, options.model_name)
+            chunk = _chunk_maker(identity, options.model_name, chat)
             return _event_stream(stream_job(job, reply, chunk, body.drafts))
         done = await run_job(job, request)
         content, reasoning = reply.parts(done.new_tokens)
@@ -421,32 +421,22 @@ def _draft_payload(event: RowDraft, model: DiffGemma) -> dict[str, Any]:
     }
 
 
-def _chat_chunk(identity: dict, model_name: str):
+def _chunk_maker(identity: dict, model_name: str, chat: bool):
+    """Stream chunks of one response: chat deltas or completion text; usage and draft chunks carry no choices."""
+    base = {**identity, "object": "chat.completion.chunk" if chat else "text_completion", "model": model_name}
+
     def chunk(role=False, content="", reasoning="", finish=None, usage=None, draft=None) -> dict:
-        base = {**identity, "object": "chat.completion.chunk", "model": model_name}
         if usage is not None:
             return {**base, "choices": [], "usage": usage}
         if draft is not None:
             return {**base, "choices": [], "draft": draft}
-        delta: dict[str, Any] = {}
-        if role:
-            delta = {"role": "assistant", "content": ""}
+        if not chat:
+            return {**base, "choices": [{"index": 0, "text": content, "finish_reason": finish}]}
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if content:
             delta["content"] = content
         if reasoning:
             delta["reasoning_content"] = reasoning
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-    return chunk
-
-
-def _text_chunk(identity: dict, model_name: str):
-    def chunk(role=False, content="", reasoning="", finish=None, usage=None, draft=None) -> dict:
-        base = {**identity, "object": "text_completion", "model": model_name}
-        if usage is not None:
-            return {**base, "choices": [], "usage": usage}
-        if draft is not None:
-            return {**base, "choices": [], "draft": draft}
-        return {**base, "choices": [{"index": 0, "text": content, "finish_reason": finish}]}
 
     return chunk
