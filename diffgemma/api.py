@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .generate import (
     run_to_end,
 )
 from .model import DiffusionGemma
+from .quant import QuantFormat, convert_, float_sinks, format_from_config
 from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 DTYPE_NAMES = {
@@ -101,11 +103,13 @@ class DiffGemma:
         settings: SamplerSettings,
         folder: Path | None = None,
         passthrough: dict[str, StoredTensor] | None = None,
+        quant: QuantFormat | None = None,
     ) -> None:
         self.network = network
         self.tokenizer = tokenizer
         self.settings = settings
         self.folder = folder
+        self.quant = quant
         self._passthrough = passthrough or {}
 
     @property
@@ -279,10 +283,20 @@ class DiffGemma:
 
     def save(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> Path:
         """Write this model (and its tokenizer files) as a checkpoint `transformers` loads too; atomic."""
+        from .train.lora import has_lora
+
+        if has_lora(self.network):
+            raise DiffGemmaError(
+                "this network carries LoRA adapters: save them with train.lora.save_adapter, "
+                "or fold them in with merge_lora (`diffgemma lora-merge`) before saving a full checkpoint"
+            )
         extra = {}
         if self.folder is not None:
             extra = {name: self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()}
-        kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+        kwargs: dict[str, Any] = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+        if self.quant is not None:  # self-describing: the format rides in config.json
+            raw = {**self.config.raw, "quantization_config": self.quant.config()}
+            kwargs["config"] = replace(self.config, raw=raw)
         return save_checkpoint(self.network, self.settings, folder, extra, self._passthrough, **kwargs)
 
 
@@ -294,21 +308,34 @@ def load(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str = torch.float32,
+    quant: str | QuantFormat | None = None,
 ) -> DiffGemma:
     """Load a DiffusionGemma checkpoint folder (the `google/diffusiongemma-26B-A4B-it` layout).
 
     Weights go straight to `device` in `dtype`: the model is built without memory, then each tensor is read
-    from disk into its final place.
+    from disk into its final place. `quant` ("int8", "int4", "fp8") quantizes the projections and experts
+    tensor by tensor while loading; a checkpoint written quantized loads in its own format.
     """
     folder = resolve_folder(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
     config, settings = load_configs(folder)
     tokenizer = load_tokenizer(folder)
+    saved = format_from_config(config.raw)
+    wanted = QuantFormat(quant) if isinstance(quant, str) else quant
+    if saved is not None and wanted is not None and wanted != saved:
+        raise DiffGemmaError(
+            f"{folder}: the checkpoint is already quantized ({saved.name}, group {saved.group_size}); "
+            f"cannot load it as {wanted.name}"
+        )
+    fmt = saved or wanted
     with torch.device("meta"):
-        network = DiffusionGemma(config)
-    network = network.to(dtype).to_empty(device=device)
-    passthrough = load_weights(network, folder)
+        network = DiffusionGemma(config).to(dtype)
+        if fmt is not None:
+            convert_(network, fmt)
+    network = network.to_empty(device=device)
+    sinks = float_sinks(network) if fmt is not None and saved is None else None
+    passthrough = load_weights(network, folder, sinks)
     network.eval()
     network.requires_grad_(False)
-    return DiffGemma(network, tokenizer, settings, folder, passthrough)
+    return DiffGemma(network, tokenizer, settings, folder, passthrough, fmt)

@@ -44,6 +44,7 @@ class EncoderCache:
         self.batch_size = batch_size
         self.capacity = capacity
         self.length = 0  # tokens encoded so far: the next token's position
+        self.decoder_masks: dict = {}  # the decoder's attention masks for the current contents (model.denoise)
         self.layers: list[LayerCache] = []
         for shape in config.layers:
             ring = config.sliding_window - 1 if shape.is_sliding and not keep_all else None

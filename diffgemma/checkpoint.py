@@ -13,7 +13,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,15 +181,25 @@ def read_tensor(stored: StoredTensor) -> torch.Tensor:
     return tensor
 
 
-def load_weights(model: DiffusionGemma, folder: Path) -> dict[str, StoredTensor]:
+Sink = tuple[tuple[int, ...], Callable[[torch.Tensor], None]]
+
+
+def load_weights(model: DiffusionGemma, folder: Path, sinks: dict[str, Sink] | None = None) -> dict[str, StoredTensor]:
     """Fill every parameter and buffer of `model` from the checkpoint in `folder`.
 
+    `sinks` take some stored tensors instead of a parameter: name -> (expected shape, a function handed the
+    tensor once read; quantization on load). Each is read on its own, so only one is in memory at a time.
     Returns the tensors that are not part of the text model (the vision tower), kept by reference so a save
     can carry them over unchanged.
     """
+    sinks = sinks or {}
     tensors = stored_tensors(folder)
-    targets = dict(model.named_parameters())
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update((name, buf) for name, buf in model.named_buffers())
+    # What a sink fills (its module's quantized buffers) is not looked for on disk.
+    covered = {name for name in targets if name.rpartition("_")[0] in sinks}
+    targets = {name: t for name, t in targets.items() if name not in covered}
+    targets.update((name, torch.empty(shape, device="meta")) for name, (shape, _) in sinks.items())
     plan: dict[str, StoredTensor] = {}
     aliases: dict[str, StoredTensor] = {}
     passthrough: dict[str, StoredTensor] = {}
@@ -222,13 +232,19 @@ def load_weights(model: DiffusionGemma, folder: Path) -> dict[str, StoredTensor]
         by_file.setdefault(stored.path, []).append((own, stored))
     # One scratch buffer serves every tensor that needs converting, so the allocator never piles up
     # tensor-sized temporaries of different sizes.
-    converted = [s.end - s.start for own, s in plan.items() if _needs_buffer(s, targets[own])]
+    converted = [s.end - s.start for own, s in plan.items() if own not in sinks and _needs_buffer(s, targets[own])]
     scratch = torch.empty(max(converted), dtype=torch.uint8) if converted else None
     with torch.no_grad():
         for path, entries in by_file.items():
             with open(path, "rb") as handle:
                 for own, stored in sorted(entries, key=lambda item: item[1].start):
-                    _read_into(stored, targets[own], handle, scratch)
+                    if own in sinks:
+                        tensor = torch.empty(stored.shape, dtype=stored.dtype)
+                        _read_into(stored, tensor, handle)
+                        sinks[own][1](tensor)
+                        del tensor
+                    else:
+                        _read_into(stored, targets[own], handle, scratch)
     return passthrough
 
 

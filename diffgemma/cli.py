@@ -54,7 +54,7 @@ def _model_path(args: argparse.Namespace) -> str:
 def _load(args: argparse.Namespace):
     from .api import load
 
-    return load(_model_path(args), device=args.device, dtype=args.dtype)
+    return load(_model_path(args), device=args.device, dtype=args.dtype, quant=args.quant)
 
 
 def _sampler(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,8 +70,11 @@ def _read_prompt(prompt: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .api import resolve_folder
+    import torch
+
+    from .api import DTYPE_NAMES, resolve_folder
     from .config import load_configs
+    from .quant import FORMATS, QuantFormat, weight_bytes
 
     folder = resolve_folder(_model_path(args))
     config, settings = load_configs(folder)
@@ -92,10 +95,15 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("weights         " + ", ".join(f"{name} {_gib(total * size)}" for name, size in BYTES_PER_DTYPE.items()))
     print(f"memory for {args.context} tokens of context, batch {args.batch} (weights + cache + sampler buffers):")
     sampler_bytes = config.sampler_bytes(args.batch)
-    for name, size in BYTES_PER_DTYPE.items():
-        cache = config.cache_bytes(args.context, args.batch, size)
-        whole = total * size + cache + sampler_bytes
-        print(f"  {name:<14}{_gib(whole)} (cache {_gib(cache)}, sampler {_gib(sampler_bytes)})")
+    rows = [(name, DTYPE_NAMES[name], None) for name in BYTES_PER_DTYPE]
+    rows += [(f"{fmt} (bf16)", torch.bfloat16, QuantFormat(fmt)) for fmt in FORMATS]
+    for label, dtype, fmt in rows:
+        weights, expanded = weight_bytes(config, dtype, fmt)
+        cache = config.cache_bytes(args.context, args.batch, dtype.itemsize)
+        whole = weights + expanded + cache + sampler_bytes
+        detail = f"weights {_gib(weights)}, cache {_gib(cache)}, sampler {_gib(sampler_bytes)}"
+        detail += f", one weight expanded {_gib(expanded)}" if fmt is not None else ""
+        print(f"  {label:<14}{_gib(whole)} ({detail})")
     print(
         f"sampler         {settings.max_denoising_steps} steps, entropy bound {settings.entropy_bound}, "
         f"temperature {settings.t_max} -> {settings.t_min}, stop after {settings.stability_threshold} stable "
@@ -269,7 +277,7 @@ def _sudoku_model(args: argparse.Namespace):
             "no sudoku model given and none is shipped yet: pass --model DIR "
             "(train one with `diffgemma train sudoku --out DIR`)"
         )
-    return load(path, device=args.device, dtype=args.dtype)
+    return load(path, device=args.device, dtype=args.dtype, quant=args.quant)
 
 
 def cmd_sudoku(args: argparse.Namespace) -> None:
@@ -294,7 +302,7 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
     with Live(console=console, refresh_per_second=20) as live:
         events = model.stream(
             [sudoku.prompt_ids(puzzle)],
-            max_new_tokens=sudoku.CELLS,
+            max_new_tokens=sudoku.CANVAS,
             seed=seed,
             clamp=[sudoku.clamp_ids(puzzle)],
             eos_token_id=[],
@@ -363,25 +371,78 @@ def cmd_eval_sudoku(args: argparse.Namespace) -> None:
         )
 
 
-def cmd_train_sudoku(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> None:
     import torch
-
-    from .tasks import sudoku
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.task == "chat":
+        from .api import load
+        from .train.lora import LoraSettings
+        from .train.sft import FinetuneOptions, finetune
+
+        if not args.data:
+            raise DiffGemmaError('train chat needs --data FILE.jsonl (one {"messages": [...]} a line)')
+        model = load(_model_path(args), device=args.device, dtype=args.dtype)
+        lora = LoraSettings(args.lora_rank, args.lora_alpha, args.lora_self_conditioning) if args.lora_rank else None
+        options = FinetuneOptions(
+            data=args.data,
+            out=args.out,
+            eval_data=args.eval_data,
+            lora=lora,
+            steps=args.steps or 1000,
+            batch_size=args.batch_size or 8,
+            accumulation=args.accumulation,
+            peak_lr=args.lr or 1e-4,
+            ar_weight=1.0 if args.ar_weight is None else args.ar_weight,
+            eval_every=args.eval_every or 100,
+            save_every=args.eval_every or 100,
+            seed=args.seed,
+            enable_thinking=args.thinking,
+            resume=args.resume,
+        )
+        finetune(model, options, log=log)
+        return
+    from .tasks import sudoku
+
     sudoku.train_sudoku(
         args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
+        steps=args.steps or 20000,
+        batch_size=args.batch_size or 64,
         seed=args.seed,
-        peak_lr=args.lr,
-        ar_weight=args.ar_weight,
-        eval_every=args.eval_every,
+        peak_lr=args.lr or 2e-3,
+        ar_weight=args.ar_weight or 0.0,
+        objective=args.objective,
+        pool_size=args.pool,
+        eval_every=args.eval_every or 500,
+        eval_puzzles=args.eval_puzzles,
         resume=args.resume,
-        log=lambda line: print(line, flush=True),
+        log=log,
     )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .api import load
+    from .quant import QuantFormat, weight_bytes
+
+    fmt = QuantFormat(args.to, args.group_size)
+    model = load(args.source, device=args.device, dtype=args.dtype, quant=fmt)
+    model.save(args.destination)
+    held, _ = weight_bytes(model.config, model.network.dtype, fmt)
+    print(f"wrote {args.destination} ({fmt.name}, {_gib(held)} of weights)")
+
+
+def cmd_lora_merge(args: argparse.Namespace) -> None:
+    from .api import load
+    from .train.lora import load_adapter, merge_lora
+
+    model = load(_model_path(args), device=args.device, dtype=args.dtype)
+    load_adapter(model.network, args.adapter)
+    merged = merge_lora(model.network)
+    model.save(args.out)
+    print(f"merged {merged} adapters into {args.out}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -403,6 +464,10 @@ def _add_model_options(parser: argparse.ArgumentParser, sampling: bool = True) -
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    if sampling:
+        parser.add_argument(
+            "--quant", default=None, choices=["int8", "int4", "fp8"], help="quantize weights while loading"
+        )
     if not sampling:
         return
     parser.add_argument("--seed", type=int, default=None)
@@ -480,18 +545,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(evaluate)
     evaluate.set_defaults(run=cmd_eval_sudoku)
 
-    trainer = commands.add_parser("train", help="train a task model: `train sudoku --out DIR` (checkpoints as it goes)")
-    trainer.add_argument("task", choices=["sudoku"])
-    trainer.add_argument("--out", required=True)
-    trainer.add_argument("--steps", type=int, default=20000)
-    trainer.add_argument("--batch-size", type=int, default=64)
-    trainer.add_argument("--lr", type=float, default=2e-3)
-    trainer.add_argument("--ar-weight", type=float, default=0.25)
-    trainer.add_argument("--eval-every", type=int, default=500)
+    trainer = commands.add_parser(
+        "train", help="train: `train sudoku --out DIR`, or fine-tune on chat JSONL: `train chat --data F --out DIR`"
+    )
+    trainer.add_argument("task", choices=["sudoku", "chat"])
+    trainer.add_argument("--out", required=True, help="folder for the model (or adapter) and the trainer state")
+    trainer.add_argument("--steps", type=int, default=None, help="optimizer steps (sudoku 20000, chat 1000)")
+    trainer.add_argument("--batch-size", type=int, default=None, help="examples a step (sudoku 64, chat 8)")
+    trainer.add_argument("--lr", type=float, default=None, help="peak learning rate (sudoku 2e-3, chat 1e-4)")
+    trainer.add_argument(
+        "--ar-weight", type=float, default=None, help="weight of the encoder's next-token term (sudoku 0, chat 1)"
+    )
+    trainer.add_argument("--eval-every", type=int, default=None, help="steps between checkpoints and evaluations")
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--threads", type=int, default=None)
-    trainer.add_argument("--resume", action="store_true")
-    trainer.set_defaults(run=cmd_train_sudoku)
+    trainer.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    trainer.add_argument(
+        "--objective",
+        choices=["diffusion", "autoregressive"],
+        default="diffusion",
+        help="sudoku: autoregressive trains the same network left to right (the baseline)",
+    )
+    trainer.add_argument("--pool", type=int, default=4000, help="sudoku: unique puzzles in the training pool")
+    trainer.add_argument("--eval-puzzles", type=int, default=64, help="sudoku: held-out puzzles scored at checkpoints")
+    trainer.add_argument("--data", help="chat: training conversations, JSONL with a `messages` list a line")
+    trainer.add_argument("--eval-data", help="chat: held-out conversations (default: a twentieth of --data)")
+    trainer.add_argument("--lora-rank", type=int, default=0, help="chat: train LoRA adapters of this rank (0: full)")
+    trainer.add_argument("--lora-alpha", type=float, default=32.0)
+    trainer.add_argument("--lora-self-conditioning", action="store_true", help="chat: adapt that block too")
+    trainer.add_argument("--accumulation", type=int, default=1, help="chat: micro-batches per optimizer step")
+    trainer.add_argument("--thinking", action="store_true", help="chat: render prompts with thinking enabled")
+    _add_model_options(trainer, sampling=False)
+    trainer.set_defaults(run=cmd_train)
+
+    quantize = commands.add_parser("quantize", help="write a weight-quantized copy of a checkpoint (atomic)")
+    quantize.add_argument("source", help="checkpoint folder")
+    quantize.add_argument("destination", help="folder for the quantized checkpoint")
+    quantize.add_argument("--to", required=True, choices=["int8", "int4", "fp8"])
+    quantize.add_argument("--group-size", type=int, default=64, help="int4: weights sharing one scale")
+    quantize.add_argument("--device", default="cpu", help="where to quantize (a GPU is much quicker)")
+    quantize.add_argument("--dtype", default="bfloat16", help="dtype of what stays unquantized")
+    quantize.set_defaults(run=cmd_quantize)
+
+    lora = commands.add_parser("lora-merge", help="fold a LoRA adapter into its base model: a new full checkpoint")
+    lora.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
+    lora.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    _add_model_options(lora, sampling=False)
+    lora.set_defaults(run=cmd_lora_merge)
 
     info = commands.add_parser("info", help="summarise a checkpoint: shape, parameters, memory, sampler")
     info.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")

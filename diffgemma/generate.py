@@ -189,10 +189,12 @@ class RandomSource:
         positions = torch.arange(length, device=self.device)
         return sampling.counter_tokens(self._streams()[:batch, None], positions[None, :], vocab)
 
-    def sample_at(self, probs: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        """Fast mode: one sample at each True position of `where` [B, C] from `probs` [B, C, V]."""
-        rows, cols = where.nonzero(as_tuple=True)
-        return sampling.counter_sample(probs[rows, cols], self._streams()[rows], cols)
+    def sample(self, probs: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Fast mode: one sample at every position [B, C] from `probs` [B, C, V] (see `inverse_cdf_sample`)."""
+        batch, length, _ = probs.shape
+        positions = torch.arange(length, device=self.device)
+        uniform = sampling.counter_uniform(self._streams()[:batch, None], positions[None, :])
+        return sampling.inverse_cdf_sample(probs, uniform, scratch)
 
 
 @dataclass
@@ -214,9 +216,11 @@ def sampler_step(
 ) -> StepOutput:
     """From temperature-scaled logits [B, C, V] to the next canvas.
 
-    Reference mode samples every position first (as the reference does); fast mode decides acceptance
-    from the entropies and samples only the accepted positions. Clamped positions (`fixed_ids` >= 0) have
-    zero entropy (always accepted, free of the entropy budget) and always hold their given id.
+    Reference mode draws as the reference does (multinomial over every position from its generator). Fast
+    mode draws every position by inverse CDF from counter-based uniforms, using `logits` as scratch once it
+    has read them (so do not use them afterwards), and keeps the draws at accepted positions: no host
+    synchronisation and no extra vocabulary-sized tensor. Clamped positions (`fixed_ids` >= 0) have zero
+    entropy (always accepted, free of the entropy budget) and always hold their given id.
     """
     if rng.mode == "reference":
         sampled = sampling.reference_sample(logits, rng.shared)
@@ -231,8 +235,7 @@ def sampler_step(
         entropy = entropy.masked_fill(fixed, 0.0)
     accept = sampling.entropy_bound_accept(entropy, entropy_bound)
     if rng.mode == "fast":
-        sampled = canvas.clone()
-        sampled[accept] = rng.sample_at(probs, accept)
+        sampled = rng.sample(probs, scratch=logits if logits.dtype == torch.float32 else None)
     batch, length = canvas.shape
     accepted = torch.where(accept, sampled, canvas)
     new_canvas = sampling.renoise(accepted, accept, rng.tokens(batch, length, logits.shape[-1]))
@@ -240,6 +243,31 @@ def sampler_step(
         new_canvas = torch.where(fixed, fixed_ids, new_canvas)
         argmax = torch.where(fixed, fixed_ids, argmax)
     return StepOutput(new_canvas, argmax, accept, entropy, probs)
+
+
+class StopCheck:
+    """When the host learns that every row of a canvas has stopped. The stop condition itself is computed on
+    the device every step (stopped rows freeze); only reading it costs a synchronisation. On the CPU that
+    is free, so it is read every step. On CUDA each step starts a non-blocking copy of the flag into pinned
+    memory and reads it once it has landed, and every `every` steps waits for it, so the loop never stalls
+    on the device yet never runs far past a canvas's end."""
+
+    def __init__(self, device: torch.device, every: int | None = None) -> None:
+        self.every = every or (1 if device.type == "cpu" else 8)
+        self.peek = device.type == "cuda"
+        if self.peek:
+            self.host = torch.zeros((), dtype=torch.bool).pin_memory()
+            self.event = torch.cuda.Event()
+
+    def __call__(self, finished: torch.Tensor, step: int) -> bool:
+        if not self.peek:
+            return step % self.every == 0 and bool(finished.all())
+        self.host.copy_(finished.all(), non_blocking=True)
+        self.event.record()
+        if step % self.every == 0:
+            self.event.synchronize()
+            return bool(self.host)
+        return self.event.query() and bool(self.host)
 
 
 def _validate_mode(mode: str) -> None:
@@ -259,6 +287,7 @@ def denoising_loop(
     tokenizer: Tokenizer | None = None,
     row_limits: Sequence[int] | None = None,
     commit_stable_prefix: bool = False,
+    stop_check_every: int | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -266,7 +295,8 @@ def denoising_loop(
     `row_limits` gives each row its own max_new_tokens (at most the settings' value). With
     `commit_stable_prefix`, a canvas's leading positions are fixed as soon as they settle (argmax stable
     over the stability window, entropy below the entropy bound), so a stream can send them early and never
-    take them back.
+    take them back. `stop_check_every` sets how often the host waits to learn whether a canvas is done
+    (see `StopCheck`; every step on the CPU, every 8 with non-blocking peeks on CUDA).
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -295,6 +325,12 @@ def denoising_loop(
     pad = settings.pad_token_id
     rng = RandomSource(mode, batch, device, seed, network.dtype)
     window = settings.stability_threshold
+    steps = settings.max_denoising_steps
+    # The whole schedule up front, on the device: no host-to-device copy inside the loop.
+    temperatures = torch.stack(
+        [sampling.temperature(left, steps, settings.t_min, settings.t_max) for left in range(steps, 0, -1)]
+    ).to(device)
+    stop_check = StopCheck(device, stop_check_every)
 
     cache = network.new_cache(batch, prompt_length + canvases * length)
     buffers: list[torch.Tensor | None] = [None, None]
@@ -322,16 +358,15 @@ def denoising_loop(
             finished = rows_done.clone() if mode == "fast" else torch.zeros_like(rows_done)
             history = torch.full((window, batch, length), -1, dtype=torch.long, device=device)
             canvas_steps = torch.zeros(batch, dtype=torch.long, device=device)
-            for step, steps_left in enumerate(range(settings.max_denoising_steps, 0, -1), start=1):
+            for step in range(1, steps + 1):
                 active = ~(finished | rows_done)
                 passes += active
                 canvas_steps += ~finished
                 # Two vocabulary-sized buffers serve every step: the logits, and the distribution (which the
                 # next step reads as its self-conditioning input before this one is overwritten).
                 logits = network.denoise(canvas, cache, self_conditioning, logits_out=buffers[0])
-                scale = sampling.temperature(steps_left, settings.max_denoising_steps, settings.t_min, settings.t_max)
                 out = sampler_step(
-                    logits.div_(scale.to(device)), canvas, settings.entropy_bound, rng, fixed_ids, buffers[1]
+                    logits.div_(temperatures[step - 1]), canvas, settings.entropy_bound, rng, fixed_ids, buffers[1]
                 )
                 new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
                 # Rows that already stopped keep their canvas and draft (they ride along in the batch).
@@ -357,7 +392,7 @@ def denoising_loop(
                     settled if commit_stable_prefix else None,
                     entropy,
                 )
-                if bool(finished.all()):
+                if stop_check(finished, step):
                     break
             self_conditioning = None
             committed = argmax.clone()

@@ -386,18 +386,14 @@ class DiffusionGemma(nn.Module):
             positions = torch.arange(cache.length, cache.length + length, device=canvas.device)
         else:
             positions = context_end[:, None] + torch.arange(length, device=canvas.device)[None, :]
-        canvas_valid = torch.ones(batch, length, dtype=torch.bool, device=canvas.device)
-        masks: dict[str, torch.Tensor | None] = {}
-        for kind in set(self.config.layer_types):
-            layer = cache.layers[self.config.layer_types.index(kind)]
-            stored = cache.stored_slots(layer)
-            visible = layer.valid[:, :stored]
-            if context_end is not None:
-                cached = layer.positions[:stored][None, :]
-                visible = visible & (cached < context_end[:, None])
-                if kind == SLIDING:
-                    visible = visible & (cached >= context_end[:, None] - (self.config.sliding_window - 1))
-            masks[kind] = _attention_mask(torch.cat([visible, canvas_valid], dim=1), None, None, None)
+        # The masks depend only on what the cache holds, so every step of a canvas reuses them (building one
+        # asks the host whether any key is padding: a synchronisation, paid once per canvas).
+        memo_key = (cache.length, length) if context_end is None else None
+        masks = cache.decoder_masks.get(memo_key) if memo_key is not None else None
+        if masks is None:
+            masks = self._decoder_masks(cache, batch, length, context_end, canvas.device)
+            if memo_key is not None:
+                cache.decoder_masks = {memo_key: masks}
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             layer = cache.layers[index]
@@ -423,6 +419,23 @@ class DiffusionGemma(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden, rope[self.config.layer_types[layer.index]], attend, encoder=False)
         return self.head(self.norm(hidden), logits_out)
+
+    def _decoder_masks(
+        self, cache: EncoderCache, batch: int, length: int, context_end: torch.Tensor | None, device: torch.device
+    ) -> dict[str, torch.Tensor | None]:
+        canvas_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        masks: dict[str, torch.Tensor | None] = {}
+        for kind in set(self.config.layer_types):
+            layer = cache.layers[self.config.layer_types.index(kind)]
+            stored = cache.stored_slots(layer)
+            visible = layer.valid[:, :stored]
+            if context_end is not None:
+                cached = layer.positions[:stored][None, :]
+                visible = visible & (cached < context_end[:, None])
+                if kind == SLIDING:
+                    visible = visible & (cached >= context_end[:, None] - (self.config.sliding_window - 1))
+            masks[kind] = _attention_mask(torch.cat([visible, canvas_valid], dim=1), None, None, None)
+        return masks
 
     def denoise_logits(
         self,

@@ -81,11 +81,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         ),
     },
-    # Sudoku (tasks/sudoku.py): a 14-token vocabulary, one 81-cell canvas, about 3M parameters.
+    # Sudoku (tasks/sudoku.py): 905 tokens (specials, digits, 810 prompt cells, 81 markers), 162-token canvas.
     "sudoku": {
-        "canvas_length": 81,
+        "canvas_length": 162,
         "text_config": _text_config(
-            vocab_size=14,
+            vocab_size=905,
             hidden_size=128,
             intermediate_size=256,
             num_hidden_layers=6,

@@ -89,14 +89,22 @@ def counter_tokens(stream: torch.Tensor, positions: torch.Tensor, vocab: int) ->
     return _shift_right(counter_bits(stream, positions), 1) % vocab
 
 
-def counter_sample(probs: torch.Tensor, stream: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """One sample per row of `probs` [K, V], by the exponential race (argmax p / E, E ~ Exp(1)), with the
-    uniforms drawn from (stream, position, vocabulary index). K may be 0."""
-    vocab = probs.shape[-1]
-    index = torch.arange(vocab, device=probs.device)
-    bits = counter_bits(stream[:, None], position[:, None], index[None, :])
-    uniform = (_shift_right(bits, 40).float() + 0.5) * 2.0**-24
-    return torch.argmax(probs / -torch.log(uniform), dim=-1)
+def counter_uniform(stream: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One uniform in (0, 1) per (stream, position), float32 (24 random bits, never exactly 0 or 1)."""
+    bits = counter_bits(stream, position, 1)
+    return (_shift_right(bits, 40).float() + 0.5) * 2.0**-24
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """One sample per position [...] from `probs` [..., V] by inverting the running sum at `uniform` [...].
+
+    The running sum goes into `scratch` (any float32 tensor of probs' shape that is free, e.g. the logits
+    once read), so sampling adds no vocabulary-sized tensor, and every position is drawn at once with no
+    host synchronisation. Token v is drawn when cdf[v-1] <= u * total < cdf[v]."""
+    cdf = torch.cumsum(probs, dim=-1, out=scratch)
+    target = (uniform * cdf[..., -1]).unsqueeze(-1).contiguous()
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return drawn.clamp_(max=probs.shape[-1] - 1)
 
 
 def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 
 import diffgemma
 from diffgemma import DiffGemmaError
@@ -42,12 +43,32 @@ def test_parse_formats_and_errors(tmp_path):
         sudoku.read_puzzles(path)
 
 
-def test_tokenizer_round_trip():
+def test_token_format_round_trip():
     tokenizer = sudoku.tokenizer()
-    grid = sudoku.random_solution(random.Random(2))
-    ids = tokenizer.encode(sudoku.format_grid(grid)).ids
-    assert ids == sudoku.prompt_ids(grid)
-    assert sudoku.grid_from_ids(sudoku.response_ids(grid)) == grid
+    puzzle, grid = sudoku.make_puzzle(random.Random(2), 30)
+    response = sudoku.response_ids(grid)
+    assert len(response) == sudoku.CANVAS and sudoku.grid_from_ids(response) == grid
+    text = tokenizer.decode(response)
+    assert text.startswith(f"<r1c1>{grid[0]}<r1c2>{grid[1]}") and text.endswith(f"<r9c9>{grid[80]}")
+    assert tokenizer.encode(text, add_special_tokens=False).ids == response
+    prompt = tokenizer.decode(sudoku.prompt_ids(puzzle), skip_special_tokens=True)
+    assert prompt.startswith(f"r1c1={puzzle[0] or '.'}") and tokenizer.get_vocab_size() == sudoku.VOCAB_SIZE
+    # the clamp fixes every marker and every given, and frees exactly the empty cells' digits
+    clamp = sudoku.clamp_ids(puzzle)
+    assert [c for c, r in zip(clamp, response, strict=True) if c != -1] == [
+        r for i, r in enumerate(response) if i % 2 == 0 or puzzle[i // 2]
+    ]
+    assert clamp.count(-1) == puzzle.count(0)
+
+
+def test_symmetries_keep_puzzles_valid_and_unique():
+    rng = random.Random(6)
+    puzzle, solution = sudoku.make_puzzle(rng, 28)
+    for _ in range(5):
+        symmetry = sudoku.random_symmetry(rng)
+        moved, moved_solution = sudoku.apply_symmetry(puzzle, symmetry), sudoku.apply_symmetry(solution, symmetry)
+        assert sudoku.is_solution(moved_solution, moved) and sudoku.solve(moved, 2) == [moved_solution]
+        assert sum(1 for v in moved if v) == 28
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +102,26 @@ def test_eval_command_json(sudoku_model, tmp_path, capsys):
     )
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["n"] == 2 and report["givens_kept_rate"] == 1.0
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
+def test_train_command_checkpoints_and_evaluates(tmp_path, capsys, objective):
+    out = tmp_path / objective
+    command = ["train", "sudoku", "--out", str(out), "--steps", "2", "--batch-size", "4", "--pool", "6"]
+    command += ["--eval-every", "2", "--eval-puzzles", "2", "--objective", objective]
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "puzzle pool: 6 unique puzzles" in printed and "step 2: loss" in printed and "solved" in printed
+    model = diffgemma.load(out)
+    assert model.config.canvas_length == sudoku.CANVAS and model.config.vocab_size == sudoku.VOCAB_SIZE
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2 and state["config"]["objective"] == objective
+
+
+def test_autoregressive_baseline_report(sudoku_model):
+    rng = random.Random(8)
+    puzzles = [sudoku.make_puzzle(rng, 34)[0] for _ in range(2)]
+    free = sudoku.solve_autoregressive(sudoku_model, puzzles, batch_size=2)
+    forced = sudoku.solve_autoregressive(sudoku_model, puzzles, batch_size=2, clamp=True)
+    assert free["n"] == forced["n"] == 2 and free["mean_steps"] == 81
+    assert forced["givens_kept_rate"] == 1.0

@@ -44,6 +44,7 @@ class Batch:
     keep: torch.Tensor  # [B, C] positions left clean
     t: torch.Tensor  # [B] corruption level
     use_self_conditioning: torch.Tensor  # [B]
+    response_start: int  # where every row's response begins (prompts are left-padded to this length)
 
 
 def example_generator(seed: int, example_id: int, epoch: int) -> torch.Generator:
@@ -93,6 +94,7 @@ def make_batch(
         keep=torch.stack(keeps),
         t=torch.tensor(levels),
         use_self_conditioning=torch.tensor(self_cond),
+        response_start=prompt_length,
     )
 
 
@@ -110,6 +112,9 @@ def block_diffusion_loss(network: DiffusionGemma, batch: Batch, ar_weight: float
     context_end = batch.canvas_start.to(device)
     noisy, clean = batch.noisy.to(device), batch.clean.to(device)
 
+    if not ar_weight:  # nothing reads the encoder past the last chosen canvas: leave the rest out
+        end = int(batch.canvas_start.max())
+        ids, valid = ids[:, :end], valid[:, :end]
     cache = network.new_cache(ids.shape[0], ids.shape[1], keep_all=True)
     hidden = network.encode(ids, cache, valid)
     with torch.no_grad():
@@ -120,11 +125,24 @@ def block_diffusion_loss(network: DiffusionGemma, batch: Batch, ar_weight: float
     )
     diffusion = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1))
 
-    autoregressive = torch.zeros((), device=device)
-    if ar_weight:
-        next_logits = network.head(hidden[:, :-1])
-        targets = ids[:, 1:].masked_fill(~(valid[:, 1:] & valid[:, :-1]), -100)
-        autoregressive = F.cross_entropy(
-            next_logits.reshape(-1, next_logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-        )
+    autoregressive = next_token_loss(network, hidden, ids, valid) if ar_weight else torch.zeros((), device=device)
     return Losses(diffusion + ar_weight * autoregressive, diffusion, autoregressive)
+
+
+def next_token_loss(
+    network: DiffusionGemma, hidden: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, first_target: int = 1
+) -> torch.Tensor:
+    """The encoder's next-token cross-entropy over valid pairs whose target sits at `first_target` or later."""
+    next_logits = network.head(hidden[:, first_target - 1 : -1])
+    targets = ids[:, first_target:].masked_fill(~(valid[:, first_target:] & valid[:, first_target - 1 : -1]), -100)
+    return F.cross_entropy(next_logits.reshape(-1, next_logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def autoregressive_loss(network: DiffusionGemma, batch: Batch) -> Losses:
+    """The left-to-right baseline on the same network: the causal encoder alone, next-token cross-entropy
+    over the response (the prompt is context, not a target)."""
+    ids, valid = batch.ids.to(network.device), batch.valid.to(network.device)
+    cache = network.new_cache(ids.shape[0], ids.shape[1], keep_all=True)
+    hidden = network.encode(ids, cache, valid)
+    loss = next_token_loss(network, hidden, ids, valid, first_target=batch.response_start)
+    return Losses(loss, torch.zeros_like(loss), loss)

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
-from .objective import Example, block_diffusion_loss, make_batch
+from .lora import trainable_parameters
+from .objective import Example, autoregressive_loss, block_diffusion_loss, make_batch
+
+OBJECTIVES = {"diffusion", "autoregressive"}
 
 STATE_FILE = "trainer_state.pt"
 
@@ -37,6 +41,11 @@ class TrainConfig:
     clip: float = 1.0
     ar_weight: float = 1.0
     seed: int = 0
+    objective: str = "diffusion"  # or "autoregressive": the left-to-right baseline on the same network
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise DiffGemmaError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -78,17 +87,39 @@ def save_state(folder: Path, step: int, optimizer: torch.optim.Optimizer, config
         raise
 
 
+@torch.no_grad()
+def evaluation_loss(
+    network: DiffusionGemma, examples: Sequence[Example], config: TrainConfig, eos_id: int, pad_id: int
+) -> float:
+    """Mean loss over held-out examples with fixed corruption (the same every time it is asked for)."""
+    was_training = network.training
+    network.eval()
+    objective = Objective(network, config)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), config.batch_size):
+        chunk = list(examples[start : start + config.batch_size])
+        batch = make_batch(
+            chunk, network.config.canvas_length, network.config.vocab_size, eos_id, pad_id, config.seed, -1
+        )
+        total += float(objective(batch)) * len(chunk)
+        count += len(chunk)
+    network.train(was_training)
+    return total / max(1, count)
+
+
 class Objective(torch.nn.Module):
     """The loss as a module's forward, so DistributedDataParallel can wrap it (its gradient hooks and
     all-reduce run on every backward); the network inside is the same one inference runs."""
 
-    def __init__(self, network: DiffusionGemma, ar_weight: float) -> None:
+    def __init__(self, network: DiffusionGemma, config: TrainConfig) -> None:
         super().__init__()
         self.network = network
-        self.ar_weight = ar_weight
+        self.config = config
 
     def forward(self, batch) -> torch.Tensor:
-        return block_diffusion_loss(self.network, batch, self.ar_weight).total
+        if self.config.objective == "autoregressive":
+            return autoregressive_loss(self.network, batch).total
+        return block_diffusion_loss(self.network, batch, self.config.ar_weight).total
 
 
 def _distributed() -> tuple[int, int]:
@@ -121,16 +152,16 @@ def train(
     from. `stop_at` ends early (after that many steps) without changing the schedule.
     """
     network.train()
-    network.requires_grad_(True)
+    trainable = trainable_parameters(network)  # only the adapters, when the network has LoRA adapters
+    for parameter in trainable:
+        parameter.requires_grad_(True)
     rank, world = _distributed()
-    objective: torch.nn.Module = Objective(network, config.ar_weight)
+    objective: torch.nn.Module = Objective(network, config)
     if world > 1:
         # Every parameter takes part in every step (the experts are stacked tensors used whole by the
         # grouped matmuls), so DDP needs no search for unused ones.
         objective = torch.nn.parallel.DistributedDataParallel(objective)
-    optimizer = torch.optim.AdamW(
-        network.parameters(), lr=config.peak_lr, betas=config.betas, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.AdamW(trainable, lr=config.peak_lr, betas=config.betas, weight_decay=config.weight_decay)
     start, losses = 0, []
     if resume_from is not None:
         path = Path(resume_from) / STATE_FILE
@@ -144,10 +175,11 @@ def train(
     columns = (
         TextColumn("training"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]} {task.fields[speed]} tokens/s"),
     )
     with Progress(*columns, TimeRemainingColumn(), disable=not show_progress or rank != 0) as progress:
-        task = progress.add_task("train", total=config.steps, completed=start, loss="-")
+        task = progress.add_task("train", total=config.steps, completed=start, loss="-", speed="-")
+        tokens, started = 0, time.perf_counter()
         for step in range(start, end):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
@@ -157,17 +189,19 @@ def train(
                 batch = make_batch(
                     chunk, network.config.canvas_length, network.config.vocab_size, eos_id, pad_id, config.seed, 0
                 )
+                tokens += int(batch.valid.sum()) * world
                 with torch.autocast(network.device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = objective(batch) / config.accumulation
                 loss.backward()
                 total += loss.item()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), config.clip)
+            torch.nn.utils.clip_grad_norm_(trainable, config.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(total)
             if on_step is not None:
                 on_step(step, total)
-            progress.update(task, advance=1, loss=f"{total:.3f}")
+            speed = tokens / max(1e-9, time.perf_counter() - started)
+            progress.update(task, advance=1, loss=f"{total:.3f}", speed=f"{speed:,.0f}")
             done = step + 1
             if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < end:
                 checkpoint(done, optimizer, losses)

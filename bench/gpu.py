@@ -1,0 +1,338 @@
+"""One script for the lent GPU: the real 26B-A4B shape with random weights, checked and timed in one call.
+
+For bf16, fp8 and int4 weights, batch 1 and 4, prompt 512, canvas 256 it measures: ms per denoising step
+(decoder pass + fast sampler, median over --iters), tokens/s at 16 steps a canvas, ms per token of the same
+network run autoregressively (the encoder, one token at a time), peak GPU memory, and beside each step the
+bandwidth floor: bytes the step must read (all weights, since a 256-token canvas routes to every expert,
+plus the cache) over the copy bandwidth measured in the same run. Then the reference implementation
+(transformers, eager and its compiled static-cache mode) on the same bf16 weights, the sampler's extra
+memory at vocabulary 262,144 and batch 8, int4 with a 4k context, and a check that a canvas's steps never
+synchronise with the host (torch.cuda.set_sync_debug_mode). Each part that fails is reported, not fatal.
+
+    python bench/gpu.py                         # on the device: everything, appended to bench/RESULTS.md
+    python bench/gpu.py --shape tiny --device cpu --iters 2 --no-append   # the dry run the tests use
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results
+
+from diffgemma.config import parse_model_config
+from diffgemma.generate import Draft, RandomSource, denoising_loop, sampler_step
+from diffgemma.model import DiffusionGemma
+from diffgemma.presets import preset_config
+from diffgemma.quant import QuantFormat, _Quantized, convert_, weight_bytes
+
+CANVAS_STEPS = 16
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], iters: int, device: torch.device, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a device-to-device copy (read + write), the ceiling a bandwidth-bound step can reach."""
+    size = 2**30 if device.type == "cuda" else 2**26
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    ms = median_ms(lambda: target.copy_(source), 10, device)
+    return 2 * size / (ms / 1000)
+
+
+@torch.no_grad()
+def random_network(config, fmt: QuantFormat | None, device: torch.device, dtype: torch.dtype) -> DiffusionGemma:
+    """The network in `dtype` (what stays unquantized) with random weights, quantized modules filled by
+    quantizing random floats one weight at a time (so no full-precision copy of the model ever exists)."""
+    with torch.device("meta"):
+        network = DiffusionGemma(config).to(dtype)
+        if fmt is not None:
+            convert_(network, fmt)
+    network = network.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for module in network.modules():
+        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if isinstance(module, _Quantized) and name.endswith(("_qweight", "_scale")):
+                continue
+            if tensor.ndim >= 2:
+                tensor.normal_(0.0, 0.02, generator=generator)
+            elif tensor.is_floating_point():
+                tensor.fill_(1.0)
+        if isinstance(module, _Quantized):
+            for name, shape in module.source_shapes.items():
+                module.load_float(name, torch.randn(shape, device=device, generator=generator).mul_(0.02))
+    network.eval()
+    return network
+
+
+def denoise_step(network: DiffusionGemma, batch: int, prompt_length: int) -> Callable[[], object]:
+    """One denoising step of the fast loop (decoder pass, temperature, sampler) over an encoded prompt."""
+    config, device = network.config, network.device
+    cache = network.new_cache(batch, prompt_length + config.canvas_length)
+    network.encode(torch.randint(3, config.vocab_size, (batch, prompt_length), device=device), cache)
+    rng = RandomSource("fast", batch, device, 0)
+    canvas = rng.tokens(batch, config.canvas_length, config.vocab_size)
+    shape = (batch, config.canvas_length, config.vocab_size)
+    logits_buffer, probs_buffer = torch.empty(shape, device=device), torch.empty(shape, device=device)
+    state = {"probs": None}
+
+    def step():
+        logits = network.denoise(canvas, cache, state["probs"], logits_out=logits_buffer)
+        out = sampler_step(logits.div_(0.6), canvas, 0.1, rng, None, probs_buffer)
+        state["probs"] = out.probs
+        return out.canvas
+
+    return step
+
+
+def ar_token(network: DiffusionGemma, batch: int, prompt_length: int, tokens: int) -> Callable[[], object]:
+    """One autoregressive token: the causal encoder over one new token per row, then the head's argmax."""
+    config, device = network.config, network.device
+    cache = network.new_cache(batch, prompt_length + tokens + 8)
+    hidden = network.encode(torch.randint(3, config.vocab_size, (batch, prompt_length), device=device), cache)
+    state = {"next": network.head(hidden[:, -1:]).argmax(-1)}
+
+    def token():
+        hidden = network.encode(state["next"], cache)
+        state["next"] = network.head(hidden[:, -1:]).argmax(-1)
+        return state["next"]
+
+    return token
+
+
+def step_bytes(config, fmt: QuantFormat | None, dtype: torch.dtype, batch: int, prompt_length: int) -> int:
+    """What one denoising step must read: every weight (a full canvas routes to all experts) and the cache."""
+    held, _ = weight_bytes(config, dtype, fmt)
+    return held + config.cache_bytes(prompt_length, batch, dtype.itemsize)
+
+
+def reference_from(network: DiffusionGemma, raw: dict):
+    """transformers' model over the very same tensors (no second copy of the weights)."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    from diffgemma.checkpoint import ENCODER, reference_name
+
+    hf_config = DiffusionGemmaConfig(**{k: v for k, v in raw.items() if k != "quantization_config"})
+    with torch.device("meta"):
+        reference = DiffusionGemmaForBlockDiffusion(hf_config).to(network.dtype)
+    state = {reference_name(name): tensor for name, tensor in network.state_dict().items()}
+    for name, tensor in network.state_dict().items():
+        if not name.endswith("encoder_layer_scalar"):
+            state[ENCODER + name] = tensor
+    state["lm_head.weight"] = network.embed_tokens.weight
+    reference.load_state_dict(state, strict=False, assign=True)
+    device = network.device
+    for path, module in list(reference.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):  # its tables are computed, not loaded
+            parent, _, child = path.rpartition(".")
+            setattr(reference.get_submodule(parent), child, type(module)(module.config, device=device))
+    for module in reference.modules():  # what is left on meta (a default vision tower) is made here
+        for name, tensor in list(module.named_parameters(recurse=False)):
+            if tensor.is_meta:
+                module.register_parameter(name, torch.nn.Parameter(torch.zeros_like(tensor, device=device)))
+        for name, tensor in list(module.named_buffers(recurse=False)):
+            if tensor.is_meta:
+                module.register_buffer(name, torch.zeros_like(tensor, device=device))
+    return reference.eval()
+
+
+def reference_step_ms(reference, batch: int, prompt_length: int, compiled: bool, device: torch.device) -> float:
+    """ms per denoising step of the reference `generate` (time between consecutive drafts, no early stop)."""
+    config = reference.config.get_text_config()
+
+    class Timer:
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+            self.last = time.perf_counter()
+
+        def put(self, value) -> None:
+            self.last = time.perf_counter()
+
+        def put_draft(self, value=None, logits=None) -> None:
+            synchronize(device)
+            now = time.perf_counter()
+            self.marks.append(now - self.last)
+            self.last = now
+
+        def end(self) -> None:
+            pass
+
+    prompt = torch.randint(3, config.vocab_size, (batch, prompt_length), device=device)
+    settings = dict(max_new_tokens=256, max_denoising_steps=CANVAS_STEPS, confidence_threshold=1e-9, eos_token_id=None)
+    if compiled:
+        settings["cache_implementation"] = "static"
+    with torch.no_grad():
+        reference.generate(prompt, **settings)  # warm up (and compile)
+        timer = Timer()
+        reference.generate(prompt, streamer=timer, **settings)
+    return statistics.median(timer.marks[1:]) * 1000
+
+
+def sampler_extra_bytes(device: torch.device, vocab: int, batch: int, length: int) -> tuple[int, int]:
+    """(peak bytes one sampler step allocates beyond its inputs and the preallocated distribution buffer,
+    bytes of one [batch, length, vocab] float32 tensor)."""
+    one = batch * length * vocab * 4
+    logits = torch.randn(batch, length, vocab, device=device)
+    probs = torch.empty_like(logits)
+    canvas = torch.zeros(batch, length, dtype=torch.long, device=device)
+    rng = RandomSource("fast", batch, device, 0)
+    if device.type != "cuda":
+        return -1, one
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    sampler_step(logits, canvas, 0.1, rng, None, probs)
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before, one
+
+
+def syncs_per_step(network: DiffusionGemma, device: torch.device) -> str:
+    """Run one canvas of the real loop with CUDA's sync debugging on; count synchronising calls per step."""
+    if device.type != "cuda":
+        return "skipped (not CUDA)"
+    from diffgemma.config import SamplerSettings
+
+    settings = SamplerSettings(max_denoising_steps=12, max_new_tokens=network.config.canvas_length)
+    prompt = torch.randint(3, network.config.vocab_size, (1, 64), device=device)
+    counts, seen = [], 0
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for event in denoising_loop(network, settings, prompt, seed=1, stop_at_eos=False, stop_check_every=100):
+                if isinstance(event, Draft):
+                    if event.step > 1:
+                        counts.append(len(caught) - seen)
+                    seen = len(caught)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return f"steps 2-{len(counts) + 1}: {sum(counts)} synchronising calls ({'OK' if not any(counts) else counts})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="26b-a4b", help="preset shape (26b-a4b, or tiny for a dry run)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--formats", default="none,fp8,int4", help="none: unquantized weights in --dtype")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype of unquantized weights (float32 for CPU runs)")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--no-reference", action="store_true", help="skip the transformers comparison")
+    parser.add_argument("--no-append", action="store_true", help="print only; do not touch bench/RESULTS.md")
+    args = parser.parse_args()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    raw = preset_config(args.shape)
+    config = parse_model_config(raw, f"preset {args.shape}")
+    length = config.canvas_length
+    bandwidth = copy_bandwidth(device)
+    lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s"]
+    rows = []
+
+    def peak() -> str:
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
+
+    for format_name in args.formats.split(","):
+        fmt = None if format_name == "none" else QuantFormat(format_name)
+        name = short if fmt is None else f"{format_name} ({short} rest)"
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            network = random_network(config, fmt, device, dtype)
+            with torch.no_grad():
+                for batch in (int(b) for b in args.batches.split(",")):
+                    ms = median_ms(denoise_step(network, batch, args.prompt), args.iters, device)
+                    floor = step_bytes(config, fmt, dtype, batch, args.prompt) / bandwidth * 1000
+                    ar_ms = median_ms(ar_token(network, batch, args.prompt, args.iters + 4), args.iters, device)
+                    diffusion = batch * length / (CANVAS_STEPS * ms / 1000)
+                    autoregressive = batch / (ar_ms / 1000)
+                    rows.append(
+                        f"| diffgemma {name} | {batch} | {ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | "
+                        f"{diffusion:,.0f} | {ar_ms:.2f} | {autoregressive:,.0f} | {diffusion / autoregressive:.1f}x | "
+                        f"{peak()} |"
+                    )
+            if fmt is None:
+                lines.append(f"no host sync inside a canvas: {syncs_per_step(network, device)}")
+                if not args.no_reference:
+                    reference = reference_from(network, raw)
+                    modes = [False] + ([True] if device.type == "cuda" else [])
+                    for compiled in modes:
+                        label = "transformers (static cache, compiled)" if compiled else "transformers (eager)"
+                        for batch in (int(b) for b in args.batches.split(",")):
+                            try:
+                                ms = reference_step_ms(reference, batch, args.prompt, compiled, device)
+                                rows.append(
+                                    f"| {label} | {batch} | {ms:.1f} | | | "
+                                    f"{batch * length / (CANVAS_STEPS * ms / 1000):,.0f} | | | | {peak()} |"
+                                )
+                            except Exception as err:
+                                rows.append(f"| {label} | {batch} | failed: {type(err).__name__}: {err} |")
+                    del reference
+            if format_name == "int4" and device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                with torch.no_grad():
+                    median_ms(denoise_step(network, 1, 4096), 3, device)
+                lines.append(f"int4, 4k context, batch 1: peak GPU memory {peak()} GiB (target <= 16.8 GiB = 18 GB)")
+            del network
+        except Exception as err:
+            rows.append(f"| diffgemma {name} | - | failed: {type(err).__name__}: {err} |")
+            traceback.print_exc()
+
+    vocab = 262144 if device.type == "cuda" else config.vocab_size
+    extra, one = sampler_extra_bytes(device, vocab, 8, length)
+    if extra >= 0:
+        lines.append(
+            f"sampler, vocabulary {vocab}, batch 8: one step allocates {extra / 2**20:.0f} MiB beyond logits and "
+            f"its distribution buffer ({extra / one:.2f} of one [8, {length}, {vocab}] float32 tensor)"
+        )
+    header = (
+        "| run | batch | ms/step | floor ms | vs floor | tokens/s (16 steps) | AR ms/token | AR tokens/s | "
+        "diffusion/AR | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    table = header + "\n" + "\n".join(rows)
+    notes = (
+        f"Shape {args.shape}: {config.parameter_counts()[0] / 1e9:.2f}B parameters, random weights; prompt "
+        f"{args.prompt}, canvas {length}, median of {args.iters}. Floor: bytes a step reads / copy bandwidth.\n"
+        + "\n".join(f"- {line}" for line in lines)
+    )
+    if args.no_append:
+        print(table + "\n\n" + notes)
+    else:
+        append_results("GPU: diffgemma on the 26B-A4B shape (bench/gpu.py)", table, notes)
+    if math.isnan(bandwidth):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

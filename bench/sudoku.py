@@ -1,0 +1,88 @@
+"""The sudoku report: a model on freshly generated unique puzzles (24-36 givens by default), overall and
+per number of givens, beside a one-step row, the same model under int8 and int4 weights, and the
+autoregressive baseline (the same network trained left to right), all on the same puzzles.
+
+    python bench/sudoku.py --model models/sudoku --ar runs/ar --puzzles 1000 --note "training: ..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results
+
+import diffgemma
+from diffgemma.tasks import sudoku
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/sudoku")
+    parser.add_argument("--ar", default=None, help="the autoregressive baseline's checkpoint")
+    parser.add_argument("--puzzles", type=int, default=1000)
+    parser.add_argument("--givens", default="24:36")
+    parser.add_argument("--seed", type=int, default=2026, help="puzzle generator seed (not the training seed)")
+    parser.add_argument("--quant", default="int8,int4", help="quantized variants to score ('' for none)")
+    parser.add_argument("--note", default="", help="how the model was trained (written under the table)")
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    low, high = (int(v) for v in args.givens.split(":"))
+    rng = random.Random(args.seed)
+    puzzles = [sudoku.make_puzzle(rng, rng.randint(low, high))[0] for _ in range(args.puzzles)]
+
+    runs: list[tuple[str, dict, float]] = []
+
+    def run(label: str, score) -> None:
+        started = time.perf_counter()
+        metrics = score()
+        seconds = time.perf_counter() - started
+        runs.append((label, metrics, seconds))
+        print(f"{label}: solved {metrics['solved_rate']:.1%} ({seconds:.0f} s)", flush=True)
+
+    model = diffgemma.load(args.model)
+    run("diffusion, givens clamped", lambda: sudoku.evaluate(model, puzzles, batch_size=100))
+    run("diffusion, 1 step", lambda: sudoku.evaluate(model, puzzles, batch_size=100, max_denoising_steps=1))
+    for name in filter(None, args.quant.split(",")):
+        quantized = diffgemma.load(args.model, quant=name)
+        run(f"diffusion, {name} weights", lambda q=quantized: sudoku.evaluate(q, puzzles, batch_size=100))
+    if args.ar:
+        baseline = diffgemma.load(args.ar)
+        run("autoregressive baseline", lambda: sudoku.solve_autoregressive(baseline, puzzles, batch_size=100))
+        run(
+            "autoregressive baseline, givens forced",
+            lambda: sudoku.solve_autoregressive(baseline, puzzles, batch_size=100, clamp=True),
+        )
+
+    header = "| run | solved | cells right | givens kept | mean steps | seconds |\n|---|---|---|---|---|---|"
+    rows = [
+        f"| {label} | {m['solved_rate']:.1%} | {m['cell_accuracy']:.1%} | {m['givens_kept_rate']:.1%} | "
+        f"{m['mean_steps']:.1f} | {seconds:.0f} |"
+        for label, m, seconds in runs
+    ]
+    givens = sorted(runs[0][1]["per_givens"], key=int)
+    per_header = "| givens | n | " + " | ".join(label for label, _, _ in runs) + " |"
+    per_rows = [per_header, "|---|---|" + "---|" * len(runs)]
+    for g in givens:
+        cells = [f"{m['per_givens'][g]['solved_rate']:.1%}" for _, m, _ in runs]
+        per_rows.append(f"| {g} | {runs[0][1]['per_givens'][g]['n']} | " + " | ".join(cells) + " |")
+    steps = " | ".join(f"{runs[0][1]['per_givens'][g]['mean_steps']:.1f}" for g in givens)
+    table = "\n".join([header, *rows, "", "Solved by number of givens:", "", *per_rows])
+    notes = (
+        f"{args.puzzles} fresh unique-solution puzzles, {low}-{high} givens, generator seed {args.seed}; "
+        f"model `{args.model}`, sampler defaults from its generation_config.json "
+        f"({model.settings.max_denoising_steps} steps at most). Mean denoising steps by givens: {steps}.\n"
+        f"{args.note}"
+    )
+    if args.no_append:
+        print(table + "\n\n" + notes)
+    else:
+        append_results("Sudoku: the shipped model (bench/sudoku.py)", table, notes)
+
+
+if __name__ == "__main__":
+    main()

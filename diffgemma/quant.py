@@ -1,0 +1,258 @@
+"""Weight-only quantization: int8 (per output channel), int4 (groups along the input), fp8 (e4m3, per channel).
+
+What is quantized: every projection of attention and of the dense MLP, and the stacked expert tensors
+(each expert's rows scaled on their own, so the fused layout needs no unfusing). What stays in the model
+dtype: the embedding (it is also the tied output head), norms, routers and the self-conditioning block,
+which are small and sensitive. Weights are stored quantized and expanded to the activation dtype one
+layer at a time as they are used, so memory at rest is what the format promises.
+
+Loading with `quant=` quantizes tensor by tensor as they come off disk: the float model is never whole in
+memory. A quantized checkpoint carries `quantization_config` in its config.json and loads as it was saved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DiffGemmaError
+from .model import DiffusionGemma, Experts
+
+FORMATS = ("int8", "int4", "fp8")
+INT4_GROUP = 64
+QUANT_METHOD = "diffgemma"
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    name: str
+    group_size: int = INT4_GROUP
+
+    def __post_init__(self) -> None:
+        if self.name not in FORMATS:
+            raise DiffGemmaError(f"quantization must be one of {', '.join(FORMATS)}, got {self.name!r}")
+        if self.group_size < 2 or self.group_size % 2:
+            raise DiffGemmaError(f"int4 group size must be an even number of at least 2, got {self.group_size}")
+
+    def config(self) -> dict:
+        return {"quant_method": QUANT_METHOD, "format": self.name, "group_size": self.group_size}
+
+    def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The buffers that hold one weight of `shape` [..., out, in]."""
+        *lead, columns = shape
+        if self.name == "int4":
+            group = self.group_for(columns)
+            return {
+                "qweight": ((*lead, columns // 2), torch.uint8),
+                "scale": ((*lead, columns // group), torch.float16),
+            }
+        dtype = torch.int8 if self.name == "int8" else torch.float8_e4m3fn
+        return {"qweight": (shape, dtype), "scale": ((*lead, 1), torch.float32)}
+
+    def group_for(self, columns: int) -> int:
+        """The int4 group along an input of `columns`: the configured size, or the largest even common
+        divisor of the two when the input is not a multiple of it (small models)."""
+        group = math.gcd(columns, self.group_size)
+        if group < 2 or group % 2:
+            raise DiffGemmaError(f"int4 needs an even input size; this model has a projection of {columns} inputs")
+        return group
+
+    def bytes_per_weight(self, columns: int) -> float:
+        if self.name == "int4":
+            return 0.5 + 2 / self.group_for(columns)
+        return 1 + 4 / columns
+
+
+def quantize(weight: torch.Tensor, fmt: QuantFormat) -> dict[str, torch.Tensor]:
+    """A float weight [..., out, in] -> its quantized buffers (see `QuantFormat.stored_shapes`)."""
+    w = weight.float()
+    if fmt.name == "int4":
+        groups = w.reshape(*w.shape[:-1], -1, fmt.group_for(w.shape[-1]))
+        scale = _int4_scales(groups)
+        steps = scale.float().clamp_min(torch.finfo(torch.float16).tiny)[..., None]
+        q = (groups / steps).round_().clamp_(-8, 7).to(torch.int16).add_(8).reshape(w.shape)
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).to(torch.uint8)
+        return {"qweight": packed, "scale": scale}
+    amax = w.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    if fmt.name == "int8":
+        scale = amax / 127
+        return {"qweight": (w / scale).round_().clamp_(-127, 127).to(torch.int8), "scale": scale}
+    scale = amax / FP8_MAX
+    return {"qweight": (w / scale).to(torch.float8_e4m3fn), "scale": scale}
+
+
+def _int4_scales(groups: torch.Tensor) -> torch.Tensor:
+    """Per-group scales [..., groups] in float16. Sixteen levels are few: rather than always fitting the
+    largest weight, each group takes the clipping (a fraction of its largest magnitude) with the least
+    squared error, so the bulk of its weights get finer steps."""
+    amax = groups.abs().amax(-1)
+    best = (amax / 7).to(torch.float16)
+    best_error = None
+    for fraction in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
+        scale = (amax * (fraction / 7)).to(torch.float16)
+        steps = scale.float().clamp_min(torch.finfo(torch.float16).tiny)[..., None]
+        error = ((groups / steps).round().clamp(-8, 7) * steps - groups).square().sum(-1)
+        if best_error is None:
+            best_error = error
+            continue
+        better = error < best_error
+        best = torch.where(better, scale, best)
+        best_error = torch.where(better, error, best_error)
+    return best
+
+
+def dequantize(qweight: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype) -> torch.Tensor:
+    """The quantized buffers -> a weight in `dtype`, made as it is used and dropped after. Written in place
+    into one output tensor, so the transient memory is the expanded weight plus a fraction of it."""
+    if fmt.name == "int4":
+        out = torch.empty((*qweight.shape[:-1], qweight.shape[-1], 2), dtype=dtype, device=qweight.device)
+        out[..., 0] = qweight & 0xF
+        out[..., 1] = qweight >> 4
+        out = out.view(*scale.shape, -1).sub_(8).mul_(scale[..., None].to(dtype))
+        return out.view(*qweight.shape[:-1], -1)
+    return qweight.to(dtype).mul_(scale.to(dtype))
+
+
+class _Quantized:
+    """Registers the quantized buffers of named float weights and fills them from float tensors."""
+
+    fmt: QuantFormat
+    source_shapes: dict[str, tuple[int, ...]]
+
+    def _register(self: nn.Module, name: str, shape: tuple[int, ...], device) -> None:
+        for suffix, (stored_shape, dtype) in self.fmt.stored_shapes(shape).items():
+            self.register_buffer(f"{name}_{suffix}", torch.empty(stored_shape, dtype=dtype, device=device))
+        self.source_shapes[name] = shape
+
+    @torch.no_grad()
+    def load_float(self: nn.Module, name: str, weight: torch.Tensor) -> None:
+        # Row blocks keep the float32 working copy small (one expert at a time for stacked experts).
+        device = getattr(self, f"{name}_qweight").device  # quantize where the model lives (a GPU is quick)
+        rows = weight if weight.ndim == 3 else weight[None]
+        for index, block in enumerate(rows):
+            block = block.to(device)
+            for suffix, value in quantize(block, self.fmt).items():
+                target = getattr(self, f"{name}_{suffix}")
+                (target[index] if weight.ndim == 3 else target).copy_(value)
+
+    def weight_for(self: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale"), self.fmt, dtype)
+
+
+class QuantLinear(_Quantized, nn.Module):
+    def __init__(self, linear: nn.Linear, fmt: QuantFormat) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.source_shapes = {}
+        self._register("weight", tuple(linear.weight.shape), linear.weight.device)
+        self.bias = linear.bias
+        self.compute_dtype = linear.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_for("weight", x.dtype), self.bias)
+
+
+class QuantExperts(_Quantized, Experts):
+    """The stacked experts, stored quantized; `gate_up_proj`/`down_proj` are expanded when read."""
+
+    def __init__(self, experts: Experts, fmt: QuantFormat) -> None:
+        nn.Module.__init__(self)
+        self.fmt = fmt
+        self.source_shapes = {}
+        self.act = experts.act
+        self.compute_dtype = experts.gate_up_proj.dtype
+        for name in ("gate_up_proj", "down_proj"):
+            tensor = experts._parameters[name]
+            self._register(name, tuple(tensor.shape), tensor.device)
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        return self.weight_for("gate_up_proj", self.compute_dtype)
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        return self.weight_for("down_proj", self.compute_dtype)
+
+
+def _quantized_targets(network: DiffusionGemma) -> list[tuple[str, nn.Module]]:
+    targets = []
+    for layer_index, layer in enumerate(network.layers):
+        prefix = f"layers.{layer_index}"
+        attention = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if getattr(attention, name) is not None:
+                targets.append((f"{prefix}.self_attn.{name}", getattr(attention, name)))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            targets.append((f"{prefix}.mlp.{name}", getattr(layer.mlp, name)))
+        targets.append((f"{prefix}.experts", layer.experts))
+    return targets
+
+
+def convert_(network: DiffusionGemma, fmt: QuantFormat) -> None:
+    """Swap the quantized modules in (their buffers uninitialised); works on a meta-device network too."""
+    for path, module in _quantized_targets(network):
+        replacement = QuantExperts(module, fmt) if isinstance(module, Experts) else QuantLinear(module, fmt)
+        parent, _, child = path.rpartition(".")
+        setattr(network.get_submodule(parent), child, replacement)
+
+
+def float_sinks(network: DiffusionGemma) -> dict[str, tuple[tuple[int, ...], Callable[[torch.Tensor], None]]]:
+    """For a converted network: float weight name -> (its shape, a function that quantizes it into place)."""
+    sinks = {}
+    for path, module in network.named_modules():
+        if isinstance(module, _Quantized):
+            for name, shape in module.source_shapes.items():
+                key = f"{path}.{name}"
+                sinks[key] = (shape, lambda tensor, m=module, n=name: m.load_float(n, tensor))
+    return sinks
+
+
+def quantize_network_(network: DiffusionGemma, fmt: QuantFormat) -> None:
+    """Quantize an already loaded float network in place."""
+    floats = {path: module for path, module in _quantized_targets(network)}
+    weights = {}
+    for path, module in floats.items():
+        if isinstance(module, Experts):
+            weights[f"{path}.gate_up_proj"] = module.gate_up_proj.detach()
+            weights[f"{path}.down_proj"] = module.down_proj.detach()
+        else:
+            weights[f"{path}.weight"] = module.weight.detach()
+    convert_(network, fmt)
+    for name, (_, sink) in float_sinks(network).items():
+        sink(weights.pop(name))
+
+
+def format_from_config(raw: dict) -> QuantFormat | None:
+    """The quantization a checkpoint's config.json declares, if any."""
+    spec = raw.get("quantization_config")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get("quant_method") != QUANT_METHOD:
+        raise DiffGemmaError(
+            f"config.json: quantization_config {spec!r} is not one diffgemma wrote "
+            f"(expected quant_method '{QUANT_METHOD}')"
+        )
+    return QuantFormat(spec.get("format"), int(spec.get("group_size", INT4_GROUP)))
+
+
+def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> tuple[int, int]:
+    """(bytes of every tensor the loaded network holds, bytes of the largest weight expanded for use), for
+    the model in `dtype` with `fmt` quantization; counted on a meta-device build, so exact and free."""
+    with torch.device("meta"):
+        network = DiffusionGemma(config).to(dtype)
+        if fmt is not None:
+            convert_(network, fmt)
+    held = sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+    expanded = 0
+    if fmt is not None:
+        element = torch.empty((), dtype=dtype).element_size()
+        for module in network.modules():
+            if isinstance(module, _Quantized):
+                expanded = max(expanded, *(math.prod(s) * element for s in module.source_shapes.values()))
+    return held, expanded

@@ -1,0 +1,203 @@
+"""LoRA adapters for the attention and dense-MLP projections (optionally the self-conditioning block).
+
+The encoder and the decoder are one set of weights, so one adapter serves both roles. Adapters are saved in
+PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A
+.weight`), written under both the decoder's and the encoder's module names of the reference model, so PEFT
+on `transformers` applies the same adapter to both of its copies. Merging folds W + scale * B @ A into the
+base weights and gives back plain linear layers, ready to save as a full checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint import DECODER, ENCODER
+from ..errors import DiffGemmaError
+from ..model import DiffusionGemma
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+LAYER_TARGETS = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+SELF_CONDITIONING_TARGETS = r"self_conditioning\.(gate|up|down)_proj"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: float = 32.0
+    self_conditioning: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise DiffGemmaError(f"LoRA rank must be at least 1, got {self.rank}")
+
+    @property
+    def pattern(self) -> str:
+        parts = [LAYER_TARGETS] + ([SELF_CONDITIONING_TARGETS] if self.self_conditioning else [])
+        return "|".join(parts)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoraLinear(nn.Module):
+    """A linear layer plus a low-rank update. The base weight keeps its name (`weight`), so the rest of
+    the state dict and the checkpoint layout are unchanged; the adapter adds `lora_A` and `lora_B`."""
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float) -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.scale = scale
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
+        # The usual start: A random, B zero, so the adapted model begins exactly where the base model is.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scale
+
+    def merged(self) -> nn.Linear:
+        out_features, in_features = self.weight.shape
+        linear = nn.Linear(in_features, out_features, bias=self.bias is not None)
+        linear.weight = self.weight
+        linear.bias = self.bias
+        with torch.no_grad():
+            update = self.lora_B.weight.float() @ self.lora_A.weight.float()
+            self.weight.add_((update * self.scale).to(self.weight.dtype))
+        return linear
+
+
+def _replace(network: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(network.get_submodule(parent_name) if parent_name else network, child, module)
+
+
+def add_lora(network: DiffusionGemma, settings: LoraSettings) -> list[str]:
+    """Wrap the targeted projections with adapters and freeze everything else; returns the wrapped names."""
+    if has_lora(network):
+        raise DiffGemmaError("this network already has LoRA adapters")
+    pattern = re.compile(settings.pattern)
+    targets = [n for n, m in network.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+    network.requires_grad_(False)
+    for name in targets:
+        _replace(network, name, LoraLinear(network.get_submodule(name), settings.rank, settings.scale))
+    return targets
+
+
+def has_lora(network: nn.Module) -> bool:
+    return any(isinstance(m, LoraLinear) for m in network.modules())
+
+
+def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
+    """The adapters' weights when the network has adapters, else every parameter."""
+    if has_lora(network):
+        return [p for n, p in network.named_parameters() if ".lora_" in n]
+    return list(network.parameters())
+
+
+def merge_lora(network: DiffusionGemma) -> int:
+    """Fold every adapter into its base weight and drop it; returns how many were merged."""
+    wrapped = [(n, m) for n, m in network.named_modules() if isinstance(m, LoraLinear)]
+    for name, module in wrapped:
+        _replace(network, name, module.merged())
+    return len(wrapped)
+
+
+def save_adapter(network: DiffusionGemma, settings: LoraSettings, folder: str | os.PathLike, base: str = "") -> Path:
+    """Write the adapters in PEFT's layout, atomically (a staging folder swapped into place)."""
+    adapters = {n: t for n, t in network.state_dict().items() if ".lora_" in n}
+    if not adapters:
+        raise DiffGemmaError("this network has no LoRA adapters to save")
+    tensors = {}
+    for name, tensor in adapters.items():
+        for prefix in (DECODER, ENCODER):
+            tensors[PEFT_PREFIX + prefix + name] = tensor.detach().to("cpu").clone().contiguous()
+    prefixes = "|".join(re.escape(p) for p in (DECODER, ENCODER))
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base,
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        # A regular expression PEFT matches against full module names; ours adds no key it would not find.
+        "target_modules": f"({prefixes})({settings.pattern})",
+        "diffgemma": {"self_conditioning": settings.self_conditioning},
+    }
+    destination = Path(folder).absolute()
+    destination.mkdir(parents=True, exist_ok=True)
+    # Each file is written whole beside its final name and renamed over it; other files in the folder (a
+    # trainer state) stay. The weights go first, so a config never describes weights that are not there.
+    staging = Path(tempfile.mkdtemp(prefix=".adapter.saving-", dir=destination))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(staging / name, destination / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return destination
+
+
+def read_adapter_settings(folder: Path) -> LoraSettings:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise DiffGemmaError(f"{path}: not found (expected a PEFT LoRA adapter folder)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DiffGemmaError(f"{path}: not valid JSON ({err})") from None
+    if config.get("peft_type") != "LORA":
+        raise DiffGemmaError(f"{path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(config.get(key), int | float):
+            raise DiffGemmaError(f"{path}: `{key}` must be a number")
+    extra = config.get("diffgemma") or {}
+    return LoraSettings(int(config["r"]), float(config["lora_alpha"]), bool(extra.get("self_conditioning", False)))
+
+
+def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> LoraSettings:
+    """Add adapters from a PEFT-layout folder to `network` (frozen base, adapters loaded)."""
+    folder = Path(folder)
+    settings = read_adapter_settings(folder)
+    weights_path = folder / WEIGHTS_FILE
+    try:
+        stored = load_file(str(weights_path), device=str(network.device))
+    except (FileNotFoundError, SafetensorError, OSError) as err:
+        raise DiffGemmaError(f"{weights_path}: cannot read adapter weights ({err})") from None
+    add_lora(network, settings)
+    expected = {n: t for n, t in network.state_dict(keep_vars=True).items() if ".lora_" in n}
+    with torch.no_grad():
+        for name, target in expected.items():
+            key = PEFT_PREFIX + DECODER + name
+            if key not in stored:
+                raise DiffGemmaError(f"{weights_path}: missing tensor {key}")
+            if stored[key].shape != target.shape:
+                raise DiffGemmaError(
+                    f"{weights_path}: {key} has shape {list(stored[key].shape)}, expected {list(target.shape)}"
+                )
+            target.copy_(stored[key])
+    return settings

@@ -1,0 +1,96 @@
+"""Supervised fine-tuning on chat data, full or with LoRA adapters: the `diffgemma train chat` command.
+
+The output folder holds what a run has made so far (a full checkpoint, or the adapter in PEFT's layout)
+and the trainer state beside it, rewritten atomically every `save_every` steps; `resume` continues from it
+exactly. A held-out set (a file, or a slice of the data) is scored every `eval_every` steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DiffGemmaError
+from .data import read_chat_jsonl
+from .lora import CONFIG_FILE, LoraSettings, add_lora, load_adapter, save_adapter
+from .trainer import TrainConfig, epoch_batches, evaluation_loss, save_state, train
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    data: str
+    out: str
+    eval_data: str | None = None
+    lora: LoraSettings | None = None
+    steps: int = 1000
+    batch_size: int = 8
+    accumulation: int = 1
+    peak_lr: float = 1e-4
+    ar_weight: float = 1.0
+    eval_every: int = 100
+    save_every: int = 100
+    seed: int = 0
+    enable_thinking: bool = False
+    resume: bool = False
+
+
+def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print, show_progress: bool = True):
+    """Fine-tune a loaded `DiffGemma` in place; returns the loss of every step."""
+    if model.tokenizer is None:
+        raise DiffGemmaError("fine-tuning on chat data needs the checkpoint's tokenizer and chat template")
+    eos_ids = model.settings.eos_token_id
+    if not eos_ids:
+        raise DiffGemmaError("the checkpoint's generation config names no EOS token to end responses with")
+    eos, pad = eos_ids[0], model.settings.pad_token_id
+    examples = read_chat_jsonl(options.data, model.tokenizer, eos, options.enable_thinking)
+    if options.eval_data:
+        held_out = read_chat_jsonl(options.eval_data, model.tokenizer, eos, options.enable_thinking)
+    else:  # a twentieth of the data (at least one example) when there is enough of it to spare
+        spare = len(examples) // 20 if len(examples) >= 20 else 0
+        held_out, examples = examples[len(examples) - spare :], examples[: len(examples) - spare]
+    out = Path(options.out)
+    if options.lora is not None:
+        if options.resume and (out / CONFIG_FILE).is_file():
+            load_adapter(model.network, out)
+        else:
+            add_lora(model.network, options.lora)
+    elif options.resume:
+        from ..api import load
+
+        model.network.load_state_dict(load(out, device=model.network.device).network.state_dict())
+    config = TrainConfig(
+        steps=options.steps,
+        batch_size=options.batch_size,
+        accumulation=options.accumulation,
+        peak_lr=options.peak_lr,
+        warmup=max(1, min(100, options.steps // 10)),
+        ar_weight=options.ar_weight,
+        seed=options.seed,
+    )
+    log(f"{len(examples)} training examples, {len(held_out)} held out")
+    started = time.perf_counter()
+
+    def checkpoint(step: int, optimizer, losses: list[float]) -> None:
+        if options.lora is not None:
+            save_adapter(model.network, options.lora, out, base=str(getattr(model, "folder", "")))
+        else:
+            model.save(out)
+        save_state(out, step, optimizer, config, losses)
+        if held_out and options.eval_every and (step % options.eval_every == 0 or step == options.steps):
+            loss = evaluation_loss(model.network, held_out, config, eos, pad)
+            log(f"step {step}: held-out loss {loss:.4f} ({(time.perf_counter() - started) / 60:.1f} min)")
+
+    every = options.save_every if not options.eval_every else min(options.save_every, options.eval_every)
+    return train(
+        model.network,
+        epoch_batches(examples, options.batch_size, options.seed),
+        config,
+        eos_id=eos,
+        pad_id=pad,
+        show_progress=show_progress,
+        checkpoint=checkpoint,
+        checkpoint_every=every,
+        resume_from=out if options.resume else None,
+    )

@@ -1,0 +1,124 @@
+"""The engine's promises, checked on the CPU: no host synchronisation inside a denoising step, a sampler
+that adds no vocabulary-sized tensor, and the GPU benchmark script running end to end at a tiny shape.
+
+Host-synchronising tensor operations (bool(), item(), tolist(), nonzero(), boolean-mask indexing, .cpu(),
+...) are counted with a TorchFunctionMode; on a GPU, bench/gpu.py runs the same loop under
+torch.cuda.set_sync_debug_mode. Allocations are tracked with a TorchDispatchMode that follows every tensor
+an operation makes until it is freed.
+"""
+
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from diffgemma.generate import Draft, RandomSource, denoising_loop, sampler_step
+
+SYNCING = {"__bool__", "item", "tolist", "nonzero", "__int__", "__float__", "cpu", "numpy", "masked_select"}
+
+
+class SyncCounter(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        indexes = args[1:2] if name in ("__getitem__", "__setitem__") else ()
+        if name in SYNCING or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indexes):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _syncs_between_drafts(model, every: int | None) -> list[tuple[int, int]]:
+    """(step, host syncs since the previous draft of the same canvas) for every draft after a canvas's first."""
+    settings = model.settings.replace(max_denoising_steps=12, max_new_tokens=2 * model.config.canvas_length)
+    ids = torch.tensor([[2, 30, 31, 32], [2, 40, 41, 42]])
+    events = denoising_loop(model.network, settings, ids, seed=[1, 2], stop_at_eos=False, stop_check_every=every)
+    seen, counter = [], SyncCounter()
+    with counter:
+        for event in events:
+            if isinstance(event, Draft):
+                if event.step > 1:
+                    seen.append((event.step, counter.count))
+                counter.count = 0
+    return seen
+
+
+def test_fast_loop_reads_the_device_only_at_stop_checks(tiny):
+    seen = _syncs_between_drafts(tiny, every=4)
+    assert len(seen) >= 11  # the random tiny model never converges: every canvas runs its 12 steps
+    for step, syncs in seen:
+        # what runs between draft k-1 and draft k: the stop check of step k-1, then all of step k
+        assert syncs == (1 if (step - 1) % 4 == 0 else 0), (step, syncs)
+
+
+def test_the_counter_sees_the_per_step_check_the_cpu_default_makes(tiny):
+    seen = _syncs_between_drafts(tiny, every=None)
+    assert seen and all(syncs == 1 for _, syncs in seen)
+
+
+class PeakMemory(TorchDispatchMode):
+    """Peak bytes of tensors made inside the block and still alive (freed ones are subtracted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key: int, size: int) -> None:
+        self.live -= size
+        self.seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key in inputs or key in self.seen or storage.nbytes() == 0:
+                continue  # an in-place result or a view: no new memory
+            self.seen.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+
+def test_sampler_step_adds_no_vocabulary_sized_tensor():
+    """Beyond the logits and its preallocated distribution buffer, one fast sampler step allocates less
+    than a tenth of one [batch, canvas, vocabulary] float32 tensor (the GPU script measures vocab 262,144)."""
+    batch, length, vocab = 8, 64, 16384
+    logits = torch.randn(batch, length, vocab)
+    probs = torch.empty_like(logits)
+    canvas = torch.zeros(batch, length, dtype=torch.long)
+    rng = RandomSource("fast", batch, torch.device("cpu"), 0)
+    one = logits.numel() * logits.element_size()
+    with PeakMemory() as memory:
+        out = sampler_step(logits, canvas, 0.5, rng, None, probs)
+    assert out.accept.any() and out.probs is probs
+    assert 0 < memory.peak < 0.1 * one, memory.peak / one
+    # and the tracker does see a vocabulary-sized temporary when one is made
+    with PeakMemory() as memory:
+        torch.softmax(logits, dim=-1)
+    assert memory.peak >= one
+
+
+def test_gpu_benchmark_dry_run_at_a_tiny_shape():
+    script = Path(__file__).parent.parent / "bench" / "gpu.py"
+    command = [sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--dtype", "float32"]
+    command += ["--formats", "none,int4", "--iters", "1", "--prompt", "8", "--batches", "1", "--no-append"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for row in ("diffgemma fp32 | 1", "diffgemma int4 (fp32 rest) | 1", "transformers (eager) | 1"):
+        assert row in done.stdout, row
+    assert "failed" not in done.stdout, done.stdout

@@ -1,0 +1,98 @@
+"""LoRA: only adapters train, the PEFT layout round-trips, and merging gives the adapter's logits."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import diffgemma
+from diffgemma import DiffGemmaError
+from diffgemma.cli import main
+from diffgemma.presets import random_checkpoint
+from diffgemma.train.lora import LoraSettings, add_lora, load_adapter, merge_lora, save_adapter
+from diffgemma.train.objective import Example
+from diffgemma.train.trainer import TrainConfig, epoch_batches, train
+
+
+def _logits(model) -> torch.Tensor:
+    prompt = torch.tensor([[2, 40, 41, 42, 43, 44]])
+    canvas = torch.randint(9, 200, (1, model.config.canvas_length), generator=torch.Generator().manual_seed(0))
+    return model.network.denoise_logits(prompt, canvas)
+
+
+@pytest.fixture()
+def trained(tmp_path):
+    """A tiny model with rank-4 adapters (self-conditioning included) trained for a few steps."""
+    folder = random_checkpoint(tmp_path / "base", preset="tiny", seed=5)
+    model = diffgemma.load(folder)
+    settings = LoraSettings(rank=4, alpha=8.0, self_conditioning=True)
+    wrapped = add_lora(model.network, settings)
+    before = {n: t.clone() for n, t in model.network.state_dict().items()}
+    examples = [Example([2, 10 + i], [40 + i] * 20 + [60 + i] * 12, id=i) for i in range(4)]
+    config = TrainConfig(steps=12, batch_size=4, peak_lr=1e-2, warmup=2, seed=0)
+    losses = train(model.network, epoch_batches(examples, 4, 0), config, eos_id=1, pad_id=0, show_progress=False)
+    return folder, model, settings, wrapped, before, losses
+
+
+def test_only_adapters_change(trained):
+    _, model, _, wrapped, before, losses = trained
+    layers = model.config.num_hidden_layers
+    # q, k, o on every layer; v only where the layer has one (full layers use K as V); 3 MLP; 3 self-cond
+    with_v = sum(1 for layer in model.network.layers if layer.self_attn.v_proj is not None)
+    assert len(wrapped) == layers * 6 + with_v + 3
+    after = model.network.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "training changed nothing"
+    assert all(".lora_" in n for n in changed), sorted(n for n in changed if ".lora_" not in n)[:5]
+    assert any(n.endswith("lora_B.weight") for n in changed)
+    assert losses[-1] < losses[0]
+
+
+def test_merged_checkpoint_matches_adapter_logits(trained, tmp_path):
+    folder, model, settings, _, _, _ = trained
+    with torch.no_grad():
+        adapted = _logits(model)
+        base = _logits(diffgemma.load(folder))
+    assert (adapted - base).abs().max() > 1e-3, "the adapter should change the logits"
+
+    adapter_dir = save_adapter(model.network, settings, tmp_path / "adapter", base=str(folder))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
+    keys = set(load_file(str(adapter_dir / "adapter_model.safetensors")))
+    assert "base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.encoder.language_model.layers.0.self_attn.q_proj.lora_B.weight" in keys
+
+    reloaded = diffgemma.load(folder)
+    load_adapter(reloaded.network, adapter_dir)
+    with torch.no_grad():
+        assert (_logits(reloaded) - adapted).abs().max() < 1e-5
+
+    assert merge_lora(model.network) > 0
+    model.save(tmp_path / "merged")
+    merged = diffgemma.load(tmp_path / "merged")
+    assert not any(".lora_" in n for n in merged.network.state_dict())
+    with torch.no_grad():
+        assert (_logits(merged) - adapted).abs().max() < 1e-4
+
+
+def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
+    folder, model, settings, _, _, _ = trained
+    adapter_dir = save_adapter(model.network, settings, tmp_path / "adapter")
+    code = main(["lora-merge", "--model", str(folder), "--adapter", str(adapter_dir), "--out", str(tmp_path / "m")])
+    assert code == 0 and (tmp_path / "m" / "model.safetensors").is_file()
+    with torch.no_grad():
+        assert (_logits(diffgemma.load(tmp_path / "m")) - _logits(model)).abs().max() < 1e-4
+
+    with pytest.raises(DiffGemmaError, match="adapter_config.json: not found"):
+        load_adapter(diffgemma.load(folder).network, tmp_path / "nowhere")
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(DiffGemmaError, match="expected 'LORA'"):
+        load_adapter(diffgemma.load(folder).network, adapter_dir)
+    with pytest.raises(DiffGemmaError, match="rank must be at least 1"):
+        LoraSettings(rank=0)
+    with pytest.raises(DiffGemmaError, match="carries LoRA adapters"):
+        bare = diffgemma.load(folder)
+        add_lora(bare.network, settings)
+        bare.save(tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()

@@ -1,0 +1,127 @@
+"""Weight-only quantization: logits close to float (thresholds), self-describing checkpoints, exact sizes."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffgemma
+from diffgemma import DiffGemmaError
+from diffgemma.cli import main
+from diffgemma.presets import random_checkpoint
+from diffgemma.quant import QuantFormat, dequantize, quantize, weight_bytes
+
+sys.path.insert(0, str(Path(__file__).parent / "assets"))
+from make_demo_model import ANSWERS
+
+DEMO = Path(__file__).parent / "assets" / "demo"
+
+
+def _agreement(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(ref || out) per position)."""
+    top1 = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    kl = F.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+    return top1, kl.item()
+
+
+@pytest.mark.parametrize(("name", "max_error"), [("int8", 0.015), ("fp8", 0.045), ("int4", 0.14)])
+def test_round_trip_error_is_bounded(name, max_error):
+    weight = torch.randn(3, 48, 128)  # a stacked (experts) weight: every row scaled on its own
+    weight[1] *= 50  # one expert far larger than the others must not swamp their scales
+    fmt = QuantFormat(name, group_size=32)
+    stored = quantize(weight, fmt)
+    back = dequantize(stored["qweight"], stored["scale"], fmt, torch.float32)
+    assert back.shape == weight.shape
+    relative = (back - weight).norm(dim=-1) / weight.norm(dim=-1)
+    assert relative.max() < max_error
+
+
+@pytest.fixture(scope="module")
+def demo_inputs():
+    """The demo model's own prompts and converged canvases: the inputs it is used on."""
+    model = diffgemma.load(DEMO)
+    length = model.config.canvas_length
+    prompts, canvases = [], []
+    for question in list(ANSWERS)[:4]:
+        prompt = model.tokenizer.encode_chat([{"role": "user", "content": question}])
+        result = model.generate([prompt], seed=0, max_new_tokens=length)
+        canvas = result.sequences[0, result.prompt_length : result.prompt_length + length].tolist()
+        prompts.append(prompt)
+        canvases.append(canvas + [model.settings.pad_token_id] * (length - len(canvas)))
+    return model, prompts, canvases
+
+
+def _demo_logits(model, prompts, canvases) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model.network.denoise_logits(torch.tensor([p]), torch.tensor([c]))
+                for p, c in zip(prompts, canvases, strict=True)
+            ]
+        )
+
+
+@pytest.mark.parametrize(
+    ("name", "min_top1", "max_kl"), [("int8", 0.99, 1e-3), ("fp8", 0.99, 5e-3), ("int4", 0.97, 0.02)]
+)
+def test_trained_model_logits_stay_close(demo_inputs, name, min_top1, max_kl):
+    model, prompts, canvases = demo_inputs
+    reference = _demo_logits(model, prompts, canvases)
+    quantized = diffgemma.load(DEMO, quant=name)
+    top1, kl = _agreement(_demo_logits(quantized, prompts, canvases), reference)
+    assert top1 >= min_top1 and kl <= max_kl, (name, top1, kl)
+
+
+def test_quantized_chat_gives_the_same_answer(demo_inputs):
+    model, _, _ = demo_inputs
+    question = list(ANSWERS)[1]
+    expected = model.chat([{"role": "user", "content": question}], seed=2).content
+    assert expected == ANSWERS[question]
+    quantized = diffgemma.load(DEMO, quant="int4")
+    assert quantized.chat([{"role": "user", "content": question}], seed=2).content == expected
+
+
+@pytest.mark.parametrize(("name", "max_kl"), [("int8", 0.003), ("fp8", 0.01), ("int4", 0.05)])
+def test_random_checkpoint_logits_stay_close(tmp_path_factory, name, max_kl):
+    folder = tmp_path_factory.mktemp("q") / "tiny"
+    random_checkpoint(folder, preset="tiny", seed=11)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(9, 250, (2, 20), generator=generator)
+    canvas = torch.randint(9, 250, (2, 32), generator=generator)
+    with torch.no_grad():
+        reference = diffgemma.load(folder).network.denoise_logits(prompt, canvas)
+        out = diffgemma.load(folder, quant=name).network.denoise_logits(prompt, canvas)
+    _, kl = _agreement(out, reference)
+    assert kl <= max_kl, (name, kl)
+
+
+def test_quantize_command_writes_a_self_describing_checkpoint(tmp_path, capsys):
+    source = random_checkpoint(tmp_path / "float", preset="tiny", seed=12)
+    destination = tmp_path / "int4"
+    assert main(["quantize", str(source), str(destination), "--to", "int4", "--dtype", "float32"]) == 0
+    config = json.loads((destination / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "diffgemma", "format": "int4", "group_size": 64}
+    assert (destination / "tokenizer.json").is_file()
+    direct = diffgemma.load(source, quant="int4")
+    saved = diffgemma.load(destination)
+    assert saved.quant == QuantFormat("int4")
+    for (name, a), (_, b) in zip(direct.network.state_dict().items(), saved.network.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    # the loaded network holds exactly what the estimate says, far less than float32
+    held = sum(t.numel() * t.element_size() for t in (*saved.network.parameters(), *saved.network.buffers()))
+    assert held == weight_bytes(saved.config, torch.float32, QuantFormat("int4"))[0]
+    assert (destination / "model.safetensors").stat().st_size < 0.5 * (source / "model.safetensors").stat().st_size
+    with pytest.raises(DiffGemmaError, match="already quantized"):
+        diffgemma.load(destination, quant="int8")
+    with pytest.raises(DiffGemmaError, match="quantization must be one of"):
+        diffgemma.load(source, quant="int3")
+
+
+def test_quantizing_leaves_no_float_copy_of_projections(tmp_path):
+    model = diffgemma.load(random_checkpoint(tmp_path / "f", preset="tiny", seed=13), quant="int8")
+    names = [name for name, _ in model.network.named_parameters()]
+    assert not any(n.endswith(("q_proj.weight", "experts.gate_up_proj", "mlp.down_proj.weight")) for n in names)
+    assert "embed_tokens.weight" in names  # the tied embedding/head stays in the model dtype

@@ -1,0 +1,88 @@
+"""Chat JSONL through the chat template, and the `train chat` command (full and LoRA, resumable)."""
+
+import json
+
+import pytest
+import torch
+
+import diffgemma
+from diffgemma import DiffGemmaError
+from diffgemma.cli import main
+from diffgemma.presets import random_checkpoint
+from diffgemma.train.data import read_chat_jsonl
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Count to three."},
+            {"role": "assistant", "content": "1, 2, 3."},
+        ]
+    },
+]
+
+
+def _write(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_examples_supervise_from_the_model_turn(tiny, tmp_path):
+    tokenizer = tiny.tokenizer
+    examples = read_chat_jsonl(_write(tmp_path / "chat.jsonl", CONVERSATIONS), tokenizer, eos_id=1)
+    assert len(examples) == 3  # one per assistant turn
+    last = examples[-1]
+    prompt_text = tokenizer.decode(last.prompt, skip_special_tokens=False)
+    response_text = tokenizer.decode(last.response, skip_special_tokens=False)
+    # the prompt is exactly what inference renders for the conversation so far
+    expected = tokenizer.apply_chat_template(CONVERSATIONS[1]["messages"][:4], add_generation_prompt=True)
+    assert prompt_text == expected
+    assert "Hello!" in prompt_text and "1, 2, 3." not in prompt_text
+    assert response_text.startswith("1, 2, 3.") and "<turn|>" in response_text
+    assert last.response[-1] == 1 and len({e.id for e in examples}) == 3
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "chat.jsonl:2: not valid JSON"),
+        ('{"text": "hi"}', 'chat.jsonl:2: expected an object with a non-empty "messages" list'),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "chat.jsonl:2: no assistant turn"),
+        ('{"messages": [{"role": "assistant", "content": "hi"}]}', "chat.jsonl:2: messages\\[0\\]: an assistant"),
+    ],
+)
+def test_bad_lines_name_file_and_line(tiny, tmp_path, line, message):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps(CONVERSATIONS[0]) + "\n" + line + "\n")
+    with pytest.raises(DiffGemmaError, match=message):
+        read_chat_jsonl(path, tiny.tokenizer, eos_id=1)
+
+
+def test_train_chat_lora_saves_adapter_and_resumes(tmp_path, capsys):
+    base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
+    data = _write(tmp_path / "chat.jsonl", CONVERSATIONS * 12)
+    out = tmp_path / "run"
+    common = ["train", "chat", "--model", str(base), "--data", str(data), "--out", str(out), "--lora-rank", "4"]
+    common += ["--batch-size", "4", "--eval-every", "3", "--lr", "5e-3"]
+    assert main([*common, "--steps", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out loss" in printed and "35 training examples, 1 held out" in printed
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 6 and len(state["losses"]) == 6
+
+    assert main([*common, "--steps", "9", "--resume"]) == 0
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 9 and len(state["losses"]) == 9
+    merged = tmp_path / "merged"
+    assert main(["lora-merge", "--model", str(base), "--adapter", str(out), "--out", str(merged)]) == 0
+    assert diffgemma.load(merged).tokenizer is not None
+
+
+def test_train_chat_needs_data(tmp_path, capsys):
+    base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
+    assert main(["train", "chat", "--model", str(base), "--out", str(tmp_path / "o")]) == 2
+    assert "needs --data" in capsys.readouterr().err
