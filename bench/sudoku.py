@@ -28,6 +28,9 @@ def main() -> None:
     parser.add_argument("--givens", default="24:36")
     parser.add_argument("--seed", type=int, default=2026, help="puzzle generator seed (not the training seed)")
     parser.add_argument("--quant", default="int8,int4", help="quantized variants to score ('' for none)")
+    parser.add_argument(
+        "--quant-puzzles", type=int, default=None, help="score the quantized variants on the first N puzzles only"
+    )
     parser.add_argument("--note", default="", help="how the model was trained (written under the table)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
@@ -45,11 +48,22 @@ def main() -> None:
         print(f"{label}: solved {metrics['solved_rate']:.1%} ({seconds:.0f} s)", flush=True)
 
     model = diffgemma.load(args.model)
-    run("diffusion, givens clamped", lambda: sudoku.evaluate(model, puzzles, batch_size=100))
+    float_rows: list[dict] = []
+
+    def float_run() -> dict:
+        float_rows.extend(sudoku.evaluate_rows(model, puzzles, batch_size=100))
+        return sudoku.summarize(float_rows)
+
+    run("diffusion, givens clamped", float_run)
     run("diffusion, 1 step", lambda: sudoku.evaluate(model, puzzles, batch_size=100, max_denoising_steps=1))
+    subset = puzzles[: args.quant_puzzles or len(puzzles)]
+    if len(subset) < len(puzzles) and args.quant:
+        # the float model on the same puzzles, same seeds: its rows of the full run
+        runs.append((f"diffusion, float weights (first {len(subset)})", sudoku.summarize(float_rows[: len(subset)]), 0))
     for name in filter(None, args.quant.split(",")):
         quantized = diffgemma.load(args.model, quant=name)
-        run(f"diffusion, {name} weights", lambda q=quantized: sudoku.evaluate(q, puzzles, batch_size=100))
+        label = f"diffusion, {name} weights" + (f" (first {len(subset)})" if len(subset) < len(puzzles) else "")
+        run(label, lambda q=quantized: sudoku.evaluate(q, subset, batch_size=100))
     if args.ar:
         baseline = diffgemma.load(args.ar)
         run("autoregressive baseline", lambda: sudoku.solve_autoregressive(baseline, puzzles, batch_size=100))
@@ -68,7 +82,7 @@ def main() -> None:
     per_header = "| givens | n | " + " | ".join(label for label, _, _ in runs) + " |"
     per_rows = [per_header, "|---|---|" + "---|" * len(runs)]
     for g in givens:
-        cells = [f"{m['per_givens'][g]['solved_rate']:.1%}" for _, m, _ in runs]
+        cells = [f"{m['per_givens'][g]['solved_rate']:.1%}" if g in m["per_givens"] else "-" for _, m, _ in runs]
         per_rows.append(f"| {g} | {runs[0][1]['per_givens'][g]['n']} | " + " | ".join(cells) + " |")
     steps = " | ".join(f"{runs[0][1]['per_givens'][g]['mean_steps']:.1f}" for g in givens)
     table = "\n".join([header, *rows, "", "Solved by number of givens:", "", *per_rows])
