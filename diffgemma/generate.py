@@ -164,6 +164,8 @@ class RandomSource:
         self.device = device
         self.weights_dtype = weights_dtype
         self.draws = 0
+        # Draw without reading back from the device (every position at once); on the CPU reading is free.
+        self.sync_free = device.type != "cpu"
         if mode == "reference":
             if isinstance(seed, Sequence):
                 raise DiffGemmaError("reference mode draws from one stream for the batch: give one seed, not a list")
@@ -196,6 +198,11 @@ class RandomSource:
         uniform = sampling.counter_uniform(self._streams()[:batch, None], positions[None, :])
         return sampling.inverse_cdf_sample(probs, uniform, scratch)
 
+    def sample_at(self, probs: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Fast mode: samples at the given positions only, with the same uniforms `sample` would use there."""
+        uniform = sampling.counter_uniform(self._streams()[rows], cols)
+        return sampling.inverse_cdf_sample(probs[rows, cols], uniform)
+
 
 @dataclass
 class StepOutput:
@@ -217,10 +224,11 @@ def sampler_step(
     """From temperature-scaled logits [B, C, V] to the next canvas.
 
     Reference mode draws as the reference does (multinomial over every position from its generator). Fast
-    mode draws every position by inverse CDF from counter-based uniforms, using `logits` as scratch once it
-    has read them (so do not use them afterwards), and keeps the draws at accepted positions: no host
-    synchronisation and no extra vocabulary-sized tensor. Clamped positions (`fixed_ids` >= 0) have zero
-    entropy (always accepted, free of the entropy budget) and always hold their given id.
+    mode draws by inverse CDF from counter-based uniforms: on accelerators at every position, using `logits`
+    as scratch once it has read them (so do not use them afterwards), keeping the accepted draws (no host
+    synchronisation, no extra vocabulary-sized tensor); on the CPU at the accepted positions only. Clamped
+    positions (`fixed_ids` >= 0) have zero entropy (always accepted, free of the entropy budget) and always
+    hold their given id.
     """
     if rng.mode == "reference":
         sampled = sampling.reference_sample(logits, rng.shared)
@@ -234,7 +242,12 @@ def sampler_step(
     if fixed is not None:
         entropy = entropy.masked_fill(fixed, 0.0)
     accept = sampling.entropy_bound_accept(entropy, entropy_bound)
-    if rng.mode == "fast":
+    if rng.mode == "fast" and not rng.sync_free:
+        # A host read costs nothing on the CPU: draw only where accepted (the same draws, less work).
+        rows, cols = accept.nonzero(as_tuple=True)
+        sampled = canvas.clone()
+        sampled[rows, cols] = rng.sample_at(probs, rows, cols)
+    elif rng.mode == "fast":
         sampled = rng.sample(probs, scratch=logits if logits.dtype == torch.float32 else None)
     batch, length = canvas.shape
     accepted = torch.where(accept, sampled, canvas)
@@ -288,6 +301,7 @@ def denoising_loop(
     row_limits: Sequence[int] | None = None,
     commit_stable_prefix: bool = False,
     stop_check_every: int | None = None,
+    sync_free: bool | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -296,7 +310,8 @@ def denoising_loop(
     `commit_stable_prefix`, a canvas's leading positions are fixed as soon as they settle (argmax stable
     over the stability window, entropy below the entropy bound), so a stream can send them early and never
     take them back. `stop_check_every` sets how often the host waits to learn whether a canvas is done
-    (see `StopCheck`; every step on the CPU, every 8 with non-blocking peeks on CUDA).
+    (see `StopCheck`; every step on the CPU, every 8 with non-blocking peeks on CUDA). `sync_free` forces the
+    accelerator way of sampling (no host read in a step) on or off; by default it is on off the CPU.
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -324,6 +339,8 @@ def denoising_loop(
     eos = torch.tensor(settings.eos_token_id, dtype=torch.long, device=device)
     pad = settings.pad_token_id
     rng = RandomSource(mode, batch, device, seed, network.dtype)
+    if sync_free is not None:
+        rng.sync_free = sync_free
     window = settings.stability_threshold
     steps = settings.max_denoising_steps
     # The whole schedule up front, on the device: no host-to-device copy inside the loop.

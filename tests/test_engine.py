@@ -39,7 +39,9 @@ def _syncs_between_drafts(model, every: int | None) -> list[tuple[int, int]]:
     """(step, host syncs since the previous draft of the same canvas) for every draft after a canvas's first."""
     settings = model.settings.replace(max_denoising_steps=12, max_new_tokens=2 * model.config.canvas_length)
     ids = torch.tensor([[2, 30, 31, 32], [2, 40, 41, 42]])
-    events = denoising_loop(model.network, settings, ids, seed=[1, 2], stop_at_eos=False, stop_check_every=every)
+    events = denoising_loop(
+        model.network, settings, ids, seed=[1, 2], stop_at_eos=False, stop_check_every=every, sync_free=every != 1
+    )
     seen, counter = [], SyncCounter()
     with counter:
         for event in events:
@@ -58,9 +60,10 @@ def test_fast_loop_reads_the_device_only_at_stop_checks(tiny):
         assert syncs == (1 if (step - 1) % 4 == 0 else 0), (step, syncs)
 
 
-def test_the_counter_sees_the_per_step_check_the_cpu_default_makes(tiny):
-    seen = _syncs_between_drafts(tiny, every=None)
-    assert seen and all(syncs == 1 for _, syncs in seen)
+def test_the_counter_sees_the_reads_the_cpu_way_makes(tiny):
+    seen = _syncs_between_drafts(tiny, every=1)
+    # the CPU way: the stop check every step, and the sampler reads which positions were accepted
+    assert seen and all(syncs == 2 for _, syncs in seen), seen
 
 
 class PeakMemory(TorchDispatchMode):
