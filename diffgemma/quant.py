@@ -63,11 +63,6 @@ class QuantFormat:
             raise DiffGemmaError(f"int4 needs an even input size; this model has a projection of {columns} inputs")
         return group
 
-    def bytes_per_weight(self, columns: int) -> float:
-        if self.name == "int4":
-            return 0.5 + 2 / self.group_for(columns)
-        return 1 + 4 / columns
-
 
 def quantize(weight: torch.Tensor, fmt: QuantFormat) -> dict[str, torch.Tensor]:
     """A float weight [..., out, in] -> its quantized buffers (see `QuantFormat.stored_shapes`)."""
@@ -152,7 +147,6 @@ class QuantLinear(_Quantized, nn.Module):
         self.source_shapes = {}
         self._register("weight", tuple(linear.weight.shape), linear.weight.device)
         self.bias = linear.bias
-        self.compute_dtype = linear.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_for("weight", x.dtype), self.bias)
@@ -211,21 +205,6 @@ def float_sinks(network: DiffusionGemma) -> dict[str, tuple[tuple[int, ...], Cal
                 key = f"{path}.{name}"
                 sinks[key] = (shape, lambda tensor, m=module, n=name: m.load_float(n, tensor))
     return sinks
-
-
-def quantize_network_(network: DiffusionGemma, fmt: QuantFormat) -> None:
-    """Quantize an already loaded float network in place."""
-    floats = {path: module for path, module in _quantized_targets(network)}
-    weights = {}
-    for path, module in floats.items():
-        if isinstance(module, Experts):
-            weights[f"{path}.gate_up_proj"] = module.gate_up_proj.detach()
-            weights[f"{path}.down_proj"] = module.down_proj.detach()
-        else:
-            weights[f"{path}.weight"] = module.weight.detach()
-    convert_(network, fmt)
-    for name, (_, sink) in float_sinks(network).items():
-        sink(weights.pop(name))
 
 
 def format_from_config(raw: dict) -> QuantFormat | None:
