@@ -26,12 +26,13 @@ def machine() -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def append_results(title: str, table: str, notes: str = "") -> None:
-    """Append one dated section to bench/RESULTS.md and echo it."""
+def append_results(title: str, table: str, notes: str = "", path: str | Path | None = None) -> None:
+    """Append one dated section to bench/RESULTS.md (or `path`, e.g. a file a device run brings back) and
+    echo it."""
     stamp = datetime.date.today().isoformat()
     section = f"\n## {title} — {stamp}\n\nMachine: {machine()}\n\n{table.rstrip()}\n"
     if notes:
         section += f"\n{notes.rstrip()}\n"
     print(section)
-    with RESULTS.open("a", encoding="utf-8") as f:
+    with Path(path or RESULTS).open("a", encoding="utf-8") as f:
         f.write(section)

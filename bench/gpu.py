@@ -11,6 +11,7 @@ synchronise with the host (torch.cuda.set_sync_debug_mode). Each part that fails
 
     python bench/gpu.py                         # on the device: everything, appended to bench/RESULTS.md
     python bench/gpu.py --shape tiny --device cpu --iters 2 --no-append   # the dry run the tests use
+    python bench/gpu.py --formats "" --reference compiled --results out.md  # one part, in its own process
 """
 
 from __future__ import annotations
@@ -236,17 +237,64 @@ def syncs_per_step(network: DiffusionGemma, device: torch.device) -> str:
     return f"steps 2-{len(counts) + 1}: {sum(counts)} synchronising calls ({'OK' if not any(counts) else counts})"
 
 
+@torch.no_grad()
+def experts_check(network: DiffusionGemma, device: torch.device) -> str:
+    """Layer 0's experts (grouped GEMMs, groups padded on CUDA, fp8 matrix units where used) against a plain
+    per-expert loop in float32 over the same (expanded) weights: relative error on random routing."""
+    experts, config = network.layers[0].experts, network.config
+    generator = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(256, config.hidden_size, device=device, generator=generator).to(network.dtype)
+    routing = torch.randint(0, config.num_experts, (256, config.top_k_experts), device=device, generator=generator)
+    weights = torch.rand(256, config.top_k_experts, device=device, generator=generator)
+    out = experts(x, routing, weights).float()
+    gate_up, down = experts.gate_up_proj.float(), experts.down_proj.float()
+    expected = torch.zeros_like(out)
+    for expert in routing.unique().tolist():
+        token, slot = (routing == expert).nonzero(as_tuple=True)
+        gate, up = (x[token].float() @ gate_up[expert].T).chunk(2, dim=-1)
+        expected.index_add_(0, token, (experts.act(gate) * up) @ down[expert].T * weights[token, slot, None])
+    error = float((out - expected).norm() / expected.norm())
+    return f"experts of layer 0 vs a per-expert float32 loop: relative error {error:.4f}"
+
+
+def fp8_check(network: DiffusionGemma, device: torch.device) -> str:
+    """The fp8 matrix-unit path against expanded weights on layer 0 (random inputs): relative error."""
+    from diffgemma.quant import fp8_direct, fp8_direct_failures, set_fp8_direct
+
+    x = torch.randn(256, network.config.hidden_size, device=device, dtype=network.dtype)
+    if not fp8_direct(x):
+        return "fp8: weights expanded (no fp8 matrix units here)"
+    layer = network.layers[0]
+    experts = torch.randint(0, network.config.num_experts, (256, network.config.top_k_experts), device=device)
+    weights = torch.rand(256, network.config.top_k_experts, device=device)
+    outputs = []
+    with torch.no_grad():
+        for direct in (True, False):
+            set_fp8_direct(direct)
+            outputs.append((layer.self_attn.q_proj(x), layer.experts(x, experts, weights)))
+    set_fp8_direct(True)
+    errors = [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(*outputs, strict=True)]
+    failures = fp8_direct_failures()
+    return (
+        f"fp8 matrix units vs expanded weights, layer 0: q_proj rel. error {errors[0]:.4f}, experts {errors[1]:.4f}"
+        + (f"; fell back for: {'; '.join(failures)}" if failures else "")
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="26b-a4b", help="preset shape (26b-a4b, or tiny for a dry run)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--formats", default="none,fp8,int4", help="none: unquantized weights in --dtype")
+    parser.add_argument("--formats", default="none,fp8,int4", help="none: unquantized weights in --dtype; '' skips")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of unquantized weights (float32 for CPU runs)")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--no-reference", action="store_true", help="skip the transformers comparison")
+    parser.add_argument(
+        "--reference", default="eager,compiled", help="transformers modes to time on the same weights ('' for none)"
+    )
     parser.add_argument("--no-append", action="store_true", help="print only; do not touch bench/RESULTS.md")
+    parser.add_argument("--results", default=None, help="append to this file instead of bench/RESULTS.md")
     args = parser.parse_args()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     device = torch.device(args.device)
@@ -255,6 +303,11 @@ def main() -> None:
     raw = preset_config(args.shape)
     config = parse_model_config(raw, f"preset {args.shape}")
     length = config.canvas_length
+    batches = [int(b) for b in args.batches.split(",")]
+    formats = [name for name in args.formats.split(",") if name]
+    modes = [mode for mode in args.reference.split(",") if mode]
+    if device.type != "cuda" and "compiled" in modes:
+        modes.remove("compiled")
     bandwidth = copy_bandwidth(device)
     lines = [f"copy bandwidth {bandwidth / 1e9:.0f} GB/s"]
     rows = []
@@ -262,16 +315,22 @@ def main() -> None:
     def peak() -> str:
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
 
-    for format_name in args.formats.split(","):
+    def fresh_peak() -> None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+    for format_name in formats:
         fmt = None if format_name == "none" else QuantFormat(format_name)
         name = short if fmt is None else f"{format_name} ({short} rest)"
         try:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
+            fresh_peak()
             network = random_network(config, fmt, device, dtype)
+            lines.append(f"{name}: {experts_check(network, device)}")
+            if format_name == "fp8":
+                lines.append(fp8_check(network, device))
             with torch.no_grad():
-                for batch in (int(b) for b in args.batches.split(",")):
+                for batch in batches:
                     ms = median_ms(denoise_step(network, batch, args.prompt), args.iters, device)
                     floor = step_bytes(config, fmt, dtype, batch, args.prompt) / bandwidth * 1000
                     ar_ms = median_ms(ar_token(network, batch, args.prompt, args.iters + 4), args.iters, device)
@@ -282,23 +341,9 @@ def main() -> None:
                         f"{diffusion:,.0f} | {ar_ms:.2f} | {autoregressive:,.0f} | {diffusion / autoregressive:.1f}x | "
                         f"{peak()} |"
                     )
+                    print(rows[-1], flush=True)
             if fmt is None:
                 lines.append(f"no host sync inside a canvas: {syncs_per_step(network, device)}")
-                if not args.no_reference:
-                    reference = reference_from(network, raw)
-                    modes = [False] + ([True] if device.type == "cuda" else [])
-                    for compiled in modes:
-                        label = "transformers (static cache, compiled)" if compiled else "transformers (eager)"
-                        for batch in (int(b) for b in args.batches.split(",")):
-                            try:
-                                ms = reference_step_ms(reference, batch, args.prompt, compiled, device)
-                                rows.append(
-                                    f"| {label} | {batch} | {ms:.1f} | | | "
-                                    f"{batch * length / (CANVAS_STEPS * ms / 1000):,.0f} | | | | {peak()} |"
-                                )
-                            except Exception as err:
-                                rows.append(f"| {label} | {batch} | failed: {type(err).__name__}: {err} |")
-                    del reference
             if format_name == "int4" and device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 with torch.no_grad():
@@ -309,13 +354,36 @@ def main() -> None:
             rows.append(f"| diffgemma {name} | - | failed: {type(err).__name__}: {err} |")
             traceback.print_exc()
 
-    vocab = 262144 if device.type == "cuda" else config.vocab_size
-    extra, one = sampler_extra_bytes(device, vocab, 8, length)
-    if extra >= 0:
-        lines.append(
-            f"sampler, vocabulary {vocab}, batch 8: one step allocates {extra / 2**20:.0f} MiB beyond logits and "
-            f"its distribution buffer ({extra / one:.2f} of one [8, {length}, {vocab}] float32 tensor)"
-        )
+    if modes:
+        try:
+            fresh_peak()
+            reference = reference_from(random_network(config, None, device, dtype), raw)  # the same seed: same weights
+            for mode in modes:
+                label = "transformers (static cache, compiled)" if mode == "compiled" else "transformers (eager)"
+                for batch in batches:
+                    try:
+                        ms = reference_step_ms(reference, batch, args.prompt, mode == "compiled", device)
+                        rows.append(
+                            f"| {label} | {batch} | {ms:.1f} | | | "
+                            f"{batch * length / (CANVAS_STEPS * ms / 1000):,.0f} | | | | {peak()} |"
+                        )
+                        print(rows[-1], flush=True)
+                    except Exception as err:
+                        rows.append(f"| {label} | {batch} | failed: {type(err).__name__}: {err} |")
+                        traceback.print_exc()
+            del reference
+        except Exception as err:
+            rows.append(f"| transformers | - | failed: {type(err).__name__}: {err} |")
+            traceback.print_exc()
+
+    if formats:
+        vocab = 262144 if device.type == "cuda" else config.vocab_size
+        extra, one = sampler_extra_bytes(device, vocab, 8, length)
+        if extra >= 0:
+            lines.append(
+                f"sampler, vocabulary {vocab}, batch 8: one step allocates {extra / 2**20:.0f} MiB beyond logits and "
+                f"its distribution buffer ({extra / one:.2f} of one [8, {length}, {vocab}] float32 tensor)"
+            )
     header = (
         "| run | batch | ms/step | floor ms | vs floor | tokens/s (16 steps) | AR ms/token | AR tokens/s | "
         "diffusion/AR | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|"
@@ -329,7 +397,7 @@ def main() -> None:
     if args.no_append:
         print(table + "\n\n" + notes)
     else:
-        append_results("GPU: diffgemma on the 26B-A4B shape (bench/gpu.py)", table, notes)
+        append_results("GPU: diffgemma on the 26B-A4B shape (bench/gpu.py)", table, notes, args.results)
     if math.isnan(bandwidth):
         raise SystemExit(1)
 

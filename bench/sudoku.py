@@ -25,6 +25,10 @@ def main() -> None:
     parser.add_argument("--model", default="models/sudoku")
     parser.add_argument("--ar", default=None, help="the autoregressive baseline's checkpoint")
     parser.add_argument("--puzzles", type=int, default=1000)
+    parser.add_argument("--puzzles-file", default=None, help="read the puzzles (one a line) instead of making them")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
     parser.add_argument("--givens", default="24:36")
     parser.add_argument("--seed", type=int, default=2026, help="puzzle generator seed (not the training seed)")
     parser.add_argument("--quant", default="int8,int4", help="quantized variants to score ('' for none)")
@@ -35,8 +39,14 @@ def main() -> None:
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     low, high = (int(v) for v in args.givens.split(":"))
-    rng = random.Random(args.seed)
-    puzzles = [sudoku.make_puzzle(rng, rng.randint(low, high))[0] for _ in range(args.puzzles)]
+    if args.puzzles_file:
+        puzzles = sudoku.read_puzzles(args.puzzles_file)[: args.puzzles]
+        source = f"{len(puzzles)} puzzles from {Path(args.puzzles_file).name}"
+    else:
+        rng = random.Random(args.seed)
+        puzzles = [sudoku.make_puzzle(rng, rng.randint(low, high))[0] for _ in range(args.puzzles)]
+        source = f"{args.puzzles} fresh unique-solution puzzles, {low}-{high} givens, generator seed {args.seed}"
+    batch = args.batch_size
 
     runs: list[tuple[str, dict, float]] = []
 
@@ -47,29 +57,29 @@ def main() -> None:
         runs.append((label, metrics, seconds))
         print(f"{label}: solved {metrics['solved_rate']:.1%} ({seconds:.0f} s)", flush=True)
 
-    model = diffgemma.load(args.model)
+    model = diffgemma.load(args.model, device=args.device)
     float_rows: list[dict] = []
 
     def float_run() -> dict:
-        float_rows.extend(sudoku.evaluate_rows(model, puzzles, batch_size=100))
+        float_rows.extend(sudoku.evaluate_rows(model, puzzles, batch_size=batch))
         return sudoku.summarize(float_rows)
 
     run("diffusion, givens clamped", float_run)
-    run("diffusion, 1 step", lambda: sudoku.evaluate(model, puzzles, batch_size=100, max_denoising_steps=1))
+    run("diffusion, 1 step", lambda: sudoku.evaluate(model, puzzles, batch_size=batch, max_denoising_steps=1))
     subset = puzzles[: args.quant_puzzles or len(puzzles)]
     if len(subset) < len(puzzles) and args.quant:
         # the float model on the same puzzles, same seeds: its rows of the full run
         runs.append((f"diffusion, float weights (first {len(subset)})", sudoku.summarize(float_rows[: len(subset)]), 0))
     for name in filter(None, args.quant.split(",")):
-        quantized = diffgemma.load(args.model, quant=name)
+        quantized = diffgemma.load(args.model, device=args.device, quant=name)
         label = f"diffusion, {name} weights" + (f" (first {len(subset)})" if len(subset) < len(puzzles) else "")
-        run(label, lambda q=quantized: sudoku.evaluate(q, subset, batch_size=100))
+        run(label, lambda q=quantized: sudoku.evaluate(q, subset, batch_size=batch))
     if args.ar:
-        baseline = diffgemma.load(args.ar)
-        run("autoregressive baseline", lambda: sudoku.solve_autoregressive(baseline, puzzles, batch_size=100))
+        baseline = diffgemma.load(args.ar, device=args.device)
+        run("autoregressive baseline", lambda: sudoku.solve_autoregressive(baseline, puzzles, batch_size=batch))
         run(
             "autoregressive baseline, givens forced",
-            lambda: sudoku.solve_autoregressive(baseline, puzzles, batch_size=100, clamp=True),
+            lambda: sudoku.solve_autoregressive(baseline, puzzles, batch_size=batch, clamp=True),
         )
 
     header = "| run | solved | cells right | givens kept | mean steps | seconds |\n|---|---|---|---|---|---|"
@@ -87,7 +97,7 @@ def main() -> None:
     steps = " | ".join(f"{runs[0][1]['per_givens'][g]['mean_steps']:.1f}" for g in givens)
     table = "\n".join([header, *rows, "", "Solved by number of givens:", "", *per_rows])
     notes = (
-        f"{args.puzzles} fresh unique-solution puzzles, {low}-{high} givens, generator seed {args.seed}; "
+        f"{source}; "
         f"model `{args.model}`, sampler defaults from its generation_config.json "
         f"({model.settings.max_denoising_steps} steps at most). Mean denoising steps by givens: {steps}.\n"
         f"{args.note}"
@@ -95,7 +105,7 @@ def main() -> None:
     if args.no_append:
         print(table + "\n\n" + notes)
     else:
-        append_results("Sudoku: the shipped model (bench/sudoku.py)", table, notes)
+        append_results("Sudoku: the shipped model (bench/sudoku.py)", table, notes, args.results)
 
 
 if __name__ == "__main__":

@@ -419,6 +419,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         eval_every=args.eval_every or 500,
         eval_puzzles=args.eval_puzzles,
         resume=args.resume,
+        device=args.device,
+        seconds=args.seconds,
+        pool_workers=args.pool_workers,
+        pool_cache=args.pool_file,
         log=log,
     )
 
@@ -568,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument("--pool", type=int, default=4000, help="sudoku: unique puzzles in the training pool")
     trainer.add_argument("--eval-puzzles", type=int, default=64, help="sudoku: held-out puzzles scored at checkpoints")
+    trainer.add_argument(
+        "--seconds", type=float, default=None, help="sudoku: a time budget; the first steps are timed to size the run"
+    )
+    trainer.add_argument("--pool-workers", type=int, default=1, help="sudoku: processes that make the puzzle pool")
+    trainer.add_argument("--pool-file", default=None, help="sudoku: cache of the puzzle pool (read, or written)")
     trainer.add_argument("--data", help="chat: training conversations, JSONL with a `messages` list a line")
     trainer.add_argument("--eval-data", help="chat: held-out conversations (default: a twentieth of --data)")
     trainer.add_argument("--lora-rank", type=int, default=0, help="chat: train LoRA adapters of this rank (0: full)")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import DiffGemmaError
-from .model import DiffusionGemma, Experts
+from .model import DiffusionGemma, Experts, grouped_linear
 
 FORMATS = ("int8", "int4", "fp8")
 INT4_GROUP = 64
@@ -149,6 +149,22 @@ class QuantLinear(_Quantized, nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt.name == "fp8" and fp8_direct(x):
+            try:
+                rows, scale = fp8_rows(x.reshape(-1, x.shape[-1]))
+                weight, weight_scale = self.weight_qweight, self.weight_scale
+                out = torch._scaled_mm(
+                    rows,
+                    weight.t(),
+                    scale_a=scale,
+                    scale_b=weight_scale.reshape(1, -1),
+                    out_dtype=torch.bfloat16,
+                    use_fast_accum=True,
+                )
+                out = out.view(*x.shape[:-1], -1).to(x.dtype)
+                return out if self.bias is None else out + self.bias
+            except RuntimeError as err:
+                fp8_direct_failed(err)
         return F.linear(x, self.weight_for("weight", x.dtype), self.bias)
 
 
@@ -160,6 +176,8 @@ class QuantExperts(_Quantized, Experts):
         self.fmt = fmt
         self.source_shapes = {}
         self.act = experts.act
+        self.num_experts = experts.num_experts
+        self.group_align = experts.group_align
         self.compute_dtype = experts.gate_up_proj.dtype
         for name in ("gate_up_proj", "down_proj"):
             tensor = experts._parameters[name]
@@ -172,6 +190,60 @@ class QuantExperts(_Quantized, Experts):
     @property
     def down_proj(self) -> torch.Tensor:
         return self.weight_for("down_proj", self.compute_dtype)
+
+    def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor) -> torch.Tensor:
+        if self.fmt.name == "fp8" and fp8_direct(rows):
+            try:
+                quantized, scale = fp8_rows(rows)
+                weight, weight_scale = getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale")
+                out = torch._scaled_grouped_mm(
+                    quantized,
+                    weight.transpose(-2, -1),
+                    scale.reshape(-1),
+                    weight_scale.reshape(weight.shape[:2]),
+                    offs=offsets,
+                    out_dtype=torch.bfloat16,
+                    use_fast_accum=True,
+                )
+                return out.to(self.compute_dtype)
+            except RuntimeError as err:
+                fp8_direct_failed(err)
+        return grouped_linear(rows, self.weight_for(name, self.compute_dtype), offsets)
+
+
+# fp8 weights meet fp8 activations (scaled per row) in the matrix units on GPUs that have them (Hopper and
+# later), so a step reads one byte a weight; elsewhere the weights are expanded as the other formats are.
+_FP8_DIRECT: dict = {"enabled": True, "failures": []}
+
+
+def fp8_direct(x: torch.Tensor) -> bool:
+    return _FP8_DIRECT["enabled"] and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def set_fp8_direct(enabled: bool) -> None:
+    """Switch the fp8 matrix-unit path (on by default where the GPU has it); off expands weights instead."""
+    _FP8_DIRECT["enabled"] = enabled
+
+
+def fp8_direct_failures() -> list[str]:
+    """Why the fp8 matrix-unit path fell back to expanded weights (one message per kind of failure)."""
+    return list(_FP8_DIRECT["failures"])
+
+
+def fp8_direct_failed(err: Exception) -> None:
+    """A shape the fp8 kernels refuse falls back to expanded weights for that call; said once per message."""
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if message not in _FP8_DIRECT["failures"]:
+        import warnings
+
+        _FP8_DIRECT["failures"].append(message)
+        warnings.warn(f"fp8 matrix multiply refused ({message}); expanding the weights instead", stacklevel=3)
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations [M, K] -> (float8_e4m3fn [M, K], float32 scales [M, 1]), each row scaled to the format's range."""
+    scale = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
 
 
 def _quantized_targets(network: DiffusionGemma) -> list[tuple[str, nn.Module]]:

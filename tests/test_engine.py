@@ -125,3 +125,33 @@ def test_gpu_benchmark_dry_run_at_a_tiny_shape():
     for row in ("diffgemma fp32 | 1", "diffgemma int4 (fp32 rest) | 1", "transformers (eager) | 1"):
         assert row in done.stdout, row
     assert "failed" not in done.stdout, done.stdout
+
+
+def test_aligned_expert_groups_give_the_same_output_and_gradients(tiny):
+    """CUDA pads each expert's rows to a multiple of 16 (its grouped GEMMs need aligned groups); the padded
+    layout must compute exactly what the packed one does, forward and backward."""
+    from diffgemma.model import aligned_groups
+
+    experts = tiny.network.layers[0].experts
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(37, tiny.config.hidden_size, generator=generator, requires_grad=True)
+    routing = torch.randint(0, experts.num_experts, (37, tiny.config.top_k_experts), generator=generator)
+    weights = torch.rand(37, tiny.config.top_k_experts, generator=generator)
+    results = []
+    for align in (None, 16):
+        experts.group_align = align
+        with torch.enable_grad():
+            out = experts(x, routing, weights)
+            (grad,) = torch.autograd.grad(out.square().sum(), x)
+        results.append((out.detach(), grad))
+    experts.group_align = None
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+
+    groups = torch.sort(routing.reshape(-1)).values
+    sizes = torch.bincount(groups, minlength=experts.num_experts).int()
+    place, padded = aligned_groups(groups, sizes, 16)
+    starts = torch.cumsum(padded, 0) - padded
+    assert bool((padded % 16 == 0).all()) and bool((padded >= sizes).all())
+    assert place.unique().numel() == place.numel() and int(place.max()) < groups.numel() + 16 * experts.num_experts
+    assert torch.equal(place[torch.cumsum(sizes, 0)[sizes > 0] - sizes[sizes > 0]], starts[sizes > 0])

@@ -125,3 +125,61 @@ def test_autoregressive_baseline_report(sudoku_model):
     forced = sudoku.solve_autoregressive(sudoku_model, puzzles, batch_size=2, clamp=True)
     assert free["n"] == forced["n"] == 2 and free["mean_steps"] == 81
     assert forced["givens_kept_rate"] == 1.0
+
+
+def test_device_batches_corrupt_only_free_cells_and_repeat_by_index():
+    pool = sudoku.puzzle_pool(1, 4, (26, 32))
+    batches = sudoku.DeviceBatches(pool, 64, seed=5, device="cpu", vocab_size=sudoku.VOCAB_SIZE)
+    batch = batches(3)
+    assert torch.equal(batch.noisy, batches(3).noisy) and not torch.equal(batch.noisy, batches(4).noisy)
+    assert batch.noisy.min() >= 0 and batch.noisy.max() < sudoku.VOCAB_SIZE and batch.tokens == batch.ids.numel()
+    prompt_length = int(batch.canvas_start[0])
+    assert prompt_length == batch.response_start == 82
+    for row in range(8):
+        cells = batch.ids[row, 1:prompt_length] - sudoku.CELL_BASE
+        puzzle = (cells % 10).tolist()
+        assert (cells // 10).tolist() == list(range(81))
+        solution = sudoku.grid_from_ids(batch.clean[row].tolist())
+        assert sudoku.solve(puzzle, 2) == [solution]  # a symmetric image of a pool puzzle: still unique
+        clamp = torch.tensor(sudoku.clamp_ids(puzzle))
+        fixed = clamp >= 0
+        assert torch.equal(batch.noisy[row][fixed], clamp[fixed]) and bool(batch.keep[row][fixed].all())
+    givens = batch.ids[:, 1:prompt_length].sub(sudoku.CELL_BASE).remainder(10) > 0
+    free = torch.stack([torch.zeros_like(givens), ~givens], dim=2).reshape(len(givens), -1)
+    kept = (batch.keep & free).sum(1) / free.sum(1)
+    assert float((kept - (1 - batch.t)).abs().mean()) < 0.1
+
+
+def test_random_symmetries_match_the_group():
+    generator = torch.Generator().manual_seed(0)
+    order, digits = sudoku.random_symmetries(200, generator, "cpu")
+    assert torch.equal(order.sort(dim=1).values, torch.arange(81).expand(200, 81))
+    assert (digits[:, 0] == 0).all() and torch.equal(
+        digits[:, 1:].sort(dim=1).values, torch.arange(1, 10).expand(200, 9)
+    )
+    _, solution = sudoku.make_puzzle(random.Random(1), 30)
+    for row in range(20):
+        moved = sudoku.apply_symmetry(solution, (order[row].tolist(), digits[row].tolist()))
+        assert sudoku.is_solution(moved)
+    transposed = order[:, 0] % 9 == order[:, 1] % 9  # the board's first two cells came from one column
+    assert 0.35 < float(transposed.float().mean()) < 0.65
+
+
+def test_puzzle_pool_is_the_same_from_workers_and_cache(tmp_path):
+    cache = tmp_path / "pool.txt"
+    made = sudoku.puzzle_pool(2, 6, (30, 34), workers=2, cache=cache)
+    assert made == sudoku.puzzle_pool(2, 6, (30, 34)) == sudoku.puzzle_pool(2, 4, (30, 34), cache=cache) + made[4:]
+    assert sudoku.puzzle_pool(3, 2, (30, 34), cache=cache) != made[:2]  # another seed does not read the cache
+
+
+def test_a_time_budget_sizes_the_run_from_its_first_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(sudoku, "PROBE_STEPS", 6)
+    lines: list[str] = []
+    losses = sudoku.train_sudoku(
+        tmp_path / "run", batch_size=2, seconds=4, pool_size=4, eval_every=0, log=lines.append, givens=(30, 34)
+    )
+    sized = next(line for line in lines if line.startswith("timed"))
+    planned = int(sized.split("reproduce with steps=")[1].rstrip(")"))
+    assert planned >= 7 and 6 < len(losses) <= planned
+    state = torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == len(losses) and state["config"]["steps"] == planned

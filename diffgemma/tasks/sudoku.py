@@ -40,6 +40,7 @@ MARKERS = [f"<r{c // 9 + 1}c{c % 9 + 1}>" for c in range(81)]
 VOCAB.update((token, len(VOCAB)) for token in MARKERS)
 CELL_BASE = len(SPECIAL) + len(DIGITS)
 MARKER_BASE = CELL_BASE + len(CELL_TOKENS)
+DIGIT_BASE = len(SPECIAL)  # the token of digit d is DIGIT_BASE + d
 VOCAB_SIZE = len(VOCAB)
 CANVAS = 2 * CELLS  # (marker, digit) per cell
 PEERS: list[tuple[int, ...]] = []
@@ -345,10 +346,46 @@ def apply_symmetry(grid: Sequence[int], symmetry: tuple[list[int], list[int]]) -
     return [digits[grid[cell]] for cell in order]
 
 
-def puzzle_pool(seed: int, count: int, givens: tuple[int, int]) -> list[tuple[list[int], list[int]]]:
-    """`count` unique-solution (puzzle, solution) pairs, givens uniform in the range; seeded."""
-    rng = random.Random(seed)
-    return [make_puzzle(rng, rng.randint(*givens)) for _ in range(count)]
+def _pool_member(seed: int, index: int, givens: tuple[int, int]) -> tuple[list[int], list[int]]:
+    # A string seed (hashed) cannot coincide with the integer seeds that make evaluation sets.
+    rng = random.Random(f"sudoku-pool/{seed}/{index}")
+    return make_puzzle(rng, rng.randint(*givens))
+
+
+def puzzle_pool(
+    seed: int, count: int, givens: tuple[int, int], workers: int = 1, cache: str | Path | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """`count` unique-solution (puzzle, solution) pairs, givens uniform in the range. Puzzle i depends on
+    (seed, i) alone, so the pool is the same whatever `workers` (processes) make it. `cache`: a file of
+    `puzzle<TAB>solution` lines, read when it holds this pool's first `count` puzzles, written otherwise."""
+    if cache is not None and Path(cache).is_file():
+        lines = Path(cache).read_text().splitlines()
+        header, body = (lines[0], lines[1:]) if lines else ("", [])
+        if header == _pool_header(seed, givens) and len(body) >= count:
+            return [_cached_pair(line, f"{cache}:{number}") for number, line in enumerate(body[:count], 2)]
+    arguments = [(seed, index, givens) for index in range(count)]
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as processes:
+            pool = processes.starmap(_pool_member, arguments, chunksize=64)
+    else:
+        pool = [_pool_member(*a) for a in arguments]
+    if cache is not None:
+        text = "\n".join(f"{format_grid(p)}\t{format_grid(s)}" for p, s in pool)
+        Path(cache).write_text(f"{_pool_header(seed, givens)}\n{text}\n")
+    return pool
+
+
+def _cached_pair(line: str, where: str) -> tuple[list[int], list[int]]:
+    fields = line.split("\t")
+    if len(fields) != 2 or len(fields[0]) != CELLS or len(fields[1]) != CELLS or not line.replace("\t", "").isdigit():
+        raise DiffGemmaError(f"{where}: expected puzzle<TAB>solution (81 digits each)")
+    return [int(ch) for ch in fields[0]], [int(ch) for ch in fields[1]]
+
+
+def _pool_header(seed: int, givens: tuple[int, int]) -> str:
+    return f"# diffgemma sudoku pool v2 seed={seed} givens={givens[0]}-{givens[1]}"
 
 
 def training_pairs(
@@ -400,6 +437,77 @@ def structured_embeddings_(network, seed: int, std: float = 0.02) -> None:
         table[VOCAB[str(value)]] = digits[value].to(table)
 
 
+def random_symmetries(
+    count: int, generator: torch.Generator, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`random_symmetry` for `count` boards at once, drawn on the device: (cell orders [count, 81], digit
+    relabellings [count, 10] with 0 kept for empty)."""
+
+    def lines() -> torch.Tensor:
+        groups = torch.rand(count, 3, generator=generator, device=device).argsort(dim=1)
+        within = torch.rand(count, 3, 3, generator=generator, device=device).argsort(dim=2)
+        return (groups[:, :, None] * 3 + within).reshape(count, 9)
+
+    rows, cols = lines(), lines()
+    order = rows[:, :, None] * 9 + cols[:, None, :]
+    transpose = torch.rand(count, generator=generator, device=device) < 0.5
+    order = torch.where(transpose[:, None, None], order.transpose(1, 2), order).reshape(count, CELLS)
+    digits = torch.rand(count, 9, generator=generator, device=device).argsort(dim=1) + 1
+    return order, torch.cat([torch.zeros_like(digits[:, :1]), digits], dim=1)
+
+
+class DeviceBatches:
+    """Training batches made where the model trains: each example a pool puzzle under a fresh random symmetry,
+    laid out as prompt + (marker, digit) canvas. The objective's corruption (t ~ U(eps, 1), uniform random ids)
+    reaches the empty cells' digits only: markers and givens stay clean, as they are clamped at solve time, so
+    every step teaches the part of the canvas that inference leaves free. Batch k depends on (seed, k) alone:
+    a resumed run sees the same data and noise."""
+
+    def __init__(
+        self, pool: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int, seed: int, device, vocab_size: int
+    ) -> None:
+        self.device = torch.device(device)
+        self.puzzles = torch.tensor([list(p) for p, _ in pool], dtype=torch.long, device=self.device)
+        self.solutions = torch.tensor([list(s) for _, s in pool], dtype=torch.long, device=self.device)
+        self.batch_size, self.seed, self.vocab_size = batch_size, seed, vocab_size
+        cells = torch.arange(CELLS, device=self.device)
+        self.markers = MARKER_BASE + cells
+        self.prompt_cells = CELL_BASE + cells * 10
+
+    def __call__(self, index: int):
+        from ..train.objective import EPSILON, Batch
+
+        count, device = self.batch_size, self.device
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + index)
+        pick = torch.randint(0, len(self.puzzles), (count,), generator=generator, device=device)
+        order, digits = random_symmetries(count, generator, device)
+        puzzle = digits.gather(1, self.puzzles[pick].gather(1, order))
+        solution = digits.gather(1, self.solutions[pick].gather(1, order))
+        bos = torch.full((count, 1), VOCAB["<bos>"], device=device)
+        prompt = torch.cat([bos, self.prompt_cells + puzzle], dim=1)
+        canvas = torch.stack([self.markers.expand(count, CELLS), DIGIT_BASE + solution], dim=2).reshape(count, CANVAS)
+        clamped = torch.stack([torch.ones_like(puzzle, dtype=torch.bool), puzzle > 0], dim=2).reshape(count, CANVAS)
+        t = EPSILON + (1 - EPSILON) * torch.rand(count, generator=generator, device=device)
+        keep = (torch.rand(count, CANVAS, generator=generator, device=device) >= t[:, None]) | clamped
+        noise = torch.randint(0, self.vocab_size, (count, CANVAS), generator=generator, device=device)
+        ids = torch.cat([prompt, canvas], dim=1)
+        return Batch(
+            ids=ids,
+            valid=torch.ones_like(ids, dtype=torch.bool),
+            canvas_start=torch.full((count,), prompt.shape[1]),
+            clean=canvas,
+            noisy=torch.where(keep, canvas, noise),
+            keep=keep,
+            t=t,
+            use_self_conditioning=torch.rand(count, generator=generator, device=device) < 0.5,
+            response_start=prompt.shape[1],
+            tokens=ids.numel(),
+        )
+
+
+PROBE_STEPS = 30  # timed to size a run given in seconds; inside the warmup, so the steps count cannot change them
+
+
 def train_sudoku(
     out: str | Path,
     steps: int = 20000,
@@ -413,76 +521,112 @@ def train_sudoku(
     eval_puzzles: int = 64,
     objective: str = "diffusion",
     resume: bool = False,
+    device: str = "cpu",
+    seconds: float | None = None,
+    pool_workers: int = 1,
+    pool_cache: str | Path | None = None,
     log=print,
 ):
     """Train the sudoku model into `out` (checkpoints as it goes; `resume` continues a stopped run).
 
-    Data: a seeded pool of unique puzzles with `givens` in range, each drawn under a fresh random symmetry.
-    `objective="autoregressive"` trains the same network left to right (the encoder alone): the baseline."""
+    Data: a seeded pool of unique puzzles with `givens` in range, each drawn under a fresh random symmetry,
+    batches made on `device` (`DeviceBatches`). `objective="autoregressive"` trains the same network left to
+    right (the encoder alone): the baseline. `seconds`: a time budget instead of a step count: the first
+    steps are timed and the run sized to fit (the log gives the step count, which `steps` reproduces), then it
+    stops at the budget whatever the estimate said."""
     from ..api import load
     from ..presets import random_checkpoint
-    from ..train.objective import Example
     from ..train.trainer import TrainConfig, save_state, train
 
+    started = time.perf_counter()
     folder = Path(out)
     if resume:
-        model = load(folder)
+        model = load(folder, device=device)
     else:
         random_checkpoint(folder, preset="sudoku", seed=seed)
         write_tokenizer(folder)
-        model = load(folder)
+        model = load(folder, device=device)
         structured_embeddings_(model.network, seed)
         model.settings = model.settings.replace(max_denoising_steps=64, max_new_tokens=CANVAS, eos_token_id=[])
         model.save(folder)
-    config = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        peak_lr=peak_lr,
-        warmup=200,
-        ar_weight=ar_weight,
-        seed=seed,
-        objective=objective,
-    )
-    started = time.perf_counter()
-    pool = puzzle_pool(seed, pool_size, givens)
+    pool = puzzle_pool(seed, pool_size, givens, workers=pool_workers, cache=pool_cache)
     low, high = givens
     log(f"puzzle pool: {len(pool)} unique puzzles, {low}-{high} givens ({time.perf_counter() - started:.0f} s)")
     eval_rng = random.Random(10_000 + seed)
     held_out = [make_puzzle(eval_rng, eval_rng.randint(24, 36))[0] for _ in range(eval_puzzles)]
+    batches = DeviceBatches(pool, batch_size, seed, model.network.device, model.config.vocab_size)
 
-    def batch_for_step(index: int) -> list[Example]:
-        rng = random.Random(seed * 1_000_003 + index)
-        pairs = training_pairs(rng, pool, batch_size)
-        return [Example(prompt_ids(p), response_ids(s), id=index * batch_size + i) for i, (p, s) in enumerate(pairs)]
+    def settings(total: int) -> TrainConfig:
+        return TrainConfig(
+            steps=total,
+            batch_size=batch_size,
+            peak_lr=peak_lr,
+            warmup=200,
+            ar_weight=ar_weight,
+            seed=seed,
+            objective=objective,
+        )
+
+    config = settings(steps)
+
+    def report(step: int, losses: list[float]) -> None:
+        solve = solve_autoregressive if objective == "autoregressive" else evaluate
+        metrics = solve(model, held_out, batch_size=64, seed=seed)
+        model.network.train()
+        log(
+            f"step {step}: loss {sum(losses[-50:]) / len(losses[-50:]):.4f}, solved {metrics['solved_rate']:.1%}, "
+            f"cells {metrics['cell_accuracy']:.1%}, steps {metrics['mean_steps']:.1f} "
+            f"(24-36 givens, {metrics['n']} puzzles, {(time.perf_counter() - started) / 60:.1f} min)"
+        )
 
     def checkpoint(step: int, optimizer, losses: list[float]) -> None:
         model.save(folder)
         save_state(folder, step, optimizer, config, losses)
-        if eval_every and (step % eval_every == 0 or step == steps):
-            solve = solve_autoregressive if objective == "autoregressive" else evaluate
-            metrics = solve(model, held_out, batch_size=64, seed=seed)
-            model.network.train()
-            model.network.requires_grad_(True)
-            log(
-                f"step {step}: loss {sum(losses[-50:]) / len(losses[-50:]):.4f}, solved {metrics['solved_rate']:.1%}, "
-                f"cells {metrics['cell_accuracy']:.1%}, steps {metrics['mean_steps']:.1f} "
-                f"(24-36 givens, {metrics['n']} puzzles, {(time.perf_counter() - started) / 60:.1f} min)"
-            )
+        if eval_every and step % eval_every == 0:
+            report(step, losses)
+
+    stamps: list[float] = []
 
     def progress(step: int, loss: float) -> None:
+        stamps.append(time.perf_counter())
         if (step + 1) % 50 == 0:
             elapsed = time.perf_counter() - started
-            log(f"step {step + 1}/{steps}: loss {loss:.4f} ({elapsed / 60:.1f} min)")
+            log(f"step {step + 1}/{config.steps}: loss {loss:.4f} ({elapsed / 60:.1f} min)")
 
-    return train(
-        model.network,
-        batch_for_step,
-        config,
-        eos_id=VOCAB["<eos>"],
-        pad_id=VOCAB["<pad>"],
-        on_step=progress,
-        checkpoint=checkpoint,
-        checkpoint_every=eval_every,
-        resume_from=folder if resume else None,
-        show_progress=False,
-    )
+    def run(stop_at: int | None = None, deadline: float | None = None, resume_from: Path | None = None):
+        return train(
+            model.network,
+            batches,
+            config,
+            eos_id=VOCAB["<eos>"],
+            pad_id=VOCAB["<pad>"],
+            on_step=progress,
+            checkpoint=checkpoint,
+            checkpoint_every=eval_every,
+            resume_from=resume_from,
+            show_progress=False,
+            stop_at=stop_at,
+            deadline=deadline,
+        )
+
+    if seconds is None:
+        losses = run(resume_from=folder if resume else None)
+    else:
+        if resume:
+            raise DiffGemmaError("--seconds sizes a new run; resume one with its step count (--steps) instead")
+        deadline = time.monotonic() + seconds - (time.perf_counter() - started)
+        config = settings(10**9)  # the probe runs inside the warmup, where the total does not matter
+        run(stop_at=PROBE_STEPS)
+        first = PROBE_STEPS // 3  # the first steps pay for warming up
+        per_step = (stamps[-1] - stamps[first]) / (len(stamps) - 1 - first)
+        config = settings(PROBE_STEPS + max(1, int((deadline - time.monotonic()) / per_step)))
+        log(
+            f"timed {per_step * 1000:.1f} ms a step: the run is {config.steps} steps of {batch_size} "
+            f"(reproduce with steps={config.steps})"
+        )
+        losses = run(deadline=deadline, resume_from=folder)
+        if len(losses) < config.steps:
+            log(f"stopped at step {len(losses)} of {config.steps}: the time budget was spent")
+    if eval_every and losses and len(losses) % eval_every:
+        report(len(losses), losses)
+    return losses

@@ -45,6 +45,7 @@ class Batch:
     t: torch.Tensor  # [B] corruption level
     use_self_conditioning: torch.Tensor  # [B]
     response_start: int  # where every row's response begins (prompts are left-padded to this length)
+    tokens: int  # valid tokens (known without asking the device)
 
 
 def example_generator(seed: int, example_id: int, epoch: int) -> torch.Generator:
@@ -95,6 +96,7 @@ def make_batch(
         t=torch.tensor(levels),
         use_self_conditioning=torch.tensor(self_cond),
         response_start=prompt_length,
+        tokens=int(valid.sum()),
     )
 
 

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
 from .lora import trainable_parameters
-from .objective import Example, autoregressive_loss, block_diffusion_loss, make_batch
+from .objective import Batch, Example, autoregressive_loss, block_diffusion_loss, make_batch
 
 OBJECTIVES = {"diffusion", "autoregressive"}
 
@@ -131,7 +131,7 @@ def _distributed() -> tuple[int, int]:
 
 def train(
     network: DiffusionGemma,
-    batch_for_step: Callable[[int], list[Example]],
+    batch_for_step: Callable[[int], list[Example] | Batch],
     config: TrainConfig,
     eos_id: int,
     pad_id: int,
@@ -141,15 +141,18 @@ def train(
     checkpoint_every: int = 0,
     resume_from: Path | None = None,
     stop_at: int | None = None,
+    deadline: float | None = None,
 ) -> list[float]:
     """Train `network` in place; returns the loss of every optimizer step (including resumed ones).
 
     Under `torchrun` (a process group initialised), the loss runs inside DistributedDataParallel and each
     rank takes its own micro-batches, so every rank ends each step with the same averaged gradients.
 
-    `batch_for_step(k)` gives the k-th micro-batch. `checkpoint(step, optimizer, losses)` is called every
+    `batch_for_step(k)` gives the k-th micro-batch: examples, or a `Batch` already laid out (a task that
+    makes its batches on the device). `checkpoint(step, optimizer, losses)` is called every
     `checkpoint_every` steps and at the end; `resume_from` is a folder with a trainer state to continue
-    from. `stop_at` ends early (after that many steps) without changing the schedule.
+    from. `stop_at` ends early (after that many steps) without changing the schedule; so does `deadline` (a
+    `time.monotonic()` value), after the step that passes it.
     """
     network.train()
     trainable = trainable_parameters(network)  # only the adapters, when the network has LoRA adapters
@@ -186,10 +189,14 @@ def train(
             total = 0.0
             for micro in range(config.accumulation):
                 chunk = batch_for_step((step * config.accumulation + micro) * world + rank)
-                batch = make_batch(
-                    chunk, network.config.canvas_length, network.config.vocab_size, eos_id, pad_id, config.seed, 0
+                batch = (
+                    chunk
+                    if isinstance(chunk, Batch)
+                    else make_batch(
+                        chunk, network.config.canvas_length, network.config.vocab_size, eos_id, pad_id, config.seed, 0
+                    )
                 )
-                tokens += int(batch.valid.sum()) * world
+                tokens += batch.tokens * world
                 with torch.autocast(network.device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = objective(batch) / config.accumulation
                 loss.backward()
@@ -203,6 +210,9 @@ def train(
             speed = tokens / max(1e-9, time.perf_counter() - started)
             progress.update(task, advance=1, loss=f"{total:.3f}", speed=f"{speed:,.0f}")
             done = step + 1
+            if deadline is not None and time.monotonic() > deadline:
+                end = done
+                break
             if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < end:
                 checkpoint(done, optimizer, losses)
         if checkpoint is not None and end > start:

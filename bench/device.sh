@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Everything the lent GPU is for, in one call that fits its 10-minute limit. Each part runs in its own
+# process under its own time limit, so one that fails or overruns costs only itself; results and logs go to
+# $OUT (the device tool brings that folder back):
+#   1. bench/gpu.py on the 26B-A4B shape: diffgemma in bf16, fp8 and int4 (steps, floor, AR, memory, syncs);
+#   2. the sudoku model trained for TRAIN_SECONDS, beside the autoregressive baseline (the same network and
+#      budget: both train at once on the one GPU for the same wall-clock time);
+#   3. both scored by bench/sudoku.py on the 1,000 puzzles of $PUZZLES (diffusion, 1 step, int8, int4, AR);
+#   4. transformers on the same 26B-A4B weights: eager, then compiled with a static cache (whatever time is left).
+# Inputs (carried, ignored by git): .whl/ (transformers 5.23 for the reference), .devdata/ (the puzzle
+# pool cache and the evaluation puzzles). A dry run on the CPU at tiny sizes:
+#   DEVICE=cpu SHAPE=tiny DTYPE=float32 TRAIN_SECONDS=20 BATCH=8 POOL=100 \
+#   POOL_FILE=/tmp/pool.txt PUZZLES=/tmp/puzzles.txt LIMIT=900 OUT=/tmp/out bash bench/device.sh
+set -u
+OUT=${OUT:?set OUT to a folder for results}
+DEVICE=${DEVICE:-cuda}
+SHAPE=${SHAPE:-26b-a4b}
+DTYPE=${DTYPE:-bfloat16}
+TRAIN_SECONDS=${TRAIN_SECONDS:-150}
+BATCH=${BATCH:-512}
+POOL=${POOL:-40000}
+PUZZLES=${PUZZLES:-.devdata/eval1000.txt}
+POOL_FILE=${POOL_FILE:-.devdata/sudoku_pool.txt}
+LIMIT=${LIMIT:-585}
+ITERS=${ITERS:-20}
+started=$(date +%s)
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/device.log") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+left() { echo $((LIMIT - ($(date +%s) - started))); }
+say() { echo "=== [$(($(date +%s) - started)) s] $*"; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PWD:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+say "1. bench/gpu.py: diffgemma"
+timeout 170 python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \
+    --reference "" --results "$OUT/gpu.md" || say "gpu.py (diffgemma) ended with $?"
+
+say "2. sudoku: diffusion and the autoregressive baseline, ${TRAIN_SECONDS} s each, side by side"
+common=(--device "$DEVICE" --seconds "$TRAIN_SECONDS" --batch-size "$BATCH" --lr 2e-3 --pool "$POOL"
+    --pool-file "$POOL_FILE" --eval-every 1000 --eval-puzzles 64 --threads 4 --seed 0)
+run_dir=/tmp/sudoku-runs
+rm -rf "$run_dir" && mkdir -p "$run_dir"
+timeout $((TRAIN_SECONDS + 60)) python3 -m diffgemma.cli train sudoku --out "$run_dir/diffusion" "${common[@]}" \
+    >"$run_dir/diffusion.log" 2>&1 &
+diffusion=$!
+timeout $((TRAIN_SECONDS + 60)) python3 -m diffgemma.cli train sudoku --out "$run_dir/ar" --objective autoregressive \
+    "${common[@]}" >"$run_dir/ar.log" 2>&1 &
+baseline=$!
+wait $diffusion; say "diffusion training ended with $?"
+wait $baseline; say "autoregressive training ended with $?"
+tail -n 4 "$run_dir/diffusion.log" "$run_dir/ar.log"
+
+say "3. the shipped candidate in bf16, scored on $PUZZLES"
+python3 - "$run_dir" <<'EOF'
+import shutil, sys, torch, diffgemma
+run = sys.argv[1]
+for name in ("diffusion", "ar"):
+    model = diffgemma.load(f"{run}/{name}")
+    model.network.to(torch.bfloat16)
+    model.save(f"{run}/{name}-bf16")
+    shutil.copy(f"{run}/{name}.log", f"{run}/{name}-bf16/training.log")
+EOF
+tar -C "$run_dir" -cf "$OUT/sudoku_model.tar" diffusion-bf16
+cp "$run_dir/ar.log" "$OUT/ar_training.log"
+timeout $(( $(left) > 200 ? 110 : $(left) / 2 )) python3 bench/sudoku.py --model "$run_dir/diffusion-bf16" \
+    --ar "$run_dir/ar-bf16" --puzzles-file "$PUZZLES" --device "$DEVICE" --batch-size 250 \
+    --results "$OUT/sudoku.md" --note "Trained on the lent GPU by bench/device.sh (logs beside)." \
+    || say "sudoku.py ended with $?"
+
+for mode in eager compiled; do
+    budget=$(( $(left) - 5 ))
+    if [ "$budget" -lt 20 ]; then say "no time left for transformers ($mode)"; echo "- transformers ($mode): not run, the call's time was spent" >>"$OUT/gpu.md"; continue; fi
+    [ "$mode" = eager ] && [ "$budget" -gt 100 ] && budget=100
+    say "4. bench/gpu.py: transformers $mode (limit ${budget} s)"
+    timeout "$budget" python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \
+        --formats "" --reference "$mode" --results "$OUT/gpu.md" \
+        || { code=$?; say "transformers $mode ended with $code"; echo "- transformers ($mode): ended with exit code $code after at most ${budget} s (124: the time limit)" >>"$OUT/gpu.md"; }
+done
+say "done"
