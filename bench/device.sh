@@ -3,7 +3,7 @@
 # process under its own time limit, so one that fails or overruns costs only itself; results and logs go to
 # $OUT (the device tool brings that folder back):
 #   1. bench/gpu.py on the 26B-A4B shape: diffgemma in bf16, fp8 and int4 (steps, floor, AR, memory, syncs);
-#   2. the sudoku model trained for TRAIN_SECONDS, beside the autoregressive baseline (the same network and
+#   2. (TRAIN_SECONDS > 0) the sudoku model trained for TRAIN_SECONDS, beside the autoregressive baseline (the same network and
 #      budget: both train at once on the one GPU for the same wall-clock time);
 #   3. both scored by bench/sudoku.py on the 1,000 puzzles of $PUZZLES (diffusion, 1 step, int8, int4, AR);
 #   4. transformers on the same 26B-A4B weights: eager, then compiled with a static cache (whatever time is left).
@@ -41,6 +41,7 @@ say "1. bench/gpu.py: diffgemma"
 timeout 170 python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \
     --reference "" --results "$OUT/gpu.md" || say "gpu.py (diffgemma) ended with $?"
 
+if [ "$TRAIN_SECONDS" -gt 0 ]; then
 say "2. sudoku: diffusion and the autoregressive baseline, ${TRAIN_SECONDS} s each, side by side"
 common=(--device "$DEVICE" --seconds "$TRAIN_SECONDS" --batch-size "$BATCH" --lr 2e-3 --pool "$POOL"
     --pool-file "$POOL_FILE" --eval-every 1000 --eval-puzzles 64 --threads 4 --seed 0)
@@ -72,6 +73,7 @@ timeout $(( $(left) > 200 ? 110 : $(left) / 2 )) python3 bench/sudoku.py --model
     --ar "$run_dir/ar-bf16" --puzzles-file "$PUZZLES" --device "$DEVICE" --batch-size 250 \
     --results "$OUT/sudoku.md" --note "Trained on the lent GPU by bench/device.sh (logs beside)." \
     || say "sudoku.py ended with $?"
+fi
 
 for mode in eager compiled; do
     budget=$(( $(left) - 5 ))

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results
 
 from diffgemma.config import parse_model_config
-from diffgemma.generate import Draft, RandomSource, denoising_loop, sampler_step
+from diffgemma.generate import DecoderGraph, Draft, RandomSource, denoising_loop, sampler_step
 from diffgemma.model import DiffusionGemma
 from diffgemma.presets import preset_config
 from diffgemma.quant import QuantFormat, _Quantized, convert_, weight_bytes
@@ -93,8 +93,9 @@ def random_network(config, fmt: QuantFormat | None, device: torch.device, dtype:
     return network
 
 
-def denoise_step(network: DiffusionGemma, batch: int, prompt_length: int) -> Callable[[], object]:
-    """One denoising step of the fast loop (decoder pass, temperature, sampler) over an encoded prompt."""
+def denoise_step(network: DiffusionGemma, batch: int, prompt_length: int, graph: bool = False) -> Callable[[], object]:
+    """One denoising step of the fast loop (decoder pass, temperature, sampler) over an encoded prompt;
+    with `graph`, the decoder pass is replayed from a CUDA graph as the loop's `cuda_graph` does."""
     config, device = network.config, network.device
     cache = network.new_cache(batch, prompt_length + config.canvas_length)
     network.encode(torch.randint(3, config.vocab_size, (batch, prompt_length), device=device), cache)
@@ -102,10 +103,14 @@ def denoise_step(network: DiffusionGemma, batch: int, prompt_length: int) -> Cal
     canvas = rng.tokens(batch, config.canvas_length, config.vocab_size)
     shape = (batch, config.canvas_length, config.vocab_size)
     logits_buffer, probs_buffer = torch.empty(shape, device=device), torch.empty(shape, device=device)
+    decoder = DecoderGraph(network, cache, probs_buffer, logits_buffer) if graph else None
     state = {"probs": None}
 
     def step():
-        logits = network.denoise(canvas, cache, state["probs"], logits_out=logits_buffer)
+        if decoder is not None and state["probs"] is probs_buffer:
+            logits = decoder(canvas)
+        else:
+            logits = network.denoise(canvas, cache, state["probs"], logits_out=logits_buffer)
         out = sampler_step(logits.div_(0.6), canvas, 0.1, rng, None, probs_buffer)
         state["probs"] = out.probs
         return out.canvas
@@ -214,8 +219,9 @@ def sampler_extra_bytes(device: torch.device, vocab: int, batch: int, length: in
     return torch.cuda.max_memory_allocated(device) - before, one
 
 
-def syncs_per_step(network: DiffusionGemma, device: torch.device) -> str:
-    """Run one canvas of the real loop with CUDA's sync debugging on; count synchronising calls per step."""
+def syncs_per_step(network: DiffusionGemma, device: torch.device, cuda_graph: bool = False) -> str:
+    """Run one canvas of the real loop with CUDA's sync debugging on; count synchronising calls per step
+    (with `cuda_graph`, step 3 captures the graph, which synchronises once)."""
     if device.type != "cuda":
         return "skipped (not CUDA)"
     from diffgemma.config import SamplerSettings
@@ -227,7 +233,10 @@ def syncs_per_step(network: DiffusionGemma, device: torch.device) -> str:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for event in denoising_loop(network, settings, prompt, seed=1, stop_at_eos=False, stop_check_every=100):
+            events = denoising_loop(
+                network, settings, prompt, seed=1, stop_at_eos=False, stop_check_every=100, cuda_graph=cuda_graph
+            )
+            for event in events:
                 if isinstance(event, Draft):
                     if event.step > 1:
                         counts.append(len(caught) - seen)
@@ -255,6 +264,41 @@ def experts_check(network: DiffusionGemma, device: torch.device) -> str:
         expected.index_add_(0, token, (experts.act(gate) * up) @ down[expert].T * weights[token, slot, None])
     error = float((out - expected).norm() / expected.norm())
     return f"experts of layer 0 vs a per-expert float32 loop: relative error {error:.4f}"
+
+
+def graph_row(network: DiffusionGemma, name: str, batch: int, prompt: int, iters: int, floor: float, peak) -> str:
+    """The table row of a step whose decoder pass is replayed from a CUDA graph."""
+    try:
+        ms = median_ms(denoise_step(network, batch, prompt, graph=True), iters, network.device)
+    except Exception as err:
+        traceback.print_exc()
+        return f"| diffgemma {name}, CUDA graph | {batch} | failed: {type(err).__name__}: {err} |"
+    tokens = batch * network.config.canvas_length / (CANVAS_STEPS * ms / 1000)
+    return (
+        f"| diffgemma {name}, CUDA graph | {batch} | {ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | {tokens:,.0f} "
+        f"| | | | {peak()} |"
+    )
+
+
+@torch.no_grad()
+def graph_check(network: DiffusionGemma, device: torch.device) -> str:
+    """Logits replayed from the CUDA graph against eager logits, for two different canvases."""
+    if device.type != "cuda":
+        return "CUDA graph: skipped (not CUDA)"
+    config = network.config
+    cache = network.new_cache(1, 64 + config.canvas_length)
+    network.encode(torch.randint(3, config.vocab_size, (1, 64), device=device), cache)
+    shape = (1, config.canvas_length, config.vocab_size)
+    probs = torch.rand(shape, device=device).softmax(-1)
+    eager_buffer, graph_buffer = torch.empty(shape, device=device), torch.empty(shape, device=device)
+    decoder = DecoderGraph(network, cache, probs, graph_buffer)
+    errors = []
+    for _ in range(3):  # warm-up, capture + replay, replay
+        canvas = torch.randint(0, config.vocab_size, shape[:2], device=device)
+        eager = network.denoise(canvas, cache, probs, logits_out=eager_buffer).clone()
+        replayed = decoder(canvas)
+        errors.append(float((replayed - eager).norm() / eager.norm()))
+    return "CUDA graph vs eager decoder pass, relative error: " + ", ".join(f"{e:.2e}" for e in errors)
 
 
 def fp8_check(network: DiffusionGemma, device: torch.device) -> str:
@@ -327,6 +371,11 @@ def main() -> None:
             fresh_peak()
             network = random_network(config, fmt, device, dtype)
             lines.append(f"{name}: {experts_check(network, device)}")
+            try:
+                lines.append(f"{name}: {graph_check(network, device)}")
+            except Exception as err:
+                lines.append(f"{name}: CUDA graph check failed: {type(err).__name__}: {err}")
+                traceback.print_exc()
             if format_name == "fp8":
                 lines.append(fp8_check(network, device))
             with torch.no_grad():
@@ -342,8 +391,12 @@ def main() -> None:
                         f"{peak()} |"
                     )
                     print(rows[-1], flush=True)
+                    if device.type == "cuda":
+                        rows.append(graph_row(network, name, batch, args.prompt, args.iters, floor, peak))
+                        print(rows[-1], flush=True)
             if fmt is None:
                 lines.append(f"no host sync inside a canvas: {syncs_per_step(network, device)}")
+                lines.append(f"the same with CUDA graphs: {syncs_per_step(network, device, cuda_graph=True)}")
             if format_name == "int4" and device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 with torch.no_grad():

@@ -330,6 +330,8 @@ class DiffusionGemma(nn.Module):
         weight = self.embed_tokens.weight
         if out is not None and weight.dtype == torch.float32:
             logits = torch.matmul(hidden, weight.t(), out=out)
+        elif out is not None:
+            logits = out.copy_(F.linear(hidden, weight))
         else:
             logits = F.linear(hidden, weight).float()
         # In place: three passes over a vocabulary-sized tensor and no new ones (the same arithmetic).

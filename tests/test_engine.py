@@ -155,3 +155,18 @@ def test_aligned_expert_groups_give_the_same_output_and_gradients(tiny):
     assert bool((padded % 16 == 0).all()) and bool((padded >= sizes).all())
     assert place.unique().numel() == place.numel() and int(place.max()) < groups.numel() + 16 * experts.num_experts
     assert torch.equal(place[torch.cumsum(sizes, 0)[sizes > 0] - sizes[sizes > 0]], starts[sizes > 0])
+
+
+def test_cuda_graph_option_leaves_other_devices_on_the_eager_path(tiny):
+    """`cuda_graph` replays the decoder pass only on CUDA (bench/gpu.py checks the replay against eager
+    logits there); elsewhere the loop is unchanged, draft for draft."""
+    from diffgemma.config import SamplerSettings
+
+    settings = SamplerSettings(max_denoising_steps=5, max_new_tokens=tiny.config.canvas_length)
+    prompt = torch.tensor([[2, 40, 41, 42]])
+    runs = []
+    for cuda_graph in (False, True):
+        events = denoising_loop(tiny.network, settings, prompt, seed=3, stop_at_eos=False, cuda_graph=cuda_graph)
+        runs.append([event.ids.clone() for event in events if isinstance(event, Draft)])
+    assert len(runs[0]) == len(runs[1]) > 1
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

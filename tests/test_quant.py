@@ -125,3 +125,24 @@ def test_quantizing_leaves_no_float_copy_of_projections(tmp_path):
     names = [name for name, _ in model.network.named_parameters()]
     assert not any(n.endswith(("q_proj.weight", "experts.gate_up_proj", "mlp.down_proj.weight")) for n in names)
     assert "embed_tokens.weight" in names  # the tied embedding/head stays in the model dtype
+
+
+def test_int4_expansion_holds_only_the_output_and_small_temporaries():
+    """Expanding a stacked int4 tensor must not add full-size temporaries beside the expanded weight (on the
+    26B shape, one would push int4 with a 4k context past 18 GB)."""
+    from diffgemma import quant
+    from test_engine import PeakMemory
+
+    fmt = quant.QuantFormat("int4")
+    stored = quant.quantize(torch.randn(8, 256, 1024) * 0.02, fmt)
+    expanded_bytes = 8 * 256 * 1024 * 4
+    original = quant.NIBBLE_CHUNK_BYTES
+    quant.NIBBLE_CHUNK_BYTES = 64 * 1024
+    try:
+        with PeakMemory() as memory:
+            chunked = quant.dequantize(stored["qweight"], stored["scale"], fmt, torch.float32)
+    finally:
+        quant.NIBBLE_CHUNK_BYTES = original
+    whole = quant.dequantize(stored["qweight"], stored["scale"], fmt, torch.float32)
+    assert torch.equal(chunked, whole)
+    assert memory.peak < expanded_bytes * 1.05, memory.peak / expanded_bytes
