@@ -130,8 +130,9 @@ def test_quantizing_leaves_no_float_copy_of_projections(tmp_path):
 def test_int4_expansion_holds_only_the_output_and_small_temporaries():
     """Expanding a stacked int4 tensor must not add full-size temporaries beside the expanded weight (on the
     26B shape, one would push int4 with a 4k context past 18 GB)."""
-    from diffgemma import quant
     from test_engine import PeakMemory
+
+    from diffgemma import quant
 
     fmt = quant.QuantFormat("int4")
     stored = quant.quantize(torch.randn(8, 256, 1024) * 0.02, fmt)

@@ -399,10 +399,6 @@ def training_pairs(
     return pairs
 
 
-def puzzles_to_tensor(puzzles: Sequence[Sequence[int]]) -> torch.Tensor:
-    return torch.tensor([list(p) for p in puzzles], dtype=torch.long)
-
-
 def write_tokenizer(folder: Path) -> None:
     """The sudoku vocabulary in the checkpoint layout (tokenizer.json and its config, no chat template)."""
     import json
