@@ -334,10 +334,12 @@ class DiffusionGemma(nn.Module):
             logits = out.copy_(F.linear(hidden, weight))
         else:
             logits = F.linear(hidden, weight).float()
-        # In place: three passes over a vocabulary-sized tensor and no new ones (the same arithmetic).
         if torch.is_grad_enabled() and logits.requires_grad:
             return torch.tanh(logits / cap) * cap
-        return logits.div_(cap).tanh_().mul_(cap)
+        # In place, and through the sigmoid: cap * tanh(x / cap) = 2 cap * sigmoid(2x / cap) - cap. A CPU's
+        # tanh costs three times its sigmoid (on bench-90m's logits: 54 ms against 29 for the whole cap, one
+        # thread); the results differ by a float32 rounding of the capped value (8e-6 at cap 30).
+        return logits.mul_(2 / cap).sigmoid_().mul_(2 * cap).sub_(cap)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
         device = positions.device
