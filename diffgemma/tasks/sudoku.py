@@ -326,26 +326,6 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
-def random_symmetry(rng: random.Random) -> tuple[list[int], list[int]]:
-    """A random element of the sudoku symmetry group: (cell order, digit relabelling). It keeps a grid valid
-    and a puzzle's solution unique: bands, rows within a band, stacks, columns within a stack, transposition,
-    and the nine digits relabelled."""
-
-    def lines() -> list[int]:
-        return [group * 3 + i for group in rng.sample(range(3), 3) for i in rng.sample(range(3), 3)]
-
-    rows, cols = lines(), lines()
-    order = [rows[r] * 9 + cols[c] for r in range(9) for c in range(9)]
-    if rng.random() < 0.5:
-        order = [order[c * 9 + r] for r in range(9) for c in range(9)]
-    return order, [0, *rng.sample(range(1, 10), 9)]
-
-
-def apply_symmetry(grid: Sequence[int], symmetry: tuple[list[int], list[int]]) -> list[int]:
-    order, digits = symmetry
-    return [digits[grid[cell]] for cell in order]
-
-
 def _pool_member(seed: int, index: int, givens: tuple[int, int]) -> tuple[list[int], list[int]]:
     # A string seed (hashed) cannot coincide with the integer seeds that make evaluation sets.
     rng = random.Random(f"sudoku-pool/{seed}/{index}")
@@ -388,17 +368,6 @@ def _pool_header(seed: int, givens: tuple[int, int]) -> str:
     return f"# diffgemma sudoku pool v2 seed={seed} givens={givens[0]}-{givens[1]}"
 
 
-def training_pairs(
-    rng: random.Random, pool: Sequence[tuple[list[int], list[int]]], count: int
-) -> list[tuple[list[int], list[int]]]:
-    """Fresh training pairs from a pool of unique puzzles, each under a random symmetry (still unique)."""
-    pairs = []
-    for puzzle, solution in rng.choices(pool, k=count):
-        symmetry = random_symmetry(rng)
-        pairs.append((apply_symmetry(puzzle, symmetry), apply_symmetry(solution, symmetry)))
-    return pairs
-
-
 def write_tokenizer(folder: Path) -> None:
     """The sudoku vocabulary in the checkpoint layout (tokenizer.json and its config, no chat template)."""
     import json
@@ -436,8 +405,10 @@ def structured_embeddings_(network, seed: int, std: float = 0.02) -> None:
 def random_symmetries(
     count: int, generator: torch.Generator, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`random_symmetry` for `count` boards at once, drawn on the device: (cell orders [count, 81], digit
-    relabellings [count, 10] with 0 kept for empty)."""
+    """Random elements of the sudoku symmetry group for `count` boards, drawn on the device: (cell orders
+    [count, 81], digit relabellings [count, 10] with 0 kept for empty). Board b moves to
+    `digits[b][grid[order[b]]]`; bands, rows within a band, stacks, columns within a stack, transposition
+    and the nine digits relabelled keep a grid valid and a puzzle's solution unique."""
 
     def lines() -> torch.Tensor:
         groups = torch.rand(count, 3, generator=generator, device=device).argsort(dim=1)
