@@ -144,6 +144,7 @@ class DiffGemma:
         stop_at_eos: bool,
         sampler: dict[str, Any],
         commit_stable_prefix: bool = False,
+        token_ranges: torch.Tensor | list | None = None,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
@@ -153,6 +154,13 @@ class DiffGemma:
         ids, mask, batched = prepare_prompts(prompt, self.tokenizer, pad, enable_thinking)
         if clamp is not None and not isinstance(clamp, torch.Tensor):
             clamp = torch.tensor([[-1 if t is None else t for t in row] for row in _rows(clamp)], dtype=torch.long)
+        if token_ranges is not None and not isinstance(token_ranges, torch.Tensor):
+            try:
+                token_ranges = torch.tensor(token_ranges, dtype=torch.long)
+            except (TypeError, ValueError) as error:
+                raise DiffGemmaError(f"token_ranges must be (low, high) id pairs, one a position: {error}") from None
+        if token_ranges is not None and token_ranges.ndim == 2:
+            token_ranges = token_ranges[None].expand(ids.shape[0], -1, -1)
         events = denoising_loop(
             self.network,
             settings,
@@ -165,6 +173,7 @@ class DiffGemma:
             self.tokenizer,
             row_limits,
             commit_stable_prefix,
+            token_ranges=token_ranges,
         )
         return events, batched
 
@@ -177,6 +186,7 @@ class DiffGemma:
         clamp: torch.Tensor | list | None = None,
         enable_thinking: bool = False,
         commit_stable_prefix: bool = False,
+        token_ranges: torch.Tensor | list | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
@@ -187,9 +197,21 @@ class DiffGemma:
         output. With `seed` the run is reproducible; without it the global torch RNG is used. For a batch,
         `seed` and `max_new_tokens` may be lists (one per row). `commit_stable_prefix` fixes each canvas's
         settled leading tokens as it goes (what `stream` needs to send text before a canvas ends).
+        `token_ranges` ([L, 2] for every row, or [B, L, 2]) limits generated position i to ids in its half-open
+        range (low, high): a vocabulary constrained per position (a sudoku cell takes only its nine digits).
         """
         return run_to_end(
-            self.stream(prompt, max_new_tokens, seed, mode, clamp, enable_thinking, commit_stable_prefix, **sampler)
+            self.stream(
+                prompt,
+                max_new_tokens,
+                seed,
+                mode,
+                clamp,
+                enable_thinking,
+                commit_stable_prefix,
+                token_ranges,
+                **sampler,
+            )
         )
 
     def stream(
@@ -201,13 +223,23 @@ class DiffGemma:
         clamp: torch.Tensor | list | None = None,
         enable_thinking: bool = False,
         commit_stable_prefix: bool = False,
+        token_ranges: torch.Tensor | list | None = None,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
         then `Done` with the result. Closing the iterator (or breaking out of the loop) stops the work.
         With `commit_stable_prefix`, each draft's `settled` says how many leading canvas tokens are final."""
         events, batched = self._events(
-            prompt, max_new_tokens, seed, mode, clamp, enable_thinking, True, sampler, commit_stable_prefix
+            prompt,
+            max_new_tokens,
+            seed,
+            mode,
+            clamp,
+            enable_thinking,
+            True,
+            sampler,
+            commit_stable_prefix,
+            token_ranges,
         )
         try:
             for event in events:

@@ -185,11 +185,20 @@ class RandomSource:
         self.draws += 1
         return sampling.mix64(self.seeds * 0x10001 + self.draws)
 
-    def tokens(self, batch: int, length: int, vocab: int) -> torch.Tensor:
+    def tokens(self, batch: int, length: int, vocab: int, ranges: torch.Tensor | None = None) -> torch.Tensor:
+        """Uniform ids [B, C] below `vocab`, or each within its (low, high) of `ranges` [B, C, 2]."""
+        if ranges is None:
+            if self.mode == "reference":
+                return torch.randint(0, vocab, (batch, length), device=self.device, generator=self.shared)
+            positions = torch.arange(length, device=self.device)
+            return sampling.counter_tokens(self._streams()[:batch, None], positions[None, :], vocab)
+        low, span = ranges[..., 0], ranges[..., 1] - ranges[..., 0]
         if self.mode == "reference":
-            return torch.randint(0, vocab, (batch, length), device=self.device, generator=self.shared)
+            # 62 random bits reduced modulo a span of at most the vocabulary: a bias below 2**-40.
+            bits = torch.randint(0, 2**62, (batch, length), device=self.device, generator=self.shared)
+            return low + bits % span
         positions = torch.arange(length, device=self.device)
-        return sampling.counter_tokens(self._streams()[:batch, None], positions[None, :], vocab)
+        return low + sampling.counter_tokens(self._streams()[:batch, None], positions[None, :], span)
 
     def sample(self, probs: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Fast mode: one sample at every position [B, C] from `probs` [B, C, V] (see `inverse_cdf_sample`)."""
@@ -220,6 +229,7 @@ def sampler_step(
     rng: RandomSource,
     fixed_ids: torch.Tensor | None = None,
     probs_out: torch.Tensor | None = None,
+    token_ranges: torch.Tensor | None = None,
 ) -> StepOutput:
     """From temperature-scaled logits [B, C, V] to the next canvas.
 
@@ -228,7 +238,8 @@ def sampler_step(
     as scratch once it has read them (so do not use them afterwards), keeping the accepted draws (no host
     synchronisation, no extra vocabulary-sized tensor); on the CPU at the accepted positions only. Clamped
     positions (`fixed_ids` >= 0) have zero entropy (always accepted, free of the entropy budget) and always
-    hold their given id.
+    hold their given id. With `token_ranges` [B, C, 2] the logits must already hold `sampling.MASKED_LOGIT`
+    outside the ranges (`sampling.outside_ranges`); the fresh noise is drawn within them.
     """
     if rng.mode == "reference":
         sampled = sampling.reference_sample(logits, rng.shared)
@@ -251,7 +262,7 @@ def sampler_step(
         sampled = rng.sample(probs, scratch=logits if logits.dtype == torch.float32 else None)
     batch, length = canvas.shape
     accepted = torch.where(accept, sampled, canvas)
-    new_canvas = sampling.renoise(accepted, accept, rng.tokens(batch, length, logits.shape[-1]))
+    new_canvas = sampling.renoise(accepted, accept, rng.tokens(batch, length, logits.shape[-1], token_ranges))
     if fixed is not None:
         new_canvas = torch.where(fixed, fixed_ids, new_canvas)
         argmax = torch.where(fixed, fixed_ids, argmax)
@@ -297,15 +308,17 @@ class DecoderGraph:
     def __init__(self, network: DiffusionGemma, cache, probs: torch.Tensor, logits: torch.Tensor) -> None:
         self.network, self.cache, self.probs, self.logits = network, cache, probs, logits
         self.canvas = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
+        self.scale = torch.ones((), device=logits.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output = logits
         self.warm = False
 
     def _run(self) -> torch.Tensor:
-        return self.network.denoise(self.canvas, self.cache, self.probs, logits_out=self.logits)
+        return self.network.denoise(self.canvas, self.cache, self.probs, logits_out=self.logits, logit_scale=self.scale)
 
-    def __call__(self, canvas: torch.Tensor) -> torch.Tensor:
+    def __call__(self, canvas: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         self.canvas.copy_(canvas)
+        self.scale.copy_(scale)
         if not self.warm:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -343,6 +356,7 @@ def denoising_loop(
     stop_check_every: int | None = None,
     sync_free: bool | None = None,
     cuda_graph: bool = False,
+    token_ranges: torch.Tensor | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -354,6 +368,9 @@ def denoising_loop(
     (see `StopCheck`; every step on the CPU, every 8 with non-blocking peeks on CUDA). `sync_free` forces the
     accelerator way of sampling (no host read in a step) on or off; by default it is on off the CPU.
     `cuda_graph` (fast mode on CUDA) replays each canvas's decoder pass as a CUDA graph (`DecoderGraph`).
+    `token_ranges` [B, L, 2] (L <= canvases * C) limits each generated position to the ids in its half-open
+    (low, high) range: samples, drafts and re-noising stay inside it (a constrained vocabulary per position,
+    e.g. a sudoku cell's nine digits). It costs a [B, C, V] boolean mask per canvas.
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -372,6 +389,8 @@ def denoising_loop(
         if bool(((clamp < -1) | (clamp >= vocab)).any()):
             raise DiffGemmaError(f"clamped ids must be -1 (free) or token ids below {vocab}")
         clamp = torch.nn.functional.pad(clamp, (0, canvases * length - clamp.shape[1]), value=-1).to(device)
+    if token_ranges is not None:
+        token_ranges = _checked_ranges(token_ranges, batch, canvases * length, vocab).to(device)
     if prompt_length + canvases * length > config.max_position_embeddings:
         raise DiffGemmaError(
             f"prompt ({prompt_length}) plus {canvases} canvas(es) of {length} exceeds the model's "
@@ -389,6 +408,7 @@ def denoising_loop(
     temperatures = torch.stack(
         [sampling.temperature(left, steps, settings.t_min, settings.t_max) for left in range(steps, 0, -1)]
     ).to(device)
+    inverse_temperatures = temperatures.reciprocal()
     stop_check = StopCheck(device, stop_check_every)
 
     cache = network.new_cache(batch, prompt_length + canvases * length)
@@ -402,7 +422,11 @@ def denoising_loop(
     with torch.no_grad():
         network.encode(ids, cache, attention_mask)
         for canvas_index in range(canvases):
-            canvas = rng.tokens(batch, length, vocab)
+            ranges = outside = None
+            if token_ranges is not None:
+                ranges = token_ranges[:, canvas_index * length : (canvas_index + 1) * length]
+                outside = sampling.outside_ranges(ranges, vocab)
+            canvas = rng.tokens(batch, length, vocab, ranges)
             fixed = fixed_ids = user_ids = None
             if clamp is not None:
                 fixed_ids = user_ids = clamp[:, canvas_index * length : (canvas_index + 1) * length]
@@ -427,12 +451,15 @@ def denoising_loop(
                 # Two vocabulary-sized buffers serve every step: the logits, and the distribution (which the
                 # next step reads as its self-conditioning input before this one is overwritten).
                 if graph is not None and self_conditioning is buffers[1]:
-                    logits = graph(canvas)
+                    logits = graph(canvas, inverse_temperatures[step - 1])
+                elif mode == "fast":  # the temperature folded into the head (sampling logits, see `head`)
+                    scale = inverse_temperatures[step - 1]
+                    logits = network.denoise(canvas, cache, self_conditioning, logits_out=buffers[0], logit_scale=scale)
                 else:
-                    logits = network.denoise(canvas, cache, self_conditioning, logits_out=buffers[0])
-                out = sampler_step(
-                    logits.div_(temperatures[step - 1]), canvas, settings.entropy_bound, rng, fixed_ids, buffers[1]
-                )
+                    logits = network.denoise(canvas, cache, self_conditioning).div_(temperatures[step - 1])
+                if outside is not None:
+                    logits = logits.masked_fill_(outside, sampling.MASKED_LOGIT)
+                out = sampler_step(logits, canvas, settings.entropy_bound, rng, fixed_ids, buffers[1], ranges)
                 new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
                 # Rows that already stopped keep their canvas and draft (they ride along in the batch).
                 new_argmax = torch.where(finished[:, None], argmax, new_argmax)
@@ -494,6 +521,17 @@ def denoising_loop(
         wall_time=time.perf_counter() - started,
     )
     yield Done(result)
+
+
+def _checked_ranges(ranges: torch.Tensor, batch: int, positions: int, vocab: int) -> torch.Tensor:
+    """[B, L, 2] (low, high) ranges, checked, padded to every generated position with the whole vocabulary."""
+    if ranges.ndim != 3 or ranges.shape[0] != batch or ranges.shape[1] > positions or ranges.shape[2] != 2:
+        raise DiffGemmaError(f"token_ranges must be [batch={batch}, at most {positions}, 2] (low, high) id pairs")
+    low, high = ranges[..., 0], ranges[..., 1]
+    if bool(((low < 0) | (high > vocab) | (low >= high)).any()):
+        raise DiffGemmaError(f"each token range (low, high) must satisfy 0 <= low < high <= {vocab}")
+    fill = torch.tensor([0, vocab], dtype=torch.long).expand(batch, positions - ranges.shape[1], 2)
+    return torch.cat([ranges.long().cpu(), fill], dim=1)
 
 
 def _trim(row: list[int], limit: int, eos: tuple[int, ...], prompt_length: int, stop_at_eos: bool) -> list[int]:

@@ -320,25 +320,35 @@ class DiffusionGemma(nn.Module):
         weight = self.embed_tokens.weight
         return (probs.to(weight.dtype) @ weight) * torch.tensor(self.config.embed_scale).to(weight.dtype)
 
-    def head(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def head(
+        self, hidden: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Tied LM head, float32 logits, soft-capped to +-final_logit_softcapping.
 
         `out` (float32, the logits' shape, same dtype as the weights) receives the logits, so a generation
         loop can reuse one vocabulary-sized buffer instead of asking the allocator for a new one each step.
+        `scale` (a 0-dim tensor, without gradients) asks for sampling logits: the capped logits times `scale`
+        (an inverse temperature) less a constant, which no softmax, entropy or argmax sees.
         """
         cap = self.config.final_logit_softcapping
         weight = self.embed_tokens.weight
+        if scale is not None:
+            # cap * tanh(x / cap) = 2 cap * sigmoid(2x / cap) - cap: the 2 / cap goes into the (small) hidden
+            # states, the constant -cap is dropped, so the vocabulary-sized work is the sigmoid and one multiply.
+            hidden = hidden * (2 / cap)
         if out is not None and weight.dtype == torch.float32:
             logits = torch.matmul(hidden, weight.t(), out=out)
         elif out is not None:
             logits = out.copy_(F.linear(hidden, weight))
         else:
             logits = F.linear(hidden, weight).float()
+        if scale is not None:
+            return logits.sigmoid_().mul_(scale * (2 * cap))
         if torch.is_grad_enabled() and logits.requires_grad:
             return torch.tanh(logits / cap) * cap
-        # In place, and through the sigmoid: cap * tanh(x / cap) = 2 cap * sigmoid(2x / cap) - cap. A CPU's
-        # tanh costs three times its sigmoid (on bench-90m's logits: 54 ms against 29 for the whole cap, one
-        # thread); the results differ by a float32 rounding of the capped value (8e-6 at cap 30).
+        # In place, and through the sigmoid (above). A CPU's tanh costs three times its sigmoid (on bench-90m's
+        # logits: 54 ms against 29 for the whole cap, one thread); the results differ by a float32 rounding
+        # of the capped value (8e-6 at cap 30).
         return logits.mul_(2 / cap).sigmoid_().mul_(2 * cap).sub_(cap)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -413,6 +423,7 @@ class DiffusionGemma(nn.Module):
         self_conditioning_mask: torch.Tensor | None = None,
         context_end: torch.Tensor | None = None,
         logits_out: torch.Tensor | None = None,
+        logit_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, C, V] for a canvas [B, C] that attends to itself and to everything the cache holds.
 
@@ -424,7 +435,8 @@ class DiffusionGemma(nn.Module):
         its own position (and, on sliding layers, only the last window of them), exactly what inference would
         have cached at that point; the canvas then sits at positions context_end + 0..C-1.
 
-        `logits_out` is an optional [B, C, V] float32 buffer for the logits (see `head`).
+        `logits_out` is an optional [B, C, V] float32 buffer for the logits; `logit_scale` asks for sampling
+        logits, scaled and shifted by a constant (see `head`).
         """
         batch, length = canvas.shape
         if context_end is None:
@@ -463,7 +475,7 @@ class DiffusionGemma(nn.Module):
         rope = self._rope(positions, hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, rope[self.config.layer_types[layer.index]], attend, encoder=False)
-        return self.head(self.norm(hidden), logits_out)
+        return self.head(self.norm(hidden), logits_out, logit_scale)
 
     def _decoder_masks(
         self, cache: EncoderCache, batch: int, length: int, context_end: torch.Tensor | None, device: torch.device

@@ -170,3 +170,19 @@ def test_cuda_graph_option_leaves_other_devices_on_the_eager_path(tiny):
         runs.append([event.ids.clone() for event in events if isinstance(event, Draft)])
     assert len(runs[0]) == len(runs[1]) > 1
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_sampling_logits_are_the_tempered_logits_up_to_a_constant(tiny):
+    """The fast loop asks the head for sampling logits (temperature folded in, the cap's constant dropped):
+    the same distribution, entropy and argmax as the capped logits divided by the temperature."""
+    network = tiny.network
+    hidden = torch.randn(2, 5, tiny.config.hidden_size)
+    with torch.no_grad():
+        exact = network.head(hidden) / 0.7
+        buffer = torch.empty(2, 5, tiny.config.vocab_size)
+        scaled = network.head(hidden, buffer, torch.tensor(1 / 0.7))
+    assert scaled.data_ptr() == buffer.data_ptr()
+    shift = scaled - exact
+    assert float((shift - shift.mean()).abs().max()) < 1e-3  # one constant everywhere
+    assert torch.allclose(scaled.softmax(-1), exact.softmax(-1), atol=1e-6)
+    assert torch.equal(scaled.argmax(-1), exact.argmax(-1))

@@ -109,6 +109,51 @@ def test_clamp_validation(tiny):
         tiny.generate("x", max_new_tokens=8, clamp=[-1] * (tiny.config.canvas_length + 1))
 
 
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_token_ranges_hold_in_every_draft_sample_and_noise(tiny, mode):
+    length = tiny.config.canvas_length
+    ranges = [(20 + 7 * (i % 5), 23 + 7 * (i % 5)) for i in range(length + 4)]  # 3 ids a position
+    low, high = torch.tensor(ranges).unbind(-1)
+    prompt = tiny.tokenizer.encode("ranges")
+    clamp = [-1] * length + [ranges[length][0]]  # a clamp wins inside a range
+    events = list(tiny.stream(prompt, 2 * length, seed=7, mode=mode, clamp=clamp, token_ranges=ranges, eos_token_id=[]))
+    drafts = [e for e in events if isinstance(e, Draft)]
+    assert len(drafts) >= 2
+    for draft in drafts:
+        span = slice(draft.canvas_index * length, draft.canvas_index * length + length)
+        ids = draft.ids[0, : len(low[span])]
+        assert bool(((ids >= low[span]) & (ids < high[span])).all())
+    generated = events[-1].result.sequences[0, len(prompt) :]
+    assert bool(((generated[: len(low)] >= low) & (generated[: len(low)] < high)).all())
+    assert generated[length].item() == ranges[length][0]
+    # without ranges the same call leaves them (the random model has no reason to stay inside)
+    free = tiny.generate(prompt, 2 * length, seed=7, mode=mode, eos_token_id=[]).sequences[0, len(prompt) :]
+    assert not bool(((free[: len(low)] >= low) & (free[: len(low)] < high)).all())
+
+
+def test_ranged_noise_covers_each_range_uniformly():
+    from diffgemma.generate import RandomSource
+
+    ranges = torch.tensor([[[5, 8], [100, 101], [0, 4]]]).expand(2, 3, 2)
+    for mode in ("fast", "reference"):
+        rng = RandomSource(mode, 2, torch.device("cpu"), 3)
+        draws = torch.stack([rng.tokens(2, 3, 200, ranges) for _ in range(600)])
+        assert set(draws[:, :, 0].unique().tolist()) == {5, 6, 7} and set(draws[:, :, 1].unique().tolist()) == {100}
+        counts = draws[:, :, 2].flatten().bincount(minlength=4).float()
+        assert counts.shape[0] == 4 and float(counts.min() / counts.max()) > 0.8
+
+
+def test_token_range_validation(tiny):
+    with pytest.raises(DiffGemmaError, match="0 <= low < high"):
+        tiny.generate("x", max_new_tokens=8, token_ranges=[(5, 5)])
+    with pytest.raises(DiffGemmaError, match="0 <= low < high"):
+        tiny.generate("x", max_new_tokens=8, token_ranges=[(0, tiny.config.vocab_size + 1)])
+    with pytest.raises(DiffGemmaError, match="token_ranges must be"):
+        tiny.generate("x", max_new_tokens=8, token_ranges=[(1, 2, 3)])
+    with pytest.raises(DiffGemmaError, match="pairs"):
+        tiny.generate("x", max_new_tokens=8, token_ranges=[(1, 2), (3,)])
+
+
 def test_infill_keeps_prefix_and_suffix(tiny):
     result = tiny.infill("def add(a, b):\n    ", "\n    return c\n", length=6, seed=2)
     assert result.text.startswith("def add(a, b):\n    ")

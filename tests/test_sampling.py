@@ -39,6 +39,27 @@ def test_logit_stats_hand_cases():
     assert probs[0, 2, :2].tolist() == pytest.approx([0.75, 0.25])
 
 
+def test_logit_stats_of_masked_and_widely_spread_logits():
+    """Tokens outside a position's range hold MASKED_LOGIT: the statistics are those of the range alone. Logits
+    spread past exp's floor keep their exact distribution to float32's resolution."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 40, generator=generator) * 4
+    ranges = torch.tensor([[[2, 9], [0, 40], [39, 40], [10, 12], [5, 30]]]).expand(3, 5, 2)
+    masked = logits.masked_fill(sampling.outside_ranges(ranges, 40), sampling.MASKED_LOGIT)
+    probs, entropy, argmax = sampling.logit_stats(masked)
+    for position, (low, high) in enumerate(ranges[0].tolist()):
+        inside = torch.distributions.Categorical(logits=logits[:, position, low:high])
+        assert torch.allclose(entropy[:, position], inside.entropy(), atol=1e-5)
+        assert torch.allclose(probs[:, position, low:high], inside.probs, atol=1e-6)
+        assert bool(((argmax[:, position] >= low) & (argmax[:, position] < high)).all())
+    assert float(probs.sum(-1).sub(1).abs().max()) < 1e-5
+    wide = torch.randn(2, 4, 50, generator=generator) * 60
+    probs, entropy, argmax = sampling.logit_stats(wide)
+    assert torch.allclose(probs, wide.softmax(-1), atol=1e-7) and torch.equal(argmax, wide.argmax(-1))
+    # (log Z - E[x - max] loses a few units of float32 rounding on near-zero entropies)
+    assert torch.allclose(entropy, sampling.reference_entropy(wide), atol=5e-5)
+
+
 def test_logit_stats_match_reference_entropy_and_softmax():
     logits = torch.randn(3, 17, 301, generator=torch.Generator().manual_seed(1)) * 4
     probs, entropy, argmax = sampling.logit_stats(logits)
