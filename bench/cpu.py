@@ -4,7 +4,7 @@ The fixed mid-size shape (bench-90m: about 90M parameters, vocabulary 32k, canva
 16 denoising steps a canvas (no early stop), the same random weights for both. Reports ms per denoising step
 (decoder pass + sampler, timed between consecutive drafts), tokens/s at 16 steps, and resident memory.
 
-    python bench/cpu.py [--steps 16] [--canvases 2]
+    python bench/cpu.py [--steps 16] [--canvases 2] [--results FILE]
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--canvases", type=int, default=2)
+    parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
     args = parser.parse_args()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers import DiffusionGemmaForBlockDiffusion
@@ -135,6 +136,7 @@ def main() -> None:
         f"bench-90m ({config.parameter_counts()[0] / 1e6:.0f}M parameters, vocabulary {config.vocab_size}), "
         f"prompt 128, canvas {config.canvas_length}, batch 1, {args.steps} steps a canvas, float32, median over "
         f"{args.canvases} canvases (the first step of each canvas, which includes encoding, is left out).\n{memory}",
+        args.results,
     )
 
 

@@ -33,9 +33,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2026, help="puzzle generator seed (not the training seed)")
     parser.add_argument("--quant", default="int8,int4", help="quantized variants to score ('' for none)")
     parser.add_argument(
-        "--quant-puzzles", type=int, default=None, help="score the quantized variants on the first N puzzles only"
+        "--quant-puzzles", type=int, default=None, help="score the quantized and tries rows on the first N puzzles"
     )
     parser.add_argument("--note", default="", help="how the model was trained (written under the table)")
+    parser.add_argument("--tries", type=int, default=1, help="also a row where rule-breaking grids are re-solved")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     low, high = (int(v) for v in args.givens.split(":"))
@@ -67,12 +68,18 @@ def main() -> None:
     run("diffusion, givens clamped", float_run)
     run("diffusion, 1 step", lambda: sudoku.evaluate(model, puzzles, batch_size=batch, max_denoising_steps=1))
     subset = puzzles[: args.quant_puzzles or len(puzzles)]
+    first = f" (first {len(subset)})" if len(subset) < len(puzzles) else ""
+    if args.tries > 1:
+        run(
+            f"diffusion, up to {args.tries} tries{first} (a grid that breaks a rule is solved again, fresh seed)",
+            lambda: sudoku.evaluate(model, subset, batch_size=batch, tries=args.tries),
+        )
     if len(subset) < len(puzzles) and args.quant:
         # the float model on the same puzzles, same seeds: its rows of the full run
         runs.append((f"diffusion, float weights (first {len(subset)})", sudoku.summarize(float_rows[: len(subset)]), 0))
     for name in filter(None, args.quant.split(",")):
         quantized = diffgemma.load(args.model, device=args.device, quant=name)
-        label = f"diffusion, {name} weights" + (f" (first {len(subset)})" if len(subset) < len(puzzles) else "")
+        label = f"diffusion, {name} weights{first}"
         run(label, lambda q=quantized: sudoku.evaluate(q, subset, batch_size=batch))
     if args.ar:
         baseline = diffgemma.load(args.ar, device=args.device)

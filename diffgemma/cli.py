@@ -296,26 +296,27 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
         puzzle = sudoku.parse(args.puzzle, "--puzzle")
     else:
         puzzle, _ = sudoku.make_puzzle(random.Random(seed), args.givens)
+    if args.tries < 1:
+        raise DiffGemmaError(f"--tries must be at least 1, got {args.tries}")
     console = Console()
     grid = puzzle
     steps = 0
     with Live(console=console, refresh_per_second=20) as live:
-        events = model.stream(
-            [sudoku.prompt_ids(puzzle)],
-            max_new_tokens=sudoku.CANVAS,
-            seed=seed,
-            clamp=[sudoku.clamp_ids(puzzle)],
-            eos_token_id=[],
-            **_sampler(args),
-        )
-        for event in events:
-            if isinstance(event, Draft):
-                grid, steps = sudoku.grid_from_ids(event.ids[0].tolist()), event.step
-                live.update(_sudoku_board(puzzle, grid, f"step {steps}", Text), refresh=True)
-            elif isinstance(event, Done):
-                grid = sudoku.grid_from_ids(event.result.sequences[0, event.result.prompt_length :].tolist())
+        # A grid that breaks a rule (checked as any player could) is solved again with a fresh seed, the
+        # seeds `sudoku eval --tries` uses.
+        for attempt in range(args.tries):
+            label = f"try {attempt + 1}, " if args.tries > 1 else ""
+            events = model.stream(seed=seed + attempt * 1_000_003, **sudoku.solver_inputs([puzzle]), **_sampler(args))
+            for event in events:
+                if isinstance(event, Draft):
+                    grid, steps = sudoku.grid_from_ids(event.ids[0].tolist()), event.step
+                    live.update(_sudoku_board(puzzle, grid, f"{label}step {steps}", Text), refresh=True)
+                elif isinstance(event, Done):
+                    grid = sudoku.grid_from_ids(event.result.sequences[0, event.result.prompt_length :].tolist())
+            if sudoku.is_solution(grid, puzzle):
+                break
         verdict = "solved" if sudoku.is_solution(grid, puzzle) else "not solved"
-        live.update(_sudoku_board(puzzle, grid, f"{verdict} in {steps} steps", Text), refresh=True)
+        live.update(_sudoku_board(puzzle, grid, f"{verdict} ({label}{steps} steps)", Text), refresh=True)
     print(sudoku.format_grid(grid))
 
 
@@ -356,7 +357,8 @@ def cmd_eval_sudoku(args: argparse.Namespace) -> None:
     from .tasks import sudoku
 
     model = _sudoku_model(args)
-    metrics = sudoku.evaluate(model, sudoku.read_puzzles(args.puzzles), seed=args.seed or 0, **_sampler(args))
+    puzzles = sudoku.read_puzzles(args.puzzles)
+    metrics = sudoku.evaluate(model, puzzles, seed=args.seed or 0, tries=args.tries, **_sampler(args))
     if args.json:
         print(json.dumps(metrics))
         return
@@ -533,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     sudoku = commands.add_parser("sudoku", help="solve a sudoku (a fresh one, or --puzzle) and watch it converge")
     sudoku.add_argument("--puzzle", default=None, help="81 characters, 0 or . for empty cells")
     sudoku.add_argument("--givens", type=int, default=30, help="givens of a fresh puzzle")
+    sudoku.add_argument(
+        "--tries", type=int, default=3, help="solve again (fresh seed) while the grid breaks a rule, up to N times"
+    )
     _add_model_options(sudoku)
     sudoku.set_defaults(run=cmd_sudoku)
 
@@ -546,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("task", choices=["sudoku"])
     evaluate.add_argument("--puzzles", required=True, help="one puzzle a line (81 characters; 0 or . empty)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument(
+        "--tries", type=int, default=1, help="solve again (fresh seed) a grid that breaks a rule, up to N times"
+    )
     _add_model_options(evaluate)
     evaluate.set_defaults(run=cmd_eval_sudoku)
 

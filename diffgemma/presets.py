@@ -81,11 +81,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         ),
     },
-    # Sudoku (tasks/sudoku.py): 905 tokens (specials, digits, 810 prompt cells, 81 markers), 162-token canvas.
+    # Sudoku (tasks/sudoku.py): 814 tokens (specials and 810 cell tokens), an 81-cell canvas.
     "sudoku": {
-        "canvas_length": 162,
+        "canvas_length": 81,
         "text_config": _text_config(
-            vocab_size=905,
+            vocab_size=814,
             hidden_size=128,
             intermediate_size=256,
             num_hidden_layers=6,

@@ -49,16 +49,20 @@ def test_token_format_round_trip():
     response = sudoku.response_ids(grid)
     assert len(response) == sudoku.CANVAS and sudoku.grid_from_ids(response) == grid
     text = tokenizer.decode(response)
-    assert text.startswith(f"<r1c1>{grid[0]}<r1c2>{grid[1]}") and text.endswith(f"<r9c9>{grid[80]}")
+    assert text.startswith(f"r1c1={grid[0]}r1c2={grid[1]}") and text.endswith(f"r9c9={grid[80]}")
     assert tokenizer.encode(text, add_special_tokens=False).ids == response
-    prompt = tokenizer.decode(sudoku.prompt_ids(puzzle), skip_special_tokens=True)
-    assert prompt.startswith(f"r1c1={puzzle[0] or '.'}") and tokenizer.get_vocab_size() == sudoku.VOCAB_SIZE
-    # the clamp fixes every marker and every given, and frees exactly the empty cells' digits
+    assert tokenizer.get_vocab_size() == sudoku.VOCAB_SIZE == 814
+    prompt = tokenizer.decode(sudoku.autoregressive_prompt_ids(puzzle), skip_special_tokens=True)
+    assert prompt.startswith(f"r1c1={puzzle[0] or '.'}") and sudoku.prompt_ids() == [sudoku.VOCAB["<bos>"]]
+    # the clamp fixes every given and frees exactly the empty cells; each range holds its cell's nine digits
     clamp = sudoku.clamp_ids(puzzle)
-    assert [c for c, r in zip(clamp, response, strict=True) if c != -1] == [
-        r for i, r in enumerate(response) if i % 2 == 0 or puzzle[i // 2]
-    ]
+    assert [c for c in clamp if c != -1] == [r for r, v in zip(response, puzzle, strict=True) if v]
     assert clamp.count(-1) == puzzle.count(0)
+    ranges = sudoku.cell_ranges()
+    assert all(low <= token < high and high - low == 9 for token, (low, high) in zip(response, ranges, strict=True))
+    # a token of another cell, or the empty token, reads as empty
+    assert sudoku.grid_from_ids([response[1], *response[1:]])[0] == 0
+    assert sudoku.grid_from_ids(sudoku.cell_ids([0] * 81)) == [0] * 81
 
 
 def moved_by(grid: list[int], order: torch.Tensor, digits: torch.Tensor) -> list[int]:
@@ -94,6 +98,37 @@ def test_clamped_solving_keeps_every_given(sudoku_model):
     metrics = sudoku.evaluate(sudoku_model, puzzles, batch_size=2)
     assert metrics["givens_kept_rate"] == 1.0 and metrics["n"] == 3
     assert set(metrics) >= {"solved_rate", "cell_accuracy", "givens_kept_rate", "mean_steps", "n", "per_givens"}
+
+
+def test_tries_resolve_only_rule_breaking_grids(sudoku_model, monkeypatch):
+    rng = random.Random(5)
+    puzzles = [sudoku.make_puzzle(rng, 30)[0] for _ in range(3)]
+    solved = sudoku.solve(puzzles[1], 1)[0]
+    calls: list[list[int]] = []
+    real = sudoku.solve_batch
+
+    def fake(model, chunk, seed, **sampler):  # puzzle 1 "solved" on its first try, the others never
+        calls.append(list(seed))
+        outcome = real(model, chunk, seed=seed, **sampler)
+        grids = [solved if p == puzzles[1] else g for p, g in zip(chunk, outcome.grids, strict=True)]
+        return sudoku.SolveOutcome(grids, outcome.steps)
+
+    monkeypatch.setattr(sudoku, "solve_batch", fake)
+    rows = sudoku.evaluate_rows(sudoku_model, puzzles, batch_size=2, seed=10, tries=3)
+    assert calls[:2] == [[10, 11], [12]]  # the first try: seed + i
+    assert calls[2:] == [[10 + 1_000_003, 12 + 1_000_003], [10 + 2_000_006, 12 + 2_000_006]]
+    assert rows[1]["solved"] and rows[1]["steps"] <= 4 and rows[0]["steps"] >= 3 and not rows[0]["solved"]
+    with pytest.raises(DiffGemmaError, match="tries"):
+        sudoku.evaluate(sudoku_model, puzzles, tries=0)
+
+
+def test_sudoku_command_tries_again_while_the_grid_breaks_a_rule(sudoku_model, capsys):
+    folder = str(sudoku_model.folder)
+    assert main(["sudoku", "--model", folder, "--seed", "1", "--givens", "34", "--steps", "2", "--tries", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "not solved (try 2," in printed and len(printed.strip().splitlines()[-1]) == 81  # a random model
+    assert main(["sudoku", "--model", folder, "--tries", "0"]) == 2
+    assert "--tries must be at least 1" in capsys.readouterr().err
 
 
 def test_eval_command_json(sudoku_model, tmp_path, capsys):
@@ -132,24 +167,26 @@ def test_autoregressive_baseline_report(sudoku_model):
 
 def test_device_batches_corrupt_only_free_cells_and_repeat_by_index():
     pool = sudoku.puzzle_pool(1, 4, (26, 32))
-    batches = sudoku.DeviceBatches(pool, 64, seed=5, device="cpu", vocab_size=sudoku.VOCAB_SIZE)
+    batches = sudoku.DeviceBatches(pool, 64, seed=5, device="cpu")
     batch = batches(3)
     assert torch.equal(batch.noisy, batches(3).noisy) and not torch.equal(batch.noisy, batches(4).noisy)
-    assert batch.noisy.min() >= 0 and batch.noisy.max() < sudoku.VOCAB_SIZE and batch.tokens == batch.ids.numel()
-    prompt_length = int(batch.canvas_start[0])
-    assert prompt_length == batch.response_start == 82
+    assert int(batch.canvas_start[0]) == batch.response_start == 1 and bool((batch.ids[:, 0] == 2).all())
+    assert torch.equal(batch.ids[:, 1:], batch.clean) and batch.tokens == batch.ids.numel()
+    low, high = torch.tensor(sudoku.cell_ranges()).unbind(-1)
+    assert bool(((batch.noisy >= low) & (batch.noisy < high)).all())  # every canvas token a digit of its cell
+    # the baseline's batches draw the same boards and noise, with the puzzle in the prompt
+    baseline = sudoku.DeviceBatches(pool, 64, seed=5, device="cpu", autoregressive=True)(3)
+    assert int(baseline.canvas_start[0]) == baseline.response_start == 82
+    assert torch.equal(baseline.noisy, batch.noisy) and torch.equal(baseline.ids[:, 82:], batch.clean)
+    cells = baseline.ids[:, 1:82] - sudoku.CELL_BASE
+    assert torch.equal(cells.div(10, rounding_mode="floor"), torch.arange(81).expand(64, 81))
+    puzzles = cells.remainder(10)
     for row in range(8):
-        cells = batch.ids[row, 1:prompt_length] - sudoku.CELL_BASE
-        puzzle = (cells % 10).tolist()
-        assert (cells // 10).tolist() == list(range(81))
         solution = sudoku.grid_from_ids(batch.clean[row].tolist())
-        assert sudoku.solve(puzzle, 2) == [solution]  # a symmetric image of a pool puzzle: still unique
-        clamp = torch.tensor(sudoku.clamp_ids(puzzle))
-        fixed = clamp >= 0
-        assert torch.equal(batch.noisy[row][fixed], clamp[fixed]) and bool(batch.keep[row][fixed].all())
-    givens = batch.ids[:, 1:prompt_length].sub(sudoku.CELL_BASE).remainder(10) > 0
-    free = torch.stack([torch.zeros_like(givens), ~givens], dim=2).reshape(len(givens), -1)
-    kept = (batch.keep & free).sum(1) / free.sum(1)
+        assert sudoku.solve(puzzles[row].tolist(), 2) == [solution]  # a symmetric image of a pool puzzle: unique
+    givens = puzzles > 0
+    assert torch.equal(batch.noisy[givens], batch.clean[givens]) and bool(batch.keep[givens].all())
+    kept = (batch.keep & ~givens).sum(1) / (~givens).sum(1)
     assert float((kept - (1 - batch.t)).abs().mean()) < 0.1
 
 

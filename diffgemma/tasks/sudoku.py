@@ -1,17 +1,18 @@
 """Sudoku: puzzles with unique solutions, the token format, and solving by diffusion with the givens clamped.
 
-Format: the prompt is BOS and the 81 cells of the puzzle, row by row, each as a token that names its cell
-and content (`r3c7=5`, `r3c7=.` when empty). The response, one canvas of 162 tokens, is the solution cell
-by cell as (cell marker `<r3c7>`, digit) pairs. At solve time the markers and the givens are clamped on the
-canvas (fixed in every step and in the output) and the empty cells diffuse.
+Format: every token names a cell and its content (`r3c7=5`, `r3c7=.` when empty). The diffusion model's
+prompt is BOS alone and its canvas is the 81 cells, row by row: at solve time the givens are clamped on the
+canvas (fixed in every step and in the output) and each empty cell diffuses over its own nine tokens
+(`token_ranges`), so a sample, a draft and the re-noising never leave the cell. Training corrupts the same
+way: an empty cell's token becomes a uniformly random one of its nine (givens stay clean), the t ~ U(eps, 1)
+schedule of the objective.
 
-Why markers: attention sees only relative positions (RoPE), so a digit learns where it sits on the board
-from the token just before it, the easiest thing for attention to read, rather than from a fixed long
-offset back into the prompt (a first run without markers had not learned that after 16k examples). Why
-named cells in the prompt: the puzzle travels with its coordinates. Both make the vocabulary large next to
-the nine digits, so a uniform random id that corrupts a canvas token is almost never a digit: noise is
-visible as noise, and every digit on the canvas is evidence. All of it is vocabulary; the network is the
-standard one.
+Why cell-named tokens on the canvas: attention sees only relative positions (RoPE), so a digit alone would
+have to learn where it sits from offsets; the token carries its place (an earlier layout spent a marker
+token per cell on it, twice the canvas). Why BOS alone: the clamped givens already show the puzzle, so the
+whole example is 82 tokens. The left-to-right baseline cannot see the canvas, so its prompt is BOS plus the
+puzzle's 81 cell tokens and its response the solution's. All of it is vocabulary; the network is the standard
+one.
 
 A puzzle file has one puzzle a line: 81 characters, '0' or '.' for an empty cell, optionally followed by a
 tab and anything else (ignored).
@@ -32,17 +33,12 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 from ..errors import DiffGemmaError
 
 CELLS = 81
-DIGITS = "0123456789"
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 CELL_TOKENS = [f"r{c // 9 + 1}c{c % 9 + 1}={d or '.'}" for c in range(81) for d in range(10)]
-VOCAB = {token: index for index, token in enumerate([*SPECIAL, *DIGITS, *CELL_TOKENS])}
-MARKERS = [f"<r{c // 9 + 1}c{c % 9 + 1}>" for c in range(81)]
-VOCAB.update((token, len(VOCAB)) for token in MARKERS)
-CELL_BASE = len(SPECIAL) + len(DIGITS)
-MARKER_BASE = CELL_BASE + len(CELL_TOKENS)
-DIGIT_BASE = len(SPECIAL)  # the token of digit d is DIGIT_BASE + d
+VOCAB = {token: index for index, token in enumerate([*SPECIAL, *CELL_TOKENS])}
+CELL_BASE = len(SPECIAL)  # the token of cell c holding d (0: empty) is CELL_BASE + 10 * c + d
 VOCAB_SIZE = len(VOCAB)
-CANVAS = 2 * CELLS  # (marker, digit) per cell
+CANVAS = CELLS
 PEERS: list[tuple[int, ...]] = []
 for _cell in range(CELLS):
     _row, _col = divmod(_cell, 9)
@@ -189,35 +185,65 @@ def make_puzzle(
 
 
 def tokenizer() -> RustTokenizer:
-    """Text is one token a digit (the canvas), BOS added; the prompt's cell tokens are added tokens."""
+    """The cell tokens (`r3c7=5`) as added tokens, BOS added; anything else reads as unknown."""
     backend = RustTokenizer(models.WordLevel(vocab=VOCAB, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(SPECIAL)
-    backend.add_tokens(CELL_TOKENS + MARKERS)
+    backend.add_tokens(CELL_TOKENS)
     backend.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", VOCAB["<bos>"])]
     )
     return backend
 
 
-def prompt_ids(puzzle: Sequence[int]) -> list[int]:
-    return [VOCAB["<bos>"], *(CELL_BASE + cell * 10 + value for cell, value in enumerate(puzzle))]
+def cell_ids(grid: Sequence[int]) -> list[int]:
+    """The 81 cell tokens of a grid (0: empty)."""
+    return [CELL_BASE + 10 * cell + value for cell, value in enumerate(grid)]
+
+
+def prompt_ids() -> list[int]:
+    """The diffusion model's prompt: BOS (the puzzle is on the canvas, clamped)."""
+    return [VOCAB["<bos>"]]
+
+
+def autoregressive_prompt_ids(puzzle: Sequence[int]) -> list[int]:
+    """The left-to-right baseline's prompt: BOS and the puzzle's cells."""
+    return [VOCAB["<bos>"], *cell_ids(puzzle)]
 
 
 def response_ids(solution: Sequence[int]) -> list[int]:
-    return [token for cell, v in enumerate(solution) for token in (MARKER_BASE + cell, VOCAB[str(v)])]
+    return cell_ids(solution)
 
 
 def clamp_ids(puzzle: Sequence[int]) -> list[int]:
-    """The canvas clamp: every marker and every given fixed, empty cells' digits free (-1)."""
-    return [token for cell, v in enumerate(puzzle) for token in (MARKER_BASE + cell, VOCAB[str(v)] if v else -1)]
+    """The canvas clamp: every given fixed, empty cells free (-1)."""
+    return [token if value else -1 for token, value in zip(cell_ids(puzzle), puzzle, strict=True)]
+
+
+def cell_ranges() -> list[tuple[int, int]]:
+    """Each canvas position's (low, high) ids: cell c's tokens for the digits 1-9."""
+    return [(CELL_BASE + 10 * cell + 1, CELL_BASE + 10 * cell + 10) for cell in range(CELLS)]
 
 
 def grid_from_ids(ids: Sequence[int]) -> list[int]:
-    """The 81 digits of a canvas (its odd positions); anything that is not a digit reads as empty."""
-    digits = {VOCAB[str(d)]: d for d in range(10)}
-    return [digits.get(token, 0) for token in list(ids)[1:CANVAS:2]]
+    """The 81 digits of a canvas; a token that is not its cell's digit reads as empty."""
+    grid = []
+    for cell, token in enumerate(list(ids)[:CELLS]):
+        value = token - CELL_BASE - 10 * cell
+        grid.append(value if 1 <= value <= 9 else 0)
+    return grid
+
+
+def solver_inputs(puzzles: Sequence[Sequence[int]], clamp: bool = True) -> dict:
+    """`generate`'s arguments that solve `puzzles` (one canvas each): prompts, clamped givens, cell ranges."""
+    return {
+        "prompt": [prompt_ids() for _ in puzzles],
+        "max_new_tokens": CANVAS,
+        "clamp": [clamp_ids(p) for p in puzzles] if clamp else None,
+        "token_ranges": [cell_ranges()] * len(puzzles),
+        "eos_token_id": [],
+    }
 
 
 @dataclass
@@ -226,38 +252,47 @@ class SolveOutcome:
     steps: list[int]
 
 
-def solve_batch(model, puzzles: Sequence[Sequence[int]], seed: int = 0, clamp: bool = True, **sampler) -> SolveOutcome:
-    """Solve puzzles with a loaded model (one canvas each), givens clamped unless `clamp` is False."""
-    prompts = [prompt_ids(p) for p in puzzles]
-    clamps = [clamp_ids(p) for p in puzzles] if clamp else None
-    result = model.generate(
-        prompts,
-        max_new_tokens=CANVAS,
-        seed=[seed + i for i in range(len(puzzles))],
-        clamp=clamps,
-        eos_token_id=[],
-        **sampler,
-    )
+def solve_batch(
+    model, puzzles: Sequence[Sequence[int]], seed: int | Sequence[int] = 0, clamp: bool = True, **sampler
+) -> SolveOutcome:
+    """Solve puzzles with a loaded model (one canvas each), givens clamped unless `clamp` is False. Puzzle i
+    is solved with seed `seed + i`, or `seed[i]` given a list."""
+    seeds = [seed + i for i in range(len(puzzles))] if isinstance(seed, int) else list(seed)
+    result = model.generate(seed=seeds, **solver_inputs(puzzles, clamp), **sampler)
     generated = result.sequences[:, result.prompt_length :].tolist()
     return SolveOutcome([grid_from_ids(row) for row in generated], result.steps[0])
 
 
-def evaluate(model, puzzles: Sequence[Sequence[int]], batch_size: int = 32, seed: int = 0, **sampler) -> dict:
+def evaluate(
+    model, puzzles: Sequence[Sequence[int]], batch_size: int = 32, seed: int = 0, tries: int = 1, **sampler
+) -> dict:
     """Exact-solve rate, accuracy on empty cells, givens kept, mean denoising steps; overall and per givens."""
-    return summarize(evaluate_rows(model, puzzles, batch_size, seed, **sampler))
+    return summarize(evaluate_rows(model, puzzles, batch_size, seed, tries, **sampler))
 
 
 def evaluate_rows(
-    model, puzzles: Sequence[Sequence[int]], batch_size: int = 32, seed: int = 0, **sampler
+    model, puzzles: Sequence[Sequence[int]], batch_size: int = 32, seed: int = 0, tries: int = 1, **sampler
 ) -> list[dict]:
     """One `score` row a puzzle. Puzzle i is solved with seed `seed + i` whatever the batch size (fast mode
-    draws per row), so rows of a subset equal the same rows of a larger run."""
-    rows = []
-    for start in range(0, len(puzzles), batch_size):
-        chunk = puzzles[start : start + batch_size]
-        outcome = solve_batch(model, chunk, seed=seed + start, **sampler)
-        rows += [score(p, g, s) for p, g, s in zip(chunk, outcome.grids, outcome.steps, strict=True)]
-    return rows
+    draws per row), so rows of a subset equal the same rows of a larger run. With `tries` > 1, a grid that
+    breaks a rule of sudoku (checked without the solution, as a user could) is solved again with a fresh seed
+    (`seed + i + k * 1_000_003` on try k), up to `tries` times; its steps add up over the tries."""
+    if tries < 1:
+        raise DiffGemmaError(f"tries must be at least 1, got {tries}")
+    grids: list[list[int]] = [[] for _ in puzzles]
+    steps = [0] * len(puzzles)
+    pending = list(range(len(puzzles)))
+    for attempt in range(tries):
+        for start in range(0, len(pending), batch_size):
+            chosen = pending[start : start + batch_size]
+            seeds = [seed + i + attempt * 1_000_003 for i in chosen]
+            outcome = solve_batch(model, [puzzles[i] for i in chosen], seed=seeds, **sampler)
+            for i, grid, count in zip(chosen, outcome.grids, outcome.steps, strict=True):
+                grids[i], steps[i] = grid, steps[i] + count
+        pending = [i for i in pending if not is_solution(grids[i], puzzles[i])]
+        if not pending:
+            break
+    return [score(p, g, s) for p, g, s in zip(puzzles, grids, steps, strict=True)]
 
 
 def score(puzzle: Sequence[int], grid: Sequence[int], steps: int) -> dict:
@@ -279,30 +314,27 @@ def score(puzzle: Sequence[int], grid: Sequence[int], steps: int) -> dict:
 def solve_autoregressive(
     model, puzzles: Sequence[Sequence[int]], batch_size: int = 32, seed: int = 0, clamp: bool = False, **_
 ) -> dict:
-    """The left-to-right baseline's report: greedy decoding with the causal encoder, the cell markers fed in
-    (they are format, not content) and each digit the argmax over the nine; one forward pass a cell (steps =
-    81). Givens are written by the model (`clamp=False`, as such baselines are run) or forced into the
-    sequence as it is decoded (`clamp=True`). `seed` is unused: decoding is greedy."""
+    """The left-to-right baseline's report: greedy decoding with the causal encoder, cell by cell, each
+    cell the argmax over its nine tokens; one forward pass a cell (steps = 81). Givens are written by the
+    model (`clamp=False`, as such baselines are run) or forced into the sequence as it is decoded
+    (`clamp=True`). `seed` is unused: decoding is greedy."""
     network = model.network
-    digits = torch.tensor([VOCAB[str(d)] for d in range(1, 10)], device=network.device)
     rows = []
     for start in range(0, len(puzzles), batch_size):
         chunk = puzzles[start : start + batch_size]
-        batch = len(chunk)
-        ids = torch.tensor([[*prompt_ids(p), MARKER_BASE] for p in chunk], device=network.device)
+        ids = torch.tensor([autoregressive_prompt_ids(p) for p in chunk], device=network.device)
         givens = torch.tensor([list(p) for p in chunk], device=network.device)
-        cache = network.new_cache(batch, ids.shape[1] + CANVAS)
+        cache = network.new_cache(len(chunk), ids.shape[1] + CANVAS)
         hidden = network.encode(ids, cache)
         grid = torch.zeros_like(givens)
         for cell in range(CELLS):
-            logits = network.head(hidden[:, -1])[:, digits]
-            choice = logits.argmax(dim=-1) + 1
+            first = CELL_BASE + 10 * cell + 1
+            choice = network.head(hidden[:, -1])[:, first : first + 9].argmax(dim=-1) + 1
             if clamp:
                 choice = torch.where(givens[:, cell] > 0, givens[:, cell], choice)
             grid[:, cell] = choice
             if cell + 1 < CELLS:
-                marker = torch.full((batch,), MARKER_BASE + cell + 1, device=network.device)
-                hidden = network.encode(torch.stack([digits[choice - 1], marker], dim=1), cache)
+                hidden = network.encode((first - 1 + choice)[:, None], cache)
         rows += [score(p, g, CELLS) for p, g in zip(chunk, grid.tolist(), strict=True)]
     return summarize(rows)
 
@@ -380,10 +412,10 @@ def write_tokenizer(folder: Path) -> None:
 
 @torch.no_grad()
 def structured_embeddings_(network, seed: int, std: float = 0.02) -> None:
-    """Start the embedding table with the board's structure in it: a marker is the sum of a row, a column
-    and a box vector, a prompt cell adds its digit's vector (or an empty one) to those, and a canvas digit is
-    that same digit vector. Cells that share a unit then share a component from the first step, so attention
-    can find a cell's peers before it has learned anything; training is free to move every vector."""
+    """Start the embedding table with the board's structure in it: the token of a cell holding d is the sum
+    of a row, a column, a box and a digit vector (d = 0, empty, has its own). Cells that share a unit then
+    share a component from the first step, so attention can find a cell's peers before it has learned
+    anything; training is free to move every vector."""
     generator = torch.Generator().manual_seed(seed)
     table = network.embed_tokens.weight
     hidden = table.shape[1]
@@ -391,15 +423,12 @@ def structured_embeddings_(network, seed: int, std: float = 0.02) -> None:
     def vectors(count: int) -> torch.Tensor:
         return torch.randn(count, hidden, generator=generator) * std
 
-    rows, cols, boxes, digits = vectors(9), vectors(9), vectors(9), vectors(10)  # digits[0]: empty
+    rows, cols, boxes, digits = vectors(9), vectors(9), vectors(9), vectors(10)
     for cell in range(CELLS):
         row, col = divmod(cell, 9)
         place = rows[row] + cols[col] + boxes[(row // 3) * 3 + col // 3]
-        table[MARKER_BASE + cell] = place.to(table)
         for value in range(10):
-            table[CELL_BASE + cell * 10 + value] = (place + digits[value]).to(table)
-    for value in range(1, 10):
-        table[VOCAB[str(value)]] = digits[value].to(table)
+            table[CELL_BASE + 10 * cell + value] = (place + digits[value]).to(table)
 
 
 def random_symmetries(
@@ -424,22 +453,26 @@ def random_symmetries(
 
 
 class DeviceBatches:
-    """Training batches made where the model trains: each example a pool puzzle under a fresh random symmetry,
-    laid out as prompt + (marker, digit) canvas. The objective's corruption (t ~ U(eps, 1), uniform random ids)
-    reaches the empty cells' digits only: markers and givens stay clean, as they are clamped at solve time, so
-    every step teaches the part of the canvas that inference leaves free. Batch k depends on (seed, k) alone:
-    a resumed run sees the same data and noise."""
+    """Training batches made where the model trains: each example a pool puzzle under a fresh random symmetry.
+    Diffusion: prompt BOS, canvas the solution's 81 cell tokens; the objective's corruption (t ~ U(eps, 1))
+    reaches the empty cells only, each replaced by a uniformly random one of its nine digit tokens, as solving
+    re-noises it (givens stay clean: they are clamped at solve time). `autoregressive`: the prompt is BOS and
+    the puzzle's cells, for the left-to-right baseline. Batch k depends on (seed, k) alone: a resumed run sees
+    the same data and noise."""
 
     def __init__(
-        self, pool: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int, seed: int, device, vocab_size: int
+        self,
+        pool: Sequence[tuple[Sequence[int], Sequence[int]]],
+        batch_size: int,
+        seed: int,
+        device,
+        autoregressive: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.puzzles = torch.tensor([list(p) for p, _ in pool], dtype=torch.long, device=self.device)
         self.solutions = torch.tensor([list(s) for _, s in pool], dtype=torch.long, device=self.device)
-        self.batch_size, self.seed, self.vocab_size = batch_size, seed, vocab_size
-        cells = torch.arange(CELLS, device=self.device)
-        self.markers = MARKER_BASE + cells
-        self.prompt_cells = CELL_BASE + cells * 10
+        self.batch_size, self.seed, self.autoregressive = batch_size, seed, autoregressive
+        self.cells = CELL_BASE + 10 * torch.arange(CELLS, device=self.device)
 
     def __call__(self, index: int):
         from ..train.objective import EPSILON, Batch
@@ -451,12 +484,11 @@ class DeviceBatches:
         puzzle = digits.gather(1, self.puzzles[pick].gather(1, order))
         solution = digits.gather(1, self.solutions[pick].gather(1, order))
         bos = torch.full((count, 1), VOCAB["<bos>"], device=device)
-        prompt = torch.cat([bos, self.prompt_cells + puzzle], dim=1)
-        canvas = torch.stack([self.markers.expand(count, CELLS), DIGIT_BASE + solution], dim=2).reshape(count, CANVAS)
-        clamped = torch.stack([torch.ones_like(puzzle, dtype=torch.bool), puzzle > 0], dim=2).reshape(count, CANVAS)
+        prompt = torch.cat([bos, self.cells + puzzle], dim=1) if self.autoregressive else bos
+        canvas = self.cells + solution
         t = EPSILON + (1 - EPSILON) * torch.rand(count, generator=generator, device=device)
-        keep = (torch.rand(count, CANVAS, generator=generator, device=device) >= t[:, None]) | clamped
-        noise = torch.randint(0, self.vocab_size, (count, CANVAS), generator=generator, device=device)
+        keep = (torch.rand(count, CANVAS, generator=generator, device=device) >= t[:, None]) | (puzzle > 0)
+        noise = self.cells + torch.randint(1, 10, (count, CANVAS), generator=generator, device=device)
         ids = torch.cat([prompt, canvas], dim=1)
         return Batch(
             ids=ids,
@@ -521,7 +553,7 @@ def train_sudoku(
     log(f"puzzle pool: {len(pool)} unique puzzles, {low}-{high} givens ({time.perf_counter() - started:.0f} s)")
     eval_rng = random.Random(10_000 + seed)
     held_out = [make_puzzle(eval_rng, eval_rng.randint(24, 36))[0] for _ in range(eval_puzzles)]
-    batches = DeviceBatches(pool, batch_size, seed, model.network.device, model.config.vocab_size)
+    batches = DeviceBatches(pool, batch_size, seed, model.network.device, objective == "autoregressive")
 
     def settings(total: int) -> TrainConfig:
         return TrainConfig(
