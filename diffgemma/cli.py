@@ -302,11 +302,12 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
     grid = puzzle
     steps = 0
     with Live(console=console, refresh_per_second=20) as live:
-        # A grid that breaks a rule (checked as any player could) is solved again with a fresh seed, the
-        # seeds `sudoku eval --tries` uses.
+        # A grid that breaks a rule (checked as any player could) is solved again with a fresh seed, as
+        # `eval sudoku --tries` does.
         for attempt in range(args.tries):
             label = f"try {attempt + 1}, " if args.tries > 1 else ""
-            events = model.stream(seed=seed + attempt * 1_000_003, **sudoku.solver_inputs([puzzle]), **_sampler(args))
+            attempt_seed = sudoku.try_seed(seed, attempt)
+            events = model.stream(seed=attempt_seed, **sudoku.solver_inputs([puzzle]), **_sampler(args))
             for event in events:
                 if isinstance(event, Draft):
                     grid, steps = sudoku.grid_from_ids(event.ids[0].tolist()), event.step

@@ -36,7 +36,7 @@ CELLS = 81
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 CELL_TOKENS = [f"r{c // 9 + 1}c{c % 9 + 1}={d or '.'}" for c in range(81) for d in range(10)]
 VOCAB = {token: index for index, token in enumerate([*SPECIAL, *CELL_TOKENS])}
-CELL_BASE = len(SPECIAL)  # the token of cell c holding d (0: empty) is CELL_BASE + 10 * c + d
+CELL_BASE = len(SPECIAL)  # the token of cell c holding d (0: empty) is CELL_BASE + 10 * c + d: `cell_token`
 VOCAB_SIZE = len(VOCAB)
 CANVAS = CELLS
 PEERS: list[tuple[int, ...]] = []
@@ -197,9 +197,14 @@ def tokenizer() -> RustTokenizer:
     return backend
 
 
+def cell_token(cell: int | torch.Tensor, value: int | torch.Tensor) -> int | torch.Tensor:
+    """The token of `cell` holding `value` (0: empty); ints or tensors."""
+    return CELL_BASE + 10 * cell + value
+
+
 def cell_ids(grid: Sequence[int]) -> list[int]:
     """The 81 cell tokens of a grid (0: empty)."""
-    return [CELL_BASE + 10 * cell + value for cell, value in enumerate(grid)]
+    return [cell_token(cell, value) for cell, value in enumerate(grid)]
 
 
 def prompt_ids() -> list[int]:
@@ -222,15 +227,15 @@ def clamp_ids(puzzle: Sequence[int]) -> list[int]:
 
 
 def cell_ranges() -> list[tuple[int, int]]:
-    """Each canvas position's (low, high) ids: cell c's tokens for the digits 1-9."""
-    return [(CELL_BASE + 10 * cell + 1, CELL_BASE + 10 * cell + 10) for cell in range(CELLS)]
+    """Each canvas position's half-open (low, high) ids: cell c's tokens for the digits 1-9."""
+    return [(cell_token(cell, 1), cell_token(cell, 9) + 1) for cell in range(CELLS)]
 
 
 def grid_from_ids(ids: Sequence[int]) -> list[int]:
     """The 81 digits of a canvas; a token that is not its cell's digit reads as empty."""
     grid = []
     for cell, token in enumerate(list(ids)[:CELLS]):
-        value = token - CELL_BASE - 10 * cell
+        value = token - cell_token(cell, 0)
         grid.append(value if 1 <= value <= 9 else 0)
     return grid
 
@@ -263,6 +268,11 @@ def solve_batch(
     return SolveOutcome([grid_from_ids(row) for row in generated], result.steps[0])
 
 
+def try_seed(seed: int, attempt: int) -> int:
+    """The seed of a puzzle's try `attempt` (0 first) when a rule-breaking grid is solved again."""
+    return seed + attempt * 1_000_003
+
+
 def evaluate(
     model, puzzles: Sequence[Sequence[int]], batch_size: int = 32, seed: int = 0, tries: int = 1, **sampler
 ) -> dict:
@@ -276,7 +286,7 @@ def evaluate_rows(
     """One `score` row a puzzle. Puzzle i is solved with seed `seed + i` whatever the batch size (fast mode
     draws per row), so rows of a subset equal the same rows of a larger run. With `tries` > 1, a grid that
     breaks a rule of sudoku (checked without the solution, as a user could) is solved again with a fresh seed
-    (`seed + i + k * 1_000_003` on try k), up to `tries` times; its steps add up over the tries."""
+    (`try_seed`), up to `tries` times; its steps add up over the tries."""
     if tries < 1:
         raise DiffGemmaError(f"tries must be at least 1, got {tries}")
     grids: list[list[int]] = [[] for _ in puzzles]
@@ -285,7 +295,7 @@ def evaluate_rows(
     for attempt in range(tries):
         for start in range(0, len(pending), batch_size):
             chosen = pending[start : start + batch_size]
-            seeds = [seed + i + attempt * 1_000_003 for i in chosen]
+            seeds = [try_seed(seed + i, attempt) for i in chosen]
             outcome = solve_batch(model, [puzzles[i] for i in chosen], seed=seeds, **sampler)
             for i, grid, count in zip(chosen, outcome.grids, outcome.steps, strict=True):
                 grids[i], steps[i] = grid, steps[i] + count
@@ -319,6 +329,7 @@ def solve_autoregressive(
     model (`clamp=False`, as such baselines are run) or forced into the sequence as it is decoded
     (`clamp=True`). `seed` is unused: decoding is greedy."""
     network = model.network
+    ranges = cell_ranges()
     rows = []
     for start in range(0, len(puzzles), batch_size):
         chunk = puzzles[start : start + batch_size]
@@ -328,13 +339,13 @@ def solve_autoregressive(
         hidden = network.encode(ids, cache)
         grid = torch.zeros_like(givens)
         for cell in range(CELLS):
-            first = CELL_BASE + 10 * cell + 1
-            choice = network.head(hidden[:, -1])[:, first : first + 9].argmax(dim=-1) + 1
+            low, high = ranges[cell]
+            choice = network.head(hidden[:, -1])[:, low:high].argmax(dim=-1) + 1
             if clamp:
                 choice = torch.where(givens[:, cell] > 0, givens[:, cell], choice)
             grid[:, cell] = choice
             if cell + 1 < CELLS:
-                hidden = network.encode((first - 1 + choice)[:, None], cache)
+                hidden = network.encode(cell_token(cell, choice)[:, None], cache)
         rows += [score(p, g, CELLS) for p, g in zip(chunk, grid.tolist(), strict=True)]
     return summarize(rows)
 
@@ -428,7 +439,7 @@ def structured_embeddings_(network, seed: int, std: float = 0.02) -> None:
         row, col = divmod(cell, 9)
         place = rows[row] + cols[col] + boxes[(row // 3) * 3 + col // 3]
         for value in range(10):
-            table[CELL_BASE + 10 * cell + value] = (place + digits[value]).to(table)
+            table[cell_token(cell, value)] = (place + digits[value]).to(table)
 
 
 def random_symmetries(
@@ -472,7 +483,7 @@ class DeviceBatches:
         self.puzzles = torch.tensor([list(p) for p, _ in pool], dtype=torch.long, device=self.device)
         self.solutions = torch.tensor([list(s) for _, s in pool], dtype=torch.long, device=self.device)
         self.batch_size, self.seed, self.autoregressive = batch_size, seed, autoregressive
-        self.cells = CELL_BASE + 10 * torch.arange(CELLS, device=self.device)
+        self.cells = cell_token(torch.arange(CELLS, device=self.device), 0)
 
     def __call__(self, index: int):
         from ..train.objective import EPSILON, Batch
