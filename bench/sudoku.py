@@ -72,7 +72,10 @@ def main() -> None:
     if args.tries > 1:
         run(
             f"diffusion, up to {args.tries} tries{first} (a grid that breaks a rule is solved again, fresh seed)",
-            lambda: sudoku.evaluate(model, subset, batch_size=batch, tries=args.tries),
+            # the first try is the float run's (same puzzles, same seeds): only its unsolved grids go on
+            lambda: sudoku.summarize(
+                sudoku.evaluate_rows(model, subset, batch, tries=args.tries, previous=float_rows[: len(subset)])
+            ),
         )
     if len(subset) < len(puzzles) and args.quant:
         # the float model on the same puzzles, same seeds: its rows of the full run

@@ -398,7 +398,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             steps=args.steps or 1000,
             batch_size=args.batch_size or 8,
             accumulation=args.accumulation,
-            peak_lr=args.lr or 1e-4,
+            peak_lr=1e-4 if args.lr is None else args.lr,
             ar_weight=1.0 if args.ar_weight is None else args.ar_weight,
             eval_every=args.eval_every or 100,
             save_every=args.eval_every or 100,
@@ -415,13 +415,14 @@ def cmd_train(args: argparse.Namespace) -> None:
         steps=args.steps or 20000,
         batch_size=args.batch_size or 64,
         seed=args.seed,
-        peak_lr=args.lr or 2e-3,
+        peak_lr=2e-3 if args.lr is None else args.lr,
         ar_weight=args.ar_weight or 0.0,
         objective=args.objective,
         pool_size=args.pool,
         eval_every=args.eval_every or 500,
         eval_puzzles=args.eval_puzzles,
         resume=args.resume,
+        init=args.init,
         device=args.device,
         seconds=args.seconds,
         pool_workers=args.pool_workers,
@@ -573,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--threads", type=int, default=None)
     trainer.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    trainer.add_argument("--init", default=None, help="sudoku: start from this checkpoint's weights (a new stage)")
     trainer.add_argument(
         "--objective",
         choices=["diffusion", "autoregressive"],

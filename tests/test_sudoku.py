@@ -118,8 +118,19 @@ def test_tries_resolve_only_rule_breaking_grids(sudoku_model, monkeypatch):
     assert calls[:2] == [[10, 11], [12]]  # the first try: seed + i
     assert calls[2:] == [[10 + 1_000_003, 12 + 1_000_003], [10 + 2_000_006, 12 + 2_000_006]]
     assert rows[1]["solved"] and rows[1]["steps"] <= 4 and rows[0]["steps"] >= 3 and not rows[0]["solved"]
+    assert [r["tries"] for r in rows] == [3, 1, 3]
+    # going on from a one-try run's rows: its grids stand, the first try is not solved again
+    calls.clear()
+    first = sudoku.evaluate_rows(sudoku_model, puzzles, batch_size=2, seed=10, tries=1)
+    assert calls == [[10, 11], [12]]
+    calls.clear()
+    resumed = sudoku.evaluate_rows(sudoku_model, puzzles, batch_size=2, seed=10, tries=3, previous=first)
+    assert calls == [[10 + 1_000_003, 12 + 1_000_003], [10 + 2_000_006, 12 + 2_000_006]]
+    assert resumed == rows
     with pytest.raises(DiffGemmaError, match="tries"):
         sudoku.evaluate(sudoku_model, puzzles, tries=0)
+    with pytest.raises(DiffGemmaError, match="previous rows: 1 for 3 puzzles"):
+        sudoku.evaluate_rows(sudoku_model, puzzles, tries=2, previous=first[:1])
 
 
 def test_sudoku_command_tries_again_while_the_grid_breaks_a_rule(sudoku_model, capsys):
@@ -154,6 +165,21 @@ def test_train_command_checkpoints_and_evaluates(tmp_path, capsys, objective):
     assert model.config.canvas_length == sudoku.CANVAS and model.config.vocab_size == sudoku.VOCAB_SIZE
     state = torch.load(out / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2 and state["config"]["objective"] == objective
+
+
+def test_train_command_init_starts_from_a_checkpoint(sudoku_model, tmp_path, capsys):
+    from diffgemma.presets import random_checkpoint
+
+    out = tmp_path / "stage2"
+    command = ["train", "sudoku", "--out", str(out), "--steps", "1", "--batch-size", "2", "--pool", "4"]
+    command += ["--eval-every", "0", "--lr", "0"]  # a zero learning rate: the weights must arrive unchanged
+    assert main([*command, "--init", str(sudoku_model.folder)]) == 0
+    started, source = diffgemma.load(out).network.state_dict(), sudoku_model.network.state_dict()
+    assert started.keys() == source.keys() and all(torch.equal(started[k], source[k]) for k in source)
+    assert main([*command, "--init", str(random_checkpoint(tmp_path / "tiny", preset="tiny"))]) == 2
+    assert "not a sudoku model of this format" in capsys.readouterr().err
+    assert main([*command, "--init", str(sudoku_model.folder), "--resume"]) == 2
+    assert "--init starts a new one" in capsys.readouterr().err
 
 
 def test_autoregressive_baseline_report(sudoku_model):

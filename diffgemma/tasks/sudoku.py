@@ -281,28 +281,42 @@ def evaluate(
 
 
 def evaluate_rows(
-    model, puzzles: Sequence[Sequence[int]], batch_size: int = 32, seed: int = 0, tries: int = 1, **sampler
+    model,
+    puzzles: Sequence[Sequence[int]],
+    batch_size: int = 32,
+    seed: int = 0,
+    tries: int = 1,
+    previous: Sequence[dict] | None = None,
+    **sampler,
 ) -> list[dict]:
-    """One `score` row a puzzle. Puzzle i is solved with seed `seed + i` whatever the batch size (fast mode
-    draws per row), so rows of a subset equal the same rows of a larger run. With `tries` > 1, a grid that
-    breaks a rule of sudoku (checked without the solution, as a user could) is solved again with a fresh seed
-    (`try_seed`), up to `tries` times; its steps add up over the tries."""
+    """One `score` row a puzzle (with its grid and the tries it took). Puzzle i is solved with seed
+    `seed + i` whatever the batch size (fast mode draws per row), so rows of a subset equal the same rows of
+    a larger run. With `tries` > 1, a grid that breaks a rule of sudoku (checked without the solution, as a
+    user could) is solved again with a fresh seed (`try_seed`), up to `tries` times; its steps add up over
+    the tries. `previous`: rows an earlier call gave for the same puzzles and seed with fewer tries; their
+    grids stand and only the unsolved puzzles go on to the next tries."""
     if tries < 1:
         raise DiffGemmaError(f"tries must be at least 1, got {tries}")
-    grids: list[list[int]] = [[] for _ in puzzles]
-    steps = [0] * len(puzzles)
-    pending = list(range(len(puzzles)))
-    for attempt in range(tries):
+    if previous is None:
+        grids: list[list[int]] = [[] for _ in puzzles]
+        steps, taken, pending, done = [0] * len(puzzles), [0] * len(puzzles), list(range(len(puzzles))), 0
+    else:
+        if len(previous) != len(puzzles):
+            raise DiffGemmaError(f"previous rows: {len(previous)} for {len(puzzles)} puzzles")
+        grids = [row["grid"] for row in previous]
+        steps, taken = [row["steps"] for row in previous], [row["tries"] for row in previous]
+        pending, done = [i for i, r in enumerate(previous) if not r["solved"]], max(taken, default=0)
+    for attempt in range(done, tries):
         for start in range(0, len(pending), batch_size):
             chosen = pending[start : start + batch_size]
             seeds = [try_seed(seed + i, attempt) for i in chosen]
             outcome = solve_batch(model, [puzzles[i] for i in chosen], seed=seeds, **sampler)
             for i, grid, count in zip(chosen, outcome.grids, outcome.steps, strict=True):
-                grids[i], steps[i] = grid, steps[i] + count
+                grids[i], steps[i], taken[i] = grid, steps[i] + count, attempt + 1
         pending = [i for i in pending if not is_solution(grids[i], puzzles[i])]
         if not pending:
             break
-    return [score(p, g, s) for p, g, s in zip(puzzles, grids, steps, strict=True)]
+    return [score(p, g, s) | {"tries": k} for p, g, s, k in zip(puzzles, grids, steps, taken, strict=True)]
 
 
 def score(puzzle: Sequence[int], grid: Sequence[int], steps: int) -> dict:
@@ -317,6 +331,7 @@ def score(puzzle: Sequence[int], grid: Sequence[int], steps: int) -> dict:
         "cells_empty": len(empty),
         "givens_kept": all(grid[c] == puzzle[c] for c in range(CELLS) if puzzle[c]),
         "steps": steps,
+        "grid": list(grid),
     }
 
 
@@ -531,6 +546,7 @@ def train_sudoku(
     eval_puzzles: int = 64,
     objective: str = "diffusion",
     resume: bool = False,
+    init: str | Path | None = None,
     device: str = "cpu",
     seconds: float | None = None,
     pool_workers: int = 1,
@@ -543,15 +559,28 @@ def train_sudoku(
     batches made on `device` (`DeviceBatches`). `objective="autoregressive"` trains the same network left to
     right (the encoder alone): the baseline. `seconds`: a time budget instead of a step count: the first
     steps are timed and the run sized to fit (the log gives the step count, which `steps` reproduces), then it
-    stops at the budget whatever the estimate said."""
+    stops at the budget whatever the estimate said. `init`: a sudoku checkpoint whose weights start the run
+    (a second stage with a fresh optimizer and schedule) instead of random ones."""
     from ..api import load
     from ..presets import random_checkpoint
     from ..train.trainer import TrainConfig, save_state, train
 
     started = time.perf_counter()
     folder = Path(out)
+    if resume and init is not None:
+        raise DiffGemmaError("--resume continues the run in --out; --init starts a new one: give one of them")
     if resume:
         model = load(folder, device=device)
+    elif init is not None:
+        model = load(init, device=device)
+        if model.network.config.vocab_size != VOCAB_SIZE or model.network.config.canvas_length != CANVAS:
+            raise DiffGemmaError(
+                f"{init}: not a sudoku model of this format (expected vocabulary {VOCAB_SIZE} and canvas {CANVAS}, "
+                f"found {model.network.config.vocab_size} and {model.network.config.canvas_length})"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        write_tokenizer(folder)
+        model.save(folder)
     else:
         random_checkpoint(folder, preset="sudoku", seed=seed)
         write_tokenizer(folder)
