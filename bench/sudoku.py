@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results
 
 import diffgemma
+from diffgemma.quant import QuantFormat
 from diffgemma.tasks import sudoku
 
 
@@ -31,7 +32,9 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
     parser.add_argument("--givens", default="24:36")
     parser.add_argument("--seed", type=int, default=2026, help="puzzle generator seed (not the training seed)")
-    parser.add_argument("--quant", default="int8,int4", help="quantized variants to score ('' for none)")
+    parser.add_argument(
+        "--quant", default="int8,int4", help="quantized variants to score, int4:32 for a group size ('' for none)"
+    )
     parser.add_argument(
         "--quant-puzzles", type=int, default=None, help="score the quantized and tries rows on the first N puzzles"
     )
@@ -80,9 +83,13 @@ def main() -> None:
     if len(subset) < len(puzzles) and args.quant:
         # the float model on the same puzzles, same seeds: its rows of the full run
         runs.append((f"diffusion, float weights (first {len(subset)})", sudoku.summarize(float_rows[: len(subset)]), 0))
-    for name in filter(None, args.quant.split(",")):
-        quantized = diffgemma.load(args.model, device=args.device, quant=name)
-        label = f"diffusion, {name} weights{first}"
+    for spec in filter(None, args.quant.split(",")):
+        name, _, group = spec.partition(":")
+        if group and not group.isdigit():
+            parser.error(f"--quant {spec}: a group size is a whole number (int4:32)")
+        fmt = QuantFormat(name, int(group)) if group else QuantFormat(name)
+        quantized = diffgemma.load(args.model, device=args.device, quant=fmt)
+        label = f"diffusion, {name} weights{f' (groups of {group})' if group else ''}{first}"
         run(label, lambda q=quantized: sudoku.evaluate(q, subset, batch_size=batch))
     if args.ar:
         baseline = diffgemma.load(args.ar, device=args.device)

@@ -580,6 +580,7 @@ def train_sudoku(
             )
         folder.mkdir(parents=True, exist_ok=True)
         write_tokenizer(folder)
+        model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])  # a grid has no EOS
         model.save(folder)
     else:
         random_checkpoint(folder, preset="sudoku", seed=seed)
