@@ -536,7 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sudoku = commands.add_parser("sudoku", help="solve a sudoku (a fresh one, or --puzzle) and watch it converge")
     sudoku.add_argument("--puzzle", default=None, help="81 characters, 0 or . for empty cells")
-    sudoku.add_argument("--givens", type=int, default=30, help="givens of a fresh puzzle")
+    sudoku.add_argument(
+        "--givens", type=int, default=36, help="givens of a fresh puzzle (fewer is harder: 24 is as hard as it gets)"
+    )
     sudoku.add_argument(
         "--tries", type=int, default=3, help="solve again (fresh seed) while the grid breaks a rule, up to N times"
     )
