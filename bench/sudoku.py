@@ -82,7 +82,7 @@ def main() -> None:
         )
     if len(subset) < len(puzzles) and args.quant:
         # the float model on the same puzzles, same seeds: its rows of the full run
-        runs.append((f"diffusion, float weights (first {len(subset)})", sudoku.summarize(float_rows[: len(subset)]), 0))
+        runs.append((f"diffusion, float weights{first}", sudoku.summarize(float_rows[: len(subset)]), 0))
     for spec in filter(None, args.quant.split(",")):
         name, _, group = spec.partition(":")
         if group and not group.isdigit():

@@ -177,6 +177,7 @@ def test_train_command_init_starts_from_a_checkpoint(sudoku_model, tmp_path, cap
     started, source = diffgemma.load(out).network.state_dict(), sudoku_model.network.state_dict()
     assert started.keys() == source.keys() and all(torch.equal(started[k], source[k]) for k in source)
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] is None  # a grid has no EOS
+    assert (out / "tokenizer.json").read_text() == (sudoku_model.folder / "tokenizer.json").read_text()
     assert main([*command, "--init", str(random_checkpoint(tmp_path / "tiny", preset="tiny"))]) == 2
     assert "not a sudoku model of this format" in capsys.readouterr().err
     assert main([*command, "--init", str(sudoku_model.folder), "--resume"]) == 2

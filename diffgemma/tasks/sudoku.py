@@ -571,23 +571,21 @@ def train_sudoku(
         raise DiffGemmaError("--resume continues the run in --out; --init starts a new one: give one of them")
     if resume:
         model = load(folder, device=device)
-    elif init is not None:
-        model = load(init, device=device)
-        if model.network.config.vocab_size != VOCAB_SIZE or model.network.config.canvas_length != CANVAS:
-            raise DiffGemmaError(
-                f"{init}: not a sudoku model of this format (expected vocabulary {VOCAB_SIZE} and canvas {CANVAS}, "
-                f"found {model.network.config.vocab_size} and {model.network.config.canvas_length})"
-            )
-        folder.mkdir(parents=True, exist_ok=True)
-        write_tokenizer(folder)
-        model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])  # a grid has no EOS
-        model.save(folder)
     else:
-        random_checkpoint(folder, preset="sudoku", seed=seed)
-        write_tokenizer(folder)
-        model = load(folder, device=device)
-        structured_embeddings_(model.network, seed)
-        model.settings = model.settings.replace(max_denoising_steps=64, max_new_tokens=CANVAS, eos_token_id=[])
+        if init is not None:
+            model = load(init, device=device)  # its tokenizer files go with it when it is saved below
+            if model.network.config.vocab_size != VOCAB_SIZE or model.network.config.canvas_length != CANVAS:
+                raise DiffGemmaError(
+                    f"{init}: not a sudoku model of this format (expected vocabulary {VOCAB_SIZE} and canvas "
+                    f"{CANVAS}, found {model.network.config.vocab_size} and {model.network.config.canvas_length})"
+                )
+        else:
+            random_checkpoint(folder, preset="sudoku", seed=seed)
+            write_tokenizer(folder)
+            model = load(folder, device=device)
+            structured_embeddings_(model.network, seed)
+            model.settings = model.settings.replace(max_denoising_steps=64)
+        model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])  # a grid has no EOS
         model.save(folder)
     pool = puzzle_pool(seed, pool_size, givens, workers=pool_workers, cache=pool_cache)
     low, high = givens
