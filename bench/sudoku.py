@@ -1,5 +1,7 @@
 """The sudoku report: a model on freshly generated unique puzzles (24-36 givens by default), overall and
-per number of givens, beside a one-step row, the same model under int8 and int4 weights, and the
+per number of givens, as `diffgemma sudoku` solves them (givens clamped, each empty cell sampling among its
+candidates), beside the model alone (no candidates), a one-step row, rule-checked retries (solved within k
+tries), the same model under int8 and int4 weights (with the paired change from float), and the
 autoregressive baseline (the same network trained left to right), all on the same puzzles.
 
     python bench/sudoku.py --model models/sudoku --ar runs/ar --puzzles 1000 --note "training: ..."
@@ -8,6 +10,7 @@ autoregressive baseline (the same network trained left to right), all on the sam
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import time
@@ -36,7 +39,14 @@ def main() -> None:
         "--quant", default="int8,int4", help="quantized variants to score, int4:32 for a group size ('' for none)"
     )
     parser.add_argument(
-        "--quant-puzzles", type=int, default=None, help="score the quantized and tries rows on the first N puzzles"
+        "--quant-puzzles", type=int, default=None, help="score the quantized rows on the first N puzzles"
+    )
+    parser.add_argument("--tries-puzzles", type=int, default=None, help="score the tries row on the first N puzzles")
+    parser.add_argument(
+        "--alone",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also a row without candidates (the model alone)",
     )
     parser.add_argument("--note", default="", help="how the model was trained (written under the table)")
     parser.add_argument("--tries", type=int, default=1, help="also a row where rule-breaking grids are re-solved")
@@ -68,35 +78,62 @@ def main() -> None:
         float_rows.extend(sudoku.evaluate_rows(model, puzzles, batch_size=batch))
         return sudoku.summarize(float_rows)
 
-    run("diffusion, givens clamped", float_run)
-    run("diffusion, 1 step", lambda: sudoku.evaluate(model, puzzles, batch_size=batch, max_denoising_steps=1))
-    subset = puzzles[: args.quant_puzzles or len(puzzles)]
-    first = f" (first {len(subset)})" if len(subset) < len(puzzles) else ""
-    if args.tries > 1:
+    run("diffusion, givens clamped, candidates", float_run)
+    if args.alone:
         run(
-            f"diffusion, up to {args.tries} tries{first} (a grid that breaks a rule is solved again, fresh seed)",
-            # the first try is the float run's (same puzzles, same seeds): only its unsolved grids go on
-            lambda: sudoku.summarize(
-                sudoku.evaluate_rows(model, subset, batch, tries=args.tries, previous=float_rows[: len(subset)])
-            ),
+            "diffusion, no candidates (the model alone: a cell may sample a digit a given peer holds)",
+            lambda: sudoku.evaluate(model, puzzles, batch_size=batch, candidates=False),
         )
+    run("diffusion, 1 step", lambda: sudoku.evaluate(model, puzzles, batch_size=batch, max_denoising_steps=1))
+
+    def leading(count: int | None) -> tuple[list[list[int]], str]:
+        chosen = puzzles[: count or len(puzzles)]
+        return chosen, f" (first {len(chosen)})" if len(chosen) < len(puzzles) else ""
+
+    tries_puzzles, tries_label = leading(args.tries_puzzles)
+    tries_rows: list[dict] = []
+    if args.tries > 1:
+
+        def tries_run() -> dict:
+            # the first try is the float run's (same puzzles, same seeds): only its unsolved grids go on
+            previous = float_rows[: len(tries_puzzles)]
+            tries_rows.extend(sudoku.evaluate_rows(model, tries_puzzles, batch, tries=args.tries, previous=previous))
+            return sudoku.summarize(tries_rows)
+
+        run(
+            f"diffusion, up to {args.tries} tries{tries_label} (a grid that breaks a rule is solved again, fresh seed)",
+            tries_run,
+        )
+    subset, quant_label = leading(args.quant_puzzles)
     if len(subset) < len(puzzles) and args.quant:
         # the float model on the same puzzles, same seeds: its rows of the full run
-        runs.append((f"diffusion, float weights{first}", sudoku.summarize(float_rows[: len(subset)]), 0))
+        runs.append((f"diffusion, float weights{quant_label}", sudoku.summarize(float_rows[: len(subset)]), 0))
+    paired: list[str] = []
     for spec in filter(None, args.quant.split(",")):
         name, _, group = spec.partition(":")
         if group and not group.isdigit():
             parser.error(f"--quant {spec}: a group size is a whole number (int4:32)")
         fmt = QuantFormat(name, int(group)) if group else QuantFormat(name)
         quantized = diffgemma.load(args.model, device=args.device, quant=fmt)
-        label = f"diffusion, {name} weights{f' (groups of {group})' if group else ''}{first}"
-        run(label, lambda q=quantized: sudoku.evaluate(q, subset, batch_size=batch))
+        label = f"diffusion, {name} weights{f' (groups of {group})' if group else ''}{quant_label}"
+        quant_rows: list[dict] = []
+
+        def quant_run(quantized=quantized, rows=quant_rows) -> dict:
+            rows.extend(sudoku.evaluate_rows(quantized, subset, batch))
+            return sudoku.summarize(rows)
+
+        run(label, quant_run)
+        paired.append(paired_difference(label, float_rows[: len(subset)], quant_rows))
     if args.ar:
         baseline = diffgemma.load(args.ar, device=args.device)
         run("autoregressive baseline", lambda: sudoku.solve_autoregressive(baseline, puzzles, batch_size=batch))
         run(
             "autoregressive baseline, givens forced",
             lambda: sudoku.solve_autoregressive(baseline, puzzles, batch_size=batch, clamp=True),
+        )
+        run(
+            "autoregressive baseline, givens forced, candidates",
+            lambda: sudoku.solve_autoregressive(baseline, puzzles, batch_size=batch, clamp=True, candidates=True),
         )
 
     header = "| run | solved | cells right | givens kept | mean steps | seconds |\n|---|---|---|---|---|---|"
@@ -113,6 +150,19 @@ def main() -> None:
         per_rows.append(f"| {g} | {runs[0][1]['per_givens'][g]['n']} | " + " | ".join(cells) + " |")
     steps = " | ".join(f"{runs[0][1]['per_givens'][g]['mean_steps']:.1f}" for g in givens)
     table = "\n".join([header, *rows, "", "Solved by number of givens:", "", *per_rows])
+    if tries_rows:
+        within = [
+            sum(r["solved"] and r["tries"] <= k for r in tries_rows) / len(tries_rows) for k in range(1, args.tries + 1)
+        ]
+        curve = "| tries | " + " | ".join(str(k) for k in range(1, args.tries + 1)) + " |"
+        curve += (
+            "\n|---|" + "---|" * args.tries + "\n| solved within | " + " | ".join(f"{v:.1%}" for v in within) + " |"
+        )
+        table += f"\n\nSolved within k tries{tries_label}:\n\n{curve}"
+    if paired:
+        paired_header = "| quantized run | solved, change from float | standard error (paired) |\n|---|---|---|"
+        intro = "The same puzzles and seeds under float and quantized weights:"
+        table += "\n\n" + "\n".join([intro, "", paired_header, *paired])
     notes = (
         f"{source}; "
         f"model `{args.model}`, sampler defaults from its generation_config.json "
@@ -123,6 +173,16 @@ def main() -> None:
         print(table + "\n\n" + notes)
     else:
         append_results("Sudoku: the shipped model (bench/sudoku.py)", table, notes, args.results)
+
+
+def paired_difference(label: str, float_rows: list[dict], quant_rows: list[dict]) -> str:
+    """A table row: the solve-rate change from float to quantized weights on the same puzzles and seeds, with
+    its paired standard error (from the puzzles only one of the two solved)."""
+    n = len(float_rows)
+    gained = sum(q["solved"] and not f["solved"] for f, q in zip(float_rows, quant_rows, strict=True))
+    lost = sum(f["solved"] and not q["solved"] for f, q in zip(float_rows, quant_rows, strict=True))
+    error = math.sqrt(max(0.0, (gained + lost) / n**2 - (gained - lost) ** 2 / n**3))
+    return f"| {label} | {(gained - lost) / n:+.1%} ({gained} gained, {lost} lost) | {error:.1%} |"
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ class DiffGemma:
         sampler: dict[str, Any],
         commit_stable_prefix: bool = False,
         token_ranges: torch.Tensor | list | None = None,
+        banned_tokens: torch.Tensor | None = None,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
@@ -161,6 +162,10 @@ class DiffGemma:
                 raise DiffGemmaError(f"token_ranges must be (low, high) id pairs, one a position: {error}") from None
         if token_ranges is not None and token_ranges.ndim == 2:
             token_ranges = token_ranges[None].expand(ids.shape[0], -1, -1)
+        if isinstance(banned_tokens, torch.Tensor) and banned_tokens.ndim == 2:
+            banned_tokens = banned_tokens[None].expand(ids.shape[0], -1, -1)
+        elif banned_tokens is not None and not isinstance(banned_tokens, torch.Tensor):
+            raise DiffGemmaError("banned_tokens must be a boolean tensor, [L, V] or [B, L, V]")
         events = denoising_loop(
             self.network,
             settings,
@@ -174,6 +179,7 @@ class DiffGemma:
             row_limits,
             commit_stable_prefix,
             token_ranges=token_ranges,
+            banned_tokens=banned_tokens,
         )
         return events, batched
 
@@ -187,6 +193,7 @@ class DiffGemma:
         enable_thinking: bool = False,
         commit_stable_prefix: bool = False,
         token_ranges: torch.Tensor | list | None = None,
+        banned_tokens: torch.Tensor | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
@@ -199,6 +206,8 @@ class DiffGemma:
         settled leading tokens as it goes (what `stream` needs to send text before a canvas ends).
         `token_ranges` ([L, 2] for every row, or [B, L, 2]) limits generated position i to ids in its half-open
         range (low, high): a vocabulary constrained per position (a sudoku cell takes only its nine digits).
+        `banned_tokens` ([L, V] or [B, L, V] booleans) names ids position i never samples (a sudoku cell's
+        digits that a given among its peers holds); the re-noising may still draw them.
         """
         return run_to_end(
             self.stream(
@@ -210,6 +219,7 @@ class DiffGemma:
                 enable_thinking,
                 commit_stable_prefix,
                 token_ranges,
+                banned_tokens,
                 **sampler,
             )
         )
@@ -224,6 +234,7 @@ class DiffGemma:
         enable_thinking: bool = False,
         commit_stable_prefix: bool = False,
         token_ranges: torch.Tensor | list | None = None,
+        banned_tokens: torch.Tensor | None = None,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
@@ -240,6 +251,7 @@ class DiffGemma:
             sampler,
             commit_stable_prefix,
             token_ranges,
+            banned_tokens,
         )
         try:
             for event in events:

@@ -307,7 +307,8 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
         for attempt in range(args.tries):
             label = f"try {attempt + 1}, " if args.tries > 1 else ""
             attempt_seed = sudoku.try_seed(seed, attempt)
-            events = model.stream(seed=attempt_seed, **sudoku.solver_inputs([puzzle]), **_sampler(args))
+            inputs = sudoku.solver_inputs([puzzle], candidates=args.candidates)
+            events = model.stream(seed=attempt_seed, **inputs, **_sampler(args))
             for event in events:
                 if isinstance(event, Draft):
                     grid, steps = sudoku.grid_from_ids(event.ids[0].tolist()), event.step
@@ -319,6 +320,15 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
         verdict = "solved" if sudoku.is_solution(grid, puzzle) else "not solved"
         live.update(_sudoku_board(puzzle, grid, f"{verdict} ({label}{steps} steps)", Text), refresh=True)
     print(sudoku.format_grid(grid))
+
+
+def _add_candidates_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-candidates",
+        dest="candidates",
+        action="store_false",
+        help="let an empty cell sample any digit, even one a given in its row, column or box holds (the model alone)",
+    )
 
 
 def _sudoku_board(puzzle, grid, title: str, text_type):
@@ -359,7 +369,9 @@ def cmd_eval_sudoku(args: argparse.Namespace) -> None:
 
     model = _sudoku_model(args)
     puzzles = sudoku.read_puzzles(args.puzzles)
-    metrics = sudoku.evaluate(model, puzzles, seed=args.seed or 0, tries=args.tries, **_sampler(args))
+    metrics = sudoku.evaluate(
+        model, puzzles, seed=args.seed or 0, tries=args.tries, candidates=args.candidates, **_sampler(args)
+    )
     if args.json:
         print(json.dumps(metrics))
         return
@@ -542,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     sudoku.add_argument(
         "--tries", type=int, default=3, help="solve again (fresh seed) while the grid breaks a rule, up to N times"
     )
+    _add_candidates_option(sudoku)
     _add_model_options(sudoku)
     sudoku.set_defaults(run=cmd_sudoku)
 
@@ -558,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--tries", type=int, default=1, help="solve again (fresh seed) a grid that breaks a rule, up to N times"
     )
+    _add_candidates_option(evaluate)
     _add_model_options(evaluate)
     evaluate.set_defaults(run=cmd_eval_sudoku)
 

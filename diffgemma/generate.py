@@ -357,6 +357,7 @@ def denoising_loop(
     sync_free: bool | None = None,
     cuda_graph: bool = False,
     token_ranges: torch.Tensor | None = None,
+    banned_tokens: torch.Tensor | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -370,7 +371,10 @@ def denoising_loop(
     `cuda_graph` (fast mode on CUDA) replays each canvas's decoder pass as a CUDA graph (`DecoderGraph`).
     `token_ranges` [B, L, 2] (L <= canvases * C) limits each generated position to the ids in its half-open
     (low, high) range: samples, drafts and re-noising stay inside it (a constrained vocabulary per position,
-    e.g. a sudoku cell's nine digits). It costs a [B, C, V] boolean mask per canvas.
+    e.g. a sudoku cell's nine digits). It costs a [B, C, V] boolean mask per canvas. `banned_tokens`
+    [B, L, V] (L <= canvases * C, booleans) names ids a generated position must never take: samples and drafts
+    avoid them, while the re-noising may still draw them (noise stands for any token, as in training; a
+    sudoku cell never samples a digit a given among its peers holds). Every free position must keep an id.
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -391,6 +395,8 @@ def denoising_loop(
         clamp = torch.nn.functional.pad(clamp, (0, canvases * length - clamp.shape[1]), value=-1).to(device)
     if token_ranges is not None:
         token_ranges = _checked_ranges(token_ranges, batch, canvases * length, vocab).to(device)
+    if banned_tokens is not None:
+        banned_tokens = _checked_banned(banned_tokens, batch, canvases * length, vocab).to(device)
     if prompt_length + canvases * length > config.max_position_embeddings:
         raise DiffGemmaError(
             f"prompt ({prompt_length}) plus {canvases} canvas(es) of {length} exceeds the model's "
@@ -422,16 +428,21 @@ def denoising_loop(
     with torch.no_grad():
         network.encode(ids, cache, attention_mask)
         for canvas_index in range(canvases):
-            ranges = outside = None
+            span = slice(canvas_index * length, (canvas_index + 1) * length)
+            ranges = excluded = None
             if token_ranges is not None:
-                ranges = token_ranges[:, canvas_index * length : (canvas_index + 1) * length]
-                outside = sampling.outside_ranges(ranges, vocab)
+                ranges = token_ranges[:, span]
+                excluded = sampling.outside_ranges(ranges, vocab)
+            if banned_tokens is not None:
+                excluded = banned_tokens[:, span] if excluded is None else excluded | banned_tokens[:, span]
             canvas = rng.tokens(batch, length, vocab, ranges)
             fixed = fixed_ids = user_ids = None
             if clamp is not None:
-                fixed_ids = user_ids = clamp[:, canvas_index * length : (canvas_index + 1) * length]
+                fixed_ids = user_ids = clamp[:, span]
                 fixed = fixed_ids >= 0
                 canvas = torch.where(fixed, fixed_ids, canvas)
+            if banned_tokens is not None:
+                _check_some_allowed(excluded, fixed, canvas_index * length)
             free_count = length - (fixed.sum(-1) if fixed is not None else 0)
             settled = torch.zeros(batch, dtype=torch.long, device=device)
             argmax = canvas
@@ -457,8 +468,8 @@ def denoising_loop(
                     logits = network.denoise(canvas, cache, self_conditioning, logits_out=buffers[0], logit_scale=scale)
                 else:
                     logits = network.denoise(canvas, cache, self_conditioning).div_(temperatures[step - 1])
-                if outside is not None:
-                    logits = logits.masked_fill_(outside, sampling.MASKED_LOGIT)
+                if excluded is not None:
+                    logits = logits.masked_fill_(excluded, sampling.MASKED_LOGIT)
                 out = sampler_step(logits, canvas, settings.entropy_bound, rng, fixed_ids, buffers[1], ranges)
                 new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
                 # Rows that already stopped keep their canvas and draft (they ride along in the batch).
@@ -532,6 +543,28 @@ def _checked_ranges(ranges: torch.Tensor, batch: int, positions: int, vocab: int
         raise DiffGemmaError(f"each token range (low, high) must satisfy 0 <= low < high <= {vocab}")
     fill = torch.tensor([0, vocab], dtype=torch.long).expand(batch, positions - ranges.shape[1], 2)
     return torch.cat([ranges.long().cpu(), fill], dim=1)
+
+
+def _checked_banned(banned: torch.Tensor, batch: int, positions: int, vocab: int) -> torch.Tensor:
+    """[B, L, V] booleans, checked, padded with False (nothing banned) to every generated position."""
+    if banned.dtype != torch.bool or banned.ndim != 3 or banned.shape[0] != batch:
+        raise DiffGemmaError(f"banned_tokens must be booleans [batch={batch}, positions, vocabulary={vocab}]")
+    if banned.shape[1] > positions or banned.shape[2] != vocab:
+        raise DiffGemmaError(
+            f"banned_tokens must be [batch={batch}, at most {positions}, {vocab}], got {list(banned.shape)}"
+        )
+    return torch.nn.functional.pad(banned.cpu(), (0, 0, 0, positions - banned.shape[1]), value=False)
+
+
+def _check_some_allowed(excluded: torch.Tensor, fixed: torch.Tensor | None, offset: int) -> None:
+    """Every free position of a canvas keeps at least one id once the ranges and the bans are applied."""
+    empty = excluded.all(dim=-1)
+    if fixed is not None:
+        empty &= ~fixed
+    if bool(empty.any()):
+        row, position = (int(v) for v in empty.nonzero()[0])
+        where = f"row {row}, generated position {offset + position}"
+        raise DiffGemmaError(f"{where}: every token is banned or out of range")
 
 
 def _trim(row: list[int], limit: int, eos: tuple[int, ...], prompt_length: int, stop_at_eos: bool) -> list[int]:

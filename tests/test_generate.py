@@ -154,6 +154,53 @@ def test_token_range_validation(tiny):
         tiny.generate("x", max_new_tokens=8, token_ranges=[(1, 2), (3,)])
 
 
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_banned_tokens_stay_out_of_every_draft_and_the_output(tiny, mode):
+    length, vocab = tiny.config.canvas_length, tiny.config.vocab_size
+    prompt = tiny.tokenizer.encode("bans")
+    free = tiny.generate(prompt, 2 * length, seed=3, mode=mode, eos_token_id=[]).sequences[0, len(prompt) :]
+    # ban, at every position, what the unconstrained run chose there and two thirds of the rest
+    banned = torch.rand(2 * length, vocab, generator=torch.Generator().manual_seed(0)) < 2 / 3
+    banned[torch.arange(2 * length), free] = True
+    banned[:, 0] = False  # one id stays open everywhere
+    clamp = [-1] * length + [int(free[length])]  # a clamp wins over a ban
+    constraints = {"clamp": clamp, "banned_tokens": banned, "eos_token_id": []}
+    events = list(tiny.stream(prompt, 2 * length, seed=3, mode=mode, **constraints))
+    drafts = [e for e in events if isinstance(e, Draft)]
+    assert len(drafts) >= 2
+    for draft in drafts:
+        rows = banned[draft.canvas_index * length : (draft.canvas_index + 1) * length]
+        hit = rows.gather(-1, draft.ids[0, :, None]).squeeze(-1)
+        if draft.canvas_index == 1:
+            hit[0] = False
+        assert not bool(hit.any())
+    generated = events[-1].result.sequences[0, len(prompt) :]
+    assert generated[length].item() == clamp[length]
+    hit = banned.gather(-1, generated[:, None]).squeeze(-1)
+    assert not bool(hit[:length].any()) and not bool(hit[length + 1 :].any())
+
+
+def test_banned_token_validation(tiny):
+    length, vocab = tiny.config.canvas_length, tiny.config.vocab_size
+    with pytest.raises(DiffGemmaError, match="boolean tensor"):
+        tiny.generate("x", max_new_tokens=8, banned_tokens=[[True]])
+    with pytest.raises(DiffGemmaError, match="booleans"):
+        tiny.generate("x", max_new_tokens=8, banned_tokens=torch.zeros(4, vocab))
+    with pytest.raises(DiffGemmaError, match=rf"at most {length}, {vocab}\]"):
+        tiny.generate("x", max_new_tokens=8, banned_tokens=torch.zeros(length + 1, vocab, dtype=torch.bool))
+    everything = torch.zeros(4, vocab, dtype=torch.bool)
+    everything[2, :] = True
+    with pytest.raises(DiffGemmaError, match="row 0, generated position 2: every token is banned"):
+        tiny.generate("x", max_new_tokens=8, banned_tokens=everything)
+    # within a range, banning the range's every id leaves nothing either; a clamp there is fine
+    ranges, banned = [(5, 8)] * 4, torch.zeros(4, vocab, dtype=torch.bool)
+    banned[1, 5:8] = True
+    with pytest.raises(DiffGemmaError, match="position 1: every token"):
+        tiny.generate("x", max_new_tokens=8, token_ranges=ranges, banned_tokens=banned)
+    clamped = tiny.generate("x", max_new_tokens=4, token_ranges=ranges, banned_tokens=banned, clamp=[-1, 6], seed=0)
+    assert clamped.sequences[0, clamped.prompt_length + 1].item() == 6
+
+
 def test_infill_keeps_prefix_and_suffix(tiny):
     result = tiny.infill("def add(a, b):\n    ", "\n    return c\n", length=6, seed=2)
     assert result.text.startswith("def add(a, b):\n    ")

@@ -34,15 +34,16 @@ def test_transformers_loads_it_with_the_same_logits():
 
 
 def test_it_fills_fresh_puzzles_far_above_chance(capsys):
-    """Fresh puzzles it has never seen. The shipped model is an early one (bench/RESULTS.md: it gets about
-    60% of empty cells right and solves about a fifth of the grids); the floor sits well above chance (1 in 9)
-    and below its measured rate, so this catches a broken model or sampler, not noise."""
+    """Fresh puzzles it has never seen. The shipped model is an early one (bench/RESULTS.md: with candidates it
+    gets about 80% of empty cells right over 24-36 givens and solves about half the grids, some 80% at 32-36);
+    the floors sit far above chance and below its measured rates, so this catches a broken model or sampler,
+    not noise."""
     model = diffgemma.load(SHIPPED)
     rng = random.Random(4242)
     puzzles = [sudoku.make_puzzle(rng, rng.randint(32, 36))[0] for _ in range(12)]
     metrics = sudoku.evaluate(model, puzzles, batch_size=12)
     assert metrics["givens_kept_rate"] == 1.0
-    assert metrics["cell_accuracy"] > 0.25, metrics
+    assert metrics["cell_accuracy"] > 0.5 and metrics["solved_rate"] >= 0.25, metrics
 
     assert main(["sudoku", "--seed", "3", "--givens", "34"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()[-1]) == 81

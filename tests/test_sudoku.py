@@ -9,6 +9,7 @@ import torch
 import diffgemma
 from diffgemma import DiffGemmaError
 from diffgemma.cli import main
+from diffgemma.generate import Draft
 from diffgemma.tasks import sudoku
 
 
@@ -100,6 +101,41 @@ def test_clamped_solving_keeps_every_given(sudoku_model):
     assert set(metrics) >= {"solved_rate", "cell_accuracy", "givens_kept_rate", "mean_steps", "n", "per_givens"}
 
 
+def test_given_bans_are_the_digits_a_given_peer_holds():
+    rng = random.Random(8)
+    puzzles = [sudoku.make_puzzle(rng, givens)[0] for givens in (24, 30, 36)]
+    bans = sudoku.given_bans(puzzles)
+    assert bans.shape == (3, 81, sudoku.VOCAB_SIZE) and bans.dtype == torch.bool
+    for puzzle, ban in zip(puzzles, bans, strict=True):
+        solution = sudoku.solve(puzzle, 1)[0]
+        expected = torch.zeros_like(ban)
+        for cell in range(81):
+            if puzzle[cell] == 0:
+                for peer in sudoku.PEERS[cell]:
+                    if puzzle[peer]:
+                        expected[cell, sudoku.cell_token(cell, puzzle[peer])] = True
+                assert not ban[cell, sudoku.cell_token(cell, solution[cell])]
+        assert torch.equal(ban, expected) and 0 < int(ban.sum()) < 9 * puzzle.count(0)
+
+
+def test_candidates_keep_ruled_out_digits_off_the_board(sudoku_model):
+    puzzles = [sudoku.make_puzzle(random.Random(9), 24)[0]]
+    bans = sudoku.given_bans(puzzles)[0]
+
+    def ruled_out(grid: list[int]) -> int:
+        return sum(bool(bans[c, sudoku.cell_token(c, v)]) for c, v in enumerate(grid) if v and not puzzles[0][c])
+
+    events = list(sudoku_model.stream(seed=4, **sudoku.solver_inputs(puzzles)))
+    drafts = [sudoku.grid_from_ids(e.ids[0].tolist()) for e in events if isinstance(e, Draft)]
+    assert len(drafts) == 4 and all(ruled_out(grid) == 0 for grid in drafts)
+    assert ruled_out(sudoku.solve_batch(sudoku_model, puzzles, seed=4).grids[0]) == 0
+    assert ruled_out(sudoku.solve_batch(sudoku_model, puzzles, seed=4, candidates=False).grids[0]) > 0
+    # the left-to-right decoding takes the same bans (any network of this format decodes that way too)
+    (banned_row,) = sudoku.autoregressive_rows(sudoku_model, puzzles, clamp=True, candidates=True)
+    (free_row,) = sudoku.autoregressive_rows(sudoku_model, puzzles, clamp=True)
+    assert ruled_out(banned_row["grid"]) == 0 and ruled_out(free_row["grid"]) > 0
+
+
 def test_tries_resolve_only_rule_breaking_grids(sudoku_model, monkeypatch):
     rng = random.Random(5)
     puzzles = [sudoku.make_puzzle(rng, 30)[0] for _ in range(3)]
@@ -151,6 +187,20 @@ def test_eval_command_json(sudoku_model, tmp_path, capsys):
     )
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["n"] == 2 and report["givens_kept_rate"] == 1.0
+
+
+def test_no_candidates_option_reaches_the_solver(sudoku_model, tmp_path, monkeypatch, capsys):
+    calls: list[int] = []
+    real = sudoku.given_bans
+    monkeypatch.setattr(sudoku, "given_bans", lambda puzzles: calls.append(len(puzzles)) or real(puzzles))
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(sudoku.format_grid(sudoku.make_puzzle(random.Random(4), 34)[0]) for _ in range(2)))
+    common = ["--model", str(sudoku_model.folder), "--steps", "2"]
+    assert main(["eval", "sudoku", "--puzzles", str(path), "--no-candidates", *common]) == 0 and calls == []
+    assert main(["sudoku", "--seed", "1", "--tries", "1", "--no-candidates", *common]) == 0 and calls == []
+    assert main(["eval", "sudoku", "--puzzles", str(path), *common]) == 0 and calls == [2]
+    assert main(["sudoku", "--seed", "1", "--tries", "1", *common]) == 0 and calls == [2, 1]
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])

@@ -3,9 +3,12 @@
 Format: every token names a cell and its content (`r3c7=5`, `r3c7=.` when empty). The diffusion model's
 prompt is BOS alone and its canvas is the 81 cells, row by row: at solve time the givens are clamped on the
 canvas (fixed in every step and in the output) and each empty cell diffuses over its own nine tokens
-(`token_ranges`), so a sample, a draft and the re-noising never leave the cell. Training corrupts the same
-way: an empty cell's token becomes a uniformly random one of its nine (givens stay clean), the t ~ U(eps, 1)
-schedule of the objective.
+(`token_ranges`), so a sample, a draft and the re-noising never leave the cell. By default an empty cell also
+never samples a digit that a given in its row, column or box holds (`given_bans`: its candidates from the
+givens alone, the pencil marks a person starts with; the rules rule those digits out for certain, and the
+re-noising still draws any of the nine, as in training). Training corrupts the same way: an empty cell's
+token becomes a uniformly random one of its nine (givens stay clean), the t ~ U(eps, 1) schedule of the
+objective.
 
 Why cell-named tokens on the canvas: attention sees only relative positions (RoPE), so a digit alone would
 have to learn where it sits from offsets; the token carries its place (an earlier layout spent a marker
@@ -53,6 +56,9 @@ UNITS = (
     + [[(br * 3 + r) * 9 + bc * 3 + c for r in range(3) for c in range(3)] for br in range(3) for bc in range(3)]
 )
 ALL = 0x3FE  # bits 1..9
+PEER_MATRIX = torch.zeros(CELLS, CELLS)  # [cell, peer] 1.0 where the two share a row, a column or a box
+for _cell, _peers in enumerate(PEERS):
+    PEER_MATRIX[_cell, list(_peers)] = 1.0
 
 
 def parse(line: str, where: str = "puzzle") -> list[int]:
@@ -231,6 +237,20 @@ def cell_ranges() -> list[tuple[int, int]]:
     return [(cell_token(cell, 1), cell_token(cell, 9) + 1) for cell in range(CELLS)]
 
 
+def given_bans(puzzles: Sequence[Sequence[int]]) -> torch.Tensor:
+    """[N, 81, VOCAB_SIZE] booleans: at each empty cell, the tokens of the digits a given among its peers
+    holds. The digits left are the cell's candidates from the givens alone; the solution's digit is always
+    among them."""
+    grids = torch.tensor([list(p) for p in puzzles], dtype=torch.long).reshape(-1, CELLS)
+    held = torch.nn.functional.one_hot(grids, 10).float()
+    seen = torch.einsum("cq,nqd->ncd", PEER_MATRIX, held) > 0
+    seen[..., 0] = False  # an empty peer rules nothing out
+    seen &= (grids == 0)[..., None]
+    tokens = cell_token(torch.arange(CELLS)[:, None], torch.arange(10)[None, :])
+    bans = torch.zeros(len(grids), CELLS, VOCAB_SIZE, dtype=torch.bool)
+    return bans.scatter_(-1, tokens.expand(len(grids), -1, -1), seen)
+
+
 def grid_from_ids(ids: Sequence[int]) -> list[int]:
     """The 81 digits of a canvas; a token that is not its cell's digit reads as empty."""
     grid = []
@@ -240,13 +260,15 @@ def grid_from_ids(ids: Sequence[int]) -> list[int]:
     return grid
 
 
-def solver_inputs(puzzles: Sequence[Sequence[int]], clamp: bool = True) -> dict:
-    """`generate`'s arguments that solve `puzzles` (one canvas each): prompts, clamped givens, cell ranges."""
+def solver_inputs(puzzles: Sequence[Sequence[int]], clamp: bool = True, candidates: bool = True) -> dict:
+    """`generate`'s arguments that solve `puzzles` (one canvas each): prompts, clamped givens, cell ranges,
+    and with `candidates` the digits the givens rule out banned (`given_bans`)."""
     return {
         "prompt": [prompt_ids() for _ in puzzles],
         "max_new_tokens": CANVAS,
         "clamp": [clamp_ids(p) for p in puzzles] if clamp else None,
         "token_ranges": [cell_ranges()] * len(puzzles),
+        "banned_tokens": given_bans(puzzles) if candidates else None,
         "eos_token_id": [],
     }
 
@@ -258,12 +280,18 @@ class SolveOutcome:
 
 
 def solve_batch(
-    model, puzzles: Sequence[Sequence[int]], seed: int | Sequence[int] = 0, clamp: bool = True, **sampler
+    model,
+    puzzles: Sequence[Sequence[int]],
+    seed: int | Sequence[int] = 0,
+    clamp: bool = True,
+    candidates: bool = True,
+    **sampler,
 ) -> SolveOutcome:
-    """Solve puzzles with a loaded model (one canvas each), givens clamped unless `clamp` is False. Puzzle i
-    is solved with seed `seed + i`, or `seed[i]` given a list."""
+    """Solve puzzles with a loaded model (one canvas each), givens clamped unless `clamp` is False, digits the
+    givens rule out banned unless `candidates` is False. Puzzle i is solved with seed `seed + i`, or
+    `seed[i]` given a list."""
     seeds = [seed + i for i in range(len(puzzles))] if isinstance(seed, int) else list(seed)
-    result = model.generate(seed=seeds, **solver_inputs(puzzles, clamp), **sampler)
+    result = model.generate(seed=seeds, **solver_inputs(puzzles, clamp, candidates), **sampler)
     generated = result.sequences[:, result.prompt_length :].tolist()
     return SolveOutcome([grid_from_ids(row) for row in generated], result.steps[0])
 
@@ -274,10 +302,16 @@ def try_seed(seed: int, attempt: int) -> int:
 
 
 def evaluate(
-    model, puzzles: Sequence[Sequence[int]], batch_size: int = 32, seed: int = 0, tries: int = 1, **sampler
+    model,
+    puzzles: Sequence[Sequence[int]],
+    batch_size: int = 32,
+    seed: int = 0,
+    tries: int = 1,
+    candidates: bool = True,
+    **sampler,
 ) -> dict:
     """Exact-solve rate, accuracy on empty cells, givens kept, mean denoising steps; overall and per givens."""
-    return summarize(evaluate_rows(model, puzzles, batch_size, seed, tries, **sampler))
+    return summarize(evaluate_rows(model, puzzles, batch_size, seed, tries, candidates=candidates, **sampler))
 
 
 def evaluate_rows(
@@ -287,6 +321,7 @@ def evaluate_rows(
     seed: int = 0,
     tries: int = 1,
     previous: Sequence[dict] | None = None,
+    candidates: bool = True,
     **sampler,
 ) -> list[dict]:
     """One `score` row a puzzle (with its grid and the tries it took). Puzzle i is solved with seed
@@ -294,7 +329,7 @@ def evaluate_rows(
     a larger run. With `tries` > 1, a grid that breaks a rule of sudoku (checked without the solution, as a
     user could) is solved again with a fresh seed (`try_seed`), up to `tries` times; its steps add up over
     the tries. `previous`: rows an earlier call gave for the same puzzles and seed with fewer tries; their
-    grids stand and only the unsolved puzzles go on to the next tries."""
+    grids stand and only the unsolved puzzles go on to the next tries. `candidates`: see `solve_batch`."""
     if tries < 1:
         raise DiffGemmaError(f"tries must be at least 1, got {tries}")
     if previous is None:
@@ -310,7 +345,7 @@ def evaluate_rows(
         for start in range(0, len(pending), batch_size):
             chosen = pending[start : start + batch_size]
             seeds = [try_seed(seed + i, attempt) for i in chosen]
-            outcome = solve_batch(model, [puzzles[i] for i in chosen], seed=seeds, **sampler)
+            outcome = solve_batch(model, [puzzles[i] for i in chosen], seeds, candidates=candidates, **sampler)
             for i, grid, count in zip(chosen, outcome.grids, outcome.steps, strict=True):
                 grids[i], steps[i], taken[i] = grid, steps[i] + count, attempt + 1
         pending = [i for i in pending if not is_solution(grids[i], puzzles[i])]
@@ -335,14 +370,28 @@ def score(puzzle: Sequence[int], grid: Sequence[int], steps: int) -> dict:
     }
 
 
-@torch.no_grad()
 def solve_autoregressive(
-    model, puzzles: Sequence[Sequence[int]], batch_size: int = 32, seed: int = 0, clamp: bool = False, **_
+    model,
+    puzzles: Sequence[Sequence[int]],
+    batch_size: int = 32,
+    seed: int = 0,
+    clamp: bool = False,
+    candidates: bool = False,
+    **_,
 ) -> dict:
-    """The left-to-right baseline's report: greedy decoding with the causal encoder, cell by cell, each
-    cell the argmax over its nine tokens; one forward pass a cell (steps = 81). Givens are written by the
-    model (`clamp=False`, as such baselines are run) or forced into the sequence as it is decoded
-    (`clamp=True`). `seed` is unused: decoding is greedy."""
+    """The left-to-right baseline's report (`autoregressive_rows`). `seed` is unused: decoding is greedy."""
+    return summarize(autoregressive_rows(model, puzzles, batch_size, clamp, candidates))
+
+
+@torch.no_grad()
+def autoregressive_rows(
+    model, puzzles: Sequence[Sequence[int]], batch_size: int = 32, clamp: bool = False, candidates: bool = False
+) -> list[dict]:
+    """One `score` row a puzzle for the left-to-right baseline: greedy decoding with the causal encoder, cell
+    by cell, each cell the argmax over its nine tokens; one forward pass a cell (steps = 81). Givens are
+    written by the model (`clamp=False`, as such baselines are run) or forced into the sequence as it is decoded
+    (`clamp=True`); with `candidates` an empty cell's argmax skips the digits the givens rule out
+    (`given_bans`), as the diffusion solver's does."""
     network = model.network
     ranges = cell_ranges()
     rows = []
@@ -350,19 +399,23 @@ def solve_autoregressive(
         chunk = puzzles[start : start + batch_size]
         ids = torch.tensor([autoregressive_prompt_ids(p) for p in chunk], device=network.device)
         givens = torch.tensor([list(p) for p in chunk], device=network.device)
+        bans = given_bans(chunk).to(network.device) if candidates else None
         cache = network.new_cache(len(chunk), ids.shape[1] + CANVAS)
         hidden = network.encode(ids, cache)
         grid = torch.zeros_like(givens)
         for cell in range(CELLS):
             low, high = ranges[cell]
-            choice = network.head(hidden[:, -1])[:, low:high].argmax(dim=-1) + 1
+            scores = network.head(hidden[:, -1])[:, low:high]
+            if bans is not None:
+                scores = scores.masked_fill(bans[:, cell, low:high], float("-inf"))
+            choice = scores.argmax(dim=-1) + 1
             if clamp:
                 choice = torch.where(givens[:, cell] > 0, givens[:, cell], choice)
             grid[:, cell] = choice
             if cell + 1 < CELLS:
                 hidden = network.encode(cell_token(cell, choice)[:, None], cache)
         rows += [score(p, g, CELLS) for p, g in zip(chunk, grid.tolist(), strict=True)]
-    return summarize(rows)
+    return rows
 
 
 def summarize(rows: list[dict]) -> dict:
