@@ -553,7 +553,7 @@ def _checked_banned(banned: torch.Tensor, batch: int, positions: int, vocab: int
         raise DiffGemmaError(
             f"banned_tokens must be [batch={batch}, at most {positions}, {vocab}], got {list(banned.shape)}"
         )
-    return torch.nn.functional.pad(banned.cpu(), (0, 0, 0, positions - banned.shape[1]), value=False)
+    return torch.nn.functional.pad(banned, (0, 0, 0, positions - banned.shape[1]), value=False)
 
 
 def _check_some_allowed(excluded: torch.Tensor, fixed: torch.Tensor | None, offset: int) -> None:
