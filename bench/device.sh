@@ -2,14 +2,16 @@
 # Everything the lent GPU is for, in one call that fits its 10-minute limit. Each part runs in its own
 # process under its own time limit, so one that fails or overruns costs only itself; results and logs go to
 # $OUT (the device tool brings that folder back):
-#   1. bench/gpu.py on the 26B-A4B shape: diffgemma in bf16, fp8 and int4 (steps, floor, AR, memory, syncs);
-#   2. (TRAIN_SECONDS > 0) the sudoku model trained for TRAIN_SECONDS, beside the autoregressive baseline (the same network and
-#      budget: both train at once on the one GPU for the same wall-clock time);
-#   3. both scored by bench/sudoku.py on the 1,000 puzzles of $PUZZLES (diffusion, 1 step, int8, int4, AR);
-#   4. transformers on the same 26B-A4B weights: eager, then compiled with a static cache (whatever time is left).
+#   1. bench/gpu.py on the 26B-A4B shape: diffgemma in bf16, fp8 and int4, eager and CUDA graph (steps, floor,
+#      whole loop, AR, memory, syncs), a kernel profile of each format's graph step;
+#   2. the same for bf16 and fp8 with the decoder's layers compiled (torch.compile), graph and profile;
+#   3. (TRAIN_SECONDS > 0) the sudoku model trained for TRAIN_SECONDS, beside the autoregressive baseline (the same
+#      network and budget: both train at once on the one GPU for the same wall-clock time), both scored by
+#      bench/sudoku.py on the 1,000 puzzles of $PUZZLES (diffusion, 1 step, int8, int4, AR);
+#   4. (REFERENCE="eager compiled") transformers on the same 26B-A4B weights, whatever time is left.
 # Inputs (carried, ignored by git): .whl/ (transformers 5.23 for the reference), .devdata/ (the puzzle
 # pool cache and the evaluation puzzles). A dry run on the CPU at tiny sizes:
-#   DEVICE=cpu SHAPE=tiny DTYPE=float32 TRAIN_SECONDS=20 BATCH=8 POOL=100 \
+#   DEVICE=cpu SHAPE=tiny DTYPE=bfloat16 TRAIN_SECONDS=20 BATCH=8 POOL=100 REFERENCE=eager \
 #   POOL_FILE=/tmp/pool.txt PUZZLES=/tmp/puzzles.txt LIMIT=900 OUT=/tmp/out bash bench/device.sh
 set -u
 OUT=${OUT:?set OUT to a folder for results}
@@ -22,6 +24,9 @@ POOL=${POOL:-40000}
 PUZZLES=${PUZZLES:-.devdata/eval1000.txt}
 POOL_FILE=${POOL_FILE:-.devdata/sudoku_pool.txt}
 LIMIT=${LIMIT:-585}
+PLAIN_LIMIT=${PLAIN_LIMIT:-240}
+COMPILE_LIMIT=${COMPILE_LIMIT:-240}
+REFERENCE=${REFERENCE:-}  # the 2026-11-27 run measured both modes on an H100 (bench/RESULTS.md)
 ITERS=${ITERS:-20}
 started=$(date +%s)
 mkdir -p "$OUT"
@@ -38,11 +43,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
 say "1. bench/gpu.py: diffgemma"
-timeout 170 python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \
-    --reference "" --results "$OUT/gpu.md" || say "gpu.py (diffgemma) ended with $?"
+timeout "$PLAIN_LIMIT" python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \
+    --reference "" --profile "$OUT" --results "$OUT/gpu.md" || say "gpu.py (diffgemma) ended with $?"
+
+budget=$(( $(left) - 10 )); [ "$budget" -gt "$COMPILE_LIMIT" ] && budget=$COMPILE_LIMIT
+say "2. bench/gpu.py: diffgemma, compiled layers (limit ${budget} s)"
+timeout "$budget" python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \
+    --formats none,fp8 --compile --reference "" --profile "$OUT" --results "$OUT/gpu.md" \
+    || say "gpu.py (compiled) ended with $?"
 
 if [ "$TRAIN_SECONDS" -gt 0 ]; then
-say "2. sudoku: diffusion and the autoregressive baseline, ${TRAIN_SECONDS} s each, side by side"
+say "3. sudoku: diffusion and the autoregressive baseline, ${TRAIN_SECONDS} s each, side by side"
 common=(--device "$DEVICE" --seconds "$TRAIN_SECONDS" --batch-size "$BATCH" --lr 2e-3 --pool "$POOL"
     --pool-file "$POOL_FILE" --eval-every 1000 --eval-puzzles 64 --threads 4 --seed 0)
 run_dir=/tmp/sudoku-runs
@@ -57,7 +68,7 @@ wait $diffusion; say "diffusion training ended with $?"
 wait $baseline; say "autoregressive training ended with $?"
 tail -n 4 "$run_dir/diffusion.log" "$run_dir/ar.log"
 
-say "3. the shipped candidate in bf16, scored on $PUZZLES"
+say "3b. the shipped candidate in bf16, scored on $PUZZLES"
 python3 - "$run_dir" <<'EOF'
 import shutil, sys, torch, diffgemma
 run = sys.argv[1]
@@ -75,7 +86,7 @@ timeout $(( $(left) > 200 ? 110 : $(left) / 2 )) python3 bench/sudoku.py --model
     || say "sudoku.py ended with $?"
 fi
 
-for mode in eager compiled; do
+for mode in $REFERENCE; do
     budget=$(( $(left) - 5 ))
     if [ "$budget" -lt 20 ]; then say "no time left for transformers ($mode)"; echo "- transformers ($mode): not run, the call's time was spent" >>"$OUT/gpu.md"; continue; fi
     [ "$mode" = eager ] && [ "$budget" -gt 100 ] && budget=100

@@ -17,6 +17,7 @@ synchronise with the host (torch.cuda.set_sync_debug_mode). Each part that fails
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import statistics
@@ -108,8 +109,8 @@ def denoise_step(network: DiffusionGemma, batch: int, prompt_length: int, graph:
     scale = torch.tensor(1 / 0.6, device=device)  # temperature 0.6, folded into the head as the loop does
 
     def step():
-        if decoder is not None and state["probs"] is probs_buffer:
-            logits = decoder(canvas, scale)
+        if decoder is not None:
+            logits = decoder(canvas, scale, first_step=state["probs"] is None)
         else:
             logits = network.denoise(canvas, cache, state["probs"], logits_out=logits_buffer, logit_scale=scale)
         out = sampler_step(logits, canvas, 0.1, rng, None, probs_buffer)
@@ -117,6 +118,26 @@ def denoise_step(network: DiffusionGemma, batch: int, prompt_length: int, graph:
         return out.canvas
 
     return step
+
+
+def generation_tokens_per_s(network: DiffusionGemma, batch: int, prompt_length: int, canvases: int = 2) -> float:
+    """Tokens/s of the whole loop (prompt encoding, 16 steps a canvas with no early stop, each finished canvas
+    encoded, CUDA graph): the second of two runs, so capture and compilation stay out."""
+    from diffgemma.config import SamplerSettings
+
+    config, device = network.config, network.device
+    settings = SamplerSettings(
+        max_denoising_steps=CANVAS_STEPS, max_new_tokens=canvases * config.canvas_length, confidence_threshold=0.0
+    )
+    prompt = torch.randint(3, config.vocab_size, (batch, prompt_length), device=device)
+    for _ in range(2):
+        synchronize(device)
+        started = time.perf_counter()
+        for _event in denoising_loop(network, settings, prompt, seed=1, stop_at_eos=False, cuda_graph=True):
+            pass
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    return batch * canvases * config.canvas_length / seconds
 
 
 def ar_token(network: DiffusionGemma, batch: int, prompt_length: int, tokens: int) -> Callable[[], object]:
@@ -222,7 +243,7 @@ def sampler_extra_bytes(device: torch.device, vocab: int, batch: int, length: in
 
 def syncs_per_step(network: DiffusionGemma, device: torch.device, cuda_graph: bool = False) -> str:
     """Run one canvas of the real loop with CUDA's sync debugging on; count synchronising calls per step
-    (with `cuda_graph`, step 3 captures the graph, which synchronises once)."""
+    (with `cuda_graph`, from step 3: step 1 warms the graph's pass up, step 2 captures it, which synchronises)."""
     if device.type != "cuda":
         return "skipped (not CUDA)"
     from diffgemma.config import SamplerSettings
@@ -239,12 +260,15 @@ def syncs_per_step(network: DiffusionGemma, device: torch.device, cuda_graph: bo
             )
             for event in events:
                 if isinstance(event, Draft):
-                    if event.step > 1:
+                    if event.step > (2 if cuda_graph else 1):
                         counts.append(len(caught) - seen)
                     seen = len(caught)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return f"steps 2-{len(counts) + 1}: {sum(counts)} synchronising calls ({'OK' if not any(counts) else counts})"
+    first = 3 if cuda_graph else 2
+    return f"steps {first}-{len(counts) + first - 1}: {sum(counts)} synchronising calls " + (
+        "(OK)" if not any(counts) else f"({counts})"
+    )
 
 
 @torch.no_grad()
@@ -268,16 +292,22 @@ def experts_check(network: DiffusionGemma, device: torch.device) -> str:
 
 
 def graph_row(network: DiffusionGemma, name: str, batch: int, prompt: int, iters: int, floor: float, peak) -> str:
-    """The table row of a step whose decoder pass is replayed from a CUDA graph."""
+    """The table row of a step whose decoder pass is replayed from a CUDA graph, with the whole loop's
+    tokens/s (two canvases, each finished one encoded) beside the step's."""
+    label = f"diffgemma {name}, CUDA graph"
     try:
         ms = median_ms(denoise_step(network, batch, prompt, graph=True), iters, network.device)
     except Exception as err:
         traceback.print_exc()
-        return f"| diffgemma {name}, CUDA graph | {batch} | failed: {type(err).__name__}: {err} |"
+        return f"| {label} | {batch} | failed: {type(err).__name__}: {err} |"
     tokens = batch * network.config.canvas_length / (CANVAS_STEPS * ms / 1000)
+    try:
+        whole = f"{generation_tokens_per_s(network, batch, prompt):,.0f}"
+    except Exception as err:
+        traceback.print_exc()
+        whole = f"failed: {type(err).__name__}: {err}"
     return (
-        f"| diffgemma {name}, CUDA graph | {batch} | {ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | {tokens:,.0f} "
-        f"| | | | {peak()} |"
+        f"| {label} | {batch} | {ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | {tokens:,.0f} | {whole} | | | | {peak()} |"
     )
 
 
@@ -327,6 +357,28 @@ def fp8_check(network: DiffusionGemma, device: torch.device) -> str:
     )
 
 
+def kernel_profile(network: DiffusionGemma, prompt: int, path: Path) -> str:
+    """Where a CUDA-graph step's GPU time goes (torch.profiler over three steps, batch 1): the table goes to
+    `path`, the summary line is returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = denoise_step(network, 1, prompt, graph=True)
+    with torch.no_grad():
+        for _ in range(3):
+            step()
+        synchronize(network.device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            synchronize(network.device)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    path.write_text(table)
+    device_ms = sum(event.self_device_time_total for event in averages) / 1000 / 3
+    kernels = sum(event.count for event in averages if event.device_type.name == "CUDA") / 3
+    return f"profile ({path.name}): {device_ms:.1f} ms of GPU time a step, {kernels:.0f} GPU activities a step"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="26b-a4b", help="preset shape (26b-a4b, or tiny for a dry run)")
@@ -339,6 +391,10 @@ def main() -> None:
     parser.add_argument(
         "--reference", default="eager,compiled", help="transformers modes to time on the same weights ('' for none)"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="the decoder's layers through torch.compile (compile_decoder); no AR"
+    )
+    parser.add_argument("--profile", default=None, help="a folder for a kernel profile of each format's graph step")
     parser.add_argument("--no-append", action="store_true", help="print only; do not touch bench/RESULTS.md")
     parser.add_argument("--results", default=None, help="append to this file instead of bench/RESULTS.md")
     args = parser.parse_args()
@@ -368,10 +424,25 @@ def main() -> None:
 
     for format_name in formats:
         fmt = None if format_name == "none" else QuantFormat(format_name)
-        name = short if fmt is None else f"{format_name} ({short} rest)"
+        name = (short if fmt is None else f"{format_name} ({short} rest)") + (", compiled" if args.compile else "")
         try:
             fresh_peak()
             network = random_network(config, fmt, device, dtype)
+            if format_name == "int4" and device.type == "cuda":  # first, before any graph holds a memory pool
+                torch.cuda.reset_peak_memory_stats(device)
+                with torch.no_grad():
+                    median_ms(denoise_step(network, 1, 4096), 3, device)
+                lines.append(f"int4, 4k context, batch 1: peak GPU memory {peak()} GiB (target <= 16.8 GiB = 18 GB)")
+                print(lines[-1], flush=True)
+            if args.compile:
+                network.compile_decoder()
+                for batch in batches:
+                    started = time.perf_counter()
+                    with torch.no_grad():
+                        denoise_step(network, batch, args.prompt)()
+                    synchronize(device)
+                    lines.append(f"{name}, batch {batch}: first step (compiles) {time.perf_counter() - started:.0f} s")
+                    print(lines[-1], flush=True)
             lines.append(f"{name}: {experts_check(network, device)}")
             try:
                 lines.append(f"{name}: {graph_check(network, device)}")
@@ -384,27 +455,36 @@ def main() -> None:
                 for batch in batches:
                     ms = median_ms(denoise_step(network, batch, args.prompt), args.iters, device)
                     floor = step_bytes(config, fmt, dtype, batch, args.prompt) / bandwidth * 1000
-                    ar_ms = median_ms(ar_token(network, batch, args.prompt, args.iters + 4), args.iters, device)
                     diffusion = batch * length / (CANVAS_STEPS * ms / 1000)
-                    autoregressive = batch / (ar_ms / 1000)
+                    ar = "| | |"
+                    if not args.compile:
+                        ar_ms = median_ms(ar_token(network, batch, args.prompt, args.iters + 4), args.iters, device)
+                        autoregressive = batch / (ar_ms / 1000)
+                        ar = f"{ar_ms:.2f} | {autoregressive:,.0f} | {diffusion / autoregressive:.1f}x |"
                     rows.append(
                         f"| diffgemma {name} | {batch} | {ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | "
-                        f"{diffusion:,.0f} | {ar_ms:.2f} | {autoregressive:,.0f} | {diffusion / autoregressive:.1f}x | "
-                        f"{peak()} |"
+                        f"{diffusion:,.0f} | | {ar} {peak()} |"
                     )
                     print(rows[-1], flush=True)
-                    if device.type == "cuda":
-                        rows.append(graph_row(network, name, batch, args.prompt, args.iters, floor, peak))
-                        print(rows[-1], flush=True)
+                    # (off CUDA the graph path runs uncaptured: the dry run still walks through it)
+                    rows.append(graph_row(network, name, batch, args.prompt, args.iters, floor, peak))
+                    print(rows[-1], flush=True)
+            if args.profile and device.type == "cuda":
+                try:
+                    slug = format_name + ("-compiled" if args.compile else "")
+                    lines.append(
+                        f"{name}: {kernel_profile(network, args.prompt, Path(args.profile, f'profile-{slug}.txt'))}"
+                    )
+                except Exception as err:
+                    lines.append(f"{name}: profile failed: {type(err).__name__}: {err}")
+                    traceback.print_exc()
             if fmt is None:
                 lines.append(f"no host sync inside a canvas: {syncs_per_step(network, device)}")
                 lines.append(f"the same with CUDA graphs: {syncs_per_step(network, device, cuda_graph=True)}")
-            if format_name == "int4" and device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                with torch.no_grad():
-                    median_ms(denoise_step(network, 1, 4096), 3, device)
-                lines.append(f"int4, 4k context, batch 1: peak GPU memory {peak()} GiB (target <= 16.8 GiB = 18 GB)")
             del network
+            if args.compile:  # compiled code keeps the network's tensors alive until Dynamo's caches go
+                torch._dynamo.reset()
+            gc.collect()
         except Exception as err:
             rows.append(f"| diffgemma {name} | - | failed: {type(err).__name__}: {err} |")
             traceback.print_exc()
@@ -420,7 +500,7 @@ def main() -> None:
                         ms = reference_step_ms(reference, batch, args.prompt, mode == "compiled", device)
                         rows.append(
                             f"| {label} | {batch} | {ms:.1f} | | | "
-                            f"{batch * length / (CANVAS_STEPS * ms / 1000):,.0f} | | | | {peak()} |"
+                            f"{batch * length / (CANVAS_STEPS * ms / 1000):,.0f} | | | | | {peak()} |"
                         )
                         print(rows[-1], flush=True)
                     except Exception as err:
@@ -440,14 +520,15 @@ def main() -> None:
                 f"its distribution buffer ({extra / one:.2f} of one [8, {length}, {vocab}] float32 tensor)"
             )
     header = (
-        "| run | batch | ms/step | floor ms | vs floor | tokens/s (16 steps) | AR ms/token | AR tokens/s | "
-        "diffusion/AR | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| run | batch | ms/step | floor ms | vs floor | tokens/s (16 steps) | whole loop tokens/s | AR ms/token | "
+        "AR tokens/s | diffusion/AR | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     table = header + "\n" + "\n".join(rows)
     notes = (
         f"Shape {args.shape}: {config.parameter_counts()[0] / 1e9:.2f}B parameters, random weights; prompt "
-        f"{args.prompt}, canvas {length}, median of {args.iters}. Floor: bytes a step reads / copy bandwidth.\n"
-        + "\n".join(f"- {line}" for line in lines)
+        f"{args.prompt}, canvas {length}, median of {args.iters}. Floor: bytes a step reads / copy bandwidth. "
+        "Whole loop: two canvases of 16 steps (no early stop), the prompt and the first canvas encoded, CUDA "
+        "graph, the second of two runs.\n" + "\n".join(f"- {line}" for line in lines)
     )
     if args.no_append:
         print(table + "\n\n" + notes)

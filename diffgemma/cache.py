@@ -95,3 +95,49 @@ class EncoderCache:
             for layer in self.layers
             for t in (layer.keys, layer.values, layer.positions, layer.valid)
         )
+
+
+class DecoderView:
+    """What a decoder pass reads besides the cache's keys and values, at addresses that stay put.
+
+    A CUDA graph replays fixed kernels over fixed addresses, so a pass it captures cannot slice the cache by
+    its current length or take new masks each canvas. Through a view the decoder attends over every slot of
+    each layer's buffer: the canvas's keys go to slots named by a device tensor, and a mask hides slots not
+    yet written. `refresh` rewrites the positions, slots and masks in place when the cache has grown (one
+    canvas encoded), outside any capture; the same graph then serves every canvas of a generation.
+    """
+
+    def __init__(self, cache: EncoderCache, length: int) -> None:
+        if cache.keep_all:
+            raise ValueError("a decoder view serves inference caches (training's keep_all cache has no window)")
+        device = cache.layers[0].keys.device
+        self.length = length
+        self.capacity = cache.capacity
+        self.cache_length = -1  # what the tensors below describe; -1: not yet filled
+        self.positions = torch.empty(length, dtype=torch.long, device=device)
+        self.masks: dict[bool, torch.Tensor] = {}  # by "is a ring (sliding window)": [B, 1, 1, slots]
+        for layer in cache.layers:
+            self.masks.setdefault(
+                layer.ring is not None,
+                torch.empty(cache.batch_size, 1, 1, layer.keys.shape[2], dtype=torch.bool, device=device),
+            )
+
+    def refresh(self, cache: EncoderCache) -> None:
+        if cache.capacity != self.capacity:
+            raise RuntimeError("the cache grew after its decoder view was made; make a new view")
+        if cache.length == self.cache_length:
+            return
+        self.positions.copy_(torch.arange(cache.length, cache.length + self.length, device=self.positions.device))
+        for ring, mask in self.masks.items():
+            layer = next(layer for layer in cache.layers if (layer.ring is not None) == ring)
+            stored = cache.stored_slots(layer)
+            mask.fill_(False)
+            mask[:, 0, 0, :stored] = layer.valid[:, :stored]
+            mask[:, 0, 0, stored : stored + self.length] = True
+        self.cache_length = cache.length
+
+    def canvas_slots(self, layer: LayerCache) -> torch.Tensor | slice:
+        """Where the canvas's keys go in `layer`: right after what the encoder stored."""
+        if layer.ring is not None:
+            return slice(layer.ring, layer.ring + self.length)
+        return self.positions  # a full layer's slot i holds position i

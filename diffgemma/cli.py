@@ -51,10 +51,12 @@ def _model_path(args: argparse.Namespace) -> str:
     return path
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, path: str | os.PathLike | None = None):
+    """The model of the command's options (--model unless `path` is given, --device, --dtype, --quant, --compile)."""
     from .api import load
 
-    return load(_model_path(args), device=args.device, dtype=args.dtype, quant=args.quant)
+    path = _model_path(args) if path is None else path
+    return load(path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile)
 
 
 def _sampler(args: argparse.Namespace) -> dict[str, Any]:
@@ -269,7 +271,6 @@ SUDOKU_MODEL = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 
 
 def _sudoku_model(args: argparse.Namespace):
-    from .api import load
 
     path = args.model or (SUDOKU_MODEL if (SUDOKU_MODEL / "config.json").is_file() else None)
     if path is None:
@@ -277,7 +278,7 @@ def _sudoku_model(args: argparse.Namespace):
             "no sudoku model given and none is shipped yet: pass --model DIR "
             "(train one with `diffgemma train sudoku --out DIR`)"
         )
-    return load(path, device=args.device, dtype=args.dtype, quant=args.quant)
+    return _load(args, path)
 
 
 def cmd_sudoku(args: argparse.Namespace) -> None:
@@ -487,6 +488,9 @@ def _add_model_options(parser: argparse.ArgumentParser, sampling: bool = True) -
     if sampling:
         parser.add_argument(
             "--quant", default=None, choices=["int8", "int4", "fp8"], help="quantize weights while loading"
+        )
+        parser.add_argument(
+            "--compile", action="store_true", help="compile the decoder (torch.compile; pays off on a GPU)"
         )
     if not sampling:
         return

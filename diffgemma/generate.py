@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import sampling
+from .cache import DecoderView
 from .config import SamplerSettings
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
@@ -295,18 +296,20 @@ class StopCheck:
 
 
 class DecoderGraph:
-    """A canvas's decoder pass captured once as a CUDA graph and replayed for each later step.
+    """The decoder pass captured once as a CUDA graph and replayed for every later step of a generation.
 
     Eagerly the host issues some forty kernels a layer; on an H100 that host work (about 3 ms a layer of the
-    26B shape) was five times the GPU's own (bench/RESULTS.md). Within a canvas every input of the pass keeps
-    its address: the cache (read, and the canvas's keys written at fixed slots), the distribution buffer the
-    sampler refills, the logits buffer; the canvas is copied into a static tensor. The first call runs
-    eagerly on a side stream (warming up what capture must not do: mask building, algorithm choice), the
-    second captures and replays. A new canvas (a longer cache) needs a new graph.
+    26B shape) was five times the GPU's own (bench/RESULTS.md). The pass reads the cache through a
+    `DecoderView` (fixed addresses, refreshed in place when a canvas has been encoded), the distribution buffer
+    the sampler refills, and writes the logits buffer; the canvas and the temperature are copied into static
+    tensors. A canvas's first step reads a zeroed distribution: its soft embedding is zero, and the
+    self-conditioning MLP then adds exactly zero, as with no signal. The first call runs eagerly on a side
+    stream (warming up what capture must not do: allocator growth, algorithm choice), the second captures.
     """
 
     def __init__(self, network: DiffusionGemma, cache, probs: torch.Tensor, logits: torch.Tensor) -> None:
         self.network, self.cache, self.probs, self.logits = network, cache, probs, logits
+        self.view = DecoderView(cache, logits.shape[1])
         self.canvas = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
         self.scale = torch.ones((), device=logits.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -314,11 +317,19 @@ class DecoderGraph:
         self.warm = False
 
     def _run(self) -> torch.Tensor:
-        return self.network.denoise(self.canvas, self.cache, self.probs, logits_out=self.logits, logit_scale=self.scale)
+        return self.network.denoise(
+            self.canvas, self.cache, self.probs, logits_out=self.logits, logit_scale=self.scale, view=self.view
+        )
 
-    def __call__(self, canvas: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def __call__(self, canvas: torch.Tensor, scale: torch.Tensor, first_step: bool = False) -> torch.Tensor:
+        """Logits for `canvas` at inverse temperature `scale`; `first_step`: no self-conditioning signal."""
+        if first_step:
+            self.probs.zero_()
         self.canvas.copy_(canvas)
         self.scale.copy_(scale)
+        self.view.refresh(self.cache)
+        if self.canvas.device.type != "cuda":  # the same pass, uncaptured (how the tests check it on the CPU)
+            return self._run()
         if not self.warm:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -355,7 +366,7 @@ def denoising_loop(
     commit_stable_prefix: bool = False,
     stop_check_every: int | None = None,
     sync_free: bool | None = None,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     token_ranges: torch.Tensor | None = None,
     banned_tokens: torch.Tensor | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
@@ -368,7 +379,8 @@ def denoising_loop(
     take them back. `stop_check_every` sets how often the host waits to learn whether a canvas is done
     (see `StopCheck`; every step on the CPU, every 8 with non-blocking peeks on CUDA). `sync_free` forces the
     accelerator way of sampling (no host read in a step) on or off; by default it is on off the CPU.
-    `cuda_graph` (fast mode on CUDA) replays each canvas's decoder pass as a CUDA graph (`DecoderGraph`).
+    `cuda_graph` (fast mode; by default on CUDA) replays the decoder pass as one CUDA graph for every step
+    (`DecoderGraph`; asked for off CUDA, the same pass runs uncaptured).
     `token_ranges` [B, L, 2] (L <= canvases * C) limits each generated position to the ids in its half-open
     (low, high) range: samples, drafts and re-noising stay inside it (a constrained vocabulary per position,
     e.g. a sudoku cell's nine digits). It costs a [B, C, V] boolean mask per canvas. `banned_tokens`
@@ -421,6 +433,9 @@ def denoising_loop(
     buffers: list[torch.Tensor | None] = [None, None]
     if mode == "fast":
         buffers = [torch.empty(batch, length, vocab, device=device) for _ in range(2)]
+    graph = None
+    if mode == "fast" and (device.type == "cuda" if cuda_graph is None else cuda_graph):
+        graph = DecoderGraph(network, cache, buffers[1], buffers[0])  # one graph serves every canvas
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)
@@ -452,17 +467,14 @@ def denoising_loop(
             finished = rows_done.clone() if mode == "fast" else torch.zeros_like(rows_done)
             history = torch.full((window, batch, length), -1, dtype=torch.long, device=device)
             canvas_steps = torch.zeros(batch, dtype=torch.long, device=device)
-            graph = None
-            if cuda_graph and mode == "fast" and device.type == "cuda":
-                graph = DecoderGraph(network, cache, buffers[1], buffers[0])
             for step in range(1, steps + 1):
                 active = ~(finished | rows_done)
                 passes += active
                 canvas_steps += ~finished
                 # Two vocabulary-sized buffers serve every step: the logits, and the distribution (which the
                 # next step reads as its self-conditioning input before this one is overwritten).
-                if graph is not None and self_conditioning is buffers[1]:
-                    logits = graph(canvas, inverse_temperatures[step - 1])
+                if graph is not None:
+                    logits = graph(canvas, inverse_temperatures[step - 1], first_step=self_conditioning is None)
                 elif mode == "fast":  # the temperature folded into the head (sampling logits, see `head`)
                     scale = inverse_temperatures[step - 1]
                     logits = network.denoise(canvas, cache, self_conditioning, logits_out=buffers[0], logit_scale=scale)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .cache import EncoderCache, LayerCache
+from .cache import DecoderView, EncoderCache, LayerCache
 from .config import SLIDING, AttentionShape, ModelConfig
 
 ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -28,12 +28,16 @@ ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Gemma RMSNorm, computed in float32: x / rms(x), times `weight` (not 1 + weight) when it has one."""
+    """Gemma RMSNorm, computed in float32: x / rms(x), times `weight` (not 1 + weight) when it has one.
+
+    PyTorch's own op computes in float32 for bf16 inputs as Gemma does (on the CPU its result is bit-for-bit
+    the upcast formula's); on CUDA it is one fused kernel where the formula takes eight, and a layer has
+    eleven norms. Under autocast (bf16 activations, float32 weights) the op has no fused form: the formula.
+    """
+    if weight is None or weight.dtype == x.dtype:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     x32 = x.float()
-    normed = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        normed = normed * weight.float()
-    return normed.type_as(x)
+    return (x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5) * weight.float()).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -228,16 +232,29 @@ class Layer(nn.Module):
         self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
         self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
         self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.compiled: tuple[Callable, Callable] | None = None  # compile_halves
         # The checkpoint stores a scalar per layer for each role; they are buffers, not tied weights.
         self.register_buffer("layer_scalar", torch.ones(1))
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
 
-    def forward(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, ...], attend: Attend, encoder: bool):
-        residual = hidden
-        q, k, v = self.self_attn.project(self.input_layernorm(hidden), *rope)
-        attended = attend(self.index, q, k, v).transpose(1, 2).reshape(*hidden.shape[:2], -1)
-        hidden = residual + self.post_attention_layernorm(self.self_attn.o_proj(attended))
+    def forward(
+        self, hidden: torch.Tensor, rope: tuple[torch.Tensor, ...], attend: Attend, encoder: bool, fused: bool = False
+    ) -> torch.Tensor:
+        """`fused`: the two halves around attention through their compiled forms (`compile_halves`)."""
+        attention_inputs, feed_forward = (
+            self.compiled if fused and self.compiled else (self.attention_inputs, self.feed_forward)
+        )
+        q, k, v = attention_inputs(hidden, *rope)
+        attended = attend(self.index, q, k, v)
+        return feed_forward(hidden, attended, self.encoder_layer_scalar if encoder else self.layer_scalar)
 
+    def attention_inputs(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.self_attn.project(self.input_layernorm(hidden), cos, sin)
+
+    def feed_forward(self, hidden: torch.Tensor, attended: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
+        """Attention's output projection, then the dense MLP and the experts side by side (attended [B, H, T, D])."""
+        attended = attended.transpose(1, 2).reshape(*hidden.shape[:2], -1)
+        hidden = hidden + self.post_attention_layernorm(self.self_attn.o_proj(attended))
         residual = hidden
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(hidden)))
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -245,7 +262,15 @@ class Layer(nn.Module):
         sparse = self.experts(self.pre_feedforward_layernorm_2(flat), experts, weights)
         sparse = self.post_feedforward_layernorm_2(sparse.reshape(hidden.shape))
         hidden = residual + self.post_feedforward_layernorm(dense + sparse)
-        return hidden * (self.encoder_layer_scalar if encoder else self.layer_scalar)
+        return hidden * scalar
+
+    def compile_halves(self) -> None:
+        """Compile both halves (torch.compile fuses their elementwise work: norms, rotary, routing) for the
+        decoder's fixed canvas shape; every layer of a kind shares the compiled code."""
+        self.compiled = (
+            torch.compile(self.attention_inputs, dynamic=False),
+            torch.compile(self.feed_forward, dynamic=False),
+        )
 
 
 class SelfConditioning(nn.Module):
@@ -302,6 +327,22 @@ class DiffusionGemma(nn.Module):
         self.self_conditioning = SelfConditioning(config)
         self._inv_freq = {shape.layer_type: rope_inv_freq(shape) for shape in config.layers}
         self._inv_freq_on: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self.compiled_decoder = False
+
+    def compile_decoder(self) -> None:
+        """Run the decoder's layers through torch.compile (the encoder stays eager: its token count varies).
+
+        The compiled halves fuse the elementwise work around the matrix products, so a step launches far
+        fewer kernels; together with a CUDA graph this is what brings a GPU step near its bandwidth floor.
+        Compilation happens on the first pass of each new shape (canvas batch, layer kind, weight format).
+        """
+        limits = torch._dynamo.config
+        # One compiled entry per (layer kind, batch, format): more than the default limit of 8 in a bench run.
+        limits.recompile_limit = max(limits.recompile_limit, 64)
+        limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 512)
+        for layer in self.layers:
+            layer.compile_halves()
+        self.compiled_decoder = True
 
     @property
     def device(self) -> torch.device:
@@ -424,6 +465,7 @@ class DiffusionGemma(nn.Module):
         context_end: torch.Tensor | None = None,
         logits_out: torch.Tensor | None = None,
         logit_scale: torch.Tensor | None = None,
+        view: DecoderView | None = None,
     ) -> torch.Tensor:
         """Logits [B, C, V] for a canvas [B, C] that attends to itself and to everything the cache holds.
 
@@ -436,10 +478,14 @@ class DiffusionGemma(nn.Module):
         have cached at that point; the canvas then sits at positions context_end + 0..C-1.
 
         `logits_out` is an optional [B, C, V] float32 buffer for the logits; `logit_scale` asks for sampling
-        logits, scaled and shifted by a constant (see `head`).
+        logits, scaled and shifted by a constant (see `head`). With a `view` (a `DecoderView` of this cache) the
+        pass reads only tensors whose addresses stay put from canvas to canvas, for a CUDA graph to replay.
         """
         batch, length = canvas.shape
-        if context_end is None:
+        if view is not None:
+            view.refresh(cache)
+            positions = view.positions
+        elif context_end is None:
             positions = torch.arange(cache.length, cache.length + length, device=canvas.device)
         else:
             positions = context_end[:, None] + torch.arange(length, device=canvas.device)[None, :]
@@ -447,7 +493,9 @@ class DiffusionGemma(nn.Module):
         # asks the host whether any key is padding: a synchronisation, paid once per canvas).
         memo_key = (cache.length, length) if context_end is None else None
         masks = cache.decoder_masks.get(memo_key) if memo_key is not None else None
-        if masks is None:
+        if view is not None:
+            masks = {kind: view.masks[kind == SLIDING] for kind in set(self.config.layer_types)}
+        elif masks is None:
             masks = self._decoder_masks(cache, batch, length, context_end, canvas.device)
             if memo_key is not None:
                 cache.decoder_masks = {memo_key: masks}
@@ -460,6 +508,15 @@ class DiffusionGemma(nn.Module):
                 keys = torch.cat([layer.keys[:, :, :stored], k], dim=2)
                 values = torch.cat([layer.values[:, :, :stored], v], dim=2)
                 return _sdpa(q, keys, values, mask)
+            if view is not None:  # every slot, the unwritten ones masked
+                slots = view.canvas_slots(layer)
+                if isinstance(slots, slice):
+                    layer.keys[:, :, slots] = k
+                    layer.values[:, :, slots] = v
+                else:
+                    layer.keys.index_copy_(2, slots, k)
+                    layer.values.index_copy_(2, slots, v)
+                return _sdpa(q, layer.keys, layer.values, mask)
             end = stored + length
             layer.keys[:, :, stored:end] = k
             layer.values[:, :, stored:end] = v
@@ -474,7 +531,8 @@ class DiffusionGemma(nn.Module):
         hidden = self.self_conditioning(embeds, soft)
         rope = self._rope(positions, hidden.dtype)
         for layer in self.layers:
-            hidden = layer(hidden, rope[self.config.layer_types[layer.index]], attend, encoder=False)
+            kind = self.config.layer_types[layer.index]
+            hidden = layer(hidden, rope[kind], attend, encoder=False, fused=self.compiled_decoder)
         return self.head(self.norm(hidden), logits_out, logit_scale)
 
     def _decoder_masks(
@@ -537,9 +595,16 @@ _CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, S
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     # Scores are not scaled by 1/sqrt(d): the q/k RMS norms set their size.
-    if q.is_cuda:
-        with sdpa_kernel(_CUDA_ATTENTION):
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1]
-            )
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=q.shape[1] != k.shape[1])
+    grouped = q.shape[1] != k.shape[1]
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=grouped)
+    flash = mask is None and q.shape[-1] <= 256 and q.dtype in (torch.float16, torch.bfloat16)
+    if grouped and not flash:
+        # Flash attention takes no mask (nor heads over 256) and the memory-efficient kernel no grouped heads:
+        # left grouped, such a call falls to PyTorch's float32 math path (5 ms a step on the 26B shape's
+        # decoder, an H100). Repeating the keys and values to the query heads costs a small copy and keeps a
+        # fused kernel (bench/RESULTS.md).
+        groups = q.shape[1] // k.shape[1]
+        k, v, grouped = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
+    with sdpa_kernel(_CUDA_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=grouped)

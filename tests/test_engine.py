@@ -12,11 +12,14 @@ import sys
 import weakref
 from pathlib import Path
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import diffgemma
+from diffgemma.errors import DiffGemmaError
 from diffgemma.generate import Draft, RandomSource, denoising_loop, sampler_step
 
 SYNCING = {"__bool__", "item", "tolist", "nonzero", "__int__", "__float__", "cpu", "numpy", "masked_select"}
@@ -157,19 +160,51 @@ def test_aligned_expert_groups_give_the_same_output_and_gradients(tiny):
     assert torch.equal(place[torch.cumsum(sizes, 0)[sizes > 0] - sizes[sizes > 0]], starts[sizes > 0])
 
 
-def test_cuda_graph_option_leaves_other_devices_on_the_eager_path(tiny):
-    """`cuda_graph` replays the decoder pass only on CUDA (bench/gpu.py checks the replay against eager
-    logits there); elsewhere the loop is unchanged, draft for draft."""
+def test_graph_path_gives_the_eager_drafts_over_several_canvases(tiny):
+    """`cuda_graph` sends every step through one `DecoderGraph` (a static view of the cache, a zeroed
+    distribution on a canvas's first step); off CUDA that pass runs uncaptured, so here it must give the
+    eager loop's drafts exactly, across canvases and with left-padded rows (bench/gpu.py checks the
+    captured replay against eager logits on the device)."""
     from diffgemma.config import SamplerSettings
 
-    settings = SamplerSettings(max_denoising_steps=5, max_new_tokens=tiny.config.canvas_length)
-    prompt = torch.tensor([[2, 40, 41, 42]])
+    length = tiny.config.canvas_length
+    settings = SamplerSettings(max_denoising_steps=5, max_new_tokens=3 * length)
+    prompt = torch.tensor([[0, 0, 2, 40], [2, 40, 41, 42]])
+    mask = prompt != 0
     runs = []
     for cuda_graph in (False, True):
-        events = denoising_loop(tiny.network, settings, prompt, seed=3, stop_at_eos=False, cuda_graph=cuda_graph)
-        runs.append([event.ids.clone() for event in events if isinstance(event, Draft)])
-    assert len(runs[0]) == len(runs[1]) > 1
-    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+        events = denoising_loop(
+            tiny.network, settings, prompt, mask, seed=3, stop_at_eos=False, stop_check_every=1, cuda_graph=cuda_graph
+        )
+        runs.append([(event.canvas_index, event.ids.clone()) for event in events if isinstance(event, Draft)])
+    assert len(runs[0]) == len(runs[1]) > 3
+    assert {canvas for canvas, _ in runs[1]} == {0, 1, 2}
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(*runs, strict=True))
+
+
+def test_decoder_view_matches_the_sliced_cache(tiny):
+    """A pass through a `DecoderView` (every slot, unwritten ones masked) gives the logits of the plain pass,
+    before and after a canvas is encoded (the view refreshes in place), and a zero distribution gives the
+    logits of no self-conditioning."""
+    from diffgemma.cache import DecoderView
+
+    network, length, vocab = tiny.network, tiny.config.canvas_length, tiny.config.vocab_size
+    generator = torch.Generator().manual_seed(5)
+    cache = network.new_cache(2, 4 + 2 * length)
+    view = DecoderView(cache, length)
+    with torch.no_grad():
+        prompt = torch.tensor([[0, 2, 40, 41], [2, 40, 41, 42]])
+        network.encode(prompt, cache, prompt != 0)
+        for _ in range(2):
+            canvas = torch.randint(0, vocab, (2, length), generator=generator)
+            probs = torch.rand(2, length, vocab, generator=generator).softmax(-1)
+            plain = network.denoise(canvas, cache, probs)
+            viewed = network.denoise(canvas, cache, probs, view=view)
+            torch.testing.assert_close(viewed, plain, rtol=1e-5, atol=1e-5)
+            no_signal = network.denoise(canvas, cache, None)
+            torch.testing.assert_close(network.denoise(canvas, cache, torch.zeros_like(probs), view=view), no_signal)
+            network.encode(canvas, cache)
+    assert view.cache_length == cache.length - length
 
 
 def test_sampling_logits_are_the_tempered_logits_up_to_a_constant(tiny):
@@ -186,3 +221,31 @@ def test_sampling_logits_are_the_tempered_logits_up_to_a_constant(tiny):
     assert float((shift - shift.mean()).abs().max()) < 1e-3  # one constant everywhere
     assert torch.allclose(scaled.softmax(-1), exact.softmax(-1), atol=1e-6)
     assert torch.equal(scaled.argmax(-1), exact.argmax(-1))
+
+
+def test_compiled_decoder_layers_match_eager(tiny):
+    """`compile_decoder` (torch.compile of each layer's two halves) computes what the eager halves compute, and
+    a whole decoder pass through it stays close to the eager pass (bf16: its kernels round differently)."""
+    import copy
+
+    network = copy.deepcopy(tiny.network).to(torch.bfloat16)
+    config, length = tiny.config, tiny.config.canvas_length
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, length, config.hidden_size, generator=generator).bfloat16()
+    network.compile_decoder()
+    assert network.compiled_decoder and all(layer.compiled is not None for layer in network.layers)
+    with torch.no_grad():
+        for layer in (network.layers[0], network.layers[-1]):
+            head_dim = config.layers[layer.index].head_dim
+            attended = torch.randn(1, config.num_attention_heads, length, head_dim, generator=generator).bfloat16()
+            eager = layer.feed_forward(hidden, attended, layer.layer_scalar).float()
+            fused = layer.compiled[1](hidden, attended, layer.layer_scalar).float()
+            assert float((fused - eager).norm() / eager.norm()) < 2e-2
+            cos, sin = (t.bfloat16() for t in torch.randn(2, 1, length, 1, head_dim, generator=generator))
+            for a, b in zip(layer.attention_inputs(hidden, cos, sin), layer.compiled[0](hidden, cos, sin), strict=True):
+                assert float((b.float() - a.float()).norm() / a.float().norm()) < 2e-2
+
+
+def test_compile_option_refuses_float32_off_cuda(tiny):
+    with pytest.raises(DiffGemmaError, match="compile=True needs dtype bfloat16 on cpu"):
+        diffgemma.load(tiny.folder, compile=True)
