@@ -4,7 +4,7 @@
 # $OUT (the device tool brings that folder back):
 #   1. bench/gpu.py on the 26B-A4B shape: diffgemma in bf16, fp8 and int4, eager and CUDA graph (steps, floor,
 #      whole loop, AR, memory, syncs), a kernel profile of each format's graph step;
-#   2. the same for bf16 and fp8 with the decoder's layers compiled (torch.compile), graph and profile;
+#   2. the same with the decoder's layers compiled (torch.compile; COMPILE_FORMATS, default all three);
 #   3. (TRAIN_SECONDS > 0) the sudoku model trained for TRAIN_SECONDS, beside the autoregressive baseline (the same
 #      network and budget: both train at once on the one GPU for the same wall-clock time), both scored by
 #      bench/sudoku.py on the 1,000 puzzles of $PUZZLES (diffusion, 1 step, int8, int4, AR);
@@ -49,7 +49,7 @@ timeout "$PLAIN_LIMIT" python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" 
 budget=$(( $(left) - 10 )); [ "$budget" -gt "$COMPILE_LIMIT" ] && budget=$COMPILE_LIMIT
 say "2. bench/gpu.py: diffgemma, compiled layers (limit ${budget} s)"
 timeout "$budget" python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \
-    --formats none,fp8 --compile --reference "" --profile "$OUT" --results "$OUT/gpu.md" \
+    --formats "${COMPILE_FORMATS:-none,fp8,int4}" --compile --reference "" --profile "$OUT" --results "$OUT/gpu.md" \
     || say "gpu.py (compiled) ended with $?"
 
 if [ "$TRAIN_SECONDS" -gt 0 ]; then

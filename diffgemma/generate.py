@@ -315,6 +315,7 @@ class DecoderGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output = logits
         self.warm = False
+        self.uncapturable = False  # a capture failed: eager from then on
 
     def _run(self) -> torch.Tensor:
         return self.network.denoise(
@@ -328,7 +329,7 @@ class DecoderGraph:
         self.canvas.copy_(canvas)
         self.scale.copy_(scale)
         self.view.refresh(self.cache)
-        if self.canvas.device.type != "cuda":  # the same pass, uncaptured (how the tests check it on the CPU)
+        if self.canvas.device.type != "cuda" or self.uncapturable:  # (on the CPU: how the tests check the pass)
             return self._run()
         if not self.warm:
             side = torch.cuda.Stream()
@@ -340,8 +341,16 @@ class DecoderGraph:
             return self.logits
         if self.graph is None:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.output = self._run()  # the logits buffer itself, or a tensor in the graph's own pool
+            try:
+                with torch.cuda.graph(graph):
+                    self.output = self._run()  # the logits buffer itself, or a tensor in the graph's own pool
+            except RuntimeError as err:
+                # Something in the pass cannot be captured on this GPU or build (a host read, a kernel that
+                # refuses capture): the generation goes on eagerly rather than fail.
+                message = str(err).splitlines()[0] if str(err) else type(err).__name__
+                warnings.warn(f"CUDA graph capture failed ({message}); the decoder runs eagerly", stacklevel=2)
+                self.uncapturable = True
+                return self._run()
             self.graph = graph
         self.graph.replay()
         return self.output
