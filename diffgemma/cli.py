@@ -271,7 +271,6 @@ SUDOKU_MODEL = Path(__file__).resolve().parent.parent / "models" / "sudoku"
 
 
 def _sudoku_model(args: argparse.Namespace):
-
     path = args.model or (SUDOKU_MODEL if (SUDOKU_MODEL / "config.json").is_file() else None)
     if path is None:
         raise DiffGemmaError(

@@ -298,8 +298,8 @@ class StopCheck:
 class DecoderGraph:
     """The decoder pass captured once as a CUDA graph and replayed for every later step of a generation.
 
-    Eagerly the host issues some forty kernels a layer; on an H100 that host work (about 3 ms a layer of the
-    26B shape) was five times the GPU's own (bench/RESULTS.md). The pass reads the cache through a
+    Eagerly the host issues about a hundred kernels a layer; on an H100 that host work (about 3 ms a layer of
+    the 26B shape) was several times the GPU's own (bench/RESULTS.md). The pass reads the cache through a
     `DecoderView` (fixed addresses, refreshed in place when a canvas has been encoded), the distribution buffer
     the sampler refills, and writes the logits buffer; the canvas and the temperature are copied into static
     tensors. A canvas's first step reads a zeroed distribution: its soft embedding is zero, and the

@@ -216,7 +216,7 @@ class QuantExperts(_Quantized, Experts):
         if name != "gate_up_proj":
             return grouped_linear(rows, dequantize(qweight, scale, self.fmt, self.compute_dtype), offsets)
         # Gate and up expanded one at a time: the transient copy is half as large (on the 26B shape 0.5 GB
-        # rather than 1 GB), which is what lets int4 with a 4k context fit in 18 GB.
+        # rather than 1 GB), a saving that counts where int4 has to fit in 18 GB.
         half = qweight.shape[1] // 2
         parts = (slice(0, half), slice(half, None))
         return torch.cat(
