@@ -452,8 +452,12 @@ class DiffusionGemma(nn.Module):
 
         hidden = self.embed(ids)
         rope = self._rope(positions, hidden.dtype)
+        # A finished canvas has the decoder's shape, so it runs through the decoder's compiled halves (no new
+        # compilation); other lengths (prompts, single tokens) would each compile anew and stay eager.
+        fused = self.compiled_decoder and tokens == self.config.canvas_length
         for layer in self.layers:
-            hidden = layer(hidden, rope[self.config.layer_types[layer.index]], attend, encoder=True)
+            kind = self.config.layer_types[layer.index]
+            hidden = layer(hidden, rope[kind], attend, encoder=True, fused=fused)
         cache.length = start + tokens
         return self.norm(hidden)
 

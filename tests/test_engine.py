@@ -249,3 +249,42 @@ def test_compiled_decoder_layers_match_eager(tiny):
 def test_compile_option_refuses_float32_off_cuda(tiny):
     with pytest.raises(DiffGemmaError, match="compile=True needs dtype bfloat16 on cpu"):
         diffgemma.load(tiny.folder, compile=True)
+
+
+def test_compiled_decoder_also_encodes_finished_canvases(tiny):
+    """A canvas-length encode goes through the compiled halves (the decoder's shape) and writes keys as close
+    to float32's as the eager bf16 encode does; a prompt of another length stays eager."""
+    import copy
+
+    length, vocab = tiny.config.canvas_length, tiny.config.vocab_size
+    ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(4))
+
+    def encoded(network):
+        cache = network.new_cache(1, 4 + length)
+        with torch.no_grad():
+            network.encode(torch.tensor([[2, 40, 41, 42]]), cache)
+            network.encode(ids, cache)
+        return cache
+
+    network = copy.deepcopy(tiny.network).to(torch.bfloat16)
+    exact, eager = encoded(tiny.network), encoded(network)
+    network.compile_decoder()
+    fused = encoded(network)
+    # The first two layers' keys (deeper, bf16 rounding flips expert choices of a random MoE either way).
+    for index in (0, 1):
+        slots = exact.layers[index].ring or 4 + length
+        reference = exact.layers[index].keys[:, :, :slots]
+        error = {
+            name: float((cache.layers[index].keys[:, :, :slots].float() - reference).norm() / reference.norm())
+            for name, cache in (("eager", eager), ("fused", fused))
+        }
+        assert error["fused"] < 2 * error["eager"] + 1e-3, error
+    calls = []
+    for layer in network.layers:
+        compiled_inputs, compiled_rest = layer.compiled
+        layer.compiled = (lambda *a, f=compiled_inputs: calls.append(1) or f(*a), compiled_rest)
+    with torch.no_grad():
+        network.encode(ids, network.new_cache(1, length))
+        assert len(calls) == len(network.layers)
+        network.encode(ids[:, :5], network.new_cache(1, 5))
+        assert len(calls) == len(network.layers)
