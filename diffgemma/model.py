@@ -26,6 +26,8 @@ ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
 }
 
+PREFILL_CHUNK = 512  # prompt tokens encoded at a time when no gradient is needed (`DiffusionGemma.encode`)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Gemma RMSNorm, computed in float32: x / rms(x), times `weight` (not 1 + weight) when it has one.
@@ -408,7 +410,23 @@ class DiffusionGemma(nn.Module):
         """Run the causal encoder over `ids` [B, T] (positions continue the cache) and append them to the cache.
 
         `attention_mask` [B, T] marks real tokens (False for padding). Returns the final hidden states [B, T, H].
+        Without gradients a long prompt goes in chunks of `PREFILL_CHUNK` tokens, each attending to the cache
+        the earlier ones wrote: the same result, with activations bounded by the chunk (a 4k prompt's experts
+        would otherwise hold [4k x top-k, hidden] tensors, about 1 GB on the 26B shape), not the context.
         """
+        if ids.shape[1] <= PREFILL_CHUNK or torch.is_grad_enabled():
+            return self._encode(ids, cache, attention_mask)
+        hidden = [
+            self._encode(
+                ids[:, start : start + PREFILL_CHUNK],
+                cache,
+                None if attention_mask is None else attention_mask[:, start : start + PREFILL_CHUNK],
+            )
+            for start in range(0, ids.shape[1], PREFILL_CHUNK)
+        ]
+        return torch.cat(hidden, dim=1)
+
+    def _encode(self, ids: torch.Tensor, cache: EncoderCache, attention_mask: torch.Tensor | None) -> torch.Tensor:
         batch, tokens = ids.shape
         start = cache.length
         cache.ensure_capacity(tokens)

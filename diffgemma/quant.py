@@ -310,8 +310,9 @@ def format_from_config(raw: dict) -> QuantFormat | None:
 
 
 def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> tuple[int, int]:
-    """(bytes of every tensor the loaded network holds, bytes of the largest weight expanded for use), for
-    the model in `dtype` with `fmt` quantization; counted on a meta-device build, so exact and free."""
+    """(bytes of every tensor the loaded network holds, bytes of the largest weight expanded for use, the
+    experts' gate/up halves one at a time as `QuantExperts` expands them), for the model in `dtype` with `fmt`
+    quantization; counted on a meta-device build, so exact and free."""
     with torch.device("meta"):
         network = DiffusionGemma(config).to(dtype)
         if fmt is not None:
@@ -322,5 +323,7 @@ def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> 
         element = torch.empty((), dtype=dtype).element_size()
         for module in network.modules():
             if isinstance(module, _Quantized):
-                expanded = max(expanded, *(math.prod(s) * element for s in module.source_shapes.values()))
+                for name, shape in module.source_shapes.items():
+                    halves = 2 if isinstance(module, QuantExperts) and name == "gate_up_proj" else 1
+                    expanded = max(expanded, math.prod(shape) * element // halves)
     return held, expanded

@@ -288,3 +288,39 @@ def test_compiled_decoder_also_encodes_finished_canvases(tiny):
         assert len(calls) == len(network.layers)
         network.encode(ids[:, :5], network.new_cache(1, 5))
         assert len(calls) == len(network.layers)
+
+
+def test_long_prompts_are_encoded_in_chunks_with_the_same_result(tiny, monkeypatch):
+    """Without gradients a prompt longer than PREFILL_CHUNK is encoded chunk by chunk (bounded activations);
+    the cache, the hidden states and the decoder's logits over it are those of one pass (up to float32
+    summation order), with left padding and a sliding window shorter than the prompt."""
+    import diffgemma.model as model_module
+
+    network, config = tiny.network, tiny.config
+    generator = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, config.vocab_size, (2, 41), generator=generator)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :9] = False
+    canvas = torch.randint(0, config.vocab_size, (2, config.canvas_length), generator=generator)
+    runs = []
+    for chunk in (10_000, 7):
+        monkeypatch.setattr(model_module, "PREFILL_CHUNK", chunk)
+        cache = network.new_cache(2, 41 + config.canvas_length)
+        with torch.no_grad():
+            hidden = network.encode(ids, cache, mask)
+            runs.append((hidden, cache, network.denoise(canvas, cache)))
+    (hidden, cache, logits), (chunked_hidden, chunked_cache, chunked_logits) = runs
+    assert cache.layers[0].ring is not None and cache.layers[0].ring < 41
+    torch.testing.assert_close(chunked_hidden, hidden, rtol=1e-4, atol=1e-4)
+    for layer, chunked_layer in zip(cache.layers, chunked_cache.layers, strict=True):
+        torch.testing.assert_close(chunked_layer.keys, layer.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(chunked_layer.values, layer.values, rtol=1e-4, atol=1e-4)
+        assert torch.equal(chunked_layer.valid, layer.valid) and torch.equal(chunked_layer.positions, layer.positions)
+    torch.testing.assert_close(chunked_logits, logits, rtol=1e-4, atol=1e-4)
+    calls = []
+    monkeypatch.setattr(network, "_encode", lambda *args: calls.append(args[0].shape[1]) or hidden[:, :0])
+    with torch.no_grad():
+        network.encode(ids, network.new_cache(2, 41), mask)
+    with torch.enable_grad():  # with gradients (training) the prompt goes in one pass
+        network.encode(ids, network.new_cache(2, 41), mask)
+    assert calls == [7, 7, 7, 7, 7, 6, 41]
