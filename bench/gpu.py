@@ -4,8 +4,11 @@ For bf16, fp8 and int4 weights, batch 1 and 4, prompt 512, canvas 256 it measure
 (decoder pass + fast sampler, median over --iters), tokens/s at 16 steps a canvas, ms per token of the same
 network run autoregressively (the encoder, one token at a time), peak GPU memory, and beside each step the
 bandwidth floor: bytes the step must read (all weights, since a 256-token canvas routes to every expert,
-plus the cache) over the copy bandwidth measured in the same run. Then the reference implementation
-(transformers, eager and its compiled static-cache mode) on the same bf16 weights, the sampler's extra
+plus the cache) over the copy bandwidth measured in the same run. Each step is timed eagerly and replayed
+from a CUDA graph, beside the whole loop's tokens/s (`denoising_loop`, two canvases); `--compile` runs the
+decoder's layers through torch.compile, `--profile DIR` writes a kernel table per format. Then the
+reference implementation (transformers, eager and its compiled static-cache mode) on the same bf16 weights,
+the sampler's extra
 memory at vocabulary 262,144 and batch 8, int4 with a 4k context, and a check that a canvas's steps never
 synchronise with the host (torch.cuda.set_sync_debug_mode). Each part that fails is reported, not fatal.
 
