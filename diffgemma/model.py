@@ -512,16 +512,17 @@ class DiffusionGemma(nn.Module):
             positions = torch.arange(cache.length, cache.length + length, device=canvas.device)
         else:
             positions = context_end[:, None] + torch.arange(length, device=canvas.device)[None, :]
-        # The masks depend only on what the cache holds, so every step of a canvas reuses them (building one
-        # asks the host whether any key is padding: a synchronisation, paid once per canvas).
-        memo_key = (cache.length, length) if context_end is None else None
-        masks = cache.decoder_masks.get(memo_key) if memo_key is not None else None
-        if view is not None:
+        if view is not None:  # the view's masks, kept current in place
             masks = {kind: view.masks[kind == SLIDING] for kind in set(self.config.layer_types)}
-        elif masks is None:
-            masks = self._decoder_masks(cache, batch, length, context_end, canvas.device)
-            if memo_key is not None:
-                cache.decoder_masks = {memo_key: masks}
+        else:
+            # The masks depend only on what the cache holds, so every step of a canvas reuses them (building
+            # one asks the host whether any key is padding: a synchronisation, paid once per canvas).
+            memo_key = (cache.length, length) if context_end is None else None
+            masks = cache.decoder_masks.get(memo_key) if memo_key is not None else None
+            if masks is None:
+                masks = self._decoder_masks(cache, batch, length, context_end, canvas.device)
+                if memo_key is not None:
+                    cache.decoder_masks = {memo_key: masks}
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             layer = cache.layers[index]
