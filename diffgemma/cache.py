@@ -9,6 +9,7 @@ Positions are absolute token indices shared by the batch (left padding included,
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,18 @@ class EncoderCache:
     def stored_slots(self, layer: LayerCache) -> int:
         """How many leading slots hold encoder tokens (the decoder's canvas goes right after them)."""
         return layer.ring if layer.ring is not None else self.length
+
+    def select_rows(self, rows: torch.Tensor) -> EncoderCache:
+        """A copy holding only `rows` ([k] indices) of every layer, for decoder passes over those rows alone.
+        What the encoder stored is copied; the copy's canvas slots are its own (a decoder pass writes there)."""
+        subset = copy.copy(self)
+        subset.batch_size = len(rows)
+        subset.decoder_masks = {}
+        subset.layers = [
+            LayerCache(layer.keys[rows], layer.values[rows], layer.positions, layer.valid[rows], layer.ring)
+            for layer in self.layers
+        ]
+        return subset
 
     def memory_bytes(self) -> int:
         return sum(

@@ -277,7 +277,11 @@ def _sudoku_model(args: argparse.Namespace):
             "no sudoku model given and none is shipped yet: pass --model DIR "
             "(train one with `diffgemma train sudoku --out DIR`)"
         )
-    return _load(args, path)
+    from .tasks import sudoku
+
+    model = _load(args, path)
+    sudoku.check_model(model, str(path))
+    return model
 
 
 def cmd_sudoku(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import sampling
-from .cache import DecoderView
+from .cache import DecoderView, EncoderCache
 from .config import SamplerSettings
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
@@ -295,6 +295,57 @@ class StopCheck:
         return self.event.query() and bool(self.host)
 
 
+class RowSubset:
+    """Decoder passes over the rows still denoising, once some rows of a canvas have stopped (fast mode, where
+    the host reads the stop flags every step). The cache's rows are copied when the set changes (it only
+    shrinks within a canvas); the self-conditioning input and the logits are moved within their own
+    vocabulary-sized buffers (rows packed to the front, then back to their places), so no new one is made.
+    A stopped row's logits are left stale: its canvas and draft are frozen and nothing reads them."""
+
+    def __init__(self, cache: EncoderCache) -> None:
+        self.cache = cache
+        self.rows: list[int] = []
+        self.index: torch.Tensor | None = None
+        self.rows_cache: EncoderCache | None = None
+
+    def reset(self) -> None:
+        """A new canvas (the cache has grown): every row runs again until it stops."""
+        self.rows, self.index, self.rows_cache = [], None, None
+
+    def update(self, finished: torch.Tensor) -> bool:
+        """Whether some rows have stopped (then the next pass runs the others alone)."""
+        running = (~finished).nonzero().squeeze(1)
+        if len(running) == len(finished) or len(running) == 0:
+            return False
+        if len(running) != len(self.rows):
+            self.rows, self.index = running.tolist(), running
+            self.rows_cache = self.cache.select_rows(running)
+        return True
+
+    def denoise(
+        self,
+        network: DiffusionGemma,
+        canvas: torch.Tensor,
+        self_conditioning: torch.Tensor | None,
+        logits: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> torch.Tensor:
+        """Sampling logits of the running rows, written at their places in `logits` [B, C, V]."""
+        count = len(self.rows)
+        packed = None
+        if self_conditioning is not None:
+            for place, row in enumerate(self.rows):  # ascending rows: a row is read before it is overwritten
+                if row != place:
+                    self_conditioning[place].copy_(self_conditioning[row])
+            packed = self_conditioning[:count]
+        network.denoise(canvas[self.index], self.rows_cache, packed, logits_out=logits[:count], logit_scale=scale)
+        for place in reversed(range(count)):  # descending: each row lands at or after where it was written
+            row = self.rows[place]
+            if row != place:
+                logits[row].copy_(logits[place])
+        return logits
+
+
 class DecoderGraph:
     """The decoder pass captured once as a CUDA graph and replayed for every later step of a generation.
 
@@ -445,6 +496,9 @@ def denoising_loop(
     graph = None
     if mode == "fast" and (device.type == "cuda" if cuda_graph is None else cuda_graph):
         graph = DecoderGraph(network, cache, buffers[1], buffers[0])  # one graph serves every canvas
+    # Where the host reads the stop flags every step anyway (the CPU), rows that stopped leave the decoder's
+    # batch: a batch no longer pays for its slowest row's steps on every row (`RowSubset`).
+    subset = RowSubset(cache) if mode == "fast" and graph is None and not rng.sync_free else None
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)
@@ -486,7 +540,12 @@ def denoising_loop(
                     logits = graph(canvas, inverse_temperatures[step - 1], first_step=self_conditioning is None)
                 elif mode == "fast":  # the temperature folded into the head (sampling logits, see `head`)
                     scale = inverse_temperatures[step - 1]
-                    logits = network.denoise(canvas, cache, self_conditioning, logits_out=buffers[0], logit_scale=scale)
+                    if subset is not None and subset.update(finished):
+                        logits = subset.denoise(network, canvas, self_conditioning, buffers[0], scale)
+                    else:
+                        logits = network.denoise(
+                            canvas, cache, self_conditioning, logits_out=buffers[0], logit_scale=scale
+                        )
                 else:
                     logits = network.denoise(canvas, cache, self_conditioning).div_(temperatures[step - 1])
                 if excluded is not None:
@@ -519,6 +578,8 @@ def denoising_loop(
                 if stop_check(finished, step):
                     break
             self_conditioning = None
+            if subset is not None:
+                subset.reset()
             committed = argmax.clone()
             done_now = row_canvases <= canvas_index + 1
             if stop_at_eos and eos.numel():

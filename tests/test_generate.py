@@ -42,6 +42,33 @@ def test_rows_do_not_affect_each_other(tiny):
     assert isinstance(pair.text, list) and len(pair.text) == 2
 
 
+def test_stopped_rows_leave_the_batch_with_the_same_results(tiny, monkeypatch):
+    """On the CPU a row whose canvas stopped leaves the decoder's batch (`RowSubset`): the other rows' results
+    and step counts are what they are when it rides along, over several canvases."""
+    from diffgemma import generate
+
+    prompts = [[2, 40, 41, 42, 43], [2, 50, 51], [2, 60, 61, 62, 63, 64], [2, 70]]
+    length = tiny.config.canvas_length
+    # rows end after one, three, two and three canvases; within a canvas they stop when they settle
+    limits = [length, 3 * length, 2 * length, 3 * length]
+    settings = {"max_new_tokens": limits, "seed": 4, "confidence_threshold": 5.4, "max_denoising_steps": 12}
+    batches: list[int] = []
+    denoise = type(tiny.network).denoise
+
+    def counted(network, canvas, *args, **kwargs):
+        batches.append(canvas.shape[0])
+        return denoise(network, canvas, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny.network), "denoise", counted)
+    shrinking = tiny.generate(prompts, **settings)
+    assert min(batches) < len(prompts) == max(batches)  # rows did stop at different steps and left
+    monkeypatch.setattr(generate.RowSubset, "update", lambda self, finished: False)
+    batches.clear()
+    riding = tiny.generate(prompts, **settings)
+    assert min(batches) == len(prompts)
+    assert torch.equal(shrinking.sequences, riding.sequences) and shrinking.steps == riding.steps
+
+
 def test_stream_one_draft_per_step_and_same_result_as_generate(tiny):
     events = list(tiny.stream("stream me", max_new_tokens=50, seed=3))
     drafts = [e for e in events if isinstance(e, Draft)]

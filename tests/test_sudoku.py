@@ -215,6 +215,10 @@ def test_train_command_checkpoints_and_evaluates(tmp_path, capsys, objective):
     assert model.config.canvas_length == sudoku.CANVAS and model.config.vocab_size == sudoku.VOCAB_SIZE
     state = torch.load(out / "trainer_state.pt", weights_only=False)
     assert state["step"] == 2 and state["config"]["objective"] == objective
+    # a resumed run goes on to the longer schedule, and its checkpoints still say a grid has no EOS
+    assert main([*command[:4], "--resume", "--steps", "3", *command[6:]]) == 0
+    assert torch.load(out / "trainer_state.pt", weights_only=False)["step"] == 3
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] is None
 
 
 def test_train_command_init_starts_from_a_checkpoint(sudoku_model, tmp_path, capsys):
@@ -232,6 +236,14 @@ def test_train_command_init_starts_from_a_checkpoint(sudoku_model, tmp_path, cap
     assert "not a sudoku model of this format" in capsys.readouterr().err
     assert main([*command, "--init", str(sudoku_model.folder), "--resume"]) == 2
     assert "--init starts a new one" in capsys.readouterr().err
+
+
+def test_solving_refuses_a_model_of_another_format(tmp_path):
+    from diffgemma.presets import random_checkpoint
+
+    other = diffgemma.load(random_checkpoint(tmp_path / "tiny", preset="tiny"))
+    with pytest.raises(DiffGemmaError, match="not a sudoku model of this format"):
+        sudoku.solve_batch(other, [sudoku.make_puzzle(random.Random(1), 30)[0]])
 
 
 def test_autoregressive_baseline_report(sudoku_model):

@@ -260,6 +260,16 @@ def grid_from_ids(ids: Sequence[int]) -> list[int]:
     return grid
 
 
+def check_model(model, where: str = "model") -> None:
+    """A clear error unless `model` is a sudoku model of this format (vocabulary and canvas)."""
+    config = model.network.config
+    if config.vocab_size != VOCAB_SIZE or config.canvas_length != CANVAS:
+        raise DiffGemmaError(
+            f"{where}: not a sudoku model of this format (expected vocabulary {VOCAB_SIZE} and canvas {CANVAS}, "
+            f"found {config.vocab_size} and {config.canvas_length})"
+        )
+
+
 def solver_inputs(puzzles: Sequence[Sequence[int]], clamp: bool = True, candidates: bool = True) -> dict:
     """`generate`'s arguments that solve `puzzles` (one canvas each): prompts, clamped givens, cell ranges,
     and with `candidates` the digits the givens rule out banned (`given_bans`)."""
@@ -290,6 +300,7 @@ def solve_batch(
     """Solve puzzles with a loaded model (one canvas each), givens clamped unless `clamp` is False, digits the
     givens rule out banned unless `candidates` is False. Puzzle i is solved with seed `seed + i`, or
     `seed[i]` given a list."""
+    check_model(model)
     seeds = [seed + i for i in range(len(puzzles))] if isinstance(seed, int) else list(seed)
     result = model.generate(seed=seeds, **solver_inputs(puzzles, clamp, candidates), **sampler)
     generated = result.sequences[:, result.prompt_length :].tolist()
@@ -624,21 +635,18 @@ def train_sudoku(
         raise DiffGemmaError("--resume continues the run in --out; --init starts a new one: give one of them")
     if resume:
         model = load(folder, device=device)
+    elif init is not None:
+        model = load(init, device=device)  # its tokenizer files go with it when it is saved below
+        check_model(model, str(init))
     else:
-        if init is not None:
-            model = load(init, device=device)  # its tokenizer files go with it when it is saved below
-            if model.network.config.vocab_size != VOCAB_SIZE or model.network.config.canvas_length != CANVAS:
-                raise DiffGemmaError(
-                    f"{init}: not a sudoku model of this format (expected vocabulary {VOCAB_SIZE} and canvas "
-                    f"{CANVAS}, found {model.network.config.vocab_size} and {model.network.config.canvas_length})"
-                )
-        else:
-            random_checkpoint(folder, preset="sudoku", seed=seed)
-            write_tokenizer(folder)
-            model = load(folder, device=device)
-            structured_embeddings_(model.network, seed)
-            model.settings = model.settings.replace(max_denoising_steps=64)
-        model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])  # a grid has no EOS
+        random_checkpoint(folder, preset="sudoku", seed=seed)
+        write_tokenizer(folder)
+        model = load(folder, device=device)
+        structured_embeddings_(model.network, seed)
+        model.settings = model.settings.replace(max_denoising_steps=64)
+    # a grid has no EOS (a saved "none" reads back as the config's EOS, so a resumed run says it again)
+    model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])
+    if not resume:
         model.save(folder)
     pool = puzzle_pool(seed, pool_size, givens, workers=pool_workers, cache=pool_cache)
     low, high = givens
