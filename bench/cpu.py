@@ -1,10 +1,11 @@
 """diffgemma against the reference `transformers` implementation on the CPU, side by side in one process.
 
 The fixed mid-size shape (bench-90m: about 90M parameters, vocabulary 32k, canvas 256), prompt 128, batch 1,
-16 denoising steps a canvas (no early stop), the same random weights for both. Reports ms per denoising step
-(decoder pass + sampler, timed between consecutive drafts), tokens/s at 16 steps, and resident memory.
+16 denoising steps a canvas (no early stop), the same random weights for both, the implementations taking turns
+over a few rounds. Reports ms per denoising step (decoder pass + sampler, timed between consecutive drafts),
+its range over the rounds, tokens/s at 16 steps, the speed-up within each round, and resident memory.
 
-    python bench/cpu.py [--steps 16] [--canvases 2] [--results FILE]
+    python bench/cpu.py [--steps 16] [--canvases 2] [--rounds 3] [--results FILE]
 """
 
 from __future__ import annotations
@@ -86,13 +87,17 @@ class DraftTimer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--canvases", type=int, default=2)
+    parser.add_argument("--canvases", type=int, default=2, help="canvases a round, each implementation")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, the implementations taking turns")
     parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
     args = parser.parse_args()
+    if args.steps < 2 or min(args.canvases, args.rounds) < 1:
+        parser.error("--steps must be at least 2 (a canvas's first step is left out), --canvases and --rounds 1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    rows = []
+    ours_modes = {"diffgemma (fast sampler)": "fast", "diffgemma (reference sampler)": "reference"}
+    reference_name = "transformers 5.23 (reference)"
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_checkpoint(Path(tmp) / "bench", preset="bench-90m", seed=0)
         base = rss_gb()
@@ -101,30 +106,54 @@ def main() -> None:
         config = model.config
         torch.manual_seed(0)
         prompt = torch.randint(3, config.vocab_size, (1, 128))
-        results = {}
-        for mode in ("fast", "reference"):
+        for mode in ours_modes.values():
             step_times_ours(model, prompt, 3, 1, mode)  # warm up
-            results[f"diffgemma ({mode} sampler)"] = statistics.median(
-                step_times_ours(model, prompt, args.steps, args.canvases, mode)
-            )
         ours_peak = peak_gb()
         reference = DiffusionGemmaForBlockDiffusion.from_pretrained(folder).eval()
         reference_loaded = rss_gb()
-        timer = DraftTimer()
         settings = dict(max_denoising_steps=args.steps, confidence_threshold=1e-9, eos_token_id=None, pad_token_id=None)
-        with torch.no_grad():
-            reference.generate(prompt, max_new_tokens=config.canvas_length, **{**settings, "max_denoising_steps": 3})
-            reference.generate(prompt, max_new_tokens=args.canvases * config.canvas_length, streamer=timer, **settings)
-        results["transformers 5.23 (reference)"] = statistics.median(timer.marks)
+
+        def reference_marks(canvases: int, steps: int) -> list[float]:
+            timer = DraftTimer()
+            with torch.no_grad():
+                reference.generate(
+                    prompt,
+                    max_new_tokens=canvases * config.canvas_length,
+                    streamer=timer,
+                    **{**settings, "max_denoising_steps": steps},
+                )
+            return timer.marks
+
+        reference_marks(1, 3)  # warm up
+        # The implementations take turns, round after round: a shared machine's speed drifts over minutes,
+        # and turns expose every implementation to the same drift (the ratio is also taken within each round).
+        marks: dict[str, list[float]] = {name: [] for name in [*ours_modes, reference_name]}
+        round_ratios = []
+        for _ in range(args.rounds):
+            medians = {}
+            for name, mode in ours_modes.items():
+                medians[name] = statistics.median(step_times_ours(model, prompt, args.steps, args.canvases, mode))
+            medians[reference_name] = statistics.median(reference_marks(args.canvases, args.steps))
+            for name, value in medians.items():
+                marks[name].append(value)
+            round_ratios.append(medians[reference_name] / medians["diffgemma (fast sampler)"])
         reference_peak = peak_gb()
-    reference_ms = results["transformers 5.23 (reference)"] * 1000
+    results = {name: statistics.median(values) for name, values in marks.items()}
+    reference_ms = results[reference_name] * 1000
+    rows = []
     for name, seconds in results.items():
         ms = seconds * 1000
         tokens_per_second = config.canvas_length / (args.steps * seconds)
-        rows.append(f"| {name} | {ms:.0f} | {tokens_per_second:.1f} | {reference_ms / ms:.2f}x |")
+        spread = f"{min(marks[name]) * 1000:.0f}-{max(marks[name]) * 1000:.0f}"
+        rows.append(f"| {name} | {ms:.0f} | {spread} | {tokens_per_second:.1f} | {reference_ms / ms:.2f}x |")
     table = "\n".join(
-        ["| implementation | ms per denoising step | tokens/s at 16 steps | vs reference |", "|---|---|---|---|", *rows]
+        [
+            "| implementation | ms per denoising step | rounds' range | tokens/s at 16 steps | vs reference |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
     )
+    within = ", ".join(f"{ratio:.2f}x" for ratio in round_ratios)
     memory = (
         f"Resident memory: interpreter {base:.2f} GB; diffgemma loaded {ours_loaded:.2f} GB, peak {ours_peak:.2f} GB; "
         f"then the reference loaded {reference_loaded:.2f} GB (it also builds a default vision tower), "
@@ -134,8 +163,10 @@ def main() -> None:
         "CPU: diffgemma vs transformers (bench/cpu.py)",
         table,
         f"bench-90m ({config.parameter_counts()[0] / 1e6:.0f}M parameters, vocabulary {config.vocab_size}), "
-        f"prompt 128, canvas {config.canvas_length}, batch 1, {args.steps} steps a canvas, float32, median over "
-        f"{args.canvases} canvases (the first step of each canvas, which includes encoding, is left out).\n{memory}",
+        f"prompt 128, canvas {config.canvas_length}, batch 1, {args.steps} steps a canvas, float32. Each of "
+        f"{args.rounds} rounds times {args.canvases} canvases of every implementation in turn; a figure is the "
+        f"median over rounds of each round's median step (the first step of a canvas, which includes encoding, "
+        f"is left out). The fast sampler against the reference within each round: {within}.\n{memory}",
         args.results,
     )
 

@@ -180,7 +180,7 @@ class Experts(nn.Module):
             projected = projected.index_select(0, place)
         weighted = projected * weights.reshape(-1).index_select(0, order)[:, None]
         # Back to (token, k) order, then sum each token's k expert outputs (deterministic, no atomics).
-        unsorted = torch.empty_like(weighted).index_copy(0, order, weighted)
+        unsorted = torch.empty_like(weighted).index_copy_(0, order, weighted)  # in place: no clone of the empty
         return unsorted.view(tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
     def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor) -> torch.Tensor:

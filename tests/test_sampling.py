@@ -71,6 +71,25 @@ def test_logit_stats_match_reference_entropy_and_softmax():
     assert torch.equal(argmax, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("vocab", [1024, 4096, 1000, 300])
+def test_last_dim_max_is_torch_max_ties_and_nan_included(vocab):
+    """The blocked maximum (vocabularies of whole blocks) and the fallback (others) give torch's values and
+    first indices: a maximum repeated in several blocks, a whole row tied, a NaN, a non-contiguous view."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, 7, vocab, generator=generator)
+    logits[0, 0, [vocab - 1, 5, 2 * vocab // 3]] = 9.0  # the first of three equal maxima, in different blocks
+    logits[0, 1] = 1.5  # all tied
+    logits[1, 2, vocab // 2] = float("nan")
+    logits[2, 3] = torch.randint(0, 3, (vocab,), generator=generator).float()
+    for x in (logits, logits.transpose(0, 1)):
+        values, indices = sampling.last_dim_max(x)
+        expected_values, expected_indices = x.max(dim=-1)
+        assert torch.equal(indices, expected_indices)
+        assert torch.equal(values.isnan(), expected_values.isnan())
+        assert torch.equal(values.nan_to_num(), expected_values.nan_to_num())
+    assert sampling.last_dim_max(logits)[1][0, 0] == 5 and sampling.last_dim_max(logits)[1][0, 1] == 0
+
+
 def test_entropy_bound_accept_hand_cases():
     entropy = torch.tensor([[0.5, 0.125, 2.0, 0.25]])
     # sorted 0.125, 0.25, 0.5, 2.0 -> sum before each: 0, 0.125, 0.375, 0.875
