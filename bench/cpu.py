@@ -127,7 +127,7 @@ def main() -> None:
         reference_marks(1, 3)  # warm up
         # The implementations take turns, round after round: a shared machine's speed drifts over minutes,
         # and turns expose every implementation to the same drift (the ratio is also taken within each round).
-        marks: dict[str, list[float]] = {name: [] for name in [*ours_modes, reference_name]}
+        round_medians: dict[str, list[float]] = {name: [] for name in [*ours_modes, reference_name]}
         round_ratios = []
         for _ in range(args.rounds):
             medians = {}
@@ -135,20 +135,21 @@ def main() -> None:
                 medians[name] = statistics.median(step_times_ours(model, prompt, args.steps, args.canvases, mode))
             medians[reference_name] = statistics.median(reference_marks(args.canvases, args.steps))
             for name, value in medians.items():
-                marks[name].append(value)
+                round_medians[name].append(value)
             round_ratios.append(medians[reference_name] / medians["diffgemma (fast sampler)"])
         reference_peak = peak_gb()
-    results = {name: statistics.median(values) for name, values in marks.items()}
+    results = {name: statistics.median(values) for name, values in round_medians.items()}
     reference_ms = results[reference_name] * 1000
     rows = []
     for name, seconds in results.items():
         ms = seconds * 1000
         tokens_per_second = config.canvas_length / (args.steps * seconds)
-        spread = f"{min(marks[name]) * 1000:.0f}-{max(marks[name]) * 1000:.0f}"
+        spread = f"{min(round_medians[name]) * 1000:.0f}-{max(round_medians[name]) * 1000:.0f}"
         rows.append(f"| {name} | {ms:.0f} | {spread} | {tokens_per_second:.1f} | {reference_ms / ms:.2f}x |")
     table = "\n".join(
         [
-            "| implementation | ms per denoising step | rounds' range | tokens/s at 16 steps | vs reference |",
+            f"| implementation | ms per denoising step | rounds' range | tokens/s at {args.steps} steps "
+            "| vs reference |",
             "|---|---|---|---|---|",
             *rows,
         ]
