@@ -195,7 +195,7 @@ class QuantExperts(_Quantized, Experts):
     def down_proj(self) -> torch.Tensor:
         return self.weight_for("down_proj", self.compute_dtype)
 
-    def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor) -> torch.Tensor:
+    def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor | None) -> torch.Tensor:
         if self.fmt.name == "fp8" and fp8_direct(rows):
             try:
                 quantized, scale = fp8_rows(rows)

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 import diffgemma
 from diffgemma.errors import DiffGemmaError
 from diffgemma.generate import Draft, RandomSource, denoising_loop, sampler_step
+from diffgemma.model import GPU_GROUP_ALIGN
 
 SYNCING = {"__bool__", "item", "tolist", "nonzero", "__int__", "__float__", "cpu", "numpy", "masked_select"}
 
@@ -46,12 +47,21 @@ def _syncs_between_drafts(model, every: int | None) -> list[tuple[int, int]]:
         model.network, settings, ids, seed=[1, 2], stop_at_eos=False, stop_check_every=every, sync_free=every != 1
     )
     seen, counter = [], SyncCounter()
-    with counter:
-        for event in events:
-            if isinstance(event, Draft):
-                if event.step > 1:
-                    seen.append((event.step, counter.count))
-                counter.count = 0
+    # The experts as CUDA lays them out: the CPU's own layout reads the largest group's size, a free read
+    # there that the counter would see and that CUDA never makes.
+    all_experts = [layer.experts for layer in model.network.layers]
+    for experts in all_experts:
+        experts.group_align = GPU_GROUP_ALIGN
+    try:
+        with counter:
+            for event in events:
+                if isinstance(event, Draft):
+                    if event.step > 1:
+                        seen.append((event.step, counter.count))
+                    counter.count = 0
+    finally:
+        for experts in all_experts:
+            experts.group_align = None
     return seen
 
 
@@ -131,29 +141,57 @@ def test_gpu_benchmark_dry_run_at_a_tiny_shape():
     assert "failed" not in done.stdout, done.stdout
 
 
-def test_aligned_expert_groups_give_the_same_output_and_gradients(tiny):
-    """CUDA pads each expert's rows to a multiple of 16 (its grouped GEMMs need aligned groups); the padded
-    layout must compute exactly what the packed one does, forward and backward."""
+def test_expert_layouts_give_the_same_output_and_gradients(tiny):
+    """The experts' rows packed (group_align 1), aligned to 16 as CUDA lays them out, and padded to the largest
+    group for one batched product (the CPU's choice, None here) must compute the same thing, forward and
+    backward, and a per-token loop over the experts' weights agrees with all three."""
     from diffgemma.model import aligned_groups
 
     experts = tiny.network.layers[0].experts
     generator = torch.Generator().manual_seed(0)
+    top_k = tiny.config.top_k_experts
     x = torch.randn(37, tiny.config.hidden_size, generator=generator, requires_grad=True)
-    routing = torch.randint(0, experts.num_experts, (37, tiny.config.top_k_experts), generator=generator)
-    weights = torch.rand(37, tiny.config.top_k_experts, generator=generator)
-    results = []
-    for align in (None, 16):
-        experts.group_align = align
-        with torch.enable_grad():
-            out = experts(x, routing, weights)
-            (grad,) = torch.autograd.grad(out.square().sum(), x)
-        results.append((out.detach(), grad))
-    experts.group_align = None
-    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+    spread = torch.randint(0, experts.num_experts, (37, top_k), generator=generator)
+    skewed = torch.stack([torch.zeros(37, dtype=torch.long), torch.ones(37, dtype=torch.long)], 1)[:, :top_k]
+    weights = torch.rand(37, top_k, generator=generator)
+    for routing in (spread, skewed):  # skewed: padding all groups to the largest would pass 2x, so packed
+        expected = torch.stack(
+            [
+                sum(
+                    float(weights[t, j])
+                    * experts.down_proj[e]
+                    @ (
+                        experts.act(experts.gate_up_proj[e, : experts.down_proj.shape[2]] @ x[t])
+                        * (experts.gate_up_proj[e, experts.down_proj.shape[2] :] @ x[t])
+                    )
+                    for j, e in enumerate(routing[t].tolist())
+                )
+                for t in range(37)
+            ]
+        ).detach()
+        results = []
+        for align in (1, 16, None):
+            experts.group_align = align
+            with torch.enable_grad():
+                out = experts(x, routing, weights)
+                (grad,) = torch.autograd.grad(out.square().sum(), x)
+            results.append((out.detach(), grad))
+        experts.group_align = None
+        assert torch.allclose(results[0][0], expected, atol=1e-5)
+        for out, grad in results[1:]:
+            assert torch.allclose(results[0][0], out, atol=1e-6)
+            assert torch.allclose(results[0][1], grad, atol=1e-5)
 
-    groups = torch.sort(routing.reshape(-1)).values
-    sizes = torch.bincount(groups, minlength=experts.num_experts).int()
+    def layout(routing: torch.Tensor) -> tuple:
+        groups = torch.sort(routing.reshape(-1)).values
+        sizes = torch.bincount(groups, minlength=experts.num_experts).int()
+        return groups, sizes, experts.group_layout(x, groups, sizes)
+
+    groups, sizes, (slot, offsets, slots) = layout(spread)
+    assert offsets is None and slots == experts.num_experts * int(sizes.max())  # the CPU's batched layout
+    assert slot.unique().numel() == slot.numel() and int(slot.max()) < slots
+    assert layout(skewed)[2][1] is not None  # packed: cumulative group ends
+
     place, padded = aligned_groups(groups, sizes, 16)
     starts = torch.cumsum(padded, 0) - padded
     assert bool((padded % 16 == 0).all()) and bool((padded >= sizes).all())
