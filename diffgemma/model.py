@@ -157,39 +157,39 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H]; experts, weights [N, K] -> [N, H].
 
-        Token-expert pairs are sorted by expert and each projection is one matmul over all experts' groups.
-        The groups' layout depends on the device (`group_layout`); whatever it is, every pair has one slot in
-        it, read back in token order at the end.
+        Each token-expert pair gets a slot in a layout grouped by expert (`group_layout`, which depends on the
+        device), each projection is one matmul over all the groups, and one gather brings every pair's output
+        back in token order.
         """
         tokens, top_k = experts.shape
         pairs = experts.numel()
-        sorted_experts, order = torch.sort(experts.reshape(-1))
-        group_sizes = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
-        group_sizes.scatter_add_(0, sorted_experts, torch.ones_like(sorted_experts, dtype=torch.int32))
-        sources = order // top_k  # the token of each sorted pair
-        slot, offsets, slots = self.group_layout(x, sorted_experts, group_sizes)
-        if slot is None:
-            rows = x.index_select(0, sources)  # (index_select: its gradient is a plain index_add)
-            slot = torch.arange(pairs, device=x.device)
-        else:
-            # Padding rows read an appended zero row: finite, so they add nothing to the weights' gradients.
-            source = torch.full((slots,), tokens, dtype=sources.dtype, device=x.device)
-            rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source.scatter_(0, slot, sources))
-            if offsets is None:
-                rows = rows.view(self.num_experts, slots // self.num_experts, -1)
+        routed = experts.reshape(-1)
+        # A counting sort: a running count over one-hot rows gives each pair its rank among the pairs routed to
+        # the same expert (in pair order), and the last row the group sizes; no comparison sort, no host read.
+        running = torch.zeros(pairs, self.num_experts, dtype=torch.int32, device=x.device)
+        running = running.scatter_(1, routed[:, None], 1).cumsum(0, dtype=torch.int32)
+        rank = running.gather(1, routed[:, None]).squeeze(1).long() - 1
+        pair_slot, offsets, slots = self.group_layout(x, routed, rank, running[-1])
+        token_of_pair = torch.arange(pairs, device=x.device) // top_k
+        source = torch.full((slots,), tokens, dtype=torch.long, device=x.device).scatter_(0, pair_slot, token_of_pair)
+        if slots == pairs:  # packed: every slot holds a pair (index_select: its gradient is a plain index_add)
+            rows = x.index_select(0, source)
+        else:  # padding slots read an appended zero row: finite, so they add nothing to the weights' gradients
+            rows = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, source)
+        if offsets is None:
+            rows = rows.view(self.num_experts, slots // self.num_experts, -1)
         gate, up = self.project(rows, "gate_up_proj", offsets).chunk(2, dim=-1)
         projected = self.project(self.act(gate) * up, "down_proj", offsets).reshape(-1, x.shape[1])
-        # Each pair's slot in token order: one gather brings the outputs back, each slot read once.
-        pair_slot = torch.empty_like(slot).scatter_(0, order, slot)
         picked = projected.index_select(0, pair_slot).view(tokens, top_k, -1)
         # Sum each token's k expert outputs in a fixed order (deterministic, no atomics).
         return (picked * weights[..., None]).sum(dim=1).to(x.dtype)
 
     def group_layout(
-        self, x: torch.Tensor, sorted_experts: torch.Tensor, group_sizes: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-        """Where the sorted pairs' rows go: (each pair's slot, or None when packed; the groups' cumulative
-        ends, or None when every group has the same number of rows; the number of slots).
+        self, x: torch.Tensor, routed: torch.Tensor, rank: torch.Tensor, group_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Where each pair's row goes, given its expert (`routed`) and its rank within that expert's group:
+        (each pair's slot; the groups' cumulative ends, or None when every group has the same number of
+        rows; the number of slots).
 
         - CUDA: each group starts on a multiple of 16 rows (its grouped GEMMs need aligned groups), in a
           layout whose size the shapes fix, so no host synchronisation and graphs can be captured.
@@ -199,21 +199,20 @@ class Experts(nn.Module):
           CPU. Packed instead when the padding would more than double the rows (a skewed routing).
         `group_align` overrides the choice: 1 packed, more than 1 aligned to that many rows.
         """
-        pairs = sorted_experts.numel()
+        pairs = routed.numel()
         align = self.group_align
         if align is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
             capacity = int(group_sizes.max())
             if self.num_experts * capacity <= MAX_BATCHED_PADDING * pairs:
-                starts = torch.cumsum(group_sizes, dim=0) - group_sizes
-                rank = torch.arange(pairs, device=x.device) - starts[sorted_experts]
-                return sorted_experts * capacity + rank, None, self.num_experts * capacity
+                return routed * capacity + rank, None, self.num_experts * capacity
         if align is None:
             align = GPU_GROUP_ALIGN if x.is_cuda else 1
-        if align == 1:
-            return None, torch.cumsum(group_sizes, dim=0, dtype=torch.int32), 0
-        # The padded layout fits in pairs + experts * align rows, whatever the routing.
-        place, padded_sizes = aligned_groups(sorted_experts, group_sizes, align)
-        return place, torch.cumsum(padded_sizes, dim=0, dtype=torch.int32), pairs + self.num_experts * align
+        # Groups one after another, each padded to a multiple of `align` rows: the layout fits in
+        # pairs + experts * (align - 1) rows whatever the routing, a size the shapes fix.
+        padded_sizes = (group_sizes + align - 1) // align * align
+        ends = torch.cumsum(padded_sizes, dim=0, dtype=torch.int32)
+        slot = (ends - padded_sizes)[routed].long() + rank
+        return slot, ends, pairs + self.num_experts * (align - 1)
 
     def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor | None) -> torch.Tensor:
         """rows sorted by expert through each expert's `name` weight (quantized experts override this)."""
@@ -222,17 +221,6 @@ class Experts(nn.Module):
 
 GPU_GROUP_ALIGN = 16  # rows; the fp8 grouped GEMM's requirement, which also suits the bf16 one
 MAX_BATCHED_PADDING = 2  # the CPU's batched expert layout may at most double the rows
-
-
-def aligned_groups(
-    sorted_groups: torch.Tensor, group_sizes: torch.Tensor, align: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows sorted by group -> (each row's place in a layout where every group starts at a multiple of
-    `align`, the padded group sizes). The layout fits in rows + groups * align, whatever the routing."""
-    padded_sizes = (group_sizes + align - 1) // align * align
-    shift = torch.cumsum(padded_sizes - group_sizes, dim=0) - (padded_sizes - group_sizes)  # padding before a group
-    place = torch.arange(sorted_groups.shape[0], device=sorted_groups.device) + shift[sorted_groups]
-    return place, padded_sizes
 
 
 # Public in recent PyTorch; older releases (2.11 and before) have the same operator under its private name.

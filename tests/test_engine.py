@@ -145,8 +145,6 @@ def test_expert_layouts_give_the_same_output_and_gradients(tiny):
     """The experts' rows packed (group_align 1), aligned to 16 as CUDA lays them out, and padded to the largest
     group for one batched product (the CPU's choice, None here) must compute the same thing, forward and
     backward, and a per-token loop over the experts' weights agrees with all three."""
-    from diffgemma.model import aligned_groups
-
     experts = tiny.network.layers[0].experts
     generator = torch.Generator().manual_seed(0)
     top_k = tiny.config.top_k_experts
@@ -182,21 +180,31 @@ def test_expert_layouts_give_the_same_output_and_gradients(tiny):
             assert torch.allclose(results[0][0], out, atol=1e-6)
             assert torch.allclose(results[0][1], grad, atol=1e-5)
 
-    def layout(routing: torch.Tensor) -> tuple:
-        groups = torch.sort(routing.reshape(-1)).values
-        sizes = torch.bincount(groups, minlength=experts.num_experts).int()
-        return groups, sizes, experts.group_layout(x, groups, sizes)
+    def layout(routing: torch.Tensor, align: int | None) -> tuple:
+        routed = routing.reshape(-1)
+        rank = torch.tensor([int((routed[:p] == e).sum()) for p, e in enumerate(routed.tolist())])
+        sizes = torch.bincount(routed, minlength=experts.num_experts).int()
+        experts.group_align = align
+        try:
+            slot, ends, slots = experts.group_layout(x, routed, rank, sizes)
+        finally:
+            experts.group_align = None
+        assert slot.unique().numel() == slot.numel() and int(slot.max()) < slots
+        first = torch.full((experts.num_experts,), -1).scatter_(0, routed[rank == 0], slot[rank == 0])
+        assert torch.equal(slot, first[routed] + rank)  # a group's pairs sit one after another, in rank order
+        return routed, sizes, slot, ends, slots, first
 
-    groups, sizes, (slot, offsets, slots) = layout(spread)
-    assert offsets is None and slots == experts.num_experts * int(sizes.max())  # the CPU's batched layout
-    assert slot.unique().numel() == slot.numel() and int(slot.max()) < slots
-    assert layout(skewed)[2][1] is not None  # packed: cumulative group ends
-
-    place, padded = aligned_groups(groups, sizes, 16)
-    starts = torch.cumsum(padded, 0) - padded
-    assert bool((padded % 16 == 0).all()) and bool((padded >= sizes).all())
-    assert place.unique().numel() == place.numel() and int(place.max()) < groups.numel() + 16 * experts.num_experts
-    assert torch.equal(place[torch.cumsum(sizes, 0)[sizes > 0] - sizes[sizes > 0]], starts[sizes > 0])
+    routed, sizes, slot, ends, slots, first = layout(spread, None)  # the CPU's batched layout
+    capacity = int(sizes.max())
+    assert ends is None and slots == experts.num_experts * capacity and torch.equal(slot // capacity, routed)
+    assert layout(skewed, None)[3] is not None  # too skewed to pad: packed, with cumulative group ends
+    _, _, slot, ends, slots, _ = layout(spread, 1)
+    assert slots == routed.numel() and torch.equal(ends, torch.cumsum(sizes, 0).int())
+    _, _, slot, ends, slots, first = layout(spread, 16)
+    assert bool((ends % 16 == 0).all()) and int(ends[-1]) <= slots == routed.numel() + 15 * experts.num_experts
+    assert bool((first[sizes > 0] % 16 == 0).all()) and bool(
+        (ends - torch.cat([ends.new_zeros(1), ends[:-1]]) >= sizes).all()
+    )
 
 
 def test_graph_path_gives_the_eager_drafts_over_several_canvases(tiny):
