@@ -151,7 +151,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.num_experts = e
-        self.group_align: int | None = None  # rows each expert's group is padded to; None: 16 on CUDA, else 1
+        self.group_align: int | None = None  # rows a group is padded to a multiple of; None: by device (group_layout)
         self.act = ACTIVATION_FNS[config.hidden_activation]
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
