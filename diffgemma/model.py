@@ -652,7 +652,8 @@ def _head_in_slices(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tenso
     The logits differ from the BLAS product's in float32 rounding (summation order), about 1e-6.
     """
     flat_hidden, flat_out = hidden.reshape(-1, hidden.shape[-1]), out.view(-1, out.shape[-1])
-    linear = _ONEDNN_LINEAR if weight.dtype == torch.float32 and _ONEDNN_LINEAR is not None else F.linear
+    onednn = _ONEDNN_LINEAR is not None and hidden.dtype == weight.dtype == torch.float32
+    linear = _ONEDNN_LINEAR if onednn else F.linear
     for start in range(0, weight.shape[0], HEAD_SLICE):
         flat_out[:, start : start + HEAD_SLICE].copy_(linear(flat_hidden, weight[start : start + HEAD_SLICE]))
     return out

@@ -270,6 +270,22 @@ def test_sampling_logits_are_the_tempered_logits_up_to_a_constant(tiny):
     assert torch.equal(scaled.argmax(-1), exact.argmax(-1))
 
 
+def test_the_cpu_head_in_vocabulary_slices_is_the_whole_product(tiny, monkeypatch):
+    """Into a buffer the CPU computes the logits a slice of the vocabulary at a time (oneDNN on float32);
+    with slices that do not divide the vocabulary, the result is the one product's, capped the same way."""
+    import diffgemma.model as model_module
+
+    vocab = tiny.config.vocab_size
+    monkeypatch.setattr(model_module, "HEAD_SLICE", vocab // 5 + 3)  # five full slices and a partial one
+    hidden = torch.randn(2, 5, tiny.config.hidden_size)
+    with torch.no_grad():
+        whole = tiny.network.head(hidden)
+        buffer = torch.full((2, 5, vocab), float("nan"))
+        sliced = tiny.network.head(hidden, buffer)
+    assert sliced.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_decoder_layers_match_eager(tiny):
     """`compile_decoder` (torch.compile of each layer's two halves) computes what the eager halves compute, and
     a whole decoder pass through it stays close to the eager pass (bf16: its kernels round differently)."""
