@@ -270,13 +270,17 @@ def test_sampling_logits_are_the_tempered_logits_up_to_a_constant(tiny):
     assert torch.equal(scaled.argmax(-1), exact.argmax(-1))
 
 
-def test_the_cpu_head_in_vocabulary_slices_is_the_whole_product(tiny, monkeypatch):
-    """Into a buffer the CPU computes the logits a slice of the vocabulary at a time (oneDNN on float32);
-    with slices that do not divide the vocabulary, the result is the one product's, capped the same way."""
+@pytest.mark.parametrize("onednn", [True, False])
+def test_the_cpu_head_in_vocabulary_slices_is_the_whole_product(tiny, monkeypatch, onednn):
+    """Into a buffer the CPU computes the logits a slice of the vocabulary at a time (oneDNN on float32, or
+    F.linear where the build lacks it); with slices that do not divide the vocabulary, the result is the one
+    product's, capped the same way."""
     import diffgemma.model as model_module
 
     vocab = tiny.config.vocab_size
     monkeypatch.setattr(model_module, "HEAD_SLICE", vocab // 5 + 3)  # five full slices and a partial one
+    if not onednn:
+        monkeypatch.setattr(model_module, "_ONEDNN_LINEAR", None)
     hidden = torch.randn(2, 5, tiny.config.hidden_size)
     with torch.no_grad():
         whole = tiny.network.head(hidden)
