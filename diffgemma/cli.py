@@ -443,6 +443,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         seconds=args.seconds,
         pool_workers=args.pool_workers,
         pool_cache=args.pool_file,
+        detached_passes=args.self_conditioning_passes,
         log=log,
     )
 
@@ -611,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument("--pool-workers", type=int, default=1, help="sudoku: processes that make the puzzle pool")
     trainer.add_argument("--pool-file", default=None, help="sudoku: cache of the puzzle pool (read, or written)")
+    trainer.add_argument(
+        "--self-conditioning-passes",
+        type=int,
+        default=1,
+        help="sudoku: each batch runs 1 to this many detached passes, each feeding the next, before the scored one",
+    )
     trainer.add_argument("--data", help="chat: training conversations, JSONL with a `messages` list a line")
     trainer.add_argument("--eval-data", help="chat: held-out conversations (default: a twentieth of --data)")
     trainer.add_argument("--lora-rank", type=int, default=0, help="chat: train LoRA adapters of this rank (0: full)")

@@ -1,5 +1,7 @@
 """The training objective: corruption, the training attention path, and that it actually trains."""
 
+import itertools
+
 import torch
 
 import diffgemma
@@ -78,6 +80,38 @@ def test_gradients_reach_encoder_and_decoder(tmp_path):
     block_diffusion_loss(network, batch).total.backward()
     assert network.self_conditioning.gate_proj.weight.grad is not None
     assert network.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_detached_passes_each_feed_the_next(tmp_path, monkeypatch):
+    """Recycled self-conditioning: k passes without gradients, each given the one before's distribution,
+    then the scored pass given the last of them (k = 1 is the recipe's single first pass)."""
+    from dataclasses import replace
+
+    from diffgemma.presets import random_checkpoint
+
+    network = diffgemma.load(random_checkpoint(tmp_path / "passes", preset="tiny", seed=3)).network
+    batch = make_batch([Example([2, 5, 6], list(range(20, 50)), id=i) for i in range(2)], 32, 265, 1, 0, 0, 0)
+    batch = replace(batch, use_self_conditioning=torch.tensor([True, False]))
+    calls = []
+    denoise = network.denoise
+
+    def recorded(canvas, cache, self_conditioning=None, mask=None, **kwargs):
+        logits = denoise(canvas, cache, self_conditioning, mask, **kwargs)
+        calls.append((self_conditioning, mask, logits.detach(), torch.is_grad_enabled()))
+        return logits
+
+    monkeypatch.setattr(network, "denoise", recorded)
+    losses = []
+    for passes in (1, 3):
+        calls.clear()
+        losses.append(float(block_diffusion_loss(network, replace(batch, detached_passes=passes)).diffusion))
+        assert len(calls) == passes + 1 and calls[0][0] is None
+        assert [grad for *_, grad in calls] == [False] * passes + [True]
+        for before, after in itertools.pairwise(calls):
+            assert torch.allclose(after[0], before[2].softmax(dim=-1))
+        assert all(mask is None for _, mask, *_ in calls[:-1])
+        assert torch.equal(calls[-1][1].cpu(), batch.use_self_conditioning)
+    assert losses[0] != losses[1]  # the scored pass saw another draft
 
 
 def test_resume_continues_exactly(tmp_path):

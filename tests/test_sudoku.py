@@ -236,6 +236,9 @@ def test_train_command_init_starts_from_a_checkpoint(sudoku_model, tmp_path, cap
     assert "not a sudoku model of this format" in capsys.readouterr().err
     assert main([*command, "--init", str(sudoku_model.folder), "--resume"]) == 2
     assert "--init starts a new one" in capsys.readouterr().err
+    fresh = [*command[:2], "--out", str(tmp_path / "never"), *command[4:], "--init", str(sudoku_model.folder)]
+    assert main([*fresh, "--self-conditioning-passes", "0"]) == 2
+    assert "passes must be at least 1" in capsys.readouterr().err and not (tmp_path / "never").exists()
 
 
 def test_solving_refuses_a_model_of_another_format(tmp_path):
@@ -278,6 +281,22 @@ def test_device_batches_corrupt_only_free_cells_and_repeat_by_index():
     assert torch.equal(batch.noisy[givens], batch.clean[givens]) and bool(batch.keep[givens].all())
     kept = (batch.keep & ~givens).sum(1) / (~givens).sum(1)
     assert float((kept - (1 - batch.t)).abs().mean()) < 0.1
+
+
+def test_device_batches_draw_detached_passes_without_moving_the_data():
+    pool = sudoku.puzzle_pool(1, 4, (26, 32))
+    plain = sudoku.DeviceBatches(pool, 8, seed=5, device="cpu")
+    recycled = sudoku.DeviceBatches(pool, 8, seed=5, device="cpu", max_detached_passes=3)
+    drawn = set()
+    for index in range(40):
+        a, b = plain(index), recycled(index)
+        for field in ("ids", "noisy", "keep", "t", "use_self_conditioning"):
+            assert torch.equal(getattr(a, field), getattr(b, field))
+        assert a.detached_passes == 1 and b.detached_passes == recycled(index).detached_passes
+        drawn.add(b.detached_passes)
+    assert drawn == {1, 2, 3}
+    with pytest.raises(DiffGemmaError, match="at least 1"):
+        sudoku.DeviceBatches(pool, 8, seed=5, device="cpu", max_detached_passes=0)
 
 
 def test_random_symmetries_match_the_group():

@@ -542,13 +542,19 @@ def random_symmetries(
     return order, torch.cat([torch.zeros_like(digits[:, :1]), digits], dim=1)
 
 
+def check_detached_passes(count: int) -> None:
+    if count < 1:
+        raise DiffGemmaError(f"detached self-conditioning passes must be at least 1, got {count}")
+
+
 class DeviceBatches:
     """Training batches made where the model trains: each example a pool puzzle under a fresh random symmetry.
     Diffusion: prompt BOS, canvas the solution's 81 cell tokens; the objective's corruption (t ~ U(eps, 1))
     reaches the empty cells only, each replaced by a uniformly random one of its nine digit tokens, as solving
     re-noises it (givens stay clean: they are clamped at solve time). `autoregressive`: the prompt is BOS and
     the puzzle's cells, for the left-to-right baseline. Batch k depends on (seed, k) alone: a resumed run sees
-    the same data and noise."""
+    the same data and noise. `max_detached_passes` > 1: each batch draws how many detached self-conditioning
+    passes precede the scored one, uniformly from 1 to it (`Batch.detached_passes`)."""
 
     def __init__(
         self,
@@ -557,11 +563,14 @@ class DeviceBatches:
         seed: int,
         device,
         autoregressive: bool = False,
+        max_detached_passes: int = 1,
     ) -> None:
+        check_detached_passes(max_detached_passes)
         self.device = torch.device(device)
         self.puzzles = torch.tensor([list(p) for p, _ in pool], dtype=torch.long, device=self.device)
         self.solutions = torch.tensor([list(s) for _, s in pool], dtype=torch.long, device=self.device)
         self.batch_size, self.seed, self.autoregressive = batch_size, seed, autoregressive
+        self.max_detached_passes = max_detached_passes
         self.cells = cell_token(torch.arange(CELLS, device=self.device), 0)
 
     def __call__(self, index: int):
@@ -580,6 +589,10 @@ class DeviceBatches:
         keep = (torch.rand(count, CANVAS, generator=generator, device=device) >= t[:, None]) | (puzzle > 0)
         noise = self.cells + torch.randint(1, 10, (count, CANVAS), generator=generator, device=device)
         ids = torch.cat([prompt, canvas], dim=1)
+        use_self_conditioning = torch.rand(count, generator=generator, device=device) < 0.5
+        passes = 1  # drawn last, so a run with one pass sees the data and noise it always did
+        if self.max_detached_passes > 1:
+            passes = int(torch.randint(1, self.max_detached_passes + 1, (1,), generator=generator, device=device))
         return Batch(
             ids=ids,
             valid=torch.ones_like(ids, dtype=torch.bool),
@@ -588,9 +601,10 @@ class DeviceBatches:
             noisy=torch.where(keep, canvas, noise),
             keep=keep,
             t=t,
-            use_self_conditioning=torch.rand(count, generator=generator, device=device) < 0.5,
+            use_self_conditioning=use_self_conditioning,
             response_start=prompt.shape[1],
             tokens=ids.numel(),
+            detached_passes=passes,
         )
 
 
@@ -615,6 +629,7 @@ def train_sudoku(
     seconds: float | None = None,
     pool_workers: int = 1,
     pool_cache: str | Path | None = None,
+    detached_passes: int = 1,
     log=print,
 ):
     """Train the sudoku model into `out` (checkpoints as it goes; `resume` continues a stopped run).
@@ -624,7 +639,8 @@ def train_sudoku(
     right (the encoder alone): the baseline. `seconds`: a time budget instead of a step count: the first
     steps are timed and the run sized to fit (the log gives the step count, which `steps` reproduces), then it
     stops at the budget whatever the estimate said. `init`: a sudoku checkpoint whose weights start the run
-    (a second stage with a fresh optimizer and schedule) instead of random ones."""
+    (a second stage with a fresh optimizer and schedule) instead of random ones. `detached_passes` > 1: each
+    batch recycles the self-conditioning through up to that many detached passes (`DeviceBatches`)."""
     from ..api import load
     from ..presets import random_checkpoint
     from ..train.trainer import TrainConfig, save_state, train
@@ -633,6 +649,7 @@ def train_sudoku(
     folder = Path(out)
     if resume and init is not None:
         raise DiffGemmaError("--resume continues the run in --out; --init starts a new one: give one of them")
+    check_detached_passes(detached_passes)  # before anything is written into `out`
     if resume:
         model = load(folder, device=device)
     elif init is not None:
@@ -653,7 +670,9 @@ def train_sudoku(
     log(f"puzzle pool: {len(pool)} unique puzzles, {low}-{high} givens ({time.perf_counter() - started:.0f} s)")
     eval_rng = random.Random(10_000 + seed)
     held_out = [make_puzzle(eval_rng, eval_rng.randint(24, 36))[0] for _ in range(eval_puzzles)]
-    batches = DeviceBatches(pool, batch_size, seed, model.network.device, objective == "autoregressive")
+    batches = DeviceBatches(
+        pool, batch_size, seed, model.network.device, objective == "autoregressive", detached_passes
+    )
 
     def settings(total: int) -> TrainConfig:
         return TrainConfig(

@@ -6,6 +6,9 @@ decoder sees what inference would have cached before the chosen canvas, plus tha
 random level t ~ U(eps, 1): each token kept with probability 1 - t, else replaced by a uniform random id
 (no mask token; the model is not told t). Self-conditioning: a first decoder pass without it, detached;
 then, per example with probability 1/2, its distribution feeds the second pass, the only one scored.
+A batch may ask for more detached passes first (`Batch.detached_passes`), each fed the one before, as
+AlphaFold recycles: the scored pass then learns to refine a draft that was itself refined, as every step
+of the sampler asks it to.
 Loss: cross-entropy over every canvas position (no 1/t weight) plus the encoder's next-token
 cross-entropy over prompt and clean response (weight `ar_weight`).
 
@@ -46,6 +49,7 @@ class Batch:
     use_self_conditioning: torch.Tensor  # [B]
     response_start: int  # where every row's response begins (prompts are left-padded to this length)
     tokens: int  # valid tokens (known without asking the device)
+    detached_passes: int = 1  # decoder passes without gradients before the scored one (the recipe: 1)
 
 
 def example_generator(seed: int, example_id: int, epoch: int) -> torch.Generator:
@@ -120,8 +124,10 @@ def block_diffusion_loss(network: DiffusionGemma, batch: Batch, ar_weight: float
     cache = network.new_cache(ids.shape[0], ids.shape[1], keep_all=True)
     hidden = network.encode(ids, cache, valid)
     with torch.no_grad():
-        first = network.denoise(noisy, cache, context_end=context_end)
-        self_conditioning = first.softmax(dim=-1)
+        self_conditioning = None
+        for _ in range(batch.detached_passes):
+            draft = network.denoise(noisy, cache, self_conditioning, context_end=context_end)
+            self_conditioning = draft.softmax(dim=-1)
     logits = network.denoise(
         noisy, cache, self_conditioning, batch.use_self_conditioning.to(device), context_end=context_end
     )
