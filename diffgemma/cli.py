@@ -443,7 +443,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         seconds=args.seconds,
         pool_workers=args.pool_workers,
         pool_cache=args.pool_file,
-        detached_passes=args.self_conditioning_passes,
+        max_detached_passes=args.self_conditioning_passes,
         log=log,
     )
 

@@ -629,7 +629,7 @@ def train_sudoku(
     seconds: float | None = None,
     pool_workers: int = 1,
     pool_cache: str | Path | None = None,
-    detached_passes: int = 1,
+    max_detached_passes: int = 1,
     log=print,
 ):
     """Train the sudoku model into `out` (checkpoints as it goes; `resume` continues a stopped run).
@@ -639,8 +639,8 @@ def train_sudoku(
     right (the encoder alone): the baseline. `seconds`: a time budget instead of a step count: the first
     steps are timed and the run sized to fit (the log gives the step count, which `steps` reproduces), then it
     stops at the budget whatever the estimate said. `init`: a sudoku checkpoint whose weights start the run
-    (a second stage with a fresh optimizer and schedule) instead of random ones. `detached_passes` > 1: each
-    batch recycles the self-conditioning through up to that many detached passes (`DeviceBatches`)."""
+    (a second stage with a fresh optimizer and schedule) instead of random ones. `max_detached_passes` > 1:
+    each batch recycles the self-conditioning through up to that many detached passes (`DeviceBatches`)."""
     from ..api import load
     from ..presets import random_checkpoint
     from ..train.trainer import TrainConfig, save_state, train
@@ -649,7 +649,7 @@ def train_sudoku(
     folder = Path(out)
     if resume and init is not None:
         raise DiffGemmaError("--resume continues the run in --out; --init starts a new one: give one of them")
-    check_detached_passes(detached_passes)  # before anything is written into `out`
+    check_detached_passes(max_detached_passes)  # before anything is written into `out`
     if resume:
         model = load(folder, device=device)
     elif init is not None:
@@ -671,7 +671,7 @@ def train_sudoku(
     eval_rng = random.Random(10_000 + seed)
     held_out = [make_puzzle(eval_rng, eval_rng.randint(24, 36))[0] for _ in range(eval_puzzles)]
     batches = DeviceBatches(
-        pool, batch_size, seed, model.network.device, objective == "autoregressive", detached_passes
+        pool, batch_size, seed, model.network.device, objective == "autoregressive", max_detached_passes
     )
 
     def settings(total: int) -> TrainConfig:
