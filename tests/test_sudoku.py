@@ -219,6 +219,13 @@ def test_train_command_checkpoints_and_evaluates(tmp_path, capsys, objective):
     assert main([*command[:4], "--resume", "--steps", "3", *command[6:]]) == 0
     assert torch.load(out / "trainer_state.pt", weights_only=False)["step"] == 3
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] is None
+    # other data or seed would not continue this run: refused, and the run is left as it was
+    for option, said in [("--seed", "seed 0 (now 5)"), ("--pool", "pool 6 (now 5)")]:
+        assert main([*command[:4], "--resume", "--steps", "4", *command[6:], option, "5"]) == 2
+        assert said in capsys.readouterr().err
+    assert main([*command[:4], "--resume", "--steps", "4", *command[6:], "--self-conditioning-passes", "2"]) == 2
+    assert "self_conditioning_passes 1 (now 2)" in capsys.readouterr().err
+    assert torch.load(out / "trainer_state.pt", weights_only=False)["step"] == 3
 
 
 def test_train_command_init_starts_from_a_checkpoint(sudoku_model, tmp_path, capsys):

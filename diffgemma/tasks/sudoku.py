@@ -683,6 +683,7 @@ def train_sudoku(
             ar_weight=ar_weight,
             seed=seed,
             objective=objective,
+            recipe=(("pool", pool_size), ("givens", givens), ("self_conditioning_passes", max_detached_passes)),
         )
 
     config = settings(steps)

@@ -42,6 +42,8 @@ class TrainConfig:
     ar_weight: float = 1.0
     seed: int = 0
     objective: str = "diffusion"  # or "autoregressive": the left-to-right baseline on the same network
+    # the caller's data options, (name, value): a resumed run must be given the same ones
+    recipe: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -85,6 +87,29 @@ def save_state(folder: Path, step: int, optimizer: torch.optim.Optimizer, config
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def check_same_run(path: Path, saved: dict, config: TrainConfig) -> None:
+    """Refuse to resume with settings other than the run's own: it would not continue that run. The step
+    count may grow (the schedule stretches to it); a setting an older state did not record is not checked."""
+    before, now = _settings(saved), _settings(asdict(config))
+    changed = [
+        f"{name} {before[name]} (now {now[name]})"
+        for name in now
+        if name != "steps" and name in before and before[name] != now[name]
+    ]
+    if changed:
+        raise DiffGemmaError(
+            f"{path}: the run was started with {', '.join(changed)}; resume it with the options it started with"
+        )
+
+
+def _settings(config: dict) -> dict[str, str]:
+    """A config's settings by name, the recipe's entries among them, as text (a tuple saved reads back the
+    same as a list given)."""
+    flat = {name: value for name, value in config.items() if name != "recipe"}
+    flat.update((name, value) for name, value in config.get("recipe", ()))
+    return {name: str(list(v) if isinstance(v, tuple | list) else v) for name, v in flat.items()}
 
 
 @torch.no_grad()
@@ -171,6 +196,7 @@ def train(
         if not path.is_file():
             raise DiffGemmaError(f"{path}: no trainer state to resume from")
         state = torch.load(path, map_location=network.device, weights_only=False)
+        check_same_run(path, state["config"], config)
         optimizer.load_state_dict(state["optimizer"])
         start, losses = state["step"], list(state["losses"])
     autocast = network.device.type == "cuda" and torch.cuda.is_bf16_supported()
