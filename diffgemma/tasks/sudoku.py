@@ -590,7 +590,9 @@ class DeviceBatches:
         noise = self.cells + torch.randint(1, 10, (count, CANVAS), generator=generator, device=device)
         ids = torch.cat([prompt, canvas], dim=1)
         use_self_conditioning = torch.rand(count, generator=generator, device=device) < 0.5
-        passes = 1  # drawn last, so a run with one pass sees the data and noise it always did
+        # drawn last, so a run with one pass sees the data and noise it always did; and only when there is a
+        # choice, since reading the draw back waits for the device
+        passes = 1
         if self.max_detached_passes > 1:
             passes = int(torch.randint(1, self.max_detached_passes + 1, (1,), generator=generator, device=device))
         return Batch(
