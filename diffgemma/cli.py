@@ -444,6 +444,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         pool_workers=args.pool_workers,
         pool_cache=args.pool_file,
         max_detached_passes=args.self_conditioning_passes,
+        layers=args.layers,
         log=log,
     )
 
@@ -604,6 +605,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["diffusion", "autoregressive"],
         default="diffusion",
         help="sudoku: autoregressive trains the same network left to right (the baseline)",
+    )
+    trainer.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="sudoku: the network's depth (6); with --init, more than the init's repeats its layers, off at first",
     )
     trainer.add_argument("--pool", type=int, default=4000, help="sudoku: unique puzzles in the training pool")
     trainer.add_argument("--eval-puzzles", type=int, default=64, help="sudoku: held-out puzzles scored at checkpoints")

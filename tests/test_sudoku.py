@@ -248,6 +248,19 @@ def test_train_command_init_starts_from_a_checkpoint(sudoku_model, tmp_path, cap
     assert "passes must be at least 1" in capsys.readouterr().err and not (tmp_path / "never").exists()
 
 
+def test_train_command_deepens_the_init_and_trains_the_new_layers(sudoku_model, tmp_path, capsys):
+    out = tmp_path / "deeper"
+    command = ["train", "sudoku", "--out", str(out), "--steps", "2", "--batch-size", "2", "--pool", "4"]
+    command += ["--eval-every", "0", "--init", str(sudoku_model.folder)]
+    assert main([*command, "--layers", "12"]) == 0
+    deeper = diffgemma.load(out).network
+    assert deeper.config.num_hidden_layers == 12
+    # the repeats start switched off (zero post-norm scales) and the first steps turn them on
+    assert all(layer.post_feedforward_layernorm.weight.abs().max() > 0 for layer in deeper.layers[6:])
+    assert main([*command[:2], "--out", str(tmp_path / "never"), *command[4:], "--layers", "5"]) == 2
+    assert "already has 6 layers" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
 def test_solving_refuses_a_model_of_another_format(tmp_path):
     from diffgemma.presets import random_checkpoint
 

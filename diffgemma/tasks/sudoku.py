@@ -632,6 +632,7 @@ def train_sudoku(
     pool_workers: int = 1,
     pool_cache: str | Path | None = None,
     max_detached_passes: int = 1,
+    layers: int | None = None,
     log=print,
 ):
     """Train the sudoku model into `out` (checkpoints as it goes; `resume` continues a stopped run).
@@ -642,9 +643,12 @@ def train_sudoku(
     steps are timed and the run sized to fit (the log gives the step count, which `steps` reproduces), then it
     stops at the budget whatever the estimate said. `init`: a sudoku checkpoint whose weights start the run
     (a second stage with a fresh optimizer and schedule) instead of random ones. `max_detached_passes` > 1:
-    each batch recycles the self-conditioning through up to that many detached passes (`DeviceBatches`)."""
+    each batch recycles the self-conditioning through up to that many detached passes (`DeviceBatches`).
+    `layers`: the network's depth (the preset's 6 if not given); with `init`, a deeper network than the init's
+    repeats its layers, the repeats starting switched off (`train.grow.deepen`)."""
     from ..api import load
     from ..presets import random_checkpoint
+    from ..train.grow import deepen
     from ..train.trainer import TrainConfig, save_state, train
 
     started = time.perf_counter()
@@ -657,8 +661,11 @@ def train_sudoku(
     elif init is not None:
         model = load(init, device=device)  # its tokenizer files go with it when it is saved below
         check_model(model, str(init))
+        if layers is not None and layers != model.config.num_hidden_layers:
+            model = deepen(model, layers)
     else:
-        random_checkpoint(folder, preset="sudoku", seed=seed)
+        depth = {} if layers is None else {"num_hidden_layers": layers}
+        random_checkpoint(folder, preset="sudoku", seed=seed, **depth)
         write_tokenizer(folder)
         model = load(folder, device=device)
         structured_embeddings_(model.network, seed)
@@ -671,7 +678,7 @@ def train_sudoku(
     low, high = givens
     log(f"puzzle pool: {len(pool)} unique puzzles, {low}-{high} givens ({time.perf_counter() - started:.0f} s)")
     eval_rng = random.Random(10_000 + seed)
-    held_out = [make_puzzle(eval_rng, eval_rng.randint(24, 36))[0] for _ in range(eval_puzzles)]
+    held_out = [make_puzzle(eval_rng, eval_rng.randint(24, 36))[0] for _ in range(eval_puzzles if eval_every else 0)]
     batches = DeviceBatches(
         pool, batch_size, seed, model.network.device, objective == "autoregressive", max_detached_passes
     )
@@ -685,7 +692,12 @@ def train_sudoku(
             ar_weight=ar_weight,
             seed=seed,
             objective=objective,
-            recipe=(("pool", pool_size), ("givens", givens), ("self_conditioning_passes", max_detached_passes)),
+            recipe=(
+                ("pool", pool_size),
+                ("givens", givens),
+                ("self_conditioning_passes", max_detached_passes),
+                ("layers", layers),
+            ),
         )
 
     config = settings(steps)
