@@ -350,16 +350,22 @@ def _sudoku_board(puzzle, grid, title: str, text_type):
     return board
 
 
+def givens_range(text: str) -> tuple[int, int]:
+    """`--givens` as (low, high): a number, or a range A:B."""
+    low, _, high = text.partition(":")
+    try:
+        low_givens, high_givens = int(low), int(high or low)
+    except ValueError:
+        raise DiffGemmaError(f"--givens must look like 24:36, got {text!r}") from None
+    return low_givens, high_givens
+
+
 def cmd_sudoku_puzzles(args: argparse.Namespace) -> None:
     import random
 
     from .tasks import sudoku
 
-    low, _, high = args.givens.partition(":")
-    try:
-        low_givens, high_givens = int(low), int(high or low)
-    except ValueError:
-        raise DiffGemmaError(f"--givens must look like 24:36, got {args.givens!r}") from None
+    low_givens, high_givens = givens_range(args.givens)
     rng = random.Random(args.seed)
     for _ in range(args.count):
         puzzle, _ = sudoku.make_puzzle(rng, rng.randint(low_givens, high_givens))
@@ -435,6 +441,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         ar_weight=args.ar_weight or 0.0,
         objective=args.objective,
         pool_size=args.pool,
+        givens=givens_range(args.givens),
         eval_every=args.eval_every or 500,
         eval_puzzles=args.eval_puzzles,
         resume=args.resume,
@@ -613,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sudoku: the network's depth (6); with --init, more than the init's repeats its layers, off at first",
     )
     trainer.add_argument("--pool", type=int, default=4000, help="sudoku: unique puzzles in the training pool")
+    trainer.add_argument("--givens", default="24:36", help="sudoku: givens of the pool's puzzles, a number or A:B")
     trainer.add_argument("--eval-puzzles", type=int, default=64, help="sudoku: held-out puzzles scored at checkpoints")
     trainer.add_argument(
         "--seconds", type=float, default=None, help="sudoku: a time budget; the first steps are timed to size the run"

@@ -246,6 +246,9 @@ def test_train_command_init_starts_from_a_checkpoint(sudoku_model, tmp_path, cap
     fresh = [*command[:2], "--out", str(tmp_path / "never"), *command[4:], "--init", str(sudoku_model.folder)]
     assert main([*fresh, "--self-conditioning-passes", "0"]) == 2
     assert "passes must be at least 1" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    for bad, said in [("30:24", "low first"), ("12:20", "within 17-81"), ("many", "must look like 24:36")]:
+        assert main([*fresh, "--givens", bad]) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "never").exists()
 
 
 def test_train_command_deepens_the_init_and_trains_the_new_layers(sudoku_model, tmp_path, capsys):
@@ -259,6 +262,17 @@ def test_train_command_deepens_the_init_and_trains_the_new_layers(sudoku_model, 
     assert all(layer.post_feedforward_layernorm.weight.abs().max() > 0 for layer in deeper.layers[6:])
     assert main([*command[:2], "--out", str(tmp_path / "never"), *command[4:], "--layers", "5"]) == 2
     assert "already has 6 layers" in capsys.readouterr().err and not (tmp_path / "never").exists()
+
+
+def test_train_command_givens_set_the_pool(sudoku_model, tmp_path):
+    pool_file = tmp_path / "pool.txt"
+    command = ["train", "sudoku", "--out", str(tmp_path / "hard"), "--steps", "1", "--batch-size", "2"]
+    command += ["--pool", "5", "--eval-every", "0", "--init", str(sudoku_model.folder), "--pool-file", str(pool_file)]
+    assert main([*command, "--givens", "28:29"]) == 0
+    puzzles = [line.split("\t")[0] for line in pool_file.read_text().splitlines()[1:]]
+    assert len(puzzles) == 5 and {81 - p.count(".") - p.count("0") for p in puzzles} <= {28, 29}
+    state = torch.load(tmp_path / "hard" / "trainer_state.pt", weights_only=False)
+    assert [list(value) for name, value in state["config"]["recipe"] if name == "givens"] == [[28, 29]]
 
 
 def test_solving_refuses_a_model_of_another_format(tmp_path):

@@ -656,6 +656,8 @@ def train_sudoku(
     if resume and init is not None:
         raise DiffGemmaError("--resume continues the run in --out; --init starts a new one: give one of them")
     check_detached_passes(max_detached_passes)  # before anything is written into `out`
+    if not 17 <= givens[0] <= givens[1] <= CELLS:
+        raise DiffGemmaError(f"givens must be a range within 17-81 (low first), got {givens[0]}:{givens[1]}")
     if resume:
         model = load(folder, device=device)
     elif init is not None:
