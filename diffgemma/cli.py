@@ -366,6 +366,7 @@ def cmd_sudoku_puzzles(args: argparse.Namespace) -> None:
     from .tasks import sudoku
 
     low_givens, high_givens = givens_range(args.givens)
+    sudoku.check_givens_range((low_givens, high_givens))
     rng = random.Random(args.seed)
     for _ in range(args.count):
         puzzle, _ = sudoku.make_puzzle(rng, rng.randint(low_givens, high_givens))

@@ -264,6 +264,14 @@ def test_train_command_deepens_the_init_and_trains_the_new_layers(sudoku_model, 
     assert "already has 6 layers" in capsys.readouterr().err and not (tmp_path / "never").exists()
 
 
+def test_puzzles_command_makes_puzzles_in_the_range_and_refuses_others(capsys):
+    assert main(["sudoku-puzzles", "3", "--givens", "30:31", "--seed", "2"]) == 0
+    lines = capsys.readouterr().out.split()
+    assert len(lines) == 3 and {81 - line.count("0") for line in lines} <= {30, 31}
+    assert main(["sudoku-puzzles", "3", "--givens", "31:30"]) == 2
+    assert "low first" in capsys.readouterr().err
+
+
 def test_train_command_givens_set_the_pool(sudoku_model, tmp_path):
     pool_file = tmp_path / "pool.txt"
     command = ["train", "sudoku", "--out", str(tmp_path / "hard"), "--steps", "1", "--batch-size", "2"]

@@ -448,6 +448,13 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
+def check_givens_range(givens: tuple[int, int]) -> None:
+    """A clear error unless (low, high) is a range of givens a puzzle can have, before any puzzle is made."""
+    low, high = givens
+    if not 17 <= low <= high <= CELLS:
+        raise DiffGemmaError(f"givens must be a range within 17-81 (low first), got {low}:{high}")
+
+
 def _pool_member(seed: int, index: int, givens: tuple[int, int]) -> tuple[list[int], list[int]]:
     # A string seed (hashed) cannot coincide with the integer seeds that make evaluation sets.
     rng = random.Random(f"sudoku-pool/{seed}/{index}")
@@ -656,8 +663,7 @@ def train_sudoku(
     if resume and init is not None:
         raise DiffGemmaError("--resume continues the run in --out; --init starts a new one: give one of them")
     check_detached_passes(max_detached_passes)  # before anything is written into `out`
-    if not 17 <= givens[0] <= givens[1] <= CELLS:
-        raise DiffGemmaError(f"givens must be a range within 17-81 (low first), got {givens[0]}:{givens[1]}")
+    check_givens_range(givens)
     if resume:
         model = load(folder, device=device)
     elif init is not None:
