@@ -146,6 +146,7 @@ class DiffGemma:
         commit_stable_prefix: bool = False,
         token_ranges: torch.Tensor | list | None = None,
         banned_tokens: torch.Tensor | None = None,
+        first_self_conditioning: torch.Tensor | None = None,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
@@ -166,6 +167,10 @@ class DiffGemma:
             banned_tokens = banned_tokens[None].expand(ids.shape[0], -1, -1)
         elif banned_tokens is not None and not isinstance(banned_tokens, torch.Tensor):
             raise DiffGemmaError("banned_tokens must be a boolean tensor, [L, V] or [B, L, V]")
+        if isinstance(first_self_conditioning, torch.Tensor) and first_self_conditioning.ndim == 2:
+            first_self_conditioning = first_self_conditioning[None].expand(ids.shape[0], -1, -1)
+        elif first_self_conditioning is not None and not isinstance(first_self_conditioning, torch.Tensor):
+            raise DiffGemmaError("first_self_conditioning must be a tensor of probabilities, [L, V] or [B, L, V]")
         events = denoising_loop(
             self.network,
             settings,
@@ -180,6 +185,7 @@ class DiffGemma:
             commit_stable_prefix,
             token_ranges=token_ranges,
             banned_tokens=banned_tokens,
+            first_self_conditioning=first_self_conditioning,
         )
         return events, batched
 
@@ -194,6 +200,7 @@ class DiffGemma:
         commit_stable_prefix: bool = False,
         token_ranges: torch.Tensor | list | None = None,
         banned_tokens: torch.Tensor | None = None,
+        first_self_conditioning: torch.Tensor | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
@@ -208,6 +215,8 @@ class DiffGemma:
         range (low, high): a vocabulary constrained per position (a sudoku cell takes only its nine digits).
         `banned_tokens` ([L, V] or [B, L, V] booleans) names ids position i never samples (a sudoku cell's
         digits that a given among its peers holds); the re-noising may still draw them.
+        `first_self_conditioning` ([L, V] or [B, L, V] probabilities) is each canvas's first-step
+        self-conditioning input instead of no signal (a sudoku model trained with its candidates there).
         """
         return run_to_end(
             self.stream(
@@ -220,6 +229,7 @@ class DiffGemma:
                 commit_stable_prefix,
                 token_ranges,
                 banned_tokens,
+                first_self_conditioning,
                 **sampler,
             )
         )
@@ -235,6 +245,7 @@ class DiffGemma:
         commit_stable_prefix: bool = False,
         token_ranges: torch.Tensor | list | None = None,
         banned_tokens: torch.Tensor | None = None,
+        first_self_conditioning: torch.Tensor | None = None,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
@@ -252,6 +263,7 @@ class DiffGemma:
             commit_stable_prefix,
             token_ranges,
             banned_tokens,
+            first_self_conditioning,
         )
         try:
             for event in events:

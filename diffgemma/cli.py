@@ -311,7 +311,8 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
         for attempt in range(args.tries):
             label = f"try {attempt + 1}, " if args.tries > 1 else ""
             attempt_seed = sudoku.try_seed(seed, attempt)
-            inputs = sudoku.solver_inputs([puzzle], candidates=args.candidates)
+            prior = sudoku.uses_candidate_prior(model)
+            inputs = sudoku.solver_inputs([puzzle], candidates=args.candidates, prior=prior)
             events = model.stream(seed=attempt_seed, **inputs, **_sampler(args))
             for event in events:
                 if isinstance(event, Draft):
@@ -358,6 +359,15 @@ def givens_range(text: str) -> tuple[int, int]:
     except ValueError:
         raise DiffGemmaError(f"--givens must look like 24:36, got {text!r}") from None
     return low_givens, high_givens
+
+
+def number_range(text: str) -> tuple[float, float]:
+    """A range A:B of numbers (or one number) as (low, high)."""
+    low, _, high = text.partition(":")
+    try:
+        return float(low), float(high or low)
+    except ValueError:
+        raise DiffGemmaError(f"expected a number or a range like 0.4:0.8, got {text!r}") from None
 
 
 def cmd_sudoku_puzzles(args: argparse.Namespace) -> None:
@@ -443,7 +453,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         objective=args.objective,
         pool_size=args.pool,
         givens=givens_range(args.givens),
-        eval_every=args.eval_every or 500,
+        eval_every=500 if args.eval_every is None else args.eval_every,
         eval_puzzles=args.eval_puzzles,
         resume=args.resume,
         init=args.init,
@@ -453,6 +463,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         pool_cache=args.pool_file,
         max_detached_passes=args.self_conditioning_passes,
         layers=args.layers,
+        candidate_prior=args.candidate_prior,
+        draft_temperatures=None if args.draft_temperature is None else number_range(args.draft_temperature),
         log=log,
     )
 
@@ -603,7 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument(
         "--ar-weight", type=float, default=None, help="weight of the encoder's next-token term (sudoku 0, chat 1)"
     )
-    trainer.add_argument("--eval-every", type=int, default=None, help="steps between checkpoints and evaluations")
+    trainer.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between checkpoints and evaluations (sudoku 500, chat 100; sudoku 0: only the final checkpoint)",
+    )
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--threads", type=int, default=None)
     trainer.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -619,6 +636,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="sudoku: the network's depth (6); with --init, more than the init's repeats its layers, off at first",
+    )
+    trainer.add_argument(
+        "--candidate-prior",
+        action="store_true",
+        help="sudoku: the first self-conditioning input is the puzzle's candidates (givens certain); kept by the model",
+    )
+    trainer.add_argument(
+        "--draft-temperature",
+        default=None,
+        help="sudoku: the detached drafts' temperature, a range A:B drawn per example (the sampler's is 0.8 -> 0.4)",
     )
     trainer.add_argument("--pool", type=int, default=4000, help="sudoku: unique puzzles in the training pool")
     trainer.add_argument("--givens", default="24:36", help="sudoku: givens of the pool's puzzles, a number or A:B")

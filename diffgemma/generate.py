@@ -429,6 +429,7 @@ def denoising_loop(
     cuda_graph: bool | None = None,
     token_ranges: torch.Tensor | None = None,
     banned_tokens: torch.Tensor | None = None,
+    first_self_conditioning: torch.Tensor | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -447,6 +448,9 @@ def denoising_loop(
     [B, L, V] (L <= canvases * C, booleans) names ids a generated position must never take: samples and drafts
     avoid them, while the re-noising may still draw them (noise stands for any token, as in training; a
     sudoku cell never samples a digit a given among its peers holds). Every free position must keep an id.
+    `first_self_conditioning` [B, L, V] (L <= canvases * C, probabilities) is each canvas's first-step
+    self-conditioning input in place of no signal: what is known before the first pass (a sudoku model
+    trained with it reads its givens and candidates there).
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -469,6 +473,8 @@ def denoising_loop(
         token_ranges = _checked_ranges(token_ranges, batch, canvases * length, vocab).to(device)
     if banned_tokens is not None:
         banned_tokens = _checked_banned(banned_tokens, batch, canvases * length, vocab).to(device)
+    if first_self_conditioning is not None:
+        first_self_conditioning = _checked_first(first_self_conditioning, batch, canvases * length, vocab).to(device)
     if prompt_length + canvases * length > config.max_position_embeddings:
         raise DiffGemmaError(
             f"prompt ({prompt_length}) plus {canvases} canvas(es) of {length} exceeds the model's "
@@ -525,6 +531,10 @@ def denoising_loop(
             settled = torch.zeros(batch, dtype=torch.long, device=device)
             argmax = canvas
             self_conditioning = None
+            if first_self_conditioning is not None:
+                # into the distribution buffer: the loop moves rows within it (`RowSubset`) and refills it
+                first = first_self_conditioning[:, span]
+                self_conditioning = first if buffers[1] is None else buffers[1].copy_(first)
             # Rows already done (an earlier canvas ended them) ride along frozen. The reference keeps denoising
             # them, which reference mode must reproduce; fast mode lets the canvas stop without them.
             finished = rows_done.clone() if mode == "fast" else torch.zeros_like(rows_done)
@@ -636,6 +646,16 @@ def _checked_banned(banned: torch.Tensor, batch: int, positions: int, vocab: int
             f"banned_tokens must be [batch={batch}, at most {positions}, {vocab}], got {list(banned.shape)}"
         )
     return torch.nn.functional.pad(banned, (0, 0, 0, positions - banned.shape[1]), value=False)
+
+
+def _checked_first(probs: torch.Tensor, batch: int, positions: int, vocab: int) -> torch.Tensor:
+    """[B, L, V] first-step distributions, checked, padded with zeros (no signal) to every generated position."""
+    if probs.ndim != 3 or probs.shape[0] != batch or probs.shape[1] > positions or probs.shape[2] != vocab:
+        raise DiffGemmaError(
+            f"first_self_conditioning must be probabilities [batch={batch}, at most {positions}, {vocab}], "
+            f"got {list(probs.shape)}"
+        )
+    return torch.nn.functional.pad(probs.float(), (0, 0, 0, positions - probs.shape[1]), value=0.0)
 
 
 def _check_some_allowed(excluded: torch.Tensor, fixed: torch.Tensor | None, offset: int) -> None:

@@ -300,3 +300,37 @@ def test_chat_returns_the_thinking_channel_apart(demo):
     assert (reply.content, reply.reasoning) == (answer, thought)
     plain = demo.chat([{"role": "user", "content": "Name a fruit."}], seed=1)
     assert (plain.content, plain.reasoning) == ("An apple.", "")
+
+
+def test_first_self_conditioning_feeds_each_canvas_first_step(tiny, monkeypatch):
+    vocab = tiny.config.vocab_size
+    length = tiny.config.canvas_length
+    plain = tiny.generate("x", max_new_tokens=length + 4, seed=3)
+    # a zero distribution is no signal: the same run, draw for draw
+    zeros = torch.zeros(length + 4, vocab)
+    assert torch.equal(
+        tiny.generate("x", max_new_tokens=length + 4, seed=3, first_self_conditioning=zeros).sequences, plain.sequences
+    )
+    prior = torch.softmax(torch.randn(2, length + 4, vocab, generator=torch.Generator().manual_seed(1)), dim=-1)
+    seen = []
+    denoise = tiny.network.denoise
+
+    def recorded(canvas, cache, self_conditioning=None, *args, **kwargs):
+        seen.append(None if self_conditioning is None else self_conditioning.clone())
+        return denoise(canvas, cache, self_conditioning, *args, **kwargs)
+
+    monkeypatch.setattr(tiny.network, "denoise", recorded)
+    events = list(
+        tiny.stream(["x", "yy"], max_new_tokens=length + 4, seed=[3, 4], first_self_conditioning=prior, eos_token_id=[])
+    )
+    steps = [[e.step for e in events if isinstance(e, Draft) and e.canvas_index == k] for k in (0, 1)]
+    firsts = [0, len(steps[0])]  # one decoder pass a step: where each canvas's first pass sits
+    assert all(step == 1 for step in (steps[0][0], steps[1][0]))
+    assert torch.allclose(seen[firsts[0]], prior[:, :length])
+    assert torch.allclose(seen[firsts[1]][:, :4], prior[:, length:])
+    assert bool((seen[firsts[1]][:, 4:] == 0).all())  # past the given positions: no signal
+    assert all(s is not None for s in seen)
+    with pytest.raises(DiffGemmaError, match="first_self_conditioning must be probabilities"):
+        tiny.generate("x", max_new_tokens=8, first_self_conditioning=torch.zeros(3, 9, vocab))
+    with pytest.raises(DiffGemmaError, match="must be a tensor"):
+        tiny.generate("x", max_new_tokens=8, first_self_conditioning=[[0.5]])

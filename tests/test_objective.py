@@ -182,3 +182,45 @@ def test_torchrun_two_ranks_end_with_identical_weights(tmp_path):
         changed |= not torch.equal(weight, start[name])
     assert changed  # they trained, and stayed in step
     assert first["losses"] != second["losses"]  # each rank saw its own batches
+
+
+def test_a_prior_feeds_the_first_pass_and_bounds_every_draft(tmp_path, monkeypatch):
+    """A task's prior (sudoku's candidates) is the first pass's self-conditioning, the scored pass's for rows
+    without self-conditioning, and every draft's support; each row's drafts take its temperature."""
+    from dataclasses import replace
+
+    from diffgemma.presets import random_checkpoint
+
+    network = diffgemma.load(random_checkpoint(tmp_path / "prior", preset="tiny", seed=3)).network
+    batch = make_batch([Example([2, 5, 6], list(range(20, 50)), id=i) for i in range(2)], 32, 265, 1, 0, 0, 0)
+    support = torch.rand(2, 32, 265, generator=torch.Generator().manual_seed(0)) < 0.3
+    support[..., 7] = True  # every position keeps an id
+    support.scatter_(-1, batch.clean[..., None], True)  # and its right one
+    prior = support.float() / support.sum(-1, keepdim=True)
+    temperature = torch.tensor([0.5, 2.0])
+    batch = replace(
+        batch,
+        use_self_conditioning=torch.tensor([True, False]),
+        detached_passes=2,
+        self_conditioning_prior=prior,
+        draft_temperature=temperature,
+    )
+    calls = []
+    denoise = network.denoise
+
+    def recorded(canvas, cache, self_conditioning=None, mask=None, **kwargs):
+        logits = denoise(canvas, cache, self_conditioning, mask, **kwargs)
+        calls.append((self_conditioning, mask, logits.detach().clone()))
+        return logits
+
+    monkeypatch.setattr(network, "denoise", recorded)
+    block_diffusion_loss(network, batch)
+    assert len(calls) == 3 and torch.equal(calls[0][0], prior)
+    drafts = [
+        (logits / temperature[:, None, None]).masked_fill(~support, float("-inf")).softmax(-1)
+        for _, _, logits in calls[:2]
+    ]
+    assert torch.allclose(calls[1][0], drafts[0]) and bool((calls[1][0][~support] == 0).all())
+    scored, mask = calls[2][0], calls[2][1]
+    assert mask is None  # the prior stands in for "no signal"
+    assert torch.allclose(scored[0], drafts[1][0]) and torch.equal(scored[1], prior[1])

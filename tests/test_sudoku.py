@@ -373,3 +373,72 @@ def test_a_time_budget_sizes_the_run_from_its_first_steps(tmp_path, monkeypatch)
     assert planned >= 7 and 6 < len(losses) <= planned
     state = torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=False)
     assert state["step"] == len(losses) and state["config"]["steps"] == planned
+
+
+def test_candidate_tokens_follow_the_rules_from_the_givens():
+    rng = random.Random(8)
+    puzzles = [sudoku.make_puzzle(rng, givens)[0] for givens in (24, 30, 36)]
+    grids = torch.tensor(puzzles)
+    allowed, prior, bans = sudoku.candidate_tokens(grids), sudoku.candidate_prior(grids), sudoku.given_bans(puzzles)
+    for puzzle, allow, probs, ban in zip(puzzles, allowed, prior, bans, strict=True):
+        solution = sudoku.solve(puzzle, 1)[0]
+        for cell in range(81):
+            low, high = sudoku.cell_token(cell, 1), sudoku.cell_token(cell, 9) + 1
+            assert not allow[cell, :low].any() and not allow[cell, high:].any()  # only the cell's digits
+            assert allow[cell, sudoku.cell_token(cell, solution[cell])]
+            if puzzle[cell]:
+                assert int(allow[cell].sum()) == 1  # a given is certain
+            else:
+                assert torch.equal(allow[cell, low:high], ~ban[cell, low:high])  # the candidates `given_bans` leaves
+            assert torch.allclose(
+                probs[cell][allow[cell]], torch.full((int(allow[cell].sum()),), 1 / allow[cell].sum())
+            )
+        assert torch.equal(probs > 0, allow)
+
+
+def test_a_candidate_prior_model_is_trained_and_solves_with_its_prior(sudoku_model, tmp_path, monkeypatch, capsys):
+    pool = sudoku.puzzle_pool(1, 4, (26, 32))
+    batch = sudoku.DeviceBatches(pool, 8, seed=5, device="cpu", candidate_prior=True)(2)
+    plain = sudoku.DeviceBatches(pool, 8, seed=5, device="cpu")(2)
+    assert plain.self_conditioning_prior is None and torch.equal(plain.noisy, batch.noisy)
+    warm = sudoku.DeviceBatches(pool, 8, seed=5, device="cpu", max_detached_passes=3, draft_temperatures=(0.4, 0.8))
+    recycled = sudoku.DeviceBatches(pool, 8, seed=5, device="cpu", max_detached_passes=3)
+    temperatures = torch.cat([warm(i).draft_temperature for i in range(20)])
+    assert plain.draft_temperature is None and 0.4 <= float(temperatures.min()) < float(temperatures.max()) <= 0.8
+    assert all(warm(i).detached_passes == recycled(i).detached_passes for i in range(20))  # data and draws unmoved
+    assert torch.equal(warm(2).noisy, batch.noisy)
+    prior = batch.self_conditioning_prior
+    assert bool((prior.gather(-1, batch.clean[..., None]) > 0).all())  # the solution is always a candidate
+    # certain: the givens (26-32 a board) and any empty cell they leave one candidate, each of its solution
+    certain = prior.max(-1).values == 1
+    assert bool((certain.sum(-1) >= 26).all()) and bool((certain.sum(-1) < 81).all())
+    assert bool((prior.gather(-1, batch.clean[..., None])[..., 0][certain] == 1).all())
+    out = tmp_path / "prior"
+    command = ["train", "sudoku", "--out", str(out), "--steps", "1", "--batch-size", "2", "--pool", "4"]
+    assert main([*command, "--eval-every", "0", "--init", str(sudoku_model.folder), "--candidate-prior"]) == 0
+    said = capsys.readouterr()
+    assert "puzzle pool" in said.out and "solved" not in said.out  # --eval-every 0: no evaluation
+    trained = diffgemma.load(out)
+    assert sudoku.uses_candidate_prior(trained) and not sudoku.uses_candidate_prior(sudoku_model)
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    assert ("candidate_prior", True) in [tuple(item) for item in state["config"]["recipe"]]
+    never = [*command[:2], "--out", str(tmp_path / "never"), *command[4:], "--eval-every", "0"]
+    for bad, said in [("0.8:0.4", "low first"), ("0:1", "above 0"), ("warm", "a range like 0.4:0.8")]:
+        assert main([*never, "--draft-temperature", bad]) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "never").exists()
+    assert main([*never[:-1], "-1"]) == 2
+    assert "must be 0" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    puzzles = [sudoku.make_puzzle(random.Random(4), 28)[0]]
+    firsts = []
+    denoise = trained.network.denoise
+
+    def recorded(canvas, cache, self_conditioning=None, *args, **kwargs):
+        if not firsts:  # a copy: the loop refills the buffer it lent
+            firsts.append(self_conditioning.clone())
+        return denoise(canvas, cache, self_conditioning, *args, **kwargs)
+
+    monkeypatch.setattr(trained.network, "denoise", recorded)
+    grid = sudoku.solve_batch(trained, puzzles, seed=1).grids[0]
+    assert torch.allclose(firsts[0], sudoku.candidate_prior(torch.tensor(puzzles)))
+    allowed = sudoku.candidate_tokens(torch.tensor(puzzles))[0]
+    assert all(allowed[c, sudoku.cell_token(c, v)] for c, v in enumerate(grid))  # candidates only, givens kept

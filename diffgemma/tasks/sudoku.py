@@ -10,6 +10,11 @@ re-noising still draws any of the nine, as in training). Training corrupts the s
 token becomes a uniformly random one of its nine (givens stay clean), the t ~ U(eps, 1) schedule of the
 objective.
 
+A canvas of noise does not show which of its digits are the puzzle's: at the first step the givens look like
+the noise around them. A model trained with the candidate prior (`candidate_prior`; `config.json` says so,
+`uses_candidate_prior`) reads the pencil marks instead of no signal as its first self-conditioning input:
+each given certain, each empty cell uniform over its candidates; every later distribution keeps to them.
+
 Why cell-named tokens on the canvas: attention sees only relative positions (RoPE), so a digit alone would
 have to learn where it sits from offsets; the token carries its place (an earlier layout spent a marker
 token per cell on it, twice the canvas). Why BOS alone: the clamped givens already show the puzzle, so the
@@ -237,18 +242,49 @@ def cell_ranges() -> list[tuple[int, int]]:
     return [(cell_token(cell, 1), cell_token(cell, 9) + 1) for cell in range(CELLS)]
 
 
+def _givens_and_peers(grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From grids [N, 81] (0: empty): each cell's own digit one-hot and the digits its peers hold, both
+    [N, 81, 10] booleans (index 0, empty, never counted as held by a peer)."""
+    held = torch.nn.functional.one_hot(grids, 10)
+    seen = torch.einsum("cq,nqd->ncd", PEER_MATRIX.to(grids.device), held.float()) > 0
+    seen[..., 0] = False
+    return held.bool(), seen
+
+
+def _digit_tokens(digits: torch.Tensor) -> torch.Tensor:
+    """[N, 81, 10] booleans over each cell's digits (0: empty) spread to [N, 81, VOCAB_SIZE] over its tokens."""
+    count, device = len(digits), digits.device
+    tokens = cell_token(torch.arange(CELLS, device=device)[:, None], torch.arange(10, device=device)[None, :])
+    mask = torch.zeros(count, CELLS, VOCAB_SIZE, dtype=torch.bool, device=device)
+    return mask.scatter_(-1, tokens.expand(count, -1, -1), digits)
+
+
 def given_bans(puzzles: Sequence[Sequence[int]]) -> torch.Tensor:
     """[N, 81, VOCAB_SIZE] booleans: at each empty cell, the tokens of the digits a given among its peers
     holds. The digits left are the cell's candidates from the givens alone; the solution's digit is always
     among them."""
     grids = torch.tensor([list(p) for p in puzzles], dtype=torch.long).reshape(-1, CELLS)
-    held = torch.nn.functional.one_hot(grids, 10).float()
-    seen = torch.einsum("cq,nqd->ncd", PEER_MATRIX, held) > 0
-    seen[..., 0] = False  # an empty peer rules nothing out
-    seen &= (grids == 0)[..., None]
-    tokens = cell_token(torch.arange(CELLS)[:, None], torch.arange(10)[None, :])
-    bans = torch.zeros(len(grids), CELLS, VOCAB_SIZE, dtype=torch.bool)
-    return bans.scatter_(-1, tokens.expand(len(grids), -1, -1), seen)
+    _, seen = _givens_and_peers(grids)
+    return _digit_tokens(seen & (grids == 0)[..., None])
+
+
+def candidate_tokens(puzzles: torch.Tensor) -> torch.Tensor:
+    """[N, 81, VOCAB_SIZE] booleans from puzzles [N, 81] (0: empty), on their device: the tokens a cell may
+    hold by the rules and the givens alone: a given's own token; at an empty cell, the digits no given peer
+    holds (its candidates, never empty for a puzzle whose givens keep the rules)."""
+    held, seen = _givens_and_peers(puzzles)
+    candidates = ~seen
+    candidates[..., 0] = False  # a cell never holds "empty"
+    return _digit_tokens(torch.where((puzzles > 0)[..., None], held, candidates))
+
+
+def candidate_prior(puzzles: torch.Tensor) -> torch.Tensor:
+    """[N, 81, VOCAB_SIZE] the distribution the rules and the givens alone give each cell: a given certain,
+    an empty cell uniform over its candidates (`candidate_tokens`). A model trained with it
+    (`train_sudoku(candidate_prior=True)`) reads it as its first step's self-conditioning, where a canvas of
+    noise cannot show which digits are the puzzle's."""
+    allowed = candidate_tokens(puzzles).float()
+    return allowed / allowed.sum(-1, keepdim=True)
 
 
 def grid_from_ids(ids: Sequence[int]) -> list[int]:
@@ -270,15 +306,33 @@ def check_model(model, where: str = "model") -> None:
         )
 
 
-def solver_inputs(puzzles: Sequence[Sequence[int]], clamp: bool = True, candidates: bool = True) -> dict:
+PRIOR_KEY = "sudoku_candidate_prior"  # config.json: the model reads the candidates as its first self-conditioning
+
+
+def uses_candidate_prior(model) -> bool:
+    """Whether `model` was trained with the candidate prior (`train_sudoku(candidate_prior=True)`)."""
+    return bool(model.config.raw.get(PRIOR_KEY, False))
+
+
+def solver_inputs(
+    puzzles: Sequence[Sequence[int]], clamp: bool = True, candidates: bool = True, prior: bool = False
+) -> dict:
     """`generate`'s arguments that solve `puzzles` (one canvas each): prompts, clamped givens, cell ranges,
-    and with `candidates` the digits the givens rule out banned (`given_bans`)."""
+    and with `candidates` the digits the givens rule out banned (`given_bans`). `prior` (for a model trained
+    with it, `uses_candidate_prior`): the first step's self-conditioning is the `candidate_prior`, and with
+    `candidates` every cell's distribution keeps to its candidates, a given's to itself, as its drafts did in
+    training."""
+    grids = torch.tensor([list(p) for p in puzzles], dtype=torch.long).reshape(-1, CELLS)
+    bans = None
+    if candidates:
+        bans = ~candidate_tokens(grids) if prior else given_bans(puzzles)
     return {
         "prompt": [prompt_ids() for _ in puzzles],
         "max_new_tokens": CANVAS,
         "clamp": [clamp_ids(p) for p in puzzles] if clamp else None,
         "token_ranges": [cell_ranges()] * len(puzzles),
-        "banned_tokens": given_bans(puzzles) if candidates else None,
+        "banned_tokens": bans,
+        "first_self_conditioning": candidate_prior(grids) if prior else None,
         "eos_token_id": [],
     }
 
@@ -302,7 +356,8 @@ def solve_batch(
     `seed[i]` given a list."""
     check_model(model)
     seeds = [seed + i for i in range(len(puzzles))] if isinstance(seed, int) else list(seed)
-    result = model.generate(seed=seeds, **solver_inputs(puzzles, clamp, candidates), **sampler)
+    inputs = solver_inputs(puzzles, clamp, candidates, uses_candidate_prior(model))
+    result = model.generate(seed=seeds, **inputs, **sampler)
     generated = result.sequences[:, result.prompt_length :].tolist()
     return SolveOutcome([grid_from_ids(row) for row in generated], result.steps[0])
 
@@ -554,6 +609,11 @@ def check_detached_passes(count: int) -> None:
         raise DiffGemmaError(f"detached self-conditioning passes must be at least 1, got {count}")
 
 
+def check_draft_temperatures(temperatures: tuple[float, float] | None) -> None:
+    if temperatures is not None and not 0 < temperatures[0] <= temperatures[1]:
+        raise DiffGemmaError(f"draft temperatures must be a range low:high above 0, low first, got {temperatures}")
+
+
 class DeviceBatches:
     """Training batches made where the model trains: each example a pool puzzle under a fresh random symmetry.
     Diffusion: prompt BOS, canvas the solution's 81 cell tokens; the objective's corruption (t ~ U(eps, 1))
@@ -571,8 +631,12 @@ class DeviceBatches:
         device,
         autoregressive: bool = False,
         max_detached_passes: int = 1,
+        candidate_prior: bool = False,
+        draft_temperatures: tuple[float, float] | None = None,
     ) -> None:
         check_detached_passes(max_detached_passes)
+        check_draft_temperatures(draft_temperatures)
+        self.candidate_prior, self.draft_temperatures = candidate_prior, draft_temperatures
         self.device = torch.device(device)
         self.puzzles = torch.tensor([list(p) for p, _ in pool], dtype=torch.long, device=self.device)
         self.solutions = torch.tensor([list(s) for _, s in pool], dtype=torch.long, device=self.device)
@@ -602,6 +666,10 @@ class DeviceBatches:
         passes = 1
         if self.max_detached_passes > 1:
             passes = int(torch.randint(1, self.max_detached_passes + 1, (1,), generator=generator, device=device))
+        temperature = None
+        if self.draft_temperatures is not None:
+            low, high = self.draft_temperatures
+            temperature = low + (high - low) * torch.rand(count, generator=generator, device=device)
         return Batch(
             ids=ids,
             valid=torch.ones_like(ids, dtype=torch.bool),
@@ -614,6 +682,8 @@ class DeviceBatches:
             response_start=prompt.shape[1],
             tokens=ids.numel(),
             detached_passes=passes,
+            self_conditioning_prior=candidate_prior(puzzle) if self.candidate_prior else None,
+            draft_temperature=temperature,
         )
 
 
@@ -640,6 +710,8 @@ def train_sudoku(
     pool_cache: str | Path | None = None,
     max_detached_passes: int = 1,
     layers: int | None = None,
+    candidate_prior: bool = False,
+    draft_temperatures: tuple[float, float] | None = None,
     log=print,
 ):
     """Train the sudoku model into `out` (checkpoints as it goes; `resume` continues a stopped run).
@@ -663,7 +735,10 @@ def train_sudoku(
     if resume and init is not None:
         raise DiffGemmaError("--resume continues the run in --out; --init starts a new one: give one of them")
     check_detached_passes(max_detached_passes)  # before anything is written into `out`
+    check_draft_temperatures(draft_temperatures)
     check_givens_range(givens)
+    if eval_every < 0:
+        raise DiffGemmaError(f"--eval-every must be 0 (only the final checkpoint) or more, got {eval_every}")
     if resume:
         model = load(folder, device=device)
     elif init is not None:
@@ -678,6 +753,8 @@ def train_sudoku(
         model = load(folder, device=device)
         structured_embeddings_(model.network, seed)
         model.settings = model.settings.replace(max_denoising_steps=64)
+    if candidate_prior:
+        model.config.raw[PRIOR_KEY] = True  # solving reads it (`uses_candidate_prior`)
     # a grid has no EOS (a saved "none" reads back as the config's EOS, so a resumed run says it again)
     model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])
     if not resume:
@@ -688,7 +765,14 @@ def train_sudoku(
     eval_rng = random.Random(10_000 + seed)
     held_out = [make_puzzle(eval_rng, eval_rng.randint(24, 36))[0] for _ in range(eval_puzzles if eval_every else 0)]
     batches = DeviceBatches(
-        pool, batch_size, seed, model.network.device, objective == "autoregressive", max_detached_passes
+        pool,
+        batch_size,
+        seed,
+        model.network.device,
+        objective == "autoregressive",
+        max_detached_passes,
+        candidate_prior or uses_candidate_prior(model),
+        draft_temperatures,
     )
 
     def settings(total: int) -> TrainConfig:
@@ -705,6 +789,8 @@ def train_sudoku(
                 ("givens", givens),
                 ("self_conditioning_passes", max_detached_passes),
                 ("layers", layers),
+                ("candidate_prior", candidate_prior),
+                ("draft_temperatures", draft_temperatures),
             ),
         )
 

@@ -8,7 +8,8 @@ random level t ~ U(eps, 1): each token kept with probability 1 - t, else replace
 then, per example with probability 1/2, its distribution feeds the second pass, the only one scored.
 A batch may ask for more detached passes first (`Batch.detached_passes`), each fed the one before, as
 AlphaFold recycles: the scored pass then learns to refine a draft that was itself refined, as every step
-of the sampler asks it to.
+of the sampler asks it to. A task may give a prior (`Batch.self_conditioning_prior`): what is known before
+any pass, read where the recipe has no signal.
 Loss: cross-entropy over every canvas position (no 1/t weight) plus the encoder's next-token
 cross-entropy over prompt and clean response (weight `ar_weight`).
 
@@ -50,6 +51,13 @@ class Batch:
     response_start: int  # where every row's response begins (prompts are left-padded to this length)
     tokens: int  # valid tokens (known without asking the device)
     detached_passes: int = 1  # decoder passes without gradients before the scored one (the recipe: 1)
+    # [B, C, V] what is known before any pass (a task's prior: sudoku's candidates), or None (the recipe):
+    # the first pass's self-conditioning instead of no signal, the scored pass's when it goes without, and
+    # every draft's support (a draft's distribution keeps to the ids the prior allows)
+    self_conditioning_prior: torch.Tensor | None = None
+    # [B] temperature of each row's detached drafts (None: 1); the sampler hands each step a distribution
+    # sharpened by its temperature schedule, which a row can meet in training this way
+    draft_temperature: torch.Tensor | None = None
 
 
 def example_generator(seed: int, example_id: int, epoch: int) -> torch.Generator:
@@ -123,14 +131,22 @@ def block_diffusion_loss(network: DiffusionGemma, batch: Batch, ar_weight: float
         ids, valid = ids[:, :end], valid[:, :end]
     cache = network.new_cache(ids.shape[0], ids.shape[1], keep_all=True)
     hidden = network.encode(ids, cache, valid)
+    prior = None if batch.self_conditioning_prior is None else batch.self_conditioning_prior.to(device)
+    use_self_conditioning = batch.use_self_conditioning.to(device)
     with torch.no_grad():
-        self_conditioning = None
+        self_conditioning = prior
         for _ in range(batch.detached_passes):
             draft = network.denoise(noisy, cache, self_conditioning, context_end=context_end)
+            if batch.draft_temperature is not None:
+                draft = draft / batch.draft_temperature.to(device)[:, None, None]
+            if prior is not None:
+                draft = draft.masked_fill_(prior == 0, float("-inf"))
             self_conditioning = draft.softmax(dim=-1)
-    logits = network.denoise(
-        noisy, cache, self_conditioning, batch.use_self_conditioning.to(device), context_end=context_end
-    )
+    if prior is None:
+        logits = network.denoise(noisy, cache, self_conditioning, use_self_conditioning, context_end=context_end)
+    else:
+        signal = torch.where(use_self_conditioning[:, None, None], self_conditioning, prior)
+        logits = network.denoise(noisy, cache, signal, context_end=context_end)
     diffusion = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1))
 
     autoregressive = next_token_loss(network, hidden, ids, valid) if ar_weight else torch.zeros((), device=device)
