@@ -422,12 +422,17 @@ def test_a_candidate_prior_model_is_trained_and_solves_with_its_prior(sudoku_mod
     assert sudoku.uses_candidate_prior(trained) and not sudoku.uses_candidate_prior(sudoku_model)
     state = torch.load(out / "trainer_state.pt", weights_only=False)
     assert ("candidate_prior", True) in [tuple(item) for item in state["config"]["recipe"]]
+    later = tmp_path / "stage5"  # a later stage from it reads the prior too, unasked
+    assert main(["train", "sudoku", "--out", str(later), *command[4:], "--eval-every", "0", "--init", str(out)]) == 0
+    assert sudoku.uses_candidate_prior(diffgemma.load(later))
     never = [*command[:2], "--out", str(tmp_path / "never"), *command[4:], "--eval-every", "0"]
     for bad, said in [("0.8:0.4", "low first"), ("0:1", "above 0"), ("warm", "a range like 0.4:0.8")]:
         assert main([*never, "--draft-temperature", bad]) == 2
         assert said in capsys.readouterr().err and not (tmp_path / "never").exists()
     assert main([*never[:-1], "-1"]) == 2
     assert "must be 0" in capsys.readouterr().err and not (tmp_path / "never").exists()
+    assert main([*never, "--objective", "autoregressive", "--candidate-prior"]) == 2
+    assert "diffusion objective" in capsys.readouterr().err and not (tmp_path / "never").exists()
     puzzles = [sudoku.make_puzzle(random.Random(4), 28)[0]]
     firsts = []
     denoise = trained.network.denoise

@@ -724,7 +724,9 @@ def train_sudoku(
     (a second stage with a fresh optimizer and schedule) instead of random ones. `max_detached_passes` > 1:
     each batch recycles the self-conditioning through up to that many detached passes (`DeviceBatches`).
     `layers`: the network's depth (the preset's 6 if not given); with `init`, a deeper network than the init's
-    repeats its layers, the repeats starting switched off (`train.grow.deepen`)."""
+    repeats its layers, the repeats starting switched off (`train.grow.deepen`). `candidate_prior`: the model
+    reads the puzzle's `candidate_prior` as its first self-conditioning (recorded in its config; a model trained
+    with it keeps it in later stages). `draft_temperatures` (low, high): see `DeviceBatches`."""
     from ..api import load
     from ..presets import random_checkpoint
     from ..train.grow import deepen
@@ -739,6 +741,8 @@ def train_sudoku(
     check_givens_range(givens)
     if eval_every < 0:
         raise DiffGemmaError(f"--eval-every must be 0 (only the final checkpoint) or more, got {eval_every}")
+    if objective == "autoregressive" and (candidate_prior or draft_temperatures is not None):
+        raise DiffGemmaError("--candidate-prior and --draft-temperature shape the diffusion objective's passes")
     if resume:
         model = load(folder, device=device)
     elif init is not None:
@@ -753,6 +757,8 @@ def train_sudoku(
         model = load(folder, device=device)
         structured_embeddings_(model.network, seed)
         model.settings = model.settings.replace(max_denoising_steps=64)
+    # a model that reads the prior goes on reading it (an init or a resumed run trained with it)
+    candidate_prior = candidate_prior or (objective == "diffusion" and uses_candidate_prior(model))
     if candidate_prior:
         model.config.raw[PRIOR_KEY] = True  # solving reads it (`uses_candidate_prior`)
     # a grid has no EOS (a saved "none" reads back as the config's EOS, so a resumed run says it again)
@@ -771,7 +777,7 @@ def train_sudoku(
         model.network.device,
         objective == "autoregressive",
         max_detached_passes,
-        candidate_prior or uses_candidate_prior(model),
+        candidate_prior,
         draft_temperatures,
     )
 
