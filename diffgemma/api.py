@@ -163,14 +163,10 @@ class DiffGemma:
                 raise DiffGemmaError(f"token_ranges must be (low, high) id pairs, one a position: {error}") from None
         if token_ranges is not None and token_ranges.ndim == 2:
             token_ranges = token_ranges[None].expand(ids.shape[0], -1, -1)
-        if isinstance(banned_tokens, torch.Tensor) and banned_tokens.ndim == 2:
-            banned_tokens = banned_tokens[None].expand(ids.shape[0], -1, -1)
-        elif banned_tokens is not None and not isinstance(banned_tokens, torch.Tensor):
-            raise DiffGemmaError("banned_tokens must be a boolean tensor, [L, V] or [B, L, V]")
-        if isinstance(first_self_conditioning, torch.Tensor) and first_self_conditioning.ndim == 2:
-            first_self_conditioning = first_self_conditioning[None].expand(ids.shape[0], -1, -1)
-        elif first_self_conditioning is not None and not isinstance(first_self_conditioning, torch.Tensor):
-            raise DiffGemmaError("first_self_conditioning must be a tensor of probabilities, [L, V] or [B, L, V]")
+        banned_tokens = _for_every_row(banned_tokens, ids.shape[0], "banned_tokens must be a boolean tensor")
+        first_self_conditioning = _for_every_row(
+            first_self_conditioning, ids.shape[0], "first_self_conditioning must be a tensor of probabilities"
+        )
         events = denoising_loop(
             self.network,
             settings,
@@ -354,6 +350,15 @@ class DiffGemma:
             raw = {**self.config.raw, "quantization_config": self.quant.config()}
             kwargs["config"] = replace(self.config, raw=raw)
         return save_checkpoint(self.network, self.settings, folder, extra, self._passthrough, **kwargs)
+
+
+def _for_every_row(values: torch.Tensor | None, batch: int, expected: str) -> torch.Tensor | None:
+    """A per-position [L, V] tensor given once for every row, as [B, L, V]; [B, L, V] and None pass through."""
+    if values is None:
+        return None
+    if not isinstance(values, torch.Tensor):
+        raise DiffGemmaError(f"{expected}, [L, V] or [B, L, V]")
+    return values[None].expand(batch, -1, -1) if values.ndim == 2 else values
 
 
 def _rows(clamp: list) -> list[list]:

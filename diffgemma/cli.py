@@ -305,14 +305,13 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
     console = Console()
     grid = puzzle
     steps = 0
+    inputs = sudoku.solver_inputs([puzzle], candidates=args.candidates, prior=sudoku.uses_candidate_prior(model))
     with Live(console=console, refresh_per_second=20) as live:
         # A grid that breaks a rule (checked as any player could) is solved again with a fresh seed, as
         # `eval sudoku --tries` does.
         for attempt in range(args.tries):
             label = f"try {attempt + 1}, " if args.tries > 1 else ""
             attempt_seed = sudoku.try_seed(seed, attempt)
-            prior = sudoku.uses_candidate_prior(model)
-            inputs = sudoku.solver_inputs([puzzle], candidates=args.candidates, prior=prior)
             events = model.stream(seed=attempt_seed, **inputs, **_sampler(args))
             for event in events:
                 if isinstance(event, Draft):
@@ -351,23 +350,18 @@ def _sudoku_board(puzzle, grid, title: str, text_type):
     return board
 
 
+def _range_option(text: str, kind: type, expected: str) -> tuple:
+    """An option's range A:B (or one value, A:A) as (low, high) of `kind`; `expected` says what it should be."""
+    low, _, high = text.partition(":")
+    try:
+        return kind(low), kind(high or low)
+    except ValueError:
+        raise DiffGemmaError(f"{expected}, got {text!r}") from None
+
+
 def givens_range(text: str) -> tuple[int, int]:
     """`--givens` as (low, high): a number, or a range A:B."""
-    low, _, high = text.partition(":")
-    try:
-        low_givens, high_givens = int(low), int(high or low)
-    except ValueError:
-        raise DiffGemmaError(f"--givens must look like 24:36, got {text!r}") from None
-    return low_givens, high_givens
-
-
-def number_range(text: str) -> tuple[float, float]:
-    """A range A:B of numbers (or one number) as (low, high)."""
-    low, _, high = text.partition(":")
-    try:
-        return float(low), float(high or low)
-    except ValueError:
-        raise DiffGemmaError(f"expected a number or a range like 0.4:0.8, got {text!r}") from None
+    return _range_option(text, int, "--givens must look like 24:36")
 
 
 def cmd_sudoku_puzzles(args: argparse.Namespace) -> None:
@@ -443,6 +437,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     from .tasks import sudoku
 
+    draft_temperatures = None
+    if args.draft_temperature is not None:
+        expected = "--draft-temperature must be a number or a range like 0.4:0.8"
+        draft_temperatures = _range_option(args.draft_temperature, float, expected)
     sudoku.train_sudoku(
         args.out,
         steps=args.steps or 20000,
@@ -464,7 +462,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_detached_passes=args.self_conditioning_passes,
         layers=args.layers,
         candidate_prior=args.candidate_prior,
-        draft_temperatures=None if args.draft_temperature is None else number_range(args.draft_temperature),
+        draft_temperatures=draft_temperatures,
         log=log,
     )
 
