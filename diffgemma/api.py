@@ -147,6 +147,7 @@ class DiffGemma:
         token_ranges: torch.Tensor | list | None = None,
         banned_tokens: torch.Tensor | None = None,
         first_self_conditioning: torch.Tensor | None = None,
+        noise_ranges: torch.Tensor | list | None = None,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
@@ -156,13 +157,8 @@ class DiffGemma:
         ids, mask, batched = prepare_prompts(prompt, self.tokenizer, pad, enable_thinking)
         if clamp is not None and not isinstance(clamp, torch.Tensor):
             clamp = torch.tensor([[-1 if t is None else t for t in row] for row in _rows(clamp)], dtype=torch.long)
-        if token_ranges is not None and not isinstance(token_ranges, torch.Tensor):
-            try:
-                token_ranges = torch.tensor(token_ranges, dtype=torch.long)
-            except (TypeError, ValueError) as error:
-                raise DiffGemmaError(f"token_ranges must be (low, high) id pairs, one a position: {error}") from None
-        if token_ranges is not None and token_ranges.ndim == 2:
-            token_ranges = token_ranges[None].expand(ids.shape[0], -1, -1)
+        token_ranges = _ranges_for_rows(token_ranges, ids.shape[0], "token_ranges")
+        noise_ranges = _ranges_for_rows(noise_ranges, ids.shape[0], "noise_ranges")
         banned_tokens = _for_every_row(banned_tokens, ids.shape[0], "banned_tokens must be a boolean tensor")
         first_self_conditioning = _for_every_row(
             first_self_conditioning, ids.shape[0], "first_self_conditioning must be a tensor of probabilities"
@@ -182,6 +178,7 @@ class DiffGemma:
             token_ranges=token_ranges,
             banned_tokens=banned_tokens,
             first_self_conditioning=first_self_conditioning,
+            noise_ranges=noise_ranges,
         )
         return events, batched
 
@@ -197,6 +194,7 @@ class DiffGemma:
         token_ranges: torch.Tensor | list | None = None,
         banned_tokens: torch.Tensor | None = None,
         first_self_conditioning: torch.Tensor | None = None,
+        noise_ranges: torch.Tensor | list | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
@@ -213,6 +211,8 @@ class DiffGemma:
         digits that a given among its peers holds); the re-noising may still draw them.
         `first_self_conditioning` ([L, V] or [B, L, V] probabilities) is each canvas's first-step
         self-conditioning input instead of no signal (a sudoku model trained with its candidates there).
+        `noise_ranges` ([L, 2] or [B, L, 2]) is where position i's starting token and its re-noising draw from
+        instead of `token_ranges`: one id makes it a mask (a sudoku model trained on masked cells).
         """
         return run_to_end(
             self.stream(
@@ -226,6 +226,7 @@ class DiffGemma:
                 token_ranges,
                 banned_tokens,
                 first_self_conditioning,
+                noise_ranges,
                 **sampler,
             )
         )
@@ -242,6 +243,7 @@ class DiffGemma:
         token_ranges: torch.Tensor | list | None = None,
         banned_tokens: torch.Tensor | None = None,
         first_self_conditioning: torch.Tensor | None = None,
+        noise_ranges: torch.Tensor | list | None = None,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
@@ -260,6 +262,7 @@ class DiffGemma:
             token_ranges,
             banned_tokens,
             first_self_conditioning,
+            noise_ranges,
         )
         try:
             for event in events:
@@ -359,6 +362,18 @@ def _for_every_row(values: torch.Tensor | None, batch: int, expected: str) -> to
     if not isinstance(values, torch.Tensor):
         raise DiffGemmaError(f"{expected}, [L, V] or [B, L, V]")
     return values[None].expand(batch, -1, -1) if values.ndim == 2 else values
+
+
+def _ranges_for_rows(ranges: torch.Tensor | list | None, batch: int, name: str) -> torch.Tensor | None:
+    """(low, high) id pairs, one a position, given once for every row ([L, 2]) or per row, as [B, L, 2]."""
+    if ranges is None:
+        return None
+    if not isinstance(ranges, torch.Tensor):
+        try:
+            ranges = torch.tensor(ranges, dtype=torch.long)
+        except (TypeError, ValueError) as error:
+            raise DiffGemmaError(f"{name} must be (low, high) id pairs, one a position: {error}") from None
+    return ranges[None].expand(batch, -1, -1) if ranges.ndim == 2 else ranges
 
 
 def _rows(clamp: list) -> list[list]:

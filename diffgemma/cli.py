@@ -305,7 +305,7 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
     console = Console()
     grid = puzzle
     steps = 0
-    inputs = sudoku.solver_inputs([puzzle], candidates=args.candidates, prior=sudoku.uses_candidate_prior(model))
+    inputs = sudoku.model_solver_inputs(model, [puzzle], candidates=args.candidates)
     with Live(console=console, refresh_per_second=20) as live:
         # A grid that breaks a rule (checked as any player could) is solved again with a fresh seed, as
         # `eval sudoku --tries` does.
@@ -415,6 +415,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
         if not args.data:
             raise DiffGemmaError('train chat needs --data FILE.jsonl (one {"messages": [...]} a line)')
+        every = 100 if args.eval_every is None else args.eval_every
+        if every < 0:
+            raise DiffGemmaError(f"--eval-every must be 0 (only the final checkpoint) or more, got {every}")
         model = load(_model_path(args), device=args.device, dtype=args.dtype)
         lora = LoraSettings(args.lora_rank, args.lora_alpha, args.lora_self_conditioning) if args.lora_rank else None
         options = FinetuneOptions(
@@ -427,8 +430,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             accumulation=args.accumulation,
             peak_lr=1e-4 if args.lr is None else args.lr,
             ar_weight=1.0 if args.ar_weight is None else args.ar_weight,
-            eval_every=args.eval_every or 100,
-            save_every=args.eval_every or 100,
+            eval_every=every,
+            save_every=every,
             seed=args.seed,
             enable_thinking=args.thinking,
             resume=args.resume,
@@ -463,6 +466,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         layers=args.layers,
         candidate_prior=args.candidate_prior,
         draft_temperatures=draft_temperatures,
+        masked_cells=args.masked_cells,
         log=log,
     )
 
@@ -617,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every",
         type=int,
         default=None,
-        help="steps between checkpoints and evaluations (sudoku 500, chat 100; sudoku 0: only the final checkpoint)",
+        help="steps between checkpoints and evaluations (sudoku 500, chat 100; 0: only the final checkpoint)",
     )
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--threads", type=int, default=None)
@@ -639,6 +643,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidate-prior",
         action="store_true",
         help="sudoku: the first self-conditioning input is the puzzle's candidates (givens certain); kept by the model",
+    )
+    trainer.add_argument(
+        "--masked-cells",
+        action="store_true",
+        help="sudoku: a corrupted cell shows empty instead of a random digit (solving re-noises to empty); kept",
     )
     trainer.add_argument(
         "--draft-temperature",

@@ -230,7 +230,7 @@ def sampler_step(
     rng: RandomSource,
     fixed_ids: torch.Tensor | None = None,
     probs_out: torch.Tensor | None = None,
-    token_ranges: torch.Tensor | None = None,
+    noise_ranges: torch.Tensor | None = None,
 ) -> StepOutput:
     """From temperature-scaled logits [B, C, V] to the next canvas.
 
@@ -239,8 +239,8 @@ def sampler_step(
     as scratch once it has read them (so do not use them afterwards), keeping the accepted draws (no host
     synchronisation, no extra vocabulary-sized tensor); on the CPU at the accepted positions only. Clamped
     positions (`fixed_ids` >= 0) have zero entropy (always accepted, free of the entropy budget) and always
-    hold their given id. With `token_ranges` [B, C, 2] the logits must already hold `sampling.MASKED_LOGIT`
-    outside the ranges (`sampling.outside_ranges`); the fresh noise is drawn within them.
+    hold their given id. The fresh noise is drawn within `noise_ranges` [B, C, 2] (low, high) when given; a
+    position limited to some ids must already hold `sampling.MASKED_LOGIT` elsewhere in `logits`.
     """
     if rng.mode == "reference":
         sampled = sampling.reference_sample(logits, rng.shared)
@@ -263,7 +263,7 @@ def sampler_step(
         sampled = rng.sample(probs, scratch=logits if logits.dtype == torch.float32 else None)
     batch, length = canvas.shape
     accepted = torch.where(accept, sampled, canvas)
-    new_canvas = sampling.renoise(accepted, accept, rng.tokens(batch, length, logits.shape[-1], token_ranges))
+    new_canvas = sampling.renoise(accepted, accept, rng.tokens(batch, length, logits.shape[-1], noise_ranges))
     if fixed is not None:
         new_canvas = torch.where(fixed, fixed_ids, new_canvas)
         argmax = torch.where(fixed, fixed_ids, argmax)
@@ -430,6 +430,7 @@ def denoising_loop(
     token_ranges: torch.Tensor | None = None,
     banned_tokens: torch.Tensor | None = None,
     first_self_conditioning: torch.Tensor | None = None,
+    noise_ranges: torch.Tensor | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -450,7 +451,10 @@ def denoising_loop(
     sudoku cell never samples a digit a given among its peers holds). Every free position must keep an id.
     `first_self_conditioning` [B, L, V] (L <= canvases * C, probabilities) is each canvas's first-step
     self-conditioning input in place of no signal: what is known before the first pass (a sudoku model
-    trained with it reads its givens and candidates there).
+    trained with it reads its givens and candidates there). `noise_ranges` [B, L, 2] (L <= canvases * C) sets
+    where a position's first canvas token and its re-noising draw from instead of `token_ranges` (or the whole
+    vocabulary): one id there makes the noise a mask (a sudoku model trained on masked cells re-noises a cell
+    to its empty token).
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -471,6 +475,12 @@ def denoising_loop(
         clamp = torch.nn.functional.pad(clamp, (0, canvases * length - clamp.shape[1]), value=-1).to(device)
     if token_ranges is not None:
         token_ranges = _checked_ranges(token_ranges, batch, canvases * length, vocab).to(device)
+    if noise_ranges is not None:
+        checked = _checked_ranges(noise_ranges, batch, canvases * length, vocab, "noise_ranges").to(device)
+        given = noise_ranges.shape[1]  # past the positions given, the noise follows the token ranges
+        noise_ranges = checked if token_ranges is None else torch.cat([checked[:, :given], token_ranges[:, given:]], 1)
+    elif token_ranges is not None:
+        noise_ranges = token_ranges
     if banned_tokens is not None:
         banned_tokens = _checked_banned(banned_tokens, batch, canvases * length, vocab).to(device)
     if first_self_conditioning is not None:
@@ -513,13 +523,13 @@ def denoising_loop(
         network.encode(ids, cache, attention_mask)
         for canvas_index in range(canvases):
             span = slice(canvas_index * length, (canvas_index + 1) * length)
-            ranges = excluded = None
+            excluded = None
             if token_ranges is not None:
-                ranges = token_ranges[:, span]
-                excluded = sampling.outside_ranges(ranges, vocab)
+                excluded = sampling.outside_ranges(token_ranges[:, span], vocab)
+            noise = None if noise_ranges is None else noise_ranges[:, span]
             if banned_tokens is not None:
                 excluded = banned_tokens[:, span] if excluded is None else excluded | banned_tokens[:, span]
-            canvas = rng.tokens(batch, length, vocab, ranges)
+            canvas = rng.tokens(batch, length, vocab, noise)
             fixed = fixed_ids = user_ids = None
             if clamp is not None:
                 fixed_ids = user_ids = clamp[:, span]
@@ -560,7 +570,7 @@ def denoising_loop(
                     logits = network.denoise(canvas, cache, self_conditioning).div_(temperatures[step - 1])
                 if excluded is not None:
                     logits = logits.masked_fill_(excluded, sampling.MASKED_LOGIT)
-                out = sampler_step(logits, canvas, settings.entropy_bound, rng, fixed_ids, buffers[1], ranges)
+                out = sampler_step(logits, canvas, settings.entropy_bound, rng, fixed_ids, buffers[1], noise)
                 new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
                 # Rows that already stopped keep their canvas and draft (they ride along in the batch).
                 new_argmax = torch.where(finished[:, None], argmax, new_argmax)
@@ -626,13 +636,15 @@ def denoising_loop(
     yield Done(result)
 
 
-def _checked_ranges(ranges: torch.Tensor, batch: int, positions: int, vocab: int) -> torch.Tensor:
+def _checked_ranges(
+    ranges: torch.Tensor, batch: int, positions: int, vocab: int, name: str = "token_ranges"
+) -> torch.Tensor:
     """[B, L, 2] (low, high) ranges, checked, padded to every generated position with the whole vocabulary."""
     if ranges.ndim != 3 or ranges.shape[0] != batch or ranges.shape[1] > positions or ranges.shape[2] != 2:
-        raise DiffGemmaError(f"token_ranges must be [batch={batch}, at most {positions}, 2] (low, high) id pairs")
+        raise DiffGemmaError(f"{name} must be [batch={batch}, at most {positions}, 2] (low, high) id pairs")
     low, high = ranges[..., 0], ranges[..., 1]
     if bool(((low < 0) | (high > vocab) | (low >= high)).any()):
-        raise DiffGemmaError(f"each token range (low, high) must satisfy 0 <= low < high <= {vocab}")
+        raise DiffGemmaError(f"each of {name}'s ranges (low, high) must satisfy 0 <= low < high <= {vocab}")
     fill = torch.tensor([0, vocab], dtype=torch.long).expand(batch, positions - ranges.shape[1], 2)
     return torch.cat([ranges.long().cpu(), fill], dim=1)
 

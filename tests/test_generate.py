@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffgemma import DiffGemmaError
-from diffgemma.generate import CanvasCommit, Done, Draft, chat_reply
+from diffgemma.generate import CanvasCommit, Done, Draft, chat_reply, sampler_step
 from diffgemma.sampling import pad_after_eos
 from diffgemma.tokenizer import split_thinking
 
@@ -156,6 +156,36 @@ def test_token_ranges_hold_in_every_draft_sample_and_noise(tiny, mode):
     # without ranges the same call leaves them (the random model has no reason to stay inside)
     free = tiny.generate(prompt, 2 * length, seed=7, mode=mode, eos_token_id=[]).sequences[0, len(prompt) :]
     assert not bool(((free[: len(low)] >= low) & (free[: len(low)] < high)).all())
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_noise_ranges_set_the_first_canvas_and_the_renoising(tiny, mode, monkeypatch):
+    length = tiny.config.canvas_length
+    ranges = [(20, 29)] * (length + 3)  # samples stay in 20-28; on the first canvas the noise is 29 alone (a mask)
+    masks = [(29, 30)] * length
+    steps = []  # (canvas before the step, accepted, canvas after)
+
+    def recorded(*args, **kwargs):
+        out = sampler_step(*args, **kwargs)
+        steps.append((args[1].clone(), out.accept.clone(), out.canvas.clone()))
+        return out
+
+    monkeypatch.setattr("diffgemma.generate.sampler_step", recorded)
+    prompt = tiny.tokenizer.encode("masked")
+    call = {"seed": 5, "mode": mode, "token_ranges": ranges, "noise_ranges": masks, "eos_token_id": []}
+    events = list(tiny.stream(prompt, length + 3, **call))
+    first_canvas = sum(isinstance(e, Draft) and e.canvas_index == 0 for e in events)
+    assert first_canvas >= 2 and len(steps) > first_canvas
+    drafts = torch.cat([e.ids[0, : length if e.canvas_index == 0 else 3] for e in events if isinstance(e, Draft)])
+    assert bool(((drafts >= 20) & (drafts < 29)).all())  # drafts never take the mask
+    assert bool((steps[0][0] == 29).all())  # the first canvas starts as masks
+    assert bool(((steps[first_canvas][0][:, :3] >= 20) & (steps[first_canvas][0][:, :3] < 29)).all())
+    renoised = [after[~accept] for _, accept, after in steps[:first_canvas]]
+    assert torch.cat(renoised).numel() and bool((torch.cat(renoised) == 29).all())  # not accepted: masked again
+    later = [after[:, :3][~accept[:, :3]] for _, accept, after in steps[first_canvas:]]
+    assert bool(((torch.cat(later) >= 20) & (torch.cat(later) < 29)).all())  # past the masks: token_ranges
+    with pytest.raises(DiffGemmaError, match="noise_ranges"):
+        tiny.generate("x", max_new_tokens=8, noise_ranges=[(5, 5)])
 
 
 def test_ranged_noise_covers_each_range_uniformly():

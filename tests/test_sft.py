@@ -82,6 +82,18 @@ def test_train_chat_lora_saves_adapter_and_resumes(tmp_path, capsys):
     assert diffgemma.load(merged).tokenizer is not None
 
 
+def test_train_chat_eval_every_zero_keeps_only_the_final_checkpoint(tmp_path, capsys):
+    base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
+    data = _write(tmp_path / "chat.jsonl", CONVERSATIONS * 12)
+    out = tmp_path / "run"
+    common = ["train", "chat", "--model", str(base), "--data", str(data), "--out", str(out), "--batch-size", "4"]
+    assert main([*common, "--steps", "3", "--eval-every", "0"]) == 0
+    assert "held-out loss" not in capsys.readouterr().out
+    assert torch.load(out / "trainer_state.pt", weights_only=False)["step"] == 3
+    assert main([*common, "--steps", "3", "--eval-every", "-1"]) == 2
+    assert "must be 0" in capsys.readouterr().err
+
+
 def test_train_chat_needs_data(tmp_path, capsys):
     base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
     assert main(["train", "chat", "--model", str(base), "--out", str(tmp_path / "o")]) == 2

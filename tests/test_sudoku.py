@@ -22,6 +22,33 @@ def test_generated_puzzles_have_one_solution(givens):
     assert sudoku.solve(puzzle, limit=2) == [solution]
 
 
+def _segment_sets(grid: list[int]) -> int:
+    """The most distinct row segments (a row's three cells in one box, as a set) any band holds, over the
+    grid and its transpose: 3 for every image of one base pattern (each band repeats its rows' segments),
+    up to 9 for a grid in general."""
+    most = 0
+    for cells in (grid, [grid[c * 9 + r] for r in range(9) for c in range(9)]):
+        for band in range(3):
+            rows = range(band * 3, band * 3 + 3)
+            segments = {frozenset(cells[r * 9 + s * 3 : r * 9 + s * 3 + 3]) for r in rows for s in range(3)}
+            most = max(most, len(segments))
+    return most
+
+
+def test_random_solutions_are_valid_and_not_images_of_one_pattern():
+    def pattern_image(rng: random.Random) -> list[int]:  # the shortcut the generator must not take
+        rows = [g * 3 + i for g in rng.sample(range(3), 3) for i in rng.sample(range(3), 3)]
+        cols = [g * 3 + i for g in rng.sample(range(3), 3) for i in rng.sample(range(3), 3)]
+        digits = rng.sample(range(1, 10), 9)
+        return [digits[(3 * (r % 3) + r // 3 + c) % 9] for r in rows for c in cols]
+
+    rng = random.Random(0)
+    assert all(_segment_sets(pattern_image(rng)) == 3 for _ in range(20))  # the measure tells them apart
+    grids = [sudoku.random_solution(rng) for _ in range(40)]
+    assert all(sudoku.is_solution(grid) for grid in grids) and len({tuple(g) for g in grids}) == 40
+    assert sum(_segment_sets(grid) > 3 for grid in grids) >= 30
+
+
 def test_solver_finds_multiple_solutions_of_an_empty_grid():
     assert len(sudoku.solve([0] * 81, limit=2)) == 2
 
@@ -447,3 +474,42 @@ def test_a_candidate_prior_model_is_trained_and_solves_with_its_prior(sudoku_mod
     assert torch.allclose(firsts[0], sudoku.candidate_prior(torch.tensor(puzzles)))
     allowed = sudoku.candidate_tokens(torch.tensor(puzzles))[0]
     assert all(allowed[c, sudoku.cell_token(c, v)] for c, v in enumerate(grid))  # candidates only, givens kept
+
+
+def test_masked_cells_show_empty_in_training_and_solving(sudoku_model, tmp_path, monkeypatch):
+    pool = sudoku.puzzle_pool(1, 4, (26, 32))
+    plain = sudoku.DeviceBatches(pool, 16, seed=5, device="cpu")(2)
+    masked = sudoku.DeviceBatches(pool, 16, seed=5, device="cpu", masked_cells=True)(2)
+    for field in ("ids", "clean", "keep", "t", "use_self_conditioning"):
+        assert torch.equal(getattr(plain, field), getattr(masked, field))  # the same data and draws
+    empty = sudoku.cell_token(torch.arange(81), 0).expand(16, 81)
+    assert torch.equal(masked.noisy[~masked.keep], empty[~masked.keep])  # every corrupted cell shows empty
+    assert torch.equal(masked.noisy[masked.keep], plain.noisy[plain.keep])
+    assert bool((plain.noisy[~plain.keep] != empty[~plain.keep]).all())  # while the recipe's noise is a digit
+    out = tmp_path / "masked"
+    command = ["train", "sudoku", "--out", str(out), "--steps", "1", "--batch-size", "2", "--pool", "4"]
+    assert main([*command, "--eval-every", "0", "--init", str(sudoku_model.folder), "--masked-cells"]) == 0
+    trained = diffgemma.load(out)
+    assert sudoku.uses_masked_cells(trained) and not sudoku.uses_masked_cells(sudoku_model)
+    later = tmp_path / "later"  # a later stage keeps it, unasked
+    assert main(["train", "sudoku", "--out", str(later), *command[4:], "--eval-every", "0", "--init", str(out)]) == 0
+    assert sudoku.uses_masked_cells(diffgemma.load(later))
+    baseline = [*command[:3], str(tmp_path / "ar"), *command[4:], "--objective", "autoregressive"]
+    assert main([*baseline, "--masked-cells"]) == 2
+    assert not (tmp_path / "ar").exists()
+    puzzle = sudoku.make_puzzle(random.Random(8), 28)[0]
+    free = torch.tensor(puzzle) == 0
+    canvases = []
+    denoise = trained.network.denoise
+
+    def recorded(canvas, *args, **kwargs):
+        canvases.append(canvas.clone())
+        return denoise(canvas, *args, **kwargs)
+
+    monkeypatch.setattr(trained.network, "denoise", recorded)
+    grid = sudoku.solve_batch(trained, [puzzle], seed=2).grids[0]
+    assert bool((canvases[0][0][free] == empty[0][free]).all())  # the first canvas: givens, the rest empty
+    assert all(1 <= digit <= 9 for digit in grid) and all(p in (0, g) for p, g in zip(puzzle, grid, strict=True))
+    for canvas in canvases[1:]:  # afterwards a free cell is empty or one of its digits, never another cell's
+        offset = canvas[0] - sudoku.cell_token(torch.arange(81), 0)
+        assert bool(((offset >= 0) & (offset <= 9)).all())

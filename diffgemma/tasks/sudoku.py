@@ -14,6 +14,11 @@ A canvas of noise does not show which of its digits are the puzzle's: at the fir
 the noise around them. A model trained with the candidate prior (`candidate_prior`; `config.json` says so,
 `uses_candidate_prior`) reads the pencil marks instead of no signal as its first self-conditioning input:
 each given certain, each empty cell uniform over its candidates; every later distribution keeps to them.
+The same holds for a digit the sampler accepted: re-noised to random digits, every cell it did not accept
+looks as sure as the ones it did. A model trained with masked cells (`masked_cells`, `uses_masked_cells`)
+sees a corrupted cell as its empty token (`r3c7=.`) instead: every digit on its canvas is then a given or a
+digit it accepted, and solving starts each free cell empty and re-noises it to empty (generation's
+`noise_ranges`): masked diffusion, within the uniform-state sampler's machinery.
 
 Why cell-named tokens on the canvas: attention sees only relative positions (RoPE), so a digit alone would
 have to learn where it sits from offsets; the token carries its place (an earlier layout spent a marker
@@ -151,22 +156,27 @@ def solve(puzzle: Sequence[int], limit: int = 2) -> list[list[int]]:
 
 
 def random_solution(rng: random.Random) -> list[int]:
-    """A uniformly shuffled valid grid: a base pattern under random digit, row, column, band and stack moves."""
+    """A random valid grid, filled cell by cell with the digits in random order, backtracking on a dead end.
 
-    def pattern(r: int, c: int) -> int:
-        return (3 * (r % 3) + r // 3 + c) % 9
+    Any valid grid can come out. (A base pattern under random digit, row, column, band and stack moves, the
+    usual shortcut, reaches only the images of that one pattern: every band repeats three row segments, a
+    structure a model learns and real puzzles lack.)"""
+    grid = [0] * CELLS
 
-    def shuffled() -> list[int]:
-        order = []
-        for group in rng.sample(range(3), 3):
-            order += [group * 3 + i for i in rng.sample(range(3), 3)]
-        return order
+    def fill(cell: int) -> bool:
+        if cell == CELLS:
+            return True
+        held = {grid[peer] for peer in PEERS[cell]}
+        digits = [digit for digit in range(1, 10) if digit not in held]
+        rng.shuffle(digits)
+        for digit in digits:
+            grid[cell] = digit
+            if fill(cell + 1):
+                return True
+        grid[cell] = 0
+        return False
 
-    rows, cols = shuffled(), shuffled()
-    digits = rng.sample(range(1, 10), 9)
-    grid = [digits[pattern(r, c)] for r in rows for c in cols]
-    if rng.random() < 0.5:
-        grid = [grid[c * 9 + r] for r in range(9) for c in range(9)]
+    fill(0)
     return grid
 
 
@@ -314,14 +324,32 @@ def uses_candidate_prior(model) -> bool:
     return bool(model.config.raw.get(PRIOR_KEY, False))
 
 
+MASKED_KEY = "sudoku_masked_cells"  # config.json: a corrupted cell shows empty, not a random digit
+
+
+def uses_masked_cells(model) -> bool:
+    """Whether `model` was trained with masked cells (`train_sudoku(masked_cells=True)`)."""
+    return bool(model.config.raw.get(MASKED_KEY, False))
+
+
+def empty_ranges() -> list[tuple[int, int]]:
+    """Each canvas position's one-id range: cell c's empty token (the noise of a model trained masked)."""
+    return [(cell_token(cell, 0), cell_token(cell, 0) + 1) for cell in range(CELLS)]
+
+
 def solver_inputs(
-    puzzles: Sequence[Sequence[int]], clamp: bool = True, candidates: bool = True, prior: bool = False
+    puzzles: Sequence[Sequence[int]],
+    clamp: bool = True,
+    candidates: bool = True,
+    prior: bool = False,
+    masked: bool = False,
 ) -> dict:
     """`generate`'s arguments that solve `puzzles` (one canvas each): prompts, clamped givens, cell ranges,
     and with `candidates` the digits the givens rule out banned (`given_bans`). `prior` (for a model trained
     with it, `uses_candidate_prior`): the first step's self-conditioning is the `candidate_prior`, and with
     `candidates` every cell's distribution keeps to its candidates, a given's to itself, as its drafts did in
-    training."""
+    training. `masked` (a model trained with masked cells, `uses_masked_cells`): a cell starts empty and is
+    re-noised to empty (`empty_ranges`), not to a random digit."""
     grids = torch.tensor([list(p) for p in puzzles], dtype=torch.long).reshape(-1, CELLS)
     bans = None
     if candidates:
@@ -333,8 +361,14 @@ def solver_inputs(
         "token_ranges": [cell_ranges()] * len(puzzles),
         "banned_tokens": bans,
         "first_self_conditioning": candidate_prior(grids) if prior else None,
+        "noise_ranges": [empty_ranges()] * len(puzzles) if masked else None,
         "eos_token_id": [],
     }
+
+
+def model_solver_inputs(model, puzzles: Sequence[Sequence[int]], clamp: bool = True, candidates: bool = True) -> dict:
+    """`solver_inputs` as `model` was trained to read them (its candidate prior, its masked cells)."""
+    return solver_inputs(puzzles, clamp, candidates, uses_candidate_prior(model), uses_masked_cells(model))
 
 
 @dataclass
@@ -356,7 +390,7 @@ def solve_batch(
     `seed[i]` given a list."""
     check_model(model)
     seeds = [seed + i for i in range(len(puzzles))] if isinstance(seed, int) else list(seed)
-    inputs = solver_inputs(puzzles, clamp, candidates, uses_candidate_prior(model))
+    inputs = model_solver_inputs(model, puzzles, clamp, candidates)
     result = model.generate(seed=seeds, **inputs, **sampler)
     generated = result.sequences[:, result.prompt_length :].tolist()
     return SolveOutcome([grid_from_ids(row) for row in generated], result.steps[0])
@@ -549,7 +583,7 @@ def _cached_pair(line: str, where: str) -> tuple[list[int], list[int]]:
 
 
 def _pool_header(seed: int, givens: tuple[int, int]) -> str:
-    return f"# diffgemma sudoku pool v2 seed={seed} givens={givens[0]}-{givens[1]}"
+    return f"# diffgemma sudoku pool v3 seed={seed} givens={givens[0]}-{givens[1]}"
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -621,7 +655,9 @@ class DeviceBatches:
     re-noises it (givens stay clean: they are clamped at solve time). `autoregressive`: the prompt is BOS and
     the puzzle's cells, for the left-to-right baseline. Batch k depends on (seed, k) alone: a resumed run sees
     the same data and noise. `max_detached_passes` > 1: each batch draws how many detached self-conditioning
-    passes precede the scored one, uniformly from 1 to it (`Batch.detached_passes`)."""
+    passes precede the scored one, uniformly from 1 to it (`Batch.detached_passes`). `masked_cells`: a corrupted
+    cell shows its empty token instead of a random digit (masked diffusion within the same machinery: every
+    digit the model sees is then right, so it can trust what the sampler accepted)."""
 
     def __init__(
         self,
@@ -633,6 +669,7 @@ class DeviceBatches:
         max_detached_passes: int = 1,
         candidate_prior: bool = False,
         draft_temperatures: tuple[float, float] | None = None,
+        masked_cells: bool = False,
     ) -> None:
         check_detached_passes(max_detached_passes)
         check_draft_temperatures(draft_temperatures)
@@ -643,6 +680,7 @@ class DeviceBatches:
         self.batch_size, self.seed, self.autoregressive = batch_size, seed, autoregressive
         self.max_detached_passes = max_detached_passes
         self.cells = cell_token(torch.arange(CELLS, device=self.device), 0)
+        self.masked_cells = masked_cells
 
     def __call__(self, index: int):
         from ..train.objective import EPSILON, Batch
@@ -659,6 +697,8 @@ class DeviceBatches:
         t = EPSILON + (1 - EPSILON) * torch.rand(count, generator=generator, device=device)
         keep = (torch.rand(count, CANVAS, generator=generator, device=device) >= t[:, None]) | (puzzle > 0)
         noise = self.cells + torch.randint(1, 10, (count, CANVAS), generator=generator, device=device)
+        if self.masked_cells:  # drawn all the same, so the draws after it do not move
+            noise = self.cells.expand(count, -1)
         ids = torch.cat([prompt, canvas], dim=1)
         use_self_conditioning = torch.rand(count, generator=generator, device=device) < 0.5
         # drawn last, so a run with one pass sees the data and noise it always did; and only when there is a
@@ -712,6 +752,7 @@ def train_sudoku(
     layers: int | None = None,
     candidate_prior: bool = False,
     draft_temperatures: tuple[float, float] | None = None,
+    masked_cells: bool = False,
     log=print,
 ):
     """Train the sudoku model into `out` (checkpoints as it goes; `resume` continues a stopped run).
@@ -726,7 +767,8 @@ def train_sudoku(
     `layers`: the network's depth (the preset's 6 if not given); with `init`, a deeper network than the init's
     repeats its layers, the repeats starting switched off (`train.grow.deepen`). `candidate_prior`: the model
     reads the puzzle's `candidate_prior` as its first self-conditioning (recorded in its config; a model trained
-    with it keeps it in later stages). `draft_temperatures` (low, high): see `DeviceBatches`."""
+    with it keeps it in later stages). `draft_temperatures` (low, high): see `DeviceBatches`. `masked_cells`:
+    see `DeviceBatches` (recorded in its config like the prior; solving re-noises to empty cells)."""
     from ..api import load
     from ..presets import random_checkpoint
     from ..train.grow import deepen
@@ -741,8 +783,10 @@ def train_sudoku(
     check_givens_range(givens)
     if eval_every < 0:
         raise DiffGemmaError(f"--eval-every must be 0 (only the final checkpoint) or more, got {eval_every}")
-    if objective == "autoregressive" and (candidate_prior or draft_temperatures is not None):
-        raise DiffGemmaError("--candidate-prior and --draft-temperature shape the diffusion objective's passes")
+    if objective == "autoregressive" and (candidate_prior or masked_cells or draft_temperatures is not None):
+        raise DiffGemmaError(
+            "--candidate-prior, --masked-cells and --draft-temperature shape the diffusion objective's passes"
+        )
     if resume:
         model = load(folder, device=device)
     elif init is not None:
@@ -761,6 +805,9 @@ def train_sudoku(
     candidate_prior = candidate_prior or (objective == "diffusion" and uses_candidate_prior(model))
     if candidate_prior:
         model.config.raw[PRIOR_KEY] = True  # solving reads it (`uses_candidate_prior`)
+    masked_cells = masked_cells or (objective == "diffusion" and uses_masked_cells(model))
+    if masked_cells:
+        model.config.raw[MASKED_KEY] = True
     # a grid has no EOS (a saved "none" reads back as the config's EOS, so a resumed run says it again)
     model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])
     if not resume:
@@ -779,6 +826,7 @@ def train_sudoku(
         max_detached_passes,
         candidate_prior,
         draft_temperatures,
+        masked_cells,
     )
 
     def settings(total: int) -> TrainConfig:
@@ -797,6 +845,7 @@ def train_sudoku(
                 ("layers", layers),
                 ("candidate_prior", candidate_prior),
                 ("draft_temperatures", draft_temperatures),
+                ("masked_cells", masked_cells),
             ),
         )
 
