@@ -373,7 +373,7 @@ def _ranges_for_rows(ranges: torch.Tensor | list | None, batch: int, name: str) 
             ranges = torch.tensor(ranges, dtype=torch.long)
         except (TypeError, ValueError) as error:
             raise DiffGemmaError(f"{name} must be (low, high) id pairs, one a position: {error}") from None
-    return ranges[None].expand(batch, -1, -1) if ranges.ndim == 2 else ranges
+    return _for_every_row(ranges, batch, name)
 
 
 def _rows(clamp: list) -> list[list]:

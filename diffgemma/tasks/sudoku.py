@@ -247,9 +247,10 @@ def clamp_ids(puzzle: Sequence[int]) -> list[int]:
     return [token if value else -1 for token, value in zip(cell_ids(puzzle), puzzle, strict=True)]
 
 
-def cell_ranges() -> list[tuple[int, int]]:
-    """Each canvas position's half-open (low, high) ids: cell c's tokens for the digits 1-9."""
-    return [(cell_token(cell, 1), cell_token(cell, 9) + 1) for cell in range(CELLS)]
+def cell_ranges(first: int = 1, last: int = 9) -> list[tuple[int, int]]:
+    """Each canvas position's half-open (low, high) ids: cell c's tokens for the contents first to last (by
+    default its digits 1-9; 0, 0 is its empty token alone, the noise of a model trained with masked cells)."""
+    return [(cell_token(cell, first), cell_token(cell, last) + 1) for cell in range(CELLS)]
 
 
 def _givens_and_peers(grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,9 +320,14 @@ def check_model(model, where: str = "model") -> None:
 PRIOR_KEY = "sudoku_candidate_prior"  # config.json: the model reads the candidates as its first self-conditioning
 
 
+def _recorded(model, key: str) -> bool:
+    """Whether `model`'s config.json records the training choice `key` (solving follows it)."""
+    return bool(model.config.raw.get(key, False))
+
+
 def uses_candidate_prior(model) -> bool:
     """Whether `model` was trained with the candidate prior (`train_sudoku(candidate_prior=True)`)."""
-    return bool(model.config.raw.get(PRIOR_KEY, False))
+    return _recorded(model, PRIOR_KEY)
 
 
 MASKED_KEY = "sudoku_masked_cells"  # config.json: a corrupted cell shows empty, not a random digit
@@ -329,12 +335,7 @@ MASKED_KEY = "sudoku_masked_cells"  # config.json: a corrupted cell shows empty,
 
 def uses_masked_cells(model) -> bool:
     """Whether `model` was trained with masked cells (`train_sudoku(masked_cells=True)`)."""
-    return bool(model.config.raw.get(MASKED_KEY, False))
-
-
-def empty_ranges() -> list[tuple[int, int]]:
-    """Each canvas position's one-id range: cell c's empty token (the noise of a model trained masked)."""
-    return [(cell_token(cell, 0), cell_token(cell, 0) + 1) for cell in range(CELLS)]
+    return _recorded(model, MASKED_KEY)
 
 
 def solver_inputs(
@@ -349,7 +350,7 @@ def solver_inputs(
     with it, `uses_candidate_prior`): the first step's self-conditioning is the `candidate_prior`, and with
     `candidates` every cell's distribution keeps to its candidates, a given's to itself, as its drafts did in
     training. `masked` (a model trained with masked cells, `uses_masked_cells`): a cell starts empty and is
-    re-noised to empty (`empty_ranges`), not to a random digit."""
+    re-noised to empty (`cell_ranges(0, 0)`), not to a random digit."""
     grids = torch.tensor([list(p) for p in puzzles], dtype=torch.long).reshape(-1, CELLS)
     bans = None
     if candidates:
@@ -361,7 +362,7 @@ def solver_inputs(
         "token_ranges": [cell_ranges()] * len(puzzles),
         "banned_tokens": bans,
         "first_self_conditioning": candidate_prior(grids) if prior else None,
-        "noise_ranges": [empty_ranges()] * len(puzzles) if masked else None,
+        "noise_ranges": [cell_ranges(0, 0)] * len(puzzles) if masked else None,
         "eos_token_id": [],
     }
 
@@ -801,13 +802,15 @@ def train_sudoku(
         model = load(folder, device=device)
         structured_embeddings_(model.network, seed)
         model.settings = model.settings.replace(max_denoising_steps=64)
-    # a model that reads the prior goes on reading it (an init or a resumed run trained with it)
-    candidate_prior = candidate_prior or (objective == "diffusion" and uses_candidate_prior(model))
-    if candidate_prior:
-        model.config.raw[PRIOR_KEY] = True  # solving reads it (`uses_candidate_prior`)
-    masked_cells = masked_cells or (objective == "diffusion" and uses_masked_cells(model))
-    if masked_cells:
-        model.config.raw[MASKED_KEY] = True
+
+    def kept(asked: bool, key: str) -> bool:
+        """A choice the model was trained with stays on (an init or a resumed run); recorded, solving reads it."""
+        chosen = asked or (objective == "diffusion" and _recorded(model, key))
+        if chosen:
+            model.config.raw[key] = True
+        return chosen
+
+    candidate_prior, masked_cells = kept(candidate_prior, PRIOR_KEY), kept(masked_cells, MASKED_KEY)
     # a grid has no EOS (a saved "none" reads back as the config's EOS, so a resumed run says it again)
     model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])
     if not resume:
