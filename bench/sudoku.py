@@ -50,6 +50,7 @@ def main() -> None:
     )
     parser.add_argument("--note", default="", help="how the model was trained (written under the table)")
     parser.add_argument("--tries", type=int, default=1, help="also a row where rule-breaking grids are re-solved")
+    parser.add_argument("--long-try", type=int, default=None, help="also a row of one try of up to N steps")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     low, high = (int(v) for v in args.givens.split(":"))
@@ -85,6 +86,11 @@ def main() -> None:
             lambda: sudoku.evaluate(model, puzzles, batch_size=batch, candidates=False),
         )
     run("diffusion, 1 step", lambda: sudoku.evaluate(model, puzzles, batch_size=batch, max_denoising_steps=1))
+    if args.long_try:
+        run(
+            f"diffusion, one try of up to {args.long_try} steps",
+            lambda: sudoku.evaluate(model, puzzles, batch_size=batch, max_denoising_steps=args.long_try),
+        )
 
     def leading(count: int | None) -> tuple[list[list[int]], str]:
         chosen = puzzles[: count or len(puzzles)]

@@ -300,17 +300,16 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
         puzzle = sudoku.parse(args.puzzle, "--puzzle")
     else:
         puzzle, _ = sudoku.make_puzzle(random.Random(seed), args.givens)
-    if args.tries < 1:
-        raise DiffGemmaError(f"--tries must be at least 1, got {args.tries}")
+    tries = _tries(args)
     console = Console()
     grid = puzzle
-    steps = 0
+    steps = spent = 0
     inputs = sudoku.model_solver_inputs(model, [puzzle], candidates=args.candidates)
     with Live(console=console, refresh_per_second=20) as live:
         # A grid that breaks a rule (checked as any player could) is solved again with a fresh seed, as
         # `eval sudoku --tries` does.
-        for attempt in range(args.tries):
-            label = f"try {attempt + 1}, " if args.tries > 1 else ""
+        for attempt in range(tries):
+            label = f"try {attempt + 1}, " if tries > 1 else ""
             attempt_seed = sudoku.try_seed(seed, attempt)
             events = model.stream(seed=attempt_seed, **inputs, **_sampler(args))
             for event in events:
@@ -319,11 +318,32 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
                     live.update(_sudoku_board(puzzle, grid, f"{label}step {steps}", Text), refresh=True)
                 elif isinstance(event, Done):
                     grid = sudoku.grid_from_ids(event.result.sequences[0, event.result.prompt_length :].tolist())
+            spent += steps
             if sudoku.is_solution(grid, puzzle):
                 break
         verdict = "solved" if sudoku.is_solution(grid, puzzle) else "not solved"
-        live.update(_sudoku_board(puzzle, grid, f"{verdict} ({label}{steps} steps)", Text), refresh=True)
+        total = f", {spent} in all" if spent > steps else ""
+        live.update(_sudoku_board(puzzle, grid, f"{verdict} ({label}{steps} steps{total})", Text), refresh=True)
     print(sudoku.format_grid(grid))
+
+
+def _add_tries_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tries",
+        type=int,
+        default=None,
+        help="solve again (fresh seed) while the grid breaks a rule, up to N times (default: the solver's 64; "
+        "1: the model's first try alone)",
+    )
+
+
+def _tries(args: argparse.Namespace) -> int:
+    from .tasks import sudoku
+
+    tries = sudoku.SOLVE_TRIES if args.tries is None else args.tries
+    if tries < 1:
+        raise DiffGemmaError(f"--tries must be at least 1, got {tries}")
+    return tries
 
 
 def _add_candidates_option(parser: argparse.ArgumentParser) -> None:
@@ -385,13 +405,15 @@ def cmd_eval_sudoku(args: argparse.Namespace) -> None:
     model = _sudoku_model(args)
     puzzles = sudoku.read_puzzles(args.puzzles)
     metrics = sudoku.evaluate(
-        model, puzzles, seed=args.seed or 0, tries=args.tries, candidates=args.candidates, **_sampler(args)
+        model, puzzles, seed=args.seed or 0, tries=_tries(args), candidates=args.candidates, **_sampler(args)
     )
     if args.json:
         print(json.dumps(metrics))
         return
     print(
-        f"puzzles {metrics['n']}: solved {metrics['solved_rate']:.1%}, cells {metrics['cell_accuracy']:.1%}, "
+        f"puzzles {metrics['n']}: solved {metrics['solved_rate']:.1%} "
+        f"(first try {metrics['first_try_solved_rate']:.1%}, mean tries {metrics['mean_tries']:.2f}), "
+        f"cells {metrics['cell_accuracy']:.1%}, "
         f"givens kept {metrics['givens_kept_rate']:.1%}, mean steps {metrics['mean_steps']:.1f}"
     )
     for givens, block in metrics["per_givens"].items():
@@ -582,9 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     sudoku.add_argument(
         "--givens", type=int, default=36, help="givens of a fresh puzzle (fewer is harder: 24 is as hard as it gets)"
     )
-    sudoku.add_argument(
-        "--tries", type=int, default=3, help="solve again (fresh seed) while the grid breaks a rule, up to N times"
-    )
+    _add_tries_option(sudoku)
     _add_candidates_option(sudoku)
     _add_model_options(sudoku)
     sudoku.set_defaults(run=cmd_sudoku)
@@ -599,9 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("task", choices=["sudoku"])
     evaluate.add_argument("--puzzles", required=True, help="one puzzle a line (81 characters; 0 or . empty)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument(
-        "--tries", type=int, default=1, help="solve again (fresh seed) a grid that breaks a rule, up to N times"
-    )
+    _add_tries_option(evaluate)
     _add_candidates_option(evaluate)
     _add_model_options(evaluate)
     evaluate.set_defaults(run=cmd_eval_sudoku)

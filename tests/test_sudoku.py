@@ -182,6 +182,8 @@ def test_tries_resolve_only_rule_breaking_grids(sudoku_model, monkeypatch):
     assert calls[2:] == [[10 + 1_000_003, 12 + 1_000_003], [10 + 2_000_006, 12 + 2_000_006]]
     assert rows[1]["solved"] and rows[1]["steps"] <= 4 and rows[0]["steps"] >= 3 and not rows[0]["solved"]
     assert [r["tries"] for r in rows] == [3, 1, 3]
+    summary = sudoku.summarize(rows)
+    assert summary["first_try_solved_rate"] == pytest.approx(1 / 3) and summary["mean_tries"] == pytest.approx(7 / 3)
     # going on from a one-try run's rows: its grids stand, the first try is not solved again
     calls.clear()
     first = sudoku.evaluate_rows(sudoku_model, puzzles, batch_size=2, seed=10, tries=1)
@@ -200,7 +202,8 @@ def test_sudoku_command_tries_again_while_the_grid_breaks_a_rule(sudoku_model, c
     folder = str(sudoku_model.folder)
     assert main(["sudoku", "--model", folder, "--seed", "1", "--givens", "34", "--steps", "2", "--tries", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "not solved (try 2," in printed and len(printed.strip().splitlines()[-1]) == 81  # a random model
+    assert "not solved (try 2, 2 steps, 4 in all)" in printed  # a random model
+    assert len(printed.strip().splitlines()[-1]) == 81
     assert main(["sudoku", "--model", folder, "--tries", "0"]) == 2
     assert "--tries must be at least 1" in capsys.readouterr().err
 
@@ -214,6 +217,11 @@ def test_eval_command_json(sudoku_model, tmp_path, capsys):
     )
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["n"] == 2 and report["givens_kept_rate"] == 1.0
+    # by default the solver's tries: a grid that breaks a rule is solved again, up to SOLVE_TRIES times
+    assert 1 <= report["mean_tries"] <= sudoku.SOLVE_TRIES
+    assert report["first_try_solved_rate"] <= report["solved_rate"]
+    unsolved = report["n"] * (1 - report["solved_rate"])
+    assert report["mean_tries"] * report["n"] >= report["n"] + unsolved * (sudoku.SOLVE_TRIES - 1) - 1e-9
 
 
 def test_no_candidates_option_reaches_the_solver(sudoku_model, tmp_path, monkeypatch, capsys):
@@ -222,11 +230,11 @@ def test_no_candidates_option_reaches_the_solver(sudoku_model, tmp_path, monkeyp
     monkeypatch.setattr(sudoku, "given_bans", lambda puzzles: calls.append(len(puzzles)) or real(puzzles))
     path = tmp_path / "p.txt"
     path.write_text("\n".join(sudoku.format_grid(sudoku.make_puzzle(random.Random(4), 34)[0]) for _ in range(2)))
-    common = ["--model", str(sudoku_model.folder), "--steps", "2"]
+    common = ["--model", str(sudoku_model.folder), "--steps", "2", "--tries", "1"]
     assert main(["eval", "sudoku", "--puzzles", str(path), "--no-candidates", *common]) == 0 and calls == []
-    assert main(["sudoku", "--seed", "1", "--tries", "1", "--no-candidates", *common]) == 0 and calls == []
+    assert main(["sudoku", "--seed", "1", "--no-candidates", *common]) == 0 and calls == []
     assert main(["eval", "sudoku", "--puzzles", str(path), *common]) == 0 and calls == [2]
-    assert main(["sudoku", "--seed", "1", "--tries", "1", *common]) == 0 and calls == [2, 1]
+    assert main(["sudoku", "--seed", "1", *common]) == 0 and calls == [2, 1]
     capsys.readouterr()
 
 

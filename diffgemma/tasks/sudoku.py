@@ -69,6 +69,11 @@ ALL = 0x3FE  # bits 1..9
 PEER_MATRIX = torch.zeros(CELLS, CELLS)  # [cell, peer] 1.0 where the two share a row, a column or a box
 for _cell, _peers in enumerate(PEERS):
     PEER_MATRIX[_cell, list(_peers)] = 1.0
+# How many times the solver (`diffgemma sudoku`, `eval sudoku`) solves a puzzle again, fresh seed, while its grid
+# breaks a rule. A try that has not found the way in its first steps seldom finds it later, so many short tries
+# (the shipped model's generation_config: 16 steps) solve more puzzles in fewer steps than a few long ones
+# (bench/RESULTS.md, "Sudoku: short tries").
+SOLVE_TRIES = 64
 
 
 def parse(line: str, where: str = "puzzle") -> list[int]:
@@ -520,9 +525,12 @@ def autoregressive_rows(
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Rates over `score` rows, overall and per number of givens; rows that count their tries (`evaluate_rows`)
+    also give `first_try_solved_rate` (solved by the first try alone) and `mean_tries`."""
+
     def block(selected: list[dict]) -> dict:
         n = len(selected)
-        return {
+        summary = {
             "n": n,
             "solved_rate": sum(r["solved"] for r in selected) / n,
             "cell_accuracy": sum(r["cells_correct"] for r in selected)
@@ -530,6 +538,10 @@ def summarize(rows: list[dict]) -> dict:
             "givens_kept_rate": sum(r["givens_kept"] for r in selected) / n,
             "mean_steps": sum(r["steps"] for r in selected) / n,
         }
+        if all("tries" in r for r in selected):
+            summary["first_try_solved_rate"] = sum(r["solved"] and r["tries"] == 1 for r in selected) / n
+            summary["mean_tries"] = sum(r["tries"] for r in selected) / n
+        return summary
 
     summary = block(rows)
     summary["per_givens"] = {
