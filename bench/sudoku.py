@@ -1,8 +1,9 @@
 """The sudoku report: a model on freshly generated unique puzzles (24-36 givens by default), overall and
-per number of givens, as `diffgemma sudoku` solves them (givens clamped, each empty cell sampling among its
-candidates), beside the model alone (no candidates), a one-step row, rule-checked retries (solved within k
-tries), the same model under int8 and int4 weights (with the paired change from float), and the
-autoregressive baseline (the same network trained left to right), all on the same puzzles.
+per number of givens, as `diffgemma sudoku` solves them on its first try (givens clamped, each empty cell
+sampling among its candidates), beside the model alone (no candidates), a one-step row, a single longer try
+(`--long-try`), rule-checked retries (solved within k tries, as the solver goes on), the same model under
+int8 and int4 weights (with the paired change from float), and the autoregressive baseline (the same network
+trained left to right), all on the same puzzles.
 
     python bench/sudoku.py --model models/sudoku --ar runs/ar --puzzles 1000 --note "training: ..."
 """
