@@ -482,9 +482,21 @@ def denoising_loop(
     elif token_ranges is not None:
         noise_ranges = token_ranges
     if banned_tokens is not None:
-        banned_tokens = _checked_banned(banned_tokens, batch, canvases * length, vocab).to(device)
+        if banned_tokens.dtype != torch.bool:
+            raise DiffGemmaError(f"banned_tokens must be booleans, got {banned_tokens.dtype}")
+        banned_tokens = _checked_per_position(
+            banned_tokens, "banned_tokens", "booleans", batch, canvases * length, vocab, False
+        ).to(device)
     if first_self_conditioning is not None:
-        first_self_conditioning = _checked_first(first_self_conditioning, batch, canvases * length, vocab).to(device)
+        first_self_conditioning = _checked_per_position(
+            first_self_conditioning.float(),
+            "first_self_conditioning",
+            "probabilities",
+            batch,
+            canvases * length,
+            vocab,
+            0.0,
+        ).to(device)
     if prompt_length + canvases * length > config.max_position_embeddings:
         raise DiffGemmaError(
             f"prompt ({prompt_length}) plus {canvases} canvas(es) of {length} exceeds the model's "
@@ -649,25 +661,16 @@ def _checked_ranges(
     return torch.cat([ranges.long().cpu(), fill], dim=1)
 
 
-def _checked_banned(banned: torch.Tensor, batch: int, positions: int, vocab: int) -> torch.Tensor:
-    """[B, L, V] booleans, checked, padded with False (nothing banned) to every generated position."""
-    if banned.dtype != torch.bool or banned.ndim != 3 or banned.shape[0] != batch:
-        raise DiffGemmaError(f"banned_tokens must be booleans [batch={batch}, positions, vocabulary={vocab}]")
-    if banned.shape[1] > positions or banned.shape[2] != vocab:
+def _checked_per_position(
+    values: torch.Tensor, name: str, what: str, batch: int, positions: int, vocab: int, fill: bool | float
+) -> torch.Tensor:
+    """[B, L, V] per-position values over the vocabulary (`what` they are), checked and padded with `fill` (no
+    effect) to every generated position."""
+    if values.ndim != 3 or values.shape[0] != batch or values.shape[1] > positions or values.shape[2] != vocab:
         raise DiffGemmaError(
-            f"banned_tokens must be [batch={batch}, at most {positions}, {vocab}], got {list(banned.shape)}"
+            f"{name} must be {what} [batch={batch}, at most {positions}, {vocab}], got {list(values.shape)}"
         )
-    return torch.nn.functional.pad(banned, (0, 0, 0, positions - banned.shape[1]), value=False)
-
-
-def _checked_first(probs: torch.Tensor, batch: int, positions: int, vocab: int) -> torch.Tensor:
-    """[B, L, V] first-step distributions, checked, padded with zeros (no signal) to every generated position."""
-    if probs.ndim != 3 or probs.shape[0] != batch or probs.shape[1] > positions or probs.shape[2] != vocab:
-        raise DiffGemmaError(
-            f"first_self_conditioning must be probabilities [batch={batch}, at most {positions}, {vocab}], "
-            f"got {list(probs.shape)}"
-        )
-    return torch.nn.functional.pad(probs.float(), (0, 0, 0, positions - probs.shape[1]), value=0.0)
+    return torch.nn.functional.pad(values, (0, 0, 0, positions - values.shape[1]), value=fill)
 
 
 def _check_some_allowed(excluded: torch.Tensor, fixed: torch.Tensor | None, offset: int) -> None:
