@@ -37,7 +37,9 @@ def main() -> None:
     parser.add_argument("--givens", default="24:36")
     parser.add_argument("--seed", type=int, default=2026, help="puzzle generator seed (not the training seed)")
     parser.add_argument(
-        "--quant", default="int8,int4", help="quantized variants to score, int4:32 for a group size ('' for none)"
+        "--quant",
+        default="int8,int4",
+        help="quantized variants to score; int4:32 for a group size, int4:64:16 with attention's ('' for none)",
     )
     parser.add_argument(
         "--quant-puzzles", type=int, default=None, help="score the quantized rows on the first N puzzles"
@@ -48,6 +50,9 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also a row without candidates (the model alone)",
+    )
+    parser.add_argument(
+        "--sampling-seed", type=int, default=0, help="puzzle i is solved with seed N + i (another N: another draw)"
     )
     parser.add_argument("--note", default="", help="how the model was trained (written under the table)")
     parser.add_argument("--tries", type=int, default=1, help="also a row where rule-breaking grids are re-solved")
@@ -62,7 +67,7 @@ def main() -> None:
         rng = random.Random(args.seed)
         puzzles = [sudoku.make_puzzle(rng, rng.randint(low, high))[0] for _ in range(args.puzzles)]
         source = f"{args.puzzles} fresh unique-solution puzzles, {low}-{high} givens, generator seed {args.seed}"
-    batch = args.batch_size
+    batch, seed = args.batch_size, args.sampling_seed
 
     runs: list[tuple[str, dict, float]] = []
 
@@ -77,20 +82,20 @@ def main() -> None:
     float_rows: list[dict] = []
 
     def float_run() -> dict:
-        float_rows.extend(sudoku.evaluate_rows(model, puzzles, batch_size=batch))
+        float_rows.extend(sudoku.evaluate_rows(model, puzzles, batch, seed))
         return sudoku.summarize(float_rows)
 
     run("diffusion, givens clamped, candidates", float_run)
     if args.alone:
         run(
             "diffusion, no candidates (the model alone: a cell may sample a digit a given peer holds)",
-            lambda: sudoku.evaluate(model, puzzles, batch_size=batch, candidates=False),
+            lambda: sudoku.evaluate(model, puzzles, batch, seed, candidates=False),
         )
-    run("diffusion, 1 step", lambda: sudoku.evaluate(model, puzzles, batch_size=batch, max_denoising_steps=1))
+    run("diffusion, 1 step", lambda: sudoku.evaluate(model, puzzles, batch, seed, max_denoising_steps=1))
     if args.long_try:
         run(
             f"diffusion, one try of up to {args.long_try} steps",
-            lambda: sudoku.evaluate(model, puzzles, batch_size=batch, max_denoising_steps=args.long_try),
+            lambda: sudoku.evaluate(model, puzzles, batch, seed, max_denoising_steps=args.long_try),
         )
 
     def leading(count: int | None) -> tuple[list[list[int]], str]:
@@ -104,7 +109,7 @@ def main() -> None:
         def tries_run() -> dict:
             # the first try is the float run's (same puzzles, same seeds): only its unsolved grids go on
             previous = float_rows[: len(tries_puzzles)]
-            tries_rows.extend(sudoku.evaluate_rows(model, tries_puzzles, batch, tries=args.tries, previous=previous))
+            tries_rows.extend(sudoku.evaluate_rows(model, tries_puzzles, batch, seed, args.tries, previous))
             return sudoku.summarize(tries_rows)
 
         run(
@@ -117,16 +122,17 @@ def main() -> None:
         runs.append((f"diffusion, float weights{quant_label}", sudoku.summarize(float_rows[: len(subset)]), 0))
     paired: list[str] = []
     for spec in filter(None, args.quant.split(",")):
-        name, _, group = spec.partition(":")
-        if group and not group.isdigit():
-            parser.error(f"--quant {spec}: a group size is a whole number (int4:32)")
-        fmt = QuantFormat(name, int(group)) if group else QuantFormat(name)
+        name, *groups = spec.split(":")
+        if len(groups) > 2 or not all(group.isdigit() for group in groups):
+            parser.error(f"--quant {spec}: group sizes are whole numbers (int4:32, or int4:64:16 with attention's)")
+        fmt = QuantFormat(name, *(int(group) for group in groups))
         quantized = diffgemma.load(args.model, device=args.device, quant=fmt)
-        label = f"diffusion, {name} weights{f' (groups of {group})' if group else ''}{quant_label}"
+        groups_note = f" (groups of {fmt.group_size}, attention {fmt.attention_group_size})" if name == "int4" else ""
+        label = f"diffusion, {name} weights{groups_note}{quant_label}"
         quant_rows: list[dict] = []
 
         def quant_run(quantized=quantized, rows=quant_rows) -> dict:
-            rows.extend(sudoku.evaluate_rows(quantized, subset, batch))
+            rows.extend(sudoku.evaluate_rows(quantized, subset, batch, seed))
             return sudoku.summarize(rows)
 
         run(label, quant_run)
@@ -173,7 +179,8 @@ def main() -> None:
     notes = (
         f"{source}; "
         f"model `{args.model}`, sampler defaults from its generation_config.json "
-        f"({model.settings.max_denoising_steps} steps at most). Mean denoising steps by givens: {steps}.\n"
+        f"({model.settings.max_denoising_steps} steps at most), sampling seed {seed} (puzzle i: seed + i). "
+        f"Mean denoising steps by givens: {steps}.\n"
         f"{args.note}"
     )
     if args.no_append:

@@ -403,10 +403,12 @@ def load(
     tokenizer = load_tokenizer(folder)
     saved = format_from_config(config.raw)
     wanted = QuantFormat(quant) if isinstance(quant, str) else quant
-    if saved is not None and wanted is not None and wanted != saved:
+    # a bare name ("int4") asks for the format, not its groups: the checkpoint's own groups serve
+    same = wanted == saved or (isinstance(quant, str) and saved is not None and quant == saved.name)
+    if saved is not None and wanted is not None and not same:
         raise DiffGemmaError(
-            f"{folder}: the checkpoint is already quantized ({saved.name}, group {saved.group_size}); "
-            f"cannot load it as {wanted.name}"
+            f"{folder}: the checkpoint is already quantized ({saved.describe()}); "
+            f"cannot load it as {wanted.describe()}: quantize the float checkpoint instead"
         )
     fmt = saved or wanted
     with torch.device("meta"):

@@ -1,10 +1,12 @@
 """Weight-only quantization: int8 (per output channel), int4 (groups along the input), fp8 (e4m3, per channel).
 
 What is quantized: every projection of attention and of the dense MLP, and the stacked expert tensors
-(each expert's rows scaled on their own, so the fused layout needs no unfusing). What stays in the model
-dtype: the embedding (it is also the tied output head), norms, routers and the self-conditioning block,
-which are small and sensitive. Weights are stored quantized and expanded to the activation dtype one
-layer at a time as they are used, so memory at rest is what the format promises.
+(each expert's rows scaled on their own, so the fused layout needs no unfusing). int4 gives attention's
+projections smaller groups (16 weights a scale, against 64 elsewhere): they are where int4 hurt the sudoku
+model (bench/RESULTS.md), and on the 26B shape they are 4.5% of the weights, so the finer scales cost about
+0.1 GB. What stays in the model dtype: the embedding (it is also the tied output head), norms, routers and
+the self-conditioning block, which are small and sensitive. Weights are stored quantized and expanded to the
+activation dtype one layer at a time as they are used, so memory at rest is what the format promises.
 
 Loading with `quant=` quantizes tensor by tensor as they come off disk: the float model is never whole in
 memory. A quantized checkpoint carries `quantization_config` in its config.json and loads as it was saved.
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from .model import DiffusionGemma, Experts, grouped_linear
 
 FORMATS = ("int8", "int4", "fp8")
 INT4_GROUP = 64
+INT4_ATTENTION_GROUP = 16
 QUANT_METHOD = "diffgemma"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 NIBBLE_CHUNK_BYTES = 32 * 2**20  # int4 expansion: packed bytes unpacked at a time (26B-A4B: 8 of a 0.24 GB tensor)
@@ -34,15 +37,29 @@ NIBBLE_CHUNK_BYTES = 32 * 2**20  # int4 expansion: packed bytes unpacked at a ti
 class QuantFormat:
     name: str
     group_size: int = INT4_GROUP
+    attention_group_size: int = INT4_ATTENTION_GROUP  # int4: the group of attention's projections
 
     def __post_init__(self) -> None:
         if self.name not in FORMATS:
             raise DiffGemmaError(f"quantization must be one of {', '.join(FORMATS)}, got {self.name!r}")
-        if self.group_size < 2 or self.group_size % 2:
-            raise DiffGemmaError(f"int4 group size must be an even number of at least 2, got {self.group_size}")
+        for label, size in (("group size", self.group_size), ("attention group size", self.attention_group_size)):
+            if size < 2 or size % 2:
+                raise DiffGemmaError(f"int4 {label} must be an even number of at least 2, got {size}")
 
     def config(self) -> dict:
-        return {"quant_method": QUANT_METHOD, "format": self.name, "group_size": self.group_size}
+        spec = {"quant_method": QUANT_METHOD, "format": self.name}
+        if self.name == "int4":
+            spec.update(group_size=self.group_size, attention_group_size=self.attention_group_size)
+        return spec
+
+    def describe(self) -> str:
+        if self.name != "int4":
+            return self.name
+        return f"int4, groups of {self.group_size}, attention {self.attention_group_size}"
+
+    def for_attention(self) -> QuantFormat:
+        """The format of attention's projections: the same, grouped by `attention_group_size`."""
+        return replace(self, group_size=self.attention_group_size)
 
     def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The buffers that hold one weight of `shape` [..., out, in]."""
@@ -280,7 +297,10 @@ def _quantized_targets(network: DiffusionGemma) -> list[tuple[str, nn.Module]]:
 def convert_(network: DiffusionGemma, fmt: QuantFormat) -> None:
     """Swap the quantized modules in (their buffers uninitialised); works on a meta-device network too."""
     for path, module in _quantized_targets(network):
-        replacement = QuantExperts(module, fmt) if isinstance(module, Experts) else QuantLinear(module, fmt)
+        if isinstance(module, Experts):
+            replacement = QuantExperts(module, fmt)
+        else:
+            replacement = QuantLinear(module, fmt.for_attention() if ".self_attn." in path else fmt)
         parent, _, child = path.rpartition(".")
         setattr(network.get_submodule(parent), child, replacement)
 
@@ -306,7 +326,17 @@ def format_from_config(raw: dict) -> QuantFormat | None:
             f"config.json: quantization_config {spec!r} is not one diffgemma wrote "
             f"(expected quant_method '{QUANT_METHOD}')"
         )
-    return QuantFormat(spec.get("format"), int(spec.get("group_size", INT4_GROUP)))
+    if spec.get("format") != "int4":
+        return QuantFormat(spec.get("format"))  # groups are int4's alone
+    sizes = {}
+    for key, default in (("group_size", INT4_GROUP), ("attention_group_size", None)):
+        value = spec.get(key, default)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise DiffGemmaError(f"config.json: quantization_config.{key} must be a whole number, got {value!r}")
+        sizes[key] = value
+    # written before attention had its own groups: attention was grouped like the rest
+    group = sizes["group_size"]
+    return QuantFormat(spec.get("format"), group, sizes["attention_group_size"] or group)
 
 
 def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> tuple[int, int]:

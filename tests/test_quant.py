@@ -103,7 +103,12 @@ def test_quantize_command_writes_a_self_describing_checkpoint(tmp_path, capsys):
     destination = tmp_path / "int4"
     assert main(["quantize", str(source), str(destination), "--to", "int4", "--dtype", "float32"]) == 0
     config = json.loads((destination / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "diffgemma", "format": "int4", "group_size": 64}
+    assert config["quantization_config"] == {
+        "quant_method": "diffgemma",
+        "format": "int4",
+        "group_size": 64,
+        "attention_group_size": 16,
+    }
     assert (destination / "tokenizer.json").is_file()
     direct = diffgemma.load(source, quant="int4")
     saved = diffgemma.load(destination)
@@ -118,6 +123,37 @@ def test_quantize_command_writes_a_self_describing_checkpoint(tmp_path, capsys):
         diffgemma.load(destination, quant="int8")
     with pytest.raises(DiffGemmaError, match="quantization must be one of"):
         diffgemma.load(source, quant="int3")
+
+
+def test_int4_groups_attention_finer_and_reads_older_checkpoints(tmp_path):
+    source = random_checkpoint(tmp_path / "float", preset="tiny", seed=14)
+    network = diffgemma.load(source, quant="int4").network
+    hidden = network.config.hidden_size
+    layer = network.layers[0]
+    assert layer.self_attn.q_proj.weight_scale.shape[-1] == hidden // 16
+    assert layer.mlp.gate_proj.weight_scale.shape[-1] == hidden // 64
+    # a checkpoint written before attention had its own groups (no attention_group_size) loads as written
+    older = tmp_path / "older"
+    flags = ["--to", "int4", "--attention-group-size", "64", "--dtype", "float32"]
+    assert main(["quantize", str(source), str(older), *flags]) == 0
+    config = json.loads((older / "config.json").read_text())
+    del config["quantization_config"]["attention_group_size"]
+    (older / "config.json").write_text(json.dumps(config))
+    model = diffgemma.load(older, quant="int4")  # the bare name takes the checkpoint's own groups
+    assert model.quant == QuantFormat("int4", 64, 64)
+    assert model.network.layers[0].self_attn.q_proj.weight_scale.shape[-1] == hidden // 64
+    with pytest.raises(DiffGemmaError, match="groups of 64, attention 64.*cannot load it as int4, groups of 32"):
+        diffgemma.load(older, quant=QuantFormat("int4", 32))
+    config["quantization_config"]["group_size"] = "64"
+    (older / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DiffGemmaError, match="group_size must be a whole number"):
+        diffgemma.load(older)
+    # groups are int4's alone: an int8 checkpoint records none
+    int8 = tmp_path / "int8"
+    assert main(["quantize", str(source), str(int8), "--to", "int8", "--dtype", "float32"]) == 0
+    config = json.loads((int8 / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "diffgemma", "format": "int8"}
+    assert diffgemma.load(int8, quant=QuantFormat("int8")).quant == QuantFormat("int8")
 
 
 def test_quantizing_leaves_no_float_copy_of_projections(tmp_path):
