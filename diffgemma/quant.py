@@ -335,8 +335,8 @@ def format_from_config(raw: dict) -> QuantFormat | None:
             raise DiffGemmaError(f"config.json: quantization_config.{key} must be a whole number, got {value!r}")
         sizes[key] = value
     # written before attention had its own groups: attention was grouped like the rest
-    group = sizes["group_size"]
-    return QuantFormat(spec.get("format"), group, sizes["attention_group_size"] or group)
+    group, attention = sizes["group_size"], sizes["attention_group_size"]
+    return QuantFormat("int4", group, group if attention is None else attention)
 
 
 def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> tuple[int, int]:
