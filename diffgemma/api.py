@@ -404,8 +404,7 @@ def load(
     saved = format_from_config(config.raw)
     wanted = QuantFormat(quant) if isinstance(quant, str) else quant
     # a bare name ("int4") asks for the format, not its groups: the checkpoint's own groups serve
-    same = wanted == saved or (isinstance(quant, str) and saved is not None and quant == saved.name)
-    if saved is not None and wanted is not None and not same:
+    if saved is not None and wanted is not None and wanted != saved and quant != saved.name:
         raise DiffGemmaError(
             f"{folder}: the checkpoint is already quantized ({saved.describe()}); "
             f"cannot load it as {wanted.describe()}: quantize the float checkpoint instead"

@@ -328,15 +328,13 @@ def format_from_config(raw: dict) -> QuantFormat | None:
         )
     if spec.get("format") != "int4":
         return QuantFormat(spec.get("format"))  # groups are int4's alone
-    sizes = {}
-    for key, default in (("group_size", INT4_GROUP), ("attention_group_size", None)):
-        value = spec.get(key, default)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise DiffGemmaError(f"config.json: quantization_config.{key} must be a whole number, got {value!r}")
-        sizes[key] = value
+    group = spec.get("group_size", INT4_GROUP)
     # written before attention had its own groups: attention was grouped like the rest
-    group, attention = sizes["group_size"], sizes["attention_group_size"]
-    return QuantFormat("int4", group, group if attention is None else attention)
+    attention = spec.get("attention_group_size", group)
+    for key, value in (("group_size", group), ("attention_group_size", attention)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DiffGemmaError(f"config.json: quantization_config.{key} must be a whole number, got {value!r}")
+    return QuantFormat("int4", group, attention)
 
 
 def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> tuple[int, int]:
