@@ -2,6 +2,7 @@
 # Everything the lent GPU is for, in one call that fits its 10-minute limit. Each part runs in its own
 # process under its own time limit, so one that fails or overruns costs only itself; results and logs go to
 # $OUT (the device tool brings that folder back):
+#   0. bench/int4_tiles.py: the fused int4 kernel's tile settings timed on the experts; the fastest is used below;
 #   1. bench/gpu.py on the 26B-A4B shape: diffgemma in bf16, fp8 and int4, eager and CUDA graph (steps, floor,
 #      whole loop, AR, memory, syncs), a kernel profile of each format's graph step;
 #   2. the same with the decoder's layers compiled (torch.compile; COMPILE_FORMATS, default all three);
@@ -41,6 +42,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+if [ -z "${DIFFGEMMA_INT4_TILE:-}" ] && [ "$DEVICE" = cuda ]; then
+    say "0. bench/int4_tiles.py: the fused int4 kernel's tiles on the experts"
+    timeout "${TILE_LIMIT:-75}" python3 bench/int4_tiles.py --shape "$SHAPE" --device "$DEVICE" | tee "$OUT/int4_tiles.md" \
+        || say "int4_tiles.py ended with $?"
+    tile=$(sed -n 's/^fastest for 1 canvas(es): DIFFGEMMA_INT4_TILE=\([0-9,]*\).*/\1/p' "$OUT/int4_tiles.md")
+    [ -n "$tile" ] && export DIFFGEMMA_INT4_TILE=$tile && say "int4 tile for the rest of the call: $tile"
+fi
 
 say "1. bench/gpu.py: diffgemma"
 timeout "$PLAIN_LIMIT" python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \

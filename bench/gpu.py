@@ -336,27 +336,28 @@ def graph_check(network: DiffusionGemma, device: torch.device) -> str:
     return "CUDA graph vs eager decoder pass, relative error: " + ", ".join(f"{e:.2e}" for e in errors)
 
 
-def fp8_check(network: DiffusionGemma, device: torch.device) -> str:
-    """The fp8 matrix-unit path against expanded weights on layer 0 (random inputs): relative error."""
-    from diffgemma.quant import fp8_direct, fp8_direct_failures, set_fp8_direct
+def direct_check(network: DiffusionGemma, fmt: QuantFormat, device: torch.device) -> str:
+    """The direct kernels (fp8 matrix units, the fused int4 kernel) against expanded weights on layer 0 (random
+    inputs): relative error, and any fallback."""
+    from diffgemma.quant import direct_kernel, direct_kernel_failures, set_direct_kernels
 
     x = torch.randn(256, network.config.hidden_size, device=device, dtype=network.dtype)
-    if not fp8_direct(x):
-        return "fp8: weights expanded (no fp8 matrix units here)"
+    if not direct_kernel(fmt, x, network.config.hidden_size):
+        return f"{fmt.name}: weights expanded (no direct kernel here)"
     layer = network.layers[0]
     experts = torch.randint(0, network.config.num_experts, (256, network.config.top_k_experts), device=device)
     weights = torch.rand(256, network.config.top_k_experts, device=device)
     outputs = []
     with torch.no_grad():
         for direct in (True, False):
-            set_fp8_direct(direct)
+            set_direct_kernels(direct)
             outputs.append((layer.self_attn.q_proj(x), layer.experts(x, experts, weights)))
-    set_fp8_direct(True)
+    set_direct_kernels(True)
     errors = [float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(*outputs, strict=True)]
-    failures = fp8_direct_failures()
+    failures = direct_kernel_failures()
     return (
-        f"fp8 matrix units vs expanded weights, layer 0: q_proj rel. error {errors[0]:.4f}, experts {errors[1]:.4f}"
-        + (f"; fell back for: {'; '.join(failures)}" if failures else "")
+        f"{fmt.name} direct kernel vs expanded weights, layer 0: q_proj rel. error {errors[0]:.4f}, "
+        f"experts {errors[1]:.4f}" + (f"; fell back for: {'; '.join(failures)}" if failures else "")
     )
 
 
@@ -452,8 +453,8 @@ def main() -> None:
             except Exception as err:
                 lines.append(f"{name}: CUDA graph check failed: {type(err).__name__}: {err}")
                 traceback.print_exc()
-            if format_name == "fp8":
-                lines.append(fp8_check(network, device))
+            if fmt is not None and fmt.name != "int8":
+                lines.append(direct_check(network, fmt, device))
             with torch.no_grad():
                 for batch in batches:
                     ms = median_ms(denoise_step(network, batch, args.prompt), args.iters, device)

@@ -200,19 +200,23 @@ class Experts(nn.Module):
         `group_align` overrides the choice: 1 packed, more than 1 aligned to that many rows.
         """
         pairs = routed.numel()
-        align = self.group_align
-        if align is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if self.group_align is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
             capacity = int(group_sizes.max())
             if self.num_experts * capacity <= MAX_BATCHED_PADDING * pairs:
                 return routed * capacity + rank, None, self.num_experts * capacity
-        if align is None:
-            align = GPU_GROUP_ALIGN if x.is_cuda else 1
+        align = self.row_alignment(x)
         # Groups one after another, each padded to a multiple of `align` rows: the layout fits in
         # pairs + experts * (align - 1) rows whatever the routing, a size the shapes fix.
         padded_sizes = (group_sizes + align - 1) // align * align
         ends = torch.cumsum(padded_sizes, dim=0, dtype=torch.int32)
         slot = (ends - padded_sizes)[routed].long() + rank
         return slot, ends, pairs + self.num_experts * (align - 1)
+
+    def row_alignment(self, x: torch.Tensor) -> int:
+        """Rows each group of the grouped (not batched) layout is padded to a multiple of."""
+        if self.group_align is not None:
+            return self.group_align
+        return GPU_GROUP_ALIGN if x.is_cuda else 1
 
     def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor | None) -> torch.Tensor:
         """rows sorted by expert through each expert's `name` weight (quantized experts override this)."""

@@ -5,8 +5,10 @@ What is quantized: every projection of attention and of the dense MLP, and the s
 projections smaller groups (16 weights a scale, against 64 elsewhere): they are where int4 hurt the sudoku
 model (bench/RESULTS.md), and on the 26B shape they are 4.5% of the weights, so the finer scales cost about
 0.1 GB. What stays in the model dtype: the embedding (it is also the tied output head), norms, routers and
-the self-conditioning block, which are small and sensitive. Weights are stored quantized and expanded to the
-activation dtype one layer at a time as they are used, so memory at rest is what the format promises.
+the self-conditioning block, which are small and sensitive. Weights are stored quantized, so memory at rest is
+what the format promises; where a GPU kernel takes the format as stored (fp8 on Hopper's matrix units, int4
+through kernels.py) they are multiplied as they are, elsewhere expanded to the activation dtype one weight at
+a time as they are used.
 
 Loading with `quant=` quantizes tensor by tensor as they come off disk: the float model is never whole in
 memory. A quantized checkpoint carries `quantization_config` in its config.json and loads as it was saved.
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import DiffGemmaError
 from .model import DiffusionGemma, Experts, grouped_linear
 
@@ -170,22 +173,25 @@ class QuantLinear(_Quantized, nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt.name == "fp8" and fp8_direct(x):
+        qweight, scale = self.weight_qweight, self.weight_scale
+        if direct_kernel(self.fmt, x, self.source_shapes["weight"][-1]):
             try:
-                rows, scale = fp8_rows(x.reshape(-1, x.shape[-1]))
-                weight, weight_scale = self.weight_qweight, self.weight_scale
-                out = torch._scaled_mm(
-                    rows,
-                    weight.t(),
-                    scale_a=scale,
-                    scale_b=weight_scale.reshape(1, -1),
-                    out_dtype=torch.bfloat16,
-                    use_fast_accum=True,
-                )
-                out = out.view(*x.shape[:-1], -1).to(x.dtype)
+                if self.fmt.name == "int4":
+                    out = kernels.int4_linear(x, qweight, scale)
+                else:
+                    rows, row_scale = fp8_rows(x.reshape(-1, x.shape[-1]))
+                    out = torch._scaled_mm(
+                        rows,
+                        qweight.t(),
+                        scale_a=row_scale,
+                        scale_b=scale.reshape(1, -1),
+                        out_dtype=torch.bfloat16,
+                        use_fast_accum=True,
+                    )
+                    out = out.view(*x.shape[:-1], -1).to(x.dtype)
                 return out if self.bias is None else out + self.bias
-            except RuntimeError as err:
-                fp8_direct_failed(err)
+            except Exception as err:  # any refusal (a shape, a kernel build) falls back
+                direct_kernel_failed(self.fmt, err)
         return F.linear(x, self.weight_for("weight", x.dtype), self.bias)
 
 
@@ -213,23 +219,26 @@ class QuantExperts(_Quantized, Experts):
         return self.weight_for("down_proj", self.compute_dtype)
 
     def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor | None) -> torch.Tensor:
-        if self.fmt.name == "fp8" and fp8_direct(rows):
+        qweight, scale = getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale")
+        # The int4 kernel takes a row block from one expert only: groups aligned to its block.
+        aligned = self.fmt.name != "int4" or self.row_alignment(rows) % kernels.EXPERT_BLOCK_ROWS == 0
+        if offsets is not None and aligned and direct_kernel(self.fmt, rows, self.source_shapes[name][-1]):
             try:
-                quantized, scale = fp8_rows(rows)
-                weight, weight_scale = getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale")
+                if self.fmt.name == "int4":
+                    return kernels.int4_grouped_linear(rows, qweight, scale, offsets)
+                quantized, row_scale = fp8_rows(rows)
                 out = torch._scaled_grouped_mm(
                     quantized,
-                    weight.transpose(-2, -1),
-                    scale.reshape(-1),
-                    weight_scale.reshape(weight.shape[:2]),
+                    qweight.transpose(-2, -1),
+                    row_scale.reshape(-1),
+                    scale.reshape(qweight.shape[:2]),
                     offs=offsets,
                     out_dtype=torch.bfloat16,
                     use_fast_accum=True,
                 )
                 return out.to(self.compute_dtype)
-            except RuntimeError as err:
-                fp8_direct_failed(err)
-        qweight, scale = getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale")
+            except Exception as err:  # any refusal (a shape, a kernel build) falls back
+                direct_kernel_failed(self.fmt, err)
         if name != "gate_up_proj":
             return grouped_linear(rows, dequantize(qweight, scale, self.fmt, self.compute_dtype), offsets)
         # Gate and up expanded one at a time: the transient copy is half as large (on the 26B shape 0.5 GB
@@ -245,33 +254,44 @@ class QuantExperts(_Quantized, Experts):
         )
 
 
-# fp8 weights meet fp8 activations (scaled per row) in the matrix units on GPUs that have them (Hopper and
-# later), so a step reads one byte a weight; elsewhere the weights are expanded as the other formats are.
-_FP8_DIRECT: dict = {"enabled": True, "failures": []}
+# Where a kernel takes the stored format as it is, the weights are not expanded in memory: fp8 weights meet fp8
+# activations (scaled per row) in the matrix units of GPUs that have them (Hopper and later), and int4 goes
+# through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a weight. Elsewhere,
+# under autograd, or when a kernel refuses a call, the weights are expanded.
+_DIRECT: dict = {"enabled": True, "failures": [], "broken": set()}
 
 
-def fp8_direct(x: torch.Tensor) -> bool:
-    return _FP8_DIRECT["enabled"] and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+def direct_kernel(fmt: QuantFormat, x: torch.Tensor, columns: int) -> bool:
+    """Whether `x` meets `fmt`'s weights (of `columns` inputs) in a kernel that reads them as stored."""
+    if not _DIRECT["enabled"] or fmt.name in _DIRECT["broken"] or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if fmt.name == "fp8":
+        return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return fmt.name == "int4" and kernels.int4_kernel_takes(x, columns, fmt.group_for(columns))
 
 
-def set_fp8_direct(enabled: bool) -> None:
-    """Switch the fp8 matrix-unit path (on by default where the GPU has it); off expands weights instead."""
-    _FP8_DIRECT["enabled"] = enabled
+def set_direct_kernels(enabled: bool) -> None:
+    """Switch the direct kernels (on by default where the GPU has them); off expands weights instead."""
+    _DIRECT["enabled"] = enabled
 
 
-def fp8_direct_failures() -> list[str]:
-    """Why the fp8 matrix-unit path fell back to expanded weights (one message per kind of failure)."""
-    return list(_FP8_DIRECT["failures"])
+def direct_kernel_failures() -> list[str]:
+    """Why a direct kernel fell back to expanded weights (one message per kind of failure)."""
+    return list(_DIRECT["failures"])
 
 
-def fp8_direct_failed(err: Exception) -> None:
-    """A shape the fp8 kernels refuse falls back to expanded weights for that call; said once per message."""
-    message = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if message not in _FP8_DIRECT["failures"]:
+def direct_kernel_failed(fmt: QuantFormat, err: Exception) -> None:
+    """A call a kernel refuses is served by expanded weights, said once per message. fp8's refusals are per
+    shape; an int4 kernel that fails to build would fail again, so int4 stops trying (a retry inside a CUDA
+    graph's capture would spoil it)."""
+    message = f"{fmt.name}: " + (str(err).splitlines()[0] if str(err) else type(err).__name__)
+    if fmt.name == "int4":
+        _DIRECT["broken"].add(fmt.name)
+    if message not in _DIRECT["failures"]:
         import warnings
 
-        _FP8_DIRECT["failures"].append(message)
-        warnings.warn(f"fp8 matrix multiply refused ({message}); expanding the weights instead", stacklevel=3)
+        _DIRECT["failures"].append(message)
+        warnings.warn(f"{message}; expanding the weights instead", stacklevel=3)
 
 
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,13 @@ def run(capsys, *argv):
 def test_info(capsys):
     code, out, _ = run(capsys, "info", "--model", DEMO)
     assert code == 0 and "experts" in out and "parameters" in out and "bfloat16" in out
+    int4 = next(line for line in out.splitlines() if line.strip().startswith("int4"))
+    scale = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    sizes = [float(n) * scale[unit] for n, unit in re.findall(r"([\d.]+) (KiB|MiB|GiB)", int4)]
+    whole, weights, cache, sampler, expanded, direct = sizes
+    rounding = 0.3 * 2**20  # each figure is printed to a tenth of its unit
+    assert whole == pytest.approx(weights + cache + sampler + expanded, abs=rounding)
+    assert direct == pytest.approx(whole - expanded, abs=rounding) and "where a GPU kernel takes int4" in int4
 
 
 def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):

@@ -1,0 +1,104 @@
+"""The fused int4 kernel's tile settings, timed on the 26B-A4B shape's experts (the bulk of a step's bytes).
+
+For each candidate (BLOCK_N, BLOCK_K, warps, stages) it times one layer's expert projections (gate/up, then
+down) on a batch-1 and a batch-4 canvas's routing, beside the expanding path (weights expanded to bf16, then
+the grouped GEMM), and prints the bandwidth each reaches over the packed bytes read. The fastest setting can be
+passed to every later run as DIFFGEMMA_INT4_TILE.
+
+    python bench/int4_tiles.py                       # on the device (bench/device.sh runs it first)
+    python bench/int4_tiles.py --device cpu --shape tiny --candidates 64,64,4,3   # a dry run (interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu import median_ms
+
+from diffgemma import kernels
+from diffgemma.config import parse_model_config
+from diffgemma.model import GPU_GROUP_ALIGN, grouped_linear
+from diffgemma.presets import preset_config
+from diffgemma.quant import QuantFormat, dequantize, quantize
+
+CANDIDATES = "64,64,4,3 128,64,4,3 64,128,4,3 128,128,8,3 32,128,4,4 64,256,4,3"
+
+
+def expert_weights(config, fmt: QuantFormat, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    experts, hidden, inner = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    shapes = {"gate_up": (2 * inner, hidden), "down": (hidden, inner)}
+    stored = {}
+    for name, (outputs, inputs) in shapes.items():
+        parts = [quantize(torch.randn(outputs, inputs, device=device) * 0.02, fmt) for _ in range(experts)]
+        stored[name] = {key: torch.stack([part[key] for part in parts]) for key in ("qweight", "scale")}
+    return stored
+
+
+def routed_rows(config, canvases: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """Each group's padded end for random top-k routing of `canvases` canvases, and the layout's row count."""
+    pairs = canvases * config.canvas_length * config.top_k_experts
+    routed = torch.randint(0, config.num_experts, (pairs,), device=device)
+    sizes = torch.bincount(routed, minlength=config.num_experts)
+    ends = torch.cumsum((sizes + GPU_GROUP_ALIGN - 1) // GPU_GROUP_ALIGN * GPU_GROUP_ALIGN, 0).to(torch.int32)
+    return ends, pairs + config.num_experts * (GPU_GROUP_ALIGN - 1)
+
+
+def run_experts(weights: dict, inputs: dict, ends: torch.Tensor, expand: QuantFormat | None, dtype) -> None:
+    """One layer's expert projections: through the fused kernel, or (`expand`) expanded then grouped GEMMs."""
+    for name, stored in weights.items():
+        if expand is None:
+            kernels.int4_grouped_linear(inputs[name], stored["qweight"], stored["scale"], ends)
+        else:
+            grouped_linear(inputs[name], dequantize(stored["qweight"], stored["scale"], expand, dtype), ends)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="26b-a4b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--candidates", default=CANDIDATES, help="space-separated BLOCK_N,BLOCK_K,warps,stages")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    config = parse_model_config(preset_config(args.shape), f"preset {args.shape}")
+    fmt = QuantFormat("int4")
+    torch.manual_seed(0)
+    weights = expert_weights(config, fmt, device)
+    packed = sum(t.numel() * t.element_size() for w in weights.values() for t in w.values())
+    print("| tile (N,K,warps,stages) | canvases | ms (gate/up + down) | GB/s over packed bytes |")
+    print("|---|---|---|---|")
+    best: dict[int, tuple[float, str]] = {}
+    for canvases in (1, 4):
+        ends, slots = routed_rows(config, canvases, device, dtype)
+        inputs = {
+            "gate_up": torch.randn(slots, config.hidden_size, device=device, dtype=dtype),
+            "down": torch.randn(slots, config.moe_intermediate_size, device=device, dtype=dtype),
+        }
+
+        fused = partial(run_experts, weights, inputs, ends, None, dtype)
+        expanded = partial(run_experts, weights, inputs, ends, fmt, dtype)
+
+        for text in args.candidates.split():
+            kernels.TILE = kernels.parse_tile(text)
+            try:
+                ms = median_ms(fused, args.iters, device)
+            except Exception as err:  # a tile this GPU cannot hold (shared memory, registers)
+                print(f"| {text} | {canvases} | failed: {type(err).__name__}: {str(err).splitlines()[0]} | |")
+                continue
+            best[canvases] = min(best.get(canvases, (float("inf"), "")), (ms, text))
+            print(f"| {text} | {canvases} | {ms:.3f} | {packed / ms / 1e6:,.0f} |", flush=True)
+        ms = median_ms(expanded, args.iters, device)
+        print(f"| expanded to bf16 + grouped GEMM | {canvases} | {ms:.3f} | {packed / ms / 1e6:,.0f} |", flush=True)
+    for canvases, (ms, text) in best.items():
+        print(f"fastest for {canvases} canvas(es): DIFFGEMMA_INT4_TILE={text} ({ms:.3f} ms)")
+
+
+if __name__ == "__main__":
+    main()
