@@ -2,7 +2,8 @@
 # Everything the lent GPU is for, in one call that fits its 10-minute limit. Each part runs in its own
 # process under its own time limit, so one that fails or overruns costs only itself; results and logs go to
 # $OUT (the device tool brings that folder back):
-#   0. bench/int4_tiles.py: the fused int4 kernel's tile settings timed on the experts; the fastest is used below;
+#   0. bench/kernel_tiles.py: the fused kernel's tile settings timed on the int4 experts (the fastest is used below),
+#      and int8 at that tile;
 #   1. bench/gpu.py on the 26B-A4B shape: diffgemma in bf16, fp8 and int4, eager and CUDA graph (steps, floor,
 #      whole loop, AR, memory, syncs), a kernel profile of each format's graph step;
 #   2. the same with the decoder's layers compiled (torch.compile; COMPILE_FORMATS, default all three);
@@ -37,18 +38,30 @@ left() { echo $((LIMIT - ($(date +%s) - started))); }
 say() { echo "=== [$(($(date +%s) - started)) s] $*"; }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    # .whl holds wheels for several Python versions: install those this interpreter takes
+    mapfile -t wheels < <(python3 -c '
+import glob
+from pip._vendor.packaging.tags import sys_tags
+from pip._vendor.packaging.utils import parse_wheel_filename
+supported = set(sys_tags())
+for path in sorted(glob.glob(".whl/*.whl")):
+    if parse_wheel_filename(path.rsplit("/", 1)[1])[3] & supported:
+        print(path)
+')
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}" \
         && export PYTHONPATH=$PWD:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>/dev/null
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-if [ -z "${DIFFGEMMA_INT4_TILE:-}" ] && [ "$DEVICE" = cuda ]; then
-    say "0. bench/int4_tiles.py: the fused int4 kernel's tiles on the experts"
-    timeout "${TILE_LIMIT:-75}" python3 bench/int4_tiles.py --shape "$SHAPE" --device "$DEVICE" | tee "$OUT/int4_tiles.md" \
-        || say "int4_tiles.py ended with $?"
-    tile=$(sed -n 's/^fastest for 1 canvas(es): DIFFGEMMA_INT4_TILE=\([0-9,]*\).*/\1/p' "$OUT/int4_tiles.md")
-    [ -n "$tile" ] && export DIFFGEMMA_INT4_TILE=$tile && say "int4 tile for the rest of the call: $tile"
+if [ -z "${DIFFGEMMA_KERNEL_TILE:-}" ] && [ "$DEVICE" = cuda ]; then
+    say "0. bench/kernel_tiles.py: the fused kernel's tiles on the experts (int4; then int8 at the chosen tile)"
+    timeout "${TILE_LIMIT:-75}" python3 bench/kernel_tiles.py --shape "$SHAPE" --device "$DEVICE" | tee "$OUT/kernel_tiles.md" \
+        || say "kernel_tiles.py ended with $?"
+    tile=$(sed -n 's/^fastest for 1 canvas(es): DIFFGEMMA_KERNEL_TILE=\([0-9,]*\).*/\1/p' "$OUT/kernel_tiles.md")
+    [ -n "$tile" ] && export DIFFGEMMA_KERNEL_TILE=$tile && say "kernel tile for the rest of the call: $tile"
+    timeout 30 python3 bench/kernel_tiles.py --shape "$SHAPE" --device "$DEVICE" --format int8 \
+        --candidates "${tile:-64,64,4,3}" | tee -a "$OUT/kernel_tiles.md" || say "kernel_tiles.py (int8) ended with $?"
 fi
 
 say "1. bench/gpu.py: diffgemma"

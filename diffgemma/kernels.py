@@ -1,10 +1,11 @@
-"""A fused int4 matrix multiply for GPUs (Triton): packed weights are read as they are and expanded in registers.
+"""Fused weight-only matrix multiplies for GPUs (Triton): int4 and int8 weights are read as stored and expanded
+in registers.
 
-Without it an int4 weight is expanded to the activation dtype in memory before each product, which makes the
-format slower than bf16 (the 26B shape: 270 ms a step on an H100 against 34 ms, bench/RESULTS.md) and adds the
-largest expanded tensor (0.5 GB) to peak memory. Here each program loads a tile of packed nibbles and their
-scales, rebuilds the weights in registers and feeds them to the matrix units, so a step reads half a byte a
-weight.
+Without them a quantized weight is expanded to the activation dtype in memory before each product, which makes
+int4 slower than bf16 (the 26B shape: 270 ms a step on an H100 against 34 ms, bench/RESULTS.md) and adds the
+largest expanded tensor (0.5 GB) to peak memory. Here each program loads a tile of packed nibbles (int4, with
+their group scales) or of bytes (int8, scaled per output after the product), rebuilds the weights in
+registers and feeds them to the matrix units, so a step reads half a byte or one byte a weight.
 
 One kernel serves the experts and the dense projections: rows come in blocks of `BLOCK_M`, each block belongs
 to one weight of a stack (the experts' layout pads every group to a multiple of 16 rows, so no block spans two
@@ -30,9 +31,10 @@ except ImportError:  # CPU-only installs, macOS: the expanding path serves
 
 EXPERT_BLOCK_ROWS = 16  # rows a program takes from an expert's group (the groups' alignment on CUDA)
 DENSE_BLOCK_ROWS = 64  # rows a program takes from a dense projection's input
+KERNEL_FORMATS = ("int4", "int8")
 # Tile and launch settings (a weight tile of BLOCK_N outputs by BLOCK_K inputs a loop step), chosen without
-# a GPU to measure on; bench/int4_tiles.py times alternatives on the 26B shape's experts, and
-# DIFFGEMMA_INT4_TILE="BLOCK_N,BLOCK_K,num_warps,num_stages" (powers of two) sets them for a run.
+# a GPU to measure on; bench/kernel_tiles.py times alternatives on the 26B shape's experts, and
+# DIFFGEMMA_KERNEL_TILE="BLOCK_N,BLOCK_K,num_warps,num_stages" (powers of two) sets them for a run.
 TILE_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
@@ -46,14 +48,14 @@ def parse_tile(text: str) -> dict[str, int]:
     fits = len(values) == len(TILE_KEYS) and min(values[:2]) >= 16 and min(values[2:]) >= 1
     if not fits or any(v & (v - 1) for v in values[:3]):
         raise DiffGemmaError(
-            f"DIFFGEMMA_INT4_TILE={text!r}: expected four whole numbers BLOCK_N,BLOCK_K,num_warps,num_stages "
+            f"DIFFGEMMA_KERNEL_TILE={text!r}: expected four whole numbers BLOCK_N,BLOCK_K,num_warps,num_stages "
             "(the first three powers of two, the blocks at least 16), e.g. 64,64,4,3"
         )
     return dict(zip(TILE_KEYS, values, strict=True))
 
 
-if os.environ.get("DIFFGEMMA_INT4_TILE"):
-    TILE = parse_tile(os.environ["DIFFGEMMA_INT4_TILE"])
+if os.environ.get("DIFFGEMMA_KERNEL_TILE"):
+    TILE = parse_tile(os.environ["DIFFGEMMA_KERNEL_TILE"])
 
 
 def interpreting() -> bool:
@@ -61,18 +63,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def int4_kernel_takes(x: torch.Tensor, columns: int, group: int) -> bool:
-    """Whether the fused kernel can multiply `x` by an int4 weight of `columns` inputs grouped by `group`."""
-    if triton is None or not (x.is_cuda or interpreting()):
+def kernel_takes(x: torch.Tensor, fmt_name: str, columns: int, group: int | None) -> bool:
+    """Whether the fused kernel can multiply `x` by a `fmt_name` weight of `columns` inputs (int4: grouped by
+    `group`, which must be a power of two dividing them)."""
+    if triton is None or fmt_name not in KERNEL_FORMATS or not (x.is_cuda or interpreting()):
         return False
-    power_of_two = group & (group - 1) == 0
-    return power_of_two and columns % group == 0 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    return fmt_name == "int8" or (group & (group - 1) == 0 and columns % group == 0)
 
 
 if triton is not None:
 
     @triton.jit
-    def _int4_matmul_kernel(
+    def _quantized_matmul_kernel(
         x_ptr,
         q_ptr,
         scale_ptr,
@@ -82,12 +86,14 @@ if triton is not None:
         out_features,
         in_features,
         weights_in_stack,
+        PACKED: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
+        """PACKED: int4, two inputs a byte, a float16 scale per GROUP inputs. Else int8, a float32 scale a row."""
         block = tl.program_id(0)  # row blocks vary fastest: blocks of one weight share its tiles through L2
         n_start = tl.program_id(1) * BLOCK_N
         weight = tl.load(block_weight_ptr + block)
@@ -95,14 +101,13 @@ if triton is not None:
         n = n_start + tl.arange(0, BLOCK_N)
         m_ok = m < rows
         n_ok = n < out_features
-        out_mask = m_ok[:, None] & n_ok[None, :]
         # A block past the last group (padding) runs no iterations: it reads no weights and writes zeros.
         k_end = tl.where(weight < weights_in_stack, in_features, 0)
-        weight = tl.minimum(weight, weights_in_stack - 1)
-        packed_columns = in_features // 2
-        groups = in_features // GROUP
-        q_base = q_ptr + weight.to(tl.int64) * out_features * packed_columns
-        scale_base = scale_ptr + weight.to(tl.int64) * out_features * groups
+        weight = tl.minimum(weight, weights_in_stack - 1).to(tl.int64)
+        stored_columns = in_features // 2 if PACKED else in_features
+        groups = in_features // GROUP if PACKED else 1
+        q_base = q_ptr + weight * out_features * stored_columns
+        scale_base = scale_ptr + weight * out_features * groups
         accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k_start in range(0, k_end, BLOCK_K):
             k = k_start + tl.arange(0, BLOCK_K)
@@ -111,34 +116,44 @@ if triton is not None:
                 mask=m_ok[:, None] & (k[None, :] < in_features),
                 other=0.0,
             )
-            pair = k_start // 2 + tl.arange(0, BLOCK_K // 2)
-            packed = tl.load(
-                q_base + n[:, None] * packed_columns + pair[None, :],
-                mask=n_ok[:, None] & (pair[None, :] < packed_columns),
-                other=0x88,  # two zeros (stored as 8): masked columns add nothing
-            ).to(tl.int32)
-            # Byte j holds input 2j in its low nibble and 2j + 1 in its high one.
-            nibbles = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
-            group = k_start // GROUP + tl.arange(0, BLOCK_K // GROUP)
-            scale = tl.load(
-                scale_base + n[:, None] * groups + group[None, :],
-                mask=n_ok[:, None] & (group[None, :] < groups),
-                other=0.0,
-            ).to(tl.float32)
-            values = tl.reshape(nibbles - 8, (BLOCK_N, BLOCK_K // GROUP, GROUP)).to(tl.float32) * scale[:, :, None]
-            w = tl.reshape(values, (BLOCK_N, BLOCK_K))
             if UPCAST:
                 x = x.to(tl.float32)
+            if PACKED:
+                pair = k_start // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(
+                    q_base + n[:, None] * stored_columns + pair[None, :],
+                    mask=n_ok[:, None] & (pair[None, :] < stored_columns),
+                    other=0x88,  # two zeros (stored as 8): masked columns add nothing
+                ).to(tl.int32)
+                # Byte j holds input 2j in its low nibble and 2j + 1 in its high one.
+                nibbles = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+                group = k_start // GROUP + tl.arange(0, BLOCK_K // GROUP)
+                scale = tl.load(
+                    scale_base + n[:, None] * groups + group[None, :],
+                    mask=n_ok[:, None] & (group[None, :] < groups),
+                    other=0.0,
+                ).to(tl.float32)
+                values = tl.reshape(nibbles - 8, (BLOCK_N, BLOCK_K // GROUP, GROUP)).to(tl.float32)
+                w = tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
+            else:
+                w = tl.load(
+                    q_base + n[:, None] * stored_columns + k[None, :],
+                    mask=n_ok[:, None] & (k[None, :] < in_features),
+                    other=0,
+                ).to(tl.float32)  # whole numbers up to 127: exact in bf16 too
             accumulator = tl.dot(x, tl.trans(w.to(x.dtype)), accumulator)
+        if not PACKED:  # int8: one scale per output row, applied once to the sums
+            accumulator *= tl.load(scale_base + n, mask=n_ok, other=0.0)[None, :]
         out_ptrs = out_ptr + m[:, None].to(tl.int64) * out_features + n[None, :]
-        tl.store(out_ptrs, accumulator.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs, accumulator.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@torch.library.custom_op("diffgemma::int4_matmul", mutates_args=())
-def int4_matmul(
+@torch.library.custom_op("diffgemma::quantized_matmul", mutates_args=())
+def quantized_matmul(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, block_weight: torch.Tensor, block_rows: int
 ) -> torch.Tensor:
-    """x [M, K] times int4 weights [W, N, K] (packed `qweight` [W, N, K/2], `scale` [W, N, K/group]) -> [M, N].
+    """x [M, K] times a stack of quantized weights [W, N, K] -> [M, N]. int4 (`qweight` uint8): packed [W, N, K/2]
+    with `scale` [W, N, K/group]; int8 (`qweight` int8): [W, N, K] with `scale` [W, N, 1].
 
     Rows go in blocks of `block_rows`; `block_weight` [cdiv(M, block_rows)] names each block's weight (W or
     more for a block with nothing to multiply, which gets zeros). An opaque operator to torch.compile, and
@@ -146,10 +161,11 @@ def int4_matmul(
     """
     rows, in_features = x.shape
     stack, out_features, _ = qweight.shape
-    group = in_features // scale.shape[-1]
+    packed = qweight.dtype == torch.uint8
+    group = in_features // scale.shape[-1] if packed else 1
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     grid = (block_weight.numel(), triton.cdiv(out_features, TILE["BLOCK_N"]))
-    _int4_matmul_kernel[grid](
+    _quantized_matmul_kernel[grid](
         x.contiguous(),
         qweight,
         scale,
@@ -159,6 +175,7 @@ def int4_matmul(
         out_features,
         in_features,
         stack,
+        PACKED=packed,
         BLOCK_M=block_rows,
         BLOCK_N=TILE["BLOCK_N"],
         BLOCK_K=max(TILE["BLOCK_K"], group),  # a whole number of groups a step
@@ -170,25 +187,25 @@ def int4_matmul(
     return out
 
 
-@int4_matmul.register_fake
+@quantized_matmul.register_fake
 def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, block_weight: torch.Tensor, block_rows: int):
     return x.new_empty(x.shape[0], qweight.shape[1])
 
 
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] through one int4 weight (packed [N, K/2], scales [N, K/group]) -> [..., N]."""
+def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] through one quantized weight (`quantized_matmul`'s layout without the stack) -> [..., N]."""
     flat = x.reshape(-1, x.shape[-1])
     blocks = triton.cdiv(flat.shape[0], DENSE_BLOCK_ROWS)
     block_weight = torch.zeros(blocks, dtype=torch.int32, device=x.device)
-    out = int4_matmul(flat, qweight[None], scale[None], block_weight, DENSE_BLOCK_ROWS)
+    out = quantized_matmul(flat, qweight[None], scale[None], block_weight, DENSE_BLOCK_ROWS)
     return out.view(*x.shape[:-1], -1)
 
 
-def int4_grouped_linear(
+def quantized_grouped_linear(
     rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor
 ) -> torch.Tensor:
     """rows [S, K] sorted by expert, every group starting on a multiple of `EXPERT_BLOCK_ROWS` (`ends`: the
-    groups' cumulative padded ends) through each expert's int4 weight (packed [E, N, K/2]) -> [S, N]."""
+    groups' cumulative padded ends) through each expert's quantized weight ([E, N, ...]) -> [S, N]."""
     starts = torch.arange(0, rows.shape[0], EXPERT_BLOCK_ROWS, device=rows.device, dtype=ends.dtype)
     block_weight = torch.searchsorted(ends, starts, right=True).to(torch.int32)  # E past the last group
-    return int4_matmul(rows, qweight, scale, block_weight, EXPERT_BLOCK_ROWS)
+    return quantized_matmul(rows, qweight, scale, block_weight, EXPERT_BLOCK_ROWS)

@@ -7,7 +7,7 @@ model (bench/RESULTS.md), and on the 26B shape they are 4.5% of the weights, so 
 0.1 GB. What stays in the model dtype: the embedding (it is also the tied output head), norms, routers and
 the self-conditioning block, which are small and sensitive. Weights are stored quantized, so memory at rest is
 what the format promises; where a GPU kernel takes the format as stored (fp8 on Hopper's matrix units, int4
-through kernels.py) they are multiplied as they are, elsewhere expanded to the activation dtype one weight at
+and int8 through kernels.py) they are multiplied as they are, elsewhere expanded to the activation dtype one weight at
 a time as they are used.
 
 Loading with `quant=` quantizes tensor by tensor as they come off disk: the float model is never whole in
@@ -176,8 +176,8 @@ class QuantLinear(_Quantized, nn.Module):
         qweight, scale = self.weight_qweight, self.weight_scale
         if direct_kernel(self.fmt, x, self.source_shapes["weight"][-1]):
             try:
-                if self.fmt.name == "int4":
-                    out = kernels.int4_linear(x, qweight, scale)
+                if self.fmt.name in kernels.KERNEL_FORMATS:
+                    out = kernels.quantized_linear(x, qweight, scale)
                 else:
                     rows, row_scale = fp8_rows(x.reshape(-1, x.shape[-1]))
                     out = torch._scaled_mm(
@@ -220,12 +220,12 @@ class QuantExperts(_Quantized, Experts):
 
     def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor | None) -> torch.Tensor:
         qweight, scale = getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale")
-        # The int4 kernel takes a row block from one expert only: groups aligned to its block.
-        aligned = self.fmt.name != "int4" or self.row_alignment(rows) % kernels.EXPERT_BLOCK_ROWS == 0
+        # The fused kernel takes a row block from one expert only: groups aligned to its block.
+        aligned = self.fmt.name == "fp8" or self.row_alignment(rows) % kernels.EXPERT_BLOCK_ROWS == 0
         if offsets is not None and aligned and direct_kernel(self.fmt, rows, self.source_shapes[name][-1]):
             try:
-                if self.fmt.name == "int4":
-                    return kernels.int4_grouped_linear(rows, qweight, scale, offsets)
+                if self.fmt.name in kernels.KERNEL_FORMATS:
+                    return kernels.quantized_grouped_linear(rows, qweight, scale, offsets)
                 quantized, row_scale = fp8_rows(rows)
                 out = torch._scaled_grouped_mm(
                     quantized,
@@ -255,9 +255,9 @@ class QuantExperts(_Quantized, Experts):
 
 
 # Where a kernel takes the stored format as it is, the weights are not expanded in memory: fp8 weights meet fp8
-# activations (scaled per row) in the matrix units of GPUs that have them (Hopper and later), and int4 goes
-# through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a weight. Elsewhere,
-# under autograd, or when a kernel refuses a call, the weights are expanded.
+# activations (scaled per row) in the matrix units of GPUs that have them (Hopper and later), and int8 and int4
+# go through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a weight.
+# Elsewhere, under autograd, or when a kernel refuses a call, the weights are expanded.
 _DIRECT: dict = {"enabled": True, "failures": [], "broken": set()}
 
 
@@ -267,7 +267,8 @@ def direct_kernel(fmt: QuantFormat, x: torch.Tensor, columns: int) -> bool:
         return False
     if fmt.name == "fp8":
         return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return fmt.name == "int4" and kernels.int4_kernel_takes(x, columns, fmt.group_for(columns))
+    group = fmt.group_for(columns) if fmt.name == "int4" else None
+    return kernels.kernel_takes(x, fmt.name, columns, group)
 
 
 def set_direct_kernels(enabled: bool) -> None:
@@ -282,10 +283,10 @@ def direct_kernel_failures() -> list[str]:
 
 def direct_kernel_failed(fmt: QuantFormat, err: Exception) -> None:
     """A call a kernel refuses is served by expanded weights, said once per message. fp8's refusals are per
-    shape; an int4 kernel that fails to build would fail again, so int4 stops trying (a retry inside a CUDA
-    graph's capture would spoil it)."""
+    shape; a fused kernel that fails to build would fail again, so its format stops trying (a retry inside a
+    CUDA graph's capture would spoil it)."""
     message = f"{fmt.name}: " + (str(err).splitlines()[0] if str(err) else type(err).__name__)
-    if fmt.name == "int4":
+    if fmt.name in kernels.KERNEL_FORMATS:
         _DIRECT["broken"].add(fmt.name)
     if message not in _DIRECT["failures"]:
         import warnings

@@ -1,5 +1,5 @@
-"""The fused int4 kernel (diffgemma/kernels.py), run on the CPU by Triton's interpreter, against the weights
-expanded as the portable path does; and the fallback when a kernel refuses a call."""
+"""The fused int4 / int8 kernel (diffgemma/kernels.py), run on the CPU by Triton's interpreter, against the
+weights expanded as the portable path does; and the fallback when a kernel refuses a call."""
 
 import json
 import os
@@ -16,11 +16,11 @@ from diffgemma.quant import QuantFormat, QuantLinear
 HERE = Path(__file__).parent
 
 
-def test_int4_kernel_matches_expanded_weights():
+def test_fused_kernel_matches_expanded_weights():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
-        [sys.executable, str(HERE / "int4_kernel_worker.py"), str(HERE / "assets" / "demo")],
+        [sys.executable, str(HERE / "kernel_worker.py"), str(HERE / "assets" / "demo")],
         env=env,
         capture_output=True,
         text=True,
@@ -28,15 +28,19 @@ def test_int4_kernel_matches_expanded_weights():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report["dense"]) == 16
     for case, error in report["dense"].items():
-        assert error < (1e-5 if case.startswith("float32") else 6e-3), (case, error)  # bf16: its output rounding
-    assert report["experts"] < 1e-5
-    assert report["padding_max"] == 0.0
+        assert error < (1e-5 if "float32" in case else 6e-3), (case, error)  # bf16: its output rounding
+    for fmt in ("int4", "int8"):
+        assert report["grouped"][f"{fmt} experts"] < 1e-5
+        assert report["grouped"][f"{fmt} padding_max"] == 0.0
     model = report["model"]
     assert model["failures"] == []
     assert model["calls"]["dense"] > 0 and model["calls"]["grouped"] > 0  # both entries served the model
-    assert model["float32"] < 1e-5 and model["float32_top1"] == 1.0
-    assert model["bfloat16"] < 0.03 and model["bfloat16_top1"] > 0.98
+    for fmt in ("int4", "int8"):
+        assert model[f"{fmt} float32"] < 1e-5 and model[f"{fmt} float32 top1"] == 1.0
+        # bf16: the kernel rounds differently from the expanded weights (int8's scale comes after the sums)
+        assert model[f"{fmt} bfloat16"] < 0.03 and model[f"{fmt} bfloat16 top1"] > 0.95
 
 
 def test_a_refused_kernel_falls_back_to_expanded_weights(monkeypatch):
@@ -50,8 +54,8 @@ def test_a_refused_kernel_falls_back_to_expanded_weights(monkeypatch):
     def refuse(*args):
         raise RuntimeError("no kernel image for this device\nsecond line")
 
-    monkeypatch.setattr(kernels, "int4_kernel_takes", lambda *args: True)
-    monkeypatch.setattr(kernels, "int4_linear", refuse)
+    monkeypatch.setattr(kernels, "kernel_takes", lambda *args: True)
+    monkeypatch.setattr(kernels, "quantized_linear", refuse)
     monkeypatch.setitem(quant._DIRECT, "failures", [])
     monkeypatch.setitem(quant._DIRECT, "broken", set())
     assert quant.direct_kernel(fmt, x, 64)
@@ -71,17 +75,19 @@ def test_no_kernel_under_autograd_or_for_shapes_it_does_not_take(monkeypatch):
         return
     assert quant.direct_kernel(fmt, x, 96)  # group 32 (the common divisor with 96)
     assert not quant.direct_kernel(QuantFormat("int4", 48, 48), x, 96)  # groups of 48: not a power of two
+    assert not kernels.kernel_takes(torch.randn(4, 96, dtype=torch.float64), "int4", 96, 32)
+    assert quant.direct_kernel(QuantFormat("int8"), x, 96)  # int8 has no groups
+    assert not kernels.kernel_takes(x, "fp8", 96, None)  # fp8 has the matrix units, not this kernel
     assert not quant.direct_kernel(fmt, x.requires_grad_(), 96)  # the kernel has no backward
-    assert not kernels.int4_kernel_takes(torch.randn(4, 96, dtype=torch.float64), 96, 32)
 
 
 def test_tile_settings_are_checked_and_the_tile_bench_dry_runs():
     assert kernels.parse_tile("128,64,8,4") == {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
     for bad in ("64,64,4", "48,64,4,3", "8,64,4,3", "64,64,4,0", "a,b,c,d"):
-        with pytest.raises(DiffGemmaError, match="DIFFGEMMA_INT4_TILE"):
+        with pytest.raises(DiffGemmaError, match="DIFFGEMMA_KERNEL_TILE"):
             kernels.parse_tile(bad)
     pytest.importorskip("triton")
-    script = HERE.parent / "bench" / "int4_tiles.py"
+    script = HERE.parent / "bench" / "kernel_tiles.py"
     options = ["--device", "cpu", "--shape", "tiny", "--candidates", "64,64,4,3 32,128,4,4", "--iters", "1"]
     done = subprocess.run(
         [sys.executable, str(script), *options],
@@ -92,4 +98,4 @@ def test_tile_settings_are_checked_and_the_tile_bench_dry_runs():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| expanded to bf16 + grouped GEMM | 4 |" in done.stdout
-    assert "fastest for 1 canvas(es): DIFFGEMMA_INT4_TILE=" in done.stdout
+    assert "fastest for 1 canvas(es): DIFFGEMMA_KERNEL_TILE=" in done.stdout

@@ -1,12 +1,13 @@
-"""The fused int4 kernel's tile settings, timed on the 26B-A4B shape's experts (the bulk of a step's bytes).
+"""The fused kernel's tile settings, timed on the 26B-A4B shape's experts (the bulk of a step's bytes), in int4
+(the default) or int8 (--format).
 
 For each candidate (BLOCK_N, BLOCK_K, warps, stages) it times one layer's expert projections (gate/up, then
 down) on a batch-1 and a batch-4 canvas's routing, beside the expanding path (weights expanded to bf16, then
 the grouped GEMM), and prints the bandwidth each reaches over the packed bytes read. The fastest setting can be
-passed to every later run as DIFFGEMMA_INT4_TILE.
+passed to every later run as DIFFGEMMA_KERNEL_TILE.
 
-    python bench/int4_tiles.py                       # on the device (bench/device.sh runs it first)
-    python bench/int4_tiles.py --device cpu --shape tiny --candidates 64,64,4,3   # a dry run (interpreter)
+    python bench/kernel_tiles.py                       # on the device (bench/device.sh runs it first)
+    python bench/kernel_tiles.py --device cpu --shape tiny --candidates 64,64,4,3   # a dry run (interpreter)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from diffgemma.model import GPU_GROUP_ALIGN, grouped_linear
 from diffgemma.presets import preset_config
 from diffgemma.quant import QuantFormat, dequantize, quantize
 
+MAX_ERROR = 0.02  # against the expanded weights in bf16: rounding is about 0.004
 CANDIDATES = "64,64,4,3 128,64,4,3 64,128,4,3 128,128,8,3 32,128,4,4 64,256,4,3"
 
 
@@ -49,13 +51,26 @@ def routed_rows(config, canvases: int, device: torch.device, dtype: torch.dtype)
     return ends, pairs + config.num_experts * (GPU_GROUP_ALIGN - 1)
 
 
-def run_experts(weights: dict, inputs: dict, ends: torch.Tensor, expand: QuantFormat | None, dtype) -> None:
+def run_experts(
+    weights: dict, inputs: dict, ends: torch.Tensor, expand: QuantFormat | None, dtype
+) -> list[torch.Tensor]:
     """One layer's expert projections: through the fused kernel, or (`expand`) expanded then grouped GEMMs."""
+    outputs = []
     for name, stored in weights.items():
         if expand is None:
-            kernels.int4_grouped_linear(inputs[name], stored["qweight"], stored["scale"], ends)
+            outputs.append(kernels.quantized_grouped_linear(inputs[name], stored["qweight"], stored["scale"], ends))
         else:
-            grouped_linear(inputs[name], dequantize(stored["qweight"], stored["scale"], expand, dtype), ends)
+            weight = dequantize(stored["qweight"], stored["scale"], expand, dtype)
+            outputs.append(grouped_linear(inputs[name], weight, ends))
+    return outputs
+
+
+def relative_error(outputs: list[torch.Tensor], references: list[torch.Tensor], rows: int) -> float:
+    """The largest relative difference over the used rows (padding past the last group is left out)."""
+    return max(
+        float((out[:rows].float() - ref[:rows].float()).norm() / ref[:rows].float().norm())
+        for out, ref in zip(outputs, references, strict=True)
+    )
 
 
 def main() -> None:
@@ -64,16 +79,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--candidates", default=CANDIDATES, help="space-separated BLOCK_N,BLOCK_K,warps,stages")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--format", default="int4", choices=["int4", "int8"])
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16
     config = parse_model_config(preset_config(args.shape), f"preset {args.shape}")
-    fmt = QuantFormat("int4")
+    fmt = QuantFormat(args.format)
     torch.manual_seed(0)
     weights = expert_weights(config, fmt, device)
     packed = sum(t.numel() * t.element_size() for w in weights.values() for t in w.values())
-    print("| tile (N,K,warps,stages) | canvases | ms (gate/up + down) | GB/s over packed bytes |")
-    print("|---|---|---|---|")
+    print(f"{fmt.describe()} experts of one layer, shape {args.shape}")
+    print("| tile (N,K,warps,stages) | canvases | ms (gate/up + down) | GB/s over packed bytes | rel. error |")
+    print("|---|---|---|---|---|")
     best: dict[int, tuple[float, str]] = {}
     for canvases in (1, 4):
         ends, slots = routed_rows(config, canvases, device, dtype)
@@ -85,19 +102,23 @@ def main() -> None:
         fused = partial(run_experts, weights, inputs, ends, None, dtype)
         expanded = partial(run_experts, weights, inputs, ends, fmt, dtype)
 
+        references = expanded()
+        used = int(ends[-1])
         for text in args.candidates.split():
             kernels.TILE = kernels.parse_tile(text)
             try:
                 ms = median_ms(fused, args.iters, device)
+                error = relative_error(fused(), references, used)
             except Exception as err:  # a tile this GPU cannot hold (shared memory, registers)
-                print(f"| {text} | {canvases} | failed: {type(err).__name__}: {str(err).splitlines()[0]} | |")
+                print(f"| {text} | {canvases} | failed: {type(err).__name__}: {str(err).splitlines()[0]} | | |")
                 continue
-            best[canvases] = min(best.get(canvases, (float("inf"), "")), (ms, text))
-            print(f"| {text} | {canvases} | {ms:.3f} | {packed / ms / 1e6:,.0f} |", flush=True)
+            if error < MAX_ERROR:  # only a tile that computes the product may win
+                best[canvases] = min(best.get(canvases, (float("inf"), "")), (ms, text))
+            print(f"| {text} | {canvases} | {ms:.3f} | {packed / ms / 1e6:,.0f} | {error:.4f} |", flush=True)
         ms = median_ms(expanded, args.iters, device)
-        print(f"| expanded to bf16 + grouped GEMM | {canvases} | {ms:.3f} | {packed / ms / 1e6:,.0f} |", flush=True)
+        print(f"| expanded to bf16 + grouped GEMM | {canvases} | {ms:.3f} | {packed / ms / 1e6:,.0f} | |", flush=True)
     for canvases, (ms, text) in best.items():
-        print(f"fastest for {canvases} canvas(es): DIFFGEMMA_INT4_TILE={text} ({ms:.3f} ms)")
+        print(f"fastest for {canvases} canvas(es): DIFFGEMMA_KERNEL_TILE={text} ({ms:.3f} ms)")
 
 
 if __name__ == "__main__":
