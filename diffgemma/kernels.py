@@ -104,8 +104,12 @@ if triton is not None:
         # A block past the last group (padding) runs no iterations: it reads no weights and writes zeros.
         k_end = tl.where(weight < weights_in_stack, in_features, 0)
         weight = tl.minimum(weight, weights_in_stack - 1).to(tl.int64)
-        stored_columns = in_features // 2 if PACKED else in_features
-        groups = in_features // GROUP if PACKED else 1
+        if PACKED:
+            stored_columns = in_features // 2
+            groups = in_features // GROUP
+        else:
+            stored_columns = in_features
+            groups = 1
         q_base = q_ptr + weight * out_features * stored_columns
         scale_base = scale_ptr + weight * out_features * groups
         accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

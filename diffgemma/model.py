@@ -193,16 +193,18 @@ class Experts(nn.Module):
 
         - CUDA: each group starts on a multiple of 16 rows (its grouped GEMMs need aligned groups), in a
           layout whose size the shapes fix, so no host synchronisation and graphs can be captured.
-        - CPU (eager): every group padded to the largest, one batched matmul. The CPU's grouped matmul runs
-          one small product per expert, each too small to keep both cores busy (bench-90m: 8.7 ms for a layer's
-          gate/up projection against 6.5 ms batched). Reading the largest group's size costs nothing on the
-          CPU. Packed instead when the padding would more than double the rows (a skewed routing).
+        - CPU and other devices (eager): every group padded to the largest, one batched matmul. The CPU's
+          grouped matmul runs one small product per expert, each too small to keep both cores busy (bench-90m:
+          8.7 ms for a layer's gate/up projection against 6.5 ms batched). Reading the largest group's size
+          costs nothing off CUDA. On the CPU, packed instead when the padding would more than double the rows
+          (a skewed routing).
         `group_align` overrides the choice: 1 packed, more than 1 aligned to that many rows.
         """
         pairs = routed.numel()
-        if self.group_align is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if self.group_align is None and not x.is_cuda and not torch.compiler.is_compiling():
             capacity = int(group_sizes.max())
-            if self.num_experts * capacity <= MAX_BATCHED_PADDING * pairs:
+            # Other devices (Apple's MPS) may have no grouped matmul at all: batched whatever the padding.
+            if x.device.type != "cpu" or self.num_experts * capacity <= MAX_BATCHED_PADDING * pairs:
                 return routed * capacity + rank, None, self.num_experts * capacity
         align = self.row_alignment(x)
         # Groups one after another, each padded to a multiple of `align` rows: the layout fits in
