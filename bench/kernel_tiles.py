@@ -8,12 +8,16 @@ passed to every later run as DIFFGEMMA_KERNEL_TILE.
 
     python bench/kernel_tiles.py                       # on the device (bench/device.sh runs it first)
     python bench/kernel_tiles.py --device cpu --shape tiny --candidates 64,64,4,3   # a dry run (interpreter)
+    python bench/kernel_tiles.py --compile-only 90   # no GPU: each tile compiled for sm_90, registers and spills
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +34,87 @@ from diffgemma.quant import QuantFormat, dequantize, quantize
 
 MAX_ERROR = 0.02  # against the expanded weights in bf16: rounding is about 0.004
 CANDIDATES = "64,64,4,3 128,64,4,3 64,128,4,3 128,128,8,3 32,128,4,4 64,256,4,3"
+
+
+def compile_for_gpu(arch: int, fmt: str, dtype: str, block_rows: int, one_weight: bool, tile: dict, group: int = 64):
+    """The kernel compiled ahead of time for an NVIDIA GPU of compute capability `arch` (no GPU needed: Triton
+    brings its own ptxas), with the alignment hints a launch on real tensors gives (aligned pointers, sizes
+    that are multiples of 16). `one_weight`: a dense projection (a stack of one), else 128 experts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = kernels._quantized_matmul_kernel
+    packed = fmt == "int4"
+    group = group if packed else 1
+    signature = dict.fromkeys(kernel.arg_names, "i32")
+    signature.update(
+        x_ptr=f"*{dtype}",
+        out_ptr=f"*{dtype}",
+        q_ptr="*u8" if packed else "*i8",
+        scale_ptr="*fp16" if packed else "*fp32",
+        block_weight_ptr="*i32",
+    )
+    constants = {
+        "PACKED": packed,
+        "BLOCK_M": block_rows,
+        "BLOCK_N": tile["BLOCK_N"],
+        "BLOCK_K": max(tile["BLOCK_K"], group),
+        "GROUP": group,
+        "UPCAST": False,
+    }
+    if one_weight:  # Triton makes an argument of 1 a constant
+        constants["weights_in_stack"] = 1
+    signature.update(dict.fromkeys(constants, "constexpr"))
+    aligned = ["x_ptr", "q_ptr", "scale_ptr", "block_weight_ptr", "out_ptr", "out_features", "in_features"]
+    aligned += [] if one_weight else ["weights_in_stack"]
+    names = kernel.arg_names
+    source = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(names.index(name),): value for name, value in constants.items()},
+        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
+    )
+    options = {"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def register_use(compiled, arch: int) -> str:
+    """Registers and spills a thread, from Triton's bundled ptxas (-v) over the kernel's PTX; '' if not found."""
+    import triton
+
+    folder = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    assemblers = [path for path in (folder / "ptxas-blackwell", folder / "ptxas") if path.exists()]
+    with tempfile.TemporaryDirectory() as scratch:
+        ptx = Path(scratch, "kernel.ptx")
+        ptx.write_text(compiled.asm["ptx"])
+        for assembler in assemblers:
+            gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+            command = [str(assembler), "-v", f"--gpu-name={gpu}", str(ptx), "-o", str(Path(scratch, "kernel.cubin"))]
+            done = subprocess.run(command, capture_output=True, text=True)
+            registers = re.search(r"Used (\d+) registers", done.stdout + done.stderr)
+            spills = re.search(r"(\d+) bytes spill stores", done.stdout + done.stderr)
+            if done.returncode == 0 and registers and spills:
+                return f"{registers.group(1)} registers, {spills.group(1)} bytes spilled"
+    return ""
+
+
+def compile_report(arch: int, candidates: str) -> None:
+    """Without a GPU: each candidate compiled for `arch`, with its shared memory, registers and pipelining."""
+    print("| tile (N,K,warps,stages) | format | rows a block | shared memory | registers | loads pipelined |")
+    print("|---|---|---|---|---|---|")
+    for text in candidates.split():
+        tile = kernels.parse_tile(text)
+        for fmt, group in (("int4", 64), ("int4", 16), ("int8", 1)):
+            label = f"{fmt}, groups of {group}" if fmt == "int4" else fmt
+            for block_rows, one_weight in ((kernels.EXPERT_BLOCK_ROWS, False), (kernels.DENSE_BLOCK_ROWS, True)):
+                compiled = compile_for_gpu(arch, fmt, "bf16", block_rows, one_weight, tile, group)
+                pipelined = "yes" if "async_copy_global_to_local" in compiled.asm["ttgir"] else "no"
+                print(
+                    f"| {text} | {label} | {block_rows} | {compiled.metadata.shared} B | "
+                    f"{register_use(compiled, arch)} | {pipelined} |",
+                    flush=True,
+                )
 
 
 def expert_weights(config, fmt: QuantFormat, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
@@ -80,7 +165,13 @@ def main() -> None:
     parser.add_argument("--candidates", default=CANDIDATES, help="space-separated BLOCK_N,BLOCK_K,warps,stages")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--format", default="int4", choices=["int4", "int8"])
+    parser.add_argument(
+        "--compile-only", type=int, default=None, metavar="ARCH", help="no GPU: compile for sm_ARCH (80, 90) and report"
+    )
     args = parser.parse_args()
+    if args.compile_only is not None:
+        compile_report(args.compile_only, args.candidates)
+        return
     device = torch.device(args.device)
     dtype = torch.bfloat16
     config = parse_model_config(preset_config(args.shape), f"preset {args.shape}")

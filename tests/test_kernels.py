@@ -14,6 +14,8 @@ from diffgemma import DiffGemmaError, kernels, quant
 from diffgemma.quant import QuantFormat, QuantLinear
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "bench"))
+from kernel_tiles import compile_for_gpu  # noqa: E402 - bench/ is not a package
 
 
 def test_fused_kernel_matches_expanded_weights():
@@ -101,48 +103,6 @@ def test_tile_settings_are_checked_and_the_tile_bench_dry_runs():
     assert "fastest for 1 canvas(es): DIFFGEMMA_KERNEL_TILE=" in done.stdout
 
 
-def _compile_for(arch: int, fmt: str, dtype: str, block_rows: int, one_weight: bool, tile: dict, group: int = 64):
-    """The kernel compiled ahead of time for an NVIDIA GPU of compute capability `arch` (no GPU needed: Triton
-    brings its own ptxas), with the alignment hints a launch on real tensors gives. Returns the kernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = kernels._quantized_matmul_kernel
-    packed = fmt == "int4"
-    group = group if packed else 1
-    signature = dict.fromkeys(kernel.arg_names, "i32")
-    signature.update(
-        x_ptr=f"*{dtype}",
-        out_ptr=f"*{dtype}",
-        q_ptr="*u8" if packed else "*i8",
-        scale_ptr="*fp16" if packed else "*fp32",
-        block_weight_ptr="*i32",
-    )
-    constants = {
-        "PACKED": packed,
-        "BLOCK_M": block_rows,
-        "BLOCK_N": tile["BLOCK_N"],
-        "BLOCK_K": max(tile["BLOCK_K"], group),
-        "GROUP": group,
-        "UPCAST": False,
-    }
-    if one_weight:  # a dense projection: Triton makes an argument of 1 a constant
-        constants["weights_in_stack"] = 1
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    aligned = ["x_ptr", "q_ptr", "scale_ptr", "block_weight_ptr", "out_ptr", "out_features", "in_features"]
-    aligned += [] if one_weight else ["weights_in_stack"]  # 128 experts
-    names = kernel.arg_names
-    source = ASTSource(
-        fn=kernel,
-        signature=signature,
-        constexprs={(names.index(name),): value for name, value in constants.items()},
-        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
-    )
-    options = {"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-
-
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernel_compiles_for_ampere_and_hopper(arch):
     """The interpreter runs Python, not the GPU compiler: this builds the real kernel for A100/H100-class GPUs
@@ -153,7 +113,7 @@ def test_kernel_compiles_for_ampere_and_hopper(arch):
     for fmt, group in (("int4", 64), ("int4", 16), ("int8", 1)):
         for dtype in ("bf16", "fp16") if arch == 90 else ("bf16",):
             for block_rows, one_weight in ((kernels.EXPERT_BLOCK_ROWS, False), (kernels.DENSE_BLOCK_ROWS, True)):
-                compiled = _compile_for(arch, fmt, dtype, block_rows, one_weight, kernels.TILE, group)
+                compiled = compile_for_gpu(arch, fmt, dtype, block_rows, one_weight, kernels.TILE, group)
                 assert "async_copy_global_to_local" in compiled.asm["ttgir"], (fmt, dtype, block_rows)
                 assert compiled.asm["cubin"]
 
@@ -161,10 +121,9 @@ def test_kernel_compiles_for_ampere_and_hopper(arch):
 def test_every_benchmarked_tile_compiles_for_hopper():
     pytest.importorskip("triton")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    sys.path.insert(0, str(HERE.parent / "bench"))
     from kernel_tiles import CANDIDATES
 
     for text in CANDIDATES.split():
         tile = kernels.parse_tile(text)
         for fmt in ("int4", "int8"):
-            assert _compile_for(90, fmt, "bf16", kernels.EXPERT_BLOCK_ROWS, False, tile).asm["cubin"]
+            assert compile_for_gpu(90, fmt, "bf16", kernels.EXPERT_BLOCK_ROWS, False, tile).asm["cubin"]
