@@ -17,6 +17,7 @@ before. `TRITON_INTERPRET=1` runs the same kernel on the CPU, which is how the t
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -36,9 +37,19 @@ KERNEL_FORMATS = ("int4", "int8")
 # a GPU to measure on; bench/kernel_tiles.py times alternatives on the 26B shape's experts, and
 # DIFFGEMMA_KERNEL_TILE="BLOCK_N,BLOCK_K,num_warps,num_stages" (powers of two) sets them for a run.
 TILE_KEYS = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+DEFAULT_TILE = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+TILE: dict[str, int] | None = None  # set in-process (bench/kernel_tiles.py) ahead of the environment
 
 
+def tile() -> dict[str, int]:
+    """The tile settings in force: TILE, else DIFFGEMMA_KERNEL_TILE, else DEFAULT_TILE."""
+    if TILE is not None:
+        return TILE
+    text = os.environ.get("DIFFGEMMA_KERNEL_TILE")
+    return parse_tile(text) if text else DEFAULT_TILE
+
+
+@functools.cache
 def parse_tile(text: str) -> dict[str, int]:
     """ "64,128,4,3" -> the TILE settings it names, checked."""
     try:
@@ -54,10 +65,6 @@ def parse_tile(text: str) -> dict[str, int]:
     return dict(zip(TILE_KEYS, values, strict=True))
 
 
-if os.environ.get("DIFFGEMMA_KERNEL_TILE"):
-    TILE = parse_tile(os.environ["DIFFGEMMA_KERNEL_TILE"])
-
-
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1, for tests)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -70,6 +77,7 @@ def kernel_takes(x: torch.Tensor, fmt_name: str, columns: int, group: int | None
         return False
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
+    tile()  # a malformed DIFFGEMMA_KERNEL_TILE is an error here, where the kernel would run, not a fallback
     return fmt_name == "int8" or (group & (group - 1) == 0 and columns % group == 0)
 
 
@@ -167,8 +175,9 @@ def quantized_matmul(
     stack, out_features, _ = qweight.shape
     packed = qweight.dtype == torch.uint8
     group = in_features // scale.shape[-1] if packed else 1
+    settings = tile()
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
-    grid = (block_weight.numel(), triton.cdiv(out_features, TILE["BLOCK_N"]))
+    grid = (block_weight.numel(), triton.cdiv(out_features, settings["BLOCK_N"]))
     _quantized_matmul_kernel[grid](
         x.contiguous(),
         qweight,
@@ -181,12 +190,12 @@ def quantized_matmul(
         stack,
         PACKED=packed,
         BLOCK_M=block_rows,
-        BLOCK_N=TILE["BLOCK_N"],
-        BLOCK_K=max(TILE["BLOCK_K"], group),  # a whole number of groups a step
+        BLOCK_N=settings["BLOCK_N"],
+        BLOCK_K=max(settings["BLOCK_K"], group),  # a whole number of groups a step
         GROUP=group,
         UPCAST=interpreting(),  # Triton's CPU interpreter multiplies bf16 wrongly (3.5-3.9): float32 there
-        num_warps=TILE["num_warps"],
-        num_stages=TILE["num_stages"],
+        num_warps=settings["num_warps"],
+        num_stages=settings["num_stages"],
     )
     return out
 

@@ -83,12 +83,19 @@ def test_no_kernel_under_autograd_or_for_shapes_it_does_not_take(monkeypatch):
     assert not quant.direct_kernel(fmt, x.requires_grad_(), 96)  # the kernel has no backward
 
 
-def test_tile_settings_are_checked_and_the_tile_bench_dry_runs():
+def test_tile_settings_are_checked_and_the_tile_bench_dry_runs(monkeypatch):
     assert kernels.parse_tile("128,64,8,4") == {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
     for bad in ("64,64,4", "48,64,4,3", "8,64,4,3", "64,64,4,0", "a,b,c,d"):
         with pytest.raises(DiffGemmaError, match="DIFFGEMMA_KERNEL_TILE"):
             kernels.parse_tile(bad)
+    monkeypatch.setenv("DIFFGEMMA_KERNEL_TILE", "128,32,8,2")
+    assert kernels.tile() == {"BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
     pytest.importorskip("triton")
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)
+    monkeypatch.setenv("DIFFGEMMA_KERNEL_TILE", "64,64")
+    with pytest.raises(DiffGemmaError, match="DIFFGEMMA_KERNEL_TILE='64,64'"):  # an error, not a quiet fallback
+        quant.direct_kernel(QuantFormat("int8"), torch.randn(2, 64), 64)
+    monkeypatch.delenv("DIFFGEMMA_KERNEL_TILE")
     script = HERE.parent / "bench" / "kernel_tiles.py"
     options = ["--device", "cpu", "--shape", "tiny", "--candidates", "64,64,4,3 32,128,4,4", "--iters", "1"]
     done = subprocess.run(
@@ -113,7 +120,7 @@ def test_kernel_compiles_for_ampere_and_hopper(arch):
     for fmt, group in (("int4", 64), ("int4", 16), ("int8", 1)):
         for dtype in ("bf16", "fp16") if arch == 90 else ("bf16",):
             for block_rows, one_weight in ((kernels.EXPERT_BLOCK_ROWS, False), (kernels.DENSE_BLOCK_ROWS, True)):
-                compiled = compile_for_gpu(arch, fmt, dtype, block_rows, one_weight, kernels.TILE, group)
+                compiled = compile_for_gpu(arch, fmt, dtype, block_rows, one_weight, kernels.tile(), group)
                 assert "async_copy_global_to_local" in compiled.asm["ttgir"], (fmt, dtype, block_rows)
                 assert compiled.asm["cubin"]
 
