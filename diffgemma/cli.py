@@ -605,7 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     sudoku = commands.add_parser("sudoku", help="solve a sudoku (a fresh one, or --puzzle) and watch it converge")
     sudoku.add_argument("--puzzle", default=None, help="81 characters, 0 or . for empty cells")
     sudoku.add_argument(
-        "--givens", type=int, default=36, help="givens of a fresh puzzle (fewer is harder: 24 is as hard as it gets)"
+        "--givens",
+        type=int,
+        default=36,
+        help="givens of a fresh puzzle (fewer is harder; 20 at least, below 22 seconds to make)",
     )
     _add_tries_option(sudoku)
     _add_candidates_option(sudoku)
@@ -614,7 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     puzzles = commands.add_parser("sudoku-puzzles", help="print fresh unique-solution puzzles, one a line")
     puzzles.add_argument("count", type=int)
-    puzzles.add_argument("--givens", default="24:36", help="a number or a range A:B")
+    puzzles.add_argument(
+        "--givens", default="24:36", help="a number or a range A:B (20 at least; below 22, seconds a puzzle)"
+    )
     puzzles.add_argument("--seed", type=int, default=0)
     puzzles.set_defaults(run=cmd_sudoku_puzzles)
 

@@ -22,6 +22,24 @@ def test_generated_puzzles_have_one_solution(givens):
     assert sudoku.solve(puzzle, limit=2) == [solution]
 
 
+def test_few_givens_come_from_thinning_only_where_the_passes_fall_short(monkeypatch):
+    # 21 givens: a single pass rarely gets there (5 attempts here), so the closest puzzle is thinned
+    puzzle, solution = sudoku.make_puzzle(random.Random(1), 21, attempts=5)
+    assert sum(1 for v in puzzle if v) == 21
+    assert sudoku.solve(puzzle, limit=2) == [solution]
+    assert all(value in (0, solution[cell]) for cell, value in enumerate(puzzle))
+    with pytest.raises(DiffGemmaError, match="down to 20"):  # below the floor: an error at once
+        sudoku.make_puzzle(random.Random(1), 19, attempts=3)
+
+    def never(*args):
+        raise AssertionError("thinned a target the passes reach")
+
+    monkeypatch.setattr(sudoku, "_thin", never)  # seeds keep the puzzles they made before thinning existed
+    rng = random.Random(2026)
+    for _ in range(20):
+        sudoku.make_puzzle(rng, rng.randint(24, 36))
+
+
 def _segment_sets(grid: list[int]) -> int:
     """The most distinct row segments (a row's three cells in one box, as a set) any band holds, over the
     grid and its transpose: 3 for every image of one base pattern (each band repeats its rows' segments),
