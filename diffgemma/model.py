@@ -196,7 +196,7 @@ class Experts(nn.Module):
         - CPU and other devices (eager): every group padded to the largest, one batched matmul. The CPU's
           grouped matmul runs one small product per expert, each too small to keep both cores busy (bench-90m:
           8.7 ms for a layer's gate/up projection against 6.5 ms batched). Reading the largest group's size
-          costs nothing off CUDA. On the CPU, packed instead when the padding would more than double the rows
+          costs little off CUDA. On the CPU, packed instead when the padding would more than double the rows
           (a skewed routing).
         `group_align` overrides the choice: 1 packed, more than 1 aligned to that many rows.
         """
