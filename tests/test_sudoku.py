@@ -336,6 +336,14 @@ def test_train_command_givens_set_the_pool(sudoku_model, tmp_path):
     assert [list(value) for name, value in state["config"]["recipe"] if name == "givens"] == [[28, 29]]
 
 
+def test_a_pool_under_22_givens_says_it_is_slow_to_make(sudoku_model, tmp_path, capsys):
+    command = ["train", "sudoku", "--out", str(tmp_path / "harder"), "--steps", "1", "--batch-size", "1"]
+    command += ["--pool", "1", "--eval-every", "0", "--init", str(sudoku_model.folder), "--givens", "21:21"]
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    assert "puzzles under 22 givens take seconds each to make" in captured.out + captured.err
+
+
 def test_solving_refuses_a_model_of_another_format(tmp_path):
     from diffgemma.presets import random_checkpoint
 

@@ -232,6 +232,7 @@ def make_puzzle(
 # below 20 an exchange costs seconds and few searches arrive, so those targets fail at once.
 MIN_THINNED_GIVENS = 20
 THIN_MOVES = 1000
+FEW_GIVENS = 22  # below this most puzzles need `_thin`
 
 
 def _filled(puzzle: Sequence[int]) -> int:
@@ -884,8 +885,13 @@ def train_sudoku(
     model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])
     if not resume:
         model.save(folder)
-    pool = puzzle_pool(seed, pool_size, givens, workers=pool_workers, cache=pool_cache)
     low, high = givens
+    if low < FEW_GIVENS:
+        log(
+            f"puzzles under {FEW_GIVENS} givens take seconds each to make: a pool of {pool_size} may take long "
+            "(--pool-workers to spread it, --pool-file to make it once)"
+        )
+    pool = puzzle_pool(seed, pool_size, givens, workers=pool_workers, cache=pool_cache)
     log(f"puzzle pool: {len(pool)} unique puzzles, {low}-{high} givens ({time.perf_counter() - started:.0f} s)")
     eval_rng = random.Random(10_000 + seed)
     held_out = [make_puzzle(eval_rng, eval_rng.randint(24, 36))[0] for _ in range(eval_puzzles if eval_every else 0)]
