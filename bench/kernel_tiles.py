@@ -51,7 +51,7 @@ def compile_for_gpu(arch: int, fmt: str, dtype: str, block_rows: int, one_weight
     signature.update(
         x_ptr=f"*{dtype}",
         out_ptr=f"*{dtype}",
-        q_ptr="*u8" if packed else "*i8",
+        q_ptr={"int4": "*u8", "int8": "*i8", "fp8": "*fp8e4nv"}[fmt],
         scale_ptr="*fp16" if packed else "*fp32",
         block_weight_ptr="*i32",
     )

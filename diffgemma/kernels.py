@@ -1,11 +1,13 @@
-"""Fused weight-only matrix multiplies for GPUs (Triton): int4 and int8 weights are read as stored and expanded
-in registers.
+"""Fused weight-only matrix multiplies for GPUs (Triton): int4, int8 and fp8 weights are read as stored and
+expanded in registers.
 
 Without them a quantized weight is expanded to the activation dtype in memory before each product, which makes
 int4 slower than bf16 (the 26B shape: 270 ms a step on an H100 against 34 ms, bench/RESULTS.md) and adds the
 largest expanded tensor (0.5 GB) to peak memory. Here each program loads a tile of packed nibbles (int4, with
-their group scales) or of bytes (int8, scaled per output after the product), rebuilds the weights in
-registers and feeds them to the matrix units, so a step reads half a byte or one byte a weight.
+their group scales) or of bytes (int8 or fp8, scaled per output after the product), rebuilds the weights in
+registers and feeds them to the matrix units, so a step reads half a byte or one byte a weight. (fp8 on
+Hopper and later takes the fp8 matrix units instead, quant.py; this serves it on Ada, whose fp8 Triton reads,
+while Ampere expands it.)
 
 One kernel serves the experts and the dense projections: rows come in blocks of `BLOCK_M`, each block belongs
 to one weight of a stack (the experts' layout pads every group to a multiple of 16 rows, so no block spans two
@@ -32,7 +34,7 @@ except ImportError:  # CPU-only installs, macOS: the expanding path serves
 
 EXPERT_BLOCK_ROWS = 16  # rows a program takes from an expert's group (the groups' alignment on CUDA)
 DENSE_BLOCK_ROWS = 64  # rows a program takes from a dense projection's input
-KERNEL_FORMATS = ("int4", "int8")
+KERNEL_FORMATS = ("int4", "int8", "fp8")
 # Tile and launch settings (a weight tile of BLOCK_N outputs by BLOCK_K inputs a loop step), chosen without
 # a GPU to measure on; bench/kernel_tiles.py times alternatives on the 26B shape's experts, and
 # DIFFGEMMA_KERNEL_TILE="BLOCK_N,BLOCK_K,num_warps,num_stages" (powers of two) sets them for a run.
@@ -77,8 +79,10 @@ def kernel_takes(x: torch.Tensor, fmt_name: str, columns: int, group: int | None
         return False
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
+    if fmt_name == "fp8" and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
+        return False  # Triton reads e4m3 on Ada and later only
     tile()  # a malformed DIFFGEMMA_KERNEL_TILE is an error here, where the kernel would run, not a fallback
-    return fmt_name == "int8" or (group & (group - 1) == 0 and columns % group == 0)
+    return fmt_name != "int4" or (group & (group - 1) == 0 and columns % group == 0)
 
 
 if triton is not None:
@@ -101,7 +105,8 @@ if triton is not None:
         GROUP: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
-        """PACKED: int4, two inputs a byte, a float16 scale per GROUP inputs. Else int8, a float32 scale a row."""
+        """PACKED: int4, two inputs a byte, a float16 scale per GROUP inputs. Else int8 or fp8, a float32
+        scale a row."""
         block = tl.program_id(0)  # row blocks vary fastest: blocks of one weight share its tiles through L2
         n_start = tl.program_id(1) * BLOCK_N
         weight = tl.load(block_weight_ptr + block)
@@ -147,14 +152,12 @@ if triton is not None:
                 ).to(tl.float32)
                 values = tl.reshape(nibbles - 8, (BLOCK_N, BLOCK_K // GROUP, GROUP)).to(tl.float32)
                 w = tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
-            else:
-                w = tl.load(
-                    q_base + n[:, None] * stored_columns + k[None, :],
-                    mask=n_ok[:, None] & (k[None, :] < in_features),
-                    other=0,
-                ).to(tl.float32)  # whole numbers up to 127: exact in bf16 too
+            else:  # int8 (whole numbers up to 127, exact in bf16) or fp8 (e4m3, exact in bf16 too)
+                w_ok = n_ok[:, None] & (k[None, :] < in_features)
+                w = tl.load(q_base + n[:, None] * stored_columns + k[None, :], mask=w_ok)
+                w = tl.where(w_ok, w.to(tl.float32), 0.0)  # no fill value: fp8 has no literal to fill with
             accumulator = tl.dot(x, tl.trans(w.to(x.dtype)), accumulator)
-        if not PACKED:  # int8: one scale per output row, applied once to the sums
+        if not PACKED:  # int8, fp8: one scale per output row, applied once to the sums
             accumulator *= tl.load(scale_base + n, mask=n_ok, other=0.0)[None, :]
         out_ptrs = out_ptr + m[:, None].to(tl.int64) * out_features + n[None, :]
         tl.store(out_ptrs, accumulator.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -165,7 +168,8 @@ def quantized_matmul(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, block_weight: torch.Tensor, block_rows: int
 ) -> torch.Tensor:
     """x [M, K] times a stack of quantized weights [W, N, K] -> [M, N]. int4 (`qweight` uint8): packed [W, N, K/2]
-    with `scale` [W, N, K/group]; int8 (`qweight` int8): [W, N, K] with `scale` [W, N, 1].
+    with `scale` [W, N, K/group]; int8 or fp8 (`qweight` int8 or float8_e4m3fn): [W, N, K] with `scale`
+    [W, N, 1].
 
     Rows go in blocks of `block_rows`; `block_weight` [cdiv(M, block_rows)] names each block's weight (W or
     more for a block with nothing to multiply, which gets zeros). An opaque operator to torch.compile, and

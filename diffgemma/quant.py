@@ -6,9 +6,9 @@ projections smaller groups (16 weights a scale, against 64 elsewhere): they are 
 model (bench/RESULTS.md), and on the 26B shape they are 4.5% of the weights, so the finer scales cost about
 0.1 GB. What stays in the model dtype: the embedding (it is also the tied output head), norms, routers and
 the self-conditioning block, which are small and sensitive. Weights are stored quantized, so memory at rest
-is what the format promises. Where a GPU kernel takes the format as stored (fp8 on Hopper's matrix units,
-int4 and int8 through kernels.py) they are multiplied as they are; elsewhere they are expanded to the
-activation dtype one weight at a time as they are used.
+is what the format promises. Where a GPU kernel takes the format as stored (fp8 on Hopper's matrix
+units; int4, int8 and Ada's fp8 through kernels.py) they are multiplied as they are; elsewhere they are
+expanded to the activation dtype one weight at a time as they are used.
 
 Loading with `quant=` quantizes tensor by tensor as they come off disk: the float model is never whole in
 memory. A quantized checkpoint carries `quantization_config` in its config.json and loads as it was saved.
@@ -176,7 +176,7 @@ class QuantLinear(_Quantized, nn.Module):
         qweight, scale = self.weight_qweight, self.weight_scale
         if direct_kernel(self.fmt, x, self.source_shapes["weight"][-1]):
             try:
-                if self.fmt.name in kernels.KERNEL_FORMATS:
+                if not fp8_matrix_units(self.fmt, x):
                     out = kernels.quantized_linear(x, qweight, scale)
                 else:
                     rows, row_scale = fp8_rows(x.reshape(-1, x.shape[-1]))
@@ -191,7 +191,7 @@ class QuantLinear(_Quantized, nn.Module):
                     out = out.view(*x.shape[:-1], -1).to(x.dtype)
                 return out if self.bias is None else out + self.bias
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
-                direct_kernel_failed(self.fmt, err)
+                direct_kernel_failed(self.fmt, err, per_shape=fp8_matrix_units(self.fmt, x))
         return F.linear(x, self.weight_for("weight", x.dtype), self.bias)
 
 
@@ -220,11 +220,12 @@ class QuantExperts(_Quantized, Experts):
 
     def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor | None) -> torch.Tensor:
         qweight, scale = getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale")
+        units = fp8_matrix_units(self.fmt, rows)
         # The fused kernel takes a row block from one expert only: groups aligned to its block.
-        aligned = self.fmt.name == "fp8" or self.row_alignment(rows) % kernels.EXPERT_BLOCK_ROWS == 0
+        aligned = units or self.row_alignment(rows) % kernels.EXPERT_BLOCK_ROWS == 0
         if offsets is not None and aligned and direct_kernel(self.fmt, rows, self.source_shapes[name][-1]):
             try:
-                if self.fmt.name in kernels.KERNEL_FORMATS:
+                if not units:
                     return kernels.quantized_grouped_linear(rows, qweight, scale, offsets)
                 quantized, row_scale = fp8_rows(rows)
                 out = torch._scaled_grouped_mm(
@@ -238,7 +239,7 @@ class QuantExperts(_Quantized, Experts):
                 )
                 return out.to(self.compute_dtype)
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
-                direct_kernel_failed(self.fmt, err)
+                direct_kernel_failed(self.fmt, err, per_shape=units)
         if name != "gate_up_proj":
             return grouped_linear(rows, dequantize(qweight, scale, self.fmt, self.compute_dtype), offsets)
         # Gate and up expanded one at a time: the transient copy is half as large (on the 26B shape 0.5 GB
@@ -255,9 +256,9 @@ class QuantExperts(_Quantized, Experts):
 
 
 # Where a kernel takes the stored format as it is, the weights are not expanded in memory: fp8 weights meet fp8
-# activations (scaled per row) in the matrix units of GPUs that have them (Hopper and later), and int8 and int4
-# go through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a weight.
-# Elsewhere, under autograd, or when a kernel refuses a call, the weights are expanded.
+# activations (scaled per row) in the matrix units of GPUs that have them (Hopper and later); int4, int8, and
+# fp8 on Ada, go through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a
+# weight. Elsewhere, under autograd, or when a kernel refuses a call, the weights are expanded.
 _DIRECT: dict = {"enabled": True, "failures": [], "broken": set()}
 
 
@@ -265,10 +266,15 @@ def direct_kernel(fmt: QuantFormat, x: torch.Tensor, columns: int) -> bool:
     """Whether `x` meets `fmt`'s weights (of `columns` inputs) in a kernel that reads them as stored."""
     if not _DIRECT["enabled"] or fmt.name in _DIRECT["broken"] or (torch.is_grad_enabled() and x.requires_grad):
         return False
-    if fmt.name == "fp8":
-        return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    if fp8_matrix_units(fmt, x):
+        return True
     group = fmt.group_for(columns) if fmt.name == "int4" else None
     return kernels.kernel_takes(x, fmt.name, columns, group)
+
+
+def fp8_matrix_units(fmt: QuantFormat, x: torch.Tensor) -> bool:
+    """fp8 weights on a GPU with fp8 matrix units (Hopper and later): activations are made fp8 too."""
+    return fmt.name == "fp8" and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 def set_direct_kernels(enabled: bool) -> None:
@@ -281,12 +287,12 @@ def direct_kernel_failures() -> list[str]:
     return list(_DIRECT["failures"])
 
 
-def direct_kernel_failed(fmt: QuantFormat, err: Exception) -> None:
-    """A call a kernel refuses is served by expanded weights, said once per message. fp8's refusals are per
-    shape; a fused kernel that fails to build would fail again, so its format stops trying (a retry inside a
-    CUDA graph's capture would spoil it)."""
+def direct_kernel_failed(fmt: QuantFormat, err: Exception, per_shape: bool = False) -> None:
+    """A call a kernel refuses is served by expanded weights, said once per message. The fp8 matrix units'
+    refusals are `per_shape`; a fused kernel that fails to build would fail again, so its format stops trying
+    (a retry inside a CUDA graph's capture would spoil it)."""
     message = f"{fmt.name}: " + (str(err).splitlines()[0] if str(err) else type(err).__name__)
-    if fmt.name in kernels.KERNEL_FORMATS:
+    if not per_shape:
         _DIRECT["broken"].add(fmt.name)
     if message not in _DIRECT["failures"]:
         import warnings

@@ -1,4 +1,5 @@
-"""Run with TRITON_INTERPRET=1 (Triton's CPU interpreter): the fused int4 / int8 kernel against expanded weights.
+"""Run with TRITON_INTERPRET=1 (Triton's CPU interpreter): the fused kernel (int4, int8, fp8) against expanded
+weights.
 
 Prints one JSON object of measurements; tests/test_kernels.py holds the thresholds.
 """
@@ -24,7 +25,7 @@ def dense_errors() -> dict[str, float]:
     errors = {}
     for dtype in (torch.float32, torch.bfloat16):
         for rows, columns, outputs, group in ((70, 128, 96, 64), (5, 96, 40, 16), (130, 256, 72, 128), (1, 64, 16, 32)):
-            for fmt in (QuantFormat("int4", group, group), QuantFormat("int8")):
+            for fmt in (QuantFormat("int4", group, group), QuantFormat("int8"), QuantFormat("fp8")):
                 stored = quantize(torch.randn(outputs, columns), fmt)
                 x = torch.randn(3, rows, columns).to(dtype)
                 out = kernels.quantized_linear(x, stored["qweight"], stored["scale"])
@@ -42,7 +43,7 @@ def grouped_errors() -> dict[str, float]:
     rows = torch.randn(int(sizes.sum()) + experts * 15, columns)
     used = int(ends[-1])
     results = {}
-    for fmt in (QuantFormat("int4", 64, 16), QuantFormat("int8")):
+    for fmt in (QuantFormat("int4", 64, 16), QuantFormat("int8"), QuantFormat("fp8")):
         stored = quantize(torch.randn(experts, outputs, columns), fmt)
         out = kernels.quantized_grouped_linear(rows, stored["qweight"], stored["scale"], ends)
         ref = grouped_linear(rows, dequantize(stored["qweight"], stored["scale"], fmt, torch.float32), ends)
@@ -64,7 +65,7 @@ def model_errors(demo: Path) -> dict[str, object]:
 
         setattr(kernels, name, counted)
     results: dict[str, object] = {}
-    for fmt in ("int4", "int8"):
+    for fmt in ("int4", "int8", "fp8"):
         for dtype in ("float32", "bfloat16"):
             network = diffgemma.load(demo, quant=fmt, dtype=dtype).network
             for layer in network.layers:

@@ -1,4 +1,4 @@
-"""The fused int4 / int8 kernel (diffgemma/kernels.py), run on the CPU by Triton's interpreter, against the
+"""The fused int4 / int8 / fp8 kernel (diffgemma/kernels.py), run on the CPU by Triton's interpreter, against the
 weights expanded as the portable path does; and the fallback when a kernel refuses a call."""
 
 import json
@@ -30,18 +30,18 @@ def test_fused_kernel_matches_expanded_weights():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(report["dense"]) == 16
+    assert len(report["dense"]) == 24
     for case, error in report["dense"].items():
         assert error < (1e-5 if "float32" in case else 6e-3), (case, error)  # bf16: its output rounding
-    for fmt in ("int4", "int8"):
+    for fmt in kernels.KERNEL_FORMATS:
         assert report["grouped"][f"{fmt} experts"] < 1e-5
         assert report["grouped"][f"{fmt} padding_max"] == 0.0
     model = report["model"]
     assert model["failures"] == []
     assert model["calls"]["dense"] > 0 and model["calls"]["grouped"] > 0  # both entries served the model
-    for fmt in ("int4", "int8"):
+    for fmt in kernels.KERNEL_FORMATS:
         assert model[f"{fmt} float32"] < 1e-5 and model[f"{fmt} float32 top1"] == 1.0
-        # bf16: the kernel rounds differently from the expanded weights (int8's scale comes after the sums)
+        # bf16: the kernel rounds differently from the expanded weights (int8's, fp8's scale after the sums)
         assert model[f"{fmt} bfloat16"] < 0.03 and model[f"{fmt} bfloat16 top1"] > 0.95
 
 
@@ -79,7 +79,8 @@ def test_no_kernel_under_autograd_or_for_shapes_it_does_not_take(monkeypatch):
     assert not quant.direct_kernel(QuantFormat("int4", 48, 48), x, 96)  # groups of 48: not a power of two
     assert not kernels.kernel_takes(torch.randn(4, 96, dtype=torch.float64), "int4", 96, 32)
     assert quant.direct_kernel(QuantFormat("int8"), x, 96)  # int8 has no groups
-    assert not kernels.kernel_takes(x, "fp8", 96, None)  # fp8 has the matrix units, not this kernel
+    assert quant.direct_kernel(QuantFormat("fp8"), x, 96)  # fp8 off Hopper: this kernel
+    assert not quant.fp8_matrix_units(QuantFormat("fp8"), x)
     assert not quant.direct_kernel(fmt, x.requires_grad_(), 96)  # the kernel has no backward
 
 
@@ -110,15 +111,17 @@ def test_tile_settings_are_checked_and_the_tile_bench_dry_runs(monkeypatch):
     assert "fastest for 1 canvas(es): DIFFGEMMA_KERNEL_TILE=" in done.stdout
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_kernel_compiles_for_ampere_and_hopper(arch):
+@pytest.mark.parametrize("arch", [80, 89, 90])
+def test_kernel_compiles_for_ampere_ada_and_hopper(arch):
     """The interpreter runs Python, not the GPU compiler: this builds the real kernel for A100/H100-class GPUs
     for each format, activation dtype and row block (experts, dense), and checks the weight loads are
     pipelined (asynchronous copies a stage ahead) at the default tile."""
     pytest.importorskip("triton")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
-    for fmt, group in (("int4", 64), ("int4", 16), ("int8", 1)):
-        for dtype in ("bf16", "fp16") if arch == 90 else ("bf16",):
+    for fmt, group in (("int4", 64), ("int4", 16), ("int8", 1), ("fp8", 1)):
+        if fmt == "fp8" and arch != 89:
+            continue  # Hopper: fp8 takes the fp8 matrix units; Ampere: Triton cannot read e4m3, it expands
+        for dtype in ("bf16", "fp16") if arch == 80 else ("bf16",):
             for block_rows, one_weight in ((kernels.EXPERT_BLOCK_ROWS, False), (kernels.DENSE_BLOCK_ROWS, True)):
                 compiled = compile_for_gpu(arch, fmt, dtype, block_rows, one_weight, kernels.tile(), group)
                 assert "async_copy_global_to_local" in compiled.asm["ttgir"], (fmt, dtype, block_rows)
