@@ -203,17 +203,7 @@ def make_puzzle(
     for _ in range(attempts):
         solution = random_solution(rng)
         puzzle = list(solution)
-        order = rng.sample(range(CELLS), CELLS)
-        filled = CELLS
-        for cell in order:
-            if filled == givens:
-                break
-            kept = puzzle[cell]
-            puzzle[cell] = 0
-            if unique and len(solve(puzzle, 2)) != 1:
-                puzzle[cell] = kept
-                continue
-            filled -= 1
+        filled = _empty_cells(puzzle, rng.sample(range(CELLS), CELLS), CELLS, givens, unique)
         if filled == givens:
             return puzzle, solution
         if closest is None or filled < _filled(closest[0]):
@@ -239,6 +229,23 @@ def _filled(puzzle: Sequence[int]) -> int:
     return sum(1 for value in puzzle if value)
 
 
+def _empty_cells(puzzle: list[int], order: Sequence[int], filled: int, givens: int, unique: bool) -> int:
+    """Empty `puzzle`'s filled cells in `order` (in place) until `givens` are left, skipping any whose removal
+    would admit a second solution (with `unique`); returns the givens left."""
+    for cell in order:
+        if filled == givens:
+            break
+        kept = puzzle[cell]
+        if not kept:
+            continue
+        puzzle[cell] = 0
+        if unique and len(solve(puzzle, 2)) != 1:
+            puzzle[cell] = kept
+            continue
+        filled -= 1
+    return filled
+
+
 def _thin(rng: random.Random, puzzle: list[int], solution: list[int], givens: int) -> list[int] | None:
     """A unique puzzle of `givens` givens from a unique `puzzle` no single removal can thin (a local search):
     put one empty cell's digit back, then empty givens in random order while the solution stays the only one.
@@ -249,18 +256,8 @@ def _thin(rng: random.Random, puzzle: list[int], solution: list[int], givens: in
         trial = list(puzzle)
         restored = rng.choice([cell for cell in range(CELLS) if not trial[cell]])
         trial[restored] = solution[restored]
-        count = filled + 1
-        for cell in rng.sample(range(CELLS), CELLS):
-            if count == givens:
-                break
-            if cell == restored or not trial[cell]:
-                continue
-            kept = trial[cell]
-            trial[cell] = 0
-            if len(solve(trial, 2)) != 1:
-                trial[cell] = kept
-                continue
-            count -= 1
+        order = [cell for cell in rng.sample(range(CELLS), CELLS) if cell != restored]
+        count = _empty_cells(trial, order, filled + 1, givens, unique=True)
         if count == givens:
             return trial
         if count <= filled:
