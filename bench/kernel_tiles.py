@@ -55,14 +55,7 @@ def compile_for_gpu(arch: int, fmt: str, dtype: str, block_rows: int, one_weight
         scale_ptr="*fp16" if packed else "*fp32",
         block_weight_ptr="*i32",
     )
-    constants = {
-        "PACKED": packed,
-        "BLOCK_M": block_rows,
-        "BLOCK_N": tile["BLOCK_N"],
-        "BLOCK_K": max(tile["BLOCK_K"], group),
-        "GROUP": group,
-        "UPCAST": False,
-    }
+    constants, options = kernels.launch_parameters(packed, block_rows, group, tile)
     if one_weight:  # Triton makes an argument of 1 a constant
         constants["weights_in_stack"] = 1
     signature.update(dict.fromkeys(constants, "constexpr"))
@@ -75,7 +68,6 @@ def compile_for_gpu(arch: int, fmt: str, dtype: str, block_rows: int, one_weight
         constexprs={(names.index(name),): value for name, value in constants.items()},
         attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
     )
-    options = {"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 

@@ -179,9 +179,9 @@ def quantized_matmul(
     stack, out_features, _ = qweight.shape
     packed = qweight.dtype == torch.uint8
     group = in_features // scale.shape[-1] if packed else 1
-    settings = tile()
+    constants, options = launch_parameters(packed, block_rows, group, tile())
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
-    grid = (block_weight.numel(), triton.cdiv(out_features, settings["BLOCK_N"]))
+    grid = (block_weight.numel(), triton.cdiv(out_features, constants["BLOCK_N"]))
     _quantized_matmul_kernel[grid](
         x.contiguous(),
         qweight,
@@ -192,16 +192,26 @@ def quantized_matmul(
         out_features,
         in_features,
         stack,
-        PACKED=packed,
-        BLOCK_M=block_rows,
-        BLOCK_N=settings["BLOCK_N"],
-        BLOCK_K=max(settings["BLOCK_K"], group),  # a whole number of groups a step
-        GROUP=group,
-        UPCAST=interpreting(),  # Triton's CPU interpreter multiplies bf16 wrongly (3.5-3.9): float32 there
-        num_warps=settings["num_warps"],
-        num_stages=settings["num_stages"],
+        **constants,
+        **options,
     )
     return out
+
+
+def launch_parameters(
+    packed: bool, block_rows: int, group: int, settings: dict[str, int]
+) -> tuple[dict[str, object], dict[str, int]]:
+    """The kernel's compile-time constants and launch options for a weight format (`packed`: int4 with
+    `group` inputs a scale), a row block and tile `settings`."""
+    constants = {
+        "PACKED": packed,
+        "BLOCK_M": block_rows,
+        "BLOCK_N": settings["BLOCK_N"],
+        "BLOCK_K": max(settings["BLOCK_K"], group),  # a whole number of groups a step
+        "GROUP": group,
+        "UPCAST": interpreting(),  # Triton's CPU interpreter multiplies bf16 wrongly (3.5-3.9): float32 there
+    }
+    return constants, {"num_warps": settings["num_warps"], "num_stages": settings["num_stages"]}
 
 
 @quantized_matmul.register_fake

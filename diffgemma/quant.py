@@ -174,9 +174,10 @@ class QuantLinear(_Quantized, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qweight, scale = self.weight_qweight, self.weight_scale
+        units = fp8_matrix_units(self.fmt, x)
         if direct_kernel(self.fmt, x, self.source_shapes["weight"][-1]):
             try:
-                if not fp8_matrix_units(self.fmt, x):
+                if not units:
                     out = kernels.quantized_linear(x, qweight, scale)
                 else:
                     rows, row_scale = fp8_rows(x.reshape(-1, x.shape[-1]))
@@ -191,7 +192,7 @@ class QuantLinear(_Quantized, nn.Module):
                     out = out.view(*x.shape[:-1], -1).to(x.dtype)
                 return out if self.bias is None else out + self.bias
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
-                direct_kernel_failed(self.fmt, err, per_shape=fp8_matrix_units(self.fmt, x))
+                direct_kernel_failed(self.fmt, err, per_shape=units)
         return F.linear(x, self.weight_for("weight", x.dtype), self.bias)
 
 
