@@ -1,5 +1,5 @@
 """The fused kernel's tile settings, timed on the 26B-A4B shape's experts (the bulk of a step's bytes), in int4
-(the default) or int8 (--format).
+(the default), int8 or fp8 (--format; on Hopper fp8 takes the matrix units instead, this times the kernel).
 
 For each candidate (BLOCK_N, BLOCK_K, warps, stages) it times one layer's expert projections (gate/up, then
 down) on a batch-1 and a batch-4 canvas's routing, beside the expanding path (weights expanded to bf16, then
@@ -51,16 +51,17 @@ def compile_for_gpu(arch: int, fmt: str, dtype: str, block_rows: int, one_weight
     signature.update(
         x_ptr=f"*{dtype}",
         out_ptr=f"*{dtype}",
-        q_ptr={"int4": "*u8", "int8": "*i8", "fp8": "*fp8e4nv"}[fmt],
+        q_ptr={"int4": "*u8", "int8": "*i8", "fp8": "*u8"}[fmt],  # fp8 is read as bytes
         scale_ptr="*fp16" if packed else "*fp32",
         block_weight_ptr="*i32",
     )
-    constants, options = kernels.launch_parameters(packed, block_rows, group, tile)
-    if one_weight:  # Triton makes an argument of 1 a constant
-        constants["weights_in_stack"] = 1
+    constants, options = kernels.launch_parameters(fmt, not one_weight, block_rows, group, tile)
+    aligned = ["x_ptr", "q_ptr", "scale_ptr", "out_ptr", "out_features", "in_features"]
+    if one_weight:  # no block-to-weight table (a launch passes None), and Triton makes an argument of 1 a constant
+        constants.update(block_weight_ptr=None, weights_in_stack=1)
+    else:
+        aligned += ["block_weight_ptr", "weights_in_stack"]
     signature.update(dict.fromkeys(constants, "constexpr"))
-    aligned = ["x_ptr", "q_ptr", "scale_ptr", "block_weight_ptr", "out_ptr", "out_features", "in_features"]
-    aligned += [] if one_weight else ["weights_in_stack"]
     names = kernel.arg_names
     source = ASTSource(
         fn=kernel,
@@ -97,7 +98,7 @@ def compile_report(arch: int, candidates: str) -> None:
     print("|---|---|---|---|---|---|")
     for text in candidates.split():
         tile = kernels.parse_tile(text)
-        for fmt, group in (("int4", 64), ("int4", 16), ("int8", 1)):
+        for fmt, group in (("int4", 64), ("int4", 16), ("int8", 1), ("fp8", 1)):
             label = f"{fmt}, groups of {group}" if fmt == "int4" else fmt
             for block_rows, one_weight in ((kernels.EXPERT_BLOCK_ROWS, False), (kernels.DENSE_BLOCK_ROWS, True)):
                 compiled = compile_for_gpu(arch, fmt, "bf16", block_rows, one_weight, tile, group)
@@ -156,9 +157,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--candidates", default=CANDIDATES, help="space-separated BLOCK_N,BLOCK_K,warps,stages")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--format", default="int4", choices=["int4", "int8"])
+    parser.add_argument("--format", default="int4", choices=list(kernels.KERNEL_FORMATS))
     parser.add_argument(
-        "--compile-only", type=int, default=None, metavar="ARCH", help="no GPU: compile for sm_ARCH (80, 90) and report"
+        "--compile-only", type=int, default=None, metavar="ARCH", help="no GPU: compile for sm_ARCH (80, 89, 90)"
     )
     args = parser.parse_args()
     if args.compile_only is not None:

@@ -105,7 +105,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         whole = weights + expanded + cache + sampler_bytes
         detail = f"weights {_gib(weights)}, cache {_gib(cache)}, sampler {_gib(sampler_bytes)}"
         detail += f", one weight expanded {_gib(expanded)}" if fmt is not None else ""
-        # int4 and int8 (Triton) and fp8 (Hopper's matrix units) have GPU kernels that read weights as stored
+        # int4, int8, fp8 (Triton; fp8 on Hopper: its matrix units) have GPU kernels that read weights as stored
         direct = f"; {_gib(whole - expanded)} where a GPU kernel takes {fmt.name}" if fmt is not None else ""
         print(f"  {label:<14}{_gib(whole)} ({detail}{direct})")
     print(

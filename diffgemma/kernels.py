@@ -6,12 +6,12 @@ int4 slower than bf16 (the 26B shape: 270 ms a step on an H100 against 34 ms, be
 largest expanded tensor (0.5 GB) to peak memory. Here each program loads a tile of packed nibbles (int4, with
 their group scales) or of bytes (int8 or fp8, scaled per output after the product), rebuilds the weights in
 registers and feeds them to the matrix units, so a step reads half a byte or one byte a weight. (fp8 on
-Hopper and later takes the fp8 matrix units instead, quant.py; this serves it on Ada, whose fp8 Triton reads,
-while Ampere expands it.)
+Hopper and later takes the fp8 matrix units instead, quant.py; this serves it on Ampere and Ada, reading the
+e4m3 bytes as integers and rebuilding them with integer operations, which needs no fp8 support in the GPU.)
 
 One kernel serves the experts and the dense projections: rows come in blocks of `BLOCK_M`, each block belongs
 to one weight of a stack (the experts' layout pads every group to a multiple of 16 rows, so no block spans two
-experts; a dense projection is a stack of one). Blocks past the used rows write zeros.
+experts, and blocks past the used rows write zeros); a dense projection is one weight, every block's.
 
 Triton is optional: without it (or with a shape the kernel does not take) `quant.py` expands the weights as
 before. `TRITON_INTERPRET=1` runs the same kernel on the CPU, which is how the tests check it.
@@ -79,8 +79,6 @@ def kernel_takes(x: torch.Tensor, fmt_name: str, columns: int, group: int | None
         return False
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    if fmt_name == "fp8" and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
-        return False  # Triton reads e4m3 on Ada and later only
     tile()  # a malformed DIFFGEMMA_KERNEL_TILE is an error here, where the kernel would run, not a fallback
     return fmt_name != "int4" or (group & (group - 1) == 0 and columns % group == 0)
 
@@ -98,25 +96,31 @@ if triton is not None:
         out_features,
         in_features,
         weights_in_stack,
+        STACKED: tl.constexpr,
         PACKED: tl.constexpr,
+        FP8: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
-        """PACKED: int4, two inputs a byte, a float16 scale per GROUP inputs. Else int8 or fp8, a float32
-        scale a row."""
+        """PACKED: int4, two inputs a byte, a float16 scale per GROUP inputs. Else int8 or (FP8) e4m3 bytes, a
+        float32 scale a row. STACKED: `block_weight_ptr` names each row block's weight; else there is one."""
         block = tl.program_id(0)  # row blocks vary fastest: blocks of one weight share its tiles through L2
         n_start = tl.program_id(1) * BLOCK_N
-        weight = tl.load(block_weight_ptr + block)
         m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         n = n_start + tl.arange(0, BLOCK_N)
         m_ok = m < rows
         n_ok = n < out_features
-        # A block past the last group (padding) runs no iterations: it reads no weights and writes zeros.
-        k_end = tl.where(weight < weights_in_stack, in_features, 0)
-        weight = tl.minimum(weight, weights_in_stack - 1).to(tl.int64)
+        if STACKED:
+            weight = tl.load(block_weight_ptr + block)
+            # A block past the last group (padding) runs no iterations: it reads no weights and writes zeros.
+            k_end = tl.where(weight < weights_in_stack, in_features, 0)
+            weight = tl.minimum(weight, weights_in_stack - 1).to(tl.int64)
+        else:
+            weight = 0
+            k_end = in_features
         if PACKED:
             stored_columns = in_features // 2
             groups = in_features // GROUP
@@ -154,8 +158,15 @@ if triton is not None:
                 w = tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
             else:  # int8 (whole numbers up to 127, exact in bf16) or fp8 (e4m3, exact in bf16 too)
                 w_ok = n_ok[:, None] & (k[None, :] < in_features)
-                w = tl.load(q_base + n[:, None] * stored_columns + k[None, :], mask=w_ok)
-                w = tl.where(w_ok, w.to(tl.float32), 0.0)  # no fill value: fp8 has no literal to fill with
+                w = tl.load(q_base + n[:, None] * stored_columns + k[None, :], mask=w_ok, other=0)
+                if FP8:
+                    # e4m3 (bias 7) moved into float16's fields (bias 15) is the value / 256 for every finite
+                    # byte, subnormals included (they become float16 subnormals): one multiply restores it.
+                    bits = w.to(tl.uint16)
+                    bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
+                    w = bits.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+                else:
+                    w = w.to(tl.float32)
             accumulator = tl.dot(x, tl.trans(w.to(x.dtype)), accumulator)
         if not PACKED:  # int8, fp8: one scale per output row, applied once to the sums
             accumulator *= tl.load(scale_base + n, mask=n_ok, other=0.0)[None, :]
@@ -165,26 +176,27 @@ if triton is not None:
 
 @torch.library.custom_op("diffgemma::quantized_matmul", mutates_args=())
 def quantized_matmul(
-    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, block_weight: torch.Tensor, block_rows: int
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, block_weight: torch.Tensor | None, block_rows: int
 ) -> torch.Tensor:
     """x [M, K] times a stack of quantized weights [W, N, K] -> [M, N]. int4 (`qweight` uint8): packed [W, N, K/2]
     with `scale` [W, N, K/group]; int8 or fp8 (`qweight` int8 or float8_e4m3fn): [W, N, K] with `scale`
     [W, N, 1].
 
     Rows go in blocks of `block_rows`; `block_weight` [cdiv(M, block_rows)] names each block's weight (W or
-    more for a block with nothing to multiply, which gets zeros). An opaque operator to torch.compile, and
-    free of host synchronisation, so a CUDA graph can hold it.
+    more for a block with nothing to multiply, which gets zeros); None when W is 1. An opaque operator to
+    torch.compile, and free of host synchronisation, so a CUDA graph can hold it.
     """
     rows, in_features = x.shape
     stack, out_features, _ = qweight.shape
-    packed = qweight.dtype == torch.uint8
-    group = in_features // scale.shape[-1] if packed else 1
-    constants, options = launch_parameters(packed, block_rows, group, tile())
+    weights = {torch.uint8: "int4", torch.int8: "int8", torch.float8_e4m3fn: "fp8"}[qweight.dtype]
+    group = in_features // scale.shape[-1] if weights == "int4" else 1
+    constants, options = launch_parameters(weights, block_weight is not None, block_rows, group, tile())
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
-    grid = (block_weight.numel(), triton.cdiv(out_features, constants["BLOCK_N"]))
+    blocks = triton.cdiv(rows, block_rows) if block_weight is None else block_weight.numel()
+    grid = (blocks, triton.cdiv(out_features, constants["BLOCK_N"]))
     _quantized_matmul_kernel[grid](
         x.contiguous(),
-        qweight,
+        qweight.view(torch.uint8) if weights == "fp8" else qweight,  # fp8 is read as bytes (see the kernel)
         scale,
         block_weight,
         out,
@@ -199,12 +211,15 @@ def quantized_matmul(
 
 
 def launch_parameters(
-    packed: bool, block_rows: int, group: int, settings: dict[str, int]
+    weights: str, stacked: bool, block_rows: int, group: int, settings: dict[str, int]
 ) -> tuple[dict[str, object], dict[str, int]]:
-    """The kernel's compile-time constants and launch options for a weight format (`packed`: int4 with
-    `group` inputs a scale), a row block and tile `settings`."""
+    """The kernel's compile-time constants and launch options for a weight format (`weights`, one of
+    KERNEL_FORMATS; int4 with `group` inputs a scale), a stack of weights or one, a row block and tile
+    `settings`."""
     constants = {
-        "PACKED": packed,
+        "STACKED": stacked,
+        "PACKED": weights == "int4",
+        "FP8": weights == "fp8",
         "BLOCK_M": block_rows,
         "BLOCK_N": settings["BLOCK_N"],
         "BLOCK_K": max(settings["BLOCK_K"], group),  # a whole number of groups a step
@@ -215,16 +230,13 @@ def launch_parameters(
 
 
 @quantized_matmul.register_fake
-def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, block_weight: torch.Tensor, block_rows: int):
+def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, block_weight: torch.Tensor | None, block_rows: int):
     return x.new_empty(x.shape[0], qweight.shape[1])
 
 
 def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] through one quantized weight (`quantized_matmul`'s layout without the stack) -> [..., N]."""
-    flat = x.reshape(-1, x.shape[-1])
-    blocks = triton.cdiv(flat.shape[0], DENSE_BLOCK_ROWS)
-    block_weight = torch.zeros(blocks, dtype=torch.int32, device=x.device)
-    out = quantized_matmul(flat, qweight[None], scale[None], block_weight, DENSE_BLOCK_ROWS)
+    out = quantized_matmul(x.reshape(-1, x.shape[-1]), qweight[None], scale[None], None, DENSE_BLOCK_ROWS)
     return out.view(*x.shape[:-1], -1)
 
 

@@ -7,7 +7,7 @@ model (bench/RESULTS.md), and on the 26B shape they are 4.5% of the weights, so 
 0.1 GB. What stays in the model dtype: the embedding (it is also the tied output head), norms, routers and
 the self-conditioning block, which are small and sensitive. Weights are stored quantized, so memory at rest
 is what the format promises. Where a GPU kernel takes the format as stored (fp8 on Hopper's matrix
-units; int4, int8 and Ada's fp8 through kernels.py) they are multiplied as they are; elsewhere they are
+units; int4, int8, and fp8 on Ampere and Ada, through kernels.py) they are multiplied as they are; elsewhere they are
 expanded to the activation dtype one weight at a time as they are used.
 
 Loading with `quant=` quantizes tensor by tensor as they come off disk: the float model is never whole in
@@ -258,7 +258,7 @@ class QuantExperts(_Quantized, Experts):
 
 # Where a kernel takes the stored format as it is, the weights are not expanded in memory: fp8 weights meet fp8
 # activations (scaled per row) in the matrix units of GPUs that have them (Hopper and later); int4, int8, and
-# fp8 on Ada, go through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a
+# fp8 on Ampere and Ada, go through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a
 # weight. Elsewhere, under autograd, or when a kernel refuses a call, the weights are expanded.
 _DIRECT: dict = {"enabled": True, "failures": [], "broken": set()}
 

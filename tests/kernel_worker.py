@@ -52,6 +52,17 @@ def grouped_errors() -> dict[str, float]:
     return results
 
 
+def fp8_byte_mismatches() -> int:
+    """Every finite e4m3 byte (subnormals, both zeros, the largest) through the kernel's integer rebuild, against
+    torch's own conversion: an identity input gives the weight back, column by column. Returns the mismatches."""
+    codes = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    weight = codes.view(torch.float8_e4m3fn)
+    finite = weight.float().isfinite()
+    qweight = torch.where(finite, codes, torch.zeros_like(codes)).view(torch.float8_e4m3fn)  # NaNs out
+    out = kernels.quantized_linear(torch.eye(16), qweight, torch.ones(16, 1))
+    return int((out.t() != qweight.float()).sum())
+
+
 def model_errors(demo: Path) -> dict[str, object]:
     """The demo model quantized: logits through the kernel against the expanding path, and how often each
     kernel entry ran."""
@@ -88,7 +99,12 @@ def model_errors(demo: Path) -> dict[str, object]:
 
 def main() -> None:
     torch.manual_seed(0)
-    report = {"dense": dense_errors(), "grouped": grouped_errors(), "model": model_errors(Path(sys.argv[1]))}
+    report = {
+        "dense": dense_errors(),
+        "grouped": grouped_errors(),
+        "fp8_byte_mismatches": fp8_byte_mismatches(),
+        "model": model_errors(Path(sys.argv[1])),
+    }
     print(json.dumps(report))
 
 
