@@ -290,6 +290,28 @@ def test_the_cpu_head_in_vocabulary_slices_is_the_whole_product(tiny, monkeypatc
     torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_self_conditioning_casts_the_distribution_a_vocabulary_slice_at_a_time(tiny, monkeypatch):
+    """bf16 weights and a float32 distribution: the soft embedding is summed over slices of the vocabulary (in
+    float32), so the whole distribution is never cast to bf16, and it is the one product's within bf16 rounding."""
+    import copy
+
+    import diffgemma.model as model_module
+
+    network = copy.deepcopy(tiny.network).to(torch.bfloat16)
+    vocab = 16384  # a vocabulary large beside the hidden size, as in the real model, so a cast copy stands out
+    network.embed_tokens.weight = torch.nn.Parameter(torch.randn(vocab, tiny.config.hidden_size) * 0.05)
+    network.embed_tokens.to(torch.bfloat16)
+    monkeypatch.setattr(model_module, "VOCAB_SLICE", vocab // 7 + 5)  # seven full slices and a partial one
+    probs = torch.randn(3, 16, vocab).softmax(-1)
+    with torch.no_grad():
+        whole = (probs.to(torch.bfloat16) @ network.embed_tokens.weight) * network.config.embed_scale
+        with PeakMemory() as memory:
+            sliced = network.soft_embed(probs)
+    assert sliced.dtype == torch.bfloat16
+    torch.testing.assert_close(sliced.float(), whole.float(), rtol=0.02, atol=0.02 * float(whole.abs().max()))
+    assert memory.peak < probs.numel() * 2 / 4, memory.peak / (probs.numel() * 2)  # a bf16 copy would be all of it
+
+
 def test_compiled_decoder_layers_match_eager(tiny):
     """`compile_decoder` (torch.compile of each layer's two halves) computes what the eager halves compute, and
     a whole decoder pass through it stays close to the eager pass (bf16: its kernels round differently)."""
