@@ -40,7 +40,7 @@ from diffgemma.config import parse_model_config
 from diffgemma.generate import DecoderGraph, Draft, RandomSource, denoising_loop, sampler_step
 from diffgemma.model import DiffusionGemma
 from diffgemma.presets import preset_config
-from diffgemma.quant import QuantFormat, _Quantized, convert_, weight_bytes
+from diffgemma.quant import QuantFormat, _Quantized, convert_, memory_estimate, weight_bytes
 
 CANVAS_STEPS = 16
 
@@ -436,7 +436,14 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
                 with torch.no_grad():
                     median_ms(denoise_step(network, 1, 4096), 3, device)
-                lines.append(f"int4, 4k context, batch 1: peak GPU memory {peak()} GiB (target <= 16.8 GiB = 18 GB)")
+                parts = memory_estimate(config, dtype, fmt, 4096, 1)
+                # no graph here, one memory pool: the larger of the two passes' temporaries counts
+                estimate = (sum(parts.values()) - min(parts["step"], parts["prompt"])) / 2**30
+                lines.append(
+                    f"int4, 4k context, batch 1: peak GPU memory {peak()} GiB (target <= 16.8 GiB = 18 GB; `info`'s "
+                    f"arithmetic: {estimate - parts['expanded'] / 2**30:.1f} GiB with the fused kernel, "
+                    f"{estimate:.1f} expanding)"
+                )
                 print(lines[-1], flush=True)
             if args.compile:
                 network.compile_decoder()

@@ -76,7 +76,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     from .api import DTYPE_NAMES, resolve_folder
     from .config import load_configs
-    from .quant import FORMATS, QuantFormat, weight_bytes
+    from .quant import FORMATS, QuantFormat, memory_estimate
 
     folder = resolve_folder(_model_path(args))
     config, settings = load_configs(folder)
@@ -95,18 +95,20 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"canvas          {config.canvas_length} tokens")
     print(f"parameters      {_count(total)} total, {_count(active)} active per token")
     print("weights         " + ", ".join(f"{name} {_gib(total * size)}" for name, size in BYTES_PER_DTYPE.items()))
-    print(f"memory for {args.context} tokens of context, batch {args.batch} (weights + cache + sampler buffers):")
-    sampler_bytes = config.sampler_bytes(args.batch)
+    print(
+        f"memory for {args.context} tokens of context, batch {args.batch} (weights + cache + sampler buffers + "
+        "activations: a denoising step's and a prompt chunk's largest temporaries):"
+    )
     rows = [(name, DTYPE_NAMES[name], None) for name in BYTES_PER_DTYPE]
     rows += [(f"{fmt} (bf16)", torch.bfloat16, QuantFormat(fmt)) for fmt in FORMATS]
     for label, dtype, fmt in rows:
-        weights, expanded = weight_bytes(config, dtype, fmt)
-        cache = config.cache_bytes(args.context, args.batch, dtype.itemsize)
-        whole = weights + expanded + cache + sampler_bytes
-        detail = f"weights {_gib(weights)}, cache {_gib(cache)}, sampler {_gib(sampler_bytes)}"
-        detail += f", one weight expanded {_gib(expanded)}" if fmt is not None else ""
+        parts = memory_estimate(config, dtype, fmt, args.context, args.batch)
+        whole = sum(parts.values())
+        detail = f"weights {_gib(parts['weights'])}, cache {_gib(parts['cache'])}, sampler {_gib(parts['sampler'])}"
+        detail += f", activations {_gib(parts['step'] + parts['prompt'])}"
+        detail += f", one weight expanded {_gib(parts['expanded'])}" if fmt is not None else ""
         # int4, int8, fp8 (Triton; fp8 on Hopper: its matrix units) have GPU kernels that read weights as stored
-        direct = f"; {_gib(whole - expanded)} where a GPU kernel takes {fmt.name}" if fmt is not None else ""
+        direct = f"; {_gib(whole - parts['expanded'])} where a GPU kernel takes {fmt.name}" if fmt is not None else ""
         print(f"  {label:<14}{_gib(whole)} ({detail}{direct})")
     print(
         f"sampler         {settings.max_denoising_steps} steps, entropy bound {settings.entropy_bound}, "

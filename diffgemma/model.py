@@ -278,8 +278,7 @@ class Layer(nn.Module):
         attention_inputs, feed_forward = (
             self.compiled if fused and self.compiled else (self.attention_inputs, self.feed_forward)
         )
-        q, k, v = attention_inputs(hidden, *rope)
-        attended = attend(self.index, q, k, v)
+        attended = attend(self.index, *attention_inputs(hidden, *rope))  # queries, keys, values freed here
         return feed_forward(hidden, attended, self.encoder_layer_scalar if encoder else self.layer_scalar)
 
     def attention_inputs(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -287,8 +286,10 @@ class Layer(nn.Module):
 
     def feed_forward(self, hidden: torch.Tensor, attended: torch.Tensor, scalar: torch.Tensor) -> torch.Tensor:
         """Attention's output projection, then the dense MLP and the experts side by side (attended [B, H, T, D])."""
-        attended = attended.transpose(1, 2).reshape(*hidden.shape[:2], -1)
-        hidden = hidden + self.post_attention_layernorm(self.self_attn.o_proj(attended))
+        # The heads' merge (a copy) stays inside the expression: freed after the projection, not held to the end.
+        hidden = hidden + self.post_attention_layernorm(
+            self.self_attn.o_proj(attended.transpose(1, 2).reshape(*hidden.shape[:2], -1))
+        )
         residual = hidden
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(hidden)))
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -712,3 +713,52 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
         k, v, grouped = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
     with sdpa_kernel(_CUDA_ATTENTION):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=grouped)
+
+
+def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_value: int) -> tuple[int, int]:
+    """The largest temporaries of inference beyond the weights, the cache and the sampler's buffers, estimated
+    from the shapes (an upper estimate, as on CUDA): (one denoising step, one prompt chunk). On CUDA the
+    decoder's graph keeps its own memory pool, so both are held at once.
+
+    A layer's largest moment is one of: the queries' projection with its float32 norm and rotary temporaries;
+    attention's queries and outputs with the keys and values (while encoding, a sliding layer's window and the
+    new keys joined, and the causal mask made additive; on CUDA repeated to the query heads wherever flash
+    attention cannot serve: masked calls and heads over 256, which covers the decoder's and the prompt's full
+    layers); the experts' rows in their
+    group layout (16-row aligned on CUDA), gate/up and down products, each pair's output and its float32
+    weighted copy, the routing's count and attention's output. Beside it: the masks and a few
+    hidden-state-sized tensors (while encoding, the earlier chunks' outputs too). A step also casts and
+    multiplies the vocabulary a slice at a time (head, self-conditioning). Checked against the tensors a CPU
+    pass allocates (tests/test_engine.py); the CUDA kernels' own workspaces are not counted.
+    """
+    b, h, heads = bytes_per_value, config.hidden_size, config.num_attention_heads
+
+    def pass_bytes(queries: int, full_keys: int, encoding: bool) -> int:
+        tokens = batch * queries
+        window_keys = config.sliding_window - 1 + queries
+        attention = 0
+        for shape in config.layers:
+            keys = window_keys if shape.is_sliding else full_keys
+            joined = shape.num_kv_heads if encoding and shape.is_sliding else 0  # the window and the new keys
+            stored = 2 * batch * keys * shape.head_dim * (heads + joined) * b
+            stored += tokens * keys * b if encoding else 0  # the causal mask in its additive form
+            attention = max(
+                attention,
+                tokens * heads * shape.head_dim * max(12 + b, 6 * b),
+                2 * tokens * heads * shape.head_dim * b + stored,
+            )
+        pairs = tokens * config.top_k_experts
+        rows = pairs + config.num_experts * (GPU_GROUP_ALIGN - 1)
+        experts = rows * (2 * h + 2 * config.moe_intermediate_size) * b + pairs * h * (b + 4) + tokens * h * 4
+        experts += pairs * config.num_experts * 4  # the routing's running count
+        experts += tokens * heads * max(shape.head_dim for shape in config.layers) * b  # attention's output
+        masks = tokens * (full_keys + window_keys)  # booleans, one mask of each kind for the whole pass
+        return 6 * tokens * h * b + masks + max(attention, experts)
+
+    canvas = config.canvas_length
+    vocabulary_slice = batch * canvas * (min(VOCAB_SLICE, config.vocab_size) * b + h * 4)
+    step = max(pass_bytes(canvas, context + canvas, False), 4 * batch * canvas * h * b + vocabulary_slice)
+    # The prompt chunk by chunk, each attending to the keys so far, beside the earlier chunks' returned outputs.
+    chunks = [(start, min(PREFILL_CHUNK, context - start)) for start in range(0, context, PREFILL_CHUNK)]
+    prompt = max(pass_bytes(queries, start + queries, True) + batch * start * h * b for start, queries in chunks)
+    return step, prompt

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import kernels
 from .errors import DiffGemmaError
-from .model import DiffusionGemma, Experts, grouped_linear
+from .model import DiffusionGemma, Experts, activation_bytes, grouped_linear
 
 FORMATS = ("int8", "int4", "fp8")
 INT4_GROUP = 64
@@ -383,3 +383,20 @@ def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> 
                     halves = 2 if isinstance(module, QuantExperts) and name == "gate_up_proj" else 1
                     expanded = max(expanded, math.prod(shape) * element // halves)
     return held, expanded
+
+
+def memory_estimate(config, dtype: torch.dtype, fmt: QuantFormat | None, context: int, batch: int) -> dict[str, int]:
+    """Bytes of inference by part, for `context` tokens of context and `batch` rows: `weights` as held,
+    `expanded` (the largest weight expanded for use, where no kernel takes the format as stored), the `cache`,
+    the `sampler`'s buffers, and the largest temporaries of a denoising `step` and of a `prompt` chunk (both
+    held at once on CUDA, where the decoder's graph has its own memory pool; `model.activation_bytes`)."""
+    weights, expanded = weight_bytes(config, dtype, fmt)
+    step, prompt = activation_bytes(config, context, batch, dtype.itemsize)
+    return {
+        "weights": weights,
+        "expanded": expanded,
+        "cache": config.cache_bytes(context, batch, dtype.itemsize),
+        "sampler": config.sampler_bytes(batch),
+        "step": step,
+        "prompt": prompt,
+    }

@@ -130,6 +130,68 @@ def test_sampler_step_adds_no_vocabulary_sized_tensor():
     assert memory.peak >= one
 
 
+def _cuda_like_attention(q, k, v, mask):
+    """The CUDA branch of `model._sdpa` where flash attention cannot serve: grouped heads repeated."""
+    if q.shape[1] != k.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+ACTIVATION_SHAPES = {
+    "experts": dict(
+        vocab_size=3000, hidden_size=256, intermediate_size=512, num_experts=16, top_k_experts=4,
+        moe_intermediate_size=256, sliding_window=64,
+    ),
+    "attention": dict(
+        vocab_size=3000, hidden_size=128, intermediate_size=256, num_experts=8, top_k_experts=2,
+        moe_intermediate_size=64, sliding_window=64, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+        global_head_dim=256, num_global_key_value_heads=1,
+    ),
+    "vocabulary": dict(
+        vocab_size=40000, hidden_size=64, intermediate_size=128, num_experts=8, top_k_experts=2,
+        moe_intermediate_size=64, sliding_window=64,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(ACTIVATION_SHAPES))
+def test_activation_estimate_matches_what_a_pass_allocates(kind, dtype, monkeypatch):
+    """`info`'s activation figures (`model.activation_bytes`) against the tensors a prompt's encoding and a
+    denoising step allocate, on shapes where the experts, attention (heads repeated as on CUDA) or the
+    vocabulary slices dominate; the expert layout and the vocabulary slices as on CUDA."""
+    import diffgemma.model as model_module
+    from diffgemma.config import parse_model_config
+    from diffgemma.presets import init_random_, preset_config
+
+    monkeypatch.setattr(model_module, "_sdpa", _cuda_like_attention)
+    monkeypatch.setattr(model_module, "HEAD_SLICE", model_module.VOCAB_SLICE)
+    raw = preset_config("tiny", **ACTIVATION_SHAPES[kind])
+    raw["canvas_length"] = 64
+    config = parse_model_config(raw, kind)
+    with torch.device("meta"):
+        network = model_module.DiffusionGemma(config)
+    network = network.to(dtype).to_empty(device="cpu").eval()
+    init_random_(network, 0)
+    for layer in network.layers:
+        layer.experts.group_align = GPU_GROUP_ALIGN
+    batch, prompt = (3, 300) if dtype == torch.float32 else (2, 1100)  # one chunk; three chunks
+    generator = torch.Generator().manual_seed(0)
+    cache = network.new_cache(batch, prompt + 64)
+    with torch.no_grad():
+        with PeakMemory() as encoding:
+            network.encode(torch.randint(3, config.vocab_size, (batch, prompt), generator=generator), cache)
+        canvas = torch.randint(3, config.vocab_size, (batch, 64), generator=generator)
+        probs = torch.randn(batch, 64, config.vocab_size, generator=generator).softmax(-1)
+        logits = torch.empty(batch, 64, config.vocab_size)
+        with PeakMemory() as step:
+            network.denoise(canvas, cache, probs, logits_out=logits)
+    step_estimate, prompt_estimate = model_module.activation_bytes(config, prompt, batch, dtype.itemsize)
+    assert 0.9 < step.peak / step_estimate < 1.1, (step.peak, step_estimate)
+    assert 0.9 < encoding.peak / prompt_estimate < 1.1, (encoding.peak, prompt_estimate)
+
+
 def test_gpu_benchmark_dry_run_at_a_tiny_shape():
     script = Path(__file__).parent.parent / "bench" / "gpu.py"
     command = [sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--dtype", "float32"]
