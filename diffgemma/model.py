@@ -704,15 +704,28 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=grouped)
     flash = mask is None and q.shape[-1] <= 256 and q.dtype in (torch.float16, torch.bfloat16)
-    if grouped and not flash:
-        # Flash attention takes no mask (nor heads over 256) and the memory-efficient kernel no grouped heads:
-        # left grouped, such a call falls to PyTorch's float32 math path (5 ms a step on the 26B shape's
-        # decoder, an H100). Repeating the keys and values to the query heads costs a small copy and keeps a
-        # fused kernel (bench/RESULTS.md).
-        groups = q.shape[1] // k.shape[1]
-        k, v, grouped = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
     with sdpa_kernel(_CUDA_ATTENTION):
+        if grouped and not flash:
+            # Flash attention takes no mask (nor heads over 256) and the memory-efficient kernel no grouped heads:
+            # left grouped, such a call falls to PyTorch's float32 math path (5 ms a step on the 26B shape's
+            # decoder, an H100, bench/RESULTS.md).
+            return grouped_as_one_head(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=grouped)
+
+
+def grouped_as_one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention for kernels without grouped heads: the query heads that share a key head are
+    stacked along the query axis, so each key head is attended once as it is stored. The same scores and
+    softmax rows as repeating the keys and values to every query head, without that copy (on the 26B shape's
+    full layers, 16 x 512 values a key, twice the cache it reads: 136 MB a step at a 4k context, 1 GB at 32k).
+    q [B, H, Q, D]; k, v [B, KV, K, D]; mask [B or 1, 1, Q or 1, K] -> [B, H, Q, D]."""
+    batch, heads, queries, dim = q.shape
+    groups = heads // k.shape[1]
+    folded = q.reshape(batch, k.shape[1], groups * queries, dim)  # head h = key head h // groups, as repeating
+    if mask is not None and mask.shape[-2] != 1:
+        mask = mask.repeat(1, 1, groups, 1)  # a per-query mask, once for each stacked head
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=1.0)
+    return out.reshape(batch, heads, queries, dim)
 
 
 def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_value: int) -> tuple[int, int]:
@@ -721,15 +734,14 @@ def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_va
     decoder's graph keeps its own memory pool, so both are held at once.
 
     A layer's largest moment is one of: the queries' projection with its float32 norm and rotary temporaries;
-    attention's queries and outputs with the keys and values (while encoding, a sliding layer's window and the
-    new keys joined, and the causal mask made additive; on CUDA repeated to the query heads wherever flash
-    attention cannot serve: masked calls and heads over 256, which covers the decoder's and the prompt's full
-    layers); the experts' rows in their
-    group layout (16-row aligned on CUDA), gate/up and down products, each pair's output and its float32
-    weighted copy, the routing's count and attention's output. Beside it: the masks and a few
-    hidden-state-sized tensors (while encoding, the earlier chunks' outputs too). A step also casts and
-    multiplies the vocabulary a slice at a time (head, self-conditioning). Checked against the tensors a CPU
-    pass allocates (tests/test_engine.py); the CUDA kernels' own workspaces are not counted.
+    attention's queries (stacked by key head where heads are grouped, `grouped_as_one_head`, as on CUDA),
+    output and its copy, and while encoding a sliding layer's window joined to the new keys and the causal
+    mask (made additive, and repeated for each stacked head); the experts' rows in their group layout (16-row
+    aligned on CUDA), gate/up and down products, each pair's output and its float32 weighted copy, the
+    routing's count and attention's output. Beside it: the masks and a few hidden-state-sized tensors (while
+    encoding, the earlier chunks' outputs too). A step also casts and multiplies the vocabulary a slice at a
+    time (head, self-conditioning). Checked against the tensors a CPU pass allocates (tests/test_engine.py);
+    the CUDA kernels' own workspaces are not counted.
     """
     b, h, heads = bytes_per_value, config.hidden_size, config.num_attention_heads
 
@@ -739,14 +751,13 @@ def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_va
         attention = 0
         for shape in config.layers:
             keys = window_keys if shape.is_sliding else full_keys
-            joined = shape.num_kv_heads if encoding and shape.is_sliding else 0  # the window and the new keys
-            stored = 2 * batch * keys * shape.head_dim * (heads + joined) * b
-            stored += tokens * keys * b if encoding else 0  # the causal mask in its additive form
-            attention = max(
-                attention,
-                tokens * heads * shape.head_dim * max(12 + b, 6 * b),
-                2 * tokens * heads * shape.head_dim * b + stored,
-            )
+            groups = heads // shape.num_kv_heads
+            held = 3 * tokens * heads * shape.head_dim * b  # queries stacked by key head, the output and its copy
+            if encoding:  # a sliding layer's window joined to the new keys; the causal mask once a stacked head
+                held += 2 * batch * keys * shape.head_dim * shape.num_kv_heads * b if shape.is_sliding else 0
+                held += tokens * keys * groups * (1 + b) if groups > 1 else tokens * keys * b
+            projection = tokens * heads * shape.head_dim * max(12 + b, 6 * b)
+            attention = max(attention, projection, held)
         pairs = tokens * config.top_k_experts
         rows = pairs + config.num_experts * (GPU_GROUP_ALIGN - 1)
         experts = rows * (2 * h + 2 * config.moe_intermediate_size) * b + pairs * h * (b + 4) + tokens * h * 4

@@ -131,11 +131,36 @@ def test_sampler_step_adds_no_vocabulary_sized_tensor():
 
 
 def _cuda_like_attention(q, k, v, mask):
-    """The CUDA branch of `model._sdpa` where flash attention cannot serve: grouped heads repeated."""
+    """`model._sdpa`'s CUDA branch where flash attention cannot serve (a mask): grouped heads stacked."""
+    import diffgemma.model as model_module
+
     if q.shape[1] != k.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return model_module.grouped_as_one_head(q, k, v, mask)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+@pytest.mark.parametrize("mask_kind", ["per query", "per key", "none"])
+def test_grouped_heads_stacked_along_the_queries_attend_as_repeated_heads(mask_kind):
+    """CUDA's path for grouped heads under a mask (`grouped_as_one_head`: no copy of the keys) against the keys
+    and values repeated to every query head, float32 and bf16, batch rows with their own masks."""
+    from diffgemma.model import grouped_as_one_head
+
+    generator = torch.Generator().manual_seed(3)
+    batch, heads, key_heads, queries, keys, dim = 2, 8, 2, 5, 37, 16
+    q = torch.randn(batch, queries, heads, dim, generator=generator).transpose(1, 2)  # as projected: a view
+    k = torch.randn(batch, key_heads, keys, dim, generator=generator)
+    v = torch.randn(batch, key_heads, keys, dim, generator=generator)
+    rows = {"per query": queries, "per key": 1, "none": 0}[mask_kind]
+    mask = torch.rand(batch, 1, rows, keys, generator=generator) > 0.4 if rows else None
+    if mask is not None:
+        mask[..., 0] = True  # no empty row
+    for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        args = [t.to(dtype) for t in (q, k, v)]
+        repeated = [t.repeat_interleave(heads // key_heads, dim=1) for t in args[1:]]
+        expected = torch.nn.functional.scaled_dot_product_attention(args[0], *repeated, attn_mask=mask, scale=1.0)
+        stacked = grouped_as_one_head(*args, mask)
+        assert stacked.shape == expected.shape and stacked.dtype == dtype
+        torch.testing.assert_close(stacked, expected, rtol=tolerance, atol=tolerance)
 
 
 ACTIVATION_SHAPES = {
@@ -159,7 +184,7 @@ ACTIVATION_SHAPES = {
 @pytest.mark.parametrize("kind", list(ACTIVATION_SHAPES))
 def test_activation_estimate_matches_what_a_pass_allocates(kind, dtype, monkeypatch):
     """`info`'s activation figures (`model.activation_bytes`) against the tensors a prompt's encoding and a
-    denoising step allocate, on shapes where the experts, attention (heads repeated as on CUDA) or the
+    denoising step allocate, on shapes where the experts, attention (grouped heads as on CUDA) or the
     vocabulary slices dominate; the expert layout and the vocabulary slices as on CUDA."""
     import diffgemma.model as model_module
     from diffgemma.config import parse_model_config
