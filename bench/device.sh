@@ -3,7 +3,7 @@
 # process under its own time limit, so one that fails or overruns costs only itself; results and logs go to
 # $OUT (the device tool brings that folder back):
 #   0. bench/kernel_tiles.py: the fused kernel's tile settings timed on the int4 experts (the fastest is used below),
-#      and int8 at that tile;
+#      int8 at that tile, and fp8 at that tile against the fp8 matrix units (the faster is used below);
 #   1. bench/gpu.py on the 26B-A4B shape: diffgemma in bf16, fp8 and int4, eager and CUDA graph (steps, floor,
 #      whole loop, AR, memory, syncs), a kernel profile of each format's graph step;
 #   2. the same with the decoder's layers compiled (torch.compile; COMPILE_FORMATS, default all three);
@@ -62,6 +62,13 @@ if [ -z "${DIFFGEMMA_KERNEL_TILE:-}" ] && [ "$DEVICE" = cuda ]; then
     [ -n "$tile" ] && export DIFFGEMMA_KERNEL_TILE=$tile && say "kernel tile for the rest of the call: $tile"
     timeout 30 python3 bench/kernel_tiles.py --shape "$SHAPE" --device "$DEVICE" --format int8 \
         --candidates "${tile:-64,64,4,3}" | tee -a "$OUT/kernel_tiles.md" || say "kernel_tiles.py (int8) ended with $?"
+    # fp8 through the fused kernel against the fp8 matrix units (Hopper): the faster serves the rest of the call
+    timeout 40 python3 bench/kernel_tiles.py --shape "$SHAPE" --device "$DEVICE" --format fp8 \
+        --candidates "${tile:-64,64,4,3}" | tee "$OUT/kernel_tiles_fp8.md" || say "kernel_tiles.py (fp8) ended with $?"
+    cat "$OUT/kernel_tiles_fp8.md" >> "$OUT/kernel_tiles.md"
+    if grep -q "^fp8 for 1 canvas(es): DIFFGEMMA_FP8_MATRIX_UNITS=0" "$OUT/kernel_tiles_fp8.md"; then
+        export DIFFGEMMA_FP8_MATRIX_UNITS=0 && say "fp8 through the fused kernel for the rest of the call"
+    fi
 fi
 
 say "1. bench/gpu.py: diffgemma"

@@ -1,5 +1,6 @@
 """The fused kernel's tile settings, timed on the 26B-A4B shape's experts (the bulk of a step's bytes), in int4
-(the default), int8 or fp8 (--format; on Hopper fp8 takes the matrix units instead, this times the kernel).
+(the default), int8 or fp8 (--format; on Hopper fp8 is timed in the fp8 matrix units too, and the faster way
+is named as DIFFGEMMA_FP8_MATRIX_UNITS).
 
 For each candidate (BLOCK_N, BLOCK_K, warps, stages) it times one layer's expert projections (gate/up, then
 down) on a batch-1 and a batch-4 canvas's routing, beside the expanding path (weights expanded to bf16, then
@@ -30,7 +31,7 @@ from diffgemma import kernels
 from diffgemma.config import parse_model_config
 from diffgemma.model import GPU_GROUP_ALIGN, grouped_linear
 from diffgemma.presets import preset_config
-from diffgemma.quant import QuantFormat, dequantize, quantize
+from diffgemma.quant import QuantFormat, dequantize, fp8_grouped_linear, fp8_matrix_units, quantize
 
 MAX_ERROR = 0.02  # against the expanded weights in bf16: rounding is about 0.004
 CANDIDATES = "64,64,4,3 128,64,4,3 64,128,4,3 128,128,8,3 32,128,4,4 64,256,4,3"
@@ -130,12 +131,15 @@ def routed_rows(config, canvases: int, device: torch.device, dtype: torch.dtype)
 
 
 def run_experts(
-    weights: dict, inputs: dict, ends: torch.Tensor, expand: QuantFormat | None, dtype
+    weights: dict, inputs: dict, ends: torch.Tensor, expand: QuantFormat | None, dtype, units: bool = False
 ) -> list[torch.Tensor]:
-    """One layer's expert projections: through the fused kernel, or (`expand`) expanded then grouped GEMMs."""
+    """One layer's expert projections: through the fused kernel, the fp8 matrix units (`units`), or
+    (`expand`) expanded then grouped GEMMs."""
     outputs = []
     for name, stored in weights.items():
-        if expand is None:
+        if units:
+            outputs.append(fp8_grouped_linear(inputs[name], stored["qweight"], stored["scale"], ends).to(dtype))
+        elif expand is None:
             outputs.append(kernels.quantized_grouped_linear(inputs[name], stored["qweight"], stored["scale"], ends))
         else:
             weight = dequantize(stored["qweight"], stored["scale"], expand, dtype)
@@ -176,6 +180,7 @@ def main() -> None:
     print("| tile (N,K,warps,stages) | canvases | ms (gate/up + down) | GB/s over packed bytes | rel. error |")
     print("|---|---|---|---|---|")
     best: dict[int, tuple[float, str]] = {}
+    unit_ms: dict[int, float] = {}
     for canvases in (1, 4):
         ends, slots = routed_rows(config, canvases, device, dtype)
         inputs = {
@@ -201,8 +206,20 @@ def main() -> None:
             print(f"| {text} | {canvases} | {ms:.3f} | {packed / ms / 1e6:,.0f} | {error:.4f} |", flush=True)
         ms = median_ms(expanded, args.iters, device)
         print(f"| expanded to bf16 + grouped GEMM | {canvases} | {ms:.3f} | {packed / ms / 1e6:,.0f} | |", flush=True)
+        if args.format == "fp8" and fp8_matrix_units(fmt, inputs["down"]):
+            units = partial(run_experts, weights, inputs, ends, None, dtype, True)
+            ms, error = median_ms(units, args.iters, device), relative_error(units(), references, used)
+            print(
+                f"| fp8 matrix units (_scaled_grouped_mm) | {canvases} | {ms:.3f} | {packed / ms / 1e6:,.0f} | "
+                f"{error:.4f} |",
+                flush=True,
+            )
+            unit_ms[canvases] = ms
     for canvases, (ms, text) in best.items():
         print(f"fastest for {canvases} canvas(es): DIFFGEMMA_KERNEL_TILE={text} ({ms:.3f} ms)")
+        if canvases in unit_ms:
+            choice = "0 (the fused kernel)" if ms < unit_ms[canvases] else "1 (the matrix units)"
+            print(f"fp8 for {canvases} canvas(es): DIFFGEMMA_FP8_MATRIX_UNITS={choice}")
 
 
 if __name__ == "__main__":

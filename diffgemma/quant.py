@@ -17,6 +17,7 @@ memory. A quantized checkpoint carries `quantization_config` in its config.json 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -177,19 +178,7 @@ class QuantLinear(_Quantized, nn.Module):
         units = fp8_matrix_units(self.fmt, x)
         if direct_kernel(self.fmt, x, self.source_shapes["weight"][-1]):
             try:
-                if not units:
-                    out = kernels.quantized_linear(x, qweight, scale)
-                else:
-                    rows, row_scale = fp8_rows(x.reshape(-1, x.shape[-1]))
-                    out = torch._scaled_mm(
-                        rows,
-                        qweight.t(),
-                        scale_a=row_scale,
-                        scale_b=scale.reshape(1, -1),
-                        out_dtype=torch.bfloat16,
-                        use_fast_accum=True,
-                    )
-                    out = out.view(*x.shape[:-1], -1).to(x.dtype)
+                out = (fp8_linear if units else kernels.quantized_linear)(x, qweight, scale)
                 return out if self.bias is None else out + self.bias
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
                 direct_kernel_failed(self.fmt, err, per_shape=units)
@@ -228,17 +217,7 @@ class QuantExperts(_Quantized, Experts):
             try:
                 if not units:
                     return kernels.quantized_grouped_linear(rows, qweight, scale, offsets)
-                quantized, row_scale = fp8_rows(rows)
-                out = torch._scaled_grouped_mm(
-                    quantized,
-                    qweight.transpose(-2, -1),
-                    row_scale.reshape(-1),
-                    scale.reshape(qweight.shape[:2]),
-                    offs=offsets,
-                    out_dtype=torch.bfloat16,
-                    use_fast_accum=True,
-                )
-                return out.to(self.compute_dtype)
+                return fp8_grouped_linear(rows, qweight, scale, offsets).to(self.compute_dtype)
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
                 direct_kernel_failed(self.fmt, err, per_shape=units)
         if name != "gate_up_proj":
@@ -274,8 +253,12 @@ def direct_kernel(fmt: QuantFormat, x: torch.Tensor, columns: int) -> bool:
 
 
 def fp8_matrix_units(fmt: QuantFormat, x: torch.Tensor) -> bool:
-    """fp8 weights on a GPU with fp8 matrix units (Hopper and later): activations are made fp8 too."""
-    return fmt.name == "fp8" and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    """fp8 weights on a GPU with fp8 matrix units (Hopper and later): activations are made fp8 too. With
+    DIFFGEMMA_FP8_MATRIX_UNITS=0 such GPUs take the fused weight-only kernel instead (bf16 activations, one byte
+    a weight read as well; `bench/kernel_tiles.py --format fp8` times both)."""
+    if fmt.name != "fp8" or not x.is_cuda or os.environ.get("DIFFGEMMA_FP8_MATRIX_UNITS") == "0":
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 def set_direct_kernels(enabled: bool) -> None:
@@ -300,6 +283,37 @@ def direct_kernel_failed(fmt: QuantFormat, err: Exception, per_shape: bool = Fal
 
         _DIRECT["failures"].append(message)
         warnings.warn(f"{message}; expanding the weights instead", stacklevel=3)
+
+
+def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] through an fp8 weight [N, K] (float32 scales [N, 1]) in the fp8 matrix units -> [..., N]."""
+    rows, row_scale = fp8_rows(x.reshape(-1, x.shape[-1]))
+    out = torch._scaled_mm(
+        rows,
+        qweight.t(),
+        scale_a=row_scale,
+        scale_b=scale.reshape(1, -1),
+        out_dtype=torch.bfloat16,
+        use_fast_accum=True,
+    )
+    return out.view(*x.shape[:-1], -1).to(x.dtype)
+
+
+def fp8_grouped_linear(
+    rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor
+) -> torch.Tensor:
+    """rows [S, K] sorted by expert (`ends`: the groups' cumulative ends) through each expert's fp8 weight
+    [E, N, K] in the fp8 matrix units -> bf16 [S, N]."""
+    quantized, row_scale = fp8_rows(rows)
+    return torch._scaled_grouped_mm(
+        quantized,
+        qweight.transpose(-2, -1),
+        row_scale.reshape(-1),
+        scale.reshape(qweight.shape[:2]),
+        offs=ends,
+        out_dtype=torch.bfloat16,
+        use_fast_accum=True,
+    )
 
 
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,6 +85,20 @@ def test_no_kernel_under_autograd_or_for_shapes_it_does_not_take(monkeypatch):
     assert not quant.direct_kernel(fmt, x.requires_grad_(), 96)  # the kernel has no backward
 
 
+def test_fp8_takes_the_matrix_units_on_hopper_unless_told_otherwise(monkeypatch):
+    from types import SimpleNamespace
+
+    on_gpu = SimpleNamespace(is_cuda=True, device="cuda:0")  # what fp8_matrix_units reads of a tensor
+    fp8 = QuantFormat("fp8")
+    monkeypatch.delenv("DIFFGEMMA_FP8_MATRIX_UNITS", raising=False)
+    for capability, expected in (((9, 0), True), ((10, 0), True), ((8, 9), False), ((8, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert quant.fp8_matrix_units(fp8, on_gpu) is expected
+        assert not quant.fp8_matrix_units(QuantFormat("int8"), on_gpu)
+    monkeypatch.setenv("DIFFGEMMA_FP8_MATRIX_UNITS", "0")  # the fused weight-only kernel instead
+    assert not quant.fp8_matrix_units(fp8, on_gpu)
+
+
 def test_tile_settings_are_checked_and_the_tile_bench_dry_runs(monkeypatch):
     assert kernels.parse_tile("128,64,8,4") == {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
     for bad in ("64,64,4", "48,64,4,3", "8,64,4,3", "64,64,4,0", "a,b,c,d"):
