@@ -56,14 +56,14 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 
 if [ -z "${DIFFGEMMA_KERNEL_TILE:-}" ] && [ "$DEVICE" = cuda ]; then
     say "0. bench/kernel_tiles.py: the fused kernel's tiles on the experts (int4; then int8 at the chosen tile)"
-    timeout "${TILE_LIMIT:-75}" python3 bench/kernel_tiles.py --shape "$SHAPE" --device "$DEVICE" | tee "$OUT/kernel_tiles.md" \
+    timeout "${TILE_LIMIT:-60}" python3 bench/kernel_tiles.py --shape "$SHAPE" --device "$DEVICE" | tee "$OUT/kernel_tiles.md" \
         || say "kernel_tiles.py ended with $?"
     tile=$(sed -n 's/^fastest for 1 canvas(es): DIFFGEMMA_KERNEL_TILE=\([0-9,]*\).*/\1/p' "$OUT/kernel_tiles.md")
     [ -n "$tile" ] && export DIFFGEMMA_KERNEL_TILE=$tile && say "kernel tile for the rest of the call: $tile"
-    timeout 30 python3 bench/kernel_tiles.py --shape "$SHAPE" --device "$DEVICE" --format int8 \
+    timeout 25 python3 bench/kernel_tiles.py --shape "$SHAPE" --device "$DEVICE" --format int8 \
         --candidates "${tile:-64,64,4,3}" | tee -a "$OUT/kernel_tiles.md" || say "kernel_tiles.py (int8) ended with $?"
     # fp8 through the fused kernel against the fp8 matrix units (Hopper): the faster serves the rest of the call
-    timeout 40 python3 bench/kernel_tiles.py --shape "$SHAPE" --device "$DEVICE" --format fp8 \
+    timeout 30 python3 bench/kernel_tiles.py --shape "$SHAPE" --device "$DEVICE" --format fp8 \
         --candidates "${tile:-64,64,4,3}" | tee "$OUT/kernel_tiles_fp8.md" || say "kernel_tiles.py (fp8) ended with $?"
     cat "$OUT/kernel_tiles_fp8.md" >> "$OUT/kernel_tiles.md"
     if grep -q "^fp8 for 1 canvas(es): DIFFGEMMA_FP8_MATRIX_UNITS=0" "$OUT/kernel_tiles_fp8.md"; then
