@@ -9,8 +9,9 @@ from a CUDA graph, beside the whole loop's tokens/s (`denoising_loop`, two canva
 decoder's layers through torch.compile, `--profile DIR` writes a kernel table per format. Then the
 reference implementation (transformers, eager and its compiled static-cache mode) on the same bf16 weights,
 the sampler's extra
-memory at vocabulary 262,144 and batch 8, int4 with a 4k context, and a check that a canvas's steps never
-synchronise with the host (torch.cuda.set_sync_debug_mode). Each part that fails is reported, not fatal.
+memory at vocabulary 262,144 and batch 8, int4 with a 4k context, each format's activations (a step's and
+the prompt's temporaries) beside `info`'s estimate, and a check that a canvas's steps never synchronise with
+the host (torch.cuda.set_sync_debug_mode). Each part that fails is reported, not fatal.
 
     python bench/gpu.py                         # on the device: everything, appended to bench/RESULTS.md
     python bench/gpu.py --shape tiny --device cpu --iters 2 --no-append   # the dry run the tests use
@@ -38,7 +39,7 @@ from common import append_results
 
 from diffgemma.config import parse_model_config
 from diffgemma.generate import DecoderGraph, Draft, RandomSource, denoising_loop, sampler_step
-from diffgemma.model import DiffusionGemma
+from diffgemma.model import DiffusionGemma, activation_bytes
 from diffgemma.presets import preset_config
 from diffgemma.quant import QuantFormat, _Quantized, convert_, memory_estimate, weight_bytes
 
@@ -242,6 +243,38 @@ def sampler_extra_bytes(device: torch.device, vocab: int, batch: int, length: in
     sampler_step(logits, canvas, 0.1, rng, None, probs)
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before, one
+
+
+def activation_check(network: DiffusionGemma, device: torch.device, batch: int, prompt_length: int) -> str:
+    """Peak bytes a prompt's encoding and one eager decoder pass allocate beyond what they are given (the
+    cache, the logits and distribution buffers), beside `info`'s estimate (`model.activation_bytes`)."""
+    if device.type != "cuda":
+        return "activations: measured on CUDA only"
+    config, length = network.config, network.config.canvas_length
+    cache = network.new_cache(batch, prompt_length + length)
+    ids = torch.randint(3, config.vocab_size, (batch, prompt_length), device=device)
+    canvas = torch.randint(3, config.vocab_size, (batch, length), device=device)
+    logits = torch.empty(batch, length, config.vocab_size, device=device)
+    probs = torch.full_like(logits, 1 / config.vocab_size)
+    scale = torch.tensor(1 / 0.6, device=device)
+
+    def peak_of(work: Callable[[], object]) -> int:
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        work()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+
+    with torch.no_grad():
+        encoding = peak_of(lambda: network.encode(ids, cache))
+        step = peak_of(lambda: network.denoise(canvas, cache, probs, logits_out=logits, logit_scale=scale))
+    step_estimate, prompt_estimate = activation_bytes(config, prompt_length, batch, network.dtype.itemsize)
+    mib = 2**20
+    return (
+        f"activations, batch {batch}, prompt {prompt_length}: a step {step / mib:.0f} MiB (estimate "
+        f"{step_estimate / mib:.0f}), the prompt {encoding / mib:.0f} MiB (estimate {prompt_estimate / mib:.0f})"
+    )
 
 
 def syncs_per_step(network: DiffusionGemma, device: torch.device, cuda_graph: bool = False) -> str:
@@ -463,6 +496,7 @@ def main() -> None:
                 traceback.print_exc()
             if fmt is not None:
                 lines.append(direct_check(network, fmt, device))
+            lines.append(f"{name}: {activation_check(network, device, max(batches), args.prompt)}")
             with torch.no_grad():
                 for batch in batches:
                     ms = median_ms(denoise_step(network, batch, args.prompt), args.iters, device)

@@ -717,7 +717,7 @@ def grouped_as_one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     """Grouped-query attention for kernels without grouped heads: the query heads that share a key head are
     stacked along the query axis, so each key head is attended once as it is stored. The same scores and
     softmax rows as repeating the keys and values to every query head, without that copy (on the 26B shape's
-    full layers, 16 x 512 values a key, twice the cache it reads: 136 MB a step at a 4k context, 1 GB at 32k).
+    full layers 8 times the cache it reads: 136 MB a step at a 4k context, 1 GB at 32k).
     q [B, H, Q, D]; k, v [B, KV, K, D]; mask [B or 1, 1, Q or 1, K] -> [B, H, Q, D]."""
     batch, heads, queries, dim = q.shape
     groups = heads // k.shape[1]

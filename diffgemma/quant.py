@@ -7,8 +7,8 @@ model (bench/RESULTS.md), and on the 26B shape they are 4.5% of the weights, so 
 0.1 GB. What stays in the model dtype: the embedding (it is also the tied output head), norms, routers and
 the self-conditioning block, which are small and sensitive. Weights are stored quantized, so memory at rest
 is what the format promises. Where a GPU kernel takes the format as stored (fp8 on Hopper's matrix
-units; int4, int8, and fp8 on Ampere and Ada, through kernels.py) they are multiplied as they are; elsewhere they are
-expanded to the activation dtype one weight at a time as they are used.
+units; int4, int8, and fp8 on Ampere and Ada, through kernels.py) they are multiplied as they are;
+elsewhere they are expanded to the activation dtype one weight at a time as they are used.
 
 Loading with `quant=` quantizes tensor by tensor as they come off disk: the float model is never whole in
 memory. A quantized checkpoint carries `quantization_config` in its config.json and loads as it was saved.
