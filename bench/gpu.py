@@ -103,7 +103,9 @@ def denoise_step(network: DiffusionGemma, batch: int, prompt_length: int, graph:
     with `graph`, the decoder pass is replayed from a CUDA graph as the loop's `cuda_graph` does."""
     config, device = network.config, network.device
     cache = network.new_cache(batch, prompt_length + config.canvas_length)
-    network.encode(torch.randint(3, config.vocab_size, (batch, prompt_length), device=device), cache)
+    network.encode(
+        torch.randint(3, config.vocab_size, (batch, prompt_length), device=device), cache, return_hidden=False
+    )
     rng = RandomSource("fast", batch, device, 0)
     canvas = rng.tokens(batch, config.canvas_length, config.vocab_size)
     shape = (batch, config.canvas_length, config.vocab_size)
@@ -267,7 +269,7 @@ def activation_check(network: DiffusionGemma, device: torch.device, batch: int, 
         return torch.cuda.max_memory_allocated(device) - before
 
     with torch.no_grad():
-        encoding = peak_of(lambda: network.encode(ids, cache))
+        encoding = peak_of(lambda: network.encode(ids, cache, return_hidden=False))
         step = peak_of(lambda: network.denoise(canvas, cache, probs, logits_out=logits, logit_scale=scale))
     step_estimate, prompt_estimate = activation_bytes(config, prompt_length, batch, network.dtype.itemsize)
     mib = 2**20

@@ -532,7 +532,7 @@ def denoising_loop(
     passes = torch.zeros(batch, dtype=torch.long, device=device)
     steps_per_canvas: list[list[int]] = []
     with torch.no_grad():
-        network.encode(ids, cache, attention_mask)
+        network.encode(ids, cache, attention_mask, return_hidden=False)
         for canvas_index in range(canvases):
             span = slice(canvas_index * length, (canvas_index + 1) * length)
             excluded = None
@@ -628,7 +628,7 @@ def denoising_loop(
             rows_done |= done_now
             if bool(rows_done.all()):
                 break
-            network.encode(committed, cache)
+            network.encode(committed, cache, return_hidden=False)
 
     new_tokens = [
         _trim(row, limit, settings.eos_token_id, prompt_length, stop_at_eos)

@@ -452,28 +452,37 @@ class DiffusionGemma(nn.Module):
         return EncoderCache(self.config, batch_size, capacity, self.device, self.dtype, keep_all)
 
     def encode(
-        self, ids: torch.Tensor, cache: EncoderCache, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        ids: torch.Tensor,
+        cache: EncoderCache,
+        attention_mask: torch.Tensor | None = None,
+        return_hidden: bool = True,
+    ) -> torch.Tensor | None:
         """Run the causal encoder over `ids` [B, T] (positions continue the cache) and append them to the cache.
 
-        `attention_mask` [B, T] marks real tokens (False for padding). Returns the final hidden states [B, T, H].
-        Without gradients a long prompt goes in chunks of `PREFILL_CHUNK` tokens, each attending to the cache
-        the earlier ones wrote: the same result, with activations bounded by the chunk (a 4k prompt's experts
-        would otherwise hold [4k x top-k, hidden] tensors, about 1 GB on the 26B shape), not the context.
+        `attention_mask` [B, T] marks real tokens (False for padding). Returns the final hidden states [B, T, H],
+        or None with `return_hidden` False (generation needs only the cache: a 32k prompt's states would hold
+        0.2 GB on the 26B shape, twice that while joined). Without gradients a long prompt goes in chunks of
+        `PREFILL_CHUNK` tokens, each attending to the cache the earlier ones wrote: the same result, with
+        activations bounded by the chunk (a 4k prompt's experts would otherwise hold [4k x top-k, hidden]
+        tensors, about 1 GB on the 26B shape), not the context.
         """
         if ids.shape[1] <= PREFILL_CHUNK or torch.is_grad_enabled():
-            return self._encode(ids, cache, attention_mask)
+            return self._encode(ids, cache, attention_mask, return_hidden)
         hidden = [
             self._encode(
                 ids[:, start : start + PREFILL_CHUNK],
                 cache,
                 None if attention_mask is None else attention_mask[:, start : start + PREFILL_CHUNK],
+                return_hidden,
             )
             for start in range(0, ids.shape[1], PREFILL_CHUNK)
         ]
-        return torch.cat(hidden, dim=1)
+        return torch.cat(hidden, dim=1) if return_hidden else None
 
-    def _encode(self, ids: torch.Tensor, cache: EncoderCache, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _encode(
+        self, ids: torch.Tensor, cache: EncoderCache, attention_mask: torch.Tensor | None, return_hidden: bool
+    ) -> torch.Tensor | None:
         batch, tokens = ids.shape
         start = cache.length
         cache.ensure_capacity(tokens)
@@ -524,7 +533,7 @@ class DiffusionGemma(nn.Module):
             kind = self.config.layer_types[layer.index]
             hidden = layer(hidden, rope[kind], attend, encoder=True, fused=fused)
         cache.length = start + tokens
-        return self.norm(hidden)
+        return self.norm(hidden) if return_hidden else None
 
     def denoise(
         self,
@@ -738,10 +747,9 @@ def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_va
     output and its copy, and while encoding a sliding layer's window joined to the new keys and the causal
     mask (made additive, and repeated for each stacked head); the experts' rows in their group layout (16-row
     aligned on CUDA), gate/up and down products, each pair's output and its float32 weighted copy, the
-    routing's count and attention's output. Beside it: the masks and a few hidden-state-sized tensors (while
-    encoding, the earlier chunks' outputs too). A step also casts and multiplies the vocabulary a slice at a
-    time (head, self-conditioning). Checked against the tensors a CPU pass allocates (tests/test_engine.py);
-    the CUDA kernels' own workspaces are not counted.
+    routing's count and attention's output. Beside it: the masks and a few hidden-state-sized tensors. A step
+    also casts and multiplies the vocabulary a slice at a time (head, self-conditioning). Checked against the
+    tensors a CPU pass allocates (tests/test_engine.py); the CUDA kernels' own workspaces are not counted.
     """
     b, h, heads = bytes_per_value, config.hidden_size, config.num_attention_heads
 
@@ -769,7 +777,6 @@ def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_va
     canvas = config.canvas_length
     vocabulary_slice = batch * canvas * (min(VOCAB_SLICE, config.vocab_size) * b + h * 4)
     step = max(pass_bytes(canvas, context + canvas, False), 4 * batch * canvas * h * b + vocabulary_slice)
-    # The prompt chunk by chunk, each attending to the keys so far, beside the earlier chunks' returned outputs.
+    # The prompt chunk by chunk, each attending to the keys so far (generation keeps no hidden states).
     chunks = [(start, min(PREFILL_CHUNK, context - start)) for start in range(0, context, PREFILL_CHUNK)]
-    prompt = max(pass_bytes(queries, start + queries, True) + batch * start * h * b for start, queries in chunks)
-    return step, prompt
+    return step, max(pass_bytes(queries, start + queries, True) for start, queries in chunks)

@@ -206,7 +206,8 @@ def test_activation_estimate_matches_what_a_pass_allocates(kind, dtype, monkeypa
     cache = network.new_cache(batch, prompt + 64)
     with torch.no_grad():
         with PeakMemory() as encoding:
-            network.encode(torch.randint(3, config.vocab_size, (batch, prompt), generator=generator), cache)
+            ids = torch.randint(3, config.vocab_size, (batch, prompt), generator=generator)
+            network.encode(ids, cache, return_hidden=False)  # as generation encodes
         canvas = torch.randint(3, config.vocab_size, (batch, 64), generator=generator)
         probs = torch.randn(batch, 64, config.vocab_size, generator=generator).softmax(-1)
         logits = torch.empty(batch, 64, config.vocab_size)
@@ -493,6 +494,12 @@ def test_long_prompts_are_encoded_in_chunks_with_the_same_result(tiny, monkeypat
         torch.testing.assert_close(chunked_layer.values, layer.values, rtol=1e-4, atol=1e-4)
         assert torch.equal(chunked_layer.valid, layer.valid) and torch.equal(chunked_layer.positions, layer.positions)
     torch.testing.assert_close(chunked_logits, logits, rtol=1e-4, atol=1e-4)
+    kept, bare = network.new_cache(2, 41), network.new_cache(2, 41)
+    with torch.no_grad():  # as generation encodes (chunks of 7 still): the same cache, no hidden states kept
+        network.encode(ids, kept, mask)
+        assert network.encode(ids, bare, mask, return_hidden=False) is None
+    for layer, bare_layer in zip(kept.layers, bare.layers, strict=True):
+        assert torch.equal(bare_layer.keys, layer.keys) and torch.equal(bare_layer.values, layer.values)
     calls = []
     monkeypatch.setattr(network, "_encode", lambda *args: calls.append(args[0].shape[1]) or hidden[:, :0])
     with torch.no_grad():
