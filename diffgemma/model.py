@@ -718,23 +718,40 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
             # Flash attention takes no mask (nor heads over 256) and the memory-efficient kernel no grouped heads:
             # left grouped, such a call falls to PyTorch's float32 math path (5 ms a step on the 26B shape's
             # decoder, an H100, bench/RESULTS.md).
-            return grouped_as_one_head(q, k, v, mask)
+            return grouped_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=grouped)
 
 
-def grouped_as_one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Grouped-query attention for kernels without grouped heads: the query heads that share a key head are
-    stacked along the query axis, so each key head is attended once as it is stored. The same scores and
-    softmax rows as repeating the keys and values to every query head, without that copy (on the 26B shape's
-    full layers 8 times the cache it reads: 136 MB a step at a 4k context, 1 GB at 32k).
-    q [B, H, Q, D]; k, v [B, KV, K, D]; mask [B or 1, 1, Q or 1, K] -> [B, H, Q, D]."""
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention for kernels without grouped heads (q [B, H, Q, D]; k, v [B, KV, K, D]; mask
+    [B or 1, 1, Q or 1, K]) -> [B, H, Q, D], through whichever copy is smaller (`stacks_heads`): the query heads
+    that share a key head stacked along the query axis, so each key head is attended as it is stored (a mask
+    per query is then repeated once per stacked head), or the keys and values repeated to every query head.
+    Both give the scores and softmax rows of plain grouped attention. On the 26B shape's full layers the
+    repeat is 8 times the cache it reads (136 MB a decoder step at a 4k context, 1 GB at 32k): the decoder,
+    whose mask is per key, always stacks; a prompt chunk stacks there too."""
     batch, heads, queries, dim = q.shape
     groups = heads // k.shape[1]
+    if not stacks_heads(q, k, mask):
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     folded = q.reshape(batch, k.shape[1], groups * queries, dim)  # head h = key head h // groups, as repeating
     if mask is not None and mask.shape[-2] != 1:
         mask = mask.repeat(1, 1, groups, 1)  # a per-query mask, once for each stacked head
     out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=1.0)
     return out.reshape(batch, heads, queries, dim)
+
+
+def stacks_heads(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `grouped_attention` stacks the query heads (else repeats the keys and values): the smaller copy.
+    A key costs the repeat 2 x heads x D values; stacking costs nothing more with no mask or one per key, and
+    with a mask per query its repeated booleans and their additive form beyond the one attention makes anyway."""
+    queries, value_bytes = q.shape[2], q.element_size()
+    if mask is None or mask.shape[-2] == 1:
+        return True
+    groups = q.shape[1] // k.shape[1]
+    stacked = mask.shape[0] * queries * (groups * (1 + value_bytes) - value_bytes)
+    return stacked <= 2 * q.shape[0] * q.shape[1] * q.shape[-1] * value_bytes
 
 
 def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_value: int) -> tuple[int, int]:
@@ -743,9 +760,10 @@ def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_va
     decoder's graph keeps its own memory pool, so both are held at once.
 
     A layer's largest moment is one of: the queries' projection with its float32 norm and rotary temporaries;
-    attention's queries (stacked by key head where heads are grouped, `grouped_as_one_head`, as on CUDA),
-    output and its copy, and while encoding a sliding layer's window joined to the new keys and the causal
-    mask (made additive, and repeated for each stacked head); the experts' rows in their group layout (16-row
+    attention's queries (stacked by key head where heads are grouped, `grouped_attention`, as on CUDA),
+    output and its copy, and while encoding a sliding layer's window joined to the new keys, the causal mask
+    made additive, and the smaller of the copies grouped heads take (the mask repeated per stacked head, or
+    the keys and values repeated per query head); the experts' rows in their group layout (16-row
     aligned on CUDA), gate/up and down products, each pair's output and its float32 weighted copy, the
     routing's count and attention's output. Beside it: the masks and a few hidden-state-sized tensors. A step
     also casts and multiplies the vocabulary a slice at a time (head, self-conditioning). Checked against the
@@ -760,10 +778,15 @@ def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_va
         for shape in config.layers:
             keys = window_keys if shape.is_sliding else full_keys
             groups = heads // shape.num_kv_heads
-            held = 3 * tokens * heads * shape.head_dim * b  # queries stacked by key head, the output and its copy
-            if encoding:  # a sliding layer's window joined to the new keys; the causal mask once a stacked head
+            queries_bytes = tokens * heads * shape.head_dim * b
+            held = 2 * queries_bytes  # the output and its copy
+            # grouped heads: the queries stacked by key head (a copy) and, for a prompt, the smaller of that
+            # with its mask repeated per stacked head or the keys and values repeated (`grouped_attention`)
+            stacked = queries_bytes + (tokens * keys * (groups * (1 + b) - b) if encoding else 0)
+            held += min(stacked, 2 * batch * keys * heads * shape.head_dim * b) if groups > 1 else 0
+            if encoding:  # a sliding layer's window joined to the new keys; the causal mask made additive
                 held += 2 * batch * keys * shape.head_dim * shape.num_kv_heads * b if shape.is_sliding else 0
-                held += tokens * keys * groups * (1 + b) if groups > 1 else tokens * keys * b
+                held += tokens * keys * b
             projection = tokens * heads * shape.head_dim * max(12 + b, 6 * b)
             attention = max(attention, projection, held)
         pairs = tokens * config.top_k_experts

@@ -131,22 +131,24 @@ def test_sampler_step_adds_no_vocabulary_sized_tensor():
 
 
 def _cuda_like_attention(q, k, v, mask):
-    """`model._sdpa`'s CUDA branch where flash attention cannot serve (a mask): grouped heads stacked."""
+    """`model._sdpa`'s CUDA branch where flash attention cannot serve (a mask): `grouped_attention`."""
     import diffgemma.model as model_module
 
     if q.shape[1] != k.shape[1]:
-        return model_module.grouped_as_one_head(q, k, v, mask)
+        return model_module.grouped_attention(q, k, v, mask)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
 @pytest.mark.parametrize("mask_kind", ["per query", "per key", "none"])
-def test_grouped_heads_stacked_along_the_queries_attend_as_repeated_heads(mask_kind):
-    """CUDA's path for grouped heads under a mask (`grouped_as_one_head`: no copy of the keys) against the keys
-    and values repeated to every query head, float32 and bf16, batch rows with their own masks."""
-    from diffgemma.model import grouped_as_one_head
+@pytest.mark.parametrize("queries", [5, 200])
+def test_grouped_attention_equals_repeated_heads(mask_kind, queries):
+    """CUDA's path for grouped heads that no fused kernel takes (`grouped_attention`: query heads stacked, or
+    keys and values repeated, whichever copy is smaller) against the keys and values repeated to every query
+    head, float32 and bf16, batch rows with their own masks; both of its ways are taken."""
+    from diffgemma.model import grouped_attention, stacks_heads
 
     generator = torch.Generator().manual_seed(3)
-    batch, heads, key_heads, queries, keys, dim = 2, 8, 2, 5, 37, 16
+    batch, heads, key_heads, keys, dim = 2, 8, 2, 37, 16
     q = torch.randn(batch, queries, heads, dim, generator=generator).transpose(1, 2)  # as projected: a view
     k = torch.randn(batch, key_heads, keys, dim, generator=generator)
     v = torch.randn(batch, key_heads, keys, dim, generator=generator)
@@ -154,13 +156,15 @@ def test_grouped_heads_stacked_along_the_queries_attend_as_repeated_heads(mask_k
     mask = torch.rand(batch, 1, rows, keys, generator=generator) > 0.4 if rows else None
     if mask is not None:
         mask[..., 0] = True  # no empty row
+    # a long per-query mask costs more stacked than the keys repeated; otherwise the heads are stacked
+    assert stacks_heads(q, k, mask) is (mask_kind != "per query" or queries == 5)
     for dtype, tolerance in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
         args = [t.to(dtype) for t in (q, k, v)]
         repeated = [t.repeat_interleave(heads // key_heads, dim=1) for t in args[1:]]
         expected = torch.nn.functional.scaled_dot_product_attention(args[0], *repeated, attn_mask=mask, scale=1.0)
-        stacked = grouped_as_one_head(*args, mask)
-        assert stacked.shape == expected.shape and stacked.dtype == dtype
-        torch.testing.assert_close(stacked, expected, rtol=tolerance, atol=tolerance)
+        out = grouped_attention(*args, mask)
+        assert out.shape == expected.shape and out.dtype == dtype
+        torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
 
 
 ACTIVATION_SHAPES = {
