@@ -535,11 +535,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(model, args.host, args.port, options)
 
 
-def _add_model_options(parser: argparse.ArgumentParser, sampling: bool = True) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, sampling: bool = True, inference: bool = True) -> None:
+    """--model, --device, --dtype; for a command that runs the model (`inference`, `_load`) --quant and --compile;
+    and with `sampling` the sampler's settings."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    if sampling:
+    if inference:
         parser.add_argument(
             "--quant", default=None, choices=["int8", "int4", "fp8"], help="quantize weights while loading"
         )
@@ -703,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--lora-self-conditioning", action="store_true", help="chat: adapt that block too")
     trainer.add_argument("--accumulation", type=int, default=1, help="chat: micro-batches per optimizer step")
     trainer.add_argument("--thinking", action="store_true", help="chat: render prompts with thinking enabled")
-    _add_model_options(trainer, sampling=False)
+    _add_model_options(trainer, sampling=False, inference=False)
     trainer.set_defaults(run=cmd_train)
 
     quantize = commands.add_parser("quantize", help="write a weight-quantized copy of a checkpoint (atomic)")
@@ -724,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora = commands.add_parser("lora-merge", help="fold a LoRA adapter into its base model: a new full checkpoint")
     lora.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
     lora.add_argument("--out", required=True, help="folder for the merged checkpoint")
-    _add_model_options(lora, sampling=False)
+    _add_model_options(lora, sampling=False, inference=False)
     lora.set_defaults(run=cmd_lora_merge)
 
     info = commands.add_parser("info", help="summarise a checkpoint: shape, parameters, memory, sampler")

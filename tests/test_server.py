@@ -1,13 +1,17 @@
 """The OpenAI-compatible server, driven by the official `openai` client over real HTTP on 127.0.0.1."""
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from assets.make_demo_model import ANSWERS
-from server_util import running
+from server_util import free_port, running
 
 from diffgemma.server import ServerOptions, create_app
 from diffgemma.server.batcher import Batcher
@@ -241,3 +245,31 @@ def test_thinking_goes_out_as_reasoning_content(client):
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == answer
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thought
+
+
+def test_the_serve_command_answers_an_openai_client(demo):
+    """`diffgemma serve` as a user runs it (its own process, loading options included) answers the official
+    client; the other tests drive the app in-process."""
+    port = free_port()
+    demo_folder = Path(__file__).parent / "assets" / "demo"
+    command = [sys.executable, "-m", "diffgemma.cli", "serve", "--model", str(demo_folder), "--port", str(port)]
+    command += ["--quant", "int8", "--name", "demo-cli"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [model.id for model in client.models.list().data] == ["demo-cli"]
+        reply = client.chat.completions.create(model="demo-cli", messages=ask(SKY), max_tokens=64, seed=1)
+        assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
