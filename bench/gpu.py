@@ -10,8 +10,9 @@ decoder's layers through torch.compile, `--profile DIR` writes a kernel table pe
 reference implementation (transformers, eager and its compiled static-cache mode) on the same bf16 weights,
 the sampler's extra
 memory at vocabulary 262,144 and batch 8, int4 with a 4k context, each format's activations (a step's and
-the prompt's temporaries) beside `info`'s estimate, and a check that a canvas's steps never synchronise with
-the host (torch.cuda.set_sync_debug_mode). Each part that fails is reported, not fatal.
+the prompt's temporaries) beside `info`'s estimate and its prefill of a 4k prompt (time to the first
+canvas), and a check that a canvas's steps never synchronise with the host (torch.cuda.set_sync_debug_mode).
+Each part that fails is reported, not fatal.
 
     python bench/gpu.py                         # on the device: everything, appended to bench/RESULTS.md
     python bench/gpu.py --shape tiny --device cpu --iters 2 --no-append   # the dry run the tests use
@@ -39,7 +40,7 @@ from common import append_results
 
 from diffgemma.config import parse_model_config
 from diffgemma.generate import DecoderGraph, Draft, RandomSource, denoising_loop, sampler_step
-from diffgemma.model import DiffusionGemma, activation_bytes
+from diffgemma.model import PREFILL_CHUNK, DiffusionGemma, activation_bytes
 from diffgemma.presets import preset_config
 from diffgemma.quant import QuantFormat, _Quantized, convert_, memory_estimate, weight_bytes
 
@@ -245,6 +246,26 @@ def sampler_extra_bytes(device: torch.device, vocab: int, batch: int, length: in
     sampler_step(logits, canvas, 0.1, rng, None, probs)
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before, one
+
+
+def prefill_check(network: DiffusionGemma, fmt: QuantFormat | None, device: torch.device, bandwidth: float) -> str:
+    """How long a 4k-token prompt takes to encode (batch 1; the first token waits on it), beside what reading
+    every weight once a chunk would take (its bandwidth floor; compute is ~7.6 GFLOP a token on the 26B shape)."""
+    config = network.config
+    prompt_length = 4096
+    ids = torch.randint(3, config.vocab_size, (1, prompt_length), device=device)
+
+    def encode() -> None:
+        network.encode(ids, network.new_cache(1, prompt_length), return_hidden=False)
+
+    with torch.no_grad():
+        ms = median_ms(encode, 3, device, warmup=1)
+    chunks = math.ceil(prompt_length / PREFILL_CHUNK)
+    floor = chunks * weight_bytes(config, network.dtype, fmt)[0] / bandwidth * 1000
+    return (
+        f"prefill of a {prompt_length}-token prompt: {ms:.0f} ms ({prompt_length / ms * 1000:,.0f} tokens/s; "
+        f"{chunks} chunks of {PREFILL_CHUNK}, reading the weights once a chunk: {floor:.0f} ms)"
+    )
 
 
 def activation_check(network: DiffusionGemma, device: torch.device, batch: int, prompt_length: int) -> str:
@@ -499,6 +520,7 @@ def main() -> None:
             if fmt is not None:
                 lines.append(direct_check(network, fmt, device))
             lines.append(f"{name}: {activation_check(network, device, max(batches), args.prompt)}")
+            lines.append(f"{name}: {prefill_check(network, fmt, device, bandwidth)}")
             with torch.no_grad():
                 for batch in batches:
                     ms = median_ms(denoise_step(network, batch, args.prompt), args.iters, device)
