@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from assets.make_demo_model import ANSWERS
 
+from diffgemma import DiffGemmaError
 from diffgemma.cli import main
 
 DEMO = str(Path(__file__).parent / "assets" / "demo")
@@ -36,6 +37,37 @@ def test_info(capsys):
     assert activations > 0
     assert whole == pytest.approx(weights + cache + sampler + activations + expanded, abs=rounding)
     assert direct == pytest.approx(whole - expanded, abs=rounding) and "where a GPU kernel takes int4" in int4
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "hi"],
+        ["chat"],
+        ["infill", "--prefix", "a", "--suffix", "b"],
+        ["edit", "{file}", "--lines", "1:1"],
+        ["serve"],
+        ["sudoku", "--puzzle", "0" * 81],
+        ["eval", "sudoku", "--puzzles", "p.txt"],
+    ],
+)
+def test_every_command_that_runs_the_model_takes_the_loading_options(argv, monkeypatch, capsys, tmp_path):
+    """Each command reaches the loader with --quant and --compile (`serve` once lacked them and crashed)."""
+    import diffgemma.api
+
+    (tmp_path / "some.txt").write_text("a line\n")
+    argv = [part.replace("{file}", str(tmp_path / "some.txt")) for part in argv]
+
+    calls = []
+
+    def load(path, **options):
+        calls.append(options)
+        raise DiffGemmaError("stop here")
+
+    monkeypatch.setattr(diffgemma.api, "load", load)
+    code = main([*argv, "--model", DEMO, "--quant", "int4", "--compile", "--device", "cpu"])
+    assert code == 2 and "stop here" in capsys.readouterr().err
+    assert calls and calls[0]["quant"] == "int4" and calls[0]["compile"] is True
 
 
 def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
