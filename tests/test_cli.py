@@ -39,6 +39,19 @@ def test_info(capsys):
     assert direct == pytest.approx(whole - expanded, abs=rounding) and "where a GPU kernel takes int4" in int4
 
 
+def test_info_needs_only_a_config(capsys, tmp_path):
+    """A folder with the real model's config.json alone gives its memory per format (no 50 GB download)."""
+    import json
+
+    from diffgemma.presets import preset_config
+
+    (tmp_path / "config.json").write_text(json.dumps(preset_config("26b-a4b")))
+    code, out, _ = run(capsys, "info", "--model", str(tmp_path), "--context", "4096")
+    assert code == 0 and "25.25B total" in out
+    int4 = next(line for line in out.splitlines() if line.strip().startswith("int4"))
+    assert "14.75 GiB where a GPU kernel takes int4" in int4  # bench/RESULTS.md's table
+
+
 @pytest.mark.parametrize(
     "argv",
     [
