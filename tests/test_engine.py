@@ -222,6 +222,37 @@ def test_activation_estimate_matches_what_a_pass_allocates(kind, dtype, monkeypa
     assert 0.9 < encoding.peak / prompt_estimate < 1.1, (encoding.peak, prompt_estimate)
 
 
+@pytest.mark.parametrize("dtype, batch, prompt", [(torch.float32, 1, 700), (torch.bfloat16, 2, 1100)])
+def test_memory_estimate_of_a_whole_generation(dtype, batch, prompt, monkeypatch):
+    """`info`'s parts for a prompt that fills the context (cache, sampler buffers, the larger pass's
+    temporaries: the CPU has one memory pool) against every tensor a whole generation allocates, expert
+    layout, vocabulary slices and grouped attention as on CUDA; two canvases, the second shorter."""
+    import diffgemma.model as model_module
+    from diffgemma.config import SamplerSettings, parse_model_config
+    from diffgemma.presets import init_random_, preset_config
+    from diffgemma.quant import memory_estimate
+
+    monkeypatch.setattr(model_module, "_sdpa", _cuda_like_attention)
+    monkeypatch.setattr(model_module, "HEAD_SLICE", model_module.VOCAB_SLICE)
+    raw = preset_config("tiny", **(ACTIVATION_SHAPES["experts"] | {"vocab_size": 20000}))
+    raw["canvas_length"] = 64
+    config = parse_model_config(raw, "experts")
+    with torch.device("meta"):
+        network = model_module.DiffusionGemma(config)
+    network = network.to(dtype).to_empty(device="cpu").eval()
+    init_random_(network, 0)
+    for layer in network.layers:
+        layer.experts.group_align = GPU_GROUP_ALIGN
+    settings = SamplerSettings(max_denoising_steps=3, max_new_tokens=100)
+    ids = torch.randint(3, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    with PeakMemory() as memory:
+        for _ in denoising_loop(network, settings, ids, seed=0, stop_at_eos=False):
+            pass
+    parts = memory_estimate(config, dtype, None, prompt + 64, batch)  # the cache's last canvas is spare slots
+    estimate = parts["cache"] + parts["sampler"] + max(parts["step"], parts["prompt"])
+    assert 0.9 < memory.peak / estimate < 1.05, (memory.peak, parts)
+
+
 def test_gpu_benchmark_dry_run_at_a_tiny_shape():
     script = Path(__file__).parent.parent / "bench" / "gpu.py"
     command = [sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--dtype", "float32"]
