@@ -105,7 +105,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         parts = memory_estimate(config, dtype, fmt, args.context, args.batch)
         whole = sum(parts.values())
         detail = f"weights {_gib(parts['weights'])}, cache {_gib(parts['cache'])}, sampler {_gib(parts['sampler'])}"
-        detail += f", activations {_gib(parts['step'] + parts['prompt'])}"
+        detail += f", activations {_gib(parts['step'] + parts['prompt'])} (a step {_gib(parts['step'])}"
+        detail += f", a prompt chunk {_gib(parts['prompt'])})"
         detail += f", one weight expanded {_gib(parts['expanded'])}" if fmt is not None else ""
         # int4, int8, fp8 (Triton; fp8 on Hopper: its matrix units) have GPU kernels that read weights as stored
         direct = f"; {_gib(whole - parts['expanded'])} where a GPU kernel takes {fmt.name}" if fmt is not None else ""

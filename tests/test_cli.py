@@ -32,9 +32,9 @@ def test_info(capsys):
     int4 = next(line for line in out.splitlines() if line.strip().startswith("int4"))
     scale = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
     sizes = [float(n) * scale[unit] for n, unit in re.findall(r"([\d.]+) (KiB|MiB|GiB)", int4)]
-    whole, weights, cache, sampler, activations, expanded, direct = sizes
+    whole, weights, cache, sampler, activations, step, prompt, expanded, direct = sizes
     rounding = 0.3 * 2**20  # each figure is printed to a tenth of its unit
-    assert activations > 0
+    assert activations > 0 and activations == pytest.approx(step + prompt, abs=rounding)
     assert whole == pytest.approx(weights + cache + sampler + activations + expanded, abs=rounding)
     assert direct == pytest.approx(whole - expanded, abs=rounding) and "where a GPU kernel takes int4" in int4
 
