@@ -4,13 +4,16 @@
 # $OUT (the device tool brings that folder back):
 #   0. bench/kernel_tiles.py: the fused kernel's tile settings timed on the int4 experts (the fastest is used below),
 #      int8 at that tile, and fp8 at that tile against the fp8 matrix units (the faster is used below);
-#   1. bench/gpu.py on the 26B-A4B shape: diffgemma in bf16, fp8 and int4, eager and CUDA graph (steps, floor,
-#      whole loop, AR, memory, syncs), a kernel profile of each format's graph step;
+#   1. bench/gpu.py on the 26B-A4B shape: diffgemma in bf16, fp8 and int4 (PLAIN_FORMATS), eager and CUDA graph
+#      (steps, floor, whole loop, AR, memory, activations, prefill, syncs), a kernel profile of each graph step;
 #   2. the same with the decoder's layers compiled (torch.compile; COMPILE_FORMATS, default all three);
 #   3. (TRAIN_SECONDS > 0) the sudoku model trained for TRAIN_SECONDS, beside the autoregressive baseline (the same
 #      network and budget: both train at once on the one GPU for the same wall-clock time), both scored by
 #      bench/sudoku.py on the 1,000 puzzles of $PUZZLES (diffusion, 1 step, int8, int4, AR);
-#   4. (REFERENCE="eager compiled") transformers on the same 26B-A4B weights, whatever time is left.
+#   4. (REFERENCE="eager compiled") transformers on the same 26B-A4B weights, whatever time is left. One call
+#      cannot hold every part: for the reference's compiled mode (its compile took over 132 s on an H100) give
+#      it a call of its own, e.g. DIFFGEMMA_KERNEL_TILE=64,64,4,3 (no tile step) PLAIN_FORMATS=none
+#      PLAIN_LIMIT=150 COMPILE_FORMATS=none REFERENCE=compiled.
 # Inputs (carried, ignored by git): .whl/ (transformers 5.23 for the reference), .devdata/ (the puzzle
 # pool cache and the evaluation puzzles). A dry run on the CPU at tiny sizes:
 #   DEVICE=cpu SHAPE=tiny DTYPE=bfloat16 TRAIN_SECONDS=20 BATCH=8 POOL=100 REFERENCE=eager \
@@ -73,7 +76,8 @@ fi
 
 say "1. bench/gpu.py: diffgemma"
 timeout "$PLAIN_LIMIT" python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \
-    --reference "" --profile "$OUT" --results "$OUT/gpu.md" || say "gpu.py (diffgemma) ended with $?"
+    --formats "${PLAIN_FORMATS:-none,fp8,int4}" --reference "" --profile "$OUT" --results "$OUT/gpu.md" \
+    || say "gpu.py (diffgemma) ended with $?"
 
 budget=$(( $(left) - 10 )); [ "$budget" -gt "$COMPILE_LIMIT" ] && budget=$COMPILE_LIMIT
 say "2. bench/gpu.py: diffgemma, compiled layers (limit ${budget} s)"
