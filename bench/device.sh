@@ -12,8 +12,8 @@
 #      bench/sudoku.py on the 1,000 puzzles of $PUZZLES (diffusion, 1 step, int8, int4, AR);
 #   4. (REFERENCE="eager compiled") transformers on the same 26B-A4B weights, whatever time is left. One call
 #      cannot hold every part: for the reference's compiled mode (its compile took over 132 s on an H100) give
-#      it a call of its own, e.g. DIFFGEMMA_KERNEL_TILE=64,64,4,3 (no tile step) PLAIN_FORMATS=none
-#      PLAIN_LIMIT=150 COMPILE_FORMATS=none REFERENCE=compiled.
+#      it a call of its own beside our compiled bf16 rows, e.g. DIFFGEMMA_KERNEL_TILE=64,64,4,3 (no tile step)
+#      PLAIN_FORMATS= (an empty list skips a part) COMPILE_FORMATS=none (bf16) REFERENCE=compiled.
 # Inputs (carried, ignored by git): .whl/ (transformers 5.23 for the reference), .devdata/ (the puzzle
 # pool cache and the evaluation puzzles). A dry run on the CPU at tiny sizes:
 #   DEVICE=cpu SHAPE=tiny DTYPE=bfloat16 TRAIN_SECONDS=20 BATCH=8 POOL=100 REFERENCE=eager \
@@ -76,13 +76,13 @@ fi
 
 say "1. bench/gpu.py: diffgemma"
 timeout "$PLAIN_LIMIT" python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \
-    --formats "${PLAIN_FORMATS:-none,fp8,int4}" --reference "" --profile "$OUT" --results "$OUT/gpu.md" \
+    --formats "${PLAIN_FORMATS-none,fp8,int4}" --reference "" --profile "$OUT" --results "$OUT/gpu.md" \
     || say "gpu.py (diffgemma) ended with $?"
 
 budget=$(( $(left) - 10 )); [ "$budget" -gt "$COMPILE_LIMIT" ] && budget=$COMPILE_LIMIT
 say "2. bench/gpu.py: diffgemma, compiled layers (limit ${budget} s)"
 timeout "$budget" python3 bench/gpu.py --shape "$SHAPE" --device "$DEVICE" --dtype "$DTYPE" --iters "$ITERS" \
-    --formats "${COMPILE_FORMATS:-none,fp8,int4}" --compile --reference "" --profile "$OUT" --results "$OUT/gpu.md" \
+    --formats "${COMPILE_FORMATS-none,fp8,int4}" --compile --reference "" --profile "$OUT" --results "$OUT/gpu.md" \
     || say "gpu.py (compiled) ended with $?"
 
 if [ "$TRAIN_SECONDS" -gt 0 ]; then
