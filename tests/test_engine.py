@@ -184,6 +184,27 @@ ACTIVATION_SHAPES = {
 }  # fmt: skip
 
 
+def _cuda_like_network(monkeypatch, shape: dict, dtype: torch.dtype):
+    """A random network of the tiny preset with `shape`'s overrides and a 64-token canvas, run as on CUDA: the
+    expert layout, the vocabulary slices and the attention branch for grouped heads."""
+    import diffgemma.model as model_module
+    from diffgemma.config import parse_model_config
+    from diffgemma.presets import init_random_, preset_config
+
+    monkeypatch.setattr(model_module, "_sdpa", _cuda_like_attention)
+    monkeypatch.setattr(model_module, "HEAD_SLICE", model_module.VOCAB_SLICE)
+    raw = preset_config("tiny", **shape)
+    raw["canvas_length"] = 64
+    config = parse_model_config(raw, "a CUDA-like test shape")
+    with torch.device("meta"):
+        network = model_module.DiffusionGemma(config)
+    network = network.to(dtype).to_empty(device="cpu").eval()
+    init_random_(network, 0)
+    for layer in network.layers:
+        layer.experts.group_align = GPU_GROUP_ALIGN
+    return network, config
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", list(ACTIVATION_SHAPES))
 def test_activation_estimate_matches_what_a_pass_allocates(kind, dtype, monkeypatch):
@@ -191,20 +212,8 @@ def test_activation_estimate_matches_what_a_pass_allocates(kind, dtype, monkeypa
     denoising step allocate, on shapes where the experts, attention (grouped heads as on CUDA) or the
     vocabulary slices dominate; the expert layout and the vocabulary slices as on CUDA."""
     import diffgemma.model as model_module
-    from diffgemma.config import parse_model_config
-    from diffgemma.presets import init_random_, preset_config
 
-    monkeypatch.setattr(model_module, "_sdpa", _cuda_like_attention)
-    monkeypatch.setattr(model_module, "HEAD_SLICE", model_module.VOCAB_SLICE)
-    raw = preset_config("tiny", **ACTIVATION_SHAPES[kind])
-    raw["canvas_length"] = 64
-    config = parse_model_config(raw, kind)
-    with torch.device("meta"):
-        network = model_module.DiffusionGemma(config)
-    network = network.to(dtype).to_empty(device="cpu").eval()
-    init_random_(network, 0)
-    for layer in network.layers:
-        layer.experts.group_align = GPU_GROUP_ALIGN
+    network, config = _cuda_like_network(monkeypatch, ACTIVATION_SHAPES[kind], dtype)
     batch, prompt = (3, 300) if dtype == torch.float32 else (2, 1100)  # one chunk; three chunks
     generator = torch.Generator().manual_seed(0)
     cache = network.new_cache(batch, prompt + 64)
@@ -227,22 +236,10 @@ def test_memory_estimate_of_a_whole_generation(dtype, batch, prompt, monkeypatch
     """`info`'s parts for a prompt that fills the context (cache, sampler buffers, the larger pass's
     temporaries: the CPU has one memory pool) against every tensor a whole generation allocates, expert
     layout, vocabulary slices and grouped attention as on CUDA; two canvases, the second shorter."""
-    import diffgemma.model as model_module
-    from diffgemma.config import SamplerSettings, parse_model_config
-    from diffgemma.presets import init_random_, preset_config
+    from diffgemma.config import SamplerSettings
     from diffgemma.quant import memory_estimate
 
-    monkeypatch.setattr(model_module, "_sdpa", _cuda_like_attention)
-    monkeypatch.setattr(model_module, "HEAD_SLICE", model_module.VOCAB_SLICE)
-    raw = preset_config("tiny", **(ACTIVATION_SHAPES["experts"] | {"vocab_size": 20000}))
-    raw["canvas_length"] = 64
-    config = parse_model_config(raw, "experts")
-    with torch.device("meta"):
-        network = model_module.DiffusionGemma(config)
-    network = network.to(dtype).to_empty(device="cpu").eval()
-    init_random_(network, 0)
-    for layer in network.layers:
-        layer.experts.group_align = GPU_GROUP_ALIGN
+    network, config = _cuda_like_network(monkeypatch, ACTIVATION_SHAPES["experts"] | {"vocab_size": 20000}, dtype)
     settings = SamplerSettings(max_denoising_steps=3, max_new_tokens=100)
     ids = torch.randint(3, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
     with PeakMemory() as memory:
