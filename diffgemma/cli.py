@@ -445,7 +445,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         every = 100 if args.eval_every is None else args.eval_every
         if every < 0:
             raise DiffGemmaError(f"--eval-every must be 0 (only the final checkpoint) or more, got {every}")
-        model = load(_model_path(args), device=args.device, dtype=args.dtype)
+        if args.quant and not args.lora_rank:
+            raise DiffGemmaError("--quant trains adapters over a quantized base: give --lora-rank too")
+        model = load(_model_path(args), device=args.device, dtype=args.dtype, quant=args.quant)
         lora = LoraSettings(args.lora_rank, args.lora_alpha, args.lora_self_conditioning) if args.lora_rank else None
         options = FinetuneOptions(
             data=args.data,
@@ -467,6 +469,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     from .tasks import sudoku
 
+    if args.quant:
+        raise DiffGemmaError("--quant is for `train chat` with --lora-rank (a sudoku model trains in full)")
     draft_temperatures = None
     if args.draft_temperature is not None:
         expected = "--draft-temperature must be a number or a range like 0.4:0.8"
@@ -702,6 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--data", help="chat: training conversations, JSONL with a `messages` list a line")
     trainer.add_argument("--eval-data", help="chat: held-out conversations (default: a twentieth of --data)")
     trainer.add_argument("--lora-rank", type=int, default=0, help="chat: train LoRA adapters of this rank (0: full)")
+    trainer.add_argument(
+        "--quant",
+        default=None,
+        choices=["int8", "int4", "fp8"],
+        help="chat, with --lora-rank: quantize the frozen base while loading (QLoRA: the 26B in int4 fits 18 GB)",
+    )
     trainer.add_argument("--lora-alpha", type=float, default=32.0)
     trainer.add_argument("--lora-self-conditioning", action="store_true", help="chat: adapt that block too")
     trainer.add_argument("--accumulation", type=int, default=1, help="chat: micro-batches per optimizer step")

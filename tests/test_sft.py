@@ -98,3 +98,46 @@ def test_train_chat_needs_data(tmp_path, capsys):
     base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
     assert main(["train", "chat", "--model", str(base), "--out", str(tmp_path / "o")]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_qlora_trains_adapters_over_a_frozen_quantized_base(tmp_path, capsys):
+    """LoRA over an int4 base (QLoRA): the adapters learn, the stored base stays as it was, the adapted model
+    still generates, and the adapter merges into the float checkpoint (onto the quantized one it is refused,
+    before anything changes)."""
+    from diffgemma.train.lora import LoraQuantLinear, LoraSettings, merge_lora
+    from diffgemma.train.sft import FinetuneOptions, finetune
+
+    base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
+    data = _write(tmp_path / "chat.jsonl", CONVERSATIONS * 12)
+    out = tmp_path / "run"
+    model = diffgemma.load(base, quant="int4")
+    stored = {k: v.clone() for k, v in model.network.state_dict().items() if k.endswith(("_qweight", "_scale"))}
+    options = FinetuneOptions(str(data), str(out), lora=LoraSettings(4), steps=8, batch_size=4, peak_lr=5e-3)
+    losses = finetune(model, options, log=lambda _: None, show_progress=False)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert sum(isinstance(m, LoraQuantLinear) for m in model.network.modules()) > 0
+    state = model.network.state_dict()
+    assert stored and all(torch.equal(state[k], v) for k, v in stored.items())
+    assert model.generate("Hi", max_new_tokens=8, seed=0).text is not None
+    with pytest.raises(DiffGemmaError, match="merge the adapter into the float checkpoint"):
+        merge_lora(model.network)
+    assert sum(isinstance(m, LoraQuantLinear) for m in model.network.modules()) > 0  # nothing merged
+    merged = tmp_path / "merged"
+    assert main(["lora-merge", "--model", str(base), "--adapter", str(out), "--out", str(merged)]) == 0
+    assert diffgemma.load(merged).generate("Hi", max_new_tokens=8, seed=0).text is not None
+    capsys.readouterr()
+    common = [
+        "train",
+        "chat",
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "o"),
+        "--quant",
+        "int4",
+    ]
+    assert main(common) == 2 and "give --lora-rank too" in capsys.readouterr().err
+    assert main(["train", "sudoku", "--out", str(tmp_path / "s"), "--quant", "int4"]) == 2
+    assert "--quant is for `train chat`" in capsys.readouterr().err

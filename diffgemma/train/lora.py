@@ -5,6 +5,9 @@ PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`, keys `base_m
 .weight`), written under both the decoder's and the encoder's module names of the reference model, so PEFT
 on `transformers` applies the same adapter to both of its copies. Merging folds W + scale * B @ A into the
 base weights and gives back plain linear layers, ready to save as a full checkpoint.
+
+A quantized base (loaded with `quant=`) takes adapters too (QLoRA): its projections stay frozen as stored and
+the adapters train in the model's dtype; such an adapter merges into the float checkpoint, not the quantized one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 from ..checkpoint import DECODER, ENCODER
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
+from ..quant import QuantLinear
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -63,13 +67,7 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.weight = base.weight
         self.bias = base.bias
-        self.scale = scale
-        device, dtype = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
-        # The usual start: A random, B zero, so the adapted model begins exactly where the base model is.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        _add_low_rank(self, base.in_features, base.out_features, rank, scale, base.weight.device, base.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scale
@@ -85,6 +83,43 @@ class LoraLinear(nn.Module):
         return linear
 
 
+class LoraQuantLinear(QuantLinear):
+    """A quantized projection (frozen, as stored) plus a low-rank update in the model's dtype: QLoRA. Its
+    buffers keep their names; the adapter is saved, and merges into a float checkpoint, as any other."""
+
+    def __init__(self, base: QuantLinear, rank: int, scale: float, dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        self.fmt, self.source_shapes, self.bias = base.fmt, base.source_shapes, base.bias
+        for name, buffer in base.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
+        out_features, in_features = self.source_shapes["weight"]
+        _add_low_rank(self, in_features, out_features, rank, scale, self.weight_qweight.device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+    def merged(self) -> nn.Module:
+        """Refused: folding the update into quantized weights would requantize them (a second rounding)."""
+        raise DiffGemmaError(
+            f"the base model is quantized ({self.fmt.name}): merge the adapter into the float checkpoint it was "
+            "quantized from (`diffgemma lora-merge --model FLOAT_FOLDER --adapter ...`)"
+        )
+
+
+def _add_low_rank(
+    module: nn.Module, in_features: int, out_features: int, rank: int, scale: float, device, dtype: torch.dtype
+) -> None:
+    module.scale = scale
+    module.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+    module.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+    # The usual start: A random, B zero, so the adapted model begins exactly where the base model is.
+    nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(module.lora_B.weight)
+
+
+ADAPTED = (LoraLinear, LoraQuantLinear)
+
+
 def _replace(network: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(network.get_submodule(parent_name) if parent_name else network, child, module)
@@ -95,15 +130,21 @@ def add_lora(network: DiffusionGemma, settings: LoraSettings) -> list[str]:
     if has_lora(network):
         raise DiffGemmaError("this network already has LoRA adapters")
     pattern = re.compile(settings.pattern)
-    targets = [n for n, m in network.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+    projections = (nn.Linear, QuantLinear)
+    targets = [n for n, m in network.named_modules() if isinstance(m, projections) and pattern.fullmatch(n)]
     network.requires_grad_(False)
     for name in targets:
-        _replace(network, name, LoraLinear(network.get_submodule(name), settings.rank, settings.scale))
+        base = network.get_submodule(name)
+        if isinstance(base, QuantLinear):
+            adapted = LoraQuantLinear(base, settings.rank, settings.scale, network.dtype)
+        else:
+            adapted = LoraLinear(base, settings.rank, settings.scale)
+        _replace(network, name, adapted)
     return targets
 
 
 def has_lora(network: nn.Module) -> bool:
-    return any(isinstance(m, LoraLinear) for m in network.modules())
+    return any(isinstance(m, ADAPTED) for m in network.modules())
 
 
 def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
@@ -115,7 +156,10 @@ def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
 
 def merge_lora(network: DiffusionGemma) -> int:
     """Fold every adapter into its base weight and drop it; returns how many were merged."""
-    wrapped = [(n, m) for n, m in network.named_modules() if isinstance(m, LoraLinear)]
+    wrapped = [(n, m) for n, m in network.named_modules() if isinstance(m, ADAPTED)]
+    for _, module in wrapped:  # refused before anything changes
+        if isinstance(module, LoraQuantLinear):
+            module.merged()
     for name, module in wrapped:
         _replace(network, name, module.merged())
     return len(wrapped)
