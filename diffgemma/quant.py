@@ -139,6 +139,46 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, dty
     return qweight.to(dtype).mul_(scale.to(dtype))
 
 
+def expanded_product(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    fmt: QuantFormat,
+    dtype: torch.dtype,
+    offsets: torch.Tensor | None = None,
+    stacked: bool = False,
+) -> torch.Tensor:
+    """x through quantized weights expanded to `dtype` for this product: `F.linear` for one weight, or
+    `grouped_linear` for a stack of experts (`stacked`, with their `offsets`). Under autograd the expanded
+    weight is not kept for the backward pass but expanded again there (`_FrozenExpansion`), so training
+    adapters over a quantized base (QLoRA) holds activations, not a float copy of every weight it used."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenExpansion.apply(x, qweight, scale, fmt, dtype, offsets, stacked)
+    return _product(x, dequantize(qweight, scale, fmt, dtype), offsets, stacked)
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor | None, stacked: bool) -> torch.Tensor:
+    return grouped_linear(x, weight, offsets) if stacked else F.linear(x.to(weight.dtype), weight)
+
+
+class _FrozenExpansion(torch.autograd.Function):
+    """`expanded_product` with a gradient for its input only (the quantized weights are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale, fmt, dtype, offsets, stacked):
+        ctx.fmt, ctx.dtype, ctx.stacked, ctx.input_dtype = fmt, dtype, stacked, x.dtype
+        ctx.save_for_backward(qweight, scale, offsets)  # buffers the model holds anyway: nothing new is kept
+        return _product(x, dequantize(qweight, scale, fmt, dtype), offsets, stacked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scale, offsets = ctx.saved_tensors
+        weight = dequantize(qweight, scale, ctx.fmt, ctx.dtype)
+        # grad @ W, one weight or group by group (grouped_linear multiplies by the transpose of what it is given)
+        grad_x = _product(grad, weight.transpose(-2, -1), offsets, ctx.stacked) if ctx.stacked else grad @ weight
+        return grad_x.to(ctx.input_dtype), None, None, None, None, None, None
+
+
 class _Quantized:
     """Registers the quantized buffers of named float weights and fills them from float tensors."""
 
@@ -182,7 +222,8 @@ class QuantLinear(_Quantized, nn.Module):
                 return out if self.bias is None else out + self.bias
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
                 direct_kernel_failed(self.fmt, err, per_shape=units)
-        return F.linear(x, self.weight_for("weight", x.dtype), self.bias)
+        out = expanded_product(x, qweight, scale, self.fmt, x.dtype)
+        return out if self.bias is None else out + self.bias
 
 
 class QuantExperts(_Quantized, Experts):
@@ -221,14 +262,14 @@ class QuantExperts(_Quantized, Experts):
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
                 direct_kernel_failed(self.fmt, err, per_shape=units)
         if name != "gate_up_proj":
-            return grouped_linear(rows, dequantize(qweight, scale, self.fmt, self.compute_dtype), offsets)
+            return expanded_product(rows, qweight, scale, self.fmt, self.compute_dtype, offsets, stacked=True)
         # Gate and up expanded one at a time: the transient copy is half as large (on the 26B shape 0.5 GB
         # rather than 1 GB), a saving that counts where int4 has to fit in 18 GB.
         half = qweight.shape[1] // 2
         parts = (slice(0, half), slice(half, None))
         return torch.cat(
             [
-                grouped_linear(rows, dequantize(qweight[:, p], scale[:, p], self.fmt, self.compute_dtype), offsets)
+                expanded_product(rows, qweight[:, p], scale[:, p], self.fmt, self.compute_dtype, offsets, stacked=True)
                 for p in parts
             ],
             dim=-1,

@@ -183,3 +183,60 @@ def test_int4_expansion_holds_only_the_output_and_small_temporaries():
     whole = quant.dequantize(stored["qweight"], stored["scale"], fmt, torch.float32)
     assert torch.equal(chunked, whole)
     assert memory.peak < expanded_bytes * 1.05, memory.peak / expanded_bytes
+
+
+@pytest.mark.parametrize("layout", ["batched", "grouped"])
+def test_frozen_quantized_weights_train_their_inputs_without_keeping_expanded_copies(layout):
+    """Under autograd a quantized projection (QLoRA's frozen base) gives its input the gradient of the expanded
+    weights, but keeps no expanded weight for the backward pass (it expands it again there): the tensors saved
+    between forward and backward are the input-sized ones, never a weight-sized one."""
+    from diffgemma.config import parse_model_config
+    from diffgemma.model import Experts
+    from diffgemma.presets import preset_config
+    from diffgemma.quant import QuantExperts, QuantFormat, QuantLinear, dequantize
+
+    torch.manual_seed(0)
+    fmt = QuantFormat("int4", 32, 32)
+    config = parse_model_config(preset_config("tiny"), "tiny")
+    float_experts = Experts(config)
+    torch.nn.init.normal_(float_experts.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(float_experts.down_proj, std=0.05)
+    experts = QuantExperts(float_experts, fmt)
+    for name in ("gate_up_proj", "down_proj"):
+        experts.load_float(name, getattr(float_experts, name).detach())
+    experts.group_align = 1 if layout == "grouped" else None
+    linear = torch.nn.Linear(64, 96, bias=True)
+    projection = QuantLinear(linear, fmt)
+    projection.load_float("weight", linear.weight.detach())
+    tokens = torch.randn(7, config.hidden_size)
+    routed = torch.randint(0, config.num_experts, (7, config.top_k_experts))
+    weights = torch.rand(7, config.top_k_experts)
+    inputs = torch.randn(5, 64)
+
+    stored = {b.untyped_storage().data_ptr() for m in (experts, projection) for b in m.buffers()}
+    saved = []  # sizes of the tensors autograd keeps that are not the modules' own quantized buffers
+
+    def keep(tensor):
+        if tensor.untyped_storage().data_ptr() not in stored:
+            saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        x, y = tokens.clone().requires_grad_(), inputs.clone().requires_grad_()
+        (experts(x, routed, weights).square().sum() + projection(y).square().sum()).backward()
+    smallest_weight = min(float_experts.down_proj.numel(), linear.weight.numel())
+    assert saved and max(saved) < smallest_weight, (max(saved), smallest_weight)
+
+    # the same gradients as autograd through the expanded weights
+    expanded = Experts(config)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            stored = getattr(experts, f"{name}_qweight"), getattr(experts, f"{name}_scale")
+            getattr(expanded, name).copy_(dequantize(*stored, fmt, torch.float32))
+    expanded.group_align = experts.group_align
+    plain_weight = dequantize(projection.weight_qweight, projection.weight_scale, fmt, torch.float32)
+    x2, y2 = tokens.clone().requires_grad_(), inputs.clone().requires_grad_()
+    plain = torch.nn.functional.linear(y2, plain_weight, linear.bias)
+    (expanded(x2, routed, weights).square().sum() + plain.square().sum()).backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.grad, y2.grad, rtol=1e-5, atol=1e-6)
