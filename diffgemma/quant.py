@@ -174,8 +174,8 @@ class _FrozenExpansion(torch.autograd.Function):
     def backward(ctx, grad):
         qweight, scale, offsets = ctx.saved_tensors
         weight = dequantize(qweight, scale, ctx.fmt, ctx.dtype)
-        # grad @ W, one weight or group by group (grouped_linear multiplies by the transpose of what it is given)
-        grad_x = _product(grad, weight.transpose(-2, -1), offsets, ctx.stacked) if ctx.stacked else grad @ weight
+        # grad @ W, for one weight or group by group: the product by the transpose of what it is given
+        grad_x = _product(grad, weight.transpose(-2, -1), offsets, ctx.stacked)
         return grad_x.to(ctx.input_dtype), None, None, None, None, None, None
 
 
