@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DiffGemmaError
+from .quant import FORMATS
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
 MODEL_ENV = "DIFFGEMMA_MODEL"
@@ -76,7 +77,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     from .api import DTYPE_NAMES, resolve_folder
     from .config import load_configs
-    from .quant import FORMATS, QuantFormat, memory_estimate
+    from .quant import QuantFormat, memory_estimate
 
     folder = resolve_folder(_model_path(args))
     config, settings = load_configs(folder)
@@ -547,9 +548,7 @@ def _add_model_options(parser: argparse.ArgumentParser, sampling: bool = True, i
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     if inference:
-        parser.add_argument(
-            "--quant", default=None, choices=["int8", "int4", "fp8"], help="quantize weights while loading"
-        )
+        parser.add_argument("--quant", default=None, choices=FORMATS, help="quantize weights while loading")
         parser.add_argument(
             "--compile", action="store_true", help="compile the decoder (torch.compile; pays off on a GPU)"
         )
@@ -709,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument(
         "--quant",
         default=None,
-        choices=["int8", "int4", "fp8"],
+        choices=FORMATS,
         help="chat, with --lora-rank: quantize the frozen base while loading (QLoRA: the 26B in int4 fits 18 GB)",
     )
     trainer.add_argument("--lora-alpha", type=float, default=32.0)
@@ -722,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser("quantize", help="write a weight-quantized copy of a checkpoint (atomic)")
     quantize.add_argument("source", help="checkpoint folder")
     quantize.add_argument("destination", help="folder for the quantized checkpoint")
-    quantize.add_argument("--to", required=True, choices=["int8", "int4", "fp8"])
+    quantize.add_argument("--to", required=True, choices=FORMATS)
     quantize.add_argument("--group-size", type=int, default=None, help="int4: weights sharing one scale (64)")
     quantize.add_argument(
         "--attention-group-size",
