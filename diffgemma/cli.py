@@ -465,6 +465,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             seed=args.seed,
             enable_thinking=args.thinking,
             resume=args.resume,
+            gradient_checkpointing=args.gradient_checkpointing,
         )
         finetune(model, options, log=log)
         return
@@ -715,6 +716,13 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--lora-self-conditioning", action="store_true", help="chat: adapt that block too")
     trainer.add_argument("--accumulation", type=int, default=1, help="chat: micro-batches per optimizer step")
     trainer.add_argument("--thinking", action="store_true", help="chat: render prompts with thinking enabled")
+    trainer.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="chat: keep each layer's inputs for the backward pass and run the rest again there (a fraction of "
+        "the activations for about a third more compute)",
+    )
     _add_model_options(trainer, sampling=False, inference=False)
     trainer.set_defaults(run=cmd_train)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from .cache import DecoderView, EncoderCache, LayerCache
 from .config import SLIDING, AttentionShape, ModelConfig
@@ -267,6 +268,7 @@ class Layer(nn.Module):
         self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
         self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
         self.compiled: tuple[Callable, Callable] | None = None  # compile_halves
+        self.recompute = False  # DiffusionGemma.checkpoint_layers
         # The checkpoint stores a scalar per layer for each role; they are buffers, not tied weights.
         self.register_buffer("layer_scalar", torch.ones(1))
         self.register_buffer("encoder_layer_scalar", torch.ones(1))
@@ -278,6 +280,8 @@ class Layer(nn.Module):
         attention_inputs, feed_forward = (
             self.compiled if fused and self.compiled else (self.attention_inputs, self.feed_forward)
         )
+        if self.recompute and torch.is_grad_enabled():
+            attention_inputs, feed_forward = _recomputed(attention_inputs), _recomputed(feed_forward)
         attended = attend(self.index, *attention_inputs(hidden, *rope))  # queries, keys, values freed here
         return feed_forward(hidden, attended, self.encoder_layer_scalar if encoder else self.layer_scalar)
 
@@ -306,6 +310,11 @@ class Layer(nn.Module):
             torch.compile(self.attention_inputs, dynamic=False),
             torch.compile(self.feed_forward, dynamic=False),
         )
+
+
+def _recomputed(half: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`half`, keeping only its inputs for the backward pass, which runs it again (gradient checkpointing)."""
+    return lambda *inputs: checkpoint(half, *inputs, use_reentrant=False)
 
 
 class SelfConditioning(nn.Module):
@@ -379,6 +388,14 @@ class DiffusionGemma(nn.Module):
         for layer in self.layers:
             layer.compile_halves()
         self.compiled_decoder = True
+
+    def checkpoint_layers(self, enabled: bool = True) -> None:
+        """Gradient checkpointing for training: each layer keeps only the inputs of its two halves around
+        attention for the backward pass and runs them again there, rather than every intermediate of its
+        norms, projections, dense MLP and experts, for about a third more compute (bench/train_memory.py).
+        Attention itself keeps what it keeps: it writes the cache, which must happen once."""
+        for layer in self.layers:
+            layer.recompute = enabled
 
     @property
     def device(self) -> torch.device:
@@ -545,6 +562,7 @@ class DiffusionGemma(nn.Module):
         logits_out: torch.Tensor | None = None,
         logit_scale: torch.Tensor | None = None,
         view: DecoderView | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits [B, C, V] for a canvas [B, C] that attends to itself and to everything the cache holds.
 
@@ -559,6 +577,8 @@ class DiffusionGemma(nn.Module):
         `logits_out` is an optional [B, C, V] float32 buffer for the logits; `logit_scale` asks for sampling
         logits, scaled and shifted by a constant (see `head`). With a `view` (a `DecoderView` of this cache) the
         pass reads only tensors whose addresses stay put from canvas to canvas, for a CUDA graph to replay.
+        With `return_hidden` the final hidden states [B, C, H] come back instead of the logits (a training loss
+        takes the head a slice of the tokens at a time).
         """
         batch, length = canvas.shape
         if view is not None:
@@ -613,7 +633,8 @@ class DiffusionGemma(nn.Module):
         for layer in self.layers:
             kind = self.config.layer_types[layer.index]
             hidden = layer(hidden, rope[kind], attend, encoder=False, fused=self.compiled_decoder)
-        return self.head(self.norm(hidden), logits_out, logit_scale)
+        hidden = self.norm(hidden)
+        return hidden if return_hidden else self.head(hidden, logits_out, logit_scale)
 
     def _decoder_masks(
         self, cache: EncoderCache, batch: int, length: int, context_end: torch.Tensor | None, device: torch.device

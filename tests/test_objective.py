@@ -97,7 +97,7 @@ def test_detached_passes_each_feed_the_next(tmp_path, monkeypatch):
 
     def recorded(canvas, cache, self_conditioning=None, mask=None, **kwargs):
         logits = denoise(canvas, cache, self_conditioning, mask, **kwargs)
-        calls.append((self_conditioning, mask, logits.detach(), torch.is_grad_enabled()))
+        calls.append((self_conditioning, mask, logits.detach().clone(), torch.is_grad_enabled()))
         return logits
 
     monkeypatch.setattr(network, "denoise", recorded)
@@ -224,3 +224,92 @@ def test_a_prior_feeds_the_first_pass_and_bounds_every_draft(tmp_path, monkeypat
     scored, mask = calls[2][0], calls[2][1]
     assert mask is None  # the prior stands in for "no signal"
     assert torch.allclose(scored[0], drafts[1][0]) and torch.equal(scored[1], prior[1])
+
+
+def _training_network(seed: int, **shape):
+    from diffgemma.config import parse_model_config
+    from diffgemma.model import DiffusionGemma
+    from diffgemma.presets import init_random_, preset_config
+
+    torch.manual_seed(seed)
+    network = DiffusionGemma(parse_model_config(preset_config("tiny", **shape), "tiny"))
+    init_random_(network, seed)
+    return network
+
+
+def _loss_and_gradients(network, batch):
+    from test_engine import PeakMemory
+
+    network.zero_grad(set_to_none=True)
+    with PeakMemory() as memory:
+        losses = block_diffusion_loss(network, batch)
+        losses.total.backward()
+    gradients = {name: p.grad.clone() for name, p in network.named_parameters() if p.grad is not None}
+    return losses, gradients, memory.peak
+
+
+def _assert_same(losses, gradients, expected_losses, expected_gradients):
+    for name in ("diffusion", "autoregressive"):
+        assert torch.allclose(getattr(losses, name), getattr(expected_losses, name), rtol=1e-5), name
+    assert gradients.keys() == expected_gradients.keys()
+    for name, grad in gradients.items():
+        scale = expected_gradients[name].abs().max().clamp_min(1e-12)
+        assert (grad - expected_gradients[name]).abs().max() / scale < 1e-4, name
+
+
+def test_the_head_loss_goes_a_chunk_of_tokens_at_a_time_with_the_same_loss_and_gradients(monkeypatch):
+    """Past LOSS_CHUNK_BYTES of float32 logits the loss scores the tokens a chunk at a time and makes each
+    chunk's logits again in the backward pass: the loss and every gradient as with the whole batch's logits,
+    at a fraction of the memory (here the vocabulary dominates, as the 26B's does)."""
+    from diffgemma.train import objective
+
+    vocab = 20000
+    network = _training_network(5, vocab_size=vocab)
+    examples = [Example([2, 5, 6, 7], list(range(20, 90)), id=i) for i in range(3)]
+    batch = make_batch(examples, 32, vocab, 1, 0, seed=0, epoch=0)
+    monkeypatch.setattr(objective, "LOSS_CHUNK_BYTES", 2**40)
+    whole_losses, whole_gradients, whole_peak = _loss_and_gradients(network, batch)
+
+    chunk = 8
+    monkeypatch.setattr(objective, "LOSS_CHUNK_BYTES", 4 * vocab * chunk)
+    head_rows = []
+    head = network.head
+
+    def recorded_head(hidden, *args, **kwargs):
+        if hidden.ndim == 2:  # the loss's rows (the detached draft's pass gives [batch, canvas, hidden])
+            head_rows.append(hidden.shape[0])
+        return head(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(network, "head", recorded_head)
+    losses, gradients, peak = _loss_and_gradients(network, batch)
+    _assert_same(losses, gradients, whole_losses, whole_gradients)
+    # 96 canvas tokens and 3 x 99 next-token pairs (valid ones only), each chunk's logits made twice
+    scored = 96 + 3 * (4 + 96 - 1)
+    assert max(head_rows) == chunk and sum(head_rows) == 2 * scored
+    assert peak < 0.4 * whole_peak, (peak, whole_peak)
+
+
+def test_checkpointed_layers_give_the_same_gradients_and_hold_less(monkeypatch):
+    """Gradient checkpointing (`checkpoint_layers`): each layer's halves around attention run again in the
+    backward pass; the loss and every gradient are those of a pass that kept its activations, and the peak
+    falls where the layers dominate (a small vocabulary, a long sequence)."""
+    network = _training_network(6)
+    examples = [Example([2, 5, 6, 7], list(range(20, 210)), id=i) for i in range(4)]
+    batch = make_batch(examples, 32, network.config.vocab_size, 1, 0, seed=0, epoch=0)
+    kept_losses, kept_gradients, kept_peak = _loss_and_gradients(network, batch)
+
+    runs = []
+    layer = network.layers[1]
+    feed_forward = layer.feed_forward
+    monkeypatch.setattr(layer, "feed_forward", lambda *a: runs.append(torch.is_grad_enabled()) or feed_forward(*a))
+    network.checkpoint_layers()
+    losses, gradients, peak = _loss_and_gradients(network, batch)
+    _assert_same(losses, gradients, kept_losses, kept_gradients)
+    # forward: the encoder, the detached draft (no gradients), the scored pass; backward: the encoder and the
+    # scored pass again
+    assert runs == [True, False, True, True, True]
+    assert peak < 0.6 * kept_peak, (peak, kept_peak)
+    network.checkpoint_layers(False)
+    runs.clear()
+    _loss_and_gradients(network, batch)
+    assert len(runs) == 3

@@ -24,11 +24,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
 
 EPSILON = 1e-3
+IGNORE = -100  # a target that is not scored
+LOSS_CHUNK_BYTES = 256 * 2**20  # float32 logits a loss holds at a time (the 26B's vocabulary: 256 tokens)
 
 
 @dataclass(frozen=True)
@@ -130,26 +133,30 @@ def block_diffusion_loss(network: DiffusionGemma, batch: Batch, ar_weight: float
         end = int(batch.canvas_start.max())
         ids, valid = ids[:, :end], valid[:, :end]
     cache = network.new_cache(ids.shape[0], ids.shape[1], keep_all=True)
-    hidden = network.encode(ids, cache, valid)
+    encoded = network.encode(ids, cache, valid)
     prior = None if batch.self_conditioning_prior is None else batch.self_conditioning_prior.to(device)
     use_self_conditioning = batch.use_self_conditioning.to(device)
     with torch.no_grad():
         self_conditioning = prior
         for _ in range(batch.detached_passes):
+            # The draft becomes its distribution in place: one vocabulary-sized tensor, not two.
             draft = network.denoise(noisy, cache, self_conditioning, context_end=context_end)
             if batch.draft_temperature is not None:
-                draft = draft / batch.draft_temperature.to(device)[:, None, None]
+                draft.div_(batch.draft_temperature.to(device)[:, None, None])
             if prior is not None:
-                draft = draft.masked_fill_(prior == 0, float("-inf"))
-            self_conditioning = draft.softmax(dim=-1)
+                draft.masked_fill_(prior == 0, float("-inf"))
+            draft.sub_(draft.amax(dim=-1, keepdim=True)).exp_()
+            self_conditioning = draft.div_(draft.sum(dim=-1, keepdim=True))
     if prior is None:
-        logits = network.denoise(noisy, cache, self_conditioning, use_self_conditioning, context_end=context_end)
+        hidden = network.denoise(
+            noisy, cache, self_conditioning, use_self_conditioning, context_end=context_end, return_hidden=True
+        )
     else:
         signal = torch.where(use_self_conditioning[:, None, None], self_conditioning, prior)
-        logits = network.denoise(noisy, cache, signal, context_end=context_end)
-    diffusion = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), clean.reshape(-1))
+        hidden = network.denoise(noisy, cache, signal, context_end=context_end, return_hidden=True)
+    diffusion = head_cross_entropy(network, hidden, clean)
 
-    autoregressive = next_token_loss(network, hidden, ids, valid) if ar_weight else torch.zeros((), device=device)
+    autoregressive = next_token_loss(network, encoded, ids, valid) if ar_weight else torch.zeros((), device=device)
     return Losses(diffusion + ar_weight * autoregressive, diffusion, autoregressive)
 
 
@@ -157,9 +164,33 @@ def next_token_loss(
     network: DiffusionGemma, hidden: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, first_target: int = 1
 ) -> torch.Tensor:
     """The encoder's next-token cross-entropy over valid pairs whose target sits at `first_target` or later."""
-    next_logits = network.head(hidden[:, first_target - 1 : -1])
-    targets = ids[:, first_target:].masked_fill(~(valid[:, first_target:] & valid[:, first_target - 1 : -1]), -100)
-    return F.cross_entropy(next_logits.reshape(-1, next_logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    targets = ids[:, first_target:].masked_fill(~(valid[:, first_target:] & valid[:, first_target - 1 : -1]), IGNORE)
+    return head_cross_entropy(network, hidden[:, first_target - 1 : -1], targets)
+
+
+def head_cross_entropy(network: DiffusionGemma, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the head's logits for final hidden states [..., H] against `targets` [...]
+    (IGNORE: not scored; those get no logits at all).
+
+    A batch's float32 logits are vocabulary-sized many times over (at the 26B's vocabulary 1 GiB per 1,024
+    tokens, and autograd keeps several such tensors: the logits, the soft cap, the log-softmax), so past
+    `LOSS_CHUNK_BYTES` of logits the tokens are scored a chunk at a time: each chunk's logits are made, scored
+    and dropped, and made again in the backward pass (torch.utils.checkpoint). The same loss and gradients.
+    """
+    scored = targets != IGNORE
+    hidden, targets = hidden[scored], targets[scored]
+    chunk = max(1, LOSS_CHUNK_BYTES // (4 * network.config.vocab_size))
+    if targets.numel() <= chunk:
+        return _summed_cross_entropy(network, hidden, targets) / targets.numel()
+    total = torch.zeros((), device=hidden.device)
+    for start in range(0, targets.numel(), chunk):
+        part = (network, hidden[start : start + chunk], targets[start : start + chunk])
+        total = total + checkpoint(_summed_cross_entropy, *part, use_reentrant=False)
+    return total / targets.numel()
+
+
+def _summed_cross_entropy(network: DiffusionGemma, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(network.head(hidden), targets, reduction="sum")
 
 
 def autoregressive_loss(network: DiffusionGemma, batch: Batch) -> Losses:

@@ -34,6 +34,7 @@ class FinetuneOptions:
     seed: int = 0
     enable_thinking: bool = False
     resume: bool = False
+    gradient_checkpointing: bool = True  # DiffusionGemma.checkpoint_layers
 
 
 def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print, show_progress: bool = True):
@@ -51,6 +52,7 @@ def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print
         spare = len(examples) // 20 if len(examples) >= 20 else 0
         held_out, examples = examples[len(examples) - spare :], examples[: len(examples) - spare]
     out = Path(options.out)
+    model.network.checkpoint_layers(options.gradient_checkpointing)
     if options.lora is not None:
         if options.resume and (out / CONFIG_FILE).is_file():
             load_adapter(model.network, out)
