@@ -94,6 +94,28 @@ def test_train_chat_eval_every_zero_keeps_only_the_final_checkpoint(tmp_path, ca
     assert "must be 0" in capsys.readouterr().err
 
 
+def test_train_chat_checkpoints_layers_unless_told_not_to(tmp_path, monkeypatch):
+    """`train chat` turns gradient checkpointing on by default (--no-gradient-checkpointing: off); both runs
+    take the same steps with the same losses."""
+    from diffgemma.model import DiffusionGemma
+
+    base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
+    data = _write(tmp_path / "chat.jsonl", CONVERSATIONS * 4)
+    settings = []
+    original = DiffusionGemma.checkpoint_layers
+    monkeypatch.setattr(
+        DiffusionGemma, "checkpoint_layers", lambda self, on=True: settings.append(on) or original(self, on)
+    )
+    losses = []
+    for flag in ([], ["--no-gradient-checkpointing"]):
+        out = tmp_path / f"run{len(losses)}"
+        common = ["train", "chat", "--model", str(base), "--data", str(data), "--out", str(out), "--batch-size", "4"]
+        assert main([*common, "--steps", "3", "--eval-every", "0", "--lr", "1e-3", *flag]) == 0
+        losses.append(torch.load(out / "trainer_state.pt", weights_only=False)["losses"])
+    assert settings == [True, False]
+    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5), losses
+
+
 def test_train_chat_needs_data(tmp_path, capsys):
     base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
     assert main(["train", "chat", "--model", str(base), "--out", str(tmp_path / "o")]) == 2
