@@ -412,13 +412,14 @@ def graph_check(network: DiffusionGemma, device: torch.device) -> str:
 def direct_check(network: DiffusionGemma, fmt: QuantFormat, device: torch.device) -> str:
     """The direct kernels (fp8 matrix units, the fused int4 / int8 kernel) against expanded weights on layer 0 (random
     inputs): relative error, and any fallback."""
-    from diffgemma.quant import direct_kernel, direct_kernel_failures, fp8_matrix_units, set_direct_kernels
+    from diffgemma.quant import direct_kernel, direct_kernel_failures, set_direct_kernels
 
-    x = torch.randn(256, network.config.hidden_size, device=device, dtype=network.dtype)
-    if not direct_kernel(fmt, x, network.config.hidden_size):
-        return f"{fmt.name}: weights expanded (no direct kernel here)"
-    path = "fp8 matrix units" if fp8_matrix_units(fmt, x) else "fused kernel"
     layer = network.layers[0]
+    x = torch.randn(256, network.config.hidden_size, device=device, dtype=network.dtype)
+    path = direct_kernel(fmt, x, layer.self_attn.q_proj.source_shapes["weight"], len(x))
+    if not path:
+        return f"{fmt.name}: weights expanded (no direct kernel here)"
+
     experts = torch.randint(0, network.config.num_experts, (256, network.config.top_k_experts), device=device)
     weights = torch.rand(256, network.config.top_k_experts, device=device)
     outputs = []

@@ -215,13 +215,13 @@ class QuantLinear(_Quantized, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qweight, scale = self.weight_qweight, self.weight_scale
-        units = fp8_matrix_units(self.fmt, x)
-        if direct_kernel(self.fmt, x, self.source_shapes["weight"][-1]):
+        path = direct_kernel(self.fmt, x, self.source_shapes["weight"], x.numel() // x.shape[-1])
+        if path:
             try:
-                out = (fp8_linear if units else kernels.quantized_linear)(x, qweight, scale)
+                out = direct_product(path, x, qweight, scale)
                 return out if self.bias is None else out + self.bias
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
-                direct_kernel_failed(self.fmt, err, per_shape=units)
+                direct_kernel_failed(self.fmt, err, per_shape=path != FUSED)
         out = expanded_product(x, qweight, scale, self.fmt, x.dtype)
         return out if self.bias is None else out + self.bias
 
@@ -251,16 +251,17 @@ class QuantExperts(_Quantized, Experts):
 
     def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor | None) -> torch.Tensor:
         qweight, scale = getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale")
-        units = fp8_matrix_units(self.fmt, rows)
-        # The fused kernel takes a row block from one expert only: groups aligned to its block.
-        aligned = units or self.row_alignment(rows) % kernels.EXPERT_BLOCK_ROWS == 0
-        if offsets is not None and aligned and direct_kernel(self.fmt, rows, self.source_shapes[name][-1]):
+        per_expert = rows.shape[-2] if offsets is None else rows.shape[0] // self.num_experts
+        path = direct_kernel(self.fmt, rows, self.source_shapes[name], per_expert)
+        # The GPU's kernels take grouped rows (`offsets`), the fused one a row block from one expert only.
+        misaligned = path == FUSED and self.row_alignment(rows) % kernels.EXPERT_BLOCK_ROWS
+        if path in (FP8_UNITS, FUSED) and (offsets is None or misaligned):
+            path = None
+        if path:
             try:
-                if not units:
-                    return kernels.quantized_grouped_linear(rows, qweight, scale, offsets)
-                return fp8_grouped_linear(rows, qweight, scale, offsets).to(self.compute_dtype)
+                return direct_product(path, rows, qweight, scale, offsets, stacked=True).to(self.compute_dtype)
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
-                direct_kernel_failed(self.fmt, err, per_shape=units)
+                direct_kernel_failed(self.fmt, err, per_shape=path != FUSED)
         if name != "gate_up_proj":
             return expanded_product(rows, qweight, scale, self.fmt, self.compute_dtype, offsets, stacked=True)
         # Gate and up expanded one at a time: the transient copy is half as large (on the 26B shape 0.5 GB
@@ -279,18 +280,34 @@ class QuantExperts(_Quantized, Experts):
 # Where a kernel takes the stored format as it is, the weights are not expanded in memory: fp8 weights meet fp8
 # activations (scaled per row) in the matrix units of GPUs that have them (Hopper and later); int4, int8, and
 # fp8 on Ampere and Ada, go through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a
-# weight. Elsewhere, under autograd, or when a kernel refuses a call, the weights are expanded.
+# weight; on the CPU, int8 weights that meet few rows (the experts') go through PyTorch's weight-only int8 kernel.
+# Elsewhere, under autograd, or when a kernel refuses a call, the weights are expanded.
 _DIRECT: dict = {"enabled": True, "failures": [], "broken": set()}
+FP8_UNITS, FUSED, CPU_INT8 = "fp8 matrix units", "fused kernel", "CPU int8 kernel"
+# On the CPU, where the int8 kernel beats expanding a weight: few rows meet it in a call (more, and the product is
+# compute-bound), and the weight is too large to expand in cache (1M values, 4 MB in float32). A 26B expert
+# (bench/cpu_int8.py, 2 cores): 16 rows 8x faster, 96 rows 1.9x, 128 rows 0.9-1.5x (two runs); a 512 x 512
+# weight: 16 rows 3x, 48 rows 0.9x, 96 rows 0.6x.
+CPU_INT8_MAX_ROWS = 96
+CPU_INT8_MIN_VALUES = 2**20
 
 
-def direct_kernel(fmt: QuantFormat, x: torch.Tensor, columns: int) -> bool:
-    """Whether `x` meets `fmt`'s weights (of `columns` inputs) in a kernel that reads them as stored."""
+def direct_kernel(fmt: QuantFormat, x: torch.Tensor, shape: tuple[int, ...], rows: int = 1) -> str | None:
+    """The kernel in which `x` meets `fmt`'s weights of `shape` ([..., out, in]; each weight meeting `rows` rows
+    of `x`) as stored: FP8_UNITS, FUSED or CPU_INT8; None where they are expanded."""
     if not _DIRECT["enabled"] or fmt.name in _DIRECT["broken"] or (torch.is_grad_enabled() and x.requires_grad):
-        return False
+        return None
     if fp8_matrix_units(fmt, x):
-        return True
+        return FP8_UNITS
+    columns = shape[-1]
     group = fmt.group_for(columns) if fmt.name == "int4" else None
-    return kernels.kernel_takes(x, fmt.name, columns, group)
+    if kernels.kernel_takes(x, fmt.name, columns, group):
+        return FUSED
+    if fmt.name == "int8" and x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        large = rows <= CPU_INT8_MAX_ROWS and shape[-2] * columns >= CPU_INT8_MIN_VALUES
+        # (the kernel reads past the end of inputs that are not a multiple of 16)
+        return CPU_INT8 if large and columns % 16 == 0 else None
+    return None
 
 
 def fp8_matrix_units(fmt: QuantFormat, x: torch.Tensor) -> bool:
@@ -355,6 +372,52 @@ def fp8_grouped_linear(
         out_dtype=torch.bfloat16,
         use_fast_accum=True,
     )
+
+
+def direct_product(
+    path: str,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    ends: torch.Tensor | None = None,
+    stacked: bool = False,
+) -> torch.Tensor:
+    """x through weights as stored, in the kernel `path` names (`direct_kernel`): one weight, or a stack of
+    experts (`stacked`, x's rows grouped by expert, `ends` the groups' cumulative ends)."""
+    if path == FP8_UNITS:
+        return fp8_grouped_linear(x, qweight, scale, ends) if stacked else fp8_linear(x, qweight, scale)
+    if path == FUSED:
+        if stacked:
+            return kernels.quantized_grouped_linear(x, qweight, scale, ends)
+        return kernels.quantized_linear(x, qweight, scale)
+    return cpu_int8_grouped_linear(x, qweight, scale, ends) if stacked else cpu_int8_linear(x, qweight, scale)
+
+
+def cpu_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] through an int8 weight [N, K] (float32 scales [N, 1]) in the CPU's weight-only int8 kernel, which
+    reads the bytes as stored -> [..., N] in x's dtype. The activations go in as bf16 (its fast path: float32 and
+    float16 run many times slower) and the scales multiply its sums in float32 after (as bf16 they would round)."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    unscaled = torch.ones(qweight.shape[0], dtype=torch.bfloat16)
+    sums = torch.ops.aten._weight_int8pack_mm(rows, qweight.contiguous(), unscaled)
+    return sums.float().mul_(scale.reshape(-1)).to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def cpu_int8_grouped_linear(
+    rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor | None
+) -> torch.Tensor:
+    """Rows through each expert's int8 weight [E, N, K] in the CPU's int8 kernel, one product an expert: rows
+    [E, capacity, K] (batched layout, `ends` None) or [S, K] sorted by expert (`ends`: the groups' cumulative
+    ends) -> the same layout with N columns."""
+    if ends is None:
+        return torch.stack([cpu_int8_linear(group, qweight[e], scale[e]) for e, group in enumerate(rows)])
+    out = rows.new_empty(rows.shape[0], qweight.shape[1])
+    start = 0
+    for expert, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = cpu_int8_linear(rows[start:end], qweight[expert], scale[expert])
+        start = end
+    return out
 
 
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

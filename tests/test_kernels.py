@@ -61,12 +61,12 @@ def test_a_refused_kernel_falls_back_to_expanded_weights(monkeypatch):
     monkeypatch.setattr(kernels, "quantized_linear", refuse)
     monkeypatch.setitem(quant._DIRECT, "failures", [])
     monkeypatch.setitem(quant._DIRECT, "broken", set())
-    assert quant.direct_kernel(fmt, x, 64)
+    assert quant.direct_kernel(fmt, x, (24, 64))
     with pytest.warns(UserWarning, match="int4: no kernel image for this device; expanding"):
         out = module(x)
     torch.testing.assert_close(out, expected)
     assert quant.direct_kernel_failures() == ["int4: no kernel image for this device"]
-    assert not quant.direct_kernel(fmt, x, 64)  # a kernel that failed to build is not tried again
+    assert not quant.direct_kernel(fmt, x, (24, 64))  # a kernel that failed to build is not tried again
 
 
 def test_no_kernel_under_autograd_or_for_shapes_it_does_not_take(monkeypatch):
@@ -74,15 +74,15 @@ def test_no_kernel_under_autograd_or_for_shapes_it_does_not_take(monkeypatch):
     monkeypatch.setattr(kernels, "interpreting", lambda: True)
     x = torch.randn(4, 96)
     if kernels.triton is None:
-        assert not quant.direct_kernel(fmt, x, 96)
+        assert not quant.direct_kernel(fmt, x, (24, 96))
         return
-    assert quant.direct_kernel(fmt, x, 96)  # group 32 (the common divisor with 96)
-    assert not quant.direct_kernel(QuantFormat("int4", 48, 48), x, 96)  # groups of 48: not a power of two
+    assert quant.direct_kernel(fmt, x, (24, 96))  # group 32 (the common divisor with 96)
+    assert not quant.direct_kernel(QuantFormat("int4", 48, 48), x, (24, 96))  # groups of 48: not a power of two
     assert not kernels.kernel_takes(torch.randn(4, 96, dtype=torch.float64), "int4", 96, 32)
-    assert quant.direct_kernel(QuantFormat("int8"), x, 96)  # int8 has no groups
-    assert quant.direct_kernel(QuantFormat("fp8"), x, 96)  # fp8 off Hopper: this kernel
+    assert quant.direct_kernel(QuantFormat("int8"), x, (24, 96))  # int8 has no groups
+    assert quant.direct_kernel(QuantFormat("fp8"), x, (24, 96))  # fp8 off Hopper: this kernel
     assert not quant.fp8_matrix_units(QuantFormat("fp8"), x)
-    assert not quant.direct_kernel(fmt, x.requires_grad_(), 96)  # the kernel has no backward
+    assert not quant.direct_kernel(fmt, x.requires_grad_(), (24, 96))  # the kernel has no backward
 
 
 def test_fp8_takes_the_matrix_units_on_hopper_unless_told_otherwise(monkeypatch):
@@ -110,7 +110,7 @@ def test_tile_settings_are_checked_and_the_tile_bench_dry_runs(monkeypatch):
     monkeypatch.setattr(kernels, "interpreting", lambda: True)
     monkeypatch.setenv("DIFFGEMMA_KERNEL_TILE", "64,64")
     with pytest.raises(DiffGemmaError, match="DIFFGEMMA_KERNEL_TILE='64,64'"):  # an error, not a quiet fallback
-        quant.direct_kernel(QuantFormat("int8"), torch.randn(2, 64), 64)
+        quant.direct_kernel(QuantFormat("int8"), torch.randn(2, 64), (24, 64))
     monkeypatch.delenv("DIFFGEMMA_KERNEL_TILE")
     script = HERE.parent / "bench" / "kernel_tiles.py"
     options = ["--device", "cpu", "--shape", "tiny", "--candidates", "64,64,4,3 32,128,4,4", "--iters", "1"]

@@ -75,6 +75,55 @@ def test_trained_model_logits_stay_close(demo_inputs, name, min_top1, max_kl):
     assert top1 >= min_top1 and kl <= max_kl, (name, top1, kl)
 
 
+def test_the_cpu_int8_kernel_keeps_the_logits_close(demo_inputs, monkeypatch):
+    """With its limits lifted (the demo model's weights are too small to take it by default), every int8 product
+    goes through the CPU's int8 kernel (bf16 activations, the scales after the sums) and none expands a weight:
+    the int8 bounds above still hold."""
+    from diffgemma import quant
+
+    model, prompts, canvases = demo_inputs
+    reference = _demo_logits(model, prompts, canvases)
+    quantized = diffgemma.load(DEMO, quant="int8")
+    monkeypatch.setattr(quant, "CPU_INT8_MIN_VALUES", 0)
+    monkeypatch.setattr(quant, "CPU_INT8_MAX_ROWS", 10**9)
+    used, expanded = [], []
+    kernel, expand = quant.cpu_int8_linear, quant.dequantize
+    monkeypatch.setattr(quant, "cpu_int8_linear", lambda *args: used.append(1) or kernel(*args))
+    monkeypatch.setattr(quant, "dequantize", lambda *args: expanded.append(1) or expand(*args))
+    top1, kl = _agreement(_demo_logits(quantized, prompts, canvases), reference)
+    assert used and not expanded
+    assert top1 >= 0.99 and kl <= 1e-3, (top1, kl)
+
+
+def test_the_cpu_int8_kernel_takes_large_weights_that_meet_few_rows():
+    from diffgemma.quant import CPU_INT8, CPU_INT8_MAX_ROWS, cpu_int8_grouped_linear, direct_kernel
+
+    int8, x = QuantFormat("int8"), torch.randn(4, 2816)
+    assert direct_kernel(int8, x, (1408, 2816), 16) == CPU_INT8  # a 26B expert at batch 1
+    assert direct_kernel(int8, x, (128, 1408, 2816), 16) == CPU_INT8  # the stack: each expert's size counts
+    assert direct_kernel(int8, x, (1408, 2816), CPU_INT8_MAX_ROWS + 1) is None  # compute-bound: expand
+    assert direct_kernel(int8, x, (512, 512), 16) is None  # expands in cache: cheap
+    assert direct_kernel(int8, torch.randn(4, 2824), (1408, 2824), 16) is None  # not a multiple of 16
+    assert direct_kernel(QuantFormat("int4"), x, (1408, 2816), 16) is None
+    assert direct_kernel(int8, x.requires_grad_(), (1408, 2816), 16) is None  # no backward
+    experts = torch.randn(3, 40, 64) * 0.05
+    stored = quantize(experts, int8)
+    weights = dequantize(stored["qweight"], stored["scale"], int8, torch.float32)
+    rows = torch.randn(3, 5, 64)  # batched: each expert's rows padded to one size
+    batched = cpu_int8_grouped_linear(rows, stored["qweight"], stored["scale"], None)
+    _assert_bf16_close(batched, rows @ weights.transpose(1, 2))
+    packed = torch.randn(15, 64)  # packed, sorted by expert: 5 rows, none, 10 rows
+    ends = torch.tensor([5, 5, 15])
+    out = cpu_int8_grouped_linear(packed, stored["qweight"], stored["scale"], ends)
+    _assert_bf16_close(out, torch.cat([packed[:5] @ weights[0].t(), packed[5:] @ weights[2].t()]))
+
+
+def _assert_bf16_close(out: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within what bf16 activations give (a few parts in a thousand), yet not the same arithmetic."""
+    error = float((out - expected).norm() / expected.norm())
+    assert 0 < error < 0.01, error
+
+
 def test_quantized_chat_gives_the_same_answer(demo_inputs):
     model, _, _ = demo_inputs
     question = list(ANSWERS)[1]
