@@ -419,7 +419,6 @@ def direct_check(network: DiffusionGemma, fmt: QuantFormat, device: torch.device
     path = direct_kernel(fmt, x, layer.self_attn.q_proj.source_shapes["weight"], len(x))
     if not path:
         return f"{fmt.name}: weights expanded (no direct kernel here)"
-
     experts = torch.randint(0, network.config.num_experts, (256, network.config.top_k_experts), device=device)
     weights = torch.rand(256, network.config.top_k_experts, device=device)
     outputs = []
