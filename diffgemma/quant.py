@@ -280,21 +280,24 @@ class QuantExperts(_Quantized, Experts):
 # Where a kernel takes the stored format as it is, the weights are not expanded in memory: fp8 weights meet fp8
 # activations (scaled per row) in the matrix units of GPUs that have them (Hopper and later); int4, int8, and
 # fp8 on Ampere and Ada, go through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a
-# weight; on the CPU, int8 weights that meet few rows (the experts') go through PyTorch's weight-only int8 kernel.
+# weight; on the CPU, int8 and int4 weights that meet few rows (the experts') go through PyTorch's weight-only
+# kernels.
 # Elsewhere, under autograd, or when a kernel refuses a call, the weights are expanded.
 _DIRECT: dict = {"enabled": True, "failures": [], "broken": set()}
-FP8_UNITS, FUSED, CPU_INT8 = "fp8 matrix units", "fused kernel", "CPU int8 kernel"
-# On the CPU, where the int8 kernel beats expanding a weight: few rows meet it in a call (more, and the product is
-# compute-bound), and the weight is too large to expand in cache (1M values, 4 MB in float32). A 26B expert
-# (bench/cpu_int8.py, 2 cores): 16 rows 8x faster, 96 rows 1.9x, 128 rows 0.9-1.5x (two runs); a 512 x 512
-# weight: 16 rows 3x, 48 rows 0.9x, 96 rows 0.6x.
-CPU_INT8_MAX_ROWS = 96
-CPU_INT8_MIN_VALUES = 2**20
+FP8_UNITS, FUSED, CPU_KERNEL = "fp8 matrix units", "fused kernel", "CPU weight-only kernel"
+# On the CPU, where PyTorch's int8 / int4 kernels beat expanding a weight: few rows meet it in a call (more, and
+# the product is compute-bound), and the weight is too large to expand in cache (1.5M values, 6 MB in float32).
+# The 26B's experts (bench/cpu_quant.py, 2 cores, two runs): int8 16 rows 5-8x faster, 96 rows 1.4-1.9x, 128 rows
+# 0.9-1.5x; int4 3.4-3.9x, 1.4-1.6x, 1.1-1.2x. A 1024 x 1024 weight: int8 2.2x at 48 rows, int4 1.0x; 512 x 512:
+# slower from 48 rows in both.
+CPU_KERNEL_MAX_ROWS = 96
+CPU_KERNEL_MIN_VALUES = 3 * 2**19
+CPU_INT4_GROUPS = (32, 64, 128, 256)  # the groups PyTorch's CPU int4 kernel takes
 
 
 def direct_kernel(fmt: QuantFormat, x: torch.Tensor, shape: tuple[int, ...], rows: int = 1) -> str | None:
     """The kernel in which `x` meets `fmt`'s weights of `shape` ([..., out, in]; each weight meeting `rows` rows
-    of `x`) as stored: FP8_UNITS, FUSED or CPU_INT8; None where they are expanded."""
+    of `x`) as stored: FP8_UNITS, FUSED or CPU_KERNEL; None where they are expanded."""
     if not _DIRECT["enabled"] or fmt.name in _DIRECT["broken"] or (torch.is_grad_enabled() and x.requires_grad):
         return None
     if fp8_matrix_units(fmt, x):
@@ -303,11 +306,24 @@ def direct_kernel(fmt: QuantFormat, x: torch.Tensor, shape: tuple[int, ...], row
     group = fmt.group_for(columns) if fmt.name == "int4" else None
     if kernels.kernel_takes(x, fmt.name, columns, group):
         return FUSED
-    if fmt.name == "int8" and x.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        large = rows <= CPU_INT8_MAX_ROWS and shape[-2] * columns >= CPU_INT8_MIN_VALUES
-        # (the kernel reads past the end of inputs that are not a multiple of 16)
-        return CPU_INT8 if large and columns % 16 == 0 else None
+    if x.device.type == "cpu" and cpu_kernel_takes(fmt, shape, rows):
+        return CPU_KERNEL
     return None
+
+
+def cpu_kernel_takes(fmt: QuantFormat, shape: tuple[int, ...], rows: int) -> bool:
+    """Whether PyTorch's CPU kernel for `fmt` is the faster way through a weight of `shape` meeting `rows` rows
+    (CPU_KERNEL_MAX_ROWS, CPU_KERNEL_MIN_VALUES), and takes it: int8 inputs a multiple of 16 (it reads past the
+    end of others), int4 groups it knows and outputs in its blocks of 64 (`cpu_int4_layout`)."""
+    out_features, columns = shape[-2:]
+    if rows > CPU_KERNEL_MAX_ROWS or out_features * columns < CPU_KERNEL_MIN_VALUES:
+        return False
+    if fmt.name == "int8":
+        return columns % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    if fmt.name == "int4":
+        fits = fmt.group_for(columns) in CPU_INT4_GROUPS and out_features % 64 == 0 and columns % 8 == 0
+        return fits and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+    return False
 
 
 def fp8_matrix_units(fmt: QuantFormat, x: torch.Tensor) -> bool:
@@ -390,32 +406,59 @@ def direct_product(
         if stacked:
             return kernels.quantized_grouped_linear(x, qweight, scale, ends)
         return kernels.quantized_linear(x, qweight, scale)
-    return cpu_int8_grouped_linear(x, qweight, scale, ends) if stacked else cpu_int8_linear(x, qweight, scale)
+    return cpu_grouped_linear(x, qweight, scale, ends) if stacked else cpu_linear(x, qweight, scale)
 
 
-def cpu_int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] through an int8 weight [N, K] (float32 scales [N, 1]) in the CPU's weight-only int8 kernel, which
-    reads the bytes as stored -> [..., N] in x's dtype. The activations go in as bf16 (its fast path: float32 and
-    float16 run many times slower) and the scales multiply its sums in float32 after (as bf16 they would round)."""
+def cpu_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] through an int8 weight [N, K] (float32 scales [N, 1]) or an int4 one (nibble pairs [N, K/2],
+    float16 scales [N, K / group]) in PyTorch's CPU weight-only kernel for its format, which the stored dtype
+    tells -> [..., N] in x's dtype. The kernels read the weights as stored; the activations go in as bf16,
+    their fast path (float32 and float16 run 10-40x slower). int8's scales multiply the sums in float32 after
+    (as bf16 they would round); int4's go into the kernel in bf16, its nibbles rearranged for the call."""
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
-    unscaled = torch.ones(qweight.shape[0], dtype=torch.bfloat16)
-    sums = torch.ops.aten._weight_int8pack_mm(rows, qweight.contiguous(), unscaled)
-    return sums.float().mul_(scale.reshape(-1)).to(x.dtype).view(*x.shape[:-1], -1)
+    if qweight.dtype == torch.int8:
+        unscaled = torch.ones(qweight.shape[0], dtype=torch.bfloat16)
+        out = torch.ops.aten._weight_int8pack_mm(rows, qweight.contiguous(), unscaled).float().mul_(scale.reshape(-1))
+    else:
+        group = 2 * qweight.shape[-1] // scale.shape[-1]
+        scales = scale.t().to(torch.bfloat16)
+        scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1)  # (q - 8) * scale + 0
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, cpu_int4_layout(qweight), group, scales_and_zeros)
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
 
 
-def cpu_int8_grouped_linear(
+_HIGH_NIBBLES = 0xF0F0F0F0 - 2**32  # as an int32
+
+
+def cpu_int4_layout(qweight: torch.Tensor) -> torch.Tensor:
+    """Our int4 packing [N, K/2] (a byte holds inputs 2k and 2k+1 of one output) -> the layout of PyTorch's CPU
+    int4 kernel (`_convert_weight_to_int4pack_for_cpu`'s, for outputs in blocks of 64: a byte holds one input of
+    outputs j and j + 32 of a block, the bytes of a block ordered by input, then by j). Nibbles are regrouped
+    four bytes at a time in int32 words, then each block is transposed byte by byte."""
+    outputs, half = qweight.shape
+    blocks = qweight.contiguous().view(torch.int32).view(outputs // 64, 2, 32, half // 4)
+    first, second = blocks[:, 0], blocks[:, 1]  # outputs j and j + 32 of each block
+    even = (first & 0x0F0F0F0F) | ((second & 0x0F0F0F0F) << 4)  # inputs 2k
+    odd = ((first >> 4) & 0x0F0F0F0F) | (second & _HIGH_NIBBLES)  # inputs 2k + 1
+    out = torch.empty(outputs // 64, half, 2, 32, dtype=torch.uint8)
+    for parity, nibbles in enumerate((even, odd)):
+        out[:, :, parity] = nibbles.view(torch.uint8).view(outputs // 64, 32, half).transpose(1, 2)
+    return out.view(outputs, half)
+
+
+def cpu_grouped_linear(
     rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor | None
 ) -> torch.Tensor:
-    """Rows through each expert's int8 weight [E, N, K] in the CPU's int8 kernel, one product an expert: rows
-    [E, capacity, K] (batched layout, `ends` None) or [S, K] sorted by expert (`ends`: the groups' cumulative
-    ends) -> the same layout with N columns."""
+    """Rows through each expert's weight [E, N, K] in the CPU's weight-only kernel (`cpu_linear`), one product an
+    expert: rows [E, capacity, K] (batched layout, `ends` None) or [S, K] sorted by expert (`ends`: the groups'
+    cumulative ends) -> the same layout with N columns."""
     if ends is None:
-        return torch.stack([cpu_int8_linear(group, qweight[e], scale[e]) for e, group in enumerate(rows)])
+        return torch.stack([cpu_linear(group, qweight[e], scale[e]) for e, group in enumerate(rows)])
     out = rows.new_empty(rows.shape[0], qweight.shape[1])
     start = 0
     for expert, end in enumerate(ends.tolist()):
         if end > start:
-            out[start:end] = cpu_int8_linear(rows[start:end], qweight[expert], scale[expert])
+            out[start:end] = cpu_linear(rows[start:end], qweight[expert], scale[expert])
         start = end
     return out
 

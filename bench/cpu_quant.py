@@ -1,0 +1,123 @@
+"""int8 and int4 weights on the CPU: PyTorch's weight-only kernels (`quant.cpu_linear`: one byte, or half a
+byte, a weight read) against expanding each weight to float32 for the product, where `quant.direct_kernel`
+picks between them (CPU_KERNEL_MAX_ROWS, CPU_KERNEL_MIN_VALUES).
+
+1. One weight of each size against a number of rows (8 experts' worth of products, as the experts run them).
+2. A whole mixture-of-experts layer of the 26B shape (128 experts x 704, top-8, hidden 2816) over a canvas of
+   256 tokens at batch 1 and 4, random routing: float32 weights, then each format expanded and through its kernel.
+
+    python bench/cpu_quant.py [--repeats 3] [--results FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results
+
+from diffgemma import quant
+from diffgemma.config import parse_model_config
+from diffgemma.model import Experts
+from diffgemma.presets import preset_config
+
+WEIGHTS = [(1408, 2816), (2816, 704), (1024, 1024), (512, 512)]  # [out, in]: the 26B's expert halves, smaller
+ROWS = [16, 48, 96, 128, 192]
+FORMATS = ("int8", "int4")
+
+
+def median_ms(repeats: int, work: Callable[..., object], *args: object) -> float:
+    work(*args)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work(*args)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def expanded_product(x: torch.Tensor, stored: dict[str, torch.Tensor], fmt: quant.QuantFormat) -> torch.Tensor:
+    return torch.bmm(x, quant.dequantize(stored["qweight"], stored["scale"], fmt, torch.float32).transpose(1, 2))
+
+
+def weight_sweep(fmt: quant.QuantFormat, repeats: int) -> str:
+    experts = 8
+    lines = [f"| {fmt.name} weight [out, in] | " + " | ".join(f"{rows} rows" for rows in ROWS) + " |"]
+    lines.append("|---|" + "---|" * len(ROWS))
+    for out_features, in_features in WEIGHTS:
+        stored = quant.quantize(torch.randn(experts, out_features, in_features) * 0.02, fmt)
+        cells = []
+        for rows in ROWS:
+            x = torch.randn(experts, rows, in_features)
+            expanded = median_ms(repeats, expanded_product, x, stored, fmt)
+            kernel = median_ms(repeats, quant.cpu_grouped_linear, x, stored["qweight"], stored["scale"], None)
+            picked = quant.direct_kernel(fmt, x, (out_features, in_features), rows)
+            mark = " (picked)" if picked else ""
+            cells.append(f"{expanded:.1f} / {kernel:.1f}: {expanded / kernel:.1f}x{mark}")
+        lines.append(f"| {out_features} x {in_features} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def layer_rows(repeats: int) -> str:
+    config = parse_model_config(preset_config("26b-a4b"), "26b-a4b")
+    torch.manual_seed(0)
+    experts = Experts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.02)
+        experts.down_proj.normal_(0, 0.02)
+    quantized = {}
+    for name in FORMATS:
+        quantized[name] = quant.QuantExperts(experts, quant.QuantFormat(name))
+        for weight in ("gate_up_proj", "down_proj"):
+            quantized[name].load_float(weight, experts._parameters[weight].detach())
+    header = ["batch", "tokens", "rows per expert (largest)", "float32 ms"]
+    for name in FORMATS:
+        header += [f"{name} expanded ms", f"{name} kernel ms"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for batch in (1, 4):
+        tokens = batch * config.canvas_length
+        x = torch.randn(tokens, config.hidden_size)
+        chosen = torch.rand(tokens, config.num_experts).topk(config.top_k_experts, dim=-1).indices
+        weights = torch.rand(tokens, config.top_k_experts).softmax(-1)
+        largest = int(torch.bincount(chosen.reshape(-1), minlength=config.num_experts).max())
+        with torch.no_grad():
+            cells = [str(batch), str(tokens), str(largest), f"{median_ms(repeats, experts, x, chosen, weights):.0f}"]
+            for module in quantized.values():
+                quant.set_direct_kernels(False)
+                expanded = median_ms(repeats, module, x, chosen, weights)
+                quant.set_direct_kernels(True)
+                kernel = median_ms(repeats, module, x, chosen, weights)
+                cells += [f"{expanded:.0f}", f"{kernel:.0f} ({expanded / kernel:.1f}x)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
+    args = parser.parse_args()
+    sweeps = [weight_sweep(quant.QuantFormat(name), args.repeats) for name in FORMATS]
+    layer = layer_rows(args.repeats)
+    append_results(
+        "CPU: int8 and int4 weights through PyTorch's weight-only kernels, or expanded (bench/cpu_quant.py)",
+        "One weight, 8 experts' products, expanded / kernel ms (float32 activations; the kernels take them as "
+        "bf16):\n\n"
+        + "\n\n".join(sweeps)
+        + "\n\nOne mixture-of-experts layer of the 26B shape (canvas 256, random routing):\n\n"
+        + layer,
+        f"`quant.direct_kernel` picks the kernel for at most {quant.CPU_KERNEL_MAX_ROWS} rows a weight and weights "
+        f"of at least {quant.CPU_KERNEL_MIN_VALUES:,} values; median of {args.repeats}.",
+        args.results,
+    )
+
+
+if __name__ == "__main__":
+    main()
