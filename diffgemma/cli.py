@@ -60,6 +60,17 @@ def _load(args: argparse.Namespace, path: str | os.PathLike | None = None):
     return load(path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile)
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    """--threads, where a command has it: the CPU threads PyTorch's kernels use (its default: one per core)."""
+    if getattr(args, "threads", None) is None:
+        return
+    if args.threads < 1:
+        raise DiffGemmaError(f"--threads must be at least 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
 def _sampler(args: argparse.Namespace) -> dict[str, Any]:
     values = {name: getattr(args, option) for option, name in SAMPLER_OPTIONS.items()}
     values = {k: v for k, v in values.items() if v is not None}
@@ -432,8 +443,6 @@ def cmd_eval_sudoku(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     log = lambda line: print(line, flush=True)  # noqa: E731
     if args.task == "chat":
@@ -543,11 +552,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _add_model_options(parser: argparse.ArgumentParser, sampling: bool = True, inference: bool = True) -> None:
-    """--model, --device, --dtype; for a command that runs the model (`inference`, `_load`) --quant and --compile;
-    and with `sampling` the sampler's settings."""
+    """--model, --device, --dtype, --threads (`main` applies it); for a command that runs the model (`inference`,
+    `_load`) --quant and --compile; and with `sampling` the sampler's settings."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     if inference:
         parser.add_argument("--quant", default=None, choices=FORMATS, help="quantize weights while loading")
         parser.add_argument(
@@ -659,7 +669,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between checkpoints and evaluations (sudoku 500, chat 100; 0: only the final checkpoint)",
     )
     trainer.add_argument("--seed", type=int, default=0)
-    trainer.add_argument("--threads", type=int, default=None)
     trainer.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     trainer.add_argument("--init", default=None, help="sudoku: start from this checkpoint's weights (a new stage)")
     trainer.add_argument(
@@ -765,6 +774,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _set_threads(args)
         args.run(args)
     except DiffGemmaError as err:
         print(f"diffgemma: {err}", file=sys.stderr)

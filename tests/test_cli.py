@@ -11,6 +11,7 @@ import termios
 from pathlib import Path
 
 import pytest
+import torch
 from assets.make_demo_model import ANSWERS
 
 from diffgemma import DiffGemmaError
@@ -65,7 +66,8 @@ def test_info_needs_only_a_config(capsys, tmp_path):
     ],
 )
 def test_every_command_that_runs_the_model_takes_the_loading_options(argv, monkeypatch, capsys, tmp_path):
-    """Each command reaches the loader with --quant and --compile (`serve` once lacked them and crashed)."""
+    """Each command reaches the loader with --quant and --compile (`serve` once lacked them and crashed), its
+    --threads set first."""
     import diffgemma.api
 
     (tmp_path / "some.txt").write_text("a line\n")
@@ -78,9 +80,12 @@ def test_every_command_that_runs_the_model_takes_the_loading_options(argv, monke
         raise DiffGemmaError("stop here")
 
     monkeypatch.setattr(diffgemma.api, "load", load)
-    code = main([*argv, "--model", DEMO, "--quant", "int4", "--compile", "--device", "cpu"])
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # the test process keeps its own
+    code = main([*argv, "--model", DEMO, "--quant", "int4", "--compile", "--device", "cpu", "--threads", "3"])
     assert code == 2 and "stop here" in capsys.readouterr().err
     assert calls and calls[0]["quant"] == "int4" and calls[0]["compile"] is True
+    assert threads == [3]
 
 
 def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
@@ -89,6 +94,7 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
         (["generate", "hi"], "no model given: pass --model PATH"),
         (["generate", "hi", "--model", str(tmp_path / "missing")], "folder not found"),
         (["edit", str(tmp_path / "nofile.txt"), "--lines", "1:2", "--model", DEMO], "file not found"),
+        (["generate", "hi", "--model", DEMO, "--threads", "0"], "--threads must be at least 1, got 0"),
     ):
         code, _, err = run(capsys, *argv)
         assert code == 2 and expected in err and err.count("\n") == 1
