@@ -6,9 +6,10 @@ projections smaller groups (16 weights a scale, against 64 elsewhere): they are 
 model (bench/RESULTS.md), and on the 26B shape they are 4.5% of the weights, so the finer scales cost about
 0.1 GB. What stays in the model dtype: the embedding (it is also the tied output head), norms, routers and
 the self-conditioning block, which are small and sensitive. Weights are stored quantized, so memory at rest
-is what the format promises. Where a GPU kernel takes the format as stored (fp8 on Hopper's matrix
-units; int4, int8, and fp8 on Ampere and Ada, through kernels.py) they are multiplied as they are;
-elsewhere they are expanded to the activation dtype one weight at a time as they are used.
+is what the format promises. Where a kernel takes the format as stored (fp8 on Hopper's matrix units; int4,
+int8, and fp8 on Ampere and Ada, through kernels.py; int8 and int4 on the CPU where few rows meet a large
+weight, through PyTorch's weight-only kernels) they are multiplied as they are; elsewhere they are expanded to
+the activation dtype one weight at a time as they are used.
 
 Loading with `quant=` quantizes tensor by tensor as they come off disk: the float model is never whole in
 memory. A quantized checkpoint carries `quantization_config` in its config.json and loads as it was saved.
@@ -278,11 +279,10 @@ class QuantExperts(_Quantized, Experts):
 
 
 # Where a kernel takes the stored format as it is, the weights are not expanded in memory: fp8 weights meet fp8
-# activations (scaled per row) in the matrix units of GPUs that have them (Hopper and later); int4, int8, and
-# fp8 on Ampere and Ada, go through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a
+# activations (scaled per row) in the matrix units of GPUs that have them (Hopper and later); int4, int8, and fp8
+# on Ampere and Ada, go through the fused Triton kernel (kernels.py), so a step reads one byte, or half a byte, a
 # weight; on the CPU, int8 and int4 weights that meet few rows (the experts') go through PyTorch's weight-only
-# kernels.
-# Elsewhere, under autograd, or when a kernel refuses a call, the weights are expanded.
+# kernels. Elsewhere, under autograd, or when a kernel refuses a call, the weights are expanded.
 _DIRECT: dict = {"enabled": True, "failures": [], "broken": set()}
 FP8_UNITS, FUSED, CPU_KERNEL = "fp8 matrix units", "fused kernel", "CPU weight-only kernel"
 # On the CPU, where PyTorch's int8 / int4 kernels beat expanding a weight: few rows meet it in a call (more, and
