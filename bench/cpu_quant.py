@@ -5,6 +5,8 @@ picks between them (CPU_KERNEL_MAX_ROWS, CPU_KERNEL_MIN_VALUES).
 1. One weight of each size against a number of rows (8 experts' worth of products, as the experts run them).
 2. A whole mixture-of-experts layer of the 26B shape (128 experts x 704, top-8, hidden 2816) over a canvas of
    256 tokens at batch 1 and 4, random routing: float32 weights, then each format expanded and through its kernel.
+3. Quantizing that layer's experts from bf16 (as loading with `quant=` does, an expert at a time): int8, and
+   int4 eagerly and compiled (`quant.COMPILED_INT4_VALUES`).
 
     python bench/cpu_quant.py [--repeats 3] [--results FILE]
 """
@@ -99,6 +101,33 @@ def layer_rows(repeats: int) -> str:
     return "\n".join(lines)
 
 
+def quantize_rows() -> str:
+    config = parse_model_config(preset_config("26b-a4b"), "26b-a4b")
+    torch.manual_seed(0)
+    experts = Experts(config).requires_grad_(False)
+    experts.gate_up_proj.normal_(0, 0.02)
+    experts.down_proj.normal_(0, 0.02)
+    stacks = {name: experts._parameters[name].bfloat16() for name in ("gate_up_proj", "down_proj")}
+    lines = ["| format | s for one layer's experts | min for 30 layers |", "|---|---|---|"]
+    compiled_from = quant.COMPILED_INT4_VALUES
+    for label, name, compiled in (
+        ("int8", "int8", False),
+        ("int4, eager", "int4", False),
+        ("int4, compiled", "int4", True),
+    ):
+        quant.COMPILED_INT4_VALUES = compiled_from if compiled else 2**62
+        module = quant.QuantExperts(experts, quant.QuantFormat(name))
+        for weight, stack in stacks.items():
+            module.load_float(weight, stack[:1])  # compiles each shape once, outside the timing
+        started = time.perf_counter()
+        for weight, stack in stacks.items():
+            module.load_float(weight, stack)
+        seconds = time.perf_counter() - started
+        lines.append(f"| {label} | {seconds:.1f} | {seconds * config.num_hidden_layers / 60:.1f} |")
+    quant.COMPILED_INT4_VALUES = compiled_from
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
@@ -106,13 +135,16 @@ def main() -> None:
     args = parser.parse_args()
     sweeps = [weight_sweep(quant.QuantFormat(name), args.repeats) for name in FORMATS]
     layer = layer_rows(args.repeats)
+    quantizing = quantize_rows()
     append_results(
         "CPU: int8 and int4 weights through PyTorch's weight-only kernels, or expanded (bench/cpu_quant.py)",
         "One weight, 8 experts' products, expanded / kernel ms (float32 activations; the kernels take them as "
         "bf16):\n\n"
         + "\n\n".join(sweeps)
         + "\n\nOne mixture-of-experts layer of the 26B shape (canvas 256, random routing):\n\n"
-        + layer,
+        + layer
+        + "\n\nQuantizing that layer's experts from bf16, an expert at a time as loading does:\n\n"
+        + quantizing,
         f"`quant.direct_kernel` picks the kernel for at most {quant.CPU_KERNEL_MAX_ROWS} rows a weight and weights "
         f"of at least {quant.CPU_KERNEL_MIN_VALUES:,} values; median of {args.repeats}.",
         args.results,

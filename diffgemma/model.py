@@ -312,6 +312,13 @@ class Layer(nn.Module):
         )
 
 
+def raise_recompile_limits() -> None:
+    """Room for more compiled entries per function than Dynamo's default of 8 (one per shape we compile for)."""
+    limits = torch._dynamo.config
+    limits.recompile_limit = max(limits.recompile_limit, 64)
+    limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 512)
+
+
 def _recomputed(half: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """`half`, keeping only its inputs for the backward pass, which runs it again (gradient checkpointing)."""
     return lambda *inputs: checkpoint(half, *inputs, use_reentrant=False)
@@ -381,10 +388,8 @@ class DiffusionGemma(nn.Module):
         bench/RESULTS.md). Compilation happens on the first pass of each new shape (canvas batch, layer kind,
         weight format); it raises Dynamo's process-wide recompile limits to leave room for those entries.
         """
-        limits = torch._dynamo.config
         # One compiled entry per (layer kind, batch, format): more than the default limit of 8 in a bench run.
-        limits.recompile_limit = max(limits.recompile_limit, 64)
-        limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, 512)
+        raise_recompile_limits()
         for layer in self.layers:
             layer.compile_halves()
         self.compiled_decoder = True

@@ -144,6 +144,35 @@ def _assert_bf16_close(out: torch.Tensor, expected: torch.Tensor) -> None:
     assert 0 < error < 0.01, error
 
 
+def test_int4_quantization_of_a_large_weight_runs_compiled_on_the_cpu(monkeypatch):
+    """Large weights are quantized to int4 by the compiled search (small ones eagerly): the same scales and
+    codes but for a few groups in a thousand where a rounding picks a neighbouring clip, and the same error.
+    A compiler that fails leaves quantization eager, with one warning."""
+    from diffgemma import quant
+
+    fmt = QuantFormat("int4")
+    weight = torch.randn(1024, 1024) * 0.02
+    assert quant._int4_quantizer(weight) is quant._compiled_int4_codes
+    assert quant._int4_quantizer(weight[:64]) is quant._int4_codes
+    compiled = quantize(weight, fmt)
+    packed, scale = quant._int4_codes(weight, 64)
+    assert (compiled["scale"] != scale).float().mean() < 0.01
+    assert (compiled["qweight"] != packed).float().mean() < 0.01
+
+    def error(stored: dict[str, torch.Tensor]) -> float:
+        return float((dequantize(stored["qweight"], stored["scale"], fmt, torch.float32) - weight).norm())
+
+    assert error(compiled) <= 1.001 * error({"qweight": packed, "scale": scale})
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(quant, "_COMPILED_INT4", {"codes": broken})
+    with pytest.warns(UserWarning, match="int4 quantization runs eagerly"):
+        fallback = quantize(weight, fmt)
+    assert torch.equal(fallback["qweight"], packed) and quant._int4_quantizer(weight) is quant._int4_codes
+
+
 def test_quantized_chat_gives_the_same_answer(demo_inputs):
     model, _, _ = demo_inputs
     question = list(ANSWERS)[1]
