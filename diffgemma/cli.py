@@ -113,6 +113,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     )
     rows = [(name, DTYPE_NAMES[name], None) for name in BYTES_PER_DTYPE]
     rows += [(f"{fmt} (bf16)", torch.bfloat16, QuantFormat(fmt)) for fmt in FORMATS]
+    # on a CPU: the rest in float32 (bf16 products are slow there), int8 / int4 through its kernels
+    rows += [(f"{fmt} (fp32)", torch.float32, QuantFormat(fmt)) for fmt in ("int8", "int4")]
     for label, dtype, fmt in rows:
         parts = memory_estimate(config, dtype, fmt, args.context, args.batch)
         whole = sum(parts.values())
@@ -120,8 +122,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         detail += f", activations {_gib(parts['step'] + parts['prompt'])} (a step {_gib(parts['step'])}"
         detail += f", a prompt chunk {_gib(parts['prompt'])})"
         detail += f", one weight expanded {_gib(parts['expanded'])}" if fmt is not None else ""
-        # int4, int8, fp8 (Triton; fp8 on Hopper: its matrix units) have GPU kernels that read weights as stored
-        direct = f"; {_gib(whole - parts['expanded'])} where a GPU kernel takes {fmt.name}" if fmt is not None else ""
+        # kernels that read weights as stored: on a GPU int4, int8, fp8 (Triton; fp8 on Hopper: its matrix units),
+        # on a CPU int8 and int4 where few rows meet a weight (an expert's share of a canvas at batch 1)
+        direct = f"; {_gib(whole - parts['expanded'])} where a kernel takes {fmt.name}" if fmt is not None else ""
         print(f"  {label:<14}{_gib(whole)} ({detail}{direct})")
     print(
         f"sampler         {settings.max_denoising_steps} steps, entropy bound {settings.entropy_bound}, "

@@ -37,7 +37,7 @@ def test_info(capsys):
     rounding = 0.3 * 2**20  # each figure is printed to a tenth of its unit
     assert activations > 0 and activations == pytest.approx(step + prompt, abs=rounding)
     assert whole == pytest.approx(weights + cache + sampler + activations + expanded, abs=rounding)
-    assert direct == pytest.approx(whole - expanded, abs=rounding) and "where a GPU kernel takes int4" in int4
+    assert direct == pytest.approx(whole - expanded, abs=rounding) and "where a kernel takes int4" in int4
 
 
 def test_info_needs_only_a_config(capsys, tmp_path):
@@ -49,8 +49,10 @@ def test_info_needs_only_a_config(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(preset_config("26b-a4b")))
     code, out, _ = run(capsys, "info", "--model", str(tmp_path), "--context", "4096")
     assert code == 0 and "25.25B total" in out
-    int4 = next(line for line in out.splitlines() if line.strip().startswith("int4"))
-    assert "14.75 GiB where a GPU kernel takes int4" in int4  # bench/RESULTS.md's table
+    int4 = next(line for line in out.splitlines() if line.strip().startswith("int4 (bf16)"))
+    assert "14.75 GiB where a kernel takes int4" in int4  # bench/RESULTS.md's table
+    cpu = next(line for line in out.splitlines() if line.strip().startswith("int4 (fp32)"))
+    assert "weights 15.07 GiB" in cpu  # README's "On a CPU" (the rest in float32)
 
 
 @pytest.mark.parametrize(
