@@ -348,8 +348,11 @@ def direct_kernel(fmt: QuantFormat, x: torch.Tensor, shape: tuple[int, ...], row
 def cpu_kernel_takes(fmt: QuantFormat, shape: tuple[int, ...], rows: int) -> bool:
     """Whether PyTorch's CPU kernel for `fmt` is the faster way through a weight of `shape` meeting `rows` rows
     (CPU_KERNEL_MAX_ROWS, CPU_KERNEL_MIN_VALUES), and takes it: int8 inputs a multiple of 16 (it reads past the
-    end of others), int4 groups it knows and outputs in its blocks of 64 (`cpu_int4_layout`)."""
+    end of others), int4 groups it knows and outputs in its blocks of 64 (`cpu_int4_layout`). The limits were
+    measured on an x86 CPU; DIFFGEMMA_CPU_KERNELS=0 expands every weight instead (say, where bf16 is slow)."""
     out_features, columns = shape[-2:]
+    if os.environ.get("DIFFGEMMA_CPU_KERNELS") == "0":
+        return False
     if rows > CPU_KERNEL_MAX_ROWS or out_features * columns < CPU_KERNEL_MIN_VALUES:
         return False
     if fmt.name == "int8":

@@ -99,7 +99,7 @@ def test_the_cpu_kernels_keep_the_logits_close(demo_inputs, monkeypatch, name, m
     assert set(expanded) <= (attention if name == "int4" else set()), name
 
 
-def test_the_cpu_kernels_take_large_weights_that_meet_few_rows():
+def test_the_cpu_kernels_take_large_weights_that_meet_few_rows(monkeypatch):
     from diffgemma.quant import CPU_KERNEL, CPU_KERNEL_MAX_ROWS, direct_kernel
 
     int8, int4, x = QuantFormat("int8"), QuantFormat("int4"), torch.randn(4, 2816)
@@ -113,6 +113,8 @@ def test_the_cpu_kernels_take_large_weights_that_meet_few_rows():
     assert direct_kernel(int4.for_attention(), x, (4096, 2816), 16) is None  # groups of 16: not the kernel's
     assert direct_kernel(int4, x, (1400, 2816), 16) is None  # outputs not in blocks of 64
     assert direct_kernel(QuantFormat("fp8"), x, (1408, 2816), 16) is None
+    monkeypatch.setenv("DIFFGEMMA_CPU_KERNELS", "0")  # the user's switch: expand everything
+    assert direct_kernel(int8, x, (1408, 2816), 16) is None and direct_kernel(int4, x, (1408, 2816), 16) is None
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
