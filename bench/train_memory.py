@@ -3,12 +3,13 @@
 - "whole logits, kept activations": the loss over the whole batch's float32 logits, every layer's
   intermediates kept for the backward pass (what training did before the chunked loss);
 - "chunked loss": the head's logits made and scored a chunk of tokens at a time (`objective.head_cross_entropy`);
-- "chunked loss + checkpointed layers": also `DiffusionGemma.checkpoint_layers` (gradient checkpointing).
+- "chunked loss + checkpointed layers": also `DiffusionGemma.checkpoint_layers` (gradient checkpointing);
+- and the same with LoRA adapters of rank 16 on a frozen base (what `train chat --lora-rank 16` trains).
 
-A full fine-tune (every weight takes a gradient) of bench-90m's layers with the 26B's vocabulary (262,144), so
-the vocabulary weighs what it does on the real model. Each way runs in a child process of its own; the peak is
-what the step added above the weights (the CPU: peak resident memory less the resident memory before the step;
-CUDA: peak allocated less allocated before), the gradients included.
+A full fine-tune (every weight takes a gradient; in the LoRA way only the adapters do) of bench-90m's layers
+with the 26B's vocabulary (262,144), so the vocabulary weighs what it does on the real model. Each way runs in a
+child process of its own; the peak is what the step added above the weights (the CPU: peak resident memory less
+the resident memory before the step; CUDA: peak allocated less allocated before), the gradients included.
 
     python bench/train_memory.py [--vocab 262144] [--batch 4] [--response 512] [--device cpu] [--results FILE]
 """
@@ -24,10 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results
 
-WAYS = {
-    "whole logits, kept activations": (False, False),
-    "chunked loss": (True, False),
-    "chunked loss + checkpointed layers": (True, True),
+WAYS = {  # (chunked loss, checkpointed layers, LoRA rank: 0 trains every weight)
+    "whole logits, kept activations": (False, False, 0),
+    "chunked loss": (True, False, 0),
+    "chunked loss + checkpointed layers": (True, True, 0),
+    "LoRA rank 16 (the base frozen), chunked loss + checkpointed layers": (True, True, 16),
 }
 
 CHILD = r"""
@@ -55,6 +57,10 @@ init_random_(network, 0)
 if not args["chunked"]:
     objective.LOSS_CHUNK_BYTES = 2**62
 network.checkpoint_layers(args["checkpointed"])
+if args["lora"]:
+    from diffgemma.train.lora import LoraSettings, add_lora
+
+    add_lora(network, LoraSettings(args["lora"]))
 examples = [
     objective.Example(
         torch.randint(3, args["vocab"], (args["prompt"],)).tolist(),
@@ -92,12 +98,15 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--response", type=int, default=512)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ways", type=int, nargs="*", default=None, help="run only these ways (0-3)")
     parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
     args = parser.parse_args()
     rows, measured = [], {}
-    for name, (chunked, checkpointed) in WAYS.items():
-        spec = {**vars(args), "chunked": chunked, "checkpointed": checkpointed}
-        spec.pop("results")
+    ways = {name: way for index, (name, way) in enumerate(WAYS.items()) if args.ways is None or index in args.ways}
+    for name, (chunked, checkpointed, lora) in ways.items():
+        spec = {**vars(args), "chunked": chunked, "checkpointed": checkpointed, "lora": lora}
+        for option in ("results", "ways"):
+            spec.pop(option)
         run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True)
         if run.returncode:
             sys.exit(f"{name}: the child failed\n{run.stderr}")
@@ -120,7 +129,8 @@ def main() -> None:
         "Training memory: the loss a chunk of tokens at a time, checkpointed layers (bench/train_memory.py)",
         table,
         f"{args.preset}'s layers with a vocabulary of {args.vocab:,} ({first['weights'] / 2**30:.2f} GiB of float32 "
-        f"weights, every one trained), batch {args.batch}, prompt {args.prompt}, response {args.response} "
+        f"weights, every one trained but in the LoRA way), batch {args.batch}, prompt {args.prompt}, "
+        f"response {args.response} "
         f"({tokens:,} tokens), device {args.device}; one step (loss and backward) in a child process each way.",
         args.results,
     )

@@ -568,12 +568,15 @@ class DiffusionGemma(nn.Module):
         logit_scale: torch.Tensor | None = None,
         view: DecoderView | None = None,
         return_hidden: bool = False,
+        soft_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, C, V] for a canvas [B, C] that attends to itself and to everything the cache holds.
 
         `self_conditioning` is the previous step's distribution over the vocabulary [B, C, V] (probabilities,
-        i.e. the softmax of its logits), or None on a first step. `self_conditioning_mask` [B] zeroes the
-        signal for some rows. The cache is read, never advanced.
+        i.e. the softmax of its logits), or None on a first step; or `soft_embeds`, that distribution already
+        turned into embeddings [B, C, H] (`soft_embed`), so that a caller can drop the vocabulary-sized
+        distribution before the layers run (training). `self_conditioning_mask` [B] zeroes the signal for some
+        rows. The cache is read, never advanced.
 
         `context_end` [B] (training, with a `keep_all` cache) lets each row see only the cached tokens before
         its own position (and, on sliding layers, only the last window of them), exactly what inference would
@@ -628,11 +631,9 @@ class DiffusionGemma(nn.Module):
             return _sdpa(q, layer.keys[:, :, :end], layer.values[:, :, :end], mask)
 
         embeds = self.embed(canvas)
-        soft = None
-        if self_conditioning is not None:
-            soft = self.soft_embed(self_conditioning)
-            if self_conditioning_mask is not None:
-                soft = soft * self_conditioning_mask.to(soft.dtype)[:, None, None]
+        soft = soft_embeds if self_conditioning is None else self.soft_embed(self_conditioning)
+        if soft is not None and self_conditioning_mask is not None:
+            soft = soft * self_conditioning_mask.to(soft.dtype)[:, None, None]
         hidden = self.self_conditioning(embeds, soft)
         rope = self._rope(positions, hidden.dtype)
         for layer in self.layers:

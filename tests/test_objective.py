@@ -84,7 +84,7 @@ def test_gradients_reach_encoder_and_decoder(tmp_path):
 
 def test_detached_passes_each_feed_the_next(tmp_path, monkeypatch):
     """Recycled self-conditioning: k passes without gradients, each given the one before's distribution,
-    then the scored pass given the last of them (k = 1 is the recipe's single first pass)."""
+    then the scored pass given the last of them, as embeddings (k = 1 is the recipe's single first pass)."""
     from dataclasses import replace
 
     from diffgemma.presets import random_checkpoint
@@ -95,9 +95,10 @@ def test_detached_passes_each_feed_the_next(tmp_path, monkeypatch):
     calls = []
     denoise = network.denoise
 
-    def recorded(canvas, cache, self_conditioning=None, mask=None, **kwargs):
-        logits = denoise(canvas, cache, self_conditioning, mask, **kwargs)
-        calls.append((self_conditioning, mask, logits.detach().clone(), torch.is_grad_enabled()))
+    def recorded(canvas, cache, self_conditioning=None, self_conditioning_mask=None, **kwargs):
+        logits = denoise(canvas, cache, self_conditioning, self_conditioning_mask, **kwargs)
+        signal = self_conditioning if "soft_embeds" not in kwargs else kwargs["soft_embeds"].detach()
+        calls.append((signal, self_conditioning_mask, logits.detach().clone(), torch.is_grad_enabled()))
         return logits
 
     monkeypatch.setattr(network, "denoise", recorded)
@@ -107,8 +108,10 @@ def test_detached_passes_each_feed_the_next(tmp_path, monkeypatch):
         losses.append(float(block_diffusion_loss(network, replace(batch, detached_passes=passes)).diffusion))
         assert len(calls) == passes + 1 and calls[0][0] is None
         assert [grad for *_, grad in calls] == [False] * passes + [True]
-        for before, after in itertools.pairwise(calls):
+        for before, after in itertools.pairwise(calls[:-1]):
             assert torch.allclose(after[0], before[2].softmax(dim=-1))
+        with torch.no_grad():  # the scored pass: the last draft's distribution as embeddings
+            assert torch.allclose(calls[-1][0], network.soft_embed(calls[-2][2].softmax(dim=-1)), atol=1e-6)
         assert all(mask is None for _, mask, *_ in calls[:-1])
         assert torch.equal(calls[-1][1].cpu(), batch.use_self_conditioning)
     assert losses[0] != losses[1]  # the scored pass saw another draft
@@ -208,9 +211,10 @@ def test_a_prior_feeds_the_first_pass_and_bounds_every_draft(tmp_path, monkeypat
     calls = []
     denoise = network.denoise
 
-    def recorded(canvas, cache, self_conditioning=None, mask=None, **kwargs):
-        logits = denoise(canvas, cache, self_conditioning, mask, **kwargs)
-        calls.append((self_conditioning, mask, logits.detach().clone()))
+    def recorded(canvas, cache, self_conditioning=None, self_conditioning_mask=None, **kwargs):
+        logits = denoise(canvas, cache, self_conditioning, self_conditioning_mask, **kwargs)
+        signal = self_conditioning if "soft_embeds" not in kwargs else kwargs["soft_embeds"].detach()
+        calls.append((signal, self_conditioning_mask, logits.detach().clone()))
         return logits
 
     monkeypatch.setattr(network, "denoise", recorded)
@@ -221,9 +225,10 @@ def test_a_prior_feeds_the_first_pass_and_bounds_every_draft(tmp_path, monkeypat
         for _, _, logits in calls[:2]
     ]
     assert torch.allclose(calls[1][0], drafts[0]) and bool((calls[1][0][~support] == 0).all())
-    scored, mask = calls[2][0], calls[2][1]
+    scored, mask = calls[2][0], calls[2][1]  # the scored pass's signal, as embeddings
     assert mask is None  # the prior stands in for "no signal"
-    assert torch.allclose(scored[0], drafts[1][0]) and torch.equal(scored[1], prior[1])
+    with torch.no_grad():
+        assert torch.allclose(scored, network.soft_embed(torch.stack([drafts[1][0], prior[1]])), atol=1e-6)
 
 
 def _training_network(seed: int, **shape):
@@ -313,3 +318,34 @@ def test_checkpointed_layers_give_the_same_gradients_and_hold_less(monkeypatch):
     runs.clear()
     _loss_and_gradients(network, batch)
     assert len(runs) == 3
+
+
+def test_the_scored_pass_holds_no_distribution_when_the_embedding_is_frozen(monkeypatch):
+    """The scored pass gets the draft's distribution as embeddings; with the embedding frozen (LoRA) nothing
+    keeps the vocabulary-sized distribution while the layers run, as autograd does when the embedding trains."""
+    import weakref
+
+    network = _training_network(7, vocab_size=2000)
+    batch = make_batch([Example([2, 5, 6], list(range(20, 60)), id=0)], 32, 2000, 1, 0, seed=0, epoch=0)
+    distributions, alive = [], []
+    soft_embed = network.soft_embed
+    layer = network.layers[0]
+    feed_forward = layer.feed_forward
+
+    def recorded_soft_embed(probs):
+        distributions.append(weakref.ref(probs))
+        return soft_embed(probs)
+
+    def recorded_feed_forward(*args):
+        if distributions:  # the scored pass (the one detached pass had no signal to embed)
+            alive.append(distributions[-1]() is not None)
+        return feed_forward(*args)
+
+    monkeypatch.setattr(network, "soft_embed", recorded_soft_embed)
+    monkeypatch.setattr(layer, "feed_forward", recorded_feed_forward)
+    for embedding_trains in (False, True):
+        network.embed_tokens.weight.requires_grad_(embedding_trains)
+        distributions.clear()
+        alive.clear()
+        block_diffusion_loss(network, batch).total.backward()
+        assert alive == [embedding_trains], (embedding_trains, alive)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..cache import EncoderCache
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
 
@@ -136,28 +137,48 @@ def block_diffusion_loss(network: DiffusionGemma, batch: Batch, ar_weight: float
     encoded = network.encode(ids, cache, valid)
     prior = None if batch.self_conditioning_prior is None else batch.self_conditioning_prior.to(device)
     use_self_conditioning = batch.use_self_conditioning.to(device)
-    with torch.no_grad():
-        self_conditioning = prior
-        for _ in range(batch.detached_passes):
-            # The draft becomes its distribution in place: one vocabulary-sized tensor, not two.
-            draft = network.denoise(noisy, cache, self_conditioning, context_end=context_end)
-            if batch.draft_temperature is not None:
-                draft.div_(batch.draft_temperature.to(device)[:, None, None])
-            if prior is not None:
-                draft.masked_fill_(prior == 0, float("-inf"))
-            draft.sub_(draft.amax(dim=-1, keepdim=True)).exp_()
-            self_conditioning = draft.div_(draft.sum(dim=-1, keepdim=True))
-    if prior is None:
-        hidden = network.denoise(
-            noisy, cache, self_conditioning, use_self_conditioning, context_end=context_end, return_hidden=True
-        )
-    else:
-        signal = torch.where(use_self_conditioning[:, None, None], self_conditioning, prior)
-        hidden = network.denoise(noisy, cache, signal, context_end=context_end, return_hidden=True)
+    self_conditioning = _detached_drafts(network, batch, noisy, cache, context_end, prior)
+    if prior is not None:  # rows that go without the draft read the prior instead
+        self_conditioning = torch.where(use_self_conditioning[:, None, None], self_conditioning, prior)
+    # The scored pass is given the signal as embeddings and the distribution goes: with a frozen embedding (LoRA)
+    # nothing keeps it, a vocabulary-sized float32 tensor less through the pass and the loss.
+    soft = None if self_conditioning is None else network.soft_embed(self_conditioning)
+    del self_conditioning
+    hidden = network.denoise(
+        noisy,
+        cache,
+        self_conditioning_mask=use_self_conditioning if prior is None else None,
+        context_end=context_end,
+        return_hidden=True,
+        soft_embeds=soft,
+    )
     diffusion = head_cross_entropy(network, hidden, clean)
 
     autoregressive = next_token_loss(network, encoded, ids, valid) if ar_weight else torch.zeros((), device=device)
     return Losses(diffusion + ar_weight * autoregressive, diffusion, autoregressive)
+
+
+@torch.no_grad()
+def _detached_drafts(
+    network: DiffusionGemma,
+    batch: Batch,
+    noisy: torch.Tensor,
+    cache: EncoderCache,
+    context_end: torch.Tensor,
+    prior: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The distribution of the last of the batch's detached passes, each fed the one before (the first: the prior,
+    or nothing). Each draft's logits become its distribution in place: one vocabulary-sized tensor, not two."""
+    self_conditioning = prior
+    for _ in range(batch.detached_passes):
+        draft = network.denoise(noisy, cache, self_conditioning, context_end=context_end)
+        if batch.draft_temperature is not None:
+            draft.div_(batch.draft_temperature.to(draft.device)[:, None, None])
+        if prior is not None:
+            draft.masked_fill_(prior == 0, float("-inf"))
+        draft.sub_(draft.amax(dim=-1, keepdim=True)).exp_()
+        self_conditioning = draft.div_(draft.sum(dim=-1, keepdim=True))
+    return self_conditioning
 
 
 def next_token_loss(
