@@ -437,12 +437,16 @@ class DiffusionGemma(nn.Module):
         `out` (float32, the logits' shape) receives the logits, so a generation loop can reuse one
         vocabulary-sized buffer instead of asking the allocator for a new one each step; with weights in
         another dtype they are computed a slice of the vocabulary at a time, so no whole-vocabulary temporary
-        in that dtype is made (bf16 at batch 8 on the 26B shape: 1 GiB).
+        in that dtype is made (bf16 at batch 8 on the 26B shape: 1 GiB). Without `out` (and without gradients)
+        such weights get a new float32 tensor filled the same way (training's detached drafts, for one).
         `scale` (a 0-dim tensor, without gradients) asks for sampling logits: the capped logits times `scale`
         (an inverse temperature) less a constant, which no softmax, entropy or argmax sees.
         """
         cap = self.config.final_logit_softcapping
         weight = self.embed_tokens.weight
+        if out is None and weight.dtype != torch.float32 and not torch.is_grad_enabled():
+            # Made whole in bf16 and then cast, the logits would be 1.5 times their float32 size at once.
+            out = hidden.new_empty((*hidden.shape[:-1], weight.shape[0]), dtype=torch.float32)
         if scale is not None:
             # cap * tanh(x / cap) = 2 cap * sigmoid(2x / cap) - cap: the 2 / cap goes into the (small) hidden
             # states, the constant -cap is dropped, so the vocabulary-sized work is the sigmoid and one multiply.

@@ -432,6 +432,27 @@ def test_self_conditioning_casts_the_distribution_a_vocabulary_slice_at_a_time(t
     assert memory.peak < probs.numel() * 2 / 4, memory.peak / (probs.numel() * 2)  # a bf16 copy would be all of it
 
 
+def test_the_head_of_bf16_weights_makes_no_whole_bf16_logits(tiny):
+    """Without a buffer (and gradients) bf16 weights' logits go a vocabulary slice at a time into a new float32
+    tensor: the one product's values, and no bf16 copy of the whole logits beside them (it was 1.5 times the
+    float32 logits at once)."""
+    import copy
+
+    network = copy.deepcopy(tiny.network).to(torch.bfloat16)
+    vocab = 16384  # several of the CPU's slices
+    network.embed_tokens.weight = torch.nn.Parameter(torch.randn(vocab, tiny.config.hidden_size) * 0.05)
+    network.embed_tokens.to(torch.bfloat16)
+    hidden = torch.randn(3, 16, tiny.config.hidden_size).bfloat16()
+    cap = network.config.final_logit_softcapping
+    with torch.no_grad():
+        expected = torch.tanh(torch.nn.functional.linear(hidden, network.embed_tokens.weight).float() / cap) * cap
+        with PeakMemory() as memory:
+            logits = network.head(hidden)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert memory.peak < 1.2 * logits.numel() * 4, memory.peak / (logits.numel() * 4)
+
+
 def test_compiled_decoder_layers_match_eager(tiny):
     """`compile_decoder` (torch.compile of each layer's two halves) computes what the eager halves compute, and
     a whole decoder pass through it stays close to the eager pass (bf16: its kernels round differently)."""
