@@ -4,9 +4,12 @@ The network is built with random weights straight into its quantized buffers (ra
 size real weights get: quantizing 25B random floats would take this machine most of an hour), the rest in
 float32. A prompt of 128 tokens is encoded, then denoising steps of a 256-token canvas (decoder pass and fast
 sampler) are timed with PyTorch's CPU int4 kernel taking the experts (`quant.cpu_kernel_takes`) and with every
-weight expanded, as before it. Resident memory is read from /proc.
+weight expanded, as before it. Resident memory is read from /proc. `--qlora` instead times one training step of
+LoRA adapters (rank 16) over the frozen quantized base (`train chat --quant int4 --lora-rank 16`): the
+block-diffusion loss and its backward pass over one example (the prompt and one canvas of response), with
+gradient checkpointing.
 
-    python bench/cpu_26b.py [--format int4] [--steps 2] [--results FILE]
+    python bench/cpu_26b.py [--format int4] [--steps 2] [--qlora] [--results FILE]
 """
 
 from __future__ import annotations
@@ -56,11 +59,57 @@ def resident_gib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
 
 
+def qlora_step(network: DiffusionGemma, fmt: quant.QuantFormat, prompt: int, built: float, loaded: float, results):
+    from diffgemma.train.lora import LoraSettings, add_lora
+    from diffgemma.train.objective import Example, block_diffusion_loss, make_batch
+
+    config = network.config
+    add_lora(network, LoraSettings(16))
+    network.checkpoint_layers()
+    adapters = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    generator = torch.Generator().manual_seed(0)
+    example = Example(
+        torch.randint(3, config.vocab_size, (prompt,), generator=generator).tolist(),
+        torch.randint(3, config.vocab_size, (config.canvas_length,), generator=generator).tolist(),
+    )
+    batch = make_batch([example], config.canvas_length, config.vocab_size, 1, 0, seed=0, epoch=0)
+    before = resident_gib()
+    begun = time.perf_counter()
+    losses = block_diffusion_loss(network, batch)
+    forward = time.perf_counter() - begun
+    losses.total.backward()
+    seconds = time.perf_counter() - begun
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # A first step: B starts at zero, so only B's gradients can be nonzero (A's are zero until B moves)
+    trained = [(name, p.grad) for name, p in network.named_parameters() if p.requires_grad]
+    reached = all(grad is not None for _, grad in trained) and all(
+        bool(grad.abs().sum() > 0) for name, grad in trained if "lora_B" in name
+    )
+    table = "\n".join(
+        [
+            "| step | s (loss / with backward) | resident before, GiB | peak, GiB | every B has a gradient |",
+            "|---|---|---|---|---|",
+            f"| QLoRA rank 16 over {fmt.name} | {forward:.0f} / {seconds:.0f} | {before:.1f} | {peak:.1f} "
+            f"| {reached} |",
+        ]
+    )
+    append_results(
+        "CPU: a QLoRA training step of the 26B-A4B shape (bench/cpu_26b.py --qlora)",
+        table,
+        f"26B-A4B shape, random weights ({fmt.describe()}; the rest in float32, {loaded:.1f} GiB resident once "
+        f"built in {built:.0f} s), LoRA rank 16 on attention's and the dense MLP's projections ({adapters / 1e6:.1f}M "
+        f"parameters), gradient checkpointing, the chunked loss; one example: a prompt of {prompt} tokens and one "
+        f"canvas of {config.canvas_length} (loss {float(losses.total):.3f}).",
+        results,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--format", default="int4", choices=quant.FORMATS)
     parser.add_argument("--steps", type=int, default=2, help="timed steps each way, after one to warm up")
     parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--qlora", action="store_true", help="time a QLoRA training step instead")
     parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
     args = parser.parse_args()
     config = parse_model_config(preset_config("26b-a4b"), "26b-a4b")
@@ -68,6 +117,9 @@ def main() -> None:
     started = time.perf_counter()
     network = random_quantized_network(config, fmt)
     built, loaded = time.perf_counter() - started, resident_gib()
+    if args.qlora:
+        qlora_step(network, fmt, args.prompt, built, loaded, args.results)
+        return
     rows = []
     with torch.no_grad():
         for kernels in (True, False):
