@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import resource
 from pathlib import Path
 
 import torch
@@ -24,6 +25,17 @@ def machine() -> str:
     except OSError:
         pass
     return f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def resident_gib() -> float:
+    """This process's resident memory now, GiB (Linux: /proc)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
+
+
+def peak_resident_gib() -> float:
+    """This process's peak resident memory so far, GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def append_results(title: str, table: str, notes: str = "", path: str | Path | None = None) -> None:

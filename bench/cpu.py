@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import statistics
 import sys
 import tempfile
@@ -22,23 +21,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results
+from common import append_results, peak_resident_gib, resident_gib
 
 import diffgemma
 from diffgemma.generate import Draft
 from diffgemma.presets import random_checkpoint
-
-
-def rss_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024**2
-    return 0.0
-
-
-def peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def step_times_ours(model, prompt, steps: int, canvases: int, mode: str) -> list[float]:
@@ -100,17 +87,17 @@ def main() -> None:
     reference_name = "transformers 5.23 (reference)"
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_checkpoint(Path(tmp) / "bench", preset="bench-90m", seed=0)
-        base = rss_gb()
+        base = resident_gib()
         model = diffgemma.load(folder)
-        ours_loaded = rss_gb()
+        ours_loaded = resident_gib()
         config = model.config
         torch.manual_seed(0)
         prompt = torch.randint(3, config.vocab_size, (1, 128))
         for mode in ours_modes.values():
             step_times_ours(model, prompt, 3, 1, mode)  # warm up
-        ours_peak = peak_gb()
+        ours_peak = peak_resident_gib()
         reference = DiffusionGemmaForBlockDiffusion.from_pretrained(folder).eval()
-        reference_loaded = rss_gb()
+        reference_loaded = resident_gib()
         settings = dict(max_denoising_steps=args.steps, confidence_threshold=1e-9, eos_token_id=None, pad_token_id=None)
 
         def reference_marks(canvases: int, steps: int) -> list[float]:
@@ -137,7 +124,7 @@ def main() -> None:
             for name, value in medians.items():
                 round_medians[name].append(value)
             round_ratios.append(medians[reference_name] / medians["diffgemma (fast sampler)"])
-        reference_peak = peak_gb()
+        reference_peak = peak_resident_gib()
     results = {name: statistics.median(values) for name, values in round_medians.items()}
     reference_ms = results[reference_name] * 1000
     rows = []

@@ -15,7 +15,6 @@ gradient checkpointing.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results
+from common import append_results, peak_resident_gib, resident_gib
 from gpu import CANVAS_STEPS, denoise_step
 
 from diffgemma import quant
@@ -54,11 +53,6 @@ def random_quantized_network(config, fmt: quant.QuantFormat) -> DiffusionGemma:
     return network.eval()
 
 
-def resident_gib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 2**20
-
-
 def qlora_step(network: DiffusionGemma, fmt: quant.QuantFormat, prompt: int, built: float, loaded: float, results):
     from diffgemma.train.lora import LoraSettings, add_lora
     from diffgemma.train.objective import Example, block_diffusion_loss, make_batch
@@ -79,7 +73,7 @@ def qlora_step(network: DiffusionGemma, fmt: quant.QuantFormat, prompt: int, bui
     forward = time.perf_counter() - begun
     losses.total.backward()
     seconds = time.perf_counter() - begun
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_resident_gib()
     # A first step: B starts at zero, so only B's gradients can be nonzero (A's are zero until B moves)
     trained = [(name, p.grad) for name, p in network.named_parameters() if p.requires_grad]
     reached = all(grad is not None for _, grad in trained) and all(
@@ -136,7 +130,7 @@ def main() -> None:
             tokens_per_s = config.canvas_length / (CANVAS_STEPS * seconds)
             rows.append(f"| {fmt.name}, {way} | {seconds:.1f} | {tokens_per_s:.2f} |")
     quant.set_direct_kernels(True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_resident_gib()
     table = "\n".join(["| weights | s per denoising step | tokens/s at 16 steps |", "|---|---|---|", *rows])
     append_results(
         "CPU: the 26B-A4B shape in int4, one denoising step (bench/cpu_26b.py)",

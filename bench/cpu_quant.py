@@ -14,15 +14,16 @@ picks between them (CPU_KERNEL_MAX_ROWS, CPU_KERNEL_MIN_VALUES).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import gpu
 from common import append_results
 
 from diffgemma import quant
@@ -33,20 +34,20 @@ from diffgemma.presets import preset_config
 WEIGHTS = [(1408, 2816), (2816, 704), (1024, 1024), (512, 512)]  # [out, in]: the 26B's expert halves, smaller
 ROWS = [16, 48, 96, 128, 192]
 FORMATS = ("int8", "int4")
+CONFIG = parse_model_config(preset_config("26b-a4b"), "26b-a4b")
 
 
 def median_ms(repeats: int, work: Callable[..., object], *args: object) -> float:
-    work(*args)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work(*args)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+    return gpu.median_ms(partial(work, *args), repeats, torch.device("cpu"), warmup=1)
 
 
-def expanded_product(x: torch.Tensor, stored: dict[str, torch.Tensor], fmt: quant.QuantFormat) -> torch.Tensor:
-    return torch.bmm(x, quant.dequantize(stored["qweight"], stored["scale"], fmt, torch.float32).transpose(1, 2))
+def random_experts() -> Experts:
+    """A mixture-of-experts layer's experts of the 26B shape, float32, random (seeded)."""
+    torch.manual_seed(0)
+    experts = Experts(CONFIG).requires_grad_(False)
+    experts.gate_up_proj.normal_(0, 0.02)
+    experts.down_proj.normal_(0, 0.02)
+    return experts
 
 
 def weight_sweep(fmt: quant.QuantFormat, repeats: int) -> str:
@@ -58,7 +59,8 @@ def weight_sweep(fmt: quant.QuantFormat, repeats: int) -> str:
         cells = []
         for rows in ROWS:
             x = torch.randn(experts, rows, in_features)
-            expanded = median_ms(repeats, expanded_product, x, stored, fmt)
+            qweight, scale = stored["qweight"], stored["scale"]
+            expanded = median_ms(repeats, quant.expanded_product, x, qweight, scale, fmt, torch.float32, None, True)
             kernel = median_ms(repeats, quant.cpu_grouped_linear, x, stored["qweight"], stored["scale"], None)
             picked = quant.direct_kernel(fmt, x, (out_features, in_features), rows)
             mark = " (picked)" if picked else ""
@@ -67,13 +69,7 @@ def weight_sweep(fmt: quant.QuantFormat, repeats: int) -> str:
     return "\n".join(lines)
 
 
-def layer_rows(repeats: int) -> str:
-    config = parse_model_config(preset_config("26b-a4b"), "26b-a4b")
-    torch.manual_seed(0)
-    experts = Experts(config)
-    with torch.no_grad():
-        experts.gate_up_proj.normal_(0, 0.02)
-        experts.down_proj.normal_(0, 0.02)
+def layer_rows(experts: Experts, repeats: int) -> str:
     quantized = {}
     for name in FORMATS:
         quantized[name] = quant.QuantExperts(experts, quant.QuantFormat(name))
@@ -84,11 +80,11 @@ def layer_rows(repeats: int) -> str:
         header += [f"{name} expanded ms", f"{name} kernel ms"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for batch in (1, 4):
-        tokens = batch * config.canvas_length
-        x = torch.randn(tokens, config.hidden_size)
-        chosen = torch.rand(tokens, config.num_experts).topk(config.top_k_experts, dim=-1).indices
-        weights = torch.rand(tokens, config.top_k_experts).softmax(-1)
-        largest = int(torch.bincount(chosen.reshape(-1), minlength=config.num_experts).max())
+        tokens = batch * CONFIG.canvas_length
+        x = torch.randn(tokens, CONFIG.hidden_size)
+        chosen = torch.rand(tokens, CONFIG.num_experts).topk(CONFIG.top_k_experts, dim=-1).indices
+        weights = torch.rand(tokens, CONFIG.top_k_experts).softmax(-1)
+        largest = int(torch.bincount(chosen.reshape(-1), minlength=CONFIG.num_experts).max())
         with torch.no_grad():
             cells = [str(batch), str(tokens), str(largest), f"{median_ms(repeats, experts, x, chosen, weights):.0f}"]
             for module in quantized.values():
@@ -101,12 +97,7 @@ def layer_rows(repeats: int) -> str:
     return "\n".join(lines)
 
 
-def quantize_rows() -> str:
-    config = parse_model_config(preset_config("26b-a4b"), "26b-a4b")
-    torch.manual_seed(0)
-    experts = Experts(config).requires_grad_(False)
-    experts.gate_up_proj.normal_(0, 0.02)
-    experts.down_proj.normal_(0, 0.02)
+def quantize_rows(experts: Experts) -> str:
     stacks = {name: experts._parameters[name].bfloat16() for name in ("gate_up_proj", "down_proj")}
     lines = ["| format | s for one layer's experts | min for 30 layers |", "|---|---|---|"]
     compiled_from = quant.COMPILED_INT4_VALUES
@@ -123,7 +114,7 @@ def quantize_rows() -> str:
         for weight, stack in stacks.items():
             module.load_float(weight, stack)
         seconds = time.perf_counter() - started
-        lines.append(f"| {label} | {seconds:.1f} | {seconds * config.num_hidden_layers / 60:.1f} |")
+        lines.append(f"| {label} | {seconds:.1f} | {seconds * CONFIG.num_hidden_layers / 60:.1f} |")
     quant.COMPILED_INT4_VALUES = compiled_from
     return "\n".join(lines)
 
@@ -134,8 +125,9 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
     args = parser.parse_args()
     sweeps = [weight_sweep(quant.QuantFormat(name), args.repeats) for name in FORMATS]
-    layer = layer_rows(args.repeats)
-    quantizing = quantize_rows()
+    experts = random_experts()  # the same layer for both parts (3 GiB in float32)
+    layer = layer_rows(experts, args.repeats)
+    quantizing = quantize_rows(experts)
     append_results(
         "CPU: int8 and int4 weights through PyTorch's weight-only kernels, or expanded (bench/cpu_quant.py)",
         "One weight, 8 experts' products, expanded / kernel ms (float32 activations; the kernels take them as "
