@@ -82,16 +82,9 @@ def test_gradients_reach_encoder_and_decoder(tmp_path):
     assert network.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
-def test_detached_passes_each_feed_the_next(tmp_path, monkeypatch):
-    """Recycled self-conditioning: k passes without gradients, each given the one before's distribution,
-    then the scored pass given the last of them, as embeddings (k = 1 is the recipe's single first pass)."""
-    from dataclasses import replace
-
-    from diffgemma.presets import random_checkpoint
-
-    network = diffgemma.load(random_checkpoint(tmp_path / "passes", preset="tiny", seed=3)).network
-    batch = make_batch([Example([2, 5, 6], list(range(20, 50)), id=i) for i in range(2)], 32, 265, 1, 0, 0, 0)
-    batch = replace(batch, use_self_conditioning=torch.tensor([True, False]))
+def _recorded_denoise_calls(network, monkeypatch) -> list[tuple]:
+    """Every decoder pass of `network` from now on, as (its self-conditioning signal: the distribution, or the
+    embeddings the scored pass is given; its mask; its output; whether gradients were on)."""
     calls = []
     denoise = network.denoise
 
@@ -102,6 +95,20 @@ def test_detached_passes_each_feed_the_next(tmp_path, monkeypatch):
         return logits
 
     monkeypatch.setattr(network, "denoise", recorded)
+    return calls
+
+
+def test_detached_passes_each_feed_the_next(tmp_path, monkeypatch):
+    """Recycled self-conditioning: k passes without gradients, each given the one before's distribution,
+    then the scored pass given the last of them, as embeddings (k = 1 is the recipe's single first pass)."""
+    from dataclasses import replace
+
+    from diffgemma.presets import random_checkpoint
+
+    network = diffgemma.load(random_checkpoint(tmp_path / "passes", preset="tiny", seed=3)).network
+    batch = make_batch([Example([2, 5, 6], list(range(20, 50)), id=i) for i in range(2)], 32, 265, 1, 0, 0, 0)
+    batch = replace(batch, use_self_conditioning=torch.tensor([True, False]))
+    calls = _recorded_denoise_calls(network, monkeypatch)
     losses = []
     for passes in (1, 3):
         calls.clear()
@@ -208,21 +215,12 @@ def test_a_prior_feeds_the_first_pass_and_bounds_every_draft(tmp_path, monkeypat
         self_conditioning_prior=prior,
         draft_temperature=temperature,
     )
-    calls = []
-    denoise = network.denoise
-
-    def recorded(canvas, cache, self_conditioning=None, self_conditioning_mask=None, **kwargs):
-        logits = denoise(canvas, cache, self_conditioning, self_conditioning_mask, **kwargs)
-        signal = self_conditioning if "soft_embeds" not in kwargs else kwargs["soft_embeds"].detach()
-        calls.append((signal, self_conditioning_mask, logits.detach().clone()))
-        return logits
-
-    monkeypatch.setattr(network, "denoise", recorded)
+    calls = _recorded_denoise_calls(network, monkeypatch)
     block_diffusion_loss(network, batch)
     assert len(calls) == 3 and torch.equal(calls[0][0], prior)
     drafts = [
         (logits / temperature[:, None, None]).masked_fill(~support, float("-inf")).softmax(-1)
-        for _, _, logits in calls[:2]
+        for _, _, logits, _ in calls[:2]
     ]
     assert torch.allclose(calls[1][0], drafts[0]) and bool((calls[1][0][~support] == 0).all())
     scored, mask = calls[2][0], calls[2][1]  # the scored pass's signal, as embeddings
