@@ -17,6 +17,7 @@ memory. A quantized checkpoint carries `quantization_config` in its config.json 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -348,8 +349,9 @@ def direct_kernel(fmt: QuantFormat, x: torch.Tensor, shape: tuple[int, ...], row
 def cpu_kernel_takes(fmt: QuantFormat, shape: tuple[int, ...], rows: int) -> bool:
     """Whether PyTorch's CPU kernel for `fmt` is the faster way through a weight of `shape` meeting `rows` rows
     (CPU_KERNEL_MAX_ROWS, CPU_KERNEL_MIN_VALUES), and takes it: int8 inputs a multiple of 16 (it reads past the
-    end of others), int4 groups it knows and outputs in its blocks of 64 (`cpu_int4_layout`). The limits were
-    measured on an x86 CPU; DIFFGEMMA_CPU_KERNELS=0 expands every weight instead (say, where bf16 is slow)."""
+    end of others), int4 groups it knows, outputs in blocks of 64, and a layout of its that we know on this CPU
+    (`cpu_int4_kernel_layout`). The limits were measured on x86 CPUs; DIFFGEMMA_CPU_KERNELS=0 expands every weight
+    instead (say, where bf16 is slow)."""
     out_features, columns = shape[-2:]
     if os.environ.get("DIFFGEMMA_CPU_KERNELS") == "0":
         return False
@@ -359,7 +361,7 @@ def cpu_kernel_takes(fmt: QuantFormat, shape: tuple[int, ...], rows: int) -> boo
         return columns % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
     if fmt.name == "int4":
         fits = fmt.group_for(columns) in CPU_INT4_GROUPS and out_features % 64 == 0 and columns % 8 == 0
-        return fits and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        return fits and cpu_int4_kernel_layout() is not None and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     return False
 
 
@@ -465,22 +467,53 @@ def cpu_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
 
 
 _HIGH_NIBBLES = 0xF0F0F0F0 - 2**32  # as an int32
+# How PyTorch's CPU int4 kernel lays out a block of outputs, which depends on the vector width it chose for
+# this CPU (`_convert_weight_to_int4pack_for_cpu`): (outputs a block, whether a byte pairs outputs j and
+# j + block/2, else 2j and 2j + 1). AVX512: 64, paired halves; AVX2: 32, halves; otherwise 32 or 16, neighbours.
+CPU_INT4_LAYOUTS = ((64, True), (32, True), (32, False), (16, False))
 
 
-def cpu_int4_layout(qweight: torch.Tensor) -> torch.Tensor:
+def cpu_int4_layout(qweight: torch.Tensor, layout: tuple[int, bool] | None = None) -> torch.Tensor:
     """Our int4 packing [N, K/2] (a byte holds inputs 2k and 2k+1 of one output) -> the layout of PyTorch's CPU
-    int4 kernel (`_convert_weight_to_int4pack_for_cpu`'s, for outputs in blocks of 64: a byte holds one input of
-    outputs j and j + 32 of a block, the bytes of a block ordered by input, then by j). Nibbles are regrouped
-    four bytes at a time in int32 words, then each block is transposed byte by byte."""
+    int4 kernel on this CPU (`cpu_int4_kernel_layout`, or `layout`): outputs in blocks, the bytes of a block
+    ordered by input, then by output pair, a byte holding one input of two outputs. Nibbles are regrouped four
+    bytes at a time in int32 words, then each block is transposed byte by byte."""
+    layout = layout or cpu_int4_kernel_layout()
+    if layout is None:
+        raise DiffGemmaError("PyTorch's CPU int4 kernel lays out its weights in no way diffgemma knows on this CPU")
+    block, halves = layout
     outputs, half = qweight.shape
-    blocks = qweight.contiguous().view(torch.int32).view(outputs // 64, 2, 32, half // 4)
-    first, second = blocks[:, 0], blocks[:, 1]  # outputs j and j + 32 of each block
+    words = qweight.contiguous().view(torch.int32)
+    if halves:  # outputs j and j + block/2 share a byte
+        blocks = words.view(outputs // block, 2, block // 2, half // 4)
+        first, second = blocks[:, 0], blocks[:, 1]
+    else:  # outputs 2j and 2j + 1
+        blocks = words.view(outputs // block, block // 2, 2, half // 4)
+        first, second = blocks[:, :, 0], blocks[:, :, 1]
     even = (first & 0x0F0F0F0F) | ((second & 0x0F0F0F0F) << 4)  # inputs 2k
     odd = ((first >> 4) & 0x0F0F0F0F) | (second & _HIGH_NIBBLES)  # inputs 2k + 1
-    out = torch.empty(outputs // 64, half, 2, 32, dtype=torch.uint8)
+    out = torch.empty(outputs // block, half, 2, block // 2, dtype=torch.uint8)
     for parity, nibbles in enumerate((even, odd)):
-        out[:, :, parity] = nibbles.view(torch.uint8).view(outputs // 64, 32, half).transpose(1, 2)
+        out[:, :, parity] = nibbles.view(torch.uint8).view(outputs // block, block // 2, half).transpose(1, 2)
     return out.view(outputs, half)
+
+
+@functools.cache
+def cpu_int4_kernel_layout() -> tuple[int, bool] | None:
+    """Which of `CPU_INT4_LAYOUTS` PyTorch's CPU int4 kernel reads here, found once by asking its own converter
+    to lay out a small random weight; None where it lays out none of them (int4 then expands on this CPU)."""
+    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        return None
+    qweight = torch.randint(0, 256, (64, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    nibbles = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(64, 32).to(torch.int32)
+    try:
+        expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1).view(torch.uint8).reshape(-1)
+    except RuntimeError:
+        return None
+    for layout in CPU_INT4_LAYOUTS:
+        if torch.equal(cpu_int4_layout(qweight, layout).reshape(-1), expected):
+            return layout
+    return None
 
 
 def cpu_grouped_linear(

@@ -1,6 +1,8 @@
 """Weight-only quantization: logits close to float (thresholds), self-describing checkpoints, exact sizes."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -132,12 +134,50 @@ def test_the_cpu_kernels_multiply_as_the_expanded_weights(name):
     ends = torch.tensor([5, 5, 15])
     out = cpu_grouped_linear(packed, stored["qweight"], stored["scale"], ends)
     _assert_bf16_close(out, torch.cat([packed[:5] @ weights[0].t(), packed[5:] @ weights[2].t()]))
-    if name == "int4":  # the nibbles rearranged as PyTorch's own conversion lays them out
+    if name == "int4":  # the nibbles rearranged as PyTorch's own conversion lays them out on this CPU
         for shape in ((64, 32), (128, 64), (192, 2816)):
             nibbles = torch.randint(0, 16, shape, dtype=torch.int32)
             ours = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8)
             expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 2)
             assert torch.equal(cpu_int4_layout(ours), expected), shape
+
+
+def test_every_cpu_int4_layout_is_the_one_its_description_gives():
+    """PyTorch's CPU int4 kernel reads one layout per vector width (AVX512, AVX2, neither; the converter's own
+    comments describe them); each of ours against those words spelled out one nibble at a time."""
+    from diffgemma.quant import CPU_INT4_LAYOUTS, cpu_int4_layout
+
+    nibbles = torch.randint(0, 16, (128, 16), dtype=torch.int32)
+    ours = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8)
+    for block, halves in CPU_INT4_LAYOUTS:
+        expected = []
+        for start in range(0, nibbles.shape[0], block):
+            for k in range(nibbles.shape[1]):
+                for j in range(block // 2):
+                    low, high = (j, j + block // 2) if halves else (2 * j, 2 * j + 1)
+                    expected.append(int(nibbles[start + low, k]) | int(nibbles[start + high, k]) << 4)
+        laid_out = cpu_int4_layout(ours, (block, halves))
+        assert laid_out.reshape(-1).tolist() == expected, (block, halves)
+
+
+def test_the_int4_cpu_kernel_on_a_cpu_without_wide_vectors():
+    """With PyTorch told to use no vector instructions (ATEN_CPU_CAPABILITY=default, as on CPUs it has no wider
+    kernels for), its int4 kernel reads another layout: found, and the product is the expanded weights'."""
+    script = """
+import torch
+from diffgemma.quant import QuantFormat, cpu_int4_kernel_layout, cpu_linear, dequantize, quantize
+fmt = QuantFormat("int4", group_size=32)
+weight, x = torch.randn(128, 64) * 0.05, torch.randn(5, 64)
+stored = quantize(weight, fmt)
+expanded = x @ dequantize(stored["qweight"], stored["scale"], fmt, torch.float32).t()
+error = (cpu_linear(x, stored["qweight"], stored["scale"]) - expanded).norm() / expanded.norm()
+print(cpu_int4_kernel_layout(), float(error))
+"""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    layout, error = done.stdout.rsplit(" ", 1)
+    assert layout in ("(32, False)", "(16, False)") and float(error) < 0.01, done.stdout
 
 
 def _assert_bf16_close(out: torch.Tensor, expected: torch.Tensor) -> None:
