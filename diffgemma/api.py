@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,11 @@ from .generate import (
     GenerationResult,
     InfillResult,
     Prompt,
+    StopStrings,
     attach_text,
     chat_reply,
+    chat_stop_strings,
+    cut_at_stops,
     denoising_loop,
     infill_clamp,
     prepare_prompts,
@@ -148,6 +151,7 @@ class DiffGemma:
         banned_tokens: torch.Tensor | None = None,
         first_self_conditioning: torch.Tensor | None = None,
         noise_ranges: torch.Tensor | list | None = None,
+        end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
@@ -179,6 +183,7 @@ class DiffGemma:
             banned_tokens=banned_tokens,
             first_self_conditioning=first_self_conditioning,
             noise_ranges=noise_ranges,
+            end_rows=end_rows,
         )
         return events, batched
 
@@ -195,6 +200,7 @@ class DiffGemma:
         banned_tokens: torch.Tensor | None = None,
         first_self_conditioning: torch.Tensor | None = None,
         noise_ranges: torch.Tensor | list | None = None,
+        stop: str | Sequence[str] | StopStrings | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
@@ -213,6 +219,9 @@ class DiffGemma:
         self-conditioning input instead of no signal (a sudoku model trained with its candidates there).
         `noise_ranges` ([L, 2] or [B, L, 2]) is where position i's starting token and its re-noising draw from
         instead of `token_ranges`: one id makes it a mask (a sudoku model trained on masked cells).
+        `stop` (a string or several) ends a row where one first appears in its text: no canvas after that one
+        is denoised for it, its text comes back without the string (its `new_tokens` run through the token
+        that completed it) and `result.stopped` says which rows a stop string ended.
         """
         return run_to_end(
             self.stream(
@@ -227,6 +236,7 @@ class DiffGemma:
                 banned_tokens,
                 first_self_conditioning,
                 noise_ranges,
+                stop=stop,
                 **sampler,
             )
         )
@@ -244,11 +254,16 @@ class DiffGemma:
         banned_tokens: torch.Tensor | None = None,
         first_self_conditioning: torch.Tensor | None = None,
         noise_ranges: torch.Tensor | list | None = None,
+        stop: str | Sequence[str] | StopStrings | None = None,
+        end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
         then `Done` with the result. Closing the iterator (or breaking out of the loop) stops the work.
-        With `commit_stable_prefix`, each draft's `settled` says how many leading canvas tokens are final."""
+        With `commit_stable_prefix`, each draft's `settled` says how many leading canvas tokens are final.
+        `end_rows`, called at each canvas's end with every row's generated ids so far, names rows to end there
+        (a server's cancelled requests); drafts of ended rows may still come until the batch ends."""
+        stops = self._stop_strings(stop)
         events, batched = self._events(
             prompt,
             max_new_tokens,
@@ -263,11 +278,14 @@ class DiffGemma:
             banned_tokens,
             first_self_conditioning,
             noise_ranges,
+            end_rows if stops is None else _ended_by(stops, end_rows),
         )
         try:
             for event in events:
                 if isinstance(event, Done):
-                    attach_text(event.result, self.tokenizer, batched)
+                    if stops is not None:
+                        cut_at_stops(event.result, stops)
+                    attach_text(event.result, self.tokenizer, batched, stops)
                 yield event
         finally:
             events.close()
@@ -279,12 +297,17 @@ class DiffGemma:
         max_new_tokens: int | None = None,
         seed: int | None = None,
         mode: str = "fast",
+        stop: str | Sequence[str] | None = None,
         **sampler: Any,
     ) -> ChatResult:
-        """One model turn through the checkpoint's chat template; the thinking channel comes back apart."""
+        """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
+        `stop` strings end the answer (never the thinking) where one first appears."""
         tokenizer = self._need_tokenizer()
-        result = self.generate(messages, max_new_tokens, seed, mode, enable_thinking=enable_thinking, **sampler)
-        reply = chat_reply(tokenizer, result.new_tokens[0])
+        stops = chat_stop_strings(tokenizer, stop) if stop else None
+        result = self.generate(
+            messages, max_new_tokens, seed, mode, enable_thinking=enable_thinking, stop=stops, **sampler
+        )
+        reply = chat_reply(tokenizer, result.new_tokens[0], stops)
         return ChatResult(reply.content, reply.reasoning, result)
 
     def infill(
@@ -331,6 +354,13 @@ class DiffGemma:
             length = max(1, len(tokenizer.encode(text[start:end], add_special_tokens=False)))
         return self.infill(text[:start], text[end:], length, seed, mode, **sampler)
 
+    def _stop_strings(self, stop: str | Sequence[str] | StopStrings | None) -> StopStrings | None:
+        if not stop or isinstance(stop, StopStrings):  # "" and [] stop nothing, as OpenAI's API takes them
+            return stop or None
+        if self.tokenizer is None:
+            raise DiffGemmaError("stop strings need a checkpoint with a tokenizer (tokenizer.json)")
+        return StopStrings(stop, self.tokenizer.decode)
+
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise DiffGemmaError("this checkpoint has no tokenizer (tokenizer.json); text features need one")
@@ -353,6 +383,18 @@ class DiffGemma:
             raw = {**self.config.raw, "quantization_config": self.quant.config()}
             kwargs["config"] = replace(self.config, raw=raw)
         return save_checkpoint(self.network, self.settings, folder, extra, self._passthrough, **kwargs)
+
+
+def _ended_by(
+    stops: StopStrings, end_rows: Callable[[list[list[int]]], Sequence[bool]] | None
+) -> Callable[[list[list[int]]], list[bool]]:
+    """Rows that a stop string ends, or that `end_rows` names."""
+
+    def ended(rows: list[list[int]]) -> list[bool]:
+        named = end_rows(rows) if end_rows is not None else [False] * len(rows)
+        return [bool(name) or stops.ends(row) for row, name in zip(rows, named, strict=True)]
+
+    return ended
 
 
 def _for_every_row(values: torch.Tensor | None, batch: int, expected: str) -> torch.Tensor | None:

@@ -181,9 +181,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = _read_prompt(args.prompt)
     sampler = _sampler(args)
     if args.watch:
-        result = _watch(model, prompt, args, sampler)
+        result = _watch(model, prompt, args, sampler, stop=args.stop)
     else:
-        result = model.generate(prompt, seed=args.seed, mode=args.mode, **sampler)
+        result = model.generate(prompt, seed=args.seed, mode=args.mode, stop=args.stop, **sampler)
     print(result.text)
     if args.stats:
         steps = sum(sum(rows) for rows in result.steps)
@@ -194,10 +194,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .generate import chat_reply
+    from .generate import chat_reply, chat_stop_strings
 
     model = _load(args)
     sampler = _sampler(args)
+    stops = chat_stop_strings(model.tokenizer, args.stop) if args.stop else None
     history: list[dict[str, str]] = []
     thinking = args.think
     interactive = sys.stdin.isatty()
@@ -223,10 +224,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         history.append({"role": "user", "content": line})
         if args.watch and interactive:
-            result = _watch(model, history, args, sampler, enable_thinking=thinking)
+            result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=stops)
         else:
-            result = model.generate(history, seed=args.seed, mode=args.mode, enable_thinking=thinking, **sampler)
-        reply = chat_reply(model.tokenizer, result.new_tokens[0])
+            result = model.generate(
+                history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=stops, **sampler
+            )
+        reply = chat_reply(model.tokenizer, result.new_tokens[0], stops)
         if reply.reasoning:
             print(f"[thinking] {reply.reasoning}")
         print(f"model> {reply.content}" if interactive else reply.content)
@@ -579,6 +582,12 @@ def _add_model_options(parser: argparse.ArgumentParser, sampling: bool = True, i
     parser.add_argument("--confidence", type=float, default=None, help="mean entropy under which a canvas stops")
 
 
+def _add_stop_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stop", action="append", default=None, metavar="TEXT", help="end the answer before TEXT (repeatable)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="diffgemma", description="DiffusionGemma block text diffusion")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -587,12 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the prompt, or - to read it from stdin")
     generate.add_argument("--watch", action="store_true", help="show the canvas converge live")
     generate.add_argument("--stats", action="store_true", help="print tokens, steps and speed to stderr")
+    _add_stop_option(generate)
     _add_model_options(generate)
     generate.set_defaults(run=cmd_generate)
 
     chat = commands.add_parser("chat", help="an interactive chat (/reset, /think on|off, /exit)")
     chat.add_argument("--think", action="store_true", help="start with thinking on")
     chat.add_argument("--watch", action="store_true", help="show each answer's canvas converge")
+    _add_stop_option(chat)
     _add_model_options(chat)
     chat.set_defaults(run=cmd_chat)
 

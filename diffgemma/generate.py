@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -75,6 +75,7 @@ class GenerationResult:
     tokens_per_forward: list[float]  # per row: generated non-pad tokens / decoder passes (reference's metric)
     wall_time: float
     text: str | list[str] | None = None  # one string per prompt (a list for a batch), None without tokenizer
+    stopped: list[bool] = field(default_factory=list)  # per row: a stop string ended it (`StopStrings`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -99,6 +100,65 @@ class InfillResult:
     text: str  # prefix + fill + suffix
     fill: str
     result: GenerationResult
+
+
+class StopStrings:
+    """Strings that end a row where they first appear (OpenAI's `stop`): its text comes back without them, its
+    tokens through the one that completed the first. `view` turns a row's ids into the text they are looked
+    for in (a chat's answer, say, so that thinking never ends a reply)."""
+
+    def __init__(self, stops: str | Sequence[str], view: Callable[[list[int]], str]) -> None:
+        stops = [stops] if isinstance(stops, str) else list(stops)
+        if not stops or not all(isinstance(stop, str) and stop for stop in stops):
+            raise DiffGemmaError(f"stop strings must be one or more non-empty strings, got {stops!r}")
+        self.stops = tuple(dict.fromkeys(stops))
+        self.view = view
+
+    def first(self, text: str, start: int = 0) -> int | None:
+        """Where the earliest stop string in `text[start:]` begins (None: there is none)."""
+        found = [index for stop in self.stops if (index := text.find(stop, start)) >= 0]
+        return min(found) if found else None
+
+    def cut(self, text: str) -> str:
+        """`text` before its first stop string."""
+        index = self.first(text)
+        return text if index is None else text[:index]
+
+    def answer(self, text: str) -> str:
+        """An answer (read with its trailing space) before its first stop string; without one, as answers are
+        given: without trailing space."""
+        index = self.first(text)
+        return text.rstrip() if index is None else text[:index]
+
+    def pending(self, text: str) -> int:
+        """Characters at the end of `text` that may be the start of a stop string (a stream holds them back)."""
+        for size in range(min(len(text), max(map(len, self.stops)) - 1), 0, -1):
+            if any(stop.startswith(text[-size:]) for stop in self.stops):
+                return size
+        return 0
+
+    def ends(self, tokens: list[int]) -> bool:
+        return self.first(self.view(tokens)) is not None
+
+    def tokens_through(self, tokens: list[int]) -> int | None:
+        """How many of `tokens` it takes for a stop string to appear in their text (None: none appears)."""
+        if not self.ends(tokens):
+            return None
+        low, high = 1, len(tokens)  # text grows with its tokens: the fewest that show one, by bisection
+        while low < high:
+            middle = (low + high) // 2
+            if self.ends(tokens[:middle]):
+                high = middle
+            else:
+                low = middle + 1
+        return high
+
+    def text_before(self, decode: Callable[[list[int]], str], tokens: list[int]) -> str:
+        """`decode(tokens)` (tokens cut by `tokens_through`) before the stop string its last token completed."""
+        text, before = decode(tokens), decode(tokens[:-1])
+        start = max(0, len(before) - max(map(len, self.stops)) + 1)
+        index = self.first(text, start)
+        return text[:index] if index is not None else self.cut(text)
 
 
 def _decode_rows(tokenizer: Tokenizer | None, ids: torch.Tensor) -> list[str]:
@@ -431,6 +491,7 @@ def denoising_loop(
     banned_tokens: torch.Tensor | None = None,
     first_self_conditioning: torch.Tensor | None = None,
     noise_ranges: torch.Tensor | None = None,
+    end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -455,6 +516,9 @@ def denoising_loop(
     where a position's first canvas token and its re-noising draw from instead of `token_ranges` (or the whole
     vocabulary): one id there makes the noise a mask (a sudoku model trained on masked cells re-noises a cell
     to its empty token).
+    `end_rows`, called when a canvas is committed with every row's generated ids so far (as `new_tokens` gives
+    them), names the rows that end there, as EOS would end them (a stop string; a client that went away); when
+    every row has ended, no further canvas is denoised.
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -624,16 +688,23 @@ def denoising_loop(
                     )
             sequences = torch.cat([sequences, committed], dim=1)
             steps_per_canvas.append(canvas_steps.tolist())
+            if end_rows is not None:
+                generated = _new_tokens(sequences, limits, settings.eos_token_id, prompt_length, stop_at_eos)
+                named = list(end_rows(generated))
+                if len(named) != batch:
+                    raise DiffGemmaError(f"end_rows must return one answer for each of the {batch} rows, got {named}")
+                ended = [bool(name) and not done for name, done in zip(named, rows_done.tolist(), strict=True)]
+                for row in range(batch):
+                    if ended[row]:  # what it has so far is all it gets
+                        limits[row] = min(limits[row], (canvas_index + 1) * length)
+                done_now |= torch.tensor(ended, device=device)
             yield CanvasCommit(canvas_index, committed, canvas_steps.tolist(), tokenizer)
             rows_done |= done_now
             if bool(rows_done.all()):
                 break
             network.encode(committed, cache, return_hidden=False)
 
-    new_tokens = [
-        _trim(row, limit, settings.eos_token_id, prompt_length, stop_at_eos)
-        for row, limit in zip(sequences.tolist(), limits, strict=True)
-    ]
+    new_tokens = _new_tokens(sequences, limits, settings.eos_token_id, prompt_length, stop_at_eos)
     generated = sequences[:, prompt_length:]
     valid = (generated != pad).sum(-1) if pad is not None else torch.full_like(passes, generated.shape[1])
     per_forward = (valid.float() / passes.clamp_min(1).float()).tolist()
@@ -644,6 +715,7 @@ def denoising_loop(
         steps=steps_per_canvas,
         tokens_per_forward=per_forward,
         wall_time=time.perf_counter() - started,
+        stopped=[False] * batch,
     )
     yield Done(result)
 
@@ -684,14 +756,17 @@ def _check_some_allowed(excluded: torch.Tensor, fixed: torch.Tensor | None, offs
         raise DiffGemmaError(f"{where}: every token is banned or out of range")
 
 
-def _trim(row: list[int], limit: int, eos: tuple[int, ...], prompt_length: int, stop_at_eos: bool) -> list[int]:
-    """A row's generated ids as the user asked for them: at most `limit`, ending before EOS."""
-    generated = row[prompt_length : prompt_length + limit]
-    if stop_at_eos:
-        for index, token in enumerate(generated):
-            if token in eos:
-                return generated[:index]
-    return generated
+def _new_tokens(
+    sequences: torch.Tensor, limits: list[int], eos: tuple[int, ...], prompt_length: int, stop_at_eos: bool
+) -> list[list[int]]:
+    """Each row's generated ids as the user asked for them: at most its limit, ending before EOS."""
+    rows = []
+    for row, limit in zip(sequences.tolist(), limits, strict=True):
+        generated = row[prompt_length : prompt_length + limit]
+        if stop_at_eos:
+            generated = next((generated[:i] for i, token in enumerate(generated) if token in eos), generated)
+        rows.append(generated)
+    return rows
 
 
 def run_to_end(events: Iterator[Draft | CanvasCommit | Done]) -> GenerationResult:
@@ -701,16 +776,42 @@ def run_to_end(events: Iterator[Draft | CanvasCommit | Done]) -> GenerationResul
     raise RuntimeError("generation ended without a result")  # pragma: no cover - the loop always yields Done
 
 
-def attach_text(result: GenerationResult, tokenizer: Tokenizer | None, batched: bool) -> GenerationResult:
+def cut_at_stops(result: GenerationResult, stops: StopStrings) -> GenerationResult:
+    """Each row's tokens through the one that completed its first stop string (rows without one: as they are)."""
+    for row, tokens in enumerate(result.new_tokens):
+        through = stops.tokens_through(tokens)
+        result.stopped[row] = through is not None
+        result.new_tokens[row] = tokens if through is None else tokens[:through]
+    return result
+
+
+def attach_text(
+    result: GenerationResult, tokenizer: Tokenizer | None, batched: bool, stops: StopStrings | None = None
+) -> GenerationResult:
     if tokenizer is not None:
-        texts = [tokenizer.decode(row) for row in result.new_tokens]
+        texts = [
+            stops.text_before(tokenizer.decode, row) if stopped and stops is not None else tokenizer.decode(row)
+            for row, stopped in zip(result.new_tokens, result.stopped, strict=True)
+        ]
         result.text = texts if batched else texts[0]
     return result
 
 
-def chat_reply(tokenizer: Tokenizer, ids: list[int]) -> ChatReply:
-    """Split a generated model turn into answer and thinking (the markers are special tokens)."""
-    return split_thinking(tokenizer.decode(ids, skip_special_tokens=False), tokenizer.special_strings)
+def chat_reply(tokenizer: Tokenizer, ids: list[int], stops: StopStrings | None = None) -> ChatReply:
+    """Split a generated model turn into answer and thinking (the markers are special tokens); the answer ends
+    before the first of `stops` (`chat_stop_strings`)."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    reply = split_thinking(text, tokenizer.special_strings, trailing_space=stops is not None)
+    return reply if stops is None else replace(reply, content=stops.answer(reply.content))
+
+
+def chat_stop_strings(tokenizer: Tokenizer, stop: str | Sequence[str]) -> StopStrings:
+    """Stop strings looked for in a chat's answer (read with its trailing space), never in its thinking."""
+
+    def answer(ids: list[int]) -> str:
+        return split_thinking(tokenizer.decode(ids, skip_special_tokens=False), tokenizer.special_strings, True).content
+
+    return StopStrings(stop, answer)
 
 
 def infill_clamp(

@@ -32,10 +32,11 @@ class ChatReply:
     reasoning: str
 
 
-def split_thinking(text: str, strip: tuple[str, ...] = ()) -> ChatReply:
+def split_thinking(text: str, strip: tuple[str, ...] = (), trailing_space: bool = False) -> ChatReply:
     """Separate thinking-channel blocks from the answer; an unclosed block is all thinking so far.
 
-    Strings in `strip` (other special tokens, such as the end-of-turn marker) are removed from both parts.
+    Strings in `strip` (other special tokens, such as the end-of-turn marker) are removed from both parts, and
+    space around them, but with `trailing_space` the answer keeps what ends it (where a stop string may lie).
     """
     content: list[str] = []
     reasoning: list[str] = []
@@ -52,9 +53,11 @@ def split_thinking(text: str, strip: tuple[str, ...] = ()) -> ChatReply:
     def clean(part: str) -> str:
         for token in strip:
             part = part.replace(token, "")
-        return part.strip()
+        return part
 
-    return ChatReply(clean("".join(content)), clean("\n".join(r.strip() for r in reasoning)))
+    answer = clean("".join(content))
+    thinking = clean("\n".join(r.strip() for r in reasoning)).strip()
+    return ChatReply(answer.lstrip() if trailing_space else answer.strip(), thinking)
 
 
 def _token_text(value: Any) -> str | None:

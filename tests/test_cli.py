@@ -141,6 +141,20 @@ def test_chat_session_with_reset(tmp_path):
     assert out == [ANSWERS["Say hello."], "(thinking off)", "(history cleared)", ANSWERS["Count to five."]]
 
 
+def test_stop_strings_end_chat_answers_and_generated_text(capsys, monkeypatch):
+    import io
+
+    sky = "Why is the sky blue?"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{sky}\nCount to five.\n"))
+    code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "0", "--stop", " so ", "--stop", ", 3")
+    assert code == 0 and out.splitlines() == [ANSWERS[sky][: ANSWERS[sky].index(" so ")], "1, 2"]
+    args = ("generate", "Hello", "--model", DEMO, "--seed", "1", "--max-new-tokens", "20")
+    code, free, _ = run(capsys, *args)
+    stop = free[5:7]
+    code, cut, _ = run(capsys, *args, "--stop", stop)
+    assert code == 0 and cut == free[: free.index(stop)] + "\n"
+
+
 def test_edit_writes_atomically_with_backup(capsys, tmp_path):
     path = tmp_path / "notes.txt"
     original = "first line\nsecond line\nthird line\n"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffgemma import DiffGemmaError
-from diffgemma.generate import CanvasCommit, Done, Draft, chat_reply, sampler_step
+from diffgemma.generate import CanvasCommit, Done, Draft, chat_reply, run_to_end, sampler_step
 from diffgemma.sampling import pad_after_eos
 from diffgemma.tokenizer import split_thinking
 
@@ -364,3 +364,71 @@ def test_first_self_conditioning_feeds_each_canvas_first_step(tiny, monkeypatch)
         tiny.generate("x", max_new_tokens=8, first_self_conditioning=torch.zeros(3, 9, vocab))
     with pytest.raises(DiffGemmaError, match="must be a tensor"):
         tiny.generate("x", max_new_tokens=8, first_self_conditioning=[[0.5]])
+
+
+def _fake_view(tokens: list[int]) -> str:
+    """Token i spells letter i (0 -> 'a'): text that grows with its tokens, one character a token."""
+    return "".join(chr(ord("a") + token) for token in tokens)
+
+
+def test_stop_strings_find_cut_hold_back_and_count_tokens():
+    from diffgemma.generate import StopStrings
+
+    stops = StopStrings(["cd", "xyz"], _fake_view)
+    assert stops.first("abcdxyz") == 2 and stops.first("abcdxyz", 3) == 4 and stops.first("ab") is None
+    assert stops.cut("abcdxyz") == "ab" and stops.cut("abxyzcd") == "ab" and stops.cut("abc") == "abc"
+    assert [stops.pending(text) for text in ("abc", "abx", "abxy", "abxyq", "c", "")] == [1, 1, 2, 0, 1, 0]
+    tokens = [0, 1, 2, 3, 4, 5]  # "abcdef": "cd" is complete with the fourth token
+    assert stops.tokens_through(tokens) == 4 and stops.tokens_through([0, 1, 2]) is None
+    assert stops.text_before(_fake_view, tokens[:4]) == "ab"
+    assert StopStrings("cd", _fake_view).stops == ("cd",)
+    for bad in ([""], ["a", 3], [None], []):
+        with pytest.raises(DiffGemmaError, match="stop strings"):
+            StopStrings(bad, _fake_view)
+
+
+def test_a_stop_string_ends_the_row_and_its_later_canvases(demo):
+    """ " so " appears in the second of the answer's three canvases: the text ends before it, the tokens run
+    through it, and no third canvas is denoised; the row beside it in the batch is what it was without."""
+    from assets.make_demo_model import ANSWERS
+
+    sky, hello = "Why is the sky blue?", "Say hello."
+    prompts = [[{"role": "user", "content": question}] for question in (sky, hello)]
+    ids = [demo.tokenizer.encode_chat(prompt) for prompt in prompts]
+    free = demo.generate(ids, seed=[1, 2])
+    stopped = demo.generate(ids, seed=[1, 2], stop=[" so ", "never appears"])
+    assert free.text[0].startswith(ANSWERS[sky]) and free.stopped == [False, False]
+    before = ANSWERS[sky][: ANSWERS[sky].index(" so ")]
+    assert stopped.text == [before, free.text[1]] and stopped.stopped == [True, False]
+    assert stopped.new_tokens[0] == free.new_tokens[0][: len(before) + len(" so ")]  # one token a byte
+    assert len(free.steps) == 3 and len(stopped.steps) == 2  # the second row ended with its second canvas
+    alone = demo.generate(ids[0], seed=1, stop=" so ")
+    assert alone.text == before and len(alone.steps) == 2
+
+
+def test_a_chat_stop_string_ends_the_answer_never_the_thinking(demo):
+    from assets.make_demo_model import THINKING
+
+    question = next(iter(THINKING))
+    thought, answer = THINKING[question]
+    messages = [{"role": "user", "content": question}]
+    in_thought = demo.chat(messages, enable_thinking=True, seed=0, stop="four")  # only the thinking has it
+    assert (in_thought.content, in_thought.reasoning) == (answer, thought) and in_thought.result.stopped == [False]
+    in_answer = demo.chat(messages, enable_thinking=True, seed=0, stop=" = ")
+    assert (in_answer.content, in_answer.reasoning) == (answer[: answer.index(" = ")], thought)
+    assert in_answer.result.stopped == [True]
+
+
+def test_end_rows_ends_the_rows_it_names_at_the_canvas_end(demo):
+    sky = demo.tokenizer.encode_chat([{"role": "user", "content": "Why is the sky blue?"}])
+    seen = []
+
+    def end_first(rows):
+        seen.append([list(row) for row in rows])
+        return [True, False]
+
+    result = run_to_end(demo.stream([sky, sky], seed=[1, 1], end_rows=end_first))
+    canvas = demo.config.canvas_length
+    assert len(result.new_tokens[0]) == canvas and len(result.new_tokens[1]) > canvas
+    assert result.new_tokens[0] == result.new_tokens[1][:canvas] and result.stopped == [False, False]
+    assert seen[0] == [result.new_tokens[0], result.new_tokens[1][:canvas]]

@@ -273,3 +273,50 @@ def test_the_serve_command_answers_an_openai_client(demo):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_stop_string_ends_the_answer_and_its_canvases(client):
+    """ " so " settles in the second of the answer's three canvases: the reply ends before it, as soon as it
+    settles (no third canvas), and counts the tokens through it; streamed and whole replies agree, even for a
+    stop string that crosses a canvas boundary (the stream holds back what may begin one)."""
+    answer = ANSWERS[SKY]
+    free = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1)
+    stopped = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, stop=[" so ", "zebra"])
+    choice = stopped.choices[0]
+    assert (choice.message.content, choice.finish_reason) == (answer[: answer.index(" so ")], "stop")
+    assert stopped.usage.completion_tokens == answer.index(" so ") + len(" so ")  # one token a byte
+    assert len(free.model_extra["diffgemma"]["steps"]) == 3 and len(stopped.model_extra["diffgemma"]["steps"]) == 2
+    across = "more than"  # "Air scatters blue sunlight more " fills the first canvas of 32 tokens
+    assert answer.index(across) < 32 < answer.index(across) + len(across)
+    for stop in (" so ", across):
+        whole = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, stop=stop)
+        chunks = list(client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, stop=stop, stream=True))
+        deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+        # text is never taken back: had a piece of the stop string gone out ("more"), the two would differ
+        assert "".join(deltas) == whole.choices[0].message.content == answer[: answer.index(stop)], stop
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finishes == ["stop"] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_stop_strings_in_the_thinking_and_in_text_completions(client, server):
+    from assets.make_demo_model import THINKING
+
+    question = next(iter(THINKING))
+    thought, answer = THINKING[question]
+    thinking = {"chat_template_kwargs": {"enable_thinking": True}}
+    reply = client.chat.completions.create(
+        model="demo", messages=ask(question), seed=1, stop="four", extra_body=thinking
+    )
+    message = reply.choices[0].message
+    assert (message.content, message.model_extra["reasoning_content"]) == (answer, thought)  # the thinking has it
+    free = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=40, seed=3)
+    stop = free.choices[0].text[10:13]
+    cut = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=40, seed=3, stop=stop)
+    assert cut.choices[0].text == free.choices[0].text[: free.choices[0].text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    none = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, stop="")  # as some clients send
+    assert none.choices[0].message.content == ANSWERS[SKY]
+    response = httpx.post(
+        server[0] + "/v1/chat/completions", json={"messages": ask(SKY), "stop": [f"s{i}" for i in range(17)]}
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop"

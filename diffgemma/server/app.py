@@ -2,7 +2,8 @@
 
 Streaming sends text before a canvas ends: the engine fixes each canvas's settled prefix as it goes, and
 the server sends whatever newly settled, never taking anything back. The thinking channel goes out as
-`reasoning_content`. With `"drafts": true` a client also gets every denoising step's canvas.
+`reasoning_content`. With `"drafts": true` a client also gets every denoising step's canvas. `stop` strings
+end the answer (never the thinking) as soon as one settles; a stream holds back text that may begin one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,10 +27,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
+from ..generate import StopStrings
 from ..tokenizer import THINKING_OPEN, split_thinking
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 
 STATIC = Path(__file__).with_name("static")
+MAX_STOP_STRINGS = 16
 SAMPLER_FIELDS = (
     "max_denoising_steps",
     "entropy_bound",
@@ -85,6 +88,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = True
 
 
+StopField = str | list[str] | None
+
+
 class ChatRequest(SamplerExtras):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
@@ -93,6 +99,7 @@ class ChatRequest(SamplerExtras):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    stop: StopField = None
     enable_thinking: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -104,6 +111,7 @@ class CompletionRequest(SamplerExtras):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
+    stop: StopField = None
 
 
 class InfillRequest(BaseModel):
@@ -122,14 +130,27 @@ def _message_text(message: Message) -> str:
 
 
 class ReplyText:
-    """Turns generated ids into (content, reasoning) text, and into deltas that are never taken back."""
+    """Turns generated ids into (content, reasoning) text, and into deltas that are never taken back; the
+    content ends before the first of the `stop` strings."""
 
-    def __init__(self, model: DiffGemma, chat: bool) -> None:
+    def __init__(self, model: DiffGemma, chat: bool, stop: StopField = None) -> None:
         self.tokenizer = model.tokenizer
         self.eos = set(model.settings.eos_token_id)
         self.pad = model.settings.pad_token_id
         self.chat = chat
         self.sent = ["", ""]  # content, reasoning
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        stops = [text for text in stops if text]  # clients send "" and [] for none
+        if len(stops) > MAX_STOP_STRINGS:
+            raise APIError(
+                400, f"at most {MAX_STOP_STRINGS} stop strings", "invalid_request_error", "invalid_value", "stop"
+            )
+        self.stops = StopStrings(stops, lambda tokens: self._parts(tokens, True, True)[0]) if stops else None
+
+    def through_stop(self, tokens: list[int]) -> list[int] | None:
+        """`tokens` through the one that completed a stop string in the answer (None: no stop string yet)."""
+        through = None if self.stops is None else self.stops.tokens_through(self._cut(tokens))
+        return None if through is None else self._cut(tokens)[:through]
 
     def _cut(self, tokens: list[int]) -> list[int]:
         for index, token in enumerate(tokens):
@@ -138,6 +159,12 @@ class ReplyText:
         return [t for t in tokens if t != self.pad]
 
     def parts(self, tokens: list[int], final: bool = True) -> tuple[str, str]:
+        if self.stops is None:
+            return self._parts(tokens, final)
+        content, reasoning = self._parts(tokens, final, trailing_space=True)
+        return self.stops.answer(content), reasoning
+
+    def _parts(self, tokens: list[int], final: bool, trailing_space: bool = False) -> tuple[str, str]:
         tokens = self._cut(tokens)
         if not self.chat:
             return self.tokenizer.decode(tokens).lstrip(), ""
@@ -147,7 +174,7 @@ class ReplyText:
                 if raw.endswith(THINKING_OPEN[:size]):
                     raw = raw[:-size]
                     break
-        reply = split_thinking(raw, self.tokenizer.special_strings)
+        reply = split_thinking(raw, self.tokenizer.special_strings, trailing_space)
         return reply.content, reply.reasoning
 
     def deltas(self, tokens: list[int], final: bool = False) -> tuple[str, str]:
@@ -157,6 +184,8 @@ class ReplyText:
         for index, text in enumerate(self.parts(tokens, final)):
             if not final:
                 text = text.rstrip().rstrip("\ufffd")
+                if index == 0 and self.stops is not None:  # what may begin a stop string waits too
+                    text = text[: len(text) - self.stops.pending(text)].rstrip()
             sent = self.sent[index]
             if text.startswith(sent) and len(text) > len(sent):
                 out.append(text[len(sent) :])
@@ -270,9 +299,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             raise APIError(503, str(err), "server_error", "unavailable") from None
         return job
 
-    async def run_job(job: Job, request: Request) -> RowDone:
-        """Wait for a job's result; if the client goes away first, cancel the job."""
+    async def run_job(job: Job, request: Request, reply: ReplyText) -> tuple[RowDone, bool]:
+        """Wait for a job's result, and whether a stop string ended it (as soon as one settles: the job is then
+        cancelled); if the client goes away first, cancel the job."""
         app.state.active += 1
+        steps: dict[int, int] = {}  # per canvas, the steps seen so far
+        started = time.perf_counter()
         try:
             while True:
                 try:
@@ -285,7 +317,13 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 if isinstance(event, Exception):
                     raise APIError(500, f"generation failed: {event}", "server_error")
                 if isinstance(event, RowDone):
-                    return event
+                    through = reply.through_stop(event.new_tokens)
+                    return (event, False) if through is None else (replace(event, new_tokens=through), True)
+                steps[event.canvas_index] = event.step
+                through = reply.through_stop(_visible(event, job))
+                if through is not None:
+                    job.cancelled.set()
+                    return RowDone(through, list(steps.values()), time.perf_counter() - started), True
         finally:
             app.state.active -= 1
 
@@ -298,19 +336,17 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 if isinstance(event, Exception):
                     yield _sse(error_body(f"generation failed: {event}", "server_error"))
                     break
-                if isinstance(event, RowDraft):
-                    if drafts:
-                        yield _sse(chunk(draft=_draft_payload(event, model)))
-                    visible = (event.committed + event.ids[: event.settled])[: job.max_new_tokens]
-                    content, reasoning = reply.deltas(visible)
-                    if content or reasoning:
-                        yield _sse(chunk(content=content, reasoning=reasoning))
-                elif isinstance(event, RowDone):
-                    content, reasoning = reply.deltas(event.new_tokens, final=True)
-                    if content or reasoning:
-                        yield _sse(chunk(content=content, reasoning=reasoning))
-                    yield _sse(chunk(finish=_finish_reason(event, job)))
-                    yield _sse(chunk(usage=_usage(job, event)))
+                tokens = _visible(event, job) if isinstance(event, RowDraft) else event.new_tokens
+                through = reply.through_stop(tokens)
+                if isinstance(event, RowDraft) and drafts:
+                    yield _sse(chunk(draft=_draft_payload(event, model)))
+                final = through is not None or isinstance(event, RowDone)
+                content, reasoning = reply.deltas(tokens if through is None else through, final=final)
+                if content or reasoning:
+                    yield _sse(chunk(content=content, reasoning=reasoning))
+                if final:
+                    yield _sse(chunk(finish="stop" if through is not None else _finish_reason(tokens, job)))
+                    yield _sse(chunk(usage=_usage(job, len(tokens if through is None else through))))
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -320,16 +356,17 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def complete(body: ChatRequest | CompletionRequest, request: Request, prompt: list[int], chat: bool):
         """Admit, queue, then stream the job or wait for it: the part both completion routes share."""
         limit = admit(prompt, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n)
+        reply = ReplyText(model, chat, body.stop)
         job = new_job(prompt, limit, body)
-        reply = ReplyText(model, chat=chat)
         identity = _identity("chatcmpl" if chat else "cmpl")
         if body.stream:
             chunk = _chunk_maker(identity, options.model_name, chat)
             return _event_stream(stream_job(job, reply, chunk, body.drafts))
-        done = await run_job(job, request)
+        done, stopped = await run_job(job, request, reply)
         content, reasoning = reply.parts(done.new_tokens)
-        finish = _finish_reason(done, job)
-        response: dict[str, Any] = {**identity, "model": options.model_name, "usage": _usage(job, done)}
+        finish = "stop" if stopped else _finish_reason(done.new_tokens, job)
+        usage = _usage(job, len(done.new_tokens))
+        response: dict[str, Any] = {**identity, "model": options.model_name, "usage": usage}
         if not chat:
             choice = {"index": 0, "text": content, "finish_reason": finish}
             return {**response, "object": "text_completion", "choices": [choice]}
@@ -394,8 +431,12 @@ def _event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _usage(job: Job, done: RowDone) -> dict[str, int]:
-    completion = len(done.new_tokens)
+def _visible(event: RowDraft, job: Job) -> list[int]:
+    """A row's tokens that are final: earlier canvases and this one's settled prefix, within the job's limit."""
+    return (event.committed + event.ids[: event.settled])[: job.max_new_tokens]
+
+
+def _usage(job: Job, completion: int) -> dict[str, int]:
     return {
         "prompt_tokens": len(job.prompt),
         "completion_tokens": completion,
@@ -403,8 +444,8 @@ def _usage(job: Job, done: RowDone) -> dict[str, int]:
     }
 
 
-def _finish_reason(done: RowDone, job: Job) -> str:
-    return "length" if len(done.new_tokens) >= job.max_new_tokens else "stop"
+def _finish_reason(tokens: list[int], job: Job) -> str:
+    return "length" if len(tokens) >= job.max_new_tokens else "stop"
 
 
 def _draft_payload(event: RowDraft, model: DiffGemma) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 A job is one prompt with its own seed and token limit. The worker takes every waiting job that shares
 the first one's sampler settings (up to `max_batch`), runs them as one batch through the public
 `stream` API (fast mode, one random stream per row, settled prefixes committed), and hands each job its
-own rows of the events. Jobs that arrive while a batch runs wait for the next one. A cancelled job stops
-receiving events at once; when every job of a batch is cancelled, the batch stops.
+own rows of the events. Jobs that arrive while a batch runs wait for the next one. A cancelled job (its
+client went away, or a stop string ended it) stops receiving events at once and its row ends with the
+canvas it is in; when every job of a batch is cancelled, the batch stops.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class Batcher:
                 max_new_tokens=[job.max_new_tokens for job in batch],
                 seed=[job.seed for job in batch],
                 commit_stable_prefix=True,
+                end_rows=lambda rows: [job.cancelled.is_set() for job in batch],
                 **batch[0].sampler,
             )
             try:
