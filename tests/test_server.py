@@ -106,8 +106,10 @@ def test_error_statuses(server, client):
     assert bad.value.status_code == 400 and bad.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="demo", messages=ask("hi"), max_tokens=100_000)
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model="demo", messages=ask("hi"), n=2)
+    for n in (0, 9):  # a request's choices share one batch (max_batch 8)
+        with pytest.raises(openai.BadRequestError) as bad_n:
+            client.chat.completions.create(model="demo", messages=ask("hi"), n=n)
+        assert bad_n.value.param == "n"
     with pytest.raises(openai.UnprocessableEntityError) as invalid:
         client.chat.completions.create(model="demo", messages=[])
     assert invalid.value.status_code == 422 and "messages" in invalid.value.message
@@ -320,3 +322,31 @@ def test_stop_strings_in_the_thinking_and_in_text_completions(client, server):
         server[0] + "/v1/chat/completions", json={"messages": ask(SKY), "stop": [f"s{i}" for i in range(17)]}
     )
     assert response.status_code == 400 and response.json()["error"]["param"] == "stop"
+
+
+def test_n_choices_are_denoised_together_each_as_alone(server, client):
+    """n choices are rows of one batch, choice i seeded seed + i: each is what a request of its own gives, and
+    streamed choices (their chunks interleaved, told apart by index) are the whole ones; usage adds them up."""
+    app = server[1]
+    questions = {"Say hello.": 3, "Why is the sky blue?": 2}
+    for question, n in questions.items():
+        alone = [client.chat.completions.create(model="demo", messages=ask(question), seed=5 + i) for i in range(n)]
+        before = len(app.state.batcher.batches_run)
+        together = client.chat.completions.create(model="demo", messages=ask(question), seed=5, n=n)
+        assert app.state.batcher.batches_run[before:] == [n]
+        assert [c.index for c in together.choices] == list(range(n))
+        assert [c.message.content for c in together.choices] == [a.choices[0].message.content for a in alone]
+        assert together.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+        assert together.usage.prompt_tokens == alone[0].usage.prompt_tokens
+        chunks = list(client.chat.completions.create(model="demo", messages=ask(question), seed=5, n=n, stream=True))
+        streamed = [""] * n
+        finishes = [[] for _ in range(n)]
+        for c in chunks:
+            for choice in c.choices:
+                streamed[choice.index] += choice.delta.content or ""
+                finishes[choice.index] += [choice.finish_reason] if choice.finish_reason else []
+        assert streamed == [c.message.content for c in together.choices]
+        assert finishes == [["stop"]] * n and chunks[-1].usage.completion_tokens == together.usage.completion_tokens
+    texts = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=20, seed=7, n=2)
+    single = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=20, seed=8)
+    assert [c.index for c in texts.choices] == [0, 1] and texts.choices[1].text == single.choices[0].text

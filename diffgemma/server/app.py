@@ -149,8 +149,11 @@ class ReplyText:
 
     def through_stop(self, tokens: list[int]) -> list[int] | None:
         """`tokens` through the one that completed a stop string in the answer (None: no stop string yet)."""
-        through = None if self.stops is None else self.stops.tokens_through(self._cut(tokens))
-        return None if through is None else self._cut(tokens)[:through]
+        if self.stops is None:
+            return None
+        tokens = self._cut(tokens)
+        through = self.stops.tokens_through(tokens)
+        return None if through is None else tokens[:through]
 
     def _cut(self, tokens: list[int]) -> list[int]:
         for index, token in enumerate(tokens):
@@ -257,8 +260,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         return FileResponse(STATIC / "index.html")
 
     def admit(prompt: list[int], max_tokens: int | None, n: int) -> int:
-        if n != 1:
-            raise APIError(400, "only n=1 is supported", "invalid_request_error", "unsupported_value", "n")
+        if not 1 <= n <= options.max_batch:  # a request's choices are denoised together, in one batch
+            raise APIError(
+                400, f"n must be between 1 and {options.max_batch}", "invalid_request_error", "invalid_value", "n"
+            )
         if len(prompt) > options.max_prompt_tokens:
             raise APIError(
                 400,
@@ -276,7 +281,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 "invalid_value",
                 "max_tokens",
             )
-        if app.state.active >= options.max_concurrent:
+        if app.state.active + n > options.max_concurrent:  # each choice is a row of a batch
             raise APIError(429, "too many concurrent requests; try again shortly", "rate_limit_error", "rate_limited")
         if not batcher.running:
             raise APIError(503, "the generation engine is not running", "server_error", "unavailable")
@@ -290,8 +295,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             raise APIError(400, str(err), "invalid_request_error", "invalid_value") from None
         return overrides
 
-    def new_job(prompt: list[int], limit: int, body: SamplerExtras) -> Job:
-        seed = body.seed if body.seed is not None else secrets.randbits(62)
+    def new_job(prompt: list[int], limit: int, body: SamplerExtras, choice: int) -> Job:
+        seed = body.seed + choice if body.seed is not None else secrets.randbits(62)
         job = Job(prompt, limit, seed, sampler_overrides(body), asyncio.get_running_loop())
         try:
             batcher.submit(job)
@@ -327,54 +332,78 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         finally:
             app.state.active -= 1
 
-    async def stream_job(job: Job, reply: ReplyText, chunk, drafts: bool) -> AsyncIterator[str]:
-        app.state.active += 1
-        try:
-            yield _sse(chunk(role=True))
+    async def stream_jobs(jobs: list[Job], replies: list[ReplyText], chunk, drafts: bool) -> AsyncIterator[str]:
+        """One stream for a request's choices (a job each), their events as they come, usage last."""
+        app.state.active += len(jobs)
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def forward(index: int, job: Job) -> None:
             while True:
-                event = await job.events.get()
+                await merged.put((index, await job.events.get()))
+
+        forwarders = [asyncio.create_task(forward(index, job)) for index, job in enumerate(jobs)]
+        try:
+            for index in range(len(jobs)):
+                yield _sse(chunk(index, role=True))
+            streaming, completion = set(range(len(jobs))), 0
+            while streaming:
+                index, event = await merged.get()
+                job, reply = jobs[index], replies[index]
+                if index not in streaming:
+                    continue
                 if isinstance(event, Exception):
                     yield _sse(error_body(f"generation failed: {event}", "server_error"))
                     break
                 tokens = _visible(event, job) if isinstance(event, RowDraft) else event.new_tokens
                 through = reply.through_stop(tokens)
                 if isinstance(event, RowDraft) and drafts:
-                    yield _sse(chunk(draft=_draft_payload(event, model)))
+                    yield _sse(chunk(index, draft=_draft_payload(event, model)))
                 final = through is not None or isinstance(event, RowDone)
                 content, reasoning = reply.deltas(tokens if through is None else through, final=final)
                 if content or reasoning:
-                    yield _sse(chunk(content=content, reasoning=reasoning))
+                    yield _sse(chunk(index, content=content, reasoning=reasoning))
                 if final:
-                    yield _sse(chunk(finish="stop" if through is not None else _finish_reason(tokens, job)))
-                    yield _sse(chunk(usage=_usage(job, len(tokens if through is None else through))))
-                    break
+                    yield _sse(chunk(index, finish="stop" if through is not None else _finish_reason(tokens, job)))
+                    completion += len(tokens if through is None else through)
+                    streaming.discard(index)
+                    job.cancelled.set()  # a stop string ended it: its row ends with this canvas
+            else:
+                yield _sse(chunk(usage=_usage(jobs[0], completion)))
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled.set()  # a client that went away frees its slot, and its rows stop receiving work
-            app.state.active -= 1
+            for forwarder in forwarders:
+                forwarder.cancel()
+            for job in jobs:
+                job.cancelled.set()  # a client that went away frees its slots, and its rows stop receiving work
+            app.state.active -= len(jobs)
 
     async def complete(body: ChatRequest | CompletionRequest, request: Request, prompt: list[int], chat: bool):
-        """Admit, queue, then stream the job or wait for it: the part both completion routes share."""
+        """Admit, queue, then stream the jobs (one a choice) or wait for them: what both completion routes share."""
         limit = admit(prompt, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n)
-        reply = ReplyText(model, chat, body.stop)
-        job = new_job(prompt, limit, body)
+        replies = [ReplyText(model, chat, body.stop) for _ in range(body.n)]
+        jobs = [new_job(prompt, limit, body, choice) for choice in range(body.n)]
         identity = _identity("chatcmpl" if chat else "cmpl")
         if body.stream:
             chunk = _chunk_maker(identity, options.model_name, chat)
-            return _event_stream(stream_job(job, reply, chunk, body.drafts))
-        done, stopped = await run_job(job, request, reply)
-        content, reasoning = reply.parts(done.new_tokens)
-        finish = "stop" if stopped else _finish_reason(done.new_tokens, job)
-        usage = _usage(job, len(done.new_tokens))
-        response: dict[str, Any] = {**identity, "model": options.model_name, "usage": usage}
+            return _event_stream(stream_jobs(jobs, replies, chunk, body.drafts))
+        ended = await asyncio.gather(*(run_job(job, request, reply) for job, reply in zip(jobs, replies, strict=True)))
+        choices = []
+        for index, ((done, stopped), job, reply) in enumerate(zip(ended, jobs, replies, strict=True)):
+            content, reasoning = reply.parts(done.new_tokens)
+            finish = "stop" if stopped else _finish_reason(done.new_tokens, job)
+            if not chat:
+                choices.append({"index": index, "text": content, "finish_reason": finish})
+                continue
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            choices.append({"index": index, "message": message, "finish_reason": finish})
+        usage = _usage(jobs[0], sum(len(done.new_tokens) for done, _ in ended))
+        response: dict[str, Any] = {**identity, "model": options.model_name, "usage": usage, "choices": choices}
         if not chat:
-            choice = {"index": 0, "text": content, "finish_reason": finish}
-            return {**response, "object": "text_completion", "choices": [choice]}
-        message: dict[str, Any] = {"role": "assistant", "content": content}
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        choice = {"index": 0, "message": message, "finish_reason": finish}
-        return {**response, "object": "chat.completion", "choices": [choice], "diffgemma": {"steps": done.steps}}
+            return {**response, "object": "text_completion"}
+        steps = [done.steps for done, _ in ended]  # per choice, per canvas
+        return {**response, "object": "chat.completion", "diffgemma": {"steps": steps[0], "choices_steps": steps}}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -466,18 +495,18 @@ def _chunk_maker(identity: dict, model_name: str, chat: bool):
     """Stream chunks of one response: chat deltas or completion text; usage and draft chunks carry no choices."""
     base = {**identity, "object": "chat.completion.chunk" if chat else "text_completion", "model": model_name}
 
-    def chunk(role=False, content="", reasoning="", finish=None, usage=None, draft=None) -> dict:
+    def chunk(index=0, role=False, content="", reasoning="", finish=None, usage=None, draft=None) -> dict:
         if usage is not None:
             return {**base, "choices": [], "usage": usage}
         if draft is not None:
-            return {**base, "choices": [], "draft": draft}
+            return {**base, "choices": [], "draft": {**draft, "index": index}}
         if not chat:
-            return {**base, "choices": [{"index": 0, "text": content, "finish_reason": finish}]}
+            return {**base, "choices": [{"index": index, "text": content, "finish_reason": finish}]}
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if content:
             delta["content"] = content
         if reasoning:
             delta["reasoning_content"] = reasoning
-        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return {**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
 
     return chunk
