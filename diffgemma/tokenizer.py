@@ -36,7 +36,8 @@ def split_thinking(text: str, strip: tuple[str, ...] = (), trailing_space: bool 
     """Separate thinking-channel blocks from the answer; an unclosed block is all thinking so far.
 
     Strings in `strip` (other special tokens, such as the end-of-turn marker) are removed from both parts, and
-    space around them, but with `trailing_space` the answer keeps what ends it (where a stop string may lie).
+    both lose the space around them; with `trailing_space` the answer keeps the space it ends with (where a stop
+    string may lie).
     """
     content: list[str] = []
     reasoning: list[str] = []
