@@ -49,7 +49,14 @@ def test_chat_streaming_equals_non_streaming_and_prefix_arrives_early(client):
     slow = {"confidence_threshold": 1e-9, "drafts": True}  # no early stop: every canvas runs all its steps
     question = "Write a haiku about rain."
     chunks = list(
-        client.chat.completions.create(model="demo", messages=ask(question), seed=4, stream=True, extra_body=slow)
+        client.chat.completions.create(
+            model="demo",
+            messages=ask(question),
+            seed=4,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=slow,
+        )
     )
     drafts = [(i, c.model_extra["draft"]) for i, c in enumerate(chunks) if (c.model_extra or {}).get("draft")]
     contents = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content]
@@ -79,6 +86,8 @@ def test_drafts_extension_one_per_step(client):
     assert len(first["tokens"]) == len(first["accepted"]) == len(first["entropy"])
     plain = list(client.chat.completions.create(model="demo", messages=ask("Say hello."), seed=2, stream=True))
     assert not any((c.model_extra or {}).get("draft") for c in plain)
+    # without stream_options.include_usage (as OpenAI): every chunk has a choice, none has usage
+    assert all(c.choices and c.usage is None for c in plain)
 
 
 def test_text_completions(client):
@@ -292,7 +301,11 @@ def test_a_stop_string_ends_the_answer_and_its_canvases(client):
     assert answer.index(across) < 32 < answer.index(across) + len(across)
     for stop in (" so ", across):
         whole = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, stop=stop)
-        chunks = list(client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, stop=stop, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model="demo", messages=ask(SKY), seed=1, stop=stop, stream=True, stream_options={"include_usage": True}
+            )
+        )
         deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
         # text is never taken back: had a piece of the stop string gone out ("more"), the two would differ
         assert "".join(deltas) == whole.choices[0].message.content == answer[: answer.index(stop)], stop
@@ -338,7 +351,11 @@ def test_n_choices_are_denoised_together_each_as_alone(server, client):
         assert [c.message.content for c in together.choices] == [a.choices[0].message.content for a in alone]
         assert together.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
         assert together.usage.prompt_tokens == alone[0].usage.prompt_tokens
-        chunks = list(client.chat.completions.create(model="demo", messages=ask(question), seed=5, n=n, stream=True))
+        chunks = list(
+            client.chat.completions.create(
+                model="demo", messages=ask(question), seed=5, n=n, stream=True, stream_options={"include_usage": True}
+            )
+        )
         streamed = [""] * n
         finishes = [[] for _ in range(n)]
         for c in chunks:

@@ -85,7 +85,7 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = True
+    include_usage: bool = False  # as OpenAI: a last chunk with usage and no choices only when asked for
 
 
 StopField = str | list[str] | None
@@ -332,8 +332,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         finally:
             app.state.active -= 1
 
-    async def stream_jobs(jobs: list[Job], replies: list[ReplyText], chunk, drafts: bool) -> AsyncIterator[str]:
-        """One stream for a request's choices (a job each), their events as they come, usage last."""
+    async def stream_jobs(
+        jobs: list[Job], replies: list[ReplyText], chunk, drafts: bool, usage: bool
+    ) -> AsyncIterator[str]:
+        """One stream for a request's choices (a job each), their events as they come, then (`usage`) usage."""
         app.state.active += len(jobs)
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -368,7 +370,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                     streaming.discard(index)
                     job.cancelled.set()  # a stop string ended it: its row ends with this canvas
             else:
-                yield _sse(chunk(usage=_usage(jobs[0], completion)))
+                if usage:
+                    yield _sse(chunk(usage=_usage(jobs[0], completion)))
             yield "data: [DONE]\n\n"
         finally:
             for forwarder in forwarders:
@@ -385,7 +388,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         identity = _identity("chatcmpl" if chat else "cmpl")
         if body.stream:
             chunk = _chunk_maker(identity, options.model_name, chat)
-            return _event_stream(stream_jobs(jobs, replies, chunk, body.drafts))
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return _event_stream(stream_jobs(jobs, replies, chunk, body.drafts, usage))
         ended = await asyncio.gather(*(run_job(job, request, reply) for job, reply in zip(jobs, replies, strict=True)))
         choices = []
         for index, ((done, stopped), job, reply) in enumerate(zip(ended, jobs, replies, strict=True)):
