@@ -88,7 +88,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     from .api import DTYPE_NAMES, resolve_folder
     from .config import load_configs
-    from .quant import QuantFormat, memory_estimate
+    from .quant import QuantFormat, cpu_kernels_here, memory_estimate
 
     folder = resolve_folder(_model_path(args))
     config, settings = load_configs(folder)
@@ -126,6 +126,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         # on a CPU int8 and int4 where few rows meet a weight (an expert's share of a canvas at batch 1)
         direct = f"; {_gib(whole - parts['expanded'])} where a kernel takes {fmt.name}" if fmt is not None else ""
         print(f"  {label:<14}{_gib(whole)} ({detail}{direct})")
+    print(f"this CPU        {cpu_kernels_here()}")
     print(
         f"sampler         {settings.max_denoising_steps} steps, entropy bound {settings.entropy_bound}, "
         f"temperature {settings.t_max} -> {settings.t_min}, stop after {settings.stability_threshold} stable "

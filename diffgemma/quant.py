@@ -365,6 +365,19 @@ def cpu_kernel_takes(fmt: QuantFormat, shape: tuple[int, ...], rows: int) -> boo
     return False
 
 
+def cpu_kernels_here() -> str:
+    """Which of PyTorch's weight-only CPU kernels this machine gives diffgemma, in words (`diffgemma info`)."""
+    if os.environ.get("DIFFGEMMA_CPU_KERNELS") == "0":
+        return "off (DIFFGEMMA_CPU_KERNELS=0): int8 and int4 weights expand"
+    int8 = "int8 yes" if hasattr(torch.ops.aten, "_weight_int8pack_mm") else "int8 no (expands)"
+    layout = cpu_int4_kernel_layout() if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else None
+    if layout is None:
+        return f"{int8}; int4 no (a weight layout we do not know: expands)"
+    block, halves = layout
+    pairs = f"outputs j and j + {block // 2}" if halves else "neighbouring outputs"
+    return f"{int8}; int4 yes (blocks of {block} outputs, a byte pairing {pairs})"
+
+
 def fp8_matrix_units(fmt: QuantFormat, x: torch.Tensor) -> bool:
     """fp8 weights on a GPU with fp8 matrix units (Hopper and later): activations are made fp8 too. With
     DIFFGEMMA_FP8_MATRIX_UNITS=0 such GPUs take the fused weight-only kernel instead (bf16 activations, one byte

@@ -40,6 +40,23 @@ def test_info(capsys):
     assert direct == pytest.approx(whole - expanded, abs=rounding) and "where a kernel takes int4" in int4
 
 
+def test_info_says_which_cpu_kernels_this_machine_gives(capsys, monkeypatch):
+    from diffgemma import quant
+
+    layout = quant.cpu_int4_kernel_layout()  # x86 builds of PyTorch: one we know
+    code, out, _ = run(capsys, "info", "--model", DEMO)
+    line = next(line for line in out.splitlines() if line.startswith("this CPU"))
+    assert code == 0 and "int8 yes" in line
+    if layout is not None:
+        assert f"int4 yes (blocks of {layout[0]} outputs" in line and ("j + " in line) == layout[1]
+    monkeypatch.setattr(quant, "cpu_int4_kernel_layout", lambda: None)
+    _, out, _ = run(capsys, "info", "--model", DEMO)
+    assert "int4 no (a weight layout we do not know: expands)" in out
+    monkeypatch.setenv("DIFFGEMMA_CPU_KERNELS", "0")
+    _, out, _ = run(capsys, "info", "--model", DEMO)
+    assert "this CPU        off (DIFFGEMMA_CPU_KERNELS=0)" in out
+
+
 def test_info_needs_only_a_config(capsys, tmp_path):
     """A folder with the real model's config.json alone gives its memory per format (no 50 GB download)."""
     import json
