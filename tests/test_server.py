@@ -364,6 +364,9 @@ def test_n_choices_are_denoised_together_each_as_alone(server, client):
                 finishes[choice.index] += [choice.finish_reason] if choice.finish_reason else []
         assert streamed == [c.message.content for c in together.choices]
         assert finishes == [["stop"]] * n and chunks[-1].usage.completion_tokens == together.usage.completion_tokens
+    stopped = client.chat.completions.create(model="demo", messages=ask(SKY), seed=5, n=2, stop=" so ")
+    before = ANSWERS[SKY][: ANSWERS[SKY].index(" so ")]
+    assert [(c.message.content, c.finish_reason) for c in stopped.choices] == [(before, "stop")] * 2
     texts = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=20, seed=7, n=2)
     single = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=20, seed=8)
     assert [c.index for c in texts.choices] == [0, 1] and texts.choices[1].text == single.choices[0].text
