@@ -353,24 +353,32 @@ def cpu_kernel_takes(fmt: QuantFormat, shape: tuple[int, ...], rows: int) -> boo
     (`cpu_int4_kernel_layout`). The limits were measured on x86 CPUs; DIFFGEMMA_CPU_KERNELS=0 expands every weight
     instead (say, where bf16 is slow)."""
     out_features, columns = shape[-2:]
-    if os.environ.get("DIFFGEMMA_CPU_KERNELS") == "0":
+    if _cpu_kernels_off():
         return False
     if rows > CPU_KERNEL_MAX_ROWS or out_features * columns < CPU_KERNEL_MIN_VALUES:
         return False
     if fmt.name == "int8":
-        return columns % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        return columns % 16 == 0 and _cpu_int8_kernel()
     if fmt.name == "int4":
         fits = fmt.group_for(columns) in CPU_INT4_GROUPS and out_features % 64 == 0 and columns % 8 == 0
-        return fits and cpu_int4_kernel_layout() is not None and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        return fits and cpu_int4_kernel_layout() is not None
     return False
+
+
+def _cpu_kernels_off() -> bool:
+    return os.environ.get("DIFFGEMMA_CPU_KERNELS") == "0"
+
+
+def _cpu_int8_kernel() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def cpu_kernels_here() -> str:
     """Which of PyTorch's weight-only CPU kernels this machine gives diffgemma, in words (`diffgemma info`)."""
-    if os.environ.get("DIFFGEMMA_CPU_KERNELS") == "0":
+    if _cpu_kernels_off():
         return "off (DIFFGEMMA_CPU_KERNELS=0): int8 and int4 weights expand"
-    int8 = "int8 yes" if hasattr(torch.ops.aten, "_weight_int8pack_mm") else "int8 no (expands)"
-    layout = cpu_int4_kernel_layout() if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else None
+    int8 = "int8 yes" if _cpu_int8_kernel() else "int8 no (expands)"
+    layout = cpu_int4_kernel_layout()
     if layout is None:
         return f"{int8}; int4 no (a weight layout we do not know: expands)"
     block, halves = layout
@@ -514,8 +522,10 @@ def cpu_int4_layout(qweight: torch.Tensor, layout: tuple[int, bool] | None = Non
 @functools.cache
 def cpu_int4_kernel_layout() -> tuple[int, bool] | None:
     """Which of `CPU_INT4_LAYOUTS` PyTorch's CPU int4 kernel reads here, found once by asking its own converter
-    to lay out a small random weight; None where it lays out none of them (int4 then expands on this CPU)."""
-    if not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+    to lay out a small random weight; None where it lays out none of them, or this PyTorch has no such kernel
+    (int4 then expands on this CPU)."""
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")):
         return None
     qweight = torch.randint(0, 256, (64, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     nibbles = torch.stack([qweight & 15, qweight >> 4], dim=-1).view(64, 32).to(torch.int32)
