@@ -304,9 +304,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             raise APIError(503, str(err), "server_error", "unavailable") from None
         return job
 
-    async def run_job(job: Job, request: Request, reply: ReplyText) -> tuple[RowDone, bool]:
-        """Wait for a job's result, and whether a stop string ended it (as soon as one settles: the job is then
-        cancelled); if the client goes away first, cancel the job."""
+    async def run_job(job: Job, request: Request, reply: ReplyText) -> tuple[RowDone, str]:
+        """Wait for a job's result and its finish reason (a stop string ends it as soon as one settles: the job
+        is then cancelled); if the client goes away first, cancel the job."""
         app.state.active += 1
         steps: dict[int, int] = {}  # per canvas, the steps seen so far
         started = time.perf_counter()
@@ -322,13 +322,13 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 if isinstance(event, Exception):
                     raise APIError(500, f"generation failed: {event}", "server_error")
                 if isinstance(event, RowDone):
-                    through = reply.through_stop(event.new_tokens)
-                    return (event, False) if through is None else (replace(event, new_tokens=through), True)
+                    tokens, finish = _ending(reply, event.new_tokens, job, True)
+                    return replace(event, new_tokens=tokens), finish
                 steps[event.canvas_index] = event.step
-                through = reply.through_stop(_visible(event, job))
-                if through is not None:
+                ending = _ending(reply, _visible(event, job), job, False)
+                if ending is not None:
                     job.cancelled.set()
-                    return RowDone(through, list(steps.values()), time.perf_counter() - started), True
+                    return RowDone(ending[0], list(steps.values()), time.perf_counter() - started), ending[1]
         finally:
             app.state.active -= 1
 
@@ -357,16 +357,15 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                     yield _sse(error_body(f"generation failed: {event}", "server_error"))
                     break
                 tokens = _visible(event, job) if isinstance(event, RowDraft) else event.new_tokens
-                through = reply.through_stop(tokens)
+                ending = _ending(reply, tokens, job, isinstance(event, RowDone))
                 if isinstance(event, RowDraft) and drafts:
                     yield _sse(chunk(index, draft=_draft_payload(event, model)))
-                final = through is not None or isinstance(event, RowDone)
-                content, reasoning = reply.deltas(tokens if through is None else through, final=final)
+                content, reasoning = reply.deltas(tokens if ending is None else ending[0], final=ending is not None)
                 if content or reasoning:
                     yield _sse(chunk(index, content=content, reasoning=reasoning))
-                if final:
-                    yield _sse(chunk(index, finish="stop" if through is not None else _finish_reason(tokens, job)))
-                    completion += len(tokens if through is None else through)
+                if ending is not None:
+                    yield _sse(chunk(index, finish=ending[1]))
+                    completion += len(ending[0])
                     streaming.discard(index)
                     job.cancelled.set()  # a stop string ended it: its row ends with this canvas
             else:
@@ -392,9 +391,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             return _event_stream(stream_jobs(jobs, replies, chunk, body.drafts, usage))
         ended = await asyncio.gather(*(run_job(job, request, reply) for job, reply in zip(jobs, replies, strict=True)))
         choices = []
-        for index, ((done, stopped), job, reply) in enumerate(zip(ended, jobs, replies, strict=True)):
+        for index, ((done, finish), reply) in enumerate(zip(ended, replies, strict=True)):
             content, reasoning = reply.parts(done.new_tokens)
-            finish = "stop" if stopped else _finish_reason(done.new_tokens, job)
             if not chat:
                 choices.append({"index": index, "text": content, "finish_reason": finish})
                 continue
@@ -477,8 +475,15 @@ def _usage(job: Job, completion: int) -> dict[str, int]:
     }
 
 
-def _finish_reason(tokens: list[int], job: Job) -> str:
-    return "length" if len(tokens) >= job.max_new_tokens else "stop"
+def _ending(reply: ReplyText, tokens: list[int], job: Job, done: bool) -> tuple[list[int], str] | None:
+    """How a choice ends, given its final tokens so far: (its tokens, its finish reason), or None while it goes
+    on. A stop string in its answer ends it there; else the job's end does, at its token limit or before."""
+    through = reply.through_stop(tokens)
+    if through is not None:
+        return through, "stop"
+    if not done:
+        return None
+    return tokens, "length" if len(tokens) >= job.max_new_tokens else "stop"
 
 
 def _draft_payload(event: RowDraft, model: DiffGemma) -> dict[str, Any]:
