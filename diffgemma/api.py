@@ -357,9 +357,7 @@ class DiffGemma:
     def _stop_strings(self, stop: str | Sequence[str] | StopStrings | None) -> StopStrings | None:
         if not stop or isinstance(stop, StopStrings):  # "" and [] stop nothing, as OpenAI's API takes them
             return stop or None
-        if self.tokenizer is None:
-            raise DiffGemmaError("stop strings need a checkpoint with a tokenizer (tokenizer.json)")
-        return StopStrings(stop, self.tokenizer.decode)
+        return StopStrings(stop, self._need_tokenizer().decode)
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
