@@ -1,11 +1,12 @@
 """diffgemma against the reference `transformers` implementation on the CPU, side by side in one process.
 
 The fixed mid-size shape (bench-90m: about 90M parameters, vocabulary 32k, canvas 256), prompt 128, batch 1,
-16 denoising steps a canvas (no early stop), the same random weights for both, the implementations taking turns
+16 denoising steps a canvas (no early stop), the same random weights for both (float32, or both in `--dtype
+bfloat16`, which CPUs with bf16 instructions multiply several times faster), the implementations taking turns
 over a few rounds. Reports ms per denoising step (decoder pass + sampler, timed between consecutive drafts),
 its range over the rounds, tokens/s at 16 steps, the speed-up within each round, and resident memory.
 
-    python bench/cpu.py [--steps 16] [--canvases 2] [--rounds 3] [--results FILE]
+    python bench/cpu.py [--steps 16] [--canvases 2] [--rounds 3] [--dtype float32] [--results FILE]
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--canvases", type=int, default=2, help="canvases a round, each implementation")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the implementations taking turns")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both implementations")
     parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
     args = parser.parse_args()
     if args.steps < 2 or min(args.canvases, args.rounds) < 1:
@@ -88,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = random_checkpoint(Path(tmp) / "bench", preset="bench-90m", seed=0)
         base = resident_gib()
-        model = diffgemma.load(folder)
+        model = diffgemma.load(folder, dtype=args.dtype)
         ours_loaded = resident_gib()
         config = model.config
         torch.manual_seed(0)
@@ -96,7 +98,7 @@ def main() -> None:
         for mode in ours_modes.values():
             step_times_ours(model, prompt, 3, 1, mode)  # warm up
         ours_peak = peak_resident_gib()
-        reference = DiffusionGemmaForBlockDiffusion.from_pretrained(folder).eval()
+        reference = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=model.dtype).eval()
         reference_loaded = resident_gib()
         settings = dict(max_denoising_steps=args.steps, confidence_threshold=1e-9, eos_token_id=None, pad_token_id=None)
 
@@ -148,10 +150,10 @@ def main() -> None:
         f"peak {reference_peak:.2f} GB."
     )
     append_results(
-        "CPU: diffgemma vs transformers (bench/cpu.py)",
+        f"CPU: diffgemma vs transformers, {args.dtype} (bench/cpu.py)",
         table,
         f"bench-90m ({config.parameter_counts()[0] / 1e6:.0f}M parameters, vocabulary {config.vocab_size}), "
-        f"prompt 128, canvas {config.canvas_length}, batch 1, {args.steps} steps a canvas, float32. Each of "
+        f"prompt 128, canvas {config.canvas_length}, batch 1, {args.steps} steps a canvas, {args.dtype}. Each of "
         f"{args.rounds} rounds times {args.canvases} canvases of every implementation in turn; a figure is the "
         f"median over rounds of each round's median step (the first step of a canvas, which includes encoding, "
         f"is left out). The fast sampler against the reference within each round: {within}.\n{memory}",

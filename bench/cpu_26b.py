@@ -2,14 +2,14 @@
 
 The network is built with random weights straight into its quantized buffers (random nibbles and scales of the
 size real weights get: quantizing 25B random floats would take this machine most of an hour), the rest in
-float32. A prompt of 128 tokens is encoded, then denoising steps of a 256-token canvas (decoder pass and fast
-sampler) are timed with PyTorch's CPU int4 kernel taking the experts (`quant.cpu_kernel_takes`) and with every
-weight expanded, as before it. Resident memory is read from /proc. `--qlora` instead times one training step of
-LoRA adapters (rank 16) over the frozen quantized base (`train chat --quant int4 --lora-rank 16`): the
-block-diffusion loss and its backward pass over one example (the prompt and one canvas of response), with
-gradient checkpointing.
+float32 (or `--dtype bfloat16`: CPUs with bf16 instructions multiply it several times faster). A prompt of 128
+tokens is encoded, then denoising steps of a 256-token canvas (decoder pass and fast sampler) are timed with
+PyTorch's CPU int4 kernel taking the experts (`quant.cpu_kernel_takes`) and with every weight expanded, as
+before it. Resident memory is read from /proc. `--qlora` instead times one training step of LoRA adapters
+(rank 16) over the frozen quantized base (`train chat --quant int4 --lora-rank 16`): the block-diffusion loss
+and its backward pass over one example (the prompt and one canvas of response), with gradient checkpointing.
 
-    python bench/cpu_26b.py [--format int4] [--steps 2] [--qlora] [--results FILE]
+    python bench/cpu_26b.py [--format int4] [--dtype float32] [--steps 2] [--qlora] [--results FILE]
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from diffgemma.model import DiffusionGemma
 from diffgemma.presets import preset_config
 
 
-def random_quantized_network(config, fmt: quant.QuantFormat) -> DiffusionGemma:
-    """float32 where unquantized (normal weights, unit norms), quantized buffers filled with random codes."""
+def random_quantized_network(config, fmt: quant.QuantFormat, dtype: torch.dtype = torch.float32) -> DiffusionGemma:
+    """`dtype` where unquantized (normal weights, unit norms), quantized buffers filled with random codes."""
     with torch.device("meta"):
-        network = DiffusionGemma(config)
+        network = DiffusionGemma(config).to(dtype)
         quant.convert_(network, fmt)
     network = network.to_empty(device="cpu").requires_grad_(False)
     generator = torch.Generator().manual_seed(0)
@@ -90,10 +90,10 @@ def qlora_step(network: DiffusionGemma, fmt: quant.QuantFormat, prompt: int, bui
     append_results(
         "CPU: a QLoRA training step of the 26B-A4B shape (bench/cpu_26b.py --qlora)",
         table,
-        f"26B-A4B shape, random weights ({fmt.describe()}; the rest in float32, {loaded:.1f} GiB resident once "
-        f"built in {built:.0f} s), LoRA rank 16 on attention's and the dense MLP's projections ({adapters / 1e6:.1f}M "
-        f"parameters), gradient checkpointing, the chunked loss; one example: a prompt of {prompt} tokens and one "
-        f"canvas of {config.canvas_length} (loss {float(losses.total):.3f}).",
+        f"26B-A4B shape, random weights ({fmt.describe()}; the rest in {str(network.dtype)[6:]}, {loaded:.1f} GiB "
+        f"resident once built in {built:.0f} s), LoRA rank 16 on attention's and the dense MLP's projections "
+        f"({adapters / 1e6:.1f}M parameters), gradient checkpointing, the chunked loss; one example: a prompt of "
+        f"{prompt} tokens and one canvas of {config.canvas_length} (loss {float(losses.total):.3f}).",
         results,
     )
 
@@ -103,13 +103,14 @@ def main() -> None:
     parser.add_argument("--format", default="int4", choices=quant.FORMATS)
     parser.add_argument("--steps", type=int, default=2, help="timed steps each way, after one to warm up")
     parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of what is not quantized")
     parser.add_argument("--qlora", action="store_true", help="time a QLoRA training step instead")
     parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
     args = parser.parse_args()
     config = parse_model_config(preset_config("26b-a4b"), "26b-a4b")
     fmt = quant.QuantFormat(args.format)
     started = time.perf_counter()
-    network = random_quantized_network(config, fmt)
+    network = random_quantized_network(config, fmt, getattr(torch, args.dtype))
     built, loaded = time.perf_counter() - started, resident_gib()
     if args.qlora:
         qlora_step(network, fmt, args.prompt, built, loaded, args.results)
@@ -133,10 +134,10 @@ def main() -> None:
     peak = peak_resident_gib()
     table = "\n".join(["| weights | s per denoising step | tokens/s at 16 steps |", "|---|---|---|", *rows])
     append_results(
-        "CPU: the 26B-A4B shape in int4, one denoising step (bench/cpu_26b.py)",
+        f"CPU: the 26B-A4B shape in {fmt.name}, the rest in {args.dtype}, one denoising step (bench/cpu_26b.py)",
         table,
         f"26B-A4B shape, random weights ({fmt.describe()}; embedding, norms, routers and self-conditioning in "
-        f"float32), prompt {args.prompt}, canvas {config.canvas_length}, batch 1; median of {args.steps} steps "
+        f"{args.dtype}), prompt {args.prompt}, canvas {config.canvas_length}, batch 1; median of {args.steps} steps "
         f"after one to warm up. Resident memory {loaded:.1f} GiB once built (in {built:.0f} s), peak "
         f"{peak:.1f} GiB.",
         args.results,

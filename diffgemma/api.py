@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import StoredTensor, load_weights, save_checkpoint
+from .checkpoint import StoredTensor, load_weights, save_checkpoint, stored_float_dtype
 from .config import ModelConfig, SamplerSettings, load_configs
 from .errors import DiffGemmaError
 from .generate import (
@@ -44,10 +44,13 @@ DTYPE_NAMES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+AUTO_DTYPE = "auto"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if dtype == AUTO_DTYPE:
+        raise DiffGemmaError("dtype 'auto' chooses for a checkpoint being loaded; name a dtype here")
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPE_NAMES.values():
             raise DiffGemmaError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
@@ -55,6 +58,28 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in DTYPE_NAMES:
         raise DiffGemmaError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_NAMES)}")
     return DTYPE_NAMES[dtype]
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: CUDA GPUs from Ampere on, MPS from macOS 14, and
+    x86 CPUs with AVX512-BF16 or AMX (on this AMD EPYC bf16 products run 7x float32's; CPUs without such
+    instructions emulate them, 3x slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "mps":
+        return torch.backends.mps.is_macos_or_newer(14, 0)
+    if device.type == "cpu" and hasattr(torch.cpu, "get_capabilities"):
+        capabilities = torch.cpu.get_capabilities()
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return False
+
+
+def auto_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """dtype="auto": a checkpoint stored in bf16 or float16 (the real model) runs in bf16 where `device` has
+    bf16 matrix instructions and in float32 elsewhere; one stored in float32 stays float32."""
+    if stored == torch.float32:
+        return torch.float32
+    return torch.bfloat16 if bf16_is_fast(device) else torch.float32
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
@@ -423,22 +448,23 @@ def _rows(clamp: list) -> list[list]:
 def load(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = AUTO_DTYPE,
     quant: str | QuantFormat | None = None,
     compile: bool = False,
 ) -> DiffGemma:
     """Load a DiffusionGemma checkpoint folder (the `google/diffusiongemma-26B-A4B-it` layout).
 
     Weights go straight to `device` in `dtype`: the model is built without memory, then each tensor is read
-    from disk into its final place. `quant` ("int8", "int4", "fp8") quantizes the projections and experts
-    tensor by tensor while loading; a checkpoint written quantized loads in its own format. `compile` runs the
-    decoder's layers through torch.compile: the first generation compiles (tens of seconds), then each step
-    launches far fewer kernels (on an H100, 26B shape, with the CUDA graph: 34 ms a step in bf16 against 41,
-    bench/RESULTS.md).
+    from disk into its final place. "auto" (`auto_dtype`) keeps a float32 checkpoint in float32 and runs a bf16
+    one in bf16 where the device multiplies bf16 in hardware (GPUs, recent CPUs), else in float32. `quant`
+    ("int8", "int4", "fp8") quantizes the projections and experts tensor by tensor while loading; a checkpoint
+    written quantized loads in its own format. `compile` runs the decoder's layers through torch.compile: the
+    first generation compiles (tens of seconds), then each step launches far fewer kernels (on an H100, 26B
+    shape, with the CUDA graph: 34 ms a step in bf16 against 41, bench/RESULTS.md).
     """
     folder = resolve_folder(path)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype)
+    dtype = auto_dtype(device, stored_float_dtype(folder)) if dtype == AUTO_DTYPE else resolve_dtype(dtype)
     config, settings = load_configs(folder)
     tokenizer = load_tokenizer(folder)
     saved = format_from_config(config.raw)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -126,6 +127,18 @@ def stored_tensors(folder: Path) -> dict[str, StoredTensor]:
     if not single.is_file():
         raise DiffGemmaError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
     return read_header(single)
+
+
+def stored_float_dtype(folder: Path) -> torch.dtype:
+    """The dtype holding most of a checkpoint's floating-point weights (float32, bf16 or float16; a quantized
+    checkpoint's int and fp8 codes aside): what its weights were saved in."""
+    counts: dict[torch.dtype, int] = {}
+    for stored in stored_tensors(folder).values():
+        if stored.dtype.is_floating_point and stored.dtype.itemsize >= 2:
+            counts[stored.dtype] = counts.get(stored.dtype, 0) + math.prod(stored.shape)
+    if not counts:
+        raise DiffGemmaError(f"{folder}: the checkpoint holds no float32, bf16 or float16 tensors")
+    return max(counts, key=counts.__getitem__)
 
 
 def reference_name(name: str) -> str:

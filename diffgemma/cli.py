@@ -42,6 +42,10 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _model_path(args: argparse.Namespace) -> str:
     path = args.model or os.environ.get(MODEL_ENV)
     if not path:
@@ -86,7 +90,8 @@ def _read_prompt(prompt: str) -> str:
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
-    from .api import DTYPE_NAMES, resolve_folder
+    from .api import DTYPE_NAMES, auto_dtype, bf16_is_fast, resolve_folder
+    from .checkpoint import stored_float_dtype
     from .config import load_configs
     from .quant import QuantFormat, cpu_kernels_here, memory_estimate
 
@@ -113,7 +118,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     )
     rows = [(name, DTYPE_NAMES[name], None) for name in BYTES_PER_DTYPE]
     rows += [(f"{fmt} (bf16)", torch.bfloat16, QuantFormat(fmt)) for fmt in FORMATS]
-    # on a CPU: the rest in float32 (bf16 products are slow there), int8 / int4 through its kernels
+    # on a CPU without bf16 instructions (`--dtype auto`): the rest in float32, int8 / int4 through its kernels
     rows += [(f"{fmt} (fp32)", torch.float32, QuantFormat(fmt)) for fmt in ("int8", "int4")]
     for label, dtype, fmt in rows:
         parts = memory_estimate(config, dtype, fmt, args.context, args.batch)
@@ -126,7 +131,14 @@ def cmd_info(args: argparse.Namespace) -> None:
         # on a CPU int8 and int4 where few rows meet a weight (an expert's share of a canvas at batch 1)
         direct = f"; {_gib(whole - parts['expanded'])} where a kernel takes {fmt.name}" if fmt is not None else ""
         print(f"  {label:<14}{_gib(whole)} ({detail}{direct})")
-    print(f"this CPU        {cpu_kernels_here()}")
+    cpu = torch.device("cpu")
+    bf16 = "bf16 products in hardware" if bf16_is_fast(cpu) else "no bf16 products in hardware (float32 is faster)"
+    print(f"this CPU        {cpu_kernels_here()}; {bf16}")
+    if any(folder.glob("*.safetensors")):  # (a config alone gives the rest)
+        stored = stored_float_dtype(folder)
+        devices = [cpu, *([torch.device("cuda")] if torch.cuda.is_available() else [])]
+        autos = ", ".join(f"{_dtype_name(auto_dtype(device, stored))} on {device}" for device in devices)
+        print(f"stored dtype    {_dtype_name(stored)}; --dtype auto loads it in {autos}")
     print(
         f"sampler         {settings.max_denoising_steps} steps, entropy bound {settings.entropy_bound}, "
         f"temperature {settings.t_max} -> {settings.t_min}, stop after {settings.stability_threshold} stable "
@@ -563,7 +575,15 @@ def _add_model_options(parser: argparse.ArgumentParser, sampling: bool = True, i
     `_load`) --quant and --compile; and with `sampling` the sampler's settings."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    if inference:
+        parser.add_argument(
+            "--dtype",
+            default="auto",
+            help="auto (a bf16 checkpoint in bf16 where the device multiplies bf16 in hardware, else float32), "
+            "float32, bfloat16 or float16",
+        )
+    else:  # training keeps float32 weights (bf16 runs under autocast)
+        parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     if inference:
         parser.add_argument("--quant", default=None, choices=FORMATS, help="quantize weights while loading")

@@ -69,6 +69,49 @@ def test_failed_save_keeps_the_previous_checkpoint(ours, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]  # no staging folder left behind
 
 
+def test_auto_dtype_follows_the_checkpoint_and_the_device(tmp_path, monkeypatch):
+    """dtype="auto" (the default): a float32 checkpoint stays float32; a bf16 one runs in bf16 where the device
+    multiplies bf16 in hardware and in float32 where it would emulate it; a named dtype is taken as named."""
+    from diffgemma import api
+
+    bf16 = random_checkpoint(tmp_path / "bf16", preset="tiny", dtype=torch.bfloat16)
+    fp32 = random_checkpoint(tmp_path / "fp32", preset="tiny")
+    for fast, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(api, "bf16_is_fast", lambda device, fast=fast: fast)
+        assert diffgemma.load(bf16).dtype == expected
+        assert diffgemma.load(fp32).dtype == torch.float32
+        assert diffgemma.load(bf16, dtype="float16").dtype == torch.float16
+    with pytest.raises(DiffGemmaError, match="'auto' chooses for a checkpoint being loaded"):
+        api.resolve_dtype("auto")
+
+
+def test_a_quantized_checkpoint_is_stored_in_the_dtype_of_its_float_weights(tmp_path):
+    """fp8 codes are floating point too, and most of a quantized tiny model's values: they do not count."""
+    from diffgemma.checkpoint import stored_float_dtype
+
+    fp32 = random_checkpoint(tmp_path / "fp32", preset="tiny")
+    assert stored_float_dtype(fp32) == torch.float32
+    for fmt in ("fp8", "int4"):
+        saved = diffgemma.load(fp32, dtype="bfloat16", quant=fmt).save(tmp_path / fmt)
+        assert stored_float_dtype(saved) == torch.bfloat16, fmt
+
+
+@pytest.mark.parametrize(
+    "capabilities, fast",
+    [
+        ({"avx512_bf16": True, "avx512_f": True}, True),  # Cooper Lake, Zen 4 and later
+        ({"amx_bf16": True, "avx512_bf16": False}, True),  # Sapphire Rapids's tiles
+        ({"avx512_f": True, "avx2": True}, False),  # AVX512 without bf16 (Skylake): emulated
+        ({}, False),  # a PyTorch that reads no capabilities (ARM)
+    ],
+)
+def test_bf16_is_fast_on_cpus_with_bf16_instructions(monkeypatch, capabilities, fast):
+    from diffgemma.api import bf16_is_fast
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert bf16_is_fast(torch.device("cpu")) is fast
+
+
 def test_bfloat16_load_is_close_to_float32(ours, reference_checkpoints):
     model = diffgemma.load(reference_checkpoints["A"], dtype="bfloat16")
     assert model.dtype == torch.bfloat16

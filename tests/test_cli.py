@@ -57,6 +57,31 @@ def test_info_says_which_cpu_kernels_this_machine_gives(capsys, monkeypatch):
     assert "this CPU        off (DIFFGEMMA_CPU_KERNELS=0)" in out
 
 
+def test_info_says_what_auto_loads_a_checkpoint_in(capsys, monkeypatch, tmp_path):
+    from diffgemma import api
+    from diffgemma.presets import random_checkpoint
+
+    _, out, _ = run(capsys, "info", "--model", DEMO)
+    assert "stored dtype    float32; --dtype auto loads it in float32 on cpu" in out
+    folder = random_checkpoint(tmp_path / "bf16", preset="tiny", dtype=torch.bfloat16)
+    for fast, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(api, "bf16_is_fast", lambda device, fast=fast: fast)
+        _, out, _ = run(capsys, "info", "--model", str(folder))
+        assert f"stored dtype    bfloat16; --dtype auto loads it in {expected} on cpu" in out
+        cpu = next(line for line in out.splitlines() if line.startswith("this CPU"))
+        assert cpu.endswith("; bf16 products in hardware" if fast else "(float32 is faster)")
+
+
+def test_commands_that_run_a_model_load_it_in_auto_and_training_in_float32():
+    from diffgemma.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["generate", "hi"], ["chat"], ["serve"], ["sudoku", "--puzzle", "0" * 81]):
+        assert parser.parse_args(argv).dtype == "auto", argv
+    for argv in (["train", "chat", "--data", "d.jsonl", "--out", "o"], ["lora-merge", "--adapter", "a", "--out", "o"]):
+        assert parser.parse_args(argv).dtype == "float32", argv
+
+
 def test_info_needs_only_a_config(capsys, tmp_path):
     """A folder with the real model's config.json alone gives its memory per format (no 50 GB download)."""
     import json
