@@ -263,12 +263,19 @@ class QuantLinear(_Quantized, nn.Module):
 
 
 class QuantExperts(_Quantized, Experts):
-    """The stacked experts, stored quantized; `gate_up_proj`/`down_proj` are expanded when read."""
+    """The stacked experts, stored quantized; `gate_up_proj`/`down_proj` are expanded when read.
+
+    On a CPU whose int4 kernel takes the experts, each int4 stack is rearranged in place into the kernel's
+    layout the first time the kernel meets it (`cpu_laid_out` names those stacks), rather than an expert's
+    nibbles being rearranged for every call (on the 26B shape a sixth of a denoising step). Whatever reads the
+    bytes as stored gets them back in our layout first: a state dict (saving) and a move to another device
+    restore the stack in place; an expanded product reads a restored copy."""
 
     def __init__(self, experts: Experts, fmt: QuantFormat) -> None:
         nn.Module.__init__(self)
         self.fmt = fmt
         self.source_shapes = {}
+        self.cpu_laid_out: dict[str, tuple[int, bool]] = {}
         self.act = experts.act
         self.num_experts = experts.num_experts
         self.group_align = experts.group_align
@@ -276,6 +283,8 @@ class QuantExperts(_Quantized, Experts):
         for name in ("gate_up_proj", "down_proj"):
             tensor = experts._parameters[name]
             self._register(name, tuple(tensor.shape), tensor.device)
+        self.register_state_dict_pre_hook(_restore_layout)
+        self.register_load_state_dict_pre_hook(_restore_layout)
 
     @property
     def gate_up_proj(self) -> torch.Tensor:
@@ -285,6 +294,34 @@ class QuantExperts(_Quantized, Experts):
     def down_proj(self) -> torch.Tensor:
         return self.weight_for("down_proj", self.compute_dtype)
 
+    def weight_for(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.stored_qweight(name), getattr(self, f"{name}_scale"), self.fmt, dtype)
+
+    def stored_qweight(self, name: str) -> torch.Tensor:
+        """The stack's codes in our layout (a restored copy where the CPU kernel's layout holds them)."""
+        qweight = getattr(self, f"{name}_qweight")
+        layout = self.cpu_laid_out.get(name)
+        return qweight if layout is None else torch.stack([cpu_int4_restored(q, layout) for q in qweight])
+
+    @torch.no_grad()
+    def restore_layout_(self) -> None:
+        """Every stack back in our layout, in place (an expert at a time: no second copy of the stack)."""
+        for name, layout in self.cpu_laid_out.items():
+            for expert in getattr(self, f"{name}_qweight"):
+                expert.copy_(cpu_int4_restored(expert, layout))
+        self.cpu_laid_out.clear()
+
+    @torch.no_grad()
+    def _lay_out_for_cpu(self, name: str) -> None:
+        layout = cpu_int4_kernel_layout()
+        for expert in getattr(self, f"{name}_qweight"):
+            expert.copy_(cpu_int4_layout(expert, layout))
+        self.cpu_laid_out[name] = layout
+
+    def _apply(self, fn, recurse=True):
+        self.restore_layout_()  # a move to another device (or a copy) takes the bytes in our layout
+        return super()._apply(fn, recurse)
+
     def project(self, rows: torch.Tensor, name: str, offsets: torch.Tensor | None) -> torch.Tensor:
         qweight, scale = getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale")
         per_expert = rows.shape[-2] if offsets is None else rows.shape[0] // self.num_experts
@@ -293,11 +330,19 @@ class QuantExperts(_Quantized, Experts):
         misaligned = path == FUSED and self.row_alignment(rows) % kernels.EXPERT_BLOCK_ROWS
         if path in (FP8_UNITS, FUSED) and (offsets is None or misaligned):
             path = None
+        lay_out = path == CPU_KERNEL and self.fmt.name == "int4" and name not in self.cpu_laid_out
+        if lay_out and not torch.compiler.is_compiling():  # (compiled, a graph rearranges for each call)
+            self._lay_out_for_cpu(name)
         if path:
+            laid_out = name in self.cpu_laid_out
             try:
-                return direct_product(path, rows, qweight, scale, offsets, stacked=True).to(self.compute_dtype)
+                product = direct_product(path, rows, qweight, scale, offsets, stacked=True, laid_out=laid_out)
+                return product.to(self.compute_dtype)
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
                 direct_kernel_failed(self.fmt, err, per_shape=path != FUSED)
+        if name in self.cpu_laid_out and torch.is_grad_enabled() and rows.requires_grad:
+            self.restore_layout_()  # autograd keeps what it is given: the module's own bytes, not a copy
+        qweight = self.stored_qweight(name)
         if name != "gate_up_proj":
             return expanded_product(rows, qweight, scale, self.fmt, self.compute_dtype, offsets, stacked=True)
         # Gate and up expanded one at a time: the transient copy is half as large (on the 26B shape 0.5 GB
@@ -311,6 +356,11 @@ class QuantExperts(_Quantized, Experts):
             ],
             dim=-1,
         )
+
+
+def _restore_layout(module: QuantExperts, *hook_args) -> None:
+    """Before a state dict is made or loaded: our layout (a function of its own, not a lambda)."""
+    module.restore_layout_()
 
 
 # Where a kernel takes the stored format as it is, the weights are not expanded in memory: fp8 weights meet fp8
@@ -457,24 +507,29 @@ def direct_product(
     scale: torch.Tensor,
     ends: torch.Tensor | None = None,
     stacked: bool = False,
+    laid_out: bool = False,
 ) -> torch.Tensor:
     """x through weights as stored, in the kernel `path` names (`direct_kernel`): one weight, or a stack of
-    experts (`stacked`, x's rows grouped by expert, `ends` the groups' cumulative ends)."""
+    experts (`stacked`, x's rows grouped by expert, `ends` the groups' cumulative ends); `laid_out`: int4
+    codes already in the CPU kernel's layout."""
     if path == FP8_UNITS:
         return fp8_grouped_linear(x, qweight, scale, ends) if stacked else fp8_linear(x, qweight, scale)
     if path == FUSED:
         if stacked:
             return kernels.quantized_grouped_linear(x, qweight, scale, ends)
         return kernels.quantized_linear(x, qweight, scale)
-    return cpu_grouped_linear(x, qweight, scale, ends) if stacked else cpu_linear(x, qweight, scale)
+    if stacked:
+        return cpu_grouped_linear(x, qweight, scale, ends, laid_out)
+    return cpu_linear(x, qweight, scale, laid_out)
 
 
-def cpu_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def cpu_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, laid_out: bool = False) -> torch.Tensor:
     """x [..., K] through an int8 weight [N, K] (float32 scales [N, 1]) or an int4 one (nibble pairs [N, K/2],
     float16 scales [N, K / group]) in PyTorch's CPU weight-only kernel for its format, which the stored dtype
     tells -> [..., N] in x's dtype. The kernels read the weights as stored; the activations go in as bf16,
     their fast path (float32 and float16 run 10-40x slower). int8's scales multiply the sums in float32 after
-    (as bf16 they would round); int4's go into the kernel in bf16, its nibbles rearranged for the call."""
+    (as bf16 they would round); int4's go into the kernel in bf16, its nibbles rearranged for the call unless
+    they are `laid_out` already."""
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
     if qweight.dtype == torch.int8:
         unscaled = torch.ones(qweight.shape[0], dtype=torch.bfloat16)
@@ -483,7 +538,8 @@ def cpu_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> t
         group = 2 * qweight.shape[-1] // scale.shape[-1]
         scales = scale.t().to(torch.bfloat16)
         scales_and_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1)  # (q - 8) * scale + 0
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, cpu_int4_layout(qweight), group, scales_and_zeros)
+        packed = qweight if laid_out else cpu_int4_layout(qweight)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales_and_zeros)
     return out.to(x.dtype).view(*x.shape[:-1], -1)
 
 
@@ -519,6 +575,25 @@ def cpu_int4_layout(qweight: torch.Tensor, layout: tuple[int, bool] | None = Non
     return out.view(outputs, half)
 
 
+def cpu_int4_restored(packed: torch.Tensor, layout: tuple[int, bool]) -> torch.Tensor:
+    """`cpu_int4_layout`'s inverse: codes [N, K/2] in the CPU kernel's `layout` -> our packing. Each byte of the
+    kernel's holds one input of two outputs; ours, two inputs of one output."""
+    block, halves = layout
+    outputs, half = packed.shape
+    # [block, input pair, input parity, output pair]: one byte holds that input of both outputs of the pair
+    pairs = packed.contiguous().view(outputs // block, half, 2, block // 2).permute(0, 3, 1, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]  # inputs 2k and 2k + 1
+    first = (even & 0x0F) | ((odd & 0x0F) << 4)  # the outputs in a byte's low nibbles
+    second = (even >> 4) | (odd & 0xF0)  # and in its high nibbles
+    ours = torch.empty(outputs // block, 2, block // 2, half, dtype=torch.uint8, device=packed.device)
+    if halves:  # outputs j and j + block/2
+        ours[:, 0], ours[:, 1] = first, second
+    else:  # outputs 2j and 2j + 1
+        ours = ours.view(outputs // block, block // 2, 2, half)
+        ours[:, :, 0], ours[:, :, 1] = first, second
+    return ours.view(outputs, half)
+
+
 @functools.cache
 def cpu_int4_kernel_layout() -> tuple[int, bool] | None:
     """Which of `CPU_INT4_LAYOUTS` PyTorch's CPU int4 kernel reads here, found once by asking its own converter
@@ -540,18 +615,22 @@ def cpu_int4_kernel_layout() -> tuple[int, bool] | None:
 
 
 def cpu_grouped_linear(
-    rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor | None
+    rows: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    ends: torch.Tensor | None,
+    laid_out: bool = False,
 ) -> torch.Tensor:
     """Rows through each expert's weight [E, N, K] in the CPU's weight-only kernel (`cpu_linear`), one product an
     expert: rows [E, capacity, K] (batched layout, `ends` None) or [S, K] sorted by expert (`ends`: the groups'
     cumulative ends) -> the same layout with N columns."""
     if ends is None:
-        return torch.stack([cpu_linear(group, qweight[e], scale[e]) for e, group in enumerate(rows)])
+        return torch.stack([cpu_linear(group, qweight[e], scale[e], laid_out) for e, group in enumerate(rows)])
     out = rows.new_empty(rows.shape[0], qweight.shape[1])
     start = 0
     for expert, end in enumerate(ends.tolist()):
         if end > start:
-            out[start:end] = cpu_linear(rows[start:end], qweight[expert], scale[expert])
+            out[start:end] = cpu_linear(rows[start:end], qweight[expert], scale[expert], laid_out)
         start = end
     return out
 

@@ -160,6 +160,100 @@ def test_every_cpu_int4_layout_is_the_one_its_description_gives():
         assert laid_out.reshape(-1).tolist() == expected, (block, halves)
 
 
+def test_restoring_undoes_every_cpu_int4_layout():
+    from diffgemma.quant import CPU_INT4_LAYOUTS, cpu_int4_layout, cpu_int4_restored
+
+    ours = torch.randint(0, 256, (192, 40), dtype=torch.uint8)
+    for layout in CPU_INT4_LAYOUTS:
+        laid_out = cpu_int4_layout(ours, layout)
+        assert not torch.equal(laid_out, ours)
+        assert torch.equal(cpu_int4_restored(laid_out, layout), ours), layout
+
+
+def test_int4_experts_are_laid_out_for_the_cpu_kernel_once_and_read_in_our_layout(monkeypatch):
+    """The CPU kernel's first product over an int4 stack rearranges it in place; later products take it as it is
+    (nothing rearranged per call) and give the same values as rearranging for each call. A state dict, a move,
+    the properties, an expanded product and a product under autograd all see our layout."""
+    from diffgemma import quant
+    from diffgemma.config import parse_model_config
+    from diffgemma.model import Experts
+    from diffgemma.presets import preset_config
+
+    if quant.cpu_int4_kernel_layout() is None:
+        pytest.skip("this CPU's int4 kernel reads a layout diffgemma does not know (int4 expands)")
+    monkeypatch.setattr(quant, "CPU_KERNEL_MIN_VALUES", 0)  # the tiny shape's experts through the kernel
+    config = parse_model_config(preset_config("tiny"), "tiny")
+    torch.manual_seed(0)
+    float_experts = Experts(config).requires_grad_(False)
+    float_experts.gate_up_proj.normal_(0, 0.05)
+    float_experts.down_proj.normal_(0, 0.05)
+
+    def quantized() -> quant.QuantExperts:
+        module = quant.QuantExperts(float_experts, QuantFormat("int4"))
+        for name in ("gate_up_proj", "down_proj"):
+            module.load_float(name, float_experts._parameters[name])
+        return module
+
+    module, per_call = quantized(), quantized()
+    per_call._lay_out_for_cpu = lambda name: None  # rearranges for each call, as before
+    ours = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    tokens = torch.randn(20, config.hidden_size)
+    routed = torch.randint(0, config.num_experts, (20, config.top_k_experts))
+    weights = torch.rand(20, config.top_k_experts)
+    rearranged = []
+    rearrange = quant.cpu_int4_layout
+    monkeypatch.setattr(quant, "cpu_int4_layout", lambda *args: rearranged.append(1) or rearrange(*args))
+    with torch.no_grad():
+        expected = per_call(tokens, routed, weights)
+        rearranged.clear()
+        first = module(tokens, routed, weights)
+        assert set(module.cpu_laid_out) == {"gate_up_proj", "down_proj"}
+        assert not torch.equal(module.gate_up_proj_qweight, ours["gate_up_proj_qweight"])  # in place
+        assert len(rearranged) == 2 * config.num_experts  # each expert of each stack, once
+        second = module(tokens, routed, weights)
+        assert len(rearranged) == 2 * config.num_experts  # and never again
+        assert torch.equal(first, expected) and torch.equal(second, expected)
+        assert torch.equal(module.gate_up_proj, per_call.gate_up_proj)  # expanded from our layout
+        monkeypatch.setitem(quant._DIRECT, "enabled", False)  # expanded products read a restored copy
+        assert torch.equal(module(tokens, routed, weights), per_call(tokens, routed, weights))
+        assert module.cpu_laid_out  # (the stacks stay laid out: no rearranging back and forth)
+        monkeypatch.setitem(quant._DIRECT, "enabled", True)
+        state = module.state_dict()  # saving: back in our layout, in place
+        assert not module.cpu_laid_out and all(torch.equal(state[name], ours[name]) for name in ours)
+        module(tokens, routed, weights)
+        module.to("cpu")  # a move (to any device) takes our layout
+        assert not module.cpu_laid_out and torch.equal(module.down_proj_qweight, ours["down_proj_qweight"])
+        module(tokens, routed, weights)
+    # autograd keeps the module's own bytes, so the stacks go back in place rather than as copies
+    x, x_per_call = tokens.clone().requires_grad_(), tokens.clone().requires_grad_()
+    module(x, routed, weights).square().sum().backward()
+    per_call(x_per_call, routed, weights).square().sum().backward()
+    assert not module.cpu_laid_out and torch.equal(x.grad, x_per_call.grad)
+
+
+def test_an_int4_model_laid_out_for_the_cpu_saves_and_generates_as_before(tmp_path, monkeypatch):
+    from diffgemma import quant
+
+    if quant.cpu_int4_kernel_layout() is None:
+        pytest.skip("this CPU's int4 kernel reads a layout diffgemma does not know (int4 expands)")
+    monkeypatch.setattr(quant, "CPU_KERNEL_MIN_VALUES", 0)
+    folder = random_checkpoint(tmp_path / "tiny", preset="tiny")
+    model = diffgemma.load(folder, quant="int4")
+    prompt = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    before = model.generate(prompt, max_new_tokens=40, seed=3).new_tokens
+    assert all(layer.experts.cpu_laid_out for layer in model.network.layers)
+    saved = model.save(tmp_path / "int4")
+    assert not any(layer.experts.cpu_laid_out for layer in model.network.layers)
+    fresh = diffgemma.load(tmp_path / "int4")
+    for loaded in (model, fresh):
+        assert loaded.generate(prompt, max_new_tokens=40, seed=3).new_tokens == before
+    monkeypatch.setattr(quant, "CPU_KERNEL_MIN_VALUES", 10**12)  # expanded from the saved bytes: the same codes
+    expanded = diffgemma.load(saved)
+    reference = diffgemma.load(folder, quant="int4")
+    canvas = torch.randint(3, model.config.vocab_size, (1, model.config.canvas_length))
+    assert torch.equal(expanded.denoise_logits(prompt, canvas), reference.denoise_logits(prompt, canvas))
+
+
 def test_the_int4_cpu_kernel_on_a_cpu_without_wide_vectors():
     """With PyTorch told to use no vector instructions (ATEN_CPU_CAPABILITY=default, as on CPUs it has no wider
     kernels for), its int4 kernel reads another layout: found, and the product is the expanded weights'."""
