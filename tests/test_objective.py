@@ -62,6 +62,30 @@ def test_loss_falls_on_a_toy_task(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3
 
 
+def test_training_runs_under_bf16_autocast_where_the_device_multiplies_bf16(tmp_path, monkeypatch):
+    """Products in bf16, weights and their gradients in float32: on CPUs with bf16 instructions as on GPUs;
+    elsewhere, or with DIFFGEMMA_AUTOCAST=0, float32 throughout."""
+    from diffgemma.presets import random_checkpoint
+    from diffgemma.train import trainer
+
+    model = diffgemma.load(random_checkpoint(tmp_path / "toy", preset="tiny", seed=1))
+    examples = [Example([2, 10 + i], [40 + i] * 20, id=i) for i in range(2)]
+    seen = []
+    model.network.layers[0].register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    for fast, switch, expected in ((True, None, True), (False, None, False), (True, "0", False)):
+        monkeypatch.setattr(trainer, "bf16_is_fast", lambda device, fast=fast: fast)
+        if switch is None:
+            monkeypatch.delenv("DIFFGEMMA_AUTOCAST", raising=False)
+        else:
+            monkeypatch.setenv("DIFFGEMMA_AUTOCAST", switch)
+        seen.clear()
+        config = TrainConfig(steps=1, batch_size=2, warmup=1)
+        train(model.network, epoch_batches(examples, 2, 0), config, eos_id=1, pad_id=0, show_progress=False)
+        assert seen and set(seen) == {expected}, (fast, switch)
+        assert all(p.dtype == torch.float32 for p in model.network.parameters())
+    assert not trainer.bf16_autocast(torch.device("meta"))  # devices other than CUDA and the CPU: float32
+
+
 def test_learning_rate_schedule():
     config = TrainConfig(steps=100, peak_lr=1.0, warmup=10)
     assert learning_rate(0, config) == 0.1
