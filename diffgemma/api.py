@@ -44,13 +44,14 @@ DTYPE_NAMES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-AUTO_DTYPE = "auto"
+AUTO_DTYPE = "auto"  # for the device: `auto_dtype`
+STORED_DTYPE = "stored"  # the checkpoint's own
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if dtype == AUTO_DTYPE:
-        raise DiffGemmaError("dtype 'auto' chooses for a checkpoint being loaded; name a dtype here")
+    if dtype in (AUTO_DTYPE, STORED_DTYPE):
+        raise DiffGemmaError(f"dtype {dtype!r} chooses for a checkpoint being loaded; name a dtype here")
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPE_NAMES.values():
             raise DiffGemmaError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
@@ -456,7 +457,8 @@ def load(
 
     Weights go straight to `device` in `dtype`: the model is built without memory, then each tensor is read
     from disk into its final place. "auto" (`auto_dtype`) keeps a float32 checkpoint in float32 and runs a bf16
-    one in bf16 where the device multiplies bf16 in hardware (GPUs, recent CPUs), else in float32. `quant`
+    one in bf16 where the device multiplies bf16 in hardware (GPUs, recent CPUs), else in float32; "stored"
+    takes the dtype the checkpoint's weights are stored in (`stored_float_dtype`). `quant`
     ("int8", "int4", "fp8") quantizes the projections and experts tensor by tensor while loading; a checkpoint
     written quantized loads in its own format. `compile` runs the decoder's layers through torch.compile: the
     first generation compiles (tens of seconds), then each step launches far fewer kernels (on an H100, 26B
@@ -464,7 +466,9 @@ def load(
     """
     folder = resolve_folder(path)
     device = resolve_device(device)
-    dtype = auto_dtype(device, stored_float_dtype(folder)) if dtype == AUTO_DTYPE else resolve_dtype(dtype)
+    if dtype == AUTO_DTYPE:
+        dtype = auto_dtype(device, stored_float_dtype(folder))
+    dtype = stored_float_dtype(folder) if dtype == STORED_DTYPE else resolve_dtype(dtype)
     config, settings = load_configs(folder)
     tokenizer = load_tokenizer(folder)
     saved = format_from_config(config.raw)

@@ -570,20 +570,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(model, args.host, args.port, options)
 
 
-def _add_model_options(parser: argparse.ArgumentParser, sampling: bool = True, inference: bool = True) -> None:
-    """--model, --device, --dtype, --threads (`main` applies it); for a command that runs the model (`inference`,
-    `_load`) --quant and --compile; and with `sampling` the sampler's settings."""
+DTYPE_CHOICES = {  # a command's default --dtype, and what it says of it
+    "auto": "a bf16 checkpoint in bf16 where the device multiplies bf16 in hardware, else float32",
+    "float32": "training keeps float32 weights; products run in bf16 under autocast where the device has it",
+    "stored": "the checkpoint's own dtype",
+}
+
+
+def _add_model_options(
+    parser: argparse.ArgumentParser, sampling: bool = True, inference: bool = True, dtype: str = "auto"
+) -> None:
+    """--model, --device, --dtype (default `dtype`, one of DTYPE_CHOICES), --threads (`main` applies it); for a
+    command that runs the model (`inference`, `_load`) --quant and --compile; and with `sampling` the sampler's
+    settings."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
-    if inference:
-        parser.add_argument(
-            "--dtype",
-            default="auto",
-            help="auto (a bf16 checkpoint in bf16 where the device multiplies bf16 in hardware, else float32), "
-            "float32, bfloat16 or float16",
-        )
-    else:  # training keeps float32 weights (bf16 runs under autocast)
-        parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    others = ", ".join(name for name in ("auto", "stored", "float32", "bfloat16", "float16") if name != dtype)
+    parser.add_argument("--dtype", default=dtype, help=f"{dtype} ({DTYPE_CHOICES[dtype]}), or {others}")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     if inference:
         parser.add_argument("--quant", default=None, choices=FORMATS, help="quantize weights while loading")
@@ -767,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat: keep each layer's inputs for the backward pass and run the rest again there (a fraction of "
         "the activations for about a third more compute)",
     )
-    _add_model_options(trainer, sampling=False, inference=False)
+    _add_model_options(trainer, sampling=False, inference=False, dtype="float32")
     trainer.set_defaults(run=cmd_train)
 
     quantize = commands.add_parser("quantize", help="write a weight-quantized copy of a checkpoint (atomic)")
@@ -788,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora = commands.add_parser("lora-merge", help="fold a LoRA adapter into its base model: a new full checkpoint")
     lora.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
     lora.add_argument("--out", required=True, help="folder for the merged checkpoint")
-    _add_model_options(lora, sampling=False, inference=False)
+    _add_model_options(lora, sampling=False, inference=False, dtype="stored")
     lora.set_defaults(run=cmd_lora_merge)
 
     info = commands.add_parser("info", help="summarise a checkpoint: shape, parameters, memory, sampler")

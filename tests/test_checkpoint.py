@@ -81,8 +81,11 @@ def test_auto_dtype_follows_the_checkpoint_and_the_device(tmp_path, monkeypatch)
         assert diffgemma.load(bf16).dtype == expected
         assert diffgemma.load(fp32).dtype == torch.float32
         assert diffgemma.load(bf16, dtype="float16").dtype == torch.float16
-    with pytest.raises(DiffGemmaError, match="'auto' chooses for a checkpoint being loaded"):
-        api.resolve_dtype("auto")
+        assert diffgemma.load(bf16, dtype="stored").dtype == torch.bfloat16  # the checkpoint's own, anywhere
+        assert diffgemma.load(fp32, dtype="stored").dtype == torch.float32
+    for name in ("auto", "stored"):
+        with pytest.raises(DiffGemmaError, match=f"'{name}' chooses for a checkpoint being loaded"):
+            api.resolve_dtype(name)
 
 
 def test_a_quantized_checkpoint_is_stored_in_the_dtype_of_its_float_weights(tmp_path):

@@ -83,6 +83,12 @@ def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
     assert code == 0 and (tmp_path / "m" / "model.safetensors").is_file()
     with torch.no_grad():
         assert (_logits(diffgemma.load(tmp_path / "m")) - _logits(model)).abs().max() < 1e-4
+    # a bf16 base merges into a bf16 checkpoint (the real model's 50 GB, not 100 in float32)
+    from diffgemma.checkpoint import stored_float_dtype
+
+    bf16 = diffgemma.load(folder, dtype="bfloat16").save(tmp_path / "bf16")
+    code = main(["lora-merge", "--model", str(bf16), "--adapter", str(adapter_dir), "--out", str(tmp_path / "m16")])
+    assert code == 0 and stored_float_dtype(tmp_path / "m16") == torch.bfloat16
 
     with pytest.raises(DiffGemmaError, match="adapter_config.json: not found"):
         load_adapter(diffgemma.load(folder).network, tmp_path / "nowhere")
