@@ -268,8 +268,9 @@ class QuantExperts(_Quantized, Experts):
     On a CPU whose int4 kernel takes the experts, each int4 stack is rearranged in place into the kernel's
     layout the first time the kernel meets it (`cpu_laid_out` names those stacks), rather than an expert's
     nibbles being rearranged for every call (on the 26B shape a sixth of a denoising step). Whatever reads the
-    bytes as stored gets them back in our layout first: a state dict (saving) and a move to another device
-    restore the stack in place; an expanded product reads a restored copy."""
+    bytes as stored gets them back in our layout first, in place: a state dict (saving), a move to another
+    device, and an expanded product (more rows than the kernel takes, or autograd), so that a run of expanded
+    products (a larger batch) pays for it once; the properties read a restored copy."""
 
     def __init__(self, experts: Experts, fmt: QuantFormat) -> None:
         nn.Module.__init__(self)
@@ -295,21 +296,18 @@ class QuantExperts(_Quantized, Experts):
         return self.weight_for("down_proj", self.compute_dtype)
 
     def weight_for(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.stored_qweight(name), getattr(self, f"{name}_scale"), self.fmt, dtype)
-
-    def stored_qweight(self, name: str) -> torch.Tensor:
-        """The stack's codes in our layout (a restored copy where the CPU kernel's layout holds them)."""
-        qweight = getattr(self, f"{name}_qweight")
-        layout = self.cpu_laid_out.get(name)
-        return qweight if layout is None else torch.stack([cpu_int4_restored(q, layout) for q in qweight])
+        qweight, layout = getattr(self, f"{name}_qweight"), self.cpu_laid_out.get(name)
+        if layout is not None:  # a restored copy: the stack stays as the kernel reads it
+            qweight = torch.stack([cpu_int4_restored(expert, layout) for expert in qweight])
+        return dequantize(qweight, getattr(self, f"{name}_scale"), self.fmt, dtype)
 
     @torch.no_grad()
-    def restore_layout_(self) -> None:
-        """Every stack back in our layout, in place (an expert at a time: no second copy of the stack)."""
-        for name, layout in self.cpu_laid_out.items():
-            for expert in getattr(self, f"{name}_qweight"):
+    def restore_layout_(self, names: tuple[str, ...] = ("gate_up_proj", "down_proj")) -> None:
+        """Stacks back in our layout, in place (an expert at a time: no second copy of the stack)."""
+        for name in names:
+            layout = self.cpu_laid_out.pop(name, None)
+            for expert in getattr(self, f"{name}_qweight") if layout else ():
                 expert.copy_(cpu_int4_restored(expert, layout))
-        self.cpu_laid_out.clear()
 
     @torch.no_grad()
     def _lay_out_for_cpu(self, name: str) -> None:
@@ -340,9 +338,7 @@ class QuantExperts(_Quantized, Experts):
                 return product.to(self.compute_dtype)
             except Exception as err:  # any refusal (a shape, a kernel build) falls back
                 direct_kernel_failed(self.fmt, err, per_shape=path != FUSED)
-        if name in self.cpu_laid_out and torch.is_grad_enabled() and rows.requires_grad:
-            self.restore_layout_()  # autograd keeps what it is given: the module's own bytes, not a copy
-        qweight = self.stored_qweight(name)
+        self.restore_layout_((name,))  # in place (autograd keeps what it is given: the module's own bytes)
         if name != "gate_up_proj":
             return expanded_product(rows, qweight, scale, self.fmt, self.compute_dtype, offsets, stacked=True)
         # Gate and up expanded one at a time: the transient copy is half as large (on the 26B shape 0.5 GB

@@ -173,7 +173,8 @@ def test_restoring_undoes_every_cpu_int4_layout():
 def test_int4_experts_are_laid_out_for_the_cpu_kernel_once_and_read_in_our_layout(monkeypatch):
     """The CPU kernel's first product over an int4 stack rearranges it in place; later products take it as it is
     (nothing rearranged per call) and give the same values as rearranging for each call. A state dict, a move,
-    the properties, an expanded product and a product under autograd all see our layout."""
+    the properties, an expanded product and a product under autograd all see our layout, which all but the
+    properties restore in place."""
     from diffgemma import quant
     from diffgemma.config import parse_model_config
     from diffgemma.model import Experts
@@ -214,10 +215,15 @@ def test_int4_experts_are_laid_out_for_the_cpu_kernel_once_and_read_in_our_layou
         assert len(rearranged) == 2 * config.num_experts  # and never again
         assert torch.equal(first, expected) and torch.equal(second, expected)
         assert torch.equal(module.gate_up_proj, per_call.gate_up_proj)  # expanded from our layout
-        monkeypatch.setitem(quant._DIRECT, "enabled", False)  # expanded products read a restored copy
+        assert module.cpu_laid_out  # (the properties read a restored copy)
+        monkeypatch.setitem(quant._DIRECT, "enabled", False)  # expanded products: back in place, then stay so
         assert torch.equal(module(tokens, routed, weights), per_call(tokens, routed, weights))
-        assert module.cpu_laid_out  # (the stacks stay laid out: no rearranging back and forth)
+        assert not module.cpu_laid_out and torch.equal(module.gate_up_proj_qweight, ours["gate_up_proj_qweight"])
+        rearranged.clear()
+        assert torch.equal(module(tokens, routed, weights), per_call(tokens, routed, weights))
+        assert not rearranged and not module.cpu_laid_out  # nothing back and forth while products expand
         monkeypatch.setitem(quant._DIRECT, "enabled", True)
+        module(tokens, routed, weights)
         state = module.state_dict()  # saving: back in our layout, in place
         assert not module.cpu_laid_out and all(torch.equal(state[name], ours[name]) for name in ours)
         module(tokens, routed, weights)
