@@ -83,6 +83,14 @@ def auto_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if bf16_is_fast(device) else torch.float32
 
 
+def _load_dtype(dtype: torch.dtype | str, device: torch.device, folder: Path) -> torch.dtype:
+    """`load`'s dtype: a dtype or its name, or "auto" or "stored", which read the checkpoint's."""
+    if dtype not in (AUTO_DTYPE, STORED_DTYPE):
+        return resolve_dtype(dtype)
+    stored = stored_float_dtype(folder)
+    return auto_dtype(device, stored) if dtype == AUTO_DTYPE else stored
+
+
 def resolve_device(device: torch.device | str) -> torch.device:
     try:
         device = torch.device(device)
@@ -466,9 +474,7 @@ def load(
     """
     folder = resolve_folder(path)
     device = resolve_device(device)
-    if dtype == AUTO_DTYPE:
-        dtype = auto_dtype(device, stored_float_dtype(folder))
-    dtype = stored_float_dtype(folder) if dtype == STORED_DTYPE else resolve_dtype(dtype)
+    dtype = _load_dtype(dtype, device, folder)
     config, settings = load_configs(folder)
     tokenizer = load_tokenizer(folder)
     saved = format_from_config(config.raw)

@@ -301,20 +301,22 @@ class QuantExperts(_Quantized, Experts):
             qweight = torch.stack([cpu_int4_restored(expert, layout) for expert in qweight])
         return dequantize(qweight, getattr(self, f"{name}_scale"), self.fmt, dtype)
 
-    @torch.no_grad()
     def restore_layout_(self, names: tuple[str, ...] = ("gate_up_proj", "down_proj")) -> None:
-        """Stacks back in our layout, in place (an expert at a time: no second copy of the stack)."""
+        """Stacks back in our layout, in place."""
         for name in names:
             layout = self.cpu_laid_out.pop(name, None)
-            for expert in getattr(self, f"{name}_qweight") if layout else ():
-                expert.copy_(cpu_int4_restored(expert, layout))
+            if layout is not None:
+                self._rearrange_(name, cpu_int4_restored, layout)
 
-    @torch.no_grad()
     def _lay_out_for_cpu(self, name: str) -> None:
         layout = cpu_int4_kernel_layout()
-        for expert in getattr(self, f"{name}_qweight"):
-            expert.copy_(cpu_int4_layout(expert, layout))
+        self._rearrange_(name, cpu_int4_layout, layout)
         self.cpu_laid_out[name] = layout
+
+    @torch.no_grad()
+    def _rearrange_(self, name: str, rearrange: Callable, layout: tuple[int, bool]) -> None:
+        for expert in getattr(self, f"{name}_qweight"):  # an expert at a time: no second copy of the stack
+            expert.copy_(rearrange(expert, layout))
 
     def _apply(self, fn, recurse=True):
         self.restore_layout_()  # a move to another device (or a copy) takes the bytes in our layout
