@@ -8,7 +8,10 @@ picks between them (CPU_KERNEL_MAX_ROWS, CPU_KERNEL_MIN_VALUES).
 3. Quantizing that layer's experts from bf16 (as loading with `quant=` does, an expert at a time): int8, and
    int4 eagerly and compiled (`quant.COMPILED_INT4_VALUES`).
 
-    python bench/cpu_quant.py [--repeats 3] [--results FILE]
+`--dtype bfloat16` runs the activations, the expanded weights and the float layer in bf16 (what `--dtype auto`
+picks for a bf16 checkpoint on CPUs with bf16 instructions).
+
+    python bench/cpu_quant.py [--repeats 3] [--dtype float32] [--results FILE]
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def random_experts() -> Experts:
     return experts
 
 
-def weight_sweep(fmt: quant.QuantFormat, repeats: int) -> str:
+def weight_sweep(fmt: quant.QuantFormat, repeats: int, dtype: torch.dtype) -> str:
     experts = 8
     lines = [f"| {fmt.name} weight [out, in] | " + " | ".join(f"{rows} rows" for rows in ROWS) + " |"]
     lines.append("|---|" + "---|" * len(ROWS))
@@ -58,9 +61,9 @@ def weight_sweep(fmt: quant.QuantFormat, repeats: int) -> str:
         stored = quant.quantize(torch.randn(experts, out_features, in_features) * 0.02, fmt)
         cells = []
         for rows in ROWS:
-            x = torch.randn(experts, rows, in_features)
+            x = torch.randn(experts, rows, in_features).to(dtype)
             qweight, scale = stored["qweight"], stored["scale"]
-            expanded = median_ms(repeats, quant.expanded_product, x, qweight, scale, fmt, torch.float32, None, True)
+            expanded = median_ms(repeats, quant.expanded_product, x, qweight, scale, fmt, dtype, None, True)
             kernel = median_ms(repeats, quant.cpu_grouped_linear, x, stored["qweight"], stored["scale"], None)
             picked = quant.direct_kernel(fmt, x, (out_features, in_features), rows)
             mark = " (picked)" if picked else ""
@@ -69,19 +72,22 @@ def weight_sweep(fmt: quant.QuantFormat, repeats: int) -> str:
     return "\n".join(lines)
 
 
-def layer_rows(experts: Experts, repeats: int) -> str:
+def layer_rows(experts: Experts, repeats: int, dtype: torch.dtype) -> str:
     quantized = {}
     for name in FORMATS:
         quantized[name] = quant.QuantExperts(experts, quant.QuantFormat(name))
         for weight in ("gate_up_proj", "down_proj"):
             quantized[name].load_float(weight, experts._parameters[weight].detach())
-    header = ["batch", "tokens", "rows per expert (largest)", "float32 ms"]
+    experts = experts.to(dtype)  # (the quantized modules' products run in the float layer's dtype)
+    for module in quantized.values():
+        module.compute_dtype = dtype
+    header = ["batch", "tokens", "rows per expert (largest)", f"{str(dtype)[6:]} ms"]
     for name in FORMATS:
         header += [f"{name} expanded ms", f"{name} kernel ms"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for batch in (1, 4):
         tokens = batch * CONFIG.canvas_length
-        x = torch.randn(tokens, CONFIG.hidden_size)
+        x = torch.randn(tokens, CONFIG.hidden_size).to(dtype)
         chosen = torch.rand(tokens, CONFIG.num_experts).topk(CONFIG.top_k_experts, dim=-1).indices
         weights = torch.rand(tokens, CONFIG.top_k_experts).softmax(-1)
         largest = int(torch.bincount(chosen.reshape(-1), minlength=CONFIG.num_experts).max())
@@ -122,16 +128,19 @@ def quantize_rows(experts: Experts) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activations")
     parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
     args = parser.parse_args()
-    sweeps = [weight_sweep(quant.QuantFormat(name), args.repeats) for name in FORMATS]
+    dtype = getattr(torch, args.dtype)
+    sweeps = [weight_sweep(quant.QuantFormat(name), args.repeats, dtype) for name in FORMATS]
     experts = random_experts()  # the same layer for both parts (3 GiB in float32)
-    layer = layer_rows(experts, args.repeats)
+    layer = layer_rows(experts, args.repeats, dtype)
     quantizing = quantize_rows(experts)
     append_results(
-        "CPU: int8 and int4 weights through PyTorch's weight-only kernels, or expanded (bench/cpu_quant.py)",
-        "One weight, 8 experts' products, expanded / kernel ms (float32 activations; the kernels take them as "
-        "bf16):\n\n"
+        f"CPU: int8 and int4 weights through PyTorch's weight-only kernels, or expanded, {args.dtype} "
+        "(bench/cpu_quant.py)",
+        f"One weight, 8 experts' products, expanded / kernel ms ({args.dtype} activations; the kernels take them "
+        "as bf16):\n\n"
         + "\n\n".join(sweeps)
         + "\n\nOne mixture-of-experts layer of the 26B shape (canvas 256, random routing):\n\n"
         + layer
