@@ -172,9 +172,9 @@ def test_restoring_undoes_every_cpu_int4_layout():
 
 def test_int4_experts_are_laid_out_for_the_cpu_kernel_once_and_read_in_our_layout(monkeypatch):
     """The CPU kernel's first product over an int4 stack rearranges it in place; later products take it as it is
-    (nothing rearranged per call) and give the same values as rearranging for each call. A state dict, a move,
-    the properties, an expanded product and a product under autograd all see our layout, which all but the
-    properties restore in place."""
+    (nothing rearranged per call) and give the same values as rearranging for each call. A state dict (made or
+    loaded), a move, the properties, an expanded product and a product under autograd all see our layout, which
+    all but the properties restore in place."""
     from diffgemma import quant
     from diffgemma.config import parse_model_config
     from diffgemma.model import Experts
@@ -230,6 +230,8 @@ def test_int4_experts_are_laid_out_for_the_cpu_kernel_once_and_read_in_our_layou
         module.to("cpu")  # a move (to any device) takes our layout
         assert not module.cpu_laid_out and torch.equal(module.down_proj_qweight, ours["down_proj_qweight"])
         module(tokens, routed, weights)
+        module.load_state_dict(ours)  # bytes in our layout replace the laid-out ones: the flag goes with them
+        assert not module.cpu_laid_out and torch.equal(module(tokens, routed, weights), expected)
     # autograd keeps the module's own bytes, so the stacks go back in place rather than as copies
     x, x_per_call = tokens.clone().requires_grad_(), tokens.clone().requires_grad_()
     module(x, routed, weights).square().sum().backward()
