@@ -73,14 +73,12 @@ def weight_sweep(fmt: quant.QuantFormat, repeats: int, dtype: torch.dtype) -> st
 
 
 def layer_rows(experts: Experts, repeats: int, dtype: torch.dtype) -> str:
+    experts = experts.to(dtype)  # the quantized modules' products run in their float layer's dtype, as loaded
     quantized = {}
     for name in FORMATS:
         quantized[name] = quant.QuantExperts(experts, quant.QuantFormat(name))
         for weight in ("gate_up_proj", "down_proj"):
             quantized[name].load_float(weight, experts._parameters[weight].detach())
-    experts = experts.to(dtype)  # (the quantized modules' products run in the float layer's dtype)
-    for module in quantized.values():
-        module.compute_dtype = dtype
     header = ["batch", "tokens", "rows per expert (largest)", f"{str(dtype)[6:]} ms"]
     for name in FORMATS:
         header += [f"{name} expanded ms", f"{name} kernel ms"]
