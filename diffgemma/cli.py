@@ -97,6 +97,14 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     folder = resolve_folder(_model_path(args))
     config, settings = load_configs(folder)
+    if args.batch < 1:
+        raise DiffGemmaError(f"--batch must be at least 1, got {args.batch}")
+    room = config.max_position_embeddings - config.canvas_length  # a canvas follows the context
+    if not 0 <= args.context <= room:
+        raise DiffGemmaError(
+            f"--context must be between 0 and {room} (max_position_embeddings {config.max_position_embeddings}"
+            f" less one canvas of {config.canvas_length}), got {args.context}"
+        )
     total, active = config.parameter_counts()
     kinds = {kind: config.layer_types.count(kind) for kind in dict.fromkeys(config.layer_types)}
     print(f"checkpoint      {folder}")

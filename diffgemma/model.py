@@ -831,6 +831,9 @@ def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_va
     canvas = config.canvas_length
     vocabulary_slice = batch * canvas * (min(VOCAB_SLICE, config.vocab_size) * b + h * 4)
     step = max(pass_bytes(canvas, context + canvas, False), 4 * batch * canvas * h * b + vocabulary_slice)
-    # The prompt chunk by chunk, each attending to the keys so far (generation keeps no hidden states).
-    chunks = [(start, min(PREFILL_CHUNK, context - start)) for start in range(0, context, PREFILL_CHUNK)]
-    return step, max(pass_bytes(queries, start + queries, True) for start, queries in chunks)
+    # The prompt chunk by chunk, each attending to the keys so far (generation keeps no hidden states): the
+    # largest is the last full chunk or the shorter one after it, which attends to the most keys.
+    last_full = (context // PREFILL_CHUNK) * PREFILL_CHUNK
+    chunks = [(last_full - PREFILL_CHUNK, PREFILL_CHUNK)] if last_full else []
+    chunks += [(last_full, context - last_full)] if context > last_full else []
+    return step, max((pass_bytes(queries, start + queries, True) for start, queries in chunks), default=0)

@@ -40,6 +40,19 @@ def test_info(capsys):
     assert direct == pytest.approx(whole - expanded, abs=rounding) and "where a kernel takes int4" in int4
 
 
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (("--context", "-5"), "--context must be between 0 and"),
+        (("--context", str(10**11)), "max_position_embeddings"),
+        (("--batch", "0"), "--batch must be at least 1"),
+    ],
+)
+def test_info_rejects_a_context_or_batch_it_cannot_estimate(capsys, option, expected):
+    code, _, err = run(capsys, "info", "--model", DEMO, *option)
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
 def test_info_says_which_cpu_kernels_this_machine_gives(capsys, monkeypatch):
     from diffgemma import quant
 

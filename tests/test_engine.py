@@ -231,6 +231,24 @@ def test_activation_estimate_matches_what_a_pass_allocates(kind, dtype, monkeypa
     assert 0.9 < encoding.peak / prompt_estimate < 1.1, (encoding.peak, prompt_estimate)
 
 
+def test_prompt_estimate_takes_the_largest_chunk_without_visiting_each():
+    """The prompt's figure is its largest chunk's, found from the last two chunks alone (so a context of a
+    billion tokens is answered at once): the same as the maximum over every chunk."""
+    import diffgemma.model as model_module
+    from diffgemma.config import parse_model_config
+    from diffgemma.presets import preset_config
+
+    config = parse_model_config(preset_config("tiny"), "tiny")
+    chunk = model_module.PREFILL_CHUNK
+    for context in (0, 1, chunk - 1, chunk, chunk + 1, 3 * chunk, 3 * chunk + 7, 5 * chunk - 1):
+        each = [
+            model_module.activation_bytes(config, start + min(chunk, context - start), 1, 2)[1]
+            for start in range(0, context, chunk)
+        ]
+        assert model_module.activation_bytes(config, context, 1, 2)[1] == max(each, default=0), context
+    assert model_module.activation_bytes(config, 10**9, 1, 2)[1] > 0
+
+
 @pytest.mark.parametrize("dtype, batch, prompt", [(torch.float32, 1, 700), (torch.bfloat16, 2, 1100)])
 def test_memory_estimate_of_a_whole_generation(dtype, batch, prompt, monkeypatch):
     """`info`'s parts for a prompt that fills the context (cache, sampler buffers, the larger pass's
