@@ -307,6 +307,7 @@ def save_checkpoint(
     failed save leaves the previous checkpoint (if any) as it was.
     """
     destination = Path(folder).absolute()
+    check_replaceable(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     config = config or model.config
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.saving-", dir=destination.parent))
@@ -362,13 +363,25 @@ def _materialize(tensor: torch.Tensor | StoredTensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous()
 
 
+def check_replaceable(destination: Path) -> None:
+    """A save replaces its folder whole: refuse one that holds files but no checkpoint (a folder of models, a
+    project), before anything is written."""
+    if not destination.exists():
+        return
+    if not destination.is_dir():
+        raise DiffGemmaError(f"{destination}: exists and is not a folder")
+    if not (destination / "config.json").is_file() and any(destination.iterdir()):
+        raise DiffGemmaError(
+            f"{destination}: holds files but no checkpoint (no config.json); a save replaces its folder whole, "
+            "so give a new folder, an empty one, or a checkpoint to replace"
+        )
+
+
 def _swap_into_place(staging: Path, destination: Path) -> None:
     """Replace `destination` by the finished `staging` folder; the old one is removed only afterwards."""
     if not destination.exists():
         os.replace(staging, destination)
         return
-    if not destination.is_dir():
-        raise DiffGemmaError(f"{destination}: exists and is not a folder")
     retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
     os.rmdir(retired)
     os.replace(destination, retired)

@@ -546,16 +546,28 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     groups = {"group_size": args.group_size, "attention_group_size": args.attention_group_size}
     fmt = QuantFormat(args.to, **{key: value for key, value in groups.items() if value is not None})
+    _check_output(args.destination, args.source)
     model = load(args.source, device=args.device, dtype=args.dtype, quant=fmt)
     model.save(args.destination)
     held, _ = weight_bytes(model.config, model.network.dtype, fmt)
     print(f"wrote {args.destination} ({fmt.describe()}, {_gib(held)} of weights)")
 
 
+def _check_output(destination: str, source: str) -> None:
+    """Before loading anything: a new checkpoint goes to a folder of its own, never over the one it is made from."""
+    from .checkpoint import check_replaceable
+
+    target = Path(destination).expanduser().absolute()
+    if Path(source).expanduser().exists() and target.exists() and target.samefile(Path(source).expanduser()):
+        raise DiffGemmaError(f"{destination}: is the checkpoint being read; write the new one to another folder")
+    check_replaceable(target)
+
+
 def cmd_lora_merge(args: argparse.Namespace) -> None:
     from .api import load
     from .train.lora import load_adapter, merge_lora
 
+    _check_output(args.out, _model_path(args))
     model = load(_model_path(args), device=args.device, dtype=args.dtype)
     load_adapter(model.network, args.adapter)
     merged = merge_lora(model.network)

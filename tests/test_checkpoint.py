@@ -69,6 +69,23 @@ def test_failed_save_keeps_the_previous_checkpoint(ours, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]  # no staging folder left behind
 
 
+def test_save_never_replaces_a_folder_that_is_not_a_checkpoint(ours, tmp_path):
+    """A save replaces its folder whole, so a folder holding other files (a folder of models, a project) is
+    refused before anything is written; an empty folder or an earlier checkpoint is replaced."""
+    model = ours["A"]
+    models = tmp_path / "models"
+    (models / "other-model").mkdir(parents=True)
+    (models / "notes.txt").write_text("mine")
+    with pytest.raises(DiffGemmaError, match="no checkpoint"):
+        model.save(models)
+    assert sorted(p.name for p in models.iterdir()) == ["notes.txt", "other-model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no staging folder either
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (model.save(empty) / "config.json").is_file()
+    assert (model.save(empty) / "model.safetensors").is_file()  # a checkpoint is replaced
+
+
 def test_auto_dtype_follows_the_checkpoint_and_the_device(tmp_path, monkeypatch):
     """dtype="auto" (the default): a float32 checkpoint stays float32; a bf16 one runs in bf16 where the device
     multiplies bf16 in hardware and in float32 where it would emulate it; a named dtype is taken as named."""

@@ -89,6 +89,9 @@ def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
     bf16 = diffgemma.load(folder, dtype="bfloat16").save(tmp_path / "bf16")
     code = main(["lora-merge", "--model", str(bf16), "--adapter", str(adapter_dir), "--out", str(tmp_path / "m16")])
     assert code == 0 and stored_float_dtype(tmp_path / "m16") == torch.bfloat16
+    # never over the base it merges into
+    code = main(["lora-merge", "--model", str(bf16), "--adapter", str(adapter_dir), "--out", str(bf16)])
+    assert code == 2 and "is the checkpoint being read" in capsys.readouterr().err
 
     with pytest.raises(DiffGemmaError, match="adapter_config.json: not found"):
         load_adapter(diffgemma.load(folder).network, tmp_path / "nowhere")

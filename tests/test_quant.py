@@ -367,6 +367,20 @@ def test_quantize_command_writes_a_self_describing_checkpoint(tmp_path, capsys):
         diffgemma.load(source, quant="int3")
 
 
+def test_quantize_refuses_to_write_over_its_source(tmp_path, capsys):
+    source = random_checkpoint(tmp_path / "float", preset="tiny", seed=12)
+    before = (source / "model.safetensors").read_bytes()
+    for destination in (source, tmp_path / "." / "float"):
+        assert main(["quantize", str(source), str(destination), "--to", "int8"]) == 2
+        assert "is the checkpoint being read" in capsys.readouterr().err
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "train.py").write_text("")
+    assert main(["quantize", str(source), str(tmp_path / "project"), "--to", "int8"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert (source / "model.safetensors").read_bytes() == before
+    assert (tmp_path / "project" / "train.py").is_file()
+
+
 def test_int4_groups_attention_finer_and_reads_older_checkpoints(tmp_path):
     source = random_checkpoint(tmp_path / "float", preset="tiny", seed=14)
     network = diffgemma.load(source, quant="int4").network
