@@ -13,6 +13,7 @@ random stream per row, so a row's result does not depend on the other rows of it
 from __future__ import annotations
 
 import math
+import operator
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -204,6 +205,16 @@ def _need_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
     return tokenizer
 
 
+def _int64(seed: int) -> int:
+    """Any integer seed as a signed 64-bit one, wrapped around as torch's generators read it (so the seeds
+    they take mean what they meant, and larger ones are taken too)."""
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        raise DiffGemmaError(f"a seed must be an integer, got {seed!r}") from None
+    return (value + 2**63) % 2**64 - 2**63
+
+
 class RandomSource:
     """Random tokens and samples.
 
@@ -230,15 +241,15 @@ class RandomSource:
         if mode == "reference":
             if isinstance(seed, Sequence):
                 raise DiffGemmaError("reference mode draws from one stream for the batch: give one seed, not a list")
-            self.shared = None if seed is None else torch.Generator(device).manual_seed(seed)
+            self.shared = None if seed is None else torch.Generator(device).manual_seed(_int64(seed))
             return
         if isinstance(seed, Sequence):
             if len(seed) != batch:
                 raise DiffGemmaError(f"got {len(seed)} seeds for a batch of {batch}")
-            seeds = list(seed)
+            seeds = [_int64(one) for one in seed]
         else:
-            base = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
-            seeds = [base + 1_000_003 * row for row in range(batch)]
+            base = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else _int64(seed)
+            seeds = [_int64(base + 1_000_003 * row) for row in range(batch)]
         self.seeds = torch.tensor(seeds, dtype=torch.long, device=device)
 
     def _streams(self) -> torch.Tensor:

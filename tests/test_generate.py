@@ -30,6 +30,15 @@ def test_seeded_fast_generation_is_reproducible(tiny):
     c = tiny.generate("abc", max_new_tokens=40, seed=6)
     assert torch.equal(a.sequences, b.sequences)
     assert not torch.equal(a.sequences, c.sequences)
+    # any integer is a seed, wrapped to 64 bits as torch's generators read one; anything else is refused
+    for mode in ("fast", "reference"):
+        wrapped = tiny.generate("abc", max_new_tokens=40, seed=2**64 + 5, mode=mode)
+        assert torch.equal(wrapped.sequences, tiny.generate("abc", max_new_tokens=40, seed=5, mode=mode).sequences)
+    edges = tiny.generate(["abc", "abd"], max_new_tokens=8, seed=[2**63 - 1, -(2**63)])  # the row seeds' edges
+    alone = tiny.generate(["abd"], max_new_tokens=8, seed=[2**63])
+    assert torch.equal(edges.sequences[1], alone.sequences[0])
+    with pytest.raises(DiffGemmaError, match="a seed must be an integer"):
+        tiny.generate("abc", max_new_tokens=8, seed=1.5)
 
 
 def test_rows_do_not_affect_each_other(tiny):

@@ -133,6 +133,24 @@ def test_error_statuses(server, client):
     assert bad_json.status_code == 422 and "error" in bad_json.json()
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="demo", messages=ask("hi"), extra_body={"t_max": 0.1, "t_min": 0.5})
+    # an image is refused, not dropped unseen; text parts are read
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError, match="image_url") as bad_part:
+        client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": [{"type": "text", "text": SKY}, image]}]
+        )
+    assert bad_part.value.param == "messages"
+    parts = [{"type": "text", "text": "Why is the sky "}, {"type": "text", "text": "blue?"}]
+    reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": parts}], seed=1)
+    assert reply.choices[0].message.content == ANSWERS[SKY]
+    # any integer seed is taken (wrapped to 64 bits as torch's generators wrap it)
+    huge = client.chat.completions.create(model="demo", messages=ask(SKY), seed=2**64 + 1, max_tokens=8)
+    assert (
+        huge.choices[0].message.content
+        == client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, max_tokens=8)
+        .choices[0]
+        .message.content
+    )
 
 
 def test_too_many_concurrent_requests_and_disconnect_frees_the_slot(demo):

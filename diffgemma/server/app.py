@@ -124,9 +124,19 @@ class InfillRequest(BaseModel):
 
 
 def _message_text(message: Message) -> str:
-    if isinstance(message.content, list):
-        return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
-    return message.content or ""
+    """A message's text; parts other than text (images, audio, files) are refused, not dropped unseen."""
+    if not isinstance(message.content, list):
+        return message.content or ""
+    others = sorted({str(part.get("type")) for part in message.content if part.get("type") != "text"})
+    if others:
+        raise APIError(
+            400,
+            f"content parts of type {', '.join(others)} are not supported: diffgemma serves the text model",
+            "invalid_request_error",
+            "invalid_value",
+            "messages",
+        )
+    return "".join(str(part.get("text", "")) for part in message.content)
 
 
 class ReplyText:
