@@ -98,6 +98,52 @@ def test_text_completions(client):
     assert "".join(c.choices[0].text for c in streamed if c.choices) == response.choices[0].text
 
 
+def test_completion_prompts_in_every_openai_form(client, demo):
+    """A text (its continuation keeps its leading space, as the Python API returns it), texts, token ids, lists
+    of token ids; `echo` puts the prompt's text first; choice k * n + i is prompt k's i-th, seeded seed + k * n + i."""
+    text = client.completions.create(model="demo", prompt="Hello", max_tokens=12, seed=1).choices[0].text
+    assert text == demo.generate("Hello", max_new_tokens=12, seed=1).text and text.startswith(" ")
+    prompts = ["Hello", "Once upon a time"]
+    both = client.completions.create(model="demo", prompt=prompts, max_tokens=10, seed=5, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    for index, choice in enumerate(both.choices):
+        alone = client.completions.create(model="demo", prompt=prompts[index // 2], max_tokens=10, seed=5 + index)
+        assert choice.text == alone.choices[0].text
+    assert both.usage.prompt_tokens == sum(len(demo.tokenizer.encode(p)) for p in prompts)
+    ids = demo.tokenizer.encode("Hello")
+    by_ids = client.completions.create(model="demo", prompt=ids, max_tokens=12, seed=1, echo=True)
+    assert by_ids.choices[0].text == demo.tokenizer.decode(ids) + text
+    lists = client.completions.create(model="demo", prompt=[ids, ids], max_tokens=12, seed=1)
+    assert lists.choices[0].text == text and lists.usage.prompt_tokens == 2 * len(ids)
+    echoed = client.completions.create(model="demo", prompt="Hello", max_tokens=12, seed=1, echo=True, stream=True)
+    chunks = [c.choices[0].text for c in echoed if c.choices]
+    assert chunks[0] == "Hello" and "".join(chunks) == "Hello" + text
+    for bad, message in (([], "empty list"), ([ids, []], "empty"), ([2, 10**6], "outside the vocabulary")):
+        with pytest.raises(openai.BadRequestError, match=message) as refused:
+            client.completions.create(model="demo", prompt=bad)
+        assert refused.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError, match="rows; at most 8"):
+        client.completions.create(model="demo", prompt=["a", "b", "c"], n=3)
+
+
+def test_a_completion_with_a_suffix_is_filled_in(server, client):
+    """OpenAI's `suffix` (editors' fill-in-the-middle): the gap is filled on one canvas, as /v1/infill fills it."""
+    prefix, suffix = "Hello! I am a ", " diffusion model."
+    body = {"prefix": prefix, "suffix": suffix, "max_tokens": 4, "seed": 1}
+    fill = httpx.post(server[0] + "/v1/infill", json=body, timeout=60).json()["fill"]
+    made = client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=4, seed=1, n=2)
+    assert made.choices[0].text == fill and len(made.choices) == 2
+    assert made.choices[0].finish_reason in ("length", "stop") and made.usage.completion_tokens <= 8
+    second = httpx.post(server[0] + "/v1/infill", json={**body, "seed": 2}, timeout=60).json()["fill"]
+    assert made.choices[1].text == second
+    streamed = client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=4, seed=1, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == fill
+    echoed = client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=4, seed=1, echo=True)
+    assert echoed.choices[0].text == prefix + fill
+    with pytest.raises(openai.BadRequestError, match="at most the canvas length"):
+        client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=1000)
+
+
 def test_models_health_and_infill(server, client):
     assert [m.id for m in client.models.list()] == ["demo"]
     url = server[0]

@@ -13,7 +13,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
-from ..generate import StopStrings
+from ..generate import InfillResult, StopStrings
 from ..tokenizer import THINKING_OPEN, split_thinking
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 
@@ -89,6 +89,8 @@ class StreamOptions(BaseModel):
 
 
 StopField = str | list[str] | None
+# OpenAI's completions take a text, texts, token ids, or lists of token ids
+PromptField = str | list[str] | list[int] | list[list[int]]
 
 
 class ChatRequest(SamplerExtras):
@@ -106,7 +108,9 @@ class ChatRequest(SamplerExtras):
 
 class CompletionRequest(SamplerExtras):
     model: str | None = None
-    prompt: str
+    prompt: PromptField
+    suffix: str | None = None  # text after the completion: the gap between is filled (infill)
+    echo: bool = False  # the prompt's text before each choice's
     max_tokens: int | None = Field(default=None, gt=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -179,8 +183,8 @@ class ReplyText:
 
     def _parts(self, tokens: list[int], final: bool, trailing_space: bool = False) -> tuple[str, str]:
         tokens = self._cut(tokens)
-        if not self.chat:
-            return self.tokenizer.decode(tokens).lstrip(), ""
+        if not self.chat:  # a continuation keeps its leading space: the client joins it to the prompt
+            return self.tokenizer.decode(tokens), ""
         raw = self.tokenizer.decode(tokens, skip_special_tokens=False)
         if not final:  # a thinking marker still arriving must not leak into the answer
             for size in range(len(THINKING_OPEN) - 1, 0, -1):
@@ -269,15 +273,25 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    def admit(prompt: list[int], max_tokens: int | None, n: int) -> int:
+    def admit(prompts: list[list[int]], max_tokens: int | None, n: int) -> int:
+        """The request's token limit, once its prompts (each `n` choices, rows of one batch) are within limits."""
         if not 1 <= n <= options.max_batch:  # a request's choices are denoised together, in one batch
             raise APIError(
                 400, f"n must be between 1 and {options.max_batch}", "invalid_request_error", "invalid_value", "n"
             )
-        if len(prompt) > options.max_prompt_tokens:
+        if len(prompts) * n > options.max_batch:
             raise APIError(
                 400,
-                f"prompt is {len(prompt)} tokens; the limit is {options.max_prompt_tokens}",
+                f"{len(prompts)} prompts of {n} choices each are {len(prompts) * n} rows; at most {options.max_batch}",
+                "invalid_request_error",
+                "invalid_value",
+                "prompt",
+            )
+        longest = max(len(prompt) for prompt in prompts)
+        if longest > options.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"prompt is {longest} tokens; the limit is {options.max_prompt_tokens}",
                 "invalid_request_error",
                 "context_length_exceeded",
                 "messages",
@@ -291,7 +305,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 "invalid_value",
                 "max_tokens",
             )
-        if app.state.active + n > options.max_concurrent:  # each choice is a row of a batch
+        if app.state.active + len(prompts) * n > options.max_concurrent:  # each choice is a row of a batch
             raise APIError(429, "too many concurrent requests; try again shortly", "rate_limit_error", "rate_limited")
         if not batcher.running:
             raise APIError(503, "the generation engine is not running", "server_error", "unavailable")
@@ -343,9 +357,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             app.state.active -= 1
 
     async def stream_jobs(
-        jobs: list[Job], replies: list[ReplyText], chunk, drafts: bool, usage: bool
+        jobs: list[Job], replies: list[ReplyText], chunk, drafts: bool, usage: int | None, echoes: list[str]
     ) -> AsyncIterator[str]:
-        """One stream for a request's choices (a job each), their events as they come, then (`usage`) usage."""
+        """One stream for a request's choices (a job each, its `echoes` text first), their events as they come,
+        then (`usage`: the prompt tokens, to count) usage."""
         app.state.active += len(jobs)
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -355,8 +370,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
         forwarders = [asyncio.create_task(forward(index, job)) for index, job in enumerate(jobs)]
         try:
-            for index in range(len(jobs)):
-                yield _sse(chunk(index, role=True))
+            for index, echo in enumerate(echoes):
+                yield _sse(chunk(index, role=True, content=echo))
             streaming, completion = set(range(len(jobs))), 0
             while streaming:
                 index, event = await merged.get()
@@ -379,8 +394,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                     streaming.discard(index)
                     job.cancelled.set()  # a stop string ended it: its row ends with this canvas
             else:
-                if usage:
-                    yield _sse(chunk(usage=_usage(jobs[0], completion)))
+                if usage is not None:
+                    yield _sse(chunk(usage=_usage(usage, completion)))
             yield "data: [DONE]\n\n"
         finally:
             for forwarder in forwarders:
@@ -389,28 +404,38 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 job.cancelled.set()  # a client that went away frees its slots, and its rows stop receiving work
             app.state.active -= len(jobs)
 
-    async def complete(body: ChatRequest | CompletionRequest, request: Request, prompt: list[int], chat: bool):
-        """Admit, queue, then stream the jobs (one a choice) or wait for them: what both completion routes share."""
-        limit = admit(prompt, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n)
-        replies = [ReplyText(model, chat, body.stop) for _ in range(body.n)]
-        jobs = [new_job(prompt, limit, body, choice) for choice in range(body.n)]
+    async def complete(
+        body: ChatRequest | CompletionRequest,
+        request: Request,
+        prompts: list[list[int]],
+        chat: bool,
+        echoes: list[str] | None = None,
+    ):
+        """Admit, queue, then stream the jobs (`n` a prompt, choice k * n + i prompt k's i-th, seeded seed + its
+        index) or wait for them: what both completion routes share. `echoes`: each prompt's text, to come first."""
+        limit = admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n)
+        rows = [prompt for prompt in prompts for _ in range(body.n)]
+        leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
+        replies = [ReplyText(model, chat, body.stop) for _ in rows]
+        jobs = [new_job(prompt, limit, body, index) for index, prompt in enumerate(rows)]
         identity = _identity("chatcmpl" if chat else "cmpl")
+        prompt_tokens = sum(len(prompt) for prompt in prompts)
         if body.stream:
             chunk = _chunk_maker(identity, options.model_name, chat)
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return _event_stream(stream_jobs(jobs, replies, chunk, body.drafts, usage))
+            usage = prompt_tokens if body.stream_options is not None and body.stream_options.include_usage else None
+            return _event_stream(stream_jobs(jobs, replies, chunk, body.drafts, usage, leading))
         ended = await asyncio.gather(*(run_job(job, request, reply) for job, reply in zip(jobs, replies, strict=True)))
         choices = []
         for index, ((done, finish), reply) in enumerate(zip(ended, replies, strict=True)):
             content, reasoning = reply.parts(done.new_tokens)
             if not chat:
-                choices.append({"index": index, "text": content, "finish_reason": finish})
+                choices.append({"index": index, "text": leading[index] + content, "finish_reason": finish})
                 continue
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if reasoning:
                 message["reasoning_content"] = reasoning
             choices.append({"index": index, "message": message, "finish_reason": finish})
-        usage = _usage(jobs[0], sum(len(done.new_tokens) for done, _ in ended))
+        usage = _usage(prompt_tokens, sum(len(done.new_tokens) for done, _ in ended))
         response: dict[str, Any] = {**identity, "model": options.model_name, "usage": usage, "choices": choices}
         if not chat:
             return {**response, "object": "text_completion"}
@@ -425,18 +450,80 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             prompt = model.tokenizer.encode_chat(messages, enable_thinking=thinking)
         except DiffGemmaError as err:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value", "messages") from None
-        return await complete(body, request, prompt, chat=True)
+        return await complete(body, request, [prompt], chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await complete(body, request, model.tokenizer.encode(body.prompt), chat=False)
+        prompts, texts = completion_prompts(body.prompt)
+        if body.suffix:  # OpenAI's insertion: the gap between prompt and suffix, filled on one canvas
+            return await insert(body, prompts, texts)
+        return await complete(body, request, prompts, chat=False, echoes=texts if body.echo else None)
 
-    @app.post("/v1/infill")
-    async def infill(body: InfillRequest):
-        length = body.max_tokens
+    def completion_prompts(prompt: PromptField) -> tuple[list[list[int]], list[str]]:
+        """OpenAI's forms of a completion prompt -> (each prompt's ids, each prompt's text). Token ids are
+        taken as given (no BOS added), and must be in the vocabulary."""
+        tokenizer = model.tokenizer
+        if isinstance(prompt, str):
+            return [tokenizer.encode(prompt)], [prompt]
+        if not prompt:
+            raise APIError(400, "prompt is an empty list", "invalid_request_error", "invalid_value", "prompt")
+        if all(isinstance(one, str) for one in prompt):
+            return [tokenizer.encode(one) for one in prompt], list(prompt)
+        lists = [prompt] if all(isinstance(one, int) for one in prompt) else prompt
+        vocabulary = model.config.vocab_size
+        for ids in lists:
+            outside = [token for token in ids if not 0 <= token < vocabulary]
+            if not ids or outside:
+                what = f"token id {outside[0]} is outside the vocabulary (0-{vocabulary - 1})" if ids else "empty"
+                raise APIError(400, f"prompt: {what}", "invalid_request_error", "invalid_value", "prompt")
+        return [list(ids) for ids in lists], [tokenizer.decode(ids) for ids in lists]
+
+    async def insert(body: CompletionRequest, prompts: list[list[int]], texts: list[str]):
+        """Completions with a `suffix`: each choice fills `max_tokens` positions (at most a canvas) between
+        its prompt and the suffix, seeded seed + its index; `stop` ends a fill before the first it holds."""
+        if body.stop is not None:
+            ReplyText(model, False, body.stop)  # the same checks as a completion's stop strings
+        stops = [text for text in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if text]
+        length = infill_length(body.max_tokens)
+        admit(prompts, length, body.n)
+        overrides = sampler_overrides(body)
+        choices, completion = [], 0
+        for index, text in enumerate(text for text in texts for _ in range(body.n)):
+            seed = body.seed + index if body.seed is not None else None
+            result = await run_infill(
+                lambda text=text, seed=seed: model.infill(text, body.suffix, length, seed, **overrides)
+            )
+            fill, finish = result.fill, "length" if len(result.fill_ids) >= length else "stop"
+            cut = min((fill.find(stop) for stop in stops if stop in fill), default=-1)
+            if cut >= 0:
+                fill, finish = fill[:cut], "stop"
+            completion += len(result.fill_ids)
+            echo = texts[index // body.n] if body.echo else ""
+            choices.append({"index": index, "text": echo + fill, "finish_reason": finish})
+        identity = _identity("cmpl")
+        usage = _usage(sum(len(prompt) for prompt in prompts), completion)
+        response = {**identity, "object": "text_completion", "model": options.model_name, "usage": usage}
+        if not body.stream:
+            return {**response, "choices": choices}
+        chunk = _chunk_maker(identity, options.model_name, chat=False)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        async def whole_fills() -> AsyncIterator[str]:  # each fill is known only once its canvas is done
+            for choice in choices:
+                yield _sse(chunk(choice["index"], content=choice["text"]))
+                yield _sse(chunk(choice["index"], finish=choice["finish_reason"]))
+            if include_usage:
+                yield _sse(chunk(usage=usage))
+            yield "data: [DONE]\n\n"
+
+        return _event_stream(whole_fills())
+
+    def infill_length(max_tokens: int | None, original: str | None = None) -> int:
+        """The positions a fill takes: `max_tokens`, else as many as the `original` text had, else 32."""
+        length = max_tokens
         if length is None:
-            original = model.tokenizer.encode(body.original or "", add_special_tokens=False)
-            length = max(1, len(original)) if body.original else 32
+            original_ids = model.tokenizer.encode(original or "", add_special_tokens=False)
+            length = max(1, len(original_ids)) if original else 32
         if length > model.config.canvas_length:
             raise APIError(
                 400,
@@ -445,16 +532,27 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 "invalid_value",
                 "max_tokens",
             )
-        admit(model.tokenizer.encode(body.prefix), length, 1)
+        return length
+
+    async def run_infill(fill: Callable[[], InfillResult]) -> InfillResult:
+        """A fill runs alone on the engine (its canvas clamped), between batches."""
         try:
-            future = batcher.run_exclusive(lambda: model.infill(body.prefix, body.suffix, length, seed=body.seed))
+            future = batcher.run_exclusive(fill)
         except EngineStopped as err:
             raise APIError(503, str(err), "server_error", "unavailable") from None
         app.state.active += 1
         try:
-            result = await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future)
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value") from None
         finally:
             app.state.active -= 1
+
+    @app.post("/v1/infill")
+    async def infill(body: InfillRequest):
+        length = infill_length(body.max_tokens, body.original)
+        admit([model.tokenizer.encode(body.prefix)], length, 1)
+        result = await run_infill(lambda: model.infill(body.prefix, body.suffix, length, seed=body.seed))
         return {"object": "infill", "model": options.model_name, "text": result.text, "fill": result.fill}
 
     return app
@@ -477,12 +575,8 @@ def _visible(event: RowDraft, job: Job) -> list[int]:
     return (event.committed + event.ids[: event.settled])[: job.max_new_tokens]
 
 
-def _usage(job: Job, completion: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": len(job.prompt),
-        "completion_tokens": completion,
-        "total_tokens": len(job.prompt) + completion,
-    }
+def _usage(prompt_tokens: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
 def _ending(reply: ReplyText, tokens: list[int], job: Job, done: bool) -> tuple[list[int], str] | None:
