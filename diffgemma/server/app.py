@@ -143,6 +143,16 @@ def _message_text(message: Message) -> str:
     return "".join(str(part.get("text", "")) for part in message.content)
 
 
+def _stop_strings(stop: StopField) -> list[str]:
+    """A request's `stop` as a list (clients send "" and [] for none), at most MAX_STOP_STRINGS of them."""
+    stops = [text for text in ([stop] if isinstance(stop, str) else stop or []) if text]
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(
+            400, f"at most {MAX_STOP_STRINGS} stop strings", "invalid_request_error", "invalid_value", "stop"
+        )
+    return stops
+
+
 class ReplyText:
     """Turns generated ids into (content, reasoning) text, and into deltas that are never taken back; the
     content ends before the first of the `stop` strings."""
@@ -153,12 +163,7 @@ class ReplyText:
         self.pad = model.settings.pad_token_id
         self.chat = chat
         self.sent = ["", ""]  # content, reasoning
-        stops = [stop] if isinstance(stop, str) else list(stop or ())
-        stops = [text for text in stops if text]  # clients send "" and [] for none
-        if len(stops) > MAX_STOP_STRINGS:
-            raise APIError(
-                400, f"at most {MAX_STOP_STRINGS} stop strings", "invalid_request_error", "invalid_value", "stop"
-            )
+        stops = _stop_strings(stop)
         self.stops = StopStrings(stops, lambda tokens: self._parts(tokens, True, True)[0]) if stops else None
 
     def through_stop(self, tokens: list[int]) -> list[int] | None:
@@ -481,9 +486,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def insert(body: CompletionRequest, prompts: list[list[int]], texts: list[str]):
         """Completions with a `suffix`: each choice fills `max_tokens` positions (at most a canvas) between
         its prompt and the suffix, seeded seed + its index; `stop` ends a fill before the first it holds."""
-        if body.stop is not None:
-            ReplyText(model, False, body.stop)  # the same checks as a completion's stop strings
-        stops = [text for text in ([body.stop] if isinstance(body.stop, str) else body.stop or []) if text]
+        stops = _stop_strings(body.stop)
         length = infill_length(body.max_tokens)
         admit(prompts, length, body.n)
         overrides = sampler_overrides(body)
@@ -519,11 +522,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         return _event_stream(whole_fills())
 
     def infill_length(max_tokens: int | None, original: str | None = None) -> int:
-        """The positions a fill takes: `max_tokens`, else as many as the `original` text had, else 32."""
+        """The positions a fill takes: `max_tokens`, else as many as the `original` text had, else 32 (or the
+        canvas, if shorter)."""
         length = max_tokens
         if length is None:
             original_ids = model.tokenizer.encode(original or "", add_special_tokens=False)
-            length = max(1, len(original_ids)) if original else 32
+            length = max(1, len(original_ids)) if original else min(32, model.config.canvas_length)
         if length > model.config.canvas_length:
             raise APIError(
                 400,
