@@ -148,7 +148,9 @@ class SamplerSettings:
     def replace(self, **overrides: Any) -> SamplerSettings:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise DiffGemmaError(f"unknown sampler setting(s): {', '.join(sorted(unknown))}")
+            hint = " (the temperature is a schedule: t_max on a canvas's first step, falling to t_min)"
+            hint = hint if unknown & {"temperature", "top_p", "top_k"} else ""
+            raise DiffGemmaError(f"unknown sampler setting(s): {', '.join(sorted(unknown))}{hint}")
         if "eos_token_id" in overrides:
             overrides["eos_token_id"] = _as_id_tuple(overrides["eos_token_id"], "eos_token_id", "call")
         settings = dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})

@@ -543,6 +543,8 @@ def denoising_loop(
     if len(limits) != batch or not all(0 < limit <= settings.max_new_tokens for limit in limits):
         raise DiffGemmaError(f"row_limits must give {batch} values between 1 and {settings.max_new_tokens}")
     row_canvases = torch.tensor([math.ceil(limit / length) for limit in limits], device=device)
+    if bool(((ids < 0) | (ids >= vocab)).any()):  # (once, before the loop: an embedding would fail obscurely)
+        raise DiffGemmaError(f"prompt token ids must be between 0 and {vocab - 1} (the vocabulary)")
     if clamp is not None:
         if clamp.ndim != 2 or clamp.shape[0] != batch or clamp.shape[1] > canvases * length:
             raise DiffGemmaError(f"clamp must be [batch={batch}, at most {canvases * length}] token ids (-1 = free)")

@@ -322,12 +322,16 @@ def test_bad_calls(tiny):
         tiny.generate("x", max_new_tokens=4, mode="turbo")
     with pytest.raises(DiffGemmaError, match="`max_new_tokens` must be a positive integer"):
         tiny.generate("x", max_new_tokens=0)
-    with pytest.raises(DiffGemmaError, match="unknown sampler setting"):
+    with pytest.raises(DiffGemmaError, match="unknown sampler setting.*top_p.*t_max"):
         tiny.generate("x", max_new_tokens=4, top_p=0.9)
     with pytest.raises(DiffGemmaError, match="prompt must be"):
         tiny.generate(3.5)
     with pytest.raises(DiffGemmaError, match="has no tokens"):
         tiny.generate([[]])
+    vocab = tiny.config.vocab_size
+    for ids in ([2, vocab], torch.tensor([[2, -1]])):
+        with pytest.raises(DiffGemmaError, match=f"between 0 and {vocab - 1}"):
+            tiny.generate(ids, max_new_tokens=4)
 
 
 def test_chat_returns_the_thinking_channel_apart(demo):
