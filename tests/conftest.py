@@ -16,7 +16,7 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 @pytest.fixture(scope="session")
 def reference_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reference")
-    return {name: make_reference_checkpoint(root / name, name, seed=i) for i, name in enumerate("AB")}
+    return {name: make_reference_checkpoint(root / name, name, seed=i) for i, name in enumerate("ABC")}
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +34,7 @@ def generation_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Gentler weights than the logits tests: over many denoising steps, self-conditioning feeds each
     step's distribution into the next, and large random weights turn float32 rounding into chaos."""
     root = tmp_path_factory.mktemp("generation")
-    return {name: make_reference_checkpoint(root / name, name, seed=1, scale=0.5) for name in "AB"}
+    return {name: make_reference_checkpoint(root / name, name, seed=1, scale=0.5) for name in "ABC"}
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ def run_both(pair, prompt, seed, attention_mask=None, **settings):
     return expected, got, len(calls)
 
 
-@pytest.mark.parametrize("which", ["A", "B"])
+@pytest.mark.parametrize("which", ["A", "B", "C"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reference_mode_equals_reference_generate(generation_pairs, which, seed):
     ours, _ = generation_pairs[which]

@@ -13,7 +13,7 @@ def reference_logits(model, prompt, canvas, sc_logits):
         return model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=sc_logits).logits
 
 
-@pytest.mark.parametrize("which", ["A", "B"])
+@pytest.mark.parametrize("which", ["A", "B", "C"])
 @pytest.mark.parametrize("prompt_kind", ["shorter", "longer"])
 @pytest.mark.parametrize("self_conditioning", [False, True])
 def test_denoise_logits_match_reference(ours, reference_models, which, prompt_kind, self_conditioning):
