@@ -93,7 +93,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .api import DTYPE_NAMES, auto_dtype, bf16_is_fast, resolve_folder
     from .checkpoint import stored_float_dtype
     from .config import load_configs
-    from .quant import QuantFormat, cpu_kernels_here, memory_estimate
+    from .quant import QuantFormat, cpu_kernels_here, format_from_config, memory_estimate
 
     folder = resolve_folder(_model_path(args))
     config, settings = load_configs(folder)
@@ -120,6 +120,9 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"canvas          {config.canvas_length} tokens")
     print(f"parameters      {_count(total)} total, {_count(active)} active per token")
     print("weights         " + ", ".join(f"{name} {_gib(total * size)}" for name, size in BYTES_PER_DTYPE.items()))
+    stored_format = format_from_config(config.raw)
+    if stored_format is not None:
+        print(f"quantized       {stored_format.describe()} (as stored; it loads so)")
     print(
         f"memory for {args.context} tokens of context, batch {args.batch} (weights + cache + sampler buffers + "
         "activations: a denoising step's and a prompt chunk's largest temporaries):"
@@ -128,6 +131,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     rows += [(f"{fmt} (bf16)", torch.bfloat16, QuantFormat(fmt)) for fmt in FORMATS]
     # on a CPU without bf16 instructions (`--dtype auto`): the rest in float32, int8 / int4 through its kernels
     rows += [(f"{fmt} (fp32)", torch.float32, QuantFormat(fmt)) for fmt in ("int8", "int4")]
+    if stored_format is not None:  # it loads in its own format only: the rows of that format, with its groups
+        rows = [(label, dtype, stored_format) for label, dtype, fmt in rows if fmt and fmt.name == stored_format.name]
     for label, dtype, fmt in rows:
         parts = memory_estimate(config, dtype, fmt, args.context, args.batch)
         whole = sum(parts.values())

@@ -95,6 +95,19 @@ def test_commands_that_run_a_model_load_it_in_auto_training_in_float32_and_mergi
     assert parser.parse_args(["lora-merge", "--adapter", "a", "--out", "o"]).dtype == "stored"  # keeps a bf16 base
 
 
+def test_info_on_a_quantized_checkpoint_gives_its_format_alone(capsys, tmp_path):
+    from diffgemma.presets import random_checkpoint
+
+    source = random_checkpoint(tmp_path / "float", preset="tiny", seed=3)
+    quantized = tmp_path / "int4"
+    assert main(["quantize", str(source), str(quantized), "--to", "int4", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "info", "--model", str(quantized))
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "MiB (" in line]
+    assert code == 0 and "quantized       int4, groups of 32, attention 16" in out
+    assert rows == ["int4", "int4"]  # its own format, the rest in bf16 and in float32; no float rows
+
+
 def test_info_needs_only_a_config(capsys, tmp_path):
     """A folder with the real model's config.json alone gives its memory per format (no 50 GB download)."""
     import json
