@@ -225,9 +225,29 @@ def cmd_chat(args: argparse.Namespace) -> None:
     model = _load(args)
     sampler = _sampler(args)
     stops = chat_stop_strings(model.tokenizer, args.stop) if args.stop else None
-    history: list[dict[str, str]] = []
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = list(opening)
     thinking = args.think
-    interactive = sys.stdin.isatty()
+    terminal = sys.stdin.isatty()
+    interactive = terminal and args.message is None
+
+    def answer(line: str) -> None:
+        history.append({"role": "user", "content": line})
+        if args.watch and terminal:
+            result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=stops)
+        else:
+            result = model.generate(
+                history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=stops, **sampler
+            )
+        reply = chat_reply(model.tokenizer, result.new_tokens[0], stops)
+        if reply.reasoning:
+            print(f"[thinking] {reply.reasoning}")
+        print(f"model> {reply.content}" if interactive else reply.content)
+        history.append({"role": "assistant", "content": reply.content})
+
+    if args.message is not None:  # one question, one answer
+        answer(args.message)
+        return
     if interactive:
         print("chat with the model; /reset clears the history, /think on|off, /exit quits", file=sys.stderr)
     while True:
@@ -241,25 +261,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if line in ("/exit", "/quit"):
             break
         if line == "/reset":
-            history.clear()
+            history[:] = opening
             print("(history cleared)")
             continue
         if line.startswith("/think"):
             thinking = line.split()[-1] == "on"
             print(f"(thinking {'on' if thinking else 'off'})")
             continue
-        history.append({"role": "user", "content": line})
-        if args.watch and interactive:
-            result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=stops)
-        else:
-            result = model.generate(
-                history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=stops, **sampler
-            )
-        reply = chat_reply(model.tokenizer, result.new_tokens[0], stops)
-        if reply.reasoning:
-            print(f"[thinking] {reply.reasoning}")
-        print(f"model> {reply.content}" if interactive else reply.content)
-        history.append({"role": "assistant", "content": reply.content})
+        answer(line)
 
 
 def cmd_infill(args: argparse.Namespace) -> None:
@@ -650,6 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=cmd_generate)
 
     chat = commands.add_parser("chat", help="an interactive chat (/reset, /think on|off, /exit)")
+    chat.add_argument("message", nargs="?", help="answer this one message and exit (default: a conversation)")
+    chat.add_argument("--system", help="a system prompt, kept across /reset")
     chat.add_argument("--think", action="store_true", help="start with thinking on")
     chat.add_argument("--watch", action="store_true", help="show each answer's canvas converge")
     _add_stop_option(chat)

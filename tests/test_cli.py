@@ -209,6 +209,28 @@ def test_chat_session_with_reset(tmp_path):
     assert out == [ANSWERS["Say hello."], "(thinking off)", "(history cleared)", ANSWERS["Count to five."]]
 
 
+def test_chat_answers_one_message_and_keeps_a_system_prompt_across_reset(capsys, monkeypatch):
+    import io
+
+    from diffgemma.api import DiffGemma
+
+    sky = "Why is the sky blue?"
+    code, out, _ = run(capsys, "chat", sky, "--model", DEMO, "--seed", "0")
+    assert code == 0 and out == ANSWERS[sky] + "\n"
+    asked = []
+    generate = DiffGemma.generate
+    monkeypatch.setattr(
+        DiffGemma,
+        "generate",
+        lambda self, messages, **kw: asked.append(list(messages)) or generate(self, messages, **kw),
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{sky}\n/reset\nCount to five.\n"))
+    code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "0", "--system", "Be brief.")
+    system = {"role": "system", "content": "Be brief."}
+    assert code == 0 and [m[0] for m in asked] == [system, system]
+    assert asked[1] == [system, {"role": "user", "content": "Count to five."}]  # the reset kept the system prompt
+
+
 def test_stop_strings_end_chat_answers_and_generated_text(capsys, monkeypatch):
     import io
 
