@@ -136,8 +136,18 @@ def test_a_completion_with_a_suffix_is_filled_in(server, client):
     assert made.choices[0].finish_reason in ("length", "stop") and made.usage.completion_tokens <= 8
     second = httpx.post(server[0] + "/v1/infill", json={**body, "seed": 2}, timeout=60).json()["fill"]
     assert made.choices[1].text == second
-    streamed = client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=4, seed=1, stream=True)
-    assert "".join(c.choices[0].text for c in streamed if c.choices) == fill
+    # streamed as it settles (every step run: no early stop), the same text as the whole fill
+    slow = {"confidence_threshold": 1e-9}
+    whole = client.completions.create(
+        model="demo", prompt=prefix, suffix=suffix, max_tokens=12, seed=1, extra_body=slow
+    ).choices[0]
+    streamed = list(
+        client.completions.create(
+            model="demo", prompt=prefix, suffix=suffix, max_tokens=12, seed=1, extra_body=slow, stream=True
+        )
+    )
+    pieces = [c.choices[0].text for c in streamed if c.choices and c.choices[0].text]
+    assert len(pieces) > 1 and "".join(pieces) == whole.text
     echoed = client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=4, seed=1, echo=True)
     assert echoed.choices[0].text == prefix + fill
     with pytest.raises(openai.BadRequestError, match="at most the canvas length"):
@@ -285,6 +295,39 @@ def test_concurrent_requests_are_batched_and_faster(demo):
     assert answers == sequential == [ANSWERS[q] for q in questions]
     assert max(batcher.batches_run) > 1
     assert together_time < sequential_time
+
+
+def test_a_fill_and_a_completion_share_a_batch_each_as_alone(demo):
+    """A suffix completion's row holds its suffix in place; a plain completion beside it in the same batch holds
+    nothing, and each comes out as it does alone."""
+    batcher = Batcher(demo, max_batch=8)
+    app = create_app(demo, ServerOptions(model_name="demo", max_batch=8), batcher)
+    requests = [
+        {"prompt": "Hello! I am a ", "suffix": " diffusion model.", "max_tokens": 6, "seed": 3},
+        {"prompt": "Once upon a time", "max_tokens": 20, "seed": 4},
+    ]
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        alone = [client.completions.create(model="demo", **r).choices[0].text for r in requests]
+        together = [None, None]
+
+        def worker(index):
+            together[index] = client.completions.create(model="demo", **requests[index]).choices[0].text
+
+        # a long request with settings of its own runs first, so that both wait for the next batch together
+        slow = {"confidence_threshold": 1e-9, "max_denoising_steps": 200}
+        blocker = threading.Thread(
+            target=lambda: client.completions.create(model="demo", prompt="x", max_tokens=64, extra_body=slow)
+        )
+        blocker.start()
+        while len(batcher.batches_run) < 3:  # the two alone, then the blocker's
+            time.sleep(0.01)
+        threads = [threading.Thread(target=worker, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in [blocker, *threads]:
+            thread.join()
+    assert together == alone and batcher.batches_run[3:] == [2]
 
 
 def test_reply_text_splits_thinking_and_never_takes_text_back(demo):

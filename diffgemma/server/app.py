@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
-from ..generate import InfillResult, StopStrings
+from ..generate import InfillResult, StopStrings, infill_clamp
 from ..tokenizer import THINKING_OPEN, split_thinking
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 
@@ -324,9 +324,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             raise APIError(400, str(err), "invalid_request_error", "invalid_value") from None
         return overrides
 
-    def new_job(prompt: list[int], limit: int, body: SamplerExtras, choice: int) -> Job:
+    def new_job(prompt: list[int], limit: int, body: SamplerExtras, choice: int, clamp: list[int] | None) -> Job:
         seed = body.seed + choice if body.seed is not None else secrets.randbits(62)
-        job = Job(prompt, limit, seed, sampler_overrides(body), asyncio.get_running_loop())
+        job = Job(prompt, limit, seed, sampler_overrides(body), asyncio.get_running_loop(), clamp)
         try:
             batcher.submit(job)
         except EngineStopped as err:
@@ -415,14 +415,16 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         prompts: list[list[int]],
         chat: bool,
         echoes: list[str] | None = None,
+        clamp: list[int] | None = None,
     ):
         """Admit, queue, then stream the jobs (`n` a prompt, choice k * n + i prompt k's i-th, seeded seed + its
-        index) or wait for them: what both completion routes share. `echoes`: each prompt's text, to come first."""
+        index) or wait for them: what both completion routes share. `echoes`: each prompt's text, to come first;
+        `clamp`: ids held in place on the first canvas (a fill: its `max_tokens` free positions, the suffix)."""
         limit = admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n)
         rows = [prompt for prompt in prompts for _ in range(body.n)]
         leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
         replies = [ReplyText(model, chat, body.stop) for _ in rows]
-        jobs = [new_job(prompt, limit, body, index) for index, prompt in enumerate(rows)]
+        jobs = [new_job(prompt, limit, body, index, clamp) for index, prompt in enumerate(rows)]
         identity = _identity("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(prompt) for prompt in prompts)
         if body.stream:
@@ -461,7 +463,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def completions(body: CompletionRequest, request: Request):
         prompts, texts = completion_prompts(body.prompt)
         if body.suffix:  # OpenAI's insertion: the gap between prompt and suffix, filled on one canvas
-            return await insert(body, prompts, texts)
+            return await insert(body, request, prompts, texts)
         return await complete(body, request, prompts, chat=False, echoes=texts if body.echo else None)
 
     def completion_prompts(prompt: PromptField) -> tuple[list[list[int]], list[str]]:
@@ -483,43 +485,16 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 raise APIError(400, f"prompt: {what}", "invalid_request_error", "invalid_value", "prompt")
         return [list(ids) for ids in lists], [tokenizer.decode(ids) for ids in lists]
 
-    async def insert(body: CompletionRequest, prompts: list[list[int]], texts: list[str]):
-        """Completions with a `suffix`: each choice fills `max_tokens` positions (at most a canvas) between
-        its prompt and the suffix, seeded seed + its index; `stop` ends a fill before the first it holds."""
-        stops = _stop_strings(body.stop)
+    async def insert(body: CompletionRequest, request: Request, prompts: list[list[int]], texts: list[str]):
+        """Completions with a `suffix`: each choice fills `max_tokens` positions (at most a canvas; 32 if not
+        given) between its prompt and the suffix, held in place after them on the same canvas. The fills are
+        completions like any other (batched with other requests, streamed as they settle, `stop`, `echo`)."""
         length = infill_length(body.max_tokens)
-        admit(prompts, length, body.n)
-        overrides = sampler_overrides(body)
-        choices, completion = [], 0
-        for index, text in enumerate(text for text in texts for _ in range(body.n)):
-            seed = body.seed + index if body.seed is not None else None
-            result = await run_infill(
-                lambda text=text, seed=seed: model.infill(text, body.suffix, length, seed, **overrides)
-            )
-            fill, finish = result.fill, "length" if len(result.fill_ids) >= length else "stop"
-            cut = min((fill.find(stop) for stop in stops if stop in fill), default=-1)
-            if cut >= 0:
-                fill, finish = fill[:cut], "stop"
-            completion += len(result.fill_ids)
-            echo = texts[index // body.n] if body.echo else ""
-            choices.append({"index": index, "text": echo + fill, "finish_reason": finish})
-        identity = _identity("cmpl")
-        usage = _usage(sum(len(prompt) for prompt in prompts), completion)
-        response = {**identity, "object": "text_completion", "model": options.model_name, "usage": usage}
-        if not body.stream:
-            return {**response, "choices": choices}
-        chunk = _chunk_maker(identity, options.model_name, chat=False)
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-        async def whole_fills() -> AsyncIterator[str]:  # each fill is known only once its canvas is done
-            for choice in choices:
-                yield _sse(chunk(choice["index"], content=choice["text"]))
-                yield _sse(chunk(choice["index"], finish=choice["finish_reason"]))
-            if include_usage:
-                yield _sse(chunk(usage=usage))
-            yield "data: [DONE]\n\n"
-
-        return _event_stream(whole_fills())
+        eos = model.settings.eos_token_id[0] if model.settings.eos_token_id else model.config.eos_token_id[0]
+        pad = model.settings.pad_token_id if model.settings.pad_token_id is not None else 0
+        _, clamp = infill_clamp(model.tokenizer, "", body.suffix, length, model.config.canvas_length, eos, pad)
+        body = body.model_copy(update={"max_tokens": length})
+        return await complete(body, request, prompts, chat=False, echoes=texts if body.echo else None, clamp=clamp)
 
     def infill_length(max_tokens: int | None, original: str | None = None) -> int:
         """The positions a fill takes: `max_tokens`, else as many as the `original` text had, else 32 (or the
