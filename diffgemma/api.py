@@ -368,7 +368,7 @@ class DiffGemma:
                 break
         fill = tokenizer.decode(fill_ids)
         result.text = prefix + fill + suffix
-        return InfillResult(result.text, fill, result, fill_ids)
+        return InfillResult(result.text, fill, result)
 
     def edit(
         self,

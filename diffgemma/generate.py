@@ -101,7 +101,6 @@ class InfillResult:
     text: str  # prefix + fill + suffix
     fill: str
     result: GenerationResult
-    fill_ids: list[int] = field(default_factory=list)  # the fill's tokens (up to an EOS or pad that ended it)
 
 
 class StopStrings:

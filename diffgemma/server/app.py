@@ -13,7 +13,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
-from ..generate import InfillResult, StopStrings, infill_clamp
+from ..generate import StopStrings, infill_clamp
 from ..tokenizer import THINKING_OPEN, split_thinking
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 
@@ -118,13 +118,11 @@ class CompletionRequest(SamplerExtras):
     stop: StopField = None
 
 
-class InfillRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class InfillRequest(SamplerExtras):
     prefix: str = ""
     suffix: str = ""
     max_tokens: int | None = Field(default=None, gt=0)
     original: str | None = None  # the text being replaced: without max_tokens, the fill gets its length
-    seed: int | None = None
 
 
 def _message_text(message: Message) -> str:
@@ -490,11 +488,15 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         given) between its prompt and the suffix, held in place after them on the same canvas. The fills are
         completions like any other (batched with other requests, streamed as they settle, `stop`, `echo`)."""
         length = infill_length(body.max_tokens)
+        body = body.model_copy(update={"max_tokens": length})
+        clamp = fill_clamp(body.suffix, length)
+        return await complete(body, request, prompts, chat=False, echoes=texts if body.echo else None, clamp=clamp)
+
+    def fill_clamp(suffix: str, length: int) -> list[int]:
+        """A fill's canvas: `length` free positions, then the suffix and an EOS held in place."""
         eos = model.settings.eos_token_id[0] if model.settings.eos_token_id else model.config.eos_token_id[0]
         pad = model.settings.pad_token_id if model.settings.pad_token_id is not None else 0
-        _, clamp = infill_clamp(model.tokenizer, "", body.suffix, length, model.config.canvas_length, eos, pad)
-        body = body.model_copy(update={"max_tokens": length})
-        return await complete(body, request, prompts, chat=False, echoes=texts if body.echo else None, clamp=clamp)
+        return infill_clamp(model.tokenizer, "", suffix, length, model.config.canvas_length, eos, pad)[1]
 
     def infill_length(max_tokens: int | None, original: str | None = None) -> int:
         """The positions a fill takes: `max_tokens`, else as many as the `original` text had, else 32 (or the
@@ -513,26 +515,15 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             )
         return length
 
-    async def run_infill(fill: Callable[[], InfillResult]) -> InfillResult:
-        """A fill runs alone on the engine (its canvas clamped), between batches."""
-        try:
-            future = batcher.run_exclusive(fill)
-        except EngineStopped as err:
-            raise APIError(503, str(err), "server_error", "unavailable") from None
-        app.state.active += 1
-        try:
-            return await asyncio.wrap_future(future)
-        except DiffGemmaError as err:
-            raise APIError(400, str(err), "invalid_request_error", "invalid_value") from None
-        finally:
-            app.state.active -= 1
-
     @app.post("/v1/infill")
-    async def infill(body: InfillRequest):
+    async def infill(body: InfillRequest, request: Request):
         length = infill_length(body.max_tokens, body.original)
-        admit([model.tokenizer.encode(body.prefix)], length, 1)
-        result = await run_infill(lambda: model.infill(body.prefix, body.suffix, length, seed=body.seed))
-        return {"object": "infill", "model": options.model_name, "text": result.text, "fill": result.fill}
+        prompt = model.tokenizer.encode(body.prefix)
+        job = new_job(prompt, admit([prompt], length, 1), body, 0, fill_clamp(body.suffix, length))
+        reply = ReplyText(model, chat=False)
+        done, _ = await run_job(job, request, reply)
+        fill = reply.parts(done.new_tokens)[0]
+        return {"object": "infill", "model": options.model_name, "text": body.prefix + fill + body.suffix, "fill": fill}
 
     return app
 

@@ -1,11 +1,12 @@
 """Requests that arrive together are denoised together: one worker thread, batches of compatible jobs.
 
-A job is one prompt with its own seed and token limit. The worker takes every waiting job that shares
-the first one's sampler settings (up to `max_batch`), runs them as one batch through the public
-`stream` API (fast mode, one random stream per row, settled prefixes committed), and hands each job its
-own rows of the events. Jobs that arrive while a batch runs wait for the next one. A cancelled job (its
-client went away, or a stop string ended it) stops receiving events at once and its row ends with the
-canvas it is in; when every job of a batch is cancelled, the batch stops.
+A job is one prompt with its own seed and token limit (and, for a fill, the ids held in place on its
+canvas). The worker takes every waiting job that shares the first one's sampler settings (up to
+`max_batch`), runs them as one batch through the public `stream` API (fast mode, one random stream per
+row, settled prefixes committed), and hands each job its own rows of the events. Jobs that arrive while a
+batch runs wait for the next one. A cancelled job (its client went away, or a stop string ended it) stops
+receiving events at once and its row ends with the canvas it is in; when every job of a batch is
+cancelled, the batch stops.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +66,8 @@ class Batcher:
     def __init__(self, model: DiffGemma, max_batch: int = 8) -> None:
         self.model = model
         self.max_batch = max_batch
-        self._inbox: queue.Queue[Job | Callable | None] = queue.Queue()
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._waiting: list[Job] = []
-        self._exclusive: list[tuple[Callable, Future]] = []
         self._running = False
         self._thread: threading.Thread | None = None
         self.batches_run: list[int] = []  # batch sizes, for tests and logs
@@ -94,14 +92,6 @@ class Batcher:
             raise EngineStopped("the generation engine is not running")
         self._inbox.put(job)
 
-    def run_exclusive(self, fn: Callable[[], Any]) -> Future:
-        """Run `fn` on the worker thread between batches (the model is never used by two threads at once)."""
-        if not self.running:
-            raise EngineStopped("the generation engine is not running")
-        future: Future = Future()
-        self._inbox.put((fn, future))
-        return future
-
     def _drain(self, block: bool) -> bool:
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
@@ -109,35 +99,21 @@ class Batcher:
             return False
         if item is None:
             return True
-        if isinstance(item, Job):
-            self._waiting.append(item)
-        else:
-            self._exclusive.append(item)
+        self._waiting.append(item)
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
-            if item is None:
-                continue
-            if isinstance(item, Job):
+            if item is not None:
                 self._waiting.append(item)
-            else:
-                self._exclusive.append(item)
 
     def _work(self) -> None:
         while self._running:
-            if not self._waiting and not self._exclusive:
+            if not self._waiting:
                 self._drain(block=True)
                 continue
             self._drain(block=False)
-            while self._exclusive:
-                fn, future = self._exclusive.pop(0)
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except Exception as err:  # handed to the waiting request
-                        future.set_exception(err)
             self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]
             if not self._waiting:
                 continue
