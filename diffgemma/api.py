@@ -354,11 +354,9 @@ class DiffGemma:
         **sampler: Any,
     ) -> InfillResult:
         """Fill `length` tokens between `prefix` (encoded as the prompt) and `suffix` (clamped on the canvas)."""
-        tokenizer = self._need_tokenizer()
-        settings = self.settings
-        eos = settings.eos_token_id[0] if settings.eos_token_id else self.config.eos_token_id[0]
+        tokenizer, settings = self._need_tokenizer(), self.settings
         pad = settings.pad_token_id if settings.pad_token_id is not None else 0
-        prompt, clamp = infill_clamp(tokenizer, prefix, suffix, length, self.config.canvas_length, eos, pad)
+        prompt, clamp = self.infill_inputs(prefix, suffix, length)
         events, _ = self._events([prompt], self.config.canvas_length, seed, mode, [clamp], False, False, sampler)
         result = run_to_end(events)
         fill_ids = result.new_tokens[0][:length]
@@ -369,6 +367,15 @@ class DiffGemma:
         fill = tokenizer.decode(fill_ids)
         result.text = prefix + fill + suffix
         return InfillResult(result.text, fill, result)
+
+    def infill_inputs(self, prefix: str, suffix: str, length: int) -> tuple[list[int], list[int]]:
+        """(prompt ids, canvas clamp) of a fill: the prefix as the prompt; on the canvas `length` free positions
+        (-1), then the suffix and an EOS held in place."""
+        settings = self.settings
+        eos = settings.eos_token_id[0] if settings.eos_token_id else self.config.eos_token_id[0]
+        pad = settings.pad_token_id if settings.pad_token_id is not None else 0
+        canvas = self.config.canvas_length
+        return infill_clamp(self._need_tokenizer(), prefix, suffix, length, canvas, eos, pad)
 
     def edit(
         self,

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
-from ..generate import StopStrings, infill_clamp
+from ..generate import StopStrings
 from ..tokenizer import THINKING_OPEN, split_thinking
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 
@@ -213,6 +213,45 @@ class ReplyText:
             else:
                 out.append("")
         return out[0], out[1]
+
+
+def completion_prompts(model: DiffGemma, prompt: PromptField) -> tuple[list[list[int]], list[str]]:
+    """OpenAI's forms of a completion prompt -> (each prompt's ids, each prompt's text). Token ids are taken as
+    given (no BOS added), and must be in the vocabulary."""
+    tokenizer = model.tokenizer
+    if isinstance(prompt, str):
+        return [tokenizer.encode(prompt)], [prompt]
+    if not prompt:
+        raise APIError(400, "prompt is an empty list", "invalid_request_error", "invalid_value", "prompt")
+    if all(isinstance(one, str) for one in prompt):
+        return [tokenizer.encode(one) for one in prompt], list(prompt)
+    lists = [prompt] if all(isinstance(one, int) for one in prompt) else prompt
+    vocabulary = model.config.vocab_size
+    for ids in lists:
+        outside = [token for token in ids if not 0 <= token < vocabulary]
+        if not ids or outside:
+            what = f"token id {outside[0]} is outside the vocabulary (0-{vocabulary - 1})" if ids else "empty"
+            raise APIError(400, f"prompt: {what}", "invalid_request_error", "invalid_value", "prompt")
+    return [list(ids) for ids in lists], [tokenizer.decode(ids) for ids in lists]
+
+
+def infill_length(model: DiffGemma, max_tokens: int | None, original: str | None = None) -> int:
+    """The positions a fill takes: `max_tokens`, else as many as the `original` text had, else 32 (or the
+    canvas, if shorter)."""
+    canvas = model.config.canvas_length
+    length = max_tokens
+    if length is None:
+        original_ids = model.tokenizer.encode(original or "", add_special_tokens=False)
+        length = max(1, len(original_ids)) if original else min(32, canvas)
+    if length > canvas:
+        raise APIError(
+            400,
+            f"max_tokens for infill is at most the canvas length ({canvas})",
+            "invalid_request_error",
+            "invalid_value",
+            "max_tokens",
+        )
+    return length
 
 
 def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: Batcher | None = None) -> FastAPI:
@@ -459,67 +498,25 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        prompts, texts = completion_prompts(body.prompt)
+        prompts, texts = completion_prompts(model, body.prompt)
         if body.suffix:  # OpenAI's insertion: the gap between prompt and suffix, filled on one canvas
             return await insert(body, request, prompts, texts)
         return await complete(body, request, prompts, chat=False, echoes=texts if body.echo else None)
-
-    def completion_prompts(prompt: PromptField) -> tuple[list[list[int]], list[str]]:
-        """OpenAI's forms of a completion prompt -> (each prompt's ids, each prompt's text). Token ids are
-        taken as given (no BOS added), and must be in the vocabulary."""
-        tokenizer = model.tokenizer
-        if isinstance(prompt, str):
-            return [tokenizer.encode(prompt)], [prompt]
-        if not prompt:
-            raise APIError(400, "prompt is an empty list", "invalid_request_error", "invalid_value", "prompt")
-        if all(isinstance(one, str) for one in prompt):
-            return [tokenizer.encode(one) for one in prompt], list(prompt)
-        lists = [prompt] if all(isinstance(one, int) for one in prompt) else prompt
-        vocabulary = model.config.vocab_size
-        for ids in lists:
-            outside = [token for token in ids if not 0 <= token < vocabulary]
-            if not ids or outside:
-                what = f"token id {outside[0]} is outside the vocabulary (0-{vocabulary - 1})" if ids else "empty"
-                raise APIError(400, f"prompt: {what}", "invalid_request_error", "invalid_value", "prompt")
-        return [list(ids) for ids in lists], [tokenizer.decode(ids) for ids in lists]
 
     async def insert(body: CompletionRequest, request: Request, prompts: list[list[int]], texts: list[str]):
         """Completions with a `suffix`: each choice fills `max_tokens` positions (at most a canvas; 32 if not
         given) between its prompt and the suffix, held in place after them on the same canvas. The fills are
         completions like any other (batched with other requests, streamed as they settle, `stop`, `echo`)."""
-        length = infill_length(body.max_tokens)
+        length = infill_length(model, body.max_tokens)
         body = body.model_copy(update={"max_tokens": length})
-        clamp = fill_clamp(body.suffix, length)
+        clamp = model.infill_inputs("", body.suffix, length)[1]
         return await complete(body, request, prompts, chat=False, echoes=texts if body.echo else None, clamp=clamp)
-
-    def fill_clamp(suffix: str, length: int) -> list[int]:
-        """A fill's canvas: `length` free positions, then the suffix and an EOS held in place."""
-        eos = model.settings.eos_token_id[0] if model.settings.eos_token_id else model.config.eos_token_id[0]
-        pad = model.settings.pad_token_id if model.settings.pad_token_id is not None else 0
-        return infill_clamp(model.tokenizer, "", suffix, length, model.config.canvas_length, eos, pad)[1]
-
-    def infill_length(max_tokens: int | None, original: str | None = None) -> int:
-        """The positions a fill takes: `max_tokens`, else as many as the `original` text had, else 32 (or the
-        canvas, if shorter)."""
-        length = max_tokens
-        if length is None:
-            original_ids = model.tokenizer.encode(original or "", add_special_tokens=False)
-            length = max(1, len(original_ids)) if original else min(32, model.config.canvas_length)
-        if length > model.config.canvas_length:
-            raise APIError(
-                400,
-                f"max_tokens for infill is at most the canvas length ({model.config.canvas_length})",
-                "invalid_request_error",
-                "invalid_value",
-                "max_tokens",
-            )
-        return length
 
     @app.post("/v1/infill")
     async def infill(body: InfillRequest, request: Request):
-        length = infill_length(body.max_tokens, body.original)
+        length = infill_length(model, body.max_tokens, body.original)
         prompt = model.tokenizer.encode(body.prefix)
-        job = new_job(prompt, admit([prompt], length, 1), body, 0, fill_clamp(body.suffix, length))
+        job = new_job(prompt, admit([prompt], length, 1), body, 0, model.infill_inputs("", body.suffix, length)[1])
         reply = ReplyText(model, chat=False)
         done, _ = await run_job(job, request, reply)
         fill = reply.parts(done.new_tokens)[0]
