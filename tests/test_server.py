@@ -365,6 +365,49 @@ def test_thinking_goes_out_as_reasoning_content(client):
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thought
 
 
+def test_the_responses_api_with_the_openai_client(client):
+    """`/v1/responses`: the same answer as a chat completion; streamed as typed events (the client's own stream
+    helper checks their order); instructions as a system message; thinking as a reasoning item;
+    `max_output_tokens` makes an incomplete response; other input items are refused."""
+    from assets.make_demo_model import THINKING
+
+    made = client.responses.create(model="demo", input=SKY, extra_body={"seed": 1})
+    assert made.status == "completed" and made.output_text == ANSWERS[SKY]
+    assert made.usage.input_tokens > 0 and made.usage.output_tokens == len(ANSWERS[SKY])
+    assert made.usage.total_tokens == made.usage.input_tokens + made.usage.output_tokens
+    parts = [{"role": "user", "content": [{"type": "input_text", "text": SKY}]}]
+    assert client.responses.create(model="demo", input=parts, extra_body={"seed": 1}).output_text == ANSWERS[SKY]
+    with client.responses.stream(model="demo", input=SKY, extra_body={"seed": 1}) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == final.output_text == ANSWERS[SKY]
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+    question = "What is 3 + 4?"
+    thought, answer = THINKING[question]
+    thinking = {"input": question, "reasoning": {"effort": "low"}, "extra_body": {"seed": 1}}
+    reasoned = client.responses.create(model="demo", **thinking)
+    assert [item.type for item in reasoned.output] == ["reasoning", "message"]
+    assert reasoned.output[0].content[0].text == thought and reasoned.output_text == answer
+    streamed = list(client.responses.create(model="demo", stream=True, **thinking))
+    assert "".join(e.delta for e in streamed if e.type == "response.reasoning_text.delta") == thought
+    assert "".join(e.delta for e in streamed if e.type == "response.output_text.delta") == answer
+
+    short = client.responses.create(model="demo", input=SKY, max_output_tokens=5, extra_body={"seed": 1})
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+    assert short.output_text == ANSWERS[SKY][:5]
+    system = client.responses.create(model="demo", input=SKY, instructions="Be brief.", extra_body={"seed": 1})
+    assert system.usage.input_tokens > made.usage.input_tokens  # the instructions are in the prompt
+    tool_output = {"type": "function_call_output", "call_id": "c", "output": "1"}
+    image = {"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}
+    for bad in ([tool_output], [image]):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="demo", input=bad)
+        assert refused.value.param == "input"
+
+
 def test_the_serve_command_answers_an_openai_client(demo):
     """`diffgemma serve` as a user runs it (its own process, loading options included) answers the official
     client; the other tests drive the app in-process."""

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible server (FastAPI): chat and text completions, streaming, infill, the playground.
+"""An OpenAI-compatible server (FastAPI): chat and text completions, responses, streaming, infill, the playground.
 
 Streaming sends text before a canvas ends: the engine fixes each canvas's settled prefix as it goes, and
 the server sends whatever newly settled, never taking anything back. The thinking channel goes out as
@@ -17,12 +17,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
@@ -30,17 +29,22 @@ from ..errors import DiffGemmaError
 from ..generate import StopStrings
 from ..tokenizer import THINKING_OPEN, split_thinking
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
+from .responses import ResponseBuilder, ResponsesRequest, request_messages
+from .schema import (
+    SAMPLER_FIELDS,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    InfillRequest,
+    PromptField,
+    SamplerExtras,
+    StopField,
+    error_body,
+    message_text,
+    stop_strings,
+)
 
 STATIC = Path(__file__).with_name("static")
-MAX_STOP_STRINGS = 16
-SAMPLER_FIELDS = (
-    "max_denoising_steps",
-    "entropy_bound",
-    "t_max",
-    "t_min",
-    "stability_threshold",
-    "confidence_threshold",
-)
 
 
 @dataclass(frozen=True)
@@ -54,103 +58,6 @@ class ServerOptions:
     max_batch: int = 8
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
-
-
-def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-class SamplerExtras(BaseModel):
-    """diffgemma's own request fields, beside OpenAI's."""
-
-    model_config = ConfigDict(extra="ignore")
-    seed: int | None = None
-    drafts: bool = False
-    max_denoising_steps: int | None = Field(default=None, gt=0, le=1024)
-    entropy_bound: float | None = Field(default=None, gt=0)
-    t_max: float | None = Field(default=None, ge=0)
-    t_min: float | None = Field(default=None, ge=0)
-    stability_threshold: int | None = Field(default=None, ge=0)
-    confidence_threshold: float | None = Field(default=None, gt=0)
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = ""
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False  # as OpenAI: a last chunk with usage and no choices only when asked for
-
-
-StopField = str | list[str] | None
-# OpenAI's completions take a text, texts, token ids, or lists of token ids
-PromptField = str | list[str] | list[int] | list[list[int]]
-
-
-class ChatRequest(SamplerExtras):
-    model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, gt=0)
-    max_completion_tokens: int | None = Field(default=None, gt=0)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    stop: StopField = None
-    enable_thinking: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-
-
-class CompletionRequest(SamplerExtras):
-    model: str | None = None
-    prompt: PromptField
-    suffix: str | None = None  # text after the completion: the gap between is filled (infill)
-    echo: bool = False  # the prompt's text before each choice's
-    max_tokens: int | None = Field(default=None, gt=0)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    stop: StopField = None
-
-
-class InfillRequest(SamplerExtras):
-    prefix: str = ""
-    suffix: str = ""
-    max_tokens: int | None = Field(default=None, gt=0)
-    original: str | None = None  # the text being replaced: without max_tokens, the fill gets its length
-
-
-def _message_text(message: Message) -> str:
-    """A message's text; parts other than text (images, audio, files) are refused, not dropped unseen."""
-    if not isinstance(message.content, list):
-        return message.content or ""
-    others = sorted({str(part.get("type")) for part in message.content if part.get("type") != "text"})
-    if others:
-        raise APIError(
-            400,
-            f"content parts of type {', '.join(others)} are not supported: diffgemma serves the text model",
-            "invalid_request_error",
-            "invalid_value",
-            "messages",
-        )
-    return "".join(str(part.get("text", "")) for part in message.content)
-
-
-def _stop_strings(stop: StopField) -> list[str]:
-    """A request's `stop` as a list (clients send "" and [] for none), at most MAX_STOP_STRINGS of them."""
-    stops = [text for text in ([stop] if isinstance(stop, str) else stop or []) if text]
-    if len(stops) > MAX_STOP_STRINGS:
-        raise APIError(
-            400, f"at most {MAX_STOP_STRINGS} stop strings", "invalid_request_error", "invalid_value", "stop"
-        )
-    return stops
-
-
 class ReplyText:
     """Turns generated ids into (content, reasoning) text, and into deltas that are never taken back; the
     content ends before the first of the `stop` strings."""
@@ -161,7 +68,7 @@ class ReplyText:
         self.pad = model.settings.pad_token_id
         self.chat = chat
         self.sent = ["", ""]  # content, reasoning
-        stops = _stop_strings(stop)
+        stops = stop_strings(stop)
         self.stops = StopStrings(stops, lambda tokens: self._parts(tokens, True, True)[0]) if stops else None
 
     def through_stop(self, tokens: list[int]) -> list[int] | None:
@@ -488,13 +395,29 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        messages = [{"role": m.role, "content": _message_text(m)} for m in body.messages]
+        messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
         thinking = bool(body.enable_thinking or (body.chat_template_kwargs or {}).get("enable_thinking"))
         try:
             prompt = model.tokenizer.encode_chat(messages, enable_thinking=thinking)
         except DiffGemmaError as err:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value", "messages") from None
         return await complete(body, request, [prompt], chat=True)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        messages, thinking = request_messages(body)
+        try:
+            prompt = model.tokenizer.encode_chat(messages, enable_thinking=thinking)
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", "input") from None
+        limit = admit([prompt], body.max_output_tokens, 1)
+        job, reply = new_job(prompt, limit, body, 0, None), ReplyText(model, chat=True)
+        built = ResponseBuilder(options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)))
+        if body.stream:
+            return _event_stream(stream_jobs([job], [reply], built.chunk, False, len(prompt), [""]))
+        done, finish = await run_job(job, request, reply)
+        built.text(*reply.parts(done.new_tokens))
+        return built.closing(finish, _usage(len(prompt), len(done.new_tokens)))[-1]["response"]
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -529,8 +452,10 @@ def _identity(prefix: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
 
 
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+def _sse(payload: dict | list[dict]) -> str:
+    """One server-sent event, or one for each payload of a list (none for an empty one)."""
+    payloads = payload if isinstance(payload, list) else [payload]
+    return "".join(f"data: {json.dumps(one, ensure_ascii=False)}\n\n" for one in payloads)
 
 
 def _event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:

@@ -1,0 +1,188 @@
+"""OpenAI's Responses API (`POST /v1/responses`), the text subset: its request read into chat messages, its
+response object, and its stream of typed events.
+
+A reply is at most two output items: the thinking (a `reasoning` item, when thinking is on and the model
+thought) and the answer (a `message` with one `output_text` part). Streamed, each item is opened when its
+first text settles and closed when the next begins or the reply ends; `response.completed` (or
+`response.incomplete`, at `max_output_tokens`) carries the whole response with its usage.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import Field
+
+from .schema import APIError, SamplerExtras
+
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class ResponsesRequest(SamplerExtras):
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    stream: bool = False
+    reasoning: dict[str, Any] | None = None  # {"effort": ...}: any effort but "none" / "minimal" turns thinking on
+
+
+def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, str]], bool]:
+    """The request as chat messages (the instructions first, as a system message), and whether to think."""
+    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    for item in items:
+        kind = item.get("type", "message")
+        role = item.get("role")
+        if kind != "message" or role not in ("system", "developer", "user", "assistant"):
+            what = f"input items of type {kind!r}" if kind != "message" else f"a message with role {role!r}"
+            raise APIError(400, f"{what} are not supported", "invalid_request_error", "invalid_value", "input")
+        messages.append({"role": role, "content": _item_text(item.get("content"))})
+    effort = (body.reasoning or {}).get("effort")
+    return messages, effort not in (None, "none", "minimal")
+
+
+def _item_text(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    others = sorted({str(part.get("type")) for part in content if part.get("type") not in TEXT_PARTS})
+    if others:
+        raise APIError(
+            400,
+            f"content parts of type {', '.join(others)} are not supported: diffgemma serves the text model",
+            "invalid_request_error",
+            "invalid_value",
+            "input",
+        )
+    return "".join(str(part.get("text", "")) for part in content)
+
+
+def _identifier(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+class ResponseBuilder:
+    """One response's identity, its output items, and the events that stream them."""
+
+    def __init__(self, model_name: str, max_output_tokens: int, count_tokens: Callable[[str], int]) -> None:
+        self.id, self.created = _identifier("resp"), int(time.time())
+        self.model_name, self.max_output_tokens = model_name, max_output_tokens
+        self.count_tokens = count_tokens  # text -> tokens, for the thinking's share of the output
+        self.reasoning_id, self.message_id = _identifier("rs"), _identifier("msg")
+        self.reasoning, self.content = "", ""
+        self.open: str | None = None  # the item being streamed: "reasoning" or "message"
+        self.items: list[str] = []  # the items opened so far, in output order
+        self.sequence = 0
+        self.finish = "stop"
+
+    def chunk(self, index=0, role=False, content="", reasoning="", finish=None, usage=None, draft=None) -> list:
+        """The events for what the server's stream of a reply hands on (the chat chunks' calls): the opening,
+        settled text, the finish (held until the usage comes), the usage (the closing). Drafts are not sent."""
+        if role:
+            return self.opening()
+        if usage is not None:
+            return self.closing(self.finish, usage)
+        if finish is not None:
+            self.finish = finish
+            return []
+        return [] if draft is not None else self.text(content, reasoning)
+
+    def usage(self, counts: dict[str, int]) -> dict[str, Any]:
+        """The chat usage's counts in the Responses API's names."""
+        return {
+            "input_tokens": counts["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": counts["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": self.count_tokens(self.reasoning) if self.reasoning else 0},
+            "total_tokens": counts["total_tokens"],
+        }
+
+    def response(self, status: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        output = []
+        if self.reasoning:
+            output.append(self._item("reasoning", "completed"))
+        if status != "in_progress":
+            output.append(self._item("message", status))
+        response = {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.model_name,
+            "output": output,
+            "max_output_tokens": self.max_output_tokens,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "parallel_tool_calls": False,
+            "tool_choice": "none",
+            "tools": [],
+            "usage": usage,
+        }
+        return response
+
+    def _item(self, kind: str, status: str) -> dict[str, Any]:
+        if kind == "reasoning":
+            content = [{"type": "reasoning_text", "text": self.reasoning}]
+            return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "content": content, "status": status}
+        part = {"type": "output_text", "text": self.content, "annotations": [], "logprobs": []}
+        return {"type": "message", "id": self.message_id, "role": "assistant", "status": status, "content": [part]}
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self.sequence += 1
+        return {"type": f"response.{kind}", "sequence_number": self.sequence - 1, **fields}
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self._event(kind, response=self.response("in_progress")) for kind in ("created", "in_progress")]
+
+    def text(self, content: str = "", reasoning: str = "") -> list[dict[str, Any]]:
+        """Events for newly settled text: thinking first (its item opened the first time), then the answer."""
+        events = []
+        if reasoning:
+            events += self._switch_to("reasoning")
+            self.reasoning += reasoning
+            events.append(self._delta("reasoning_text", self.reasoning_id, reasoning))
+        if content:
+            events += self._switch_to("message")
+            self.content += content
+            events.append(self._delta("output_text", self.message_id, content))
+        return events
+
+    def closing(self, finish: str, counts: dict[str, int]) -> list[dict[str, Any]]:
+        """The open items closed (the answer's opened if nothing came), then the whole response with its usage
+        (`counts`: the chat usage's)."""
+        status = "incomplete" if finish == "length" else "completed"
+        events = self._switch_to("message") + self._close()
+        return [*events, self._event(status, response=self.response(status, self.usage(counts)))]
+
+    def _switch_to(self, kind: str) -> list[dict[str, Any]]:
+        if self.open == kind:
+            return []
+        events = self._close()
+        self.open = kind
+        self.items.append(kind)
+        index, empty = len(self.items) - 1, self._item(kind, "in_progress")
+        events.append(self._event("output_item.added", output_index=index, item=empty))
+        where = {"item_id": empty["id"], "output_index": index, "content_index": 0}
+        events.append(self._event("content_part.added", **where, part=empty["content"][0]))
+        return events
+
+    def _close(self) -> list[dict[str, Any]]:
+        if self.open is None:
+            return []
+        kind, index = self.open, len(self.items) - 1
+        item = self._item(kind, "completed")
+        part, text = item["content"][0], item["content"][0]["text"]
+        done = "reasoning_text.done" if kind == "reasoning" else "output_text.done"
+        common = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        events = [self._event(done, **common, text=text, **({"logprobs": []} if kind == "message" else {}))]
+        events.append(self._event("content_part.done", **common, part=part))
+        events.append(self._event("output_item.done", output_index=index, item=item))
+        self.open = None
+        return events
+
+    def _delta(self, kind: str, item_id: str, delta: str) -> dict[str, Any]:
+        index = len(self.items) - 1
+        extra = {"logprobs": []} if kind == "output_text" else {}
+        return self._event(f"{kind}.delta", item_id=item_id, output_index=index, content_index=0, delta=delta, **extra)

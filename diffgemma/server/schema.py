@@ -1,0 +1,114 @@
+"""The server's request bodies (OpenAI's fields and diffgemma's own) and its OpenAI-shaped errors."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_STOP_STRINGS = 16
+SAMPLER_FIELDS = (
+    "max_denoising_steps",
+    "entropy_bound",
+    "t_max",
+    "t_min",
+    "stability_threshold",
+    "confidence_threshold",
+)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class SamplerExtras(BaseModel):
+    """diffgemma's own request fields, beside OpenAI's."""
+
+    model_config = ConfigDict(extra="ignore")
+    seed: int | None = None
+    drafts: bool = False
+    max_denoising_steps: int | None = Field(default=None, gt=0, le=1024)
+    entropy_bound: float | None = Field(default=None, gt=0)
+    t_max: float | None = Field(default=None, ge=0)
+    t_min: float | None = Field(default=None, ge=0)
+    stability_threshold: int | None = Field(default=None, ge=0)
+    confidence_threshold: float | None = Field(default=None, gt=0)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # as OpenAI: a last chunk with usage and no choices only when asked for
+
+
+StopField = str | list[str] | None
+# OpenAI's completions take a text, texts, token ids, or lists of token ids
+PromptField = str | list[str] | list[int] | list[list[int]]
+
+
+class ChatRequest(SamplerExtras):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    max_completion_tokens: int | None = Field(default=None, gt=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    stop: StopField = None
+    enable_thinking: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(SamplerExtras):
+    model: str | None = None
+    prompt: PromptField
+    suffix: str | None = None  # text after the completion: the gap between is filled (infill)
+    echo: bool = False  # the prompt's text before each choice's
+    max_tokens: int | None = Field(default=None, gt=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    stop: StopField = None
+
+
+class InfillRequest(SamplerExtras):
+    prefix: str = ""
+    suffix: str = ""
+    max_tokens: int | None = Field(default=None, gt=0)
+    original: str | None = None  # the text being replaced: without max_tokens, the fill gets its length
+
+
+def message_text(message: Message) -> str:
+    """A message's text; parts other than text (images, audio, files) are refused, not dropped unseen."""
+    if not isinstance(message.content, list):
+        return message.content or ""
+    others = sorted({str(part.get("type")) for part in message.content if part.get("type") != "text"})
+    if others:
+        raise APIError(
+            400,
+            f"content parts of type {', '.join(others)} are not supported: diffgemma serves the text model",
+            "invalid_request_error",
+            "invalid_value",
+            "messages",
+        )
+    return "".join(str(part.get("text", "")) for part in message.content)
+
+
+def stop_strings(stop: StopField) -> list[str]:
+    """A request's `stop` as a list (clients send "" and [] for none), at most MAX_STOP_STRINGS of them."""
+    stops = [text for text in ([stop] if isinstance(stop, str) else stop or []) if text]
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(
+            400, f"at most {MAX_STOP_STRINGS} stop strings", "invalid_request_error", "invalid_value", "stop"
+        )
+    return stops
