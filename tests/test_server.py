@@ -156,6 +156,9 @@ def test_a_completion_with_a_suffix_is_filled_in(server, client):
 
 def test_models_health_and_infill(server, client):
     assert [m.id for m in client.models.list()] == ["demo"]
+    assert client.models.retrieve("demo").id == "demo"
+    with pytest.raises(openai.NotFoundError, match="this server serves 'demo'"):
+        client.models.retrieve("gpt-4o")
     url = server[0]
     assert httpx.get(url + "/health").json()["status"] == "ok"
     body = {"prefix": "Hello! I am a ", "suffix": " diffusion model.", "max_tokens": 4, "seed": 1}

@@ -211,12 +211,18 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def health() -> dict:
         return {"status": "ok" if batcher.running else "stopped", "model": options.model_name}
 
+    served = {"id": options.model_name, "object": "model", "created": 0, "owned_by": "diffgemma"}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": options.model_name, "object": "model", "created": 0, "owned_by": "diffgemma"}],
-        }
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str) -> dict:
+        if name != options.model_name:
+            message = f"no model {name!r}; this server serves {options.model_name!r}"
+            raise APIError(404, message, "invalid_request_error", "model_not_found", "model")
+        return served
 
     @app.get("/")
     async def playground() -> FileResponse:
