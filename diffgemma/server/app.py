@@ -399,23 +399,22 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         steps = [done.steps for done, _ in ended]  # per choice, per canvas
         return {**response, "object": "chat.completion", "diffgemma": {"steps": steps[0], "choices_steps": steps}}
 
+    def chat_prompt(messages: list[dict[str, str]], thinking: bool, param: str) -> list[int]:
+        """Messages through the chat template; what it refuses is the request's error (`param`: its field)."""
+        try:
+            return model.tokenizer.encode_chat(messages, enable_thinking=thinking)
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
         thinking = bool(body.enable_thinking or (body.chat_template_kwargs or {}).get("enable_thinking"))
-        try:
-            prompt = model.tokenizer.encode_chat(messages, enable_thinking=thinking)
-        except DiffGemmaError as err:
-            raise APIError(400, str(err), "invalid_request_error", "invalid_value", "messages") from None
-        return await complete(body, request, [prompt], chat=True)
+        return await complete(body, request, [chat_prompt(messages, thinking, "messages")], chat=True)
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
-        messages, thinking = request_messages(body)
-        try:
-            prompt = model.tokenizer.encode_chat(messages, enable_thinking=thinking)
-        except DiffGemmaError as err:
-            raise APIError(400, str(err), "invalid_request_error", "invalid_value", "input") from None
+        prompt = chat_prompt(*request_messages(body), "input")
         limit = admit([prompt], body.max_output_tokens, 1)
         job, reply = new_job(prompt, limit, body, 0, None), ReplyText(model, chat=True)
         built = ResponseBuilder(options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)))
