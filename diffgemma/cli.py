@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -292,7 +293,7 @@ def write_atomically(path: Path, text: str, backup: bool) -> None:
     """Write `text` to `path` through a temporary file and a rename; keep `path.bak` if asked."""
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as f:  # no line ending translated
             f.write(text)
         if path.exists():
             os.chmod(temporary, path.stat().st_mode & 0o777)
@@ -309,13 +310,15 @@ def cmd_edit(args: argparse.Namespace) -> None:
     path = Path(args.file)
     if not path.is_file():
         raise DiffGemmaError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
+    try:
+        text = path.read_bytes().decode("utf-8")  # line endings as they are (\r\n stays \r\n)
+    except UnicodeDecodeError as err:
+        raise DiffGemmaError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = re.findall(r"[^\n]*\n|[^\n]+\Z", text)
     first, last = _lines(args.lines, len(lines))
     start = sum(len(line) for line in lines[: first - 1])
     end = start + sum(len(line) for line in lines[first - 1 : last])
-    if lines[last - 1].endswith("\n"):
-        end -= 1  # keep the span's final newline
+    end -= 2 if lines[last - 1].endswith("\r\n") else lines[last - 1].endswith("\n")  # keep the span's line end
     model = _load(args)
     result = model.edit(text, start, end, args.length, seed=args.seed, mode=args.mode, **_sampler(args))
     if args.write:

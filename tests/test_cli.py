@@ -262,6 +262,18 @@ def test_edit_writes_atomically_with_backup(capsys, tmp_path):
     assert code == 2 and "outside the file" in err
 
 
+def test_edit_keeps_the_files_line_endings_and_refuses_what_is_not_utf8(capsys, tmp_path):
+    path = tmp_path / "windows.txt"
+    path.write_bytes(b"first\r\nsecond\r\nthird\fpage\r\nlast")  # a form feed is not a line end
+    code, _, _ = run(capsys, "edit", str(path), "--lines", "2:2", "--model", DEMO, "--seed", "1", "--write")
+    written = path.read_bytes()  # (what the model wrote on line 2 is its own; the rest is kept byte for byte)
+    assert code == 0 and written.startswith(b"first\r\n") and written.endswith(b"\r\nthird\fpage\r\nlast")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00text")
+    code, _, err = run(capsys, "edit", str(binary), "--lines", "1:1", "--model", DEMO)
+    assert code == 2 and "not UTF-8 text" in err
+
+
 def test_watch_shows_the_canvas_converge_in_a_terminal():
     """Under a pseudo-terminal, `generate --watch` redraws the canvas: several distinct drafts, then the text."""
     leader, follower = pty.openpty()
