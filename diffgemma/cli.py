@@ -177,7 +177,7 @@ def _watch(model, prompt: Any, args: argparse.Namespace, sampler: dict[str, Any]
 
     from .generate import Done, Draft
 
-    console = Console(stderr=False)
+    console = Console(stderr=not sys.stdout.isatty())  # piped, the text alone goes to stdout; the view to stderr
     started = time.perf_counter()
     committed_text = ""
     result = None

@@ -274,6 +274,15 @@ def test_edit_keeps_the_files_line_endings_and_refuses_what_is_not_utf8(capsys, 
     assert code == 2 and "not UTF-8 text" in err
 
 
+def test_watch_piped_writes_the_text_alone_to_stdout():
+    """`generate --watch > file`: the live view goes to stderr, stdout gets the text as without --watch."""
+    command = [sys.executable, "-m", "diffgemma.cli", "generate", "x", "--model", DEMO, "--seed", "0"]
+    command += ["--max-new-tokens", "8"]
+    plain = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    watched = subprocess.run([*command, "--watch"], capture_output=True, text=True, timeout=120, check=True)
+    assert watched.stdout == plain.stdout and "canvas 1" in watched.stderr
+
+
 def test_watch_shows_the_canvas_converge_in_a_terminal():
     """Under a pseudo-terminal, `generate --watch` redraws the canvas: several distinct drafts, then the text."""
     leader, follower = pty.openpty()
