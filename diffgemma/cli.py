@@ -8,7 +8,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -388,6 +388,22 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
     print(sudoku.format_grid(grid))
 
 
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `minimum` (to `maximum`), else argparse's usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
 def _add_tries_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tries",
@@ -562,6 +578,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from .quant import QuantFormat, weight_bytes
 
     groups = {"group_size": args.group_size, "attention_group_size": args.attention_group_size}
+    if args.to != "int4" and any(value is not None for value in groups.values()):
+        raise DiffGemmaError(f"--group-size and --attention-group-size are int4's; {args.to} scales each output")
     fmt = QuantFormat(args.to, **{key: value for key, value in groups.items() if value is not None})
     _check_output(args.destination, args.source)
     model = load(args.source, device=args.device, dtype=args.dtype, quant=fmt)
@@ -688,13 +706,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible server with a playground page")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_at_least(0, 65535), default=8000)
     serve.add_argument("--name", default=None, help="model id the API reports")
     serve.add_argument("--api-key", default=None, help="require this Bearer key (or set DIFFGEMMA_API_KEY)")
-    serve.add_argument("--max-prompt-tokens", type=int, default=8192)
-    serve.add_argument("--max-tokens-limit", type=int, default=4096)
-    serve.add_argument("--max-concurrent", type=int, default=16)
-    serve.add_argument("--max-batch", type=int, default=8)
+    serve.add_argument("--max-prompt-tokens", type=_at_least(1), default=8192)
+    serve.add_argument("--max-tokens-limit", type=_at_least(1), default=4096)
+    serve.add_argument("--max-concurrent", type=_at_least(1), default=16)
+    serve.add_argument("--max-batch", type=_at_least(1), default=8)
     _add_model_options(serve, sampling=False)
     serve.set_defaults(run=cmd_serve)
 
@@ -712,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
     sudoku.set_defaults(run=cmd_sudoku)
 
     puzzles = commands.add_parser("sudoku-puzzles", help="print fresh unique-solution puzzles, one a line")
-    puzzles.add_argument("count", type=int)
+    puzzles.add_argument("count", type=_at_least(1))
     puzzles.add_argument(
         "--givens", default="24:36", help="a number or a range A:B (20 at least; below 22, seconds a puzzle)"
     )
@@ -733,8 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument("task", choices=["sudoku", "chat"])
     trainer.add_argument("--out", required=True, help="folder for the model (or adapter) and the trainer state")
-    trainer.add_argument("--steps", type=int, default=None, help="optimizer steps (sudoku 20000, chat 1000)")
-    trainer.add_argument("--batch-size", type=int, default=None, help="examples a step (sudoku 64, chat 8)")
+    trainer.add_argument("--steps", type=_at_least(1), default=None, help="optimizer steps (sudoku 20000, chat 1000)")
+    trainer.add_argument("--batch-size", type=_at_least(1), default=None, help="examples a step (sudoku 64, chat 8)")
     trainer.add_argument("--lr", type=float, default=None, help="peak learning rate (sudoku 2e-3, chat 1e-4)")
     trainer.add_argument(
         "--ar-weight", type=float, default=None, help="weight of the encoder's next-token term (sudoku 0, chat 1)"
@@ -775,13 +793,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="sudoku: the detached drafts' temperature, a range A:B drawn per example (the sampler's is 0.8 -> 0.4)",
     )
-    trainer.add_argument("--pool", type=int, default=4000, help="sudoku: unique puzzles in the training pool")
+    trainer.add_argument("--pool", type=_at_least(1), default=4000, help="sudoku: unique puzzles in the training pool")
     trainer.add_argument("--givens", default="24:36", help="sudoku: givens of the pool's puzzles, a number or A:B")
-    trainer.add_argument("--eval-puzzles", type=int, default=64, help="sudoku: held-out puzzles scored at checkpoints")
+    trainer.add_argument(
+        "--eval-puzzles", type=_at_least(1), default=64, help="sudoku: held-out puzzles scored at checkpoints"
+    )
     trainer.add_argument(
         "--seconds", type=float, default=None, help="sudoku: a time budget; the first steps are timed to size the run"
     )
-    trainer.add_argument("--pool-workers", type=int, default=1, help="sudoku: processes that make the puzzle pool")
+    trainer.add_argument(
+        "--pool-workers", type=_at_least(1), default=1, help="sudoku: processes that make the puzzle pool"
+    )
     trainer.add_argument("--pool-file", default=None, help="sudoku: cache of the puzzle pool (read, or written)")
     trainer.add_argument(
         "--self-conditioning-passes",
@@ -791,7 +813,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument("--data", help="chat: training conversations, JSONL with a `messages` list a line")
     trainer.add_argument("--eval-data", help="chat: held-out conversations (default: a twentieth of --data)")
-    trainer.add_argument("--lora-rank", type=int, default=0, help="chat: train LoRA adapters of this rank (0: full)")
+    trainer.add_argument(
+        "--lora-rank", type=_at_least(0), default=0, help="chat: train LoRA adapters of this rank (0: full)"
+    )
     trainer.add_argument(
         "--quant",
         default=None,
@@ -800,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument("--lora-alpha", type=float, default=32.0)
     trainer.add_argument("--lora-self-conditioning", action="store_true", help="chat: adapt that block too")
-    trainer.add_argument("--accumulation", type=int, default=1, help="chat: micro-batches per optimizer step")
+    trainer.add_argument("--accumulation", type=_at_least(1), default=1, help="chat: micro-batches per optimizer step")
     trainer.add_argument("--thinking", action="store_true", help="chat: render prompts with thinking enabled")
     trainer.add_argument(
         "--gradient-checkpointing",

@@ -95,6 +95,26 @@ def test_commands_that_run_a_model_load_it_in_auto_training_in_float32_and_mergi
     assert parser.parse_args(["lora-merge", "--adapter", "a", "--out", "o"]).dtype == "stored"  # keeps a bf16 base
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["serve", "--port", "70000"], "--port: must be between 0 and 65535, got 70000"),
+        (["serve", "--max-batch", "0"], "--max-batch: must be at least 1, got 0"),
+        (["train", "sudoku", "--out", "o", "--steps", "0"], "--steps: must be at least 1, got 0"),  # not 20000
+        (["train", "chat", "--out", "o", "--batch-size", "-2"], "--batch-size: must be at least 1, got -2"),
+        (["sudoku-puzzles", "0"], "count: must be at least 1, got 0"),
+        (["quantize", DEMO, "o", "--to", "int8", "--group-size", "32"], "are int4's"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_before_anything_runs(capsys, argv, expected):
+    try:
+        code = main(argv)
+    except SystemExit as usage_error:  # argparse's own exit
+        code = usage_error.code
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
 def test_info_on_a_quantized_checkpoint_gives_its_format_alone(capsys, tmp_path):
     from diffgemma.presets import random_checkpoint
 
