@@ -811,7 +811,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="sudoku: each batch runs 1 to this many detached passes, each feeding the next, before the scored one",
     )
-    trainer.add_argument("--data", help="chat: training conversations, JSONL with a `messages` list a line")
+    trainer.add_argument(
+        "--data",
+        help='chat: training data, JSONL: {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}',
+    )
     trainer.add_argument("--eval-data", help="chat: held-out conversations (default: a twentieth of --data)")
     trainer.add_argument(
         "--lora-rank", type=_at_least(0), default=0, help="chat: train LoRA adapters of this rank (0: full)"

@@ -45,11 +45,32 @@ def test_examples_supervise_from_the_model_turn(tiny, tmp_path):
     assert last.response[-1] == 1 and len({e.id for e in examples}) == 3
 
 
+def test_the_other_trl_formats_give_the_same_examples(tiny, tmp_path):
+    """Prompt and completion as messages train what the same conversation trains, its completion's turns
+    alone; as text, a plain continuation (no template); {"text": ...} answers an empty prompt."""
+    tokenizer = tiny.tokenizer
+    conversation = CONVERSATIONS[1]["messages"]
+    records = [
+        {"prompt": conversation[:4], "completion": conversation[4:]},
+        {"prompt": "The sky is", "completion": " blue."},
+        {"text": "Just text."},
+    ]
+    examples = read_chat_jsonl(_write(tmp_path / "mixed.jsonl", records), tokenizer, eos_id=1)
+    whole = read_chat_jsonl(_write(tmp_path / "chat.jsonl", CONVERSATIONS[1:]), tokenizer, eos_id=1)
+    assert (examples[0].prompt, examples[0].response) == (whole[-1].prompt, whole[-1].response)
+    assert examples[1].prompt == tokenizer.encode("The sky is")  # as `generate` encodes a text prompt
+    assert examples[1].response == [*tokenizer.encode(" blue.", add_special_tokens=False), 1]
+    assert examples[2].prompt == tokenizer.encode("") and tokenizer.decode(examples[2].response) == "Just text."
+    assert [example.id for example in examples] == [0, 1, 2]
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
         ("{not json", "chat.jsonl:2: not valid JSON"),
-        ('{"text": "hi"}', 'chat.jsonl:2: expected an object with a non-empty "messages" list'),
+        ('{"prompt": "hi"}', "chat.jsonl:2: expected one of .* got the keys \\['prompt'\\]"),
+        ('{"messages": []}', 'chat.jsonl:2: "messages" must be a non-empty list'),
+        ("[1, 2]", "chat.jsonl:2: expected an object"),
         ('{"messages": [{"role": "user", "content": "hi"}]}', "chat.jsonl:2: no assistant turn"),
         ('{"messages": [{"role": "assistant", "content": "hi"}]}', "chat.jsonl:2: messages\\[0\\]: an assistant"),
     ],

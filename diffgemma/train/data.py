@@ -1,13 +1,20 @@
-"""Chat data for supervised fine-tuning: JSONL files of {"messages": [...]} through the chat template.
+"""Data for supervised fine-tuning: JSONL files, a record a line, in the formats TRL's trainers read.
 
-Each assistant turn becomes one example: the prompt is the conversation before it, rendered with the
-generation prompt (what inference would see), and the response is the rest of the rendered conversation
-up to and including that turn's closing markup, then EOS. Supervision starts at the model's turn.
+- conversations, {"messages": [...]} through the chat template: each assistant turn becomes one example, its
+  prompt the conversation before it, rendered with the generation prompt (what inference would see), its
+  response the rest of the rendered conversation up to and including that turn's closing markup, then EOS;
+- prompt and completion, {"prompt": [...], "completion": [...]} as messages: the same, learning only the
+  completion's assistant turns;
+- prompt and completion as text, {"prompt": "...", "completion": "..."}: plain continuation, no template (the
+  prompt encoded as `generate` encodes it, the completion then EOS);
+- text alone, {"text": "..."}: the whole text as the response to an empty prompt (BOS alone).
+Supervision starts at the response.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import DiffGemmaError
@@ -51,6 +58,37 @@ def conversation_examples(
     return examples
 
 
+RECORD_FORMATS = '{"messages": [...]}, {"prompt": ..., "completion": ...} (texts or messages) or {"text": "..."}'
+
+
+def record_examples(
+    record: object, tokenizer: Tokenizer, eos_id: int, first_id: int = 0, enable_thinking: bool = False
+) -> list[Example]:
+    """The examples of one JSONL record, in any of the formats above."""
+    if not isinstance(record, dict):
+        raise DiffGemmaError(f"expected an object: {RECORD_FORMATS}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DiffGemmaError('"messages" must be a non-empty list')
+        return conversation_examples(messages, tokenizer, eos_id, first_id, enable_thinking)
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, list) and isinstance(completion, list) and completion:
+        turns = conversation_examples(prompt + completion, tokenizer, eos_id, first_id, enable_thinking)
+        answered = sum(1 for message in prompt if isinstance(message, dict) and message.get("role") == "assistant")
+        return [replace(example, id=first_id + index) for index, example in enumerate(turns[answered:])]
+    if isinstance(prompt, str) and isinstance(completion, str) and completion:
+        response = [*tokenizer.encode(completion, add_special_tokens=False), eos_id]
+        return [Example(tokenizer.encode(prompt), response, id=first_id)]
+    if isinstance(record.get("text"), str) and record["text"]:
+        return [
+            Example(
+                tokenizer.encode(""), [*tokenizer.encode(record["text"], add_special_tokens=False), eos_id], first_id
+            )
+        ]
+    raise DiffGemmaError(f"expected one of {RECORD_FORMATS} (non-empty), got the keys {sorted(record)}")
+
+
 def read_chat_jsonl(
     path: str | Path, tokenizer: Tokenizer, eos_id: int, enable_thinking: bool = False
 ) -> list[Example]:
@@ -67,11 +105,8 @@ def read_chat_jsonl(
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DiffGemmaError(f"{where}: not valid JSON ({err.msg})") from None
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise DiffGemmaError(f'{where}: expected an object with a non-empty "messages" list')
         try:
-            found = conversation_examples(messages, tokenizer, eos_id, len(examples), enable_thinking)
+            found = record_examples(record, tokenizer, eos_id, len(examples), enable_thinking)
         except DiffGemmaError as err:
             raise DiffGemmaError(f"{where}: {err}") from None
         if not found:
