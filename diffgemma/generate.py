@@ -27,7 +27,7 @@ from .cache import DecoderView, EncoderCache
 from .config import SamplerSettings
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
-from .tokenizer import ChatReply, Tokenizer, split_thinking
+from .tokenizer import THINKING_OPEN, ChatReply, Tokenizer, split_thinking
 
 MODES = ("fast", "reference")
 
@@ -160,6 +160,72 @@ class StopStrings:
         start = max(0, len(before) - max(map(len, self.stops)) + 1)
         index = self.first(text, start)
         return text[:index] if index is not None else self.cut(text)
+
+
+class SettledText:
+    """A row's generated ids as (content, reasoning) text, and as deltas never taken back (for streams that
+    send text as it settles). `chat`: the thinking channel comes apart from the answer; else plain text, its
+    leading space kept (a continuation joins its prompt). The content ends before the first of `stops`."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, eos_ids: Sequence[int], pad_id: int | None, chat: bool, stops: Sequence[str] = ()
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos = set(eos_ids)
+        self.pad = pad_id
+        self.chat = chat
+        self.sent = ["", ""]  # content, reasoning
+        self.stops = StopStrings(stops, lambda tokens: self._parts(tokens, True, True)[0]) if stops else None
+
+    def through_stop(self, tokens: list[int]) -> list[int] | None:
+        """`tokens` through the one that completed a stop string in the answer (None: no stop string yet)."""
+        if self.stops is None:
+            return None
+        tokens = self._cut(tokens)
+        through = self.stops.tokens_through(tokens)
+        return None if through is None else tokens[:through]
+
+    def _cut(self, tokens: list[int]) -> list[int]:
+        for index, token in enumerate(tokens):
+            if token in self.eos:
+                return tokens[:index]
+        return [t for t in tokens if t != self.pad]
+
+    def parts(self, tokens: list[int], final: bool = True) -> tuple[str, str]:
+        if self.stops is None:
+            return self._parts(tokens, final)
+        content, reasoning = self._parts(tokens, final, trailing_space=True)
+        return self.stops.answer(content), reasoning
+
+    def _parts(self, tokens: list[int], final: bool, trailing_space: bool = False) -> tuple[str, str]:
+        tokens = self._cut(tokens)
+        if not self.chat:
+            return self.tokenizer.decode(tokens), ""
+        raw = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        if not final:  # a thinking marker still arriving must not leak into the answer
+            for size in range(len(THINKING_OPEN) - 1, 0, -1):
+                if raw.endswith(THINKING_OPEN[:size]):
+                    raw = raw[:-size]
+                    break
+        reply = split_thinking(raw, self.tokenizer.special_strings, trailing_space)
+        return reply.content, reply.reasoning
+
+    def deltas(self, tokens: list[int], final: bool = False) -> tuple[str, str]:
+        """New text since the last call. Until the end, trailing whitespace and a half-decoded character
+        are held back, since more tokens may still join them."""
+        out = []
+        for index, text in enumerate(self.parts(tokens, final)):
+            if not final:
+                text = text.rstrip().rstrip("\ufffd")
+                if index == 0 and self.stops is not None:  # what may begin a stop string waits too
+                    text = text[: len(text) - self.stops.pending(text)].rstrip()
+            sent = self.sent[index]
+            if text.startswith(sent) and len(text) > len(sent):
+                out.append(text[len(sent) :])
+                self.sent[index] = text
+            else:
+                out.append("")
+        return out[0], out[1]
 
 
 def _decode_rows(tokenizer: Tokenizer | None, ids: torch.Tensor) -> list[str]:

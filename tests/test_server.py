@@ -333,12 +333,12 @@ def test_a_fill_and_a_completion_share_a_batch_each_as_alone(demo):
     assert together == alone and batcher.batches_run[3:] == [2]
 
 
-def test_reply_text_splits_thinking_and_never_takes_text_back(demo):
-    from diffgemma.server.app import ReplyText
+def test_settled_text_splits_thinking_and_never_takes_text_back(demo):
+    from diffgemma.server.app import reply_text
 
     tokenizer = demo.tokenizer
     full = tokenizer.encode("<|channel>thought\nadd them up<channel|>The sum is 7.<turn|>", add_special_tokens=False)
-    reply = ReplyText(demo, chat=True)
+    reply = reply_text(demo, chat=True)
     streamed = ["", ""]
     for end in range(1, len(full) + 1):
         content, reasoning = reply.deltas(full[:end])

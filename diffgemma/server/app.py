@@ -26,8 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
-from ..generate import StopStrings
-from ..tokenizer import THINKING_OPEN, split_thinking
+from ..generate import SettledText
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 from .responses import ResponseBuilder, ResponsesRequest, request_messages
 from .schema import (
@@ -58,68 +57,10 @@ class ServerOptions:
     max_batch: int = 8
 
 
-class ReplyText:
-    """Turns generated ids into (content, reasoning) text, and into deltas that are never taken back; the
-    content ends before the first of the `stop` strings."""
-
-    def __init__(self, model: DiffGemma, chat: bool, stop: StopField = None) -> None:
-        self.tokenizer = model.tokenizer
-        self.eos = set(model.settings.eos_token_id)
-        self.pad = model.settings.pad_token_id
-        self.chat = chat
-        self.sent = ["", ""]  # content, reasoning
-        stops = stop_strings(stop)
-        self.stops = StopStrings(stops, lambda tokens: self._parts(tokens, True, True)[0]) if stops else None
-
-    def through_stop(self, tokens: list[int]) -> list[int] | None:
-        """`tokens` through the one that completed a stop string in the answer (None: no stop string yet)."""
-        if self.stops is None:
-            return None
-        tokens = self._cut(tokens)
-        through = self.stops.tokens_through(tokens)
-        return None if through is None else tokens[:through]
-
-    def _cut(self, tokens: list[int]) -> list[int]:
-        for index, token in enumerate(tokens):
-            if token in self.eos:
-                return tokens[:index]
-        return [t for t in tokens if t != self.pad]
-
-    def parts(self, tokens: list[int], final: bool = True) -> tuple[str, str]:
-        if self.stops is None:
-            return self._parts(tokens, final)
-        content, reasoning = self._parts(tokens, final, trailing_space=True)
-        return self.stops.answer(content), reasoning
-
-    def _parts(self, tokens: list[int], final: bool, trailing_space: bool = False) -> tuple[str, str]:
-        tokens = self._cut(tokens)
-        if not self.chat:  # a continuation keeps its leading space: the client joins it to the prompt
-            return self.tokenizer.decode(tokens), ""
-        raw = self.tokenizer.decode(tokens, skip_special_tokens=False)
-        if not final:  # a thinking marker still arriving must not leak into the answer
-            for size in range(len(THINKING_OPEN) - 1, 0, -1):
-                if raw.endswith(THINKING_OPEN[:size]):
-                    raw = raw[:-size]
-                    break
-        reply = split_thinking(raw, self.tokenizer.special_strings, trailing_space)
-        return reply.content, reply.reasoning
-
-    def deltas(self, tokens: list[int], final: bool = False) -> tuple[str, str]:
-        """New text since the last call. Until the end, trailing whitespace and a half-decoded character
-        are held back, since more tokens may still join them."""
-        out = []
-        for index, text in enumerate(self.parts(tokens, final)):
-            if not final:
-                text = text.rstrip().rstrip("\ufffd")
-                if index == 0 and self.stops is not None:  # what may begin a stop string waits too
-                    text = text[: len(text) - self.stops.pending(text)].rstrip()
-            sent = self.sent[index]
-            if text.startswith(sent) and len(text) > len(sent):
-                out.append(text[len(sent) :])
-                self.sent[index] = text
-            else:
-                out.append("")
-        return out[0], out[1]
+def reply_text(model: DiffGemma, chat: bool, stop: StopField = None) -> SettledText:
+    """A choice's text as it settles (`generate.SettledText`), with the request's stop strings."""
+    pad = model.settings.pad_token_id
+    return SettledText(model.tokenizer, model.settings.eos_token_id, pad, chat, stop_strings(stop))
 
 
 def completion_prompts(model: DiffGemma, prompt: PromptField) -> tuple[list[list[int]], list[str]]:
@@ -283,7 +224,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             raise APIError(503, str(err), "server_error", "unavailable") from None
         return job
 
-    async def run_job(job: Job, request: Request, reply: ReplyText) -> tuple[RowDone, str]:
+    async def run_job(job: Job, request: Request, reply: SettledText) -> tuple[RowDone, str]:
         """Wait for a job's result and its finish reason (a stop string ends it as soon as one settles: the job
         is then cancelled); if the client goes away first, cancel the job."""
         app.state.active += 1
@@ -312,7 +253,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             app.state.active -= 1
 
     async def stream_jobs(
-        jobs: list[Job], replies: list[ReplyText], chunk, drafts: bool, usage: int | None, echoes: list[str]
+        jobs: list[Job], replies: list[SettledText], chunk, drafts: bool, usage: int | None, echoes: list[str]
     ) -> AsyncIterator[str]:
         """One stream for a request's choices (a job each, its `echoes` text first), their events as they come,
         then (`usage`: the prompt tokens, to count) usage."""
@@ -373,7 +314,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         limit = admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n)
         rows = [prompt for prompt in prompts for _ in range(body.n)]
         leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
-        replies = [ReplyText(model, chat, body.stop) for _ in rows]
+        replies = [reply_text(model, chat, body.stop) for _ in rows]
         jobs = [new_job(prompt, limit, body, index, clamp) for index, prompt in enumerate(rows)]
         identity = _identity("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(prompt) for prompt in prompts)
@@ -416,7 +357,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def responses(body: ResponsesRequest, request: Request):
         prompt = chat_prompt(*request_messages(body), "input")
         limit = admit([prompt], body.max_output_tokens, 1)
-        job, reply = new_job(prompt, limit, body, 0, None), ReplyText(model, chat=True)
+        job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, chat=True)
         built = ResponseBuilder(options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)))
         if body.stream:
             return _event_stream(stream_jobs([job], [reply], built.chunk, False, len(prompt), [""]))
@@ -445,7 +386,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         length = infill_length(model, body.max_tokens, body.original)
         prompt = model.tokenizer.encode(body.prefix)
         job = new_job(prompt, admit([prompt], length, 1), body, 0, model.infill_inputs("", body.suffix, length)[1])
-        reply = ReplyText(model, chat=False)
+        reply = reply_text(model, chat=False)
         done, _ = await run_job(job, request, reply)
         fill = reply.parts(done.new_tokens)[0]
         return {"object": "infill", "model": options.model_name, "text": body.prefix + fill + body.suffix, "fill": fill}
@@ -476,7 +417,7 @@ def _usage(prompt_tokens: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def _ending(reply: ReplyText, tokens: list[int], job: Job, done: bool) -> tuple[list[int], str] | None:
+def _ending(reply: SettledText, tokens: list[int], job: Job, done: bool) -> tuple[list[int], str] | None:
     """How a choice ends, given its final tokens so far: (its tokens, its finish reason), or None while it goes
     on. A stop string in its answer ends it there; else the job's end does, at its token limit or before."""
     through = reply.through_stop(tokens)
