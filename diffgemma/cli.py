@@ -203,15 +203,56 @@ def _watch(model, prompt: Any, args: argparse.Namespace, sampler: dict[str, Any]
     return result
 
 
+def _print_as_it_settles(
+    model, prompt: Any, args: argparse.Namespace, sampler: dict[str, Any], chat: bool, lead: str = "", **extra: Any
+):
+    """Generate, printing the answer as it settles (a canvas's leading tokens are fixed as soon as they are
+    stable and confident, so the text never changes once shown): the thinking after "[thinking] " on a line of
+    its own, then `lead` and the answer. Returns (the result, the answer, the thinking)."""
+    from .generate import CanvasCommit, Done, Draft, SettledText
+
+    text = SettledText(model.tokenizer, model.settings.eos_token_id, model.settings.pad_token_id, chat, args.stop or ())
+    limit = sampler.get("max_new_tokens", model.settings.max_new_tokens)
+    started = {"reasoning": False, "content": False}
+
+    def show(content: str, reasoning: str, final: bool = False) -> None:
+        if reasoning:
+            print("" if started["reasoning"] else "[thinking] ", reasoning, sep="", end="", flush=True)
+            started["reasoning"] = True
+        if (content or final) and not started["content"]:  # (an empty answer still gets its line)
+            print("\n" if started["reasoning"] else "", lead, sep="", end="")
+            started["content"] = True
+        print(content, end="\n" if final else "", flush=True)
+
+    committed: list[int] = []
+    result = None
+    stop = extra.pop("stop", None)
+    for event in model.stream(
+        prompt, seed=args.seed, mode=args.mode, commit_stable_prefix=True, stop=stop, **sampler, **extra
+    ):
+        if isinstance(event, Draft) and event.settled is not None:
+            show(*text.deltas((committed + event.ids[0, : int(event.settled[0])].tolist())[:limit]))
+        elif isinstance(event, CanvasCommit):
+            committed += event.ids[0].tolist()
+        elif isinstance(event, Done):
+            result = event.result
+    show(*text.deltas(result.new_tokens[0], final=True), final=True)
+    content, reasoning = text.parts(result.new_tokens[0])
+    return result, content, reasoning
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     model = _load(args)
     prompt = _read_prompt(args.prompt)
     sampler = _sampler(args)
     if args.watch:
         result = _watch(model, prompt, args, sampler, stop=args.stop)
+        print(result.text)
+    elif args.stream:
+        result = _print_as_it_settles(model, prompt, args, sampler, chat=False, stop=args.stop)[0]
     else:
         result = model.generate(prompt, seed=args.seed, mode=args.mode, stop=args.stop, **sampler)
-    print(result.text)
+        print(result.text)
     if args.stats:
         steps = sum(sum(rows) for rows in result.steps)
         print(
@@ -234,6 +275,13 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     def answer(line: str) -> None:
         history.append({"role": "user", "content": line})
+        if args.stream and not (args.watch and terminal):
+            lead = "model> " if interactive else ""
+            _, content, _ = _print_as_it_settles(
+                model, history, args, sampler, chat=True, lead=lead, enable_thinking=thinking, stop=stops
+            )
+            history.append({"role": "assistant", "content": content})
+            return
         if args.watch and terminal:
             result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=stops)
         else:
@@ -661,6 +709,16 @@ def _add_model_options(
     parser.add_argument("--confidence", type=float, default=None, help="mean entropy under which a canvas stops")
 
 
+def _add_stream_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print the text as it settles, each canvas's leading tokens fixed once stable (the server's way); "
+        "--no-stream prints it whole at the end, the text the Python API's generate gives for the seed",
+    )
+
+
 def _add_stop_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stop", action="append", default=None, metavar="TEXT", help="end the answer before TEXT (repeatable)"
@@ -675,6 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help="the prompt, or - to read it from stdin")
     generate.add_argument("--watch", action="store_true", help="show the canvas converge live")
     generate.add_argument("--stats", action="store_true", help="print tokens, steps and speed to stderr")
+    _add_stream_option(generate)
     _add_stop_option(generate)
     _add_model_options(generate)
     generate.set_defaults(run=cmd_generate)
@@ -682,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="an interactive chat (/reset, /think on|off, /exit)")
     chat.add_argument("message", nargs="?", help="answer this one message and exit (default: a conversation)")
     chat.add_argument("--system", help="a system prompt, kept across /reset")
+    _add_stream_option(chat)
     chat.add_argument("--think", action="store_true", help="start with thinking on")
     chat.add_argument("--watch", action="store_true", help="show each answer's canvas converge")
     _add_stop_option(chat)

@@ -238,17 +238,48 @@ def test_chat_answers_one_message_and_keeps_a_system_prompt_across_reset(capsys,
     code, out, _ = run(capsys, "chat", sky, "--model", DEMO, "--seed", "0")
     assert code == 0 and out == ANSWERS[sky] + "\n"
     asked = []
-    generate = DiffGemma.generate
-    monkeypatch.setattr(
-        DiffGemma,
-        "generate",
-        lambda self, messages, **kw: asked.append(list(messages)) or generate(self, messages, **kw),
-    )
+    stream = DiffGemma.stream
+
+    def recorded(self, messages, **kw):
+        asked.append(list(messages))
+        return stream(self, messages, **kw)
+
+    monkeypatch.setattr(DiffGemma, "stream", recorded)
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{sky}\n/reset\nCount to five.\n"))
     code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "0", "--system", "Be brief.")
     system = {"role": "system", "content": "Be brief."}
     assert code == 0 and [m[0] for m in asked] == [system, system]
     assert asked[1] == [system, {"role": "user", "content": "Count to five."}]  # the reset kept the system prompt
+
+
+def test_generate_and_chat_print_the_text_as_it_settles(monkeypatch, demo):
+    """By default the text comes out in pieces as canvases settle (every step run here: no early stop), and
+    adds up to what a generation that fixes settled prefixes gives; chat's thinking comes on its own line."""
+    import io
+
+    from assets.make_demo_model import THINKING
+
+    from diffgemma.generate import run_to_end
+
+    writes: list[str] = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return super().write(text)
+
+    slow = ["--confidence", "1e-9", "--seed", "3", "--max-new-tokens", "60"]
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    assert main(["generate", "Once upon a time", "--model", DEMO, *slow]) == 0
+    settings = {"seed": 3, "max_new_tokens": 60, "confidence_threshold": 1e-9}
+    expected = run_to_end(demo.stream("Once upon a time", commit_stable_prefix=True, **settings)).text
+    assert sys.stdout.getvalue() == expected + "\n"
+    assert len([piece for piece in writes if piece.strip()]) > 2
+    question = "What is 3 + 4?"
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    assert main(["chat", question, "--think", "--model", DEMO, "--seed", "1"]) == 0
+    thought, answer = THINKING[question]
+    assert sys.stdout.getvalue() == f"[thinking] {thought}\n{answer}\n"
 
 
 def test_stop_strings_end_chat_answers_and_generated_text(capsys, monkeypatch):
