@@ -8,6 +8,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -935,11 +936,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line for a person at a terminal, not a source location."""
+    print(f"diffgemma: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _set_threads(args)
-        args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            _set_threads(args)
+            args.run(args)
     except DiffGemmaError as err:
         print(f"diffgemma: {err}", file=sys.stderr)
         return 2

@@ -909,7 +909,7 @@ def infill_clamp(
         warnings.warn(
             f"infill: the suffix is {len(suffix_ids)} tokens but only {room} fit after {length} free positions "
             f"in a {canvas_length}-token canvas; dropped its last {len(suffix_ids) - room} tokens",
-            stacklevel=3,
+            stacklevel=4,
         )
         suffix_ids = suffix_ids[:room]
     tail = [eos] + [pad] * (room - len(suffix_ids) - 1) if room > len(suffix_ids) else []

@@ -296,6 +296,14 @@ def test_stop_strings_end_chat_answers_and_generated_text(capsys, monkeypatch):
     assert code == 0 and cut == free[: free.index(stop)] + "\n"
 
 
+def test_warnings_come_as_one_line_for_a_person(capsys):
+    suffix = "x" * 60  # more than fits on the demo's 32-token canvas after 4 free positions
+    argv = ["infill", "--prefix", "a", "--suffix", suffix, "--length", "4", "--model", DEMO, "--seed", "1"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and err.startswith("diffgemma: warning: infill: the suffix is 60 tokens")
+    assert "UserWarning" not in err and ".py:" not in err
+
+
 def test_edit_writes_atomically_with_backup(capsys, tmp_path):
     path = tmp_path / "notes.txt"
     original = "first line\nsecond line\nthird line\n"
