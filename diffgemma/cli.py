@@ -670,6 +670,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens_limit,
         max_concurrent=args.max_concurrent,
         max_batch=args.max_batch,
+        allowed_origins=tuple(args.allow_origin or ()),
     )
     serve(model, args.host, args.port, options)
 
@@ -774,6 +775,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-limit", type=_at_least(1), default=4096)
     serve.add_argument("--max-concurrent", type=_at_least(1), default=16)
     serve.add_argument("--max-batch", type=_at_least(1), default=8)
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API from a browser (repeatable)",
+    )
     _add_model_options(serve, sampling=False)
     serve.set_defaults(run=cmd_serve)
 

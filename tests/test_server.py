@@ -265,6 +265,24 @@ def test_api_key(demo):
         assert good.chat.completions.create(model="demo", messages=ask("Say hello."), seed=1).choices[0].message.content
 
 
+def test_allowed_origins_let_a_browser_page_elsewhere_call_the_api(demo):
+    """CORS: a preflight from an allowed origin is answered (before the API key is asked for: browsers send
+    none with it), its requests carry the allow header; another origin gets none, nor does a server without."""
+    page, other = "http://localhost:3000", "http://evil.example"
+    app = create_app(demo, ServerOptions(model_name="demo", api_key="s3cret", allowed_origins=(page,)))
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    with running(app) as url:
+        answered = httpx.options(url + "/v1/chat/completions", headers={"Origin": page, **preflight})
+        assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == page
+        listed = httpx.get(url + "/v1/models", headers={"Origin": page, "Authorization": "Bearer s3cret"})
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == page
+        refused = httpx.options(url + "/v1/chat/completions", headers={"Origin": other, **preflight})
+        assert "access-control-allow-origin" not in refused.headers
+    with running(create_app(demo, ServerOptions(model_name="demo"))) as url:
+        plain = httpx.get(url + "/v1/models", headers={"Origin": page})
+        assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
 def test_concurrent_requests_are_batched_and_faster(demo):
     questions = list(ANSWERS)[:8]
     batcher = Batcher(demo, max_batch=8)

@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,6 +56,7 @@ class ServerOptions:
     max_body_bytes: int = 1_000_000
     max_concurrent: int = 16
     max_batch: int = 8
+    allowed_origins: tuple[str, ...] = ()  # web pages elsewhere that may call the API (CORS); "*" for any
 
 
 def reply_text(model: DiffGemma, chat: bool, stop: StopField = None) -> SettledText:
@@ -147,6 +149,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             body = error_body(f"request body over {options.max_body_bytes} bytes", "invalid_request_error")
             return JSONResponse(body, status_code=413)
         return await call_next(request)
+
+    if options.allowed_origins:  # added last, so outermost: a browser's preflight is answered before the key check
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(options.allowed_origins), allow_methods=["*"], allow_headers=["*"]
+        )
 
     @app.get("/health")
     async def health() -> dict:
