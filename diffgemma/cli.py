@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .errors import DiffGemmaError
 from .quant import FORMATS
 
@@ -729,6 +730,7 @@ def _add_stop_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="diffgemma", description="DiffusionGemma block text diffusion")
+    parser.add_argument("--version", action="version", version=f"diffgemma {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     generate = commands.add_parser("generate", help="generate text after a prompt")

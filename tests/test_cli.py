@@ -14,6 +14,7 @@ import pytest
 import torch
 from assets.make_demo_model import ANSWERS
 
+import diffgemma
 from diffgemma import DiffGemmaError
 from diffgemma.cli import main
 
@@ -25,6 +26,12 @@ def run(capsys, *argv):
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"diffgemma {diffgemma.__version__}"
 
 
 def test_info(capsys):

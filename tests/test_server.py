@@ -455,6 +455,8 @@ def test_the_serve_command_answers_an_openai_client(demo):
     finally:
         process.terminate()
         process.wait(timeout=30)
+    said = process.stdout.read()
+    assert f"diffgemma: serving demo-cli at http://127.0.0.1:{port}/v1" in said
 
 
 def test_a_stop_string_ends_the_answer_and_its_canvases(client):
