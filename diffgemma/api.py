@@ -103,12 +103,17 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def _download(repo_id: str) -> Path:
-    """Fetch a checkpoint from the Hugging Face Hub; offline, say so plainly."""
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja")
+CONFIG_FILES = ("config.json", "generation_config.json")  # what `info` reads: kilobytes, not 50 GB
+
+
+def _download(repo_id: str, patterns: Sequence[str] = CHECKPOINT_FILES) -> Path:
+    """Fetch a checkpoint (or the files of it that match `patterns`) from the Hugging Face Hub; offline, say
+    so plainly."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except Exception as err:  # network, auth and missing-repo errors all mean the same thing here
         raise DiffGemmaError(
             f"{repo_id}: not a local folder, and downloading it from the Hugging Face Hub failed "
@@ -116,14 +121,15 @@ def _download(repo_id: str) -> Path:
         ) from None
 
 
-def resolve_folder(path: str | os.PathLike) -> Path:
+def resolve_folder(path: str | os.PathLike, patterns: Sequence[str] = CHECKPOINT_FILES) -> Path:
+    """A local checkpoint folder, or a Hub id downloaded (the files matching `patterns`)."""
     folder = Path(path).expanduser()
     if folder.is_dir():
         return folder
     if folder.exists():
         raise DiffGemmaError(f"{folder}: not a folder (pass the checkpoint folder, not a file in it)")
     if HUB_ID.match(str(path)) and not str(path).startswith((".", "/")):
-        return _download(str(path))
+        return _download(str(path), patterns)
     raise DiffGemmaError(f"{folder}: folder not found")
 
 

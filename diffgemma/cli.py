@@ -93,12 +93,12 @@ def _read_prompt(prompt: str) -> str:
 def cmd_info(args: argparse.Namespace) -> None:
     import torch
 
-    from .api import DTYPE_NAMES, auto_dtype, bf16_is_fast, resolve_folder
+    from .api import CONFIG_FILES, DTYPE_NAMES, auto_dtype, bf16_is_fast, resolve_folder
     from .checkpoint import stored_float_dtype
     from .config import load_configs
     from .quant import QuantFormat, cpu_kernels_here, format_from_config, memory_estimate
 
-    folder = resolve_folder(_model_path(args))
+    folder = resolve_folder(_model_path(args), CONFIG_FILES)  # a Hub id: its configs alone
     config, settings = load_configs(folder)
     if args.batch < 1:
         raise DiffGemmaError(f"--batch must be at least 1, got {args.batch}")

@@ -260,3 +260,26 @@ def test_hub_id_offline_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DiffGemmaError, match="downloading it from the Hugging Face Hub failed"):
         diffgemma.load("google/diffusiongemma-26B-A4B-it")
+
+
+def test_info_on_a_hub_id_fetches_the_configs_alone(monkeypatch, tmp_path, capsys):
+    """`info` on a Hub id asks for config.json and generation_config.json, not the 50 GB of weights."""
+    import huggingface_hub
+
+    from diffgemma.cli import main
+
+    source = random_checkpoint(tmp_path / "tiny", preset="tiny")
+    asked = {}
+
+    def fake_download(repo_id, allow_patterns):
+        asked[repo_id] = allow_patterns
+        configs = tmp_path / "configs"
+        configs.mkdir(exist_ok=True)
+        for name in ("config.json", "generation_config.json"):
+            shutil.copy(source / name, configs / name)
+        return str(configs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert main(["info", "--model", "google/diffusiongemma-26B-A4B-it"]) == 0
+    assert asked == {"google/diffusiongemma-26B-A4B-it": ["config.json", "generation_config.json"]}
+    assert "parameters" in capsys.readouterr().out
