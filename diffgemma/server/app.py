@@ -39,8 +39,8 @@ from .schema import (
     PromptField,
     SamplerExtras,
     StopField,
+    content_text,
     error_body,
-    message_text,
     stop_strings,
 )
 
@@ -356,7 +356,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        messages = [{"role": m.role, "content": message_text(m)} for m in body.messages]
+        messages = [{"role": m.role, "content": content_text(m.content, "messages")} for m in body.messages]
         thinking = bool(body.enable_thinking or (body.chat_template_kwargs or {}).get("enable_thinking"))
         return await complete(body, request, [chat_prompt(messages, thinking, "messages")], chat=True)
 

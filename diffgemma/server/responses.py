@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from .schema import APIError, SamplerExtras
+from .schema import APIError, SamplerExtras, content_text
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -40,24 +40,9 @@ def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, str]], bool
         if kind != "message" or role not in ("system", "developer", "user", "assistant"):
             what = f"input items of type {kind!r}" if kind != "message" else f"a message with role {role!r}"
             raise APIError(400, f"{what} are not supported", "invalid_request_error", "invalid_value", "input")
-        messages.append({"role": role, "content": _item_text(item.get("content"))})
+        messages.append({"role": role, "content": content_text(item.get("content"), "input", TEXT_PARTS)})
     effort = (body.reasoning or {}).get("effort")
     return messages, effort not in (None, "none", "minimal")
-
-
-def _item_text(content: Any) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    others = sorted({str(part.get("type")) for part in content if part.get("type") not in TEXT_PARTS})
-    if others:
-        raise APIError(
-            400,
-            f"content parts of type {', '.join(others)} are not supported: diffgemma serves the text model",
-            "invalid_request_error",
-            "invalid_value",
-            "input",
-        )
-    return "".join(str(part.get("text", "")) for part in content)
 
 
 def _identifier(prefix: str) -> str:

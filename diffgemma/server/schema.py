@@ -88,20 +88,23 @@ class InfillRequest(SamplerExtras):
     original: str | None = None  # the text being replaced: without max_tokens, the fill gets its length
 
 
-def message_text(message: Message) -> str:
-    """A message's text; parts other than text (images, audio, files) are refused, not dropped unseen."""
-    if not isinstance(message.content, list):
-        return message.content or ""
-    others = sorted({str(part.get("type")) for part in message.content if part.get("type") != "text"})
+def content_text(
+    content: str | list[dict[str, Any]] | None, param: str, text_parts: tuple[str, ...] = ("text",)
+) -> str:
+    """A message's content as text: a string, or the text of its parts (`text_parts` name their types). Parts
+    of other types (images, audio, files) are refused, not dropped unseen (`param`: the request's field)."""
+    if not isinstance(content, list):
+        return content or ""
+    others = sorted({str(part.get("type")) for part in content if part.get("type") not in text_parts})
     if others:
         raise APIError(
             400,
             f"content parts of type {', '.join(others)} are not supported: diffgemma serves the text model",
             "invalid_request_error",
             "invalid_value",
-            "messages",
+            param,
         )
-    return "".join(str(part.get("text", "")) for part in message.content)
+    return "".join(str(part.get("text", "")) for part in content)
 
 
 def stop_strings(stop: StopField) -> list[str]:
