@@ -100,8 +100,6 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     folder = resolve_folder(_model_path(args), CONFIG_FILES)  # a Hub id: its configs alone
     config, settings = load_configs(folder)
-    if args.batch < 1:
-        raise DiffGemmaError(f"--batch must be at least 1, got {args.batch}")
     room = config.max_position_embeddings - config.canvas_length  # a canvas follows the context
     if not 0 <= args.context <= room:
         raise DiffGemmaError(
@@ -933,7 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="summarise a checkpoint: shape, parameters, memory, sampler")
     info.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     info.add_argument("--context", type=int, default=4096, help="tokens of context for the memory estimate")
-    info.add_argument("--batch", type=int, default=1, help="rows for the memory estimate")
+    info.add_argument("--batch", type=_at_least(1), default=1, help="rows for the memory estimate")
     info.set_defaults(run=cmd_info)
 
     random = commands.add_parser("random-checkpoint", help="write a random-weight checkpoint of a named shape")

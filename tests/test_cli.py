@@ -52,7 +52,6 @@ def test_info(capsys):
     [
         (("--context", "-5"), "--context must be between 0 and"),
         (("--context", str(10**11)), "max_position_embeddings"),
-        (("--batch", "0"), "--batch must be at least 1"),
     ],
 )
 def test_info_rejects_a_context_or_batch_it_cannot_estimate(capsys, option, expected):
@@ -110,6 +109,7 @@ def test_commands_that_run_a_model_load_it_in_auto_training_in_float32_and_mergi
         (["train", "sudoku", "--out", "o", "--steps", "0"], "--steps: must be at least 1, got 0"),  # not 20000
         (["train", "chat", "--out", "o", "--batch-size", "-2"], "--batch-size: must be at least 1, got -2"),
         (["sudoku-puzzles", "0"], "count: must be at least 1, got 0"),
+        (["info", "--model", DEMO, "--batch", "0"], "--batch: must be at least 1, got 0"),
         (["quantize", DEMO, "o", "--to", "int8", "--group-size", "32"], "are int4's"),
     ],
 )
