@@ -785,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     sudoku = commands.add_parser("sudoku", help="solve a sudoku (a fresh one, or --puzzle) and watch it converge")
-    sudoku.add_argument("--puzzle", default=None, help="81 characters, 0 or . for empty cells")
+    sudoku.add_argument("--puzzle", default=None, help="81 cells (0 . _ or * empty), in a line or drawn as a grid")
     sudoku.add_argument(
         "--givens",
         type=int,
@@ -807,7 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a task: `eval sudoku --puzzles FILE`")
     evaluate.add_argument("task", choices=["sudoku"])
-    evaluate.add_argument("--puzzles", required=True, help="one puzzle a line (81 characters; 0 or . empty)")
+    evaluate.add_argument(
+        "--puzzles", required=True, help="one puzzle a line (81 cells; 0 . _ or * empty; CSV puzzle,solution lines too)"
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     _add_tries_option(evaluate)
     _add_candidates_option(evaluate)

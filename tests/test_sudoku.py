@@ -76,7 +76,7 @@ def test_parse_formats_and_errors(tmp_path):
     puzzle, _ = sudoku.make_puzzle(rng, 30)
     text = sudoku.format_grid(puzzle)
     assert sudoku.parse(text.replace("0", ".") + "\tsolution or notes") == puzzle
-    with pytest.raises(DiffGemmaError, match="expected 81 characters"):
+    with pytest.raises(DiffGemmaError, match="expected 81 cells"):
         sudoku.parse("123")
     broken = "11" + text[2:]
     with pytest.raises(DiffGemmaError, match="break the rules"):
@@ -87,6 +87,15 @@ def test_parse_formats_and_errors(tmp_path):
     path.write_text("not a puzzle\n")
     with pytest.raises(DiffGemmaError, match=r"puzzles.txt:1: expected 81"):
         sudoku.read_puzzles(path)
+    # as collections write them: a CSV of puzzles and solutions with its header, '_' or '*' for empty cells,
+    # or a grid drawn over nine lines with its boxes ruled
+    solution = sudoku.format_grid(sudoku.solve(puzzle, limit=1)[0])
+    path.write_text(f"quizzes,solutions\n{text},{solution}\n{text.replace('0', '_')}\n{text.replace('0', '*')}\n")
+    assert sudoku.read_puzzles(path) == [puzzle] * 3
+    rows = [text[9 * r : 9 * r + 9].replace("0", ".") for r in range(9)]
+    drawn = [" ".join(row[:3]) + " | " + " ".join(row[3:6]) + " | " + " ".join(row[6:]) for row in rows]
+    drawn = [*drawn[:3], "------+-------+------", *drawn[3:6], "------+-------+------", *drawn[6:]]
+    assert sudoku.parse("\n".join(drawn)) == puzzle
 
 
 def test_token_format_round_trip():

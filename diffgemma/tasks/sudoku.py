@@ -34,6 +34,7 @@ tab and anything else (ignored).
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,12 +77,18 @@ for _cell, _peers in enumerate(PEERS):
 SOLVE_TRIES = 64
 
 
+EMPTY_CELLS = "0._*"  # what puzzle collections write for an empty cell
+GRID_LINES = str.maketrans("", "", " \n\r|+-")  # a grid drawn over lines, boxes ruled
+
+
 def parse(line: str, where: str = "puzzle") -> list[int]:
-    """81 cells from a puzzle line ('0' or '.' empty; a tab and whatever follows it is ignored)."""
-    text = line.split("\t", 1)[0].strip()
-    if len(text) != CELLS or any(ch not in "0123456789." for ch in text):
-        raise DiffGemmaError(f"{where}: expected 81 characters of 1-9, 0 or '.', got {text[:90]!r}")
-    grid = [0 if ch in "0." else int(ch) for ch in text]
+    """81 cells from a puzzle: a line of digits with '0', '.', '_' or '*' for empty cells, or the same drawn as a
+    grid (spaces, newlines and the rules |, -, + between boxes are skipped). A tab or comma and whatever follows
+    is ignored (a solution beside its puzzle, as CSV collections hold them)."""
+    text = re.split(r"[\t,]", line, maxsplit=1)[0].translate(GRID_LINES)
+    if len(text) != CELLS or any(ch not in "123456789" + EMPTY_CELLS for ch in text):
+        raise DiffGemmaError(f"{where}: expected 81 cells of 1-9 (0, '.', '_' or '*' empty), got {text[:90]!r}")
+    grid = [0 if ch in EMPTY_CELLS else int(ch) for ch in text]
     if not is_consistent(grid):
         raise DiffGemmaError(f"{where}: the givens break the rules (a digit repeats in a row, column or box)")
     return grid
@@ -92,6 +99,10 @@ def read_puzzles(path: str | Path) -> list[list[int]]:
     if not file.is_file():
         raise DiffGemmaError(f"{file}: file not found")
     lines = [(n, line) for n, line in enumerate(file.read_text().splitlines(), 1) if line.strip()]
+    if (
+        lines and "," in lines[0][1] and not any(ch.isdigit() for ch in lines[0][1])
+    ):  # a CSV header ("quizzes,solutions")
+        lines = lines[1:]
     if not lines:
         raise DiffGemmaError(f"{file}: no puzzles")
     return [parse(line, f"{file}:{n}") for n, line in lines]
