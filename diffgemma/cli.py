@@ -145,6 +145,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         # on a CPU int8 and int4 where few rows meet a weight (an expert's share of a canvas at batch 1)
         direct = f"; {_gib(whole - parts['expanded'])} where a kernel takes {fmt.name}" if fmt is not None else ""
         print(f"  {label:<14}{_gib(whole)} ({detail}{direct})")
+    _print_training_state(config, stored_format)
     cpu = torch.device("cpu")
     bf16 = "bf16 products in hardware" if bf16_is_fast(cpu) else "no bf16 products in hardware (float32 is faster)"
     print(f"this CPU        {cpu_kernels_here()}; {bf16}")
@@ -158,6 +159,34 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"temperature {settings.t_max} -> {settings.t_min}, stop after {settings.stability_threshold} stable "
         f"step(s) below entropy {settings.confidence_threshold}"
     )
+
+
+def _print_training_state(config, stored_format) -> None:
+    """`info`'s training rows: what `train chat` holds whatever its batch (its `--dtype`: float32 by default, bf16
+    products under autocast; bfloat16 halves the weights), every weight trained or LoRA adapters of rank 16, over
+    a base in that dtype or quantized (`--quant`, QLoRA; a checkpoint stored quantized: its own format)."""
+    import torch
+
+    from .quant import QuantFormat
+    from .train.lora import LoraSettings
+    from .train.memory import training_state_bytes
+
+    lora = LoraSettings(16)
+    formats = [stored_format] if stored_format is not None else [None, QuantFormat("int4")]
+    ways = []  # (label, the dtype of what is not quantized, the base's format, adapters)
+    if stored_format is None:  # weights stored quantized train adapters alone
+        ways.append(("full, float32", torch.float32, None, None))
+    for fmt in formats:
+        for dtype, dtype_name in ((torch.float32, "float32"), (torch.bfloat16, "bf16")):
+            label = f"LoRA 16, {dtype_name}" if fmt is None else f"QLoRA 16, {fmt.name} + {dtype_name}"
+            ways.append((label, dtype, fmt, lora))
+    print("training state (weights, gradients, AdamW's moments; each step's activations come on top):")
+    for label, dtype, fmt, adapters in ways:
+        parts = training_state_bytes(config, dtype, fmt, adapters)
+        whole = parts["weights"] + parts["gradients"] + parts["optimizer"]
+        detail = f"weights {_gib(parts['weights'])}, gradients {_gib(parts['gradients'])}"
+        detail += f", AdamW {_gib(parts['optimizer'])}; {_count(parts['trained'])} values trained"
+        print(f"  {label:<26}{_gib(whole)} ({detail})")
 
 
 def cmd_random_checkpoint(args: argparse.Namespace) -> None:

@@ -105,3 +105,36 @@ def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
         add_lora(bare.network, settings)
         bare.save(tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize(
+    "dtype, fmt, rank",
+    [(torch.float32, None, 0), (torch.float32, None, 4), (torch.bfloat16, None, 4), (torch.float32, "int4", 4)],
+)
+def test_training_state_counts_what_a_real_step_holds(tmp_path, dtype, fmt, rank):
+    """`info`'s training rows (`training_state_bytes`, counted on the meta device) against a real network: its
+    weights and buffers, the gradients of what it trains, and AdamW's state after a step."""
+    from diffgemma.quant import QuantFormat
+    from diffgemma.train.lora import add_lora, trainable_parameters
+    from diffgemma.train.memory import training_state_bytes
+
+    folder = random_checkpoint(tmp_path / "tiny", preset="tiny", seed=5)
+    network = diffgemma.load(folder, dtype=dtype, quant=fmt).network
+    settings = LoraSettings(rank) if rank else None
+    if settings is not None:
+        add_lora(network, settings)
+    trained = trainable_parameters(network)
+    optimizer = torch.optim.AdamW(trained)
+    for parameter in trained:
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    held = sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in trained)
+    state = [t for per in optimizer.state.values() for t in per.values() if isinstance(t, torch.Tensor)]
+    counted = training_state_bytes(network.config, dtype, QuantFormat(fmt) if fmt else None, settings)
+    assert counted == {
+        "weights": held,
+        "trained": sum(p.numel() for p in trained),
+        "gradients": gradients,
+        "optimizer": sum(t.numel() * t.element_size() for t in state),
+    }

@@ -1,0 +1,38 @@
+"""What a training run holds whatever its batch: the weights, the gradients of what it trains, and AdamW's two
+moments (and step count) for each trained tensor. Counted on a meta-device build of the network, so exact and
+free; the activations a step adds on top depend on the batch, the sequence and the device (bench/train_memory.py
+measures them)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..model import DiffusionGemma
+from ..quant import QuantFormat, convert_
+from .lora import LoraSettings, add_lora, trainable_parameters
+
+ADAMW_STEP_BYTES = 4  # AdamW keeps each trained tensor's step count as a float32 scalar
+
+
+def training_state_bytes(
+    config: ModelConfig, dtype: torch.dtype, fmt: QuantFormat | None = None, lora: LoraSettings | None = None
+) -> dict[str, int]:
+    """Bytes by part for training the network in `dtype` (its base quantized to `fmt`, for QLoRA), every weight
+    or (`lora`) adapters alone: `weights` (all it holds, adapters included), `trained` (values trained),
+    `gradients`, `optimizer` (AdamW's state)."""
+    with torch.device("meta"):
+        network = DiffusionGemma(config).to(dtype)
+        if fmt is not None:
+            convert_(network, fmt)
+        if lora is not None:
+            add_lora(network, lora)
+    held = sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+    trained = trainable_parameters(network)
+    gradients = sum(p.numel() * p.element_size() for p in trained)
+    return {
+        "weights": held,
+        "trained": sum(p.numel() for p in trained),
+        "gradients": gradients,
+        "optimizer": 2 * gradients + ADAMW_STEP_BYTES * len(trained),
+    }
