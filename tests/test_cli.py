@@ -130,9 +130,12 @@ def test_info_on_a_quantized_checkpoint_gives_its_format_alone(capsys, tmp_path)
     assert main(["quantize", str(source), str(quantized), "--to", "int4", "--group-size", "32"]) == 0
     capsys.readouterr()
     code, out, _ = run(capsys, "info", "--model", str(quantized))
-    rows = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and "MiB (" in line]
+    memory, training = out.split("training state")
+    rows = [line.split()[0] for line in memory.splitlines() if line.startswith("  ") and "MiB (" in line]
     assert code == 0 and "quantized       int4, groups of 32, attention 16" in out
     assert rows == ["int4", "int4"]  # its own format, the rest in bf16 and in float32; no float rows
+    trained = [line.split("  ")[1] for line in training.splitlines() if line.startswith("  ")]
+    assert trained == ["QLoRA 16, int4 + float32", "QLoRA 16, int4 + bf16"]  # adapters alone over it
 
 
 def test_info_needs_only_a_config(capsys, tmp_path):
