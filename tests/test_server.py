@@ -401,6 +401,8 @@ def test_the_responses_api_with_the_openai_client(client):
     with client.responses.stream(model="demo", input=SKY, extra_body={"seed": 1}) as stream:
         events = list(stream)
         final = stream.get_final_response()
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [item.content for item in added] == [[]]  # its part comes in content_part.added, once
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == final.output_text == ANSWERS[SKY]
     assert events[0].type == "response.created" and events[-1].type == "response.completed"

@@ -147,10 +147,11 @@ class ResponseBuilder:
         events = self._close()
         self.open = kind
         self.items.append(kind)
-        index, empty = len(self.items) - 1, self._item(kind, "in_progress")
-        events.append(self._event("output_item.added", output_index=index, item=empty))
-        where = {"item_id": empty["id"], "output_index": index, "content_index": 0}
-        events.append(self._event("content_part.added", **where, part=empty["content"][0]))
+        index, item = len(self.items) - 1, self._item(kind, "in_progress")
+        part = item["content"][0]  # (empty: nothing of this item has come yet)
+        events.append(self._event("output_item.added", output_index=index, item={**item, "content": []}))
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        events.append(self._event("content_part.added", **where, part=part))
         return events
 
     def _close(self) -> list[dict[str, Any]]:
