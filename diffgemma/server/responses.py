@@ -86,12 +86,13 @@ class ResponseBuilder:
         }
 
     def response(self, status: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The response object as it stands (`status`: in_progress, completed or incomplete)."""
         output = []
         if self.reasoning:
             output.append(self._item("reasoning", "completed"))
         if status != "in_progress":
             output.append(self._item("message", status))
-        response = {
+        return {
             "id": self.id,
             "object": "response",
             "created_at": self.created,
@@ -105,7 +106,6 @@ class ResponseBuilder:
             "tools": [],
             "usage": usage,
         }
-        return response
 
     def _item(self, kind: str, status: str) -> dict[str, Any]:
         if kind == "reasoning":
