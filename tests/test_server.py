@@ -202,6 +202,15 @@ def test_error_statuses(server, client):
     parts = [{"type": "text", "text": "Why is the sky "}, {"type": "text", "text": "blue?"}]
     reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": parts}], seed=1)
     assert reply.choices[0].message.content == ANSWERS[SKY]
+    # temperature 0 without a seed: the same answer every time (seeded 0); seeds still choose
+    zero = [
+        client.chat.completions.create(model="demo", messages=ask("hi"), max_tokens=12, temperature=0)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
+    seeded = client.chat.completions.create(model="demo", messages=ask("hi"), max_tokens=12, seed=0)
+    assert zero == [seeded.choices[0].message.content] * 2
     # any integer seed is taken (wrapped to 64 bits as torch's generators wrap it)
     huge = client.chat.completions.create(model="demo", messages=ask(SKY), seed=2**64 + 1, max_tokens=8)
     assert (

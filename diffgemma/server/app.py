@@ -223,7 +223,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         return overrides
 
     def new_job(prompt: list[int], limit: int, body: SamplerExtras, choice: int, clamp: list[int] | None) -> Job:
-        seed = body.seed + choice if body.seed is not None else secrets.randbits(62)
+        # temperature 0 without a seed: seeded 0, so the same request gets the same answer (as clients expect)
+        base = body.seed if body.seed is not None else 0 if body.temperature == 0 else None
+        seed = base + choice if base is not None else secrets.randbits(62)
         job = Job(prompt, limit, seed, sampler_overrides(body), asyncio.get_running_loop(), clamp)
         try:
             batcher.submit(job)

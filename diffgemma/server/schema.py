@@ -32,6 +32,8 @@ class SamplerExtras(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     seed: int | None = None
+    # OpenAI's: not the sampler's temperature (its schedule is), but 0 asks for the same answer every time
+    temperature: float | None = Field(default=None, ge=0, le=2)
     drafts: bool = False
     max_denoising_steps: int | None = Field(default=None, gt=0, le=1024)
     entropy_bound: float | None = Field(default=None, gt=0)
