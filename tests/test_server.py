@@ -395,7 +395,7 @@ def test_thinking_goes_out_as_reasoning_content(client):
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thought
 
 
-def test_the_responses_api_with_the_openai_client(client):
+def test_the_responses_api_with_the_openai_client(client, server):
     """`/v1/responses`: the same answer as a chat completion; streamed as typed events (the client's own stream
     helper checks their order); instructions as a system message; thinking as a reasoning item;
     `max_output_tokens` makes an incomplete response; other input items are refused."""
@@ -412,6 +412,10 @@ def test_the_responses_api_with_the_openai_client(client):
         final = stream.get_final_response()
     added = [e.item for e in events if e.type == "response.output_item.added"]
     assert [item.content for item in added] == [[]]  # its part comes in content_part.added, once
+    # on the wire as OpenAI sends it: each event named on an `event:` line, and no [DONE] at the end
+    body = {"model": "demo", "input": SKY, "stream": True, "seed": 1}
+    raw = httpx.post(server[0] + "/v1/responses", json=body, timeout=60).text.strip().split("\n\n")
+    assert all(block.startswith("event: response.") for block in raw) and "[DONE]" not in raw[-1]
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == final.output_text == ANSWERS[SKY]
     assert events[0].type == "response.created" and events[-1].type == "response.completed"

@@ -262,10 +262,16 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             app.state.active -= 1
 
     async def stream_jobs(
-        jobs: list[Job], replies: list[SettledText], chunk, drafts: bool, usage: int | None, echoes: list[str]
+        jobs: list[Job],
+        replies: list[SettledText],
+        chunk,
+        drafts: bool,
+        usage: int | None,
+        echoes: list[str],
+        done: str = "data: [DONE]\n\n",
     ) -> AsyncIterator[str]:
         """One stream for a request's choices (a job each, its `echoes` text first), their events as they come,
-        then (`usage`: the prompt tokens, to count) usage."""
+        then (`usage`: the prompt tokens, to count) usage, then `done` (the Responses API sends no [DONE])."""
         app.state.active += len(jobs)
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -301,7 +307,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             else:
                 if usage is not None:
                     yield _sse(chunk(usage=_usage(usage, completion)))
-            yield "data: [DONE]\n\n"
+            yield done
         finally:
             for forwarder in forwarders:
                 forwarder.cancel()
@@ -369,7 +375,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, chat=True)
         built = ResponseBuilder(options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)))
         if body.stream:
-            return _event_stream(stream_jobs([job], [reply], built.chunk, False, len(prompt), [""]))
+            return _event_stream(stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], done=""))
         done, finish = await run_job(job, request, reply)
         built.text(*reply.parts(done.new_tokens))
         return built.closing(finish, _usage(len(prompt), len(done.new_tokens)))[-1]["response"]
@@ -408,9 +414,13 @@ def _identity(prefix: str) -> dict[str, Any]:
 
 
 def _sse(payload: dict | list[dict]) -> str:
-    """One server-sent event, or one for each payload of a list (none for an empty one)."""
-    payloads = payload if isinstance(payload, list) else [payload]
-    return "".join(f"data: {json.dumps(one, ensure_ascii=False)}\n\n" for one in payloads)
+    """One server-sent event, or one for each payload of a list (none for an empty one). A typed payload (the
+    Responses API's events) names its type on an `event:` line too, as OpenAI sends them."""
+    events = []
+    for one in payload if isinstance(payload, list) else [payload]:
+        name = f"event: {one['type']}\n" if isinstance(one.get("type"), str) else ""
+        events.append(f"{name}data: {json.dumps(one, ensure_ascii=False)}\n\n")
+    return "".join(events)
 
 
 def _event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
