@@ -270,10 +270,62 @@ def _print_as_it_settles(
     return result, content, reasoning
 
 
+def _file_prompts(path: str) -> list[str]:
+    """Prompts from a file: a `.jsonl` file's {"prompt": ...} records, else one prompt a line (blank lines skipped)."""
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise DiffGemmaError(f"{file}: file not found")
+    lines = [(n, line) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if file.suffix != ".jsonl":
+        return [line for _, line in lines]
+    prompts = []
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DiffGemmaError(f"{file}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise DiffGemmaError(f'{file}:{number}: expected an object with a "prompt" text')
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
+    """Every prompt of `--file`, `--batch-size` rows at a time (prompt i seeded seed + i), as JSONL on stdout:
+    {"prompt", "text"} a line, in the file's order."""
+    import json
+
+    prompts = _file_prompts(args.file)
+    if not prompts:
+        raise DiffGemmaError(f"{args.file}: no prompts")
+    size = 1 if args.mode == "reference" else args.batch_size  # (reference mode draws one stream for a batch)
+    tokens, seconds = 0, 0.0
+    for start in range(0, len(prompts), size):
+        rows = prompts[start : start + size]
+        seeds = None if args.seed is None else [args.seed + start + i for i in range(len(rows))]
+        seed = seeds[0] if seeds is not None and args.mode == "reference" else seeds
+        result = model.generate(rows, seed=seed, mode=args.mode, stop=args.stop, **sampler)
+        for prompt, text in zip(rows, result.text, strict=True):  # (a list: the prompts came as one)
+            print(json.dumps({"prompt": prompt, "text": text}, ensure_ascii=False), flush=True)
+        tokens += sum(len(row) for row in result.new_tokens)
+        seconds += result.wall_time
+    if args.stats:
+        print(f"[{len(prompts)} prompts, {tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    if (args.prompt is None) == (args.file is None):
+        raise DiffGemmaError("give a prompt (or - for stdin), or --file with one prompt a line")
+    if args.file is not None and args.watch:
+        raise DiffGemmaError("--watch shows one prompt's canvas; --file runs many")
     model = _load(args)
-    prompt = _read_prompt(args.prompt)
     sampler = _sampler(args)
+    if args.file is not None:
+        _generate_file(model, args, sampler)
+        return
+    prompt = _read_prompt(args.prompt)
     if args.watch:
         result = _watch(model, prompt, args, sampler, stop=args.stop)
         print(result.text)
@@ -761,7 +813,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     generate = commands.add_parser("generate", help="generate text after a prompt")
-    generate.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    generate.add_argument("prompt", nargs="?", help="the prompt, or - to read it from stdin")
+    generate.add_argument(
+        "--file", help='many prompts: one a line, or a .jsonl of {"prompt": ...}; JSONL out, {"prompt", "text"}'
+    )
+    generate.add_argument("--batch-size", type=_at_least(1), default=8, help="--file: prompts denoised together")
     generate.add_argument("--watch", action="store_true", help="show the canvas converge live")
     generate.add_argument("--stats", action="store_true", help="print tokens, steps and speed to stderr")
     _add_stream_option(generate)
@@ -991,6 +1047,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python's own flush at exit would fail)
+        return 141
     return 0
 
 

@@ -1,6 +1,7 @@
 """The `diffgemma` command: outputs, errors (one line, exit 2), atomic edits, and the live canvas in a terminal."""
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -341,6 +342,39 @@ def test_edit_keeps_the_files_line_endings_and_refuses_what_is_not_utf8(capsys, 
     binary.write_bytes(b"\xff\xfe\x00text")
     code, _, err = run(capsys, "edit", str(binary), "--lines", "1:1", "--model", DEMO)
     assert code == 2 and "not UTF-8 text" in err
+
+
+def test_generate_a_file_of_prompts_as_jsonl(capsys, tmp_path, demo):
+    """`generate --file`: every prompt, in batches, as JSONL in the file's order; prompt i seeded seed + i, so
+    each line is what that prompt alone gives with its seed; a .jsonl of {"prompt": ...} too; bad input named."""
+    prompts = ["Once upon a time", "Hello", "The sky"]
+    lines = tmp_path / "prompts.txt"
+    lines.write_text(prompts[0] + "\n\n" + "\n".join(prompts[1:]) + "\n")
+    options = ["--model", DEMO, "--seed", "3", "--max-new-tokens", "12", "--batch-size", "2"]
+    code, out, _ = run(capsys, "generate", "--file", str(lines), *options)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["prompt"] for r in records] == prompts
+    for index, record in enumerate(records):
+        assert record["text"] == demo.generate(prompts[index], seed=3 + index, max_new_tokens=12).text
+    records_file = tmp_path / "prompts.jsonl"
+    records_file.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts) + "\n")
+    code, again, _ = run(capsys, "generate", "--file", str(records_file), *options)
+    assert code == 0 and again == out
+    records_file.write_text('{"text": "no prompt"}\n')
+    code, _, err = run(capsys, "generate", "--file", str(records_file), *options)
+    assert code == 2 and 'prompts.jsonl:1: expected an object with a "prompt" text' in err
+    code, _, err = run(capsys, "generate", "--model", DEMO)
+    assert code == 2 and "give a prompt" in err
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`diffgemma generate --file F | head -1`: the pipe closes early; no traceback, the usual exit status."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\n" * 20)  # (lines after the first come long after `head` has gone)
+    command = f"{sys.executable} -m diffgemma.cli generate --file {prompts} --model {DEMO} --batch-size 1 "
+    command += "--max-new-tokens 4 --seed 0 | head -1"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 141 and "Traceback" not in done.stderr and len(done.stdout.splitlines()) == 1
 
 
 def test_watch_piped_writes_the_text_alone_to_stdout():
