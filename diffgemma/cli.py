@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -379,6 +380,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
         answer(args.message)
         return
     if interactive:
+        with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has it
+            import readline  # noqa: F401
+
         print("chat with the model; /reset clears the history, /think on|off, /exit quits", file=sys.stderr)
     while True:
         try:
