@@ -402,7 +402,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
             thinking = line.split()[-1] == "on"
             print(f"(thinking {'on' if thinking else 'off'})")
             continue
-        answer(line)
+        turns = len(history)
+        try:
+            answer(line)
+        except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat (at the prompt it quits)
+            if not interactive:
+                raise
+            del history[turns:]  # the question goes with its unfinished answer
+            print("\n(interrupted)")
 
 
 def cmd_infill(args: argparse.Namespace) -> None:

@@ -293,6 +293,30 @@ def test_generate_and_chat_print_the_text_as_it_settles(monkeypatch, demo):
     assert sys.stdout.getvalue() == f"[thinking] {thought}\n{answer}\n"
 
 
+def test_ctrl_c_in_a_terminal_chat_stops_the_answer_not_the_chat(capsys, monkeypatch):
+    import io
+
+    from diffgemma.api import DiffGemma
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream, calls = DiffGemma.stream, []
+
+    def interrupted_once(self, messages, **kw):
+        calls.append(list(messages))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return stream(self, messages, **kw)
+
+    monkeypatch.setattr(DiffGemma, "stream", interrupted_once)
+    monkeypatch.setattr(sys, "stdin", Terminal("Why is the sky blue?\nSay hello.\n"))
+    code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "0")
+    assert code == 0 and "(interrupted)" in out and ANSWERS["Say hello."] in out
+    assert calls[1] == [{"role": "user", "content": "Say hello."}]  # the interrupted question left the history
+
+
 def test_stop_strings_end_chat_answers_and_generated_text(capsys, monkeypatch):
     import io
 
