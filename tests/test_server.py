@@ -474,6 +474,19 @@ def test_the_serve_command_answers_an_openai_client(demo):
     assert f"diffgemma: serving demo-cli at http://127.0.0.1:{port}/v1" in said
 
 
+def test_serving_beyond_this_machine_without_a_key_is_warned(demo, monkeypatch, capsys):
+    import uvicorn
+
+    from diffgemma.server import serve
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    serve(demo, "0.0.0.0", 8123, ServerOptions(model_name="demo"))
+    assert "no --api-key is set" in capsys.readouterr().err
+    serve(demo, "0.0.0.0", 8123, ServerOptions(model_name="demo", api_key="k"))
+    serve(demo, "127.0.0.1", 8123, ServerOptions(model_name="demo"))
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_stop_string_ends_the_answer_and_its_canvases(client):
     """ " so " settles in the second of the answer's three canvases: the reply ends before it, as soon as it
     settles (no third canvas), and counts the tokens through it; streamed and whole replies agree, even for a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..api import DiffGemma
 from .app import ServerOptions, create_app
 
@@ -10,9 +12,14 @@ def serve(model: DiffGemma, host: str = "127.0.0.1", port: int = 8000, options: 
     """Run the server until interrupted (binds to localhost unless told otherwise)."""
     import uvicorn
 
-    name = (options or ServerOptions()).model_name
+    options = options or ServerOptions()
     shown = f"[{host}]" if ":" in host else host
-    print(f"diffgemma: serving {name} at http://{shown}:{port}/v1 (the playground at http://{shown}:{port}/)")
+    print(
+        f"diffgemma: serving {options.model_name} at http://{shown}:{port}/v1 (the playground at http://{shown}:{port}/)"
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
+        exposed = f"{host} is reachable beyond this machine and no --api-key is set: anyone who can reach it can use it"
+        print(f"diffgemma: warning: {exposed}", file=sys.stderr)
     uvicorn.run(create_app(model, options), host=host, port=port, log_level="info")
 
 
