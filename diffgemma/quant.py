@@ -696,15 +696,27 @@ def format_from_config(raw: dict) -> QuantFormat | None:
     return QuantFormat("int4", group, attention)
 
 
-def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> tuple[int, int]:
-    """(bytes of every tensor the loaded network holds, bytes of the largest weight expanded for use, the
-    experts' gate/up halves one at a time as `QuantExperts` expands them), for the model in `dtype` with `fmt`
-    quantization; counted on a meta-device build, so exact and free."""
+def meta_network(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> DiffusionGemma:
+    """The network as loading builds it (in `dtype`, quantized to `fmt`), on the meta device: shapes and
+    dtypes without memory, for counting bytes exactly and for free."""
     with torch.device("meta"):
         network = DiffusionGemma(config).to(dtype)
         if fmt is not None:
             convert_(network, fmt)
-    held = sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+    return network
+
+
+def held_bytes(network: nn.Module) -> int:
+    """Bytes of every tensor a network holds: its parameters and its buffers."""
+    return sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+
+
+def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> tuple[int, int]:
+    """(bytes of every tensor the loaded network holds, bytes of the largest weight expanded for use, the
+    experts' gate/up halves one at a time as `QuantExperts` expands them), for the model in `dtype` with `fmt`
+    quantization; counted on a meta-device build (`meta_network`)."""
+    network = meta_network(config, dtype, fmt)
+    held = held_bytes(network)
     expanded = 0
     if fmt is not None:
         element = torch.empty((), dtype=dtype).element_size()

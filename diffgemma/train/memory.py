@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from ..model import DiffusionGemma
-from ..quant import QuantFormat, convert_
+from ..quant import QuantFormat, held_bytes, meta_network
 from .lora import LoraSettings, add_lora, trainable_parameters
 
 ADAMW_STEP_BYTES = 4  # AdamW keeps each trained tensor's step count as a float32 scalar
@@ -21,13 +20,11 @@ def training_state_bytes(
     """Bytes by part for training the network in `dtype` (its base quantized to `fmt`, for QLoRA), every weight
     or (`lora`) adapters alone: `weights` (all it holds, adapters included), `trained` (values trained),
     `gradients`, `optimizer` (AdamW's state)."""
-    with torch.device("meta"):
-        network = DiffusionGemma(config).to(dtype)
-        if fmt is not None:
-            convert_(network, fmt)
-        if lora is not None:
+    network = meta_network(config, dtype, fmt)
+    if lora is not None:
+        with torch.device("meta"):  # (the adapters too)
             add_lora(network, lora)
-    held = sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+    held = held_bytes(network)
     trained = trainable_parameters(network)
     gradients = sum(p.numel() * p.element_size() for p in trained)
     return {
