@@ -243,17 +243,32 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tens
         return torch.bmm(rows.to(weight.dtype), weight.transpose(-2, -1))
     if any(size * weight.element_size() % 16 for size in weight.shape[1:]):
         # the grouped GEMM wants rows 16-byte aligned: other shapes (hidden 50 in float32, say) go group by group
-        out = rows.new_empty(rows.shape[0], weight.shape[1], dtype=weight.dtype)
-        start = 0
-        for group, end in enumerate(offsets.tolist()):
-            out[start:end] = rows[start:end].to(weight.dtype) @ weight[group].transpose(0, 1)
-            start = end
-        return out
+        return each_group(
+            rows, offsets, weight.shape[1], weight.dtype, lambda part, group: part.to(weight.dtype) @ weight[group].T
+        )
     if rows.is_cuda and weight.dtype != torch.bfloat16:
         # CUDA's grouped GEMM takes bf16 operands (float32 weights, e.g. in training, run it in bf16).
         out = _grouped_mm(rows.to(torch.bfloat16), weight.to(torch.bfloat16).transpose(-2, -1), offs=offsets)
         return out.to(weight.dtype)
     return _grouped_mm(rows.to(weight.dtype), weight.transpose(-2, -1), offs=offsets)
+
+
+def each_group(
+    rows: torch.Tensor,
+    ends: torch.Tensor,
+    columns: int,
+    dtype: torch.dtype,
+    product: Callable[[torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    """rows [S, K] sorted by group (`ends`: the groups' cumulative ends) -> [S, columns] in `dtype`, each
+    group's rows through `product(rows, group)`, one group at a time (empty groups skipped)."""
+    out = rows.new_empty(rows.shape[0], columns, dtype=dtype)
+    start = 0
+    for group, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = product(rows[start:end], group)
+        start = end
+    return out
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import kernels
 from .errors import DiffGemmaError
-from .model import DiffusionGemma, Experts, activation_bytes, grouped_linear, raise_recompile_limits
+from .model import DiffusionGemma, Experts, activation_bytes, each_group, grouped_linear, raise_recompile_limits
 
 FORMATS = ("int8", "int4", "fp8")
 INT4_GROUP = 64
@@ -624,13 +624,9 @@ def cpu_grouped_linear(
     cumulative ends) -> the same layout with N columns."""
     if ends is None:
         return torch.stack([cpu_linear(group, qweight[e], scale[e], laid_out) for e, group in enumerate(rows)])
-    out = rows.new_empty(rows.shape[0], qweight.shape[1])
-    start = 0
-    for expert, end in enumerate(ends.tolist()):
-        if end > start:
-            out[start:end] = cpu_linear(rows[start:end], qweight[expert], scale[expert], laid_out)
-        start = end
-    return out
+    return each_group(
+        rows, ends, qweight.shape[1], rows.dtype, lambda part, e: cpu_linear(part, qweight[e], scale[e], laid_out)
+    )
 
 
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
