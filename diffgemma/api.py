@@ -22,6 +22,7 @@ from .generate import (
     GenerationResult,
     InfillResult,
     Prompt,
+    SettledText,
     StopStrings,
     attach_text,
     chat_reply,
@@ -197,8 +198,7 @@ class DiffGemma:
         if isinstance(max_new_tokens, list | tuple):
             row_limits, max_new_tokens = list(max_new_tokens), max(max_new_tokens, default=0)
         settings = self.settings.replace(max_new_tokens=max_new_tokens, **sampler)
-        pad = settings.pad_token_id if settings.pad_token_id is not None else 0
-        ids, mask, batched = prepare_prompts(prompt, self.tokenizer, pad, enable_thinking)
+        ids, mask, batched = prepare_prompts(prompt, self.tokenizer, settings.pad_id, enable_thinking)
         if clamp is not None and not isinstance(clamp, torch.Tensor):
             clamp = torch.tensor([[-1 if t is None else t for t in row] for row in _rows(clamp)], dtype=torch.long)
         token_ranges = _ranges_for_rows(token_ranges, ids.shape[0], "token_ranges")
@@ -361,13 +361,12 @@ class DiffGemma:
     ) -> InfillResult:
         """Fill `length` tokens between `prefix` (encoded as the prompt) and `suffix` (clamped on the canvas)."""
         tokenizer, settings = self._need_tokenizer(), self.settings
-        pad = settings.pad_token_id if settings.pad_token_id is not None else 0
         prompt, clamp = self.infill_inputs(prefix, suffix, length)
         events, _ = self._events([prompt], self.config.canvas_length, seed, mode, [clamp], False, False, sampler)
         result = run_to_end(events)
         fill_ids = result.new_tokens[0][:length]
         for index, token in enumerate(fill_ids):
-            if token in settings.eos_token_id or token == pad:
+            if token in settings.eos_token_id or token == settings.pad_id:
                 fill_ids = fill_ids[:index]
                 break
         fill = tokenizer.decode(fill_ids)
@@ -379,9 +378,14 @@ class DiffGemma:
         (-1), then the suffix and an EOS held in place."""
         settings = self.settings
         eos = settings.eos_token_id[0] if settings.eos_token_id else self.config.eos_token_id[0]
-        pad = settings.pad_token_id if settings.pad_token_id is not None else 0
         canvas = self.config.canvas_length
-        return infill_clamp(self._need_tokenizer(), prefix, suffix, length, canvas, eos, pad)
+        return infill_clamp(self._need_tokenizer(), prefix, suffix, length, canvas, eos, settings.pad_id)
+
+    def settled_text(self, chat: bool, stops: Sequence[str] = ()) -> SettledText:
+        """A row's text as it settles (`SettledText`: deltas never taken back, the thinking apart in a `chat`,
+        ending before the first of `stops`), with this checkpoint's tokenizer, EOS and pad."""
+        settings = self.settings
+        return SettledText(self._need_tokenizer(), settings.eos_token_id, settings.pad_token_id, chat, stops)
 
     def edit(
         self,

@@ -239,9 +239,9 @@ def _print_as_it_settles(
     """Generate, printing the answer as it settles (a canvas's leading tokens are fixed as soon as they are
     stable and confident, so the text never changes once shown): the thinking after "[thinking] " on a line of
     its own, then `lead` and the answer. Returns (the result, the answer, the thinking)."""
-    from .generate import CanvasCommit, Done, Draft, SettledText
+    from .generate import CanvasCommit, Done, Draft
 
-    text = SettledText(model.tokenizer, model.settings.eos_token_id, model.settings.pad_token_id, chat, args.stop or ())
+    text = model.settled_text(chat, args.stop or ())
     limit = sampler.get("max_new_tokens", model.settings.max_new_tokens)
     started = {"reasoning": False, "content": False}
 

@@ -145,6 +145,11 @@ class SamplerSettings:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
 
+    @property
+    def pad_id(self) -> int:
+        """The id generation pads with: the checkpoint's, or 0 where it names none."""
+        return self.pad_token_id if self.pad_token_id is not None else 0
+
     def replace(self, **overrides: Any) -> SamplerSettings:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:

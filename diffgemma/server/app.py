@@ -60,9 +60,8 @@ class ServerOptions:
 
 
 def reply_text(model: DiffGemma, chat: bool, stop: StopField = None) -> SettledText:
-    """A choice's text as it settles (`generate.SettledText`), with the request's stop strings."""
-    pad = model.settings.pad_token_id
-    return SettledText(model.tokenizer, model.settings.eos_token_id, pad, chat, stop_strings(stop))
+    """A choice's text as it settles (`DiffGemma.settled_text`), with the request's stop strings."""
+    return model.settled_text(chat, stop_strings(stop))
 
 
 def completion_prompts(model: DiffGemma, prompt: PromptField) -> tuple[list[list[int]], list[str]]:
