@@ -273,24 +273,18 @@ def _print_as_it_settles(
 
 def _file_prompts(path: str) -> list[str]:
     """Prompts from a file: a `.jsonl` file's {"prompt": ...} records, else one prompt a line (blank lines skipped)."""
-    import json
+    from .config import read_jsonl
 
-    file = Path(path)
-    if not file.is_file():
-        raise DiffGemmaError(f"{file}: file not found")
-    lines = [(n, line) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    if file.suffix != ".jsonl":
-        return [line for _, line in lines]
-    prompts = []
-    for number, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DiffGemmaError(f"{file}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise DiffGemmaError(f'{file}:{number}: expected an object with a "prompt" text')
-        prompts.append(record["prompt"])
-    return prompts
+    if Path(path).suffix == ".jsonl":
+        prompts = []
+        for where, record in read_jsonl(path):
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise DiffGemmaError(f'{where}: expected an object with a "prompt" text')
+            prompts.append(record["prompt"])
+        return prompts
+    if not Path(path).is_file():
+        raise DiffGemmaError(f"{path}: file not found")
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:

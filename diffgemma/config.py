@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,22 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DiffGemmaError(f"{path}: expected a JSON object at the top level")
     return data
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """A JSONL file's records, each with where it is ("FILE:LINE", for the caller's errors); blank lines skipped,
+    a line that is not JSON an error that names it."""
+    file = Path(path)
+    if not file.is_file():
+        raise DiffGemmaError(f"{file}: file not found")
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DiffGemmaError(f"{file}:{number}: not valid JSON ({err.msg})") from None
+        yield f"{file}:{number}", record
 
 
 def _layer_types(text: dict[str, Any], num_layers: int, where: str) -> tuple[str, ...]:

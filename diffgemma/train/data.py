@@ -13,10 +13,10 @@ Supervision starts at the response.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
+from ..config import read_jsonl
 from ..errors import DiffGemmaError
 from ..tokenizer import Tokenizer
 from .objective import Example
@@ -93,18 +93,8 @@ def read_chat_jsonl(
     path: str | Path, tokenizer: Tokenizer, eos_id: int, enable_thinking: bool = False
 ) -> list[Example]:
     """Examples from a JSONL file, one conversation a line; errors name the file and line."""
-    file = Path(path)
-    if not file.is_file():
-        raise DiffGemmaError(f"{file}: file not found")
     examples: list[Example] = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{file}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DiffGemmaError(f"{where}: not valid JSON ({err.msg})") from None
+    for where, record in read_jsonl(path):
         try:
             found = record_examples(record, tokenizer, eos_id, len(examples), enable_thinking)
         except DiffGemmaError as err:
@@ -113,5 +103,5 @@ def read_chat_jsonl(
             raise DiffGemmaError(f"{where}: no assistant turn to learn from")
         examples += found
     if not examples:
-        raise DiffGemmaError(f"{file}: no conversations")
+        raise DiffGemmaError(f"{path}: no conversations")
     return examples
