@@ -99,10 +99,8 @@ def read_puzzles(path: str | Path) -> list[list[int]]:
     if not file.is_file():
         raise DiffGemmaError(f"{file}: file not found")
     lines = [(n, line) for n, line in enumerate(file.read_text().splitlines(), 1) if line.strip()]
-    if (
-        lines and "," in lines[0][1] and not any(ch.isdigit() for ch in lines[0][1])
-    ):  # a CSV header ("quizzes,solutions")
-        lines = lines[1:]
+    header = lines and "," in lines[0][1] and not any(ch.isdigit() for ch in lines[0][1])
+    lines = lines[1:] if header else lines  # a CSV header ("quizzes,solutions")
     if not lines:
         raise DiffGemmaError(f"{file}: no puzzles")
     return [parse(line, f"{file}:{n}") for n, line in lines]

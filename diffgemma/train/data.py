@@ -78,15 +78,16 @@ def record_examples(
         answered = sum(1 for message in prompt if isinstance(message, dict) and message.get("role") == "assistant")
         return [replace(example, id=first_id + index) for index, example in enumerate(turns[answered:])]
     if isinstance(prompt, str) and isinstance(completion, str) and completion:
-        response = [*tokenizer.encode(completion, add_special_tokens=False), eos_id]
-        return [Example(tokenizer.encode(prompt), response, id=first_id)]
-    if isinstance(record.get("text"), str) and record["text"]:
-        return [
-            Example(
-                tokenizer.encode(""), [*tokenizer.encode(record["text"], add_special_tokens=False), eos_id], first_id
-            )
-        ]
+        return [_continuation(tokenizer, prompt, completion, eos_id, first_id)]
+    if isinstance(record.get("text"), str) and record["text"]:  # a text alone continues an empty prompt
+        return [_continuation(tokenizer, "", record["text"], eos_id, first_id)]
     raise DiffGemmaError(f"expected one of {RECORD_FORMATS} (non-empty), got the keys {sorted(record)}")
+
+
+def _continuation(tokenizer: Tokenizer, prompt: str, completion: str, eos_id: int, example_id: int) -> Example:
+    """Plain text, no template: the prompt encoded as `generate` encodes it, the completion then EOS."""
+    response = [*tokenizer.encode(completion, add_special_tokens=False), eos_id]
+    return Example(tokenizer.encode(prompt), response, id=example_id)
 
 
 def read_chat_jsonl(
