@@ -34,10 +34,7 @@ from diffgemma.presets import preset_config
 
 def random_quantized_network(config, fmt: quant.QuantFormat, dtype: torch.dtype = torch.float32) -> DiffusionGemma:
     """`dtype` where unquantized (normal weights, unit norms), quantized buffers filled with random codes."""
-    with torch.device("meta"):
-        network = DiffusionGemma(config).to(dtype)
-        quant.convert_(network, fmt)
-    network = network.to_empty(device="cpu").requires_grad_(False)
+    network = quant.meta_network(config, dtype, fmt).to_empty(device="cpu").requires_grad_(False)
     generator = torch.Generator().manual_seed(0)
     for module in network.modules():
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
