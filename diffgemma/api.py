@@ -25,8 +25,6 @@ from .generate import (
     SettledText,
     StopStrings,
     attach_text,
-    chat_reply,
-    chat_stop_strings,
     cut_at_stops,
     denoising_loop,
     infill_clamp,
@@ -342,13 +340,11 @@ class DiffGemma:
     ) -> ChatResult:
         """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
         `stop` strings end the answer (never the thinking) where one first appears."""
-        tokenizer = self._need_tokenizer()
-        stops = chat_stop_strings(tokenizer, stop) if stop else None
+        text = self.settled_text(True, ([stop] if isinstance(stop, str) else list(stop)) if stop else ())
         result = self.generate(
-            messages, max_new_tokens, seed, mode, enable_thinking=enable_thinking, stop=stops, **sampler
+            messages, max_new_tokens, seed, mode, enable_thinking=enable_thinking, stop=text.stops, **sampler
         )
-        reply = chat_reply(tokenizer, result.new_tokens[0], stops)
-        return ChatResult(reply.content, reply.reasoning, result)
+        return ChatResult(*text.parts(result.new_tokens[0]), result)
 
     def infill(
         self,

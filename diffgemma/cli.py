@@ -256,9 +256,8 @@ def _print_as_it_settles(
 
     committed: list[int] = []
     result = None
-    stop = extra.pop("stop", None)
     for event in model.stream(
-        prompt, seed=args.seed, mode=args.mode, commit_stable_prefix=True, stop=stop, **sampler, **extra
+        prompt, seed=args.seed, mode=args.mode, commit_stable_prefix=True, stop=text.stops, **sampler, **extra
     ):
         if isinstance(event, Draft) and event.settled is not None:
             show(*text.deltas((committed + event.ids[0, : int(event.settled[0])].tolist())[:limit]))
@@ -325,7 +324,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         result = _watch(model, prompt, args, sampler, stop=args.stop)
         print(result.text)
     elif args.stream:
-        result = _print_as_it_settles(model, prompt, args, sampler, chat=False, stop=args.stop)[0]
+        result = _print_as_it_settles(model, prompt, args, sampler, chat=False)[0]
     else:
         result = model.generate(prompt, seed=args.seed, mode=args.mode, stop=args.stop, **sampler)
         print(result.text)
@@ -338,11 +337,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from .generate import chat_reply, chat_stop_strings
-
     model = _load(args)
     sampler = _sampler(args)
-    stops = chat_stop_strings(model.tokenizer, args.stop) if args.stop else None
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(opening)
     thinking = args.think
@@ -354,21 +350,22 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if args.stream and not (args.watch and terminal):
             lead = "model> " if interactive else ""
             _, content, _ = _print_as_it_settles(
-                model, history, args, sampler, chat=True, lead=lead, enable_thinking=thinking, stop=stops
+                model, history, args, sampler, chat=True, lead=lead, enable_thinking=thinking
             )
             history.append({"role": "assistant", "content": content})
             return
+        text = model.settled_text(True, args.stop or ())
         if args.watch and terminal:
-            result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=stops)
+            result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=text.stops)
         else:
             result = model.generate(
-                history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=stops, **sampler
+                history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=text.stops, **sampler
             )
-        reply = chat_reply(model.tokenizer, result.new_tokens[0], stops)
-        if reply.reasoning:
-            print(f"[thinking] {reply.reasoning}")
-        print(f"model> {reply.content}" if interactive else reply.content)
-        history.append({"role": "assistant", "content": reply.content})
+        content, reasoning = text.parts(result.new_tokens[0])
+        if reasoning:
+            print(f"[thinking] {reasoning}")
+        print(f"model> {content}" if interactive else content)
+        history.append({"role": "assistant", "content": content})
 
     if args.message is not None:  # one question, one answer
         answer(args.message)

@@ -17,7 +17,7 @@ import operator
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from .cache import DecoderView, EncoderCache
 from .config import SamplerSettings
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
-from .tokenizer import THINKING_OPEN, ChatReply, Tokenizer, split_thinking
+from .tokenizer import THINKING_OPEN, Tokenizer, split_thinking
 
 MODES = ("fast", "reference")
 
@@ -874,23 +874,6 @@ def attach_text(
         ]
         result.text = texts if batched else texts[0]
     return result
-
-
-def chat_reply(tokenizer: Tokenizer, ids: list[int], stops: StopStrings | None = None) -> ChatReply:
-    """Split a generated model turn into answer and thinking (the markers are special tokens); the answer ends
-    before the first of `stops` (`chat_stop_strings`)."""
-    text = tokenizer.decode(ids, skip_special_tokens=False)
-    reply = split_thinking(text, tokenizer.special_strings, trailing_space=stops is not None)
-    return reply if stops is None else replace(reply, content=stops.answer(reply.content))
-
-
-def chat_stop_strings(tokenizer: Tokenizer, stop: str | Sequence[str]) -> StopStrings:
-    """Stop strings looked for in a chat's answer (read with its trailing space), never in its thinking."""
-
-    def answer(ids: list[int]) -> str:
-        return split_thinking(tokenizer.decode(ids, skip_special_tokens=False), tokenizer.special_strings, True).content
-
-    return StopStrings(stop, answer)
 
 
 def infill_clamp(

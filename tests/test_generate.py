@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffgemma import DiffGemmaError
-from diffgemma.generate import CanvasCommit, Done, Draft, chat_reply, run_to_end, sampler_step
+from diffgemma.generate import CanvasCommit, Done, Draft, run_to_end, sampler_step
 from diffgemma.sampling import pad_after_eos
 from diffgemma.tokenizer import split_thinking
 
@@ -306,8 +306,7 @@ def test_chat_and_thinking_split(tiny):
     plain = tiny.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], enable_thinking=False)
     assert "<|think|>" not in plain and plain.endswith("<|turn>model\n<|channel>thought\n<channel|>")
     ids = tiny.tokenizer.encode("<|channel>thought\nlet me think<channel|>The answer.<turn|>", add_special_tokens=False)
-    split = chat_reply(tiny.tokenizer, ids)
-    assert (split.content, split.reasoning) == ("The answer.", "let me think")
+    assert tiny.settled_text(chat=True).parts(ids) == ("The answer.", "let me think")
 
 
 def test_split_thinking_unclosed_and_absent():
