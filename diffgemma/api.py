@@ -33,6 +33,7 @@ from .generate import (
 )
 from .model import DiffusionGemma
 from .quant import QuantFormat, convert_, float_sinks, format_from_config
+from .scoring import TokenScores, score_tokens
 from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 DTYPE_NAMES = {
@@ -400,6 +401,13 @@ class DiffGemma:
         if length is None:
             length = max(1, len(tokenizer.encode(text[start:end], add_special_tokens=False)))
         return self.infill(text[:start], text[end:], length, seed, mode, **sampler)
+
+    def score(self, text: str | Sequence[int], top: int = 0) -> TokenScores:
+        """Each token's log-probability given the ones before it, from the causal encoder (`scoring`): a text
+        (tokenized with BOS) or token ids as given; `top` likeliest alternatives per position (up to 20).
+        `.total` sums them, `.perplexity` is exp of their negative mean."""
+        ids = self._need_tokenizer().encode(text) if isinstance(text, str) else list(text)
+        return score_tokens(self.network, ids, top)
 
     def _stop_strings(self, stop: str | Sequence[str] | StopStrings | None) -> StopStrings | None:
         if not stop or isinstance(stop, StopStrings):  # "" and [] stop nothing, as OpenAI's API takes them

@@ -1,0 +1,81 @@
+"""Scoring text: each token's log-probability given the tokens before it, from the causal encoder.
+
+The encoder is a causal language model with the tied head (the model trains it with a next-token loss beside
+the diffusion loss), so it gives what evaluation harnesses and `logprobs` clients ask of a model: how likely
+a text is, token by token. These are the encoder's next-token probabilities at temperature 1, not the
+diffusion sampler's: a canvas's tokens are drawn together, each from the decoder's distribution at the step
+it was accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DiffGemmaError
+from .model import PREFILL_CHUNK, DiffusionGemma
+
+SCORE_LOGITS_BYTES = 256 * 2**20  # float32 logits held at a time (the 26B's vocabulary: 256 positions)
+MAX_TOP = 20  # alternatives per position, as OpenAI's API allows
+
+
+@dataclass
+class TokenScores:
+    """Per token of `ids`: its log-probability given the ones before (None for the first, which has no
+    context), and the `top` likeliest tokens at its position as (id, log-probability), likeliest first."""
+
+    ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]]]
+
+    @property
+    def total(self) -> float:
+        """The summed log-probability of every token after the first."""
+        return sum(value for value in self.logprobs if value is not None)
+
+    @property
+    def perplexity(self) -> float:
+        scored = len(self.ids) - 1
+        return float(torch.tensor(-self.total / scored).exp()) if scored else float("nan")
+
+
+@torch.no_grad()
+def score_tokens(network: DiffusionGemma, ids: list[int], top: int = 0) -> TokenScores:
+    """Run the causal encoder over `ids` and score each token after the first from the head's distribution at
+    the position before it. The prompt goes in chunks (`DiffusionGemma.encode`) and the head a slice of
+    positions at a time, so memory stays that of a prompt chunk and SCORE_LOGITS_BYTES of logits."""
+    if not 0 <= top <= MAX_TOP:
+        raise DiffGemmaError(f"top must be between 0 and {MAX_TOP}, got {top}")
+    vocab = network.config.vocab_size
+    if not ids:
+        raise DiffGemmaError("nothing to score: no tokens")
+    outside = [token for token in ids if not 0 <= token < vocab]
+    if outside:
+        raise DiffGemmaError(f"token id {outside[0]} is outside the vocabulary (0-{vocab - 1})")
+    longest = network.config.max_position_embeddings
+    if len(ids) > longest:
+        raise DiffGemmaError(f"{len(ids)} tokens to score; the model reads at most {longest}")
+    sequence = torch.tensor([ids], device=network.device)
+    cache = network.new_cache(1, len(ids))
+    slice_rows = max(1, SCORE_LOGITS_BYTES // (4 * vocab))
+    logprobs: list[float | None] = [None]
+    alternatives: list[list[tuple[int, float]]] = [[]]
+    for start in range(0, len(ids), PREFILL_CHUNK):
+        hidden = network.encode(sequence[:, start : start + PREFILL_CHUNK], cache)[0]
+        targets = sequence[0, start + 1 : start + 1 + hidden.shape[0]]
+        hidden = hidden[: targets.numel()]  # the last token predicts nothing here
+        for first in range(0, targets.numel(), slice_rows):
+            logits = network.head(hidden[first : first + slice_rows])
+            logits -= torch.logsumexp(logits, dim=-1, keepdim=True)
+            picked = targets[first : first + slice_rows]
+            logprobs.extend(logits.gather(1, picked[:, None])[:, 0].tolist())
+            if top:
+                values, best = logits.topk(top, dim=-1)
+                alternatives.extend(
+                    list(zip(row_ids, row_values, strict=True))
+                    for row_ids, row_values in zip(best.tolist(), values.tolist(), strict=True)
+                )
+            else:
+                alternatives.extend([] for _ in range(picked.numel()))
+    return TokenScores(list(ids), logprobs, alternatives)
