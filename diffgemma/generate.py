@@ -181,11 +181,12 @@ class SettledText:
         """`tokens` through the one that completed a stop string in the answer (None: no stop string yet)."""
         if self.stops is None:
             return None
-        tokens = self._cut(tokens)
+        tokens = self.kept(tokens)
         through = self.stops.tokens_through(tokens)
         return None if through is None else tokens[:through]
 
-    def _cut(self, tokens: list[int]) -> list[int]:
+    def kept(self, tokens: list[int]) -> list[int]:
+        """The ids its text is made of: those before the first EOS, padding left out."""
         for index, token in enumerate(tokens):
             if token in self.eos:
                 return tokens[:index]
@@ -198,7 +199,7 @@ class SettledText:
         return self.stops.answer(content), reasoning
 
     def _parts(self, tokens: list[int], final: bool, trailing_space: bool = False) -> tuple[str, str]:
-        tokens = self._cut(tokens)
+        tokens = self.kept(tokens)
         if not self.chat:
             return self.tokenizer.decode(tokens), ""
         raw = self.tokenizer.decode(tokens, skip_special_tokens=False)

@@ -126,6 +126,69 @@ def test_completion_prompts_in_every_openai_form(client, demo):
         client.completions.create(model="demo", prompt=["a", "b", "c"], n=3)
 
 
+def test_logprobs_score_prompts_and_completions_as_the_encoder_does(client, demo):
+    """What evaluation harnesses send (token ids, `echo`, `logprobs`, `max_tokens` 0 or 1): every token's
+    log-probability given those before it, from the causal encoder (`DiffGemma.score`), the first None, and
+    each position's alternatives with the token itself among them (so the greedy check works)."""
+    ids = demo.tokenizer.encode_chat(ask(SKY)) + demo.tokenizer.encode(ANSWERS[SKY], add_special_tokens=False)
+    expected = demo.score(ids, top=2)
+    scored = client.completions.create(model="demo", prompt=ids, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    assert choice.text == demo.tokenizer.decode(ids) and scored.usage.completion_tokens == 0
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(ids)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(expected.logprobs[1:], abs=1e-5)
+    for value, top in zip(logprobs.token_logprobs[1:], logprobs.top_logprobs[1:], strict=True):
+        assert value in top.values() and 2 <= len(top) <= 3 and max(top.values()) >= value
+    # the taught answer after its question is mostly the encoder's first choice
+    answer = range(len(ids) - len(ANSWERS[SKY]), len(ids))
+    greedy = [logprobs.token_logprobs[i] == max(logprobs.top_logprobs[i].values()) for i in answer]
+    assert sum(greedy) > len(greedy) / 2
+    assert logprobs.text_offset[:3] == [0, 0, len(demo.tokenizer.decode(ids[:2]))]  # BOS shows no text
+
+    # lm-evaluation-harness's loglikelihood request: one token generated, the prompt's scores before it
+    harness = client.completions.create(model="demo", prompt=ids, max_tokens=1, echo=True, logprobs=1, seed=0)
+    token_logprobs = harness.choices[0].logprobs.token_logprobs
+    assert len(token_logprobs) == len(ids) + 1 and token_logprobs[0] is None
+    assert token_logprobs[1:-1] == pytest.approx(choice.logprobs.token_logprobs[1:], abs=1e-5)
+
+    generated = client.completions.create(model="demo", prompt="Hello", max_tokens=8, seed=2, logprobs=0)
+    logprobs, text = generated.choices[0].logprobs, generated.choices[0].text
+    prompt = demo.tokenizer.encode("Hello")
+    tokens = demo.tokenizer.encode(text, add_special_tokens=False)
+    assert "".join(logprobs.tokens[: len(tokens)]) == text and len(logprobs.token_logprobs) >= len(tokens)
+    expected_tokens = demo.score(prompt + tokens).logprobs[len(prompt) :]
+    assert logprobs.token_logprobs[: len(tokens)] == pytest.approx(expected_tokens, abs=1e-5)
+    assert {len(top) for top in logprobs.top_logprobs} == {1}  # the token itself alone
+    echoed = client.completions.create(model="demo", prompt="Hello", max_tokens=8, seed=2, logprobs=0, echo=True)
+    assert echoed.choices[0].logprobs.token_logprobs[len(prompt) :] == logprobs.token_logprobs
+
+    # a text completion that ends at EOS lists the EOS too (harnesses count on the generated token being there)
+    question = demo.tokenizer.encode_chat(ask(SKY))
+    answered = client.completions.create(model="demo", prompt=question, max_tokens=100, seed=1, logprobs=0)
+    assert answered.choices[0].text == ANSWERS[SKY] and answered.choices[0].finish_reason == "stop"
+    ended = answered.choices[0].logprobs
+    assert len(ended.tokens) == len(ANSWERS[SKY]) + 1 and ended.text_offset[-1] == len(ANSWERS[SKY])
+    assert demo.tokenizer.encode(ended.tokens[-1], add_special_tokens=False)[0] in demo.settings.eos_token_id
+
+    chat = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == chat.choices[0].message.content == ANSWERS[SKY]
+    assert [entry.logprob for entry in content] == pytest.approx(expected.logprobs[len(question) :], abs=1e-5)
+    assert all(len(entry.top_logprobs) == 3 and bytes(entry.bytes).decode() == entry.token for entry in content)
+    assert client.chat.completions.create(model="demo", messages=ask(SKY), seed=1).choices[0].logprobs is None
+
+    for request, message in (
+        (dict(prompt="Hello", max_tokens=0), "max_tokens 0 generates nothing"),
+        (dict(prompt="Hello", logprobs=1, stream=True), "not streamed"),
+    ):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model="demo", **request)
+    with pytest.raises(openai.UnprocessableEntityError, match="logprobs"):
+        client.completions.create(model="demo", prompt="Hello", logprobs=21)
+
+
 def test_a_completion_with_a_suffix_is_filled_in(server, client):
     """OpenAI's `suffix` (editors' fill-in-the-middle): the gap is filled on one canvas, as /v1/infill fills it."""
     prefix, suffix = "Hello! I am a ", " diffusion model."

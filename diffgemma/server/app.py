@@ -4,6 +4,8 @@ Streaming sends text before a canvas ends: the engine fixes each canvas's settle
 the server sends whatever newly settled, never taking anything back. The thinking channel goes out as
 `reasoning_content`. With `"drafts": true` a client also gets every denoising step's canvas. `stop` strings
 end the answer (never the thinking) as soon as one settles; a stream holds back text that may begin one.
+`logprobs` score a finished choice's tokens with the causal encoder (`DiffGemma.score`), on the engine's
+thread between batches.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
 from ..generate import SettledText
+from ..scoring import TokenScores
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 from .responses import ResponseBuilder, ResponsesRequest, request_messages
 from .schema import (
@@ -251,7 +254,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                     raise APIError(500, f"generation failed: {event}", "server_error")
                 if isinstance(event, RowDone):
                     tokens, finish = _ending(reply, event.new_tokens, job, True)
-                    return replace(event, new_tokens=tokens), finish
+                    cut = tokens != event.new_tokens  # by a stop string: no EOS after it
+                    return replace(event, new_tokens=tokens, eos=None if cut else event.eos), finish
                 steps[event.canvas_index] = event.step
                 ending = _ending(reply, _visible(event, job), job, False)
                 if ending is not None:
@@ -332,6 +336,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         jobs = [new_job(prompt, limit, body, index, clamp) for index, prompt in enumerate(rows)]
         identity = _identity("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(prompt) for prompt in prompts)
+        top = requested_logprobs(body)
         if body.stream:
             chunk = _chunk_maker(identity, options.model_name, chat)
             usage = prompt_tokens if body.stream_options is not None and body.stream_options.include_usage else None
@@ -340,19 +345,80 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         choices = []
         for index, ((done, finish), reply) in enumerate(zip(ended, replies, strict=True)):
             content, reasoning = reply.parts(done.new_tokens)
+            choice: dict[str, Any] = {"index": index, "finish_reason": finish}
+            if top is not None:
+                prompt, tokens = rows[index], reply.kept(done.new_tokens)
+                if not chat and done.eos is not None:  # a text completion's tokens include the EOS that ended it
+                    tokens = [*tokens, done.eos]
+                scored = await score(prompt + tokens, top)
+                if chat:
+                    choice["logprobs"] = chat_logprobs(scored, len(prompt))
+                else:
+                    choice["logprobs"] = completion_logprobs(scored, 0 if leading[index] else len(prompt))
             if not chat:
-                choices.append({"index": index, "text": leading[index] + content, "finish_reason": finish})
+                choices.append({**choice, "text": leading[index] + content})
                 continue
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if reasoning:
                 message["reasoning_content"] = reasoning
-            choices.append({"index": index, "message": message, "finish_reason": finish})
+            choices.append({**choice, "message": message})
         usage = _usage(prompt_tokens, sum(len(done.new_tokens) for done, _ in ended))
         response: dict[str, Any] = {**identity, "model": options.model_name, "usage": usage, "choices": choices}
         if not chat:
             return {**response, "object": "text_completion"}
         steps = [done.steps for done, _ in ended]  # per choice, per canvas
         return {**response, "object": "chat.completion", "diffgemma": {"steps": steps[0], "choices_steps": steps}}
+
+    def requested_logprobs(body: ChatRequest | CompletionRequest) -> int | None:
+        """The alternatives a token a request asks for with its log-probabilities (None: no log-probabilities)."""
+        top = body.logprobs
+        if isinstance(body, ChatRequest):  # chat asks by a flag, and for the alternatives apart
+            top = (body.top_logprobs or 0) if body.logprobs else None
+        if top is not None and body.stream:
+            message = "logprobs are given with whole responses, not streamed; send the request without stream"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "logprobs")
+        return top
+
+    async def score(ids: list[int], top: int) -> TokenScores:
+        """`DiffGemma.score` on the engine's thread, between batches."""
+        try:
+            return await batcher.run(lambda: model.score(ids, top))
+        except EngineStopped as err:
+            raise APIError(503, str(err), "server_error", "unavailable") from None
+
+    def completion_logprobs(scored: TokenScores, first: int) -> dict[str, Any]:
+        """OpenAI's completion `logprobs` for the tokens from `first` on: each token, its log-probability (None
+        for a text's first token), its alternatives with the token itself among them, and where its text starts
+        in the choice's text."""
+        tokenizer = model.tokenizer
+        tokens, values, alternatives, offsets, offset = [], [], [], [], 0
+        for token, value, top in zip(scored.ids[first:], scored.logprobs[first:], scored.top[first:], strict=True):
+            piece = tokenizer.decode([token], skip_special_tokens=False)
+            tokens.append(piece)
+            values.append(value)
+            if value is None:
+                alternatives.append(None)
+            else:
+                pieces = {tokenizer.decode([other], skip_special_tokens=False): v for other, v in top}
+                alternatives.append({**pieces, piece: value})
+            offsets.append(offset)
+            offset += len(tokenizer.decode([token]))
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": alternatives, "text_offset": offsets}
+
+    def chat_logprobs(scored: TokenScores, first: int) -> dict[str, Any]:
+        """OpenAI's chat `logprobs` for the answer's tokens (from `first` on): each with its bytes and
+        alternatives."""
+        tokenizer = model.tokenizer
+
+        def entry(token: int, value: float) -> dict[str, Any]:
+            piece = tokenizer.decode([token], skip_special_tokens=False)
+            return {"token": piece, "logprob": value, "bytes": list(piece.encode())}
+
+        content = [
+            {**entry(token, value), "top_logprobs": [entry(other, v) for other, v in top]}
+            for token, value, top in zip(scored.ids[first:], scored.logprobs[first:], scored.top[first:], strict=True)
+        ]
+        return {"content": content, "refusal": None}
 
     def chat_prompt(messages: list[dict[str, str]], thinking: bool, param: str) -> list[int]:
         """Messages through the chat template; what it refuses is the request's error (`param`: its field)."""
@@ -382,9 +448,30 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompts, texts = completion_prompts(model, body.prompt)
+        if body.max_tokens == 0:
+            return await score_prompts(body, prompts, texts)
         if body.suffix:  # OpenAI's insertion: the gap between prompt and suffix, filled on one canvas
             return await insert(body, request, prompts, texts)
         return await complete(body, request, prompts, chat=False, echoes=texts if body.echo else None)
+
+    async def score_prompts(body: CompletionRequest, prompts: list[list[int]], texts: list[str]):
+        """Completions with `max_tokens` 0 and `echo`: nothing generated, each prompt given back scored (with
+        `logprobs`), as evaluation harnesses ask for a text's likelihood."""
+        if not body.echo or body.suffix:
+            message = "max_tokens 0 generates nothing: it is for scoring a prompt, with echo and without a suffix"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "max_tokens")
+        admit(prompts, None, body.n)
+        top = requested_logprobs(body)
+        choices = []
+        for index in range(len(prompts) * body.n):
+            prompt = prompts[index // body.n]
+            choice = {"index": index, "text": texts[index // body.n], "finish_reason": "length"}
+            if top is not None:
+                choice["logprobs"] = completion_logprobs(await score(prompt, top), 0)
+            choices.append(choice)
+        usage = _usage(sum(len(prompt) for prompt in prompts), 0)
+        response = {**_identity("cmpl"), "object": "text_completion", "model": options.model_name, "usage": usage}
+        return {**response, "choices": choices}
 
     async def insert(body: CompletionRequest, request: Request, prompts: list[list[int]], texts: list[str]):
         """Completions with a `suffix`: each choice fills `max_tokens` positions (at most a canvas; 32 if not

@@ -6,7 +6,8 @@ canvas). The worker takes every waiting job that shares the first one's sampler 
 row, settled prefixes committed), and hands each job its own rows of the events. Jobs that arrive while a
 batch runs wait for the next one. A cancelled job (its client went away, or a stop string ended it) stops
 receiving events at once and its row ends with the canvas it is in; when every job of a batch is
-cancelled, the batch stops.
+cancelled, the batch stops. Other work on the model (scoring a text: `Batcher.run`) runs on the same
+thread between batches, so the model is never used by two threads at once.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import DiffGemma
-from ..generate import CanvasCommit, Done, Draft
+from ..generate import CanvasCommit, Done, Draft, GenerationResult
 
 
 @dataclass
@@ -37,6 +39,7 @@ class RowDone:
     new_tokens: list[int]
     steps: list[int]
     wall_time: float
+    eos: int | None = None  # the EOS id that ended the row right after `new_tokens`, if one did
 
 
 @dataclass
@@ -58,6 +61,30 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+@dataclass
+class Call:
+    """Work on the model other than denoising, run between batches; its result goes to `future`."""
+
+    work: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def run(self) -> None:
+        try:
+            outcome, failed = self.work(), False
+        except Exception as err:  # the request's error, not the worker's
+            outcome, failed = err, True
+        self.loop.call_soon_threadsafe(self._settle, outcome, failed)
+
+    def _settle(self, outcome: Any, failed: bool) -> None:
+        if self.future.done():  # its client went away
+            return
+        if failed:
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
 class EngineStopped(RuntimeError):
     """The worker is not running (stopped or failed): requests are refused with 503."""
 
@@ -66,8 +93,9 @@ class Batcher:
     def __init__(self, model: DiffGemma, max_batch: int = 8) -> None:
         self.model = model
         self.max_batch = max_batch
-        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._inbox: queue.Queue[Job | Call | None] = queue.Queue()
         self._waiting: list[Job] = []
+        self._calls: list[Call] = []
         self._running = False
         self._thread: threading.Thread | None = None
         self.batches_run: list[int] = []  # batch sizes, for tests and logs
@@ -92,6 +120,18 @@ class Batcher:
             raise EngineStopped("the generation engine is not running")
         self._inbox.put(job)
 
+    async def run(self, work: Callable[[], Any]) -> Any:
+        """`work()` on the worker's thread, between batches; its result (or its exception)."""
+        if not self.running:
+            raise EngineStopped("the generation engine is not running")
+        loop = asyncio.get_running_loop()
+        call = Call(work, loop, loop.create_future())
+        self._inbox.put(call)
+        return await call.future
+
+    def _take(self, item: Job | Call) -> None:
+        (self._calls if isinstance(item, Call) else self._waiting).append(item)
+
     def _drain(self, block: bool) -> bool:
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
@@ -99,21 +139,24 @@ class Batcher:
             return False
         if item is None:
             return True
-        self._waiting.append(item)
+        self._take(item)
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return True
             if item is not None:
-                self._waiting.append(item)
+                self._take(item)
 
     def _work(self) -> None:
         while self._running:
-            if not self._waiting:
+            if not self._waiting and not self._calls:
                 self._drain(block=True)
                 continue
             self._drain(block=False)
+            calls, self._calls = self._calls, []
+            for call in calls:
+                call.run()
             self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]
             if not self._waiting:
                 continue
@@ -148,8 +191,7 @@ class Batcher:
             for job in batch:
                 job.send(err)
 
-    @staticmethod
-    def _dispatch(event: Draft | CanvasCommit | Done, batch: list[Job], committed: list[list[int]]) -> None:
+    def _dispatch(self, event: Draft | CanvasCommit | Done, batch: list[Job], committed: list[list[int]]) -> None:
         if isinstance(event, Draft):
             ids, accepted = event.ids.tolist(), event.accepted.tolist()
             entropy = event.entropy.tolist() if event.entropy is not None else [[0.0] * len(ids[0])] * len(ids)
@@ -170,6 +212,18 @@ class Batcher:
             for row, tokens in enumerate(event.ids.tolist()):
                 committed[row].extend(tokens)
         else:
-            result = event.result
+            result, eos_ids = event.result, tuple(self.model.settings.eos_token_id)
             for row, job in enumerate(batch):
-                job.send(RowDone(result.new_tokens[row], [steps[row] for steps in result.steps], result.wall_time))
+                tokens = result.new_tokens[row]
+                steps = [per_row[row] for per_row in result.steps]
+                ending = _ending_eos(result, row, job.max_new_tokens, eos_ids)
+                job.send(RowDone(tokens, steps, result.wall_time, ending))
+
+
+def _ending_eos(result: GenerationResult, row: int, limit: int, eos_ids: tuple[int, ...]) -> int | None:
+    """The EOS id right after a row's new tokens, within its limit (None: the row ended otherwise)."""
+    tokens = result.new_tokens[row]
+    if len(tokens) >= limit:
+        return None
+    after = int(result.sequences[row, result.prompt_length + len(tokens)])
+    return after if after in eos_ids else None

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # alternatives a position (`scoring.MAX_TOP`), as OpenAI allows
 SAMPLER_FIELDS = (
     "max_denoising_steps",
     "entropy_bound",
@@ -69,6 +70,8 @@ class ChatRequest(SamplerExtras):
     stop: StopField = None
     enable_thinking: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool = False  # each answer token's log-probability, from the causal encoder (`scoring`)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 class CompletionRequest(SamplerExtras):
@@ -76,11 +79,12 @@ class CompletionRequest(SamplerExtras):
     prompt: PromptField
     suffix: str | None = None  # text after the completion: the gap between is filled (infill)
     echo: bool = False  # the prompt's text before each choice's
-    max_tokens: int | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: the prompt scored, nothing generated
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     stop: StopField = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # alternatives a token; its own always
 
 
 class InfillRequest(SamplerExtras):
