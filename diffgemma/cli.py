@@ -336,6 +336,35 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+    """How likely the model finds a text, token by token (the causal encoder's log-probabilities): a summary
+    line, or with --tokens each token's, or with --json both as one record."""
+    import json
+
+    if (args.text is None) == (args.file is None):
+        raise DiffGemmaError("give a text (or - for stdin), or --file with the text to score")
+    if args.file is not None and not Path(args.file).is_file():
+        raise DiffGemmaError(f"{args.file}: file not found")
+    text = Path(args.file).read_text(encoding="utf-8") if args.file else _read_prompt(args.text)
+    model = _load(args)
+    scores = model.score(text)
+    scored = len(scores.ids) - 1
+    if scored < 1:
+        raise DiffGemmaError("the text is empty: nothing to score after the first token")
+    pieces = [model.tokenizer.decode([token], skip_special_tokens=False) for token in scores.ids]
+    if args.json:
+        tokens = [{"token": piece, "logprob": value} for piece, value in zip(pieces, scores.logprobs, strict=True)]
+        summary = {"tokens": scored, "logprob": scores.total, "perplexity": scores.perplexity}
+        print(json.dumps({**summary, **({"per_token": tokens} if args.tokens else {})}, ensure_ascii=False))
+        return
+    if args.tokens:
+        for piece, value in zip(pieces, scores.logprobs, strict=True):
+            print(f"{'' if value is None else f'{value:9.4f}':>9}  {piece!r}")
+    mean = scores.total / scored
+    likelihood = f"log-likelihood {scores.total:.3f} ({mean:.4f} a token)"
+    print(f"{scored} tokens scored, {likelihood}, perplexity {scores.perplexity:.3f}")
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     model = _load(args)
     sampler = _sampler(args)
@@ -826,6 +855,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stop_option(generate)
     _add_model_options(generate)
     generate.set_defaults(run=cmd_generate)
+
+    score = commands.add_parser("score", help="how likely the model finds a text: log-likelihood, perplexity")
+    score.add_argument("text", nargs="?", help="the text, or - to read it from stdin")
+    score.add_argument("--file", help="score this file's text")
+    score.add_argument("--tokens", action="store_true", help="also each token's log-probability")
+    score.add_argument("--json", action="store_true", help="one JSON record (with --tokens, each token's too)")
+    _add_model_options(score, sampling=False)
+    score.set_defaults(run=cmd_score)
 
     chat = commands.add_parser("chat", help="an interactive chat (/reset, /think on|off, /exit)")
     chat.add_argument("message", nargs="?", help="answer this one message and exit (default: a conversation)")

@@ -161,6 +161,7 @@ def test_info_needs_only_a_config(capsys, tmp_path):
         ["chat"],
         ["infill", "--prefix", "a", "--suffix", "b"],
         ["edit", "{file}", "--lines", "1:1"],
+        ["score", "some text"],
         ["serve"],
         ["sudoku", "--puzzle", "0" * 81],
         ["eval", "sudoku", "--puzzles", "p.txt"],
@@ -225,6 +226,30 @@ def test_generate_chat_and_infill(capsys):
         "2",
     )
     assert code == 0 and out.startswith("Hello! I am a ") and out.rstrip("\n").endswith(" model.")
+
+
+def test_score_says_how_likely_a_text_is(capsys, tmp_path, demo):
+    """`score`: the log-likelihood and perplexity `DiffGemma.score` gives, each token's with --tokens, JSON."""
+    text = "Why is the sky blue?"
+    expected = demo.score(text)
+    code, out, _ = run(capsys, "score", text, "--model", DEMO)
+    scored = len(expected.ids) - 1
+    assert code == 0
+    assert out == (
+        f"{scored} tokens scored, log-likelihood {expected.total:.3f} ({expected.total / scored:.4f} a token), "
+        f"perplexity {expected.perplexity:.3f}\n"
+    )
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    code, out, _ = run(capsys, "score", "--file", str(tmp_path / "text.txt"), "--model", DEMO, "--json", "--tokens")
+    record = json.loads(out)
+    assert record["tokens"] == scored and record["logprob"] == pytest.approx(expected.total, abs=1e-4)
+    assert [entry["token"] for entry in record["per_token"]][1:] == list(text)  # byte-level: a character a token
+    assert record["per_token"][0]["logprob"] is None
+    code, out, _ = run(capsys, "score", text, "--model", DEMO, "--tokens")
+    lines = out.splitlines()
+    assert len(lines) == scored + 2 and lines[1].split()[1] == "'W'" and lines[-1].startswith(f"{scored} tokens")
+    code, _, err = run(capsys, "score", "--model", DEMO)
+    assert code == 2 and "give a text" in err
 
 
 def test_chat_session_with_reset(tmp_path):
