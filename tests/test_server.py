@@ -179,12 +179,23 @@ def test_logprobs_score_prompts_and_completions_as_the_encoder_does(client, demo
     assert all(len(entry.top_logprobs) == 3 and bytes(entry.bytes).decode() == entry.token for entry in content)
     assert client.chat.completions.create(model="demo", messages=ask(SKY), seed=1).choices[0].logprobs is None
 
-    for request, message in (
-        (dict(prompt="Hello", max_tokens=0), "max_tokens 0 generates nothing"),
-        (dict(prompt="Hello", logprobs=1, stream=True), "not streamed"),
-    ):
-        with pytest.raises(openai.BadRequestError, match=message):
-            client.completions.create(model="demo", **request)
+    # streamed: the same log-probabilities, with each choice's last chunk
+    chunks = list(
+        client.chat.completions.create(
+            model="demo", messages=ask(SKY), seed=1, logprobs=True, top_logprobs=3, stream=True
+        )
+    )
+    with_logprobs = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs is not None]
+    assert len(with_logprobs) == 1 and chunks[-1].choices[0].finish_reason == "stop"
+    assert [entry.logprob for entry in with_logprobs[0].content] == [entry.logprob for entry in content]
+    streamed = list(
+        client.completions.create(model="demo", prompt=question, max_tokens=100, seed=1, logprobs=0, stream=True)
+    )
+    assert streamed[-1].choices[0].logprobs.token_logprobs == ended.token_logprobs
+    assert all(c.choices[0].logprobs is None for c in streamed[:-1])
+
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0 generates nothing"):
+        client.completions.create(model="demo", prompt="Hello", max_tokens=0)
     with pytest.raises(openai.UnprocessableEntityError, match="logprobs"):
         client.completions.create(model="demo", prompt="Hello", logprobs=21)
 

@@ -15,7 +15,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -272,9 +272,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         usage: int | None,
         echoes: list[str],
         done: str = "data: [DONE]\n\n",
+        logprobs: Callable[[int, list[int], int | None], Awaitable[dict]] | None = None,
     ) -> AsyncIterator[str]:
         """One stream for a request's choices (a job each, its `echoes` text first), their events as they come,
-        then (`usage`: the prompt tokens, to count) usage, then `done` (the Responses API sends no [DONE])."""
+        then (`usage`: the prompt tokens, to count) usage, then `done` (the Responses API sends no [DONE]).
+        `logprobs` (choice, its tokens, the EOS that ended it) gives a choice's log-probabilities, sent with its
+        last chunk."""
         app.state.active += len(jobs)
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -303,7 +306,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 if content or reasoning:
                     yield _sse(chunk(index, content=content, reasoning=reasoning))
                 if ending is not None:
-                    yield _sse(chunk(index, finish=ending[1]))
+                    last: dict[str, Any] = {"finish": ending[1]}
+                    if logprobs is not None:
+                        eos = event.eos if isinstance(event, RowDone) and ending[0] == event.new_tokens else None
+                        last["logprobs"] = await logprobs(index, ending[0], eos)
+                    yield _sse(chunk(index, **last))
                     completion += len(ending[0])
                     streaming.discard(index)
                     job.cancelled.set()  # a stop string ended it: its row ends with this canvas
@@ -337,24 +344,29 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         identity = _identity("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(prompt) for prompt in prompts)
         top = requested_logprobs(body)
+
+        async def choice_logprobs(index: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
+            """A choice's `logprobs`: its prompt and tokens scored (a text completion's EOS too, if one ended it)."""
+            prompt, kept = rows[index], replies[index].kept(tokens)
+            if not chat and eos is not None:
+                kept = [*kept, eos]
+            scored = await score(prompt + kept, top)
+            if chat:
+                return chat_logprobs(scored, len(prompt))
+            return completion_logprobs(scored, 0 if leading[index] else len(prompt))
+
+        scorer = choice_logprobs if top is not None else None
         if body.stream:
             chunk = _chunk_maker(identity, options.model_name, chat)
             usage = prompt_tokens if body.stream_options is not None and body.stream_options.include_usage else None
-            return _event_stream(stream_jobs(jobs, replies, chunk, body.drafts, usage, leading))
+            return _event_stream(stream_jobs(jobs, replies, chunk, body.drafts, usage, leading, logprobs=scorer))
         ended = await asyncio.gather(*(run_job(job, request, reply) for job, reply in zip(jobs, replies, strict=True)))
         choices = []
         for index, ((done, finish), reply) in enumerate(zip(ended, replies, strict=True)):
             content, reasoning = reply.parts(done.new_tokens)
             choice: dict[str, Any] = {"index": index, "finish_reason": finish}
-            if top is not None:
-                prompt, tokens = rows[index], reply.kept(done.new_tokens)
-                if not chat and done.eos is not None:  # a text completion's tokens include the EOS that ended it
-                    tokens = [*tokens, done.eos]
-                scored = await score(prompt + tokens, top)
-                if chat:
-                    choice["logprobs"] = chat_logprobs(scored, len(prompt))
-                else:
-                    choice["logprobs"] = completion_logprobs(scored, 0 if leading[index] else len(prompt))
+            if scorer is not None:
+                choice["logprobs"] = await scorer(index, done.new_tokens, done.eos)
             if not chat:
                 choices.append({**choice, "text": leading[index] + content})
                 continue
@@ -371,13 +383,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     def requested_logprobs(body: ChatRequest | CompletionRequest) -> int | None:
         """The alternatives a token a request asks for with its log-probabilities (None: no log-probabilities)."""
-        top = body.logprobs
         if isinstance(body, ChatRequest):  # chat asks by a flag, and for the alternatives apart
-            top = (body.top_logprobs or 0) if body.logprobs else None
-        if top is not None and body.stream:
-            message = "logprobs are given with whole responses, not streamed; send the request without stream"
-            raise APIError(400, message, "invalid_request_error", "invalid_value", "logprobs")
-        return top
+            return (body.top_logprobs or 0) if body.logprobs else None
+        return body.logprobs
 
     async def score(ids: list[int], top: int) -> TokenScores:
         """`DiffGemma.score` on the engine's thread, between batches."""
@@ -551,18 +559,23 @@ def _chunk_maker(identity: dict, model_name: str, chat: bool):
     """Stream chunks of one response: chat deltas or completion text; usage and draft chunks carry no choices."""
     base = {**identity, "object": "chat.completion.chunk" if chat else "text_completion", "model": model_name}
 
-    def chunk(index=0, role=False, content="", reasoning="", finish=None, usage=None, draft=None) -> dict:
+    def chunk(
+        index=0, role=False, content="", reasoning="", finish=None, usage=None, draft=None, logprobs=None
+    ) -> dict:
         if usage is not None:
             return {**base, "choices": [], "usage": usage}
         if draft is not None:
             return {**base, "choices": [], "draft": {**draft, "index": index}}
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs
         if not chat:
-            return {**base, "choices": [{"index": index, "text": content, "finish_reason": finish}]}
+            return {**base, "choices": [{**choice, "text": content}]}
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if content:
             delta["content"] = content
         if reasoning:
             delta["reasoning_content"] = reasoning
-        return {**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+        return {**base, "choices": [{**choice, "delta": delta}]}
 
     return chunk
