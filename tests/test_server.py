@@ -266,6 +266,18 @@ def test_error_statuses(server, client):
     assert bad_json.status_code == 422 and "error" in bad_json.json()
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="demo", messages=ask("hi"), extra_body={"t_max": 0.1, "t_min": 0.5})
+    # JSON output is refused, not answered in free text unawares; "text" is what every answer is
+    schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+    for text_format in ({"type": "json_object"}, schema):
+        with pytest.raises(openai.BadRequestError, match="not supported") as refused:
+            client.chat.completions.create(model="demo", messages=ask(SKY), response_format=text_format)
+        assert refused.value.param == "response_format"
+    with pytest.raises(openai.BadRequestError, match="json_schema") as refused:
+        text_format = {"type": "json_schema", **schema["json_schema"]}
+        client.responses.create(model="demo", input=SKY, text={"format": text_format})
+    assert refused.value.param == "text.format"
+    plain = client.chat.completions.create(model="demo", messages=ask(SKY), response_format={"type": "text"}, seed=1)
+    assert plain.choices[0].message.content == ANSWERS[SKY]
     # an image is refused, not dropped unseen; text parts are read
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with pytest.raises(openai.BadRequestError, match="image_url") as bad_part:

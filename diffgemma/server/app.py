@@ -44,6 +44,7 @@ from .schema import (
     StopField,
     content_text,
     error_body,
+    free_text_only,
     stop_strings,
 )
 
@@ -437,6 +438,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
+        free_text_only(body.response_format, "response_format")
         messages = [{"role": m.role, "content": content_text(m.content, "messages")} for m in body.messages]
         thinking = bool(body.enable_thinking or (body.chat_template_kwargs or {}).get("enable_thinking"))
         return await complete(body, request, [chat_prompt(messages, thinking, "messages")], chat=True)

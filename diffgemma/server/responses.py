@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from .schema import APIError, SamplerExtras, content_text
+from .schema import APIError, SamplerExtras, content_text, free_text_only
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -28,10 +28,12 @@ class ResponsesRequest(SamplerExtras):
     max_output_tokens: int | None = Field(default=None, gt=0)
     stream: bool = False
     reasoning: dict[str, Any] | None = None  # {"effort": ...}: any effort but "none" / "minimal" turns thinking on
+    text: dict[str, Any] | None = None  # {"format": {"type": "text"}} alone
 
 
 def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, str]], bool]:
     """The request as chat messages (the instructions first, as a system message), and whether to think."""
+    free_text_only((body.text or {}).get("format"), "text.format")
     messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     for item in items:

@@ -72,6 +72,7 @@ class ChatRequest(SamplerExtras):
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool = False  # each answer token's log-probability, from the causal encoder (`scoring`)
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    response_format: dict[str, Any] | None = None  # {"type": "text"} alone (`free_text_only`)
 
 
 class CompletionRequest(SamplerExtras):
@@ -111,6 +112,15 @@ def content_text(
             param,
         )
     return "".join(str(part.get("text", "")) for part in content)
+
+
+def free_text_only(text_format: dict[str, Any] | None, param: str) -> None:
+    """Refuse a request for JSON output (`response_format`, the Responses API's `text.format`): the sampler
+    holds no answer to a schema, and a client that asked for JSON must not get free text unawares."""
+    kind = (text_format or {}).get("type", "text")
+    if kind != "text":
+        message = f"{param} of type {kind!r} is not supported: answers are free text (only type 'text')"
+        raise APIError(400, message, "invalid_request_error", "invalid_value", param)
 
 
 def stop_strings(stop: StopField) -> list[str]:
