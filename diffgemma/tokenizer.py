@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +94,8 @@ class Tokenizer:
         self.chat_template = template if isinstance(template, str) else None
         self._compiled = None
         if self.chat_template is not None:
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_error
             try:
-                self._compiled = env.from_string(self.chat_template)
+                self._compiled = _template_environment().from_string(self.chat_template)
             except jinja2.TemplateSyntaxError as err:
                 raise DiffGemmaError(f"{folder}: chat template has a syntax error: {err}") from None
 
@@ -134,7 +133,7 @@ class Tokenizer:
         _check_messages(messages)
         try:
             return self._compiled.render(
-                messages=messages,
+                messages=[_with_reasoning_aliases(message) for message in messages],
                 add_generation_prompt=add_generation_prompt,
                 enable_thinking=enable_thinking,
                 bos_token=self.special["bos"] or "",
@@ -148,6 +147,39 @@ class Tokenizer:
         """Chat prompt ids; the template writes its own special tokens (BOS included)."""
         text = self.apply_chat_template(messages, enable_thinking=enable_thinking, **extra)
         return self.encode(text, add_special_tokens=False)
+
+
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names a message's thinking comes under
+
+
+def _with_reasoning_aliases(message: Any) -> Any:
+    """A message's thinking under each name templates read it by (as `transformers` gives it them)."""
+    if not isinstance(message, dict):
+        return message
+    reasoning = next((message[key] for key in REASONING_FIELDS if message.get(key) is not None), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _template_environment() -> jinja2.Environment:
+    """The sandbox a chat template renders in, with what `transformers` gives templates beyond plain jinja2, so a
+    checkpoint's template renders the same prompt here: loop controls (`{% break %}`), a `tojson` that takes
+    json.dumps's options and leaves `<`, `>`, `&` and `'` as they are (jinja2's escapes them for HTML, which
+    would change the prompt's tokens), `strftime_now(format)` and `raise_exception(message)`."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda form: datetime.now().strftime(form)
+    return env
+
+
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _raise_template_error(message: str) -> None:

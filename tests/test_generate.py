@@ -309,6 +309,51 @@ def test_chat_and_thinking_split(tiny):
     assert tiny.settled_text(chat=True).parts(ids) == ("The answer.", "let me think")
 
 
+def test_chat_templates_render_as_the_reference_renders_them(tmp_path, tiny):
+    """A checkpoint's template gets what `transformers` gives templates: loop controls, its `tojson` (options,
+    no HTML escaping), `strftime_now`, `raise_exception`, namespaces, a message's thinking under each name."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from diffgemma.tokenizer import Tokenizer
+
+    template = (
+        "{{ bos_token }}{%- set ns = namespace(count=0) -%}"
+        "{%- for message in messages -%}{%- if message['role'] == 'stop' -%}{%- break -%}{%- endif -%}"
+        "{%- set ns.count = ns.count + 1 -%}"
+        "<{{ message['role'] }}>{{ message['content'] | tojson }}|{{ message | tojson(indent=2, sort_keys=True) }}"
+        "{%- if message.get('thinking') %}[{{ message['thinking'] }}|{{ message['reasoning_content'] }}]{% endif -%}"
+        "{%- endfor -%}{{ ns.count }}|{{ strftime_now('%Y') }}"
+        "{%- if messages | length > 9 -%}{{ raise_exception('too long') }}{%- endif -%}"
+    )
+    folder = tmp_path / "templated"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny.folder / name).read_bytes())
+    (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    tokenizer = Tokenizer(folder)
+    messages = [
+        {"role": "user", "content": "a < b & c > 'd' \u00e9"},
+        {"role": "assistant", "content": "yes", "reasoning": "thought <it> over"},
+        {"role": "stop", "content": "never shown"},
+        {"role": "user", "content": "after the break"},
+    ]
+    ours = tokenizer.apply_chat_template(messages)
+    bos = tokenizer.special["bos"]
+    expected = render_jinja_template(
+        [messages],
+        chat_template=template,
+        add_generation_prompt=True,
+        enable_thinking=False,
+        bos_token=bos,
+        eos_token=tokenizer.special["eos"],
+    )[0][0]
+    assert ours == expected
+    assert "\"a < b & c > 'd' \u00e9\"" in ours and "[thought <it> over|thought <it> over]" in ours
+    assert "after the break" not in ours and "2|" in ours
+    with pytest.raises(DiffGemmaError, match="too long"):
+        tokenizer.apply_chat_template(messages * 3)
+
+
 def test_split_thinking_unclosed_and_absent():
     assert split_thinking("just text").content == "just text"
     assert split_thinking("just text").reasoning == ""
