@@ -507,6 +507,19 @@ def test_the_responses_api_with_the_openai_client(client, server):
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
+    # the answer's log-probabilities when asked for, as chat completions give them
+    include = {"include": ["message.output_text.logprobs"], "top_logprobs": 2, "extra_body": {"seed": 1}}
+    chat = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, logprobs=True, top_logprobs=2)
+    expected = [(entry.token, entry.logprob) for entry in chat.choices[0].logprobs.content]
+    scored = client.responses.create(model="demo", input=SKY, **include).output[-1].content[0].logprobs
+    assert [(entry.token, entry.logprob) for entry in scored] == expected and len(scored[0].top_logprobs) == 2
+    with client.responses.stream(model="demo", input=SKY, **include) as stream:
+        done = [e for e in stream if e.type == "response.output_text.done"]
+        streamed_scores = stream.get_final_response().output[-1].content[0].logprobs
+    assert [(e.token, e.logprob) for e in streamed_scores] == [(e.token, e.logprob) for e in done[0].logprobs]
+    assert [(entry.token, entry.logprob) for entry in streamed_scores] == expected
+    assert made.output[-1].content[0].logprobs == []  # not asked for
+
     question = "What is 3 + 4?"
     thought, answer = THINKING[question]
     thinking = {"input": question, "reasoning": {"effort": "low"}, "extra_body": {"seed": 1}}

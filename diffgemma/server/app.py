@@ -347,14 +347,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         top = requested_logprobs(body)
 
         async def choice_logprobs(index: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
-            """A choice's `logprobs`: its prompt and tokens scored (a text completion's EOS too, if one ended it)."""
-            prompt, kept = rows[index], replies[index].kept(tokens)
-            if not chat and eos is not None:
-                kept = [*kept, eos]
-            scored = await score(prompt + kept, top)
-            if chat:
-                return chat_logprobs(scored, len(prompt))
-            return completion_logprobs(scored, 0 if leading[index] else len(prompt))
+            return await reply_logprobs(rows[index], replies[index], tokens, eos, top, chat, bool(leading[index]))
 
         scorer = choice_logprobs if top is not None else None
         if body.stream:
@@ -387,6 +380,19 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if isinstance(body, ChatRequest):  # chat asks by a flag, and for the alternatives apart
             return (body.top_logprobs or 0) if body.logprobs else None
         return body.logprobs
+
+    async def reply_logprobs(
+        prompt: list[int], reply: SettledText, tokens: list[int], eos: int | None, top: int, chat: bool, echo: bool
+    ) -> dict[str, Any]:
+        """A choice's `logprobs`: its prompt and tokens scored (a text completion's EOS too, if one ended it), in
+        the chat or the completion shape (`echo`: the prompt's tokens listed too)."""
+        kept = reply.kept(tokens)
+        if not chat and eos is not None:
+            kept = [*kept, eos]
+        scored = await score(prompt + kept, top)
+        if chat:
+            return chat_logprobs(scored, len(prompt))
+        return completion_logprobs(scored, 0 if echo else len(prompt))
 
     async def score(ids: list[int], top: int) -> TokenScores:
         """`DiffGemma.score` on the engine's thread, between batches."""
@@ -449,10 +455,19 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         limit = admit([prompt], body.max_output_tokens, 1)
         job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, chat=True)
         built = ResponseBuilder(options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)))
+        top = (body.top_logprobs or 0) if "message.output_text.logprobs" in (body.include or ()) else None
+
+        async def answer_logprobs(_: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
+            return await reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False)
+
+        scorer = answer_logprobs if top is not None else None
         if body.stream:
-            return _event_stream(stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], done=""))
+            stream = stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], done="", logprobs=scorer)
+            return _event_stream(stream)
         done, finish = await run_job(job, request, reply)
         built.text(*reply.parts(done.new_tokens))
+        if scorer is not None:
+            built.logprobs = (await scorer(0, done.new_tokens, done.eos))["content"]
         return built.closing(finish, _usage(len(prompt), len(done.new_tokens)))[-1]["response"]
 
     @app.post("/v1/completions")

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field
 
-from .schema import APIError, SamplerExtras, content_text, free_text_only
+from .schema import MAX_LOGPROBS, APIError, SamplerExtras, content_text, free_text_only
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -29,6 +29,8 @@ class ResponsesRequest(SamplerExtras):
     stream: bool = False
     reasoning: dict[str, Any] | None = None  # {"effort": ...}: any effort but "none" / "minimal" turns thinking on
     text: dict[str, Any] | None = None  # {"format": {"type": "text"}} alone
+    include: list[str] | None = None  # "message.output_text.logprobs": the answer's (`scoring`)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, str]], bool]:
@@ -64,16 +66,21 @@ class ResponseBuilder:
         self.items: list[str] = []  # the items opened so far, in output order
         self.sequence = 0
         self.finish = "stop"
+        self.logprobs: list[dict[str, Any]] = []  # the answer's tokens' (chat `logprobs.content` entries), if asked
 
-    def chunk(self, index=0, role=False, content="", reasoning="", finish=None, usage=None, draft=None) -> list:
+    def chunk(
+        self, index=0, role=False, content="", reasoning="", finish=None, usage=None, draft=None, logprobs=None
+    ) -> list:
         """The events for what the server's stream of a reply hands on (the chat chunks' calls): the opening,
-        settled text, the finish (held until the usage comes), the usage (the closing). Drafts are not sent."""
+        settled text, the finish (held until the usage comes, with the answer's log-probabilities if asked for),
+        the usage (the closing). Drafts are not sent."""
         if role:
             return self.opening()
         if usage is not None:
             return self.closing(self.finish, usage)
         if finish is not None:
             self.finish = finish
+            self.logprobs = logprobs["content"] if logprobs else []
             return []
         return [] if draft is not None else self.text(content, reasoning)
 
@@ -113,7 +120,7 @@ class ResponseBuilder:
         if kind == "reasoning":
             content = [{"type": "reasoning_text", "text": self.reasoning}]
             return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "content": content, "status": status}
-        part = {"type": "output_text", "text": self.content, "annotations": [], "logprobs": []}
+        part = {"type": "output_text", "text": self.content, "annotations": [], "logprobs": self.logprobs}
         return {"type": "message", "id": self.message_id, "role": "assistant", "status": status, "content": [part]}
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -164,7 +171,7 @@ class ResponseBuilder:
         part, text = item["content"][0], item["content"][0]["text"]
         done = "reasoning_text.done" if kind == "reasoning" else "output_text.done"
         common = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        events = [self._event(done, **common, text=text, **({"logprobs": []} if kind == "message" else {}))]
+        events = [self._event(done, **common, text=text, **({"logprobs": self.logprobs} if kind == "message" else {}))]
         events.append(self._event("content_part.done", **common, part=part))
         events.append(self._event("output_item.done", output_index=index, item=item))
         self.open = None
