@@ -196,6 +196,8 @@ def test_logprobs_score_prompts_and_completions_as_the_encoder_does(client, demo
 
     with pytest.raises(openai.BadRequestError, match="max_tokens 0 generates nothing"):
         client.completions.create(model="demo", prompt="Hello", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="needs logprobs"):
+        client.chat.completions.create(model="demo", messages=ask(SKY), top_logprobs=2)
     with pytest.raises(openai.UnprocessableEntityError, match="logprobs"):
         client.completions.create(model="demo", prompt="Hello", logprobs=21)
 

@@ -377,9 +377,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     def requested_logprobs(body: ChatRequest | CompletionRequest) -> int | None:
         """The alternatives a token a request asks for with its log-probabilities (None: no log-probabilities)."""
-        if isinstance(body, ChatRequest):  # chat asks by a flag, and for the alternatives apart
-            return (body.top_logprobs or 0) if body.logprobs else None
-        return body.logprobs
+        if not isinstance(body, ChatRequest):
+            return body.logprobs
+        if body.top_logprobs is not None and not body.logprobs:  # chat asks by a flag, the alternatives apart
+            message = "top_logprobs needs logprobs: true"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
 
     async def reply_logprobs(
         prompt: list[int], reply: SettledText, tokens: list[int], eos: int | None, top: int, chat: bool, echo: bool
