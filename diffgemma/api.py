@@ -402,11 +402,18 @@ class DiffGemma:
             length = max(1, len(tokenizer.encode(text[start:end], add_special_tokens=False)))
         return self.infill(text[:start], text[end:], length, seed, mode, **sampler)
 
-    def score(self, text: str | Sequence[int], top: int = 0) -> TokenScores:
+    def score(self, text: str | Sequence[int] | torch.Tensor, top: int = 0) -> TokenScores:
         """Each token's log-probability given the ones before it, from the causal encoder (`scoring`): a text
         (tokenized with BOS) or token ids as given; `top` likeliest alternatives per position (up to 20).
         `.total` sums them, `.perplexity` is exp of their negative mean."""
-        ids = self._need_tokenizer().encode(text) if isinstance(text, str) else list(text)
+        if isinstance(text, str):
+            ids = self._need_tokenizer().encode(text)
+        elif isinstance(text, torch.Tensor) and text.ndim == 1 and not text.is_floating_point():
+            ids = text.tolist()
+        elif isinstance(text, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in text):
+            ids = list(text)
+        else:
+            raise DiffGemmaError("score takes a text, or token ids: a list of ints or a 1-D integer tensor")
         return score_tokens(self.network, ids, top)
 
     def _stop_strings(self, stop: str | Sequence[str] | StopStrings | None) -> StopStrings | None:

@@ -78,3 +78,7 @@ def test_bad_input_is_a_clear_error(ours):
         model.score([2, model.config.vocab_size])
     with pytest.raises(DiffGemmaError, match="top must be between 0 and 20"):
         model.score([2, 3], top=21)
+    for bad in (torch.tensor([[2, 3]]), [2.5, 3], ["a"], None, 5):
+        with pytest.raises(DiffGemmaError, match="a text, or token ids"):
+            model.score(bad)
+    assert model.score(torch.tensor([2, 3, 4])).logprobs == model.score([2, 3, 4]).logprobs
