@@ -337,14 +337,15 @@ class DiffGemma:
         seed: int | None = None,
         mode: str = "fast",
         stop: str | Sequence[str] | None = None,
+        prefill: str = "",
         **sampler: Any,
     ) -> ChatResult:
         """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
-        `stop` strings end the answer (never the thinking) where one first appears."""
+        `stop` strings end the answer (never the thinking) where one first appears. `prefill` begins the answer
+        (say "{" for JSON): the model goes on from it, and the reply is what follows it."""
         text = self.settled_text(True, ([stop] if isinstance(stop, str) else list(stop)) if stop else ())
-        result = self.generate(
-            messages, max_new_tokens, seed, mode, enable_thinking=enable_thinking, stop=text.stops, **sampler
-        )
+        prompt = self._need_tokenizer().encode_chat(messages, enable_thinking, prefill)
+        result = self.generate(prompt, max_new_tokens, seed, mode, stop=text.stops, **sampler)
         return ChatResult(*text.parts(result.new_tokens[0]), result)
 
     def infill(

@@ -123,16 +123,20 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
+        prefill: str = "",
         **extra: Any,
     ) -> str:
-        """Render a conversation to prompt text with the checkpoint's template."""
+        """Render a conversation to prompt text with the checkpoint's template. `prefill`: the answer begun (say
+        "{"), written after the generation prompt, where the model's own answer would begin, for it to go on."""
         if self._compiled is None:
             raise DiffGemmaError(
                 "this checkpoint's tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)"
             )
         _check_messages(messages)
+        if prefill and not add_generation_prompt:
+            raise DiffGemmaError("a prefill begins the model's answer, so it needs the generation prompt")
         try:
-            return self._compiled.render(
+            rendered = self._compiled.render(
                 messages=[_with_reasoning_aliases(message) for message in messages],
                 add_generation_prompt=add_generation_prompt,
                 enable_thinking=enable_thinking,
@@ -142,10 +146,13 @@ class Tokenizer:
             )
         except jinja2.TemplateError as err:
             raise DiffGemmaError(f"chat template failed: {err}") from None
+        return rendered + prefill
 
-    def encode_chat(self, messages: list[dict[str, Any]], enable_thinking: bool = False, **extra: Any) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], enable_thinking: bool = False, prefill: str = "", **extra: Any
+    ) -> list[int]:
         """Chat prompt ids; the template writes its own special tokens (BOS included)."""
-        text = self.apply_chat_template(messages, enable_thinking=enable_thinking, **extra)
+        text = self.apply_chat_template(messages, enable_thinking=enable_thinking, prefill=prefill, **extra)
         return self.encode(text, add_special_tokens=False)
 
 

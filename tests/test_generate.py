@@ -354,6 +354,18 @@ def test_chat_templates_render_as_the_reference_renders_them(tmp_path, tiny):
         tokenizer.apply_chat_template(messages * 3)
 
 
+def test_a_prefill_begins_the_answer_and_the_model_goes_on(demo):
+    """`chat(prefill=...)`: the answer begun where the model's own begins (after the generation prompt), the
+    reply what follows it."""
+    question = [{"role": "user", "content": "Name a fruit."}]
+    rendered = demo.tokenizer.apply_chat_template(question, prefill="A")
+    assert rendered == demo.tokenizer.apply_chat_template(question) + "A"
+    reply = demo.chat(question, seed=0, prefill="A")
+    assert reply.content == "n apple."  # the demo's taught answer is "An apple."
+    with pytest.raises(DiffGemmaError, match="needs the generation prompt"):
+        demo.tokenizer.apply_chat_template(question, add_generation_prompt=False, prefill="A")
+
+
 def test_split_thinking_unclosed_and_absent():
     assert split_thinking("just text").content == "just text"
     assert split_thinking("just text").reasoning == ""

@@ -126,6 +126,19 @@ def test_completion_prompts_in_every_openai_form(client, demo):
         client.completions.create(model="demo", prompt=["a", "b", "c"], n=3)
 
 
+def test_continue_final_message_goes_on_from_the_answer_begun(client, demo):
+    """vLLM's `continue_final_message`: the last (assistant) message is the answer begun, as `chat(prefill=)`."""
+    question = [{"role": "user", "content": "Name a fruit."}]
+    begun = [*question, {"role": "assistant", "content": "A"}]
+    reply = client.chat.completions.create(
+        model="demo", messages=begun, seed=0, extra_body={"continue_final_message": True}
+    )
+    assert reply.choices[0].message.content == demo.chat(question, seed=0, prefill="A").content == "n apple."
+    with pytest.raises(openai.BadRequestError, match="last message from the assistant") as refused:
+        client.chat.completions.create(model="demo", messages=question, extra_body={"continue_final_message": True})
+    assert refused.value.param == "messages"
+
+
 def test_logprobs_score_prompts_and_completions_as_the_encoder_does(client, demo):
     """What evaluation harnesses send (token ids, `echo`, `logprobs`, `max_tokens` 0 or 1): every token's
     log-probability given those before it, from the causal encoder (`DiffGemma.score`), the first None, and

@@ -438,10 +438,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         ]
         return {"content": content, "refusal": None}
 
-    def chat_prompt(messages: list[dict[str, str]], thinking: bool, param: str) -> list[int]:
-        """Messages through the chat template; what it refuses is the request's error (`param`: its field)."""
+    def chat_prompt(messages: list[dict[str, str]], thinking: bool, param: str, prefill: str = "") -> list[int]:
+        """Messages through the chat template, then the answer's `prefill`; what it refuses is the request's error
+        (`param`: its field)."""
         try:
-            return model.tokenizer.encode_chat(messages, enable_thinking=thinking)
+            return model.tokenizer.encode_chat(messages, enable_thinking=thinking, prefill=prefill)
         except DiffGemmaError as err:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
 
@@ -450,7 +451,14 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         free_text_only(body.response_format, "response_format")
         messages = [{"role": m.role, "content": content_text(m.content, "messages")} for m in body.messages]
         thinking = bool(body.enable_thinking or (body.chat_template_kwargs or {}).get("enable_thinking"))
-        return await complete(body, request, [chat_prompt(messages, thinking, "messages")], chat=True)
+        prefill = ""
+        if body.continue_final_message:  # the last message is the answer begun: the model goes on from it
+            if messages[-1]["role"] != "assistant":
+                message = "continue_final_message needs a last message from the assistant: the answer begun"
+                raise APIError(400, message, "invalid_request_error", "invalid_value", "messages")
+            messages, prefill = messages[:-1], messages[-1]["content"]
+        prompt = chat_prompt(messages, thinking, "messages", prefill)
+        return await complete(body, request, [prompt], chat=True)
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):

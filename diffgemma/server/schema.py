@@ -73,6 +73,7 @@ class ChatRequest(SamplerExtras):
     logprobs: bool = False  # each answer token's log-probability, from the causal encoder (`scoring`)
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = None  # {"type": "text"} alone (`free_text_only`)
+    continue_final_message: bool = False  # the last (assistant) message is the answer begun: its prefill
 
 
 class CompletionRequest(SamplerExtras):
