@@ -338,13 +338,15 @@ class DiffGemma:
         mode: str = "fast",
         stop: str | Sequence[str] | None = None,
         prefill: str = "",
+        sanitize: bool = False,
         **sampler: Any,
     ) -> ChatResult:
         """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
         `stop` strings end the answer (never the thinking) where one first appears. `prefill` begins the answer
-        (say "{" for JSON): the model goes on from it, and the reply is what follows it."""
+        (say "{" for JSON): the model goes on from it, and the reply is what follows it. `sanitize`: special
+        tokens' texts in the messages are read as text (`Tokenizer.encode_chat`), for messages from others."""
         text = self.settled_text(True, ([stop] if isinstance(stop, str) else list(stop)) if stop else ())
-        prompt = self._need_tokenizer().encode_chat(messages, enable_thinking, prefill)
+        prompt = self._need_tokenizer().encode_chat(messages, enable_thinking, prefill, sanitize)
         result = self.generate(prompt, max_new_tokens, seed, mode, stop=text.stops, **sampler)
         return ChatResult(*text.parts(result.new_tokens[0]), result)
 

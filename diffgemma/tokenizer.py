@@ -6,6 +6,7 @@ Also splits the Gemma 4 thinking channel (`<|channel>thought\\n ... <channel|>`)
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -93,6 +94,8 @@ class Tokenizer:
             template = named.get("default")
         self.chat_template = template if isinstance(template, str) else None
         self._compiled = None
+        self._control_pattern: re.Pattern | None = None  # `_control_tokens`
+        self._as_text: RustTokenizer | None = None  # `_special_as_text`
         if self.chat_template is not None:
             try:
                 self._compiled = _template_environment().from_string(self.chat_template)
@@ -149,11 +152,67 @@ class Tokenizer:
         return rendered + prefill
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], enable_thinking: bool = False, prefill: str = "", **extra: Any
+        self,
+        messages: list[dict[str, Any]],
+        enable_thinking: bool = False,
+        prefill: str = "",
+        sanitize: bool = False,
+        **extra: Any,
     ) -> list[int]:
-        """Chat prompt ids; the template writes its own special tokens (BOS included)."""
-        text = self.apply_chat_template(messages, enable_thinking=enable_thinking, prefill=prefill, **extra)
-        return self.encode(text, add_special_tokens=False)
+        """Chat prompt ids; the template writes its own special tokens (BOS included).
+
+        `sanitize`: a special token's text inside the messages (or the prefill) is read as plain text, not as
+        the token, so a message cannot forge the template's markers (a turn closed, a system turn opened), as
+        `transformers`' `sanitize_control_tokens` reads it; off by default, as there. The messages' text is
+        marked before rendering and the marked tokens encoded as text after; a conversation without such text
+        gets the same ids either way."""
+        if not sanitize:
+            text = self.apply_chat_template(messages, enable_thinking=enable_thinking, prefill=prefill, **extra)
+            return self.encode(text, add_special_tokens=False)
+        marked = _mark_control_tokens(messages, self._control_tokens())
+        prefill = _mark_control_tokens(prefill, self._control_tokens())
+        text = self.apply_chat_template(marked, enable_thinking=enable_thinking, prefill=prefill, **extra)
+        pieces = self._marked_pieces().split(text)  # text, marked token (None: a lone marker), text, ...
+        ids = self.encode(pieces[0], add_special_tokens=False)
+        for index, piece in enumerate(pieces[1:], start=1):
+            if not piece:
+                continue
+            encoder = self._special_as_text() if index % 2 else self.backend
+            ids += encoder.encode(piece, add_special_tokens=False).ids
+        return ids
+
+    def _control_tokens(self) -> re.Pattern:
+        """A pattern for the special tokens' texts, longest first (so a token wins over those inside it)."""
+        if self._control_pattern is None:
+            tokens = sorted(self.special_strings, key=len, reverse=True)
+            self._control_pattern = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+        return self._control_pattern
+
+    def _marked_pieces(self) -> re.Pattern:
+        return re.compile(f"{MARK_OPEN}({self._control_tokens().pattern}){MARK_CLOSE}|[{MARK_OPEN}{MARK_CLOSE}]")
+
+    def _special_as_text(self) -> RustTokenizer:
+        """A copy of the tokenizer that reads special tokens' texts as plain text."""
+        if self._as_text is None:
+            self._as_text = RustTokenizer.from_str(self.backend.to_str())
+            self._as_text.encode_special_tokens = True
+        return self._as_text
+
+
+MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"  # private-use characters around a special token's text in a message
+
+
+def _mark_control_tokens(value: Any, tokens: re.Pattern) -> Any:
+    """Every string in `value` (a text, or the values of messages' lists and objects) with each special token's
+    text wrapped in MARK_OPEN ... MARK_CLOSE; markers already there are dropped first, so none can be forged."""
+    if isinstance(value, str):
+        value = value.replace(MARK_OPEN, "").replace(MARK_CLOSE, "")
+        return tokens.sub(lambda found: f"{MARK_OPEN}{found.group(0)}{MARK_CLOSE}", value)
+    if isinstance(value, dict):
+        return {key: _mark_control_tokens(item, tokens) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mark_control_tokens(item, tokens) for item in value]
+    return value
 
 
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names a message's thinking comes under

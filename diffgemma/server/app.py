@@ -440,9 +440,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     def chat_prompt(messages: list[dict[str, str]], thinking: bool, param: str, prefill: str = "") -> list[int]:
         """Messages through the chat template, then the answer's `prefill`; what it refuses is the request's error
-        (`param`: its field)."""
+        (`param`: its field). A special token's text in a message is read as text, as OpenAI's API reads it: a
+        client's user cannot forge the template's turn markers."""
         try:
-            return model.tokenizer.encode_chat(messages, enable_thinking=thinking, prefill=prefill)
+            return model.tokenizer.encode_chat(messages, enable_thinking=thinking, prefill=prefill, sanitize=True)
         except DiffGemmaError as err:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
 
