@@ -20,6 +20,7 @@ from .quant import FORMATS
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
 MODEL_ENV = "DIFFGEMMA_MODEL"
+CHAT_MAX_NEW_TOKENS = 4096  # `chat`'s token limit unless --max-new-tokens says: answers end at EOS well before it
 SAMPLER_OPTIONS = {
     "steps": "max_denoising_steps",
     "entropy_bound": "entropy_bound",
@@ -328,6 +329,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         result = model.generate(prompt, seed=args.seed, mode=args.mode, stop=args.stop, **sampler)
         print(result.text)
+    _say_if_cut(result)
     if args.stats:
         steps = sum(sum(rows) for rows in result.steps)
         print(
@@ -365,9 +367,18 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(f"{scored} tokens scored, {likelihood}, perplexity {scores.perplexity:.3f}")
 
 
+def _say_if_cut(result) -> None:
+    """A text cut at the token limit (no EOS before it) says so on stderr, rather than ending as if finished."""
+    if result.reached_limit[0]:
+        limit = len(result.new_tokens[0])
+        print(f"[cut at the {limit}-token limit; --max-new-tokens sets it]", file=sys.stderr, flush=True)
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
     model = _load(args)
     sampler = _sampler(args)
+    # Answers run to EOS; the checkpoint's max_new_tokens (the reference's 256: one canvas) would cut most.
+    sampler.setdefault("max_new_tokens", max(CHAT_MAX_NEW_TOKENS, model.settings.max_new_tokens))
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(opening)
     thinking = args.think
@@ -378,22 +389,22 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "user", "content": line})
         if args.stream and not (args.watch and terminal):
             lead = "model> " if interactive else ""
-            _, content, _ = _print_as_it_settles(
+            result, content, _ = _print_as_it_settles(
                 model, history, args, sampler, chat=True, lead=lead, enable_thinking=thinking
             )
-            history.append({"role": "assistant", "content": content})
-            return
-        text = model.settled_text(True, args.stop or ())
-        if args.watch and terminal:
-            result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=text.stops)
         else:
-            result = model.generate(
-                history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=text.stops, **sampler
-            )
-        content, reasoning = text.parts(result.new_tokens[0])
-        if reasoning:
-            print(f"[thinking] {reasoning}")
-        print(f"model> {content}" if interactive else content)
+            text = model.settled_text(True, args.stop or ())
+            if args.watch and terminal:
+                result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=text.stops)
+            else:
+                result = model.generate(
+                    history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=text.stops, **sampler
+                )
+            content, reasoning = text.parts(result.new_tokens[0])
+            if reasoning:
+                print(f"[thinking] {reasoning}")
+            print(f"model> {content}" if interactive else content)
+        _say_if_cut(result)
         history.append({"role": "assistant", "content": content})
 
     if args.message is not None:  # one question, one answer

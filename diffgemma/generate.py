@@ -77,6 +77,7 @@ class GenerationResult:
     wall_time: float
     text: str | list[str] | None = None  # one string per prompt (a list for a batch), None without tokenizer
     stopped: list[bool] = field(default_factory=list)  # per row: a stop string ended it (`StopStrings`)
+    reached_limit: list[bool] = field(default_factory=list)  # per row: cut at max_new_tokens, no EOS before it
 
     @property
     def tokens_per_second(self) -> float:
@@ -796,6 +797,7 @@ def denoising_loop(
         tokens_per_forward=per_forward,
         wall_time=time.perf_counter() - started,
         stopped=[False] * batch,
+        reached_limit=[len(tokens) >= limit for tokens, limit in zip(new_tokens, limits, strict=True)],
     )
     yield Done(result)
 
@@ -862,6 +864,7 @@ def cut_at_stops(result: GenerationResult, stops: StopStrings) -> GenerationResu
         through = stops.tokens_through(tokens)
         result.stopped[row] = through is not None
         result.new_tokens[row] = tokens if through is None else tokens[:through]
+        result.reached_limit[row] = result.reached_limit[row] and through is None
     return result
 
 

@@ -252,6 +252,29 @@ def test_score_says_how_likely_a_text_is(capsys, tmp_path, demo):
     assert code == 2 and "give a text" in err
 
 
+def test_a_text_cut_at_the_token_limit_says_so(capsys, monkeypatch, demo):
+    """Cut at --max-new-tokens (no EOS before it), the text says so on stderr; `chat` answers run to EOS (its
+    limit 4096 unless set), not the checkpoint's one canvas."""
+    code, out, err = run(
+        capsys, "generate", "Once upon a time", "--model", DEMO, "--seed", "0", "--max-new-tokens", "9"
+    )
+    assert code == 0 and "[cut at the 9-token limit; --max-new-tokens sets it]" in err
+    code, out, err = run(
+        capsys, "chat", "Why is the sky blue?", "--model", DEMO, "--seed", "1", "--max-new-tokens", "9"
+    )
+    assert out.strip() == ANSWERS["Why is the sky blue?"][:9].strip() and "cut at the 9-token limit" in err
+    asked = []
+    original = diffgemma.DiffGemma.stream
+    monkeypatch.setattr(diffgemma.DiffGemma, "stream", lambda self, *a, **k: asked.append(k) or original(self, *a, **k))
+    code, out, err = run(capsys, "chat", "Why is the sky blue?", "--model", DEMO, "--seed", "1")
+    assert out.strip() == ANSWERS["Why is the sky blue?"] and "cut" not in err
+    assert asked[0]["max_new_tokens"] == 4096
+    assert demo.generate("Once upon a time", max_new_tokens=9, seed=0).reached_limit == [True]
+    assert demo.chat([{"role": "user", "content": "Why is the sky blue?"}], seed=1).result.reached_limit == [False]
+    stopped = demo.generate("Once upon a time", max_new_tokens=40, seed=0, stop=" ")
+    assert stopped.stopped == [True] and stopped.reached_limit == [False]
+
+
 def test_chat_session_with_reset(tmp_path):
     session = "Say hello.\n/think off\n/reset\nCount to five.\n/exit\n"
     out = subprocess.run(

@@ -366,6 +366,30 @@ def test_engine_stopped_is_503(demo):
         assert httpx.get(url + "/health").json()["status"] == "stopped"
 
 
+def test_a_chat_answer_without_max_tokens_runs_to_the_servers_limit_not_one_canvas(demo):
+    """A chat request without max_tokens may run to --max-tokens-limit (it ends at EOS), as OpenAI's chat runs
+    to the context: the checkpoint's max_new_tokens (the reference's 256, one canvas) would cut most answers.
+    A text completion keeps the checkpoint's."""
+
+    limits = []
+
+    class Recording(Batcher):
+        def submit(self, job):
+            limits.append(job.max_new_tokens)
+            super().submit(job)
+
+    batcher = Recording(demo)
+    app = create_app(demo, ServerOptions(model_name="demo", max_tokens=1000), batcher)
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1)
+        assert reply.choices[0].message.content == ANSWERS[SKY] and reply.choices[0].finish_reason == "stop"
+        client.responses.create(model="demo", input=SKY, extra_body={"seed": 1})
+        client.completions.create(model="demo", prompt="Hello", seed=1)
+        client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, max_tokens=7)
+    assert limits == [1000, 1000, demo.settings.max_new_tokens, 7]
+
+
 def test_api_key(demo):
     app = create_app(demo, ServerOptions(model_name="demo", api_key="s3cret"))
     with running(app) as url:

@@ -179,8 +179,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    def admit(prompts: list[list[int]], max_tokens: int | None, n: int) -> int:
-        """The request's token limit, once its prompts (each `n` choices, rows of one batch) are within limits."""
+    def admit(prompts: list[list[int]], max_tokens: int | None, n: int, chat: bool = False) -> int:
+        """The request's token limit, once its prompts (each `n` choices, rows of one batch) are within limits.
+        Without one, a chat answer may run to the server's limit (to EOS, as OpenAI's chat runs to the
+        context), where the checkpoint's max_new_tokens (the reference's 256, one canvas) would cut most
+        answers; a text completion keeps the checkpoint's."""
         if not 1 <= n <= options.max_batch:  # a request's choices are denoised together, in one batch
             raise APIError(
                 400, f"n must be between 1 and {options.max_batch}", "invalid_request_error", "invalid_value", "n"
@@ -202,7 +205,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 "context_length_exceeded",
                 "messages",
             )
-        limit = max_tokens or min(model.settings.max_new_tokens, options.max_tokens)
+        limit = max_tokens or (options.max_tokens if chat else min(model.settings.max_new_tokens, options.max_tokens))
         if limit > options.max_tokens:
             raise APIError(
                 400,
@@ -337,7 +340,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         """Admit, queue, then stream the jobs (`n` a prompt, choice k * n + i prompt k's i-th, seeded seed + its
         index) or wait for them: what both completion routes share. `echoes`: each prompt's text, to come first;
         `clamp`: ids held in place on the first canvas (a fill: its `max_tokens` free positions, the suffix)."""
-        limit = admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n)
+        limit = admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
         rows = [prompt for prompt in prompts for _ in range(body.n)]
         leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
         replies = [reply_text(model, chat, body.stop) for _ in rows]
@@ -464,7 +467,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         prompt = chat_prompt(*request_messages(body), "input")
-        limit = admit([prompt], body.max_output_tokens, 1)
+        limit = admit([prompt], body.max_output_tokens, 1, chat=True)
         job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, chat=True)
         built = ResponseBuilder(options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)))
         top = (body.top_logprobs or 0) if "message.output_text.logprobs" in (body.include or ()) else None
