@@ -289,7 +289,7 @@ def _file_prompts(path: str) -> list[str]:
 
 def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
     """Every prompt of `--file`, `--batch-size` rows at a time (prompt i seeded seed + i), as JSONL on stdout:
-    {"prompt", "text"} a line, in the file's order."""
+    {"prompt", "text", "finish_reason"} a line, in the file's order ("length": cut at the token limit)."""
     import json
 
     prompts = _file_prompts(args.file)
@@ -302,8 +302,9 @@ def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> 
         seeds = None if args.seed is None else [args.seed + start + i for i in range(len(rows))]
         seed = seeds[0] if seeds is not None and args.mode == "reference" else seeds
         result = model.generate(rows, seed=seed, mode=args.mode, stop=args.stop, **sampler)
-        for prompt, text in zip(rows, result.text, strict=True):  # (a list: the prompts came as one)
-            print(json.dumps({"prompt": prompt, "text": text}, ensure_ascii=False), flush=True)
+        for prompt, text, cut in zip(rows, result.text, result.reached_limit, strict=True):  # (a list: a batch)
+            record = {"prompt": prompt, "text": text, "finish_reason": "length" if cut else "stop"}
+            print(json.dumps(record, ensure_ascii=False), flush=True)
         tokens += sum(len(row) for row in result.new_tokens)
         seconds += result.wall_time
     if args.stats:
@@ -857,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text after a prompt")
     generate.add_argument("prompt", nargs="?", help="the prompt, or - to read it from stdin")
     generate.add_argument(
-        "--file", help='many prompts: one a line, or a .jsonl of {"prompt": ...}; JSONL out, {"prompt", "text"}'
+        "--file", help='many prompts: one a line, or a .jsonl of {"prompt": ...}; JSONL out, {"prompt", "text", ...}'
     )
     generate.add_argument("--batch-size", type=_at_least(1), default=8, help="--file: prompts denoised together")
     generate.add_argument("--watch", action="store_true", help="show the canvas converge live")

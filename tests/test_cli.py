@@ -427,7 +427,14 @@ def test_generate_a_file_of_prompts_as_jsonl(capsys, tmp_path, demo):
     records = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["prompt"] for r in records] == prompts
     for index, record in enumerate(records):
-        assert record["text"] == demo.generate(prompts[index], seed=3 + index, max_new_tokens=12).text
+        alone = demo.generate(prompts[index], seed=3 + index, max_new_tokens=12)
+        assert record["text"] == alone.text
+        assert record["finish_reason"] == ("length" if alone.reached_limit[0] else "stop")
+    question = tmp_path / "question.jsonl"
+    rendered = demo.tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit."}])
+    question.write_text(json.dumps({"prompt": rendered}) + "\n")
+    code, answered, _ = run(capsys, "generate", "--file", str(question), "--model", DEMO, "--seed", "0")
+    assert json.loads(answered)["finish_reason"] == "stop" and json.loads(answered)["text"] == "An apple."
     records_file = tmp_path / "prompts.jsonl"
     records_file.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts) + "\n")
     code, again, _ = run(capsys, "generate", "--file", str(records_file), *options)
