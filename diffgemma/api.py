@@ -92,6 +92,11 @@ def _load_dtype(dtype: torch.dtype | str, device: torch.device, folder: Path) ->
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
+    """A device or its name; "auto" is the first of a CUDA GPU, Apple's MPS and the CPU that this machine has."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):

@@ -812,7 +812,7 @@ def _add_model_options(
     command that runs the model (`inference`, `_load`) --quant and --compile; and with `sampling` the sampler's
     settings."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU, else MPS, else the CPU), cpu, cuda:1, mps")
     others = ", ".join(name for name in ("auto", "stored", "float32", "bfloat16", "float16") if name != dtype)
     parser.add_argument("--dtype", default=dtype, help=f"{dtype} ({DTYPE_CHOICES[dtype]}), or {others}")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
@@ -1092,6 +1092,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             _set_threads(args)
+            if getattr(args, "device", None) == "auto":
+                from .api import resolve_device
+
+                args.device = str(resolve_device("auto"))
             args.run(args)
     except DiffGemmaError as err:
         print(f"diffgemma: {err}", file=sys.stderr)

@@ -190,6 +190,26 @@ def test_every_command_that_runs_the_model_takes_the_loading_options(argv, monke
     assert threads == [3]
 
 
+def test_the_device_is_auto_unless_given(monkeypatch, capsys):
+    """`--device auto` (the default): a CUDA GPU, else Apple's MPS, else the CPU."""
+    import diffgemma.api
+
+    assert diffgemma.api.resolve_device("auto") == torch.device("cpu")  # this machine has neither
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert diffgemma.api.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert diffgemma.api.resolve_device("auto") == torch.device("cuda")
+    monkeypatch.undo()
+    devices = []
+
+    def load(path, **options):
+        devices.append(options["device"])
+        raise DiffGemmaError("stop here")
+
+    monkeypatch.setattr(diffgemma.api, "load", load)
+    assert main(["generate", "hi", "--model", DEMO]) == 2 and devices == ["cpu"]
+
+
 def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("DIFFGEMMA_MODEL", raising=False)
     for argv, expected in (
