@@ -92,11 +92,10 @@ def _load_dtype(dtype: torch.dtype | str, device: torch.device, folder: Path) ->
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
-    """A device or its name; "auto" is the first of a CUDA GPU, Apple's MPS and the CPU that this machine has."""
+    """A device or its name; "auto" is a CUDA GPU where this machine has one, else the CPU (Apple's MPS when asked
+    for by name: no test here has run on it)."""
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
