@@ -812,7 +812,7 @@ def _add_model_options(
     command that runs the model (`inference`, `_load`) --quant and --compile; and with `sampling` the sampler's
     settings."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
-    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one, else the CPU), cpu, cuda:1, mps")
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU if any, else the CPU), cpu, cuda:1, mps")
     others = ", ".join(name for name in ("auto", "stored", "float32", "bfloat16", "float16") if name != dtype)
     parser.add_argument("--dtype", default=dtype, help=f"{dtype} ({DTYPE_CHOICES[dtype]}), or {others}")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
