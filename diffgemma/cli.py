@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import re
@@ -672,11 +673,30 @@ def cmd_eval_sudoku(args: argparse.Namespace) -> None:
         )
 
 
+def _join_torchrun(args: argparse.Namespace) -> int:
+    """Under `torchrun` (WORLD_SIZE over 1), join its process group: each rank on its own GPU (LOCAL_RANK, NCCL)
+    or on the CPU (gloo). Returns this process's rank (0 when it runs alone)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        if args.device.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank()
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
     torch.manual_seed(args.seed)
-    log = lambda line: print(line, flush=True)  # noqa: E731
+    rank = _join_torchrun(args)
+    log = (lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None)
     if args.task == "chat":
         from .api import load
         from .train.lora import LoraSettings

@@ -184,3 +184,31 @@ def test_qlora_trains_adapters_over_a_frozen_quantized_base(tmp_path, capsys):
     assert main(common) == 2 and "give --lora-rank too" in capsys.readouterr().err
     assert main(["train", "sudoku", "--out", str(tmp_path / "s"), "--quant", "int4"]) == 2
     assert "--quant is for `train chat`" in capsys.readouterr().err
+
+
+def test_train_chat_under_torchrun_trains_the_ranks_together(tmp_path, capsys):
+    """`torchrun ... diffgemma train chat`: the ranks join one process group (gloo on the CPU) and share their
+    gradients, rank 0 alone writes and logs, and two ranks of one micro-batch each end where one process with
+    two accumulated micro-batches does (the same batches, the same averaged gradients)."""
+    import subprocess
+    import sys
+
+    from server_util import free_port
+
+    base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
+    data = _write(tmp_path / "chat.jsonl", CONVERSATIONS * 3)
+    common = ["train", "chat", "--model", str(base), "--data", str(data), "--steps", "3", "--batch-size", "2"]
+    common += ["--lr", "5e-3", "--eval-every", "0", "--device", "cpu", "--threads", "1"]
+    ranks = tmp_path / "ranks"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(free_port()), "-m", "diffgemma.cli", *common, "--out", str(ranks)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("training examples") == 1  # rank 0 logs
+    assert main([*common, "--out", str(tmp_path / "alone"), "--accumulation", "2"]) == 0
+    together = diffgemma.load(ranks).network.state_dict()
+    alone = diffgemma.load(tmp_path / "alone").network.state_dict()
+    start = diffgemma.load(base).network.state_dict()
+    assert any(not torch.equal(together[name], start[name]) for name in start)  # it trained
+    for name, weight in alone.items():
+        assert torch.allclose(together[name], weight, atol=1e-5), name

@@ -182,7 +182,8 @@ def train(
     """Train `network` in place; returns the loss of every optimizer step (including resumed ones).
 
     Under `torchrun` (a process group initialised), the loss runs inside DistributedDataParallel and each
-    rank takes its own micro-batches, so every rank ends each step with the same averaged gradients.
+    rank takes its own micro-batches, so every rank ends each step with the same averaged gradients; rank 0
+    alone calls `checkpoint`.
 
     `batch_for_step(k)` gives the k-th micro-batch: examples, or a `Batch` already laid out (a task that
     makes its batches on the device). `checkpoint(step, optimizer, losses)` is called every
@@ -195,6 +196,8 @@ def train(
     for parameter in trainable:
         parameter.requires_grad_(True)
     rank, world = _distributed()
+    if rank != 0:  # the ranks hold the same weights: one of them writes them
+        checkpoint = None
     objective: torch.nn.Module = Objective(network, config)
     if world > 1:
         # Every parameter takes part in every step (the experts are stacked tensors used whole by the
