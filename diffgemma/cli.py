@@ -695,6 +695,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
     torch.manual_seed(args.seed)
+    if args.task != "chat" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DiffGemmaError("train sudoku runs in one process (its model is small); torchrun is for train chat")
     rank = _join_torchrun(args)
     log = (lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None)
     if args.task == "chat":

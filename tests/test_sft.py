@@ -186,7 +186,7 @@ def test_qlora_trains_adapters_over_a_frozen_quantized_base(tmp_path, capsys):
     assert "--quant is for `train chat`" in capsys.readouterr().err
 
 
-def test_train_chat_under_torchrun_trains_the_ranks_together(tmp_path, capsys):
+def test_train_chat_under_torchrun_trains_the_ranks_together(tmp_path, capsys, monkeypatch):
     """`torchrun ... diffgemma train chat`: the ranks join one process group (gloo on the CPU) and share their
     gradients, rank 0 alone writes and logs, and two ranks of one micro-batch each end where one process with
     two accumulated micro-batches does (the same batches, the same averaged gradients)."""
@@ -212,3 +212,6 @@ def test_train_chat_under_torchrun_trains_the_ranks_together(tmp_path, capsys):
     assert any(not torch.equal(together[name], start[name]) for name in start)  # it trained
     for name, weight in alone.items():
         assert torch.allclose(together[name], weight, atol=1e-5), name
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "sudoku", "--out", str(tmp_path / "sudoku"), "--steps", "1"]) == 2
+    assert "torchrun is for train chat" in capsys.readouterr().err
