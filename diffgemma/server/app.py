@@ -32,6 +32,7 @@ from ..errors import DiffGemmaError
 from ..generate import SettledText
 from ..scoring import TokenScores
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
+from .logprobs import chat_logprobs, completion_logprobs
 from .responses import ResponseBuilder, ResponsesRequest, request_messages
 from .schema import (
     SAMPLER_FIELDS,
@@ -397,8 +398,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             kept = [*kept, eos]
         scored = await score(prompt + kept, top)
         if chat:
-            return chat_logprobs(scored, len(prompt))
-        return completion_logprobs(scored, 0 if echo else len(prompt))
+            return chat_logprobs(model.tokenizer, scored, len(prompt))
+        return completion_logprobs(model.tokenizer, scored, 0 if echo else len(prompt))
 
     async def score(ids: list[int], top: int) -> TokenScores:
         """`DiffGemma.score` on the engine's thread, between batches."""
@@ -406,40 +407,6 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             return await batcher.run(lambda: model.score(ids, top))
         except EngineStopped as err:
             raise APIError(503, str(err), "server_error", "unavailable") from None
-
-    def completion_logprobs(scored: TokenScores, first: int) -> dict[str, Any]:
-        """OpenAI's completion `logprobs` for the tokens from `first` on: each token, its log-probability (None
-        for a text's first token), its alternatives with the token itself among them, and where its text starts
-        in the choice's text."""
-        tokenizer = model.tokenizer
-        tokens, values, alternatives, offsets, offset = [], [], [], [], 0
-        for token, value, top in zip(scored.ids[first:], scored.logprobs[first:], scored.top[first:], strict=True):
-            piece = tokenizer.decode([token], skip_special_tokens=False)
-            tokens.append(piece)
-            values.append(value)
-            if value is None:
-                alternatives.append(None)
-            else:
-                pieces = {tokenizer.decode([other], skip_special_tokens=False): v for other, v in top}
-                alternatives.append({**pieces, piece: value})
-            offsets.append(offset)
-            offset += len(tokenizer.decode([token]))
-        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": alternatives, "text_offset": offsets}
-
-    def chat_logprobs(scored: TokenScores, first: int) -> dict[str, Any]:
-        """OpenAI's chat `logprobs` for the answer's tokens (from `first` on): each with its bytes and
-        alternatives."""
-        tokenizer = model.tokenizer
-
-        def entry(token: int, value: float) -> dict[str, Any]:
-            piece = tokenizer.decode([token], skip_special_tokens=False)
-            return {"token": piece, "logprob": value, "bytes": list(piece.encode())}
-
-        content = [
-            {**entry(token, value), "top_logprobs": [entry(other, v) for other, v in top]}
-            for token, value, top in zip(scored.ids[first:], scored.logprobs[first:], scored.top[first:], strict=True)
-        ]
-        return {"content": content, "refusal": None}
 
     def chat_prompt(messages: list[dict[str, str]], thinking: bool, param: str, prefill: str = "") -> list[int]:
         """Messages through the chat template, then the answer's `prefill`; what it refuses is the request's error
@@ -507,7 +474,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             prompt = prompts[index // body.n]
             choice = {"index": index, "text": texts[index // body.n], "finish_reason": "length"}
             if top is not None:
-                choice["logprobs"] = completion_logprobs(await score(prompt, top), 0)
+                choice["logprobs"] = completion_logprobs(model.tokenizer, await score(prompt, top), 0)
             choices.append(choice)
         usage = _usage(sum(len(prompt) for prompt in prompts), 0)
         response = {**_identity("cmpl"), "object": "text_completion", "model": options.model_name, "usage": usage}
