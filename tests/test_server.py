@@ -717,3 +717,18 @@ def test_n_choices_are_denoised_together_each_as_alone(server, client):
     texts = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=20, seed=7, n=2)
     single = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=20, seed=8)
     assert [c.index for c in texts.choices] == [0, 1] and texts.choices[1].text == single.choices[0].text
+
+
+def test_the_eos_after_a_rows_tokens_is_found_only_where_one_is():
+    """A row's ending EOS (listed with a completion's logprobs): after its tokens, within its limit; a row cut
+    short with its batch, its tokens running to the last canvas made, has none (and is no error)."""
+    import torch
+
+    from diffgemma.generate import GenerationResult
+    from diffgemma.server.batcher import _ending_eos
+
+    sequences = torch.tensor([[5, 6, 7, 8], [5, 6, 1, 0]])
+    result = GenerationResult(sequences, 1, [[6, 7, 8], [6]], [], [], 0.0)
+    assert _ending_eos(result, 0, 10, (1,)) is None  # cut short: nothing after its tokens
+    assert _ending_eos(result, 1, 10, (1,)) == 1
+    assert _ending_eos(result, 1, 1, (1,)) is None  # at its limit

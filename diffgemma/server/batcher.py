@@ -221,9 +221,10 @@ class Batcher:
 
 
 def _ending_eos(result: GenerationResult, row: int, limit: int, eos_ids: tuple[int, ...]) -> int | None:
-    """The EOS id right after a row's new tokens, within its limit (None: the row ended otherwise)."""
-    tokens = result.new_tokens[row]
-    if len(tokens) >= limit:
+    """The EOS id right after a row's new tokens, within its limit (None: the row ended otherwise: at its limit,
+    or cut short with the batch, its tokens running to the last canvas generated)."""
+    after = result.prompt_length + len(result.new_tokens[row])
+    if len(result.new_tokens[row]) >= limit or after >= result.sequences.shape[1]:
         return None
-    after = int(result.sequences[row, result.prompt_length + len(tokens)])
-    return after if after in eos_ids else None
+    token = int(result.sequences[row, after])
+    return token if token in eos_ids else None
