@@ -172,13 +172,12 @@ class Tokenizer:
         marked = _mark_control_tokens(messages, self._control_tokens())
         prefill = _mark_control_tokens(prefill, self._control_tokens())
         text = self.apply_chat_template(marked, enable_thinking=enable_thinking, prefill=prefill, **extra)
-        pieces = self._marked_pieces().split(text)  # text, marked token (None: a lone marker), text, ...
-        ids = self.encode(pieces[0], add_special_tokens=False)
-        for index, piece in enumerate(pieces[1:], start=1):
-            if not piece:
-                continue
-            encoder = self._special_as_text() if index % 2 else self.backend
-            ids += encoder.encode(piece, add_special_tokens=False).ids
+        ids: list[int] = []
+        # text, marked token (None: a lone marker), text, ...: each marked token is encoded as plain text
+        for index, piece in enumerate(self._marked_pieces().split(text)):
+            if piece:
+                encoder = self._special_as_text() if index % 2 else self.backend
+                ids += encoder.encode(piece, add_special_tokens=False).ids
         return ids
 
     def _control_tokens(self) -> re.Pattern:
