@@ -134,9 +134,10 @@ def test_continue_final_message_goes_on_from_the_answer_begun(client, demo):
         model="demo", messages=begun, seed=0, extra_body={"continue_final_message": True}
     )
     assert reply.choices[0].message.content == demo.chat(question, seed=0, prefill="A").content == "n apple."
-    with pytest.raises(openai.BadRequestError, match="last message from the assistant") as refused:
-        client.chat.completions.create(model="demo", messages=question, extra_body={"continue_final_message": True})
-    assert refused.value.param == "messages"
+    for messages, message in ((question, "last message from the assistant"), (begun[1:], "the conversation before")):
+        with pytest.raises(openai.BadRequestError, match=message) as refused:
+            client.chat.completions.create(model="demo", messages=messages, extra_body={"continue_final_message": True})
+        assert refused.value.param == "messages"
 
 
 def test_a_message_cannot_forge_the_templates_markers(client, demo):
@@ -168,6 +169,11 @@ def test_logprobs_score_prompts_and_completions_as_the_encoder_does(client, demo
     assert sum(greedy) > len(greedy) / 2
     assert logprobs.text_offset[:3] == [0, 0, len(demo.tokenizer.decode(ids[:2]))]  # BOS shows no text
 
+    streamed_scores = list(
+        client.completions.create(model="demo", prompt=ids, max_tokens=0, echo=True, logprobs=2, stream=True)
+    )
+    assert len(streamed_scores) == 1 and streamed_scores[0].choices[0].text == choice.text
+    assert streamed_scores[0].choices[0].logprobs.token_logprobs == logprobs.token_logprobs
     # lm-evaluation-harness's loglikelihood request: one token generated, the prompt's scores before it
     harness = client.completions.create(model="demo", prompt=ids, max_tokens=1, echo=True, logprobs=1, seed=0)
     token_logprobs = harness.choices[0].logprobs.token_logprobs

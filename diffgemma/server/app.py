@@ -427,6 +427,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             if messages[-1]["role"] != "assistant":
                 message = "continue_final_message needs a last message from the assistant: the answer begun"
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "messages")
+            if len(messages) == 1:
+                message = "continue_final_message needs the conversation before the answer begun"
+                raise APIError(400, message, "invalid_request_error", "invalid_value", "messages")
             messages, prefill = messages[:-1], messages[-1]["content"]
         prompt = chat_prompt(messages, thinking, "messages", prefill)
         return await complete(body, request, [prompt], chat=True)
@@ -477,7 +480,16 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 choice["logprobs"] = completion_logprobs(model.tokenizer, await score(prompt, top), 0)
             choices.append(choice)
         usage = _usage(sum(len(prompt) for prompt in prompts), 0)
-        response = {**_identity("cmpl"), "object": "text_completion", "model": options.model_name, "usage": usage}
+        identity = _identity("cmpl")
+        if body.stream:  # a chunk a choice, as whole
+            chunk = _chunk_maker(identity, options.model_name, chat=False)
+            last = [chunk(usage=usage)] if body.stream_options is not None and body.stream_options.include_usage else []
+            events = [
+                chunk(c["index"], content=c["text"], finish=c["finish_reason"], logprobs=c.get("logprobs"))
+                for c in choices
+            ]
+            return _event_stream(_replayed([_sse(event) for event in [*events, *last]] + ["data: [DONE]\n\n"]))
+        response = {**identity, "object": "text_completion", "model": options.model_name, "usage": usage}
         return {**response, "choices": choices}
 
     async def insert(body: CompletionRequest, request: Request, prompts: list[list[int]], texts: list[str]):
@@ -514,6 +526,11 @@ def _sse(payload: dict | list[dict]) -> str:
         name = f"event: {one['type']}\n" if isinstance(one.get("type"), str) else ""
         events.append(f"{name}data: {json.dumps(one, ensure_ascii=False)}\n\n")
     return "".join(events)
+
+
+async def _replayed(events: list[str]) -> AsyncIterator[str]:
+    for event in events:
+        yield event
 
 
 def _event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
