@@ -532,6 +532,10 @@ def test_thinking_goes_out_as_reasoning_content(client):
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == answer
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thought
+    scored = client.chat.completions.create(
+        model="demo", messages=ask(question), seed=1, extra_body=extra, logprobs=True
+    )
+    assert "".join(entry.token for entry in scored.choices[0].logprobs.content) == answer  # the answer's alone
 
 
 def test_the_responses_api_with_the_openai_client(client, server):

@@ -31,6 +31,7 @@ from ..api import DiffGemma
 from ..errors import DiffGemmaError
 from ..generate import SettledText
 from ..scoring import TokenScores
+from ..tokenizer import THINKING_CLOSE
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 from .logprobs import chat_logprobs, completion_logprobs
 from .responses import ResponseBuilder, ResponsesRequest, request_messages
@@ -392,13 +393,16 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         prompt: list[int], reply: SettledText, tokens: list[int], eos: int | None, top: int, chat: bool, echo: bool
     ) -> dict[str, Any]:
         """A choice's `logprobs`: its prompt and tokens scored (a text completion's EOS too, if one ended it), in
-        the chat or the completion shape (`echo`: the prompt's tokens listed too)."""
+        the chat shape (the answer's tokens: those after the thinking, when it thought) or the completion shape
+        (`echo`: the prompt's tokens listed too)."""
         kept = reply.kept(tokens)
         if not chat and eos is not None:
             kept = [*kept, eos]
         scored = await score(prompt + kept, top)
         if chat:
-            return chat_logprobs(model.tokenizer, scored, len(prompt))
+            thought_end = model.tokenizer.token_id(THINKING_CLOSE)
+            answer = max((i + 1 for i, token in enumerate(kept) if token == thought_end), default=0)
+            return chat_logprobs(model.tokenizer, scored, len(prompt) + answer)
         return completion_logprobs(model.tokenizer, scored, 0 if echo else len(prompt))
 
     async def score(ids: list[int], top: int) -> TokenScores:
