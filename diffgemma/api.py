@@ -192,7 +192,7 @@ class DiffGemma:
         sampler: dict[str, Any],
         commit_stable_prefix: bool = False,
         token_ranges: torch.Tensor | list | None = None,
-        banned_tokens: torch.Tensor | None = None,
+        banned_tokens: torch.Tensor | Sequence | None = None,
         first_self_conditioning: torch.Tensor | None = None,
         noise_ranges: torch.Tensor | list | None = None,
         end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
@@ -206,7 +206,10 @@ class DiffGemma:
             clamp = torch.tensor([[-1 if t is None else t for t in row] for row in _rows(clamp)], dtype=torch.long)
         token_ranges = _ranges_for_rows(token_ranges, ids.shape[0], "token_ranges")
         noise_ranges = _ranges_for_rows(noise_ranges, ids.shape[0], "noise_ranges")
-        banned_tokens = _for_every_row(banned_tokens, ids.shape[0], "banned_tokens must be a boolean tensor")
+        if isinstance(banned_tokens, list | tuple):
+            banned_tokens = _banned_everywhere(banned_tokens, ids.shape[0], self.config.vocab_size, self.device)
+        else:
+            banned_tokens = _for_every_row(banned_tokens, ids.shape[0], "banned_tokens must be a boolean tensor")
         first_self_conditioning = _for_every_row(
             first_self_conditioning, ids.shape[0], "first_self_conditioning must be a tensor of probabilities"
         )
@@ -240,7 +243,7 @@ class DiffGemma:
         enable_thinking: bool = False,
         commit_stable_prefix: bool = False,
         token_ranges: torch.Tensor | list | None = None,
-        banned_tokens: torch.Tensor | None = None,
+        banned_tokens: torch.Tensor | Sequence | None = None,
         first_self_conditioning: torch.Tensor | None = None,
         noise_ranges: torch.Tensor | list | None = None,
         stop: str | Sequence[str] | StopStrings | None = None,
@@ -257,7 +260,8 @@ class DiffGemma:
         `token_ranges` ([L, 2] for every row, or [B, L, 2]) limits generated position i to ids in its half-open
         range (low, high): a vocabulary constrained per position (a sudoku cell takes only its nine digits).
         `banned_tokens` ([L, V] or [B, L, V] booleans) names ids position i never samples (a sudoku cell's
-        digits that a given among its peers holds); the re-noising may still draw them.
+        digits that a given among its peers holds); the re-noising may still draw them. A list of ids (or one
+        list per row) bans them at every position (an API's `logit_bias` of -100).
         `first_self_conditioning` ([L, V] or [B, L, V] probabilities) is each canvas's first-step
         self-conditioning input instead of no signal (a sudoku model trained with its candidates there).
         `noise_ranges` ([L, 2] or [B, L, 2]) is where position i's starting token and its re-noising draw from
@@ -294,7 +298,7 @@ class DiffGemma:
         enable_thinking: bool = False,
         commit_stable_prefix: bool = False,
         token_ranges: torch.Tensor | list | None = None,
-        banned_tokens: torch.Tensor | None = None,
+        banned_tokens: torch.Tensor | Sequence | None = None,
         first_self_conditioning: torch.Tensor | None = None,
         noise_ranges: torch.Tensor | list | None = None,
         stop: str | Sequence[str] | StopStrings | None = None,
@@ -462,6 +466,18 @@ def _ended_by(
         return [bool(name) or stops.ends(row) for row, name in zip(rows, named, strict=True)]
 
     return ended
+
+
+def _banned_everywhere(ids: Sequence, batch: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Token ids banned at every position, for every row (a list of ids) or per row (a list of lists), as a
+    [B, V] boolean mask (`denoising_loop` reads a 2-D mask as every position's)."""
+    rows = list(ids) if ids and all(isinstance(row, list | tuple) for row in ids) else [list(ids)] * batch
+    if len(rows) != batch or not all(isinstance(t, int) and 0 <= t < vocab for row in rows for t in row):
+        raise DiffGemmaError(f"banned ids must be token ids below {vocab}: a list, or {batch} lists (one a row)")
+    mask = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    for row, banned in enumerate(rows):
+        mask[row, list(banned)] = True
+    return mask
 
 
 def _for_every_row(values: torch.Tensor | None, batch: int, expected: str) -> torch.Tensor | None:

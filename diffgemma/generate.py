@@ -588,7 +588,8 @@ def denoising_loop(
     e.g. a sudoku cell's nine digits). It costs a [B, C, V] boolean mask per canvas. `banned_tokens`
     [B, L, V] (L <= canvases * C, booleans) names ids a generated position must never take: samples and drafts
     avoid them, while the re-noising may still draw them (noise stands for any token, as in training; a
-    sudoku cell never samples a digit a given among its peers holds). Every free position must keep an id.
+    sudoku cell never samples a digit a given among its peers holds); [B, V] bans the same ids at every
+    position (a view, no [B, L, V] mask is made). Every free position must keep an id.
     `first_self_conditioning` [B, L, V] (L <= canvases * C, probabilities) is each canvas's first-step
     self-conditioning input in place of no signal: what is known before the first pass (a sudoku model
     trained with it reads its givens and candidates there). `noise_ranges` [B, L, 2] (L <= canvases * C) sets
@@ -629,9 +630,12 @@ def denoising_loop(
     if banned_tokens is not None:
         if banned_tokens.dtype != torch.bool:
             raise DiffGemmaError(f"banned_tokens must be booleans, got {banned_tokens.dtype}")
-        banned_tokens = _checked_per_position(
-            banned_tokens, "banned_tokens", "booleans", batch, canvases * length, vocab, False
-        ).to(device)
+        if banned_tokens.ndim == 2 and banned_tokens.shape == (batch, vocab):  # every position's
+            banned_tokens = banned_tokens.to(device)[:, None, :].expand(batch, canvases * length, vocab)
+        else:
+            banned_tokens = _checked_per_position(
+                banned_tokens, "banned_tokens", "booleans", batch, canvases * length, vocab, False
+            ).to(device)
     if first_self_conditioning is not None:
         first_self_conditioning = _checked_per_position(
             first_self_conditioning.float(),

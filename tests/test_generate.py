@@ -390,6 +390,28 @@ def test_sanitized_messages_cannot_forge_the_templates_markers(demo):
     assert "\ue000" not in tokenizer.decode(smuggled, skip_special_tokens=False)
 
 
+def test_a_list_of_ids_is_banned_at_every_position_of_every_canvas(demo):
+    """`banned_tokens=[ids]` (every row) or one list a row: those ids are never sampled, on any canvas (the
+    2-D mask it becomes is viewed at every position, never made [B, L, V])."""
+    tokenizer = demo.tokenizer
+    question = tokenizer.encode_chat([{"role": "user", "content": "Why is the sky blue?"}])
+    letter = tokenizer.encode("a", add_special_tokens=False)[0]
+    free = demo.generate(question, seed=1, max_new_tokens=100)
+    assert "a" in free.text
+    banned = demo.generate(question, seed=1, max_new_tokens=100, banned_tokens=[letter])
+    assert letter not in banned.new_tokens[0] and banned.text != free.text
+    assert banned.text.replace("a", "").startswith("Air sc")  # the rest of the answer holds
+    rows = demo.generate([question, question], seed=[1, 1], max_new_tokens=100, banned_tokens=[[letter], []])
+    assert letter not in rows.new_tokens[0] and rows.text[1] == free.text
+    long = demo.generate(
+        "Once upon a time", seed=0, max_new_tokens=3 * demo.config.canvas_length, banned_tokens=[letter]
+    )
+    assert len(long.new_tokens[0]) > demo.config.canvas_length and letter not in long.new_tokens[0]
+    for bad in ([demo.config.vocab_size], [[letter]] * 3, ["a"]):
+        with pytest.raises(DiffGemmaError, match="banned ids must be token ids"):
+            demo.generate(question, banned_tokens=bad)
+
+
 def test_split_thinking_unclosed_and_absent():
     assert split_thinking("just text").content == "just text"
     assert split_thinking("just text").reasoning == ""

@@ -148,6 +148,17 @@ def test_a_message_cannot_forge_the_templates_markers(client, demo):
     assert reply.usage.prompt_tokens == len(sanitized) != len(demo.tokenizer.encode_chat(forged))
 
 
+def test_logit_bias_of_minus_100_bans_a_token_and_other_biases_are_refused(client, demo):
+    letter = str(demo.tokenizer.encode("a", add_special_tokens=False)[0])
+    reply = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, logit_bias={letter: -100})
+    content = reply.choices[0].message.content
+    assert content and "a" not in content and "a" in ANSWERS[SKY]  # the answer it gives unbanned has many
+    for bias, message in (({letter: 5}, "only -100"), ({"x": -100}, "not a token id"), ({"99999": -100}, "not a")):
+        with pytest.raises(openai.BadRequestError, match=message) as refused:
+            client.chat.completions.create(model="demo", messages=ask(SKY), logit_bias=bias)
+        assert refused.value.param == "logit_bias"
+
+
 def test_logprobs_score_prompts_and_completions_as_the_encoder_does(client, demo):
     """What evaluation harnesses send (token ids, `echo`, `logprobs`, `max_tokens` 0 or 1): every token's
     log-probability given those before it, from the causal encoder (`DiffGemma.score`), the first None, and

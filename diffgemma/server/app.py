@@ -230,11 +230,25 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             raise APIError(400, str(err), "invalid_request_error", "invalid_value") from None
         return overrides
 
+    def banned_ids(body: SamplerExtras) -> tuple[int, ...]:
+        """OpenAI's `logit_bias` as bans: a bias of -100 (never this token) is what the sampler honours; it has
+        no place for other biases (its temperature schedule and entropy bound decide), so they are refused."""
+        banned = []
+        for key, bias in (body.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= model.config.vocab_size:
+                message = f"logit_bias: {key!r} is not a token id (0-{model.config.vocab_size - 1})"
+                raise APIError(400, message, "invalid_request_error", "invalid_value", "logit_bias")
+            if bias > -100:
+                message = f"logit_bias: only -100 (never this token) is supported, got {bias} for {key}"
+                raise APIError(400, message, "invalid_request_error", "invalid_value", "logit_bias")
+            banned.append(int(key))
+        return tuple(banned)
+
     def new_job(prompt: list[int], limit: int, body: SamplerExtras, choice: int, clamp: list[int] | None) -> Job:
         # temperature 0 without a seed: seeded 0, so the same request gets the same answer (as clients expect)
         base = body.seed if body.seed is not None else 0 if body.temperature == 0 else None
         seed = base + choice if base is not None else secrets.randbits(62)
-        job = Job(prompt, limit, seed, sampler_overrides(body), asyncio.get_running_loop(), clamp)
+        job = Job(prompt, limit, seed, sampler_overrides(body), asyncio.get_running_loop(), clamp, banned_ids(body))
         try:
             batcher.submit(job)
         except EngineStopped as err:

@@ -50,6 +50,7 @@ class Job:
     sampler: dict[str, Any]
     loop: asyncio.AbstractEventLoop
     clamp: list[int] | None = None  # canvas ids held in place (-1 free): a fill between a prompt and a suffix
+    banned: tuple[int, ...] = ()  # ids its row never samples (a client's logit_bias of -100)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -170,12 +171,14 @@ class Batcher:
         committed: list[list[int]] = [[] for _ in batch]
         width = max(len(job.clamp or ()) for job in batch)  # rows without a clamp hold nothing in place
         clamp = [(job.clamp or []) + [-1] * (width - len(job.clamp or ())) for job in batch] if width else None
+        banned = [list(job.banned) for job in batch] if any(job.banned for job in batch) else None
         try:
             stream = self.model.stream(
                 [job.prompt for job in batch],
                 max_new_tokens=[job.max_new_tokens for job in batch],
                 seed=[job.seed for job in batch],
                 clamp=clamp,
+                banned_tokens=banned,
                 commit_stable_prefix=True,
                 end_rows=lambda rows: [job.cancelled.is_set() for job in batch],
                 **batch[0].sampler,

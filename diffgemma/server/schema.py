@@ -42,6 +42,7 @@ class SamplerExtras(BaseModel):
     t_min: float | None = Field(default=None, ge=0)
     stability_threshold: int | None = Field(default=None, ge=0)
     confidence_threshold: float | None = Field(default=None, gt=0)
+    logit_bias: dict[str, float] | None = None  # OpenAI's: -100 bans a token (`banned_ids`); others are refused
 
 
 class Message(BaseModel):
