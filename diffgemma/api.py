@@ -472,8 +472,11 @@ def _banned_everywhere(ids: Sequence, batch: int, vocab: int, device: torch.devi
     """Token ids banned at every position, for every row (a list of ids) or per row (a list of lists), as a
     [B, V] boolean mask (`denoising_loop` reads a 2-D mask as every position's)."""
     rows = list(ids) if ids and all(isinstance(row, list | tuple) for row in ids) else [list(ids)] * batch
-    if len(rows) != batch or not all(isinstance(t, int) and 0 <= t < vocab for row in rows for t in row):
-        raise DiffGemmaError(f"banned ids must be token ids below {vocab}: a list, or {batch} lists (one a row)")
+    ids_only = all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for row in rows for t in row)
+    if len(rows) != batch or not ids_only:
+        raise DiffGemmaError(
+            f"banned_tokens must be a boolean tensor, or token ids below {vocab}: a list, or {batch} lists (one a row)"
+        )
     mask = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
     for row, banned in enumerate(rows):
         mask[row, list(banned)] = True

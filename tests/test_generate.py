@@ -408,7 +408,7 @@ def test_a_list_of_ids_is_banned_at_every_position_of_every_canvas(demo):
     )
     assert len(long.new_tokens[0]) > demo.config.canvas_length and letter not in long.new_tokens[0]
     for bad in ([demo.config.vocab_size], [[letter]] * 3, ["a"]):
-        with pytest.raises(DiffGemmaError, match="banned ids must be token ids"):
+        with pytest.raises(DiffGemmaError, match="or token ids below"):
             demo.generate(question, banned_tokens=bad)
 
 
