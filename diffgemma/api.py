@@ -33,7 +33,7 @@ from .generate import (
 )
 from .model import DiffusionGemma
 from .quant import QuantFormat, convert_, float_sinks, format_from_config
-from .scoring import TokenScores, score_tokens
+from .scoring import TokenScores, score_batch
 from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 DTYPE_NAMES = {
@@ -413,19 +413,26 @@ class DiffGemma:
             length = max(1, len(tokenizer.encode(text[start:end], add_special_tokens=False)))
         return self.infill(text[:start], text[end:], length, seed, mode, **sampler)
 
-    def score(self, text: str | Sequence[int] | torch.Tensor, top: int = 0) -> TokenScores:
+    def score(
+        self, text: str | Sequence[int] | torch.Tensor | Sequence[str] | Sequence[Sequence[int]], top: int = 0
+    ) -> TokenScores | list[TokenScores]:
         """Each token's log-probability given the ones before it, from the causal encoder (`scoring`): a text
         (tokenized with BOS) or token ids as given; `top` likeliest alternatives per position (up to 20).
-        `.total` sums them, `.perplexity` is exp of their negative mean."""
+        `.total` sums them, `.perplexity` is exp of their negative mean. A batch (a list of texts, or of id
+        lists) is scored in one pass, each as alone, and gives a list."""
+        batched = isinstance(text, list | tuple) and bool(text) and all(isinstance(t, str | list | tuple) for t in text)
+        rows = [self._score_ids(one) for one in text] if batched else [self._score_ids(text)]
+        scores = score_batch(self.network, rows, top)
+        return scores if batched else scores[0]
+
+    def _score_ids(self, text: Any) -> list[int]:
         if isinstance(text, str):
-            ids = self._need_tokenizer().encode(text)
-        elif isinstance(text, torch.Tensor) and text.ndim == 1 and not text.is_floating_point():
-            ids = text.tolist()
-        elif isinstance(text, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in text):
-            ids = list(text)
-        else:
-            raise DiffGemmaError("score takes a text, or token ids: a list of ints or a 1-D integer tensor")
-        return score_tokens(self.network, ids, top)
+            return self._need_tokenizer().encode(text)
+        if isinstance(text, torch.Tensor) and text.ndim == 1 and not text.is_floating_point():
+            return text.tolist()
+        if isinstance(text, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in text):
+            return list(text)
+        raise DiffGemmaError("score takes a text, or token ids (a list of ints or a 1-D integer tensor), or a list")
 
     def _stop_strings(self, stop: str | Sequence[str] | StopStrings | None) -> StopStrings | None:
         if not stop or isinstance(stop, StopStrings):  # "" and [] stop nothing, as OpenAI's API takes them

@@ -41,41 +41,45 @@ class TokenScores:
 
 
 @torch.no_grad()
-def score_tokens(network: DiffusionGemma, ids: list[int], top: int = 0) -> TokenScores:
-    """Run the causal encoder over `ids` and score each token after the first from the head's distribution at
-    the position before it. The prompt goes in chunks (`DiffusionGemma.encode`) and the head a slice of
-    positions at a time, so memory stays that of a prompt chunk and SCORE_LOGITS_BYTES of logits."""
+def score_batch(network: DiffusionGemma, rows: list[list[int]], top: int = 0) -> list[TokenScores]:
+    """Run the causal encoder over each row of ids and score each token after the first from the head's
+    distribution at the position before it, every row in one pass. Shorter rows are padded at their end, which
+    a causal encoder never lets their tokens see, so each row scores as it would alone. The rows go through the
+    encoder in chunks (`DiffusionGemma.encode`) and the head a slice of positions at a time, so memory stays
+    that of a prompt chunk and SCORE_LOGITS_BYTES of logits."""
     if not 0 <= top <= MAX_TOP:
         raise DiffGemmaError(f"top must be between 0 and {MAX_TOP}, got {top}")
-    vocab = network.config.vocab_size
-    if not ids:
-        raise DiffGemmaError("nothing to score: no tokens")
-    outside = [token for token in ids if not 0 <= token < vocab]
-    if outside:
-        raise DiffGemmaError(f"token id {outside[0]} is outside the vocabulary (0-{vocab - 1})")
-    longest = network.config.max_position_embeddings
-    if len(ids) > longest:
-        raise DiffGemmaError(f"{len(ids)} tokens to score; the model reads at most {longest}")
-    sequence = torch.tensor([ids], device=network.device)
-    cache = network.new_cache(1, len(ids))
-    slice_rows = max(1, SCORE_LOGITS_BYTES // (4 * vocab))
-    logprobs: list[float | None] = [None]
-    alternatives: list[list[tuple[int, float]]] = [[]]
-    for start in range(0, len(ids), PREFILL_CHUNK):
-        hidden = network.encode(sequence[:, start : start + PREFILL_CHUNK], cache)[0]
-        targets = sequence[0, start + 1 : start + 1 + hidden.shape[0]]
-        hidden = hidden[: targets.numel()]  # the last token predicts nothing here
-        for first in range(0, targets.numel(), slice_rows):
-            logits = network.head(hidden[first : first + slice_rows])
+    vocab, longest = network.config.vocab_size, network.config.max_position_embeddings
+    for ids in rows:
+        if not ids:
+            raise DiffGemmaError("nothing to score: no tokens")
+        outside = [token for token in ids if not 0 <= token < vocab]
+        if outside:
+            raise DiffGemmaError(f"token id {outside[0]} is outside the vocabulary (0-{vocab - 1})")
+        if len(ids) > longest:
+            raise DiffGemmaError(f"{len(ids)} tokens to score; the model reads at most {longest}")
+    width = max(len(ids) for ids in rows)
+    sequence = torch.tensor([ids + [0] * (width - len(ids)) for ids in rows], device=network.device)
+    cache = network.new_cache(len(rows), width)
+    slice_rows = max(1, SCORE_LOGITS_BYTES // (4 * vocab * len(rows)))
+    logprobs: list[list[float | None]] = [[None] for _ in rows]
+    alternatives: list[list[list[tuple[int, float]]]] = [[[]] for _ in rows]
+    for start in range(0, width, PREFILL_CHUNK):
+        hidden = network.encode(sequence[:, start : start + PREFILL_CHUNK], cache)
+        targets = sequence[:, start + 1 : start + 1 + hidden.shape[1]]
+        hidden = hidden[:, : targets.shape[1]]  # the last token predicts nothing here
+        for first in range(0, targets.shape[1], slice_rows):
+            logits = network.head(hidden[:, first : first + slice_rows])
             logits -= torch.logsumexp(logits, dim=-1, keepdim=True)
-            picked = targets[first : first + slice_rows]
-            logprobs.extend(logits.gather(1, picked[:, None])[:, 0].tolist())
-            if top:
-                values, best = logits.topk(top, dim=-1)
-                alternatives.extend(
-                    list(zip(row_ids, row_values, strict=True))
-                    for row_ids, row_values in zip(best.tolist(), values.tolist(), strict=True)
-                )
-            else:
-                alternatives.extend([] for _ in range(picked.numel()))
-    return TokenScores(list(ids), logprobs, alternatives)
+            picked = targets[:, first : first + slice_rows]
+            values = logits.gather(2, picked[..., None])[..., 0].tolist()
+            best = logits.topk(top, dim=-1) if top else None
+            for row, ids in enumerate(rows):
+                real = max(0, min(picked.shape[1], len(ids) - 1 - start - first))  # this row's scored positions
+                logprobs[row].extend(values[row][:real])
+                if best is None:
+                    alternatives[row].extend([] for _ in range(real))
+                    continue
+                pairs = zip(best.indices[row, :real].tolist(), best.values[row, :real].tolist(), strict=True)
+                alternatives[row].extend(list(zip(i, v, strict=True)) for i, v in pairs)
+    return [TokenScores(list(ids), logprobs[row], alternatives[row]) for row, ids in enumerate(rows)]

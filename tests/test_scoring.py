@@ -58,6 +58,23 @@ def test_scores_are_the_same_in_slices_and_chunks(ours, monkeypatch):
     assert [[t for t, _ in top] for top in pieces.top] == [[t for t, _ in top] for top in whole.top]
 
 
+def test_a_batch_scores_each_row_as_alone(ours, demo):
+    """Rows of several lengths in one pass (the shorter padded at their end, which a causal encoder never
+    shows them): each row's scores are its own, alone."""
+    model = ours["B"]
+    generator = torch.Generator().manual_seed(9)
+    rows = [torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist() for n in (30, 3, 17)]
+    together = model.score(rows, top=2)
+    assert isinstance(together, list) and len(together) == 3
+    for row, scores in zip(rows, together, strict=True):
+        alone = model.score(row, top=2)
+        assert scores.ids == row and len(scores.logprobs) == len(row)
+        assert torch.allclose(torch.tensor(scores.logprobs[1:]), torch.tensor(alone.logprobs[1:]), atol=1e-5)
+        assert [[t for t, _ in top] for top in scores.top] == [[t for t, _ in top] for top in alone.top]
+    texts = demo.score(["Why is the sky blue?", "Hi"])
+    assert [len(t.ids) for t in texts] == [len(demo.tokenizer.encode(x)) for x in ("Why is the sky blue?", "Hi")]
+
+
 def test_a_text_is_scored_as_its_tokens_and_the_likely_scores_higher(demo):
     tokenizer = demo.tokenizer
     text = demo.score("Why is the sky blue?")
@@ -78,7 +95,7 @@ def test_bad_input_is_a_clear_error(ours):
         model.score([2, model.config.vocab_size])
     with pytest.raises(DiffGemmaError, match="top must be between 0 and 20"):
         model.score([2, 3], top=21)
-    for bad in (torch.tensor([[2, 3]]), [2.5, 3], ["a"], None, 5):
+    for bad in (torch.tensor([[2, 3]]), [2.5, 3], [2, "a"], [[2, "a"]], None, 5):
         with pytest.raises(DiffGemmaError, match="a text, or token ids"):
             model.score(bad)
     assert model.score(torch.tensor([2, 3, 4])).logprobs == model.score([2, 3, 4]).logprobs

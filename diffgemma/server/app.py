@@ -412,17 +412,17 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         kept = reply.kept(tokens)
         if not chat and eos is not None:
             kept = [*kept, eos]
-        scored = await score(prompt + kept, top)
+        scored = (await score([prompt + kept], top))[0]
         if chat:
             thought_end = model.tokenizer.token_id(THINKING_CLOSE)
             answer = max((i + 1 for i, token in enumerate(kept) if token == thought_end), default=0)
             return chat_logprobs(model.tokenizer, scored, len(prompt) + answer)
         return completion_logprobs(model.tokenizer, scored, 0 if echo else len(prompt))
 
-    async def score(ids: list[int], top: int) -> TokenScores:
-        """`DiffGemma.score` on the engine's thread, between batches."""
+    async def score(rows: list[list[int]], top: int) -> list[TokenScores]:
+        """`DiffGemma.score` of rows of ids in one pass, on the engine's thread between batches."""
         try:
-            return await batcher.run(lambda: model.score(ids, top))
+            return await batcher.run(lambda: model.score(rows, top))
         except EngineStopped as err:
             raise APIError(503, str(err), "server_error", "unavailable") from None
 
@@ -490,12 +490,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             raise APIError(400, message, "invalid_request_error", "invalid_value", "max_tokens")
         admit(prompts, None, body.n)
         top = requested_logprobs(body)
+        scored = await score(prompts, top) if top is not None else None  # every prompt in one pass
         choices = []
         for index in range(len(prompts) * body.n):
-            prompt = prompts[index // body.n]
             choice = {"index": index, "text": texts[index // body.n], "finish_reason": "length"}
-            if top is not None:
-                choice["logprobs"] = completion_logprobs(model.tokenizer, await score(prompt, top), 0)
+            if scored is not None:
+                choice["logprobs"] = completion_logprobs(model.tokenizer, scored[index // body.n], 0)
             choices.append(choice)
         usage = _usage(sum(len(prompt) for prompt in prompts), 0)
         identity = _identity("cmpl")
