@@ -61,25 +61,27 @@ def score_batch(network: DiffusionGemma, rows: list[list[int]], top: int = 0) ->
     width = max(len(ids) for ids in rows)
     sequence = torch.tensor([ids + [0] * (width - len(ids)) for ids in rows], device=network.device)
     cache = network.new_cache(len(rows), width)
-    slice_rows = max(1, SCORE_LOGITS_BYTES // (4 * vocab * len(rows)))
+    slice_positions = max(1, SCORE_LOGITS_BYTES // (4 * vocab * len(rows)))
     logprobs: list[list[float | None]] = [[None] for _ in rows]
     alternatives: list[list[list[tuple[int, float]]]] = [[[]] for _ in rows]
     for start in range(0, width, PREFILL_CHUNK):
         hidden = network.encode(sequence[:, start : start + PREFILL_CHUNK], cache)
         targets = sequence[:, start + 1 : start + 1 + hidden.shape[1]]
         hidden = hidden[:, : targets.shape[1]]  # the last token predicts nothing here
-        for first in range(0, targets.shape[1], slice_rows):
-            logits = network.head(hidden[:, first : first + slice_rows])
+        for first in range(0, targets.shape[1], slice_positions):
+            logits = network.head(hidden[:, first : first + slice_positions])
             logits -= torch.logsumexp(logits, dim=-1, keepdim=True)
-            picked = targets[:, first : first + slice_rows]
+            picked = targets[:, first : first + slice_positions]
             values = logits.gather(2, picked[..., None])[..., 0].tolist()
-            best = logits.topk(top, dim=-1) if top else None
+            if top:  # (read back once for every row)
+                best = logits.topk(top, dim=-1)
+                best_ids, best_values = best.indices.tolist(), best.values.tolist()
             for row, ids in enumerate(rows):
                 real = max(0, min(picked.shape[1], len(ids) - 1 - start - first))  # this row's scored positions
                 logprobs[row].extend(values[row][:real])
-                if best is None:
+                if not top:
                     alternatives[row].extend([] for _ in range(real))
                     continue
-                pairs = zip(best.indices[row, :real].tolist(), best.values[row, :real].tolist(), strict=True)
+                pairs = zip(best_ids[row][:real], best_values[row][:real], strict=True)
                 alternatives[row].extend(list(zip(i, v, strict=True)) for i, v in pairs)
     return [TokenScores(list(ids), logprobs[row], alternatives[row]) for row, ids in enumerate(rows)]
