@@ -355,11 +355,14 @@ def cmd_score(args: argparse.Namespace) -> None:
     scored = len(scores.ids) - 1
     if scored < 1:
         raise DiffGemmaError("the text is empty: nothing to score after the first token")
-    pieces = [model.tokenizer.decode([token], skip_special_tokens=False) for token in scores.ids]
+    # each token's text, only where it is shown (a long file has many)
+    pieces = [model.tokenizer.decode([token], skip_special_tokens=False) for token in scores.ids] if args.tokens else []
     if args.json:
-        tokens = [{"token": piece, "logprob": value} for piece, value in zip(pieces, scores.logprobs, strict=True)]
         summary = {"tokens": scored, "logprob": scores.total, "perplexity": scores.perplexity}
-        print(json.dumps({**summary, **({"per_token": tokens} if args.tokens else {})}, ensure_ascii=False))
+        if args.tokens:
+            per_token = zip(pieces, scores.logprobs, strict=True)
+            summary["per_token"] = [{"token": piece, "logprob": value} for piece, value in per_token]
+        print(json.dumps(summary, ensure_ascii=False))
         return
     if args.tokens:
         for piece, value in zip(pieces, scores.logprobs, strict=True):
@@ -674,13 +677,11 @@ def cmd_eval_sudoku(args: argparse.Namespace) -> None:
 
 
 def _join_torchrun(args: argparse.Namespace) -> int:
-    """Under `torchrun` (WORLD_SIZE over 1), join its process group: each rank on its own GPU (LOCAL_RANK, NCCL)
-    or on the CPU (gloo). Returns this process's rank (0 when it runs alone)."""
+    """Under `torchrun`, join its process group: each rank on its own GPU (LOCAL_RANK, NCCL) or on the CPU
+    (gloo). Returns this process's rank."""
     import torch
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
     if not dist.is_initialized():
         if args.device.startswith("cuda"):
             local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -695,9 +696,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     import torch
 
     torch.manual_seed(args.seed)
-    if args.task != "chat" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if under_torchrun and args.task != "chat":
         raise DiffGemmaError("train sudoku runs in one process (its model is small); torchrun is for train chat")
-    rank = _join_torchrun(args)
+    rank = _join_torchrun(args) if under_torchrun else 0
     log = (lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None)
     if args.task == "chat":
         from .api import load
