@@ -51,6 +51,7 @@ from .schema import (
 )
 
 STATIC = Path(__file__).with_name("static")
+DONE = "data: [DONE]\n\n"  # the last event of a chat or completions stream
 
 
 @dataclass(frozen=True)
@@ -274,8 +275,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                     raise APIError(500, f"generation failed: {event}", "server_error")
                 if isinstance(event, RowDone):
                     tokens, finish = _ending(reply, event.new_tokens, job, True)
-                    cut = tokens != event.new_tokens  # by a stop string: no EOS after it
-                    return replace(event, new_tokens=tokens, eos=None if cut else event.eos), finish
+                    return replace(event, new_tokens=tokens, eos=_eos_after(event, tokens)), finish
                 steps[event.canvas_index] = event.step
                 ending = _ending(reply, _visible(event, job), job, False)
                 if ending is not None:
@@ -291,7 +291,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         drafts: bool,
         usage: int | None,
         echoes: list[str],
-        done: str = "data: [DONE]\n\n",
+        done: str = DONE,
         logprobs: Callable[[int, list[int], int | None], Awaitable[dict]] | None = None,
     ) -> AsyncIterator[str]:
         """One stream for a request's choices (a job each, its `echoes` text first), their events as they come,
@@ -328,8 +328,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 if ending is not None:
                     last: dict[str, Any] = {"finish": ending[1]}
                     if logprobs is not None:
-                        eos = event.eos if isinstance(event, RowDone) and ending[0] == event.new_tokens else None
-                        last["logprobs"] = await logprobs(index, ending[0], eos)
+                        last["logprobs"] = await logprobs(index, ending[0], _eos_after(event, ending[0]))
                     yield _sse(chunk(index, **last))
                     completion += len(ending[0])
                     streaming.discard(index)
@@ -371,7 +370,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         scorer = choice_logprobs if top is not None else None
         if body.stream:
             chunk = _chunk_maker(identity, options.model_name, chat)
-            usage = prompt_tokens if body.stream_options is not None and body.stream_options.include_usage else None
+            usage = prompt_tokens if _include_usage(body) else None
             return _event_stream(stream_jobs(jobs, replies, chunk, body.drafts, usage, leading, logprobs=scorer))
         ended = await asyncio.gather(*(run_job(job, request, reply) for job, reply in zip(jobs, replies, strict=True)))
         choices = []
@@ -501,12 +500,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         identity = _identity("cmpl")
         if body.stream:  # a chunk a choice, as whole
             chunk = _chunk_maker(identity, options.model_name, chat=False)
-            last = [chunk(usage=usage)] if body.stream_options is not None and body.stream_options.include_usage else []
+            last = [chunk(usage=usage)] if _include_usage(body) else []
             events = [
                 chunk(c["index"], content=c["text"], finish=c["finish_reason"], logprobs=c.get("logprobs"))
                 for c in choices
             ]
-            return _event_stream(_replayed([_sse(event) for event in [*events, *last]] + ["data: [DONE]\n\n"]))
+            return _event_stream([_sse(event) for event in [*events, *last]] + [DONE])
         response = {**identity, "object": "text_completion", "model": options.model_name, "usage": usage}
         return {**response, "choices": choices}
 
@@ -546,12 +545,12 @@ def _sse(payload: dict | list[dict]) -> str:
     return "".join(events)
 
 
-async def _replayed(events: list[str]) -> AsyncIterator[str]:
-    for event in events:
-        yield event
+def _include_usage(body: ChatRequest | CompletionRequest) -> bool:
+    """Whether a stream ends with a usage chunk: only when asked for, as OpenAI sends it."""
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
-def _event_stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+def _event_stream(chunks: AsyncIterator[str] | list[str]) -> StreamingResponse:
     return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -573,6 +572,12 @@ def _ending(reply: SettledText, tokens: list[int], job: Job, done: bool) -> tupl
     if not done:
         return None
     return tokens, "length" if len(tokens) >= job.max_new_tokens else "stop"
+
+
+def _eos_after(event: RowDraft | RowDone, tokens: list[int]) -> int | None:
+    """The EOS that ended a row, after a choice's final `tokens`: none unless they are the row's own as it ended
+    (a stop string cuts them short, and nothing follows them then)."""
+    return event.eos if isinstance(event, RowDone) and tokens == event.new_tokens else None
 
 
 def _draft_payload(event: RowDraft, model: DiffGemma) -> dict[str, Any]:
