@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import Field
 
-from .schema import MAX_LOGPROBS, APIError, SamplerExtras, content_text, free_text_only
+from ..scoring import MAX_TOP
+from .schema import APIError, SamplerExtras, content_text, free_text_only
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -30,7 +31,7 @@ class ResponsesRequest(SamplerExtras):
     reasoning: dict[str, Any] | None = None  # {"effort": ...}: any effort but "none" / "minimal" turns thinking on
     text: dict[str, Any] | None = None  # {"format": {"type": "text"}} alone
     include: list[str] | None = None  # "message.output_text.logprobs": the answer's (`scoring`)
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
 
 
 def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, str]], bool]:

@@ -6,8 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..scoring import MAX_TOP  # alternatives a position that logprobs may ask for, as OpenAI allows
+
 MAX_STOP_STRINGS = 16
-MAX_LOGPROBS = 20  # alternatives a position (`scoring.MAX_TOP`), as OpenAI allows
 SAMPLER_FIELDS = (
     "max_denoising_steps",
     "entropy_bound",
@@ -72,7 +73,7 @@ class ChatRequest(SamplerExtras):
     enable_thinking: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool = False  # each answer token's log-probability, from the causal encoder (`scoring`)
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
     response_format: dict[str, Any] | None = None  # {"type": "text"} alone (`free_text_only`)
     continue_final_message: bool = False  # the last (assistant) message is the answer begun: its prefill
 
@@ -87,7 +88,7 @@ class CompletionRequest(SamplerExtras):
     stream_options: StreamOptions | None = None
     n: int = 1
     stop: StopField = None
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # alternatives a token; its own always
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)  # alternatives a token; its own always
 
 
 class InfillRequest(SamplerExtras):
