@@ -94,7 +94,7 @@ class Tokenizer:
             template = named.get("default")
         self.chat_template = template if isinstance(template, str) else None
         self._compiled = None
-        self._control_pattern: re.Pattern | None = None  # `_control_tokens`
+        self._control_patterns_made: tuple[re.Pattern, re.Pattern] | None = None  # `_control_patterns`
         self._as_text: RustTokenizer | None = None  # `_special_as_text`
         if self.chat_template is not None:
             try:
@@ -169,26 +169,27 @@ class Tokenizer:
         if not sanitize:
             text = self.apply_chat_template(messages, enable_thinking=enable_thinking, prefill=prefill, **extra)
             return self.encode(text, add_special_tokens=False)
-        marked = _mark_control_tokens(messages, self._control_tokens())
-        prefill = _mark_control_tokens(prefill, self._control_tokens())
+        tokens, pieces = self._control_patterns()
+        marked = _mark_control_tokens(messages, tokens)
+        prefill = _mark_control_tokens(prefill, tokens)
         text = self.apply_chat_template(marked, enable_thinking=enable_thinking, prefill=prefill, **extra)
         ids: list[int] = []
         # text, marked token (None: a lone marker), text, ...: each marked token is encoded as plain text
-        for index, piece in enumerate(self._marked_pieces().split(text)):
+        for index, piece in enumerate(pieces.split(text)):
             if piece:
                 encoder = self._special_as_text() if index % 2 else self.backend
                 ids += encoder.encode(piece, add_special_tokens=False).ids
         return ids
 
-    def _control_tokens(self) -> re.Pattern:
-        """A pattern for the special tokens' texts, longest first (so a token wins over those inside it)."""
-        if self._control_pattern is None:
+    def _control_patterns(self) -> tuple[re.Pattern, re.Pattern]:
+        """(a pattern for the special tokens' texts, longest first so a token wins over those inside it; one that
+        splits a rendered prompt at its marked tokens and lone markers), made once."""
+        if self._control_patterns_made is None:
             tokens = sorted(self.special_strings, key=len, reverse=True)
-            self._control_pattern = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
-        return self._control_pattern
-
-    def _marked_pieces(self) -> re.Pattern:
-        return re.compile(f"{MARK_OPEN}({self._control_tokens().pattern}){MARK_CLOSE}|[{MARK_OPEN}{MARK_CLOSE}]")
+            alternatives = "|".join(map(re.escape, tokens)) or "(?!)"
+            pieces = f"{MARK_OPEN}({alternatives}){MARK_CLOSE}|[{MARK_OPEN}{MARK_CLOSE}]"
+            self._control_patterns_made = (re.compile(alternatives), re.compile(pieces))
+        return self._control_patterns_made
 
     def _special_as_text(self) -> RustTokenizer:
         """A copy of the tokenizer that reads special tokens' texts as plain text."""
