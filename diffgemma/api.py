@@ -35,6 +35,7 @@ from .model import DiffusionGemma
 from .quant import QuantFormat, convert_, float_sinks, format_from_config
 from .scoring import TokenScores, score_batch
 from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
+from .toolcalls import tool_plan
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -347,16 +348,29 @@ class DiffGemma:
         stop: str | Sequence[str] | None = None,
         prefill: str = "",
         sanitize: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str = "auto",
         **sampler: Any,
     ) -> ChatResult:
         """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
         `stop` strings end the answer (never the thinking) where one first appears. `prefill` begins the answer
         (say "{" for JSON): the model goes on from it, and the reply is what follows it. `sanitize`: special
-        tokens' texts in the messages are read as text (`Tokenizer.encode_chat`), for messages from others."""
-        text = self.settled_text(True, ([stop] if isinstance(stop, str) else list(stop)) if stop else ())
-        prompt = self._need_tokenizer().encode_chat(messages, enable_thinking, prefill, sanitize)
-        result = self.generate(prompt, max_new_tokens, seed, mode, stop=text.stops, **sampler)
-        return ChatResult(*text.parts(result.new_tokens[0]), result)
+        tokens' texts in the messages are read as text (`Tokenizer.encode_chat`), for messages from others.
+
+        `tools` (OpenAI's shape: `{"type": "function", "function": {"name", "description", "parameters"}}`) may
+        be called: the calls come back in `tool_calls` (answer them with `{"role": "tool", "tool_call_id" or
+        "name", "content"}` messages after the assistant's message with its `tool_calls`, and chat again).
+        `tool_choice`: "auto" (the model decides), "none" (no tools offered), "required" (some call), or a
+        tool's name (a call to it)."""
+        tokenizer = self._need_tokenizer()
+        offered, lead = tool_plan(tools, tool_choice)
+        prompt = tokenizer.encode_chat(messages, enable_thinking, prefill, sanitize, tools=offered)
+        lead_ids = tokenizer.encode(lead, add_special_tokens=False) if lead else []
+        stops = ([stop] if isinstance(stop, str) else list(stop)) if stop else ()
+        text = self.settled_text(True, stops, tools=bool(offered), lead=lead_ids)
+        result = self.generate(prompt + lead_ids, max_new_tokens, seed, mode, stop=text.stops, **sampler)
+        tokens = result.new_tokens[0]
+        return ChatResult(*text.parts(tokens), result, text.tool_calls(tokens))
 
     def infill(
         self,
@@ -389,11 +403,15 @@ class DiffGemma:
         canvas = self.config.canvas_length
         return infill_clamp(self._need_tokenizer(), prefix, suffix, length, canvas, eos, settings.pad_id)
 
-    def settled_text(self, chat: bool, stops: Sequence[str] = ()) -> SettledText:
+    def settled_text(
+        self, chat: bool, stops: Sequence[str] = (), tools: bool = False, lead: Sequence[int] = ()
+    ) -> SettledText:
         """A row's text as it settles (`SettledText`: deltas never taken back, the thinking apart in a `chat`,
-        ending before the first of `stops`), with this checkpoint's tokenizer, EOS and pad."""
+        ending before the first of `stops`, tool calls apart if `tools` were offered, `lead` the reply's made
+        start), with this checkpoint's tokenizer, EOS and pad."""
         settings = self.settings
-        return SettledText(self._need_tokenizer(), settings.eos_token_id, settings.pad_token_id, chat, stops)
+        tokenizer = self._need_tokenizer()
+        return SettledText(tokenizer, settings.eos_token_id, settings.pad_token_id, chat, stops, tools, lead)
 
     def edit(
         self,

@@ -28,6 +28,7 @@ from .config import SamplerSettings
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
 from .tokenizer import THINKING_OPEN, Tokenizer, split_thinking
+from .toolcalls import TOOL_CALL_OPEN, ToolCall, take_tool_calls
 
 MODES = ("fast", "reference")
 
@@ -95,6 +96,7 @@ class ChatResult:
     content: str
     reasoning: str
     result: GenerationResult
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls the model made, when it was offered tools
 
 
 @dataclass
@@ -166,17 +168,30 @@ class StopStrings:
 class SettledText:
     """A row's generated ids as (content, reasoning) text, and as deltas never taken back (for streams that
     send text as it settles). `chat`: the thinking channel comes apart from the answer; else plain text, its
-    leading space kept (a continuation joins its prompt). The content ends before the first of `stops`."""
+    leading space kept (a continuation joins its prompt). The content ends before the first of `stops`.
+    `tools` (chat): the answer's tool calls come apart too (`tool_calls`); `lead`: ids the reply was made to
+    begin with, in the prompt's end (a call's opening, `toolcalls.call_opening`), read as the reply's start."""
 
     def __init__(
-        self, tokenizer: Tokenizer, eos_ids: Sequence[int], pad_id: int | None, chat: bool, stops: Sequence[str] = ()
+        self,
+        tokenizer: Tokenizer,
+        eos_ids: Sequence[int],
+        pad_id: int | None,
+        chat: bool,
+        stops: Sequence[str] = (),
+        tools: bool = False,
+        lead: Sequence[int] = (),
     ) -> None:
         self.tokenizer = tokenizer
         self.eos = set(eos_ids)
         self.pad = pad_id
         self.chat = chat
+        self.tools = tools
+        self.lead = list(lead)
         self.sent = ["", ""]  # content, reasoning
         self.stops = StopStrings(stops, lambda tokens: self._parts(tokens, True, True)[0]) if stops else None
+        # markers whose first tokens, while the rest may still come, must not show as text
+        self.markers = (THINKING_OPEN, TOOL_CALL_OPEN) if tools else (THINKING_OPEN,)
 
     def through_stop(self, tokens: list[int]) -> list[int] | None:
         """`tokens` through the one that completed a stop string in the answer (None: no stop string yet)."""
@@ -199,16 +214,27 @@ class SettledText:
         content, reasoning = self._parts(tokens, final, trailing_space=True)
         return self.stops.answer(content), reasoning
 
+    def tool_calls(self, tokens: list[int]) -> tuple[ToolCall, ...]:
+        """The tool calls in a finished reply (none unless it was offered `tools`)."""
+        return take_tool_calls(self._raw(tokens, True))[1] if self.tools else ()
+
+    def _raw(self, tokens: list[int], final: bool) -> str:
+        """The reply's text with its special tokens; while not `final`, without the start of a marker that the
+        coming tokens may complete."""
+        raw = self.tokenizer.decode(self.lead + self.kept(tokens), skip_special_tokens=False)
+        if not final:
+            for marker in self.markers:
+                for size in range(len(marker) - 1, 0, -1):
+                    if raw.endswith(marker[:size]):
+                        return raw[:-size]
+        return raw
+
     def _parts(self, tokens: list[int], final: bool, trailing_space: bool = False) -> tuple[str, str]:
-        tokens = self.kept(tokens)
         if not self.chat:
-            return self.tokenizer.decode(tokens), ""
-        raw = self.tokenizer.decode(tokens, skip_special_tokens=False)
-        if not final:  # a thinking marker still arriving must not leak into the answer
-            for size in range(len(THINKING_OPEN) - 1, 0, -1):
-                if raw.endswith(THINKING_OPEN[:size]):
-                    raw = raw[:-size]
-                    break
+            return self.tokenizer.decode(self.kept(tokens)), ""
+        raw = self._raw(tokens, final)
+        if self.tools:
+            raw = take_tool_calls(raw, final)[0]
         reply = split_thinking(raw, self.tokenizer.special_strings, trailing_space)
         return reply.content, reply.reasoning
 

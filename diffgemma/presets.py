@@ -25,17 +25,50 @@ from .model import DiffusionGemma
 from .tokenizer import TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
+# Gemma 4's tool-calling tokens, after the bytes (so the tokens above and the bytes keep their ids)
+TOOL_TOKENS = ["<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
 
 # A Gemma 4 style template: turns are `<|turn>role\n ... <turn|>`, thinking is asked for with `<|think|>`
-# in a system turn, and a non-thinking answer starts after an empty thought channel.
+# in a system turn, and a non-thinking answer starts after an empty thought channel. Tools are declared in
+# that system turn; a model turn's calls (`<|tool_call>call:NAME{...}<tool_call|>`) and the tools' answers
+# (`<|tool_response>response:NAME{...}<tool_response|>`) share the turn, which goes on after the answers.
+# Values are written as the model writes a call's arguments (`toolcalls`): bare keys, strings in `<|"|>`.
 CHAT_TEMPLATE = (
+    "{% macro gemma_value(value) %}"
+    '{% if value is string %}<|"|>{{ value }}<|"|>'
+    "{% elif value is mapping %}{{ '{' }}"
+    "{% for key, item in value.items() %}{{ key }}:{{ gemma_value(item) }}{{ ',' if not loop.last }}{% endfor %}"
+    "{{ '}' }}"
+    "{% elif value is sameas true %}true{% elif value is sameas false %}false{% elif value is none %}null"
+    "{% elif value is iterable %}[{% for item in value %}{{ gemma_value(item) }}{{ ',' if not loop.last }}"
+    "{% endfor %}]"
+    "{% else %}{{ value }}{% endif %}"
+    "{% endmacro %}"
     "{{ bos_token }}"
-    "{% if enable_thinking %}<|turn>system\n<|think|><turn|>\n{% endif %}"
+    "{% if enable_thinking or tools %}<|turn>system\n{% if enable_thinking %}<|think|>{% endif %}"
+    "{% for tool in tools or [] %}<|tool>declaration:{{ tool.function.name }}"
+    "{{ gemma_value({'description': tool.function.description or '', 'parameters': tool.function.parameters or {}}) }}"
+    "<tool|>{% endfor %}<turn|>\n{% endif %}"
     "{% for message in messages %}"
-    "<|turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
-    "{{ message['content'] | trim }}<turn|>\n"
+    "{% set before = loop.previtem.role if not loop.first else '' %}"
+    "{% set after = loop.nextitem.role if not loop.last else '' %}"
+    "{% if message.role == 'tool' %}"
+    "{% set found = namespace(name=message.name or '') %}"
+    "{% for earlier in messages[:loop.index0] if not found.name %}{% for call in earlier.tool_calls or [] %}"
+    "{% if call.id == message.tool_call_id %}{% set found.name = call.function.name %}{% endif %}"
+    "{% endfor %}{% endfor %}"
+    "<|tool_response>response:{{ found.name }}{{ gemma_value({'value': message.content or ''}) }}<tool_response|>"
+    "{% if after not in ['', 'tool', 'assistant'] %}<turn|>\n{% endif %}"
+    "{% else %}"
+    "{% if not (message.role == 'assistant' and before == 'tool') %}"
+    "<|turn>{{ 'model' if message.role == 'assistant' else message.role }}\n{% endif %}"
+    "{{ (message.content or '') | trim }}"
+    "{% for call in message.tool_calls or [] %}"
+    "<|tool_call>call:{{ call.function.name }}{{ gemma_value(call.function.arguments) }}<tool_call|>{% endfor %}"
+    "{% if not (message.tool_calls and after == 'tool') %}<turn|>\n{% endif %}"
+    "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|turn>model\n"
+    "{% if add_generation_prompt and messages[-1].role != 'tool' %}<|turn>model\n"
     "{% if not enable_thinking %}<|channel>thought\n<channel|>{% endif %}"
     "{% endif %}"
 )
@@ -65,7 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "canvas_length": 32,
         "text_config": _text_config(
-            vocab_size=len(SPECIAL_TOKENS) + 256,
+            vocab_size=len(SPECIAL_TOKENS) + 256 + len(TOOL_TOKENS),
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=4,
@@ -158,15 +191,15 @@ def preset_config(name: str, **text_overrides: Any) -> dict[str, Any]:
 
 
 def byte_tokenizer() -> RustTokenizer:
-    """A byte-level tokenizer: the special tokens, then one token per byte. BOS is added to plain text."""
+    """A byte-level tokenizer: the special tokens, one token per byte, the tool tokens. BOS is added to plain text."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for symbol in sorted(alphabet):
+    for symbol in [*sorted(alphabet), *TOOL_TOKENS]:
         vocab[symbol] = len(vocab)
     tokenizer = RustTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.add_special_tokens(SPECIAL_TOKENS + TOOL_TOKENS)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import jinja2.sandbox
 from tokenizers import Tokenizer as RustTokenizer
 
 from .errors import DiffGemmaError
+from .toolcalls import check_tools
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -94,11 +96,15 @@ class Tokenizer:
             template = named.get("default")
         self.chat_template = template if isinstance(template, str) else None
         self._compiled = None
+        self.renders_tools = False  # whether the template writes the `tools` it is given
         self._control_patterns_made: tuple[re.Pattern, re.Pattern] | None = None  # `_control_patterns`
         self._as_text: RustTokenizer | None = None  # `_special_as_text`
         if self.chat_template is not None:
             try:
-                self._compiled = _template_environment().from_string(self.chat_template)
+                environment = _template_environment()
+                self._compiled = environment.from_string(self.chat_template)
+                parsed = environment.parse(self.chat_template)
+                self.renders_tools = "tools" in jinja2.meta.find_undeclared_variables(parsed)
             except jinja2.TemplateSyntaxError as err:
                 raise DiffGemmaError(f"{folder}: chat template has a syntax error: {err}") from None
 
@@ -127,10 +133,12 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
         prefill: str = "",
+        tools: list[dict[str, Any]] | None = None,
         **extra: Any,
     ) -> str:
         """Render a conversation to prompt text with the checkpoint's template. `prefill`: the answer begun (say
-        "{"), written after the generation prompt, where the model's own answer would begin, for it to go on."""
+        "{"), written after the generation prompt, where the model's own answer would begin, for it to go on.
+        `tools`: those the model may call (`toolcalls.check_tools`), for templates that write them."""
         if self._compiled is None:
             raise DiffGemmaError(
                 "this checkpoint's tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)"
@@ -138,9 +146,13 @@ class Tokenizer:
         _check_messages(messages)
         if prefill and not add_generation_prompt:
             raise DiffGemmaError("a prefill begins the model's answer, so it needs the generation prompt")
+        if tools and not self.renders_tools:
+            raise DiffGemmaError("this checkpoint's chat template does not write tools, so none can be offered")
+        if tools:
+            extra["tools"] = check_tools(tools)
         try:
             rendered = self._compiled.render(
-                messages=[_with_reasoning_aliases(message) for message in messages],
+                messages=[_with_call_arguments(_with_reasoning_aliases(message)) for message in messages],
                 add_generation_prompt=add_generation_prompt,
                 enable_thinking=enable_thinking,
                 bos_token=self.special["bos"] or "",
@@ -157,6 +169,7 @@ class Tokenizer:
         enable_thinking: bool = False,
         prefill: str = "",
         sanitize: bool = False,
+        tools: list[dict[str, Any]] | None = None,
         **extra: Any,
     ) -> list[int]:
         """Chat prompt ids; the template writes its own special tokens (BOS included).
@@ -165,14 +178,13 @@ class Tokenizer:
         the token, so a message cannot forge the template's markers (a turn closed, a system turn opened), as
         `transformers`' `sanitize_control_tokens` reads it; off by default, as there. The messages' text is
         marked before rendering and the marked tokens encoded as text after; a conversation without such text
-        gets the same ids either way."""
+        gets the same ids either way (the tools' descriptions are read so too)."""
         if not sanitize:
-            text = self.apply_chat_template(messages, enable_thinking=enable_thinking, prefill=prefill, **extra)
+            text = self.apply_chat_template(messages, True, enable_thinking, prefill, tools, **extra)
             return self.encode(text, add_special_tokens=False)
         tokens, pieces = self._control_patterns()
-        marked = _mark_control_tokens(messages, tokens)
-        prefill = _mark_control_tokens(prefill, tokens)
-        text = self.apply_chat_template(marked, enable_thinking=enable_thinking, prefill=prefill, **extra)
+        marked, prefill, tools = (_mark_control_tokens(value, tokens) for value in (messages, prefill, tools))
+        text = self.apply_chat_template(marked, True, enable_thinking, prefill, tools, **extra)
         ids: list[int] = []
         # text, marked token (None: a lone marker), text, ...: each marked token is encoded as plain text
         for index, piece in enumerate(pieces.split(text)):
@@ -226,6 +238,28 @@ def _with_reasoning_aliases(message: Any) -> Any:
     if reasoning is None:
         return message
     return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _with_call_arguments(message: Any) -> Any:
+    """A message's tool calls with their arguments as objects, as templates iterate them (OpenAI's clients send
+    them as JSON text)."""
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not calls:
+        return message
+    read = []
+    for index, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as err:
+                raise DiffGemmaError(f"tool_calls[{index}].function.arguments is not JSON ({err})") from None
+        if not isinstance(function, dict) or not isinstance(arguments, dict | None):
+            raise DiffGemmaError(f"tool_calls[{index}] must be {{'function': {{'name': ..., 'arguments': {{...}}}}}}")
+        function = {**function, "arguments": arguments or {}}
+        read.append({**call, "function": function} if "function" in call else function)
+    return {**message, "tool_calls": read}
 
 
 def _template_environment() -> jinja2.Environment:

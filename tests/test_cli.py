@@ -20,6 +20,15 @@ from diffgemma import DiffGemmaError
 from diffgemma.cli import main
 
 DEMO = str(Path(__file__).parent / "assets" / "demo")
+SKY = "Why is the sky blue?"
+
+
+def chat_text(model, question: str) -> str:
+    """A question's chat prompt as the text `generate` takes (it adds the BOS itself): the demo's taught answer
+    follows it, where free text would end wherever the tiny model's babble does."""
+    return model.tokenizer.apply_chat_template([{"role": "user", "content": question}]).removeprefix("<bos>")
+
+
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -276,9 +285,10 @@ def test_a_text_cut_at_the_token_limit_says_so(capsys, monkeypatch, demo):
     """Cut at --max-new-tokens (no EOS before it), the text says so on stderr; `chat` answers run to EOS (its
     limit 4096 unless set), not the checkpoint's one canvas."""
     code, out, err = run(
-        capsys, "generate", "Once upon a time", "--model", DEMO, "--seed", "0", "--max-new-tokens", "9"
+        capsys, "generate", chat_text(demo, SKY), "--model", DEMO, "--seed", "0", "--max-new-tokens", "9"
     )
-    assert code == 0 and "[cut at the 9-token limit; --max-new-tokens sets it]" in err
+    assert code == 0 and out.strip() == ANSWERS[SKY][:9].strip()
+    assert "[cut at the 9-token limit; --max-new-tokens sets it]" in err
     code, out, err = run(
         capsys, "chat", "Why is the sky blue?", "--model", DEMO, "--seed", "1", "--max-new-tokens", "9"
     )
@@ -289,9 +299,9 @@ def test_a_text_cut_at_the_token_limit_says_so(capsys, monkeypatch, demo):
     code, out, err = run(capsys, "chat", "Why is the sky blue?", "--model", DEMO, "--seed", "1")
     assert out.strip() == ANSWERS["Why is the sky blue?"] and "cut" not in err
     assert asked[0]["max_new_tokens"] == 4096
-    assert demo.generate("Once upon a time", max_new_tokens=9, seed=0).reached_limit == [True]
+    assert demo.generate(chat_text(demo, SKY), max_new_tokens=9, seed=0).reached_limit == [True]
     assert demo.chat([{"role": "user", "content": "Why is the sky blue?"}], seed=1).result.reached_limit == [False]
-    stopped = demo.generate("Once upon a time", max_new_tokens=40, seed=0, stop=" ")
+    stopped = demo.generate(chat_text(demo, SKY), max_new_tokens=40, seed=0, stop=" ")
     assert stopped.stopped == [True] and stopped.reached_limit == [False]
 
 
@@ -347,12 +357,14 @@ def test_generate_and_chat_print_the_text_as_it_settles(monkeypatch, demo):
             writes.append(text)
             return super().write(text)
 
-    slow = ["--confidence", "1e-9", "--seed", "3", "--max-new-tokens", "60"]
+    # every step run (no early stop), and few positions accepted a step: the text settles a piece at a time
+    slow = ["--confidence", "1e-9", "--entropy-bound", "0.001", "--seed", "3", "--max-new-tokens", "60"]
     monkeypatch.setattr(sys, "stdout", Recorder())
-    assert main(["generate", "Once upon a time", "--model", DEMO, *slow]) == 0
-    settings = {"seed": 3, "max_new_tokens": 60, "confidence_threshold": 1e-9}
-    expected = run_to_end(demo.stream("Once upon a time", commit_stable_prefix=True, **settings)).text
-    assert sys.stdout.getvalue() == expected + "\n"
+    prompt = chat_text(demo, SKY)
+    assert main(["generate", prompt, "--model", DEMO, *slow]) == 0
+    settings = {"seed": 3, "max_new_tokens": 60, "confidence_threshold": 1e-9, "entropy_bound": 0.001}
+    expected = run_to_end(demo.stream(prompt, commit_stable_prefix=True, **settings)).text
+    assert sys.stdout.getvalue() == expected + "\n" and expected == ANSWERS[SKY][:60]
     assert len([piece for piece in writes if piece.strip()]) > 2
     question = "What is 3 + 4?"
     monkeypatch.setattr(sys, "stdout", Recorder())
@@ -385,15 +397,16 @@ def test_ctrl_c_in_a_terminal_chat_stops_the_answer_not_the_chat(capsys, monkeyp
     assert calls[1] == [{"role": "user", "content": "Say hello."}]  # the interrupted question left the history
 
 
-def test_stop_strings_end_chat_answers_and_generated_text(capsys, monkeypatch):
+def test_stop_strings_end_chat_answers_and_generated_text(capsys, monkeypatch, demo):
     import io
 
     sky = "Why is the sky blue?"
-    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{sky}\nCount to five.\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{sky}\n/reset\nCount to five.\n"))
     code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "0", "--stop", " so ", "--stop", ", 3")
-    assert code == 0 and out.splitlines() == [ANSWERS[sky][: ANSWERS[sky].index(" so ")], "1, 2"]
-    args = ("generate", "Hello", "--model", DEMO, "--seed", "1", "--max-new-tokens", "20")
+    assert code == 0 and out.splitlines() == [ANSWERS[sky][: ANSWERS[sky].index(" so ")], "(history cleared)", "1, 2"]
+    args = ("generate", chat_text(demo, sky), "--model", DEMO, "--seed", "1", "--max-new-tokens", "20")
     code, free, _ = run(capsys, *args)
+    assert free == ANSWERS[sky][:20] + "\n"
     stop = free[5:7]
     code, cut, _ = run(capsys, *args, "--stop", stop)
     assert code == 0 and cut == free[: free.index(stop)] + "\n"

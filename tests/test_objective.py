@@ -226,8 +226,9 @@ def test_a_prior_feeds_the_first_pass_and_bounds_every_draft(tmp_path, monkeypat
     from diffgemma.presets import random_checkpoint
 
     network = diffgemma.load(random_checkpoint(tmp_path / "prior", preset="tiny", seed=3)).network
-    batch = make_batch([Example([2, 5, 6], list(range(20, 50)), id=i) for i in range(2)], 32, 265, 1, 0, 0, 0)
-    support = torch.rand(2, 32, 265, generator=torch.Generator().manual_seed(0)) < 0.3
+    vocabulary = network.config.vocab_size
+    batch = make_batch([Example([2, 5, 6], list(range(20, 50)), id=i) for i in range(2)], 32, vocabulary, 1, 0, 0, 0)
+    support = torch.rand(2, 32, vocabulary, generator=torch.Generator().manual_seed(0)) < 0.3
     support[..., 7] = True  # every position keeps an id
     support.scatter_(-1, batch.clean[..., None], True)  # and its right one
     prior = support.float() / support.sum(-1, keepdim=True)

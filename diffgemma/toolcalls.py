@@ -1,0 +1,221 @@
+"""Tool calls in Gemma 4's syntax: the tools offered, the calls read out of a reply, the reply made to begin one.
+
+The model writes a call as `<|tool_call>call:NAME{key:value,...}<tool_call|>` and then ends its output with
+`<|tool_response>` (an EOS): the caller runs the tool and puts its answer back in the conversation. Inside the
+braces keys are bare, strings sit between two `<|"|>` tokens (no escapes), and numbers, `true`, `false`,
+`null`, `{...}` and `[...]` are written as JSON writes them. The chat template writes the offered tools, and
+the calls and answers already in a conversation, in the same syntax.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DiffGemmaError
+
+TOOL_CALL_OPEN = "<|tool_call>"
+TOOL_CALL_CLOSE = "<tool_call|>"
+STRING_QUOTE = '<|"|>'
+# OpenAI's rule for a function's name (the model's syntax takes dots too, as some tool catalogues name tools)
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+_CALL = re.compile(r"\s*call:\s*([A-Za-z0-9_.\-]+)\s*(\{.*\})\s*", re.DOTALL)
+_BARE_KEY = re.compile(r"[^:,{}\[\]]+")
+_BARE_VALUE = re.compile(r"[^,{}\[\]]*")
+_PYTHON_WORDS = {"True": True, "False": False, "None": None}
+_JSON = json.JSONDecoder()
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One call the model made: the tool's name and its arguments."""
+
+    name: str
+    arguments: dict[str, Any]
+
+    @property
+    def arguments_json(self) -> str:
+        """The arguments as JSON text (OpenAI's `function.arguments`)."""
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+def take_tool_calls(text: str, final: bool = True) -> tuple[str, tuple[ToolCall, ...]]:
+    """(`text` without its call blocks, the calls in them, in order). While the reply is not `final`, a block
+    still open is cut off with all after it (the rest of it is yet to come). At the end, a block that is not
+    closed or does not read as a call stays in the text, so nothing the model wrote is lost."""
+    kept: list[str] = []
+    calls: list[ToolCall] = []
+    rest = text
+    while TOOL_CALL_OPEN in rest:
+        before, _, after = rest.partition(TOOL_CALL_OPEN)
+        kept.append(before)
+        block, closed, rest = after.partition(TOOL_CALL_CLOSE)
+        if not closed:
+            kept.append(TOOL_CALL_OPEN + block if final else "")
+            break
+        try:
+            calls.append(parse_call(block))
+        except ValueError:
+            kept.append(TOOL_CALL_OPEN + block + TOOL_CALL_CLOSE)
+    else:
+        kept.append(rest)
+    return "".join(kept), tuple(calls)
+
+
+def parse_call(block: str) -> ToolCall:
+    """What lies between a call's markers (`call:NAME{...}`) as a ToolCall; ValueError if it is not one."""
+    found = _CALL.fullmatch(block)
+    if found is None:
+        raise ValueError(f"not a call: {block[:80]!r}")
+    reader = _ValueReader(found.group(2))
+    arguments = reader.value()
+    reader.end()
+    return ToolCall(found.group(1), arguments)
+
+
+class _ValueReader:
+    """Reads one value of the call syntax, from `text` at `at` onward."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.at = text, 0
+
+    def end(self) -> None:
+        self._skip()
+        if self.at != len(self.text):
+            raise ValueError(f"unexpected {self.text[self.at : self.at + 20]!r} after the arguments")
+
+    def value(self) -> Any:
+        self._skip()
+        if self.text.startswith(STRING_QUOTE, self.at):
+            return self._quoted()
+        head = self.text[self.at : self.at + 1]
+        if head == "{":
+            return self._mapping()
+        if head == "[":
+            return self._sequence()
+        if head == '"':
+            return self._json_string()
+        word = _BARE_VALUE.match(self.text, self.at)
+        self.at = word.end()
+        return _bare(word.group(0).strip())
+
+    def _mapping(self) -> dict[str, Any]:
+        self.at += 1
+        mapping: dict[str, Any] = {}
+        if self._take("}"):
+            return mapping
+        while True:
+            key = self._key()
+            if not self._take(":"):
+                raise ValueError(f"no ':' after the key {key!r}")
+            mapping[key] = self.value()
+            if self._take("}"):
+                return mapping
+            if not self._take(","):
+                raise ValueError("an object's entries must be separated by ','")
+
+    def _sequence(self) -> list[Any]:
+        self.at += 1
+        items: list[Any] = []
+        if self._take("]"):
+            return items
+        while True:
+            items.append(self.value())
+            if self._take("]"):
+                return items
+            if not self._take(","):
+                raise ValueError("a list's items must be separated by ','")
+
+    def _key(self) -> str:
+        self._skip()
+        if self.text.startswith(STRING_QUOTE, self.at):
+            return self._quoted()
+        if self.text.startswith('"', self.at):
+            return self._json_string()
+        word = _BARE_KEY.match(self.text, self.at)
+        if word is None or not word.group(0).strip():
+            raise ValueError("an object's key is missing")
+        self.at = word.end()
+        return word.group(0).strip()
+
+    def _quoted(self) -> str:
+        start = self.at + len(STRING_QUOTE)
+        end = self.text.find(STRING_QUOTE, start)
+        if end < 0:
+            raise ValueError("a string is not closed")
+        self.at = end + len(STRING_QUOTE)
+        return self.text[start:end]
+
+    def _json_string(self) -> str:
+        try:
+            text, self.at = _JSON.raw_decode(self.text, self.at)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"a quoted string does not read: {err}") from None
+        return text
+
+    def _take(self, symbol: str) -> bool:
+        self._skip()
+        if self.text.startswith(symbol, self.at):
+            self.at += len(symbol)
+            return True
+        return False
+
+    def _skip(self) -> None:
+        while self.at < len(self.text) and self.text[self.at].isspace():
+            self.at += 1
+
+
+def _bare(word: str) -> Any:
+    """An unquoted value: a JSON number or literal (Python's True, False and None too), else the word itself (a
+    model may leave a string unquoted)."""
+    if not word:
+        raise ValueError("a value is missing")
+    if word in _PYTHON_WORDS:
+        return _PYTHON_WORDS[word]
+    try:
+        return json.loads(word)
+    except json.JSONDecodeError:
+        return word
+
+
+def check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """Tools offered in OpenAI's shape, `{"type": "function", "function": {"name": ..., "description": ...,
+    "parameters": {JSON schema}}}`, checked (a clear error names the one at fault)."""
+    if not isinstance(tools, Sequence) or isinstance(tools, str):
+        raise DiffGemmaError("tools must be a list of {'type': 'function', 'function': {...}} objects")
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise DiffGemmaError(f"tools[{index}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        name = function.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise DiffGemmaError(
+                f"tools[{index}].function.name must be 1-64 letters, digits, '_', '-' or '.', got {name!r}"
+            )
+        if not isinstance(function.get("parameters", {}), dict):
+            raise DiffGemmaError(f"tools[{index}].function.parameters must be a JSON schema object")
+    return list(tools)
+
+
+def tool_plan(tools: Sequence[dict[str, Any]] | None, tool_choice: str = "auto") -> tuple[list | None, str]:
+    """(the tools to offer the template, the text the reply is made to begin with) for `tool_choice`: "auto"
+    (the model decides: nothing begun), "none" (no tools offered), "required" (the call marker begun: some
+    call), or a tool's name (a call to that tool begun)."""
+    if tool_choice == "none" or (not tools and tool_choice == "auto"):
+        return None, ""
+    if not tools:
+        raise DiffGemmaError(f"tool_choice {tool_choice!r} needs tools to choose from")
+    tools = check_tools(tools)
+    if tool_choice == "auto":
+        return tools, ""
+    if tool_choice == "required":
+        return tools, f"{TOOL_CALL_OPEN}call:"
+    names = [tool["function"]["name"] for tool in tools]
+    if tool_choice not in names:
+        message = f"tool_choice must be 'auto', 'none', 'required' or a tool's name ({', '.join(names)})"
+        raise DiffGemmaError(f"{message}, got {tool_choice!r}")
+    return tools, f"{TOOL_CALL_OPEN}call:{tool_choice}{{"
