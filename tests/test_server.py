@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, driven by the official `openai` client over real HTTP on 127.0.0.1."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from assets.make_demo_model import ANSWERS
 from server_util import free_port, running
 
 from diffgemma.server import ServerOptions, create_app
+from diffgemma.server.app import reply_text
 from diffgemma.server.batcher import Batcher
 
 SKY = "Why is the sky blue?"
@@ -102,7 +104,9 @@ def test_completion_prompts_in_every_openai_form(client, demo):
     """A text (its continuation keeps its leading space, as the Python API returns it), texts, token ids, lists
     of token ids; `echo` puts the prompt's text first; choice k * n + i is prompt k's i-th, seeded seed + k * n + i."""
     text = client.completions.create(model="demo", prompt="Hello", max_tokens=12, seed=1).choices[0].text
-    assert text == demo.generate("Hello", max_new_tokens=12, seed=1).text and text.startswith(" ")
+    assert text == demo.generate("Hello", max_new_tokens=12, seed=1).text
+    continuation = demo.tokenizer.encode(" world", add_special_tokens=False)
+    assert reply_text(demo, chat=False).parts(continuation) == (" world", "")  # its leading space kept
     prompts = ["Hello", "Once upon a time"]
     both = client.completions.create(model="demo", prompt=prompts, max_tokens=10, seed=5, n=2)
     assert [c.index for c in both.choices] == [0, 1, 2, 3]
@@ -133,7 +137,8 @@ def test_continue_final_message_goes_on_from_the_answer_begun(client, demo):
     reply = client.chat.completions.create(
         model="demo", messages=begun, seed=0, extra_body={"continue_final_message": True}
     )
-    assert reply.choices[0].message.content == demo.chat(question, seed=0, prefill="A").content == "n apple."
+    assert reply.choices[0].message.content == demo.chat(question, seed=0, prefill="A").content
+    assert reply.choices[0].message.content.startswith("n apple")  # the taught answer is "An apple."
     for messages, message in ((question, "last message from the assistant"), (begun[1:], "the conversation before")):
         with pytest.raises(openai.BadRequestError, match=message) as refused:
             client.chat.completions.create(model="demo", messages=messages, extra_body={"continue_final_message": True})
@@ -511,8 +516,6 @@ def test_a_fill_and_a_completion_share_a_batch_each_as_alone(demo):
 
 
 def test_settled_text_splits_thinking_and_never_takes_text_back(demo):
-    from diffgemma.server.app import reply_text
-
     tokenizer = demo.tokenizer
     full = tokenizer.encode("<|channel>thought\nadd them up<channel|>The sum is 7.<turn|>", add_special_tokens=False)
     reply = reply_text(demo, chat=True)
@@ -603,12 +606,98 @@ def test_the_responses_api_with_the_openai_client(client, server):
     assert short.output_text == ANSWERS[SKY][:5]
     system = client.responses.create(model="demo", input=SKY, instructions="Be brief.", extra_body={"seed": 1})
     assert system.usage.input_tokens > made.usage.input_tokens  # the instructions are in the prompt
-    tool_output = {"type": "function_call_output", "call_id": "c", "output": "1"}
     image = {"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}
-    for bad in ([tool_output], [image]):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="demo", input=[image])
+    assert refused.value.param == "input"
+
+
+def test_tool_calls_through_chat_completions_and_the_responses_api(client):
+    """Offered a tool, the demo model calls it: `tool_calls` (arguments as JSON text, finish_reason
+    "tool_calls", content null), whole in the stream's last delta; the call and the tool's answer sent back
+    (OpenAI's message shapes) get the answer. The Responses API: a `function_call` item, and the answer from
+    `function_call_output`. A tool_choice naming a tool begins its call; bad tools and choices are 400s."""
+    from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RESULT, WEATHER_TOOL
+
+    tools = [WEATHER_TOOL]
+    made = client.chat.completions.create(model="demo", messages=ask(WEATHER_QUESTION), tools=tools, seed=0)
+    choice = made.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    chunks = list(
+        client.chat.completions.create(model="demo", messages=ask(WEATHER_QUESTION), tools=tools, seed=0, stream=True)
+    )
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(d.delta.content or "" for d in deltas) == ""  # no call syntax leaks into the text
+    streamed = [tc for d in deltas for tc in d.delta.tool_calls or []]
+    assert [(tc.index, tc.function.name, tc.function.arguments) for tc in streamed] == [
+        (0, "get_weather", call.function.arguments)
+    ]
+    assert [d.finish_reason for d in deltas if d.finish_reason] == ["tool_calls"]
+
+    answered = [
+        *ask(WEATHER_QUESTION),
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": WEATHER_RESULT},
+    ]
+    reply = client.chat.completions.create(model="demo", messages=answered, tools=tools, seed=0)
+    assert reply.choices[0].message.content == WEATHER_ANSWER and reply.choices[0].finish_reason == "stop"
+    assert not reply.choices[0].message.tool_calls
+
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    forced = client.chat.completions.create(
+        model="demo", messages=ask(WEATHER_QUESTION), tools=tools, tool_choice=named, seed=0
+    )
+    assert [tc.function.name for tc in forced.choices[0].message.tool_calls or []] in ([], ["get_weather"])
+    unoffered = client.chat.completions.create(
+        model="demo", messages=ask(WEATHER_QUESTION), tools=tools, tool_choice="none", seed=0
+    )
+    assert not unoffered.choices[0].message.tool_calls and unoffered.choices[0].finish_reason != "tool_calls"
+
+    flat = {"type": "function", **WEATHER_TOOL["function"]}
+    response = client.responses.create(model="demo", input=WEATHER_QUESTION, tools=[flat], extra_body={"seed": 0})
+    assert [item.type for item in response.output] == ["function_call"] and response.status == "completed"
+    function_call = response.output[0]
+    assert function_call.name == "get_weather" and json.loads(function_call.arguments) == {"city": "Paris"}
+    assert response.tools[0].name == "get_weather"
+    with client.responses.stream(model="demo", input=WEATHER_QUESTION, tools=[flat], extra_body={"seed": 0}) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.arguments for e in events if e.type == "response.function_call_arguments.done"] == [
+        function_call.arguments
+    ]
+    assert [item.type for item in final.output] == ["function_call"]
+    follow = [
+        {"role": "user", "content": WEATHER_QUESTION},
+        {
+            "type": "function_call",
+            "call_id": function_call.call_id,
+            "name": "get_weather",
+            "arguments": function_call.arguments,
+        },
+        {"type": "function_call_output", "call_id": function_call.call_id, "output": WEATHER_RESULT},
+    ]
+    assert (
+        client.responses.create(model="demo", input=follow, tools=[flat], extra_body={"seed": 0}).output_text
+        == WEATHER_ANSWER
+    )
+
+    bad_requests = [
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools"),
+        ({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": tools, "tool_choice": {"type": "custom"}}, "tool_choice"),
+    ]
+    for extra, param in bad_requests:
         with pytest.raises(openai.BadRequestError) as refused:
-            client.responses.create(model="demo", input=bad)
-        assert refused.value.param == "input"
+            client.chat.completions.create(model="demo", messages=ask(WEATHER_QUESTION), **extra)
+        assert refused.value.param == param, extra
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="demo", input=WEATHER_QUESTION, tools=[{"type": "web_search"}])
+    assert refused.value.param == "tools"
 
 
 def test_the_serve_command_answers_an_openai_client(demo):
@@ -681,7 +770,7 @@ def test_a_stop_string_ends_the_answer_and_its_canvases(client):
         assert finishes == ["stop"] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_stop_strings_in_the_thinking_and_in_text_completions(client, server):
+def test_stop_strings_in_the_thinking_and_in_text_completions(client, server, demo):
     from assets.make_demo_model import THINKING
 
     question = next(iter(THINKING))
@@ -692,9 +781,11 @@ def test_stop_strings_in_the_thinking_and_in_text_completions(client, server):
     )
     message = reply.choices[0].message
     assert (message.content, message.model_extra["reasoning_content"]) == (answer, thought)  # the thinking has it
-    free = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=40, seed=3)
+    prompt = demo.tokenizer.encode_chat(ask(SKY))  # a text completion of the chat prompt: the taught answer
+    free = client.completions.create(model="demo", prompt=prompt, max_tokens=40, seed=3)
+    assert free.choices[0].text == ANSWERS[SKY][:40]
     stop = free.choices[0].text[10:13]
-    cut = client.completions.create(model="demo", prompt="Once upon a time", max_tokens=40, seed=3, stop=stop)
+    cut = client.completions.create(model="demo", prompt=prompt, max_tokens=40, seed=3, stop=stop)
     assert cut.choices[0].text == free.choices[0].text[: free.choices[0].text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
     none = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, stop="")  # as some clients send

@@ -32,9 +32,10 @@ from ..errors import DiffGemmaError
 from ..generate import SettledText
 from ..scoring import TokenScores
 from ..tokenizer import THINKING_CLOSE
+from ..toolcalls import check_tools, tool_plan
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 from .logprobs import chat_logprobs, completion_logprobs
-from .responses import ResponseBuilder, ResponsesRequest, request_messages
+from .responses import ResponseBuilder, ResponsesRequest, request_messages, request_tools
 from .schema import (
     SAMPLER_FIELDS,
     APIError,
@@ -44,10 +45,11 @@ from .schema import (
     PromptField,
     SamplerExtras,
     StopField,
-    content_text,
+    ToolChoiceField,
     error_body,
     free_text_only,
     stop_strings,
+    tool_choice_name,
 )
 
 STATIC = Path(__file__).with_name("static")
@@ -66,9 +68,33 @@ class ServerOptions:
     allowed_origins: tuple[str, ...] = ()  # web pages elsewhere that may call the API (CORS); "*" for any
 
 
-def reply_text(model: DiffGemma, chat: bool, stop: StopField = None) -> SettledText:
-    """A choice's text as it settles (`DiffGemma.settled_text`), with the request's stop strings."""
-    return model.settled_text(chat, stop_strings(stop))
+@dataclass(frozen=True)
+class ToolUse:
+    """A chat request's tools as its replies read them: the ids a reply was made to begin with (a call's
+    opening, for a `tool_choice` that asks for one), and whether more than one call may come back."""
+
+    lead: list[int]
+    parallel: bool = True
+
+
+def reply_text(model: DiffGemma, chat: bool, stop: StopField = None, tools: ToolUse | None = None) -> SettledText:
+    """A choice's text as it settles (`DiffGemma.settled_text`), with the request's stop strings, its tool calls
+    apart when it offered tools."""
+    return model.settled_text(chat, stop_strings(stop), tools is not None, tools.lead if tools else ())
+
+
+def tool_calls_out(reply: SettledText, tokens: list[int], tools: ToolUse | None) -> list[dict[str, Any]]:
+    """A finished choice's tool calls in OpenAI's shape, each with a new id (the first alone, unless parallel
+    calls were allowed)."""
+    calls = reply.tool_calls(tokens) if tools is not None else ()
+    return [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments_json},
+        }
+        for c in (calls if tools is None or tools.parallel else calls[:1])
+    ]
 
 
 def completion_prompts(model: DiffGemma, prompt: PromptField) -> tuple[list[list[int]], list[str]]:
@@ -293,11 +319,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         echoes: list[str],
         done: str = DONE,
         logprobs: Callable[[int, list[int], int | None], Awaitable[dict]] | None = None,
+        tools: ToolUse | None = None,
     ) -> AsyncIterator[str]:
         """One stream for a request's choices (a job each, its `echoes` text first), their events as they come,
         then (`usage`: the prompt tokens, to count) usage, then `done` (the Responses API sends no [DONE]).
         `logprobs` (choice, its tokens, the EOS that ended it) gives a choice's log-probabilities, sent with its
-        last chunk."""
+        last chunk; a choice's tool calls (`tools`: it offered some) come whole, before its last chunk."""
         app.state.active += len(jobs)
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -327,6 +354,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                     yield _sse(chunk(index, content=content, reasoning=reasoning))
                 if ending is not None:
                     last: dict[str, Any] = {"finish": ending[1]}
+                    calls = tool_calls_out(reply, ending[0], tools)
+                    if calls:
+                        yield _sse(chunk(index, tool_calls=calls))
+                        last["finish"] = _finish_with_calls(ending[1])
                     if logprobs is not None:
                         last["logprobs"] = await logprobs(index, ending[0], _eos_after(event, ending[0]))
                     yield _sse(chunk(index, **last))
@@ -351,14 +382,16 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         chat: bool,
         echoes: list[str] | None = None,
         clamp: list[int] | None = None,
+        tools: ToolUse | None = None,
     ):
         """Admit, queue, then stream the jobs (`n` a prompt, choice k * n + i prompt k's i-th, seeded seed + its
         index) or wait for them: what both completion routes share. `echoes`: each prompt's text, to come first;
-        `clamp`: ids held in place on the first canvas (a fill: its `max_tokens` free positions, the suffix)."""
+        `clamp`: ids held in place on the first canvas (a fill: its `max_tokens` free positions, the suffix);
+        `tools`: the chat offered tools, so its choices' calls come back as `tool_calls`."""
         limit = admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
         rows = [prompt for prompt in prompts for _ in range(body.n)]
         leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
-        replies = [reply_text(model, chat, body.stop) for _ in rows]
+        replies = [reply_text(model, chat, body.stop, tools) for _ in rows]
         jobs = [new_job(prompt, limit, body, index, clamp) for index, prompt in enumerate(rows)]
         identity = _identity("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(prompt) for prompt in prompts)
@@ -371,7 +404,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if body.stream:
             chunk = _chunk_maker(identity, options.model_name, chat)
             usage = prompt_tokens if _include_usage(body) else None
-            return _event_stream(stream_jobs(jobs, replies, chunk, body.drafts, usage, leading, logprobs=scorer))
+            stream = stream_jobs(jobs, replies, chunk, body.drafts, usage, leading, logprobs=scorer, tools=tools)
+            return _event_stream(stream)
         ended = await asyncio.gather(*(run_job(job, request, reply) for job, reply in zip(jobs, replies, strict=True)))
         choices = []
         for index, ((done, finish), reply) in enumerate(zip(ended, replies, strict=True)):
@@ -385,6 +419,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if reasoning:
                 message["reasoning_content"] = reasoning
+            calls = tool_calls_out(reply, done.new_tokens, tools)
+            if calls:  # (OpenAI's content is null when a reply is its calls alone)
+                message.update(content=content or None, tool_calls=calls)
+                choice["finish_reason"] = _finish_with_calls(finish)
             choices.append({**choice, "message": message})
         usage = _usage(prompt_tokens, sum(len(done.new_tokens) for done, _ in ended))
         response: dict[str, Any] = {**identity, "model": options.model_name, "usage": usage, "choices": choices}
@@ -425,21 +463,48 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         except EngineStopped as err:
             raise APIError(503, str(err), "server_error", "unavailable") from None
 
-    def chat_prompt(messages: list[dict[str, str]], thinking: bool, param: str, prefill: str = "") -> list[int]:
-        """Messages through the chat template, then the answer's `prefill`; what it refuses is the request's error
-        (`param`: its field). A special token's text in a message is read as text, as OpenAI's API reads it: a
-        client's user cannot forge the template's turn markers."""
+    def chat_prompt(
+        messages: list[dict[str, Any]], thinking: bool, param: str, prefill: str = "", tools: list | None = None
+    ) -> list[int]:
+        """Messages (and the tools offered) through the chat template, then the answer's `prefill`; what it
+        refuses is the request's error (`param`: its field). A special token's text in a message is read as text,
+        as OpenAI's API reads it: a client's user cannot forge the template's turn markers."""
         try:
-            return model.tokenizer.encode_chat(messages, enable_thinking=thinking, prefill=prefill, sanitize=True)
+            return model.tokenizer.encode_chat(messages, thinking, prefill, sanitize=True, tools=tools)
         except DiffGemmaError as err:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
+
+    def plan_tools(
+        tools: list[dict[str, Any]] | None, choice: ToolChoiceField, parallel: bool = True
+    ) -> tuple[list | None, ToolUse | None]:
+        """A request's `tools` and `tool_choice` -> (the tools its prompt offers, how its replies read calls);
+        (None, None) when it offers none."""
+        try:
+            check_tools(tools or [])
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", "tools") from None
+        try:
+            offered, lead = tool_plan(tools, tool_choice_name(choice))
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", "tool_choice") from None
+        if offered is None:
+            return None, None
+        if not model.tokenizer.renders_tools:
+            message = "this model's chat template does not write tools, so none can be offered"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "tools")
+        return offered, ToolUse(model.tokenizer.encode(lead, add_special_tokens=False) if lead else [], parallel)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         free_text_only(body.response_format, "response_format")
-        messages = [{"role": m.role, "content": content_text(m.content, "messages")} for m in body.messages]
+        messages = [message.for_template() for message in body.messages]
         thinking = bool(body.enable_thinking or (body.chat_template_kwargs or {}).get("enable_thinking"))
+        offered, tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+        lead = tools.lead if tools else []
         prefill = ""
+        if body.continue_final_message and lead:
+            message = "continue_final_message begins the answer, so it cannot be asked with a tool_choice that does"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "tool_choice")
         if body.continue_final_message:  # the last message is the answer begun: the model goes on from it
             if messages[-1]["role"] != "assistant":
                 message = "continue_final_message needs a last message from the assistant: the answer begun"
@@ -448,15 +513,19 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 message = "continue_final_message needs the conversation before the answer begun"
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "messages")
             messages, prefill = messages[:-1], messages[-1]["content"]
-        prompt = chat_prompt(messages, thinking, "messages", prefill)
-        return await complete(body, request, [prompt], chat=True)
+        prompt = chat_prompt(messages, thinking, "messages", prefill, offered) + lead
+        return await complete(body, request, [prompt], chat=True, tools=tools)
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
-        prompt = chat_prompt(*request_messages(body), "input")
+        messages, thinking = request_messages(body)
+        offered, tools = plan_tools(request_tools(body), body.tool_choice, body.parallel_tool_calls)
+        prompt = chat_prompt(messages, thinking, "input", "", offered) + (tools.lead if tools else [])
         limit = admit([prompt], body.max_output_tokens, 1, chat=True)
-        job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, chat=True)
-        built = ResponseBuilder(options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)))
+        job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, True, None, tools)
+        built = ResponseBuilder(
+            options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)), request=body
+        )
         top = (body.top_logprobs or 0) if "message.output_text.logprobs" in (body.include or ()) else None
 
         async def answer_logprobs(_: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
@@ -464,10 +533,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
         scorer = answer_logprobs if top is not None else None
         if body.stream:
-            stream = stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], done="", logprobs=scorer)
+            stream = stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", scorer, tools)
             return _event_stream(stream)
         done, finish = await run_job(job, request, reply)
         built.text(*reply.parts(done.new_tokens))
+        built.function_calls(tool_calls_out(reply, done.new_tokens, tools))
         if scorer is not None:
             built.logprobs = (await scorer(0, done.new_tokens, done.eos))["content"]
         return built.closing(finish, _usage(len(prompt), len(done.new_tokens)))[-1]["response"]
@@ -574,6 +644,11 @@ def _ending(reply: SettledText, tokens: list[int], job: Job, done: bool) -> tupl
     return tokens, "length" if len(tokens) >= job.max_new_tokens else "stop"
 
 
+def _finish_with_calls(finish: str) -> str:
+    """A choice's finish reason when it made tool calls: "tool_calls", unless its token limit cut it."""
+    return "tool_calls" if finish == "stop" else finish
+
+
 def _eos_after(event: RowDraft | RowDone, tokens: list[int]) -> int | None:
     """The EOS that ended a row, after a choice's final `tokens`: none unless they are the row's own as it ended
     (a stop string cuts them short, and nothing follows them then)."""
@@ -599,7 +674,7 @@ def _chunk_maker(identity: dict, model_name: str, chat: bool):
     base = {**identity, "object": "chat.completion.chunk" if chat else "text_completion", "model": model_name}
 
     def chunk(
-        index=0, role=False, content="", reasoning="", finish=None, usage=None, draft=None, logprobs=None
+        index=0, role=False, content="", reasoning="", finish=None, usage=None, draft=None, logprobs=None, tool_calls=()
     ) -> dict:
         if usage is not None:
             return {**base, "choices": [], "usage": usage}
@@ -615,6 +690,8 @@ def _chunk_maker(identity: dict, model_name: str, chat: bool):
             delta["content"] = content
         if reasoning:
             delta["reasoning_content"] = reasoning
+        if tool_calls:
+            delta["tool_calls"] = [{"index": position, **call} for position, call in enumerate(tool_calls)]
         return {**base, "choices": [{**choice, "delta": delta}]}
 
     return chunk

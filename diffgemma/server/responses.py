@@ -1,10 +1,12 @@
 """OpenAI's Responses API (`POST /v1/responses`), the text subset: its request read into chat messages, its
 response object, and its stream of typed events.
 
-A reply is at most two output items: the thinking (a `reasoning` item, when thinking is on and the model
-thought) and the answer (a `message` with one `output_text` part). Streamed, each item is opened when its
-first text settles and closed when the next begins or the reply ends; `response.completed` (or
-`response.incomplete`, at `max_output_tokens`) carries the whole response with its usage.
+A reply's output items: the thinking (a `reasoning` item, when thinking is on and the model thought), the
+answer (a `message` with one `output_text` part; none when the model only called tools), and a
+`function_call` item for each call it made to the `tools` offered. Streamed, each item is opened when its
+first text settles and closed when the next begins or the reply ends (calls come whole at the end);
+`response.completed` (or `response.incomplete`, at `max_output_tokens`) carries the whole response with its
+usage. The calls' answers come back as `function_call_output` input items.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from pydantic import Field
 
 from ..scoring import MAX_TOP
-from .schema import APIError, SamplerExtras, content_text, free_text_only
+from .schema import APIError, SamplerExtras, ToolChoiceField, content_text, free_text_only
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -32,16 +34,42 @@ class ResponsesRequest(SamplerExtras):
     text: dict[str, Any] | None = None  # {"format": {"type": "text"}} alone
     include: list[str] | None = None  # "message.output_text.logprobs": the answer's (`scoring`)
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
+    tools: list[dict[str, Any]] | None = None  # {"type": "function", "name", "description", "parameters"}
+    tool_choice: ToolChoiceField = None  # "auto" (default), "none", "required" or {"type": "function", "name"}
+    parallel_tool_calls: bool = True
+
+
+def request_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
+    """The Responses API's function tools (their fields flat) in chat's shape (under `function`); tools of other
+    types (OpenAI's hosted ones) are refused."""
+    if not body.tools:
+        return None
+    kinds = sorted({str(tool.get("type")) for tool in body.tools if tool.get("type") != "function"})
+    if kinds:
+        message = f"tools of type {', '.join(kinds)} are not supported: only functions (type 'function')"
+        raise APIError(400, message, "invalid_request_error", "invalid_value", "tools")
+    fields = ("name", "description", "parameters")
+    return [{"type": "function", "function": {f: tool[f] for f in fields if f in tool}} for tool in body.tools]
 
 
 def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, str]], bool]:
     """The request as chat messages (the instructions first, as a system message), and whether to think."""
     free_text_only((body.text or {}).get("format"), "text.format")
-    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    messages: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     for item in items:
         kind = item.get("type", "message")
         role = item.get("role")
+        if kind == "function_call":  # a call the model made: on the assistant's message before it, or a new one
+            call = {"name": item.get("name"), "arguments": item.get("arguments", "{}")}
+            if not messages or messages[-1]["role"] != "assistant":
+                messages.append({"role": "assistant", "content": ""})
+            messages[-1].setdefault("tool_calls", []).append({"id": item.get("call_id"), "function": call})
+            continue
+        if kind == "function_call_output":
+            output = content_text(item.get("output"), "input", TEXT_PARTS)
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": output})
+            continue
         if kind != "message" or role not in ("system", "developer", "user", "assistant"):
             what = f"input items of type {kind!r}" if kind != "message" else f"a message with role {role!r}"
             raise APIError(400, f"{what} are not supported", "invalid_request_error", "invalid_value", "input")
@@ -57,8 +85,18 @@ def _identifier(prefix: str) -> str:
 class ResponseBuilder:
     """One response's identity, its output items, and the events that stream them."""
 
-    def __init__(self, model_name: str, max_output_tokens: int, count_tokens: Callable[[str], int]) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        max_output_tokens: int,
+        count_tokens: Callable[[str], int],
+        request: ResponsesRequest | None = None,
+    ) -> None:
         self.id, self.created = _identifier("resp"), int(time.time())
+        request = request or ResponsesRequest(input="")
+        self.tools, self.tool_choice = request.tools or [], request.tool_choice or "auto"
+        self.parallel_tool_calls = request.parallel_tool_calls
+        self.calls: list[dict[str, Any]] = []  # `function_call` items
         self.model_name, self.max_output_tokens = model_name, max_output_tokens
         self.count_tokens = count_tokens  # text -> tokens, for the thinking's share of the output
         self.reasoning_id, self.message_id = _identifier("rs"), _identifier("msg")
@@ -70,13 +108,24 @@ class ResponseBuilder:
         self.logprobs: list[dict[str, Any]] = []  # the answer's tokens' (chat `logprobs.content` entries), if asked
 
     def chunk(
-        self, index=0, role=False, content="", reasoning="", finish=None, usage=None, draft=None, logprobs=None
+        self,
+        index=0,
+        role=False,
+        content="",
+        reasoning="",
+        finish=None,
+        usage=None,
+        draft=None,
+        logprobs=None,
+        tool_calls=(),
     ) -> list:
         """The events for what the server's stream of a reply hands on (the chat chunks' calls): the opening,
-        settled text, the finish (held until the usage comes, with the answer's log-probabilities if asked for),
-        the usage (the closing). Drafts are not sent."""
+        settled text, the tool calls, the finish (held until the usage comes, with the answer's
+        log-probabilities if asked for), the usage (the closing). Drafts are not sent."""
         if role:
             return self.opening()
+        if tool_calls:
+            return self.function_calls(tool_calls)
         if usage is not None:
             return self.closing(self.finish, usage)
         if finish is not None:
@@ -100,8 +149,9 @@ class ResponseBuilder:
         output = []
         if self.reasoning:
             output.append(self._item("reasoning", "completed"))
-        if status != "in_progress":
+        if "message" in self.items or (status != "in_progress" and not self.calls):
             output.append(self._item("message", status))
+        output += self.calls
         return {
             "id": self.id,
             "object": "response",
@@ -111,9 +161,9 @@ class ResponseBuilder:
             "output": output,
             "max_output_tokens": self.max_output_tokens,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "parallel_tool_calls": False,
-            "tool_choice": "none",
-            "tools": [],
+            "parallel_tool_calls": self.parallel_tool_calls,
+            "tool_choice": self.tool_choice,
+            "tools": self.tools,
             "usage": usage,
         }
 
@@ -148,8 +198,33 @@ class ResponseBuilder:
         """The open items closed (the answer's opened if nothing came), then the whole response with its usage
         (`counts`: the chat usage's)."""
         status = "incomplete" if finish == "length" else "completed"
-        events = self._switch_to("message") + self._close()
+        answered = "message" in self.items or self.calls  # (a reply of calls alone has no message)
+        events = (self._switch_to("message") if not answered else []) + self._close()
         return [*events, self._event(status, response=self.response(status, self.usage(counts)))]
+
+    def function_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Events for a reply's tool calls (chat's shape, each with its id), after its text: a `function_call`
+        item each, its arguments in one delta."""
+        events = self._close()
+        for call in calls:
+            item = {
+                "type": "function_call",
+                "id": _identifier("fc"),
+                "call_id": call["id"],
+                "name": call["function"]["name"],
+                "arguments": call["function"]["arguments"],
+                "status": "completed",
+            }
+            index = len(self.items)
+            self.items.append("function_call")
+            self.calls.append(item)
+            where = {"item_id": item["id"], "output_index": index}
+            added = {**item, "arguments": "", "status": "in_progress"}
+            events.append(self._event("output_item.added", output_index=index, item=added))
+            events.append(self._event("function_call_arguments.delta", **where, delta=item["arguments"]))
+            events.append(self._event("function_call_arguments.done", **where, arguments=item["arguments"]))
+            events.append(self._event("output_item.done", output_index=index, item=item))
+        return events
 
     def _switch_to(self, kind: str) -> list[dict[str, Any]]:
         if self.open == kind:

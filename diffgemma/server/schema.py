@@ -50,6 +50,17 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = ""
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls: {"id", "function": {"name", "arguments"}}
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
+    name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template reads it: its text, and its tool fields where it has them."""
+        message: dict[str, Any] = {"role": self.role, "content": content_text(self.content, "messages")}
+        for field in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, field) is not None:
+                message[field] = getattr(self, field)
+        return message
 
 
 class StreamOptions(BaseModel):
@@ -59,6 +70,9 @@ class StreamOptions(BaseModel):
 StopField = str | list[str] | None
 # OpenAI's completions take a text, texts, token ids, or lists of token ids
 PromptField = str | list[str] | list[int] | list[list[int]]
+
+
+ToolChoiceField = Literal["auto", "none", "required"] | dict[str, Any] | None
 
 
 class ChatRequest(SamplerExtras):
@@ -76,6 +90,9 @@ class ChatRequest(SamplerExtras):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
     response_format: dict[str, Any] | None = None  # {"type": "text"} alone (`free_text_only`)
     continue_final_message: bool = False  # the last (assistant) message is the answer begun: its prefill
+    tools: list[dict[str, Any]] | None = None  # functions the model may call: `tool_calls` in the answer
+    tool_choice: ToolChoiceField = None  # "auto" (default), "none", "required" or {"function": {"name": ...}}
+    parallel_tool_calls: bool = True  # (the model decides how many calls it makes)
 
 
 class CompletionRequest(SamplerExtras):
@@ -115,6 +132,18 @@ def content_text(
             param,
         )
     return "".join(str(part.get("text", "")) for part in content)
+
+
+def tool_choice_name(choice: ToolChoiceField) -> str:
+    """OpenAI's `tool_choice` as `toolcalls.tool_plan` takes it: "auto", "none", "required", or a tool's name
+    (chat names it as {"type": "function", "function": {"name": ...}}, the Responses API as {..., "name": ...})."""
+    if choice is None or isinstance(choice, str):
+        return choice or "auto"
+    name = (choice.get("function") or {}).get("name", choice.get("name"))
+    if choice.get("type") != "function" or not isinstance(name, str):
+        message = "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}"
+        raise APIError(400, message, "invalid_request_error", "invalid_value", "tool_choice")
+    return name
 
 
 def free_text_only(text_format: dict[str, Any] | None, param: str) -> None:
