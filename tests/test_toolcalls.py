@@ -154,3 +154,26 @@ def test_the_demo_model_calls_its_tool_and_answers_from_the_result(demo):
     assert unoffered.tool_calls == ()
     bare = demo.tokenizer.encode_chat(weather_conversation(False))  # the prompt without the tools
     assert unoffered.result.sequences[0, : len(bare)].tolist() == bare and len(bare) < len(prompt)
+
+
+def test_a_streamed_reply_never_shows_call_syntax_and_ends_with_its_calls(demo):
+    """Token by token, as a stream sends it: the text before a call comes out, nothing of the call does (with
+    the call marker one special token, or spelled out in bytes, its first ones held back until it completes);
+    the finished reply gives the calls."""
+    tokenizer = demo.tokenizer
+    reply_text = f"Checking the weather. <|tool_call>call:get_weather{{city:{Q}Paris{Q}}}<tool_call|>"
+    as_special = tokenizer.encode(reply_text, add_special_tokens=False)
+    as_bytes = tokenizer._special_as_text().encode(reply_text, add_special_tokens=False).ids
+    assert len(as_bytes) > len(as_special)
+    for tokens in (as_special, as_bytes):
+        reply = demo.settled_text(chat=True, tools=True)
+        streamed = ""
+        for end in range(1, len(tokens) + 1):
+            content, _ = reply.deltas(tokens[:end])
+            streamed += content
+            assert "<" not in streamed and "call:" not in streamed, streamed
+        streamed += reply.deltas(tokens, final=True)[0]
+        assert streamed == "Checking the weather."
+        assert reply.tool_calls(tokens) == (ToolCall("get_weather", {"city": "Paris"}),)
+    plain = demo.settled_text(chat=True)  # offered no tools: calls are not read out (their markers are dropped)
+    assert plain.tool_calls(as_special) == () and "call:get_weather" in plain.parts(as_special)[0]
