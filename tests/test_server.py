@@ -273,6 +273,32 @@ def test_a_completion_with_a_suffix_is_filled_in(server, client):
         client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=1000)
 
 
+def test_tokenize_and_detokenize_read_prompts_as_the_routes_do(server, client, demo):
+    """vLLM's `/tokenize` (a text, or messages with their tools: the ids a chat completion's prompt has) and
+    `/detokenize` (ids back to text, special tokens kept)."""
+    from assets.make_demo_model import WEATHER_QUESTION, WEATHER_TOOL
+
+    url = server[0]
+    counted = httpx.post(url + "/tokenize", json={"prompt": "Hello", "return_token_strs": True}).json()
+    assert counted["tokens"] == demo.tokenizer.encode("Hello") and counted["count"] == len(counted["tokens"])
+    assert counted["token_strs"] == ["<bos>", "H", "e", "l", "l", "o"] and counted["max_model_len"] > 0
+    bare = httpx.post(url + "/tokenize", json={"prompt": "Hello", "add_special_tokens": False}).json()
+    assert bare["tokens"] == counted["tokens"][1:]
+    chat = httpx.post(url + "/tokenize", json={"messages": ask(WEATHER_QUESTION), "tools": [WEATHER_TOOL]}).json()
+    made = client.chat.completions.create(model="demo", messages=ask(WEATHER_QUESTION), tools=[WEATHER_TOOL], seed=0)
+    assert chat["count"] == made.usage.prompt_tokens
+    assert chat["tokens"] == demo.tokenizer.encode_chat(ask(WEATHER_QUESTION), tools=[WEATHER_TOOL])
+    text = httpx.post(url + "/detokenize", json={"tokens": chat["tokens"]}).json()["prompt"]
+    assert text == demo.tokenizer.apply_chat_template(ask(WEATHER_QUESTION), tools=[WEATHER_TOOL])
+    for path, body, param in (
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "a", "messages": ask("a")}, "prompt"),
+        ("/detokenize", {"tokens": [demo.config.vocab_size]}, "tokens"),
+    ):
+        refused = httpx.post(url + path, json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param
+
+
 def test_models_health_and_infill(server, client):
     assert [m.id for m in client.models.list()] == ["demo"]
     assert client.models.retrieve("demo").id == "demo"

@@ -41,10 +41,12 @@ from .schema import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
     InfillRequest,
     PromptField,
     SamplerExtras,
     StopField,
+    TokenizeRequest,
     ToolChoiceField,
     error_body,
     free_text_only,
@@ -108,13 +110,18 @@ def completion_prompts(model: DiffGemma, prompt: PromptField) -> tuple[list[list
     if all(isinstance(one, str) for one in prompt):
         return [tokenizer.encode(one) for one in prompt], list(prompt)
     lists = [prompt] if all(isinstance(one, int) for one in prompt) else prompt
-    vocabulary = model.config.vocab_size
     for ids in lists:
-        outside = [token for token in ids if not 0 <= token < vocabulary]
-        if not ids or outside:
-            what = f"token id {outside[0]} is outside the vocabulary (0-{vocabulary - 1})" if ids else "empty"
-            raise APIError(400, f"prompt: {what}", "invalid_request_error", "invalid_value", "prompt")
+        check_token_ids(model, ids, "prompt")
     return [list(ids) for ids in lists], [tokenizer.decode(ids) for ids in lists]
+
+
+def check_token_ids(model: DiffGemma, ids: list[int], param: str) -> None:
+    """A request's token ids: at least one, each in the vocabulary (400 naming the first outside it)."""
+    vocabulary = model.config.vocab_size
+    outside = [token for token in ids if not 0 <= token < vocabulary]
+    if not ids or outside:
+        what = f"token id {outside[0]} is outside the vocabulary (0-{vocabulary - 1})" if ids else "empty"
+        raise APIError(400, f"{param}: {what}", "invalid_request_error", "invalid_value", param)
 
 
 def infill_length(model: DiffGemma, max_tokens: int | None, original: str | None = None) -> int:
@@ -494,11 +501,15 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             raise APIError(400, message, "invalid_request_error", "invalid_value", "tools")
         return offered, ToolUse(model.tokenizer.encode(lead, add_special_tokens=False) if lead else [], parallel)
 
+    def thinking_asked(body: ChatRequest | TokenizeRequest) -> bool:
+        """Whether a chat request turns thinking on (our field, or the template's argument as vLLM takes it)."""
+        return bool(getattr(body, "enable_thinking", False) or (body.chat_template_kwargs or {}).get("enable_thinking"))
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         free_text_only(body.response_format, "response_format")
         messages = [message.for_template() for message in body.messages]
-        thinking = bool(body.enable_thinking or (body.chat_template_kwargs or {}).get("enable_thinking"))
+        thinking = thinking_asked(body)
         offered, tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
         lead = tools.lead if tools else []
         prefill = ""
@@ -587,6 +598,31 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         body = body.model_copy(update={"max_tokens": length})
         clamp = model.infill_inputs("", body.suffix, length)[1]
         return await complete(body, request, prompts, chat=False, echoes=texts if body.echo else None, clamp=clamp)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        """vLLM's: the ids a prompt is read as (a text, or messages through the chat template with their tools,
+        as chat completions read them), for clients that count tokens."""
+        if (body.prompt is None) == (body.messages is None):
+            message = "give either a text `prompt` or chat `messages`"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "prompt")
+        if body.messages is not None:
+            offered, _ = plan_tools(body.tools, None)
+            conversation = [message.for_template() for message in body.messages]
+            ids = chat_prompt(conversation, thinking_asked(body), "messages", "", offered)
+        else:
+            ids = model.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        counted = {"count": len(ids), "max_model_len": model.config.max_position_embeddings, "tokens": ids}
+        if body.return_token_strs:
+            counted["token_strs"] = [model.tokenizer.decode([token], skip_special_tokens=False) for token in ids]
+        return counted
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        """vLLM's: token ids as text, special tokens kept (what `/tokenize` read)."""
+        if body.tokens:  # (none: no text)
+            check_token_ids(model, body.tokens, "tokens")
+        return {"prompt": model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     @app.post("/v1/infill")
     async def infill(body: InfillRequest, request: Request):

@@ -115,6 +115,25 @@ class InfillRequest(SamplerExtras):
     original: str | None = None  # the text being replaced: without max_tokens, the fill gets its length
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize`: a text prompt, or chat messages (with their tools) as chat completions render them."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    add_special_tokens: bool = True  # a text prompt's BOS (a chat prompt's come from its template)
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
 def content_text(
     content: str | list[dict[str, Any]] | None, param: str, text_parts: tuple[str, ...] = ("text",)
 ) -> str:
