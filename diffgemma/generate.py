@@ -123,6 +123,11 @@ class StopStrings:
         found = [index for stop in self.stops if (index := text.find(stop, start)) >= 0]
         return min(found) if found else None
 
+    def found(self, text: str) -> str | None:
+        """The stop string that comes first in `text` (None: there is none)."""
+        index = self.first(text)
+        return None if index is None else next(stop for stop in self.stops if text.startswith(stop, index))
+
     def cut(self, text: str) -> str:
         """`text` before its first stop string."""
         index = self.first(text)
@@ -213,6 +218,10 @@ class SettledText:
             return self._parts(tokens, final)
         content, reasoning = self._parts(tokens, final, trailing_space=True)
         return self.stops.answer(content), reasoning
+
+    def stop_found(self, tokens: list[int]) -> str | None:
+        """The stop string that ended a finished reply (None: it ended otherwise)."""
+        return self.stops.found(self._parts(tokens, True, True)[0]) if self.stops is not None else None
 
     def tool_calls(self, tokens: list[int]) -> tuple[ToolCall, ...]:
         """The tool calls in a finished reply (none unless it was offered `tools`)."""

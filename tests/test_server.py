@@ -273,6 +273,69 @@ def test_a_completion_with_a_suffix_is_filled_in(server, client):
         client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=1000)
 
 
+def test_anthropics_messages_api_with_the_anthropic_client(server, client):
+    """`/v1/messages` through the official `anthropic` client: the chat answer as a text block, its stream of
+    typed events (the client's stream helper checks them), a system prompt, thinking as a thinking block,
+    stop_sequences, max_tokens, tools (a `tool_use` block, then the answer from a `tool_result`); refused content
+    is a 400. (Its `x-api-key` header: `test_api_key`.)"""
+    import anthropic
+    from assets.make_demo_model import THINKING, WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RESULT, WEATHER_TOOL
+
+    claude = anthropic.Anthropic(base_url=server[0], api_key="unused", max_retries=0)
+    seeded = {"extra_body": {"seed": 1}}
+    made = claude.messages.create(model="demo", max_tokens=200, messages=ask(SKY), **seeded)
+    assert [block.type for block in made.content] == ["text"] and made.content[0].text == ANSWERS[SKY]
+    assert made.stop_reason == "end_turn" and made.usage.output_tokens == len(ANSWERS[SKY])
+    with claude.messages.stream(model="demo", max_tokens=200, messages=ask(SKY), **seeded) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == final.content[0].text == ANSWERS[SKY] and final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == made.usage.output_tokens
+    system = claude.messages.create(model="demo", max_tokens=200, system="Be brief.", messages=ask(SKY), **seeded)
+    assert system.usage.input_tokens > made.usage.input_tokens
+
+    question = next(iter(THINKING))
+    thought, answer = THINKING[question]
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    reasoned = claude.messages.create(model="demo", max_tokens=200, messages=ask(question), thinking=thinking, **seeded)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in reasoned.content] == [
+        ("thinking", thought),
+        ("text", answer),
+    ]
+    cut = claude.messages.create(model="demo", max_tokens=200, messages=ask(SKY), stop_sequences=["blue"], **seeded)
+    assert cut.content[0].text == ANSWERS[SKY][: ANSWERS[SKY].index("blue")]
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", "blue")
+    short = claude.messages.create(model="demo", max_tokens=5, messages=ask(SKY), **seeded)
+    assert short.stop_reason == "max_tokens" and short.content[0].text == ANSWERS[SKY][:5]
+
+    function = WEATHER_TOOL["function"]
+    tools = [{"name": function["name"], "description": function["description"], "input_schema": function["parameters"]}]
+    called = claude.messages.create(model="demo", max_tokens=200, messages=ask(WEATHER_QUESTION), tools=tools)
+    assert called.stop_reason == "tool_use" and [block.type for block in called.content] == ["tool_use"]
+    use = called.content[0]
+    assert use.name == "get_weather" and use.input == {"city": "Paris"} and use.id.startswith("toolu_")
+    with claude.messages.stream(model="demo", max_tokens=200, messages=ask(WEATHER_QUESTION), tools=tools) as stream:
+        streamed_use = stream.get_final_message()
+    assert [(b.type, b.name, b.input) for b in streamed_use.content] == [("tool_use", "get_weather", use.input)]
+    result = {"type": "tool_result", "tool_use_id": use.id, "content": WEATHER_RESULT}
+    follow = [
+        *ask(WEATHER_QUESTION),
+        {"role": "assistant", "content": [use.model_dump()]},
+        {"role": "user", "content": [result]},
+    ]
+    answered = claude.messages.create(model="demo", max_tokens=200, messages=follow, tools=tools, **seeded)
+    assert answered.content[0].text == WEATHER_ANSWER and answered.stop_reason == "end_turn"
+
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}
+    for bad in (
+        {"messages": [{"role": "user", "content": [image]}]},
+        {"messages": ask(SKY), "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+        {"messages": ask(SKY), "tool_choice": {"type": "tool"}},
+    ):
+        with pytest.raises(anthropic.BadRequestError):
+            claude.messages.create(model="demo", max_tokens=20, **bad)
+
+
 def test_tokenize_and_detokenize_read_prompts_as_the_routes_do(server, client, demo):
     """vLLM's `/tokenize` (a text, or messages with their tools: the ids a chat completion's prompt has) and
     `/detokenize` (ids back to text, special tokens kept)."""
@@ -453,6 +516,16 @@ def test_api_key(demo):
         assert httpx.get(url + "/v1/models").status_code == 401
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         assert good.chat.completions.create(model="demo", messages=ask("Say hello."), seed=1).choices[0].message.content
+        import anthropic  # its client sends the key as `x-api-key`
+
+        for key, answered in (("wrong", False), ("s3cret", True)):
+            claude = anthropic.Anthropic(base_url=url, api_key=key, max_retries=0)
+            try:
+                claude.messages.create(model="demo", max_tokens=20, messages=ask("Say hello."))
+            except anthropic.AuthenticationError:
+                assert not answered
+            else:
+                assert answered
 
 
 def test_allowed_origins_let_a_browser_page_elsewhere_call_the_api(demo):
@@ -778,6 +851,7 @@ def test_a_stop_string_ends_the_answer_and_its_canvases(client):
     stopped = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, stop=[" so ", "zebra"])
     choice = stopped.choices[0]
     assert (choice.message.content, choice.finish_reason) == (answer[: answer.index(" so ")], "stop")
+    assert choice.model_extra["stop_reason"] == " so " and "stop_reason" not in free.choices[0].model_extra  # vLLM's
     assert stopped.usage.completion_tokens == answer.index(" so ") + len(" so ")  # one token a byte
     assert len(free.model_extra["diffgemma"]["steps"]) == 3 and len(stopped.model_extra["diffgemma"]["steps"]) == 2
     across = "more than"  # "Air scatters blue sunlight more " fills the first canvas of 32 tokens
@@ -794,6 +868,9 @@ def test_a_stop_string_ends_the_answer_and_its_canvases(client):
         assert "".join(deltas) == whole.choices[0].message.content == answer[: answer.index(stop)], stop
         finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         assert finishes == ["stop"] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        assert [
+            c.choices[0].model_extra.get("stop_reason") for c in chunks if c.choices and c.choices[0].finish_reason
+        ] == [stop]
 
 
 def test_stop_strings_in_the_thinking_and_in_text_completions(client, server, demo):

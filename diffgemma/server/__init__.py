@@ -1,4 +1,4 @@
-"""The HTTP server: OpenAI-compatible routes, request batching, the playground page."""
+"""The HTTP server: OpenAI-compatible routes (and Anthropic's messages), request batching, the playground page."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""An OpenAI-compatible server (FastAPI): chat and text completions, responses, streaming, infill, the playground.
+"""An OpenAI-compatible server (FastAPI): chat and text completions, responses, streaming, infill, the playground;
+Anthropic's messages and vLLM's tokenize beside them. Tool calls come back apart from the text (`toolcalls`).
 
 Streaming sends text before a canvas ends: the engine fixes each canvas's settled prefix as it goes, and
 the server sends whatever newly settled, never taking anything back. The thinking channel goes out as
@@ -35,6 +36,7 @@ from ..tokenizer import THINKING_CLOSE
 from ..toolcalls import check_tools, tool_plan
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 from .logprobs import chat_logprobs, completion_logprobs
+from .messages import MessageBuilder, MessagesRequest, messages_tools, request_conversation
 from .responses import ResponseBuilder, ResponsesRequest, request_messages, request_tools
 from .schema import (
     SAMPLER_FIELDS,
@@ -179,7 +181,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def guard(request: Request, call_next):
         if options.api_key and request.url.path != "/health":
             header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("api_key", "")
+            # a Bearer token (OpenAI's clients), `x-api-key` (Anthropic's), or `?api_key=`
+            given = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+            given = given or request.query_params.get("api_key", "")
             if not secrets.compare_digest(given.encode(), options.api_key.encode()):
                 body = error_body("missing or wrong API key", "invalid_request_error", "invalid_api_key")
                 return JSONResponse(body, status_code=401)
@@ -360,7 +364,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 if content or reasoning:
                     yield _sse(chunk(index, content=content, reasoning=reasoning))
                 if ending is not None:
-                    last: dict[str, Any] = {"finish": ending[1]}
+                    last: dict[str, Any] = {"finish": ending[1], "stop_sequence": reply.stop_found(ending[0])}
                     calls = tool_calls_out(reply, ending[0], tools)
                     if calls:
                         yield _sse(chunk(index, tool_calls=calls))
@@ -418,6 +422,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         for index, ((done, finish), reply) in enumerate(zip(ended, replies, strict=True)):
             content, reasoning = reply.parts(done.new_tokens)
             choice: dict[str, Any] = {"index": index, "finish_reason": finish}
+            stop = reply.stop_found(done.new_tokens)
+            if stop is not None:  # (vLLM's field: the stop string that ended it)
+                choice["stop_reason"] = stop
             if scorer is not None:
                 choice["logprobs"] = await scorer(index, done.new_tokens, done.eos)
             if not chat:
@@ -552,6 +559,23 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if scorer is not None:
             built.logprobs = (await scorer(0, done.new_tokens, done.eos))["content"]
         return built.closing(finish, _usage(len(prompt), len(done.new_tokens)))[-1]["response"]
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request):
+        conversation, thinking = request_conversation(body)
+        offered, tools = plan_tools(*messages_tools(body))
+        prompt = chat_prompt(conversation, thinking, "messages", "", offered) + (tools.lead if tools else [])
+        limit = admit([prompt], body.max_tokens, 1, chat=True)
+        job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, True, body.stop_sequences, tools)
+        built = MessageBuilder(options.model_name, len(prompt))
+        if body.stream:
+            return _event_stream(stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", None, tools))
+        done, finish = await run_job(job, request, reply)
+        built.text(*reply.parts(done.new_tokens))
+        calls = tool_calls_out(reply, done.new_tokens, tools)
+        built.tool_uses(calls)
+        built.finish(_finish_with_calls(finish) if calls else finish, reply.stop_found(done.new_tokens))
+        return built.message(len(done.new_tokens), done=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -710,13 +734,24 @@ def _chunk_maker(identity: dict, model_name: str, chat: bool):
     base = {**identity, "object": "chat.completion.chunk" if chat else "text_completion", "model": model_name}
 
     def chunk(
-        index=0, role=False, content="", reasoning="", finish=None, usage=None, draft=None, logprobs=None, tool_calls=()
+        index=0,
+        role=False,
+        content="",
+        reasoning="",
+        finish=None,
+        usage=None,
+        draft=None,
+        logprobs=None,
+        tool_calls=(),
+        stop_sequence=None,
     ) -> dict:
         if usage is not None:
             return {**base, "choices": [], "usage": usage}
         if draft is not None:
             return {**base, "choices": [], "draft": {**draft, "index": index}}
         choice: dict[str, Any] = {"index": index, "finish_reason": finish}
+        if stop_sequence is not None:
+            choice["stop_reason"] = stop_sequence
         if logprobs is not None:
             choice["logprobs"] = logprobs
         if not chat:

@@ -118,6 +118,7 @@ class ResponseBuilder:
         draft=None,
         logprobs=None,
         tool_calls=(),
+        stop_sequence=None,
     ) -> list:
         """The events for what the server's stream of a reply hands on (the chat chunks' calls): the opening,
         settled text, the tool calls, the finish (held until the usage comes, with the answer's

@@ -1,0 +1,200 @@
+"""Anthropic's Messages API (`POST /v1/messages`), the text subset, for clients that speak it (agents and coding
+tools): its request read into chat messages and tools, its message object, and its stream of typed events.
+
+A reply's content blocks: the thinking (a `thinking` block, when `thinking` is enabled and the model thought),
+the answer (a `text` block), and a `tool_use` block for each call it made to the `tools` offered. Streamed,
+each block is started when its first text settles and stopped when the next begins or the reply ends (calls
+come whole at the end); `message_delta` carries the stop reason and the output tokens, `message_stop` ends it.
+The calls' answers come back as `tool_result` blocks in the next user message.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from pydantic import Field
+
+from .schema import APIError, SamplerExtras, content_text
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+class MessagesRequest(SamplerExtras):
+    model: str | None = None
+    max_tokens: int = Field(gt=0)  # required, as Anthropic's API has it
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None  # {"name", "description", "input_schema"}
+    tool_choice: dict[str, Any] | None = None  # {"type": "auto" | "any" | "tool" | "none", "name"}
+    thinking: dict[str, Any] | None = None  # {"type": "enabled", "budget_tokens": ...} turns thinking on
+
+
+def _refuse(message: str, param: str) -> APIError:
+    return APIError(400, message, "invalid_request_error", "invalid_value", param)
+
+
+def request_conversation(body: MessagesRequest) -> tuple[list[dict[str, Any]], bool]:
+    """The request as chat messages (the system prompt first; a user message's `tool_result` blocks as tool
+    messages before its text; an assistant's `tool_use` blocks as its tool calls, its `thinking` as its
+    reasoning), and whether to think."""
+    messages: list[dict[str, Any]] = []
+    if body.system:
+        messages.append({"role": "system", "content": content_text(body.system, "system")})
+    for message in body.messages:
+        role, content = message.get("role"), message.get("content")
+        if role not in ("user", "assistant"):
+            raise _refuse(f"a message's role must be 'user' or 'assistant', got {role!r}", "messages")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        text, reasoning, calls = [], [], []
+        for block in blocks:
+            kind = block.get("type")
+            if kind == "text":
+                text.append(str(block.get("text", "")))
+            elif kind == "tool_result" and role == "user":
+                answer = content_text(block.get("content"), "messages")
+                messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": answer})
+            elif kind == "tool_use" and role == "assistant":
+                function = {"name": block.get("name"), "arguments": block.get("input") or {}}
+                calls.append({"id": block.get("id"), "type": "function", "function": function})
+            elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+                reasoning.append(str(block.get("thinking", "")))
+            else:
+                raise _refuse(f"{role} content blocks of type {kind!r} are not supported", "messages")
+        if text or calls or reasoning or not messages or messages[-1]["role"] != "tool":
+            turn: dict[str, Any] = {"role": role, "content": "".join(text)}
+            if calls:
+                turn["tool_calls"] = calls
+            if reasoning:
+                turn["reasoning_content"] = "\n".join(reasoning)
+            messages.append(turn)
+    return messages, (body.thinking or {}).get("type") == "enabled"
+
+
+def messages_tools(body: MessagesRequest) -> tuple[list[dict[str, Any]] | None, str, bool]:
+    """(the tools in chat's shape, `tool_choice` as `toolcalls.tool_plan` takes it, whether several calls may
+    come). Anthropic's own server tools (a `type` of theirs) are refused."""
+    kinds = sorted({str(tool.get("type")) for tool in body.tools or [] if tool.get("type") not in (None, "custom")})
+    if kinds:
+        raise _refuse(f"tools of type {', '.join(kinds)} are not supported: only custom tools", "tools")
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.get("name"),
+                "description": tool.get("description", ""),
+                "parameters": tool.get("input_schema", {}),
+            },
+        }
+        for tool in body.tools or []
+    ] or None
+    choice = body.tool_choice or {"type": "auto"}
+    kind = choice.get("type")
+    names = {"auto": "auto", "any": "required", "none": "none", "tool": choice.get("name")}
+    if kind not in names or not isinstance(names[kind], str):
+        raise _refuse(
+            "tool_choice must be {'type': 'auto' | 'any' | 'none'} or {'type': 'tool', 'name': ...}", "tool_choice"
+        )
+    return tools, names[kind], not choice.get("disable_parallel_tool_use", False)
+
+
+class MessageBuilder:
+    """One reply's identity, its content blocks, and the events that stream them."""
+
+    def __init__(self, model_name: str, input_tokens: int) -> None:
+        self.id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.model_name, self.input_tokens = model_name, input_tokens
+        self.blocks: list[dict[str, Any]] = []
+        self.open: int | None = None  # the index of the block being streamed
+        self.stop_reason, self.stop_sequence = "end_turn", None
+
+    def chunk(
+        self,
+        index=0,
+        role=False,
+        content="",
+        reasoning="",
+        finish=None,
+        usage=None,
+        draft=None,
+        logprobs=None,
+        tool_calls=(),
+        stop_sequence=None,
+    ) -> list[dict[str, Any]]:
+        """The events for what the server's stream of a reply hands on (the chat chunks' calls): the start,
+        settled text, the tool calls, the finish (held until the usage comes), the usage (the end). Drafts and
+        log-probabilities are not sent."""
+        if role:
+            return [{"type": "message_start", "message": self.message(0)}]
+        if tool_calls:
+            return self.tool_uses(tool_calls)
+        if finish is not None:
+            self.finish(finish, stop_sequence)
+            return []
+        if usage is not None:
+            delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
+            ending = {"type": "message_delta", "delta": delta, "usage": {"output_tokens": usage["completion_tokens"]}}
+            return [*self._stop(), ending, {"type": "message_stop"}]
+        return [] if draft is not None else self.text(content, reasoning)
+
+    def finish(self, finish: str, stop_sequence: str | None = None) -> None:
+        self.stop_reason = "stop_sequence" if stop_sequence is not None else STOP_REASONS.get(finish, "end_turn")
+        self.stop_sequence = stop_sequence
+
+    def text(self, content: str = "", reasoning: str = "") -> list[dict[str, Any]]:
+        """Events for newly settled text: thinking first (its block started the first time), then the answer."""
+        events = []
+        for kind, field, delta, piece in (
+            ("thinking", "thinking", "thinking_delta", reasoning),
+            ("text", "text", "text_delta", content),
+        ):
+            if not piece:
+                continue
+            if self.open is None or self.blocks[self.open]["type"] != kind:
+                start = {"type": kind, field: "", **({"signature": ""} if kind == "thinking" else {})}
+                events += self._start(start)
+            self.blocks[self.open][field] += piece
+            events.append({"type": "content_block_delta", "index": self.open, "delta": {"type": delta, field: piece}})
+        return events
+
+    def tool_uses(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Events for a reply's tool calls (chat's shape), after its text: a `tool_use` block each, its input
+        in one delta."""
+        events = []
+        for call in calls:
+            arguments = call["function"]["arguments"]
+            block = {"type": "tool_use", "id": f"toolu_{call['id'].removeprefix('call_')}"}
+            events += self._start({**block, "name": call["function"]["name"], "input": {}})
+            self.blocks[self.open]["input"] = json.loads(arguments)
+            delta = {"type": "input_json_delta", "partial_json": arguments}
+            events.append({"type": "content_block_delta", "index": self.open, "delta": delta})
+            events += self._stop()
+        return events
+
+    def message(self, output_tokens: int, done: bool = False) -> dict[str, Any]:
+        """The message object: its blocks when `done`, none at its start (as `message_start` carries it)."""
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model_name,
+            "content": self.blocks if done else [],
+            "stop_reason": self.stop_reason if done else None,
+            "stop_sequence": self.stop_sequence if done else None,
+            "usage": {"input_tokens": self.input_tokens, "output_tokens": output_tokens},
+        }
+
+    def _start(self, block: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self._stop()
+        self.blocks.append(dict(block))
+        self.open = len(self.blocks) - 1
+        return [*events, {"type": "content_block_start", "index": self.open, "content_block": block}]
+
+    def _stop(self) -> list[dict[str, Any]]:
+        if self.open is None:
+            return []
+        index, self.open = self.open, None
+        return [{"type": "content_block_stop", "index": index}]
