@@ -12,19 +12,27 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .schema import APIError, SamplerExtras, content_text
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
+class Turn(BaseModel):
+    """One message: its text, or its content blocks."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
 class MessagesRequest(SamplerExtras):
     model: str | None = None
     max_tokens: int = Field(gt=0)  # required, as Anthropic's API has it
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[Turn] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
     stop_sequences: list[str] | None = None
     stream: bool = False
@@ -45,10 +53,8 @@ def request_conversation(body: MessagesRequest) -> tuple[list[dict[str, Any]], b
     if body.system:
         messages.append({"role": "system", "content": content_text(body.system, "system")})
     for message in body.messages:
-        role, content = message.get("role"), message.get("content")
-        if role not in ("user", "assistant"):
-            raise _refuse(f"a message's role must be 'user' or 'assistant', got {role!r}", "messages")
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        role, content = message.role, message.content
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         text, reasoning, calls = [], [], []
         for block in blocks:
             kind = block.get("type")
@@ -60,10 +66,11 @@ def request_conversation(body: MessagesRequest) -> tuple[list[dict[str, Any]], b
             elif kind == "tool_use" and role == "assistant":
                 function = {"name": block.get("name"), "arguments": block.get("input") or {}}
                 calls.append({"id": block.get("id"), "type": "function", "function": function})
-            elif kind in ("thinking", "redacted_thinking") and role == "assistant":
+            elif kind == "thinking" and role == "assistant":
                 reasoning.append(str(block.get("thinking", "")))
-            else:
+            elif kind != "redacted_thinking" or role != "assistant":  # (that one is sealed: nothing to read)
                 raise _refuse(f"{role} content blocks of type {kind!r} are not supported", "messages")
+        # a user message of tool results alone is its tool messages, with no empty user turn after them
         if text or calls or reasoning or not messages or messages[-1]["role"] != "tool":
             turn: dict[str, Any] = {"role": role, "content": "".join(text)}
             if calls:
