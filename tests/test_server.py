@@ -711,6 +711,40 @@ def test_the_responses_api_with_the_openai_client(client, server):
     assert refused.value.param == "input"
 
 
+def test_a_responses_conversation_sent_back_whole_reads_as_chat_messages(client):
+    """What agent SDKs send when they keep the conversation themselves: the earlier replies' output items
+    (reasoning, message, function calls) and the calls' outputs, as input items. A reply's thinking and its
+    answer are one assistant message; its calls join the message before them."""
+    from assets.make_demo_model import THINKING
+
+    from diffgemma.server.responses import ResponsesRequest, request_messages
+
+    items = [
+        {"role": "user", "content": "Weather?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Ask."}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"},
+        {"role": "user", "content": [{"type": "input_text", "text": "Thanks."}]},
+    ]
+    messages, thinking = request_messages(ResponsesRequest(input=items, instructions="Be brief."))
+    call = {"id": "call_1", "function": {"name": "get_weather", "arguments": "{}"}}
+    assert messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Checking.", "reasoning_content": "Ask.", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"},
+        {"role": "user", "content": "Thanks."},
+    ]
+    assert not thinking
+    question = next(iter(THINKING))
+    effort = {"reasoning": {"effort": "low"}, "extra_body": {"seed": 1}}
+    reasoned = client.responses.create(model="demo", input=question, **effort)
+    history = [{"role": "user", "content": question}, *[item.model_dump(exclude_none=True) for item in reasoned.output]]
+    again = client.responses.create(model="demo", input=[*history, {"role": "user", "content": SKY}], **effort)
+    assert again.status == "completed" and again.usage.input_tokens > reasoned.usage.input_tokens
+
+
 def test_tool_calls_through_chat_completions_and_the_responses_api(client):
     """Offered a tool, the demo model calls it: `tool_calls` (arguments as JSON text, finish_reason
     "tool_calls", content null), whole in the stream's last delta; the call and the tool's answer sent back

@@ -70,10 +70,20 @@ def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, str]], bool
             output = content_text(item.get("output"), "input", TEXT_PARTS)
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": output})
             continue
+        if kind == "reasoning":  # an earlier reply's thinking, sent back with its output: its message's reasoning
+            parts = item.get("content") or item.get("summary") or []
+            thought = "".join(str(part.get("text", "")) for part in parts if isinstance(part, dict))
+            messages.append({"role": "assistant", "content": "", "reasoning_content": thought})
+            continue
         if kind != "message" or role not in ("system", "developer", "user", "assistant"):
             what = f"input items of type {kind!r}" if kind != "message" else f"a message with role {role!r}"
             raise APIError(400, f"{what} are not supported", "invalid_request_error", "invalid_value", "input")
-        messages.append({"role": role, "content": content_text(item.get("content"), "input", TEXT_PARTS)})
+        text = content_text(item.get("content"), "input", TEXT_PARTS)
+        thought_only = messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]
+        if role == "assistant" and thought_only and "tool_calls" not in messages[-1]:
+            messages[-1]["content"] = text  # the answer after its thinking: one message
+            continue
+        messages.append({"role": role, "content": text})
     effort = (body.reasoning or {}).get("effort")
     return messages, effort not in (None, "none", "minimal")
 
