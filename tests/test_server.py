@@ -714,10 +714,12 @@ def test_the_responses_api_with_the_openai_client(client, server):
 def test_a_responses_conversation_sent_back_whole_reads_as_chat_messages(client):
     """What agent SDKs send when they keep the conversation themselves: the earlier replies' output items
     (reasoning, message, function calls) and the calls' outputs, as input items. A reply's thinking and its
-    answer are one assistant message; its calls join the message before them."""
+    answer are one assistant message; its calls join the message before them. (A chat message's thinking and
+    calls sent back reach the template too.)"""
     from assets.make_demo_model import THINKING
 
     from diffgemma.server.responses import ResponsesRequest, request_messages
+    from diffgemma.server.schema import Message
 
     items = [
         {"role": "user", "content": "Weather?"},
@@ -737,6 +739,8 @@ def test_a_responses_conversation_sent_back_whole_reads_as_chat_messages(client)
         {"role": "user", "content": "Thanks."},
     ]
     assert not thinking
+    sent_back = Message(role="assistant", content="Hi.", reasoning_content="Greet.", tool_calls=[call]).for_template()
+    assert sent_back == {"role": "assistant", "content": "Hi.", "reasoning_content": "Greet.", "tool_calls": [call]}
     question = next(iter(THINKING))
     effort = {"reasoning": {"effort": "low"}, "extra_body": {"seed": 1}}
     reasoned = client.responses.create(model="demo", input=question, **effort)

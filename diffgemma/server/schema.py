@@ -53,11 +53,14 @@ class Message(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls: {"id", "function": {"name", "arguments"}}
     tool_call_id: str | None = None  # a tool's answer: the call it answers
     name: str | None = None
+    reasoning_content: str | None = None  # an assistant's thinking, sent back (vLLM's field; `reasoning` too)
+    reasoning: str | None = None
 
     def for_template(self) -> dict[str, Any]:
-        """The message as the chat template reads it: its text, and its tool fields where it has them."""
+        """The message as the chat template reads it: its text, and its tool and thinking fields where it has
+        them."""
         message: dict[str, Any] = {"role": self.role, "content": content_text(self.content, "messages")}
-        for field in ("tool_calls", "tool_call_id", "name"):
+        for field in ("tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning"):
             if getattr(self, field) is not None:
                 message[field] = getattr(self, field)
         return message
