@@ -45,6 +45,7 @@ from .schema import (
     CompletionRequest,
     DetokenizeRequest,
     InfillRequest,
+    Piece,
     PromptField,
     SamplerExtras,
     StopField,
@@ -346,7 +347,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         forwarders = [asyncio.create_task(forward(index, job)) for index, job in enumerate(jobs)]
         try:
             for index, echo in enumerate(echoes):
-                yield _sse(chunk(index, role=True, content=echo))
+                yield _sse(chunk(Piece(index, role=True, content=echo)))
             streaming, completion = set(range(len(jobs))), 0
             while streaming:
                 index, event = await merged.get()
@@ -359,25 +360,25 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 tokens = _visible(event, job) if isinstance(event, RowDraft) else event.new_tokens
                 ending = _ending(reply, tokens, job, isinstance(event, RowDone))
                 if isinstance(event, RowDraft) and drafts:
-                    yield _sse(chunk(index, draft=_draft_payload(event, model)))
+                    yield _sse(chunk(Piece(index, draft=_draft_payload(event, model))))
                 content, reasoning = reply.deltas(tokens if ending is None else ending[0], final=ending is not None)
                 if content or reasoning:
-                    yield _sse(chunk(index, content=content, reasoning=reasoning))
+                    yield _sse(chunk(Piece(index, content=content, reasoning=reasoning)))
                 if ending is not None:
                     last: dict[str, Any] = {"finish": ending[1], "stop_sequence": reply.stop_found(ending[0])}
                     calls = tool_calls_out(reply, ending[0], tools)
                     if calls:
-                        yield _sse(chunk(index, tool_calls=calls))
+                        yield _sse(chunk(Piece(index, tool_calls=calls)))
                         last["finish"] = _finish_with_calls(ending[1])
                     if logprobs is not None:
                         last["logprobs"] = await logprobs(index, ending[0], _eos_after(event, ending[0]))
-                    yield _sse(chunk(index, **last))
+                    yield _sse(chunk(Piece(index, **last)))
                     completion += len(ending[0])
                     streaming.discard(index)
                     job.cancelled.set()  # a stop string ended it: its row ends with this canvas
             else:
                 if usage is not None:
-                    yield _sse(chunk(usage=_usage(usage, completion)))
+                    yield _sse(chunk(Piece(usage=_usage(usage, completion))))
             yield done
         finally:
             for forwarder in forwarders:
@@ -605,9 +606,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         identity = _identity("cmpl")
         if body.stream:  # a chunk a choice, as whole
             chunk = _chunk_maker(identity, options.model_name, chat=False)
-            last = [chunk(usage=usage)] if _include_usage(body) else []
+            last = [chunk(Piece(usage=usage))] if _include_usage(body) else []
             events = [
-                chunk(c["index"], content=c["text"], finish=c["finish_reason"], logprobs=c.get("logprobs"))
+                chunk(Piece(c["index"], content=c["text"], finish=c["finish_reason"], logprobs=c.get("logprobs")))
                 for c in choices
             ]
             return _event_stream([_sse(event) for event in [*events, *last]] + [DONE])
@@ -733,36 +734,25 @@ def _chunk_maker(identity: dict, model_name: str, chat: bool):
     """Stream chunks of one response: chat deltas or completion text; usage and draft chunks carry no choices."""
     base = {**identity, "object": "chat.completion.chunk" if chat else "text_completion", "model": model_name}
 
-    def chunk(
-        index=0,
-        role=False,
-        content="",
-        reasoning="",
-        finish=None,
-        usage=None,
-        draft=None,
-        logprobs=None,
-        tool_calls=(),
-        stop_sequence=None,
-    ) -> dict:
-        if usage is not None:
-            return {**base, "choices": [], "usage": usage}
-        if draft is not None:
-            return {**base, "choices": [], "draft": {**draft, "index": index}}
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish}
-        if stop_sequence is not None:
-            choice["stop_reason"] = stop_sequence
-        if logprobs is not None:
-            choice["logprobs"] = logprobs
+    def chunk(piece: Piece) -> dict:
+        if piece.usage is not None:
+            return {**base, "choices": [], "usage": piece.usage}
+        if piece.draft is not None:
+            return {**base, "choices": [], "draft": {**piece.draft, "index": piece.index}}
+        choice: dict[str, Any] = {"index": piece.index, "finish_reason": piece.finish}
+        if piece.stop_sequence is not None:
+            choice["stop_reason"] = piece.stop_sequence
+        if piece.logprobs is not None:
+            choice["logprobs"] = piece.logprobs
         if not chat:
-            return {**base, "choices": [{**choice, "text": content}]}
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-        if content:
-            delta["content"] = content
-        if reasoning:
-            delta["reasoning_content"] = reasoning
-        if tool_calls:
-            delta["tool_calls"] = [{"index": position, **call} for position, call in enumerate(tool_calls)]
+            return {**base, "choices": [{**choice, "text": piece.content}]}
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if piece.role else {}
+        if piece.content:
+            delta["content"] = piece.content
+        if piece.reasoning:
+            delta["reasoning_content"] = piece.reasoning
+        if piece.tool_calls:
+            delta["tool_calls"] = [{"index": position, **call} for position, call in enumerate(piece.tool_calls)]
         return {**base, "choices": [{**choice, "delta": delta}]}
 
     return chunk

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .schema import APIError, SamplerExtras, content_text
+from .schema import APIError, Piece, SamplerExtras, content_text
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -118,34 +118,22 @@ class MessageBuilder:
         self.open: int | None = None  # the index of the block being streamed
         self.stop_reason, self.stop_sequence = "end_turn", None
 
-    def chunk(
-        self,
-        index=0,
-        role=False,
-        content="",
-        reasoning="",
-        finish=None,
-        usage=None,
-        draft=None,
-        logprobs=None,
-        tool_calls=(),
-        stop_sequence=None,
-    ) -> list[dict[str, Any]]:
-        """The events for what the server's stream of a reply hands on (the chat chunks' calls): the start,
-        settled text, the tool calls, the finish (held until the usage comes), the usage (the end). Drafts and
-        log-probabilities are not sent."""
-        if role:
+    def chunk(self, piece: Piece) -> list[dict[str, Any]]:
+        """The events for what the server's stream of a reply hands on: the start, settled text, the tool calls,
+        the finish (held until the usage comes), the usage (the end). Drafts and log-probabilities are not
+        sent."""
+        if piece.role:
             return [{"type": "message_start", "message": self.message(0)}]
-        if tool_calls:
-            return self.tool_uses(tool_calls)
-        if finish is not None:
-            self.finish(finish, stop_sequence)
+        if piece.tool_calls:
+            return self.tool_uses(list(piece.tool_calls))
+        if piece.finish is not None:
+            self.finish(piece.finish, piece.stop_sequence)
             return []
-        if usage is not None:
+        if piece.usage is not None:
             delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
-            ending = {"type": "message_delta", "delta": delta, "usage": {"output_tokens": usage["completion_tokens"]}}
-            return [*self._stop(), ending, {"type": "message_stop"}]
-        return [] if draft is not None else self.text(content, reasoning)
+            output = {"output_tokens": piece.usage["completion_tokens"]}
+            return [*self._stop(), {"type": "message_delta", "delta": delta, "usage": output}, {"type": "message_stop"}]
+        return [] if piece.draft is not None else self.text(piece.content, piece.reasoning)
 
     def finish(self, finish: str, stop_sequence: str | None = None) -> None:
         self.stop_reason = "stop_sequence" if stop_sequence is not None else STOP_REASONS.get(finish, "end_turn")

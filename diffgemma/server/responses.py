@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field
 
 from ..scoring import MAX_TOP
-from .schema import APIError, SamplerExtras, ToolChoiceField, content_text, free_text_only
+from .schema import APIError, Piece, SamplerExtras, ToolChoiceField, content_text, free_text_only
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -117,33 +117,21 @@ class ResponseBuilder:
         self.finish = "stop"
         self.logprobs: list[dict[str, Any]] = []  # the answer's tokens' (chat `logprobs.content` entries), if asked
 
-    def chunk(
-        self,
-        index=0,
-        role=False,
-        content="",
-        reasoning="",
-        finish=None,
-        usage=None,
-        draft=None,
-        logprobs=None,
-        tool_calls=(),
-        stop_sequence=None,
-    ) -> list:
-        """The events for what the server's stream of a reply hands on (the chat chunks' calls): the opening,
-        settled text, the tool calls, the finish (held until the usage comes, with the answer's
-        log-probabilities if asked for), the usage (the closing). Drafts are not sent."""
-        if role:
+    def chunk(self, piece: Piece) -> list:
+        """The events for what the server's stream of a reply hands on: the opening, settled text, the tool
+        calls, the finish (held until the usage comes, with the answer's log-probabilities if asked for), the
+        usage (the closing). Drafts are not sent."""
+        if piece.role:
             return self.opening()
-        if tool_calls:
-            return self.function_calls(tool_calls)
-        if usage is not None:
-            return self.closing(self.finish, usage)
-        if finish is not None:
-            self.finish = finish
-            self.logprobs = logprobs["content"] if logprobs else []
+        if piece.tool_calls:
+            return self.function_calls(list(piece.tool_calls))
+        if piece.usage is not None:
+            return self.closing(self.finish, piece.usage)
+        if piece.finish is not None:
+            self.finish = piece.finish
+            self.logprobs = piece.logprobs["content"] if piece.logprobs else []
             return []
-        return [] if draft is not None else self.text(content, reasoning)
+        return [] if piece.draft is not None else self.text(piece.content, piece.reasoning)
 
     def usage(self, counts: dict[str, int]) -> dict[str, Any]:
         """The chat usage's counts in the Responses API's names."""

@@ -1,7 +1,9 @@
-"""The server's request bodies (OpenAI's fields and diffgemma's own) and its OpenAI-shaped errors."""
+"""The server's request bodies (OpenAI's fields and diffgemma's own), its OpenAI-shaped errors, and the pieces a
+reply's stream hands the shape it goes out in."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +25,24 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One thing a reply's stream hands on, for the API's shape to turn into its chunks or events: the opening
+    (`role`), settled text, a draft, tool calls, the finish (with the stop string that made it, and the
+    log-probabilities), or the usage (the end)."""
+
+    index: int = 0  # the choice
+    role: bool = False
+    content: str = ""
+    reasoning: str = ""
+    finish: str | None = None
+    usage: dict[str, int] | None = None
+    draft: dict[str, Any] | None = None
+    logprobs: dict[str, Any] | None = None
+    tool_calls: list[dict[str, Any]] | tuple = ()
+    stop_sequence: str | None = None
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
