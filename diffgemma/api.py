@@ -35,7 +35,7 @@ from .model import DiffusionGemma
 from .quant import QuantFormat, convert_, float_sinks, format_from_config
 from .scoring import TokenScores, score_batch
 from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
-from .toolcalls import tool_plan
+from .toolcalls import Tool, tool_plan
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -348,7 +348,7 @@ class DiffGemma:
         stop: str | Sequence[str] | None = None,
         prefill: str = "",
         sanitize: bool = False,
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[Tool] | None = None,
         tool_choice: str = "auto",
         **sampler: Any,
     ) -> ChatResult:
@@ -357,9 +357,10 @@ class DiffGemma:
         (say "{" for JSON): the model goes on from it, and the reply is what follows it. `sanitize`: special
         tokens' texts in the messages are read as text (`Tokenizer.encode_chat`), for messages from others.
 
-        `tools` (OpenAI's shape: `{"type": "function", "function": {"name", "description", "parameters"}}`) may
-        be called: the calls come back in `tool_calls` (answer them with `{"role": "tool", "tool_call_id" or
-        "name", "content"}` messages after the assistant's message with its `tool_calls`, and chat again).
+        `tools` (OpenAI's shape: `{"type": "function", "function": {"name", "description", "parameters"}}`, or
+        Python functions: `toolcalls.function_tool`) may be called: the calls come back in `tool_calls` (answer
+        them with `{"role": "tool", "tool_call_id" or "name", "content"}` messages after the assistant's message
+        with its `tool_calls`, and chat again).
         `tool_choice`: "auto" (the model decides), "none" (no tools offered), "required" (some call), or a
         tool's name (a call to it)."""
         tokenizer = self._need_tokenizer()

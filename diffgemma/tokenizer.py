@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ import jinja2.sandbox
 from tokenizers import Tokenizer as RustTokenizer
 
 from .errors import DiffGemmaError
-from .toolcalls import check_tools
+from .toolcalls import Tool, check_tools
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -133,7 +134,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
         prefill: str = "",
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[Tool] | None = None,
         **extra: Any,
     ) -> str:
         """Render a conversation to prompt text with the checkpoint's template. `prefill`: the answer begun (say
@@ -169,7 +170,7 @@ class Tokenizer:
         enable_thinking: bool = False,
         prefill: str = "",
         sanitize: bool = False,
-        tools: list[dict[str, Any]] | None = None,
+        tools: Sequence[Tool] | None = None,
         **extra: Any,
     ) -> list[int]:
         """Chat prompt ids; the template writes its own special tokens (BOS included).

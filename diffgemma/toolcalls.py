@@ -9,9 +9,12 @@ the calls and answers already in a conversation, in the same syntax.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,8 @@ TOOL_CALL_CLOSE = "<tool_call|>"
 STRING_QUOTE = '<|"|>'
 # OpenAI's rule for a function's name (the model's syntax takes dots too, as some tool catalogues name tools)
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+Tool = dict[str, Any] | Callable[..., Any]  # OpenAI's shape, or a Python function (`function_tool`)
 
 _CALL = re.compile(r"\s*call:\s*([A-Za-z0-9_.\-]+)\s*(\{.*\})\s*", re.DOTALL)
 _BARE_KEY = re.compile(r"[^:,{}\[\]]+")
@@ -182,11 +187,13 @@ def _bare(word: str) -> Any:
         return word
 
 
-def check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+def check_tools(tools: Sequence[Tool]) -> list[dict[str, Any]]:
     """Tools offered in OpenAI's shape, `{"type": "function", "function": {"name": ..., "description": ...,
-    "parameters": {JSON schema}}}`, checked (a clear error names the one at fault)."""
+    "parameters": {JSON schema}}}`, or as Python functions (`function_tool`), checked (a clear error names the
+    one at fault)."""
     if not isinstance(tools, Sequence) or isinstance(tools, str):
-        raise DiffGemmaError("tools must be a list of {'type': 'function', 'function': {...}} objects")
+        raise DiffGemmaError("tools must be a list of {'type': 'function', 'function': {...}} objects or functions")
+    tools = [function_tool(tool) if callable(tool) else tool for tool in tools]
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):
@@ -198,10 +205,85 @@ def check_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
             )
         if not isinstance(function.get("parameters", {}), dict):
             raise DiffGemmaError(f"tools[{index}].function.parameters must be a JSON schema object")
-    return list(tools)
+    return tools
 
 
-def tool_plan(tools: Sequence[dict[str, Any]] | None, tool_choice: str = "auto") -> tuple[list | None, str]:
+def function_tool(function: Callable[..., Any]) -> dict[str, Any]:
+    """A Python function as a tool, read as `transformers` reads one: its name; its docstring's text before
+    `Args:` as the description; each parameter's type hint as its JSON schema, with its line under `Args:`
+    (`name: what it is`) as its description; parameters without a default are required."""
+    name = getattr(function, "__name__", repr(function))
+    try:
+        hints = typing.get_type_hints(function)
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError, NameError) as err:
+        raise DiffGemmaError(f"tool {name}: cannot read its signature ({err})") from None
+    description, explained = _read_docstring(inspect.getdoc(function) or "")
+    properties: dict[str, Any] = {}
+    required = []
+    for parameter in parameters.values():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            raise DiffGemmaError(f"tool {name}: *{parameter.name} cannot be a tool's parameter; name each one")
+        if parameter.name not in hints:
+            raise DiffGemmaError(f"tool {name}: parameter {parameter.name!r} needs a type hint (its JSON type)")
+        schema = _json_schema(hints[parameter.name], f"tool {name}: parameter {parameter.name!r}")
+        if parameter.name in explained:
+            schema["description"] = explained[parameter.name]
+        properties[parameter.name] = schema
+        if parameter.default is parameter.empty:
+            required.append(parameter.name)
+    schema = {"type": "object", "properties": properties, "required": required}
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": schema}}
+
+
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
+_ARG_LINE = re.compile(r"\s*(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)")
+
+
+def _json_schema(hint: Any, where: str) -> dict[str, Any]:
+    """A type hint as a JSON schema: str, int, float, bool, None, lists, tuples and dicts of them, Literal
+    choices, and unions (`X | None`: X, nullable)."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if hint in _JSON_TYPES:
+        return {"type": _JSON_TYPES[hint]}
+    if origin is typing.Literal:
+        return {"type": _JSON_TYPES.get(type(arguments[0]), "string"), "enum": list(arguments)}
+    if origin in (typing.Union, types.UnionType):
+        kinds = [argument for argument in arguments if argument is not type(None)]
+        if len(kinds) == 1:
+            return {**_json_schema(kinds[0], where), "nullable": True}
+        return {"type": [_json_schema(kind, where)["type"] for kind in kinds]}
+    if hint in (list, tuple) or origin in (list, tuple, Sequence):
+        items = [argument for argument in arguments if argument is not Ellipsis]
+        return {"type": "array", **({"items": _json_schema(items[0], where)} if len(items) == 1 else {})}
+    if hint is dict or origin is dict:
+        return {"type": "object"}
+    raise DiffGemmaError(f"{where}: its type {hint!r} has no JSON schema here (str, int, float, bool, lists, dicts)")
+
+
+def _read_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """(the description: the text before the sections, each parameter's line under `Args:`; a parameter's
+    description may go on over more deeply indented lines)."""
+    description: list[str] = []
+    explained: dict[str, str] = {}
+    section, last, indent = "", "", None  # the section, the parameter read last, the parameters' indentation
+    for line in doc.splitlines():
+        heading, depth = line.strip().rstrip(":"), len(line) - len(line.lstrip())
+        if line.strip().endswith(":") and heading in ("Args", "Arguments", "Parameters", "Returns", "Raises"):
+            section, last, indent = heading, "", None
+        elif not section:
+            description.append(line.strip())
+        elif section in ("Args", "Arguments", "Parameters") and line.strip():
+            found = _ARG_LINE.fullmatch(line)
+            if found and depth == (indent if indent is not None else depth):
+                indent, last = depth, found.group(1)
+                explained[last] = found.group(2).strip()
+            elif last:
+                explained[last] += " " + line.strip()
+    return " ".join(part for part in description if part), explained
+
+
+def tool_plan(tools: Sequence[Tool] | None, tool_choice: str = "auto") -> tuple[list | None, str]:
     """(the tools to offer the template, the text the reply is made to begin with) for `tool_choice`: "auto"
     (the model decides: nothing begun), "none" (no tools offered), "required" (the call marker begun: some
     call), or a tool's name (a call to that tool begun)."""

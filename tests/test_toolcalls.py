@@ -2,6 +2,7 @@
 demo model (taught one call and its follow-up) calling a tool through the Python API."""
 
 import json
+from typing import Literal
 
 import pytest
 from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RESULT, WEATHER_TOOL, weather_conversation
@@ -9,7 +10,7 @@ from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RES
 from diffgemma.errors import DiffGemmaError
 from diffgemma.presets import write_tokenizer
 from diffgemma.tokenizer import TEMPLATE_FILE, Tokenizer
-from diffgemma.toolcalls import ToolCall, parse_call, take_tool_calls, tool_plan
+from diffgemma.toolcalls import ToolCall, function_tool, parse_call, take_tool_calls, tool_plan
 
 Q = '<|"|>'
 
@@ -177,3 +178,56 @@ def test_a_streamed_reply_never_shows_call_syntax_and_ends_with_its_calls(demo):
         assert reply.tool_calls(tokens) == (ToolCall("get_weather", {"city": "Paris"}),)
     plain = demo.settled_text(chat=True)  # offered no tools: calls are not read out (their markers are dropped)
     assert plain.tool_calls(as_special) == () and "call:get_weather" in plain.parts(as_special)[0]
+
+
+def get_weather(city: str) -> str:
+    """The weather now in a city"""
+    return WEATHER_RESULT
+
+
+def search(query: str, limit: int = 5, units: Literal["c", "f"] = "c", tags: list[str] | None = None) -> list:
+    """Search the notes.
+
+    Finds them by words.
+
+    Args:
+        query: what to look for, in words: as many
+            as you like
+        limit (int): at most this many
+        units: degrees
+
+    Returns:
+        the notes found
+    """
+    return []
+
+
+def test_python_functions_are_tools_as_transformers_reads_them(demo):
+    """A function's name, docstring and type hints make its tool (the demo's weather tool is this function's),
+    and the call made to it runs it."""
+    assert function_tool(get_weather) == WEATHER_TOOL
+    found = function_tool(search)["function"]
+    assert found["description"] == "Search the notes. Finds them by words."
+    assert found["parameters"] == {
+        "type": "object",
+        "properties": {
+            "query": {"type": "string", "description": "what to look for, in words: as many as you like"},
+            "limit": {"type": "integer", "description": "at most this many"},
+            "units": {"type": "string", "enum": ["c", "f"], "description": "degrees"},
+            "tags": {"type": "array", "items": {"type": "string"}, "nullable": True},
+        },
+        "required": ["query"],
+    }
+
+    def untyped(city):
+        """No type."""
+
+    def spread(*cities: str):
+        """Any number."""
+
+    for function, message in ((untyped, "needs a type hint"), (spread, "cannot be a tool's parameter")):
+        with pytest.raises(DiffGemmaError, match=message):
+            tool_plan([function])
+    reply = demo.chat(weather_conversation(False), tools=[get_weather], seed=0)
+    functions = {"get_weather": get_weather}
+    assert [functions[call.name](**call.arguments) for call in reply.tool_calls] == [WEATHER_RESULT]
