@@ -283,6 +283,32 @@ def _read_docstring(doc: str) -> tuple[str, dict[str, str]]:
     return " ".join(part for part in description if part), explained
 
 
+def run_tool_calls(
+    calls: Sequence[ToolCall], functions: Sequence[Callable[..., Any]], content: str = ""
+) -> list[dict[str, Any]]:
+    """Run a reply's calls with the Python `functions` they name, and give back the messages that carry on the
+    conversation: the assistant's (its `content`, its calls), then a tool message for each call with what it
+    returned (text as it is, anything else as JSON). A call to no function given, with arguments that do not
+    fit, or whose function raises, is answered with the error, for the model to read (as agents do)."""
+    by_name = {function.__name__: function for function in functions}
+    turn: dict[str, Any] = {"role": "assistant", "content": content, "tool_calls": []}
+    answers = []
+    for index, call in enumerate(calls):
+        call_id = f"call_{index}"
+        turn["tool_calls"].append(
+            {"id": call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        )
+        try:
+            if call.name not in by_name:
+                raise LookupError(f"no tool named {call.name!r}; the tools are {', '.join(by_name)}")
+            returned = by_name[call.name](**call.arguments)
+            answer = returned if isinstance(returned, str) else json.dumps(returned, ensure_ascii=False, default=str)
+        except Exception as err:  # the model is told what went wrong, as an agent tells it
+            answer = f"error: {type(err).__name__}: {err}"
+        answers.append({"role": "tool", "tool_call_id": call_id, "name": call.name, "content": answer})
+    return [turn, *answers]
+
+
 def tool_plan(tools: Sequence[Tool] | None, tool_choice: str = "auto") -> tuple[list | None, str]:
     """(the tools to offer the template, the text the reply is made to begin with) for `tool_choice`: "auto"
     (the model decides: nothing begun), "none" (no tools offered), "required" (the call marker begun: some

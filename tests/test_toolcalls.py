@@ -10,7 +10,7 @@ from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RES
 from diffgemma.errors import DiffGemmaError
 from diffgemma.presets import write_tokenizer
 from diffgemma.tokenizer import TEMPLATE_FILE, Tokenizer
-from diffgemma.toolcalls import ToolCall, function_tool, parse_call, take_tool_calls, tool_plan
+from diffgemma.toolcalls import ToolCall, function_tool, parse_call, run_tool_calls, take_tool_calls, tool_plan
 
 Q = '<|"|>'
 
@@ -231,3 +231,31 @@ def test_python_functions_are_tools_as_transformers_reads_them(demo):
     reply = demo.chat(weather_conversation(False), tools=[get_weather], seed=0)
     functions = {"get_weather": get_weather}
     assert [functions[call.name](**call.arguments) for call in reply.tool_calls] == [WEATHER_RESULT]
+
+
+def test_an_agent_loop_runs_the_calls_and_ends_with_the_answer(demo):
+    """`run_tool_calls` runs a reply's calls and gives the messages that carry the conversation on; looped, the
+    demo model calls its tool, reads the result and answers. Errors go back to the model as answers."""
+    messages = weather_conversation(False)
+    rounds = 0
+    while (reply := demo.chat(messages, tools=[get_weather], seed=0)).tool_calls:
+        messages += run_tool_calls(reply.tool_calls, [get_weather], reply.content)
+        rounds += 1
+    assert rounds == 1 and reply.content == WEATHER_ANSWER
+    assert messages[1:] == [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_0", "name": "get_weather", "content": WEATHER_RESULT},
+    ]
+    calls = (ToolCall("search", {"query": "x"}), ToolCall("get_weather", {}), ToolCall("lookup", {}))
+    answers = [message["content"] for message in run_tool_calls(calls, [get_weather, search])[1:]]
+    assert answers[0] == "[]" and answers[1].startswith("error: TypeError") and "no tool named 'lookup'" in answers[2]
