@@ -22,6 +22,7 @@ from .errors import DiffGemmaError
 
 TOOL_CALL_OPEN = "<|tool_call>"
 TOOL_CALL_CLOSE = "<tool_call|>"
+TOOL_RESPONSE_OPEN = "<|tool_response>"  # where the tools' answers come in: the end of a turn's calls (an EOS)
 STRING_QUOTE = '<|"|>'
 # OpenAI's rule for a function's name (the model's syntax takes dots too, as some tool catalogues name tools)
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")

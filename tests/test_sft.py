@@ -64,6 +64,23 @@ def test_the_other_trl_formats_give_the_same_examples(tiny, tmp_path):
     assert [example.id for example in examples] == [0, 1, 2]
 
 
+def test_tool_calling_conversations_train_the_call_and_the_answer_after_it(tiny, tmp_path):
+    """A record's "tools" (TRL's column) reach the template; the turn that calls ends after its call with
+    <|tool_response> (where inference stops for the tool), and the answer after the tool's result is the next
+    example, its prompt the conversation through that result: what the Python API and server send."""
+    from assets.make_demo_model import WEATHER_ANSWER, WEATHER_CALL, WEATHER_TOOL, weather_conversation
+
+    tokenizer = tiny.tokenizer
+    conversation = [*weather_conversation(True), {"role": "assistant", "content": WEATHER_ANSWER}]
+    record = {"tools": [WEATHER_TOOL], "messages": conversation}
+    call, answer = read_chat_jsonl(_write(tmp_path / "tools.jsonl", [record]), tokenizer, eos_id=1)
+    assert call.prompt == tokenizer.encode_chat(weather_conversation(False), tools=[WEATHER_TOOL])
+    tool_response = tokenizer.token_id("<|tool_response>")
+    assert call.response == [*tokenizer.encode(WEATHER_CALL, add_special_tokens=False), tool_response]
+    assert answer.prompt == tokenizer.encode_chat(weather_conversation(True), tools=[WEATHER_TOOL])
+    assert tokenizer.decode(answer.response, skip_special_tokens=False) == f"{WEATHER_ANSWER}<turn|>\n<eos>"
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [

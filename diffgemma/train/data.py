@@ -2,7 +2,9 @@
 
 - conversations, {"messages": [...]} through the chat template: each assistant turn becomes one example, its
   prompt the conversation before it, rendered with the generation prompt (what inference would see), its
-  response the rest of the rendered conversation up to and including that turn's closing markup, then EOS;
+  response the rest of the rendered conversation up to and including that turn's closing markup, then EOS; a
+  record's "tools" (TRL's column) are offered through the template, and a turn that calls them ends after its
+  last call with <|tool_response>, where the tools' answers come in (the EOS a call ends with at inference);
 - prompt and completion, {"prompt": [...], "completion": [...]} as messages: the same, learning only the
   completion's assistant turns;
 - prompt and completion as text, {"prompt": "...", "completion": "..."}: plain continuation, no template (the
@@ -19,21 +21,30 @@ from pathlib import Path
 from ..config import read_jsonl
 from ..errors import DiffGemmaError
 from ..tokenizer import Tokenizer
+from ..toolcalls import TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN
 from .objective import Example
 
 
-def _common_prefix(a: str, b: str) -> int:
-    length = min(len(a), len(b))
-    for i in range(length):
-        if a[i] != b[i]:
-            return i
-    return length
+def _parting(prompt: str, full: str, markers: tuple[str, ...]) -> int:
+    """Where `full` stops following `prompt`, moved back to the start of a special token the two part inside
+    (`<|channel>` and `<|tool_call>` share their first characters)."""
+    length = min(len(prompt), len(full))
+    split = next((i for i in range(length) if prompt[i] != full[i]), length)
+    for marker in markers:
+        inside = [start for start in range(max(0, split - len(marker) + 1), split) if full.startswith(marker, start)]
+        split = min(inside, default=split)
+    return split
 
 
 def conversation_examples(
-    messages: list[dict], tokenizer: Tokenizer, eos_id: int, first_id: int = 0, enable_thinking: bool = False
+    messages: list[dict],
+    tokenizer: Tokenizer,
+    eos_id: int,
+    first_id: int = 0,
+    enable_thinking: bool = False,
+    tools: list[dict] | None = None,
 ) -> list[Example]:
-    """One example per assistant turn of a conversation."""
+    """One example per assistant turn of a conversation (with the `tools` it was offered)."""
     examples = []
     for turn, message in enumerate(messages):
         if message.get("role") != "assistant":
@@ -41,19 +52,19 @@ def conversation_examples(
         history = messages[:turn]
         if not history:
             raise DiffGemmaError(f"messages[{turn}]: an assistant turn needs something before it to answer")
-        prompt_text = tokenizer.apply_chat_template(
-            history, add_generation_prompt=True, enable_thinking=enable_thinking
-        )
-        full_text = tokenizer.apply_chat_template(
-            messages[: turn + 1], add_generation_prompt=False, enable_thinking=enable_thinking
-        )
+        prompt_text = tokenizer.apply_chat_template(history, True, enable_thinking, tools=tools)
+        full_text = tokenizer.apply_chat_template(messages[: turn + 1], False, enable_thinking, tools=tools)
         # The generation prompt may add markup the rendered turn lacks (an empty thought channel); the
         # response is whatever the rendered turn has past the point where the two texts part.
-        response_text = full_text[_common_prefix(prompt_text, full_text) :]
+        response_text = full_text[_parting(prompt_text, full_text, tokenizer.special_strings) :]
         if not response_text.strip():
             raise DiffGemmaError(f"messages[{turn}]: the assistant turn renders to nothing")
+        end = eos_id
+        if message.get("tool_calls") and TOOL_CALL_CLOSE in response_text:
+            response_text = response_text[: response_text.rindex(TOOL_CALL_CLOSE) + len(TOOL_CALL_CLOSE)]
+            end = tokenizer.token_id(TOOL_RESPONSE_OPEN) or eos_id
         prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
-        response = [*tokenizer.encode(response_text, add_special_tokens=False), eos_id]
+        response = [*tokenizer.encode(response_text, add_special_tokens=False), end]
         examples.append(Example(prompt, response, id=first_id + len(examples)))
     return examples
 
@@ -67,14 +78,15 @@ def record_examples(
     """The examples of one JSONL record, in any of the formats above."""
     if not isinstance(record, dict):
         raise DiffGemmaError(f"expected an object: {RECORD_FORMATS}")
+    tools = record.get("tools")
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise DiffGemmaError('"messages" must be a non-empty list')
-        return conversation_examples(messages, tokenizer, eos_id, first_id, enable_thinking)
+        return conversation_examples(messages, tokenizer, eos_id, first_id, enable_thinking, tools)
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, list) and isinstance(completion, list) and completion:
-        turns = conversation_examples(prompt + completion, tokenizer, eos_id, first_id, enable_thinking)
+        turns = conversation_examples(prompt + completion, tokenizer, eos_id, first_id, enable_thinking, tools)
         answered = sum(1 for message in prompt if isinstance(message, dict) and message.get("role") == "assistant")
         return [replace(example, id=first_id + index) for index, example in enumerate(turns[answered:])]
     if isinstance(prompt, str) and isinstance(completion, str) and completion:
