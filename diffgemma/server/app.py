@@ -566,7 +566,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         conversation, thinking = request_conversation(body)
         offered, tools = plan_tools(*messages_tools(body))
         prompt = chat_prompt(conversation, thinking, "messages", "", offered) + (tools.lead if tools else [])
-        limit = admit([prompt], body.max_tokens, 1, chat=True)
+        # Anthropic's clients always send max_tokens, often far above a local server's limit (32,000 is common):
+        # the answer runs to the server's limit at most, and says "max_tokens" if cut there
+        limit = admit([prompt], min(body.max_tokens, options.max_tokens), 1, chat=True)
         job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, True, body.stop_sequences, tools)
         built = MessageBuilder(options.model_name, len(prompt))
         if body.stream:
