@@ -175,7 +175,7 @@ class SettledText:
     send text as it settles). `chat`: the thinking channel comes apart from the answer; else plain text, its
     leading space kept (a continuation joins its prompt). The content ends before the first of `stops`.
     `tools` (chat): the answer's tool calls come apart too (`tool_calls`); `lead`: ids the reply was made to
-    begin with, in the prompt's end (a call's opening, `toolcalls.call_opening`), read as the reply's start."""
+    begin with, in the prompt's end (a call's opening, `toolcalls.tool_plan`), read as the reply's start."""
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""Tool calls in Gemma 4's syntax: the tools offered, the calls read out of a reply, the reply made to begin one.
+"""Tool calls in Gemma 4's syntax: the tools offered (OpenAI's shape, or Python functions), the calls read out of
+a reply, the reply made to begin one, the calls run with the functions they name.
 
 The model writes a call as `<|tool_call>call:NAME{key:value,...}<tool_call|>` and then ends its output with
 `<|tool_response>` (an EOS): the caller runs the tool and puts its answer back in the conversation. Inside the
