@@ -18,6 +18,7 @@ from typing import Any
 from . import __version__
 from .errors import DiffGemmaError
 from .quant import FORMATS
+from .toolcalls import check_tools, run_tool_calls
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
 MODEL_ENV = "DIFFGEMMA_MODEL"
@@ -380,18 +381,36 @@ def _say_if_cut(result) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    functions = _tool_functions(args.tools) if args.tools else []  # (a bad file is told before the model loads)
     model = _load(args)
     sampler = _sampler(args)
     # Answers run to EOS; the checkpoint's max_new_tokens (the reference's 256: one canvas) would cut most.
     sampler.setdefault("max_new_tokens", max(CHAT_MAX_NEW_TOKENS, model.settings.max_new_tokens))
     opening = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict[str, str]] = list(opening)
+    history: list[dict[str, Any]] = list(opening)
     thinking = args.think
     terminal = sys.stdin.isatty()
     interactive = terminal and args.message is None
 
     def answer(line: str) -> None:
         history.append({"role": "user", "content": line})
+        if functions:  # an agent: each call the model makes is run, its result told to it, until it answers
+            while (
+                reply := model.chat(
+                    history, thinking, seed=args.seed, mode=args.mode, stop=args.stop, tools=functions, **sampler
+                )
+            ).tool_calls:
+                turn = run_tool_calls(reply.tool_calls, functions, reply.content)
+                for call, result in zip(reply.tool_calls, turn[1:], strict=True):
+                    shown = ", ".join(f"{key}={value!r}" for key, value in call.arguments.items())
+                    print(f"[tool] {call.name}({shown}) -> {result['content']}")
+                history.extend(turn)
+            if reply.reasoning:
+                print(f"[thinking] {reply.reasoning}")
+            print(f"model> {reply.content}" if interactive else reply.content)
+            _say_if_cut(reply.result)
+            history.append({"role": "assistant", "content": reply.content})
+            return
         if args.stream and not (args.watch and terminal):
             lead = "model> " if interactive else ""
             result, content, _ = _print_as_it_settles(
@@ -446,6 +465,32 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 raise
             del history[turns:]  # the question goes with its unfinished answer
             print("\n(interrupted)")
+
+
+def _tool_functions(path: str) -> list[Callable[..., Any]]:
+    """The public functions a Python file defines (not those it imports), for `chat --tools`: the tools offered,
+    each read from its name, type hints and docstring (`toolcalls.function_tool`), and run when called."""
+    import importlib.util
+    import inspect
+
+    file = Path(path)
+    if not file.is_file():
+        raise DiffGemmaError(f"--tools {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"diffgemma_tools_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's file: whatever it raises is theirs to see, in one line
+        raise DiffGemmaError(f"--tools {path}: {type(err).__name__}: {err}") from None
+    functions = [
+        value
+        for name, value in vars(module).items()
+        if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")
+    ]
+    if not functions:
+        raise DiffGemmaError(f"--tools {path}: defines no public function to offer as a tool")
+    check_tools(functions)
+    return functions
 
 
 def cmd_infill(args: argparse.Namespace) -> None:
@@ -906,6 +951,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stream_option(chat)
     chat.add_argument("--think", action="store_true", help="start with thinking on")
     chat.add_argument("--watch", action="store_true", help="show each answer's canvas converge")
+    chat.add_argument(
+        "--tools", help="a Python file whose functions the model may call (run here; answers print whole)"
+    )
     _add_stop_option(chat)
     _add_model_options(chat)
     chat.set_defaults(run=cmd_chat)

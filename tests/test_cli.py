@@ -373,6 +373,32 @@ def test_generate_and_chat_print_the_text_as_it_settles(monkeypatch, demo):
     assert sys.stdout.getvalue() == f"[thinking] {thought}\n{answer}\n"
 
 
+def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path):
+    """`chat --tools FILE`: the file's public functions are the tools; each call the model makes is run and
+    shown, its result told to the model, and the answer printed. A bad file is one line, exit 2."""
+    from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RESULT
+
+    tools = tmp_path / "weather.py"
+    tools.write_text(
+        "from json import dumps\n\n\n"
+        f'def get_weather(city: str) -> str:\n    """The weather now in a city"""\n    return {WEATHER_RESULT!r}\n\n\n'
+        "def _unoffered():\n    return dumps\n"
+    )
+    code, out, _ = run(capsys, "chat", WEATHER_QUESTION, "--tools", str(tools), "--model", DEMO, "--seed", "0")
+    assert code == 0 and out.splitlines() == [f"[tool] get_weather(city='Paris') -> {WEATHER_RESULT}", WEATHER_ANSWER]
+    (tmp_path / "none.py").write_text("import json\n")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('no network')\n")
+    (tmp_path / "untyped.py").write_text("def f(x):\n    return x\n")
+    for name, message in (
+        ("missing.py", "no such file"),
+        ("none.py", "defines no public function"),
+        ("broken.py", "RuntimeError: no network"),
+        ("untyped.py", "needs a type hint"),
+    ):
+        code, _, err = run(capsys, "chat", "hi", "--tools", str(tmp_path / name), "--model", DEMO)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, name
+
+
 def test_ctrl_c_in_a_terminal_chat_stops_the_answer_not_the_chat(capsys, monkeypatch):
     import io
 
