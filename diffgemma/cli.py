@@ -23,6 +23,7 @@ from .toolcalls import check_tools, run_tool_calls
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
 MODEL_ENV = "DIFFGEMMA_MODEL"
 CHAT_MAX_NEW_TOKENS = 4096  # `chat`'s token limit unless --max-new-tokens says: answers end at EOS well before it
+MAX_TOOL_ROUNDS = 16  # `chat --tools`: rounds of calls before the model is made to answer
 SAMPLER_OPTIONS = {
     "steps": "max_denoising_steps",
     "entropy_bound": "entropy_bound",
@@ -395,16 +396,19 @@ def cmd_chat(args: argparse.Namespace) -> None:
     def answer(line: str) -> None:
         history.append({"role": "user", "content": line})
         if functions:  # an agent: each call the model makes is run, its result told to it, until it answers
-            while (
-                reply := model.chat(
-                    history, thinking, seed=args.seed, mode=args.mode, stop=args.stop, tools=functions, **sampler
-                )
-            ).tool_calls:
+            settings = {"seed": args.seed, "mode": args.mode, "stop": args.stop, **sampler}
+            for _ in range(MAX_TOOL_ROUNDS):
+                reply = model.chat(history, thinking, tools=functions, **settings)
+                if not reply.tool_calls:
+                    break
                 turn = run_tool_calls(reply.tool_calls, functions, reply.content)
                 for call, result in zip(reply.tool_calls, turn[1:], strict=True):
                     shown = ", ".join(f"{key}={value!r}" for key, value in call.arguments.items())
                     print(f"[tool] {call.name}({shown}) -> {result['content']}")
                 history.extend(turn)
+            else:  # a model that only calls is made to answer: the tools are no longer offered
+                print(f"[{MAX_TOOL_ROUNDS} rounds of tool calls; answering without tools]", file=sys.stderr)
+                reply = model.chat(history, thinking, tools=functions, tool_choice="none", **settings)
             if reply.reasoning:
                 print(f"[thinking] {reply.reasoning}")
             print(f"model> {reply.content}" if interactive else reply.content)

@@ -373,7 +373,7 @@ def test_generate_and_chat_print_the_text_as_it_settles(monkeypatch, demo):
     assert sys.stdout.getvalue() == f"[thinking] {thought}\n{answer}\n"
 
 
-def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path):
+def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path, monkeypatch):
     """`chat --tools FILE`: the file's public functions are the tools; each call the model makes is run and
     shown, its result told to the model, and the answer printed. A bad file is one line, exit 2."""
     from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RESULT
@@ -386,6 +386,10 @@ def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path):
     )
     code, out, _ = run(capsys, "chat", WEATHER_QUESTION, "--tools", str(tools), "--model", DEMO, "--seed", "0")
     assert code == 0 and out.splitlines() == [f"[tool] get_weather(city='Paris') -> {WEATHER_RESULT}", WEATHER_ANSWER]
+    monkeypatch.setattr("diffgemma.cli.MAX_TOOL_ROUNDS", 1)  # a model that would call on and on is made to answer
+    code, out, err = run(capsys, "chat", WEATHER_QUESTION, "--tools", str(tools), "--model", DEMO, "--seed", "0")
+    assert code == 0 and "[1 rounds of tool calls; answering without tools]" in err
+    assert out.startswith("[tool] get_weather") and out.count("[tool]") == 1  # one round, then an answer
     (tmp_path / "none.py").write_text("import json\n")
     (tmp_path / "broken.py").write_text("raise RuntimeError('no network')\n")
     (tmp_path / "untyped.py").write_text("def f(x):\n    return x\n")
