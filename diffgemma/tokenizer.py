@@ -19,7 +19,7 @@ import jinja2.sandbox
 from tokenizers import Tokenizer as RustTokenizer
 
 from .errors import DiffGemmaError
-from .toolcalls import Tool, check_tools
+from .toolcalls import Tool, check_tools, marked_blocks
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -46,15 +46,10 @@ def split_thinking(text: str, strip: tuple[str, ...] = (), trailing_space: bool 
     """
     content: list[str] = []
     reasoning: list[str] = []
-    rest = text
-    while THINKING_OPEN in rest:
-        before, _, after = rest.partition(THINKING_OPEN)
+    for before, thought, _ in marked_blocks(text, THINKING_OPEN, THINKING_CLOSE):
         content.append(before)
-        thought, closed, rest = after.partition(THINKING_CLOSE)
-        reasoning.append(thought)
-        if not closed:
-            rest = ""
-    content.append(rest)
+        if thought is not None:
+            reasoning.append(thought)
 
     def clean(part: str) -> str:
         for token in strip:

@@ -15,7 +15,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,21 +56,31 @@ def take_tool_calls(text: str, final: bool = True) -> tuple[str, tuple[ToolCall,
     closed or does not read as a call stays in the text, so nothing the model wrote is lost."""
     kept: list[str] = []
     calls: list[ToolCall] = []
-    rest = text
-    while TOOL_CALL_OPEN in rest:
-        before, _, after = rest.partition(TOOL_CALL_OPEN)
+    for before, block, closed in marked_blocks(text, TOOL_CALL_OPEN, TOOL_CALL_CLOSE):
         kept.append(before)
-        block, closed, rest = after.partition(TOOL_CALL_CLOSE)
+        if block is None:
+            continue
         if not closed:
             kept.append(TOOL_CALL_OPEN + block if final else "")
-            break
+            continue
         try:
             calls.append(parse_call(block))
         except ValueError:
             kept.append(TOOL_CALL_OPEN + block + TOOL_CALL_CLOSE)
-    else:
-        kept.append(rest)
     return "".join(kept), tuple(calls)
+
+
+def marked_blocks(text: str, open_marker: str, close_marker: str) -> Iterator[tuple[str, str | None, bool]]:
+    """`text` as (the text before a block, the block between the markers, whether it was closed), in order,
+    then (the text after the last block, None, True); a block left open runs to the end and is the last."""
+    rest = text
+    while open_marker in rest:
+        before, _, after = rest.partition(open_marker)
+        block, closed, rest = after.partition(close_marker)
+        yield before, block, bool(closed)
+        if not closed:
+            return
+    yield rest, None, True
 
 
 def parse_call(block: str) -> ToolCall:
