@@ -69,7 +69,23 @@ def _load(args: argparse.Namespace, path: str | os.PathLike | None = None):
     from .api import load
 
     path = _model_path(args) if path is None else path
-    return load(path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile)
+    model = load(path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile)
+    return _with_template(model, args)
+
+
+def _with_template(model, args: argparse.Namespace):
+    """The model, its chats rendered with --chat-template's file where a command has it and it is given."""
+    path = getattr(args, "chat_template", None)
+    if path is None:
+        return model
+    if model.tokenizer is None:
+        raise DiffGemmaError(f"--chat-template {path}: this checkpoint has no tokenizer to render chats with")
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise DiffGemmaError(f"--chat-template {path}: cannot read it ({err.strerror})") from None
+    model.tokenizer.use_template(template, path)
+    return model
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -762,7 +778,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise DiffGemmaError(f"--eval-every must be 0 (only the final checkpoint) or more, got {every}")
         if args.quant and not args.lora_rank:
             raise DiffGemmaError("--quant trains adapters over a quantized base: give --lora-rank too")
-        model = load(_model_path(args), device=args.device, dtype=args.dtype, quant=args.quant)
+        model = _with_template(load(_model_path(args), device=args.device, dtype=args.dtype, quant=args.quant), args)
         lora = LoraSettings(args.lora_rank, args.lora_alpha, args.lora_self_conditioning) if args.lora_rank else None
         options = FinetuneOptions(
             data=args.data,
@@ -878,6 +894,12 @@ DTYPE_CHOICES = {  # a command's default --dtype, and what it says of it
 }
 
 
+def _add_template_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chat-template", metavar="FILE", help="render chats with this jinja template, not the checkpoint's"
+    )
+
+
 def _add_model_options(
     parser: argparse.ArgumentParser, sampling: bool = True, inference: bool = True, dtype: str = "auto"
 ) -> None:
@@ -959,6 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tools", help="a Python file whose functions the model may call (run here; answers print whole)"
     )
     _add_stop_option(chat)
+    _add_template_option(chat)
     _add_model_options(chat)
     chat.set_defaults(run=cmd_chat)
 
@@ -993,6 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ORIGIN",
         help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API from a browser (repeatable)",
     )
+    _add_template_option(serve)
     _add_model_options(serve, sampling=False)
     serve.set_defaults(run=cmd_serve)
 
@@ -1111,6 +1135,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--lora-self-conditioning", action="store_true", help="chat: adapt that block too")
     trainer.add_argument("--accumulation", type=_at_least(1), default=1, help="chat: micro-batches per optimizer step")
     trainer.add_argument("--thinking", action="store_true", help="chat: render prompts with thinking enabled")
+    _add_template_option(trainer)
     trainer.add_argument(
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,

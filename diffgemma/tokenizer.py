@@ -90,19 +90,24 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: take the default one
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
-        self.chat_template = template if isinstance(template, str) else None
-        self._compiled = None
+        self.chat_template: str | None = None
+        self._compiled: jinja2.Template | None = None
         self.renders_tools = False  # whether the template writes the `tools` it is given
         self._control_patterns_made: tuple[re.Pattern, re.Pattern] | None = None  # `_control_patterns`
         self._as_text: RustTokenizer | None = None  # `_special_as_text`
-        if self.chat_template is not None:
-            try:
-                environment = _template_environment()
-                self._compiled = environment.from_string(self.chat_template)
-                parsed = environment.parse(self.chat_template)
-                self.renders_tools = "tools" in jinja2.meta.find_undeclared_variables(parsed)
-            except jinja2.TemplateSyntaxError as err:
-                raise DiffGemmaError(f"{folder}: chat template has a syntax error: {err}") from None
+        if isinstance(template, str):
+            self.use_template(template, str(folder))
+
+    def use_template(self, template: str, where: str = "the chat template") -> None:
+        """Render chats with `template` (a checkpoint's own, or one given in its place: `chat --chat-template`);
+        `where` names it in the error if it does not parse."""
+        environment = _template_environment()
+        try:
+            compiled, parsed = environment.from_string(template), environment.parse(template)
+        except jinja2.TemplateSyntaxError as err:
+            raise DiffGemmaError(f"{where}: chat template has a syntax error: {err}") from None
+        self.chat_template, self._compiled = template, compiled
+        self.renders_tools = "tools" in jinja2.meta.find_undeclared_variables(parsed)
 
     @property
     def special_strings(self) -> tuple[str, ...]:

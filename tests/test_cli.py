@@ -403,6 +403,19 @@ def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path, monkeypatc
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, name
 
 
+def test_a_chat_template_given_in_the_checkpoints_place(capsys, tmp_path):
+    """`--chat-template FILE` renders the chat (here a template that always asks the demo for a fruit, so the
+    answer shows whose template ran); an unreadable or broken file is one line, exit 2."""
+    fruit = "{{ bos_token }}<|turn>user\nName a fruit.<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    (tmp_path / "fruit.jinja").write_text(fruit)
+    (tmp_path / "broken.jinja").write_text("{% if %}")
+    code, out, _ = run(capsys, "chat", SKY, "--chat-template", str(tmp_path / "fruit.jinja"), "--model", DEMO)
+    assert code == 0 and out.strip() == ANSWERS["Name a fruit."]
+    for name, message in (("missing.jinja", "cannot read it"), ("broken.jinja", "syntax error")):
+        code, _, err = run(capsys, "chat", SKY, "--chat-template", str(tmp_path / name), "--model", DEMO)
+        assert code == 2 and message in err and name in err
+
+
 def test_ctrl_c_in_a_terminal_chat_stops_the_answer_not_the_chat(capsys, monkeypatch):
     import io
 
