@@ -15,6 +15,7 @@ import json
 import re
 import types
 import typing
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -305,8 +306,8 @@ def run_tool_calls(
     by_name = {function.__name__: function for function in functions}
     turn: dict[str, Any] = {"role": "assistant", "content": content, "tool_calls": []}
     answers = []
-    for index, call in enumerate(calls):
-        call_id = f"call_{index}"
+    for call in calls:
+        call_id = f"call_{uuid.uuid4().hex[:24]}"  # unique across rounds: a template may find a call by its id
         turn["tool_calls"].append(
             {"id": call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
         )
