@@ -242,20 +242,23 @@ def test_an_agent_loop_runs_the_calls_and_ends_with_the_answer(demo):
         messages += run_tool_calls(reply.tool_calls, [get_weather], reply.content)
         rounds += 1
     assert rounds == 1 and reply.content == WEATHER_ANSWER
+    call_id = messages[1]["tool_calls"][0]["id"]
     assert messages[1:] == [
         {
             "role": "assistant",
             "content": "",
             "tool_calls": [
                 {
-                    "id": "call_0",
+                    "id": call_id,
                     "type": "function",
                     "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
                 }
             ],
         },
-        {"role": "tool", "tool_call_id": "call_0", "name": "get_weather", "content": WEATHER_RESULT},
+        {"role": "tool", "tool_call_id": call_id, "name": "get_weather", "content": WEATHER_RESULT},
     ]
     calls = (ToolCall("search", {"query": "x"}), ToolCall("get_weather", {}), ToolCall("lookup", {}))
-    answers = [message["content"] for message in run_tool_calls(calls, [get_weather, search])[1:]]
+    turn, *answered = run_tool_calls(calls, [get_weather, search])
+    assert len({call["id"] for call in turn["tool_calls"]} | {call_id}) == 4  # every call its own id
+    answers = [message["content"] for message in answered]
     assert answers[0] == "[]" and answers[1].startswith("error: TypeError") and "no tool named 'lookup'" in answers[2]
