@@ -52,7 +52,7 @@ def request_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
     return [{"type": "function", "function": {f: tool[f] for f in fields if f in tool}} for tool in body.tools]
 
 
-def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, str]], bool]:
+def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], bool]:
     """The request as chat messages (the instructions first, as a system message), and whether to think."""
     free_text_only((body.text or {}).get("format"), "text.format")
     messages: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
