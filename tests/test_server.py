@@ -338,6 +338,18 @@ def test_anthropics_messages_api_with_the_anthropic_client(server, client):
             claude.messages.create(model="demo", max_tokens=20, **bad)
 
 
+def test_fields_sent_as_null_take_their_defaults(server):
+    """What clients send for fields they leave unset: null, read as OpenAI reads it (the default), not a 422."""
+    url = server[0]
+    nulls = {"n": None, "stream": None, "logprobs": None, "top_logprobs": None, "temperature": None, "stop": None}
+    body = {"messages": ask(SKY), "seed": 1, "parallel_tool_calls": None, "tool_choice": None, "tools": None, **nulls}
+    answered = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert answered.status_code == 200 and answered.json()["choices"][0]["message"]["content"] == ANSWERS[SKY]
+    body = {"input": SKY, "seed": 1, "parallel_tool_calls": None, "include": None, "max_output_tokens": None}
+    responded = httpx.post(url + "/v1/responses", json=body, timeout=60)
+    assert responded.status_code == 200 and responded.json()["output"][-1]["content"][0]["text"] == ANSWERS[SKY]
+
+
 def test_tokenize_and_detokenize_read_prompts_as_the_routes_do(server, client, demo):
     """vLLM's `/tokenize` (a text, or messages with their tools: the ids a chat completion's prompt has) and
     `/detokenize` (ids back to text, special tokens kept)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..scoring import MAX_TOP  # alternatives a position that logprobs may ask for, as OpenAI allows
 
@@ -50,9 +50,16 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
 
 
 class SamplerExtras(BaseModel):
-    """diffgemma's own request fields, beside OpenAI's."""
+    """diffgemma's own request fields, beside OpenAI's. A field sent as null takes its default, as OpenAI reads
+    null (clients and agent SDKs send `"n": null`, `"parallel_tool_calls": null` for what they leave unset)."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_unset(cls, body: Any) -> Any:
+        return {key: value for key, value in body.items() if value is not None} if isinstance(body, dict) else body
+
     seed: int | None = None
     # OpenAI's: not the sampler's temperature (its schedule is), but 0 asks for the same answer every time
     temperature: float | None = Field(default=None, ge=0, le=2)
