@@ -36,7 +36,7 @@ from ..tokenizer import THINKING_CLOSE
 from ..toolcalls import check_tools, tool_plan
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 from .logprobs import chat_logprobs, completion_logprobs
-from .messages import MessageBuilder, MessagesRequest, messages_tools, request_conversation
+from .messages import Conversation, MessageBuilder, MessagesRequest, messages_tools, request_conversation
 from .responses import ResponseBuilder, ResponsesRequest, request_messages, request_tools
 from .schema import (
     SAMPLER_FIELDS,
@@ -561,11 +561,20 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             built.logprobs = (await scorer(0, done.new_tokens, done.eos))["content"]
         return built.closing(finish, _usage(len(prompt), len(done.new_tokens)))[-1]["response"]
 
-    @app.post("/v1/messages")
-    async def messages(body: MessagesRequest, request: Request):
+    def messages_prompt(body: Conversation) -> tuple[list[int], ToolUse | None]:
+        """A Messages API conversation's prompt ids (its reply made to begin a call if its tool_choice asks)."""
         conversation, thinking = request_conversation(body)
         offered, tools = plan_tools(*messages_tools(body))
-        prompt = chat_prompt(conversation, thinking, "messages", "", offered) + (tools.lead if tools else [])
+        return chat_prompt(conversation, thinking, "messages", "", offered) + (tools.lead if tools else []), tools
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(body: Conversation) -> dict:
+        """Anthropic's: the tokens a conversation's prompt takes (clients size their context by it)."""
+        return {"input_tokens": len(messages_prompt(body)[0])}
+
+    @app.post("/v1/messages")
+    async def messages(body: MessagesRequest, request: Request):
+        prompt, tools = messages_prompt(body)
         # Anthropic's clients always send max_tokens, often far above a local server's limit (32,000 is common):
         # the answer runs to the server's limit at most, and says "max_tokens" if cut there
         limit = admit([prompt], min(body.max_tokens, options.max_tokens), 1, chat=True)

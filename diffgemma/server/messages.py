@@ -29,23 +29,28 @@ class Turn(BaseModel):
     content: str | list[dict[str, Any]]
 
 
-class MessagesRequest(SamplerExtras):
+class Conversation(SamplerExtras):
+    """A conversation as the Messages API sends it: what `/v1/messages/count_tokens` counts."""
+
     model: str | None = None
-    max_tokens: int = Field(gt=0)  # required, as Anthropic's API has it
     messages: list[Turn] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
-    stop_sequences: list[str] | None = None
-    stream: bool = False
     tools: list[dict[str, Any]] | None = None  # {"name", "description", "input_schema"}
     tool_choice: dict[str, Any] | None = None  # {"type": "auto" | "any" | "tool" | "none", "name"}
     thinking: dict[str, Any] | None = None  # {"type": "enabled", "budget_tokens": ...} turns thinking on
+
+
+class MessagesRequest(Conversation):
+    max_tokens: int = Field(gt=0)  # required, as Anthropic's API has it
+    stop_sequences: list[str] | None = None
+    stream: bool = False
 
 
 def _refuse(message: str, param: str) -> APIError:
     return APIError(400, message, "invalid_request_error", "invalid_value", param)
 
 
-def request_conversation(body: MessagesRequest) -> tuple[list[dict[str, Any]], bool]:
+def request_conversation(body: Conversation) -> tuple[list[dict[str, Any]], bool]:
     """The request as chat messages (the system prompt first; a user message's `tool_result` blocks as tool
     messages before its text; an assistant's `tool_use` blocks as its tool calls, its `thinking` as its
     reasoning), and whether to think."""
@@ -81,7 +86,7 @@ def request_conversation(body: MessagesRequest) -> tuple[list[dict[str, Any]], b
     return messages, (body.thinking or {}).get("type") == "enabled"
 
 
-def messages_tools(body: MessagesRequest) -> tuple[list[dict[str, Any]] | None, str, bool]:
+def messages_tools(body: Conversation) -> tuple[list[dict[str, Any]] | None, str, bool]:
     """(the tools in chat's shape, `tool_choice` as `toolcalls.tool_plan` takes it, whether several calls may
     come). Anthropic's own server tools (a `type` of theirs) are refused."""
     kinds = sorted({str(tool.get("type")) for tool in body.tools or [] if tool.get("type") not in (None, "custom")})
