@@ -316,6 +316,7 @@ def test_anthropics_messages_api_with_the_anthropic_client(server, client):
     assert called.stop_reason == "tool_use" and [block.type for block in called.content] == ["tool_use"]
     use = called.content[0]
     assert use.name == "get_weather" and use.input == {"city": "Paris"} and use.id.startswith("toolu_")
+    assert [(m.id, m.type) for m in claude.models.list()] == [("demo", "model")]  # its clients list models too
     counted = claude.messages.count_tokens(model="demo", messages=ask(WEATHER_QUESTION), tools=tools)
     assert counted.input_tokens == called.usage.input_tokens  # what clients size their context by
     with claude.messages.stream(model="demo", max_tokens=200, messages=ask(WEATHER_QUESTION), tools=tools) as stream:

@@ -203,11 +203,14 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def health() -> dict:
         return {"status": "ok" if batcher.running else "stopped", "model": options.model_name}
 
+    # the model in OpenAI's fields and Anthropic's both (`type`, `display_name`, `created_at`), for either's clients
     served = {"id": options.model_name, "object": "model", "created": 0, "owned_by": "diffgemma"}
+    served |= {"type": "model", "display_name": options.model_name, "created_at": "1970-01-01T00:00:00Z"}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [served]}
+        name = options.model_name
+        return {"object": "list", "data": [served], "has_more": False, "first_id": name, "last_id": name}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str) -> dict:
