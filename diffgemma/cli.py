@@ -978,7 +978,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--think", action="store_true", help="start with thinking on")
     chat.add_argument("--watch", action="store_true", help="show each answer's canvas converge")
     chat.add_argument(
-        "--tools", help="a Python file whose functions the model may call (run here; answers print whole)"
+        "--tools",
+        metavar="FILE.py",
+        help="a Python file whose functions the model may call (run here; answers print whole)",
     )
     _add_stop_option(chat)
     _add_template_option(chat)
