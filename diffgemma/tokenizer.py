@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +104,16 @@ class Tokenizer:
         `where` names it in the error if it does not parse."""
         environment = _template_environment()
         try:
-            compiled, parsed = environment.from_string(template), environment.parse(template)
+            parsed = environment.parse(template)
         except jinja2.TemplateSyntaxError as err:
             raise DiffGemmaError(f"{where}: chat template has a syntax error: {err}") from None
-        self.chat_template, self._compiled = template, compiled
+        self.chat_template, self._compiled = template, environment.from_string(parsed)  # compiled from its parse
         self.renders_tools = "tools" in jinja2.meta.find_undeclared_variables(parsed)
 
-    @property
+    @cached_property
     def special_strings(self) -> tuple[str, ...]:
-        """The text of every special added token (markers that plain decoding drops)."""
+        """The text of every special added token (markers that plain decoding drops); read once, as every
+        settling reply strips them."""
         added = self.backend.get_added_tokens_decoder().values()
         return tuple(token.content for token in added if token.special)
 
