@@ -88,18 +88,29 @@ def reply_text(model: DiffGemma, chat: bool, stop: StopField = None, tools: Tool
     return model.settled_text(chat, stop_strings(stop), tools is not None, tools.lead if tools else ())
 
 
-def tool_calls_out(reply: SettledText, tokens: list[int], tools: ToolUse | None) -> list[dict[str, Any]]:
-    """A finished choice's tool calls in OpenAI's shape, each with a new id (the first alone, unless parallel
-    calls were allowed)."""
-    calls = reply.tool_calls(tokens) if tools is not None else ()
-    return [
+@dataclass(frozen=True)
+class Ending:
+    """How a finished choice ended, as every API's shape reports it: its finish reason ("tool_calls" when it made
+    calls, unless its token limit cut it), the stop string that ended it, and its tool calls in OpenAI's shape,
+    each with a new id (the first alone, unless parallel calls were allowed)."""
+
+    finish: str
+    stop_sequence: str | None
+    calls: list[dict[str, Any]]
+
+
+def choice_ending(reply: SettledText, tokens: list[int], finish: str, tools: ToolUse | None) -> Ending:
+    """The Ending of a choice whose final `tokens` finished for `finish` ("stop" or "length")."""
+    found = reply.tool_calls(tokens) if tools is not None else ()
+    calls = [
         {
             "id": f"call_{uuid.uuid4().hex[:24]}",
             "type": "function",
-            "function": {"name": c.name, "arguments": c.arguments_json},
+            "function": {"name": call.name, "arguments": call.arguments_json},
         }
-        for c in (calls if tools is None or tools.parallel else calls[:1])
+        for call in (found if tools is None or tools.parallel else found[:1])
     ]
+    return Ending("tool_calls" if calls and finish == "stop" else finish, reply.stop_found(tokens), calls)
 
 
 def completion_prompts(model: DiffGemma, prompt: PromptField) -> tuple[list[list[int]], list[str]]:
@@ -368,11 +379,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 if content or reasoning:
                     yield _sse(chunk(Piece(index, content=content, reasoning=reasoning)))
                 if ending is not None:
-                    last: dict[str, Any] = {"finish": ending[1], "stop_sequence": reply.stop_found(ending[0])}
-                    calls = tool_calls_out(reply, ending[0], tools)
-                    if calls:
-                        yield _sse(chunk(Piece(index, tool_calls=calls)))
-                        last["finish"] = _finish_with_calls(ending[1])
+                    end = choice_ending(reply, ending[0], ending[1], tools)
+                    if end.calls:
+                        yield _sse(chunk(Piece(index, tool_calls=end.calls)))
+                    last: dict[str, Any] = {"finish": end.finish, "stop_sequence": end.stop_sequence}
                     if logprobs is not None:
                         last["logprobs"] = await logprobs(index, ending[0], _eos_after(event, ending[0]))
                     yield _sse(chunk(Piece(index, **last)))
@@ -425,10 +435,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         choices = []
         for index, ((done, finish), reply) in enumerate(zip(ended, replies, strict=True)):
             content, reasoning = reply.parts(done.new_tokens)
-            choice: dict[str, Any] = {"index": index, "finish_reason": finish}
-            stop = reply.stop_found(done.new_tokens)
-            if stop is not None:  # (vLLM's field: the stop string that ended it)
-                choice["stop_reason"] = stop
+            end = choice_ending(reply, done.new_tokens, finish, tools)
+            choice: dict[str, Any] = {"index": index, "finish_reason": end.finish}
+            if end.stop_sequence is not None:  # (vLLM's field: the stop string that ended it)
+                choice["stop_reason"] = end.stop_sequence
             if scorer is not None:
                 choice["logprobs"] = await scorer(index, done.new_tokens, done.eos)
             if not chat:
@@ -437,10 +447,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if reasoning:
                 message["reasoning_content"] = reasoning
-            calls = tool_calls_out(reply, done.new_tokens, tools)
-            if calls:  # (OpenAI's content is null when a reply is its calls alone)
-                message.update(content=content or None, tool_calls=calls)
-                choice["finish_reason"] = _finish_with_calls(finish)
+            if end.calls:  # (OpenAI's content is null when a reply is its calls alone)
+                message.update(content=content or None, tool_calls=end.calls)
             choices.append({**choice, "message": message})
         usage = _usage(prompt_tokens, sum(len(done.new_tokens) for done, _ in ended))
         response: dict[str, Any] = {**identity, "model": options.model_name, "usage": usage, "choices": choices}
@@ -559,10 +567,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             return _event_stream(stream)
         done, finish = await run_job(job, request, reply)
         built.text(*reply.parts(done.new_tokens))
-        built.function_calls(tool_calls_out(reply, done.new_tokens, tools))
+        end = choice_ending(reply, done.new_tokens, finish, tools)
+        built.function_calls(end.calls)
         if scorer is not None:
             built.logprobs = (await scorer(0, done.new_tokens, done.eos))["content"]
-        return built.closing(finish, _usage(len(prompt), len(done.new_tokens)))[-1]["response"]
+        return built.closing(end.finish, _usage(len(prompt), len(done.new_tokens)))[-1]["response"]
 
     def messages_prompt(body: Conversation) -> tuple[list[int], ToolUse | None]:
         """A Messages API conversation's prompt ids (its reply made to begin a call if its tool_choice asks)."""
@@ -587,9 +596,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             return _event_stream(stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", None, tools))
         done, finish = await run_job(job, request, reply)
         built.text(*reply.parts(done.new_tokens))
-        calls = tool_calls_out(reply, done.new_tokens, tools)
-        built.tool_uses(calls)
-        built.finish(_finish_with_calls(finish) if calls else finish, reply.stop_found(done.new_tokens))
+        end = choice_ending(reply, done.new_tokens, finish, tools)
+        built.tool_uses(end.calls)
+        built.finish(end.finish, end.stop_sequence)
         return built.message(len(done.new_tokens), done=True)
 
     @app.post("/v1/completions")
@@ -717,11 +726,6 @@ def _ending(reply: SettledText, tokens: list[int], job: Job, done: bool) -> tupl
     if not done:
         return None
     return tokens, "length" if len(tokens) >= job.max_new_tokens else "stop"
-
-
-def _finish_with_calls(finish: str) -> str:
-    """A choice's finish reason when it made tool calls: "tool_calls", unless its token limit cut it."""
-    return "tool_calls" if finish == "stop" else finish
 
 
 def _eos_after(event: RowDraft | RowDone, tokens: list[int]) -> int | None:
