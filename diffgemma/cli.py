@@ -411,40 +411,25 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     def answer(line: str) -> None:
         history.append({"role": "user", "content": line})
-        if functions:  # an agent: each call the model makes is run, its result told to it, until it answers
-            settings = {"seed": args.seed, "mode": args.mode, "stop": args.stop, **sampler}
-            for _ in range(MAX_TOOL_ROUNDS):
-                reply = model.chat(history, thinking, tools=functions, **settings)
-                if not reply.tool_calls:
-                    break
-                turn = run_tool_calls(reply.tool_calls, functions, reply.content)
-                for call, result in zip(reply.tool_calls, turn[1:], strict=True):
-                    shown = ", ".join(f"{key}={value!r}" for key, value in call.arguments.items())
-                    print(f"[tool] {call.name}({shown}) -> {result['content']}")
-                history.extend(turn)
-            else:  # a model that only calls is made to answer: the tools are no longer offered
-                print(f"[{MAX_TOOL_ROUNDS} rounds of tool calls; answering without tools]", file=sys.stderr)
-                reply = model.chat(history, thinking, tools=functions, tool_choice="none", **settings)
-            if reply.reasoning:
-                print(f"[thinking] {reply.reasoning}")
-            print(f"model> {reply.content}" if interactive else reply.content)
-            _say_if_cut(reply.result)
-            history.append({"role": "assistant", "content": reply.content})
-            return
-        if args.stream and not (args.watch and terminal):
+        if args.stream and not functions and not (args.watch and terminal):
             lead = "model> " if interactive else ""
             result, content, _ = _print_as_it_settles(
                 model, history, args, sampler, chat=True, lead=lead, enable_thinking=thinking
             )
         else:
-            text = model.settled_text(True, args.stop or ())
-            if args.watch and terminal:
-                result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=text.stops)
+            if functions:  # an agent: each call the model makes is run, its result told to it, until it answers
+                settings = {"seed": args.seed, "mode": args.mode, "stop": args.stop, **sampler}
+                reply = _agent_turn(model, history, functions, thinking, settings)
+                result, content, reasoning = reply.result, reply.content, reply.reasoning
             else:
-                result = model.generate(
-                    history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=text.stops, **sampler
-                )
-            content, reasoning = text.parts(result.new_tokens[0])
+                text = model.settled_text(True, args.stop or ())
+                if args.watch and terminal:
+                    result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=text.stops)
+                else:
+                    result = model.generate(
+                        history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=text.stops, **sampler
+                    )
+                content, reasoning = text.parts(result.new_tokens[0])
             if reasoning:
                 print(f"[thinking] {reasoning}")
             print(f"model> {content}" if interactive else content)
@@ -485,6 +470,22 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 raise
             del history[turns:]  # the question goes with its unfinished answer
             print("\n(interrupted)")
+
+
+def _agent_turn(model, history: list[dict[str, Any]], functions: list[Callable[..., Any]], thinking: bool, settings):
+    """One answer with tools: each round's calls run and shown, their results added to `history` for the model,
+    until it answers; after MAX_TOOL_ROUNDS of calls it is made to answer without them. Returns its reply."""
+    for _ in range(MAX_TOOL_ROUNDS):
+        reply = model.chat(history, thinking, tools=functions, **settings)
+        if not reply.tool_calls:
+            return reply
+        turn = run_tool_calls(reply.tool_calls, functions, reply.content)
+        for call, result in zip(reply.tool_calls, turn[1:], strict=True):
+            shown = ", ".join(f"{key}={value!r}" for key, value in call.arguments.items())
+            print(f"[tool] {call.name}({shown}) -> {result['content']}")
+        history.extend(turn)
+    print(f"[{MAX_TOOL_ROUNDS} rounds of tool calls; answering without tools]", file=sys.stderr)
+    return model.chat(history, thinking, tools=functions, tool_choice="none", **settings)
 
 
 def _tool_functions(path: str) -> list[Callable[..., Any]]:
