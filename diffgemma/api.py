@@ -34,6 +34,7 @@ from .generate import (
 from .model import DiffusionGemma
 from .quant import QuantFormat, convert_, float_sinks, format_from_config
 from .scoring import TokenScores, score_batch
+from .structured import DEFAULT_TRIES, json_format, unfenced
 from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from .toolcalls import Tool, tool_plan
 
@@ -350,6 +351,8 @@ class DiffGemma:
         sanitize: bool = False,
         tools: Sequence[Tool] | None = None,
         tool_choice: str = "auto",
+        json_schema: dict[str, Any] | bool | None = None,
+        json_tries: int = DEFAULT_TRIES,
         **sampler: Any,
     ) -> ChatResult:
         """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
@@ -362,16 +365,39 @@ class DiffGemma:
         them with `{"role": "tool", "tool_call_id" or "name", "content"}` messages after the assistant's message
         with its `tool_calls`, and chat again).
         `tool_choice`: "auto" (the model decides), "none" (no tools offered), "required" (some call), or a
-        tool's name (a call to it)."""
+        tool's name (a call to it).
+
+        `json_schema` asks for a JSON answer (True: any object; or a JSON schema, or OpenAI's `response_format`):
+        the system turn tells the model the schema, and an answer that does not read as JSON matching it is
+        drawn again (seed + 1, ...), at most `json_tries` times in all; its value comes back in `parsed`, the
+        JSON text in `content`. None reading raises DiffGemmaError with the last answer's fault. An answer cut
+        at `max_new_tokens`, or one that calls tools, comes back as it is (`parsed` None)."""
         tokenizer = self._need_tokenizer()
+        answer_format = json_format(json_schema, "json_schema")
+        if answer_format is not None:
+            if isinstance(json_tries, bool) or not isinstance(json_tries, int) or json_tries < 1:
+                raise DiffGemmaError(f"json_tries must be a positive integer, got {json_tries!r}")
+            messages = answer_format.with_instruction(messages)
         offered, lead = tool_plan(tools, tool_choice)
         prompt = tokenizer.encode_chat(messages, enable_thinking, prefill, sanitize, tools=offered)
         lead_ids = tokenizer.encode(lead, add_special_tokens=False) if lead else []
         stops = ([stop] if isinstance(stop, str) else list(stop)) if stop else ()
         text = self.settled_text(True, stops, tools=bool(offered), lead=lead_ids)
-        result = self.generate(prompt + lead_ids, max_new_tokens, seed, mode, stop=text.stops, **sampler)
-        tokens = result.new_tokens[0]
-        return ChatResult(*text.parts(tokens), result, text.tool_calls(tokens))
+        for attempt in range(json_tries if answer_format is not None else 1):
+            try_seed = None if seed is None else seed + attempt
+            result = self.generate(prompt + lead_ids, max_new_tokens, try_seed, mode, stop=text.stops, **sampler)
+            tokens = result.new_tokens[0]
+            content, reasoning = text.parts(tokens)
+            reply = ChatResult(content, reasoning, result, text.tool_calls(tokens))
+            if answer_format is None or reply.tool_calls or result.reached_limit[0]:
+                return reply
+            try:
+                parsed = answer_format.read(content)
+            except DiffGemmaError as err:
+                fault = err
+                continue
+            return replace(reply, content=unfenced(content), parsed=parsed)
+        raise DiffGemmaError(f"no JSON answer in {json_tries} tries; the last: {fault} (it began {content[:80]!r})")
 
     def infill(
         self,

@@ -18,6 +18,7 @@ from typing import Any
 from . import __version__
 from .errors import DiffGemmaError
 from .quant import FORMATS
+from .structured import DEFAULT_TRIES
 from .toolcalls import check_tools, run_tool_calls
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -884,6 +885,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_concurrent=args.max_concurrent,
         max_batch=args.max_batch,
         allowed_origins=tuple(args.allow_origin or ()),
+        json_tries=args.json_tries,
     )
     serve(model, args.host, args.port, options)
 
@@ -1013,6 +1015,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-limit", type=_at_least(1), default=4096)
     serve.add_argument("--max-concurrent", type=_at_least(1), default=16)
     serve.add_argument("--max-batch", type=_at_least(1), default=8)
+    serve.add_argument(
+        "--json-tries",
+        type=_at_least(1),
+        default=DEFAULT_TRIES,
+        help="draws of a JSON answer (response_format) that does not read before a 422 (default %(default)s)",
+    )
     serve.add_argument(
         "--allow-origin",
         action="append",

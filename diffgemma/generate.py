@@ -97,6 +97,7 @@ class ChatResult:
     reasoning: str
     result: GenerationResult
     tool_calls: tuple[ToolCall, ...] = ()  # the calls the model made, when it was offered tools
+    parsed: Any = None  # the JSON answer's value, when one was asked for (`json_schema`) and it came whole
 
 
 @dataclass

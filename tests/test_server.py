@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pydantic
 import pytest
 from assets.make_demo_model import ANSWERS
 from server_util import free_port, running
@@ -17,6 +18,7 @@ from server_util import free_port, running
 from diffgemma.server import ServerOptions, create_app
 from diffgemma.server.app import reply_text
 from diffgemma.server.batcher import Batcher
+from diffgemma.structured import DEFAULT_TRIES, JsonFormat
 
 SKY = "Why is the sky blue?"
 
@@ -417,15 +419,13 @@ def test_error_statuses(server, client):
     assert bad_json.status_code == 422 and "error" in bad_json.json()
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="demo", messages=ask("hi"), extra_body={"t_max": 0.1, "t_min": 0.5})
-    # JSON output is refused, not answered in free text unawares; "text" is what every answer is
-    schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
-    for text_format in ({"type": "json_object"}, schema):
-        with pytest.raises(openai.BadRequestError, match="not supported") as refused:
-            client.chat.completions.create(model="demo", messages=ask(SKY), response_format=text_format)
-        assert refused.value.param == "response_format"
-    with pytest.raises(openai.BadRequestError, match="json_schema") as refused:
-        text_format = {"type": "json_schema", **schema["json_schema"]}
-        client.responses.create(model="demo", input=SKY, text={"format": text_format})
+    # a JSON format whose schema is not one is the request's error, named
+    with pytest.raises(openai.BadRequestError, match="not a valid JSON schema") as refused:
+        text_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
+        client.chat.completions.create(model="demo", messages=ask(SKY), response_format=text_format)
+    assert refused.value.param == "response_format"
+    with pytest.raises(openai.BadRequestError, match="unknown format type") as refused:
+        client.responses.create(model="demo", input=SKY, text={"format": {"type": "yaml"}})
     assert refused.value.param == "text.format"
     plain = client.chat.completions.create(model="demo", messages=ask(SKY), response_format={"type": "text"}, seed=1)
     assert plain.choices[0].message.content == ANSWERS[SKY]
@@ -746,7 +746,7 @@ def test_a_responses_conversation_sent_back_whole_reads_as_chat_messages(client)
         {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"},
         {"role": "user", "content": [{"type": "input_text", "text": "Thanks."}]},
     ]
-    messages, thinking = request_messages(ResponsesRequest(input=items, instructions="Be brief."))
+    messages, thinking, _ = request_messages(ResponsesRequest(input=items, instructions="Be brief."))
     call = {"id": "call_1", "function": {"name": "get_weather", "arguments": "{}"}}
     assert messages == [
         {"role": "system", "content": "Be brief."},
@@ -1002,3 +1002,94 @@ def test_the_eos_after_a_rows_tokens_is_found_only_where_one_is():
     assert _ending_eos(result, 0, 10, (1,)) is None  # cut short: nothing after its tokens
     assert _ending_eos(result, 1, 10, (1,)) == 1
     assert _ending_eos(result, 1, 1, (1,)) is None  # at its limit
+
+
+def test_json_answers_read_against_their_schema_or_a_422(server, client, demo):
+    """`response_format` / `text.format`: the schema goes to the model, and a reply that does not read is drawn
+    again with the next seed (the demo model, its tokens banned but the digits and EOS, answers a number or
+    nothing); none reading in `json_tries` draws is a 422 that says why."""
+    integer = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "integer"}}}
+    tokenizer = demo.tokenizer
+    keep = {tokenizer.encode(digit, add_special_tokens=False)[0] for digit in "123456789"}
+    keep |= set(demo.settings.eos_token_id)
+    bias = {str(token): -100 for token in range(demo.config.vocab_size) if token not in keep}
+    asked = dict(model="demo", messages=ask("How many?"), max_tokens=16, logit_bias=bias)
+    told = JsonFormat({"type": "integer"}, "answer").with_instruction(ask("How many?"))
+    plain = [
+        client.chat.completions.create(**{**asked, "messages": told}, seed=seed).choices[0].message.content
+        for seed in range(16)
+    ]
+    # a reply that does not read (empty) just before one that does: the second draw is the answer
+    reading = next(s for s in range(1, 16) if plain[s] and not plain[s - 1])
+    failing = reading - 1
+    got = client.chat.completions.create(**asked, response_format=integer, seed=failing)
+    assert got.choices[0].message.content == plain[reading] and got.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(got.choices[0].message.content), int)
+    stream = client.chat.completions.create(**asked, response_format=integer, seed=failing, stream=True)
+    deltas = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert deltas == [plain[reading]]  # read whole, then sent whole
+    # n choices: choice i's k-th draw is seeded seed + i + k * n, apart from every other choice's draws
+    draws = [range(failing + i, failing + i + 2 * DEFAULT_TRIES, 2) for i in (0, 1)]
+    expected = [next((plain[s] for s in seeds if plain[s]), None) for seeds in draws]
+    if None in expected:
+        with pytest.raises(openai.UnprocessableEntityError):
+            client.chat.completions.create(**asked, response_format=integer, seed=failing, n=2)
+    else:
+        two = client.chat.completions.create(**asked, response_format=integer, seed=failing, n=2)
+        assert [choice.message.content for choice in two.choices] == expected
+    responses_format = {"type": "json_schema", "name": "answer", "schema": {"type": "integer"}}
+    answered = client.responses.create(
+        model="demo",
+        input="How many?",
+        text={"format": responses_format},
+        max_output_tokens=16,
+        extra_body={"logit_bias": bias, "seed": failing},
+    )
+    assert answered.output_text == plain[reading] and answered.status == "completed"
+    with client.responses.stream(
+        model="demo",
+        input="How many?",
+        text={"format": responses_format},
+        max_output_tokens=16,
+        extra_body={"logit_bias": bias, "seed": failing},
+    ) as events:
+        assert events.get_final_response().output_text == plain[reading]
+
+    # Anthropic's structured outputs: `output_config.format` (the beta's `output_format` too), streamed or not
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=server[0], api_key="unused", max_retries=0)
+    claude_format = {"type": "json_schema", "schema": {"type": "integer"}}
+    extra = {"extra_body": {"logit_bias": bias, "seed": failing}}
+    made = claude.messages.create(
+        model="demo", max_tokens=16, messages=ask("How many?"), output_config={"format": claude_format}, **extra
+    )
+    assert made.content[0].text == plain[reading] and made.stop_reason == "end_turn"
+    beta = {"extra_body": {**extra["extra_body"], "output_format": claude_format}}
+    with claude.messages.stream(model="demo", max_tokens=16, messages=ask("How many?"), **beta) as events:
+        assert "".join(events.text_stream) == plain[reading]
+    with pytest.raises(anthropic.UnprocessableEntityError, match="no JSON answer") as none:
+        claude.messages.create(
+            model="demo",
+            max_tokens=128,
+            messages=ask(SKY),
+            output_config={"format": claude_format},
+            extra_body={"seed": 0},
+        )
+    assert none.value.body["error"]["param"] == "output_config.format"
+
+    # the demo's free answers are not JSON: json_object and a pydantic model's strict schema end in a 422
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+
+    with pytest.raises(openai.UnprocessableEntityError, match=f"no JSON answer in {DEFAULT_TRIES} draws") as none:
+        client.chat.completions.create(
+            model="demo", messages=ask(SKY), response_format={"type": "json_object"}, max_tokens=128, seed=0
+        )
+    assert none.value.code == "json_unreadable" and none.value.param == "response_format"
+    with pytest.raises(openai.UnprocessableEntityError, match="the answer is not JSON"):
+        client.chat.completions.parse(model="demo", messages=ask(SKY), response_format=Person, max_tokens=128)
+    # an answer cut at max_tokens comes back as it is ("length"), not drawn again
+    cut = client.chat.completions.create(**{**asked, "max_tokens": 1}, response_format=integer, seed=reading)
+    assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content == plain[reading][:1]

@@ -6,7 +6,8 @@ the server sends whatever newly settled, never taking anything back. The thinkin
 `reasoning_content`. With `"drafts": true` a client also gets every denoising step's canvas. `stop` strings
 end the answer (never the thinking) as soon as one settles; a stream holds back text that may begin one.
 `logprobs` score a finished choice's tokens with the causal encoder (`DiffGemma.score`), on the engine's
-thread between batches.
+thread between batches. A JSON answer (`response_format`) is read against its schema and drawn again if it
+does not read (`structured`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,19 @@ from ..api import DiffGemma
 from ..errors import DiffGemmaError
 from ..generate import SettledText
 from ..scoring import TokenScores
+from ..structured import DEFAULT_TRIES, JsonFormat, unfenced
 from ..tokenizer import THINKING_CLOSE
 from ..toolcalls import check_tools, tool_plan
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 from .logprobs import chat_logprobs, completion_logprobs
-from .messages import Conversation, MessageBuilder, MessagesRequest, messages_tools, request_conversation
+from .messages import (
+    Conversation,
+    MessageBuilder,
+    MessagesRequest,
+    messages_format,
+    messages_tools,
+    request_conversation,
+)
 from .responses import ResponseBuilder, ResponsesRequest, request_messages, request_tools
 from .schema import (
     SAMPLER_FIELDS,
@@ -51,8 +61,8 @@ from .schema import (
     StopField,
     TokenizeRequest,
     ToolChoiceField,
+    asked_format,
     error_body,
-    free_text_only,
     stop_strings,
     tool_choice_name,
 )
@@ -71,6 +81,7 @@ class ServerOptions:
     max_concurrent: int = 16
     max_batch: int = 8
     allowed_origins: tuple[str, ...] = ()  # web pages elsewhere that may call the API (CORS); "*" for any
+    json_tries: int = DEFAULT_TRIES  # draws of a JSON answer (`response_format`) before a 422 says none read
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,47 @@ def choice_ending(reply: SettledText, tokens: list[int], finish: str, tools: Too
         for call in (found if tools is None or tools.parallel else found[:1])
     ]
     return Ending("tool_calls" if calls and finish == "stop" else finish, reply.stop_found(tokens), calls)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A finished choice: its result, the reader of its text, its text (a JSON answer's without a code fence
+    around it), and how it ended."""
+
+    done: RowDone
+    reply: SettledText
+    content: str
+    reasoning: str
+    end: Ending
+
+    def pieces(self, index: int, logprobs: dict | None = None) -> list[Piece]:
+        """The choice as the pieces a stream hands on, all at once (a reply read whole before it is sent)."""
+        whole = [Piece(index, role=True), Piece(index, content=self.content, reasoning=self.reasoning)]
+        if self.end.calls:
+            whole.append(Piece(index, tool_calls=self.end.calls))
+        end = Piece(index, finish=self.end.finish, stop_sequence=self.end.stop_sequence, logprobs=logprobs)
+        return [*whole, end]
+
+
+def whole_events(
+    answer: Answer, chunk: Callable[[Piece], list], prompt_tokens: int, logprobs: dict | None = None
+) -> list[dict[str, Any]]:
+    """A Responses or Messages reply answered whole, as the events its builder's `chunk` makes of its pieces
+    (the builder then holds the whole reply)."""
+    usage = Piece(usage=_usage(prompt_tokens, len(answer.done.new_tokens)))
+    return [event for piece in [*answer.pieces(0, logprobs), usage] for event in chunk(piece)]
+
+
+def json_fault(answer_format: JsonFormat | None, reply: SettledText, tokens: list[int], finish: str) -> str | None:
+    """Why a finished choice is not the JSON answer asked for (None: it is, or none was asked for). A choice cut at
+    its token limit is left as it is ("length", as OpenAI's), as is one that calls tools."""
+    if answer_format is None or finish == "length" or reply.tool_calls(tokens):
+        return None
+    try:
+        answer_format.read(reply.parts(tokens)[0])
+    except DiffGemmaError as err:
+        return str(err)
+    return None
 
 
 def completion_prompts(model: DiffGemma, prompt: PromptField) -> tuple[list[list[int]], list[str]]:
@@ -336,6 +388,31 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         finally:
             app.state.active -= 1
 
+    async def run_answer(
+        job: Job,
+        reply: SettledText,
+        request: Request,
+        tools: ToolUse | None,
+        answer_format: JsonFormat | None = None,
+        again: Callable[[int], tuple[Job, SettledText]] | None = None,
+        param: str = "response_format",
+    ) -> Answer:
+        """`run_job`'s choice as an Answer; for a JSON answer (`answer_format`) a fresh draw after each that does
+        not read (`again(k)`: the k-th redraw's job, seeded apart, and its reply), at most `json_tries` draws in
+        all, then a 422 that says why the last did not read (`param`: the request's format field)."""
+        for attempt in range(1, options.json_tries + 1):
+            done, finish = await run_job(job, request, reply)
+            fault = json_fault(answer_format, reply, done.new_tokens, finish)
+            if fault is None:
+                content, reasoning = reply.parts(done.new_tokens)
+                content = unfenced(content) if answer_format is not None else content
+                return Answer(done, reply, content, reasoning, choice_ending(reply, done.new_tokens, finish, tools))
+            if again is None or attempt == options.json_tries:
+                break
+            job, reply = again(attempt)
+        message = f"no JSON answer in {options.json_tries} draws; the last: {fault}"
+        raise APIError(422, message, "model_error", "json_unreadable", param)
+
     async def stream_jobs(
         jobs: list[Job],
         replies: list[SettledText],
@@ -408,11 +485,13 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         echoes: list[str] | None = None,
         clamp: list[int] | None = None,
         tools: ToolUse | None = None,
+        answer_format: JsonFormat | None = None,
     ):
         """Admit, queue, then stream the jobs (`n` a prompt, choice k * n + i prompt k's i-th, seeded seed + its
         index) or wait for them: what both completion routes share. `echoes`: each prompt's text, to come first;
         `clamp`: ids held in place on the first canvas (a fill: its `max_tokens` free positions, the suffix);
-        `tools`: the chat offered tools, so its choices' calls come back as `tool_calls`."""
+        `tools`: the chat offered tools, so its choices' calls come back as `tool_calls`; `answer_format`: the
+        chat asked for JSON (`run_answer`: a choice is read whole, then sent, as one piece if streamed)."""
         limit = admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
         rows = [prompt for prompt in prompts for _ in range(body.n)]
         leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
@@ -421,40 +500,54 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         identity = _identity("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(prompt) for prompt in prompts)
         top = requested_logprobs(body)
+        chunk = _chunk_maker(identity, options.model_name, chat)
 
         async def choice_logprobs(index: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
             return await reply_logprobs(rows[index], replies[index], tokens, eos, top, chat, bool(leading[index]))
 
+        def redraw(index: int, attempt: int) -> tuple[Job, SettledText]:
+            job = new_job(rows[index], limit, body, index + attempt * len(rows), clamp)  # seeds apart from all
+            return job, reply_text(model, chat, body.stop, tools)
+
         scorer = choice_logprobs if top is not None else None
-        if body.stream:
-            chunk = _chunk_maker(identity, options.model_name, chat)
-            usage = prompt_tokens if _include_usage(body) else None
-            stream = stream_jobs(jobs, replies, chunk, body.drafts, usage, leading, logprobs=scorer, tools=tools)
+        usage_chunk = prompt_tokens if _include_usage(body) else None
+        if body.stream and answer_format is None:
+            stream = stream_jobs(jobs, replies, chunk, body.drafts, usage_chunk, leading, logprobs=scorer, tools=tools)
             return _event_stream(stream)
-        ended = await asyncio.gather(*(run_job(job, request, reply) for job, reply in zip(jobs, replies, strict=True)))
-        choices = []
-        for index, ((done, finish), reply) in enumerate(zip(ended, replies, strict=True)):
-            content, reasoning = reply.parts(done.new_tokens)
-            end = choice_ending(reply, done.new_tokens, finish, tools)
+        answers = await asyncio.gather(
+            *(
+                run_answer(job, reply, request, tools, answer_format, partial(redraw, index))
+                for index, (job, reply) in enumerate(zip(jobs, replies, strict=True))
+            )
+        )
+        choices, pieces = [], []
+        for index, answer in enumerate(answers):
+            done, end, content = answer.done, answer.end, answer.content
+            replies[index] = answer.reply
+            logprobs = await scorer(index, done.new_tokens, done.eos) if scorer is not None else None
+            pieces += answer.pieces(index, logprobs)
             choice: dict[str, Any] = {"index": index, "finish_reason": end.finish}
             if end.stop_sequence is not None:  # (vLLM's field: the stop string that ended it)
                 choice["stop_reason"] = end.stop_sequence
-            if scorer is not None:
-                choice["logprobs"] = await scorer(index, done.new_tokens, done.eos)
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
             if not chat:
                 choices.append({**choice, "text": leading[index] + content})
                 continue
             message: dict[str, Any] = {"role": "assistant", "content": content}
-            if reasoning:
-                message["reasoning_content"] = reasoning
+            if answer.reasoning:
+                message["reasoning_content"] = answer.reasoning
             if end.calls:  # (OpenAI's content is null when a reply is its calls alone)
                 message.update(content=content or None, tool_calls=end.calls)
             choices.append({**choice, "message": message})
-        usage = _usage(prompt_tokens, sum(len(done.new_tokens) for done, _ in ended))
+        usage = _usage(prompt_tokens, sum(len(answer.done.new_tokens) for answer in answers))
+        if body.stream:  # (a JSON answer: each choice read whole, then sent whole)
+            last = [Piece(usage=usage)] if usage_chunk is not None else []
+            return _event_stream([_sse(chunk(piece)) for piece in [*pieces, *last]] + [DONE])
         response: dict[str, Any] = {**identity, "model": options.model_name, "usage": usage, "choices": choices}
         if not chat:
             return {**response, "object": "text_completion"}
-        steps = [done.steps for done, _ in ended]  # per choice, per canvas
+        steps = [answer.done.steps for answer in answers]  # per choice, per canvas
         return {**response, "object": "chat.completion", "diffgemma": {"steps": steps[0], "choices_steps": steps}}
 
     def requested_logprobs(body: ChatRequest | CompletionRequest) -> int | None:
@@ -526,8 +619,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        free_text_only(body.response_format, "response_format")
+        answer_format = asked_format(body.response_format, "response_format")
         messages = [message.for_template() for message in body.messages]
+        messages = answer_format.with_instruction(messages) if answer_format is not None else messages
         thinking = thinking_asked(body)
         offered, tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
         lead = tools.lead if tools else []
@@ -544,11 +638,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "messages")
             messages, prefill = messages[:-1], messages[-1]["content"]
         prompt = chat_prompt(messages, thinking, "messages", prefill, offered) + lead
-        return await complete(body, request, [prompt], chat=True, tools=tools)
+        return await complete(body, request, [prompt], chat=True, tools=tools, answer_format=answer_format)
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
-        messages, thinking = request_messages(body)
+        messages, thinking, answer_format = request_messages(body)
         offered, tools = plan_tools(request_tools(body), body.tool_choice, body.parallel_tool_calls)
         prompt = chat_prompt(messages, thinking, "input", "", offered) + (tools.lead if tools else [])
         limit = admit([prompt], body.max_output_tokens, 1, chat=True)
@@ -561,23 +655,28 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         async def answer_logprobs(_: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
             return await reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False)
 
+        def redraw(attempt: int) -> tuple[Job, SettledText]:
+            return new_job(prompt, limit, body, attempt, None), reply_text(model, True, None, tools)
+
         scorer = answer_logprobs if top is not None else None
-        if body.stream:
+        if body.stream and answer_format is None:
             stream = stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", scorer, tools)
             return _event_stream(stream)
-        done, finish = await run_job(job, request, reply)
-        built.text(*reply.parts(done.new_tokens))
-        end = choice_ending(reply, done.new_tokens, finish, tools)
-        built.function_calls(end.calls)
-        if scorer is not None:
-            built.logprobs = (await scorer(0, done.new_tokens, done.eos))["content"]
-        return built.closing(end.finish, _usage(len(prompt), len(done.new_tokens)))[-1]["response"]
+        answer = await run_answer(job, reply, request, tools, answer_format, redraw, "text.format")
+        logprobs = await scorer(0, answer.done.new_tokens, answer.done.eos) if scorer is not None else None
+        events = whole_events(answer, built.chunk, len(prompt), logprobs)
+        return _event_stream([_sse(events)]) if body.stream else events[-1]["response"]
 
-    def messages_prompt(body: Conversation) -> tuple[list[int], ToolUse | None]:
-        """A Messages API conversation's prompt ids (its reply made to begin a call if its tool_choice asks)."""
+    def messages_prompt(body: Conversation) -> tuple[list[int], ToolUse | None, JsonFormat | None, str]:
+        """A Messages API conversation's prompt ids (its reply made to begin a call if its tool_choice asks), its
+        tools, and the JSON answer's form if it asks for one (told in the system turn), with the field it came in."""
         conversation, thinking = request_conversation(body)
+        spec, param = messages_format(body)
+        answer_format = asked_format(spec, param)
+        conversation = answer_format.with_instruction(conversation) if answer_format is not None else conversation
         offered, tools = plan_tools(*messages_tools(body))
-        return chat_prompt(conversation, thinking, "messages", "", offered) + (tools.lead if tools else []), tools
+        prompt = chat_prompt(conversation, thinking, "messages", "", offered) + (tools.lead if tools else [])
+        return prompt, tools, answer_format, param
 
     @app.post("/v1/messages/count_tokens")
     async def count_message_tokens(body: Conversation) -> dict:
@@ -586,20 +685,21 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request):
-        prompt, tools = messages_prompt(body)
+        prompt, tools, answer_format, param = messages_prompt(body)
         # Anthropic's clients always send max_tokens, often far above a local server's limit (32,000 is common):
         # the answer runs to the server's limit at most, and says "max_tokens" if cut there
         limit = admit([prompt], min(body.max_tokens, options.max_tokens), 1, chat=True)
         job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, True, body.stop_sequences, tools)
         built = MessageBuilder(options.model_name, len(prompt))
-        if body.stream:
+        if body.stream and answer_format is None:
             return _event_stream(stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", None, tools))
-        done, finish = await run_job(job, request, reply)
-        built.text(*reply.parts(done.new_tokens))
-        end = choice_ending(reply, done.new_tokens, finish, tools)
-        built.tool_uses(end.calls)
-        built.finish(end.finish, end.stop_sequence)
-        return built.message(len(done.new_tokens), done=True)
+
+        def redraw(attempt: int) -> tuple[Job, SettledText]:
+            return new_job(prompt, limit, body, attempt, None), reply_text(model, True, body.stop_sequences, tools)
+
+        answer = await run_answer(job, reply, request, tools, answer_format, redraw, param)
+        events = whole_events(answer, built.chunk, len(prompt))
+        return _event_stream([_sse(events)]) if body.stream else built.message(len(answer.done.new_tokens), done=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

@@ -38,6 +38,8 @@ class Conversation(SamplerExtras):
     tools: list[dict[str, Any]] | None = None  # {"name", "description", "input_schema"}
     tool_choice: dict[str, Any] | None = None  # {"type": "auto" | "any" | "tool" | "none", "name"}
     thinking: dict[str, Any] | None = None  # {"type": "enabled", "budget_tokens": ...} turns thinking on
+    output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema": ...}}: JSON answers
+    output_format: dict[str, Any] | None = None  # the same format, as the structured-outputs beta sent it
 
 
 class MessagesRequest(Conversation):
@@ -84,6 +86,13 @@ def request_conversation(body: Conversation) -> tuple[list[dict[str, Any]], bool
                 turn["reasoning_content"] = "\n".join(reasoning)
             messages.append(turn)
     return messages, (body.thinking or {}).get("type") == "enabled"
+
+
+def messages_format(body: Conversation) -> tuple[dict[str, Any] | None, str]:
+    """The JSON format a conversation asks its answer in (None: free text), and the field it came in."""
+    if body.output_format is not None:
+        return body.output_format, "output_format"
+    return (body.output_config or {}).get("format"), "output_config.format"
 
 
 def messages_tools(body: Conversation) -> tuple[list[dict[str, Any]] | None, str, bool]:

@@ -19,7 +19,8 @@ from typing import Any
 from pydantic import Field
 
 from ..scoring import MAX_TOP
-from .schema import APIError, Piece, SamplerExtras, ToolChoiceField, content_text, free_text_only
+from ..structured import JsonFormat
+from .schema import APIError, Piece, SamplerExtras, ToolChoiceField, asked_format, content_text
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -52,9 +53,10 @@ def request_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
     return [{"type": "function", "function": {f: tool[f] for f in fields if f in tool}} for tool in body.tools]
 
 
-def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], bool]:
-    """The request as chat messages (the instructions first, as a system message), and whether to think."""
-    free_text_only((body.text or {}).get("format"), "text.format")
+def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], bool, JsonFormat | None]:
+    """The request as chat messages (the instructions first, as a system message), whether to think, and the
+    JSON answer's form if `text.format` asks for one (its instruction then in the system message)."""
+    answer_format = asked_format((body.text or {}).get("format"), "text.format")
     messages: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     for item in items:
@@ -85,7 +87,8 @@ def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], bool
             continue
         messages.append({"role": role, "content": text})
     effort = (body.reasoning or {}).get("effort")
-    return messages, effort not in (None, "none", "minimal")
+    messages = answer_format.with_instruction(messages) if answer_format is not None else messages
+    return messages, effort not in (None, "none", "minimal"), answer_format
 
 
 def _identifier(prefix: str) -> str:

@@ -8,7 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..errors import DiffGemmaError
 from ..scoring import MAX_TOP  # alternatives a position that logprobs may ask for, as OpenAI allows
+from ..structured import JsonFormat, json_format
 
 MAX_STOP_STRINGS = 16
 SAMPLER_FIELDS = (
@@ -118,7 +120,7 @@ class ChatRequest(SamplerExtras):
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool = False  # each answer token's log-probability, from the causal encoder (`scoring`)
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
-    response_format: dict[str, Any] | None = None  # {"type": "text"} alone (`free_text_only`)
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema (`asked_format`)
     continue_final_message: bool = False  # the last (assistant) message is the answer begun: its prefill
     tools: list[dict[str, Any]] | None = None  # functions the model may call: `tool_calls` in the answer
     tool_choice: ToolChoiceField = None  # "auto" (default), "none", "required" or {"function": {"name": ...}}
@@ -195,13 +197,13 @@ def tool_choice_name(choice: ToolChoiceField) -> str:
     return name
 
 
-def free_text_only(text_format: dict[str, Any] | None, param: str) -> None:
-    """Refuse a request for JSON output (`response_format`, the Responses API's `text.format`): the sampler
-    holds no answer to a schema, and a client that asked for JSON must not get free text unawares."""
-    kind = (text_format or {}).get("type", "text")
-    if kind != "text":
-        message = f"{param} of type {kind!r} is not supported: answers are free text (only type 'text')"
-        raise APIError(400, message, "invalid_request_error", "invalid_value", param)
+def asked_format(spec: dict[str, Any] | None, param: str) -> JsonFormat | None:
+    """A request's `response_format` (the Responses API's `text.format`): None for free text, else the JSON
+    answer's form; one that is not a format (or holds no valid schema) is the request's error."""
+    try:
+        return json_format(spec, param)
+    except DiffGemmaError as err:
+        raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
 
 
 def stop_strings(stop: StopField) -> list[str]:
