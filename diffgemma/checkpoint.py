@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import ModelConfig, SamplerSettings
+from .config import GENERATION_FILE, ModelConfig, SamplerSettings
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
 
@@ -335,9 +335,7 @@ def save_checkpoint(
         if not passthrough:
             raw.pop("vision_config", None)
         (staging / "config.json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
-        (staging / "generation_config.json").write_text(
-            json.dumps(generation_config_dict(settings), indent=2), encoding="utf-8"
-        )
+        (staging / GENERATION_FILE).write_text(json.dumps(generation_config_dict(settings), indent=2), encoding="utf-8")
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, staging / name)
         # mkdtemp makes a private folder; a checkpoint gets the usual permissions.

@@ -863,12 +863,13 @@ def _check_output(destination: str, source: str) -> None:
 
 def cmd_lora_merge(args: argparse.Namespace) -> None:
     from .api import load
-    from .train.lora import load_adapter, merge_lora
+    from .train.lora import adapter_generation, load_adapter, merge_lora
 
     _check_output(args.out, _model_path(args))
     model = load(_model_path(args), device=args.device, dtype=args.dtype)
     load_adapter(model.network, args.adapter)
     merged = merge_lora(model.network)
+    model.settings = adapter_generation(args.adapter) or model.settings  # (the EOS ids fine-tuning taught)
     model.save(args.out)
     print(f"merged {merged} adapters into {args.out}")
 

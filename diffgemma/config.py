@@ -16,6 +16,8 @@ from typing import Any
 
 from .errors import DiffGemmaError
 
+GENERATION_FILE = "generation_config.json"  # sampler defaults, beside a checkpoint's config.json
+
 MODEL_TYPE = "diffusion_gemma"
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -389,7 +391,7 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
     )
 
 
-def parse_sampler_settings(raw: dict[str, Any], source: str = "generation_config.json") -> SamplerSettings:
+def parse_sampler_settings(raw: dict[str, Any], source: str = GENERATION_FILE) -> SamplerSettings:
     """Read the sampler defaults a checkpoint ships; unset values take the reference's global defaults."""
     values: dict[str, Any] = {}
     for key in (
@@ -420,7 +422,7 @@ def load_configs(folder: Path) -> tuple[ModelConfig, SamplerSettings]:
     if not config_path.is_file():
         raise DiffGemmaError(f"{folder}: no config.json (is this a DiffusionGemma checkpoint folder?)")
     config = parse_model_config(read_json(config_path), str(config_path))
-    generation_path = folder / "generation_config.json"
+    generation_path = folder / GENERATION_FILE
     generation_raw = read_json(generation_path) if generation_path.is_file() else {}
     settings = parse_sampler_settings(generation_raw, str(generation_path))
     # A checkpoint that names no EOS/pad for generation still has them in its model config.

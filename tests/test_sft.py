@@ -120,6 +120,35 @@ def test_train_chat_lora_saves_adapter_and_resumes(tmp_path, capsys):
     assert diffgemma.load(merged).tokenizer is not None
 
 
+def test_a_model_taught_to_call_tools_stops_at_the_calls_end(tmp_path, capsys):
+    """A preset's EOS list is [<eos>] alone; fine-tuned on calling turns (which end with <|tool_response>), the
+    checkpoint it writes, and the adapter's merge, stop there too, or generation would write on past a call."""
+    from assets.make_demo_model import WEATHER_ANSWER, WEATHER_TOOL, weather_conversation
+
+    base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
+    assert diffgemma.load(base).settings.eos_token_id == (1,)
+    tool_response = diffgemma.load(base).tokenizer.token_id("<|tool_response>")
+    conversation = [*weather_conversation(True), {"role": "assistant", "content": WEATHER_ANSWER}]
+    data = _write(tmp_path / "tools.jsonl", [{"tools": [WEATHER_TOOL], "messages": conversation}] * 2)
+    common = ["train", "chat", "--model", str(base), "--data", str(data), "--batch-size", "2", "--steps", "1"]
+    assert main([*common, "--out", str(tmp_path / "full")]) == 0
+    assert "responses end with <|tool_response> too: added to the EOS ids" in capsys.readouterr().out
+    assert diffgemma.load(tmp_path / "full").settings.eos_token_id == (1, tool_response)
+    assert main([*common, "--out", str(tmp_path / "adapter"), "--lora-rank", "2"]) == 0
+    assert "added to the EOS ids" in capsys.readouterr().out
+    merged = tmp_path / "merged"
+    assert main(["lora-merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(merged)]) == 0
+    assert diffgemma.load(merged).settings.eos_token_id == (1, tool_response)
+    # plain chat data ends with an EOS already listed: nothing added
+    plain = _write(tmp_path / "chat.jsonl", CONVERSATIONS)
+    assert (
+        main([*common[:4], "--data", str(plain), "--batch-size", "2", "--steps", "1", "--out", str(tmp_path / "p")])
+        == 0
+    )
+    assert "added to the EOS ids" not in capsys.readouterr().out
+    assert diffgemma.load(tmp_path / "p").settings.eos_token_id == (1,)
+
+
 def test_train_chat_eval_every_zero_keeps_only_the_final_checkpoint(tmp_path, capsys):
     base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
     data = _write(tmp_path / "chat.jsonl", CONVERSATIONS * 12)

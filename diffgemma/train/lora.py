@@ -27,7 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import DECODER, ENCODER
+from ..checkpoint import DECODER, ENCODER, generation_config_dict
+from ..config import GENERATION_FILE, SamplerSettings, parse_sampler_settings, read_json
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
 from ..quant import QuantLinear
@@ -165,8 +166,16 @@ def merge_lora(network: DiffusionGemma) -> int:
     return len(wrapped)
 
 
-def save_adapter(network: DiffusionGemma, settings: LoraSettings, folder: str | os.PathLike, base: str = "") -> Path:
-    """Write the adapters in PEFT's layout, atomically (a staging folder swapped into place)."""
+def save_adapter(
+    network: DiffusionGemma,
+    settings: LoraSettings,
+    folder: str | os.PathLike,
+    base: str = "",
+    generation: SamplerSettings | None = None,
+) -> Path:
+    """Write the adapters in PEFT's layout, atomically (a staging folder swapped into place); `generation`: the
+    sampler defaults a model with them generates with (a generation_config.json beside them, which
+    `diffgemma lora-merge` gives the merged checkpoint: the EOS ids fine-tuning taught, say)."""
     adapters = {n: t for n, t in network.state_dict().items() if ".lora_" in n}
     if not adapters:
         raise DiffGemmaError("this network has no LoRA adapters to save")
@@ -199,7 +208,12 @@ def save_adapter(network: DiffusionGemma, settings: LoraSettings, folder: str | 
     try:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
+        names = [WEIGHTS_FILE, CONFIG_FILE]
+        if generation is not None:
+            text = json.dumps(generation_config_dict(generation), indent=2)
+            (staging / GENERATION_FILE).write_text(text, encoding="utf-8")
+            names.append(GENERATION_FILE)
+        for name in names:
             os.replace(staging / name, destination / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -221,6 +235,12 @@ def read_adapter_settings(folder: Path) -> LoraSettings:
             raise DiffGemmaError(f"{path}: `{key}` must be a number")
     extra = config.get("diffgemma") or {}
     return LoraSettings(int(config["r"]), float(config["lora_alpha"]), bool(extra.get("self_conditioning", False)))
+
+
+def adapter_generation(folder: str | os.PathLike) -> SamplerSettings | None:
+    """The sampler defaults an adapter was saved with (None: it carries none, as PEFT's own adapters)."""
+    path = Path(folder) / GENERATION_FILE
+    return parse_sampler_settings(read_json(path), str(path)) if path.is_file() else None
 
 
 def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> LoraSettings:

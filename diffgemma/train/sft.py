@@ -37,6 +37,18 @@ class FinetuneOptions:
     gradient_checkpointing: bool = True  # DiffusionGemma.checkpoint_layers
 
 
+def taught_to_end(model, examples: list, log: Callable[[str], None]) -> None:
+    """Make the tokens the responses end with (a calling turn's `<|tool_response>`, where the model hands over
+    to the tools) EOS ids of the model being trained, if they are not yet: generation then stops where
+    training taught it to (a checkpoint whose EOS list lacks one would write on past the calls)."""
+    eos_ids = model.settings.eos_token_id
+    added = sorted({example.response[-1] for example in examples} - set(eos_ids))
+    if added:
+        model.settings = model.settings.replace(eos_token_id=[*eos_ids, *added])
+        names = ", ".join(model.tokenizer.decode([token], skip_special_tokens=False) for token in added)
+        log(f"responses end with {names} too: added to the EOS ids, so generation stops there")
+
+
 def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print, show_progress: bool = True):
     """Fine-tune a loaded `DiffGemma` in place; returns the loss of every step."""
     if model.tokenizer is None:
@@ -51,6 +63,7 @@ def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print
     else:  # a twentieth of the data (at least one example) when there is enough of it to spare
         spare = len(examples) // 20 if len(examples) >= 20 else 0
         held_out, examples = examples[len(examples) - spare :], examples[: len(examples) - spare]
+    taught_to_end(model, [*examples, *held_out], log)
     out = Path(options.out)
     model.network.checkpoint_layers(options.gradient_checkpointing)
     if options.lora is not None:
@@ -76,7 +89,8 @@ def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print
 
     def checkpoint(step: int, optimizer, losses: list[float]) -> None:
         if options.lora is not None:
-            save_adapter(model.network, options.lora, out, base=str(getattr(model, "folder", "")))
+            base = str(getattr(model, "folder", ""))
+            save_adapter(model.network, options.lora, out, base=base, generation=model.settings)
         else:
             model.save(out)
         save_state(out, step, optimizer, config, losses)
