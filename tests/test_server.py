@@ -1093,3 +1093,26 @@ def test_json_answers_read_against_their_schema_or_a_422(server, client, demo):
     # an answer cut at max_tokens comes back as it is ("length"), not drawn again
     cut = client.chat.completions.create(**{**asked, "max_tokens": 1}, response_format=integer, seed=reading)
     assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.content == plain[reading][:1]
+
+
+def test_a_choice_ends_once_its_limit_is_settled_not_when_its_canvas_does(client):
+    """Settled tokens never change, so a choice whose limit they reach (no EOS among them) ends there: the same
+    text as the canvas run to its end would give, in fewer denoising steps (`max_tokens` 1: an evaluation
+    harness's likelihood request)."""
+    fewer = 0
+    for question, seed in [("hi", 1), ("hi", 2), ("Count to ten.", 1), ("Tell me a joke.", 1)]:
+        full = client.chat.completions.create(model="demo", messages=ask(question), seed=seed, max_tokens=300)
+        for limit in (1, 5):
+            short = client.chat.completions.create(model="demo", messages=ask(question), seed=seed, max_tokens=limit)
+            content = short.choices[0].message.content
+            assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == limit
+            assert full.choices[0].message.content.startswith(content)
+            first_canvas = short.model_extra["diffgemma"]["steps"]
+            assert len(first_canvas) == 1 and first_canvas[0] <= full.model_extra["diffgemma"]["steps"][0]
+            fewer += first_canvas[0] < full.model_extra["diffgemma"]["steps"][0]
+    assert (
+        fewer
+    )  # (the demo's unlearned questions take a canvas's full count of steps; their first tokens settle early)
+    text = client.completions.create(model="demo", prompt="The sky is", max_tokens=1, seed=0, echo=True, logprobs=1)
+    scored = text.choices[0].logprobs.tokens  # BOS, the prompt's bytes, the one generated
+    assert text.choices[0].finish_reason == "length" and scored[0] == "<bos>" and len(scored) == len("The sky is") + 2

@@ -819,13 +819,18 @@ def _usage(prompt_tokens: int, completion: int) -> dict[str, int]:
 
 def _ending(reply: SettledText, tokens: list[int], job: Job, done: bool) -> tuple[list[int], str] | None:
     """How a choice ends, given its final tokens so far: (its tokens, its finish reason), or None while it goes
-    on. A stop string in its answer ends it there; else the job's end does, at its token limit or before."""
+    on. A stop string in its answer ends it there; else the job's end does, at its token limit or before. Its
+    limit reached by final tokens with no EOS among them ends it too, before its canvas does: a settled token
+    never changes, so the rest of the canvas could not change the answer (a completion of `max_tokens` 1, as
+    evaluation harnesses ask for, ends once its first token settles)."""
     through = reply.through_stop(tokens)
     if through is not None:
         return through, "stop"
-    if not done:
-        return None
-    return tokens, "length" if len(tokens) >= job.max_new_tokens else "stop"
+    if done:
+        return tokens, "length" if len(tokens) >= job.max_new_tokens else "stop"
+    if len(tokens) >= job.max_new_tokens and not reply.eos.intersection(tokens):
+        return tokens, "length"
+    return None
 
 
 def _eos_after(event: RowDraft | RowDone, tokens: list[int]) -> int | None:
