@@ -614,8 +614,9 @@ def denoising_loop(
     `row_limits` gives each row its own max_new_tokens (at most the settings' value). With
     `commit_stable_prefix`, a canvas's leading positions are fixed as soon as they settle (argmax stable
     over the stability window, entropy below the entropy bound), so a stream can send them early and never
-    take them back. `stop_check_every` sets how often the host waits to learn whether a canvas is done
-    (see `StopCheck`; every step on the CPU, every 8 with non-blocking peeks on CUDA). `sync_free` forces the
+    take them back; a row stops its canvas once they hold all it will give (its limit, or an EOS).
+    `stop_check_every` sets how often the host waits to learn whether a canvas is done (see `StopCheck`; every
+    step on the CPU, every 8 with non-blocking peeks on CUDA). `sync_free` forces the
     accelerator way of sampling (no host read in a step) on or off; by default it is on off the CPU.
     `cuda_graph` (fast mode; by default on CUDA) replays the decoder pass as one CUDA graph for every step
     (`DecoderGraph`; asked for off CUDA, the same pass runs uncaptured).
@@ -736,6 +737,8 @@ def denoising_loop(
                 _check_some_allowed(excluded, fixed, canvas_index * length)
             free_count = length - (fixed.sum(-1) if fixed is not None else 0)
             settled = torch.zeros(batch, dtype=torch.long, device=device)
+            # the positions of this canvas each row's output can hold (its limit may end inside it)
+            wanted = (torch.tensor(limits, device=device) - canvas_index * length).clamp(max=length)
             argmax = canvas
             self_conditioning = None
             if first_self_conditioning is not None:
@@ -778,6 +781,11 @@ def denoising_loop(
                     settled = sampling.stable_prefix(settled, history, new_argmax, entropy, settings.entropy_bound)
                     prefix = torch.arange(length, device=device)[None, :] < settled[:, None]
                     fixed_ids = torch.where(prefix, new_argmax, -1 if user_ids is None else user_ids)
+                    # A row whose settled prefix holds all it will give (its limit, or an EOS) is done: what
+                    # follows could not change its output.
+                    stop = stop | (settled >= wanted)
+                    if stop_at_eos:
+                        stop = stop | (torch.isin(new_argmax, eos) & prefix).any(-1)
                 history = sampling.push_history(history, new_argmax)
                 finished = finished | stop
                 canvas, argmax, self_conditioning = new_canvas, new_argmax, out.probs

@@ -544,3 +544,29 @@ def test_end_rows_ends_the_rows_it_names_at_the_canvas_end(demo):
     assert len(result.new_tokens[0]) == canvas and len(result.new_tokens[1]) > canvas
     assert result.new_tokens[0] == result.new_tokens[1][:canvas] and result.stopped == [False, False]
     assert seen[0] == [result.new_tokens[0], result.new_tokens[1][:canvas]]
+
+
+def test_a_settled_prefix_is_final_and_a_row_stops_once_it_holds_all_it_gives(demo):
+    """With `commit_stable_prefix`, settled tokens never change; a row whose settled prefix holds its limit (or
+    an EOS) stops its canvas there, with the tokens the canvas run to its end gives, in no more steps."""
+    length = demo.config.canvas_length
+    fewer = 0
+    for question, seed in [("hi", 1), ("hi", 2), ("Count to ten.", 1)]:
+        prompt = demo.tokenizer.encode_chat([{"role": "user", "content": question}])
+        events = list(demo.stream(prompt, max_new_tokens=2 * length, seed=seed, commit_stable_prefix=True))
+        whole = events[-1].result
+        canvas = next(event for event in events if isinstance(event, CanvasCommit)).ids[0].tolist()
+        for draft in (event for event in events if isinstance(event, Draft) and event.canvas_index == 0):
+            settled = int(draft.settled[0])
+            assert draft.ids[0, :settled].tolist() == canvas[:settled]  # never taken back
+        for limit in (1, 5):
+            short = run_to_end(demo.stream(prompt, max_new_tokens=limit, seed=seed, commit_stable_prefix=True))
+            assert short.new_tokens[0] == whole.new_tokens[0][:limit]
+            assert len(short.steps) == 1 and short.steps[0][0] <= whole.steps[0][0]
+            fewer += short.steps[0][0] < whole.steps[0][0]
+        # in a batch, each row stops on its own: the short row's tokens and the long row's are as alone
+        both = run_to_end(
+            demo.stream([prompt, prompt], max_new_tokens=[1, 2 * length], seed=[seed, seed], commit_stable_prefix=True)
+        )
+        assert both.new_tokens == [whole.new_tokens[0][:1], whole.new_tokens[0]]
+    assert fewer  # (an untaught question's canvas takes most of its steps; its first tokens settle sooner)

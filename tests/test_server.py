@@ -50,29 +50,25 @@ def test_chat_non_streaming(client):
 def test_chat_streaming_equals_non_streaming_and_prefix_arrives_early(client):
     """The first text arrives while the first canvas is still denoising; the streamed text equals the
     non-streamed text for the same seed."""
-    slow = {"confidence_threshold": 1e-9, "drafts": True}  # no early stop: every canvas runs all its steps
-    question = "Write a haiku about rain."
-    chunks = list(
-        client.chat.completions.create(
-            model="demo",
-            messages=ask(question),
-            seed=4,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body=slow,
-        )
-    )
+    slow = {"confidence_threshold": 1e-9, "drafts": True}  # no early stop: a canvas runs until it has settled
+    # a taught answer, and an untaught question's (whose canvas takes most of its steps while its first tokens
+    # settle early)
+    for question, seed in [("Write a haiku about rain.", 4), ("hi", 1)]:
+        asked = dict(model="demo", messages=ask(question), seed=seed, extra_body=slow)
+        chunks = list(client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True}))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        whole = client.chat.completions.create(**asked)
+        assert streamed == whole.choices[0].message.content
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finishes == [whole.choices[0].finish_reason]
+    assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens > 1
     drafts = [(i, c.model_extra["draft"]) for i, c in enumerate(chunks) if (c.model_extra or {}).get("draft")]
-    contents = [i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content]
-    first_content = contents[0]
+    first_content = next(i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content)
     first_canvas_drafts = [i for i, d in drafts if d["canvas"] == 0]
     assert first_content < first_canvas_drafts[-1]  # text came before canvas 0 finished its steps
-    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    whole = client.chat.completions.create(model="demo", messages=ask(question), seed=4, extra_body=slow)
-    assert streamed == whole.choices[0].message.content == ANSWERS[question]
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == len(ANSWERS[question])
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert finishes == ["stop"]
+    haiku = client.chat.completions.create(model="demo", messages=ask("Write a haiku about rain."), seed=4)
+    assert haiku.choices[0].message.content == ANSWERS["Write a haiku about rain."]
 
 
 def test_drafts_extension_one_per_step(client):
@@ -563,39 +559,51 @@ def test_allowed_origins_let_a_browser_page_elsewhere_call_the_api(demo):
         assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
 
 
-def test_concurrent_requests_are_batched_and_faster(demo):
-    questions = list(ANSWERS)[:8]
+def test_concurrent_requests_share_decoder_passes(demo, monkeypatch):
+    """Requests that arrive together are rows of one batch: each decoder pass serves them all (what makes a
+    batch faster where a step reads more weights than it computes on: bench/gpu.py's batch rows), and each row
+    comes out as it does alone."""
     batcher = Batcher(demo, max_batch=8)
     app = create_app(demo, ServerOptions(model_name="demo", max_batch=8), batcher)
+    passes = []
+    denoise = demo.network.denoise
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return denoise(*args, **kwargs)
+
+    monkeypatch.setattr(demo.network, "denoise", counted)
+    seeds = range(8)
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        slow = {"confidence_threshold": 1e-9}
+        # every answer two whole canvases of every step: no EOS (banned), no early stop; one prompt length, as
+        # rows of a batch share positions (left padding, as the reference lays a batch out)
+        endless = {str(eos): -100 for eos in demo.settings.eos_token_id}
+        work = dict(max_tokens=2 * demo.config.canvas_length, logit_bias=endless)
 
-        def one(question):
-            return client.chat.completions.create(model="demo", messages=ask(question), seed=5, extra_body=slow)
+        def one(seed):
+            return client.chat.completions.create(
+                model="demo", messages=ask(SKY), seed=seed, extra_body={"confidence_threshold": 1e-9}, **work
+            )
 
-        client.chat.completions.create(model="demo", messages=ask("Say hello."), seed=5)  # warm up
-        start = time.perf_counter()
-        sequential = [one(q).choices[0].message.content for q in questions]
-        sequential_time = time.perf_counter() - start
+        sequential = [one(seed).choices[0].message.content for seed in seeds]
+        sequential_passes, passes[:] = len(passes), []
+        answers = [None] * len(seeds)
+        barrier = threading.Barrier(len(seeds))
 
-        answers = [None] * len(questions)
-        barrier = threading.Barrier(len(questions))
-
-        def worker(index, question):
+        def worker(seed):
             barrier.wait()
-            answers[index] = one(question).choices[0].message.content
+            answers[seed] = one(seed).choices[0].message.content
 
-        threads = [threading.Thread(target=worker, args=item) for item in enumerate(questions)]
-        start = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in seeds]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        together_time = time.perf_counter() - start
-    assert answers == sequential == [ANSWERS[q] for q in questions]
+    assert answers == sequential  # each row of a batch as alone
+    assert all(answer.startswith(ANSWERS[SKY][:8]) for answer in answers)
     assert max(batcher.batches_run) > 1
-    assert together_time < sequential_time
+    assert len(passes) * 2 <= sequential_passes  # (8 rows in one batch: an eighth of the passes)
 
 
 def test_a_fill_and_a_completion_share_a_batch_each_as_alone(demo):
@@ -1116,3 +1124,38 @@ def test_a_choice_ends_once_its_limit_is_settled_not_when_its_canvas_does(client
     text = client.completions.create(model="demo", prompt="The sky is", max_tokens=1, seed=0, echo=True, logprobs=1)
     scored = text.choices[0].logprobs.tokens  # BOS, the prompt's bytes, the one generated
     assert text.choices[0].finish_reason == "length" and scored[0] == "<bos>" and len(scored) == len("The sky is") + 2
+
+
+def test_a_short_answer_in_a_batch_returns_without_waiting_for_the_long_one(demo):
+    """Rows of one batch end on their own: an answer whose EOS has settled goes back at once, while the batch
+    goes on denoising a longer answer beside it (it used to wait for the whole batch)."""
+    batcher = Batcher(demo, max_batch=8)
+    app = create_app(demo, ServerOptions(model_name="demo"), batcher)
+    endless = {str(eos): -100 for eos in demo.settings.eos_token_id}  # no EOS: every canvas up to the limit
+    finished: dict[str, tuple[float, object]] = {}
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def one(name, question, max_tokens, bias=None):
+            reply = client.chat.completions.create(
+                model="demo", messages=ask(question), seed=1, max_tokens=max_tokens, logit_bias=bias
+            )
+            finished[name] = (time.perf_counter(), reply)
+
+        # a first request holds the engine while the two arrive: they wait, then share the next batch
+        busy = threading.Thread(target=one, args=("busy", "hi", 160, endless))
+        busy.start()
+        time.sleep(0.5)
+        pair = [
+            threading.Thread(target=one, args=("short", "Say hello.", 64)),
+            threading.Thread(target=one, args=("long", "hi", 320, endless)),
+        ]
+        for thread in pair:
+            thread.start()
+        for thread in [busy, *pair]:
+            thread.join()
+    assert batcher.batches_run == [1, 2]
+    assert finished["short"][1].choices[0].message.content == ANSWERS["Say hello."]
+    assert finished["long"][1].usage.completion_tokens == 320  # (10 canvases; the short answer's in the first)
+    freed = finished["busy"][0]
+    assert finished["short"][0] - freed < 0.25 * (finished["long"][0] - freed)

@@ -361,8 +361,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         return job
 
     async def run_job(job: Job, request: Request, reply: SettledText) -> tuple[RowDone, str]:
-        """Wait for a job's result and its finish reason (a stop string ends it as soon as one settles: the job
-        is then cancelled); if the client goes away first, cancel the job."""
+        """Wait for a job's result and its finish reason (`_ending`: it ends as soon as its end settles, a stop
+        string, say; the job is then cancelled); if the client goes away first, cancel the job."""
         app.state.active += 1
         steps: dict[int, int] = {}  # per canvas, the steps seen so far
         started = time.perf_counter()
@@ -377,14 +377,14 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                     continue
                 if isinstance(event, Exception):
                     raise APIError(500, f"generation failed: {event}", "server_error")
+                ending = _ending(reply, event, job)
                 if isinstance(event, RowDone):
-                    tokens, finish = _ending(reply, event.new_tokens, job, True)
-                    return replace(event, new_tokens=tokens, eos=_eos_after(event, tokens)), finish
+                    return replace(event, new_tokens=ending[0], eos=ending[2]), ending[1]
                 steps[event.canvas_index] = event.step
-                ending = _ending(reply, _visible(event, job), job, False)
-                if ending is not None:
+                if ending is not None:  # (settled: the row may go on with its canvas or its batch)
                     job.cancelled.set()
-                    return RowDone(ending[0], list(steps.values()), time.perf_counter() - started), ending[1]
+                    tokens, finish, eos = ending
+                    return RowDone(tokens, list(steps.values()), time.perf_counter() - started, eos), finish
         finally:
             app.state.active -= 1
 
@@ -449,7 +449,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                     yield _sse(error_body(f"generation failed: {event}", "server_error"))
                     break
                 tokens = _visible(event, job) if isinstance(event, RowDraft) else event.new_tokens
-                ending = _ending(reply, tokens, job, isinstance(event, RowDone))
+                ending = _ending(reply, event, job)
                 if isinstance(event, RowDraft) and drafts:
                     yield _sse(chunk(Piece(index, draft=_draft_payload(event, model))))
                 content, reasoning = reply.deltas(tokens if ending is None else ending[0], final=ending is not None)
@@ -461,11 +461,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                         yield _sse(chunk(Piece(index, tool_calls=end.calls)))
                     last: dict[str, Any] = {"finish": end.finish, "stop_sequence": end.stop_sequence}
                     if logprobs is not None:
-                        last["logprobs"] = await logprobs(index, ending[0], _eos_after(event, ending[0]))
+                        last["logprobs"] = await logprobs(index, ending[0], ending[2])
                     yield _sse(chunk(Piece(index, **last)))
                     completion += len(ending[0])
                     streaming.discard(index)
-                    job.cancelled.set()  # a stop string ended it: its row ends with this canvas
+                    job.cancelled.set()  # (it ended as it settled: its row goes no further than this canvas)
             else:
                 if usage is not None:
                     yield _sse(chunk(Piece(usage=_usage(usage, completion))))
@@ -817,26 +817,24 @@ def _usage(prompt_tokens: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def _ending(reply: SettledText, tokens: list[int], job: Job, done: bool) -> tuple[list[int], str] | None:
-    """How a choice ends, given its final tokens so far: (its tokens, its finish reason), or None while it goes
-    on. A stop string in its answer ends it there; else the job's end does, at its token limit or before. Its
-    limit reached by final tokens with no EOS among them ends it too, before its canvas does: a settled token
-    never changes, so the rest of the canvas could not change the answer (a completion of `max_tokens` 1, as
-    evaluation harnesses ask for, ends once its first token settles)."""
+def _ending(reply: SettledText, event: RowDraft | RowDone, job: Job) -> tuple[list[int], str, int | None] | None:
+    """How a choice ends, given its latest event: (its final tokens, its finish reason, the EOS right after them
+    if one ended it), or None while it goes on. A stop string in its answer ends it there; else its row's end
+    does, at its token limit or before. Settled tokens never change, so they end it before its canvas does (or
+    its batch: a row that ended waits for the others): an EOS among them, or as many as its limit."""
+    if isinstance(event, RowDone):
+        through = reply.through_stop(event.new_tokens)
+        final = event.new_tokens if through is None else through
+        finish = "stop" if through is not None or len(final) < job.max_new_tokens else "length"
+        return final, finish, event.eos if final == event.new_tokens else None
+    tokens = _visible(event, job)
     through = reply.through_stop(tokens)
     if through is not None:
-        return through, "stop"
-    if done:
-        return tokens, "length" if len(tokens) >= job.max_new_tokens else "stop"
-    if len(tokens) >= job.max_new_tokens and not reply.eos.intersection(tokens):
-        return tokens, "length"
-    return None
-
-
-def _eos_after(event: RowDraft | RowDone, tokens: list[int]) -> int | None:
-    """The EOS that ended a row, after a choice's final `tokens`: none unless they are the row's own as it ended
-    (a stop string cuts them short, and nothing follows them then)."""
-    return event.eos if isinstance(event, RowDone) and tokens == event.new_tokens else None
+        return through, "stop", None
+    eos_at = next((index for index, token in enumerate(tokens) if token in reply.eos), None)
+    if eos_at is not None:
+        return tokens[:eos_at], "stop", tokens[eos_at]
+    return (tokens, "length", None) if len(tokens) >= job.max_new_tokens else None
 
 
 def _draft_payload(event: RowDraft, model: DiffGemma) -> dict[str, Any]:
