@@ -60,3 +60,21 @@ DEMO = Path(__file__).parent / "assets" / "demo"
 def demo():
     """The trained demo model (tests/assets/make_demo_model.py): canned answers that really converge."""
     return diffgemma.load(DEMO)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """count_calls(owner, name) -> a list that grows by one at each call of owner.name, for this test."""
+
+    def install(owner, name: str) -> list:
+        calls = []
+        original = getattr(owner, name)
+
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counting)
+        return calls
+
+    return install

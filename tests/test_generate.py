@@ -100,15 +100,8 @@ def test_stream_one_draft_per_step_and_same_result_as_generate(tiny):
     assert drafts[0].accepted.dtype == torch.bool and drafts[0].mean_entropy.shape == (1,)
 
 
-def test_closing_the_stream_stops_the_work(tiny, monkeypatch):
-    calls = []
-    denoise = tiny.network.denoise
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return denoise(*args, **kwargs)
-
-    monkeypatch.setattr(tiny.network, "denoise", counting)
+def test_closing_the_stream_stops_the_work(tiny, count_calls):
+    calls = count_calls(tiny.network, "denoise")
     stream = tiny.stream("stop early", max_new_tokens=200, seed=1, confidence_threshold=1e-9)
     for index, _event in enumerate(stream):
         if index == 2:

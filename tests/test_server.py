@@ -559,20 +559,13 @@ def test_allowed_origins_let_a_browser_page_elsewhere_call_the_api(demo):
         assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
 
 
-def test_concurrent_requests_share_decoder_passes(demo, monkeypatch):
+def test_concurrent_requests_share_decoder_passes(demo, count_calls):
     """Requests that arrive together are rows of one batch: each decoder pass serves them all (what makes a
     batch faster where a step reads more weights than it computes on: bench/gpu.py's batch rows), and each row
     comes out as it does alone."""
     batcher = Batcher(demo, max_batch=8)
     app = create_app(demo, ServerOptions(model_name="demo", max_batch=8), batcher)
-    passes = []
-    denoise = demo.network.denoise
-
-    def counted(*args, **kwargs):
-        passes.append(1)
-        return denoise(*args, **kwargs)
-
-    monkeypatch.setattr(demo.network, "denoise", counted)
+    passes = count_calls(demo.network, "denoise")
     seeds = range(8)
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
