@@ -377,6 +377,8 @@ class DiffGemma:
         if answer_format is not None:
             if isinstance(json_tries, bool) or not isinstance(json_tries, int) or json_tries < 1:
                 raise DiffGemmaError(f"json_tries must be a positive integer, got {json_tries!r}")
+            if prefill:
+                raise DiffGemmaError("a prefill gives the answer's start, so its JSON (json_schema) is not whole")
             messages = answer_format.with_instruction(messages)
         offered, lead = tool_plan(tools, tool_choice)
         prompt = tokenizer.encode_chat(messages, enable_thinking, prefill, sanitize, tools=offered)

@@ -423,6 +423,15 @@ def test_error_statuses(server, client):
     with pytest.raises(openai.BadRequestError, match="unknown format type") as refused:
         client.responses.create(model="demo", input=SKY, text={"format": {"type": "yaml"}})
     assert refused.value.param == "text.format"
+    with pytest.raises(openai.BadRequestError, match="is not whole") as refused:
+        begun = [*ask(SKY), {"role": "assistant", "content": "{"}]
+        client.chat.completions.create(
+            model="demo",
+            messages=begun,
+            response_format={"type": "json_object"},
+            extra_body={"continue_final_message": True},
+        )
+    assert refused.value.param == "response_format"
     plain = client.chat.completions.create(model="demo", messages=ask(SKY), response_format={"type": "text"}, seed=1)
     assert plain.choices[0].message.content == ANSWERS[SKY]
     # an image is refused, not dropped unseen; text parts are read

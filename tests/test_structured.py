@@ -136,3 +136,5 @@ def test_chat_draws_again_until_the_answer_reads(demo):
     for tries in (0, 1.5, True):
         with pytest.raises(DiffGemmaError, match="json_tries must be a positive integer"):
             demo.chat(question, json_tries=tries, **asked)
+    with pytest.raises(DiffGemmaError, match="prefill gives the answer's start"):
+        demo.chat(question, prefill="{", **asked)

@@ -629,6 +629,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if body.continue_final_message and lead:
             message = "continue_final_message begins the answer, so it cannot be asked with a tool_choice that does"
             raise APIError(400, message, "invalid_request_error", "invalid_value", "tool_choice")
+        if body.continue_final_message and answer_format is not None:
+            message = "continue_final_message gives the answer's start, so its JSON (response_format) is not whole"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "response_format")
         if body.continue_final_message:  # the last message is the answer begun: the model goes on from it
             if messages[-1]["role"] != "assistant":
                 message = "continue_final_message needs a last message from the assistant: the answer begun"
