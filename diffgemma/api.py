@@ -34,7 +34,7 @@ from .generate import (
 from .model import DiffusionGemma
 from .quant import QuantFormat, convert_, float_sinks, format_from_config
 from .scoring import TokenScores, score_batch
-from .structured import DEFAULT_TRIES, json_format, unfenced
+from .structured import DEFAULT_TRIES, json_format
 from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 from .toolcalls import Tool, tool_plan
 
@@ -398,7 +398,7 @@ class DiffGemma:
             except DiffGemmaError as err:
                 fault = err
                 continue
-            return replace(reply, content=unfenced(content), parsed=parsed)
+            return replace(reply, content=answer_format.text(content), parsed=parsed)
         raise DiffGemmaError(f"no JSON answer in {json_tries} tries; the last: {fault} (it began {content[:80]!r})")
 
     def infill(

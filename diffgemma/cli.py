@@ -886,7 +886,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_concurrent=args.max_concurrent,
         max_batch=args.max_batch,
         allowed_origins=tuple(args.allow_origin or ()),
-        json_tries=args.json_tries,
+        format_tries=args.format_tries,
     )
     serve(model, args.host, args.port, options)
 
@@ -1017,10 +1017,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent", type=_at_least(1), default=16)
     serve.add_argument("--max-batch", type=_at_least(1), default=8)
     serve.add_argument(
-        "--json-tries",
+        "--format-tries",
         type=_at_least(1),
         default=DEFAULT_TRIES,
-        help="draws of a JSON answer (response_format) that does not read before a 422 (default %(default)s)",
+        help="draws of an answer asked for in a form (response_format: JSON; vLLM's structured outputs) that does "
+        "not read, before a 422 (default %(default)s)",
     )
     serve.add_argument(
         "--allow-origin",

@@ -1,10 +1,11 @@
-"""JSON answers: a chat reply asked to be JSON (OpenAI's `response_format`), told its schema and read against it.
+"""Answers of a given form: JSON (OpenAI's `response_format`, matching a schema or any object), or, as vLLM's
+structured outputs ask, text matching a regular expression or one of given choices.
 
 Autoregressive servers steer each next token through a grammar; the diffusion sampler draws a canvas's tokens
-together, with no left-to-right order to steer. So the schema is told to the model in the system turn, each
-reply is read (a code fence around it forgiven) and checked against the schema, and a reply that does not read
-is drawn again with the next seed, up to a number of tries. What comes back is JSON that matches, or an error
-that says why the last try did not: never free text where JSON was asked for.
+together, with no left-to-right order to steer. So the form is told to the model in the system turn, each reply
+is read against it (JSON: a code fence around it forgiven), and a reply that does not read is drawn again with
+the next seed, up to a number of tries. What comes back has the form asked for, or an error says why the last
+try did not: never free text where a form was asked for.
 """
 
 from __future__ import annotations
@@ -23,25 +24,20 @@ JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null
 FENCE = re.compile(r"^```[\w-]*\s*\n(.*?)\n?```$", re.DOTALL)  # ```json ... ```, as chat models often wrap JSON
 
 
-@dataclass(frozen=True)
-class JsonFormat:
-    """A JSON answer's form: any JSON object (`schema` None, OpenAI's "json_object"), or a value matching a JSON
-    schema (its `name` and `description` told to the model with it)."""
+class AnswerFormat:
+    """A form an answer must have: told to the model (`instruction`), read from a reply (`read`: its value, or
+    DiffGemmaError saying why not), and given back as `text` (what the reply says, in that form)."""
 
-    schema: dict[str, Any] | None = None
-    name: str = "answer"
-    description: str = ""
+    what = "answer in the form asked for"  # (in errors: "no JSON answer in 3 draws")
 
     def instruction(self) -> str:
-        """What the system turn tells the model."""
-        if self.schema is None:
-            return "Answer with one JSON object and nothing else: no text before or after it, no code fence."
-        about = f" ({self.description})" if self.description else ""
-        schema = json.dumps(self.schema, ensure_ascii=False)
-        return (
-            f"Answer with one JSON value, {self.name}{about}, that matches this JSON schema, and nothing else: "
-            f"no text before or after it, no code fence.\nJSON schema: {schema}"
-        )
+        raise NotImplementedError
+
+    def read(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def text(self, reply: str) -> str:
+        return reply.strip()
 
     def with_instruction(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`messages` with the instruction at the end of their first system (or developer) turn, or in a system
@@ -55,6 +51,31 @@ class JsonFormat:
                 told = [*content, {"type": "text", "text": self.instruction()}]
             return [{**first, "content": told}, *messages[1:]]
         return [{"role": "system", "content": self.instruction()}, *messages]
+
+
+@dataclass(frozen=True)
+class JsonFormat(AnswerFormat):
+    """A JSON answer's form: any JSON object (`schema` None, OpenAI's "json_object"), or a value matching a JSON
+    schema (its `name` and `description` told to the model with it)."""
+
+    schema: dict[str, Any] | None = None
+    name: str = "answer"
+    description: str = ""
+    what = "JSON answer"
+
+    def instruction(self) -> str:
+        """What the system turn tells the model."""
+        if self.schema is None:
+            return "Answer with one JSON object and nothing else: no text before or after it, no code fence."
+        about = f" ({self.description})" if self.description else ""
+        schema = json.dumps(self.schema, ensure_ascii=False)
+        return (
+            f"Answer with one JSON value, {self.name}{about}, that matches this JSON schema, and nothing else: "
+            f"no text before or after it, no code fence.\nJSON schema: {schema}"
+        )
+
+    def text(self, reply: str) -> str:
+        return unfenced(reply)
 
     def read(self, text: str) -> Any:
         """The JSON value a reply is (surrounding whitespace and a code fence around it forgiven); a reply that is
@@ -108,8 +129,84 @@ def json_format(spec: dict[str, Any] | bool | None, where: str) -> JsonFormat | 
         raise DiffGemmaError(f"{where}: unknown format type {kind!r}; expected text, json_object or json_schema")
     else:
         fmt = JsonFormat(spec)
+    return _checked(fmt, where)
+
+
+def _checked(fmt: JsonFormat, where: str) -> JsonFormat:
+    """`fmt`, once its schema is known to be a valid JSON schema."""
     try:
         jsonschema.validators.validator_for(fmt.schema).check_schema(fmt.schema)
     except jsonschema.exceptions.SchemaError as err:
         raise DiffGemmaError(f"{where}: not a valid JSON schema: {err.message}") from None
     return fmt
+
+
+@dataclass(frozen=True)
+class RegexFormat(AnswerFormat):
+    """An answer whose text (surrounding whitespace aside) matches a regular expression whole."""
+
+    pattern: str
+    what = "answer matching the regular expression"
+
+    def instruction(self) -> str:
+        return f"Answer with text that matches this regular expression, and nothing else: {self.pattern}"
+
+    def read(self, text: str) -> str:
+        if re.fullmatch(self.pattern, text.strip()) is None:
+            raise DiffGemmaError(f"the answer does not match {self.pattern!r} (it began {text.strip()[:40]!r})")
+        return text.strip()
+
+
+@dataclass(frozen=True)
+class ChoiceFormat(AnswerFormat):
+    """An answer that is one of given texts (surrounding whitespace aside)."""
+
+    choices: tuple[str, ...]
+    what = "answer among the choices"
+
+    def instruction(self) -> str:
+        return "Answer with exactly one of these, and nothing else: " + "; ".join(self.choices)
+
+    def read(self, text: str) -> str:
+        if text.strip() not in self.choices:
+            raise DiffGemmaError(f"the answer is none of the choices (it began {text.strip()[:40]!r})")
+        return text.strip()
+
+
+def vllm_format(fields: dict[str, Any], where: str) -> AnswerFormat | None:
+    """The form vLLM's structured outputs ask for: `structured_outputs` {"json" | "regex" | "choice" |
+    "json_object"}, or the older `guided_json`, `guided_regex`, `guided_choice` (None: none asked). A grammar is
+    refused (no reader here for one); so is more than one form."""
+    nested = fields.get("structured_outputs") or {}
+    if not isinstance(nested, dict):
+        raise DiffGemmaError(f"{where}: structured_outputs must be an object")
+    asked = {f"guided_{key}": value for key, value in nested.items() if value not in (None, False)}
+    asked |= {key: value for key, value in fields.items() if key.startswith("guided_") and value is not None}
+    if "guided_grammar" in asked:
+        raise DiffGemmaError(f"{where}: a grammar is not supported (JSON schemas, regular expressions, choices are)")
+    kinds = sorted(set(asked) & {"guided_json", "guided_regex", "guided_choice", "guided_json_object"})
+    if len(kinds) > 1:
+        raise DiffGemmaError(f"{where}: give one form, not {', '.join(kinds)}")
+    if not kinds:
+        return None
+    value = asked[kinds[0]]
+    if kinds[0] == "guided_json_object":
+        return JsonFormat()
+    if kinds[0] == "guided_json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise DiffGemmaError(f"{where}: guided_json is not a JSON schema (nor JSON text of one)") from None
+        if not isinstance(value, dict):
+            raise DiffGemmaError(f"{where}: guided_json must be a JSON schema")
+        return _checked(JsonFormat(value), where)
+    if kinds[0] == "guided_regex":
+        try:
+            re.compile(value)
+        except (re.error, TypeError) as err:
+            raise DiffGemmaError(f"{where}: guided_regex is not a regular expression ({err})") from None
+        return RegexFormat(value)
+    if not isinstance(value, list) or not value or not all(isinstance(choice, str) for choice in value):
+        raise DiffGemmaError(f"{where}: guided_choice must be a list of texts")
+    return ChoiceFormat(tuple(value))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from server_util import free_port, running
 from diffgemma.server import ServerOptions, create_app
 from diffgemma.server.app import reply_text
 from diffgemma.server.batcher import Batcher
-from diffgemma.structured import DEFAULT_TRIES, JsonFormat
+from diffgemma.structured import DEFAULT_TRIES, JsonFormat, RegexFormat
 
 SKY = "Why is the sky blue?"
 
@@ -423,7 +424,7 @@ def test_error_statuses(server, client):
     with pytest.raises(openai.BadRequestError, match="unknown format type") as refused:
         client.responses.create(model="demo", input=SKY, text={"format": {"type": "yaml"}})
     assert refused.value.param == "text.format"
-    with pytest.raises(openai.BadRequestError, match="is not whole") as refused:
+    with pytest.raises(openai.BadRequestError, match="cannot be read whole") as refused:
         begun = [*ask(SKY), {"role": "assistant", "content": "{"}]
         client.chat.completions.create(
             model="demo",
@@ -1017,7 +1018,7 @@ def test_the_eos_after_a_rows_tokens_is_found_only_where_one_is():
 def test_json_answers_read_against_their_schema_or_a_422(server, client, demo):
     """`response_format` / `text.format`: the schema goes to the model, and a reply that does not read is drawn
     again with the next seed (the demo model, its tokens banned but the digits and EOS, answers a number or
-    nothing); none reading in `json_tries` draws is a 422 that says why."""
+    nothing); none reading in `format_tries` draws is a 422 that says why."""
     integer = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "integer"}}}
     tokenizer = demo.tokenizer
     keep = {tokenizer.encode(digit, add_special_tokens=False)[0] for digit in "123456789"}
@@ -1097,7 +1098,7 @@ def test_json_answers_read_against_their_schema_or_a_422(server, client, demo):
         client.chat.completions.create(
             model="demo", messages=ask(SKY), response_format={"type": "json_object"}, max_tokens=128, seed=0
         )
-    assert none.value.code == "json_unreadable" and none.value.param == "response_format"
+    assert none.value.code == "answer_unreadable" and none.value.param == "response_format"
     with pytest.raises(openai.UnprocessableEntityError, match="the answer is not JSON"):
         client.chat.completions.parse(model="demo", messages=ask(SKY), response_format=Person, max_tokens=128)
     # an answer cut at max_tokens comes back as it is ("length"), not drawn again
@@ -1161,3 +1162,56 @@ def test_a_short_answer_in_a_batch_returns_without_waiting_for_the_long_one(demo
     assert finished["long"][1].usage.completion_tokens == 320  # (10 canvases; the short answer's in the first)
     freed = finished["busy"][0]
     assert finished["short"][0] - freed < 0.25 * (finished["long"][0] - freed)
+
+
+def test_vllms_structured_outputs_are_read_and_drawn_again_too(server, client, demo):
+    """vLLM's `structured_outputs` (and the older `guided_*` fields): a regular expression, choices or a JSON
+    schema, told to the model and read as `response_format` is; a grammar, or two forms at once, refused."""
+    tokenizer = demo.tokenizer
+    keep = {tokenizer.encode(digit, add_special_tokens=False)[0] for digit in "123456789"}
+    keep |= set(demo.settings.eos_token_id)
+    bias = {str(token): -100 for token in range(demo.config.vocab_size) if token not in keep}
+    asked = dict(model="demo", messages=ask("How many?"), max_tokens=16, logit_bias=bias)
+    # a pattern the demo's reply (told it) matches: the server gives that reply back, read
+    for pattern in ("[1-9]+", "[1-9]{1,3}", "1[1-9]*", "[1-9]*2[1-9]*", r"\d+"):
+        told = RegexFormat(pattern).with_instruction(ask("How many?"))
+        plain = client.chat.completions.create(**{**asked, "messages": told}, seed=0).choices[0].message.content
+        if re.fullmatch(pattern, plain):
+            break
+    else:
+        pytest.fail("no pattern's reply reads")
+    for fields in ({"structured_outputs": {"regex": pattern}}, {"guided_regex": pattern}):
+        got = client.chat.completions.create(**asked, seed=0, extra_body=fields)
+        assert got.choices[0].message.content == plain
+    # a JSON schema's likewise, as a schema or its JSON text
+    schema = {"type": "integer"}
+    told = JsonFormat(schema).with_instruction(ask("How many?"))
+    plain = [
+        client.chat.completions.create(**{**asked, "messages": told}, seed=seed).choices[0].message.content
+        for seed in range(12)
+    ]
+    seed = next(seed for seed in range(12) if plain[seed])  # (an empty reply does not read: drawn again)
+    for fields in (
+        {"guided_json": schema},
+        {"guided_json": json.dumps(schema)},
+        {"structured_outputs": {"json": schema}},
+    ):
+        assert (
+            client.chat.completions.create(**asked, seed=seed, extra_body=fields).choices[0].message.content
+            == plain[seed]
+        )
+    refused = [
+        ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "grammar is not supported"),
+        ({"guided_regex": "("}, "not a regular expression"),
+        ({"guided_choice": []}, "list of texts"),
+        ({"guided_regex": "2+", "guided_choice": ["2"]}, "give one form"),
+        ({"guided_regex": "2+", "response_format": {"type": "json_object"}}, "not both"),
+    ]
+    for fields, fault in refused:
+        with pytest.raises(openai.BadRequestError, match=fault) as bad:
+            client.chat.completions.create(model="demo", messages=ask(SKY), extra_body=fields)
+        assert bad.value.param == "structured_outputs"
+    with pytest.raises(openai.UnprocessableEntityError, match="no answer among the choices in 3 draws"):
+        client.chat.completions.create(
+            model="demo", messages=ask(SKY), max_tokens=128, extra_body={"guided_choice": ["yes", "no"]}
+        )

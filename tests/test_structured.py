@@ -7,7 +7,7 @@ import pydantic
 import pytest
 
 from diffgemma import DiffGemmaError
-from diffgemma.structured import JsonFormat, json_format, unfenced
+from diffgemma.structured import ChoiceFormat, JsonFormat, RegexFormat, json_format, unfenced, vllm_format
 
 PERSON = {
     "type": "object",
@@ -98,6 +98,42 @@ def test_the_schema_is_told_in_the_system_turn():
     developer = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}, *user]
     parts = fmt.with_instruction(developer)[0]["content"]
     assert parts == [{"type": "text", "text": "Be brief."}, {"type": "text", "text": told}]
+
+
+def test_regular_expressions_and_choices_read_whole_answers():
+    date = RegexFormat(r"\d{4}-\d{2}-\d{2}")
+    assert date.read(" 2026-12-03\n") == "2026-12-03" == date.text(" 2026-12-03\n")
+    with pytest.raises(DiffGemmaError, match="does not match"):
+        date.read("on 2026-12-03")  # the whole answer, not a part of it
+    yes_no = ChoiceFormat(("yes", "no"))
+    assert yes_no.read("no ") == "no" and "yes; no" in yes_no.instruction()
+    with pytest.raises(DiffGemmaError, match="none of the choices"):
+        yes_no.read("maybe")
+    assert r"\d{4}" in date.instruction()
+
+
+def test_vllms_structured_outputs_fields():
+    assert vllm_format({}, "f") is None and vllm_format({"structured_outputs": {"json": None}}, "f") is None
+    assert (
+        vllm_format({"structured_outputs": {"regex": "a+"}}, "f")
+        == RegexFormat("a+")
+        == vllm_format({"guided_regex": "a+"}, "f")
+    )
+    assert vllm_format({"guided_choice": ["a", "b"]}, "f") == ChoiceFormat(("a", "b"))
+    assert vllm_format({"structured_outputs": {"json": PERSON}}, "f") == JsonFormat(PERSON)
+    assert vllm_format({"guided_json": json.dumps(PERSON)}, "f") == JsonFormat(PERSON)
+    assert vllm_format({"structured_outputs": {"json_object": True}}, "f") == JsonFormat()
+    for fields, fault in [
+        ({"guided_grammar": "root ::= 'a'"}, "grammar is not supported"),
+        ({"guided_regex": "("}, "not a regular expression"),
+        ({"guided_choice": "a"}, "list of texts"),
+        ({"guided_json": "{not json"}, "not a JSON schema"),
+        ({"guided_json": {"type": "objekt"}}, "not a valid JSON schema"),
+        ({"guided_regex": "a", "structured_outputs": {"choice": ["a"]}}, "give one form"),
+        ({"structured_outputs": "json"}, "must be an object"),
+    ]:
+        with pytest.raises(DiffGemmaError, match=fault):
+            vllm_format(fields, "structured_outputs")
 
 
 def digits_only(demo):

@@ -6,8 +6,8 @@ the server sends whatever newly settled, never taking anything back. The thinkin
 `reasoning_content`. With `"drafts": true` a client also gets every denoising step's canvas. `stop` strings
 end the answer (never the thinking) as soon as one settles; a stream holds back text that may begin one.
 `logprobs` score a finished choice's tokens with the causal encoder (`DiffGemma.score`), on the engine's
-thread between batches. A JSON answer (`response_format`) is read against its schema and drawn again if it
-does not read (`structured`).
+thread between batches. An answer asked for in a form (`response_format`: JSON; vLLM's structured outputs) is
+read against it and drawn again if it does not read (`structured`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..api import DiffGemma
 from ..errors import DiffGemmaError
 from ..generate import SettledText
 from ..scoring import TokenScores
-from ..structured import DEFAULT_TRIES, JsonFormat, unfenced
+from ..structured import DEFAULT_TRIES, AnswerFormat
 from ..tokenizer import THINKING_CLOSE
 from ..toolcalls import check_tools, tool_plan
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
@@ -62,6 +62,7 @@ from .schema import (
     TokenizeRequest,
     ToolChoiceField,
     asked_format,
+    chat_format,
     error_body,
     stop_strings,
     tool_choice_name,
@@ -81,7 +82,7 @@ class ServerOptions:
     max_concurrent: int = 16
     max_batch: int = 8
     allowed_origins: tuple[str, ...] = ()  # web pages elsewhere that may call the API (CORS); "*" for any
-    json_tries: int = DEFAULT_TRIES  # draws of a JSON answer (`response_format`) before a 422 says none read
+    format_tries: int = DEFAULT_TRIES  # draws of an answer of a form (JSON, ...) before a 422 says none read
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,9 @@ def whole_events(
     return [event for piece in [*answer.pieces(0, logprobs), usage] for event in chunk(piece)]
 
 
-def json_fault(answer_format: JsonFormat | None, reply: SettledText, tokens: list[int], finish: str) -> str | None:
-    """Why a finished choice is not the JSON answer asked for (None: it is, or none was asked for). A choice cut at
-    its token limit is left as it is ("length", as OpenAI's), as is one that calls tools."""
+def format_fault(answer_format: AnswerFormat | None, reply: SettledText, tokens: list[int], finish: str) -> str | None:
+    """Why a finished choice does not have the form asked for (None: it has, or none was asked for). A choice cut
+    at its token limit is left as it is ("length", as OpenAI's), as is one that calls tools."""
     if answer_format is None or finish == "length" or reply.tool_calls(tokens):
         return None
     try:
@@ -393,25 +394,26 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         reply: SettledText,
         request: Request,
         tools: ToolUse | None,
-        answer_format: JsonFormat | None = None,
+        answer_format: AnswerFormat | None = None,
         again: Callable[[int], tuple[Job, SettledText]] | None = None,
         param: str = "response_format",
     ) -> Answer:
-        """`run_job`'s choice as an Answer; for a JSON answer (`answer_format`) a fresh draw after each that does
-        not read (`again(k)`: the k-th redraw's job, seeded apart, and its reply), at most `json_tries` draws in
-        all, then a 422 that says why the last did not read (`param`: the request's format field)."""
-        for attempt in range(1, options.json_tries + 1):
+        """`run_job`'s choice as an Answer; for an answer of a form (`answer_format`: JSON, ...) a fresh draw
+        after each that does not read (`again(k)`: the k-th redraw's job, seeded apart, and its reply), at most
+        `format_tries` draws in all, then a 422 that says why the last did not read (`param`: the request's
+        format field)."""
+        for attempt in range(1, options.format_tries + 1):
             done, finish = await run_job(job, request, reply)
-            fault = json_fault(answer_format, reply, done.new_tokens, finish)
+            fault = format_fault(answer_format, reply, done.new_tokens, finish)
             if fault is None:
                 content, reasoning = reply.parts(done.new_tokens)
-                content = unfenced(content) if answer_format is not None else content
+                content = answer_format.text(content) if answer_format is not None else content
                 return Answer(done, reply, content, reasoning, choice_ending(reply, done.new_tokens, finish, tools))
-            if again is None or attempt == options.json_tries:
+            if again is None or attempt == options.format_tries:
                 break
             job, reply = again(attempt)
-        message = f"no JSON answer in {options.json_tries} draws; the last: {fault}"
-        raise APIError(422, message, "model_error", "json_unreadable", param)
+        message = f"no {answer_format.what} in {options.format_tries} draws; the last: {fault}"
+        raise APIError(422, message, "model_error", "answer_unreadable", param)
 
     async def stream_jobs(
         jobs: list[Job],
@@ -485,13 +487,14 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         echoes: list[str] | None = None,
         clamp: list[int] | None = None,
         tools: ToolUse | None = None,
-        answer_format: JsonFormat | None = None,
+        answer_format: AnswerFormat | None = None,
     ):
         """Admit, queue, then stream the jobs (`n` a prompt, choice k * n + i prompt k's i-th, seeded seed + its
         index) or wait for them: what both completion routes share. `echoes`: each prompt's text, to come first;
         `clamp`: ids held in place on the first canvas (a fill: its `max_tokens` free positions, the suffix);
         `tools`: the chat offered tools, so its choices' calls come back as `tool_calls`; `answer_format`: the
-        chat asked for JSON (`run_answer`: a choice is read whole, then sent, as one piece if streamed)."""
+        chat asked for a form, JSON, say (`run_answer`: a choice is read whole, then sent, as one piece if
+        streamed)."""
         limit = admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
         rows = [prompt for prompt in prompts for _ in range(body.n)]
         leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
@@ -619,7 +622,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        answer_format = asked_format(body.response_format, "response_format")
+        answer_format = chat_format(body)
         messages = [message.for_template() for message in body.messages]
         messages = answer_format.with_instruction(messages) if answer_format is not None else messages
         thinking = thinking_asked(body)
@@ -630,7 +633,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             message = "continue_final_message begins the answer, so it cannot be asked with a tool_choice that does"
             raise APIError(400, message, "invalid_request_error", "invalid_value", "tool_choice")
         if body.continue_final_message and answer_format is not None:
-            message = "continue_final_message gives the answer's start, so its JSON (response_format) is not whole"
+            message = "continue_final_message gives the answer's start, so it cannot be read whole in its form"
             raise APIError(400, message, "invalid_request_error", "invalid_value", "response_format")
         if body.continue_final_message:  # the last message is the answer begun: the model goes on from it
             if messages[-1]["role"] != "assistant":
@@ -670,7 +673,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         events = whole_events(answer, built.chunk, len(prompt), logprobs)
         return _event_stream([_sse(events)]) if body.stream else events[-1]["response"]
 
-    def messages_prompt(body: Conversation) -> tuple[list[int], ToolUse | None, JsonFormat | None, str]:
+    def messages_prompt(body: Conversation) -> tuple[list[int], ToolUse | None, AnswerFormat | None, str]:
         """A Messages API conversation's prompt ids (its reply made to begin a call if its tool_choice asks), its
         tools, and the JSON answer's form if it asks for one (told in the system turn), with the field it came in."""
         conversation, thinking = request_conversation(body)

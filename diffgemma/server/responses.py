@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field
 
 from ..scoring import MAX_TOP
-from ..structured import JsonFormat
+from ..structured import AnswerFormat
 from .schema import APIError, Piece, SamplerExtras, ToolChoiceField, asked_format, content_text
 
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -53,7 +53,7 @@ def request_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
     return [{"type": "function", "function": {f: tool[f] for f in fields if f in tool}} for tool in body.tools]
 
 
-def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], bool, JsonFormat | None]:
+def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], bool, AnswerFormat | None]:
     """The request as chat messages (the instructions first, as a system message), whether to think, and the
     JSON answer's form if `text.format` asks for one (its instruction then in the system message)."""
     answer_format = asked_format((body.text or {}).get("format"), "text.format")

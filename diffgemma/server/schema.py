@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import DiffGemmaError
 from ..scoring import MAX_TOP  # alternatives a position that logprobs may ask for, as OpenAI allows
-from ..structured import JsonFormat, json_format
+from ..structured import AnswerFormat, json_format, vllm_format
 
 MAX_STOP_STRINGS = 16
+VLLM_FORMAT_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 SAMPLER_FIELDS = (
     "max_denoising_steps",
     "entropy_bound",
@@ -121,6 +122,13 @@ class ChatRequest(SamplerExtras):
     logprobs: bool = False  # each answer token's log-probability, from the causal encoder (`scoring`)
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
     response_format: dict[str, Any] | None = None  # text, json_object or json_schema (`asked_format`)
+    # vLLM's structured outputs (`chat_format`): {"json" | "regex" | "choice" | "json_object" | "grammar"}, and
+    # the older fields each of one
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     continue_final_message: bool = False  # the last (assistant) message is the answer begun: its prefill
     tools: list[dict[str, Any]] | None = None  # functions the model may call: `tool_calls` in the answer
     tool_choice: ToolChoiceField = None  # "auto" (default), "none", "required" or {"function": {"name": ...}}
@@ -197,13 +205,28 @@ def tool_choice_name(choice: ToolChoiceField) -> str:
     return name
 
 
-def asked_format(spec: dict[str, Any] | None, param: str) -> JsonFormat | None:
+def asked_format(spec: dict[str, Any] | None, param: str) -> AnswerFormat | None:
     """A request's `response_format` (the Responses API's `text.format`): None for free text, else the JSON
     answer's form; one that is not a format (or holds no valid schema) is the request's error."""
     try:
         return json_format(spec, param)
     except DiffGemmaError as err:
         raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
+
+
+def chat_format(body: ChatRequest) -> AnswerFormat | None:
+    """The form a chat completion's answer must have: its `response_format`, or vLLM's structured outputs
+    (`structured_outputs`, `guided_json`, `guided_regex`, `guided_choice`), not both."""
+    json_asked = asked_format(body.response_format, "response_format")
+    fields = body.model_dump(include=set(VLLM_FORMAT_FIELDS), exclude_none=True)
+    try:
+        vllm_asked = vllm_format(fields, "structured_outputs")
+    except DiffGemmaError as err:
+        raise APIError(400, str(err), "invalid_request_error", "invalid_value", "structured_outputs") from None
+    if json_asked is not None and vllm_asked is not None:
+        message = "give response_format or vLLM's structured outputs, not both"
+        raise APIError(400, message, "invalid_request_error", "invalid_value", "structured_outputs")
+    return json_asked or vllm_asked
 
 
 def stop_strings(stop: StopField) -> list[str]:
