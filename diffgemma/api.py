@@ -399,7 +399,7 @@ class DiffGemma:
                 fault = err
                 continue
             return replace(reply, content=answer_format.text(content), parsed=parsed)
-        raise DiffGemmaError(f"no JSON answer in {json_tries} tries; the last: {fault} (it began {content[:80]!r})")
+        raise DiffGemmaError(f"no JSON answer in {json_tries} tries; the last: {fault}")
 
     def infill(
         self,

@@ -83,7 +83,10 @@ class JsonFormat(AnswerFormat):
         try:
             value = json.loads(unfenced(text))
         except json.JSONDecodeError as err:
-            raise DiffGemmaError(f"the answer is not JSON ({err.msg} at character {err.pos})") from None
+            began = unfenced(text)[:40]
+            raise DiffGemmaError(
+                f"the answer is not JSON ({err.msg} at character {err.pos}; it began {began!r})"
+            ) from None
         if self.schema is None:
             if not isinstance(value, dict):
                 raise DiffGemmaError(f"the answer is JSON but not an object (a {type(value).__name__})")

@@ -54,7 +54,7 @@ def test_replies_are_read_as_json_and_checked_against_the_schema():
     assert unfenced(fenced) == '{"name": "Ada", "age": 36}'
     assert unfenced("  [1, 2]\n") == "[1, 2]"
     for reply, fault in [
-        ("Sure! Here it is", "not JSON (Expecting value at character 0)"),
+        ("Sure! Here it is", "not JSON (Expecting value at character 0; it began 'Sure! Here it is')"),
         ('{"name": "Ada", "age": 36} and more', "not JSON (Extra data"),
         ('{"name": "Ada"}', "at $, 'age' is a required property"),
         ('{"name": "Ada", "age": -1}', "at $.age, -1 is less than the minimum of 0"),
