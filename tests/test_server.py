@@ -579,8 +579,9 @@ def test_concurrent_requests_share_decoder_passes(demo, count_calls):
     seeds = range(8)
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        # every answer two whole canvases of every step: no EOS (banned), no early stop; one prompt length, as
-        # rows of a batch share positions (left padding, as the reference lays a batch out)
+        # every answer two whole canvases of every step: no EOS (banned), no early stop; one prompt (a batch of
+        # different prompts rounds a row's arithmetic differently in the last bits, which can tip an unsure
+        # canvas's near ties)
         endless = {str(eos): -100 for eos in demo.settings.eos_token_id}
         work = dict(max_tokens=2 * demo.config.canvas_length, logit_bias=endless)
 
