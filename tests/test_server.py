@@ -1216,3 +1216,15 @@ def test_vllms_structured_outputs_are_read_and_drawn_again_too(server, client, d
         client.chat.completions.create(
             model="demo", messages=ask(SKY), max_tokens=128, extra_body={"guided_choice": ["yes", "no"]}
         )
+
+
+def test_the_logprobs_of_n_choices_are_scored_in_one_pass(client, demo, count_calls):
+    calls = count_calls(demo, "score")
+    both = client.completions.create(model="demo", prompt="The sky is", max_tokens=8, n=2, seed=3, logprobs=2)
+    assert len(calls) == 1
+    for index, choice in enumerate(both.choices):
+        alone = client.completions.create(model="demo", prompt="The sky is", max_tokens=8, seed=3 + index, logprobs=2)
+        assert choice.text == alone.choices[0].text and choice.logprobs.tokens == alone.choices[0].logprobs.tokens
+        assert choice.logprobs.token_logprobs == pytest.approx(alone.choices[0].logprobs.token_logprobs, abs=1e-4)
+    chat = client.chat.completions.create(model="demo", messages=ask(SKY), n=2, seed=1, logprobs=True, top_logprobs=1)
+    assert len(calls) == 4 and all(choice.logprobs.content for choice in chat.choices)

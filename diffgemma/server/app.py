@@ -523,11 +523,15 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 for index, (job, reply) in enumerate(zip(jobs, replies, strict=True))
             )
         )
+        every_logprobs: list[dict[str, Any] | None] = [None] * len(answers)
+        if top is not None:  # every choice scored in one pass
+            scored = [
+                (rows[i], a.reply, a.done.new_tokens, a.done.eos, bool(leading[i])) for i, a in enumerate(answers)
+            ]
+            every_logprobs = list(await choices_logprobs(scored, top, chat))
         choices, pieces = [], []
-        for index, answer in enumerate(answers):
-            done, end, content = answer.done, answer.end, answer.content
-            replies[index] = answer.reply
-            logprobs = await scorer(index, done.new_tokens, done.eos) if scorer is not None else None
+        for index, (answer, logprobs) in enumerate(zip(answers, every_logprobs, strict=True)):
+            end, content = answer.end, answer.content
             pieces += answer.pieces(index, logprobs)
             choice: dict[str, Any] = {"index": index, "finish_reason": end.finish}
             if end.stop_sequence is not None:  # (vLLM's field: the stop string that ended it)
@@ -565,18 +569,29 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def reply_logprobs(
         prompt: list[int], reply: SettledText, tokens: list[int], eos: int | None, top: int, chat: bool, echo: bool
     ) -> dict[str, Any]:
-        """A choice's `logprobs`: its prompt and tokens scored (a text completion's EOS too, if one ended it), in
-        the chat shape (the answer's tokens: those after the thinking, when it thought) or the completion shape
+        """A choice's `logprobs` (`choices_logprobs` of one)."""
+        return (await choices_logprobs([(prompt, reply, tokens, eos, echo)], top, chat))[0]
+
+    async def choices_logprobs(
+        choices: list[tuple[list[int], SettledText, list[int], int | None, bool]], top: int, chat: bool
+    ) -> list[dict[str, Any]]:
+        """Choices' `logprobs` (each its prompt, reply, tokens, the EOS that ended it, and whether it echoes),
+        scored in one pass: each prompt and its tokens (a text completion's EOS too, if one ended it), in the
+        chat shape (the answer's tokens: those after the thinking, when it thought) or the completion shape
         (`echo`: the prompt's tokens listed too)."""
-        kept = reply.kept(tokens)
-        if not chat and eos is not None:
-            kept = [*kept, eos]
-        scored = (await score([prompt + kept], top))[0]
-        if chat:
-            thought_end = model.tokenizer.token_id(THINKING_CLOSE)
-            answer = max((i + 1 for i, token in enumerate(kept) if token == thought_end), default=0)
-            return chat_logprobs(model.tokenizer, scored, len(prompt) + answer)
-        return completion_logprobs(model.tokenizer, scored, 0 if echo else len(prompt))
+        kept = []
+        for _, reply, tokens, eos, _ in choices:
+            kept.append([*reply.kept(tokens), *([eos] if not chat and eos is not None else [])])
+        scored = await score([choice[0] + ids for choice, ids in zip(choices, kept, strict=True)], top)
+        shaped = []
+        for (prompt, _, _, _, echo), ids, scores in zip(choices, kept, scored, strict=True):
+            if chat:
+                thought_end = model.tokenizer.token_id(THINKING_CLOSE)
+                answer = max((i + 1 for i, token in enumerate(ids) if token == thought_end), default=0)
+                shaped.append(chat_logprobs(model.tokenizer, scores, len(prompt) + answer))
+            else:
+                shaped.append(completion_logprobs(model.tokenizer, scores, 0 if echo else len(prompt)))
+        return shaped
 
     async def score(rows: list[list[int]], top: int) -> list[TokenScores]:
         """`DiffGemma.score` of rows of ids in one pass, on the engine's thread between batches."""
