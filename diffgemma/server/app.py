@@ -154,13 +154,14 @@ def whole_events(
     return [event for piece in [*answer.pieces(0, logprobs), usage] for event in chunk(piece)]
 
 
-def format_fault(answer_format: AnswerFormat | None, reply: SettledText, tokens: list[int], finish: str) -> str | None:
-    """Why a finished choice does not have the form asked for (None: it has, or none was asked for). A choice cut
-    at its token limit is left as it is ("length", as OpenAI's), as is one that calls tools."""
-    if answer_format is None or finish == "length" or reply.tool_calls(tokens):
+def format_fault(answer_format: AnswerFormat | None, content: str, end: Ending) -> str | None:
+    """Why a finished choice's answer (`content`) does not have the form asked for (None: it has, or none was
+    asked for). A choice cut at its token limit is left as it is ("length", as OpenAI's), as is one that calls
+    tools."""
+    if answer_format is None or end.finish == "length" or end.calls:
         return None
     try:
-        answer_format.read(reply.parts(tokens)[0])
+        answer_format.read(content)
     except DiffGemmaError as err:
         return str(err)
     return None
@@ -404,11 +405,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         format field)."""
         for attempt in range(1, options.format_tries + 1):
             done, finish = await run_job(job, request, reply)
-            fault = format_fault(answer_format, reply, done.new_tokens, finish)
+            content, reasoning = reply.parts(done.new_tokens)
+            end = choice_ending(reply, done.new_tokens, finish, tools)
+            fault = format_fault(answer_format, content, end)
             if fault is None:
-                content, reasoning = reply.parts(done.new_tokens)
                 content = answer_format.text(content) if answer_format is not None else content
-                return Answer(done, reply, content, reasoning, choice_ending(reply, done.new_tokens, finish, tools))
+                return Answer(done, reply, content, reasoning, end)
             if again is None or attempt == options.format_tries:
                 break
             job, reply = again(attempt)
@@ -498,8 +500,14 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         limit = admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
         rows = [prompt for prompt in prompts for _ in range(body.n)]
         leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
-        replies = [reply_text(model, chat, body.stop, tools) for _ in rows]
-        jobs = [new_job(prompt, limit, body, index, clamp) for index, prompt in enumerate(rows)]
+
+        def redraw(index: int, attempt: int) -> tuple[Job, SettledText]:
+            """Choice `index`'s job (its `attempt`-th draw, seeded apart from every other draw) and its reply."""
+            job = new_job(rows[index], limit, body, index + attempt * len(rows), clamp)
+            return job, reply_text(model, chat, body.stop, tools)
+
+        drawn = [redraw(index, 0) for index in range(len(rows))]
+        jobs, replies = [job for job, _ in drawn], [reply for _, reply in drawn]
         identity = _identity("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(prompt) for prompt in prompts)
         top = requested_logprobs(body)
@@ -507,10 +515,6 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
         async def choice_logprobs(index: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
             return await reply_logprobs(rows[index], replies[index], tokens, eos, top, chat, bool(leading[index]))
-
-        def redraw(index: int, attempt: int) -> tuple[Job, SettledText]:
-            job = new_job(rows[index], limit, body, index + attempt * len(rows), clamp)  # seeds apart from all
-            return job, reply_text(model, chat, body.stop, tools)
 
         scorer = choice_logprobs if top is not None else None
         usage_chunk = prompt_tokens if _include_usage(body) else None
@@ -667,7 +671,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         offered, tools = plan_tools(request_tools(body), body.tool_choice, body.parallel_tool_calls)
         prompt = chat_prompt(messages, thinking, "input", "", offered) + (tools.lead if tools else [])
         limit = admit([prompt], body.max_output_tokens, 1, chat=True)
-        job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, True, None, tools)
+
+        def redraw(attempt: int) -> tuple[Job, SettledText]:
+            return new_job(prompt, limit, body, attempt, None), reply_text(model, True, None, tools)
+
+        job, reply = redraw(0)
         built = ResponseBuilder(
             options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)), request=body
         )
@@ -675,9 +683,6 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
         async def answer_logprobs(_: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
             return await reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False)
-
-        def redraw(attempt: int) -> tuple[Job, SettledText]:
-            return new_job(prompt, limit, body, attempt, None), reply_text(model, True, None, tools)
 
         scorer = answer_logprobs if top is not None else None
         if body.stream and answer_format is None:
@@ -710,14 +715,14 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         # Anthropic's clients always send max_tokens, often far above a local server's limit (32,000 is common):
         # the answer runs to the server's limit at most, and says "max_tokens" if cut there
         limit = admit([prompt], min(body.max_tokens, options.max_tokens), 1, chat=True)
-        job, reply = new_job(prompt, limit, body, 0, None), reply_text(model, True, body.stop_sequences, tools)
-        built = MessageBuilder(options.model_name, len(prompt))
-        if body.stream and answer_format is None:
-            return _event_stream(stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", None, tools))
 
         def redraw(attempt: int) -> tuple[Job, SettledText]:
             return new_job(prompt, limit, body, attempt, None), reply_text(model, True, body.stop_sequences, tools)
 
+        job, reply = redraw(0)
+        built = MessageBuilder(options.model_name, len(prompt))
+        if body.stream and answer_format is None:
+            return _event_stream(stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", None, tools))
         answer = await run_answer(job, reply, request, tools, answer_format, redraw, param)
         events = whole_events(answer, built.chunk, len(prompt))
         return _event_stream([_sse(events)]) if body.stream else built.message(len(answer.done.new_tokens), done=True)
