@@ -78,3 +78,13 @@ def count_calls(monkeypatch):
         return calls
 
     return install
+
+
+@pytest.fixture(scope="session")
+def digits_only_bans(demo) -> list[int]:
+    """Every token of the demo model but the digits 1-9 and the EOS ids: banned, its replies are numbers, or
+    empty."""
+    tokenizer = demo.tokenizer
+    keep = {tokenizer.encode(digit, add_special_tokens=False)[0] for digit in "123456789"}
+    keep |= set(demo.settings.eos_token_id)
+    return [token for token in range(demo.config.vocab_size) if token not in keep]

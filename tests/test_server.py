@@ -1016,15 +1016,12 @@ def test_the_eos_after_a_rows_tokens_is_found_only_where_one_is():
     assert _ending_eos(result, 1, 1, (1,)) is None  # at its limit
 
 
-def test_json_answers_read_against_their_schema_or_a_422(server, client, demo):
+def test_json_answers_read_against_their_schema_or_a_422(server, client, demo, digits_only_bans):
     """`response_format` / `text.format`: the schema goes to the model, and a reply that does not read is drawn
     again with the next seed (the demo model, its tokens banned but the digits and EOS, answers a number or
     nothing); none reading in `format_tries` draws is a 422 that says why."""
     integer = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "integer"}}}
-    tokenizer = demo.tokenizer
-    keep = {tokenizer.encode(digit, add_special_tokens=False)[0] for digit in "123456789"}
-    keep |= set(demo.settings.eos_token_id)
-    bias = {str(token): -100 for token in range(demo.config.vocab_size) if token not in keep}
+    bias = {str(token): -100 for token in digits_only_bans}
     asked = dict(model="demo", messages=ask("How many?"), max_tokens=16, logit_bias=bias)
     told = JsonFormat({"type": "integer"}, "answer").with_instruction(ask("How many?"))
     plain = [
@@ -1165,13 +1162,10 @@ def test_a_short_answer_in_a_batch_returns_without_waiting_for_the_long_one(demo
     assert finished["short"][0] - freed < 0.25 * (finished["long"][0] - freed)
 
 
-def test_vllms_structured_outputs_are_read_and_drawn_again_too(server, client, demo):
+def test_vllms_structured_outputs_are_read_and_drawn_again_too(server, client, digits_only_bans):
     """vLLM's `structured_outputs` (and the older `guided_*` fields): a regular expression, choices or a JSON
     schema, told to the model and read as `response_format` is; a grammar, or two forms at once, refused."""
-    tokenizer = demo.tokenizer
-    keep = {tokenizer.encode(digit, add_special_tokens=False)[0] for digit in "123456789"}
-    keep |= set(demo.settings.eos_token_id)
-    bias = {str(token): -100 for token in range(demo.config.vocab_size) if token not in keep}
+    bias = {str(token): -100 for token in digits_only_bans}
     asked = dict(model="demo", messages=ask("How many?"), max_tokens=16, logit_bias=bias)
     # a pattern the demo's reply (told it) matches: the server gives that reply back, read
     for pattern in ("[1-9]+", "[1-9]{1,3}", "1[1-9]*", "[1-9]*2[1-9]*", r"\d+"):
