@@ -1016,7 +1016,7 @@ def test_the_eos_after_a_rows_tokens_is_found_only_where_one_is():
     assert _ending_eos(result, 1, 1, (1,)) is None  # at its limit
 
 
-def test_json_answers_read_against_their_schema_or_a_422(server, client, demo, digits_only_bans):
+def test_json_answers_read_against_their_schema_or_a_422(server, client, digits_only_bans):
     """`response_format` / `text.format`: the schema goes to the model, and a reply that does not read is drawn
     again with the next seed (the demo model, its tokens banned but the digits and EOS, answers a number or
     nothing); none reading in `format_tries` draws is a 422 that says why."""
