@@ -163,6 +163,26 @@ def _own_name(ref_name: str) -> tuple[str | None, bool]:
     return None, False
 
 
+def _untied_copy(own: str) -> bool:
+    """Whether the reference's encoder holds its own copy of this tensor of ours (the attention biases), which
+    its tying leaves out."""
+    return own.startswith("layers.") and own.endswith(".bias")
+
+
+def _check_untied_copies(aliases: dict[str, StoredTensor], plan: dict[str, StoredTensor]) -> None:
+    """The reference ties every encoder weight to the decoder's, but not the attention biases (`attention_bias`):
+    a checkpoint may hold two different copies, and one network runs both passes here, so refuse those."""
+    for own, copy in aliases.items():
+        kept = plan[own]
+        if copy is kept or not _untied_copy(own):
+            continue
+        if not torch.equal(read_tensor(copy), read_tensor(kept)):
+            raise DiffGemmaError(
+                f"{copy.path}: `{copy.name}` differs from `{kept.name}`: diffgemma runs the encoder and the decoder "
+                "with one set of weights, and this checkpoint's attention biases are not shared between them"
+            )
+
+
 def _needs_buffer(stored: StoredTensor, target: torch.Tensor) -> bool:
     return not (target.device.type == "cpu" and target.dtype == stored.dtype and target.is_contiguous())
 
@@ -226,6 +246,7 @@ def load_weights(model: DiffusionGemma, folder: Path, sinks: dict[str, Sink] | N
         (aliases if tied else plan)[own] = stored
     for own, stored in aliases.items():
         plan.setdefault(own, stored)
+    _check_untied_copies(aliases, plan)
     missing = [reference_name(name) for name in targets if name not in plan]
     if missing:
         shown = ", ".join(f"`{name}`" for name in missing[:5])
@@ -315,6 +336,8 @@ def save_checkpoint(
     os.umask(umask)
     try:
         state = [(reference_name(name), t) for name, t in model.state_dict().items()]
+        # the reference's encoder has attention biases of its own (untied): it reads ours there too
+        state += [(ENCODER + name, t.clone()) for name, t in model.state_dict().items() if _untied_copy(name)]
         state += [(name, stored) for name, stored in (passthrough or {}).items()]
         sizes = [(name, _nbytes(t)) for name, t in state]
         weight_map: dict[str, str] = {}

@@ -105,19 +105,24 @@ def randomize_(model: torch.nn.Module, seed: int, scale: float = 1.0) -> None:
             buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
 
 
-def make_reference_checkpoint(folder: Path, which: str, seed: int = 0, scale: float = 1.0) -> Path:
-    """Build a random `DiffusionGemmaForBlockDiffusion`, save it with `save_pretrained`, add a tokenizer."""
+def make_reference_checkpoint(
+    folder: Path, which: str, seed: int = 0, scale: float = 1.0, prepare=None, **text_overrides
+) -> Path:
+    """Build a random `DiffusionGemmaForBlockDiffusion` (its text config one of ours with `text_overrides`;
+    `prepare` sees the model before it is saved), save it with `save_pretrained`, add a tokenizer."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     text = {"A": CONFIG_A, "B": CONFIG_B, "C": CONFIG_C}[which]
     config = DiffusionGemmaConfig(
-        text_config=dict(text),
+        text_config={**text, **text_overrides},
         vision_config=dict(TINY_VISION),
         canvas_length=CANVAS[which],
     )
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config)
     randomize_(model, seed, scale)
+    if prepare is not None:
+        prepare(model)
     model.save_pretrained(folder)
     (folder / "generation_config.json").write_text(json.dumps(GENERATION, indent=2))
     write_tokenizer(folder)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from reference import load_reference
+from reference import load_reference, make_reference_checkpoint
 
 import diffgemma
 from diffgemma import DiffGemmaError
@@ -43,6 +43,36 @@ def test_saved_checkpoint_loads_in_transformers_with_same_logits(ours, tmp_path)
     assert again.tokenizer is not None
     assert again.settings == model.settings
     assert any(name.startswith("model.encoder.vision_tower.") for name in read_header(saved / "model.safetensors"))
+
+
+@torch.no_grad()
+def share_attention_biases(model) -> None:
+    """The encoder's attention biases set to the decoder's (the reference ties every other weight itself)."""
+    for encoder, decoder in zip(model.model.encoder.language_model.layers, model.model.decoder.layers, strict=True):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if getattr(decoder.self_attn, name, None) is not None:
+                getattr(encoder.self_attn, name).bias.copy_(getattr(decoder.self_attn, name).bias)
+
+
+def test_attention_biases_load_when_shared_and_are_refused_when_not(tmp_path):
+    shared = make_reference_checkpoint(tmp_path / "shared", "A", attention_bias=True, prepare=share_attention_biases)
+    model = diffgemma.load(shared)
+    prompt, canvas = random_inputs(model.config)
+    with torch.no_grad():
+        expected = load_reference(shared)(input_ids=prompt, decoder_input_ids=canvas).logits
+    assert (model.denoise_logits(prompt, canvas) - expected).abs().max().item() <= 1e-4
+    # saved, the biases are the encoder's and the decoder's again, for both implementations
+    saved = model.save(tmp_path / "saved")
+    assert torch.equal(diffgemma.load(saved).denoise_logits(prompt, canvas), model.denoise_logits(prompt, canvas))
+    with torch.no_grad():
+        reread = load_reference(saved)(input_ids=prompt, decoder_input_ids=canvas).logits
+    assert (reread - expected).abs().max().item() <= 1e-4
+
+    # the reference's own initialisation gives the encoder biases of its own: one network cannot run both
+    untied = make_reference_checkpoint(tmp_path / "untied", "A", attention_bias=True)
+    name = "model.encoder.language_model.layers.0.self_attn.k_proj.bias"
+    with pytest.raises(DiffGemmaError, match=rf"model.safetensors: `{name}` differs from `model.decoder.layers.0"):
+        diffgemma.load(untied)
 
 
 def test_sharded_save_round_trips(ours, tmp_path):
