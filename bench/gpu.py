@@ -511,8 +511,9 @@ def main() -> None:
                 with torch.no_grad():
                     median_ms(denoise_step(network, 1, 4096), 3, device)
                 parts = memory_estimate(config, dtype, fmt, 4096, 1)
-                # no graph here, one memory pool: the larger of the two passes' temporaries counts
-                estimate = (sum(parts.values()) - min(parts["step"], parts["prompt"])) / 2**30
+                # no graph here, one memory pool: the larger of the two passes' temporaries counts; no prefix
+                # cache (a generation through the Python API keeps one: `parts["prefix"]` more)
+                estimate = (sum(parts.values()) - parts["prefix"] - min(parts["step"], parts["prompt"])) / 2**30
                 lines.append(
                     f"int4, 4k context, batch 1: peak GPU memory {peak()} GiB (target <= 16.8 GiB = 18 GB; `info`'s "
                     f"arithmetic: {estimate - parts['expanded'] / 2**30:.1f} GiB with the fused kernel, "

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .cache import PrefixCache
 from .checkpoint import StoredTensor, load_weights, save_checkpoint, stored_float_dtype
 from .config import ModelConfig, SamplerSettings, load_configs
 from .errors import DiffGemmaError
@@ -35,7 +36,7 @@ from .model import DiffusionGemma
 from .quant import QuantFormat, convert_, float_sinks, format_from_config
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
-from .tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
+from .tokenizer import TOKENIZER_FILES, TURN_OPEN, Tokenizer, load_tokenizer
 from .toolcalls import Tool, tool_plan
 
 DTYPE_NAMES = {
@@ -143,6 +144,9 @@ class DiffGemma:
     """A loaded DiffusionGemma checkpoint.
 
     `denoise_logits` is the stable parity surface; generation methods come from `diffgemma.generate`.
+    `prefix_cache` keeps the encoder cache of the last prompt generated from alone, so that a prompt beginning
+    with it (a chat's next turn) encodes only the rest; None turns that off (its memory: the sliding layers'
+    windows, about 0.2 GB on the 26B shape in bf16, besides the cache itself).
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class DiffGemma:
         self.folder = folder
         self.quant = quant
         self._passthrough = passthrough or {}
+        self.prefix_cache: PrefixCache | None = PrefixCache(tokenizer.token_id(TURN_OPEN) if tokenizer else None)
 
     @property
     def config(self) -> ModelConfig:
@@ -232,6 +237,7 @@ class DiffGemma:
             first_self_conditioning=first_self_conditioning,
             noise_ranges=noise_ranges,
             end_rows=end_rows,
+            prefix_cache=self.prefix_cache,
         )
         return events, batched
 

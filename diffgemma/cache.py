@@ -154,3 +154,91 @@ class DecoderView:
         if layer.ring is not None:
             return slice(layer.ring, layer.ring + self.length)
         return self.positions  # a full layer's slot i holds position i
+
+
+def _weights_state(network: torch.nn.Module) -> tuple | None:
+    """What the network's weights are now: each tensor's identity, storage and version (in-place updates, a
+    training step or a merged adapter, bump it); None where that cannot be read (tensors made in inference
+    mode keep no version)."""
+    try:
+        return tuple((id(t), t.data_ptr(), t._version) for t in (*network.parameters(), *network.buffers()))
+    except RuntimeError:
+        return None
+
+
+@dataclass
+class PromptSnapshot:
+    """A batch-of-one cache as it stood once its prompt (`ids`) was encoded. Its full-attention layers keep
+    every position, and what came after the prompt went to later positions, so the prompt's slots are as they
+    were; the sliding layers' windows, which later tokens overwrote, are copied (`rings`: keys, values,
+    positions and validity of each, None for full layers)."""
+
+    ids: list[int]
+    cache: EncoderCache
+    rings: list[tuple[torch.Tensor, ...] | None]
+    weights: tuple
+
+
+class PrefixCache:
+    """The encoder cache of the last prompt generated from alone (a batch of one), kept so that a prompt that
+    begins with it encodes only what follows. A chat's next turn repeats the conversation but not the last
+    turn's opening as the model was prompted with it (an empty thinking block, say), so the snapshot is taken
+    before the prompt's last `turn_open` token, where one is. The snapshot is handed over to the generation
+    that uses it and kept again when that one ends, so two generations never share a cache; weights changed
+    since it was made void it."""
+
+    def __init__(self, turn_open: int | None = None) -> None:
+        self.turn_open = turn_open
+        self.snapshot: PromptSnapshot | None = None
+
+    def point(self, ids: list[int]) -> int:
+        """How many of a prompt's ids its snapshot holds: those before its last turn opening (all of them
+        without one)."""
+        if self.turn_open is not None and self.turn_open in ids[1:]:
+            return len(ids) - 1 - ids[::-1].index(self.turn_open)
+        return len(ids)
+
+    def take(self, network: torch.nn.Module, ids: list[int]) -> PromptSnapshot | None:
+        """The kept snapshot, its cache restored to hold its prompt, if `ids` begin with that prompt and the
+        weights are as they were (None: no such snapshot); it is the caller's until handed back (`keep`)."""
+        snapshot, self.snapshot = self.snapshot, None
+        if snapshot is None or len(snapshot.ids) > len(ids) or ids[: len(snapshot.ids)] != snapshot.ids:
+            return None
+        if snapshot.weights is None or snapshot.weights != _weights_state(network):
+            return None
+        cache = snapshot.cache
+        for layer, ring in zip(cache.layers, snapshot.rings, strict=True):
+            if ring is not None:
+                stored = layer.ring
+                layer.keys[:, :, :stored] = ring[0]
+                layer.values[:, :, :stored] = ring[1]
+                layer.positions[:stored] = ring[2]
+                layer.valid[:, :stored] = ring[3]
+        cache.length = len(snapshot.ids)
+        cache.decoder_masks = {}
+        return snapshot
+
+    @staticmethod
+    def snapshot_of(network: torch.nn.Module, ids: list[int], cache: EncoderCache) -> PromptSnapshot:
+        """`cache` (batch of one) right after `ids` were encoded into it, to be kept once its generation ends."""
+        rings = [
+            None
+            if layer.ring is None
+            else tuple(
+                t.clone()
+                for t in (
+                    layer.keys[:, :, : layer.ring],
+                    layer.values[:, :, : layer.ring],
+                    layer.positions[: layer.ring],
+                    layer.valid[:, : layer.ring],
+                )
+            )
+            for layer in cache.layers
+        ]
+        return PromptSnapshot(list(ids), cache, rings, _weights_state(network))
+
+    def keep(self, snapshot: PromptSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def clear(self) -> None:
+        self.snapshot = None

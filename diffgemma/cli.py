@@ -66,11 +66,14 @@ def _model_path(args: argparse.Namespace) -> str:
 
 
 def _load(args: argparse.Namespace, path: str | os.PathLike | None = None):
-    """The model of the command's options (--model unless `path` is given, --device, --dtype, --quant, --compile)."""
+    """The model of the command's options (--model unless `path` is given, --device, --dtype, --quant, --compile,
+    --no-prefix-cache)."""
     from .api import load
 
     path = _model_path(args) if path is None else path
     model = load(path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile)
+    if args.no_prefix_cache:
+        model.prefix_cache = None
     return _with_template(model, args)
 
 
@@ -147,8 +150,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     if stored_format is not None:
         print(f"quantized       {stored_format.describe()} (as stored; it loads so)")
     print(
-        f"memory for {args.context} tokens of context, batch {args.batch} (weights + cache + sampler buffers + "
-        "activations: a denoising step's and a prompt chunk's largest temporaries):"
+        f"memory for {args.context} tokens of context, batch {args.batch} (weights + cache and what the prefix "
+        "cache keeps + sampler buffers + activations: a denoising step's and a prompt chunk's largest temporaries):"
     )
     rows = [(name, DTYPE_NAMES[name], None) for name in BYTES_PER_DTYPE]
     rows += [(f"{fmt} (bf16)", torch.bfloat16, QuantFormat(fmt)) for fmt in FORMATS]
@@ -159,7 +162,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     for label, dtype, fmt in rows:
         parts = memory_estimate(config, dtype, fmt, args.context, args.batch)
         whole = sum(parts.values())
-        detail = f"weights {_gib(parts['weights'])}, cache {_gib(parts['cache'])}, sampler {_gib(parts['sampler'])}"
+        detail = f"weights {_gib(parts['weights'])}, cache {_gib(parts['cache'])} (+ {_gib(parts['prefix'])} prefix)"
+        detail += f", sampler {_gib(parts['sampler'])}"
         detail += f", activations {_gib(parts['step'] + parts['prompt'])} (a step {_gib(parts['step'])}"
         detail += f", a prompt chunk {_gib(parts['prompt'])})"
         detail += f", one weight expanded {_gib(parts['expanded'])}" if fmt is not None else ""
@@ -919,6 +923,11 @@ def _add_model_options(
         parser.add_argument("--quant", default=None, choices=FORMATS, help="quantize weights while loading")
         parser.add_argument(
             "--compile", action="store_true", help="compile the decoder (torch.compile; pays off on a GPU)"
+        )
+        parser.add_argument(
+            "--no-prefix-cache",
+            action="store_true",
+            help="keep no encoder cache of the last prompt (a chat's next turn then encodes the whole conversation)",
         )
     if not sampling:
         return

@@ -129,6 +129,18 @@ class ModelConfig:
             total += slots * 8 + batch * slots  # positions (int64) and validity (bool)
         return total
 
+    def prefix_cache_bytes(self, context: int, batch: int, bytes_per_value: int) -> int:
+        """What the prefix cache (`cache.PrefixCache`) holds beside a generation's own cache: a copy of the
+        sliding layers' windows at a prompt's end, and, while a batch of several runs, the last batch-of-one
+        prompt's cache itself (its snapshot lives on)."""
+        windows = sum(
+            2 * shape.num_kv_heads * shape.head_dim * (self.sliding_window - 1) * bytes_per_value
+            + (self.sliding_window - 1) * 9
+            for shape in self.layers
+            if shape.is_sliding
+        )
+        return windows + (self.cache_bytes(context, 1, bytes_per_value) if batch > 1 else 0)
+
     def sampler_bytes(self, batch: int) -> int:
         """The fast sampler's two float32 vocabulary-sized buffers (logits and distribution) per canvas."""
         return 2 * batch * self.canvas_length * self.vocab_size * 4

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from . import sampling
-from .cache import DecoderView, EncoderCache
+from .cache import DecoderView, EncoderCache, PrefixCache, PromptSnapshot
 from .config import SamplerSettings
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
@@ -587,6 +587,10 @@ def _validate_mode(mode: str) -> None:
         raise DiffGemmaError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+# As a decorator on a generator, no_grad holds only while the loop runs, not across its yields: a `with` block
+# inside would leave gradients off in the caller between events, and two interleaved loops would restore the
+# mode out of order.
+@torch.no_grad()
 def denoising_loop(
     network: DiffusionGemma,
     settings: SamplerSettings,
@@ -607,6 +611,7 @@ def denoising_loop(
     first_self_conditioning: torch.Tensor | None = None,
     noise_ranges: torch.Tensor | None = None,
     end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
+    prefix_cache: PrefixCache | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -636,6 +641,8 @@ def denoising_loop(
     `end_rows`, called when a canvas is committed with every row's generated ids so far (as `new_tokens` gives
     them), names the rows that end there, as EOS would end them (a stop string; a client that went away); when
     every row has ended, no further canvas is denoised.
+    `prefix_cache` (fast mode, a batch of one): a prompt that begins with the one it kept encodes only the rest,
+    and this prompt's cache is kept there when the generation ends.
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -703,7 +710,18 @@ def denoising_loop(
     inverse_temperatures = temperatures.reciprocal()
     stop_check = StopCheck(device, stop_check_every)
 
-    cache = network.new_cache(batch, prompt_length + canvases * length)
+    capacity = prompt_length + canvases * length
+    if prefix_cache is not None and (batch > 1 or attention_mask is not None or mode != "fast"):
+        prefix_cache = None  # (a batch's rows are padded apart; reference mode encodes as the reference does)
+    prompt_ids = ids[0].tolist() if prefix_cache is not None else []
+    taken = prefix_cache.take(network, prompt_ids) if prefix_cache is not None else None
+    reused = len(taken.ids) if taken is not None else 0
+    if taken is not None:
+        cache = taken.cache
+        cache.ensure_capacity(capacity - reused)  # all at once: a decoder graph's view needs its final size
+    else:
+        cache = network.new_cache(batch, capacity)
+    handback = _Handback(prefix_cache, taken)
     buffers: list[torch.Tensor | None] = [None, None]
     if mode == "fast":
         buffers = [torch.empty(batch, length, vocab, device=device) for _ in range(2)]
@@ -717,8 +735,14 @@ def denoising_loop(
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)
     steps_per_canvas: list[list[int]] = []
-    with torch.no_grad():
-        network.encode(ids, cache, attention_mask, return_hidden=False)
+    with handback:
+        point = prefix_cache.point(prompt_ids) if prefix_cache is not None else prompt_length
+        if reused < point:  # the prompt up to its snapshot's point, the snapshot, the rest
+            network.encode(ids[:, reused:point], cache, attention_mask, return_hidden=False)
+            if prefix_cache is not None:
+                handback.snapshot = prefix_cache.snapshot_of(network, prompt_ids[:point], cache)
+        if max(reused, point) < prompt_length:
+            network.encode(ids[:, max(reused, point) :], cache, attention_mask, return_hidden=False)
         for canvas_index in range(canvases):
             span = slice(canvas_index * length, (canvas_index + 1) * length)
             excluded = None
@@ -848,6 +872,22 @@ def denoising_loop(
         reached_limit=[len(tokens) >= limit for tokens, limit in zip(new_tokens, limits, strict=True)],
     )
     yield Done(result)
+
+
+class _Handback:
+    """Hands a generation's prompt snapshot to the prefix cache when the generation ends, however it ends
+    (until then the cache is the generation's alone)."""
+
+    def __init__(self, prefix_cache: PrefixCache | None, taken: PromptSnapshot | None) -> None:
+        self.prefix_cache = prefix_cache
+        self.snapshot = taken  # the one this generation began from, unless it makes a longer one
+
+    def __enter__(self) -> _Handback:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.prefix_cache is not None and self.snapshot is not None:
+            self.prefix_cache.keep(self.snapshot)
 
 
 def _checked_ranges(

@@ -727,14 +727,16 @@ def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> 
 def memory_estimate(config, dtype: torch.dtype, fmt: QuantFormat | None, context: int, batch: int) -> dict[str, int]:
     """Bytes of inference by part, for `context` tokens of context and `batch` rows: `weights` as held,
     `expanded` (the largest weight expanded for use, where no kernel takes the format as stored), the `cache`,
-    the `sampler`'s buffers, and the largest temporaries of a denoising `step` and of a `prompt` chunk (both
-    held at once on CUDA, where the decoder's graph has its own memory pool; `model.activation_bytes`)."""
+    what the `prefix` cache keeps beside it, the `sampler`'s buffers, and the largest temporaries of a denoising
+    `step` and of a `prompt` chunk (both held at once on CUDA, where the decoder's graph has its own memory
+    pool; `model.activation_bytes`)."""
     weights, expanded = weight_bytes(config, dtype, fmt)
     step, prompt = activation_bytes(config, context, batch, dtype.itemsize)
     return {
         "weights": weights,
         "expanded": expanded,
         "cache": config.cache_bytes(context, batch, dtype.itemsize),
+        "prefix": config.prefix_cache_bytes(context, batch, dtype.itemsize),
         "sampler": config.sampler_bytes(batch),
         "step": step,
         "prompt": prompt,

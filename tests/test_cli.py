@@ -50,10 +50,10 @@ def test_info(capsys):
     int4 = next(line for line in out.splitlines() if line.strip().startswith("int4"))
     scale = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
     sizes = [float(n) * scale[unit] for n, unit in re.findall(r"([\d.]+) (KiB|MiB|GiB)", int4)]
-    whole, weights, cache, sampler, activations, step, prompt, expanded, direct = sizes
+    whole, weights, cache, prefix, sampler, activations, step, prompt, expanded, direct = sizes
     rounding = 0.3 * 2**20  # each figure is printed to a tenth of its unit
     assert activations > 0 and activations == pytest.approx(step + prompt, abs=rounding)
-    assert whole == pytest.approx(weights + cache + sampler + activations + expanded, abs=rounding)
+    assert whole == pytest.approx(weights + cache + prefix + sampler + activations + expanded, abs=rounding)
     assert direct == pytest.approx(whole - expanded, abs=rounding) and "where a kernel takes int4" in int4
 
 
@@ -158,7 +158,7 @@ def test_info_needs_only_a_config(capsys, tmp_path):
     code, out, _ = run(capsys, "info", "--model", str(tmp_path), "--context", "4096")
     assert code == 0 and "25.25B total" in out
     int4 = next(line for line in out.splitlines() if line.strip().startswith("int4 (bf16)"))
-    assert "14.75 GiB where a kernel takes int4" in int4  # bench/RESULTS.md's table
+    assert "14.94 GiB where a kernel takes int4" in int4  # bench/RESULTS.md's 14.75, and the prefix cache's 0.2
     cpu = next(line for line in out.splitlines() if line.strip().startswith("int4 (fp32)"))
     assert "weights 15.07 GiB" in cpu  # README's "On a CPU" (the rest in float32)
 
@@ -589,3 +589,11 @@ def test_watch_shows_the_canvas_converge_in_a_terminal():
     assert steps >= {1, 2, 6} and len(bodies) > 1
     final = screen.rstrip().splitlines()[-1]
     assert "╰" not in final  # the final text comes after the live panel
+
+
+@pytest.mark.parametrize("flag, kept", [([], True), (["--no-prefix-cache"], False)])
+def test_no_prefix_cache_option(flag, kept):
+    from diffgemma.cli import _load, build_parser
+
+    args = build_parser().parse_args(["chat", "--model", DEMO, *flag])
+    assert (_load(args).prefix_cache is not None) == kept

@@ -85,3 +85,15 @@ def test_memory_estimate_matches_what_is_allocated():
         cache = EncoderCache(config, batch, context, "cpu", torch.float32)
         assert config.cache_bytes(context, batch, 4) == cache.memory_bytes()
     assert config.sampler_bytes(2) == 2 * 2 * config.canvas_length * config.vocab_size * 4
+
+
+def test_prefix_cache_estimate_matches_what_a_snapshot_holds():
+    from diffgemma.cache import EncoderCache, PrefixCache
+
+    config = parse_model_config(preset_config("tiny"))
+    network = torch.nn.Linear(1, 1)
+    snapshot = PrefixCache.snapshot_of(network, [1, 2], EncoderCache(config, 1, 50, "cpu", torch.bfloat16))
+    windows = sum(t.numel() * t.element_size() for ring in snapshot.rings if ring is not None for t in ring)
+    assert windows > 0 and config.prefix_cache_bytes(50, 1, 2) == windows
+    # while a batch of several runs, the last batch-of-one prompt's cache lives on beside it
+    assert config.prefix_cache_bytes(50, 4, 2) == windows + config.cache_bytes(50, 1, 2)

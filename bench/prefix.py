@@ -1,0 +1,115 @@
+"""A chat's next turn with and without the prefix cache: how long until its first draft, and how many prompt
+tokens it encodes.
+
+bench-90m with random weights (byte-level tokenizer, the Gemma 4 style chat template), batch 1. A conversation
+of alternating turns is grown to about each length; the turn before the last is generated first (the cache
+keeps its prompt, up to its last turn's opening), then the last turn is timed to its first draft (the prompt
+encoded, one decoder pass, the sampler), the median of --rounds, each round with and without the cache.
+
+    python bench/prefix.py [--lengths 1024,2048,4096] [--rounds 3] [--results FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import append_results
+
+import diffgemma
+from diffgemma.cache import PrefixCache
+from diffgemma.generate import Draft
+from diffgemma.presets import random_checkpoint
+from diffgemma.tokenizer import TURN_OPEN
+
+WORDS = ("the", "a", "sky", "blue", "light", "air", "scatters", "more", "than", "red", "so", "why", "canvas", "step")
+
+
+def conversation(tokens: int, seed: int) -> list[dict]:
+    """Alternating user and assistant turns of random words, about `tokens` long (bytes, one token each), and a
+    last user question."""
+    rng = random.Random(seed)
+    messages, size = [], 0
+    while size < tokens or len(messages) < 3:
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))
+        messages.append({"role": "user" if len(messages) % 2 == 0 else "assistant", "content": text})
+        size += len(text) + 8
+    if messages[-1]["role"] == "user":
+        messages.pop()
+    return [*messages, {"role": "user", "content": "Why is the sky blue?"}]
+
+
+def first_draft(model, messages: list[dict], counts: list[int]) -> float:
+    """Seconds until the first draft of a chat turn; `counts` gets the token counts its encoder is given."""
+    counts.clear()
+    prompt = model.tokenizer.encode_chat(messages)
+    started = time.perf_counter()
+    stream = model.stream(prompt, seed=0, max_new_tokens=model.config.canvas_length)
+    try:
+        for event in stream:
+            if isinstance(event, Draft):
+                return time.perf_counter() - started
+    finally:
+        stream.close()
+    raise RuntimeError("no draft")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lengths", default="1024,2048,4096", help="conversation lengths, tokens")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--results", default=None, help="append the section here instead of bench/RESULTS.md")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = diffgemma.load(random_checkpoint(Path(tmp) / "bench", preset="bench-90m", seed=0))
+    counts: list[int] = []
+    encode = model.network.encode
+
+    def counting(ids, cache, *rest, **kwargs):
+        counts.append(ids.shape[1])
+        return encode(ids, cache, *rest, **kwargs)
+
+    model.network.encode = counting
+    rows = []
+    for length in (int(n) for n in args.lengths.split(",")):
+        messages = conversation(length, seed=length)
+        turns = {"cold": [], "warm": []}
+        encoded = {}
+        prompt_tokens = len(model.tokenizer.encode_chat(messages))
+        for _ in range(args.rounds):
+            model.prefix_cache = None
+            turns["cold"].append(first_draft(model, messages, counts))
+            encoded["cold"] = counts[0]
+            model.prefix_cache = PrefixCache(model.tokenizer.token_id(TURN_OPEN))
+            first_draft(model, messages[:-2], counts)  # the turn before: its prompt is kept
+            turns["warm"].append(first_draft(model, messages, counts))
+            encoded["warm"] = sum(counts[:2])
+        cold, warm = (statistics.median(turns[way]) * 1000 for way in ("cold", "warm"))
+        cells = (prompt_tokens, encoded["cold"], f"{cold:.0f}", encoded["warm"], f"{warm:.0f}", f"{cold / warm:.1f}x")
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+    table = "\n".join(
+        [
+            "| prompt tokens | encoded without | ms to first draft without | encoded with | ms with | speed-up |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    append_results(
+        "The prefix cache: a chat's next turn to its first draft (bench/prefix.py)",
+        table,
+        f"bench-90m (random weights, byte-level tokenizer), batch 1, canvas {model.config.canvas_length}, "
+        f"{model.network.dtype}; median of {args.rounds} rounds. 'With': the turn before generated first, so the "
+        "cache holds the conversation up to that turn's last opening; the new turn encodes the answer, the new "
+        "question and its own opening.",
+        args.results,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The prefix cache: a prompt that begins with the last one generated from alone encodes only what follows."""
+
+import httpx
+import pytest
+import torch
+from assets.make_demo_model import ANSWERS
+from conftest import DEMO
+from server_util import running
+
+import diffgemma
+from diffgemma.cache import PrefixCache
+from diffgemma.generate import denoising_loop, run_to_end
+from diffgemma.server import ServerOptions, create_app
+from diffgemma.tokenizer import TURN_OPEN
+
+SKY, HELLO = "Why is the sky blue?", "Say hello."
+
+
+@pytest.fixture
+def model():
+    """A demo model of the test's own: its prefix cache starts empty."""
+    return diffgemma.load(DEMO)
+
+
+@pytest.fixture
+def encoded(model, monkeypatch):
+    """The token counts the network's encoder is given, call by call."""
+    counts = []
+    encode = model.network.encode
+
+    def counting(ids, cache, *args, **kwargs):
+        counts.append(ids.shape[1])
+        return encode(ids, cache, *args, **kwargs)
+
+    monkeypatch.setattr(model.network, "encode", counting)
+    return counts
+
+
+def two_turns(first_answer: str) -> list[dict]:
+    return [
+        {"role": "user", "content": SKY},
+        {"role": "assistant", "content": first_answer},
+        {"role": "user", "content": HELLO},
+    ]
+
+
+def prompt_of(model, messages) -> list[int]:
+    return model.tokenizer.encode_chat(messages)
+
+
+def test_a_chats_next_turn_encodes_only_what_follows_the_last_turn(model, encoded):
+    canvas = model.config.canvas_length
+    first = model.chat([{"role": "user", "content": SKY}], seed=0)
+    assert first.content == ANSWERS[SKY]
+    first_prompt = prompt_of(model, [{"role": "user", "content": SKY}])
+    point = len(first_prompt) - 1 - first_prompt[::-1].index(model.tokenizer.token_id(TURN_OPEN))
+    # the prompt up to its last turn's opening, then that opening (then each finished canvas)
+    assert encoded[:2] == [point, len(first_prompt) - point]
+
+    encoded.clear()
+    messages = two_turns(first.content)
+    second = model.chat(messages, seed=0)
+    prompt = prompt_of(model, messages)
+    assert prompt[:point] == first_prompt[:point]
+    new_point = len(prompt) - 1 - prompt[::-1].index(model.tokenizer.token_id(TURN_OPEN))
+    assert encoded[:2] == [new_point - point, len(prompt) - new_point]
+    assert all(count == canvas for count in encoded[2:])
+
+    model.prefix_cache = None  # the same turn encoded whole gives the same answer
+    encoded.clear()
+    assert model.chat(messages, seed=0).content == second.content
+    assert encoded[0] == len(prompt)
+
+
+def test_the_same_prompt_again_reuses_it_and_answers_the_same(model, encoded):
+    prompt = prompt_of(model, [{"role": "user", "content": SKY}])
+    first = model.generate(prompt, seed=3, max_new_tokens=40)
+    before = list(encoded)
+    encoded.clear()
+    again = model.generate(prompt, seed=3, max_new_tokens=40)
+    assert again.new_tokens == first.new_tokens
+    assert encoded[0] == before[1]  # only the last turn's opening
+    assert sum(encoded) < sum(before)
+
+
+def test_no_reuse_after_the_weights_change_in_a_batch_or_in_reference_mode(model, encoded):
+    prompt = prompt_of(model, [{"role": "user", "content": SKY}])
+    model.generate(prompt, seed=0, max_new_tokens=8)
+    with torch.no_grad():
+        model.network.norm.weight.mul_(1.0)  # an in-place update (as a training step makes) voids the snapshot
+    encoded.clear()
+    model.generate(prompt, seed=0, max_new_tokens=8)
+    assert sum(encoded[:2]) == len(prompt)
+    # a batch's rows are padded apart and reference mode encodes as the reference does: neither takes it
+    kept = model.prefix_cache.snapshot
+    for call in (
+        lambda: model.generate([prompt, prompt[:-3]], seed=0, max_new_tokens=8),
+        lambda: model.generate(prompt, seed=0, max_new_tokens=8, mode="reference"),
+    ):
+        encoded.clear()
+        call()
+        assert encoded[0] in (len(prompt), len(prompt) - 3) and model.prefix_cache.snapshot is kept
+
+
+def test_interleaved_streams_never_share_a_cache(model):
+    first_prompt = prompt_of(model, [{"role": "user", "content": SKY}])
+    model.generate(first_prompt, seed=0, max_new_tokens=8)  # a snapshot to take
+    alone = diffgemma.load(DEMO)
+    alone.prefix_cache = None
+    prompts = [first_prompt, prompt_of(model, two_turns(ANSWERS[SKY]))]
+    expected = [alone.generate(p, seed=5, max_new_tokens=70).new_tokens for p in prompts]
+    streams = [model.stream(p, seed=5, max_new_tokens=70) for p in prompts]
+    results: list = [None, None]
+    while any(result is None for result in results):
+        for index, stream in enumerate(streams):
+            if results[index] is None:
+                event = next(stream)
+                assert torch.is_grad_enabled()  # the loops turn gradients off while they run, not between events
+                if hasattr(event, "result"):
+                    results[index] = event.result.new_tokens
+    assert results == expected
+
+
+def test_a_restored_cache_serves_the_decoder_graphs_view(model):
+    """The graph path (CUDA's; on the CPU the same view pass runs uncaptured) over a cache restored and grown."""
+    network, settings = model.network, model.settings.replace(max_new_tokens=3 * model.config.canvas_length)
+    short = torch.tensor([prompt_of(model, [{"role": "user", "content": SKY}])])
+    longer = torch.tensor([prompt_of(model, two_turns(ANSWERS[SKY]))])
+    cache = PrefixCache(model.tokenizer.token_id(TURN_OPEN))
+
+    def run(ids, prefix_cache, graph):
+        return run_to_end(
+            denoising_loop(network, settings, ids, seed=7, cuda_graph=graph, prefix_cache=prefix_cache)
+        ).new_tokens
+
+    run(short, cache, True)
+    assert cache.snapshot is not None and cache.snapshot.cache.capacity < longer.shape[1] + 3 * 32
+    assert run(longer, cache, True) == run(longer, None, False)
+
+
+def test_the_servers_next_turn_reuses_the_conversation(model, encoded):
+    alone = diffgemma.load(DEMO)
+    alone.prefix_cache = None
+    app = create_app(model, ServerOptions(model_name="demo"))
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+
+        def ask(messages):
+            body = {"model": "demo", "messages": messages, "seed": 1}
+            return http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+        first = ask([{"role": "user", "content": SKY}])
+        encoded.clear()
+        second = ask(two_turns(first))
+    # the same answer as the turn encoded whole, from the turn's new tokens alone
+    assert second == alone.chat(two_turns(first), seed=1, max_new_tokens=ServerOptions().max_tokens).content
+    prompt, first_prompt = prompt_of(model, two_turns(first)), prompt_of(model, [{"role": "user", "content": SKY}])
+    point = len(first_prompt) - 1 - first_prompt[::-1].index(model.tokenizer.token_id(TURN_OPEN))
+    assert encoded[0] + encoded[1] == len(prompt) - point
