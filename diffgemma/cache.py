@@ -180,16 +180,21 @@ class PromptSnapshot:
 
 
 class PrefixCache:
-    """The encoder cache of the last prompt generated from alone (a batch of one), kept so that a prompt that
-    begins with it encodes only what follows. A chat's next turn repeats the conversation but not the last
-    turn's opening as the model was prompted with it (an empty thinking block, say), so the snapshot is taken
-    before the prompt's last `turn_open` token, where one is. The snapshot is handed over to the generation
-    that uses it and kept again when that one ends, so two generations never share a cache; weights changed
-    since it was made void it."""
+    """The encoder caches of the last prompts generated from alone (a batch of one; the last `entries` of
+    them), kept so that a prompt that begins with one encodes only what follows. A chat's next turn repeats the
+    conversation but not the last turn's opening as the model was prompted with it (an empty thinking block,
+    say), so a snapshot is taken before the prompt's last `turn_open` token, where one is. More than one entry
+    keeps a conversation's snapshot through requests of other prompts in between (a chat client's title or
+    follow-up requests), at the memory of one more cache each. A snapshot is handed over to the generation that
+    takes it and kept again when that one ends, so two generations never share a cache; weights changed since
+    it was made void it."""
 
-    def __init__(self, turn_open: int | None = None) -> None:
+    def __init__(self, turn_open: int | None = None, entries: int = 1) -> None:
+        if entries < 1:
+            raise ValueError(f"a prefix cache keeps at least one snapshot, got {entries}")
         self.turn_open = turn_open
-        self.snapshot: PromptSnapshot | None = None
+        self.entries = entries
+        self.snapshots: list[PromptSnapshot] = []  # the oldest first
 
     def point(self, ids: list[int]) -> int:
         """How many of a prompt's ids its snapshot holds: those before its last turn opening (all of them
@@ -199,13 +204,16 @@ class PrefixCache:
         return len(ids)
 
     def take(self, network: torch.nn.Module, ids: list[int]) -> PromptSnapshot | None:
-        """The kept snapshot, its cache restored to hold its prompt, if `ids` begin with that prompt and the
-        weights are as they were (None: no such snapshot); it is the caller's until handed back (`keep`)."""
-        snapshot, self.snapshot = self.snapshot, None
-        if snapshot is None or len(snapshot.ids) > len(ids) or ids[: len(snapshot.ids)] != snapshot.ids:
+        """The kept snapshot of the longest prompt `ids` begin with, its cache restored to hold that prompt
+        (None: none begins them); it is the caller's until handed back (`keep`). Snapshots the weights have
+        changed since are dropped."""
+        weights = _weights_state(network)
+        self.snapshots = [kept for kept in self.snapshots if kept.weights is not None and kept.weights == weights]
+        begun = [kept for kept in self.snapshots if ids[: len(kept.ids)] == kept.ids]
+        if not begun:
             return None
-        if snapshot.weights is None or snapshot.weights != _weights_state(network):
-            return None
+        snapshot = max(begun, key=lambda kept: len(kept.ids))
+        self.snapshots = [kept for kept in self.snapshots if kept.cache is not snapshot.cache]
         cache = snapshot.cache
         for layer, ring in zip(cache.layers, snapshot.rings, strict=True):
             if ring is not None:
@@ -238,7 +246,9 @@ class PrefixCache:
         return PromptSnapshot(list(ids), cache, rings, _weights_state(network))
 
     def keep(self, snapshot: PromptSnapshot) -> None:
-        self.snapshot = snapshot
+        """Keep `snapshot` as the newest, the oldest going beyond `entries`."""
+        others = [kept for kept in self.snapshots if kept.cache is not snapshot.cache]
+        self.snapshots = [*others[max(0, len(others) - self.entries + 1) :], snapshot]
 
     def clear(self) -> None:
-        self.snapshot = None
+        self.snapshots = []

@@ -67,13 +67,15 @@ def _model_path(args: argparse.Namespace) -> str:
 
 def _load(args: argparse.Namespace, path: str | os.PathLike | None = None):
     """The model of the command's options (--model unless `path` is given, --device, --dtype, --quant, --compile,
-    --no-prefix-cache)."""
+    --prefix-cache)."""
     from .api import load
 
     path = _model_path(args) if path is None else path
     model = load(path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile)
-    if args.no_prefix_cache:
+    if args.prefix_cache == 0:
         model.prefix_cache = None
+    elif model.prefix_cache is not None:
+        model.prefix_cache.entries = args.prefix_cache
     return _with_template(model, args)
 
 
@@ -909,11 +911,15 @@ def _add_template_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_model_options(
-    parser: argparse.ArgumentParser, sampling: bool = True, inference: bool = True, dtype: str = "auto"
+    parser: argparse.ArgumentParser,
+    sampling: bool = True,
+    inference: bool = True,
+    dtype: str = "auto",
+    prefix_cache: int = 1,
 ) -> None:
     """--model, --device, --dtype (default `dtype`, one of DTYPE_CHOICES), --threads (`main` applies it); for a
-    command that runs the model (`inference`, `_load`) --quant and --compile; and with `sampling` the sampler's
-    settings."""
+    command that runs the model (`inference`, `_load`) --quant, --compile and --prefix-cache (default
+    `prefix_cache`); and with `sampling` the sampler's settings."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     parser.add_argument("--device", default="auto", help="auto (a CUDA GPU if any, else the CPU), cpu, cuda:1, mps")
     others = ", ".join(name for name in ("auto", "stored", "float32", "bfloat16", "float16") if name != dtype)
@@ -925,9 +931,12 @@ def _add_model_options(
             "--compile", action="store_true", help="compile the decoder (torch.compile; pays off on a GPU)"
         )
         parser.add_argument(
-            "--no-prefix-cache",
-            action="store_true",
-            help="keep no encoder cache of the last prompt (a chat's next turn then encodes the whole conversation)",
+            "--prefix-cache",
+            type=_at_least(0),
+            default=prefix_cache,
+            metavar="N",
+            help="encoder caches of the last N prompts to keep, so a prompt that begins with one (a chat's next "
+            "turn) encodes only the rest; each costs a cache's memory; 0: none (default %(default)s)",
         )
     if not sampling:
         return
@@ -1039,7 +1048,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API from a browser (repeatable)",
     )
     _add_template_option(serve)
-    _add_model_options(serve, sampling=False)
+    # a chat client's side requests (a title, follow-ups) come between a conversation's turns: two kept
+    _add_model_options(serve, sampling=False, prefix_cache=2)
     serve.set_defaults(run=cmd_serve)
 
     sudoku = commands.add_parser("sudoku", help="solve a sudoku (a fresh one, or --puzzle) and watch it converge")

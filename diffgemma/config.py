@@ -129,17 +129,18 @@ class ModelConfig:
             total += slots * 8 + batch * slots  # positions (int64) and validity (bool)
         return total
 
-    def prefix_cache_bytes(self, context: int, batch: int, bytes_per_value: int) -> int:
-        """What the prefix cache (`cache.PrefixCache`) holds beside a generation's own cache: a copy of the
-        sliding layers' windows at a prompt's end, and, while a batch of several runs, the last batch-of-one
-        prompt's cache itself (its snapshot lives on)."""
+    def prefix_cache_bytes(self, context: int, batch: int, bytes_per_value: int, entries: int = 1) -> int:
+        """What a prefix cache of `entries` snapshots (`cache.PrefixCache`) holds beside a generation's own
+        cache: each snapshot's copy of the sliding layers' windows and its cache, but for the one a batch-of-one
+        generation is using as its own."""
         windows = sum(
             2 * shape.num_kv_heads * shape.head_dim * (self.sliding_window - 1) * bytes_per_value
             + (self.sliding_window - 1) * 9
             for shape in self.layers
             if shape.is_sliding
         )
-        return windows + (self.cache_bytes(context, 1, bytes_per_value) if batch > 1 else 0)
+        caches = entries - 1 if batch == 1 else entries
+        return entries * windows + caches * self.cache_bytes(context, 1, bytes_per_value)
 
     def sampler_bytes(self, batch: int) -> int:
         """The fast sampler's two float32 vocabulary-sized buffers (logits and distribution) per canvas."""

@@ -591,9 +591,12 @@ def test_watch_shows_the_canvas_converge_in_a_terminal():
     assert "╰" not in final  # the final text comes after the live panel
 
 
-@pytest.mark.parametrize("flag, kept", [([], True), (["--no-prefix-cache"], False)])
-def test_no_prefix_cache_option(flag, kept):
+@pytest.mark.parametrize(
+    "argv, entries",
+    [(["chat"], 1), (["serve"], 2), (["chat", "--prefix-cache", "3"], 3), (["chat", "--prefix-cache", "0"], 0)],
+)
+def test_prefix_cache_option(argv, entries):
     from diffgemma.cli import _load, build_parser
 
-    args = build_parser().parse_args(["chat", "--model", DEMO, *flag])
-    assert (_load(args).prefix_cache is not None) == kept
+    model = _load(build_parser().parse_args([*argv, "--model", DEMO]))
+    assert (model.prefix_cache.entries if model.prefix_cache is not None else 0) == entries

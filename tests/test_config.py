@@ -95,5 +95,6 @@ def test_prefix_cache_estimate_matches_what_a_snapshot_holds():
     snapshot = PrefixCache.snapshot_of(network, [1, 2], EncoderCache(config, 1, 50, "cpu", torch.bfloat16))
     windows = sum(t.numel() * t.element_size() for ring in snapshot.rings if ring is not None for t in ring)
     assert windows > 0 and config.prefix_cache_bytes(50, 1, 2) == windows
-    # while a batch of several runs, the last batch-of-one prompt's cache lives on beside it
+    # while a batch of several runs, the kept snapshots' caches live on beside it; so do all but one at batch 1
     assert config.prefix_cache_bytes(50, 4, 2) == windows + config.cache_bytes(50, 1, 2)
+    assert config.prefix_cache_bytes(50, 1, 2, entries=2) == 2 * windows + config.cache_bytes(50, 1, 2)

@@ -92,14 +92,14 @@ def test_no_reuse_after_the_weights_change_in_a_batch_or_in_reference_mode(model
     model.generate(prompt, seed=0, max_new_tokens=8)
     assert sum(encoded[:2]) == len(prompt)
     # a batch's rows are padded apart and reference mode encodes as the reference does: neither takes it
-    kept = model.prefix_cache.snapshot
+    kept = list(model.prefix_cache.snapshots)
     for call in (
         lambda: model.generate([prompt, prompt[:-3]], seed=0, max_new_tokens=8),
         lambda: model.generate(prompt, seed=0, max_new_tokens=8, mode="reference"),
     ):
         encoded.clear()
         call()
-        assert encoded[0] in (len(prompt), len(prompt) - 3) and model.prefix_cache.snapshot is kept
+        assert encoded[0] in (len(prompt), len(prompt) - 3) and model.prefix_cache.snapshots == kept
 
 
 def test_interleaved_streams_never_share_a_cache(model):
@@ -134,7 +134,7 @@ def test_a_restored_cache_serves_the_decoder_graphs_view(model):
         ).new_tokens
 
     run(short, cache, True)
-    assert cache.snapshot is not None and cache.snapshot.cache.capacity < longer.shape[1] + 3 * 32
+    assert cache.snapshots[0].cache.capacity < longer.shape[1] + 3 * 32
     assert run(longer, cache, True) == run(longer, None, False)
 
 
@@ -156,3 +156,16 @@ def test_the_servers_next_turn_reuses_the_conversation(model, encoded):
     prompt, first_prompt = prompt_of(model, two_turns(first)), prompt_of(model, [{"role": "user", "content": SKY}])
     point = len(first_prompt) - 1 - first_prompt[::-1].index(model.tokenizer.token_id(TURN_OPEN))
     assert encoded[0] + encoded[1] == len(prompt) - point
+
+
+@pytest.mark.parametrize("entries", [1, 2])
+def test_a_conversation_keeps_its_snapshot_through_a_request_in_between_with_two_entries(model, encoded, entries):
+    model.prefix_cache.entries = entries
+    first = model.chat([{"role": "user", "content": SKY}], seed=0)
+    model.chat([{"role": "user", "content": "Name a fruit."}], seed=0)  # a client's title request, say
+    encoded.clear()
+    model.chat(two_turns(first.content), seed=0)
+    prompt = prompt_of(model, two_turns(first.content))
+    reused = len(prompt) - encoded[0] - encoded[1]
+    assert (reused > 0) == (entries == 2)
+    assert len(model.prefix_cache.snapshots) == entries
