@@ -102,6 +102,37 @@ class EncoderCache:
         ]
         return subset
 
+    def windows(self) -> list[tuple[torch.Tensor, ...] | None]:
+        """A copy of each sliding layer's kept window as it stands (keys, values, positions, validity; None for
+        full layers), for `rewind`."""
+        return [
+            None
+            if layer.ring is None
+            else tuple(
+                t.clone()
+                for t in (
+                    layer.keys[:, :, : layer.ring],
+                    layer.values[:, :, : layer.ring],
+                    layer.positions[: layer.ring],
+                    layer.valid[:, : layer.ring],
+                )
+            )
+            for layer in self.layers
+        ]
+
+    def rewind(self, length: int, windows: list[tuple[torch.Tensor, ...] | None]) -> None:
+        """Back to holding its first `length` tokens, as it did when `windows` were copied then: full layers
+        still hold them (later tokens went to later slots), sliding layers get their windows back."""
+        for layer, window in zip(self.layers, windows, strict=True):
+            if window is not None:
+                keys, values, positions, valid = window
+                layer.keys[:, :, : layer.ring] = keys
+                layer.values[:, :, : layer.ring] = values
+                layer.positions[: layer.ring] = positions
+                layer.valid[:, : layer.ring] = valid
+        self.length = length
+        self.decoder_masks = {}
+
     def memory_bytes(self) -> int:
         return sum(
             t.numel() * t.element_size()
@@ -168,15 +199,14 @@ def _weights_state(network: torch.nn.Module) -> tuple | None:
 
 @dataclass
 class PromptSnapshot:
-    """A batch-of-one cache as it stood once its prompt (`ids`) was encoded. Its full-attention layers keep
-    every position, and what came after the prompt went to later positions, so the prompt's slots are as they
-    were; the sliding layers' windows, which later tokens overwrote, are copied (`rings`: keys, values,
-    positions and validity of each, None for full layers)."""
+    """A batch-of-one cache as it stood once its prompt (`ids`) was encoded: the cache itself, whose full layers
+    keep the prompt's slots whatever came after, and a copy of its sliding layers' `windows` then
+    (`EncoderCache.rewind` puts it back); `weights`, the network's state then."""
 
     ids: list[int]
     cache: EncoderCache
-    rings: list[tuple[torch.Tensor, ...] | None]
-    weights: tuple
+    windows: list[tuple[torch.Tensor, ...] | None]
+    weights: tuple | None
 
 
 class PrefixCache:
@@ -214,36 +244,13 @@ class PrefixCache:
             return None
         snapshot = max(begun, key=lambda kept: len(kept.ids))
         self.snapshots = [kept for kept in self.snapshots if kept.cache is not snapshot.cache]
-        cache = snapshot.cache
-        for layer, ring in zip(cache.layers, snapshot.rings, strict=True):
-            if ring is not None:
-                stored = layer.ring
-                layer.keys[:, :, :stored] = ring[0]
-                layer.values[:, :, :stored] = ring[1]
-                layer.positions[:stored] = ring[2]
-                layer.valid[:, :stored] = ring[3]
-        cache.length = len(snapshot.ids)
-        cache.decoder_masks = {}
+        snapshot.cache.rewind(len(snapshot.ids), snapshot.windows)
         return snapshot
 
     @staticmethod
     def snapshot_of(network: torch.nn.Module, ids: list[int], cache: EncoderCache) -> PromptSnapshot:
         """`cache` (batch of one) right after `ids` were encoded into it, to be kept once its generation ends."""
-        rings = [
-            None
-            if layer.ring is None
-            else tuple(
-                t.clone()
-                for t in (
-                    layer.keys[:, :, : layer.ring],
-                    layer.values[:, :, : layer.ring],
-                    layer.positions[: layer.ring],
-                    layer.valid[:, : layer.ring],
-                )
-            )
-            for layer in cache.layers
-        ]
-        return PromptSnapshot(list(ids), cache, rings, _weights_state(network))
+        return PromptSnapshot(list(ids), cache, cache.windows(), _weights_state(network))
 
     def keep(self, snapshot: PromptSnapshot) -> None:
         """Keep `snapshot` as the newest, the oldest going beyond `entries`."""

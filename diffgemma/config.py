@@ -135,7 +135,7 @@ class ModelConfig:
         generation is using as its own."""
         windows = sum(
             2 * shape.num_kv_heads * shape.head_dim * (self.sliding_window - 1) * bytes_per_value
-            + (self.sliding_window - 1) * 9
+            + (self.sliding_window - 1) * 9  # positions (int64) and validity (bool, one row)
             for shape in self.layers
             if shape.is_sliding
         )

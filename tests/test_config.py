@@ -93,7 +93,7 @@ def test_prefix_cache_estimate_matches_what_a_snapshot_holds():
     config = parse_model_config(preset_config("tiny"))
     network = torch.nn.Linear(1, 1)
     snapshot = PrefixCache.snapshot_of(network, [1, 2], EncoderCache(config, 1, 50, "cpu", torch.bfloat16))
-    windows = sum(t.numel() * t.element_size() for ring in snapshot.rings if ring is not None for t in ring)
+    windows = sum(t.numel() * t.element_size() for kept in snapshot.windows if kept is not None for t in kept)
     assert windows > 0 and config.prefix_cache_bytes(50, 1, 2) == windows
     # while a batch of several runs, the kept snapshots' caches live on beside it; so do all but one at batch 1
     assert config.prefix_cache_bytes(50, 4, 2) == windows + config.cache_bytes(50, 1, 2)
