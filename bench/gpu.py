@@ -252,7 +252,8 @@ def sampler_extra_bytes(device: torch.device, vocab: int, batch: int, length: in
 def prefill_check(network: DiffusionGemma, fmt: QuantFormat | None, device: torch.device, bandwidth: float) -> str:
     """How long a 4k-token prompt takes to encode (batch 1; the first token waits on it) in chunks of 512 (the
     default, `model.PREFILL_CHUNK`), 1024 and 2048 tokens, each beside reading every weight once a chunk (its
-    bandwidth floor; compute is ~7.6 GFLOP a token on the 26B shape), and the chunk's peak memory on CUDA."""
+    bandwidth floor; compute is ~7.6 GFLOP a token on the 26B shape), and the chunk's peak memory on CUDA; then
+    with all but its last 256 tokens kept by the prefix cache (a chat's next turn)."""
     import diffgemma.model as model_module
 
     config = network.config
@@ -278,6 +279,17 @@ def prefill_check(network: DiffusionGemma, fmt: QuantFormat | None, device: torc
             )
     finally:
         model_module.PREFILL_CHUNK = default
+    # a chat's next turn: the conversation's first tokens kept by the prefix cache, the last 256 encoded
+    kept, cache = prompt_length - 256, network.new_cache(1, prompt_length)
+    with torch.no_grad():
+        network.encode(ids[:, :kept], cache, return_hidden=False)
+        windows = cache.windows()
+
+        def next_turn() -> None:
+            cache.rewind(kept, windows)
+            network.encode(ids[:, kept:], cache, return_hidden=False)
+
+        parts.append(f"the first {kept} kept by the prefix cache: {median_ms(next_turn, 3, device, warmup=1):.0f} ms")
     return f"prefill of a {prompt_length}-token prompt: " + "; ".join(parts)
 
 
