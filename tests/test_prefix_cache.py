@@ -44,16 +44,24 @@ def two_turns(first_answer: str) -> list[dict]:
     ]
 
 
+ONE_TURN = [{"role": "user", "content": SKY}]
+
+
 def prompt_of(model, messages) -> list[int]:
     return model.tokenizer.encode_chat(messages)
 
 
+def last_turn_opening(model, prompt: list[int]) -> int:
+    """Where a prompt's last turn opens (the tokens before it are what its snapshot holds)."""
+    return len(prompt) - 1 - prompt[::-1].index(model.tokenizer.token_id(TURN_OPEN))
+
+
 def test_a_chats_next_turn_encodes_only_what_follows_the_last_turn(model, encoded):
     canvas = model.config.canvas_length
-    first = model.chat([{"role": "user", "content": SKY}], seed=0)
+    first = model.chat(ONE_TURN, seed=0)
     assert first.content == ANSWERS[SKY]
-    first_prompt = prompt_of(model, [{"role": "user", "content": SKY}])
-    point = len(first_prompt) - 1 - first_prompt[::-1].index(model.tokenizer.token_id(TURN_OPEN))
+    first_prompt = prompt_of(model, ONE_TURN)
+    point = last_turn_opening(model, first_prompt)
     # the prompt up to its last turn's opening, then that opening (then each finished canvas)
     assert encoded[:2] == [point, len(first_prompt) - point]
 
@@ -62,7 +70,7 @@ def test_a_chats_next_turn_encodes_only_what_follows_the_last_turn(model, encode
     second = model.chat(messages, seed=0)
     prompt = prompt_of(model, messages)
     assert prompt[:point] == first_prompt[:point]
-    new_point = len(prompt) - 1 - prompt[::-1].index(model.tokenizer.token_id(TURN_OPEN))
+    new_point = last_turn_opening(model, prompt)
     assert encoded[:2] == [new_point - point, len(prompt) - new_point]
     assert all(count == canvas for count in encoded[2:])
 
@@ -73,7 +81,7 @@ def test_a_chats_next_turn_encodes_only_what_follows_the_last_turn(model, encode
 
 
 def test_the_same_prompt_again_reuses_it_and_answers_the_same(model, encoded):
-    prompt = prompt_of(model, [{"role": "user", "content": SKY}])
+    prompt = prompt_of(model, ONE_TURN)
     first = model.generate(prompt, seed=3, max_new_tokens=40)
     before = list(encoded)
     encoded.clear()
@@ -84,7 +92,7 @@ def test_the_same_prompt_again_reuses_it_and_answers_the_same(model, encoded):
 
 
 def test_no_reuse_after_the_weights_change_in_a_batch_or_in_reference_mode(model, encoded):
-    prompt = prompt_of(model, [{"role": "user", "content": SKY}])
+    prompt = prompt_of(model, ONE_TURN)
     model.generate(prompt, seed=0, max_new_tokens=8)
     with torch.no_grad():
         model.network.norm.weight.mul_(1.0)  # an in-place update (as a training step makes) voids the snapshot
@@ -103,7 +111,7 @@ def test_no_reuse_after_the_weights_change_in_a_batch_or_in_reference_mode(model
 
 
 def test_interleaved_streams_never_share_a_cache(model):
-    first_prompt = prompt_of(model, [{"role": "user", "content": SKY}])
+    first_prompt = prompt_of(model, ONE_TURN)
     model.generate(first_prompt, seed=0, max_new_tokens=8)  # a snapshot to take
     alone = diffgemma.load(DEMO)
     alone.prefix_cache = None
@@ -124,7 +132,7 @@ def test_interleaved_streams_never_share_a_cache(model):
 def test_a_restored_cache_serves_the_decoder_graphs_view(model):
     """The graph path (CUDA's; on the CPU the same view pass runs uncaptured) over a cache restored and grown."""
     network, settings = model.network, model.settings.replace(max_new_tokens=3 * model.config.canvas_length)
-    short = torch.tensor([prompt_of(model, [{"role": "user", "content": SKY}])])
+    short = torch.tensor([prompt_of(model, ONE_TURN)])
     longer = torch.tensor([prompt_of(model, two_turns(ANSWERS[SKY]))])
     cache = PrefixCache(model.tokenizer.token_id(TURN_OPEN))
 
@@ -134,7 +142,7 @@ def test_a_restored_cache_serves_the_decoder_graphs_view(model):
         ).new_tokens
 
     run(short, cache, True)
-    assert cache.snapshots[0].cache.capacity < longer.shape[1] + 3 * 32
+    assert cache.snapshots[0].cache.capacity < longer.shape[1] + 3 * model.config.canvas_length  # it must grow
     assert run(longer, cache, True) == run(longer, None, False)
 
 
@@ -148,20 +156,20 @@ def test_the_servers_next_turn_reuses_the_conversation(model, encoded):
             body = {"model": "demo", "messages": messages, "seed": 1}
             return http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
 
-        first = ask([{"role": "user", "content": SKY}])
+        first = ask(ONE_TURN)
         encoded.clear()
         second = ask(two_turns(first))
     # the same answer as the turn encoded whole, from the turn's new tokens alone
     assert second == alone.chat(two_turns(first), seed=1, max_new_tokens=ServerOptions().max_tokens).content
-    prompt, first_prompt = prompt_of(model, two_turns(first)), prompt_of(model, [{"role": "user", "content": SKY}])
-    point = len(first_prompt) - 1 - first_prompt[::-1].index(model.tokenizer.token_id(TURN_OPEN))
+    prompt, first_prompt = prompt_of(model, two_turns(first)), prompt_of(model, ONE_TURN)
+    point = last_turn_opening(model, first_prompt)
     assert encoded[0] + encoded[1] == len(prompt) - point
 
 
 @pytest.mark.parametrize("entries", [1, 2])
 def test_a_conversation_keeps_its_snapshot_through_a_request_in_between_with_two_entries(model, encoded, entries):
     model.prefix_cache.entries = entries
-    first = model.chat([{"role": "user", "content": SKY}], seed=0)
+    first = model.chat(ONE_TURN, seed=0)
     model.chat([{"role": "user", "content": "Name a fruit."}], seed=0)  # a client's title request, say
     encoded.clear()
     model.chat(two_turns(first.content), seed=0)
