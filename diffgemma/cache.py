@@ -66,12 +66,13 @@ class EncoderCache:
             ring=ring,
         )
 
-    def ensure_capacity(self, new_tokens: int) -> None:
-        """Grow the full-attention buffers (doubling) when the sequence outgrows them."""
+    def ensure_capacity(self, new_tokens: int, exact: bool = False) -> None:
+        """Grow the full-attention buffers when the sequence outgrows them: doubling, or to just the room
+        needed (`exact`: a caller that knows its final size)."""
         needed = self.length + new_tokens
         if needed <= self.capacity:
             return
-        capacity = max(needed, 2 * self.capacity)
+        capacity = needed if exact else max(needed, 2 * self.capacity)
         tail = self.config.canvas_length
         for index, layer in enumerate(self.layers):
             if layer.ring is not None:

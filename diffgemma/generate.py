@@ -718,7 +718,7 @@ def denoising_loop(
     reused = len(taken.ids) if taken is not None else 0
     if taken is not None:
         cache = taken.cache
-        cache.ensure_capacity(capacity - reused)  # all at once: a decoder graph's view needs its final size
+        cache.ensure_capacity(capacity - reused, exact=True)  # at once: a decoder graph's view needs its final size
     else:
         cache = network.new_cache(batch, capacity)
     handback = _Handback(prefix_cache, taken)

@@ -142,8 +142,10 @@ def test_a_restored_cache_serves_the_decoder_graphs_view(model):
         ).new_tokens
 
     run(short, cache, True)
-    assert cache.snapshots[0].cache.capacity < longer.shape[1] + 3 * model.config.canvas_length  # it must grow
+    needed = longer.shape[1] + 3 * model.config.canvas_length
+    assert cache.snapshots[0].cache.capacity < needed  # it must grow
     assert run(longer, cache, True) == run(longer, None, False)
+    assert cache.snapshots[0].cache.capacity == needed  # to just what the generation needs
 
 
 def test_the_servers_next_turn_reuses_the_conversation(model, encoded):
