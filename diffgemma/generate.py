@@ -48,6 +48,7 @@ class Draft:
     tokenizer: Tokenizer | None = field(default=None, repr=False)
     settled: torch.Tensor | None = None  # [B] with commit_stable_prefix: length of the prefix now fixed
     entropy: torch.Tensor | None = None  # [B, C] per-position entropy of this step's distribution
+    cached_tokens: int = 0  # prompt tokens the prefix cache held (a batch of one), not encoded again
 
     @property
     def text(self) -> list[str]:
@@ -79,6 +80,7 @@ class GenerationResult:
     text: str | list[str] | None = None  # one string per prompt (a list for a batch), None without tokenizer
     stopped: list[bool] = field(default_factory=list)  # per row: a stop string ended it (`StopStrings`)
     reached_limit: list[bool] = field(default_factory=list)  # per row: cut at max_new_tokens, no EOS before it
+    cached_tokens: int = 0  # prompt tokens the prefix cache held (a batch of one), not encoded again
 
     @property
     def tokens_per_second(self) -> float:
@@ -823,6 +825,7 @@ def denoising_loop(
                     tokenizer,
                     settled if commit_stable_prefix else None,
                     entropy,
+                    reused,
                 )
                 if stop_check(finished, step):
                     break
@@ -870,6 +873,7 @@ def denoising_loop(
         wall_time=time.perf_counter() - started,
         stopped=[False] * batch,
         reached_limit=[len(tokens) >= limit for tokens, limit in zip(new_tokens, limits, strict=True)],
+        cached_tokens=reused,
     )
     yield Done(result)
 

@@ -1,5 +1,7 @@
 """The prefix cache: a prompt that begins with the last one generated from alone encodes only what follows."""
 
+import json
+
 import httpx
 import pytest
 import torch
@@ -148,24 +150,36 @@ def test_a_restored_cache_serves_the_decoder_graphs_view(model):
     assert cache.snapshots[0].cache.capacity == needed  # to just what the generation needs
 
 
-def test_the_servers_next_turn_reuses_the_conversation(model, encoded):
+def test_the_servers_next_turn_reuses_the_conversation_and_says_so(model, encoded):
     alone = diffgemma.load(DEMO)
     alone.prefix_cache = None
     app = create_app(model, ServerOptions(model_name="demo"))
     with running(app) as url, httpx.Client(base_url=url, timeout=60) as http:
 
-        def ask(messages):
+        def ask(messages, stream=False):
             body = {"model": "demo", "messages": messages, "seed": 1}
-            return http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+            if stream:
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
+                lines = http.post("/v1/chat/completions", json=body).text.splitlines()
+                events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+                return None, events[-1]["usage"]
+            made = http.post("/v1/chat/completions", json=body).json()
+            return made["choices"][0]["message"]["content"], made["usage"]
 
-        first = ask(ONE_TURN)
+        first, usage = ask(ONE_TURN)
+        assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
         encoded.clear()
-        second = ask(two_turns(first))
+        second, usage = ask(two_turns(first))
+        streamed = ask(two_turns(first), stream=True)[1]  # the same prompt again: all but its last turn's opening
+        responses = http.post("/v1/responses", json={"model": "demo", "input": two_turns(first), "seed": 1}).json()
     # the same answer as the turn encoded whole, from the turn's new tokens alone
     assert second == alone.chat(two_turns(first), seed=1, max_new_tokens=ServerOptions().max_tokens).content
     prompt, first_prompt = prompt_of(model, two_turns(first)), prompt_of(model, ONE_TURN)
     point = last_turn_opening(model, first_prompt)
     assert encoded[0] + encoded[1] == len(prompt) - point
+    assert usage["prompt_tokens_details"] == {"cached_tokens": point}  # OpenAI's (and vLLM's) field
+    assert streamed["prompt_tokens_details"] == {"cached_tokens": last_turn_opening(model, prompt)}
+    assert responses["usage"]["input_tokens_details"]["cached_tokens"] == last_turn_opening(model, prompt)
 
 
 @pytest.mark.parametrize("entries", [1, 2])

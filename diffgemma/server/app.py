@@ -150,7 +150,7 @@ def whole_events(
 ) -> list[dict[str, Any]]:
     """A Responses or Messages reply answered whole, as the events its builder's `chunk` makes of its pieces
     (the builder then holds the whole reply)."""
-    usage = Piece(usage=_usage(prompt_tokens, len(answer.done.new_tokens)))
+    usage = Piece(usage=_usage(prompt_tokens, len(answer.done.new_tokens), answer.done.cached))
     return [event for piece in [*answer.pieces(0, logprobs), usage] for event in chunk(piece)]
 
 
@@ -386,7 +386,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 if ending is not None:  # (settled: the row may go on with its canvas or its batch)
                     job.cancelled.set()
                     tokens, finish, eos = ending
-                    return RowDone(tokens, list(steps.values()), time.perf_counter() - started, eos), finish
+                    done = RowDone(tokens, list(steps.values()), time.perf_counter() - started, eos, event.cached)
+                    return done, finish
         finally:
             app.state.active -= 1
 
@@ -443,7 +444,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         try:
             for index, echo in enumerate(echoes):
                 yield _sse(chunk(Piece(index, role=True, content=echo)))
-            streaming, completion = set(range(len(jobs))), 0
+            streaming, completion, cached = set(range(len(jobs))), 0, 0
             while streaming:
                 index, event = await merged.get()
                 job, reply = jobs[index], replies[index]
@@ -452,6 +453,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 if isinstance(event, Exception):
                     yield _sse(error_body(f"generation failed: {event}", "server_error"))
                     break
+                cached = max(cached, event.cached)
                 tokens = _visible(event, job) if isinstance(event, RowDraft) else event.new_tokens
                 ending = _ending(reply, event, job)
                 if isinstance(event, RowDraft) and drafts:
@@ -472,7 +474,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                     job.cancelled.set()  # (it ended as it settled: its row goes no further than this canvas)
             else:
                 if usage is not None:
-                    yield _sse(chunk(Piece(usage=_usage(usage, completion))))
+                    yield _sse(chunk(Piece(usage=_usage(usage, completion, cached))))
             yield done
         finally:
             for forwarder in forwarders:
@@ -551,7 +553,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             if end.calls:  # (OpenAI's content is null when a reply is its calls alone)
                 message.update(content=content or None, tool_calls=end.calls)
             choices.append({**choice, "message": message})
-        usage = _usage(prompt_tokens, sum(len(answer.done.new_tokens) for answer in answers))
+        cached = max(answer.done.cached for answer in answers)  # (a lone choice's; choices in a batch hold none)
+        usage = _usage(prompt_tokens, sum(len(answer.done.new_tokens) for answer in answers), cached)
         if body.stream:  # (a JSON answer: each choice read whole, then sent whole)
             last = [Piece(usage=usage)] if usage_chunk is not None else []
             return _event_stream([_sse(chunk(piece)) for piece in [*pieces, *last]] + [DONE])
@@ -839,8 +842,14 @@ def _visible(event: RowDraft, job: Job) -> list[int]:
     return (event.committed + event.ids[: event.settled])[: job.max_new_tokens]
 
 
-def _usage(prompt_tokens: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+def _usage(prompt_tokens: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage: `cached`, the prompt tokens the prefix cache held (`prompt_tokens_details`, as vLLM's)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _ending(reply: SettledText, event: RowDraft | RowDone, job: Job) -> tuple[list[int], str, int | None] | None:

@@ -32,6 +32,7 @@ class RowDraft:
     entropy: list[float]
     settled: int
     committed: list[int]  # tokens of earlier canvases, as committed
+    cached: int = 0  # prompt tokens the prefix cache held
 
 
 @dataclass
@@ -40,6 +41,7 @@ class RowDone:
     steps: list[int]
     wall_time: float
     eos: int | None = None  # the EOS id that ended the row right after `new_tokens`, if one did
+    cached: int = 0  # prompt tokens the prefix cache held
 
 
 @dataclass
@@ -209,6 +211,7 @@ class Batcher:
                         entropy[row],
                         settled[row],
                         list(committed[row]),
+                        event.cached_tokens,
                     )
                 )
         elif isinstance(event, CanvasCommit):
@@ -220,7 +223,7 @@ class Batcher:
                 tokens = result.new_tokens[row]
                 steps = [per_row[row] for per_row in result.steps]
                 ending = _ending_eos(result, row, job.max_new_tokens, eos_ids)
-                job.send(RowDone(tokens, steps, result.wall_time, ending))
+                job.send(RowDone(tokens, steps, result.wall_time, ending, result.cached_tokens))
 
 
 def _ending_eos(result: GenerationResult, row: int, limit: int, eos_ids: tuple[int, ...]) -> int | None:

@@ -140,7 +140,10 @@ class ResponseBuilder:
         """The chat usage's counts in the Responses API's names."""
         return {
             "input_tokens": counts["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "input_tokens_details": {
+                "cached_tokens": counts["prompt_tokens_details"]["cached_tokens"],
+                "cache_write_tokens": 0,
+            },
             "output_tokens": counts["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": self.count_tokens(self.reasoning) if self.reasoning else 0},
             "total_tokens": counts["total_tokens"],
