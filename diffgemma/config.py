@@ -122,20 +122,22 @@ class ModelConfig:
     def cache_bytes(self, context: int, batch: int, bytes_per_value: int) -> int:
         """The encoder cache diffgemma allocates for `context` tokens: keys and values on every layer (full
         layers hold the whole context, sliding layers a window's worth), each with a canvas of spare slots."""
-        total = 0
-        for shape in self.layers:
-            slots = (self.sliding_window - 1 if shape.is_sliding else context) + self.canvas_length
-            total += 2 * batch * shape.num_kv_heads * shape.head_dim * slots * bytes_per_value
-            total += slots * 8 + batch * slots  # positions (int64) and validity (bool)
-        return total
+        return sum(
+            _slots_bytes(
+                shape,
+                (self.sliding_window - 1 if shape.is_sliding else context) + self.canvas_length,
+                batch,
+                bytes_per_value,
+            )
+            for shape in self.layers
+        )
 
     def prefix_cache_bytes(self, context: int, batch: int, bytes_per_value: int, entries: int = 1) -> int:
         """What a prefix cache of `entries` snapshots (`cache.PrefixCache`) holds beside a generation's own
         cache: each snapshot's copy of the sliding layers' windows and its cache, but for the one a batch-of-one
         generation is using as its own."""
         windows = sum(
-            2 * shape.num_kv_heads * shape.head_dim * (self.sliding_window - 1) * bytes_per_value
-            + (self.sliding_window - 1) * 9  # positions (int64) and validity (bool, one row)
+            _slots_bytes(shape, self.sliding_window - 1, 1, bytes_per_value)
             for shape in self.layers
             if shape.is_sliding
         )
@@ -145,6 +147,11 @@ class ModelConfig:
     def sampler_bytes(self, batch: int) -> int:
         """The fast sampler's two float32 vocabulary-sized buffers (logits and distribution) per canvas."""
         return 2 * batch * self.canvas_length * self.vocab_size * 4
+
+
+def _slots_bytes(shape: AttentionShape, slots: int, batch: int, bytes_per_value: int) -> int:
+    """One layer's cache slots: keys and values, positions (int64) and validity (bool, a row each)."""
+    return 2 * batch * shape.num_kv_heads * shape.head_dim * slots * bytes_per_value + slots * 8 + batch * slots
 
 
 @dataclass(frozen=True)
