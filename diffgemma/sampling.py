@@ -129,8 +129,9 @@ def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor, scratch: torc
     """One sample per position [...] from `probs` [..., V] by inverting the running sum at `uniform` [...].
 
     The running sum goes into `scratch` (any float32 tensor of probs' shape that is free, e.g. the logits
-    once read), so sampling adds no vocabulary-sized tensor, and every position is drawn at once with no
-    host synchronisation. Token v is drawn when cdf[v-1] <= u * total < cdf[v]."""
+    once read, or `probs` itself, which is then overwritten), so sampling adds no vocabulary-sized tensor,
+    and every position is drawn at once with no host synchronisation. Token v is drawn when
+    cdf[v-1] <= u * total < cdf[v]."""
     cdf = torch.cumsum(probs, dim=-1, out=scratch)
     target = (uniform * cdf[..., -1]).unsqueeze(-1).contiguous()
     drawn = torch.searchsorted(cdf, target, right=True).squeeze(-1)

@@ -111,18 +111,25 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def test_sampler_step_adds_no_vocabulary_sized_tensor():
+@pytest.mark.parametrize("sync_free", [False, True], ids=["cpu way", "accelerator way"])
+@pytest.mark.parametrize("peaked", [False, True], ids=["few accepted", "all accepted"])
+def test_sampler_step_adds_no_vocabulary_sized_tensor(sync_free, peaked):
     """Beyond the logits and its preallocated distribution buffer, one fast sampler step allocates less
-    than a tenth of one [batch, canvas, vocabulary] float32 tensor (the GPU script measures vocab 262,144)."""
+    than a tenth of one [batch, canvas, vocabulary] float32 tensor (the GPU script measures vocab 262,144),
+    however many positions it accepts (the CPU's way samples the accepted ones only)."""
     batch, length, vocab = 8, 64, 16384
-    logits = torch.randn(batch, length, vocab)
+    logits = torch.randn(batch, length, vocab, generator=torch.Generator().manual_seed(0))
+    if peaked:  # one token far ahead at every position: every entropy is about 0
+        logits[..., 7] += 40.0
     probs = torch.empty_like(logits)
     canvas = torch.zeros(batch, length, dtype=torch.long)
     rng = RandomSource("fast", batch, torch.device("cpu"), 0)
+    rng.sync_free = sync_free
     one = logits.numel() * logits.element_size()
     with PeakMemory() as memory:
         out = sampler_step(logits, canvas, 0.5, rng, None, probs)
-    assert out.accept.any() and out.probs is probs
+    assert out.probs is probs
+    assert bool(out.accept.all()) if peaked else 0 < int(out.accept.sum()) < batch * length
     assert 0 < memory.peak < 0.1 * one, memory.peak / one
     # and the tracker does see a vocabulary-sized temporary when one is made
     with PeakMemory() as memory:

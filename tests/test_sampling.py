@@ -196,3 +196,24 @@ def test_fast_mode_samples_the_reference_distribution():
         chi_square_rejects(skewed[p], reference[p]) for p in (reference.sum(-1) > 0).nonzero().squeeze(-1).tolist()
     ]
     assert any(rejected)
+
+
+def test_the_cpu_way_draws_what_the_accelerator_way_draws_at_accepted_positions():
+    """The CPU samples only the accepted positions (in the logits' memory, once read), the accelerator way every
+    position: the same counter uniforms and running sums, so the same tokens, clamps and masked ids included."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 40, 500, generator=generator) * 3
+    logits[:, ::3, 11] += 25.0  # a third of the positions nearly certain: many accepted at once
+    fixed = torch.full((3, 40), -1)
+    fixed[1, 5] = 42
+    canvas = torch.randint(0, 500, (3, 40), generator=generator)
+    outputs = []
+    for sync_free in (False, True):
+        rng = RandomSource("fast", 3, torch.device("cpu"), 9)
+        rng.sync_free = sync_free
+        outputs.append(sampler_step(logits.clone(), canvas, 2.0, rng, fixed, torch.empty_like(logits)))
+    cpu, accelerator = outputs
+    assert int(cpu.accept.sum()) > 40
+    assert torch.equal(cpu.accept, accelerator.accept)
+    assert torch.equal(cpu.canvas, accelerator.canvas)
+    assert torch.equal(cpu.probs, accelerator.probs)
