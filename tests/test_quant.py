@@ -92,7 +92,9 @@ def test_the_cpu_kernels_keep_the_logits_close(demo_inputs, monkeypatch, name, m
     used, expanded = [], []
     kernel, expand = quant.cpu_linear, quant.dequantize
     monkeypatch.setattr(quant, "cpu_linear", lambda *args: used.append(args[1].shape) or kernel(*args))
-    monkeypatch.setattr(quant, "dequantize", lambda *args: expanded.append(args[0].data_ptr()) or expand(*args))
+    monkeypatch.setattr(
+        quant, "dequantize", lambda *args, **kwargs: expanded.append(args[0].data_ptr()) or expand(*args, **kwargs)
+    )
     top1, kl = _agreement(_demo_logits(quantized, prompts, canvases), reference)
     assert top1 >= min_top1 and kl <= max_kl, (top1, kl)
     expert_weights = {tuple(quantized.network.layers[0].experts.gate_up_proj_qweight.shape[1:])}
@@ -439,6 +441,46 @@ def test_int4_expansion_holds_only_the_output_and_small_temporaries():
     whole = quant.dequantize(stored["qweight"], stored["scale"], fmt, torch.float32)
     assert torch.equal(chunked, whole)
     assert memory.peak < expanded_bytes * 1.05, memory.peak / expanded_bytes
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
+def test_cpu_expansions_reuse_one_buffer_per_thread(name, monkeypatch):
+    """Inference on the CPU expands weights into one buffer a thread (fresh pages cost more than filling them):
+    products are those of fresh expansions and stay intact as the buffer is reused, repeated expansions make no
+    new weight-sized memory, each thread has its own buffer, and a weight over the cap gets a fresh tensor."""
+    import threading
+
+    from test_engine import PeakMemory
+
+    from diffgemma import quant
+
+    fmt = quant.QuantFormat(name)
+    generator = torch.Generator().manual_seed(4)
+    stored = [quant.quantize(torch.randn(rows, 256, generator=generator) * 0.02, fmt) for rows in (192, 128)]
+    x = torch.randn(5, 256, generator=generator)
+
+    def product(index: int) -> torch.Tensor:
+        return quant.expanded_product(x, stored[index]["qweight"], stored[index]["scale"], fmt, torch.float32)
+
+    expected = [x @ dequantize(s["qweight"], s["scale"], fmt, torch.float32).t() for s in stored]
+    monkeypatch.setattr(quant, "_EXPANSION", threading.local())
+    first = product(0)
+    buffer = quant._EXPANSION.buffers[torch.float32]
+    with PeakMemory() as memory:
+        second = product(1)
+    assert torch.equal(first, expected[0]) and torch.equal(second, expected[1])
+    assert memory.peak < 192 * 256 * 4 / 4, memory.peak  # the smaller weight went into the same buffer
+    assert quant._EXPANSION.buffers[torch.float32] is buffer and buffer.numel() == 192 * 256
+    other = {}
+    worker = threading.Thread(target=lambda: other.update(out=product(0), buffers=dict(quant._EXPANSION.buffers)))
+    worker.start()
+    worker.join()
+    assert torch.equal(other["out"], expected[0])
+    assert other["buffers"][torch.float32].data_ptr() != buffer.data_ptr()
+    monkeypatch.setattr(quant, "EXPANSION_BUFFER_BYTES", 128 * 256 * 4 - 1)
+    monkeypatch.setattr(quant, "_EXPANSION", threading.local())
+    assert torch.equal(product(1), expected[1])
+    assert not getattr(quant._EXPANSION, "buffers", {})
 
 
 @pytest.mark.parametrize("layout", ["batched", "grouped"])
