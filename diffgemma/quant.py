@@ -737,18 +737,20 @@ def held_bytes(network: nn.Module) -> int:
 def weight_bytes(config, dtype: torch.dtype, fmt: QuantFormat | None = None) -> tuple[int, int]:
     """(bytes of every tensor the loaded network holds, bytes of the largest weight expanded for use, the
     experts' gate/up halves one at a time as `QuantExperts` expands them), for the model in `dtype` with `fmt`
-    quantization; counted on a meta-device build (`meta_network`)."""
+    quantization; counted on a meta-device build (`meta_network`). A weight over the CPU's expansion buffer
+    (`EXPANSION_BUFFER_BYTES`) is expanded beside it, so the largest that fits the buffer counts too."""
     network = meta_network(config, dtype, fmt)
     held = held_bytes(network)
-    expanded = 0
+    sizes = [0]
     if fmt is not None:
-        element = torch.empty((), dtype=dtype).element_size()
         for module in network.modules():
             if isinstance(module, _Quantized):
                 for name, shape in module.source_shapes.items():
                     halves = 2 if isinstance(module, QuantExperts) and name == "gate_up_proj" else 1
-                    expanded = max(expanded, math.prod(shape) * element // halves)
-    return held, expanded
+                    sizes.append(math.prod(shape) * dtype.itemsize // halves)
+    largest = max(sizes)
+    buffered = max(size for size in sizes if size <= EXPANSION_BUFFER_BYTES)
+    return held, largest + (buffered if largest > EXPANSION_BUFFER_BYTES else 0)
 
 
 def memory_estimate(config, dtype: torch.dtype, fmt: QuantFormat | None, context: int, batch: int) -> dict[str, int]:
