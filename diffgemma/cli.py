@@ -533,6 +533,8 @@ def _lines(spec: str, total: int) -> tuple[int, int]:
         start, end = int(first), int(last or first)
     except ValueError:
         raise DiffGemmaError(f"--lines must look like A:B (1-based, inclusive), got {spec!r}") from None
+    if start > end:
+        raise DiffGemmaError(f"--lines {spec} ends before it starts (A:B with A <= B)")
     if not 1 <= start <= end <= total:
         raise DiffGemmaError(f"--lines {spec} is outside the file's {total} lines")
     return start, end

@@ -478,6 +478,8 @@ def test_edit_writes_atomically_with_backup(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "notes.txt.bak"]
     code, _, err = run(capsys, "edit", str(path), "--lines", "9:12", "--model", DEMO)
     assert code == 2 and "outside the file" in err
+    code, _, err = run(capsys, "edit", str(path), "--lines", "3:2", "--model", DEMO)
+    assert code == 2 and "ends before it starts" in err
 
 
 def test_edit_keeps_the_files_line_endings_and_refuses_what_is_not_utf8(capsys, tmp_path):
