@@ -172,6 +172,11 @@ def test_the_servers_next_turn_reuses_the_conversation_and_says_so(model, encode
         second, usage = ask(two_turns(first))
         streamed = ask(two_turns(first), stream=True)[1]  # the same prompt again: all but its last turn's opening
         responses = http.post("/v1/responses", json={"model": "demo", "input": two_turns(first), "seed": 1}).json()
+        anthropic = {"model": "demo", "max_tokens": 100, "messages": two_turns(first)}
+        counted = http.post("/v1/messages/count_tokens", json=anthropic).json()["input_tokens"]
+        message = http.post("/v1/messages", json=anthropic).json()
+        lines = http.post("/v1/messages", json=anthropic | {"stream": True}).text.splitlines()
+        message_events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     # the same answer as the turn encoded whole, from the turn's new tokens alone
     assert second == alone.chat(two_turns(first), seed=1, max_new_tokens=ServerOptions().max_tokens).content
     prompt, first_prompt = prompt_of(model, two_turns(first)), prompt_of(model, ONE_TURN)
@@ -180,6 +185,14 @@ def test_the_servers_next_turn_reuses_the_conversation_and_says_so(model, encode
     assert usage["prompt_tokens_details"] == {"cached_tokens": point}  # OpenAI's (and vLLM's) field
     assert streamed["prompt_tokens_details"] == {"cached_tokens": last_turn_opening(model, prompt)}
     assert responses["usage"]["input_tokens_details"]["cached_tokens"] == last_turn_opening(model, prompt)
+    # Anthropic's: the cached tokens apart from input_tokens, which with them make what count_tokens gives
+    opened = last_turn_opening(model, prompt)
+    assert counted == len(prompt)
+    expected = {"input_tokens": counted - opened, "cache_creation_input_tokens": 0, "cache_read_input_tokens": opened}
+    assert {key: message["usage"][key] for key in expected} == expected
+    start, delta = message_events[0]["message"]["usage"], message_events[-2]["usage"]
+    assert start["input_tokens"] == counted and start["cache_read_input_tokens"] == 0  # before the cache is asked
+    assert {key: delta[key] for key in expected} == expected and delta["output_tokens"] > 0
 
 
 @pytest.mark.parametrize("entries", [1, 2])

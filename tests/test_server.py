@@ -317,7 +317,8 @@ def test_anthropics_messages_api_with_the_anthropic_client(server, client):
     assert use.name == "get_weather" and use.input == {"city": "Paris"} and use.id.startswith("toolu_")
     assert [(m.id, m.type) for m in claude.models.list()] == [("demo", "model")]  # its clients list models too
     counted = claude.messages.count_tokens(model="demo", messages=ask(WEATHER_QUESTION), tools=tools)
-    assert counted.input_tokens == called.usage.input_tokens  # what clients size their context by
+    # what clients size their context by: input_tokens and the tokens the prefix cache held, apart
+    assert counted.input_tokens == called.usage.input_tokens + called.usage.cache_read_input_tokens
     with claude.messages.stream(model="demo", max_tokens=200, messages=ask(WEATHER_QUESTION), tools=tools) as stream:
         streamed_use = stream.get_final_message()
     assert [(b.type, b.name, b.input) for b in streamed_use.content] == [("tool_use", "get_weather", use.input)]

@@ -128,6 +128,7 @@ class MessageBuilder:
     def __init__(self, model_name: str, input_tokens: int) -> None:
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
         self.model_name, self.input_tokens = model_name, input_tokens
+        self.cached = 0  # the prompt tokens the prefix cache held, known once the usage comes
         self.blocks: list[dict[str, Any]] = []
         self.open: int | None = None  # the index of the block being streamed
         self.stop_reason, self.stop_sequence = "end_turn", None
@@ -144,9 +145,10 @@ class MessageBuilder:
             self.finish(piece.finish, piece.stop_sequence)
             return []
         if piece.usage is not None:
+            self.cached = piece.usage["prompt_tokens_details"]["cached_tokens"]
             delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
-            output = {"output_tokens": piece.usage["completion_tokens"]}
-            return [*self._stop(), {"type": "message_delta", "delta": delta, "usage": output}, {"type": "message_stop"}]
+            usage = self.usage(piece.usage["completion_tokens"])
+            return [*self._stop(), {"type": "message_delta", "delta": delta, "usage": usage}, {"type": "message_stop"}]
         return [] if piece.draft is not None else self.text(piece.content, piece.reasoning)
 
     def finish(self, finish: str, stop_sequence: str | None = None) -> None:
@@ -193,7 +195,18 @@ class MessageBuilder:
             "content": self.blocks if done else [],
             "stop_reason": self.stop_reason if done else None,
             "stop_sequence": self.stop_sequence if done else None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": output_tokens},
+            "usage": self.usage(output_tokens),
+        }
+
+    def usage(self, output_tokens: int) -> dict[str, int]:
+        """Anthropic's usage: the prompt tokens read from the prefix cache apart from the rest (`input_tokens`;
+        clients add the two, and `count_tokens` gives their sum). A stream's closing delta repeats every count,
+        which the start gave before the cache was consulted (Anthropic's counts there are totals)."""
+        return {
+            "input_tokens": self.input_tokens - self.cached,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": self.cached,
+            "output_tokens": output_tokens,
         }
 
     def _start(self, block: dict[str, Any]) -> list[dict[str, Any]]:
