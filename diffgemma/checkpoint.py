@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import GENERATION_FILE, ModelConfig, SamplerSettings
+from .config import GENERATION_FILE, ModelConfig, SamplerSettings, read_json
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
 
@@ -109,10 +109,9 @@ def stored_tensors(folder: Path) -> dict[str, StoredTensor]:
     """Every tensor of a checkpoint folder, single-file or sharded through the index."""
     index_path = folder / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DiffGemmaError(f"{index_path}: not a valid safetensors index (no `weight_map`)") from None
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise DiffGemmaError(f"{index_path}: not a valid safetensors index (no `weight_map` of shard names)")
         tensors: dict[str, StoredTensor] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = folder / shard

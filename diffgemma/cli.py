@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .config import read_jsonl, read_text
 from .errors import DiffGemmaError
 from .quant import FORMATS
 from .structured import DEFAULT_TRIES
@@ -86,11 +87,7 @@ def _with_template(model, args: argparse.Namespace):
         return model
     if model.tokenizer is None:
         raise DiffGemmaError(f"--chat-template {path}: this checkpoint has no tokenizer to render chats with")
-    try:
-        template = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise DiffGemmaError(f"--chat-template {path}: cannot read it ({err.strerror})") from None
-    model.tokenizer.use_template(template, path)
+    model.tokenizer.use_template(read_text(path), path)
     return model
 
 
@@ -299,7 +296,6 @@ def _print_as_it_settles(
 
 def _file_prompts(path: str) -> list[str]:
     """Prompts from a file: a `.jsonl` file's {"prompt": ...} records, else one prompt a line (blank lines skipped)."""
-    from .config import read_jsonl
 
     if Path(path).suffix == ".jsonl":
         prompts = []
@@ -308,9 +304,7 @@ def _file_prompts(path: str) -> list[str]:
                 raise DiffGemmaError(f'{where}: expected an object with a "prompt" text')
             prompts.append(record["prompt"])
         return prompts
-    if not Path(path).is_file():
-        raise DiffGemmaError(f"{path}: file not found")
-    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in read_text(path).splitlines() if line.strip()]
 
 
 def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
@@ -372,9 +366,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     if (args.text is None) == (args.file is None):
         raise DiffGemmaError("give a text (or - for stdin), or --file with the text to score")
-    if args.file is not None and not Path(args.file).is_file():
-        raise DiffGemmaError(f"{args.file}: file not found")
-    text = Path(args.file).read_text(encoding="utf-8") if args.file else _read_prompt(args.text)
+    text = read_text(args.file) if args.file else _read_prompt(args.text)
     model = _load(args)
     scores = model.score(text)
     scored = len(scores.ids) - 1

@@ -224,12 +224,23 @@ def _as_id_tuple(value: Any, key: str, source: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DiffGemmaError(f"{path}: file not found")
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents; a missing, unreadable or undecodable file is an error that names it."""
+    file = Path(path)
+    if not file.is_file():
+        raise DiffGemmaError(f"{file}: file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DiffGemmaError(f"{file}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise DiffGemmaError(f"{file}: cannot read it ({err.strerror})") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
         raise DiffGemmaError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise DiffGemmaError(f"{path}: expected a JSON object at the top level")
@@ -240,9 +251,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
     """A JSONL file's records, each with where it is ("FILE:LINE", for the caller's errors); blank lines skipped,
     a line that is not JSON an error that names it."""
     file = Path(path)
-    if not file.is_file():
-        raise DiffGemmaError(f"{file}: file not found")
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text(file).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -303,6 +312,11 @@ def _rope(text: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
             )
         if not _is_number(params.get("rope_theta")) or params["rope_theta"] <= 0:
             raise DiffGemmaError(f"{where}: `rope_parameters.{kind}.rope_theta` must be a positive number")
+        factor = params.get("partial_rotary_factor", 1.0)
+        if not _is_number(factor) or not 0 <= factor <= 1:
+            raise DiffGemmaError(
+                f"{where}: `rope_parameters.{kind}.partial_rotary_factor` must be a number from 0 to 1, got {factor!r}"
+            )
     return rope
 
 

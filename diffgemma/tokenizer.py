@@ -19,6 +19,7 @@ import jinja2.meta
 import jinja2.sandbox
 from tokenizers import Tokenizer as RustTokenizer
 
+from .config import read_json, read_text
 from .errors import DiffGemmaError
 from .toolcalls import Tool, check_tools, marked_blocks
 
@@ -80,15 +81,12 @@ class Tokenizer:
         config_path = folder / TOKENIZER_CONFIG
         settings: dict[str, Any] = {}
         if config_path.is_file():
-            try:
-                settings = json.loads(config_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise DiffGemmaError(f"{config_path}: not valid JSON ({err})") from None
+            settings = read_json(config_path)
         self.special = {role: _token_text(settings.get(f"{role}_token")) for role in ("bos", "eos", "pad", "unk")}
         template_path = folder / TEMPLATE_FILE
         template = settings.get("chat_template")
         if template_path.is_file():
-            template = template_path.read_text(encoding="utf-8")
+            template = read_text(template_path)
         if isinstance(template, list):  # named templates: take the default one
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")

@@ -270,6 +270,29 @@ def test_missing_shard(ours, tmp_path):
         diffgemma.load(saved)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("tokenizer_config.json", b'{"bos_token": "\xff"}', "not UTF-8 text"),
+        ("tokenizer_config.json", b'["a list"]', "expected a JSON object"),
+        ("chat_template.jinja", b"{{ bos_token }}\xfe", "not UTF-8 text"),
+        ("config.json", b"\xff{}", "not UTF-8 text"),
+        ("generation_config.json", b"\x80", "not UTF-8 text"),
+        ("model.safetensors.index.json", b"\xff", "not UTF-8 text"),
+        ("model.safetensors.index.json", b'{"weight_map": ["model.safetensors"]}', "not a valid safetensors index"),
+        ("model.safetensors.index.json", b'{"weight_map": {"a.weight": 3}}', "not a valid safetensors index"),
+    ],
+)
+def test_a_garbled_text_file_is_an_error_that_names_it(tmp_path, name, content, says):
+    """Each of a checkpoint's text files, undecodable or of the wrong shape: a DiffGemmaError naming the file (a
+    UnicodeDecodeError or AttributeError from deep in a reader before)."""
+    folder = random_checkpoint(tmp_path / "m", preset="tiny")
+    (folder / name).write_bytes(content)
+    with pytest.raises(DiffGemmaError, match=rf"{name}: .*{says}") as caught:
+        diffgemma.load(folder)
+    assert str(folder) in str(caught.value)
+
+
 def test_checkpoint_without_vision_or_tokenizer(tmp_path):
     folder = random_checkpoint(tmp_path / "plain", preset="tiny")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

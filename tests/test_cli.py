@@ -411,7 +411,7 @@ def test_a_chat_template_given_in_the_checkpoints_place(capsys, tmp_path):
     (tmp_path / "broken.jinja").write_text("{% if %}")
     code, out, _ = run(capsys, "chat", SKY, "--chat-template", str(tmp_path / "fruit.jinja"), "--model", DEMO)
     assert code == 0 and out.strip() == ANSWERS["Name a fruit."]
-    for name, message in (("missing.jinja", "cannot read it"), ("broken.jinja", "syntax error")):
+    for name, message in (("missing.jinja", "file not found"), ("broken.jinja", "syntax error")):
         code, _, err = run(capsys, "chat", SKY, "--chat-template", str(tmp_path / name), "--model", DEMO)
         assert code == 2 and message in err and name in err
 
@@ -602,3 +602,25 @@ def test_prefix_cache_option(argv, entries):
 
     model = _load(build_parser().parse_args([*argv, "--model", DEMO]))
     assert (model.prefix_cache.entries if model.prefix_cache is not None else 0) == entries
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["chat", SKY, "--chat-template", "{file}"],
+        ["generate", "--file", "{file}"],
+        ["generate", "--file", "{file}.jsonl"],
+        ["score", "--file", "{file}"],
+        ["eval", "sudoku", "--puzzles", "{file}", "--model", str(Path(__file__).parents[1] / "models" / "sudoku")],
+        ["train", "chat", "--data", "{file}.jsonl", "--out", "{file}.out"],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_a_file_that_is_not_utf8_is_an_error_that_names_it(capsys, tmp_path, command):
+    path = tmp_path / "latin1"
+    for file in (path, path.with_suffix(".jsonl")):
+        file.write_bytes("caf\xe9\n".encode("latin-1"))
+    argv = [part.replace("{file}", str(path)) for part in command]
+    argv += [] if "--model" in argv else ["--model", DEMO]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and f"{path}" in err and "not UTF-8 text" in err and "Traceback" not in err, err

@@ -98,3 +98,13 @@ def test_prefix_cache_estimate_matches_what_a_snapshot_holds():
     # while a batch of several runs, the kept snapshots' caches live on beside it; so do all but one at batch 1
     assert config.prefix_cache_bytes(50, 4, 2) == windows + config.cache_bytes(50, 1, 2)
     assert config.prefix_cache_bytes(50, 1, 2, entries=2) == 2 * windows + config.cache_bytes(50, 1, 2)
+
+
+@pytest.mark.parametrize("factor", [None, "0.25", -0.5, 1.5, float("nan"), True, [0.25]])
+def test_a_bad_partial_rotary_factor_is_refused_by_name(factor):
+    """(a string or null was a ValueError / TypeError from float() before)"""
+    raw = preset_config("tiny")
+    raw["text_config"]["rope_parameters"]["full_attention"]["partial_rotary_factor"] = factor
+    expected = r"`rope_parameters.full_attention.partial_rotary_factor` must be a number"
+    with pytest.raises(DiffGemmaError, match=expected):
+        parse_model_config(raw)

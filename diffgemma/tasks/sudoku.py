@@ -44,6 +44,7 @@ import torch
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from ..config import read_text
 from ..errors import DiffGemmaError
 
 CELLS = 81
@@ -96,9 +97,7 @@ def parse(line: str, where: str = "puzzle") -> list[int]:
 
 def read_puzzles(path: str | Path) -> list[list[int]]:
     file = Path(path)
-    if not file.is_file():
-        raise DiffGemmaError(f"{file}: file not found")
-    lines = [(n, line) for n, line in enumerate(file.read_text().splitlines(), 1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(read_text(file).splitlines(), 1) if line.strip()]
     header = lines and "," in lines[0][1] and not any(ch.isdigit() for ch in lines[0][1])
     lines = lines[1:] if header else lines  # a CSV header ("quizzes,solutions")
     if not lines:
@@ -634,7 +633,7 @@ def puzzle_pool(
     (seed, i) alone, so the pool is the same whatever `workers` (processes) make it. `cache`: a file of
     `puzzle<TAB>solution` lines, read when it holds this pool's first `count` puzzles, written otherwise."""
     if cache is not None and Path(cache).is_file():
-        lines = Path(cache).read_text().splitlines()
+        lines = read_text(cache).splitlines()
         header, body = (lines[0], lines[1:]) if lines else ("", [])
         if header == _pool_header(seed, givens) and len(body) >= count:
             return [_cached_pair(line, f"{cache}:{number}") for number, line in enumerate(body[:count], 2)]

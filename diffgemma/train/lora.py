@@ -224,10 +224,7 @@ def read_adapter_settings(folder: Path) -> LoraSettings:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise DiffGemmaError(f"{path}: not found (expected a PEFT LoRA adapter folder)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DiffGemmaError(f"{path}: not valid JSON ({err})") from None
+    config = read_json(path)
     if config.get("peft_type") != "LORA":
         raise DiffGemmaError(f"{path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
     for key in ("r", "lora_alpha"):
