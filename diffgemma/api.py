@@ -459,6 +459,8 @@ class DiffGemma:
         **sampler: Any,
     ) -> InfillResult:
         """Regenerate the characters `text[start:end]` in place (as many tokens as they had, or `length`)."""
+        if not isinstance(text, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in (start, end)):
+            raise DiffGemmaError("edit takes a text and a span of integer character offsets (start, end)")
         if not 0 <= start <= end <= len(text):
             raise DiffGemmaError(f"edit span {start}:{end} is outside the text (length {len(text)})")
         tokenizer = self._need_tokenizer()

@@ -991,8 +991,13 @@ def infill_clamp(
 
     A suffix that does not fit in the canvas after the free slots is cut at its end, with a warning.
     """
-    if not 0 < length <= canvas_length:
-        raise DiffGemmaError(f"infill length must be between 1 and the canvas length ({canvas_length}), got {length}")
+    if not isinstance(prefix, str) or not isinstance(suffix, str):
+        kinds = f"{type(prefix).__name__} and {type(suffix).__name__}"
+        raise DiffGemmaError(f"infill prefix and suffix must be texts, got {kinds}")
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= canvas_length:
+        raise DiffGemmaError(
+            f"infill length must be an integer from 1 to the canvas length ({canvas_length}), got {length!r}"
+        )
     prompt = tokenizer.encode(prefix) if prefix else tokenizer.encode("")
     suffix_ids = tokenizer.encode(suffix, add_special_tokens=False) if suffix else []
     room = canvas_length - length

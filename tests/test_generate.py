@@ -278,8 +278,11 @@ def test_infill_suffix_too_long_warns_with_the_count(tiny):
         tiny.infill("p", suffix, length=4, seed=1)
     messages = [str(w.message) for w in caught]
     assert any(f"dropped its last {length + 5 - (length - 4)} tokens" in m for m in messages)
-    with pytest.raises(DiffGemmaError, match="infill length must be between 1 and"):
-        tiny.infill("p", "s", length=length + 1)
+    for bad in (length + 1, 0, 2.5, "3", True):
+        with pytest.raises(DiffGemmaError, match="infill length must be an integer from 1 to"):
+            tiny.infill("p", "s", length=bad)
+    with pytest.raises(DiffGemmaError, match="prefix and suffix must be texts, got NoneType and str"):
+        tiny.infill(None, "s", length=2)
 
 
 def test_edit_changes_only_the_span(tiny):
@@ -288,6 +291,8 @@ def test_edit_changes_only_the_span(tiny):
     assert result.text.startswith("The ") and result.text.endswith(" brown fox jumps.")
     with pytest.raises(DiffGemmaError, match="outside the text"):
         tiny.edit(text, 5, 100)
+    with pytest.raises(DiffGemmaError, match="a span of integer character offsets"):
+        tiny.edit(text, "4", 9)
 
 
 def test_chat_and_thinking_split(tiny):
