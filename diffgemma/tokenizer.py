@@ -145,7 +145,7 @@ class Tokenizer:
             raise DiffGemmaError(
                 "this checkpoint's tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)"
             )
-        _check_messages(messages)
+        check_messages(messages)
         if prefill and not add_generation_prompt:
             raise DiffGemmaError("a prefill begins the model's answer, so it needs the generation prompt")
         if tools and not self.renders_tools:
@@ -244,7 +244,8 @@ def _with_reasoning_aliases(message: Any) -> Any:
 
 def _with_call_arguments(message: Any) -> Any:
     """A message's tool calls with their arguments as objects, as templates iterate them (OpenAI's clients send
-    them as JSON text)."""
+    them as JSON text), and its content "" where it has none (OpenAI's calling turns carry a null content or
+    none at all, as the server reads them too)."""
     calls = message.get("tool_calls") if isinstance(message, dict) else None
     if not calls:
         return message
@@ -261,7 +262,7 @@ def _with_call_arguments(message: Any) -> Any:
             raise DiffGemmaError(f"tool_calls[{index}] must be {{'function': {{'name': ..., 'arguments': {{...}}}}}}")
         function = {**function, "arguments": arguments or {}}
         read.append({**call, "function": function} if "function" in call else function)
-    return {**message, "tool_calls": read}
+    return {**message, "content": message.get("content") or "", "tool_calls": read}
 
 
 def _template_environment() -> jinja2.Environment:
@@ -288,12 +289,19 @@ def _raise_template_error(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def _check_messages(messages: Any) -> None:
+def check_messages(messages: Any) -> None:
+    """A conversation's shape, checked before anything reads it: a non-empty list of objects, each with a string
+    `role` and a `content` (an assistant's calling turn may have `tool_calls` alone, a list)."""
     if not isinstance(messages, list) or not messages:
         raise DiffGemmaError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
-            raise DiffGemmaError(f"messages[{i}] must be an object with a string `role` and a `content`")
+        spoken = isinstance(message, dict) and ("content" in message or bool(message.get("tool_calls")))
+        if not spoken or not isinstance(message.get("role"), str):
+            raise DiffGemmaError(
+                f"messages[{i}] must be an object with a string `role` and a `content` (or an assistant's `tool_calls`)"
+            )
+        if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
+            raise DiffGemmaError(f"messages[{i}].tool_calls must be a list of calls")
 
 
 def load_tokenizer(folder: Path) -> Tokenizer | None:

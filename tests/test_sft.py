@@ -81,10 +81,35 @@ def test_tool_calling_conversations_train_the_call_and_the_answer_after_it(tiny,
     assert tokenizer.decode(answer.response, skip_special_tokens=False) == f"{WEATHER_ANSWER}<turn|>\n<eos>"
 
 
+def test_openais_fine_tuning_format_trains_calling_turns_without_content(tiny, tmp_path):
+    """OpenAI's fine-tuning data for function calling gives an assistant's calling turn `tool_calls` and no
+    `content` (its API a null one): the same examples as an empty content (refused before, as a message with
+    no content)."""
+    from assets.make_demo_model import WEATHER_ANSWER, WEATHER_TOOL, weather_conversation
+
+    conversation = [*weather_conversation(True), {"role": "assistant", "content": WEATHER_ANSWER}]
+    records = [{"tools": [WEATHER_TOOL], "messages": conversation}]
+    for content in ("absent", None):
+        call_turn = {key: value for key, value in conversation[1].items() if key != "content"}
+        if content is None:
+            call_turn["content"] = None
+        records.append({"tools": [WEATHER_TOOL], "messages": [conversation[0], call_turn, *conversation[2:]]})
+    examples = read_chat_jsonl(_write(tmp_path / "calls.jsonl", records), tiny.tokenizer, eos_id=1)
+    assert len(examples) == 6
+    for other in (examples[2:4], examples[4:6]):
+        assert [(e.prompt, e.response) for e in other] == [(e.prompt, e.response) for e in examples[:2]]
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
         ("{not json", "chat.jsonl:2: not valid JSON"),
+        ('{"messages": [null]}', "chat.jsonl:2: messages\\[0\\] must be an object with a string `role`"),
+        ('{"messages": [{"role": "user"}]}', "chat.jsonl:2: messages\\[0\\] must be an object"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": 3}]}',
+            "chat.jsonl:2: messages\\[1\\].tool_calls must be a list",
+        ),
         ('{"prompt": "hi"}', "chat.jsonl:2: expected one of .* got the keys \\['prompt'\\]"),
         ('{"messages": []}', 'chat.jsonl:2: "messages" must be a non-empty list'),
         ("[1, 2]", "chat.jsonl:2: expected an object"),

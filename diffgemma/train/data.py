@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..config import read_jsonl
 from ..errors import DiffGemmaError
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, check_messages
 from ..toolcalls import TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN
 from .objective import Example
 
@@ -45,6 +45,7 @@ def conversation_examples(
     tools: list[dict] | None = None,
 ) -> list[Example]:
     """One example per assistant turn of a conversation (with the `tools` it was offered)."""
+    check_messages(messages)
     examples = []
     for turn, message in enumerate(messages):
         if message.get("role") != "assistant":
