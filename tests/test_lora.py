@@ -95,9 +95,18 @@ def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
 
     with pytest.raises(DiffGemmaError, match="adapter_config.json: not found"):
         load_adapter(diffgemma.load(folder).network, tmp_path / "nowhere")
-    (adapter_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(DiffGemmaError, match="expected 'LORA'"):
-        load_adapter(diffgemma.load(folder).network, adapter_dir)
+    written = json.loads((adapter_dir / "adapter_config.json").read_text())
+    for changes, message in [
+        ({"peft_type": "IA3"}, "expected 'LORA'"),
+        ({"r": float("nan")}, "`r` must be a whole number of at least 1, got nan"),  # (a float() traceback)
+        ({"r": 1.5}, "`r` must be a whole number"),
+        ({"r": 10**9}, r"`r` is 1000000000, but the adapter's weights have rank \[4\]"),  # (an allocation first)
+        ({"lora_alpha": "8"}, "`lora_alpha` must be a number"),
+        ({"diffgemma": "x"}, "`diffgemma` must be an object"),  # (an AttributeError)
+    ]:
+        (adapter_dir / "adapter_config.json").write_text(json.dumps({**written, **changes}))
+        with pytest.raises(DiffGemmaError, match=message):
+            load_adapter(diffgemma.load(folder).network, adapter_dir)
     with pytest.raises(DiffGemmaError, match="rank must be at least 1"):
         LoraSettings(rank=0)
     with pytest.raises(DiffGemmaError, match="carries LoRA adapters"):

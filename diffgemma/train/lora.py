@@ -227,11 +227,14 @@ def read_adapter_settings(folder: Path) -> LoraSettings:
     config = read_json(path)
     if config.get("peft_type") != "LORA":
         raise DiffGemmaError(f"{path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), int | float):
-            raise DiffGemmaError(f"{path}: `{key}` must be a number")
-    extra = config.get("diffgemma") or {}
-    return LoraSettings(int(config["r"]), float(config["lora_alpha"]), bool(extra.get("self_conditioning", False)))
+    rank, alpha, extra = config.get("r"), config.get("lora_alpha"), config.get("diffgemma") or {}
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise DiffGemmaError(f"{path}: `r` must be a whole number of at least 1, got {rank!r}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise DiffGemmaError(f"{path}: `lora_alpha` must be a number, got {alpha!r}")
+    if not isinstance(extra, dict):
+        raise DiffGemmaError(f"{path}: `diffgemma` must be an object (diffgemma's own settings), got {extra!r}")
+    return LoraSettings(rank, float(alpha), bool(extra.get("self_conditioning", False)))
 
 
 def adapter_generation(folder: str | os.PathLike) -> SamplerSettings | None:
@@ -249,6 +252,10 @@ def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> LoraSett
         stored = load_file(str(weights_path), device=str(network.device))
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise DiffGemmaError(f"{weights_path}: cannot read adapter weights ({err})") from None
+    ranks = sorted({tensor.shape[0] for key, tensor in stored.items() if key.endswith(".lora_A.weight")})
+    if ranks and ranks != [settings.rank]:  # (before adapters of the configured rank are made)
+        message = f"`r` is {settings.rank}, but the adapter's weights have rank {ranks}"
+        raise DiffGemmaError(f"{folder / CONFIG_FILE}: {message}")
     add_lora(network, settings)
     expected = {n: t for n, t in network.state_dict(keep_vars=True).items() if ".lora_" in n}
     with torch.no_grad():
