@@ -296,7 +296,6 @@ def _print_as_it_settles(
 
 def _file_prompts(path: str) -> list[str]:
     """Prompts from a file: a `.jsonl` file's {"prompt": ...} records, else one prompt a line (blank lines skipped)."""
-
     if Path(path).suffix == ".jsonl":
         prompts = []
         for where, record in read_jsonl(path):

@@ -167,7 +167,7 @@ def dequantize(
     """The quantized buffers -> a weight in `dtype`, made as it is used and dropped after. Written in place
     into one output tensor (`out` when given: contiguous, of the weight's shape), so the transient memory is
     the expanded weight plus a fraction of it."""
-    shape = (*qweight.shape[:-1], qweight.shape[-1] * (2 if fmt.name == "int4" else 1))
+    shape = _expanded_shape(qweight, fmt)
     out = torch.empty(shape, dtype=dtype, device=qweight.device) if out is None else out.view(shape)
     if fmt.name == "int4":
         packed, pairs = qweight.reshape(-1, qweight.shape[-1]), out.view(-1, qweight.shape[-1], 2)
@@ -178,6 +178,11 @@ def dequantize(
         out.view(*scale.shape, -1).sub_(8).mul_(scale[..., None].to(dtype))
         return out
     return out.copy_(qweight).mul_(scale.to(dtype))
+
+
+def _expanded_shape(qweight: torch.Tensor, fmt: QuantFormat) -> tuple[int, ...]:
+    """The shape of the weight `qweight` stores (int4: two values a byte)."""
+    return (*qweight.shape[:-1], qweight.shape[-1] * (2 if fmt.name == "int4" else 1))
 
 
 # On the CPU an expansion of over 32 MB gets fresh pages from the system each time (glibc's allocator maps
@@ -216,7 +221,7 @@ def expanded_product(
     adapters over a quantized base (QLoRA) holds activations, not a float copy of every weight it used."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _FrozenExpansion.apply(x, qweight, scale, fmt, dtype, offsets, stacked)
-    buffer = _expansion_buffer(qweight.numel() * (2 if fmt.name == "int4" else 1), dtype, qweight.device)
+    buffer = _expansion_buffer(math.prod(_expanded_shape(qweight, fmt)), dtype, qweight.device)
     return _product(x, dequantize(qweight, scale, fmt, dtype, out=buffer), offsets, stacked)
 
 

@@ -200,8 +200,9 @@ class MessageBuilder:
 
     def usage(self, output_tokens: int) -> dict[str, int]:
         """Anthropic's usage: the prompt tokens read from the prefix cache apart from the rest (`input_tokens`;
-        clients add the two, and `count_tokens` gives their sum). A stream's closing delta repeats every count,
-        which the start gave before the cache was consulted (Anthropic's counts there are totals)."""
+        clients add the two, and `count_tokens` gives their sum). A stream's `message_start` comes before the
+        cache is asked, so every prompt token is in its `input_tokens`; the closing `message_delta` gives every
+        count again (as Anthropic's: totals, which clients take in place of the start's)."""
         return {
             "input_tokens": self.input_tokens - self.cached,
             "cache_creation_input_tokens": 0,
