@@ -100,6 +100,27 @@ def test_openais_fine_tuning_format_trains_calling_turns_without_content(tiny, t
         assert [(e.prompt, e.response) for e in other] == [(e.prompt, e.response) for e in examples[:2]]
 
 
+def test_a_turn_weighted_zero_is_context_not_an_example(tiny, tmp_path):
+    """OpenAI's fine-tuning format: an assistant turn with "weight": 0 is not learned, but the turns after it
+    see it (the same prompt as without the weight); in a prompt/completion record too."""
+    conversation = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "weight": 0},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d", "weight": 1},
+    ]
+    plain = [{key: value for key, value in m.items() if key != "weight"} for m in conversation]
+    records = [{"messages": conversation}, {"prompt": conversation[:3], "completion": conversation[3:]}]
+    weighted = read_chat_jsonl(_write(tmp_path / "w.jsonl", records), tiny.tokenizer, eos_id=1)
+    every = read_chat_jsonl(_write(tmp_path / "p.jsonl", [{"messages": plain}]), tiny.tokenizer, eos_id=1)
+    assert len(every) == 2 and len(weighted) == 2
+    for example in weighted:
+        assert (example.prompt, example.response) == (every[1].prompt, every[1].response)
+    bad = [{"messages": [conversation[0], {**conversation[1], "weight": 0.5}]}]
+    with pytest.raises(DiffGemmaError, match="b.jsonl:1: messages\\[1\\].weight must be 0 or 1, got 0.5"):
+        read_chat_jsonl(_write(tmp_path / "b.jsonl", bad), tiny.tokenizer, eos_id=1)
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [

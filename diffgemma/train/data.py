@@ -10,12 +10,12 @@
 - prompt and completion as text, {"prompt": "...", "completion": "..."}: plain continuation, no template (the
   prompt encoded as `generate` encodes it, the completion then EOS);
 - text alone, {"text": "..."}: the whole text as the response to an empty prompt (BOS alone).
-Supervision starts at the response.
+Supervision starts at the response. An assistant turn with `"weight": 0` (OpenAI's fine-tuning format) is
+context for the turns after it, not an example.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from ..config import read_jsonl
@@ -43,12 +43,13 @@ def conversation_examples(
     first_id: int = 0,
     enable_thinking: bool = False,
     tools: list[dict] | None = None,
+    first_turn: int = 0,
 ) -> list[Example]:
-    """One example per assistant turn of a conversation (with the `tools` it was offered)."""
+    """One example per assistant turn of a conversation (with the `tools` it was offered) from `first_turn` on."""
     check_messages(messages)
     examples = []
     for turn, message in enumerate(messages):
-        if message.get("role") != "assistant":
+        if turn < first_turn or message.get("role") != "assistant" or not _learned(message, turn):
             continue
         history = messages[:turn]
         if not history:
@@ -70,6 +71,14 @@ def conversation_examples(
     return examples
 
 
+def _learned(message: dict, turn: int) -> bool:
+    """Whether an assistant turn is learned: OpenAI's `weight`, 1 (the default) or 0 (context only)."""
+    weight = message.get("weight", 1)
+    if weight not in (0, 1) or isinstance(weight, bool):
+        raise DiffGemmaError(f"messages[{turn}].weight must be 0 or 1, got {weight!r}")
+    return weight == 1
+
+
 RECORD_FORMATS = '{"messages": [...]}, {"prompt": ..., "completion": ...} (texts or messages) or {"text": "..."}'
 
 
@@ -87,9 +96,8 @@ def record_examples(
         return conversation_examples(messages, tokenizer, eos_id, first_id, enable_thinking, tools)
     prompt, completion = record.get("prompt"), record.get("completion")
     if isinstance(prompt, list) and isinstance(completion, list) and completion:
-        turns = conversation_examples(prompt + completion, tokenizer, eos_id, first_id, enable_thinking, tools)
-        answered = sum(1 for message in prompt if isinstance(message, dict) and message.get("role") == "assistant")
-        return [replace(example, id=first_id + index) for index, example in enumerate(turns[answered:])]
+        messages = prompt + completion
+        return conversation_examples(messages, tokenizer, eos_id, first_id, enable_thinking, tools, len(prompt))
     if isinstance(prompt, str) and isinstance(completion, str) and completion:
         return [_continuation(tokenizer, prompt, completion, eos_id, first_id)]
     if isinstance(record.get("text"), str) and record["text"]:  # a text alone continues an empty prompt
