@@ -225,9 +225,10 @@ def _as_id_tuple(value: Any, key: str, source: str) -> tuple[int, ...]:
 
 
 def read_text(path: str | Path) -> str:
-    """A UTF-8 text file's contents; a missing, unreadable or undecodable file is an error that names it."""
+    """A UTF-8 text file's contents (a pipe's too: `--file <(...)`, /dev/stdin); a missing, unreadable or
+    undecodable file is an error that names it."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise DiffGemmaError(f"{file}: file not found")
     try:
         return file.read_text(encoding="utf-8")

@@ -108,3 +108,23 @@ def test_a_bad_partial_rotary_factor_is_refused_by_name(factor):
     expected = r"`rope_parameters.full_attention.partial_rotary_factor` must be a number"
     with pytest.raises(DiffGemmaError, match=expected):
         parse_model_config(raw)
+
+
+def test_text_files_are_read_from_pipes_and_refused_clearly_otherwise(tmp_path):
+    """`--file <(...)` hands a command a pipe, not a regular file: read as one. A folder or a missing path is an
+    error naming it."""
+    import os
+    import threading
+
+    from diffgemma.config import read_text
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=lambda: pipe.write_text("first\nsecond\n", encoding="utf-8"))
+    writer.start()
+    assert read_text(pipe) == "first\nsecond\n"
+    writer.join()
+    with pytest.raises(DiffGemmaError, match=f"{tmp_path}: cannot read it"):
+        read_text(tmp_path)
+    with pytest.raises(DiffGemmaError, match="nowhere.txt: file not found"):
+        read_text(tmp_path / "nowhere.txt")
