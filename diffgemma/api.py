@@ -13,7 +13,7 @@ import torch
 
 from .cache import PrefixCache
 from .checkpoint import StoredTensor, load_weights, save_checkpoint, stored_float_dtype
-from .config import ModelConfig, SamplerSettings, load_configs
+from .config import ModelConfig, SamplerSettings, is_int, load_configs
 from .errors import DiffGemmaError
 from .generate import (
     CanvasCommit,
@@ -381,7 +381,7 @@ class DiffGemma:
         tokenizer = self._need_tokenizer()
         answer_format = json_format(json_schema, "json_schema")
         if answer_format is not None:
-            if isinstance(json_tries, bool) or not isinstance(json_tries, int) or json_tries < 1:
+            if not is_int(json_tries) or json_tries < 1:
                 raise DiffGemmaError(f"json_tries must be a positive integer, got {json_tries!r}")
             if prefill:
                 raise DiffGemmaError("a prefill gives the answer's start, so its JSON (json_schema) is not whole")
@@ -459,7 +459,7 @@ class DiffGemma:
         **sampler: Any,
     ) -> InfillResult:
         """Regenerate the characters `text[start:end]` in place (as many tokens as they had, or `length`)."""
-        if not isinstance(text, str) or not all(isinstance(i, int) and not isinstance(i, bool) for i in (start, end)):
+        if not isinstance(text, str) or not (is_int(start) and is_int(end)):
             raise DiffGemmaError("edit takes a text and a span of integer character offsets (start, end)")
         if not 0 <= start <= end <= len(text):
             raise DiffGemmaError(f"edit span {start}:{end} is outside the text (length {len(text)})")
@@ -485,7 +485,7 @@ class DiffGemma:
             return self._need_tokenizer().encode(text)
         if isinstance(text, torch.Tensor) and text.ndim == 1 and not text.is_floating_point():
             return text.tolist()
-        if isinstance(text, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in text):
+        if isinstance(text, Sequence) and all(is_int(t) for t in text):
             return list(text)
         raise DiffGemmaError("score takes a text, or token ids (a list of ints or a 1-D integer tensor), or a list")
 
@@ -534,7 +534,7 @@ def _banned_everywhere(ids: Sequence, batch: int, vocab: int, device: torch.devi
     """Token ids banned at every position, for every row (a list of ids) or per row (a list of lists), as a
     [B, V] boolean mask (`denoising_loop` reads a 2-D mask as every position's)."""
     rows = list(ids) if ids and all(isinstance(row, list | tuple) for row in ids) else [list(ids)] * batch
-    ids_only = all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for row in rows for t in row)
+    ids_only = all(is_int(t) and 0 <= t < vocab for row in rows for t in row)
     if len(rows) != batch or not ids_only:
         raise DiffGemmaError(
             f"banned_tokens must be a boolean tensor, or token ids below {vocab}: a list, or {batch} lists (one a row)"

@@ -107,17 +107,7 @@ class EncoderCache:
         """A copy of each sliding layer's kept window as it stands (keys, values, positions, validity; None for
         full layers), for `rewind`."""
         return [
-            None
-            if layer.ring is None
-            else tuple(
-                t.clone()
-                for t in (
-                    layer.keys[:, :, : layer.ring],
-                    layer.values[:, :, : layer.ring],
-                    layer.positions[: layer.ring],
-                    layer.valid[:, : layer.ring],
-                )
-            )
+            None if layer.ring is None else tuple(view.clone() for view in _window_views(layer))
             for layer in self.layers
         ]
 
@@ -126,11 +116,8 @@ class EncoderCache:
         still hold them (later tokens went to later slots), sliding layers get their windows back."""
         for layer, window in zip(self.layers, windows, strict=True):
             if window is not None:
-                keys, values, positions, valid = window
-                layer.keys[:, :, : layer.ring] = keys
-                layer.values[:, :, : layer.ring] = values
-                layer.positions[: layer.ring] = positions
-                layer.valid[:, : layer.ring] = valid
+                for view, kept in zip(_window_views(layer), window, strict=True):
+                    view.copy_(kept)
         self.length = length
         self.decoder_masks = {}
 
@@ -186,6 +173,12 @@ class DecoderView:
         if layer.ring is not None:
             return slice(layer.ring, layer.ring + self.length)
         return self.positions  # a full layer's slot i holds position i
+
+
+def _window_views(layer: LayerCache) -> tuple[torch.Tensor, ...]:
+    """A sliding layer's kept window in place: its keys, values, positions and validity before the ring's end."""
+    ring = layer.ring
+    return layer.keys[:, :, :ring], layer.values[:, :, :ring], layer.positions[:ring], layer.valid[:, :ring]
 
 
 def _weights_state(network: torch.nn.Module) -> tuple | None:

@@ -189,37 +189,39 @@ class SamplerSettings:
         def fail(key: str, expected: str) -> None:
             raise DiffGemmaError(f"{source}: `{key}` must be {expected}, got {getattr(self, key)!r}")
 
-        if not _is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
+        if not is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
             fail("max_denoising_steps", "a positive integer")
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
             fail("max_new_tokens", "a positive integer")
-        if not _is_number(self.entropy_bound) or self.entropy_bound <= 0:
+        if not is_number(self.entropy_bound) or self.entropy_bound <= 0:
             fail("entropy_bound", "a number > 0")
-        if not _is_number(self.t_min) or self.t_min < 0:
+        if not is_number(self.t_min) or self.t_min < 0:
             fail("t_min", "a number >= 0")
-        if not _is_number(self.t_max) or self.t_max <= self.t_min:
+        if not is_number(self.t_max) or self.t_max <= self.t_min:
             fail("t_max", f"a number > t_min ({self.t_min})")
-        if not _is_int(self.stability_threshold) or self.stability_threshold < 0:
+        if not is_int(self.stability_threshold) or self.stability_threshold < 0:
             fail("stability_threshold", "an integer >= 0")
-        if not _is_number(self.confidence_threshold) or self.confidence_threshold <= 0:
+        if not is_number(self.confidence_threshold) or self.confidence_threshold <= 0:
             fail("confidence_threshold", "a number > 0")
-        if self.pad_token_id is not None and not _is_int(self.pad_token_id):
+        if self.pad_token_id is not None and not is_int(self.pad_token_id):
             fail("pad_token_id", "an integer or null")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer, not a bool (JSON's `true` reads as one in Python)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+def is_number(value: Any) -> bool:
+    """A finite integer or float, not a bool."""
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def _as_id_tuple(value: Any, key: str, source: str) -> tuple[int, ...]:
     if value is None:
         return ()
     values = value if isinstance(value, list | tuple) else [value]
-    if not all(_is_int(v) and v >= 0 for v in values):
+    if not all(is_int(v) and v >= 0 for v in values):
         raise DiffGemmaError(f"{source}: `{key}` must be a token id or a list of token ids, got {value!r}")
     return tuple(values)
 
@@ -311,10 +313,10 @@ def _rope(text: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
             raise DiffGemmaError(
                 f"{where}: `rope_parameters.{kind}.rope_type` is {params.get('rope_type')!r}; supported: {ROPE_TYPES}"
             )
-        if not _is_number(params.get("rope_theta")) or params["rope_theta"] <= 0:
+        if not is_number(params.get("rope_theta")) or params["rope_theta"] <= 0:
             raise DiffGemmaError(f"{where}: `rope_parameters.{kind}.rope_theta` must be a positive number")
         factor = params.get("partial_rotary_factor", 1.0)
-        if not _is_number(factor) or not 0 <= factor <= 1:
+        if not is_number(factor) or not 0 <= factor <= 1:
             raise DiffGemmaError(
                 f"{where}: `rope_parameters.{kind}.partial_rotary_factor` must be a number from 0 to 1, got {factor!r}"
             )
@@ -332,7 +334,7 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
     for key in REQUIRED_TEXT_KEYS:
         if key not in text or text[key] is None:
             raise DiffGemmaError(f"{where}: required key `{key}` is missing")
-        if not _is_int(text[key]) or text[key] <= 0:
+        if not is_int(text[key]) or text[key] <= 0:
             raise DiffGemmaError(f"{where}: `{key}` must be a positive integer, got {text[key]!r}")
     if raw.get("tie_word_embeddings", True) is False or text.get("tie_word_embeddings", True) is False:
         raise DiffGemmaError(
@@ -359,7 +361,7 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         head_dim = override.get("head_dim", text["head_dim"])
         kv_heads = override.get("num_key_value_heads", text["num_key_value_heads"])
         for key, value in (("head_dim", head_dim), ("num_key_value_heads", kv_heads)):
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise DiffGemmaError(f"{where}: layer {index} `{key}` must be a positive integer, got {value!r}")
         if head_dim % 2:
             raise DiffGemmaError(f"{where}: layer {index} head_dim {head_dim} must be even (RoPE rotates pairs)")
@@ -385,16 +387,16 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
             f"{where}: `top_k_experts` ({text['top_k_experts']}) exceeds `num_experts` ({text['num_experts']})"
         )
     sliding_window = text.get("sliding_window", 512)
-    if not _is_int(sliding_window) or sliding_window < 2:
+    if not is_int(sliding_window) or sliding_window < 2:
         raise DiffGemmaError(f"{where}: `sliding_window` must be an integer >= 2, got {sliding_window!r}")
     canvas_length = raw.get("canvas_length", 256)
-    if not _is_int(canvas_length) or canvas_length <= 0:
+    if not is_int(canvas_length) or canvas_length <= 0:
         raise DiffGemmaError(f"{source}: `canvas_length` must be a positive integer, got {canvas_length!r}")
     softcap = text.get("final_logit_softcapping", 30.0)
-    if not _is_number(softcap) or softcap <= 0:
+    if not is_number(softcap) or softcap <= 0:
         raise DiffGemmaError(f"{where}: `final_logit_softcapping` must be a positive number, got {softcap!r}")
     eps = text.get("rms_norm_eps", 1e-6)
-    if not _is_number(eps) or eps <= 0:
+    if not is_number(eps) or eps <= 0:
         raise DiffGemmaError(f"{where}: `rms_norm_eps` must be a positive number, got {eps!r}")
 
     return ModelConfig(

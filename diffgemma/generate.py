@@ -24,7 +24,7 @@ import torch
 
 from . import sampling
 from .cache import DecoderView, EncoderCache, PrefixCache, PromptSnapshot
-from .config import SamplerSettings
+from .config import SamplerSettings, is_int
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
 from .tokenizer import THINKING_OPEN, Tokenizer, split_thinking
@@ -994,7 +994,7 @@ def infill_clamp(
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         kinds = f"{type(prefix).__name__} and {type(suffix).__name__}"
         raise DiffGemmaError(f"infill prefix and suffix must be texts, got {kinds}")
-    if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= canvas_length:
+    if not is_int(length) or not 0 < length <= canvas_length:
         raise DiffGemmaError(
             f"infill length must be an integer from 1 to the canvas length ({canvas_length}), got {length!r}"
         )

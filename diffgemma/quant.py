@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .config import is_int
 from .errors import DiffGemmaError
 from .model import DiffusionGemma, Experts, activation_bytes, each_group, grouped_linear, raise_recompile_limits
 
@@ -719,7 +720,7 @@ def format_from_config(raw: dict) -> QuantFormat | None:
     # written before attention had its own groups: attention was grouped like the rest
     attention = spec.get("attention_group_size", group)
     for key, value in (("group_size", group), ("attention_group_size", attention)):
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not is_int(value):
             raise DiffGemmaError(f"config.json: quantization_config.{key} must be a whole number, got {value!r}")
     return QuantFormat("int4", group, attention)
 

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import DECODER, ENCODER, generation_config_dict
-from ..config import GENERATION_FILE, SamplerSettings, parse_sampler_settings, read_json
+from ..config import GENERATION_FILE, SamplerSettings, is_int, is_number, parse_sampler_settings, read_json
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
 from ..quant import QuantLinear
@@ -228,9 +228,9 @@ def read_adapter_settings(folder: Path) -> LoraSettings:
     if config.get("peft_type") != "LORA":
         raise DiffGemmaError(f"{path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
     rank, alpha, extra = config.get("r"), config.get("lora_alpha"), config.get("diffgemma") or {}
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise DiffGemmaError(f"{path}: `r` must be a whole number of at least 1, got {rank!r}")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+    if not is_number(alpha):
         raise DiffGemmaError(f"{path}: `lora_alpha` must be a number, got {alpha!r}")
     if not isinstance(extra, dict):
         raise DiffGemmaError(f"{path}: `diffgemma` must be an object (diffgemma's own settings), got {extra!r}")
