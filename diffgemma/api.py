@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,8 @@ from .generate import (
     run_to_end,
 )
 from .model import DiffusionGemma
-from .quant import QuantFormat, convert_, float_sinks, format_from_config
+from .quant import QuantFormat, float_sinks, format_from_config, held_bytes, meta_network, weight_bytes
+from .resources import check_memory, size_text
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
 from .tokenizer import TOKENIZER_FILES, TURN_OPEN, Tokenizer, load_tokenizer
@@ -566,6 +568,37 @@ def _ranges_for_rows(ranges: torch.Tensor | list | None, batch: int, name: str) 
     return _for_every_row(ranges, batch, name)
 
 
+def _load_label(dtype: torch.dtype, quant: str | None) -> str:
+    name = str(dtype).removeprefix("torch.")
+    return name if quant is None else f"{quant} (the rest in {name})"
+
+
+def _lighter_load(config: ModelConfig, dtype: torch.dtype, quant: str | None, free: int, requantize: bool) -> str:
+    """What else `load` could be asked for that fits in `free` bytes (the largest such: the least rounding), or
+    the smallest there is: bf16 in place of float32, int8 or int4 weights (a checkpoint saved quantized keeps
+    its format)."""
+    current = (dtype, quant)
+    dtypes = dict.fromkeys([dtype, torch.bfloat16] if dtype == torch.float32 else [dtype])
+    quants = dict.fromkeys([quant, *(("int8", "int4") if requantize else ())])
+    sizes = {
+        (option_dtype, option_quant): weight_bytes(config, option_dtype, option_quant and QuantFormat(option_quant))[0]
+        for option_dtype in dtypes
+        for option_quant in quants
+        if (option_dtype, option_quant) != current
+    }
+    if not sizes:
+        return ""
+    fitting = [option for option, size in sizes.items() if size <= free]
+    if not fitting:
+        smallest = min(sizes, key=sizes.__getitem__)
+        return f"; even the smallest load, {_load_label(*smallest)}, needs {size_text(sizes[smallest])}"
+    best_dtype, best_quant = best = max(fitting, key=sizes.__getitem__)
+    flags = [f"--quant {best_quant}"] if best_quant != quant else []
+    flags += [f"--dtype {_load_label(best_dtype, None)}"] if best_dtype != dtype else []
+    size = size_text(sizes[best])
+    return f"; {_load_label(*best)} would fit, in {size} ({' '.join(flags)}; `load` takes the same names)"
+
+
 def _rows(clamp: list) -> list[list]:
     return clamp if clamp and isinstance(clamp[0], list | tuple) else [clamp]
 
@@ -602,10 +635,10 @@ def load(
             f"cannot load it as {wanted.describe()}: quantize the float checkpoint instead"
         )
     fmt = saved or wanted
-    with torch.device("meta"):
-        network = DiffusionGemma(config).to(dtype)
-        if fmt is not None:
-            convert_(network, fmt)
+    network = meta_network(config, dtype, fmt)
+    quant_name = None if fmt is None else fmt.name
+    hint = functools.partial(_lighter_load, config, dtype, quant_name, requantize=saved is None)
+    check_memory(held_bytes(network), device, f"{folder}: its weights in {_load_label(dtype, quant_name)}", hint)
     network = network.to_empty(device=device)
     sinks = float_sinks(network) if fmt is not None and saved is None else None
     passthrough = load_weights(network, folder, sinks)

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from .config import GENERATION_FILE, ModelConfig, SamplerSettings, read_json
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
+from .resources import check_disk, writing
 
 logger = logging.getLogger("diffgemma")
 
@@ -328,46 +329,49 @@ def save_checkpoint(
     """
     destination = Path(folder).absolute()
     check_replaceable(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
     config = config or model.config
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.saving-", dir=destination.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        state = [(reference_name(name), t) for name, t in model.state_dict().items()]
-        # the reference's encoder has attention biases of its own (untied): it reads ours there too
-        state += [(ENCODER + name, t.clone()) for name, t in model.state_dict().items() if _untied_copy(name)]
-        state += [(name, stored) for name, stored in (passthrough or {}).items()]
-        sizes = [(name, _nbytes(t)) for name, t in state]
-        weight_map: dict[str, str] = {}
-        shard_lists = list(_shards(sizes, max_shard_bytes))
-        lookup = dict(state)
-        for number, shard in enumerate(shard_lists, start=1):
-            filename = SINGLE_FILE
+    state = [(reference_name(name), t) for name, t in model.state_dict().items()]
+    # the reference's encoder has attention biases of its own (untied): it reads ours there too
+    state += [(ENCODER + name, t.clone()) for name, t in model.state_dict().items() if _untied_copy(name)]
+    state += [(name, stored) for name, stored in (passthrough or {}).items()]
+    sizes = [(name, _nbytes(t)) for name, t in state]
+    extra_bytes = sum(Path(source).stat().st_size for source in (extra_files or {}).values())
+    check_disk(destination, sum(size for _, size in sizes) + extra_bytes)
+    with writing(destination):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.saving-", dir=destination.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        try:
+            weight_map: dict[str, str] = {}
+            shard_lists = list(_shards(sizes, max_shard_bytes))
+            lookup = dict(state)
+            for number, shard in enumerate(shard_lists, start=1):
+                filename = SINGLE_FILE
+                if len(shard_lists) > 1:
+                    filename = f"model-{number:05d}-of-{len(shard_lists):05d}.safetensors"
+                tensors = {name: _materialize(lookup[name]) for name in shard}
+                save_file(tensors, str(staging / filename), metadata={"format": "pt"})
+                weight_map.update((name, filename) for name in tensors)
             if len(shard_lists) > 1:
-                filename = f"model-{number:05d}-of-{len(shard_lists):05d}.safetensors"
-            tensors = {name: _materialize(lookup[name]) for name in shard}
-            save_file(tensors, str(staging / filename), metadata={"format": "pt"})
-            weight_map.update((name, filename) for name in tensors)
-        if len(shard_lists) > 1:
-            total = sum(size for _, size in sizes)
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
-        raw = dict(config.raw)
-        if not passthrough:
-            raw.pop("vision_config", None)
-        (staging / "config.json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
-        (staging / GENERATION_FILE).write_text(json.dumps(generation_config_dict(settings), indent=2), encoding="utf-8")
-        for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, staging / name)
-        # mkdtemp makes a private folder; a checkpoint gets the usual permissions.
-        os.chmod(staging, 0o777 & ~umask)
-        for path in staging.iterdir():
-            os.chmod(path, 0o666 & ~umask)
-        _swap_into_place(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+                total = sum(size for _, size in sizes)
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (staging / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+            raw = dict(config.raw)
+            if not passthrough:
+                raw.pop("vision_config", None)
+            for name, content in (("config.json", raw), (GENERATION_FILE, generation_config_dict(settings))):
+                (staging / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
+            for name, source in (extra_files or {}).items():
+                shutil.copyfile(source, staging / name)
+            # mkdtemp makes a private folder; a checkpoint gets the usual permissions.
+            os.chmod(staging, 0o777 & ~umask)
+            for path in staging.iterdir():
+                os.chmod(path, 0o666 & ~umask)
+            _swap_into_place(staging, destination)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return destination
 
 

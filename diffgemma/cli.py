@@ -19,6 +19,7 @@ from . import __version__
 from .config import read_jsonl, read_text
 from .errors import DiffGemmaError
 from .quant import FORMATS
+from .resources import size_text
 from .structured import DEFAULT_TRIES
 from .toolcalls import check_tools, run_tool_calls
 
@@ -42,10 +43,6 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"diffgemma: {message} (see `{self.prog} --help`)", file=sys.stderr)
         raise SystemExit(2)
-
-
-def _gib(n: float) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
 def _count(n: int) -> str:
@@ -144,7 +141,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"vocabulary      {config.vocab_size}")
     print(f"canvas          {config.canvas_length} tokens")
     print(f"parameters      {_count(total)} total, {_count(active)} active per token")
-    print("weights         " + ", ".join(f"{name} {_gib(total * size)}" for name, size in BYTES_PER_DTYPE.items()))
+    print("weights         " + ", ".join(f"{name} {size_text(total * size)}" for name, size in BYTES_PER_DTYPE.items()))
     stored_format = format_from_config(config.raw)
     if stored_format is not None:
         print(f"quantized       {stored_format.describe()} (as stored; it loads so)")
@@ -161,15 +158,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     for label, dtype, fmt in rows:
         parts = memory_estimate(config, dtype, fmt, args.context, args.batch)
         whole = sum(parts.values())
-        detail = f"weights {_gib(parts['weights'])}, cache {_gib(parts['cache'])} (+ {_gib(parts['prefix'])} prefix)"
-        detail += f", sampler {_gib(parts['sampler'])}"
-        detail += f", activations {_gib(parts['step'] + parts['prompt'])} (a step {_gib(parts['step'])}"
-        detail += f", a prompt chunk {_gib(parts['prompt'])})"
-        detail += f", one weight expanded {_gib(parts['expanded'])}" if fmt is not None else ""
+        detail = f"weights {size_text(parts['weights'])}, cache {size_text(parts['cache'])}"
+        detail += f" (+ {size_text(parts['prefix'])} prefix)"
+        detail += f", sampler {size_text(parts['sampler'])}"
+        detail += f", activations {size_text(parts['step'] + parts['prompt'])} (a step {size_text(parts['step'])}"
+        detail += f", a prompt chunk {size_text(parts['prompt'])})"
+        detail += f", one weight expanded {size_text(parts['expanded'])}" if fmt is not None else ""
         # kernels that read weights as stored: on a GPU int4, int8, fp8 (Triton; fp8 on Hopper: its matrix units),
         # on a CPU int8 and int4 where few rows meet a weight (an expert's share of a canvas at batch 1)
-        direct = f"; {_gib(whole - parts['expanded'])} where a kernel takes {fmt.name}" if fmt is not None else ""
-        print(f"  {label:<14}{_gib(whole)} ({detail}{direct})")
+        direct = f"; {size_text(whole - parts['expanded'])} where a kernel takes {fmt.name}" if fmt is not None else ""
+        print(f"  {label:<14}{size_text(whole)} ({detail}{direct})")
     _print_training_state(config, stored_format)
     cpu = torch.device("cpu")
     bf16 = "bf16 products in hardware" if bf16_is_fast(cpu) else "no bf16 products in hardware (float32 is faster)"
@@ -209,9 +207,9 @@ def _print_training_state(config, stored_format) -> None:
     for label, dtype, fmt, adapters in ways:
         parts = training_state_bytes(config, dtype, fmt, adapters)
         whole = parts["weights"] + parts["gradients"] + parts["optimizer"]
-        detail = f"weights {_gib(parts['weights'])}, gradients {_gib(parts['gradients'])}"
-        detail += f", AdamW {_gib(parts['optimizer'])}; {_count(parts['trained'])} values trained"
-        print(f"  {label:<26}{_gib(whole)} ({detail})")
+        detail = f"weights {size_text(parts['weights'])}, gradients {size_text(parts['gradients'])}"
+        detail += f", AdamW {size_text(parts['optimizer'])}; {_count(parts['trained'])} values trained"
+        print(f"  {label:<26}{size_text(whole)} ({detail})")
 
 
 def cmd_random_checkpoint(args: argparse.Namespace) -> None:
@@ -847,7 +845,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     model = load(args.source, device=args.device, dtype=args.dtype, quant=fmt)
     model.save(args.destination)
     held, _ = weight_bytes(model.config, model.network.dtype, fmt)
-    print(f"wrote {args.destination} ({fmt.describe()}, {_gib(held)} of weights)")
+    print(f"wrote {args.destination} ({fmt.describe()}, {size_text(held)} of weights)")
 
 
 def _check_output(destination: str, source: str) -> None:

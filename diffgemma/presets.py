@@ -22,6 +22,8 @@ from .checkpoint import save_checkpoint
 from .config import SamplerSettings, parse_model_config
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
+from .quant import held_bytes
+from .resources import check_disk, check_memory
 from .tokenizer import TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
@@ -247,8 +249,15 @@ def random_checkpoint(
     raw = preset_config(preset, **text_overrides)
     config = parse_model_config(raw, f"preset {preset}")
     with torch.device("meta"):
-        network = DiffusionGemma(config)
-    network = network.to(dtype).to_empty(device=device)
+        network = DiffusionGemma(config).to(dtype)
+    # both checked before minutes of filling random weights (the 26B shape: 47 GiB in bf16)
+    check_memory(
+        held_bytes(network),
+        torch.device(device),
+        f"a random {preset} checkpoint's weights in {str(dtype).removeprefix('torch.')}",
+    )
+    check_disk(Path(folder).absolute(), held_bytes(network))
+    network = network.to_empty(device=device)
     init_random_(network, seed)
     staging = Path(folder).absolute().parent / f".{Path(folder).name}.tokenizer"
     write_tokenizer(staging)

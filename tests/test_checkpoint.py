@@ -1,5 +1,6 @@
 """Saving, reloading, and every kind of bad checkpoint input."""
 
+import errno
 import json
 import shutil
 
@@ -8,9 +9,11 @@ import torch
 from reference import load_reference, make_reference_checkpoint
 
 import diffgemma
-from diffgemma import DiffGemmaError
+import diffgemma.api
+from diffgemma import DiffGemmaError, resources
 from diffgemma.checkpoint import read_header
 from diffgemma.presets import random_checkpoint
+from diffgemma.quant import QuantFormat, weight_bytes
 
 
 def random_inputs(config, batch=2, prompt=11, seed=0):
@@ -90,13 +93,70 @@ def test_failed_save_keeps_the_previous_checkpoint(ours, tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
     def broken_save_file(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr("diffgemma.checkpoint.save_file", broken_save_file)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DiffGemmaError, match="keep: could not be written .No space left on device.; nothing"):
         model.save(target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]  # no staging folder left behind
+
+
+def test_a_save_the_disk_has_no_room_for_is_refused_before_it_starts(ours, tmp_path, monkeypatch):
+    model = ours["A"]
+    weights = sum(t.numel() * t.element_size() for t in model.network.state_dict().values())
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(resources.shutil, "disk_usage", lambda path: usage._replace(free=weights // 2))
+    written = []
+    monkeypatch.setattr("diffgemma.checkpoint.save_file", lambda *args, **kwargs: written.append(args))
+    with pytest.raises(DiffGemmaError, match=r"new: writing it takes [\d.]+ MiB, and its disk has [\d.]+ MiB free"):
+        model.save(tmp_path / "new")
+    assert written == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_load_the_memory_cannot_hold_is_refused_with_what_would_fit(reference_checkpoints, monkeypatch):
+    folder = reference_checkpoints["A"]
+    config = diffgemma.load(folder).config
+    float32, int8 = (weight_bytes(config, torch.float32, fmt)[0] for fmt in (None, QuantFormat("int8")))
+    bfloat16 = weight_bytes(config, torch.bfloat16)[0]
+    assert int8 < bfloat16 < float32
+    filled = []
+    monkeypatch.setattr(diffgemma.api, "load_weights", lambda *args: filled.append(args))
+    for free, fits in ((bfloat16, "bfloat16 would fit, in .* MiB .--dtype bfloat16;"), (int8, "int8 .the rest in")):
+        monkeypatch.setattr(resources, "free_memory", lambda device, free=free: free)
+        with pytest.raises(DiffGemmaError, match=f"weights in float32 need .* MiB free; {fits}"):
+            diffgemma.load(folder, dtype="float32")
+    monkeypatch.setattr(resources, "free_memory", lambda device: 1000)
+    with pytest.raises(DiffGemmaError, match=r"even the smallest load, int4 \(the rest in bfloat16\), needs"):
+        diffgemma.load(folder, dtype="float32")
+    assert filled == []  # refused before a byte was read
+    monkeypatch.setattr(resources, "free_memory", lambda device: float32)
+    diffgemma.load(folder, dtype="float32")
+    monkeypatch.setattr(resources, "free_memory", lambda device: 1000)
+    monkeypatch.setenv(resources.SKIP_CHECK_ENV, "1")
+    diffgemma.load(folder, dtype="float32")
+    assert len(filled) == 2
+
+
+@pytest.mark.parametrize(
+    ("files", "room"),
+    [
+        ({"v2/memory.max": "1073741824", "v2/memory.stat": "anon 268435456\nfile 900000000\n"}, 768 * 2**20),
+        ({"v2/memory.max": "max", "v2/memory.stat": "anon 1\n"}, None),
+        ({"v1/memory.limit_in_bytes": "2147483648", "v1/memory.stat": "cache 5\ntotal_rss 1073741824\n"}, 2**30),
+        ({"v1/memory.limit_in_bytes": "9223372036854771712", "v1/memory.stat": "total_rss 1\n"}, None),
+        ({}, None),
+    ],
+)
+def test_free_memory_counts_a_containers_limit_less_what_it_holds(tmp_path, monkeypatch, files, room):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(resources, "CGROUP_V2", tmp_path / "v2")
+    monkeypatch.setattr(resources, "CGROUP_V1", tmp_path / "v1")
+    assert resources._container_room() == room
+    free = resources.free_memory(torch.device("cpu"))
+    assert free > 0 and (room is None or free <= room)
 
 
 def test_save_never_replaces_a_folder_that_is_not_a_checkpoint(ours, tmp_path):

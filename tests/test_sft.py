@@ -166,6 +166,37 @@ def test_train_chat_lora_saves_adapter_and_resumes(tmp_path, capsys):
     assert diffgemma.load(merged).tokenizer is not None
 
 
+def test_train_chat_full_resumes_from_the_runs_weights(tmp_path, capsys):
+    """A full fine-tune resumed goes on from the weights it saved (read into the loaded base's tensors), not
+    from the base: one step more moves them by about a step's worth (AdamW's steps are about the learning
+    rate), where the four before moved them from the base by four."""
+    base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
+    data = _write(tmp_path / "chat.jsonl", CONVERSATIONS * 12)
+    common = ["train", "chat", "--model", str(base), "--data", str(data), "--batch-size", "4", "--eval-every", "0"]
+    common += ["--out", str(tmp_path / "run"), "--lr", "1e-3"]
+    assert main([*common, "--steps", "4"]) == 0
+    trained = diffgemma.load(tmp_path / "run").network.embed_tokens.weight
+    assert main([*common, "--steps", "5", "--resume"]) == 0
+    capsys.readouterr()
+    resumed = diffgemma.load(tmp_path / "run").network.embed_tokens.weight
+    start = diffgemma.load(base).network.embed_tokens.weight
+    assert 0 < (resumed - trained).norm() < (resumed - start).norm() / 2
+
+
+def test_training_that_memory_cannot_hold_is_refused_before_its_first_step(tiny, tmp_path, monkeypatch):
+    from diffgemma import resources
+    from diffgemma.train.memory import update_bytes
+    from diffgemma.train.trainer import TrainConfig, train
+
+    network = diffgemma.load(tiny.folder).network
+    need = sum(update_bytes(list(network.parameters())))
+    monkeypatch.setattr(resources, "free_memory", lambda device: need - 1)
+    steps = []
+    with pytest.raises(DiffGemmaError, match="training's gradients and AdamW's state need .* MiB, and this machine"):
+        train(network, steps.append, TrainConfig(steps=1), eos_id=1, pad_id=0, show_progress=False)
+    assert steps == []
+
+
 def test_a_model_taught_to_call_tools_stops_at_the_calls_end(tmp_path, capsys):
     """A preset's EOS list is [<eos>] alone; fine-tuned on calling turns (which end with <|tool_response>), the
     checkpoint it writes, and the adapter's merge, stop there too, or generation would write on past a call."""

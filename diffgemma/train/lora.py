@@ -32,6 +32,7 @@ from ..config import GENERATION_FILE, SamplerSettings, is_int, is_number, parse_
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
 from ..quant import QuantLinear
+from ..resources import check_disk, writing
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -201,22 +202,24 @@ def save_adapter(
         "diffgemma": {"self_conditioning": settings.self_conditioning},
     }
     destination = Path(folder).absolute()
-    destination.mkdir(parents=True, exist_ok=True)
-    # Each file is written whole beside its final name and renamed over it; other files in the folder (a
-    # trainer state) stay. The weights go first, so a config never describes weights that are not there.
-    staging = Path(tempfile.mkdtemp(prefix=".adapter.saving-", dir=destination))
-    try:
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-        names = [WEIGHTS_FILE, CONFIG_FILE]
-        if generation is not None:
-            text = json.dumps(generation_config_dict(generation), indent=2)
-            (staging / GENERATION_FILE).write_text(text, encoding="utf-8")
-            names.append(GENERATION_FILE)
-        for name in names:
-            os.replace(staging / name, destination / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    check_disk(destination, sum(t.numel() * t.element_size() for t in tensors.values()))
+    with writing(destination):
+        destination.mkdir(parents=True, exist_ok=True)
+        # Each file is written whole beside its final name and renamed over it; other files in the folder (a
+        # trainer state) stay. The weights go first, so a config never describes weights that are not there.
+        staging = Path(tempfile.mkdtemp(prefix=".adapter.saving-", dir=destination))
+        try:
+            save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+            names = [WEIGHTS_FILE, CONFIG_FILE]
+            if generation is not None:
+                text = json.dumps(generation_config_dict(generation), indent=2)
+                (staging / GENERATION_FILE).write_text(text, encoding="utf-8")
+                names.append(GENERATION_FILE)
+            for name in names:
+                os.replace(staging / name, destination / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return destination
 
 

@@ -24,12 +24,17 @@ def training_state_bytes(
     if lora is not None:
         with torch.device("meta"):  # (the adapters too)
             add_lora(network, lora)
-    held = held_bytes(network)
     trained = trainable_parameters(network)
-    gradients = sum(p.numel() * p.element_size() for p in trained)
+    gradients, optimizer = update_bytes(trained)
     return {
-        "weights": held,
+        "weights": held_bytes(network),
         "trained": sum(p.numel() for p in trained),
         "gradients": gradients,
-        "optimizer": 2 * gradients + ADAMW_STEP_BYTES * len(trained),
+        "optimizer": optimizer,
     }
+
+
+def update_bytes(trained: list[torch.nn.Parameter]) -> tuple[int, int]:
+    """(bytes of the gradients of the `trained` tensors, bytes of AdamW's state for them)."""
+    gradients = sum(p.numel() * p.element_size() for p in trained)
+    return gradients, 2 * gradients + ADAMW_STEP_BYTES * len(trained)

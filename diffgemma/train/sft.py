@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import load_weights
 from ..errors import DiffGemmaError
 from .data import read_chat_jsonl
 from .lora import CONFIG_FILE, LoraSettings, add_lora, load_adapter, save_adapter
@@ -71,10 +72,8 @@ def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print
             load_adapter(model.network, out)
         else:
             add_lora(model.network, options.lora)
-    elif options.resume:
-        from ..api import load
-
-        model.network.load_state_dict(load(out, device=model.network.device).network.state_dict())
+    elif options.resume:  # the run's weights so far, read into the loaded model's tensors (no second model)
+        load_weights(model.network, out)
     config = TrainConfig(
         steps=options.steps,
         batch_size=options.batch_size,

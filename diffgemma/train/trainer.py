@@ -22,7 +22,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from ..api import bf16_is_fast
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
+from ..resources import check_memory, writing
 from .lora import trainable_parameters
+from .memory import update_bytes
 from .objective import Batch, Example, autoregressive_loss, block_diffusion_loss, make_batch
 
 OBJECTIVES = {"diffusion", "autoregressive"}
@@ -78,16 +80,17 @@ def epoch_batches(examples: Sequence[Example], batch_size: int, seed: int) -> Ca
 
 def save_state(folder: Path, step: int, optimizer: torch.optim.Optimizer, config: TrainConfig, losses: list[float]):
     """Optimizer and progress beside the weights, written atomically."""
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".trainer_state.", dir=folder)
-    os.close(handle)
-    try:
-        payload = {"step": step, "optimizer": optimizer.state_dict(), "config": asdict(config), "losses": losses}
-        torch.save(payload, temporary)
-        os.replace(temporary, folder / STATE_FILE)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".trainer_state.", dir=folder)
+        os.close(handle)
+        try:
+            payload = {"step": step, "optimizer": optimizer.state_dict(), "config": asdict(config), "losses": losses}
+            torch.save(payload, temporary)
+            os.replace(temporary, folder / STATE_FILE)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
 
 def check_same_run(path: Path, saved: dict, config: TrainConfig) -> None:
@@ -193,6 +196,8 @@ def train(
     """
     network.train()
     trainable = trainable_parameters(network)  # only the adapters, when the network has LoRA adapters
+    # refused before the first step rather than in its backward pass (the activations come on top)
+    check_memory(sum(update_bytes(trainable)), network.device, "training's gradients and AdamW's state")
     for parameter in trainable:
         parameter.requires_grad_(True)
     rank, world = _distributed()
