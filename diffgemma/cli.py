@@ -19,7 +19,7 @@ from . import __version__
 from .config import read_jsonl, read_text
 from .errors import DiffGemmaError
 from .quant import FORMATS
-from .resources import size_text
+from .resources import free_memory, size_text
 from .structured import DEFAULT_TRIES
 from .toolcalls import check_tools, run_tool_calls
 
@@ -172,16 +172,25 @@ def cmd_info(args: argparse.Namespace) -> None:
     cpu = torch.device("cpu")
     bf16 = "bf16 products in hardware" if bf16_is_fast(cpu) else "no bf16 products in hardware (float32 is faster)"
     print(f"this CPU        {cpu_kernels_here()}; {bf16}")
+    free = [(device, free_memory(device)) for device in _local_devices()]
+    shown = [f"{size_text(room)} on {device}" for device, room in free if room is not None]
+    if shown:  # what a load is checked against (swap counts on the CPU)
+        print(f"free here       {', '.join(shown)}")
     if any(folder.glob("*.safetensors")):  # (a config alone gives the rest)
         stored = stored_float_dtype(folder)
-        devices = [cpu, *([torch.device("cuda")] if torch.cuda.is_available() else [])]
-        autos = ", ".join(f"{_dtype_name(auto_dtype(device, stored))} on {device}" for device in devices)
+        autos = ", ".join(f"{_dtype_name(auto_dtype(device, stored))} on {device}" for device in _local_devices())
         print(f"stored dtype    {_dtype_name(stored)}; --dtype auto loads it in {autos}")
     print(
         f"sampler         {settings.max_denoising_steps} steps, entropy bound {settings.entropy_bound}, "
         f"temperature {settings.t_max} -> {settings.t_min}, stop after {settings.stability_threshold} stable "
         f"step(s) below entropy {settings.confidence_threshold}"
     )
+
+
+def _local_devices() -> list:
+    import torch
+
+    return [torch.device("cpu"), *([torch.device("cuda")] if torch.cuda.is_available() else [])]
 
 
 def _print_training_state(config, stored_format) -> None:

@@ -86,6 +86,14 @@ def test_info_says_which_cpu_kernels_this_machine_gives(capsys, monkeypatch):
     assert "this CPU        off (DIFFGEMMA_CPU_KERNELS=0)" in out
 
 
+def test_info_says_what_memory_a_load_here_would_find(capsys, monkeypatch):
+    from diffgemma import cli
+
+    monkeypatch.setattr(cli, "free_memory", lambda device: 3 * 2**30 if device.type == "cpu" else None)
+    _, out, _ = run(capsys, "info", "--model", DEMO)
+    assert "free here       3.00 GiB on cpu\n" in out
+
+
 def test_info_says_what_auto_loads_a_checkpoint_in(capsys, monkeypatch, tmp_path):
     from diffgemma import api
     from diffgemma.presets import random_checkpoint
