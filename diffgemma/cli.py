@@ -1219,6 +1219,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"diffgemma: warning: {message}", file=file or sys.stderr)
 
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA, MPS; the CPU's
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the RuntimeError
+    the CPU's and MPS's allocators raise."""
+    return isinstance(err, MemoryError) or any(words in str(err).lower() for words in OUT_OF_MEMORY)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -1233,6 +1242,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiffGemmaError as err:
         print(f"diffgemma: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(
+            f"diffgemma: out of memory ({first}). `diffgemma info --model PATH --context N --batch B` gives what a "
+            "load and a denoising step take; fewer rows (--batch-size), fewer tokens or --quant int4 take less",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do

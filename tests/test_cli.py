@@ -632,3 +632,36 @@ def test_a_file_that_is_not_utf8_is_an_error_that_names_it(capsys, tmp_path, com
     argv += [] if "--model" in argv else ["--model", DEMO]
     code, _, err = run(capsys, *argv)
     assert code == 2 and f"{path}" in err and "not UTF-8 text" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes."),
+        MemoryError(),
+    ],
+)
+def test_running_out_of_memory_is_one_line_with_what_takes_less(capsys, monkeypatch, error):
+    from diffgemma import cli
+
+    def exhausted(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_info", exhausted)
+    code, out, err = run(capsys, "info", "--model", DEMO)
+    assert code == 1 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith("diffgemma: out of memory (") and "--quant int4" in err
+    first = str(error).splitlines()[0] if str(error) else "MemoryError"
+    assert first in err
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(monkeypatch):
+    from diffgemma import cli
+
+    def broken(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(["info", "--model", DEMO])
