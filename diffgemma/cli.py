@@ -19,7 +19,7 @@ from . import __version__
 from .config import read_jsonl, read_text
 from .errors import DiffGemmaError
 from .quant import FORMATS
-from .resources import free_memory, size_text
+from .resources import first_line, free_memory, out_of_memory, size_text
 from .structured import DEFAULT_TRIES
 from .toolcalls import check_tools, run_tool_calls
 
@@ -1219,15 +1219,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"diffgemma: warning: {message}", file=file or sys.stderr)
 
 
-OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA, MPS; the CPU's
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the RuntimeError
-    the CPU's and MPS's allocators raise."""
-    return isinstance(err, MemoryError) or any(words in str(err).lower() for words in OUT_OF_MEMORY)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -1243,12 +1234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"diffgemma: {err}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as err:
-        if not _out_of_memory(err):
+        if not out_of_memory(err):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(
-            f"diffgemma: out of memory ({first}). `diffgemma info --model PATH --context N --batch B` gives what a "
-            "load and a denoising step take; fewer rows (--batch-size), fewer tokens or --quant int4 take less",
+            f"diffgemma: out of memory ({first_line(err)}). `diffgemma info --model PATH --context N --batch B` "
+            "gives what a load and a denoising step take; fewer rows (--batch-size), fewer tokens or --quant int4 "
+            "take less",
             file=sys.stderr,
         )
         return 1

@@ -18,6 +18,7 @@ from .errors import DiffGemmaError
 SKIP_CHECK_ENV = "DIFFGEMMA_SKIP_MEMORY_CHECK"  # set (to anything but 0) to load whatever the figures say
 CGROUP_V2 = Path("/sys/fs/cgroup")
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")  # CUDA, MPS; the CPU's
 DISK_MARGIN_BYTES = 2**20  # the small files (configs) and the file system's own blocks beside the weights
 
 
@@ -112,3 +113,15 @@ def writing(folder: Path) -> Iterator[None]:
     except (OSError, SafetensorError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise DiffGemmaError(f"{folder}: could not be written ({reason}); nothing there was changed") from None
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA), or the RuntimeError
+    the CPU's and MPS's allocators raise."""
+    return isinstance(err, MemoryError) or any(words in str(err).lower() for words in OUT_OF_MEMORY)
+
+
+def first_line(err: BaseException) -> str:
+    """An error's first line (torch's out-of-memory messages run on with advice about its allocator)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

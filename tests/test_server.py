@@ -501,6 +501,32 @@ def test_engine_stopped_is_503(demo):
         assert httpx.get(url + "/health").json()["status"] == "stopped"
 
 
+def test_a_batch_out_of_memory_is_503_and_the_server_goes_on(demo):
+    """A batch that runs out of memory fails its requests with a 503 that says so (a retry, or a smaller
+    request, may fit: the batch's memory is back once it is dropped); the next batch runs."""
+    import torch
+
+    class Exhausted(Batcher):
+        failures = 1
+
+        def submit(self, job):
+            if self.failures:
+                self.failures -= 1
+                job.send(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nSee the docs"))
+                return
+            super().submit(job)
+
+    app = create_app(demo, ServerOptions(model_name="demo"), Exhausted(demo))
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as exhausted:
+            client.chat.completions.create(model="demo", messages=ask(SKY), seed=1)
+        assert exhausted.value.status_code == 503 and exhausted.value.code == "out_of_memory"
+        assert "while generating (CUDA out of memory. Tried to allocate 2.00 GiB.)" in str(exhausted.value)
+        reply = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1)
+        assert reply.choices[0].message.content == ANSWERS[SKY]
+
+
 def test_a_chat_answer_without_max_tokens_runs_to_the_servers_limit_not_one_canvas(demo):
     """A chat request without max_tokens may run to --max-tokens-limit (it ends at EOS), as OpenAI's chat runs
     to the context: the checkpoint's max_new_tokens (the reference's 256, one canvas) would cut most answers.

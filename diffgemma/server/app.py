@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
 from ..generate import SettledText
+from ..resources import first_line, out_of_memory
 from ..scoring import TokenScores
 from ..structured import DEFAULT_TRIES, AnswerFormat
 from ..tokenizer import THINKING_CLOSE
@@ -377,6 +378,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                         job.cancelled.set()
                         raise APIError(499, "client closed the request", "invalid_request_error") from None
                     continue
+                if isinstance(event, Exception) and out_of_memory(event):
+                    # the batch's, not the server's: its memory is back once it is dropped, and a retry may fit
+                    message = f"out of memory while generating ({first_line(event)}); fewer or shorter requests fit"
+                    raise APIError(503, message, "server_error", "out_of_memory")
                 if isinstance(event, Exception):
                     raise APIError(500, f"generation failed: {event}", "server_error")
                 ending = _ending(reply, event, job)
