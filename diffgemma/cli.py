@@ -604,12 +604,14 @@ def cmd_sudoku(args: argparse.Namespace) -> None:
     from .generate import Done, Draft
     from .tasks import sudoku
 
-    model = _sudoku_model(args)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     if args.puzzle:
         puzzle = sudoku.parse(args.puzzle, "--puzzle")
+        if not sudoku.solve(puzzle, 1):  # (a check, as a player's; the model does the solving)
+            raise DiffGemmaError("--puzzle: has no solution: no way to fill it keeps the rules")
     else:
         puzzle, _ = sudoku.make_puzzle(random.Random(seed), args.givens)
+    model = _sudoku_model(args)
     tries = _tries(args)
     console = Console()
     grid = puzzle

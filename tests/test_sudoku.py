@@ -2,6 +2,7 @@
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,6 +82,9 @@ def test_parse_formats_and_errors(tmp_path):
     broken = "11" + text[2:]
     with pytest.raises(DiffGemmaError, match="break the rules"):
         sudoku.parse(broken)
+    # the rules kept, but the first row's last cell sees all nine digits (1-8 in its row, a 9 in its column)
+    with pytest.raises(DiffGemmaError, match="no solution: row 1, column 9 can hold no digit"):
+        sudoku.parse("12345678." + "........9" + "." * 63)
     path = tmp_path / "puzzles.txt"
     path.write_text(text + "\n\n" + text.replace("0", ".") + "\n")
     assert sudoku.read_puzzles(path) == [puzzle, puzzle]
@@ -556,3 +560,19 @@ def test_masked_cells_show_empty_in_training_and_solving(sudoku_model, tmp_path,
     for canvas in canvases[1:]:  # afterwards a free cell is empty or one of its digits, never another cell's
         offset = canvas[0] - sudoku.cell_token(torch.arange(81), 0)
         assert bool(((offset >= 0) & (offset <= 9)).all())
+
+
+def test_a_puzzle_without_a_solution_is_refused_before_any_solving(capsys, monkeypatch):
+    """A cell left no digit is refused by the solver's inputs too (the Python API), where it would reach
+    generation with every token banned; `sudoku --puzzle` also refuses a puzzle no filling solves (here the
+    first row's last two cells both need the 9: the 8 is in their box), before loading a model."""
+    from diffgemma import cli
+
+    dead = [1, 2, 3, 4, 5, 6, 7, 8, 0] + [0] * 8 + [9] + [0] * 63
+    with pytest.raises(DiffGemmaError, match="puzzle 1: no solution: row 1, column 9"):
+        sudoku.solve_batch(SimpleNamespace(), [sudoku.make_puzzle(random.Random(0), 30)[0], dead], seed=0)
+    monkeypatch.setattr(cli, "_sudoku_model", lambda args: pytest.fail("a model was loaded"))
+    unsolvable = "1234567.." + ".......8." + "." * 63
+    assert sudoku.parse(unsolvable) and not sudoku.solve(sudoku.parse(unsolvable), 1)
+    assert cli.main(["sudoku", "--puzzle", unsolvable]) == 2
+    assert "--puzzle: has no solution" in capsys.readouterr().err

@@ -90,9 +90,22 @@ def parse(line: str, where: str = "puzzle") -> list[int]:
     if len(text) != CELLS or any(ch not in "123456789" + EMPTY_CELLS for ch in text):
         raise DiffGemmaError(f"{where}: expected 81 cells of 1-9 (0, '.', '_' or '*' empty), got {text[:90]!r}")
     grid = [0 if ch in EMPTY_CELLS else int(ch) for ch in text]
+    check_puzzle(grid, where)
+    return grid
+
+
+def check_puzzle(grid: Sequence[int], where: str = "puzzle") -> None:
+    """Givens that keep the rules, and no empty cell whose peers already hold all nine digits (such a puzzle
+    has no solution, and with the givens' digits banned that cell would have nothing left to draw)."""
     if not is_consistent(grid):
         raise DiffGemmaError(f"{where}: the givens break the rules (a digit repeats in a row, column or box)")
-    return grid
+    for cell in range(CELLS):
+        if grid[cell] == 0 and len({grid[peer] for peer in PEERS[cell]} - {0}) == 9:
+            row, column = divmod(cell, 9)
+            raise DiffGemmaError(
+                f"{where}: no solution: row {row + 1}, column {column + 1} can hold no digit (its row, column and box "
+                "hold all nine)"
+            )
 
 
 def read_puzzles(path: str | Path) -> list[list[int]]:
@@ -457,6 +470,8 @@ def solve_batch(
     """Solve puzzles with a loaded model (one canvas each), givens clamped unless `clamp` is False, digits the
     givens rule out banned unless `candidates` is False. Puzzle i is solved with seed `seed + i`, or
     `seed[i]` given a list."""
+    for index, puzzle in enumerate(puzzles):
+        check_puzzle(puzzle, f"puzzle {index}")
     check_model(model)
     seeds = [seed + i for i in range(len(puzzles))] if isinstance(seed, int) else list(seed)
     inputs = model_solver_inputs(model, puzzles, clamp, candidates)
