@@ -34,7 +34,10 @@ def free_memory(device: torch.device) -> int | None:
     cache included) plus free swap, within a container's limit less what the container's processes hold.
     """
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        # what the device has free, and what PyTorch's caching allocator holds unused (a model dropped earlier
+        # in this process): both serve a new allocation
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     if device.type != "cpu":
         return None
     meminfo = _read_fields(Path("/proc/meminfo"))
