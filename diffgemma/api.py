@@ -88,7 +88,7 @@ def auto_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if bf16_is_fast(device) else torch.float32
 
 
-def _load_dtype(dtype: torch.dtype | str, device: torch.device, folder: Path) -> torch.dtype:
+def load_dtype(dtype: torch.dtype | str, device: torch.device, folder: Path) -> torch.dtype:
     """`load`'s dtype: a dtype or its name, or "auto" or "stored", which read the checkpoint's."""
     if dtype not in (AUTO_DTYPE, STORED_DTYPE):
         return resolve_dtype(dtype)
@@ -623,7 +623,7 @@ def load(
     """
     folder = resolve_folder(path)
     device = resolve_device(device)
-    dtype = _load_dtype(dtype, device, folder)
+    dtype = load_dtype(dtype, device, folder)
     config, settings = load_configs(folder)
     tokenizer = load_tokenizer(folder)
     saved = format_from_config(config.raw)

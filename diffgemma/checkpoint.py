@@ -64,6 +64,19 @@ class StoredTensor:
     end: int
 
 
+@dataclass(frozen=True)
+class Derived:
+    """A tensor to write that is made from a stored one as its shard is written (an adapter folded in, a dtype
+    changed), so a checkpoint can be rewritten a shard at a time, never whole in memory."""
+
+    source: StoredTensor
+    dtype: torch.dtype
+    make: Callable[[torch.Tensor], torch.Tensor]  # the stored tensor -> the one written (then cast to `dtype`)
+
+
+Written = torch.Tensor | StoredTensor | Derived
+
+
 def read_header(path: Path) -> dict[str, StoredTensor]:
     """Parse and check a safetensors header: every tensor's bytes must lie inside the file."""
     try:
@@ -217,6 +230,39 @@ def read_tensor(stored: StoredTensor) -> torch.Tensor:
 Sink = tuple[tuple[int, ...], Callable[[torch.Tensor], None]]
 
 
+def weight_plan(
+    folder: Path, shapes: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, StoredTensor], dict[str, StoredTensor]]:
+    """Which stored tensor fills each of our tensors (`shapes`: their names and shapes), checked: none missing,
+    none unexpected, every shape right; and the tensors that are not part of the text model (the vision
+    tower), by their names. A tied copy (the encoder's, `lm_head`) serves where the decoder's own is absent."""
+    plan: dict[str, StoredTensor] = {}
+    aliases: dict[str, StoredTensor] = {}
+    passthrough: dict[str, StoredTensor] = {}
+    for ref_name, stored in stored_tensors(folder).items():
+        if ref_name.startswith(VISION_PREFIXES):
+            passthrough[ref_name] = stored
+            continue
+        own, tied = _own_name(ref_name)
+        if own is None or own not in shapes:
+            raise DiffGemmaError(f"{stored.path}: unexpected tensor `{ref_name}` (not part of a DiffusionGemma model)")
+        (aliases if tied else plan)[own] = stored
+    for own, stored in aliases.items():
+        plan.setdefault(own, stored)
+    _check_untied_copies(aliases, plan)
+    missing = [reference_name(name) for name in shapes if name not in plan]
+    if missing:
+        shown = ", ".join(f"`{name}`" for name in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise DiffGemmaError(f"{folder}: checkpoint is missing tensor {shown}{more}")
+    for own, stored in plan.items():
+        if stored.shape != shapes[own]:
+            raise DiffGemmaError(
+                f"{stored.path}: tensor `{stored.name}` has shape {list(stored.shape)}, expected {list(shapes[own])}"
+            )
+    return plan, passthrough
+
+
 def load_weights(model: DiffusionGemma, folder: Path, sinks: dict[str, Sink] | None = None) -> dict[str, StoredTensor]:
     """Fill every parameter and buffer of `model` from the checkpoint in `folder`.
 
@@ -226,38 +272,13 @@ def load_weights(model: DiffusionGemma, folder: Path, sinks: dict[str, Sink] | N
     can carry them over unchanged.
     """
     sinks = sinks or {}
-    tensors = stored_tensors(folder)
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update((name, buf) for name, buf in model.named_buffers())
     # What a sink fills (its module's quantized buffers) is not looked for on disk.
     covered = {name for name in targets if name.rpartition("_")[0] in sinks}
     targets = {name: t for name, t in targets.items() if name not in covered}
     targets.update((name, torch.empty(shape, device="meta")) for name, (shape, _) in sinks.items())
-    plan: dict[str, StoredTensor] = {}
-    aliases: dict[str, StoredTensor] = {}
-    passthrough: dict[str, StoredTensor] = {}
-    for ref_name, stored in tensors.items():
-        if ref_name.startswith(VISION_PREFIXES):
-            passthrough[ref_name] = stored
-            continue
-        own, tied = _own_name(ref_name)
-        if own is None or own not in targets:
-            raise DiffGemmaError(f"{stored.path}: unexpected tensor `{ref_name}` (not part of a DiffusionGemma model)")
-        (aliases if tied else plan)[own] = stored
-    for own, stored in aliases.items():
-        plan.setdefault(own, stored)
-    _check_untied_copies(aliases, plan)
-    missing = [reference_name(name) for name in targets if name not in plan]
-    if missing:
-        shown = ", ".join(f"`{name}`" for name in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise DiffGemmaError(f"{folder}: checkpoint is missing tensor {shown}{more}")
-    for own, stored in plan.items():
-        expected = tuple(targets[own].shape)
-        if stored.shape != expected:
-            raise DiffGemmaError(
-                f"{stored.path}: tensor `{stored.name}` has shape {list(stored.shape)}, expected {list(expected)}"
-            )
+    plan, passthrough = weight_plan(folder, {name: tuple(t.shape) for name, t in targets.items()})
     if passthrough:
         logger.warning("diffgemma: %s carries a vision tower; it is kept on disk, text only is loaded", folder)
 
@@ -322,19 +343,46 @@ def save_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     config: ModelConfig | None = None,
 ) -> Path:
-    """Write `model` in the reference layout (loadable by `transformers`), atomically.
+    """Write `model` in the reference layout (loadable by `transformers`), atomically (`write_checkpoint`)."""
+    raw = dict((config or model.config).raw)
+    if not passthrough:
+        raw.pop("vision_config", None)
+    entries = reference_entries(model.state_dict(), passthrough)
+    return write_checkpoint(entries, raw, settings, folder, extra_files, max_shard_bytes)
+
+
+def reference_entries(
+    tensors: dict[str, Written], passthrough: dict[str, StoredTensor] | None = None
+) -> list[tuple[str, Written]]:
+    """Our tensors (by our names) under the reference's names, with `passthrough` tensors as they were named."""
+    entries = [(reference_name(name), tensor) for name, tensor in tensors.items()]
+    # the reference's encoder has attention biases of its own (untied): it reads ours there too (a tensor of
+    # our own is copied: safetensors refuses two names over one memory)
+    entries += [
+        (ENCODER + name, tensor.clone() if isinstance(tensor, torch.Tensor) else tensor)
+        for name, tensor in tensors.items()
+        if _untied_copy(name)
+    ]
+    return entries + list((passthrough or {}).items())
+
+
+def write_checkpoint(
+    entries: list[tuple[str, Written]],
+    raw: dict,
+    settings: SamplerSettings,
+    folder: str | os.PathLike,
+    extra_files: dict[str, Path] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write named tensors (a `Derived` one made as its shard is written) in shards of at most
+    `max_shard_bytes`, with `raw` as config.json, `settings` as generation_config.json and `extra_files`.
 
     Everything goes to a temporary folder beside `folder` first; only a complete write replaces it, so a
     failed save leaves the previous checkpoint (if any) as it was.
     """
     destination = Path(folder).absolute()
     check_replaceable(destination)
-    config = config or model.config
-    state = [(reference_name(name), t) for name, t in model.state_dict().items()]
-    # the reference's encoder has attention biases of its own (untied): it reads ours there too
-    state += [(ENCODER + name, t.clone()) for name, t in model.state_dict().items() if _untied_copy(name)]
-    state += [(name, stored) for name, stored in (passthrough or {}).items()]
-    sizes = [(name, _nbytes(t)) for name, t in state]
+    sizes = [(name, _nbytes(t)) for name, t in entries]
     extra_bytes = sum(Path(source).stat().st_size for source in (extra_files or {}).values())
     check_disk(destination, sum(size for _, size in sizes) + extra_bytes)
     with writing(destination):
@@ -345,7 +393,7 @@ def save_checkpoint(
         try:
             weight_map: dict[str, str] = {}
             shard_lists = list(_shards(sizes, max_shard_bytes))
-            lookup = dict(state)
+            lookup = dict(entries)
             for number, shard in enumerate(shard_lists, start=1):
                 filename = SINGLE_FILE
                 if len(shard_lists) > 1:
@@ -353,13 +401,11 @@ def save_checkpoint(
                 tensors = {name: _materialize(lookup[name]) for name in shard}
                 save_file(tensors, str(staging / filename), metadata={"format": "pt"})
                 weight_map.update((name, filename) for name in tensors)
+                del tensors
             if len(shard_lists) > 1:
                 total = sum(size for _, size in sizes)
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (staging / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
-            raw = dict(config.raw)
-            if not passthrough:
-                raw.pop("vision_config", None)
             for name, content in (("config.json", raw), (GENERATION_FILE, generation_config_dict(settings))):
                 (staging / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
             for name, source in (extra_files or {}).items():
@@ -375,15 +421,19 @@ def save_checkpoint(
     return destination
 
 
-def _nbytes(tensor: torch.Tensor | StoredTensor) -> int:
+def _nbytes(tensor: Written) -> int:
     if isinstance(tensor, StoredTensor):
         return tensor.end - tensor.start
+    if isinstance(tensor, Derived):
+        return math.prod(tensor.source.shape) * tensor.dtype.itemsize
     return tensor.numel() * tensor.element_size()
 
 
-def _materialize(tensor: torch.Tensor | StoredTensor) -> torch.Tensor:
+def _materialize(tensor: Written) -> torch.Tensor:
     if isinstance(tensor, StoredTensor):
         return read_tensor(tensor)
+    if isinstance(tensor, Derived):
+        return tensor.make(read_tensor(tensor.source)).to(tensor.dtype).contiguous()
     return tensor.detach().to("cpu").contiguous()
 
 

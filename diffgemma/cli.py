@@ -870,15 +870,14 @@ def _check_output(destination: str, source: str) -> None:
 
 
 def cmd_lora_merge(args: argparse.Namespace) -> None:
-    from .api import load
-    from .train.lora import adapter_generation, load_adapter, merge_lora
+    import torch
+
+    from .api import load_dtype, resolve_folder
+    from .train.lora import merge_adapter_files
 
     _check_output(args.out, _model_path(args))
-    model = load(_model_path(args), device=args.device, dtype=args.dtype)
-    load_adapter(model.network, args.adapter)
-    merged = merge_lora(model.network)
-    model.settings = adapter_generation(args.adapter) or model.settings  # (the EOS ids fine-tuning taught)
-    model.save(args.out)
+    folder = resolve_folder(_model_path(args))
+    merged = merge_adapter_files(folder, args.adapter, args.out, load_dtype(args.dtype, torch.device("cpu"), folder))
     print(f"merged {merged} adapters into {args.out}")
 
 
@@ -918,12 +917,15 @@ def _add_model_options(
     inference: bool = True,
     dtype: str = "auto",
     prefix_cache: int = 1,
+    device: bool = True,
 ) -> None:
-    """--model, --device, --dtype (default `dtype`, one of DTYPE_CHOICES), --threads (`main` applies it); for a
-    command that runs the model (`inference`, `_load`) --quant, --compile and --prefix-cache (default
-    `prefix_cache`); and with `sampling` the sampler's settings."""
+    """--model, --device (unless `device` is False: a command that runs nothing there), --dtype (default `dtype`,
+    one of DTYPE_CHOICES), --threads (`main` applies it); for a command that runs the model (`inference`,
+    `_load`) --quant, --compile and --prefix-cache (default `prefix_cache`); and with `sampling` the sampler's
+    settings."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
-    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU if any, else the CPU), cpu, cuda:1, mps")
+    if device:
+        parser.add_argument("--device", default="auto", help="auto (a CUDA GPU if any, else the CPU), cpu, cuda:1, mps")
     others = ", ".join(name for name in ("auto", "stored", "float32", "bfloat16", "float16") if name != dtype)
     parser.add_argument("--dtype", default=dtype, help=f"{dtype} ({DTYPE_CHOICES[dtype]}), or {others}")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
@@ -1198,7 +1200,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora = commands.add_parser("lora-merge", help="fold a LoRA adapter into its base model: a new full checkpoint")
     lora.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
     lora.add_argument("--out", required=True, help="folder for the merged checkpoint")
-    _add_model_options(lora, sampling=False, inference=False, dtype="stored")
+    _add_model_options(lora, sampling=False, inference=False, dtype="stored", device=False)  # a shard at a time
     lora.set_defaults(run=cmd_lora_merge)
 
     info = commands.add_parser("info", help="summarise a checkpoint: shape, parameters, memory, sampler")

@@ -10,7 +10,14 @@ import diffgemma
 from diffgemma import DiffGemmaError
 from diffgemma.cli import main
 from diffgemma.presets import random_checkpoint
-from diffgemma.train.lora import LoraSettings, add_lora, load_adapter, merge_lora, save_adapter
+from diffgemma.train.lora import (
+    LoraSettings,
+    add_lora,
+    load_adapter,
+    merge_adapter_files,
+    merge_lora,
+    save_adapter,
+)
 from diffgemma.train.objective import Example
 from diffgemma.train.trainer import TrainConfig, epoch_batches, train
 
@@ -114,6 +121,52 @@ def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
         add_lora(bare.network, settings)
         bare.save(tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merging_on_disk_writes_what_merging_the_loaded_model_writes(trained, tmp_path, monkeypatch, dtype):
+    """`lora-merge` folds the adapter in a shard at a time, never loading the model: the same tensors, bit for
+    bit, as loading the base, adding the adapter, merging and saving, for a float32 and a bf16 base."""
+    from diffgemma import checkpoint
+
+    folder, model, settings, _, _, _ = trained
+    adapter_dir = save_adapter(model.network, settings, tmp_path / "adapter")
+    base = diffgemma.load(folder, dtype=dtype).save(tmp_path / "base")
+    in_memory = diffgemma.load(base, dtype="stored")
+    load_adapter(in_memory.network, adapter_dir)
+    merge_lora(in_memory.network)
+    expected = load_file(str(in_memory.save(tmp_path / "expected") / "model.safetensors"))
+
+    shards = []
+    monkeypatch.setattr(checkpoint, "save_file", lambda tensors, *args, **kwargs: shards.append(tensors) or None)
+    monkeypatch.setattr(checkpoint, "load_weights", lambda *args: pytest.fail("the model was loaded"))
+    merge_adapter_files(base, adapter_dir, tmp_path / "merged", checkpoint.stored_float_dtype(base), 100_000)
+    biggest = max(t.numel() * t.element_size() for t in expected.values())
+    assert len(shards) > 1 and all(
+        sum(t.numel() * t.element_size() for t in shard.values()) <= max(100_000, biggest) for shard in shards
+    )
+    monkeypatch.undo()
+
+    merged = tmp_path / "merged"
+    assert main(["lora-merge", "--model", str(base), "--adapter", str(adapter_dir), "--out", str(merged)]) == 0
+    got = load_file(str(merged / "model.safetensors"))
+    assert got.keys() == expected.keys()
+    assert all(got[name].dtype == dtype and torch.equal(got[name], expected[name]) for name in expected)
+    assert json.loads((merged / "config.json").read_text()) == json.loads(
+        (tmp_path / "expected" / "config.json").read_text()
+    )
+    assert sorted(p.name for p in merged.iterdir()) == sorted(p.name for p in (tmp_path / "expected").iterdir())
+
+
+def test_merging_into_a_quantized_checkpoint_is_refused(trained, tmp_path, capsys):
+    folder, model, settings, _, _, _ = trained
+    adapter_dir = save_adapter(model.network, settings, tmp_path / "adapter")
+    quantized = diffgemma.load(folder, quant="int8").save(tmp_path / "int8")
+    code = main(["lora-merge", "--model", str(quantized), "--adapter", str(adapter_dir), "--out", str(tmp_path / "m")])
+    assert (
+        code == 2 and "the base model is quantized (int8): merge the adapter into the float" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize(

@@ -27,18 +27,42 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import DECODER, ENCODER, generation_config_dict
-from ..config import GENERATION_FILE, SamplerSettings, is_int, is_number, parse_sampler_settings, read_json
+from ..checkpoint import (
+    DECODER,
+    DEFAULT_SHARD_BYTES,
+    ENCODER,
+    Derived,
+    StoredTensor,
+    generation_config_dict,
+    reference_entries,
+    stored_float_dtype,
+    weight_plan,
+    write_checkpoint,
+)
+from ..config import (
+    GENERATION_FILE,
+    SamplerSettings,
+    is_int,
+    is_number,
+    load_configs,
+    parse_sampler_settings,
+    read_json,
+)
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
-from ..quant import QuantLinear
+from ..quant import QuantLinear, format_from_config, meta_network
 from ..resources import check_disk, writing
+from ..tokenizer import TOKENIZER_FILES
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LAYER_TARGETS = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 SELF_CONDITIONING_TARGETS = r"self_conditioning\.(gate|up|down)_proj"
+QUANTIZED_BASE = (  # why an adapter is not folded into quantized weights: they would be rounded a second time
+    "the base model is quantized ({}): merge the adapter into the float checkpoint it was quantized from "
+    "(`diffgemma lora-merge --model FLOAT_FOLDER --adapter ...`)"
+)
 
 
 @dataclass(frozen=True)
@@ -80,9 +104,15 @@ class LoraLinear(nn.Module):
         linear.weight = self.weight
         linear.bias = self.bias
         with torch.no_grad():
-            update = self.lora_B.weight.float() @ self.lora_A.weight.float()
-            self.weight.add_((update * self.scale).to(self.weight.dtype))
+            fold_(self.weight, self.lora_A.weight, self.lora_B.weight, self.scale)
         return linear
+
+
+def fold_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """weight += scale * B @ A, in place: the product in float32 of the adapter as the model holds it (in the
+    weight's dtype), rounded once to that dtype."""
+    update = lora_b.to(weight.dtype).float() @ lora_a.to(weight.dtype).float()
+    return weight.add_((update * scale).to(weight.dtype))
 
 
 class LoraQuantLinear(QuantLinear):
@@ -102,10 +132,7 @@ class LoraQuantLinear(QuantLinear):
 
     def merged(self) -> nn.Module:
         """Refused: folding the update into quantized weights would requantize them (a second rounding)."""
-        raise DiffGemmaError(
-            f"the base model is quantized ({self.fmt.name}): merge the adapter into the float checkpoint it was "
-            "quantized from (`diffgemma lora-merge --model FLOAT_FOLDER --adapter ...`)"
-        )
+        raise DiffGemmaError(QUANTIZED_BASE.format(self.fmt.name))
 
 
 def _add_low_rank(
@@ -248,11 +275,23 @@ def adapter_generation(folder: str | os.PathLike) -> SamplerSettings | None:
 
 def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> LoraSettings:
     """Add adapters from a PEFT-layout folder to `network` (frozen base, adapters loaded)."""
+    settings, tensors = read_adapter(network, folder)
+    with torch.no_grad():
+        for name, target in network.state_dict(keep_vars=True).items():
+            if ".lora_" in name:
+                target.copy_(tensors[name])
+    return settings
+
+
+def read_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> tuple[LoraSettings, dict[str, torch.Tensor]]:
+    """An adapter folder's settings and tensors (on the CPU, by our names: `...q_proj.lora_A.weight`), after
+    adding its adapters to `network` (the meta device serves: they give the names and shapes looked for), each
+    one checked present and of its shape."""
     folder = Path(folder)
     settings = read_adapter_settings(folder)
     weights_path = folder / WEIGHTS_FILE
     try:
-        stored = load_file(str(weights_path), device=str(network.device))
+        stored = load_file(str(weights_path))
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise DiffGemmaError(f"{weights_path}: cannot read adapter weights ({err})") from None
     ranks = sorted({tensor.shape[0] for key, tensor in stored.items() if key.endswith(".lora_A.weight")})
@@ -260,15 +299,58 @@ def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> LoraSett
         message = f"`r` is {settings.rank}, but the adapter's weights have rank {ranks}"
         raise DiffGemmaError(f"{folder / CONFIG_FILE}: {message}")
     add_lora(network, settings)
-    expected = {n: t for n, t in network.state_dict(keep_vars=True).items() if ".lora_" in n}
-    with torch.no_grad():
-        for name, target in expected.items():
-            key = PEFT_PREFIX + DECODER + name
-            if key not in stored:
-                raise DiffGemmaError(f"{weights_path}: missing tensor {key}")
-            if stored[key].shape != target.shape:
-                raise DiffGemmaError(
-                    f"{weights_path}: {key} has shape {list(stored[key].shape)}, expected {list(target.shape)}"
-                )
-            target.copy_(stored[key])
-    return settings
+    tensors = {}
+    for name, target in network.state_dict(keep_vars=True).items():
+        if ".lora_" not in name:
+            continue
+        key = PEFT_PREFIX + DECODER + name
+        if key not in stored:
+            raise DiffGemmaError(f"{weights_path}: missing tensor {key}")
+        if stored[key].shape != target.shape:
+            raise DiffGemmaError(
+                f"{weights_path}: {key} has shape {list(stored[key].shape)}, expected {list(target.shape)}"
+            )
+        tensors[name] = stored[key]
+    return settings, tensors
+
+
+def merge_adapter_files(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> int:
+    """Fold an adapter into a float checkpoint on disk, a shard at a time: the checkpoint `merge_lora` and a
+    save would write from the loaded base (in `dtype`, or the stored one), without holding the model, so a base
+    larger than memory merges (the 26B's 47 GiB of bf16 on a machine that trained its QLoRA adapter in 16).
+    The adapter's generation config, if any, goes with it. Returns how many adapters were folded in."""
+    base = Path(base)
+    config, settings = load_configs(base)
+    saved = format_from_config(config.raw)
+    if saved is not None:
+        raise DiffGemmaError(f"{base}: {QUANTIZED_BASE.format(saved.name)}")
+    dtype = dtype or stored_float_dtype(base)
+    network = meta_network(config, dtype)
+    shapes = {name: tuple(t.shape) for name, t in network.state_dict().items()}
+    plan, passthrough = weight_plan(base, shapes)
+    _, tensors = read_adapter(network, adapter)
+    folds = {
+        f"{name}.weight": (tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"], module.scale)
+        for name, module in network.named_modules()
+        if isinstance(module, ADAPTED)
+    }
+
+    def written(name: str) -> StoredTensor | Derived:
+        stored = plan[name]
+        if name in folds:
+            return Derived(stored, dtype, lambda weight: fold_(weight.to(dtype), *folds[name]))
+        return stored if stored.dtype == dtype else Derived(stored, dtype, lambda tensor: tensor)
+
+    raw = dict(config.raw)
+    if not passthrough:
+        raw.pop("vision_config", None)
+    entries = reference_entries({name: written(name) for name in shapes}, passthrough)
+    extra = {name: base / name for name in TOKENIZER_FILES if (base / name).is_file()}
+    write_checkpoint(entries, raw, adapter_generation(adapter) or settings, out, extra, max_shard_bytes)
+    return len(folds)
