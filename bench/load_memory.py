@@ -26,25 +26,10 @@ from diffgemma.presets import random_checkpoint
 # bench-90m widened to about 1 GB of float32 weights
 SHAPE = {"hidden_size": 1024, "intermediate_size": 2048, "moe_intermediate_size": 512, "num_hidden_layers": 5}
 
-CHILD = r"""
+# Each child reports its RSS before the work (torch and diffgemma imported) and its peak (ru_maxrss).
+CHILD_START = r"""
 import json, resource, sys
 import torch
-import diffgemma
-def rss_now():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-before = rss_now()
-model = diffgemma.load(sys.argv[1], dtype=sys.argv[2])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-weights = sum(t.numel() * t.element_size() for t in model.network.state_dict().values())
-print(json.dumps({"before": before, "peak": peak, "weights": weights}))
-"""
-
-
-MERGE_CHILD = r"""
-import json, resource, sys
 import diffgemma
 from diffgemma.train.lora import load_adapter, merge_adapter_files, merge_lora
 def rss_now():
@@ -52,8 +37,24 @@ def rss_now():
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-base, adapter, out, way = sys.argv[1:]
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 before = rss_now()
+"""
+
+CHILD = (
+    CHILD_START
+    + r"""
+model = diffgemma.load(sys.argv[1], dtype=sys.argv[2])
+weights = sum(t.numel() * t.element_size() for t in model.network.state_dict().values())
+print(json.dumps({"before": before, "peak": peak(), "weights": weights}))
+"""
+)
+
+MERGE_CHILD = (
+    CHILD_START
+    + r"""
+base, adapter, out, way = sys.argv[1:]
 if way == "on disk":
     merge_adapter_files(base, adapter, out, max_shard_bytes=MERGE_SHARD_BYTES)
 else:
@@ -61,8 +62,9 @@ else:
     load_adapter(model.network, adapter)
     merge_lora(model.network)
     model.save(out, max_shard_bytes=MERGE_SHARD_BYTES)
-print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"before": before, "peak": peak()}))
 """
+)
 MERGE_SHARD_BYTES = 128 * 2**20  # both ways write the same shards; on disk, one is in memory at a time
 
 

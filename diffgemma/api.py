@@ -38,7 +38,7 @@ from .quant import QuantFormat, float_sinks, format_from_config, held_bytes, met
 from .resources import check_memory, size_text
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
-from .tokenizer import TOKENIZER_FILES, TURN_OPEN, Tokenizer, load_tokenizer
+from .tokenizer import TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
 from .toolcalls import Tool, tool_plan
 
 DTYPE_NAMES = {
@@ -510,9 +510,7 @@ class DiffGemma:
                 "this network carries LoRA adapters: save them with train.lora.save_adapter, "
                 "or fold them in with merge_lora (`diffgemma lora-merge`) before saving a full checkpoint"
             )
-        extra = {}
-        if self.folder is not None:
-            extra = {name: self.folder / name for name in TOKENIZER_FILES if (self.folder / name).is_file()}
+        extra = tokenizer_files(self.folder) if self.folder is not None else {}
         kwargs: dict[str, Any] = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         if self.quant is not None:  # self-describing: the format rides in config.json
             raw = {**self.config.raw, "quantization_config": self.quant.config()}

@@ -344,11 +344,8 @@ def save_checkpoint(
     config: ModelConfig | None = None,
 ) -> Path:
     """Write `model` in the reference layout (loadable by `transformers`), atomically (`write_checkpoint`)."""
-    raw = dict((config or model.config).raw)
-    if not passthrough:
-        raw.pop("vision_config", None)
     entries = reference_entries(model.state_dict(), passthrough)
-    return write_checkpoint(entries, raw, settings, folder, extra_files, max_shard_bytes)
+    return write_checkpoint(entries, (config or model.config).raw, settings, folder, extra_files, max_shard_bytes)
 
 
 def reference_entries(
@@ -375,7 +372,8 @@ def write_checkpoint(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
     """Write named tensors (a `Derived` one made as its shard is written) in shards of at most
-    `max_shard_bytes`, with `raw` as config.json, `settings` as generation_config.json and `extra_files`.
+    `max_shard_bytes`, with `raw` as config.json (less its `vision_config` when no vision tensor goes with it),
+    `settings` as generation_config.json and `extra_files`.
 
     Everything goes to a temporary folder beside `folder` first; only a complete write replaces it, so a
     failed save leaves the previous checkpoint (if any) as it was.
@@ -406,6 +404,8 @@ def write_checkpoint(
                 total = sum(size for _, size in sizes)
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (staging / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+            if not any(name.startswith(VISION_PREFIXES) for name, _ in entries):
+                raw = {key: value for key, value in raw.items() if key != "vision_config"}
             for name, content in (("config.json", raw), (GENERATION_FILE, generation_config_dict(settings))):
                 (staging / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
             for name, source in (extra_files or {}).items():

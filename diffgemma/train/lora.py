@@ -52,7 +52,7 @@ from ..errors import DiffGemmaError
 from ..model import DiffusionGemma
 from ..quant import QuantLinear, format_from_config, meta_network
 from ..resources import check_disk, writing
-from ..tokenizer import TOKENIZER_FILES
+from ..tokenizer import tokenizer_files
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -347,10 +347,7 @@ def merge_adapter_files(
             return Derived(stored, dtype, lambda weight: fold_(weight.to(dtype), *folds[name]))
         return stored if stored.dtype == dtype else Derived(stored, dtype, lambda tensor: tensor)
 
-    raw = dict(config.raw)
-    if not passthrough:
-        raw.pop("vision_config", None)
     entries = reference_entries({name: written(name) for name in shapes}, passthrough)
-    extra = {name: base / name for name in TOKENIZER_FILES if (base / name).is_file()}
-    write_checkpoint(entries, raw, adapter_generation(adapter) or settings, out, extra, max_shard_bytes)
+    generation = adapter_generation(adapter) or settings
+    write_checkpoint(entries, config.raw, generation, out, tokenizer_files(base), max_shard_bytes)
     return len(folds)
