@@ -90,10 +90,24 @@ def auto_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
 
 def load_dtype(dtype: torch.dtype | str, device: torch.device, folder: Path) -> torch.dtype:
     """`load`'s dtype: a dtype or its name, or "auto" or "stored", which read the checkpoint's."""
+    return _chosen_dtype(dtype, device, lambda: stored_float_dtype(folder))
+
+
+def _chosen_dtype(dtype: torch.dtype | str, device: torch.device, stored: Callable[[], torch.dtype]) -> torch.dtype:
     if dtype not in (AUTO_DTYPE, STORED_DTYPE):
         return resolve_dtype(dtype)
-    stored = stored_float_dtype(folder)
-    return auto_dtype(device, stored) if dtype == AUTO_DTYPE else stored
+    return auto_dtype(device, stored()) if dtype == AUTO_DTYPE else stored()
+
+
+def declared_dtype(raw: dict) -> torch.dtype:
+    """The dtype a config.json says its weights are in (`dtype`, or the older `torch_dtype`, at its top or in its
+    text config); bf16, the published checkpoint's, where it says none (before the weights can be read)."""
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    for source in (raw, text):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(source.get(key), str) and source[key] in DTYPE_NAMES:
+                return DTYPE_NAMES[source[key]]
+    return torch.bfloat16
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
@@ -137,9 +151,15 @@ def resolve_folder(path: str | os.PathLike, patterns: Sequence[str] = CHECKPOINT
         return folder
     if folder.exists():
         raise DiffGemmaError(f"{folder}: not a folder (pass the checkpoint folder, not a file in it)")
-    if HUB_ID.match(str(path)) and not str(path).startswith((".", "/")):
+    if on_hub(path):
         return _download(str(path), patterns)
     raise DiffGemmaError(f"{folder}: folder not found")
+
+
+def on_hub(path: str | os.PathLike) -> bool:
+    """Whether `path` names a Hub checkpoint (`owner/name`, no such local path) rather than a folder here."""
+    text = str(path)
+    return not Path(text).expanduser().exists() and bool(HUB_ID.match(text)) and not text.startswith((".", "/"))
 
 
 class DiffGemma:
@@ -566,6 +586,27 @@ def _ranges_for_rows(ranges: torch.Tensor | list | None, batch: int, name: str) 
     return _for_every_row(ranges, batch, name)
 
 
+def _network_that_fits(
+    where: str, config: ModelConfig, dtype: torch.dtype, quant: str | QuantFormat | None, device: torch.device
+) -> tuple[DiffusionGemma, QuantFormat | None, QuantFormat | None]:
+    """The network `load` builds (on the meta device), once its weights are known to fit on `device` (refused
+    with what would fit otherwise); with the format it is quantized to and the one it was saved in, if any."""
+    saved = format_from_config(config.raw)
+    wanted = QuantFormat(quant) if isinstance(quant, str) else quant
+    # a bare name ("int4") asks for the format, not its groups: the checkpoint's own groups serve
+    if saved is not None and wanted is not None and wanted != saved and quant != saved.name:
+        raise DiffGemmaError(
+            f"{where}: the checkpoint is already quantized ({saved.describe()}); "
+            f"cannot load it as {wanted.describe()}: quantize the float checkpoint instead"
+        )
+    fmt = saved or wanted
+    network = meta_network(config, dtype, fmt)
+    quant_name = None if fmt is None else fmt.name
+    hint = functools.partial(_lighter_load, config, dtype, quant_name, requantize=saved is None)
+    check_memory(held_bytes(network), device, f"{where}: its weights in {_load_label(dtype, quant_name)}", hint)
+    return network, fmt, saved
+
+
 def _load_label(dtype: torch.dtype, quant: str | None) -> str:
     name = str(dtype).removeprefix("torch.")
     return name if quant is None else f"{quant} (the rest in {name})"
@@ -619,24 +660,17 @@ def load(
     first generation compiles (tens of seconds), then each step launches far fewer kernels (on an H100, 26B
     shape, with the CUDA graph: 34 ms a step in bf16 against 41, bench/RESULTS.md).
     """
-    folder = resolve_folder(path)
     device = resolve_device(device)
-    dtype = load_dtype(dtype, device, folder)
+    if on_hub(path):
+        # its two config files first (kilobytes): a model this device cannot hold is refused before 50 GB come down
+        config, _ = load_configs(resolve_folder(path, CONFIG_FILES))
+        _network_that_fits(
+            str(path), config, _chosen_dtype(dtype, device, lambda: declared_dtype(config.raw)), quant, device
+        )
+    folder = resolve_folder(path)
     config, settings = load_configs(folder)
     tokenizer = load_tokenizer(folder)
-    saved = format_from_config(config.raw)
-    wanted = QuantFormat(quant) if isinstance(quant, str) else quant
-    # a bare name ("int4") asks for the format, not its groups: the checkpoint's own groups serve
-    if saved is not None and wanted is not None and wanted != saved and quant != saved.name:
-        raise DiffGemmaError(
-            f"{folder}: the checkpoint is already quantized ({saved.describe()}); "
-            f"cannot load it as {wanted.describe()}: quantize the float checkpoint instead"
-        )
-    fmt = saved or wanted
-    network = meta_network(config, dtype, fmt)
-    quant_name = None if fmt is None else fmt.name
-    hint = functools.partial(_lighter_load, config, dtype, quant_name, requantize=saved is None)
-    check_memory(held_bytes(network), device, f"{folder}: its weights in {_load_label(dtype, quant_name)}", hint)
+    network, fmt, saved = _network_that_fits(str(folder), config, load_dtype(dtype, device, folder), quant, device)
     network = network.to_empty(device=device)
     sinks = float_sinks(network) if fmt is not None and saved is None else None
     passthrough = load_weights(network, folder, sinks)

@@ -396,3 +396,36 @@ def test_info_on_a_hub_id_fetches_the_configs_alone(monkeypatch, tmp_path, capsy
     assert main(["info", "--model", "google/diffusiongemma-26B-A4B-it"]) == 0
     assert asked == {"google/diffusiongemma-26B-A4B-it": ["config.json", "generation_config.json"]}
     assert "parameters" in capsys.readouterr().out
+
+
+def test_a_hub_model_that_cannot_fit_is_refused_before_its_weights_download(monkeypatch, tmp_path):
+    """From a Hub id, `load` fetches the two config files first and refuses a model the device cannot hold
+    (its dtype as config.json declares it, bf16 where it says none) before asking for the weights; one that
+    fits is then downloaded whole and loaded (and checked again, exactly)."""
+    import huggingface_hub
+
+    source = random_checkpoint(tmp_path / "tiny", preset="tiny")
+    asked = []
+
+    def fake_download(repo_id, allow_patterns):
+        asked.append(allow_patterns)
+        target = tmp_path / f"download{len(asked)}"
+        target.mkdir()
+        for path in source.iterdir():
+            if any(path.match(pattern) for pattern in allow_patterns):
+                shutil.copy(path, target / path.name)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    config = diffgemma.load(source).config
+    float32 = weight_bytes(config, torch.float32)[0]
+    monkeypatch.setattr(resources, "free_memory", lambda device: float32 - 1)
+    with pytest.raises(DiffGemmaError, match="google/tiny: its weights in float32 need .*; bfloat16 would fit"):
+        diffgemma.load("google/tiny", dtype="float32")
+    assert asked == [["config.json", "generation_config.json"]]
+    assert diffgemma.api.declared_dtype({}) == torch.bfloat16
+    assert diffgemma.api.declared_dtype({"text_config": {"dtype": "float32"}}) == torch.float32
+    assert diffgemma.api.declared_dtype({"torch_dtype": "float16"}) == torch.float16
+    monkeypatch.setattr(resources, "free_memory", lambda device: float32)
+    assert diffgemma.load("google/tiny", dtype="float32").config.hidden_size == config.hidden_size
+    assert len(asked) == 3 and "*.safetensors" in asked[2]
