@@ -1,5 +1,6 @@
 """Peak host memory while loading a ~1 GB random checkpoint, as a multiple of the checkpoint's size; and while
-folding a LoRA adapter into it (`lora-merge`, a shard at a time) against loading, merging and saving the model.
+rewriting it a shard at a time (`lora-merge` folding an adapter in, `quantize` to int4) against loading the
+model, changing it and saving it.
 
 Each load or merge runs in a fresh child process, which reports its own peak RSS (ru_maxrss) and its RSS just
 before loading (the interpreter with torch imported), so the table shows both the whole process and what
@@ -29,6 +30,7 @@ SHAPE = {"hidden_size": 1024, "intermediate_size": 2048, "moe_intermediate_size"
 # Each child reports its RSS before the work (torch and diffgemma imported) and its peak (ru_maxrss).
 CHILD_START = r"""
 import json, resource, sys
+from pathlib import Path
 import torch
 import diffgemma
 from diffgemma.train.lora import load_adapter, merge_adapter_files, merge_lora
@@ -51,21 +53,27 @@ print(json.dumps({"before": before, "peak": peak(), "weights": weights}))
 """
 )
 
-MERGE_CHILD = (
+WAYS = ("lora: load, merge, save", "lora-merge on disk", "int4: load quantized, save", "quantize int4 on disk")
+REWRITE_CHILD = (
     CHILD_START
     + r"""
+from diffgemma.quant import QuantFormat, quantize_checkpoint
 base, adapter, out, way = sys.argv[1:]
-if way == "on disk":
-    merge_adapter_files(base, adapter, out, max_shard_bytes=MERGE_SHARD_BYTES)
-else:
+if way == "lora-merge on disk":
+    merge_adapter_files(base, adapter, out, max_shard_bytes=SHARD_BYTES)
+elif way == "lora: load, merge, save":
     model = diffgemma.load(base, dtype="stored")
     load_adapter(model.network, adapter)
     merge_lora(model.network)
-    model.save(out, max_shard_bytes=MERGE_SHARD_BYTES)
+    model.save(out, max_shard_bytes=SHARD_BYTES)
+elif way == "quantize int4 on disk":
+    quantize_checkpoint(Path(base), out, QuantFormat("int4"), torch.bfloat16, max_shard_bytes=SHARD_BYTES)
+else:
+    diffgemma.load(base, dtype="bfloat16", quant="int4").save(out, max_shard_bytes=SHARD_BYTES)
 print(json.dumps({"before": before, "peak": peak()}))
 """
 )
-MERGE_SHARD_BYTES = 128 * 2**20  # both ways write the same shards; on disk, one is in memory at a time
+SHARD_BYTES = 128 * 2**20  # both ways write the same shards; on disk, one is in memory at a time
 
 
 def write_checkpoint(folder: Path) -> None:
@@ -102,8 +110,8 @@ def measure(folder: Path, dtype: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_merge(base: Path, adapter: Path, out: Path, way: str) -> dict:
-    code = MERGE_CHILD.replace("MERGE_SHARD_BYTES", str(MERGE_SHARD_BYTES))
+def measure_rewrite(base: Path, adapter: Path, out: Path, way: str) -> dict:
+    code = REWRITE_CHILD.replace("SHARD_BYTES", str(SHARD_BYTES))
     argv = [sys.executable, "-c", code, str(base), str(adapter), str(out), way]
     return json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
@@ -127,24 +135,25 @@ def main() -> None:
                 f"{added / 1e9:.2f} GB | {m['peak'] / size:.2f}x | {added / size:.2f}x |"
             )
         in_child(write_adapter, folder, Path(tmp) / "adapter")
-        rows += ["", "| lora-merge (float32 base) | peak RSS | added | added / size |", "|---|---|---|---|"]
-        outputs = {}
-        for way in ("load, merge, save", "on disk"):
-            outputs[way] = Path(tmp) / way.replace(" ", "").replace(",", "-")
-            m = measure_merge(folder, Path(tmp) / "adapter", outputs[way], way)
+        rows += ["", "| rewriting the float32 checkpoint | peak RSS | added | added / size |", "|---|---|---|---|"]
+        outputs = {way: Path(tmp) / f"out{n}" for n, way in enumerate(WAYS)}
+        for way in WAYS:
+            m = measure_rewrite(folder, Path(tmp) / "adapter", outputs[way], way)
             added = m["peak"] - m["before"]
             rows.append(f"| {way} | {m['peak'] / 1e9:.2f} GB | {added / 1e9:.2f} GB | {added / size:.2f}x |")
-        same = all(
-            a.read_bytes() == b.read_bytes()
-            for a, b in zip(*(sorted(o.glob("*.safetensors")) for o in outputs.values()), strict=True)
-        )
-        rows.append(f"\nThe two merged checkpoints' weight files are {'byte-identical' if same else 'DIFFERENT'}.")
+        for first, second in (WAYS[:2], WAYS[2:]):
+            same = all(
+                a.read_bytes() == b.read_bytes()
+                for a, b in zip(*(sorted(outputs[w].glob("*.safetensors")) for w in (first, second)), strict=True)
+            )
+            rows.append(f"\n'{first}' and '{second}': weight files {'byte-identical' if same else 'DIFFERENT'}.")
     append_results(
         "Load memory (bench/load_memory.py)",
         "\n".join(rows),
         "Target: loading adds at most 1.3x the checkpoint size. bfloat16 loads convert through one tensor-sized "
-        "buffer, so they add about half the float32 file size. `lora-merge` (`merge_adapter_files`) reads, folds "
-        f"and writes one shard ({MERGE_SHARD_BYTES // 2**20} MiB here; 5 GiB by default) at a time.",
+        "buffer, so they add about half the float32 file size. `lora-merge` (`merge_adapter_files`) and `quantize` "
+        f"(`quantize_checkpoint`) read, change and write one shard ({SHARD_BYTES // 2**20} MiB here; 5 GiB by "
+        "default) at a time.",
     )
 
 

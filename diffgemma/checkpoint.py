@@ -66,12 +66,12 @@ class StoredTensor:
 
 @dataclass(frozen=True)
 class Derived:
-    """A tensor to write that is made from a stored one as its shard is written (an adapter folded in, a dtype
-    changed), so a checkpoint can be rewritten a shard at a time, never whole in memory."""
+    """A tensor to write that is made as its shard is written (from stored ones: an adapter folded in, a weight
+    quantized, a dtype changed), so a checkpoint can be rewritten a shard at a time, never whole in memory."""
 
-    source: StoredTensor
+    shape: tuple[int, ...]
     dtype: torch.dtype
-    make: Callable[[torch.Tensor], torch.Tensor]  # the stored tensor -> the one written (then cast to `dtype`)
+    make: Callable[[], torch.Tensor]  # the tensor written (cast to `dtype`)
 
 
 Written = torch.Tensor | StoredTensor | Derived
@@ -425,7 +425,7 @@ def _nbytes(tensor: Written) -> int:
     if isinstance(tensor, StoredTensor):
         return tensor.end - tensor.start
     if isinstance(tensor, Derived):
-        return math.prod(tensor.source.shape) * tensor.dtype.itemsize
+        return math.prod(tensor.shape) * tensor.dtype.itemsize
     return tensor.numel() * tensor.element_size()
 
 
@@ -433,7 +433,7 @@ def _materialize(tensor: Written) -> torch.Tensor:
     if isinstance(tensor, StoredTensor):
         return read_tensor(tensor)
     if isinstance(tensor, Derived):
-        return tensor.make(read_tensor(tensor.source)).to(tensor.dtype).contiguous()
+        return tensor.make().to(device="cpu", dtype=tensor.dtype).contiguous()
     return tensor.detach().to("cpu").contiguous()
 
 

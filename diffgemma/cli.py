@@ -845,17 +845,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from .api import load
-    from .quant import QuantFormat, weight_bytes
+    from .api import load_dtype, resolve_device, resolve_folder
+    from .quant import QuantFormat, quantize_checkpoint
 
     groups = {"group_size": args.group_size, "attention_group_size": args.attention_group_size}
     if args.to != "int4" and any(value is not None for value in groups.values()):
         raise DiffGemmaError(f"--group-size and --attention-group-size are int4's; {args.to} scales each output")
     fmt = QuantFormat(args.to, **{key: value for key, value in groups.items() if value is not None})
     _check_output(args.destination, args.source)
-    model = load(args.source, device=args.device, dtype=args.dtype, quant=fmt)
-    model.save(args.destination)
-    held, _ = weight_bytes(model.config, model.network.dtype, fmt)
+    folder, device = resolve_folder(args.source), resolve_device(args.device)
+    # a shard at a time: the model is never whole in memory, quantized or not
+    held = quantize_checkpoint(folder, args.destination, fmt, load_dtype(args.dtype, device, folder), device)
     print(f"wrote {args.destination} ({fmt.describe()}, {size_text(held)} of weights)")
 
 

@@ -21,17 +21,28 @@ import functools
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .config import is_int
+from .checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    Derived,
+    Written,
+    read_tensor,
+    reference_entries,
+    weight_plan,
+    write_checkpoint,
+)
+from .config import is_int, load_configs
 from .errors import DiffGemmaError
 from .model import DiffusionGemma, Experts, activation_bytes, each_group, grouped_linear, raise_recompile_limits
+from .tokenizer import tokenizer_files
 
 FORMATS = ("int8", "int4", "fp8")
 INT4_GROUP = 64
@@ -102,6 +113,13 @@ def quantize(weight: torch.Tensor, fmt: QuantFormat) -> dict[str, torch.Tensor]:
         return {"qweight": (w / scale).round_().clamp_(-127, 127).to(torch.int8), "scale": scale}
     scale = amax / FP8_MAX
     return {"qweight": (w / scale).to(torch.float8_e4m3fn), "scale": scale}
+
+
+def quantized_blocks(weight: torch.Tensor, fmt: QuantFormat, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """A float weight's quantized buffers a block of rows at a time (an expert of a stack; a 2-D weight whole),
+    each quantized on `device`: the float32 working copy stays one block's size."""
+    for block in weight if weight.ndim == 3 else weight[None]:
+        yield quantize(block.to(device), fmt)
 
 
 def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,12 +279,9 @@ class _Quantized:
 
     @torch.no_grad()
     def load_float(self: nn.Module, name: str, weight: torch.Tensor) -> None:
-        # Row blocks keep the float32 working copy small (one expert at a time for stacked experts).
         device = getattr(self, f"{name}_qweight").device  # quantize where the model lives (a GPU is quick)
-        rows = weight if weight.ndim == 3 else weight[None]
-        for index, block in enumerate(rows):
-            block = block.to(device)
-            for suffix, value in quantize(block, self.fmt).items():
+        for index, buffers in enumerate(quantized_blocks(weight, self.fmt, device)):
+            for suffix, value in buffers.items():
                 target = getattr(self, f"{name}_{suffix}")
                 (target[index] if weight.ndim == 3 else target).copy_(value)
 
@@ -702,6 +717,60 @@ def float_sinks(network: DiffusionGemma) -> dict[str, tuple[tuple[int, ...], Cal
                 key = f"{path}.{name}"
                 sinks[key] = (shape, lambda tensor, m=module, n=name: m.load_float(n, tensor))
     return sinks
+
+
+def quantize_checkpoint(
+    source: Path,
+    destination: str | os.PathLike,
+    fmt: QuantFormat,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> int:
+    """Write a quantized copy of the float checkpoint in `source` a shard at a time: the checkpoint that
+    `load(source, dtype=dtype, quant=fmt)` and a save would write (`dtype`: what is not quantized), without the
+    model ever whole in memory; each weight is quantized on `device` as its shard is written. Returns the bytes
+    of weights the copy holds."""
+    config, settings = load_configs(source)
+    if format_from_config(config.raw) is not None:
+        raise DiffGemmaError(f"{source}: already quantized; quantize the float checkpoint it was made from")
+    plan, passthrough = weight_plan(
+        source, {n: tuple(t.shape) for n, t in meta_network(config, dtype).state_dict().items()}
+    )
+    network = meta_network(config, dtype, fmt)
+    sources = {  # a quantized buffer -> (the float weight it comes from, which of its buffers, the format)
+        f"{path}.{name}_{suffix}": (f"{path}.{name}", suffix, module.fmt)
+        for path, module in network.named_modules()
+        if isinstance(module, _Quantized)
+        for name, shape in module.source_shapes.items()
+        for suffix in module.fmt.stored_shapes(shape)
+    }
+    made: dict[str, dict[str, torch.Tensor]] = {}  # the weight last quantized: its buffers go out one after another
+
+    def buffer(weight: str, suffix: str, weight_fmt: QuantFormat) -> torch.Tensor:
+        if weight not in made:
+            made.clear()
+            blocks = list(quantized_blocks(read_tensor(plan[weight]), weight_fmt, device))
+            stacked = len(plan[weight].shape) == 3
+            made[weight] = {
+                key: torch.stack([b[key] for b in blocks]) if stacked else blocks[0][key] for key in blocks[0]
+            }
+        return made[weight][suffix]
+
+    entries: dict[str, Written] = {}
+    for name, tensor in network.state_dict().items():
+        if name in sources:
+            entries[name] = Derived(tuple(tensor.shape), tensor.dtype, functools.partial(buffer, *sources[name]))
+        else:
+            stored = plan[name]
+            same = stored.dtype == tensor.dtype
+            entries[name] = (
+                stored if same else Derived(stored.shape, tensor.dtype, functools.partial(read_tensor, stored))
+            )
+    raw = {**config.raw, "quantization_config": fmt.config()}
+    entries_written = reference_entries(entries, passthrough)
+    write_checkpoint(entries_written, raw, settings, destination, tokenizer_files(source), max_shard_bytes)
+    return held_bytes(network)
 
 
 def format_from_config(raw: dict) -> QuantFormat | None:

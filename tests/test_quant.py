@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import diffgemma
 from diffgemma import DiffGemmaError
@@ -367,6 +368,45 @@ def test_quantize_command_writes_a_self_describing_checkpoint(tmp_path, capsys):
         diffgemma.load(destination, quant="int8")
     with pytest.raises(DiffGemmaError, match="quantization must be one of"):
         diffgemma.load(source, quant="int3")
+
+
+@pytest.mark.parametrize(
+    ("name", "stored"), [("int8", torch.float32), ("int4", torch.bfloat16), ("fp8", torch.float32)]
+)
+def test_quantizing_on_disk_writes_what_loading_quantized_and_saving_writes(tmp_path, monkeypatch, name, stored):
+    """`quantize` writes a shard at a time, the model never loaded: the same files, bit for bit, as loading the
+    float checkpoint quantized and saving it (a bf16 base kept bf16, a float32 one cast to the bf16 asked for)."""
+    from diffgemma import checkpoint
+    from diffgemma.quant import quantize_checkpoint
+
+    source = random_checkpoint(tmp_path / "float", preset="tiny", seed=12, dtype=stored)
+    expected = diffgemma.load(source, dtype="bfloat16", quant=name).save(tmp_path / "expected")
+    shards = []
+    save_file = checkpoint.save_file
+    monkeypatch.setattr(
+        checkpoint, "save_file", lambda tensors, *a, **k: shards.append(tensors) or save_file(tensors, *a, **k)
+    )
+    monkeypatch.setattr(checkpoint, "load_weights", lambda *args: pytest.fail("the model was loaded"))
+    held = quantize_checkpoint(source, tmp_path / "streamed", QuantFormat(name), torch.bfloat16, max_shard_bytes=50_000)
+    monkeypatch.undo()
+    assert len(shards) > 2 and all(
+        sum(t.numel() * t.element_size() for t in shard.values()) <= 150_000 for shard in shards
+    )
+    assert held == weight_bytes(diffgemma.load(expected).config, torch.bfloat16, QuantFormat(name))[0]
+    expected_tensors = load_file(str(expected / "model.safetensors"))
+    streamed = {}
+    for shard in (tmp_path / "streamed").glob("*.safetensors"):
+        streamed |= load_file(str(shard))
+    assert streamed.keys() == expected_tensors.keys()
+    for key, tensor in expected_tensors.items():
+        assert streamed[key].dtype == tensor.dtype and torch.equal(
+            streamed[key].view(torch.uint8), tensor.view(torch.uint8)
+        ), key
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text()) == json.loads(
+        (expected / "config.json").read_text()
+    )
+    assert main(["quantize", str(source), str(tmp_path / "cli"), "--to", name]) == 0
+    assert load_file(str(tmp_path / "cli" / "model.safetensors")).keys() == expected_tensors.keys()
 
 
 def test_quantize_refuses_to_write_over_its_source(tmp_path, capsys):

@@ -34,6 +34,7 @@ from ..checkpoint import (
     Derived,
     StoredTensor,
     generation_config_dict,
+    read_tensor,
     reference_entries,
     stored_float_dtype,
     weight_plan,
@@ -344,8 +345,8 @@ def merge_adapter_files(
     def written(name: str) -> StoredTensor | Derived:
         stored = plan[name]
         if name in folds:
-            return Derived(stored, dtype, lambda weight: fold_(weight.to(dtype), *folds[name]))
-        return stored if stored.dtype == dtype else Derived(stored, dtype, lambda tensor: tensor)
+            return Derived(stored.shape, dtype, lambda: fold_(read_tensor(stored).to(dtype), *folds[name]))
+        return stored if stored.dtype == dtype else Derived(stored.shape, dtype, lambda: read_tensor(stored))
 
     entries = reference_entries({name: written(name) for name in shapes}, passthrough)
     generation = adapter_generation(adapter) or settings
