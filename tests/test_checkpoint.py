@@ -111,6 +111,8 @@ def test_a_save_the_disk_has_no_room_for_is_refused_before_it_starts(ours, tmp_p
     monkeypatch.setattr("diffgemma.checkpoint.save_file", lambda *args, **kwargs: written.append(args))
     with pytest.raises(DiffGemmaError, match=r"new: writing it takes [\d.]+ MiB, and its disk has [\d.]+ MiB free"):
         model.save(tmp_path / "new")
+    with pytest.raises(DiffGemmaError, match="deeper: writing it takes"):  # (its disk: the nearest folder that is)
+        model.save(tmp_path / "not" / "yet" / "deeper")
     assert written == [] and list(tmp_path.iterdir()) == []
 
 
