@@ -557,12 +557,7 @@ def write_atomically(path: Path, text: str, backup: bool) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> None:
     path = Path(args.file)
-    if not path.is_file():
-        raise DiffGemmaError(f"{path}: file not found")
-    try:
-        text = path.read_bytes().decode("utf-8")  # line endings as they are (\r\n stays \r\n)
-    except UnicodeDecodeError as err:
-        raise DiffGemmaError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    text = read_text(path, newline="")  # line endings as they are (\r\n stays \r\n)
     lines = re.findall(r"[^\n]*\n|[^\n]+\Z", text)
     first, last = _lines(args.lines, len(lines))
     start = sum(len(line) for line in lines[: first - 1])

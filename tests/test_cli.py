@@ -233,6 +233,7 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
         (["generate", "hi"], "no model given: pass --model PATH"),
         (["generate", "hi", "--model", str(tmp_path / "missing")], "folder not found"),
         (["edit", str(tmp_path / "nofile.txt"), "--lines", "1:2", "--model", DEMO], "file not found"),
+        (["edit", str(tmp_path), "--lines", "1:2", "--model", DEMO], "cannot read it"),  # a folder
         (["generate", "hi", "--model", DEMO, "--threads", "0"], "--threads must be at least 1, got 0"),
     ):
         code, _, err = run(capsys, *argv)
