@@ -496,16 +496,18 @@ def _agent_turn(model, history: list[dict[str, Any]], functions: list[Callable[.
 def _tool_functions(path: str) -> list[Callable[..., Any]]:
     """The public functions a Python file defines (not those it imports), for `chat --tools`: the tools offered,
     each read from its name, type hints and docstring (`toolcalls.function_tool`), and run when called."""
+    import importlib.machinery
     import importlib.util
     import inspect
 
     file = Path(path)
     if not file.is_file():
         raise DiffGemmaError(f"--tools {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"diffgemma_tools_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
+    # its source whatever the file is named (`spec_from_file_location` gives nothing for a name without .py)
+    loader = importlib.machinery.SourceFileLoader(f"diffgemma_tools_{file.stem}", str(file))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
     try:
-        spec.loader.exec_module(module)
+        loader.exec_module(module)
     except Exception as err:  # the user's file: whatever it raises is theirs to see, in one line
         raise DiffGemmaError(f"--tools {path}: {type(err).__name__}: {err}") from None
     functions = [

@@ -399,14 +399,22 @@ def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path, monkeypatc
     code, out, err = run(capsys, "chat", WEATHER_QUESTION, "--tools", str(tools), "--model", DEMO, "--seed", "0")
     assert code == 0 and "[1 rounds of tool calls; answering without tools]" in err
     assert out.startswith("[tool] get_weather") and out.count("[tool]") == 1  # one round, then an answer
+    named_otherwise = tmp_path / "weather.tools"  # Python whatever the file is named (was an AttributeError)
+    named_otherwise.write_text(tools.read_text())
+    code, out, _ = run(
+        capsys, "chat", WEATHER_QUESTION, "--tools", str(named_otherwise), "--model", DEMO, "--seed", "0"
+    )
+    assert code == 0 and out.splitlines()[-1] == WEATHER_ANSWER
     (tmp_path / "none.py").write_text("import json\n")
     (tmp_path / "broken.py").write_text("raise RuntimeError('no network')\n")
     (tmp_path / "untyped.py").write_text("def f(x):\n    return x\n")
+    (tmp_path / "binary.dat").write_bytes(b"\x00\xff\x01")
     for name, message in (
         ("missing.py", "no such file"),
         ("none.py", "defines no public function"),
         ("broken.py", "RuntimeError: no network"),
         ("untyped.py", "needs a type hint"),
+        ("binary.dat", "SyntaxError"),
     ):
         code, _, err = run(capsys, "chat", "hi", "--tools", str(tmp_path / name), "--model", DEMO)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, name
