@@ -77,6 +77,13 @@ class Derived:
 Written = torch.Tensor | StoredTensor | Derived
 
 
+def stored_as(stored: StoredTensor, dtype: torch.dtype) -> StoredTensor | Derived:
+    """A stored tensor to write in `dtype`: its bytes as they are, or read and cast as its shard is written."""
+    if stored.dtype == dtype:
+        return stored
+    return Derived(stored.shape, dtype, lambda: read_tensor(stored))
+
+
 def read_header(path: Path) -> dict[str, StoredTensor]:
     """Parse and check a safetensors header: every tensor's bytes must lie inside the file."""
     try:

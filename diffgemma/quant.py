@@ -36,6 +36,7 @@ from .checkpoint import (
     Written,
     read_tensor,
     reference_entries,
+    stored_as,
     weight_plan,
     write_checkpoint,
 )
@@ -762,11 +763,7 @@ def quantize_checkpoint(
         if name in sources:
             entries[name] = Derived(tuple(tensor.shape), tensor.dtype, functools.partial(buffer, *sources[name]))
         else:
-            stored = plan[name]
-            same = stored.dtype == tensor.dtype
-            entries[name] = (
-                stored if same else Derived(stored.shape, tensor.dtype, functools.partial(read_tensor, stored))
-            )
+            entries[name] = stored_as(plan[name], tensor.dtype)
     raw = {**config.raw, "quantization_config": fmt.config()}
     entries_written = reference_entries(entries, passthrough)
     write_checkpoint(entries_written, raw, settings, destination, tokenizer_files(source), max_shard_bytes)

@@ -36,6 +36,7 @@ from ..checkpoint import (
     generation_config_dict,
     read_tensor,
     reference_entries,
+    stored_as,
     stored_float_dtype,
     weight_plan,
     write_checkpoint,
@@ -346,7 +347,7 @@ def merge_adapter_files(
         stored = plan[name]
         if name in folds:
             return Derived(stored.shape, dtype, lambda: fold_(read_tensor(stored).to(dtype), *folds[name]))
-        return stored if stored.dtype == dtype else Derived(stored.shape, dtype, lambda: read_tensor(stored))
+        return stored_as(stored, dtype)
 
     entries = reference_entries({name: written(name) for name in shapes}, passthrough)
     generation = adapter_generation(adapter) or settings
