@@ -658,7 +658,9 @@ def load(
     ("int8", "int4", "fp8") quantizes the projections and experts tensor by tensor while loading; a checkpoint
     written quantized loads in its own format. `compile` runs the decoder's layers through torch.compile: the
     first generation compiles (tens of seconds), then each step launches far fewer kernels (on an H100, 26B
-    shape, with the CUDA graph: 34 ms a step in bf16 against 41, bench/RESULTS.md).
+    shape, with the CUDA graph: 34 ms a step in bf16 against 41, bench/RESULTS.md). Weights the device has no
+    room for are refused before any is read (a Hub id's, before they download), with what would fit
+    (`resources.check_memory`).
     """
     device = resolve_device(device)
     if on_hub(path):
