@@ -1,6 +1,7 @@
 """Room on the device and on disk, checked before a load or a save starts: a model that cannot fit fails at
 once with its numbers, not minutes later (the kernel's out-of-memory killer ends a CPU load without a word, CUDA
-raises from deep inside torch, a full disk stops a 50 GB save near its end)."""
+raises from deep inside torch, a full disk stops a 50 GB save near its end); and what running out of memory
+mid-way looks like, so the command line and the server can say so in a line."""
 
 from __future__ import annotations
 
@@ -97,8 +98,8 @@ def check_memory(need: int, device: torch.device, what: str, hint: Callable[[int
 
 
 def check_disk(folder: Path, need: int) -> None:
-    """Refuse to start writing `need` bytes into a new folder beside `folder` when its file system has not room
-    for them (a save writes whole before it replaces anything, so an old checkpoint there still counts)."""
+    """Refuse to start writing `need` bytes to `folder` when its file system has not room for them (a save writes
+    whole beside it before it replaces anything, so an old checkpoint there still counts)."""
     parent = folder.parent
     while not parent.exists():
         parent = parent.parent
