@@ -501,9 +501,10 @@ def test_engine_stopped_is_503(demo):
         assert httpx.get(url + "/health").json()["status"] == "stopped"
 
 
-def test_a_batch_out_of_memory_is_503_and_the_server_goes_on(demo):
+def test_running_out_of_memory_is_503_and_the_server_goes_on(demo, monkeypatch):
     """A batch that runs out of memory fails its requests with a 503 that says so (a retry, or a smaller
-    request, may fit: the batch's memory is back once it is dropped); the next batch runs."""
+    request, may fit: the batch's memory is back once it is dropped); the next batch runs. A scoring pass
+    too; any other failure is a 500 in the API's shape, never a bare 'Internal Server Error'."""
     import torch
 
     class Exhausted(Batcher):
@@ -522,9 +523,25 @@ def test_a_batch_out_of_memory_is_503_and_the_server_goes_on(demo):
         with pytest.raises(openai.InternalServerError) as exhausted:
             client.chat.completions.create(model="demo", messages=ask(SKY), seed=1)
         assert exhausted.value.status_code == 503 and exhausted.value.code == "out_of_memory"
-        assert "while generating (CUDA out of memory. Tried to allocate 2.00 GiB.)" in str(exhausted.value)
+        assert "(CUDA out of memory. Tried to allocate 2.00 GiB.); fewer" in str(exhausted.value)
         reply = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1)
         assert reply.choices[0].message.content == ANSWERS[SKY]
+
+        scoring = {"model": "demo", "prompt": "Hello there", "max_tokens": 0, "echo": True, "logprobs": 1}
+        for error, status, code in (
+            (
+                RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
+                503,
+                "out_of_memory",
+            ),
+            (ValueError("a bug"), 500, None),
+        ):
+            monkeypatch.setattr(demo, "score", lambda *args, error=error, **kwargs: (_ for _ in ()).throw(error))
+            response = httpx.post(url + "/v1/completions", json=scoring, timeout=60)
+            assert response.status_code == status and response.json()["error"]["code"] == code, response.text
+            assert response.json()["error"]["type"] == "server_error"
+        monkeypatch.undo()
+        assert httpx.post(url + "/v1/completions", json=scoring, timeout=60).status_code == 200
 
 
 def test_a_chat_answer_without_max_tokens_runs_to_the_servers_limit_not_one_canvas(demo):

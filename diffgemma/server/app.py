@@ -244,6 +244,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(err.detail), "invalid_request_error"), status_code=err.status_code)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+        """What no route turned into an API error (a scoring pass out of memory, say), in the API's shape."""
+        return await api_error(request, engine_failure(err))
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if options.api_key and request.url.path != "/health":
@@ -378,12 +383,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                         job.cancelled.set()
                         raise APIError(499, "client closed the request", "invalid_request_error") from None
                     continue
-                if isinstance(event, Exception) and out_of_memory(event):
-                    # the batch's, not the server's: its memory is back once it is dropped, and a retry may fit
-                    message = f"out of memory while generating ({first_line(event)}); fewer or shorter requests fit"
-                    raise APIError(503, message, "server_error", "out_of_memory")
                 if isinstance(event, Exception):
-                    raise APIError(500, f"generation failed: {event}", "server_error")
+                    raise engine_failure(event)
                 ending = _ending(reply, event, job)
                 if isinstance(event, RowDone):
                     return replace(event, new_tokens=ending[0], eos=ending[2]), ending[1]
@@ -889,6 +890,15 @@ def _draft_payload(event: RowDraft, model: DiffGemma) -> dict[str, Any]:
         "before": tokenizer.decode(event.committed),
         "text": tokenizer.decode(event.committed + event.ids),
     }
+
+
+def engine_failure(err: Exception) -> APIError:
+    """A failure of the model's work as the API's error: out of memory is the batch's, not the server's (503: its
+    memory is back once it is dropped, and a retry, or a smaller request, may fit); anything else a 500."""
+    if out_of_memory(err):
+        message = f"out of memory ({first_line(err)}); fewer or shorter requests fit"
+        return APIError(503, message, "server_error", "out_of_memory")
+    return APIError(500, f"generation failed: {type(err).__name__}: {first_line(err)}", "server_error")
 
 
 def _chunk_maker(identity: dict, model_name: str, chat: bool):
