@@ -251,12 +251,10 @@ def random_checkpoint(
     with torch.device("meta"):
         network = DiffusionGemma(config).to(dtype)
     # both checked before minutes of filling random weights (the 26B shape: 47 GiB in bf16)
-    check_memory(
-        held_bytes(network),
-        torch.device(device),
-        f"a random {preset} checkpoint's weights in {str(dtype).removeprefix('torch.')}",
-    )
-    check_disk(Path(folder).absolute(), held_bytes(network))
+    weights = held_bytes(network)
+    name = str(dtype).removeprefix("torch.")
+    check_memory(weights, torch.device(device), f"a random {preset} checkpoint's weights in {name}")
+    check_disk(Path(folder).absolute(), weights)
     network = network.to_empty(device=device)
     init_random_(network, seed)
     staging = Path(folder).absolute().parent / f".{Path(folder).name}.tokenizer"

@@ -27,16 +27,14 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, TEMPLATE_FILE, "special_tokens_map.json")
+TURN_OPEN = "<|turn>"  # the chat template opens each turn with it
+THINKING_OPEN = "<|channel>thought\n"
+THINKING_CLOSE = "<channel|>"
 
 
 def tokenizer_files(folder: Path) -> dict[str, Path]:
     """The tokenizer's files a checkpoint folder holds, by name: what a checkpoint written from it copies."""
     return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
-
-
-TURN_OPEN = "<|turn>"  # the chat template opens each turn with it
-THINKING_OPEN = "<|channel>thought\n"
-THINKING_CLOSE = "<channel|>"
 
 
 @dataclass(frozen=True)
