@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from . import sampling
-from .cache import DecoderView, EncoderCache, PrefixCache, PromptSnapshot
+from .cache import DecoderView, EncoderCache, PrefixCache
 from .config import SamplerSettings, is_int
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
@@ -671,39 +671,8 @@ def denoising_loop(
     row_canvases = torch.tensor([math.ceil(limit / length) for limit in limits], device=device)
     if bool(((ids < 0) | (ids >= vocab)).any()):  # (once, before the loop: an embedding would fail obscurely)
         raise DiffGemmaError(f"prompt token ids must be between 0 and {vocab - 1} (the vocabulary)")
-    if clamp is not None:
-        if clamp.ndim != 2 or clamp.shape[0] != batch or clamp.shape[1] > canvases * length:
-            raise DiffGemmaError(f"clamp must be [batch={batch}, at most {canvases * length}] token ids (-1 = free)")
-        if bool(((clamp < -1) | (clamp >= vocab)).any()):
-            raise DiffGemmaError(f"clamped ids must be -1 (free) or token ids below {vocab}")
-        clamp = torch.nn.functional.pad(clamp, (0, canvases * length - clamp.shape[1]), value=-1).to(device)
-    if token_ranges is not None:
-        token_ranges = _checked_ranges(token_ranges, batch, canvases * length, vocab).to(device)
-    if noise_ranges is not None:
-        checked = _checked_ranges(noise_ranges, batch, canvases * length, vocab, "noise_ranges").to(device)
-        given = noise_ranges.shape[1]  # past the positions given, the noise follows the token ranges
-        noise_ranges = checked if token_ranges is None else torch.cat([checked[:, :given], token_ranges[:, given:]], 1)
-    elif token_ranges is not None:
-        noise_ranges = token_ranges
-    if banned_tokens is not None:
-        if banned_tokens.dtype != torch.bool:
-            raise DiffGemmaError(f"banned_tokens must be booleans, got {banned_tokens.dtype}")
-        if banned_tokens.ndim == 2 and banned_tokens.shape == (batch, vocab):  # every position's
-            banned_tokens = banned_tokens.to(device)[:, None, :].expand(batch, canvases * length, vocab)
-        else:
-            banned_tokens = _checked_per_position(
-                banned_tokens, "banned_tokens", "booleans", batch, canvases * length, vocab, False
-            ).to(device)
-    if first_self_conditioning is not None:
-        first_self_conditioning = _checked_per_position(
-            first_self_conditioning.float(),
-            "first_self_conditioning",
-            "probabilities",
-            batch,
-            canvases * length,
-            vocab,
-            0.0,
-        ).to(device)
+    given = _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning)
+    constraints = given.checked(batch, canvases * length, vocab, device)
     if prompt_length + canvases * length > config.max_position_embeddings:
         raise DiffGemmaError(
             f"prompt ({prompt_length}) plus {canvases} canvas(es) of {length} exceeds the model's "
@@ -711,6 +680,7 @@ def denoising_loop(
         )
     ids = ids.to(device)
     eos = torch.tensor(settings.eos_token_id, dtype=torch.long, device=device)
+    ending_ids = eos if stop_at_eos else eos[:0]  # the ids that end a row
     pad = settings.pad_token_id
     rng = RandomSource(mode, batch, device, seed, network.dtype)
     if sync_free is not None:
@@ -725,17 +695,8 @@ def denoising_loop(
     stop_check = StopCheck(device, stop_check_every)
 
     capacity = prompt_length + canvases * length
-    if prefix_cache is not None and (batch > 1 or attention_mask is not None or mode != "fast"):
-        prefix_cache = None  # (a batch's rows are padded apart; reference mode encodes as the reference does)
-    prompt_ids = ids[0].tolist() if prefix_cache is not None else []
-    taken = prefix_cache.take(network, prompt_ids) if prefix_cache is not None else None
-    reused = len(taken.ids) if taken is not None else 0
-    if taken is not None:
-        cache = taken.cache
-        cache.ensure_capacity(capacity - reused, exact=True)  # at once: a decoder graph's view needs its final size
-    else:
-        cache = network.new_cache(batch, capacity)
-    handback = _Handback(prefix_cache, taken)
+    prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode)
+    cache = prompt.new_cache(network, batch, capacity)
     buffers: list[torch.Tensor | None] = [None, None]
     if mode == "fast":
         buffers = [torch.empty(batch, length, vocab, device=device) for _ in range(2)]
@@ -749,29 +710,17 @@ def denoising_loop(
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)
     steps_per_canvas: list[list[int]] = []
-    with handback:
-        point = prefix_cache.point(prompt_ids) if prefix_cache is not None else prompt_length
-        if reused < point:  # the prompt up to its snapshot's point, the snapshot, the rest
-            network.encode(ids[:, reused:point], cache, attention_mask, return_hidden=False)
-            if prefix_cache is not None:
-                handback.snapshot = prefix_cache.snapshot_of(network, prompt_ids[:point], cache)
-        if max(reused, point) < prompt_length:
-            network.encode(ids[:, max(reused, point) :], cache, attention_mask, return_hidden=False)
+    with prompt:
+        prompt.encode(network, ids, attention_mask, cache)
         for canvas_index in range(canvases):
             span = slice(canvas_index * length, (canvas_index + 1) * length)
-            excluded = None
-            if token_ranges is not None:
-                excluded = sampling.outside_ranges(token_ranges[:, span], vocab)
-            noise = None if noise_ranges is None else noise_ranges[:, span]
-            if banned_tokens is not None:
-                excluded = banned_tokens[:, span] if excluded is None else excluded | banned_tokens[:, span]
+            excluded = constraints.excluded(span, vocab)
+            user_ids, noise, first = constraints.on_canvas(span)
             canvas = rng.tokens(batch, length, vocab, noise)
-            fixed = fixed_ids = user_ids = None
-            if clamp is not None:
-                fixed_ids = user_ids = clamp[:, span]
-                fixed = fixed_ids >= 0
-                canvas = torch.where(fixed, fixed_ids, canvas)
-            if banned_tokens is not None:
+            fixed_ids, fixed = user_ids, None if user_ids is None else user_ids >= 0
+            if fixed is not None:
+                canvas = torch.where(fixed, user_ids, canvas)
+            if constraints.banned_tokens is not None:
                 _check_some_allowed(excluded, fixed, canvas_index * length)
             free_count = length - (fixed.sum(-1) if fixed is not None else 0)
             settled = torch.zeros(batch, dtype=torch.long, device=device)
@@ -779,9 +728,8 @@ def denoising_loop(
             wanted = (torch.tensor(limits, device=device) - canvas_index * length).clamp(max=length)
             argmax = canvas
             self_conditioning = None
-            if first_self_conditioning is not None:
+            if first is not None:
                 # into the distribution buffer: the loop moves rows within it (`RowSubset`) and refills it
-                first = first_self_conditioning[:, span]
                 self_conditioning = first if buffers[1] is None else buffers[1].copy_(first)
             # Rows already done (an earlier canvas ended them) ride along frozen. The reference keeps denoising
             # them, which reference mode must reproduce; fast mode lets the canvas stop without them.
@@ -837,31 +785,19 @@ def denoising_loop(
                     tokenizer,
                     settled if commit_stable_prefix else None,
                     entropy,
-                    reused,
+                    prompt.reused,
                 )
                 if stop_check(finished, step):
                     break
             self_conditioning = None
             if subset is not None:
                 subset.reset()
-            committed = argmax.clone()
-            done_now = row_canvases <= canvas_index + 1
-            if stop_at_eos and eos.numel():
-                done_now |= torch.isin(committed, eos).any(dim=-1)
-            if pad is not None and bool((rows_done | done_now).any()):
-                committed[rows_done] = pad
-                if stop_at_eos and eos.numel():
-                    committed = torch.where(
-                        rows_done[:, None], committed, sampling.pad_after_eos(committed, eos, pad)[0]
-                    )
+            committed, done_now = _committed(argmax, rows_done, row_canvases <= canvas_index + 1, ending_ids, pad)
             sequences = torch.cat([sequences, committed], dim=1)
             steps_per_canvas.append(canvas_steps.tolist())
             if end_rows is not None:
                 generated = _new_tokens(sequences, limits, settings.eos_token_id, prompt_length, stop_at_eos)
-                named = list(end_rows(generated))
-                if len(named) != batch:
-                    raise DiffGemmaError(f"end_rows must return one answer for each of the {batch} rows, got {named}")
-                ended = [bool(name) and not done for name, done in zip(named, rows_done.tolist(), strict=True)]
+                ended = _ended_by_caller(end_rows, generated, rows_done.tolist())
                 for row in range(batch):
                     if ended[row]:  # what it has so far is all it gets
                         limits[row] = min(limits[row], (canvas_index + 1) * length)
@@ -885,25 +821,131 @@ def denoising_loop(
         wall_time=time.perf_counter() - started,
         stopped=[False] * batch,
         reached_limit=[len(tokens) >= limit for tokens, limit in zip(new_tokens, limits, strict=True)],
-        cached_tokens=reused,
+        cached_tokens=prompt.reused,
     )
     yield Done(result)
 
 
-class _Handback:
-    """Hands a generation's prompt snapshot to the prefix cache when the generation ends, however it ends
-    (until then the cache is the generation's alone)."""
+class _PromptReuse:
+    """A generation's use of the prefix cache (fast mode, a batch of one, no padding; otherwise none): the kept
+    snapshot its prompt begins with, if any, the snapshot it makes of its own prompt, and handing that back
+    to the prefix cache when the generation ends, however it ends (until then the cache is the generation's
+    alone). Used as a context around the generation."""
 
-    def __init__(self, prefix_cache: PrefixCache | None, taken: PromptSnapshot | None) -> None:
-        self.prefix_cache = prefix_cache
-        self.snapshot = taken  # the one this generation began from, unless it makes a longer one
+    def __init__(
+        self,
+        network: DiffusionGemma,
+        prefix_cache: PrefixCache | None,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        mode: str,
+    ) -> None:
+        usable = ids.shape[0] == 1 and attention_mask is None and mode == "fast"
+        # (a batch's rows are padded apart; reference mode encodes as the reference does)
+        self.prefix_cache = prefix_cache if usable else None
+        self.prompt_ids: list[int] = ids[0].tolist() if self.prefix_cache is not None else []
+        self.taken = self.prefix_cache.take(network, self.prompt_ids) if self.prefix_cache is not None else None
+        self.snapshot = self.taken  # the one handed back: this, unless the generation makes a longer one
+        self.reused = len(self.taken.ids) if self.taken is not None else 0  # prompt tokens not encoded again
 
-    def __enter__(self) -> _Handback:
+    def new_cache(self, network: DiffusionGemma, batch: int, capacity: int) -> EncoderCache:
+        """The generation's encoder cache: the taken snapshot's, grown now to its final size (a decoder graph's
+        view needs that), or a new one."""
+        if self.taken is None:
+            return network.new_cache(batch, capacity)
+        self.taken.cache.ensure_capacity(capacity - self.reused, exact=True)
+        return self.taken.cache
+
+    def encode(
+        self, network: DiffusionGemma, ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: EncoderCache
+    ) -> None:
+        """Encode the prompt past what the cache holds: up to the prefix cache's snapshot point, snapshot it
+        there, then the rest."""
+        prompt_length = ids.shape[1]
+        point = self.prefix_cache.point(self.prompt_ids) if self.prefix_cache is not None else prompt_length
+        if self.reused < point:
+            network.encode(ids[:, self.reused : point], cache, attention_mask, return_hidden=False)
+            if self.prefix_cache is not None:
+                self.snapshot = self.prefix_cache.snapshot_of(network, self.prompt_ids[:point], cache)
+        if max(self.reused, point) < prompt_length:
+            network.encode(ids[:, max(self.reused, point) :], cache, attention_mask, return_hidden=False)
+
+    def __enter__(self) -> _PromptReuse:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self.prefix_cache is not None and self.snapshot is not None:
             self.prefix_cache.keep(self.snapshot)
+
+
+@dataclass
+class _Constraints:
+    """What a caller fixes or limits on the generated positions (see `denoising_loop`), checked, padded with
+    "no effect" to every position the generation can reach, and on the device; None where not given."""
+
+    clamp: torch.Tensor | None  # [B, L] ids, -1 free
+    token_ranges: torch.Tensor | None  # [B, L, 2]
+    noise_ranges: torch.Tensor | None  # [B, L, 2]: the token ranges past those given
+    banned_tokens: torch.Tensor | None  # [B, L, V] booleans (a view where one set holds for every position)
+    first_self_conditioning: torch.Tensor | None  # [B, L, V] probabilities
+
+    def checked(self, batch: int, positions: int, vocab: int, device: torch.device) -> _Constraints:
+        """These constraints as given, checked for `batch` rows of `positions` generated positions, padded, on
+        `device`."""
+        clamp, token_ranges, noise_ranges = self.clamp, self.token_ranges, self.noise_ranges
+        banned_tokens, first_self_conditioning = self.banned_tokens, self.first_self_conditioning
+        if clamp is not None:
+            if clamp.ndim != 2 or clamp.shape[0] != batch or clamp.shape[1] > positions:
+                raise DiffGemmaError(f"clamp must be [batch={batch}, at most {positions}] token ids (-1 = free)")
+            if bool(((clamp < -1) | (clamp >= vocab)).any()):
+                raise DiffGemmaError(f"clamped ids must be -1 (free) or token ids below {vocab}")
+            clamp = torch.nn.functional.pad(clamp, (0, positions - clamp.shape[1]), value=-1).to(device)
+        if token_ranges is not None:
+            token_ranges = _checked_ranges(token_ranges, batch, positions, vocab).to(device)
+        if noise_ranges is not None:
+            checked = _checked_ranges(noise_ranges, batch, positions, vocab, "noise_ranges").to(device)
+            given = noise_ranges.shape[1]  # past the positions given, the noise follows the token ranges
+            noise_ranges = (
+                checked if token_ranges is None else torch.cat([checked[:, :given], token_ranges[:, given:]], 1)
+            )
+        elif token_ranges is not None:
+            noise_ranges = token_ranges
+        if banned_tokens is not None:
+            if banned_tokens.dtype != torch.bool:
+                raise DiffGemmaError(f"banned_tokens must be booleans, got {banned_tokens.dtype}")
+            if banned_tokens.ndim == 2 and banned_tokens.shape == (batch, vocab):  # every position's
+                banned_tokens = banned_tokens.to(device)[:, None, :].expand(batch, positions, vocab)
+            else:
+                banned_tokens = _checked_per_position(
+                    banned_tokens, "banned_tokens", "booleans", batch, positions, vocab, False
+                ).to(device)
+        if first_self_conditioning is not None:
+            first_self_conditioning = _checked_per_position(
+                first_self_conditioning.float(),
+                "first_self_conditioning",
+                "probabilities",
+                batch,
+                positions,
+                vocab,
+                0.0,
+            ).to(device)
+        return _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning)
+
+    def excluded(self, span: slice, vocab: int) -> torch.Tensor | None:
+        """[B, C, V] booleans: the ids a canvas's positions may not take (outside their range, or banned)."""
+        excluded = None
+        if self.token_ranges is not None:
+            excluded = sampling.outside_ranges(self.token_ranges[:, span], vocab)
+        if self.banned_tokens is not None:
+            excluded = self.banned_tokens[:, span] if excluded is None else excluded | self.banned_tokens[:, span]
+        return excluded
+
+    def on_canvas(self, span: slice) -> tuple[torch.Tensor | None, ...]:
+        """A canvas's part of the clamp, the noise ranges and the first self-conditioning (None where not given)."""
+        return tuple(
+            None if given is None else given[:, span]
+            for given in (self.clamp, self.noise_ranges, self.first_self_conditioning)
+        )
 
 
 def _checked_ranges(
@@ -940,6 +982,31 @@ def _check_some_allowed(excluded: torch.Tensor, fixed: torch.Tensor | None, offs
         row, position = (int(v) for v in empty.nonzero()[0])
         where = f"row {row}, generated position {offset + position}"
         raise DiffGemmaError(f"{where}: every token is banned or out of range")
+
+
+def _committed(
+    argmax: torch.Tensor, rows_done: torch.Tensor, at_limit: torch.Tensor, eos: torch.Tensor, pad: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A finished canvas as it enters the sequences, and the rows it ends ([B]: `at_limit`, or an id of `eos` on
+    it). With a pad id, once any row has ended, rows ended before are all padding and each row pads after its
+    first EOS."""
+    done_now = at_limit | torch.isin(argmax, eos).any(dim=-1) if eos.numel() else at_limit
+    committed = argmax.clone()
+    if pad is not None and bool((rows_done | done_now).any()):
+        committed[rows_done] = pad
+        if eos.numel():
+            committed = torch.where(rows_done[:, None], committed, sampling.pad_after_eos(committed, eos, pad)[0])
+    return committed, done_now
+
+
+def _ended_by_caller(
+    end_rows: Callable[[list[list[int]]], Sequence[bool]], generated: list[list[int]], rows_done: list[bool]
+) -> list[bool]:
+    """The rows `end_rows` ends after a canvas, among those still going (it sees every row's output so far)."""
+    named = list(end_rows(generated))
+    if len(named) != len(generated):
+        raise DiffGemmaError(f"end_rows must return one answer for each of the {len(generated)} rows, got {named}")
+    return [bool(name) and not done for name, done in zip(named, rows_done, strict=True)]
 
 
 def _new_tokens(
