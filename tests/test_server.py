@@ -17,7 +17,7 @@ from assets.make_demo_model import ANSWERS
 from server_util import free_port, running
 
 from diffgemma.server import ServerOptions, create_app
-from diffgemma.server.app import reply_text
+from diffgemma.server.service import reply_text
 from diffgemma.server.batcher import Batcher
 from diffgemma.structured import DEFAULT_TRIES, JsonFormat, RegexFormat
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from ..api import DiffGemma
-from .app import ServerOptions, create_app
+from .app import create_app
+from .service import ServerOptions
 
 
 def serve(model: DiffGemma, host: str = "127.0.0.1", port: int = 8000, options: ServerOptions | None = None) -> None:

@@ -1,0 +1,714 @@
+"""What the server's routes share: a request's choices admitted against the server's limits, queued on the
+engine as jobs (`batcher`), then waited for or streamed, read as answers, and scored.
+
+Streaming sends text before a canvas ends: the engine fixes each canvas's settled prefix as it goes, and
+the server sends whatever newly settled, never taking anything back. The thinking channel goes out as
+`reasoning_content`. With `"drafts": true` a client also gets every denoising step's canvas. `stop` strings
+end the answer (never the thinking) as soon as one settles; a stream holds back text that may begin one.
+`logprobs` score a finished choice's tokens with the causal encoder (`DiffGemma.score`), on the engine's
+thread between batches. An answer asked for in a form (`response_format`: JSON; vLLM's structured outputs) is
+read against it and drawn again if it does not read (`structured`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ..api import DiffGemma
+from ..errors import DiffGemmaError
+from ..generate import SettledText
+from ..resources import first_line, out_of_memory
+from ..scoring import TokenScores
+from ..structured import DEFAULT_TRIES, AnswerFormat
+from ..tokenizer import THINKING_CLOSE
+from ..toolcalls import check_tools, tool_plan
+from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
+from .logprobs import chat_logprobs, completion_logprobs
+from .messages import (
+    Conversation,
+    messages_format,
+    messages_tools,
+    request_conversation,
+)
+from .schema import (
+    SAMPLER_FIELDS,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Piece,
+    SamplerExtras,
+    StopField,
+    TokenizeRequest,
+    ToolChoiceField,
+    asked_format,
+    error_body,
+    stop_strings,
+    tool_choice_name,
+)
+
+DONE = "data: [DONE]\n\n"  # the last event of a chat or completions stream
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    model_name: str = "diffgemma"
+    api_key: str | None = None
+    max_prompt_tokens: int = 8192
+    max_tokens: int = 4096
+    max_body_bytes: int = 1_000_000
+    max_concurrent: int = 16
+    max_batch: int = 8
+    allowed_origins: tuple[str, ...] = ()  # web pages elsewhere that may call the API (CORS); "*" for any
+    format_tries: int = DEFAULT_TRIES  # draws of an answer of a form (JSON, ...) before a 422 says none read
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A chat request's tools as its replies read them: the ids a reply was made to begin with (a call's
+    opening, for a `tool_choice` that asks for one), and whether more than one call may come back."""
+
+    lead: list[int]
+    parallel: bool = True
+
+
+def reply_text(model: DiffGemma, chat: bool, stop: StopField = None, tools: ToolUse | None = None) -> SettledText:
+    """A choice's text as it settles (`DiffGemma.settled_text`), with the request's stop strings, its tool calls
+    apart when it offered tools."""
+    return model.settled_text(chat, stop_strings(stop), tools is not None, tools.lead if tools else ())
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a finished choice ended, as every API's shape reports it: its finish reason ("tool_calls" when it made
+    calls, unless its token limit cut it), the stop string that ended it, and its tool calls in OpenAI's shape,
+    each with a new id (the first alone, unless parallel calls were allowed)."""
+
+    finish: str
+    stop_sequence: str | None
+    calls: list[dict[str, Any]]
+
+
+def choice_ending(reply: SettledText, tokens: list[int], finish: str, tools: ToolUse | None) -> Ending:
+    """The Ending of a choice whose final `tokens` finished for `finish` ("stop" or "length")."""
+    found = reply.tool_calls(tokens) if tools is not None else ()
+    calls = [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments_json},
+        }
+        for call in (found if tools is None or tools.parallel else found[:1])
+    ]
+    return Ending("tool_calls" if calls and finish == "stop" else finish, reply.stop_found(tokens), calls)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A finished choice: its result, the reader of its text, its text (a JSON answer's without a code fence
+    around it), and how it ended."""
+
+    done: RowDone
+    reply: SettledText
+    content: str
+    reasoning: str
+    end: Ending
+
+    def pieces(self, index: int, logprobs: dict | None = None) -> list[Piece]:
+        """The choice as the pieces a stream hands on, all at once (a reply read whole before it is sent)."""
+        whole = [Piece(index, role=True), Piece(index, content=self.content, reasoning=self.reasoning)]
+        if self.end.calls:
+            whole.append(Piece(index, tool_calls=self.end.calls))
+        end = Piece(index, finish=self.end.finish, stop_sequence=self.end.stop_sequence, logprobs=logprobs)
+        return [*whole, end]
+
+
+def whole_events(
+    answer: Answer, chunk: Callable[[Piece], list], prompt_tokens: int, logprobs: dict | None = None
+) -> list[dict[str, Any]]:
+    """A Responses or Messages reply answered whole, as the events its builder's `chunk` makes of its pieces
+    (the builder then holds the whole reply)."""
+    usage = Piece(usage=_usage(prompt_tokens, len(answer.done.new_tokens), answer.done.cached))
+    return [event for piece in [*answer.pieces(0, logprobs), usage] for event in chunk(piece)]
+
+
+def format_fault(answer_format: AnswerFormat | None, content: str, end: Ending) -> str | None:
+    """Why a finished choice's answer (`content`) does not have the form asked for (None: it has, or none was
+    asked for). A choice cut at its token limit is left as it is ("length", as OpenAI's), as is one that calls
+    tools."""
+    if answer_format is None or end.finish == "length" or end.calls:
+        return None
+    try:
+        answer_format.read(content)
+    except DiffGemmaError as err:
+        return str(err)
+    return None
+
+
+def infill_length(model: DiffGemma, max_tokens: int | None, original: str | None = None) -> int:
+    """The positions a fill takes: `max_tokens`, else as many as the `original` text had, else 32 (or the
+    canvas, if shorter)."""
+    canvas = model.config.canvas_length
+    length = max_tokens
+    if length is None:
+        original_ids = model.tokenizer.encode(original or "", add_special_tokens=False)
+        length = max(1, len(original_ids)) if original else min(32, canvas)
+    if length > canvas:
+        raise APIError(
+            400,
+            f"max_tokens for infill is at most the canvas length ({canvas})",
+            "invalid_request_error",
+            "invalid_value",
+            "max_tokens",
+        )
+    return length
+
+
+def thinking_asked(body: ChatRequest | TokenizeRequest) -> bool:
+    """Whether a chat request turns thinking on (our field, or the template's argument as vLLM takes it)."""
+    return bool(getattr(body, "enable_thinking", False) or (body.chat_template_kwargs or {}).get("enable_thinking"))
+
+
+class Serving:
+    """The engine's side of the routes: the model, the server's limits, the batcher, and the rows (choices) in
+    flight, which `admit` counts against `max_concurrent`."""
+
+    def __init__(self, model: DiffGemma, options: ServerOptions, batcher: Batcher) -> None:
+        self.model = model
+        self.options = options
+        self.batcher = batcher
+        self.active = 0
+
+    def admit(self, prompts: list[list[int]], max_tokens: int | None, n: int, chat: bool = False) -> int:
+        """The request's token limit, once its prompts (each `n` choices, rows of one batch) are within limits.
+        Without one, a chat answer may run to the server's limit (to EOS, as OpenAI's chat runs to the
+        context), where the checkpoint's max_new_tokens (the reference's 256, one canvas) would cut most
+        answers; a text completion keeps the checkpoint's."""
+        options = self.options
+        if not 1 <= n <= options.max_batch:  # a request's choices are denoised together, in one batch
+            raise APIError(
+                400, f"n must be between 1 and {options.max_batch}", "invalid_request_error", "invalid_value", "n"
+            )
+        if len(prompts) * n > options.max_batch:
+            raise APIError(
+                400,
+                f"{len(prompts)} prompts of {n} choices each are {len(prompts) * n} rows; at most {options.max_batch}",
+                "invalid_request_error",
+                "invalid_value",
+                "prompt",
+            )
+        longest = max(len(prompt) for prompt in prompts)
+        if longest > options.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"prompt is {longest} tokens; the limit is {options.max_prompt_tokens}",
+                "invalid_request_error",
+                "context_length_exceeded",
+                "messages",
+            )
+        limit = max_tokens or (
+            options.max_tokens if chat else min(self.model.settings.max_new_tokens, options.max_tokens)
+        )
+        if limit > options.max_tokens:
+            raise APIError(
+                400,
+                f"max_tokens {limit} is over the limit {options.max_tokens}",
+                "invalid_request_error",
+                "invalid_value",
+                "max_tokens",
+            )
+        if self.active + len(prompts) * n > options.max_concurrent:  # each choice is a row of a batch
+            raise APIError(429, "too many concurrent requests; try again shortly", "rate_limit_error", "rate_limited")
+        if not self.batcher.running:
+            raise APIError(503, "the generation engine is not running", "server_error", "unavailable")
+        return limit
+
+    def sampler_overrides(self, body: SamplerExtras) -> dict[str, Any]:
+        overrides = {name: getattr(body, name) for name in SAMPLER_FIELDS if getattr(body, name) is not None}
+        try:
+            self.model.settings.replace(**overrides)
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value") from None
+        return overrides
+
+    def banned_ids(self, body: SamplerExtras) -> tuple[int, ...]:
+        """OpenAI's `logit_bias` as bans: a bias of -100 (never this token) is what the sampler honours; it has
+        no place for other biases (its temperature schedule and entropy bound decide), so they are refused."""
+        banned = []
+        for key, bias in (body.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= self.model.config.vocab_size:
+                message = f"logit_bias: {key!r} is not a token id (0-{self.model.config.vocab_size - 1})"
+                raise APIError(400, message, "invalid_request_error", "invalid_value", "logit_bias")
+            if bias > -100:
+                message = f"logit_bias: only -100 (never this token) is supported, got {bias} for {key}"
+                raise APIError(400, message, "invalid_request_error", "invalid_value", "logit_bias")
+            banned.append(int(key))
+        return tuple(banned)
+
+    def new_job(self, prompt: list[int], limit: int, body: SamplerExtras, choice: int, clamp: list[int] | None) -> Job:
+        # temperature 0 without a seed: seeded 0, so the same request gets the same answer (as clients expect)
+        base = body.seed if body.seed is not None else 0 if body.temperature == 0 else None
+        seed = base + choice if base is not None else secrets.randbits(62)
+        job = Job(
+            prompt, limit, seed, self.sampler_overrides(body), asyncio.get_running_loop(), clamp, self.banned_ids(body)
+        )
+        try:
+            self.batcher.submit(job)
+        except EngineStopped as err:
+            raise APIError(503, str(err), "server_error", "unavailable") from None
+        return job
+
+    async def run_job(self, job: Job, request: Request, reply: SettledText) -> tuple[RowDone, str]:
+        """Wait for a job's result and its finish reason (`_ending`: it ends as soon as its end settles, a stop
+        string, say; the job is then cancelled); if the client goes away first, cancel the job."""
+        self.active += 1
+        steps: dict[int, int] = {}  # per canvas, the steps seen so far
+        started = time.perf_counter()
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), timeout=0.25)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        raise APIError(499, "client closed the request", "invalid_request_error") from None
+                    continue
+                if isinstance(event, Exception):
+                    raise engine_failure(event)
+                ending = _ending(reply, event, job)
+                if isinstance(event, RowDone):
+                    return replace(event, new_tokens=ending[0], eos=ending[2]), ending[1]
+                steps[event.canvas_index] = event.step
+                if ending is not None:  # (settled: the row may go on with its canvas or its batch)
+                    job.cancelled.set()
+                    tokens, finish, eos = ending
+                    done = RowDone(tokens, list(steps.values()), time.perf_counter() - started, eos, event.cached)
+                    return done, finish
+        finally:
+            self.active -= 1
+
+    async def run_answer(
+        self,
+        job: Job,
+        reply: SettledText,
+        request: Request,
+        tools: ToolUse | None,
+        answer_format: AnswerFormat | None = None,
+        again: Callable[[int], tuple[Job, SettledText]] | None = None,
+        param: str = "response_format",
+    ) -> Answer:
+        """`run_job`'s choice as an Answer; for an answer of a form (`answer_format`: JSON, ...) a fresh draw
+        after each that does not read (`again(k)`: the k-th redraw's job, seeded apart, and its reply), at most
+        `format_tries` draws in all, then a 422 that says why the last did not read (`param`: the request's
+        format field)."""
+        for attempt in range(1, self.options.format_tries + 1):
+            done, finish = await self.run_job(job, request, reply)
+            content, reasoning = reply.parts(done.new_tokens)
+            end = choice_ending(reply, done.new_tokens, finish, tools)
+            fault = format_fault(answer_format, content, end)
+            if fault is None:
+                content = answer_format.text(content) if answer_format is not None else content
+                return Answer(done, reply, content, reasoning, end)
+            if again is None or attempt == self.options.format_tries:
+                break
+            job, reply = again(attempt)
+        message = f"no {answer_format.what} in {self.options.format_tries} draws; the last: {fault}"
+        raise APIError(422, message, "model_error", "answer_unreadable", param)
+
+    async def stream_jobs(
+        self,
+        jobs: list[Job],
+        replies: list[SettledText],
+        chunk,
+        drafts: bool,
+        usage: int | None,
+        echoes: list[str],
+        done: str = DONE,
+        logprobs: Callable[[int, list[int], int | None], Awaitable[dict]] | None = None,
+        tools: ToolUse | None = None,
+    ) -> AsyncIterator[str]:
+        """One stream for a request's choices (a job each, its `echoes` text first), their events as they come,
+        then (`usage`: the prompt tokens, to count) usage, then `done` (the Responses API sends no [DONE]).
+        `logprobs` (choice, its tokens, the EOS that ended it) gives a choice's log-probabilities, sent with its
+        last chunk; a choice's tool calls (`tools`: it offered some) come whole, before its last chunk."""
+        self.active += len(jobs)
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def forward(index: int, job: Job) -> None:
+            while True:
+                await merged.put((index, await job.events.get()))
+
+        forwarders = [asyncio.create_task(forward(index, job)) for index, job in enumerate(jobs)]
+        try:
+            for index, echo in enumerate(echoes):
+                yield sse(chunk(Piece(index, role=True, content=echo)))
+            streaming, completion, cached = set(range(len(jobs))), 0, 0
+            while streaming:
+                index, event = await merged.get()
+                job, reply = jobs[index], replies[index]
+                if index not in streaming:
+                    continue
+                if isinstance(event, Exception):
+                    yield sse(error_body(f"generation failed: {event}", "server_error"))
+                    break
+                cached = max(cached, event.cached)
+                tokens = _visible(event, job) if isinstance(event, RowDraft) else event.new_tokens
+                ending = _ending(reply, event, job)
+                if isinstance(event, RowDraft) and drafts:
+                    yield sse(chunk(Piece(index, draft=_draft_payload(event, self.model))))
+                content, reasoning = reply.deltas(tokens if ending is None else ending[0], final=ending is not None)
+                if content or reasoning:
+                    yield sse(chunk(Piece(index, content=content, reasoning=reasoning)))
+                if ending is not None:
+                    end = choice_ending(reply, ending[0], ending[1], tools)
+                    if end.calls:
+                        yield sse(chunk(Piece(index, tool_calls=end.calls)))
+                    last: dict[str, Any] = {"finish": end.finish, "stop_sequence": end.stop_sequence}
+                    if logprobs is not None:
+                        last["logprobs"] = await logprobs(index, ending[0], ending[2])
+                    yield sse(chunk(Piece(index, **last)))
+                    completion += len(ending[0])
+                    streaming.discard(index)
+                    job.cancelled.set()  # (it ended as it settled: its row goes no further than this canvas)
+            else:
+                if usage is not None:
+                    yield sse(chunk(Piece(usage=_usage(usage, completion, cached))))
+            yield done
+        finally:
+            for forwarder in forwarders:
+                forwarder.cancel()
+            for job in jobs:
+                job.cancelled.set()  # a client that went away frees its slots, and its rows stop receiving work
+            self.active -= len(jobs)
+
+    async def complete(
+        self,
+        body: ChatRequest | CompletionRequest,
+        request: Request,
+        prompts: list[list[int]],
+        chat: bool,
+        echoes: list[str] | None = None,
+        clamp: list[int] | None = None,
+        tools: ToolUse | None = None,
+        answer_format: AnswerFormat | None = None,
+    ):
+        """Admit, queue, then stream the jobs (`n` a prompt, choice k * n + i prompt k's i-th, seeded seed + its
+        index) or wait for them: what both completion routes share. `echoes`: each prompt's text, to come first;
+        `clamp`: ids held in place on the first canvas (a fill: its `max_tokens` free positions, the suffix);
+        `tools`: the chat offered tools, so its choices' calls come back as `tool_calls`; `answer_format`: the
+        chat asked for a form, JSON, say (`run_answer`: a choice is read whole, then sent, as one piece if
+        streamed)."""
+        limit = self.admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
+        rows = [prompt for prompt in prompts for _ in range(body.n)]
+        leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
+
+        def redraw(index: int, attempt: int) -> tuple[Job, SettledText]:
+            """Choice `index`'s job (its `attempt`-th draw, seeded apart from every other draw) and its reply."""
+            job = self.new_job(rows[index], limit, body, index + attempt * len(rows), clamp)
+            return job, reply_text(self.model, chat, body.stop, tools)
+
+        drawn = [redraw(index, 0) for index in range(len(rows))]
+        jobs, replies = [job for job, _ in drawn], [reply for _, reply in drawn]
+        identity = _identity("chatcmpl" if chat else "cmpl")
+        prompt_tokens = sum(len(prompt) for prompt in prompts)
+        top = self.requested_logprobs(body)
+        chunk = _chunk_maker(identity, self.options.model_name, chat)
+
+        async def choice_logprobs(index: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
+            return await self.reply_logprobs(rows[index], replies[index], tokens, eos, top, chat, bool(leading[index]))
+
+        scorer = choice_logprobs if top is not None else None
+        usage_chunk = prompt_tokens if _include_usage(body) else None
+        if body.stream and answer_format is None:
+            stream = self.stream_jobs(
+                jobs, replies, chunk, body.drafts, usage_chunk, leading, logprobs=scorer, tools=tools
+            )
+            return event_stream(stream)
+        answers = await asyncio.gather(
+            *(
+                self.run_answer(job, reply, request, tools, answer_format, partial(redraw, index))
+                for index, (job, reply) in enumerate(zip(jobs, replies, strict=True))
+            )
+        )
+        every_logprobs: list[dict[str, Any] | None] = [None] * len(answers)
+        if top is not None:  # every choice scored in one pass
+            scored = [
+                (rows[i], a.reply, a.done.new_tokens, a.done.eos, bool(leading[i])) for i, a in enumerate(answers)
+            ]
+            every_logprobs = list(await self.choices_logprobs(scored, top, chat))
+        choices, pieces = [], []
+        for index, (answer, logprobs) in enumerate(zip(answers, every_logprobs, strict=True)):
+            end, content = answer.end, answer.content
+            pieces += answer.pieces(index, logprobs)
+            choice: dict[str, Any] = {"index": index, "finish_reason": end.finish}
+            if end.stop_sequence is not None:  # (vLLM's field: the stop string that ended it)
+                choice["stop_reason"] = end.stop_sequence
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
+            if not chat:
+                choices.append({**choice, "text": leading[index] + content})
+                continue
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if answer.reasoning:
+                message["reasoning_content"] = answer.reasoning
+            if end.calls:  # (OpenAI's content is null when a reply is its calls alone)
+                message.update(content=content or None, tool_calls=end.calls)
+            choices.append({**choice, "message": message})
+        cached = max(answer.done.cached for answer in answers)  # (a lone choice's; choices in a batch hold none)
+        usage = _usage(prompt_tokens, sum(len(answer.done.new_tokens) for answer in answers), cached)
+        if body.stream:  # (a JSON answer: each choice read whole, then sent whole)
+            last = [Piece(usage=usage)] if usage_chunk is not None else []
+            return event_stream([sse(chunk(piece)) for piece in [*pieces, *last]] + [DONE])
+        response: dict[str, Any] = {**identity, "model": self.options.model_name, "usage": usage, "choices": choices}
+        if not chat:
+            return {**response, "object": "text_completion"}
+        steps = [answer.done.steps for answer in answers]  # per choice, per canvas
+        return {**response, "object": "chat.completion", "diffgemma": {"steps": steps[0], "choices_steps": steps}}
+
+    def requested_logprobs(self, body: ChatRequest | CompletionRequest) -> int | None:
+        """The alternatives a token a request asks for with its log-probabilities (None: no log-probabilities)."""
+        if not isinstance(body, ChatRequest):
+            return body.logprobs
+        if body.top_logprobs is not None and not body.logprobs:  # chat asks by a flag, the alternatives apart
+            message = "top_logprobs needs logprobs: true"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+
+    async def reply_logprobs(
+        self,
+        prompt: list[int],
+        reply: SettledText,
+        tokens: list[int],
+        eos: int | None,
+        top: int,
+        chat: bool,
+        echo: bool,
+    ) -> dict[str, Any]:
+        """A choice's `logprobs` (`choices_logprobs` of one)."""
+        return (await self.choices_logprobs([(prompt, reply, tokens, eos, echo)], top, chat))[0]
+
+    async def choices_logprobs(
+        self, choices: list[tuple[list[int], SettledText, list[int], int | None, bool]], top: int, chat: bool
+    ) -> list[dict[str, Any]]:
+        """Choices' `logprobs` (each its prompt, reply, tokens, the EOS that ended it, and whether it echoes),
+        scored in one pass: each prompt and its tokens (a text completion's EOS too, if one ended it), in the
+        chat shape (the answer's tokens: those after the thinking, when it thought) or the completion shape
+        (`echo`: the prompt's tokens listed too)."""
+        kept = []
+        for _, reply, tokens, eos, _ in choices:
+            kept.append([*reply.kept(tokens), *([eos] if not chat and eos is not None else [])])
+        scored = await self.score([choice[0] + ids for choice, ids in zip(choices, kept, strict=True)], top)
+        shaped = []
+        for (prompt, _, _, _, echo), ids, scores in zip(choices, kept, scored, strict=True):
+            if chat:
+                thought_end = self.model.tokenizer.token_id(THINKING_CLOSE)
+                answer = max((i + 1 for i, token in enumerate(ids) if token == thought_end), default=0)
+                shaped.append(chat_logprobs(self.model.tokenizer, scores, len(prompt) + answer))
+            else:
+                shaped.append(completion_logprobs(self.model.tokenizer, scores, 0 if echo else len(prompt)))
+        return shaped
+
+    async def score(self, rows: list[list[int]], top: int) -> list[TokenScores]:
+        """`DiffGemma.score` of rows of ids in one pass, on the engine's thread between batches."""
+        try:
+            return await self.batcher.run(lambda: self.model.score(rows, top))
+        except EngineStopped as err:
+            raise APIError(503, str(err), "server_error", "unavailable") from None
+
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], thinking: bool, param: str, prefill: str = "", tools: list | None = None
+    ) -> list[int]:
+        """Messages (and the tools offered) through the chat template, then the answer's `prefill`; what it
+        refuses is the request's error (`param`: its field). A special token's text in a message is read as text,
+        as OpenAI's API reads it: a client's user cannot forge the template's turn markers."""
+        try:
+            return self.model.tokenizer.encode_chat(messages, thinking, prefill, sanitize=True, tools=tools)
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
+
+    def plan_tools(
+        self, tools: list[dict[str, Any]] | None, choice: ToolChoiceField, parallel: bool = True
+    ) -> tuple[list | None, ToolUse | None]:
+        """A request's `tools` and `tool_choice` -> (the tools its prompt offers, how its replies read calls);
+        (None, None) when it offers none."""
+        try:
+            check_tools(tools or [])
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", "tools") from None
+        try:
+            offered, lead = tool_plan(tools, tool_choice_name(choice))
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", "tool_choice") from None
+        if offered is None:
+            return None, None
+        if not self.model.tokenizer.renders_tools:
+            message = "this model's chat template does not write tools, so none can be offered"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "tools")
+        return offered, ToolUse(self.model.tokenizer.encode(lead, add_special_tokens=False) if lead else [], parallel)
+
+    def messages_prompt(self, body: Conversation) -> tuple[list[int], ToolUse | None, AnswerFormat | None, str]:
+        """A Messages API conversation's prompt ids (its reply made to begin a call if its tool_choice asks), its
+        tools, and the JSON answer's form if it asks for one (told in the system turn), with the field it came in."""
+        conversation, thinking = request_conversation(body)
+        spec, param = messages_format(body)
+        answer_format = asked_format(spec, param)
+        conversation = answer_format.with_instruction(conversation) if answer_format is not None else conversation
+        offered, tools = self.plan_tools(*messages_tools(body))
+        prompt = self.chat_prompt(conversation, thinking, "messages", "", offered) + (tools.lead if tools else [])
+        return prompt, tools, answer_format, param
+
+    async def score_prompts(self, body: CompletionRequest, prompts: list[list[int]], texts: list[str]):
+        """Completions with `max_tokens` 0 and `echo`: nothing generated, each prompt given back scored (with
+        `logprobs`), as evaluation harnesses ask for a text's likelihood."""
+        if not body.echo or body.suffix:
+            message = "max_tokens 0 generates nothing: it is for scoring a prompt, with echo and without a suffix"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "max_tokens")
+        self.admit(prompts, None, body.n)
+        top = self.requested_logprobs(body)
+        scored = await self.score(prompts, top) if top is not None else None  # every prompt in one pass
+        choices = []
+        for index in range(len(prompts) * body.n):
+            choice = {"index": index, "text": texts[index // body.n], "finish_reason": "length"}
+            if scored is not None:
+                choice["logprobs"] = completion_logprobs(self.model.tokenizer, scored[index // body.n], 0)
+            choices.append(choice)
+        usage = _usage(sum(len(prompt) for prompt in prompts), 0)
+        identity = _identity("cmpl")
+        if body.stream:  # a chunk a choice, as whole
+            chunk = _chunk_maker(identity, self.options.model_name, chat=False)
+            last = [chunk(Piece(usage=usage))] if _include_usage(body) else []
+            events = [
+                chunk(Piece(c["index"], content=c["text"], finish=c["finish_reason"], logprobs=c.get("logprobs")))
+                for c in choices
+            ]
+            return event_stream([sse(event) for event in [*events, *last]] + [DONE])
+        response = {**identity, "object": "text_completion", "model": self.options.model_name, "usage": usage}
+        return {**response, "choices": choices}
+
+    async def insert(self, body: CompletionRequest, request: Request, prompts: list[list[int]], texts: list[str]):
+        """Completions with a `suffix`: each choice fills `max_tokens` positions (at most a canvas; 32 if not
+        given) between its prompt and the suffix, held in place after them on the same canvas. The fills are
+        completions like any other (batched with other requests, streamed as they settle, `stop`, `echo`)."""
+        length = infill_length(self.model, body.max_tokens)
+        body = body.model_copy(update={"max_tokens": length})
+        clamp = self.model.infill_inputs("", body.suffix, length)[1]
+        return await self.complete(body, request, prompts, chat=False, echoes=texts if body.echo else None, clamp=clamp)
+
+
+def _identity(prefix: str) -> dict[str, Any]:
+    return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
+
+
+def sse(payload: dict | list[dict]) -> str:
+    """One server-sent event, or one for each payload of a list (none for an empty one). A typed payload (the
+    Responses API's events) names its type on an `event:` line too, as OpenAI sends them."""
+    events = []
+    for one in payload if isinstance(payload, list) else [payload]:
+        name = f"event: {one['type']}\n" if isinstance(one.get("type"), str) else ""
+        events.append(f"{name}data: {json.dumps(one, ensure_ascii=False)}\n\n")
+    return "".join(events)
+
+
+def _include_usage(body: ChatRequest | CompletionRequest) -> bool:
+    """Whether a stream ends with a usage chunk: only when asked for, as OpenAI sends it."""
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def event_stream(chunks: AsyncIterator[str] | list[str]) -> StreamingResponse:
+    return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _visible(event: RowDraft, job: Job) -> list[int]:
+    """A row's tokens that are final: earlier canvases and this one's settled prefix, within the job's limit."""
+    return (event.committed + event.ids[: event.settled])[: job.max_new_tokens]
+
+
+def _usage(prompt_tokens: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage: `cached`, the prompt tokens the prefix cache held (`prompt_tokens_details`, as vLLM's)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _ending(reply: SettledText, event: RowDraft | RowDone, job: Job) -> tuple[list[int], str, int | None] | None:
+    """How a choice ends, given its latest event: (its final tokens, its finish reason, the EOS right after them
+    if one ended it), or None while it goes on. A stop string in its answer ends it there; else its row's end
+    does, at its token limit or before. Settled tokens never change, so they end it before its canvas does (or
+    its batch: a row that ended waits for the others): an EOS among them, or as many as its limit."""
+    if isinstance(event, RowDone):
+        through = reply.through_stop(event.new_tokens)
+        final = event.new_tokens if through is None else through
+        finish = "stop" if through is not None or len(final) < job.max_new_tokens else "length"
+        return final, finish, event.eos if final == event.new_tokens else None
+    tokens = _visible(event, job)
+    through = reply.through_stop(tokens)
+    if through is not None:
+        return through, "stop", None
+    eos_at = next((index for index, token in enumerate(tokens) if token in reply.eos), None)
+    if eos_at is not None:
+        return tokens[:eos_at], "stop", tokens[eos_at]
+    return (tokens, "length", None) if len(tokens) >= job.max_new_tokens else None
+
+
+def _draft_payload(event: RowDraft, model: DiffGemma) -> dict[str, Any]:
+    tokenizer = model.tokenizer
+    return {
+        "canvas": event.canvas_index,
+        "step": event.step,
+        "tokens": [tokenizer.decode([t], skip_special_tokens=False) for t in event.ids],
+        "accepted": event.accepted,
+        "entropy": [round(e, 4) for e in event.entropy],
+        "settled": event.settled,
+        "before": tokenizer.decode(event.committed),
+        "text": tokenizer.decode(event.committed + event.ids),
+    }
+
+
+def engine_failure(err: Exception) -> APIError:
+    """A failure of the model's work as the API's error: out of memory is the batch's, not the server's (503: its
+    memory is back once it is dropped, and a retry, or a smaller request, may fit); anything else a 500."""
+    if out_of_memory(err):
+        message = f"out of memory ({first_line(err)}); fewer or shorter requests fit"
+        return APIError(503, message, "server_error", "out_of_memory")
+    return APIError(500, f"generation failed: {type(err).__name__}: {first_line(err)}", "server_error")
+
+
+def _chunk_maker(identity: dict, model_name: str, chat: bool):
+    """Stream chunks of one response: chat deltas or completion text; usage and draft chunks carry no choices."""
+    base = {**identity, "object": "chat.completion.chunk" if chat else "text_completion", "model": model_name}
+
+    def chunk(piece: Piece) -> dict:
+        if piece.usage is not None:
+            return {**base, "choices": [], "usage": piece.usage}
+        if piece.draft is not None:
+            return {**base, "choices": [], "draft": {**piece.draft, "index": piece.index}}
+        choice: dict[str, Any] = {"index": piece.index, "finish_reason": piece.finish}
+        if piece.stop_sequence is not None:
+            choice["stop_reason"] = piece.stop_sequence
+        if piece.logprobs is not None:
+            choice["logprobs"] = piece.logprobs
+        if not chat:
+            return {**base, "choices": [{**choice, "text": piece.content}]}
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if piece.role else {}
+        if piece.content:
+            delta["content"] = piece.content
+        if piece.reasoning:
+            delta["reasoning_content"] = piece.reasoning
+        if piece.tool_calls:
+            delta["tool_calls"] = [{"index": position, **call} for position, call in enumerate(piece.tool_calls)]
+        return {**base, "choices": [{**choice, "delta": delta}]}
+
+    return chunk
