@@ -860,9 +860,6 @@ def train_sudoku(
     reads the puzzle's `candidate_prior` as its first self-conditioning (recorded in its config; a model trained
     with it keeps it in later stages). `draft_temperatures` (low, high): see `DeviceBatches`. `masked_cells`:
     see `DeviceBatches` (recorded in its config like the prior; solving re-noises to empty cells)."""
-    from ..api import load
-    from ..presets import random_checkpoint
-    from ..train.grow import deepen
     from ..train.trainer import TrainConfig, save_state, train
 
     started = time.perf_counter()
@@ -878,33 +875,9 @@ def train_sudoku(
         raise DiffGemmaError(
             "--candidate-prior, --masked-cells and --draft-temperature shape the diffusion objective's passes"
         )
-    if resume:
-        model = load(folder, device=device)
-    elif init is not None:
-        model = load(init, device=device)  # its tokenizer files go with it when it is saved below
-        check_model(model, str(init))
-        if layers is not None and layers != model.config.num_hidden_layers:
-            model = deepen(model, layers)
-    else:
-        depth = {} if layers is None else {"num_hidden_layers": layers}
-        random_checkpoint(folder, preset="sudoku", seed=seed, **depth)
-        write_tokenizer(folder)
-        model = load(folder, device=device)
-        structured_embeddings_(model.network, seed)
-        model.settings = model.settings.replace(max_denoising_steps=64)
-
-    def kept(asked: bool, key: str) -> bool:
-        """A choice the model was trained with stays on (an init or a resumed run); recorded, solving reads it."""
-        chosen = asked or (objective == "diffusion" and _recorded(model, key))
-        if chosen:
-            model.config.raw[key] = True
-        return chosen
-
-    candidate_prior, masked_cells = kept(candidate_prior, PRIOR_KEY), kept(masked_cells, MASKED_KEY)
-    # a grid has no EOS (a saved "none" reads back as the config's EOS, so a resumed run says it again)
-    model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])
-    if not resume:
-        model.save(folder)
+    model, candidate_prior, masked_cells = _model_to_train(
+        folder, resume, init, layers, seed, device, objective, candidate_prior, masked_cells
+    )
     low, high = givens
     if low < FEW_GIVENS:
         log(
@@ -1010,3 +983,51 @@ def train_sudoku(
     if eval_every and losses and len(losses) % eval_every:
         report(len(losses), losses)
     return losses
+
+
+def _model_to_train(
+    folder: Path,
+    resume: bool,
+    init: str | Path | None,
+    layers: int | None,
+    seed: int,
+    device: str,
+    objective: str,
+    candidate_prior: bool,
+    masked_cells: bool,
+):
+    """The model a run starts from, saved in `folder` (a resumed run's is there already): the run's own
+    (`resume`), a trained one (`init`, deepened to `layers`), or a new random one; with whether it reads the
+    candidate prior and re-noises to empty cells (a choice the model was trained with, an init or a resumed
+    run, stays on; recorded in its config, which solving reads)."""
+    from ..api import load
+    from ..presets import random_checkpoint
+    from ..train.grow import deepen
+
+    if resume:
+        model = load(folder, device=device)
+    elif init is not None:
+        model = load(init, device=device)  # its tokenizer files go with it when it is saved below
+        check_model(model, str(init))
+        if layers is not None and layers != model.config.num_hidden_layers:
+            model = deepen(model, layers)
+    else:
+        depth = {} if layers is None else {"num_hidden_layers": layers}
+        random_checkpoint(folder, preset="sudoku", seed=seed, **depth)
+        write_tokenizer(folder)
+        model = load(folder, device=device)
+        structured_embeddings_(model.network, seed)
+        model.settings = model.settings.replace(max_denoising_steps=64)
+
+    def kept(asked: bool, key: str) -> bool:
+        chosen = asked or (objective == "diffusion" and _recorded(model, key))
+        if chosen:
+            model.config.raw[key] = True
+        return chosen
+
+    candidate_prior, masked_cells = kept(candidate_prior, PRIOR_KEY), kept(masked_cells, MASKED_KEY)
+    # a grid has no EOS (a saved "none" reads back as the config's EOS, so a resumed run says it again)
+    model.settings = model.settings.replace(max_new_tokens=CANVAS, eos_token_id=[])
+    if not resume:
+        model.save(folder)
+    return model, candidate_prior, masked_cells
