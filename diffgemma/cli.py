@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import codecs
 import contextlib
 import os
 import re
@@ -560,6 +561,8 @@ def write_atomically(path: Path, text: str, backup: bool) -> None:
 def cmd_edit(args: argparse.Namespace) -> None:
     path = Path(args.file)
     text = read_text(path, newline="")  # line endings as they are (\r\n stays \r\n)
+    with open(path, "rb") as handle:  # a byte-order mark is not the model's to see, but the file keeps it
+        mark = "\ufeff" if handle.read(3) == codecs.BOM_UTF8 else ""
     lines = re.findall(r"[^\n]*\n|[^\n]+\Z", text)
     first, last = _lines(args.lines, len(lines))
     start = sum(len(line) for line in lines[: first - 1])
@@ -568,7 +571,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     model = _load(args)
     result = model.edit(text, start, end, args.length, seed=args.seed, mode=args.mode, **_sampler(args))
     if args.write:
-        write_atomically(path, result.text, backup=not args.no_backup)
+        write_atomically(path, mark + result.text, backup=not args.no_backup)
         print(f"rewrote lines {first}-{last} of {path}" + ("" if args.no_backup else f" (backup: {path.name}.bak)"))
     else:
         print(result.text, end="")

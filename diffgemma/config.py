@@ -227,14 +227,14 @@ def _as_id_tuple(value: Any, key: str, source: str) -> tuple[int, ...]:
 
 
 def read_text(path: str | Path, newline: str | None = None) -> str:
-    """A UTF-8 text file's contents (a pipe's too: `--file <(...)`, /dev/stdin); a missing, unreadable or
-    undecodable file is an error that names it. `newline` as `open` takes it ("": line endings kept as they are;
-    by default each becomes a newline)."""
+    """A UTF-8 text file's contents (a pipe's too: `--file <(...)`, /dev/stdin), without the byte-order mark some
+    Windows tools begin a file with; a missing, unreadable or undecodable file is an error that names it.
+    `newline` as `open` takes it ("": line endings kept as they are; by default each becomes a newline)."""
     file = Path(path)
     if not file.exists():
         raise DiffGemmaError(f"{file}: file not found")
     try:
-        with open(file, encoding="utf-8", newline=newline) as handle:
+        with open(file, encoding="utf-8-sig", newline=newline) as handle:
             return handle.read()
     except UnicodeDecodeError as err:
         raise DiffGemmaError(f"{file}: not UTF-8 text (byte {err.start}: {err.reason})") from None

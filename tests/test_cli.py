@@ -505,6 +505,13 @@ def test_edit_keeps_the_files_line_endings_and_refuses_what_is_not_utf8(capsys, 
     code, _, _ = run(capsys, "edit", str(path), "--lines", "2:2", "--model", DEMO, "--seed", "1", "--write")
     written = path.read_bytes()  # (what the model wrote on line 2 is its own; the rest is kept byte for byte)
     assert code == 0 and written.startswith(b"first\r\n") and written.endswith(b"\r\nthird\fpage\r\nlast")
+    marked, plain = tmp_path / "marked.txt", tmp_path / "plain.txt"  # a byte-order mark (Windows editors write one)
+    marked.write_bytes(b"\xef\xbb\xbffirst\nsecond\nthird\n")
+    plain.write_bytes(b"first\nsecond\nthird\n")
+    for path in (marked, plain):
+        code, _, _ = run(capsys, "edit", str(path), "--lines", "2:2", "--model", DEMO, "--seed", "1", "--write")
+        assert code == 0
+    assert marked.read_bytes() == b"\xef\xbb\xbf" + plain.read_bytes()  # kept, and not shown to the model
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00text")
     code, _, err = run(capsys, "edit", str(binary), "--lines", "1:1", "--model", DEMO)
@@ -527,7 +534,7 @@ def test_generate_a_file_of_prompts_as_jsonl(capsys, tmp_path, demo):
         assert record["finish_reason"] == ("length" if alone.reached_limit[0] else "stop")
     question = tmp_path / "question.jsonl"
     rendered = demo.tokenizer.apply_chat_template([{"role": "user", "content": "Name a fruit."}])
-    question.write_text(json.dumps({"prompt": rendered}) + "\n")
+    question.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"prompt": rendered}) + "\r\n").encode())  # BOM, CRLF
     code, answered, _ = run(capsys, "generate", "--file", str(question), "--model", DEMO, "--seed", "0")
     assert json.loads(answered)["finish_reason"] == "stop" and json.loads(answered)["text"] == "An apple."
     records_file = tmp_path / "prompts.jsonl"
