@@ -806,6 +806,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             enable_thinking=args.thinking,
             resume=args.resume,
             gradient_checkpointing=args.gradient_checkpointing,
+            max_length=args.max_length,
         )
         finetune(model, options, log=log)
         return
@@ -1171,6 +1172,11 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--lora-self-conditioning", action="store_true", help="chat: adapt that block too")
     trainer.add_argument("--accumulation", type=_at_least(1), default=1, help="chat: micro-batches per optimizer step")
     trainer.add_argument("--thinking", action="store_true", help="chat: render prompts with thinking enabled")
+    trainer.add_argument(
+        "--max-length",
+        type=_at_least(1),
+        help="chat: leave out examples over this many tokens (the prompt and the response in whole canvases)",
+    )
     _add_template_option(trainer)
     trainer.add_argument(
         "--gradient-checkpointing",
@@ -1242,8 +1248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(
             f"diffgemma: out of memory ({first_line(err)}). `diffgemma info --model PATH --context N --batch B` "
-            "gives what a load and a denoising step take; fewer rows (--batch-size), fewer tokens or --quant int4 "
-            "take less",
+            "gives what a load and a denoising step take; fewer rows (--batch-size), fewer tokens (training: "
+            "--max-length) or --quant int4 take less",
             file=sys.stderr,
         )
         return 1

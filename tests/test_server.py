@@ -17,8 +17,8 @@ from assets.make_demo_model import ANSWERS
 from server_util import free_port, running
 
 from diffgemma.server import ServerOptions, create_app
-from diffgemma.server.service import reply_text
 from diffgemma.server.batcher import Batcher
+from diffgemma.server.service import reply_text
 from diffgemma.structured import DEFAULT_TRIES, JsonFormat, RegexFormat
 
 SKY = "Why is the sky blue?"

@@ -260,6 +260,35 @@ def test_train_chat_checkpoints_layers_unless_told_not_to(tmp_path, monkeypatch)
     assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5), losses
 
 
+def test_train_chat_leaves_out_examples_over_max_length(tmp_path, capsys):
+    """--max-length leaves out the examples whose prompt and response canvases take more tokens, and says so; the
+    log gives the longest example's length either way; a limit no example meets is an error."""
+    from diffgemma.train.sft import example_length
+
+    base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
+    long_talk = {
+        "messages": [{"role": "user", "content": "Tell a story."}, {"role": "assistant", "content": "x" * 300}]
+    }
+    data = _write(tmp_path / "chat.jsonl", [*CONVERSATIONS * 4, long_talk])
+    model = diffgemma.load(base)
+    examples = read_chat_jsonl(data, model.tokenizer, eos_id=model.settings.eos_token_id[0])
+    lengths = [example_length(example, model.config.canvas_length) for example in examples]
+    short = max(lengths[:-1])
+    assert lengths[-1] > short
+    common = ["train", "chat", "--model", str(base), "--data", str(data), "--out", str(tmp_path / "run")]
+    common += ["--batch-size", "4", "--steps", "1", "--eval-every", "0"]
+    assert main(common) == 0
+    assert f"{len(examples)} training examples, 0 held out; the longest takes {max(lengths):,} tokens" in (
+        capsys.readouterr().out
+    )
+    assert main([*common, "--max-length", str(short)]) == 0
+    out = capsys.readouterr().out
+    assert f"1 of {len(examples)} training examples are longer than --max-length {short} tokens" in out
+    assert f"{len(examples) - 1} training examples, 0 held out; the longest takes {short:,} tokens" in out
+    assert main([*common, "--max-length", str(min(lengths) - 1)]) == 2
+    assert "no training example fits in --max-length" in capsys.readouterr().err
+
+
 def test_train_chat_needs_data(tmp_path, capsys):
     base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
     assert main(["train", "chat", "--model", str(base), "--out", str(tmp_path / "o")]) == 2

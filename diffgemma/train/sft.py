@@ -7,6 +7,7 @@ exactly. A held-out set (a file, or a slice of the data) is scored every `eval_e
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from ..checkpoint import load_weights
 from ..errors import DiffGemmaError
 from .data import read_chat_jsonl
 from .lora import CONFIG_FILE, LoraSettings, add_lora, load_adapter, save_adapter
+from .objective import Example
 from .trainer import TrainConfig, epoch_batches, evaluation_loss, save_state, train
 
 
@@ -36,6 +38,29 @@ class FinetuneOptions:
     enable_thinking: bool = False
     resume: bool = False
     gradient_checkpointing: bool = True  # DiffusionGemma.checkpoint_layers
+    max_length: int | None = None  # tokens an example may take (prompt and canvases); longer ones are left out
+
+
+def example_length(example: Example, canvas: int) -> int:
+    """The tokens an example's pass reads: its prompt, then its response in whole canvases."""
+    return len(example.prompt) + math.ceil(len(example.response) / canvas) * canvas
+
+
+def within_length(
+    examples: list[Example], max_length: int | None, canvas: int, what: str, log: Callable[[str], None]
+) -> list[Example]:
+    """The examples that take at most `max_length` tokens (`example_length`; None: all of them), saying how many
+    were left out. Cut instead, an example would teach a response that stops mid-way, or one with no start."""
+    if max_length is None:
+        return examples
+    kept = [example for example in examples if example_length(example, canvas) <= max_length]
+    if len(kept) < len(examples):
+        longest = max(example_length(example, canvas) for example in examples)
+        log(
+            f"{len(examples) - len(kept)} of {len(examples)} {what} examples are longer than --max-length "
+            f"{max_length} tokens (the longest {longest:,}): left out"
+        )
+    return kept
 
 
 def taught_to_end(model, examples: list, log: Callable[[str], None]) -> None:
@@ -64,6 +89,11 @@ def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print
     else:  # a twentieth of the data (at least one example) when there is enough of it to spare
         spare = len(examples) // 20 if len(examples) >= 20 else 0
         held_out, examples = examples[len(examples) - spare :], examples[: len(examples) - spare]
+    canvas = model.config.canvas_length
+    examples = within_length(examples, options.max_length, canvas, "training", log)
+    if not examples:
+        raise DiffGemmaError(f"no training example fits in --max-length {options.max_length} tokens")
+    held_out = within_length(held_out, options.max_length, canvas, "held-out", log)
     taught_to_end(model, [*examples, *held_out], log)
     out = Path(options.out)
     model.network.checkpoint_layers(options.gradient_checkpointing)
@@ -83,7 +113,8 @@ def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print
         ar_weight=options.ar_weight,
         seed=options.seed,
     )
-    log(f"{len(examples)} training examples, {len(held_out)} held out")
+    longest = max(example_length(example, canvas) for example in [*examples, *held_out])
+    log(f"{len(examples)} training examples, {len(held_out)} held out; the longest takes {longest:,} tokens")
     started = time.perf_counter()
 
     def checkpoint(step: int, optimizer, losses: list[float]) -> None:
