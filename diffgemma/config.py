@@ -6,6 +6,7 @@ The derived values (layer pattern, per-layer head shapes, RoPE tables) follow th
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import math
@@ -237,6 +238,8 @@ def read_text(path: str | Path, newline: str | None = None) -> str:
         with open(file, encoding="utf-8-sig", newline=newline) as handle:
             return handle.read()
     except UnicodeDecodeError as err:
+        if err.object[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):  # (what Windows PowerShell 5 writes)
+            raise DiffGemmaError(f"{file}: UTF-16 text; save it as UTF-8") from None
         raise DiffGemmaError(f"{file}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except OSError as err:
         raise DiffGemmaError(f"{file}: cannot read it ({err.strerror})") from None

@@ -513,9 +513,13 @@ def test_edit_keeps_the_files_line_endings_and_refuses_what_is_not_utf8(capsys, 
         assert code == 0
     assert marked.read_bytes() == b"\xef\xbb\xbf" + plain.read_bytes()  # kept, and not shown to the model
     binary = tmp_path / "binary.txt"
-    binary.write_bytes(b"\xff\xfe\x00text")
+    binary.write_bytes(b"text\x00\xff\xfe")
     code, _, err = run(capsys, "edit", str(binary), "--lines", "1:1", "--model", DEMO)
-    assert code == 2 and "not UTF-8 text" in err
+    assert code == 2 and "not UTF-8 text (byte 5" in err
+    wide = tmp_path / "wide.txt"  # Windows PowerShell 5's `>` writes UTF-16
+    wide.write_bytes("first\r\n".encode("utf-16"))
+    code, _, err = run(capsys, "edit", str(wide), "--lines", "1:1", "--model", DEMO)
+    assert code == 2 and "UTF-16 text; save it as UTF-8" in err
 
 
 def test_generate_a_file_of_prompts_as_jsonl(capsys, tmp_path, demo):
