@@ -5,7 +5,7 @@ sampling among its candidates), beside the model alone (no candidates), a one-st
 int8 and int4 weights (with the paired change from float), and the autoregressive baseline (the same network
 trained left to right), all on the same puzzles.
 
-    python bench/sudoku.py --model models/sudoku --ar runs/ar --puzzles 1000 --note "training: ..."
+    python bench/sudoku.py --model diffgemma/models/sudoku --ar runs/ar --puzzles 1000 --note "training: ..."
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from diffgemma.tasks import sudoku
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="models/sudoku")
+    parser.add_argument("--model", default="diffgemma/models/sudoku")
     parser.add_argument("--ar", default=None, help="the autoregressive baseline's checkpoint")
     parser.add_argument("--puzzles", type=int, default=1000)
     parser.add_argument("--puzzles-file", default=None, help="read the puzzles (one a line) instead of making them")

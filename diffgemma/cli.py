@@ -577,14 +577,14 @@ def cmd_edit(args: argparse.Namespace) -> None:
         print(result.text, end="")
 
 
-SUDOKU_MODEL = Path(__file__).resolve().parent.parent / "models" / "sudoku"
+SUDOKU_MODEL = Path(__file__).resolve().parent / "models" / "sudoku"  # package data: a wheel carries it
 
 
 def _sudoku_model(args: argparse.Namespace):
     path = args.model or (SUDOKU_MODEL if (SUDOKU_MODEL / "config.json").is_file() else None)
     if path is None:
         raise DiffGemmaError(
-            "no sudoku model given and none is shipped yet: pass --model DIR "
+            f"no sudoku model given, and the shipped one ({SUDOKU_MODEL}) is missing: pass --model DIR "
             "(train one with `diffgemma train sudoku --out DIR`)"
         )
     from .tasks import sudoku

@@ -17,7 +17,7 @@ from assets.make_demo_model import ANSWERS
 
 import diffgemma
 from diffgemma import DiffGemmaError
-from diffgemma.cli import main
+from diffgemma.cli import SUDOKU_MODEL, main
 
 DEMO = str(Path(__file__).parent / "assets" / "demo")
 SKY = "Why is the sky blue?"
@@ -639,7 +639,7 @@ def test_prefix_cache_option(argv, entries):
         ["generate", "--file", "{file}"],
         ["generate", "--file", "{file}.jsonl"],
         ["score", "--file", "{file}"],
-        ["eval", "sudoku", "--puzzles", "{file}", "--model", str(Path(__file__).parents[1] / "models" / "sudoku")],
+        ["eval", "sudoku", "--puzzles", "{file}", "--model", str(SUDOKU_MODEL)],
         ["train", "chat", "--data", "{file}.jsonl", "--out", "{file}.out"],
     ],
     ids=lambda command: " ".join(command[:2]),

@@ -1,4 +1,4 @@
-"""The sudoku model shipped in models/sudoku: small, loadable by transformers too, and it solves puzzles."""
+"""The sudoku model shipped in diffgemma/models/sudoku: small, loadable by transformers too, and it solves puzzles."""
 
 import random
 from pathlib import Path
@@ -9,7 +9,7 @@ import diffgemma
 from diffgemma.cli import SUDOKU_MODEL, main
 from diffgemma.tasks import sudoku
 
-SHIPPED = Path(__file__).parent.parent / "models" / "sudoku"
+SHIPPED = Path(__file__).parent.parent / "diffgemma" / "models" / "sudoku"
 
 
 def test_shipped_model_is_small_and_is_the_default():
@@ -17,6 +17,21 @@ def test_shipped_model_is_small_and_is_the_default():
     size = sum(f.stat().st_size for f in SHIPPED.iterdir() if f.is_file())
     assert size <= 20 * 2**20, size
     assert not (SHIPPED / "trainer_state.pt").exists()
+
+
+def test_the_package_data_carries_it():
+    """A wheel (a plain `pip install`) holds the files pyproject.toml names as package data: every file of the
+    shipped model must be among them."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).parent.parent
+    settings = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = root / "diffgemma"
+    carried = [str(f.relative_to(package)) for f in SHIPPED.iterdir() if f.is_file()]
+    assert "models/sudoku/model.safetensors" in carried
+    for name in carried:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in settings["diffgemma"]), name
 
 
 def test_transformers_loads_it_with_the_same_logits():
