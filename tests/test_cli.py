@@ -42,6 +42,10 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"diffgemma {diffgemma.__version__}"
+    module = subprocess.run([sys.executable, "-m", "diffgemma", "--version"], capture_output=True, text=True)
+    assert module.returncode == 0 and module.stdout.strip() == f"diffgemma {diffgemma.__version__}"  # python -m
+    failed = subprocess.run([sys.executable, "-m", "diffgemma", "info", "--model", "/nowhere"], capture_output=True)
+    assert failed.returncode == 2 and failed.stderr.startswith(b"diffgemma: ")  # its exit status passed on
 
 
 def test_info(capsys):
