@@ -488,6 +488,12 @@ class DiffGemma:
         tokenizer = self._need_tokenizer()
         if length is None:
             length = max(1, len(tokenizer.encode(text[start:end], add_special_tokens=False)))
+            canvas = self.config.canvas_length
+            if length > canvas:  # (a fill is one canvas: the suffix must be on it for the fill to see it)
+                raise DiffGemmaError(
+                    f"the span to edit is {length} tokens; an edit rewrites at most one canvas ({canvas} tokens): "
+                    "edit a shorter span, or say how many tokens to write in its place (length; --length)"
+                )
         return self.infill(text[:start], text[end:], length, seed, mode, **sampler)
 
     def score(

@@ -293,6 +293,11 @@ def test_edit_changes_only_the_span(tiny):
         tiny.edit(text, 5, 100)
     with pytest.raises(DiffGemmaError, match="a span of integer character offsets"):
         tiny.edit(text, "4", 9)
+    long_text = "word " * (2 * tiny.config.canvas_length)  # a span longer than a canvas, its length not given
+    with pytest.raises(DiffGemmaError, match=r"the span to edit is \d+ tokens; an edit rewrites at most one canvas"):
+        tiny.edit(long_text, 0, len(long_text))
+    shorter = tiny.edit(long_text, 0, len(long_text), length=4, seed=3)  # said how long: fine
+    assert shorter.text == shorter.fill  # the whole text was the span
 
 
 def test_chat_and_thinking_split(tiny):
