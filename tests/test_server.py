@@ -268,8 +268,11 @@ def test_a_completion_with_a_suffix_is_filled_in(server, client):
     assert len(pieces) > 1 and "".join(pieces) == whole.text
     echoed = client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=4, seed=1, echo=True)
     assert echoed.choices[0].text == prefix + fill
-    with pytest.raises(openai.BadRequestError, match="at most the canvas length"):
+    with pytest.raises(openai.BadRequestError, match=r"a fill is at most one canvas \(\d+ tokens\); max_tokens"):
         client.completions.create(model="demo", prompt=prefix, suffix=suffix, max_tokens=1000)
+    long_original = {"prefix": prefix, "suffix": suffix, "original": "word " * 100}  # no max_tokens: its length
+    refused = httpx.post(server[0] + "/v1/infill", json=long_original, timeout=60)
+    assert refused.status_code == 400 and "the original text's" in refused.json()["error"]["message"]
 
 
 def test_anthropics_messages_api_with_the_anthropic_client(server, client):

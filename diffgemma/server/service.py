@@ -164,13 +164,9 @@ def infill_length(model: DiffGemma, max_tokens: int | None, original: str | None
         original_ids = model.tokenizer.encode(original or "", add_special_tokens=False)
         length = max(1, len(original_ids)) if original else min(32, canvas)
     if length > canvas:
-        raise APIError(
-            400,
-            f"max_tokens for infill is at most the canvas length ({canvas})",
-            "invalid_request_error",
-            "invalid_value",
-            "max_tokens",
-        )
+        given = "max_tokens" if max_tokens is not None else f"the original text's {length} tokens"
+        message = f"a fill is at most one canvas ({canvas} tokens); {given} would take more"
+        raise APIError(400, message, "invalid_request_error", "invalid_value", "max_tokens")
     return length
 
 
