@@ -883,8 +883,9 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .server import ServerOptions, serve
+    from .server import ServerOptions, check_address, serve
 
+    check_address(args.host, args.port)  # before the load, which may take minutes
     model = _load(args)
     options = ServerOptions(
         model_name=args.name or Path(_model_path(args)).name,

@@ -943,6 +943,25 @@ def test_the_serve_command_answers_an_openai_client(demo):
     assert f"diffgemma: serving demo-cli at http://127.0.0.1:{port}/v1" in said
 
 
+def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(monkeypatch, capsys):
+    """A port another program holds, or a host that is no address, is one line before the model loads (which
+    may take minutes), not a bind error after it."""
+    import socket
+
+    from diffgemma import cli
+
+    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: pytest.fail("the model loaded first"))
+    demo_folder = str(Path(__file__).parent / "assets" / "demo")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert cli.main(["serve", "--model", demo_folder, "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1 port {port}: Address already in use" in capsys.readouterr().err
+    assert cli.main(["serve", "--model", demo_folder, "--host", "no-such-host.invalid"]) == 2
+    assert "--host no-such-host.invalid: no such address" in capsys.readouterr().err
+
+
 def test_serving_beyond_this_machine_without_a_key_is_warned(demo, monkeypatch, capsys):
     import uvicorn
 
