@@ -123,6 +123,15 @@ def resolve_device(device: torch.device | str) -> torch.device:
         raise DiffGemmaError("device 'cuda' was asked for, but no CUDA GPU is available")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DiffGemmaError("device 'mps' was asked for, but Apple MPS is not available")
+    if device.type not in ("cpu", "cuda", "mps"):  # Intel's xpu, say: untested here, but PyTorch's ops run there
+        backend = getattr(torch, device.type, None)
+        if not (hasattr(backend, "is_available") and backend.is_available()):
+            raise DiffGemmaError(f"device {device.type!r} was asked for, but this machine or PyTorch build has none")
+    count = getattr(getattr(torch, device.type, None), "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise DiffGemmaError(
+            f"device {str(device)!r} was asked for, but this machine has {count} {device.type} device(s)"
+        )
     return device
 
 

@@ -369,6 +369,10 @@ def test_bad_device_and_dtype(reference_checkpoints):
         diffgemma.load(reference_checkpoints["A"], dtype="int3")
     with pytest.raises(DiffGemmaError, match="unknown device"):
         diffgemma.load(reference_checkpoints["A"], device="warp-drive")
+    with pytest.raises(DiffGemmaError, match="device 'meta' was asked for, but this machine or PyTorch build has none"):
+        diffgemma.load(reference_checkpoints["A"], device="meta")  # (as Intel's xpu is where there is none)
+    with pytest.raises(DiffGemmaError, match=r"device 'cpu:1' was asked for, but this machine has 1 cpu device\(s\)"):
+        diffgemma.load(reference_checkpoints["A"], device="cpu:1")
 
 
 def test_hub_id_offline_fails_clearly(monkeypatch):
