@@ -32,6 +32,7 @@ from .generate import (
     infill_clamp,
     prepare_prompts,
     run_to_end,
+    seed_int64,
 )
 from .model import DiffusionGemma
 from .quant import QuantFormat, float_sinks, format_from_config, held_bytes, meta_network, weight_bytes
@@ -420,8 +421,9 @@ class DiffGemma:
         offered, lead = tool_plan(tools, tool_choice)
         prompt = tokenizer.encode_chat(messages, enable_thinking, prefill, sanitize, tools=offered)
         lead_ids = tokenizer.encode(lead, add_special_tokens=False) if lead else []
-        stops = ([stop] if isinstance(stop, str) else list(stop)) if stop else ()
-        text = self.settled_text(True, stops, tools=bool(offered), lead=lead_ids)
+        stops = self._stop_strings(stop)
+        text = self.settled_text(True, stops.stops if stops else (), tools=bool(offered), lead=lead_ids)
+        seed = None if seed is None else seed_int64(seed)  # (a chat is one row: one seed, not a list)
         for attempt in range(json_tries if answer_format is not None else 1):
             try_seed = None if seed is None else seed + attempt
             result = self.generate(prompt + lead_ids, max_new_tokens, try_seed, mode, stop=text.stops, **sampler)

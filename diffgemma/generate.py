@@ -115,7 +115,7 @@ class StopStrings:
     for in (a chat's answer, say, so that thinking never ends a reply)."""
 
     def __init__(self, stops: str | Sequence[str], view: Callable[[list[int]], str]) -> None:
-        stops = [stops] if isinstance(stops, str) else list(stops)
+        stops = [stops] if isinstance(stops, str) else list(stops) if isinstance(stops, Sequence) else [stops]
         if not stops or not all(isinstance(stop, str) and stop for stop in stops):
             raise DiffGemmaError(f"stop strings must be one or more non-empty strings, got {stops!r}")
         self.stops = tuple(dict.fromkeys(stops))
@@ -311,7 +311,7 @@ def _need_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:
     return tokenizer
 
 
-def _int64(seed: int) -> int:
+def seed_int64(seed: int) -> int:
     """Any integer seed as a signed 64-bit one, wrapped around as torch's generators read it (so the seeds
     they take mean what they meant, and larger ones are taken too)."""
     try:
@@ -347,15 +347,15 @@ class RandomSource:
         if mode == "reference":
             if isinstance(seed, Sequence):
                 raise DiffGemmaError("reference mode draws from one stream for the batch: give one seed, not a list")
-            self.shared = None if seed is None else torch.Generator(device).manual_seed(_int64(seed))
+            self.shared = None if seed is None else torch.Generator(device).manual_seed(seed_int64(seed))
             return
         if isinstance(seed, Sequence):
             if len(seed) != batch:
                 raise DiffGemmaError(f"got {len(seed)} seeds for a batch of {batch}")
-            seeds = [_int64(one) for one in seed]
+            seeds = [seed_int64(one) for one in seed]
         else:
-            base = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else _int64(seed)
-            seeds = [_int64(base + 1_000_003 * row) for row in range(batch)]
+            base = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed_int64(seed)
+            seeds = [seed_int64(base + 1_000_003 * row) for row in range(batch)]
         self.seeds = torch.tensor(seeds, dtype=torch.long, device=device)
 
     def _streams(self) -> torch.Tensor:

@@ -39,6 +39,17 @@ def test_seeded_fast_generation_is_reproducible(tiny):
     assert torch.equal(edges.sequences[1], alone.sequences[0])
     with pytest.raises(DiffGemmaError, match="a seed must be an integer"):
         tiny.generate("abc", max_new_tokens=8, seed=1.5)
+    hi = [{"role": "user", "content": "hi"}]
+    for bad in ("7", 1.5, [1, 2]):  # a chat is one row: one integer seed
+        with pytest.raises(DiffGemmaError, match="a seed must be an integer"):
+            tiny.chat(hi, max_new_tokens=8, seed=bad)
+    for bad in (3, [1], b"cd"):  # (a TypeError from inside, before)
+        with pytest.raises(DiffGemmaError, match="stop strings must be one or more non-empty strings"):
+            tiny.chat(hi, max_new_tokens=8, stop=bad)
+        with pytest.raises(DiffGemmaError, match="stop strings must be one or more non-empty strings"):
+            tiny.generate("abc", max_new_tokens=8, stop=bad)
+    wrapped_chat = tiny.chat(hi, max_new_tokens=16, seed=2**64 + 5)
+    assert wrapped_chat.content == tiny.chat(hi, max_new_tokens=16, seed=5).content
 
 
 def test_rows_do_not_affect_each_other(tiny):
@@ -497,7 +508,7 @@ def test_stop_strings_find_cut_hold_back_and_count_tokens():
     assert stops.tokens_through(tokens) == 4 and stops.tokens_through([0, 1, 2]) is None
     assert stops.text_before(_fake_view, tokens[:4]) == "ab"
     assert StopStrings("cd", _fake_view).stops == ("cd",)
-    for bad in ([""], ["a", 3], [None], []):
+    for bad in ([""], ["a", 3], [None], [], 3, None, b"cd"):
         with pytest.raises(DiffGemmaError, match="stop strings"):
             StopStrings(bad, _fake_view)
 
