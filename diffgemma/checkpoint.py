@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import GENERATION_FILE, ModelConfig, SamplerSettings, read_json
+from .config import GENERATION_FILE, ModelConfig, SamplerSettings, as_path, read_json
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
 from .resources import check_disk, writing
@@ -385,7 +385,7 @@ def write_checkpoint(
     Everything goes to a temporary folder beside `folder` first; only a complete write replaces it, so a
     failed save leaves the previous checkpoint (if any) as it was.
     """
-    destination = Path(folder).absolute()
+    destination = as_path(folder, "the folder to write the checkpoint to").absolute()
     check_replaceable(destination)
     sizes = [(name, _nbytes(t)) for name, t in entries]
     extra_bytes = sum(Path(source).stat().st_size for source in (extra_files or {}).values())

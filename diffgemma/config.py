@@ -10,6 +10,7 @@ import codecs
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +226,13 @@ def _as_id_tuple(value: Any, key: str, source: str) -> tuple[int, ...]:
     if not all(is_int(v) and v >= 0 for v in values):
         raise DiffGemmaError(f"{source}: `{key}` must be a token id or a list of token ids, got {value!r}")
     return tuple(values)
+
+
+def as_path(path: str | os.PathLike, what: str) -> Path:
+    """A path a caller gave (`what` it names, for the error), `~` expanded."""
+    if not isinstance(path, str | os.PathLike):
+        raise DiffGemmaError(f"{what} is a path (a string or os.PathLike), got {type(path).__name__}")
+    return Path(path).expanduser()
 
 
 def read_text(path: str | Path, newline: str | None = None) -> str:

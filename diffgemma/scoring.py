@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import is_int
 from .errors import DiffGemmaError
 from .model import PREFILL_CHUNK, DiffusionGemma
 
@@ -47,8 +48,8 @@ def score_batch(network: DiffusionGemma, rows: list[list[int]], top: int = 0) ->
     a causal encoder never lets their tokens see, so each row scores as it would alone. The rows go through the
     encoder in chunks (`DiffusionGemma.encode`) and the head a slice of positions at a time, so memory stays
     that of a prompt chunk and SCORE_LOGITS_BYTES of logits."""
-    if not 0 <= top <= MAX_TOP:
-        raise DiffGemmaError(f"top must be between 0 and {MAX_TOP}, got {top}")
+    if not is_int(top) or not 0 <= top <= MAX_TOP:
+        raise DiffGemmaError(f"top must be an integer between 0 and {MAX_TOP}, got {top!r}")
     vocab, longest = network.config.vocab_size, network.config.max_position_embeddings
     for ids in rows:
         if not ids:

@@ -151,6 +151,8 @@ class Tokenizer:
                 "this checkpoint's tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)"
             )
         check_messages(messages)
+        if not isinstance(prefill, str):
+            raise DiffGemmaError(f"a prefill is the answer's start, a text; got {type(prefill).__name__}")
         if prefill and not add_generation_prompt:
             raise DiffGemmaError("a prefill begins the model's answer, so it needs the generation prompt")
         if tools and not self.renders_tools:

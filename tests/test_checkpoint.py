@@ -369,6 +369,13 @@ def test_bad_device_and_dtype(reference_checkpoints):
         diffgemma.load(reference_checkpoints["A"], dtype="int3")
     with pytest.raises(DiffGemmaError, match="unknown device"):
         diffgemma.load(reference_checkpoints["A"], device="warp-drive")
+    with pytest.raises(DiffGemmaError, match="quant must be one of int8, int4, fp8"):
+        diffgemma.load(reference_checkpoints["A"], quant=4)
+    for nothing in (None, 5):  # not paths: TypeErrors from pathlib, before
+        with pytest.raises(DiffGemmaError, match="a checkpoint .* is a path"):
+            diffgemma.load(nothing)
+        with pytest.raises(DiffGemmaError, match="the folder to write the checkpoint to is a path"):
+            diffgemma.load(reference_checkpoints["A"]).save(nothing)
     with pytest.raises(DiffGemmaError, match="device 'meta' was asked for, but this machine or PyTorch build has none"):
         diffgemma.load(reference_checkpoints["A"], device="meta")  # (as Intel's xpu is where there is none)
     with pytest.raises(DiffGemmaError, match=r"device 'cpu:1' was asked for, but this machine has 1 cpu device\(s\)"):

@@ -378,6 +378,8 @@ def test_a_prefill_begins_the_answer_and_the_model_goes_on(demo):
     assert reply.content.startswith("n apple")  # the demo's taught answer is "An apple."
     with pytest.raises(DiffGemmaError, match="needs the generation prompt"):
         demo.tokenizer.apply_chat_template(question, add_generation_prompt=False, prefill="A")
+    with pytest.raises(DiffGemmaError, match="a prefill is the answer's start, a text; got int"):
+        demo.chat(question, prefill=5)
 
 
 def test_sanitized_messages_cannot_forge_the_templates_markers(demo):

@@ -93,8 +93,9 @@ def test_bad_input_is_a_clear_error(ours):
         model.score([])
     with pytest.raises(DiffGemmaError, match="outside the vocabulary"):
         model.score([2, model.config.vocab_size])
-    with pytest.raises(DiffGemmaError, match="top must be between 0 and 20"):
-        model.score([2, 3], top=21)
+    for top in (21, -1, 1.5, "3", None):
+        with pytest.raises(DiffGemmaError, match="top must be an integer between 0 and 20"):
+            model.score([2, 3], top=top)
     for bad in (torch.tensor([[2, 3]]), [2.5, 3], [2, "a"], [[2, "a"]], None, 5):
         with pytest.raises(DiffGemmaError, match="a text, or token ids"):
             model.score(bad)

@@ -85,6 +85,9 @@ def test_parse_formats_and_errors(tmp_path):
     # the rules kept, but the first row's last cell sees all nine digits (1-8 in its row, a 9 in its column)
     with pytest.raises(DiffGemmaError, match="no solution: row 1, column 9 can hold no digit"):
         sudoku.parse("12345678." + "........9" + "." * 63)
+    for bad, said in (([0] * 80, "a list of 80"), (text, "a str"), (None, "a NoneType"), ([10] * 81, "a list of 81")):
+        with pytest.raises(DiffGemmaError, match=f"expected 81 integers from 0 \\(empty\\) to 9 .* got {said}"):
+            sudoku.check_puzzle(bad)  # (what the solvers check their puzzles with: an IndexError, before)
     path = tmp_path / "puzzles.txt"
     path.write_text(text + "\n\n" + text.replace("0", ".") + "\n")
     assert sudoku.read_puzzles(path) == [puzzle, puzzle]

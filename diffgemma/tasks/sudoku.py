@@ -44,7 +44,7 @@ import torch
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors
 
-from ..config import read_text
+from ..config import is_int, read_text
 from ..errors import DiffGemmaError
 
 CELLS = 81
@@ -97,6 +97,13 @@ def parse(line: str, where: str = "puzzle") -> list[int]:
 def check_puzzle(grid: Sequence[int], where: str = "puzzle") -> None:
     """Givens that keep the rules, and no empty cell whose peers already hold all nine digits (such a puzzle
     has no solution, and with the givens' digits banned that cell would have nothing left to draw)."""
+    cells = isinstance(grid, Sequence) and not isinstance(grid, str) and len(grid) == CELLS
+    if not cells or not all(is_int(value) and 0 <= value <= 9 for value in grid):
+        listed = isinstance(grid, Sequence) and not isinstance(grid, str)
+        shown = f"a {type(grid).__name__}" + (f" of {len(grid)}" if listed else "")
+        raise DiffGemmaError(
+            f"{where}: expected {CELLS} integers from 0 (empty) to 9 (`parse` reads text), got {shown}"
+        )
     if not is_consistent(grid):
         raise DiffGemmaError(f"{where}: the givens break the rules (a digit repeats in a row, column or box)")
     for cell in range(CELLS):
