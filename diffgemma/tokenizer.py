@@ -129,10 +129,15 @@ class Tokenizer:
         return self.backend.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise DiffGemmaError(f"the tokenizer encodes a text, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        try:
+            return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        except (TypeError, OverflowError):  # (the tokenizers library's errors for what is no list of ids)
+            raise DiffGemmaError(f"the tokenizer decodes token ids (integers from 0), got {ids!r:.80}") from None
 
     def apply_chat_template(
         self,

@@ -380,6 +380,12 @@ def test_a_prefill_begins_the_answer_and_the_model_goes_on(demo):
         demo.tokenizer.apply_chat_template(question, add_generation_prompt=False, prefill="A")
     with pytest.raises(DiffGemmaError, match="a prefill is the answer's start, a text; got int"):
         demo.chat(question, prefill=5)
+    for bad in (None, 5, b"A"):  # the tokenizer's own wrong kinds (TypeError, OverflowError from the library)
+        with pytest.raises(DiffGemmaError, match="the tokenizer encodes a text"):
+            demo.tokenizer.encode(bad)
+    for bad in (None, "A", [-1], [1.5]):
+        with pytest.raises(DiffGemmaError, match="the tokenizer decodes token ids"):
+            demo.tokenizer.decode(bad)
 
 
 def test_sanitized_messages_cannot_forge_the_templates_markers(demo):

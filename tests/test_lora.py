@@ -114,8 +114,13 @@ def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
         (adapter_dir / "adapter_config.json").write_text(json.dumps({**written, **changes}))
         with pytest.raises(DiffGemmaError, match=message):
             load_adapter(diffgemma.load(folder).network, adapter_dir)
-    with pytest.raises(DiffGemmaError, match="rank must be at least 1"):
-        LoraSettings(rank=0)
+    for rank in (0, "4", None, 1.5):
+        with pytest.raises(DiffGemmaError, match="rank must be a whole number of at least 1"):
+            LoraSettings(rank=rank)
+    with pytest.raises(DiffGemmaError, match="LoRA alpha must be a number"):
+        LoraSettings(4, alpha="8")
+    with pytest.raises(DiffGemmaError, match="an adapter .* is a path"):
+        load_adapter(diffgemma.load(folder).network, None)
     with pytest.raises(DiffGemmaError, match="carries LoRA adapters"):
         bare = diffgemma.load(folder)
         add_lora(bare.network, settings)

@@ -44,6 +44,7 @@ from ..checkpoint import (
 from ..config import (
     GENERATION_FILE,
     SamplerSettings,
+    as_path,
     is_int,
     is_number,
     load_configs,
@@ -74,8 +75,10 @@ class LoraSettings:
     self_conditioning: bool = False
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise DiffGemmaError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not is_int(self.rank) or self.rank < 1:
+            raise DiffGemmaError(f"LoRA rank must be a whole number of at least 1, got {self.rank!r}")
+        if not is_number(self.alpha):
+            raise DiffGemmaError(f"LoRA alpha must be a number, got {self.alpha!r}")
 
     @property
     def pattern(self) -> str:
@@ -230,7 +233,7 @@ def save_adapter(
         "target_modules": f"({prefixes})({settings.pattern})",
         "diffgemma": {"self_conditioning": settings.self_conditioning},
     }
-    destination = Path(folder).absolute()
+    destination = as_path(folder, "the folder to write the adapter to").absolute()
     check_disk(destination, sum(t.numel() * t.element_size() for t in tensors.values()))
     with writing(destination):
         destination.mkdir(parents=True, exist_ok=True)
@@ -289,7 +292,7 @@ def read_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> tuple[Lo
     """An adapter folder's settings and tensors (on the CPU, by our names: `...q_proj.lora_A.weight`), after
     adding its adapters to `network` (the meta device serves: they give the names and shapes looked for), each
     one checked present and of its shape."""
-    folder = Path(folder)
+    folder = as_path(folder, "an adapter (its folder)")
     settings = read_adapter_settings(folder)
     weights_path = folder / WEIGHTS_FILE
     try:
@@ -327,7 +330,7 @@ def merge_adapter_files(
     save would write from the loaded base (in `dtype`, or the stored one), without holding the model, so a base
     larger than memory merges (the 26B's 47 GiB of bf16 on a machine that trained its QLoRA adapter in 16).
     The adapter's generation config, if any, goes with it. Returns how many adapters were folded in."""
-    base = Path(base)
+    base = as_path(base, "the base checkpoint (its folder)")
     config, settings = load_configs(base)
     saved = format_from_config(config.raw)
     if saved is not None:
