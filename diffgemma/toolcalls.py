@@ -10,6 +10,8 @@ the calls and answers already in a conversation, in the same syntax.
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import inspect
 import json
 import re
@@ -255,10 +257,14 @@ _ARG_LINE = re.compile(r"\s*(\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)")
 
 def _json_schema(hint: Any, where: str) -> dict[str, Any]:
     """A type hint as a JSON schema: str, int, float, bool, None, lists, tuples and dicts of them, Literal
-    choices, and unions (`X | None`: X, nullable)."""
+    choices, Enum classes (their members' values: a call's value becomes the member, `run_tool_calls`), and
+    unions (`X | None`: X, nullable)."""
     origin, arguments = typing.get_origin(hint), typing.get_args(hint)
     if hint in _JSON_TYPES:
         return {"type": _JSON_TYPES[hint]}
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        values = [member.value for member in hint]
+        return {"type": _JSON_TYPES.get(type(values[0]), "string"), "enum": values} if values else {"type": "string"}
     if origin is typing.Literal:
         return {"type": _JSON_TYPES.get(type(arguments[0]), "string"), "enum": list(arguments)}
     if origin in (typing.Union, types.UnionType):
@@ -301,8 +307,9 @@ def run_tool_calls(
 ) -> list[dict[str, Any]]:
     """Run a reply's calls with the Python `functions` they name, and give back the messages that carry on the
     conversation: the assistant's (its `content`, its calls), then a tool message for each call with what it
-    returned (text as it is, anything else as JSON). A call to no function given, with arguments that do not
-    fit, or whose function raises, is answered with the error, for the model to read (as agents do)."""
+    returned (text as it is, anything else as JSON; an `async` function's result awaited). A call to no function
+    given, with arguments that do not fit, or whose function raises, is answered with the error, for the model
+    to read (as agents do)."""
     by_name = {function.__name__: function for function in functions}
     turn: dict[str, Any] = {"role": "assistant", "content": content, "tool_calls": []}
     answers = []
@@ -314,12 +321,28 @@ def run_tool_calls(
         try:
             if call.name not in by_name:
                 raise LookupError(f"no tool named {call.name!r}; the tools are {', '.join(by_name)}")
-            returned = by_name[call.name](**call.arguments)
+            returned = _call(by_name[call.name], call.arguments)
             answer = returned if isinstance(returned, str) else json.dumps(returned, ensure_ascii=False, default=str)
         except Exception as err:  # the model is told what went wrong, as an agent tells it
             answer = f"error: {type(err).__name__}: {err}"
         answers.append({"role": "tool", "tool_call_id": call_id, "name": call.name, "content": answer})
     return [turn, *answers]
+
+
+def _call(function: Callable[..., Any], arguments: dict[str, Any]) -> Any:
+    """`function` called with a call's arguments, each value for an Enum parameter made its member (the model
+    writes the value), an `async` function's result awaited."""
+    try:
+        hints = typing.get_type_hints(function)
+    except (TypeError, NameError):  # (a builtin, say: no hints to read, nothing to convert)
+        hints = {}
+    for name, value in arguments.items():
+        kinds = [hints.get(name), *typing.get_args(hints.get(name))]  # (an `Enum | None` too)
+        kind = next((kind for kind in kinds if isinstance(kind, type) and issubclass(kind, enum.Enum)), None)
+        if kind is not None and value is not None:
+            arguments = {**arguments, name: kind(value)}
+    returned = function(**arguments)
+    return asyncio.run(returned) if inspect.iscoroutine(returned) else returned
 
 
 def tool_plan(tools: Sequence[Tool] | None, tool_choice: str = "auto") -> tuple[list | None, str]:

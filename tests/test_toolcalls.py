@@ -1,6 +1,7 @@
 """Tool calls: Gemma 4's call syntax read out of replies, the template that writes tools and calls, and the
 demo model (taught one call and its follow-up) calling a tool through the Python API."""
 
+import enum
 import json
 from typing import Literal
 
@@ -262,3 +263,42 @@ def test_an_agent_loop_runs_the_calls_and_ends_with_the_answer(demo):
     assert len({call["id"] for call in turn["tool_calls"]} | {call_id}) == 4  # every call its own id
     answers = [message["content"] for message in answered]
     assert answers[0] == "[]" and answers[1].startswith("error: TypeError") and "no tool named 'lookup'" in answers[2]
+
+
+class Sky(enum.Enum):
+    CLEAR = "clear"
+    CLOUDY = "cloudy"
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+def forecast(sky: Sky, level: Level = Level.LOW, later: Sky | None = None) -> str:
+    """A forecast."""
+    return f"{sky.name} {level.name} {later.name if later else '-'}"
+
+
+async def fetch_weather(city: str) -> dict:
+    """The weather, from a service."""
+    return {"city": city, "sky": "clear"}
+
+
+def test_enum_parameters_and_async_functions_work_as_tools():
+    """An Enum parameter is offered as its members' values and called with the member; an `async` function's
+    result is awaited (it was the coroutine's repr, with a never-awaited warning)."""
+    properties = function_tool(forecast)["function"]["parameters"]["properties"]
+    assert properties["sky"] == {"type": "string", "enum": ["clear", "cloudy"]}
+    assert properties["level"] == {"type": "integer", "enum": [1, 2]}
+    assert properties["later"] == {"type": "string", "enum": ["clear", "cloudy"], "nullable": True}
+    calls = (
+        ToolCall("forecast", {"sky": "cloudy", "level": 2, "later": "clear"}),
+        ToolCall("forecast", {"sky": "rainy"}),
+        ToolCall("fetch_weather", {"city": "Paris"}),
+    )
+    _, *answered = run_tool_calls(calls, [forecast, fetch_weather])
+    answers = [message["content"] for message in answered]
+    assert answers[0] == "CLOUDY HIGH CLEAR"
+    assert answers[1] == "error: ValueError: 'rainy' is not a valid Sky"
+    assert json.loads(answers[2]) == {"city": "Paris", "sky": "clear"}
