@@ -335,8 +335,10 @@ def test_anthropics_messages_api_with_the_anthropic_client(server, client):
     assert answered.content[0].text == WEATHER_ANSWER and answered.stop_reason == "end_turn"
 
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": ""}}
     for bad in (
         {"messages": [{"role": "user", "content": [image]}]},
+        {"messages": [{"role": "user", "content": [pdf]}]},
         {"messages": ask(SKY), "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
         {"messages": ask(SKY), "tool_choice": {"type": "tool"}},
     ):
@@ -446,6 +448,10 @@ def test_error_statuses(server, client):
             model="demo", messages=[{"role": "user", "content": [{"type": "text", "text": SKY}, image]}]
         )
     assert bad_part.value.param == "messages"
+    legacy = {"functions": [{"name": "get_weather", "parameters": {"type": "object"}}]}  # deprecated: not ignored
+    with pytest.raises(openai.BadRequestError, match="deprecated form of tools") as bad_functions:
+        client.chat.completions.create(model="demo", messages=ask(SKY), extra_body=legacy)
+    assert bad_functions.value.param == "functions"
     parts = [{"type": "text", "text": "Why is the sky "}, {"type": "text", "text": "blue?"}]
     reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": parts}], seed=1)
     assert reply.choices[0].message.content == ANSWERS[SKY]
@@ -941,6 +947,21 @@ def test_the_serve_command_answers_an_openai_client(demo):
         process.wait(timeout=30)
     said = process.stdout.read()
     assert f"diffgemma: serving demo-cli at http://127.0.0.1:{port}/v1" in said
+
+
+def test_anthropic_text_documents_are_read_as_text():
+    """A `document` block of text (plain, or text blocks) is read into the user's turn, its title and context
+    first; a PDF is refused (above)."""
+    from diffgemma.server.messages import Conversation, request_conversation
+
+    plain = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "The sky is blue."}}
+    blocks = {"type": "content", "content": [{"type": "text", "text": "Grass is green."}]}
+    titled = {"type": "document", "source": blocks, "title": "Notes", "context": "from a field guide"}
+    question = {"type": "text", "text": "Summarise."}
+    body = Conversation(messages=[{"role": "user", "content": [plain, titled, question]}])
+    messages, _ = request_conversation(body)
+    expected = "The sky is blue.\n\nNotes\n\nfrom a field guide\n\nGrass is green.\n\nSummarise."
+    assert messages == [{"role": "user", "content": expected}]
 
 
 def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(monkeypatch, capsys):

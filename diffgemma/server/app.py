@@ -163,6 +163,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
+        if body.functions is not None or body.function_call is not None:  # (its answers have another shape)
+            message = "functions and function_call, OpenAI's deprecated form of tools, are not supported: send tools"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "functions")
         answer_format = chat_format(body)
         messages = [message.for_template() for message in body.messages]
         messages = answer_format.with_instruction(messages) if answer_format is not None else messages

@@ -67,6 +67,8 @@ def request_conversation(body: Conversation) -> tuple[list[dict[str, Any]], bool
             kind = block.get("type")
             if kind == "text":
                 text.append(str(block.get("text", "")))
+            elif kind == "document" and role == "user":
+                text.append(document_text(block))
             elif kind == "tool_result" and role == "user":
                 answer = content_text(block.get("content"), "messages")
                 messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": answer})
@@ -86,6 +88,20 @@ def request_conversation(body: Conversation) -> tuple[list[dict[str, Any]], bool
                 turn["reasoning_content"] = "\n".join(reasoning)
             messages.append(turn)
     return messages, (body.thinking or {}).get("type") == "enabled"
+
+
+def document_text(block: dict[str, Any]) -> str:
+    """A `document` block of text (a plain-text source, or one of text blocks) as the text the model reads: its
+    title and context, if given, then the document. A PDF or a URL (the model reads no files) is refused."""
+    source = block.get("source") or {}
+    if source.get("type") == "text":
+        body = str(source.get("data", ""))
+    elif source.get("type") == "content" and isinstance(source.get("content"), list | str):
+        body = content_text(source["content"], "messages")
+    else:
+        raise _refuse(f"document blocks of source type {source.get('type')!r} are not supported: text only", "messages")
+    heading = [str(block[key]) for key in ("title", "context") if block.get(key)]
+    return "\n\n".join([*heading, body]) + "\n\n"
 
 
 def messages_format(body: Conversation) -> tuple[dict[str, Any] | None, str]:

@@ -133,6 +133,8 @@ class ChatRequest(SamplerExtras):
     tools: list[dict[str, Any]] | None = None  # functions the model may call: `tool_calls` in the answer
     tool_choice: ToolChoiceField = None  # "auto" (default), "none", "required" or {"function": {"name": ...}}
     parallel_tool_calls: bool = True  # (the model decides how many calls it makes)
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools: refused, not ignored
+    function_call: str | dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplerExtras):
