@@ -791,6 +791,10 @@ def test_the_responses_api_with_the_openai_client(client, server):
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="demo", input=[image])
     assert refused.value.param == "input"
+    for stored in ({"previous_response_id": made.id}, {"conversation": "conv_1"}):  # (ignored, it answered afresh)
+        with pytest.raises(openai.BadRequestError, match="responses are not stored here") as refused:
+            client.responses.create(model="demo", input=SKY, **stored)
+        assert refused.value.param == next(iter(stored))
 
 
 def test_a_responses_conversation_sent_back_whole_reads_as_chat_messages(client):

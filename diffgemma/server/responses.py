@@ -38,6 +38,10 @@ class ResponsesRequest(SamplerExtras):
     tools: list[dict[str, Any]] | None = None  # {"type": "function", "name", "description", "parameters"}
     tool_choice: ToolChoiceField = None  # "auto" (default), "none", "required" or {"type": "function", "name"}
     parallel_tool_calls: bool = True
+    # a stored conversation to go on from: none is stored here, so these are refused (not ignored, which would
+    # answer as if nothing came before)
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
 
 
 def request_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
@@ -56,6 +60,10 @@ def request_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
 def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], bool, AnswerFormat | None]:
     """The request as chat messages (the instructions first, as a system message), whether to think, and the
     JSON answer's form if `text.format` asks for one (its instruction then in the system message)."""
+    for field in ("previous_response_id", "conversation"):
+        if getattr(body, field) is not None:
+            message = f"{field}: responses are not stored here; send the conversation so far as `input`"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", field)
     answer_format = asked_format((body.text or {}).get("format"), "text.format")
     messages: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
