@@ -195,6 +195,7 @@ class DiffGemma:
         self.settings = settings
         self.folder = folder
         self.quant = quant
+        self.adapter: Path | None = None  # the LoRA adapter applied (`load_adapter`)
         self._passthrough = passthrough or {}
         self.prefix_cache: PrefixCache | None = PrefixCache(tokenizer.token_id(TURN_OPEN) if tokenizer else None)
 
@@ -537,6 +538,24 @@ class DiffGemma:
         if self.tokenizer is None:
             raise DiffGemmaError("this checkpoint has no tokenizer (tokenizer.json); text features need one")
         return self.tokenizer
+
+    def load_adapter(self, folder: str | os.PathLike) -> None:
+        """Apply a LoRA adapter (PEFT's layout, as `train chat --lora-rank` saves one) to this model: folded into
+        float weights (as `lora-merge` folds it on disk: no cost a step), or, over weights loaded quantized, run
+        beside them as it was trained in QLoRA (requantizing the sum would round it a second time). Its
+        generation settings (the EOS ids training added), if it carries them, become the model's."""
+        from .train.lora import adapter_generation, load_adapter, merge_lora
+
+        if self.adapter is not None:
+            raise DiffGemmaError(f"this model has an adapter already ({self.adapter}): load the base again for another")
+        load_adapter(self.network, folder)
+        if self.quant is None:
+            merge_lora(self.network)
+        self.network.requires_grad_(False)
+        self.settings = adapter_generation(folder) or self.settings
+        self.adapter = Path(folder)
+        if self.prefix_cache is not None:  # (caches of the weights before)
+            self.prefix_cache.clear()
 
     def save(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> Path:
         """Write this model (and its tokenizer files) as a checkpoint `transformers` loads too; atomic."""

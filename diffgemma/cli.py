@@ -65,12 +65,14 @@ def _model_path(args: argparse.Namespace) -> str:
 
 
 def _load(args: argparse.Namespace, path: str | os.PathLike | None = None):
-    """The model of the command's options (--model unless `path` is given, --device, --dtype, --quant, --compile,
-    --prefix-cache)."""
+    """The model of the command's options (--model unless `path` is given, --device, --dtype, --quant, --adapter,
+    --compile, --prefix-cache)."""
     from .api import load
 
     path = _model_path(args) if path is None else path
     model = load(path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile)
+    if args.adapter is not None:
+        model.load_adapter(args.adapter)
     if args.prefix_cache == 0:
         model.prefix_cache = None
     elif model.prefix_cache is not None:
@@ -923,8 +925,8 @@ def _add_model_options(
 ) -> None:
     """--model, --device (unless `device` is False: a command that runs nothing there), --dtype (default `dtype`,
     one of DTYPE_CHOICES), --threads (`main` applies it); for a command that runs the model (`inference`,
-    `_load`) --quant, --compile and --prefix-cache (default `prefix_cache`); and with `sampling` the sampler's
-    settings."""
+    `_load`) --quant, --adapter, --compile and --prefix-cache (default `prefix_cache`); and with `sampling` the
+    sampler's settings."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     if device:
         parser.add_argument("--device", default="auto", help="auto (a CUDA GPU if any, else the CPU), cpu, cuda:1, mps")
@@ -933,6 +935,11 @@ def _add_model_options(
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     if inference:
         parser.add_argument("--quant", default=None, choices=FORMATS, help="quantize weights while loading")
+        parser.add_argument(
+            "--adapter",
+            metavar="DIR",
+            help="a LoRA adapter (train chat --lora-rank) on the model: folded in, or beside --quant weights",
+        )
         parser.add_argument(
             "--compile", action="store_true", help="compile the decoder (torch.compile; pays off on a GPU)"
         )

@@ -83,6 +83,37 @@ def test_merged_checkpoint_matches_adapter_logits(trained, tmp_path):
         assert (_logits(merged) - adapted).abs().max() < 1e-4
 
 
+def test_a_model_runs_an_adapter_without_a_merged_checkpoint(trained, tmp_path, capsys):
+    """`DiffGemma.load_adapter` (`--adapter DIR`): over float weights the adapter is folded in (the adapted
+    logits, no adapter modules left); over weights loaded quantized it runs beside them, as QLoRA trained it;
+    a second adapter is refused; the command gives what the API gives."""
+    from diffgemma.train.lora import has_lora
+
+    folder, model, settings, _, _, _ = trained
+    adapter_dir = save_adapter(model.network, settings, tmp_path / "adapter", base=str(folder))
+    with torch.no_grad():
+        adapted = _logits(model)
+    folded = diffgemma.load(folder)
+    folded.load_adapter(adapter_dir)
+    assert not has_lora(folded.network) and folded.adapter == adapter_dir
+    with torch.no_grad():
+        assert (_logits(folded) - adapted).abs().max() < 1e-4
+    with pytest.raises(DiffGemmaError, match="has an adapter already"):
+        folded.load_adapter(adapter_dir)
+    beside = diffgemma.load(folder, quant="int8")
+    plain_int8 = _logits(beside)
+    beside.load_adapter(adapter_dir)
+    assert has_lora(beside.network)
+    with torch.no_grad():
+        over_int8 = _logits(beside)
+    assert (over_int8 - plain_int8).abs().max() > 1e-3  # the adapter acts
+    assert (over_int8 - adapted).abs().max() < (plain_int8 - adapted).abs().max()  # towards the adapted model
+    text = folded.generate("abc", max_new_tokens=16, seed=3).text
+    options = ["--model", str(folder), "--adapter", str(adapter_dir), "--seed", "3", "--max-new-tokens", "16"]
+    assert main(["generate", "abc", "--no-stream", *options]) == 0
+    assert capsys.readouterr().out == text + "\n"
+
+
 def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
     folder, model, settings, _, _, _ = trained
     adapter_dir = save_adapter(model.network, settings, tmp_path / "adapter")
