@@ -316,12 +316,37 @@ def _file_prompts(path: str) -> list[str]:
     return [line for line in read_text(path).splitlines() if line.strip()]
 
 
-def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
-    """Every prompt of `--file`, `--batch-size` rows at a time (prompt i seeded seed + i), as JSONL on stdout:
-    {"prompt", "text", "finish_reason"} a line, in the file's order ("length": cut at the token limit)."""
+def _file_conversations(model, path: str, system: str | None, thinking: bool) -> list[tuple[list, list[int]]]:
+    """`chat --file`'s conversations, a .jsonl of {"messages": [...]} records, each with its prompt ids (rendered
+    as `chat` renders one; `system` first where it has no system message); errors name the line."""
+    if Path(path).suffix != ".jsonl":
+        raise DiffGemmaError(f'{path}: chat --file reads a .jsonl file of {{"messages": [...]}} records')
+    conversations = []
+    for where, record in read_jsonl(path):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list):
+            raise DiffGemmaError(f'{where}: expected an object with "messages": [...]')
+        told = messages if not system or (messages and messages[0].get("role") == "system") else None
+        told = told if told is not None else [{"role": "system", "content": system}, *messages]
+        try:
+            conversations.append((messages, model.tokenizer.encode_chat(told, thinking)))
+        except DiffGemmaError as err:
+            raise DiffGemmaError(f"{where}: {err}") from None
+    return conversations
+
+
+def _run_file(
+    model,
+    args: argparse.Namespace,
+    sampler: dict[str, Any],
+    prompts: list,
+    stop: Any,
+    record: Callable[[int, Any, int], dict[str, Any]],
+) -> None:
+    """`--file`'s prompts (texts or ids), `--batch-size` rows at a time (prompt i seeded seed + i), as JSONL on
+    stdout in the file's order: `record(i, result, row)` for prompt i, row `row` of its batch's result."""
     import json
 
-    prompts = _file_prompts(args.file)
     if not prompts:
         raise DiffGemmaError(f"{args.file}: no prompts")
     size = 1 if args.mode == "reference" else args.batch_size  # (reference mode draws one stream for a batch)
@@ -330,14 +355,41 @@ def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> 
         rows = prompts[start : start + size]
         seeds = None if args.seed is None else [args.seed + start + i for i in range(len(rows))]
         seed = seeds[0] if seeds is not None and args.mode == "reference" else seeds
-        result = model.generate(rows, seed=seed, mode=args.mode, stop=args.stop, **sampler)
-        for prompt, text, cut in zip(rows, result.text, result.reached_limit, strict=True):  # (a list: a batch)
-            record = {"prompt": prompt, "text": text, "finish_reason": "length" if cut else "stop"}
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+        result = model.generate(rows, seed=seed, mode=args.mode, stop=stop, **sampler)
+        for row in range(len(rows)):
+            print(json.dumps(record(start + row, result, row), ensure_ascii=False), flush=True)
         tokens += sum(len(row) for row in result.new_tokens)
         seconds += result.wall_time
     if args.stats:
         print(f"[{len(prompts)} prompts, {tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+def _finish(result, row: int) -> str:
+    return "length" if result.reached_limit[row] else "stop"
+
+
+def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
+    """`generate --file`: {"prompt", "text", "finish_reason"} a prompt ("length": cut at the token limit)."""
+    prompts = _file_prompts(args.file)
+
+    def record(index: int, result, row: int) -> dict[str, Any]:
+        return {"prompt": prompts[index], "text": result.text[row], "finish_reason": _finish(result, row)}
+
+    _run_file(model, args, sampler, prompts, args.stop, record)
+
+
+def _chat_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
+    """`chat --file`: each conversation's next answer, {"messages", "text", "reasoning" (when it thought),
+    "finish_reason"} a conversation."""
+    conversations = _file_conversations(model, args.file, args.system, args.think)
+    reply = model.settled_text(True, args.stop or ())
+
+    def record(index: int, result, row: int) -> dict[str, Any]:
+        content, reasoning = reply.parts(result.new_tokens[row])
+        answered = {"messages": conversations[index][0], "text": content}
+        return {**answered, **({"reasoning": reasoning} if reasoning else {}), "finish_reason": _finish(result, row)}
+
+    _run_file(model, args, sampler, [ids for _, ids in conversations], reply.stops, record)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -406,11 +458,18 @@ def _say_if_cut(result) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    if args.file is not None and (args.message is not None or args.tools or args.watch):
+        raise DiffGemmaError("--file answers many conversations, each once: not with a message, --tools or --watch")
+    if args.stats and args.file is None:
+        raise DiffGemmaError("--stats sums up a --file run")
     functions = _tool_functions(args.tools) if args.tools else []  # (a bad file is told before the model loads)
     model = _load(args)
     sampler = _sampler(args)
     # Answers run to EOS; the checkpoint's max_new_tokens (the reference's 256: one canvas) would cut most.
     sampler.setdefault("max_new_tokens", max(CHAT_MAX_NEW_TOKENS, model.settings.max_new_tokens))
+    if args.file is not None:
+        _chat_file(model, args, sampler)
+        return
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, Any]] = list(opening)
     thinking = args.think
@@ -1017,6 +1076,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.py",
         help="a Python file whose functions the model may call (run here; answers print whole)",
     )
+    chat.add_argument(
+        "--file",
+        help='many conversations: a .jsonl of {"messages": [...]}, each answered once; JSONL out',
+    )
+    chat.add_argument("--batch-size", type=_at_least(1), default=8, help="--file: conversations denoised together")
+    chat.add_argument("--stats", action="store_true", help="--file: print tokens and speed to stderr")
     _add_stop_option(chat)
     _add_template_option(chat)
     _add_model_options(chat)

@@ -526,6 +526,31 @@ def test_edit_keeps_the_files_line_endings_and_refuses_what_is_not_utf8(capsys, 
     assert code == 2 and "UTF-16 text; save it as UTF-8" in err
 
 
+def test_chat_a_file_of_conversations_as_jsonl(capsys, tmp_path, demo):
+    """`chat --file`: each conversation's next answer, in batches, as JSONL in the file's order; conversation i
+    seeded seed + i, so each answer is what `chat` gives that conversation alone; bad records named."""
+    questions = ["Why is the sky blue?", "Name a fruit.", "Why is the sky blue?"]
+    conversations = [[{"role": "user", "content": question}] for question in questions]
+    path = tmp_path / "conversations.jsonl"
+    path.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in conversations))
+    options = ["--model", DEMO, "--seed", "3", "--max-new-tokens", "80", "--batch-size", "2"]
+    code, out, err = run(capsys, "chat", "--file", str(path), *options, "--stats")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [record["messages"] for record in records] == conversations
+    for index, record in enumerate(records):
+        alone = demo.chat(conversations[index], seed=3 + index, max_new_tokens=80)
+        assert record["text"] == alone.content == ANSWERS[questions[index]]
+        assert record["finish_reason"] == "stop" and "reasoning" not in record
+    assert err.startswith("[3 prompts, ")
+    path.write_text('{"messages": "hi"}\n')
+    code, _, err = run(capsys, "chat", "--file", str(path), "--model", DEMO)
+    assert code == 2 and "conversations.jsonl:1: expected an object with" in err
+    code, _, err = run(capsys, "chat", "hi", "--file", str(path), "--model", DEMO)
+    assert code == 2 and "--file answers many conversations" in err
+    code, _, err = run(capsys, "chat", "hi", "--stats", "--model", DEMO)
+    assert code == 2 and "--stats sums up a --file run" in err
+
+
 def test_generate_a_file_of_prompts_as_jsonl(capsys, tmp_path, demo):
     """`generate --file`: every prompt, in batches, as JSONL in the file's order; prompt i seeded seed + i, so
     each line is what that prompt alone gives with its seed; a .jsonl of {"prompt": ...} too; bad input named."""
