@@ -1,10 +1,11 @@
 """LoRA: only adapters train, the PEFT layout round-trips, and merging gives the adapter's logits."""
 
 import json
+import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import diffgemma
 from diffgemma import DiffGemmaError
@@ -94,7 +95,9 @@ def test_a_model_runs_an_adapter_without_a_merged_checkpoint(trained, tmp_path, 
     with torch.no_grad():
         adapted = _logits(model)
     folded = diffgemma.load(folder)
-    folded.load_adapter(adapter_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # our adapters hold the same tensors under the encoder's names: no warning
+        folded.load_adapter(adapter_dir)
     assert not has_lora(folded.network) and folded.adapter == adapter_dir
     with torch.no_grad():
         assert (_logits(folded) - adapted).abs().max() < 1e-4
@@ -112,6 +115,13 @@ def test_a_model_runs_an_adapter_without_a_merged_checkpoint(trained, tmp_path, 
     options = ["--model", str(folder), "--adapter", str(adapter_dir), "--seed", "3", "--max-new-tokens", "16"]
     assert main(["generate", "abc", "--no-stream", *options]) == 0
     assert capsys.readouterr().out == text + "\n"
+    # an adapter whose encoder copies were trained apart (PEFT on the reference model): said, the decoder's used
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    encoder_key = next(key for key in weights if ".encoder." in key and key.endswith("lora_B.weight"))
+    weights[encoder_key] = weights[encoder_key] + 1
+    save_file(weights, str(adapter_dir / "adapter_model.safetensors"))
+    with pytest.warns(UserWarning, match="1 of its encoder's adapter tensors differ from its decoder's"):
+        diffgemma.load(folder).load_adapter(adapter_dir)
 
 
 def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):

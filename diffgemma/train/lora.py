@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,7 +305,7 @@ def read_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> tuple[Lo
         message = f"`r` is {settings.rank}, but the adapter's weights have rank {ranks}"
         raise DiffGemmaError(f"{folder / CONFIG_FILE}: {message}")
     add_lora(network, settings)
-    tensors = {}
+    tensors, apart = {}, 0
     for name, target in network.state_dict(keep_vars=True).items():
         if ".lora_" not in name:
             continue
@@ -316,6 +317,15 @@ def read_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> tuple[Lo
                 f"{weights_path}: {key} has shape {list(stored[key].shape)}, expected {list(target.shape)}"
             )
         tensors[name] = stored[key]
+        twin = stored.get(PEFT_PREFIX + ENCODER + name)
+        apart += twin is not None and not torch.equal(twin, stored[key])
+    if apart:
+        warnings.warn(
+            f"{weights_path}: {apart} of its encoder's adapter tensors differ from its decoder's (trained apart, "
+            "as PEFT trains the reference model's two copies); one network runs both passes here: the decoder's "
+            "serve both",
+            stacklevel=2,
+        )
     return settings, tensors
 
 
