@@ -1065,7 +1065,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(score, sampling=False)
     score.set_defaults(run=cmd_score)
 
-    chat = commands.add_parser("chat", help="an interactive chat (/reset, /think on|off, /exit)")
+    chat = commands.add_parser(
+        "chat", help="an interactive chat (/reset, /think on|off, /exit), one message, or --file of conversations"
+    )
     chat.add_argument("message", nargs="?", help="answer this one message and exit (default: a conversation)")
     chat.add_argument("--system", help="a system prompt, kept across /reset")
     _add_stream_option(chat)
