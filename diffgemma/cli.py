@@ -326,12 +326,14 @@ def _file_conversations(model, path: str, system: str | None, thinking: bool) ->
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list):
             raise DiffGemmaError(f'{where}: expected an object with "messages": [...]')
-        told = messages if not system or (messages and messages[0].get("role") == "system") else None
-        told = told if told is not None else [{"role": "system", "content": system}, *messages]
+        has_system = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
+        told = [{"role": "system", "content": system}, *messages] if system and not has_system else messages
         try:
             conversations.append((messages, model.tokenizer.encode_chat(told, thinking)))
         except DiffGemmaError as err:
             raise DiffGemmaError(f"{where}: {err}") from None
+    if not conversations:
+        raise DiffGemmaError(f"{path}: no conversations")
     return conversations
 
 
@@ -364,7 +366,8 @@ def _run_file(
         print(f"[{len(prompts)} prompts, {tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
 
 
-def _finish(result, row: int) -> str:
+def _finish_reason(result, row: int) -> str:
+    """A --file row's finish reason, as OpenAI's: "length" when cut at the token limit, else "stop"."""
     return "length" if result.reached_limit[row] else "stop"
 
 
@@ -373,7 +376,7 @@ def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> 
     prompts = _file_prompts(args.file)
 
     def record(index: int, result, row: int) -> dict[str, Any]:
-        return {"prompt": prompts[index], "text": result.text[row], "finish_reason": _finish(result, row)}
+        return {"prompt": prompts[index], "text": result.text[row], "finish_reason": _finish_reason(result, row)}
 
     _run_file(model, args, sampler, prompts, args.stop, record)
 
@@ -387,7 +390,11 @@ def _chat_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None
     def record(index: int, result, row: int) -> dict[str, Any]:
         content, reasoning = reply.parts(result.new_tokens[row])
         answered = {"messages": conversations[index][0], "text": content}
-        return {**answered, **({"reasoning": reasoning} if reasoning else {}), "finish_reason": _finish(result, row)}
+        return {
+            **answered,
+            **({"reasoning": reasoning} if reasoning else {}),
+            "finish_reason": _finish_reason(result, row),
+        }
 
     _run_file(model, args, sampler, [ids for _, ids in conversations], reply.stops, record)
 
