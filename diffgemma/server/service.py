@@ -62,6 +62,9 @@ DONE = "data: [DONE]\n\n"  # the last event of a chat or completions stream
 
 @dataclass(frozen=True)
 class ServerOptions:
+    """The server's settings (`serve`'s options): the name it serves the model under, the key it asks for, and
+    its limits on prompts, answers, bodies, rows in flight and rows a batch."""
+
     model_name: str = "diffgemma"
     api_key: str | None = None
     max_prompt_tokens: int = 8192
