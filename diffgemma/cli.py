@@ -384,8 +384,8 @@ def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> 
 def _chat_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
     """`chat --file`: each conversation's next answer, {"messages", "text", "reasoning" (when it thought),
     "finish_reason"} a conversation."""
+    reply = model.settled_text(True, args.stop or ())  # (first: a checkpoint without a tokenizer is told here)
     conversations = _file_conversations(model, args.file, args.system, args.think)
-    reply = model.settled_text(True, args.stop or ())
 
     def record(index: int, result, row: int) -> dict[str, Any]:
         content, reasoning = reply.parts(result.new_tokens[row])

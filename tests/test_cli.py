@@ -549,6 +549,13 @@ def test_chat_a_file_of_conversations_as_jsonl(capsys, tmp_path, demo):
     assert code == 2 and "--file answers many conversations" in err
     code, _, err = run(capsys, "chat", "hi", "--stats", "--model", DEMO)
     assert code == 2 and "--stats sums up a --file run" in err
+    from diffgemma.presets import random_checkpoint
+
+    bare = random_checkpoint(tmp_path / "bare", preset="tiny", seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (bare / name).unlink(missing_ok=True)
+    code, _, err = run(capsys, "chat", "--file", str(path), "--model", str(bare))  # (an AttributeError, before)
+    assert code == 2 and "this checkpoint has no tokenizer" in err
 
 
 def test_generate_a_file_of_prompts_as_jsonl(capsys, tmp_path, demo):
