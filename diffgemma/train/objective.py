@@ -69,6 +69,11 @@ def example_generator(seed: int, example_id: int, epoch: int) -> torch.Generator
     return torch.Generator().manual_seed(mixed)
 
 
+def response_canvases(example: Example, canvas_length: int) -> int:
+    """The canvases an example's response fills (at least one; the last filled with EOS to its end)."""
+    return max(1, math.ceil(len(example.response) / canvas_length))
+
+
 def make_batch(
     examples: list[Example], canvas_length: int, vocab_size: int, eos_id: int, pad_id: int, seed: int, epoch: int
 ) -> Batch:
@@ -76,7 +81,7 @@ def make_batch(
     if not examples:
         raise DiffGemmaError("a training batch needs at least one example")
     prompt_length = max(len(e.prompt) for e in examples)
-    canvases = [max(1, math.ceil(len(e.response) / canvas_length)) for e in examples]
+    canvases = [response_canvases(e, canvas_length) for e in examples]
     total = prompt_length + max(canvases) * canvas_length
     ids = torch.full((len(examples), total), pad_id, dtype=torch.long)
     valid = torch.zeros((len(examples), total), dtype=torch.bool)

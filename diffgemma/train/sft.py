@@ -7,7 +7,6 @@ exactly. A held-out set (a file, or a slice of the data) is scored every `eval_e
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from ..checkpoint import load_weights
 from ..errors import DiffGemmaError
 from .data import read_chat_jsonl
 from .lora import CONFIG_FILE, LoraSettings, add_lora, load_adapter, save_adapter
-from .objective import Example
+from .objective import Example, response_canvases
 from .trainer import TrainConfig, epoch_batches, evaluation_loss, save_state, train
 
 
@@ -43,7 +42,7 @@ class FinetuneOptions:
 
 def example_length(example: Example, canvas: int) -> int:
     """The tokens an example's pass reads: its prompt, then its response in whole canvases."""
-    return len(example.prompt) + math.ceil(len(example.response) / canvas) * canvas
+    return len(example.prompt) + response_canvases(example, canvas) * canvas
 
 
 def within_length(
