@@ -770,8 +770,8 @@ def denoising_loop(
                     # A row whose settled prefix holds all it will give (its limit, or an EOS) is done: what
                     # follows could not change its output.
                     stop = stop | (settled >= wanted)
-                    if stop_at_eos:
-                        stop = stop | (torch.isin(new_argmax, eos) & prefix).any(-1)
+                    if ending_ids.numel():
+                        stop = stop | (torch.isin(new_argmax, ending_ids) & prefix).any(-1)
                 history = sampling.push_history(history, new_argmax)
                 finished = finished | stop
                 canvas, argmax, self_conditioning = new_canvas, new_argmax, out.probs

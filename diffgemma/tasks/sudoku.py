@@ -97,9 +97,8 @@ def parse(line: str, where: str = "puzzle") -> list[int]:
 def check_puzzle(grid: Sequence[int], where: str = "puzzle") -> None:
     """Givens that keep the rules, and no empty cell whose peers already hold all nine digits (such a puzzle
     has no solution, and with the givens' digits banned that cell would have nothing left to draw)."""
-    cells = isinstance(grid, Sequence) and not isinstance(grid, str) and len(grid) == CELLS
-    if not cells or not all(is_int(value) and 0 <= value <= 9 for value in grid):
-        listed = isinstance(grid, Sequence) and not isinstance(grid, str)
+    listed = isinstance(grid, Sequence) and not isinstance(grid, str)
+    if not (listed and len(grid) == CELLS and all(is_int(value) and 0 <= value <= 9 for value in grid)):
         shown = f"a {type(grid).__name__}" + (f" of {len(grid)}" if listed else "")
         raise DiffGemmaError(
             f"{where}: expected {CELLS} integers from 0 (empty) to 9 (`parse` reads text), got {shown}"
