@@ -116,7 +116,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         ),
     },
-    # Sudoku (tasks/sudoku.py): 814 tokens (specials and 810 cell tokens), an 81-cell canvas.
+    # Sudoku (tasks/sudoku/tokens.py): 814 tokens (specials and 810 cell tokens), an 81-cell canvas.
     "sudoku": {
         "canvas_length": 81,
         "text_config": _text_config(

@@ -35,7 +35,7 @@ def test_few_givens_come_from_thinning_only_where_the_passes_fall_short(monkeypa
     def never(*args):
         raise AssertionError("thinned a target the passes reach")
 
-    monkeypatch.setattr(sudoku, "_thin", never)  # seeds keep the puzzles they made before thinning existed
+    monkeypatch.setattr(sudoku.puzzles, "_thin", never)  # seeds keep the puzzles they made before thinning existed
     rng = random.Random(2026)
     for _ in range(20):
         sudoku.make_puzzle(rng, rng.randint(24, 36))
@@ -210,7 +210,7 @@ def test_tries_resolve_only_rule_breaking_grids(sudoku_model, monkeypatch):
         grids = [solved if p == puzzles[1] else g for p, g in zip(chunk, outcome.grids, strict=True)]
         return sudoku.SolveOutcome(grids, outcome.steps)
 
-    monkeypatch.setattr(sudoku, "solve_batch", fake)
+    monkeypatch.setattr(sudoku.solver, "solve_batch", fake)
     rows = sudoku.evaluate_rows(sudoku_model, puzzles, batch_size=2, seed=10, tries=3)
     assert calls[:2] == [[10, 11], [12]]  # the first try: seed + i
     assert calls[2:] == [[10 + 1_000_003, 12 + 1_000_003], [10 + 2_000_006, 12 + 2_000_006]]
@@ -261,7 +261,7 @@ def test_eval_command_json(sudoku_model, tmp_path, capsys):
 def test_no_candidates_option_reaches_the_solver(sudoku_model, tmp_path, monkeypatch, capsys):
     calls: list[int] = []
     real = sudoku.given_bans
-    monkeypatch.setattr(sudoku, "given_bans", lambda puzzles: calls.append(len(puzzles)) or real(puzzles))
+    monkeypatch.setattr(sudoku.solver, "given_bans", lambda puzzles: calls.append(len(puzzles)) or real(puzzles))
     path = tmp_path / "p.txt"
     path.write_text("\n".join(sudoku.format_grid(sudoku.make_puzzle(random.Random(4), 34)[0]) for _ in range(2)))
     common = ["--model", str(sudoku_model.folder), "--steps", "2", "--tries", "1"]
@@ -440,7 +440,7 @@ def test_puzzle_pool_is_the_same_from_workers_and_cache(tmp_path):
 
 
 def test_a_time_budget_sizes_the_run_from_its_first_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(sudoku, "PROBE_STEPS", 6)
+    monkeypatch.setattr(sudoku.training, "PROBE_STEPS", 6)
     lines: list[str] = []
     losses = sudoku.train_sudoku(
         tmp_path / "run", batch_size=2, seconds=4, pool_size=4, eval_every=0, log=lines.append, givens=(30, 34)
