@@ -93,7 +93,7 @@ def test_info_says_which_cpu_kernels_this_machine_gives(capsys, monkeypatch):
 def test_info_says_what_memory_a_load_here_would_find(capsys, monkeypatch):
     from diffgemma import cli
 
-    monkeypatch.setattr(cli, "free_memory", lambda device: 3 * 2**30 if device.type == "cpu" else None)
+    monkeypatch.setattr(cli.checkpoints, "free_memory", lambda device: 3 * 2**30 if device.type == "cpu" else None)
     _, out, _ = run(capsys, "info", "--model", DEMO)
     assert "free here       3.00 GiB on cpu\n" in out
 
@@ -399,7 +399,7 @@ def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path, monkeypatc
     )
     code, out, _ = run(capsys, "chat", WEATHER_QUESTION, "--tools", str(tools), "--model", DEMO, "--seed", "0")
     assert code == 0 and out.splitlines() == [f"[tool] get_weather(city='Paris') -> {WEATHER_RESULT}", WEATHER_ANSWER]
-    monkeypatch.setattr("diffgemma.cli.MAX_TOOL_ROUNDS", 1)  # a model that would call on and on is made to answer
+    monkeypatch.setattr("diffgemma.cli.text.MAX_TOOL_ROUNDS", 1)  # a model that would call on and on is made to answer
     code, out, err = run(capsys, "chat", WEATHER_QUESTION, "--tools", str(tools), "--model", DEMO, "--seed", "0")
     assert code == 0 and "[1 rounds of tool calls; answering without tools]" in err
     assert out.startswith("[tool] get_weather") and out.count("[tool]") == 1  # one round, then an answer
@@ -662,9 +662,10 @@ def test_watch_shows_the_canvas_converge_in_a_terminal():
     [(["chat"], 1), (["serve"], 2), (["chat", "--prefix-cache", "3"], 3), (["chat", "--prefix-cache", "0"], 0)],
 )
 def test_prefix_cache_option(argv, entries):
-    from diffgemma.cli import _load, build_parser
+    from diffgemma.cli import build_parser
+    from diffgemma.cli.common import load_model
 
-    model = _load(build_parser().parse_args([*argv, "--model", DEMO]))
+    model = load_model(build_parser().parse_args([*argv, "--model", DEMO]))
     assert (model.prefix_cache.entries if model.prefix_cache is not None else 0) == entries
 
 
@@ -704,7 +705,7 @@ def test_running_out_of_memory_is_one_line_with_what_takes_less(capsys, monkeypa
     def exhausted(args):
         raise error
 
-    monkeypatch.setattr(cli, "cmd_info", exhausted)
+    monkeypatch.setattr(cli.checkpoints, "cmd_info", exhausted)
     code, out, err = run(capsys, "info", "--model", DEMO)
     assert code == 1 and out == "" and len(err.splitlines()) == 1
     assert err.startswith("diffgemma: out of memory (") and "--quant int4" in err
@@ -718,6 +719,6 @@ def test_other_runtime_errors_are_not_taken_for_memory(monkeypatch):
     def broken(args):
         raise RuntimeError("shape mismatch")
 
-    monkeypatch.setattr(cli, "cmd_info", broken)
+    monkeypatch.setattr(cli.checkpoints, "cmd_info", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         cli.main(["info", "--model", DEMO])

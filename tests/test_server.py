@@ -975,7 +975,7 @@ def test_serve_refuses_an_address_it_cannot_listen_on_before_loading(monkeypatch
 
     from diffgemma import cli
 
-    monkeypatch.setattr(cli, "_load", lambda *args, **kwargs: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(cli.text, "load_model", lambda *args, **kwargs: pytest.fail("the model loaded first"))
     demo_folder = str(Path(__file__).parent / "assets" / "demo")
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -574,7 +574,7 @@ def test_a_puzzle_without_a_solution_is_refused_before_any_solving(capsys, monke
     dead = [1, 2, 3, 4, 5, 6, 7, 8, 0] + [0] * 8 + [9] + [0] * 63
     with pytest.raises(DiffGemmaError, match="puzzle 1: no solution: row 1, column 9"):
         sudoku.solve_batch(SimpleNamespace(), [sudoku.make_puzzle(random.Random(0), 30)[0], dead], seed=0)
-    monkeypatch.setattr(cli, "_sudoku_model", lambda args: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(cli.tasks, "_sudoku_model", lambda args: pytest.fail("a model was loaded"))
     unsolvable = "1234567.." + ".......8." + "." * 63
     assert sudoku.parse(unsolvable) and not sudoku.solve(sudoku.parse(unsolvable), 1)
     assert cli.main(["sudoku", "--puzzle", unsolvable]) == 2

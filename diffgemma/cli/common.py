@@ -1,0 +1,90 @@
+"""What the commands share: the model their options name, loaded as they ask, and the sampler's settings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from ..config import read_text
+from ..errors import DiffGemmaError
+
+MODEL_ENV = "DIFFGEMMA_MODEL"
+SAMPLER_OPTIONS = {
+    "steps": "max_denoising_steps",
+    "entropy_bound": "entropy_bound",
+    "t_max": "t_max",
+    "t_min": "t_min",
+    "stability": "stability_threshold",
+    "confidence": "confidence_threshold",
+}
+
+
+def model_path(args: argparse.Namespace) -> str:
+    path = args.model or os.environ.get(MODEL_ENV)
+    if not path:
+        raise DiffGemmaError(
+            f"no model given: pass --model PATH (a DiffusionGemma checkpoint folder) or set {MODEL_ENV}; "
+            "`diffgemma random-checkpoint DIR` writes a small one to try things with"
+        )
+    return path
+
+
+def load_model(args: argparse.Namespace, path: str | os.PathLike | None = None):
+    """The model of the command's options (--model unless `path` is given, --device, --dtype, --quant, --adapter,
+    --compile, --prefix-cache)."""
+    from ..api import load
+
+    path = model_path(args) if path is None else path
+    model = load(path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile)
+    if args.adapter is not None:
+        model.load_adapter(args.adapter)
+    if args.prefix_cache == 0:
+        model.prefix_cache = None
+    elif model.prefix_cache is not None:
+        model.prefix_cache.entries = args.prefix_cache
+    return with_template(model, args)
+
+
+def with_template(model, args: argparse.Namespace):
+    """The model, its chats rendered with --chat-template's file where a command has it and it is given."""
+    path = getattr(args, "chat_template", None)
+    if path is None:
+        return model
+    if model.tokenizer is None:
+        raise DiffGemmaError(f"--chat-template {path}: this checkpoint has no tokenizer to render chats with")
+    model.tokenizer.use_template(read_text(path), path)
+    return model
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """--threads, where a command has it: the CPU threads PyTorch's kernels use (its default: one per core)."""
+    if getattr(args, "threads", None) is None:
+        return
+    if args.threads < 1:
+        raise DiffGemmaError(f"--threads must be at least 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
+def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    values = {name: getattr(args, option) for option, name in SAMPLER_OPTIONS.items()}
+    values = {k: v for k, v in values.items() if v is not None}
+    if args.max_new_tokens is not None:
+        values["max_new_tokens"] = args.max_new_tokens
+    return values
+
+
+def read_prompt(prompt: str) -> str:
+    return sys.stdin.read() if prompt == "-" else prompt
+
+
+def range_option(text: str, kind: type, expected: str) -> tuple:
+    """An option's range A:B (or one value, A:A) as (low, high) of `kind`; `expected` says what it should be."""
+    low, _, high = text.partition(":")
+    try:
+        return kind(low), kind(high or low)
+    except ValueError:
+        raise DiffGemmaError(f"{expected}, got {text!r}") from None

@@ -1,0 +1,457 @@
+"""Commands that run the model on text: `generate`, `score`, `chat` (with tools, or a file of conversations),
+`infill`, `edit` and `serve`; the canvas watched live or the answer printed as it settles."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import read_jsonl, read_text
+from ..errors import DiffGemmaError
+from ..toolcalls import check_tools, run_tool_calls
+from .common import load_model, model_path, read_prompt, sampler_options
+
+CHAT_MAX_NEW_TOKENS = 4096  # `chat`'s token limit unless --max-new-tokens says: answers end at EOS well before it
+MAX_TOOL_ROUNDS = 16  # `chat --tools`: rounds of calls before the model is made to answer
+
+
+def _watch(model, prompt: Any, args: argparse.Namespace, sampler: dict[str, Any], **extra: Any):
+    """Run a generation, showing the canvas converge in place; returns the result."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.text import Text
+
+    from ..generate import Done, Draft
+
+    console = Console(stderr=not sys.stdout.isatty())  # piped, the text alone goes to stdout; the view to stderr
+    started = time.perf_counter()
+    committed_text = ""
+    result = None
+    with Live(console=console, refresh_per_second=20, transient=False) as live:
+        for event in model.stream(prompt, seed=args.seed, mode=args.mode, **sampler, **extra):
+            if isinstance(event, Draft):
+                tokens = event.ids[0].tolist()
+                accepted = event.accepted[0].tolist()
+                body = Text(committed_text)
+                for token, is_accepted in zip(tokens, accepted, strict=True):
+                    piece = model.tokenizer.decode([token])
+                    body.append(piece, style="bold green" if is_accepted else "grey50")
+                elapsed = time.perf_counter() - started
+                title = (
+                    f"canvas {event.canvas_index + 1} · step {event.step} · "
+                    f"entropy {float(event.mean_entropy[0]):.3f} · {elapsed:.1f}s"
+                )
+                live.update(Panel(body, title=title, title_align="left"), refresh=True)
+            elif isinstance(event, Done):
+                result = event.result
+            else:
+                committed_text += model.tokenizer.decode(event.ids[0].tolist())
+    return result
+
+
+def _print_as_it_settles(
+    model, prompt: Any, args: argparse.Namespace, sampler: dict[str, Any], chat: bool, lead: str = "", **extra: Any
+):
+    """Generate, printing the answer as it settles (a canvas's leading tokens are fixed as soon as they are
+    stable and confident, so the text never changes once shown): the thinking after "[thinking] " on a line of
+    its own, then `lead` and the answer. Returns (the result, the answer, the thinking)."""
+    from ..generate import CanvasCommit, Done, Draft
+
+    text = model.settled_text(chat, args.stop or ())
+    limit = sampler.get("max_new_tokens", model.settings.max_new_tokens)
+    started = {"reasoning": False, "content": False}
+
+    def show(content: str, reasoning: str, final: bool = False) -> None:
+        if reasoning:
+            print("" if started["reasoning"] else "[thinking] ", reasoning, sep="", end="", flush=True)
+            started["reasoning"] = True
+        if (content or final) and not started["content"]:  # (an empty answer still gets its line)
+            print("\n" if started["reasoning"] else "", lead, sep="", end="")
+            started["content"] = True
+        print(content, end="\n" if final else "", flush=True)
+
+    committed: list[int] = []
+    result = None
+    for event in model.stream(
+        prompt, seed=args.seed, mode=args.mode, commit_stable_prefix=True, stop=text.stops, **sampler, **extra
+    ):
+        if isinstance(event, Draft) and event.settled is not None:
+            show(*text.deltas((committed + event.ids[0, : int(event.settled[0])].tolist())[:limit]))
+        elif isinstance(event, CanvasCommit):
+            committed += event.ids[0].tolist()
+        elif isinstance(event, Done):
+            result = event.result
+    show(*text.deltas(result.new_tokens[0], final=True), final=True)
+    content, reasoning = text.parts(result.new_tokens[0])
+    return result, content, reasoning
+
+
+def _file_prompts(path: str) -> list[str]:
+    """Prompts from a file: a `.jsonl` file's {"prompt": ...} records, else one prompt a line (blank lines skipped)."""
+    if Path(path).suffix == ".jsonl":
+        prompts = []
+        for where, record in read_jsonl(path):
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise DiffGemmaError(f'{where}: expected an object with a "prompt" text')
+            prompts.append(record["prompt"])
+        return prompts
+    return [line for line in read_text(path).splitlines() if line.strip()]
+
+
+def _file_conversations(model, path: str, system: str | None, thinking: bool) -> list[tuple[list, list[int]]]:
+    """`chat --file`'s conversations, a .jsonl of {"messages": [...]} records, each with its prompt ids (rendered
+    as `chat` renders one; `system` first where it has no system message); errors name the line."""
+    if Path(path).suffix != ".jsonl":
+        raise DiffGemmaError(f'{path}: chat --file reads a .jsonl file of {{"messages": [...]}} records')
+    conversations = []
+    for where, record in read_jsonl(path):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list):
+            raise DiffGemmaError(f'{where}: expected an object with "messages": [...]')
+        has_system = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
+        told = [{"role": "system", "content": system}, *messages] if system and not has_system else messages
+        try:
+            conversations.append((messages, model.tokenizer.encode_chat(told, thinking)))
+        except DiffGemmaError as err:
+            raise DiffGemmaError(f"{where}: {err}") from None
+    if not conversations:
+        raise DiffGemmaError(f"{path}: no conversations")
+    return conversations
+
+
+def _run_file(
+    model,
+    args: argparse.Namespace,
+    sampler: dict[str, Any],
+    prompts: list,
+    stop: Any,
+    record: Callable[[int, Any, int], dict[str, Any]],
+) -> None:
+    """`--file`'s prompts (texts or ids), `--batch-size` rows at a time (prompt i seeded seed + i), as JSONL on
+    stdout in the file's order: `record(i, result, row)` for prompt i, row `row` of its batch's result."""
+    import json
+
+    if not prompts:
+        raise DiffGemmaError(f"{args.file}: no prompts")
+    size = 1 if args.mode == "reference" else args.batch_size  # (reference mode draws one stream for a batch)
+    tokens, seconds = 0, 0.0
+    for start in range(0, len(prompts), size):
+        rows = prompts[start : start + size]
+        seeds = None if args.seed is None else [args.seed + start + i for i in range(len(rows))]
+        seed = seeds[0] if seeds is not None and args.mode == "reference" else seeds
+        result = model.generate(rows, seed=seed, mode=args.mode, stop=stop, **sampler)
+        for row in range(len(rows)):
+            print(json.dumps(record(start + row, result, row), ensure_ascii=False), flush=True)
+        tokens += sum(len(row) for row in result.new_tokens)
+        seconds += result.wall_time
+    if args.stats:
+        print(f"[{len(prompts)} prompts, {tokens} tokens, {tokens / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+def _finish_reason(result, row: int) -> str:
+    """A --file row's finish reason, as OpenAI's: "length" when cut at the token limit, else "stop"."""
+    return "length" if result.reached_limit[row] else "stop"
+
+
+def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
+    """`generate --file`: {"prompt", "text", "finish_reason"} a prompt ("length": cut at the token limit)."""
+    prompts = _file_prompts(args.file)
+
+    def record(index: int, result, row: int) -> dict[str, Any]:
+        return {"prompt": prompts[index], "text": result.text[row], "finish_reason": _finish_reason(result, row)}
+
+    _run_file(model, args, sampler, prompts, args.stop, record)
+
+
+def _chat_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
+    """`chat --file`: each conversation's next answer, {"messages", "text", "reasoning" (when it thought),
+    "finish_reason"} a conversation."""
+    reply = model.settled_text(True, args.stop or ())  # (first: a checkpoint without a tokenizer is told here)
+    conversations = _file_conversations(model, args.file, args.system, args.think)
+
+    def record(index: int, result, row: int) -> dict[str, Any]:
+        content, reasoning = reply.parts(result.new_tokens[row])
+        answered = {"messages": conversations[index][0], "text": content}
+        return {
+            **answered,
+            **({"reasoning": reasoning} if reasoning else {}),
+            "finish_reason": _finish_reason(result, row),
+        }
+
+    _run_file(model, args, sampler, [ids for _, ids in conversations], reply.stops, record)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    if (args.prompt is None) == (args.file is None):
+        raise DiffGemmaError("give a prompt (or - for stdin), or --file with one prompt a line")
+    if args.file is not None and args.watch:
+        raise DiffGemmaError("--watch shows one prompt's canvas; --file runs many")
+    model = load_model(args)
+    sampler = sampler_options(args)
+    if args.file is not None:
+        _generate_file(model, args, sampler)
+        return
+    prompt = read_prompt(args.prompt)
+    if args.watch:
+        result = _watch(model, prompt, args, sampler, stop=args.stop)
+        print(result.text)
+    elif args.stream:
+        result = _print_as_it_settles(model, prompt, args, sampler, chat=False)[0]
+    else:
+        result = model.generate(prompt, seed=args.seed, mode=args.mode, stop=args.stop, **sampler)
+        print(result.text)
+    _say_if_cut(result)
+    if args.stats:
+        steps = sum(sum(rows) for rows in result.steps)
+        print(
+            f"[{len(result.new_tokens[0])} tokens, {steps} denoising steps, {result.tokens_per_second:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    """How likely the model finds a text, token by token (the causal encoder's log-probabilities): a summary
+    line, or with --tokens each token's, or with --json both as one record."""
+    import json
+
+    if (args.text is None) == (args.file is None):
+        raise DiffGemmaError("give a text (or - for stdin), or --file with the text to score")
+    text = read_text(args.file) if args.file else read_prompt(args.text)
+    model = load_model(args)
+    scores = model.score(text)
+    scored = len(scores.ids) - 1
+    if scored < 1:
+        raise DiffGemmaError("the text is empty: nothing to score after the first token")
+    # each token's text, only where it is shown (a long file has many)
+    pieces = [model.tokenizer.decode([token], skip_special_tokens=False) for token in scores.ids] if args.tokens else []
+    if args.json:
+        summary = {"tokens": scored, "logprob": scores.total, "perplexity": scores.perplexity}
+        if args.tokens:
+            per_token = zip(pieces, scores.logprobs, strict=True)
+            summary["per_token"] = [{"token": piece, "logprob": value} for piece, value in per_token]
+        print(json.dumps(summary, ensure_ascii=False))
+        return
+    if args.tokens:
+        for piece, value in zip(pieces, scores.logprobs, strict=True):
+            print(f"{'' if value is None else f'{value:9.4f}':>9}  {piece!r}")
+    mean = scores.total / scored
+    likelihood = f"log-likelihood {scores.total:.3f} ({mean:.4f} a token)"
+    print(f"{scored} tokens scored, {likelihood}, perplexity {scores.perplexity:.3f}")
+
+
+def _say_if_cut(result) -> None:
+    """A text cut at the token limit (no EOS before it) says so on stderr, rather than ending as if finished."""
+    if result.reached_limit[0]:
+        limit = len(result.new_tokens[0])
+        print(f"[cut at the {limit}-token limit; --max-new-tokens sets it]", file=sys.stderr, flush=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    if args.file is not None and (args.message is not None or args.tools or args.watch):
+        raise DiffGemmaError("--file answers many conversations, each once: not with a message, --tools or --watch")
+    if args.stats and args.file is None:
+        raise DiffGemmaError("--stats sums up a --file run")
+    functions = _tool_functions(args.tools) if args.tools else []  # (a bad file is told before the model loads)
+    model = load_model(args)
+    sampler = sampler_options(args)
+    # Answers run to EOS; the checkpoint's max_new_tokens (the reference's 256: one canvas) would cut most.
+    sampler.setdefault("max_new_tokens", max(CHAT_MAX_NEW_TOKENS, model.settings.max_new_tokens))
+    if args.file is not None:
+        _chat_file(model, args, sampler)
+        return
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, Any]] = list(opening)
+    thinking = args.think
+    terminal = sys.stdin.isatty()
+    interactive = terminal and args.message is None
+
+    def answer(line: str) -> None:
+        history.append({"role": "user", "content": line})
+        if args.stream and not functions and not (args.watch and terminal):
+            lead = "model> " if interactive else ""
+            result, content, _ = _print_as_it_settles(
+                model, history, args, sampler, chat=True, lead=lead, enable_thinking=thinking
+            )
+        else:
+            if functions:  # an agent: each call the model makes is run, its result told to it, until it answers
+                settings = {"seed": args.seed, "mode": args.mode, "stop": args.stop, **sampler}
+                reply = _agent_turn(model, history, functions, thinking, settings)
+                result, content, reasoning = reply.result, reply.content, reply.reasoning
+            else:
+                text = model.settled_text(True, args.stop or ())
+                if args.watch and terminal:
+                    result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=text.stops)
+                else:
+                    result = model.generate(
+                        history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=text.stops, **sampler
+                    )
+                content, reasoning = text.parts(result.new_tokens[0])
+            if reasoning:
+                print(f"[thinking] {reasoning}")
+            print(f"model> {content}" if interactive else content)
+        _say_if_cut(result)
+        history.append({"role": "assistant", "content": content})
+
+    if args.message is not None:  # one question, one answer
+        answer(args.message)
+        return
+    if interactive:
+        with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has it
+            import readline  # noqa: F401
+
+        print("chat with the model; /reset clears the history, /think on|off, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history[:] = opening
+            print("(history cleared)")
+            continue
+        if line.startswith("/think"):
+            thinking = line.split()[-1] == "on"
+            print(f"(thinking {'on' if thinking else 'off'})")
+            continue
+        turns = len(history)
+        try:
+            answer(line)
+        except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat (at the prompt it quits)
+            if not interactive:
+                raise
+            del history[turns:]  # the question goes with its unfinished answer
+            print("\n(interrupted)")
+
+
+def _agent_turn(model, history: list[dict[str, Any]], functions: list[Callable[..., Any]], thinking: bool, settings):
+    """One answer with tools: each round's calls run and shown, their results added to `history` for the model,
+    until it answers; after MAX_TOOL_ROUNDS of calls it is made to answer without them. Returns its reply."""
+    for _ in range(MAX_TOOL_ROUNDS):
+        reply = model.chat(history, thinking, tools=functions, **settings)
+        if not reply.tool_calls:
+            return reply
+        turn = run_tool_calls(reply.tool_calls, functions, reply.content)
+        for call, result in zip(reply.tool_calls, turn[1:], strict=True):
+            shown = ", ".join(f"{key}={value!r}" for key, value in call.arguments.items())
+            print(f"[tool] {call.name}({shown}) -> {result['content']}")
+        history.extend(turn)
+    print(f"[{MAX_TOOL_ROUNDS} rounds of tool calls; answering without tools]", file=sys.stderr)
+    return model.chat(history, thinking, tools=functions, tool_choice="none", **settings)
+
+
+def _tool_functions(path: str) -> list[Callable[..., Any]]:
+    """The public functions a Python file defines (not those it imports), for `chat --tools`: the tools offered,
+    each read from its name, type hints and docstring (`toolcalls.function_tool`), and run when called."""
+    import importlib.machinery
+    import importlib.util
+    import inspect
+
+    file = Path(path)
+    if not file.is_file():
+        raise DiffGemmaError(f"--tools {path}: no such file")
+    # its source whatever the file is named (`spec_from_file_location` gives nothing for a name without .py)
+    loader = importlib.machinery.SourceFileLoader(f"diffgemma_tools_{file.stem}", str(file))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    try:
+        loader.exec_module(module)
+    except Exception as err:  # the user's file: whatever it raises is theirs to see, in one line
+        raise DiffGemmaError(f"--tools {path}: {type(err).__name__}: {err}") from None
+    functions = [
+        value
+        for name, value in vars(module).items()
+        if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")
+    ]
+    if not functions:
+        raise DiffGemmaError(f"--tools {path}: defines no public function to offer as a tool")
+    check_tools(functions)
+    return functions
+
+
+def cmd_infill(args: argparse.Namespace) -> None:
+    model = load_model(args)
+    result = model.infill(
+        args.prefix, args.suffix, args.length, seed=args.seed, mode=args.mode, **sampler_options(args)
+    )
+    print(result.text)
+
+
+def _lines(spec: str, total: int) -> tuple[int, int]:
+    try:
+        first, _, last = spec.partition(":")
+        start, end = int(first), int(last or first)
+    except ValueError:
+        raise DiffGemmaError(f"--lines must look like A:B (1-based, inclusive), got {spec!r}") from None
+    if start > end:
+        raise DiffGemmaError(f"--lines {spec} ends before it starts (A:B with A <= B)")
+    if not 1 <= start <= end <= total:
+        raise DiffGemmaError(f"--lines {spec} is outside the file's {total} lines")
+    return start, end
+
+
+def write_atomically(path: Path, text: str, backup: bool) -> None:
+    """Write `text` to `path` through a temporary file and a rename; keep `path.bak` if asked."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as f:  # no line ending translated
+            f.write(text)
+        if path.exists():
+            os.chmod(temporary, path.stat().st_mode & 0o777)
+            if backup:
+                backup_path = path.with_name(path.name + ".bak")
+                backup_path.write_bytes(path.read_bytes())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    path = Path(args.file)
+    text = read_text(path, newline="")  # line endings as they are (\r\n stays \r\n)
+    with open(path, "rb") as handle:  # a byte-order mark is not the model's to see, but the file keeps it
+        mark = "\ufeff" if handle.read(3) == codecs.BOM_UTF8 else ""
+    lines = re.findall(r"[^\n]*\n|[^\n]+\Z", text)
+    first, last = _lines(args.lines, len(lines))
+    start = sum(len(line) for line in lines[: first - 1])
+    end = start + sum(len(line) for line in lines[first - 1 : last])
+    end -= 2 if lines[last - 1].endswith("\r\n") else lines[last - 1].endswith("\n")  # keep the span's line end
+    model = load_model(args)
+    result = model.edit(text, start, end, args.length, seed=args.seed, mode=args.mode, **sampler_options(args))
+    if args.write:
+        write_atomically(path, mark + result.text, backup=not args.no_backup)
+        print(f"rewrote lines {first}-{last} of {path}" + ("" if args.no_backup else f" (backup: {path.name}.bak)"))
+    else:
+        print(result.text, end="")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ..server import ServerOptions, check_address, serve
+
+    check_address(args.host, args.port)  # before the load, which may take minutes
+    model = load_model(args)
+    options = ServerOptions(
+        model_name=args.name or Path(model_path(args)).name,
+        api_key=args.api_key or os.environ.get("DIFFGEMMA_API_KEY"),
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens_limit,
+        max_concurrent=args.max_concurrent,
+        max_batch=args.max_batch,
+        allowed_origins=tuple(args.allow_origin or ()),
+        format_tries=args.format_tries,
+    )
+    serve(model, args.host, args.port, options)
