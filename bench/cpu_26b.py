@@ -27,7 +27,7 @@ from common import append_results, peak_resident_gib, resident_gib
 from gpu import CANVAS_STEPS, denoise_step
 
 from diffgemma import quant
-from diffgemma.config import parse_model_config
+from diffgemma.config import QUANT_FORMATS, parse_model_config
 from diffgemma.model import DiffusionGemma
 from diffgemma.presets import preset_config
 
@@ -97,7 +97,7 @@ def qlora_step(network: DiffusionGemma, fmt: quant.QuantFormat, prompt: int, bui
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--format", default="int4", choices=quant.FORMATS)
+    parser.add_argument("--format", default="int4", choices=QUANT_FORMATS)
     parser.add_argument("--steps", type=int, default=2, help="timed steps each way, after one to warm up")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of what is not quantized")

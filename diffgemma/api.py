@@ -14,7 +14,7 @@ import torch
 
 from .cache import PrefixCache
 from .checkpoint import StoredTensor, load_weights, save_checkpoint, stored_float_dtype
-from .config import ModelConfig, SamplerSettings, as_path, is_int, load_configs
+from .config import QUANT_FORMATS, ModelConfig, SamplerSettings, as_path, is_int, load_configs
 from .errors import DiffGemmaError
 from .generate import (
     CanvasCommit,
@@ -35,7 +35,7 @@ from .generate import (
     seed_int64,
 )
 from .model import DiffusionGemma
-from .quant import FORMATS, QuantFormat, float_sinks, format_from_config, held_bytes, meta_network, weight_bytes
+from .quant import QuantFormat, float_sinks, format_from_config, held_bytes, meta_network, weight_bytes
 from .resources import check_memory, size_text
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
@@ -629,7 +629,7 @@ def _network_that_fits(
     with what would fit otherwise); with the format it is quantized to and the one it was saved in, if any."""
     saved = format_from_config(config.raw)
     if quant is not None and not isinstance(quant, str | QuantFormat):
-        raise DiffGemmaError(f"quant must be one of {', '.join(FORMATS)} (or a QuantFormat), got {quant!r}")
+        raise DiffGemmaError(f"quant must be one of {', '.join(QUANT_FORMATS)} (or a QuantFormat), got {quant!r}")
     wanted = QuantFormat(quant) if isinstance(quant, str) else quant
     # a bare name ("int4") asks for the format, not its groups: the checkpoint's own groups serve
     if saved is not None and wanted is not None and wanted != saved and quant != saved.name:

@@ -32,6 +32,7 @@ DEFAULT_ROPE = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
 DEFAULT_GLOBAL_HEAD_DIM = 512
+QUANT_FORMATS = ("int8", "int4", "fp8")  # weight formats a checkpoint is stored or loaded in (`quant.QuantFormat`)
 
 # Keys without a safe default: a config.json without them describes no particular network.
 REQUIRED_TEXT_KEYS = (

@@ -40,12 +40,11 @@ from .checkpoint import (
     weight_plan,
     write_checkpoint,
 )
-from .config import is_int, load_configs
+from .config import QUANT_FORMATS, is_int, load_configs
 from .errors import DiffGemmaError
 from .model import DiffusionGemma, Experts, activation_bytes, each_group, grouped_linear, raise_recompile_limits
 from .tokenizer import tokenizer_files
 
-FORMATS = ("int8", "int4", "fp8")
 INT4_GROUP = 64
 INT4_ATTENTION_GROUP = 16
 QUANT_METHOD = "diffgemma"
@@ -60,8 +59,8 @@ class QuantFormat:
     attention_group_size: int = INT4_ATTENTION_GROUP  # int4: the group of attention's projections
 
     def __post_init__(self) -> None:
-        if self.name not in FORMATS:
-            raise DiffGemmaError(f"quantization must be one of {', '.join(FORMATS)}, got {self.name!r}")
+        if self.name not in QUANT_FORMATS:
+            raise DiffGemmaError(f"quantization must be one of {', '.join(QUANT_FORMATS)}, got {self.name!r}")
         for label, size in (("group size", self.group_size), ("attention group size", self.attention_group_size)):
             if size < 2 or size % 2:
                 raise DiffGemmaError(f"int4 {label} must be an even number of at least 2, got {size}")

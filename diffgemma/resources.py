@@ -10,11 +10,14 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
 
 from .errors import DiffGemmaError
+
+if TYPE_CHECKING:
+    import torch
 
 SKIP_CHECK_ENV = "DIFFGEMMA_SKIP_MEMORY_CHECK"  # set (to anything but 0) to load whatever the figures say
 CGROUP_V2 = Path("/sys/fs/cgroup")
@@ -35,6 +38,8 @@ def free_memory(device: torch.device) -> int | None:
     cache included) plus free swap, within a container's limit less what the container's processes hold.
     """
     if device.type == "cuda":
+        import torch  # (imported where a CUDA device is named: the command line's `--help` goes without it)
+
         # what the device has free, and what PyTorch's caching allocator holds unused (a model dropped earlier
         # in this process): both serve a new allocation
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

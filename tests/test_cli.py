@@ -48,6 +48,26 @@ def test_version(capsys):
     assert failed.returncode == 2 and failed.stderr.startswith(b"diffgemma: ")  # its exit status passed on
 
 
+def test_help_version_and_option_errors_answer_without_importing_torch():
+    """PyTorch takes about two seconds to import: the command line parses its options and answers --help,
+    --version and a mistyped option without it, and a command that runs a model imports it then."""
+    script = (
+        "import sys\nfrom diffgemma.cli import main\n"
+        "for argv in (['--version'], ['generate', '--help'], ['chat', '--bogus']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    quick = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert quick.returncode == 0 and quick.stdout.strip().splitlines()[-1] == "False"
+    assert "unrecognized arguments: --bogus" in quick.stderr
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, diffgemma\ndiffgemma.load\nprint('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+    )
+    assert loaded.stdout.strip() == "True"  # `load` brings it
+
+
 def test_info(capsys):
     code, out, _ = run(capsys, "info", "--model", DEMO)
     assert code == 0 and "experts" in out and "parameters" in out and "bfloat16" in out

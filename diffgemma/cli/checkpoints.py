@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import QUANT_FORMATS
 from ..errors import DiffGemmaError
-from ..quant import FORMATS
 from ..resources import free_memory, size_text
 from .common import model_path
 
@@ -60,7 +60,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "cache keeps + sampler buffers + activations: a denoising step's and a prompt chunk's largest temporaries):"
     )
     rows = [(name, DTYPE_NAMES[name], None) for name in BYTES_PER_DTYPE]
-    rows += [(f"{fmt} (bf16)", torch.bfloat16, QuantFormat(fmt)) for fmt in FORMATS]
+    rows += [(f"{fmt} (bf16)", torch.bfloat16, QuantFormat(fmt)) for fmt in QUANT_FORMATS]
     # on a CPU without bf16 instructions (`--dtype auto`): the rest in float32, int8 / int4 through its kernels
     rows += [(f"{fmt} (fp32)", torch.float32, QuantFormat(fmt)) for fmt in ("int8", "int4")]
     if stored_format is not None:  # it loads in its own format only: the rows of that format, with its groups

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from .. import __version__
-from ..quant import FORMATS
+from ..config import QUANT_FORMATS
 from ..structured import DEFAULT_TRIES
 from . import checkpoints, tasks, text, train
 from .common import MODEL_ENV
@@ -88,7 +88,7 @@ def _add_model_options(
     parser.add_argument("--dtype", default=dtype, help=f"{dtype} ({DTYPE_CHOICES[dtype]}), or {others}")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     if inference:
-        parser.add_argument("--quant", default=None, choices=FORMATS, help="quantize weights while loading")
+        parser.add_argument("--quant", default=None, choices=QUANT_FORMATS, help="quantize weights while loading")
         parser.add_argument(
             "--adapter",
             metavar="DIR",
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument(
         "--quant",
         default=None,
-        choices=FORMATS,
+        choices=QUANT_FORMATS,
         help="chat, with --lora-rank: quantize the frozen base while loading (QLoRA: the 26B in int4 fits 18 GB)",
     )
     trainer.add_argument("--lora-alpha", type=float, default=32.0)
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser("quantize", help="write a weight-quantized copy of a checkpoint (atomic)")
     quantize.add_argument("source", help="checkpoint folder")
     quantize.add_argument("destination", help="folder for the quantized checkpoint")
-    quantize.add_argument("--to", required=True, choices=FORMATS)
+    quantize.add_argument("--to", required=True, choices=QUANT_FORMATS)
     quantize.add_argument("--group-size", type=int, default=None, help="int4: weights sharing one scale (64)")
     quantize.add_argument(
         "--attention-group-size",
