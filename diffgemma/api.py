@@ -24,8 +24,6 @@ from .generate import (
     GenerationResult,
     InfillResult,
     Prompt,
-    SettledText,
-    StopStrings,
     attach_text,
     cut_at_stops,
     denoising_loop,
@@ -36,6 +34,7 @@ from .generate import (
 )
 from .model import DiffusionGemma
 from .quant import QuantFormat, float_sinks, format_from_config, held_bytes, meta_network, weight_bytes
+from .reply import SettledText, StopStrings
 from .resources import check_memory, size_text
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format

@@ -506,7 +506,7 @@ def _fake_view(tokens: list[int]) -> str:
 
 
 def test_stop_strings_find_cut_hold_back_and_count_tokens():
-    from diffgemma.generate import StopStrings
+    from diffgemma.reply import StopStrings
 
     stops = StopStrings(["cd", "xyz"], _fake_view)
     assert stops.first("abcdxyz") == 2 and stops.first("abcdxyz", 3) == 4 and stops.first("ab") is None

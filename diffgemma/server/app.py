@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
-from ..generate import SettledText
+from ..reply import SettledText
 from .batcher import Batcher, Job
 from .messages import (
     Conversation,

@@ -27,7 +27,7 @@ from fastapi.responses import StreamingResponse
 
 from ..api import DiffGemma
 from ..errors import DiffGemmaError
-from ..generate import SettledText
+from ..reply import SettledText
 from ..resources import first_line, out_of_memory
 from ..scoring import TokenScores
 from ..structured import DEFAULT_TRIES, AnswerFormat
