@@ -122,7 +122,8 @@ class SettledText:
         if self.stops is None:
             return self._parts(tokens, final)
         content, reasoning = self._parts(tokens, final, trailing_space=True)
-        return self.stops.answer(content), reasoning
+        # a chat's answer is given without trailing space; a text's continuation keeps what it wrote
+        return self.stops.answer(content) if self.chat else self.stops.cut(content), reasoning
 
     def stop_found(self, tokens: list[int]) -> str | None:
         """The stop string that ended a finished reply (None: it ended otherwise)."""

@@ -521,6 +521,19 @@ def test_stop_strings_find_cut_hold_back_and_count_tokens():
             StopStrings(bad, _fake_view)
 
 
+def test_a_text_continuation_keeps_its_trailing_space_whether_or_not_stop_strings_were_given(tiny):
+    """A chat's answer is given without trailing space; a text completion is what the model wrote, its final
+    newline included, with stop strings that never appear as without any (the stream and the server's
+    completions read it through `SettledText`, which once stripped it only when stop strings were given)."""
+    ids = tiny.tokenizer.encode("abc \n", add_special_tokens=False)
+    for stops in ((), ("zz",)):
+        assert tiny.settled_text(False, stops).parts(ids) == ("abc \n", "")
+    assert tiny.settled_text(False, ("c",)).parts(ids) == ("ab", "")  # before the first stop string
+    reply = tiny.settled_text(False, ("zz",))
+    streamed = [reply.deltas(ids[:3]), reply.deltas(ids, final=True)]
+    assert "".join(content for content, _ in streamed) == "abc \n"
+
+
 def test_a_stop_string_ends_the_row_and_its_later_canvases(demo):
     """ " so " appears in the second of the answer's three canvases: the text ends before it, the tokens run
     through it, and no third canvas is denoised; the row beside it in the batch is what it was without."""
