@@ -693,7 +693,7 @@ def test_a_fill_and_a_completion_share_a_batch_each_as_alone(demo):
             thread.start()
         for thread in [blocker, *threads]:
             thread.join()
-    assert together == alone and batcher.batches_run[3:] == [2]
+    assert together == alone and list(batcher.batches_run)[3:] == [2]
 
 
 def test_settled_text_splits_thinking_and_never_takes_text_back(demo):
@@ -1064,9 +1064,10 @@ def test_n_choices_are_denoised_together_each_as_alone(server, client):
     questions = {"Say hello.": 3, "Why is the sky blue?": 2}
     for question, n in questions.items():
         alone = [client.chat.completions.create(model="demo", messages=ask(question), seed=5 + i) for i in range(n)]
-        before = len(app.state.batcher.batches_run)
+        batches = app.state.batcher.metrics.registry.get_sample_value("diffgemma_batches_total")
         together = client.chat.completions.create(model="demo", messages=ask(question), seed=5, n=n)
-        assert app.state.batcher.batches_run[before:] == [n]
+        after = app.state.batcher.metrics.registry.get_sample_value("diffgemma_batches_total")
+        assert after == batches + 1 and app.state.batcher.batches_run[-1] == n
         assert [c.index for c in together.choices] == list(range(n))
         assert [c.message.content for c in together.choices] == [a.choices[0].message.content for a in alone]
         assert together.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
@@ -1246,7 +1247,7 @@ def test_a_short_answer_in_a_batch_returns_without_waiting_for_the_long_one(demo
             thread.start()
         for thread in [busy, *pair]:
             thread.join()
-    assert batcher.batches_run == [1, 2]
+    assert list(batcher.batches_run) == [1, 2]
     assert finished["short"][1].choices[0].message.content == ANSWERS["Say hello."]
     assert finished["long"][1].usage.completion_tokens == 320  # (10 canvases; the short answer's in the first)
     freed = finished["busy"][0]
@@ -1313,3 +1314,48 @@ def test_the_logprobs_of_n_choices_are_scored_in_one_pass(client, demo, count_ca
         assert choice.logprobs.token_logprobs == pytest.approx(alone.choices[0].logprobs.token_logprobs, abs=1e-4)
     chat = client.chat.completions.create(model="demo", messages=ask(SKY), n=2, seed=1, logprobs=True, top_logprobs=1)
     assert len(calls) == 4 and all(choice.logprobs.content for choice in chat.choices)
+
+
+def test_metrics_count_what_the_engine_did_and_what_requests_got(demo):
+    """`GET /metrics` in Prometheus's text format: batches, rows, prompt and generated tokens, denoising steps
+    and canvases, the prefix cache's tokens, choices by finish reason and requests by route and status (a
+    route's template, unknown paths as "other"); behind the API key, as every route but /health."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = create_app(demo, ServerOptions(model_name="demo", api_key="k"))
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        first = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1)
+        turn = [*ask(SKY), {"role": "assistant", "content": first.choices[0].message.content}, *ask("Say hello.")]
+        second = client.chat.completions.create(model="demo", messages=turn, seed=1)  # begins with the first
+        streamed = client.completions.create(model="demo", prompt="Once", max_tokens=5, seed=2, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices)
+        assert httpx.get(url + "/v1/models/x", headers={"Authorization": "Bearer k"}).status_code == 404
+        assert httpx.get(url + "/no/such/path", headers={"Authorization": "Bearer k"}).status_code == 404
+        assert httpx.get(url + "/metrics").status_code == 401
+        text = httpx.get(url + "/metrics", headers={"Authorization": "Bearer k"}).text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    usage = [first.usage, second.usage]
+    assert value("diffgemma_batches_total") == value("diffgemma_batch_rows_total") == 3
+    prompts = sum(u.prompt_tokens for u in usage) + len(demo.tokenizer.encode("Once"))
+    assert value("diffgemma_prompt_tokens_total") == prompts
+    assert value("diffgemma_prompt_cached_tokens_total") == second.usage.prompt_tokens_details.cached_tokens > 0
+    assert value("diffgemma_generation_tokens_total") == sum(u.completion_tokens for u in usage) + 5
+    assert value("diffgemma_choices_finished_total", reason="stop") == 2
+    assert value("diffgemma_choices_finished_total", reason="length") == 1
+    assert value("diffgemma_canvases_total") >= 3 and value("diffgemma_denoising_steps_total") >= 3
+    assert value("diffgemma_queue_seconds_count") == 3 and value("diffgemma_batch_seconds_count") == 3
+    assert value("diffgemma_http_requests_total", route="/v1/chat/completions", status="200") == 2
+    assert value("diffgemma_http_requests_total", route="/v1/completions", status="200") == 1
+    assert value("diffgemma_http_requests_total", route="/v1/models/{name:path}", status="404") == 1
+    assert value("diffgemma_http_requests_total", route="other", status="404") == 1
+    assert value("diffgemma_http_requests_total", route="/metrics", status="401") == 1
+    assert value("diffgemma_requests_running") == 0 and value("diffgemma_rows_waiting") == 0

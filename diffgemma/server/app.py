@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
@@ -27,6 +27,7 @@ from .messages import (
     MessageBuilder,
     MessagesRequest,
 )
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .responses import ResponseBuilder, ResponsesRequest, request_messages, request_tools
 from .schema import (
     APIError,
@@ -79,6 +80,16 @@ def check_token_ids(model: DiffGemma, ids: list[int], param: str) -> None:
         raise APIError(400, f"{param}: {what}", "invalid_request_error", "invalid_value", param)
 
 
+def route_label(app: FastAPI, request: Request) -> str:
+    """A request's route for the metrics: the template it matched, its path where it names a route but was
+    refused before routing (a wrong key), else "other" (a scanner's paths make no series of their own)."""
+    route = request.scope.get("route")
+    if route is not None:
+        return route.path
+    path = request.url.path
+    return path if any(getattr(known, "path", None) == path for known in app.routes) else "other"
+
+
 def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: Batcher | None = None) -> FastAPI:
     options = options or ServerOptions()
     if model.tokenizer is None:
@@ -95,6 +106,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     app = FastAPI(title="diffgemma", version="0.1.0", lifespan=lifespan)
     app.state.batcher = batcher
     serving = Serving(model, options, batcher)
+    metrics = batcher.metrics
+    metrics.watch(lambda: serving.active, batcher.waiting)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -132,6 +145,14 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             return JSONResponse(body, status_code=413)
         return await call_next(request)
 
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        """Every answer in the metrics, by route (its template, so ids in paths make no new series) and status;
+        added after the key check, so outside it: refusals count too."""
+        response = await call_next(request)
+        metrics.request(route_label(app, request), response.status_code)
+        return response
+
     if options.allowed_origins:  # added last, so outermost: a browser's preflight is answered before the key check
         app.add_middleware(
             CORSMiddleware, allow_origins=list(options.allowed_origins), allow_methods=["*"], allow_headers=["*"]
@@ -140,6 +161,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok" if batcher.running else "stopped", "model": options.model_name}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
     # the model in OpenAI's fields and Anthropic's both (`type`, `display_name`, `created_at`), for either's clients
     served = {"id": options.model_name, "object": "model", "created": 0, "owned_by": "diffgemma"}

@@ -13,14 +13,17 @@ thread between batches, so the model is never used by two threads at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import DiffGemma
 from ..generate import CanvasCommit, Done, Draft, GenerationResult
+from .metrics import Metrics
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Job:
     banned: tuple[int, ...] = ()  # ids its row never samples (a client's logit_bias of -100)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)  # (how long it waits for a batch: the metrics)
 
     def key(self) -> tuple:
         return tuple(sorted(self.sampler.items()))
@@ -93,15 +97,16 @@ class EngineStopped(RuntimeError):
 
 
 class Batcher:
-    def __init__(self, model: DiffGemma, max_batch: int = 8) -> None:
+    def __init__(self, model: DiffGemma, max_batch: int = 8, metrics: Metrics | None = None) -> None:
         self.model = model
         self.max_batch = max_batch
+        self.metrics = metrics or Metrics()
         self._inbox: queue.Queue[Job | Call | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._calls: list[Call] = []
         self._running = False
         self._thread: threading.Thread | None = None
-        self.batches_run: list[int] = []  # batch sizes, for tests and logs
+        self.batches_run: collections.deque[int] = collections.deque(maxlen=256)  # the last batches' sizes
 
     @property
     def running(self) -> bool:
@@ -117,6 +122,10 @@ class Batcher:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def waiting(self) -> int:
+        """Jobs not yet in a batch (the metrics' gauge; read from another thread, so a moment's count)."""
+        return len(self._waiting) + self._inbox.qsize()
 
     def submit(self, job: Job) -> None:
         if not self.running:
@@ -170,6 +179,8 @@ class Batcher:
 
     def _run(self, batch: list[Job]) -> None:
         self.batches_run.append(len(batch))
+        started = time.monotonic()
+        self.metrics.batch_started([started - job.submitted for job in batch], sum(len(job.prompt) for job in batch))
         committed: list[list[int]] = [[] for _ in batch]
         width = max(len(job.clamp or ()) for job in batch)  # rows without a clamp hold nothing in place
         clamp = [(job.clamp or []) + [-1] * (width - len(job.clamp or ())) for job in batch] if width else None
@@ -195,9 +206,13 @@ class Batcher:
         except Exception as err:  # one bad batch must not take the server down
             for job in batch:
                 job.send(err)
+        finally:
+            self.metrics.batch_ended(time.monotonic() - started)
 
     def _dispatch(self, event: Draft | CanvasCommit | Done, batch: list[Job], committed: list[list[int]]) -> None:
         if isinstance(event, Draft):
+            first = event.step == 1
+            self.metrics.denoising_step(first, event.cached_tokens if first and event.canvas_index == 0 else 0)
             ids, accepted = event.ids.tolist(), event.accepted.tolist()
             entropy = event.entropy.tolist() if event.entropy is not None else [[0.0] * len(ids[0])] * len(ids)
             settled = event.settled.tolist() if event.settled is not None else [0] * len(ids)

@@ -59,6 +59,8 @@ from .schema import (
 
 DONE = "data: [DONE]\n\n"  # the last event of a chat or completions stream
 
+ChoiceEnd = tuple[list[int], str, int | None]  # a choice's final tokens, its finish reason, the EOS after them
+
 
 @dataclass(frozen=True)
 class ServerOptions:
@@ -267,6 +269,15 @@ class Serving:
             raise APIError(503, str(err), "server_error", "unavailable") from None
         return job
 
+    def ending(
+        self, reply: SettledText, event: RowDraft | RowDone, job: Job
+    ) -> tuple[list[int], str, int | None] | None:
+        """How a choice ends, given its latest event (`_ending`); once it does, its tokens go into the metrics."""
+        ending = _ending(reply, event, job)
+        if ending is not None:
+            self.batcher.metrics.answered(len(ending[0]), ending[1])
+        return ending
+
     async def run_job(self, job: Job, request: Request, reply: SettledText) -> tuple[RowDone, str]:
         """Wait for a job's result and its finish reason (`_ending`: it ends as soon as its end settles, a stop
         string, say; the job is then cancelled); if the client goes away first, cancel the job."""
@@ -284,7 +295,7 @@ class Serving:
                     continue
                 if isinstance(event, Exception):
                     raise engine_failure(event)
-                ending = _ending(reply, event, job)
+                ending = self.ending(reply, event, job)
                 if isinstance(event, RowDone):
                     return replace(event, new_tokens=ending[0], eos=ending[2]), ending[1]
                 steps[event.canvas_index] = event.step
@@ -362,7 +373,7 @@ class Serving:
                     break
                 cached = max(cached, event.cached)
                 tokens = _visible(event, job) if isinstance(event, RowDraft) else event.new_tokens
-                ending = _ending(reply, event, job)
+                ending = self.ending(reply, event, job)
                 if isinstance(event, RowDraft) and drafts:
                     yield sse(chunk(Piece(index, draft=_draft_payload(event, self.model))))
                 content, reasoning = reply.deltas(tokens if ending is None else ending[0], final=ending is not None)
@@ -642,7 +653,7 @@ def _usage(prompt_tokens: int, completion: int, cached: int = 0) -> dict[str, An
     }
 
 
-def _ending(reply: SettledText, event: RowDraft | RowDone, job: Job) -> tuple[list[int], str, int | None] | None:
+def _ending(reply: SettledText, event: RowDraft | RowDone, job: Job) -> ChoiceEnd | None:
     """How a choice ends, given its latest event: (its final tokens, its finish reason, the EOS right after them
     if one ended it), or None while it goes on. A stop string in its answer ends it there; else its row's end
     does, at its token limit or before. Settled tokens never change, so they end it before its canvas does (or
