@@ -254,11 +254,16 @@ def read_text(path: str | Path, newline: str | None = None) -> str:
         raise DiffGemmaError(f"{file}: cannot read it ({err.strerror})") from None
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json_value(path: str | Path) -> Any:
+    """A JSON file's value; a file that is not JSON is an error that names it."""
     try:
-        data = json.loads(read_text(path))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DiffGemmaError(f"{path}: not valid JSON ({err})") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    data = read_json_value(path)
     if not isinstance(data, dict):
         raise DiffGemmaError(f"{path}: expected a JSON object at the top level")
     return data

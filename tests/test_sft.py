@@ -64,6 +64,47 @@ def test_the_other_trl_formats_give_the_same_examples(tiny, tmp_path):
     assert [example.id for example in examples] == [0, 1, 2]
 
 
+def test_sharegpt_and_alpaca_records_train_the_conversations_they_are(tiny, tmp_path):
+    """ShareGPT's {"conversations": [{"from", "value"}]} and Alpaca's {"instruction", "input", "output"} (in a
+    .json array, as Alpaca's data is published, or JSONL) give the examples of the same messages."""
+    tokenizer = tiny.tokenizer
+    conversation = CONVERSATIONS[1]["messages"]
+    speakers = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": speakers[m["role"]], "value": m["content"]} for m in conversation]}
+    alpaca = [
+        {"instruction": "Add these.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!", "system": "Be brief."},
+    ]
+    as_messages = [
+        {"messages": [{"role": "user", "content": "Add these.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]},
+        {"messages": [*[{"role": r, "content": c} for r, c in (("system", "Be brief."), ("user", "Say hi."))]]},
+    ]
+    as_messages[1]["messages"].append({"role": "assistant", "content": "Hi!"})
+    expected = read_chat_jsonl(_write(tmp_path / "m.jsonl", [CONVERSATIONS[1], *as_messages]), tokenizer, eos_id=1)
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
+    got = read_chat_jsonl(_write(tmp_path / "s.jsonl", [sharegpt]), tokenizer, eos_id=1)
+    got += read_chat_jsonl(tmp_path / "alpaca.json", tokenizer, eos_id=1)
+    assert [(e.prompt, e.response) for e in got] == [(e.prompt, e.response) for e in expected]
+    assert len(got) == 4  # two answers in the ShareGPT conversation, one a record in Alpaca's
+    bad = [
+        ({"conversations": [{"from": "narrator", "value": "x"}]}, r"conversations\[0\]: expected"),
+        ({"conversations": []}, '"conversations" must be a non-empty list'),
+        ({"instruction": "x", "output": ""}, "Alpaca.s .*not empty"),
+    ]
+    for record, message in bad:
+        with pytest.raises(DiffGemmaError, match=rf"s.jsonl:1: {message}"):
+            read_chat_jsonl(_write(tmp_path / "s.jsonl", [record]), tokenizer, eos_id=1)
+    (tmp_path / "object.json").write_text(json.dumps(alpaca[0]))
+    with pytest.raises(DiffGemmaError, match="object.json: a .json data file holds one array"):
+        read_chat_jsonl(tmp_path / "object.json", tokenizer, eos_id=1)
+    (tmp_path / "broken.json").write_text(json.dumps(alpaca)[:-1])
+    with pytest.raises(DiffGemmaError, match="broken.json: not valid JSON"):
+        read_chat_jsonl(tmp_path / "broken.json", tokenizer, eos_id=1)
+    (tmp_path / "wrong.json").write_text(json.dumps([alpaca[0], {"instruction": 3, "output": "x"}]))
+    with pytest.raises(DiffGemmaError, match=r"wrong.json\[1\]: Alpaca's"):
+        read_chat_jsonl(tmp_path / "wrong.json", tokenizer, eos_id=1)
+
+
 def test_tool_calling_conversations_train_the_call_and_the_answer_after_it(tiny, tmp_path):
     """A record's "tools" (TRL's column) reach the template; the turn that calls ends after its call with
     <|tool_response> (where inference stops for the tool), and the answer after the tool's result is the next

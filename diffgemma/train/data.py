@@ -9,16 +9,22 @@
   completion's assistant turns;
 - prompt and completion as text, {"prompt": "...", "completion": "..."}: plain continuation, no template (the
   prompt encoded as `generate` encodes it, the completion then EOS);
-- text alone, {"text": "..."}: the whole text as the response to an empty prompt (BOS alone).
+- text alone, {"text": "..."}: the whole text as the response to an empty prompt (BOS alone);
+- and two formats fine-tuning datasets often come in, read as the conversations they are: ShareGPT's
+  {"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": "..."}, ...]} and Alpaca's
+  {"instruction": "...", "input": "...", "output": "..."} (the instruction, then the input if any, as the user's
+  turn; the output as the answer; an optional "system").
+A file is JSONL (a record a line) or, named .json, one JSON array of records (as Alpaca's data is published).
 Supervision starts at the response. An assistant turn with `"weight": 0` (OpenAI's fine-tuning format) is
 context for the turns after it, not an example.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
-from ..config import read_jsonl
+from ..config import read_json_value, read_jsonl
 from ..errors import DiffGemmaError
 from ..tokenizer import Tokenizer, check_messages
 from ..toolcalls import TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN
@@ -79,7 +85,53 @@ def _learned(message: dict, turn: int) -> bool:
     return weight == 1
 
 
-RECORD_FORMATS = '{"messages": [...]}, {"prompt": ..., "completion": ...} (texts or messages) or {"text": "..."}'
+RECORD_FORMATS = (
+    '{"messages": [...]}, {"prompt": ..., "completion": ...} (texts or messages), {"text": "..."}, ShareGPT\'s '
+    '{"conversations": [{"from", "value"}, ...]} or Alpaca\'s {"instruction", "input", "output"}'
+)
+# ShareGPT's speakers (`from`), as the chat template's roles
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "tool": "tool",
+    "function_response": "tool",
+    "observation": "tool",
+}
+
+
+def sharegpt_messages(turns: object) -> list[dict]:
+    """ShareGPT's conversation ({"from": "human", "value": "..."} turns; "role"/"content" read too) as messages."""
+    if not isinstance(turns, list) or not turns:
+        raise DiffGemmaError('"conversations" must be a non-empty list of {"from": ..., "value": ...} turns')
+    messages = []
+    for index, turn in enumerate(turns):
+        speaker = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        text = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if speaker not in SHAREGPT_ROLES or not isinstance(text, str):
+            raise DiffGemmaError(
+                f'conversations[{index}]: expected {{"from": one of {sorted(SHAREGPT_ROLES)}, "value": "..."}}, '
+                f"got {turn!r:.120}"
+            )
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": text})
+    return messages
+
+
+def alpaca_messages(record: dict) -> list[dict]:
+    """Alpaca's record as a conversation: the instruction (and its input, after a blank line) asked, the output
+    answered; a "system" text first where the record has one."""
+    instruction, extra = record.get("instruction") or "", record.get("input") or ""
+    output, system = record.get("output"), record.get("system") or ""
+    if not all(isinstance(value, str) for value in (instruction, extra, output, system)) or not output:
+        raise DiffGemmaError('Alpaca\'s "instruction", "input", "output", "system" must be texts, "output" not empty')
+    question = f"{instruction}\n\n{extra}" if instruction and extra else instruction or extra
+    if not question:
+        raise DiffGemmaError('an Alpaca record needs an "instruction" or an "input"')
+    turns = [{"role": "user", "content": question}, {"role": "assistant", "content": output}]
+    return [{"role": "system", "content": system}, *turns] if system else turns
 
 
 def record_examples(
@@ -102,6 +154,11 @@ def record_examples(
         return [_continuation(tokenizer, prompt, completion, eos_id, first_id)]
     if isinstance(record.get("text"), str) and record["text"]:  # a text alone continues an empty prompt
         return [_continuation(tokenizer, "", record["text"], eos_id, first_id)]
+    if "conversations" in record:
+        messages = sharegpt_messages(record["conversations"])
+        return conversation_examples(messages, tokenizer, eos_id, first_id, enable_thinking, tools)
+    if "output" in record and ("instruction" in record or "input" in record):
+        return conversation_examples(alpaca_messages(record), tokenizer, eos_id, first_id, enable_thinking, tools)
     raise DiffGemmaError(f"expected one of {RECORD_FORMATS} (non-empty), got the keys {sorted(record)}")
 
 
@@ -111,12 +168,25 @@ def _continuation(tokenizer: Tokenizer, prompt: str, completion: str, eos_id: in
     return Example(tokenizer.encode(prompt), response, id=example_id)
 
 
+def read_records(path: str | Path) -> Iterator[tuple[str, object]]:
+    """A data file's records with where each is: a .json file's top-level array ("FILE[i]"), else JSONL."""
+    if Path(path).suffix.lower() != ".json":
+        yield from read_jsonl(path)
+        return
+    records = read_json_value(path)
+    if not isinstance(records, list):
+        raise DiffGemmaError(f"{path}: a .json data file holds one array of records; JSONL holds a record a line")
+    for index, record in enumerate(records):
+        yield f"{path}[{index}]", record
+
+
 def read_chat_jsonl(
     path: str | Path, tokenizer: Tokenizer, eos_id: int, enable_thinking: bool = False
 ) -> list[Example]:
-    """Examples from a JSONL file, one conversation a line; errors name the file and line."""
+    """Examples from a JSONL file (a conversation a line) or a .json file's array; errors name the file and the
+    line (or the array's index)."""
     examples: list[Example] = []
-    for where, record in read_jsonl(path):
+    for where, record in read_records(path):
         try:
             found = record_examples(record, tokenizer, eos_id, len(examples), enable_thinking)
         except DiffGemmaError as err:
