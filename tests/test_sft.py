@@ -86,6 +86,24 @@ def test_sharegpt_and_alpaca_records_train_the_conversations_they_are(tiny, tmp_
     got += read_chat_jsonl(tmp_path / "alpaca.json", tokenizer, eos_id=1)
     assert [(e.prompt, e.response) for e in got] == [(e.prompt, e.response) for e in expected]
     assert len(got) == 4  # two answers in the ShareGPT conversation, one a record in Alpaca's
+    import pyarrow
+    import pyarrow.parquet
+
+    # a Hub dataset's Parquet file: a record a row (ShareGPT's column of turns, Alpaca's columns)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([sharegpt]), tmp_path / "sharegpt.parquet")
+    columns = {key: [record.get(key) for record in alpaca] for key in ("instruction", "input", "output", "system")}
+    pyarrow.parquet.write_table(pyarrow.Table.from_pydict(columns), tmp_path / "alpaca.parquet")  # (no system: null)
+    from_parquet = [read_chat_jsonl(tmp_path / f"{name}.parquet", tokenizer, 1) for name in ("sharegpt", "alpaca")]
+    assert [(e.prompt, e.response) for e in from_parquet[0] + from_parquet[1]] == [(e.prompt, e.response) for e in got]
+    # a column of messages gives every message every key any has, null where it had none (weight, tool_calls)
+    weighted = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "weight": 1}]}
+    rows = [weighted, as_messages[0]]  # the second row's answer gets `"weight": null`
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "weighted.parquet")
+    both = read_chat_jsonl(tmp_path / "weighted.parquet", tokenizer, 1)
+    assert [(e.prompt, e.response) for e in both][1] == (got[2].prompt, got[2].response)
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(DiffGemmaError, match="fake.parquet: not a readable Parquet file"):
+        read_chat_jsonl(tmp_path / "fake.parquet", tokenizer, eos_id=1)
     bad = [
         ({"conversations": [{"from": "narrator", "value": "x"}]}, r"conversations\[0\]: expected"),
         ({"conversations": []}, '"conversations" must be a non-empty list'),

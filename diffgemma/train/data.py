@@ -14,7 +14,8 @@
   {"conversations": [{"from": "human" | "gpt" | "system" | ..., "value": "..."}, ...]} and Alpaca's
   {"instruction": "...", "input": "...", "output": "..."} (the instruction, then the input if any, as the user's
   turn; the output as the answer; an optional "system").
-A file is JSONL (a record a line) or, named .json, one JSON array of records (as Alpaca's data is published).
+A file is JSONL (a record a line), a .json file of one array of records (as Alpaca's data is published), or a
+.parquet file, a record a row (as datasets are kept on the Hugging Face Hub; pyarrow reads it).
 Supervision starts at the response. An assistant turn with `"weight": 0` (OpenAI's fine-tuning format) is
 context for the turns after it, not an example.
 """
@@ -169,15 +170,45 @@ def _continuation(tokenizer: Tokenizer, prompt: str, completion: str, eos_id: in
 
 
 def read_records(path: str | Path) -> Iterator[tuple[str, object]]:
-    """A data file's records with where each is: a .json file's top-level array ("FILE[i]"), else JSONL."""
-    if Path(path).suffix.lower() != ".json":
+    """A data file's records with where each is: a .json file's top-level array or a .parquet file's rows
+    ("FILE[i]"), else JSONL ("FILE:LINE")."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        records = _parquet_rows(path)
+    elif suffix == ".json":
+        records = read_json_value(path)
+        if not isinstance(records, list):
+            raise DiffGemmaError(f"{path}: a .json data file holds one array of records; JSONL holds a record a line")
+    else:
         yield from read_jsonl(path)
         return
-    records = read_json_value(path)
-    if not isinstance(records, list):
-        raise DiffGemmaError(f"{path}: a .json data file holds one array of records; JSONL holds a record a line")
     for index, record in enumerate(records):
         yield f"{path}[{index}]", record
+
+
+def _parquet_rows(path: str | Path) -> list[dict]:
+    """A Parquet file's rows as records (the form datasets are kept in on the Hugging Face Hub)."""
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise DiffGemmaError(f"{path}: reading Parquet takes pyarrow (pip install 'diffgemma[data]')") from None
+    if not Path(path).is_file():
+        raise DiffGemmaError(f"{path}: file not found")
+    try:
+        rows = parquet.read_table(path).to_pylist()
+    except (OSError, ValueError) as err:  # (pyarrow's ArrowInvalid is a ValueError)
+        raise DiffGemmaError(f"{path}: not a readable Parquet file ({err})") from None
+    return [_without_nulls(row) for row in rows]
+
+
+def _without_nulls(value: object) -> object:
+    """A Parquet row as the JSON record it was: a column of objects gives every object every key any of them has,
+    the others null (a message's `weight`, `tool_calls`), so a null key is taken for the absent one it was."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
 
 
 def read_chat_jsonl(
