@@ -139,17 +139,18 @@ CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja")
 CONFIG_FILES = ("config.json", "generation_config.json")  # what `info` reads: kilobytes, not 50 GB
 
 
-def _download(repo_id: str, patterns: Sequence[str] = CHECKPOINT_FILES) -> Path:
-    """Fetch a checkpoint (or the files of it that match `patterns`) from the Hugging Face Hub; offline, say
-    so plainly."""
+def download(repo_id: str, patterns: Sequence[str] = CHECKPOINT_FILES, kind: str = "model") -> Path:
+    """Fetch a checkpoint (`kind` "model") or a dataset ("dataset"), the files that match `patterns`, from the
+    Hugging Face Hub; offline, say so plainly."""
+    what = "checkpoint" if kind == "model" else kind
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
+        return Path(snapshot_download(repo_id, repo_type=kind, allow_patterns=list(patterns)))
     except Exception as err:  # network, auth and missing-repo errors all mean the same thing here
         raise DiffGemmaError(
-            f"{repo_id}: not a local folder, and downloading it from the Hugging Face Hub failed "
-            f"({type(err).__name__}). Offline? Download the checkpoint elsewhere and pass its local folder."
+            f"{repo_id}: not a local path, and downloading the {what} from the Hugging Face Hub failed "
+            f"({type(err).__name__}). Offline? Download the {what} elsewhere and pass its local path."
         ) from None
 
 
@@ -161,7 +162,7 @@ def resolve_folder(path: str | os.PathLike, patterns: Sequence[str] = CHECKPOINT
     if folder.exists():
         raise DiffGemmaError(f"{folder}: not a folder (pass the checkpoint folder, not a file in it)")
     if on_hub(path):
-        return _download(str(path), patterns)
+        return download(str(path), patterns)
     raise DiffGemmaError(f"{folder}: folder not found")
 
 

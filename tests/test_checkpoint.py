@@ -384,7 +384,7 @@ def test_bad_device_and_dtype(reference_checkpoints):
 
 def test_hub_id_offline_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DiffGemmaError, match="downloading it from the Hugging Face Hub failed"):
+    with pytest.raises(DiffGemmaError, match="downloading the checkpoint from the Hugging Face Hub failed"):
         diffgemma.load("google/diffusiongemma-26B-A4B-it")
 
 
@@ -397,7 +397,8 @@ def test_info_on_a_hub_id_fetches_the_configs_alone(monkeypatch, tmp_path, capsy
     source = random_checkpoint(tmp_path / "tiny", preset="tiny")
     asked = {}
 
-    def fake_download(repo_id, allow_patterns):
+    def fake_download(repo_id, allow_patterns, repo_type="model"):
+        assert repo_type == "model"
         asked[repo_id] = allow_patterns
         configs = tmp_path / "configs"
         configs.mkdir(exist_ok=True)
@@ -420,7 +421,8 @@ def test_a_hub_model_that_cannot_fit_is_refused_before_its_weights_download(monk
     source = random_checkpoint(tmp_path / "tiny", preset="tiny")
     asked = []
 
-    def fake_download(repo_id, allow_patterns):
+    def fake_download(repo_id, allow_patterns, repo_type="model"):
+        assert repo_type == "model"
         asked.append(allow_patterns)
         target = tmp_path / f"download{len(asked)}"
         target.mkdir()

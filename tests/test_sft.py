@@ -123,6 +123,42 @@ def test_sharegpt_and_alpaca_records_train_the_conversations_they_are(tiny, tmp_
         read_chat_jsonl(tmp_path / "wrong.json", tokenizer, eos_id=1)
 
 
+def test_data_can_be_a_dataset_folder_or_a_hub_dataset(tiny, tmp_path, monkeypatch):
+    """--data names a file, a dataset's folder (its Parquet files, else JSONL, else JSON; the training split's
+    where the names tell splits apart) or a Hub dataset id, fetched; offline, a line that says so."""
+    import huggingface_hub
+
+    tokenizer = tiny.tokenizer
+    dataset = tmp_path / "dataset"
+    (dataset / "data").mkdir(parents=True)
+    _write(dataset / "data" / "train-00000.jsonl", CONVERSATIONS[:1])
+    _write(dataset / "data" / "train-00001.jsonl", CONVERSATIONS[1:])
+    _write(dataset / "data" / "test-00000.jsonl", [{"text": "held out"}])
+    (dataset / "README.md").write_text("a dataset card")
+    whole = read_chat_jsonl(_write(tmp_path / "all.jsonl", CONVERSATIONS), tokenizer, eos_id=1)
+    pairs = [(e.prompt, e.response) for e in whole]
+    assert [(e.prompt, e.response) for e in read_chat_jsonl(dataset, tokenizer, 1)] == pairs
+    asked = []
+
+    def fake_download(repo_id, allow_patterns, repo_type="model"):
+        asked.append((repo_id, repo_type, allow_patterns))
+        return str(dataset)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    assert [(e.prompt, e.response) for e in read_chat_jsonl("someone/chats", tokenizer, 1)] == pairs
+    assert asked == [("someone/chats", "dataset", ["*.parquet", "*.jsonl", "*.json"])]
+    with pytest.raises(DiffGemmaError, match="data/chat.jsonl: file not found"):
+        read_chat_jsonl("data/chat.jsonl", tokenizer, 1)  # a path, not a Hub id
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DiffGemmaError, match="someone/chats: .*downloading the dataset from the Hugging Face Hub"):
+        read_chat_jsonl("someone/chats", tokenizer, 1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DiffGemmaError, match="empty: no data files in it"):
+        read_chat_jsonl(empty, tokenizer, 1)
+
+
 def test_tool_calling_conversations_train_the_call_and_the_answer_after_it(tiny, tmp_path):
     """A record's "tools" (TRL's column) reach the template; the turn that calls ends after its call with
     <|tool_response> (where inference stops for the tool), and the answer after the tool's result is the next

@@ -326,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trainer.add_argument(
         "--data",
-        help='chat: training data, JSONL (or a .json array, or .parquet): {"messages": [...]}, {"prompt": ..., '
-        '"completion": ...}, '
+        help="chat: training data (a file, a dataset folder or a Hub dataset id), JSONL, a .json array or .parquet: "
+        '{"messages": [...]}, {"prompt": ..., "completion": ...}, '
         '{"text": ...}, ShareGPT\'s {"conversations": [...]} or Alpaca\'s {"instruction", "input", "output"}',
     )
     trainer.add_argument("--eval-data", help="chat: held-out conversations (default: a twentieth of --data)")

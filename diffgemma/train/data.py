@@ -211,20 +211,46 @@ def _without_nulls(value: object) -> object:
     return value
 
 
+DATA_PATTERNS = ("*.parquet", "*.jsonl", "*.json")  # a dataset's record files, in the order one is chosen
+RECORD_SUFFIXES = tuple(pattern[1:] for pattern in DATA_PATTERNS)
+
+
+def data_files(source: str | Path) -> list[Path]:
+    """The files `--data` names: a file; a folder's record files (a dataset downloaded whole: its Parquet files,
+    else its JSONL, else its JSON, and of those the training split's where their names tell splits apart); or a
+    Hugging Face Hub dataset id (`owner/name`), its record files fetched."""
+    from ..api import download, on_hub
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        if path.suffix.lower() in RECORD_SUFFIXES or not on_hub(source):  # (`data/chat.jsonl` is no dataset id)
+            raise DiffGemmaError(f"{source}: file not found")
+        path = download(str(source), DATA_PATTERNS, kind="dataset")
+    for pattern in DATA_PATTERNS:
+        found = sorted(file for file in path.rglob(pattern) if file.is_file() and ".cache" not in file.parts)
+        if found:
+            train = [file for file in found if "train" in file.name.lower()]
+            return train or found
+    raise DiffGemmaError(f"{source}: no data files in it ({', '.join(DATA_PATTERNS)})")
+
+
 def read_chat_jsonl(
-    path: str | Path, tokenizer: Tokenizer, eos_id: int, enable_thinking: bool = False
+    source: str | Path, tokenizer: Tokenizer, eos_id: int, enable_thinking: bool = False
 ) -> list[Example]:
-    """Examples from a JSONL file (a conversation a line) or a .json file's array; errors name the file and the
-    line (or the array's index)."""
+    """Examples from data (`data_files`: a JSONL file, a conversation a line; a .json file's array; a .parquet
+    file's rows; a folder or Hub dataset of them); errors name the file and the line (or the row)."""
     examples: list[Example] = []
-    for where, record in read_records(path):
-        try:
-            found = record_examples(record, tokenizer, eos_id, len(examples), enable_thinking)
-        except DiffGemmaError as err:
-            raise DiffGemmaError(f"{where}: {err}") from None
-        if not found:
-            raise DiffGemmaError(f"{where}: no assistant turn to learn from")
-        examples += found
+    for path in data_files(source):
+        for where, record in read_records(path):
+            try:
+                found = record_examples(record, tokenizer, eos_id, len(examples), enable_thinking)
+            except DiffGemmaError as err:
+                raise DiffGemmaError(f"{where}: {err}") from None
+            if not found:
+                raise DiffGemmaError(f"{where}: no assistant turn to learn from")
+            examples += found
     if not examples:
-        raise DiffGemmaError(f"{path}: no conversations")
+        raise DiffGemmaError(f"{source}: no conversations")
     return examples
