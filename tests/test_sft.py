@@ -72,7 +72,8 @@ def test_sharegpt_and_alpaca_records_train_the_conversations_they_are(tiny, tmp_
     speakers = {"system": "system", "user": "human", "assistant": "gpt"}
     sharegpt = {"conversations": [{"from": speakers[m["role"]], "value": m["content"]} for m in conversation]}
     alpaca = [
-        {"instruction": "Add these.", "input": "2 and 3", "output": "5"},
+        # (tatsu-lab/alpaca's "text" column renders the record in Alpaca's template: the fields are read instead)
+        {"instruction": "Add these.", "input": "2 and 3", "output": "5", "text": "### Instruction: Add these..."},
         {"instruction": "Say hi.", "input": "", "output": "Hi!", "system": "Be brief."},
     ]
     as_messages = [

@@ -97,10 +97,10 @@ class EngineStopped(RuntimeError):
 
 
 class Batcher:
-    def __init__(self, model: DiffGemma, max_batch: int = 8, metrics: Metrics | None = None) -> None:
+    def __init__(self, model: DiffGemma, max_batch: int = 8) -> None:
         self.model = model
         self.max_batch = max_batch
-        self.metrics = metrics or Metrics()
+        self.metrics = Metrics()  # what the engine does, for the server's /metrics
         self._inbox: queue.Queue[Job | Call | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._calls: list[Call] = []

@@ -153,13 +153,14 @@ def record_examples(
         return conversation_examples(messages, tokenizer, eos_id, first_id, enable_thinking, tools, len(prompt))
     if isinstance(prompt, str) and isinstance(completion, str) and completion:
         return [_continuation(tokenizer, prompt, completion, eos_id, first_id)]
-    if isinstance(record.get("text"), str) and record["text"]:  # a text alone continues an empty prompt
-        return [_continuation(tokenizer, "", record["text"], eos_id, first_id)]
+    # a dataset's "text" column beside its turns is their rendering in some template: the turns come first
     if "conversations" in record:
         messages = sharegpt_messages(record["conversations"])
         return conversation_examples(messages, tokenizer, eos_id, first_id, enable_thinking, tools)
     if "output" in record and ("instruction" in record or "input" in record):
         return conversation_examples(alpaca_messages(record), tokenizer, eos_id, first_id, enable_thinking, tools)
+    if isinstance(record.get("text"), str) and record["text"]:  # a text alone continues an empty prompt
+        return [_continuation(tokenizer, "", record["text"], eos_id, first_id)]
     raise DiffGemmaError(f"expected one of {RECORD_FORMATS} (non-empty), got the keys {sorted(record)}")
 
 
