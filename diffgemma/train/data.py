@@ -216,15 +216,20 @@ DATA_PATTERNS = ("*.parquet", "*.jsonl", "*.json")  # a dataset's record files, 
 RECORD_SUFFIXES = tuple(pattern[1:] for pattern in DATA_PATTERNS)
 
 
-def data_files(source: str | Path) -> list[Path]:
+HELD_OUT_SPLITS = ("test", "validation", "valid", "dev", "eval")  # the names a dataset's held-out split goes by
+
+
+def data_files(source: str | Path, split: str = "train") -> list[Path]:
     """The files `--data` names: a file; a folder's record files (a dataset downloaded whole: its Parquet files,
-    else its JSONL, else its JSON, and of those the training split's where their names tell splits apart); or a
-    Hugging Face Hub dataset id (`owner/name`), its record files fetched."""
+    else its JSONL, else its JSON); or a Hugging Face Hub dataset id (`owner/name`), its record files fetched.
+    Where the file names tell splits apart (`train-00000.parquet`, `test.jsonl`), `split` "train" takes the
+    training split's and "held_out" a test or validation split's (none: an empty list); else every file is
+    training data."""
     from ..api import download, on_hub
 
     path = Path(source).expanduser()
     if path.is_file():
-        return [path]
+        return [path] if split == "train" else []
     if not path.is_dir():
         if path.suffix.lower() in RECORD_SUFFIXES or not on_hub(source):  # (`data/chat.jsonl` is no dataset id)
             raise DiffGemmaError(f"{source}: file not found")
@@ -233,17 +238,23 @@ def data_files(source: str | Path) -> list[Path]:
         found = sorted(file for file in path.rglob(pattern) if file.is_file() and ".cache" not in file.parts)
         if found:
             train = [file for file in found if "train" in file.name.lower()]
-            return train or found
+            if split == "train":
+                return train or found
+            held_out = [file for file in found if any(name in file.name.lower() for name in HELD_OUT_SPLITS)]
+            return held_out if train else []
     raise DiffGemmaError(f"{source}: no data files in it ({', '.join(DATA_PATTERNS)})")
 
 
 def read_chat_jsonl(
-    source: str | Path, tokenizer: Tokenizer, eos_id: int, enable_thinking: bool = False
+    source: str | Path, tokenizer: Tokenizer, eos_id: int, enable_thinking: bool = False, split: str = "train"
 ) -> list[Example]:
     """Examples from data (`data_files`: a JSONL file, a conversation a line; a .json file's array; a .parquet
     file's rows; a folder or Hub dataset of them); errors name the file and the line (or the row)."""
     examples: list[Example] = []
-    for path in data_files(source):
+    files = data_files(source, split)
+    if not files:  # (a dataset without a held-out split)
+        return []
+    for path in files:
         for where, record in read_records(path):
             try:
                 found = record_examples(record, tokenizer, eos_id, len(examples), enable_thinking)

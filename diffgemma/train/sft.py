@@ -85,9 +85,11 @@ def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print
     examples = read_chat_jsonl(options.data, model.tokenizer, eos, options.enable_thinking)
     if options.eval_data:
         held_out = read_chat_jsonl(options.eval_data, model.tokenizer, eos, options.enable_thinking)
-    else:  # a twentieth of the data (at least one example) when there is enough of it to spare
-        spare = len(examples) // 20 if len(examples) >= 20 else 0
-        held_out, examples = examples[len(examples) - spare :], examples[: len(examples) - spare]
+    else:  # the dataset's own test split, else a twentieth of the data (at least one) where there is enough
+        held_out = read_chat_jsonl(options.data, model.tokenizer, eos, options.enable_thinking, "held_out")
+        if not held_out:
+            spare = len(examples) // 20 if len(examples) >= 20 else 0
+            held_out, examples = examples[len(examples) - spare :], examples[: len(examples) - spare]
     canvas = model.config.canvas_length
     examples = within_length(examples, options.max_length, canvas, "training", log)
     if not examples:
