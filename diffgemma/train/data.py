@@ -240,7 +240,8 @@ def data_files(source: str | Path, split: str = "train") -> list[Path]:
             train = [file for file in found if "train" in file.name.lower()]
             if split == "train":
                 return train or found
-            held_out = [file for file in found if any(name in file.name.lower() for name in HELD_OUT_SPLITS)]
+            named = [file for file in found if file not in train]
+            held_out = [file for file in named if any(name in file.name.lower() for name in HELD_OUT_SPLITS)]
             return held_out if train else []
     raise DiffGemmaError(f"{source}: no data files in it ({', '.join(DATA_PATTERNS)})")
 
