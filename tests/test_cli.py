@@ -742,3 +742,25 @@ def test_other_runtime_errors_are_not_taken_for_memory(monkeypatch):
     monkeypatch.setattr(cli.checkpoints, "cmd_info", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         cli.main(["info", "--model", DEMO])
+
+
+def test_chat_takes_a_message_of_several_lines(capsys, monkeypatch):
+    """A line ending in a backslash goes on to the next, and the lines between \"\"\" lines are one message (code
+    pasted into a terminal chat would otherwise be sent a line at a time)."""
+    import io
+
+    from diffgemma.api import DiffGemma
+
+    asked = []
+    stream = DiffGemma.stream
+
+    def recorded(self, messages, **kw):
+        asked.append(messages[-1]["content"])
+        return stream(self, messages, **kw)
+
+    monkeypatch.setattr(DiffGemma, "stream", recorded)
+    typed = 'first \\\nsecond\n"""\ndef f():\n    return 1\n"""\n"""one line"""\nSay hello.\n"""\nunclosed'
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+    code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "0")
+    assert code == 0 and len(out.splitlines()) >= len(asked)  # an answer each
+    assert asked == ["first \nsecond", "def f():\n    return 1", "one line", "Say hello.", "unclosed"]

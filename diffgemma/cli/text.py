@@ -309,11 +309,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
         with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has it
             import readline  # noqa: F401
 
-        print("chat with the model; /reset clears the history, /think on|off, /exit quits", file=sys.stderr)
+        print(
+            "chat with the model; /reset clears the history, /think on|off, /exit quits; a line ending in \\ goes "
+            'on to the next, and text between """ lines (pasted code, say) is one message',
+            file=sys.stderr,
+        )
     while True:
-        try:
-            line = input("you> " if interactive else "")
-        except EOFError:
+        line = _read_message("you> " if interactive else "")
+        if line is None:
             break
         line = line.strip()
         if not line:
@@ -336,6 +339,35 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 raise
             del history[turns:]  # the question goes with its unfinished answer
             print("\n(interrupted)")
+
+
+BLOCK = '"""'  # a message of several lines opens and closes with it (pasted code, say)
+
+
+def _read_message(prompt: str) -> str | None:
+    """One message from the terminal or a pipe (None: the input has ended): a line; lines ending in a backslash
+    and the line after them; or the lines between a line that begins with \"\"\" and one that ends with it."""
+    try:
+        line = input(prompt)
+    except EOFError:
+        return None
+    more = "... " if prompt else ""  # (a terminal's prompt for the lines that follow)
+    lines: list[str] = []
+    try:
+        if line.lstrip().startswith(BLOCK):
+            line = line.lstrip()[len(BLOCK) :]
+            while not line.rstrip().endswith(BLOCK):
+                lines.append(line)
+                line = input(more)
+            lines.append(line.rstrip()[: -len(BLOCK)])
+        else:
+            while line.endswith("\\"):
+                lines.append(line[:-1])
+                line = input(more)
+            lines.append(line)
+    except EOFError:  # the input ended inside the message: what came is the message
+        pass
+    return "\n".join(lines).strip("\n")
 
 
 def _agent_turn(model, history: list[dict[str, Any]], functions: list[Callable[..., Any]], thinking: bool, settings):
