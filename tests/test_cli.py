@@ -562,6 +562,12 @@ def test_chat_a_file_of_conversations_as_jsonl(capsys, tmp_path, demo):
         assert record["text"] == alone.content == ANSWERS[questions[index]]
         assert record["finish_reason"] == "stop" and "reasoning" not in record
     assert err.startswith("[3 prompts, ")
+    # a .json array of them, one in ShareGPT's form: the same answers
+    sharegpt = {"conversations": [{"from": "human", "value": questions[1]}]}
+    array = tmp_path / "conversations.json"
+    array.write_text(json.dumps([{"messages": conversations[0]}, sharegpt, {"messages": conversations[2]}]))
+    code, again, _ = run(capsys, "chat", "--file", str(array), *options)
+    assert code == 0 and [json.loads(line)["text"] for line in again.splitlines()] == [r["text"] for r in records]
     path.write_text('{"messages": "hi"}\n')
     code, _, err = run(capsys, "chat", "--file", str(path), "--model", DEMO)
     assert code == 2 and "conversations.jsonl:1: expected an object with" in err

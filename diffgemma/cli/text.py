@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import read_jsonl, read_text
+from ..config import read_text
 from ..errors import DiffGemmaError
 from ..toolcalls import check_tools, run_tool_calls
 from .common import load_model, model_path, read_prompt, sampler_options
@@ -96,11 +96,17 @@ def _print_as_it_settles(
     return result, content, reasoning
 
 
+RECORD_FILES = (".jsonl", ".json", ".parquet")  # files of records (`train.data.read_records`), not of lines
+
+
 def _file_prompts(path: str) -> list[str]:
-    """Prompts from a file: a `.jsonl` file's {"prompt": ...} records, else one prompt a line (blank lines skipped)."""
-    if Path(path).suffix == ".jsonl":
+    """Prompts from a file: {"prompt": ...} records (a .jsonl file, a .json array, a .parquet file's rows), else one
+    prompt a line (blank lines skipped)."""
+    from ..train.data import read_records
+
+    if Path(path).suffix.lower() in RECORD_FILES:
         prompts = []
-        for where, record in read_jsonl(path):
+        for where, record in read_records(path):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise DiffGemmaError(f'{where}: expected an object with a "prompt" text')
             prompts.append(record["prompt"])
@@ -109,13 +115,21 @@ def _file_prompts(path: str) -> list[str]:
 
 
 def _file_conversations(model, path: str, system: str | None, thinking: bool) -> list[tuple[list, list[int]]]:
-    """`chat --file`'s conversations, a .jsonl of {"messages": [...]} records, each with its prompt ids (rendered
-    as `chat` renders one; `system` first where it has no system message); errors name the line."""
-    if Path(path).suffix != ".jsonl":
-        raise DiffGemmaError(f'{path}: chat --file reads a .jsonl file of {{"messages": [...]}} records')
+    """`chat --file`'s conversations, {"messages": [...]} records (or ShareGPT's {"conversations": [...]}) in a
+    .jsonl file, a .json array or a .parquet file, each with its prompt ids (rendered as `chat` renders one;
+    `system` first where it has no system message); errors name the line."""
+    from ..train.data import read_records, sharegpt_messages
+
+    if Path(path).suffix.lower() not in RECORD_FILES:
+        raise DiffGemmaError(f'{path}: chat --file reads a .jsonl (or .json, .parquet) file of {{"messages": [...]}}')
     conversations = []
-    for where, record in read_jsonl(path):
+    for where, record in read_records(path):
         messages = record.get("messages") if isinstance(record, dict) else None
+        try:
+            if isinstance(record, dict) and "conversations" in record:
+                messages = sharegpt_messages(record["conversations"])
+        except DiffGemmaError as err:
+            raise DiffGemmaError(f"{where}: {err}") from None
         if not isinstance(messages, list):
             raise DiffGemmaError(f'{where}: expected an object with "messages": [...]')
         has_system = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
