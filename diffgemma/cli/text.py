@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import read_text
 from ..errors import DiffGemmaError
+from ..records import RECORD_SUFFIXES, read_records, sharegpt_messages
 from ..toolcalls import check_tools, run_tool_calls
 from .common import load_model, model_path, read_prompt, sampler_options
 
@@ -96,15 +97,10 @@ def _print_as_it_settles(
     return result, content, reasoning
 
 
-RECORD_FILES = (".jsonl", ".json", ".parquet")  # files of records (`train.data.read_records`), not of lines
-
-
 def _file_prompts(path: str) -> list[str]:
     """Prompts from a file: {"prompt": ...} records (a .jsonl file, a .json array, a .parquet file's rows), else one
     prompt a line (blank lines skipped)."""
-    from ..train.data import read_records
-
-    if Path(path).suffix.lower() in RECORD_FILES:
+    if Path(path).suffix.lower() in RECORD_SUFFIXES:
         prompts = []
         for where, record in read_records(path):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
@@ -118,9 +114,7 @@ def _file_conversations(model, path: str, system: str | None, thinking: bool) ->
     """`chat --file`'s conversations, {"messages": [...]} records (or ShareGPT's {"conversations": [...]}) in a
     .jsonl file, a .json array or a .parquet file, each with its prompt ids (rendered as `chat` renders one;
     `system` first where it has no system message); errors name the line."""
-    from ..train.data import read_records, sharegpt_messages
-
-    if Path(path).suffix.lower() not in RECORD_FILES:
+    if Path(path).suffix.lower() not in RECORD_SUFFIXES:
         raise DiffGemmaError(f'{path}: chat --file reads a .jsonl (or .json, .parquet) file of {{"messages": [...]}}')
     conversations = []
     for where, record in read_records(path):
