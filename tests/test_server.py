@@ -387,6 +387,7 @@ def test_tokenize_and_detokenize_read_prompts_as_the_routes_do(server, client, d
 def test_models_health_and_infill(server, client):
     assert [m.id for m in client.models.list()] == ["demo"]
     assert client.models.retrieve("demo").id == "demo"
+    assert client.models.retrieve("demo").model_extra["max_model_len"] == 400 + 512  # vLLM's field: prompt + answer
     with pytest.raises(openai.NotFoundError, match="this server serves 'demo'"):
         client.models.retrieve("gpt-4o")
     url = server[0]

@@ -169,6 +169,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     # the model in OpenAI's fields and Anthropic's both (`type`, `display_name`, `created_at`), for either's clients
     served = {"id": options.model_name, "object": "model", "created": 0, "owned_by": "diffgemma"}
     served |= {"type": "model", "display_name": options.model_name, "created_at": "1970-01-01T00:00:00Z"}
+    # vLLM's: the tokens a request may span, prompt and answer (clients size their context by it)
+    context = min(options.max_prompt_tokens + options.max_tokens, model.config.max_position_embeddings)
+    served |= {"root": options.model_name, "max_model_len": context}
 
     @app.get("/v1/models")
     async def models() -> dict:
