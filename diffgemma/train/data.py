@@ -127,17 +127,19 @@ def _continuation(tokenizer: Tokenizer, prompt: str, completion: str, eos_id: in
 
 
 DATA_PATTERNS = tuple(f"*{suffix}" for suffix in RECORD_SUFFIXES)  # a dataset's record files, in the order tried
-
-
 HELD_OUT_SPLITS = ("test", "validation", "valid", "dev", "eval")  # the names a dataset's held-out split goes by
+
+
+def _held_out_name(name: str) -> bool:
+    """A file named for a held-out split (`test-00000.parquet`, `validation.jsonl`), not for training."""
+    return "train" not in name and any(split in name for split in HELD_OUT_SPLITS)
 
 
 def data_files(source: str | Path, split: str = "train") -> list[Path]:
     """The files `--data` names: a file; a folder's record files (a dataset downloaded whole: its Parquet files,
     else its JSONL, else its JSON); or a Hugging Face Hub dataset id (`owner/name`), its record files fetched.
-    Where the file names tell splits apart (`train-00000.parquet`, `test.jsonl`), `split` "train" takes the
-    training split's and "held_out" a test or validation split's (none: an empty list); else every file is
-    training data."""
+    Files named for a test or validation split (`test-00000.parquet`, `validation.jsonl`) are held out: `split`
+    "train" takes the others, "held_out" those (none: an empty list)."""
     from ..api import download, on_hub
 
     path = Path(source).expanduser()
@@ -150,11 +152,10 @@ def data_files(source: str | Path, split: str = "train") -> list[Path]:
     for pattern in DATA_PATTERNS:
         found = sorted(file for file in path.rglob(pattern) if file.is_file() and ".cache" not in file.parts)
         if found:
-            train = [file for file in found if "train" in file.name.lower()]
+            held_out = [file for file in found if _held_out_name(file.name.lower())]
+            train = [file for file in found if file not in held_out]
             if split == "train":
-                return train or found
-            named = [file for file in found if file not in train]
-            held_out = [file for file in named if any(name in file.name.lower() for name in HELD_OUT_SPLITS)]
+                return train or found  # (a folder of held-out files alone: they are what there is)
             return held_out if train else []
     raise DiffGemmaError(f"{source}: no data files in it ({', '.join(DATA_PATTERNS)})")
 
