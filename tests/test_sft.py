@@ -142,9 +142,9 @@ def test_data_can_be_a_dataset_folder_or_a_hub_dataset(tiny, tmp_path, monkeypat
     held_out = read_chat_jsonl(dataset, tokenizer, 1, split="held_out")  # what `train chat` holds out unasked
     assert [tokenizer.decode(e.response) for e in held_out] == ["held out"]
     assert read_chat_jsonl(tmp_path / "all.jsonl", tokenizer, 1, split="held_out") == []  # a file: no split
-    (dataset / "data" / "train-00000.jsonl").rename(dataset / "data" / "chats-00000.jsonl")  # unnamed splits
+    (dataset / "data" / "train-00000.jsonl").rename(dataset / "data" / "developer_chats-00000.jsonl")  # no split
     assert [(e.prompt, e.response) for e in read_chat_jsonl(dataset, tokenizer, 1)] == pairs  # the test file out
-    (dataset / "data" / "chats-00000.jsonl").rename(dataset / "data" / "train-00000.jsonl")
+    (dataset / "data" / "developer_chats-00000.jsonl").rename(dataset / "data" / "train-00000.jsonl")
     asked = []
 
     def fake_download(repo_id, allow_patterns, repo_type="model"):

@@ -22,6 +22,7 @@ context for the turns after it, not an example.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import DiffGemmaError
@@ -131,8 +132,10 @@ HELD_OUT_SPLITS = ("test", "validation", "valid", "dev", "eval")  # the names a 
 
 
 def _held_out_name(name: str) -> bool:
-    """A file named for a held-out split (`test-00000.parquet`, `validation.jsonl`), not for training."""
-    return "train" not in name and any(split in name for split in HELD_OUT_SPLITS)
+    """A file named for a held-out split (`test-00000-of-00001.parquet`, `validation.jsonl`; the split a word of
+    its name, so `developer_chats.jsonl` is no `dev` split), not for training."""
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
+    return "train" not in words and bool(words & set(HELD_OUT_SPLITS))
 
 
 def data_files(source: str | Path, split: str = "train") -> list[Path]:
@@ -152,7 +155,7 @@ def data_files(source: str | Path, split: str = "train") -> list[Path]:
     for pattern in DATA_PATTERNS:
         found = sorted(file for file in path.rglob(pattern) if file.is_file() and ".cache" not in file.parts)
         if found:
-            held_out = [file for file in found if _held_out_name(file.name.lower())]
+            held_out = [file for file in found if _held_out_name(file.name)]
             train = [file for file in found if file not in held_out]
             if split == "train":
                 return train or found  # (a folder of held-out files alone: they are what there is)
