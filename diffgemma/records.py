@@ -82,7 +82,10 @@ def sharegpt_messages(turns: object) -> list[dict]:
                 f'conversations[{index}]: expected {{"from": one of {sorted(SHAREGPT_ROLES)}, "value": "..."}}, '
                 f"got {turn!r:.120}"
             )
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": text})
+        message = {"role": SHAREGPT_ROLES[speaker], "content": text}
+        if "weight" in turn:  # (a turn some ShareGPT data marks as context only, "weight": 0, as OpenAI's format)
+            message["weight"] = turn["weight"]
+        messages.append(message)
     return messages
 
 

@@ -87,6 +87,10 @@ def test_sharegpt_and_alpaca_records_train_the_conversations_they_are(tiny, tmp_
     got += read_chat_jsonl(tmp_path / "alpaca.json", tokenizer, eos_id=1)
     assert [(e.prompt, e.response) for e in got] == [(e.prompt, e.response) for e in expected]
     assert len(got) == 4  # two answers in the ShareGPT conversation, one a record in Alpaca's
+    context_first = json.loads(json.dumps(sharegpt))
+    context_first["conversations"][2]["weight"] = 0  # the first answer context only, as OpenAI's format marks it
+    (last,) = read_chat_jsonl(_write(tmp_path / "w.jsonl", [context_first]), tokenizer, eos_id=1)
+    assert (last.prompt, last.response) == (got[1].prompt, got[1].response)
     import pyarrow
     import pyarrow.parquet
 
