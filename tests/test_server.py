@@ -792,10 +792,9 @@ def test_the_responses_api_with_the_openai_client(client, server):
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="demo", input=[image])
     assert refused.value.param == "input"
-    for stored in ({"previous_response_id": made.id}, {"conversation": "conv_1"}):  # (ignored, it answered afresh)
-        with pytest.raises(openai.BadRequestError, match="responses are not stored here") as refused:
-            client.responses.create(model="demo", input=SKY, **stored)
-        assert refused.value.param == next(iter(stored))
+    with pytest.raises(openai.BadRequestError, match="Conversations API is not served here") as refused:
+        client.responses.create(model="demo", input=SKY, conversation="conv_1")  # (not ignored)
+    assert refused.value.param == "conversation"
 
 
 def test_a_responses_conversation_sent_back_whole_reads_as_chat_messages(client):
@@ -816,7 +815,7 @@ def test_a_responses_conversation_sent_back_whole_reads_as_chat_messages(client)
         {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"},
         {"role": "user", "content": [{"type": "input_text", "text": "Thanks."}]},
     ]
-    messages, thinking, _ = request_messages(ResponsesRequest(input=items, instructions="Be brief."))
+    messages, thinking, _ = request_messages(ResponsesRequest(input=items, instructions="Be brief."), items)
     call = {"id": "call_1", "function": {"name": "get_weather", "arguments": "{}"}}
     assert messages == [
         {"role": "system", "content": "Be brief."},
@@ -1360,3 +1359,29 @@ def test_metrics_count_what_the_engine_did_and_what_requests_got(demo):
     assert value("diffgemma_http_requests_total", route="other", status="404") == 1
     assert value("diffgemma_http_requests_total", route="/metrics", status="401") == 1
     assert value("diffgemma_requests_running") == 0 and value("diffgemma_rows_waiting") == 0
+
+
+def test_a_response_goes_on_from_a_stored_one_and_can_be_retrieved(client):
+    """`previous_response_id`: the stored response's conversation (its input, its output items), then this
+    request's input, as if sent whole (its instructions are not carried over, as OpenAI's are not); GET and
+    DELETE /v1/responses/{id}; `store: false` keeps nothing; an unknown id is a 404 naming it."""
+    first = client.responses.create(model="demo", input=SKY, instructions="Be brief.", extra_body={"seed": 1})
+    follow, seed = "Say hello.", {"extra_body": {"seed": 2}}
+    after = client.responses.create(model="demo", input=follow, previous_response_id=first.id, **seed)
+    whole = [{"role": "user", "content": SKY}, *[item.model_dump() for item in first.output]]
+    sent = client.responses.create(model="demo", input=[*whole, {"role": "user", "content": follow}], **seed)
+    assert after.output_text == sent.output_text and after.usage.input_tokens == sent.usage.input_tokens
+    events = client.responses.create(model="demo", input=follow, previous_response_id=first.id, stream=True, **seed)
+    streamed_id = next(event.response.id for event in events if event.type == "response.completed")
+    assert client.responses.retrieve(streamed_id).output_text == after.output_text  # a stream is stored too
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    for gone in (lambda: client.responses.retrieve(first.id), lambda: client.responses.delete(first.id)):
+        with pytest.raises(openai.NotFoundError, match=first.id):
+            gone()
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.create(model="demo", input=follow, previous_response_id=first.id)
+    assert missing.value.body["param"] == "previous_response_id"
+    unkept = client.responses.create(model="demo", input=SKY, store=False, extra_body={"seed": 1})
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unkept.id)

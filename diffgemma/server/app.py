@@ -28,7 +28,14 @@ from .messages import (
     MessagesRequest,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .responses import ResponseBuilder, ResponsesRequest, request_messages, request_tools
+from .responses import (
+    ResponseBuilder,
+    ResponsesRequest,
+    ResponseStore,
+    input_items,
+    request_messages,
+    request_tools,
+)
 from .schema import (
     APIError,
     ChatRequest,
@@ -218,9 +225,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         prompt = serving.chat_prompt(messages, thinking, "messages", prefill, offered) + lead
         return await serving.complete(body, request, [prompt], chat=True, tools=tools, answer_format=answer_format)
 
+    stored = ResponseStore()
+
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
-        messages, thinking, answer_format = request_messages(body)
+        items = input_items(body, stored)
+        messages, thinking, answer_format = request_messages(body, items)
         offered, tools = serving.plan_tools(request_tools(body), body.tool_choice, body.parallel_tool_calls)
         prompt = serving.chat_prompt(messages, thinking, "input", "", offered) + (tools.lead if tools else [])
         limit = serving.admit([prompt], body.max_output_tokens, 1, chat=True)
@@ -229,8 +239,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             return serving.new_job(prompt, limit, body, attempt, None), reply_text(model, True, None, tools)
 
         job, reply = redraw(0)
+        keep = (lambda response: stored.keep(response, items)) if body.store else None
         built = ResponseBuilder(
-            options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)), request=body
+            options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)), body, keep
         )
         top = (body.top_logprobs or 0) if "message.output_text.logprobs" in (body.include or ()) else None
 
@@ -245,6 +256,15 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         logprobs = await scorer(0, answer.done.new_tokens, answer.done.eos) if scorer is not None else None
         events = whole_events(answer, built.chunk, len(prompt), logprobs)
         return event_stream([sse(events)]) if body.stream else events[-1]["response"]
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(response_id: str) -> dict[str, Any]:
+        return stored.response(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def forget_response(response_id: str) -> dict[str, Any]:
+        stored.forget(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
 
     @app.post("/v1/messages/count_tokens")
     async def count_message_tokens(body: Conversation) -> dict:

@@ -6,13 +6,15 @@ answer (a `message` with one `output_text` part; none when the model only called
 `function_call` item for each call it made to the `tools` offered. Streamed, each item is opened when its
 first text settles and closed when the next begins or the reply ends (calls come whole at the end);
 `response.completed` (or `response.incomplete`, at `max_output_tokens`) carries the whole response with its
-usage. The calls' answers come back as `function_call_output` input items.
+usage. The calls' answers come back as `function_call_output` input items. Responses are kept (`ResponseStore`,
+in memory) for a later request to go on from (`previous_response_id`) and to be read back.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -38,10 +40,52 @@ class ResponsesRequest(SamplerExtras):
     tools: list[dict[str, Any]] | None = None  # {"type": "function", "name", "description", "parameters"}
     tool_choice: ToolChoiceField = None  # "auto" (default), "none", "required" or {"type": "function", "name"}
     parallel_tool_calls: bool = True
-    # a stored conversation to go on from: none is stored here, so these are refused (not ignored, which would
-    # answer as if nothing came before)
-    previous_response_id: str | None = None
+    previous_response_id: str | None = None  # a stored response to go on from (its conversation, then `input`)
+    store: bool = True  # keep this response for `previous_response_id` and GET /v1/responses/{id}
+    # OpenAI's Conversations API: none here, so it is refused (not ignored, which would answer as if nothing came
+    # before)
     conversation: str | dict[str, Any] | None = None
+
+
+class ResponseStore:
+    """The last `size` responses (in memory: a restart forgets them), each with the conversation it ended, as
+    input items, for a request that goes on from it (`previous_response_id`) and for GET /v1/responses/{id}."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self.size = size
+        self.kept: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+
+    def keep(self, response: dict[str, Any], before: list[dict[str, Any]]) -> None:
+        """`response`, its conversation the items `before` it and its output."""
+        self.kept[response["id"]] = (response, [*before, *response["output"]])
+        while len(self.kept) > self.size:
+            self.kept.popitem(last=False)
+
+    def _entry(self, response_id: str, param: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        if response_id not in self.kept:
+            message = f"no response {response_id!r} is stored here (the last {self.size} are, until a restart)"
+            raise APIError(404, message, "invalid_request_error", "not_found", param)
+        return self.kept[response_id]
+
+    def response(self, response_id: str) -> dict[str, Any]:
+        return self._entry(response_id, None)[0]
+
+    def conversation(self, response_id: str) -> list[dict[str, Any]]:
+        """The input items of the conversation `response_id` ended (its own output last)."""
+        return self._entry(response_id, "previous_response_id")[1]
+
+    def forget(self, response_id: str) -> None:
+        self._entry(response_id, None)
+        del self.kept[response_id]
+
+
+def input_items(body: ResponsesRequest, store: ResponseStore) -> list[dict[str, Any]]:
+    """The request's conversation as input items: a stored response's (`previous_response_id`), then `input`."""
+    if body.conversation is not None:
+        message = "conversation: OpenAI's Conversations API is not served here; use previous_response_id or input"
+        raise APIError(400, message, "invalid_request_error", "invalid_value", "conversation")
+    before = store.conversation(body.previous_response_id) if body.previous_response_id else []
+    return [*before, *([{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input)]
 
 
 def request_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
@@ -57,16 +101,14 @@ def request_tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
     return [{"type": "function", "function": {f: tool[f] for f in fields if f in tool}} for tool in body.tools]
 
 
-def request_messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], bool, AnswerFormat | None]:
-    """The request as chat messages (the instructions first, as a system message), whether to think, and the
+def request_messages(
+    body: ResponsesRequest, items: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], bool, AnswerFormat | None]:
+    """The request's conversation (`items`, `input_items`) as chat messages (this request's instructions first, as
+    a system message: a stored response's are not carried over, as OpenAI's are not), whether to think, and the
     JSON answer's form if `text.format` asks for one (its instruction then in the system message)."""
-    for field in ("previous_response_id", "conversation"):
-        if getattr(body, field) is not None:
-            message = f"{field}: responses are not stored here; send the conversation so far as `input`"
-            raise APIError(400, message, "invalid_request_error", "invalid_value", field)
     answer_format = asked_format((body.text or {}).get("format"), "text.format")
     messages: list[dict[str, Any]] = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     for item in items:
         kind = item.get("type", "message")
         role = item.get("role")
@@ -112,8 +154,10 @@ class ResponseBuilder:
         max_output_tokens: int,
         count_tokens: Callable[[str], int],
         request: ResponsesRequest | None = None,
+        on_done: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.id, self.created = _identifier("resp"), int(time.time())
+        self.on_done = on_done  # given the whole response once it has its usage (the store keeps it)
         request = request or ResponsesRequest(input="")
         self.tools, self.tool_choice = request.tools or [], request.tool_choice or "auto"
         self.parallel_tool_calls = request.parallel_tool_calls
@@ -213,7 +257,10 @@ class ResponseBuilder:
         status = "incomplete" if finish == "length" else "completed"
         answered = "message" in self.items or self.calls  # (a reply of calls alone has no message)
         events = (self._switch_to("message") if not answered else []) + self._close()
-        return [*events, self._event(status, response=self.response(status, self.usage(counts)))]
+        whole = self.response(status, self.usage(counts))
+        if self.on_done is not None:
+            self.on_done(whole)
+        return [*events, self._event(status, response=whole)]
 
     def function_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Events for a reply's tool calls (chat's shape, each with its id), after its text: a `function_call`
