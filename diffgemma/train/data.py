@@ -138,16 +138,17 @@ def _held_out_name(name: str) -> bool:
     return "train" not in words and bool(words & set(HELD_OUT_SPLITS))
 
 
-def data_files(source: str | Path, split: str = "train") -> list[Path]:
-    """The files `--data` names: a file; a folder's record files (a dataset downloaded whole: its Parquet files,
-    else its JSONL, else its JSON); or a Hugging Face Hub dataset id (`owner/name`), its record files fetched.
-    Files named for a test or validation split (`test-00000.parquet`, `validation.jsonl`) are held out: `split`
-    "train" takes the others, "held_out" those (none: an empty list)."""
+def data_splits(source: str | Path) -> tuple[list[Path], list[Path]]:
+    """The files `--data` names, (training files, held-out files): a file (training data); a folder's record files
+    (a dataset downloaded whole: its Parquet files, else its JSONL, else its JSON); or a Hugging Face Hub dataset
+    id (`owner/name`), its record files fetched. Files named for a test or validation split (`test-00000.parquet`,
+    `validation.jsonl`) are held out, the others trained on (a folder of held-out files alone: those are trained
+    on, and none held out)."""
     from ..api import download, on_hub
 
     path = Path(source).expanduser()
     if path.is_file():
-        return [path] if split == "train" else []
+        return [path], []
     if not path.is_dir():
         if path.suffix.lower() in RECORD_SUFFIXES or not on_hub(source):  # (`data/chat.jsonl` is no dataset id)
             raise DiffGemmaError(f"{source}: file not found")
@@ -157,19 +158,25 @@ def data_files(source: str | Path, split: str = "train") -> list[Path]:
         if found:
             held_out = [file for file in found if _held_out_name(file.name)]
             train = [file for file in found if file not in held_out]
-            if split == "train":
-                return train or found  # (a folder of held-out files alone: they are what there is)
-            return held_out if train else []
+            return (train, held_out) if train else (found, [])
     raise DiffGemmaError(f"{source}: no data files in it ({', '.join(DATA_PATTERNS)})")
 
 
 def read_chat_jsonl(
     source: str | Path, tokenizer: Tokenizer, eos_id: int, enable_thinking: bool = False, split: str = "train"
 ) -> list[Example]:
-    """Examples from data (`data_files`: a JSONL file, a conversation a line; a .json file's array; a .parquet
-    file's rows; a folder or Hub dataset of them); errors name the file and the line (or the row)."""
+    """Examples from data (`data_splits`: a JSONL file, a conversation a line; a .json file's array; a .parquet
+    file's rows; a folder or Hub dataset of them), its training split or ("held_out") its held-out one."""
+    train, held_out = data_splits(source)
+    return read_examples(train if split == "train" else held_out, source, tokenizer, eos_id, enable_thinking)
+
+
+def read_examples(
+    files: list[Path], source: str | Path, tokenizer: Tokenizer, eos_id: int, enable_thinking: bool = False
+) -> list[Example]:
+    """Examples from data files (`data_splits`'s, of `source`; none: none); errors name the file and the line (or
+    the row)."""
     examples: list[Example] = []
-    files = data_files(source, split)
     if not files:  # (a dataset without a held-out split)
         return []
     for path in files:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..checkpoint import load_weights
 from ..errors import DiffGemmaError
-from .data import read_chat_jsonl
+from .data import data_splits, read_chat_jsonl, read_examples
 from .lora import CONFIG_FILE, LoraSettings, add_lora, load_adapter, save_adapter
 from .objective import Example, response_canvases
 from .trainer import TrainConfig, epoch_batches, evaluation_loss, save_state, train
@@ -82,11 +82,12 @@ def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print
     if not eos_ids:
         raise DiffGemmaError("the checkpoint's generation config names no EOS token to end responses with")
     eos, pad = eos_ids[0], model.settings.pad_token_id
-    examples = read_chat_jsonl(options.data, model.tokenizer, eos, options.enable_thinking)
+    training_files, held_out_files = data_splits(options.data)  # (a Hub dataset fetched once)
+    examples = read_examples(training_files, options.data, model.tokenizer, eos, options.enable_thinking)
     if options.eval_data:
         held_out = read_chat_jsonl(options.eval_data, model.tokenizer, eos, options.enable_thinking)
     else:  # the dataset's own test split, else a twentieth of the data (at least one) where there is enough
-        held_out = read_chat_jsonl(options.data, model.tokenizer, eos, options.enable_thinking, "held_out")
+        held_out = read_examples(held_out_files, options.data, model.tokenizer, eos, options.enable_thinking)
         if not held_out:
             spare = len(examples) // 20 if len(examples) >= 20 else 0
             held_out, examples = examples[len(examples) - spare :], examples[: len(examples) - spare]
