@@ -118,23 +118,25 @@ def _file_conversations(model, path: str, system: str | None, thinking: bool) ->
         raise DiffGemmaError(f'{path}: chat --file reads a .jsonl (or .json, .parquet) file of {{"messages": [...]}}')
     conversations = []
     for where, record in read_records(path):
-        messages = record.get("messages") if isinstance(record, dict) else None
         try:
-            if isinstance(record, dict) and "conversations" in record:
-                messages = sharegpt_messages(record["conversations"])
-        except DiffGemmaError as err:
-            raise DiffGemmaError(f"{where}: {err}") from None
-        if not isinstance(messages, list):
-            raise DiffGemmaError(f'{where}: expected an object with "messages": [...]')
-        has_system = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
-        told = [{"role": "system", "content": system}, *messages] if system and not has_system else messages
-        try:
-            conversations.append((messages, model.tokenizer.encode_chat(told, thinking)))
+            conversations.append(_file_conversation(model, record, system, thinking))
         except DiffGemmaError as err:
             raise DiffGemmaError(f"{where}: {err}") from None
     if not conversations:
         raise DiffGemmaError(f"{path}: no conversations")
     return conversations
+
+
+def _file_conversation(model, record: object, system: str | None, thinking: bool) -> tuple[list, list[int]]:
+    """One `chat --file` record's (messages, prompt ids)."""
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if isinstance(record, dict) and "conversations" in record:
+        messages = sharegpt_messages(record["conversations"])
+    if not isinstance(messages, list):
+        raise DiffGemmaError('expected an object with "messages": [...]')
+    has_system = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
+    told = [{"role": "system", "content": system}, *messages] if system and not has_system else messages
+    return messages, model.tokenizer.encode_chat(told, thinking)
 
 
 def _run_file(
