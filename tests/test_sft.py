@@ -146,6 +146,10 @@ def test_data_can_be_a_dataset_folder_or_a_hub_dataset(tiny, tmp_path, monkeypat
     held_out = read_chat_jsonl(dataset, tokenizer, 1, split="held_out")  # what `train chat` holds out unasked
     assert [tokenizer.decode(e.response) for e in held_out] == ["held out"]
     assert read_chat_jsonl(tmp_path / "all.jsonl", tokenizer, 1, split="held_out") == []  # a file: no split
+    # what --eval-data names: a dataset's held-out split where it has one (not its training files), else all of it
+    assert [tokenizer.decode(e.response) for e in read_chat_jsonl(dataset, tokenizer, 1, split="eval")] == ["held out"]
+    as_eval = read_chat_jsonl(tmp_path / "all.jsonl", tokenizer, 1, split="eval")
+    assert [(e.prompt, e.response) for e in as_eval] == pairs
     (dataset / "data" / "train-00000.jsonl").rename(dataset / "data" / "developer_chats-00000.jsonl")  # no split
     assert [(e.prompt, e.response) for e in read_chat_jsonl(dataset, tokenizer, 1)] == pairs  # the test file out
     (dataset / "data" / "developer_chats-00000.jsonl").rename(dataset / "data" / "train-00000.jsonl")
@@ -249,6 +253,18 @@ def test_bad_lines_name_file_and_line(tiny, tmp_path, line, message):
     path.write_text(json.dumps(CONVERSATIONS[0]) + "\n" + line + "\n")
     with pytest.raises(DiffGemmaError, match=message):
         read_chat_jsonl(path, tiny.tokenizer, eos_id=1)
+
+
+def test_eval_data_naming_a_dataset_reads_its_held_out_split(tmp_path, capsys):
+    """`--eval-data` naming a dataset folder evaluates on its test split, not on its training files."""
+    base = random_checkpoint(tmp_path / "base", preset="tiny", seed=7)
+    data = _write(tmp_path / "chat.jsonl", CONVERSATIONS * 4)
+    (tmp_path / "other").mkdir()
+    _write(tmp_path / "other" / "train.jsonl", CONVERSATIONS * 3)
+    _write(tmp_path / "other" / "test.jsonl", CONVERSATIONS[:1])
+    argv = ["train", "chat", "--model", str(base), "--data", str(data), "--eval-data", str(tmp_path / "other")]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--lora-rank", "2", "--steps", "1"]) == 0
+    assert "12 training examples, 1 held out" in capsys.readouterr().out  # 3 examples (assistant turns) a copy
 
 
 def test_train_chat_lora_saves_adapter_and_resumes(tmp_path, capsys):

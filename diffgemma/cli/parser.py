@@ -330,7 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
         '{"messages": [...]}, {"prompt": ..., "completion": ...}, '
         '{"text": ...}, ShareGPT\'s {"conversations": [...]} or Alpaca\'s {"instruction", "input", "output"}',
     )
-    trainer.add_argument("--eval-data", help="chat: held-out conversations (default: a twentieth of --data)")
+    trainer.add_argument(
+        "--eval-data",
+        help="chat: held-out conversations, like --data (of a dataset, its test or validation split where it has one); "
+        "default: --data's own such split, else a twentieth of it",
+    )
     trainer.add_argument(
         "--lora-rank", type=_at_least(0), default=0, help="chat: train LoRA adapters of this rank (0: full)"
     )

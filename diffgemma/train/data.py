@@ -166,9 +166,13 @@ def read_chat_jsonl(
     source: str | Path, tokenizer: Tokenizer, eos_id: int, enable_thinking: bool = False, split: str = "train"
 ) -> list[Example]:
     """Examples from data (`data_splits`: a JSONL file, a conversation a line; a .json file's array; a .parquet
-    file's rows; a folder or Hub dataset of them), its training split or ("held_out") its held-out one."""
+    file's rows; a folder or Hub dataset of them): its training split; ("held_out") its held-out split, if any;
+    ("eval", what `--eval-data` names) its held-out split where it has one, else all of it."""
+    if split not in ("train", "held_out", "eval"):
+        raise ValueError(f"split must be 'train', 'held_out' or 'eval', got {split!r}")
     train, held_out = data_splits(source)
-    return read_examples(train if split == "train" else held_out, source, tokenizer, eos_id, enable_thinking)
+    files = train if split == "train" else held_out if split == "held_out" or held_out else train
+    return read_examples(files, source, tokenizer, eos_id, enable_thinking)
 
 
 def read_examples(

@@ -85,7 +85,7 @@ def finetune(model, options: FinetuneOptions, log: Callable[[str], None] = print
     training_files, held_out_files = data_splits(options.data)  # (a Hub dataset fetched once)
     examples = read_examples(training_files, options.data, model.tokenizer, eos, options.enable_thinking)
     if options.eval_data:
-        held_out = read_chat_jsonl(options.eval_data, model.tokenizer, eos, options.enable_thinking)
+        held_out = read_chat_jsonl(options.eval_data, model.tokenizer, eos, options.enable_thinking, split="eval")
     else:  # the dataset's own test split, else a twentieth of the data (at least one) where there is enough
         held_out = read_examples(held_out_files, options.data, model.tokenizer, eos, options.enable_thinking)
         if not held_out:
