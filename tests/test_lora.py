@@ -150,7 +150,6 @@ def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
         ({"r": 1.5}, "`r` must be a whole number"),
         ({"r": 10**9}, r"`r` is 1000000000, but the adapter's weights have rank \[4\]"),  # (an allocation first)
         ({"lora_alpha": "8"}, "`lora_alpha` must be a number"),
-        ({"diffgemma": "x"}, "`diffgemma` must be an object"),  # (an AttributeError)
     ]:
         (adapter_dir / "adapter_config.json").write_text(json.dumps({**written, **changes}))
         with pytest.raises(DiffGemmaError, match=message):
@@ -246,3 +245,118 @@ def test_training_state_counts_what_a_real_step_holds(tmp_path, dtype, fmt, rank
         "gradients": gradients,
         "optimizer": sum(t.numel() * t.element_size() for t in state),
     }
+
+
+TEXT_PROJECTIONS = r"^model\.(encoder\.language_model|decoder)\..*\.({})$"
+
+
+def _peft_adapter(folder, tmp_path, targets: str, **lora):
+    """An adapter PEFT makes on the reference model (random matrices, its encoder copies set to the decoder's
+    so that one network can run what PEFT's two copies run), saved; and the reference model with it."""
+    peft = pytest.importorskip("peft")
+    from reference import load_reference
+
+    adapted = peft.get_peft_model(load_reference(folder), peft.LoraConfig(target_modules=targets, **lora))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        params = dict(adapted.named_parameters())
+        for name, param in params.items():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        for name, param in params.items():
+            twin = name.replace(".encoder.language_model.", ".decoder.")
+            if "lora_" in name and twin != name and twin in params:
+                param.copy_(params[twin])
+    adapted.save_pretrained(tmp_path / "peft")
+    return tmp_path / "peft", adapted.eval()
+
+
+def _reference_and_ours(reference_model, ours):
+    generator = torch.Generator().manual_seed(1)
+    config = ours.config
+    prompt = torch.randint(3, config.vocab_size, (2, 3 * config.sliding_window), generator=generator)
+    canvas = torch.randint(3, config.vocab_size, (2, config.canvas_length), generator=generator)
+    conditioning = torch.randn(2, config.canvas_length, config.vocab_size, generator=generator) * 4
+    with torch.no_grad():
+        expected = reference_model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=conditioning)
+        return expected.logits, ours.network.denoise_logits(prompt, canvas, conditioning)
+
+
+@pytest.mark.parametrize(
+    "projections, lora",
+    [
+        ("q_proj|v_proj", {"r": 4, "lora_alpha": 8}),  # PEFT's usual pick: two of the attention projections
+        (
+            "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj",  # the self-conditioning block's too
+            {
+                "r": 4,
+                "lora_alpha": 16,
+                "use_rslora": True,
+                "rank_pattern": {"o_proj": 2},
+                "alpha_pattern": {"q_proj": 3},
+            },
+        ),
+    ],
+)
+def test_adapters_peft_makes_on_the_reference_give_its_logits_here(generation_checkpoints, tmp_path, projections, lora):
+    """A PEFT adapter of the reference model loads as PEFT applies it: the projections its weights adapt (any
+    subset, the self-conditioning block's included), each at its rank (`rank_pattern`), with its alpha
+    (`alpha_pattern`) and rsLoRA's scale; and what `save_adapter` writes, PEFT loads (without a warning) to the
+    same logits."""
+    folder = generation_checkpoints["A"]
+    adapter, adapted = _peft_adapter(folder, tmp_path, TEXT_PROJECTIONS.format(projections), **lora)
+    ours = diffgemma.load(folder)
+    names = load_adapter(ours.network, adapter)
+    assert {name.rpartition(".")[2] for name in names} == set(projections.split("|"))
+    assert any(name.startswith("self_conditioning.") for name in names) == ("gate_proj" in projections)
+    expected, got = _reference_and_ours(adapted, ours)
+    with adapted.disable_adapter():
+        base, _ = _reference_and_ours(adapted, ours)
+    assert (got - expected).abs().max() < 1e-3 < (base - expected).abs().max()
+
+    peft = pytest.importorskip("peft")
+    from reference import load_reference
+
+    saved = save_adapter(ours.network, LoraSettings(4, 8.0, self_conditioning=True), tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "unexpected keyword arguments" for a key of our own
+        theirs = peft.PeftModel.from_pretrained(load_reference(folder), saved).eval()
+    expected, got = _reference_and_ours(theirs, ours)
+    assert (got - expected).abs().max() < 1e-3
+
+
+def test_adapters_diffgemma_cannot_apply_are_refused(generation_checkpoints, tmp_path):
+    """DoRA, trained biases, whole saved modules and tensors of unknown kinds are refused with a line naming
+    them, where they would otherwise be dropped and the adapted model silently be another."""
+    folder = generation_checkpoints["A"]
+    adapter, _ = _peft_adapter(folder, tmp_path, TEXT_PROJECTIONS.format("q_proj"), r=2, lora_alpha=4)
+    written = json.loads((adapter / "adapter_config.json").read_text())
+    for changes, message in [
+        ({"use_dora": True}, "`use_dora`: a DoRA adapter"),
+        ({"bias": "lora_only"}, "`bias`: trained biases"),
+        ({"modules_to_save": ["lm_head"]}, "`modules_to_save`: whole modules saved beside the adapters"),
+        ({"rank_pattern": {"q_proj": 0}}, "`rank_pattern` must map module names to a positive whole number"),
+    ]:
+        (adapter / "adapter_config.json").write_text(json.dumps({**written, **changes}))
+        with pytest.raises(DiffGemmaError, match=message):
+            load_adapter(diffgemma.load(folder).network, adapter)
+    (adapter / "adapter_config.json").write_text(json.dumps(written))
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    key = next(iter(weights))
+    for extra, message in [
+        ({"base_model.model.model.decoder.norm.lora_A.weight": weights[key].clone()}, "adapts `norm`, which is not a"),
+        ({key.replace("lora_A.weight", "lora_magnitude_vector"): weights[key][0].clone()}, "is not a LoRA matrix"),
+        (
+            {"base_model.model.lm_head.lora_A.weight": weights[key].clone()},
+            "adapts `lm_head`, which is not in the text",
+        ),
+    ]:
+        save_file({**weights, **extra}, str(adapter / "adapter_model.safetensors"))
+        with pytest.raises(DiffGemmaError, match=message):
+            load_adapter(diffgemma.load(folder).network, adapter)
+    vision = {
+        "base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight": weights[key].clone()
+    }
+    save_file({**weights, **vision}, str(adapter / "adapter_model.safetensors"))
+    with pytest.warns(UserWarning, match="1 tensor\\(s\\) adapt the vision tower, which diffgemma does not run"):
+        assert load_adapter(diffgemma.load(folder).network, adapter)

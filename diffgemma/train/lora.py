@@ -3,8 +3,9 @@
 The encoder and the decoder are one set of weights, so one adapter serves both roles. Adapters are saved in
 PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A
 .weight`), written under both the decoder's and the encoder's module names of the reference model, so PEFT
-on `transformers` applies the same adapter to both of its copies. Merging folds W + scale * B @ A into the
-base weights and gives back plain linear layers, ready to save as a full checkpoint.
+on `transformers` applies the same adapter to both of its copies; an adapter PEFT made on the reference loads
+as PEFT applies it (the projections its weights adapt, each at its rank and scale). Merging folds
+W + scale * B @ A into the base weights and gives back plain linear layers, ready to save as a full checkpoint.
 
 A quantized base (loaded with `quant=`) takes adapters too (QLoRA): its projections stay frozen as stored and
 the adapters train in the model's dtype; such an adapter merges into the float checkpoint, not the quantized one.
@@ -19,7 +20,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -160,22 +161,29 @@ def _replace(network: nn.Module, name: str, module: nn.Module) -> None:
     setattr(network.get_submodule(parent_name) if parent_name else network, child, module)
 
 
+PROJECTIONS = (nn.Linear, QuantLinear)
+
+
 def add_lora(network: DiffusionGemma, settings: LoraSettings) -> list[str]:
     """Wrap the targeted projections with adapters and freeze everything else; returns the wrapped names."""
+    pattern = re.compile(settings.pattern)
+    targets = [n for n, m in network.named_modules() if isinstance(m, PROJECTIONS) and pattern.fullmatch(n)]
+    _wrap(network, {name: (settings.rank, settings.scale) for name in targets})
+    return targets
+
+
+def _wrap(network: DiffusionGemma, adapters: dict[str, tuple[int, float]]) -> None:
+    """Freeze the network and wrap each named projection with an adapter of its (rank, scale)."""
     if has_lora(network):
         raise DiffGemmaError("this network already has LoRA adapters")
-    pattern = re.compile(settings.pattern)
-    projections = (nn.Linear, QuantLinear)
-    targets = [n for n, m in network.named_modules() if isinstance(m, projections) and pattern.fullmatch(n)]
     network.requires_grad_(False)
-    for name in targets:
+    for name, (rank, scale) in adapters.items():
         base = network.get_submodule(name)
         if isinstance(base, QuantLinear):
-            adapted = LoraQuantLinear(base, settings.rank, settings.scale, network.dtype)
+            adapted = LoraQuantLinear(base, rank, scale, network.dtype)
         else:
-            adapted = LoraLinear(base, settings.rank, settings.scale)
+            adapted = LoraLinear(base, rank, scale)
         _replace(network, name, adapted)
-    return targets
 
 
 def has_lora(network: nn.Module) -> bool:
@@ -217,22 +225,17 @@ def save_adapter(
     for name, tensor in adapters.items():
         for prefix in (DECODER, ENCODER):
             tensors[PEFT_PREFIX + prefix + name] = tensor.detach().to("cpu").clone().contiguous()
-    prefixes = "|".join(re.escape(p) for p in (DECODER, ENCODER))
     config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base,
-        "r": settings.rank,
-        "lora_alpha": settings.alpha,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        # A regular expression PEFT matches against full module names; ours adds no key it would not find.
-        "target_modules": f"({prefixes})({settings.pattern})",
-        "diffgemma": {"self_conditioning": settings.self_conditioning},
+        **_peft_targets(network, settings),
     }
     destination = as_path(folder, "the folder to write the adapter to").absolute()
     check_disk(destination, sum(t.numel() * t.element_size() for t in tensors.values()))
@@ -256,21 +259,91 @@ def save_adapter(
     return destination
 
 
-def read_adapter_settings(folder: Path) -> LoraSettings:
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What an adapter_config.json says that the adapted model's numbers depend on (PEFT's LoRA settings)."""
+
+    rank: int
+    alpha: float
+    rslora: bool = False  # scale alpha / sqrt(rank), not alpha / rank
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module name patterns -> their own rank
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # ... -> their own alpha
+
+    def rank_of(self, module: str) -> int:
+        return _by_pattern(self.rank_pattern, module, self.rank)
+
+    def scale_of(self, module: str, rank: int) -> float:
+        alpha = _by_pattern(self.alpha_pattern, module, self.alpha)
+        return alpha / (math.sqrt(rank) if self.rslora else rank)
+
+
+def _by_pattern(patterns: dict, module: str, default):
+    """The value of the first pattern that names `module` (a full module name of the reference model), as PEFT
+    matches `rank_pattern` and `alpha_pattern` keys: the key as a regular expression for the name's end."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _peft_targets(network: DiffusionGemma, settings: LoraSettings) -> dict:
+    """PEFT's config keys for the adapters `network` carries (both roles of the reference model each):
+    `target_modules` (a regular expression PEFT matches against full module names: `settings`' compact one when
+    they are the projections it names, else their names), and `r` and `lora_alpha` with a `rank_pattern` and
+    `alpha_pattern` entry for each adapter of another rank or scale (one loaded from PEFT, say)."""
+    roles = "(" + "|".join(re.escape(role) for role in (DECODER, ENCODER)) + ")"
+    wrapped = {name: module for name, module in network.named_modules() if isinstance(module, ADAPTED)}
+    pattern = re.compile(settings.pattern)
+    named = {n for n, m in network.named_modules() if isinstance(m, (*PROJECTIONS, *ADAPTED)) and pattern.fullmatch(n)}
+    names = settings.pattern if named == set(wrapped) else "|".join(re.escape(name) for name in sorted(wrapped))
+    ranks, alphas = {}, {}
+    for name, module in sorted(wrapped.items()):
+        rank = module.lora_A.out_features
+        if rank != settings.rank:
+            ranks[roles + re.escape(name)] = rank
+        if not math.isclose(module.scale * rank, settings.alpha):
+            alphas[roles + re.escape(name)] = module.scale * rank
+    return {
+        "target_modules": f"{roles}({names})",
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
+    }
+
+
+def read_adapter_config(folder: Path) -> AdapterConfig:
+    """An adapter folder's config, refusing what would change the numbers in ways these adapters do not model
+    (DoRA, trained biases, whole modules saved beside the adapters)."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise DiffGemmaError(f"{path}: not found (expected a PEFT LoRA adapter folder)")
     config = read_json(path)
+    if not isinstance(config, dict):
+        raise DiffGemmaError(f"{path}: expected a JSON object")
     if config.get("peft_type") != "LORA":
         raise DiffGemmaError(f"{path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    rank, alpha, extra = config.get("r"), config.get("lora_alpha"), config.get("diffgemma") or {}
+    rank, alpha = config.get("r"), config.get("lora_alpha")
     if not is_int(rank) or rank < 1:
         raise DiffGemmaError(f"{path}: `r` must be a whole number of at least 1, got {rank!r}")
     if not is_number(alpha):
         raise DiffGemmaError(f"{path}: `lora_alpha` must be a number, got {alpha!r}")
-    if not isinstance(extra, dict):
-        raise DiffGemmaError(f"{path}: `diffgemma` must be an object (diffgemma's own settings), got {extra!r}")
-    return LoraSettings(rank, float(alpha), bool(extra.get("self_conditioning", False)))
+    refused = {
+        "use_dora": (bool(config.get("use_dora")), "a DoRA adapter (weight-decomposed: a magnitude per output)"),
+        "bias": (config.get("bias") not in (None, "none"), f"trained biases (bias: {config.get('bias')!r})"),
+        "lora_bias": (bool(config.get("lora_bias")), "a bias on each adapter's B matrix"),
+        "modules_to_save": (bool(config.get("modules_to_save")), "whole modules saved beside the adapters"),
+    }
+    for key, (present, what) in refused.items():
+        if present:
+            raise DiffGemmaError(f"{path}: `{key}`: {what}; diffgemma applies plain LoRA adapters only")
+    patterns = {}
+    for key, valid, kind in (("rank_pattern", is_int, "whole number"), ("alpha_pattern", is_number, "number")):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(valid(v) and v > 0 for v in pattern.values()):
+            raise DiffGemmaError(f"{path}: `{key}` must map module names to a positive {kind} each, got {pattern!r}")
+        patterns[key] = pattern
+    return AdapterConfig(rank, float(alpha), bool(config.get("use_rslora")), **patterns)
 
 
 def adapter_generation(folder: str | os.PathLike) -> SamplerSettings | None:
@@ -279,54 +352,125 @@ def adapter_generation(folder: str | os.PathLike) -> SamplerSettings | None:
     return parse_sampler_settings(read_json(path), str(path)) if path.is_file() else None
 
 
-def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> LoraSettings:
-    """Add adapters from a PEFT-layout folder to `network` (frozen base, adapters loaded)."""
-    settings, tensors = read_adapter(network, folder)
+def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> list[str]:
+    """Add adapters from a PEFT-layout folder to `network` (frozen base, adapters loaded); returns the names of
+    the projections adapted."""
+    tensors = read_adapter(network, folder)
     with torch.no_grad():
         for name, target in network.state_dict(keep_vars=True).items():
             if ".lora_" in name:
                 target.copy_(tensors[name])
-    return settings
+    return sorted({name.rpartition(".lora_")[0] for name in tensors})
 
 
-def read_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> tuple[LoraSettings, dict[str, torch.Tensor]]:
-    """An adapter folder's settings and tensors (on the CPU, by our names: `...q_proj.lora_A.weight`), after
-    adding its adapters to `network` (the meta device serves: they give the names and shapes looked for), each
-    one checked present and of its shape."""
+LORA_MATRICES = (".lora_A.weight", ".lora_B.weight")
+
+
+def read_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """An adapter folder's tensors (on the CPU, by our names: `...q_proj.lora_A.weight`), after wrapping the
+    projections they adapt in `network` (the meta device serves: it gives the names and shapes looked for).
+
+    The weights say which projections are adapted, each with its own rank (a PEFT adapter may adapt any of
+    them: `q_proj` and `v_proj` alone, say, or the self-conditioning block too). The reference model has two
+    copies of the text layers, so PEFT trains an encoder and a decoder adapter for each; one network runs both
+    passes here, and the decoder's adapter serves both (the encoder's where it alone has one). Adapters of the
+    vision tower are left out (text never reaches it); any other tensor is refused, naming it.
+    """
     folder = as_path(folder, "an adapter (its folder)")
-    settings = read_adapter_settings(folder)
+    config = read_adapter_config(folder)
     weights_path = folder / WEIGHTS_FILE
     try:
         stored = load_file(str(weights_path))
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise DiffGemmaError(f"{weights_path}: cannot read adapter weights ({err})") from None
-    ranks = sorted({tensor.shape[0] for key, tensor in stored.items() if key.endswith(".lora_A.weight")})
-    if ranks and ranks != [settings.rank]:  # (before adapters of the configured rank are made)
-        message = f"`r` is {settings.rank}, but the adapter's weights have rank {ranks}"
-        raise DiffGemmaError(f"{folder / CONFIG_FILE}: {message}")
-    add_lora(network, settings)
-    tensors, apart = {}, 0
-    for name, target in network.state_dict(keep_vars=True).items():
-        if ".lora_" not in name:
+    by_role: dict[str, dict[str, dict[str, torch.Tensor]]] = {DECODER: {}, ENCODER: {}}
+    vision = 0
+    for key, tensor in stored.items():
+        module, matrix = _adapted_module(key, weights_path)
+        role = next((role for role in (DECODER, ENCODER) if module.startswith(role)), None)
+        if role is None:
+            if "vision" not in module:
+                raise DiffGemmaError(f"{weights_path}: {key} adapts `{module}`, which is not in the text model")
+            vision += 1
             continue
-        key = PEFT_PREFIX + DECODER + name
-        if key not in stored:
-            raise DiffGemmaError(f"{weights_path}: missing tensor {key}")
-        if stored[key].shape != target.shape:
-            raise DiffGemmaError(
-                f"{weights_path}: {key} has shape {list(stored[key].shape)}, expected {list(target.shape)}"
-            )
-        tensors[name] = stored[key]
-        twin = stored.get(PEFT_PREFIX + ENCODER + name)
-        apart += twin is not None and not torch.equal(twin, stored[key])
-    if apart:
-        warnings.warn(
-            f"{weights_path}: {apart} of its encoder's adapter tensors differ from its decoder's (trained apart, "
-            "as PEFT trains the reference model's two copies); one network runs both passes here: the decoder's "
-            "serve both",
-            stacklevel=2,
+        by_role[role].setdefault(module.removeprefix(role), {})[matrix] = tensor
+    chosen = {**by_role[ENCODER], **by_role[DECODER]}  # the decoder's where both have one
+    adapters, tensors, ranks = {}, {}, set()
+    for name, pair in sorted(chosen.items()):
+        role = DECODER if name in by_role[DECODER] else ENCODER
+        where = f"{weights_path}: {PEFT_PREFIX}{role}{name}"
+        in_features, out_features = _projection_shape(network, name, where)
+        if set(pair) != set(LORA_MATRICES):
+            raise DiffGemmaError(f"{where}: has {sorted(pair)} but not both LoRA matrices")
+        lora_a, lora_b = pair[LORA_MATRICES[0]], pair[LORA_MATRICES[1]]
+        rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
+        if lora_a.shape != (rank, in_features) or lora_b.shape != (out_features, rank):
+            expected = f"[r, {in_features}] and [{out_features}, r]"
+            found = f"{list(lora_a.shape)} and {list(lora_b.shape)}"
+            raise DiffGemmaError(f"{where}: LoRA matrices of shapes {found}, expected {expected}")
+        if rank != config.rank_of(role + name):
+            ranks.add(rank)
+        adapters[name] = (rank, config.scale_of(role + name, rank))
+        tensors[name + LORA_MATRICES[0]], tensors[name + LORA_MATRICES[1]] = lora_a, lora_b
+    if ranks:
+        message = f"`r` is {config.rank}, but the adapter's weights have rank {sorted(ranks)}"
+        raise DiffGemmaError(f"{folder / CONFIG_FILE}: {message}")
+    if not adapters:
+        raise DiffGemmaError(f"{weights_path}: no LoRA adapters of the text model in it")
+    _warn_of_roles(weights_path, by_role, vision)
+    _wrap(network, adapters)
+    return tensors
+
+
+def _adapted_module(key: str, weights_path: Path) -> tuple[str, str]:
+    """(the reference model's module name, ".lora_A.weight" or ".lora_B.weight") of a PEFT adapter tensor."""
+    matrix = next((matrix for matrix in LORA_MATRICES if key.endswith(matrix)), None)
+    if not key.startswith(PEFT_PREFIX) or matrix is None:
+        raise DiffGemmaError(
+            f"{weights_path}: {key} is not a LoRA matrix of a linear layer ({PEFT_PREFIX}<module>"
+            f"{LORA_MATRICES[0]} or {LORA_MATRICES[1]}); diffgemma applies plain LoRA adapters only"
         )
-    return settings, tensors
+    return key[len(PEFT_PREFIX) : -len(matrix)], matrix
+
+
+def _projection_shape(network: DiffusionGemma, name: str, where: str) -> tuple[int, int]:
+    """(in, out) features of the projection `name` of `network`, or an error naming the adapter tensor."""
+    try:
+        module = network.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not isinstance(module, PROJECTIONS):
+        raise DiffGemmaError(f"{where}: adapts `{name}`, which is not a linear projection of this model")
+    out_features, in_features = (
+        module.source_shapes["weight"] if isinstance(module, QuantLinear) else module.weight.shape
+    )
+    return in_features, out_features
+
+
+def _warn_of_roles(weights_path: Path, by_role: dict, vision: int) -> None:
+    """Warnings for what one network running both passes makes of the reference's two adapted copies."""
+    decoder, encoder = by_role[DECODER], by_role[ENCODER]
+    apart = sum(
+        not torch.equal(encoder[name][matrix], pair[matrix])
+        for name, pair in decoder.items()
+        if name in encoder and set(encoder[name]) == set(pair)
+        for matrix in pair
+    )
+    notes = []
+    if apart:
+        notes.append(
+            f"{apart} of its encoder's adapter tensors differ from its decoder's (trained apart, as PEFT trains "
+            "the reference model's two copies); one network runs both passes here: the decoder's serve both"
+        )
+    alone = sorted(set(encoder) - set(decoder))
+    if alone:
+        notes.append(
+            f"{len(alone)} projection(s) have an encoder adapter alone ({alone[0]}, ...): it serves both passes"
+        )
+    if vision:
+        notes.append(f"{vision} tensor(s) adapt the vision tower, which diffgemma does not run: left out")
+    for note in notes:
+        warnings.warn(f"{weights_path}: {note}", stacklevel=3)
 
 
 def merge_adapter_files(
@@ -349,7 +493,7 @@ def merge_adapter_files(
     network = meta_network(config, dtype)
     shapes = {name: tuple(t.shape) for name, t in network.state_dict().items()}
     plan, passthrough = weight_plan(base, shapes)
-    _, tensors = read_adapter(network, adapter)
+    tensors = read_adapter(network, adapter)
     folds = {
         f"{name}.weight": (tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"], module.scale)
         for name, module in network.named_modules()
