@@ -775,9 +775,11 @@ def format_from_config(raw: dict) -> QuantFormat | None:
     if spec is None:
         return None
     if not isinstance(spec, dict) or spec.get("quant_method") != QUANT_METHOD:
+        method = spec.get("quant_method") if isinstance(spec, dict) else spec
         raise DiffGemmaError(
-            f"config.json: quantization_config {spec!r} is not one diffgemma wrote "
-            f"(expected quant_method '{QUANT_METHOD}')"
+            f"config.json: quantization_config (quant_method {method!r}) is not one diffgemma wrote "
+            f"(expected quant_method '{QUANT_METHOD}'); load the model's float checkpoint instead, quantized as it "
+            "loads (`--quant int8|int4|fp8`, `load(..., quant=...)`)"
         )
     if spec.get("format") != "int4":
         return QuantFormat(spec.get("format"))  # groups are int4's alone

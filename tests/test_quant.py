@@ -452,6 +452,11 @@ def test_int4_groups_attention_finer_and_reads_older_checkpoints(tmp_path):
     config = json.loads((int8 / "config.json").read_text())
     assert config["quantization_config"] == {"quant_method": "diffgemma", "format": "int8"}
     assert diffgemma.load(int8, quant=QuantFormat("int8")).quant == QuantFormat("int8")
+    # another tool's quantized checkpoint (vLLM's fp8 ones, say) is refused before its weights are misread
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (int8 / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DiffGemmaError, match="quant_method 'fp8'.* not one diffgemma wrote .*--quant int8.int4.fp8"):
+        diffgemma.load(int8)
 
 
 def test_quantizing_leaves_no_float_copy_of_projections(tmp_path):
