@@ -541,15 +541,17 @@ class DiffGemma:
 
     def load_adapter(self, folder: str | os.PathLike) -> None:
         """Apply a LoRA adapter (PEFT's layout, as `train chat --lora-rank` saves one) to this model: folded into
-        float weights (as `lora-merge` folds it on disk: no cost a step), or, over weights loaded quantized, run
-        beside them as it was trained in QLoRA (requantizing the sum would round it a second time). Its
-        generation settings (the EOS ids training added), if it carries them, become the model's."""
-        from .train.lora import adapter_generation, load_adapter, merge_lora
+        float weights (as `lora-merge` folds it on disk: no cost a step), or run beside them: over weights loaded
+        quantized, as it was trained in QLoRA (requantizing the sum would round it a second time), and where
+        its encoder and decoder halves differ (PEFT's, trained on the reference model's two copies: one set of
+        weights cannot hold both). Its generation settings (the EOS ids training added), if it carries them,
+        become the model's."""
+        from .train.lora import adapter_generation, has_encoder_adapters, load_adapter, merge_lora
 
         if self.adapter is not None:
             raise DiffGemmaError(f"this model has an adapter already ({self.adapter}): load the base again for another")
         load_adapter(self.network, folder)
-        if self.quant is None:
+        if self.quant is None and not has_encoder_adapters(self.network):
             merge_lora(self.network)
         self.network.requires_grad_(False)
         self.settings = adapter_generation(folder) or self.settings

@@ -389,6 +389,14 @@ def _attention_mask(
     return allowed[:, None]
 
 
+class PassRole:
+    """Which pass runs now: `encoding` while the causal encoder runs, else the decoder. Read by modules whose
+    weights differ between the two (an adapter PEFT trained on the reference model's two copies apart)."""
+
+    def __init__(self) -> None:
+        self.encoding = False
+
+
 class DiffusionGemma(nn.Module):
     """The text model: embeddings, layers, final norm, tied head with soft-capping, self-conditioning."""
 
@@ -402,6 +410,7 @@ class DiffusionGemma(nn.Module):
         self._inv_freq = {shape.layer_type: rope_inv_freq(shape) for shape in config.layers}
         self._inv_freq_on: dict[torch.device, dict[str, torch.Tensor]] = {}
         self.compiled_decoder = False
+        self.role = PassRole()
 
     def compile_decoder(self) -> None:
         """Run the decoder's layers through torch.compile (the encoder stays eager: its token count varies).
@@ -516,18 +525,22 @@ class DiffusionGemma(nn.Module):
         activations bounded by the chunk (a 4k prompt's experts would otherwise hold [4k x top-k, hidden]
         tensors, about 1 GB on the 26B shape), not the context.
         """
-        if ids.shape[1] <= PREFILL_CHUNK or torch.is_grad_enabled():
-            return self._encode(ids, cache, attention_mask, return_hidden)
-        hidden = [
-            self._encode(
-                ids[:, start : start + PREFILL_CHUNK],
-                cache,
-                None if attention_mask is None else attention_mask[:, start : start + PREFILL_CHUNK],
-                return_hidden,
-            )
-            for start in range(0, ids.shape[1], PREFILL_CHUNK)
-        ]
-        return torch.cat(hidden, dim=1) if return_hidden else None
+        self.role.encoding = True
+        try:
+            if ids.shape[1] <= PREFILL_CHUNK or torch.is_grad_enabled():
+                return self._encode(ids, cache, attention_mask, return_hidden)
+            hidden = [
+                self._encode(
+                    ids[:, start : start + PREFILL_CHUNK],
+                    cache,
+                    None if attention_mask is None else attention_mask[:, start : start + PREFILL_CHUNK],
+                    return_hidden,
+                )
+                for start in range(0, ids.shape[1], PREFILL_CHUNK)
+            ]
+            return torch.cat(hidden, dim=1) if return_hidden else None
+        finally:
+            self.role.encoding = False
 
     def _encode(
         self, ids: torch.Tensor, cache: EncoderCache, attention_mask: torch.Tensor | None, return_hidden: bool

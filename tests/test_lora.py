@@ -18,6 +18,7 @@ from diffgemma.train.lora import (
     merge_adapter_files,
     merge_lora,
     save_adapter,
+    trainable_parameters,
 )
 from diffgemma.train.objective import Example
 from diffgemma.train.trainer import TrainConfig, epoch_batches, train
@@ -115,13 +116,23 @@ def test_a_model_runs_an_adapter_without_a_merged_checkpoint(trained, tmp_path, 
     options = ["--model", str(folder), "--adapter", str(adapter_dir), "--seed", "3", "--max-new-tokens", "16"]
     assert main(["generate", "abc", "--no-stream", *options]) == 0
     assert capsys.readouterr().out == text + "\n"
-    # an adapter whose encoder copies were trained apart (PEFT on the reference model): said, the decoder's used
+    # an adapter whose encoder copy was trained apart (PEFT on the reference model): both halves run, each in its
+    # own pass (kept beside the weights, which cannot hold both); merging keeps the decoder's, and says so
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
     encoder_key = next(key for key in weights if ".encoder." in key and key.endswith("lora_B.weight"))
     weights[encoder_key] = weights[encoder_key] + 1
     save_file(weights, str(adapter_dir / "adapter_model.safetensors"))
-    with pytest.warns(UserWarning, match="1 of its encoder's adapter tensors differ from its decoder's"):
-        diffgemma.load(folder).load_adapter(adapter_dir)
+    apart = diffgemma.load(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apart.load_adapter(adapter_dir)
+    assert has_lora(apart.network)
+    with torch.no_grad():
+        assert (_logits(apart) - adapted).abs().max() > 1e-3  # the encoder's half acts (the prompt's cache)
+    with pytest.warns(UserWarning, match="encoder half differs .* takes the decoder's"):
+        merge_adapter_files(folder, adapter_dir, tmp_path / "merged")
+    with pytest.raises(DiffGemmaError, match="encoder and decoder halves differ .* trains as one adapter"):
+        trainable_parameters(apart.network)
 
 
 def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
@@ -148,7 +159,7 @@ def test_merge_command_and_bad_adapters(trained, tmp_path, capsys):
         ({"peft_type": "IA3"}, "expected 'LORA'"),
         ({"r": float("nan")}, "`r` must be a whole number of at least 1, got nan"),  # (a float() traceback)
         ({"r": 1.5}, "`r` must be a whole number"),
-        ({"r": 10**9}, r"`r` is 1000000000, but the adapter's weights have rank \[4\]"),  # (an allocation first)
+        ({"r": 10**9}, r"`r` is 1000000000, but the adapter.s weights have rank 4 "),  # (no allocation first)
         ({"lora_alpha": "8"}, "`lora_alpha` must be a number"),
     ]:
         (adapter_dir / "adapter_config.json").write_text(json.dumps({**written, **changes}))
@@ -247,12 +258,13 @@ def test_training_state_counts_what_a_real_step_holds(tmp_path, dtype, fmt, rank
     }
 
 
-TEXT_PROJECTIONS = r"^model\.(encoder\.language_model|decoder)\..*\.({})$"
+TEXT_PROJECTIONS = r"^model\.({})\..*\.({})$"  # (copies, projections)
+BOTH = r"encoder\.language_model|decoder"
 
 
 def _peft_adapter(folder, tmp_path, targets: str, **lora):
-    """An adapter PEFT makes on the reference model (random matrices, its encoder copies set to the decoder's
-    so that one network can run what PEFT's two copies run), saved; and the reference model with it."""
+    """An adapter PEFT makes on the reference model (random matrices: its encoder and decoder copies differ, as
+    training them leaves them), saved; and the reference model with it."""
     peft = pytest.importorskip("peft")
     from reference import load_reference
 
@@ -263,10 +275,6 @@ def _peft_adapter(folder, tmp_path, targets: str, **lora):
         for name, param in params.items():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-        for name, param in params.items():
-            twin = name.replace(".encoder.language_model.", ".decoder.")
-            if "lora_" in name and twin != name and twin in params:
-                param.copy_(params[twin])
     adapted.save_pretrained(tmp_path / "peft")
     return tmp_path / "peft", adapted.eval()
 
@@ -283,10 +291,12 @@ def _reference_and_ours(reference_model, ours):
 
 
 @pytest.mark.parametrize(
-    "projections, lora",
+    "copies, projections, lora",
     [
-        ("q_proj|v_proj", {"r": 4, "lora_alpha": 8}),  # PEFT's usual pick: two of the attention projections
+        (BOTH, "q_proj|v_proj", {"r": 4, "lora_alpha": 8}),  # PEFT's usual pick: two of the attention projections
+        ("decoder", "q_proj|o_proj", {"r": 2, "lora_alpha": 8}),  # the decoder's copy alone: the encoder's unadapted
         (
+            BOTH,
             "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj",  # the self-conditioning block's too
             {
                 "r": 4,
@@ -298,13 +308,15 @@ def _reference_and_ours(reference_model, ours):
         ),
     ],
 )
-def test_adapters_peft_makes_on_the_reference_give_its_logits_here(generation_checkpoints, tmp_path, projections, lora):
+def test_adapters_peft_makes_on_the_reference_give_its_logits_here(
+    generation_checkpoints, tmp_path, copies, projections, lora
+):
     """A PEFT adapter of the reference model loads as PEFT applies it: the projections its weights adapt (any
-    subset, the self-conditioning block's included), each at its rank (`rank_pattern`), with its alpha
-    (`alpha_pattern`) and rsLoRA's scale; and what `save_adapter` writes, PEFT loads (without a warning) to the
-    same logits."""
+    subset, the self-conditioning block's included), the encoder's copy and the decoder's each in its own pass
+    (trained apart, or one alone), each at its rank (`rank_pattern`), with its alpha (`alpha_pattern`) and
+    rsLoRA's scale; and what `save_adapter` writes, PEFT loads (without a warning) to the same logits."""
     folder = generation_checkpoints["A"]
-    adapter, adapted = _peft_adapter(folder, tmp_path, TEXT_PROJECTIONS.format(projections), **lora)
+    adapter, adapted = _peft_adapter(folder, tmp_path, TEXT_PROJECTIONS.format(copies, projections), **lora)
     ours = diffgemma.load(folder)
     names = load_adapter(ours.network, adapter)
     assert {name.rpartition(".")[2] for name in names} == set(projections.split("|"))
@@ -329,7 +341,7 @@ def test_adapters_diffgemma_cannot_apply_are_refused(generation_checkpoints, tmp
     """DoRA, trained biases, whole saved modules and tensors of unknown kinds are refused with a line naming
     them, where they would otherwise be dropped and the adapted model silently be another."""
     folder = generation_checkpoints["A"]
-    adapter, _ = _peft_adapter(folder, tmp_path, TEXT_PROJECTIONS.format("q_proj"), r=2, lora_alpha=4)
+    adapter, _ = _peft_adapter(folder, tmp_path, TEXT_PROJECTIONS.format(BOTH, "q_proj"), r=2, lora_alpha=4)
     written = json.loads((adapter / "adapter_config.json").read_text())
     for changes, message in [
         ({"use_dora": True}, "`use_dora`: a DoRA adapter"),

@@ -1,6 +1,7 @@
 """LoRA adapters for the attention and dense-MLP projections (optionally the self-conditioning block).
 
-The encoder and the decoder are one set of weights, so one adapter serves both roles. Adapters are saved in
+The encoder and the decoder are one set of weights, so one adapter serves both roles (an adapter PEFT trained on
+the reference model's two copies has a half for each, each run in its own pass). Adapters are saved in
 PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<module>.lora_A
 .weight`), written under both the decoder's and the encoder's module names of the reference model, so PEFT
 on `transformers` applies the same adapter to both of its copies; an adapter PEFT made on the reference loads
@@ -54,7 +55,7 @@ from ..config import (
     read_json,
 )
 from ..errors import DiffGemmaError
-from ..model import DiffusionGemma
+from ..model import DiffusionGemma, PassRole
 from ..quant import QuantLinear, format_from_config, meta_network
 from ..resources import check_disk, writing
 from ..tokenizer import tokenizer_files
@@ -64,6 +65,11 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 LAYER_TARGETS = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 SELF_CONDITIONING_TARGETS = r"self_conditioning\.(gate|up|down)_proj"
+ENCODER_DROPPED = (
+    "the adapter's encoder half differs from its decoder half (PEFT trained the reference model's two copies "
+    "apart): a merged checkpoint has one set of weights for both passes, and takes the decoder's; `--adapter` "
+    "runs both halves exactly"
+)
 QUANTIZED_BASE = (  # why an adapter is not folded into quantized weights: they would be rounded a second time
     "the base model is quantized ({}): merge the adapter into the float checkpoint it was quantized from "
     "(`diffgemma lora-merge --model FLOAT_FOLDER --adapter ...`)"
@@ -92,26 +98,60 @@ class LoraSettings:
         return self.alpha / self.rank
 
 
-class LoraLinear(nn.Module):
+class LowRank(nn.Module):
+    """A low-rank update (`lora_A`, `lora_B`, `scale`) beside a projection; with `encoder` (rank, scale), a
+    second one (`lora_A_encoder`, ...) that the encoder's pass takes instead: an adapter PEFT trained on the
+    reference model, whose encoder and decoder are two copies of the weights, each adapted apart."""
+
+    def _add_low_rank(
+        self, in_features: int, out_features: int, rank: int, scale: float, device, dtype, encoder, role: PassRole
+    ) -> None:
+        self.role = role  # (a plain attribute: the network's, not a submodule)
+        for suffix, shape in (("", (rank, scale)), ("_encoder", encoder)):
+            if shape is None:
+                setattr(self, f"lora_A{suffix}", None)
+                continue
+            setattr(self, f"scale{suffix}", shape[1])
+            setattr(self, f"lora_A{suffix}", nn.Linear(in_features, shape[0], bias=False, device=device, dtype=dtype))
+            setattr(self, f"lora_B{suffix}", nn.Linear(shape[0], out_features, bias=False, device=device, dtype=dtype))
+        # The usual start: A random, B zero, so the adapted model begins exactly where the base model is.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_A_encoder is not None and self.role.encoding:
+            return self.lora_B_encoder(self.lora_A_encoder(x)) * self.scale_encoder
+        return self.lora_B(self.lora_A(x)) * self.scale
+
+    def fold_into(self, weight: torch.Tensor) -> None:
+        """The update folded into `weight` (the decoder's, where the encoder's differs: a merged checkpoint
+        has one set of weights for both passes; `merge_lora` warns)."""
+        with torch.no_grad():
+            fold_(weight, self.lora_A.weight, self.lora_B.weight, self.scale)
+
+
+class LoraLinear(LowRank):
     """A linear layer plus a low-rank update. The base weight keeps its name (`weight`), so the rest of
     the state dict and the checkpoint layout are unchanged; the adapter adds `lora_A` and `lora_B`."""
 
-    def __init__(self, base: nn.Linear, rank: int, scale: float) -> None:
+    def __init__(
+        self, base: nn.Linear, rank: int, scale: float, role: PassRole, encoder: tuple[int, float] | None = None
+    ) -> None:
         super().__init__()
         self.weight = base.weight
         self.bias = base.bias
-        _add_low_rank(self, base.in_features, base.out_features, rank, scale, base.weight.device, base.weight.dtype)
+        weight = base.weight
+        self._add_low_rank(base.in_features, base.out_features, rank, scale, weight.device, weight.dtype, encoder, role)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scale
+        return F.linear(x, self.weight, self.bias) + self.update(x)
 
     def merged(self) -> nn.Linear:
         out_features, in_features = self.weight.shape
         linear = nn.Linear(in_features, out_features, bias=self.bias is not None)
         linear.weight = self.weight
         linear.bias = self.bias
-        with torch.no_grad():
-            fold_(self.weight, self.lora_A.weight, self.lora_B.weight, self.scale)
+        self.fold_into(self.weight)
         return linear
 
 
@@ -122,35 +162,33 @@ def fold_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scal
     return weight.add_((update * scale).to(weight.dtype))
 
 
-class LoraQuantLinear(QuantLinear):
+class LoraQuantLinear(QuantLinear, LowRank):
     """A quantized projection (frozen, as stored) plus a low-rank update in the model's dtype: QLoRA. Its
     buffers keep their names; the adapter is saved, and merges into a float checkpoint, as any other."""
 
-    def __init__(self, base: QuantLinear, rank: int, scale: float, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        base: QuantLinear,
+        rank: int,
+        scale: float,
+        dtype: torch.dtype,
+        role: PassRole,
+        encoder: tuple[int, float] | None = None,
+    ) -> None:
         nn.Module.__init__(self)
         self.fmt, self.source_shapes, self.bias = base.fmt, base.source_shapes, base.bias
         for name, buffer in base.named_buffers(recurse=False):
             self.register_buffer(name, buffer)
         out_features, in_features = self.source_shapes["weight"]
-        _add_low_rank(self, in_features, out_features, rank, scale, self.weight_qweight.device, dtype)
+        device = self.weight_qweight.device
+        self._add_low_rank(in_features, out_features, rank, scale, device, dtype, encoder, role)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.lora_B(self.lora_A(x)) * self.scale
+        return super().forward(x) + self.update(x)
 
     def merged(self) -> nn.Module:
         """Refused: folding the update into quantized weights would requantize them (a second rounding)."""
         raise DiffGemmaError(QUANTIZED_BASE.format(self.fmt.name))
-
-
-def _add_low_rank(
-    module: nn.Module, in_features: int, out_features: int, rank: int, scale: float, device, dtype: torch.dtype
-) -> None:
-    module.scale = scale
-    module.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-    module.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
-    # The usual start: A random, B zero, so the adapted model begins exactly where the base model is.
-    nn.init.kaiming_uniform_(module.lora_A.weight, a=math.sqrt(5))
-    nn.init.zeros_(module.lora_B.weight)
 
 
 ADAPTED = (LoraLinear, LoraQuantLinear)
@@ -168,22 +206,31 @@ def add_lora(network: DiffusionGemma, settings: LoraSettings) -> list[str]:
     """Wrap the targeted projections with adapters and freeze everything else; returns the wrapped names."""
     pattern = re.compile(settings.pattern)
     targets = [n for n, m in network.named_modules() if isinstance(m, PROJECTIONS) and pattern.fullmatch(n)]
-    _wrap(network, {name: (settings.rank, settings.scale) for name in targets})
+    _wrap(network, {name: ((settings.rank, settings.scale), None) for name in targets})
     return targets
 
 
-def _wrap(network: DiffusionGemma, adapters: dict[str, tuple[int, float]]) -> None:
-    """Freeze the network and wrap each named projection with an adapter of its (rank, scale)."""
+Shape = tuple[int, float]  # an adapter's rank and scale
+
+
+def _wrap(network: DiffusionGemma, adapters: dict[str, tuple[Shape, Shape | None]]) -> None:
+    """Freeze the network and wrap each named projection with an adapter of its (rank, scale), and the
+    encoder's own where it has one."""
     if has_lora(network):
         raise DiffGemmaError("this network already has LoRA adapters")
     network.requires_grad_(False)
-    for name, (rank, scale) in adapters.items():
+    for name, ((rank, scale), encoder) in adapters.items():
         base = network.get_submodule(name)
         if isinstance(base, QuantLinear):
-            adapted = LoraQuantLinear(base, rank, scale, network.dtype)
+            adapted = LoraQuantLinear(base, rank, scale, network.dtype, network.role, encoder)
         else:
-            adapted = LoraLinear(base, rank, scale)
+            adapted = LoraLinear(base, rank, scale, network.role, encoder)
         _replace(network, name, adapted)
+
+
+def has_encoder_adapters(network: nn.Module) -> bool:
+    """Whether some adapter has an encoder half of its own (PEFT's, trained on the reference's two copies)."""
+    return any(isinstance(m, ADAPTED) and m.lora_A_encoder is not None for m in network.modules())
 
 
 def has_lora(network: nn.Module) -> bool:
@@ -192,6 +239,12 @@ def has_lora(network: nn.Module) -> bool:
 
 def trainable_parameters(network: nn.Module) -> list[nn.Parameter]:
     """The adapters' weights when the network has adapters, else every parameter."""
+    if has_encoder_adapters(network):
+        # (a checkpointed half recomputed in the backward pass could run with the other pass's adapter)
+        raise DiffGemmaError(
+            "this adapter's encoder and decoder halves differ (PEFT trained the reference model's two copies "
+            "apart): it runs here, but trains as one adapter for both passes; start from one of those"
+        )
     if has_lora(network):
         return [p for n, p in network.named_parameters() if ".lora_" in n]
     return list(network.parameters())
@@ -203,6 +256,8 @@ def merge_lora(network: DiffusionGemma) -> int:
     for _, module in wrapped:  # refused before anything changes
         if isinstance(module, LoraQuantLinear):
             module.merged()
+    if has_encoder_adapters(network):
+        warnings.warn(ENCODER_DROPPED, stacklevel=2)
     for name, module in wrapped:
         _replace(network, name, module.merged())
     return len(wrapped)
@@ -221,10 +276,16 @@ def save_adapter(
     adapters = {n: t for n, t in network.state_dict().items() if ".lora_" in n}
     if not adapters:
         raise DiffGemmaError("this network has no LoRA adapters to save")
+    halves = {name.replace("_encoder.", ".") for name in adapters if "_encoder." in name}
     tensors = {}
     for name, tensor in adapters.items():
-        for prefix in (DECODER, ENCODER):
-            tensors[PEFT_PREFIX + prefix + name] = tensor.detach().to("cpu").clone().contiguous()
+        # an adapter with an encoder half of its own: each half under its copy's names; else one under both
+        if "_encoder." in name:
+            roles, name = (ENCODER,), name.replace("_encoder.", ".")
+        else:
+            roles = (DECODER,) if name in halves else (DECODER, ENCODER)
+        for role in roles:
+            tensors[PEFT_PREFIX + role + name] = tensor.detach().to("cpu").clone().contiguous()
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -298,11 +359,16 @@ def _peft_targets(network: DiffusionGemma, settings: LoraSettings) -> dict:
     names = settings.pattern if named == set(wrapped) else "|".join(re.escape(name) for name in sorted(wrapped))
     ranks, alphas = {}, {}
     for name, module in sorted(wrapped.items()):
-        rank = module.lora_A.out_features
-        if rank != settings.rank:
-            ranks[roles + re.escape(name)] = rank
-        if not math.isclose(module.scale * rank, settings.alpha):
-            alphas[roles + re.escape(name)] = module.scale * rank
+        halves = [(roles, module.lora_A, module.scale)]
+        if module.lora_A_encoder is not None:  # each copy's rank and scale under its own name
+            halves = [(re.escape(DECODER), module.lora_A, module.scale)]
+            halves.append((re.escape(ENCODER), module.lora_A_encoder, module.scale_encoder))
+        for role, lora_a, scale in halves:
+            rank = lora_a.out_features
+            if rank != settings.rank:
+                ranks[role + re.escape(name)] = rank
+            if not math.isclose(scale * rank, settings.alpha):
+                alphas[role + re.escape(name)] = scale * rank
     return {
         "target_modules": f"{roles}({names})",
         "r": settings.rank,
@@ -394,32 +460,60 @@ def read_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> dict[str
             vision += 1
             continue
         by_role[role].setdefault(module.removeprefix(role), {})[matrix] = tensor
-    chosen = {**by_role[ENCODER], **by_role[DECODER]}  # the decoder's where both have one
-    adapters, tensors, ranks = {}, {}, set()
-    for name, pair in sorted(chosen.items()):
-        role = DECODER if name in by_role[DECODER] else ENCODER
-        where = f"{weights_path}: {PEFT_PREFIX}{role}{name}"
-        in_features, out_features = _projection_shape(network, name, where)
-        if set(pair) != set(LORA_MATRICES):
-            raise DiffGemmaError(f"{where}: has {sorted(pair)} but not both LoRA matrices")
-        lora_a, lora_b = pair[LORA_MATRICES[0]], pair[LORA_MATRICES[1]]
-        rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
-        if lora_a.shape != (rank, in_features) or lora_b.shape != (out_features, rank):
-            expected = f"[r, {in_features}] and [{out_features}, r]"
-            found = f"{list(lora_a.shape)} and {list(lora_b.shape)}"
-            raise DiffGemmaError(f"{where}: LoRA matrices of shapes {found}, expected {expected}")
-        if rank != config.rank_of(role + name):
-            ranks.add(rank)
-        adapters[name] = (rank, config.scale_of(role + name, rank))
-        tensors[name + LORA_MATRICES[0]], tensors[name + LORA_MATRICES[1]] = lora_a, lora_b
-    if ranks:
-        message = f"`r` is {config.rank}, but the adapter's weights have rank {sorted(ranks)}"
-        raise DiffGemmaError(f"{folder / CONFIG_FILE}: {message}")
+    adapters, tensors = {}, {}
+    for name in sorted(set(by_role[DECODER]) | set(by_role[ENCODER])):
+        halves = {role: _half(network, config, name, role, by_role[role].get(name), weights_path) for role in by_role}
+        decoder, encoder = halves[DECODER], halves[ENCODER]
+        if decoder is None or encoder is None:
+            if name.startswith(DECODER_ONLY):  # (the encoder never runs it)
+                encoder = None
+            else:  # the other copy unadapted: an update of zero
+                given = decoder or encoder
+                zero = (given[0], given[1], torch.zeros_like(given[2]), torch.zeros_like(given[3]))
+                decoder, encoder = decoder or zero, encoder or zero
+        elif decoder[:2] == encoder[:2] and all(map(torch.equal, decoder[2:], encoder[2:])):
+            encoder = None  # one adapter for both passes (what `save_adapter` writes)
+        adapters[name] = (decoder[:2], None if encoder is None else encoder[:2])
+        for suffix, half in (("", decoder), ("_encoder", encoder)):
+            if half is not None:
+                tensors[f"{name}.lora_A{suffix}.weight"], tensors[f"{name}.lora_B{suffix}.weight"] = half[2:]
     if not adapters:
         raise DiffGemmaError(f"{weights_path}: no LoRA adapters of the text model in it")
-    _warn_of_roles(weights_path, by_role, vision)
+    if vision:
+        message = f"{weights_path}: {vision} tensor(s) adapt the vision tower, which diffgemma does not run: left out"
+        warnings.warn(message, stacklevel=3)
     _wrap(network, adapters)
     return tensors
+
+
+DECODER_ONLY = ("self_conditioning.",)  # modules only the decoder's pass runs
+
+
+def _half(
+    network: DiffusionGemma,
+    config: AdapterConfig,
+    name: str,
+    role: str,
+    pair: dict[str, torch.Tensor] | None,
+    weights_path: Path,
+) -> tuple[int, float, torch.Tensor, torch.Tensor] | None:
+    """One copy's adapter of projection `name` (rank, scale, A, B), checked; None where that copy has none."""
+    if pair is None:
+        return None
+    where = f"{weights_path}: {PEFT_PREFIX}{role}{name}"
+    in_features, out_features = _projection_shape(network, name, where)
+    if set(pair) != set(LORA_MATRICES):
+        raise DiffGemmaError(f"{where}: has {sorted(pair)} but not both LoRA matrices")
+    lora_a, lora_b = pair[LORA_MATRICES[0]], pair[LORA_MATRICES[1]]
+    rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
+    if lora_a.shape != (rank, in_features) or lora_b.shape != (out_features, rank):
+        expected = f"[r, {in_features}] and [{out_features}, r]"
+        found = f"{list(lora_a.shape)} and {list(lora_b.shape)}"
+        raise DiffGemmaError(f"{where}: LoRA matrices of shapes {found}, expected {expected}")
+    if rank != config.rank_of(role + name):
+        message = f"`r` is {config.rank_of(role + name)}, but the adapter's weights have rank {rank} ({role}{name})"
+        raise DiffGemmaError(f"{weights_path.parent / CONFIG_FILE}: {message}")
+    return rank, config.scale_of(role + name, rank), lora_a, lora_b
 
 
 def _adapted_module(key: str, weights_path: Path) -> tuple[str, str]:
@@ -447,32 +541,6 @@ def _projection_shape(network: DiffusionGemma, name: str, where: str) -> tuple[i
     return in_features, out_features
 
 
-def _warn_of_roles(weights_path: Path, by_role: dict, vision: int) -> None:
-    """Warnings for what one network running both passes makes of the reference's two adapted copies."""
-    decoder, encoder = by_role[DECODER], by_role[ENCODER]
-    apart = sum(
-        not torch.equal(encoder[name][matrix], pair[matrix])
-        for name, pair in decoder.items()
-        if name in encoder and set(encoder[name]) == set(pair)
-        for matrix in pair
-    )
-    notes = []
-    if apart:
-        notes.append(
-            f"{apart} of its encoder's adapter tensors differ from its decoder's (trained apart, as PEFT trains "
-            "the reference model's two copies); one network runs both passes here: the decoder's serve both"
-        )
-    alone = sorted(set(encoder) - set(decoder))
-    if alone:
-        notes.append(
-            f"{len(alone)} projection(s) have an encoder adapter alone ({alone[0]}, ...): it serves both passes"
-        )
-    if vision:
-        notes.append(f"{vision} tensor(s) adapt the vision tower, which diffgemma does not run: left out")
-    for note in notes:
-        warnings.warn(f"{weights_path}: {note}", stacklevel=3)
-
-
 def merge_adapter_files(
     base: str | os.PathLike,
     adapter: str | os.PathLike,
@@ -494,6 +562,8 @@ def merge_adapter_files(
     shapes = {name: tuple(t.shape) for name, t in network.state_dict().items()}
     plan, passthrough = weight_plan(base, shapes)
     tensors = read_adapter(network, adapter)
+    if has_encoder_adapters(network):
+        warnings.warn(ENCODER_DROPPED, stacklevel=2)
     folds = {
         f"{name}.weight": (tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"], module.scale)
         for name, module in network.named_modules()
