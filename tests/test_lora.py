@@ -71,6 +71,9 @@ def test_merged_checkpoint_matches_adapter_logits(trained, tmp_path):
     keys = set(load_file(str(adapter_dir / "adapter_model.safetensors")))
     assert "base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "base_model.model.model.encoder.language_model.layers.0.self_attn.q_proj.lora_B.weight" in keys
+    # the self-conditioning block is the decoder's alone in the reference model: no key for an encoder copy
+    assert "base_model.model.model.decoder.self_conditioning.up_proj.lora_A.weight" in keys
+    assert not any(key.startswith("base_model.model.model.encoder.language_model.self_") for key in keys)
 
     reloaded = diffgemma.load(folder)
     load_adapter(reloaded.network, adapter_dir)

@@ -279,11 +279,12 @@ def save_adapter(
     halves = {name.replace("_encoder.", ".") for name in adapters if "_encoder." in name}
     tensors = {}
     for name, tensor in adapters.items():
-        # an adapter with an encoder half of its own: each half under its copy's names; else one under both
+        # an adapter with an encoder half of its own: each half under its copy's names; else one under both (the
+        # decoder's alone for a module the reference's encoder does not have)
         if "_encoder." in name:
             roles, name = (ENCODER,), name.replace("_encoder.", ".")
         else:
-            roles = (DECODER,) if name in halves else (DECODER, ENCODER)
+            roles = (DECODER,) if name in halves or name.startswith(DECODER_ONLY) else (DECODER, ENCODER)
         for role in roles:
             tensors[PEFT_PREFIX + role + name] = tensor.detach().to("cpu").clone().contiguous()
     config = {
