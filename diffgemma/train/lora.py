@@ -106,28 +106,25 @@ class LowRank(nn.Module):
     def _add_low_rank(
         self, in_features: int, out_features: int, rank: int, scale: float, device, dtype, encoder, role: PassRole
     ) -> None:
+        def linear(inputs: int, outputs: int) -> nn.Linear:
+            return nn.Linear(inputs, outputs, bias=False, device=device, dtype=dtype)
+
         self.role = role  # (a plain attribute: the network's, not a submodule)
-        for suffix, shape in (("", (rank, scale)), ("_encoder", encoder)):
-            if shape is None:
-                setattr(self, f"lora_A{suffix}", None)
-                continue
-            setattr(self, f"scale{suffix}", shape[1])
-            setattr(self, f"lora_A{suffix}", nn.Linear(in_features, shape[0], bias=False, device=device, dtype=dtype))
-            setattr(self, f"lora_B{suffix}", nn.Linear(shape[0], out_features, bias=False, device=device, dtype=dtype))
+        self.scale = scale
+        self.lora_A, self.lora_B = linear(in_features, rank), linear(rank, out_features)
         # The usual start: A random, B zero, so the adapted model begins exactly where the base model is.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.lora_A_encoder = self.lora_B_encoder = self.scale_encoder = None
+        if encoder is not None:
+            encoder_rank, self.scale_encoder = encoder
+            self.lora_A_encoder = linear(in_features, encoder_rank)
+            self.lora_B_encoder = linear(encoder_rank, out_features)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora_A_encoder is not None and self.role.encoding:
             return self.lora_B_encoder(self.lora_A_encoder(x)) * self.scale_encoder
         return self.lora_B(self.lora_A(x)) * self.scale
-
-    def fold_into(self, weight: torch.Tensor) -> None:
-        """The update folded into `weight` (the decoder's, where the encoder's differs: a merged checkpoint
-        has one set of weights for both passes; `merge_lora` warns)."""
-        with torch.no_grad():
-            fold_(weight, self.lora_A.weight, self.lora_B.weight, self.scale)
 
 
 class LoraLinear(LowRank):
@@ -151,7 +148,8 @@ class LoraLinear(LowRank):
         linear = nn.Linear(in_features, out_features, bias=self.bias is not None)
         linear.weight = self.weight
         linear.bias = self.bias
-        self.fold_into(self.weight)
+        with torch.no_grad():  # (the decoder's half, where the encoder has its own: `merge_lora` warns)
+            fold_(self.weight, self.lora_A.weight, self.lora_B.weight, self.scale)
         return linear
 
 
