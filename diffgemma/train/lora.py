@@ -437,9 +437,10 @@ def read_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> dict[str
 
     The weights say which projections are adapted, each with its own rank (a PEFT adapter may adapt any of
     them: `q_proj` and `v_proj` alone, say, or the self-conditioning block too). The reference model has two
-    copies of the text layers, so PEFT trains an encoder and a decoder adapter for each; one network runs both
-    passes here, and the decoder's adapter serves both (the encoder's where it alone has one). Adapters of the
-    vision tower are left out (text never reaches it); any other tensor is refused, naming it.
+    copies of the text layers, so PEFT trains an encoder and a decoder adapter for each: where they are equal
+    (as `save_adapter` writes them) one adapter serves both passes; where they differ, or one copy has none
+    (a zero update), each pass takes its own half (`lora_A_encoder`, ...). Adapters of the vision tower are
+    left out (text never reaches it); any other tensor is refused, naming it.
     """
     folder = as_path(folder, "an adapter (its folder)")
     config = read_adapter_config(folder)
