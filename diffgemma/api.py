@@ -74,10 +74,14 @@ def bf16_is_fast(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "mps":
         return torch.backends.mps.is_macos_or_newer(14, 0)
-    if device.type == "cpu" and hasattr(torch.cpu, "get_capabilities"):
+    if device.type != "cpu":
+        return False
+    if hasattr(torch.cpu, "get_capabilities"):
         capabilities = torch.cpu.get_capabilities()
         return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-    return False
+    # PyTorch 2.9 has no capability table; its x86 probes answer the same question (AMX's tiles come
+    # with its bf16 products)
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def auto_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:

@@ -220,7 +220,18 @@ def test_a_quantized_checkpoint_is_stored_in_the_dtype_of_its_float_weights(tmp_
 def test_bf16_is_fast_on_cpus_with_bf16_instructions(monkeypatch, capabilities, fast):
     from diffgemma.api import bf16_is_fast
 
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    assert bf16_is_fast(torch.device("cpu")) is fast
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, fast", [(True, False, True), (False, True, True), (False, False, False)])
+def test_bf16_is_fast_without_the_capability_table(monkeypatch, avx512_bf16, amx, fast):
+    """PyTorch 2.9 (the oldest we take) has no `torch.cpu.get_capabilities`: its x86 probes decide."""
+    from diffgemma.api import bf16_is_fast
+
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert bf16_is_fast(torch.device("cpu")) is fast
 
 
