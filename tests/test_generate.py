@@ -368,6 +368,28 @@ def test_chat_templates_render_as_the_reference_renders_them(tmp_path, tiny):
         tokenizer.apply_chat_template(messages * 3)
 
 
+@pytest.mark.parametrize(
+    "reach",
+    [
+        "{{ messages.__class__.__mro__ }}",  # Python's internals through an attribute
+        "{% set f = '{0.__class__.__mro__}' | attr('format') %}{{ f(messages) }}",  # through str.format, held
+        "{{ cycler.__init__.__globals__ }}",  # a global's function's module
+    ],
+)
+def test_a_chat_template_cannot_reach_past_its_sandbox(tmp_path, tiny, reach):
+    """A checkpoint's chat template is code from wherever the checkpoint came from: it renders in jinja2's
+    sandbox, and a template that reaches for Python's internals fails as a template error, running nothing."""
+    from diffgemma.tokenizer import Tokenizer
+
+    folder = tmp_path / "reaching"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((tiny.folder / name).read_bytes())
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}" + reach)
+    with pytest.raises(DiffGemmaError, match="chat template failed: .*(unsafe|access)"):
+        Tokenizer(folder).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 def test_a_prefill_begins_the_answer_and_the_model_goes_on(demo):
     """`chat(prefill=...)`: the answer begun where the model's own begins (after the generation prompt), the
     reply what follows it."""
