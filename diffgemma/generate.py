@@ -438,6 +438,64 @@ class DecoderGraph:
         return self.output
 
 
+class DecoderPass:
+    """How every step of a generation runs the decoder, chosen once for it.
+
+    Fast mode keeps two vocabulary-sized buffers for every step: the logits, with the temperature folded into
+    the head (sampling logits, see `head`), and the distribution, which the next step reads as its
+    self-conditioning input before the sampler overwrites it. There the pass is a CUDA graph replayed
+    (`DecoderGraph`: on CUDA by default, or as `cuda_graph` says); else, where the host reads the stop flags
+    every step anyway (the CPU), rows that stopped leave the decoder's batch (`RowSubset`), so a batch no
+    longer pays for its slowest row's steps on every row. Reference mode divides fresh logits by the
+    temperature, as the reference does.
+    """
+
+    def __init__(
+        self,
+        network: DiffusionGemma,
+        cache: EncoderCache,
+        mode: str,
+        batch: int,
+        temperatures: torch.Tensor,
+        cuda_graph: bool | None,
+        sync_free: bool,
+    ) -> None:
+        self.network, self.cache = network, cache
+        self.temperatures, self.inverse_temperatures = temperatures, temperatures.reciprocal()
+        self.logits: torch.Tensor | None = None
+        self.probs: torch.Tensor | None = None  # the distribution buffer (fast mode), for the sampler to fill
+        self.graph: DecoderGraph | None = None
+        self.subset: RowSubset | None = None
+        if mode != "fast":
+            return
+        shape = (batch, network.config.canvas_length, network.config.vocab_size)
+        self.logits = torch.empty(shape, device=network.device)
+        self.probs = torch.empty(shape, device=network.device)
+        if (network.device.type == "cuda") if cuda_graph is None else cuda_graph:
+            self.graph = DecoderGraph(network, cache, self.probs, self.logits)  # one graph serves every canvas
+        elif not sync_free:
+            self.subset = RowSubset(cache)
+
+    def __call__(
+        self, canvas: torch.Tensor, self_conditioning: torch.Tensor | None, step: int, finished: torch.Tensor
+    ) -> torch.Tensor:
+        """Sampling logits [B, C, V] for `canvas` at `step` (from 1) of its canvas; `finished` [B]: rows stopped."""
+        if self.logits is None:
+            logits = self.network.denoise(canvas, self.cache, self_conditioning)
+            return logits.div_(self.temperatures[step - 1])
+        scale = self.inverse_temperatures[step - 1]
+        if self.graph is not None:
+            return self.graph(canvas, scale, first_step=self_conditioning is None)
+        if self.subset is not None and self.subset.update(finished):
+            return self.subset.denoise(self.network, canvas, self_conditioning, self.logits, scale)
+        return self.network.denoise(canvas, self.cache, self_conditioning, logits_out=self.logits, logit_scale=scale)
+
+    def end_canvas(self) -> None:
+        """The canvas is committed (the cache grows): every row runs again on the next."""
+        if self.subset is not None:
+            self.subset.reset()
+
+
 def _validate_mode(mode: str) -> None:
     if mode not in MODES:
         raise DiffGemmaError(f"mode must be one of {MODES}, got {mode!r}")
@@ -533,21 +591,12 @@ def denoising_loop(
     temperatures = torch.stack(
         [sampling.temperature(left, steps, settings.t_min, settings.t_max) for left in range(steps, 0, -1)]
     ).to(device)
-    inverse_temperatures = temperatures.reciprocal()
     stop_check = StopCheck(device, stop_check_every)
 
     capacity = prompt_length + canvases * length
     prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode)
     cache = prompt.new_cache(network, batch, capacity)
-    buffers: list[torch.Tensor | None] = [None, None]
-    if mode == "fast":
-        buffers = [torch.empty(batch, length, vocab, device=device) for _ in range(2)]
-    graph = None
-    if mode == "fast" and (device.type == "cuda" if cuda_graph is None else cuda_graph):
-        graph = DecoderGraph(network, cache, buffers[1], buffers[0])  # one graph serves every canvas
-    # Where the host reads the stop flags every step anyway (the CPU), rows that stopped leave the decoder's
-    # batch: a batch no longer pays for its slowest row's steps on every row (`RowSubset`).
-    subset = RowSubset(cache) if mode == "fast" and graph is None and not rng.sync_free else None
+    decoder = DecoderPass(network, cache, mode, batch, temperatures, cuda_graph, rng.sync_free)
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)
@@ -572,7 +621,7 @@ def denoising_loop(
             self_conditioning = None
             if first is not None:
                 # into the distribution buffer: the loop moves rows within it (`RowSubset`) and refills it
-                self_conditioning = first if buffers[1] is None else buffers[1].copy_(first)
+                self_conditioning = first if decoder.probs is None else decoder.probs.copy_(first)
             # Rows already done (an earlier canvas ended them) ride along frozen. The reference keeps denoising
             # them, which reference mode must reproduce; fast mode lets the canvas stop without them.
             finished = rows_done.clone() if mode == "fast" else torch.zeros_like(rows_done)
@@ -582,23 +631,10 @@ def denoising_loop(
                 active = ~(finished | rows_done)
                 passes += active
                 canvas_steps += ~finished
-                # Two vocabulary-sized buffers serve every step: the logits, and the distribution (which the
-                # next step reads as its self-conditioning input before this one is overwritten).
-                if graph is not None:
-                    logits = graph(canvas, inverse_temperatures[step - 1], first_step=self_conditioning is None)
-                elif mode == "fast":  # the temperature folded into the head (sampling logits, see `head`)
-                    scale = inverse_temperatures[step - 1]
-                    if subset is not None and subset.update(finished):
-                        logits = subset.denoise(network, canvas, self_conditioning, buffers[0], scale)
-                    else:
-                        logits = network.denoise(
-                            canvas, cache, self_conditioning, logits_out=buffers[0], logit_scale=scale
-                        )
-                else:
-                    logits = network.denoise(canvas, cache, self_conditioning).div_(temperatures[step - 1])
+                logits = decoder(canvas, self_conditioning, step, finished)
                 if excluded is not None:
                     logits = logits.masked_fill_(excluded, sampling.MASKED_LOGIT)
-                out = sampler_step(logits, canvas, settings.entropy_bound, rng, fixed_ids, buffers[1], noise)
+                out = sampler_step(logits, canvas, settings.entropy_bound, rng, fixed_ids, decoder.probs, noise)
                 new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
                 # Rows that already stopped keep their canvas and draft (they ride along in the batch).
                 new_argmax = torch.where(finished[:, None], argmax, new_argmax)
@@ -632,8 +668,7 @@ def denoising_loop(
                 if stop_check(finished, step):
                     break
             self_conditioning = None
-            if subset is not None:
-                subset.reset()
+            decoder.end_canvas()
             committed, done_now = _committed(argmax, rows_done, row_canvases <= canvas_index + 1, ending_ids, pad)
             sequences = torch.cat([sequences, committed], dim=1)
             steps_per_canvas.append(canvas_steps.tolist())
