@@ -148,6 +148,7 @@ def test_commands_that_run_a_model_load_it_in_auto_training_in_float32_and_mergi
     [
         (["serve", "--port", "70000"], "--port: must be between 0 and 65535, got 70000"),
         (["serve", "--max-batch", "0"], "--max-batch: must be at least 1, got 0"),
+        (["serve", "--max-runs", "0"], "--max-runs: must be at least 1, got 0"),
         (["train", "sudoku", "--out", "o", "--steps", "0"], "--steps: must be at least 1, got 0"),  # not 20000
         (["train", "chat", "--out", "o", "--batch-size", "-2"], "--batch-size: must be at least 1, got -2"),
         (["sudoku-puzzles", "0"], "count: must be at least 1, got 0"),
@@ -681,6 +682,17 @@ def test_watch_shows_the_canvas_converge_in_a_terminal():
     assert steps >= {1, 2, 6} and len(bodies) > 1
     final = screen.rstrip().splitlines()[-1]
     assert "╰" not in final  # the final text comes after the live panel
+
+
+def test_serve_hands_its_limits_to_the_server(monkeypatch):
+    import diffgemma.server
+
+    served = []
+    monkeypatch.setattr(diffgemma.server, "serve", lambda model, host, port, options: served.append(options))
+    argv = ["serve", "--model", DEMO, "--port", "0", "--max-batch", "4", "--max-runs", "3", "--max-concurrent", "9"]
+    assert main(argv) == 0
+    options = served[0]
+    assert (options.max_batch, options.max_runs, options.max_concurrent, options.model_name) == (4, 3, 9, "demo")
 
 
 @pytest.mark.parametrize(

@@ -500,11 +500,27 @@ def test_too_many_concurrent_requests_and_disconnect_frees_the_slot(demo):
 
 
 def test_engine_stopped_is_503(demo):
+    """A request the stopped engine cannot take is a 503, and so is one it was answering when it stopped."""
     batcher = Batcher(demo)
     app = create_app(demo, ServerOptions(model_name="demo"), batcher)
+    endless = {str(eos): -100 for eos in demo.settings.eos_token_id}
     with running(app) as url:
-        batcher.stop()
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        errors = []
+
+        def under_way():
+            try:
+                client.chat.completions.create(model="demo", messages=ask("hi"), max_tokens=480, logit_bias=endless)
+            except openai.APIStatusError as err:
+                errors.append(err)
+
+        answering = threading.Thread(target=under_way)
+        answering.start()
+        while not batcher.batches_run:
+            time.sleep(0.01)
+        batcher.stop()
+        answering.join()
+        assert [(err.status_code, err.code) for err in errors] == [(503, "unavailable")]
         with pytest.raises(openai.InternalServerError) as unavailable:
             client.chat.completions.create(model="demo", messages=ask("hi"))
         assert unavailable.value.status_code == 503
@@ -667,7 +683,7 @@ def test_concurrent_requests_share_decoder_passes(demo, count_calls):
 def test_a_fill_and_a_completion_share_a_batch_each_as_alone(demo):
     """A suffix completion's row holds its suffix in place; a plain completion beside it in the same batch holds
     nothing, and each comes out as it does alone."""
-    batcher = Batcher(demo, max_batch=8)
+    batcher = Batcher(demo, max_batch=8, max_runs=1)  # (one batch at a time: the pair waits for the next)
     app = create_app(demo, ServerOptions(model_name="demo", max_batch=8), batcher)
     requests = [
         {"prompt": "Hello! I am a ", "suffix": " diffusion model.", "max_tokens": 6, "seed": 3},
@@ -1222,7 +1238,7 @@ def test_a_choice_ends_once_its_limit_is_settled_not_when_its_canvas_does(client
 def test_a_short_answer_in_a_batch_returns_without_waiting_for_the_long_one(demo):
     """Rows of one batch end on their own: an answer whose EOS has settled goes back at once, while the batch
     goes on denoising a longer answer beside it (it used to wait for the whole batch)."""
-    batcher = Batcher(demo, max_batch=8)
+    batcher = Batcher(demo, max_batch=8, max_runs=1)  # (one batch at a time: the pair waits for the next)
     app = create_app(demo, ServerOptions(model_name="demo"), batcher)
     endless = {str(eos): -100 for eos in demo.settings.eos_token_id}  # no EOS: every canvas up to the limit
     finished: dict[str, tuple[float, object]] = {}
@@ -1236,9 +1252,10 @@ def test_a_short_answer_in_a_batch_returns_without_waiting_for_the_long_one(demo
             finished[name] = (time.perf_counter(), reply)
 
         # a first request holds the engine while the two arrive: they wait, then share the next batch
-        busy = threading.Thread(target=one, args=("busy", "hi", 160, endless))
+        busy = threading.Thread(target=one, args=("busy", "hi", 480, endless))
         busy.start()
-        time.sleep(0.5)
+        while not batcher.batches_run:
+            time.sleep(0.01)
         pair = [
             threading.Thread(target=one, args=("short", "Say hello.", 64)),
             threading.Thread(target=one, args=("long", "hi", 320, endless)),
@@ -1252,6 +1269,41 @@ def test_a_short_answer_in_a_batch_returns_without_waiting_for_the_long_one(demo
     assert finished["long"][1].usage.completion_tokens == 320  # (10 canvases; the short answer's in the first)
     freed = finished["busy"][0]
     assert finished["short"][0] - freed < 0.25 * (finished["long"][0] - freed)
+
+
+def test_a_request_that_arrives_during_a_long_answer_starts_at_once(demo):
+    """A request that arrives while a batch runs starts a batch of its own at once (`--max-runs` 2, the
+    default): the two take steps in turn, so a short answer comes back long before a long one that began first
+    ends, and each is what it is alone (it used to wait for the whole long answer)."""
+    batcher = Batcher(demo, max_batch=8)
+    app = create_app(demo, ServerOptions(model_name="demo"), batcher)
+    endless = {str(eos): -100 for eos in demo.settings.eos_token_id}  # no EOS: every canvas up to the limit
+    finished: dict[str, tuple[float, object]] = {}
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def one(name, question, max_tokens, bias=None):
+            reply = client.chat.completions.create(
+                model="demo", messages=ask(question), seed=1, max_tokens=max_tokens, logit_bias=bias
+            )
+            finished[name] = (time.perf_counter(), reply)
+
+        one("long alone", "hi", 480, endless)
+        one("short alone", "Say hello.", 64)
+        long = threading.Thread(target=one, args=("long", "hi", 480, endless))
+        long.start()
+        while len(batcher.batches_run) < 3:  # the long answer is under way
+            time.sleep(0.01)
+        began = time.perf_counter()
+        one("short", "Say hello.", 64)
+        long.join()
+    assert list(batcher.batches_run) == [1, 1, 1, 1]
+    for name in ("long", "short"):
+        assert finished[name][1].choices[0].message.content == finished[name + " alone"][1].choices[0].message.content
+    assert finished["short"][1].choices[0].message.content == ANSWERS["Say hello."]
+    assert finished["long"][1].usage.completion_tokens == 480  # (15 canvases)
+    assert finished["short"][0] < finished["long"][0]
+    assert finished["short"][0] - began < 0.5 * (finished["long"][0] - began)
 
 
 def test_vllms_structured_outputs_are_read_and_drawn_again_too(server, client, digits_only_bans):

@@ -210,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent", type=_at_least(1), default=16)
     serve.add_argument("--max-batch", type=_at_least(1), default=8)
     serve.add_argument(
+        "--max-runs",
+        type=_at_least(1),
+        default=2,
+        help="batches denoised at once, a step of each in turn: a request that arrives while a batch runs starts "
+        "at once instead of waiting for it to end; 1: one batch after another (default %(default)s)",
+    )
+    serve.add_argument(
         "--format-tries",
         type=_at_least(1),
         default=DEFAULT_TRIES,

@@ -493,6 +493,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_tokens=args.max_tokens_limit,
         max_concurrent=args.max_concurrent,
         max_batch=args.max_batch,
+        max_runs=args.max_runs,
         allowed_origins=tuple(args.allow_origin or ()),
         format_tries=args.format_tries,
     )

@@ -4,10 +4,12 @@ A job is one prompt with its own seed and token limit (and, for a fill, the ids 
 canvas). The worker takes every waiting job that shares the first one's sampler settings (up to
 `max_batch`), runs them as one batch through the public `stream` API (fast mode, one random stream per
 row, settled prefixes committed), and hands each job its own rows of the events. Jobs that arrive while a
-batch runs wait for the next one. A cancelled job (its client went away, or a stop string ended it) stops
-receiving events at once and its row ends with the canvas it is in; when every job of a batch is
-cancelled, the batch stops. Other work on the model (scoring a text: `Batcher.run`) runs on the same
-thread between batches, so the model is never used by two threads at once.
+batch runs start a batch of their own at once, up to `max_runs` batches, which take denoising steps in turn
+(so a short request is not held behind a long answer for its whole length; beyond `max_runs`, jobs wait for
+a batch to end). A cancelled job (its client went away, or a stop string ended it) stops receiving events at
+once and its row ends with the canvas it is in; when every job of a batch is cancelled, the batch stops.
+Other work on the model (scoring a text: `Batcher.run`) runs on the same thread between steps, so the model
+is never used by two threads at once.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import collections
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +72,7 @@ class Job:
 
 @dataclass
 class Call:
-    """Work on the model other than denoising, run between batches; its result goes to `future`."""
+    """Work on the model other than denoising, run between steps; its result goes to `future`."""
 
     work: Callable[[], Any]
     loop: asyncio.AbstractEventLoop
@@ -92,18 +94,32 @@ class Call:
             self.future.set_result(outcome)
 
 
+@dataclass
+class Run:
+    """A batch being denoised: its jobs, its stream of events, each row's tokens committed so far."""
+
+    batch: list[Job]
+    stream: Iterator[Draft | CanvasCommit | Done]
+    committed: list[list[int]]
+    started: float
+
+
 class EngineStopped(RuntimeError):
     """The worker is not running (stopped or failed): requests are refused with 503."""
 
 
 class Batcher:
-    def __init__(self, model: DiffGemma, max_batch: int = 8) -> None:
+    def __init__(self, model: DiffGemma, max_batch: int = 8, max_runs: int = 2) -> None:
+        if max_runs < 1:
+            raise ValueError(f"at least one batch must run at a time, got max_runs={max_runs}")
         self.model = model
         self.max_batch = max_batch
+        self.max_runs = max_runs  # batches denoised at once, a step of each in turn
         self.metrics = Metrics()  # what the engine does, for the server's /metrics
         self._inbox: queue.Queue[Job | Call | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._calls: list[Call] = []
+        self._runs: list[Run] = []
         self._running = False
         self._thread: threading.Thread | None = None
         self.batches_run: collections.deque[int] = collections.deque(maxlen=256)  # the last batches' sizes
@@ -133,7 +149,7 @@ class Batcher:
         self._inbox.put(job)
 
     async def run(self, work: Callable[[], Any]) -> Any:
-        """`work()` on the worker's thread, between batches; its result (or its exception)."""
+        """`work()` on the worker's thread, between steps; its result (or its exception)."""
         if not self.running:
             raise EngineStopped("the generation engine is not running")
         loop = asyncio.get_running_loop()
@@ -162,7 +178,7 @@ class Batcher:
 
     def _work(self) -> None:
         while self._running:
-            if not self._waiting and not self._calls:
+            if not self._runs and not self._waiting and not self._calls:
                 self._drain(block=True)
                 continue
             self._drain(block=False)
@@ -170,18 +186,26 @@ class Batcher:
             for call in calls:
                 call.run()
             self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]
-            if not self._waiting:
-                continue
-            key = self._waiting[0].key()
-            batch = [job for job in self._waiting if job.key() == key][: self.max_batch]
-            self._waiting = [job for job in self._waiting if job not in batch]
-            self._run(batch)
+            if self._waiting and len(self._runs) < self.max_runs:
+                key = self._waiting[0].key()
+                batch = [job for job in self._waiting if job.key() == key][: self.max_batch]
+                self._waiting = [job for job in self._waiting if job not in batch]
+                self._start(batch)
+            for run in list(self._runs):  # a step of each batch in turn
+                self._advance(run)
+        # stopped (the server shuts down): what was under way or waiting ends now, not never
+        stopped = EngineStopped("the generation engine stopped")
+        for run in list(self._runs):
+            for job in run.batch:
+                job.send(stopped)
+            self._end(run)
+        for job in self._waiting:
+            job.send(stopped)
 
-    def _run(self, batch: list[Job]) -> None:
+    def _start(self, batch: list[Job]) -> None:
         self.batches_run.append(len(batch))
         started = time.monotonic()
         self.metrics.batch_started([started - job.submitted for job in batch], sum(len(job.prompt) for job in batch))
-        committed: list[list[int]] = [[] for _ in batch]
         width = max(len(job.clamp or ()) for job in batch)  # rows without a clamp hold nothing in place
         clamp = [(job.clamp or []) + [-1] * (width - len(job.clamp or ())) for job in batch] if width else None
         banned = [list(job.banned) for job in batch] if any(job.banned for job in batch) else None
@@ -196,18 +220,35 @@ class Batcher:
                 end_rows=lambda rows: [job.cancelled.is_set() for job in batch],
                 **batch[0].sampler,
             )
-            try:
-                for event in stream:
-                    if all(job.cancelled.is_set() for job in batch):
-                        break
-                    self._dispatch(event, batch, committed)
-            finally:
-                stream.close()
-        except Exception as err:  # one bad batch must not take the server down
+        except Exception as err:  # a batch the API refuses: its requests' error, not the worker's
             for job in batch:
                 job.send(err)
-        finally:
             self.metrics.batch_ended(time.monotonic() - started)
+            return
+        self._runs.append(Run(batch, stream, [[] for _ in batch], started))
+
+    def _advance(self, run: Run) -> None:
+        """The run's next event (a denoising step, a canvas committed, or the end) to its jobs."""
+        if all(job.cancelled.is_set() for job in run.batch):
+            self._end(run)
+            return
+        began = time.monotonic()
+        try:
+            event = next(run.stream)
+            self._dispatch(event, run.batch, run.committed)
+        except StopIteration:
+            self._end(run)
+        except Exception as err:  # one bad batch must not take the server down
+            for job in run.batch:
+                job.send(err)
+            self._end(run)
+        finally:
+            self.metrics.busy(time.monotonic() - began)
+
+    def _end(self, run: Run) -> None:
+        run.stream.close()
+        self._runs.remove(run)
+        self.metrics.batch_ended(time.monotonic() - run.started)
 
     def _dispatch(self, event: Draft | CanvasCommit | Done, batch: list[Job], committed: list[list[int]]) -> None:
         if isinstance(event, Draft):

@@ -78,9 +78,12 @@ class Metrics:
         self.generation_tokens.inc(tokens)
         self.finishes.labels(finish).inc()
 
-    def batch_ended(self, seconds: float) -> None:
-        """A batch ended (done, cancelled or failed) after `seconds`."""
+    def busy(self, seconds: float) -> None:
+        """The engine worked `seconds` on a batch (a step of it: batches that run at once take turns)."""
         self.engine_seconds.inc(seconds)
+
+    def batch_ended(self, seconds: float) -> None:
+        """A batch ended (done, cancelled or failed) `seconds` after it started."""
         self.batch_seconds.observe(seconds)
 
     def request(self, route: str, status: int) -> None:

@@ -6,7 +6,7 @@ the server sends whatever newly settled, never taking anything back. The thinkin
 `reasoning_content`. With `"drafts": true` a client also gets every denoising step's canvas. `stop` strings
 end the answer (never the thinking) as soon as one settles; a stream holds back text that may begin one.
 `logprobs` score a finished choice's tokens with the causal encoder (`DiffGemma.score`), on the engine's
-thread between batches. An answer asked for in a form (`response_format`: JSON; vLLM's structured outputs) is
+thread between steps. An answer asked for in a form (`response_format`: JSON; vLLM's structured outputs) is
 read against it and drawn again if it does not read (`structured`).
 """
 
@@ -74,6 +74,7 @@ class ServerOptions:
     max_body_bytes: int = 1_000_000
     max_concurrent: int = 16
     max_batch: int = 8
+    max_runs: int = 2  # batches denoised at once, taking steps in turn (`Batcher`)
     allowed_origins: tuple[str, ...] = ()  # web pages elsewhere that may call the API (CORS); "*" for any
     format_tries: int = DEFAULT_TRIES  # draws of an answer of a form (JSON, ...) before a 422 says none read
 
@@ -529,7 +530,7 @@ class Serving:
         return shaped
 
     async def score(self, rows: list[list[int]], top: int) -> list[TokenScores]:
-        """`DiffGemma.score` of rows of ids in one pass, on the engine's thread between batches."""
+        """`DiffGemma.score` of rows of ids in one pass, on the engine's thread between steps."""
         try:
             return await self.batcher.run(lambda: self.model.score(rows, top))
         except EngineStopped as err:
@@ -693,6 +694,8 @@ def engine_failure(err: Exception) -> APIError:
     if out_of_memory(err):
         message = f"out of memory ({first_line(err)}); fewer or shorter requests fit"
         return APIError(503, message, "server_error", "out_of_memory")
+    if isinstance(err, EngineStopped):
+        return APIError(503, str(err), "server_error", "unavailable")
     return APIError(500, f"generation failed: {type(err).__name__}: {first_line(err)}", "server_error")
 
 
