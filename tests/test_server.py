@@ -40,6 +40,24 @@ def ask(question):
     return [{"role": "user", "content": question}]
 
 
+def no_eos(model) -> dict[str, int]:
+    """A logit_bias that bans the model's EOS ids: every canvas runs up to the answer's limit."""
+    return {str(eos): -100 for eos in model.settings.eos_token_id}
+
+
+def timed_answers(client, finished: dict[str, tuple[float, object]]):
+    """one(name, question, max_tokens, bias=None): a chat answer (seed 1), kept in `finished[name]` beside the
+    moment it came back."""
+
+    def one(name, question, max_tokens, bias=None):
+        reply = client.chat.completions.create(
+            model="demo", messages=ask(question), seed=1, max_tokens=max_tokens, logit_bias=bias
+        )
+        finished[name] = (time.perf_counter(), reply)
+
+    return one
+
+
 def test_chat_non_streaming(client):
     response = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1)
     assert response.choices[0].message.content == ANSWERS[SKY]
@@ -503,7 +521,7 @@ def test_engine_stopped_is_503(demo):
     """A request the stopped engine cannot take is a 503, and so is one it was answering when it stopped."""
     batcher = Batcher(demo)
     app = create_app(demo, ServerOptions(model_name="demo"), batcher)
-    endless = {str(eos): -100 for eos in demo.settings.eos_token_id}
+    endless = no_eos(demo)
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         errors = []
@@ -652,7 +670,7 @@ def test_concurrent_requests_share_decoder_passes(demo, count_calls):
         # every answer two whole canvases of every step: no EOS (banned), no early stop; one prompt (a batch of
         # different prompts rounds a row's arithmetic differently in the last bits, which can tip an unsure
         # canvas's near ties)
-        endless = {str(eos): -100 for eos in demo.settings.eos_token_id}
+        endless = no_eos(demo)
         work = dict(max_tokens=2 * demo.config.canvas_length, logit_bias=endless)
 
         def one(seed):
@@ -1240,16 +1258,10 @@ def test_a_short_answer_in_a_batch_returns_without_waiting_for_the_long_one(demo
     goes on denoising a longer answer beside it (it used to wait for the whole batch)."""
     batcher = Batcher(demo, max_batch=8, max_runs=1)  # (one batch at a time: the pair waits for the next)
     app = create_app(demo, ServerOptions(model_name="demo"), batcher)
-    endless = {str(eos): -100 for eos in demo.settings.eos_token_id}  # no EOS: every canvas up to the limit
+    endless = no_eos(demo)
     finished: dict[str, tuple[float, object]] = {}
     with running(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-
-        def one(name, question, max_tokens, bias=None):
-            reply = client.chat.completions.create(
-                model="demo", messages=ask(question), seed=1, max_tokens=max_tokens, logit_bias=bias
-            )
-            finished[name] = (time.perf_counter(), reply)
+        one = timed_answers(openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), finished)
 
         # a first request holds the engine while the two arrive: they wait, then share the next batch
         busy = threading.Thread(target=one, args=("busy", "hi", 480, endless))
@@ -1277,16 +1289,10 @@ def test_a_request_that_arrives_during_a_long_answer_starts_at_once(demo):
     ends, and each is what it is alone (it used to wait for the whole long answer)."""
     batcher = Batcher(demo, max_batch=8)
     app = create_app(demo, ServerOptions(model_name="demo"), batcher)
-    endless = {str(eos): -100 for eos in demo.settings.eos_token_id}  # no EOS: every canvas up to the limit
+    endless = no_eos(demo)
     finished: dict[str, tuple[float, object]] = {}
     with running(app) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-
-        def one(name, question, max_tokens, bias=None):
-            reply = client.chat.completions.create(
-                model="demo", messages=ask(question), seed=1, max_tokens=max_tokens, logit_bias=bias
-            )
-            finished[name] = (time.perf_counter(), reply)
+        one = timed_answers(openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), finished)
 
         one("long alone", "hi", 480, endless)
         one("short alone", "Say hello.", 64)
