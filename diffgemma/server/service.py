@@ -65,7 +65,7 @@ ChoiceEnd = tuple[list[int], str, int | None]  # a choice's final tokens, its fi
 @dataclass(frozen=True)
 class ServerOptions:
     """The server's settings (`serve`'s options): the name it serves the model under, the key it asks for, and
-    its limits on prompts, answers, bodies, rows in flight and rows a batch."""
+    its limits on prompts, answers, bodies, rows in flight, rows a batch and batches at once."""
 
     model_name: str = "diffgemma"
     api_key: str | None = None
