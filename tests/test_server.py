@@ -1298,7 +1298,10 @@ def test_a_request_that_arrives_during_a_long_answer_starts_at_once(demo):
         one("short alone", "Say hello.", 64)
         long = threading.Thread(target=one, args=("long", "hi", 480, endless))
         long.start()
-        while len(batcher.batches_run) < 3:  # the long answer is under way
+        gauge = re.compile(r"^diffgemma_batches_running 1\.0$", re.MULTILINE)
+        deadline = time.monotonic() + 20
+        while not gauge.search(httpx.get(url + "/metrics").text):  # the long answer is under way
+            assert time.monotonic() < deadline, "the long answer's batch never showed as running"
             time.sleep(0.01)
         began = time.perf_counter()
         one("short", "Say hello.", 64)
@@ -1417,6 +1420,7 @@ def test_metrics_count_what_the_engine_did_and_what_requests_got(demo):
     assert value("diffgemma_http_requests_total", route="other", status="404") == 1
     assert value("diffgemma_http_requests_total", route="/metrics", status="401") == 1
     assert value("diffgemma_requests_running") == 0 and value("diffgemma_rows_waiting") == 0
+    assert value("diffgemma_batches_running") == 0
 
 
 def test_a_response_goes_on_from_a_stored_one_and_can_be_retrieved(client):

@@ -114,7 +114,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     app.state.batcher = batcher
     serving = Serving(model, options, batcher)
     metrics = batcher.metrics
-    metrics.watch(lambda: serving.active, batcher.waiting)
+    metrics.watch(lambda: serving.active, batcher.waiting, batcher.batches_running)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:

@@ -143,6 +143,10 @@ class Batcher:
         """Jobs not yet in a batch (the metrics' gauge; read from another thread, so a moment's count)."""
         return len(self._waiting) + self._inbox.qsize()
 
+    def batches_running(self) -> int:
+        """Batches being denoised (the metrics' gauge, a moment's count)."""
+        return len(self._runs)
+
     def submit(self, job: Job) -> None:
         if not self.running:
             raise EngineStopped("the generation engine is not running")

@@ -3,9 +3,8 @@
 What the engine did: batches and their rows, prompt tokens (and those the prefix cache spared encoding),
 denoising steps (decoder passes) and canvases, its busy time; how long rows waited for a batch and how long
 batches ran. What the requests got: tokens generated and choices finished (by reason), HTTP requests by route
-and status. Gauges: requests
-being answered, and rows waiting for the engine. Each app has its own registry, so two servers in one process
-(tests) count apart.
+and status. Gauges: requests being answered, rows waiting for the engine, and batches being denoised. Each app
+has its own registry, so two servers in one process (tests) count apart.
 """
 
 from __future__ import annotations
@@ -51,11 +50,16 @@ class Metrics:
         )
         self.running = Gauge("diffgemma_requests_running", "Requests being answered", registry=self.registry)
         self.waiting = Gauge("diffgemma_rows_waiting", "Rows waiting for a batch", registry=self.registry)
+        self.batches_running = Gauge(
+            "diffgemma_batches_running", "Batches being denoised (taking steps in turn)", registry=self.registry
+        )
 
-    def watch(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
-        """The gauges' readings, taken when scraped: requests being answered, rows waiting for the engine."""
+    def watch(self, running: Callable[[], float], waiting: Callable[[], float], batches: Callable[[], float]) -> None:
+        """The gauges' readings, taken when scraped: requests being answered, rows waiting for the engine, batches
+        being denoised."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
+        self.batches_running.set_function(batches)
 
     def batch_started(self, waits: Sequence[float], prompt_tokens: int) -> None:
         """A batch of `len(waits)` rows begins, each having waited that many seconds."""
