@@ -202,10 +202,16 @@ PROJECTIONS = (nn.Linear, QuantLinear)
 
 def add_lora(network: DiffusionGemma, settings: LoraSettings) -> list[str]:
     """Wrap the targeted projections with adapters and freeze everything else; returns the wrapped names."""
-    pattern = re.compile(settings.pattern)
-    targets = [n for n, m in network.named_modules() if isinstance(m, PROJECTIONS) and pattern.fullmatch(n)]
+    targets = _targeted(network, settings)
     _wrap(network, {name: ((settings.rank, settings.scale), None) for name in targets})
     return targets
+
+
+def _targeted(network: DiffusionGemma, settings: LoraSettings) -> list[str]:
+    """The names of the projections `settings` targets (adapted already or not), in the network's order."""
+    pattern = re.compile(settings.pattern)
+    kinds = (*PROJECTIONS, *ADAPTED)
+    return [name for name, module in network.named_modules() if isinstance(module, kinds) and pattern.fullmatch(name)]
 
 
 Shape = tuple[int, float]  # an adapter's rank and scale
@@ -353,9 +359,8 @@ def _peft_targets(network: DiffusionGemma, settings: LoraSettings) -> dict:
     `alpha_pattern` entry for each adapter of another rank or scale (one loaded from PEFT, say)."""
     roles = "(" + "|".join(re.escape(role) for role in (DECODER, ENCODER)) + ")"
     wrapped = {name: module for name, module in network.named_modules() if isinstance(module, ADAPTED)}
-    pattern = re.compile(settings.pattern)
-    named = {n for n, m in network.named_modules() if isinstance(m, (*PROJECTIONS, *ADAPTED)) and pattern.fullmatch(n)}
-    names = settings.pattern if named == set(wrapped) else "|".join(re.escape(name) for name in sorted(wrapped))
+    compact = set(_targeted(network, settings)) == set(wrapped)
+    names = settings.pattern if compact else "|".join(re.escape(name) for name in sorted(wrapped))
     ranks, alphas = {}, {}
     for name, module in sorted(wrapped.items()):
         halves = [(roles, module.lora_A, module.scale)]
