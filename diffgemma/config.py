@@ -170,6 +170,10 @@ class SamplerSettings:
     max_new_tokens: int = 256
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # Truncation a caller may ask for (`sampling.truncate`); the reference's generation_config.json has no place
+    # for them, so checkpoints neither read nor write them. 0 / 1.0: off.
+    top_k: int = 0
+    top_p: float = 1.0
 
     @property
     def pad_id(self) -> int:
@@ -180,7 +184,7 @@ class SamplerSettings:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             hint = " (the temperature is a schedule: t_max on a canvas's first step, falling to t_min)"
-            hint = hint if unknown & {"temperature", "top_p", "top_k"} else ""
+            hint = hint if "temperature" in unknown else ""
             raise DiffGemmaError(f"unknown sampler setting(s): {', '.join(sorted(unknown))}{hint}")
         if "eos_token_id" in overrides:
             overrides["eos_token_id"] = _as_id_tuple(overrides["eos_token_id"], "eos_token_id", "call")
@@ -208,6 +212,10 @@ class SamplerSettings:
             fail("confidence_threshold", "a number > 0")
         if self.pad_token_id is not None and not is_int(self.pad_token_id):
             fail("pad_token_id", "an integer or null")
+        if not is_int(self.top_k) or self.top_k < 0:
+            fail("top_k", "an integer >= 0 (0: off)")
+        if not is_number(self.top_p) or not 0 <= self.top_p <= 1:
+            fail("top_p", "a number from 0 to 1 (1: off; 0: the likeliest token alone)")
 
 
 def is_int(value: Any) -> bool:

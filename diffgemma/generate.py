@@ -447,7 +447,9 @@ class DecoderPass:
     (`DecoderGraph`: on CUDA by default, or as `cuda_graph` says); else, where the host reads the stop flags
     every step anyway (the CPU), rows that stopped leave the decoder's batch (`RowSubset`), so a batch no
     longer pays for its slowest row's steps on every row. Reference mode divides fresh logits by the
-    temperature, as the reference does.
+    temperature, as the reference does. Either way the logits come back with what a position may not draw
+    cut (`MASKED_LOGIT`): its excluded ids, then what top-k / top-p leave out (`sampling.truncate`, at
+    temperature 1: in reference mode before the division, as the reference runs transformers' warpers).
     """
 
     def __init__(
@@ -459,9 +461,12 @@ class DecoderPass:
         temperatures: torch.Tensor,
         cuda_graph: bool | None,
         sync_free: bool,
+        top_k: int = 0,
+        top_p: float = 1.0,
     ) -> None:
         self.network, self.cache = network, cache
         self.temperatures, self.inverse_temperatures = temperatures, temperatures.reciprocal()
+        self.top_k, self.top_p = top_k, top_p
         self.logits: torch.Tensor | None = None
         self.probs: torch.Tensor | None = None  # the distribution buffer (fast mode), for the sampler to fill
         self.graph: DecoderGraph | None = None
@@ -477,18 +482,34 @@ class DecoderPass:
             self.subset = RowSubset(cache)
 
     def __call__(
-        self, canvas: torch.Tensor, self_conditioning: torch.Tensor | None, step: int, finished: torch.Tensor
+        self,
+        canvas: torch.Tensor,
+        self_conditioning: torch.Tensor | None,
+        step: int,
+        finished: torch.Tensor,
+        excluded: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sampling logits [B, C, V] for `canvas` at `step` (from 1) of its canvas; `finished` [B]: rows stopped."""
+        """Sampling logits [B, C, V] for `canvas` at `step` (from 1) of its canvas; `finished` [B]: rows stopped;
+        `excluded` ([B, C, V] booleans): ids each position may not draw."""
+        temperature = self.temperatures[step - 1]
         if self.logits is None:
             logits = self.network.denoise(canvas, self.cache, self_conditioning)
-            return logits.div_(self.temperatures[step - 1])
+            return self._cut(logits, excluded, 1.0).div_(temperature)
         scale = self.inverse_temperatures[step - 1]
         if self.graph is not None:
-            return self.graph(canvas, scale, first_step=self_conditioning is None)
-        if self.subset is not None and self.subset.update(finished):
-            return self.subset.denoise(self.network, canvas, self_conditioning, self.logits, scale)
-        return self.network.denoise(canvas, self.cache, self_conditioning, logits_out=self.logits, logit_scale=scale)
+            logits = self.graph(canvas, scale, first_step=self_conditioning is None)
+        elif self.subset is not None and self.subset.update(finished):
+            logits = self.subset.denoise(self.network, canvas, self_conditioning, self.logits, scale)
+        else:
+            logits = self.network.denoise(
+                canvas, self.cache, self_conditioning, logits_out=self.logits, logit_scale=scale
+            )
+        return self._cut(logits, excluded, temperature)
+
+    def _cut(self, logits: torch.Tensor, excluded: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor:
+        if excluded is not None:
+            logits.masked_fill_(excluded, sampling.MASKED_LOGIT)
+        return sampling.truncate(logits, self.top_k, self.top_p, scale)
 
     def end_canvas(self) -> None:
         """The canvas is committed (the cache grows): every row runs again on the next."""
@@ -596,7 +617,9 @@ def denoising_loop(
     capacity = prompt_length + canvases * length
     prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode)
     cache = prompt.new_cache(network, batch, capacity)
-    decoder = DecoderPass(network, cache, mode, batch, temperatures, cuda_graph, rng.sync_free)
+    decoder = DecoderPass(
+        network, cache, mode, batch, temperatures, cuda_graph, rng.sync_free, settings.top_k, settings.top_p
+    )
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)
@@ -631,9 +654,7 @@ def denoising_loop(
                 active = ~(finished | rows_done)
                 passes += active
                 canvas_steps += ~finished
-                logits = decoder(canvas, self_conditioning, step, finished)
-                if excluded is not None:
-                    logits = logits.masked_fill_(excluded, sampling.MASKED_LOGIT)
+                logits = decoder(canvas, self_conditioning, step, finished, excluded)
                 out = sampler_step(logits, canvas, settings.entropy_bound, rng, fixed_ids, decoder.probs, noise)
                 new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
                 # Rows that already stopped keep their canvas and draft (they ride along in the batch).

@@ -76,6 +76,47 @@ def logit_stats(
     return probs, entropy, argmax
 
 
+# Positions truncated together: their sort's values, indices and running sums stay a fraction of one
+# vocabulary-sized tensor (16 positions of the 26B's vocabulary: 116 MiB at the peak).
+TRUNCATE_CHUNK = 1 << 22
+
+
+def truncate(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, scale: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """Top-k, then top-p (nucleus) truncation of contiguous logits [..., V], in place: the tokens cut get
+    `MASKED_LOGIT`, so nothing samples them and they add nothing to the entropy or the distribution.
+
+    Top-k keeps the k largest logits (0: all; a tie with the k-th is kept). Top-p keeps the likeliest tokens
+    whose probabilities reach `top_p` (1: all; 0: the likeliest alone): a token goes when it and every less
+    likely token together hold at most 1 - top_p; the likeliest always stays. Both are measured at
+    temperature 1, as transformers' warpers are when given to the reference's generate (they run ahead of its
+    temperature schedule; vLLM cuts this model's logits there too): `scale` turns these logits into the
+    temperature-1 ones (logits already divided by a temperature pass that temperature). Top-p sorts every
+    position's vocabulary (no host synchronisation).
+    """
+    vocab = logits.shape[-1]
+    if top_k <= 0 or top_k >= vocab:
+        top_k = 0
+    if not top_k and top_p >= 1.0:
+        return logits
+    rows = logits.view(-1, vocab)
+    chunk = max(1, TRUNCATE_CHUNK // vocab)
+    for start in range(0, rows.shape[0], chunk):
+        part = rows[start : start + chunk]
+        if top_k:
+            kth = torch.topk(part, top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+            part.masked_fill_(part < kth, MASKED_LOGIT)
+        if top_p < 1.0:
+            ascending, order = torch.sort(part, dim=-1)
+            at_one = ascending if isinstance(scale, float) and scale == 1.0 else ascending.mul_(scale)
+            mass_up_to = torch.softmax(at_one, dim=-1).cumsum_(dim=-1)
+            cut = mass_up_to <= 1.0 - top_p
+            cut[:, -1] = False
+            part.masked_fill_(torch.zeros_like(cut).scatter_(-1, order, cut), MASKED_LOGIT)
+    return logits
+
+
 def reference_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy computed with the same operations as the reference (`Categorical(logits=...).entropy()`)."""
     normalized = logits - logits.logsumexp(dim=-1, keepdim=True)

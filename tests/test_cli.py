@@ -260,6 +260,7 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
         (["edit", str(tmp_path / "nofile.txt"), "--lines", "1:2", "--model", DEMO], "file not found"),
         (["edit", str(tmp_path), "--lines", "1:2", "--model", DEMO], "cannot read it"),  # a folder
         (["generate", "hi", "--model", DEMO, "--threads", "0"], "--threads must be at least 1, got 0"),
+        (["generate", "hi", "--model", DEMO, "--top-p", "2"], "`top_p` must be a number from 0 to 1"),
     ):
         code, _, err = run(capsys, *argv)
         assert code == 2 and expected in err and err.count("\n") == 1
@@ -267,6 +268,14 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
         main(["generate", "hi", "--steps", "many"])
     assert bad_option.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_top_k_and_top_p_options_reach_the_sampler(capsys, demo):
+    argv = ["generate", "Hello", "--model", DEMO, "--seed", "1", "--max-new-tokens", "40", "--no-stream"]
+    for options, cut in ((["--top-k", "2"], {"top_k": 2}), (["--top-p", "0.2"], {"top_p": 0.2})):
+        code, out, _ = run(capsys, *argv, *options)
+        assert code == 0 and out == demo.generate("Hello", 40, seed=1, **cut).text + "\n"
+        assert out != demo.generate("Hello", 40, seed=1).text + "\n"  # (the cut changes this text)
 
 
 def test_generate_chat_and_infill(capsys):

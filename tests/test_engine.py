@@ -137,6 +137,22 @@ def test_sampler_step_adds_no_vocabulary_sized_tensor(sync_free, peaked):
     assert memory.peak >= one
 
 
+def test_top_k_and_top_p_cut_in_chunks_of_bounded_memory(monkeypatch):
+    """The cut works a chunk of positions at a time (`TRUNCATE_CHUNK` elements): its sort's values, indices,
+    running sums and masks come to a few chunks (16 positions of the 26B's vocabulary: 116 MiB), whatever
+    the batch and canvas."""
+    from diffgemma import sampling
+
+    batch, length, vocab = 8, 64, 16384
+    logits = torch.randn(batch, length, vocab, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(sampling, "TRUNCATE_CHUNK", 16 * vocab)
+    chunk = 16 * vocab * logits.element_size()
+    with PeakMemory() as memory:
+        sampling.truncate(logits, 100, 0.9, scale=torch.tensor(0.5))
+    assert (logits == sampling.MASKED_LOGIT).any()
+    assert 4 * chunk < memory.peak <= 7.5 * chunk, memory.peak / chunk
+
+
 def _cuda_like_attention(q, k, v, mask):
     """`model._sdpa`'s CUDA branch where flash attention cannot serve (a mask): `grouped_attention`."""
     import diffgemma.model as model_module

@@ -465,8 +465,11 @@ def test_bad_calls(tiny):
         tiny.generate("x", max_new_tokens=4, mode="turbo")
     with pytest.raises(DiffGemmaError, match="`max_new_tokens` must be a positive integer"):
         tiny.generate("x", max_new_tokens=0)
-    with pytest.raises(DiffGemmaError, match="unknown sampler setting.*top_p.*t_max"):
-        tiny.generate("x", max_new_tokens=4, top_p=0.9)
+    with pytest.raises(DiffGemmaError, match="unknown sampler setting.*temperature.*t_max"):
+        tiny.generate("x", max_new_tokens=4, temperature=0.9)
+    with pytest.raises(DiffGemmaError, match="unknown sampler setting.*min_p") as unknown:
+        tiny.generate("x", max_new_tokens=4, min_p=0.1)
+    assert "t_max" not in str(unknown.value)
     with pytest.raises(DiffGemmaError, match="prompt must be"):
         tiny.generate(3.5)
     with pytest.raises(DiffGemmaError, match="has no tokens"):
@@ -627,3 +630,25 @@ def test_a_settled_prefix_is_final_and_a_row_stops_once_it_holds_all_it_gives(de
         )
         assert both.new_tokens == [whole.new_tokens[0][:1], whole.new_tokens[0]]
     assert fewer  # (an untaught question's canvas takes most of its steps; its first tokens settle sooner)
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_top_k_and_top_p_cut_what_every_step_draws(tiny, mode):
+    """top_k 1 leaves each position its likeliest token alone: nothing uncertain, so the first step accepts the
+    whole canvas; a plain run does not. top_p 0 is the same cut."""
+    prompt = tiny.tokenizer.encode("cut")
+    length = tiny.config.canvas_length
+
+    def first_draft(**truncation):
+        events = tiny.stream(prompt, length, seed=2, mode=mode, eos_token_id=[], **truncation)
+        return next(e for e in events if isinstance(e, Draft))
+
+    for cut in ({"top_k": 1}, {"top_p": 0.0}, {"top_k": 5, "top_p": 0.0}):
+        draft = first_draft(**cut)
+        assert bool(draft.accepted.all()), cut
+        assert float(draft.entropy.max()) < 1e-6
+    assert not bool(first_draft().accepted.all())
+    with pytest.raises(DiffGemmaError, match="top_p"):
+        tiny.generate(prompt, length, top_p=1.5)
+    with pytest.raises(DiffGemmaError, match="top_k"):
+        tiny.generate(prompt, length, top_k=-1)

@@ -6,7 +6,7 @@ import torch
 EOS_SET = [1, 7, 19, 33, 48, 52, 60, 75, 88, 90, 101, 117, 130, 142, 155, 168, 181, 199, 211, 240]
 
 
-def run_both(pair, prompt, seed, attention_mask=None, **settings):
+def run_both(pair, prompt, seed, attention_mask=None, reference_extra=None, truncation=None, **settings):
     ours, reference = pair
     calls = []
     forward = reference.forward
@@ -19,6 +19,7 @@ def run_both(pair, prompt, seed, attention_mask=None, **settings):
     try:
         torch.manual_seed(seed)
         extra = {} if attention_mask is None else {"attention_mask": attention_mask}
+        extra.update(reference_extra or {})
         expected = reference.generate(prompt, **extra, **settings)
     finally:
         reference.forward = forward
@@ -28,7 +29,7 @@ def run_both(pair, prompt, seed, attention_mask=None, **settings):
         if attention_mask is None
         else [row[mask].tolist() for row, mask in zip(prompt, attention_mask, strict=True)]
     )
-    got = ours.generate(prompt_arg, mode="reference", **settings)
+    got = ours.generate(prompt_arg, mode="reference", **settings, **(truncation or {}))
     return expected, got, len(calls)
 
 
@@ -92,3 +93,35 @@ def test_reference_mode_left_padded_batch(generation_pairs):
     prompt[1, :9] = config.pad_token_id
     expected, got, _ = run_both(generation_pairs["B"], prompt, 3, attention_mask=mask, max_new_tokens=30)
     assert torch.equal(got.sequences, expected.sequences)
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.6), (40, 0.3), (3, 0.8)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_top_k_and_top_p_as_the_reference_with_transformers_warpers(generation_pairs, top_k, top_p, seed):
+    """top_k / top_p cut the logits as transformers' warpers do when the reference's generate is given them
+    (ahead of its temperature schedule): same sequences, same steps. (Its top-p warper reads [batch, vocab]
+    scores, so here it is handed the canvas's positions as the batch.)"""
+    from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+
+    def per_position(warper):
+        return lambda ids, scores, **_: warper(ids, scores.view(-1, scores.shape[-1])).view_as(scores)
+
+    ours, _ = generation_pairs["A"]
+    config = ours.config
+    generator = torch.Generator().manual_seed(300 + seed)
+    prompt = torch.randint(3, config.vocab_size, (2, 9), generator=generator)
+    warpers = LogitsProcessorList(
+        ([TopKLogitsWarper(top_k)] if top_k else []) + ([per_position(TopPLogitsWarper(top_p))] if top_p < 1 else [])
+    )
+    expected, got, reference_passes = run_both(
+        generation_pairs["A"],
+        prompt,
+        seed,
+        reference_extra={"logits_processor": warpers},
+        truncation={"top_k": top_k, "top_p": top_p},
+        max_new_tokens=2 * config.canvas_length,
+    )
+    plain = ours.generate(prompt, mode="reference", seed=seed, max_new_tokens=2 * config.canvas_length)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert sum(max(rows) for rows in got.steps) == reference_passes
+    assert not torch.equal(got.sequences, plain.sequences)  # the cut changed what was drawn

@@ -217,3 +217,54 @@ def test_the_cpu_way_draws_what_the_accelerator_way_draws_at_accepted_positions(
     assert torch.equal(cpu.accept, accelerator.accept)
     assert torch.equal(cpu.canvas, accelerator.canvas)
     assert torch.equal(cpu.probs, accelerator.probs)
+
+
+def warped(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """transformers' top-k then top-p warpers on every position (they read [rows, vocab] scores)."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = logits.reshape(-1, logits.shape[-1]).clone()
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores.view_as(logits)
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(1, 1.0), (7, 1.0), (0, 0.5), (0, 0.95), (20, 0.8), (0, 0.0)])
+def test_truncate_keeps_what_transformers_warpers_keep(top_k, top_p):
+    logits = torch.randn(2, 9, 300, generator=torch.Generator().manual_seed(top_k + int(100 * top_p))) * 3
+    got = sampling.truncate(logits.clone(), top_k, top_p)
+    kept = got != sampling.MASKED_LOGIT
+    assert torch.equal(kept, warped(logits, top_k, top_p).isfinite())
+    assert torch.equal(got[kept], logits[kept])  # what stays is untouched
+    assert 9 * 2 <= int(kept.sum()) < kept.numel()
+    # logits already divided by a temperature, given it: the same cut, measured at temperature 1
+    scaled = sampling.truncate(logits / 0.6, top_k, top_p, scale=torch.tensor(0.6))
+    assert torch.equal(scaled != sampling.MASKED_LOGIT, kept)
+
+
+def test_truncate_off_and_in_chunks(monkeypatch):
+    logits = torch.randn(3, 20, 50, generator=torch.Generator().manual_seed(1))
+    for top_k, top_p in ((0, 1.0), (50, 1.0), (80, 1.0)):
+        assert torch.equal(sampling.truncate(logits.clone(), top_k, top_p), logits)
+    whole = sampling.truncate(logits.clone(), 12, 0.7)
+    monkeypatch.setattr(sampling, "TRUNCATE_CHUNK", 7 * 50)  # 7 positions at a time: the last chunk is short
+    assert torch.equal(sampling.truncate(logits.clone(), 12, 0.7), whole)
+    assert (whole == sampling.MASKED_LOGIT).any()
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_fast_mode_draws_only_what_truncation_kept(sync_free):
+    logits = torch.randn(2, 64, 40, generator=torch.Generator().manual_seed(4)) * 2
+    kept = sampling.truncate(logits.clone(), 0, 0.6) != sampling.MASKED_LOGIT
+    temperature = torch.tensor(0.7)
+    sampling_logits = sampling.truncate(logits / temperature, 0, 0.6, scale=temperature)
+    rng = RandomSource("fast", 2, torch.device("cpu"), 3)
+    rng.sync_free = sync_free
+    canvas = torch.zeros(2, 64, dtype=torch.long)
+    for _ in range(20):
+        out = sampler_step(sampling_logits.clone(), canvas, 1e9, rng)  # every position accepted
+        assert bool(out.accept.all())
+        assert bool(kept.gather(-1, out.canvas[..., None]).all())
+        assert float(out.probs.masked_select(~kept).max()) < 1e-30

@@ -18,6 +18,8 @@ SAMPLER_OPTIONS = {
     "t_min": "t_min",
     "stability": "stability_threshold",
     "confidence": "confidence_threshold",
+    "top_k": "top_k",
+    "top_p": "top_p",
 }
 
 

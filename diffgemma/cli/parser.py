@@ -116,6 +116,16 @@ def _add_model_options(
     parser.add_argument("--t-min", type=float, default=None, help="temperature towards the last step")
     parser.add_argument("--stability", type=int, default=None, help="steps the draft must stay unchanged")
     parser.add_argument("--confidence", type=float, default=None, help="mean entropy under which a canvas stops")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="a position draws only among its k likeliest tokens (0: all)"
+    )
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="a position draws only among its likeliest tokens holding this much probability, at temperature 1 "
+        "(1: all)",
+    )
 
 
 def _add_stream_option(parser: argparse.ArgumentParser) -> None:

@@ -236,12 +236,16 @@ class Serving:
         return limit
 
     def sampler_overrides(self, body: SamplerExtras) -> dict[str, Any]:
+        """The request's sampler fields that differ from the model's settings (so a client that sends the
+        defaults, `top_p: 1` say, still shares batches with those that do not)."""
         overrides = {name: getattr(body, name) for name in SAMPLER_FIELDS if getattr(body, name) is not None}
+        if overrides.get("top_k") == -1:
+            overrides["top_k"] = 0
         try:
             self.model.settings.replace(**overrides)
         except DiffGemmaError as err:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value") from None
-        return overrides
+        return {name: value for name, value in overrides.items() if value != getattr(self.model.settings, name)}
 
     def banned_ids(self, body: SamplerExtras) -> tuple[int, ...]:
         """OpenAI's `logit_bias` as bans: a bias of -100 (never this token) is what the sampler honours; it has
