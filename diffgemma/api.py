@@ -298,9 +298,9 @@ class DiffGemma:
 
         Sampler settings (`max_denoising_steps`, `entropy_bound`, `t_max`, `t_min`, `stability_threshold`,
         `confidence_threshold`, `eos_token_id`, `pad_token_id`) override the checkpoint's defaults for this
-        call; `top_k` and `top_p` cut what a position may draw (`sampling.truncate`; off by default). `clamp`
-        fixes generated positions to given ids (-1 or None = free), in every step and in the output. With
-        `seed` the run is reproducible; without it the global torch RNG is used. For a batch, `seed` and
+        call; `top_k`, `top_p` and `min_p` cut what a position may draw (`sampling.truncate`; off by default).
+        `clamp` fixes generated positions to given ids (-1 or None = free), in every step and in the output.
+        With `seed` the run is reproducible; without it the global torch RNG is used. For a batch, `seed` and
         `max_new_tokens` may be lists (one per row). `commit_stable_prefix` fixes each canvas's settled leading
         tokens as it goes (what `stream` needs to send text before a canvas ends).
         `token_ranges` ([L, 2] for every row, or [B, L, 2]) limits generated position i to ids in its half-open

@@ -171,9 +171,10 @@ class SamplerSettings:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
     # Truncation a caller may ask for (`sampling.truncate`); the reference's generation_config.json has no place
-    # for them, so checkpoints neither read nor write them. 0 / 1.0: off.
+    # for them, so checkpoints neither read nor write them. 0 / 1.0 / 0.0: off.
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
 
     @property
     def pad_id(self) -> int:
@@ -216,6 +217,8 @@ class SamplerSettings:
             fail("top_k", "an integer >= 0 (0: off)")
         if not is_number(self.top_p) or not 0 <= self.top_p <= 1:
             fail("top_p", "a number from 0 to 1 (1: off; 0: the likeliest token alone)")
+        if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            fail("min_p", "a number from 0 to 1 (0: off)")
 
 
 def is_int(value: Any) -> bool:

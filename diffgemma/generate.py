@@ -448,7 +448,7 @@ class DecoderPass:
     every step anyway (the CPU), rows that stopped leave the decoder's batch (`RowSubset`), so a batch no
     longer pays for its slowest row's steps on every row. Reference mode divides fresh logits by the
     temperature, as the reference does. Either way the logits come back with what a position may not draw
-    cut (`MASKED_LOGIT`): its excluded ids, then what top-k / top-p leave out (`sampling.truncate`, at
+    cut (`MASKED_LOGIT`): its excluded ids, then what top-k / top-p / min-p leave out (`sampling.truncate`, at
     temperature 1: in reference mode before the division, as the reference runs transformers' warpers).
     """
 
@@ -458,15 +458,17 @@ class DecoderPass:
         cache: EncoderCache,
         mode: str,
         batch: int,
-        temperatures: torch.Tensor,
+        settings: SamplerSettings,
         cuda_graph: bool | None,
         sync_free: bool,
-        top_k: int = 0,
-        top_p: float = 1.0,
     ) -> None:
         self.network, self.cache = network, cache
-        self.temperatures, self.inverse_temperatures = temperatures, temperatures.reciprocal()
-        self.top_k, self.top_p = top_k, top_p
+        # The whole schedule up front, on the device: no host-to-device copy inside the loop.
+        steps = settings.max_denoising_steps
+        schedule = [sampling.temperature(left, steps, settings.t_min, settings.t_max) for left in range(steps, 0, -1)]
+        self.temperatures = torch.stack(schedule).to(network.device)
+        self.inverse_temperatures = self.temperatures.reciprocal()
+        self.cut = {"top_k": settings.top_k, "top_p": settings.top_p, "min_p": settings.min_p}
         self.logits: torch.Tensor | None = None
         self.probs: torch.Tensor | None = None  # the distribution buffer (fast mode), for the sampler to fill
         self.graph: DecoderGraph | None = None
@@ -509,7 +511,7 @@ class DecoderPass:
     def _cut(self, logits: torch.Tensor, excluded: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor:
         if excluded is not None:
             logits.masked_fill_(excluded, sampling.MASKED_LOGIT)
-        return sampling.truncate(logits, self.top_k, self.top_p, scale)
+        return sampling.truncate(logits, scale=scale, **self.cut)
 
     def end_canvas(self) -> None:
         """The canvas is committed (the cache grows): every row runs again on the next."""
@@ -608,18 +610,12 @@ def denoising_loop(
         rng.sync_free = sync_free
     window = settings.stability_threshold
     steps = settings.max_denoising_steps
-    # The whole schedule up front, on the device: no host-to-device copy inside the loop.
-    temperatures = torch.stack(
-        [sampling.temperature(left, steps, settings.t_min, settings.t_max) for left in range(steps, 0, -1)]
-    ).to(device)
     stop_check = StopCheck(device, stop_check_every)
 
     capacity = prompt_length + canvases * length
     prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode)
     cache = prompt.new_cache(network, batch, capacity)
-    decoder = DecoderPass(
-        network, cache, mode, batch, temperatures, cuda_graph, rng.sync_free, settings.top_k, settings.top_p
-    )
+    decoder = DecoderPass(network, cache, mode, batch, settings, cuda_graph, rng.sync_free)
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)

@@ -82,23 +82,28 @@ TRUNCATE_CHUNK = 1 << 22
 
 
 def truncate(
-    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, scale: torch.Tensor | float = 1.0
+    logits: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    scale: torch.Tensor | float = 1.0,
+    min_p: float = 0.0,
 ) -> torch.Tensor:
-    """Top-k, then top-p (nucleus) truncation of contiguous logits [..., V], in place: the tokens cut get
-    `MASKED_LOGIT`, so nothing samples them and they add nothing to the entropy or the distribution.
+    """Top-k, top-p (nucleus), then min-p truncation of contiguous logits [..., V], in place: the tokens cut
+    get `MASKED_LOGIT`, so nothing samples them and they add nothing to the entropy or the distribution.
 
     Top-k keeps the k largest logits (0: all; a tie with the k-th is kept). Top-p keeps the likeliest tokens
     whose probabilities reach `top_p` (1: all; 0: the likeliest alone): a token goes when it and every less
-    likely token together hold at most 1 - top_p; the likeliest always stays. Both are measured at
-    temperature 1, as transformers' warpers are when given to the reference's generate (they run ahead of its
-    temperature schedule; vLLM cuts this model's logits there too): `scale` turns these logits into the
-    temperature-1 ones (logits already divided by a temperature pass that temperature). Top-p sorts every
-    position's vocabulary (no host synchronisation).
+    likely token together hold at most 1 - top_p; the likeliest always stays. Min-p keeps the tokens at least
+    `min_p` times as likely as the likeliest (0: all). All are measured at temperature 1, as transformers'
+    warpers are when given to the reference's generate (they run ahead of its temperature schedule; vLLM cuts
+    this model's logits there too): `scale` turns these logits into the temperature-1 ones (logits already
+    divided by a temperature pass that temperature). Top-p sorts every position's vocabulary; nothing here
+    synchronises with the host.
     """
     vocab = logits.shape[-1]
     if top_k <= 0 or top_k >= vocab:
         top_k = 0
-    if not top_k and top_p >= 1.0:
+    if not top_k and top_p >= 1.0 and min_p <= 0.0:
         return logits
     rows = logits.view(-1, vocab)
     chunk = max(1, TRUNCATE_CHUNK // vocab)
@@ -109,12 +114,20 @@ def truncate(
             part.masked_fill_(part < kth, MASKED_LOGIT)
         if top_p < 1.0:
             ascending, order = torch.sort(part, dim=-1)
-            at_one = ascending if isinstance(scale, float) and scale == 1.0 else ascending.mul_(scale)
-            mass_up_to = torch.softmax(at_one, dim=-1).cumsum_(dim=-1)
+            mass_up_to = torch.softmax(_at_temperature_one(ascending, scale, in_place=True), dim=-1).cumsum_(-1)
             cut = mass_up_to <= 1.0 - top_p
             cut[:, -1] = False
             part.masked_fill_(torch.zeros_like(cut).scatter_(-1, order, cut), MASKED_LOGIT)
+        if min_p > 0.0:
+            probs = torch.softmax(_at_temperature_one(part, scale), dim=-1)
+            part.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), MASKED_LOGIT)
     return logits
+
+
+def _at_temperature_one(logits: torch.Tensor, scale: torch.Tensor | float, in_place: bool = False) -> torch.Tensor:
+    if isinstance(scale, float) and scale == 1.0:
+        return logits
+    return logits.mul_(scale) if in_place else logits * scale
 
 
 def reference_entropy(logits: torch.Tensor) -> torch.Tensor:

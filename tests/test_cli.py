@@ -272,7 +272,12 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
 
 def test_top_k_and_top_p_options_reach_the_sampler(capsys, demo):
     argv = ["generate", "Hello", "--model", DEMO, "--seed", "1", "--max-new-tokens", "40", "--no-stream"]
-    for options, cut in ((["--top-k", "2"], {"top_k": 2}), (["--top-p", "0.2"], {"top_p": 0.2})):
+    cuts = (
+        (["--top-k", "2"], {"top_k": 2}),
+        (["--top-p", "0.2"], {"top_p": 0.2}),
+        (["--min-p", "0.5"], {"min_p": 0.5}),
+    )
+    for options, cut in cuts:
         code, out, _ = run(capsys, *argv, *options)
         assert code == 0 and out == demo.generate("Hello", 40, seed=1, **cut).text + "\n"
         assert out != demo.generate("Hello", 40, seed=1).text + "\n"  # (the cut changes this text)

@@ -467,8 +467,8 @@ def test_bad_calls(tiny):
         tiny.generate("x", max_new_tokens=0)
     with pytest.raises(DiffGemmaError, match="unknown sampler setting.*temperature.*t_max"):
         tiny.generate("x", max_new_tokens=4, temperature=0.9)
-    with pytest.raises(DiffGemmaError, match="unknown sampler setting.*min_p") as unknown:
-        tiny.generate("x", max_new_tokens=4, min_p=0.1)
+    with pytest.raises(DiffGemmaError, match="unknown sampler setting.*typical_p") as unknown:
+        tiny.generate("x", max_new_tokens=4, typical_p=0.9)
     assert "t_max" not in str(unknown.value)
     with pytest.raises(DiffGemmaError, match="prompt must be"):
         tiny.generate(3.5)
@@ -635,7 +635,7 @@ def test_a_settled_prefix_is_final_and_a_row_stops_once_it_holds_all_it_gives(de
 @pytest.mark.parametrize("mode", ["fast", "reference"])
 def test_top_k_and_top_p_cut_what_every_step_draws(tiny, mode):
     """top_k 1 leaves each position its likeliest token alone: nothing uncertain, so the first step accepts the
-    whole canvas; a plain run does not. top_p 0 is the same cut."""
+    whole canvas; a plain run does not. top_p 0 and min_p 1 are the same cut."""
     prompt = tiny.tokenizer.encode("cut")
     length = tiny.config.canvas_length
 
@@ -643,7 +643,7 @@ def test_top_k_and_top_p_cut_what_every_step_draws(tiny, mode):
         events = tiny.stream(prompt, length, seed=2, mode=mode, eos_token_id=[], **truncation)
         return next(e for e in events if isinstance(e, Draft))
 
-    for cut in ({"top_k": 1}, {"top_p": 0.0}, {"top_k": 5, "top_p": 0.0}):
+    for cut in ({"top_k": 1}, {"top_p": 0.0}, {"top_k": 5, "top_p": 0.0}, {"min_p": 1.0}):
         draft = first_draft(**cut)
         assert bool(draft.accepted.all()), cut
         assert float(draft.entropy.max()) < 1e-6
@@ -652,3 +652,5 @@ def test_top_k_and_top_p_cut_what_every_step_draws(tiny, mode):
         tiny.generate(prompt, length, top_p=1.5)
     with pytest.raises(DiffGemmaError, match="top_k"):
         tiny.generate(prompt, length, top_k=-1)
+    with pytest.raises(DiffGemmaError, match="min_p"):
+        tiny.generate(prompt, length, min_p=-0.5)

@@ -95,13 +95,15 @@ def test_reference_mode_left_padded_batch(generation_pairs):
     assert torch.equal(got.sequences, expected.sequences)
 
 
-@pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.6), (40, 0.3), (3, 0.8)])
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "min_p"), [(5, 1.0, 0), (0, 0.6, 0), (40, 0.3, 0), (3, 0.8, 0.2), (0, 1, 0.1)]
+)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_top_k_and_top_p_as_the_reference_with_transformers_warpers(generation_pairs, top_k, top_p, seed):
-    """top_k / top_p cut the logits as transformers' warpers do when the reference's generate is given them
-    (ahead of its temperature schedule): same sequences, same steps. (Its top-p warper reads [batch, vocab]
-    scores, so here it is handed the canvas's positions as the batch.)"""
-    from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+def test_truncation_as_the_reference_with_transformers_warpers(generation_pairs, top_k, top_p, min_p, seed):
+    """top_k / top_p / min_p cut the logits as transformers' warpers do when the reference's generate is given
+    them (ahead of its temperature schedule): same sequences, same steps. (Its top-p and min-p warpers read
+    [batch, vocab] scores, so here they are handed the canvas's positions as the batch.)"""
+    from transformers import LogitsProcessorList, MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     def per_position(warper):
         return lambda ids, scores, **_: warper(ids, scores.view(-1, scores.shape[-1])).view_as(scores)
@@ -111,14 +113,16 @@ def test_top_k_and_top_p_as_the_reference_with_transformers_warpers(generation_p
     generator = torch.Generator().manual_seed(300 + seed)
     prompt = torch.randint(3, config.vocab_size, (2, 9), generator=generator)
     warpers = LogitsProcessorList(
-        ([TopKLogitsWarper(top_k)] if top_k else []) + ([per_position(TopPLogitsWarper(top_p))] if top_p < 1 else [])
+        ([TopKLogitsWarper(top_k)] if top_k else [])
+        + ([per_position(TopPLogitsWarper(top_p))] if top_p < 1 else [])
+        + ([per_position(MinPLogitsWarper(min_p))] if min_p else [])
     )
     expected, got, reference_passes = run_both(
         generation_pairs["A"],
         prompt,
         seed,
         reference_extra={"logits_processor": warpers},
-        truncation={"top_k": top_k, "top_p": top_p},
+        truncation={"top_k": top_k, "top_p": top_p, "min_p": min_p},
         max_new_tokens=2 * config.canvas_length,
     )
     plain = ours.generate(prompt, mode="reference", seed=seed, max_new_tokens=2 * config.canvas_length)

@@ -219,38 +219,44 @@ def test_the_cpu_way_draws_what_the_accelerator_way_draws_at_accepted_positions(
     assert torch.equal(cpu.probs, accelerator.probs)
 
 
-def warped(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """transformers' top-k then top-p warpers on every position (they read [rows, vocab] scores)."""
-    from transformers import TopKLogitsWarper, TopPLogitsWarper
+def warped(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """transformers' top-k, top-p then min-p warpers on every position (they read [rows, vocab] scores)."""
+    from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     scores = logits.reshape(-1, logits.shape[-1]).clone()
     if top_k:
         scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1:
         scores = TopPLogitsWarper(top_p)(None, scores)
+    if min_p:
+        scores = MinPLogitsWarper(min_p)(None, scores)
     return scores.view_as(logits)
 
 
-@pytest.mark.parametrize(("top_k", "top_p"), [(1, 1.0), (7, 1.0), (0, 0.5), (0, 0.95), (20, 0.8), (0, 0.0)])
-def test_truncate_keeps_what_transformers_warpers_keep(top_k, top_p):
-    logits = torch.randn(2, 9, 300, generator=torch.Generator().manual_seed(top_k + int(100 * top_p))) * 3
-    got = sampling.truncate(logits.clone(), top_k, top_p)
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "min_p"),
+    [(1, 1.0, 0), (7, 1.0, 0), (0, 0.5, 0), (0, 0.95, 0), (20, 0.8, 0), (0, 0.0, 0), (0, 1, 0.05), (30, 0.9, 0.2)],
+)
+def test_truncate_keeps_what_transformers_warpers_keep(top_k, top_p, min_p):
+    seed = top_k + int(100 * top_p) + int(100 * min_p)
+    logits = torch.randn(2, 9, 300, generator=torch.Generator().manual_seed(seed)) * 3
+    got = sampling.truncate(logits.clone(), top_k, top_p, min_p=min_p)
     kept = got != sampling.MASKED_LOGIT
-    assert torch.equal(kept, warped(logits, top_k, top_p).isfinite())
+    assert torch.equal(kept, warped(logits, top_k, top_p, min_p).isfinite())
     assert torch.equal(got[kept], logits[kept])  # what stays is untouched
     assert 9 * 2 <= int(kept.sum()) < kept.numel()
     # logits already divided by a temperature, given it: the same cut, measured at temperature 1
-    scaled = sampling.truncate(logits / 0.6, top_k, top_p, scale=torch.tensor(0.6))
+    scaled = sampling.truncate(logits / 0.6, top_k, top_p, scale=torch.tensor(0.6), min_p=min_p)
     assert torch.equal(scaled != sampling.MASKED_LOGIT, kept)
 
 
 def test_truncate_off_and_in_chunks(monkeypatch):
     logits = torch.randn(3, 20, 50, generator=torch.Generator().manual_seed(1))
     for top_k, top_p in ((0, 1.0), (50, 1.0), (80, 1.0)):
-        assert torch.equal(sampling.truncate(logits.clone(), top_k, top_p), logits)
-    whole = sampling.truncate(logits.clone(), 12, 0.7)
+        assert torch.equal(sampling.truncate(logits.clone(), top_k, top_p, min_p=0.0), logits)
+    whole = sampling.truncate(logits.clone(), 12, 0.7, min_p=0.1)
     monkeypatch.setattr(sampling, "TRUNCATE_CHUNK", 7 * 50)  # 7 positions at a time: the last chunk is short
-    assert torch.equal(sampling.truncate(logits.clone(), 12, 0.7), whole)
+    assert torch.equal(sampling.truncate(logits.clone(), 12, 0.7, min_p=0.1), whole)
     assert (whole == sampling.MASKED_LOGIT).any()
 
 

@@ -182,7 +182,7 @@ def test_logit_bias_of_minus_100_bans_a_token_and_other_biases_are_refused(clien
 
 
 def test_top_p_and_top_k_reach_the_sampler_from_every_api(server, client, monkeypatch):
-    """OpenAI's top_p, vLLM's top_k (-1: off) and Anthropic's top_k / top_p cut what the sampler draws; the
+    """OpenAI's top_p, vLLM's top_k (-1: off) and min_p, and Anthropic's top_k / top_p cut what the sampler draws; the
     defaults sent explicitly cut nothing; out of range is a 422."""
     import anthropic
 
@@ -191,9 +191,9 @@ def test_top_p_and_top_k_reach_the_sampler_from_every_api(server, client, monkey
     asked = []
     truncate = sampling.truncate
 
-    def recording(logits, top_k=0, top_p=1.0, scale=1.0):
-        asked.append((top_k, top_p))
-        return truncate(logits, top_k, top_p, scale)
+    def recording(logits, top_k=0, top_p=1.0, scale=1.0, min_p=0.0):
+        asked.append((top_k, top_p, min_p))
+        return truncate(logits, top_k, top_p, scale, min_p)
 
     monkeypatch.setattr(sampling, "truncate", recording)
 
@@ -204,15 +204,15 @@ def test_top_p_and_top_k_reach_the_sampler_from_every_api(server, client, monkey
         return asked[0]
 
     chat = dict(model="demo", messages=ask(SKY), seed=1, max_tokens=8)
-    assert cuts(lambda: client.chat.completions.create(**chat, top_p=0.5)) == (0, 0.5)
-    assert cuts(lambda: client.chat.completions.create(**chat, extra_body={"top_k": 4})) == (4, 1.0)
-    assert cuts(lambda: client.chat.completions.create(**chat, top_p=1, extra_body={"top_k": -1})) == (0, 1.0)
-    assert cuts(lambda: client.completions.create(model="demo", prompt="Hi", max_tokens=4, top_p=0.3)) == (0, 0.3)
+    assert cuts(lambda: client.chat.completions.create(**chat, top_p=0.5)) == (0, 0.5, 0)
+    assert cuts(lambda: client.chat.completions.create(**chat, extra_body={"top_k": 4, "min_p": 0.1})) == (4, 1, 0.1)
+    assert cuts(lambda: client.chat.completions.create(**chat, top_p=1, extra_body={"top_k": -1})) == (0, 1, 0)
+    assert cuts(lambda: client.completions.create(model="demo", prompt="Hi", max_tokens=4, top_p=0.3)) == (0, 0.3, 0)
     claude = anthropic.Anthropic(base_url=server[0], api_key="unused", max_retries=0)
     older = {"top_k": 3, "top_p": 0.9}  # fields of the Messages API that this client no longer sends itself
     messages = dict(model="demo", max_tokens=8, messages=ask(SKY), extra_body=older)
-    assert cuts(lambda: claude.messages.create(**messages)) == (3, 0.9)
-    for bad in ({"top_p": 1.5}, {"top_k": -2}):
+    assert cuts(lambda: claude.messages.create(**messages)) == (3, 0.9, 0)
+    for bad in ({"top_p": 1.5}, {"top_k": -2}, {"min_p": 2}):
         with pytest.raises(openai.UnprocessableEntityError):
             client.chat.completions.create(**chat, extra_body=bad)
 

@@ -20,6 +20,7 @@ SAMPLER_OPTIONS = {
     "confidence": "confidence_threshold",
     "top_k": "top_k",
     "top_p": "top_p",
+    "min_p": "min_p",
 }
 
 

@@ -126,6 +126,13 @@ def _add_model_options(
         help="a position draws only among its likeliest tokens holding this much probability, at temperature 1 "
         "(1: all)",
     )
+    parser.add_argument(
+        "--min-p",
+        type=float,
+        default=None,
+        help="a position draws only tokens at least this fraction as likely as its likeliest, at temperature 1 "
+        "(0: all)",
+    )
 
 
 def _add_stream_option(parser: argparse.ArgumentParser) -> None:

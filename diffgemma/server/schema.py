@@ -23,6 +23,7 @@ SAMPLER_FIELDS = (
     "confidence_threshold",
     "top_k",
     "top_p",
+    "min_p",
 )
 
 
@@ -75,9 +76,11 @@ class SamplerExtras(BaseModel):
     t_min: float | None = Field(default=None, ge=0)
     stability_threshold: int | None = Field(default=None, ge=0)
     confidence_threshold: float | None = Field(default=None, gt=0)
-    # OpenAI's and Anthropic's top_p; vLLM's and Anthropic's top_k (-1 and 0 are off, as vLLM reads them)
+    # OpenAI's and Anthropic's top_p; vLLM's and Anthropic's top_k (-1 and 0 are off, as vLLM reads them);
+    # vLLM's min_p
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
     logit_bias: dict[str, float] | None = None  # OpenAI's: -100 bans a token (`banned_ids`); others are refused
 
 
