@@ -1,5 +1,6 @@
 """Per-step time of the sampler modes on the CPU benchmark shape (bench-90m: ~90M parameters, 32k vocabulary,
-canvas 256, prompt 128), and how much of a step the sampler itself takes.
+canvas 256, prompt 128), how much of a step the sampler itself takes, and what top-k / top-p / min-p add
+(there, and on random logits of the 26B's vocabulary).
 
     python bench/sampler.py [--steps 16] [--threads N]
 """
@@ -32,6 +33,21 @@ def time_it(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
+
+
+CUTS = ({"top_k": 50}, {"top_p": 0.9}, {"min_p": 0.05}, {"top_k": 50, "top_p": 0.9})
+
+
+def truncation_rows(logits: torch.Tensor, label: str, step_ms: float | None) -> list[str]:
+    """A table row per cut: its ms a step (logits divided by temperature 0.8, measured at 1)."""
+    scale = torch.tensor(0.8)
+    rows = []
+    for cut in CUTS:
+        ms = time_it(lambda c=cut: sampling.truncate(logits.clone(), scale=scale, **c), 3)
+        copy_ms = time_it(lambda: logits.clone(), 3)  # (the clone is not the cut's)
+        share = f"{(ms - copy_ms) / step_ms:.0%}" if step_ms else ""
+        rows.append(f"| {label} | {', '.join(f'{k} {v}' for k, v in cut.items())} | {ms - copy_ms:.1f} | {share} |")
+    return rows
 
 
 def main() -> None:
@@ -78,6 +94,12 @@ def main() -> None:
     table = ["| logits | accepted/step | mode | sampler ms/step | share of a step |", "|---|---|---|---|---|"]
     for label, accepted, mode, ms in rows:
         table.append(f"| {label} | {accepted} | {mode} | {ms:.1f} | {ms / (ms + denoise_ms):.0%} |")
+    table.append("")
+    table.append("| logits | cut | ms a step | share of a fast step |")
+    table.append("|---|---|---|---|")
+    table += truncation_rows(scaled, f"bench-90m's own, vocabulary {config.vocab_size}", step_ms["fast"])
+    vocab_26b = torch.randn(1, config.canvas_length, 262_144, generator=torch.Generator().manual_seed(0)) * 3
+    table += truncation_rows(vocab_26b, "random, vocabulary 262,144", None)
     table.append("")
     table.append("| mode | whole step ms (generate, incl. prefill) | decoder pass ms | speed-up |")
     table.append("|---|---|---|---|")
