@@ -469,13 +469,14 @@ class DiffGemma:
         result.text = prefix + fill + suffix
         return InfillResult(result.text, fill, result)
 
-    def infill_inputs(self, prefix: str, suffix: str, length: int) -> tuple[list[int], list[int]]:
+    def infill_inputs(self, prefix: str, suffix: str, length: int, warn: bool = True) -> tuple[list[int], list[int]]:
         """(prompt ids, canvas clamp) of a fill: the prefix as the prompt; on the canvas `length` free positions
-        (-1), then the suffix and an EOS held in place."""
+        (-1), then the suffix and an EOS held in place (the suffix's end cut where it does not fit, with a
+        warning unless `warn` is False)."""
         settings = self.settings
         eos = settings.eos_token_id[0] if settings.eos_token_id else self.config.eos_token_id[0]
         canvas = self.config.canvas_length
-        return infill_clamp(self._need_tokenizer(), prefix, suffix, length, canvas, eos, settings.pad_id)
+        return infill_clamp(self._need_tokenizer(), prefix, suffix, length, canvas, eos, settings.pad_id, warn)
 
     def settled_text(
         self, chat: bool, stops: Sequence[str] = (), tools: bool = False, lead: Sequence[int] = ()

@@ -946,11 +946,19 @@ def attach_text(
 
 
 def infill_clamp(
-    tokenizer: Tokenizer, prefix: str, suffix: str, length: int, canvas_length: int, eos: int, pad: int
+    tokenizer: Tokenizer,
+    prefix: str,
+    suffix: str,
+    length: int,
+    canvas_length: int,
+    eos: int,
+    pad: int,
+    warn: bool = True,
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, canvas clamp) for fill-in-the-middle: `length` free slots, then the suffix, then EOS.
 
-    A suffix that does not fit in the canvas after the free slots is cut at its end, with a warning.
+    A suffix that does not fit in the canvas after the free slots is cut at its end, with a warning unless
+    `warn` is False (a caller that cuts it by design).
     """
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         kinds = f"{type(prefix).__name__} and {type(suffix).__name__}"
@@ -962,12 +970,12 @@ def infill_clamp(
     prompt = tokenizer.encode(prefix) if prefix else tokenizer.encode("")
     suffix_ids = tokenizer.encode(suffix, add_special_tokens=False) if suffix else []
     room = canvas_length - length
-    if len(suffix_ids) > room:
+    if len(suffix_ids) > room and warn:
         warnings.warn(
             f"infill: the suffix is {len(suffix_ids)} tokens but only {room} fit after {length} free positions "
             f"in a {canvas_length}-token canvas; dropped its last {len(suffix_ids) - room} tokens",
             stacklevel=4,
         )
-        suffix_ids = suffix_ids[:room]
+    suffix_ids = suffix_ids[:room]
     tail = [eos] + [pad] * (room - len(suffix_ids) - 1) if room > len(suffix_ids) else []
     return prompt, [-1] * length + suffix_ids + tail

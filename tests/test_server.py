@@ -329,6 +329,63 @@ def test_a_completion_with_a_suffix_is_filled_in(server, client):
     assert refused.status_code == 400 and "the original text's" in refused.json()["error"]["message"]
 
 
+def test_llama_cpps_infill_route_as_editor_plugins_call_it(server, demo):
+    """`/infill` in llama.cpp's shape (llama.vim, llama.vscode): other files, the text before the cursor and the
+    middle begun make the prefix, the text after it the suffix; the fill is /v1/infill's for the same text and
+    seed, in `content`, with `stop_type`, `timings` and the `response_fields` asked for (nested ones under their
+    path), or streamed as `data:` lines that end with `stop: true`; `n_predict` is a limit (over a canvas, the
+    canvas), -1 the default; seed -1 a random one; stop strings end it."""
+    from diffgemma.server.llamacpp import LlamaInfillRequest
+
+    url = server[0]
+    asked = {
+        "input_extra": [{"filename": "notes.txt", "text": "hi", "time": 3}],
+        "input_prefix": "Hello! I am ",
+        "prompt": "a ",
+        "input_suffix": " diffusion model.",
+        "n_predict": 8,
+        "seed": 1,
+        "top_k": 40,
+        "top_p": 0.9,
+        "samplers": ["top_k", "top_p", "infill"],
+        "cache_prompt": True,
+    }
+    same = {"prefix": "notes.txt\nhi\n\nHello! I am a ", "suffix": " diffusion model.", "max_tokens": 8, "seed": 1}
+    expected = httpx.post(url + "/v1/infill", json={**same, "top_k": 40, "top_p": 0.9}, timeout=60).json()["fill"]
+    filled = httpx.post(url + "/infill", json=asked, timeout=60).json()
+    assert filled["content"] == expected and filled["stop"] is True
+    assert filled["stop_type"] in ("eos", "limit") and filled["tokens_predicted"] <= 8
+    assert filled["tokens_evaluated"] == len(demo.tokenizer.encode(same["prefix"]))
+    assert filled["timings"]["predicted_n"] == filled["tokens_predicted"]
+    fields = ["content", "timings/prompt_n", "tokens_cached", "truncated", "no/such"]
+    picked = httpx.post(url + "/infill", json={**asked, "response_fields": fields}, timeout=60).json()
+    assert picked.keys() == {"content", "timings/prompt_n", "tokens_cached", "truncated"}
+    assert picked["content"] == expected  # (the prompt again: the prefix cache holds it, and says so)
+    assert picked["timings/prompt_n"] + picked["tokens_cached"] == filled["tokens_evaluated"]
+    with httpx.stream("POST", url + "/infill", json={**asked, "stream": True}, timeout=60) as streamed:
+        lines = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert "".join(line["content"] for line in lines) == expected
+    assert lines[-1]["stop"] is True and not any(line["stop"] for line in lines[:-1])
+    assert lines[-1]["stop_type"] == filled["stop_type"]
+    if expected:  # a stop string ends the fill before it
+        cut = httpx.post(url + "/infill", json={**asked, "stop": [expected[-1]]}, timeout=60).json()
+        assert cut["content"] == expected[: expected.index(expected[-1])]
+        assert (cut["stop_type"], cut["stopping_word"]) == ("word", expected[-1])
+    # more than the canvas holds beside the suffix (17 tokens, over half the demo's 32-token canvas): half of it
+    # (no EOS, llama.cpp's way of banning it: the fill takes the whole gap)
+    no_eos = [[eos, False] for eos in demo.settings.eos_token_id]
+    room = httpx.post(url + "/infill", json={**asked, "n_predict": 10_000, "logit_bias": no_eos}, timeout=60).json()
+    assert room["tokens_predicted"] == demo.config.canvas_length // 2 and room["stop_type"] == "limit"
+    nothing = httpx.post(url + "/infill", json={**asked, "n_predict": 0}, timeout=60).json()
+    assert nothing["content"] == "" and nothing["tokens_predicted"] == 0
+    assert LlamaInfillRequest(seed=-1).seed is None and LlamaInfillRequest(seed=2**32 - 1).seed is None
+    assert LlamaInfillRequest(n_predict=-1).fill_length(32, 256, 10) == 32
+    assert LlamaInfillRequest(n_predict=128).fill_length(32, 256, 500) == 128  # (a long suffix keeps half)
+    assert LlamaInfillRequest(n_predict=200).fill_length(32, 256, 500) == 128
+    refused = httpx.post(url + "/infill", json={**asked, "n_predict": "many"}, timeout=60)
+    assert refused.status_code == 422 and "n_predict" in refused.json()["error"]["message"]
+
+
 def test_anthropics_messages_api_with_the_anthropic_client(server, client):
     """`/v1/messages` through the official `anthropic` client: the chat answer as a text block, its stream of
     typed events (the client's stream helper checks them), a system prompt, thinking as a thinking block,

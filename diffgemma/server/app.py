@@ -22,6 +22,7 @@ from ..api import DiffGemma
 from ..errors import DiffGemmaError
 from ..reply import SettledText
 from .batcher import Batcher, Job
+from .llamacpp import LlamaInfillRequest, infill_response, stream_chunk
 from .messages import (
     Conversation,
     MessageBuilder,
@@ -338,5 +339,37 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         done, _ = await serving.run_job(job, request, reply)
         fill = reply.parts(done.new_tokens)[0]
         return {"object": "infill", "model": options.model_name, "text": body.prefix + fill + body.suffix, "fill": fill}
+
+    @app.post("/infill")
+    async def llama_infill(body: LlamaInfillRequest, request: Request):
+        """llama.cpp's (`llamacpp`): what editor plugins send for code completion."""
+        prompt = model.tokenizer.encode(body.prefix())
+        suffix_tokens = len(model.tokenizer.encode(body.input_suffix, add_special_tokens=False))
+        length = body.fill_length(infill_length(model, None), model.config.canvas_length, suffix_tokens)
+        if length == 0:  # (nothing asked for)
+            return infill_response("", "length", None, len(prompt), 0, 0.0, options.model_name, 0, body.response_fields)
+        job = serving.new_job(
+            prompt,
+            serving.admit([prompt], length, 1),
+            body,
+            0,
+            model.infill_inputs("", body.input_suffix, length, warn=False)[1],  # (a long suffix's end: by design)
+        )
+        reply = reply_text(model, chat=False, stop=body.stop)
+        if body.stream:
+            return event_stream(serving.stream_jobs([job], [reply], stream_chunk, False, None, [""], ""))
+        answer = await serving.run_answer(job, reply, request, None)
+        done = answer.done
+        return infill_response(
+            answer.content,
+            answer.end.finish,
+            answer.end.stop_sequence,
+            len(prompt),
+            len(done.new_tokens),
+            done.wall_time,
+            options.model_name,
+            done.cached,
+            body.response_fields,
+        )
 
     return app
