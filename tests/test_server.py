@@ -335,7 +335,7 @@ def test_llama_cpps_infill_route_as_editor_plugins_call_it(server, demo):
     seed, in `content`, with `stop_type`, `timings` and the `response_fields` asked for (nested ones under their
     path), or streamed as `data:` lines that end with `stop: true`; `n_predict` is a limit (over a canvas, the
     canvas), -1 the default; seed -1 a random one; stop strings end it."""
-    from diffgemma.server.llamacpp import LlamaInfillRequest
+    from diffgemma.server.llamacpp import LlamaInfillRequest, fit_prompt
 
     url = server[0]
     asked = {
@@ -378,10 +378,14 @@ def test_llama_cpps_infill_route_as_editor_plugins_call_it(server, demo):
     assert room["tokens_predicted"] == demo.config.canvas_length // 2 and room["stop_type"] == "limit"
     nothing = httpx.post(url + "/infill", json={**asked, "n_predict": 0}, timeout=60).json()
     assert nothing["content"] == "" and nothing["tokens_predicted"] == 0
+    assert fit_prompt([2, 5, 6, 7, 8], 1, 3) == ([2, 7, 8], True) and fit_prompt([2, 5], 1, 3) == ([2, 5], False)
     assert LlamaInfillRequest(seed=-1).seed is None and LlamaInfillRequest(seed=2**32 - 1).seed is None
     assert LlamaInfillRequest(n_predict=-1).fill_length(32, 256, 10) == 32
     assert LlamaInfillRequest(n_predict=128).fill_length(32, 256, 500) == 128  # (a long suffix keeps half)
     assert LlamaInfillRequest(n_predict=200).fill_length(32, 256, 500) == 128
+    # a prefix over the prompt limit (400 here) loses its beginning, as llama.cpp cuts it, and says so
+    long = httpx.post(url + "/infill", json={**asked, "input_prefix": "word " * 500}, timeout=60).json()
+    assert long["truncated"] is True and long["tokens_evaluated"] == 400 and filled["truncated"] is False
     refused = httpx.post(url + "/infill", json={**asked, "n_predict": "many"}, timeout=60)
     assert refused.status_code == 422 and "n_predict" in refused.json()["error"]["message"]
 

@@ -22,7 +22,7 @@ from ..api import DiffGemma
 from ..errors import DiffGemmaError
 from ..reply import SettledText
 from .batcher import Batcher, Job
-from .llamacpp import LlamaInfillRequest, infill_response, stream_chunk
+from .llamacpp import LlamaInfillRequest, fit_prompt, infill_response, stream_chunk
 from .messages import (
     Conversation,
     MessageBuilder,
@@ -343,11 +343,13 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     @app.post("/infill")
     async def llama_infill(body: LlamaInfillRequest, request: Request):
         """llama.cpp's (`llamacpp`): what editor plugins send for code completion."""
-        prompt = model.tokenizer.encode(body.prefix())
+        opening = len(model.tokenizer.encode(""))
+        prompt, truncated = fit_prompt(model.tokenizer.encode(body.prefix()), opening, options.max_prompt_tokens)
         suffix_tokens = len(model.tokenizer.encode(body.input_suffix, add_special_tokens=False))
         length = body.fill_length(infill_length(model, None), model.config.canvas_length, suffix_tokens)
         if length == 0:  # (nothing asked for)
-            return infill_response("", "length", None, len(prompt), 0, 0.0, options.model_name, 0, body.response_fields)
+            fields = body.response_fields
+            return infill_response("", "length", None, len(prompt), 0, 0.0, options.model_name, 0, fields, truncated)
         job = serving.new_job(
             prompt,
             serving.admit([prompt], length, 1),
@@ -370,6 +372,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             options.model_name,
             done.cached,
             body.response_fields,
+            truncated,
         )
 
     return app

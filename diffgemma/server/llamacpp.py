@@ -6,7 +6,8 @@ context, in its request shape; the fill in its response shape (`content`, `stop_
 A diffusion fill is a gap of fixed size between prefix and suffix on one canvas, ending early where the model
 writes its EOS. llama.cpp reads `n_predict` as a limit, so the gap takes at most what leaves the suffix (and the
 EOS after it) on the canvas, or half the canvas for a longer suffix, whose end is then cut: the fill sees what
-follows the cursor, which is what a fill in the middle is for.
+follows the cursor, which is what a fill in the middle is for. A prefix over the server's prompt limit loses its
+beginning (the other files first, as they come first), as llama.cpp cuts it, and says so (`truncated`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ class LlamaInfillRequest(SamplerExtras):
         return min(asked, canvas - min(suffix_tokens + 1, canvas // 2))
 
 
+def fit_prompt(ids: list[int], opening: int, limit: int) -> tuple[list[int], bool]:
+    """The prompt within `limit` tokens: its `opening` ids (the tokenizer's BOS) and as much of its end as fits;
+    and whether anything was cut."""
+    if len(ids) <= limit:
+        return ids, False
+    return ids[:opening] + ids[len(ids) - (limit - opening) :], True
+
+
 def stop_type(finish: str | None, stop_sequence: str | None) -> str:
     """llama.cpp's name for how a fill ended: at a stop string ("word"), at its limit ("limit"), or at EOS."""
     return "word" if stop_sequence is not None else "limit" if finish == "length" else "eos"
@@ -82,6 +91,7 @@ def infill_response(
     model_name: str,
     cached: int = 0,
     fields: list[str] | None = None,
+    truncated: bool = False,
 ) -> dict[str, Any]:
     """The fill in llama.cpp's response shape; with `fields`, only those, a nested one (`timings/prompt_n`)
     brought to the top under its path, as llama.cpp answers `response_fields` (a missing one left out)."""
@@ -95,7 +105,7 @@ def infill_response(
         "tokens_predicted": predicted,
         "tokens_evaluated": prompt_tokens,
         "tokens_cached": cached,
-        "truncated": False,
+        "truncated": truncated,
         "timings": {  # the whole fill's time, prompt included (the engine does not time them apart)
             "prompt_n": prompt_tokens - cached,
             "predicted_n": predicted,
