@@ -347,9 +347,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         prompt, truncated = fit_prompt(model.tokenizer.encode(body.prefix()), opening, options.max_prompt_tokens)
         suffix_tokens = len(model.tokenizer.encode(body.input_suffix, add_special_tokens=False))
         length = body.fill_length(infill_length(model, None), model.config.canvas_length, suffix_tokens)
+        shape = {"model_name": options.model_name, "fields": body.response_fields, "truncated": truncated}
         if length == 0:  # (nothing asked for)
-            fields = body.response_fields
-            return infill_response("", "length", None, len(prompt), 0, 0.0, options.model_name, 0, fields, truncated)
+            return infill_response("", "length", None, len(prompt), 0, 0.0, **shape)
         job = serving.new_job(
             prompt,
             serving.admit([prompt], length, 1),
@@ -361,18 +361,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if body.stream:
             return event_stream(serving.stream_jobs([job], [reply], stream_chunk, False, None, [""], ""))
         answer = await serving.run_answer(job, reply, request, None)
-        done = answer.done
+        done, end = answer.done, answer.end
+        predicted = len(done.new_tokens)
         return infill_response(
-            answer.content,
-            answer.end.finish,
-            answer.end.stop_sequence,
-            len(prompt),
-            len(done.new_tokens),
-            done.wall_time,
-            options.model_name,
-            done.cached,
-            body.response_fields,
-            truncated,
+            answer.content, end.finish, end.stop_sequence, len(prompt), predicted, done.wall_time, done.cached, **shape
         )
 
     return app

@@ -88,8 +88,9 @@ def infill_response(
     prompt_tokens: int,
     predicted: int,
     seconds: float,
-    model_name: str,
     cached: int = 0,
+    *,
+    model_name: str,
     fields: list[str] | None = None,
     truncated: bool = False,
 ) -> dict[str, Any]:
