@@ -183,7 +183,8 @@ def test_logit_bias_of_minus_100_bans_a_token_and_other_biases_are_refused(clien
 
 def test_top_p_and_top_k_reach_the_sampler_from_every_api(server, client, monkeypatch):
     """OpenAI's top_p, vLLM's top_k (-1: off) and min_p, and Anthropic's top_k / top_p cut what the sampler draws; the
-    defaults sent explicitly cut nothing; out of range is a 422."""
+    defaults sent explicitly cut nothing; out of range is a 422. Penalties, which the sampler lacks, are refused
+    unless neutral."""
     import anthropic
 
     from diffgemma import sampling
@@ -215,6 +216,14 @@ def test_top_p_and_top_k_reach_the_sampler_from_every_api(server, client, monkey
     for bad in ({"top_p": 1.5}, {"top_k": -2}, {"min_p": 2}):
         with pytest.raises(openai.UnprocessableEntityError):
             client.chat.completions.create(**chat, extra_body=bad)
+    # penalties: the sampler has none, so their neutral values pass and others are refused, never ignored
+    neutral = client.chat.completions.create(**chat, frequency_penalty=0, presence_penalty=0.0)
+    assert neutral.choices[0].message.content == client.chat.completions.create(**chat).choices[0].message.content
+    assert client.completions.create(model="demo", prompt="Hi", max_tokens=2, extra_body={"repetition_penalty": 1})
+    for penalty in ({"frequency_penalty": 0.5}, {"presence_penalty": -1}, {"extra_body": {"repetition_penalty": 1.1}}):
+        with pytest.raises(openai.BadRequestError, match="applies no penalties") as refused:
+            client.chat.completions.create(**chat, **penalty)
+        assert refused.value.param in ("frequency_penalty", "presence_penalty", "repetition_penalty")
 
 
 def test_logprobs_score_prompts_and_completions_as_the_encoder_does(client, demo):

@@ -27,6 +27,9 @@ SAMPLER_FIELDS = (
 )
 
 
+NEUTRAL_PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
@@ -81,6 +84,11 @@ class SamplerExtras(BaseModel):
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
+    # OpenAI's and vLLM's penalties: the sampler has none (the reference's neither), so only their neutral
+    # values are taken; others are refused rather than ignored
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: -100 bans a token (`banned_ids`); others are refused
 
 

@@ -42,6 +42,7 @@ from .messages import (
     request_conversation,
 )
 from .schema import (
+    NEUTRAL_PENALTIES,
     SAMPLER_FIELDS,
     APIError,
     ChatRequest,
@@ -238,6 +239,13 @@ class Serving:
     def sampler_overrides(self, body: SamplerExtras) -> dict[str, Any]:
         """The request's sampler fields that differ from the model's settings (so a client that sends the
         defaults, `top_p: 1` say, still shares batches with those that do not)."""
+        for name, neutral in NEUTRAL_PENALTIES.items():
+            if getattr(body, name) not in (None, neutral):
+                message = (
+                    f"{name} is not supported: the diffusion sampler applies no penalties (the reference's has "
+                    f"none); send {neutral:g} or leave it out"
+                )
+                raise APIError(400, message, "invalid_request_error", "invalid_value", name)
         overrides = {name: getattr(body, name) for name in SAMPLER_FIELDS if getattr(body, name) is not None}
         if overrides.get("top_k") == -1:
             overrides["top_k"] = 0
