@@ -872,6 +872,10 @@ def test_thinking_goes_out_as_reasoning_content(client):
         model="demo", messages=ask(question), seed=1, extra_body=extra, logprobs=True
     )
     assert "".join(entry.token for entry in scored.choices[0].logprobs.content) == answer  # the answer's alone
+    # OpenAI's reasoning_effort: any effort but none or minimal thinks
+    for effort, thinks in (("medium", True), ("high", True), ("minimal", False), ("none", False)):
+        asked = client.chat.completions.create(model="demo", messages=ask(question), seed=1, reasoning_effort=effort)
+        assert (asked.choices[0].message.model_extra.get("reasoning_content") == thought) is thinks, effort
 
 
 def test_the_responses_api_with_the_openai_client(client, server):

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from ..scoring import MAX_TOP
 from ..structured import AnswerFormat
-from .schema import APIError, Piece, SamplerExtras, ToolChoiceField, asked_format, content_text
+from .schema import APIError, Piece, SamplerExtras, ToolChoiceField, asked_format, content_text, effort_thinks
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -138,7 +138,7 @@ def request_messages(
         messages.append({"role": role, "content": text})
     effort = (body.reasoning or {}).get("effort")
     messages = answer_format.with_instruction(messages) if answer_format is not None else messages
-    return messages, effort not in (None, "none", "minimal"), answer_format
+    return messages, effort_thinks(effort), answer_format
 
 
 def _identifier(prefix: str) -> str:

@@ -30,6 +30,12 @@ SAMPLER_FIELDS = (
 NEUTRAL_PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
 
 
+def effort_thinks(effort: str | None) -> bool:
+    """Whether OpenAI's reasoning effort (chat's `reasoning_effort`, the Responses API's `reasoning.effort`) asks
+    for thinking: the model thinks or not, so any effort but none or minimal turns it on."""
+    return effort not in (None, "none", "minimal")
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
@@ -135,6 +141,7 @@ class ChatRequest(SamplerExtras):
     stop: StopField = None
     enable_thinking: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None  # OpenAI's: any effort but "none" / "minimal" turns thinking on
     logprobs: bool = False  # each answer token's log-probability, from the causal encoder (`scoring`)
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
     response_format: dict[str, Any] | None = None  # text, json_object or json_schema (`asked_format`)

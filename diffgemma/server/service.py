@@ -53,6 +53,7 @@ from .schema import (
     TokenizeRequest,
     ToolChoiceField,
     asked_format,
+    effort_thinks,
     error_body,
     stop_strings,
     tool_choice_name,
@@ -178,8 +179,10 @@ def infill_length(model: DiffGemma, max_tokens: int | None, original: str | None
 
 
 def thinking_asked(body: ChatRequest | TokenizeRequest) -> bool:
-    """Whether a chat request turns thinking on (our field, or the template's argument as vLLM takes it)."""
-    return bool(getattr(body, "enable_thinking", False) or (body.chat_template_kwargs or {}).get("enable_thinking"))
+    """Whether a chat request turns thinking on (our field, the template's argument as vLLM takes it, or OpenAI's
+    reasoning effort)."""
+    asked = getattr(body, "enable_thinking", False) or effort_thinks(getattr(body, "reasoning_effort", None))
+    return bool(asked or (body.chat_template_kwargs or {}).get("enable_thinking"))
 
 
 class Serving:
