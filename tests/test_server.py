@@ -577,6 +577,14 @@ def test_error_statuses(server, client):
     with pytest.raises(openai.BadRequestError, match="deprecated form of tools") as bad_functions:
         client.chat.completions.create(model="demo", messages=ask(SKY), extra_body=legacy)
     assert bad_functions.value.param == "functions"
+    for unsupported, param in (
+        ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities"),
+        ({"web_search_options": {}}, "web_search_options"),
+    ):
+        with pytest.raises(openai.BadRequestError, match="not supported") as refused:
+            client.chat.completions.create(model="demo", messages=ask(SKY), **unsupported)
+        assert refused.value.param == param
+    assert client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, modalities=["text"], max_tokens=4)
     parts = [{"type": "text", "text": "Why is the sky "}, {"type": "text", "text": "blue?"}]
     reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": parts}], seed=1)
     assert reply.choices[0].message.content == ANSWERS[SKY]

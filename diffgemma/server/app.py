@@ -202,6 +202,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if body.functions is not None or body.function_call is not None:  # (its answers have another shape)
             message = "functions and function_call, OpenAI's deprecated form of tools, are not supported: send tools"
             raise APIError(400, message, "invalid_request_error", "invalid_value", "functions")
+        if body.audio is not None or any(kind != "text" for kind in body.modalities or ()):
+            message = "only text answers: modalities other than text (audio) are not supported"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "modalities")
+        if body.web_search_options is not None:
+            message = "web search is not supported: the model answers from its prompt alone"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "web_search_options")
         answer_format = chat_format(body)
         messages = [message.for_template() for message in body.messages]
         messages = answer_format.with_instruction(messages) if answer_format is not None else messages

@@ -158,6 +158,10 @@ class ChatRequest(SamplerExtras):
     parallel_tool_calls: bool = True  # (the model decides how many calls it makes)
     functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools: refused, not ignored
     function_call: str | dict[str, Any] | None = None
+    # OpenAI's spoken answers and hosted web search: refused, not ignored (the model writes text, offline)
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplerExtras):
