@@ -469,6 +469,7 @@ class DecoderPass:
         self.temperatures = torch.stack(schedule).to(network.device)
         self.inverse_temperatures = self.temperatures.reciprocal()
         self.cut = {"top_k": settings.top_k, "top_p": settings.top_p, "min_p": settings.min_p}
+        self.cut["sort_whole_rows"] = mode == "reference"  # (fast mode: top-p sorts only what top-k kept)
         self.logits: torch.Tensor | None = None
         self.probs: torch.Tensor | None = None  # the distribution buffer (fast mode), for the sampler to fill
         self.graph: DecoderGraph | None = None

@@ -87,6 +87,7 @@ def truncate(
     top_p: float = 1.0,
     scale: torch.Tensor | float = 1.0,
     min_p: float = 0.0,
+    sort_whole_rows: bool = True,
 ) -> torch.Tensor:
     """Top-k, top-p (nucleus), then min-p truncation of contiguous logits [..., V], in place: the tokens cut
     get `MASKED_LOGIT`, so nothing samples them and they add nothing to the entropy or the distribution.
@@ -97,8 +98,9 @@ def truncate(
     `min_p` times as likely as the likeliest (0: all). All are measured at temperature 1, as transformers'
     warpers are when given to the reference's generate (they run ahead of its temperature schedule; vLLM cuts
     this model's logits there too): `scale` turns these logits into the temperature-1 ones (logits already
-    divided by a temperature pass that temperature). Top-p sorts every position's vocabulary; nothing here
-    synchronises with the host.
+    divided by a temperature pass that temperature). Top-p sorts every position's vocabulary, with the
+    reference's arithmetic; after top-k, unless `sort_whole_rows`, it sorts only the k kept (the same cut up to
+    float rounding: the fast sampler's way, about seven times cheaper). Nothing here synchronises with the host.
     """
     vocab = logits.shape[-1]
     if top_k <= 0 or top_k >= vocab:
@@ -109,10 +111,17 @@ def truncate(
     chunk = max(1, TRUNCATE_CHUNK // vocab)
     for start in range(0, rows.shape[0], chunk):
         part = rows[start : start + chunk]
+        whole_row_nucleus = top_p < 1.0
         if top_k:
-            kth = torch.topk(part, top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-            part.masked_fill_(part < kth, MASKED_LOGIT)
-        if top_p < 1.0:
+            kept = torch.topk(part, top_k, dim=-1, sorted=False).values
+            part.masked_fill_(part < kept.amin(dim=-1, keepdim=True), MASKED_LOGIT)
+            if whole_row_nucleus and not sort_whole_rows:  # the nucleus among the k kept
+                ascending = kept.sort(dim=-1).values
+                mass_up_to = torch.softmax(_at_temperature_one(ascending, scale), dim=-1).cumsum_(-1)
+                first_kept = (mass_up_to <= 1.0 - top_p).sum(-1, keepdim=True).clamp_(max=top_k - 1)
+                part.masked_fill_(part < ascending.gather(-1, first_kept), MASKED_LOGIT)
+                whole_row_nucleus = False
+        if whole_row_nucleus:
             ascending, order = torch.sort(part, dim=-1)
             mass_up_to = torch.softmax(_at_temperature_one(ascending, scale, in_place=True), dim=-1).cumsum_(-1)
             cut = mass_up_to <= 1.0 - top_p

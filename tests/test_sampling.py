@@ -250,6 +250,17 @@ def test_truncate_keeps_what_transformers_warpers_keep(top_k, top_p, min_p):
     assert torch.equal(scaled != sampling.MASKED_LOGIT, kept)
 
 
+@pytest.mark.parametrize(("top_k", "top_p"), [(5, 0.5), (40, 0.9), (40, 0.0), (200, 0.97)])
+def test_the_fast_way_finds_the_nucleus_among_what_top_k_kept(top_k, top_p):
+    """After top-k, the fast sampler's top-p sorts only the k kept: the same cut as sorting whole rows."""
+    logits = torch.randn(3, 17, 1000, generator=torch.Generator().manual_seed(top_k)) * 4
+    for scale in (1.0, torch.tensor(0.6)):
+        whole = sampling.truncate(logits / scale, top_k, top_p, scale=scale, min_p=0.01)
+        among_kept = sampling.truncate(logits / scale, top_k, top_p, scale=scale, min_p=0.01, sort_whole_rows=False)
+        assert torch.equal(among_kept, whole)
+        assert top_k * 3 * 17 > int((whole != sampling.MASKED_LOGIT).sum()) >= 3 * 17
+
+
 def test_truncate_off_and_in_chunks(monkeypatch):
     logits = torch.randn(3, 20, 50, generator=torch.Generator().manual_seed(1))
     for top_k, top_p in ((0, 1.0), (50, 1.0), (80, 1.0)):
