@@ -192,9 +192,9 @@ def test_top_p_and_top_k_reach_the_sampler_from_every_api(server, client, monkey
     asked = []
     truncate = sampling.truncate
 
-    def recording(logits, top_k=0, top_p=1.0, scale=1.0, min_p=0.0):
+    def recording(logits, top_k=0, top_p=1.0, scale=1.0, min_p=0.0, **how):
         asked.append((top_k, top_p, min_p))
-        return truncate(logits, top_k, top_p, scale, min_p)
+        return truncate(logits, top_k, top_p, scale, min_p, **how)
 
     monkeypatch.setattr(sampling, "truncate", recording)
 
@@ -465,6 +465,7 @@ def test_anthropics_messages_api_with_the_anthropic_client(server, client):
         {"messages": [{"role": "user", "content": [pdf]}]},
         {"messages": ask(SKY), "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
         {"messages": ask(SKY), "tool_choice": {"type": "tool"}},
+        {"messages": ask(SKY), "extra_body": {"mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}},
     ):
         with pytest.raises(anthropic.BadRequestError):
             claude.messages.create(model="demo", max_tokens=20, **bad)
@@ -947,6 +948,9 @@ def test_the_responses_api_with_the_openai_client(client, server):
     with pytest.raises(openai.BadRequestError, match="Conversations API is not served here") as refused:
         client.responses.create(model="demo", input=SKY, conversation="conv_1")  # (not ignored)
     assert refused.value.param == "conversation"
+    with pytest.raises(openai.BadRequestError, match="templates kept on OpenAI's side") as refused:
+        client.responses.create(model="demo", input=SKY, prompt={"id": "pmpt_1", "version": "2"})
+    assert refused.value.param == "prompt"
 
 
 def test_a_responses_conversation_sent_back_whole_reads_as_chat_messages(client):

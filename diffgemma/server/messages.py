@@ -40,6 +40,7 @@ class Conversation(SamplerExtras):
     thinking: dict[str, Any] | None = None  # {"type": "enabled", "budget_tokens": ...} turns thinking on
     output_config: dict[str, Any] | None = None  # {"format": {"type": "json_schema", "schema": ...}}: JSON answers
     output_format: dict[str, Any] | None = None  # the same format, as the structured-outputs beta sent it
+    mcp_servers: list[dict[str, Any]] | None = None  # Anthropic's remote MCP tools (a beta): refused, not ignored
 
 
 class MessagesRequest(Conversation):
@@ -114,6 +115,9 @@ def messages_format(body: Conversation) -> tuple[dict[str, Any] | None, str]:
 def messages_tools(body: Conversation) -> tuple[list[dict[str, Any]] | None, str, bool]:
     """(the tools in chat's shape, `tool_choice` as `toolcalls.tool_plan` takes it, whether several calls may
     come). Anthropic's own server tools (a `type` of theirs) are refused."""
+    if body.mcp_servers:
+        message = "mcp_servers are not supported: the server reaches no MCP servers; send custom tools"
+        raise _refuse(message, "mcp_servers")
     kinds = sorted({str(tool.get("type")) for tool in body.tools or [] if tool.get("type") not in (None, "custom")})
     if kinds:
         raise _refuse(f"tools of type {', '.join(kinds)} are not supported: only custom tools", "tools")

@@ -45,6 +45,7 @@ class ResponsesRequest(SamplerExtras):
     # OpenAI's Conversations API: none here, so it is refused (not ignored, which would answer as if nothing came
     # before)
     conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None  # a prompt template kept on OpenAI's side, by id: refused likewise
 
 
 class ResponseStore:
@@ -84,6 +85,9 @@ def input_items(body: ResponsesRequest, store: ResponseStore) -> list[dict[str, 
     if body.conversation is not None:
         message = "conversation: OpenAI's Conversations API is not served here; use previous_response_id or input"
         raise APIError(400, message, "invalid_request_error", "invalid_value", "conversation")
+    if body.prompt is not None:
+        message = "prompt: templates kept on OpenAI's side are not served here; send instructions and input"
+        raise APIError(400, message, "invalid_request_error", "invalid_value", "prompt")
     before = store.conversation(body.previous_response_id) if body.previous_response_id else []
     return [*before, *([{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input)]
 
