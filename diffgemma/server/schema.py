@@ -96,6 +96,7 @@ class SamplerExtras(BaseModel):
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: -100 bans a token (`banned_ids`); others are refused
+    ignore_eos: bool = False  # vLLM's: the EOS ids banned, so an answer runs to its limit (benchmark clients)
 
 
 class Message(BaseModel):

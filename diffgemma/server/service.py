@@ -260,8 +260,9 @@ class Serving:
 
     def banned_ids(self, body: SamplerExtras) -> tuple[int, ...]:
         """OpenAI's `logit_bias` as bans: a bias of -100 (never this token) is what the sampler honours; it has
-        no place for other biases (its temperature schedule and entropy bound decide), so they are refused."""
-        banned = []
+        no place for other biases (its temperature schedule and entropy bound decide), so they are refused.
+        vLLM's `ignore_eos` bans the EOS ids."""
+        banned = list(self.model.settings.eos_token_id) if body.ignore_eos else []
         for key, bias in (body.logit_bias or {}).items():
             if not key.isdigit() or int(key) >= self.model.config.vocab_size:
                 message = f"logit_bias: {key!r} is not a token id (0-{self.model.config.vocab_size - 1})"
