@@ -172,10 +172,10 @@ def test_a_message_cannot_forge_the_templates_markers(client, demo):
 
 def test_ignore_eos_runs_an_answer_to_its_limit(client):
     """vLLM's `ignore_eos` (what benchmark clients send for answers of a fixed length)."""
-    asked = dict(model="demo", messages=ask(SKY), seed=1, max_tokens=40)
-    assert client.chat.completions.create(**asked).usage.completion_tokens < 40  # (it ends at EOS)
+    asked = dict(model="demo", messages=ask(SKY), seed=1, max_tokens=100)
+    assert client.chat.completions.create(**asked).usage.completion_tokens == len(ANSWERS[SKY]) < 100  # (then EOS)
     made = client.chat.completions.create(**asked, extra_body={"ignore_eos": True})
-    assert made.usage.completion_tokens == 40 and made.choices[0].finish_reason == "length"
+    assert made.usage.completion_tokens == 100 and made.choices[0].finish_reason == "length"
 
 
 def test_logit_bias_of_minus_100_bans_a_token_and_other_biases_are_refused(client, demo):
