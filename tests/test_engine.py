@@ -39,9 +39,10 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _syncs_between_drafts(model, every: int | None) -> list[tuple[int, int]]:
-    """(step, host syncs since the previous draft of the same canvas) for every draft after a canvas's first."""
-    settings = model.settings.replace(max_denoising_steps=12, max_new_tokens=2 * model.config.canvas_length)
+def _syncs_between_drafts(model, every: int | None, **cut) -> list[tuple[int, int]]:
+    """(step, host syncs since the previous draft of the same canvas) for every draft after a canvas's first;
+    `cut`: top_k / top_p / min_p."""
+    settings = model.settings.replace(max_denoising_steps=12, max_new_tokens=2 * model.config.canvas_length, **cut)
     ids = torch.tensor([[2, 30, 31, 32], [2, 40, 41, 42]])
     events = denoising_loop(
         model.network, settings, ids, seed=[1, 2], stop_at_eos=False, stop_check_every=every, sync_free=every != 1
@@ -65,8 +66,11 @@ def _syncs_between_drafts(model, every: int | None) -> list[tuple[int, int]]:
     return seen
 
 
-def test_fast_loop_reads_the_device_only_at_stop_checks(tiny):
-    seen = _syncs_between_drafts(tiny, every=4)
+@pytest.mark.parametrize(
+    "cut", [{}, {"top_k": 20, "top_p": 0.9}, {"top_p": 0.8, "min_p": 0.05}], ids=["plain", "top-k top-p", "top-p min-p"]
+)
+def test_fast_loop_reads_the_device_only_at_stop_checks(tiny, cut):
+    seen = _syncs_between_drafts(tiny, every=4, **cut)
     assert len(seen) >= 11  # the random tiny model never converges: every canvas runs its 12 steps
     for step, syncs in seen:
         # what runs between draft k-1 and draft k: the stop check of step k-1, then all of step k
