@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_results
 
+from diffgemma import sampling
 from diffgemma.config import parse_model_config
 from diffgemma.generate import DecoderGraph, Draft, RandomSource, denoising_loop, sampler_step
 from diffgemma.model import DiffusionGemma, activation_bytes
@@ -249,6 +250,29 @@ def sampler_extra_bytes(device: torch.device, vocab: int, batch: int, length: in
     return torch.cuda.max_memory_allocated(device) - before, one
 
 
+def truncation_check(device: torch.device, vocab: int, length: int) -> str:
+    """ms the fast sampler's cuts take on one canvas of logits (top-k 40 with top-p 0.9, as llama.vim sends them;
+    top-p alone, which sorts whole rows; min-p), and the extra memory of the costliest."""
+    logits = torch.randn(1, length, vocab, device=device) * 3
+    scale = torch.tensor(0.8, device=device)
+    parts = []
+    for label, cut in (("top-k 40 + top-p 0.9", {"top_k": 40, "top_p": 0.9}), ("top-p 0.9", {"top_p": 0.9})):
+        ms = median_ms(
+            lambda c=cut: sampling.truncate(logits.clone(), scale=scale, sort_whole_rows=False, **c), 5, device
+        )
+        parts.append(f"{label} {ms:.2f} ms")
+    ms = median_ms(lambda: sampling.truncate(logits.clone(), scale=scale, min_p=0.05), 5, device)
+    parts.append(f"min-p 0.05 {ms:.2f} ms (a clone of the logits included in each)")
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        sampling.truncate(logits, top_p=0.9, scale=scale)
+        synchronize(device)
+        parts.append(f"top-p's peak extra memory {(torch.cuda.max_memory_allocated(device) - before) / 2**20:.0f} MiB")
+    return f"sampler cuts, vocabulary {vocab}, one canvas of {length}: " + "; ".join(parts)
+
+
 def prefill_check(network: DiffusionGemma, fmt: QuantFormat | None, device: torch.device, bandwidth: float) -> str:
     """How long a 4k-token prompt takes to encode (batch 1; the first token waits on it) in chunks of 512 (the
     default, `model.PREFILL_CHUNK`), 1024 and 2048 tokens, each beside reading every weight once a chunk (its
@@ -329,14 +353,15 @@ def activation_check(network: DiffusionGemma, device: torch.device, batch: int, 
     )
 
 
-def syncs_per_step(network: DiffusionGemma, device: torch.device, cuda_graph: bool = False) -> str:
+def syncs_per_step(network: DiffusionGemma, device: torch.device, cuda_graph: bool = False, **cut) -> str:
     """Run one canvas of the real loop with CUDA's sync debugging on; count synchronising calls per step
-    (with `cuda_graph`, from step 3: step 1 warms the graph's pass up, step 2 captures it, which synchronises)."""
+    (with `cuda_graph`, from step 3: step 1 warms the graph's pass up, step 2 captures it, which synchronises);
+    `cut`: top_k / top_p / min_p."""
     if device.type != "cuda":
         return "skipped (not CUDA)"
     from diffgemma.config import SamplerSettings
 
-    settings = SamplerSettings(max_denoising_steps=12, max_new_tokens=network.config.canvas_length)
+    settings = SamplerSettings(max_denoising_steps=12, max_new_tokens=network.config.canvas_length, **cut)
     prompt = torch.randint(3, network.config.vocab_size, (1, 64), device=device)
     counts, seen = [], 0
     torch.cuda.set_sync_debug_mode("warn")
@@ -583,6 +608,8 @@ def main() -> None:
             if fmt is None:
                 lines.append(f"no host sync inside a canvas: {syncs_per_step(network, device)}")
                 lines.append(f"the same with CUDA graphs: {syncs_per_step(network, device, cuda_graph=True)}")
+                graph_cut = syncs_per_step(network, device, cuda_graph=True, top_k=40, top_p=0.9, min_p=0.05)
+                lines.append(f"the same with top-k 40, top-p 0.9, min-p 0.05: {graph_cut}")
             del network
             if args.compile:  # compiled code keeps the network's tensors alive until Dynamo's caches go
                 torch._dynamo.reset()
@@ -615,6 +642,7 @@ def main() -> None:
 
     if formats:
         vocab = 262144 if device.type == "cuda" else config.vocab_size
+        lines.append(truncation_check(device, vocab, length))
         extra, one = sampler_extra_bytes(device, vocab, 8, length)
         if extra >= 0:
             lines.append(

@@ -301,7 +301,7 @@ def test_gpu_benchmark_dry_run_at_a_tiny_shape():
     command += ["--formats", "none,int4", "--iters", "1", "--prompt", "8", "--batches", "1", "--no-append"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    for row in ("diffgemma fp32 | 1", "diffgemma int4 (fp32 rest) | 1", "transformers (eager) | 1"):
+    for row in ("diffgemma fp32 | 1", "diffgemma int4 (fp32 rest) | 1", "transformers (eager) | 1", "sampler cuts"):
         assert row in done.stdout, row
     assert "failed" not in done.stdout, done.stdout
 
