@@ -307,6 +307,10 @@ def test_logprobs_score_prompts_and_completions_as_the_encoder_does(client, demo
     assert streamed[-1].choices[0].logprobs.token_logprobs == ended.token_logprobs
     assert all(c.choices[0].logprobs is None for c in streamed[:-1])
 
+    with pytest.raises(openai.BadRequestError, match="best_of 3 is not supported") as refused:
+        client.completions.create(model="demo", prompt="Hello", max_tokens=2, best_of=3)
+    assert refused.value.param == "best_of"
+    assert client.completions.create(model="demo", prompt="Hello", max_tokens=2, best_of=2, n=2).choices[1]
     with pytest.raises(openai.BadRequestError, match="max_tokens 0 generates nothing"):
         client.completions.create(model="demo", prompt="Hello", max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="needs logprobs"):

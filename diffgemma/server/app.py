@@ -302,6 +302,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        if body.best_of is not None and body.best_of != body.n:
+            message = f"best_of {body.best_of} is not supported: the choices are not ranked; send n alone"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "best_of")
         prompts, texts = completion_prompts(model, body.prompt)
         if body.max_tokens == 0:
             return await serving.score_prompts(body, prompts, texts)

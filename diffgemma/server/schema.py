@@ -169,6 +169,7 @@ class CompletionRequest(SamplerExtras):
     model: str | None = None
     prompt: PromptField
     suffix: str | None = None  # text after the completion: the gap between is filled (infill)
+    best_of: int | None = None  # OpenAI's: only as many as `n` (the choices are not ranked): others refused
     echo: bool = False  # the prompt's text before each choice's
     max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: the prompt scored, nothing generated
     stream: bool = False
