@@ -1514,12 +1514,20 @@ def test_the_logprobs_of_n_choices_are_scored_in_one_pass(client, demo, count_ca
 def test_metrics_count_what_the_engine_did_and_what_requests_got(demo):
     """`GET /metrics` in Prometheus's text format: batches, rows, prompt and generated tokens, denoising steps
     and canvases, the prefix cache's tokens, choices by finish reason and requests by route and status (a
-    route's template, unknown paths as "other"); behind the API key, as every route but /health."""
+    route's template, unknown paths as "other"); behind the API key, as every route but /health. A request
+    refused for its stop strings queues no work (the batch counts hold)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     app = create_app(demo, ServerOptions(model_name="demo", api_key="k"))
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        too_many = [f"stop{i}" for i in range(17)]
+        with pytest.raises(openai.BadRequestError, match="at most 16 stop strings"):
+            client.chat.completions.create(model="demo", messages=ask(SKY), stop=too_many)
+        key = {"Authorization": "Bearer k"}
+        messages = {"model": "demo", "max_tokens": 8, "messages": ask(SKY), "stop_sequences": too_many}
+        assert httpx.post(url + "/v1/messages", json=messages, headers=key).status_code == 400
+        assert httpx.post(url + "/infill", json={"input_prefix": "a", "stop": too_many}, headers=key).status_code == 400
         first = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1)
         turn = [*ask(SKY), {"role": "assistant", "content": first.choices[0].message.content}, *ask("Say hello.")]
         second = client.chat.completions.create(model="demo", messages=turn, seed=1)  # begins with the first
@@ -1549,6 +1557,7 @@ def test_metrics_count_what_the_engine_did_and_what_requests_got(demo):
     assert value("diffgemma_canvases_total") >= 3 and value("diffgemma_denoising_steps_total") >= 3
     assert value("diffgemma_queue_seconds_count") == 3 and value("diffgemma_batch_seconds_count") == 3
     assert value("diffgemma_http_requests_total", route="/v1/chat/completions", status="200") == 2
+    assert value("diffgemma_http_requests_total", route="/v1/chat/completions", status="400") == 1
     assert value("diffgemma_http_requests_total", route="/v1/completions", status="200") == 1
     assert value("diffgemma_http_requests_total", route="/v1/models/{name:path}", status="404") == 1
     assert value("diffgemma_http_requests_total", route="other", status="404") == 1

@@ -286,9 +286,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         limit = serving.admit([prompt], min(body.max_tokens, options.max_tokens), 1, chat=True)
 
         def redraw(attempt: int) -> tuple[Job, SettledText]:
-            return serving.new_job(prompt, limit, body, attempt, None), reply_text(
-                model, True, body.stop_sequences, tools
-            )
+            reply = reply_text(model, True, body.stop_sequences, tools)  # (its stop strings checked before a job)
+            return serving.new_job(prompt, limit, body, attempt, None), reply
 
         job, reply = redraw(0)
         built = MessageBuilder(options.model_name, len(prompt))
@@ -359,6 +358,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         shape = {"model_name": options.model_name, "fields": body.response_fields, "truncated": truncated}
         if length == 0:  # (nothing asked for)
             return infill_response("", "length", None, len(prompt), 0, 0.0, **shape)
+        reply = reply_text(model, chat=False, stop=body.stop)  # (its stop strings checked before a job is queued)
         job = serving.new_job(
             prompt,
             serving.admit([prompt], length, 1),
@@ -366,7 +366,6 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             0,
             model.infill_inputs("", body.input_suffix, length, warn=False)[1],  # (a long suffix's end: by design)
         )
-        reply = reply_text(model, chat=False, stop=body.stop)
         if body.stream:
             return event_stream(serving.stream_jobs([job], [reply], stream_chunk, False, None, [""], ""))
         answer = await serving.run_answer(job, reply, request, None)

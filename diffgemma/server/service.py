@@ -440,9 +440,10 @@ class Serving:
         leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
 
         def redraw(index: int, attempt: int) -> tuple[Job, SettledText]:
-            """Choice `index`'s job (its `attempt`-th draw, seeded apart from every other draw) and its reply."""
-            job = self.new_job(rows[index], limit, body, index + attempt * len(rows), clamp)
-            return job, reply_text(self.model, chat, body.stop, tools)
+            """Choice `index`'s job (its `attempt`-th draw, seeded apart from every other draw) and its reply (made
+            first: its stop strings are checked before a job is queued)."""
+            reply = reply_text(self.model, chat, body.stop, tools)
+            return self.new_job(rows[index], limit, body, index + attempt * len(rows), clamp), reply
 
         drawn = [redraw(index, 0) for index in range(len(rows))]
         jobs, replies = [job for job, _ in drawn], [reply for _, reply in drawn]
