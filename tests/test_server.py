@@ -1515,7 +1515,7 @@ def test_metrics_count_what_the_engine_did_and_what_requests_got(demo):
     """`GET /metrics` in Prometheus's text format: batches, rows, prompt and generated tokens, denoising steps
     and canvases, the prefix cache's tokens, choices by finish reason and requests by route and status (a
     route's template, unknown paths as "other"); behind the API key, as every route but /health. A request
-    refused for its stop strings queues no work (the batch counts hold)."""
+    refused for its stop strings or its log-probability fields queues no work (the batch counts hold)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     app = create_app(demo, ServerOptions(model_name="demo", api_key="k"))
@@ -1524,6 +1524,8 @@ def test_metrics_count_what_the_engine_did_and_what_requests_got(demo):
         too_many = [f"stop{i}" for i in range(17)]
         with pytest.raises(openai.BadRequestError, match="at most 16 stop strings"):
             client.chat.completions.create(model="demo", messages=ask(SKY), stop=too_many)
+        with pytest.raises(openai.BadRequestError, match="needs logprobs"):
+            client.chat.completions.create(model="demo", messages=ask(SKY), top_logprobs=2)
         key = {"Authorization": "Bearer k"}
         messages = {"model": "demo", "max_tokens": 8, "messages": ask(SKY), "stop_sequences": too_many}
         assert httpx.post(url + "/v1/messages", json=messages, headers=key).status_code == 400
@@ -1557,7 +1559,7 @@ def test_metrics_count_what_the_engine_did_and_what_requests_got(demo):
     assert value("diffgemma_canvases_total") >= 3 and value("diffgemma_denoising_steps_total") >= 3
     assert value("diffgemma_queue_seconds_count") == 3 and value("diffgemma_batch_seconds_count") == 3
     assert value("diffgemma_http_requests_total", route="/v1/chat/completions", status="200") == 2
-    assert value("diffgemma_http_requests_total", route="/v1/chat/completions", status="400") == 1
+    assert value("diffgemma_http_requests_total", route="/v1/chat/completions", status="400") == 2
     assert value("diffgemma_http_requests_total", route="/v1/completions", status="200") == 1
     assert value("diffgemma_http_requests_total", route="/v1/models/{name:path}", status="404") == 1
     assert value("diffgemma_http_requests_total", route="other", status="404") == 1

@@ -436,6 +436,7 @@ class Serving:
         chat asked for a form, JSON, say (`run_answer`: a choice is read whole, then sent, as one piece if
         streamed)."""
         limit = self.admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
+        top = self.requested_logprobs(body)  # (what it refuses, it refuses before a job is queued)
         rows = [prompt for prompt in prompts for _ in range(body.n)]
         leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
 
@@ -449,7 +450,6 @@ class Serving:
         jobs, replies = [job for job, _ in drawn], [reply for _, reply in drawn]
         identity = _identity("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(prompt) for prompt in prompts)
-        top = self.requested_logprobs(body)
         chunk = _chunk_maker(identity, self.options.model_name, chat)
 
         async def choice_logprobs(index: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
