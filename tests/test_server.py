@@ -497,7 +497,7 @@ def test_fields_sent_as_null_take_their_defaults(server):
 
 def test_tokenize_and_detokenize_read_prompts_as_the_routes_do(server, client, demo):
     """vLLM's `/tokenize` (a text, or messages with their tools: the ids a chat completion's prompt has) and
-    `/detokenize` (ids back to text, special tokens kept)."""
+    `/detokenize` (ids back to text, special tokens kept); llama.cpp's shape of both (`content`)."""
     from assets.make_demo_model import WEATHER_QUESTION, WEATHER_TOOL
 
     url = server[0]
@@ -506,6 +506,9 @@ def test_tokenize_and_detokenize_read_prompts_as_the_routes_do(server, client, d
     assert counted["token_strs"] == ["<bos>", "H", "e", "l", "l", "o"] and counted["max_model_len"] > 0
     bare = httpx.post(url + "/tokenize", json={"prompt": "Hello", "add_special_tokens": False}).json()
     assert bare["tokens"] == counted["tokens"][1:]
+    llama_cpp = httpx.post(url + "/tokenize", json={"content": "Hello", "add_special": False}).json()
+    assert llama_cpp["tokens"] == bare["tokens"]
+    assert httpx.post(url + "/detokenize", json={"tokens": bare["tokens"]}).json()["content"] == "Hello"
     chat = httpx.post(url + "/tokenize", json={"messages": ask(WEATHER_QUESTION), "tools": [WEATHER_TOOL]}).json()
     made = client.chat.completions.create(model="demo", messages=ask(WEATHER_QUESTION), tools=[WEATHER_TOOL], seed=0)
     assert chat["count"] == made.usage.prompt_tokens

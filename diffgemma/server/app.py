@@ -331,10 +331,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        """vLLM's: token ids as text, special tokens kept (what `/tokenize` read)."""
+        """vLLM's: token ids as text, special tokens kept (what `/tokenize` read); as llama.cpp's too (`content`)."""
         if body.tokens:  # (none: no text)
             check_token_ids(model, body.tokens, "tokens")
-        return {"prompt": model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        text = model.tokenizer.decode(body.tokens, skip_special_tokens=False)
+        return {"prompt": text, "content": text}
 
     @app.post("/v1/infill")
     async def infill(body: InfillRequest, request: Request):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import DiffGemmaError
 from ..scoring import MAX_TOP  # alternatives a position that logprobs may ask for, as OpenAI allows
@@ -187,13 +187,15 @@ class InfillRequest(SamplerExtras):
 
 
 class TokenizeRequest(BaseModel):
-    """vLLM's `/tokenize`: a text prompt, or chat messages (with their tools) as chat completions render them."""
+    """vLLM's `/tokenize`: a text prompt, or chat messages (with their tools) as chat completions render them;
+    llama.cpp's, whose text comes as `content`."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    prompt: str | None = None
+    prompt: str | None = Field(default=None, validation_alias=AliasChoices("prompt", "content"))
     messages: list[Message] | None = None
-    add_special_tokens: bool = True  # a text prompt's BOS (a chat prompt's come from its template)
+    # a text prompt's BOS (a chat prompt's come from its template); llama.cpp's `add_special` too
+    add_special_tokens: bool = Field(default=True, validation_alias=AliasChoices("add_special_tokens", "add_special"))
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
