@@ -270,7 +270,7 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_top_k_and_top_p_options_reach_the_sampler(capsys, demo):
+def test_top_k_top_p_and_min_p_options_reach_the_sampler(capsys, demo):
     argv = ["generate", "Hello", "--model", DEMO, "--seed", "1", "--max-new-tokens", "40", "--no-stream"]
     cuts = (
         (["--top-k", "2"], {"top_k": 2}),

@@ -633,7 +633,7 @@ def test_a_settled_prefix_is_final_and_a_row_stops_once_it_holds_all_it_gives(de
 
 
 @pytest.mark.parametrize("mode", ["fast", "reference"])
-def test_top_k_and_top_p_cut_what_every_step_draws(tiny, mode):
+def test_top_k_top_p_and_min_p_cut_what_every_step_draws(tiny, mode):
     """top_k 1 leaves each position its likeliest token alone: nothing uncertain, so the first step accepts the
     whole canvas; a plain run does not. top_p 0 and min_p 1 are the same cut."""
     prompt = tiny.tokenizer.encode("cut")

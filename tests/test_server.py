@@ -189,7 +189,7 @@ def test_logit_bias_of_minus_100_bans_a_token_and_other_biases_are_refused(clien
         assert refused.value.param == "logit_bias"
 
 
-def test_top_p_and_top_k_reach_the_sampler_from_every_api(server, client, monkeypatch):
+def test_top_k_top_p_and_min_p_reach_the_sampler_from_every_api(server, client, monkeypatch):
     """OpenAI's top_p, vLLM's top_k (-1: off) and min_p, and Anthropic's top_k / top_p cut what the sampler draws; the
     defaults sent explicitly cut nothing; out of range is a 422. Penalties, which the sampler lacks, are refused
     unless neutral."""
