@@ -698,15 +698,19 @@ def test_watch_shows_the_canvas_converge_in_a_terminal():
     assert "╰" not in final  # the final text comes after the live panel
 
 
-def test_serve_hands_its_limits_to_the_server(monkeypatch):
+def test_serve_hands_its_limits_to_the_server(monkeypatch, capsys):
+    """The server's limits, and its sampler defaults (a request's own fields override them)."""
     import diffgemma.server
 
     served = []
-    monkeypatch.setattr(diffgemma.server, "serve", lambda model, host, port, options: served.append(options))
+    monkeypatch.setattr(diffgemma.server, "serve", lambda model, host, port, options: served.append((model, options)))
     argv = ["serve", "--model", DEMO, "--port", "0", "--max-batch", "4", "--max-runs", "3", "--max-concurrent", "9"]
-    assert main(argv) == 0
-    options = served[0]
+    assert main([*argv, "--steps", "7", "--top-p", "0.9"]) == 0
+    model, options = served[0]
     assert (options.max_batch, options.max_runs, options.max_concurrent, options.model_name) == (4, 3, 9, "demo")
+    assert (model.settings.max_denoising_steps, model.settings.top_p) == (7, 0.9)
+    code, _, err = run(capsys, *argv, "--top-k", "-3")
+    assert code == 2 and "`top_k` must be an integer >= 0" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

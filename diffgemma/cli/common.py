@@ -73,9 +73,10 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler settings the options give (and --max-new-tokens, where a command has it)."""
     values = {name: getattr(args, option) for option, name in SAMPLER_OPTIONS.items()}
     values = {k: v for k, v in values.items() if v is not None}
-    if args.max_new_tokens is not None:
+    if getattr(args, "max_new_tokens", None) is not None:
         values["max_new_tokens"] = args.max_new_tokens
     return values
 

@@ -110,6 +110,11 @@ def _add_model_options(
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--mode", default="fast", choices=["fast", "reference"])
     parser.add_argument("--max-new-tokens", type=int, default=None)
+    _add_sampler_options(parser)
+
+
+def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
+    """The sampler's settings (`common.SAMPLER_OPTIONS`): the checkpoint's defaults, overridden."""
     parser.add_argument("--steps", type=int, default=None, help="maximum denoising steps per canvas")
     parser.add_argument("--entropy-bound", type=float, default=None)
     parser.add_argument("--t-max", type=float, default=None, help="temperature on the first step")
@@ -249,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_template_option(serve)
     # a chat client's side requests (a title, follow-ups) come between a conversation's turns: two kept
     _add_model_options(serve, sampling=False, prefix_cache=2)
+    _add_sampler_options(serve)  # the server's defaults: a request's own fields override them
     serve.set_defaults(run=text.cmd_serve)
 
     sudoku = commands.add_parser("sudoku", help="solve a sudoku (a fresh one, or --puzzle) and watch it converge")

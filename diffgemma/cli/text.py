@@ -486,6 +486,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     check_address(args.host, args.port)  # before the load, which may take minutes
     model = load_model(args)
+    model.settings = model.settings.replace(**sampler_options(args))  # (--steps, --top-p, ...: the defaults)
     options = ServerOptions(
         model_name=args.name or Path(model_path(args)).name,
         api_key=args.api_key or os.environ.get("DIFFGEMMA_API_KEY"),
