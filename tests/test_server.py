@@ -170,6 +170,38 @@ def test_a_message_cannot_forge_the_templates_markers(client, demo):
     assert reply.usage.prompt_tokens == len(sanitized) != len(demo.tokenizer.encode_chat(forged))
 
 
+def test_no_job_outlives_its_waiter(demo):
+    """A wait for a job that is cancelled (another choice of its request failed, say) cancels the job, so the
+    engine does not denoise it for no one; as does one that ends."""
+    import asyncio
+
+    from diffgemma.server.batcher import Job, RowDone
+    from diffgemma.server.service import Serving
+
+    serving = Serving(demo, ServerOptions(), Batcher(demo))  # (its worker not started: the jobs only wait)
+
+    class Connected:
+        async def is_disconnected(self) -> bool:
+            return False
+
+    async def scenario() -> tuple[Job, Job]:
+        loop = asyncio.get_running_loop()
+        waiting, answered = Job([2, 3], 8, 1, {}, loop), Job([2, 3], 8, 1, {}, loop)
+        reply = reply_text(demo, chat=False)
+        wait = asyncio.ensure_future(serving.run_job(waiting, Connected(), reply))
+        await asyncio.sleep(0.05)
+        wait.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await wait
+        answered.events.put_nowait(RowDone([5, 6], [2], 0.1))
+        done, finish = await serving.run_job(answered, Connected(), reply_text(demo, chat=False))
+        assert (done.new_tokens, finish) == ([5, 6], "stop")
+        return waiting, answered
+
+    waiting, answered = asyncio.run(scenario())
+    assert waiting.cancelled.is_set() and answered.cancelled.is_set() and serving.active == 0
+
+
 def test_ignore_eos_runs_an_answer_to_its_limit(client):
     """vLLM's `ignore_eos` (what benchmark clients send for answers of a fixed length)."""
     asked = dict(model="demo", messages=ask(SKY), seed=1, max_tokens=100)

@@ -297,7 +297,8 @@ class Serving:
 
     async def run_job(self, job: Job, request: Request, reply: SettledText) -> tuple[RowDone, str]:
         """Wait for a job's result and its finish reason (`_ending`: it ends as soon as its end settles, a stop
-        string, say; the job is then cancelled); if the client goes away first, cancel the job."""
+        string, say); if the client goes away first, or the wait itself is cancelled (another choice of the
+        request failed), the job is cancelled: no job outlives its waiter."""
         self.active += 1
         steps: dict[int, int] = {}  # per canvas, the steps seen so far
         started = time.perf_counter()
@@ -307,7 +308,6 @@ class Serving:
                     event = await asyncio.wait_for(job.events.get(), timeout=0.25)
                 except TimeoutError:
                     if await request.is_disconnected():
-                        job.cancelled.set()
                         raise APIError(499, "client closed the request", "invalid_request_error") from None
                     continue
                 if isinstance(event, Exception):
@@ -317,11 +317,11 @@ class Serving:
                     return replace(event, new_tokens=ending[0], eos=ending[2]), ending[1]
                 steps[event.canvas_index] = event.step
                 if ending is not None:  # (settled: the row may go on with its canvas or its batch)
-                    job.cancelled.set()
                     tokens, finish, eos = ending
                     done = RowDone(tokens, list(steps.values()), time.perf_counter() - started, eos, event.cached)
                     return done, finish
         finally:
+            job.cancelled.set()  # (after its end, harmless: its row is done, or ends with its canvas)
             self.active -= 1
 
     async def run_answer(
@@ -462,12 +462,16 @@ class Serving:
                 jobs, replies, chunk, body.drafts, usage_chunk, leading, logprobs=scorer, tools=tools
             )
             return event_stream(stream)
-        answers = await asyncio.gather(
-            *(
-                self.run_answer(job, reply, request, tools, answer_format, partial(redraw, index))
-                for index, (job, reply) in enumerate(zip(jobs, replies, strict=True))
-            )
-        )
+        waits = [
+            asyncio.ensure_future(self.run_answer(job, reply, request, tools, answer_format, partial(redraw, index)))
+            for index, (job, reply) in enumerate(zip(jobs, replies, strict=True))
+        ]
+        try:
+            answers = await asyncio.gather(*waits)
+        except BaseException:  # a choice failed (or the request went away): the others stop too
+            for wait in waits:
+                wait.cancel()
+            raise
         every_logprobs: list[dict[str, Any] | None] = [None] * len(answers)
         if top is not None:  # every choice scored in one pass
             scored = [
