@@ -268,6 +268,12 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
         main(["generate", "hi", "--steps", "many"])
     assert bad_option.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+    # a task that sets its own length takes no --max-new-tokens (it was a traceback: two values for one argument)
+    for argv in (["infill", "--prefix", "a", "--suffix", "b"], ["sudoku", "--tries", "1"]):
+        with pytest.raises(SystemExit) as refused:
+            main([*argv, "--model", DEMO, "--max-new-tokens", "5"])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and "--max-new-tokens" in err and err.count("\n") == 1
 
 
 def test_top_k_top_p_and_min_p_options_reach_the_sampler(capsys, demo):

@@ -76,11 +76,13 @@ def _add_model_options(
     dtype: str = "auto",
     prefix_cache: int = 1,
     device: bool = True,
+    length: bool = True,
 ) -> None:
     """--model, --device (unless `device` is False: a command that runs nothing there), --dtype (default `dtype`,
     one of DTYPE_CHOICES), --threads (`main` applies it); for a command that runs the model (`inference`,
     `load_model`) --quant, --adapter, --compile and --prefix-cache (default `prefix_cache`); and with `sampling` the
-    sampler's settings."""
+    sampler's settings, --seed, --mode and (unless `length` is False: a command whose task sets how many tokens
+    it writes) --max-new-tokens."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     if device:
         parser.add_argument("--device", default="auto", help="auto (a CUDA GPU if any, else the CPU), cpu, cuda:1, mps")
@@ -109,7 +111,8 @@ def _add_model_options(
         return
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--mode", default="fast", choices=["fast", "reference"])
-    parser.add_argument("--max-new-tokens", type=int, default=None)
+    if length:
+        parser.add_argument("--max-new-tokens", type=int, default=None)
     _add_sampler_options(parser)
 
 
@@ -210,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     infill.add_argument("--prefix", required=True)
     infill.add_argument("--suffix", required=True)
     infill.add_argument("--length", type=int, default=32, help="tokens to fill")
-    _add_model_options(infill)
+    _add_model_options(infill, length=False)  # (its length: --length)
     infill.set_defaults(run=text.cmd_infill)
 
     edit = commands.add_parser("edit", help="regenerate some lines of a file in place")
@@ -219,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--length", type=int, default=None, help="tokens for the new lines (default: as many as before)")
     edit.add_argument("--write", action="store_true", help="write the file (atomically) instead of printing")
     edit.add_argument("--no-backup", action="store_true", help="with --write, keep no FILE.bak")
-    _add_model_options(edit)
+    _add_model_options(edit, length=False)  # (its length: --length)
     edit.set_defaults(run=text.cmd_edit)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible server with a playground page")
@@ -267,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_tries_option(sudoku)
     _add_candidates_option(sudoku)
-    _add_model_options(sudoku)
+    _add_model_options(sudoku, length=False)  # (81 cells)
     sudoku.set_defaults(run=tasks.cmd_sudoku)
 
     puzzles = commands.add_parser("sudoku-puzzles", help="print fresh unique-solution puzzles, one a line")
@@ -286,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     _add_tries_option(evaluate)
     _add_candidates_option(evaluate)
-    _add_model_options(evaluate)
+    _add_model_options(evaluate, length=False)  # (a puzzle: 81 cells)
     evaluate.set_defaults(run=tasks.cmd_eval_sudoku)
 
     trainer = commands.add_parser(
