@@ -241,7 +241,8 @@ class Serving:
 
     def sampler_overrides(self, body: SamplerExtras) -> dict[str, Any]:
         """The request's sampler fields that differ from the model's settings (so a client that sends the
-        defaults, `top_p: 1` say, still shares batches with those that do not)."""
+        defaults, `top_p: 1` say, still shares batches with those that do not); penalties, which the sampler
+        lacks, are refused unless neutral."""
         for name, neutral in NEUTRAL_PENALTIES.items():
             if getattr(body, name) not in (None, neutral):
                 message = (
