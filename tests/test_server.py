@@ -172,8 +172,9 @@ def test_a_message_cannot_forge_the_templates_markers(client, demo):
 
 def test_no_job_outlives_its_waiter(demo):
     """A wait for a job that is cancelled (another choice of its request failed, say) cancels the job, so the
-    engine does not denoise it for no one; as does one that ends."""
+    engine does not denoise it for no one; as does one that ends, and a stream that is never read."""
     import asyncio
+    import gc
 
     from diffgemma.server.batcher import Job, RowDone
     from diffgemma.server.service import Serving
@@ -200,6 +201,15 @@ def test_no_job_outlives_its_waiter(demo):
 
     waiting, answered = asyncio.run(scenario())
     assert waiting.cancelled.is_set() and answered.cancelled.is_set() and serving.active == 0
+
+    # a stream dropped before it started (its client gone before the first byte) cancels its jobs as it goes
+    async def dropped_stream() -> Job:
+        job = Job([2, 3], 8, 1, {}, asyncio.get_running_loop())
+        serving.stream_jobs([job], [reply_text(demo, chat=False)], lambda piece: {}, False, None, [""])
+        gc.collect()
+        return job
+
+    assert asyncio.run(dropped_stream()).cancelled.is_set()
 
 
 def test_ignore_eos_runs_an_answer_to_its_limit(client):

@@ -17,6 +17,7 @@ import json
 import secrets
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -353,7 +354,15 @@ class Serving:
         message = f"no {answer_format.what} in {self.options.format_tries} draws; the last: {fault}"
         raise APIError(422, message, "model_error", "answer_unreadable", param)
 
-    async def stream_jobs(
+    def stream_jobs(self, jobs: list[Job], *args: Any, **kwargs: Any) -> AsyncIterator[str]:
+        """`_stream_jobs`'s stream of the jobs' events. Its own cleanup cancels the jobs when it ends; a stream
+        dropped before it started (its client gone before the first byte) never runs it, so its jobs are
+        cancelled when the stream is collected too."""
+        stream = self._stream_jobs(jobs, *args, **kwargs)
+        weakref.finalize(stream, _cancel, list(jobs))
+        return stream
+
+    async def _stream_jobs(
         self,
         jobs: list[Job],
         replies: list[SettledText],
@@ -415,8 +424,7 @@ class Serving:
         finally:
             for forwarder in forwarders:
                 forwarder.cancel()
-            for job in jobs:
-                job.cancelled.set()  # a client that went away frees its slots, and its rows stop receiving work
+            _cancel(jobs)  # a client that went away frees its slots, and its rows stop receiving work
             self.active -= len(jobs)
 
     async def complete(
@@ -655,6 +663,12 @@ def sse(payload: dict | list[dict]) -> str:
 def _include_usage(body: ChatRequest | CompletionRequest) -> bool:
     """Whether a stream ends with a usage chunk: only when asked for, as OpenAI sends it."""
     return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _cancel(jobs: list[Job]) -> None:
+    """The jobs' rows end with the canvas they are in, and they receive no more events."""
+    for job in jobs:
+        job.cancelled.set()
 
 
 def event_stream(chunks: AsyncIterator[str] | list[str]) -> StreamingResponse:
