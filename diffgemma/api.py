@@ -247,7 +247,7 @@ class DiffGemma:
         settings = self.settings.replace(max_new_tokens=max_new_tokens, **sampler)
         ids, mask, batched = prepare_prompts(prompt, self.tokenizer, settings.pad_id, enable_thinking)
         if clamp is not None and not isinstance(clamp, torch.Tensor):
-            clamp = torch.tensor([[-1 if t is None else t for t in row] for row in _rows(clamp)], dtype=torch.long)
+            clamp = _clamp_ids(clamp)
         token_ranges = _ranges_for_rows(token_ranges, ids.shape[0], "token_ranges")
         noise_ranges = _ranges_for_rows(noise_ranges, ids.shape[0], "noise_ranges")
         if isinstance(banned_tokens, list | tuple):
@@ -536,9 +536,11 @@ class DiffGemma:
         raise DiffGemmaError("score takes a text, or token ids (a list of ints or a 1-D integer tensor), or a list")
 
     def _stop_strings(self, stop: str | Sequence[str] | StopStrings | None) -> StopStrings | None:
-        if not stop or isinstance(stop, StopStrings):  # "" and [] stop nothing, as OpenAI's API takes them
-            return stop or None
-        return StopStrings(stop, self._need_tokenizer().decode)
+        if isinstance(stop, StopStrings):
+            return stop
+        if stop is None or (isinstance(stop, str | Sequence) and not stop):  # "" and [] stop nothing, as OpenAI's
+            return None
+        return StopStrings(stop, self._need_tokenizer().decode)  # (which names what is not a string)
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -684,8 +686,15 @@ def _lighter_load(config: ModelConfig, dtype: torch.dtype, quant: str | None, fr
     return f"; {_load_label(*best)} would fit, in {size} ({' '.join(flags)}; `load` takes the same names)"
 
 
-def _rows(clamp: list) -> list[list]:
-    return clamp if clamp and isinstance(clamp[0], list | tuple) else [clamp]
+def _clamp_ids(clamp: Sequence) -> torch.Tensor:
+    """A clamp given as ids (None or -1: free), one list for every row or a list per row (shorter ones free at
+    their end), as a [B, L] tensor."""
+    rows = clamp if isinstance(clamp, Sequence) and clamp and isinstance(clamp[0], list | tuple) else [clamp]
+    if not all(isinstance(row, Sequence) and all(t is None or is_int(t) for t in row) for row in rows):
+        raise DiffGemmaError("clamp must be token ids (None or -1: free): a list, or a list for each row")
+    width = max(len(row) for row in rows)
+    padded = [[-1 if t is None else t for t in row] + [-1] * (width - len(row)) for row in rows]
+    return torch.tensor(padded, dtype=torch.long)
 
 
 def load(

@@ -157,6 +157,9 @@ def _slots_bytes(shape: AttentionShape, slots: int, batch: int, bytes_per_value:
     return 2 * batch * shape.num_kv_heads * shape.head_dim * slots * bytes_per_value + slots * 8 + batch * slots
 
 
+MAX_DENOISING_STEPS = 1_000_000
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """Sampler defaults: a checkpoint's generation_config.json, then the reference's global defaults."""
@@ -197,8 +200,9 @@ class SamplerSettings:
         def fail(key: str, expected: str) -> None:
             raise DiffGemmaError(f"{source}: `{key}` must be {expected}, got {getattr(self, key)!r}")
 
-        if not is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
-            fail("max_denoising_steps", "a positive integer")
+        # (a bound far past any use, where the schedule's step counts, int32 as the reference's, still hold)
+        if not is_int(self.max_denoising_steps) or not 0 < self.max_denoising_steps <= MAX_DENOISING_STEPS:
+            fail("max_denoising_steps", f"a positive integer up to {MAX_DENOISING_STEPS:,}")
         if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
             fail("max_new_tokens", "a positive integer")
         if not is_number(self.entropy_bound) or self.entropy_bound <= 0:

@@ -464,9 +464,8 @@ class DecoderPass:
     ) -> None:
         self.network, self.cache = network, cache
         # The whole schedule up front, on the device: no host-to-device copy inside the loop.
-        steps = settings.max_denoising_steps
-        schedule = [sampling.temperature(left, steps, settings.t_min, settings.t_max) for left in range(steps, 0, -1)]
-        self.temperatures = torch.stack(schedule).to(network.device)
+        schedule = sampling.temperature_schedule(settings.max_denoising_steps, settings.t_min, settings.t_max)
+        self.temperatures = schedule.to(network.device)
         self.inverse_temperatures = self.temperatures.reciprocal()
         self.cut = {"top_k": settings.top_k, "top_p": settings.top_p, "min_p": settings.min_p}
         self.cut["sort_whole_rows"] = mode == "reference"  # (fast mode: top-p sorts only what top-k kept)

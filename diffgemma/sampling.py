@@ -17,14 +17,15 @@ from __future__ import annotations
 import torch
 
 
-def temperature(steps_left: int, max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
-    """Linear schedule over the steps still to run: t_max on the first step, falling towards t_min.
+def temperature_schedule(max_steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    """The temperature of every step of a canvas, first to last [max_steps]: linear over the steps still to run,
+    t_max on the first step, falling towards t_min.
 
-    `steps_left` counts down from `max_steps` (first step) to 1 (last step), as in the reference, and the
-    value is computed in float32 the way the reference computes it (a 0-dim tensor to divide logits by).
+    The steps left count down from `max_steps` (first step) to 1 (last step), as in the reference, int32 as
+    its are, and each value is computed in float32 the way the reference computes it.
     """
-    fraction = torch.tensor(steps_left, dtype=torch.int32) / max_steps
-    return t_min + (t_max - t_min) * fraction
+    steps_left = torch.arange(max_steps, 0, -1, dtype=torch.int32)
+    return t_min + (t_max - t_min) * (steps_left / max_steps)
 
 
 EXP_FLOOR = -87.0

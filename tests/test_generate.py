@@ -147,6 +147,13 @@ def test_clamp_validation(tiny):
         tiny.generate("x", max_new_tokens=8, clamp=[tiny.config.vocab_size + 5])
     with pytest.raises(DiffGemmaError, match="clamp must be"):
         tiny.generate("x", max_new_tokens=8, clamp=[-1] * (tiny.config.canvas_length + 1))
+    for not_ids in (5, "x", [1, "a"], {}):  # (were TypeErrors and ValueErrors from deep inside)
+        with pytest.raises(DiffGemmaError, match="clamp must be token ids"):
+            tiny.generate("x", max_new_tokens=8, clamp=not_ids)
+    # a list per row, shorter ones free at their end
+    ragged = tiny.generate(["x", "y"], max_new_tokens=8, clamp=[[40], [41, None, 42]], seed=0)
+    first = ragged.sequences[:, ragged.prompt_length :].tolist()
+    assert first[0][0] == 40 and (first[1][0], first[1][2]) == (41, 42)
 
 
 @pytest.mark.parametrize("mode", ["fast", "reference"])
@@ -470,6 +477,10 @@ def test_bad_calls(tiny):
     with pytest.raises(DiffGemmaError, match="unknown sampler setting.*typical_p") as unknown:
         tiny.generate("x", max_new_tokens=4, typical_p=0.9)
     assert "t_max" not in str(unknown.value)
+    with pytest.raises(DiffGemmaError, match="`max_denoising_steps` must be a positive integer up to 1,000,000"):
+        tiny.generate("x", max_new_tokens=4, max_denoising_steps=10**12)  # (was an int32 overflow, deep in torch)
+    with pytest.raises(DiffGemmaError, match="stop strings must be"):
+        tiny.chat([{"role": "user", "content": "hi"}], stop=torch.tensor([1, 2]))  # (was a tensor's truth value)
     with pytest.raises(DiffGemmaError, match="prompt must be"):
         tiny.generate(3.5)
     with pytest.raises(DiffGemmaError, match="has no tokens"):

@@ -17,14 +17,17 @@ from diffgemma.generate import RandomSource, sampler_step
 
 
 def test_temperature_schedule_hand_values_and_reference():
-    assert float(sampling.temperature(48, 48, 0.4, 0.8)) == pytest.approx(0.8)
-    assert float(sampling.temperature(1, 48, 0.4, 0.8)) == pytest.approx(0.4 + 0.4 / 48)
-    assert float(sampling.temperature(24, 48, 0.4, 0.8)) == pytest.approx(0.6)
+    schedule = sampling.temperature_schedule(48, 0.4, 0.8)
+    assert schedule.shape == (48,) and schedule.dtype == torch.float32
+    assert float(schedule[0]) == pytest.approx(0.8)  # the first step: 48 left
+    assert float(schedule[-1]) == pytest.approx(0.4 + 0.4 / 48)  # the last: 1 left
+    assert float(schedule[24]) == pytest.approx(0.6)
     processor = LinearTemperatureScheduleLogitsProcessor(t_min=0.4, t_max=0.8, max_denoising_steps=12)
     logits = torch.randn(2, 5, 11)
-    for steps_left in range(12, 0, -1):
+    schedule = sampling.temperature_schedule(12, 0.4, 0.8)
+    for step, steps_left in enumerate(range(12, 0, -1)):
         expected = processor(None, logits, cur_step=torch.tensor(steps_left, dtype=torch.int32))
-        assert torch.equal(logits / sampling.temperature(steps_left, 12, 0.4, 0.8), expected)
+        assert torch.equal(logits / schedule[step], expected)
 
 
 def test_logit_stats_hand_cases():
