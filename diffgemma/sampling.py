@@ -118,20 +118,27 @@ def truncate(
             part.masked_fill_(part < kept.amin(dim=-1, keepdim=True), MASKED_LOGIT)
             if whole_row_nucleus and not sort_whole_rows:  # the nucleus among the k kept
                 ascending = kept.sort(dim=-1).values
-                mass_up_to = torch.softmax(_at_temperature_one(ascending, scale), dim=-1).cumsum_(-1)
-                first_kept = (mass_up_to <= 1.0 - top_p).sum(-1, keepdim=True).clamp_(max=top_k - 1)
+                first_kept = _outside_nucleus(ascending, top_p, scale).sum(-1, keepdim=True).clamp_(max=top_k - 1)
                 part.masked_fill_(part < ascending.gather(-1, first_kept), MASKED_LOGIT)
                 whole_row_nucleus = False
         if whole_row_nucleus:
             ascending, order = torch.sort(part, dim=-1)
-            mass_up_to = torch.softmax(_at_temperature_one(ascending, scale, in_place=True), dim=-1).cumsum_(-1)
-            cut = mass_up_to <= 1.0 - top_p
+            cut = _outside_nucleus(ascending, top_p, scale, in_place=True)
             cut[:, -1] = False
             part.masked_fill_(torch.zeros_like(cut).scatter_(-1, order, cut), MASKED_LOGIT)
         if min_p > 0.0:
             probs = torch.softmax(_at_temperature_one(part, scale), dim=-1)
             part.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), MASKED_LOGIT)
     return logits
+
+
+def _outside_nucleus(
+    ascending: torch.Tensor, top_p: float, scale: torch.Tensor | float, in_place: bool = False
+) -> torch.Tensor:
+    """For logits sorted ascending: True where a token and every less likely one together hold at most
+    1 - top_p of the probability at temperature 1 (`in_place`: `ascending` may be overwritten)."""
+    mass_up_to = torch.softmax(_at_temperature_one(ascending, scale, in_place), dim=-1).cumsum_(-1)
+    return mass_up_to <= 1.0 - top_p
 
 
 def _at_temperature_one(logits: torch.Tensor, scale: torch.Tensor | float, in_place: bool = False) -> torch.Tensor:
