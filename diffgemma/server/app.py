@@ -341,9 +341,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def infill(body: InfillRequest, request: Request):
         length = infill_length(model, body.max_tokens, body.original)
         prompt = model.tokenizer.encode(body.prefix)
-        job = serving.new_job(
-            prompt, serving.admit([prompt], length, 1), body, 0, model.infill_inputs("", body.suffix, length)[1]
-        )
+        job = serving.fill_job(prompt, body.suffix, length, body)
         reply = reply_text(model, chat=False)
         done, _ = await serving.run_job(job, request, reply)
         fill = reply.parts(done.new_tokens)[0]
@@ -360,13 +358,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if length == 0:  # (nothing asked for)
             return infill_response("", "length", None, len(prompt), 0, 0.0, **shape)
         reply = reply_text(model, chat=False, stop=body.stop)  # (its stop strings checked before a job is queued)
-        job = serving.new_job(
-            prompt,
-            serving.admit([prompt], length, 1),
-            body,
-            0,
-            model.infill_inputs("", body.input_suffix, length, warn=False)[1],  # (a long suffix's end: by design)
-        )
+        job = serving.fill_job(prompt, body.input_suffix, length, body, warn=False)  # (a long suffix's end: by design)
         if body.stream:
             return event_stream(serving.stream_jobs([job], [reply], stream_chunk, False, None, [""], ""))
         answer = await serving.run_answer(job, reply, request, None)

@@ -275,6 +275,12 @@ class Serving:
             banned.append(int(key))
         return tuple(banned)
 
+    def fill_job(self, prompt: list[int], suffix: str, length: int, body: SamplerExtras, warn: bool = True) -> Job:
+        """A fill's job: `length` free positions after `prompt`, then `suffix` held in place on the same canvas
+        (`DiffGemma.infill_inputs`; `warn`: say when the suffix's end does not fit)."""
+        clamp = self.model.infill_inputs("", suffix, length, warn)[1]
+        return self.new_job(prompt, self.admit([prompt], length, 1), body, 0, clamp)
+
     def new_job(self, prompt: list[int], limit: int, body: SamplerExtras, choice: int, clamp: list[int] | None) -> Job:
         # temperature 0 without a seed: seeded 0, so the same request gets the same answer (as clients expect)
         base = body.seed if body.seed is not None else 0 if body.temperature == 0 else None
