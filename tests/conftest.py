@@ -7,8 +7,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from reference import load_reference, make_reference_checkpoint
+from server_util import running
 
 import diffgemma
+from diffgemma.server import ServerOptions, create_app
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -88,3 +90,12 @@ def digits_only_bans(demo) -> list[int]:
     keep = {tokenizer.encode(digit, add_special_tokens=False)[0] for digit in "123456789"}
     keep |= set(demo.settings.eos_token_id)
     return [token for token in range(demo.config.vocab_size) if token not in keep]
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    """The demo model served over HTTP on 127.0.0.1 (small limits: prompts of 400 tokens, answers of 512): its URL
+    and app."""
+    app = create_app(demo, ServerOptions(model_name="demo", max_prompt_tokens=400, max_tokens=512))
+    with running(app) as url:
+        yield url, app

@@ -18,17 +18,10 @@ from server_util import free_port, running
 
 from diffgemma.server import ServerOptions, create_app
 from diffgemma.server.batcher import Batcher
-from diffgemma.server.service import reply_text
+from diffgemma.server.service import fill_limit, reply_text
 from diffgemma.structured import DEFAULT_TRIES, JsonFormat, RegexFormat
 
 SKY = "Why is the sky blue?"
-
-
-@pytest.fixture(scope="module")
-def server(demo):
-    app = create_app(demo, ServerOptions(model_name="demo", max_prompt_tokens=400, max_tokens=512))
-    with running(app) as url:
-        yield url, app
 
 
 @pytest.fixture(scope="module")
@@ -443,9 +436,9 @@ def test_llama_cpps_infill_route_as_editor_plugins_call_it(server, demo):
     assert nothing["content"] == "" and nothing["tokens_predicted"] == 0
     assert fit_prompt([2, 5, 6, 7, 8], 1, 3) == ([2, 7, 8], True) and fit_prompt([2, 5], 1, 3) == ([2, 5], False)
     assert LlamaInfillRequest(seed=-1).seed is None and LlamaInfillRequest(seed=2**32 - 1).seed is None
-    assert LlamaInfillRequest(n_predict=-1).fill_length(32, 256, 10) == 32
-    assert LlamaInfillRequest(n_predict=128).fill_length(32, 256, 500) == 128  # (a long suffix keeps half)
-    assert LlamaInfillRequest(n_predict=200).fill_length(32, 256, 500) == 128
+    assert LlamaInfillRequest(n_predict=-1).limit() is None and fill_limit(None, 32, 256, 10) == 32
+    assert fill_limit(128, 32, 256, 500) == 128  # (a long suffix keeps half)
+    assert fill_limit(LlamaInfillRequest(n_predict=200).limit(), 32, 256, 500) == 128
     # a prefix over the prompt limit (400 here) loses its beginning, as llama.cpp cuts it, and says so
     long = httpx.post(url + "/infill", json={**asked, "input_prefix": "word " * 500}, timeout=60).json()
     assert long["truncated"] is True and long["tokens_evaluated"] == 400 and filled["truncated"] is False

@@ -1,5 +1,6 @@
 """An OpenAI-compatible server (FastAPI): chat and text completions, responses, streaming, infill, the playground;
-Anthropic's messages and vLLM's tokenize beside them. Tool calls come back apart from the text (`toolcalls`).
+Anthropic's messages, vLLM's tokenize, llama.cpp's infill and Ollama's API (`ollama`) beside them. Tool calls come
+back apart from the text (`toolcalls`).
 
 Each route reads its API's request into prompts and settings and hands them to `Serving` (`service`), which runs
 them on the engine and returns or streams what they give; the route puts that in its API's shape.
@@ -29,6 +30,7 @@ from .messages import (
     MessagesRequest,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .ollama import ollama_routes
 from .responses import (
     ResponseBuilder,
     ResponsesRequest,
@@ -51,8 +53,10 @@ from .schema import (
 from .service import (
     ServerOptions,
     Serving,
+    check_token_ids,
     engine_failure,
     event_stream,
+    fill_limit,
     infill_length,
     reply_text,
     sse,
@@ -77,15 +81,6 @@ def completion_prompts(model: DiffGemma, prompt: PromptField) -> tuple[list[list
     for ids in lists:
         check_token_ids(model, ids, "prompt")
     return [list(ids) for ids in lists], [tokenizer.decode(ids) for ids in lists]
-
-
-def check_token_ids(model: DiffGemma, ids: list[int], param: str) -> None:
-    """A request's token ids: at least one, each in the vocabulary (400 naming the first outside it)."""
-    vocabulary = model.config.vocab_size
-    outside = [token for token in ids if not 0 <= token < vocabulary]
-    if not ids or outside:
-        what = f"token id {outside[0]} is outside the vocabulary (0-{vocabulary - 1})" if ids else "empty"
-        raise APIError(400, f"{param}: {what}", "invalid_request_error", "invalid_value", param)
 
 
 def route_label(app: FastAPI, request: Request) -> str:
@@ -117,20 +112,26 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     metrics = batcher.metrics
     metrics.watch(lambda: serving.active, batcher.waiting, batcher.batches_running)
 
+    def error(request: Request, body: dict, status: int) -> JSONResponse:
+        """An error in its API's shape: OpenAI's, or Ollama's on its routes (`{"error": message}`)."""
+        if request.url.path.startswith("/api/"):
+            body = {"error": body["error"]["message"]}
+        return JSONResponse(body, status_code=status)
+
     @app.exception_handler(APIError)
-    async def api_error(_: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(error_body(err.message, err.kind, err.code, err.param), status_code=err.status)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return error(request, error_body(err.message, err.kind, err.code, err.param), err.status)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return JSONResponse(error_body(message, "invalid_request_error", "invalid_value", where), status_code=422)
+        return error(request, error_body(message, "invalid_request_error", "invalid_value", where), 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(err.detail), "invalid_request_error"), status_code=err.status_code)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error(request, error_body(str(err.detail), "invalid_request_error"), err.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
@@ -353,7 +354,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         opening = len(model.tokenizer.encode(""))
         prompt, truncated = fit_prompt(model.tokenizer.encode(body.prefix()), opening, options.max_prompt_tokens)
         suffix_tokens = len(model.tokenizer.encode(body.input_suffix, add_special_tokens=False))
-        length = body.fill_length(infill_length(model, None), model.config.canvas_length, suffix_tokens)
+        length = fill_limit(body.limit(), infill_length(model, None), model.config.canvas_length, suffix_tokens)
         shape = {"model_name": options.model_name, "fields": body.response_fields, "truncated": truncated}
         if length == 0:  # (nothing asked for)
             return infill_response("", "length", None, len(prompt), 0, 0.0, **shape)
@@ -368,4 +369,5 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             answer.content, end.finish, end.stop_sequence, len(prompt), predicted, done.wall_time, done.cached, **shape
         )
 
+    app.include_router(ollama_routes(model, serving, context))
     return app

@@ -61,11 +61,9 @@ class LlamaInfillRequest(SamplerExtras):
         context = "".join(f"{chunk.filename}\n{chunk.text}\n\n" for chunk in self.input_extra)
         return context + self.input_prefix + self.prompt
 
-    def fill_length(self, default: int, canvas: int, suffix_tokens: int) -> int:
-        """The gap's positions: `n_predict` (or `default` when it sets no limit), at most what leaves the suffix
-        and its EOS on the canvas, or half of it."""
-        asked = default if self.n_predict is None or self.n_predict < 0 else self.n_predict
-        return min(asked, canvas - min(suffix_tokens + 1, canvas // 2))
+    def limit(self) -> int | None:
+        """`n_predict` as a fill's limit (`service.fill_limit`); -1 or unset: none of its own."""
+        return None if self.n_predict is None or self.n_predict < 0 else self.n_predict
 
 
 def fit_prompt(ids: list[int], opening: int, limit: int) -> tuple[list[int], bool]:

@@ -179,6 +179,22 @@ def infill_length(model: DiffGemma, max_tokens: int | None, original: str | None
     return length
 
 
+def fill_limit(asked: int | None, default: int, canvas: int, suffix_tokens: int) -> int:
+    """The gap of a fill whose length is a limit (llama.cpp's `n_predict`, Ollama's `num_predict`): `asked` (None:
+    `default`), at most what leaves the suffix and its EOS on the canvas, or half of it for a longer suffix (whose
+    end is then cut: editor plugins send many lines after the cursor, and the fill sees those nearest)."""
+    return min(default if asked is None else asked, canvas - min(suffix_tokens + 1, canvas // 2))
+
+
+def check_token_ids(model: DiffGemma, ids: list[int], param: str) -> None:
+    """A request's token ids: at least one, each in the vocabulary (400 naming the first outside it)."""
+    vocabulary = model.config.vocab_size
+    outside = [token for token in ids if not 0 <= token < vocabulary]
+    if not ids or outside:
+        what = f"token id {outside[0]} is outside the vocabulary (0-{vocabulary - 1})" if ids else "empty"
+        raise APIError(400, f"{param}: {what}", "invalid_request_error", "invalid_value", param)
+
+
 def thinking_asked(body: ChatRequest | TokenizeRequest) -> bool:
     """Whether a chat request turns thinking on (our field, the template's argument as vLLM takes it, or OpenAI's
     reasoning effort)."""
@@ -379,13 +395,16 @@ class Serving:
         done: str = DONE,
         logprobs: Callable[[int, list[int], int | None], Awaitable[dict]] | None = None,
         tools: ToolUse | None = None,
+        encode: Callable[[dict | list[dict]], str] | None = None,
     ) -> AsyncIterator[str]:
         """One stream for a request's choices (a job each, its `echoes` text first), their events as they come,
-        then (`usage`: the prompt tokens, to count) usage, then `done` (the Responses API sends no [DONE]).
+        then (`usage`: the prompt tokens, to count) usage, then `done` (the Responses API sends no [DONE]); each
+        chunk as `encode` frames it (server-sent events unless given: Ollama's are lines of JSON).
         `logprobs` (choice, its tokens, the EOS that ended it) gives a choice's log-probabilities, sent with its
         last chunk; a choice's tool calls (`tools`: it offered some) come whole, before its last chunk."""
         self.active += len(jobs)
         merged: asyncio.Queue = asyncio.Queue()
+        encode = encode or sse
 
         async def forward(index: int, job: Job) -> None:
             while True:
@@ -394,7 +413,7 @@ class Serving:
         forwarders = [asyncio.create_task(forward(index, job)) for index, job in enumerate(jobs)]
         try:
             for index, echo in enumerate(echoes):
-                yield sse(chunk(Piece(index, role=True, content=echo)))
+                yield encode(chunk(Piece(index, role=True, content=echo)))
             streaming, completion, cached = set(range(len(jobs))), 0, 0
             while streaming:
                 index, event = await merged.get()
@@ -402,30 +421,30 @@ class Serving:
                 if index not in streaming:
                     continue
                 if isinstance(event, Exception):
-                    yield sse(error_body(f"generation failed: {event}", "server_error"))
+                    yield encode(error_body(f"generation failed: {event}", "server_error"))
                     break
                 cached = max(cached, event.cached)
                 tokens = _visible(event, job) if isinstance(event, RowDraft) else event.new_tokens
                 ending = self.ending(reply, event, job)
                 if isinstance(event, RowDraft) and drafts:
-                    yield sse(chunk(Piece(index, draft=_draft_payload(event, self.model))))
+                    yield encode(chunk(Piece(index, draft=_draft_payload(event, self.model))))
                 content, reasoning = reply.deltas(tokens if ending is None else ending[0], final=ending is not None)
                 if content or reasoning:
-                    yield sse(chunk(Piece(index, content=content, reasoning=reasoning)))
+                    yield encode(chunk(Piece(index, content=content, reasoning=reasoning)))
                 if ending is not None:
                     end = choice_ending(reply, ending[0], ending[1], tools)
                     if end.calls:
-                        yield sse(chunk(Piece(index, tool_calls=end.calls)))
+                        yield encode(chunk(Piece(index, tool_calls=end.calls)))
                     last: dict[str, Any] = {"finish": end.finish, "stop_sequence": end.stop_sequence}
                     if logprobs is not None:
                         last["logprobs"] = await logprobs(index, ending[0], ending[2])
-                    yield sse(chunk(Piece(index, **last)))
+                    yield encode(chunk(Piece(index, **last)))
                     completion += len(ending[0])
                     streaming.discard(index)
                     job.cancelled.set()  # (it ended as it settled: its row goes no further than this canvas)
             else:
                 if usage is not None:
-                    yield sse(chunk(Piece(usage=_usage(usage, completion, cached))))
+                    yield encode(chunk(Piece(usage=_usage(usage, completion, cached))))
             yield done
         finally:
             for forwarder in forwarders:

@@ -1,0 +1,419 @@
+"""Ollama's API, for the desktop apps, editor plugins and libraries that reach a local model only through it (its
+Python and JavaScript clients, LangChain's ChatOllama, Continue, Open WebUI's Ollama connection): `/api/chat`,
+`/api/generate` (a chat turn, a raw prompt, or with `suffix` a fill between prompt and suffix), and the routes
+clients ask what is served (`/api/tags`, `/api/show`, `/api/ps`, `/api/version`).
+
+A request's `options` are its sampler settings (`temperature`, `seed`, `top_k`, `top_p`, `min_p`, `num_predict`,
+`stop`, and diffgemma's own: `max_denoising_steps`, ...); those that tune llama.cpp's loading (`num_ctx`,
+`num_gpu`, ...) mean nothing here and are ignored, as Ollama ignores options it does not know. Answers stream by
+default, as Ollama's do: one JSON object a line, text as it settles, the last one with `done: true`, why it ended
+and the counts. Any model name is answered with the model served, as the OpenAI routes answer it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..api import DiffGemma
+from ..reply import SettledText
+from ..structured import AnswerFormat
+from .batcher import Job
+from .schema import APIError, Piece, SamplerExtras, StopField, asked_format, effort_thinks
+from .service import (
+    Answer,
+    Serving,
+    ToolUse,
+    check_token_ids,
+    fill_limit,
+    infill_length,
+    reply_text,
+    whole_events,
+)
+
+VERSION = "0.12.0"  # the Ollama API version `/api/version` answers (clients check for a minimum)
+NDJSON = "application/x-ndjson"
+
+
+def created_at() -> str:
+    """Now, as Ollama stamps its answers."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def ndjson(payload: dict | list[dict]) -> str:
+    """A payload (or each of a list) as a line of JSON; an error as Ollama streams one: `{"error": message}`."""
+    lines = []
+    for one in payload if isinstance(payload, list) else [payload]:
+        if isinstance(one.get("error"), dict):
+            one = {"error": one["error"].get("message", "")}
+        lines.append(json.dumps(one, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+def bad(message: str, param: str) -> APIError:
+    return APIError(400, message, "invalid_request_error", "invalid_value", param)
+
+
+class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    thinking: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # {"function": {"name", "arguments": {...}}}
+    tool_name: str | None = None  # a tool's answer: the tool that gave it
+
+    def for_template(self) -> dict[str, Any]:
+        if self.images:
+            raise bad("images are not supported: the model reads text only", "messages")
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.thinking:
+            message["reasoning_content"] = self.thinking
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        if self.tool_name:
+            message["name"] = self.tool_name
+        return message
+
+
+class OllamaRequest(BaseModel):
+    """What `/api/chat` and `/api/generate` share."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = ""
+    options: dict[str, Any] | None = None
+    stream: bool = True
+    format: str | dict[str, Any] | None = None  # "json", or a JSON schema the answer must follow
+    think: bool | str | None = None  # true, or an effort ("low", "medium", "high"): the model thinks first
+    logprobs: bool = False
+    keep_alive: Any = None  # (the model stays loaded while the server runs)
+
+    def sampler(self) -> SamplerExtras:
+        """The options as the sampler fields the other routes read (which check them: `Serving.new_job`)."""
+        if self.logprobs:
+            raise bad("logprobs are not given on the Ollama routes; /v1/chat/completions gives them", "logprobs")
+        options = self.options or {}
+        if options.get("repeat_penalty") not in (None, 1):  # (the others are named as the OpenAI routes name them)
+            message = "options.repeat_penalty is not supported: the diffusion sampler applies no penalties; send 1"
+            raise bad(message + " or leave it out", "options")
+        try:
+            return SamplerExtras.model_validate(options)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise bad(f"options.{where}: {first['msg']}", "options") from None
+
+    def limit(self, most: int) -> int | None:
+        """`num_predict`: the answer's token limit, at most `most` (the server's; -1, -2 or unset: that one)."""
+        limit = (self.options or {}).get("num_predict")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise bad(f"options.num_predict must be an integer, got {limit!r}", "options")
+        return min(limit, most) if limit is not None and limit > 0 else None
+
+    def stop(self) -> StopField:
+        stop = (self.options or {}).get("stop")
+        strings = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else [None]
+        if stop is not None and not all(isinstance(one, str) for one in strings):
+            raise bad("options.stop must be a string or a list of strings", "options")
+        return stop
+
+    def thinking(self) -> bool:
+        return self.think is True or (isinstance(self.think, str) and effort_thinks(self.think))
+
+    def answer_form(self) -> dict[str, Any] | bool | None:
+        """`format` as the JSON form the other routes read: "json" any JSON object, a schema its own."""
+        if self.format in (None, ""):
+            return None
+        if self.format == "json":
+            return True
+        if isinstance(self.format, str):
+            raise bad(f'format must be "json" or a JSON schema, got {self.format!r}', "format")
+        return self.format
+
+
+class OllamaChatRequest(OllamaRequest):
+    messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class OllamaGenerateRequest(OllamaRequest):
+    prompt: str = ""
+    suffix: str = ""  # the text after the gap: the answer fills between prompt and suffix
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False  # the prompt as the model reads it, without the chat template
+    context: list[int] | None = None  # a previous answer's `context`: the conversation so far, as ids
+    images: list[str] | None = None
+
+
+def tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI-shaped calls (arguments as JSON text) in Ollama's shape (arguments as an object)."""
+    return [
+        {
+            "id": call["id"],
+            "function": {
+                "index": index,
+                "name": call["function"]["name"],
+                "arguments": json.loads(call["function"]["arguments"]),
+            },
+        }
+        for index, call in enumerate(calls)
+    ]
+
+
+class Reply:
+    """One answer in Ollama's shape, streamed (`chunk` of each piece the engine's stream hands on) or whole
+    (`whole`): `/api/chat`'s `message` (`chat`), or `/api/generate`'s `response`, `thinking` and, at the end,
+    `context` (the prompt's ids and the answer's, for a client to continue from). `turn`: the answer is read as
+    a chat turn (its thinking apart, its end-of-turn dropped), as all are but raw prompts' and fills'."""
+
+    def __init__(self, model_name: str, chat: bool, turn: bool, prompt: list[int], encode) -> None:
+        self.model_name, self.chat, self.turn, self.prompt, self.encode = model_name, chat, turn, prompt, encode
+        self.started = time.perf_counter()
+        self.text: list[str] = []
+        self.finish = "stop"
+
+    def _line(self, content: str = "", thinking: str = "", calls: list[dict] | None = None) -> dict[str, Any]:
+        line: dict[str, Any] = {"model": self.model_name, "created_at": created_at()}
+        if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if thinking:
+                message["thinking"] = thinking
+            if calls:
+                message["tool_calls"] = tool_calls(calls)
+            return {**line, "message": message, "done": False}
+        line["response"] = content
+        if thinking:
+            line["thinking"] = thinking
+        return {**line, "done": False}
+
+    def _last(self, prompt_tokens: int, answer_tokens: int, line: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The last line (`line`'s text in it, for an answer sent whole): why it ended, the counts, the time."""
+        nanoseconds = int((time.perf_counter() - self.started) * 1e9)
+        last = {
+            **(line or self._line()),
+            "done": True,
+            "done_reason": "length" if self.finish == "length" else "stop",
+            # the whole answer's time, prompt included (the engine does not time them apart)
+            "total_duration": nanoseconds,
+            "load_duration": 0,
+            "prompt_eval_count": prompt_tokens,
+            "eval_count": answer_tokens,
+            "eval_duration": nanoseconds,
+        }
+        if not self.chat:
+            last["context"] = self.prompt + self.encode("".join(self.text))
+        return last
+
+    def chunk(self, piece: Piece) -> list[dict[str, Any]]:
+        """A streamed piece's line (none for one with nothing to say); the usage piece makes the last."""
+        if piece.usage is not None:
+            return [self._last(piece.usage["prompt_tokens"], piece.usage["completion_tokens"])]
+        if piece.finish is not None:
+            self.finish = piece.finish
+        if piece.draft is not None or not (piece.content or piece.reasoning or piece.tool_calls):
+            return []
+        self.text.append(piece.content)
+        return [self._line(piece.content, piece.reasoning, list(piece.tool_calls))]
+
+    def whole(self, answer: Answer, prompt_tokens: int) -> dict[str, Any]:
+        """An answer in one object, as Ollama answers `stream: false`."""
+        self.finish, self.text = answer.end.finish, [answer.content]
+        line = self._line(answer.content, answer.reasoning, answer.end.calls)
+        return self._last(prompt_tokens, len(answer.done.new_tokens), line)
+
+    def loaded(self) -> dict[str, Any]:
+        """What Ollama answers a request with nothing to generate (clients send one to load a model)."""
+        return {**self._line(), "done": True, "done_reason": "load"}
+
+
+def weight_bytes(model: DiffGemma) -> int:
+    """The bytes the loaded weights take (a tensor shared by two names counted once)."""
+    seen: dict[int, int] = {}
+    for tensor in model.network.state_dict().values():
+        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def _size_label(parameters: int) -> str:
+    return f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.2f}M"
+
+
+def model_entry(model: DiffGemma, name: str) -> dict[str, Any]:
+    """The model as `/api/tags` lists it."""
+    total, _ = model.config.parameter_counts()
+    form = (model.quant or str(model.dtype).removeprefix("torch.")).upper()
+    config = json.dumps(model.config.raw, sort_keys=True)
+    modified = datetime.fromtimestamp(model.folder.stat().st_mtime, UTC) if model.folder else datetime.now(UTC)
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": modified.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "size": weight_bytes(model),
+        "digest": hashlib.sha256(f"{config}{form}".encode()).hexdigest(),
+        "details": {
+            "parent_model": "",
+            "format": "safetensors",
+            "family": "diffusion_gemma",
+            "families": ["diffusion_gemma"],
+            "parameter_size": _size_label(total),
+            "quantization_level": form.replace("FLOAT", "F").replace("BFLOAT", "BF"),
+        },
+    }
+
+
+def model_card(model: DiffGemma, name: str, context: int) -> dict[str, Any]:
+    """The model as `/api/show` describes it: its details, its shape (`model_info`, where clients read the
+    context length) and what it can do (`capabilities`: chat and text, fills, tools and thinking where its chat
+    template writes them)."""
+    entry = model_entry(model, name)
+    config, template = model.config, model.tokenizer.chat_template or ""
+    capabilities = ["completion", "insert"]
+    capabilities += ["tools"] if model.tokenizer.renders_tools else []
+    capabilities += ["thinking"] if "enable_thinking" in template else []
+    total, _ = config.parameter_counts()
+    prefix = "diffusion_gemma"
+    return {
+        "modelfile": "",
+        "parameters": "",
+        "template": template,
+        "details": entry["details"],
+        "model_info": {
+            "general.architecture": prefix,
+            "general.parameter_count": total,
+            f"{prefix}.context_length": context,
+            f"{prefix}.embedding_length": config.hidden_size,
+            f"{prefix}.block_count": config.num_hidden_layers,
+            f"{prefix}.attention.head_count": config.num_attention_heads,
+            f"{prefix}.expert_count": config.num_experts,
+            f"{prefix}.expert_used_count": config.top_k_experts,
+            f"{prefix}.canvas_length": config.canvas_length,
+            f"{prefix}.vocab_size": config.vocab_size,
+        },
+        "capabilities": capabilities,
+        "modified_at": entry["modified_at"],
+    }
+
+
+def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter:
+    """Ollama's routes over `serving` (`context`: the tokens a request may span, as `/api/show` gives it)."""
+    router = APIRouter()
+    name, tokenizer = serving.options.model_name, model.tokenizer
+
+    def shape(chat: bool, turn: bool, prompt: list[int]) -> Reply:
+        return Reply(name, chat, turn, prompt, lambda text: tokenizer.encode(text, add_special_tokens=False))
+
+    async def respond(
+        body: OllamaRequest,
+        request: Request,
+        prompt: list[int],
+        reply_shape: Reply,
+        drawn: tuple[Job, SettledText],
+        tools: ToolUse | None = None,
+        answer_format: AnswerFormat | None = None,
+        redraw: Callable[[int], tuple[Job, SettledText]] | None = None,
+    ):
+        """The `drawn` job's answer, streamed as it settles (one read whole first if it has a form) or whole."""
+        job, reply = drawn
+        if body.stream and answer_format is None:
+            stream = serving.stream_jobs(
+                [job], [reply], reply_shape.chunk, False, len(prompt), [""], "", None, tools, encode=ndjson
+            )
+            return StreamingResponse(stream, media_type=NDJSON)
+        answer = await serving.run_answer(job, reply, request, tools, answer_format, redraw, "format")
+        if body.stream:
+            return StreamingResponse([ndjson(whole_events(answer, reply_shape.chunk, len(prompt)))], media_type=NDJSON)
+        return reply_shape.whole(answer, len(prompt))
+
+    async def answer_prompt(
+        body: OllamaRequest,
+        request: Request,
+        prompt: list[int],
+        reply_shape: Reply,
+        tools: ToolUse | None = None,
+        answer_format: AnswerFormat | None = None,
+    ):
+        sampler, stop = body.sampler(), body.stop()
+        limit = serving.admit([prompt], body.limit(serving.options.max_tokens), 1, chat=reply_shape.turn)
+
+        def redraw(attempt: int) -> tuple[Job, SettledText]:
+            reply = reply_text(model, reply_shape.turn, stop, tools)  # (its stop strings checked before a job)
+            return serving.new_job(prompt, limit, sampler, attempt, None), reply
+
+        return await respond(body, request, prompt, reply_shape, redraw(0), tools, answer_format, redraw)
+
+    @router.get("/api/version")
+    async def version() -> dict[str, str]:
+        return {"version": VERSION}
+
+    @router.get("/api/tags")
+    async def tags() -> dict[str, Any]:
+        return {"models": [model_entry(model, name)]}
+
+    @router.get("/api/ps")
+    async def running() -> dict[str, Any]:
+        entry = model_entry(model, name)
+        on_gpu = entry["size"] if model.device.type != "cpu" else 0
+        return {"models": [{**entry, "expires_at": "2318-01-01T00:00:00Z", "size_vram": on_gpu}]}
+
+    @router.post("/api/show")
+    async def show() -> dict[str, Any]:
+        return model_card(model, name, context)
+
+    @router.post("/api/chat")
+    async def chat(body: OllamaChatRequest, request: Request):
+        reply_shape = shape(True, True, [])
+        if not body.messages:
+            return reply_shape.loaded()
+        answer_format = asked_format(body.answer_form(), "format")
+        messages = [message.for_template() for message in body.messages]
+        messages = answer_format.with_instruction(messages) if answer_format is not None else messages
+        offered, tools = serving.plan_tools(body.tools, None)
+        prompt = serving.chat_prompt(messages, body.thinking(), "messages", "", offered)
+        return await answer_prompt(body, request, prompt, reply_shape, tools, answer_format)
+
+    @router.post("/api/generate")
+    async def generate(body: OllamaGenerateRequest, request: Request):
+        if body.images:
+            raise bad("images are not supported: the model reads text only", "images")
+        if body.template is not None:
+            message = "template (a Go template) is not supported: send raw with the prompt as the model is to read it"
+            raise bad(message, "template")
+        if body.context:
+            check_token_ids(model, body.context, "context")
+        if not body.prompt and not body.suffix and not body.context:
+            return shape(False, not body.raw, []).loaded()
+        if body.suffix or body.raw:
+            prompt = tokenizer.encode(body.prompt)
+        else:
+            messages = [{"role": "system", "content": body.system}] if body.system else []
+            messages.append({"role": "user", "content": body.prompt})
+            prompt = serving.chat_prompt(messages, body.thinking(), "prompt")
+        if body.context:  # the conversation so far, then the prompt without its opening (the BOS)
+            prompt = body.context + prompt[len(tokenizer.encode("")) :]
+        if not body.suffix:
+            answer_format = asked_format(body.answer_form(), "format")
+            return await answer_prompt(body, request, prompt, shape(False, not body.raw, prompt), None, answer_format)
+        if body.format:
+            raise bad("format shapes an answer, not a fill between a prompt and a suffix", "format")
+        suffix_tokens = len(tokenizer.encode(body.suffix, add_special_tokens=False))
+        length = fill_limit(
+            body.limit(model.config.canvas_length),
+            infill_length(model, None),
+            model.config.canvas_length,
+            suffix_tokens,
+        )
+        reply_shape = shape(False, False, prompt)
+        reply = reply_text(model, chat=False, stop=body.stop())
+        job = serving.fill_job(prompt, body.suffix, length, body.sampler(), warn=False)
+        return await respond(body, request, prompt, reply_shape, (job, reply))
+
+    return router
