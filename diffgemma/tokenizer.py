@@ -270,7 +270,8 @@ def _with_call_arguments(message: Any) -> Any:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as err:
                 raise DiffGemmaError(f"tool_calls[{index}].function.arguments is not JSON ({err})") from None
-        if not isinstance(function, dict) or not isinstance(arguments, dict | None):
+        named = isinstance(function, dict) and isinstance(function.get("name"), str)
+        if not named or not isinstance(arguments, dict | None):
             raise DiffGemmaError(f"tool_calls[{index}] must be {{'function': {{'name': ..., 'arguments': {{...}}}}}}")
         function = {**function, "arguments": arguments or {}}
         read.append({**call, "function": function} if "function" in call else function)

@@ -100,6 +100,9 @@ def test_the_template_writes_tools_and_calls_as_the_model_reads_them(tokenizer):
         tokenizer.apply_chat_template(
             [conversation[0], {**conversation[1], "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]
         )
+    for nameless in ({}, {"function": {"arguments": {}}}, {"function": {"name": 3}}):  # (was a template error)
+        with pytest.raises(DiffGemmaError, match=r"tool_calls\[0\] must be \{'function'"):
+            tokenizer.apply_chat_template([conversation[0], {**conversation[1], "tool_calls": [nameless]}])
 
 
 def test_tools_are_checked_and_a_template_without_tools_refuses_them(tokenizer, tmp_path):
