@@ -6,7 +6,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from assets.make_demo_model import ANSWERS, WEATHER_ANSWER, WEATHER_RESULT, WEATHER_TOOL, weather_conversation
+from assets.make_demo_model import ANSWERS, THINKING, WEATHER_ANSWER, WEATHER_RESULT, WEATHER_TOOL, weather_conversation
 
 SKY = "Why is the sky blue?"
 
@@ -48,12 +48,25 @@ def test_chat_whole_and_streamed_equal_the_openai_routes(server, client):
     assert "".join(chunk.message.content for chunk in chunks) == ANSWERS[SKY]
     assert [chunk.done for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
     assert chunks[-1].done_reason == "stop" and chunks[-1].eval_count == whole.eval_count
-    # `think` renders the prompt with thinking on (as `enable_thinking` and `reasoning_effort` do on /v1)
-    for think in (True, "high"):
-        thinking = client.chat(model="demo", messages=ask(SKY), think=think, options={"seed": 1, "num_predict": 4})
-        assert thinking.prompt_eval_count > whole.prompt_eval_count
     # any name is answered with the model served (as the OpenAI routes answer it)
     assert client.chat(model="gemma:latest", messages=ask(SKY), options={"seed": 1}).message.content == ANSWERS[SKY]
+
+
+def test_thinking_comes_apart_from_the_answer(client):
+    """`think` (true, or an effort) turns thinking on, as `enable_thinking` and `reasoning_effort` do on /v1; the
+    thinking comes back as `thinking`, in the message (chat) or beside the response (generate), and in a stream."""
+    question = "What is 3 + 4?"
+    thought, answer = THINKING[question]
+    for think in (True, "high"):
+        message = client.chat(model="demo", messages=ask(question), think=think, options={"seed": 1}).message
+        assert (message.content, message.thinking) == (answer, thought)
+    lines = list(client.chat(model="demo", messages=ask(question), think=True, options={"seed": 1}, stream=True))
+    assert "".join(line.message.thinking or "" for line in lines) == thought
+    assert "".join(line.message.content for line in lines) == answer
+    generated = client.generate(model="demo", prompt=question, think=True, options={"seed": 1})
+    assert (generated.response, generated.thinking) == (answer, thought)
+    unasked = client.chat(model="demo", messages=ask(question), think=False, options={"seed": 1}).message
+    assert unasked.thinking is None
 
 
 def test_num_predict_limits_the_answer_and_says_so(client):
