@@ -1152,11 +1152,16 @@ def test_the_serve_command_answers_an_openai_client(demo):
         assert [model.id for model in client.models.list().data] == ["demo-cli"]
         reply = client.chat.completions.create(model="demo-cli", messages=ask(SKY), max_tokens=64, seed=1)
         assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+        assert [entry["name"] for entry in httpx.get(f"http://127.0.0.1:{port}/api/tags").json()["models"]] == [
+            "demo-cli"
+        ]  # (Ollama's clients, at the same address)
     finally:
         process.terminate()
         process.wait(timeout=30)
     said = process.stdout.read()
-    assert f"diffgemma: serving demo-cli at http://127.0.0.1:{port}/v1" in said
+    assert (
+        f"diffgemma: serving demo-cli at http://127.0.0.1:{port}/v1 (Ollama's clients: http://127.0.0.1:{port};" in said
+    )
 
 
 def test_anthropic_text_documents_are_read_as_text():

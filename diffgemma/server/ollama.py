@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -250,9 +251,12 @@ def _size_label(parameters: int) -> str:
 def model_entry(model: DiffGemma, name: str) -> dict[str, Any]:
     """The model as `/api/tags` lists it."""
     total, _ = model.config.parameter_counts()
-    form = (model.quant or str(model.dtype).removeprefix("torch.")).upper()
+    form = (model.quant.name if model.quant else str(model.dtype).removeprefix("torch.")).upper()
     config = json.dumps(model.config.raw, sort_keys=True)
-    modified = datetime.fromtimestamp(model.folder.stat().st_mtime, UTC) if model.folder else datetime.now(UTC)
+    try:
+        modified = datetime.fromtimestamp(Path(model.folder).stat().st_mtime, UTC)
+    except (TypeError, OSError):  # (no folder, or one gone since the load)
+        modified = datetime.now(UTC)
     return {
         "name": name,
         "model": name,
