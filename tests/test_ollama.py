@@ -48,6 +48,10 @@ def test_chat_whole_and_streamed_equal_the_openai_routes(server, client):
     assert "".join(chunk.message.content for chunk in chunks) == ANSWERS[SKY]
     assert [chunk.done for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
     assert chunks[-1].done_reason == "stop" and chunks[-1].eval_count == whole.eval_count
+    # a body posted as curl posts Ollama's documented examples (`-d`, no header: form data) is read as JSON
+    body = json.dumps({"model": "demo", "messages": ask(SKY), "options": {"seed": 1}, "stream": False})
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    assert httpx.post(server[0] + "/api/chat", content=body, headers=form).json()["message"]["content"] == ANSWERS[SKY]
     # any name is answered with the model served (as the OpenAI routes answer it)
     assert client.chat(model="gemma:latest", messages=ask(SKY), options={"seed": 1}).message.content == ANSWERS[SKY]
 

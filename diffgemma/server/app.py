@@ -30,7 +30,7 @@ from .messages import (
     MessagesRequest,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .ollama import ollama_routes
+from .ollama import ollama_routes, read_as_json
 from .responses import (
     ResponseBuilder,
     ResponsesRequest,
@@ -152,6 +152,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if length is not None and length.isdigit() and int(length) > options.max_body_bytes:
             body = error_body(f"request body over {options.max_body_bytes} bytes", "invalid_request_error")
             return JSONResponse(body, status_code=413)
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def ollama_bodies(request: Request, call_next):
+        read_as_json(request)
         return await call_next(request)
 
     @app.middleware("http")

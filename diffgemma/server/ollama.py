@@ -55,8 +55,16 @@ def ndjson(payload: dict | list[dict]) -> str:
     for one in payload if isinstance(payload, list) else [payload]:
         if isinstance(one.get("error"), dict):
             one = {"error": one["error"].get("message", "")}
-        lines.append(json.dumps(one, ensure_ascii=False) + "\n")
+        lines.append(json.dumps(one, ensure_ascii=False, separators=(",", ":")) + "\n")
     return "".join(lines)
+
+
+def read_as_json(request: Request) -> None:
+    """A request to Ollama's routes read as JSON whatever content type it names, as Ollama reads it: its
+    documentation's examples post with `curl -d` and no header, which curl sends as form data."""
+    if request.url.path.startswith("/api/"):
+        headers = [(key, value) for key, value in request.scope["headers"] if key != b"content-type"]
+        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
 
 
 def bad(message: str, param: str) -> APIError:
