@@ -14,6 +14,8 @@ and samples only the accepted positions, which is the same distribution for far 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -80,6 +82,9 @@ def logit_stats(
 # Positions truncated together: their sort's values, indices and running sums stay a fraction of one
 # vocabulary-sized tensor (16 positions of the 26B's vocabulary: 116 MiB at the peak).
 TRUNCATE_CHUNK = 1 << 22
+# The likeliest tokens the CPU's fast top-p looks for a row's nucleus among before it sorts the whole row
+# (`_nucleus_among_likeliest`).
+NUCLEUS_CANDIDATES = 1024
 
 
 def truncate(
@@ -100,8 +105,9 @@ def truncate(
     warpers are when given to the reference's generate (they run ahead of its temperature schedule; vLLM cuts
     this model's logits there too): `scale` turns these logits into the temperature-1 ones (logits already
     divided by a temperature pass that temperature). Top-p sorts every position's vocabulary, with the
-    reference's arithmetic; after top-k, unless `sort_whole_rows`, it sorts only the k kept (the same cut up to
-    float rounding: the fast sampler's way, about seven times cheaper). Nothing here synchronises with the host.
+    reference's arithmetic; unless `sort_whole_rows` (the fast sampler's way), it sorts only what top-k kept, or
+    on the CPU looks among the likeliest tokens first (`NUCLEUS_CANDIDATES`): the same cut up to float rounding,
+    several times cheaper. Nothing here synchronises with an accelerator.
     """
     vocab = logits.shape[-1]
     if top_k <= 0 or top_k >= vocab:
@@ -121,15 +127,49 @@ def truncate(
                 first_kept = _outside_nucleus(ascending, top_p, scale).sum(-1, keepdim=True).clamp_(max=top_k - 1)
                 part.masked_fill_(part < ascending.gather(-1, first_kept), MASKED_LOGIT)
                 whole_row_nucleus = False
-        if whole_row_nucleus:
-            ascending, order = torch.sort(part, dim=-1)
-            cut = _outside_nucleus(ascending, top_p, scale, in_place=True)
-            cut[:, -1] = False
-            part.masked_fill_(torch.zeros_like(cut).scatter_(-1, order, cut), MASKED_LOGIT)
+        if whole_row_nucleus and not sort_whole_rows and part.device.type == "cpu":
+            _nucleus_among_likeliest(part, top_p, scale)
+        elif whole_row_nucleus:
+            _cut_outside_nucleus(part, top_p, scale)
         if min_p > 0.0:
             probs = torch.softmax(_at_temperature_one(part, scale), dim=-1)
             part.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), MASKED_LOGIT)
     return logits
+
+
+def _cut_outside_nucleus(rows: torch.Tensor, top_p: float, scale: torch.Tensor | float) -> None:
+    """Top-p over whole rows of logits [N, V], in place: each sorted, the likeliest always kept."""
+    ascending, order = torch.sort(rows, dim=-1)
+    cut = _outside_nucleus(ascending, top_p, scale, in_place=True)
+    cut[:, -1] = False
+    rows.masked_fill_(torch.zeros_like(cut).scatter_(-1, order, cut), MASKED_LOGIT)
+
+
+def _nucleus_among_likeliest(rows: torch.Tensor, top_p: float, scale: torch.Tensor | float) -> None:
+    """Top-p over rows of logits [N, V] on the CPU, in place, without sorting whole rows where it need not: a
+    row's nucleus is found among its `NUCLEUS_CANDIDATES` likeliest tokens when they hold at least `top_p` of its
+    probability (a token stays while the likelier ones hold less than `top_p`); the other rows are sorted whole.
+    Which rows those are is read on the host, which costs nothing on the CPU (an accelerator would wait for it,
+    so there rows are sorted whole)."""
+    if rows.shape[-1] <= NUCLEUS_CANDIDATES:
+        _cut_outside_nucleus(rows, top_p, scale)
+        return
+    log_total = torch.logsumexp(_at_temperature_one(rows, scale), dim=-1, keepdim=True)
+    likeliest = torch.topk(rows, NUCLEUS_CANDIDATES, dim=-1).values  # descending
+    probs = torch.exp_(_at_temperature_one(likeliest, scale) - log_total)
+    held = probs.cumsum(-1)
+    kept = (held - probs < top_p).sum(-1, keepdim=True).clamp_(min=1)
+    beyond = held[:, -1] < top_p  # rows whose nucleus reaches past the candidates
+    if bool(beyond.all()):
+        _cut_outside_nucleus(rows, top_p, scale)
+        return
+    threshold = likeliest.gather(-1, kept - 1).masked_fill_(beyond[:, None], -math.inf)
+    rows.masked_fill_(rows < threshold, MASKED_LOGIT)
+    if bool(beyond.any()):
+        wide = beyond.nonzero().squeeze(-1)
+        rest = rows[wide]
+        _cut_outside_nucleus(rest, top_p, scale)
+        rows[wide] = rest
 
 
 def _outside_nucleus(

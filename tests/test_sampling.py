@@ -288,3 +288,32 @@ def test_fast_mode_draws_only_what_truncation_kept(sync_free):
         assert bool(out.accept.all())
         assert bool(kept.gather(-1, out.canvas[..., None]).all())
         assert float(out.probs.masked_select(~kept).max()) < 1e-30
+
+
+def test_the_cpu_finds_a_nucleus_among_the_likeliest_tokens_or_sorts_the_row(monkeypatch):
+    """The fast sampler's top-p on the CPU: rows whose nucleus lies among their likeliest NUCLEUS_CANDIDATES
+    tokens are cut there, the others sorted whole; the same cut as sorting every row, up to float rounding (a
+    token at the boundary), which a float64 reference settles."""
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 64)
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 6, 3000, generator=generator) * torch.tensor([0.2, 1.0, 3.0, 6.0]).view(4, 1, 1)
+    logits[0, 0] = sampling.MASKED_LOGIT  # a row held to a few tokens (the rest excluded)
+    logits[0, 0, :5] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    calls = []
+    whole_rows = sampling._cut_outside_nucleus
+    monkeypatch.setattr(
+        sampling, "_cut_outside_nucleus", lambda rows, *a: calls.append(len(rows)) or whole_rows(rows, *a)
+    )
+    for top_p in (0.0, 0.5, 0.9):
+        for scale in (1.0, torch.tensor(0.7)):
+            exact = sampling.truncate(logits.double(), 0, top_p) != sampling.MASKED_LOGIT
+            calls.clear()
+            fast = sampling.truncate(logits / scale, 0, top_p, scale=scale, sort_whole_rows=False)
+            kept = fast != sampling.MASKED_LOGIT
+            assert (kept != exact).sum(-1).max() <= 1  # at most the boundary token, by rounding
+            assert (kept != exact).sum() <= 2
+            sizes = kept.sum(-1)
+            assert bool((sizes >= 1).all())
+            if top_p == 0.9:  # both ways taken: the flat rows' nuclei reach past the 64 candidates
+                assert sizes.max() > 64 and sizes.min() <= 64 and 0 < sum(calls) < 24
+            assert torch.equal(fast[kept], (logits / scale)[kept])  # what stays is untouched
