@@ -94,6 +94,7 @@ def truncate(
     scale: torch.Tensor | float = 1.0,
     min_p: float = 0.0,
     sort_whole_rows: bool = True,
+    host_reads: bool = False,
 ) -> torch.Tensor:
     """Top-k, top-p (nucleus), then min-p truncation of contiguous logits [..., V], in place: the tokens cut
     get `MASKED_LOGIT`, so nothing samples them and they add nothing to the entropy or the distribution.
@@ -105,9 +106,9 @@ def truncate(
     warpers are when given to the reference's generate (they run ahead of its temperature schedule; vLLM cuts
     this model's logits there too): `scale` turns these logits into the temperature-1 ones (logits already
     divided by a temperature pass that temperature). Top-p sorts every position's vocabulary, with the
-    reference's arithmetic; unless `sort_whole_rows` (the fast sampler's way), it sorts only what top-k kept, or
-    on the CPU looks among the likeliest tokens first (`NUCLEUS_CANDIDATES`): the same cut up to float rounding,
-    several times cheaper. Nothing here synchronises with an accelerator.
+    reference's arithmetic; unless `sort_whole_rows` (the fast sampler's way), it sorts only what top-k kept, or,
+    given `host_reads` (free on the CPU), looks among the likeliest tokens first (`NUCLEUS_CANDIDATES`): the same
+    cut up to float rounding, several times cheaper. Without `host_reads` nothing here waits for the device.
     """
     vocab = logits.shape[-1]
     if top_k <= 0 or top_k >= vocab:
@@ -127,7 +128,7 @@ def truncate(
                 first_kept = _outside_nucleus(ascending, top_p, scale).sum(-1, keepdim=True).clamp_(max=top_k - 1)
                 part.masked_fill_(part < ascending.gather(-1, first_kept), MASKED_LOGIT)
                 whole_row_nucleus = False
-        if whole_row_nucleus and not sort_whole_rows and part.device.type == "cpu":
+        if whole_row_nucleus and not sort_whole_rows and host_reads:
             _nucleus_among_likeliest(part, top_p, scale)
         elif whole_row_nucleus:
             _cut_outside_nucleus(part, top_p, scale)
@@ -149,8 +150,7 @@ def _nucleus_among_likeliest(rows: torch.Tensor, top_p: float, scale: torch.Tens
     """Top-p over rows of logits [N, V] on the CPU, in place, without sorting whole rows where it need not: a
     row's nucleus is found among its `NUCLEUS_CANDIDATES` likeliest tokens when they hold at least `top_p` of its
     probability (a token stays while the likelier ones hold less than `top_p`); the other rows are sorted whole.
-    Which rows those are is read on the host, which costs nothing on the CPU (an accelerator would wait for it,
-    so there rows are sorted whole)."""
+    Which rows those are is read on the host (on the CPU, a read that costs nothing)."""
     if rows.shape[-1] <= NUCLEUS_CANDIDATES:
         _cut_outside_nucleus(rows, top_p, scale)
         return

@@ -308,7 +308,7 @@ def test_the_cpu_finds_a_nucleus_among_the_likeliest_tokens_or_sorts_the_row(mon
         for scale in (1.0, torch.tensor(0.7)):
             exact = sampling.truncate(logits.double(), 0, top_p) != sampling.MASKED_LOGIT
             calls.clear()
-            fast = sampling.truncate(logits / scale, 0, top_p, scale=scale, sort_whole_rows=False)
+            fast = sampling.truncate(logits / scale, 0, top_p, scale=scale, sort_whole_rows=False, host_reads=True)
             kept = fast != sampling.MASKED_LOGIT
             assert (kept != exact).sum(-1).max() <= 1  # at most the boundary token, by rounding
             assert (kept != exact).sum() <= 2
@@ -317,3 +317,7 @@ def test_the_cpu_finds_a_nucleus_among_the_likeliest_tokens_or_sorts_the_row(mon
             if top_p == 0.9:  # both ways taken: the flat rows' nuclei reach past the 64 candidates
                 assert sizes.max() > 64 and sizes.min() <= 64 and 0 < sum(calls) < 24
             assert torch.equal(fast[kept], (logits / scale)[kept])  # what stays is untouched
+    # where a host read would wait for an accelerator, every row is sorted
+    calls.clear()
+    sampling.truncate(logits.clone(), 0, 0.9, sort_whole_rows=False)
+    assert calls == [24]
