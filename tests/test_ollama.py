@@ -73,6 +73,24 @@ def test_thinking_comes_apart_from_the_answer(client):
     assert unasked.thinking is None
 
 
+def test_logprobs_score_the_answer_as_the_openai_routes_do(server, client):
+    asked = dict(model="demo", messages=ask(SKY), options={"seed": 1}, logprobs=True, top_logprobs=2)
+    whole = client.chat(**asked)
+    expected = openai.OpenAI(base_url=server[0] + "/v1", api_key="-").chat.completions.create(
+        model="demo", messages=ask(SKY), seed=1, logprobs=True, top_logprobs=2
+    )
+    openai_scores = [(entry.token, entry.logprob) for entry in expected.choices[0].logprobs.content]
+    assert [(entry.token, entry.logprob) for entry in whole.logprobs] == openai_scores
+    assert "".join(entry.token for entry in whole.logprobs) == ANSWERS[SKY]
+    assert all(len(entry.top_logprobs) == 2 for entry in whole.logprobs)
+    lines = list(client.chat(**asked, stream=True))
+    assert [line.logprobs for line in lines[:-1]] == [None] * (len(lines) - 1)  # (all with the last line)
+    assert [(entry.token, entry.logprob) for entry in lines[-1].logprobs] == openai_scores
+    raw = client.generate(model="demo", prompt="Name a fruit.", raw=True, logprobs=True, options={"seed": 2})
+    assert "".join(entry.token for entry in raw.logprobs) == raw.response
+    assert client.chat(model="demo", messages=ask(SKY), options={"seed": 1}).logprobs is None
+
+
 def test_num_predict_limits_the_answer_and_says_so(client):
     cut = client.chat(model="demo", messages=ask(SKY), options={"seed": 1, "num_predict": 5})
     assert cut.message.content == ANSWERS[SKY][:5] and cut.done_reason == "length" and cut.eval_count == 5
@@ -142,7 +160,7 @@ def test_generate_templated_raw_and_as_a_fill(server, client, demo):
         ("chat", {"messages": ask("hi"), "options": {"num_predict": "all"}}, "options.num_predict"),
         ("chat", {"messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, "images"),
         ("chat", {"messages": ask("hi"), "format": "yaml"}, "format"),
-        ("chat", {"messages": ask("hi"), "logprobs": True}, "logprobs"),
+        ("chat", {"messages": ask("hi"), "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("generate", {"prompt": "hi", "template": "{{ .Prompt }}"}, "template"),
         ("generate", {"prompt": "hi", "context": [10**6]}, "context"),
         ("generate", {"prompt": "hi", "suffix": "x", "format": "json"}, "format"),
@@ -158,7 +176,7 @@ def test_errors_have_ollamas_shape_everywhere_under_api(server):
     missing = httpx.post(server[0] + "/api/embed", json={"model": "demo", "input": "hi"})
     assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
     invalid = httpx.post(server[0] + "/api/chat", json={"messages": [{"role": "robot"}]})
-    assert invalid.status_code == 422 and "messages.0.role" in invalid.json()["error"]
+    assert invalid.status_code == 400 and "messages.0.role" in invalid.json()["error"]
     openai_shape = httpx.post(server[0] + "/v1/chat/completions", json={"messages": [{"role": "robot"}]})
     assert "message" in openai_shape.json()["error"]  # (the OpenAI routes keep theirs)
 

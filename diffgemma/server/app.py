@@ -30,7 +30,7 @@ from .messages import (
     MessagesRequest,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .ollama import ollama_routes, read_as_json
+from .ollama import ollama_routes, on_ollama_route, read_as_json
 from .responses import (
     ResponseBuilder,
     ResponsesRequest,
@@ -114,7 +114,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     def error(request: Request, body: dict, status: int) -> JSONResponse:
         """An error in its API's shape: OpenAI's, or Ollama's on its routes (`{"error": message}`)."""
-        if request.url.path.startswith("/api/"):
+        if on_ollama_route(request):
             body = {"error": body["error"]["message"]}
         return JSONResponse(body, status_code=status)
 
@@ -127,7 +127,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return error(request, error_body(message, "invalid_request_error", "invalid_value", where), 422)
+        status = 400 if on_ollama_route(request) else 422  # (Ollama answers a 400)
+        return error(request, error_body(message, "invalid_request_error", "invalid_value", where), status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:

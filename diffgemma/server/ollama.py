@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..api import DiffGemma
 from ..reply import SettledText
+from ..scoring import MAX_TOP
 from ..structured import AnswerFormat
 from .batcher import Job
 from .schema import APIError, Piece, SamplerExtras, StopField, asked_format, effort_thinks
@@ -59,10 +60,15 @@ def ndjson(payload: dict | list[dict]) -> str:
     return "".join(lines)
 
 
+def on_ollama_route(request: Request) -> bool:
+    """Whether a request is to one of Ollama's routes (its errors are Ollama's shape)."""
+    return request.url.path.startswith("/api/")
+
+
 def read_as_json(request: Request) -> None:
     """A request to Ollama's routes read as JSON whatever content type it names, as Ollama reads it: its
     documentation's examples post with `curl -d` and no header, which curl sends as form data."""
-    if request.url.path.startswith("/api/"):
+    if on_ollama_route(request):
         headers = [(key, value) for key, value in request.scope["headers"] if key != b"content-type"]
         request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
 
@@ -102,13 +108,12 @@ class OllamaRequest(BaseModel):
     stream: bool = True
     format: str | dict[str, Any] | None = None  # "json", or a JSON schema the answer must follow
     think: bool | str | None = None  # true, or an effort ("low", "medium", "high"): the model thinks first
-    logprobs: bool = False
+    logprobs: bool = False  # each answer token's log-probability (`top_logprobs`: with its likeliest others)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
     keep_alive: Any = None  # (the model stays loaded while the server runs)
 
     def sampler(self) -> SamplerExtras:
         """The options as the sampler fields the other routes read (which check them: `Serving.new_job`)."""
-        if self.logprobs:
-            raise bad("logprobs are not given on the Ollama routes; /v1/chat/completions gives them", "logprobs")
         options = self.options or {}
         if options.get("repeat_penalty") not in (None, 1):  # (the others are named as the OpenAI routes name them)
             message = "options.repeat_penalty is not supported: the diffusion sampler applies no penalties; send 1"
@@ -189,6 +194,7 @@ class Reply:
         self.started = time.perf_counter()
         self.text: list[str] = []
         self.finish = "stop"
+        self.logprobs: list[dict[str, Any]] | None = None  # the answer's, given with its last line
 
     def _line(self, content: str = "", thinking: str = "", calls: list[dict] | None = None) -> dict[str, Any]:
         line: dict[str, Any] = {"model": self.model_name, "created_at": created_at()}
@@ -220,6 +226,8 @@ class Reply:
         }
         if not self.chat:
             last["context"] = self.prompt + self.encode("".join(self.text))
+        if self.logprobs is not None:
+            last["logprobs"] = self.logprobs
         return last
 
     def chunk(self, piece: Piece) -> list[dict[str, Any]]:
@@ -227,15 +235,15 @@ class Reply:
         if piece.usage is not None:
             return [self._last(piece.usage["prompt_tokens"], piece.usage["completion_tokens"])]
         if piece.finish is not None:
-            self.finish = piece.finish
+            self.finish, self.logprobs = piece.finish, piece.logprobs
         if piece.draft is not None or not (piece.content or piece.reasoning or piece.tool_calls):
             return []
         self.text.append(piece.content)
         return [self._line(piece.content, piece.reasoning, list(piece.tool_calls))]
 
-    def whole(self, answer: Answer, prompt_tokens: int) -> dict[str, Any]:
+    def whole(self, answer: Answer, prompt_tokens: int, logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
         """An answer in one object, as Ollama answers `stream: false`."""
-        self.finish, self.text = answer.end.finish, [answer.content]
+        self.finish, self.text, self.logprobs = answer.end.finish, [answer.content], logprobs
         line = self._line(answer.content, answer.reasoning, answer.end.calls)
         return self._last(prompt_tokens, len(answer.done.new_tokens), line)
 
@@ -333,17 +341,27 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
         answer_format: AnswerFormat | None = None,
         redraw: Callable[[int], tuple[Job, SettledText]] | None = None,
     ):
-        """The `drawn` job's answer, streamed as it settles (one read whole first if it has a form) or whole."""
+        """The `drawn` job's answer, streamed as it settles (one read whole first if it has a form) or whole; with
+        `logprobs`, its tokens scored by the causal encoder (as the OpenAI routes score them), on the last line."""
         job, reply = drawn
+        top = (body.top_logprobs or 0) if body.logprobs else None
+
+        async def scored(reply: SettledText, tokens: list[int], eos: int | None) -> list[dict[str, Any]]:
+            return (await serving.reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False))["content"]
+
         if body.stream and answer_format is None:
+            scorer = (lambda _, tokens, eos: scored(reply, tokens, eos)) if top is not None else None
             stream = serving.stream_jobs(
-                [job], [reply], reply_shape.chunk, False, len(prompt), [""], "", None, tools, encode=ndjson
+                [job], [reply], reply_shape.chunk, False, len(prompt), [""], "", scorer, tools, encode=ndjson
             )
             return StreamingResponse(stream, media_type=NDJSON)
         answer = await serving.run_answer(job, reply, request, tools, answer_format, redraw, "format")
+        done = answer.done
+        logprobs = await scored(answer.reply, done.new_tokens, done.eos) if top is not None else None
         if body.stream:
-            return StreamingResponse([ndjson(whole_events(answer, reply_shape.chunk, len(prompt)))], media_type=NDJSON)
-        return reply_shape.whole(answer, len(prompt))
+            lines = whole_events(answer, reply_shape.chunk, len(prompt), logprobs)
+            return StreamingResponse([ndjson(lines)], media_type=NDJSON)
+        return reply_shape.whole(answer, len(prompt), logprobs)
 
     async def answer_prompt(
         body: OllamaRequest,
