@@ -45,9 +45,9 @@ VERSION = "0.12.0"  # the Ollama API version `/api/version` answers (clients che
 NDJSON = "application/x-ndjson"
 
 
-def created_at() -> str:
-    """Now, as Ollama stamps its answers."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def stamp(moment: datetime | None = None) -> str:
+    """A moment (now, unless given) as Ollama writes one."""
+    return (moment or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def ndjson(payload: dict | list[dict]) -> str:
@@ -189,7 +189,9 @@ class Reply:
     `context` (the prompt's ids and the answer's, for a client to continue from). `turn`: the answer is read as
     a chat turn (its thinking apart, its end-of-turn dropped), as all are but raw prompts' and fills'."""
 
-    def __init__(self, model_name: str, chat: bool, turn: bool, prompt: list[int], encode) -> None:
+    def __init__(
+        self, model_name: str, chat: bool, turn: bool, prompt: list[int], encode: Callable[[str], list[int]]
+    ) -> None:
         self.model_name, self.chat, self.turn, self.prompt, self.encode = model_name, chat, turn, prompt, encode
         self.started = time.perf_counter()
         self.text: list[str] = []
@@ -197,7 +199,7 @@ class Reply:
         self.logprobs: list[dict[str, Any]] | None = None  # the answer's, given with its last line
 
     def _line(self, content: str = "", thinking: str = "", calls: list[dict] | None = None) -> dict[str, Any]:
-        line: dict[str, Any] = {"model": self.model_name, "created_at": created_at()}
+        line: dict[str, Any] = {"model": self.model_name, "created_at": stamp()}
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if thinking:
@@ -270,13 +272,13 @@ def model_entry(model: DiffGemma, name: str) -> dict[str, Any]:
     form = (model.quant.name if model.quant else str(model.dtype).removeprefix("torch.")).upper()
     config = json.dumps(model.config.raw, sort_keys=True)
     try:
-        modified = datetime.fromtimestamp(Path(model.folder).stat().st_mtime, UTC)
+        modified = stamp(datetime.fromtimestamp(Path(model.folder).stat().st_mtime, UTC))
     except (TypeError, OSError):  # (no folder, or one gone since the load)
-        modified = datetime.now(UTC)
+        modified = stamp()
     return {
         "name": name,
         "model": name,
-        "modified_at": modified.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "modified_at": modified,
         "size": weight_bytes(model),
         "digest": hashlib.sha256(f"{config}{form}".encode()).hexdigest(),
         "details": {
