@@ -237,6 +237,12 @@ def has_encoder_adapters(network: nn.Module) -> bool:
     return any(isinstance(m, ADAPTED) and m.lora_A_encoder is not None for m in network.modules())
 
 
+def warn_if_encoder_dropped(network: nn.Module) -> None:
+    """Merging keeps one set of weights for both passes: say so when the adapter's encoder half differs."""
+    if has_encoder_adapters(network):
+        warnings.warn(ENCODER_DROPPED, stacklevel=3)  # (where the merge was asked for)
+
+
 def has_lora(network: nn.Module) -> bool:
     return any(isinstance(m, ADAPTED) for m in network.modules())
 
@@ -260,8 +266,7 @@ def merge_lora(network: DiffusionGemma) -> int:
     for _, module in wrapped:  # refused before anything changes
         if isinstance(module, LoraQuantLinear):
             module.merged()
-    if has_encoder_adapters(network):
-        warnings.warn(ENCODER_DROPPED, stacklevel=2)
+    warn_if_encoder_dropped(network)
     for name, module in wrapped:
         _replace(network, name, module.merged())
     return len(wrapped)
@@ -567,8 +572,7 @@ def merge_adapter_files(
     shapes = {name: tuple(t.shape) for name, t in network.state_dict().items()}
     plan, passthrough = weight_plan(base, shapes)
     tensors = read_adapter(network, adapter)
-    if has_encoder_adapters(network):
-        warnings.warn(ENCODER_DROPPED, stacklevel=2)
+    warn_if_encoder_dropped(network)
     folds = {
         f"{name}.weight": (tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"], module.scale)
         for name, module in network.named_modules()
