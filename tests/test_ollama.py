@@ -114,7 +114,7 @@ def test_tool_calls_in_ollamas_shape_and_the_answer_after_them(server):
     assert [call["function"] for call in calls] == [made["function"]] and streamed[-1]["done"]
     answered = [
         *weather_conversation(False),
-        {"role": "assistant", "content": "", "tool_calls": [{"function": made["function"]}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"function": made["function"]}]},
         {"role": "tool", "tool_name": "get_weather", "content": WEATHER_RESULT},
     ]
     answer = {**asked, "messages": answered, "options": {"seed": 0}}

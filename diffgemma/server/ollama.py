@@ -80,7 +80,7 @@ def bad(message: str, param: str) -> APIError:
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = ""  # (null in a calling turn, as some clients send it)
     thinking: str | None = None
     images: list[str] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # {"function": {"name", "arguments": {...}}}
@@ -89,7 +89,7 @@ class OllamaMessage(BaseModel):
     def for_template(self) -> dict[str, Any]:
         if self.images:
             raise bad("images are not supported: the model reads text only", "messages")
-        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        message: dict[str, Any] = {"role": self.role, "content": self.content or ""}
         if self.thinking:
             message["reasoning_content"] = self.thinking
         if self.tool_calls:
