@@ -393,7 +393,7 @@ class Serving:
         usage: int | None,
         echoes: list[str],
         done: str = DONE,
-        logprobs: Callable[[int, list[int], int | None], Awaitable[dict]] | None = None,
+        logprobs: Callable[[int, list[int], int | None], Awaitable[dict | list]] | None = None,
         tools: ToolUse | None = None,
         encode: Callable[[dict | list[dict]], str] | None = None,
     ) -> AsyncIterator[str]:
