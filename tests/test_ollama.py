@@ -199,3 +199,24 @@ def test_format_reads_the_answer_against_its_schema(client, digits_only_bans):
     with pytest.raises(ollama.ResponseError) as unreadable:  # free text is no JSON object
         client.chat(model="demo", messages=ask(SKY), format="json", options={"seed": 0})
     assert unreadable.value.status_code == 422 and "no JSON" in unreadable.value.error
+
+
+def test_listing_an_int4_model_leaves_its_experts_as_the_cpu_kernel_runs_them(tmp_path, monkeypatch):
+    """/api/tags' size is read from the tensors as they are: a state dict would put int4 experts laid out for the
+    CPU's kernel back in their stored layout, under a running generation."""
+    import diffgemma
+    from diffgemma import quant
+    from diffgemma.presets import random_checkpoint
+    from diffgemma.server.ollama import model_entry
+
+    if quant.cpu_int4_kernel_layout() is None:
+        pytest.skip("this CPU's int4 kernel reads a layout diffgemma does not know (int4 expands)")
+    monkeypatch.setattr(quant, "CPU_KERNEL_MIN_VALUES", 0)  # the tiny shape's experts through the kernel
+    model = diffgemma.load(random_checkpoint(tmp_path / "tiny", preset="tiny", seed=0), quant="int4")
+    model.generate([[2, 5, 6]], max_new_tokens=8, seed=0)
+    laid_out = [dict(m.cpu_laid_out) for m in model.network.modules() if isinstance(m, quant.QuantExperts)]
+    assert all(laid_out)
+    entry = model_entry(model, "tiny")
+    assert laid_out == [dict(m.cpu_laid_out) for m in model.network.modules() if isinstance(m, quant.QuantExperts)]
+    stored = {t.data_ptr(): t.nbytes for t in model.network.state_dict().values()}  # (a tied tensor once)
+    assert entry["size"] == sum(stored.values())  # what the checkpoint's tensors hold

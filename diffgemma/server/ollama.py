@@ -255,11 +255,10 @@ class Reply:
 
 
 def weight_bytes(model: DiffGemma) -> int:
-    """The bytes the loaded weights take (a tensor shared by two names counted once)."""
-    seen: dict[int, int] = {}
-    for tensor in model.network.state_dict().values():
-        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-    return sum(seen.values())
+    """The bytes the loaded weights take (parameters and buffers, each once: the tied head is the embedding). Not
+    from a state dict, which would put int4 experts laid out for the CPU's kernel back in their stored layout."""
+    tensors = {id(t): t for t in [*model.network.parameters(), *model.network.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _size_label(parameters: int) -> str:
@@ -329,6 +328,7 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
     """Ollama's routes over `serving` (`context`: the tokens a request may span, as `/api/show` gives it)."""
     router = APIRouter()
     name, tokenizer = serving.options.model_name, model.tokenizer
+    listed, card = model_entry(model, name), model_card(model, name, context)  # (once: clients poll them)
 
     def shape(chat: bool, turn: bool, prompt: list[int]) -> Reply:
         return Reply(name, chat, turn, prompt, lambda text: tokenizer.encode(text, add_special_tokens=False))
@@ -388,17 +388,16 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
 
     @router.get("/api/tags")
     async def tags() -> dict[str, Any]:
-        return {"models": [model_entry(model, name)]}
+        return {"models": [listed]}
 
     @router.get("/api/ps")
     async def running() -> dict[str, Any]:
-        entry = model_entry(model, name)
-        on_gpu = entry["size"] if model.device.type != "cpu" else 0
-        return {"models": [{**entry, "expires_at": "2318-01-01T00:00:00Z", "size_vram": on_gpu}]}
+        on_gpu = listed["size"] if model.device.type != "cpu" else 0
+        return {"models": [{**listed, "expires_at": "2318-01-01T00:00:00Z", "size_vram": on_gpu}]}
 
     @router.post("/api/show")
     async def show() -> dict[str, Any]:
-        return model_card(model, name, context)
+        return card
 
     @router.post("/api/chat")
     async def chat(body: OllamaChatRequest, request: Request):
