@@ -146,6 +146,9 @@ def test_generate_templated_raw_and_as_a_fill(server, client, demo):
         server[0] + "/v1/infill", json={"prefix": prefix, "suffix": suffix, "max_tokens": 6, "seed": 3}, timeout=60
     ).json()
     assert fill.response == infill["fill"] and fill.eval_count <= 6
+    # a prefix over the prompt limit (400 here) loses its beginning, as /infill cuts what editor plugins send
+    long = client.generate(model="demo", prompt="word " * 500 + prefix, suffix=suffix, raw=True, options={"seed": 3})
+    assert long.prompt_eval_count == 400 and long.done
     # nothing to generate: what clients send to load a model
     assert client.generate(model="demo", prompt="").done_reason == "load"
     assert client.chat(model="demo", messages=[]).done_reason == "load"

@@ -29,6 +29,7 @@ from ..reply import SettledText
 from ..scoring import MAX_TOP
 from ..structured import AnswerFormat
 from .batcher import Job
+from .llamacpp import fit_prompt
 from .schema import APIError, Piece, SamplerExtras, StopField, asked_format, effort_thinks
 from .service import (
     Answer,
@@ -291,11 +292,10 @@ def model_entry(model: DiffGemma, name: str) -> dict[str, Any]:
     }
 
 
-def model_card(model: DiffGemma, name: str, context: int) -> dict[str, Any]:
-    """The model as `/api/show` describes it: its details, its shape (`model_info`, where clients read the
-    context length) and what it can do (`capabilities`: chat and text, fills, tools and thinking where its chat
-    template writes them)."""
-    entry = model_entry(model, name)
+def model_card(model: DiffGemma, entry: dict[str, Any], context: int) -> dict[str, Any]:
+    """The model as `/api/show` describes it: its details (`entry`, as listed), its shape (`model_info`, where
+    clients read the context length) and what it can do (`capabilities`: chat and text, fills, tools and thinking
+    where its chat template writes them)."""
     config, template = model.config, model.tokenizer.chat_template or ""
     capabilities = ["completion", "insert"]
     capabilities += ["tools"] if model.tokenizer.renders_tools else []
@@ -328,7 +328,9 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
     """Ollama's routes over `serving` (`context`: the tokens a request may span, as `/api/show` gives it)."""
     router = APIRouter()
     name, tokenizer = serving.options.model_name, model.tokenizer
-    listed, card = model_entry(model, name), model_card(model, name, context)  # (once: clients poll them)
+    listed = model_entry(model, serving.options.model_name)  # (once: clients poll it)
+    card = model_card(model, listed, context)
+    opening = len(tokenizer.encode(""))  # the ids a prompt begins with (the BOS)
 
     def shape(chat: bool, turn: bool, prompt: list[int]) -> Reply:
         return Reply(name, chat, turn, prompt, lambda text: tokenizer.encode(text, add_special_tokens=False))
@@ -429,12 +431,14 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
             messages.append({"role": "user", "content": body.prompt})
             prompt = serving.chat_prompt(messages, body.thinking(), "prompt")
         if body.context:  # the conversation so far, then the prompt without its opening (the BOS)
-            prompt = body.context + prompt[len(tokenizer.encode("")) :]
+            prompt = body.context + prompt[opening:]
         if not body.suffix:
             answer_format = asked_format(body.answer_form(), "format")
             return await answer_prompt(body, request, prompt, shape(False, not body.raw, prompt), None, answer_format)
         if body.format:
             raise bad("format shapes an answer, not a fill between a prompt and a suffix", "format")
+        # a prefix over the prompt limit loses its beginning, as `/infill` cuts what editor plugins send
+        prompt, _ = fit_prompt(prompt, opening, serving.options.max_prompt_tokens)
         suffix_tokens = len(tokenizer.encode(body.suffix, add_special_tokens=False))
         length = fill_limit(
             body.limit(model.config.canvas_length),
