@@ -91,6 +91,26 @@ def test_logprobs_score_the_answer_as_the_openai_routes_do(server, client):
     assert client.chat(model="demo", messages=ask(SKY), options={"seed": 1}).logprobs is None
 
 
+def test_a_chat_over_the_prompt_limit_loses_its_oldest_turns(client):
+    """As Ollama fits a long chat to its context: the oldest turns go (the system's stays, and a call's answers
+    go with it); a last message over the limit alone is refused."""
+    from diffgemma.server.ollama import without_oldest_turn
+
+    earlier = [
+        {"role": role, "content": f"{role} {index} " * 20} for index in range(6) for role in ("user", "assistant")
+    ]
+    system = {"role": "system", "content": "Be brief."}
+    fitted = client.chat(model="demo", messages=[system, *earlier, *ask(SKY)], options={"seed": 1, "num_predict": 8})
+    assert fitted.done and 300 < fitted.prompt_eval_count <= 400  # (the limit here)
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.chat(model="demo", messages=[system, *earlier, *ask("why " * 400)])
+    assert refused.value.status_code == 400 and "limit is 400" in refused.value.error
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}
+    answered = [system, call, {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}, *ask("next")]
+    assert without_oldest_turn(answered) == [system, *ask("next")]
+    assert without_oldest_turn([system, *ask("next")]) is None
+
+
 def test_num_predict_limits_the_answer_and_says_so(client):
     cut = client.chat(model="demo", messages=ask(SKY), options={"seed": 1, "num_predict": 5})
     assert cut.message.content == ANSWERS[SKY][:5] and cut.done_reason == "length" and cut.eval_count == 5

@@ -169,6 +169,19 @@ class OllamaGenerateRequest(OllamaRequest):
     images: list[str] | None = None
 
 
+def without_oldest_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The conversation without its oldest message but the system's (and the tool answers that followed it, which
+    would answer no call), or None where only the last message is left beside the system's."""
+    kept = [index for index, message in enumerate(messages) if message["role"] != "system"]
+    if len(kept) <= 1:
+        return None
+    first = kept[0]
+    after = first + 1
+    while after < kept[-1] and messages[after]["role"] == "tool":
+        after += 1
+    return messages[:first] + messages[after:]
+
+
 def tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI-shaped calls (arguments as JSON text) in Ollama's shape (arguments as an object)."""
     return [
@@ -411,6 +424,9 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
         messages = answer_format.with_instruction(messages) if answer_format is not None else messages
         offered, tools = serving.plan_tools(body.tools, None)
         prompt = serving.chat_prompt(messages, body.thinking(), "messages", "", offered)
+        while len(prompt) > serving.options.max_prompt_tokens and (shorter := without_oldest_turn(messages)):
+            messages = shorter  # as Ollama fits a long chat to its context: its oldest turns go
+            prompt = serving.chat_prompt(messages, body.thinking(), "messages", "", offered)
         return await answer_prompt(body, request, prompt, reply_shape, tools, answer_format)
 
     @router.post("/api/generate")
