@@ -196,8 +196,12 @@ def test_bad_requests_are_ollamas_errors(client, route, body, says):
 
 
 def test_errors_have_ollamas_shape_everywhere_under_api(server):
-    missing = httpx.post(server[0] + "/api/embed", json={"model": "demo", "input": "hi"})
-    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    for route in ("/api/embed", "/api/pull", "/api/delete"):  # (embeddings, model management)
+        missing = httpx.post(server[0] + route, json={"model": "demo", "input": "hi"})
+        assert missing.status_code == 404 and missing.json()["error"].startswith(f"POST {route} is not served here")
+        assert "/api/chat" in missing.json()["error"]
+    wrong_method = httpx.get(server[0] + "/api/chat")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"].startswith("GET /api/chat is not served")
     invalid = httpx.post(server[0] + "/api/chat", json={"messages": [{"role": "robot"}]})
     assert invalid.status_code == 400 and "messages.0.role" in invalid.json()["error"]
     openai_shape = httpx.post(server[0] + "/v1/chat/completions", json={"messages": [{"role": "robot"}]})

@@ -30,7 +30,7 @@ from .messages import (
     MessagesRequest,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .ollama import ollama_routes, on_ollama_route, read_as_json
+from .ollama import ollama_routes, on_ollama_route, read_as_json, unknown_route
 from .responses import (
     ResponseBuilder,
     ResponsesRequest,
@@ -132,7 +132,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error(request, error_body(str(err.detail), "invalid_request_error"), err.status_code)
+        unknown = err.status_code in (404, 405) and on_ollama_route(request)
+        message = unknown_route(request) if unknown else str(err.detail)
+        return error(request, error_body(message, "invalid_request_error"), err.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, err: Exception) -> JSONResponse:

@@ -66,6 +66,16 @@ def on_ollama_route(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
+SERVED = "/api/chat, /api/generate, /api/tags, /api/show, /api/ps and /api/version"
+
+
+def unknown_route(request: Request) -> str:
+    """What a request to one of Ollama's routes that is not served here is told (its model management,
+    embeddings: this server serves the one checkpoint it was started with, for generation)."""
+    where = f"{request.method} {request.url.path}"
+    return f"{where} is not served here: diffgemma serves Ollama's {SERVED} (one model, for generation)"
+
+
 def read_as_json(request: Request) -> None:
     """A request to Ollama's routes read as JSON whatever content type it names, as Ollama reads it: its
     documentation's examples post with `curl -d` and no header, which curl sends as form data."""
