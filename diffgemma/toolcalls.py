@@ -204,11 +204,12 @@ def _bare(word: str) -> Any:
 
 def check_tools(tools: Sequence[Tool]) -> list[dict[str, Any]]:
     """Tools offered in OpenAI's shape, `{"type": "function", "function": {"name": ..., "description": ...,
-    "parameters": {JSON schema}}}`, or as Python functions (`function_tool`), checked (a clear error names the
-    one at fault)."""
+    "parameters": {JSON schema}}}`, or as Python functions (`function_tool`; one that carries its own offer in
+    that shape as `openai_tool` is offered so: an MCP server's tool, `tool_servers`), checked (a clear error names
+    the one at fault)."""
     if not isinstance(tools, Sequence) or isinstance(tools, str):
         raise DiffGemmaError("tools must be a list of {'type': 'function', 'function': {...}} objects or functions")
-    tools = [function_tool(tool) if callable(tool) else tool for tool in tools]
+    tools = [(getattr(tool, "openai_tool", None) or function_tool(tool)) if callable(tool) else tool for tool in tools]
     for index, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(function, dict):

@@ -199,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Python file whose functions the model may call (run here; answers print whole)",
     )
     chat.add_argument(
+        "--mcp",
+        action="append",
+        default=[],
+        metavar="COMMAND",
+        help="an MCP server to start (its command line), whose tools the model may call; repeatable",
+    )
+    chat.add_argument(
         "--file",
         help='many conversations: a .jsonl of {"messages": [...]}, each answered once; JSONL out',
     )

@@ -18,6 +18,7 @@ from typing import Any
 from ..config import read_text
 from ..errors import DiffGemmaError
 from ..records import RECORD_SUFFIXES, read_records, sharegpt_messages
+from ..tool_servers import ToolServers
 from ..toolcalls import check_tools, run_tool_calls
 from .common import load_model, model_path, read_prompt, sampler_options
 
@@ -267,11 +268,19 @@ def _say_if_cut(result) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    if args.file is not None and (args.message is not None or args.tools or args.watch):
-        raise DiffGemmaError("--file answers many conversations, each once: not with a message, --tools or --watch")
+    if args.file is not None and (args.message is not None or args.tools or args.mcp or args.watch):
+        raise DiffGemmaError("--file answers many conversations, each once: not with a message, tools or --watch")
     if args.stats and args.file is None:
         raise DiffGemmaError("--stats sums up a --file run")
     functions = _tool_functions(args.tools) if args.tools else []  # (a bad file is told before the model loads)
+    with ToolServers(args.mcp) as servers:  # (and a server that does not start)
+        served = {tool.__name__ for tool in servers.tools} & {function.__name__ for function in functions}
+        if served:
+            raise DiffGemmaError(f"--tools and --mcp both offer a tool named {sorted(served)[0]!r}")
+        _chat(args, functions + servers.tools)
+
+
+def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None:
     model = load_model(args)
     sampler = sampler_options(args)
     # Answers run to EOS; the checkpoint's max_new_tokens (the reference's 256: one canvas) would cut most.
