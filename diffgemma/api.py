@@ -405,9 +405,9 @@ class DiffGemma:
         tokens' texts in the messages are read as text (`Tokenizer.encode_chat`), for messages from others.
 
         `tools` (OpenAI's shape: `{"type": "function", "function": {"name", "description", "parameters"}}`, or
-        Python functions: `toolcalls.function_tool`) may be called: the calls come back in `tool_calls` (answer
-        them with `{"role": "tool", "tool_call_id" or "name", "content"}` messages after the assistant's message
-        with its `tool_calls`, and chat again).
+        Python functions: `toolcalls.function_tool`, or an MCP server's: `tool_servers`) may be called: the calls
+        come back in `tool_calls` (answer them with `{"role": "tool", "tool_call_id" or "name", "content"}`
+        messages after the assistant's message with its `tool_calls`, and chat again).
         `tool_choice`: "auto" (the model decides), "none" (no tools offered), "required" (some call), or a
         tool's name (a call to it).
 
