@@ -25,7 +25,7 @@ class ServerTool:
     """One tool of a running server, as a function the chat's tool loop calls (`run_tool_calls`); `openai_tool`
     is how it is offered (`check_tools` takes it as given)."""
 
-    def __init__(self, servers: ToolServers, session: Any, listed: Any, command: str) -> None:
+    def __init__(self, servers: ToolServers, session: Any, listed: Any) -> None:
         self.__name__ = listed.name
         self._servers, self._session = servers, session
         if not TOOL_NAME.fullmatch(listed.name):
@@ -64,7 +64,7 @@ class ToolServers:
         try:
             from mcp import ClientSession, StdioServerParameters  # noqa: F401 - checked here, used on the loop
         except ImportError:
-            raise DiffGemmaError("--mcp needs the `mcp` package: pip install mcp") from None
+            raise DiffGemmaError("MCP servers need the `mcp` package: pip install mcp") from None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="diffgemma-mcp", daemon=True)
         self._thread.start()
@@ -118,14 +118,14 @@ class ToolServers:
                     session = await stack.enter_async_context(ClientSession(read, write))
                     await session.initialize()
                     listed = await session.list_tools()
-                    self._add([ServerTool(self, session, tool, command) for tool in listed.tools], command)
+                    self._add([ServerTool(self, session, tool) for tool in listed.tools])
                 started.set_result(None)
                 await self._stop.wait()
         except Exception as err:  # (once started, a server's failure to close is left to the process's exit)
             if not started.done():
-                started.set_exception(DiffGemmaError(f"--mcp `{command}`: {_reason(err)}"))
+                started.set_exception(DiffGemmaError(f"MCP server `{command}`: {_reason(err)}"))
 
-    def _add(self, tools: list[ServerTool], command: str) -> None:
+    def _add(self, tools: list[ServerTool]) -> None:
         names = {tool.__name__ for tool in self.tools}
         for tool in tools:
             if tool.__name__ in names:

@@ -30,7 +30,7 @@ def test_a_servers_tools_are_offered_and_called_as_python_ones_are():
 @pytest.mark.parametrize(
     ("commands", "says"),
     [
-        (["no-such-server --x"], "--mcp `no-such-server --x`: FileNotFoundError"),
+        (["no-such-server --x"], "MCP server `no-such-server --x`: FileNotFoundError"),
         ([f"{sys.executable} -c 'import sys; sys.exit(3)'"], "Connection closed"),
         ([""], "an empty command"),
         ([SERVER, SERVER], "a tool named 'get_weather' is offered already"),
@@ -50,7 +50,7 @@ def test_chat_with_an_mcp_server(capsys, tmp_path):
     tools = tmp_path / "weather.py"
     tools.write_text('def get_weather(city: str) -> str:\n    """The weather now in a city"""\n    return "Rain"\n')
     for argv, message in (
-        (["--mcp", "no-such-server"], "--mcp `no-such-server`: FileNotFoundError"),
+        (["--mcp", "no-such-server"], "MCP server `no-such-server`: FileNotFoundError"),
         (["--mcp", SERVER, "--tools", str(tools)], "--tools and --mcp both offer a tool named 'get_weather'"),
         (["--mcp", SERVER, "--file", str(tools)], "--file answers many conversations"),
     ):
