@@ -56,3 +56,11 @@ def test_chat_with_an_mcp_server(capsys, tmp_path):
     ):
         code, _, err = run(capsys, "chat", *(["hi"] if "--file" not in argv else []), *argv, "--model", DEMO)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, argv
+
+
+def test_without_the_mcp_package_it_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mcp", None)  # (as if not installed: importing it fails)
+    with pytest.raises(DiffGemmaError, match="need the `mcp` package: pip install mcp"), ToolServers([SERVER]):
+        pass
+    with ToolServers([]) as none:  # no server asked for: nothing needed
+        assert none.tools == []
