@@ -1,6 +1,7 @@
 """Tools from MCP servers (the Model Context Protocol's): each server a command run as a subprocess that speaks
-the protocol on its standard input and output, its tools offered to the model as any others are (OpenAI's shape),
-the model's calls run on it. Needs the `mcp` package (`pip install mcp`, or the `mcp` extra).
+the protocol on its standard input and output, or the URL of one that speaks it over HTTP (its streamable HTTP
+transport), its tools offered to the model as any others are (OpenAI's shape), the model's calls run on it. Needs
+the `mcp` package (`pip install mcp`, or the `mcp` extra).
 
 The protocol's client is asyncio; a chat is not, so the servers live on an event loop of their own, on a thread,
 for as long as the `ToolServers` block runs, and each call waits for its answer there.
@@ -47,8 +48,8 @@ class ServerTool:
 
 
 class ToolServers:
-    """MCP servers started from `commands` (each a command line) for the length of a `with` block; `tools`, all
-    their tools (two of one name are refused)."""
+    """MCP servers started from `commands` (each a command line, or an http(s) URL: a server already running) for
+    the length of a `with` block; `tools`, all their tools (two of one name are refused)."""
 
     def __init__(self, commands: list[str]) -> None:
         self.commands = commands
@@ -103,19 +104,14 @@ class ToolServers:
         await started
 
     async def _serve(self, started: asyncio.Future) -> None:
-        from mcp import ClientSession, StdioServerParameters
-        from mcp.client.stdio import stdio_client
+        from mcp import ClientSession
 
         command = ""
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for command in self.commands:
-                    words = shlex.split(command)
-                    if not words:
-                        raise DiffGemmaError("an empty command")
-                    parameters = StdioServerParameters(command=words[0], args=words[1:])
-                    read, write = await stack.enter_async_context(stdio_client(parameters))
-                    session = await stack.enter_async_context(ClientSession(read, write))
+                    streams = await stack.enter_async_context(_transport(command))
+                    session = await stack.enter_async_context(ClientSession(streams[0], streams[1]))
                     await session.initialize()
                     listed = await session.list_tools()
                     self._add([ServerTool(self, session, tool) for tool in listed.tools])
@@ -132,6 +128,23 @@ class ToolServers:
                 raise DiffGemmaError(f"a tool named {tool.__name__!r} is offered already")
             names.add(tool.__name__)
         self.tools += tools
+
+
+def _transport(command: str) -> Any:
+    """The protocol's streams to a server: over HTTP to a URL, else over the standard input and output of the
+    command, started (the `mcp` package yields (read, write), and in some versions more after them)."""
+    if command.startswith(("http://", "https://")):
+        from mcp.client import streamable_http
+
+        connect = getattr(streamable_http, "streamable_http_client", None) or streamable_http.streamablehttp_client
+        return connect(command)
+    from mcp import StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    words = shlex.split(command)
+    if not words:
+        raise DiffGemmaError("an empty command")
+    return stdio_client(StdioServerParameters(command=words[0], args=words[1:]))
 
 
 def _without_titles(schema: Any) -> Any:

@@ -1,10 +1,13 @@
 """Tools from MCP servers (`tool_servers`, `chat --mcp`), over the protocol with a real server (tests/assets)."""
 
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RESULT, WEATHER_TOOL
+from server_util import free_port
 from test_cli import DEMO, run
 
 from diffgemma.errors import DiffGemmaError
@@ -12,7 +15,8 @@ from diffgemma.tool_servers import ToolServers
 from diffgemma.toolcalls import ToolCall, check_tools, run_tool_calls
 
 pytest.importorskip("mcp")
-SERVER = f"{sys.executable} {Path(__file__).parent / 'assets' / 'weather_mcp.py'}"
+ASSET = Path(__file__).parent / "assets" / "weather_mcp.py"
+SERVER = f"{sys.executable} {ASSET}"  # (the command line --mcp takes)
 
 
 def test_a_servers_tools_are_offered_and_called_as_python_ones_are():
@@ -25,6 +29,26 @@ def test_a_servers_tools_are_offered_and_called_as_python_ones_are():
         answers = [message["content"] for message in run_tool_calls(calls, [weather, forecast])[1:]]
         # a tool that fails: the model is told so, as for a Python tool that raises
         assert answers[0] == WEATHER_RESULT and answers[1].startswith("error: RuntimeError: Error executing tool")
+
+
+def test_a_server_over_http_by_its_url():
+    """An http(s) URL is a server already running, reached over the protocol's streamable HTTP transport."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ASSET), "--port", str(port)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with ToolServers([f"http://127.0.0.1:{port}/mcp"]) as servers:
+                    assert [tool.__name__ for tool in servers.tools] == ["get_weather"]
+                    assert servers.tools[0](city="Paris") == WEATHER_RESULT
+                break
+            except DiffGemmaError as err:  # (not listening yet)
+                assert "ConnectError" in str(err) and time.monotonic() < deadline, err
+                time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 @pytest.mark.parametrize(

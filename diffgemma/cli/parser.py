@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="COMMAND",
-        help="an MCP server to start (its command line), whose tools the model may call; repeatable",
+        help="an MCP server (a command line to start, or an http(s) URL) whose tools the model may call; repeatable",
     )
     chat.add_argument(
         "--file",

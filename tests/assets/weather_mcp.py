@@ -1,5 +1,5 @@
 """An MCP server for the tests (`chat --mcp`, `tool_servers`): the demo model's one tool, and with `--failing` a
-second one that always fails. Run as a script (stdio)."""
+second one that always fails. Run as a script: over stdio, or with `--port N` over HTTP."""
 
 import sys
 
@@ -23,4 +23,7 @@ if "--failing" in sys.argv:
 
 
 if __name__ == "__main__":
-    server.run()
+    if "--port" in sys.argv:  # over HTTP (streamable HTTP, at /mcp), not stdio
+        server.run("streamable-http", port=int(sys.argv[sys.argv.index("--port") + 1]))
+    else:
+        server.run()
