@@ -1,5 +1,6 @@
 """Tools from MCP servers (`tool_servers`, `chat --mcp`), over the protocol with a real server (tests/assets)."""
 
+import io
 import subprocess
 import sys
 import time
@@ -66,11 +67,18 @@ def test_a_server_that_does_not_start_is_one_error(commands, says):
     assert says in str(refused.value)
 
 
-def test_chat_with_an_mcp_server(capsys, tmp_path):
+def test_chat_with_an_mcp_server(capsys, tmp_path, monkeypatch):
     """`chat --mcp COMMAND`: the server's tools are the model's, each call run on it, as `--tools` runs a file's;
     a command that does not start, a tool offered by both, and --file with --mcp are one line, exit 2."""
     code, out, _ = run(capsys, "chat", WEATHER_QUESTION, "--mcp", SERVER, "--model", DEMO, "--seed", "0")
     assert code == 0 and out.splitlines() == [f"[tool] get_weather(city='Paris') -> {WEATHER_RESULT}", WEATHER_ANSWER]
+    # /tools lists what the chat offers: the server's tools beside the file's
+    (tmp_path / "add.py").write_text('def add(a: int, b: int) -> int:\n    """Add two numbers"""\n    return a + b\n')
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/tools\n"))
+    code, out, _ = run(capsys, "chat", "--mcp", SERVER, "--tools", str(tmp_path / "add.py"), "--model", DEMO)
+    assert code == 0 and out.splitlines() == ["add: Add two numbers", "get_weather: The weather now in a city"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/tools\n"))
+    assert run(capsys, "chat", "--model", DEMO)[1].startswith("(no tools")
     tools = tmp_path / "weather.py"
     tools.write_text('def get_weather(city: str) -> str:\n    """The weather now in a city"""\n    return "Rain"\n')
     for argv, message in (

@@ -328,9 +328,10 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
         with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has it
             import readline  # noqa: F401
 
+        listing = ", /tools lists the tools" if functions else ""
         print(
-            "chat with the model; /reset clears the history, /think on|off, /exit quits; a line ending in \\ goes "
-            'on to the next, and text between """ lines (pasted code, say) is one message',
+            f"chat with the model; /reset clears the history, /think on|off{listing}, /exit quits; a line ending in "
+            '\\ goes on to the next, and text between """ lines (pasted code, say) is one message',
             file=sys.stderr,
         )
     while True:
@@ -345,6 +346,12 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
         if line == "/reset":
             history[:] = opening
             print("(history cleared)")
+            continue
+        if line == "/tools":
+            for tool in check_tools(functions):
+                print(f"{tool['function']['name']}: {tool['function'].get('description') or '(no description)'}")
+            if not functions:
+                print("(no tools: --tools FILE.py or --mcp offers some)")
             continue
         if line.startswith("/think"):
             thinking = line.split()[-1] == "on"
