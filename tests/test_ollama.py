@@ -111,6 +111,25 @@ def test_a_chat_over_the_prompt_limit_loses_its_oldest_turns(client):
     assert without_oldest_turn([system, *ask("next")]) is None
 
 
+def test_penalties_are_ignored_with_a_line_in_the_log(client, monkeypatch, caplog):
+    """Clients send Ollama's default repeat_penalty (1.1) as a matter of course; the sampler has no penalties, so
+    they are ignored, as Ollama's own engine ignored them, and the server's log says so once."""
+    from diffgemma.server import ollama as routes
+
+    monkeypatch.setattr(routes, "_warned", set())
+    penalties = {"repeat_penalty": 1.1, "presence_penalty": 0.5, "repeat_last_n": 64}
+    with caplog.at_level("WARNING", logger="diffgemma.server"):
+        for _ in range(2):
+            answer = client.chat(model="demo", messages=ask(SKY), options={"seed": 1, **penalties})
+            assert answer.message.content == ANSWERS[SKY]
+    said = [record.getMessage() for record in caplog.records if record.name == "diffgemma.server"]
+    assert said == [
+        "options repeat_penalty, presence_penalty, repeat_last_n ignored: the diffusion sampler applies no penalties"
+    ]
+    neutral = client.chat(model="demo", messages=ask(SKY), options={"seed": 1, "repeat_penalty": 1})
+    assert neutral.message.content == ANSWERS[SKY]
+
+
 def test_num_predict_limits_the_answer_and_says_so(client):
     cut = client.chat(model="demo", messages=ask(SKY), options={"seed": 1, "num_predict": 5})
     assert cut.message.content == ANSWERS[SKY][:5] and cut.done_reason == "length" and cut.eval_count == 5
@@ -177,7 +196,6 @@ def test_generate_templated_raw_and_as_a_fill(server, client, demo):
 @pytest.mark.parametrize(
     ("route", "body", "says"),
     [
-        ("chat", {"messages": ask("hi"), "options": {"repeat_penalty": 1.1}}, "options.repeat_penalty"),
         ("chat", {"messages": ask("hi"), "options": {"temperature": "hot"}}, "options.temperature"),
         ("chat", {"messages": ask("hi"), "options": {"stop": 3}}, "options.stop"),
         ("chat", {"messages": ask("hi"), "options": {"num_predict": "all"}}, "options.num_predict"),

@@ -5,7 +5,8 @@ clients ask what is served (`/api/tags`, `/api/show`, `/api/ps`, `/api/version`)
 
 A request's `options` are its sampler settings (`temperature`, `seed`, `top_k`, `top_p`, `min_p`, `num_predict`,
 `stop`, and diffgemma's own: `max_denoising_steps`, ...); those that tune llama.cpp's loading (`num_ctx`,
-`num_gpu`, ...) mean nothing here and are ignored, as Ollama ignores options it does not know. Answers stream by
+`num_gpu`, ...) mean nothing here and are ignored, as Ollama ignores options it does not know, and so are its
+penalties (`PENALTIES`), with a line in the log. Answers stream by
 default, as Ollama's do: one JSON object a line, text as it settles, the last one with `done: true`, why it ended
 and the counts. Any model name is answered with the model served, as the OpenAI routes answer it.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -41,6 +43,21 @@ from .service import (
     reply_text,
     whole_events,
 )
+
+# Ollama's penalties: the sampler has none (nor has the reference's), and clients send Ollama's default of 1.1 as a
+# matter of course, so they are ignored with a line in the server's log, as Ollama's own engine ignored them
+# (the OpenAI routes refuse penalties other than neutral ones)
+PENALTIES = ("repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "penalize_newline")
+NEUTRAL = {"repeat_penalty": 1, "presence_penalty": 0, "frequency_penalty": 0}
+log = logging.getLogger("diffgemma.server")
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
 
 VERSION = "0.12.0"  # the Ollama API version `/api/version` answers (clients check for a minimum)
 NDJSON = "application/x-ndjson"
@@ -126,11 +143,11 @@ class OllamaRequest(BaseModel):
     def sampler(self) -> SamplerExtras:
         """The options as the sampler fields the other routes read (which check them: `Serving.new_job`)."""
         options = self.options or {}
-        if options.get("repeat_penalty") not in (None, 1):  # (the others are named as the OpenAI routes name them)
-            message = "options.repeat_penalty is not supported: the diffusion sampler applies no penalties; send 1"
-            raise bad(message + " or leave it out", "options")
+        ignored = [name for name in PENALTIES if options.get(name) not in (None, NEUTRAL.get(name))]
+        if ignored:
+            _warn_once(f"options {', '.join(ignored)} ignored: the diffusion sampler applies no penalties")
         try:
-            return SamplerExtras.model_validate(options)
+            return SamplerExtras.model_validate({k: v for k, v in options.items() if k not in PENALTIES})
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
