@@ -258,7 +258,7 @@ def truncation_check(device: torch.device, vocab: int, length: int) -> str:
     parts = []
     for label, cut in (("top-k 40 + top-p 0.9", {"top_k": 40, "top_p": 0.9}), ("top-p 0.9", {"top_p": 0.9})):
         ms = median_ms(
-            lambda c=cut: sampling.truncate(logits.clone(), scale=scale, sort_whole_rows=False, **c), 5, device
+            lambda c=cut: sampling.truncate(logits.clone(), scale=scale, reference_arithmetic=False, **c), 5, device
         )
         parts.append(f"{label} {ms:.2f} ms")
     ms = median_ms(lambda: sampling.truncate(logits.clone(), scale=scale, min_p=0.05), 5, device)

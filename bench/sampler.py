@@ -43,7 +43,7 @@ def truncation_rows(logits: torch.Tensor, label: str, step_ms: float | None) -> 
     at 1)."""
     scale = torch.tensor(0.8)
     rows = []
-    fast = {"scale": scale, "sort_whole_rows": False, "host_reads": True}  # (the CPU's fast sampler)
+    fast = {"scale": scale, "reference_arithmetic": False, "host_reads": True}  # (the CPU's fast sampler)
     for cut in CUTS:
         ms = time_it(lambda c=cut: sampling.truncate(logits.clone(), **fast, **c), 3)
         copy_ms = time_it(lambda: logits.clone(), 3)  # (the clone is not the cut's)

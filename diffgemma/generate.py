@@ -468,8 +468,8 @@ class DecoderPass:
         self.temperatures = schedule.to(network.device)
         self.inverse_temperatures = self.temperatures.reciprocal()
         self.cut = {"top_k": settings.top_k, "top_p": settings.top_p, "min_p": settings.min_p}
-        # fast mode: top-p sorts only what top-k kept, or where host reads are free looks among the likeliest first
-        self.cut |= {"sort_whole_rows": mode == "reference", "host_reads": not sync_free}
+        # fast mode: the cuts' cheaper forms (`sampling.truncate`), host reads where they are free
+        self.cut |= {"reference_arithmetic": mode == "reference", "host_reads": not sync_free}
         self.logits: torch.Tensor | None = None
         self.probs: torch.Tensor | None = None  # the distribution buffer (fast mode), for the sampler to fill
         self.graph: DecoderGraph | None = None

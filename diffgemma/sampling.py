@@ -93,7 +93,7 @@ def truncate(
     top_p: float = 1.0,
     scale: torch.Tensor | float = 1.0,
     min_p: float = 0.0,
-    sort_whole_rows: bool = True,
+    reference_arithmetic: bool = True,
     host_reads: bool = False,
 ) -> torch.Tensor:
     """Top-k, top-p (nucleus), then min-p truncation of contiguous logits [..., V], in place: the tokens cut
@@ -105,10 +105,11 @@ def truncate(
     `min_p` times as likely as the likeliest (0: all). All are measured at temperature 1, as transformers'
     warpers are when given to the reference's generate (they run ahead of its temperature schedule; vLLM cuts
     this model's logits there too): `scale` turns these logits into the temperature-1 ones (logits already
-    divided by a temperature pass that temperature). Top-p sorts every position's vocabulary, with the
-    reference's arithmetic; unless `sort_whole_rows` (the fast sampler's way), it sorts only what top-k kept, or,
-    given `host_reads` (free on the CPU), looks among the likeliest tokens first (`NUCLEUS_CANDIDATES`): the same
-    cut up to float rounding, several times cheaper. Without `host_reads` nothing here waits for the device.
+    divided by a temperature pass that temperature). With `reference_arithmetic`, the reference's operations:
+    top-p sorts every position's vocabulary, min-p compares probabilities. Without (the fast sampler's way), the
+    same cuts up to float rounding, cheaper: top-p sorts only what top-k kept, or, given `host_reads` (free on the
+    CPU), looks among the likeliest tokens first (`NUCLEUS_CANDIDATES`); min-p compares logits with the
+    likeliest's less log(1 / min_p), no softmax. Without `host_reads` nothing here waits for the device.
     """
     vocab = logits.shape[-1]
     if top_k <= 0 or top_k >= vocab:
@@ -123,18 +124,20 @@ def truncate(
         if top_k:
             kept = torch.topk(part, top_k, dim=-1, sorted=False).values
             part.masked_fill_(part < kept.amin(dim=-1, keepdim=True), MASKED_LOGIT)
-            if whole_row_nucleus and not sort_whole_rows:  # the nucleus among the k kept
+            if whole_row_nucleus and not reference_arithmetic:  # the nucleus among the k kept
                 ascending = kept.sort(dim=-1).values
                 first_kept = _outside_nucleus(ascending, top_p, scale).sum(-1, keepdim=True).clamp_(max=top_k - 1)
                 part.masked_fill_(part < ascending.gather(-1, first_kept), MASKED_LOGIT)
                 whole_row_nucleus = False
-        if whole_row_nucleus and not sort_whole_rows and host_reads:
+        if whole_row_nucleus and not reference_arithmetic and host_reads:
             _nucleus_among_likeliest(part, top_p, scale)
         elif whole_row_nucleus:
             _cut_outside_nucleus(part, top_p, scale)
-        if min_p > 0.0:
+        if min_p > 0.0 and reference_arithmetic:
             probs = torch.softmax(_at_temperature_one(part, scale), dim=-1)
             part.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), MASKED_LOGIT)
+        elif min_p > 0.0:  # p / p_max < min_p, in logits at temperature 1: (logit - max) * scale < log(min_p)
+            part.masked_fill_(part < part.amax(dim=-1, keepdim=True) + math.log(min_p) / scale, MASKED_LOGIT)
     return logits
 
 

@@ -259,7 +259,9 @@ def test_the_fast_way_finds_the_nucleus_among_what_top_k_kept(top_k, top_p):
     logits = torch.randn(3, 17, 1000, generator=torch.Generator().manual_seed(top_k)) * 4
     for scale in (1.0, torch.tensor(0.6)):
         whole = sampling.truncate(logits / scale, top_k, top_p, scale=scale, min_p=0.01)
-        among_kept = sampling.truncate(logits / scale, top_k, top_p, scale=scale, min_p=0.01, sort_whole_rows=False)
+        among_kept = sampling.truncate(
+            logits / scale, top_k, top_p, scale=scale, min_p=0.01, reference_arithmetic=False
+        )
         assert torch.equal(among_kept, whole)
         assert top_k * 3 * 17 > int((whole != sampling.MASKED_LOGIT).sum()) >= 3 * 17
 
@@ -308,7 +310,7 @@ def test_the_cpu_finds_a_nucleus_among_the_likeliest_tokens_or_sorts_the_row(mon
         for scale in (1.0, torch.tensor(0.7)):
             exact = sampling.truncate(logits.double(), 0, top_p) != sampling.MASKED_LOGIT
             calls.clear()
-            fast = sampling.truncate(logits / scale, 0, top_p, scale=scale, sort_whole_rows=False, host_reads=True)
+            fast = sampling.truncate(logits / scale, 0, top_p, scale=scale, reference_arithmetic=False, host_reads=True)
             kept = fast != sampling.MASKED_LOGIT
             assert (kept != exact).sum(-1).max() <= 1  # at most the boundary token, by rounding
             assert (kept != exact).sum() <= 2
@@ -319,5 +321,18 @@ def test_the_cpu_finds_a_nucleus_among_the_likeliest_tokens_or_sorts_the_row(mon
             assert torch.equal(fast[kept], (logits / scale)[kept])  # what stays is untouched
     # where a host read would wait for an accelerator, every row is sorted
     calls.clear()
-    sampling.truncate(logits.clone(), 0, 0.9, sort_whole_rows=False)
+    sampling.truncate(logits.clone(), 0, 0.9, reference_arithmetic=False)
     assert calls == [24]
+
+
+@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 1.0])
+def test_the_fast_way_cuts_min_p_in_logits_as_the_reference_does_in_probabilities(min_p):
+    """Min-p without a softmax (a token stays while its logit is within log(1 / min_p) of the likeliest's, at
+    temperature 1): the cut the reference's arithmetic makes."""
+    logits = torch.randn(3, 11, 500, generator=torch.Generator().manual_seed(int(min_p * 100))) * 4
+    for scale in (1.0, torch.tensor(0.7)):
+        reference = sampling.truncate(logits / scale, min_p=min_p, scale=scale)
+        fast = sampling.truncate(logits / scale, min_p=min_p, scale=scale, reference_arithmetic=False)
+        assert torch.equal(fast, reference)
+        kept = (fast != sampling.MASKED_LOGIT).sum(-1)
+        assert bool((kept >= 1).all()) and (min_p == 1.0 or int(kept.max()) > 1)
