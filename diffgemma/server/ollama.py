@@ -4,11 +4,11 @@ Python and JavaScript clients, LangChain's ChatOllama, Continue, Open WebUI's Ol
 clients ask what is served (`/api/tags`, `/api/show`, `/api/ps`, `/api/version`).
 
 A request's `options` are its sampler settings (`temperature`, `seed`, `top_k`, `top_p`, `min_p`, `num_predict`,
-`stop`, and diffgemma's own: `max_denoising_steps`, ...); those that tune llama.cpp's loading (`num_ctx`,
-`num_gpu`, ...) mean nothing here and are ignored, as Ollama ignores options it does not know, and so are its
-penalties (`PENALTIES`), with a line in the log. Answers stream by
-default, as Ollama's do: one JSON object a line, text as it settles, the last one with `done: true`, why it ended
-and the counts. Any model name is answered with the model served, as the OpenAI routes answer it.
+`stop`, and diffgemma's own: `max_denoising_steps`, ...); those that tune llama.cpp's loading (`num_ctx`, `num_gpu`,
+...) mean nothing here and are ignored, as Ollama ignores options it does not know, and so are its penalties
+(`PENALTIES`), with a line in the log. Answers stream by default, as Ollama's do: one JSON object a line, text as it
+settles, the last one with `done: true`, why it ended and the counts. Any model name is answered with the model
+served, as the OpenAI routes answer it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,15 @@ from ..scoring import MAX_TOP
 from ..structured import AnswerFormat
 from .batcher import Job
 from .llamacpp import fit_prompt
-from .schema import APIError, Piece, SamplerExtras, StopField, asked_format, effort_thinks
+from .schema import (
+    NEUTRAL_PENALTIES,
+    APIError,
+    Piece,
+    SamplerExtras,
+    StopField,
+    asked_format,
+    effort_thinks,
+)
 from .service import (
     Answer,
     Serving,
@@ -48,7 +56,7 @@ from .service import (
 # matter of course, so they are ignored with a line in the server's log, as Ollama's own engine ignored them
 # (the OpenAI routes refuse penalties other than neutral ones)
 PENALTIES = ("repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "penalize_newline")
-NEUTRAL = {"repeat_penalty": 1, "presence_penalty": 0, "frequency_penalty": 0}
+NEUTRAL = {**NEUTRAL_PENALTIES, "repeat_penalty": NEUTRAL_PENALTIES["repetition_penalty"]}  # (Ollama's name)
 log = logging.getLogger("diffgemma.server")
 _warned: set[str] = set()
 
