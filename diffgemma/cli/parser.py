@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(edit, length=False)  # (its length: --length)
     edit.set_defaults(run=text.cmd_edit)
 
-    serve = commands.add_parser("serve", help="an OpenAI-compatible server with a playground page")
+    serve = commands.add_parser(
+        "serve", help="a server for OpenAI, Anthropic, Ollama and llama.cpp clients, with a playground page"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_at_least(0, 65535), default=8000)
     serve.add_argument("--name", default=None, help="model id the API reports")
