@@ -4,7 +4,9 @@ transport), its tools offered to the model as any others are (OpenAI's shape), t
 the `mcp` package (`pip install mcp`, or the `mcp` extra).
 
 The protocol's client is asyncio; a chat is not, so the servers live on an event loop of their own, on a thread,
-for as long as the `ToolServers` block runs, and each call waits for its answer there.
+for as long as the `ToolServers` block runs, and each call waits for its answer there. A started server's own
+output (its logs; a failing tool's traceback) is kept apart from the chat, and its last lines told if it fails to
+start.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shlex
+import tempfile
 import threading
-from typing import Any
+from typing import IO, Any
 
 from .errors import DiffGemmaError
 from .toolcalls import TOOL_NAME
@@ -58,6 +61,7 @@ class ToolServers:
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
         self._ended: asyncio.Future | None = None
+        self._logs = contextlib.ExitStack()  # each started server's standard error: a file, kept until the end
 
     def __enter__(self) -> ToolServers:
         if not self.commands:
@@ -86,6 +90,7 @@ class ToolServers:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=15)
         self._loop = None
+        self._logs.close()
 
     def wait(self, work: Any, timeout: float) -> Any:
         """`work` (a coroutine) run on the servers' loop, its result once it is done (at most `timeout` s)."""
@@ -106,11 +111,12 @@ class ToolServers:
     async def _serve(self, started: asyncio.Future) -> None:
         from mcp import ClientSession
 
-        command = ""
+        command, log = "", None
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for command in self.commands:
-                    streams = await stack.enter_async_context(_transport(command))
+                    connection, log = self._transport(command)
+                    streams = await stack.enter_async_context(connection)
                     session = await stack.enter_async_context(ClientSession(streams[0], streams[1]))
                     await session.initialize()
                     listed = await session.list_tools()
@@ -119,7 +125,27 @@ class ToolServers:
                 await self._stop.wait()
         except Exception as err:  # (once started, a server's failure to close is left to the process's exit)
             if not started.done():
-                started.set_exception(DiffGemmaError(f"MCP server `{command}`: {_reason(err)}"))
+                said = _last_lines(log) if log is not None else ""
+                started.set_exception(DiffGemmaError(f"MCP server `{command}`: {_reason(err)}{said}"))
+
+    def _transport(self, command: str) -> tuple[Any, IO[str] | None]:
+        """(the protocol's streams to a server, the file its standard error goes to): over HTTP to a URL (no file),
+        else over the standard input and output of the command, started (the `mcp` package yields (read, write),
+        and in some versions more after them)."""
+        if command.startswith(("http://", "https://")):
+            from mcp.client import streamable_http
+
+            connect = getattr(streamable_http, "streamable_http_client", None) or streamable_http.streamablehttp_client
+            return connect(command), None
+        from mcp import StdioServerParameters
+        from mcp.client.stdio import stdio_client
+
+        words = shlex.split(command)
+        if not words:
+            raise DiffGemmaError("an empty command")
+        file = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")  # noqa: SIM115 - closed with the block
+        log = self._logs.enter_context(file)
+        return stdio_client(StdioServerParameters(command=words[0], args=words[1:]), errlog=log), log
 
     def _add(self, tools: list[ServerTool]) -> None:
         names = {tool.__name__ for tool in self.tools}
@@ -130,21 +156,11 @@ class ToolServers:
         self.tools += tools
 
 
-def _transport(command: str) -> Any:
-    """The protocol's streams to a server: over HTTP to a URL, else over the standard input and output of the
-    command, started (the `mcp` package yields (read, write), and in some versions more after them)."""
-    if command.startswith(("http://", "https://")):
-        from mcp.client import streamable_http
-
-        connect = getattr(streamable_http, "streamable_http_client", None) or streamable_http.streamablehttp_client
-        return connect(command)
-    from mcp import StdioServerParameters
-    from mcp.client.stdio import stdio_client
-
-    words = shlex.split(command)
-    if not words:
-        raise DiffGemmaError("an empty command")
-    return stdio_client(StdioServerParameters(command=words[0], args=words[1:]))
+def _last_lines(log: IO[str], count: int = 3) -> str:
+    """What a server said last on its standard error, to tell with its failure ("" if nothing)."""
+    log.seek(0)
+    lines = [line.rstrip() for line in log.read().splitlines() if line.strip()][-count:]
+    return f" (it said: {' | '.join(lines)})" if lines else ""
 
 
 def _without_titles(schema: Any) -> Any:

@@ -20,7 +20,7 @@ ASSET = Path(__file__).parent / "assets" / "weather_mcp.py"
 SERVER = f"{sys.executable} {ASSET}"  # (the command line --mcp takes)
 
 
-def test_a_servers_tools_are_offered_and_called_as_python_ones_are():
+def test_a_servers_tools_are_offered_and_called_as_python_ones_are(capfd):
     with ToolServers([f"{SERVER} --failing"]) as servers:
         weather, forecast = servers.tools
         # offered as a Python function with its signature is (the schema's titles dropped, its keys in that order)
@@ -30,6 +30,7 @@ def test_a_servers_tools_are_offered_and_called_as_python_ones_are():
         answers = [message["content"] for message in run_tool_calls(calls, [weather, forecast])[1:]]
         # a tool that fails: the model is told so, as for a Python tool that raises
         assert answers[0] == WEATHER_RESULT and answers[1].startswith("error: RuntimeError: Error executing tool")
+    assert "no forecast" not in capfd.readouterr().err  # (the server's traceback is its own, kept from the chat)
 
 
 def test_a_server_over_http_by_its_url():
@@ -57,6 +58,8 @@ def test_a_server_over_http_by_its_url():
     [
         (["no-such-server --x"], "MCP server `no-such-server --x`: FileNotFoundError"),
         ([f"{sys.executable} -c 'import sys; sys.exit(3)'"], "Connection closed"),
+        # what a server that fails to start said last is told with its failure
+        ([f"{sys.executable} -c 'import not_installed_module'"], "No module named 'not_installed_module')"),
         ([""], "an empty command"),
         ([SERVER, SERVER], "a tool named 'get_weather' is offered already"),
     ],
