@@ -89,6 +89,8 @@ class ToolServers:
                 asyncio.run_coroutine_threadsafe(asyncio.wait_for(self._ended, 10), self._loop).result(15)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=15)
+        if not self._thread.is_alive():
+            self._loop.close()
         self._loop = None
         self._logs.close()
 
