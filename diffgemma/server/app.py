@@ -23,7 +23,7 @@ from ..api import DiffGemma
 from ..errors import DiffGemmaError
 from ..reply import SettledText
 from .batcher import Batcher, Job
-from .llamacpp import LlamaInfillRequest, fit_prompt, infill_response, stream_chunk
+from .llamacpp import LlamaInfillRequest, infill_response, stream_chunk
 from .messages import (
     Conversation,
     MessageBuilder,
@@ -56,7 +56,6 @@ from .service import (
     check_token_ids,
     engine_failure,
     event_stream,
-    fill_limit,
     infill_length,
     reply_text,
     sse,
@@ -359,10 +358,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     @app.post("/infill")
     async def llama_infill(body: LlamaInfillRequest, request: Request):
         """llama.cpp's (`llamacpp`): what editor plugins send for code completion."""
-        opening = len(model.tokenizer.encode(""))
-        prompt, truncated = fit_prompt(model.tokenizer.encode(body.prefix()), opening, options.max_prompt_tokens)
-        suffix_tokens = len(model.tokenizer.encode(body.input_suffix, add_special_tokens=False))
-        length = fill_limit(body.limit(), infill_length(model, None), model.config.canvas_length, suffix_tokens)
+        prompt, truncated, length = serving.plugin_fill(
+            model.tokenizer.encode(body.prefix()), body.input_suffix, body.limit()
+        )
         shape = {"model_name": options.model_name, "fields": body.response_fields, "truncated": truncated}
         if length == 0:  # (nothing asked for)
             return infill_response("", "length", None, len(prompt), 0, 0.0, **shape)

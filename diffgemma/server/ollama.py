@@ -31,7 +31,6 @@ from ..reply import SettledText
 from ..scoring import MAX_TOP
 from ..structured import AnswerFormat
 from .batcher import Job
-from .llamacpp import fit_prompt
 from .schema import (
     NEUTRAL_PENALTIES,
     APIError,
@@ -46,8 +45,6 @@ from .service import (
     Serving,
     ToolUse,
     check_token_ids,
-    fill_limit,
-    infill_length,
     reply_text,
     whole_events,
 )
@@ -489,14 +486,7 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
         if body.format:
             raise bad("format shapes an answer, not a fill between a prompt and a suffix", "format")
         # a prefix over the prompt limit loses its beginning, as `/infill` cuts what editor plugins send
-        prompt, _ = fit_prompt(prompt, opening, serving.options.max_prompt_tokens)
-        suffix_tokens = len(tokenizer.encode(body.suffix, add_special_tokens=False))
-        length = fill_limit(
-            body.limit(model.config.canvas_length),
-            infill_length(model, None),
-            model.config.canvas_length,
-            suffix_tokens,
-        )
+        prompt, _, length = serving.plugin_fill(prompt, body.suffix, body.limit(model.config.canvas_length))
         reply_shape = shape(False, False, prompt)
         reply = reply_text(model, chat=False, stop=body.stop())
         job = serving.fill_job(prompt, body.suffix, length, body.sampler(), warn=False)

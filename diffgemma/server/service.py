@@ -35,6 +35,7 @@ from ..structured import DEFAULT_TRIES, AnswerFormat
 from ..tokenizer import THINKING_CLOSE
 from ..toolcalls import check_tools, tool_plan
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
+from .llamacpp import fit_prompt
 from .logprobs import chat_logprobs, completion_logprobs
 from .messages import (
     Conversation,
@@ -290,6 +291,17 @@ class Serving:
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "logit_bias")
             banned.append(int(key))
         return tuple(banned)
+
+    def plugin_fill(self, prompt: list[int], suffix: str, asked: int | None) -> tuple[list[int], bool, int]:
+        """An editor plugin's fill (llama.cpp's /infill, Ollama's generate with a suffix): (its prompt, whose
+        beginning goes where it is over the prompt limit, as llama.cpp cuts it; whether it went; the gap, `asked`
+        as a limit: `fill_limit`)."""
+        model = self.model
+        opening = len(model.tokenizer.encode(""))  # (the BOS, kept)
+        prompt, truncated = fit_prompt(prompt, opening, self.options.max_prompt_tokens)
+        suffix_tokens = len(model.tokenizer.encode(suffix, add_special_tokens=False))
+        length = fill_limit(asked, infill_length(model, None), model.config.canvas_length, suffix_tokens)
+        return prompt, truncated, length
 
     def fill_job(self, prompt: list[int], suffix: str, length: int, body: SamplerExtras, warn: bool = True) -> Job:
         """A fill's job: `length` free positions after `prompt`, then `suffix` held in place on the same canvas
