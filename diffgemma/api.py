@@ -15,6 +15,7 @@ import torch
 from .cache import PrefixCache
 from .checkpoint import StoredTensor, load_weights, save_checkpoint, stored_float_dtype
 from .config import QUANT_FORMATS, ModelConfig, SamplerSettings, as_path, is_int, load_configs
+from .embedding import embed_batch
 from .errors import DiffGemmaError
 from .generate import (
     CanvasCommit,
@@ -521,19 +522,39 @@ class DiffGemma:
         (tokenized with BOS) or token ids as given; `top` likeliest alternatives per position (up to 20).
         `.total` sums them, `.perplexity` is exp of their negative mean. A batch (a list of texts, or of id
         lists) is scored in one pass, each as alone, and gives a list."""
-        batched = isinstance(text, list | tuple) and bool(text) and all(isinstance(t, str | list | tuple) for t in text)
-        rows = [self._score_ids(one) for one in text] if batched else [self._score_ids(text)]
+        batched, rows = self._text_rows(text, "score")
         scores = score_batch(self.network, rows, top)
         return scores if batched else scores[0]
 
-    def _score_ids(self, text: Any) -> list[int]:
+    def embed(
+        self,
+        text: str | Sequence[int] | torch.Tensor | Sequence[str] | Sequence[Sequence[int]],
+        normalize: bool = True,
+        dimensions: int | None = None,
+    ) -> torch.Tensor:
+        """A text's embedding (`embedding`): the mean of the causal encoder's final hidden states over its tokens
+        (a text tokenized with BOS, or token ids as given), float32 [hidden] on the CPU, unit length unless
+        `normalize` is False; `dimensions` keeps its first so many (then scaled to unit length). A batch (a list
+        of texts, or of id lists) gives [N, hidden], each row as the text alone gives it. Not a trained
+        embedding model's vectors: good for search among one's own texts, not for a benchmark."""
+        batched, rows = self._text_rows(text, "embed")
+        vectors = embed_batch(self.network, rows, normalize, dimensions)
+        return vectors if batched else vectors[0]
+
+    def _text_rows(self, text: Any, verb: str) -> tuple[bool, list[list[int]]]:
+        """Whether `text` is a batch, and its rows of ids: a text (tokenized with BOS) or ids as given, or a list
+        of either."""
+        batched = isinstance(text, list | tuple) and bool(text) and all(isinstance(t, str | list | tuple) for t in text)
+        return batched, [self._text_ids(one, verb) for one in text] if batched else [self._text_ids(text, verb)]
+
+    def _text_ids(self, text: Any, verb: str) -> list[int]:
         if isinstance(text, str):
             return self._need_tokenizer().encode(text)
         if isinstance(text, torch.Tensor) and text.ndim == 1 and not text.is_floating_point():
             return text.tolist()
         if isinstance(text, Sequence) and all(is_int(t) for t in text):
             return list(text)
-        raise DiffGemmaError("score takes a text, or token ids (a list of ints or a 1-D integer tensor), or a list")
+        raise DiffGemmaError(f"{verb} takes a text, or token ids (a list of ints or a 1-D integer tensor), or a list")
 
     def _stop_strings(self, stop: str | Sequence[str] | StopStrings | None) -> StopStrings | None:
         if isinstance(stop, StopStrings):

@@ -41,6 +41,20 @@ class TokenScores:
         return float(torch.tensor(-self.total / scored).exp()) if scored else float("nan")
 
 
+def check_rows(network: DiffusionGemma, rows: list[list[int]], verb: str) -> None:
+    """Rows of ids the causal encoder can read whole: each some tokens, all in the vocabulary, within the model's
+    positions (`verb`: what is to be done with them, for the error)."""
+    vocab, longest = network.config.vocab_size, network.config.max_position_embeddings
+    for ids in rows:
+        if not ids:
+            raise DiffGemmaError(f"nothing to {verb}: no tokens")
+        outside = [token for token in ids if not 0 <= token < vocab]
+        if outside:
+            raise DiffGemmaError(f"token id {outside[0]} is outside the vocabulary (0-{vocab - 1})")
+        if len(ids) > longest:
+            raise DiffGemmaError(f"{len(ids)} tokens to {verb}; the model reads at most {longest}")
+
+
 @torch.no_grad()
 def score_batch(network: DiffusionGemma, rows: list[list[int]], top: int = 0) -> list[TokenScores]:
     """Run the causal encoder over each row of ids and score each token after the first from the head's
@@ -50,15 +64,8 @@ def score_batch(network: DiffusionGemma, rows: list[list[int]], top: int = 0) ->
     that of a prompt chunk and SCORE_LOGITS_BYTES of logits."""
     if not is_int(top) or not 0 <= top <= MAX_TOP:
         raise DiffGemmaError(f"top must be an integer between 0 and {MAX_TOP}, got {top!r}")
-    vocab, longest = network.config.vocab_size, network.config.max_position_embeddings
-    for ids in rows:
-        if not ids:
-            raise DiffGemmaError("nothing to score: no tokens")
-        outside = [token for token in ids if not 0 <= token < vocab]
-        if outside:
-            raise DiffGemmaError(f"token id {outside[0]} is outside the vocabulary (0-{vocab - 1})")
-        if len(ids) > longest:
-            raise DiffGemmaError(f"{len(ids)} tokens to score; the model reads at most {longest}")
+    check_rows(network, rows, "score")
+    vocab = network.config.vocab_size
     width = max(len(ids) for ids in rows)
     sequence = torch.tensor([ids + [0] * (width - len(ids)) for ids in rows], device=network.device)
     cache = network.new_cache(len(rows), width)

@@ -6,6 +6,7 @@ import httpx
 import ollama
 import openai
 import pytest
+import torch
 from assets.make_demo_model import ANSWERS, THINKING, WEATHER_ANSWER, WEATHER_RESULT, WEATHER_TOOL, weather_conversation
 
 SKY = "Why is the sky blue?"
@@ -213,8 +214,30 @@ def test_bad_requests_are_ollamas_errors(client, route, body, says):
     assert refused.value.status_code == 400 and says in refused.value.error
 
 
+def test_embed_and_embeddings_are_the_models(client, server, demo):
+    """`/api/embed` (unit vectors, as Ollama's) and the older `/api/embeddings` (the vector as it comes); an empty
+    input loads (nothing embedded); a long text is cut to the prompt limit unless `truncate` is false."""
+    texts = [SKY, "Name a fruit."]
+    embedded = client.embed(model="demo", input=texts)
+    assert torch.allclose(torch.tensor(embedded.embeddings), demo.embed(texts), atol=1e-6)
+    assert embedded.prompt_eval_count == sum(len(demo.tokenizer.encode(t)) for t in texts)
+    assert embedded.total_duration > 0
+    one = client.embed(model="demo", input=SKY, dimensions=4).embeddings
+    assert torch.allclose(torch.tensor(one), demo.embed(SKY, dimensions=4)[None], atol=1e-6)
+    old = client.embeddings(model="demo", prompt=SKY).embedding
+    assert torch.allclose(torch.tensor(old), demo.embed(SKY, normalize=False), atol=1e-5)
+    assert client.embed(model="demo", input="").embeddings == [] and client.embeddings(model="demo").embedding == []
+    long = "a" * 500  # (a byte a token: 501 with the BOS, over the limit of 400)
+    cut = client.embed(model="demo", input=long)
+    assert cut.prompt_eval_count == 400
+    assert torch.allclose(torch.tensor(cut.embeddings[0]), demo.embed(demo.tokenizer.encode(long)[:400]), atol=1e-6)
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.embed(model="demo", input=long, truncate=False)
+    assert refused.value.status_code == 400 and "exceeds the context length (400 tokens)" in refused.value.error
+
+
 def test_errors_have_ollamas_shape_everywhere_under_api(server):
-    for route in ("/api/embed", "/api/pull", "/api/delete"):  # (embeddings, model management)
+    for route in ("/api/pull", "/api/delete", "/api/create"):  # (model management)
         missing = httpx.post(server[0] + route, json={"model": "demo", "input": "hi"})
         assert missing.status_code == 404 and missing.json()["error"].startswith(f"POST {route} is not served here")
         assert "/api/chat" in missing.json()["error"]

@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, driven by the official `openai` client over real HTTP on 127.0.0.1."""
 
+import base64
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import httpx
 import openai
 import pydantic
 import pytest
+import torch
 from assets.make_demo_model import ANSWERS
 from server_util import free_port, running
 
@@ -528,6 +530,35 @@ def test_fields_sent_as_null_take_their_defaults(server):
     body = {"input": SKY, "seed": 1, "parallel_tool_calls": None, "include": None, "max_output_tokens": None}
     responded = httpx.post(url + "/v1/responses", json=body, timeout=60)
     assert responded.status_code == 200 and responded.json()["output"][-1]["content"][0]["text"] == ANSWERS[SKY]
+
+
+def test_embeddings_are_the_models_in_openais_shapes(server, client, demo):
+    """`/v1/embeddings` through OpenAI's client (which asks for base64 and decodes it) and as floats: each input's
+    `DiffGemma.embed`, in order; token ids as given; `dimensions`; bad inputs refused with the field named."""
+    texts = [SKY, "Name a fruit.", "Hi"]
+    expected = demo.embed(texts)
+    made = client.embeddings.create(model="demo", input=texts)
+    assert [item.index for item in made.data] == [0, 1, 2] and made.model == "demo"
+    assert torch.allclose(torch.tensor([item.embedding for item in made.data]), expected, atol=1e-6)
+    assert made.usage.prompt_tokens == made.usage.total_tokens == sum(len(demo.tokenizer.encode(t)) for t in texts)
+    ids = demo.tokenizer.encode(SKY)
+    floats = client.embeddings.create(model="demo", input=[ids], encoding_format="float", dimensions=6)
+    assert torch.allclose(torch.tensor(floats.data[0].embedding), demo.embed(ids, dimensions=6), atol=1e-6)
+    raw = httpx.post(server[0] + "/v1/embeddings", json={"input": SKY, "encoding_format": "base64"}).json()
+    packed = base64.b64decode(raw["data"][0]["embedding"])
+    assert torch.allclose(torch.frombuffer(bytearray(packed), dtype=torch.float32), expected[0], atol=1e-6)
+    for body, param, says in (
+        ({"input": ""}, "input", "empty text"),
+        ({"input": ["a", ""]}, "input", "empty text"),
+        ({"input": []}, "input", "empty list"),
+        ({"input": "a" * 401}, "input", "limit is 400"),
+        ({"input": [[2, demo.config.vocab_size]]}, "input", "outside the vocabulary"),
+        ({"input": "a", "dimensions": demo.config.hidden_size + 1}, "dimensions", "dimensions must be"),
+        ({"input": ["a"] * 2049}, "input", "at most 2048"),
+    ):
+        refused = httpx.post(server[0] + "/v1/embeddings", json=body)
+        assert refused.status_code == 400, body
+        assert refused.json()["error"]["param"] == param and says in refused.json()["error"]["message"]
 
 
 def test_tokenize_and_detokenize_read_prompts_as_the_routes_do(server, client, demo):

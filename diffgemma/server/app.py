@@ -8,7 +8,9 @@ them on the engine and returns or streams what they give; the route puts that in
 
 from __future__ import annotations
 
+import base64
 import secrets
+import struct
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from .schema import (
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     InfillRequest,
     PromptField,
     TokenizeRequest,
@@ -66,20 +69,27 @@ from .service import (
 STATIC = Path(__file__).with_name("static")
 
 
-def completion_prompts(model: DiffGemma, prompt: PromptField) -> tuple[list[list[int]], list[str]]:
-    """OpenAI's forms of a completion prompt -> (each prompt's ids, each prompt's text). Token ids are taken as
-    given (no BOS added), and must be in the vocabulary."""
+def completion_prompts(
+    model: DiffGemma, prompt: PromptField, param: str = "prompt"
+) -> tuple[list[list[int]], list[str]]:
+    """OpenAI's forms of a completion prompt (or of an embeddings input: `param`) -> (each prompt's ids, each
+    prompt's text). Token ids are taken as given (no BOS added), and must be in the vocabulary."""
     tokenizer = model.tokenizer
     if isinstance(prompt, str):
         return [tokenizer.encode(prompt)], [prompt]
     if not prompt:
-        raise APIError(400, "prompt is an empty list", "invalid_request_error", "invalid_value", "prompt")
+        raise APIError(400, f"{param} is an empty list", "invalid_request_error", "invalid_value", param)
     if all(isinstance(one, str) for one in prompt):
         return [tokenizer.encode(one) for one in prompt], list(prompt)
     lists = [prompt] if all(isinstance(one, int) for one in prompt) else prompt
     for ids in lists:
-        check_token_ids(model, ids, "prompt")
+        check_token_ids(model, ids, param)
     return [list(ids) for ids in lists], [tokenizer.decode(ids) for ids in lists]
+
+
+def float32_base64(vector: list[float]) -> str:
+    """A vector as OpenAI's base64 embeddings: its float32 values' little-endian bytes."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def route_label(app: FastAPI, request: Request) -> str:
@@ -318,6 +328,24 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if body.suffix:  # OpenAI's insertion: the gap between prompt and suffix, filled on one canvas
             return await serving.insert(body, request, prompts, texts)
         return await serving.complete(body, request, prompts, chat=False, echoes=texts if body.echo else None)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> dict:
+        """Each input's vector (`DiffGemma.embed`): the mean of the causal encoder's final states, unit length."""
+        if body.input == "" or (isinstance(body.input, list) and "" in body.input):
+            message = "input: an empty text has nothing to embed"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "input")
+        rows, _ = completion_prompts(model, body.input, "input")
+        longest = max(len(ids) for ids in rows)
+        if longest > options.max_prompt_tokens:
+            message = f"an input is {longest} tokens; the limit is {options.max_prompt_tokens}"
+            raise APIError(400, message, "invalid_request_error", "context_length_exceeded", "input")
+        vectors = (await serving.embed(rows, True, body.dimensions, "input")).tolist()
+        encode = float32_base64 if body.encoding_format == "base64" else list
+        data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
+        used = sum(len(ids) for ids in rows)
+        usage = {"prompt_tokens": used, "total_tokens": used}
+        return {"object": "list", "data": data, "model": options.model_name, "usage": usage}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:

@@ -1,7 +1,8 @@
 """Ollama's API, for the desktop apps, editor plugins and libraries that reach a local model only through it (its
 Python and JavaScript clients, LangChain's ChatOllama, Continue, Open WebUI's Ollama connection): `/api/chat`,
-`/api/generate` (a chat turn, a raw prompt, or with `suffix` a fill between prompt and suffix), and the routes
-clients ask what is served (`/api/tags`, `/api/show`, `/api/ps`, `/api/version`).
+`/api/generate` (a chat turn, a raw prompt, or with `suffix` a fill between prompt and suffix), `/api/embed` and
+`/api/embeddings` (texts' vectors, `DiffGemma.embed`), and the routes clients ask what is served (`/api/tags`,
+`/api/show`, `/api/ps`, `/api/version`).
 
 A request's `options` are its sampler settings (`temperature`, `seed`, `top_k`, `top_p`, `min_p`, `num_predict`,
 `stop`, and diffgemma's own: `max_denoising_steps`, ...); those that tune llama.cpp's loading (`num_ctx`, `num_gpu`,
@@ -88,14 +89,14 @@ def on_ollama_route(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
-SERVED = "/api/chat, /api/generate, /api/tags, /api/show, /api/ps and /api/version"
+SERVED = "/api/chat, /api/generate, /api/embed, /api/embeddings, /api/tags, /api/show, /api/ps and /api/version"
 
 
 def unknown_route(request: Request) -> str:
-    """What a request to one of Ollama's routes that is not served here is told (its model management,
-    embeddings: this server serves the one checkpoint it was started with, for generation)."""
+    """What a request to one of Ollama's routes that is not served here is told (its model management: this server
+    serves the one checkpoint it was started with)."""
     where = f"{request.method} {request.url.path}"
-    return f"{where} is not served here: diffgemma serves Ollama's {SERVED} (one model, for generation)"
+    return f"{where} is not served here: diffgemma serves Ollama's {SERVED} (one model, the one it started with)"
 
 
 def read_as_json(request: Request) -> None:
@@ -199,6 +200,25 @@ class OllamaGenerateRequest(OllamaRequest):
     raw: bool = False  # the prompt as the model reads it, without the chat template
     context: list[int] | None = None  # a previous answer's `context`: the conversation so far, as ids
     images: list[str] | None = None
+
+
+class OllamaEmbedRequest(BaseModel):
+    """`/api/embed`: a text or texts; `truncate` (the default) cuts each to the prompt limit where Ollama cuts
+    it to the context, else a longer one is refused; `dimensions` keeps each vector's first so many."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = ""
+    input: str | list[str] = ""
+    truncate: bool = True
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+class OllamaEmbeddingsRequest(BaseModel):
+    """`/api/embeddings`, Ollama's first form: one `prompt`, its vector as it comes (not scaled to unit length)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = ""
+    prompt: str = ""
 
 
 def without_oldest_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
@@ -445,6 +465,30 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
     @router.post("/api/show")
     async def show() -> dict[str, Any]:
         return card
+
+    def embed_rows(texts: list[str], truncate: bool) -> list[list[int]]:
+        limit = serving.options.max_prompt_tokens
+        rows = [tokenizer.encode(text) for text in texts]
+        if not truncate and any(len(ids) > limit for ids in rows):
+            raise bad(f"the input length exceeds the context length ({limit} tokens)", "input")
+        return [ids[:limit] for ids in rows]  # (the end of a long text goes, as Ollama truncates)
+
+    @router.post("/api/embed")
+    async def embed(body: OllamaEmbedRequest) -> dict[str, Any]:
+        started = time.perf_counter_ns()
+        single = [body.input] if body.input else []  # (none: what a client sends to load a model)
+        texts = single if isinstance(body.input, str) else body.input
+        rows = embed_rows(texts, body.truncate)
+        vectors = (await serving.embed(rows, True, body.dimensions, "input")).tolist() if rows else []
+        counts = {"total_duration": time.perf_counter_ns() - started, "load_duration": 0}
+        return {"model": name, "embeddings": vectors, **counts, "prompt_eval_count": sum(map(len, rows))}
+
+    @router.post("/api/embeddings")
+    async def embeddings(body: OllamaEmbeddingsRequest) -> dict[str, Any]:
+        if not body.prompt:  # (what a client sends to load a model)
+            return {"embedding": []}
+        vectors = await serving.embed(embed_rows([body.prompt], True), False, None, "prompt")
+        return {"embedding": vectors[0].tolist()}
 
     @router.post("/api/chat")
     async def chat(body: OllamaChatRequest, request: Request):

@@ -186,6 +186,19 @@ class InfillRequest(SamplerExtras):
     original: str | None = None  # the text being replaced: without max_tokens, the fill gets its length
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's `/v1/embeddings`: a text, texts, or token ids (one list or several); `dimensions` keeps each
+    vector's first so many (scaled to unit length again); `encoding_format` base64 (what OpenAI's Python client
+    asks for): the float32 values' little-endian bytes."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: PromptField
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
 class TokenizeRequest(BaseModel):
     """vLLM's `/tokenize`: a text prompt, or chat messages (with their tools) as chat completions render them;
     llama.cpp's, whose text comes as `content`."""

@@ -23,10 +23,12 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+import torch
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..api import DiffGemma
+from ..embedding import check_dimensions, passes
 from ..errors import DiffGemmaError
 from ..reply import SettledText
 from ..resources import first_line, out_of_memory
@@ -61,6 +63,7 @@ from .schema import (
     tool_choice_name,
 )
 
+MAX_EMBED_INPUTS = 2048  # texts one embeddings request may give, as OpenAI allows
 DONE = "data: [DONE]\n\n"  # the last event of a chat or completions stream
 
 ChoiceEnd = tuple[list[int], str, int | None]  # a choice's final tokens, its finish reason, the EOS after them
@@ -598,8 +601,29 @@ class Serving:
 
     async def score(self, rows: list[list[int]], top: int) -> list[TokenScores]:
         """`DiffGemma.score` of rows of ids in one pass, on the engine's thread between steps."""
+        return await self._on_engine(lambda: self.model.score(rows, top))
+
+    async def embed(self, rows: list[list[int]], normalize: bool, dimensions: int | None, param: str) -> torch.Tensor:
+        """`DiffGemma.embed` of rows of ids (each within the prompt limit): [rows, dimensions], in their order. A
+        pass of similar lengths at a time (`embedding.passes`) on the engine's thread, so the denoising under way
+        goes on between passes rather than wait for a long list."""
+        if len(rows) > MAX_EMBED_INPUTS:
+            message = f"{len(rows)} inputs; at most {MAX_EMBED_INPUTS} a request"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", param)
         try:
-            return await self.batcher.run(lambda: self.model.score(rows, top))
+            check_dimensions(dimensions, self.model.config.hidden_size)
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", "dimensions") from None
+        vectors = torch.empty(len(rows), dimensions or self.model.config.hidden_size)
+        for group in passes([len(ids) for ids in rows]):
+            part = [rows[index] for index in group]
+            vectors[group] = await self._on_engine(lambda part=part: self.model.embed(part, normalize, dimensions))
+        return vectors
+
+    async def _on_engine(self, work: Callable[[], Any]) -> Any:
+        """`work()` on the engine's thread between steps (503 once the engine has stopped)."""
+        try:
+            return await self.batcher.run(work)
         except EngineStopped as err:
             raise APIError(503, str(err), "server_error", "unavailable") from None
 
