@@ -204,6 +204,7 @@ def test_info_needs_only_a_config(capsys, tmp_path):
         ["infill", "--prefix", "a", "--suffix", "b"],
         ["edit", "{file}", "--lines", "1:1"],
         ["score", "some text"],
+        ["embed", "some text"],
         ["serve"],
         ["sudoku", "--puzzle", "0" * 81],
         ["eval", "sudoku", "--puzzles", "p.txt"],
@@ -333,6 +334,36 @@ def test_score_says_how_likely_a_text_is(capsys, tmp_path, demo):
     assert len(lines) == scored + 2 and lines[1].split()[1] == "'W'" and lines[-1].startswith(f"{scored} tokens")
     code, _, err = run(capsys, "score", "--model", DEMO)
     assert code == 2 and "give a text" in err
+
+
+def test_embed_writes_each_texts_vector_or_their_similarities(capsys, tmp_path, demo):
+    """`embed`: {"text", "embedding"} a text in order, as `DiffGemma.embed` gives them (a file's texts in batches);
+    --similarity prints the cosine table."""
+    texts = ["Why is the sky blue?", "Name a fruit.", "Hi"]
+    code, out, _ = run(capsys, "embed", *texts, "--model", DEMO, "--dimensions", "5")
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [record["text"] for record in records] == texts
+    expected = demo.embed(texts, dimensions=5)
+    assert torch.allclose(torch.tensor([record["embedding"] for record in records]), expected, atol=1e-6)
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    code, out, _ = run(capsys, "embed", "--file", str(tmp_path / "texts.jsonl"), "--batch-size", "2", "--model", DEMO)
+    vectors = torch.tensor([json.loads(line)["embedding"] for line in out.splitlines()])
+    assert code == 0 and torch.allclose(vectors, demo.embed(texts), atol=1e-6)
+    code, out, _ = run(capsys, "embed", *texts, "--model", DEMO, "--similarity")
+    rows = out.splitlines()[1:]
+    assert code == 0 and len(rows) == 3
+    cosine = vectors @ vectors.T
+    for i, row in enumerate(rows):
+        values = [float(v) for v in row.split()[1:4]]
+        assert values == pytest.approx(cosine[i].tolist(), abs=1e-3) and row.endswith(repr(texts[i]))
+    for argv, says in (
+        ([], "give texts"),
+        (["a", "--file", "x.txt"], "give texts"),
+        (["a", "--similarity"], "two texts or more"),
+        (["a", "b", "--similarity", "--no-normalize"], "at unit length"),
+    ):
+        code, _, err = run(capsys, "embed", *argv, "--model", DEMO)
+        assert code == 2 and says in err
 
 
 def test_a_text_cut_at_the_token_limit_says_so(capsys, monkeypatch, demo):

@@ -185,6 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(score, sampling=False)
     score.set_defaults(run=text.cmd_score)
 
+    embed = commands.add_parser(
+        "embed", help="texts' vectors from the causal encoder (JSONL), or how alike they are (--similarity)"
+    )
+    embed.add_argument("texts", nargs="*", help="the texts (- reads one from stdin)")
+    embed.add_argument("--file", help='texts: one a line, or a .jsonl (.json, .parquet) of {"text": ...}')
+    embed.add_argument("--dimensions", type=_at_least(1), default=None, help="keep each vector's first N values")
+    embed.add_argument("--no-normalize", action="store_true", help="the mean state as it is, not at unit length")
+    embed.add_argument("--similarity", action="store_true", help="print the texts' cosine similarities instead")
+    embed.add_argument("--batch-size", type=_at_least(1), default=32, help="texts read together")
+    _add_model_options(embed, sampling=False)
+    embed.set_defaults(run=text.cmd_embed)
+
     chat = commands.add_parser(
         "chat", help="an interactive chat (/reset, /think on|off, /exit), one message, or --file of conversations"
     )

@@ -98,15 +98,15 @@ def _print_as_it_settles(
     return result, content, reasoning
 
 
-def _file_prompts(path: str) -> list[str]:
-    """Prompts from a file: {"prompt": ...} records (a .jsonl file, a .json array, a .parquet file's rows), else one
-    prompt a line (blank lines skipped)."""
+def _file_prompts(path: str, key: str = "prompt") -> list[str]:
+    """Prompts (texts) from a file: {key: ...} records (a .jsonl file, a .json array, a .parquet file's rows), else
+    one a line (blank lines skipped)."""
     if Path(path).suffix.lower() in RECORD_SUFFIXES:
         prompts = []
         for where, record in read_records(path):
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise DiffGemmaError(f'{where}: expected an object with a "prompt" text')
-            prompts.append(record["prompt"])
+            if not isinstance(record, dict) or not isinstance(record.get(key), str):
+                raise DiffGemmaError(f'{where}: expected an object with a "{key}" text')
+            prompts.append(record[key])
         return prompts
     return [line for line in read_text(path).splitlines() if line.strip()]
 
@@ -258,6 +258,39 @@ def cmd_score(args: argparse.Namespace) -> None:
     mean = scores.total / scored
     likelihood = f"log-likelihood {scores.total:.3f} ({mean:.4f} a token)"
     print(f"{scored} tokens scored, {likelihood}, perplexity {scores.perplexity:.3f}")
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    """Each text's vector (`DiffGemma.embed`) as a JSONL record {"text", "embedding"} in order, `--batch-size`
+    texts at a time; or, with --similarity, the texts' cosine similarities as a table."""
+    import json
+
+    import torch
+
+    if bool(args.texts) == (args.file is not None):
+        raise DiffGemmaError("give texts (- reads one from stdin), or --file with one text a line")
+    texts = _file_prompts(args.file, "text") if args.file else [read_prompt(text) for text in args.texts]
+    if not texts:
+        raise DiffGemmaError(f"{args.file}: no texts")
+    if args.similarity and (len(texts) < 2 or args.no_normalize):
+        raise DiffGemmaError("--similarity compares two texts or more, at unit length (not with --no-normalize)")
+    model = load_model(args)
+    vectors = []
+    for start in range(0, len(texts), args.batch_size):
+        batch = texts[start : start + args.batch_size]
+        embedded = model.embed(batch, normalize=not args.no_normalize, dimensions=args.dimensions)
+        if args.similarity:
+            vectors.append(embedded)
+            continue
+        for text, vector in zip(batch, embedded.tolist(), strict=True):
+            print(json.dumps({"text": text, "embedding": vector}, ensure_ascii=False), flush=True)
+    if args.similarity:
+        stacked = torch.cat(vectors)
+        similarity = (stacked @ stacked.T).tolist()
+        width = len(str(len(texts)))
+        print(" " * width + "".join(f"{i + 1:>8}" for i in range(len(texts))))
+        for i, (row, text) in enumerate(zip(similarity, texts, strict=True)):
+            print(f"{i + 1:>{width}}" + "".join(f"{value:8.3f}" for value in row) + f"   {text[:60]!r}")
 
 
 def _say_if_cut(result) -> None:
