@@ -1,5 +1,5 @@
-"""Commands that run the model on text: `generate`, `score`, `chat` (with tools, or a file of conversations),
-`infill`, `edit` and `serve`; the canvas watched live or the answer printed as it settles."""
+"""Commands that run the model on text: `generate`, `score`, `embed`, `chat` (with tools, or a file of
+conversations), `infill`, `edit` and `serve`; the canvas watched live or the answer printed as it settles."""
 
 from __future__ import annotations
 
