@@ -192,6 +192,10 @@ def test_generate_templated_raw_and_as_a_fill(server, client, demo):
     # nothing to generate: what clients send to load a model
     assert client.generate(model="demo", prompt="").done_reason == "load"
     assert client.chat(model="demo", messages=[]).done_reason == "load"
+    # `ollama stop`'s request: keep_alive 0, answered as Ollama answers it (the model stays, for other requests)
+    assert client.generate(model="demo", prompt="", keep_alive=0).done_reason == "unload"
+    assert client.chat(model="demo", messages=[], keep_alive="0s").done_reason == "unload"
+    assert client.generate(model="demo", prompt="", keep_alive="5m").done_reason == "load"
 
 
 @pytest.mark.parametrize(

@@ -144,7 +144,11 @@ class OllamaRequest(BaseModel):
     think: bool | str | None = None  # true, or an effort ("low", "medium", "high"): the model thinks first
     logprobs: bool = False  # each answer token's log-probability (`top_logprobs`: with its likeliest others)
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
-    keep_alive: Any = None  # (the model stays loaded while the server runs)
+    keep_alive: Any = None  # (the model stays loaded while the server runs; 0 with nothing to do: "unload")
+
+    def unloads(self) -> bool:
+        """Whether the request asks for the model to be unloaded (`keep_alive` 0: what `ollama stop` sends)."""
+        return str(self.keep_alive).strip() in ("0", "0s", "0m", "0h", "0.0")
 
     def sampler(self) -> SamplerExtras:
         """The options as the sampler fields the other routes read (which check them: `Serving.new_job`)."""
@@ -315,9 +319,10 @@ class Reply:
         line = self._line(answer.content, answer.reasoning, answer.end.calls)
         return self._last(prompt_tokens, len(answer.done.new_tokens), line)
 
-    def loaded(self) -> dict[str, Any]:
-        """What Ollama answers a request with nothing to generate (clients send one to load a model)."""
-        return {**self._line(), "done": True, "done_reason": "load"}
+    def loaded(self, unload: bool = False) -> dict[str, Any]:
+        """What Ollama answers a request with nothing to generate: clients send one to load a model, or with
+        `keep_alive` 0 to unload it (answered as Ollama answers it; the model stays, serving other requests)."""
+        return {**self._line(), "done": True, "done_reason": "unload" if unload else "load"}
 
 
 def weight_bytes(model: DiffGemma) -> int:
@@ -494,7 +499,7 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
     async def chat(body: OllamaChatRequest, request: Request):
         reply_shape = shape(True, True, [])
         if not body.messages:
-            return reply_shape.loaded()
+            return reply_shape.loaded(body.unloads())
         answer_format = asked_format(body.answer_form(), "format")
         messages = [message.for_template() for message in body.messages]
         messages = answer_format.with_instruction(messages) if answer_format is not None else messages
@@ -515,7 +520,7 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
         if body.context:
             check_token_ids(model, body.context, "context")
         if not body.prompt and not body.suffix and not body.context:
-            return shape(False, not body.raw, []).loaded()
+            return shape(False, not body.raw, []).loaded(body.unloads())
         if body.suffix or body.raw:
             prompt = tokenizer.encode(body.prompt)
         else:
