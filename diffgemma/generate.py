@@ -16,7 +16,7 @@ import math
 import operator
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -520,6 +520,101 @@ class DecoderPass:
             self.subset.reset()
 
 
+@dataclass
+class CanvasDenoiser:
+    """How a generation denoises each canvas: its decoder pass, random source and sampler settings, and how the
+    loop reads them (the host's stop check; settled prefixes committed, with the ids that end a row)."""
+
+    decoder: DecoderPass
+    rng: RandomSource
+    settings: SamplerSettings
+    mode: str
+    stop_check: StopCheck
+    commit_stable_prefix: bool
+    ending_ids: torch.Tensor
+    tokenizer: Tokenizer | None
+
+    def canvas(
+        self,
+        canvas_index: int,
+        rows_done: torch.Tensor,
+        passes: torch.Tensor,
+        wanted: torch.Tensor,
+        excluded: torch.Tensor | None = None,
+        user_ids: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        first: torch.Tensor | None = None,
+        check_allowed: bool = False,
+        reused: int = 0,
+    ) -> Generator[Draft, None, tuple[torch.Tensor, torch.Tensor]]:
+        """One canvas denoised from random tokens, a `Draft` after every step; returns its final draft [B, C] and
+        each row's steps on it [B]. `rows_done` [B]: rows an earlier canvas ended; `passes` [B] counts each row's
+        decoder passes (in place); `wanted` [B]: the positions each row's output can hold; `excluded` [B, C, V],
+        `user_ids` [B, C] (-1 free), `noise` [B, C, 2] and `first` [B, C, V]: the canvas's constraints
+        (`denoising_loop`); `check_allowed`: check each free position keeps an id; `reused`: prompt tokens the
+        prefix cache held, for the drafts."""
+        decoder, rng, settings = self.decoder, self.rng, self.settings
+        batch, length = wanted.shape[0], decoder.network.config.canvas_length
+        vocab, device = decoder.network.config.vocab_size, wanted.device
+        canvas = rng.tokens(batch, length, vocab, noise)
+        fixed_ids, fixed = user_ids, None if user_ids is None else user_ids >= 0
+        if fixed is not None:
+            canvas = torch.where(fixed, user_ids, canvas)
+        if check_allowed:
+            _check_some_allowed(excluded, fixed, canvas_index * length)
+        free_count = length - (fixed.sum(-1) if fixed is not None else 0)
+        settled = torch.zeros(batch, dtype=torch.long, device=device)
+        argmax = canvas
+        self_conditioning = None
+        if first is not None:
+            # into the distribution buffer: the loop moves rows within it (`RowSubset`) and refills it
+            self_conditioning = first if decoder.probs is None else decoder.probs.copy_(first)
+        # Rows already done (an earlier canvas ended them) ride along frozen. The reference keeps denoising
+        # them, which reference mode must reproduce; fast mode lets the canvas stop without them.
+        finished = rows_done.clone() if self.mode == "fast" else torch.zeros_like(rows_done)
+        history = torch.full((settings.stability_threshold, batch, length), -1, dtype=torch.long, device=device)
+        canvas_steps = torch.zeros(batch, dtype=torch.long, device=device)
+        for step in range(1, settings.max_denoising_steps + 1):
+            active = ~(finished | rows_done)
+            passes += active
+            canvas_steps += ~finished
+            logits = decoder(canvas, self_conditioning, step, finished, excluded)
+            out = sampler_step(logits, canvas, settings.entropy_bound, rng, fixed_ids, decoder.probs, noise)
+            new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
+            # Rows that already stopped keep their canvas and draft (they ride along in the batch).
+            new_argmax = torch.where(finished[:, None], argmax, new_argmax)
+            new_canvas = torch.where(finished[:, None], canvas, new_canvas)
+            mean_entropy = entropy.sum(-1) / free_count if fixed is not None else entropy.mean(-1)
+            stop = sampling.stable_and_confident(history, new_argmax, mean_entropy, settings.confidence_threshold)
+            if self.commit_stable_prefix:
+                settled = sampling.stable_prefix(settled, history, new_argmax, entropy, settings.entropy_bound)
+                prefix = torch.arange(length, device=device)[None, :] < settled[:, None]
+                fixed_ids = torch.where(prefix, new_argmax, -1 if user_ids is None else user_ids)
+                # A row whose settled prefix holds all it will give (its limit, or an EOS) is done: what
+                # follows could not change its output.
+                stop = stop | (settled >= wanted)
+                if self.ending_ids.numel():
+                    stop = stop | (torch.isin(new_argmax, self.ending_ids) & prefix).any(-1)
+            history = sampling.push_history(history, new_argmax)
+            finished = finished | stop
+            canvas, argmax, self_conditioning = new_canvas, new_argmax, out.probs
+            yield Draft(
+                canvas_index,
+                step,
+                argmax,
+                accept,
+                mean_entropy,
+                finished | rows_done,
+                self.tokenizer,
+                settled if self.commit_stable_prefix else None,
+                entropy,
+                reused,
+            )
+            if self.stop_check(finished, step):
+                break
+        return argmax, canvas_steps
+
+
 def _validate_mode(mode: str) -> None:
     if mode not in MODES:
         raise DiffGemmaError(f"mode must be one of {MODES}, got {mode!r}")
@@ -609,14 +704,13 @@ def denoising_loop(
     rng = RandomSource(mode, batch, device, seed, network.dtype)
     if sync_free is not None:
         rng.sync_free = sync_free
-    window = settings.stability_threshold
-    steps = settings.max_denoising_steps
     stop_check = StopCheck(device, stop_check_every)
 
     capacity = prompt_length + canvases * length
     prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode)
     cache = prompt.new_cache(network, batch, capacity)
     decoder = DecoderPass(network, cache, mode, batch, settings, cuda_graph, rng.sync_free)
+    denoiser = CanvasDenoiser(decoder, rng, settings, mode, stop_check, commit_stable_prefix, ending_ids, tokenizer)
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)
@@ -627,65 +721,20 @@ def denoising_loop(
             span = slice(canvas_index * length, (canvas_index + 1) * length)
             excluded = constraints.excluded(span, vocab)
             user_ids, noise, first = constraints.on_canvas(span)
-            canvas = rng.tokens(batch, length, vocab, noise)
-            fixed_ids, fixed = user_ids, None if user_ids is None else user_ids >= 0
-            if fixed is not None:
-                canvas = torch.where(fixed, user_ids, canvas)
-            if constraints.banned_tokens is not None:
-                _check_some_allowed(excluded, fixed, canvas_index * length)
-            free_count = length - (fixed.sum(-1) if fixed is not None else 0)
-            settled = torch.zeros(batch, dtype=torch.long, device=device)
             # the positions of this canvas each row's output can hold (its limit may end inside it)
             wanted = (torch.tensor(limits, device=device) - canvas_index * length).clamp(max=length)
-            argmax = canvas
-            self_conditioning = None
-            if first is not None:
-                # into the distribution buffer: the loop moves rows within it (`RowSubset`) and refills it
-                self_conditioning = first if decoder.probs is None else decoder.probs.copy_(first)
-            # Rows already done (an earlier canvas ended them) ride along frozen. The reference keeps denoising
-            # them, which reference mode must reproduce; fast mode lets the canvas stop without them.
-            finished = rows_done.clone() if mode == "fast" else torch.zeros_like(rows_done)
-            history = torch.full((window, batch, length), -1, dtype=torch.long, device=device)
-            canvas_steps = torch.zeros(batch, dtype=torch.long, device=device)
-            for step in range(1, steps + 1):
-                active = ~(finished | rows_done)
-                passes += active
-                canvas_steps += ~finished
-                logits = decoder(canvas, self_conditioning, step, finished, excluded)
-                out = sampler_step(logits, canvas, settings.entropy_bound, rng, fixed_ids, decoder.probs, noise)
-                new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
-                # Rows that already stopped keep their canvas and draft (they ride along in the batch).
-                new_argmax = torch.where(finished[:, None], argmax, new_argmax)
-                new_canvas = torch.where(finished[:, None], canvas, new_canvas)
-                mean_entropy = entropy.sum(-1) / free_count if fixed is not None else entropy.mean(-1)
-                stop = sampling.stable_and_confident(history, new_argmax, mean_entropy, settings.confidence_threshold)
-                if commit_stable_prefix:
-                    settled = sampling.stable_prefix(settled, history, new_argmax, entropy, settings.entropy_bound)
-                    prefix = torch.arange(length, device=device)[None, :] < settled[:, None]
-                    fixed_ids = torch.where(prefix, new_argmax, -1 if user_ids is None else user_ids)
-                    # A row whose settled prefix holds all it will give (its limit, or an EOS) is done: what
-                    # follows could not change its output.
-                    stop = stop | (settled >= wanted)
-                    if ending_ids.numel():
-                        stop = stop | (torch.isin(new_argmax, ending_ids) & prefix).any(-1)
-                history = sampling.push_history(history, new_argmax)
-                finished = finished | stop
-                canvas, argmax, self_conditioning = new_canvas, new_argmax, out.probs
-                yield Draft(
-                    canvas_index,
-                    step,
-                    argmax,
-                    accept,
-                    mean_entropy,
-                    finished | rows_done,
-                    tokenizer,
-                    settled if commit_stable_prefix else None,
-                    entropy,
-                    prompt.reused,
-                )
-                if stop_check(finished, step):
-                    break
-            self_conditioning = None
+            argmax, canvas_steps = yield from denoiser.canvas(
+                canvas_index,
+                rows_done,
+                passes,
+                wanted,
+                excluded,
+                user_ids,
+                noise,
+                first,
+                constraints.banned_tokens is not None,
+                prompt.reused,
+            )
             decoder.end_canvas()
             committed, done_now = _committed(argmax, rows_done, row_canvases <= canvas_index + 1, ending_ids, pad)
             sequences = torch.cat([sequences, committed], dim=1)
