@@ -34,6 +34,7 @@ from .generate import (
     seed_int64,
 )
 from .model import DiffusionGemma
+from .open_batch import OpenBatch
 from .quant import QuantFormat, float_sinks, format_from_config, held_bytes, meta_network, weight_bytes
 from .reply import SettledText, StopStrings
 from .resources import check_memory, size_text
@@ -383,6 +384,13 @@ class DiffGemma:
                 yield event
         finally:
             events.close()
+
+    def open_batch(self, **sampler: Any) -> OpenBatch:
+        """A batch that rows join and leave between canvases (`open_batch`: a server's engine): `add` rows of
+        token ids (`BatchRow`: prompt, limit, seed, a fill's clamp, banned ids) whenever, and iterate `events()`
+        to run it (a `RowsStep` a denoising step, `RowsCommitted` a canvas, `RowFinished` as each row ends).
+        Fast mode, settled prefixes committed early; `sampler` as `generate` takes it."""
+        return OpenBatch(self.network, self.settings.replace(**sampler), self.prefix_cache)
 
     def chat(
         self,

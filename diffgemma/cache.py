@@ -103,6 +103,36 @@ class EncoderCache:
         ]
         return subset
 
+    def skip_to(self, length: int) -> None:
+        """An empty cache made to begin at position `length`: the first token encoded goes there, the slots
+        before hold nothing (a row joining a batch whose cache is longer than its prompt, `joined`)."""
+        if self.length:
+            raise ValueError("only an empty cache begins later")
+        self.ensure_capacity(length, exact=True)
+        self.length = length
+
+    def joined(self, other: EncoderCache, capacity: int) -> EncoderCache:
+        """A new cache of this one's rows, then `other`'s, with room for `capacity` tokens on full layers. `other`
+        ends where this one ends (rows joining a batch: prompts encoded to end there, `skip_to`), so a slot holds
+        the same position in both wherever either's rows hold a token; the positions are this one's."""
+        if other.length != self.length or other.keep_all != self.keep_all:
+            raise ValueError(f"a cache of {other.length} tokens cannot join one of {self.length}")
+        first = self.layers[0].keys
+        merged = EncoderCache(
+            self.config, self.batch_size + other.batch_size, max(capacity, self.length), first.device, first.dtype
+        )
+        rows = self.batch_size
+        for mine, theirs, into in zip(self.layers, other.layers, merged.layers, strict=True):
+            stored = self.stored_slots(mine)
+            for name in ("keys", "values"):
+                getattr(into, name)[:rows, :, :stored] = getattr(mine, name)[:, :, :stored]
+                getattr(into, name)[rows:, :, :stored] = getattr(theirs, name)[:, :, :stored]
+            into.positions[:stored] = mine.positions[:stored]
+            into.valid[:rows, :stored] = mine.valid[:, :stored]
+            into.valid[rows:, :stored] = theirs.valid[:, :stored]
+        merged.length = self.length
+        return merged
+
     def windows(self) -> list[tuple[torch.Tensor, ...] | None]:
         """A copy of each sliding layer's kept window as it stands (keys, values, positions, validity; None for
         full layers), for `rewind`."""

@@ -184,6 +184,7 @@ class RandomSource:
         self.device = device
         self.weights_dtype = weights_dtype
         self.draws = 0
+        self.offsets: torch.Tensor | None = None  # [B] draws before each row began (rows joining an open batch)
         # Draw without reading back from the device (every position at once); on the CPU reading is free.
         self.sync_free = device.type != "cpu"
         if mode == "reference":
@@ -201,9 +202,11 @@ class RandomSource:
         self.seeds = torch.tensor(seeds, dtype=torch.long, device=device)
 
     def _streams(self) -> torch.Tensor:
-        """This draw's stream per row: a fresh one for every call."""
+        """This draw's stream per row: a fresh one for every call (a row's draws counted from its `offsets`)."""
         self.draws += 1
-        return sampling.mix64(self.seeds * 0x10001 + self.draws)
+        return sampling.mix64(
+            self.seeds * 0x10001 + (self.draws if self.offsets is None else self.draws - self.offsets)
+        )
 
     def tokens(self, batch: int, length: int, vocab: int, ranges: torch.Tensor | None = None) -> torch.Tensor:
         """Uniform ids [B, C] below `vocab`, or each within its (low, high) of `ranges` [B, C, 2]."""

@@ -1,0 +1,322 @@
+"""A batch that rows join and leave between canvases: a server's engine for requests that come one at a time.
+
+A `denoising_loop` batch is fixed when it starts: a request that comes a moment later runs beside it, a pass of
+its own for each step, or waits for it to end. An `OpenBatch` takes new rows whenever a canvas has been committed:
+a row's prompt is encoded to end where the batch's cache ends (its slots before that hold nothing, which its
+attention never reads), and from then on the row shares every decoder pass; a row that has ended leaves at the
+same point, its cache rows dropped. A pass reads every weight whatever the rows (a canvas touches every expert),
+so on a GPU rows that share passes come nearly free. A row whose prompt is longer than the batch's cache cannot
+join it (its positions would not fit before the cache's end); `fits` says so beforehand.
+
+Fast mode only, each row with its own seed, limit, ids held in place on its generated positions (a fill) and ids
+it never draws; each canvas's settled prefix is committed early (`commit_stable_prefix`), as a server streams
+it. A row draws the random numbers it would draw alone (its draws counted from its join). The first rows of a
+batch start it as `denoising_loop` would (one row alone through the prefix cache).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import EncoderCache, PrefixCache
+from .config import SamplerSettings
+from .errors import DiffGemmaError
+from .generate import (
+    CanvasDenoiser,
+    DecoderPass,
+    Draft,
+    RandomSource,
+    StopCheck,
+    _committed,
+    _PromptReuse,
+    seed_int64,
+)
+from .model import DiffusionGemma
+
+
+@dataclass
+class BatchRow:
+    """A row asked of an open batch: its prompt's ids, its token limit and seed; `clamp`: ids held in place on its
+    generated positions (-1 free; a fill between prompt and suffix), `banned`: ids it never draws, `ended`: asked
+    when a canvas has been committed, true ends the row there (a client gone, a stop string met)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    seed: int
+    clamp: list[int] | None = None
+    banned: tuple[int, ...] = ()
+    ended: Callable[[], bool] | None = None
+
+
+@dataclass
+class RowsStep:
+    """A denoising step of the batch: its rows (ids, in batch order), each row's canvas (counted from its first)
+    and prompt tokens the prefix cache held, and the step's draft, a row of it for each."""
+
+    rows: list[int]
+    canvases: list[int]
+    cached: list[int]
+    draft: Draft
+
+
+@dataclass
+class RowsCommitted:
+    """A canvas committed: each row's ids on it (padding after an EOS), and its steps there."""
+
+    rows: list[int]
+    ids: list[list[int]]
+    steps: list[int]
+
+
+@dataclass
+class RowFinished:
+    """A row's end: its new tokens (within its limit, before its EOS), its steps a canvas, the EOS right after
+    them (None: it ended otherwise), the prompt tokens the prefix cache held, seconds from join to end."""
+
+    row: int
+    new_tokens: list[int]
+    steps: list[int]
+    eos: int | None
+    cached: int
+    wall_time: float
+
+
+@dataclass
+class _Running:
+    id: int
+    asked: BatchRow
+    joined: float
+    generated: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    cached: int = 0  # prompt tokens the prefix cache held
+    first_draw: int = 0  # the batch's random draws before the row joined (its own are counted from there)
+
+    @property
+    def canvas(self) -> int:
+        """This row's canvases so far: the index of the one it is on."""
+        return len(self.steps)
+
+
+class OpenBatch:
+    """Rows denoised together, joining (`add`) and leaving between canvases; iterate `events()` to run it."""
+
+    def __init__(
+        self,
+        network: DiffusionGemma,
+        settings: SamplerSettings,
+        prefix_cache: PrefixCache | None = None,
+        cuda_graph: bool | None = None,
+        sync_free: bool | None = None,
+        stop_check_every: int | None = None,
+    ) -> None:
+        self.network, self.settings, self.prefix_cache = network, settings, prefix_cache
+        self.cuda_graph = cuda_graph
+        device = network.device
+        self.rng = RandomSource("fast", 0, device, [], network.dtype)  # (its rows' seeds set as they join)
+        if sync_free is not None:
+            self.rng.sync_free = sync_free
+        self.stop_check = StopCheck(device, stop_check_every)
+        self.ending_ids = torch.tensor(settings.eos_token_id, dtype=torch.long, device=device)
+        self.cache: EncoderCache | None = None
+        self.denoiser: CanvasDenoiser | None = None
+        self.rows: list[_Running] = []  # in the batch, in its order
+        self.waiting: list[_Running] = []  # to join at the next canvas boundary
+        self._next_id = 0
+        self._reuse: _PromptReuse | None = None  # the prefix cache's part in the cache now in use
+
+    @property
+    def size(self) -> int:
+        """Rows in the batch and waiting to join it."""
+        return len(self.rows) + len(self.waiting)
+
+    def fits(self, prompt_length: int, max_new_tokens: int) -> bool:
+        """Whether a row of this prompt length and limit can join at the next canvas boundary: its prompt ends
+        where the batch's cache will end then (the canvas under way encoded; if no row goes on, the rows waiting
+        start the batch anew, where any prompt fits), and its canvases stay within the model's positions."""
+        config = self.network.config
+        if self.cache is None:
+            length = max(prompt_length, self._longest_waiting())
+        else:
+            length = self.cache.length + config.canvas_length
+        canvases = math.ceil(max_new_tokens / config.canvas_length)
+        return prompt_length <= length and length + canvases * config.canvas_length <= config.max_position_embeddings
+
+    def add(self, row: BatchRow) -> int:
+        """Queue a row to join at the next canvas boundary (or to start the batch); its id in the events."""
+        config = self.network.config
+        if not row.prompt or any(not 0 <= token < config.vocab_size for token in row.prompt):
+            raise DiffGemmaError(f"a row's prompt must be token ids between 0 and {config.vocab_size - 1}")
+        if row.max_new_tokens < 1:
+            raise DiffGemmaError(f"a row's max_new_tokens must be at least 1, got {row.max_new_tokens}")
+        if not self.fits(len(row.prompt), row.max_new_tokens):
+            raise DiffGemmaError("this row does not fit the batch (its prompt is longer than the batch's cache)")
+        if row.clamp is not None and len(row.clamp) > row.max_new_tokens:
+            raise DiffGemmaError("a row's clamp covers more positions than its limit")
+        running = _Running(self._next_id, row, time.perf_counter())
+        self._next_id += 1
+        self.waiting.append(running)
+        return running.id
+
+    def _longest_waiting(self) -> int:
+        return max((len(waiting.asked.prompt) for waiting in self.waiting), default=0)
+
+    @torch.no_grad()
+    def events(self) -> Iterator[RowsStep | RowsCommitted | RowFinished]:
+        """Run the batch: canvases until no row is left, rows waiting joining between them. Closing the iterator
+        stops the work at once."""
+        try:
+            while self.waiting or self.rows:
+                self._admit()
+                yield from self._canvas()
+        finally:
+            self._release()
+
+    def _canvas(self) -> Iterator[RowsStep | RowsCommitted | RowFinished]:
+        length = self.network.config.canvas_length
+        device = self.network.device
+        rows = self.rows
+        ids, canvases = [row.id for row in rows], [row.canvas for row in rows]
+        limits = torch.tensor([row.asked.max_new_tokens for row in rows], device=device)
+        starts = torch.tensor(canvases, device=device) * length
+        wanted = (limits - starts).clamp(max=length)
+        user_ids = self._clamp(rows)
+        excluded = self._banned(rows)
+        rows_done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        passes = torch.zeros(len(rows), dtype=torch.long, device=device)
+        cached = [row.cached for row in rows]
+        steps = self.denoiser.canvas(
+            min(canvases), rows_done, passes, wanted, excluded, user_ids, None, None, excluded is not None, max(cached)
+        )
+        while True:
+            try:
+                draft = next(steps)
+            except StopIteration as finished:
+                argmax, canvas_steps = finished.value
+                break
+            yield RowsStep(ids, canvases, cached, draft)
+        self.denoiser.decoder.end_canvas()
+        at_limit = starts + length >= limits
+        committed, done_now = _committed(argmax, rows_done, at_limit, self.ending_ids, self.settings.pad_token_id)
+        committed_ids, step_counts = committed.tolist(), canvas_steps.tolist()
+        yield RowsCommitted(ids, committed_ids, step_counts)
+        ending = done_now.tolist()
+        for index, row in enumerate(rows):
+            row.generated.extend(committed_ids[index])
+            row.steps.append(step_counts[index])
+            ending[index] = ending[index] or bool(row.asked.ended and row.asked.ended())
+        for index, row in enumerate(rows):
+            if ending[index]:
+                yield self._finished(row)
+        kept = [index for index, end in enumerate(ending) if not end]
+        self.rows = [rows[index] for index in kept]
+        if not self.rows:  # rows still to come start anew
+            self._release()
+            self.cache, self.denoiser = None, None
+            return
+        if len(kept) < len(rows):
+            self._use(self._kept_rows(kept))
+        self.network.encode(committed[kept], self.cache, return_hidden=False)
+
+    def _finished(self, row: _Running) -> RowFinished:
+        limit, eos_ids = row.asked.max_new_tokens, self.settings.eos_token_id
+        tokens = row.generated[:limit]
+        end = next((i for i, token in enumerate(tokens) if token in eos_ids), None)
+        new_tokens = tokens if end is None else tokens[:end]
+        eos = tokens[end] if end is not None else None
+        wall = time.perf_counter() - row.joined
+        return RowFinished(row.id, new_tokens, row.steps, eos, row.cached, wall)
+
+    def _clamp(self, rows: list[_Running]) -> torch.Tensor | None:
+        """[B, C] the ids each row holds in place on this canvas (-1 free), or None where no row holds any."""
+        length = self.network.config.canvas_length
+        parts = []
+        for row in rows:
+            given = (row.asked.clamp or [])[row.canvas * length : (row.canvas + 1) * length]
+            parts.append(given + [-1] * (length - len(given)))
+        if all(value < 0 for part in parts for value in part):
+            return None
+        return torch.tensor(parts, dtype=torch.long, device=self.network.device)
+
+    def _banned(self, rows: list[_Running]) -> torch.Tensor | None:
+        """[B, C, V] (a view of [B, V]) the ids each row never draws, or None where no row bans any."""
+        if not any(row.asked.banned for row in rows):
+            return None
+        config = self.network.config
+        mask = torch.zeros(len(rows), config.vocab_size, dtype=torch.bool, device=self.network.device)
+        for index, row in enumerate(rows):
+            mask[index, list(row.asked.banned)] = True
+        return mask[:, None, :].expand(len(rows), config.canvas_length, config.vocab_size)
+
+    def _admit(self) -> None:
+        """The waiting rows join: the first ones start the batch; later ones are encoded to end where its cache
+        ends and join its rows."""
+        joining, self.waiting = self.waiting, []
+        if not joining:
+            return
+        network = self.network
+        length = self.cache.length if self.cache is not None else max(len(row.asked.prompt) for row in joining)
+        prompts = [row.asked.prompt for row in joining]
+        ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts], device=network.device)
+        mask = (
+            None
+            if all(len(p) == length for p in prompts)
+            else ids.new_tensor([[False] * (length - len(p)) + [True] * len(p) for p in prompts], dtype=torch.bool)
+        )
+        rows = [*self.rows, *joining]
+        capacity = max(length + self._room(row) for row in rows)
+        if self.cache is None:
+            self._reuse = _PromptReuse(network, self.prefix_cache, ids, mask, "fast")
+            cache = self._reuse.new_cache(network, len(joining), capacity)
+            self._reuse.encode(network, ids, mask, cache)
+            for row in joining:
+                row.cached = self._reuse.reused
+        else:
+            skipped = length - max(len(p) for p in prompts)  # (slots before the longest prompt: nothing)
+            part = network.new_cache(len(joining), length)
+            part.skip_to(skipped)
+            network.encode(ids[:, skipped:], part, None if mask is None else mask[:, skipped:], False)
+            cache = self.cache.joined(part, capacity)
+        self.rows = rows
+        for row in joining:
+            row.joined, row.first_draw = time.perf_counter(), self.rng.draws
+        self._use(cache)
+
+    def _room(self, row: _Running) -> int:
+        """Positions a row still needs past the cache's end: its canvases to come."""
+        length = self.network.config.canvas_length
+        return (math.ceil(row.asked.max_new_tokens / length) - row.canvas) * length
+
+    def _kept_rows(self, kept: list[int]) -> EncoderCache:
+        """The cache holding only the rows at `kept` (a copy: the one before may be the prefix cache's)."""
+        subset = self.cache.select_rows(torch.tensor(kept, device=self.network.device))
+        for layer in subset.layers:
+            layer.positions = layer.positions.clone()
+        return subset
+
+    def _use(self, cache: EncoderCache) -> None:
+        """Denoise the current rows over `cache` from now on: the decoder's buffers (and graph) made for them, and
+        each row's seed and draw count."""
+        if cache is not self.cache:
+            if self.cache is not None:
+                self._release()
+            self.cache = cache
+        rows, device = self.rows, self.network.device
+        self.rng.seeds = torch.tensor([seed_int64(row.asked.seed) for row in rows], dtype=torch.long, device=device)
+        self.rng.offsets = torch.tensor([row.first_draw for row in rows], dtype=torch.long, device=device)
+        decoder = DecoderPass(
+            self.network, cache, "fast", len(rows), self.settings, self.cuda_graph, self.rng.sync_free
+        )
+        self.denoiser = CanvasDenoiser(
+            decoder, self.rng, self.settings, "fast", self.stop_check, True, self.ending_ids, None
+        )
+
+    def _release(self) -> None:
+        """The prefix cache's snapshot handed back, once the batch no longer writes the cache it lives in."""
+        if self._reuse is not None:
+            self._reuse.__exit__(None, None, None)
+            self._reuse = None

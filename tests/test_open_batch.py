@@ -1,0 +1,147 @@
+"""An open batch: rows join between canvases and leave when done, each giving what it gives alone."""
+
+import pytest
+import torch
+
+from diffgemma import DiffGemmaError
+from diffgemma.generate import run_to_end
+from diffgemma.open_batch import BatchRow, RowFinished, RowsCommitted, RowsStep
+
+
+def alone(model, row: BatchRow, **sampler):
+    """What `stream` gives the row by itself, as a server runs a request: (new tokens, steps a canvas)."""
+    clamp = None if row.clamp is None else torch.tensor([row.clamp])
+    banned = [list(row.banned)] if row.banned else None
+    result = run_to_end(
+        model.stream(
+            [row.prompt],
+            max_new_tokens=[row.max_new_tokens],
+            seed=[row.seed],
+            clamp=clamp,
+            banned_tokens=banned,
+            commit_stable_prefix=True,
+            **sampler,
+        )
+    )
+    return result.new_tokens[0], [steps[0] for steps in result.steps]
+
+
+def run(batch, joining: dict[int, list[BatchRow]]):
+    """Run `batch`, adding `joining[k]`'s rows once k canvases have been committed; each row's end, and how many
+    rows each canvas denoised."""
+    finished, sizes = {}, []
+    for event in batch.events():
+        if isinstance(event, RowsStep):
+            assert len(event.rows) == len(event.canvases) == event.draft.ids.shape[0]
+        elif isinstance(event, RowsCommitted):
+            sizes.append(len(event.rows))
+            for row in joining.get(len(sizes), []):
+                batch.add(row)
+        elif isinstance(event, RowFinished):
+            finished[event.row] = event
+    return finished, sizes
+
+
+def test_rows_that_join_later_and_leave_early_give_what_they_give_alone(tiny):
+    """Rows join after one and after three canvases, with prompts shorter and longer than the sliding window
+    (so the joined ring windows hold some slots for some rows only), and end after one to four canvases: each
+    row's tokens and steps are its own alone, and the batch grows and shrinks as they come and go."""
+    length = tiny.config.canvas_length
+    window = tiny.config.sliding_window
+    generator = torch.Generator().manual_seed(0)
+
+    def prompt(size: int) -> list[int]:
+        return [2, *torch.randint(3, tiny.config.vocab_size, (size - 1,), generator=generator).tolist()]
+
+    first = [BatchRow(prompt(window + 9), 4 * length, 1), BatchRow(prompt(5), 2 * length - 3, 2)]
+    later = {1: [BatchRow(prompt(window // 2), length, 3), BatchRow(prompt(2 * window + 3), 3 * length, 4)]}
+    later[3] = [BatchRow(prompt(40), 2 * length, 5)]
+    batch = tiny.open_batch()
+    for row in first:
+        batch.add(row)
+    finished, sizes = run(batch, later)
+    rows = [*first, *later[1], *later[3]]
+    assert sorted(finished) == list(range(len(rows)))
+    for index, row in enumerate(rows):
+        tokens, steps = alone(tiny, row)
+        assert finished[index].new_tokens == tokens, index
+        assert finished[index].steps == steps, index
+    joins = [0, 0, 1, 1, 3]
+    spans = [(join, join + len(finished[index].steps)) for index, join in enumerate(joins)]
+    assert sizes == [sum(start <= canvas < end for start, end in spans) for canvas in range(len(sizes))]
+    assert max(sizes) > sizes[0] and min(sizes[1:]) < max(sizes)  # (rows came, and rows went)
+
+
+def test_a_fill_and_banned_ids_join_as_alone(tiny):
+    length = tiny.config.canvas_length
+    base = BatchRow([2, 10, 11, 12, 13, 14, 15, 16, 17, 18], 3 * length, 7)
+    fill = BatchRow([2, 20, 21], 12, 8, clamp=[-1] * 6 + [30, 31, 32, 1] + [0, 0])
+    banned = BatchRow([2, 40, 41, 42], 2 * length, 9, banned=tuple(range(50, 200)))
+    batch = tiny.open_batch()
+    batch.add(base)
+    finished, _ = run(batch, {1: [fill, banned]})
+    for index, row in enumerate([base, fill, banned]):
+        assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row), index
+    assert not set(finished[2].new_tokens) & set(range(50, 200))
+    assert finished[1].new_tokens[6:] == [30, 31, 32] or 1 in finished[1].new_tokens[:6]  # its suffix held
+
+
+def test_a_row_ended_by_its_caller_leaves_with_what_it_has(tiny):
+    length = tiny.config.canvas_length
+    stop = {"now": False}
+    ended = BatchRow([2, 5, 6, 7], 4 * length, 3, ended=lambda: stop["now"])
+    kept = BatchRow([2, 8, 9], 3 * length, 4)
+    batch = tiny.open_batch(max_denoising_steps=4, confidence_threshold=1e-9)  # (every canvas runs its steps)
+    batch.add(ended)
+    batch.add(kept)
+    finished = {}
+    for event in batch.events():
+        if isinstance(event, RowsCommitted):
+            stop["now"] = True  # after the first canvas
+        elif isinstance(event, RowFinished):
+            finished[event.row] = event
+    assert len(finished[0].steps) == 1 and len(finished[0].new_tokens) <= length
+    full, _ = alone(tiny, ended, max_denoising_steps=4, confidence_threshold=1e-9)
+    assert full[: len(finished[0].new_tokens)] == finished[0].new_tokens
+    assert (finished[1].new_tokens, finished[1].steps) == alone(
+        tiny, kept, max_denoising_steps=4, confidence_threshold=1e-9
+    )
+
+
+def test_what_cannot_join_is_refused_before_it_is_queued(tiny):
+    length = tiny.config.canvas_length
+    batch = tiny.open_batch()
+    batch.add(BatchRow([2, 5, 6], length, 1))
+    assert batch.fits(300, length)  # (before the batch starts any prompt fits: the batch starts padded to it)
+    events = batch.events()
+    next(events)  # (started: its cache holds the first prompt, then its first canvas when rows join)
+    assert batch.fits(3 + length, length) and not batch.fits(4 + length, length)
+    limit = tiny.config.max_position_embeddings
+    assert not batch.fits(3, limit)
+    with pytest.raises(DiffGemmaError, match="does not fit"):
+        batch.add(BatchRow([2] * (4 + length), length, 1))
+    with pytest.raises(DiffGemmaError, match="token ids between"):
+        batch.add(BatchRow([2, tiny.config.vocab_size], length, 1))
+    with pytest.raises(DiffGemmaError, match="at least 1"):
+        batch.add(BatchRow([2], 0, 1))
+    events.close()
+
+
+def test_a_row_alone_reads_and_keeps_the_prefix_cache(tiny):
+    """A batch started by one row takes the prefix cache's snapshot of a prompt its prompt begins with, and keeps
+    its own there once it no longer writes that cache (rows joined, or the batch ended)."""
+    tiny.prefix_cache.clear()
+    length = tiny.config.canvas_length
+    first = BatchRow([2, *range(10, 40)], length, 1)
+    batch = tiny.open_batch()
+    batch.add(first)
+    finished, _ = run(batch, {})
+    assert finished[0].cached == 0
+    longer = BatchRow([*first.prompt, *range(40, 50)], 2 * length, 2)
+    batch = tiny.open_batch()
+    batch.add(longer)
+    finished, _ = run(batch, {1: [BatchRow([2, 3, 4], length, 3)]})
+    assert finished[0].cached == len(first.prompt)
+    tiny.prefix_cache.clear()
+    assert (finished[0].new_tokens, finished[0].steps) == alone(tiny, longer)
+    tiny.prefix_cache.clear()
