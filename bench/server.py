@@ -1,5 +1,7 @@
-"""The server under two requests at once: a short answer asked for while a long one is being denoised, with one
-batch at a time (`serve --max-runs 1`) and with two taking steps in turn (the default, 2).
+"""The server under two requests at once: a short answer asked for while a long one is being denoised: with one
+batch at a time (`serve --max-runs 1`: the short one joins the long one's batch after its canvas), with two
+taking steps in turn (the CPU's default), and with two where a request joins a running batch first
+(`--join-first`, the GPU's default).
 
 bench-90m with random weights (or --model), EOS banned so every canvas runs; the long request is several
 canvases, the short one one canvas. The short request is sent once the long one's batch has started; the table
@@ -41,9 +43,11 @@ def ask(url: str, question: str, max_tokens: int, extra: dict) -> float:
     return time.perf_counter() - started
 
 
-def one_round(model, runs: int, long_tokens: int, short_tokens: int, extra: dict) -> tuple[float, float, float]:
+def one_round(
+    model, runs: int, join_first: bool, long_tokens: int, short_tokens: int, extra: dict
+) -> tuple[float, float, float]:
     """(short alone, short beside the long one, the long one from the short one's start), seconds."""
-    batcher = Batcher(model, max_batch=8, max_runs=runs)
+    batcher = Batcher(model, max_batch=8, max_runs=runs, join_first=join_first)
     app = create_app(model, ServerOptions(model_name="bench", max_tokens=long_tokens), batcher)
     with running(app) as url:
         alone = ask(url, "Say hello.", short_tokens, extra)
@@ -78,13 +82,15 @@ def main() -> None:
     banned = {str(eos): -100 for eos in model.settings.eos_token_id}
     extra = {"seed": 1, "logit_bias": banned, "max_denoising_steps": args.steps, "confidence_threshold": 1e-9}
     rows = []
-    for runs in (1, 2):
-        times = [one_round(model, runs, args.long_canvases * canvas, canvas, extra) for _ in range(args.rounds)]
+    for runs, join_first, label in ((1, False, "--max-runs 1"), (2, False, "--max-runs 2"), (2, True, "--join-first")):
+        times = [
+            one_round(model, runs, join_first, args.long_canvases * canvas, canvas, extra) for _ in range(args.rounds)
+        ]
         alone, beside, long = (statistics.median(kind) for kind in zip(*times, strict=True))
-        rows.append(f"| {runs} | {alone:.1f} | {beside:.1f} | {long:.1f} |")
+        rows.append(f"| {label} | {alone:.1f} | {beside:.1f} | {long:.1f} |")
     table = "\n".join(
         [
-            "| --max-runs | short answer alone, s | short answer beside the long one, s | the long one from then, s |",
+            "| server | short answer alone, s | short answer beside the long one, s | the long one from then, s |",
             "|---|---|---|---|",
             *rows,
         ]

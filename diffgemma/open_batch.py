@@ -86,6 +86,14 @@ class RowFinished:
     wall_time: float
 
 
+def row_output(generated: list[int], limit: int, eos_ids: tuple[int, ...]) -> tuple[list[int], int | None]:
+    """A row's committed ids as its output: those within its limit before its first EOS, and that EOS (None where
+    none came within the limit: it ended at its limit, or was ended by its caller)."""
+    tokens = generated[:limit]
+    end = next((index for index, token in enumerate(tokens) if token in eos_ids), None)
+    return (tokens, None) if end is None else (tokens[:end], tokens[end])
+
+
 @dataclass
 class _Running:
     id: int
@@ -155,8 +163,10 @@ class OpenBatch:
             raise DiffGemmaError(f"a row's max_new_tokens must be at least 1, got {row.max_new_tokens}")
         if not self.fits(len(row.prompt), row.max_new_tokens):
             raise DiffGemmaError("this row does not fit the batch (its prompt is longer than the batch's cache)")
-        if row.clamp is not None and len(row.clamp) > row.max_new_tokens:
-            raise DiffGemmaError("a row's clamp covers more positions than its limit")
+        reach = math.ceil(row.max_new_tokens / config.canvas_length) * config.canvas_length  # (its canvases)
+        clamp = row.clamp or []
+        if len(clamp) > reach or any(not -1 <= token < config.vocab_size for token in clamp):
+            raise DiffGemmaError(f"a row's clamp must be at most {reach} ids, each -1 (free) or a token id")
         running = _Running(self._next_id, row, time.perf_counter())
         self._next_id += 1
         self.waiting.append(running)
@@ -223,13 +233,8 @@ class OpenBatch:
         self.network.encode(committed[kept], self.cache, return_hidden=False)
 
     def _finished(self, row: _Running) -> RowFinished:
-        limit, eos_ids = row.asked.max_new_tokens, self.settings.eos_token_id
-        tokens = row.generated[:limit]
-        end = next((i for i, token in enumerate(tokens) if token in eos_ids), None)
-        new_tokens = tokens if end is None else tokens[:end]
-        eos = tokens[end] if end is not None else None
-        wall = time.perf_counter() - row.joined
-        return RowFinished(row.id, new_tokens, row.steps, eos, row.cached, wall)
+        new_tokens, eos = row_output(row.generated, row.asked.max_new_tokens, self.settings.eos_token_id)
+        return RowFinished(row.id, new_tokens, row.steps, eos, row.cached, time.perf_counter() - row.joined)
 
     def _clamp(self, rows: list[_Running]) -> torch.Tensor | None:
         """[B, C] the ids each row holds in place on this canvas (-1 free), or None where no row holds any."""
@@ -261,7 +266,8 @@ class OpenBatch:
         network = self.network
         length = self.cache.length if self.cache is not None else max(len(row.asked.prompt) for row in joining)
         prompts = [row.asked.prompt for row in joining]
-        ids = torch.tensor([[0] * (length - len(p)) + p for p in prompts], device=network.device)
+        pad = self.settings.pad_id
+        ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=network.device)
         mask = (
             None
             if all(len(p) == length for p in prompts)

@@ -746,6 +746,9 @@ def test_serve_hands_its_limits_to_the_server(monkeypatch, capsys):
     model, options = served[0]
     assert (options.max_batch, options.max_runs, options.max_concurrent, options.model_name) == (4, 3, 9, "demo")
     assert (model.settings.max_denoising_steps, model.settings.top_p) == (7, 0.9)
+    assert options.join_first is None  # (by the device)
+    assert main([*argv, "--join-first"]) == 0 and served[-1][1].join_first is True
+    assert main([*argv, "--no-join-first"]) == 0 and served[-1][1].join_first is False
     code, _, err = run(capsys, *argv, "--top-k", "-3")
     assert code == 2 and "`top_k` must be an integer >= 0" in err and err.count("\n") == 1
 

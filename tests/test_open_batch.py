@@ -5,7 +5,7 @@ import torch
 
 from diffgemma import DiffGemmaError
 from diffgemma.generate import run_to_end
-from diffgemma.open_batch import BatchRow, RowFinished, RowsCommitted, RowsStep
+from diffgemma.open_batch import BatchRow, RowFinished, RowsCommitted, RowsStep, row_output
 
 
 def alone(model, row: BatchRow, **sampler):
@@ -145,3 +145,12 @@ def test_a_row_alone_reads_and_keeps_the_prefix_cache(tiny):
     tiny.prefix_cache.clear()
     assert (finished[0].new_tokens, finished[0].steps) == alone(tiny, longer)
     tiny.prefix_cache.clear()
+
+
+def test_a_rows_output_ends_before_its_eos_within_its_limit():
+    """A row's ending EOS (a completion's logprobs list it): the first within its limit, after its tokens; a row
+    at its limit, or ended by its caller before any EOS, has none."""
+    assert row_output([6, 7, 1, 0, 0], 10, (1,)) == ([6, 7], 1)
+    assert row_output([6, 7, 8, 9], 10, (1,)) == ([6, 7, 8, 9], None)  # (ended by its caller)
+    assert row_output([6, 7, 1, 0], 2, (1,)) == ([6, 7], None)  # (at its limit: the EOS after it is not its)
+    assert row_output([5, 1, 3], 10, (3, 1)) == ([5], 1)

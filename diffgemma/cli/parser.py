@@ -263,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         "at once instead of waiting for it to end; 1: one batch after another (default %(default)s)",
     )
     serve.add_argument(
+        "--join-first",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a request a running batch of its settings can take joins it after its canvas, sharing its passes, "
+        "rather than start a batch of its own (default: on a GPU, where a pass costs about the same for more "
+        "rows; not on the CPU, where a batch of its own starts it at once)",
+    )
+    serve.add_argument(
         "--format-tries",
         type=_at_least(1),
         default=DEFAULT_TRIES,

@@ -544,6 +544,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_concurrent=args.max_concurrent,
         max_batch=args.max_batch,
         max_runs=args.max_runs,
+        join_first=args.join_first,
         allowed_origins=tuple(args.allow_origin or ()),
         format_tries=args.format_tries,
     )

@@ -106,7 +106,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     options = options or ServerOptions()
     if model.tokenizer is None:
         raise DiffGemmaError("the server needs a checkpoint with a tokenizer (tokenizer.json)")
-    batcher = batcher or Batcher(model, options.max_batch, options.max_runs)
+    batcher = batcher or Batcher(model, options.max_batch, options.max_runs, options.join_first)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

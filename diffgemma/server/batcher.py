@@ -1,15 +1,17 @@
-"""Requests that arrive together are denoised together: one worker thread, batches of compatible jobs.
+"""Requests are denoised together: one worker thread, open batches of compatible jobs that jobs join as they come.
 
 A job is one prompt with its own seed and token limit (and, for a fill, the ids held in place on its
-canvas). The worker takes every waiting job that shares the first one's sampler settings (up to
-`max_batch`), runs them as one batch through the public `stream` API (fast mode, one random stream per
-row, settled prefixes committed), and hands each job its own rows of the events. Jobs that arrive while a
-batch runs start a batch of their own at once, up to `max_runs` batches, which take denoising steps in turn
-(so a short request is not held behind a long answer for its whole length; beyond `max_runs`, jobs wait for
-a batch to end). A cancelled job (its client went away, or a stop string ended it) stops receiving events at
-once and its row ends with the canvas it is in; when every job of a batch is cancelled, the batch stops.
-Other work on the model (scoring a text: `Batcher.run`) runs on the same thread between steps, so the model
-is never used by two threads at once.
+canvas). Jobs that share sampler settings share a batch (`DiffGemma.open_batch`: fast mode, one random stream
+per row, settled prefixes committed), up to `max_batch` rows: the first ones start it, and a job that comes
+while it runs joins it when its canvas has been committed (its prompt encoded to end where the batch's cache
+ends; a prompt longer than that cannot join), so it shares every decoder pass from then on rather than make
+passes of its own; a row leaves the batch when it ends, its answer sent at once. A job no running batch can
+take starts a batch of its own, up to `max_runs` batches, which take denoising steps in turn (so a request with
+other settings is not held behind a long answer for its whole length; beyond `max_runs`, jobs wait). A
+cancelled job (its client went away, or a stop string ended it) stops receiving events at once and its row
+leaves with the canvas it is in; when every job of a batch is cancelled, the batch stops. Other work on the
+model (scoring a text: `Batcher.run`) runs on the same thread between steps, so the model is never used by two
+threads at once.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api import DiffGemma
-from ..generate import CanvasCommit, Done, Draft, GenerationResult
+from ..open_batch import BatchRow, OpenBatch, RowFinished, RowsCommitted, RowsStep
 from .metrics import Metrics
 
 
@@ -96,12 +98,21 @@ class Call:
 
 @dataclass
 class Run:
-    """A batch being denoised: its jobs, its stream of events, each row's tokens committed so far."""
+    """A batch being denoised: its sampler settings (`Job.key`), its open batch and events, its jobs by row, each
+    row's tokens committed so far."""
 
-    batch: list[Job]
-    stream: Iterator[Draft | CanvasCommit | Done]
-    committed: list[list[int]]
+    key: tuple
+    batch: OpenBatch
+    events: Iterator[RowsStep | RowsCommitted | RowFinished]
+    jobs: dict[int, Job]
+    committed: dict[int, list[int]]
     started: float
+
+    def add(self, job: Job) -> None:
+        """The job's row joins the batch (at its next canvas boundary, or as it starts)."""
+        ended = job.cancelled.is_set
+        row = self.batch.add(BatchRow(job.prompt, job.max_new_tokens, job.seed, job.clamp, job.banned, ended))
+        self.jobs[row], self.committed[row] = job, []
 
 
 class EngineStopped(RuntimeError):
@@ -109,12 +120,16 @@ class EngineStopped(RuntimeError):
 
 
 class Batcher:
-    def __init__(self, model: DiffGemma, max_batch: int = 8, max_runs: int = 2) -> None:
+    def __init__(self, model: DiffGemma, max_batch: int = 8, max_runs: int = 2, join_first: bool | None = None) -> None:
+        """`join_first`: a job that a running batch can take joins it even where another batch could start (by
+        default off the CPU, where a pass costs about the same for more rows; on the CPU a pass costs in
+        proportion to its rows, and a batch of its own starts the job at once, its steps taken in turn)."""
         if max_runs < 1:
             raise ValueError(f"at least one batch must run at a time, got max_runs={max_runs}")
         self.model = model
         self.max_batch = max_batch
         self.max_runs = max_runs  # batches denoised at once, a step of each in turn
+        self.join_first = model.device.type != "cpu" if join_first is None else join_first
         self.metrics = Metrics()  # what the engine does, for the server's /metrics
         self._inbox: queue.Queue[Job | Call | None] = queue.Queue()
         self._waiting: list[Job] = []
@@ -190,107 +205,119 @@ class Batcher:
             for call in calls:
                 call.run()
             self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]
-            if self._waiting and len(self._runs) < self.max_runs:
-                key = self._waiting[0].key()
-                batch = [job for job in self._waiting if job.key() == key][: self.max_batch]
-                self._waiting = [job for job in self._waiting if job not in batch]
-                self._start(batch)
+            self._place_waiting()
             for run in list(self._runs):  # a step of each batch in turn
                 self._advance(run)
         # stopped (the server shuts down): what was under way or waiting ends now, not never
         stopped = EngineStopped("the generation engine stopped")
         for run in list(self._runs):
-            for job in run.batch:
+            for job in run.jobs.values():
                 job.send(stopped)
             self._end(run)
         for job in self._waiting:
             job.send(stopped)
 
+    def _place_waiting(self) -> None:
+        """Waiting jobs start a batch (while fewer than `max_runs` run), taking the others of their settings along,
+        or join a running batch of their settings that has room for them (first, with `join_first`); the rest
+        wait."""
+        for job in list(self._waiting):
+            if job not in self._waiting:  # (taken along by a batch started for another)
+                continue
+            run = next((run for run in self._runs if self._takes(run, job)), None)
+            can_start = len(self._runs) < self.max_runs
+            if run is not None and (self.join_first or not can_start):
+                self._waiting.remove(job)
+                self._join(run, job)
+            elif can_start:
+                batch = [other for other in self._waiting if other.key() == job.key()][: self.max_batch]
+                self._waiting = [other for other in self._waiting if other not in batch]
+                self._start(batch)
+
+    def _takes(self, run: Run, job: Job) -> bool:
+        fits = run.batch.fits(len(job.prompt), job.max_new_tokens)
+        return run.key == job.key() and run.batch.size < self.max_batch and fits
+
+    def _join(self, run: Run, job: Job) -> None:
+        try:
+            run.add(job)
+        except Exception as err:  # a row the batch refuses: its request's error
+            job.send(err)
+            return
+        self.metrics.rows_joined([time.monotonic() - job.submitted], len(job.prompt))
+
     def _start(self, batch: list[Job]) -> None:
         self.batches_run.append(len(batch))
         started = time.monotonic()
         self.metrics.batch_started([started - job.submitted for job in batch], sum(len(job.prompt) for job in batch))
-        width = max(len(job.clamp or ()) for job in batch)  # rows without a clamp hold nothing in place
-        clamp = [(job.clamp or []) + [-1] * (width - len(job.clamp or ())) for job in batch] if width else None
-        banned = [list(job.banned) for job in batch] if any(job.banned for job in batch) else None
         try:
-            stream = self.model.stream(
-                [job.prompt for job in batch],
-                max_new_tokens=[job.max_new_tokens for job in batch],
-                seed=[job.seed for job in batch],
-                clamp=clamp,
-                banned_tokens=banned,
-                commit_stable_prefix=True,
-                end_rows=lambda rows: [job.cancelled.is_set() for job in batch],
-                **batch[0].sampler,
-            )
-        except Exception as err:  # a batch the API refuses: its requests' error, not the worker's
+            opened = self.model.open_batch(**batch[0].sampler)
+        except Exception as err:  # settings the API refuses: its requests' error, not the worker's
             for job in batch:
                 job.send(err)
             self.metrics.batch_ended(time.monotonic() - started)
             return
-        self._runs.append(Run(batch, stream, [[] for _ in batch], started))
+        run = Run(batch[0].key(), opened, opened.events(), {}, {}, started)
+        for job in batch:
+            try:
+                run.add(job)
+            except Exception as err:  # a row the batch refuses (its prompt and limit past the model's positions)
+                job.send(err)
+        if run.jobs:
+            self._runs.append(run)
+        else:
+            self.metrics.batch_ended(time.monotonic() - started)
 
     def _advance(self, run: Run) -> None:
-        """The run's next event (a denoising step, a canvas committed, or the end) to its jobs."""
-        if all(job.cancelled.is_set() for job in run.batch):
+        """The run's next event (a denoising step, a canvas committed, a row's end) to its jobs."""
+        if all(job.cancelled.is_set() for job in run.jobs.values()):
             self._end(run)
             return
         began = time.monotonic()
         try:
-            event = next(run.stream)
-            self._dispatch(event, run.batch, run.committed)
+            self._dispatch(next(run.events), run)
         except StopIteration:
             self._end(run)
         except Exception as err:  # one bad batch must not take the server down
-            for job in run.batch:
+            for job in run.jobs.values():
                 job.send(err)
             self._end(run)
         finally:
             self.metrics.busy(time.monotonic() - began)
 
     def _end(self, run: Run) -> None:
-        run.stream.close()
+        run.events.close()
         self._runs.remove(run)
         self.metrics.batch_ended(time.monotonic() - run.started)
 
-    def _dispatch(self, event: Draft | CanvasCommit | Done, batch: list[Job], committed: list[list[int]]) -> None:
-        if isinstance(event, Draft):
-            first = event.step == 1
-            self.metrics.denoising_step(first, event.cached_tokens if first and event.canvas_index == 0 else 0)
-            ids, accepted = event.ids.tolist(), event.accepted.tolist()
-            entropy = event.entropy.tolist() if event.entropy is not None else [[0.0] * len(ids[0])] * len(ids)
-            settled = event.settled.tolist() if event.settled is not None else [0] * len(ids)
-            for row, job in enumerate(batch):
-                job.send(
+    def _dispatch(self, event: RowsStep | RowsCommitted | RowFinished, run: Run) -> None:
+        if isinstance(event, RowsStep):
+            draft = event.draft
+            first = draft.step == 1
+            cached = sum(c for c, canvas in zip(event.cached, event.canvases, strict=True) if canvas == 0)
+            self.metrics.denoising_step(first, cached if first else 0)
+            ids, accepted = draft.ids.tolist(), draft.accepted.tolist()
+            entropy = draft.entropy.tolist() if draft.entropy is not None else [[0.0] * len(ids[0])] * len(ids)
+            settled = draft.settled.tolist() if draft.settled is not None else [0] * len(ids)
+            for index, row in enumerate(event.rows):
+                run.jobs[row].send(
                     RowDraft(
-                        event.canvas_index,
-                        event.step,
-                        ids[row],
-                        accepted[row],
-                        entropy[row],
-                        settled[row],
-                        list(committed[row]),
-                        event.cached_tokens,
+                        event.canvases[index],
+                        draft.step,
+                        ids[index],
+                        accepted[index],
+                        entropy[index],
+                        settled[index],
+                        list(run.committed[row]),
+                        event.cached[index],
                     )
                 )
-        elif isinstance(event, CanvasCommit):
-            for row, tokens in enumerate(event.ids.tolist()):
-                committed[row].extend(tokens)
+        elif isinstance(event, RowsCommitted):
+            for row, tokens in zip(event.rows, event.ids, strict=True):
+                run.committed[row].extend(tokens)
         else:
-            result, eos_ids = event.result, tuple(self.model.settings.eos_token_id)
-            for row, job in enumerate(batch):
-                tokens = result.new_tokens[row]
-                steps = [per_row[row] for per_row in result.steps]
-                ending = _ending_eos(result, row, job.max_new_tokens, eos_ids)
-                job.send(RowDone(tokens, steps, result.wall_time, ending, result.cached_tokens))
-
-
-def _ending_eos(result: GenerationResult, row: int, limit: int, eos_ids: tuple[int, ...]) -> int | None:
-    """The EOS id right after a row's new tokens, within its limit (None: the row ended otherwise: at its limit,
-    or cut short with the batch, its tokens running to the last canvas generated)."""
-    after = result.prompt_length + len(result.new_tokens[row])
-    if len(result.new_tokens[row]) >= limit or after >= result.sequences.shape[1]:
-        return None
-    token = int(result.sequences[row, after])
-    return token if token in eos_ids else None
+            job = run.jobs.pop(event.row)
+            run.committed.pop(event.row)
+            job.send(RowDone(event.new_tokens, event.steps, event.wall_time, event.eos, event.cached))
+            if not run.jobs:  # (its last row: the batch ends now, not take jobs that come meanwhile)
+                self._end(run)

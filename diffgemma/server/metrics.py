@@ -64,6 +64,10 @@ class Metrics:
     def batch_started(self, waits: Sequence[float], prompt_tokens: int) -> None:
         """A batch of `len(waits)` rows begins, each having waited that many seconds."""
         self.batches.inc()
+        self.rows_joined(waits, prompt_tokens)
+
+    def rows_joined(self, waits: Sequence[float], prompt_tokens: int) -> None:
+        """Rows join a batch (as it starts, or while it runs), each having waited that many seconds."""
         self.rows.inc(len(waits))
         self.prompt_tokens.inc(prompt_tokens)
         for wait in waits:

@@ -82,6 +82,7 @@ class ServerOptions:
     max_concurrent: int = 16
     max_batch: int = 8
     max_runs: int = 2  # batches denoised at once, taking steps in turn (`Batcher`)
+    join_first: bool | None = None  # a request joins a running batch before starting one (None: off the CPU)
     allowed_origins: tuple[str, ...] = ()  # web pages elsewhere that may call the API (CORS); "*" for any
     format_tries: int = DEFAULT_TRIES  # draws of an answer of a form (JSON, ...) before a 422 says none read
 
