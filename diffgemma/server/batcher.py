@@ -3,11 +3,12 @@
 A job is one prompt with its own seed and token limit (and, for a fill, the ids held in place on its
 canvas). Jobs that share sampler settings share a batch (`DiffGemma.open_batch`: fast mode, one random stream
 per row, settled prefixes committed), up to `max_batch` rows: the first ones start it, and a job that comes
-while it runs joins it when its canvas has been committed (its prompt encoded to end where the batch's cache
-ends; a prompt longer than that cannot join), so it shares every decoder pass from then on rather than make
-passes of its own; a row leaves the batch when it ends, its answer sent at once. A job no running batch can
-take starts a batch of its own, up to `max_runs` batches, which take denoising steps in turn (so a request with
-other settings is not held behind a long answer for its whole length; beyond `max_runs`, jobs wait). A
+while it runs can join it when its canvas has been committed (its prompt encoded to end where the batch's cache
+ends; a prompt longer than that cannot join), sharing every decoder pass from then on rather than make passes
+of its own; a row leaves the batch when it ends, its answer sent at once. Otherwise a job starts a batch of its
+own, up to `max_runs` batches, which take denoising steps in turn (so a request is not held behind a long
+answer for its whole length): `join_first` says which comes first (joining, off the CPU); past `max_runs`, a
+job no running batch can take waits. A
 cancelled job (its client went away, or a stop string ended it) stops receiving events at once and its row
 leaves with the canvas it is in; when every job of a batch is cancelled, the batch stops. Other work on the
 model (scoring a text: `Batcher.run`) runs on the same thread between steps, so the model is never used by two
