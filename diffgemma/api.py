@@ -390,7 +390,7 @@ class DiffGemma:
         token ids (`BatchRow`: prompt, limit, seed, a fill's clamp, banned ids) whenever, and iterate `events()`
         to run it (a `RowsStep` a denoising step, `RowsCommitted` a canvas, `RowFinished` as each row ends).
         Fast mode, settled prefixes committed early; `sampler` as `generate` takes it."""
-        return OpenBatch(self.network, self.settings.replace(**sampler), self.prefix_cache)
+        return OpenBatch(self.network, self.settings.replace(**sampler), self.prefix_cache, self.tokenizer)
 
     def chat(
         self,

@@ -37,6 +37,7 @@ from .generate import (
     seed_int64,
 )
 from .model import DiffusionGemma
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -118,11 +119,14 @@ class OpenBatch:
         network: DiffusionGemma,
         settings: SamplerSettings,
         prefix_cache: PrefixCache | None = None,
+        tokenizer: Tokenizer | None = None,
         cuda_graph: bool | None = None,
         sync_free: bool | None = None,
         stop_check_every: int | None = None,
     ) -> None:
+        """`tokenizer`: the drafts' (`Draft.text`)."""
         self.network, self.settings, self.prefix_cache = network, settings, prefix_cache
+        self.tokenizer = tokenizer
         self.cuda_graph = cuda_graph
         device = network.device
         self.rng = RandomSource("fast", 0, device, [], network.dtype)  # (its rows' seeds set as they join)
@@ -318,7 +322,7 @@ class OpenBatch:
             self.network, cache, "fast", len(rows), self.settings, self.cuda_graph, self.rng.sync_free
         )
         self.denoiser = CanvasDenoiser(
-            decoder, self.rng, self.settings, "fast", self.stop_check, True, self.ending_ids, None
+            decoder, self.rng, self.settings, "fast", self.stop_check, True, self.ending_ids, self.tokenizer
         )
 
     def _release(self) -> None:

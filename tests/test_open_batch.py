@@ -32,7 +32,7 @@ def run(batch, joining: dict[int, list[BatchRow]]):
     finished, sizes = {}, []
     for event in batch.events():
         if isinstance(event, RowsStep):
-            assert len(event.rows) == len(event.canvases) == event.draft.ids.shape[0]
+            assert len(event.rows) == len(event.canvases) == event.draft.ids.shape[0] == len(event.draft.text)
         elif isinstance(event, RowsCommitted):
             sizes.append(len(event.rows))
             for row in joining.get(len(sizes), []):
