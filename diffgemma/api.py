@@ -26,6 +26,7 @@ from .generate import (
     InfillResult,
     Prompt,
     attach_text,
+    banned_mask,
     cut_at_stops,
     denoising_loop,
     infill_clamp,
@@ -253,7 +254,7 @@ class DiffGemma:
         token_ranges = _ranges_for_rows(token_ranges, ids.shape[0], "token_ranges")
         noise_ranges = _ranges_for_rows(noise_ranges, ids.shape[0], "noise_ranges")
         if isinstance(banned_tokens, list | tuple):
-            banned_tokens = _banned_everywhere(banned_tokens, ids.shape[0], self.config.vocab_size, self.device)
+            banned_tokens = banned_mask(banned_tokens, ids.shape[0], self.config.vocab_size, self.device)
         else:
             banned_tokens = _for_every_row(banned_tokens, ids.shape[0], "banned_tokens must be a boolean tensor")
         first_self_conditioning = _for_every_row(
@@ -623,21 +624,6 @@ def _ended_by(
         return [bool(name) or stops.ends(row) for row, name in zip(rows, named, strict=True)]
 
     return ended
-
-
-def _banned_everywhere(ids: Sequence, batch: int, vocab: int, device: torch.device) -> torch.Tensor:
-    """Token ids banned at every position, for every row (a list of ids) or per row (a list of lists), as a
-    [B, V] boolean mask (`denoising_loop` reads a 2-D mask as every position's)."""
-    rows = list(ids) if ids and all(isinstance(row, list | tuple) for row in ids) else [list(ids)] * batch
-    ids_only = all(is_int(t) and 0 <= t < vocab for row in rows for t in row)
-    if len(rows) != batch or not ids_only:
-        raise DiffGemmaError(
-            f"banned_tokens must be a boolean tensor, or token ids below {vocab}: a list, or {batch} lists (one a row)"
-        )
-    mask = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-    for row, banned in enumerate(rows):
-        mask[row, list(banned)] = True
-    return mask
 
 
 def _for_every_row(values: torch.Tensor | None, batch: int, expected: str) -> torch.Tensor | None:

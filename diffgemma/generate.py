@@ -895,6 +895,21 @@ class _Constraints:
         )
 
 
+def banned_mask(ids: Sequence, batch: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Token ids banned at every position, for every row (a list of ids) or per row (a list of lists), as a
+    [B, V] boolean mask (`denoising_loop` reads a 2-D mask as every position's)."""
+    rows = list(ids) if ids and all(isinstance(row, list | tuple) for row in ids) else [list(ids)] * batch
+    ids_only = all(is_int(t) and 0 <= t < vocab for row in rows for t in row)
+    if len(rows) != batch or not ids_only:
+        raise DiffGemmaError(
+            f"banned_tokens must be a boolean tensor, or token ids below {vocab}: a list, or {batch} lists (one a row)"
+        )
+    mask = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    for row, banned in enumerate(rows):
+        mask[row, list(banned)] = True
+    return mask
+
+
 def _checked_ranges(
     ranges: torch.Tensor, batch: int, positions: int, vocab: int, name: str = "token_ranges"
 ) -> torch.Tensor:
@@ -960,13 +975,17 @@ def _new_tokens(
     sequences: torch.Tensor, limits: list[int], eos: tuple[int, ...], prompt_length: int, stop_at_eos: bool
 ) -> list[list[int]]:
     """Each row's generated ids as the user asked for them: at most its limit, ending before EOS."""
-    rows = []
-    for row, limit in zip(sequences.tolist(), limits, strict=True):
-        generated = row[prompt_length : prompt_length + limit]
-        if stop_at_eos:
-            generated = next((generated[:i] for i, token in enumerate(generated) if token in eos), generated)
-        rows.append(generated)
-    return rows
+    ending = eos if stop_at_eos else ()
+    rows = zip(sequences.tolist(), limits, strict=True)
+    return [row_output(row[prompt_length:], limit, ending)[0] for row, limit in rows]
+
+
+def row_output(generated: list[int], limit: int, eos_ids: tuple[int, ...]) -> tuple[list[int], int | None]:
+    """A row's committed ids as its output: those within its limit before its first EOS, and that EOS (None where
+    none came within the limit: it ended at its limit, or was ended by its caller)."""
+    tokens = generated[:limit]
+    end = next((index for index, token in enumerate(tokens) if token in eos_ids), None)
+    return (tokens, None) if end is None else (tokens[:end], tokens[end])
 
 
 def run_to_end(events: Iterator[Draft | CanvasCommit | Done]) -> GenerationResult:

@@ -34,6 +34,9 @@ from .generate import (
     StopCheck,
     _committed,
     _PromptReuse,
+    banned_mask,
+    prepare_prompts,
+    row_output,
     seed_int64,
 )
 from .model import DiffusionGemma
@@ -85,14 +88,6 @@ class RowFinished:
     eos: int | None
     cached: int
     wall_time: float
-
-
-def row_output(generated: list[int], limit: int, eos_ids: tuple[int, ...]) -> tuple[list[int], int | None]:
-    """A row's committed ids as its output: those within its limit before its first EOS, and that EOS (None where
-    none came within the limit: it ended at its limit, or was ended by its caller)."""
-    tokens = generated[:limit]
-    end = next((index for index, token in enumerate(tokens) if token in eos_ids), None)
-    return (tokens, None) if end is None else (tokens[:end], tokens[end])
 
 
 @dataclass
@@ -171,6 +166,8 @@ class OpenBatch:
         clamp = row.clamp or []
         if len(clamp) > reach or any(not -1 <= token < config.vocab_size for token in clamp):
             raise DiffGemmaError(f"a row's clamp must be at most {reach} ids, each -1 (free) or a token id")
+        if any(not 0 <= token < config.vocab_size for token in row.banned):
+            raise DiffGemmaError(f"a row's banned ids must be token ids between 0 and {config.vocab_size - 1}")
         running = _Running(self._next_id, row, time.perf_counter())
         self._next_id += 1
         self.waiting.append(running)
@@ -256,9 +253,7 @@ class OpenBatch:
         if not any(row.asked.banned for row in rows):
             return None
         config = self.network.config
-        mask = torch.zeros(len(rows), config.vocab_size, dtype=torch.bool, device=self.network.device)
-        for index, row in enumerate(rows):
-            mask[index, list(row.asked.banned)] = True
+        mask = banned_mask([list(row.asked.banned) for row in rows], len(rows), config.vocab_size, self.network.device)
         return mask[:, None, :].expand(len(rows), config.canvas_length, config.vocab_size)
 
     def _admit(self) -> None:
@@ -268,15 +263,9 @@ class OpenBatch:
         if not joining:
             return
         network = self.network
-        length = self.cache.length if self.cache is not None else max(len(row.asked.prompt) for row in joining)
-        prompts = [row.asked.prompt for row in joining]
-        pad = self.settings.pad_id
-        ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=network.device)
-        mask = (
-            None
-            if all(len(p) == length for p in prompts)
-            else ids.new_tensor([[False] * (length - len(p)) + [True] * len(p) for p in prompts], dtype=torch.bool)
-        )
+        ids, mask, _ = prepare_prompts([row.asked.prompt for row in joining], None, self.settings.pad_id)
+        ids = ids.to(network.device)
+        length = self.cache.length if self.cache is not None else ids.shape[1]
         rows = [*self.rows, *joining]
         capacity = max(length + self._room(row) for row in rows)
         if self.cache is None:
@@ -286,10 +275,9 @@ class OpenBatch:
             for row in joining:
                 row.cached = self._reuse.reused
         else:
-            skipped = length - max(len(p) for p in prompts)  # (slots before the longest prompt: nothing)
             part = network.new_cache(len(joining), length)
-            part.skip_to(skipped)
-            network.encode(ids[:, skipped:], part, None if mask is None else mask[:, skipped:], False)
+            part.skip_to(length - ids.shape[1])  # (the slots before the longest prompt hold nothing)
+            network.encode(ids, part, mask, return_hidden=False)
             cache = self.cache.joined(part, capacity)
         self.rows = rows
         for row in joining:

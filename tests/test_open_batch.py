@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from diffgemma import DiffGemmaError
-from diffgemma.generate import run_to_end
-from diffgemma.open_batch import BatchRow, RowFinished, RowsCommitted, RowsStep, row_output
+from diffgemma.generate import row_output, run_to_end
+from diffgemma.open_batch import BatchRow, RowFinished, RowsCommitted, RowsStep
 
 
 def alone(model, row: BatchRow, **sampler):
@@ -124,6 +124,8 @@ def test_what_cannot_join_is_refused_before_it_is_queued(tiny):
         batch.add(BatchRow([2, tiny.config.vocab_size], length, 1))
     with pytest.raises(DiffGemmaError, match="at least 1"):
         batch.add(BatchRow([2], 0, 1))
+    with pytest.raises(DiffGemmaError, match="banned ids must be token ids"):
+        batch.add(BatchRow([2], length, 1, banned=(tiny.config.vocab_size,)))
     events.close()
 
 
