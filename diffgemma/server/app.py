@@ -336,10 +336,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             message = "input: an empty text has nothing to embed"
             raise APIError(400, message, "invalid_request_error", "invalid_value", "input")
         rows, _ = completion_prompts(model, body.input, "input")
-        longest = max(len(ids) for ids in rows)
-        if longest > options.max_prompt_tokens:
-            message = f"an input is {longest} tokens; the limit is {options.max_prompt_tokens}"
-            raise APIError(400, message, "invalid_request_error", "context_length_exceeded", "input")
+        serving.check_prompt_limit(rows, "input", "an input")
         vectors = (await serving.embed(rows, True, body.dimensions, "input")).tolist()
         encode = float32_base64 if body.encoding_format == "base64" else list
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]

@@ -217,6 +217,13 @@ class Serving:
         self.batcher = batcher
         self.active = 0
 
+    def check_prompt_limit(self, prompts: list[list[int]], param: str, what: str = "prompt") -> None:
+        """Each prompt (`what` the request calls it) within --max-prompt-tokens (400 naming `param` if not)."""
+        longest, limit = max(len(prompt) for prompt in prompts), self.options.max_prompt_tokens
+        if longest > limit:
+            message = f"{what} is {longest} tokens; the limit is {limit}"
+            raise APIError(400, message, "invalid_request_error", "context_length_exceeded", param)
+
     def admit(self, prompts: list[list[int]], max_tokens: int | None, n: int, chat: bool = False) -> int:
         """The request's token limit, once its prompts (each `n` choices, rows of one batch) are within limits.
         Without one, a chat answer may run to the server's limit (to EOS, as OpenAI's chat runs to the
@@ -235,15 +242,7 @@ class Serving:
                 "invalid_value",
                 "prompt",
             )
-        longest = max(len(prompt) for prompt in prompts)
-        if longest > options.max_prompt_tokens:
-            raise APIError(
-                400,
-                f"prompt is {longest} tokens; the limit is {options.max_prompt_tokens}",
-                "invalid_request_error",
-                "context_length_exceeded",
-                "messages",
-            )
+        self.check_prompt_limit(prompts, "messages")
         limit = max_tokens or (
             options.max_tokens if chat else min(self.model.settings.max_new_tokens, options.max_tokens)
         )
