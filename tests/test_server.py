@@ -48,6 +48,12 @@ def wait_until(condition, what: str, seconds: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def idle(batcher) -> None:
+    """Wait until no batch runs: an answer comes back once its text has settled, its row's canvas may still be
+    running, and a request sent then could join that batch."""
+    wait_until(lambda: not batcher.batches_running(), "the engine to be idle")
+
+
 def timed_answers(client, finished: dict[str, tuple[float, object]]):
     """one(name, question, max_tokens, bias=None): a chat answer (seed 1), kept in `finished[name]` beside the
     moment it came back."""
@@ -912,7 +918,10 @@ def test_a_fill_and_a_completion_share_a_batch_each_as_alone(demo):
     ]
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        alone = [client.completions.create(model="demo", **r).choices[0].text for r in requests]
+        alone = []
+        for request in requests:
+            alone.append(client.completions.create(model="demo", **request).choices[0].text)
+            idle(batcher)
         together = [None, None]
 
         def worker(index):
@@ -923,7 +932,7 @@ def test_a_fill_and_a_completion_share_a_batch_each_as_alone(demo):
         blocker = threading.Thread(
             target=lambda: client.completions.create(model="demo", prompt="x", max_tokens=64, extra_body=slow)
         )
-        before = len(batcher.batches_run)  # (the two alone: one batch, or two; the second may join the first's)
+        before = len(batcher.batches_run)  # (the two alone)
         blocker.start()
         wait_until(lambda: len(batcher.batches_run) > before, "the blocker's batch to start")
         threads = [threading.Thread(target=worker, args=(index,)) for index in range(2)]
@@ -1464,9 +1473,11 @@ def test_requests_join_a_running_batch_and_leave_it_when_done(demo, count_calls)
     passes = count_calls(demo.network, "denoise")
     with running(app) as url:
         one = timed_answers(openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), finished)
-        one("short alone", "Say hello.", 64)
-        one("long alone", "hi", 320, endless)
+        for name, question, tokens, bias in (("short", "Say hello.", 64, None), ("long", "hi", 320, endless)):
+            one(f"{name} alone", question, tokens, bias)
+            idle(batcher)
         one("busy alone", "hi", 480, endless)
+        idle(batcher)
         apart, passes[:] = len(passes), []
         busy = threading.Thread(target=one, args=("busy", "hi", 480, endless))
         busy.start()
@@ -1520,7 +1531,9 @@ def test_a_request_that_arrives_during_a_long_answer_starts_at_once(demo):
         one = timed_answers(openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), finished)
 
         one("long alone", "hi", 480, endless)
+        idle(batcher)
         one("short alone", "Say hello.", 64)
+        idle(batcher)
         long = threading.Thread(target=one, args=("long", "hi", 480, endless))
         long.start()
         gauge = re.compile(r"^diffgemma_batches_running 1\.0$", re.MULTILINE)
