@@ -34,7 +34,8 @@ from .generate import (
     run_to_end,
     seed_int64,
 )
-from .model import DiffusionGemma
+from .images import check_budget, expand_placeholders, image_positions, prepare_image, soft_token_budget, split_images
+from .model import DiffusionGemma, ImageInputs
 from .open_batch import OpenBatch
 from .quant import QuantFormat, float_sinks, format_from_config, held_bytes, meta_network, weight_bytes
 from .reply import SettledText, StopStrings
@@ -43,6 +44,7 @@ from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
 from .tokenizer import TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
 from .toolcalls import Tool, tool_plan
+from .vision import ImageEncoder, load_image_encoder
 
 DTYPE_NAMES = {
     "float32": torch.float32,
@@ -204,11 +206,27 @@ class DiffGemma:
         self.quant = quant
         self.adapter: Path | None = None  # the LoRA adapter applied (`load_adapter`)
         self._passthrough = passthrough or {}
+        self._vision: ImageEncoder | None = None
+        self._image_soft_tokens: int | None = None
         self.prefix_cache: PrefixCache | None = PrefixCache(tokenizer.token_id(TURN_OPEN) if tokenizer else None)
 
     @property
     def config(self) -> ModelConfig:
         return self.network.config
+
+    @property
+    def vision(self) -> ImageEncoder:
+        """The image encoder (vision tower and projection), read from the checkpoint when first asked for, so a
+        text-only user holds none of it (the 26B's: about 0.4B parameters)."""
+        if self._vision is None:
+            if self.config.vision is None:
+                raise DiffGemmaError("this checkpoint has no vision tower (no `vision_config`): it reads text only")
+            if not self._passthrough:
+                raise DiffGemmaError("this model's vision tower weights are not at hand (no checkpoint folder)")
+            self._vision = load_image_encoder(
+                self.config.vision, self.config.hidden_size, self._passthrough, self.device, self.dtype
+            )
+        return self._vision
 
     @property
     def device(self) -> torch.device:
@@ -243,12 +261,21 @@ class DiffGemma:
         first_self_conditioning: torch.Tensor | None = None,
         noise_ranges: torch.Tensor | list | None = None,
         end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
+        images: Sequence | None = None,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
             row_limits, max_new_tokens = list(max_new_tokens), max(max_new_tokens, default=0)
         settings = self.settings.replace(max_new_tokens=max_new_tokens, **sampler)
+        if isinstance(prompt, Sequence) and prompt and all(isinstance(p, dict) for p in prompt):
+            prompt, found = split_images(list(prompt))
+            if found and images:
+                raise DiffGemmaError("images come either in the messages' image parts or in `images`, not both")
+            images = images or found
         ids, mask, batched = prepare_prompts(prompt, self.tokenizer, settings.pad_id, enable_thinking)
+        image_inputs = None
+        if images:
+            ids, mask, image_inputs = self._with_images(ids, mask, images, batched, settings.pad_id)
         if clamp is not None and not isinstance(clamp, torch.Tensor):
             clamp = _clamp_ids(clamp)
         token_ranges = _ranges_for_rows(token_ranges, ids.shape[0], "token_ranges")
@@ -278,8 +305,43 @@ class DiffGemma:
             noise_ranges=noise_ranges,
             end_rows=end_rows,
             prefix_cache=self.prefix_cache,
+            images=image_inputs,
         )
         return events, batched
+
+    def _with_images(
+        self, ids: torch.Tensor, mask: torch.Tensor | None, images: Sequence, batched: bool, pad_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, ImageInputs]:
+        """Prompt ids with one image id per picture -> the ids with each picture's run of soft tokens in its
+        place (`images.expand_placeholders`), padded again, and the pictures' soft tokens from the vision tower.
+        `images`: the pictures of a prompt, or for a batch a list of them per row."""
+        rows_images = list(images) if batched else [list(images)]
+        if len(rows_images) != ids.shape[0] or not all(isinstance(row, list | tuple) for row in rows_images):
+            raise DiffGemmaError(f"images for a batch of {ids.shape[0]} prompts must be a list of images per prompt")
+        encoder, config, budget = self.vision, self.config.vision, self.image_soft_tokens
+        prepared = [
+            [prepare_image(image, config, budget, f"image {i + 1}") for i, image in enumerate(row)]
+            for row in rows_images
+        ]
+        rows = [row[valid].tolist() for row, valid in zip(ids, mask if mask is not None else ids >= 0, strict=True)]
+        rows = expand_placeholders(rows, [[p.soft_tokens for p in row] for row in prepared], config)
+        ids, mask, _ = prepare_prompts(rows, None, pad_id)
+        index, blocks = image_positions(ids, mask, config.image_token_id)
+        features = [encoder(p.patches, p.rows, p.columns) for row in prepared for p in row]
+        empty = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        return ids, mask, ImageInputs(torch.cat(features) if features else empty, index, blocks)
+
+    @property
+    def image_soft_tokens(self) -> int:
+        """The most soft tokens an image becomes (70, 140, 280, 560 or 1120; the checkpoint's processor config,
+        else 280): larger images are shrunk to fit. Settable."""
+        if self._image_soft_tokens is None:
+            self._image_soft_tokens = soft_token_budget(self.folder)
+        return self._image_soft_tokens
+
+    @image_soft_tokens.setter
+    def image_soft_tokens(self, value: int) -> None:
+        self._image_soft_tokens = check_budget(value, "image_soft_tokens")
 
     def generate(
         self,
@@ -295,6 +357,7 @@ class DiffGemma:
         first_self_conditioning: torch.Tensor | None = None,
         noise_ranges: torch.Tensor | list | None = None,
         stop: str | Sequence[str] | StopStrings | None = None,
+        images: Sequence | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
@@ -318,6 +381,9 @@ class DiffGemma:
         `stop` (a string or several) ends a row where one first appears in its text: no canvas after that one
         is denoised for it, its text comes back without the string (its `new_tokens` run through the token
         that completed it) and `result.stopped` says which rows a stop string ended.
+        `images` (files, bytes, `data:` URLs or PIL images; for a batch, a list per prompt) go where the prompt's
+        image ids are, one each (chat messages carry theirs as image parts instead); the checkpoint's vision
+        tower reads them. `result.sequences` holds the prompt with each image's run of soft-token ids.
         """
         return run_to_end(
             self.stream(
@@ -333,6 +399,7 @@ class DiffGemma:
                 first_self_conditioning,
                 noise_ranges,
                 stop=stop,
+                images=images,
                 **sampler,
             )
         )
@@ -352,6 +419,7 @@ class DiffGemma:
         noise_ranges: torch.Tensor | list | None = None,
         stop: str | Sequence[str] | StopStrings | None = None,
         end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
+        images: Sequence | None = None,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
@@ -375,6 +443,7 @@ class DiffGemma:
             first_self_conditioning,
             noise_ranges,
             end_rows if stops is None else _ended_by(stops, end_rows),
+            images,
         )
         try:
             for event in events:
@@ -435,6 +504,7 @@ class DiffGemma:
                 raise DiffGemmaError("a prefill gives the answer's start, so its JSON (json_schema) is not whole")
             messages = answer_format.with_instruction(messages)
         offered, lead = tool_plan(tools, tool_choice)
+        messages, images = split_images(messages)
         prompt = tokenizer.encode_chat(messages, enable_thinking, prefill, sanitize, tools=offered)
         lead_ids = tokenizer.encode(lead, add_special_tokens=False) if lead else []
         stops = self._stop_strings(stop)
@@ -442,7 +512,9 @@ class DiffGemma:
         seed = None if seed is None else seed_int64(seed)  # (a chat is one row: one seed, not a list)
         for attempt in range(json_tries if answer_format is not None else 1):
             try_seed = None if seed is None else seed + attempt
-            result = self.generate(prompt + lead_ids, max_new_tokens, try_seed, mode, stop=text.stops, **sampler)
+            result = self.generate(
+                prompt + lead_ids, max_new_tokens, try_seed, mode, stop=text.stops, images=images, **sampler
+            )
             tokens = result.new_tokens[0]
             content, reasoning = text.parts(tokens)
             reply = ChatResult(content, reasoning, result, text.tool_calls(tokens))

@@ -8,7 +8,6 @@ a second copy of the model in host memory, and a truncated or inconsistent file 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
@@ -25,8 +24,6 @@ from .config import GENERATION_FILE, ModelConfig, SamplerSettings, as_path, read
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
 from .resources import check_disk, writing
-
-logger = logging.getLogger("diffgemma")
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -275,8 +272,8 @@ def load_weights(model: DiffusionGemma, folder: Path, sinks: dict[str, Sink] | N
 
     `sinks` take some stored tensors instead of a parameter: name -> (expected shape, a function handed the
     tensor once read; quantization on load). Each is read on its own, so only one is in memory at a time.
-    Returns the tensors that are not part of the text model (the vision tower), kept by reference so a save
-    can carry them over unchanged.
+    Returns the tensors that are not part of the text model (the vision tower), kept by reference: read when an
+    image first comes (`vision.load_image_encoder`), and carried over unchanged by a save.
     """
     sinks = sinks or {}
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
@@ -286,8 +283,6 @@ def load_weights(model: DiffusionGemma, folder: Path, sinks: dict[str, Sink] | N
     targets = {name: t for name, t in targets.items() if name not in covered}
     targets.update((name, torch.empty(shape, device="meta")) for name, (shape, _) in sinks.items())
     plan, passthrough = weight_plan(folder, {name: tuple(t.shape) for name, t in targets.items()})
-    if passthrough:
-        logger.warning("diffgemma: %s carries a vision tower; it is kept on disk, text only is loaded", folder)
 
     by_file: dict[Path, list[tuple[str, StoredTensor]]] = {}
     for own, stored in plan.items():

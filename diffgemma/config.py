@@ -72,6 +72,93 @@ class AttentionShape:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower's shape (`vision_config`; unset keys take the reference's defaults) and the ids that mark
+    an image in a prompt: `boi` and `eoi` around one `image` id per soft token."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    hidden_activation: str = "gelu_pytorch_tanh"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 100.0
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10240
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    image_token_id: int = 258_880
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
+
+
+VISION_INT_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "patch_size",
+    "pooling_kernel_size",
+    "position_embedding_size",
+)
+IMAGE_ID_KEYS = ("image_token_id", "boi_token_id", "eoi_token_id")
+
+
+def parse_vision_config(raw: dict[str, Any], source: str) -> VisionConfig | None:
+    """`vision_config` (None where the checkpoint has none), checked, with the image ids of the top level."""
+    vision = raw.get("vision_config")
+    if vision is None:
+        return None
+    where = f"{source}: vision_config"
+    if not isinstance(vision, dict):
+        raise DiffGemmaError(f"{where} must be an object")
+    values: dict[str, Any] = {}
+    for key in VISION_INT_KEYS:
+        if vision.get(key) is not None:
+            values[key] = vision[key]
+            if not is_int(values[key]) or values[key] <= 0:
+                raise DiffGemmaError(f"{where}: `{key}` must be a positive integer, got {values[key]!r}")
+    for key in IMAGE_ID_KEYS:
+        if raw.get(key) is not None:
+            values[key] = raw[key]
+            if not is_int(values[key]) or values[key] < 0:
+                raise DiffGemmaError(f"{source}: `{key}` must be a token id, got {values[key]!r}")
+    config = VisionConfig(**values)
+    activation = vision.get("hidden_activation", config.hidden_activation)
+    if activation not in ACTIVATIONS:
+        raise DiffGemmaError(f"{where}: `hidden_activation` is {activation!r}; supported: {ACTIVATIONS}")
+    rope = vision.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "axial") != "axial":
+        raise DiffGemmaError(f"{where}: `rope_parameters` must be axial RoPE ({{'rope_type': 'axial', ...}})")
+    theta = rope.get("rope_theta", config.rope_theta)
+    eps = vision.get("rms_norm_eps", config.rms_norm_eps)
+    for key, value in (("rope_parameters.rope_theta", theta), ("rms_norm_eps", eps)):
+        if not is_number(value) or value <= 0:
+            raise DiffGemmaError(f"{where}: `{key}` must be a positive number, got {value!r}")
+    config = dataclasses.replace(
+        config,
+        hidden_activation=activation,
+        rope_theta=float(theta),
+        rms_norm_eps=float(eps),
+        use_clipped_linears=bool(vision.get("use_clipped_linears", False)),
+        standardize=bool(vision.get("standardize", False)),
+    )
+    if config.head_dim % 4:
+        raise DiffGemmaError(f"{where}: `head_dim` {config.head_dim} must be a multiple of 4 (2-D RoPE rotates pairs)")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise DiffGemmaError(
+            f"{where}: num_attention_heads {config.num_attention_heads} is not a multiple of "
+            f"its {config.num_key_value_heads} KV heads"
+        )
+    return config
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
     hidden_size: int
@@ -96,7 +183,7 @@ class ModelConfig:
     eos_token_id: tuple[int, ...] = (1,)
     bos_token_id: int | None = 2
     use_bidirectional_attention: str | None = None
-    has_vision: bool = False
+    vision: VisionConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -457,7 +544,7 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         eos_token_id=_as_id_tuple(text.get("eos_token_id", 1), "eos_token_id", where),
         bos_token_id=text.get("bos_token_id", 2),
         use_bidirectional_attention=bidirectional,
-        has_vision=raw.get("vision_config") is not None,
+        vision=parse_vision_config(raw, source),
         raw=raw,
     )
 

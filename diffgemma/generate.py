@@ -26,7 +26,7 @@ from . import sampling
 from .cache import DecoderView, EncoderCache, PrefixCache
 from .config import SamplerSettings, is_int
 from .errors import DiffGemmaError
-from .model import DiffusionGemma
+from .model import DiffusionGemma, ImageInputs
 from .reply import StopStrings
 from .tokenizer import Tokenizer
 from .toolcalls import ToolCall
@@ -648,6 +648,7 @@ def denoising_loop(
     noise_ranges: torch.Tensor | None = None,
     end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
     prefix_cache: PrefixCache | None = None,
+    images: ImageInputs | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -678,7 +679,8 @@ def denoising_loop(
     them), names the rows that end there, as EOS would end them (a stop string; a client that went away); when
     every row has ended, no further canvas is denoised.
     `prefix_cache` (fast mode, a batch of one): a prompt that begins with the one it kept encodes only the rest,
-    and this prompt's cache is kept there when the generation ends.
+    and this prompt's cache is kept there when the generation ends. `images`: images' soft tokens in the prompt
+    (`ImageInputs`); such a prompt neither reads nor keeps the prefix cache (its ids do not tell images apart).
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -710,7 +712,7 @@ def denoising_loop(
     stop_check = StopCheck(device, stop_check_every)
 
     capacity = prompt_length + canvases * length
-    prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode)
+    prompt = _PromptReuse(network, None if images is not None else prefix_cache, ids, attention_mask, mode)
     cache = prompt.new_cache(network, batch, capacity)
     decoder = DecoderPass(network, cache, mode, batch, settings, cuda_graph, rng.sync_free)
     denoiser = CanvasDenoiser(decoder, rng, settings, mode, stop_check, commit_stable_prefix, ending_ids, tokenizer)
@@ -719,7 +721,7 @@ def denoising_loop(
     passes = torch.zeros(batch, dtype=torch.long, device=device)
     steps_per_canvas: list[list[int]] = []
     with prompt:
-        prompt.encode(network, ids, attention_mask, cache)
+        prompt.encode(network, ids, attention_mask, cache, images)
         for canvas_index in range(canvases):
             span = slice(canvas_index * length, (canvas_index + 1) * length)
             excluded = constraints.excluded(span, vocab)
@@ -804,11 +806,19 @@ class _PromptReuse:
         return self.taken.cache
 
     def encode(
-        self, network: DiffusionGemma, ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: EncoderCache
+        self,
+        network: DiffusionGemma,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: EncoderCache,
+        images: ImageInputs | None = None,
     ) -> None:
         """Encode the prompt past what the cache holds: up to the prefix cache's snapshot point, snapshot it
         there, then the rest."""
         prompt_length = ids.shape[1]
+        if images is not None:  # (no prefix cache: the whole prompt at once)
+            network.encode(ids, cache, attention_mask, return_hidden=False, images=images)
+            return
         point = self.prefix_cache.point(self.prompt_ids) if self.prefix_cache is not None else prompt_length
         if self.reused < point:
             network.encode(ids[:, self.reused : point], cache, attention_mask, return_hidden=False)

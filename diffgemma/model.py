@@ -11,6 +11,7 @@ then a dense gated MLP and a mixture of experts side by side, each with its own 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -389,6 +390,35 @@ def _attention_mask(
     return allowed[:, None]
 
 
+@dataclass(frozen=True)
+class ImageInputs:
+    """Images' soft tokens in prompt ids [B, T]: `index` [B, T] says which row of `features` [N, H] takes each
+    position's place (-1: the token's own embedding), `blocks` [B, T] numbers each image's run of positions
+    (-1 elsewhere): where the config asks for it (`use_bidirectional_attention: vision`), a run's positions see
+    each other both ways in the causal encoder, on every layer, as the reference's encoder does."""
+
+    features: torch.Tensor
+    index: torch.Tensor
+    blocks: torch.Tensor
+
+    def columns(self, start: int, end: int) -> ImageInputs:
+        return ImageInputs(self.features, self.index[:, start:end], self.blocks[:, start:end])
+
+    def chunk_ends(self, chunk: int) -> list[int]:
+        """Where to cut the prompt into pieces of about `chunk` tokens without cutting an image's run (a run
+        must be encoded whole: its first positions attend to its last); a run longer than `chunk` is a piece."""
+        blocks = self.blocks.cpu()
+        tokens = blocks.shape[1]
+        inside = ((blocks[:, 1:] == blocks[:, :-1]) & (blocks[:, 1:] >= 0)).any(0).tolist()  # cut before t+1?
+        cuts = [t for t in range(1, tokens) if not inside[t - 1]] + [tokens]
+        ends, start = [], 0
+        while start < tokens:
+            fitting = [cut for cut in cuts if start < cut <= start + chunk]
+            start = fitting[-1] if fitting else next(cut for cut in cuts if cut > start)
+            ends.append(start)
+        return ends
+
+
 class PassRole:
     """Which pass runs now: `encoding` while the causal encoder runs, else the decoder. Read by modules whose
     weights differ between the two (an adapter PEFT trained on the reference model's two copies apart)."""
@@ -515,35 +545,50 @@ class DiffusionGemma(nn.Module):
         cache: EncoderCache,
         attention_mask: torch.Tensor | None = None,
         return_hidden: bool = True,
+        images: ImageInputs | None = None,
     ) -> torch.Tensor | None:
         """Run the causal encoder over `ids` [B, T] (positions continue the cache) and append them to the cache.
 
-        `attention_mask` [B, T] marks real tokens (False for padding). Returns the final hidden states [B, T, H],
-        or None with `return_hidden` False (generation needs only the cache: a 32k prompt's states would hold
-        0.2 GB on the 26B shape, twice that while joined). Without gradients a long prompt goes in chunks of
-        `PREFILL_CHUNK` tokens, each attending to the cache the earlier ones wrote: the same result, with
+        `attention_mask` [B, T] marks real tokens (False for padding); `images` puts images' soft tokens in
+        place of their ids. Returns the final hidden states [B, T, H], or None with `return_hidden` False
+        (generation needs only the cache: a 32k prompt's states would hold 0.2 GB on the 26B shape, twice that
+        while joined). Without gradients a long prompt goes in chunks of about `PREFILL_CHUNK` tokens (an
+        image's run never cut), each attending to the cache the earlier ones wrote: the same result, with
         activations bounded by the chunk (a 4k prompt's experts would otherwise hold [4k x top-k, hidden]
         tensors, about 1 GB on the 26B shape), not the context.
         """
         self.role.encoding = True
         try:
-            if ids.shape[1] <= PREFILL_CHUNK or torch.is_grad_enabled():
-                return self._encode(ids, cache, attention_mask, return_hidden)
-            hidden = [
-                self._encode(
-                    ids[:, start : start + PREFILL_CHUNK],
-                    cache,
-                    None if attention_mask is None else attention_mask[:, start : start + PREFILL_CHUNK],
-                    return_hidden,
+            tokens = ids.shape[1]
+            if tokens <= PREFILL_CHUNK or torch.is_grad_enabled():
+                return self._encode(ids, cache, attention_mask, return_hidden, images)
+            if images is None:
+                ends = [*range(PREFILL_CHUNK, tokens, PREFILL_CHUNK), tokens]
+            else:
+                ends = images.chunk_ends(PREFILL_CHUNK)
+            hidden, start = [], 0
+            for end in ends:
+                hidden.append(
+                    self._encode(
+                        ids[:, start:end],
+                        cache,
+                        None if attention_mask is None else attention_mask[:, start:end],
+                        return_hidden,
+                        None if images is None else images.columns(start, end),
+                    )
                 )
-                for start in range(0, ids.shape[1], PREFILL_CHUNK)
-            ]
+                start = end
             return torch.cat(hidden, dim=1) if return_hidden else None
         finally:
             self.role.encoding = False
 
     def _encode(
-        self, ids: torch.Tensor, cache: EncoderCache, attention_mask: torch.Tensor | None, return_hidden: bool
+        self,
+        ids: torch.Tensor,
+        cache: EncoderCache,
+        attention_mask: torch.Tensor | None,
+        return_hidden: bool,
+        images: ImageInputs | None = None,
     ) -> torch.Tensor | None:
         batch, tokens = ids.shape
         start = cache.length
@@ -562,6 +607,11 @@ class DiffusionGemma(nn.Module):
             key_valid = torch.cat([layer.valid[:, :stored], new_valid], dim=1)
             key_positions = torch.cat([layer.positions[:stored], positions])
             masks[kind] = _attention_mask(key_valid, key_positions, positions, window if kind == SLIDING else None)
+        if images is not None and self.config.use_bidirectional_attention == "vision":
+            blocks = images.blocks.to(ids.device)
+            same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+            for mask in masks.values():  # (a run is never cut, so its keys are all among the new ones)
+                mask[:, 0, :, -tokens:] |= same_image
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             layer = cache.layers[index]
@@ -587,6 +637,9 @@ class DiffusionGemma(nn.Module):
             return _sdpa(q, keys, values, mask)
 
         hidden = self.embed(ids)
+        if images is not None:
+            index = images.index.to(ids.device)
+            hidden[index >= 0] = images.features.to(hidden)[index[index >= 0]]
         rope = self._rope(positions, hidden.dtype)
         # A finished canvas has the decoder's shape, so it runs through the decoder's compiled halves (no new
         # compilation); other lengths (prompts, single tokens) would each compile anew and stay eager.

@@ -19,16 +19,19 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from .checkpoint import save_checkpoint
-from .config import SamplerSettings, parse_model_config
+from .config import ModelConfig, SamplerSettings, parse_model_config
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
 from .quant import held_bytes
 from .resources import check_disk, check_memory
 from .tokenizer import TEMPLATE_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE
+from .vision import TOWER_PREFIX, ImageEncoder
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
 # Gemma 4's tool-calling tokens, after the bytes (so the tokens above and the bytes keep their ids)
 TOOL_TOKENS = ["<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
+# Gemma 4's image markers (begin, one per soft token, end), after the tool tokens, for checkpoints with a vision tower
+IMAGE_TOKENS = ["<|image>", "<|image|>", "<image|>"]
 
 # A Gemma 4 style template: turns are `<|turn>role\n ... <turn|>`, thinking is asked for with `<|think|>`
 # in a system turn, and a non-thinking answer starts after an empty thought channel. Tools are declared in
@@ -64,7 +67,10 @@ CHAT_TEMPLATE = (
     "{% else %}"
     "{% if not (message.role == 'assistant' and before == 'tool') %}"
     "<|turn>{{ 'model' if message.role == 'assistant' else message.role }}\n{% endif %}"
-    "{{ (message.content or '') | trim }}"
+    "{% if message.content is string or not message.content %}{{ (message.content or '') | trim }}"
+    "{% else %}{% for part in message.content %}"
+    "{% if part.type == 'image' %}<|image|>{% elif part.type == 'text' %}{{ part.text | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
     "{% for call in message.tool_calls or [] %}"
     "<|tool_call>call:{{ call.function.name }}{{ gemma_value(call.function.arguments) }}<tool_call|>{% endfor %}"
     "{% if not (message.tool_calls and after == 'tool') %}<turn|>\n{% endif %}"
@@ -115,6 +121,41 @@ PRESETS: dict[str, dict[str, Any]] = {
             moe_intermediate_size=32,
             layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         ),
+    },
+    # `tiny` that reads images too: a small vision tower (8-pixel patches pooled 2 x 2) and the image tokens.
+    "tiny-vision": {
+        "canvas_length": 32,
+        "text_config": _text_config(
+            vocab_size=len(SPECIAL_TOKENS) + 256 + len(TOOL_TOKENS) + len(IMAGE_TOKENS),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=32,
+            num_global_key_value_heads=1,
+            sliding_window=16,
+            num_experts=8,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            use_bidirectional_attention="vision",
+        ),
+        "vision_config": {
+            "model_type": "gemma4_vision",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "patch_size": 8,
+            "pooling_kernel_size": 2,
+            "position_embedding_size": 64,
+            "rope_parameters": {"rope_type": "axial", "rope_theta": 100.0},
+        },
+        **dict(zip(("boi_token_id", "image_token_id", "eoi_token_id"), range(272, 275), strict=True)),
     },
     # Sudoku (tasks/sudoku/tokens.py): 814 tokens (specials and 810 cell tokens), an 81-cell canvas.
     "sudoku": {
@@ -192,25 +233,27 @@ def preset_config(name: str, **text_overrides: Any) -> dict[str, Any]:
     }
 
 
-def byte_tokenizer() -> RustTokenizer:
-    """A byte-level tokenizer: the special tokens, one token per byte, the tool tokens. BOS is added to plain text."""
+def byte_tokenizer(image_tokens: bool = False) -> RustTokenizer:
+    """A byte-level tokenizer: the special tokens, one token per byte, the tool tokens (and with `image_tokens`
+    the image markers, ids 272-274). BOS is added to plain text."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for symbol in [*sorted(alphabet), *TOOL_TOKENS]:
+    added = SPECIAL_TOKENS + TOOL_TOKENS + (IMAGE_TOKENS if image_tokens else [])
+    for symbol in [*sorted(alphabet), *added[len(SPECIAL_TOKENS) :]]:
         vocab[symbol] = len(vocab)
     tokenizer = RustTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIAL_TOKENS + TOOL_TOKENS)
+    tokenizer.add_special_tokens(added)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
     return tokenizer
 
 
-def write_tokenizer(folder: Path) -> None:
+def write_tokenizer(folder: Path, image_tokens: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    byte_tokenizer().save(str(folder / TOKENIZER_FILE))
+    byte_tokenizer(image_tokens).save(str(folder / TOKENIZER_FILE))
     settings = {
         "bos_token": "<bos>",
         "eos_token": "<eos>",
@@ -236,6 +279,19 @@ def init_random_(network: DiffusionGemma, seed: int, std: float = 0.02) -> None:
             tensor.fill_(1.0)
 
 
+@torch.no_grad()
+def random_image_encoder(config: ModelConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A random vision tower and projection for `config`, as the checkpoint names their tensors."""
+    encoder = ImageEncoder(config.vision, config.hidden_size).to(dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name, tensor in encoder.state_dict().items():
+        if tensor.ndim >= 2:
+            tensor.normal_(0.0, 0.02, generator=generator)
+        elif name.endswith("weight"):
+            tensor.uniform_(0.8, 1.2, generator=generator)
+    return {TOWER_PREFIX + name: tensor for name, tensor in encoder.state_dict().items()}
+
+
 def random_checkpoint(
     folder: str | os.PathLike,
     preset: str = "tiny",
@@ -257,13 +313,14 @@ def random_checkpoint(
     check_disk(Path(folder).absolute(), weights)
     network = network.to_empty(device=device)
     init_random_(network, seed)
+    vision = random_image_encoder(config, seed, dtype) if config.vision is not None else None
     staging = Path(folder).absolute().parent / f".{Path(folder).name}.tokenizer"
-    write_tokenizer(staging)
+    write_tokenizer(staging, image_tokens=vision is not None)
     try:
         extra = {name: staging / name for name in (TOKENIZER_FILE, TOKENIZER_CONFIG, TEMPLATE_FILE)}
         kwargs = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         settings = SamplerSettings(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
-        return save_checkpoint(network, settings, folder, extra, **kwargs)
+        return save_checkpoint(network, settings, folder, extra, vision, **kwargs)
     finally:
         for path in staging.iterdir():
             path.unlink()

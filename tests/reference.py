@@ -106,17 +106,26 @@ def randomize_(model: torch.nn.Module, seed: int, scale: float = 1.0) -> None:
 
 
 def make_reference_checkpoint(
-    folder: Path, which: str, seed: int = 0, scale: float = 1.0, prepare=None, **text_overrides
+    folder: Path,
+    which: str,
+    seed: int = 0,
+    scale: float = 1.0,
+    prepare=None,
+    vision: dict | None = None,
+    top: dict | None = None,
+    **text_overrides,
 ) -> Path:
-    """Build a random `DiffusionGemmaForBlockDiffusion` (its text config one of ours with `text_overrides`;
-    `prepare` sees the model before it is saved), save it with `save_pretrained`, add a tokenizer."""
+    """Build a random `DiffusionGemmaForBlockDiffusion` (its text config one of ours with `text_overrides`, its
+    vision config TINY_VISION with `vision`, `top` for the top level's keys (image ids); `prepare` sees the model
+    before it is saved), save it with `save_pretrained`, add a tokenizer."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     text = {"A": CONFIG_A, "B": CONFIG_B, "C": CONFIG_C}[which]
     config = DiffusionGemmaConfig(
         text_config={**text, **text_overrides},
-        vision_config=dict(TINY_VISION),
+        vision_config={**TINY_VISION, **(vision or {})},
         canvas_length=CANVAS[which],
+        **(top or {}),
     )
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config)

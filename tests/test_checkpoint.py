@@ -24,12 +24,11 @@ def random_inputs(config, batch=2, prompt=11, seed=0):
     )
 
 
-def test_vision_tower_is_kept_on_disk_with_one_notice(reference_checkpoints, caplog):
-    with caplog.at_level("WARNING", logger="diffgemma"):
-        model = diffgemma.load(reference_checkpoints["A"])
-    notices = [r.getMessage() for r in caplog.records if r.name == "diffgemma"]
-    assert len(notices) == 1 and "vision tower" in notices[0]
-    assert model.config.has_vision
+def test_vision_tower_is_read_when_first_asked_for(reference_checkpoints):
+    model = diffgemma.load(reference_checkpoints["A"])
+    assert model.config.vision is not None and model._vision is None  # a text-only user holds none of it
+    assert model.vision.embed_vision.embedding_projection.weight.shape == (model.config.hidden_size, 16)
+    assert model.vision is model.vision
 
 
 def test_saved_checkpoint_loads_in_transformers_with_same_logits(ours, tmp_path):
@@ -372,7 +371,7 @@ def test_checkpoint_without_vision_or_tokenizer(tmp_path):
         (folder / name).unlink()
     model = diffgemma.load(folder)
     assert model.tokenizer is None
-    assert not model.config.has_vision
+    assert model.config.vision is None
 
 
 def test_bad_device_and_dtype(reference_checkpoints):

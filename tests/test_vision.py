@@ -1,0 +1,199 @@
+"""Images: the processor against Gemma 4's (Pillow backend), the vision tower against the reference's image
+features, and generation from a prompt with images against the reference's `generate` given pixel values."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from reference import load_reference, make_reference_checkpoint
+
+import diffgemma
+from diffgemma.errors import DiffGemmaError
+from diffgemma.images import prepare_image
+
+PIL = pytest.importorskip("PIL.Image")
+IMAGE_IDS = {"image_token_id": 262, "boi_token_id": 260, "eoi_token_id": 261}
+# Patches of 4 pixels pooled 3 x 3, two layers, grouped KV heads, standardized and clipped projections.
+VISION = {
+    "num_hidden_layers": 2,
+    "position_embedding_size": 64,
+    "num_key_value_heads": 1,
+    "standardize": True,
+    "use_clipped_linears": True,
+}
+
+
+def vision_checkpoint_in(folder, **overrides):
+    """A random reference checkpoint with a vision tower, its image ids inside the vocabulary, and a processor
+    config that sets the soft-token budget to 70 (as the reference processor of these tests has it)."""
+    make_reference_checkpoint(
+        folder, "A", scale=0.5, vision=VISION, top=IMAGE_IDS, prepare=randomize_vision_buffers, **overrides
+    )
+    (folder / "processor_config.json").write_text(json.dumps({"image_processor": {"max_soft_tokens": 70}}))
+    return folder
+
+
+def randomize_vision_buffers(model) -> None:
+    """The clip bounds and standardization are buffers a random init leaves at no-ops: make them bite."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith(("input_min", "output_min")):
+                buffer.fill_(-1.5)
+            elif name.endswith(("input_max", "output_max")):
+                buffer.fill_(1.5)
+            elif name.endswith("std_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator))
+            elif name.endswith("std_scale"):
+                buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
+
+
+@pytest.fixture(scope="module")
+def vision_checkpoint(tmp_path_factory):
+    return vision_checkpoint_in(tmp_path_factory.mktemp("vision") / "A", seed=5)
+
+
+def random_picture(width: int, height: int, seed: int, mode: str = "RGB"):
+    shape = (height, width, len(mode)) if len(mode) > 1 else (height, width)
+    return PIL.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8), mode=mode)
+
+
+def reference_processor(budget: int = 70):
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    return Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=budget, pooling_kernel_size=3)
+
+
+SIZES = [((100, 60), "RGB"), ((37, 211), "RGBA"), ((300, 9), "RGB"), ((24, 24), "L")]
+
+
+@pytest.mark.parametrize(("size", "mode"), SIZES)
+def test_patches_equal_the_reference_processor(vision_checkpoint, size, mode):
+    model = diffgemma.load(vision_checkpoint)
+    picture = random_picture(*size, seed=sum(size), mode=mode)
+    assert model.image_soft_tokens == 70  # the checkpoint's processor config
+    ours = prepare_image(picture, model.config.vision, budget=70)
+    theirs = reference_processor()(picture, return_tensors="pt")
+    assert ours.soft_tokens == theirs["num_soft_tokens_per_image"][0]
+    real = (theirs["image_position_ids"][0] >= 0).all(-1)
+    torch.testing.assert_close(ours.patches, theirs["pixel_values"][0][real].float(), atol=1e-6, rtol=0)
+    positions = theirs["image_position_ids"][0][real]
+    assert positions[:, 0].max() + 1 == ours.columns and positions[:, 1].max() + 1 == ours.rows
+
+
+def test_image_features_equal_the_reference(vision_checkpoint):
+    model = diffgemma.load(vision_checkpoint)
+    reference = load_reference(vision_checkpoint)
+    picture = random_picture(90, 57, seed=3)
+    theirs = reference_processor()(picture, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference.model.encoder.get_image_features(
+            theirs["pixel_values"], theirs["image_position_ids"]
+        ).pooler_output
+    prepared = prepare_image(picture, model.config.vision, budget=70)
+    features = model.vision(prepared.patches, prepared.rows, prepared.columns)
+    assert features.shape == expected.shape == (prepared.soft_tokens, model.config.hidden_size)
+    torch.testing.assert_close(features, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_bad_images_are_named(vision_checkpoint, tmp_path):
+    model = diffgemma.load(vision_checkpoint)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    for image, words in [
+        (tmp_path / "missing.png", "not found"),
+        (text, "not an image"),
+        ("https://example.com/cat.png", "not fetched"),
+        ("data:image/png;base64,@@@", "does not decode"),
+        (42, "must be a file path"),
+    ]:
+        with pytest.raises(DiffGemmaError, match=words):
+            prepare_image(image, model.config.vision)
+
+
+@pytest.fixture(scope="module")
+def vision_pairs(tmp_path_factory):
+    """(ours, reference) on checkpoints whose encoder sees images both ways ("vision") and causally (None)."""
+    pairs = {}
+    for bidirectional in ("vision", None):
+        folder = tmp_path_factory.mktemp("vision-generation") / str(bidirectional)
+        vision_checkpoint_in(folder, seed=11, use_bidirectional_attention=bidirectional)
+        pairs[bidirectional] = (diffgemma.load(folder), load_reference(folder))
+    return pairs
+
+
+def reference_inputs(rows: list[list[int]], pictures: list[list], pad: int = 0) -> dict:
+    """What Gemma 4's processor hands the reference for prompt ids with one image id per picture."""
+    processor = reference_processor()
+    expanded = []
+    for row, row_pictures in zip(rows, pictures, strict=True):
+        out = []
+        counts = iter(processor(p, return_tensors="pt")["num_soft_tokens_per_image"][0] for p in row_pictures)
+        for token in row:
+            out += [260, *[262] * next(counts), 261] if token == 262 else [token]
+        expanded.append(out)
+    longest = max(map(len, expanded))
+    ids = torch.tensor([[pad] * (longest - len(row)) + row for row in expanded])
+    mask = torch.tensor([[0] * (longest - len(row)) + [1] * len(row) for row in expanded])
+    flat = [p for row in pictures for p in row]
+    processed = processor(flat, return_tensors="pt")
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": processed["pixel_values"],
+        "image_position_ids": processed["image_position_ids"],
+        "mm_token_type_ids": (ids == 262).long(),
+    }
+
+
+@pytest.mark.parametrize("bidirectional", ["vision", None])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_generation_with_an_image_equals_the_reference(vision_pairs, bidirectional, seed):
+    ours, reference = vision_pairs[bidirectional]
+    picture = random_picture(70, 50, seed=seed)  # 30 soft tokens: more than the sliding window of 8
+    prompt = [2, 40, 41, 262, 42, 43, 44]
+    inputs = reference_inputs([prompt], [[picture]])
+    settings = {"max_new_tokens": 2 * ours.config.canvas_length}
+    torch.manual_seed(seed)
+    expected = reference.generate(**inputs, **settings)
+    torch.manual_seed(seed)
+    got = ours.generate(prompt, images=[picture], mode="reference", **settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.manual_seed(seed)
+    blind = ours.generate(prompt, mode="reference", **settings)  # the same ids, no picture: another answer
+    assert not torch.equal(blind.sequences[:, len(prompt) :], got.sequences[:, inputs["input_ids"].shape[1] :])
+
+
+def test_a_batch_with_images_equals_the_reference(vision_pairs):
+    ours, reference = vision_pairs["vision"]
+    pictures = [[random_picture(40, 40, seed=3), random_picture(25, 90, seed=4)], [random_picture(60, 36, seed=5)]]
+    prompts = [[2, 262, 50, 51, 262, 52], [2, 53, 262, 54]]
+    inputs = reference_inputs(prompts, pictures)
+    torch.manual_seed(4)
+    expected = reference.generate(**inputs, max_new_tokens=ours.config.canvas_length)
+    torch.manual_seed(4)
+    got = ours.generate(prompts, images=pictures, mode="reference", max_new_tokens=ours.config.canvas_length)
+    assert torch.equal(got.sequences, expected.sequences)
+
+
+def test_an_image_is_never_cut_between_prompt_chunks(vision_pairs, monkeypatch):
+    from diffgemma import model as network_module
+
+    ours, _ = vision_pairs["vision"]
+    pictures = [random_picture(70, 50, seed=6), random_picture(40, 40, seed=7)]
+    prompt = [2, *range(30, 45), 262, *range(45, 50), 262, 60, 61]
+    whole = ours.generate(prompt, images=pictures, seed=3, max_new_tokens=ours.config.canvas_length)
+    monkeypatch.setattr(network_module, "PREFILL_CHUNK", 12)  # both images' runs are longer than a chunk
+    chunked = ours.generate(prompt, images=pictures, seed=3, max_new_tokens=ours.config.canvas_length)
+    assert chunked.sequences.tolist() == whole.sequences.tolist()
+
+
+def test_images_seen_both_ways_change_the_answer(vision_pairs):
+    """The two checkpoints differ only in `use_bidirectional_attention`: the parity above is not vacuous."""
+    picture = random_picture(70, 50, seed=0)
+    answers = [
+        vision_pairs[kind][0].generate([2, 40, 262, 41], images=[picture], seed=0, max_new_tokens=16).sequences
+        for kind in ("vision", None)
+    ]
+    assert not torch.equal(*answers)
