@@ -14,7 +14,7 @@ import torch
 
 from .cache import PrefixCache
 from .checkpoint import StoredTensor, load_weights, save_checkpoint, stored_float_dtype
-from .config import QUANT_FORMATS, ModelConfig, SamplerSettings, as_path, is_int, load_configs
+from .config import QUANT_FORMATS, ModelConfig, SamplerSettings, VisionConfig, as_path, is_int, load_configs
 from .embedding import embed_batch
 from .errors import DiffGemmaError
 from .generate import (
@@ -34,7 +34,14 @@ from .generate import (
     run_to_end,
     seed_int64,
 )
-from .images import check_budget, expand_placeholders, image_positions, prepare_image, soft_token_budget, split_images
+from .images import (
+    PreparedImage,
+    check_budget,
+    expand_placeholders,
+    prepare_image,
+    soft_token_budget,
+    split_images,
+)
 from .model import DiffusionGemma, ImageInputs
 from .open_batch import OpenBatch
 from .quant import QuantFormat, float_sinks, format_from_config, held_bytes, meta_network, weight_bytes
@@ -219,14 +226,18 @@ class DiffGemma:
         """The image encoder (vision tower and projection), read from the checkpoint when first asked for, so a
         text-only user holds none of it (the 26B's: about 0.4B parameters)."""
         if self._vision is None:
-            if self.config.vision is None:
-                raise DiffGemmaError("this checkpoint has no vision tower (no `vision_config`): it reads text only")
+            config = self._vision_config()
             if not self._passthrough:
                 raise DiffGemmaError("this model's vision tower weights are not at hand (no checkpoint folder)")
             self._vision = load_image_encoder(
-                self.config.vision, self.config.hidden_size, self._passthrough, self.device, self.dtype
+                config, self.config.hidden_size, self._passthrough, self.device, self.dtype
             )
         return self._vision
+
+    def _vision_config(self) -> VisionConfig:
+        if self.config.vision is None:
+            raise DiffGemmaError("this checkpoint has no vision tower (no `vision_config`): it reads text, not images")
+        return self.config.vision
 
     @property
     def device(self) -> torch.device:
@@ -311,25 +322,36 @@ class DiffGemma:
 
     def _with_images(
         self, ids: torch.Tensor, mask: torch.Tensor | None, images: Sequence, batched: bool, pad_id: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None, ImageInputs]:
-        """Prompt ids with one image id per picture -> the ids with each picture's run of soft tokens in its
-        place (`images.expand_placeholders`), padded again, and the pictures' soft tokens from the vision tower.
-        `images`: the pictures of a prompt, or for a batch a list of them per row."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, ImageInputs | None]:
+        """Prompt ids with one image id per picture -> the ids with each picture's run in its place
+        (`image_prompt`), padded again, and where the pictures' soft tokens go. `images`: the pictures of a
+        prompt, or for a batch a list of them per row."""
         rows_images = list(images) if batched else [list(images)]
         if len(rows_images) != ids.shape[0] or not all(isinstance(row, list | tuple) for row in rows_images):
             raise DiffGemmaError(f"images for a batch of {ids.shape[0]} prompts must be a list of images per prompt")
-        encoder, config, budget = self.vision, self.config.vision, self.image_soft_tokens
-        prepared = [
-            [prepare_image(image, config, budget, f"image {i + 1}") for i, image in enumerate(row)]
-            for row in rows_images
-        ]
-        rows = [row[valid].tolist() for row, valid in zip(ids, mask if mask is not None else ids >= 0, strict=True)]
-        rows = expand_placeholders(rows, [[p.soft_tokens for p in row] for row in prepared], config)
+        valid = mask if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        rows, pictures = [], []
+        for row, row_valid, row_images in zip(ids, valid, rows_images, strict=True):
+            expanded, prepared = self.image_prompt(row[row_valid].tolist(), row_images)
+            rows.append(expanded)
+            pictures.append(list(self.image_features(prepared)))
         ids, mask, _ = prepare_prompts(rows, None, pad_id)
-        index, blocks = image_positions(ids, mask, config.image_token_id)
-        features = [encoder(p.patches, p.rows, p.columns) for row in prepared for p in row]
-        empty = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
-        return ids, mask, ImageInputs(torch.cat(features) if features else empty, index, blocks)
+        return ids, mask, ImageInputs.in_prompts(ids, mask, pictures, self.config.vision.image_token_id)
+
+    def image_prompt(self, ids: list[int], images: Sequence) -> tuple[list[int], list[PreparedImage]]:
+        """A prompt's ids with one image id per picture (as a chat template writes an image part) -> (the ids
+        with each picture's run in its place: begin-of-image, an image id a soft token, end-of-image; the
+        pictures read, resized within `image_soft_tokens` and cut into patches). No network runs."""
+        config = self._vision_config()
+        prepared = [
+            prepare_image(image, config, self.image_soft_tokens, f"image {i + 1}") for i, image in enumerate(images)
+        ]
+        marker = self.tokenizer.decode([config.image_token_id], False) if self.tokenizer is not None else None
+        return expand_placeholders([list(ids)], [[p.soft_tokens for p in prepared]], config, marker)[0], prepared
+
+    def image_features(self, prepared: Sequence[PreparedImage]) -> tuple[torch.Tensor, ...]:
+        """Pictures (`image_prompt`) through the vision tower: each one's soft tokens [count, hidden]."""
+        return tuple(self.vision(p.patches, p.rows, p.columns) for p in prepared)
 
     @property
     def image_soft_tokens(self) -> int:

@@ -181,16 +181,20 @@ def _image_of_part(part: dict[str, Any], where: str) -> ImageLike:
     return found
 
 
-def expand_placeholders(rows: list[list[int]], counts: list[list[int]], config: VisionConfig) -> list[list[int]]:
+def expand_placeholders(
+    rows: list[list[int]], counts: list[list[int]], config: VisionConfig, marker: str | None = None
+) -> list[list[int]]:
     """Each row's image ids (one a picture, as a template writes it) -> `boi`, one image id per soft token of
-    that picture (`counts`: per row, per picture), `eoi`. A row must hold exactly one image id per picture."""
+    that picture (`counts`: per row, per picture), `eoi`. A row must hold exactly one image id per picture
+    (`marker`: the image token's text, for the error)."""
     expanded = []
     for row, soft_tokens in zip(rows, counts, strict=True):
         spots = [i for i, token in enumerate(row) if token == config.image_token_id]
         if len(spots) != len(soft_tokens):
+            named = f"{marker!r} (id {config.image_token_id})" if marker else f"id {config.image_token_id}"
             raise DiffGemmaError(
-                f"the prompt has {len(spots)} image placeholder(s) for {len(soft_tokens)} image(s): put one image "
-                f"token (id {config.image_token_id}) where each image goes (a chat's image parts write it)"
+                f"the prompt has {len(spots)} image placeholder(s) for {len(soft_tokens)} image(s): put the image "
+                f"token {named} where each image goes (a chat's image parts write it)"
             )
         out, start = [], 0
         for spot, count in zip(spots, soft_tokens, strict=True):
@@ -198,16 +202,3 @@ def expand_placeholders(rows: list[list[int]], counts: list[list[int]], config: 
             start = spot + 1
         expanded.append(out + row[start:])
     return expanded
-
-
-def image_positions(ids: torch.Tensor, valid: torch.Tensor | None, image_token_id: int) -> tuple[torch.Tensor, ...]:
-    """Padded prompt ids [B, T] -> (index [B, T]: which soft token, counted row by row, takes each position
-    (-1: none); blocks [B, T]: each image's run numbered, -1 elsewhere), as `model.ImageInputs` reads them."""
-    is_image = ids == image_token_id
-    if valid is not None:
-        is_image &= valid
-    index = torch.full_like(ids, -1)
-    index[is_image] = torch.arange(int(is_image.sum()))
-    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
-    blocks = torch.where(is_image, starts.long().cumsum(1) - 1, -1)
-    return index, blocks

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import DecoderView, EncoderCache, LayerCache
 from .config import SLIDING, AttentionShape, ModelConfig
+from .errors import DiffGemmaError
 
 ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -400,6 +401,29 @@ class ImageInputs:
     features: torch.Tensor
     index: torch.Tensor
     blocks: torch.Tensor
+
+    @classmethod
+    def in_prompts(
+        cls, ids: torch.Tensor, valid: torch.Tensor | None, pictures: list[list[torch.Tensor]], image_token_id: int
+    ) -> ImageInputs | None:
+        """Padded prompt ids [B, T] (`valid`: their real tokens) and each row's pictures' soft tokens (in order)
+        -> where each soft token goes: the image ids of rows with pictures, row by row. None where none has any."""
+        with_pictures = torch.tensor([bool(row) for row in pictures], device=ids.device)
+        if not bool(with_pictures.any()):
+            return None
+        is_image = (ids == image_token_id) & with_pictures[:, None]
+        if valid is not None:
+            is_image &= valid.to(ids.device)
+        features = torch.cat([picture for row in pictures for picture in row])
+        if int(is_image.sum()) != features.shape[0]:
+            raise DiffGemmaError(
+                f"the prompts hold {int(is_image.sum())} image ids for {features.shape[0]} soft tokens of their "
+                "pictures: each picture needs its run of image ids (`DiffGemma.image_prompt` writes them)"
+            )
+        index = torch.full_like(ids, -1)
+        index[is_image] = torch.arange(features.shape[0], device=ids.device)
+        starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
+        return cls(features, index, torch.where(is_image, starts.long().cumsum(1) - 1, -1))
 
     def columns(self, start: int, end: int) -> ImageInputs:
         return ImageInputs(self.features, self.index[:, start:end], self.blocks[:, start:end])

@@ -39,7 +39,7 @@ from .generate import (
     row_output,
     seed_int64,
 )
-from .model import DiffusionGemma
+from .model import DiffusionGemma, ImageInputs
 from .tokenizer import Tokenizer
 
 
@@ -47,7 +47,10 @@ from .tokenizer import Tokenizer
 class BatchRow:
     """A row asked of an open batch: its prompt's ids, its token limit and seed; `clamp`: ids held in place on its
     generated positions (-1 free; a fill between prompt and suffix), `banned`: ids it never draws, `ended`: asked
-    when a canvas has been committed, true ends the row there (a client gone, a stop string met)."""
+    when a canvas has been committed, true ends the row there (a client gone, a stop string met). `images`: the
+    soft tokens of each picture its prompt holds, in order (`DiffGemma.image_prompt` writes their runs of image
+    ids into the prompt, `DiffGemma.image_features` makes them); such a row neither reads nor keeps the prefix
+    cache."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -55,6 +58,7 @@ class BatchRow:
     clamp: list[int] | None = None
     banned: tuple[int, ...] = ()
     ended: Callable[[], bool] | None = None
+    images: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass
@@ -168,6 +172,13 @@ class OpenBatch:
             raise DiffGemmaError(f"a row's clamp must be at most {reach} ids, each -1 (free) or a token id")
         if any(not 0 <= token < config.vocab_size for token in row.banned):
             raise DiffGemmaError(f"a row's banned ids must be token ids between 0 and {config.vocab_size - 1}")
+        if row.images:
+            held = row.prompt.count(config.vision.image_token_id) if config.vision is not None else 0
+            if held != sum(picture.shape[0] for picture in row.images):
+                raise DiffGemmaError(
+                    f"a row's prompt holds {held} image ids for {sum(p.shape[0] for p in row.images)} soft tokens "
+                    "of its pictures (`DiffGemma.image_prompt` writes their runs)"
+                )
         running = _Running(self._next_id, row, time.perf_counter())
         self._next_id += 1
         self.waiting.append(running)
@@ -265,19 +276,22 @@ class OpenBatch:
         network = self.network
         ids, mask, _ = prepare_prompts([row.asked.prompt for row in joining], None, self.settings.pad_id)
         ids = ids.to(network.device)
+        pictures = [list(row.asked.images) for row in joining]
+        vision = network.config.vision
+        images = ImageInputs.in_prompts(ids, mask, pictures, vision.image_token_id) if any(pictures) else None
         length = self.cache.length if self.cache is not None else ids.shape[1]
         rows = [*self.rows, *joining]
         capacity = max(length + self._room(row) for row in rows)
         if self.cache is None:
-            self._reuse = _PromptReuse(network, self.prefix_cache, ids, mask, "fast")
+            self._reuse = _PromptReuse(network, self.prefix_cache if images is None else None, ids, mask, "fast")
             cache = self._reuse.new_cache(network, len(joining), capacity)
-            self._reuse.encode(network, ids, mask, cache)
+            self._reuse.encode(network, ids, mask, cache, images)
             for row in joining:
                 row.cached = self._reuse.reused
         else:
             part = network.new_cache(len(joining), length)
             part.skip_to(length - ids.shape[1])  # (the slots before the longest prompt hold nothing)
-            network.encode(ids, part, mask, return_hidden=False)
+            network.encode(ids, part, mask, return_hidden=False, images=images)
             cache = self.cache.joined(part, capacity)
         self.rows = rows
         for row in joining:

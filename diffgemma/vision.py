@@ -216,3 +216,9 @@ def load_image_encoder(
                 )
             tensor.copy_(read_tensor(entry))
     return encoder.eval().requires_grad_(False)
+
+
+def parameter_count(config: VisionConfig, text_hidden_size: int) -> int:
+    """The tower's and its projection's parameters (made without memory)."""
+    with torch.device("meta"):
+        return sum(parameter.numel() for parameter in ImageEncoder(config, text_hidden_size).parameters())

@@ -197,3 +197,153 @@ def test_images_seen_both_ways_change_the_answer(vision_pairs):
         for kind in ("vision", None)
     ]
     assert not torch.equal(*answers)
+
+
+def test_rows_with_images_join_an_open_batch_as_alone(vision_pairs):
+    """A row with a picture starts a batch, another joins it after a canvas: each gives what it gives alone."""
+    from diffgemma.generate import run_to_end
+    from diffgemma.open_batch import BatchRow, RowFinished, RowsCommitted
+
+    ours = vision_pairs["vision"][0]
+    length = ours.config.canvas_length
+    two = [random_picture(30, 60, seed=9), random_picture(48, 48, seed=2)]
+    asked = [
+        ([2, 262, 50, 262, 51, 52], two, 3 * length, 1),
+        ([2, 40, 262, 41], [random_picture(36, 36, seed=8)], 2 * length, 2),
+    ]
+    rows = []
+    for prompt, pictures, limit, seed in asked:
+        ids, prepared = ours.image_prompt(prompt, pictures)
+        rows.append(BatchRow(ids, limit, seed, images=ours.image_features(prepared)))
+    batch = ours.open_batch()
+    batch.add(rows[0])
+    finished, commits = {}, 0
+    for event in batch.events():
+        if isinstance(event, RowsCommitted):
+            commits += 1
+            if commits == 1:
+                batch.add(rows[1])
+        elif isinstance(event, RowFinished):
+            finished[event.row] = event
+    for index, (prompt, pictures, limit, seed) in enumerate(asked):
+        result = run_to_end(ours.stream([prompt], [limit], [seed], images=[pictures], commit_stable_prefix=True))
+        assert finished[index].new_tokens == result.new_tokens[0], index
+    with pytest.raises(DiffGemmaError, match="image ids"):
+        batch.add(BatchRow([2, 40, 41], length, 3, images=rows[0].images))
+
+
+@pytest.fixture(scope="module")
+def vision_server(tmp_path_factory):
+    """A random `tiny-vision` checkpoint served over HTTP: its URL and the model."""
+    from server_util import running
+
+    from diffgemma.presets import random_checkpoint
+    from diffgemma.server import ServerOptions, create_app
+
+    model = diffgemma.load(random_checkpoint(tmp_path_factory.mktemp("served") / "tiny-vision", "tiny-vision", seed=4))
+    with running(create_app(model, ServerOptions(model_name="seer", max_tokens=24))) as url:
+        yield url, model
+
+
+def png_base64(picture) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_every_api_takes_images_and_reads_them_alike(vision_server):
+    """OpenAI's chat (an image_url part), the Responses API (input_image), Anthropic's Messages (a base64 image
+    block) and Ollama's chat (`images`) put the same picture in the same prompt, so the same seed gives the same
+    answer; another picture gives another, and the usage counts the picture's soft tokens."""
+    import anthropic
+    import ollama
+    import openai
+
+    url, model = vision_server
+    picture, other = random_picture(64, 40, seed=1), random_picture(40, 64, seed=2)
+    data = png_base64(picture)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    question = {"type": "text", "text": "What is in the picture?"}
+
+    def openai_chat(encoded: str):
+        part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}"}}
+        messages = [{"role": "user", "content": [part, question]}]
+        return client.chat.completions.create(model="seer", messages=messages, seed=3, max_tokens=24)
+
+    answer = openai_chat(data)
+    text = answer.choices[0].message.content
+    assert answer.usage.prompt_tokens > len(model.tokenizer.encode_chat([{"role": "user", "content": "x"}])) + 10
+    assert openai_chat(png_base64(other)).choices[0].message.content != text
+    image = {"type": "input_image", "image_url": f"data:image/png;base64,{data}"}
+    content = [image, {"type": "input_text", "text": question["text"]}]
+    response = client.responses.create(
+        model="seer", input=[{"role": "user", "content": content}], max_output_tokens=24, extra_body={"seed": 3}
+    )
+    assert response.output_text == text
+    claude = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+    said = claude.messages.create(
+        model="seer", max_tokens=24, messages=[{"role": "user", "content": [block, question]}], extra_body={"seed": 3}
+    )
+    assert said.content[0].text == text
+    chatted = ollama.Client(host=url).chat(
+        model="seer",
+        messages=[{"role": "user", "content": question["text"], "images": [data]}],
+        options={"seed": 3, "num_predict": 24},
+    )
+    assert chatted.message.content == text
+
+
+def test_bad_images_are_the_requests_errors(vision_server):
+    import openai
+
+    url, _ = vision_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    for image_url, says in [
+        ("https://example.com/cat.png", "not fetched"),
+        ("data:image/png;base64,bm90IGFuIGltYWdl", "not an image"),
+    ]:
+        part = {"type": "image_url", "image_url": {"url": image_url}}
+        with pytest.raises(openai.BadRequestError, match=says) as refused:
+            client.chat.completions.create(model="seer", messages=[{"role": "user", "content": [part]}])
+        assert refused.value.param == "messages"
+
+
+def test_the_command_line_shows_pictures(vision_server, tmp_path, capsys, monkeypatch):
+    """`chat --image` shows a picture with the first message, `/image FILE` with the next one; `generate
+    --image` fills the prompt's image token; each answer is the API's for the same seed."""
+    import io
+
+    from diffgemma.cli import main
+
+    _, model = vision_server
+    folder = str(model.folder)
+    picture, other = tmp_path / "a.png", tmp_path / "b.png"
+    random_picture(64, 40, seed=1).save(picture)
+    random_picture(40, 64, seed=2).save(other)
+    settings = {"seed": 5, "max_new_tokens": 12}
+
+    def said(*argv, stdin: str = "") -> list[str]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        code = main([*argv, "--model", folder, "--seed", "5", "--max-new-tokens", "12", "--no-stream"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        return out.splitlines()
+
+    first = [{"role": "user", "content": [{"type": "image", "image": str(picture)}, {"type": "text", "text": "Hi"}]}]
+    expected = model.chat(first, **settings).content
+    assert said("chat", "Hi", "--image", str(picture)) == [expected]
+    second = [*first, {"role": "assistant", "content": expected}]
+    second.append(
+        {"role": "user", "content": [{"type": "image", "image": str(other)}, {"type": "text", "text": "And?"}]}
+    )
+    lines = said("chat", "--image", str(picture), stdin=f"Hi\n/image {other}\nAnd?\n")
+    assert lines == [expected, f"(image {other} goes with your next message)", model.chat(second, **settings).content]
+    marker = model.tokenizer.decode([model.config.vision.image_token_id], False)
+    text = model.generate(f"Look: {marker}", images=[str(picture)], **settings).text
+    assert said("generate", f"Look: {marker}", "--image", str(picture)) == [text]
+    assert main(["chat", "Hi", "--model", folder, "--image", str(tmp_path / "none.png")]) == 2
+    assert "image file not found" in capsys.readouterr().err

@@ -51,6 +51,16 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"vocabulary      {config.vocab_size}")
     print(f"canvas          {config.canvas_length} tokens")
     print(f"parameters      {_count(total)} total, {_count(active)} active per token")
+    if config.vision is not None:
+        from ..images import soft_token_budget
+        from ..vision import parameter_count
+
+        vision = config.vision
+        print(
+            f"vision tower    {_count(parameter_count(vision, config.hidden_size))} parameters, {vision.patch_size}-"
+            f"pixel patches pooled {vision.pooling_kernel_size} x {vision.pooling_kernel_size}; an image is at most "
+            f"{soft_token_budget(folder)} soft tokens (read when a first image comes; not in the figures below)"
+        )
     print("weights         " + ", ".join(f"{name} {size_text(total * size)}" for name, size in BYTES_PER_DTYPE.items()))
     stored_format = format_from_config(config.raw)
     if stored_format is not None:

@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=_at_least(1), default=8, help="--file: prompts denoised together")
     generate.add_argument("--watch", action="store_true", help="show the canvas converge live")
     generate.add_argument("--stats", action="store_true", help="print tokens, steps and speed to stderr")
+    generate.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a picture for the prompt's next image token (repeatable; checkpoints with a vision tower)",
+    )
     _add_stream_option(generate)
     _add_stop_option(generate)
     _add_model_options(generate)
@@ -202,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("message", nargs="?", help="answer this one message and exit (default: a conversation)")
     chat.add_argument("--system", help="a system prompt, kept across /reset")
+    chat.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a picture shown with the first message (repeatable; /image FILE adds one to the next message)",
+    )
     _add_stream_option(chat)
     chat.add_argument("--think", action="store_true", help="start with thinking on")
     chat.add_argument("--watch", action="store_true", help="show each answer's canvas converge")

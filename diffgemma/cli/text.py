@@ -205,21 +205,23 @@ def _chat_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None
 def cmd_generate(args: argparse.Namespace) -> None:
     if (args.prompt is None) == (args.file is None):
         raise DiffGemmaError("give a prompt (or - for stdin), or --file with one prompt a line")
-    if args.file is not None and args.watch:
-        raise DiffGemmaError("--watch shows one prompt's canvas; --file runs many")
+    if args.file is not None and (args.watch or args.image):
+        raise DiffGemmaError("--watch and --image go with one prompt; --file runs many")
+    _check_image_files(args.image)
     model = load_model(args)
     sampler = sampler_options(args)
     if args.file is not None:
         _generate_file(model, args, sampler)
         return
     prompt = read_prompt(args.prompt)
+    pictures = {"images": args.image} if args.image else {}
     if args.watch:
-        result = _watch(model, prompt, args, sampler, stop=args.stop)
+        result = _watch(model, prompt, args, sampler, stop=args.stop, **pictures)
         print(result.text)
     elif args.stream:
-        result = _print_as_it_settles(model, prompt, args, sampler, chat=False)[0]
+        result = _print_as_it_settles(model, prompt, args, sampler, chat=False, **pictures)[0]
     else:
-        result = model.generate(prompt, seed=args.seed, mode=args.mode, stop=args.stop, **sampler)
+        result = model.generate(prompt, seed=args.seed, mode=args.mode, stop=args.stop, **pictures, **sampler)
         print(result.text)
     _say_if_cut(result)
     if args.stats:
@@ -300,9 +302,26 @@ def _say_if_cut(result) -> None:
         print(f"[cut at the {limit}-token limit; --max-new-tokens sets it]", file=sys.stderr, flush=True)
 
 
+def _check_image_files(paths: list[str]) -> None:
+    """Pictures named on the command line exist (told before the model loads)."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise DiffGemmaError(f"{path}: image file not found")
+
+
+def _with_pictures(text: str, pictures: list[str]) -> str | list[dict[str, Any]]:
+    """A user message's content: its text, after its pictures' image parts if it has any."""
+    if not pictures:
+        return text
+    return [*({"type": "image", "image": path} for path in pictures), {"type": "text", "text": text}]
+
+
 def cmd_chat(args: argparse.Namespace) -> None:
-    if args.file is not None and (args.message is not None or args.tools or args.mcp or args.watch):
-        raise DiffGemmaError("--file answers many conversations, each once: not with a message, tools or --watch")
+    if args.file is not None and (args.message is not None or args.tools or args.mcp or args.watch or args.image):
+        raise DiffGemmaError(
+            "--file answers many conversations, each once: not with a message, tools, --watch or --image"
+        )
+    _check_image_files(args.image)
     if args.stats and args.file is None:
         raise DiffGemmaError("--stats sums up a --file run")
     functions = _tool_functions(args.tools) if args.tools else []  # (a bad file is told before the model loads)
@@ -326,9 +345,11 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
     thinking = args.think
     terminal = sys.stdin.isatty()
     interactive = terminal and args.message is None
+    pictures = list(args.image)  # shown with the next message
 
     def answer(line: str) -> None:
-        history.append({"role": "user", "content": line})
+        history.append({"role": "user", "content": _with_pictures(line, pictures)})
+        pictures.clear()
         if args.stream and not functions and not (args.watch and terminal):
             lead = "model> " if interactive else ""
             result, content, _ = _print_as_it_settles(
@@ -362,6 +383,7 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
             import readline  # noqa: F401
 
         listing = ", /tools lists the tools" if functions else ""
+        listing += ", /image FILE shows a picture" if model.config.vision is not None else ""
         print(
             f"chat with the model; /reset clears the history, /think on|off{listing}, /exit quits; a line ending in "
             '\\ goes on to the next, and text between """ lines (pasted code, say) is one message',
@@ -389,6 +411,14 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
         if line.startswith("/think"):
             thinking = line.split()[-1] == "on"
             print(f"(thinking {'on' if thinking else 'off'})")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image") :].strip()
+            if not Path(path).is_file():
+                print(f"(no image file {path!r}: /image FILE)")
+                continue
+            pictures.append(path)
+            print(f"(image {path} goes with your next message)")
             continue
         turns = len(history)
         try:

@@ -247,8 +247,10 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 message = "continue_final_message needs the conversation before the answer begun"
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "messages")
             messages, prefill = messages[:-1], messages[-1]["content"]
-        prompt = serving.chat_prompt(messages, thinking, "messages", prefill, offered) + lead
-        return await serving.complete(body, request, [prompt], chat=True, tools=tools, answer_format=answer_format)
+        prompt, images = serving.chat_prompt(messages, thinking, "messages", prefill, offered)
+        return await serving.complete(
+            body, request, [prompt + lead], chat=True, tools=tools, answer_format=answer_format, images=images
+        )
 
     stored = ResponseStore()
 
@@ -257,11 +259,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         items = input_items(body, stored)
         messages, thinking, answer_format = request_messages(body, items)
         offered, tools = serving.plan_tools(request_tools(body), body.tool_choice, body.parallel_tool_calls)
-        prompt = serving.chat_prompt(messages, thinking, "input", "", offered) + (tools.lead if tools else [])
+        prompt, images = serving.chat_prompt(messages, thinking, "input", "", offered)
+        prompt += tools.lead if tools else []
         limit = serving.admit([prompt], body.max_output_tokens, 1, chat=True)
 
         def redraw(attempt: int) -> tuple[Job, SettledText]:
-            return serving.new_job(prompt, limit, body, attempt, None), reply_text(model, True, None, tools)
+            return serving.new_job(prompt, limit, body, attempt, None, images), reply_text(model, True, None, tools)
 
         job, reply = redraw(0)
         keep = (lambda response: stored.keep(response, items)) if body.store else None
@@ -298,14 +301,14 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest, request: Request):
-        prompt, tools, answer_format, param = serving.messages_prompt(body)
+        prompt, images, tools, answer_format, param = serving.messages_prompt(body)
         # Anthropic's clients always send max_tokens, often far above a local server's limit (32,000 is common):
         # the answer runs to the server's limit at most, and says "max_tokens" if cut there
         limit = serving.admit([prompt], min(body.max_tokens, options.max_tokens), 1, chat=True)
 
         def redraw(attempt: int) -> tuple[Job, SettledText]:
             reply = reply_text(model, True, body.stop_sequences, tools)  # (its stop strings checked before a job)
-            return serving.new_job(prompt, limit, body, attempt, None), reply
+            return serving.new_job(prompt, limit, body, attempt, None, images), reply
 
         job, reply = redraw(0)
         built = MessageBuilder(options.model_name, len(prompt))
@@ -354,7 +357,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if body.messages is not None:
             offered, _ = serving.plan_tools(body.tools, None)
             conversation = [message.for_template() for message in body.messages]
-            ids = serving.chat_prompt(conversation, thinking_asked(body), "messages", "", offered)
+            ids, _ = serving.chat_prompt(conversation, thinking_asked(body), "messages", "", offered)
         else:
             ids = model.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         counted = {"count": len(ids), "max_model_len": model.config.max_position_embeddings, "tokens": ids}

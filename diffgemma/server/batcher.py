@@ -26,7 +26,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..api import DiffGemma
+from ..images import PreparedImage
 from ..open_batch import BatchRow, OpenBatch, RowFinished, RowsCommitted, RowsStep
 from .metrics import Metrics
 
@@ -61,6 +64,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     clamp: list[int] | None = None  # canvas ids held in place (-1 free): a fill between a prompt and a suffix
     banned: tuple[int, ...] = ()  # ids its row never samples (a client's logit_bias of -100)
+    images: tuple[PreparedImage, ...] = ()  # the prompt's pictures (their soft tokens made as its row joins)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)  # (how long it waits for a batch: the metrics)
@@ -109,10 +113,12 @@ class Run:
     committed: dict[int, list[int]]
     started: float
 
-    def add(self, job: Job) -> None:
-        """The job's row joins the batch (at its next canvas boundary, or as it starts)."""
+    def add(self, job: Job, images: tuple[torch.Tensor, ...] = ()) -> None:
+        """The job's row joins the batch (at its next canvas boundary, or as it starts); `images`: the soft tokens
+        of its prompt's pictures."""
         ended = job.cancelled.is_set
-        row = self.batch.add(BatchRow(job.prompt, job.max_new_tokens, job.seed, job.clamp, job.banned, ended))
+        asked = BatchRow(job.prompt, job.max_new_tokens, job.seed, job.clamp, job.banned, ended, images)
+        row = self.batch.add(asked)
         self.jobs[row], self.committed[row] = job, []
 
 
@@ -241,7 +247,7 @@ class Batcher:
 
     def _join(self, run: Run, job: Job) -> None:
         try:
-            run.add(job)
+            run.add(job, self.model.image_features(job.images))
         except Exception as err:  # a row the batch refuses: its request's error
             job.send(err)
             return
@@ -261,7 +267,7 @@ class Batcher:
         run = Run(batch[0].key(), opened, opened.events(), {}, {}, started)
         for job in batch:
             try:
-                run.add(job)
+                run.add(job, self.model.image_features(job.images))
             except Exception as err:  # a row the batch refuses (its prompt and limit past the model's positions)
                 job.send(err)
         if run.jobs:

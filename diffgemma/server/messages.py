@@ -63,13 +63,15 @@ def request_conversation(body: Conversation) -> tuple[list[dict[str, Any]], bool
     for message in body.messages:
         role, content = message.role, message.content
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        text, reasoning, calls = [], [], []
+        parts, reasoning, calls = [], [], []  # (parts: the text and image parts, in order)
         for block in blocks:
             kind = block.get("type")
             if kind == "text":
-                text.append(str(block.get("text", "")))
+                parts.append({"type": "text", "text": str(block.get("text", ""))})
             elif kind == "document" and role == "user":
-                text.append(document_text(block))
+                parts.append({"type": "text", "text": document_text(block)})
+            elif kind == "image" and role == "user":
+                parts.append({"type": "image", "image": image_source(block)})
             elif kind == "tool_result" and role == "user":
                 answer = content_text(block.get("content"), "messages")
                 messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": answer})
@@ -81,14 +83,27 @@ def request_conversation(body: Conversation) -> tuple[list[dict[str, Any]], bool
             elif kind != "redacted_thinking" or role != "assistant":  # (that one is sealed: nothing to read)
                 raise _refuse(f"{role} content blocks of type {kind!r} are not supported", "messages")
         # a user message of tool results alone is its tool messages, with no empty user turn after them
-        if text or calls or reasoning or not messages or messages[-1]["role"] != "tool":
-            turn: dict[str, Any] = {"role": role, "content": "".join(text)}
+        if parts or calls or reasoning or not messages or messages[-1]["role"] != "tool":
+            pictured = any(part["type"] == "image" for part in parts)
+            text = parts if pictured else "".join(part["text"] for part in parts)
+            turn: dict[str, Any] = {"role": role, "content": text}
             if calls:
                 turn["tool_calls"] = calls
             if reasoning:
                 turn["reasoning_content"] = "\n".join(reasoning)
             messages.append(turn)
     return messages, (body.thinking or {}).get("type") == "enabled"
+
+
+def image_source(block: dict[str, Any]) -> str:
+    """An `image` block's picture as a `data:` URL (a base64 source) or its URL (which is refused: nothing is
+    fetched from the web)."""
+    source = block.get("source") or {}
+    if source.get("type") == "base64" and isinstance(source.get("data"), str):
+        return f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}"
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return source["url"]
+    raise _refuse(f"image blocks of source type {source.get('type')!r} are not supported: base64 or url", "messages")
 
 
 def document_text(block: dict[str, Any]) -> str:

@@ -14,6 +14,8 @@ served, as the OpenAI routes answer it.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -28,6 +30,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..api import DiffGemma
+from ..images import PreparedImage
 from ..reply import SettledText
 from ..scoring import MAX_TOP
 from ..structured import AnswerFormat
@@ -111,6 +114,17 @@ def bad(message: str, param: str) -> APIError:
     return APIError(400, message, "invalid_request_error", "invalid_value", param)
 
 
+def image_parts(images: list[str], param: str) -> list[dict[str, Any]]:
+    """Ollama's images (base64, no `data:` prefix) as image parts of a message's content."""
+    parts = []
+    for image in images:
+        try:
+            parts.append({"type": "image", "image": base64.b64decode(image, validate=True)})
+        except (binascii.Error, ValueError):
+            raise bad("an image is not base64 (Ollama sends each image's bytes as base64)", param) from None
+    return parts
+
+
 class OllamaMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool"]
@@ -121,9 +135,10 @@ class OllamaMessage(BaseModel):
     tool_name: str | None = None  # a tool's answer: the tool that gave it
 
     def for_template(self) -> dict[str, Any]:
-        if self.images:
-            raise bad("images are not supported: the model reads text only", "messages")
-        message: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        content: str | list[dict[str, Any]] = self.content or ""
+        if self.images:  # (its pictures before its text, each where the template writes an image part)
+            content = [*image_parts(self.images, "messages"), {"type": "text", "text": self.content or ""}]
+        message: dict[str, Any] = {"role": self.role, "content": content}
         if self.thinking:
             message["reasoning_content"] = self.thinking
         if self.tool_calls:
@@ -444,13 +459,14 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
         reply_shape: Reply,
         tools: ToolUse | None = None,
         answer_format: AnswerFormat | None = None,
+        images: tuple[PreparedImage, ...] = (),
     ):
         sampler, stop = body.sampler(), body.stop()
         limit = serving.admit([prompt], body.limit(serving.options.max_tokens), 1, chat=reply_shape.turn)
 
         def redraw(attempt: int) -> tuple[Job, SettledText]:
             reply = reply_text(model, reply_shape.turn, stop, tools)  # (its stop strings checked before a job)
-            return serving.new_job(prompt, limit, sampler, attempt, None), reply
+            return serving.new_job(prompt, limit, sampler, attempt, None, images), reply
 
         return await respond(body, request, prompt, reply_shape, redraw(0), tools, answer_format, redraw)
 
@@ -504,16 +520,16 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
         messages = [message.for_template() for message in body.messages]
         messages = answer_format.with_instruction(messages) if answer_format is not None else messages
         offered, tools = serving.plan_tools(body.tools, None)
-        prompt = serving.chat_prompt(messages, body.thinking(), "messages", "", offered)
+        prompt, images = serving.chat_prompt(messages, body.thinking(), "messages", "", offered)
         while len(prompt) > serving.options.max_prompt_tokens and (shorter := without_oldest_turn(messages)):
             messages = shorter  # as Ollama fits a long chat to its context: its oldest turns go
-            prompt = serving.chat_prompt(messages, body.thinking(), "messages", "", offered)
-        return await answer_prompt(body, request, prompt, reply_shape, tools, answer_format)
+            prompt, images = serving.chat_prompt(messages, body.thinking(), "messages", "", offered)
+        return await answer_prompt(body, request, prompt, reply_shape, tools, answer_format, images)
 
     @router.post("/api/generate")
     async def generate(body: OllamaGenerateRequest, request: Request):
-        if body.images:
-            raise bad("images are not supported: the model reads text only", "images")
+        if body.images and (body.raw or body.suffix):
+            raise bad("images go into the chat template's prompt: a raw prompt or a fill takes none", "images")
         if body.template is not None:
             message = "template (a Go template) is not supported: send raw with the prompt as the model is to read it"
             raise bad(message, "template")
@@ -521,17 +537,20 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
             check_token_ids(model, body.context, "context")
         if not body.prompt and not body.suffix and not body.context:
             return shape(False, not body.raw, []).loaded(body.unloads())
+        images: tuple[PreparedImage, ...] = ()
         if body.suffix or body.raw:
             prompt = tokenizer.encode(body.prompt)
         else:
             messages = [{"role": "system", "content": body.system}] if body.system else []
-            messages.append({"role": "user", "content": body.prompt})
-            prompt = serving.chat_prompt(messages, body.thinking(), "prompt")
+            asked = OllamaMessage(role="user", content=body.prompt, images=body.images)
+            messages.append(asked.for_template())
+            prompt, images = serving.chat_prompt(messages, body.thinking(), "prompt")
         if body.context:  # the conversation so far, then the prompt without its opening (the BOS)
             prompt = body.context + prompt[opening:]
         if not body.suffix:
             answer_format = asked_format(body.answer_form(), "format")
-            return await answer_prompt(body, request, prompt, shape(False, not body.raw, prompt), None, answer_format)
+            reply_shape = shape(False, not body.raw, prompt)
+            return await answer_prompt(body, request, prompt, reply_shape, None, answer_format, images)
         if body.format:
             raise bad("format shapes an answer, not a fill between a prompt and a suffix", "format")
         # a prefix over the prompt limit loses its beginning, as `/infill` cuts what editor plugins send

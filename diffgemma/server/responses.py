@@ -22,7 +22,16 @@ from pydantic import Field
 
 from ..scoring import MAX_TOP
 from ..structured import AnswerFormat
-from .schema import APIError, Piece, SamplerExtras, ToolChoiceField, asked_format, content_text, effort_thinks
+from .schema import (
+    APIError,
+    Piece,
+    SamplerExtras,
+    ToolChoiceField,
+    asked_format,
+    content_parts,
+    content_text,
+    effort_thinks,
+)
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -134,7 +143,7 @@ def request_messages(
         if kind != "message" or role not in ("system", "developer", "user", "assistant"):
             what = f"input items of type {kind!r}" if kind != "message" else f"a message with role {role!r}"
             raise APIError(400, f"{what} are not supported", "invalid_request_error", "invalid_value", "input")
-        text = content_text(item.get("content"), "input", TEXT_PARTS)
+        text = content_parts(item.get("content"), "input", TEXT_PARTS)
         thought_only = messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]
         if role == "assistant" and thought_only and "tool_calls" not in messages[-1]:
             messages[-1]["content"] = text  # the answer after its thinking: one message

@@ -112,7 +112,7 @@ class Message(BaseModel):
     def for_template(self) -> dict[str, Any]:
         """The message as the chat template reads it: its text, and its tool and thinking fields where it has
         them."""
-        message: dict[str, Any] = {"role": self.role, "content": content_text(self.content, "messages")}
+        message: dict[str, Any] = {"role": self.role, "content": content_parts(self.content, "messages")}
         for field in ("tool_calls", "tool_call_id", "name", "reasoning_content", "reasoning"):
             if getattr(self, field) is not None:
                 message[field] = getattr(self, field)
@@ -231,12 +231,35 @@ def content_text(
     if others:
         raise APIError(
             400,
-            f"content parts of type {', '.join(others)} are not supported: diffgemma serves the text model",
+            f"content parts of type {', '.join(others)} are not supported here: text only",
             "invalid_request_error",
             "invalid_value",
             param,
         )
     return "".join(str(part.get("text", "")) for part in content)
+
+
+IMAGE_PARTS = ("image_url", "input_image")  # OpenAI chat's {"image_url": {"url"}}, the Responses API's {"image_url"}
+
+
+def content_parts(
+    content: str | list[dict[str, Any]] | None, param: str, text_parts: tuple[str, ...] = ("text",)
+) -> str | list[dict[str, Any]]:
+    """A message's content as the chat template reads it: its text (`content_text`), or where it holds images,
+    its text and image parts in order (`{"type": "image", "image": URL}`, read by `DiffGemma.image_prompt`)."""
+    if not isinstance(content, list) or not any(part.get("type") in IMAGE_PARTS for part in content):
+        return content_text(content, param, text_parts)
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if part.get("type") not in IMAGE_PARTS:
+            parts.append({"type": "text", "text": content_text([part], param, text_parts)})
+            continue
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str) or not url:
+            raise APIError(400, "an image part has no image_url", "invalid_request_error", "invalid_value", param)
+        parts.append({"type": "image", "image": url})
+    return parts
 
 
 def tool_choice_name(choice: ToolChoiceField) -> str:

@@ -30,6 +30,7 @@ from fastapi.responses import StreamingResponse
 from ..api import DiffGemma
 from ..embedding import check_dimensions, passes
 from ..errors import DiffGemmaError
+from ..images import PreparedImage, split_images
 from ..reply import SettledText
 from ..resources import first_line, out_of_memory
 from ..scoring import TokenScores
@@ -312,13 +313,21 @@ class Serving:
         clamp = self.model.infill_inputs("", suffix, length, warn)[1]
         return self.new_job(prompt, self.admit([prompt], length, 1), body, 0, clamp)
 
-    def new_job(self, prompt: list[int], limit: int, body: SamplerExtras, choice: int, clamp: list[int] | None) -> Job:
+    def new_job(
+        self,
+        prompt: list[int],
+        limit: int,
+        body: SamplerExtras,
+        choice: int,
+        clamp: list[int] | None,
+        images: tuple[PreparedImage, ...] = (),
+    ) -> Job:
+        """A job for one choice, queued (`images`: the prompt's, from `chat_prompt`)."""
         # temperature 0 without a seed: seeded 0, so the same request gets the same answer (as clients expect)
         base = body.seed if body.seed is not None else 0 if body.temperature == 0 else None
         seed = base + choice if base is not None else secrets.randbits(62)
-        job = Job(
-            prompt, limit, seed, self.sampler_overrides(body), asyncio.get_running_loop(), clamp, self.banned_ids(body)
-        )
+        loop = asyncio.get_running_loop()
+        job = Job(prompt, limit, seed, self.sampler_overrides(body), loop, clamp, self.banned_ids(body), images)
         try:
             self.batcher.submit(job)
         except EngineStopped as err:
@@ -477,13 +486,14 @@ class Serving:
         clamp: list[int] | None = None,
         tools: ToolUse | None = None,
         answer_format: AnswerFormat | None = None,
+        images: tuple[PreparedImage, ...] = (),
     ):
         """Admit, queue, then stream the jobs (`n` a prompt, choice k * n + i prompt k's i-th, seeded seed + its
         index) or wait for them: what both completion routes share. `echoes`: each prompt's text, to come first;
         `clamp`: ids held in place on the first canvas (a fill: its `max_tokens` free positions, the suffix);
         `tools`: the chat offered tools, so its choices' calls come back as `tool_calls`; `answer_format`: the
         chat asked for a form, JSON, say (`run_answer`: a choice is read whole, then sent, as one piece if
-        streamed)."""
+        streamed); `images`: a chat prompt's (`chat_prompt`)."""
         limit = self.admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
         top = self.requested_logprobs(body)  # (what it refuses, it refuses before a job is queued)
         rows = [prompt for prompt in prompts for _ in range(body.n)]
@@ -493,7 +503,7 @@ class Serving:
             """Choice `index`'s job (its `attempt`-th draw, seeded apart from every other draw) and its reply (made
             first: its stop strings are checked before a job is queued)."""
             reply = reply_text(self.model, chat, body.stop, tools)
-            return self.new_job(rows[index], limit, body, index + attempt * len(rows), clamp), reply
+            return self.new_job(rows[index], limit, body, index + attempt * len(rows), clamp, images), reply
 
         drawn = [redraw(index, 0) for index in range(len(rows))]
         jobs, replies = [job for job, _ in drawn], [reply for _, reply in drawn]
@@ -629,14 +639,21 @@ class Serving:
 
     def chat_prompt(
         self, messages: list[dict[str, Any]], thinking: bool, param: str, prefill: str = "", tools: list | None = None
-    ) -> list[int]:
-        """Messages (and the tools offered) through the chat template, then the answer's `prefill`; what it
-        refuses is the request's error (`param`: its field). A special token's text in a message is read as text,
-        as OpenAI's API reads it: a client's user cannot forge the template's turn markers."""
+    ) -> tuple[list[int], tuple[PreparedImage, ...]]:
+        """Messages (and the tools offered) through the chat template, then the answer's `prefill`: (the prompt's
+        ids, each image part's run of image ids in its place; the images, read and cut into patches, whose soft
+        tokens the engine makes when the job's row joins a batch). What it refuses is the request's error
+        (`param`: its field). A special token's text in a message is read as text, as OpenAI's API reads it: a
+        client's user cannot forge the template's turn markers."""
+        messages, images = split_images(messages)
         try:
-            return self.model.tokenizer.encode_chat(messages, thinking, prefill, sanitize=True, tools=tools)
+            ids = self.model.tokenizer.encode_chat(messages, thinking, prefill, sanitize=True, tools=tools)
+            if not images:
+                return ids, ()
+            ids, prepared = self.model.image_prompt(ids, images)
         except DiffGemmaError as err:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
+        return ids, tuple(prepared)
 
     def plan_tools(
         self, tools: list[dict[str, Any]] | None, choice: ToolChoiceField, parallel: bool = True
@@ -658,16 +675,19 @@ class Serving:
             raise APIError(400, message, "invalid_request_error", "invalid_value", "tools")
         return offered, ToolUse(self.model.tokenizer.encode(lead, add_special_tokens=False) if lead else [], parallel)
 
-    def messages_prompt(self, body: Conversation) -> tuple[list[int], ToolUse | None, AnswerFormat | None, str]:
-        """A Messages API conversation's prompt ids (its reply made to begin a call if its tool_choice asks), its
-        tools, and the JSON answer's form if it asks for one (told in the system turn), with the field it came in."""
+    def messages_prompt(
+        self, body: Conversation
+    ) -> tuple[list[int], tuple[PreparedImage, ...], ToolUse | None, AnswerFormat | None, str]:
+        """A Messages API conversation's prompt ids (its reply made to begin a call if its tool_choice asks) and
+        images, its tools, and the JSON answer's form if it asks for one (told in the system turn), with the field
+        it came in."""
         conversation, thinking = request_conversation(body)
         spec, param = messages_format(body)
         answer_format = asked_format(spec, param)
         conversation = answer_format.with_instruction(conversation) if answer_format is not None else conversation
         offered, tools = self.plan_tools(*messages_tools(body))
-        prompt = self.chat_prompt(conversation, thinking, "messages", "", offered) + (tools.lead if tools else [])
-        return prompt, tools, answer_format, param
+        prompt, images = self.chat_prompt(conversation, thinking, "messages", "", offered)
+        return prompt + (tools.lead if tools else []), images, tools, answer_format, param
 
     async def score_prompts(self, body: CompletionRequest, prompts: list[list[int]], texts: list[str]):
         """Completions with `max_tokens` 0 and `echo`: nothing generated, each prompt given back scored (with
