@@ -347,3 +347,16 @@ def test_the_command_line_shows_pictures(vision_server, tmp_path, capsys, monkey
     assert said("generate", f"Look: {marker}", "--image", str(picture)) == [text]
     assert main(["chat", "Hi", "--model", folder, "--image", str(tmp_path / "none.png")]) == 2
     assert "image file not found" in capsys.readouterr().err
+
+
+def test_training_data_with_images_is_refused(vision_server):
+    from diffgemma.train.data import conversation_examples
+
+    _, model = vision_server
+    picture = {"type": "image", "image": "cat.png"}
+    talk = [
+        {"role": "user", "content": [picture, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "A"},
+    ]
+    with pytest.raises(DiffGemmaError, match="training reads text only"):
+        conversation_examples(talk, model.tokenizer, 1)

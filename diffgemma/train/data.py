@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from ..errors import DiffGemmaError
+from ..images import split_images
 from ..records import RECORD_SUFFIXES, alpaca_messages, read_records, sharegpt_messages
 from ..tokenizer import Tokenizer, check_messages
 from ..toolcalls import TOOL_CALL_CLOSE, TOOL_RESPONSE_OPEN
@@ -54,6 +55,8 @@ def conversation_examples(
 ) -> list[Example]:
     """One example per assistant turn of a conversation (with the `tools` it was offered) from `first_turn` on."""
     check_messages(messages)
+    if split_images(messages)[1]:
+        raise DiffGemmaError("a conversation has image parts: training reads text only (no images)")
     examples = []
     for turn, message in enumerate(messages):
         if turn < first_turn or message.get("role") != "assistant" or not _learned(message, turn):
