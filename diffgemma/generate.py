@@ -12,6 +12,7 @@ random stream per row, so a row's result does not depend on the other rows of it
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
 import time
@@ -680,7 +681,7 @@ def denoising_loop(
     every row has ended, no further canvas is denoised.
     `prefix_cache` (fast mode, a batch of one): a prompt that begins with the one it kept encodes only the rest,
     and this prompt's cache is kept there when the generation ends. `images`: images' soft tokens in the prompt
-    (`ImageInputs`); such a prompt neither reads nor keeps the prefix cache (its ids do not tell images apart).
+    (`ImageInputs`); the prefix cache tells prompts with other pictures apart (`_PromptReuse`).
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -712,7 +713,7 @@ def denoising_loop(
     stop_check = StopCheck(device, stop_check_every)
 
     capacity = prompt_length + canvases * length
-    prompt = _PromptReuse(network, None if images is not None else prefix_cache, ids, attention_mask, mode)
+    prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode, images)
     cache = prompt.new_cache(network, batch, capacity)
     decoder = DecoderPass(network, cache, mode, batch, settings, cuda_graph, rng.sync_free)
     denoiser = CanvasDenoiser(decoder, rng, settings, mode, stop_check, commit_stable_prefix, ending_ids, tokenizer)
@@ -721,7 +722,7 @@ def denoising_loop(
     passes = torch.zeros(batch, dtype=torch.long, device=device)
     steps_per_canvas: list[list[int]] = []
     with prompt:
-        prompt.encode(network, ids, attention_mask, cache, images)
+        prompt.encode(network, ids, attention_mask, cache)
         for canvas_index in range(canvases):
             span = slice(canvas_index * length, (canvas_index + 1) * length)
             excluded = constraints.excluded(span, vocab)
@@ -779,7 +780,8 @@ class _PromptReuse:
     """A generation's use of the prefix cache (fast mode, a batch of one, no padding; otherwise none): the kept
     snapshot its prompt begins with, if any, the snapshot it makes of its own prompt, and handing that back
     to the prefix cache when the generation ends, however it ends (until then the cache is the generation's
-    alone). Used as a context around the generation."""
+    alone). Used as a context around the generation. A prompt with pictures is matched by its ids with each
+    picture's run of image ids standing for that picture (`_prompt_key`), so another picture is another prompt."""
 
     def __init__(
         self,
@@ -788,11 +790,13 @@ class _PromptReuse:
         ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         mode: str,
+        images: ImageInputs | None = None,
     ) -> None:
         usable = ids.shape[0] == 1 and attention_mask is None and mode == "fast"
         # (a batch's rows are padded apart; reference mode encodes as the reference does)
         self.prefix_cache = prefix_cache if usable else None
-        self.prompt_ids: list[int] = ids[0].tolist() if self.prefix_cache is not None else []
+        self.images = images
+        self.prompt_ids: list[int] = _prompt_key(ids[0], images) if self.prefix_cache is not None else []
         self.taken = self.prefix_cache.take(network, self.prompt_ids) if self.prefix_cache is not None else None
         self.snapshot = self.taken  # the one handed back: this, unless the generation makes a longer one
         self.reused = len(self.taken.ids) if self.taken is not None else 0  # prompt tokens not encoded again
@@ -806,26 +810,24 @@ class _PromptReuse:
         return self.taken.cache
 
     def encode(
-        self,
-        network: DiffusionGemma,
-        ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: EncoderCache,
-        images: ImageInputs | None = None,
+        self, network: DiffusionGemma, ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: EncoderCache
     ) -> None:
         """Encode the prompt past what the cache holds: up to the prefix cache's snapshot point, snapshot it
-        there, then the rest."""
+        there, then the rest. (Neither cut falls inside a picture's run: a snapshot ends at a turn's opening or
+        a prompt's end, and a run is always followed by its end-of-image id.)"""
         prompt_length = ids.shape[1]
-        if images is not None:  # (no prefix cache: the whole prompt at once)
-            network.encode(ids, cache, attention_mask, return_hidden=False, images=images)
-            return
         point = self.prefix_cache.point(self.prompt_ids) if self.prefix_cache is not None else prompt_length
+
+        def encode_part(start: int, end: int) -> None:
+            images = self.images.columns(start, end) if self.images is not None else None
+            network.encode(ids[:, start:end], cache, attention_mask, return_hidden=False, images=images)
+
         if self.reused < point:
-            network.encode(ids[:, self.reused : point], cache, attention_mask, return_hidden=False)
+            encode_part(self.reused, point)
             if self.prefix_cache is not None:
                 self.snapshot = self.prefix_cache.snapshot_of(network, self.prompt_ids[:point], cache)
         if max(self.reused, point) < prompt_length:
-            network.encode(ids[:, max(self.reused, point) :], cache, attention_mask, return_hidden=False)
+            encode_part(max(self.reused, point), prompt_length)
 
     def __enter__(self) -> _PromptReuse:
         return self
@@ -833,6 +835,22 @@ class _PromptReuse:
     def __exit__(self, *exc_info: object) -> None:
         if self.prefix_cache is not None and self.snapshot is not None:
             self.prefix_cache.keep(self.snapshot)
+
+
+def _prompt_key(row: torch.Tensor, images: ImageInputs | None) -> list[int]:
+    """A prompt's ids as the prefix cache matches them: each picture's run of image ids made a run of one
+    negative number drawn from its soft tokens, so prompts that differ in a picture differ there."""
+    key = row.tolist()
+    if images is None:
+        return key
+    index, blocks = images.index[0].tolist(), images.blocks[0].tolist()
+    for block in sorted(set(blocks) - {-1}):
+        spots = [i for i, b in enumerate(blocks) if b == block]
+        soft = images.features[[index[i] for i in spots]].float().cpu().numpy().tobytes()
+        fingerprint = -1 - int.from_bytes(hashlib.blake2b(soft, digest_size=8).digest(), "big") // 2
+        for spot in spots:
+            key[spot] = fingerprint
+    return key
 
 
 @dataclass

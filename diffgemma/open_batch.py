@@ -49,8 +49,7 @@ class BatchRow:
     generated positions (-1 free; a fill between prompt and suffix), `banned`: ids it never draws, `ended`: asked
     when a canvas has been committed, true ends the row there (a client gone, a stop string met). `images`: the
     soft tokens of each picture its prompt holds, in order (`DiffGemma.image_prompt` writes their runs of image
-    ids into the prompt, `DiffGemma.image_features` makes them); such a row neither reads nor keeps the prefix
-    cache."""
+    ids into the prompt, `DiffGemma.image_features` makes them)."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -283,9 +282,9 @@ class OpenBatch:
         rows = [*self.rows, *joining]
         capacity = max(length + self._room(row) for row in rows)
         if self.cache is None:
-            self._reuse = _PromptReuse(network, self.prefix_cache if images is None else None, ids, mask, "fast")
+            self._reuse = _PromptReuse(network, self.prefix_cache, ids, mask, "fast", images)
             cache = self._reuse.new_cache(network, len(joining), capacity)
-            self._reuse.encode(network, ids, mask, cache, images)
+            self._reuse.encode(network, ids, mask, cache)
             for row in joining:
                 row.cached = self._reuse.reused
         else:

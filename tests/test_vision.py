@@ -360,3 +360,24 @@ def test_training_data_with_images_is_refused(vision_server):
     ]
     with pytest.raises(DiffGemmaError, match="training reads text only"):
         conversation_examples(talk, model.tokenizer, 1)
+
+
+def test_a_chat_about_a_picture_keeps_it_in_the_prefix_cache(vision_server):
+    """A chat's next turn encodes only its new turn, the picture included in what is kept; the same text with
+    another picture is another prompt: what was kept with the first picture is not reused for it."""
+    _, served = vision_server
+    model = diffgemma.load(served.folder)  # (a prefix cache of its own)
+    picture = {"type": "image", "image": random_picture(64, 40, seed=1)}
+    first = [{"role": "user", "content": [picture, {"type": "text", "text": "Hi"}]}]
+    settings = {"seed": 2, "max_new_tokens": 8}
+    answer = model.chat(first, **settings)
+    second = [*first, {"role": "assistant", "content": answer.content}, {"role": "user", "content": "And?"}]
+    again = model.chat(second, **settings)
+    soft_tokens = 16 * 10 // 4  # (64 x 40 pixels in 8-pixel patches, pooled 2 x 2)
+    assert again.result.cached_tokens > soft_tokens
+    fresh = diffgemma.load(served.folder)
+    fresh.prefix_cache = None
+    assert fresh.chat(second, **settings).result.new_tokens == again.result.new_tokens
+    other = {"type": "image", "image": random_picture(64, 40, seed=3)}
+    swapped = [{**second[0], "content": [other, {"type": "text", "text": "Hi"}]}, *second[1:]]
+    assert model.chat(swapped, **settings).result.cached_tokens == 0  # (a kept prompt is reused whole, or not)
