@@ -18,6 +18,7 @@ from .checkpoint import StoredTensor, read_tensor
 from .config import VisionConfig
 from .errors import DiffGemmaError
 from .model import ACTIVATION_FNS, apply_rope, rms_norm, rope_tables
+from .resources import check_memory
 
 TOWER_PREFIX = "model.encoder."  # where the reference keeps the tower and its projection
 
@@ -201,6 +202,8 @@ def load_image_encoder(
     """The image encoder filled from the checkpoint's vision tensors (`stored`: by their names), each checked."""
     with torch.device("meta"):
         encoder = ImageEncoder(config, text_hidden_size).to(dtype)
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in encoder.state_dict().values())
+    check_memory(weights, device, "the vision tower's weights")
     encoder = encoder.to_empty(device=device)
     targets = dict(encoder.named_parameters()) | dict(encoder.named_buffers())
     by_name = {TOWER_PREFIX + name: tensor for name, tensor in targets.items()}
