@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from assets.make_demo_model import ANSWERS
+from conftest import DEMO
 from server_util import running
 
 from diffgemma.server import ServerOptions, create_app
@@ -72,5 +73,43 @@ def test_playground_generates_and_edits(demo, tmp_path):
             if os.environ.get("DIFFGEMMA_SCREENSHOT"):
                 page.screenshot(path=os.environ["DIFFGEMMA_SCREENSHOT"], full_page=True)
             assert (tmp_path / "playground.png").stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+def test_playground_sends_a_picture(tmp_path):
+    """A picked picture goes with the prompt as an image_url part; a model with a vision tower answers it, one
+    without says why on the page."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium for the browser test")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    import numpy as np
+    from PIL import Image
+
+    import diffgemma
+    from diffgemma.presets import random_checkpoint
+
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(picture)
+    seer = diffgemma.load(random_checkpoint(tmp_path / "seer", "tiny-vision", seed=1))
+    blind = diffgemma.load(DEMO)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        try:
+            for model, state in ((seer, "done"), (blind, "failed")):
+                with running(create_app(model, ServerOptions(model_name="m", max_tokens=16))) as url:
+                    page = browser.new_page()
+                    sent = []
+                    page.on("request", lambda request, sent=sent: sent.append(request.post_data or ""))
+                    page.goto(url + "/")
+                    page.fill("#maxTokens", "8")
+                    page.set_input_files("#picture", str(picture))
+                    page.click("#generate")
+                    page.wait_for_selector(f"body[data-state={state}]", timeout=60_000)
+                    assert any('"image_url"' in body and "data:image/png;base64," in body for body in sent)
+                    if state == "failed":
+                        assert "not images" in page.inner_text("#stats")
         finally:
             browser.close()
