@@ -28,7 +28,7 @@ def test_what_is_served(server, client, demo):
     weights = [*demo.network.parameters(), *demo.network.buffers()]  # (the tied head counted once)
     assert listed[0].size == sum(tensor.numel() * tensor.element_size() for tensor in weights)
     shown = client.show("demo")
-    assert {"completion", "insert", "tools"} <= set(shown.capabilities)
+    assert {"completion", "insert", "tools"} <= set(shown.capabilities) and "vision" not in shown.capabilities
     openai_context = openai.OpenAI(base_url=server[0] + "/v1", api_key="-").models.list().data[0].max_model_len
     assert shown.modelinfo["diffusion_gemma.context_length"] == openai_context
     assert shown.modelinfo["diffusion_gemma.canvas_length"] == demo.config.canvas_length

@@ -295,6 +295,7 @@ def test_every_api_takes_images_and_reads_them_alike(vision_server):
         options={"seed": 3, "num_predict": 24},
     )
     assert chatted.message.content == text
+    assert "vision" in ollama.Client(host=url).show("seer").capabilities  # (what Open WebUI asks before uploads)
 
 
 def test_bad_images_are_the_requests_errors(vision_server):

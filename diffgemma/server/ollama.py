@@ -380,9 +380,10 @@ def model_entry(model: DiffGemma, name: str) -> dict[str, Any]:
 def model_card(model: DiffGemma, entry: dict[str, Any], context: int) -> dict[str, Any]:
     """The model as `/api/show` describes it: its details (`entry`, as listed), its shape (`model_info`, where
     clients read the context length) and what it can do (`capabilities`: chat and text, fills, tools and thinking
-    where its chat template writes them)."""
+    where its chat template writes them, vision where it has a vision tower)."""
     config, template = model.config, model.tokenizer.chat_template or ""
     capabilities = ["completion", "insert"]
+    capabilities += ["vision"] if config.vision is not None else []
     capabilities += ["tools"] if model.tokenizer.renders_tools else []
     capabilities += ["thinking"] if "enable_thinking" in template else []
     total, _ = config.parameter_counts()
