@@ -100,7 +100,8 @@ def open_image(image: ImageLike, what: str = "image"):
             raise DiffGemmaError(f"{name}: {opened.width} x {opened.height} pixels is more than diffgemma reads")
         opened.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise DiffGemmaError(f"{name}: not an image Pillow can read ({err})") from None
+        reason = "no format it knows" if isinstance(err, UnidentifiedImageError) else str(err)
+        raise DiffGemmaError(f"{name}: not an image Pillow can read ({reason})") from None
     return ImageOps.exif_transpose(opened)
 
 
@@ -127,12 +128,18 @@ def prepare_image(image: ImageLike, config: VisionConfig, budget: int = DEFAULT_
     from PIL import Image
 
     picture = _rgb(open_image(image, what), Image)
+    given = f"{picture.width} x {picture.height} pixels"
     patch, kernel = config.patch_size, config.pooling_kernel_size
     height, width = target_size(picture.height, picture.width, patch, kernel, budget)
     if (height, width) != (picture.height, picture.width):
         picture = picture.resize((width, height), resample=Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) * np.float32(1 / 255))  # [H, W, 3]
     rows, columns = height // patch, width // patch
+    if max(rows, columns) > config.position_embedding_size:
+        raise DiffGemmaError(
+            f"{what}: {given} is too long and thin for the vision tower "
+            f"({rows} x {columns} patches; at most {config.position_embedding_size} a side)"
+        )
     patches = pixels.view(rows, patch, columns, patch, 3).permute(0, 2, 1, 3, 4).reshape(rows * columns, -1)
     return PreparedImage(patches.contiguous(), rows, columns, rows * columns // (kernel * kernel))
 

@@ -107,6 +107,8 @@ def test_bad_images_are_named(vision_checkpoint, tmp_path):
         ("https://example.com/cat.png", "not fetched"),
         ("data:image/png;base64,@@@", "does not decode"),
         (42, "must be a file path"),
+        (b"\x89PNG\r\n\x1a\n" + b"0" * 50, "not an image"),
+        (PIL.new("RGB", (1, 5000)), "too long and thin"),
     ]:
         with pytest.raises(DiffGemmaError, match=words):
             prepare_image(image, model.config.vision)
