@@ -17,7 +17,7 @@ IMAGE_IDS = {"image_token_id": 262, "boi_token_id": 260, "eoi_token_id": 261}
 # Patches of 4 pixels pooled 3 x 3, two layers, grouped KV heads, standardized and clipped projections.
 VISION = {
     "num_hidden_layers": 2,
-    "position_embedding_size": 64,
+    "position_embedding_size": 256,
     "num_key_value_heads": 1,
     "standardize": True,
     "use_clipped_linears": True,
