@@ -102,45 +102,34 @@ def _text_config(**shape: Any) -> dict[str, Any]:
     }
 
 
+TINY_SHAPE: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    sliding_window=16,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=32,
+    layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "canvas_length": 32,
-        "text_config": _text_config(
-            vocab_size=len(SPECIAL_TOKENS) + 256 + len(TOOL_TOKENS),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            global_head_dim=32,
-            num_global_key_value_heads=1,
-            sliding_window=16,
-            num_experts=8,
-            top_k_experts=2,
-            moe_intermediate_size=32,
-            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
-        ),
+        "text_config": _text_config(vocab_size=len(SPECIAL_TOKENS) + 256 + len(TOOL_TOKENS), **TINY_SHAPE),
     },
     # `tiny` that reads images too: a small vision tower (8-pixel patches pooled 2 x 2) and the image tokens.
     "tiny-vision": {
         "canvas_length": 32,
         "text_config": _text_config(
             vocab_size=len(SPECIAL_TOKENS) + 256 + len(TOOL_TOKENS) + len(IMAGE_TOKENS),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            global_head_dim=32,
-            num_global_key_value_heads=1,
-            sliding_window=16,
-            num_experts=8,
-            top_k_experts=2,
-            moe_intermediate_size=32,
-            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
             use_bidirectional_attention="vision",
+            **TINY_SHAPE,
         ),
         "vision_config": {
             "model_type": "gemma4_vision",
