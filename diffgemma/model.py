@@ -10,6 +10,7 @@ then a dense gated MLP and a mixture of experts side by side, each with its own 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -437,8 +438,8 @@ class ImageInputs:
         cuts = [t for t in range(1, tokens) if not inside[t - 1]] + [tokens]
         ends, start = [], 0
         while start < tokens:
-            fitting = [cut for cut in cuts if start < cut <= start + chunk]
-            start = fitting[-1] if fitting else next(cut for cut in cuts if cut > start)
+            furthest = cuts[bisect.bisect_right(cuts, start + chunk) - 1]  # the last cut within a chunk's reach
+            start = furthest if furthest > start else cuts[bisect.bisect_right(cuts, start)]
             ends.append(start)
         return ends
 
