@@ -526,6 +526,8 @@ class DiffGemma:
                 raise DiffGemmaError("a prefill gives the answer's start, so its JSON (json_schema) is not whole")
             messages = answer_format.with_instruction(messages)
         offered, lead = tool_plan(tools, tool_choice)
+        if "images" in sampler:
+            raise DiffGemmaError("chat takes pictures as image parts of its messages, not as images=")
         messages, images = split_images(messages)
         prompt = tokenizer.encode_chat(messages, enable_thinking, prefill, sanitize, tools=offered)
         lead_ids = tokenizer.encode(lead, add_special_tokens=False) if lead else []

@@ -161,6 +161,8 @@ def split_images(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     "image", "image" | "url" | "path": ...}`, OpenAI's `{"type": "image_url", "image_url": {"url": ...}}` or the
     Responses API's `{"type": "input_image", "image_url": ...}`."""
     images: list[ImageLike] = []
+    if not isinstance(messages, list):  # (not a conversation: the template's check says so)
+        return messages, images
     plain = []
     for index, message in enumerate(messages):
         content = message.get("content") if isinstance(message, dict) else None
