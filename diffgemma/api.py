@@ -224,7 +224,7 @@ class DiffGemma:
     @property
     def vision(self) -> ImageEncoder:
         """The image encoder (vision tower and projection), read from the checkpoint when first asked for, so a
-        text-only user holds none of it (the 26B's: about 0.4B parameters)."""
+        text-only user holds none of it (Gemma 4's default shape: 0.17B parameters)."""
         if self._vision is None:
             config = self._vision_config()
             if not self._passthrough:
