@@ -297,6 +297,10 @@ def test_every_api_takes_images_and_reads_them_alike(vision_server):
         options={"seed": 3, "num_predict": 24},
     )
     assert chatted.message.content == text
+    generated = ollama.Client(host=url).generate(
+        model="seer", prompt=question["text"], images=[data], options={"seed": 3, "num_predict": 24}
+    )
+    assert generated.response == text
     assert "vision" in ollama.Client(host=url).show("seer").capabilities  # (what Open WebUI asks before uploads)
 
 
