@@ -2,7 +2,8 @@
 byte, a weight read) against expanding each weight to float32 for the product, where `quant.direct_kernel`
 picks between them (CPU_KERNEL_MAX_ROWS, CPU_KERNEL_MIN_VALUES).
 
-1. One weight of each size against a number of rows (8 experts' worth of products, as the experts run them).
+1. One weight of each size against a number of rows (8 experts' worth of products, as the experts run them); on
+   a CPU with int8 matrix units (AMX), int8 through them too (`quant.int8_units_linear`, which int8 takes there).
 2. A whole mixture-of-experts layer of the 26B shape (128 experts x 704, top-8, hidden 2816) over a canvas of
    256 tokens at batch 1 and 4, random routing: float32 weights, then each format expanded and through its kernel.
 3. Quantizing that layer's experts from bf16 (as loading with `quant=` does, an expert at a time): int8, and
@@ -66,8 +67,13 @@ def weight_sweep(fmt: quant.QuantFormat, repeats: int, dtype: torch.dtype) -> st
             expanded = median_ms(repeats, quant.expanded_product, x, qweight, scale, fmt, dtype, None, True)
             kernel = median_ms(repeats, quant.cpu_grouped_linear, x, stored["qweight"], stored["scale"], None)
             picked = quant.direct_kernel(fmt, x, (out_features, in_features), rows)
-            mark = " (picked)" if picked else ""
-            cells.append(f"{expanded:.1f} / {kernel:.1f}: {expanded / kernel:.1f}x{mark}")
+            mark = " (picked)" if picked == quant.CPU_KERNEL else ""
+            cell = f"{expanded:.1f} / {kernel:.1f}: {expanded / kernel:.1f}x{mark}"
+            if picked == quant.CPU_INT8_UNITS:  # (int8 on a CPU with int8 matrix units: this one is picked)
+                units_product = quant.int8_units_linear
+                units = median_ms(repeats, quant.cpu_grouped_linear, x, qweight, scale, None, False, units_product)
+                cell += f"; units {units:.1f}: {expanded / units:.1f}x (picked)"
+            cells.append(cell)
         lines.append(f"| {out_features} x {in_features} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -145,7 +151,13 @@ def main() -> None:
         + "\n\nQuantizing that layer's experts from bf16, an expert at a time as loading does:\n\n"
         + quantizing,
         f"`quant.direct_kernel` picks the kernel for at most {quant.CPU_KERNEL_MAX_ROWS} rows a weight and weights "
-        f"of at least {quant.CPU_KERNEL_MIN_VALUES:,} values; median of {args.repeats}.",
+        f"of at least {quant.CPU_KERNEL_MIN_VALUES:,} values; median of {args.repeats}."
+        + (
+            " This CPU has int8 matrix units (AMX): int8 takes them for every product (`units` in the first table;"
+            " the layer's int8 kernel column is them)."
+            if quant.cpu_int8_units()
+            else ""
+        ),
         args.results,
     )
 

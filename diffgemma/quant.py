@@ -7,9 +7,10 @@ model (bench/RESULTS.md), and on the 26B shape they are 4.5% of the weights, so 
 0.1 GB. What stays in the model dtype: the embedding (it is also the tied output head), norms, routers and
 the self-conditioning block, which are small and sensitive. Weights are stored quantized, so memory at rest
 is what the format promises. Where a kernel takes the format as stored (fp8 on Hopper's matrix units; int4,
-int8, and fp8 on Ampere and Ada, through kernels.py; int8 and int4 on the CPU where few rows meet a large
-weight, through PyTorch's weight-only kernels) they are multiplied as they are; elsewhere they are expanded to
-the activation dtype one weight at a time as they are used.
+int8, and fp8 on Ampere and Ada, through kernels.py; int8 on CPUs with int8 matrix units (AMX), activations
+made int8 too; int8 and int4 on other CPUs where few rows meet a large weight, through PyTorch's weight-only
+kernels) they are multiplied as they are; elsewhere they are expanded to the activation dtype one weight at a
+time as they are used.
 
 Loading with `quant=` quantizes tensor by tensor as they come off disk: the float model is never whole in
 memory. A quantized checkpoint carries `quantization_config` in its config.json and loads as it was saved.
@@ -416,6 +417,11 @@ def _restore_layout(module: QuantExperts, *hook_args) -> None:
 # kernels. Elsewhere, under autograd, or when a kernel refuses a call, the weights are expanded.
 _DIRECT: dict = {"enabled": True, "failures": [], "broken": set()}
 FP8_UNITS, FUSED, CPU_KERNEL = "fp8 matrix units", "fused kernel", "CPU weight-only kernel"
+# On CPUs that multiply int8 matrices in their tiles (AMX: Intel Sapphire Rapids and later), int8 weights meet
+# int8 activations there (each row scaled to int8 on its own, as the fp8 matrix units take them): PyTorch's
+# weight-only int8 kernel uses no tiles, and ran 2.7x slower than bf16 weights on such a CPU, where the tiles run
+# a 26B mixture-of-experts layer 2.4-3x faster than that kernel (bench/cpu_quant.py).
+CPU_INT8_UNITS = "CPU int8 matrix units"
 # On the CPU, where PyTorch's int8 / int4 kernels beat expanding a weight: few rows meet it in a call (more, and
 # the product is compute-bound), and the weight is too large to expand in cache (1.5M values, 6 MB in float32).
 # The 26B's experts (bench/cpu_quant.py, 2 cores, two runs): int8 16 rows 5-8x faster, 96 rows 1.4-1.9x, 128 rows
@@ -437,9 +443,23 @@ def direct_kernel(fmt: QuantFormat, x: torch.Tensor, shape: tuple[int, ...], row
     group = fmt.group_for(columns) if fmt.name == "int4" else None
     if kernels.kernel_takes(x, fmt.name, columns, group):
         return FUSED
+    if x.device.type == "cpu" and fmt.name == "int8" and cpu_int8_units():
+        return CPU_INT8_UNITS
     if x.device.type == "cpu" and cpu_kernel_takes(fmt, shape, rows):
         return CPU_KERNEL
     return None
+
+
+def cpu_int8_units() -> bool:
+    """Whether this CPU multiplies int8 matrices in hardware tiles (AMX-INT8), which int8 weights then take
+    (`CPU_INT8_UNITS`; DIFFGEMMA_CPU_KERNELS=0 expands them instead)."""
+    return not _cpu_kernels_off() and _amx_int8()
+
+
+@functools.cache
+def _amx_int8() -> bool:
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # (PyTorch 2.10 and later)
+    return bool(capabilities is not None and capabilities().get("amx_int8"))
 
 
 def cpu_kernel_takes(fmt: QuantFormat, shape: tuple[int, ...], rows: int) -> bool:
@@ -474,6 +494,8 @@ def cpu_kernels_here() -> str:
     if _cpu_kernels_off():
         return "off (DIFFGEMMA_CPU_KERNELS=0): int8 and int4 weights expand"
     int8 = "int8 yes" if _cpu_int8_kernel() else "int8 no (expands)"
+    if cpu_int8_units():
+        int8 = "int8 in the int8 matrix units (AMX; activations made int8 a row at a time)"
     layout = cpu_int4_kernel_layout()
     if layout is None:
         return f"{int8}; int4 no (a weight layout we do not know: expands)"
@@ -564,9 +586,21 @@ def direct_product(
         if stacked:
             return kernels.quantized_grouped_linear(x, qweight, scale, ends)
         return kernels.quantized_linear(x, qweight, scale)
+    product = int8_units_linear if path == CPU_INT8_UNITS else cpu_linear
     if stacked:
-        return cpu_grouped_linear(x, qweight, scale, ends, laid_out)
-    return cpu_linear(x, qweight, scale, laid_out)
+        return cpu_grouped_linear(x, qweight, scale, ends, laid_out, product)
+    return product(x, qweight, scale, laid_out)
+
+
+def int8_units_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, _: bool = False) -> torch.Tensor:
+    """x [..., K] through an int8 weight [N, K] (float32 scales [N, 1]) in the CPU's int8 matrix units: each row
+    of x scaled to int8 on its own, int32 sums, both scales applied after in float32 -> [..., N] in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1]).float()  # (x itself where it is float32: not written to)
+    row_scale = rows.abs().amax(-1, keepdim=True).clamp_min_(1e-12).div_(127)
+    quantized = (rows / row_scale).round_().clamp_(-127, 127).to(torch.int8)
+    sums = torch._int_mm(quantized, qweight.t())
+    out = sums.float().mul_(row_scale).mul_(scale.reshape(1, -1))
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
 
 
 def cpu_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, laid_out: bool = False) -> torch.Tensor:
@@ -666,14 +700,16 @@ def cpu_grouped_linear(
     scale: torch.Tensor,
     ends: torch.Tensor | None,
     laid_out: bool = False,
+    product: Callable[..., torch.Tensor] = cpu_linear,
 ) -> torch.Tensor:
-    """Rows through each expert's weight [E, N, K] in the CPU's weight-only kernel (`cpu_linear`), one product an
-    expert: rows [E, capacity, K] (batched layout, `ends` None) or [S, K] sorted by expert (`ends`: the groups'
-    cumulative ends) -> the same layout with N columns."""
+    """Rows through each expert's weight [E, N, K] in a CPU kernel (`product`: the weight-only one, `cpu_linear`,
+    or the int8 matrix units, `int8_units_linear`), one product an expert: rows [E, capacity, K] (batched layout,
+    `ends` None) or [S, K] sorted by expert (`ends`: the groups' cumulative ends) -> the same layout with N
+    columns."""
     if ends is None:
-        return torch.stack([cpu_linear(group, qweight[e], scale[e], laid_out) for e, group in enumerate(rows)])
+        return torch.stack([product(group, qweight[e], scale[e], laid_out) for e, group in enumerate(rows)])
     return each_group(
-        rows, ends, qweight.shape[1], rows.dtype, lambda part, e: cpu_linear(part, qweight[e], scale[e], laid_out)
+        rows, ends, qweight.shape[1], rows.dtype, lambda part, e: product(part, qweight[e], scale[e], laid_out)
     )
 
 

@@ -99,7 +99,12 @@ def test_info_says_which_cpu_kernels_this_machine_gives(capsys, monkeypatch):
     layout = quant.cpu_int4_kernel_layout()  # x86 builds of PyTorch: one we know
     code, out, _ = run(capsys, "info", "--model", DEMO)
     line = next(line for line in out.splitlines() if line.startswith("this CPU"))
-    assert code == 0 and "int8 yes" in line
+    int8 = "int8 in the int8 matrix units (AMX" if quant.cpu_int8_units() else "int8 yes"
+    assert code == 0 and int8 in line
+    for units in (True, False):  # (whichever this CPU is, both are told)
+        monkeypatch.setattr(quant, "_amx_int8", lambda units=units: units)
+        _, out, _ = run(capsys, "info", "--model", DEMO)
+        assert ("int8 in the int8 matrix units" in out) == units and ("int8 yes" in out) != units
     if layout is not None:
         assert f"int4 yes (blocks of {layout[0]} outputs" in line and ("j + " in line) == layout[1]
     monkeypatch.setattr(quant, "cpu_int4_kernel_layout", lambda: None)

@@ -88,6 +88,7 @@ def test_the_cpu_kernels_keep_the_logits_close(demo_inputs, monkeypatch, name, m
     model, prompts, canvases = demo_inputs
     reference = _demo_logits(model, prompts, canvases)
     quantized = diffgemma.load(DEMO, quant=name)
+    monkeypatch.setattr(quant, "cpu_int8_units", lambda: False)  # (int8 takes the int8 matrix units where there are)
     monkeypatch.setattr(quant, "CPU_KERNEL_MIN_VALUES", 0)
     monkeypatch.setattr(quant, "CPU_KERNEL_MAX_ROWS", 10**9)
     used, expanded = [], []
@@ -104,10 +105,58 @@ def test_the_cpu_kernels_keep_the_logits_close(demo_inputs, monkeypatch, name, m
     assert set(expanded) <= (attention if name == "int4" else set()), name
 
 
+def test_the_int8_matrix_units_keep_the_logits_close(demo_inputs, monkeypatch):
+    """Where the CPU has int8 matrix units (AMX), every int8 product goes there, activations made int8 a row at a
+    time: int8's bounds above still hold. (`torch._int_mm` runs on any CPU, so this runs everywhere.)"""
+    from diffgemma import quant
+
+    model, prompts, canvases = demo_inputs
+    reference = _demo_logits(model, prompts, canvases)
+    quantized = diffgemma.load(DEMO, quant="int8")
+    monkeypatch.setattr(quant, "cpu_int8_units", lambda: True)
+    used, product = [], quant.int8_units_linear
+    monkeypatch.setattr(quant, "int8_units_linear", lambda *args: used.append(args[1].shape) or product(*args))
+    monkeypatch.setattr(quant, "dequantize", lambda *args, **kwargs: pytest.fail("an int8 weight was expanded"))
+    top1, kl = _agreement(_demo_logits(quantized, prompts, canvases), reference)
+    assert top1 >= 0.99 and kl <= 1e-3, (top1, kl)
+    shapes = {tuple(buffer.shape[-2:]) for name, buffer in quantized.network.named_buffers() if "qweight" in name}
+    assert set(map(tuple, used)) == shapes  # every projection and expert
+
+
+def test_the_int8_matrix_units_multiply_as_the_expanded_weights():
+    from diffgemma.quant import cpu_grouped_linear, int8_units_linear
+
+    fmt = QuantFormat("int8")
+    experts = torch.randn(3, 96, 64) * 0.05
+    stored = quantize(experts, fmt)
+    weights = dequantize(stored["qweight"], stored["scale"], fmt, torch.float32)
+    rows = torch.randn(3, 5, 64)
+    given = rows.clone()
+    for dtype in (torch.float32, torch.bfloat16):
+        out = int8_units_linear(rows[0].to(dtype), stored["qweight"][0], stored["scale"][0])
+        expected = rows[0] @ weights[0].t()
+        assert out.dtype == dtype and ((out.float() - expected).norm() / expected.norm()) < 0.02
+    batched = cpu_grouped_linear(rows, stored["qweight"], stored["scale"], None, product=int8_units_linear)
+    packed = cpu_grouped_linear(
+        rows.reshape(15, 64), stored["qweight"], stored["scale"], torch.tensor([5, 10, 15]), product=int8_units_linear
+    )
+    assert torch.equal(batched.reshape(15, -1), packed)  # (a row is made int8 on its own, whatever its group)
+    assert torch.equal(rows, given)  # (the activations are read, not written)
+    expected = rows @ weights.transpose(1, 2)
+    assert (batched - expected).norm() / expected.norm() < 0.02
+
+
 def test_the_cpu_kernels_take_large_weights_that_meet_few_rows(monkeypatch):
-    from diffgemma.quant import CPU_KERNEL, CPU_KERNEL_MAX_ROWS, direct_kernel
+    from diffgemma import quant
+    from diffgemma.quant import CPU_INT8_UNITS, CPU_KERNEL, CPU_KERNEL_MAX_ROWS, direct_kernel
 
     int8, int4, x = QuantFormat("int8"), QuantFormat("int4"), torch.randn(4, 2816)
+    monkeypatch.setattr(quant, "_amx_int8", lambda: True)  # a CPU with int8 matrix units: int8 goes there, always
+    for shape, rows in (((1408, 2816), 16), ((1408, 2816), 10**4), ((8, 8), 1)):
+        assert direct_kernel(int8, x, shape, rows) == CPU_INT8_UNITS
+    assert direct_kernel(int8, x.clone().requires_grad_(), (1408, 2816), 16) is None  # no backward
+    assert direct_kernel(int4, x, (1408, 2816), 16) == CPU_KERNEL
+    monkeypatch.setattr(quant, "_amx_int8", lambda: False)  # one without: the weight-only kernels, within limits
     for fmt in (int8, int4):
         assert direct_kernel(fmt, x, (1408, 2816), 16) == CPU_KERNEL  # a 26B expert at batch 1
         assert direct_kernel(fmt, x, (128, 1408, 2816), 16) == CPU_KERNEL  # the stack: each expert's size counts
