@@ -53,6 +53,8 @@ from .tokenizer import TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
 from .toolcalls import Tool, tool_plan
 from .vision import ImageEncoder, load_image_encoder
 
+IMAGES_REMEMBERED = 16  # pictures whose soft tokens are kept (the 26B's: 1.6 MB each in bf16)
+
 DTYPE_NAMES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -215,6 +217,7 @@ class DiffGemma:
         self._passthrough = passthrough or {}
         self._vision: ImageEncoder | None = None
         self._image_soft_tokens: int | None = None
+        self._images_seen: dict[bytes, torch.Tensor] = {}  # picture fingerprint -> its soft tokens (`image_features`)
         self.prefix_cache: PrefixCache | None = PrefixCache(tokenizer.token_id(TURN_OPEN) if tokenizer else None)
 
     @property
@@ -350,8 +353,19 @@ class DiffGemma:
         return expand_placeholders([list(ids)], [[p.soft_tokens for p in prepared]], config, marker)[0], prepared
 
     def image_features(self, prepared: Sequence[PreparedImage]) -> tuple[torch.Tensor, ...]:
-        """Pictures (`image_prompt`) through the vision tower: each one's soft tokens [count, hidden]."""
-        return tuple(self.vision(p.patches, p.rows, p.columns) for p in prepared)
+        """Pictures (`image_prompt`) through the vision tower: each one's soft tokens [count, hidden]. The last
+        `IMAGES_REMEMBERED` pictures' are kept, so a chat about a picture runs the tower once, not every turn (on
+        a CPU, seconds a turn)."""
+        return tuple(self._soft_tokens(picture) for picture in prepared)
+
+    def _soft_tokens(self, picture: PreparedImage) -> torch.Tensor:
+        remembered = self._images_seen.pop(picture.fingerprint, None)
+        if remembered is None:
+            remembered = self.vision(picture.patches, picture.rows, picture.columns)
+        self._images_seen[picture.fingerprint] = remembered  # (the newest last)
+        while len(self._images_seen) > IMAGES_REMEMBERED:
+            del self._images_seen[next(iter(self._images_seen))]
+        return remembered
 
     @property
     def image_soft_tokens(self) -> int:

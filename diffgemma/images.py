@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import hashlib
 import io
 import json
 import math
@@ -41,6 +43,13 @@ class PreparedImage:
     rows: int
     columns: int
     soft_tokens: int
+
+    @functools.cached_property
+    def fingerprint(self) -> bytes:
+        """A digest of the patches (the same picture at the same size has the same one)."""
+        digest = hashlib.blake2b(self.patches.numpy().tobytes(), digest_size=16)
+        digest.update(f"{self.rows}x{self.columns}".encode())
+        return digest.digest()
 
 
 def soft_token_budget(folder: Path | None) -> int:

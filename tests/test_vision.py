@@ -388,3 +388,23 @@ def test_a_chat_about_a_picture_keeps_it_in_the_prefix_cache(vision_server):
     other = {"type": "image", "image": random_picture(64, 40, seed=3)}
     swapped = [{**second[0], "content": [other, {"type": "text", "text": "Hi"}]}, *second[1:]]
     assert model.chat(swapped, **settings).result.cached_tokens == 0  # (a kept prompt is reused whole, or not)
+
+
+def test_the_tower_runs_once_for_a_picture_seen_again(vision_server, monkeypatch):
+    from diffgemma import api
+
+    _, served = vision_server
+    model = diffgemma.load(served.folder)
+    runs = []
+    forward = model.vision.forward
+    monkeypatch.setattr(model.vision, "forward", lambda *args: runs.append(1) or forward(*args))
+    pictures = [random_picture(64, 40, seed=seed) for seed in range(4)]
+    question = [{"role": "user", "content": [{"type": "image", "image": pictures[0]}, {"type": "text", "text": "Hi"}]}]
+    first = model.chat(question, seed=1, max_new_tokens=8)
+    assert model.chat(question, seed=1, max_new_tokens=8).result.new_tokens == first.result.new_tokens
+    assert len(runs) == 1
+    monkeypatch.setattr(api, "IMAGES_REMEMBERED", 2)  # the oldest goes beyond the limit
+    placeholder = [model.config.vision.image_token_id]
+    for picture in [*pictures[1:], pictures[0]]:
+        model.image_features(model.image_prompt(placeholder, [picture])[1])
+    assert len(runs) == 5
