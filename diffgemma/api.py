@@ -635,14 +635,21 @@ class DiffGemma:
         return self.infill(text[:start], text[end:], length, seed, mode, **sampler)
 
     def score(
-        self, text: str | Sequence[int] | torch.Tensor | Sequence[str] | Sequence[Sequence[int]], top: int = 0
+        self,
+        text: str | Sequence[int] | torch.Tensor | Sequence[str] | Sequence[Sequence[int]],
+        top: int = 0,
+        soft_tokens: Sequence | None = None,
     ) -> TokenScores | list[TokenScores]:
         """Each token's log-probability given the ones before it, from the causal encoder (`scoring`): a text
         (tokenized with BOS) or token ids as given; `top` likeliest alternatives per position (up to 20).
         `.total` sums them, `.perplexity` is exp of their negative mean. A batch (a list of texts, or of id
-        lists) is scored in one pass, each as alone, and gives a list."""
+        lists) is scored in one pass, each as alone, and gives a list. `soft_tokens`: for ids that hold pictures'
+        runs (`image_prompt`), each picture's soft tokens (`image_features`); for a batch, a list per row."""
         batched, rows = self._text_rows(text, "score")
-        scores = score_batch(self.network, rows, top)
+        pictures = None
+        if soft_tokens is not None:
+            pictures = [list(row) for row in soft_tokens] if batched else [list(soft_tokens)]
+        scores = score_batch(self.network, rows, top, pictures)
         return scores if batched else scores[0]
 
     def embed(

@@ -444,6 +444,11 @@ class ImageInputs:
         return ends
 
 
+def chunk_ends(tokens: int, images: ImageInputs | None, chunk: int) -> list[int]:
+    """The ends of a prompt's pieces of `chunk` tokens (the last shorter), none inside an image's run."""
+    return images.chunk_ends(chunk) if images is not None else [*range(chunk, tokens, chunk), tokens]
+
+
 class PassRole:
     """Which pass runs now: `encoding` while the causal encoder runs, else the decoder. Read by modules whose
     weights differ between the two (an adapter PEFT trained on the reference model's two copies apart)."""
@@ -587,12 +592,8 @@ class DiffusionGemma(nn.Module):
             tokens = ids.shape[1]
             if tokens <= PREFILL_CHUNK or torch.is_grad_enabled():
                 return self._encode(ids, cache, attention_mask, return_hidden, images)
-            if images is None:
-                ends = [*range(PREFILL_CHUNK, tokens, PREFILL_CHUNK), tokens]
-            else:
-                ends = images.chunk_ends(PREFILL_CHUNK)
             hidden, start = [], 0
-            for end in ends:
+            for end in chunk_ends(tokens, images, PREFILL_CHUNK):
                 hidden.append(
                     self._encode(
                         ids[:, start:end],

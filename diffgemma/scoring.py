@@ -15,7 +15,7 @@ import torch
 
 from .config import is_int
 from .errors import DiffGemmaError
-from .model import PREFILL_CHUNK, DiffusionGemma
+from .model import PREFILL_CHUNK, DiffusionGemma, ImageInputs, chunk_ends
 
 SCORE_LOGITS_BYTES = 256 * 2**20  # float32 logits held at a time (the 26B's vocabulary: 256 positions)
 MAX_TOP = 20  # alternatives per position, as OpenAI's API allows
@@ -56,24 +56,34 @@ def check_rows(network: DiffusionGemma, rows: list[list[int]], verb: str) -> Non
 
 
 @torch.no_grad()
-def score_batch(network: DiffusionGemma, rows: list[list[int]], top: int = 0) -> list[TokenScores]:
+def score_batch(
+    network: DiffusionGemma, rows: list[list[int]], top: int = 0, pictures: list[list[torch.Tensor]] | None = None
+) -> list[TokenScores]:
     """Run the causal encoder over each row of ids and score each token after the first from the head's
     distribution at the position before it, every row in one pass. Shorter rows are padded at their end, which
     a causal encoder never lets their tokens see, so each row scores as it would alone. The rows go through the
-    encoder in chunks (`DiffusionGemma.encode`) and the head a slice of positions at a time, so memory stays
-    that of a prompt chunk and SCORE_LOGITS_BYTES of logits."""
+    encoder in chunks (`DiffusionGemma.encode`; an image's run never cut) and the head a slice of positions at a
+    time, so memory stays that of a prompt chunk and SCORE_LOGITS_BYTES of logits. `pictures`: each row's
+    pictures' soft tokens, for the runs of image ids it holds (`model.ImageInputs.in_prompts`)."""
     if not is_int(top) or not 0 <= top <= MAX_TOP:
         raise DiffGemmaError(f"top must be an integer between 0 and {MAX_TOP}, got {top!r}")
     check_rows(network, rows, "score")
     vocab = network.config.vocab_size
     width = max(len(ids) for ids in rows)
     sequence = torch.tensor([ids + [0] * (width - len(ids)) for ids in rows], device=network.device)
+    images = None
+    if pictures is not None and any(pictures):
+        if network.config.vision is None or len(pictures) != len(rows):
+            raise DiffGemmaError("pictures go with a checkpoint that has a vision tower, a list of them a row")
+        images = ImageInputs.in_prompts(sequence, None, pictures, network.config.vision.image_token_id)
     cache = network.new_cache(len(rows), width)
     slice_positions = max(1, SCORE_LOGITS_BYTES // (4 * vocab * len(rows)))
     logprobs: list[list[float | None]] = [[None] for _ in rows]
     alternatives: list[list[list[tuple[int, float]]]] = [[[]] for _ in rows]
-    for start in range(0, width, PREFILL_CHUNK):
-        hidden = network.encode(sequence[:, start : start + PREFILL_CHUNK], cache)
+    start = 0
+    for end in chunk_ends(width, images, PREFILL_CHUNK):
+        part = images.columns(start, end) if images is not None else None
+        hidden = network.encode(sequence[:, start:end], cache, images=part)
         targets = sequence[:, start + 1 : start + 1 + hidden.shape[1]]
         hidden = hidden[:, : targets.shape[1]]  # the last token predicts nothing here
         for first in range(0, targets.shape[1], slice_positions):
@@ -92,4 +102,5 @@ def score_batch(network: DiffusionGemma, rows: list[list[int]], top: int = 0) ->
                     continue
                 pairs = zip(best_ids[row][:real], best_values[row][:real], strict=True)
                 alternatives[row].extend(list(zip(i, v, strict=True)) for i, v in pairs)
+        start = end
     return [TokenScores(list(ids), logprobs[row], alternatives[row]) for row, ids in enumerate(rows)]

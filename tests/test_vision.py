@@ -256,7 +256,7 @@ def png_base64(picture) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_every_api_takes_images_and_reads_them_alike(vision_server):
+def test_every_api_takes_images_and_reads_them_alike(vision_server, monkeypatch):
     """OpenAI's chat (an image_url part), the Responses API (input_image), Anthropic's Messages (a base64 image
     block) and Ollama's chat (`images`) put the same picture in the same prompt, so the same seed gives the same
     answer; another picture gives another, and the usage counts the picture's soft tokens."""
@@ -273,10 +273,15 @@ def test_every_api_takes_images_and_reads_them_alike(vision_server):
     def openai_chat(encoded: str):
         part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}"}}
         messages = [{"role": "user", "content": [part, question]}]
-        return client.chat.completions.create(model="seer", messages=messages, seed=3, max_tokens=24)
+        return client.chat.completions.create(model="seer", messages=messages, seed=3, max_tokens=24, logprobs=True)
 
+    scoring, score = [], model.score
+    monkeypatch.setattr(model, "score", lambda *args: scoring.append(args[2]) or score(*args))
     answer = openai_chat(data)
     text = answer.choices[0].message.content
+    assert len(scoring) == 1 and len(scoring[0][0]) == 1  # the answer's logprobs read the picture's soft tokens
+    scored = [entry.logprob for entry in answer.choices[0].logprobs.content]  # (scored with the picture's soft tokens)
+    assert len(scored) == answer.usage.completion_tokens and all(value <= 0 for value in scored)
     assert answer.usage.prompt_tokens > len(model.tokenizer.encode_chat([{"role": "user", "content": "x"}])) + 10
     assert openai_chat(png_base64(other)).choices[0].message.content != text
     image = {"type": "input_image", "image_url": f"data:image/png;base64,{data}"}
@@ -408,3 +413,37 @@ def test_the_tower_runs_once_for_a_picture_seen_again(vision_server, monkeypatch
     for picture in [*pictures[1:], pictures[0]]:
         model.image_features(model.image_prompt(placeholder, [picture])[1])
     assert len(runs) == 5
+
+
+def test_scores_with_pictures_equal_the_reference_encoder(vision_pairs, monkeypatch):
+    """`score` with a prompt's pictures gives the reference encoder's log-probabilities for pixel values (the
+    causal checkpoint: the reference's plain forward builds no image masks), in one piece or in chunks."""
+    from diffgemma import scoring
+
+    ours, reference = vision_pairs[None]
+    pictures = [random_picture(70, 50, seed=1), random_picture(40, 40, seed=2)]
+    prompt = [2, 40, 262, 41, 42, 262, 43, 44, 45]
+    inputs = reference_inputs([prompt], [pictures])
+    canvas = torch.zeros(1, ours.config.canvas_length, dtype=torch.long)
+    with torch.no_grad():
+        hidden = reference(
+            input_ids=inputs["input_ids"],
+            pixel_values=inputs["pixel_values"],
+            image_position_ids=inputs["image_position_ids"],
+            decoder_input_ids=canvas,
+        ).encoder_last_hidden_state
+        cap = reference.config.text_config.final_logit_softcapping
+        expected = torch.log_softmax(torch.tanh(reference.lm_head(hidden).float() / cap)[0] * cap, dim=-1)
+    ids, prepared = ours.image_prompt(prompt, pictures)
+    assert ids == inputs["input_ids"][0].tolist()
+    soft = ours.image_features(prepared)
+    want = expected[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    scores = ours.score(ids, soft_tokens=soft)
+    assert (torch.tensor(scores.logprobs[1:]) - want).abs().max().item() <= 1e-4
+    blind = ours.score(ids)  # (the image ids read as text: other log-probabilities)
+    assert (torch.tensor(blind.logprobs[1:]) - want).abs().max().item() > 0.1
+    monkeypatch.setattr(scoring, "PREFILL_CHUNK", 8)  # chunks shorter than either picture's run
+    first = ids[: ids.index(IMAGE_IDS["eoi_token_id"]) + 1]  # (a second row: up to the first picture's end)
+    chunked = ours.score([ids, first], soft_tokens=[soft, soft[:1]])
+    assert (torch.tensor(chunked[0].logprobs[1:]) - want).abs().max().item() <= 1e-4
+    assert (torch.tensor(chunked[1].logprobs[1:]) - want[: len(first) - 1]).abs().max().item() <= 1e-4

@@ -274,7 +274,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         top = (body.top_logprobs or 0) if "message.output_text.logprobs" in (body.include or ()) else None
 
         async def answer_logprobs(_: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
-            return await serving.reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False)
+            return await serving.reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False, images)
 
         scorer = answer_logprobs if top is not None else None
         if body.stream and answer_format is None:

@@ -437,7 +437,8 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
         top = (body.top_logprobs or 0) if body.logprobs else None
 
         async def scored(reply: SettledText, tokens: list[int], eos: int | None) -> list[dict[str, Any]]:
-            return (await serving.reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False))["content"]
+            logprobs = await serving.reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False, job.images)
+            return logprobs["content"]
 
         if body.stream and answer_format is None:
             scorer = (lambda _, tokens, eos: scored(reply, tokens, eos)) if top is not None else None

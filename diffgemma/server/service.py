@@ -512,7 +512,8 @@ class Serving:
         chunk = _chunk_maker(identity, self.options.model_name, chat)
 
         async def choice_logprobs(index: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
-            return await self.reply_logprobs(rows[index], replies[index], tokens, eos, top, chat, bool(leading[index]))
+            echo = bool(leading[index])
+            return await self.reply_logprobs(rows[index], replies[index], tokens, eos, top, chat, echo, images)
 
         scorer = choice_logprobs if top is not None else None
         usage_chunk = prompt_tokens if _include_usage(body) else None
@@ -536,7 +537,7 @@ class Serving:
             scored = [
                 (rows[i], a.reply, a.done.new_tokens, a.done.eos, bool(leading[i])) for i, a in enumerate(answers)
             ]
-            every_logprobs = list(await self.choices_logprobs(scored, top, chat))
+            every_logprobs = list(await self.choices_logprobs(scored, top, chat, images))
         choices, pieces = [], []
         for index, (answer, logprobs) in enumerate(zip(answers, every_logprobs, strict=True)):
             end, content = answer.end, answer.content
@@ -584,21 +585,27 @@ class Serving:
         top: int,
         chat: bool,
         echo: bool,
+        images: tuple[PreparedImage, ...] = (),
     ) -> dict[str, Any]:
         """A choice's `logprobs` (`choices_logprobs` of one)."""
-        return (await self.choices_logprobs([(prompt, reply, tokens, eos, echo)], top, chat))[0]
+        return (await self.choices_logprobs([(prompt, reply, tokens, eos, echo)], top, chat, images))[0]
 
     async def choices_logprobs(
-        self, choices: list[tuple[list[int], SettledText, list[int], int | None, bool]], top: int, chat: bool
+        self,
+        choices: list[tuple[list[int], SettledText, list[int], int | None, bool]],
+        top: int,
+        chat: bool,
+        images: tuple[PreparedImage, ...] = (),
     ) -> list[dict[str, Any]]:
         """Choices' `logprobs` (each its prompt, reply, tokens, the EOS that ended it, and whether it echoes),
         scored in one pass: each prompt and its tokens (a text completion's EOS too, if one ended it), in the
         chat shape (the answer's tokens: those after the thinking, when it thought) or the completion shape
-        (`echo`: the prompt's tokens listed too)."""
+        (`echo`: the prompt's tokens listed too). `images`: the pictures of their (one) prompt."""
         kept = []
         for _, reply, tokens, eos, _ in choices:
             kept.append([*reply.kept(tokens), *([eos] if not chat and eos is not None else [])])
-        scored = await self.score([choice[0] + ids for choice, ids in zip(choices, kept, strict=True)], top)
+        rows = [choice[0] + ids for choice, ids in zip(choices, kept, strict=True)]
+        scored = await self.score(rows, top, images)
         shaped = []
         for (prompt, _, _, _, echo), ids, scores in zip(choices, kept, scored, strict=True):
             if chat:
@@ -609,9 +616,13 @@ class Serving:
                 shaped.append(completion_logprobs(self.model.tokenizer, scores, 0 if echo else len(prompt)))
         return shaped
 
-    async def score(self, rows: list[list[int]], top: int) -> list[TokenScores]:
-        """`DiffGemma.score` of rows of ids in one pass, on the engine's thread between steps."""
-        return await self._on_engine(lambda: self.model.score(rows, top))
+    async def score(self, rows: list[list[int]], top: int, images: tuple[PreparedImage, ...] = ()) -> list[TokenScores]:
+        """`DiffGemma.score` of rows of ids in one pass, on the engine's thread between steps (`images`: the
+        pictures every row's prompt holds)."""
+        model = self.model
+        if not images:
+            return await self._on_engine(lambda: model.score(rows, top))
+        return await self._on_engine(lambda: model.score(rows, top, [model.image_features(images)] * len(rows)))
 
     async def embed(self, rows: list[list[int]], normalize: bool, dimensions: int | None, param: str) -> torch.Tensor:
         """`DiffGemma.embed` of rows of ids (each within the prompt limit): [rows, dimensions], in their order. A
