@@ -359,6 +359,13 @@ def test_the_command_line_shows_pictures(vision_server, tmp_path, capsys, monkey
     assert said("generate", f"Look: {marker}", "--image", str(picture)) == [text]
     assert main(["chat", "Hi", "--model", folder, "--image", str(tmp_path / "none.png")]) == 2
     assert "image file not found" in capsys.readouterr().err
+    conversations = tmp_path / "talks.jsonl"  # chat --file: image parts in the records, a batch of two
+    talks = [first, [{"role": "user", "content": "Hi"}]]
+    conversations.write_text("".join(json.dumps({"messages": talk}) + "\n" for talk in talks))
+    records = [json.loads(line) for line in said("chat", "--file", str(conversations))]
+    assert [record["text"] for record in records] == [
+        model.chat(talk, seed=5 + index, max_new_tokens=12).content for index, talk in enumerate(talks)
+    ]
 
 
 def test_training_data_with_images_is_refused(vision_server):

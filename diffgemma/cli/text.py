@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import read_text
 from ..errors import DiffGemmaError
+from ..images import split_images
 from ..records import RECORD_SUFFIXES, read_records, sharegpt_messages
 from ..tool_servers import ToolServers
 from ..toolcalls import check_tools, run_tool_calls
@@ -111,10 +112,12 @@ def _file_prompts(path: str, key: str = "prompt") -> list[str]:
     return [line for line in read_text(path).splitlines() if line.strip()]
 
 
-def _file_conversations(model, path: str, system: str | None, thinking: bool) -> list[tuple[list, list[int]]]:
+def _file_conversations(
+    model, path: str, system: str | None, thinking: bool
+) -> list[tuple[list, list[int], list[Any]]]:
     """`chat --file`'s conversations, {"messages": [...]} records (or ShareGPT's {"conversations": [...]}) in a
     .jsonl file, a .json array or a .parquet file, each with its prompt ids (rendered as `chat` renders one;
-    `system` first where it has no system message); errors name the line."""
+    `system` first where it has no system message) and the pictures of its image parts; errors name the line."""
     if Path(path).suffix.lower() not in RECORD_SUFFIXES:
         raise DiffGemmaError(f'{path}: chat --file reads a .jsonl (or .json, .parquet) file of {{"messages": [...]}}')
     conversations = []
@@ -128,8 +131,8 @@ def _file_conversations(model, path: str, system: str | None, thinking: bool) ->
     return conversations
 
 
-def _file_conversation(model, record: object, system: str | None, thinking: bool) -> tuple[list, list[int]]:
-    """One `chat --file` record's (messages, prompt ids)."""
+def _file_conversation(model, record: object, system: str | None, thinking: bool) -> tuple[list, list[int], list[Any]]:
+    """One `chat --file` record's (messages, prompt ids with one image id a picture, pictures)."""
     messages = record.get("messages") if isinstance(record, dict) else None
     if isinstance(record, dict) and "conversations" in record:
         messages = sharegpt_messages(record["conversations"])
@@ -137,7 +140,8 @@ def _file_conversation(model, record: object, system: str | None, thinking: bool
         raise DiffGemmaError('expected an object with "messages": [...]')
     has_system = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
     told = [{"role": "system", "content": system}, *messages] if system and not has_system else messages
-    return messages, model.tokenizer.encode_chat(told, thinking)
+    told, pictures = split_images(told)
+    return messages, model.tokenizer.encode_chat(told, thinking), pictures
 
 
 def _run_file(
@@ -147,9 +151,11 @@ def _run_file(
     prompts: list,
     stop: Any,
     record: Callable[[int, Any, int], dict[str, Any]],
+    pictures: list[list[Any]] | None = None,
 ) -> None:
-    """`--file`'s prompts (texts or ids), `--batch-size` rows at a time (prompt i seeded seed + i), as JSONL on
-    stdout in the file's order: `record(i, result, row)` for prompt i, row `row` of its batch's result."""
+    """`--file`'s prompts (texts or ids; `pictures`: each one's), `--batch-size` rows at a time (prompt i seeded
+    seed + i), as JSONL on stdout in the file's order: `record(i, result, row)` for prompt i, row `row` of its
+    batch's result."""
     import json
 
     if not prompts:
@@ -160,7 +166,8 @@ def _run_file(
         rows = prompts[start : start + size]
         seeds = None if args.seed is None else [args.seed + start + i for i in range(len(rows))]
         seed = seeds[0] if seeds is not None and args.mode == "reference" else seeds
-        result = model.generate(rows, seed=seed, mode=args.mode, stop=stop, **sampler)
+        shown = pictures[start : start + size] if pictures is not None and any(pictures) else None
+        result = model.generate(rows, seed=seed, mode=args.mode, stop=stop, images=shown, **sampler)
         for row in range(len(rows)):
             print(json.dumps(record(start + row, result, row), ensure_ascii=False), flush=True)
         tokens += sum(len(row) for row in result.new_tokens)
@@ -199,7 +206,8 @@ def _chat_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None
             "finish_reason": _finish_reason(result, row),
         }
 
-    _run_file(model, args, sampler, [ids for _, ids in conversations], reply.stops, record)
+    prompts, pictures = [ids for _, ids, _ in conversations], [shown for _, _, shown in conversations]
+    _run_file(model, args, sampler, prompts, reply.stops, record, pictures)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
