@@ -17,7 +17,6 @@ from typing import Any
 
 from ..config import read_text
 from ..errors import DiffGemmaError
-from ..images import split_images
 from ..records import RECORD_SUFFIXES, read_records, sharegpt_messages
 from ..tool_servers import ToolServers
 from ..toolcalls import check_tools, run_tool_calls
@@ -133,6 +132,8 @@ def _file_conversations(
 
 def _file_conversation(model, record: object, system: str | None, thinking: bool) -> tuple[list, list[int], list[Any]]:
     """One `chat --file` record's (messages, prompt ids with one image id a picture, pictures)."""
+    from ..images import split_images  # (not at the top: the command line answers --help without torch)
+
     messages = record.get("messages") if isinstance(record, dict) else None
     if isinstance(record, dict) and "conversations" in record:
         messages = sharegpt_messages(record["conversations"])
