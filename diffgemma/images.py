@@ -14,7 +14,6 @@ import binascii
 import functools
 import hashlib
 import io
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import VisionConfig
+from .config import VisionConfig, read_json
 from .errors import DiffGemmaError
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -59,11 +58,8 @@ def soft_token_budget(folder: Path | None) -> int:
         path = folder / name if folder is not None else None
         if path is None or not path.is_file():
             continue
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise DiffGemmaError(f"{path}: cannot read it ({err})") from None
-        section = raw.get("image_processor", raw) if isinstance(raw, dict) else {}
+        raw = read_json(path)
+        section = raw.get("image_processor", raw)
         budget = section.get("max_soft_tokens") if isinstance(section, dict) else None
         if budget is not None:
             return check_budget(budget, f"{path}: `max_soft_tokens`")
