@@ -128,11 +128,13 @@ def target_size(height: int, width: int, patch: int, kernel: int, budget: int) -
     return new_height, new_width
 
 
-def prepare_image(image: ImageLike, config: VisionConfig, budget: int = DEFAULT_SOFT_TOKENS, what: str = "image"):
+def prepare_image(
+    image: ImageLike, config: VisionConfig, budget: int = DEFAULT_SOFT_TOKENS, what: str = "image"
+) -> PreparedImage:
     """An image -> `PreparedImage` for `config`'s patch size and pooling kernel, within `budget` soft tokens."""
     from PIL import Image
 
-    picture = _rgb(open_image(image, what), Image)
+    picture = _rgb(open_image(image, what))
     given = f"{picture.width} x {picture.height} pixels"
     patch, kernel = config.patch_size, config.pooling_kernel_size
     height, width = target_size(picture.height, picture.width, patch, kernel, budget)
@@ -149,8 +151,10 @@ def prepare_image(image: ImageLike, config: VisionConfig, budget: int = DEFAULT_
     return PreparedImage(patches.contiguous(), rows, columns, rows * columns // (kernel * kernel))
 
 
-def _rgb(picture, Image):
+def _rgb(picture):
     """RGB, any transparency laid over white (as the reference's processor does)."""
+    from PIL import Image
+
     if "A" in picture.getbands() or picture.info.get("transparency") is not None:
         background = Image.new("RGBA", picture.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, picture.convert("RGBA")).convert("RGB")
