@@ -315,7 +315,8 @@ def test_bad_images_are_the_requests_errors(vision_server):
     url, _ = vision_server
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     for image_url, says in [
-        ("https://example.com/cat.png", "not fetched"),
+        ("https://example.com/cat.png", "data: URL"),
+        ("/etc/hostname", "reads no files"),  # (a client names no file on the server's disk)
         ("data:image/png;base64,bm90IGFuIGltYWdl", "not an image"),
     ]:
         part = {"type": "image_url", "image_url": {"url": image_url}}

@@ -96,14 +96,12 @@ def request_conversation(body: Conversation) -> tuple[list[dict[str, Any]], bool
 
 
 def image_source(block: dict[str, Any]) -> str:
-    """An `image` block's picture as a `data:` URL (a base64 source) or its URL (which is refused: nothing is
-    fetched from the web)."""
+    """An `image` block's picture (a base64 source) as a `data:` URL; other sources (a URL, a file id) are refused:
+    the server fetches nothing."""
     source = block.get("source") or {}
     if source.get("type") == "base64" and isinstance(source.get("data"), str):
         return f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}"
-    if source.get("type") == "url" and isinstance(source.get("url"), str):
-        return source["url"]
-    raise _refuse(f"image blocks of source type {source.get('type')!r} are not supported: base64 or url", "messages")
+    raise _refuse(f"image blocks of source type {source.get('type')!r} are not supported: base64 only", "messages")
 
 
 def document_text(block: dict[str, Any]) -> str:

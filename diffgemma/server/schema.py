@@ -239,7 +239,16 @@ def content_text(
     return "".join(str(part.get("text", "")) for part in content)
 
 
-IMAGE_PARTS = ("image_url", "input_image")  # OpenAI chat's {"image_url": {"url"}}, the Responses API's {"image_url"}
+IMAGE_PARTS = ("image_url", "input_image")
+
+
+def served_image(url: str, param: str) -> str:
+    """A request's picture: a `data:` URL only. A server opens no file a client names (its own files are not the
+    client's to read) and fetches nothing from the web."""
+    if not url.startswith("data:"):
+        message = "an image must come as a data: URL (data:image/png;base64,...): the server reads no files or URLs"
+        raise APIError(400, message, "invalid_request_error", "invalid_value", param)
+    return url  # OpenAI chat's {"image_url": {"url"}}, the Responses API's {"image_url"}
 
 
 def content_parts(
@@ -258,7 +267,7 @@ def content_parts(
         url = url.get("url") if isinstance(url, dict) else url
         if not isinstance(url, str) or not url:
             raise APIError(400, "an image part has no image_url", "invalid_request_error", "invalid_value", param)
-        parts.append({"type": "image", "image": url})
+        parts.append({"type": "image", "image": served_image(url, param)})
     return parts
 
 
