@@ -518,6 +518,8 @@ class DiffGemma:
         `stop` strings end the answer (never the thinking) where one first appears. `prefill` begins the answer
         (say "{" for JSON): the model goes on from it, and the reply is what follows it. `sanitize`: special
         tokens' texts in the messages are read as text (`Tokenizer.encode_chat`), for messages from others.
+        A message's content may hold image parts (`{"type": "image", "image": a file, bytes, a data: URL or a PIL
+        image}`, or OpenAI's `image_url`), which the vision tower reads (`images.split_images`).
 
         `tools` (OpenAI's shape: `{"type": "function", "function": {"name", "description", "parameters"}}`, or
         Python functions: `toolcalls.function_tool`, or an MCP server's: `tool_servers`) may be called: the calls
