@@ -290,6 +290,11 @@ class DiffGemma:
         image_inputs = None
         if images:
             ids, mask, image_inputs = self._with_images(ids, mask, images, batched, settings.pad_id)
+        elif self.config.vision is not None and bool((ids == self.config.vision.image_token_id).any()):
+            import warnings
+
+            # (as the reference warns: the ids are read as the image token's own embedding, no picture)
+            warnings.warn("the prompt holds image ids but no images were given: they are read as text", stacklevel=2)
         if clamp is not None and not isinstance(clamp, torch.Tensor):
             clamp = _clamp_ids(clamp)
         token_ranges = _ranges_for_rows(token_ranges, ids.shape[0], "token_ranges")

@@ -163,7 +163,8 @@ def test_generation_with_an_image_equals_the_reference(vision_pairs, bidirection
     got = ours.generate(prompt, images=[picture], mode="reference", **settings)
     assert torch.equal(got.sequences, expected.sequences)
     torch.manual_seed(seed)
-    blind = ours.generate(prompt, mode="reference", **settings)  # the same ids, no picture: another answer
+    with pytest.warns(UserWarning, match="image ids but no images"):  # the same ids, no picture: another answer
+        blind = ours.generate(prompt, mode="reference", **settings)
     assert not torch.equal(blind.sequences[:, len(prompt) :], got.sequences[:, inputs["input_ids"].shape[1] :])
 
 
@@ -367,6 +368,20 @@ def test_the_command_line_shows_pictures(vision_server, tmp_path, capsys, monkey
     assert [record["text"] for record in records] == [
         model.chat(talk, seed=5 + index, max_new_tokens=12).content for index, talk in enumerate(talks)
     ]
+
+
+def test_image_ids_without_pictures_are_told(vision_server):
+    """As the reference warns: image ids with no pictures are read as text (an Ollama context holding a picture's
+    run is refused: the picture cannot be sent again with it)."""
+    import ollama
+
+    url, model = vision_server
+    image_id = model.config.vision.image_token_id
+    with pytest.warns(UserWarning, match="image ids but no images"):
+        model.generate([2, image_id, 40], max_new_tokens=4, seed=0)
+    with pytest.raises(ollama.ResponseError, match="context holds a picture") as refused:
+        ollama.Client(host=url).generate(model="seer", prompt="And?", context=[2, image_id, 40])
+    assert refused.value.status_code == 400
 
 
 def test_training_data_with_images_is_refused(vision_server):

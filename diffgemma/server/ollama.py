@@ -537,6 +537,10 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
             raise bad(message, "template")
         if body.context:
             check_token_ids(model, body.context, "context")
+            vision = model.config.vision
+            if vision is not None and vision.image_token_id in body.context:
+                message = "context holds a picture, which a later request cannot send again: continue with /api/chat"
+                raise bad(message, "context")
         if not body.prompt and not body.suffix and not body.context:
             return shape(False, not body.raw, []).loaded(body.unloads())
         images: tuple[PreparedImage, ...] = ()
