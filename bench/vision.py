@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+import gpu
 from common import append_results
 
 from diffgemma.config import VisionConfig
@@ -31,14 +31,8 @@ TEXT_HIDDEN = 2816  # the 26B-A4B's
 
 
 def seconds(work, repeats: int) -> float:
-    """The median of `repeats` timed runs after one warm-up."""
-    work()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+    """The median of `repeats` timed runs after one warm-up (`gpu.median_ms` on the CPU)."""
+    return gpu.median_ms(work, repeats, torch.device("cpu"), warmup=1) / 1000
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from .checkpoint import StoredTensor, read_tensor
 from .config import VisionConfig
 from .errors import DiffGemmaError
-from .model import ACTIVATION_FNS, apply_rope, rms_norm, rope_tables
+from .model import ACTIVATION_FNS, RMSNorm, apply_rope, rms_norm, rope_tables
 from .resources import check_memory
 
 TOWER_PREFIX = "model.encoder."  # where the reference keeps the tower and its projection
@@ -42,16 +42,6 @@ class ClippedLinear(nn.Module):
         return torch.clamp(self.linear(x), self.output_min, self.output_max)
 
 
-class Norm(nn.Module):
-    def __init__(self, size: int, eps: float, scaled: bool = True) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size)) if scaled else None
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
 class VisionAttention(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -61,9 +51,9 @@ class VisionAttention(nn.Module):
         self.k_proj = ClippedLinear(h, self.kv_heads * d, clip)
         self.v_proj = ClippedLinear(h, self.kv_heads * d, clip)
         self.o_proj = ClippedLinear(self.heads * d, h, clip)
-        self.q_norm = Norm(d, config.rms_norm_eps)
-        self.k_norm = Norm(d, config.rms_norm_eps)
-        self.v_norm = Norm(d, config.rms_norm_eps, scaled=False)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.v_norm = RMSNorm(d, config.rms_norm_eps, with_scale=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
         batch, patches, _ = x.shape
@@ -97,10 +87,10 @@ class VisionLayer(nn.Module):
         self.mlp.up_proj = ClippedLinear(h, i, clip)
         self.mlp.down_proj = ClippedLinear(i, h, clip)
         self.act = ACTIVATION_FNS[config.hidden_activation]
-        self.input_layernorm = Norm(h, eps)
-        self.post_attention_layernorm = Norm(h, eps)
-        self.pre_feedforward_layernorm = Norm(h, eps)
-        self.post_feedforward_layernorm = Norm(h, eps)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope))
