@@ -355,7 +355,7 @@ class DiffGemma:
             prepare_image(image, config, self.image_soft_tokens, f"image {i + 1}") for i, image in enumerate(images)
         ]
         marker = self.tokenizer.decode([config.image_token_id], False) if self.tokenizer is not None else None
-        return expand_placeholders([list(ids)], [[p.soft_tokens for p in prepared]], config, marker)[0], prepared
+        return expand_placeholders(list(ids), [p.soft_tokens for p in prepared], config, marker), prepared
 
     def image_features(self, prepared: Sequence[PreparedImage]) -> tuple[torch.Tensor, ...]:
         """Pictures (`image_prompt`) through the vision tower: each one's soft tokens [count, hidden]. The last

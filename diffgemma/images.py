@@ -200,23 +200,20 @@ def _image_of_part(part: dict[str, Any], where: str) -> ImageLike:
 
 
 def expand_placeholders(
-    rows: list[list[int]], counts: list[list[int]], config: VisionConfig, marker: str | None = None
-) -> list[list[int]]:
-    """Each row's image ids (one a picture, as a template writes it) -> `boi`, one image id per soft token of
-    that picture (`counts`: per row, per picture), `eoi`. A row must hold exactly one image id per picture
+    ids: list[int], counts: list[int], config: VisionConfig, marker: str | None = None
+) -> list[int]:
+    """A prompt's image ids (one a picture, as a template writes it) -> `boi`, one image id per soft token of
+    that picture (`counts`: per picture), `eoi`. The prompt must hold exactly one image id per picture
     (`marker`: the image token's text, for the error)."""
-    expanded = []
-    for row, soft_tokens in zip(rows, counts, strict=True):
-        spots = [i for i, token in enumerate(row) if token == config.image_token_id]
-        if len(spots) != len(soft_tokens):
-            named = f"{marker!r} (id {config.image_token_id})" if marker else f"id {config.image_token_id}"
-            raise DiffGemmaError(
-                f"the prompt has {len(spots)} image placeholder(s) for {len(soft_tokens)} image(s): put the image "
-                f"token {named} where each image goes (a chat's image parts write it)"
-            )
-        out, start = [], 0
-        for spot, count in zip(spots, soft_tokens, strict=True):
-            out += row[start:spot] + [config.boi_token_id] + [config.image_token_id] * count + [config.eoi_token_id]
-            start = spot + 1
-        expanded.append(out + row[start:])
-    return expanded
+    spots = [i for i, token in enumerate(ids) if token == config.image_token_id]
+    if len(spots) != len(counts):
+        named = f"{marker!r} (id {config.image_token_id})" if marker else f"id {config.image_token_id}"
+        raise DiffGemmaError(
+            f"the prompt has {len(spots)} image placeholder(s) for {len(counts)} image(s): put the image "
+            f"token {named} where each image goes (a chat's image parts write it)"
+        )
+    out, start = [], 0
+    for spot, count in zip(spots, counts, strict=True):
+        out += ids[start:spot] + [config.boi_token_id] + [config.image_token_id] * count + [config.eoi_token_id]
+        start = spot + 1
+    return out + ids[start:]
