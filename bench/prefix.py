@@ -1,10 +1,12 @@
 """A chat's next turn with and without the prefix cache: how long until its first draft, and how many prompt
-tokens it encodes.
+tokens it encodes; alone, and joining a batch under way (a server's other user).
 
-bench-90m with random weights (byte-level tokenizer, the Gemma 4 style chat template), batch 1. A conversation
-of alternating turns is grown to about each length; the turn before the last is generated first (the cache
-keeps its prompt, up to its last turn's opening), then the last turn is timed to its first draft (the prompt
-encoded, one decoder pass, the sampler), the median of --rounds, each round with and without the cache.
+bench-90m with random weights (byte-level tokenizer, the Gemma 4 style chat template). A conversation of
+alternating turns is grown to about each length; the turn before the last is generated first (the cache keeps
+its prompt, up to its last turn's opening), then the last turn is timed to its first draft (the prompt encoded,
+one decoder pass, the sampler), the median of --rounds, each round with and without the cache. Joining: another
+conversation, longer, runs in an open batch; the turn joins it when its first canvas is committed, timed from
+there to the turn's first draft (the other's canvas encoded, the turn's prompt encoded, a pass of both rows).
 
     python bench/prefix.py [--lengths 1024,2048,4096] [--rounds 3] [--results FILE]
 """
@@ -25,6 +27,7 @@ from common import append_results
 import diffgemma
 from diffgemma.cache import PrefixCache
 from diffgemma.generate import Draft
+from diffgemma.open_batch import BatchRow, RowsCommitted, RowsStep
 from diffgemma.presets import random_checkpoint
 from diffgemma.tokenizer import TURN_OPEN
 
@@ -60,6 +63,28 @@ def first_draft(model, messages: list[dict], counts: list[int]) -> float:
     raise RuntimeError("no draft")
 
 
+def joined_first_draft(model, host: list[int], messages: list[dict]) -> tuple[float, int]:
+    """Seconds from the canvas boundary where a chat turn joins a batch under way (running `host`, another
+    conversation) to the turn's first draft, and the turn's prompt tokens the prefix cache held."""
+    canvas = model.config.canvas_length
+    batch = model.open_batch()
+    batch.add(BatchRow(host, 4 * canvas, seed=1))
+    turn = None
+    events = batch.events()
+    try:
+        for event in events:
+            if isinstance(event, RowsCommitted) and turn is None:
+                turn = batch.add(BatchRow(model.tokenizer.encode_chat(messages), canvas, seed=0))
+                started = time.perf_counter()
+            elif isinstance(event, RowsStep) and turn in event.rows:
+                if len(event.rows) < 2:
+                    raise RuntimeError("the other conversation ended before the turn joined it")
+                return time.perf_counter() - started, event.cached[event.rows.index(turn)]
+    finally:
+        events.close()
+    raise RuntimeError("no draft")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", default="1024,2048,4096", help="conversation lengths, tokens")
@@ -79,23 +104,36 @@ def main() -> None:
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
         messages = conversation(length, seed=length)
-        turns = {"cold": [], "warm": []}
+        turns = {way: [] for way in ("cold", "warm", "joining, cold", "joining, warm")}
         encoded = {}
         prompt_tokens = len(model.tokenizer.encode_chat(messages))
         for _ in range(args.rounds):
             model.prefix_cache = None
             turns["cold"].append(first_draft(model, messages, counts))
-            encoded["cold"] = counts[0]
             model.prefix_cache = PrefixCache(model.tokenizer.token_id(TURN_OPEN))
             first_draft(model, messages[:-2], counts)  # the turn before: its prompt is kept
             turns["warm"].append(first_draft(model, messages, counts))
             encoded["warm"] = sum(counts[:2])
-        cold, warm = (statistics.median(turns[way]) * 1000 for way in ("cold", "warm"))
-        cells = (prompt_tokens, encoded["cold"], f"{cold:.0f}", encoded["warm"], f"{warm:.0f}", f"{cold / warm:.1f}x")
-        rows.append("| " + " | ".join(map(str, cells)) + " |")
+        host = model.tokenizer.encode_chat(conversation(length + 512, seed=length + 1))
+        for _ in range(args.rounds):
+            model.prefix_cache = None
+            seconds, _ = joined_first_draft(model, host, messages)
+            turns["joining, cold"].append(seconds)
+            model.prefix_cache = PrefixCache(model.tokenizer.token_id(TURN_OPEN), entries=2)
+            joined_first_draft(model, host, messages[:-2])  # (the turn before, joining too: its prompt kept)
+            seconds, cached = joined_first_draft(model, host, messages)
+            turns["joining, warm"].append(seconds)
+            encoded["joining, warm"] = prompt_tokens - cached
+        cold, warm, joining_cold, joining_warm = (
+            statistics.median(turns[way]) * 1000 for way in ("cold", "warm", "joining, cold", "joining, warm")
+        )
+        for way, without, with_ in (("alone", cold, warm), ("joining a batch", joining_cold, joining_warm)):
+            kept = encoded["warm" if way == "alone" else "joining, warm"]
+            cells = (way, prompt_tokens, f"{without:.0f}", kept, f"{with_:.0f}", f"{without / with_:.1f}x")
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
     table = "\n".join(
         [
-            "| prompt tokens | encoded without | ms to first draft without | encoded with | ms with | speed-up |",
+            "| the turn | prompt tokens | ms to first draft without | tokens encoded with | ms with | speed-up |",
             "|---|---|---|---|---|---|",
             *rows,
         ]
@@ -103,10 +141,13 @@ def main() -> None:
     append_results(
         "The prefix cache: a chat's next turn to its first draft (bench/prefix.py)",
         table,
-        f"bench-90m (random weights, byte-level tokenizer), batch 1, canvas {model.config.canvas_length}, "
+        f"bench-90m (random weights, byte-level tokenizer), canvas {model.config.canvas_length}, "
         f"{model.network.dtype}; median of {args.rounds} rounds. 'With': the turn before generated first, so the "
         "cache holds the conversation up to that turn's last opening; the new turn encodes the answer, the new "
-        "question and its own opening.",
+        "question and its own opening. 'Alone': batch 1, timed from the request. 'Joining a batch': another "
+        "conversation (512 tokens longer) runs in an open batch and the turn joins it after its first canvas, "
+        "timed from that canvas's commit (which encodes that canvas too); the turn before joined the same way. "
+        "Prefix cache of two entries, as the server's.",
         args.results,
     )
 

@@ -10,6 +10,7 @@ Positions are absolute token indices shared by the batch (left padding included,
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -111,27 +112,53 @@ class EncoderCache:
         self.ensure_capacity(length, exact=True)
         self.length = length
 
-    def joined(self, other: EncoderCache, capacity: int) -> EncoderCache:
-        """A new cache of this one's rows, then `other`'s, with room for `capacity` tokens on full layers. `other`
-        ends where this one ends (rows joining a batch: prompts encoded to end there, `skip_to`), so a slot holds
-        the same position in both wherever either's rows hold a token; the positions are this one's."""
-        if other.length != self.length or other.keep_all != self.keep_all:
-            raise ValueError(f"a cache of {other.length} tokens cannot join one of {self.length}")
+    def joined(self, others: list[EncoderCache], capacity: int) -> EncoderCache:
+        """A new cache of this one's rows, then each of `others`' in turn, with room for `capacity` tokens on full
+        layers. Each of `others` ends where this one ends (rows joining a batch: prompts encoded to end there,
+        `skip_to`), so a slot holds the same position in all wherever any's rows hold a token; the positions are
+        this one's."""
+        for other in others:
+            if other.length != self.length or other.keep_all != self.keep_all:
+                raise ValueError(f"a cache of {other.length} tokens cannot join one of {self.length}")
         first = self.layers[0].keys
-        merged = EncoderCache(
-            self.config, self.batch_size + other.batch_size, max(capacity, self.length), first.device, first.dtype
-        )
-        rows = self.batch_size
-        for mine, theirs, into in zip(self.layers, other.layers, merged.layers, strict=True):
-            stored = self.stored_slots(mine)
-            for name in ("keys", "values"):
-                getattr(into, name)[:rows, :, :stored] = getattr(mine, name)[:, :, :stored]
-                getattr(into, name)[rows:, :, :stored] = getattr(theirs, name)[:, :, :stored]
-            into.positions[:stored] = mine.positions[:stored]
-            into.valid[:rows, :stored] = mine.valid[:, :stored]
-            into.valid[rows:, :stored] = theirs.valid[:, :stored]
+        rows = [self.batch_size, *(other.batch_size for other in others)]
+        merged = EncoderCache(self.config, sum(rows), max(capacity, self.length), first.device, first.dtype)
+        for index, into in enumerate(merged.layers):
+            stored = self.stored_slots(self.layers[index])
+            into.positions[:stored] = self.layers[index].positions[:stored]
+            row = 0
+            for cache, count in zip([self, *others], rows, strict=True):
+                part = cache.layers[index]
+                into.keys[row : row + count, :, :stored] = part.keys[:, :, :stored]
+                into.values[row : row + count, :, :stored] = part.values[:, :, :stored]
+                into.valid[row : row + count, :stored] = part.valid[:, :stored]
+                row += count
         merged.length = self.length
         return merged
+
+    def place(self, source: EncoderCache, start: int, turn: Callable[[torch.Tensor, int, int], torch.Tensor]) -> None:
+        """Take in `source`'s tokens from position `start` on (both batches of one, this one empty: new, or made to
+        begin later by `skip_to`), each moved `shift` = this cache's length - `start` positions: a prompt's
+        snapshot put where a row joining a batch needs it, or a joined row's prompt kept as a snapshot from 0.
+        Keys carry their positions (RoPE), so `turn(keys, layer index, shift)` turns them by the shift; values
+        and sliding windows move as they are (a window keeps its slots: its layout follows the length alone)."""
+        if source.batch_size != 1 or self.batch_size != 1 or source.keep_all or self.keep_all:
+            raise ValueError("only inference caches of one row move their tokens")
+        tokens, shift = source.length - start, self.length - start
+        self.ensure_capacity(tokens, exact=True)
+        for index, (mine, theirs) in enumerate(zip(self.layers, source.layers, strict=True)):
+            if mine.ring is None:
+                into, taken = slice(self.length, self.length + tokens), slice(start, source.length)
+                mine.positions[into] = theirs.positions[taken] + shift
+            else:
+                into = taken = slice(0, mine.ring)
+                held = theirs.positions[taken]
+                mine.positions[into] = torch.where(held >= 0, held + shift, held)
+            mine.keys[:, :, into] = turn(theirs.keys[:, :, taken], index, shift)
+            mine.values[:, :, into] = theirs.values[:, :, taken]
+            mine.valid[:, into] = theirs.valid[:, taken]
+        self.length += tokens
+        self.decoder_masks = {}
 
     def windows(self) -> list[tuple[torch.Tensor, ...] | None]:
         """A copy of each sliding layer's kept window as it stands (keys, values, positions, validity; None for

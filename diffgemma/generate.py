@@ -781,7 +781,11 @@ class _PromptReuse:
     snapshot its prompt begins with, if any, the snapshot it makes of its own prompt, and handing that back
     to the prefix cache when the generation ends, however it ends (until then the cache is the generation's
     alone). Used as a context around the generation. A prompt with pictures is matched by its ids with each
-    picture's run of image ids standing for that picture (`_prompt_key`), so another picture is another prompt."""
+    picture's run of image ids standing for that picture (`_prompt_key`), so another picture is another prompt.
+
+    `start`: the prompt's first position (a row joining an open batch: its prompt ends where the batch's cache
+    ends). There the snapshot taken is copied into place (its keys turned to their new positions) and handed
+    back as it was, and the one made is a copy moved to begin at 0, as every kept snapshot does."""
 
     def __init__(
         self,
@@ -791,11 +795,13 @@ class _PromptReuse:
         attention_mask: torch.Tensor | None,
         mode: str,
         images: ImageInputs | None = None,
+        start: int = 0,
     ) -> None:
         usable = ids.shape[0] == 1 and attention_mask is None and mode == "fast"
         # (a batch's rows are padded apart; reference mode encodes as the reference does)
         self.prefix_cache = prefix_cache if usable else None
         self.images = images
+        self.start = start
         self.prompt_ids: list[int] = _prompt_key(ids[0], images) if self.prefix_cache is not None else []
         self.taken = self.prefix_cache.take(network, self.prompt_ids) if self.prefix_cache is not None else None
         self.snapshot = self.taken  # the one handed back: this, unless the generation makes a longer one
@@ -803,9 +809,14 @@ class _PromptReuse:
 
     def new_cache(self, network: DiffusionGemma, batch: int, capacity: int) -> EncoderCache:
         """The generation's encoder cache: the taken snapshot's, grown now to its final size (a decoder graph's
-        view needs that), or a new one."""
-        if self.taken is None:
-            return network.new_cache(batch, capacity)
+        view needs that), or a new one (beginning at `start`, the snapshot copied in)."""
+        if self.taken is None or self.start:
+            cache = network.new_cache(batch, capacity)
+            if self.start:
+                cache.skip_to(self.start)
+            if self.taken is not None:
+                cache.place(self.taken.cache, 0, network.shift_keys)
+            return cache
         self.taken.cache.ensure_capacity(capacity - self.reused, exact=True)
         return self.taken.cache
 
@@ -825,7 +836,11 @@ class _PromptReuse:
         if self.reused < point:
             encode_part(self.reused, point)
             if self.prefix_cache is not None:
-                self.snapshot = self.prefix_cache.snapshot_of(network, self.prompt_ids[:point], cache)
+                kept = cache
+                if self.start:
+                    kept = network.new_cache(1, point)
+                    kept.place(cache, self.start, network.shift_keys)
+                self.snapshot = self.prefix_cache.snapshot_of(network, self.prompt_ids[:point], kept)
         if max(self.reused, point) < prompt_length:
             encode_part(max(self.reused, point), prompt_length)
 

@@ -566,6 +566,14 @@ class DiffusionGemma(nn.Module):
             self._inv_freq_on[device] = {kind: inv.to(device) for kind, inv in self._inv_freq.items()}
         return {kind: rope_tables(inv, positions, dtype) for kind, inv in self._inv_freq_on[device].items()}
 
+    def shift_keys(self, keys: torch.Tensor, layer_index: int, shift: int) -> torch.Tensor:
+        """Cached keys [B, KV, slots, D] of a layer as their tokens' keys `shift` positions later: RoPE turns a
+        key by its position, so turning it by `shift` more moves it (in float32, rounded once). Values carry no
+        position."""
+        inv_freq = self._inv_freq[self.config.layer_types[layer_index]].to(keys.device)
+        cos, sin = rope_tables(inv_freq, torch.tensor([shift], device=keys.device), torch.float32)
+        return apply_rope(keys.float(), cos, sin).to(keys.dtype)
+
     def new_cache(self, batch_size: int, capacity: int, keep_all: bool = False) -> EncoderCache:
         return EncoderCache(self.config, batch_size, capacity, self.device, self.dtype, keep_all)
 

@@ -11,7 +11,9 @@ join it (its positions would not fit before the cache's end); `fits` says so bef
 Fast mode only, each row with its own seed, limit, ids held in place on its generated positions (a fill) and ids
 it never draws; each canvas's settled prefix is committed early (`commit_stable_prefix`), as a server streams
 it. A row draws the random numbers it would draw alone (its draws counted from its join). The first rows of a
-batch start it as `denoising_loop` would (one row alone through the prefix cache).
+batch start it as `denoising_loop` would (one row alone through the prefix cache); with a prefix cache, rows that
+join later are encoded one by one through it too (a snapshot taken is copied to where the row's prompt lies, its
+keys turned to those positions, so a chat's next turn skips its history whenever it comes).
 """
 
 from __future__ import annotations
@@ -268,34 +270,52 @@ class OpenBatch:
 
     def _admit(self) -> None:
         """The waiting rows join: the first ones start the batch; later ones are encoded to end where its cache
-        ends and join its rows."""
+        ends and join its rows (each by itself through the prefix cache, where there is one)."""
         joining, self.waiting = self.waiting, []
         if not joining:
             return
         network = self.network
-        ids, mask, _ = prepare_prompts([row.asked.prompt for row in joining], None, self.settings.pad_id)
-        ids = ids.to(network.device)
-        pictures = [list(row.asked.images) for row in joining]
-        vision = network.config.vision
-        images = ImageInputs.in_prompts(ids, mask, pictures, vision.image_token_id) if any(pictures) else None
-        length = self.cache.length if self.cache is not None else ids.shape[1]
         rows = [*self.rows, *joining]
-        capacity = max(length + self._room(row) for row in rows)
         if self.cache is None:
+            ids, mask, images = self._prompts(joining)
+            capacity = max(ids.shape[1] + self._room(row) for row in rows)
             self._reuse = _PromptReuse(network, self.prefix_cache, ids, mask, "fast", images)
             cache = self._reuse.new_cache(network, len(joining), capacity)
             self._reuse.encode(network, ids, mask, cache)
             for row in joining:
                 row.cached = self._reuse.reused
         else:
-            part = network.new_cache(len(joining), length)
-            part.skip_to(length - ids.shape[1])  # (the slots before the longest prompt hold nothing)
-            network.encode(ids, part, mask, return_hidden=False, images=images)
-            cache = self.cache.joined(part, capacity)
+            length = self.cache.length
+            groups = [[row] for row in joining] if self.prefix_cache is not None else [joining]
+            parts = [self._encoded_to(length, group) for group in groups]
+            cache = self.cache.joined(parts, max(length + self._room(row) for row in rows))
         self.rows = rows
         for row in joining:
             row.joined, row.first_draw = time.perf_counter(), self.rng.draws
         self._use(cache)
+
+    def _prompts(self, rows: list[_Running]) -> tuple[torch.Tensor, torch.Tensor | None, ImageInputs | None]:
+        """The rows' prompts as a batch: ids [B, T] (left-padded), which are real (None: all), their pictures."""
+        ids, mask, _ = prepare_prompts([row.asked.prompt for row in rows], None, self.settings.pad_id)
+        ids = ids.to(self.network.device)
+        pictures = [list(row.asked.images) for row in rows]
+        if not any(pictures):
+            return ids, mask, None
+        return ids, mask, ImageInputs.in_prompts(ids, mask, pictures, self.network.config.vision.image_token_id)
+
+    def _encoded_to(self, length: int, rows: list[_Running]) -> EncoderCache:
+        """A cache of `rows`' prompts encoded to end at `length` (the slots before the longest hold nothing); a
+        row alone goes through the prefix cache: a snapshot its prompt begins with is put in place, and its own
+        kept."""
+        ids, mask, images = self._prompts(rows)
+        with _PromptReuse(
+            self.network, self.prefix_cache, ids, mask, "fast", images, start=length - ids.shape[1]
+        ) as reuse:
+            part = reuse.new_cache(self.network, len(rows), length)
+            reuse.encode(self.network, ids, mask, part)
+        for row in rows:
+            row.cached = reuse.reused
+        return part
 
     def _room(self, row: _Running) -> int:
         """Positions a row still needs past the cache's end: its canvases to come."""

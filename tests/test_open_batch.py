@@ -156,3 +156,74 @@ def test_a_rows_output_ends_before_its_eos_within_its_limit():
     assert row_output([6, 7, 8, 9], 10, (1,)) == ([6, 7, 8, 9], None)  # (ended by its caller)
     assert row_output([6, 7, 1, 0], 2, (1,)) == ([6, 7], None)  # (at its limit: the EOS after it is not its)
     assert row_output([5, 1, 3], 10, (3, 1)) == ([5], 1)
+
+
+def test_a_snapshot_moves_to_where_a_joining_row_lies(tiny):
+    """A prompt's snapshot (encoded from position 0) put at a later position holds what encoding the prompt there
+    holds: keys turned by the shift (RoPE), values, validity and positions as they are, on full layers and on
+    sliding windows both shorter and longer than the prompt (within rounding: the encoder ran at other angles);
+    and moved back to 0 it is the snapshot again."""
+    network = tiny.network
+    generator = torch.Generator().manual_seed(5)
+    for size in (tiny.config.sliding_window // 2, 2 * tiny.config.sliding_window + 3):
+        ids = torch.randint(3, tiny.config.vocab_size, (1, size), generator=generator)
+        snapshot = network.new_cache(1, size)
+        network.encode(ids, snapshot, return_hidden=False)
+        shift = 3 * size + 7
+        there = network.new_cache(1, shift + size)
+        there.skip_to(shift)
+        network.encode(ids, there, return_hidden=False)
+        moved = network.new_cache(1, shift + size)
+        moved.skip_to(shift)
+        moved.place(snapshot, 0, network.shift_keys)
+        back = network.new_cache(1, size)
+        back.place(moved, shift, network.shift_keys)
+        assert moved.length == there.length and back.length == snapshot.length
+        for made, wanted in ((moved, there), (back, snapshot)):
+            for mine, theirs in zip(made.layers, wanted.layers, strict=True):
+                stored = made.stored_slots(mine)
+                assert torch.equal(mine.valid[:, :stored], theirs.valid[:, :stored])
+                held = theirs.valid[0, :stored]
+                assert torch.equal(mine.positions[:stored][held], theirs.positions[:stored][held])
+                for name in ("keys", "values"):  # (a layer's input there differs by rounding: RoPE at other angles)
+                    mine_held = getattr(mine, name)[:, :, :stored][..., held, :]
+                    wanted_held = getattr(theirs, name)[:, :, :stored][..., held, :]
+                    torch.testing.assert_close(mine_held, wanted_held, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_that_join_later_read_and_keep_the_prefix_cache(tiny):
+    """A row joining a running batch takes the snapshot of a prompt its prompt begins with (made by a row alone),
+    and keeps its own: a later row, alone or joining, takes that one. Each gives what it gives with no prefix
+    cache."""
+    tiny.prefix_cache.clear()
+    tiny.prefix_cache.entries = 4  # (every row keeps its prompt's snapshot: enough for them all)
+    length = tiny.config.canvas_length
+    generator = torch.Generator().manual_seed(11)
+
+    def more(size: int) -> list[int]:
+        return torch.randint(5, tiny.config.vocab_size, (size,), generator=generator).tolist()  # (no turn opening: 4)
+
+    opening = BatchRow([2, *more(30)], length, 1)
+    batch = tiny.open_batch()
+    batch.add(opening)
+    run(batch, {})  # (its snapshot kept, from position 0)
+    follow = BatchRow([*opening.prompt, *more(25)], 2 * length, 2)
+    third = BatchRow([*follow.prompt, *more(9)], length, 3)
+    batch = tiny.open_batch()
+    batch.add(BatchRow([2, *more(70)], 3 * length, 4))
+    finished, sizes = run(batch, {1: [follow, BatchRow([2, 5], length, 5)], 2: [third]})
+    assert sizes[1] == 3  # (both joined the running batch)
+    assert finished[1].cached == len(opening.prompt) and finished[3].cached == len(follow.prompt)
+    last = BatchRow([*third.prompt, *more(4)], length, 6)
+    batch = tiny.open_batch()
+    batch.add(last)
+    alone_finished, _ = run(batch, {})
+    assert alone_finished[0].cached == len(third.prompt)  # (kept by a joined row, taken by a row alone)
+    tiny.prefix_cache.clear()
+    saved, tiny.prefix_cache = tiny.prefix_cache, None
+    try:
+        for got, row in ((finished[1], follow), (finished[3], third), (alone_finished[0], last)):
+            assert (got.new_tokens, got.steps) == alone(tiny, row)
+    finally:
+        tiny.prefix_cache = saved
+        saved.entries = 1
