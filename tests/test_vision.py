@@ -328,7 +328,7 @@ def test_bad_images_are_the_requests_errors(vision_server):
 
 def test_the_command_line_shows_pictures(vision_server, tmp_path, capsys, monkeypatch):
     """`chat --image` shows a picture with the first message, `/image FILE` with the next one; `generate
-    --image` fills the prompt's image token; each answer is the API's for the same seed."""
+    --image` fills the prompt's image token; each answer is the API's for the same seed. `info` names the tower."""
     import io
 
     from diffgemma.cli import main
@@ -361,6 +361,11 @@ def test_the_command_line_shows_pictures(vision_server, tmp_path, capsys, monkey
     assert said("generate", f"Look: {marker}", "--image", str(picture)) == [text]
     assert main(["chat", "Hi", "--model", folder, "--image", str(tmp_path / "none.png")]) == 2
     assert "image file not found" in capsys.readouterr().err
+    assert main(["info", "--model", folder]) == 0  # (the tower: its parameters, and what they add, loaded)
+    tower = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vision tower"))
+    loaded = sum(parameter.numel() for parameter in model.vision.parameters())
+    assert f"{loaded / 1e6:.2f}M parameters" in tower
+    assert f"add {loaded * 2 / 2**20:.1f} MiB / {loaded * 4 / 2**20:.1f} MiB (bf16 / float32" in tower
     conversations = tmp_path / "talks.jsonl"  # chat --file: image parts in the records, a batch of two
     talks = [first, [{"role": "user", "content": "Hi"}]]
     conversations.write_text("".join(json.dumps({"messages": talk}) + "\n" for talk in talks))

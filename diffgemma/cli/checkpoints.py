@@ -56,10 +56,13 @@ def cmd_info(args: argparse.Namespace) -> None:
         from ..vision import parameter_count
 
         vision = config.vision
+        tower = parameter_count(vision, config.hidden_size)
+        sizes = " / ".join(size_text(tower * BYTES_PER_DTYPE[name]) for name in ("bfloat16", "float32"))
         print(
-            f"vision tower    {_count(parameter_count(vision, config.hidden_size))} parameters, {vision.patch_size}-"
-            f"pixel patches pooled {vision.pooling_kernel_size} x {vision.pooling_kernel_size}; an image is at most "
-            f"{soft_token_budget(folder)} soft tokens (read when a first image comes; not in the figures below)"
+            f"vision tower    {_count(tower)} parameters, {vision.patch_size}-pixel patches pooled "
+            f"{vision.pooling_kernel_size} x {vision.pooling_kernel_size}; an image is at most "
+            f"{soft_token_budget(folder)} soft tokens; read when a first image comes, its weights add {sizes} "
+            "(bf16 / float32, unquantized) to the figures below"
         )
     print("weights         " + ", ".join(f"{name} {size_text(total * size)}" for name, size in BYTES_PER_DTYPE.items()))
     stored_format = format_from_config(config.raw)
