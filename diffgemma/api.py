@@ -68,6 +68,10 @@ STORED_DTYPE = "stored"  # the checkpoint's own
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+# A prediction is where an answer's canvas starts, position by position; a thinking answer's thoughts come first.
+PREDICTION_WITH_THINKING = "a prediction lines up with the answer's start, but thinking puts its thoughts there"
+
+
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype in (AUTO_DTYPE, STORED_DTYPE):
         raise DiffGemmaError(f"dtype {dtype!r} chooses for a checkpoint being loaded; name a dtype here")
@@ -276,6 +280,7 @@ class DiffGemma:
         noise_ranges: torch.Tensor | list | None = None,
         end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
         images: Sequence | None = None,
+        prediction: str | Sequence | torch.Tensor | None = None,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
@@ -306,6 +311,9 @@ class DiffGemma:
         first_self_conditioning = _for_every_row(
             first_self_conditioning, ids.shape[0], "first_self_conditioning must be a tensor of probabilities"
         )
+        if prediction is not None and enable_thinking:
+            raise DiffGemmaError(PREDICTION_WITH_THINKING)
+        start_ids = None if prediction is None else self._prediction_ids(prediction, ids.shape[0])
         events = denoising_loop(
             self.network,
             settings,
@@ -325,8 +333,35 @@ class DiffGemma:
             end_rows=end_rows,
             prefix_cache=self.prefix_cache,
             images=image_inputs,
+            start_ids=start_ids,
         )
         return events, batched
+
+    def prediction_ids(self, prediction: str | Sequence[int]) -> list[int]:
+        """A prediction's token ids: a text tokenized as it would be generated (no BOS), or ids as they are."""
+        if isinstance(prediction, str):
+            return self._need_tokenizer().encode(prediction, add_special_tokens=False)
+        if isinstance(prediction, Sequence) and all(is_int(token) for token in prediction):
+            return list(prediction)
+        raise DiffGemmaError("a prediction must be a text or token ids")
+
+    def _prediction_ids(self, prediction: str | Sequence | torch.Tensor, batch: int) -> torch.Tensor:
+        """`generate`'s `prediction` as start ids [B, L] (-1 past a row's end): a text or ids for every row, or
+        one of them a row; a tensor [L] or [B, L] as it is."""
+        if isinstance(prediction, torch.Tensor):
+            if prediction.ndim not in (1, 2) or prediction.dtype not in (torch.int64, torch.int32):
+                raise DiffGemmaError("a prediction tensor must hold token ids, shaped [tokens] or [batch, tokens]")
+            rows = prediction.tolist() if prediction.ndim == 2 else [prediction.tolist()] * batch
+        elif not isinstance(prediction, Sequence):
+            raise DiffGemmaError("a prediction must be a text or token ids")
+        elif isinstance(prediction, str) or all(is_int(token) for token in prediction):
+            rows = [self.prediction_ids(prediction)] * batch
+        elif len(prediction) == batch:
+            rows = [self.prediction_ids(row) for row in prediction]
+        else:
+            raise DiffGemmaError(f"prediction must be a text or ids, or {batch} of them (one a row)")
+        width = max((len(row) for row in rows), default=0)
+        return torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.long).reshape(batch, width)
 
     def _with_images(
         self, ids: torch.Tensor, mask: torch.Tensor | None, images: Sequence, batched: bool, pad_id: int
@@ -399,6 +434,7 @@ class DiffGemma:
         noise_ranges: torch.Tensor | list | None = None,
         stop: str | Sequence[str] | StopStrings | None = None,
         images: Sequence | None = None,
+        prediction: str | Sequence | torch.Tensor | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
@@ -425,6 +461,10 @@ class DiffGemma:
         `images` (files, bytes, `data:` URLs or PIL images; for a batch, a list per prompt) go where the prompt's
         image ids are, one each (chat messages carry theirs as image parts instead); the checkpoint's vision
         tower reads them. `result.sequences` holds the prompt with each image's run of soft-token ids.
+        `prediction` (a text, ids, or one of them per row) is what the output is expected to be, mostly (OpenAI's
+        predicted outputs: a file to edit, say): the canvases start from its tokens instead of random ones, so
+        what the output shares with it settles in a step or two and the rest is rewritten
+        (`denoising_loop`'s `start_ids`). It leans the answer towards the prediction where the model is unsure.
         """
         return run_to_end(
             self.stream(
@@ -441,6 +481,7 @@ class DiffGemma:
                 noise_ranges,
                 stop=stop,
                 images=images,
+                prediction=prediction,
                 **sampler,
             )
         )
@@ -461,6 +502,7 @@ class DiffGemma:
         stop: str | Sequence[str] | StopStrings | None = None,
         end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
         images: Sequence | None = None,
+        prediction: str | Sequence | torch.Tensor | None = None,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
@@ -485,6 +527,7 @@ class DiffGemma:
             noise_ranges,
             end_rows if stops is None else _ended_by(stops, end_rows),
             images,
+            prediction,
         )
         try:
             for event in events:
@@ -517,6 +560,7 @@ class DiffGemma:
         tool_choice: str = "auto",
         json_schema: dict[str, Any] | bool | None = None,
         json_tries: int = DEFAULT_TRIES,
+        prediction: str | None = None,
         **sampler: Any,
     ) -> ChatResult:
         """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
@@ -537,7 +581,11 @@ class DiffGemma:
         the system turn tells the model the schema, and an answer that does not read as JSON matching it is
         drawn again (seed + 1, ...), at most `json_tries` times in all; its value comes back in `parsed`, the
         JSON text in `content`. None reading raises DiffGemmaError with the last answer's fault. An answer cut
-        at `max_new_tokens`, or one that calls tools, comes back as it is (`parsed` None)."""
+        at `max_new_tokens`, or one that calls tools, comes back as it is (`parsed` None).
+
+        `prediction`: the answer expected, mostly (the file an edit request will give back changed): its canvas
+        starts from it (`generate`), so the text the answer keeps settles in a step or two. Without thinking:
+        a thinking answer begins with its thoughts, where the prediction would not line up."""
         tokenizer = self._need_tokenizer()
         answer_format = json_format(json_schema, "json_schema")
         if answer_format is not None:
@@ -547,6 +595,8 @@ class DiffGemma:
                 raise DiffGemmaError("a prefill gives the answer's start, so its JSON (json_schema) is not whole")
             messages = answer_format.with_instruction(messages)
         offered, lead = tool_plan(tools, tool_choice)
+        if prediction is not None and enable_thinking:
+            raise DiffGemmaError(PREDICTION_WITH_THINKING)
         if "images" in sampler:
             raise DiffGemmaError("chat takes pictures as image parts of its messages, not as images=")
         messages, images = split_images(messages)
@@ -558,7 +608,14 @@ class DiffGemma:
         for attempt in range(json_tries if answer_format is not None else 1):
             try_seed = None if seed is None else seed + attempt
             result = self.generate(
-                prompt + lead_ids, max_new_tokens, try_seed, mode, stop=text.stops, images=images, **sampler
+                prompt + lead_ids,
+                max_new_tokens,
+                try_seed,
+                mode,
+                stop=text.stops,
+                images=images,
+                prediction=prediction,
+                **sampler,
             )
             tokens = result.new_tokens[0]
             content, reasoning = text.parts(tokens)

@@ -550,17 +550,21 @@ class CanvasDenoiser:
         first: torch.Tensor | None = None,
         check_allowed: bool = False,
         reused: int = 0,
+        start: torch.Tensor | None = None,
     ) -> Generator[Draft, None, tuple[torch.Tensor, torch.Tensor]]:
         """One canvas denoised from random tokens, a `Draft` after every step; returns its final draft [B, C] and
         each row's steps on it [B]. `rows_done` [B]: rows an earlier canvas ended; `passes` [B] counts each row's
         decoder passes (in place); `wanted` [B]: the positions each row's output can hold; `excluded` [B, C, V],
         `user_ids` [B, C] (-1 free), `noise` [B, C, 2] and `first` [B, C, V]: the canvas's constraints
         (`denoising_loop`); `check_allowed`: check each free position keeps an id; `reused`: prompt tokens the
-        prefix cache held, for the drafts."""
+        prefix cache held, for the drafts; `start` [B, C]: ids the canvas starts from in place of its random ones
+        (-1: keep those)."""
         decoder, rng, settings = self.decoder, self.rng, self.settings
         batch, length = wanted.shape[0], decoder.network.config.canvas_length
         vocab, device = decoder.network.config.vocab_size, wanted.device
         canvas = rng.tokens(batch, length, vocab, noise)
+        if start is not None:
+            canvas = torch.where(start >= 0, start, canvas)
         fixed_ids, fixed = user_ids, None if user_ids is None else user_ids >= 0
         if fixed is not None:
             canvas = torch.where(fixed, user_ids, canvas)
@@ -650,6 +654,7 @@ def denoising_loop(
     end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
     prefix_cache: PrefixCache | None = None,
     images: ImageInputs | None = None,
+    start_ids: torch.Tensor | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -682,6 +687,10 @@ def denoising_loop(
     `prefix_cache` (fast mode, a batch of one): a prompt that begins with the one it kept encodes only the rest,
     and this prompt's cache is kept there when the generation ends. `images`: images' soft tokens in the prompt
     (`ImageInputs`); the prefix cache tells prompts with other pictures apart (`_PromptReuse`).
+    `start_ids` [B, L] (L <= canvases * C; -1: none) are what each canvas starts from at those positions instead
+    of random tokens: a prediction of the output (OpenAI's predicted outputs). The denoiser reads a canvas that
+    is mostly right as one nearly denoised, so the positions the output shares with it settle in a step or two,
+    and the rest are rewritten (the random numbers drawn are the same; clamped ids still win).
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -696,7 +705,7 @@ def denoising_loop(
     row_canvases = torch.tensor([math.ceil(limit / length) for limit in limits], device=device)
     if bool(((ids < 0) | (ids >= vocab)).any()):  # (once, before the loop: an embedding would fail obscurely)
         raise DiffGemmaError(f"prompt token ids must be between 0 and {vocab - 1} (the vocabulary)")
-    given = _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning)
+    given = _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning, start_ids)
     constraints = given.checked(batch, canvases * length, vocab, device)
     if prompt_length + canvases * length > config.max_position_embeddings:
         raise DiffGemmaError(
@@ -726,7 +735,7 @@ def denoising_loop(
         for canvas_index in range(canvases):
             span = slice(canvas_index * length, (canvas_index + 1) * length)
             excluded = constraints.excluded(span, vocab)
-            user_ids, noise, first = constraints.on_canvas(span)
+            user_ids, noise, first, start = constraints.on_canvas(span)
             # the positions of this canvas each row's output can hold (its limit may end inside it)
             wanted = (torch.tensor(limits, device=device) - canvas_index * length).clamp(max=length)
             argmax, canvas_steps = yield from denoiser.canvas(
@@ -740,6 +749,7 @@ def denoising_loop(
                 first,
                 constraints.banned_tokens is not None,
                 prompt.reused,
+                start,
             )
             decoder.end_canvas()
             committed, done_now = _committed(argmax, rows_done, row_canvases <= canvas_index + 1, ending_ids, pad)
@@ -878,18 +888,15 @@ class _Constraints:
     noise_ranges: torch.Tensor | None  # [B, L, 2]: the token ranges past those given
     banned_tokens: torch.Tensor | None  # [B, L, V] booleans (a view where one set holds for every position)
     first_self_conditioning: torch.Tensor | None  # [B, L, V] probabilities
+    start_ids: torch.Tensor | None = None  # [B, L] ids, -1 none
 
     def checked(self, batch: int, positions: int, vocab: int, device: torch.device) -> _Constraints:
         """These constraints as given, checked for `batch` rows of `positions` generated positions, padded, on
         `device`."""
-        clamp, token_ranges, noise_ranges = self.clamp, self.token_ranges, self.noise_ranges
+        token_ranges, noise_ranges = self.token_ranges, self.noise_ranges
         banned_tokens, first_self_conditioning = self.banned_tokens, self.first_self_conditioning
-        if clamp is not None:
-            if clamp.ndim != 2 or clamp.shape[0] != batch or clamp.shape[1] > positions:
-                raise DiffGemmaError(f"clamp must be [batch={batch}, at most {positions}] token ids (-1 = free)")
-            if bool(((clamp < -1) | (clamp >= vocab)).any()):
-                raise DiffGemmaError(f"clamped ids must be -1 (free) or token ids below {vocab}")
-            clamp = torch.nn.functional.pad(clamp, (0, positions - clamp.shape[1]), value=-1).to(device)
+        clamp = _checked_ids(self.clamp, "clamp", "free", batch, positions, vocab, device)
+        start_ids = _checked_ids(self.start_ids, "start_ids", "none", batch, positions, vocab, device)
         if token_ranges is not None:
             token_ranges = _checked_ranges(token_ranges, batch, positions, vocab).to(device)
         if noise_ranges is not None:
@@ -919,7 +926,7 @@ class _Constraints:
                 vocab,
                 0.0,
             ).to(device)
-        return _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning)
+        return _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning, start_ids)
 
     def excluded(self, span: slice, vocab: int) -> torch.Tensor | None:
         """[B, C, V] booleans: the ids a canvas's positions may not take (outside their range, or banned)."""
@@ -931,10 +938,11 @@ class _Constraints:
         return excluded
 
     def on_canvas(self, span: slice) -> tuple[torch.Tensor | None, ...]:
-        """A canvas's part of the clamp, the noise ranges and the first self-conditioning (None where not given)."""
+        """A canvas's part of the clamp, the noise ranges, the first self-conditioning and the start ids (None where
+        not given)."""
         return tuple(
             None if given is None else given[:, span]
-            for given in (self.clamp, self.noise_ranges, self.first_self_conditioning)
+            for given in (self.clamp, self.noise_ranges, self.first_self_conditioning, self.start_ids)
         )
 
 
@@ -951,6 +959,19 @@ def banned_mask(ids: Sequence, batch: int, vocab: int, device: torch.device) -> 
     for row, banned in enumerate(rows):
         mask[row, list(banned)] = True
     return mask
+
+
+def _checked_ids(
+    ids: torch.Tensor | None, name: str, unset: str, batch: int, positions: int, vocab: int, device: torch.device
+) -> torch.Tensor | None:
+    """[B, L] ids per generated position (-1: `unset`), checked, padded with -1 to every position, on `device`."""
+    if ids is None:
+        return None
+    if ids.ndim != 2 or ids.shape[0] != batch or ids.shape[1] > positions:
+        raise DiffGemmaError(f"{name} must be [batch={batch}, at most {positions}] token ids (-1 = {unset})")
+    if bool(((ids < -1) | (ids >= vocab)).any()):
+        raise DiffGemmaError(f"{name} must hold -1 ({unset}) or token ids below {vocab}")
+    return torch.nn.functional.pad(ids, (0, positions - ids.shape[1]), value=-1).to(device)
 
 
 def _checked_ranges(

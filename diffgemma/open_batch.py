@@ -51,7 +51,8 @@ class BatchRow:
     generated positions (-1 free; a fill between prompt and suffix), `banned`: ids it never draws, `ended`: asked
     when a canvas has been committed, true ends the row there (a client gone, a stop string met). `images`: the
     soft tokens of each picture its prompt holds, in order (`DiffGemma.image_prompt` writes their runs of image
-    ids into the prompt, `DiffGemma.image_features` makes them)."""
+    ids into the prompt, `DiffGemma.image_features` makes them). `prediction`: ids its canvases start from in
+    place of random ones (`denoising_loop`'s `start_ids`; -1 none)."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -60,6 +61,7 @@ class BatchRow:
     banned: tuple[int, ...] = ()
     ended: Callable[[], bool] | None = None
     images: tuple[torch.Tensor, ...] = ()
+    prediction: list[int] | None = None
 
 
 @dataclass
@@ -168,9 +170,9 @@ class OpenBatch:
         if not self.fits(len(row.prompt), row.max_new_tokens):
             raise DiffGemmaError("this row does not fit the batch (its prompt is longer than the batch's cache)")
         reach = math.ceil(row.max_new_tokens / config.canvas_length) * config.canvas_length  # (its canvases)
-        clamp = row.clamp or []
-        if len(clamp) > reach or any(not -1 <= token < config.vocab_size for token in clamp):
-            raise DiffGemmaError(f"a row's clamp must be at most {reach} ids, each -1 (free) or a token id")
+        for name, ids in (("clamp", row.clamp), ("prediction", row.prediction)):
+            if len(ids or []) > reach or any(not -1 <= token < config.vocab_size for token in ids or []):
+                raise DiffGemmaError(f"a row's {name} must be at most {reach} ids, each -1 (none) or a token id")
         if any(not 0 <= token < config.vocab_size for token in row.banned):
             raise DiffGemmaError(f"a row's banned ids must be token ids between 0 and {config.vocab_size - 1}")
         if row.images:
@@ -207,13 +209,24 @@ class OpenBatch:
         limits = torch.tensor([row.asked.max_new_tokens for row in rows], device=device)
         starts = torch.tensor(canvases, device=device) * length
         wanted = (limits - starts).clamp(max=length)
-        user_ids = self._clamp(rows)
+        user_ids = self._on_canvas(rows, "clamp")
+        start = self._on_canvas(rows, "prediction")
         excluded = self._banned(rows)
         rows_done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         passes = torch.zeros(len(rows), dtype=torch.long, device=device)
         cached = [row.cached for row in rows]
         steps = self.denoiser.canvas(
-            min(canvases), rows_done, passes, wanted, excluded, user_ids, None, None, excluded is not None, max(cached)
+            min(canvases),
+            rows_done,
+            passes,
+            wanted,
+            excluded,
+            user_ids,
+            None,
+            None,
+            excluded is not None,
+            max(cached),
+            start,
         )
         while True:
             try:
@@ -249,12 +262,13 @@ class OpenBatch:
         new_tokens, eos = row_output(row.generated, row.asked.max_new_tokens, self.settings.eos_token_id)
         return RowFinished(row.id, new_tokens, row.steps, eos, row.cached, time.perf_counter() - row.joined)
 
-    def _clamp(self, rows: list[_Running]) -> torch.Tensor | None:
-        """[B, C] the ids each row holds in place on this canvas (-1 free), or None where no row holds any."""
+    def _on_canvas(self, rows: list[_Running], name: str) -> torch.Tensor | None:
+        """[B, C] each row's ids of `name` on this canvas (its `clamp`: held in place; its `prediction`: started
+        from; -1 none), or None where no row gives any."""
         length = self.network.config.canvas_length
         parts = []
         for row in rows:
-            given = (row.asked.clamp or [])[row.canvas * length : (row.canvas + 1) * length]
+            given = (getattr(row.asked, name) or [])[row.canvas * length : (row.canvas + 1) * length]
             parts.append(given + [-1] * (length - len(given)))
         if all(value < 0 for part in parts for value in part):
             return None

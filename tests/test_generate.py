@@ -143,7 +143,7 @@ def test_clamped_positions_hold_in_every_step_and_the_output(tiny):
 
 
 def test_clamp_validation(tiny):
-    with pytest.raises(DiffGemmaError, match="clamped ids must be -1"):
+    with pytest.raises(DiffGemmaError, match="clamp must hold -1"):
         tiny.generate("x", max_new_tokens=8, clamp=[tiny.config.vocab_size + 5])
     with pytest.raises(DiffGemmaError, match="clamp must be"):
         tiny.generate("x", max_new_tokens=8, clamp=[-1] * (tiny.config.canvas_length + 1))

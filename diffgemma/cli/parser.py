@@ -153,6 +153,15 @@ def _add_stream_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_prediction_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prediction",
+        metavar="FILE",
+        help="the answer expected, mostly (a file an edit will give back changed): the canvas starts from its "
+        "text, so what the answer keeps of it settles in a step or two",
+    )
+
+
 def _add_stop_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stop", action="append", default=None, metavar="TEXT", help="end the answer before TEXT (repeatable)"
@@ -181,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_stream_option(generate)
     _add_stop_option(generate)
+    _add_prediction_option(generate)
     _add_model_options(generate)
     generate.set_defaults(run=text.cmd_generate)
 
@@ -238,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--batch-size", type=_at_least(1), default=8, help="--file: conversations denoised together")
     chat.add_argument("--stats", action="store_true", help="--file: print tokens and speed to stderr")
     _add_stop_option(chat)
+    _add_prediction_option(chat)
     _add_template_option(chat)
     _add_model_options(chat)
     chat.set_defaults(run=text.cmd_chat)

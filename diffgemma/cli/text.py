@@ -214,11 +214,12 @@ def _chat_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None
 def cmd_generate(args: argparse.Namespace) -> None:
     if (args.prompt is None) == (args.file is None):
         raise DiffGemmaError("give a prompt (or - for stdin), or --file with one prompt a line")
-    if args.file is not None and (args.watch or args.image):
-        raise DiffGemmaError("--watch and --image go with one prompt; --file runs many")
+    if args.file is not None and (args.watch or args.image or args.prediction):
+        raise DiffGemmaError("--watch, --image and --prediction go with one prompt; --file runs many")
     _check_image_files(args.image)
+    predicted = {"prediction": read_text(args.prediction)} if args.prediction else {}
     model = load_model(args)
-    sampler = sampler_options(args)
+    sampler = {**sampler_options(args), **predicted}
     if args.file is not None:
         _generate_file(model, args, sampler)
         return
@@ -330,6 +331,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         raise DiffGemmaError(
             "--file answers many conversations, each once: not with a message, tools, --watch or --image"
         )
+    if args.prediction and (args.file is not None or args.tools or args.mcp):
+        raise DiffGemmaError("--prediction is one answer's expected text: not with --file, --tools or --mcp")
     _check_image_files(args.image)
     if args.stats and args.file is None:
         raise DiffGemmaError("--stats sums up a --file run")
@@ -355,14 +358,16 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
     terminal = sys.stdin.isatty()
     interactive = terminal and args.message is None
     pictures = list(args.image)  # shown with the next message
+    predicted = [read_text(args.prediction)] if args.prediction else []  # the first answer's
 
     def answer(line: str) -> None:
         history.append({"role": "user", "content": _with_pictures(line, pictures)})
         pictures.clear()
+        asked = {**sampler, "prediction": predicted.pop()} if predicted else sampler
         if args.stream and not functions and not (args.watch and terminal):
             lead = "model> " if interactive else ""
             result, content, _ = _print_as_it_settles(
-                model, history, args, sampler, chat=True, lead=lead, enable_thinking=thinking
+                model, history, args, asked, chat=True, lead=lead, enable_thinking=thinking
             )
         else:
             if functions:  # an agent: each call the model makes is run, its result told to it, until it answers
@@ -372,10 +377,10 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
             else:
                 text = model.settled_text(True, args.stop or ())
                 if args.watch and terminal:
-                    result = _watch(model, history, args, sampler, enable_thinking=thinking, stop=text.stops)
+                    result = _watch(model, history, args, asked, enable_thinking=thinking, stop=text.stops)
                 else:
                     result = model.generate(
-                        history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=text.stops, **sampler
+                        history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=text.stops, **asked
                     )
                 content, reasoning = text.parts(result.new_tokens[0])
             if reasoning:

@@ -65,6 +65,7 @@ class Job:
     clamp: list[int] | None = None  # canvas ids held in place (-1 free): a fill between a prompt and a suffix
     banned: tuple[int, ...] = ()  # ids its row never samples (a client's logit_bias of -100)
     images: tuple[PreparedImage, ...] = ()  # the prompt's pictures (their soft tokens made as its row joins)
+    prediction: list[int] | None = None  # ids its canvases start from (OpenAI's predicted output)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)  # (how long it waits for a batch: the metrics)
@@ -117,7 +118,7 @@ class Run:
         """The job's row joins the batch (at its next canvas boundary, or as it starts); `images`: the soft tokens
         of its prompt's pictures."""
         ended = job.cancelled.is_set
-        asked = BatchRow(job.prompt, job.max_new_tokens, job.seed, job.clamp, job.banned, ended, images)
+        asked = BatchRow(job.prompt, job.max_new_tokens, job.seed, job.clamp, job.banned, ended, images, job.prediction)
         row = self.batch.add(asked)
         self.jobs[row], self.committed[row] = job, []
 

@@ -131,6 +131,18 @@ PromptField = str | list[str] | list[int] | list[list[int]]
 ToolChoiceField = Literal["auto", "none", "required"] | dict[str, Any] | None
 
 
+class Prediction(BaseModel):
+    """OpenAI's predicted output: the answer expected, mostly (a file an edit will give back changed), a text or
+    text parts. The canvas starts from it (`DiffGemma.generate`'s `prediction`)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["content"] = "content"
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        return content_text(self.content, "prediction.content")
+
+
 class ChatRequest(SamplerExtras):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
@@ -163,6 +175,7 @@ class ChatRequest(SamplerExtras):
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
+    prediction: Prediction | None = None
 
 
 class CompletionRequest(SamplerExtras):
@@ -177,6 +190,7 @@ class CompletionRequest(SamplerExtras):
     n: int = 1
     stop: StopField = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)  # alternatives a token; its own always
+    prediction: Prediction | None = None  # (OpenAI's chat field, taken here too: the completion expected)
 
 
 class InfillRequest(SamplerExtras):

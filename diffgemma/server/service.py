@@ -27,7 +27,7 @@ import torch
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..api import DiffGemma
+from ..api import PREDICTION_WITH_THINKING, DiffGemma
 from ..embedding import check_dimensions, passes
 from ..errors import DiffGemmaError
 from ..images import PreparedImage, split_images
@@ -313,6 +313,15 @@ class Serving:
         clamp = self.model.infill_inputs("", suffix, length, warn)[1]
         return self.new_job(prompt, self.admit([prompt], length, 1), body, 0, clamp)
 
+    def prediction_ids(self, body: ChatRequest | CompletionRequest, limit: int) -> list[int] | None:
+        """OpenAI's `prediction` as the ids the canvases start from, within the answer's limit; refused with
+        thinking, which comes before the answer the prediction lines up with."""
+        if body.prediction is None:
+            return None
+        if isinstance(body, ChatRequest) and thinking_asked(body):
+            raise APIError(400, PREDICTION_WITH_THINKING, "invalid_request_error", "invalid_value", "prediction")
+        return self.model.prediction_ids(body.prediction.text())[:limit]
+
     def new_job(
         self,
         prompt: list[int],
@@ -321,13 +330,16 @@ class Serving:
         choice: int,
         clamp: list[int] | None,
         images: tuple[PreparedImage, ...] = (),
+        prediction: list[int] | None = None,
     ) -> Job:
-        """A job for one choice, queued (`images`: the prompt's, from `chat_prompt`)."""
+        """A job for one choice, queued (`images`: the prompt's, from `chat_prompt`; `prediction`: the ids its
+        canvases start from)."""
         # temperature 0 without a seed: seeded 0, so the same request gets the same answer (as clients expect)
         base = body.seed if body.seed is not None else 0 if body.temperature == 0 else None
         seed = base + choice if base is not None else secrets.randbits(62)
         loop = asyncio.get_running_loop()
-        job = Job(prompt, limit, seed, self.sampler_overrides(body), loop, clamp, self.banned_ids(body), images)
+        sampler, banned = self.sampler_overrides(body), self.banned_ids(body)
+        job = Job(prompt, limit, seed, sampler, loop, clamp, banned, images, prediction)
         try:
             self.batcher.submit(job)
         except EngineStopped as err:
@@ -438,7 +450,7 @@ class Serving:
         try:
             for index, echo in enumerate(echoes):
                 yield encode(chunk(Piece(index, role=True, content=echo)))
-            streaming, completion, cached = set(range(len(jobs))), 0, 0
+            streaming, finals, cached = set(range(len(jobs))), [], 0
             while streaming:
                 index, event = await merged.get()
                 job, reply = jobs[index], replies[index]
@@ -463,12 +475,14 @@ class Serving:
                     if logprobs is not None:
                         last["logprobs"] = await logprobs(index, ending[0], ending[2])
                     yield encode(chunk(Piece(index, **last)))
-                    completion += len(ending[0])
+                    finals.append(ending[0])
                     streaming.discard(index)
                     job.cancelled.set()  # (it ended as it settled: its row goes no further than this canvas)
             else:
                 if usage is not None:
-                    yield encode(chunk(Piece(usage=_usage(usage, completion, cached))))
+                    counts = _usage(usage, sum(len(tokens) for tokens in finals), cached)
+                    counts.update(_prediction_usage(jobs[0].prediction, finals))
+                    yield encode(chunk(Piece(usage=counts)))
             yield done
         finally:
             for forwarder in forwarders:
@@ -493,8 +507,10 @@ class Serving:
         `clamp`: ids held in place on the first canvas (a fill: its `max_tokens` free positions, the suffix);
         `tools`: the chat offered tools, so its choices' calls come back as `tool_calls`; `answer_format`: the
         chat asked for a form, JSON, say (`run_answer`: a choice is read whole, then sent, as one piece if
-        streamed); `images`: a chat prompt's (`chat_prompt`)."""
+        streamed); `images`: a chat prompt's (`chat_prompt`). OpenAI's `prediction` starts every choice's canvas
+        from its text; usage then says how many of its tokens the answers kept in place."""
         limit = self.admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
+        prediction = self.prediction_ids(body, limit)
         top = self.requested_logprobs(body)  # (what it refuses, it refuses before a job is queued)
         rows = [prompt for prompt in prompts for _ in range(body.n)]
         leading = [echoes[index // body.n] if echoes else "" for index in range(len(rows))]
@@ -503,7 +519,8 @@ class Serving:
             """Choice `index`'s job (its `attempt`-th draw, seeded apart from every other draw) and its reply (made
             first: its stop strings are checked before a job is queued)."""
             reply = reply_text(self.model, chat, body.stop, tools)
-            return self.new_job(rows[index], limit, body, index + attempt * len(rows), clamp, images), reply
+            seed_index = index + attempt * len(rows)
+            return self.new_job(rows[index], limit, body, seed_index, clamp, images, prediction), reply
 
         drawn = [redraw(index, 0) for index in range(len(rows))]
         jobs, replies = [job for job, _ in drawn], [reply for _, reply in drawn]
@@ -558,6 +575,7 @@ class Serving:
             choices.append({**choice, "message": message})
         cached = max(answer.done.cached for answer in answers)  # (a lone choice's; choices in a batch hold none)
         usage = _usage(prompt_tokens, sum(len(answer.done.new_tokens) for answer in answers), cached)
+        usage.update(_prediction_usage(prediction, [answer.done.new_tokens for answer in answers]))
         if body.stream:  # (a JSON answer: each choice read whole, then sent whole)
             last = [Piece(usage=usage)] if usage_chunk is not None else []
             return event_stream([sse(chunk(piece)) for piece in [*pieces, *last]] + [DONE])
@@ -780,6 +798,16 @@ def _usage(prompt_tokens: int, completion: int, cached: int = 0) -> dict[str, An
         "total_tokens": prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+
+
+def _prediction_usage(prediction: list[int] | None, answers: list[list[int]]) -> dict[str, Any]:
+    """OpenAI's count of a predicted output's use, where one was given (else nothing): its tokens the answers
+    kept in place (accepted), and the rest (rejected), summed over the answers."""
+    if prediction is None:
+        return {}
+    kept = sum(sum(a == b for a, b in zip(prediction, tokens, strict=False)) for tokens in answers)
+    counts = {"accepted_prediction_tokens": kept, "rejected_prediction_tokens": len(prediction) * len(answers) - kept}
+    return {"completion_tokens_details": counts}
 
 
 def _ending(reply: SettledText, event: RowDraft | RowDone, job: Job) -> ChoiceEnd | None:

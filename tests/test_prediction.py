@@ -1,0 +1,165 @@
+"""A prediction of the output (OpenAI's predicted outputs): the canvases start from its tokens, not random ones."""
+
+import random
+
+import openai
+import pytest
+import torch
+from assets.make_demo_model import ANSWERS
+from test_open_batch import alone, run
+
+import diffgemma
+from diffgemma import DiffGemmaError
+from diffgemma.cli import SUDOKU_MODEL
+from diffgemma.generate import DecoderPass
+from diffgemma.open_batch import BatchRow
+from diffgemma.tasks.sudoku.puzzles import is_solution, make_puzzle
+from diffgemma.tasks.sudoku.solver import model_solver_inputs
+from diffgemma.tasks.sudoku.tokens import cell_ids, cell_token, grid_from_ids
+
+
+@pytest.fixture(scope="module")
+def sudoku_model():
+    return diffgemma.load(SUDOKU_MODEL)
+
+
+def first_canvases(monkeypatch, model, **asked) -> list[torch.Tensor]:
+    """The canvas each of a generation's canvases starts from (its first decoder pass's input)."""
+    seen, call = [], DecoderPass.__call__
+
+    def spy(self, canvas, self_conditioning, step, *rest):
+        if step == 1:
+            seen.append(canvas.clone())
+        return call(self, canvas, self_conditioning, step, *rest)
+
+    monkeypatch.setattr(DecoderPass, "__call__", spy)
+    model.generate("x", seed=5, max_new_tokens=2 * model.config.canvas_length, max_denoising_steps=2, **asked)
+    monkeypatch.undo()
+    return seen
+
+
+def test_each_canvas_starts_from_its_part_of_the_prediction(tiny, monkeypatch):
+    """Where the prediction has ids the canvas starts from them (across canvases); elsewhere from the random ids
+    it starts from without one; clamped ids win over both."""
+    length = tiny.config.canvas_length
+    predicted = [(7 * i) % 200 + 3 for i in range(length + 5)]  # a canvas and five ids of the next
+    clamp = [-1, -1, 42]
+    plain = first_canvases(monkeypatch, tiny, clamp=clamp)
+    started = first_canvases(monkeypatch, tiny, clamp=clamp, prediction=predicted)
+    assert len(plain) == len(started) == 2
+    expected = torch.cat(plain, dim=1)[0]
+    expected[: len(predicted)] = torch.tensor(predicted)
+    expected[2] = 42
+    assert torch.equal(torch.cat(started, dim=1)[0], expected)
+
+
+def test_a_prediction_of_each_row_and_bad_ones(tiny):
+    """A batch takes one prediction for every row or one a row (a text or ids); what is not one is refused
+    with a clear error."""
+    rows = [[2, 10, 11], [2, 12]]
+    predictions = [[20, 21], "ab"]
+    each = tiny.generate(rows, max_new_tokens=8, seed=[1, 2], prediction=predictions)
+    alone = [
+        tiny.generate(row, max_new_tokens=8, seed=index + 1, prediction=predictions[index])
+        for index, row in enumerate(rows)
+    ]
+    assert each.new_tokens == [result.new_tokens[0] for result in alone]
+    vocab = tiny.config.vocab_size
+    for bad, message in [
+        (3.5, "a prediction must be a text or token ids"),
+        ([1, "a"], "a prediction must be a text or token ids"),
+        ([[1], [2], [3]], "prediction must be a text or ids, or 2 of them"),
+        (torch.zeros(2, 2, 2, dtype=torch.long), "a prediction tensor must hold token ids"),
+        (torch.zeros(3), "a prediction tensor must hold token ids"),
+        ([vocab], "start_ids must hold -1"),
+    ]:
+        with pytest.raises(DiffGemmaError, match=message):
+            tiny.generate(rows, max_new_tokens=8, seed=1, prediction=bad)
+    with pytest.raises(DiffGemmaError, match="thinking puts its thoughts there"):
+        tiny.chat([{"role": "user", "content": "hi"}], enable_thinking=True, prediction="hello")
+
+
+def test_a_mostly_right_sudoku_grid_settles_in_a_few_steps(sudoku_model):
+    """The shipped sudoku model started from each puzzle's solution with a fifth of its empty cells wrong: every
+    grid comes out solved, wrong cells mended, in far fewer steps than from noise."""
+    rng = random.Random(3)
+    pairs = [make_puzzle(rng, rng.randint(26, 30)) for _ in range(12)]
+    puzzles = [puzzle for puzzle, _ in pairs]
+    inputs = model_solver_inputs(sudoku_model, puzzles)
+    seeds = list(range(100, 112))
+    predicted = []
+    for puzzle, solution in pairs:
+        row = cell_ids(solution)
+        for cell, given in enumerate(puzzle):
+            if not given and rng.random() < 0.2:
+                row[cell] = cell_token(cell, rng.choice([d for d in range(1, 10) if d != solution[cell]]))
+        predicted.append(row)
+    from_noise = sudoku_model.generate(seed=seeds, **inputs)
+    from_prediction = sudoku_model.generate(seed=seeds, prediction=predicted, **inputs)
+    grids = [grid_from_ids(row) for row in from_prediction.sequences[:, from_prediction.prompt_length :].tolist()]
+    assert all(is_solution(grid, puzzle) for grid, puzzle in zip(grids, puzzles, strict=True))
+    steps = from_prediction.steps[0]
+    assert max(steps) <= 4 and sum(steps) * 2 < sum(from_noise.steps[0])
+
+
+def test_an_open_batch_row_with_a_prediction_joins_as_alone(tiny):
+    length = tiny.config.canvas_length
+    base = BatchRow([2, 10, 11, 12], 2 * length, 7)
+    predicted = BatchRow([2, 30, 31], length + 4, 8, prediction=list(range(40, 40 + length + 2)))
+    batch = tiny.open_batch()
+    batch.add(base)
+    finished, _ = run(batch, {1: [predicted]})
+    for index, row in enumerate([base, predicted]):
+        kwargs = {"prediction": row.prediction} if row.prediction else {}
+        assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row, **kwargs), index
+    with pytest.raises(DiffGemmaError, match="prediction must be at most"):
+        batch.add(BatchRow([2], 4, 1, prediction=[5] * (length + 1)))
+
+
+def test_openais_prediction_field_and_its_usage(server, demo):
+    """The OpenAI client's `prediction` reaches the canvas (the answer is the API's with the same prediction and
+    seed); usage counts the prediction's tokens the answer kept in place and the rest, streamed or not; with
+    thinking it is refused."""
+    client = openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+    question = "Why is the sky blue?"
+    messages = [{"role": "user", "content": question}]
+    guess = ANSWERS[question].replace("blue", "gray")
+    expected = demo.chat(messages, seed=2, prediction=guess).content
+    asked = dict(model="demo", messages=messages, seed=2, prediction={"type": "content", "content": guess})
+    reply = client.chat.completions.create(**asked)
+    assert reply.choices[0].message.content == expected
+    details = reply.usage.completion_tokens_details
+    answer = demo.prediction_ids(expected)
+    kept = sum(a == b for a, b in zip(demo.prediction_ids(guess), answer, strict=False))
+    assert details.accepted_prediction_tokens == kept and kept > 0
+    assert details.accepted_prediction_tokens + details.rejected_prediction_tokens == len(demo.prediction_ids(guess))
+    chunks = list(client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens_details == details
+    parts = {"type": "content", "content": [{"type": "text", "text": guess}]}
+    assert client.chat.completions.create(**{**asked, "prediction": parts}).choices[0].message.content == expected
+    plain = client.chat.completions.create(model="demo", messages=messages, seed=2)
+    assert plain.usage.completion_tokens_details is None  # (no prediction, no count)
+    with pytest.raises(openai.BadRequestError, match="thinking puts its thoughts there"):
+        client.chat.completions.create(**asked, extra_body={"enable_thinking": True})
+
+
+def test_the_command_line_reads_a_prediction_file(demo, tmp_path, capsys):
+    """`chat --prediction FILE` and `generate --prediction FILE` start the answer's canvas from the file's text:
+    what the API gives for the same prediction and seed; where it cannot serve, it says so."""
+    from diffgemma.cli import main
+
+    question = "Why is the sky blue?"
+    guess = tmp_path / "guess.txt"
+    guess.write_text(ANSWERS[question].replace("blue", "gray"))
+    model = ["--model", str(demo.folder), "--seed", "2", "--no-stream"]
+    expected = demo.chat([{"role": "user", "content": question}], seed=2, prediction=guess.read_text())
+    assert main(["chat", question, "--prediction", str(guess), *model]) == 0
+    assert capsys.readouterr().out.strip() == expected.content
+    generated = demo.generate("Once", seed=2, max_new_tokens=40, prediction=guess.read_text())
+    assert main(["generate", "Once", "--prediction", str(guess), "--max-new-tokens", "40", *model]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == generated.text
+    assert main(["chat", question, "--prediction", str(guess), "--think", *model]) == 2
+    assert "thinking puts its thoughts there" in capsys.readouterr().err
+    assert main(["chat", question, "--prediction", str(tmp_path / "none.txt"), *model]) == 2
+    assert "file not found" in capsys.readouterr().err
