@@ -5,6 +5,9 @@ The shipped sudoku model (the one trained model here whose answers can be checke
 at most its 16 steps, as `diffgemma sudoku` solves them (givens clamped, candidates), each puzzle with the same
 seed in every row: from noise (no prediction), then from each puzzle's solution with a share of its empty cells
 given a wrong digit, and from a solution with a share of its empty cells left to the noise (a partial answer).
+Then the puzzles the first try (from noise) got wrong, tried again with a fresh seed: from noise (the solver's
+way), from the wrong grid, and from it with the cells in conflict left to the noise: is the model's own wrong
+answer a prediction worth starting from?
 
     python bench/prediction.py [--puzzles 500] [--results FILE]
 """
@@ -22,8 +25,8 @@ from common import append_results
 
 import diffgemma
 from diffgemma.cli import SUDOKU_MODEL
-from diffgemma.tasks.sudoku.puzzles import is_solution, make_puzzle
-from diffgemma.tasks.sudoku.solver import model_solver_inputs
+from diffgemma.tasks.sudoku.puzzles import PEERS, is_solution, make_puzzle
+from diffgemma.tasks.sudoku.solver import model_solver_inputs, try_seed
 from diffgemma.tasks.sudoku.tokens import cell_ids, cell_token, grid_from_ids
 
 
@@ -41,6 +44,22 @@ def predicted(pairs: list, share: float, wrong: bool, rng: random.Random) -> lis
     return rows
 
 
+def without_conflicts(puzzle: list[int], grid: list[int]) -> list[int]:
+    """A grid's canvas ids, its empty cells whose digit a peer holds too left to the noise (-1)."""
+    return [
+        -1 if not puzzle[cell] and any(grid[peer] == grid[cell] for peer in PEERS[cell]) else token
+        for cell, token in enumerate(cell_ids(grid))
+    ]
+
+
+def one_try(model, puzzles: list, seeds: list[int], prediction) -> tuple[list[list[int]], int, list[int]]:
+    """One try of each puzzle (one batch): the grids, how many came out solved, each one's steps."""
+    result = model.generate(seed=seeds, prediction=prediction, **model_solver_inputs(model, puzzles))
+    grids = [grid_from_ids(row) for row in result.sequences[:, result.prompt_length :].tolist()]
+    solved = sum(is_solution(grid, puzzle) for grid, puzzle in zip(grids, puzzles, strict=True))
+    return grids, solved, result.steps[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--puzzles", type=int, default=500)
@@ -51,20 +70,17 @@ def main() -> None:
     rng = random.Random(args.seed)
     pairs = [make_puzzle(rng, rng.randint(24, 36)) for _ in range(args.puzzles)]
     puzzles = [puzzle for puzzle, _ in pairs]
-    inputs = model_solver_inputs(model, puzzles)
     seeds = list(range(len(puzzles)))
     runs = [("none (from noise)", None)]
     runs += [(f"solution, {share:.0%} of empty cells wrong", (share, True)) for share in (0.0, 0.1, 0.25, 0.5)]
     runs += [(f"solution, {share:.0%} of empty cells left to noise", (share, False)) for share in (0.5, 0.8)]
-    lines = []
+    lines, first_grids = [], None
     for label, change in runs:
         prediction = None if change is None else predicted(pairs, *change, random.Random(args.seed + 1))
         started = time.perf_counter()
-        result = model.generate(seed=seeds, prediction=prediction, **inputs)
+        grids, solved, steps = one_try(model, puzzles, seeds, prediction)
         seconds = time.perf_counter() - started
-        grids = [grid_from_ids(row) for row in result.sequences[:, result.prompt_length :].tolist()]
-        solved = sum(is_solution(grid, puzzle) for grid, puzzle in zip(grids, puzzles, strict=True))
-        steps = result.steps[0]
+        first_grids = first_grids or grids
         mended = ""
         if change is not None and change[1] and change[0] > 0:
             wrong = [
@@ -76,11 +92,33 @@ def main() -> None:
             mended = f"{sum(got == right for got, right in wrong) / len(wrong):.1%} of {len(wrong)}"
         cells = (label, f"{solved / len(puzzles):.1%}", f"{sum(steps) / len(steps):.1f}", max(steps), mended)
         lines.append("| " + " | ".join(str(cell) for cell in cells) + f" | {seconds:.1f} |")
+    wrong = [index for index, puzzle in enumerate(puzzles) if not is_solution(first_grids[index], puzzle)]
+    again = [puzzles[index] for index in wrong]
+    retries = []
+    for attempt in (1, 2, 3):
+        seeds_again = [try_seed(index, attempt) for index in wrong]
+        starts = {
+            "noise (the solver's retry)": None,
+            "the wrong grid": [cell_ids(first_grids[index]) for index in wrong],
+            "the wrong grid, cells in conflict left to noise": [
+                without_conflicts(puzzles[index], first_grids[index]) for index in wrong
+            ],
+        }
+        for label, prediction in starts.items():
+            _, solved, steps = one_try(model, again, seeds_again, prediction)
+            share = f"{solved} of {len(again)} ({solved / len(again):.1%})"
+            retries.append(f"| {attempt} | {label} | {share} | {sum(steps) / len(steps):.1f} |")
     table = "\n".join(
         [
             "| prediction | solved | mean steps | most steps | wrong cells mended | seconds |",
             "|---|---|---|---|---|---|",
             *lines,
+            "",
+            "The puzzles the first try from noise got wrong, a second try (fresh seed; three seeds) starting from:",
+            "",
+            "| second try's seed | start | solved | mean steps |",
+            "|---|---|---|---|",
+            *retries,
         ]
     )
     append_results(
