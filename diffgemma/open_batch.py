@@ -10,10 +10,11 @@ join it (its positions would not fit before the cache's end); `fits` says so bef
 
 Fast mode only, each row with its own seed, limit, ids held in place on its generated positions (a fill) and ids
 it never draws; each canvas's settled prefix is committed early (`commit_stable_prefix`), as a server streams
-it. A row draws the random numbers it would draw alone (its draws counted from its join). The first rows of a
-batch start it as `denoising_loop` would (one row alone through the prefix cache); with a prefix cache, rows that
-join later are encoded one by one through it too (a snapshot taken is copied to where the row's prompt lies, its
-keys turned to those positions, so a chat's next turn skips its history whenever it comes).
+it. A row draws the random numbers it would draw alone (its draws counted from its join). With a prefix cache
+every row's prompt goes through it by itself: the longest of the first rows starts the batch as `denoising_loop`
+would, the others join it at once as later rows join (a snapshot taken is copied to where the row's prompt lies,
+its keys turned to those positions), so a chat's next turn skips its history whenever it comes. Without one, the
+first rows start the batch together, padded, and rows that come together join together.
 """
 
 from __future__ import annotations
@@ -284,25 +285,31 @@ class OpenBatch:
 
     def _admit(self) -> None:
         """The waiting rows join: the first ones start the batch; later ones are encoded to end where its cache
-        ends and join its rows (each by itself through the prefix cache, where there is one)."""
+        ends and join its rows. With a prefix cache every row goes through it by itself: the longest prompt
+        starts the batch, and the others join it at once."""
         joining, self.waiting = self.waiting, []
         if not joining:
             return
         network = self.network
-        rows = [*self.rows, *joining]
+        alone = self.prefix_cache is not None
+        others = joining
         if self.cache is None:
-            ids, mask, images = self._prompts(joining)
-            capacity = max(ids.shape[1] + self._room(row) for row in rows)
+            if alone:  # (the longest first: the others' prompts end where its does)
+                joining.insert(0, joining.pop(max(range(len(joining)), key=lambda i: len(joining[i].asked.prompt))))
+            starters, others = (joining[:1], joining[1:]) if alone else (joining, [])
+            ids, mask, images = self._prompts(starters)
+            capacity = max(ids.shape[1] + self._room(row) for row in joining)
             self._reuse = _PromptReuse(network, self.prefix_cache, ids, mask, "fast", images)
-            cache = self._reuse.new_cache(network, len(joining), capacity)
-            self._reuse.encode(network, ids, mask, cache)
-            for row in joining:
+            self.cache = self._reuse.new_cache(network, len(starters), capacity)
+            self._reuse.encode(network, ids, mask, self.cache)
+            for row in starters:
                 row.cached = self._reuse.reused
-        else:
-            length = self.cache.length
-            groups = [[row] for row in joining] if self.prefix_cache is not None else [joining]
-            parts = [self._encoded_to(length, group) for group in groups]
-            cache = self.cache.joined(parts, max(length + self._room(row) for row in rows))
+        cache = self.cache
+        rows = [*self.rows, *joining]
+        if others:
+            length = cache.length
+            parts = [self._encoded_to(length, group) for group in ([[row] for row in others] if alone else [others])]
+            cache = cache.joined(parts, max(length + self._room(row) for row in rows))
         self.rows = rows
         for row in joining:
             row.joined, row.first_draw = time.perf_counter(), self.rng.draws

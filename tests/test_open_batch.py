@@ -227,3 +227,37 @@ def test_rows_that_join_later_read_and_keep_the_prefix_cache(tiny):
     finally:
         tiny.prefix_cache = saved
         saved.entries = 1
+
+
+def test_rows_that_start_a_batch_together_each_read_the_prefix_cache(tiny):
+    """Two rows that start a batch together (a server's requests that come at once) each take their prompt's
+    snapshot, whichever is longer, and give what they give alone."""
+    tiny.prefix_cache.clear()
+    tiny.prefix_cache.entries = 2
+    length = tiny.config.canvas_length
+    openings = [BatchRow([2, *range(10, 50)], length, 1), BatchRow([2, *range(60, 75)], length, 2)]
+    try:
+        for row in openings:  # (each kept alone)
+            batch = tiny.open_batch()
+            batch.add(row)
+            run(batch, {})
+        turns = [
+            BatchRow([*openings[0].prompt, *range(80, 90)], 2 * length, 3),
+            BatchRow([*openings[1].prompt, *range(90, 120)], length, 4),  # (the longer prompt now)
+        ]
+        batch = tiny.open_batch()
+        for row in turns:
+            batch.add(row)
+        finished, sizes = run(batch, {})
+        assert sizes[0] == 2
+        assert [finished[index].cached for index in (0, 1)] == [len(openings[0].prompt), len(openings[1].prompt)]
+        tiny.prefix_cache.clear()
+        saved, tiny.prefix_cache = tiny.prefix_cache, None
+        try:
+            for index, row in enumerate(turns):
+                assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row), index
+        finally:
+            tiny.prefix_cache = saved
+    finally:
+        tiny.prefix_cache.clear()
+        tiny.prefix_cache.entries = 1
