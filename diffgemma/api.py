@@ -70,6 +70,11 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # A prediction is where an answer's canvas starts, position by position; a thinking answer's thoughts come first.
 PREDICTION_WITH_THINKING = "a prediction lines up with the answer's start, but thinking puts its thoughts there"
+# `rewrite`'s system turn: the answer must be the text alone for the prediction (the text) to line up with it.
+REWRITE_SYSTEM = (
+    "Rewrite the text the user gives, as they ask. Answer with the whole rewritten text and nothing else: "
+    "no explanation, no code fences."
+)
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -672,6 +677,28 @@ class DiffGemma:
         tokenizer = self._need_tokenizer()
         return SettledText(tokenizer, settings.eos_token_id, settings.pad_token_id, chat, stops, tools, lead)
 
+    def rewrite(
+        self, text: str, instruction: str, seed: int | None = None, max_new_tokens: int | None = None, **sampler: Any
+    ) -> ChatResult:
+        """`text` rewritten as `instruction` asks (a file to change: "rename x to y"), the way OpenAI's predicted
+        outputs serve edits: a chat turn asks for the whole text back changed, and its canvas starts from the
+        text itself (`prediction`), so what stays settles in a step or two. `content` is the new text (a code
+        fence around the answer taken off; the text's last newline kept). `max_new_tokens`: by default twice
+        the text's tokens, and a canvas more."""
+        if not isinstance(text, str) or not isinstance(instruction, str) or not instruction.strip():
+            raise DiffGemmaError("rewrite takes a text and an instruction (what to change)")
+        if max_new_tokens is None:
+            max_new_tokens = 2 * len(self.prediction_ids(text)) + self.config.canvas_length
+        messages = [
+            {"role": "system", "content": REWRITE_SYSTEM},
+            {"role": "user", "content": f"{instruction.strip()}\n\n{text}"},
+        ]
+        reply = self.chat(messages, max_new_tokens=max_new_tokens, seed=seed, prediction=text, **sampler)
+        content = _unfenced(reply.content)
+        if text.endswith("\n") and not content.endswith("\n"):
+            content += "\n"
+        return replace(reply, content=content)
+
     def edit(
         self,
         text: str,
@@ -880,6 +907,15 @@ def _lighter_load(config: ModelConfig, dtype: torch.dtype, quant: str | None, fr
     flags += [f"--dtype {_load_label(best_dtype, None)}"] if best_dtype != dtype else []
     size = size_text(sizes[best])
     return f"; {_load_label(*best)} would fit, in {size} ({' '.join(flags)}; `load` takes the same names)"
+
+
+def _unfenced(answer: str) -> str:
+    """An answer without the markdown code fence wrapped around it, if one is (```lang ... ```)."""
+    stripped = answer.strip()
+    if stripped.startswith("```") and stripped.endswith("```") and "\n" in stripped:
+        body = stripped[stripped.index("\n") + 1 : -3]
+        return body[:-1] if body.endswith("\n") else body
+    return answer
 
 
 def _clamp_ids(clamp: Sequence) -> torch.Tensor:

@@ -163,3 +163,55 @@ def test_the_command_line_reads_a_prediction_file(demo, tmp_path, capsys):
     assert "thinking puts its thoughts there" in capsys.readouterr().err
     assert main(["chat", question, "--prediction", str(tmp_path / "none.txt"), *model]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_rewrite_asks_for_the_text_back_changed_starting_from_it(demo, monkeypatch):
+    """`rewrite`: one chat turn (the system's ask for the whole text alone, the instruction, the text), its canvas
+    started from the text (the prediction); a code fence around the answer comes off and the text's last newline
+    stays."""
+    from diffgemma.api import REWRITE_SYSTEM, _unfenced
+
+    text = "def add(a, b):\n    return a + b\n"
+    asked = {}
+    chat = demo.chat
+
+    def spy(messages, **settings):
+        asked.update(messages=messages, **settings)
+        return chat(messages, **settings)
+
+    monkeypatch.setattr(demo, "chat", spy)
+    reply = demo.rewrite(text, "  Rename add to plus. ", seed=3)
+    assert asked["messages"] == [
+        {"role": "system", "content": REWRITE_SYSTEM},
+        {"role": "user", "content": "Rename add to plus.\n\n" + text},
+    ]
+    assert asked["prediction"] == text and asked["seed"] == 3
+    assert asked["max_new_tokens"] == 2 * len(demo.prediction_ids(text)) + demo.config.canvas_length
+    answer = _unfenced(chat(asked["messages"], seed=3, max_new_tokens=asked["max_new_tokens"], prediction=text).content)
+    assert reply.content == (answer if answer.endswith("\n") else answer + "\n")
+    assert _unfenced("```python\nx = 1\ny = 2\n```") == "x = 1\ny = 2"
+    assert _unfenced("no fence\n") == "no fence\n" and _unfenced("```inline```") == "```inline```"
+    with pytest.raises(DiffGemmaError, match="a text and an instruction"):
+        demo.rewrite(text, "  ")
+
+
+def test_edit_with_an_instruction_prints_a_diff_or_writes(demo, tmp_path, capsys):
+    """`edit FILE --instruction TEXT`: the rewrite as a unified diff (the file untouched), or with --write the
+    file rewritten atomically beside a backup; --lines and --instruction are one or the other."""
+    from diffgemma.cli import main
+
+    path = tmp_path / "add.py"
+    text = "def add(a, b):\n    return a + b\n"
+    path.write_text(text)
+    new = demo.rewrite(text, "Rename add to plus.", seed=4).content
+    assert new != text
+    model = ["--model", str(demo.folder), "--seed", "4"]
+    assert main(["edit", str(path), "--instruction", "Rename add to plus.", *model]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"--- {path}\n+++ {path} (rewritten)\n@@ ") and path.read_text() == text
+    assert all(f"-{line}" in out for line in text.splitlines())
+    assert main(["edit", str(path), "--instruction", "Rename add to plus.", "--write", *model]) == 0
+    assert path.read_text() == new and (tmp_path / "add.py.bak").read_text() == text
+    with pytest.raises(SystemExit) as refused:
+        main(["edit", str(path), "--instruction", "x", "--lines", "1:1", *model])
+    assert refused.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

@@ -260,9 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(infill, length=False)  # (its length: --length)
     infill.set_defaults(run=text.cmd_infill)
 
-    edit = commands.add_parser("edit", help="regenerate some lines of a file in place")
+    edit = commands.add_parser(
+        "edit", help="rewrite a file as an instruction asks (a diff), or regenerate some of its lines in place"
+    )
     edit.add_argument("file")
-    edit.add_argument("--lines", required=True, help="A:B, 1-based and inclusive")
+    how = edit.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--instruction",
+        metavar="TEXT",
+        help="what to change: the model gives the whole file back changed, its canvas starting from the file "
+        "(a prediction), and the change prints as a unified diff",
+    )
+    how.add_argument("--lines", help="A:B, 1-based and inclusive: those lines regenerated in place (no instruction)")
     edit.add_argument("--length", type=int, default=None, help="tokens for the new lines (default: as many as before)")
     edit.add_argument("--write", action="store_true", help="write the file (atomically) instead of printing")
     edit.add_argument("--no-backup", action="store_true", help="with --write, keep no FILE.bak")

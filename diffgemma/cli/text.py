@@ -560,6 +560,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
     text = read_text(path, newline="")  # line endings as they are (\r\n stays \r\n)
     with open(path, "rb") as handle:  # a byte-order mark is not the model's to see, but the file keeps it
         mark = "\ufeff" if handle.read(3) == codecs.BOM_UTF8 else ""
+    if args.instruction is not None:
+        _rewrite(path, mark, text, args)
+        return
     lines = re.findall(r"[^\n]*\n|[^\n]+\Z", text)
     first, last = _lines(args.lines, len(lines))
     start = sum(len(line) for line in lines[: first - 1])
@@ -572,6 +575,25 @@ def cmd_edit(args: argparse.Namespace) -> None:
         print(f"rewrote lines {first}-{last} of {path}" + ("" if args.no_backup else f" (backup: {path.name}.bak)"))
     else:
         print(result.text, end="")
+
+
+def _rewrite(path: Path, mark: str, text: str, args: argparse.Namespace) -> None:
+    """`edit --instruction`: the file rewritten as asked (`DiffGemma.rewrite`), as a unified diff or written."""
+    import difflib
+
+    if args.length is not None:
+        raise DiffGemmaError("--length goes with --lines (an instruction's answer is as long as it needs)")
+    model = load_model(args)
+    new = model.rewrite(text, args.instruction, seed=args.seed, mode=args.mode, **sampler_options(args)).content
+    if new == text:
+        print(f"no change to {path}")
+    elif args.write:
+        write_atomically(path, mark + new, backup=not args.no_backup)
+        print(f"rewrote {path}" + ("" if args.no_backup else f" (backup: {path.name}.bak)"))
+    else:
+        diff = difflib.unified_diff(text.splitlines(True), new.splitlines(True), str(path), f"{path} (rewritten)")
+        for line in diff:  # (as diff marks a last line with no newline)
+            sys.stdout.write(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
