@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -318,7 +319,7 @@ class DiffGemma:
         )
         if prediction is not None and enable_thinking:
             raise DiffGemmaError(PREDICTION_WITH_THINKING)
-        start_ids = None if prediction is None else self._prediction_ids(prediction, ids.shape[0])
+        start_ids = None if prediction is None else self._prediction_ids(prediction, ids.shape[0], settings)
         events = denoising_loop(
             self.network,
             settings,
@@ -350,9 +351,12 @@ class DiffGemma:
             return list(prediction)
         raise DiffGemmaError("a prediction must be a text or token ids")
 
-    def _prediction_ids(self, prediction: str | Sequence | torch.Tensor, batch: int) -> torch.Tensor:
+    def _prediction_ids(
+        self, prediction: str | Sequence | torch.Tensor, batch: int, settings: SamplerSettings
+    ) -> torch.Tensor:
         """`generate`'s `prediction` as start ids [B, L] (-1 past a row's end): a text or ids for every row, or
-        one of them a row; a tensor [L] or [B, L] as it is."""
+        one of them a row; a tensor [L] or [B, L] as it is. What lies past the canvases the generation can reach
+        is left out (it could start none)."""
         if isinstance(prediction, torch.Tensor):
             if prediction.ndim not in (1, 2) or prediction.dtype not in (torch.int64, torch.int32):
                 raise DiffGemmaError("a prediction tensor must hold token ids, shaped [tokens] or [batch, tokens]")
@@ -365,6 +369,11 @@ class DiffGemma:
             rows = [self.prediction_ids(row) for row in prediction]
         else:
             raise DiffGemmaError(f"prediction must be a text or ids, or {batch} of them (one a row)")
+        vocab, length = self.config.vocab_size, self.config.canvas_length
+        if any(not 0 <= token < vocab for row in rows for token in row):
+            raise DiffGemmaError(f"a prediction's ids must be token ids below {vocab}")
+        reach = math.ceil(settings.max_new_tokens / length) * length
+        rows = [row[:reach] for row in rows]
         width = max((len(row) for row in rows), default=0)
         return torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.long).reshape(batch, width)
 

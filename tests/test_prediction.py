@@ -64,6 +64,8 @@ def test_a_prediction_of_each_row_and_bad_ones(tiny):
         for index, row in enumerate(rows)
     ]
     assert each.new_tokens == [result.new_tokens[0] for result in alone]
+    long = [3 + i % 200 for i in range(3 * tiny.config.canvas_length)]  # (past the one canvas: left out)
+    assert tiny.generate("x", max_new_tokens=8, seed=1, prediction=long).new_tokens[0]
     vocab = tiny.config.vocab_size
     for bad, message in [
         (3.5, "a prediction must be a text or token ids"),
@@ -71,7 +73,7 @@ def test_a_prediction_of_each_row_and_bad_ones(tiny):
         ([[1], [2], [3]], "prediction must be a text or ids, or 2 of them"),
         (torch.zeros(2, 2, 2, dtype=torch.long), "a prediction tensor must hold token ids"),
         (torch.zeros(3), "a prediction tensor must hold token ids"),
-        ([vocab], "start_ids must hold -1"),
+        ([vocab], "ids must be token ids below"),
     ]:
         with pytest.raises(DiffGemmaError, match=message):
             tiny.generate(rows, max_new_tokens=8, seed=1, prediction=bad)
