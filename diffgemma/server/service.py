@@ -573,7 +573,7 @@ class Serving:
             if end.calls:  # (OpenAI's content is null when a reply is its calls alone)
                 message.update(content=content or None, tool_calls=end.calls)
             choices.append({**choice, "message": message})
-        cached = max(answer.done.cached for answer in answers)  # (a lone choice's; choices in a batch hold none)
+        cached = max(answer.done.cached for answer in answers)  # (its prompts counted once, so the most any held)
         usage = _usage(prompt_tokens, sum(len(answer.done.new_tokens) for answer in answers), cached)
         usage.update(_prediction_usage(prediction, [answer.done.new_tokens for answer in answers]))
         if body.stream:  # (a JSON answer: each choice read whole, then sent whole)
