@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -319,7 +318,7 @@ class DiffGemma:
         )
         if prediction is not None and enable_thinking:
             raise DiffGemmaError(PREDICTION_WITH_THINKING)
-        start_ids = None if prediction is None else self._prediction_ids(prediction, ids.shape[0], settings)
+        predictions = None if prediction is None else self._predictions(prediction, ids.shape[0])
         events = denoising_loop(
             self.network,
             settings,
@@ -339,43 +338,36 @@ class DiffGemma:
             end_rows=end_rows,
             prefix_cache=self.prefix_cache,
             images=image_inputs,
-            start_ids=start_ids,
+            predictions=predictions,
         )
         return events, batched
 
     def prediction_ids(self, prediction: str | Sequence[int]) -> list[int]:
-        """A prediction's token ids: a text tokenized as it would be generated (no BOS), or ids as they are."""
+        """A prediction's token ids: a text tokenized as it would be generated (no BOS), or ids as they are (-1:
+        no prediction at that position)."""
         if isinstance(prediction, str):
             return self._need_tokenizer().encode(prediction, add_special_tokens=False)
-        if isinstance(prediction, Sequence) and all(is_int(token) for token in prediction):
-            return list(prediction)
-        raise DiffGemmaError("a prediction must be a text or token ids")
+        if not isinstance(prediction, Sequence) or not all(is_int(token) for token in prediction):
+            raise DiffGemmaError("a prediction must be a text or token ids")
+        vocab = self.config.vocab_size
+        if any(not -1 <= token < vocab for token in prediction):
+            raise DiffGemmaError(f"a prediction's ids must be token ids below {vocab} (or -1: none there)")
+        return list(prediction)
 
-    def _prediction_ids(
-        self, prediction: str | Sequence | torch.Tensor, batch: int, settings: SamplerSettings
-    ) -> torch.Tensor:
-        """`generate`'s `prediction` as start ids [B, L] (-1 past a row's end): a text or ids for every row, or
-        one of them a row; a tensor [L] or [B, L] as it is. What lies past the canvases the generation can reach
-        is left out (it could start none)."""
+    def _predictions(self, prediction: str | Sequence | torch.Tensor, batch: int) -> list[list[int]]:
+        """`generate`'s `prediction` as one id list a row: a text or ids for every row, or one of them a row; a
+        tensor [L] or [B, L] of ids."""
         if isinstance(prediction, torch.Tensor):
             if prediction.ndim not in (1, 2) or prediction.dtype not in (torch.int64, torch.int32):
                 raise DiffGemmaError("a prediction tensor must hold token ids, shaped [tokens] or [batch, tokens]")
-            rows = prediction.tolist() if prediction.ndim == 2 else [prediction.tolist()] * batch
-        elif not isinstance(prediction, Sequence):
-            raise DiffGemmaError("a prediction must be a text or token ids")
-        elif isinstance(prediction, str) or all(is_int(token) for token in prediction):
-            rows = [self.prediction_ids(prediction)] * batch
-        elif len(prediction) == batch:
-            rows = [self.prediction_ids(row) for row in prediction]
-        else:
-            raise DiffGemmaError(f"prediction must be a text or ids, or {batch} of them (one a row)")
-        vocab, length = self.config.vocab_size, self.config.canvas_length
-        if any(not 0 <= token < vocab for row in rows for token in row):
-            raise DiffGemmaError(f"a prediction's ids must be token ids below {vocab}")
-        reach = math.ceil(settings.max_new_tokens / length) * length
-        rows = [row[:reach] for row in rows]
-        width = max((len(row) for row in rows), default=0)
-        return torch.tensor([row + [-1] * (width - len(row)) for row in rows], dtype=torch.long).reshape(batch, width)
+            prediction = prediction.tolist()
+        if isinstance(prediction, str) or (
+            isinstance(prediction, Sequence) and all(is_int(token) for token in prediction)
+        ):
+            return [self.prediction_ids(prediction)] * batch
+        if isinstance(prediction, Sequence) and len(prediction) == batch:
+            return [self.prediction_ids(row) for row in prediction]
+        raise DiffGemmaError(f"prediction must be a text or token ids, or {batch} of them (one a row)")
 
     def _with_images(
         self, ids: torch.Tensor, mask: torch.Tensor | None, images: Sequence, batched: bool, pad_id: int

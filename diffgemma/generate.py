@@ -12,6 +12,7 @@ random stream per row, so a row's result does not depend on the other rows of it
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import operator
@@ -654,7 +655,7 @@ def denoising_loop(
     end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
     prefix_cache: PrefixCache | None = None,
     images: ImageInputs | None = None,
-    start_ids: torch.Tensor | None = None,
+    predictions: Sequence[Sequence[int]] | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -687,10 +688,12 @@ def denoising_loop(
     `prefix_cache` (fast mode, a batch of one): a prompt that begins with the one it kept encodes only the rest,
     and this prompt's cache is kept there when the generation ends. `images`: images' soft tokens in the prompt
     (`ImageInputs`); the prefix cache tells prompts with other pictures apart (`_PromptReuse`).
-    `start_ids` [B, L] (L <= canvases * C; -1: none) are what each canvas starts from at those positions instead
-    of random tokens: a prediction of the output (OpenAI's predicted outputs). The denoiser reads a canvas that
-    is mostly right as one nearly denoised, so the positions the output shares with it settle in a step or two,
-    and the rest are rewritten (the random numbers drawn are the same; clamped ids still win).
+    `predictions` (one id list a row; -1: no prediction there; empty: none) are what each row's output is
+    expected to be, mostly (OpenAI's predicted outputs): each canvas starts from its part of it instead of random
+    tokens (`predicted_start`: after the first, the part that follows what the row has written, so an answer
+    that added or left out text finds the rest of the prediction where it now goes). The denoiser reads a canvas
+    that is mostly right as one nearly denoised, so the positions the output shares with it settle in a step or
+    two, and the rest are rewritten (the random numbers drawn are the same; clamped ids still win).
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -705,7 +708,7 @@ def denoising_loop(
     row_canvases = torch.tensor([math.ceil(limit / length) for limit in limits], device=device)
     if bool(((ids < 0) | (ids >= vocab)).any()):  # (once, before the loop: an embedding would fail obscurely)
         raise DiffGemmaError(f"prompt token ids must be between 0 and {vocab - 1} (the vocabulary)")
-    given = _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning, start_ids)
+    given = _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning)
     constraints = given.checked(batch, canvases * length, vocab, device)
     if prompt_length + canvases * length > config.max_position_embeddings:
         raise DiffGemmaError(
@@ -735,7 +738,12 @@ def denoising_loop(
         for canvas_index in range(canvases):
             span = slice(canvas_index * length, (canvas_index + 1) * length)
             excluded = constraints.excluded(span, vocab)
-            user_ids, noise, first, start = constraints.on_canvas(span)
+            user_ids, noise, first = constraints.on_canvas(span)
+            start = None
+            if predictions is not None:  # (the host learns the canvas committed before: it waited for it)
+                written = sequences[:, prompt_length:].tolist()
+                starts = [predicted_start(row, done, length) for row, done in zip(predictions, written, strict=True)]
+                start = torch.tensor(starts, dtype=torch.long, device=device)
             # the positions of this canvas each row's output can hold (its limit may end inside it)
             wanted = (torch.tensor(limits, device=device) - canvas_index * length).clamp(max=length)
             argmax, canvas_steps = yield from denoiser.canvas(
@@ -888,15 +896,19 @@ class _Constraints:
     noise_ranges: torch.Tensor | None  # [B, L, 2]: the token ranges past those given
     banned_tokens: torch.Tensor | None  # [B, L, V] booleans (a view where one set holds for every position)
     first_self_conditioning: torch.Tensor | None  # [B, L, V] probabilities
-    start_ids: torch.Tensor | None = None  # [B, L] ids, -1 none
 
     def checked(self, batch: int, positions: int, vocab: int, device: torch.device) -> _Constraints:
         """These constraints as given, checked for `batch` rows of `positions` generated positions, padded, on
         `device`."""
         token_ranges, noise_ranges = self.token_ranges, self.noise_ranges
         banned_tokens, first_self_conditioning = self.banned_tokens, self.first_self_conditioning
-        clamp = _checked_ids(self.clamp, "clamp", "free", batch, positions, vocab, device)
-        start_ids = _checked_ids(self.start_ids, "start_ids", "none", batch, positions, vocab, device)
+        clamp = self.clamp
+        if clamp is not None:
+            if clamp.ndim != 2 or clamp.shape[0] != batch or clamp.shape[1] > positions:
+                raise DiffGemmaError(f"clamp must be [batch={batch}, at most {positions}] token ids (-1 = free)")
+            if bool(((clamp < -1) | (clamp >= vocab)).any()):
+                raise DiffGemmaError(f"clamp must hold -1 (free) or token ids below {vocab}")
+            clamp = torch.nn.functional.pad(clamp, (0, positions - clamp.shape[1]), value=-1).to(device)
         if token_ranges is not None:
             token_ranges = _checked_ranges(token_ranges, batch, positions, vocab).to(device)
         if noise_ranges is not None:
@@ -926,7 +938,7 @@ class _Constraints:
                 vocab,
                 0.0,
             ).to(device)
-        return _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning, start_ids)
+        return _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning)
 
     def excluded(self, span: slice, vocab: int) -> torch.Tensor | None:
         """[B, C, V] booleans: the ids a canvas's positions may not take (outside their range, or banned)."""
@@ -938,12 +950,25 @@ class _Constraints:
         return excluded
 
     def on_canvas(self, span: slice) -> tuple[torch.Tensor | None, ...]:
-        """A canvas's part of the clamp, the noise ranges, the first self-conditioning and the start ids (None where
-        not given)."""
+        """A canvas's part of the clamp, the noise ranges and the first self-conditioning (None where not given)."""
         return tuple(
             None if given is None else given[:, span]
-            for given in (self.clamp, self.noise_ranges, self.first_self_conditioning, self.start_ids)
+            for given in (self.clamp, self.noise_ranges, self.first_self_conditioning)
         )
+
+
+def predicted_start(prediction: Sequence[int], written: Sequence[int], length: int) -> list[int]:
+    """A canvas's start from a prediction of the output (-1 where it has none): the `length` ids of it that follow
+    what the row has `written` so far. The two are aligned (their longest common runs) and the prediction is
+    read on from where its last run shared with the writing ends, as far past it as the writing went on: text
+    the answer added or left out moves the rest of the prediction to where it now goes."""
+    at = 0
+    if written:
+        runs = difflib.SequenceMatcher(None, written, prediction, autojunk=False).get_matching_blocks()
+        shared = [run for run in runs if run.size]
+        at = len(written) if not shared else shared[-1].b + len(written) - shared[-1].a
+    part = list(prediction[at : at + length])
+    return part + [-1] * (length - len(part))
 
 
 def banned_mask(ids: Sequence, batch: int, vocab: int, device: torch.device) -> torch.Tensor:
@@ -959,19 +984,6 @@ def banned_mask(ids: Sequence, batch: int, vocab: int, device: torch.device) -> 
     for row, banned in enumerate(rows):
         mask[row, list(banned)] = True
     return mask
-
-
-def _checked_ids(
-    ids: torch.Tensor | None, name: str, unset: str, batch: int, positions: int, vocab: int, device: torch.device
-) -> torch.Tensor | None:
-    """[B, L] ids per generated position (-1: `unset`), checked, padded with -1 to every position, on `device`."""
-    if ids is None:
-        return None
-    if ids.ndim != 2 or ids.shape[0] != batch or ids.shape[1] > positions:
-        raise DiffGemmaError(f"{name} must be [batch={batch}, at most {positions}] token ids (-1 = {unset})")
-    if bool(((ids < -1) | (ids >= vocab)).any()):
-        raise DiffGemmaError(f"{name} must hold -1 ({unset}) or token ids below {vocab}")
-    return torch.nn.functional.pad(ids, (0, positions - ids.shape[1]), value=-1).to(device)
 
 
 def _checked_ranges(

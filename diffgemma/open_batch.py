@@ -38,6 +38,7 @@ from .generate import (
     _committed,
     _PromptReuse,
     banned_mask,
+    predicted_start,
     prepare_prompts,
     row_output,
     seed_int64,
@@ -171,9 +172,11 @@ class OpenBatch:
         if not self.fits(len(row.prompt), row.max_new_tokens):
             raise DiffGemmaError("this row does not fit the batch (its prompt is longer than the batch's cache)")
         reach = math.ceil(row.max_new_tokens / config.canvas_length) * config.canvas_length  # (its canvases)
-        for name, ids in (("clamp", row.clamp), ("prediction", row.prediction)):
-            if len(ids or []) > reach or any(not -1 <= token < config.vocab_size for token in ids or []):
-                raise DiffGemmaError(f"a row's {name} must be at most {reach} ids, each -1 (none) or a token id")
+        clamp = row.clamp or []
+        if len(clamp) > reach or any(not -1 <= token < config.vocab_size for token in clamp):
+            raise DiffGemmaError(f"a row's clamp must be at most {reach} ids, each -1 (free) or a token id")
+        if any(not -1 <= token < config.vocab_size for token in row.prediction or []):
+            raise DiffGemmaError("a row's prediction must be token ids (or -1: none there)")
         if any(not 0 <= token < config.vocab_size for token in row.banned):
             raise DiffGemmaError(f"a row's banned ids must be token ids between 0 and {config.vocab_size - 1}")
         if row.images:
@@ -210,8 +213,8 @@ class OpenBatch:
         limits = torch.tensor([row.asked.max_new_tokens for row in rows], device=device)
         starts = torch.tensor(canvases, device=device) * length
         wanted = (limits - starts).clamp(max=length)
-        user_ids = self._on_canvas(rows, "clamp")
-        start = self._on_canvas(rows, "prediction")
+        user_ids = self._clamp(rows)
+        start = self._predicted(rows)
         excluded = self._banned(rows)
         rows_done = torch.zeros(len(rows), dtype=torch.bool, device=device)
         passes = torch.zeros(len(rows), dtype=torch.long, device=device)
@@ -263,13 +266,21 @@ class OpenBatch:
         new_tokens, eos = row_output(row.generated, row.asked.max_new_tokens, self.settings.eos_token_id)
         return RowFinished(row.id, new_tokens, row.steps, eos, row.cached, time.perf_counter() - row.joined)
 
-    def _on_canvas(self, rows: list[_Running], name: str) -> torch.Tensor | None:
-        """[B, C] each row's ids of `name` on this canvas (its `clamp`: held in place; its `prediction`: started
-        from; -1 none), or None where no row gives any."""
+    def _predicted(self, rows: list[_Running]) -> torch.Tensor | None:
+        """[B, C] the ids each row's canvas starts from (`predicted_start`; -1: random), or None where no row has
+        a prediction."""
+        if not any(row.asked.prediction for row in rows):
+            return None
+        length = self.network.config.canvas_length
+        starts = [predicted_start(row.asked.prediction or [], row.generated, length) for row in rows]
+        return torch.tensor(starts, dtype=torch.long, device=self.network.device)
+
+    def _clamp(self, rows: list[_Running]) -> torch.Tensor | None:
+        """[B, C] the ids each row holds in place on this canvas (-1 free), or None where no row holds any."""
         length = self.network.config.canvas_length
         parts = []
         for row in rows:
-            given = (getattr(row.asked, name) or [])[row.canvas * length : (row.canvas + 1) * length]
+            given = (row.asked.clamp or [])[row.canvas * length : (row.canvas + 1) * length]
             parts.append(given + [-1] * (length - len(given)))
         if all(value < 0 for part in parts for value in part):
             return None

@@ -11,7 +11,7 @@ from test_open_batch import alone, run
 import diffgemma
 from diffgemma import DiffGemmaError
 from diffgemma.cli import SUDOKU_MODEL
-from diffgemma.generate import DecoderPass
+from diffgemma.generate import DecoderPass, predicted_start
 from diffgemma.open_batch import BatchRow
 from diffgemma.tasks.sudoku.puzzles import is_solution, make_puzzle
 from diffgemma.tasks.sudoku.solver import model_solver_inputs
@@ -23,8 +23,9 @@ def sudoku_model():
     return diffgemma.load(SUDOKU_MODEL)
 
 
-def first_canvases(monkeypatch, model, **asked) -> list[torch.Tensor]:
-    """The canvas each of a generation's canvases starts from (its first decoder pass's input)."""
+def first_canvases(monkeypatch, model, **asked) -> tuple[list[torch.Tensor], list[int]]:
+    """The canvas each of a generation's canvases starts from (its first decoder pass's input), and the ids it
+    generated."""
     seen, call = [], DecoderPass.__call__
 
     def spy(self, canvas, self_conditioning, step, *rest):
@@ -33,24 +34,43 @@ def first_canvases(monkeypatch, model, **asked) -> list[torch.Tensor]:
         return call(self, canvas, self_conditioning, step, *rest)
 
     monkeypatch.setattr(DecoderPass, "__call__", spy)
-    model.generate("x", seed=5, max_new_tokens=2 * model.config.canvas_length, max_denoising_steps=2, **asked)
+    length = model.config.canvas_length
+    result = model.generate("x", seed=5, max_new_tokens=2 * length, max_denoising_steps=2, **asked)
     monkeypatch.undo()
-    return seen
+    return seen, result.sequences[0, result.prompt_length :].tolist()
 
 
-def test_each_canvas_starts_from_its_part_of_the_prediction(tiny, monkeypatch):
-    """Where the prediction has ids the canvas starts from them (across canvases); elsewhere from the random ids
-    it starts from without one; clamped ids win over both."""
+def test_each_canvas_starts_from_the_prediction_where_the_writing_has_come_to(tiny, monkeypatch):
+    """The first canvas starts from the prediction's first ids, the next from the part that follows what the
+    first canvas wrote (`predicted_start`); where the prediction has none (-1, or past its end) from the random
+    ids it starts from without one; clamped ids win over both."""
     length = tiny.config.canvas_length
-    predicted = [(7 * i) % 200 + 3 for i in range(length + 5)]  # a canvas and five ids of the next
+    predicted = [(7 * i) % 200 + 3 for i in range(length + 9)]
+    predicted[4] = -1
     clamp = [-1, -1, 42]
-    plain = first_canvases(monkeypatch, tiny, clamp=clamp)
-    started = first_canvases(monkeypatch, tiny, clamp=clamp, prediction=predicted)
+    plain, _ = first_canvases(monkeypatch, tiny, clamp=clamp)
+    started, written = first_canvases(monkeypatch, tiny, clamp=clamp, prediction=predicted)
     assert len(plain) == len(started) == 2
-    expected = torch.cat(plain, dim=1)[0]
-    expected[: len(predicted)] = torch.tensor(predicted)
-    expected[2] = 42
-    assert torch.equal(torch.cat(started, dim=1)[0], expected)
+    for index, (canvas, noise) in enumerate(zip(started, plain, strict=True)):
+        start = torch.tensor(predicted_start(predicted, written[: index * length], length))
+        expected = torch.where(start >= 0, start, noise[0])
+        if index == 0:
+            expected[2] = 42
+        assert torch.equal(canvas[0], expected), index
+    assert torch.equal(started[0][0, 5:length], torch.tensor(predicted[5:length]))
+
+
+def test_the_prediction_is_read_on_from_where_the_writing_has_come_to():
+    """`predicted_start` aligns what a row has written with the prediction: the rest of the prediction moves
+    by what the answer added or left out."""
+    prediction = list(range(100, 120))
+    assert predicted_start(prediction, [], 4) == [100, 101, 102, 103]
+    assert predicted_start(prediction, prediction[:6], 4) == [106, 107, 108, 109]  # (as predicted)
+    assert predicted_start(prediction, [100, 101, 7, 8, *prediction[2:6]], 4) == [106, 107, 108, 109]  # (added)
+    assert predicted_start(prediction, [*prediction[:2], *prediction[5:9]], 4) == [109, 110, 111, 112]  # (left out)
+    assert predicted_start(prediction, [*prediction[:5], 7], 4) == [106, 107, 108, 109]  # (one changed)
+    assert predicted_start(prediction, [1, 2, 3], 4) == [103, 104, 105, 106]  # (nothing shared: as far)
+    assert predicted_start(prediction, prediction[:18], 4) == [118, 119, -1, -1]  # (its end)
 
 
 def test_a_prediction_of_each_row_and_bad_ones(tiny):
@@ -68,9 +88,9 @@ def test_a_prediction_of_each_row_and_bad_ones(tiny):
     assert tiny.generate("x", max_new_tokens=8, seed=1, prediction=long).new_tokens[0]
     vocab = tiny.config.vocab_size
     for bad, message in [
-        (3.5, "a prediction must be a text or token ids"),
+        (3.5, "prediction must be a text or token ids, or 2 of them"),
         ([1, "a"], "a prediction must be a text or token ids"),
-        ([[1], [2], [3]], "prediction must be a text or ids, or 2 of them"),
+        ([[1], [2], [3]], "prediction must be a text or token ids, or 2 of them"),
         (torch.zeros(2, 2, 2, dtype=torch.long), "a prediction tensor must hold token ids"),
         (torch.zeros(3), "a prediction tensor must hold token ids"),
         ([vocab], "ids must be token ids below"),
@@ -114,8 +134,8 @@ def test_an_open_batch_row_with_a_prediction_joins_as_alone(tiny):
     for index, row in enumerate([base, predicted]):
         kwargs = {"prediction": row.prediction} if row.prediction else {}
         assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row, **kwargs), index
-    with pytest.raises(DiffGemmaError, match="prediction must be at most"):
-        batch.add(BatchRow([2], 4, 1, prediction=[5] * (length + 1)))
+    with pytest.raises(DiffGemmaError, match="prediction must be token ids"):
+        batch.add(BatchRow([2], 4, 1, prediction=[5, tiny.config.vocab_size]))
 
 
 def test_openais_prediction_field_and_its_usage(server, demo):
