@@ -468,9 +468,10 @@ class DiffGemma:
         image ids are, one each (chat messages carry theirs as image parts instead); the checkpoint's vision
         tower reads them. `result.sequences` holds the prompt with each image's run of soft-token ids.
         `prediction` (a text, ids, or one of them per row) is what the output is expected to be, mostly (OpenAI's
-        predicted outputs: a file to edit, say): the canvases start from its tokens instead of random ones, so
-        what the output shares with it settles in a step or two and the rest is rewritten
-        (`denoising_loop`'s `start_ids`). It leans the answer towards the prediction where the model is unsure.
+        predicted outputs: a file to edit, say; -1: none at that position): the canvases start from its tokens
+        instead of random ones, each from the part that follows what has been written (`predicted_start`), so
+        what the output shares with it settles in a step or two and the rest is rewritten. It leans the answer
+        towards the prediction where the model is unsure.
         """
         return run_to_end(
             self.stream(
