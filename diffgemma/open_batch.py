@@ -53,8 +53,9 @@ class BatchRow:
     generated positions (-1 free; a fill between prompt and suffix), `banned`: ids it never draws, `ended`: asked
     when a canvas has been committed, true ends the row there (a client gone, a stop string met). `images`: the
     soft tokens of each picture its prompt holds, in order (`DiffGemma.image_prompt` writes their runs of image
-    ids into the prompt, `DiffGemma.image_features` makes them). `prediction`: ids its canvases start from in
-    place of random ones (`denoising_loop`'s `start_ids`; -1 none)."""
+    ids into the prompt, `DiffGemma.image_features` makes them). `prediction`: what its output is expected to be,
+    mostly: each canvas starts from its part of it (`predicted_start`; -1: none there), as `denoising_loop`'s
+    `predictions`."""
 
     prompt: list[int]
     max_new_tokens: int
