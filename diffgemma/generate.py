@@ -900,9 +900,8 @@ class _Constraints:
     def checked(self, batch: int, positions: int, vocab: int, device: torch.device) -> _Constraints:
         """These constraints as given, checked for `batch` rows of `positions` generated positions, padded, on
         `device`."""
-        token_ranges, noise_ranges = self.token_ranges, self.noise_ranges
+        clamp, token_ranges, noise_ranges = self.clamp, self.token_ranges, self.noise_ranges
         banned_tokens, first_self_conditioning = self.banned_tokens, self.first_self_conditioning
-        clamp = self.clamp
         if clamp is not None:
             if clamp.ndim != 2 or clamp.shape[0] != batch or clamp.shape[1] > positions:
                 raise DiffGemmaError(f"clamp must be [batch={batch}, at most {positions}] token ids (-1 = free)")

@@ -307,7 +307,8 @@ class OpenBatch:
         others = joining
         if self.cache is None:
             if alone:  # (the longest first: the others' prompts end where its does)
-                joining.insert(0, joining.pop(max(range(len(joining)), key=lambda i: len(joining[i].asked.prompt))))
+                longest = max(joining, key=lambda row: len(row.asked.prompt))
+                joining = [longest, *(row for row in joining if row is not longest)]
             starters, others = (joining[:1], joining[1:]) if alone else (joining, [])
             ids, mask, images = self._prompts(starters)
             capacity = max(ids.shape[1] + self._room(row) for row in joining)
