@@ -8,7 +8,6 @@ canvas 256, prompt 128), how much of a step the sampler itself takes, and what t
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import gpu
 from common import append_results
 
 import diffgemma
@@ -26,13 +26,8 @@ from diffgemma.presets import random_checkpoint
 
 
 def time_it(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    """Median ms of `fn` on the CPU (one call first, to warm up)."""
+    return gpu.median_ms(fn, repeats, torch.device("cpu"), warmup=1)
 
 
 CUTS = ({"top_k": 50}, {"top_p": 0.9}, {"min_p": 0.05}, {"top_k": 50, "top_p": 0.9})
