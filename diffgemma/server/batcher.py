@@ -247,12 +247,18 @@ class Batcher:
         return run.key == job.key() and run.batch.size < self.max_batch and fits
 
     def _join(self, run: Run, job: Job) -> None:
+        if self._added(run, job):
+            self.metrics.rows_joined([time.monotonic() - job.submitted], len(job.prompt))
+
+    def _added(self, run: Run, job: Job) -> bool:
+        """The job's row added to the run (its pictures through the vision tower first), or its request told why
+        not (a row the batch refuses: its prompt and limit past the model's positions, a bad picture)."""
         try:
             run.add(job, self.model.image_features(job.images))
-        except Exception as err:  # a row the batch refuses: its request's error
+        except Exception as err:  # (the request's error, not the worker's)
             job.send(err)
-            return
-        self.metrics.rows_joined([time.monotonic() - job.submitted], len(job.prompt))
+            return False
+        return True
 
     def _start(self, batch: list[Job]) -> None:
         self.batches_run.append(len(batch))
@@ -267,10 +273,7 @@ class Batcher:
             return
         run = Run(batch[0].key(), opened, opened.events(), {}, {}, started)
         for job in batch:
-            try:
-                run.add(job, self.model.image_features(job.images))
-            except Exception as err:  # a row the batch refuses (its prompt and limit past the model's positions)
-                job.send(err)
+            self._added(run, job)
         if run.jobs:
             self._runs.append(run)
         else:
