@@ -68,6 +68,9 @@ STORED_DTYPE = "stored"  # the checkpoint's own
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+# `chat`'s token limit unless one is given: answers end at EOS well before it, where the checkpoint's own limit
+# (the reference's 256, one canvas) would cut most of them.
+CHAT_MAX_NEW_TOKENS = 4096
 # A prediction is where an answer's canvas starts, position by position; a thinking answer's thoughts come first.
 PREDICTION_WITH_THINKING = "a prediction lines up with the answer's start, but thinking puts its thoughts there"
 # `rewrite`'s system turn: the answer must be the text alone for the prediction (the text) to line up with it.
@@ -588,7 +591,9 @@ class DiffGemma:
         the system turn tells the model the schema, and an answer that does not read as JSON matching it is
         drawn again (seed + 1, ...), at most `json_tries` times in all; its value comes back in `parsed`, the
         JSON text in `content`. None reading raises DiffGemmaError with the last answer's fault. An answer cut
-        at `max_new_tokens`, or one that calls tools, comes back as it is (`parsed` None).
+        at `max_new_tokens`, or one that calls tools, comes back as it is (`parsed` None). Without
+        `max_new_tokens` an answer runs to its EOS, up to `CHAT_MAX_NEW_TOKENS` (not the checkpoint's limit, the
+        reference's one canvas of 256, which would cut most answers).
 
         `prediction`: the answer expected, mostly (the file an edit request will give back changed): its canvas
         starts from it (`generate`), so the text the answer keeps settles in a step or two. Without thinking:
@@ -612,6 +617,9 @@ class DiffGemma:
         stops = self._stop_strings(stop)
         text = self.settled_text(True, stops.stops if stops else (), tools=bool(offered), lead=lead_ids)
         seed = None if seed is None else seed_int64(seed)  # (a chat is one row: one seed, not a list)
+        if max_new_tokens is None:
+            pictures = len(images) * (self.image_soft_tokens + 2) if images else 0  # (each at most, with its marks)
+            max_new_tokens = self._chat_limit(len(prompt) + len(lead_ids) + pictures)
         for attempt in range(json_tries if answer_format is not None else 1):
             try_seed = None if seed is None else seed + attempt
             result = self.generate(
@@ -678,6 +686,13 @@ class DiffGemma:
         settings = self.settings
         tokenizer = self._need_tokenizer()
         return SettledText(tokenizer, settings.eos_token_id, settings.pad_token_id, chat, stops, tools, lead)
+
+    def _chat_limit(self, prompt_tokens: int) -> int:
+        """A chat answer's default token limit: `CHAT_MAX_NEW_TOKENS` (or the checkpoint's, if more), within the
+        canvases that fit after the prompt in the model's positions."""
+        length = self.config.canvas_length
+        room = (self.config.max_position_embeddings - prompt_tokens) // length * length
+        return max(min(max(CHAT_MAX_NEW_TOKENS, self.settings.max_new_tokens), room), length)
 
     def rewrite(
         self, text: str, instruction: str, seed: int | None = None, max_new_tokens: int | None = None, **sampler: Any

@@ -665,3 +665,25 @@ def test_top_k_top_p_and_min_p_cut_what_every_step_draws(tiny, mode):
         tiny.generate(prompt, length, top_k=-1)
     with pytest.raises(DiffGemmaError, match="min_p"):
         tiny.generate(prompt, length, min_p=-0.5)
+
+
+def test_a_chat_answer_is_not_cut_at_one_canvas_unless_asked(tiny, monkeypatch):
+    """`chat` without max_new_tokens gives an answer up to `CHAT_MAX_NEW_TOKENS` (within the positions after
+    its prompt), not the checkpoint's limit (the reference's one canvas); a limit given is kept."""
+    from diffgemma.api import CHAT_MAX_NEW_TOKENS
+
+    asked = []
+    generate = tiny.generate
+
+    def spy(prompt, max_new_tokens=None, *rest, **settings):
+        asked.append(max_new_tokens)
+        return generate(prompt, max_new_tokens, *rest, **settings)
+
+    monkeypatch.setattr(tiny, "generate", spy)
+    messages = [{"role": "user", "content": "hi"}]
+    tiny.chat(messages, seed=1, max_denoising_steps=1)
+    tiny.chat(messages, seed=1, max_denoising_steps=1, max_new_tokens=7)
+    length, positions = tiny.config.canvas_length, tiny.config.max_position_embeddings
+    prompt = len(tiny.tokenizer.encode_chat(messages))
+    expected = min(max(CHAT_MAX_NEW_TOKENS, tiny.settings.max_new_tokens), (positions - prompt) // length * length)
+    assert asked == [expected, 7] and expected > tiny.settings.max_new_tokens

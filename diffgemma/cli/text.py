@@ -22,7 +22,6 @@ from ..tool_servers import ToolServers
 from ..toolcalls import check_tools, run_tool_calls
 from .common import load_model, model_path, read_prompt, sampler_options
 
-CHAT_MAX_NEW_TOKENS = 4096  # `chat`'s token limit unless --max-new-tokens says: answers end at EOS well before it
 MAX_TOOL_ROUNDS = 16  # `chat --tools`: rounds of calls before the model is made to answer
 
 
@@ -345,6 +344,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None:
+    from ..api import CHAT_MAX_NEW_TOKENS  # (torch comes with it: kept off `--help`'s way)
+
     model = load_model(args)
     sampler = sampler_options(args)
     # Answers run to EOS; the checkpoint's max_new_tokens (the reference's 256: one canvas) would cut most.
