@@ -480,8 +480,7 @@ class Serving:
                     job.cancelled.set()  # (it ended as it settled: its row goes no further than this canvas)
             else:
                 if usage is not None:
-                    counts = _usage(usage, sum(len(tokens) for tokens in finals), cached)
-                    counts.update(_prediction_usage(jobs[0].prediction, finals))
+                    counts = _answers_usage(usage, finals, cached, jobs[0].prediction)
                     yield encode(chunk(Piece(usage=counts)))
             yield done
         finally:
@@ -574,8 +573,7 @@ class Serving:
                 message.update(content=content or None, tool_calls=end.calls)
             choices.append({**choice, "message": message})
         cached = max(answer.done.cached for answer in answers)  # (its prompts counted once, so the most any held)
-        usage = _usage(prompt_tokens, sum(len(answer.done.new_tokens) for answer in answers), cached)
-        usage.update(_prediction_usage(prediction, [answer.done.new_tokens for answer in answers]))
+        usage = _answers_usage(prompt_tokens, [answer.done.new_tokens for answer in answers], cached, prediction)
         if body.stream:  # (a JSON answer: each choice read whole, then sent whole)
             last = [Piece(usage=usage)] if usage_chunk is not None else []
             return event_stream([sse(chunk(piece)) for piece in [*pieces, *last]] + [DONE])
@@ -800,14 +798,20 @@ def _usage(prompt_tokens: int, completion: int, cached: int = 0) -> dict[str, An
     }
 
 
-def _prediction_usage(prediction: list[int] | None, answers: list[list[int]]) -> dict[str, Any]:
-    """OpenAI's count of a predicted output's use, where one was given (else nothing): its tokens the answers
-    kept in place (accepted), and the rest (rejected), summed over the answers."""
-    if prediction is None:
-        return {}
-    kept = sum(sum(a == b for a, b in zip(prediction, tokens, strict=False)) for tokens in answers)
-    counts = {"accepted_prediction_tokens": kept, "rejected_prediction_tokens": len(prediction) * len(answers) - kept}
-    return {"completion_tokens_details": counts}
+def _answers_usage(
+    prompt_tokens: int, answers: list[list[int]], cached: int, prediction: list[int] | None
+) -> dict[str, Any]:
+    """`_usage` of a request's answers (their tokens); where a prediction was given, OpenAI's count of its use
+    too: its tokens the answers kept in place (accepted), and the rest (rejected), summed over the answers."""
+    usage = _usage(prompt_tokens, sum(len(tokens) for tokens in answers), cached)
+    if prediction is not None:
+        kept = sum(sum(a == b for a, b in zip(prediction, tokens, strict=False)) for tokens in answers)
+        rejected = len(prediction) * len(answers) - kept
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": kept,
+            "rejected_prediction_tokens": rejected,
+        }
+    return usage
 
 
 def _ending(reply: SettledText, event: RowDraft | RowDone, job: Job) -> ChoiceEnd | None:
