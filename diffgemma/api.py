@@ -619,7 +619,7 @@ class DiffGemma:
         seed = None if seed is None else seed_int64(seed)  # (a chat is one row: one seed, not a list)
         if max_new_tokens is None:
             pictures = len(images) * (self.image_soft_tokens + 2) if images else 0  # (each at most, with its marks)
-            max_new_tokens = self._chat_limit(len(prompt) + len(lead_ids) + pictures)
+            max_new_tokens = self.chat_limit(len(prompt) + len(lead_ids) + pictures)
         for attempt in range(json_tries if answer_format is not None else 1):
             try_seed = None if seed is None else seed + attempt
             result = self.generate(
@@ -687,12 +687,15 @@ class DiffGemma:
         tokenizer = self._need_tokenizer()
         return SettledText(tokenizer, settings.eos_token_id, settings.pad_token_id, chat, stops, tools, lead)
 
-    def _chat_limit(self, prompt_tokens: int) -> int:
-        """A chat answer's default token limit: `CHAT_MAX_NEW_TOKENS` (or the checkpoint's, if more), within the
-        canvases that fit after the prompt in the model's positions."""
+    def chat_limit(self, prompt_tokens: int | None = None) -> int:
+        """A chat answer's default token limit: `CHAT_MAX_NEW_TOKENS` (or the checkpoint's, if more); given the
+        prompt's length, within the canvases that fit after it in the model's positions."""
+        limit = max(CHAT_MAX_NEW_TOKENS, self.settings.max_new_tokens)
+        if prompt_tokens is None:
+            return limit
         length = self.config.canvas_length
         room = (self.config.max_position_embeddings - prompt_tokens) // length * length
-        return max(min(max(CHAT_MAX_NEW_TOKENS, self.settings.max_new_tokens), room), length)
+        return max(min(limit, room), length)
 
     def rewrite(
         self, text: str, instruction: str, seed: int | None = None, max_new_tokens: int | None = None, **sampler: Any

@@ -344,12 +344,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None:
-    from ..api import CHAT_MAX_NEW_TOKENS  # (torch comes with it: kept off `--help`'s way)
-
     model = load_model(args)
     sampler = sampler_options(args)
     # Answers run to EOS; the checkpoint's max_new_tokens (the reference's 256: one canvas) would cut most.
-    sampler.setdefault("max_new_tokens", max(CHAT_MAX_NEW_TOKENS, model.settings.max_new_tokens))
+    sampler.setdefault("max_new_tokens", model.chat_limit())
     if args.file is not None:
         _chat_file(model, args, sampler)
         return
