@@ -294,6 +294,8 @@ class DiffGemma:
         if isinstance(max_new_tokens, list | tuple):
             row_limits, max_new_tokens = list(max_new_tokens), max(max_new_tokens, default=0)
         settings = self.settings.replace(max_new_tokens=max_new_tokens, **sampler)
+        if prediction is not None and enable_thinking:  # (before the prompt's pictures go through the tower)
+            raise DiffGemmaError(PREDICTION_WITH_THINKING)
         if isinstance(prompt, Sequence) and prompt and all(isinstance(p, dict) for p in prompt):
             prompt, found = split_images(list(prompt))
             if found and images:
@@ -319,8 +321,6 @@ class DiffGemma:
         first_self_conditioning = _for_every_row(
             first_self_conditioning, ids.shape[0], "first_self_conditioning must be a tensor of probabilities"
         )
-        if prediction is not None and enable_thinking:
-            raise DiffGemmaError(PREDICTION_WITH_THINKING)
         predictions = None if prediction is None else self._predictions(prediction, ids.shape[0])
         events = denoising_loop(
             self.network,
