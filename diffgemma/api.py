@@ -570,7 +570,7 @@ class DiffGemma:
         tool_choice: str = "auto",
         json_schema: dict[str, Any] | bool | None = None,
         json_tries: int = DEFAULT_TRIES,
-        prediction: str | None = None,
+        prediction: str | Sequence[int] | None = None,
         **sampler: Any,
     ) -> ChatResult:
         """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
@@ -595,9 +595,9 @@ class DiffGemma:
         `max_new_tokens` an answer runs to its EOS, up to `CHAT_MAX_NEW_TOKENS` (not the checkpoint's limit, the
         reference's one canvas of 256, which would cut most answers).
 
-        `prediction`: the answer expected, mostly (the file an edit request will give back changed): its canvas
-        starts from it (`generate`), so the text the answer keeps settles in a step or two. Without thinking:
-        a thinking answer begins with its thoughts, where the prediction would not line up."""
+        `prediction`: the answer expected, mostly (a text or its ids: the file an edit request will give back
+        changed): its canvas starts from it (`generate`), so the text the answer keeps settles in a step or two.
+        Without thinking: a thinking answer begins with its thoughts, where the prediction would not line up."""
         tokenizer = self._need_tokenizer()
         answer_format = json_format(json_schema, "json_schema")
         if answer_format is not None:
@@ -707,13 +707,14 @@ class DiffGemma:
         the text's tokens, and a canvas more."""
         if not isinstance(text, str) or not isinstance(instruction, str) or not instruction.strip():
             raise DiffGemmaError("rewrite takes a text and an instruction (what to change)")
+        predicted = self.prediction_ids(text)
         if max_new_tokens is None:
-            max_new_tokens = 2 * len(self.prediction_ids(text)) + self.config.canvas_length
+            max_new_tokens = 2 * len(predicted) + self.config.canvas_length
         messages = [
             {"role": "system", "content": REWRITE_SYSTEM},
             {"role": "user", "content": f"{instruction.strip()}\n\n{text}"},
         ]
-        reply = self.chat(messages, max_new_tokens=max_new_tokens, seed=seed, prediction=text, **sampler)
+        reply = self.chat(messages, max_new_tokens=max_new_tokens, seed=seed, prediction=predicted, **sampler)
         content = _unfenced(reply.content)
         if text.endswith("\n") and not content.endswith("\n"):
             content += "\n"

@@ -207,7 +207,7 @@ def test_rewrite_asks_for_the_text_back_changed_starting_from_it(demo, monkeypat
         {"role": "system", "content": REWRITE_SYSTEM},
         {"role": "user", "content": "Rename add to plus.\n\n" + text},
     ]
-    assert asked["prediction"] == text and asked["seed"] == 3
+    assert asked["prediction"] == demo.prediction_ids(text) and asked["seed"] == 3
     assert asked["max_new_tokens"] == 2 * len(demo.prediction_ids(text)) + demo.config.canvas_length
     answer = _unfenced(chat(asked["messages"], seed=3, max_new_tokens=asked["max_new_tokens"], prediction=text).content)
     assert reply.content == (answer if answer.endswith("\n") else answer + "\n")
