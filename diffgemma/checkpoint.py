@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from .config import GENERATION_FILE, ModelConfig, SamplerSettings, as_path, read_json
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
-from .resources import check_disk, writing
+from .resources import check_disk, usual_permissions, writing
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -388,8 +388,6 @@ def write_checkpoint(
     with writing(destination):
         destination.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.saving-", dir=destination.parent))
-        umask = os.umask(0)
-        os.umask(umask)
         try:
             weight_map: dict[str, str] = {}
             shard_lists = list(_shards(sizes, max_shard_bytes))
@@ -412,10 +410,7 @@ def write_checkpoint(
                 (staging / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
             for name, source in (extra_files or {}).items():
                 shutil.copyfile(source, staging / name)
-            # mkdtemp makes a private folder; a checkpoint gets the usual permissions.
-            os.chmod(staging, 0o777 & ~umask)
-            for path in staging.iterdir():
-                os.chmod(path, 0o666 & ~umask)
+            usual_permissions([staging, *staging.iterdir()])  # (mkdtemp's folder is private)
             _swap_into_place(staging, destination)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -122,6 +122,15 @@ def writing(folder: Path) -> Iterator[None]:
     except (OSError, SafetensorError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise DiffGemmaError(f"{folder}: could not be written ({reason}); nothing there was changed") from None
+
+
+def usual_permissions(paths: Iterable[Path]) -> None:
+    """Give files and folders that `tempfile` made private (0600, 0700) the permissions `open` and `mkdir` give
+    (what the umask leaves), so that what is saved through them is readable as any other file there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def out_of_memory(err: BaseException) -> bool:

@@ -82,6 +82,13 @@ def test_merged_checkpoint_matches_adapter_logits(trained, tmp_path):
 
     assert merge_lora(model.network) > 0
     model.save(tmp_path / "merged")
+    # written through private temporary files and folders, yet readable as any other file there (a server run
+    # by another user loads them)
+    probe = tmp_path / "probe"
+    probe.write_text("")
+    usual = probe.stat().st_mode & 0o777
+    for path in [tmp_path / "merged", *(tmp_path / "merged").iterdir(), *adapter_dir.iterdir()]:
+        assert path.stat().st_mode & 0o777 == (usual | 0o111 if path.is_dir() else usual), path
     merged = diffgemma.load(tmp_path / "merged")
     assert not any(".lora_" in n for n in merged.network.state_dict())
     with torch.no_grad():

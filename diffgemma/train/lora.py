@@ -57,7 +57,7 @@ from ..config import (
 from ..errors import DiffGemmaError
 from ..model import DiffusionGemma, PassRole
 from ..quant import QuantLinear, format_from_config, meta_network
-from ..resources import check_disk, writing
+from ..resources import check_disk, usual_permissions, writing
 from ..tokenizer import tokenizer_files
 
 CONFIG_FILE = "adapter_config.json"
@@ -323,6 +323,7 @@ def save_adapter(
                 text = json.dumps(generation_config_dict(generation), indent=2)
                 (staging / GENERATION_FILE).write_text(text, encoding="utf-8")
                 names.append(GENERATION_FILE)
+            usual_permissions(staging / name for name in names)  # (mkdtemp's folder is private, and so its files)
             for name in names:
                 os.replace(staging / name, destination / name)
         finally:
