@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -52,6 +52,9 @@ from .structured import DEFAULT_TRIES, json_format
 from .tokenizer import TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
 from .toolcalls import Tool, tool_plan
 from .vision import ImageEncoder, load_image_encoder
+
+if TYPE_CHECKING:
+    from .train.lora import AdapterBank
 
 IMAGES_REMEMBERED = 16  # pictures whose soft tokens are kept (the 26B's: 1.6 MB each in bf16)
 
@@ -226,6 +229,7 @@ class DiffGemma:
         self.folder = folder
         self.quant = quant
         self.adapter: Path | None = None  # the LoRA adapter applied (`load_adapter`)
+        self._bank: AdapterBank | None = None  # adapters kept beside the base weights (`add_adapter`)
         self._passthrough = passthrough or {}
         self._vision: ImageEncoder | None = None
         self._image_soft_tokens: int | None = None
@@ -817,6 +821,8 @@ class DiffGemma:
 
         if self.adapter is not None:
             raise DiffGemmaError(f"this model has an adapter already ({self.adapter}): load the base again for another")
+        if self._bank is not None:
+            raise DiffGemmaError("this model keeps adapters to switch between (`add_adapter`): add this one too")
         load_adapter(self.network, folder)
         if self.quant is None and not has_encoder_adapters(self.network):
             merge_lora(self.network)
@@ -825,6 +831,33 @@ class DiffGemma:
         self.adapter = Path(folder)
         if self.prefix_cache is not None:  # (caches of the weights before)
             self.prefix_cache.clear()
+
+    def add_adapter(self, name: str, folder: str | os.PathLike) -> None:
+        """Keep a LoRA adapter (PEFT's layout) beside the base weights under `name`, for `use_adapter` to put in
+        place: one base model, several fine-tunes of it, switched between without reloading (the server's
+        `--lora-modules`). Nothing is folded in, so each adapted projection costs its update a pass; the base
+        model stays in use. Its sampler settings stay the model's (`load_adapter` takes an adapter's own)."""
+        from .train.lora import AdapterBank
+
+        if self.adapter is not None:
+            raise DiffGemmaError(f"this model has an adapter applied ({self.adapter}): load the base model alone")
+        if self._bank is None:
+            self._bank = AdapterBank(self.network)
+        self._bank.add(name, folder)
+
+    def use_adapter(self, name: str | None) -> None:
+        """Run the passes that follow with the adapter kept as `name` (`add_adapter`), or the base model (None).
+        The prefix cache keeps each one's snapshots apart."""
+        if self._bank is None:
+            if name is None:
+                return
+            raise DiffGemmaError(f"no adapter named {name!r} (none added: `add_adapter`)")
+        self._bank.use(name)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the adapters kept to switch between (`add_adapter`), in the order they came."""
+        return tuple(self._bank.adapters) if self._bank is not None else ()
 
     def save(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> Path:
         """Write this model (and its tokenizer files) as a checkpoint `transformers` loads too; atomic."""

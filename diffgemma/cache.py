@@ -286,11 +286,12 @@ class PrefixCache:
 
     def take(self, network: torch.nn.Module, ids: list[int]) -> PromptSnapshot | None:
         """The kept snapshot of the longest prompt `ids` begin with, its cache restored to hold that prompt
-        (None: none begins them); it is the caller's until handed back (`keep`). Snapshots the weights have
-        changed since are dropped."""
+        (None: none begins them); it is the caller's until handed back (`keep`). Snapshots made with other
+        weights are passed over, not dropped: another adapter's (`AdapterBank`) serve again once it is back in
+        place; the oldest go as new ones are kept."""
         weights = _weights_state(network)
-        self.snapshots = [kept for kept in self.snapshots if kept.weights is not None and kept.weights == weights]
-        begun = [kept for kept in self.snapshots if ids[: len(kept.ids)] == kept.ids]
+        usable = [kept for kept in self.snapshots if weights is not None and kept.weights == weights]
+        begun = [kept for kept in usable if ids[: len(kept.ids)] == kept.ids]
         if not begun:
             return None
         snapshot = max(begun, key=lambda kept: len(kept.ids))

@@ -20,6 +20,7 @@ from diffgemma import DiffGemmaError
 from diffgemma.cli import SUDOKU_MODEL, main
 
 DEMO = str(Path(__file__).parent / "assets" / "demo")
+PIRATE = Path(__file__).parent / "assets" / "demo-pirate"  # a LoRA adapter of the demo (make_demo_adapter.py)
 SKY = "Why is the sky blue?"
 
 
@@ -756,6 +757,21 @@ def test_serve_hands_its_limits_to_the_server(monkeypatch, capsys):
     assert main([*argv, "--no-join-first"]) == 0 and served[-1][1].join_first is False
     code, _, err = run(capsys, *argv, "--top-k", "-3")
     assert code == 2 and "`top_k` must be an integer >= 0" in err and err.count("\n") == 1
+    # LoRA adapters served beside the model, each by its name (vLLM's NAME=FOLDER)
+    assert main([*argv, "--lora-modules", f"pirate={PIRATE}"]) == 0 and served[-1][0].adapters == ("pirate",)
+    for extra, message in [
+        (["--lora-modules", "pirate"], "expected NAME=FOLDER, got 'pirate'"),
+        (["--lora-modules", f"a={PIRATE}", f"a={PIRATE}"], "each adapter needs a name of its own"),
+        (["--lora-modules", f"demo={PIRATE}"], "not the model's ('demo')"),
+        (["--lora-modules", f"a={PIRATE}", "--adapter", str(PIRATE)], "serve it with --lora-modules beside"),
+        (["--lora-modules", "a=/no/such/adapter"], "/no/such/adapter/adapter_config.json: not found"),
+    ]:
+        try:
+            code = main([*argv, *extra])
+        except SystemExit as usage_error:  # argparse's own exit
+            code = usage_error.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
 
 
 @pytest.mark.parametrize(

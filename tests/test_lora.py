@@ -382,3 +382,49 @@ def test_adapters_diffgemma_cannot_apply_are_refused(generation_checkpoints, tmp
     save_file({**weights, **vision}, str(adapter / "adapter_model.safetensors"))
     with pytest.warns(UserWarning, match="1 tensor\\(s\\) adapt the vision tower, which diffgemma does not run"):
         assert load_adapter(diffgemma.load(folder).network, adapter)
+
+
+def test_an_adapter_bank_runs_each_adapter_as_it_runs_alone(trained, tmp_path):
+    """`add_adapter` keeps adapters beside the base weights and `use_adapter` switches between them: each gives
+    the logits it gives loaded alone (over float or int8 weights), None the base model's; adapters of other
+    ranks and other projections (a projection one of them leaves alone runs without an update while it is in
+    place) live side by side."""
+    folder, model, settings, _, _, _ = trained
+    everything = save_adapter(model.network, settings, tmp_path / "everything", base=str(folder))
+    other = diffgemma.load(folder)
+    add_lora(other.network, LoraSettings(rank=2, alpha=4.0))
+    with torch.no_grad():
+        for name, param in other.network.named_parameters():
+            if name.endswith("lora_B.weight"):
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    attention = save_adapter(other.network, LoraSettings(rank=2, alpha=4.0), tmp_path / "attention")
+    weights_file = attention / "adapter_model.safetensors"
+    save_file({key: value for key, value in load_file(str(weights_file)).items() if "self_attn" in key}, weights_file)
+    for quant in (None, "int8"):
+        bank = diffgemma.load(folder, quant=quant)
+        with torch.no_grad():
+            base = _logits(bank)
+            bank.add_adapter("everything", everything)
+            bank.add_adapter("attention", attention)
+            assert bank.adapters == ("everything", "attention")
+            assert torch.equal(_logits(bank), base)  # the base model stays in use
+            for name, adapter in (("attention", attention), ("everything", everything), ("attention", attention)):
+                alone = diffgemma.load(folder, quant=quant)
+                load_adapter(alone.network, adapter)  # (beside the weights, as the bank keeps it)
+                bank.use_adapter(name)
+                assert torch.equal(_logits(bank), _logits(alone)), (quant, name)
+                assert (_logits(bank) - base).abs().max() > 1e-3
+            bank.use_adapter(None)
+            assert torch.equal(_logits(bank), base)
+    with pytest.raises(DiffGemmaError, match=r"no adapter named 'nope' \(loaded: 'everything', 'attention'\)"):
+        bank.use_adapter("nope")
+    with pytest.raises(DiffGemmaError, match="an adapter named 'attention' is loaded already"):
+        bank.add_adapter("attention", attention)
+    with pytest.raises(DiffGemmaError, match="keeps adapters to switch between"):
+        bank.load_adapter(attention)
+    with pytest.raises(DiffGemmaError, match="no adapter named 'nope' \\(none added"):
+        diffgemma.load(folder).use_adapter("nope")
+    folded = diffgemma.load(folder)
+    folded.load_adapter(everything)
+    with pytest.raises(DiffGemmaError, match="has an adapter applied"):
+        folded.add_adapter("attention", attention)

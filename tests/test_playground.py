@@ -5,10 +5,12 @@ import re
 from pathlib import Path
 
 import pytest
+from assets.make_demo_adapter import PIRATE as PIRATE_ANSWERS
 from assets.make_demo_model import ANSWERS
 from conftest import DEMO
 from server_util import running
 
+import diffgemma
 from diffgemma.server import ServerOptions, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -33,12 +35,17 @@ RECORD_DRAFTS = """
 """
 
 
-def test_playground_generates_and_edits(demo, tmp_path):
+def browser_driver():
+    """playwright's `sync_playwright`, where Debian's chromium is here to drive (CI must have it)."""
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
             pytest.fail("CI must install Debian's chromium for the browser test")
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    return pytest.importorskip("playwright.sync_api").sync_playwright
+
+
+def test_playground_generates_and_edits(demo, tmp_path):
+    sync_playwright = browser_driver()
     question = "Why is the sky blue?"
     app = create_app(demo, ServerOptions(model_name="demo"))
     with running(app) as url, sync_playwright() as playwright:
@@ -80,15 +87,10 @@ def test_playground_generates_and_edits(demo, tmp_path):
 def test_playground_sends_a_picture(tmp_path):
     """A picked picture goes with the prompt as an image_url part; a model with a vision tower answers it, one
     without says why on the page."""
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail("CI must install Debian's chromium for the browser test")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    sync_playwright = browser_driver()
     import numpy as np
     from PIL import Image
 
-    import diffgemma
     from diffgemma.presets import random_checkpoint
 
     picture = tmp_path / "picture.png"
@@ -111,5 +113,27 @@ def test_playground_sends_a_picture(tmp_path):
                     assert any('"image_url"' in body and "data:image/png;base64," in body for body in sent)
                     if state == "failed":
                         assert "not images" in page.inner_text("#stats")
+        finally:
+            browser.close()
+
+
+def test_playground_asks_the_model_picked(tmp_path):
+    """With LoRA adapters served beside the model, the page offers each by name and asks the one picked."""
+    sync_playwright = browser_driver()
+    model = diffgemma.load(DEMO)
+    model.add_adapter("pirate", DEMO.parent / "demo-pirate")
+    with running(create_app(model, ServerOptions(model_name="demo"))) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_selector("body[data-models='2']", timeout=30_000)
+            assert page.is_visible("#model")
+            page.fill("#prompt", "Name a fruit.")
+            page.fill("#seed", "0")
+            page.select_option("#model", "pirate")
+            page.click("#generate")
+            page.wait_for_selector("body[data-state=done]", timeout=60_000)
+            assert page.input_value("#result") == PIRATE_ANSWERS["Name a fruit."]
         finally:
             browser.close()

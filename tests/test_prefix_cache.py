@@ -16,6 +16,7 @@ from diffgemma.server import ServerOptions, create_app
 from diffgemma.tokenizer import TURN_OPEN
 
 SKY, HELLO = "Why is the sky blue?", "Say hello."
+PIRATE = DEMO.parent / "demo-pirate"  # a LoRA adapter of the demo: a pirate's answer to HELLO
 
 
 @pytest.fixture
@@ -206,3 +207,23 @@ def test_a_conversation_keeps_its_snapshot_through_a_request_in_between_with_two
     reused = len(prompt) - encoded[0] - encoded[1]
     assert (reused > 0) == (entries == 2)
     assert len(model.prefix_cache.snapshots) == entries
+
+
+def test_each_adapter_takes_only_its_own_snapshots(model, encoded):
+    """A snapshot made with an adapter in place (`use_adapter`) serves that adapter alone: the base model
+    encodes the prompt again, and the adapter's snapshot, passed over meanwhile, serves it once it is back."""
+    model.prefix_cache.entries = 2
+    model.add_adapter("pirate", PIRATE)
+    prompt = prompt_of(model, [{"role": "user", "content": HELLO}])
+    point = last_turn_opening(model, prompt)
+    model.use_adapter("pirate")
+    pirate = model.generate(prompt, seed=0, max_new_tokens=40)
+    assert pirate.text == "Ahoy! I am a tiny pirate model."
+    model.use_adapter(None)
+    encoded.clear()
+    assert model.generate(prompt, seed=0, max_new_tokens=40).text == ANSWERS[HELLO]
+    assert encoded[:2] == [point, len(prompt) - point]  # encoded whole: the pirate's snapshot is not the base's
+    model.use_adapter("pirate")
+    encoded.clear()
+    again = model.generate(prompt, seed=0, max_new_tokens=40)
+    assert again.new_tokens == pirate.new_tokens and encoded[0] == len(prompt) - point  # its own snapshot

@@ -37,6 +37,14 @@ def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _named_folder(given: str) -> tuple[str, str]:
+    """An argparse type: NAME=FOLDER (vLLM's form for --lora-modules), else argparse's usage error."""
+    name, equals, folder = given.partition("=")
+    if not equals or not name.strip() or not folder.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=FOLDER, got {given!r}")
+    return name.strip(), folder.strip()
+
+
 def _add_tries_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tries",
@@ -316,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ORIGIN",
         help="let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API from a browser (repeatable)",
+    )
+    serve.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=_named_folder,
+        default=[],
+        metavar="NAME=FOLDER",
+        help="LoRA adapters (PEFT's layout, as `train chat --lora-rank` saves them) served beside the model, each "
+        "as a model of its own: a request's `model` field picks one by NAME, the base model by --name",
     )
     _add_template_option(serve)
     # a chat client's side requests (a title, follow-ups) come between a conversation's turns: two kept

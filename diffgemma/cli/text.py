@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import read_text
+from ..config import as_path, read_text
 from ..errors import DiffGemmaError
 from ..records import RECORD_SUFFIXES, read_records, sharegpt_messages
 from ..tool_servers import ToolServers
@@ -597,12 +597,24 @@ def _rewrite(path: Path, mark: str, text: str, args: argparse.Namespace) -> None
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from ..server import ServerOptions, check_address, serve
+    from ..train.lora import read_adapter_config
 
     check_address(args.host, args.port)  # before the load, which may take minutes
+    served = args.name or Path(model_path(args)).name
+    names = [name for name, _ in args.lora_modules]
+    if len(set(names)) < len(names) or served in names:
+        message = f"--lora-modules: each adapter needs a name of its own, not the model's ({served!r}), got {names}"
+        raise DiffGemmaError(message)
+    if args.lora_modules and args.adapter is not None:
+        raise DiffGemmaError("--adapter folds one adapter into the model: serve it with --lora-modules beside others")
+    for _, folder in args.lora_modules:  # (each adapter's config read before the load, which may take minutes)
+        read_adapter_config(as_path(folder, "an adapter (its folder)"))
     model = load_model(args)
+    for name, folder in args.lora_modules:
+        model.add_adapter(name, folder)
     model.settings = model.settings.replace(**sampler_options(args))  # (--steps, --top-p, ...: the defaults)
     options = ServerOptions(
-        model_name=args.name or Path(model_path(args)).name,
+        model_name=served,
         api_key=args.api_key or os.environ.get("DIFFGEMMA_API_KEY"),
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens_limit,

@@ -35,7 +35,8 @@ def serve(model: DiffGemma, host: str = "127.0.0.1", port: int = 8000, options: 
     options = options or ServerOptions()
     shown = f"[{host}]" if ":" in host else host
     root = f"http://{shown}:{port}"
-    print(f"diffgemma: serving {options.model_name} at {root}/v1 (Ollama's clients: {root}; the playground: {root}/)")
+    served = ", ".join([options.model_name, *model.adapters])  # (the adapters: models of their own, by name)
+    print(f"diffgemma: serving {served} at {root}/v1 (Ollama's clients: {root}; the playground: {root}/)")
     if host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         exposed = f"{host} is reachable beyond this machine and no --api-key is set: anyone who can reach it can use it"
         print(f"diffgemma: warning: {exposed}", file=sys.stderr)

@@ -192,24 +192,29 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
-    # the model in OpenAI's fields and Anthropic's both (`type`, `display_name`, `created_at`), for either's clients
-    served = {"id": options.model_name, "object": "model", "created": 0, "owned_by": "diffgemma"}
-    served |= {"type": "model", "display_name": options.model_name, "created_at": "1970-01-01T00:00:00Z"}
     # vLLM's: the tokens a request may span, prompt and answer (clients size their context by it)
     context = min(options.max_prompt_tokens + options.max_tokens, model.config.max_position_embeddings)
-    served |= {"root": options.model_name, "max_model_len": context}
+
+    def listed(name: str) -> dict[str, Any]:
+        """A served model in OpenAI's fields and Anthropic's both (`type`, `display_name`, `created_at`), for
+        either's clients; an adapter (`--lora-modules`) with vLLM's `parent`, the base model."""
+        entry = {"id": name, "object": "model", "created": 0, "owned_by": "diffgemma", "type": "model"}
+        entry |= {"display_name": name, "created_at": "1970-01-01T00:00:00Z", "max_model_len": context}
+        return entry | {"root": name, "parent": None if name == options.model_name else options.model_name}
 
     @app.get("/v1/models")
     async def models() -> dict:
-        name = options.model_name
-        return {"object": "list", "data": [served], "has_more": False, "first_id": name, "last_id": name}
+        names = [options.model_name, *model.adapters]
+        data = [listed(name) for name in names]
+        return {"object": "list", "data": data, "has_more": False, "first_id": names[0], "last_id": names[-1]}
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str) -> dict:
-        if name != options.model_name:
-            message = f"no model {name!r}; this server serves {options.model_name!r}"
+        if name != options.model_name and name not in model.adapters:
+            served = ", ".join(repr(served) for served in (options.model_name, *model.adapters))
+            message = f"no model {name!r}; this server serves {served}"
             raise APIError(404, message, "invalid_request_error", "model_not_found", "model")
-        return served
+        return listed(name)
 
     @app.get("/")
     async def playground() -> FileResponse:
@@ -269,12 +274,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         job, reply = redraw(0)
         keep = (lambda response: stored.keep(response, items)) if body.store else None
         built = ResponseBuilder(
-            options.model_name, limit, lambda text: len(model.tokenizer.encode(text, False)), body, keep
+            serving.served_name(body.model), limit, lambda text: len(model.tokenizer.encode(text, False)), body, keep
         )
         top = (body.top_logprobs or 0) if "message.output_text.logprobs" in (body.include or ()) else None
 
         async def answer_logprobs(_: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
-            return await serving.reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False, images)
+            return await serving.reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False, images, job.adapter)
 
         scorer = answer_logprobs if top is not None else None
         if body.stream and answer_format is None:
@@ -311,7 +316,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             return serving.new_job(prompt, limit, body, attempt, None, images), reply
 
         job, reply = redraw(0)
-        built = MessageBuilder(options.model_name, len(prompt))
+        built = MessageBuilder(serving.served_name(body.model), len(prompt))
         if body.stream and answer_format is None:
             return event_stream(
                 serving.stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", None, tools)
@@ -340,12 +345,13 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             raise APIError(400, message, "invalid_request_error", "invalid_value", "input")
         rows, _ = completion_prompts(model, body.input, "input")
         serving.check_prompt_limit(rows, "input", "an input")
-        vectors = (await serving.embed(rows, True, body.dimensions, "input")).tolist()
+        adapter = serving.adapter_for(body.model)
+        vectors = (await serving.embed(rows, True, body.dimensions, "input", adapter)).tolist()
         encode = float32_base64 if body.encoding_format == "base64" else list
         data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)]
         used = sum(len(ids) for ids in rows)
         usage = {"prompt_tokens": used, "total_tokens": used}
-        return {"object": "list", "data": data, "model": options.model_name, "usage": usage}
+        return {"object": "list", "data": data, "model": serving.served_name(body.model), "usage": usage}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -381,7 +387,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         reply = reply_text(model, chat=False)
         done, _ = await serving.run_job(job, request, reply)
         fill = reply.parts(done.new_tokens)[0]
-        return {"object": "infill", "model": options.model_name, "text": body.prefix + fill + body.suffix, "fill": fill}
+        text = body.prefix + fill + body.suffix
+        return {"object": "infill", "model": serving.served_name(body.model), "text": text, "fill": fill}
 
     @app.post("/infill")
     async def llama_infill(body: LlamaInfillRequest, request: Request):
@@ -389,7 +396,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         prompt, truncated, length = serving.plugin_fill(
             model.tokenizer.encode(body.prefix()), body.input_suffix, body.limit()
         )
-        shape = {"model_name": options.model_name, "fields": body.response_fields, "truncated": truncated}
+        shape = {"model_name": serving.served_name(body.model), "fields": body.response_fields, "truncated": truncated}
         if length == 0:  # (nothing asked for)
             return infill_response("", "length", None, len(prompt), 0, 0.0, **shape)
         reply = reply_text(model, chat=False, stop=body.stop)  # (its stop strings checked before a job is queued)

@@ -1,13 +1,14 @@
 """Requests are denoised together: one worker thread, open batches of compatible jobs that jobs join as they come.
 
 A job is one prompt with its own seed and token limit (and, for a fill, the ids held in place on its
-canvas). Jobs that share sampler settings share a batch (`DiffGemma.open_batch`: fast mode, one random stream
-per row, settled prefixes committed), up to `max_batch` rows: the first ones start it, and a job that comes
-while it runs can join it when its canvas has been committed (its prompt encoded to end where the batch's cache
-ends; a prompt longer than that cannot join), sharing every decoder pass from then on rather than make passes
-of its own; a row leaves the batch when it ends, its answer sent at once. Otherwise a job starts a batch of its
-own, up to `max_runs` batches, which take denoising steps in turn (so a request is not held behind a long
-answer for its whole length): `join_first` says which comes first (joining, off the CPU); past `max_runs`, a
+canvas). Jobs that share sampler settings and LoRA adapter (a fine-tune served by its own name) share a batch
+(`DiffGemma.open_batch`: fast mode, one random stream per row, settled prefixes committed), up to `max_batch`
+rows: the first ones start it, and a job that comes while it runs can join it when its canvas has been
+committed (its prompt encoded to end where the batch's cache ends; a prompt longer than that cannot join),
+sharing every decoder pass from then on rather than make passes of its own; a row leaves the batch when it
+ends, its answer sent at once. Otherwise a job starts a batch of its own, up to `max_runs` batches, which take
+denoising steps in turn (so a request is not held behind a long answer for its whole length), each with its
+adapter put in place first: `join_first` says which comes first (joining, off the CPU); past `max_runs`, a
 job no running batch can take waits. A
 cancelled job (its client went away, or a stop string ended it) stops receiving events at once and its row
 leaves with the canvas it is in; when every job of a batch is cancelled, the batch stops. Other work on the
@@ -66,12 +67,14 @@ class Job:
     banned: tuple[int, ...] = ()  # ids its row never samples (a client's logit_bias of -100)
     images: tuple[PreparedImage, ...] = ()  # the prompt's pictures (their soft tokens made as its row joins)
     prediction: list[int] | None = None  # ids its canvases start from (OpenAI's predicted output)
+    adapter: str | None = None  # the LoRA adapter its passes run with (`DiffGemma.add_adapter`; None: the base)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)  # (how long it waits for a batch: the metrics)
 
     def key(self) -> tuple:
-        return tuple(sorted(self.sampler.items()))
+        """What the jobs of a batch share: sampler settings and adapter."""
+        return (self.adapter, *sorted(self.sampler.items()))
 
     def send(self, event: Any) -> None:
         if not self.cancelled.is_set():
@@ -85,6 +88,7 @@ class Call:
     work: Callable[[], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
+    adapter: str | None = None  # the LoRA adapter in place while it runs
 
     def run(self) -> None:
         try:
@@ -104,8 +108,8 @@ class Call:
 
 @dataclass
 class Run:
-    """A batch being denoised: its sampler settings (`Job.key`), its open batch and events, its jobs by row, each
-    row's tokens committed so far."""
+    """A batch being denoised: its sampler settings and adapter (`Job.key`), its open batch and events, its jobs by
+    row, each row's tokens committed so far."""
 
     key: tuple
     batch: OpenBatch
@@ -113,6 +117,10 @@ class Run:
     jobs: dict[int, Job]
     committed: dict[int, list[int]]
     started: float
+
+    @property
+    def adapter(self) -> str | None:
+        return self.key[0]
 
     def add(self, job: Job, images: tuple[torch.Tensor, ...] = ()) -> None:
         """The job's row joins the batch (at its next canvas boundary, or as it starts); `images`: the soft tokens
@@ -175,12 +183,12 @@ class Batcher:
             raise EngineStopped("the generation engine is not running")
         self._inbox.put(job)
 
-    async def run(self, work: Callable[[], Any]) -> Any:
-        """`work()` on the worker's thread, between steps; its result (or its exception)."""
+    async def run(self, work: Callable[[], Any], adapter: str | None = None) -> Any:
+        """`work()` on the worker's thread, between steps, with `adapter` in place; its result (or its exception)."""
         if not self.running:
             raise EngineStopped("the generation engine is not running")
         loop = asyncio.get_running_loop()
-        call = Call(work, loop, loop.create_future())
+        call = Call(work, loop, loop.create_future(), adapter)
         self._inbox.put(call)
         return await call.future
 
@@ -211,6 +219,7 @@ class Batcher:
             self._drain(block=False)
             calls, self._calls = self._calls, []
             for call in calls:
+                self.model.use_adapter(call.adapter)
                 call.run()
             self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]
             self._place_waiting()
@@ -254,6 +263,7 @@ class Batcher:
         """The job's row added to the run (its pictures through the vision tower first), or its request told why
         not (a row the batch refuses: its prompt and limit past the model's positions, a bad picture)."""
         try:
+            self.model.use_adapter(job.adapter)
             run.add(job, self.model.image_features(job.images))
         except Exception as err:  # (the request's error, not the worker's)
             job.send(err)
@@ -286,6 +296,7 @@ class Batcher:
             return
         began = time.monotonic()
         try:
+            self.model.use_adapter(run.adapter)
             self._dispatch(next(run.events), run)
         except StopIteration:
             self._end(run)

@@ -32,7 +32,6 @@ class Turn(BaseModel):
 class Conversation(SamplerExtras):
     """A conversation as the Messages API sends it: what `/v1/messages/count_tokens` counts."""
 
-    model: str | None = None
     messages: list[Turn] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None  # {"name", "description", "input_schema"}

@@ -9,7 +9,8 @@ A request's `options` are its sampler settings (`temperature`, `seed`, `top_k`, 
 ...) mean nothing here and are ignored, as Ollama ignores options it does not know, and so are its penalties
 (`PENALTIES`), with a line in the log. Answers stream by default, as Ollama's do: one JSON object a line, text as it
 settles, the last one with `done: true`, why it ended and the counts. Any model name is answered with the model
-served, as the OpenAI routes answer it.
+served, as the OpenAI routes answer it; where the server serves LoRA adapters (`--lora-modules`), each is listed as
+a model of its own, and a request names the one it asks for.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ class OllamaRequest(BaseModel):
         if ignored:
             _warn_once(f"options {', '.join(ignored)} ignored: the diffusion sampler applies no penalties")
         try:
-            return SamplerExtras.model_validate({k: v for k, v in options.items() if k not in PENALTIES})
+            fields = {k: v for k, v in options.items() if k not in PENALTIES and k != "model"}
+            return SamplerExtras.model_validate({**fields, "model": self.model})
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
@@ -418,8 +420,9 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
     card = model_card(model, listed, context)
     opening = len(tokenizer.encode(""))  # the ids a prompt begins with (the BOS)
 
-    def shape(chat: bool, turn: bool, prompt: list[int]) -> Reply:
-        return Reply(name, chat, turn, prompt, lambda text: tokenizer.encode(text, add_special_tokens=False))
+    def shape(body: OllamaRequest, chat: bool, turn: bool, prompt: list[int]) -> Reply:
+        served = serving.served_name(body.model)
+        return Reply(served, chat, turn, prompt, lambda text: tokenizer.encode(text, add_special_tokens=False))
 
     async def respond(
         body: OllamaRequest,
@@ -437,7 +440,9 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
         top = (body.top_logprobs or 0) if body.logprobs else None
 
         async def scored(reply: SettledText, tokens: list[int], eos: int | None) -> list[dict[str, Any]]:
-            logprobs = await serving.reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False, job.images)
+            logprobs = await serving.reply_logprobs(
+                prompt, reply, tokens, eos, top or 0, True, False, job.images, job.adapter
+            )
             return logprobs["content"]
 
         if body.stream and answer_format is None:
@@ -476,14 +481,24 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
     async def version() -> dict[str, str]:
         return {"version": VERSION}
 
+    def every_model() -> list[dict[str, Any]]:
+        """The model, then each adapter (`--lora-modules`) as a model of its own, the base its parent."""
+        adapters = [
+            {**listed, "name": a, "model": a, "details": {**listed["details"], "parent_model": name}}
+            for a in model.adapters
+        ]
+        return [listed, *adapters]
+
     @router.get("/api/tags")
     async def tags() -> dict[str, Any]:
-        return {"models": [listed]}
+        return {"models": every_model()}
 
     @router.get("/api/ps")
     async def running() -> dict[str, Any]:
         on_gpu = listed["size"] if model.device.type != "cpu" else 0
-        return {"models": [{**listed, "expires_at": "2318-01-01T00:00:00Z", "size_vram": on_gpu}]}
+        return {
+            "models": [{**entry, "expires_at": "2318-01-01T00:00:00Z", "size_vram": on_gpu} for entry in every_model()]
+        }
 
     @router.post("/api/show")
     async def show() -> dict[str, Any]:
@@ -502,20 +517,23 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
         single = [body.input] if body.input else []  # (none: what a client sends to load a model)
         texts = single if isinstance(body.input, str) else body.input
         rows = embed_rows(texts, body.truncate)
-        vectors = (await serving.embed(rows, True, body.dimensions, "input")).tolist() if rows else []
+        adapter = serving.adapter_for(body.model)
+        vectors = (await serving.embed(rows, True, body.dimensions, "input", adapter)).tolist() if rows else []
         counts = {"total_duration": time.perf_counter_ns() - started, "load_duration": 0}
-        return {"model": name, "embeddings": vectors, **counts, "prompt_eval_count": sum(map(len, rows))}
+        served = serving.served_name(body.model)
+        return {"model": served, "embeddings": vectors, **counts, "prompt_eval_count": sum(map(len, rows))}
 
     @router.post("/api/embeddings")
     async def embeddings(body: OllamaEmbeddingsRequest) -> dict[str, Any]:
         if not body.prompt:  # (what a client sends to load a model)
             return {"embedding": []}
-        vectors = await serving.embed(embed_rows([body.prompt], True), False, None, "prompt")
+        adapter = serving.adapter_for(body.model)
+        vectors = await serving.embed(embed_rows([body.prompt], True), False, None, "prompt", adapter)
         return {"embedding": vectors[0].tolist()}
 
     @router.post("/api/chat")
     async def chat(body: OllamaChatRequest, request: Request):
-        reply_shape = shape(True, True, [])
+        reply_shape = shape(body, True, True, [])
         if not body.messages:
             return reply_shape.loaded(body.unloads())
         answer_format = asked_format(body.answer_form(), "format")
@@ -542,7 +560,7 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
                 message = "context holds a picture, which a later request cannot send again: continue with /api/chat"
                 raise bad(message, "context")
         if not body.prompt and not body.suffix and not body.context:
-            return shape(False, not body.raw, []).loaded(body.unloads())
+            return shape(body, False, not body.raw, []).loaded(body.unloads())
         images: tuple[PreparedImage, ...] = ()
         if body.suffix or body.raw:
             prompt = tokenizer.encode(body.prompt)
@@ -555,13 +573,13 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
             prompt = body.context + prompt[opening:]
         if not body.suffix:
             answer_format = asked_format(body.answer_form(), "format")
-            reply_shape = shape(False, not body.raw, prompt)
+            reply_shape = shape(body, False, not body.raw, prompt)
             return await answer_prompt(body, request, prompt, reply_shape, None, answer_format, images)
         if body.format:
             raise bad("format shapes an answer, not a fill between a prompt and a suffix", "format")
         # a prefix over the prompt limit loses its beginning, as `/infill` cuts what editor plugins send
         prompt, _, length = serving.plugin_fill(prompt, body.suffix, body.limit(model.config.canvas_length))
-        reply_shape = shape(False, False, prompt)
+        reply_shape = shape(body, False, False, prompt)
         reply = reply_text(model, chat=False, stop=body.stop())
         job = serving.fill_job(prompt, body.suffix, length, body.sampler(), warn=False)
         return await respond(body, request, prompt, reply_shape, (job, reply))

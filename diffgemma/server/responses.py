@@ -37,7 +37,6 @@ TEXT_PARTS = ("input_text", "output_text", "text")
 
 
 class ResponsesRequest(SamplerExtras):
-    model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, gt=0)

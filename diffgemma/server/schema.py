@@ -75,6 +75,7 @@ class SamplerExtras(BaseModel):
     def _nulls_unset(cls, body: Any) -> Any:
         return {key: value for key, value in body.items() if value is not None} if isinstance(body, dict) else body
 
+    model: str | None = None  # the base model's name or a LoRA adapter's (`serve --lora-modules`)
     seed: int | None = None
     # OpenAI's: not the sampler's temperature (its schedule is), but 0 asks for the same answer every time
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -144,7 +145,6 @@ class Prediction(BaseModel):
 
 
 class ChatRequest(SamplerExtras):
-    model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, gt=0)
     max_completion_tokens: int | None = Field(default=None, gt=0)
@@ -179,7 +179,6 @@ class ChatRequest(SamplerExtras):
 
 
 class CompletionRequest(SamplerExtras):
-    model: str | None = None
     prompt: PromptField
     suffix: str | None = None  # text after the completion: the gap between is filled (infill)
     best_of: int | None = None  # OpenAI's: only as many as `n` (the choices are not ranked): others refused

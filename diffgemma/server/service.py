@@ -218,6 +218,27 @@ class Serving:
         self.batcher = batcher
         self.active = 0
 
+    def adapter_for(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (`serve --lora-modules`): None for the base model, by its
+        name or none; where the server serves no adapters, any name is the base model's, as clients send
+        whatever they were set up with. A name it does not serve is a 404, where answering with another model
+        would pass unseen."""
+        adapters = self.model.adapters
+        if not name or not adapters:
+            return None
+        name = name.removesuffix(":latest")  # (the tag Ollama's clients add)
+        if name in adapters:
+            return name
+        if name == self.options.model_name:
+            return None
+        served = ", ".join(repr(served) for served in (self.options.model_name, *adapters))
+        message = f"no model {name!r}; this server serves {served}"
+        raise APIError(404, message, "invalid_request_error", "model_not_found", "model")
+
+    def served_name(self, name: str | None) -> str:
+        """The model an answer names: the adapter's name where the request asked for one, else the base's."""
+        return self.adapter_for(name) or self.options.model_name
+
     def check_prompt_limit(self, prompts: list[list[int]], param: str, what: str = "prompt") -> None:
         """Each prompt (`what` the request calls it) within --max-prompt-tokens (400 naming `param` if not)."""
         longest, limit = max(len(prompt) for prompt in prompts), self.options.max_prompt_tokens
@@ -339,7 +360,8 @@ class Serving:
         seed = base + choice if base is not None else secrets.randbits(62)
         loop = asyncio.get_running_loop()
         sampler, banned = self.sampler_overrides(body), self.banned_ids(body)
-        job = Job(prompt, limit, seed, sampler, loop, clamp, banned, images, prediction)
+        adapter = self.adapter_for(body.model)
+        job = Job(prompt, limit, seed, sampler, loop, clamp, banned, images, prediction, adapter)
         try:
             self.batcher.submit(job)
         except EngineStopped as err:
@@ -525,11 +547,12 @@ class Serving:
         jobs, replies = [job for job, _ in drawn], [reply for _, reply in drawn]
         identity = _identity("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(prompt) for prompt in prompts)
-        chunk = _chunk_maker(identity, self.options.model_name, chat)
+        chunk = _chunk_maker(identity, self.served_name(body.model), chat)
 
         async def choice_logprobs(index: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
             echo = bool(leading[index])
-            return await self.reply_logprobs(rows[index], replies[index], tokens, eos, top, chat, echo, images)
+            adapter = jobs[index].adapter
+            return await self.reply_logprobs(rows[index], replies[index], tokens, eos, top, chat, echo, images, adapter)
 
         scorer = choice_logprobs if top is not None else None
         usage_chunk = prompt_tokens if _include_usage(body) else None
@@ -553,7 +576,7 @@ class Serving:
             scored = [
                 (rows[i], a.reply, a.done.new_tokens, a.done.eos, bool(leading[i])) for i, a in enumerate(answers)
             ]
-            every_logprobs = list(await self.choices_logprobs(scored, top, chat, images))
+            every_logprobs = list(await self.choices_logprobs(scored, top, chat, images, jobs[0].adapter))
         choices, pieces = [], []
         for index, (answer, logprobs) in enumerate(zip(answers, every_logprobs, strict=True)):
             end, content = answer.end, answer.content
@@ -577,7 +600,8 @@ class Serving:
         if body.stream:  # (a JSON answer: each choice read whole, then sent whole)
             last = [Piece(usage=usage)] if usage_chunk is not None else []
             return event_stream([sse(chunk(piece)) for piece in [*pieces, *last]] + [DONE])
-        response: dict[str, Any] = {**identity, "model": self.options.model_name, "usage": usage, "choices": choices}
+        served = self.served_name(body.model)
+        response: dict[str, Any] = {**identity, "model": served, "usage": usage, "choices": choices}
         if not chat:
             return {**response, "object": "text_completion"}
         steps = [answer.done.steps for answer in answers]  # per choice, per canvas
@@ -602,9 +626,10 @@ class Serving:
         chat: bool,
         echo: bool,
         images: tuple[PreparedImage, ...] = (),
+        adapter: str | None = None,
     ) -> dict[str, Any]:
         """A choice's `logprobs` (`choices_logprobs` of one)."""
-        return (await self.choices_logprobs([(prompt, reply, tokens, eos, echo)], top, chat, images))[0]
+        return (await self.choices_logprobs([(prompt, reply, tokens, eos, echo)], top, chat, images, adapter))[0]
 
     async def choices_logprobs(
         self,
@@ -612,16 +637,18 @@ class Serving:
         top: int,
         chat: bool,
         images: tuple[PreparedImage, ...] = (),
+        adapter: str | None = None,
     ) -> list[dict[str, Any]]:
         """Choices' `logprobs` (each its prompt, reply, tokens, the EOS that ended it, and whether it echoes),
         scored in one pass: each prompt and its tokens (a text completion's EOS too, if one ended it), in the
         chat shape (the answer's tokens: those after the thinking, when it thought) or the completion shape
-        (`echo`: the prompt's tokens listed too). `images`: the pictures of their (one) prompt."""
+        (`echo`: the prompt's tokens listed too). `images`: the pictures of their (one) prompt; `adapter`: the
+        LoRA adapter that wrote them."""
         kept = []
         for _, reply, tokens, eos, _ in choices:
             kept.append([*reply.kept(tokens), *([eos] if not chat and eos is not None else [])])
         rows = [choice[0] + ids for choice, ids in zip(choices, kept, strict=True)]
-        scored = await self.score(rows, top, images)
+        scored = await self.score(rows, top, images, adapter)
         shaped = []
         for (prompt, _, _, _, echo), ids, scores in zip(choices, kept, scored, strict=True):
             if chat:
@@ -632,18 +659,24 @@ class Serving:
                 shaped.append(completion_logprobs(self.model.tokenizer, scores, 0 if echo else len(prompt)))
         return shaped
 
-    async def score(self, rows: list[list[int]], top: int, images: tuple[PreparedImage, ...] = ()) -> list[TokenScores]:
+    async def score(
+        self, rows: list[list[int]], top: int, images: tuple[PreparedImage, ...] = (), adapter: str | None = None
+    ) -> list[TokenScores]:
         """`DiffGemma.score` of rows of ids in one pass, on the engine's thread between steps (`images`: the
-        pictures every row's prompt holds)."""
+        pictures every row's prompt holds), with `adapter` in place."""
         model = self.model
-        if not images:
-            return await self._on_engine(lambda: model.score(rows, top))
-        return await self._on_engine(lambda: model.score(rows, top, [model.image_features(images)] * len(rows)))
 
-    async def embed(self, rows: list[list[int]], normalize: bool, dimensions: int | None, param: str) -> torch.Tensor:
+        def work() -> list[TokenScores]:
+            return model.score(rows, top, [model.image_features(images)] * len(rows) if images else None)
+
+        return await self._on_engine(work, adapter)
+
+    async def embed(
+        self, rows: list[list[int]], normalize: bool, dimensions: int | None, param: str, adapter: str | None = None
+    ) -> torch.Tensor:
         """`DiffGemma.embed` of rows of ids (each within the prompt limit): [rows, dimensions], in their order. A
         pass of similar lengths at a time (`embedding.passes`) on the engine's thread, so the denoising under way
-        goes on between passes rather than wait for a long list."""
+        goes on between passes rather than wait for a long list; with `adapter` in place."""
         if len(rows) > MAX_EMBED_INPUTS:
             message = f"{len(rows)} inputs; at most {MAX_EMBED_INPUTS} a request"
             raise APIError(400, message, "invalid_request_error", "invalid_value", param)
@@ -654,13 +687,16 @@ class Serving:
         vectors = torch.empty(len(rows), dimensions or self.model.config.hidden_size)
         for group in passes([len(ids) for ids in rows]):
             part = [rows[index] for index in group]
-            vectors[group] = await self._on_engine(lambda part=part: self.model.embed(part, normalize, dimensions))
+            vectors[group] = await self._on_engine(
+                lambda part=part: self.model.embed(part, normalize, dimensions), adapter
+            )
         return vectors
 
-    async def _on_engine(self, work: Callable[[], Any]) -> Any:
-        """`work()` on the engine's thread between steps (503 once the engine has stopped)."""
+    async def _on_engine(self, work: Callable[[], Any], adapter: str | None = None) -> Any:
+        """`work()` on the engine's thread between steps, with `adapter` in place (503 once the engine has
+        stopped)."""
         try:
-            return await self.batcher.run(work)
+            return await self.batcher.run(work, adapter)
         except EngineStopped as err:
             raise APIError(503, str(err), "server_error", "unavailable") from None
 
@@ -724,7 +760,8 @@ class Serving:
             raise APIError(400, message, "invalid_request_error", "invalid_value", "max_tokens")
         self.admit(prompts, None, body.n)
         top = self.requested_logprobs(body)
-        scored = await self.score(prompts, top) if top is not None else None  # every prompt in one pass
+        adapter = self.adapter_for(body.model)
+        scored = await self.score(prompts, top, (), adapter) if top is not None else None  # every prompt in one pass
         choices = []
         for index in range(len(prompts) * body.n):
             choice = {"index": index, "text": texts[index // body.n], "finish_reason": "length"}
@@ -734,14 +771,14 @@ class Serving:
         usage = _usage(sum(len(prompt) for prompt in prompts), 0)
         identity = _identity("cmpl")
         if body.stream:  # a chunk a choice, as whole
-            chunk = _chunk_maker(identity, self.options.model_name, chat=False)
+            chunk = _chunk_maker(identity, self.served_name(body.model), chat=False)
             last = [chunk(Piece(usage=usage))] if _include_usage(body) else []
             events = [
                 chunk(Piece(c["index"], content=c["text"], finish=c["finish_reason"], logprobs=c.get("logprobs")))
                 for c in choices
             ]
             return event_stream([sse(event) for event in [*events, *last]] + [DONE])
-        response = {**identity, "object": "text_completion", "model": self.options.model_name, "usage": usage}
+        response = {**identity, "object": "text_completion", "model": self.served_name(body.model), "usage": usage}
         return {**response, "choices": choices}
 
     async def insert(self, body: CompletionRequest, request: Request, prompts: list[list[int]], texts: list[str]):

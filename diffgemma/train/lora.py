@@ -121,10 +121,19 @@ class LowRank(nn.Module):
             self.lora_A_encoder = linear(in_features, encoder_rank)
             self.lora_B_encoder = linear(encoder_rank, out_features)
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The projection's output `out` of `x`, plus the update (none while an `AdapterBank` has no adapter of
+        this projection in place)."""
+        if self.lora_A is None:
+            return out
         if self.lora_A_encoder is not None and self.role.encoding:
-            return self.lora_B_encoder(self.lora_A_encoder(x)) * self.scale_encoder
-        return self.lora_B(self.lora_A(x)) * self.scale
+            return out + self.lora_B_encoder(self.lora_A_encoder(x)) * self.scale_encoder
+        return out + self.lora_B(self.lora_A(x)) * self.scale
+
+    def put(self, source: LowRank | None) -> None:
+        """Take `source`'s update (its matrices themselves, not copies), or none."""
+        for part in ("lora_A", "lora_B", "scale", "lora_A_encoder", "lora_B_encoder", "scale_encoder"):
+            setattr(self, part, getattr(source, part) if source is not None else None)
 
 
 class LoraLinear(LowRank):
@@ -141,7 +150,7 @@ class LoraLinear(LowRank):
         self._add_low_rank(base.in_features, base.out_features, rank, scale, weight.device, weight.dtype, encoder, role)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.update(x)
+        return self.adapted(F.linear(x, self.weight, self.bias), x)
 
     def merged(self) -> nn.Linear:
         out_features, in_features = self.weight.shape
@@ -182,7 +191,7 @@ class LoraQuantLinear(QuantLinear, LowRank):
         self._add_low_rank(in_features, out_features, rank, scale, device, dtype, encoder, role)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.update(x)
+        return self.adapted(super().forward(x), x)
 
     def merged(self) -> nn.Module:
         """Refused: folding the update into quantized weights would requantize them (a second rounding)."""
@@ -217,10 +226,10 @@ def _targeted(network: DiffusionGemma, settings: LoraSettings) -> list[str]:
 Shape = tuple[int, float]  # an adapter's rank and scale
 
 
-def _wrap(network: DiffusionGemma, adapters: dict[str, tuple[Shape, Shape | None]]) -> None:
+def _wrap(network: DiffusionGemma, adapters: dict[str, tuple[Shape, Shape | None]], off: bool = False) -> None:
     """Freeze the network and wrap each named projection with an adapter of its (rank, scale), and the
-    encoder's own where it has one."""
-    if has_lora(network):
+    encoder's own where it has one; `off`: with no update at all, beside other adapters (an `AdapterBank`'s)."""
+    if has_lora(network) and not off:
         raise DiffGemmaError("this network already has LoRA adapters")
     network.requires_grad_(False)
     for name, ((rank, scale), encoder) in adapters.items():
@@ -229,6 +238,8 @@ def _wrap(network: DiffusionGemma, adapters: dict[str, tuple[Shape, Shape | None
             adapted = LoraQuantLinear(base, rank, scale, network.dtype, network.role, encoder)
         else:
             adapted = LoraLinear(base, rank, scale, network.role, encoder)
+        if off:
+            adapted.put(None)
         _replace(network, name, adapted)
 
 
@@ -426,6 +437,56 @@ def adapter_generation(folder: str | os.PathLike) -> SamplerSettings | None:
     """The sampler defaults an adapter was saved with (None: it carries none, as PEFT's own adapters)."""
     path = Path(folder) / GENERATION_FILE
     return parse_sampler_settings(read_json(path), str(path)) if path.is_file() else None
+
+
+class AdapterBank:
+    """Several LoRA adapters over one network's base weights, none folded in: `use(name)` puts one in place for
+    the passes that follow (None: the base model alone), as a server serves fine-tunes of one model under names
+    of their own. Each adapter is read once (`add`), its matrices kept on the network's device; the network's
+    projections that some adapter adapts are wrapped once, and take the matrices of the adapter in use (or run
+    without an update, where it leaves them alone). Switching moves no weights: it points each wrapped
+    projection at other matrices."""
+
+    def __init__(self, network: DiffusionGemma) -> None:
+        if has_lora(network):
+            raise DiffGemmaError("this network has a LoRA adapter of its own already: load the base model alone")
+        self.network = network
+        self.adapters: dict[str, dict[str, LowRank]] = {}  # name -> projection name -> its update
+        self.wrapped: dict[str, LowRank] = {}  # the network's projections some adapter adapts
+        self.in_use: str | None = None
+
+    def add(self, name: str, folder: str | os.PathLike) -> None:
+        """Read the adapter in `folder` (PEFT's layout) under `name`; the one in use stays in use."""
+        if not isinstance(name, str) or not name:
+            raise DiffGemmaError(f"an adapter's name must be a non-empty string, got {name!r}")
+        if name in self.adapters:
+            raise DiffGemmaError(f"an adapter named {name!r} is loaded already")
+        network = self.network
+        skeleton = meta_network(network.config, network.dtype)  # (the shapes to read it by; no memory)
+        tensors = read_adapter(skeleton, folder)
+        updates = {module_name: m for module_name, m in skeleton.named_modules() if isinstance(m, ADAPTED)}
+        with torch.no_grad():
+            for module_name, module in updates.items():
+                for part in ("lora_A", "lora_B", "lora_A_encoder", "lora_B_encoder"):
+                    if getattr(module, part) is not None:
+                        matrix = getattr(module, part).to_empty(device=network.device).requires_grad_(False)
+                        matrix.weight.copy_(tensors[f"{module_name}.{part}.weight"])
+        # the projections no adapter adapted before: wrapped, without an update while another is in place
+        _wrap(network, {module_name: ((1, 0.0), None) for module_name in updates.keys() - self.wrapped}, off=True)
+        self.wrapped |= {module_name: network.get_submodule(module_name) for module_name in updates}
+        self.adapters[name] = updates
+
+    def use(self, name: str | None) -> None:
+        """Put adapter `name` in place (None: none, the base model)."""
+        if name is not None and name not in self.adapters:
+            known = ", ".join(repr(known) for known in self.adapters) or "none"
+            raise DiffGemmaError(f"no adapter named {name!r} (loaded: {known})")
+        if name == self.in_use:
+            return
+        updates = self.adapters[name] if name is not None else {}
+        for module_name, module in self.wrapped.items():
+            module.put(updates.get(module_name))
+        self.in_use = name
 
 
 def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> list[str]:

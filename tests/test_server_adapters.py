@@ -1,0 +1,112 @@
+"""LoRA adapters served beside their base model (`serve --lora-modules`): each a model of its own, picked by a
+request's `model`, through the official OpenAI, Anthropic and Ollama clients over real HTTP."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import anthropic
+import httpx
+import ollama
+import openai
+import pytest
+from assets.make_demo_adapter import PIRATE as PIRATE_ANSWERS
+from assets.make_demo_model import ANSWERS
+from conftest import DEMO
+from server_util import running
+
+import diffgemma
+from diffgemma.server import ServerOptions, create_app
+
+PIRATE = DEMO.parent / "demo-pirate"
+FRUIT = "Name a fruit."
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The demo model (its own load: adapters change it) with the pirate adapter, served: URL and model."""
+    model = diffgemma.load(DEMO)
+    model.add_adapter("pirate", PIRATE)
+    with running(create_app(model, ServerOptions(model_name="demo", max_tokens=256))) as url:
+        yield url, model
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with openai.OpenAI(base_url=served[0] + "/v1", api_key="unused", max_retries=0) as client:
+        yield client
+
+
+def ask(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def test_the_adapters_are_listed_as_models_of_their_own(served, client):
+    listed = client.models.list().data
+    assert [entry.id for entry in listed] == ["demo", "pirate"]
+    assert (listed[0].parent, listed[1].parent) == (None, "demo")  # vLLM's field: the base model
+    assert client.models.retrieve("pirate").id == "pirate"
+    with pytest.raises(openai.NotFoundError, match="no model 'nope'; this server serves 'demo', 'pirate'"):
+        client.models.retrieve("nope")
+    tags = httpx.get(served[0] + "/api/tags").json()["models"]
+    assert [(entry["name"], entry["details"]["parent_model"]) for entry in tags] == [("demo", ""), ("pirate", "demo")]
+
+
+def test_each_request_is_answered_by_the_model_it_names(served, client):
+    """The adapter's answers where a request names it, the base model's otherwise (by its name), however the
+    requests come together: requests for different models run as batches of their own, taking steps in turn,
+    and each answer is the one it gets alone."""
+
+    def chat(name: str, question: str) -> tuple[str, str]:
+        reply = client.chat.completions.create(model=name, messages=ask(question), seed=0)
+        return reply.model, reply.choices[0].message.content
+
+    keys = [(name, question) for name in ("demo", "pirate") for question in (FRUIT, "Say hello.")]
+    alone = {key: chat(*key) for key in keys}
+    assert alone[("pirate", FRUIT)] == ("pirate", PIRATE_ANSWERS[FRUIT])
+    assert alone[("demo", FRUIT)] == ("demo", ANSWERS[FRUIT])
+    assert alone[("pirate", "Say hello.")] == ("pirate", PIRATE_ANSWERS["Say hello."])
+    asked = list(alone) * 2
+    with ThreadPoolExecutor(len(asked)) as pool:
+        together = list(pool.map(lambda key: chat(*key), asked))
+    assert together == [alone[key] for key in asked]
+    streamed = client.chat.completions.create(model="pirate", messages=ask(FRUIT), seed=0, stream=True)
+    chunks = list(streamed)
+    assert {chunk.model for chunk in chunks} == {"pirate"}
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == PIRATE_ANSWERS[FRUIT]
+    with pytest.raises(openai.NotFoundError, match="no model 'nope'; this server serves 'demo', 'pirate'") as refused:
+        client.chat.completions.create(model="nope", messages=ask(FRUIT))
+    assert refused.value.code == "model_not_found"
+
+
+def test_anthropics_and_ollamas_clients_name_the_adapter_too(served):
+    url, _ = served
+    with anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0) as claude:
+        made = claude.messages.create(model="pirate", max_tokens=64, messages=ask(FRUIT), extra_body={"seed": 0})
+    assert (made.model, made.content[0].text) == ("pirate", PIRATE_ANSWERS[FRUIT])
+    with ollama.Client(host=url) as local:
+        answered = local.chat(model="pirate:latest", messages=ask(FRUIT), options={"seed": 0})
+        assert (answered.model, answered.message.content) == ("pirate", PIRATE_ANSWERS[FRUIT])
+        assert local.chat(model="demo", messages=ask(FRUIT), options={"seed": 0}).message.content == ANSWERS[FRUIT]
+        with pytest.raises(ollama.ResponseError, match="no model 'nope'") as refused:
+            local.chat(model="nope", messages=ask(FRUIT))
+    assert refused.value.status_code == 404
+
+
+def test_scores_and_vectors_come_from_the_adapter_named(served, client):
+    """Log-probabilities and embeddings are the named model's too: what the Python API gives with that adapter
+    in place."""
+    url, _ = served
+    alone = diffgemma.load(DEMO)
+    alone.add_adapter("pirate", PIRATE)
+    text = "Ahoy! A pear, matey."
+    totals = {}
+    local = ollama.Client(host=url)
+    for name, adapter in (("demo", None), ("pirate", "pirate")):
+        alone.use_adapter(adapter)
+        scored = client.completions.create(model=name, prompt=text, max_tokens=0, echo=True, logprobs=0)
+        totals[name] = sum(value for value in scored.choices[0].logprobs.token_logprobs if value is not None)
+        assert totals[name] == pytest.approx(alone.score(text).total, abs=1e-3), name
+        vector = client.embeddings.create(model=name, input=text).data[0].embedding
+        assert vector == pytest.approx(alone.embed(text).tolist(), abs=1e-5), name
+        assert local.embed(model=name, input=text).embeddings[0] == pytest.approx(vector, abs=1e-5)
+    local.close()
+    assert totals["pirate"] > totals["demo"] + 1  # the pirate's words are likelier to the pirate
