@@ -836,14 +836,21 @@ class DiffGemma:
         """Keep a LoRA adapter (PEFT's layout) beside the base weights under `name`, for `use_adapter` to put in
         place: one base model, several fine-tunes of it, switched between without reloading (the server's
         `--lora-modules`). Nothing is folded in, so each adapted projection costs its update a pass; the base
-        model stays in use. Its sampler settings stay the model's (`load_adapter` takes an adapter's own)."""
-        from .train.lora import AdapterBank
+        model stays in use. The sampler settings stay the model's (`load_adapter` takes an adapter's own), but
+        for the EOS ids the adapter's training added (where a fine-tune's turns end: its replies are read by
+        them too), which join the model's."""
+        from .train.lora import AdapterBank, adapter_generation
 
         if self.adapter is not None:
             raise DiffGemmaError(f"this model has an adapter applied ({self.adapter}): load the base model alone")
         if self._bank is None:
             self._bank = AdapterBank(self.network)
         self._bank.add(name, folder)
+        generation = adapter_generation(folder)
+        eos = self.settings.eos_token_id
+        added = [token for token in (generation.eos_token_id if generation else ()) if token not in eos]
+        if added:
+            self.settings = self.settings.replace(eos_token_id=[*eos, *added])
 
     def use_adapter(self, name: str | None) -> None:
         """Run the passes that follow with the adapter kept as `name` (`add_adapter`), or the base model (None).

@@ -397,7 +397,11 @@ def test_an_adapter_bank_runs_each_adapter_as_it_runs_alone(trained, tmp_path):
         for name, param in other.network.named_parameters():
             if name.endswith("lora_B.weight"):
                 param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
-    attention = save_adapter(other.network, LoraSettings(rank=2, alpha=4.0), tmp_path / "attention")
+    # saved with sampler defaults whose EOS ids gained one (as `train chat` adds the token its answers end with)
+    other.settings = other.settings.replace(eos_token_id=[*other.settings.eos_token_id, 99])
+    attention = save_adapter(
+        other.network, LoraSettings(rank=2, alpha=4.0), tmp_path / "attention", generation=other.settings
+    )
     weights_file = attention / "adapter_model.safetensors"
     save_file({key: value for key, value in load_file(str(weights_file)).items() if "self_attn" in key}, weights_file)
     for quant in (None, "int8"):
@@ -407,6 +411,7 @@ def test_an_adapter_bank_runs_each_adapter_as_it_runs_alone(trained, tmp_path):
             bank.add_adapter("everything", everything)
             bank.add_adapter("attention", attention)
             assert bank.adapters == ("everything", "attention")
+            assert bank.settings.eos_token_id == (*diffgemma.load(folder).settings.eos_token_id, 99)
             assert torch.equal(_logits(bank), base)  # the base model stays in use
             for name, adapter in (("attention", attention), ("everything", everything), ("attention", attention)):
                 alone = diffgemma.load(folder, quant=quant)
