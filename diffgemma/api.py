@@ -855,11 +855,17 @@ class DiffGemma:
     def use_adapter(self, name: str | None) -> None:
         """Run the passes that follow with the adapter kept as `name` (`add_adapter`), or the base model (None).
         The prefix cache keeps each one's snapshots apart."""
+        if name is not None or self._bank is not None:
+            self._adapter_bank(name).use(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop the adapter kept as `name` (`add_adapter`); the base model is put in place if it was in use."""
+        self._adapter_bank(name).remove(name)
+
+    def _adapter_bank(self, name: str | None) -> AdapterBank:
         if self._bank is None:
-            if name is None:
-                return
             raise DiffGemmaError(f"no adapter named {name!r} (none added: `add_adapter`)")
-        self._bank.use(name)
+        return self._bank
 
     @property
     def adapters(self) -> tuple[str, ...]:

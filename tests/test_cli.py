@@ -759,6 +759,8 @@ def test_serve_hands_its_limits_to_the_server(monkeypatch, capsys):
     assert code == 2 and "`top_k` must be an integer >= 0" in err and err.count("\n") == 1
     # LoRA adapters served beside the model, each by its name (vLLM's NAME=FOLDER)
     assert main([*argv, "--lora-modules", f"pirate={PIRATE}"]) == 0 and served[-1][0].adapters == ("pirate",)
+    assert not served[-1][1].allow_adapter_loading
+    assert main([*argv, "--allow-adapter-loading"]) == 0 and served[-1][1].allow_adapter_loading
     for extra, message in [
         (["--lora-modules", "pirate"], "expected NAME=FOLDER, got 'pirate'"),
         (["--lora-modules", f"a={PIRATE}", f"a={PIRATE}"], "each adapter needs a name of its own"),

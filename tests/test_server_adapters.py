@@ -1,6 +1,7 @@
 """LoRA adapters served beside their base model (`serve --lora-modules`): each a model of its own, picked by a
 request's `model`, through the official OpenAI, Anthropic and Ollama clients over real HTTP."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
@@ -110,3 +111,52 @@ def test_scores_and_vectors_come_from_the_adapter_named(served, client):
         assert local.embed(model=name, input=text).embeddings[0] == pytest.approx(vector, abs=1e-5)
     local.close()
     assert totals["pirate"] > totals["demo"] + 1  # the pirate's words are likelier to the pirate
+
+
+def test_adapters_load_and_unload_while_the_server_runs():
+    """vLLM's routes for it, behind --allow-adapter-loading: an adapter loaded by request is served from then on
+    (listed, answering by its name), and unloaded is a 404 again; bad requests say why."""
+    model = diffgemma.load(DEMO)
+    for allowed in (False, True):
+        app = create_app(model, ServerOptions(model_name="demo", allow_adapter_loading=allowed))
+        with running(app) as url, httpx.Client(base_url=url) as http:
+            load = {"lora_name": "pirate", "lora_path": str(PIRATE)}
+            if not allowed:
+                refused = http.post("/v1/load_lora_adapter", json=load)
+                assert refused.status_code == 403 and "--allow-adapter-loading" in refused.json()["error"]["message"]
+                continue
+            loaded = http.post("/v1/load_lora_adapter", json=load)
+            assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'pirate' added successfully."
+            assert [entry["id"] for entry in http.get("/v1/models").json()["data"]] == ["demo", "pirate"]
+            chat = {"model": "pirate", "messages": ask(FRUIT), "seed": 0}
+            answer = http.post("/v1/chat/completions", json=chat).json()
+            assert answer["choices"][0]["message"]["content"] == PIRATE_ANSWERS[FRUIT]
+            for body, status, message in [
+                (load, 400, "a model named 'pirate' is served already"),
+                ({**load, "lora_name": "demo"}, 400, "a model named 'demo' is served already"),
+                ({"lora_name": "other", "lora_path": "/no/such"}, 400, "/no/such/adapter_config.json: not found"),
+                ({"lora_name": "other"}, 400, "lora_path: the adapter's folder is required"),
+            ]:
+                refused = http.post("/v1/load_lora_adapter", json=body)
+                assert refused.status_code == status and message in refused.json()["error"]["message"], body
+            for body, status, message in [
+                ({"lora_name": "demo"}, 400, "'demo' is the base model, not an adapter"),
+                ({"lora_name": "other"}, 404, "no model 'other'"),
+            ]:
+                refused = http.post("/v1/unload_lora_adapter", json=body)
+                assert refused.status_code == status and message in refused.json()["error"]["message"], body
+            # while an answer of the pirate's is under way (its EOS banned: it runs to its limit), it stays
+            long = {**chat, "max_tokens": 512, "logit_bias": {str(eos): -100 for eos in model.settings.eos_token_id}}
+            with ThreadPoolExecutor(1) as pool:
+                under_way = pool.submit(http.post, "/v1/chat/completions", json=long)
+                deadline = time.monotonic() + 30
+                while not app.state.batcher.batches_running():
+                    assert time.monotonic() < deadline, "the long answer's batch did not start"
+                    time.sleep(0.01)
+                refused = http.post("/v1/unload_lora_adapter", json={"lora_name": "pirate"})
+                assert refused.status_code == 409 and "under way" in refused.json()["error"]["message"]
+                assert under_way.result().status_code == 200
+            unloaded = http.post("/v1/unload_lora_adapter", json={"lora_name": "pirate"})
+            assert unloaded.text == "Success: LoRA adapter 'pirate' removed successfully."
+            assert http.post("/v1/chat/completions", json=chat).status_code == 404
+            assert model.adapters == ()

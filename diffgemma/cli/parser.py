@@ -334,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA adapters (PEFT's layout, as `train chat --lora-rank` saves them) served beside the model, each "
         "as a model of its own: a request's `model` field picks one by NAME, the base model by --name",
     )
+    serve.add_argument(
+        "--allow-adapter-loading",
+        action="store_true",
+        help="let requests load and unload LoRA adapters while the server runs (vLLM's /v1/load_lora_adapter and "
+        "/v1/unload_lora_adapter; a folder on this machine, read by the server: for clients you trust)",
+    )
     _add_template_option(serve)
     # a chat client's side requests (a title, follow-ups) come between a conversation's turns: two kept
     _add_model_options(serve, sampling=False, prefix_cache=2)

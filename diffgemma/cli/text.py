@@ -624,5 +624,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         join_first=args.join_first,
         allowed_origins=tuple(args.allow_origin or ()),
         format_tries=args.format_tries,
+        allow_adapter_loading=args.allow_adapter_loading,
     )
     serve(model, args.host, args.port, options)

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import DiffGemma
@@ -42,6 +42,7 @@ from .responses import (
     request_tools,
 )
 from .schema import (
+    AdapterRequest,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -352,6 +353,16 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         used = sum(len(ids) for ids in rows)
         usage = {"prompt_tokens": used, "total_tokens": used}
         return {"object": "list", "data": data, "model": serving.served_name(body.model), "usage": usage}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: AdapterRequest) -> PlainTextResponse:
+        await serving.load_adapter(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: AdapterRequest) -> PlainTextResponse:
+        await serving.unload_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:

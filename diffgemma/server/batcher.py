@@ -178,6 +178,10 @@ class Batcher:
         """Batches being denoised (the metrics' gauge, a moment's count)."""
         return len(self._runs)
 
+    def uses_adapter(self, name: str) -> bool:
+        """Whether a batch running or a job waiting has adapter `name` (the worker's thread: a `run` call)."""
+        return any(run.adapter == name for run in self._runs) or any(job.adapter == name for job in self._waiting)
+
     def submit(self, job: Job) -> None:
         if not self.running:
             raise EngineStopped("the generation engine is not running")

@@ -212,6 +212,14 @@ class EmbeddingRequest(BaseModel):
     user: str | None = None
 
 
+class AdapterRequest(BaseModel):
+    """vLLM's body for loading (`lora_path`) or unloading a LoRA adapter while the server runs."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1)
+    lora_path: str | None = None
+
+
 class TokenizeRequest(BaseModel):
     """vLLM's `/tokenize`: a text prompt, or chat messages (with their tools) as chat completions render them;
     llama.cpp's, whose text comes as `content`."""

@@ -86,6 +86,7 @@ class ServerOptions:
     join_first: bool | None = None  # a request joins a running batch before starting one (None: off the CPU)
     allowed_origins: tuple[str, ...] = ()  # web pages elsewhere that may call the API (CORS); "*" for any
     format_tries: int = DEFAULT_TRIES  # draws of an answer of a form (JSON, ...) before a 422 says none read
+    allow_adapter_loading: bool = False  # LoRA adapters loaded and unloaded by request (vLLM's routes for it)
 
 
 @dataclass(frozen=True)
@@ -220,11 +221,11 @@ class Serving:
 
     def adapter_for(self, name: str | None) -> str | None:
         """The LoRA adapter a request's `model` names (`serve --lora-modules`): None for the base model, by its
-        name or none; where the server serves no adapters, any name is the base model's, as clients send
-        whatever they were set up with. A name it does not serve is a 404, where answering with another model
-        would pass unseen."""
+        name or none; where the server serves no adapters (and loads none by request), any name is the base
+        model's, as clients send whatever they were set up with. Otherwise a name it does not serve is a 404,
+        where answering with another model would pass unseen."""
         adapters = self.model.adapters
-        if not name or not adapters:
+        if not name or not (adapters or self.options.allow_adapter_loading):
             return None
         name = name.removesuffix(":latest")  # (the tag Ollama's clients add)
         if name in adapters:
@@ -234,6 +235,42 @@ class Serving:
         served = ", ".join(repr(served) for served in (self.options.model_name, *adapters))
         message = f"no model {name!r}; this server serves {served}"
         raise APIError(404, message, "invalid_request_error", "model_not_found", "model")
+
+    async def load_adapter(self, name: str, folder: str | None) -> None:
+        """vLLM's `/v1/load_lora_adapter`: adapter `folder` served from now on as model `name`, read on the
+        engine's thread between steps."""
+        self._check_adapter_loading()
+        if not folder:
+            message = "lora_path: the adapter's folder is required"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "lora_path")
+        if name == self.options.model_name or name in self.model.adapters:
+            message = f"a model named {name!r} is served already"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "lora_name")
+        try:
+            await self._on_engine(lambda: self.model.add_adapter(name, folder))
+        except DiffGemmaError as err:
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", "lora_path") from None
+
+    async def unload_adapter(self, name: str) -> None:
+        """vLLM's `/v1/unload_lora_adapter`: adapter `name` served no more (refused while requests for it run)."""
+        self._check_adapter_loading()
+        self.adapter_for(name)  # (404 for a name not served)
+        if name not in self.model.adapters:
+            message = f"{name!r} is the base model, not an adapter"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "lora_name")
+
+        def unload() -> None:
+            if self.batcher.uses_adapter(name):
+                message = f"requests for {name!r} are under way: unload it once they end"
+                raise APIError(409, message, "invalid_request_error", "adapter_in_use", "lora_name")
+            self.model.remove_adapter(name)
+
+        await self._on_engine(unload)
+
+    def _check_adapter_loading(self) -> None:
+        if not self.options.allow_adapter_loading:
+            message = "loading and unloading adapters is off: start the server with --allow-adapter-loading"
+            raise APIError(403, message, "permission_error", "adapter_loading_off")
 
     def served_name(self, name: str | None) -> str:
         """The model an answer names: the adapter's name where the request asked for one, else the base's."""

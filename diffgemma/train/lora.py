@@ -476,17 +476,28 @@ class AdapterBank:
         self.wrapped |= {module_name: network.get_submodule(module_name) for module_name in updates}
         self.adapters[name] = updates
 
+    def remove(self, name: str) -> None:
+        """Drop adapter `name` (the base model in place, if it was); its projections stay wrapped, without it."""
+        self._check_known(name)
+        if self.in_use == name:
+            self.use(None)
+        del self.adapters[name]
+
     def use(self, name: str | None) -> None:
         """Put adapter `name` in place (None: none, the base model)."""
-        if name is not None and name not in self.adapters:
-            known = ", ".join(repr(known) for known in self.adapters) or "none"
-            raise DiffGemmaError(f"no adapter named {name!r} (loaded: {known})")
+        if name is not None:
+            self._check_known(name)
         if name == self.in_use:
             return
         updates = self.adapters[name] if name is not None else {}
         for module_name, module in self.wrapped.items():
             module.put(updates.get(module_name))
         self.in_use = name
+
+    def _check_known(self, name: str) -> None:
+        if name not in self.adapters:
+            known = ", ".join(repr(known) for known in self.adapters) or "none"
+            raise DiffGemmaError(f"no adapter named {name!r} (loaded: {known})")
 
 
 def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> list[str]:
