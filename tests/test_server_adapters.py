@@ -1,6 +1,7 @@
 """LoRA adapters served beside their base model (`serve --lora-modules`): each a model of its own, picked by a
 request's `model`, through the official OpenAI, Anthropic and Ollama clients over real HTTP."""
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +16,9 @@ from conftest import DEMO
 from server_util import running
 
 import diffgemma
+from diffgemma import DiffGemmaError
 from diffgemma.server import ServerOptions, create_app
+from diffgemma.server.batcher import Batcher
 
 PIRATE = DEMO.parent / "demo-pirate"
 FRUIT = "Name a fruit."
@@ -160,3 +163,24 @@ def test_adapters_load_and_unload_while_the_server_runs():
             assert unloaded.text == "Success: LoRA adapter 'pirate' removed successfully."
             assert http.post("/v1/chat/completions", json=chat).status_code == 404
             assert model.adapters == ()
+
+
+def test_work_for_an_adapter_gone_fails_its_request_not_the_engine():
+    """An adapter unloaded between a request's check and its turn on the engine: that request fails, with the
+    reason, and the engine goes on serving."""
+    model = diffgemma.load(DEMO)
+    model.add_adapter("pirate", PIRATE)
+    batcher = Batcher(model)
+    batcher.start()
+
+    def score_on_engine(adapter: str | None) -> float:  # (waits 30 s at most: a dead worker answers nothing)
+        return asyncio.run(asyncio.wait_for(batcher.run(lambda: model.score("hi").total, adapter), 30))
+
+    try:
+        assert score_on_engine("pirate") < 0
+        model.remove_adapter("pirate")
+        with pytest.raises(DiffGemmaError, match="no adapter named 'pirate'"):
+            score_on_engine("pirate")
+        assert batcher.running and score_on_engine(None) < 0
+    finally:
+        batcher.stop()

@@ -88,7 +88,6 @@ class Call:
     work: Callable[[], Any]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
-    adapter: str | None = None  # the LoRA adapter in place while it runs
 
     def run(self) -> None:
         try:
@@ -192,7 +191,12 @@ class Batcher:
         if not self.running:
             raise EngineStopped("the generation engine is not running")
         loop = asyncio.get_running_loop()
-        call = Call(work, loop, loop.create_future(), adapter)
+
+        def with_adapter() -> Any:  # (an adapter unloaded meanwhile: the request's error, not the worker's)
+            self.model.use_adapter(adapter)
+            return work()
+
+        call = Call(with_adapter, loop, loop.create_future())
         self._inbox.put(call)
         return await call.future
 
@@ -223,7 +227,6 @@ class Batcher:
             self._drain(block=False)
             calls, self._calls = self._calls, []
             for call in calls:
-                self.model.use_adapter(call.adapter)
                 call.run()
             self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]
             self._place_waiting()
