@@ -212,9 +212,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str) -> dict:
         if name != options.model_name and name not in model.adapters:
-            served = ", ".join(repr(served) for served in (options.model_name, *model.adapters))
-            message = f"no model {name!r}; this server serves {served}"
-            raise APIError(404, message, "invalid_request_error", "model_not_found", "model")
+            raise serving.not_served(name)
         return listed(name)
 
     @app.get("/")

@@ -232,9 +232,13 @@ class Serving:
             return name
         if name == self.options.model_name:
             return None
-        served = ", ".join(repr(served) for served in (self.options.model_name, *adapters))
+        raise self.not_served(name)
+
+    def not_served(self, name: str) -> APIError:
+        """The 404 for a model name this server does not serve, naming those it does."""
+        served = ", ".join(repr(served) for served in (self.options.model_name, *self.model.adapters))
         message = f"no model {name!r}; this server serves {served}"
-        raise APIError(404, message, "invalid_request_error", "model_not_found", "model")
+        return APIError(404, message, "invalid_request_error", "model_not_found", "model")
 
     async def load_adapter(self, name: str, folder: str | None) -> None:
         """vLLM's `/v1/load_lora_adapter`: adapter `folder` served from now on as model `name`, read on the
