@@ -81,8 +81,11 @@ def test_each_request_is_answered_by_the_model_it_names(served, client):
     assert refused.value.code == "model_not_found"
 
 
-def test_anthropics_and_ollamas_clients_name_the_adapter_too(served):
+def test_the_other_apis_name_the_adapter_too(served, client):
+    """OpenAI's Responses API, Anthropic's Messages API and Ollama's, each through its own client."""
     url, _ = served
+    response = client.responses.create(model="pirate", input=FRUIT, extra_body={"seed": 0})
+    assert (response.model, response.output_text) == ("pirate", PIRATE_ANSWERS[FRUIT])
     with anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0) as claude:
         made = claude.messages.create(model="pirate", max_tokens=64, messages=ask(FRUIT), extra_body={"seed": 0})
     assert (made.model, made.content[0].text) == ("pirate", PIRATE_ANSWERS[FRUIT])
