@@ -388,7 +388,7 @@ def test_an_adapter_bank_runs_each_adapter_as_it_runs_alone(trained, tmp_path):
     """`add_adapter` keeps adapters beside the base weights and `use_adapter` switches between them: each gives
     the logits it gives loaded alone (over float or int8 weights), None the base model's; adapters of other
     ranks and other projections (a projection one of them leaves alone runs without an update while it is in
-    place) live side by side."""
+    place), one with an encoder half of its own, live side by side."""
     folder, model, settings, _, _, _ = trained
     everything = save_adapter(model.network, settings, tmp_path / "everything", base=str(folder))
     other = diffgemma.load(folder)
@@ -403,7 +403,12 @@ def test_an_adapter_bank_runs_each_adapter_as_it_runs_alone(trained, tmp_path):
         other.network, LoraSettings(rank=2, alpha=4.0), tmp_path / "attention", generation=other.settings
     )
     weights_file = attention / "adapter_model.safetensors"
-    save_file({key: value for key, value in load_file(str(weights_file)).items() if "self_attn" in key}, weights_file)
+    weights = load_file(str(weights_file))
+    # the attention's alone, its encoder copy trained apart (PEFT on the reference's two copies): two halves
+    weights = {key: value for key, value in weights.items() if "self_attn" in key}
+    encoder_key = next(key for key in weights if ".encoder." in key and key.endswith("lora_B.weight"))
+    weights[encoder_key] = weights[encoder_key] + 0.5
+    save_file(weights, weights_file)
     for quant in (None, "int8"):
         bank = diffgemma.load(folder, quant=quant)
         with torch.no_grad():
