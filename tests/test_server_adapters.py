@@ -52,6 +52,10 @@ def test_the_adapters_are_listed_as_models_of_their_own(served, client):
         client.models.retrieve("nope")
     tags = httpx.get(served[0] + "/api/tags").json()["models"]
     assert [(entry["name"], entry["details"]["parent_model"]) for entry in tags] == [("demo", ""), ("pirate", "demo")]
+    with ollama.Client(host=served[0]) as local:
+        assert (local.show("pirate").details.parent_model, local.show("demo").details.parent_model) == ("demo", "")
+        with pytest.raises(ollama.ResponseError, match="no model 'nope'"):
+            local.show("nope")
 
 
 def test_each_request_is_answered_by_the_model_it_names(served, client):

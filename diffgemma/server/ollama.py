@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from ..api import DiffGemma
 from ..images import PreparedImage
@@ -232,6 +232,13 @@ class OllamaEmbedRequest(BaseModel):
     input: str | list[str] = ""
     truncate: bool = True
     dimensions: int | None = Field(default=None, ge=1)
+
+
+class OllamaShowRequest(BaseModel):
+    """`/api/show`: the model to describe (`name` in Ollama's older clients)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(default="", validation_alias=AliasChoices("model", "name"))
 
 
 class OllamaEmbeddingsRequest(BaseModel):
@@ -501,8 +508,10 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
         }
 
     @router.post("/api/show")
-    async def show() -> dict[str, Any]:
-        return card
+    async def show(body: OllamaShowRequest | None = None) -> dict[str, Any]:
+        served = serving.served_name(body.model if body is not None else None)
+        entry = next(entry for entry in every_model() if entry["name"] == served)
+        return card if entry is listed else {**card, "details": entry["details"]}
 
     def embed_rows(texts: list[str], truncate: bool) -> list[list[int]]:
         limit = serving.options.max_prompt_tokens
