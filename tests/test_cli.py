@@ -761,8 +761,9 @@ def test_serve_hands_its_limits_to_the_server(monkeypatch, capsys):
     assert main([*argv, "--lora-modules", f"pirate={PIRATE}"]) == 0 and served[-1][0].adapters == ("pirate",)
     assert not served[-1][1].allow_adapter_loading
     assert main([*argv, "--allow-adapter-loading"]) == 0 and served[-1][1].allow_adapter_loading
+    assert main([*argv, "--lora-modules", f"{PIRATE}/"]) == 0 and served[-1][0].adapters == ("demo-pirate",)
     for extra, message in [
-        (["--lora-modules", "pirate"], "expected NAME=FOLDER, got 'pirate'"),
+        (["--lora-modules", "=x"], "expected NAME=FOLDER (or a FOLDER), got '=x'"),
         (["--lora-modules", f"a={PIRATE}", f"a={PIRATE}"], "each adapter needs a name of its own"),
         (["--lora-modules", f"demo={PIRATE}"], "not the model's ('demo')"),
         (["--lora-modules", f"a={PIRATE}", "--adapter", str(PIRATE)], "serve it with --lora-modules beside"),

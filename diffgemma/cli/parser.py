@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .. import __version__
 from ..config import QUANT_FORMATS
@@ -38,10 +39,12 @@ def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
 
 
 def _named_folder(given: str) -> tuple[str, str]:
-    """An argparse type: NAME=FOLDER (vLLM's form for --lora-modules), else argparse's usage error."""
+    """An argparse type: NAME=FOLDER (vLLM's form for --lora-modules), or a FOLDER named by its last part."""
     name, equals, folder = given.partition("=")
-    if not equals or not name.strip() or not folder.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=FOLDER, got {given!r}")
+    if not equals:
+        name, folder = Path(given.rstrip("/")).name, given
+    if not name.strip() or not folder.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=FOLDER (or a FOLDER), got {given!r}")
     return name.strip(), folder.strip()
 
 
@@ -332,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=FOLDER",
         help="LoRA adapters (PEFT's layout, as `train chat --lora-rank` saves them) served beside the model, each "
-        "as a model of its own: a request's `model` field picks one by NAME, the base model by --name",
+        "as a model of its own: a request's `model` field picks one by NAME (a FOLDER alone: its last part), the "
+        "base model by --name",
     )
     serve.add_argument(
         "--allow-adapter-loading",
