@@ -853,8 +853,10 @@ class DiffGemma:
             self.settings = self.settings.replace(eos_token_id=[*eos, *added])
 
     def use_adapter(self, name: str | None) -> None:
-        """Run the passes that follow with the adapter kept as `name` (`add_adapter`), or the base model (None).
-        The prefix cache keeps each one's snapshots apart."""
+        """Run the passes that follow with the adapter kept as `name` (`add_adapter`), or the base model (None):
+        between generations, or between the steps of interleaved streams (as the server's engine switches
+        between batches), never from another thread while one runs. The prefix cache keeps each one's snapshots
+        apart."""
         if name is not None or self._bank is not None:
             self._adapter_bank(name).use(name)
 
