@@ -276,6 +276,7 @@ def test_train_chat_lora_saves_adapter_and_resumes(tmp_path, capsys):
     assert main([*common, "--steps", "6"]) == 0
     printed = capsys.readouterr().out
     assert "held-out loss" in printed and "35 training examples, 1 held out" in printed
+    assert f"diffgemma serve --model {base} --lora-modules run={out}" in printed  # how to try it
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     state = torch.load(out / "trainer_state.pt", weights_only=False)
     assert state["step"] == 6 and len(state["losses"]) == 6

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import shlex
+from pathlib import Path
 
 from ..errors import DiffGemmaError
 from .common import model_path, range_option, with_template
@@ -69,6 +71,12 @@ def cmd_train(args: argparse.Namespace) -> None:
             max_length=args.max_length,
         )
         finetune(model, options, log=log)
+        base, out, name = (shlex.quote(str(path)) for path in (model_path(args), args.out, Path(args.out).name))
+        if lora is not None:
+            log(f"try it: diffgemma chat --model {base} --adapter {out}; or serve it beside the model (and other")
+            log(f"adapters): diffgemma serve --model {base} --lora-modules {name}={out}")
+        else:
+            log(f"try it: diffgemma chat --model {out}")
         return
     from ..tasks import sudoku
 
