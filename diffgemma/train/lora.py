@@ -465,12 +465,10 @@ class AdapterBank:
         skeleton = meta_network(network.config, network.dtype)  # (the shapes to read it by; no memory)
         tensors = read_adapter(skeleton, folder)
         updates = {module_name: m for module_name, m in skeleton.named_modules() if isinstance(m, ADAPTED)}
-        with torch.no_grad():
-            for module_name, module in updates.items():
-                for part in ("lora_A", "lora_B", "lora_A_encoder", "lora_B_encoder"):
-                    if getattr(module, part) is not None:
-                        matrix = getattr(module, part).to_empty(device=network.device).requires_grad_(False)
-                        matrix.weight.copy_(tensors[f"{module_name}.{part}.weight"])
+        for module in updates.values():
+            for matrix in module.children():  # (its LoRA matrices; the base weight stays on the meta device)
+                matrix.to_empty(device=network.device).requires_grad_(False)
+        _fill_adapters(skeleton, tensors)
         # the projections no adapter adapted before: wrapped, without an update while another is in place
         _wrap(network, {module_name: ((1, 0.0), None) for module_name in updates.keys() - self.wrapped}, off=True)
         self.wrapped |= {module_name: network.get_submodule(module_name) for module_name in updates}
@@ -504,11 +502,16 @@ def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> list[str
     """Add adapters from a PEFT-layout folder to `network` (frozen base, adapters loaded); returns the names of
     the projections adapted."""
     tensors = read_adapter(network, folder)
+    _fill_adapters(network, tensors)
+    return sorted({name.rpartition(".lora_")[0] for name in tensors})
+
+
+def _fill_adapters(network: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """The adapters `read_adapter` wrapped into `network` given its `tensors`, by name."""
     with torch.no_grad():
         for name, target in network.state_dict(keep_vars=True).items():
             if ".lora_" in name:
                 target.copy_(tensors[name])
-    return sorted({name.rpartition(".lora_")[0] for name in tensors})
 
 
 LORA_MATRICES = (".lora_A.weight", ".lora_B.weight")
