@@ -843,9 +843,9 @@ class DiffGemma:
 
         if self.adapter is not None:
             raise DiffGemmaError(f"this model has an adapter applied ({self.adapter}): load the base model alone")
-        if self._bank is None:
-            self._bank = AdapterBank(self.network)
-        self._bank.add(name, folder)
+        bank = self._bank or AdapterBank(self.network)
+        bank.add(name, folder)
+        self._bank = bank  # (kept once an adapter is in it: a first that fails leaves `load_adapter` free)
         generation = adapter_generation(folder)
         eos = self.settings.eos_token_id
         added = [token for token in (generation.eos_token_id if generation else ()) if token not in eos]

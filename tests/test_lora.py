@@ -435,6 +435,8 @@ def test_an_adapter_bank_runs_each_adapter_as_it_runs_alone(trained, tmp_path):
     with pytest.raises(DiffGemmaError, match="no adapter named 'nope' \\(none added"):
         diffgemma.load(folder).use_adapter("nope")
     folded = diffgemma.load(folder)
-    folded.load_adapter(everything)
+    with pytest.raises(DiffGemmaError, match="adapter_config.json: not found"):
+        folded.add_adapter("nothing", tmp_path / "nothing")
+    folded.load_adapter(everything)  # (a failed first add_adapter leaves the model as it was)
     with pytest.raises(DiffGemmaError, match="has an adapter applied"):
         folded.add_adapter("attention", attention)
