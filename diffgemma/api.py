@@ -50,7 +50,7 @@ from .resources import check_memory, size_text
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
 from .tokenizer import TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
-from .toolcalls import Tool, tool_plan
+from .toolcalls import Tool, forced_call_fault, tool_plan
 from .vision import ImageEncoder, load_image_encoder
 
 if TYPE_CHECKING:
@@ -589,7 +589,8 @@ class DiffGemma:
         come back in `tool_calls` (answer them with `{"role": "tool", "tool_call_id" or "name", "content"}`
         messages after the assistant's message with its `tool_calls`, and chat again).
         `tool_choice`: "auto" (the model decides), "none" (no tools offered), "required" (some call), or a
-        tool's name (a call to it).
+        tool's name (a call to it). A reply that must call and does not (no call reads from it, or its arguments
+        do not match its tool's `parameters` schema) is drawn again as a JSON answer is (`json_tries`).
 
         `json_schema` asks for a JSON answer (True: any object; or a JSON schema, or OpenAI's `response_format`):
         the system turn tells the model the schema, and an answer that does not read as JSON matching it is
@@ -604,13 +605,13 @@ class DiffGemma:
         Without thinking: a thinking answer begins with its thoughts, where the prediction would not line up."""
         tokenizer = self._need_tokenizer()
         answer_format = json_format(json_schema, "json_schema")
+        offered, lead = tool_plan(tools, tool_choice)
+        if (answer_format is not None or lead) and (not is_int(json_tries) or json_tries < 1):
+            raise DiffGemmaError(f"json_tries must be a positive integer, got {json_tries!r}")
         if answer_format is not None:
-            if not is_int(json_tries) or json_tries < 1:
-                raise DiffGemmaError(f"json_tries must be a positive integer, got {json_tries!r}")
             if prefill:
                 raise DiffGemmaError("a prefill gives the answer's start, so its JSON (json_schema) is not whole")
             messages = answer_format.with_instruction(messages)
-        offered, lead = tool_plan(tools, tool_choice)
         if prediction is not None and enable_thinking:
             raise DiffGemmaError(PREDICTION_WITH_THINKING)
         if "images" in sampler:
@@ -624,7 +625,7 @@ class DiffGemma:
         if max_new_tokens is None:
             pictures = len(images) * (self.image_soft_tokens + 2) if images else 0  # (each at most, with its marks)
             max_new_tokens = self.chat_limit(len(prompt) + len(lead_ids) + pictures)
-        for attempt in range(json_tries if answer_format is not None else 1):
+        for attempt in range(json_tries if answer_format is not None or lead else 1):
             try_seed = None if seed is None else seed + attempt
             result = self.generate(
                 prompt + lead_ids,
@@ -639,15 +640,21 @@ class DiffGemma:
             tokens = result.new_tokens[0]
             content, reasoning = text.parts(tokens)
             reply = ChatResult(content, reasoning, result, text.tool_calls(tokens))
+            if lead and not result.reached_limit[0]:
+                fault = forced_call_fault(reply.tool_calls, offered, content)
+                if fault is None:
+                    return reply
+                continue
             if answer_format is None or reply.tool_calls or result.reached_limit[0]:
                 return reply
             try:
                 parsed = answer_format.read(content)
             except DiffGemmaError as err:
-                fault = err
+                fault = str(err)
                 continue
             return replace(reply, content=answer_format.text(content), parsed=parsed)
-        raise DiffGemmaError(f"no JSON answer in {json_tries} tries; the last: {fault}")
+        what = "tool call that fits" if lead else answer_format.what
+        raise DiffGemmaError(f"no {what} in {json_tries} tries; the last: {fault}")
 
     def infill(
         self,

@@ -91,11 +91,27 @@ class JsonFormat(AnswerFormat):
             if not isinstance(value, dict):
                 raise DiffGemmaError(f"the answer is JSON but not an object (a {type(value).__name__})")
             return value
-        validator = jsonschema.validators.validator_for(self.schema)(self.schema)
-        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
-        if error is not None:
-            raise DiffGemmaError(f"the answer does not match the schema: at {error.json_path}, {error.message}")
+        fault = schema_fault(self.schema, value)
+        if fault is not None:
+            raise DiffGemmaError(f"the answer does not match the schema: {fault}")
         return value
+
+
+def schema_fault(schema: dict[str, Any], value: Any) -> str | None:
+    """Where and why `value` does not match the JSON `schema` (a valid one), the likeliest fault first; None when
+    it matches."""
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    return None if error is None else f"at {error.json_path}, {error.message}"
+
+
+def schema_error(schema: dict[str, Any]) -> str | None:
+    """Why `schema` is not a valid JSON schema (None: it is one)."""
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as err:
+        return err.message
+    return None
 
 
 def unfenced(reply: str) -> str:
@@ -137,10 +153,9 @@ def json_format(spec: dict[str, Any] | bool | None, where: str) -> JsonFormat | 
 
 def _checked(fmt: JsonFormat, where: str) -> JsonFormat:
     """`fmt`, once its schema is known to be a valid JSON schema."""
-    try:
-        jsonschema.validators.validator_for(fmt.schema).check_schema(fmt.schema)
-    except jsonschema.exceptions.SchemaError as err:
-        raise DiffGemmaError(f"{where}: not a valid JSON schema: {err.message}") from None
+    error = schema_error(fmt.schema)
+    if error is not None:
+        raise DiffGemmaError(f"{where}: not a valid JSON schema: {error}")
     return fmt
 
 

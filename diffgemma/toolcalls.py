@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import DiffGemmaError
+from .structured import schema_error, schema_fault
 
 TOOL_CALL_OPEN = "<|tool_call>"
 TOOL_CALL_CLOSE = "<tool_call|>"
@@ -357,6 +358,10 @@ def tool_plan(tools: Sequence[Tool] | None, tool_choice: str = "auto") -> tuple[
     tools = check_tools(tools)
     if tool_choice == "auto":
         return tools, ""
+    for index, tool in enumerate(tools):  # (a forced call's arguments are checked against them: forced_call_fault)
+        error = schema_error(tool["function"].get("parameters") or {})
+        if error is not None:
+            raise DiffGemmaError(f"tools[{index}].function.parameters: not a valid JSON schema: {error}")
     if tool_choice == "required":
         return tools, f"{TOOL_CALL_OPEN}call:"
     names = [tool["function"]["name"] for tool in tools]
@@ -364,3 +369,19 @@ def tool_plan(tools: Sequence[Tool] | None, tool_choice: str = "auto") -> tuple[
         message = f"tool_choice must be 'auto', 'none', 'required' or a tool's name ({', '.join(names)})"
         raise DiffGemmaError(f"{message}, got {tool_choice!r}")
     return tools, f"{TOOL_CALL_OPEN}call:{tool_choice}{{"
+
+
+def forced_call_fault(calls: Sequence[ToolCall], tools: Sequence[dict[str, Any]], content: str) -> str | None:
+    """Why a reply that had to call a tool (`tool_choice` "required" or a tool's name: `tool_plan`) did not: no
+    call read from it (`content`: what it said instead), a call to a tool not offered, or arguments that do not
+    match the tool's parameters. None: it made its calls, each fitting its tool."""
+    if not calls:
+        return f"no call read from the reply (it began {content.strip()[:40]!r})"
+    parameters = {tool["function"]["name"]: tool["function"].get("parameters") or {} for tool in tools}
+    for call in calls:
+        if call.name not in parameters:
+            return f"it called {call.name!r}, which is not offered ({', '.join(parameters)})"
+        fault = schema_fault(parameters[call.name], call.arguments)
+        if fault is not None:
+            return f"its call to {call.name} does not fit the tool's parameters: {fault}"
+    return None

@@ -20,7 +20,7 @@ from server_util import free_port, running
 
 from diffgemma.server import ServerOptions, create_app
 from diffgemma.server.batcher import Batcher
-from diffgemma.server.service import fill_limit, reply_text
+from diffgemma.server.service import ToolUse, choice_ending, fill_limit, format_fault, reply_text
 from diffgemma.structured import DEFAULT_TRIES, JsonFormat, RegexFormat
 
 SKY = "Why is the sky blue?"
@@ -1092,7 +1092,8 @@ def test_tool_calls_through_chat_completions_and_the_responses_api(client):
     """Offered a tool, the demo model calls it: `tool_calls` (arguments as JSON text, finish_reason
     "tool_calls", content null), whole in the stream's last delta; the call and the tool's answer sent back
     (OpenAI's message shapes) get the answer. The Responses API: a `function_call` item, and the answer from
-    `function_call_output`. A tool_choice naming a tool begins its call; bad tools and choices are 400s."""
+    `function_call_output`. A tool_choice naming a tool, or "required", begins a call, which must read and fit
+    its tool (else a fresh draw, then a 422); bad tools and choices are 400s."""
     from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RESULT, WEATHER_TOOL
 
     tools = [WEATHER_TOOL]
@@ -1123,11 +1124,15 @@ def test_tool_calls_through_chat_completions_and_the_responses_api(client):
     assert reply.choices[0].message.content == WEATHER_ANSWER and reply.choices[0].finish_reason == "stop"
     assert not reply.choices[0].message.tool_calls
 
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    forced = client.chat.completions.create(
-        model="demo", messages=ask(WEATHER_QUESTION), tools=tools, tool_choice=named, seed=0
-    )
-    assert [tc.function.name for tc in forced.choices[0].message.tool_calls or []] in ([], ["get_weather"])
+    # a forced call the tiny model begins but does not finish (its call was taught at the canvas's start) is
+    # drawn again, then a 422: never the begun call as text, streamed or not
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        for stream in (False, True):
+            with pytest.raises(openai.UnprocessableEntityError, match="no tool call that fits in 3 draws") as none:
+                client.chat.completions.create(
+                    model="demo", messages=ask(WEATHER_QUESTION), tools=tools, tool_choice=choice, seed=0, stream=stream
+                )
+            assert none.value.param == "tool_choice" and "no call read from the reply" in str(none.value)
     unoffered = client.chat.completions.create(
         model="demo", messages=ask(WEATHER_QUESTION), tools=tools, tool_choice="none", seed=0
     )
@@ -1174,6 +1179,27 @@ def test_tool_calls_through_chat_completions_and_the_responses_api(client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(model="demo", input=WEATHER_QUESTION, tools=[{"type": "web_search"}])
     assert refused.value.param == "tools"
+
+
+def test_a_forced_call_is_checked_as_the_request_gives_it_back(demo):
+    """Of a reply that had to call (its lead begun a call), the calls the request gives back are checked: the
+    first alone without parallel calls, so a second that does not fit its tool is no fault then. A reply cut at
+    its token limit is left as it is."""
+    from assets.make_demo_model import WEATHER_TOOL
+
+    q = '<|"|>'
+    text = f"get_weather{{city:{q}Paris{q}}}<tool_call|><|tool_call>call:get_weather{{town:{q}Rome{q}}}<tool_call|>"
+    tokens = demo.tokenizer.encode(text, add_special_tokens=False)
+    lead = demo.tokenizer.encode("<|tool_call>call:", add_special_tokens=False)
+    for parallel, calls, fault in ((False, 1, None), (True, 2, "'city' is a required property")):
+        tools = ToolUse(lead, parallel, (WEATHER_TOOL,))
+        reply = reply_text(demo, True, None, tools)
+        end = choice_ending(reply, tokens, "stop", tools)
+        assert len(end.calls) == calls and end.finish == "tool_calls"
+        found = format_fault(None, reply.parts(tokens)[0], end, tools)
+        assert found == fault or fault in found
+        cut = choice_ending(reply, tokens[:3], "length", tools)
+        assert format_fault(None, reply.parts(tokens[:3])[0], cut, tools) is None
 
 
 def test_the_serve_command_answers_an_openai_client(demo):

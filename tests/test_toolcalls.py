@@ -11,7 +11,15 @@ from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RES
 from diffgemma.errors import DiffGemmaError
 from diffgemma.presets import write_tokenizer
 from diffgemma.tokenizer import TEMPLATE_FILE, Tokenizer
-from diffgemma.toolcalls import ToolCall, function_tool, parse_call, run_tool_calls, take_tool_calls, tool_plan
+from diffgemma.toolcalls import (
+    ToolCall,
+    forced_call_fault,
+    function_tool,
+    parse_call,
+    run_tool_calls,
+    take_tool_calls,
+    tool_plan,
+)
 
 Q = '<|"|>'
 
@@ -115,9 +123,13 @@ def test_tools_are_checked_and_a_template_without_tools_refuses_them(tokenizer, 
         ([{"type": "function", "function": {"name": "has space"}}], "auto", r"tools\[0\].function.name"),
         ([{"type": "web_search"}], "auto", r"tools\[0\] must be"),
         ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], "auto", "parameters"),
+        # a forced call's arguments are checked against its tool's parameters, so they must be a schema
+        ([{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}], "f", "not a valid JSON schema"),
     ):
         with pytest.raises(DiffGemmaError, match=message):
             tool_plan(tools, choice)
+    loose = [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]
+    assert tool_plan(loose, "auto") == (loose, "")  # (offered as it is: the model reads it, nothing checks a call)
     write_tokenizer(tmp_path)
     (tmp_path / TEMPLATE_FILE).write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     plain = Tokenizer(tmp_path)
@@ -138,7 +150,7 @@ def test_the_demo_model_calls_its_tool_and_answers_from_the_result(demo):
     """The Python API: offered the weather tool, the demo model calls it, and its output ends at
     <|tool_response> (an EOS); given the tool's answer after the call, it answers aloud. A tool_choice naming the
     tool makes the reply begin that call (the tiny model, taught the call at the canvas's start, does not go on
-    from there as a real one does: the begun call stays visible as text); "none" offers no tools."""
+    from there as a real one does, so no call reads: an error says so); "none" offers no tools."""
     tools = [WEATHER_TOOL]
     first = demo.chat(weather_conversation(False), tools=tools, seed=0)
     assert first.tool_calls == (ToolCall("get_weather", {"city": "Paris"}),) and first.content == ""
@@ -149,16 +161,30 @@ def test_the_demo_model_calls_its_tool_and_answers_from_the_result(demo):
     assert second.content == WEATHER_ANSWER and second.tool_calls == ()
     assert WEATHER_RESULT in demo.tokenizer.apply_chat_template(weather_conversation(True), tools=tools)
 
-    forced = demo.chat(weather_conversation(False), tools=tools, tool_choice="get_weather", seed=0)
-    lead = demo.tokenizer.encode("<|tool_call>call:get_weather{", add_special_tokens=False)
-    assert forced.result.sequences[0, len(prompt) : len(prompt) + len(lead)].tolist() == lead
-    assert [call.name for call in forced.tool_calls] == ["get_weather"] or forced.content.startswith(
-        "call:get_weather{"
-    )
+    # forced, the tiny model's reply begins the call but does not finish it: drawn again, then an error, never
+    # the begun call as text
+    with pytest.raises(DiffGemmaError, match=r"no tool call that fits in 2 tries; .* began 'call:get_weather\{"):
+        demo.chat(weather_conversation(False), tools=tools, tool_choice="get_weather", seed=0, json_tries=2)
     unoffered = demo.chat([{"role": "user", "content": WEATHER_QUESTION}], tools=tools, tool_choice="none", seed=0)
     assert unoffered.tool_calls == ()
     bare = demo.tokenizer.encode_chat(weather_conversation(False))  # the prompt without the tools
     assert unoffered.result.sequences[0, : len(bare)].tolist() == bare and len(bare) < len(prompt)
+
+
+def test_a_forced_call_must_read_and_fit_its_tool():
+    """A reply that had to call a tool (tool_choice "required" or a tool's name) is at fault unless it made calls,
+    each to a tool offered, with arguments its tool's parameters schema takes."""
+    tools = [WEATHER_TOOL, {"type": "function", "function": {"name": "ping"}}]  # (ping: no parameters given)
+    assert forced_call_fault([ToolCall("get_weather", {"city": "Paris"}), ToolCall("ping", {})], tools, "") is None
+    faults = [
+        ([], "Sure: Paris", "no call read from the reply (it began 'Sure: Paris')"),
+        ([ToolCall("get_time", {})], "", "it called 'get_time', which is not offered (get_weather, ping)"),
+        ([ToolCall("get_weather", {})], "", "get_weather does not fit the tool's parameters: at $, 'city' is a requ"),
+        ([ToolCall("get_weather", {"city": 3})], "", "at $.city, 3 is not of type 'string'"),
+        ([ToolCall("ping", {}), ToolCall("get_weather", {"town": "Paris"})], "", "'city' is a required property"),
+    ]
+    for calls, content, fault in faults:
+        assert fault in forced_call_fault(calls, tools, content), calls
 
 
 def test_a_streamed_reply_never_shows_call_syntax_and_ends_with_its_calls(demo):

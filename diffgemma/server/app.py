@@ -61,6 +61,7 @@ from .service import (
     engine_failure,
     event_stream,
     infill_length,
+    read_whole,
     reply_text,
     sse,
     thinking_asked,
@@ -281,7 +282,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             return await serving.reply_logprobs(prompt, reply, tokens, eos, top or 0, True, False, images, job.adapter)
 
         scorer = answer_logprobs if top is not None else None
-        if body.stream and answer_format is None:
+        if body.stream and not read_whole(answer_format, tools):
             stream = serving.stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", scorer, tools)
             return event_stream(stream)
         answer = await serving.run_answer(job, reply, request, tools, answer_format, redraw, "text.format")
@@ -316,7 +317,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
         job, reply = redraw(0)
         built = MessageBuilder(serving.served_name(body.model), len(prompt))
-        if body.stream and answer_format is None:
+        if body.stream and not read_whole(answer_format, tools):
             return event_stream(
                 serving.stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", None, tools)
             )

@@ -50,6 +50,7 @@ from .service import (
     Serving,
     ToolUse,
     check_token_ids,
+    read_whole,
     reply_text,
     whole_events,
 )
@@ -452,7 +453,7 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
             )
             return logprobs["content"]
 
-        if body.stream and answer_format is None:
+        if body.stream and not read_whole(answer_format, tools):
             scorer = (lambda _, tokens, eos: scored(reply, tokens, eos)) if top is not None else None
             stream = serving.stream_jobs(
                 [job], [reply], reply_shape.chunk, False, len(prompt), [""], "", scorer, tools, encode=ndjson

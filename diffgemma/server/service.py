@@ -18,7 +18,7 @@ import secrets
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -36,7 +36,7 @@ from ..resources import first_line, out_of_memory
 from ..scoring import TokenScores
 from ..structured import DEFAULT_TRIES, AnswerFormat
 from ..tokenizer import THINKING_CLOSE
-from ..toolcalls import check_tools, tool_plan
+from ..toolcalls import ToolCall, check_tools, forced_call_fault, tool_plan
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 from .llamacpp import fit_prompt
 from .logprobs import chat_logprobs, completion_logprobs
@@ -92,10 +92,16 @@ class ServerOptions:
 @dataclass(frozen=True)
 class ToolUse:
     """A chat request's tools as its replies read them: the ids a reply was made to begin with (a call's
-    opening, for a `tool_choice` that asks for one), and whether more than one call may come back."""
+    opening, for a `tool_choice` that asks for one: the call is forced), whether more than one call may come
+    back, and the tools offered."""
 
     lead: list[int]
     parallel: bool = True
+    offered: tuple[dict[str, Any], ...] = ()  # the tools, OpenAI's shape: a forced call's arguments must fit them
+
+    def kept(self, calls: Sequence[ToolCall]) -> tuple[ToolCall, ...]:
+        """The calls a reply gives back: the first alone, unless parallel calls were allowed."""
+        return tuple(calls if self.parallel else calls[:1])
 
 
 def reply_text(model: DiffGemma, chat: bool, stop: StopField = None, tools: ToolUse | None = None) -> SettledText:
@@ -108,25 +114,26 @@ def reply_text(model: DiffGemma, chat: bool, stop: StopField = None, tools: Tool
 class Ending:
     """How a finished choice ended, as every API's shape reports it: its finish reason ("tool_calls" when it made
     calls, unless its token limit cut it), the stop string that ended it, and its tool calls in OpenAI's shape,
-    each with a new id (the first alone, unless parallel calls were allowed)."""
+    each with a new id (the first alone, unless parallel calls were allowed), and as they were read."""
 
     finish: str
     stop_sequence: str | None
     calls: list[dict[str, Any]]
+    read: tuple[ToolCall, ...] = ()
 
 
 def choice_ending(reply: SettledText, tokens: list[int], finish: str, tools: ToolUse | None) -> Ending:
     """The Ending of a choice whose final `tokens` finished for `finish` ("stop" or "length")."""
-    found = reply.tool_calls(tokens) if tools is not None else ()
+    read = tools.kept(reply.tool_calls(tokens)) if tools is not None else ()
     calls = [
         {
             "id": f"call_{uuid.uuid4().hex[:24]}",
             "type": "function",
             "function": {"name": call.name, "arguments": call.arguments_json},
         }
-        for call in (found if tools is None or tools.parallel else found[:1])
+        for call in read
     ]
-    return Ending("tool_calls" if calls and finish == "stop" else finish, reply.stop_found(tokens), calls)
+    return Ending("tool_calls" if calls and finish == "stop" else finish, reply.stop_found(tokens), calls, read)
 
 
 @dataclass(frozen=True)
@@ -158,11 +165,23 @@ def whole_events(
     return [event for piece in [*answer.pieces(0, logprobs), usage] for event in chunk(piece)]
 
 
-def format_fault(answer_format: AnswerFormat | None, content: str, end: Ending) -> str | None:
+def read_whole(answer_format: AnswerFormat | None, tools: ToolUse | None) -> bool:
+    """Whether a choice is read whole before it is sent (a stream then gets it as one piece): an answer of a
+    form, or a call that must be made, may have to be drawn again (`Serving.run_answer`)."""
+    return answer_format is not None or bool(tools and tools.lead)
+
+
+def format_fault(
+    answer_format: AnswerFormat | None, content: str, end: Ending, tools: ToolUse | None = None
+) -> str | None:
     """Why a finished choice's answer (`content`) does not have the form asked for (None: it has, or none was
     asked for). A choice cut at its token limit is left as it is ("length", as OpenAI's), as is one that calls
-    tools."""
-    if answer_format is None or end.finish == "length" or end.calls:
+    tools. One that had to call a tool (`tools.lead`) must have made calls that fit their tools instead."""
+    if end.finish == "length":
+        return None
+    if tools is not None and tools.lead:
+        return forced_call_fault(end.read, tools.offered, content)
+    if answer_format is None or end.calls:
         return None
     try:
         answer_format.read(content)
@@ -457,22 +476,26 @@ class Serving:
         again: Callable[[int], tuple[Job, SettledText]] | None = None,
         param: str = "response_format",
     ) -> Answer:
-        """`run_job`'s choice as an Answer; for an answer of a form (`answer_format`: JSON, ...) a fresh draw
-        after each that does not read (`again(k)`: the k-th redraw's job, seeded apart, and its reply), at most
-        `format_tries` draws in all, then a 422 that says why the last did not read (`param`: the request's
-        format field)."""
+        """`run_job`'s choice as an Answer; for an answer of a form (`answer_format`: JSON, ...) or a forced tool
+        call a fresh draw after each that does not read (`again(k)`: the k-th redraw's job, seeded apart, and its
+        reply), at most `format_tries` draws in all, then a 422 that says why the last did not read (`param`: the
+        request's format field)."""
         for attempt in range(1, self.options.format_tries + 1):
             done, finish = await self.run_job(job, request, reply)
             content, reasoning = reply.parts(done.new_tokens)
             end = choice_ending(reply, done.new_tokens, finish, tools)
-            fault = format_fault(answer_format, content, end)
+            fault = format_fault(answer_format, content, end, tools)
             if fault is None:
                 content = answer_format.text(content) if answer_format is not None else content
                 return Answer(done, reply, content, reasoning, end)
             if again is None or attempt == self.options.format_tries:
                 break
             job, reply = again(attempt)
-        message = f"no {answer_format.what} in {self.options.format_tries} draws; the last: {fault}"
+        if tools is not None and tools.lead:
+            what, param = "tool call that fits", "tool_choice"
+        else:
+            what = answer_format.what
+        message = f"no {what} in {self.options.format_tries} draws; the last: {fault}"
         raise APIError(422, message, "model_error", "answer_unreadable", param)
 
     def stream_jobs(self, jobs: list[Job], *args: Any, **kwargs: Any) -> AsyncIterator[str]:
@@ -597,7 +620,7 @@ class Serving:
 
         scorer = choice_logprobs if top is not None else None
         usage_chunk = prompt_tokens if _include_usage(body) else None
-        if body.stream and answer_format is None:
+        if body.stream and not read_whole(answer_format, tools):
             stream = self.stream_jobs(
                 jobs, replies, chunk, body.drafts, usage_chunk, leading, logprobs=scorer, tools=tools
             )
@@ -777,7 +800,8 @@ class Serving:
         if not self.model.tokenizer.renders_tools:
             message = "this model's chat template does not write tools, so none can be offered"
             raise APIError(400, message, "invalid_request_error", "invalid_value", "tools")
-        return offered, ToolUse(self.model.tokenizer.encode(lead, add_special_tokens=False) if lead else [], parallel)
+        lead_ids = self.model.tokenizer.encode(lead, add_special_tokens=False) if lead else []
+        return offered, ToolUse(lead_ids, parallel, tuple(offered))
 
     def messages_prompt(
         self, body: Conversation
