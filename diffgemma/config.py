@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,9 +283,16 @@ class SamplerSettings:
         settings.validate("call arguments")
         return settings
 
-    def validate(self, source: str) -> None:
+    def validate(self, source: str, names: Mapping[str, str] | None = None) -> None:
+        """Each setting in its range, else DiffGemmaError naming `source` (none: "") and the setting (as `names`
+        spells it: a command's options, say)."""
+
+        def name(key: str) -> str:
+            return (names or {}).get(key, f"`{key}`")
+
         def fail(key: str, expected: str) -> None:
-            raise DiffGemmaError(f"{source}: `{key}` must be {expected}, got {getattr(self, key)!r}")
+            where = f"{source}: " if source else ""
+            raise DiffGemmaError(f"{where}{name(key)} must be {expected}, got {getattr(self, key)!r}")
 
         # (a bound far past any use, where the schedule's step counts, int32 as the reference's, still hold)
         if not is_int(self.max_denoising_steps) or not 0 < self.max_denoising_steps <= MAX_DENOISING_STEPS:
@@ -297,7 +304,7 @@ class SamplerSettings:
         if not is_number(self.t_min) or self.t_min < 0:
             fail("t_min", "a number >= 0")
         if not is_number(self.t_max) or self.t_max <= self.t_min:
-            fail("t_max", f"a number > t_min ({self.t_min})")
+            fail("t_max", f"a number > {name('t_min')} ({self.t_min})")
         if not is_int(self.stability_threshold) or self.stability_threshold < 0:
             fail("stability_threshold", "an integer >= 0")
         if not is_number(self.confidence_threshold) or self.confidence_threshold <= 0:

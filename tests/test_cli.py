@@ -171,6 +171,31 @@ def test_numbers_out_of_range_are_refused_before_anything_runs(capsys, argv, exp
     assert code == 2 and expected in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--steps", "0"], "--steps must be a positive integer up to 1,000,000, got 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+        (["--top-p", "2"], "--top-p must be a number from 0 to 1"),
+        (["--t-max", "-1"], "--t-max must be a number > --t-min (0.0), got -1.0"),  # (any t_min would be >= 0)
+        (["--t-min", "0.3", "--t-max", "0.2"], "--t-max must be a number > --t-min (0.3), got 0.2"),
+    ],
+)
+def test_sampler_options_out_of_range_are_refused_before_the_model_loads(options, expected, monkeypatch, capsys):
+    """A large checkpoint takes minutes to load: an option it would refuse is refused first, named as typed."""
+    import diffgemma.api
+
+    monkeypatch.setattr(diffgemma.api, "load", lambda *args, **kwargs: pytest.fail("the model loaded first"))
+    assert main(["generate", "x", "--model", DEMO, *options]) == 2
+    assert f"diffgemma: {expected}" in capsys.readouterr().err
+
+
+def test_sampler_options_are_checked_against_the_checkpoints_schedule(capsys):
+    """Where one end of the temperature schedule is given, the checkpoint's other end decides (demo: 0.4 to 0.8)."""
+    assert main(["generate", "x", "--model", DEMO, "--t-max", "0.3"]) == 2
+    assert "diffgemma: --t-max must be a number > --t-min (0.4), got 0.3" in capsys.readouterr().err
+
+
 def test_info_on_a_quantized_checkpoint_gives_its_format_alone(capsys, tmp_path):
     from diffgemma.presets import random_checkpoint
 
@@ -267,7 +292,7 @@ def test_errors_are_one_line_with_exit_code_2(capsys, tmp_path, monkeypatch):
         (["edit", str(tmp_path / "nofile.txt"), "--lines", "1:2", "--model", DEMO], "file not found"),
         (["edit", str(tmp_path), "--lines", "1:2", "--model", DEMO], "cannot read it"),  # a folder
         (["generate", "hi", "--model", DEMO, "--threads", "0"], "--threads must be at least 1, got 0"),
-        (["generate", "hi", "--model", DEMO, "--top-p", "2"], "`top_p` must be a number from 0 to 1"),
+        (["generate", "hi", "--model", DEMO, "--top-p", "2"], "--top-p must be a number from 0 to 1"),
     ):
         code, _, err = run(capsys, *argv)
         assert code == 2 and expected in err and err.count("\n") == 1
@@ -756,7 +781,7 @@ def test_serve_hands_its_limits_to_the_server(monkeypatch, capsys):
     assert main([*argv, "--join-first"]) == 0 and served[-1][1].join_first is True
     assert main([*argv, "--no-join-first"]) == 0 and served[-1][1].join_first is False
     code, _, err = run(capsys, *argv, "--top-k", "-3")
-    assert code == 2 and "`top_k` must be an integer >= 0" in err and err.count("\n") == 1
+    assert code == 2 and "--top-k must be an integer >= 0" in err and err.count("\n") == 1
     # LoRA adapters served beside the model, each by its name (vLLM's NAME=FOLDER)
     assert main([*argv, "--lora-modules", f"pirate={PIRATE}"]) == 0 and served[-1][0].adapters == ("pirate",)
     assert not served[-1][1].allow_adapter_loading

@@ -53,7 +53,7 @@ def test_sampler_settings_defaults_and_overrides(tmp_path):
     assert (settings.max_denoising_steps, settings.entropy_bound, settings.t_max, settings.t_min) == (48, 0.1, 0.8, 0.4)
     assert (settings.stability_threshold, settings.confidence_threshold) == (1, 0.005)
     assert settings.replace(max_denoising_steps=8).max_denoising_steps == 8
-    with pytest.raises(DiffGemmaError, match="`t_max` must be a number > t_min"):
+    with pytest.raises(DiffGemmaError, match="`t_max` must be a number > `t_min`"):
         settings.replace(t_max=0.1)
     with pytest.raises(DiffGemmaError, match="unknown sampler setting"):
         settings.replace(temperature=3)

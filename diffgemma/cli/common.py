@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
-from ..config import read_text
+from ..config import SamplerSettings, read_text
 from ..errors import DiffGemmaError
 
 MODEL_ENV = "DIFFGEMMA_MODEL"
@@ -40,7 +41,9 @@ def load_model(args: argparse.Namespace, path: str | os.PathLike | None = None):
     from ..api import load
 
     path = model_path(args) if path is None else path
+    check_sampler_options(args)
     model = load(path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile)
+    check_sampler_options(args, model.settings)
     if args.adapter is not None:
         model.load_adapter(args.adapter)
     if args.prefix_cache == 0:
@@ -74,11 +77,22 @@ def set_threads(args: argparse.Namespace) -> None:
 
 def sampler_options(args: argparse.Namespace) -> dict[str, Any]:
     """The sampler settings the options give (and --max-new-tokens, where a command has it)."""
-    values = {name: getattr(args, option) for option, name in SAMPLER_OPTIONS.items()}
+    values = {name: getattr(args, option, None) for option, name in SAMPLER_OPTIONS.items()}
     values = {k: v for k, v in values.items() if v is not None}
     if getattr(args, "max_new_tokens", None) is not None:
         values["max_new_tokens"] = args.max_new_tokens
     return values
+
+
+def check_sampler_options(args: argparse.Namespace, settings: SamplerSettings | None = None) -> None:
+    """The sampler options checked as `SamplerSettings` checks them, each named as typed: before a model loads (a
+    large one takes minutes; the temperature schedule's other end is the checkpoint's, unknown yet, so a lone
+    --t-max or --t-min is checked against any that would fit it), then against its `settings`."""
+    values = sampler_options(args)
+    ends = {"t_min": 0.0, "t_max": values.get("t_min", 0.0) + 1.0} if settings is None else {}
+    flags = {name: "--" + option.replace("_", "-") for option, name in SAMPLER_OPTIONS.items()}
+    checked = replace(settings or SamplerSettings(), **{**ends, **values})
+    checked.validate("", {**flags, "max_new_tokens": "--max-new-tokens"})
 
 
 def read_prompt(prompt: str) -> str:

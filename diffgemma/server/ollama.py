@@ -99,9 +99,9 @@ SERVED = "/api/chat, /api/generate, /api/embed, /api/embeddings, /api/tags, /api
 
 def unknown_route(request: Request) -> str:
     """What a request to one of Ollama's routes that is not served here is told (its model management: this server
-    serves the one checkpoint it was started with)."""
+    serves the checkpoint it was started with, and the adapters it was given)."""
     where = f"{request.method} {request.url.path}"
-    return f"{where} is not served here: diffgemma serves Ollama's {SERVED} (one model, the one it started with)"
+    return f"{where} is not served here: diffgemma serves Ollama's {SERVED} (the models it started with, no others)"
 
 
 def read_as_json(request: Request) -> None:
