@@ -25,6 +25,7 @@ from .generate import (
     GenerationResult,
     InfillResult,
     Prompt,
+    ThinkingBudget,
     attach_text,
     banned_mask,
     cut_at_stops,
@@ -49,7 +50,7 @@ from .reply import SettledText, StopStrings
 from .resources import check_memory, size_text
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
-from .tokenizer import TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
+from .tokenizer import THINKING_CLOSE, THINKING_OPEN, TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
 from .toolcalls import Tool, forced_call_fault, tool_plan
 from .vision import ImageEncoder, load_image_encoder
 
@@ -293,6 +294,7 @@ class DiffGemma:
         end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
         images: Sequence | None = None,
         prediction: str | Sequence | torch.Tensor | None = None,
+        thinking_budget: int | None = None,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
@@ -300,6 +302,7 @@ class DiffGemma:
         settings = self.settings.replace(max_new_tokens=max_new_tokens, **sampler)
         if prediction is not None and enable_thinking:  # (before the prompt's pictures go through the tower)
             raise DiffGemmaError(PREDICTION_WITH_THINKING)
+        budget = None if thinking_budget is None else self.thinking_budget(thinking_budget)
         if isinstance(prompt, Sequence) and prompt and all(isinstance(p, dict) for p in prompt):
             prompt, found = split_images(list(prompt))
             if found and images:
@@ -346,8 +349,20 @@ class DiffGemma:
             prefix_cache=self.prefix_cache,
             images=image_inputs,
             predictions=predictions,
+            thinking_budget=budget,
         )
         return events, batched
+
+    def thinking_budget(self, tokens: int) -> ThinkingBudget:
+        """A reply's thinking held to at most `tokens` tokens of thought (`ThinkingBudget`), in this checkpoint's
+        thinking channel."""
+        if not is_int(tokens) or tokens < 0:
+            raise DiffGemmaError(f"thinking_budget must be a whole number of tokens, 0 or more, got {tokens!r}")
+        tokenizer = self._need_tokenizer()
+        close = tokenizer.token_id(THINKING_CLOSE)
+        if close is None:
+            raise DiffGemmaError(f"this checkpoint's tokenizer has no thinking channel ({THINKING_CLOSE}) to budget")
+        return ThinkingBudget(tokens, tuple(tokenizer.encode(THINKING_OPEN, add_special_tokens=False)), close)
 
     def prediction_ids(self, prediction: str | Sequence[int]) -> list[int]:
         """A prediction's token ids: a text tokenized as it would be generated (no BOS), or ids as they are (-1:
@@ -448,6 +463,7 @@ class DiffGemma:
         stop: str | Sequence[str] | StopStrings | None = None,
         images: Sequence | None = None,
         prediction: str | Sequence | torch.Tensor | None = None,
+        thinking_budget: int | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
@@ -479,6 +495,9 @@ class DiffGemma:
         instead of random ones, each from the part that follows what has been written (`predicted_start`), so
         what the output shares with it settles in a step or two and the rest is rewritten. It leans the answer
         towards the prediction where the model is unsure.
+        `thinking_budget` (for a reply that thinks: its prompt turned thinking on) is the most tokens of thought
+        it writes: where it is still thinking on the canvas that reaches that many, its thinking channel's close
+        is held in place there (`ThinkingBudget`), and the answer follows; 0 makes the thought empty.
         """
         return run_to_end(
             self.stream(
@@ -496,6 +515,7 @@ class DiffGemma:
                 stop=stop,
                 images=images,
                 prediction=prediction,
+                thinking_budget=thinking_budget,
                 **sampler,
             )
         )
@@ -517,6 +537,7 @@ class DiffGemma:
         end_rows: Callable[[list[list[int]]], Sequence[bool]] | None = None,
         images: Sequence | None = None,
         prediction: str | Sequence | torch.Tensor | None = None,
+        thinking_budget: int | None = None,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
@@ -542,6 +563,7 @@ class DiffGemma:
             end_rows if stops is None else _ended_by(stops, end_rows),
             images,
             prediction,
+            thinking_budget,
         )
         try:
             for event in events:
@@ -575,6 +597,7 @@ class DiffGemma:
         json_schema: dict[str, Any] | bool | None = None,
         json_tries: int = DEFAULT_TRIES,
         prediction: str | Sequence[int] | None = None,
+        thinking_budget: int | None = None,
         **sampler: Any,
     ) -> ChatResult:
         """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
@@ -602,10 +625,18 @@ class DiffGemma:
 
         `prediction`: the answer expected, mostly (a text or its ids: the file an edit request will give back
         changed): its canvas starts from it (`generate`), so the text the answer keeps settles in a step or two.
-        Without thinking: a thinking answer begins with its thoughts, where the prediction would not line up."""
+        Without thinking: a thinking answer begins with its thoughts, where the prediction would not line up.
+
+        `thinking_budget` (with `enable_thinking`): the most tokens of thought before the answer (`generate`'s);
+        0: none. Not with a `prefill` or a forced tool call, which begin the reply where the thought would."""
         tokenizer = self._need_tokenizer()
         answer_format = json_format(json_schema, "json_schema")
         offered, lead = tool_plan(tools, tool_choice)
+        if thinking_budget is not None and not enable_thinking:
+            raise DiffGemmaError("thinking_budget limits the thought of a chat that thinks: ask enable_thinking too")
+        if thinking_budget is not None and (prefill or lead):
+            begun = "a prefill" if prefill else f"tool_choice {tool_choice!r}"
+            raise DiffGemmaError(f"{begun} begins the reply where its thought would go: no thinking_budget with it")
         if (answer_format is not None or lead) and (not is_int(json_tries) or json_tries < 1):
             raise DiffGemmaError(f"json_tries must be a positive integer, got {json_tries!r}")
         if answer_format is not None:
@@ -635,6 +666,7 @@ class DiffGemma:
                 stop=text.stops,
                 images=images,
                 prediction=prediction,
+                thinking_budget=thinking_budget,
                 **sampler,
             )
             tokens = result.new_tokens[0]

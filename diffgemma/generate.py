@@ -656,6 +656,7 @@ def denoising_loop(
     prefix_cache: PrefixCache | None = None,
     images: ImageInputs | None = None,
     predictions: Sequence[Sequence[int]] | None = None,
+    thinking_budget: ThinkingBudget | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -694,6 +695,7 @@ def denoising_loop(
     that added or left out text finds the rest of the prediction where it now goes). The denoiser reads a canvas
     that is mostly right as one nearly denoised, so the positions the output shares with it settle in a step or
     two, and the rest are rewritten (the random numbers drawn are the same; clamped ids still win).
+    `thinking_budget`: the most tokens of thought each row's reply (one that thinks) writes (`ThinkingBudget`).
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -740,10 +742,15 @@ def denoising_loop(
             excluded = constraints.excluded(span, vocab)
             user_ids, noise, first = constraints.on_canvas(span)
             start = None
-            if predictions is not None:  # (the host learns the canvas committed before: it waited for it)
-                written = sequences[:, prompt_length:].tolist()
+            # (the host learns the canvas committed before: it waited for it)
+            reading = predictions is not None or thinking_budget is not None
+            written = sequences[:, prompt_length:].tolist() if reading else []
+            if predictions is not None:
                 starts = [predicted_start(row, done, length) for row, done in zip(predictions, written, strict=True)]
                 start = torch.tensor(starts, dtype=torch.long, device=device)
+            if thinking_budget is not None:
+                held = [thinking_budget.held(canvas_index, done, length) for done in written]
+                user_ids = with_held(user_ids, held, length, device)
             # the positions of this canvas each row's output can hold (its limit may end inside it)
             wanted = (torch.tensor(limits, device=device) - canvas_index * length).clamp(max=length)
             argmax, canvas_steps = yield from denoiser.canvas(
@@ -968,6 +975,47 @@ def predicted_start(prediction: Sequence[int], written: Sequence[int], length: i
         at = len(written) if not shared else shared[-1].b + len(written) - shared[-1].a
     part = list(prediction[at : at + length])
     return part + [-1] * (length - len(part))
+
+
+@dataclass(frozen=True)
+class ThinkingBudget:
+    """The most tokens of thought a reply that thinks may write: its thinking channel (`opening`, the reply's
+    first ids, then the thought) is closed (`close`) right after `tokens` of thought. Block diffusion writes a
+    canvas at once, so the close is held in place on the canvas it falls in (`held`), from that canvas's start,
+    wherever the reply is still thinking there: the model sees where its thought must end and writes one that
+    ends there (not a thought cut off mid-sentence, as a budget that forces the close token by token gives),
+    with the answer after it. A reply that closed its thinking sooner is left alone; 0 tokens: the empty
+    thinking channel of a reply that does not think."""
+
+    tokens: int
+    opening: tuple[int, ...]
+    close: int
+
+    def held(self, canvas_index: int, generated: Sequence[int], length: int) -> list[int] | None:
+        """Ids to hold in place on canvas `canvas_index` ([length], -1 free) of a row that has `generated` these
+        ids so far; None where it holds none. On the first canvas the opening is held too (a reply that thinks
+        begins with it, and the close is not to land in an answer)."""
+        close_at = len(self.opening) + self.tokens - canvas_index * length  # (on this canvas)
+        if not 0 <= close_at < length:
+            return None
+        if canvas_index > 0 and (tuple(generated[: len(self.opening)]) != self.opening or self.close in generated):
+            return None  # not thinking, or done with it
+        ids = [-1] * length
+        if canvas_index == 0:
+            ids[: len(self.opening)] = self.opening
+        ids[close_at] = self.close
+        return ids
+
+
+def with_held(
+    user_ids: torch.Tensor | None, held: Sequence[list[int] | None], length: int, device: torch.device
+) -> torch.Tensor | None:
+    """A canvas's clamp ([B, C] ids, -1 free; None: none) with each row's `held` ids (`ThinkingBudget.held`; None:
+    none) put in where the clamp leaves a position free."""
+    if all(ids is None for ids in held):
+        return user_ids
+    extra = torch.tensor([ids or [-1] * length for ids in held], dtype=torch.long, device=device)
+    return extra if user_ids is None else torch.where(user_ids >= 0, user_ids, extra)
 
 
 def banned_mask(ids: Sequence, batch: int, vocab: int, device: torch.device) -> torch.Tensor:

@@ -35,6 +35,7 @@ from .generate import (
     Draft,
     RandomSource,
     StopCheck,
+    ThinkingBudget,
     _committed,
     _PromptReuse,
     banned_mask,
@@ -42,6 +43,7 @@ from .generate import (
     prepare_prompts,
     row_output,
     seed_int64,
+    with_held,
 )
 from .model import DiffusionGemma, ImageInputs
 from .tokenizer import Tokenizer
@@ -55,7 +57,7 @@ class BatchRow:
     soft tokens of each picture its prompt holds, in order (`DiffGemma.image_prompt` writes their runs of image
     ids into the prompt, `DiffGemma.image_features` makes them). `prediction`: what its output is expected to be,
     mostly: each canvas starts from its part of it (`predicted_start`; -1: none there), as `denoising_loop`'s
-    `predictions`."""
+    `predictions`. `thinking_budget`: the most tokens of thought its reply writes (`ThinkingBudget`)."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -65,6 +67,7 @@ class BatchRow:
     ended: Callable[[], bool] | None = None
     images: tuple[torch.Tensor, ...] = ()
     prediction: list[int] | None = None
+    thinking_budget: ThinkingBudget | None = None
 
 
 @dataclass
@@ -277,15 +280,19 @@ class OpenBatch:
         return torch.tensor(starts, dtype=torch.long, device=self.network.device)
 
     def _clamp(self, rows: list[_Running]) -> torch.Tensor | None:
-        """[B, C] the ids each row holds in place on this canvas (-1 free), or None where no row holds any."""
-        length = self.network.config.canvas_length
+        """[B, C] the ids each row holds in place on this canvas (-1 free: its fill's, then its thinking budget's),
+        or None where no row holds any."""
+        length, device = self.network.config.canvas_length, self.network.device
         parts = []
         for row in rows:
             given = (row.asked.clamp or [])[row.canvas * length : (row.canvas + 1) * length]
             parts.append(given + [-1] * (length - len(given)))
-        if all(value < 0 for part in parts for value in part):
-            return None
-        return torch.tensor(parts, dtype=torch.long, device=self.network.device)
+        clamp = None
+        if any(value >= 0 for part in parts for value in part):
+            clamp = torch.tensor(parts, dtype=torch.long, device=device)
+        budgets = [(row.asked.thinking_budget, row) for row in rows]
+        held = [budget.held(row.canvas, row.generated, length) if budget else None for budget, row in budgets]
+        return with_held(clamp, held, length, device)
 
     def _banned(self, rows: list[_Running]) -> torch.Tensor | None:
         """[B, C, V] (a view of [B, V]) the ids each row never draws, or None where no row bans any."""

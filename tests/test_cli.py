@@ -489,6 +489,26 @@ def test_generate_and_chat_print_the_text_as_it_settles(monkeypatch, demo):
     assert sys.stdout.getvalue() == f"[thinking] {thought}\n{answer}\n"
 
 
+def test_chat_thinking_budget_ends_the_thought_there(capsys, tmp_path):
+    """`chat --think --thinking-budget N`: at most N tokens of thought (the demo's are bytes), streamed, printed
+    whole and for a --file of conversations; with thinking off the budget is not used."""
+    from assets.make_demo_model import THINKING
+
+    question = "What is 3 + 4?"
+    thought = THINKING[question][0]
+    for shown in ([], ["--no-stream"]):
+        argv = ["chat", question, "--think", "--thinking-budget", "10", "--model", DEMO, "--seed", "0", *shown]
+        assert main(argv) == 0
+        assert capsys.readouterr().out.startswith(f"[thinking] {thought[:10]}\n"), shown
+    conversations = tmp_path / "chats.jsonl"
+    conversations.write_text(json.dumps({"messages": [{"role": "user", "content": question}]}) + "\n")
+    argv = ["chat", "--file", str(conversations), "--think", "--thinking-budget", "5", "--model", DEMO, "--seed", "0"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["reasoning"] == thought[:5]
+    assert main(["chat", "Name a fruit.", "--thinking-budget", "5", "--model", DEMO, "--seed", "1"]) == 0
+    assert capsys.readouterr().out == "An apple.\n"
+
+
 def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path, monkeypatch):
     """`chat --tools FILE`: the file's public functions are the tools; each call the model makes is run and
     shown, its result told to the model, and the answer printed. A bad file is one line, exit 2."""

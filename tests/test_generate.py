@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from diffgemma import DiffGemmaError
-from diffgemma.generate import CanvasCommit, Done, Draft, run_to_end, sampler_step
+from diffgemma.generate import CanvasCommit, Done, Draft, ThinkingBudget, run_to_end, sampler_step, with_held
 from diffgemma.sampling import pad_after_eos
-from diffgemma.tokenizer import split_thinking
+from diffgemma.tokenizer import THINKING_CLOSE, THINKING_OPEN, split_thinking
 
 
 def test_result_layout_and_stats(tiny):
@@ -500,6 +500,53 @@ def test_chat_returns_the_thinking_channel_apart(demo):
     assert (reply.content, reply.reasoning) == (answer, thought)
     plain = demo.chat([{"role": "user", "content": "Name a fruit."}], seed=1)
     assert (plain.content, plain.reasoning) == ("An apple.", "")
+
+
+def test_a_thinking_budget_holds_the_close_where_the_thought_must_end():
+    """`ThinkingBudget.held`: on the canvas the budget's end falls in, the close is held there (with the opening,
+    on the first canvas) while the reply thinks; nothing once it has closed its thinking, where it does not
+    think, or on other canvases. A fill's ids win where both hold a position."""
+    budget = ThinkingBudget(10, (5, 6), 7)  # the close at reply position 12
+    assert budget.held(0, [], 16) == [5, 6, *[-1] * 10, 7, -1, -1, -1]
+    assert budget.held(0, [], 8) is None  # (the end falls on the second canvas of 8)
+    thinking = [5, 6, *range(20, 26)]
+    assert budget.held(1, thinking, 8) == [-1] * 4 + [7] + [-1] * 3
+    assert budget.held(1, [5, 6, 20, 7, 30, 31, 32, 33], 8) is None  # closed already
+    assert budget.held(1, [40, *range(20, 27)], 8) is None  # not thinking
+    assert budget.held(2, [*thinking, *range(30, 38)], 8) is None  # past the end
+    assert ThinkingBudget(0, (5, 6), 7).held(0, [], 4) == [5, 6, 7, -1]
+    clamp = torch.tensor([[9, -1, -1, -1], [-1, -1, -1, -1]])
+    held = with_held(clamp, [[5, 6, 7, -1], None], 4, torch.device("cpu"))
+    assert held.tolist() == [[9, 6, 7, -1], [-1, -1, -1, -1]]
+    assert with_held(None, [None, None], 4, torch.device("cpu")) is None
+
+
+def test_a_thinking_budget_ends_the_demo_models_thought_there(demo):
+    """The demo model thinks 58 tokens about 3 + 4 (its opening 9 more, canvases of 32). With a budget under
+    that, its thought is exactly the budget long, the close where the budget ends: on the first canvas, or on a
+    later one it is still thinking on; a budget it stays within changes nothing, draw for draw."""
+    from assets.make_demo_model import THINKING
+
+    question = [{"role": "user", "content": "What is 3 + 4?"}]
+    free = demo.chat(question, enable_thinking=True, seed=0)
+    assert free.reasoning == THINKING["What is 3 + 4?"][0]
+    close = demo.tokenizer.token_id(THINKING_CLOSE)
+    opening = len(demo.tokenizer.encode(THINKING_OPEN, add_special_tokens=False))
+    for tokens in (0, 5, 20, 40):  # (40: its close on the second canvas)
+        reply = demo.chat(question, enable_thinking=True, seed=0, thinking_budget=tokens)
+        new = reply.result.new_tokens[0]
+        assert new.index(close) == opening + tokens, tokens
+        assert len(demo.tokenizer.encode(reply.reasoning, add_special_tokens=False)) == tokens
+        assert reply.content  # (the answer goes on after it)
+    roomy = demo.chat(question, enable_thinking=True, seed=0, thinking_budget=100)
+    assert roomy.result.new_tokens == free.result.new_tokens and roomy.result.steps == free.result.steps
+    for asked, message in (
+        (dict(thinking_budget=5), "ask enable_thinking too"),
+        (dict(enable_thinking=True, thinking_budget=-1), "0 or more"),
+        (dict(enable_thinking=True, thinking_budget=5, prefill="Sure"), "a prefill begins the reply"),
+    ):
+        with pytest.raises(DiffGemmaError, match=message):
+            demo.chat(question, **asked)
 
 
 def test_first_self_conditioning_feeds_each_canvas_first_step(tiny, monkeypatch):

@@ -86,6 +86,25 @@ def test_a_fill_and_banned_ids_join_as_alone(tiny):
     assert finished[1].new_tokens[6:] == [30, 31, 32] or 1 in finished[1].new_tokens[:6]  # its suffix held
 
 
+def test_rows_with_a_thinking_budget_join_as_alone(demo):
+    """The demo model's thinking question with budgets whose end falls on the first canvas and on a later one,
+    joining a batch at its start and after a canvas: each row writes what `stream` writes it alone, its close
+    where its budget ends. (Its steps may differ by one where a canvas's mean entropy lies at the stop test's
+    threshold: a batch rounds its rows' sums apart from a row's alone.)"""
+    prompt = demo.tokenizer.encode_chat([{"role": "user", "content": "What is 3 + 4?"}], enable_thinking=True)
+    budgets = (5, 40, 20)
+    rows = [BatchRow(prompt, 96, seed, thinking_budget=demo.thinking_budget(n)) for seed, n in enumerate(budgets)]
+    batch = demo.open_batch()
+    batch.add(rows[0])
+    batch.add(rows[1])
+    finished, _ = run(batch, {1: [rows[2]]})
+    close = demo.tokenizer.token_id("<channel|>")
+    for index, (row, tokens) in enumerate(zip(rows, budgets, strict=True)):
+        alone_tokens, _ = alone(demo, row, thinking_budget=tokens)
+        assert finished[index].new_tokens == alone_tokens, index
+        assert alone_tokens.index(close) == len(row.thinking_budget.opening) + tokens
+
+
 def test_a_row_ended_by_its_caller_leaves_with_what_it_has(tiny):
     length = tiny.config.canvas_length
     stop = {"now": False}

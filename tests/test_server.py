@@ -984,6 +984,48 @@ def test_thinking_goes_out_as_reasoning_content(client):
         assert (asked.choices[0].message.model_extra.get("reasoning_content") == thought) is thinks, effort
 
 
+def test_a_thinking_budget_from_every_api(client, server):
+    """vLLM's `thinking_token_budget` (chat completions, streamed or not; the Responses API) and Anthropic's
+    `thinking.budget_tokens` end the demo model's thought after that many tokens (its tokens are bytes); without
+    thinking the budget changes nothing; a reply begun by a forced call or an answer begun refuses one."""
+    import anthropic
+    from assets.make_demo_model import THINKING
+
+    question = "What is 3 + 4?"
+    thought = THINKING[question][0]
+    extra = {"chat_template_kwargs": {"enable_thinking": True}, "thinking_token_budget": 10, "seed": 0}
+    made = client.chat.completions.create(model="demo", messages=ask(question), extra_body=extra)
+    assert made.choices[0].message.model_extra["reasoning_content"] == thought[:10]
+    chunks = list(client.chat.completions.create(model="demo", messages=ask(question), extra_body=extra, stream=True))
+    streamed = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks)
+    assert streamed == thought[:10]
+    plain = client.chat.completions.create(
+        model="demo", messages=ask(SKY), extra_body={"thinking_token_budget": 10, "seed": 1}
+    )
+    assert plain.choices[0].message.content == ANSWERS[SKY]  # (no thinking asked: the budget is not used)
+
+    reasoned = client.responses.create(
+        model="demo", input=question, reasoning={"effort": "low"}, extra_body={"seed": 0, "thinking_token_budget": 5}
+    )
+    assert reasoned.output[0].type == "reasoning" and reasoned.output[0].content[0].text == thought[:5]
+
+    claude = anthropic.Anthropic(base_url=server[0], api_key="unused", max_retries=0)
+    thinking = {"type": "enabled", "budget_tokens": 20}
+    message = claude.messages.create(
+        model="demo", max_tokens=200, messages=ask(question), thinking=thinking, extra_body={"seed": 0}
+    )
+    assert message.content[0].type == "thinking" and message.content[0].thinking == thought[:20]
+    forced = {"tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "any"}}
+    with pytest.raises(anthropic.BadRequestError, match="no thinking budget"):
+        claude.messages.create(model="demo", max_tokens=200, messages=ask(question), thinking=thinking, **forced)
+    begun = [*ask(question), {"role": "assistant", "content": "Seven"}]
+    with pytest.raises(openai.BadRequestError, match="no thinking budget") as refused:
+        client.chat.completions.create(
+            model="demo", messages=begun, extra_body={**extra, "continue_final_message": True}
+        )
+    assert refused.value.param == "continue_final_message"
+
+
 def test_the_responses_api_with_the_openai_client(client, server):
     """`/v1/responses`: the same answer as a chat completion; streamed as typed events (the client's own stream
     helper checks their order); instructions as a system message; thinking as a reasoning item;

@@ -239,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_stream_option(chat)
     chat.add_argument("--think", action="store_true", help="start with thinking on")
+    chat.add_argument(
+        "--thinking-budget",
+        type=_at_least(0),
+        default=None,
+        metavar="N",
+        help="while thinking is on: at most N tokens of thought, then the answer",
+    )
     chat.add_argument("--watch", action="store_true", help="show each answer's canvas converge")
     chat.add_argument(
         "--tools",

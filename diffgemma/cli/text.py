@@ -196,6 +196,8 @@ def _chat_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None
     "finish_reason"} a conversation."""
     reply = model.settled_text(True, args.stop or ())  # (first: a checkpoint without a tokenizer is told here)
     conversations = _file_conversations(model, args.file, args.system, args.think)
+    if args.think and args.thinking_budget is not None:
+        sampler = {**sampler, "thinking_budget": args.thinking_budget}
 
     def record(index: int, result, row: int) -> dict[str, Any]:
         content, reasoning = reply.parts(result.new_tokens[row])
@@ -362,7 +364,8 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
     def answer(line: str) -> None:
         history.append({"role": "user", "content": _with_pictures(line, pictures)})
         pictures.clear()
-        asked = {**sampler, "prediction": predicted.pop()} if predicted else sampler
+        budget = {"thinking_budget": args.thinking_budget} if thinking and args.thinking_budget is not None else {}
+        asked = {**sampler, **budget, **({"prediction": predicted.pop()} if predicted else {})}
         if args.stream and not functions and not (args.watch and terminal):
             lead = "model> " if interactive else ""
             result, content, _ = _print_as_it_settles(
@@ -370,7 +373,7 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
             )
         else:
             if functions:  # an agent: each call the model makes is run, its result told to it, until it answers
-                settings = {"seed": args.seed, "mode": args.mode, "stop": args.stop, **sampler}
+                settings = {"seed": args.seed, "mode": args.mode, "stop": args.stop, **sampler, **budget}
                 reply = _agent_turn(model, history, functions, thinking, settings)
                 result, content, reasoning = reply.result, reply.content, reply.reasoning
             else:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..api import DiffGemma
+from ..generate import ThinkingBudget
 from ..images import PreparedImage
 from ..open_batch import BatchRow, OpenBatch, RowFinished, RowsCommitted, RowsStep
 from .metrics import Metrics
@@ -68,6 +69,7 @@ class Job:
     images: tuple[PreparedImage, ...] = ()  # the prompt's pictures (their soft tokens made as its row joins)
     prediction: list[int] | None = None  # ids its canvases start from (OpenAI's predicted output)
     adapter: str | None = None  # the LoRA adapter its passes run with (`DiffGemma.add_adapter`; None: the base)
+    thinking_budget: ThinkingBudget | None = None  # the most tokens of thought its reply writes
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)  # (how long it waits for a batch: the metrics)
@@ -125,7 +127,17 @@ class Run:
         """The job's row joins the batch (at its next canvas boundary, or as it starts); `images`: the soft tokens
         of its prompt's pictures."""
         ended = job.cancelled.is_set
-        asked = BatchRow(job.prompt, job.max_new_tokens, job.seed, job.clamp, job.banned, ended, images, job.prediction)
+        asked = BatchRow(
+            job.prompt,
+            job.max_new_tokens,
+            job.seed,
+            job.clamp,
+            job.banned,
+            ended,
+            images,
+            job.prediction,
+            job.thinking_budget,
+        )
         row = self.batch.add(asked)
         self.jobs[row], self.committed[row] = job, []
 

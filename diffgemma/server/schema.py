@@ -98,6 +98,7 @@ class SamplerExtras(BaseModel):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: -100 bans a token (`banned_ids`); others are refused
     ignore_eos: bool = False  # vLLM's: the EOS ids banned, so an answer runs to its limit (benchmark clients)
+    thinking_token_budget: int | None = Field(default=None, ge=0)  # vLLM's: the most tokens of thought (thinking on)
 
 
 class Message(BaseModel):

@@ -30,6 +30,7 @@ from fastapi.responses import StreamingResponse
 from ..api import PREDICTION_WITH_THINKING, DiffGemma
 from ..embedding import check_dimensions, passes
 from ..errors import DiffGemmaError
+from ..generate import ThinkingBudget
 from ..images import PreparedImage, split_images
 from ..reply import SettledText
 from ..resources import first_line, out_of_memory
@@ -412,16 +413,17 @@ class Serving:
         clamp: list[int] | None,
         images: tuple[PreparedImage, ...] = (),
         prediction: list[int] | None = None,
+        thinking_budget: ThinkingBudget | None = None,
     ) -> Job:
         """A job for one choice, queued (`images`: the prompt's, from `chat_prompt`; `prediction`: the ids its
-        canvases start from)."""
+        canvases start from; `thinking_budget`: `Serving.thinking_budget`'s)."""
         # temperature 0 without a seed: seeded 0, so the same request gets the same answer (as clients expect)
         base = body.seed if body.seed is not None else 0 if body.temperature == 0 else None
         seed = base + choice if base is not None else secrets.randbits(62)
         loop = asyncio.get_running_loop()
         sampler, banned = self.sampler_overrides(body), self.banned_ids(body)
         adapter = self.adapter_for(body.model)
-        job = Job(prompt, limit, seed, sampler, loop, clamp, banned, images, prediction, adapter)
+        job = Job(prompt, limit, seed, sampler, loop, clamp, banned, images, prediction, adapter, thinking_budget)
         try:
             self.batcher.submit(job)
         except EngineStopped as err:
@@ -586,14 +588,16 @@ class Serving:
         tools: ToolUse | None = None,
         answer_format: AnswerFormat | None = None,
         images: tuple[PreparedImage, ...] = (),
+        thinking_budget: ThinkingBudget | None = None,
     ):
         """Admit, queue, then stream the jobs (`n` a prompt, choice k * n + i prompt k's i-th, seeded seed + its
         index) or wait for them: what both completion routes share. `echoes`: each prompt's text, to come first;
         `clamp`: ids held in place on the first canvas (a fill: its `max_tokens` free positions, the suffix);
         `tools`: the chat offered tools, so its choices' calls come back as `tool_calls`; `answer_format`: the
         chat asked for a form, JSON, say (`run_answer`: a choice is read whole, then sent, as one piece if
-        streamed); `images`: a chat prompt's (`chat_prompt`). OpenAI's `prediction` starts every choice's canvas
-        from its text; usage then says how many of its tokens the answers kept in place."""
+        streamed); `images`: a chat prompt's (`chat_prompt`); `thinking_budget`: each choice's most tokens of
+        thought. OpenAI's `prediction` starts every choice's canvas from its text; usage then says how many of its
+        tokens the answers kept in place."""
         limit = self.admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
         prediction = self.prediction_ids(body, limit)
         top = self.requested_logprobs(body)  # (what it refuses, it refuses before a job is queued)
@@ -605,7 +609,8 @@ class Serving:
             first: its stop strings are checked before a job is queued)."""
             reply = reply_text(self.model, chat, body.stop, tools)
             seed_index = index + attempt * len(rows)
-            return self.new_job(rows[index], limit, body, seed_index, clamp, images, prediction), reply
+            job = self.new_job(rows[index], limit, body, seed_index, clamp, images, prediction, thinking_budget)
+            return job, reply
 
         drawn = [redraw(index, 0) for index in range(len(rows))]
         jobs, replies = [job for job, _ in drawn], [reply for _, reply in drawn]
@@ -781,6 +786,25 @@ class Serving:
         except DiffGemmaError as err:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
         return ids, tuple(prepared)
+
+    def thinking_budget(
+        self, body: SamplerExtras, thinking: bool, begun: str | None = None, tokens: Any = None
+    ) -> ThinkingBudget | None:
+        """The most tokens of thought a request's reply may write (`DiffGemma.thinking_budget`): vLLM's
+        `thinking_token_budget`, or `tokens` (Anthropic's `thinking.budget_tokens`); None where none is asked or
+        the reply does not think. `begun`: the field that makes the reply begin where its thought would go (a
+        forced tool call, an answer begun), which refuses a budget (400), as Anthropic's API does."""
+        tokens = body.thinking_token_budget if body.thinking_token_budget is not None else tokens
+        if tokens is None or not thinking:
+            return None
+        if begun is not None:
+            message = f"{begun} begins the reply where its thought would go: no thinking budget with it"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", begun)
+        try:
+            return self.model.thinking_budget(tokens)
+        except DiffGemmaError as err:
+            param = "thinking_token_budget" if body.thinking_token_budget is not None else "thinking.budget_tokens"
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
 
     def plan_tools(
         self, tools: list[dict[str, Any]] | None, choice: ToolChoiceField, parallel: bool = True
