@@ -137,3 +137,29 @@ def test_playground_asks_the_model_picked(tmp_path):
             assert page.input_value("#result") == PIRATE_ANSWERS["Name a fruit."]
         finally:
             browser.close()
+
+
+def test_playground_thinks_within_a_budget(demo):
+    """Thinking on, with a thought budget: the page asks for both, shows the thought apart, the answer in the
+    result; the demo's thought ends after the budget's tokens (its tokens are bytes)."""
+    from assets.make_demo_model import THINKING
+
+    sync_playwright = browser_driver()
+    question = "What is 3 + 4?"
+    with running(create_app(demo, ServerOptions(model_name="demo"))) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            for budget, thought in (("", THINKING[question][0]), ("10", THINKING[question][0][:10])):
+                page.fill("#prompt", question)
+                page.fill("#seed", "0")
+                page.check("#think")
+                page.fill("#budget", budget)
+                page.click("#generate")
+                page.wait_for_selector("body[data-state=done]", timeout=60_000)
+                assert page.is_visible("#thinking") and page.inner_text("#thinking") == thought
+                assert page.input_value("#result")
+                page.evaluate("document.body.dataset.state = 'running'")
+        finally:
+            browser.close()
