@@ -640,7 +640,9 @@ def test_error_statuses(server, client):
     bad_json = httpx.post(
         url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert bad_json.status_code == 422 and "error" in bad_json.json()
+    assert bad_json.status_code == 422 and bad_json.json()["error"]["param"] is None
+    expected = "the request body is not valid JSON: Expecting property name enclosed in double quotes at character 1"
+    assert bad_json.json()["error"]["message"] == expected
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="demo", messages=ask("hi"), extra_body={"t_max": 0.1, "t_min": 0.5})
     # a JSON format whose schema is not one is the request's error, named

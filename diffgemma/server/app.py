@@ -138,6 +138,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":  # (its place is a character of the body, not a field)
+            why = (first.get("ctx") or {}).get("error", "not JSON")
+            where, message = None, f"the request body is not valid JSON: {why} at character {where}"
         status = 400 if on_ollama_route(request) else 422  # (Ollama answers a 400)
         return error(request, error_body(message, "invalid_request_error", "invalid_value", where), status)
 
