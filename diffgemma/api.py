@@ -982,11 +982,12 @@ def _network_that_fits(
     network = meta_network(config, dtype, fmt)
     quant_name = None if fmt is None else fmt.name
     hint = functools.partial(_lighter_load, config, dtype, quant_name, requantize=saved is None)
-    check_memory(held_bytes(network), device, f"{where}: its weights in {_load_label(dtype, quant_name)}", hint)
+    check_memory(held_bytes(network), device, f"{where}: its weights in {load_label(dtype, quant_name)}", hint)
     return network, fmt, saved
 
 
-def _load_label(dtype: torch.dtype, quant: str | None) -> str:
+def load_label(dtype: torch.dtype, quant: str | None) -> str:
+    """How weights loaded in `dtype` (and `quant`) are told: \"int4 (the rest in bfloat16)\"."""
     name = str(dtype).removeprefix("torch.")
     return name if quant is None else f"{quant} (the rest in {name})"
 
@@ -1009,12 +1010,12 @@ def _lighter_load(config: ModelConfig, dtype: torch.dtype, quant: str | None, fr
     fitting = [option for option, size in sizes.items() if size <= free]
     if not fitting:
         smallest = min(sizes, key=sizes.__getitem__)
-        return f"; even the smallest load, {_load_label(*smallest)}, needs {size_text(sizes[smallest])}"
+        return f"; even the smallest load, {load_label(*smallest)}, needs {size_text(sizes[smallest])}"
     best_dtype, best_quant = best = max(fitting, key=sizes.__getitem__)
     flags = [f"--quant {best_quant}"] if best_quant != quant else []
-    flags += [f"--dtype {_load_label(best_dtype, None)}"] if best_dtype != dtype else []
+    flags += [f"--dtype {load_label(best_dtype, None)}"] if best_dtype != dtype else []
     size = size_text(sizes[best])
-    return f"; {_load_label(*best)} would fit, in {size} ({' '.join(flags)}; `load` takes the same names)"
+    return f"; {load_label(*best)} would fit, in {size} ({' '.join(flags)}; `load` takes the same names)"
 
 
 def _unfenced(answer: str) -> str:

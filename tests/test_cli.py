@@ -237,6 +237,7 @@ def test_info_needs_only_a_config(capsys, tmp_path):
         ["score", "some text"],
         ["embed", "some text"],
         ["serve"],
+        ["bench"],
         ["sudoku", "--puzzle", "0" * 81],
         ["eval", "sudoku", "--puzzles", "p.txt"],
     ],
@@ -507,6 +508,33 @@ def test_chat_thinking_budget_ends_the_thought_there(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["reasoning"] == thought[:5]
     assert main(["chat", "Name a fruit.", "--thinking-budget", "5", "--model", DEMO, "--seed", "1"]) == 0
     assert capsys.readouterr().out == "An apple.\n"
+
+
+def test_bench_times_every_step_and_prints_a_table(capsys, demo):
+    """`diffgemma bench`: each step of each canvas runs (no early stop, no EOS, whatever the model writes), a row
+    of figures for each batch size asked, as a table or JSON lines."""
+    from diffgemma.benchmark import _timed, measure_speed
+
+    every_step = {"confidence_threshold": sys.float_info.min, "eos_token_id": [], "max_denoising_steps": 5}
+    question = demo.tokenizer.encode_chat([{"role": "user", "content": SKY}])  # (an answer that converges at once)
+    firsts, others = _timed(demo, [question], 3, every_step, cuda=False)
+    assert (len(firsts), len(others)) == (3, 12) and min(firsts + others) > 0
+    report = measure_speed(demo, batch=2, prompt_tokens=10, canvases=2, steps=3)
+    assert report.tokens_per_second == pytest.approx(2 * 32 * 1000 / (3 * report.step_ms))
+    assert report.whole_tokens_per_second < report.tokens_per_second  # (the encodings, counted)
+    assert report.peak_bytes > 0
+    with pytest.raises(DiffGemmaError, match="exceed the model's"):
+        measure_speed(demo, prompt_tokens=demo.config.max_position_embeddings)
+
+    argv = ["bench", "--model", DEMO, "--batch", "1", "3", "--prompt-tokens", "12", "--canvases", "1", "--steps", "3"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{DEMO}: float32 weights on cpu") and "3 steps each" in lines[1]
+    assert [line.split("|")[1].strip() for line in lines[4:]] == ["1", "3"]
+    assert main([*argv, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(row["batch"], row["steps"], row["prompt_tokens"]) for row in rows] == [(1, 3, 12), (3, 3, 12)]
+    assert all(row["tokens_per_second"] > 0 for row in rows)
 
 
 def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from pathlib import Path
 from .. import __version__
 from ..config import QUANT_FORMATS
 from ..structured import DEFAULT_TRIES
+from . import bench as bench_command
 from . import checkpoints, tasks, text, train
 from .common import MODEL_ENV
 
@@ -514,6 +515,18 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--out", required=True, help="folder for the merged checkpoint")
     _add_model_options(lora, sampling=False, inference=False, dtype="stored", device=False)  # a shard at a time
     lora.set_defaults(run=checkpoints.cmd_lora_merge)
+
+    bench = commands.add_parser("bench", help="how fast the model denoises here: ms a step, tokens/s, memory")
+    bench.add_argument(
+        "--batch", type=_at_least(1), nargs="+", default=[1], metavar="N", help="rows denoised together (each N)"
+    )
+    bench.add_argument("--prompt-tokens", type=_at_least(1), default=128, help="a random prompt's length")
+    bench.add_argument("--canvases", type=_at_least(1), default=2, help="canvases a row writes")
+    bench.add_argument("--steps", type=_at_least(2), default=16, help="denoising steps a canvas, each one run")
+    bench.add_argument("--seed", type=int, default=0, help="the random prompts'")
+    bench.add_argument("--json", action="store_true", help="a JSON line a row count, for scripts")
+    _add_model_options(bench, sampling=False, prefix_cache=0)
+    bench.set_defaults(run=bench_command.cmd_bench)
 
     info = commands.add_parser("info", help="summarise a checkpoint: shape, parameters, memory, sampler")
     info.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
