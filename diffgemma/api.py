@@ -51,7 +51,7 @@ from .resources import check_memory, size_text
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
 from .tokenizer import THINKING_CLOSE, THINKING_OPEN, TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
-from .toolcalls import Tool, forced_call_fault, tool_plan
+from .toolcalls import FORCED_CALL, Tool, forced_call_fault, tool_plan
 from .vision import ImageEncoder, load_image_encoder
 
 if TYPE_CHECKING:
@@ -685,7 +685,7 @@ class DiffGemma:
                 fault = str(err)
                 continue
             return replace(reply, content=answer_format.text(content), parsed=parsed)
-        what = "tool call that fits" if lead else answer_format.what
+        what = FORCED_CALL if lead else answer_format.what
         raise DiffGemmaError(f"no {what} in {json_tries} tries; the last: {fault}")
 
     def infill(

@@ -33,6 +33,7 @@ STRING_QUOTE = '<|"|>'
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 Tool = dict[str, Any] | Callable[..., Any]  # OpenAI's shape, or a Python function (`function_tool`)
+FORCED_CALL = "tool call that fits"  # (what a forced call's reply must hold: "no tool call that fits in 3 tries")
 
 _CALL = re.compile(r"\s*call:\s*([A-Za-z0-9_.\-]+)\s*(\{.*\})\s*", re.DOTALL)
 _BARE_KEY = re.compile(r"[^:,{}\[\]]+")

@@ -255,11 +255,17 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 message = "continue_final_message needs the conversation before the answer begun"
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "messages")
             messages, prefill = messages[:-1], messages[-1]["content"]
-        begun = "tool_choice" if lead else "continue_final_message" if prefill else None
-        budget = serving.thinking_budget(body, thinking, begun)
+        budget = serving.thinking_budget(body, thinking, tools, prefill=bool(prefill))
         prompt, images = serving.chat_prompt(messages, thinking, "messages", prefill, offered)
         return await serving.complete(
-            body, request, [prompt + lead], True, None, None, tools, answer_format, images, budget
+            body,
+            request,
+            [prompt + lead],
+            chat=True,
+            tools=tools,
+            answer_format=answer_format,
+            images=images,
+            thinking_budget=budget,
         )
 
     stored = ResponseStore()
@@ -269,7 +275,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         items = input_items(body, stored)
         messages, thinking, answer_format = request_messages(body, items)
         offered, tools = serving.plan_tools(request_tools(body), body.tool_choice, body.parallel_tool_calls)
-        budget = serving.thinking_budget(body, thinking, "tool_choice" if tools and tools.lead else None)
+        budget = serving.thinking_budget(body, thinking, tools)
         prompt, images = serving.chat_prompt(messages, thinking, "input", "", offered)
         prompt += tools.lead if tools else []
         limit = serving.admit([prompt], body.max_output_tokens, 1, chat=True)
@@ -318,8 +324,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         # the answer runs to the server's limit at most, and says "max_tokens" if cut there
         limit = serving.admit([prompt], min(body.max_tokens, options.max_tokens), 1, chat=True)
         thinking = body.thinking or {}
-        begun = "tool_choice" if tools and tools.lead else None
-        budget = serving.thinking_budget(body, thinking.get("type") == "enabled", begun, thinking.get("budget_tokens"))
+        budget = serving.thinking_budget(body, thinking.get("type") == "enabled", tools, thinking.get("budget_tokens"))
 
         def redraw(attempt: int) -> tuple[Job, SettledText]:
             reply = reply_text(model, True, body.stop_sequences, tools)  # (its stop strings checked before a job)

@@ -37,7 +37,7 @@ from ..resources import first_line, out_of_memory
 from ..scoring import TokenScores
 from ..structured import DEFAULT_TRIES, AnswerFormat
 from ..tokenizer import THINKING_CLOSE
-from ..toolcalls import ToolCall, check_tools, forced_call_fault, tool_plan
+from ..toolcalls import FORCED_CALL, ToolCall, check_tools, forced_call_fault, tool_plan
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 from .llamacpp import fit_prompt
 from .logprobs import chat_logprobs, completion_logprobs
@@ -99,6 +99,11 @@ class ToolUse:
     lead: list[int]
     parallel: bool = True
     offered: tuple[dict[str, Any], ...] = ()  # the tools, OpenAI's shape: a forced call's arguments must fit them
+
+    @property
+    def forced(self) -> bool:
+        """Whether the reply must call a tool (`tool_choice` "required" or a tool's name: it begins the call)."""
+        return bool(self.lead)
 
     def kept(self, calls: Sequence[ToolCall]) -> tuple[ToolCall, ...]:
         """The calls a reply gives back: the first alone, unless parallel calls were allowed."""
@@ -169,7 +174,7 @@ def whole_events(
 def read_whole(answer_format: AnswerFormat | None, tools: ToolUse | None) -> bool:
     """Whether a choice is read whole before it is sent (a stream then gets it as one piece): an answer of a
     form, or a call that must be made, may have to be drawn again (`Serving.run_answer`)."""
-    return answer_format is not None or bool(tools and tools.lead)
+    return answer_format is not None or (tools is not None and tools.forced)
 
 
 def format_fault(
@@ -177,10 +182,10 @@ def format_fault(
 ) -> str | None:
     """Why a finished choice's answer (`content`) does not have the form asked for (None: it has, or none was
     asked for). A choice cut at its token limit is left as it is ("length", as OpenAI's), as is one that calls
-    tools. One that had to call a tool (`tools.lead`) must have made calls that fit their tools instead."""
+    tools. One that had to call a tool (`tools.forced`) must have made calls that fit their tools instead."""
     if end.finish == "length":
         return None
-    if tools is not None and tools.lead:
+    if tools is not None and tools.forced:
         return forced_call_fault(end.read, tools.offered, content)
     if answer_format is None or end.calls:
         return None
@@ -493,8 +498,8 @@ class Serving:
             if again is None or attempt == self.options.format_tries:
                 break
             job, reply = again(attempt)
-        if tools is not None and tools.lead:
-            what, param = "tool call that fits", "tool_choice"
+        if tools is not None and tools.forced:
+            what, param = FORCED_CALL, "tool_choice"
         else:
             what = answer_format.what
         message = f"no {what} in {self.options.format_tries} draws; the last: {fault}"
@@ -788,15 +793,16 @@ class Serving:
         return ids, tuple(prepared)
 
     def thinking_budget(
-        self, body: SamplerExtras, thinking: bool, begun: str | None = None, tokens: Any = None
+        self, body: SamplerExtras, thinking: bool, tools: ToolUse | None, tokens: Any = None, prefill: bool = False
     ) -> ThinkingBudget | None:
         """The most tokens of thought a request's reply may write (`DiffGemma.thinking_budget`): vLLM's
         `thinking_token_budget`, or `tokens` (Anthropic's `thinking.budget_tokens`); None where none is asked or
-        the reply does not think. `begun`: the field that makes the reply begin where its thought would go (a
-        forced tool call, an answer begun), which refuses a budget (400), as Anthropic's API does."""
+        the reply does not think. A reply begun where its thought would go (a forced tool call, or an answer
+        begun: `prefill`) refuses a budget (400), as Anthropic's API does."""
         tokens = body.thinking_token_budget if body.thinking_token_budget is not None else tokens
         if tokens is None or not thinking:
             return None
+        begun = "tool_choice" if tools is not None and tools.forced else "continue_final_message" if prefill else None
         if begun is not None:
             message = f"{begun} begins the reply where its thought would go: no thinking budget with it"
             raise APIError(400, message, "invalid_request_error", "invalid_value", begun)
