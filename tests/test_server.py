@@ -1028,6 +1028,27 @@ def test_a_thinking_budget_from_every_api(client, server):
     assert refused.value.param == "continue_final_message"
 
 
+def test_an_effort_buys_a_thought_budget(demo):
+    """OpenAI's reasoning efforts buy the budgets Google's OpenAI-compatible endpoint gives Gemini's thinking (low
+    1,024 tokens, medium 8,192, high 24,576); a budget asked for outright wins; a reply that must begin with a
+    call takes no budget from an effort, but refuses one asked for; without thinking there is none."""
+    from diffgemma.server.schema import APIError, ChatRequest
+    from diffgemma.server.service import Serving
+
+    serving = Serving(demo, ServerOptions(), None)
+    plain = ChatRequest(messages=ask(SKY))
+    for effort, tokens in (("low", 1024), ("medium", 8192), ("high", 24576)):
+        assert serving.thinking_budget(plain, True, None, effort=effort).tokens == tokens
+    assert serving.thinking_budget(plain, True, None, effort="xhigh") is None
+    asked = ChatRequest(messages=ask(SKY), thinking_token_budget=5)
+    assert serving.thinking_budget(asked, True, None, effort="low").tokens == 5
+    assert serving.thinking_budget(asked, False, None) is None
+    forced = ToolUse([7], True, ())
+    assert serving.thinking_budget(plain, True, forced, effort="low") is None
+    with pytest.raises(APIError, match="no thinking budget"):
+        serving.thinking_budget(asked, True, forced)
+
+
 def test_the_responses_api_with_the_openai_client(client, server):
     """`/v1/responses`: the same answer as a chat completion; streamed as typed events (the client's own stream
     helper checks their order); instructions as a system message; thinking as a reasoning item;

@@ -255,7 +255,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 message = "continue_final_message needs the conversation before the answer begun"
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "messages")
             messages, prefill = messages[:-1], messages[-1]["content"]
-        budget = serving.thinking_budget(body, thinking, tools, prefill=bool(prefill))
+        budget = serving.thinking_budget(body, thinking, tools, prefill=bool(prefill), effort=body.reasoning_effort)
         prompt, images = serving.chat_prompt(messages, thinking, "messages", prefill, offered)
         return await serving.complete(
             body,
@@ -275,7 +275,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         items = input_items(body, stored)
         messages, thinking, answer_format = request_messages(body, items)
         offered, tools = serving.plan_tools(request_tools(body), body.tool_choice, body.parallel_tool_calls)
-        budget = serving.thinking_budget(body, thinking, tools)
+        budget = serving.thinking_budget(body, thinking, tools, effort=(body.reasoning or {}).get("effort"))
         prompt, images = serving.chat_prompt(messages, thinking, "input", "", offered)
         prompt += tools.lead if tools else []
         limit = serving.admit([prompt], body.max_output_tokens, 1, chat=True)

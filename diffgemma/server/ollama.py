@@ -478,10 +478,12 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
     ):
         sampler, stop = body.sampler(), body.stop()
         limit = serving.admit([prompt], body.limit(serving.options.max_tokens), 1, chat=reply_shape.turn)
+        thinking = body.thinking() and reply_shape.turn  # (a raw prompt's reply is not read as a turn)
+        budget = serving.thinking_budget(sampler, thinking, tools, effort=body.think)
 
         def redraw(attempt: int) -> tuple[Job, SettledText]:
             reply = reply_text(model, reply_shape.turn, stop, tools)  # (its stop strings checked before a job)
-            return serving.new_job(prompt, limit, sampler, attempt, None, images), reply
+            return serving.new_job(prompt, limit, sampler, attempt, None, images, thinking_budget=budget), reply
 
         return await respond(body, request, prompt, reply_shape, redraw(0), tools, answer_format, redraw)
 

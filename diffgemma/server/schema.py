@@ -36,6 +36,11 @@ def effort_thinks(effort: str | None) -> bool:
     return effort not in (None, "none", "minimal")
 
 
+# The thought an effort buys, as Google's OpenAI-compatible endpoint reads OpenAI's efforts for Gemini's thinking
+# budgets (`Serving.thinking_budget`); another effort that thinks has no budget
+EFFORT_BUDGETS = {"low": 1024, "medium": 8192, "high": 24576}
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str, code: str | None = None, param: str | None = None):
         super().__init__(message)

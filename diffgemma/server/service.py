@@ -48,6 +48,7 @@ from .messages import (
     request_conversation,
 )
 from .schema import (
+    EFFORT_BUDGETS,
     NEUTRAL_PENALTIES,
     SAMPLER_FIELDS,
     APIError,
@@ -793,16 +794,25 @@ class Serving:
         return ids, tuple(prepared)
 
     def thinking_budget(
-        self, body: SamplerExtras, thinking: bool, tools: ToolUse | None, tokens: Any = None, prefill: bool = False
+        self,
+        body: SamplerExtras,
+        thinking: bool,
+        tools: ToolUse | None,
+        tokens: Any = None,
+        prefill: bool = False,
+        effort: Any = None,
     ) -> ThinkingBudget | None:
         """The most tokens of thought a request's reply may write (`DiffGemma.thinking_budget`): vLLM's
-        `thinking_token_budget`, or `tokens` (Anthropic's `thinking.budget_tokens`); None where none is asked or
-        the reply does not think. A reply begun where its thought would go (a forced tool call, or an answer
-        begun: `prefill`) refuses a budget (400), as Anthropic's API does."""
+        `thinking_token_budget`, or `tokens` (Anthropic's `thinking.budget_tokens`), else what OpenAI's reasoning
+        `effort` buys (`EFFORT_BUDGETS`); None where none is asked or the reply does not think. A reply begun where
+        its thought would go (a forced tool call, or an answer begun: `prefill`) refuses a budget asked for (400),
+        as Anthropic's API does, and takes none from an effort."""
         tokens = body.thinking_token_budget if body.thinking_token_budget is not None else tokens
+        begun = "tool_choice" if tools is not None and tools.forced else "continue_final_message" if prefill else None
+        if tokens is None and begun is None and isinstance(effort, str):
+            tokens = EFFORT_BUDGETS.get(effort)
         if tokens is None or not thinking:
             return None
-        begun = "tool_choice" if tools is not None and tools.forced else "continue_final_message" if prefill else None
         if begun is not None:
             message = f"{begun} begins the reply where its thought would go: no thinking budget with it"
             raise APIError(400, message, "invalid_request_error", "invalid_value", begun)
