@@ -828,6 +828,8 @@ def test_serve_hands_its_limits_to_the_server(monkeypatch, capsys):
     assert options.join_first is None  # (by the device)
     assert main([*argv, "--join-first"]) == 0 and served[-1][1].join_first is True
     assert main([*argv, "--no-join-first"]) == 0 and served[-1][1].join_first is False
+    assert options.thinking_budget is None
+    assert main([*argv, "--thinking-budget", "512"]) == 0 and served[-1][1].thinking_budget == 512
     code, _, err = run(capsys, *argv, "--top-k", "-3")
     assert code == 2 and "--top-k must be an integer >= 0" in err and err.count("\n") == 1
     # LoRA adapters served beside the model, each by its name (vLLM's NAME=FOLDER)

@@ -1030,8 +1030,9 @@ def test_a_thinking_budget_from_every_api(client, server):
 
 def test_an_effort_buys_a_thought_budget(demo):
     """OpenAI's reasoning efforts buy the budgets Google's OpenAI-compatible endpoint gives Gemini's thinking (low
-    1,024 tokens, medium 8,192, high 24,576); a budget asked for outright wins; a reply that must begin with a
-    call takes no budget from an effort, but refuses one asked for; without thinking there is none."""
+    1,024 tokens, medium 8,192, high 24,576); a budget asked for outright wins; the server's own
+    (`serve --thinking-budget`) serves where neither is; a reply that must begin with a call takes no budget
+    from either, but refuses one asked for; without thinking there is none."""
     from diffgemma.server.schema import APIError, ChatRequest
     from diffgemma.server.service import Serving
 
@@ -1047,6 +1048,11 @@ def test_an_effort_buys_a_thought_budget(demo):
     assert serving.thinking_budget(plain, True, forced, effort="low") is None
     with pytest.raises(APIError, match="no thinking budget"):
         serving.thinking_budget(asked, True, forced)
+    capped = Serving(demo, ServerOptions(thinking_budget=300), None)  # (serve --thinking-budget 300)
+    assert capped.thinking_budget(plain, True, None).tokens == 300
+    assert capped.thinking_budget(plain, True, None, effort="low").tokens == 1024
+    assert capped.thinking_budget(asked, True, None).tokens == 5
+    assert capped.thinking_budget(plain, True, forced) is None and capped.thinking_budget(plain, False, None) is None
 
 
 def test_the_responses_api_with_the_openai_client(client, server):

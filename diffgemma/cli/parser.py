@@ -331,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
         "not read, before a 422 (default %(default)s)",
     )
     serve.add_argument(
+        "--thinking-budget",
+        type=_at_least(0),
+        default=None,
+        metavar="N",
+        help="the most tokens of thought a reply that thinks writes, where its request asks no budget (default: "
+        "none; an effort buys one: low 1,024, medium 8,192, high 24,576)",
+    )
+    serve.add_argument(
         "--allow-origin",
         action="append",
         metavar="ORIGIN",

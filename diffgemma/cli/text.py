@@ -628,5 +628,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
         allowed_origins=tuple(args.allow_origin or ()),
         format_tries=args.format_tries,
         allow_adapter_loading=args.allow_adapter_loading,
+        thinking_budget=args.thinking_budget,
     )
     serve(model, args.host, args.port, options)

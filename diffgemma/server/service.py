@@ -89,6 +89,7 @@ class ServerOptions:
     allowed_origins: tuple[str, ...] = ()  # web pages elsewhere that may call the API (CORS); "*" for any
     format_tries: int = DEFAULT_TRIES  # draws of an answer of a form (JSON, ...) before a 422 says none read
     allow_adapter_loading: bool = False  # LoRA adapters loaded and unloaded by request (vLLM's routes for it)
+    thinking_budget: int | None = None  # the most tokens of thought where a request asks no budget (None: none)
 
 
 @dataclass(frozen=True)
@@ -804,13 +805,14 @@ class Serving:
     ) -> ThinkingBudget | None:
         """The most tokens of thought a request's reply may write (`DiffGemma.thinking_budget`): vLLM's
         `thinking_token_budget`, or `tokens` (Anthropic's `thinking.budget_tokens`), else what OpenAI's reasoning
-        `effort` buys (`EFFORT_BUDGETS`); None where none is asked or the reply does not think. A reply begun where
-        its thought would go (a forced tool call, or an answer begun: `prefill`) refuses a budget asked for (400),
-        as Anthropic's API does, and takes none from an effort."""
+        `effort` buys (`EFFORT_BUDGETS`), else the server's (`serve --thinking-budget`); None where there is none
+        or the reply does not think. A reply begun where its thought would go (a forced tool call, or an answer
+        begun: `prefill`) refuses a budget asked for (400), as Anthropic's API does, and takes no other."""
         tokens = body.thinking_token_budget if body.thinking_token_budget is not None else tokens
         begun = "tool_choice" if tools is not None and tools.forced else "continue_final_message" if prefill else None
-        if tokens is None and begun is None and isinstance(effort, str):
-            tokens = EFFORT_BUDGETS.get(effort)
+        if tokens is None and begun is None:
+            tokens = EFFORT_BUDGETS.get(effort) if isinstance(effort, str) else None
+            tokens = self.options.thinking_budget if tokens is None else tokens
         if tokens is None or not thinking:
             return None
         if begun is not None:
