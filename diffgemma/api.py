@@ -50,7 +50,7 @@ from .reply import SettledText, StopStrings
 from .resources import check_memory, size_text
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
-from .tokenizer import THINKING_CLOSE, THINKING_OPEN, TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
+from .tokenizer import THINKING_CLOSE, TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
 from .toolcalls import FORCED_CALL, Tool, forced_call_fault, tool_plan
 from .vision import ImageEncoder, load_image_encoder
 
@@ -358,11 +358,10 @@ class DiffGemma:
         thinking channel."""
         if not is_int(tokens) or tokens < 0:
             raise DiffGemmaError(f"thinking_budget must be a whole number of tokens, 0 or more, got {tokens!r}")
-        tokenizer = self._need_tokenizer()
-        close = tokenizer.token_id(THINKING_CLOSE)
+        opening, close = self._need_tokenizer().thinking_ids
         if close is None:
             raise DiffGemmaError(f"this checkpoint's tokenizer has no thinking channel ({THINKING_CLOSE}) to budget")
-        return ThinkingBudget(tokens, tuple(tokenizer.encode(THINKING_OPEN, add_special_tokens=False)), close)
+        return ThinkingBudget(tokens, opening, close)
 
     def prediction_ids(self, prediction: str | Sequence[int]) -> list[int]:
         """A prediction's token ids: a text tokenized as it would be generated (no BOS), or ids as they are (-1:

@@ -128,6 +128,19 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
+    @cached_property
+    def thinking_ids(self) -> tuple[tuple[int, ...], int | None]:
+        """The thinking channel's opening ids and the id that closes it (None: this vocabulary has none)."""
+        return tuple(self.encode(THINKING_OPEN, add_special_tokens=False)), self.token_id(THINKING_CLOSE)
+
+    def thought_length(self, ids: Sequence[int]) -> int:
+        """How many of a reply's `ids` its thinking channel takes, its markers included: 0 where the reply does not
+        begin one, all of them where it is not closed."""
+        opening, close = self.thinking_ids
+        if close is None or tuple(ids[: len(opening)]) != opening:
+            return 0
+        return next((at + 1 for at in range(len(opening), len(ids)) if ids[at] == close), len(ids))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise DiffGemmaError(f"the tokenizer encodes a text, got {type(text).__name__}")

@@ -538,6 +538,9 @@ def test_a_thinking_budget_ends_the_demo_models_thought_there(demo):
         assert new.index(close) == opening + tokens, tokens
         assert len(demo.tokenizer.encode(reply.reasoning, add_special_tokens=False)) == tokens
         assert reply.content  # (the answer goes on after it)
+    assert demo.tokenizer.thought_length(new) == opening + tokens + 1  # (the last budget's reply)
+    assert demo.tokenizer.thought_length(new[: opening + 3]) == opening + 3  # (not closed yet: all of it)
+    assert demo.tokenizer.thought_length(new[1:]) == 0  # (no opening: no thought)
     roomy = demo.chat(question, enable_thinking=True, seed=0, thinking_budget=100)
     assert roomy.result.new_tokens == free.result.new_tokens and roomy.result.steps == free.result.steps
     for asked, message in (

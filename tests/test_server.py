@@ -998,13 +998,22 @@ def test_a_thinking_budget_from_every_api(client, server):
     extra = {"chat_template_kwargs": {"enable_thinking": True}, "thinking_token_budget": 10, "seed": 0}
     made = client.chat.completions.create(model="demo", messages=ask(question), extra_body=extra)
     assert made.choices[0].message.model_extra["reasoning_content"] == thought[:10]
-    chunks = list(client.chat.completions.create(model="demo", messages=ask(question), extra_body=extra, stream=True))
-    streamed = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks)
+    # the opening (its marker, then the bytes of "thought\n": the demo's tokens), the thought, the close
+    assert made.usage.completion_tokens_details.reasoning_tokens == 9 + 10 + 1
+    chunks = list(
+        client.chat.completions.create(
+            model="demo", messages=ask(question), extra_body=extra, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed = "".join((delta.model_extra or {}).get("reasoning_content") or "" for delta in deltas)
     assert streamed == thought[:10]
+    assert chunks[-1].usage.completion_tokens_details == made.usage.completion_tokens_details
     plain = client.chat.completions.create(
         model="demo", messages=ask(SKY), extra_body={"thinking_token_budget": 10, "seed": 1}
     )
     assert plain.choices[0].message.content == ANSWERS[SKY]  # (no thinking asked: the budget is not used)
+    assert plain.usage.completion_tokens_details is None  # (nothing thought, nothing predicted)
 
     reasoned = client.responses.create(
         model="demo", input=question, reasoning={"effort": "low"}, extra_body={"seed": 0, "thinking_token_budget": 5}

@@ -36,7 +36,7 @@ from ..reply import SettledText
 from ..resources import first_line, out_of_memory
 from ..scoring import TokenScores
 from ..structured import DEFAULT_TRIES, AnswerFormat
-from ..tokenizer import THINKING_CLOSE
+from ..tokenizer import THINKING_CLOSE, Tokenizer
 from ..toolcalls import FORCED_CALL, ToolCall, check_tools, forced_call_fault, tool_plan
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
 from .llamacpp import fit_prompt
@@ -575,7 +575,7 @@ class Serving:
                     job.cancelled.set()  # (it ended as it settled: its row goes no further than this canvas)
             else:
                 if usage is not None:
-                    counts = _answers_usage(usage, finals, cached, jobs[0].prediction)
+                    counts = _answers_usage(usage, finals, cached, jobs[0].prediction, self.model.tokenizer)
                     yield encode(chunk(Piece(usage=counts)))
             yield done
         finally:
@@ -672,7 +672,8 @@ class Serving:
                 message.update(content=content or None, tool_calls=end.calls)
             choices.append({**choice, "message": message})
         cached = max(answer.done.cached for answer in answers)  # (its prompts counted once, so the most any held)
-        usage = _answers_usage(prompt_tokens, [answer.done.new_tokens for answer in answers], cached, prediction)
+        finals = [answer.done.new_tokens for answer in answers]
+        usage = _answers_usage(prompt_tokens, finals, cached, prediction, self.model.tokenizer)
         if body.stream:  # (a JSON answer: each choice read whole, then sent whole)
             last = [Piece(usage=usage)] if usage_chunk is not None else []
             return event_stream([sse(chunk(piece)) for piece in [*pieces, *last]] + [DONE])
@@ -943,18 +944,23 @@ def _usage(prompt_tokens: int, completion: int, cached: int = 0) -> dict[str, An
 
 
 def _answers_usage(
-    prompt_tokens: int, answers: list[list[int]], cached: int, prediction: list[int] | None
+    prompt_tokens: int, answers: list[list[int]], cached: int, prediction: list[int] | None, tokenizer: Tokenizer
 ) -> dict[str, Any]:
-    """`_usage` of a request's answers (their tokens); where a prediction was given, OpenAI's count of its use
-    too: its tokens the answers kept in place (accepted), and the rest (rejected), summed over the answers."""
+    """`_usage` of a request's answers (their tokens), with OpenAI's `completion_tokens_details` where they have
+    something to say: the tokens the answers thought (`reasoning_tokens`, their thinking channels, markers
+    included), and where a prediction was given, its tokens the answers kept in place (accepted) and the rest
+    (rejected), summed over the answers."""
     usage = _usage(prompt_tokens, sum(len(tokens) for tokens in answers), cached)
+    details = {}
+    reasoning = sum(tokenizer.thought_length(tokens) for tokens in answers)
+    if reasoning:
+        details["reasoning_tokens"] = reasoning
     if prediction is not None:
         kept = sum(sum(a == b for a, b in zip(prediction, tokens, strict=False)) for tokens in answers)
-        rejected = len(prediction) * len(answers) - kept
-        usage["completion_tokens_details"] = {
-            "accepted_prediction_tokens": kept,
-            "rejected_prediction_tokens": rejected,
-        }
+        details["accepted_prediction_tokens"] = kept
+        details["rejected_prediction_tokens"] = len(prediction) * len(answers) - kept
+    if details:
+        usage["completion_tokens_details"] = details
     return usage
 
 
