@@ -969,13 +969,14 @@ def test_thinking_goes_out_as_reasoning_content(client):
     response = client.chat.completions.create(model="demo", messages=ask(question), seed=1, extra_body=extra)
     message = response.choices[0].message
     assert message.content == answer
-    assert message.model_extra["reasoning_content"] == thought
+    assert message.model_extra["reasoning_content"] == message.model_extra["reasoning"] == thought
     chunks = list(
         client.chat.completions.create(model="demo", messages=ask(question), seed=1, stream=True, extra_body=extra)
     )
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == answer
-    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thought
+    for name in ("reasoning_content", "reasoning"):
+        assert "".join((d.model_extra or {}).get(name) or "" for d in deltas) == thought
     scored = client.chat.completions.create(
         model="demo", messages=ask(question), seed=1, extra_body=extra, logprobs=True
     )

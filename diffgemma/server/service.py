@@ -3,11 +3,12 @@ engine as jobs (`batcher`), then waited for or streamed, read as answers, and sc
 
 Streaming sends text before a canvas ends: the engine fixes each canvas's settled prefix as it goes, and
 the server sends whatever newly settled, never taking anything back. The thinking channel goes out as
-`reasoning_content`. With `"drafts": true` a client also gets every denoising step's canvas. `stop` strings
-end the answer (never the thinking) as soon as one settles; a stream holds back text that may begin one.
-`logprobs` score a finished choice's tokens with the causal encoder (`DiffGemma.score`), on the engine's
-thread between steps. An answer asked for in a form (`response_format`: JSON; vLLM's structured outputs) is
-read against it and drawn again if it does not read (`structured`).
+`reasoning` and `reasoning_content` (vLLM's name now, and DeepSeek's, which many clients still read). With
+`"drafts": true` a client also gets every denoising step's canvas. `stop` strings end the answer (never the
+thinking) as soon as one settles; a stream holds back text that may begin one. `logprobs` score a finished
+choice's tokens with the causal encoder (`DiffGemma.score`), on the engine's thread between steps. An answer
+asked for in a form (`response_format`: JSON; vLLM's structured outputs) is read against it and drawn again
+if it does not read (`structured`).
 """
 
 from __future__ import annotations
@@ -667,7 +668,8 @@ class Serving:
                 continue
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if answer.reasoning:
-                message["reasoning_content"] = answer.reasoning
+                # under both names clients read it by: vLLM's `reasoning` now, DeepSeek's `reasoning_content` before
+                message.update(reasoning=answer.reasoning, reasoning_content=answer.reasoning)
             if end.calls:  # (OpenAI's content is null when a reply is its calls alone)
                 message.update(content=content or None, tool_calls=end.calls)
             choices.append({**choice, "message": message})
@@ -1029,7 +1031,7 @@ def _chunk_maker(identity: dict, model_name: str, chat: bool):
         if piece.content:
             delta["content"] = piece.content
         if piece.reasoning:
-            delta["reasoning_content"] = piece.reasoning
+            delta.update(reasoning=piece.reasoning, reasoning_content=piece.reasoning)
         if piece.tool_calls:
             delta["tool_calls"] = [{"index": position, **call} for position, call in enumerate(piece.tool_calls)]
         return {**base, "choices": [{**choice, "delta": delta}]}
