@@ -520,6 +520,9 @@ def test_bench_times_every_step_and_prints_a_table(capsys, demo):
     firsts, others = _timed(demo, [question], 3, every_step, cuda=False)
     assert (len(firsts), len(others)) == (3, 12) and min(firsts + others) > 0
     report = measure_speed(demo, batch=2, prompt_tokens=10, canvases=2, steps=3)
+    kept, held = demo.prefix_cache, list(demo.prefix_cache.snapshots)
+    measure_speed(demo, batch=1, prompt_tokens=10, canvases=1, steps=3)
+    assert demo.prefix_cache is kept and kept.snapshots == held  # (a bench's prompts are neither read nor kept)
     assert report.tokens_per_second == pytest.approx(2 * 32 * 1000 / (3 * report.step_ms))
     assert report.whole_tokens_per_second < report.tokens_per_second  # (the encodings, counted)
     assert report.peak_bytes > 0
