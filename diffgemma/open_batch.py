@@ -283,15 +283,15 @@ class OpenBatch:
         """[B, C] the ids each row holds in place on this canvas (-1 free: its fill's, then its thinking budget's),
         or None where no row holds any."""
         length, device = self.network.config.canvas_length, self.network.device
-        parts = []
+        parts, held = [], []
         for row in rows:
             given = (row.asked.clamp or [])[row.canvas * length : (row.canvas + 1) * length]
             parts.append(given + [-1] * (length - len(given)))
+            budget = row.asked.thinking_budget
+            held.append(budget.held(row.canvas, row.generated, length) if budget is not None else None)
         clamp = None
         if any(value >= 0 for part in parts for value in part):
             clamp = torch.tensor(parts, dtype=torch.long, device=device)
-        budgets = [(row.asked.thinking_budget, row) for row in rows]
-        held = [budget.held(row.canvas, row.generated, length) if budget else None for budget, row in budgets]
         return with_held(clamp, held, length, device)
 
     def _banned(self, rows: list[_Running]) -> torch.Tensor | None:
