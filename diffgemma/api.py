@@ -31,6 +31,7 @@ from .generate import (
     cut_at_stops,
     denoising_loop,
     infill_clamp,
+    is_conversation,
     prepare_prompts,
     run_to_end,
     seed_int64,
@@ -303,11 +304,16 @@ class DiffGemma:
         if prediction is not None and enable_thinking:  # (before the prompt's pictures go through the tower)
             raise DiffGemmaError(PREDICTION_WITH_THINKING)
         budget = None if thinking_budget is None else self.thinking_budget(thinking_budget)
-        if isinstance(prompt, Sequence) and prompt and all(isinstance(p, dict) for p in prompt):
+        if is_conversation(prompt):
             prompt, found = split_images(list(prompt))
             if found and images:
                 raise DiffGemmaError("images come either in the messages' image parts or in `images`, not both")
             images = images or found
+        elif isinstance(prompt, Sequence) and prompt and all(is_conversation(p) for p in prompt):
+            prompt, found = zip(*(split_images(list(conversation)) for conversation in prompt), strict=True)
+            if any(found) and images:
+                raise DiffGemmaError("images come either in the messages' image parts or in `images`, not both")
+            images = images or (list(found) if any(found) else None)
         ids, mask, batched = prepare_prompts(prompt, self.tokenizer, settings.pad_id, enable_thinking)
         image_inputs = None
         if images:
@@ -465,7 +471,7 @@ class DiffGemma:
         thinking_budget: int | None = None,
         **sampler: Any,
     ) -> GenerationResult:
-        """Generate after `prompt` (ids, text, chat messages, or a batch of ids/texts).
+        """Generate after `prompt` (ids, text, chat messages, or a batch of ids, texts or conversations).
 
         Sampler settings (`max_denoising_steps`, `entropy_bound`, `t_max`, `t_min`, `stability_threshold`,
         `confidence_threshold`, `eos_token_id`, `pad_token_id`) override the checkpoint's defaults for this

@@ -35,7 +35,8 @@ from .toolcalls import ToolCall
 
 MODES = ("fast", "reference")
 
-Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | list[dict[str, Any]]
+Messages = list[dict[str, Any]]  # a chat conversation: {"role": ..., "content": ...} messages
+Prompt = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | Messages | Sequence[Messages]
 
 
 @dataclass
@@ -129,16 +130,21 @@ def prepare_prompts(
         batched = prompt.ndim == 2
     elif isinstance(prompt, str):
         rows, batched = [_need_tokenizer(tokenizer).encode(prompt)], False
-    elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, dict) for p in prompt):
+    elif is_conversation(prompt):
         rows, batched = [_need_tokenizer(tokenizer).encode_chat(list(prompt), enable_thinking)], False
+    elif isinstance(prompt, Sequence) and prompt and all(is_conversation(p) for p in prompt):
+        rows, batched = [_need_tokenizer(tokenizer).encode_chat(list(p), enable_thinking) for p in prompt], True
     elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
         rows, batched = [_need_tokenizer(tokenizer).encode(p) for p in prompt], True
     elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, int) for p in prompt):
         rows, batched = [list(prompt)], False
-    elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, Sequence) for p in prompt):
+    elif isinstance(prompt, Sequence) and prompt and all(_is_ids(p) for p in prompt):
         rows, batched = [list(p) for p in prompt], True
     else:
-        raise DiffGemmaError("prompt must be text, a list of texts, chat messages, token ids or a list of them")
+        raise DiffGemmaError(
+            "prompt must be text, a list of texts, chat messages (or a list of conversations), token ids or a list "
+            "of them"
+        )
     if any(len(row) == 0 for row in rows):
         raise DiffGemmaError("a prompt has no tokens; give at least one (e.g. the BOS token)")
     longest = max(len(row) for row in rows)
@@ -147,6 +153,15 @@ def prepare_prompts(
         return ids, None, batched
     mask = torch.tensor([[False] * (longest - len(row)) + [True] * len(row) for row in rows])
     return ids, mask, batched
+
+
+def is_conversation(prompt: Any) -> bool:
+    """Whether a prompt is one chat conversation: a non-empty list of message objects."""
+    return isinstance(prompt, Sequence) and bool(prompt) and all(isinstance(message, dict) for message in prompt)
+
+
+def _is_ids(row: Any) -> bool:
+    return isinstance(row, Sequence) and not isinstance(row, str) and all(is_int(token) for token in row)
 
 
 def _need_tokenizer(tokenizer: Tokenizer | None) -> Tokenizer:

@@ -491,6 +491,22 @@ def test_bad_calls(tiny):
             tiny.generate(ids, max_new_tokens=4)
 
 
+def test_a_batch_of_conversations(demo):
+    """`generate` takes a list of conversations as a batch, each through the chat template, as it takes one; what
+    is neither (ids beside messages, texts beside ids, floats) is refused, naming what a prompt may be."""
+    from assets.make_demo_model import ANSWERS
+
+    questions = ["Name a fruit.", "Say hello.", "What is 2 + 2?"]
+    conversations = [[{"role": "user", "content": question}] for question in questions]
+    batch = demo.generate(conversations, seed=[3, 4, 5])
+    assert batch.text == [ANSWERS[question] for question in questions]
+    alone = [demo.generate(conversation, seed=3 + index) for index, conversation in enumerate(conversations)]
+    assert batch.new_tokens == [result.new_tokens[0] for result in alone]
+    for mixed in ([[1, 2], conversations[0]], [["a", 3]], [[1.5]], [[], *conversations]):
+        with pytest.raises(DiffGemmaError, match="list of conversations"):
+            demo.generate(mixed)
+
+
 def test_chat_returns_the_thinking_channel_apart(demo):
     from assets.make_demo_model import THINKING
 

@@ -370,9 +370,11 @@ def test_the_command_line_shows_pictures(vision_server, tmp_path, capsys, monkey
     talks = [first, [{"role": "user", "content": "Hi"}]]
     conversations.write_text("".join(json.dumps({"messages": talk}) + "\n" for talk in talks))
     records = [json.loads(line) for line in said("chat", "--file", str(conversations))]
-    assert [record["text"] for record in records] == [
-        model.chat(talk, seed=5 + index, max_new_tokens=12).content for index, talk in enumerate(talks)
-    ]
+    alone = [model.chat(talk, seed=5 + index, max_new_tokens=12) for index, talk in enumerate(talks)]
+    assert [record["text"] for record in records] == [reply.content for reply in alone]
+    # the Python API: a batch of conversations to `generate`, each with the pictures its messages hold
+    batch = model.generate(talks, seed=[5, 6], max_new_tokens=12)
+    assert batch.new_tokens == [reply.result.new_tokens[0] for reply in alone]
 
 
 def test_image_ids_without_pictures_are_told(vision_server):
