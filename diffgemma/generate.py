@@ -721,7 +721,7 @@ def denoising_loop(
     canvases = math.ceil(settings.max_new_tokens / length)
     limits = [settings.max_new_tokens] * batch if row_limits is None else list(row_limits)
     if len(limits) != batch or not all(0 < limit <= settings.max_new_tokens for limit in limits):
-        raise DiffGemmaError(f"row_limits must give {batch} values between 1 and {settings.max_new_tokens}")
+        raise DiffGemmaError(f"max_new_tokens: give one a row ({batch}), each between 1 and {settings.max_new_tokens}")
     row_canvases = torch.tensor([math.ceil(limit / length) for limit in limits], device=device)
     if bool(((ids < 0) | (ids >= vocab)).any()):  # (once, before the loop: an embedding would fail obscurely)
         raise DiffGemmaError(f"prompt token ids must be between 0 and {vocab - 1} (the vocabulary)")

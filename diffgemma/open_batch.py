@@ -169,6 +169,8 @@ class OpenBatch:
     def add(self, row: BatchRow) -> int:
         """Queue a row to join at the next canvas boundary (or to start the batch); its id in the events."""
         config = self.network.config
+        if not isinstance(row, BatchRow):
+            raise DiffGemmaError(f"an open batch adds a BatchRow (its prompt's ids, limit, seed...), got {row!r:.60}")
         if not row.prompt or any(not 0 <= token < config.vocab_size for token in row.prompt):
             raise DiffGemmaError(f"a row's prompt must be token ids between 0 and {config.vocab_size - 1}")
         if row.max_new_tokens < 1:

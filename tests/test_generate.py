@@ -505,6 +505,8 @@ def test_a_batch_of_conversations(demo):
     for mixed in ([[1, 2], conversations[0]], [["a", 3]], [[1.5]], [[], *conversations]):
         with pytest.raises(DiffGemmaError, match="list of conversations"):
             demo.generate(mixed)
+    with pytest.raises(DiffGemmaError, match=r"max_new_tokens: give one a row \(3\)"):
+        demo.generate(conversations, max_new_tokens=[8, 8])
 
 
 def test_chat_returns_the_thinking_channel_apart(demo):

@@ -145,6 +145,8 @@ def test_what_cannot_join_is_refused_before_it_is_queued(tiny):
         batch.add(BatchRow([2], 0, 1))
     with pytest.raises(DiffGemmaError, match="banned ids must be token ids"):
         batch.add(BatchRow([2], length, 1, banned=(tiny.config.vocab_size,)))
+    with pytest.raises(DiffGemmaError, match="adds a BatchRow"):
+        batch.add([2, 5, 6])
     events.close()
 
 
