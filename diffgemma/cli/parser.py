@@ -174,6 +174,10 @@ def _add_prediction_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_thinking_budget_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--thinking-budget", type=_at_least(0), default=None, metavar="N", help=help_text)
+
+
 def _add_stop_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stop", action="append", default=None, metavar="TEXT", help="end the answer before TEXT (repeatable)"
@@ -240,13 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_stream_option(chat)
     chat.add_argument("--think", action="store_true", help="start with thinking on")
-    chat.add_argument(
-        "--thinking-budget",
-        type=_at_least(0),
-        default=None,
-        metavar="N",
-        help="while thinking is on: at most N tokens of thought, then the answer",
-    )
+    _add_thinking_budget_option(chat, "while thinking is on: at most N tokens of thought, then the answer")
     chat.add_argument("--watch", action="store_true", help="show each answer's canvas converge")
     chat.add_argument(
         "--tools",
@@ -330,13 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="draws of an answer asked for in a form (response_format: JSON; vLLM's structured outputs) that does "
         "not read, before a 422 (default %(default)s)",
     )
-    serve.add_argument(
-        "--thinking-budget",
-        type=_at_least(0),
-        default=None,
-        metavar="N",
-        help="the most tokens of thought a reply that thinks writes, where its request asks no budget (default: "
-        "none; an effort buys one: low 1,024, medium 8,192, high 24,576)",
+    _add_thinking_budget_option(
+        serve,
+        "the most tokens of thought a reply that thinks writes, where its request asks no budget (default: none; an "
+        "effort buys one: low 1,024, medium 8,192, high 24,576)",
     )
     serve.add_argument(
         "--allow-origin",
