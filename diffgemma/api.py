@@ -1049,6 +1049,7 @@ def load(
     dtype: torch.dtype | str = AUTO_DTYPE,
     quant: str | QuantFormat | None = None,
     compile: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DiffGemma:
     """Load a DiffusionGemma checkpoint folder (the `google/diffusiongemma-26B-A4B-it` layout).
 
@@ -1061,7 +1062,8 @@ def load(
     first generation compiles (tens of seconds), then each step launches far fewer kernels (on an H100, 26B
     shape, with the CUDA graph: 34 ms a step in bf16 against 41, bench/RESULTS.md). Weights the device has no
     room for are refused before any is read (a Hub id's, before they download), with what would fit
-    (`resources.check_memory`).
+    (`resources.check_memory`). `progress` is told (bytes read, bytes in all) as the weights come in (the 26B
+    model's 50 GB take minutes; quantizing them as they come, longer).
     """
     device = resolve_device(device)
     if on_hub(path):
@@ -1076,7 +1078,7 @@ def load(
     network, fmt, saved = _network_that_fits(str(folder), config, load_dtype(dtype, device, folder), quant, device)
     network = network.to_empty(device=device)
     sinks = float_sinks(network) if fmt is not None and saved is None else None
-    passthrough = load_weights(network, folder, sinks)
+    passthrough = load_weights(network, folder, sinks, progress)
     network.eval()
     network.requires_grad_(False)
     if compile:

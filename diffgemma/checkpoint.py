@@ -267,11 +267,17 @@ def weight_plan(
     return plan, passthrough
 
 
-def load_weights(model: DiffusionGemma, folder: Path, sinks: dict[str, Sink] | None = None) -> dict[str, StoredTensor]:
+def load_weights(
+    model: DiffusionGemma,
+    folder: Path,
+    sinks: dict[str, Sink] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, StoredTensor]:
     """Fill every parameter and buffer of `model` from the checkpoint in `folder`.
 
     `sinks` take some stored tensors instead of a parameter: name -> (expected shape, a function handed the
     tensor once read; quantization on load). Each is read on its own, so only one is in memory at a time.
+    `progress` is told (bytes read, bytes in all) after each tensor.
     Returns the tensors that are not part of the text model (the vision tower), kept by reference: read when an
     image first comes (`vision.load_image_encoder`), and carried over unchanged by a save.
     """
@@ -291,6 +297,7 @@ def load_weights(model: DiffusionGemma, folder: Path, sinks: dict[str, Sink] | N
     # tensor-sized temporaries of different sizes.
     converted = [s.end - s.start for own, s in plan.items() if own not in sinks and _needs_buffer(s, targets[own])]
     scratch = torch.empty(max(converted), dtype=torch.uint8) if converted else None
+    total, done = sum(stored.end - stored.start for stored in plan.values()), 0
     with torch.no_grad():
         for path, entries in by_file.items():
             with open(path, "rb") as handle:
@@ -302,6 +309,9 @@ def load_weights(model: DiffusionGemma, folder: Path, sinks: dict[str, Sink] | N
                         del tensor
                     else:
                         _read_into(stored, targets[own], handle, scratch)
+                    done += stored.end - stored.start
+                    if progress is not None:
+                        progress(done, total)
     return passthrough
 
 
@@ -372,10 +382,12 @@ def write_checkpoint(
     folder: str | os.PathLike,
     extra_files: dict[str, Path] | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write named tensors (a `Derived` one made as its shard is written) in shards of at most
     `max_shard_bytes`, with `raw` as config.json (less its `vision_config` when no vision tensor goes with it),
-    `settings` as generation_config.json and `extra_files`.
+    `settings` as generation_config.json and `extra_files`. `progress` is told (bytes made, bytes in all) after
+    each tensor is read or made.
 
     Everything goes to a temporary folder beside `folder` first; only a complete write replaces it, so a
     failed save leaves the previous checkpoint (if any) as it was.
@@ -391,17 +403,22 @@ def write_checkpoint(
         try:
             weight_map: dict[str, str] = {}
             shard_lists = list(_shards(sizes, max_shard_bytes))
-            lookup = dict(entries)
+            lookup, size_of = dict(entries), dict(sizes)
+            total, made = sum(size_of.values()), 0
             for number, shard in enumerate(shard_lists, start=1):
                 filename = SINGLE_FILE
                 if len(shard_lists) > 1:
                     filename = f"model-{number:05d}-of-{len(shard_lists):05d}.safetensors"
-                tensors = {name: _materialize(lookup[name]) for name in shard}
+                tensors = {}
+                for name in shard:
+                    tensors[name] = _materialize(lookup[name])
+                    made += size_of[name]
+                    if progress is not None:
+                        progress(made, total)
                 save_file(tensors, str(staging / filename), metadata={"format": "pt"})
                 weight_map.update((name, filename) for name in tensors)
                 del tensors
             if len(shard_lists) > 1:
-                total = sum(size for _, size in sizes)
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (staging / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
             if not any(name.startswith(VISION_PREFIXES) for name, _ in entries):

@@ -762,11 +762,12 @@ def quantize_checkpoint(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Write a quantized copy of the float checkpoint in `source` a shard at a time: the checkpoint that
     `load(source, dtype=dtype, quant=fmt)` and a save would write (`dtype`: what is not quantized), without the
-    model ever whole in memory; each weight is quantized on `device` as its shard is written. Returns the bytes
-    of weights the copy holds."""
+    model ever whole in memory; each weight is quantized on `device` as its shard is written (`progress`: as
+    `write_checkpoint` tells it). Returns the bytes of weights the copy holds."""
     config, settings = load_configs(source)
     if format_from_config(config.raw) is not None:
         raise DiffGemmaError(f"{source}: already quantized; quantize the float checkpoint it was made from")
@@ -801,7 +802,7 @@ def quantize_checkpoint(
             entries[name] = stored_as(plan[name], tensor.dtype)
     raw = {**config.raw, "quantization_config": fmt.config()}
     entries_written = reference_entries(entries, passthrough)
-    write_checkpoint(entries_written, raw, settings, destination, tokenizer_files(source), max_shard_bytes)
+    write_checkpoint(entries_written, raw, settings, destination, tokenizer_files(source), max_shard_bytes, progress)
     return held_bytes(network)
 
 

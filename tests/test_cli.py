@@ -1,6 +1,7 @@
 """The `diffgemma` command: outputs, errors (one line, exit 2), atomic edits, and the live canvas in a terminal."""
 
 import fcntl
+import itertools
 import json
 import os
 import pty
@@ -320,6 +321,34 @@ def test_top_k_top_p_and_min_p_options_reach_the_sampler(capsys, demo):
         code, out, _ = run(capsys, *argv, *options)
         assert code == 0 and out == demo.generate("Hello", 40, seed=1, **cut).text + "\n"
         assert out != demo.generate("Hello", 40, seed=1).text + "\n"  # (the cut changes this text)
+
+
+def test_loading_shows_its_progress_on_a_terminal(monkeypatch, capsys, tmp_path):
+    """`load(progress=...)` is told the bytes read after each tensor, up to the checkpoint's whole; a command shows
+    them as a bar on a terminal's stderr, gone once loaded, and writes nothing of it where stderr is no terminal."""
+    import diffgemma
+
+    told = []
+    diffgemma.load(DEMO, progress=lambda done, total: told.append((done, total)))
+    weights = sum(path.stat().st_size for path in Path(DEMO).glob("*.safetensors"))
+    assert len(told) > 10 and told[-1][0] == told[-1][1] and 0.9 * weights < told[-1][1] <= weights
+    assert all(a[0] < b[0] for a, b in itertools.pairwise(told))
+    argv = ["generate", "Hi", "--model", DEMO, "--max-new-tokens", "4", "--no-stream"]
+    assert main(argv) == 0 and capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(argv) == 0
+    assert "loading" in capsys.readouterr().err
+    # writing a checkpoint tells the bytes made as well: quantize and lora-merge show them
+    assert main(["quantize", DEMO, str(tmp_path / "q"), "--to", "int8"]) == 0
+    assert "quantizing to int8" in capsys.readouterr().err
+    assert main(["lora-merge", "--model", DEMO, "--adapter", str(PIRATE), "--out", str(tmp_path / "m")]) == 0
+    assert "merging" in capsys.readouterr().err
+    from diffgemma.quant import QuantFormat, quantize_checkpoint
+
+    made = []
+    int4 = QuantFormat("int4")
+    quantize_checkpoint(Path(DEMO), tmp_path / "q2", int4, torch.float32, progress=lambda *n: made.append(n))
+    assert made[-1][0] == made[-1][1] and all(a[0] < b[0] for a, b in itertools.pairwise(made))
 
 
 def test_generate_chat_and_infill(capsys):

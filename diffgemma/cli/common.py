@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -42,7 +44,10 @@ def load_model(args: argparse.Namespace, path: str | os.PathLike | None = None):
 
     path = model_path(args) if path is None else path
     check_sampler_options(args)
-    model = load(path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile)
+    with byte_progress("loading" if args.quant is None else f"loading, quantizing to {args.quant}") as progress:
+        model = load(
+            path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile, progress=progress
+        )
     check_sampler_options(args, model.settings)
     if args.adapter is not None:
         model.load_adapter(args.adapter)
@@ -51,6 +56,22 @@ def load_model(args: argparse.Namespace, path: str | os.PathLike | None = None):
     elif model.prefix_cache is not None:
         model.prefix_cache.entries = args.prefix_cache
     return with_template(model, args)
+
+
+@contextlib.contextmanager
+def byte_progress(what: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on a terminal's stderr for work counted in bytes (a checkpoint's weights read), gone when
+    the work is done; None where stderr is no terminal (a pipe, a log), which gets nothing."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (TextColumn(what), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def with_template(model, args: argparse.Namespace):

@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -633,11 +634,13 @@ def merge_adapter_files(
     out: str | os.PathLike,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Fold an adapter into a float checkpoint on disk, a shard at a time: the checkpoint `merge_lora` and a
     save would write from the loaded base (in `dtype`, or the stored one), without holding the model, so a base
     larger than memory merges (the 26B's 47 GiB of bf16 on a machine that trained its QLoRA adapter in 16).
-    The adapter's generation config, if any, goes with it. Returns how many adapters were folded in."""
+    The adapter's generation config, if any, goes with it (`progress`: as `write_checkpoint` tells it). Returns
+    how many adapters were folded in."""
     base = as_path(base, "the base checkpoint (its folder)")
     config, settings = load_configs(base)
     saved = format_from_config(config.raw)
@@ -663,5 +666,5 @@ def merge_adapter_files(
 
     entries = reference_entries({name: written(name) for name in shapes}, passthrough)
     generation = adapter_generation(adapter) or settings
-    write_checkpoint(entries, config.raw, generation, out, tokenizer_files(base), max_shard_bytes)
+    write_checkpoint(entries, config.raw, generation, out, tokenizer_files(base), max_shard_bytes, progress)
     return len(folds)
