@@ -1020,6 +1020,12 @@ def test_a_thinking_budget_from_every_api(client, server):
         model="demo", input=question, reasoning={"effort": "low"}, extra_body={"seed": 0, "thinking_token_budget": 5}
     )
     assert reasoned.output[0].type == "reasoning" and reasoned.output[0].content[0].text == thought[:5]
+    assert reasoned.usage.output_tokens_details.reasoning_tokens == 9 + 5 + 1  # (as chat completions count)
+    with client.responses.stream(
+        model="demo", input=question, reasoning={"effort": "low"}, extra_body={"seed": 0, "thinking_token_budget": 5}
+    ) as stream:
+        list(stream)
+        assert stream.get_final_response().usage.output_tokens_details.reasoning_tokens == 9 + 5 + 1
 
     claude = anthropic.Anthropic(base_url=server[0], api_key="unused", max_retries=0)
     thinking = {"type": "enabled", "budget_tokens": 20}

@@ -286,9 +286,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
         job, reply = redraw(0)
         keep = (lambda response: stored.keep(response, items)) if body.store else None
-        built = ResponseBuilder(
-            serving.served_name(body.model), limit, lambda text: len(model.tokenizer.encode(text, False)), body, keep
-        )
+        built = ResponseBuilder(serving.served_name(body.model), limit, body, keep)
         top = (body.top_logprobs or 0) if "message.output_text.logprobs" in (body.include or ()) else None
 
         async def answer_logprobs(_: int, tokens: list[int], eos: int | None) -> dict[str, Any]:

@@ -164,7 +164,6 @@ class ResponseBuilder:
         self,
         model_name: str,
         max_output_tokens: int,
-        count_tokens: Callable[[str], int],
         request: ResponsesRequest | None = None,
         on_done: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
@@ -175,7 +174,6 @@ class ResponseBuilder:
         self.parallel_tool_calls = request.parallel_tool_calls
         self.calls: list[dict[str, Any]] = []  # `function_call` items
         self.model_name, self.max_output_tokens = model_name, max_output_tokens
-        self.count_tokens = count_tokens  # text -> tokens, for the thinking's share of the output
         self.reasoning_id, self.message_id = _identifier("rs"), _identifier("msg")
         self.reasoning, self.content = "", ""
         self.open: str | None = None  # the item being streamed: "reasoning" or "message"
@@ -200,8 +198,9 @@ class ResponseBuilder:
             return []
         return [] if piece.draft is not None else self.text(piece.content, piece.reasoning)
 
-    def usage(self, counts: dict[str, int]) -> dict[str, Any]:
-        """The chat usage's counts in the Responses API's names."""
+    def usage(self, counts: dict[str, Any]) -> dict[str, Any]:
+        """The chat usage's counts in the Responses API's names (the thought's tokens, its markers in, as chat
+        completions count them)."""
         return {
             "input_tokens": counts["prompt_tokens"],
             "input_tokens_details": {
@@ -209,7 +208,9 @@ class ResponseBuilder:
                 "cache_write_tokens": 0,
             },
             "output_tokens": counts["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": self.count_tokens(self.reasoning) if self.reasoning else 0},
+            "output_tokens_details": {
+                "reasoning_tokens": counts.get("completion_tokens_details", {}).get("reasoning_tokens", 0)
+            },
             "total_tokens": counts["total_tokens"],
         }
 

@@ -170,7 +170,8 @@ def whole_events(
 ) -> list[dict[str, Any]]:
     """A Responses or Messages reply answered whole, as the events its builder's `chunk` makes of its pieces
     (the builder then holds the whole reply)."""
-    usage = Piece(usage=_usage(prompt_tokens, len(answer.done.new_tokens), answer.done.cached))
+    tokens, cached = answer.done.new_tokens, answer.done.cached
+    usage = Piece(usage=_answers_usage(prompt_tokens, [tokens], cached, None, answer.reply.tokenizer))
     return [event for piece in [*answer.pieces(0, logprobs), usage] for event in chunk(piece)]
 
 
