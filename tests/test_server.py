@@ -1027,6 +1027,28 @@ def test_a_thinking_budget_from_every_api(client, server):
         list(stream)
         assert stream.get_final_response().usage.output_tokens_details.reasoning_tokens == 9 + 5 + 1
 
+    # OpenRouter's `reasoning`: a budget (which turns thinking on), off, or the thought kept out of the answer
+    routed = client.chat.completions.create(
+        model="demo", messages=ask(question), extra_body={"seed": 0, "reasoning": {"max_tokens": 10}}
+    )
+    assert routed.choices[0].message.model_extra["reasoning"] == thought[:10]
+    off = {"seed": 0, "reasoning": {"enabled": False, "max_tokens": 10}}
+    assert not client.chat.completions.create(
+        model="demo", messages=ask(question), extra_body=off
+    ).usage.completion_tokens_details
+    for hidden in ({"reasoning": {"effort": "high", "exclude": True}}, {**extra, "include_reasoning": False}):
+        kept_out = client.chat.completions.create(model="demo", messages=ask(question), extra_body=hidden)
+        message = kept_out.choices[0].message
+        assert "reasoning" not in message.model_extra and "reasoning_content" not in message.model_extra
+        assert message.content and kept_out.usage.completion_tokens_details.reasoning_tokens > 0
+        streamed = client.chat.completions.create(model="demo", messages=ask(question), extra_body=hidden, stream=True)
+        assert not [c for c in streamed if c.choices and (c.choices[0].delta.model_extra or {}).get("reasoning")]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="demo", messages=ask(question), extra_body={"reasoning": {"max_tokens": -1}}
+        )
+    assert refused.value.param == "reasoning.max_tokens"
+
     claude = anthropic.Anthropic(base_url=server[0], api_key="unused", max_retries=0)
     thinking = {"type": "enabled", "budget_tokens": 20}
     message = claude.messages.create(

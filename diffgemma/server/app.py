@@ -255,7 +255,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
                 message = "continue_final_message needs the conversation before the answer begun"
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "messages")
             messages, prefill = messages[:-1], messages[-1]["content"]
-        budget = serving.thinking_budget(body, thinking, tools, prefill=bool(prefill), effort=body.reasoning_effort)
+        routed = body.reasoning or {}  # (OpenRouter's: its budget and effort, where the request gives them)
+        effort = body.reasoning_effort or routed.get("effort")
+        budget = serving.thinking_budget(
+            body, thinking, tools, routed.get("max_tokens"), bool(prefill), effort, "reasoning.max_tokens"
+        )
         prompt, images = serving.chat_prompt(messages, thinking, "messages", prefill, offered)
         return await serving.complete(
             body,

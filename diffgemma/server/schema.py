@@ -161,6 +161,10 @@ class ChatRequest(SamplerExtras):
     enable_thinking: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None  # OpenAI's: any effort but "none" / "minimal" turns thinking on
+    # OpenRouter's, as its clients send it: {"effort", "max_tokens" (the thought's budget), "enabled", "exclude"
+    # (thinking kept out of the answer)}; `include_reasoning` false keeps it out too (its older switch)
+    reasoning: dict[str, Any] | None = None
+    include_reasoning: bool = True
     logprobs: bool = False  # each answer token's log-probability, from the causal encoder (`scoring`)
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP)
     response_format: dict[str, Any] | None = None  # text, json_object or json_schema (`asked_format`)

@@ -232,10 +232,20 @@ def check_token_ids(model: DiffGemma, ids: list[int], param: str) -> None:
 
 
 def thinking_asked(body: ChatRequest | TokenizeRequest) -> bool:
-    """Whether a chat request turns thinking on (our field, the template's argument as vLLM takes it, or OpenAI's
-    reasoning effort)."""
+    """Whether a chat request turns thinking on (our field, the template's argument as vLLM takes it, OpenAI's
+    reasoning effort, or OpenRouter's `reasoning`: enabled, an effort that thinks, or a budget)."""
     asked = getattr(body, "enable_thinking", False) or effort_thinks(getattr(body, "reasoning_effort", None))
+    routed = getattr(body, "reasoning", None) or {}
+    if routed.get("enabled") is not False:
+        asked = asked or routed.get("enabled") is True or routed.get("max_tokens") is not None
+        asked = asked or ("effort" in routed and effort_thinks(routed["effort"]))
     return bool(asked or (body.chat_template_kwargs or {}).get("enable_thinking"))
+
+
+def reasoning_shown(body: ChatRequest) -> bool:
+    """Whether a chat request's answers carry their thinking (OpenRouter's `reasoning.exclude` and
+    `include_reasoning: false` keep it out; usage still counts it)."""
+    return body.include_reasoning and not (body.reasoning or {}).get("exclude")
 
 
 class Serving:
@@ -625,7 +635,8 @@ class Serving:
         jobs, replies = [job for job, _ in drawn], [reply for _, reply in drawn]
         identity = _identity("chatcmpl" if chat else "cmpl")
         prompt_tokens = sum(len(prompt) for prompt in prompts)
-        chunk = _chunk_maker(identity, self.served_name(body.model), chat)
+        shown = reasoning_shown(body) if isinstance(body, ChatRequest) else True
+        chunk = _chunk_maker(identity, self.served_name(body.model), chat, shown)
 
         async def choice_logprobs(index: int, tokens: list[int], eos: int | None) -> dict[str, Any]:
             echo = bool(leading[index])
@@ -668,7 +679,7 @@ class Serving:
                 choices.append({**choice, "text": leading[index] + content})
                 continue
             message: dict[str, Any] = {"role": "assistant", "content": content}
-            if answer.reasoning:
+            if answer.reasoning and shown:
                 # under both names clients read it by: vLLM's `reasoning` now, DeepSeek's `reasoning_content` before
                 message.update(reasoning=answer.reasoning, reasoning_content=answer.reasoning)
             if end.calls:  # (OpenAI's content is null when a reply is its calls alone)
@@ -806,13 +817,16 @@ class Serving:
         tokens: Any = None,
         prefill: bool = False,
         effort: Any = None,
+        field: str = "thinking.budget_tokens",
     ) -> ThinkingBudget | None:
         """The most tokens of thought a request's reply may write (`DiffGemma.thinking_budget`): vLLM's
-        `thinking_token_budget`, or `tokens` (Anthropic's `thinking.budget_tokens`), else what OpenAI's reasoning
-        `effort` buys (`EFFORT_BUDGETS`), else the server's (`serve --thinking-budget`); None where there is none
-        or the reply does not think. A reply begun where its thought would go (a forced tool call, or an answer
-        begun: `prefill`) refuses a budget asked for (400), as Anthropic's API does, and takes no other."""
-        tokens = body.thinking_token_budget if body.thinking_token_budget is not None else tokens
+        `thinking_token_budget`, or `tokens` (the request's `field`: Anthropic's `thinking.budget_tokens`,
+        OpenRouter's `reasoning.max_tokens`), else what OpenAI's reasoning `effort` buys (`EFFORT_BUDGETS`), else
+        the server's (`serve --thinking-budget`); None where there is none or the reply does not think. A reply
+        begun where its thought would go (a forced tool call, or an answer begun: `prefill`) refuses a budget
+        asked for (400), as Anthropic's API does, and takes no other."""
+        if body.thinking_token_budget is not None:
+            tokens, field = body.thinking_token_budget, "thinking_token_budget"
         begun = "tool_choice" if tools is not None and tools.forced else "continue_final_message" if prefill else None
         if tokens is None and begun is None:
             tokens = EFFORT_BUDGETS.get(effort) if isinstance(effort, str) else None
@@ -825,8 +839,7 @@ class Serving:
         try:
             return self.model.thinking_budget(tokens)
         except DiffGemmaError as err:
-            param = "thinking_token_budget" if body.thinking_token_budget is not None else "thinking.budget_tokens"
-            raise APIError(400, str(err), "invalid_request_error", "invalid_value", param) from None
+            raise APIError(400, str(err), "invalid_request_error", "invalid_value", field) from None
 
     def plan_tools(
         self, tools: list[dict[str, Any]] | None, choice: ToolChoiceField, parallel: bool = True
@@ -1012,8 +1025,9 @@ def engine_failure(err: Exception) -> APIError:
     return APIError(500, f"generation failed: {type(err).__name__}: {first_line(err)}", "server_error")
 
 
-def _chunk_maker(identity: dict, model_name: str, chat: bool):
-    """Stream chunks of one response: chat deltas or completion text; usage and draft chunks carry no choices."""
+def _chunk_maker(identity: dict, model_name: str, chat: bool, reasoning: bool = True):
+    """Stream chunks of one response: chat deltas (their thinking unless `reasoning` is False) or completion
+    text; usage and draft chunks carry no choices."""
     base = {**identity, "object": "chat.completion.chunk" if chat else "text_completion", "model": model_name}
 
     def chunk(piece: Piece) -> dict:
@@ -1031,7 +1045,7 @@ def _chunk_maker(identity: dict, model_name: str, chat: bool):
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if piece.role else {}
         if piece.content:
             delta["content"] = piece.content
-        if piece.reasoning:
+        if piece.reasoning and reasoning:
             delta.update(reasoning=piece.reasoning, reasoning_content=piece.reasoning)
         if piece.tool_calls:
             delta["tool_calls"] = [{"index": position, **call} for position, call in enumerate(piece.tool_calls)]
