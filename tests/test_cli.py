@@ -1,6 +1,7 @@
 """The `diffgemma` command: outputs, errors (one line, exit 2), atomic edits, and the live canvas in a terminal."""
 
 import fcntl
+import io
 import itertools
 import json
 import os
@@ -519,7 +520,7 @@ def test_generate_and_chat_print_the_text_as_it_settles(monkeypatch, demo):
     assert sys.stdout.getvalue() == f"[thinking] {thought}\n{answer}\n"
 
 
-def test_chat_thinking_budget_ends_the_thought_there(capsys, tmp_path):
+def test_chat_thinking_budget_ends_the_thought_there(capsys, tmp_path, monkeypatch):
     """`chat --think --thinking-budget N`: at most N tokens of thought (the demo's are bytes), streamed, printed
     whole and for a --file of conversations; with thinking off the budget is not used."""
     from assets.make_demo_model import THINKING
@@ -537,6 +538,17 @@ def test_chat_thinking_budget_ends_the_thought_there(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["reasoning"] == thought[:5]
     assert main(["chat", "Name a fruit.", "--thinking-budget", "5", "--model", DEMO, "--seed", "1"]) == 0
     assert capsys.readouterr().out == "An apple.\n"
+    # in a session: /think N turns thinking on within N tokens; /think alone turns it the other way
+    session = f"/think 10\n{question}\n/think off\n/think\n/think maybe\n/exit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(session))
+    assert main(["chat", "--model", DEMO, "--seed", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "(thinking on, at most 10 tokens of thought)" and out[1] == f"[thinking] {thought[:10]}"
+    assert out[3:] == [
+        "(thinking off)",
+        "(thinking on, at most 10 tokens of thought)",
+        "(/think on, /think off, or /think N: on, at most N tokens of thought)",
+    ]
 
 
 def test_bench_times_every_step_and_prints_a_table(capsys, demo):

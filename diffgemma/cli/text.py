@@ -355,7 +355,7 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
         return
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, Any]] = list(opening)
-    thinking = args.think
+    thinking, thought_budget = args.think, args.thinking_budget
     terminal = sys.stdin.isatty()
     interactive = terminal and args.message is None
     pictures = list(args.image)  # shown with the next message
@@ -364,7 +364,7 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
     def answer(line: str) -> None:
         history.append({"role": "user", "content": _with_pictures(line, pictures)})
         pictures.clear()
-        budget = {"thinking_budget": args.thinking_budget} if thinking and args.thinking_budget is not None else {}
+        budget = {"thinking_budget": thought_budget} if thinking and thought_budget is not None else {}
         asked = {**sampler, **budget, **({"prediction": predicted.pop()} if predicted else {})}
         if args.stream and not functions and not (args.watch and terminal):
             lead = "model> " if interactive else ""
@@ -401,7 +401,7 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
         listing = ", /tools lists the tools" if functions else ""
         listing += ", /image FILE shows a picture" if model.config.vision is not None else ""
         print(
-            f"chat with the model; /reset clears the history, /think on|off{listing}, /exit quits; a line ending in "
+            f"chat with the model; /reset clears the history, /think on|off|N{listing}, /exit quits; a line ending in "
             '\\ goes on to the next, and text between """ lines (pasted code, say) is one message',
             file=sys.stderr,
         )
@@ -425,8 +425,16 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
                 print("(no tools: --tools FILE.py or --mcp offers some)")
             continue
         if line.startswith("/think"):
-            thinking = line.split()[-1] == "on"
-            print(f"(thinking {'on' if thinking else 'off'})")
+            words = line.split()
+            asked = words[1] if len(words) > 1 else ("off" if thinking else "on")  # (alone: the other way)
+            if asked not in ("on", "off") and not asked.isdigit():
+                print("(/think on, /think off, or /think N: on, at most N tokens of thought)")
+                continue
+            if asked.isdigit():
+                thought_budget = int(asked)
+            thinking = asked != "off"
+            within = f", at most {thought_budget} tokens of thought" if thinking and thought_budget is not None else ""
+            print(f"(thinking {'on' if thinking else 'off'}{within})")
             continue
         if line.startswith("/image"):
             path = line[len("/image") :].strip()
