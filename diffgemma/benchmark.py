@@ -11,9 +11,11 @@ warms the kernels up (and, on CUDA, compiles and captures what the engine captur
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -66,13 +68,22 @@ class SpeedReport:
 
 
 def measure_speed(
-    model: DiffGemma, batch: int = 1, prompt_tokens: int = 128, canvases: int = 2, steps: int = 16, seed: int = 0
+    model: DiffGemma,
+    batch: int = 1,
+    prompt_tokens: int = 128,
+    canvases: int = 2,
+    steps: int = 16,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SpeedReport:
     """Time `model` denoising `batch` rows of random `prompt_tokens`-token prompts, `canvases` canvases of
-    `steps` steps each (see the module's docstring)."""
+    `steps` steps each (see the module's docstring); `progress` is told (steps run, steps in all, the warm-up's
+    included) after each step (the 26B model's on a CPU take seconds each)."""
     for name, value in (("batch", batch), ("prompt_tokens", prompt_tokens), ("canvases", canvases), ("steps", steps)):
         if not is_int(value) or value < 1:
             raise DiffGemmaError(f"{name} must be a whole number, 1 or more, got {value!r}")
+    if steps < 2:
+        raise DiffGemmaError("a canvas of one step has no step apart from its first to time: ask 2 or more")
     length = model.config.canvas_length
     positions = model.config.max_position_embeddings
     if prompt_tokens + canvases * length > positions:
@@ -81,20 +92,21 @@ def measure_speed(
     # every step runs: the stop test's mean entropy never falls under the threshold, and no id ends a row
     every_step = {"confidence_threshold": sys.float_info.min, "eos_token_id": []}
     cuda = model.device.type == "cuda"
+    warm_up_steps = min(steps, 3)
+    ran = itertools.count(1)
+    tick = (lambda: progress(next(ran), warm_up_steps + canvases * steps)) if progress is not None else None
     kept, model.prefix_cache = model.prefix_cache, None  # (every prompt encoded whole, as a new one is)
     try:
         warm_up = _prompts(model, batch, prompt_tokens, seed + 1)
-        _timed(model, warm_up, 1, {**every_step, "max_denoising_steps": min(steps, 3)}, cuda)
+        _timed(model, warm_up, 1, {**every_step, "max_denoising_steps": warm_up_steps}, cuda, tick)
         if cuda:
             torch.cuda.reset_peak_memory_stats(model.device)
         started = time.perf_counter()
         prompts = _prompts(model, batch, prompt_tokens, seed)
-        firsts, others = _timed(model, prompts, canvases, {**every_step, "max_denoising_steps": steps}, cuda)
+        firsts, others = _timed(model, prompts, canvases, {**every_step, "max_denoising_steps": steps}, cuda, tick)
         seconds = time.perf_counter() - started
     finally:
         model.prefix_cache = kept
-    if not others:
-        raise DiffGemmaError("a canvas of one step has no step apart from its first to time: ask 2 or more")
     peak = torch.cuda.max_memory_allocated(model.device) if cuda else _peak_resident_bytes()
     return SpeedReport(
         batch, prompt_tokens, length, canvases, steps, statistics.median(others), firsts[0], seconds, peak
@@ -102,9 +114,14 @@ def measure_speed(
 
 
 def _timed(
-    model: DiffGemma, prompts: list[list[int]], canvases: int, sampler: dict, cuda: bool
+    model: DiffGemma,
+    prompts: list[list[int]],
+    canvases: int,
+    sampler: dict,
+    cuda: bool,
+    tick: Callable[[], None] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """One generation's step times in ms: each canvas's first step, and the others."""
+    """One generation's step times in ms: each canvas's first step, and the others (`tick`: called after each)."""
     firsts, others = [], []
     events = model.stream(prompts, max_new_tokens=canvases * model.config.canvas_length, seed=0, **sampler)
     last = time.perf_counter()
@@ -114,6 +131,8 @@ def _timed(
         now = time.perf_counter()
         if isinstance(event, Draft):
             (firsts if event.step == 1 else others).append((now - last) * 1000)
+            if tick is not None:
+                tick()
         last = now
     return firsts, others
 

@@ -560,7 +560,9 @@ def test_bench_times_every_step_and_prints_a_table(capsys, demo):
     question = demo.tokenizer.encode_chat([{"role": "user", "content": SKY}])  # (an answer that converges at once)
     firsts, others = _timed(demo, [question], 3, every_step, cuda=False)
     assert (len(firsts), len(others)) == (3, 12) and min(firsts + others) > 0
-    report = measure_speed(demo, batch=2, prompt_tokens=10, canvases=2, steps=3)
+    told = []
+    report = measure_speed(demo, batch=2, prompt_tokens=10, canvases=2, steps=3, progress=lambda *n: told.append(n))
+    assert told == [(k, 9) for k in range(1, 10)]  # (3 steps of warm-up, then 2 canvases of 3)
     kept, held = demo.prefix_cache, list(demo.prefix_cache.snapshots)
     measure_speed(demo, batch=1, prompt_tokens=10, canvases=1, steps=3)
     assert demo.prefix_cache is kept and kept.snapshots == held  # (a bench's prompts are neither read nor kept)
@@ -569,6 +571,8 @@ def test_bench_times_every_step_and_prints_a_table(capsys, demo):
     assert report.peak_bytes > 0
     with pytest.raises(DiffGemmaError, match="exceed the model's"):
         measure_speed(demo, prompt_tokens=demo.config.max_position_embeddings)
+    with pytest.raises(DiffGemmaError, match="ask 2 or more"):
+        measure_speed(demo, steps=1)
 
     argv = ["bench", "--model", DEMO, "--batch", "1", "3", "--prompt-tokens", "12", "--canvases", "1", "--steps", "3"]
     assert main(argv) == 0

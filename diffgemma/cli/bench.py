@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..resources import size_text
-from .common import load_model, model_path
+from .common import load_model, model_path, terminal_progress
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -16,10 +16,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from ..benchmark import measure_speed
 
     model = load_model(args)
-    reports = [
-        measure_speed(model, batch, args.prompt_tokens, args.canvases, args.steps, args.seed or 0)
-        for batch in args.batch
-    ]
+    reports = []
+    for batch in args.batch:
+        with terminal_progress(f"timing {batch} row(s)", unit="steps") as progress:
+            reports.append(
+                measure_speed(model, batch, args.prompt_tokens, args.canvases, args.steps, args.seed or 0, progress)
+            )
     if args.json:
         for report in reports:
             print(json.dumps(report.as_dict()))

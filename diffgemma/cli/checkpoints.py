@@ -8,7 +8,7 @@ from pathlib import Path
 from ..config import QUANT_FORMATS
 from ..errors import DiffGemmaError
 from ..resources import free_memory, size_text
-from .common import byte_progress, model_path
+from .common import model_path, terminal_progress
 
 BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -163,7 +163,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     _check_output(args.destination, args.source)
     folder, device = resolve_folder(args.source), resolve_device(args.device)
     # a shard at a time: the model is never whole in memory, quantized or not
-    with byte_progress(f"quantizing to {args.to}") as progress:
+    with terminal_progress(f"quantizing to {args.to}") as progress:
         dtype = load_dtype(args.dtype, device, folder)
         held = quantize_checkpoint(folder, args.destination, fmt, dtype, device, progress=progress)
     print(f"wrote {args.destination} ({fmt.describe()}, {size_text(held)} of weights)")
@@ -188,6 +188,6 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
     _check_output(args.out, model_path(args))
     folder = resolve_folder(model_path(args))
     dtype = load_dtype(args.dtype, torch.device("cpu"), folder)
-    with byte_progress("merging") as progress:
+    with terminal_progress("merging") as progress:
         merged = merge_adapter_files(folder, args.adapter, args.out, dtype, progress=progress)
     print(f"merged {merged} adapters into {args.out}")

@@ -44,7 +44,7 @@ def load_model(args: argparse.Namespace, path: str | os.PathLike | None = None):
 
     path = model_path(args) if path is None else path
     check_sampler_options(args)
-    with byte_progress("loading" if args.quant is None else f"loading, quantizing to {args.quant}") as progress:
+    with terminal_progress("loading" if args.quant is None else f"loading, quantizing to {args.quant}") as progress:
         model = load(
             path, device=args.device, dtype=args.dtype, quant=args.quant, compile=args.compile, progress=progress
         )
@@ -59,17 +59,19 @@ def load_model(args: argparse.Namespace, path: str | os.PathLike | None = None):
 
 
 @contextlib.contextmanager
-def byte_progress(what: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar on a terminal's stderr for work counted in bytes (a checkpoint's weights read), gone when
-    the work is done; None where stderr is no terminal (a pipe, a log), which gets nothing."""
+def terminal_progress(what: str, unit: str = "bytes") -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on a terminal's stderr for work counted in `unit` ("bytes": a checkpoint's weights read;
+    else a count: steps), gone when the work is done; None where stderr is no terminal (a pipe, a log), which
+    gets nothing."""
     if not sys.stderr.isatty():
         yield None
         return
+    from rich import progress as bars
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-    columns = (TextColumn(what), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    counted = (bars.DownloadColumn(), bars.TransferSpeedColumn()) if unit == "bytes" else (bars.MofNCompleteColumn(),)
+    columns = (bars.TextColumn(what), bars.BarColumn(), *counted, bars.TimeRemainingColumn())
+    with bars.Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(what, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 

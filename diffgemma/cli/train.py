@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 from ..errors import DiffGemmaError
-from .common import byte_progress, model_path, range_option, with_template
+from .common import model_path, range_option, terminal_progress, with_template
 from .tasks import givens_range
 
 
@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise DiffGemmaError(f"--eval-every must be 0 (only the final checkpoint) or more, got {every}")
         if args.quant and not args.lora_rank:
             raise DiffGemmaError("--quant trains adapters over a quantized base: give --lora-rank too")
-        with byte_progress("loading") if rank == 0 else contextlib.nullcontext() as progress:  # (one bar in all)
+        with terminal_progress("loading") if rank == 0 else contextlib.nullcontext() as progress:  # (one bar in all)
             model = load(model_path(args), device=args.device, dtype=args.dtype, quant=args.quant, progress=progress)
         model = with_template(model, args)
         lora = LoraSettings(args.lora_rank, args.lora_alpha, args.lora_self_conditioning) if args.lora_rank else None
