@@ -551,7 +551,7 @@ def test_chat_thinking_budget_ends_the_thought_there(capsys, tmp_path, monkeypat
     ]
 
 
-def test_bench_times_every_step_and_prints_a_table(capsys, demo):
+def test_bench_times_every_step_and_prints_a_table(capsys, demo, monkeypatch):
     """`diffgemma bench`: each step of each canvas runs (no early stop, no EOS, whatever the model writes), a row
     of figures for each batch size asked, as a table or JSON lines."""
     from diffgemma.benchmark import _timed, measure_speed
@@ -583,6 +583,10 @@ def test_bench_times_every_step_and_prints_a_table(capsys, demo):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(row["batch"], row["steps"], row["prompt_tokens"]) for row in rows] == [(1, 3, 12), (3, 3, 12)]
     assert all(row["tokens_per_second"] > 0 for row in rows)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # on a terminal, a bar counts each batch's steps
+    assert main([*argv, "--json"]) == 0
+    shown = capsys.readouterr().err
+    assert "timing 1 row(s)" in shown and "timing 3 row(s)" in shown and "6/6" in shown
 
 
 def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path, monkeypatch):
