@@ -30,6 +30,7 @@ from .messages import (
     Conversation,
     MessageBuilder,
     MessagesRequest,
+    thinking_enabled,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .ollama import ollama_routes, on_ollama_route, read_as_json, unknown_route
@@ -325,8 +326,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         # Anthropic's clients always send max_tokens, often far above a local server's limit (32,000 is common):
         # the answer runs to the server's limit at most, and says "max_tokens" if cut there
         limit = serving.admit([prompt], min(body.max_tokens, options.max_tokens), 1, chat=True)
-        thinking = body.thinking or {}
-        budget = serving.thinking_budget(body, thinking.get("type") == "enabled", tools, thinking.get("budget_tokens"))
+        asked = (body.thinking or {}).get("budget_tokens")
+        budget = serving.thinking_budget(body, thinking_enabled(body), tools, asked)
 
         def redraw(attempt: int) -> tuple[Job, SettledText]:
             reply = reply_text(model, True, body.stop_sequences, tools)  # (its stop strings checked before a job)

@@ -91,7 +91,12 @@ def request_conversation(body: Conversation) -> tuple[list[dict[str, Any]], bool
             if reasoning:
                 turn["reasoning_content"] = "\n".join(reasoning)
             messages.append(turn)
-    return messages, (body.thinking or {}).get("type") == "enabled"
+    return messages, thinking_enabled(body)
+
+
+def thinking_enabled(body: Conversation) -> bool:
+    """Whether a conversation turns thinking on (`thinking: {"type": "enabled", "budget_tokens": ...}`)."""
+    return (body.thinking or {}).get("type") == "enabled"
 
 
 def image_source(block: dict[str, Any]) -> str:
