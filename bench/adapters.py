@@ -1,7 +1,8 @@
 """What serving LoRA adapters beside the model costs (`serve --lora-modules`, `DiffGemma.add_adapter`): a
 denoising pass with the base model alone, with adapters kept but none in place, with one in place (unfolded:
 each adapted projection adds its update), and with the same adapter folded into the weights (`--adapter`);
-and how long switching between adapters takes.
+how long switching between adapters takes; and rows of two adapters in one pass (as the server batches
+requests for several) against a pass for each adapter's row.
 
 bench-90m with random weights (float32 on the CPU, bf16 on a GPU), prompt 128, canvas 256, batch 1; adapters on
 every attention and dense-MLP projection (PEFT's widest usual pick), random matrices.
@@ -42,16 +43,18 @@ def random_adapter(folder: Path, rank: int, out: Path) -> Path:
     return save_adapter(model.network, settings, out)
 
 
-def pass_ms(model, repeats: int) -> float:
-    """The median ms of one decoder pass over a 256-token canvas, the prompt's cache encoded once."""
+def pass_ms(model, repeats: int, batch: int = BATCH, before=lambda: None) -> float:
+    """The median ms of one decoder pass of `batch` rows over a 256-token canvas, the prompt's cache encoded once;
+    `before()` runs ahead of each pass (and the encoding), adapters put in place, say."""
     network, config = model.network, model.config
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, config.vocab_size, (BATCH, PROMPT), generator=generator).to(model.device)
-    canvas = torch.randint(3, config.vocab_size, (BATCH, config.canvas_length), generator=generator).to(model.device)
+    prompt = torch.randint(3, config.vocab_size, (batch, PROMPT), generator=generator).to(model.device)
+    canvas = torch.randint(3, config.vocab_size, (batch, config.canvas_length), generator=generator).to(model.device)
     with torch.no_grad():
-        cache = network.new_cache(BATCH, PROMPT + config.canvas_length)
+        cache = network.new_cache(batch, PROMPT + config.canvas_length)
+        before()
         network.encode(prompt, cache, return_hidden=False)
-        return median_ms(lambda: network.denoise(canvas, cache), repeats, model.device)
+        return median_ms(lambda: (before(), network.denoise(canvas, cache)), repeats, model.device)
 
 
 def main() -> None:
@@ -79,6 +82,15 @@ def main() -> None:
         names = [f"rank{rank}" for rank in ranks]
         switches = [names[i % len(names)] if i % 2 else None for i in range(2 * len(names))]
         switch_ms = median_ms(lambda: [served.use_adapter(name) for name in switches], args.repeats, served.device)
+        pair = [names[0], names[-1]]
+        mixed = served._bank.for_rows(pair)  # (what an open batch of the two rows puts in place)
+        shared = [
+            ("a pass of both rows, each with its adapter", pass_ms(served, args.repeats, 2, mixed)),
+            (
+                "a pass for each row (its adapter put in place)",
+                sum(pass_ms(served, args.repeats, 1, lambda name=name: served.use_adapter(name)) for name in pair),
+            ),
+        ]
     base = rows[0][1]
     table = "| weights | ms a decoder pass | against the base |\n|---|---|---|\n"
     table += "".join(f"| {what} | {ms:.1f} | {ms / base:.2f}x |\n" for what, ms in rows)
@@ -87,6 +99,8 @@ def main() -> None:
         f"{BATCH}; adapters on every attention and dense-MLP projection; median of {args.repeats}. Switching "
         f"between adapters (use_adapter): {switch_ms / len(switches):.3f} ms a switch."
     )
+    table += f"\n| two requests: {pair[0]} and {pair[1]} | ms a step of both |\n|---|---|\n"
+    table += "".join(f"| {what} | {ms:.1f} |\n" for what, ms in shared)
     append_results("LoRA adapters served beside the model (bench/adapters.py)", table, notes, args.results)
 
 

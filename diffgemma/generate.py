@@ -470,6 +470,8 @@ class DecoderPass:
     temperature, as the reference does. Either way the logits come back with what a position may not draw
     cut (`MASKED_LOGIT`): its excluded ids, then what top-k / top-p / min-p leave out (`sampling.truncate`, at
     temperature 1: in reference mode before the division, as the reference runs transformers' warpers).
+    `adapters`, where rows run with LoRA adapters of their own (an open batch's), puts the rows' adapters in
+    place before each pass, given the rows it runs (None: all of them).
     """
 
     def __init__(
@@ -481,8 +483,10 @@ class DecoderPass:
         settings: SamplerSettings,
         cuda_graph: bool | None,
         sync_free: bool,
+        adapters: Callable[[list[int] | None], None] | None = None,
     ) -> None:
         self.network, self.cache = network, cache
+        self.adapters = adapters or (lambda rows: None)
         # The whole schedule up front, on the device: no host-to-device copy inside the loop.
         schedule = sampling.temperature_schedule(settings.max_denoising_steps, settings.t_min, settings.t_max)
         self.temperatures = schedule.to(network.device)
@@ -515,13 +519,15 @@ class DecoderPass:
         """Sampling logits [B, C, V] for `canvas` at `step` (from 1) of its canvas; `finished` [B]: rows stopped;
         `excluded` ([B, C, V] booleans): ids each position may not draw."""
         temperature = self.temperatures[step - 1]
+        subset = self.subset is not None and self.subset.update(finished)
+        self.adapters(self.subset.rows if subset else None)
         if self.logits is None:
             logits = self.network.denoise(canvas, self.cache, self_conditioning)
             return self._cut(logits, excluded, 1.0).div_(temperature)
         scale = self.inverse_temperatures[step - 1]
         if self.graph is not None:
             logits = self.graph(canvas, scale, first_step=self_conditioning is None)
-        elif self.subset is not None and self.subset.update(finished):
+        elif subset:
             logits = self.subset.denoise(self.network, canvas, self_conditioning, self.logits, scale)
         else:
             logits = self.network.denoise(

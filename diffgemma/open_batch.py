@@ -57,7 +57,8 @@ class BatchRow:
     soft tokens of each picture its prompt holds, in order (`DiffGemma.image_prompt` writes their runs of image
     ids into the prompt, `DiffGemma.image_features` makes them). `prediction`: what its output is expected to be,
     mostly: each canvas starts from its part of it (`predicted_start`; -1: none there), as `denoising_loop`'s
-    `predictions`. `thinking_budget`: the most tokens of thought its reply writes (`ThinkingBudget`)."""
+    `predictions`. `thinking_budget`: the most tokens of thought its reply writes (`ThinkingBudget`). `adapter`: the
+    LoRA adapter its passes run with (`DiffGemma.add_adapter`; None: the base model), whatever the other rows'."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -68,6 +69,7 @@ class BatchRow:
     images: tuple[torch.Tensor, ...] = ()
     prediction: list[int] | None = None
     thinking_budget: ThinkingBudget | None = None
+    adapter: str | None = None
 
 
 @dataclass
@@ -131,9 +133,16 @@ class OpenBatch:
         cuda_graph: bool | None = None,
         sync_free: bool | None = None,
         stop_check_every: int | None = None,
+        adapters: Callable[[list[str | None]], Callable[[], None]] | None = None,
     ) -> None:
-        """`tokenizer`: the drafts' (`Draft.text`)."""
+        """`tokenizer`: the drafts' (`Draft.text`). `adapters`: given each row's adapter, what puts them in place
+        for a pass (`AdapterBank.for_rows`; None: no adapters kept)."""
         self.network, self.settings, self.prefix_cache = network, settings, prefix_cache
+        self.adapters = adapters
+        # what puts the current rows' adapters in place (kept: a decoder graph captured with them reads their
+        # rows' indices), and those of the rows still denoising once some have stopped
+        self._rows_adapters: Callable[[], None] | None = None
+        self._running_adapters: tuple[list[int], Callable[[], None]] | None = None
         self.tokenizer = tokenizer
         self.cuda_graph = cuda_graph
         device = network.device
@@ -192,6 +201,10 @@ class OpenBatch:
                     f"a row's prompt holds {held} image ids for {sum(p.shape[0] for p in row.images)} soft tokens "
                     "of its pictures (`DiffGemma.image_prompt` writes their runs)"
                 )
+        if row.adapter is not None and self.adapters is None:
+            raise DiffGemmaError(f"a row asks for adapter {row.adapter!r}, and this model keeps none (add_adapter)")
+        if self.adapters is not None:
+            self.adapters([row.adapter])  # (an adapter not kept is refused now, not when its row joins)
         running = _Running(self._next_id, row, time.perf_counter())
         self._next_id += 1
         self.waiting.append(running)
@@ -266,6 +279,7 @@ class OpenBatch:
             return
         if len(kept) < len(rows):
             self._use(self._kept_rows(kept))
+        self._adapt(None)
         self.network.encode(committed[kept], self.cache, return_hidden=False)
 
     def _finished(self, row: _Running) -> RowFinished:
@@ -321,6 +335,7 @@ class OpenBatch:
             starters, others = (joining[:1], joining[1:]) if alone else (joining, [])
             ids, mask, images = self._prompts(starters)
             capacity = max(ids.shape[1] + self._room(row) for row in joining)
+            self._put_adapters(starters)  # (before the prefix cache is looked in: its snapshots are per adapter)
             self._reuse = _PromptReuse(network, self.prefix_cache, ids, mask, "fast", images)
             self.cache = self._reuse.new_cache(network, len(starters), capacity)
             self._reuse.encode(network, ids, mask, self.cache)
@@ -351,6 +366,7 @@ class OpenBatch:
         row alone goes through the prefix cache: a snapshot its prompt begins with is put in place, and its own
         kept."""
         ids, mask, images = self._prompts(rows)
+        self._put_adapters(rows)
         with _PromptReuse(
             self.network, self.prefix_cache, ids, mask, "fast", images, start=length - ids.shape[1]
         ) as reuse:
@@ -359,6 +375,23 @@ class OpenBatch:
         for row in rows:
             row.cached = reuse.reused
         return part
+
+    def _put_adapters(self, rows: list[_Running]) -> None:
+        """The rows' adapters in place for a pass of theirs alone (their prompts encoded)."""
+        if self.adapters is not None:
+            self.adapters([row.asked.adapter for row in rows])()
+
+    def _adapt(self, rows: list[int] | None) -> None:
+        """The adapters of the batch's rows at `rows` (None: all) in place for a pass of theirs (the batcher may
+        have run another batch's passes since this batch's last)."""
+        if self._rows_adapters is None:
+            return
+        if rows is None:
+            self._rows_adapters()
+            return
+        if self._running_adapters is None or self._running_adapters[0] != rows:
+            self._running_adapters = rows, self.adapters([self.rows[index].asked.adapter for index in rows])
+        self._running_adapters[1]()
 
     def _room(self, row: _Running) -> int:
         """Positions a row still needs past the cache's end: its canvases to come."""
@@ -382,8 +415,11 @@ class OpenBatch:
         rows, device = self.rows, self.network.device
         self.rng.seeds = torch.tensor([seed_int64(row.asked.seed) for row in rows], dtype=torch.long, device=device)
         self.rng.offsets = torch.tensor([row.first_draw for row in rows], dtype=torch.long, device=device)
+        if self.adapters is not None:
+            self._rows_adapters = self.adapters([row.asked.adapter for row in rows])
+            self._running_adapters = None
         decoder = DecoderPass(
-            self.network, cache, "fast", len(rows), self.settings, self.cuda_graph, self.rng.sync_free
+            self.network, cache, "fast", len(rows), self.settings, self.cuda_graph, self.rng.sync_free, self._adapt
         )
         self.denoiser = CanvasDenoiser(
             decoder, self.rng, self.settings, "fast", self.stop_check, True, self.ending_ids, self.tokenizer

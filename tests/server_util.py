@@ -32,3 +32,17 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def wait_until(condition, what: str, seconds: float = 30.0) -> None:
+    """Wait for `condition()` (a request under way elsewhere), failing with `what` rather than hang."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(0.01)
+
+
+def idle(batcher) -> None:
+    """Wait until no batch runs: an answer comes back once its text has settled, its row's canvas may still be
+    running, and a request sent then could join that batch."""
+    wait_until(lambda: not batcher.batches_running(), "the engine to be idle")

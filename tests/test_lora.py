@@ -384,11 +384,9 @@ def test_adapters_diffgemma_cannot_apply_are_refused(generation_checkpoints, tmp
         assert load_adapter(diffgemma.load(folder).network, adapter)
 
 
-def test_an_adapter_bank_runs_each_adapter_as_it_runs_alone(trained, tmp_path):
-    """`add_adapter` keeps adapters beside the base weights and `use_adapter` switches between them: each gives
-    the logits it gives loaded alone (over float or int8 weights), None the base model's; adapters of other
-    ranks and other projections (a projection one of them leaves alone runs without an update while it is in
-    place), one with an encoder half of its own, live side by side."""
+def _two_adapters(trained, tmp_path):
+    """(base folder, an adapter of every projection, one of the attention's alone at another rank whose encoder
+    half differs, as PEFT trains on the reference's two copies, and whose sampler defaults add EOS id 99)."""
     folder, model, settings, _, _, _ = trained
     everything = save_adapter(model.network, settings, tmp_path / "everything", base=str(folder))
     other = diffgemma.load(folder)
@@ -409,6 +407,15 @@ def test_an_adapter_bank_runs_each_adapter_as_it_runs_alone(trained, tmp_path):
     encoder_key = next(key for key in weights if ".encoder." in key and key.endswith("lora_B.weight"))
     weights[encoder_key] = weights[encoder_key] + 0.5
     save_file(weights, weights_file)
+    return folder, everything, attention
+
+
+def test_an_adapter_bank_runs_each_adapter_as_it_runs_alone(trained, tmp_path):
+    """`add_adapter` keeps adapters beside the base weights and `use_adapter` switches between them: each gives
+    the logits it gives loaded alone (over float or int8 weights), None the base model's; adapters of other
+    ranks and other projections (a projection one of them leaves alone runs without an update while it is in
+    place), one with an encoder half of its own, live side by side."""
+    folder, everything, attention = _two_adapters(trained, tmp_path)
     for quant in (None, "int8"):
         bank = diffgemma.load(folder, quant=quant)
         with torch.no_grad():
@@ -440,3 +447,36 @@ def test_an_adapter_bank_runs_each_adapter_as_it_runs_alone(trained, tmp_path):
     folded.load_adapter(everything)  # (a failed first add_adapter leaves the model as it was)
     with pytest.raises(DiffGemmaError, match="has an adapter applied"):
         folded.add_adapter("attention", attention)
+
+
+def test_rows_of_several_adapters_share_a_pass_each_as_alone(trained, tmp_path):
+    """`AdapterBank.for_rows`: one pass over rows of different adapters (and of none) gives each row the logits
+    it gets alone with its adapter in place, the encoder half of an adapter that has one in the prompt's pass,
+    over float or int8 weights; rows all of one adapter put it in place as `use` does; a pass of another
+    number of rows, or an adapter not kept, is refused."""
+    folder, everything, attention = _two_adapters(trained, tmp_path)
+    names = ["everything", None, "attention", "everything", "attention"]
+    generator = torch.Generator().manual_seed(3)
+    prompts = torch.randint(9, 200, (len(names), 6), generator=generator)
+    canvases = torch.randint(9, 200, (len(names), 32), generator=generator)
+    for quant in (None, "int8"):
+        model = diffgemma.load(folder, quant=quant)
+        model.add_adapter("everything", everything)
+        model.add_adapter("attention", attention)
+        bank, network = model._bank, model.network
+        with torch.no_grad():
+            bank.for_rows(names)()
+            together = network.denoise_logits(prompts, canvases)
+            for row, name in enumerate(names):
+                bank.use(name)
+                alone = network.denoise_logits(prompts[row : row + 1], canvases[row : row + 1])[0]
+                torch.testing.assert_close(together[row], alone, rtol=1e-4, atol=1e-4, msg=f"{quant} row {row}")
+            differ = [(together[0] - together[1]).abs().max(), (together[2] - together[1]).abs().max()]
+            assert min(differ) > 1e-2  # (the rows' adapters do change their logits)
+            bank.for_rows(["attention", "attention"])()
+            assert bank.in_use == "attention"
+            bank.for_rows(names)()
+            with pytest.raises(DiffGemmaError, match="adapters were put in place for 5 rows, and a pass has 2"):
+                network.denoise_logits(prompts[:2], canvases[:2])
+    with pytest.raises(DiffGemmaError, match="no adapter named 'nope'"):
+        bank.for_rows(["everything", "nope"])

@@ -2,10 +2,16 @@
 
 import pytest
 import torch
+from assets.make_demo_adapter import PIRATE as PIRATE_ANSWERS
+from assets.make_demo_model import ANSWERS
+from conftest import DEMO
 
+import diffgemma
 from diffgemma import DiffGemmaError
 from diffgemma.generate import row_output, run_to_end
 from diffgemma.open_batch import BatchRow, RowFinished, RowsCommitted, RowsStep
+
+FRUIT, SKY = "Name a fruit.", "Why is the sky blue?"
 
 
 def alone(model, row: BatchRow, **sampler):
@@ -282,3 +288,40 @@ def test_rows_that_start_a_batch_together_each_read_the_prefix_cache(tiny):
     finally:
         tiny.prefix_cache.clear()
         tiny.prefix_cache.entries = 1
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_rows_of_different_adapters_share_the_batch_each_as_alone(prefix_cache):
+    """Rows for a LoRA adapter and for the base model in one batch, one joining later: every pass is shared,
+    and each row gives what it gives alone with its adapter in place (the pirate's answer for its rows, the
+    base model's for the others), whether each row's prompt goes through the prefix cache by itself or the
+    first rows start the batch together, padded."""
+    model = diffgemma.load(DEMO)
+    model.add_adapter("pirate", DEMO.parent / "demo-pirate")
+    if not prefix_cache:
+        model.prefix_cache = None
+
+    def row(question: str, adapter: str | None, seed: int) -> BatchRow:
+        prompt = model.tokenizer.encode_chat([{"role": "user", "content": question}])
+        return BatchRow(prompt, 64, seed, adapter=adapter)
+
+    first = [row(FRUIT, "pirate", 0), row(FRUIT, None, 1), row("Say hello.", "pirate", 2), row(SKY, None, 3)]
+    later = {1: [row(FRUIT, "pirate", 4)]}
+    batch = model.open_batch()
+    for asked in first:
+        batch.add(asked)
+    finished, sizes = run(batch, later)
+    assert sizes[0] == len(first)  # (one batch: every row in each pass)
+    rows = [*first, *later[1]]
+    for index, asked in enumerate(rows):
+        model.use_adapter(asked.adapter)
+        tokens, steps = alone(model, asked)
+        assert (finished[index].new_tokens, finished[index].steps) == (tokens, steps), index
+    text = [model.tokenizer.decode(finished[index].new_tokens) for index in range(len(rows))]
+    assert text[:2] == [PIRATE_ANSWERS[FRUIT], ANSWERS[FRUIT]] and text[4] == PIRATE_ANSWERS[FRUIT]
+    assert text[2:4] == [PIRATE_ANSWERS["Say hello."], ANSWERS[SKY]]
+    with pytest.raises(DiffGemmaError, match="no adapter named 'nope'"):
+        batch.add(row(FRUIT, "nope", 0))
+    plain = diffgemma.load(DEMO).open_batch()
+    with pytest.raises(DiffGemmaError, match="asks for adapter 'pirate', and this model keeps none"):
+        plain.add(row(FRUIT, "pirate", 0))

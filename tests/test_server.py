@@ -16,7 +16,7 @@ import pydantic
 import pytest
 import torch
 from assets.make_demo_model import ANSWERS
-from server_util import free_port, running
+from server_util import free_port, idle, running, wait_until
 
 from diffgemma.server import ServerOptions, create_app
 from diffgemma.server.batcher import Batcher
@@ -38,20 +38,6 @@ def ask(question):
 def no_eos(model) -> dict[str, int]:
     """A logit_bias that bans the model's EOS ids: every canvas runs up to the answer's limit."""
     return {str(eos): -100 for eos in model.settings.eos_token_id}
-
-
-def wait_until(condition, what: str, seconds: float = 30.0) -> None:
-    """Wait for `condition()` (a request under way elsewhere), failing with `what` rather than hang."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"waited {seconds} s for {what}"
-        time.sleep(0.01)
-
-
-def idle(batcher) -> None:
-    """Wait until no batch runs: an answer comes back once its text has settled, its row's canvas may still be
-    running, and a request sent then could join that batch."""
-    wait_until(lambda: not batcher.batches_running(), "the engine to be idle")
 
 
 def timed_answers(client, finished: dict[str, tuple[float, object]]):

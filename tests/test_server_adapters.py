@@ -2,7 +2,6 @@
 request's `model`, through the official OpenAI, Anthropic and Ollama clients over real HTTP."""
 
 import asyncio
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
@@ -13,7 +12,7 @@ import pytest
 from assets.make_demo_adapter import PIRATE as PIRATE_ANSWERS
 from assets.make_demo_model import ANSWERS
 from conftest import DEMO
-from server_util import running
+from server_util import idle, running, wait_until
 
 import diffgemma
 from diffgemma import DiffGemmaError
@@ -60,8 +59,7 @@ def test_the_adapters_are_listed_as_models_of_their_own(served, client):
 
 def test_each_request_is_answered_by_the_model_it_names(served, client):
     """The adapter's answers where a request names it, the base model's otherwise (by its name), however the
-    requests come together: requests for different models run as batches of their own, taking steps in turn,
-    and each answer is the one it gets alone."""
+    requests come together: each answer is the one it gets alone."""
 
     def chat(name: str, question: str) -> tuple[str, str]:
         reply = client.chat.completions.create(model=name, messages=ask(question), seed=0)
@@ -159,10 +157,7 @@ def test_adapters_load_and_unload_while_the_server_runs():
             long = {**chat, "max_tokens": 512, "logit_bias": {str(eos): -100 for eos in model.settings.eos_token_id}}
             with ThreadPoolExecutor(1) as pool:
                 under_way = pool.submit(http.post, "/v1/chat/completions", json=long)
-                deadline = time.monotonic() + 30
-                while not app.state.batcher.batches_running():
-                    assert time.monotonic() < deadline, "the long answer's batch did not start"
-                    time.sleep(0.01)
+                wait_until(app.state.batcher.batches_running, "the long answer's batch to start")
                 refused = http.post("/v1/unload_lora_adapter", json={"lora_name": "pirate"})
                 assert refused.status_code == 409 and "under way" in refused.json()["error"]["message"]
                 assert under_way.result().status_code == 200
@@ -191,3 +186,36 @@ def test_work_for_an_adapter_gone_fails_its_request_not_the_engine():
         assert batcher.running and score_on_engine(None) < 0
     finally:
         batcher.stop()
+
+
+def test_requests_for_different_adapters_share_one_batch():
+    """Requests for the pirate and for the base model that wait together start one batch and share its passes,
+    each answered as alone; with a compiled decoder (code made for one adapter's passes) a batch keeps to one."""
+    model = diffgemma.load(DEMO)
+    model.add_adapter("pirate", PIRATE)
+    batcher = Batcher(model, max_batch=8, max_runs=1)  # (one batch at a time: the four wait for the next)
+    asked = [("demo", FRUIT), ("pirate", FRUIT), ("pirate", "Say hello."), ("demo", "Say hello.")]
+    with running(create_app(model, ServerOptions(model_name="demo", max_batch=8), batcher)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def chat(name: str, question: str) -> str:
+            return client.chat.completions.create(model=name, messages=ask(question), seed=0).choices[0].message.content
+
+        alone = []
+        for key in asked:
+            alone.append(chat(*key))
+            idle(batcher)
+        # a long request with settings of its own runs first, so that the four wait for the next batch together
+        slow = {"confidence_threshold": 1e-9, "max_denoising_steps": 200}
+        before = len(batcher.batches_run)
+        with ThreadPoolExecutor(len(asked) + 1) as pool:
+            blocker = pool.submit(
+                client.chat.completions.create, model="demo", messages=ask("x"), max_tokens=64, extra_body=slow
+            )
+            wait_until(lambda: len(batcher.batches_run) > before, "the blocker's batch to start")
+            together = list(pool.map(lambda key: chat(*key), asked))
+            blocker.result()
+    assert alone[:2] == [ANSWERS[FRUIT], PIRATE_ANSWERS[FRUIT]]
+    assert together == alone and list(batcher.batches_run)[before + 1 :] == [len(asked)]
+    model.network.compiled_decoder = True  # (as `compile_decoder` leaves it; nothing is run here)
+    assert not Batcher(model).mixes_adapters

@@ -1,14 +1,16 @@
 """Requests are denoised together: one worker thread, open batches of compatible jobs that jobs join as they come.
 
 A job is one prompt with its own seed and token limit (and, for a fill, the ids held in place on its
-canvas). Jobs that share sampler settings and LoRA adapter (a fine-tune served by its own name) share a batch
-(`DiffGemma.open_batch`: fast mode, one random stream per row, settled prefixes committed), up to `max_batch`
+canvas). Jobs that share sampler settings share a batch (`DiffGemma.open_batch`: fast mode, one random stream
+per row, settled prefixes committed), whatever LoRA adapter each runs with (a fine-tune served by its own name:
+each row's update is added to its own rows; a compiled decoder keeps one adapter a batch), up to `max_batch`
 rows: the first ones start it, and a job that comes while it runs can join it when its canvas has been
 committed (its prompt encoded to end where the batch's cache ends; a prompt longer than that cannot join),
 sharing every decoder pass from then on rather than make passes of its own; a row leaves the batch when it
 ends, its answer sent at once. Otherwise a job starts a batch of its own, up to `max_runs` batches, which take
-denoising steps in turn (so a request is not held behind a long answer for its whole length), each with its
-adapter put in place first: `join_first` says which comes first (joining, off the CPU); past `max_runs`, a
+denoising steps in turn (so a request is not held behind a long answer for its whole length), each putting
+its rows' adapters in place for its passes: `join_first` says which comes first (joining, off the CPU); past
+`max_runs`, a
 job no running batch can take waits. A
 cancelled job (its client went away, or a stop string ended it) stops receiving events at once and its row
 leaves with the canvas it is in; when every job of a batch is cancelled, the batch stops. Other work on the
@@ -75,8 +77,8 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)  # (how long it waits for a batch: the metrics)
 
     def key(self) -> tuple:
-        """What the jobs of a batch share: sampler settings and adapter."""
-        return (self.adapter, *sorted(self.sampler.items()))
+        """What the jobs of a batch share: sampler settings."""
+        return tuple(sorted(self.sampler.items()))
 
     def send(self, event: Any) -> None:
         if not self.cancelled.is_set():
@@ -109,8 +111,8 @@ class Call:
 
 @dataclass
 class Run:
-    """A batch being denoised: its sampler settings and adapter (`Job.key`), its open batch and events, its jobs by
-    row, each row's tokens committed so far."""
+    """A batch being denoised: what its jobs share (`Batcher.key`), its open batch and events, its jobs by row,
+    each row's tokens committed so far."""
 
     key: tuple
     batch: OpenBatch
@@ -118,10 +120,6 @@ class Run:
     jobs: dict[int, Job]
     committed: dict[int, list[int]]
     started: float
-
-    @property
-    def adapter(self) -> str | None:
-        return self.key[0]
 
     def add(self, job: Job, images: tuple[torch.Tensor, ...] = ()) -> None:
         """The job's row joins the batch (at its next canvas boundary, or as it starts); `images`: the soft tokens
@@ -137,6 +135,7 @@ class Run:
             images,
             job.prediction,
             job.thinking_budget,
+            job.adapter,
         )
         row = self.batch.add(asked)
         self.jobs[row], self.committed[row] = job, []
@@ -157,6 +156,8 @@ class Batcher:
         self.max_batch = max_batch
         self.max_runs = max_runs  # batches denoised at once, a step of each in turn
         self.join_first = model.device.type != "cpu" if join_first is None else join_first
+        # rows of several adapters share a batch, but for a compiled decoder (its code made for one adapter's)
+        self.mixes_adapters = not model.network.compiled_decoder
         self.metrics = Metrics()  # what the engine does, for the server's /metrics
         self._inbox: queue.Queue[Job | Call | None] = queue.Queue()
         self._waiting: list[Job] = []
@@ -191,7 +192,8 @@ class Batcher:
 
     def uses_adapter(self, name: str) -> bool:
         """Whether a batch running or a job waiting has adapter `name` (the worker's thread: a `run` call)."""
-        return any(run.adapter == name for run in self._runs) or any(job.adapter == name for job in self._waiting)
+        running = (job for run in self._runs for job in run.jobs.values())
+        return any(job.adapter == name for job in (*running, *self._waiting))
 
     def submit(self, job: Job) -> None:
         if not self.running:
@@ -266,13 +268,18 @@ class Batcher:
                 self._waiting.remove(job)
                 self._join(run, job)
             elif can_start:
-                batch = [other for other in self._waiting if other.key() == job.key()][: self.max_batch]
+                batch = [other for other in self._waiting if self.key(other) == self.key(job)][: self.max_batch]
                 self._waiting = [other for other in self._waiting if other not in batch]
                 self._start(batch)
 
     def _takes(self, run: Run, job: Job) -> bool:
         fits = run.batch.fits(len(job.prompt), job.max_new_tokens)
-        return run.key == job.key() and run.batch.size < self.max_batch and fits
+        return run.key == self.key(job) and run.batch.size < self.max_batch and fits
+
+    def key(self, job: Job) -> tuple:
+        """What the jobs of one batch must share: sampler settings (and the adapter, where rows of several cannot
+        share passes)."""
+        return job.key() if self.mixes_adapters else (job.adapter, *job.key())
 
     def _join(self, run: Run, job: Job) -> None:
         if self._added(run, job):
@@ -300,7 +307,7 @@ class Batcher:
                 job.send(err)
             self.metrics.batch_ended(time.monotonic() - started)
             return
-        run = Run(batch[0].key(), opened, opened.events(), {}, {}, started)
+        run = Run(self.key(batch[0]), opened, opened.events(), {}, {}, started)
         for job in batch:
             self._added(run, job)
         if run.jobs:
@@ -315,7 +322,6 @@ class Batcher:
             return
         began = time.monotonic()
         try:
-            self.model.use_adapter(run.adapter)
             self._dispatch(next(run.events), run)
         except StopIteration:
             self._end(run)

@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +112,7 @@ class LowRank(nn.Module):
 
         self.role = role  # (a plain attribute: the network's, not a submodule)
         self.scale = scale
+        self.row_groups: RowGroups | None = None  # rows of several adapters in one pass (`AdapterBank.for_rows`)
         self.lora_A, self.lora_B = linear(in_features, rank), linear(rank, out_features)
         # The usual start: A random, B zero, so the adapted model begins exactly where the base model is.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -124,17 +125,40 @@ class LowRank(nn.Module):
 
     def adapted(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The projection's output `out` of `x`, plus the update (none while an `AdapterBank` has no adapter of
-        this projection in place)."""
+        this projection in place; each row's own where it has put several, one a row)."""
+        if self.row_groups is not None:
+            return self.row_groups.adapted(out, x, self.role.encoding)
         if self.lora_A is None:
             return out
-        if self.lora_A_encoder is not None and self.role.encoding:
-            return out + self.lora_B_encoder(self.lora_A_encoder(x)) * self.scale_encoder
-        return out + self.lora_B(self.lora_A(x)) * self.scale
+        return out + self.update(x, self.role.encoding)
+
+    def update(self, x: torch.Tensor, encoding: bool) -> torch.Tensor:
+        """This adapter's update of `x`: its encoder half's in an encoding pass, where it has one."""
+        if self.lora_A_encoder is not None and encoding:
+            return self.lora_B_encoder(self.lora_A_encoder(x)) * self.scale_encoder
+        return self.lora_B(self.lora_A(x)) * self.scale
 
     def put(self, source: LowRank | None) -> None:
         """Take `source`'s update (its matrices themselves, not copies), or none."""
         for part in ("lora_A", "lora_B", "scale", "lora_A_encoder", "lora_B_encoder", "scale_encoder"):
             setattr(self, part, getattr(source, part) if source is not None else None)
+        self.row_groups = None
+
+
+@dataclass(frozen=True)
+class RowGroups:
+    """One projection's updates for a pass of `rows` rows of several adapters: each adapter that adapts it with
+    the rows (indices on the device) that run with it; rows of none get no update."""
+
+    rows: int
+    groups: tuple[tuple[torch.Tensor, LowRank], ...]
+
+    def adapted(self, out: torch.Tensor, x: torch.Tensor, encoding: bool) -> torch.Tensor:
+        if x.shape[0] != self.rows:
+            raise DiffGemmaError(f"adapters were put in place for {self.rows} rows, and a pass has {x.shape[0]}")
+        for rows, source in self.groups:
+            out = out.index_add(0, rows, source.update(x.index_select(0, rows), encoding))
+        return out
 
 
 class LoraLinear(LowRank):
@@ -446,7 +470,8 @@ class AdapterBank:
     of their own. Each adapter is read once (`add`), its matrices kept on the network's device; the network's
     projections that some adapter adapts are wrapped once, and take the matrices of the adapter in use (or run
     without an update, where it leaves them alone). Switching moves no weights: it points each wrapped
-    projection at other matrices."""
+    projection at other matrices. Rows of several adapters also share a pass (`for_rows`): each wrapped
+    projection adds each adapter's update to the rows of that adapter."""
 
     def __init__(self, network: DiffusionGemma) -> None:
         if has_lora(network):
@@ -454,7 +479,7 @@ class AdapterBank:
         self.network = network
         self.adapters: dict[str, dict[str, LowRank]] = {}  # name -> projection name -> its update
         self.wrapped: dict[str, LowRank] = {}  # the network's projections some adapter adapts
-        self.in_use: str | None = None
+        self.in_use: str | dict[str, RowGroups | None] | None = None  # a name, None, or the rows' (`for_rows`)
 
     def add(self, name: str, folder: str | os.PathLike) -> None:
         """Read the adapter in `folder` (PEFT's layout) under `name`; the one in use stays in use."""
@@ -492,6 +517,39 @@ class AdapterBank:
         for module_name, module in self.wrapped.items():
             module.put(updates.get(module_name))
         self.in_use = name
+
+    def for_rows(self, names: Sequence[str | None]) -> Callable[[], None]:
+        """What puts each row's adapter in place for the passes that follow: row i of a pass runs with adapter
+        `names[i]` (None: the base model alone), so that requests for several fine-tunes share their passes as
+        those of one do. Where every row names the same, `use` puts it in place. The rows' indices are made on
+        the device once, here, and kept by the function returned: a CUDA graph captured with them in place
+        replays safely while its holder keeps the function."""
+        names = tuple(names)
+        if not names:
+            raise DiffGemmaError("adapters are put in place for one row or more, got none")
+        for name in set(names) - {None}:
+            self._check_known(name)
+        if len(set(names)) == 1:
+            return lambda: self.use(names[0])
+        device = self.network.device
+        present = sorted(set(names) - {None})
+        rows = {name: torch.tensor([i for i, n in enumerate(names) if n == name], device=device) for name in present}
+        in_place: dict[str, RowGroups | None] = {}
+        for module_name in self.wrapped:
+            groups = tuple(
+                (rows[name], self.adapters[name][module_name]) for name in present if module_name in self.adapters[name]
+            )
+            in_place[module_name] = RowGroups(len(names), groups) if groups else None
+
+        def put() -> None:
+            if self.in_use is in_place:
+                return
+            for module_name, module in self.wrapped.items():
+                module.put(None)
+                module.row_groups = in_place.get(module_name)  # (None: wrapped since, by an adapter added later)
+            self.in_use = in_place
+
+        return put
 
     def _check_known(self, name: str) -> None:
         if name not in self.adapters:
