@@ -85,6 +85,7 @@ def main() -> None:
         pair = [names[0], names[-1]]
         mixed = served._bank.for_rows(pair)  # (what an open batch of the two rows puts in place)
         shared = [
+            ("a pass of both rows, the base model's (no adapter)", pass_ms(plain, args.repeats, 2)),
             ("a pass of both rows, each with its adapter", pass_ms(served, args.repeats, 2, mixed)),
             (
                 "a pass for each row (its adapter put in place)",

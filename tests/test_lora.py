@@ -14,6 +14,7 @@ from diffgemma.presets import random_checkpoint
 from diffgemma.train.lora import (
     LoraSettings,
     add_lora,
+    consecutive_runs,
     load_adapter,
     merge_adapter_files,
     merge_lora,
@@ -455,11 +456,12 @@ def test_rows_of_several_adapters_share_a_pass_each_as_alone(trained, tmp_path):
     over float or int8 weights; rows all of one adapter put it in place as `use` does; a pass of another
     number of rows, or an adapter not kept, is refused."""
     folder, everything, attention = _two_adapters(trained, tmp_path)
-    names = ["everything", None, "attention", "everything", "attention"]
     generator = torch.Generator().manual_seed(3)
-    prompts = torch.randint(9, 200, (len(names), 6), generator=generator)
-    canvases = torch.randint(9, 200, (len(names), 32), generator=generator)
-    for quant in (None, "int8"):
+    prompts = torch.randint(9, 200, (5, 6), generator=generator)
+    canvases = torch.randint(9, 200, (5, 32), generator=generator)
+    # each adapter's rows apart, and together (a view of them)
+    mixes = [["everything", None, "attention", "everything", "attention"], ["attention"] * 3 + [None, "everything"]]
+    for quant, names in [(None, mixes[0]), ("int8", mixes[0]), (None, mixes[1])]:
         model = diffgemma.load(folder, quant=quant)
         model.add_adapter("everything", everything)
         model.add_adapter("attention", attention)
@@ -471,7 +473,10 @@ def test_rows_of_several_adapters_share_a_pass_each_as_alone(trained, tmp_path):
                 bank.use(name)
                 alone = network.denoise_logits(prompts[row : row + 1], canvases[row : row + 1])[0]
                 torch.testing.assert_close(together[row], alone, rtol=1e-4, atol=1e-4, msg=f"{quant} row {row}")
-            differ = [(together[0] - together[1]).abs().max(), (together[2] - together[1]).abs().max()]
+            base = names.index(None)
+            differ = [
+                (together[names.index(name)] - together[base]).abs().max() for name in ("everything", "attention")
+            ]
             assert min(differ) > 1e-2  # (the rows' adapters do change their logits)
             bank.for_rows(["attention", "attention"])()
             assert bank.in_use == "attention"
@@ -480,3 +485,4 @@ def test_rows_of_several_adapters_share_a_pass_each_as_alone(trained, tmp_path):
                 network.denoise_logits(prompts[:2], canvases[:2])
     with pytest.raises(DiffGemmaError, match="no adapter named 'nope'"):
         bank.for_rows(["everything", "nope"])
+    assert consecutive_runs([0, 1, 3, 5, 6, 7]) == ((0, 2), (3, 4), (5, 8)) and consecutive_runs([4]) == ((4, 5),)
