@@ -136,7 +136,7 @@ def prepare_prompts(
         rows, batched = [_need_tokenizer(tokenizer).encode_chat(list(p), enable_thinking) for p in prompt], True
     elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, str) for p in prompt):
         rows, batched = [_need_tokenizer(tokenizer).encode(p) for p in prompt], True
-    elif isinstance(prompt, Sequence) and prompt and all(isinstance(p, int) for p in prompt):
+    elif isinstance(prompt, Sequence) and prompt and all(is_int(p) for p in prompt):
         rows, batched = [list(prompt)], False
     elif isinstance(prompt, Sequence) and prompt and all(_is_ids(p) for p in prompt):
         rows, batched = [list(p) for p in prompt], True

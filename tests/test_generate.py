@@ -481,8 +481,9 @@ def test_bad_calls(tiny):
         tiny.generate("x", max_new_tokens=4, max_denoising_steps=10**12)  # (was an int32 overflow, deep in torch)
     with pytest.raises(DiffGemmaError, match="stop strings must be"):
         tiny.chat([{"role": "user", "content": "hi"}], stop=torch.tensor([1, 2]))  # (was a tensor's truth value)
-    with pytest.raises(DiffGemmaError, match="prompt must be"):
-        tiny.generate(3.5)
+    for prompt in (3.5, [True, 5], [[2, 5], [False]]):  # (JSON's true is no token id, alone or in a batch)
+        with pytest.raises(DiffGemmaError, match="prompt must be"):
+            tiny.generate(prompt)
     with pytest.raises(DiffGemmaError, match="has no tokens"):
         tiny.generate([[]])
     vocab = tiny.config.vocab_size
