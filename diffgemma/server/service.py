@@ -113,6 +113,11 @@ class ToolUse:
         return tuple(calls if self.parallel else calls[:1])
 
 
+def call_forced(tools: ToolUse | None) -> bool:
+    """Whether a request's reply must call a tool (`ToolUse.forced`; no tools: it need not)."""
+    return tools is not None and tools.forced
+
+
 def reply_text(model: DiffGemma, chat: bool, stop: StopField = None, tools: ToolUse | None = None) -> SettledText:
     """A choice's text as it settles (`DiffGemma.settled_text`), with the request's stop strings, its tool calls
     apart when it offered tools."""
@@ -178,7 +183,7 @@ def whole_events(
 def read_whole(answer_format: AnswerFormat | None, tools: ToolUse | None) -> bool:
     """Whether a choice is read whole before it is sent (a stream then gets it as one piece): an answer of a
     form, or a call that must be made, may have to be drawn again (`Serving.run_answer`)."""
-    return answer_format is not None or (tools is not None and tools.forced)
+    return answer_format is not None or call_forced(tools)
 
 
 def format_fault(
@@ -189,7 +194,7 @@ def format_fault(
     tools. One that had to call a tool (`tools.forced`) must have made calls that fit their tools instead."""
     if end.finish == "length":
         return None
-    if tools is not None and tools.forced:
+    if call_forced(tools):
         return forced_call_fault(end.read, tools.offered, content)
     if answer_format is None or end.calls:
         return None
@@ -512,7 +517,7 @@ class Serving:
             if again is None or attempt == self.options.format_tries:
                 break
             job, reply = again(attempt)
-        if tools is not None and tools.forced:
+        if call_forced(tools):
             what, param = FORCED_CALL, "tool_choice"
         else:
             what = answer_format.what
@@ -827,7 +832,7 @@ class Serving:
         asked for (400), as Anthropic's API does, and takes no other."""
         if body.thinking_token_budget is not None:
             tokens, field = body.thinking_token_budget, "thinking_token_budget"
-        begun = "tool_choice" if tools is not None and tools.forced else "continue_final_message" if prefill else None
+        begun = "tool_choice" if call_forced(tools) else "continue_final_message" if prefill else None
         if tokens is None and begun is None:
             tokens = EFFORT_BUDGETS.get(effort) if isinstance(effort, str) else None
             tokens = self.options.thinking_budget if tokens is None else tokens
