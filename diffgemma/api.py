@@ -56,7 +56,7 @@ from .toolcalls import FORCED_CALL, Tool, forced_call_fault, tool_plan
 from .vision import ImageEncoder, load_image_encoder
 
 if TYPE_CHECKING:
-    from .train.lora import AdapterBank
+    from .train.lora import AdapterBank, RowAdapters
 
 IMAGES_REMEMBERED = 16  # pictures whose soft tokens are kept (the 26B's: 1.6 MB each in bf16)
 
@@ -232,6 +232,7 @@ class DiffGemma:
         self.quant = quant
         self.adapter: Path | None = None  # the LoRA adapter applied (`load_adapter`)
         self._bank: AdapterBank | None = None  # adapters kept beside the base weights (`add_adapter`)
+        self._adapter_in_use: str | None = None  # `use_adapter`'s: what a call that names none runs with
         self._passthrough = passthrough or {}
         self._vision: ImageEncoder | None = None
         self._image_soft_tokens: int | None = None
@@ -275,6 +276,7 @@ class DiffGemma:
         self_conditioning_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Encode `prompt_ids` [B, P], then one decoder pass over `canvas_ids` [B, C]: logits [B, C, V]."""
+        self._adapter_back_in_place()
         return self.network.denoise_logits(prompt_ids, canvas_ids, self_conditioning_logits)
 
     def _events(
@@ -296,6 +298,7 @@ class DiffGemma:
         images: Sequence | None = None,
         prediction: str | Sequence | torch.Tensor | None = None,
         thinking_budget: int | None = None,
+        adapter: str | Sequence[str | None] | None = None,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
@@ -335,6 +338,7 @@ class DiffGemma:
             first_self_conditioning, ids.shape[0], "first_self_conditioning must be a tensor of probabilities"
         )
         predictions = None if prediction is None else self._predictions(prediction, ids.shape[0])
+        adapters = self._row_adapters(adapter, ids.shape[0])
         events = denoising_loop(
             self.network,
             settings,
@@ -356,6 +360,7 @@ class DiffGemma:
             images=image_inputs,
             predictions=predictions,
             thinking_budget=budget,
+            adapters=adapters,
         )
         return events, batched
 
@@ -469,6 +474,7 @@ class DiffGemma:
         images: Sequence | None = None,
         prediction: str | Sequence | torch.Tensor | None = None,
         thinking_budget: int | None = None,
+        adapter: str | Sequence[str | None] | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids, texts or conversations).
@@ -503,6 +509,9 @@ class DiffGemma:
         `thinking_budget` (for a reply that thinks: its prompt turned thinking on) is the most tokens of thought
         it writes: where it is still thinking on the canvas that reaches that many, its thinking channel's close
         is held in place there (`ThinkingBudget`), and the answer follows; 0 makes the thought empty.
+        `adapter`: the LoRA adapter (`add_adapter`) this call runs with, whatever `use_adapter` put in place: a
+        name for every row, or a list of one a row (None there: the base model), the rows of several sharing
+        every pass; left out, the one in place.
         """
         return run_to_end(
             self.stream(
@@ -521,6 +530,7 @@ class DiffGemma:
                 images=images,
                 prediction=prediction,
                 thinking_budget=thinking_budget,
+                adapter=adapter,
                 **sampler,
             )
         )
@@ -543,6 +553,7 @@ class DiffGemma:
         images: Sequence | None = None,
         prediction: str | Sequence | torch.Tensor | None = None,
         thinking_budget: int | None = None,
+        adapter: str | Sequence[str | None] | None = None,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
@@ -569,6 +580,7 @@ class DiffGemma:
             images,
             prediction,
             thinking_budget,
+            adapter,
         )
         try:
             for event in events:
@@ -606,6 +618,7 @@ class DiffGemma:
         json_tries: int = DEFAULT_TRIES,
         prediction: str | Sequence[int] | None = None,
         thinking_budget: int | None = None,
+        adapter: str | None = None,
         **sampler: Any,
     ) -> ChatResult:
         """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
@@ -636,7 +649,9 @@ class DiffGemma:
         Without thinking: a thinking answer begins with its thoughts, where the prediction would not line up.
 
         `thinking_budget` (with `enable_thinking`): the most tokens of thought before the answer (`generate`'s);
-        0: none. Not with a `prefill` or a forced tool call, which begin the reply where the thought would."""
+        0: none. Not with a `prefill` or a forced tool call, which begin the reply where the thought would.
+
+        `adapter`: the LoRA adapter (`add_adapter`) that answers, whatever `use_adapter` put in place."""
         tokenizer = self._need_tokenizer()
         answer_format = json_format(json_schema, "json_schema")
         offered, lead = tool_plan(tools, tool_choice)
@@ -675,6 +690,7 @@ class DiffGemma:
                 images=images,
                 prediction=prediction,
                 thinking_budget=thinking_budget,
+                adapter=adapter,
                 **sampler,
             )
             tokens = result.new_tokens[0]
@@ -812,6 +828,7 @@ class DiffGemma:
         pictures = None
         if soft_tokens is not None:
             pictures = [list(row) for row in soft_tokens] if batched else [list(soft_tokens)]
+        self._adapter_back_in_place()
         scores = score_batch(self.network, rows, top, pictures)
         return scores if batched else scores[0]
 
@@ -827,6 +844,7 @@ class DiffGemma:
         of texts, or of id lists) gives [N, hidden], each row as the text alone gives it. Not a trained
         embedding model's vectors: good for search among one's own texts, not for a benchmark."""
         batched, rows = self._text_rows(text, "embed")
+        self._adapter_back_in_place()
         vectors = embed_batch(self.network, rows, normalize, dimensions)
         return vectors if batched else vectors[0]
 
@@ -900,16 +918,40 @@ class DiffGemma:
             self.settings = self.settings.replace(eos_token_id=[*eos, *added])
 
     def use_adapter(self, name: str | None) -> None:
-        """Run the passes that follow with the adapter kept as `name` (`add_adapter`), or the base model (None):
-        between generations, or between the steps of interleaved streams (as the server's engine switches
-        between batches), never from another thread while one runs. The prefix cache keeps each one's snapshots
-        apart."""
+        """Run what follows with the adapter kept as `name` (`add_adapter`), or the base model (None): the
+        generations that name no adapter of their own (`generate(adapter=...)`), scoring and embedding. Never
+        from another thread while a pass runs. The prefix cache keeps each one's snapshots apart."""
         if name is not None or self._bank is not None:
             self._adapter_bank(name).use(name)
+        self._adapter_in_use = name
 
     def remove_adapter(self, name: str) -> None:
         """Drop the adapter kept as `name` (`add_adapter`); the base model is put in place if it was in use."""
         self._adapter_bank(name).remove(name)
+        if self._adapter_in_use == name:
+            self._adapter_in_use = None
+
+    def _adapter_back_in_place(self) -> None:
+        """`use_adapter`'s adapter in place again (a generation that named its own leaves that one)."""
+        if self._bank is not None:
+            self._bank.use(self._adapter_in_use)
+
+    def _row_adapters(self, adapter: str | Sequence[str | None] | None, rows: int) -> RowAdapters | None:
+        """What puts a generation's adapters in place before its passes: `adapter` for every row, or one a row
+        (None: `use_adapter`'s); None where no adapters are kept."""
+        if adapter is None:
+            adapter = self._adapter_in_use
+        if adapter is None or isinstance(adapter, str):
+            names = [adapter] * rows
+        elif isinstance(adapter, Sequence) and all(name is None or isinstance(name, str) for name in adapter):
+            names = list(adapter)
+        else:
+            raise DiffGemmaError(f"adapter: a name, or a list of names (None: the base model), got {adapter!r:.60}")
+        if len(names) != rows:
+            raise DiffGemmaError(f"adapter: give one a row ({rows}), got {len(names)}")
+        if not any(names) and self._bank is None:
+            return None  # (the base model everywhere, and nothing else in place to put aside)
+        return self._adapter_bank(next((name for name in names if name), None)).for_rows(names)
 
     def _adapter_bank(self, name: str | None) -> AdapterBank:
         if self._bank is None:

@@ -678,6 +678,7 @@ def denoising_loop(
     images: ImageInputs | None = None,
     predictions: Sequence[Sequence[int]] | None = None,
     thinking_budget: ThinkingBudget | None = None,
+    adapters: Callable[[list[int] | None], None] | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -717,6 +718,9 @@ def denoising_loop(
     that is mostly right as one nearly denoised, so the positions the output shares with it settle in a step or
     two, and the rest are rewritten (the random numbers drawn are the same; clamped ids still win).
     `thinking_budget`: the most tokens of thought each row's reply (one that thinks) writes (`ThinkingBudget`).
+    `adapters` puts each row's LoRA adapter in place before every pass, given the rows it runs (None: all;
+    `AdapterBank.for_rows`), so that the rows of one generation may each run with their own, and generations
+    interleaved (streams stepped in turn) with others.
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -748,9 +752,11 @@ def denoising_loop(
     stop_check = StopCheck(device, stop_check_every)
 
     capacity = prompt_length + canvases * length
+    every_row = adapters or (lambda rows: None)
+    every_row(None)  # (before the prefix cache is looked in: its snapshots are per adapter)
     prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode, images)
     cache = prompt.new_cache(network, batch, capacity)
-    decoder = DecoderPass(network, cache, mode, batch, settings, cuda_graph, rng.sync_free)
+    decoder = DecoderPass(network, cache, mode, batch, settings, cuda_graph, rng.sync_free, adapters)
     denoiser = CanvasDenoiser(decoder, rng, settings, mode, stop_check, commit_stable_prefix, ending_ids, tokenizer)
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -802,6 +808,7 @@ def denoising_loop(
             rows_done |= done_now
             if bool(rows_done.all()):
                 break
+            every_row(None)
             network.encode(committed, cache, return_hidden=False)
 
     new_tokens = _new_tokens(sequences, limits, settings.eos_token_id, prompt_length, stop_at_eos)

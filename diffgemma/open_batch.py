@@ -133,16 +133,15 @@ class OpenBatch:
         cuda_graph: bool | None = None,
         sync_free: bool | None = None,
         stop_check_every: int | None = None,
-        adapters: Callable[[list[str | None]], Callable[[], None]] | None = None,
+        adapters: Callable[[list[str | None]], Callable[[list[int] | None], None]] | None = None,
     ) -> None:
         """`tokenizer`: the drafts' (`Draft.text`). `adapters`: given each row's adapter, what puts them in place
-        for a pass (`AdapterBank.for_rows`; None: no adapters kept)."""
+        for a pass of those rows, or of some of them (`AdapterBank.for_rows`; None: no adapters kept)."""
         self.network, self.settings, self.prefix_cache = network, settings, prefix_cache
         self.adapters = adapters
         # what puts the current rows' adapters in place (kept: a decoder graph captured with them reads their
-        # rows' indices), and those of the rows still denoising once some have stopped
-        self._rows_adapters: Callable[[], None] | None = None
-        self._running_adapters: tuple[list[int], Callable[[], None]] | None = None
+        # rows' indices)
+        self._rows_adapters: Callable[[list[int] | None], None] | None = None
         self.tokenizer = tokenizer
         self.cuda_graph = cuda_graph
         device = network.device
@@ -279,7 +278,8 @@ class OpenBatch:
             return
         if len(kept) < len(rows):
             self._use(self._kept_rows(kept))
-        self._adapt(None)
+        if self._rows_adapters is not None:  # (the batcher may have run another batch's passes since this one's)
+            self._rows_adapters(None)
         self.network.encode(committed[kept], self.cache, return_hidden=False)
 
     def _finished(self, row: _Running) -> RowFinished:
@@ -381,18 +381,6 @@ class OpenBatch:
         if self.adapters is not None:
             self.adapters([row.asked.adapter for row in rows])()
 
-    def _adapt(self, rows: list[int] | None) -> None:
-        """The adapters of the batch's rows at `rows` (None: all) in place for a pass of theirs (the batcher may
-        have run another batch's passes since this batch's last)."""
-        if self._rows_adapters is None:
-            return
-        if rows is None:
-            self._rows_adapters()
-            return
-        if self._running_adapters is None or self._running_adapters[0] != rows:
-            self._running_adapters = rows, self.adapters([self.rows[index].asked.adapter for index in rows])
-        self._running_adapters[1]()
-
     def _room(self, row: _Running) -> int:
         """Positions a row still needs past the cache's end: its canvases to come."""
         length = self.network.config.canvas_length
@@ -417,9 +405,15 @@ class OpenBatch:
         self.rng.offsets = torch.tensor([row.first_draw for row in rows], dtype=torch.long, device=device)
         if self.adapters is not None:
             self._rows_adapters = self.adapters([row.asked.adapter for row in rows])
-            self._running_adapters = None
         decoder = DecoderPass(
-            self.network, cache, "fast", len(rows), self.settings, self.cuda_graph, self.rng.sync_free, self._adapt
+            self.network,
+            cache,
+            "fast",
+            len(rows),
+            self.settings,
+            self.cuda_graph,
+            self.rng.sync_free,
+            self._rows_adapters,
         )
         self.denoiser = CanvasDenoiser(
             decoder, self.rng, self.settings, "fast", self.stop_check, True, self.ending_ids, self.tokenizer

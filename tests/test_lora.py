@@ -5,6 +5,9 @@ import warnings
 
 import pytest
 import torch
+from assets.make_demo_adapter import PIRATE
+from assets.make_demo_model import ANSWERS
+from conftest import DEMO
 from safetensors.torch import load_file, save_file
 
 import diffgemma
@@ -23,6 +26,8 @@ from diffgemma.train.lora import (
 )
 from diffgemma.train.objective import Example
 from diffgemma.train.trainer import TrainConfig, epoch_batches, train
+
+FRUIT = "Name a fruit."
 
 
 def _logits(model) -> torch.Tensor:
@@ -486,3 +491,35 @@ def test_rows_of_several_adapters_share_a_pass_each_as_alone(trained, tmp_path):
     with pytest.raises(DiffGemmaError, match="no adapter named 'nope'"):
         bank.for_rows(["everything", "nope"])
     assert consecutive_runs([0, 1, 3, 5, 6, 7]) == ((0, 2), (3, 4), (5, 8)) and consecutive_runs([4]) == ((4, 5),)
+
+
+def test_a_generation_names_its_adapters_one_a_row():
+    """`generate(adapter=...)`: one adapter for every row, or one a row (None: the base model), the rows of
+    several in one batch, each answering as it does alone; a chat names the adapter that answers. Whatever a
+    call names, `use_adapter`'s choice is what the next call that names none, scoring and embedding run with."""
+    model = diffgemma.load(DEMO)
+    model.add_adapter("pirate", DEMO.parent / "demo-pirate")
+    fruit, hello = ([{"role": "user", "content": question}] for question in ("Name a fruit.", "Say hello."))
+    result = model.generate([fruit, fruit, hello, hello], seed=0, adapter=["pirate", None, None, "pirate"])
+    expected = [PIRATE[FRUIT], ANSWERS[FRUIT], ANSWERS["Say hello."], PIRATE["Say hello."]]
+    assert result.text == expected
+    assert model.generate([fruit, hello], seed=0, adapter="pirate").text == [PIRATE[FRUIT], PIRATE["Say hello."]]
+    base_score = model.score("Name a fruit.").total
+    assert model.chat(fruit, seed=0, adapter="pirate").content == PIRATE[FRUIT]
+    assert model.chat(fruit, seed=0).content == ANSWERS[FRUIT]  # (the base model, as use_adapter left it)
+    assert model.score("Name a fruit.").total == base_score
+    model.use_adapter("pirate")
+    pirate_score = model.score("Name a fruit.").total
+    assert pirate_score != base_score
+    assert model.chat(fruit, seed=0, adapter=None).content == PIRATE[FRUIT]  # (None: the one in place)
+    assert model.generate([fruit], seed=0, adapter=[None]).text == [ANSWERS[FRUIT]]  # (in a list: the base)
+    assert model.score("Name a fruit.").total == pirate_score
+    for adapter, message in [
+        (["pirate"], r"adapter: give one a row \(2\), got 1"),
+        ("parrot", "no adapter named 'parrot'"),
+        ([3, None], "adapter: a name, or a list of names"),
+    ]:
+        with pytest.raises(DiffGemmaError, match=message):
+            model.generate([fruit, hello], adapter=adapter)
+    with pytest.raises(DiffGemmaError, match=r"no adapter named 'pirate' \(none added"):
+        diffgemma.load(DEMO).chat(fruit, adapter="pirate")

@@ -551,19 +551,19 @@ class AdapterBank:
             module.put(updates.get(module_name))
         self.in_use = name
 
-    def for_rows(self, names: Sequence[str | None]) -> Callable[[], None]:
+    def for_rows(self, names: Sequence[str | None]) -> RowAdapters:
         """What puts each row's adapter in place for the passes that follow: row i of a pass runs with adapter
         `names[i]` (None: the base model alone), so that requests for several fine-tunes share their passes as
         those of one do. Where every row names the same, `use` puts it in place. The rows' indices are made on
-        the device once, here, and kept by the function returned: a CUDA graph captured with them in place
-        replays safely while its holder keeps the function."""
+        the device once, here, and kept by what is returned: a CUDA graph captured with them in place replays
+        safely while its holder keeps that."""
         names = tuple(names)
         if not names:
             raise DiffGemmaError("adapters are put in place for one row or more, got none")
         for name in set(names) - {None}:
             self._check_known(name)
         if len(set(names)) == 1:
-            return lambda: self.use(names[0])
+            return RowAdapters(self, names, lambda: self.use(names[0]))
         device = self.network.device
         present = sorted(set(names) - {None})
         rows = {}  # each adapter's rows: their indices on the device, and as runs
@@ -587,12 +587,30 @@ class AdapterBank:
                 module.row_groups = in_place.get(module_name)  # (None: wrapped since, by an adapter added later)
             self.in_use = in_place
 
-        return put
+        return RowAdapters(self, names, put)
 
     def _check_known(self, name: str) -> None:
         if name not in self.adapters:
             known = ", ".join(repr(known) for known in self.adapters) or "none"
             raise DiffGemmaError(f"no adapter named {name!r} (loaded: {known})")
+
+
+class RowAdapters:
+    """Each row's adapter (`names`) put in place for a pass (`AdapterBank.for_rows`), when called: with no rows,
+    for a pass of every row; with some rows' indices (ascending), for a pass of those alone (a batch's rows
+    still denoising once others have stopped)."""
+
+    def __init__(self, bank: AdapterBank, names: tuple[str | None, ...], put: Callable[[], None]) -> None:
+        self.bank, self.names, self._put = bank, names, put
+        self._subset: tuple[list[int], RowAdapters] | None = None  # the last subset's (a canvas keeps one a while)
+
+    def __call__(self, rows: list[int] | None = None) -> None:
+        if rows is None or len(rows) == len(self.names):
+            self._put()
+            return
+        if self._subset is None or self._subset[0] != rows:
+            self._subset = list(rows), self.bank.for_rows([self.names[index] for index in rows])
+        self._subset[1]()
 
 
 def load_adapter(network: DiffusionGemma, folder: str | os.PathLike) -> list[str]:
