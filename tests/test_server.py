@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pydantic
@@ -230,7 +231,6 @@ def test_top_k_top_p_and_min_p_reach_the_sampler_from_every_api(server, client, 
     """OpenAI's top_p, vLLM's top_k (-1: off) and min_p, and Anthropic's top_k / top_p cut what the sampler draws; the
     defaults sent explicitly cut nothing; out of range is a 422. Penalties, which the sampler lacks, are refused
     unless neutral."""
-    import anthropic
 
     from diffgemma import sampling
 
@@ -453,7 +453,6 @@ def test_anthropics_messages_api_with_the_anthropic_client(server, client):
     typed events (the client's stream helper checks them), a system prompt, thinking as a thinking block,
     stop_sequences, max_tokens, tools (a `tool_use` block, then the answer from a `tool_result`); refused content
     is a 400. (Its `x-api-key` header: `test_api_key`.)"""
-    import anthropic
     from assets.make_demo_model import THINKING, WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RESULT, WEATHER_TOOL
 
     claude = anthropic.Anthropic(base_url=server[0], api_key="unused", max_retries=0)
@@ -785,6 +784,35 @@ def test_running_out_of_memory_is_503_and_the_server_goes_on(demo, monkeypatch):
         assert httpx.post(url + "/v1/completions", json=scoring, timeout=60).status_code == 200
 
 
+def test_messages_errors_come_in_anthropics_shape_mid_stream_too(demo):
+    """On the Messages routes an error is Anthropic's `{"type": "error", "error": {"type", "message"}}` (its type
+    the status's: a wrong key is an authentication_error, running out of memory an overloaded_error), and one
+    that comes mid-stream is its `error` event, which Anthropic's client raises (an unnamed event, as OpenAI's
+    streams send errors, it passes over: the stream would end unexplained)."""
+    import torch
+
+    class Failing(Batcher):
+        def submit(self, job):
+            job.send(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."))
+
+    app = create_app(demo, ServerOptions(model_name="demo", api_key="key"), Failing(demo))
+    with running(app) as url:
+        claude = anthropic.Anthropic(base_url=url, api_key="key", max_retries=0)
+        with pytest.raises(anthropic.InternalServerError) as exhausted:
+            claude.messages.create(model="demo", max_tokens=16, messages=ask(SKY))
+        assert exhausted.value.status_code == 503 and exhausted.value.body["type"] == "error"
+        assert exhausted.value.body["error"]["type"] == "overloaded_error"
+        streamed = claude.messages.stream(model="demo", max_tokens=16, messages=ask(SKY))
+        with pytest.raises(anthropic.APIStatusError, match="generation failed: CUDA out of memory"), streamed as stream:
+            stream.get_final_message()
+        wrong = anthropic.Anthropic(base_url=url, api_key="nope", max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            wrong.messages.count_tokens(model="demo", messages=ask(SKY))
+        assert refused.value.body["error"] == {"type": "authentication_error", "message": "missing or wrong API key"}
+        openai_shape = httpx.post(url + "/v1/chat/completions", headers={"authorization": "Bearer nope"}, json={})
+        assert openai_shape.json()["error"]["code"] == "invalid_api_key"  # (OpenAI's routes keep OpenAI's)
+
+
 def test_a_chat_answer_without_max_tokens_runs_to_the_servers_limit_not_one_canvas(demo):
     """A chat request without max_tokens may run to --max-tokens-limit (it ends at EOS), as OpenAI's chat runs
     to the context: the checkpoint's max_new_tokens (the reference's 256, one canvas) would cut most answers.
@@ -824,7 +852,6 @@ def test_api_key(demo):
         assert httpx.get(url + "/v1/models").status_code == 401
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         assert good.chat.completions.create(model="demo", messages=ask("Say hello."), seed=1).choices[0].message.content
-        import anthropic  # its client sends the key as `x-api-key`
 
         for key, answered in (("wrong", False), ("s3cret", True)):
             claude = anthropic.Anthropic(base_url=url, api_key=key, max_retries=0)
@@ -977,7 +1004,6 @@ def test_a_thinking_budget_from_every_api(client, server):
     """vLLM's `thinking_token_budget` (chat completions, streamed or not; the Responses API) and Anthropic's
     `thinking.budget_tokens` end the demo model's thought after that many tokens (its tokens are bytes); without
     thinking the budget changes nothing; a reply begun by a forced call or an answer begun refuses one."""
-    import anthropic
     from assets.make_demo_model import THINKING
 
     question = "What is 3 + 4?"
@@ -1134,9 +1160,10 @@ def test_the_responses_api_with_the_openai_client(client, server):
     system = client.responses.create(model="demo", input=SKY, instructions="Be brief.", extra_body={"seed": 1})
     assert system.usage.input_tokens > made.usage.input_tokens  # the instructions are in the prompt
     image = {"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.responses.create(model="demo", input=[image])
-    assert refused.value.param == "input"
+    for bad in ([image], [{"role": "user", "content": [False, "text"]}]):  # (parts not objects: was a 500)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.responses.create(model="demo", input=bad)
+        assert refused.value.param == "input"
     with pytest.raises(openai.BadRequestError, match="Conversations API is not served here") as refused:
         client.responses.create(model="demo", input=SKY, conversation="conv_1")  # (not ignored)
     assert refused.value.param == "conversation"
@@ -1266,6 +1293,7 @@ def test_tool_calls_through_chat_completions_and_the_responses_api(client):
         ({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": tools, "tool_choice": {"type": "custom"}}, "tool_choice"),
+        ({"tools": tools, "tool_choice": {"type": "function", "function": 0.5}}, "tool_choice"),  # (was a 500)
     ]
     for extra, param in bad_requests:
         with pytest.raises(openai.BadRequestError) as refused:
@@ -1521,7 +1549,6 @@ def test_json_answers_read_against_their_schema_or_a_422(server, client, digits_
         assert events.get_final_response().output_text == plain[reading]
 
     # Anthropic's structured outputs: `output_config.format` (the beta's `output_format` too), streamed or not
-    import anthropic
 
     claude = anthropic.Anthropic(base_url=server[0], api_key="unused", max_retries=0)
     claude_format = {"type": "json_schema", "schema": {"type": "integer"}}
@@ -1541,7 +1568,7 @@ def test_json_answers_read_against_their_schema_or_a_422(server, client, digits_
             output_config={"format": claude_format},
             extra_body={"seed": 0},
         )
-    assert none.value.body["error"]["param"] == "output_config.format"
+    assert none.value.body["type"] == "error" and none.value.body["error"]["type"] == "invalid_request_error"
 
     # the demo's free answers are not JSON: json_object and a pydantic model's strict schema end in a 422
     class Person(pydantic.BaseModel):

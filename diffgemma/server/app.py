@@ -30,6 +30,9 @@ from .messages import (
     Conversation,
     MessageBuilder,
     MessagesRequest,
+    anthropic_error,
+    messages_sse,
+    on_messages_route,
     thinking_enabled,
 )
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -125,9 +128,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     metrics.watch(lambda: serving.active, batcher.waiting, batcher.batches_running)
 
     def error(request: Request, body: dict, status: int) -> JSONResponse:
-        """An error in its API's shape: OpenAI's, or Ollama's on its routes (`{"error": message}`)."""
+        """An error in its API's shape: OpenAI's, Ollama's on its routes (`{"error": message}`), Anthropic's on
+        the Messages routes."""
         if on_ollama_route(request):
             body = {"error": body["error"]["message"]}
+        elif on_messages_route(request.url.path):
+            body = anthropic_error(body, status)
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(APIError)
@@ -165,11 +171,11 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             given = given or request.query_params.get("api_key", "")
             if not secrets.compare_digest(given.encode(), options.api_key.encode()):
                 body = error_body("missing or wrong API key", "invalid_request_error", "invalid_api_key")
-                return JSONResponse(body, status_code=401)
+                return error(request, body, 401)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > options.max_body_bytes:
             body = error_body(f"request body over {options.max_body_bytes} bytes", "invalid_request_error")
-            return JSONResponse(body, status_code=413)
+            return error(request, body, 413)
         return await call_next(request)
 
     @app.middleware("http")
@@ -337,7 +343,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         built = MessageBuilder(serving.served_name(body.model), len(prompt))
         if body.stream and not read_whole(answer_format, tools):
             return event_stream(
-                serving.stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", None, tools)
+                serving.stream_jobs(
+                    [job], [reply], built.chunk, False, len(prompt), [""], "", None, tools, encode=messages_sse
+                )
             )
         answer = await serving.run_answer(job, reply, request, tools, answer_format, redraw, param)
         events = whole_events(answer, built.chunk, len(prompt))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .schema import APIError, Piece, SamplerExtras, content_text
+from .schema import APIError, Piece, SamplerExtras, content_text, sse
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -157,6 +157,42 @@ def messages_tools(body: Conversation) -> tuple[list[dict[str, Any]] | None, str
             "tool_choice must be {'type': 'auto' | 'any' | 'none'} or {'type': 'tool', 'name': ...}", "tool_choice"
         )
     return tools, names[kind], not choice.get("disable_parallel_tool_use", False)
+
+
+# Anthropic's error types by status (`anthropic_error`); any other status is an `api_error`
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def on_messages_route(path: str) -> bool:
+    """Whether a request is to Anthropic's Messages routes (their errors are Anthropic's shape)."""
+    return path.startswith("/v1/messages")
+
+
+def anthropic_error(body: dict[str, Any], status: int) -> dict[str, Any]:
+    """An error (`error_body`'s shape) as Anthropic's API gives it: `{"type": "error", "error": {"type", "message"}}`,
+    the type its status's."""
+    return {
+        "type": "error",
+        "error": {"type": ERROR_TYPES.get(status, "api_error"), "message": body["error"]["message"]},
+    }
+
+
+def messages_sse(payload: dict[str, Any] | list[dict[str, Any]]) -> str:
+    """Server-sent events as a Messages stream sends them: a failure mid-stream as its `error` event (Anthropic's
+    clients pass over an event with no name, so an error sent as OpenAI's would end the stream unexplained)."""
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        payload = anthropic_error(payload, 500)
+    return sse(payload)
 
 
 class MessageBuilder:

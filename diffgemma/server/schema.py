@@ -3,6 +3,7 @@ reply's stream hands the shape it goes out in."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,6 +68,16 @@ class Piece:
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def sse(payload: dict | list[dict]) -> str:
+    """One server-sent event, or one for each payload of a list (none for an empty one). A typed payload (the
+    Responses API's events) names its type on an `event:` line too, as OpenAI sends them."""
+    events = []
+    for one in payload if isinstance(payload, list) else [payload]:
+        name = f"event: {one['type']}\n" if isinstance(one.get("type"), str) else ""
+        events.append(f"{name}data: {json.dumps(one, ensure_ascii=False)}\n\n")
+    return "".join(events)
 
 
 class SamplerExtras(BaseModel):
@@ -251,11 +262,22 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+def check_content(content: Any, param: str) -> None:
+    """A content field holds a text, nothing, or a list of parts (objects); anything else is the request's error
+    (the Responses API's and Anthropic's items come unchecked by a schema)."""
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        message = f"a content must be a text or a list of content parts (objects), got {content!r:.60}"
+        raise APIError(400, message, "invalid_request_error", "invalid_value", param)
+
+
 def content_text(
     content: str | list[dict[str, Any]] | None, param: str, text_parts: tuple[str, ...] = ("text",)
 ) -> str:
     """A message's content as text: a string, or the text of its parts (`text_parts` name their types). Parts
     of other types (images, audio, files) are refused, not dropped unseen (`param`: the request's field)."""
+    check_content(content, param)
     if not isinstance(content, list):
         return content or ""
     others = sorted({str(part.get("type")) for part in content if part.get("type") not in text_parts})
@@ -287,6 +309,7 @@ def content_parts(
 ) -> str | list[dict[str, Any]]:
     """A message's content as the chat template reads it: its text (`content_text`), or where it holds images,
     its text and image parts in order (`{"type": "image", "image": URL}`, read by `DiffGemma.image_prompt`)."""
+    check_content(content, param)
     if not isinstance(content, list) or not any(part.get("type") in IMAGE_PARTS for part in content):
         return content_text(content, param, text_parts)
     parts: list[dict[str, Any]] = []
@@ -307,7 +330,8 @@ def tool_choice_name(choice: ToolChoiceField) -> str:
     (chat names it as {"type": "function", "function": {"name": ...}}, the Responses API as {..., "name": ...})."""
     if choice is None or isinstance(choice, str):
         return choice or "auto"
-    name = (choice.get("function") or {}).get("name", choice.get("name"))
+    function = choice.get("function") or {}
+    name = function.get("name", choice.get("name")) if isinstance(function, dict) else None
     if choice.get("type") != "function" or not isinstance(name, str):
         message = "tool_choice must be 'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}"
         raise APIError(400, message, "invalid_request_error", "invalid_value", "tool_choice")

@@ -14,7 +14,6 @@ if it does not read (`structured`).
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 import uuid
@@ -63,6 +62,7 @@ from .schema import (
     asked_format,
     effort_thinks,
     error_body,
+    sse,
     stop_strings,
     tool_choice_name,
 )
@@ -922,16 +922,6 @@ class Serving:
 
 def _identity(prefix: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
-
-
-def sse(payload: dict | list[dict]) -> str:
-    """One server-sent event, or one for each payload of a list (none for an empty one). A typed payload (the
-    Responses API's events) names its type on an `event:` line too, as OpenAI sends them."""
-    events = []
-    for one in payload if isinstance(payload, list) else [payload]:
-        name = f"event: {one['type']}\n" if isinstance(one.get("type"), str) else ""
-        events.append(f"{name}data: {json.dumps(one, ensure_ascii=False)}\n\n")
-    return "".join(events)
 
 
 def _include_usage(body: ChatRequest | CompletionRequest) -> bool:
