@@ -513,6 +513,8 @@ def test_anthropics_messages_api_with_the_anthropic_client(server, client):
         {"messages": [{"role": "user", "content": [pdf]}]},
         {"messages": ask(SKY), "tools": [{"type": "web_search_20250305", "name": "web_search"}]},
         {"messages": ask(SKY), "tool_choice": {"type": "tool"}},
+        {"messages": ask(SKY), "tool_choice": {"type": {"type": "any"}}},  # (was a 500)
+        {"messages": [{"role": "user", "content": [{"type": "image", "source": "a.png"}]}]},  # (was a 500)
         {"messages": ask(SKY), "extra_body": {"mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}},
     ):
         with pytest.raises(anthropic.BadRequestError):

@@ -99,10 +99,16 @@ def thinking_enabled(body: Conversation) -> bool:
     return (body.thinking or {}).get("type") == "enabled"
 
 
+def block_source(block: dict[str, Any]) -> dict[str, Any]:
+    """An image or document block's `source` (an object; anything else reads as one of no type, refused)."""
+    source = block.get("source")
+    return source if isinstance(source, dict) else {}
+
+
 def image_source(block: dict[str, Any]) -> str:
     """An `image` block's picture (a base64 source) as a `data:` URL; other sources (a URL, a file id) are refused:
     the server fetches nothing."""
-    source = block.get("source") or {}
+    source = block_source(block)
     if source.get("type") == "base64" and isinstance(source.get("data"), str):
         return f"data:{source.get('media_type') or 'image/png'};base64,{source['data']}"
     raise _refuse(f"image blocks of source type {source.get('type')!r} are not supported: base64 only", "messages")
@@ -111,7 +117,7 @@ def image_source(block: dict[str, Any]) -> str:
 def document_text(block: dict[str, Any]) -> str:
     """A `document` block of text (a plain-text source, or one of text blocks) as the text the model reads: its
     title and context, if given, then the document. A PDF or a URL (the model reads no files) is refused."""
-    source = block.get("source") or {}
+    source = block_source(block)
     if source.get("type") == "text":
         body = str(source.get("data", ""))
     elif source.get("type") == "content" and isinstance(source.get("content"), list | str):
@@ -152,7 +158,7 @@ def messages_tools(body: Conversation) -> tuple[list[dict[str, Any]] | None, str
     choice = body.tool_choice or {"type": "auto"}
     kind = choice.get("type")
     names = {"auto": "auto", "any": "required", "none": "none", "tool": choice.get("name")}
-    if kind not in names or not isinstance(names[kind], str):
+    if not isinstance(kind, str) or kind not in names or not isinstance(names[kind], str):
         raise _refuse(
             "tool_choice must be {'type': 'auto' | 'any' | 'none'} or {'type': 'tool', 'name': ...}", "tool_choice"
         )
