@@ -302,6 +302,8 @@ class DiffGemma:
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
+            if not all(is_int(limit) for limit in max_new_tokens):
+                raise DiffGemmaError(f"max_new_tokens: a whole number, or one a row, got {max_new_tokens!r:.80}")
             row_limits, max_new_tokens = list(max_new_tokens), max(max_new_tokens, default=0)
         settings = self.settings.replace(max_new_tokens=max_new_tokens, **sampler)
         if prediction is not None and enable_thinking:  # (before the prompt's pictures go through the tower)
@@ -1007,10 +1009,12 @@ def _ranges_for_rows(ranges: torch.Tensor | list | None, batch: int, name: str) 
         return None
     if not isinstance(ranges, torch.Tensor):
         try:
-            ranges = torch.tensor(ranges, dtype=torch.long)
-        except (TypeError, ValueError) as error:
+            ranges = torch.tensor(ranges)
+        except (TypeError, ValueError, RuntimeError) as error:
             raise DiffGemmaError(f"{name} must be (low, high) id pairs, one a position: {error}") from None
-    return _for_every_row(ranges, batch, name)
+    if ranges.dtype.is_floating_point or ranges.dtype.is_complex or ranges.dtype == torch.bool:
+        raise DiffGemmaError(f"{name} must be (low, high) id pairs of whole numbers, got {ranges.dtype}")
+    return _for_every_row(ranges.long(), batch, name)
 
 
 def _network_that_fits(

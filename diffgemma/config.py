@@ -305,8 +305,8 @@ class SamplerSettings:
             fail("t_min", "a number >= 0")
         if not is_number(self.t_max) or self.t_max <= self.t_min:
             fail("t_max", f"a number > {name('t_min')} ({self.t_min})")
-        if not is_int(self.stability_threshold) or self.stability_threshold < 0:
-            fail("stability_threshold", "an integer >= 0")
+        if not is_int(self.stability_threshold) or not 0 <= self.stability_threshold <= MAX_DENOISING_STEPS:
+            fail("stability_threshold", f"an integer from 0 to {MAX_DENOISING_STEPS:,} (the steps it looks back)")
         if not is_number(self.confidence_threshold) or self.confidence_threshold <= 0:
             fail("confidence_threshold", "a number > 0")
         if self.pad_token_id is not None and not is_int(self.pad_token_id):

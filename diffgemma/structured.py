@@ -152,7 +152,11 @@ def json_format(spec: dict[str, Any] | bool | None, where: str) -> JsonFormat | 
 
 
 def _checked(fmt: JsonFormat, where: str) -> JsonFormat:
-    """`fmt`, once its schema is known to be a valid JSON schema."""
+    """`fmt`, once its schema is known to be JSON, and a valid JSON schema."""
+    try:
+        json.dumps(fmt.schema)
+    except (TypeError, ValueError) as err:
+        raise DiffGemmaError(f"{where}: a JSON schema must be JSON ({err})") from None
     error = schema_error(fmt.schema)
     if error is not None:
         raise DiffGemmaError(f"{where}: not a valid JSON schema: {error}")

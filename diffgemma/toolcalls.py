@@ -352,6 +352,8 @@ def tool_plan(tools: Sequence[Tool] | None, tool_choice: str = "auto") -> tuple[
     """(the tools to offer the template, the text the reply is made to begin with) for `tool_choice`: "auto"
     (the model decides: nothing begun), "none" (no tools offered), "required" (the call marker begun: some
     call), or a tool's name (a call to that tool begun)."""
+    if tools is not None and (not isinstance(tools, Sequence) or isinstance(tools, str)):
+        check_tools(tools)  # (says what tools must be)
     if tool_choice == "none" or (not tools and tool_choice == "auto"):
         return None, ""
     if not tools:

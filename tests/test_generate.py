@@ -481,6 +481,14 @@ def test_bad_calls(tiny):
         tiny.generate("x", max_new_tokens=4, max_denoising_steps=10**12)  # (was an int32 overflow, deep in torch)
     with pytest.raises(DiffGemmaError, match="stop strings must be"):
         tiny.chat([{"role": "user", "content": "hi"}], stop=torch.tensor([1, 2]))  # (was a tensor's truth value)
+    # (each was a deep error from torch or Python before)
+    with pytest.raises(DiffGemmaError, match="`stability_threshold` must be an integer from 0 to 1,000,000"):
+        tiny.generate("x", max_new_tokens=4, stability_threshold=10**19)
+    with pytest.raises(DiffGemmaError, match="max_new_tokens: a whole number, or one a row"):
+        tiny.generate(["x", "y"], max_new_tokens=[4, {"tokens": 4}])
+    for ranges in (float("nan"), [[0.5, 2.5]], torch.tensor([[0.0, 9.0]])):
+        with pytest.raises(DiffGemmaError, match="token_ranges must be \\(low, high\\) id pairs"):
+            tiny.generate("x", max_new_tokens=4, token_ranges=ranges)
     for prompt in (3.5, [True, 5], [[2, 5], [False]]):  # (JSON's true is no token id, alone or in a batch)
         with pytest.raises(DiffGemmaError, match="prompt must be"):
             tiny.generate(prompt)

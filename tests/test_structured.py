@@ -38,6 +38,7 @@ def test_formats_in_every_shape_callers_send():
         ({"type": "yaml"}, "unknown format type 'yaml'"),
         ({"response_format": {"type": "json_object"}}, "the format itself"),
         ("json", "expected a JSON schema or a response format object"),
+        ({"type": "object", "properties": {"a": {"const": {1, 2}}}}, "a JSON schema must be JSON"),  # (a set)
     ],
 )
 def test_a_format_that_is_not_one_says_where_and_why(spec, fault):

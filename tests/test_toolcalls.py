@@ -6,6 +6,7 @@ import json
 from typing import Literal
 
 import pytest
+import torch
 from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RESULT, WEATHER_TOOL, weather_conversation
 
 from diffgemma.errors import DiffGemmaError
@@ -120,6 +121,7 @@ def test_tools_are_checked_and_a_template_without_tools_refuses_them(tokenizer, 
     for tools, choice, message in (
         ([WEATHER_TOOL], "get_time", "a tool's name"),
         (None, "required", "needs tools"),
+        (torch.zeros(2, 3), "auto", "tools must be a list"),  # (was a tensor's truth value, deep in torch)
         ([{"type": "function", "function": {"name": "has space"}}], "auto", r"tools\[0\].function.name"),
         ([{"type": "web_search"}], "auto", r"tools\[0\] must be"),
         ([{"type": "function", "function": {"name": "f", "parameters": "x"}}], "auto", "parameters"),
