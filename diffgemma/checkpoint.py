@@ -16,11 +16,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from .config import GENERATION_FILE, ModelConfig, SamplerSettings, as_path, read_json
+from .config import GENERATION_FILE, ModelConfig, SamplerSettings, as_path, is_int, read_json
 from .errors import DiffGemmaError
 from .model import DiffusionGemma
 from .resources import check_disk, usual_permissions, writing
@@ -101,10 +102,16 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
         raise DiffGemmaError(f"{path}: not a safetensors file (unreadable header)") from None
     base = 8 + header_len
     tensors = {}
+    if not isinstance(header, dict):
+        raise DiffGemmaError(f"{path}: not a safetensors file (its header is not an object)")
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = DTYPES.get(entry.get("dtype"))
+        if not _header_entry(entry):
+            raise DiffGemmaError(
+                f"{path}: tensor `{name}`'s header entry is not {{dtype, shape: [sizes], data_offsets: [start, end]}}"
+            )
+        dtype = DTYPES.get(entry["dtype"])
         if dtype is None:
             raise DiffGemmaError(f"{path}: tensor `{name}` has unsupported dtype {entry.get('dtype')!r}")
         start, end = entry["data_offsets"]
@@ -121,6 +128,16 @@ def read_header(path: Path) -> dict[str, StoredTensor]:
             )
         tensors[name] = StoredTensor(path, name, dtype, shape, base + start, base + end)
     return tensors
+
+
+def _header_entry(entry: Any) -> bool:
+    """Whether a safetensors header entry has the fields a tensor is read by, of their kinds."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    sizes = isinstance(shape, list) and all(is_int(size) and size >= 0 for size in shape)
+    span = isinstance(offsets, list) and len(offsets) == 2 and all(is_int(at) and at >= 0 for at in offsets)
+    return sizes and span and offsets[0] <= offsets[1]
 
 
 def stored_tensors(folder: Path) -> dict[str, StoredTensor]:

@@ -448,6 +448,12 @@ def _rope(text: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
             raise DiffGemmaError(
                 f"{where}: `rope_parameters.{kind}.partial_rotary_factor` must be a number from 0 to 1, got {factor!r}"
             )
+        if params.get("rope_type", "default") == "default" and factor != 1:
+            # (the reference's default RoPE turns fewer angles than the head holds, and its pass then fails)
+            raise DiffGemmaError(
+                f"{where}: `rope_parameters.{kind}` turns part of the head ({factor}) with `rope_type` default, "
+                "which turns all of it; a part is 'proportional' RoPE's"
+            )
     return rope
 
 
@@ -523,6 +529,11 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
     softcap = text.get("final_logit_softcapping", 30.0)
     if not is_number(softcap) or softcap <= 0:
         raise DiffGemmaError(f"{where}: `final_logit_softcapping` must be a positive number, got {softcap!r}")
+    positions = text.get("max_position_embeddings", 131_072)
+    if not is_int(positions) or positions < canvas_length:
+        raise DiffGemmaError(
+            f"{where}: `max_position_embeddings` must be an integer >= canvas_length, got {positions!r:.40}"
+        )
     eps = text.get("rms_norm_eps", 1e-6)
     if not is_number(eps) or eps <= 0:
         raise DiffGemmaError(f"{where}: `rms_norm_eps` must be a positive number, got {eps!r}")
@@ -546,7 +557,7 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         rms_norm_eps=float(eps),
         final_logit_softcapping=float(softcap),
         attention_bias=bool(text.get("attention_bias", False)),
-        max_position_embeddings=text.get("max_position_embeddings", 131_072),
+        max_position_embeddings=positions,
         pad_token_id=text.get("pad_token_id", 0),
         eos_token_id=_as_id_tuple(text.get("eos_token_id", 1), "eos_token_id", where),
         bos_token_id=text.get("bos_token_id", 2),

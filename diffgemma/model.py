@@ -467,8 +467,7 @@ class DiffusionGemma(nn.Module):
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config)
-        self._inv_freq = {shape.layer_type: rope_inv_freq(shape) for shape in config.layers}
-        self._inv_freq_on: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._inv_freq_on: dict[torch.device, dict[str, torch.Tensor]] = {}  # each layer type's, by device
         self.compiled_decoder = False
         self.role = PassRole()
 
@@ -562,15 +561,22 @@ class DiffusionGemma(nn.Module):
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, ...]]:
         device = positions.device
-        if device not in self._inv_freq_on:  # copied once per device: a copy from the host each step would wait
-            self._inv_freq_on[device] = {kind: inv.to(device) for kind, inv in self._inv_freq.items()}
-        return {kind: rope_tables(inv, positions, dtype) for kind, inv in self._inv_freq_on[device].items()}
+        return {kind: rope_tables(inv, positions, dtype) for kind, inv in self._inv_freqs(device).items()}
+
+    def _inv_freqs(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Each layer type's RoPE inverse frequencies on `device`: made at the first pass (so a meta-device build,
+        which `load` checks for room before anything is allocated, makes none), copied once per device (a copy
+        from the host each step would wait)."""
+        if device not in self._inv_freq_on:
+            made = {shape.layer_type: rope_inv_freq(shape) for shape in self.config.layers}
+            self._inv_freq_on[device] = {kind: inv.to(device) for kind, inv in made.items()}
+        return self._inv_freq_on[device]
 
     def shift_keys(self, keys: torch.Tensor, layer_index: int, shift: int) -> torch.Tensor:
         """Cached keys [B, KV, slots, D] of a layer as their tokens' keys `shift` positions later: RoPE turns a
         key by its position, so turning it by `shift` more moves it (in float32, rounded once). Values carry no
         position."""
-        inv_freq = self._inv_freq[self.config.layer_types[layer_index]].to(keys.device)
+        inv_freq = self._inv_freqs(keys.device)[self.config.layer_types[layer_index]]
         cos, sin = rope_tables(inv_freq, torch.tensor([shift], device=keys.device), torch.float32)
         return apply_rope(keys.float(), cos, sin).to(keys.dtype)
 

@@ -334,6 +334,23 @@ def test_not_a_safetensors_file(checkpoint_copy):
         diffgemma.load(checkpoint_copy)
 
 
+NOT_ENTRIES = [{"dtype": "F32", "shape": [2]}, {"dtype": "F32", "shape": "x", "data_offsets": [0, 8]}, 5]
+
+
+@pytest.mark.parametrize("entry", NOT_ENTRIES)
+def test_a_header_entry_not_a_tensors_is_refused_by_name(checkpoint_copy, entry):
+    """(an entry without its byte range was a KeyError from deep in the reader before)"""
+    path = checkpoint_copy / "model.safetensors"
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["model.decoder.norm.weight"] = entry
+    written = json.dumps(header).encode()
+    path.write_bytes(len(written).to_bytes(8, "little") + written + data[8 + size :])
+    with pytest.raises(DiffGemmaError, match=r"model.safetensors: tensor `model.decoder.norm.weight`'s header entry"):
+        diffgemma.load(checkpoint_copy)
+
+
 def test_missing_shard(ours, tmp_path):
     saved = ours["A"].save(tmp_path / "sharded", max_shard_bytes=200_000)
     shard = sorted(saved.glob("model-*.safetensors"))[1]

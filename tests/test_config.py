@@ -110,6 +110,18 @@ def test_a_bad_partial_rotary_factor_is_refused_by_name(factor):
         parse_model_config(raw)
 
 
+def test_shapes_the_reference_cannot_run_are_refused_by_name():
+    """(each was an error deep in torch at the first pass before)"""
+    raw = preset_config("tiny")
+    raw["text_config"]["max_position_embeddings"] = None
+    with pytest.raises(DiffGemmaError, match="`max_position_embeddings` must be an integer >= canvas_length"):
+        parse_model_config(raw)
+    raw = preset_config("tiny")
+    raw["text_config"]["rope_parameters"]["full_attention"].pop("rope_type")  # (default RoPE, a part of the head)
+    with pytest.raises(DiffGemmaError, match="turns part of the head .0.25. with `rope_type` default"):
+        parse_model_config(raw)
+
+
 def test_text_files_are_read_from_pipes_and_refused_clearly_otherwise(tmp_path):
     """`--file <(...)` hands a command a pipe, not a regular file: read as one. A folder or a missing path is an
     error naming it."""
