@@ -470,8 +470,8 @@ class DecoderPass:
     temperature, as the reference does. Either way the logits come back with what a position may not draw
     cut (`MASKED_LOGIT`): its excluded ids, then what top-k / top-p / min-p leave out (`sampling.truncate`, at
     temperature 1: in reference mode before the division, as the reference runs transformers' warpers).
-    `adapters`, where rows run with LoRA adapters of their own (an open batch's), puts the rows' adapters in
-    place before each pass, given the rows it runs (None: all of them).
+    `adapters`, where rows run with LoRA adapters of their own (`AdapterBank.for_rows`), puts the rows' adapters
+    in place before each pass, given the rows it runs (None: all of them).
     """
 
     def __init__(

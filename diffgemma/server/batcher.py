@@ -10,12 +10,10 @@ sharing every decoder pass from then on rather than make passes of its own; a ro
 ends, its answer sent at once. Otherwise a job starts a batch of its own, up to `max_runs` batches, which take
 denoising steps in turn (so a request is not held behind a long answer for its whole length), each putting
 its rows' adapters in place for its passes: `join_first` says which comes first (joining, off the CPU); past
-`max_runs`, a
-job no running batch can take waits. A
-cancelled job (its client went away, or a stop string ended it) stops receiving events at once and its row
-leaves with the canvas it is in; when every job of a batch is cancelled, the batch stops. Other work on the
-model (scoring a text: `Batcher.run`) runs on the same thread between steps, so the model is never used by two
-threads at once.
+`max_runs`, a job no running batch can take waits. A cancelled job (its client went away, or a stop string
+ended it) stops receiving events at once and its row leaves with the canvas it is in; when every job of a batch
+is cancelled, the batch stops. Other work on the model (scoring a text: `Batcher.run`) runs on the same thread
+between steps, so the model is never used by two threads at once.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
 
 def sse(payload: dict | list[dict]) -> str:
     """One server-sent event, or one for each payload of a list (none for an empty one). A typed payload (the
-    Responses API's events) names its type on an `event:` line too, as OpenAI sends them."""
+    Responses API's events, Anthropic's) names its type on an `event:` line too, as their servers send them."""
     events = []
     for one in payload if isinstance(payload, list) else [payload]:
         name = f"event: {one['type']}\n" if isinstance(one.get("type"), str) else ""
