@@ -8,20 +8,13 @@ import random
 
 import httpx
 import pytest
+from assets.make_demo_model import WEATHER_TOOL as TOOL
 from conftest import DEMO
 from server_util import running
 
 import diffgemma
 from diffgemma.server import ServerOptions, create_app
 
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather now in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 BODIES = {
