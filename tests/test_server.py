@@ -815,6 +815,31 @@ def test_messages_errors_come_in_anthropics_shape_mid_stream_too(demo):
         assert openai_shape.json()["error"]["code"] == "invalid_api_key"  # (OpenAI's routes keep OpenAI's)
 
 
+def test_a_responses_stream_that_fails_ends_with_its_error_and_response_failed_events(demo):
+    """A Responses API stream that fails after it began sends that API's `error` event, then `response.failed`
+    with the response as it stood (its error in it), as OpenAI's clients and the Vercel AI SDK read them; chat's
+    error shape is no event of this API."""
+
+    class Failing(Batcher):
+        def submit(self, job):
+            job.send(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."))
+
+    app = create_app(demo, ServerOptions(model_name="demo"), Failing(demo))
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        events = list(client.responses.create(model="demo", input=SKY, stream=True))
+        kinds = ["response.created", "response.in_progress", "error", "response.failed"]
+        assert [event.type for event in events] == kinds
+        assert [event.sequence_number for event in events] == [0, 1, 2, 3]
+        error, failed = events[2], events[3].response
+        assert error.code == "server_error" and error.message.startswith("generation failed: CUDA out of memory")
+        assert failed.status == "failed" and failed.error.message == error.message
+        assert failed.id == events[0].response.id
+        with pytest.raises(openai.APIStatusError) as refused:  # (before the stream: a status, as ever)
+            client.responses.create(model="demo", input=SKY)
+        assert refused.value.status_code == 503
+
+
 def test_a_chat_answer_without_max_tokens_runs_to_the_servers_limit_not_one_canvas(demo):
     """A chat request without max_tokens may run to --max-tokens-limit (it ends at EOS), as OpenAI's chat runs
     to the context: the checkpoint's max_new_tokens (the reference's 256, one canvas) would cut most answers.

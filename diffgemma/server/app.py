@@ -305,7 +305,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
         scorer = answer_logprobs if top is not None else None
         if body.stream and not read_whole(answer_format, tools):
-            stream = serving.stream_jobs([job], [reply], built.chunk, False, len(prompt), [""], "", scorer, tools)
+            stream = serving.stream_jobs(
+                [job], [reply], built.chunk, False, len(prompt), [""], "", scorer, tools, encode=built.sse
+            )
             return event_stream(stream)
         answer = await serving.run_answer(job, reply, request, tools, answer_format, redraw, "text.format")
         logprobs = await scorer(0, answer.done.new_tokens, answer.done.eos) if scorer is not None else None

@@ -6,8 +6,9 @@ answer (a `message` with one `output_text` part; none when the model only called
 `function_call` item for each call it made to the `tools` offered. Streamed, each item is opened when its
 first text settles and closed when the next begins or the reply ends (calls come whole at the end);
 `response.completed` (or `response.incomplete`, at `max_output_tokens`) carries the whole response with its
-usage. The calls' answers come back as `function_call_output` input items. Responses are kept (`ResponseStore`,
-in memory) for a later request to go on from (`previous_response_id`) and to be read back.
+usage; a failure mid-stream is an `error` event, then `response.failed` with the response as it stood. The calls'
+answers come back as `function_call_output` input items. Responses are kept (`ResponseStore`, in memory) for a
+later request to go on from (`previous_response_id`) and to be read back.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .schema import (
     content_parts,
     content_text,
     effort_thinks,
+    sse,
 )
 
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -214,19 +216,23 @@ class ResponseBuilder:
             "total_tokens": counts["total_tokens"],
         }
 
-    def response(self, status: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The response object as it stands (`status`: in_progress, completed or incomplete)."""
+    def response(
+        self, status: str, usage: dict[str, Any] | None = None, error: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The response object as it stands (`status`: in_progress, completed, incomplete, or failed with its
+        `error`)."""
         output = []
         if self.reasoning:
             output.append(self._item("reasoning", "completed"))
         if "message" in self.items or (status != "in_progress" and not self.calls):
-            output.append(self._item("message", status))
+            output.append(self._item("message", "incomplete" if status == "failed" else status))
         output += self.calls
         return {
             "id": self.id,
             "object": "response",
             "created_at": self.created,
             "status": status,
+            "error": error,
             "model": self.model_name,
             "output": output,
             "max_output_tokens": self.max_output_tokens,
@@ -245,8 +251,11 @@ class ResponseBuilder:
         return {"type": "message", "id": self.message_id, "role": "assistant", "status": status, "content": [part]}
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        return self._event_named(f"response.{kind}", **fields)
+
+    def _event_named(self, name: str, **fields: Any) -> dict[str, Any]:
         self.sequence += 1
-        return {"type": f"response.{kind}", "sequence_number": self.sequence - 1, **fields}
+        return {"type": name, "sequence_number": self.sequence - 1, **fields}
 
     def opening(self) -> list[dict[str, Any]]:
         return [self._event(kind, response=self.response("in_progress")) for kind in ("created", "in_progress")]
@@ -274,6 +283,19 @@ class ResponseBuilder:
         if self.on_done is not None:
             self.on_done(whole)
         return [*events, self._event(status, response=whole)]
+
+    def sse(self, payload: dict[str, Any] | list[dict[str, Any]]) -> str:
+        """Server-sent events as a Responses stream sends them: a failure mid-stream (`schema.error_body`'s shape)
+        as an `error` event, then `response.failed` (OpenAI's clients and the Vercel AI SDK read these; chat's
+        error shape is no event of this API)."""
+        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            code, message = payload["error"].get("code") or "server_error", payload["error"]["message"]
+            failed = self.response("failed", error={"code": code, "message": message})
+            payload = [
+                self._event_named("error", code=code, message=message, param=None),
+                self._event("failed", response=failed),
+            ]
+        return sse(payload)
 
     def function_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Events for a reply's tool calls (chat's shape, each with its id), after its text: a `function_call`
