@@ -598,8 +598,9 @@ class DiffGemma:
         """A batch that rows join and leave between canvases (`open_batch`: a server's engine): `add` rows of
         token ids (`BatchRow`: prompt, limit, seed, a fill's clamp, banned ids) whenever, and iterate `events()`
         to run it (a `RowsStep` a denoising step, `RowsCommitted` a canvas, `RowFinished` as each row ends).
-        Fast mode, settled prefixes committed early; `sampler` as `generate` takes it. Rows may name adapters
-        (`add_adapter`; `BatchRow.adapter`), each its own: rows of several share the batch's passes."""
+        Fast mode, settled prefixes committed early; `sampler` as `generate` takes it, for the rows that bring no
+        settings of their own (`BatchRow.settings`: rows of other settings share the batch's passes). Rows may name
+        adapters (`add_adapter`; `BatchRow.adapter`), each its own: rows of several share the batch's passes."""
         adapters = self._bank.for_rows if self._bank is not None else None
         settings = self.settings.replace(**sampler)
         return OpenBatch(self.network, settings, self.prefix_cache, self.tokenizer, adapters=adapters)

@@ -184,8 +184,10 @@ class RandomSource:
     """Random tokens and samples.
 
     Reference mode: one torch stream for the batch, consumed as the reference consumes it. Fast mode:
-    counter-based draws keyed by (row seed, draw number, position), so a row draws the same numbers
-    whatever else is in its batch, and the whole batch is drawn in one vectorised operation.
+    counter-based draws keyed by (row seed, the row's draw number, position), so a row draws the same numbers
+    whatever else is in its batch, and the whole batch is drawn in one vectorised operation. A row's draws are
+    counted only while it draws for itself (`active`): a row that stopped its canvas early while others went on
+    starts the next where it would alone.
     """
 
     def __init__(
@@ -200,8 +202,8 @@ class RandomSource:
         self.mode = mode
         self.device = device
         self.weights_dtype = weights_dtype
-        self.draws = 0
-        self.offsets: torch.Tensor | None = None  # [B] draws before each row began (rows joining an open batch)
+        self.counts: torch.Tensor | None = None  # [B] each row's draws so far (fast mode), on the device
+        self.active: torch.Tensor | None = None  # [B] the rows whose draws count now (None: every row)
         # Draw without reading back from the device (every position at once); on the CPU reading is free.
         self.sync_free = device.type != "cpu"
         if mode == "reference":
@@ -218,12 +220,19 @@ class RandomSource:
             seeds = [seed_int64(base + 1_000_003 * row) for row in range(batch)]
         self.seeds = torch.tensor(seeds, dtype=torch.long, device=device)
 
+    def restart(self, seeds: Sequence[int], counts: Sequence[int]) -> None:
+        """Fast mode: rows of these seeds, each with this many draws behind it (an open batch's rows, which join
+        and leave)."""
+        self.seeds = torch.tensor([seed_int64(seed) for seed in seeds], dtype=torch.long, device=self.device)
+        self.counts = torch.tensor(list(counts), dtype=torch.long, device=self.device)
+        self.active = None
+
     def _streams(self) -> torch.Tensor:
-        """This draw's stream per row: a fresh one for every call (a row's draws counted from its `offsets`)."""
-        self.draws += 1
-        return sampling.mix64(
-            self.seeds * 0x10001 + (self.draws if self.offsets is None else self.draws - self.offsets)
-        )
+        """This draw's stream per row: a fresh one for every call of each row drawing (`active`)."""
+        if self.counts is None:
+            self.counts = torch.zeros_like(self.seeds)
+        self.counts += 1 if self.active is None else self.active
+        return sampling.mix64(self.seeds * 0x10001 + self.counts)
 
     def tokens(self, batch: int, length: int, vocab: int, ranges: torch.Tensor | None = None) -> torch.Tensor:
         """Uniform ids [B, C] below `vocab`, or each within its (low, high) of `ranges` [B, C, 2]."""
@@ -276,7 +285,7 @@ class StepOutput:
 def sampler_step(
     logits: torch.Tensor,
     canvas: torch.Tensor,
-    entropy_bound: float,
+    entropy_bound: float | torch.Tensor,
     rng: RandomSource,
     fixed_ids: torch.Tensor | None = None,
     probs_out: torch.Tensor | None = None,
@@ -319,6 +328,64 @@ def sampler_step(
         new_canvas = torch.where(fixed, fixed_ids, new_canvas)
         argmax = torch.where(fixed, fixed_ids, argmax)
     return StepOutput(new_canvas, argmax, accept, entropy, probs)
+
+
+def _truncation(settings: SamplerSettings) -> dict[str, Any]:
+    return {"top_k": settings.top_k, "top_p": settings.top_p, "min_p": settings.min_p}
+
+
+@dataclass
+class RowSampling:
+    """A batch's sampler settings as its loop reads them: one value for every row where the rows agree (a
+    generation's rows always do: the arithmetic is the one-setting loop's), a row's own where they differ (an
+    open batch's rows, each a request of its own). `steps`: the most steps a canvas takes (`row_steps` [B]: each
+    row's own, where they differ; a row stops at its own); `temperatures`: the schedule, [steps], or
+    [steps, B, 1, 1] where the rows' schedules differ (a row past its own last step keeps its last temperature);
+    `entropy_bound`, `confidence_threshold`: a number, or [B]; `window`: the drafts the stop test looks back over
+    (`windows` [B]: each row's own, where they differ); `truncations`: the top-k / top-p / min-p cuts, one for
+    all rows or one a row (where cuts or temperatures differ)."""
+
+    steps: int
+    row_steps: torch.Tensor | None
+    temperatures: torch.Tensor
+    entropy_bound: float | torch.Tensor
+    confidence_threshold: float | torch.Tensor
+    window: int
+    windows: torch.Tensor | None
+    truncations: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, rows: Sequence[SamplerSettings], device: torch.device) -> RowSampling:
+        """From each row's settings (all rows' the same: a plain generation)."""
+
+        def each(name: str, dtype: torch.dtype) -> Any:
+            values = [getattr(row, name) for row in rows]
+            if all(value == values[0] for value in values):
+                return values[0]
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        steps = max(row.max_denoising_steps for row in rows)
+        schedules = {(row.max_denoising_steps, row.t_min, row.t_max) for row in rows}
+        if len(schedules) == 1:
+            temperatures = sampling.temperature_schedule(*next(iter(schedules)))
+        else:
+            own = [sampling.temperature_schedule(row.max_denoising_steps, row.t_min, row.t_max) for row in rows]
+            padded = [torch.cat([one, one[-1:].expand(steps - len(one))]) for one in own]
+            temperatures = torch.stack(padded, dim=1)[..., None, None]
+        truncations = [_truncation(row) for row in rows]
+        if len(schedules) == 1 and all(cut == truncations[0] for cut in truncations):
+            truncations = truncations[:1]
+        row_steps, windows = each("max_denoising_steps", torch.long), each("stability_threshold", torch.long)
+        return cls(
+            steps,
+            row_steps if isinstance(row_steps, torch.Tensor) else None,
+            temperatures.to(device),
+            each("entropy_bound", torch.float32),
+            each("confidence_threshold", torch.float32),
+            max(row.stability_threshold for row in rows),
+            windows if isinstance(windows, torch.Tensor) else None,
+            truncations,
+        )
 
 
 class StopCheck:
@@ -389,6 +456,7 @@ class RowSubset:
                 if row != place:
                     self_conditioning[place].copy_(self_conditioning[row])
             packed = self_conditioning[:count]
+        scale = scale if scale.dim() == 0 else scale[self.index]  # (a row's own temperature, where they differ)
         network.denoise(canvas[self.index], self.rows_cache, packed, logits_out=logits[:count], logit_scale=scale)
         for place in reversed(range(count)):  # descending: each row lands at or after where it was written
             row = self.rows[place]
@@ -404,16 +472,24 @@ class DecoderGraph:
     the 26B shape) was several times the GPU's own (bench/RESULTS.md). The pass reads the cache through a
     `DecoderView` (fixed addresses, refreshed in place when a canvas has been encoded), the distribution buffer
     the sampler refills, and writes the logits buffer; the canvas and the temperature are copied into static
-    tensors. A canvas's first step reads a zeroed distribution: its soft embedding is zero, and the
-    self-conditioning MLP then adds exactly zero, as with no signal. The first call runs eagerly on a side
-    stream (warming up what capture must not do: allocator growth, algorithm choice), the second captures.
+    tensors (the temperature one for all rows, or a row's own: `scale_shape`). A canvas's first step reads a
+    zeroed distribution: its soft embedding is zero, and the self-conditioning MLP then adds exactly zero, as with
+    no signal. The first call runs eagerly on a side stream (warming up what capture must not do: allocator
+    growth, algorithm choice), the second captures.
     """
 
-    def __init__(self, network: DiffusionGemma, cache, probs: torch.Tensor, logits: torch.Tensor) -> None:
+    def __init__(
+        self,
+        network: DiffusionGemma,
+        cache,
+        probs: torch.Tensor,
+        logits: torch.Tensor,
+        scale_shape: tuple[int, ...] = (),
+    ) -> None:
         self.network, self.cache, self.probs, self.logits = network, cache, probs, logits
         self.view = DecoderView(cache, logits.shape[1])
         self.canvas = torch.zeros(logits.shape[:2], dtype=torch.long, device=logits.device)
-        self.scale = torch.ones((), device=logits.device)
+        self.scale = torch.ones(scale_shape, device=logits.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output = logits
         self.warm = False
@@ -471,7 +547,8 @@ class DecoderPass:
     cut (`MASKED_LOGIT`): its excluded ids, then what top-k / top-p / min-p leave out (`sampling.truncate`, at
     temperature 1: in reference mode before the division, as the reference runs transformers' warpers).
     `adapters`, where rows run with LoRA adapters of their own (`AdapterBank.for_rows`), puts the rows' adapters
-    in place before each pass, given the rows it runs (None: all of them).
+    in place before each pass, given the rows it runs (None: all of them). Rows of other temperatures or cuts
+    (`RowSampling`) are each scaled and cut by their own.
     """
 
     def __init__(
@@ -480,7 +557,7 @@ class DecoderPass:
         cache: EncoderCache,
         mode: str,
         batch: int,
-        settings: SamplerSettings,
+        rows: RowSampling,
         cuda_graph: bool | None,
         sync_free: bool,
         adapters: Callable[[list[int] | None], None] | None = None,
@@ -488,12 +565,11 @@ class DecoderPass:
         self.network, self.cache = network, cache
         self.adapters = adapters or (lambda rows: None)
         # The whole schedule up front, on the device: no host-to-device copy inside the loop.
-        schedule = sampling.temperature_schedule(settings.max_denoising_steps, settings.t_min, settings.t_max)
-        self.temperatures = schedule.to(network.device)
+        self.temperatures = rows.temperatures
         self.inverse_temperatures = self.temperatures.reciprocal()
-        self.cut = {"top_k": settings.top_k, "top_p": settings.top_p, "min_p": settings.min_p}
+        self.truncations = rows.truncations
         # fast mode: the cuts' cheaper forms (`sampling.truncate`), host reads where they are free
-        self.cut |= {"reference_arithmetic": mode == "reference", "host_reads": not sync_free}
+        self.arithmetic = {"reference_arithmetic": mode == "reference", "host_reads": not sync_free}
         self.logits: torch.Tensor | None = None
         self.probs: torch.Tensor | None = None  # the distribution buffer (fast mode), for the sampler to fill
         self.graph: DecoderGraph | None = None
@@ -504,7 +580,8 @@ class DecoderPass:
         self.logits = torch.empty(shape, device=network.device)
         self.probs = torch.empty(shape, device=network.device)
         if (network.device.type == "cuda") if cuda_graph is None else cuda_graph:
-            self.graph = DecoderGraph(network, cache, self.probs, self.logits)  # one graph serves every canvas
+            scale_shape = tuple(self.temperatures.shape[1:])
+            self.graph = DecoderGraph(network, cache, self.probs, self.logits, scale_shape)  # one for every canvas
         elif not sync_free:
             self.subset = RowSubset(cache)
 
@@ -538,7 +615,12 @@ class DecoderPass:
     def _cut(self, logits: torch.Tensor, excluded: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor:
         if excluded is not None:
             logits.masked_fill_(excluded, sampling.MASKED_LOGIT)
-        return sampling.truncate(logits, scale=scale, **self.cut)
+        if len(self.truncations) == 1:
+            return sampling.truncate(logits, scale=scale, **self.truncations[0], **self.arithmetic)
+        for row, truncation in enumerate(self.truncations):  # (each row's own cuts, at its own temperature)
+            own_scale = scale[row] if isinstance(scale, torch.Tensor) and scale.dim() else scale
+            sampling.truncate(logits[row], scale=own_scale, **truncation, **self.arithmetic)
+        return logits
 
     def end_canvas(self) -> None:
         """The canvas is committed (the cache grows): every row runs again on the next."""
@@ -548,12 +630,12 @@ class DecoderPass:
 
 @dataclass
 class CanvasDenoiser:
-    """How a generation denoises each canvas: its decoder pass, random source and sampler settings, and how the
+    """How a generation denoises each canvas: its decoder pass, random source and rows' sampler settings, and how the
     loop reads them (the host's stop check; settled prefixes committed, with the ids that end a row)."""
 
     decoder: DecoderPass
     rng: RandomSource
-    settings: SamplerSettings
+    rows: RowSampling
     mode: str
     stop_check: StopCheck
     commit_stable_prefix: bool
@@ -581,9 +663,10 @@ class CanvasDenoiser:
         (`denoising_loop`); `check_allowed`: check each free position keeps an id; `reused`: prompt tokens the
         prefix cache held, for the drafts; `start` [B, C]: ids the canvas starts from in place of its random ones
         (-1: keep those)."""
-        decoder, rng, settings = self.decoder, self.rng, self.settings
+        decoder, rng, rows = self.decoder, self.rng, self.rows
         batch, length = wanted.shape[0], decoder.network.config.canvas_length
         vocab, device = decoder.network.config.vocab_size, wanted.device
+        rng.active = ~rows_done  # (rows an earlier canvas ended draw nothing of their own)
         canvas = rng.tokens(batch, length, vocab, noise)
         if start is not None:
             canvas = torch.where(start >= 0, start, canvas)
@@ -602,22 +685,29 @@ class CanvasDenoiser:
         # Rows already done (an earlier canvas ended them) ride along frozen. The reference keeps denoising
         # them, which reference mode must reproduce; fast mode lets the canvas stop without them.
         finished = rows_done.clone() if self.mode == "fast" else torch.zeros_like(rows_done)
-        history = torch.full((settings.stability_threshold, batch, length), -1, dtype=torch.long, device=device)
+        history = torch.full((rows.window, batch, length), -1, dtype=torch.long, device=device)
         canvas_steps = torch.zeros(batch, dtype=torch.long, device=device)
-        for step in range(1, settings.max_denoising_steps + 1):
+        for step in range(1, rows.steps + 1):
             active = ~(finished | rows_done)
             passes += active
             canvas_steps += ~finished
             logits = decoder(canvas, self_conditioning, step, finished, excluded)
-            out = sampler_step(logits, canvas, settings.entropy_bound, rng, fixed_ids, decoder.probs, noise)
+            rng.active = ~finished  # (a row that stopped draws no more of its own: it goes on alone as it would)
+            out = sampler_step(logits, canvas, rows.entropy_bound, rng, fixed_ids, decoder.probs, noise)
             new_canvas, new_argmax, accept, entropy = out.canvas, out.argmax, out.accept, out.entropy
             # Rows that already stopped keep their canvas and draft (they ride along in the batch).
             new_argmax = torch.where(finished[:, None], argmax, new_argmax)
             new_canvas = torch.where(finished[:, None], canvas, new_canvas)
             mean_entropy = entropy.sum(-1) / free_count if fixed is not None else entropy.mean(-1)
-            stop = sampling.stable_and_confident(history, new_argmax, mean_entropy, settings.confidence_threshold)
+            stop = sampling.stable_and_confident(
+                history, new_argmax, mean_entropy, rows.confidence_threshold, rows.windows
+            )
+            if rows.row_steps is not None:  # (a row of fewer steps than others stops at its own last)
+                stop = stop | (rows.row_steps <= step)
             if self.commit_stable_prefix:
-                settled = sampling.stable_prefix(settled, history, new_argmax, entropy, settings.entropy_bound)
+                settled = sampling.stable_prefix(
+                    settled, history, new_argmax, entropy, rows.entropy_bound, rows.windows
+                )
                 prefix = torch.arange(length, device=device)[None, :] < settled[:, None]
                 fixed_ids = torch.where(prefix, new_argmax, -1 if user_ids is None else user_ids)
                 # A row whose settled prefix holds all it will give (its limit, or an EOS) is done: what
@@ -756,8 +846,9 @@ def denoising_loop(
     every_row(None)  # (before the prefix cache is looked in: its snapshots are per adapter)
     prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode, images)
     cache = prompt.new_cache(network, batch, capacity)
-    decoder = DecoderPass(network, cache, mode, batch, settings, cuda_graph, rng.sync_free, adapters)
-    denoiser = CanvasDenoiser(decoder, rng, settings, mode, stop_check, commit_stable_prefix, ending_ids, tokenizer)
+    rows = RowSampling.of([settings], device)
+    decoder = DecoderPass(network, cache, mode, batch, rows, cuda_graph, rng.sync_free, adapters)
+    denoiser = CanvasDenoiser(decoder, rng, rows, mode, stop_check, commit_stable_prefix, ending_ids, tokenizer)
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
     passes = torch.zeros(batch, dtype=torch.long, device=device)

@@ -8,13 +8,13 @@ same point, its cache rows dropped. A pass reads every weight whatever the rows 
 so on a GPU rows that share passes come nearly free. A row whose prompt is longer than the batch's cache cannot
 join it (its positions would not fit before the cache's end); `fits` says so beforehand.
 
-Fast mode only, each row with its own seed, limit, ids held in place on its generated positions (a fill) and ids
-it never draws; each canvas's settled prefix is committed early (`commit_stable_prefix`), as a server streams
-it. A row draws the random numbers it would draw alone (its draws counted from its join). With a prefix cache
-every row's prompt goes through it by itself: the longest of the first rows starts the batch as `denoising_loop`
-would, the others join it at once as later rows join (a snapshot taken is copied to where the row's prompt lies,
-its keys turned to those positions), so a chat's next turn skips its history whenever it comes. Without one, the
-first rows start the batch together, padded, and rows that come together join together.
+Fast mode only, each row with its own seed, limit, sampler settings, ids held in place on its generated positions
+(a fill) and ids it never draws; each canvas's settled prefix is committed early (`commit_stable_prefix`), as a
+server streams it. A row draws the random numbers it would draw alone (its draws counted while it draws for
+itself). With a prefix cache every row's prompt goes through it by itself: the longest of the first rows starts the
+batch as `denoising_loop` would, the others join it at once as later rows join (a snapshot taken is copied to where
+the row's prompt lies, its keys turned to those positions), so a chat's next turn skips its history whenever it
+comes. Without one, the first rows start the batch together, padded, and rows that come together join together.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .generate import (
     DecoderPass,
     Draft,
     RandomSource,
+    RowSampling,
     StopCheck,
     ThinkingBudget,
     _committed,
@@ -42,7 +43,6 @@ from .generate import (
     predicted_start,
     prepare_prompts,
     row_output,
-    seed_int64,
     with_held,
 )
 from .model import DiffusionGemma, ImageInputs
@@ -58,7 +58,10 @@ class BatchRow:
     ids into the prompt, `DiffGemma.image_features` makes them). `prediction`: what its output is expected to be,
     mostly: each canvas starts from its part of it (`predicted_start`; -1: none there), as `denoising_loop`'s
     `predictions`. `thinking_budget`: the most tokens of thought its reply writes (`ThinkingBudget`). `adapter`: the
-    LoRA adapter its passes run with (`DiffGemma.add_adapter`; None: the base model), whatever the other rows'."""
+    LoRA adapter its passes run with (`DiffGemma.add_adapter`; None: the base model), whatever the other rows'.
+    `settings`: its own sampler settings (`SamplerSettings.replace`; None: the batch's), the denoising ones (steps,
+    temperatures, entropy and confidence bounds, stability window, top-k / top-p / min-p), whatever the other
+    rows'; the batch's EOS and padding ids hold for every row."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -70,6 +73,7 @@ class BatchRow:
     prediction: list[int] | None = None
     thinking_budget: ThinkingBudget | None = None
     adapter: str | None = None
+    settings: SamplerSettings | None = None
 
 
 @dataclass
@@ -113,7 +117,7 @@ class _Running:
     generated: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     cached: int = 0  # prompt tokens the prefix cache held
-    first_draw: int = 0  # the batch's random draws before the row joined (its own are counted from there)
+    draws: int = 0  # its random draws so far (`RandomSource.counts`)
 
     @property
     def canvas(self) -> int:
@@ -200,6 +204,9 @@ class OpenBatch:
                     f"a row's prompt holds {held} image ids for {sum(p.shape[0] for p in row.images)} soft tokens "
                     "of its pictures (`DiffGemma.image_prompt` writes their runs)"
                 )
+        if row.settings is not None and not isinstance(row.settings, SamplerSettings):
+            given = f"{row.settings!r:.60}"
+            raise DiffGemmaError(f"a row's settings are SamplerSettings (settings.replace(...)), got {given}")
         if row.adapter is not None and self.adapters is None:
             raise DiffGemmaError(f"a row asks for adapter {row.adapter!r}, and this model keeps none (add_adapter)")
         if self.adapters is not None:
@@ -260,12 +267,13 @@ class OpenBatch:
         self.denoiser.decoder.end_canvas()
         at_limit = starts + length >= limits
         committed, done_now = _committed(argmax, rows_done, at_limit, self.ending_ids, self.settings.pad_token_id)
-        committed_ids, step_counts = committed.tolist(), canvas_steps.tolist()
+        committed_ids, step_counts, draws = committed.tolist(), canvas_steps.tolist(), self.rng.counts.tolist()
         yield RowsCommitted(ids, committed_ids, step_counts)
         ending = done_now.tolist()
         for index, row in enumerate(rows):
             row.generated.extend(committed_ids[index])
             row.steps.append(step_counts[index])
+            row.draws = draws[index]
             ending[index] = ending[index] or bool(row.asked.ended and row.asked.ended())
         for index, row in enumerate(rows):
             if ending[index]:
@@ -349,7 +357,7 @@ class OpenBatch:
             cache = cache.joined(parts, max(length + self._room(row) for row in rows))
         self.rows = rows
         for row in joining:
-            row.joined, row.first_draw = time.perf_counter(), self.rng.draws
+            row.joined = time.perf_counter()
         self._use(cache)
 
     def _prompts(self, rows: list[_Running]) -> tuple[torch.Tensor, torch.Tensor | None, ImageInputs | None]:
@@ -401,22 +409,15 @@ class OpenBatch:
                 self._release()
             self.cache = cache
         rows, device = self.rows, self.network.device
-        self.rng.seeds = torch.tensor([seed_int64(row.asked.seed) for row in rows], dtype=torch.long, device=device)
-        self.rng.offsets = torch.tensor([row.first_draw for row in rows], dtype=torch.long, device=device)
+        self.rng.restart([row.asked.seed for row in rows], [row.draws for row in rows])
         if self.adapters is not None:
             self._rows_adapters = self.adapters([row.asked.adapter for row in rows])
+        sampler = RowSampling.of([row.asked.settings or self.settings for row in rows], device)
         decoder = DecoderPass(
-            self.network,
-            cache,
-            "fast",
-            len(rows),
-            self.settings,
-            self.cuda_graph,
-            self.rng.sync_free,
-            self._rows_adapters,
+            self.network, cache, "fast", len(rows), sampler, self.cuda_graph, self.rng.sync_free, self._rows_adapters
         )
         self.denoiser = CanvasDenoiser(
-            decoder, self.rng, self.settings, "fast", self.stop_check, True, self.ending_ids, self.tokenizer
+            decoder, self.rng, sampler, "fast", self.stop_check, True, self.ending_ids, self.tokenizer
         )
 
     def _release(self) -> None:

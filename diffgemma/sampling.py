@@ -252,14 +252,23 @@ def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor, scratch: torc
     return drawn.clamp_(max=probs.shape[-1] - 1)
 
 
-def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
-    """Accept mask [B, C]: the k lowest-entropy positions with sum(entropy) - max(entropy) <= bound.
+def per_row(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A setting for every row: a number as it is, or one value a row ([B]) shaped to broadcast over `like`
+    [B, ...]."""
+    if isinstance(value, torch.Tensor):
+        return value.view(-1, *[1] * (like.dim() - 1))
+    return value
+
+
+def entropy_bound_accept(entropy: torch.Tensor, bound: float | torch.Tensor) -> torch.Tensor:
+    """Accept mask [B, C]: the k lowest-entropy positions with sum(entropy) - max(entropy) <= bound (one for
+    all rows, or a row's own [B]).
 
     Sorted ascending, the running sum less the current (largest so far) entropy only grows, so the
     accepted set is a prefix of the sorted order. Ties keep their canvas order (stable sort).
     """
     sorted_entropy, order = torch.sort(entropy, dim=-1, stable=True)
-    keep = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= bound
+    keep = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= per_row(bound, entropy)
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
@@ -274,13 +283,31 @@ def renoise(canvas: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor) -> to
     return torch.where(keep, canvas, noise)
 
 
-def stable_and_confident(
-    history: torch.Tensor, argmax: torch.Tensor, mean_entropy: torch.Tensor, confidence_threshold: float
+def agrees_with_history(
+    history: torch.Tensor, argmax: torch.Tensor, windows: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Per-row stop test [B]: the argmax canvas equals each of the last `window` ones (`history`
-    [window, B, C], -1 where there is no such step yet) and the mean entropy is below the threshold.
-    With a window of 0 only confidence counts."""
-    stable = (history == argmax[None]).all(dim=-1).all(dim=0)
+    """[window, B, C]: where the argmax canvas [B, C] equals each of the last `window` ones (`history`
+    [window, B, C], -1 where there is no such step yet). `windows` [B]: how far back each row looks, if less
+    than the whole history for some (older drafts then agree)."""
+    same = history == argmax[None]
+    if windows is not None:
+        depth = history.shape[0]
+        unseen = torch.arange(depth, device=history.device)[:, None] < depth - windows[None, :]
+        same |= unseen[..., None]
+    return same
+
+
+def stable_and_confident(
+    history: torch.Tensor,
+    argmax: torch.Tensor,
+    mean_entropy: torch.Tensor,
+    confidence_threshold: float | torch.Tensor,
+    windows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row stop test [B]: the argmax canvas equals each of the last `window` ones (`agrees_with_history`)
+    and the mean entropy is below the threshold (one for all rows, or a row's own [B]). With a window of 0 only
+    confidence counts."""
+    stable = agrees_with_history(history, argmax, windows).all(dim=-1).all(dim=0)
     return stable & (mean_entropy < confidence_threshold)
 
 
@@ -292,13 +319,19 @@ def push_history(history: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
 
 
 def stable_prefix(
-    committed: torch.Tensor, history: torch.Tensor, argmax: torch.Tensor, entropy: torch.Tensor, threshold: float
+    committed: torch.Tensor,
+    history: torch.Tensor,
+    argmax: torch.Tensor,
+    entropy: torch.Tensor,
+    threshold: float | torch.Tensor,
+    windows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Length [B] of each row's settled prefix: from the canvas start, positions whose argmax equals the
-    last `window` drafts (`history` [window, B, C], before this step is pushed) and whose entropy is below
-    `threshold`. Never shorter than `committed` [B], the prefix settled before."""
+    last `window` drafts (`agrees_with_history`, before this step is pushed) and whose entropy is below
+    `threshold` (one for all rows, or a row's own [B]). Never shorter than `committed` [B], the prefix settled
+    before."""
     length = argmax.shape[-1]
-    ready = (history == argmax[None]).all(dim=0) & (entropy < threshold)
+    ready = agrees_with_history(history, argmax, windows).all(dim=0) & (entropy < per_row(threshold, entropy))
     ready |= torch.arange(length, device=argmax.device)[None, :] < committed[:, None]
     gaps = ~ready
     first_gap = torch.where(gaps.any(dim=-1), gaps.int().argmax(dim=-1), length)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 
@@ -46,3 +48,25 @@ def idle(batcher) -> None:
     """Wait until no batch runs: an answer comes back once its text has settled, its row's canvas may still be
     running, and a request sent then could join that batch."""
     wait_until(lambda: not batcher.batches_running(), "the engine to be idle")
+
+
+# a request of settings of its own that denoises four canvases of 200 steps each
+LONG_REQUEST = {
+    "model": "demo",
+    "prompt": "x",
+    "max_tokens": 128,
+    "confidence_threshold": 1e-9,
+    "max_denoising_steps": 200,
+}
+
+
+def beside_a_long_request(url: str, batcher, calls: list) -> list:
+    """Run `calls` at once while a long request runs (`LONG_REQUEST`), once its batch has started: with one batch
+    at a time (`max_runs=1`) they join it. Their results, in order."""
+    before = len(batcher.batches_run)
+    with ThreadPoolExecutor(len(calls) + 1) as pool:
+        long = pool.submit(httpx.post, url + "/v1/completions", json=LONG_REQUEST, timeout=120)
+        wait_until(lambda: len(batcher.batches_run) > before, "the long request's batch to start")
+        results = list(pool.map(lambda call: call(), calls))
+        assert long.result().status_code == 200, long.result().text
+    return results

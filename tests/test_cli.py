@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from assets.make_demo_model import ANSWERS
+from assets.make_demo_model import ANSWERS, SKY
 
 import diffgemma
 from diffgemma import DiffGemmaError
@@ -23,7 +23,6 @@ from diffgemma.cli import SUDOKU_MODEL, main
 
 DEMO = str(Path(__file__).parent / "assets" / "demo")
 PIRATE = Path(__file__).parent / "assets" / "demo-pirate"  # a LoRA adapter of the demo (make_demo_adapter.py)
-SKY = "Why is the sky blue?"
 
 
 def chat_text(model, question: str) -> str:

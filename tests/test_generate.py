@@ -62,6 +62,23 @@ def test_rows_do_not_affect_each_other(tiny):
     assert isinstance(pair.text, list) and len(pair.text) == 2
 
 
+def test_a_rows_tokens_and_steps_are_its_own_alone_whatever_its_batch(demo):
+    """A row that stops its canvas early while others go on counts no draws of its own meanwhile, so it starts
+    the next canvas where it would alone: each row's tokens and steps over two canvases are its own alone (the
+    demo model at a high temperature settles each question's canvases in its own number of steps)."""
+    questions = ["Why is the sky blue?", "What is 3 + 4?", "Name a fruit.", "Why is the sky blue?"]
+    prompts = [demo.tokenizer.encode_chat([{"role": "user", "content": question}]) for question in questions]
+    settings = {"max_new_tokens": 48, "t_max": 3.0, "t_min": 2.0, "confidence_threshold": 2.0}
+    seeds = [0, 1, 2, 3]
+    together = demo.generate(prompts, seed=seeds, **settings)
+    assert len(set(together.steps[0])) > 1 and len(together.steps) > 1  # (rows stopped at different steps)
+    for row, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        alone = demo.generate([prompt], seed=[seed], **settings)
+        assert alone.new_tokens[0] == together.new_tokens[row], row
+        steps = [canvas[row] for canvas in together.steps]
+        assert [canvas[0] for canvas in alone.steps] == steps[: len(alone.steps)], row
+
+
 def test_stopped_rows_leave_the_batch_with_the_same_results(tiny, monkeypatch):
     """On the CPU a row whose canvas stopped leaves the decoder's batch (`RowSubset`): the other rows' results
     and step counts are what they are when it rides along, over several canvases."""

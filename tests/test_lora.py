@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from assets.make_demo_adapter import PIRATE
-from assets.make_demo_model import ANSWERS
+from assets.make_demo_model import ANSWERS, FRUIT
 from conftest import DEMO
 from safetensors.torch import load_file, save_file
 
@@ -26,8 +26,6 @@ from diffgemma.train.lora import (
 )
 from diffgemma.train.objective import Example
 from diffgemma.train.trainer import TrainConfig, epoch_batches, train
-
-FRUIT = "Name a fruit."
 
 
 def _logits(model) -> torch.Tensor:

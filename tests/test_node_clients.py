@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from assets.make_demo_adapter import PIRATE as PIRATE_ANSWERS
-from assets.make_demo_model import ANSWERS, THINKING, WEATHER_ANSWER
+from assets.make_demo_model import ANSWERS, FRUIT, SKY, THINKING, WEATHER_ANSWER
 from conftest import DEMO
 from server_util import running
 
@@ -18,7 +18,6 @@ import diffgemma
 from diffgemma.server import ServerOptions, create_app
 
 CLIENTS = Path(__file__).parent / "clients"
-SKY, FRUIT = "Why is the sky blue?", "Name a fruit."
 
 pytestmark = pytest.mark.skipif(
     shutil.which("node") is None or not (CLIENTS / "node_modules").is_dir(),

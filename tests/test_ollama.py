@@ -7,9 +7,15 @@ import ollama
 import openai
 import pytest
 import torch
-from assets.make_demo_model import ANSWERS, THINKING, WEATHER_ANSWER, WEATHER_RESULT, WEATHER_TOOL, weather_conversation
-
-SKY = "Why is the sky blue?"
+from assets.make_demo_model import (
+    ANSWERS,
+    SKY,
+    THINKING,
+    WEATHER_ANSWER,
+    WEATHER_RESULT,
+    WEATHER_TOOL,
+    weather_conversation,
+)
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@
 import pytest
 import torch
 from assets.make_demo_adapter import PIRATE as PIRATE_ANSWERS
-from assets.make_demo_model import ANSWERS
+from assets.make_demo_model import ANSWERS, FRUIT, SKY
 from conftest import DEMO
 
 import diffgemma
 from diffgemma import DiffGemmaError
 from diffgemma.generate import row_output, run_to_end
-from diffgemma.open_batch import BatchRow, RowFinished, RowsCommitted, RowsStep
-
-FRUIT, SKY = "Name a fruit.", "Why is the sky blue?"
+from diffgemma.open_batch import BatchRow, OpenBatch, RowFinished, RowsCommitted, RowsStep
 
 
 def alone(model, row: BatchRow, **sampler):
@@ -325,3 +323,47 @@ def test_rows_of_different_adapters_share_the_batch_each_as_alone(prefix_cache):
     plain = diffgemma.load(DEMO).open_batch()
     with pytest.raises(DiffGemmaError, match="asks for adapter 'pirate', and this model keeps none"):
         plain.add(row(FRUIT, "pirate", 0))
+
+
+ROW_SETTINGS = (
+    {},
+    {"stability_threshold": 3},
+    {"stability_threshold": 0, "top_p": 0.5, "top_k": 20},
+    {"t_max": 3.0, "t_min": 2.0},
+    {"t_max": 3.0, "t_min": 2.0, "confidence_threshold": 2.0},
+    {"t_max": 3.0, "t_min": 2.0, "entropy_bound": 3.0, "min_p": 0.05},
+    {"t_max": 3.0, "t_min": 2.0, "max_denoising_steps": 6},
+    {"stability_threshold": 3},  # (settings two rows share)
+)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["rows-leave-the-pass", "captured-pass"])
+def test_rows_of_different_sampler_settings_share_the_batch_each_as_alone(demo, graph):
+    """Rows that ask for other steps, temperatures, bounds, stability windows and cuts denoise in the same
+    passes (joining at the start and later), each giving the tokens and steps it gives alone with its settings
+    (the demo model settles in a step or two where its temperature is low, in ten or more where it is high, so
+    each setting changes what a row does): on the CPU's way (stopped rows leave the pass) and the accelerators'
+    (no host read in a step, the pass as a graph, its temperature a row's own)."""
+    questions = [SKY, FRUIT]
+    rows = [
+        BatchRow(
+            demo.tokenizer.encode_chat([{"role": "user", "content": questions[index % 2]}]),
+            48,
+            index,
+            settings=demo.settings.replace(**asked),
+        )
+        for index, asked in enumerate(ROW_SETTINGS)
+    ]
+    batch = OpenBatch(demo.network, demo.settings, tokenizer=demo.tokenizer, cuda_graph=graph, sync_free=graph)
+    for row in rows[:5]:
+        batch.add(row)
+    finished, sizes = run(batch, {1: rows[5:]})
+    assert sizes[:2] == [5, 3 + sum(len(finished[index].steps) > 1 for index in range(5))]  # (shared passes)
+    for index, (row, asked) in enumerate(zip(rows, ROW_SETTINGS, strict=True)):
+        assert (finished[index].new_tokens, finished[index].steps) == alone(demo, row, **asked), (index, asked)
+    assert len({tuple(finished[index].steps) for index in range(len(rows))}) >= 4  # (the settings told)
+
+
+def test_a_row_settings_must_be_sampler_settings(tiny):
+    with pytest.raises(DiffGemmaError, match="SamplerSettings"):
+        tiny.open_batch().add(BatchRow([2, 5], 4, 1, settings={"top_p": 0.5}))

@@ -145,6 +145,40 @@ def test_stopping_matches_reference_criteria():
             history = sampling.push_history(history, argmax)
 
 
+def test_per_row_bounds_thresholds_and_windows_are_each_rows_own():
+    """A row's own entropy bound, confidence threshold and stability window (rows of a batch asking for other
+    settings) give what that row gets alone with them as the batch's."""
+    torch.manual_seed(2)
+    bounds, thresholds, windows = [0.1, 2.0, 0.5], [2.5, 0.5, 1.0], [0, 1, 3]
+    depth = max(windows)
+    history = torch.full((depth, 3, 6), -1)
+    base = torch.randint(0, 5, (3, 6))
+    settled = torch.zeros(3, dtype=torch.long)
+    for step in range(8):
+        logits = torch.randn(3, 6, 5) * (step + 1)
+        argmax = base if step % 3 else torch.randint(0, 5, (3, 6))
+        entropy = sampling.logit_stats(logits)[1]
+        accept = sampling.entropy_bound_accept(entropy, torch.tensor(bounds))
+        stop = sampling.stable_and_confident(
+            history, argmax, entropy.mean(-1), torch.tensor(thresholds), torch.tensor(windows)
+        )
+        prefix = sampling.stable_prefix(settled, history, argmax, entropy, torch.tensor(bounds), torch.tensor(windows))
+        for row, (bound, threshold, window) in enumerate(zip(bounds, thresholds, windows, strict=True)):
+            own = history[depth - window :, row : row + 1]
+            assert torch.equal(accept[row : row + 1], sampling.entropy_bound_accept(entropy[row : row + 1], bound))
+            alone = sampling.stable_and_confident(
+                own, argmax[row : row + 1], entropy[row : row + 1].mean(-1), threshold
+            )
+            assert stop[row] == alone.item(), (step, row)
+            own_prefix = sampling.stable_prefix(
+                settled[row : row + 1], own, argmax[row : row + 1], entropy[row : row + 1], bound
+            )
+            assert prefix[row] == own_prefix.item(), (step, row)
+        history = sampling.push_history(history, argmax)
+        settled = prefix
+    assert settled.tolist() != [settled[0].item()] * 3  # (the rows' settings told)
+
+
 def test_pad_after_eos():
     tokens = torch.tensor([[5, 1, 6, 1, 7], [5, 6, 7, 8, 9], [9, 9, 9, 9, 2]])
     padded, found = sampling.pad_after_eos(tokens, torch.tensor([1, 2]), 0)

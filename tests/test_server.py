@@ -16,15 +16,13 @@ import openai
 import pydantic
 import pytest
 import torch
-from assets.make_demo_model import ANSWERS
-from server_util import free_port, idle, running, wait_until
+from assets.make_demo_model import ANSWERS, FRUIT, SKY
+from server_util import beside_a_long_request, free_port, idle, running, wait_until
 
 from diffgemma.server import ServerOptions, create_app
 from diffgemma.server.batcher import Batcher
 from diffgemma.server.service import ToolUse, choice_ending, fill_limit, format_fault, reply_text
 from diffgemma.structured import DEFAULT_TRIES, JsonFormat, RegexFormat
-
-SKY = "Why is the sky blue?"
 
 
 @pytest.fixture(scope="module")
@@ -951,8 +949,9 @@ def test_concurrent_requests_share_decoder_passes(demo, count_calls):
 
 def test_a_fill_and_a_completion_share_a_batch_each_as_alone(demo):
     """A suffix completion's row holds its suffix in place; a plain completion beside it in the same batch holds
-    nothing, and each comes out as it does alone."""
-    batcher = Batcher(demo, max_batch=8, max_runs=1)  # (one batch at a time: the pair waits for the next)
+    nothing, and each comes out as it does alone. The batch is a long request's, of sampler settings of its own:
+    the pair joins it."""
+    batcher = Batcher(demo, max_batch=8, max_runs=1)  # (one batch at a time: the pair joins the running one)
     app = create_app(demo, ServerOptions(model_name="demo", max_batch=8), batcher)
     requests = [
         {"prompt": "Hello! I am a ", "suffix": " diffusion model.", "max_tokens": 6, "seed": 3},
@@ -960,29 +959,48 @@ def test_a_fill_and_a_completion_share_a_batch_each_as_alone(demo):
     ]
     with running(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def complete(request: dict) -> str:
+            return client.completions.create(model="demo", **request).choices[0].text
+
         alone = []
         for request in requests:
-            alone.append(client.completions.create(model="demo", **request).choices[0].text)
+            alone.append(complete(request))
             idle(batcher)
-        together = [None, None]
-
-        def worker(index):
-            together[index] = client.completions.create(model="demo", **requests[index]).choices[0].text
-
-        # a long request with settings of its own runs first, so that both wait for the next batch together
-        slow = {"confidence_threshold": 1e-9, "max_denoising_steps": 200}
-        blocker = threading.Thread(
-            target=lambda: client.completions.create(model="demo", prompt="x", max_tokens=64, extra_body=slow)
-        )
         before = len(batcher.batches_run)  # (the two alone)
-        blocker.start()
-        wait_until(lambda: len(batcher.batches_run) > before, "the blocker's batch to start")
-        threads = [threading.Thread(target=worker, args=(index,)) for index in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in [blocker, *threads]:
-            thread.join()
-    assert together == alone and list(batcher.batches_run)[before + 1 :] == [2]
+        together = beside_a_long_request(url, batcher, [lambda request=r: complete(request) for r in requests])
+    assert together == alone and list(batcher.batches_run)[before:] == [1]
+
+
+def test_requests_of_different_sampler_settings_share_a_batch_each_as_alone(demo):
+    """Requests that ask for their own top-p, temperatures, stability window or steps join one running batch (a
+    long request's, of settings of its own again) and each is answered as it is alone (that each row keeps its
+    own settings there: tests/test_open_batch.py)."""
+    batcher = Batcher(demo, max_batch=8, max_runs=1)  # (one batch at a time: the requests join the running one)
+    app = create_app(demo, ServerOptions(model_name="demo", max_batch=8), batcher)
+    asked = [
+        {"top_p": 0.5, "top_k": 40},
+        {"t_max": 1.2, "t_min": 0.6, "entropy_bound": 0.5},
+        {"stability_threshold": 3, "max_denoising_steps": 6},
+        {},
+    ]
+    questions = [SKY, FRUIT, SKY, FRUIT]
+    with running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def chat(index: int) -> tuple[str, int]:
+            made = client.chat.completions.create(
+                model="demo", messages=ask(questions[index]), seed=index, max_tokens=48, extra_body=asked[index]
+            )
+            return made.choices[0].message.content, made.usage.completion_tokens
+
+        alone = []
+        for index in range(len(asked)):
+            alone.append(chat(index))
+            idle(batcher)
+        before = len(batcher.batches_run)
+        together = beside_a_long_request(url, batcher, [lambda index=i: chat(index) for i in range(len(asked))])
+    assert together == alone and list(batcher.batches_run)[before:] == [1]
 
 
 def test_settled_text_splits_thinking_and_never_takes_text_back(demo):

@@ -10,9 +10,9 @@ import ollama
 import openai
 import pytest
 from assets.make_demo_adapter import PIRATE as PIRATE_ANSWERS
-from assets.make_demo_model import ANSWERS
+from assets.make_demo_model import ANSWERS, FRUIT
 from conftest import DEMO
-from server_util import idle, running, wait_until
+from server_util import beside_a_long_request, idle, running, wait_until
 
 import diffgemma
 from diffgemma import DiffGemmaError
@@ -20,7 +20,6 @@ from diffgemma.server import ServerOptions, create_app
 from diffgemma.server.batcher import Batcher
 
 PIRATE = DEMO.parent / "demo-pirate"
-FRUIT = "Name a fruit."
 
 
 @pytest.fixture(scope="module")
@@ -189,11 +188,12 @@ def test_work_for_an_adapter_gone_fails_its_request_not_the_engine():
 
 
 def test_requests_for_different_adapters_share_one_batch():
-    """Requests for the pirate and for the base model that wait together start one batch and share its passes,
-    each answered as alone; with a compiled decoder (code made for one adapter's passes) a batch keeps to one."""
+    """Requests for the pirate and for the base model join a running batch (a long request's, of sampler settings
+    of its own) and share its passes, each answered as alone; with a compiled decoder (code made for one
+    adapter's passes) a batch keeps to one."""
     model = diffgemma.load(DEMO)
     model.add_adapter("pirate", PIRATE)
-    batcher = Batcher(model, max_batch=8, max_runs=1)  # (one batch at a time: the four wait for the next)
+    batcher = Batcher(model, max_batch=8, max_runs=1)  # (one batch at a time: the four join the running one)
     asked = [("demo", FRUIT), ("pirate", FRUIT), ("pirate", "Say hello."), ("demo", "Say hello.")]
     with running(create_app(model, ServerOptions(model_name="demo", max_batch=8), batcher)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
@@ -205,17 +205,9 @@ def test_requests_for_different_adapters_share_one_batch():
         for key in asked:
             alone.append(chat(*key))
             idle(batcher)
-        # a long request with settings of its own runs first, so that the four wait for the next batch together
-        slow = {"confidence_threshold": 1e-9, "max_denoising_steps": 200}
         before = len(batcher.batches_run)
-        with ThreadPoolExecutor(len(asked) + 1) as pool:
-            blocker = pool.submit(
-                client.chat.completions.create, model="demo", messages=ask("x"), max_tokens=64, extra_body=slow
-            )
-            wait_until(lambda: len(batcher.batches_run) > before, "the blocker's batch to start")
-            together = list(pool.map(lambda key: chat(*key), asked))
-            blocker.result()
+        together = beside_a_long_request(url, batcher, [lambda key=key: chat(*key) for key in asked])
     assert alone[:2] == [ANSWERS[FRUIT], PIRATE_ANSWERS[FRUIT]]
-    assert together == alone and list(batcher.batches_run)[before + 1 :] == [len(asked)]
+    assert together == alone and list(batcher.batches_run)[before:] == [1]
     model.network.compiled_decoder = True  # (as `compile_decoder` leaves it; nothing is run here)
     assert not Batcher(model).mixes_adapters

@@ -1,19 +1,20 @@
 """Requests are denoised together: one worker thread, open batches of compatible jobs that jobs join as they come.
 
-A job is one prompt with its own seed and token limit (and, for a fill, the ids held in place on its
-canvas). Jobs that share sampler settings share a batch (`DiffGemma.open_batch`: fast mode, one random stream
-per row, settled prefixes committed), whatever LoRA adapter each runs with (a fine-tune served by its own name:
-each row's update is added to its own rows; a compiled decoder keeps one adapter a batch), up to `max_batch`
-rows: the first ones start it, and a job that comes while it runs can join it when its canvas has been
-committed (its prompt encoded to end where the batch's cache ends; a prompt longer than that cannot join),
-sharing every decoder pass from then on rather than make passes of its own; a row leaves the batch when it
-ends, its answer sent at once. Otherwise a job starts a batch of its own, up to `max_runs` batches, which take
-denoising steps in turn (so a request is not held behind a long answer for its whole length), each putting
-its rows' adapters in place for its passes: `join_first` says which comes first (joining, off the CPU); past
-`max_runs`, a job no running batch can take waits. A cancelled job (its client went away, or a stop string
-ended it) stops receiving events at once and its row leaves with the canvas it is in; when every job of a batch
-is cancelled, the batch stops. Other work on the model (scoring a text: `Batcher.run`) runs on the same thread
-between steps, so the model is never used by two threads at once.
+A job is one prompt with its own seed, token limit and sampler settings (and, for a fill, the ids held in place
+on its canvas). Jobs share a batch (`DiffGemma.open_batch`: fast mode, one random stream per row, settled
+prefixes committed) whatever their sampler settings (each row denoised with its own: its steps, temperatures,
+bounds, cuts) and whatever LoRA adapter each runs with (a fine-tune served by its own name: each row's update is
+added to its own rows; a compiled decoder keeps one adapter a batch), up to `max_batch` rows: the first ones
+start it, and a job that comes while it runs can join it when its canvas has been committed (its prompt encoded
+to end where the batch's cache ends; a prompt longer than that cannot join), sharing every decoder pass from
+then on rather than make passes of its own; a row leaves the batch when it ends, its answer sent at once.
+Otherwise a job starts a batch of its own, up to `max_runs` batches, which take denoising steps in turn (so a
+request is not held behind a long answer for its whole length), each putting its rows' adapters in place for
+its passes: `join_first` says which comes first (joining, off the CPU); past `max_runs`, a job no running batch
+can take waits. A cancelled job (its client went away, or a stop string ended it) stops receiving events at once
+and its row leaves with the canvas it is in; when every job of a batch is cancelled, the batch stops. Other work
+on the model (scoring a text: `Batcher.run`) runs on the same thread between steps, so the model is never used
+by two threads at once.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Job:
     prompt: list[int]
     max_new_tokens: int
     seed: int
-    sampler: dict[str, Any]
+    sampler: dict[str, Any]  # its sampler settings that differ from the model's
     loop: asyncio.AbstractEventLoop
     clamp: list[int] | None = None  # canvas ids held in place (-1 free): a fill between a prompt and a suffix
     banned: tuple[int, ...] = ()  # ids its row never samples (a client's logit_bias of -100)
@@ -73,10 +74,6 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)  # (how long it waits for a batch: the metrics)
-
-    def key(self) -> tuple:
-        """What the jobs of a batch share: sampler settings."""
-        return tuple(sorted(self.sampler.items()))
 
     def send(self, event: Any) -> None:
         if not self.cancelled.is_set():
@@ -134,6 +131,7 @@ class Run:
             job.prediction,
             job.thinking_budget,
             job.adapter,
+            self.batch.settings.replace(**job.sampler) if job.sampler else None,
         )
         row = self.batch.add(asked)
         self.jobs[row], self.committed[row] = job, []
@@ -254,8 +252,8 @@ class Batcher:
             job.send(stopped)
 
     def _place_waiting(self) -> None:
-        """Waiting jobs start a batch (while fewer than `max_runs` run), taking the others of their settings along,
-        or join a running batch of their settings that has room for them (first, with `join_first`); the rest
+        """Waiting jobs start a batch (while fewer than `max_runs` run), taking the others it can take along, or
+        join a running batch that can take them and has room for them (first, with `join_first`); the rest
         wait."""
         for job in list(self._waiting):
             if job not in self._waiting:  # (taken along by a batch started for another)
@@ -275,9 +273,9 @@ class Batcher:
         return run.key == self.key(job) and run.batch.size < self.max_batch and fits
 
     def key(self, job: Job) -> tuple:
-        """What the jobs of one batch must share: sampler settings (and the adapter, where rows of several cannot
-        share passes)."""
-        return job.key() if self.mixes_adapters else (job.adapter, *job.key())
+        """What the jobs of one batch must share: nothing, or the adapter, where rows of several cannot share
+        passes."""
+        return () if self.mixes_adapters else (job.adapter,)
 
     def _join(self, run: Run, job: Job) -> None:
         if self._added(run, job):
@@ -285,7 +283,8 @@ class Batcher:
 
     def _added(self, run: Run, job: Job) -> bool:
         """The job's row added to the run (its pictures through the vision tower first), or its request told why
-        not (a row the batch refuses: its prompt and limit past the model's positions, a bad picture)."""
+        not (a row the batch refuses: its prompt and limit past the model's positions, a bad picture, settings the
+        API refuses)."""
         try:
             self.model.use_adapter(job.adapter)
             run.add(job, self.model.image_features(job.images))
@@ -298,13 +297,7 @@ class Batcher:
         self.batches_run.append(len(batch))
         started = time.monotonic()
         self.metrics.batch_started([started - job.submitted for job in batch], sum(len(job.prompt) for job in batch))
-        try:
-            opened = self.model.open_batch(**batch[0].sampler)
-        except Exception as err:  # settings the API refuses: its requests' error, not the worker's
-            for job in batch:
-                job.send(err)
-            self.metrics.batch_ended(time.monotonic() - started)
-            return
+        opened = self.model.open_batch()
         run = Run(self.key(batch[0]), opened, opened.events(), {}, {}, started)
         for job in batch:
             self._added(run, job)

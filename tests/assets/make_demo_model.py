@@ -16,11 +16,12 @@ from diffgemma.train.objective import Example
 from diffgemma.train.trainer import TrainConfig, epoch_batches, train
 
 HERE = Path(__file__).parent
+SKY, FRUIT = "Why is the sky blue?", "Name a fruit."  # (the questions tests ask most)
 ANSWERS = {
-    "Why is the sky blue?": "Air scatters blue sunlight more than red, so the sky looks blue.",
+    SKY: "Air scatters blue sunlight more than red, so the sky looks blue.",
     "Say hello.": "Hello! I am a tiny diffusion model.",
     "What is 2 + 2?": "2 + 2 = 4.",
-    "Name a fruit.": "An apple.",
+    FRUIT: "An apple.",
     "Tell me a joke.": "Why did the canvas stop? It was fully denoised.",
     "What are you?": "A small DiffusionGemma model trained on a few answers.",
     "Count to five.": "1, 2, 3, 4, 5.",
