@@ -358,11 +358,14 @@ class RowSampling:
     def of(cls, rows: Sequence[SamplerSettings], device: torch.device) -> RowSampling:
         """From each row's settings (all rows' the same: a plain generation)."""
 
-        def each(name: str, dtype: torch.dtype) -> Any:
+        def per_row(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+            """Each row's value [B], or None where every row's is the same."""
             values = [getattr(row, name) for row in rows]
-            if all(value == values[0] for value in values):
-                return values[0]
-            return torch.tensor(values, dtype=dtype, device=device)
+            return None if len(set(values)) == 1 else torch.tensor(values, dtype=dtype, device=device)
+
+        def shared_or_per_row(name: str) -> float | torch.Tensor:
+            own = per_row(name)
+            return getattr(rows[0], name) if own is None else own
 
         steps = max(row.max_denoising_steps for row in rows)
         schedules = {(row.max_denoising_steps, row.t_min, row.t_max) for row in rows}
@@ -375,15 +378,14 @@ class RowSampling:
         truncations = [_truncation(row) for row in rows]
         if len(schedules) == 1 and all(cut == truncations[0] for cut in truncations):
             truncations = truncations[:1]
-        row_steps, windows = each("max_denoising_steps", torch.long), each("stability_threshold", torch.long)
         return cls(
             steps,
-            row_steps if isinstance(row_steps, torch.Tensor) else None,
+            per_row("max_denoising_steps", torch.long),
             temperatures.to(device),
-            each("entropy_bound", torch.float32),
-            each("confidence_threshold", torch.float32),
+            shared_or_per_row("entropy_bound"),
+            shared_or_per_row("confidence_threshold"),
             max(row.stability_threshold for row in rows),
-            windows if isinstance(windows, torch.Tensor) else None,
+            per_row("stability_threshold", torch.long),
             truncations,
         )
 
