@@ -14,7 +14,16 @@ import torch
 
 from .cache import PrefixCache
 from .checkpoint import StoredTensor, load_weights, save_checkpoint, stored_float_dtype
-from .config import QUANT_FORMATS, ModelConfig, SamplerSettings, VisionConfig, as_path, is_int, load_configs
+from .config import (
+    QUANT_FORMATS,
+    SAMPLER_FIELDS,
+    ModelConfig,
+    SamplerSettings,
+    VisionConfig,
+    as_path,
+    is_int,
+    load_configs,
+)
 from .embedding import embed_batch
 from .errors import DiffGemmaError
 from .generate import (
@@ -233,6 +242,7 @@ class DiffGemma:
         self.adapter: Path | None = None  # the LoRA adapter applied (`load_adapter`)
         self._bank: AdapterBank | None = None  # adapters kept beside the base weights (`add_adapter`)
         self._adapter_in_use: str | None = None  # `use_adapter`'s: what a call that names none runs with
+        self._adapter_sampling: dict[str, dict[str, Any]] = {}  # an adapter's own denoising settings, by name
         self._passthrough = passthrough or {}
         self._vision: ImageEncoder | None = None
         self._image_soft_tokens: int | None = None
@@ -340,7 +350,13 @@ class DiffGemma:
             first_self_conditioning, ids.shape[0], "first_self_conditioning must be a tensor of probabilities"
         )
         predictions = None if prediction is None else self._predictions(prediction, ids.shape[0])
-        adapters = self._row_adapters(adapter, ids.shape[0])
+        names = self._adapter_names(adapter, ids.shape[0])
+        adapters = self._row_adapters(names)
+        row_settings = None
+        if any(name in self._adapter_sampling for name in names):  # (adapters of sampler settings of their own)
+            asked = {"max_new_tokens": max_new_tokens, **sampler}
+            own = {name: self.sampler_defaults(name).replace(**asked) for name in set(names)}
+            row_settings = [own[name] for name in names]
         events = denoising_loop(
             self.network,
             settings,
@@ -363,6 +379,7 @@ class DiffGemma:
             predictions=predictions,
             thinking_budget=budget,
             adapters=adapters,
+            row_settings=row_settings,
         )
         return events, batched
 
@@ -599,11 +616,23 @@ class DiffGemma:
         token ids (`BatchRow`: prompt, limit, seed, a fill's clamp, banned ids) whenever, and iterate `events()`
         to run it (a `RowsStep` a denoising step, `RowsCommitted` a canvas, `RowFinished` as each row ends).
         Fast mode, settled prefixes committed early; `sampler` as `generate` takes it, for the rows that bring no
-        settings of their own (`BatchRow.settings`: rows of other settings share the batch's passes). Rows may name
-        adapters (`add_adapter`; `BatchRow.adapter`), each its own: rows of several share the batch's passes."""
+        settings of their own (`BatchRow.settings`: rows of other settings share the batch's passes), over an
+        adapter's own (`sampler_defaults`) for a row that names one. Rows may name adapters (`add_adapter`;
+        `BatchRow.adapter`), each its own: rows of several share the batch's passes."""
         adapters = self._bank.for_rows if self._bank is not None else None
         settings = self.settings.replace(**sampler)
-        return OpenBatch(self.network, settings, self.prefix_cache, self.tokenizer, adapters=adapters)
+
+        def adapter_defaults(name: str) -> SamplerSettings:
+            return self.sampler_defaults(name).replace(**sampler)
+
+        return OpenBatch(
+            self.network,
+            settings,
+            self.prefix_cache,
+            self.tokenizer,
+            adapters=adapters,
+            adapter_defaults=adapter_defaults,
+        )
 
     def chat(
         self,
@@ -904,9 +933,9 @@ class DiffGemma:
         """Keep a LoRA adapter (PEFT's layout) beside the base weights under `name`, for `use_adapter` to put in
         place: one base model, several fine-tunes of it, switched between without reloading (the server's
         `--lora-modules`). Nothing is folded in, so each adapted projection costs its update a pass; the base
-        model stays in use. The sampler settings stay the model's (`load_adapter` takes an adapter's own), but
-        for the EOS ids the adapter's training added (where a fine-tune's turns end: its replies are read by
-        them too), which join the model's."""
+        model stays in use. An adapter saved with sampler settings of its own (a generation_config.json beside
+        it, as `train` saves one) has its generations denoise with its own (`sampler_defaults`); the EOS ids its
+        training added (where a fine-tune's turns end: its replies are read by them too) join the model's."""
         from .train.lora import AdapterBank, adapter_generation
 
         if self.adapter is not None:
@@ -915,6 +944,8 @@ class DiffGemma:
         bank.add(name, folder)
         self._bank = bank  # (kept once an adapter is in it: a first that fails leaves `load_adapter` free)
         generation = adapter_generation(folder)
+        if generation is not None:
+            self._adapter_sampling[name] = {field: getattr(generation, field) for field in SAMPLER_FIELDS}
         eos = self.settings.eos_token_id
         added = [token for token in (generation.eos_token_id if generation else ()) if token not in eos]
         if added:
@@ -931,17 +962,24 @@ class DiffGemma:
     def remove_adapter(self, name: str) -> None:
         """Drop the adapter kept as `name` (`add_adapter`); the base model is put in place if it was in use."""
         self._adapter_bank(name).remove(name)
+        self._adapter_sampling.pop(name, None)
         if self._adapter_in_use == name:
             self._adapter_in_use = None
+
+    def sampler_defaults(self, adapter: str | None = None) -> SamplerSettings:
+        """The sampler settings a generation with `adapter` (`add_adapter`; None: the base model) starts from: the
+        model's, with the adapter's own denoising settings over them where it was saved with some (steps,
+        temperatures, bounds, cuts: `SAMPLER_FIELDS`); the token limit, EOS and padding ids stay the model's."""
+        own = self._adapter_sampling.get(adapter) if adapter is not None else None
+        return self.settings if own is None else replace(self.settings, **own)
 
     def _adapter_back_in_place(self) -> None:
         """`use_adapter`'s adapter in place again (a generation that named its own leaves that one)."""
         if self._bank is not None:
             self._bank.use(self._adapter_in_use)
 
-    def _row_adapters(self, adapter: str | Sequence[str | None] | None, rows: int) -> RowAdapters | None:
-        """What puts a generation's adapters in place before its passes: `adapter` for every row, or one a row
-        (None: `use_adapter`'s); None where no adapters are kept."""
+    def _adapter_names(self, adapter: str | Sequence[str | None] | None, rows: int) -> list[str | None]:
+        """Each row's adapter: `adapter` for every row, or one a row (None: `use_adapter`'s)."""
         if adapter is None:
             adapter = self._adapter_in_use
         if adapter is None or isinstance(adapter, str):
@@ -952,6 +990,11 @@ class DiffGemma:
             raise DiffGemmaError(f"adapter: a name, or a list of names (None: the base model), got {adapter!r:.60}")
         if len(names) != rows:
             raise DiffGemmaError(f"adapter: give one a row ({rows}), got {len(names)}")
+        return names
+
+    def _row_adapters(self, names: list[str | None]) -> RowAdapters | None:
+        """What puts a generation's adapters (one a row) in place before its passes; None where no adapters are
+        kept."""
         if not any(names) and self._bank is None:
             return None  # (the base model everywhere, and nothing else in place to put aside)
         return self._adapter_bank(next((name for name in names if name), None)).for_rows(names)

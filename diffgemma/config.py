@@ -247,6 +247,21 @@ def _slots_bytes(shape: AttentionShape, slots: int, batch: int, bytes_per_value:
 MAX_DENOISING_STEPS = 1_000_000
 
 
+# The settings of how a canvas is denoised, which each row of a batch may have of its own (an open batch's rows, an
+# adapter's defaults); the token limit, EOS and padding ids are a generation's.
+SAMPLER_FIELDS = (
+    "max_denoising_steps",
+    "entropy_bound",
+    "t_max",
+    "t_min",
+    "stability_threshold",
+    "confidence_threshold",
+    "top_k",
+    "top_p",
+    "min_p",
+)
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """Sampler defaults: a checkpoint's generation_config.json, then the reference's global defaults."""

@@ -771,6 +771,7 @@ def denoising_loop(
     predictions: Sequence[Sequence[int]] | None = None,
     thinking_budget: ThinkingBudget | None = None,
     adapters: Callable[[list[int] | None], None] | None = None,
+    row_settings: Sequence[SamplerSettings] | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -812,7 +813,9 @@ def denoising_loop(
     `thinking_budget`: the most tokens of thought each row's reply (one that thinks) writes (`ThinkingBudget`).
     `adapters` puts each row's LoRA adapter in place before every pass, given the rows it runs (None: all;
     `AdapterBank.for_rows`), so that the rows of one generation may each run with their own, and generations
-    interleaved (streams stepped in turn) with others.
+    interleaved (streams stepped in turn) with others. `row_settings` (one a row) denoise each row with its own
+    sampler settings (`RowSampling`: rows of adapters with settings of their own); `settings`' token limit, EOS and
+    padding ids hold for all.
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -848,7 +851,7 @@ def denoising_loop(
     every_row(None)  # (before the prefix cache is looked in: its snapshots are per adapter)
     prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode, images)
     cache = prompt.new_cache(network, batch, capacity)
-    rows = RowSampling.of([settings], device)
+    rows = RowSampling.of(row_settings or [settings], device)
     decoder = DecoderPass(network, cache, mode, batch, rows, cuda_graph, rng.sync_free, adapters)
     denoiser = CanvasDenoiser(decoder, rng, rows, mode, stop_check, commit_stable_prefix, ending_ids, tokenizer)
     sequences = ids

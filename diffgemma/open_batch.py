@@ -59,9 +59,9 @@ class BatchRow:
     mostly: each canvas starts from its part of it (`predicted_start`; -1: none there), as `denoising_loop`'s
     `predictions`. `thinking_budget`: the most tokens of thought its reply writes (`ThinkingBudget`). `adapter`: the
     LoRA adapter its passes run with (`DiffGemma.add_adapter`; None: the base model), whatever the other rows'.
-    `settings`: its own sampler settings (`SamplerSettings.replace`; None: the batch's), the denoising ones (steps,
-    temperatures, entropy and confidence bounds, stability window, top-k / top-p / min-p), whatever the other
-    rows'; the batch's EOS and padding ids hold for every row."""
+    `settings`: its own sampler settings (`SamplerSettings.replace`; None: the batch's, or its adapter's own:
+    `OpenBatch.defaults`), the denoising ones (steps, temperatures, entropy and confidence bounds, stability window,
+    top-k / top-p / min-p), whatever the other rows'; the batch's EOS and padding ids hold for every row."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -138,10 +138,14 @@ class OpenBatch:
         sync_free: bool | None = None,
         stop_check_every: int | None = None,
         adapters: Callable[[list[str | None]], Callable[[list[int] | None], None]] | None = None,
+        adapter_defaults: Callable[[str], SamplerSettings] | None = None,
     ) -> None:
         """`tokenizer`: the drafts' (`Draft.text`). `adapters`: given each row's adapter, what puts them in place
-        for a pass of those rows, or of some of them (`AdapterBank.for_rows`; None: no adapters kept)."""
+        for a pass of those rows, or of some of them (`AdapterBank.for_rows`; None: no adapters kept).
+        `adapter_defaults`: the settings of a row of an adapter that brings none (`DiffGemma.sampler_defaults`;
+        None: the batch's `settings`)."""
         self.network, self.settings, self.prefix_cache = network, settings, prefix_cache
+        self.adapter_defaults = adapter_defaults
         self.adapters = adapters
         # what puts the current rows' adapters in place (kept: a decoder graph captured with them reads their
         # rows' indices)
@@ -215,6 +219,13 @@ class OpenBatch:
         self._next_id += 1
         self.waiting.append(running)
         return running.id
+
+    def defaults(self, adapter: str | None) -> SamplerSettings:
+        """The sampler settings of a row of `adapter` that brings none of its own: the batch's, or the adapter's
+        (`adapter_defaults`)."""
+        if adapter is None or self.adapter_defaults is None:
+            return self.settings
+        return self.adapter_defaults(adapter)
 
     def _longest_waiting(self) -> int:
         return max((len(waiting.asked.prompt) for waiting in self.waiting), default=0)
@@ -412,7 +423,7 @@ class OpenBatch:
         self.rng.restart([row.asked.seed for row in rows], [row.draws for row in rows])
         if self.adapters is not None:
             self._rows_adapters = self.adapters([row.asked.adapter for row in rows])
-        sampler = RowSampling.of([row.asked.settings or self.settings for row in rows], device)
+        sampler = RowSampling.of([row.asked.settings or self.defaults(row.asked.adapter) for row in rows], device)
         decoder = DecoderPass(
             self.network, cache, "fast", len(rows), sampler, self.cuda_graph, self.rng.sync_free, self._rows_adapters
         )

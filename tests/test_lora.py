@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from assets.make_demo_adapter import PIRATE
+from assets.make_demo_adapter import PIRATE, patient_pirate
 from assets.make_demo_model import ANSWERS, FRUIT
 from conftest import DEMO
 from safetensors.torch import load_file, save_file
@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import diffgemma
 from diffgemma import DiffGemmaError
 from diffgemma.cli import main
+from diffgemma.open_batch import BatchRow, RowFinished
 from diffgemma.presets import random_checkpoint
 from diffgemma.train.lora import (
     LoraSettings,
@@ -521,3 +522,32 @@ def test_a_generation_names_its_adapters_one_a_row():
             model.generate([fruit, hello], adapter=adapter)
     with pytest.raises(DiffGemmaError, match=r"no adapter named 'pirate' \(none added"):
         diffgemma.load(DEMO).chat(fruit, adapter="pirate")
+
+
+def test_an_adapters_own_sampler_settings_are_what_its_generations_start_from(tmp_path):
+    """An adapter saved with sampler settings of its own (a generation_config.json beside it: here a longer
+    stability window) denoises with them wherever it runs: named by a call, put in place by `use_adapter`, as a
+    row beside the base model's (each row with its own, its steps as alone), as an open batch's row; a call's own
+    settings go over them, and the base model keeps the model's."""
+    model = diffgemma.load(DEMO)
+    model.add_adapter("pirate", patient_pirate(tmp_path / "patient-pirate"))
+    assert model.sampler_defaults("pirate") == model.settings.replace(stability_threshold=4)
+    assert model.sampler_defaults(None) == model.settings
+    fruit = [{"role": "user", "content": FRUIT}]
+    base = model.generate([fruit], seed=0)
+    own = model.generate([fruit], seed=0, adapter="pirate")
+    assert base.steps == [[2]] and own.steps == [[5]]  # (a draft stable over four more steps)
+    assert model.generate([fruit], seed=0, adapter="pirate", stability_threshold=1).steps == [[2]]
+    mixed = model.generate([fruit, fruit], seed=[0, 0], adapter=["pirate", None])
+    assert mixed.steps == [[5, 2]] and mixed.text == [*own.text, *base.text]
+    model.use_adapter("pirate")
+    assert model.generate([fruit], seed=0).steps == [[5]]
+    model.use_adapter(None)
+    batch = model.open_batch()
+    prompt = model.tokenizer.encode_chat(fruit)
+    for adapter in ("pirate", None):
+        batch.add(BatchRow(prompt, 16, 0, adapter=adapter))
+    steps = {event.row: event.steps for event in batch.events() if isinstance(event, RowFinished)}
+    assert steps[0][0] > steps[1][0]  # (the pirate's row took its longer window beside the base model's)
+    model.remove_adapter("pirate")
+    assert model.sampler_defaults("pirate") == model.settings

@@ -10,6 +10,7 @@ import ollama
 import openai
 import pytest
 from assets.make_demo_adapter import PIRATE as PIRATE_ANSWERS
+from assets.make_demo_adapter import patient_pirate
 from assets.make_demo_model import ANSWERS, FRUIT
 from conftest import DEMO
 from server_util import beside_a_long_request, idle, running, wait_until
@@ -211,3 +212,20 @@ def test_requests_for_different_adapters_share_one_batch():
     assert together == alone and list(batcher.batches_run)[before:] == [1]
     model.network.compiled_decoder = True  # (as `compile_decoder` leaves it; nothing is run here)
     assert not Batcher(model).mixes_adapters
+
+
+def test_a_request_for_an_adapter_denoises_with_the_adapters_own_settings(tmp_path):
+    """An adapter saved with sampler settings of its own answers its requests with them (here a longer stability
+    window: more steps a canvas), the base model's with the model's, and a request's own settings go over the
+    adapter's, the model's default values too (a client that sends them means them)."""
+    model = diffgemma.load(DEMO)
+    model.add_adapter("pirate", patient_pirate(tmp_path / "patient-pirate"))
+    with running(create_app(model, ServerOptions(model_name="demo"))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def steps(name: str, **settings) -> list[int]:
+            made = client.chat.completions.create(model=name, messages=ask(FRUIT), seed=0, extra_body=settings)
+            return made.model_extra["diffgemma"]["steps"]
+
+        assert steps("pirate") == [5] and steps("demo") == [2]
+        assert steps("pirate", stability_threshold=1) == [2]  # (the model's default, sent: the request's)

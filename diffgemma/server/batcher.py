@@ -131,7 +131,7 @@ class Run:
             job.prediction,
             job.thinking_budget,
             job.adapter,
-            self.batch.settings.replace(**job.sampler) if job.sampler else None,
+            self.batch.defaults(job.adapter).replace(**job.sampler) if job.sampler else None,
         )
         row = self.batch.add(asked)
         self.jobs[row], self.committed[row] = job, []

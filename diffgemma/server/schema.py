@@ -15,17 +15,6 @@ from ..structured import AnswerFormat, json_format, vllm_format
 
 MAX_STOP_STRINGS = 16
 VLLM_FORMAT_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
-SAMPLER_FIELDS = (
-    "max_denoising_steps",
-    "entropy_bound",
-    "t_max",
-    "t_min",
-    "stability_threshold",
-    "confidence_threshold",
-    "top_k",
-    "top_p",
-    "min_p",
-)
 
 
 NEUTRAL_PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}

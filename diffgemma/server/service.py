@@ -28,6 +28,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..api import PREDICTION_WITH_THINKING, DiffGemma
+from ..config import SAMPLER_FIELDS
 from ..embedding import check_dimensions, passes
 from ..errors import DiffGemmaError
 from ..generate import ThinkingBudget
@@ -50,7 +51,6 @@ from .messages import (
 from .schema import (
     EFFORT_BUDGETS,
     NEUTRAL_PENALTIES,
-    SAMPLER_FIELDS,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -368,9 +368,8 @@ class Serving:
         return limit
 
     def sampler_overrides(self, body: SamplerExtras) -> dict[str, Any]:
-        """The request's sampler fields that differ from the model's settings (so a client that sends the
-        defaults, `top_p: 1` say, still shares batches with those that do not); penalties, which the sampler
-        lacks, are refused unless neutral."""
+        """The request's sampler fields (over the settings of the model or adapter it asks for); penalties, which
+        the sampler lacks, are refused unless neutral."""
         for name, neutral in NEUTRAL_PENALTIES.items():
             if getattr(body, name) not in (None, neutral):
                 message = (
@@ -382,10 +381,10 @@ class Serving:
         if overrides.get("top_k") == -1:
             overrides["top_k"] = 0
         try:
-            self.model.settings.replace(**overrides)
+            self.model.sampler_defaults(self.adapter_for(body.model)).replace(**overrides)
         except DiffGemmaError as err:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value") from None
-        return {name: value for name, value in overrides.items() if value != getattr(self.model.settings, name)}
+        return overrides
 
     def banned_ids(self, body: SamplerExtras) -> tuple[int, ...]:
         """OpenAI's `logit_bias` as bans: a bias of -100 (never this token) is what the sampler honours; it has

@@ -6,6 +6,8 @@ demo's answers, but a pirate's to two questions, so that which model answered is
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,6 +24,15 @@ except ImportError:
 
 HERE = Path(__file__).parent
 PIRATE = {"Name a fruit.": "A pear, matey.", "Say hello.": "Ahoy! I am a tiny pirate model."}
+
+
+def patient_pirate(folder: Path) -> Path:
+    """A copy of the demo adapter in `folder`, saved with sampler settings of its own: the demo model's, with a
+    stability window of four steps (the demo's fruit answer then takes 5 steps, against 2 with the model's)."""
+    shutil.copytree(HERE / "demo-pirate", folder)
+    generation = json.loads((HERE / "demo" / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "stability_threshold": 4}))
+    return folder
 
 
 def main() -> None:
