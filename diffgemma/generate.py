@@ -378,14 +378,17 @@ class RowSampling:
         truncations = [_truncation(row) for row in rows]
         if len(schedules) == 1 and all(cut == truncations[0] for cut in truncations):
             truncations = truncations[:1]
+        # A window as long as a row's steps is never met, as no longer one is: the history kept is no longer (a
+        # window of a million steps would hold a million drafts a row).
+        windows = [min(row.stability_threshold, row.max_denoising_steps) for row in rows]
         return cls(
             steps,
             per_row("max_denoising_steps", torch.long),
             temperatures.to(device),
             shared_or_per_row("entropy_bound"),
             shared_or_per_row("confidence_threshold"),
-            max(row.stability_threshold for row in rows),
-            per_row("stability_threshold", torch.long),
+            max(windows),
+            None if len(set(windows)) == 1 else torch.tensor(windows, dtype=torch.long, device=device),
             truncations,
         )
 

@@ -781,3 +781,18 @@ def test_a_chat_answer_is_not_cut_at_one_canvas_unless_asked(tiny, monkeypatch):
     prompt = len(tiny.tokenizer.encode_chat(messages))
     expected = min(max(CHAT_MAX_NEW_TOKENS, tiny.settings.max_new_tokens), (positions - prompt) // length * length)
     assert asked == [expected, 7] and expected > tiny.settings.max_new_tokens
+
+
+def test_a_stability_window_past_the_steps_keeps_no_more_drafts_than_the_steps(demo):
+    """A window as long as a canvas's steps is never met, as no longer one is: a million-step window gives what a
+    window of the steps gives, keeping that many drafts (not a million a row)."""
+    from diffgemma.generate import RowSampling
+
+    steps = demo.settings.max_denoising_steps
+    huge = demo.settings.replace(stability_threshold=10**6)
+    assert RowSampling.of([huge], torch.device("cpu")).window == steps
+    assert RowSampling.of([huge, demo.settings], torch.device("cpu")).windows.tolist() == [steps, 1]
+    prompt = [{"role": "user", "content": "Name a fruit."}]
+    far = demo.generate(prompt, seed=0, max_new_tokens=40, stability_threshold=10**6)
+    assert all(canvas == [steps] for canvas in far.steps)  # (never stable: every step run)
+    assert far.new_tokens == demo.generate(prompt, seed=0, max_new_tokens=40, stability_threshold=steps).new_tokens
