@@ -34,6 +34,9 @@ BODIES = {
         "n": 2,
         "stop": ["x"],
         "seed": 0,
+        "top_p": 0.9,  # (sampler settings: a row's own in a shared batch)
+        "stability_threshold": 2,
+        "t_max": 0.9,
     },
     "/v1/responses": {
         "max_output_tokens": 8,
@@ -73,6 +76,9 @@ BODIES = {
         "echo": True,
         "logprobs": 2,
         "logit_bias": {"40": -100},
+        "top_k": 10,
+        "entropy_bound": 0.2,
+        "max_denoising_steps": 6,
     },
     "/v1/embeddings": {"input": ["hello", "there"], "encoding_format": "float", "dimensions": 8},
     "/tokenize": {"prompt": "hello", "add_special_tokens": True},
@@ -83,7 +89,7 @@ BODIES = {
         "messages": [{"role": "user", "content": "hi", "images": [PIXEL]}],
         "tools": [TOOL],
         "format": {"type": "object"},
-        "options": {"num_predict": 8, "top_k": 5},
+        "options": {"num_predict": 8, "top_k": 5, "min_p": 0.1, "confidence_threshold": 0.01},
         "think": True,
     },
     "/api/generate": {"prompt": "Hello", "stream": False, "options": {"num_predict": 8}, "suffix": "x"},
