@@ -336,14 +336,15 @@ def _truncation(settings: SamplerSettings) -> dict[str, Any]:
 
 @dataclass
 class RowSampling:
-    """A batch's sampler settings as its loop reads them: one value for every row where the rows agree (a
-    generation's rows always do: the arithmetic is the one-setting loop's), a row's own where they differ (an
-    open batch's rows, each a request of its own). `steps`: the most steps a canvas takes (`row_steps` [B]: each
-    row's own, where they differ; a row stops at its own); `temperatures`: the schedule, [steps], or
-    [steps, B, 1, 1] where the rows' schedules differ (a row past its own last step keeps its last temperature);
-    `entropy_bound`, `confidence_threshold`: a number, or [B]; `window`: the drafts the stop test looks back over
-    (`windows` [B]: each row's own, where they differ); `truncations`: the top-k / top-p / min-p cuts, one for
-    all rows or one a row (where cuts or temperatures differ)."""
+    """A batch's sampler settings as its loop reads them: one value for every row where the rows agree (a plain
+    generation's rows do: the arithmetic is the one-setting loop's), a row's own where they differ (an open
+    batch's rows, each a request of its own; rows of adapters saved with settings of their own). `steps`: the most
+    steps a canvas takes (`row_steps` [B]: each row's own, where they differ; a row stops at its own);
+    `temperatures`: the schedule, [steps], or [steps, B, 1, 1] where the rows' schedules differ (a row past its
+    own last step keeps its last temperature); `entropy_bound`, `confidence_threshold`: a number, or [B];
+    `window`: the drafts the stop test looks back over (`windows` [B]: each row's own, where they differ);
+    `truncations`: the top-k / top-p / min-p cuts, one for all rows or one a row (where cuts or temperatures
+    differ)."""
 
     steps: int
     row_steps: torch.Tensor | None
