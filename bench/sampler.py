@@ -1,8 +1,9 @@
 """Per-step time of the sampler modes on the CPU benchmark shape (bench-90m: ~90M parameters, 32k vocabulary,
 canvas 256, prompt 128), how much of a step the sampler itself takes, and what top-k / top-p / min-p add
-(there, and on random logits of the 26B's vocabulary).
+(there, and on random logits of the 26B's vocabulary; and to a whole fast step, whose next pass reads the cut
+distribution).
 
-    python bench/sampler.py [--steps 16] [--threads N]
+    python bench/sampler.py [--steps 16] [--threads N] [--exp-floor -50]
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--exp-floor", type=float, default=sampling.EXP_FLOOR, help="the fast sampler's (the first was -87)"
+    )
     args = parser.parse_args()
+    sampling.EXP_FLOOR = args.exp_floor
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,8 +81,8 @@ def main() -> None:
                 rng = RandomSource(mode, 1, torch.device("cpu"), 0)
                 ms = time_it(lambda lg=step_logits, r=rng: sampler_step(lg.clone(), canvas, 0.1, r), 10)
                 rows.append((label, accepted, mode, ms))
-        step_ms = {}
-        for mode in ("reference", "fast"):
+
+        def whole_step_ms(mode: str, **cut) -> float:
             start = time.perf_counter()
             result = model.generate(
                 prompt,
@@ -86,8 +91,12 @@ def main() -> None:
                 seed=0,
                 max_denoising_steps=args.steps,
                 confidence_threshold=1e-9,
+                **cut,
             )
-            step_ms[mode] = (time.perf_counter() - start) * 1000 / sum(result.steps[0])
+            return (time.perf_counter() - start) * 1000 / sum(result.steps[0])
+
+        step_ms = {mode: whole_step_ms(mode) for mode in ("reference", "fast")}
+        cut_step_ms = {", ".join(f"{k} {v}" for k, v in cut.items()): whole_step_ms("fast", **cut) for cut in CUTS}
     table = ["| logits | accepted/step | mode | sampler ms/step | share of a step |", "|---|---|---|---|---|"]
     for label, accepted, mode, ms in rows:
         table.append(f"| {label} | {accepted} | {mode} | {ms:.1f} | {ms / (ms + denoise_ms):.0%} |")
@@ -100,6 +109,11 @@ def main() -> None:
     # (a trained model's distributions are far peakier than random logits: top-p 0.9 keeps ~200 tokens here)
     table += truncation_rows(vocab_26b * 2, "random x2, vocabulary 262,144", None)
     table.append("")
+    table.append("| cut | whole fast step ms (generate, incl. prefill) | against no cut |")
+    table.append("|---|---|---|")
+    for label, ms in [("none", step_ms["fast"]), *cut_step_ms.items()]:
+        table.append(f"| {label} | {ms:.1f} | {ms / step_ms['fast']:.2f}x |")
+    table.append("")
     table.append("| mode | whole step ms (generate, incl. prefill) | decoder pass ms | speed-up |")
     table.append("|---|---|---|---|")
     for mode in ("reference", "fast"):
@@ -109,7 +123,8 @@ def main() -> None:
         "Sampler modes (bench/sampler.py)",
         "\n".join(table),
         f"bench-90m ({sum(network.config.parameter_counts()[:1]) / 1e6:.0f}M parameters, vocabulary "
-        f"{config.vocab_size}), batch 1, prompt 128, canvas {config.canvas_length}, {args.steps} steps.",
+        f"{config.vocab_size}), batch 1, prompt 128, canvas {config.canvas_length}, {args.steps} steps; the fast "
+        f"sampler's exponential floored at {args.exp_floor:g}.",
     )
 
 

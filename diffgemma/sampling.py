@@ -30,9 +30,15 @@ def temperature_schedule(max_steps: int, t_min: float, t_max: float) -> torch.Te
     return t_min + (t_max - t_min) * (steps_left / max_steps)
 
 
-EXP_FLOOR = -87.0
+# Where the distribution's exponential is floored (logits less their maximum): a token that far below the
+# likeliest is nothing drawable (its probability at most e^-50, 2e-22, over the likeliest's), and every
+# probability stays far inside float32's normal range even divided by the 26B's vocabulary (7e-28), and so do its
+# products with the embedding in the soft embedding. Below that range a CPU's exp takes a slow path (ten to thirty
+# times the time), and a CPU's matrix product meets numbers there a hundred times slower (at -87, the first floor,
+# a distribution with any token cut by top-k or top-p made bench-90m's step ten times as long).
+EXP_FLOOR = -50.0
 # What a position's excluded tokens get (`outside_ranges`): below any capped logit at any usable temperature, and
-# finite, so that (clamped) probability times logit stays a harmless 1e-34 in the entropy.
+# finite, so that (floored) probability times logit stays a harmless 1e-18 a token in the entropy.
 MASKED_LOGIT = -1e4
 
 
@@ -68,8 +74,7 @@ def logit_stats(
     """
     shift, argmax = last_dim_max(logits)
     shift = shift.unsqueeze(-1)
-    # exp below -87 leaves float32's normal range, and a CPU's vectorised exp takes a slow path there: ten to
-    # thirty times the time (trained models' logits spread that far). exp(-87) is 1.6e-38: nothing drawable.
+    # (floored: a CPU's exp, and its products with what comes of it, slow down far below 1: `EXP_FLOOR`)
     probs = torch.sub(logits, shift, out=out).clamp_min_(EXP_FLOOR).exp_()
     total = probs.sum(dim=-1, keepdim=True)
     probs.div_(total)
