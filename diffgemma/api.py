@@ -132,12 +132,15 @@ def auto_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if bf16_is_fast(device) else torch.float32
 
 
-def load_dtype(dtype: torch.dtype | str, device: torch.device, folder: Path) -> torch.dtype:
-    """`load`'s dtype: a dtype or its name, or "auto" or "stored", which read the checkpoint's."""
+def load_dtype(dtype: torch.dtype | str | None, device: torch.device, folder: Path) -> torch.dtype:
+    """`load`'s dtype: a dtype or its name, or "auto" (None too) or "stored", which read the checkpoint's."""
     return _chosen_dtype(dtype, device, lambda: stored_float_dtype(folder))
 
 
-def _chosen_dtype(dtype: torch.dtype | str, device: torch.device, stored: Callable[[], torch.dtype]) -> torch.dtype:
+def _chosen_dtype(
+    dtype: torch.dtype | str | None, device: torch.device, stored: Callable[[], torch.dtype]
+) -> torch.dtype:
+    dtype = AUTO_DTYPE if dtype is None else dtype  # (None: the default, as transformers reads it)
     if dtype not in (AUTO_DTYPE, STORED_DTYPE):
         return resolve_dtype(dtype)
     return auto_dtype(device, stored()) if dtype == AUTO_DTYPE else stored()
@@ -1139,7 +1142,7 @@ def _clamp_ids(clamp: Sequence) -> torch.Tensor:
 def load(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | str = AUTO_DTYPE,
+    dtype: torch.dtype | str | None = AUTO_DTYPE,
     quant: str | QuantFormat | None = None,
     compile: bool = False,
     progress: Callable[[int, int], None] | None = None,

@@ -394,6 +394,7 @@ def test_checkpoint_without_vision_or_tokenizer(tmp_path):
 def test_bad_device_and_dtype(reference_checkpoints):
     with pytest.raises(DiffGemmaError, match="unknown dtype 'int3'"):
         diffgemma.load(reference_checkpoints["A"], dtype="int3")
+    assert diffgemma.load(reference_checkpoints["A"], dtype=None).network.dtype == torch.float32  # (None: "auto")
     with pytest.raises(DiffGemmaError, match="unknown device"):
         diffgemma.load(reference_checkpoints["A"], device="warp-drive")
     with pytest.raises(DiffGemmaError, match="quant must be one of int8, int4, fp8"):
