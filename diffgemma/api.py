@@ -318,7 +318,10 @@ class DiffGemma:
             if not all(is_int(limit) for limit in max_new_tokens):
                 raise DiffGemmaError(f"max_new_tokens: a whole number, or one a row, got {max_new_tokens!r:.80}")
             row_limits, max_new_tokens = list(max_new_tokens), max(max_new_tokens, default=0)
-        settings = self.settings.replace(max_new_tokens=max_new_tokens, **sampler)
+        # a denoising setting given as a list: one a row (the others one for all)
+        per_row = {key: list(value) for key, value in sampler.items() if key in SAMPLER_FIELDS and _is_list(value)}
+        asked = {"max_new_tokens": max_new_tokens, **{k: v for k, v in sampler.items() if k not in per_row}}
+        settings = self.settings.replace(**asked)
         if prediction is not None and enable_thinking:  # (before the prompt's pictures go through the tower)
             raise DiffGemmaError(PREDICTION_WITH_THINKING)
         budget = None if thinking_budget is None else self.thinking_budget(thinking_budget)
@@ -356,10 +359,14 @@ class DiffGemma:
         names = self._adapter_names(adapter, ids.shape[0])
         adapters = self._row_adapters(names)
         row_settings = None
-        if any(name in self._adapter_sampling for name in names):  # (adapters of sampler settings of their own)
-            asked = {"max_new_tokens": max_new_tokens, **sampler}
-            own = {name: self.sampler_defaults(name).replace(**asked) for name in set(names)}
-            row_settings = [own[name] for name in names]
+        if per_row or any(name in self._adapter_sampling for name in names):  # (adapters' own settings)
+            for key, values in per_row.items():
+                if len(values) != len(names):
+                    raise DiffGemmaError(f"{key}: one for all rows, or one a row ({len(names)}), got {len(values)}")
+            row_settings = [
+                self.sampler_defaults(name).replace(**asked, **{key: values[row] for key, values in per_row.items()})
+                for row, name in enumerate(names)
+            ]
         events = denoising_loop(
             self.network,
             settings,
@@ -504,6 +511,8 @@ class DiffGemma:
         Sampler settings (`max_denoising_steps`, `entropy_bound`, `t_max`, `t_min`, `stability_threshold`,
         `confidence_threshold`, `eos_token_id`, `pad_token_id`) override the checkpoint's defaults for this
         call; `top_k`, `top_p` and `min_p` cut what a position may draw (`sampling.truncate`; off by default).
+        The denoising ones (`SAMPLER_FIELDS`: all these but the ids) may be lists, one a row of a batch, which
+        then shares every pass (a sweep of temperatures in one batch, say).
         `clamp` fixes generated positions to given ids (-1 or None = free), in every step and in the output.
         With `seed` the run is reproducible; without it the global torch RNG is used. For a batch, `seed` and
         `max_new_tokens` may be lists (one per row). `commit_stable_prefix` fixes each canvas's settled leading
@@ -1039,6 +1048,10 @@ def _ended_by(
         return [bool(name) or stops.ends(row) for row, name in zip(rows, named, strict=True)]
 
     return ended
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, list | tuple)
 
 
 def _for_every_row(values: torch.Tensor | None, batch: int, expected: str) -> torch.Tensor | None:

@@ -796,3 +796,20 @@ def test_a_stability_window_past_the_steps_keeps_no_more_drafts_than_the_steps(d
     far = demo.generate(prompt, seed=0, max_new_tokens=40, stability_threshold=10**6)
     assert all(canvas == [steps] for canvas in far.steps)  # (never stable: every step run)
     assert far.new_tokens == demo.generate(prompt, seed=0, max_new_tokens=40, stability_threshold=steps).new_tokens
+
+
+def test_denoising_settings_may_be_given_one_a_row(demo):
+    """A denoising setting given as a list is each row's own in one batch (here stability windows and top-p),
+    each row giving what it gives alone with its value; a list of another length, or a value out of range, is
+    refused."""
+    fruit = [{"role": "user", "content": "Name a fruit."}]
+    windows, cuts = [0, 1, 4], [1.0, 0.5, 0.9]
+    together = demo.generate([fruit] * 3, seed=[0, 1, 2], stability_threshold=windows, top_p=cuts)
+    for row, (window, cut) in enumerate(zip(windows, cuts, strict=True)):
+        alone = demo.generate([fruit], seed=[row], stability_threshold=window, top_p=cut)
+        assert alone.new_tokens[0] == together.new_tokens[row] and [alone.steps[0][0]] == [together.steps[0][row]]
+    assert len(set(together.steps[0])) == 3  # (the windows told)
+    with pytest.raises(DiffGemmaError, match=r"top_p: one for all rows, or one a row \(3\), got 2"):
+        demo.generate([fruit] * 3, top_p=[0.5, 0.9])
+    with pytest.raises(DiffGemmaError, match="`top_p` must be a number from 0 to 1"):
+        demo.generate([fruit] * 2, top_p=[0.5, 2.0])
