@@ -319,7 +319,7 @@ class DiffGemma:
                 raise DiffGemmaError(f"max_new_tokens: a whole number, or one a row, got {max_new_tokens!r:.80}")
             row_limits, max_new_tokens = list(max_new_tokens), max(max_new_tokens, default=0)
         # a denoising setting given as a list: one a row (the others one for all)
-        per_row = {key: list(value) for key, value in sampler.items() if key in SAMPLER_FIELDS and _is_list(value)}
+        per_row = {k: list(v) for k, v in sampler.items() if k in SAMPLER_FIELDS and isinstance(v, list | tuple)}
         asked = {"max_new_tokens": max_new_tokens, **{k: v for k, v in sampler.items() if k not in per_row}}
         settings = self.settings.replace(**asked)
         if prediction is not None and enable_thinking:  # (before the prompt's pictures go through the tower)
@@ -1048,10 +1048,6 @@ def _ended_by(
         return [bool(name) or stops.ends(row) for row, name in zip(rows, named, strict=True)]
 
     return ended
-
-
-def _is_list(value: Any) -> bool:
-    return isinstance(value, list | tuple)
 
 
 def _for_every_row(values: torch.Tensor | None, batch: int, expected: str) -> torch.Tensor | None:

@@ -35,7 +35,7 @@ def temperature_schedule(max_steps: int, t_min: float, t_max: float) -> torch.Te
 # probability stays far inside float32's normal range even divided by the 26B's vocabulary (7e-28), and so do its
 # products with the embedding in the soft embedding. Below that range a CPU's exp takes a slow path (ten to thirty
 # times the time), and a CPU's matrix product meets numbers there a hundred times slower (at -87, the first floor,
-# a distribution with any token cut by top-k or top-p made bench-90m's step ten times as long).
+# a distribution with tokens cut by top-k, top-p or min-p made bench-90m's whole step 8 to 27 times as long).
 EXP_FLOOR = -50.0
 # What a position's excluded tokens get (`outside_ranges`): below any capped logit at any usable temperature, and
 # finite, so that (floored) probability times logit stays a harmless 1e-18 a token in the entropy.
