@@ -833,6 +833,7 @@ def test_a_responses_stream_that_fails_ends_with_its_error_and_response_failed_e
         assert error.code == "server_error" and error.message.startswith("generation failed: CUDA out of memory")
         assert failed.status == "failed" and failed.error.message == error.message
         assert failed.id == events[0].response.id
+        assert client.responses.retrieve(failed.id).status == "failed"  # (kept as it failed)
         with pytest.raises(openai.APIStatusError) as refused:  # (before the stream: a status, as ever)
             client.responses.create(model="demo", input=SKY)
         assert refused.value.status_code == 503

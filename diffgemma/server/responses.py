@@ -287,10 +287,12 @@ class ResponseBuilder:
     def sse(self, payload: dict[str, Any] | list[dict[str, Any]]) -> str:
         """Server-sent events as a Responses stream sends them: a failure mid-stream (`schema.error_body`'s shape)
         as an `error` event, then `response.failed` (OpenAI's clients and the Vercel AI SDK read these; chat's
-        error shape is no event of this API)."""
+        error shape is no event of this API), the failed response kept as the others are."""
         if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
             code, message = payload["error"].get("code") or "server_error", payload["error"]["message"]
             failed = self.response("failed", error={"code": code, "message": message})
+            if self.on_done is not None:  # (kept as it failed: GET /v1/responses/{id} says so)
+                self.on_done(failed)
             payload = [
                 self._event_named("error", code=code, message=message, param=None),
                 self._event("failed", response=failed),
