@@ -18,7 +18,7 @@ import torch
 from assets.make_demo_model import ANSWERS, SKY
 
 import diffgemma
-from diffgemma import DiffGemmaError
+from diffgemma import DiffGemmaError, sampling
 from diffgemma.cli import SUDOKU_MODEL, main
 
 DEMO = str(Path(__file__).parent / "assets" / "demo")
@@ -586,6 +586,12 @@ def test_bench_times_every_step_and_prints_a_table(capsys, demo, monkeypatch):
     assert main([*argv, "--json"]) == 0
     shown = capsys.readouterr().err
     assert "timing 1 row(s)" in shown and "timing 3 row(s)" in shown and "6/6" in shown
+    seen = []  # a client's cuts, timed as they run: the steps sample with them
+    monkeypatch.setattr(sampling, "truncate", lambda logits, **cut: seen.append(cut) or logits)
+    assert main([*argv, "--top-k", "40", "--top-p", "0.9"]) == 0
+    assert "3 steps each (every step run), top-k 40, top-p 0.9" in capsys.readouterr().out
+    assert seen and all(cut["top_k"] == 40 and cut["top_p"] == 0.9 for cut in seen)
+    assert main([*argv, "--min-p", "2"]) == 2 and "--min-p must be a number from 0 to 1" in capsys.readouterr().err
 
 
 def test_chat_with_tools_runs_the_calls_and_answers(capsys, tmp_path, monkeypatch):

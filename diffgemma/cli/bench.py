@@ -8,6 +8,8 @@ import json
 from ..resources import size_text
 from .common import load_model, model_path, terminal_progress
 
+CUTS = ("top_k", "top_p", "min_p")
+
 
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
@@ -16,6 +18,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from ..benchmark import measure_speed
 
     model = load_model(args)
+    cuts = {name: getattr(args, name) for name in CUTS if getattr(args, name) is not None}
+    model.settings = model.settings.replace(**cuts)
     reports = []
     for batch in args.batch:
         with terminal_progress(f"timing {batch} row(s)", unit="steps") as progress:
@@ -35,7 +39,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"{model_path(args)}: {weights} weights on {where}, torch {torch.__version__}")
     print(
         f"prompt {args.prompt_tokens} tokens, {args.canvases} canvas(es) of {model.config.canvas_length}, "
-        f"{args.steps} steps each (every step run)"
+        f"{args.steps} steps each (every step run)" + "".join(f", {k.replace('_', '-')} {v}" for k, v in cuts.items())
     )
     memory = "peak GPU memory" if device.type == "cuda" else "peak resident memory"
     print(f"| rows | ms a step | tokens/s ({args.steps} steps) | tokens/s, whole run | prompt tokens/s | {memory} |")

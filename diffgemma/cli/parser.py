@@ -136,6 +136,11 @@ def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--t-min", type=float, default=None, help="temperature towards the last step")
     parser.add_argument("--stability", type=int, default=None, help="steps the draft must stay unchanged")
     parser.add_argument("--confidence", type=float, default=None, help="mean entropy under which a canvas stops")
+    _add_cut_options(parser)
+
+
+def _add_cut_options(parser: argparse.ArgumentParser) -> None:
+    """What a position may draw: top-k, top-p, min-p (the checkpoint's defaults, overridden)."""
     parser.add_argument(
         "--top-k", type=int, default=None, help="a position draws only among its k likeliest tokens (0: all)"
     )
@@ -528,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=_at_least(2), default=16, help="denoising steps a canvas, each one run")
     bench.add_argument("--seed", type=int, default=0, help="the random prompts'")
     bench.add_argument("--json", action="store_true", help="a JSON line a row count, for scripts")
+    _add_cut_options(bench)  # (what a client's top-k / top-p / min-p costs a step)
     _add_model_options(bench, sampling=False, prefix_cache=0)
     bench.set_defaults(run=bench_command.cmd_bench)
 
