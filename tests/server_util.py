@@ -50,7 +50,7 @@ def idle(batcher) -> None:
     wait_until(lambda: not batcher.batches_running(), "the engine to be idle")
 
 
-# a request of settings of its own that denoises four canvases of 200 steps each
+# a request of settings of its own that denoises up to four canvases (the demo's) of 200 steps each
 LONG_REQUEST = {
     "model": "demo",
     "prompt": "x",

@@ -364,6 +364,6 @@ def test_rows_of_different_sampler_settings_share_the_batch_each_as_alone(demo, 
     assert len({tuple(finished[index].steps) for index in range(len(rows))}) >= 4  # (the settings told)
 
 
-def test_a_row_settings_must_be_sampler_settings(tiny):
+def test_a_rows_own_settings_must_be_sampler_settings(tiny):
     with pytest.raises(DiffGemmaError, match="SamplerSettings"):
         tiny.open_batch().add(BatchRow([2, 5], 4, 1, settings={"top_p": 0.5}))
