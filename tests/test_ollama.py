@@ -38,6 +38,8 @@ def test_what_is_served(server, client, demo):
     openai_context = openai.OpenAI(base_url=server[0] + "/v1", api_key="-").models.list().data[0].max_model_len
     assert shown.modelinfo["diffusion_gemma.context_length"] == openai_context
     assert shown.modelinfo["diffusion_gemma.canvas_length"] == demo.config.canvas_length
+    parameters = dict(line.split(" ", 1) for line in shown.parameters.splitlines())  # (a Modelfile's)
+    assert parameters["max_denoising_steps"] == str(demo.settings.max_denoising_steps) and parameters["top_p"] == "1.0"
     assert [entry.model for entry in client.ps().models] == ["demo"]
     assert httpx.get(server[0] + "/api/version").json()["version"]
 

@@ -229,3 +229,6 @@ def test_a_request_for_an_adapter_denoises_with_the_adapters_own_settings(tmp_pa
 
         assert steps("pirate") == [5] and steps("demo") == [2]
         assert steps("pirate", stability_threshold=1) == [2]  # (the model's default, sent: the request's)
+        shown = {name: httpx.post(url + "/api/show", json={"model": name}).json() for name in ("pirate", "demo")}
+        assert "stability_threshold 4" in shown["pirate"]["parameters"].splitlines()  # (Ollama's clients see it)
+        assert "stability_threshold 1" in shown["demo"]["parameters"].splitlines()

@@ -31,6 +31,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from ..api import DiffGemma
+from ..config import SAMPLER_FIELDS, SamplerSettings
 from ..images import PreparedImage
 from ..reply import SettledText
 from ..scoring import MAX_TOP
@@ -387,6 +388,12 @@ def model_entry(model: DiffGemma, name: str) -> dict[str, Any]:
     }
 
 
+def sampler_parameters(settings: SamplerSettings) -> str:
+    """The denoising settings as `/api/show`'s `parameters` (a Modelfile's, one `name value` a line: what
+    `ollama show --parameters` prints, and what a client may send back as `options`)."""
+    return "\n".join(f"{name} {getattr(settings, name)}" for name in SAMPLER_FIELDS)
+
+
 def model_card(model: DiffGemma, entry: dict[str, Any], context: int) -> dict[str, Any]:
     """The model as `/api/show` describes it: its details (`entry`, as listed), its shape (`model_info`, where
     clients read the context length) and what it can do (`capabilities`: chat and text, fills, tools and thinking
@@ -512,9 +519,11 @@ def ollama_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter
 
     @router.post("/api/show")
     async def show(body: OllamaShowRequest | None = None) -> dict[str, Any]:
-        served = serving.served_name(body.model if body is not None else None)
+        asked = body.model if body is not None else None
+        served = serving.served_name(asked)
         entry = next(entry for entry in every_model() if entry["name"] == served)
-        return card if entry is listed else {**card, "details": entry["details"]}
+        parameters = sampler_parameters(model.sampler_defaults(serving.adapter_for(asked)))
+        return {**card, "details": entry["details"], "parameters": parameters}
 
     def embed_rows(texts: list[str], truncate: bool) -> list[list[int]]:
         limit = serving.options.max_prompt_tokens
