@@ -106,6 +106,8 @@ def main() -> None:
     table += truncation_rows(scaled, f"bench-90m's own, vocabulary {config.vocab_size}", step_ms["fast"])
     vocab_26b = torch.randn(1, config.canvas_length, 262_144, generator=torch.Generator().manual_seed(0)) * 3
     table += truncation_rows(vocab_26b, "random, vocabulary 262,144", None)
+    # (nuclei of a few thousand tokens: past the first count of NUCLEUS_CANDIDATES, within the second)
+    table += truncation_rows(vocab_26b * 1.5, "random x1.5, vocabulary 262,144", None)
     # (a trained model's distributions are far peakier than random logits: top-p 0.9 keeps ~200 tokens here)
     table += truncation_rows(vocab_26b * 2, "random x2, vocabulary 262,144", None)
     table.append("")

@@ -328,10 +328,11 @@ def test_fast_mode_draws_only_what_truncation_kept(sync_free):
 
 
 def test_the_cpu_finds_a_nucleus_among_the_likeliest_tokens_or_sorts_the_row(monkeypatch):
-    """The fast sampler's top-p on the CPU: rows whose nucleus lies among their likeliest NUCLEUS_CANDIDATES
-    tokens are cut there, the others sorted whole; the same cut as sorting every row, up to float rounding (a
-    token at the boundary), which a float64 reference settles."""
-    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 64)
+    """The fast sampler's top-p on the CPU: rows whose nucleus lies among their likeliest tokens (the first of
+    NUCLEUS_CANDIDATES) are cut there, the others look among the next count's, and those beyond every count are
+    sorted whole; the same cut as sorting every row, up to float rounding (a token at the boundary), which a
+    float64 reference settles."""
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", (64, 512))
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(4, 6, 3000, generator=generator) * torch.tensor([0.2, 1.0, 3.0, 6.0]).view(4, 1, 1)
     logits[0, 0] = sampling.MASKED_LOGIT  # a row held to a few tokens (the rest excluded)
@@ -351,8 +352,9 @@ def test_the_cpu_finds_a_nucleus_among_the_likeliest_tokens_or_sorts_the_row(mon
             assert (kept != exact).sum() <= 2
             sizes = kept.sum(-1)
             assert bool((sizes >= 1).all())
-            if top_p == 0.9:  # both ways taken: the flat rows' nuclei reach past the 64 candidates
-                assert sizes.max() > 64 and sizes.min() <= 64 and 0 < sum(calls) < 24
+            if top_p == 0.9:  # every way taken: nuclei within 64, within 512, and the flat rows' past both
+                assert sizes.min() <= 64 and bool(((sizes > 64) & (sizes <= 512)).any())
+                assert 0 < sum(calls) == int((sizes > 512).sum())  # (only the rows past 512 sorted whole)
             assert torch.equal(fast[kept], (logits / scale)[kept])  # what stays is untouched
     # where a host read would wait for an accelerator, every row is sorted
     calls.clear()
