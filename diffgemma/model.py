@@ -201,11 +201,12 @@ class Experts(nn.Module):
           grouped matmul runs one small product per expert, each too small to keep both cores busy (bench-90m:
           8.7 ms for a layer's gate/up projection against 6.5 ms batched). Reading the largest group's size
           costs little off CUDA. On the CPU, packed instead when the padding would more than double the rows
-          (a skewed routing).
+          (a skewed routing), and where the products go an expert at a time anyway (`batches_groups`).
         `group_align` overrides the choice: 1 packed, more than 1 aligned to that many rows.
         """
         pairs = routed.numel()
-        if self.group_align is None and not x.is_cuda and not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if self.group_align is None and not x.is_cuda and not compiling and self.batches_groups(x, pairs):
             capacity = int(group_sizes.max())
             # Other devices (Apple's MPS) may have no grouped matmul at all: batched whatever the padding.
             if x.device.type != "cpu" or self.num_experts * capacity <= MAX_BATCHED_PADDING * pairs:
@@ -217,6 +218,10 @@ class Experts(nn.Module):
         ends = torch.cumsum(padded_sizes, dim=0, dtype=torch.int32)
         slot = (ends - padded_sizes)[routed].long() + rank
         return slot, ends, pairs + self.num_experts * (align - 1)
+
+    def batches_groups(self, x: torch.Tensor, pairs: int) -> bool:
+        """Whether groups off CUDA are padded to one batched matmul (float weights: yes)."""
+        return True
 
     def row_alignment(self, x: torch.Tensor) -> int:
         """Rows each group of the grouped (not batched) layout is padded to a multiple of."""

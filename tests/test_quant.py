@@ -172,6 +172,54 @@ def test_the_cpu_kernels_take_large_weights_that_meet_few_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
+def test_experts_through_a_cpu_kernel_are_packed_not_padded(monkeypatch, name):
+    """The float experts pad every group to the largest for one batched product; where a CPU kernel takes the
+    quantized ones (an expert at a time, at a cost in proportion to the rows) the groups go packed, with the same
+    outputs; expanded (no kernel), they are batched as the float ones."""
+    from diffgemma import quant
+    from diffgemma.config import parse_model_config
+    from diffgemma.model import Experts
+    from diffgemma.presets import preset_config
+
+    monkeypatch.setattr(quant, "CPU_KERNEL_MIN_VALUES", 0)  # the tiny shape's experts through the kernel
+    config = parse_model_config(preset_config("tiny"), "tiny")
+    torch.manual_seed(0)
+    float_experts = Experts(config).requires_grad_(False)
+    float_experts.gate_up_proj.normal_(0, 0.05)
+    float_experts.down_proj.normal_(0, 0.05)
+    module = quant.QuantExperts(float_experts, QuantFormat(name))
+    for weight in ("gate_up_proj", "down_proj"):
+        module.load_float(weight, float_experts._parameters[weight])
+    tokens, experts = 40, config.num_experts
+    x = torch.randn(tokens, config.hidden_size)
+    # a spread routing: every expert gets 10 of the 80 pairs but one, which gets 13 (padding: 1.3x the rows)
+    routing = torch.stack([torch.tensor([t % experts, (t + 1 + t // experts) % experts]) for t in range(tokens)])
+    routing[:3, 1] = 0
+    routing = routing.where(routing[:, :1] != routing[:, 1:], (routing + 1) % experts)
+    weights = torch.rand(tokens, config.top_k_experts)
+    routed = routing.reshape(-1)
+    rank = torch.tensor([int((routed[:p] == e).sum()) for p, e in enumerate(routed.tolist())])
+    sizes = torch.bincount(routed, minlength=experts).int()
+    assert int(sizes.max()) * experts > routed.numel()  # (batching would pad)
+    kernel = quant.direct_kernel(module.fmt, x, module.source_shapes["gate_up_proj"], routed.numel() // experts)
+    if kernel not in (quant.CPU_KERNEL, quant.CPU_INT8_UNITS):
+        pytest.skip(f"this CPU's {name} kernel does not take the tiny shape's experts")
+    assert float_experts.group_layout(x, routed, rank, sizes)[1] is None  # float: batched, padded
+    _, ends, slots = module.group_layout(x, routed, rank, sizes)
+    assert slots == routed.numel() and torch.equal(ends, sizes.cumsum(0).int())  # packed, no padding
+    packs = quant.QuantExperts.batches_groups
+    with torch.no_grad():
+        packed = module(x, routing, weights)
+        monkeypatch.setattr(quant.QuantExperts, "batches_groups", lambda self, x, pairs: True)
+        assert module.group_layout(x, routed, rank, sizes)[1] is None
+        padded = module(x, routing, weights)
+    assert torch.allclose(packed, padded, rtol=1e-3, atol=1e-5)
+    monkeypatch.setattr(quant.QuantExperts, "batches_groups", packs)
+    monkeypatch.setenv("DIFFGEMMA_CPU_KERNELS", "0")  # expanded: batched, as the float experts
+    assert module.group_layout(x, routed, rank, sizes)[1] is None
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
 def test_the_cpu_kernels_multiply_as_the_expanded_weights(name):
     from diffgemma.quant import cpu_grouped_linear, cpu_int4_layout
 
