@@ -185,8 +185,11 @@ class Experts(nn.Module):
         gate, up = self.project(rows, "gate_up_proj", offsets).chunk(2, dim=-1)
         projected = self.project(self.act(gate) * up, "down_proj", offsets).reshape(-1, x.shape[1])
         picked = projected.index_select(0, pair_slot).view(tokens, top_k, -1)
-        # Sum each token's k expert outputs in a fixed order (deterministic, no atomics).
-        return (picked * weights[..., None]).sum(dim=1).to(x.dtype)
+        # Each token's k expert outputs weighted and summed in float32 in a fixed order (deterministic, no
+        # atomics), as one batched product: a broadcast multiply of bf16 outputs by float32 weights, then a sum,
+        # took the CPU several times as long (a sixth of a 26B-shape layer at batch 1).
+        summed = torch.bmm(weights.float()[:, None, :], picked.float()).squeeze(1)
+        return summed.to(x.dtype)
 
     def group_layout(
         self, x: torch.Tensor, routed: torch.Tensor, rank: torch.Tensor, group_sizes: torch.Tensor
@@ -929,7 +932,7 @@ def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_va
     output and its copy, and while encoding a sliding layer's window joined to the new keys, the causal mask
     made additive, and the smaller of the copies grouped heads take (the mask repeated per stacked head, or
     the keys and values repeated per query head); the experts' rows in their group layout (16-row
-    aligned on CUDA), gate/up and down products, each pair's output and its float32 weighted copy, the
+    aligned on CUDA), gate/up and down products, each pair's output (and its float32 copy, where narrower), the
     routing's count and attention's output. Beside it: the masks and a few hidden-state-sized tensors. A step
     also casts and multiplies the vocabulary a slice at a time (head, self-conditioning). Checked against the
     tensors a CPU pass allocates (tests/test_engine.py); the CUDA kernels' own workspaces are not counted.
@@ -956,7 +959,8 @@ def activation_bytes(config: ModelConfig, context: int, batch: int, bytes_per_va
             attention = max(attention, projection, held)
         pairs = tokens * config.top_k_experts
         rows = pairs + config.num_experts * (GPU_GROUP_ALIGN - 1)
-        experts = rows * (2 * h + 2 * config.moe_intermediate_size) * b + pairs * h * (b + 4) + tokens * h * 4
+        pair_outputs = pairs * h * (b + (4 if b < 4 else 0))  # the weighted sum reads them in float32
+        experts = rows * (2 * h + 2 * config.moe_intermediate_size) * b + pair_outputs + tokens * h * 4
         experts += pairs * config.num_experts * 4  # the routing's running count
         experts += tokens * heads * max(shape.head_dim for shape in config.layers) * b  # attention's output
         masks = tokens * (full_keys + window_keys)  # booleans, one mask of each kind for the whole pass
