@@ -391,7 +391,8 @@ def test_llama_cpps_infill_route_as_editor_plugins_call_it(server, demo):
     seed, in `content`, with `stop_type`, `timings` and the `response_fields` asked for (nested ones under their
     path), or streamed as `data:` lines that end with `stop: true`; `n_predict` is a limit (over a canvas, the
     canvas), -1 the default; seed -1 a random one; stop strings end it."""
-    from diffgemma.server.llamacpp import LlamaInfillRequest, fit_prompt
+    from diffgemma.server.llamacpp import LlamaInfillRequest
+    from diffgemma.server.service import fit_prompt
 
     url = server[0]
     asked = {
@@ -444,6 +445,61 @@ def test_llama_cpps_infill_route_as_editor_plugins_call_it(server, demo):
     assert long["truncated"] is True and long["tokens_evaluated"] == 400 and filled["truncated"] is False
     refused = httpx.post(url + "/infill", json={**asked, "n_predict": "many"}, timeout=60)
     assert refused.status_code == 422 and "n_predict" in refused.json()["error"]["message"]
+
+
+def test_llama_cpps_completion_and_props_routes(server, demo):
+    """llama-server's native `/completion` (and `/completions`): a prompt as text, token ids or both mixed (a list
+    of prompts: a list of results, each seeded one on), the answer in `content` with its `tokens` when asked, how it
+    ended, its `generation_settings`, or streamed as `data:` lines; read as JSON whatever the content type, as
+    llama.cpp reads it; `n_predict` -1 runs to EOS (the server's limit), 0 writes nothing; `n_probs` and streamed
+    lists refused. `/props` gives the context, the default settings and the chat template; `/tokenize` takes its
+    `content` and `with_pieces`."""
+    url = server[0]
+    ids = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": FRUIT}]}, timeout=60).json()
+    chat_prompt = ids["tokens"]  # the question as the chat template renders it: the demo answers it
+    answered = httpx.post(url + "/completion", json={"prompt": chat_prompt, "seed": 0, "return_tokens": True}).json()
+    assert answered["content"] == ANSWERS[FRUIT] and answered["stop"] is True and answered["stop_type"] == "eos"
+    assert demo.tokenizer.decode(answered["tokens"]) == ANSWERS[FRUIT]
+    assert answered["tokens_predicted"] == len(answered["tokens"]) and answered["tokens_evaluated"] == len(chat_prompt)
+    settings = answered["generation_settings"]
+    assert settings["n_predict"] == 512 and settings["n_ctx"] == 400 + 512 and settings["top_p"] == demo.settings.top_p
+    text = "Hello! I am"
+    asked = {"prompt": text, "n_predict": 12, "seed": 5, "top_k": 40, "stop": ["zz"]}
+    expected = httpx.post(url + "/v1/completions", json={**asked, "max_tokens": 12}, timeout=60).json()
+    done = httpx.post(url + "/completion", json=asked, timeout=60).json()
+    assert done["content"] == expected["choices"][0]["text"] and done["tokens"] == []
+    assert done["tokens_evaluated"] == len(demo.tokenizer.encode(text)) and done["tokens_predicted"] <= 12
+    assert done["generation_settings"]["top_k"] == 40 and done["generation_settings"]["stop"] == ["zz"]
+    bos = demo.tokenizer.encode("")
+    mixed = httpx.post(url + "/completions", json={**asked, "prompt": [*bos, text]}, timeout=60).json()
+    assert mixed["content"] == done["content"]  # (the ids, then the text without a second BOS: the same prompt)
+    both = httpx.post(url + "/completion", json={**asked, "prompt": [text, chat_prompt]}, timeout=60).json()
+    alone = httpx.post(url + "/completion", json={**asked, "prompt": chat_prompt, "seed": 6}, timeout=60).json()
+    assert [one["content"] for one in both] == [done["content"], alone["content"]]
+    with httpx.stream("POST", url + "/completion", json={**asked, "stream": True}, timeout=60) as streamed:
+        lines = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert "".join(line["content"] for line in lines) == done["content"]
+    assert lines[-1]["stop"] is True and not any(line["stop"] for line in lines[:-1])
+    assert lines[-1]["stop_type"] == done["stop_type"]
+    form = httpx.post(url + "/completion", content=json.dumps(asked), headers={"content-type": "text/plain"})
+    assert form.status_code == 200 and form.json()["content"] == done["content"]  # (curl -d without a header)
+    nothing = httpx.post(url + "/completion", json={**asked, "n_predict": 0}, timeout=60).json()
+    assert nothing["content"] == "" and nothing["tokens_predicted"] == 0 and nothing["tokens_evaluated"] > 0
+    for refused, param in (
+        ({**asked, "n_probs": 3}, "n_probs"),
+        ({**asked, "prompt": [text, text], "stream": True}, "stream"),
+        ({**asked, "prompt": [demo.config.vocab_size]}, "prompt"),
+        ({**asked, "prompt": []}, "prompt"),
+    ):
+        answer = httpx.post(url + "/completion", json=refused, timeout=60)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, refused
+    props = httpx.get(url + "/props", timeout=60).json()
+    assert props["default_generation_settings"]["n_ctx"] == 912 and props["total_slots"] >= 1
+    assert props["default_generation_settings"]["params"]["max_denoising_steps"] == demo.settings.max_denoising_steps
+    assert props["chat_template"] == demo.tokenizer.chat_template and props["model_alias"] == "demo"
+    assert props["eos_token"] and props["modalities"]["vision"] is False
+    pieces = httpx.post(url + "/tokenize", json={"content": text, "with_pieces": True}, timeout=60).json()["tokens"]
+    assert "".join(piece["piece"] for piece in pieces) == demo.tokenizer.decode([p["id"] for p in pieces], False)
 
 
 def test_anthropics_messages_api_with_the_anthropic_client(server, client):

@@ -84,6 +84,16 @@ BODIES = {
     "/tokenize": {"prompt": "hello", "add_special_tokens": True},
     "/detokenize": {"tokens": [40, 41]},
     "/infill": {"input_prefix": "Hello ", "input_suffix": " world", "n_predict": 4, "input_extra": []},
+    "/completion": {
+        "prompt": [2, "Hello", 40],
+        "n_predict": 4,
+        "stop": ["x"],
+        "logit_bias": [[40, False]],
+        "seed": -1,
+        "return_tokens": True,
+        "response_fields": ["content", "timings/predicted_n"],
+        "top_k": 5,
+    },
     "/api/chat": {
         "stream": False,
         "messages": [{"role": "user", "content": "hi", "images": [PIXEL]}],
@@ -96,7 +106,15 @@ BODIES = {
     "/api/embed": {"input": ["hi"], "truncate": True},
 }
 TRIALS = 300
-STREAMS = {"/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/completions", "/api/chat", "/api/generate"}
+STREAMS = {
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/completions",
+    "/completion",
+    "/api/chat",
+    "/api/generate",
+}
 WORDS = ["", "x", "auto", "required", "none", "json_object", "function", "text", "image", "user", "🙂"]
 
 
@@ -130,7 +148,10 @@ def mutated(body: dict, rng: random.Random) -> dict:
     """`body` with one to three places given random values, or dropped."""
     body = copy.deepcopy(body)
     for _ in range(rng.randint(1, 3)):
-        path = rng.choice(list(places(body)))
+        every = list(places(body))
+        if not every:  # (all dropped already)
+            break
+        path = rng.choice(every)
         parent = body
         for key in path[:-1]:
             parent = parent[key]

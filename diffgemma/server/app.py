@@ -25,7 +25,7 @@ from ..api import DiffGemma
 from ..errors import DiffGemmaError
 from ..reply import SettledText
 from .batcher import Batcher, Job
-from .llamacpp import LlamaInfillRequest, infill_response, stream_chunk
+from .llamacpp import LLAMACPP_POSTS, llamacpp_routes
 from .messages import (
     Conversation,
     MessageBuilder,
@@ -179,8 +179,9 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         return await call_next(request)
 
     @app.middleware("http")
-    async def ollama_bodies(request: Request, call_next):
-        read_as_json(request)
+    async def native_bodies(request: Request, call_next):
+        if on_ollama_route(request) or request.url.path in LLAMACPP_POSTS:
+            read_as_json(request)
         return await call_next(request)
 
     @app.middleware("http")
@@ -394,7 +395,8 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
         """vLLM's: the ids a prompt is read as (a text, or messages through the chat template with their tools,
-        as chat completions read them), for clients that count tokens."""
+        as chat completions read them), for clients that count tokens; llama.cpp's too (`content`, `add_special`,
+        `with_pieces`)."""
         if (body.prompt is None) == (body.messages is None):
             message = "give either a text `prompt` or chat `messages`"
             raise APIError(400, message, "invalid_request_error", "invalid_value", "prompt")
@@ -404,9 +406,13 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             ids, _ = serving.chat_prompt(conversation, thinking_asked(body), "messages", "", offered)
         else:
             ids = model.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
-        counted = {"count": len(ids), "max_model_len": model.config.max_position_embeddings, "tokens": ids}
+        counted: dict = {"count": len(ids), "max_model_len": model.config.max_position_embeddings, "tokens": ids}
+        shown = body.return_token_strs or body.with_pieces
+        pieces = [model.tokenizer.decode([token], skip_special_tokens=False) for token in ids] if shown else []
         if body.return_token_strs:
-            counted["token_strs"] = [model.tokenizer.decode([token], skip_special_tokens=False) for token in ids]
+            counted["token_strs"] = pieces
+        if body.with_pieces:
+            counted["tokens"] = [{"id": token, "piece": piece} for token, piece in zip(ids, pieces, strict=True)]
         return counted
 
     @app.post("/detokenize")
@@ -428,25 +434,6 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         text = body.prefix + fill + body.suffix
         return {"object": "infill", "model": serving.served_name(body.model), "text": text, "fill": fill}
 
-    @app.post("/infill")
-    async def llama_infill(body: LlamaInfillRequest, request: Request):
-        """llama.cpp's (`llamacpp`): what editor plugins send for code completion."""
-        prompt, truncated, length = serving.plugin_fill(
-            model.tokenizer.encode(body.prefix()), body.input_suffix, body.limit()
-        )
-        shape = {"model_name": serving.served_name(body.model), "fields": body.response_fields, "truncated": truncated}
-        if length == 0:  # (nothing asked for)
-            return infill_response("", "length", None, len(prompt), 0, 0.0, **shape)
-        reply = reply_text(model, chat=False, stop=body.stop)  # (its stop strings checked before a job is queued)
-        job = serving.fill_job(prompt, body.input_suffix, length, body, warn=False)  # (a long suffix's end: by design)
-        if body.stream:
-            return event_stream(serving.stream_jobs([job], [reply], stream_chunk, False, None, [""], ""))
-        answer = await serving.run_answer(job, reply, request, None)
-        done, end = answer.done, answer.end
-        predicted = len(done.new_tokens)
-        return infill_response(
-            answer.content, end.finish, end.stop_sequence, len(prompt), predicted, done.wall_time, done.cached, **shape
-        )
-
+    app.include_router(llamacpp_routes(model, serving, context))
     app.include_router(ollama_routes(model, serving, context))
     return app

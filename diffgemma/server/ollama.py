@@ -106,11 +106,10 @@ def unknown_route(request: Request) -> str:
 
 
 def read_as_json(request: Request) -> None:
-    """A request to Ollama's routes read as JSON whatever content type it names, as Ollama reads it: its
+    """A request read as JSON whatever content type it names, as Ollama and llama.cpp read theirs: their
     documentation's examples post with `curl -d` and no header, which curl sends as form data."""
-    if on_ollama_route(request):
-        headers = [(key, value) for key, value in request.scope["headers"] if key != b"content-type"]
-        request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
+    headers = [(key, value) for key, value in request.scope["headers"] if key != b"content-type"]
+    request.scope["headers"] = [*headers, (b"content-type", b"application/json")]
 
 
 def bad(message: str, param: str) -> APIError:

@@ -243,6 +243,7 @@ class TokenizeRequest(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
+    with_pieces: bool = False  # llama.cpp's: each token as {id, piece} (its text)
 
 
 class DetokenizeRequest(BaseModel):

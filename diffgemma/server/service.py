@@ -40,7 +40,6 @@ from ..structured import DEFAULT_TRIES, AnswerFormat
 from ..tokenizer import THINKING_CLOSE, Tokenizer
 from ..toolcalls import FORCED_CALL, ToolCall, check_tools, forced_call_fault, tool_plan
 from .batcher import Batcher, EngineStopped, Job, RowDone, RowDraft
-from .llamacpp import fit_prompt
 from .logprobs import chat_logprobs, completion_logprobs
 from .messages import (
     Conversation,
@@ -225,6 +224,14 @@ def fill_limit(asked: int | None, default: int, canvas: int, suffix_tokens: int)
     `default`), at most what leaves the suffix and its EOS on the canvas, or half of it for a longer suffix (whose
     end is then cut: editor plugins send many lines after the cursor, and the fill sees those nearest)."""
     return min(default if asked is None else asked, canvas - min(suffix_tokens + 1, canvas // 2))
+
+
+def fit_prompt(ids: list[int], opening: int, limit: int) -> tuple[list[int], bool]:
+    """The prompt within `limit` tokens: its `opening` ids (the tokenizer's BOS) and as much of its end as fits;
+    and whether anything was cut."""
+    if len(ids) <= limit:
+        return ids, False
+    return ids[:opening] + ids[len(ids) - (limit - opening) :], True
 
 
 def check_token_ids(model: DiffGemma, ids: list[int], param: str) -> None:
@@ -491,6 +498,17 @@ class Serving:
             job.cancelled.set()  # (after its end, harmless: its row is done, or ends with its canvas)
             self.active -= 1
 
+    async def run_answers(self, runs: list[Awaitable[Answer]]) -> list[Answer]:
+        """A request's choices (`run_answer` each), together; when one fails (or the request goes away), the others
+        stop too."""
+        waits = [asyncio.ensure_future(run) for run in runs]
+        try:
+            return list(await asyncio.gather(*waits))
+        except BaseException:
+            for wait in waits:
+                wait.cancel()
+            raise
+
     async def run_answer(
         self,
         job: Job,
@@ -654,16 +672,12 @@ class Serving:
                 jobs, replies, chunk, body.drafts, usage_chunk, leading, logprobs=scorer, tools=tools
             )
             return event_stream(stream)
-        waits = [
-            asyncio.ensure_future(self.run_answer(job, reply, request, tools, answer_format, partial(redraw, index)))
-            for index, (job, reply) in enumerate(zip(jobs, replies, strict=True))
-        ]
-        try:
-            answers = await asyncio.gather(*waits)
-        except BaseException:  # a choice failed (or the request went away): the others stop too
-            for wait in waits:
-                wait.cancel()
-            raise
+        answers = await self.run_answers(
+            [
+                self.run_answer(job, reply, request, tools, answer_format, partial(redraw, index))
+                for index, (job, reply) in enumerate(zip(jobs, replies, strict=True))
+            ]
+        )
         every_logprobs: list[dict[str, Any] | None] = [None] * len(answers)
         if top is not None:  # every choice scored in one pass
             scored = [
