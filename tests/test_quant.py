@@ -171,25 +171,33 @@ def test_the_cpu_kernels_take_large_weights_that_meet_few_rows(monkeypatch):
     assert direct_kernel(int8, x, (1408, 2816), 16) is None and direct_kernel(int4, x, (1408, 2816), 16) is None
 
 
+def tiny_experts(fmt: QuantFormat):
+    """The tiny shape's experts, float (seeded) and quantized from them in `fmt`: (config, float, quantized)."""
+    from diffgemma import quant
+    from diffgemma.config import parse_model_config
+    from diffgemma.model import Experts
+    from diffgemma.presets import preset_config
+
+    config = parse_model_config(preset_config("tiny"), "tiny")
+    torch.manual_seed(0)
+    float_experts = Experts(config).requires_grad_(False)
+    float_experts.gate_up_proj.normal_(0, 0.05)
+    float_experts.down_proj.normal_(0, 0.05)
+    module = quant.QuantExperts(float_experts, fmt)
+    for weight in ("gate_up_proj", "down_proj"):
+        module.load_float(weight, float_experts._parameters[weight])
+    return config, float_experts, module
+
+
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_experts_through_a_cpu_kernel_are_packed_not_padded(monkeypatch, name):
     """The float experts pad every group to the largest for one batched product; where a CPU kernel takes the
     quantized ones (an expert at a time, at a cost in proportion to the rows) the groups go packed, with the same
     outputs; expanded (no kernel), they are batched as the float ones."""
     from diffgemma import quant
-    from diffgemma.config import parse_model_config
-    from diffgemma.model import Experts
-    from diffgemma.presets import preset_config
 
     monkeypatch.setattr(quant, "CPU_KERNEL_MIN_VALUES", 0)  # the tiny shape's experts through the kernel
-    config = parse_model_config(preset_config("tiny"), "tiny")
-    torch.manual_seed(0)
-    float_experts = Experts(config).requires_grad_(False)
-    float_experts.gate_up_proj.normal_(0, 0.05)
-    float_experts.down_proj.normal_(0, 0.05)
-    module = quant.QuantExperts(float_experts, QuantFormat(name))
-    for weight in ("gate_up_proj", "down_proj"):
-        module.load_float(weight, float_experts._parameters[weight])
+    config, float_experts, module = tiny_experts(QuantFormat(name))
     tokens, experts = 40, config.num_experts
     x = torch.randn(tokens, config.hidden_size)
     # a spread routing: every expert gets 10 of the 80 pairs but one, which gets 13 (padding: 1.3x the rows)
@@ -276,26 +284,12 @@ def test_int4_experts_are_laid_out_for_the_cpu_kernel_once_and_read_in_our_layou
     loaded), a move, the properties, an expanded product and a product under autograd all see our layout, which
     all but the properties restore in place."""
     from diffgemma import quant
-    from diffgemma.config import parse_model_config
-    from diffgemma.model import Experts
-    from diffgemma.presets import preset_config
 
     if quant.cpu_int4_kernel_layout() is None:
         pytest.skip("this CPU's int4 kernel reads a layout diffgemma does not know (int4 expands)")
     monkeypatch.setattr(quant, "CPU_KERNEL_MIN_VALUES", 0)  # the tiny shape's experts through the kernel
-    config = parse_model_config(preset_config("tiny"), "tiny")
-    torch.manual_seed(0)
-    float_experts = Experts(config).requires_grad_(False)
-    float_experts.gate_up_proj.normal_(0, 0.05)
-    float_experts.down_proj.normal_(0, 0.05)
-
-    def quantized() -> quant.QuantExperts:
-        module = quant.QuantExperts(float_experts, QuantFormat("int4"))
-        for name in ("gate_up_proj", "down_proj"):
-            module.load_float(name, float_experts._parameters[name])
-        return module
-
-    module, per_call = quantized(), quantized()
+    config, _, module = tiny_experts(QuantFormat("int4"))
+    per_call = tiny_experts(QuantFormat("int4"))[2]
     per_call._lay_out_for_cpu = lambda name: None  # rearranges for each call, as before
     ours = {name: tensor.clone() for name, tensor in module.state_dict().items()}
     tokens = torch.randn(20, config.hidden_size)
