@@ -453,7 +453,7 @@ def test_llama_cpps_completion_and_props_routes(server, demo):
     ended, its `generation_settings`, or streamed as `data:` lines; read as JSON whatever the content type, as
     llama.cpp reads it; `n_predict` -1 runs to EOS (the server's limit), 0 writes nothing; `n_probs` and streamed
     lists refused. `/props` gives the context, the default settings and the chat template; `/tokenize` takes its
-    `content` and `with_pieces`."""
+    `content` and `with_pieces`; `/apply-template` renders a chat as prompt text."""
     url = server[0]
     ids = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": FRUIT}]}, timeout=60).json()
     chat_prompt = ids["tokens"]  # the question as the chat template renders it: the demo answers it
@@ -499,6 +499,12 @@ def test_llama_cpps_completion_and_props_routes(server, demo):
     assert props["chat_template"] == demo.tokenizer.chat_template and props["model_alias"] == "demo"
     assert props["eos_token"] and props["modalities"]["vision"] is False
     pieces = httpx.post(url + "/tokenize", json={"content": text, "with_pieces": True}, timeout=60).json()["tokens"]
+    # `/apply-template`: the chat as prompt text, which /completion reads with its BOS once
+    rendered = httpx.post(url + "/apply-template", json={"messages": [{"role": "user", "content": FRUIT}]}).json()
+    assert demo.tokenizer.encode(rendered["prompt"], add_special_tokens=False) == chat_prompt
+    again = httpx.post(url + "/completion", json={"prompt": rendered["prompt"], "seed": 0}, timeout=60).json()
+    assert again["content"] == ANSWERS[FRUIT] and again["tokens_evaluated"] == len(chat_prompt)
+    assert httpx.post(url + "/apply-template", json={"messages": []}).status_code == 400
     assert "".join(piece["piece"] for piece in pieces) == demo.tokenizer.decode([p["id"] for p in pieces], False)
 
 

@@ -392,6 +392,12 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         await serving.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
+    def chat_ids(body: TokenizeRequest) -> list[int]:
+        """A chat's ids, its messages and tools through the chat template, as chat completions read them."""
+        offered, _ = serving.plan_tools(body.tools, None)
+        conversation = [message.for_template() for message in body.messages or []]
+        return serving.chat_prompt(conversation, thinking_asked(body), "messages", "", offered)[0]
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
         """vLLM's: the ids a prompt is read as (a text, or messages through the chat template with their tools,
@@ -401,9 +407,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
             message = "give either a text `prompt` or chat `messages`"
             raise APIError(400, message, "invalid_request_error", "invalid_value", "prompt")
         if body.messages is not None:
-            offered, _ = serving.plan_tools(body.tools, None)
-            conversation = [message.for_template() for message in body.messages]
-            ids, _ = serving.chat_prompt(conversation, thinking_asked(body), "messages", "", offered)
+            ids = chat_ids(body)
         else:
             ids = model.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
         counted: dict = {"count": len(ids), "max_model_len": model.config.max_position_embeddings, "tokens": ids}
@@ -414,6 +418,14 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         if body.with_pieces:
             counted["tokens"] = [{"id": token, "piece": piece} for token, piece in zip(ids, pieces, strict=True)]
         return counted
+
+    @app.post("/apply-template")
+    async def apply_template(body: TokenizeRequest) -> dict:
+        """llama.cpp's: a chat's `messages` (with their `tools`) as the prompt text the chat template makes of
+        them, the answer's turn opened, for a client to edit and send to `/completion`."""
+        if not body.messages:
+            raise APIError(400, "give the chat's `messages`", "invalid_request_error", "invalid_value", "messages")
+        return {"prompt": model.tokenizer.decode(chat_ids(body), skip_special_tokens=False)}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:

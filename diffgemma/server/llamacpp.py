@@ -36,7 +36,7 @@ from .service import Answer, Serving, check_token_ids, event_stream, reply_text
 
 # The routes llama.cpp reads bodies of as JSON whatever their content type (its own, and the token routes it shares
 # with vLLM), as these are
-LLAMACPP_POSTS = ("/infill", "/completion", "/completions", "/tokenize", "/detokenize")
+LLAMACPP_POSTS = ("/infill", "/completion", "/completions", "/apply-template", "/tokenize", "/detokenize")
 # The seeds llama.cpp reads as "a random one": -1, and LLAMA_DEFAULT_SEED (2**32 - 1).
 RANDOM_SEEDS = (-1, 2**32 - 1)
 
@@ -209,9 +209,12 @@ def llamacpp_routes(model: DiffGemma, serving: Serving, context: int) -> APIRout
     """llama.cpp's routes over `serving` (`context`: the tokens a request may span, as `/props` gives it)."""
     router = APIRouter()
     tokenizer = model.tokenizer
+    opening = tokenizer.encode("")  # (the BOS)
 
     def encode(text: str, bos: bool) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=bos)
+        """A text's ids, the BOS first where `bos`, unless the text begins with it (`/apply-template`'s prompt)."""
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return opening + ids if bos and ids[: len(opening)] != opening else ids
 
     @router.post("/infill")
     async def infill(body: LlamaInfillRequest, request: Request):
