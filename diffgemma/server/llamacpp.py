@@ -34,8 +34,8 @@ from ..config import SAMPLER_FIELDS, SamplerSettings
 from .schema import APIError, Piece, SamplerExtras, StopField
 from .service import Answer, Serving, check_token_ids, event_stream, reply_text
 
-# The routes llama.cpp reads bodies of as JSON whatever their content type (its own, and the token routes it shares
-# with vLLM), as these are
+# llama.cpp's routes (its own, and the token routes it shares with vLLM), whose bodies are read as JSON whatever
+# content type they name, as llama.cpp reads them
 LLAMACPP_POSTS = ("/infill", "/completion", "/completions", "/apply-template", "/tokenize", "/detokenize")
 # The seeds llama.cpp reads as "a random one": -1, and LLAMA_DEFAULT_SEED (2**32 - 1).
 RANDOM_SEEDS = (-1, 2**32 - 1)
