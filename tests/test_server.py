@@ -508,6 +508,62 @@ def test_llama_cpps_completion_and_props_routes(server, demo):
     assert "".join(piece["piece"] for piece in pieces) == demo.tokenizer.decode([p["id"] for p in pieces], False)
 
 
+def test_text_generation_inference_routes_with_huggingface_hub(server, demo):
+    """TGI's API through `huggingface_hub`'s InferenceClient (its text_generation posts to the server's root): a
+    raw prompt's answer, whole or streamed, with `details`; greedy by default (seed 0 every time), `do_sample` with
+    a seed as /completion draws it; `return_full_text`, `stop`, `truncate`, `max_new_tokens`; what it cannot honour
+    refused in TGI's error shape; `/generate`, `/generate_stream`, `/info`."""
+    from huggingface_hub import InferenceClient
+
+    url = server[0]
+    tgi = InferenceClient(model=url)
+    rendered = httpx.post(url + "/apply-template", json={"messages": [{"role": "user", "content": FRUIT}]}).json()
+    prompt = rendered["prompt"]  # the chat as text (its BOS read once): the demo answers it
+    assert tgi.text_generation(prompt) == ANSWERS[FRUIT] == tgi.text_generation(prompt)  # (greedy: seed 0)
+    assert tgi.text_generation(prompt, do_sample=True, seed=0) == ANSWERS[FRUIT]
+    detailed = tgi.text_generation(prompt, details=True)
+    assert detailed.generated_text == ANSWERS[FRUIT] and detailed.details.finish_reason == "eos_token"
+    assert detailed.details.generated_tokens == len(demo.tokenizer.encode(ANSWERS[FRUIT], add_special_tokens=False))
+    assert detailed.details.seed is None  # (greedy, as TGI reports it)
+    pieces = list(tgi.text_generation(prompt, stream=True))
+    assert "".join(pieces) == ANSWERS[FRUIT]
+    last = list(tgi.text_generation(prompt, stream=True, details=True))[-1]
+    assert last.generated_text == ANSWERS[FRUIT] and last.details.finish_reason == "eos_token"
+    assert tgi.text_generation(prompt, return_full_text=True) == prompt + ANSWERS[FRUIT]
+    cut = tgi.text_generation(prompt, stop=["pp"], details=True)
+    assert cut.generated_text == ANSWERS[FRUIT][: ANSWERS[FRUIT].index("pp")]
+    assert cut.details.finish_reason == "stop_sequence"
+    short = tgi.text_generation(prompt, max_new_tokens=3, details=True)
+    assert short.details.generated_tokens == 3 and short.details.finish_reason == "length"
+    text = "Hello! I am"
+    drawn = tgi.text_generation(text, do_sample=True, seed=5, max_new_tokens=8, details=True)
+    assert drawn.details.seed == 5
+    same = httpx.post(url + "/completion", json={"prompt": text, "seed": 5, "n_predict": 8}).json()["content"]
+    assert drawn.generated_text == same
+    ids = demo.tokenizer.encode(text)
+    asked = {"inputs": text, "parameters": {"truncate": 4, "do_sample": True, "seed": 5, "max_new_tokens": 8}}
+    truncated = httpx.post(url + "/generate", json=asked, timeout=60).json()["generated_text"]
+    tail = httpx.post(url + "/completion", json={"prompt": [ids[0], *ids[-3:]], "seed": 5, "n_predict": 8}).json()
+    assert truncated == tail["content"]  # (its BOS and its last three tokens)
+    listed = httpx.post(url + "/", json={"inputs": prompt}, timeout=60).json()
+    assert listed == [{"generated_text": ANSWERS[FRUIT]}]
+    with httpx.stream("POST", url + "/generate_stream", json={"inputs": prompt}, timeout=60) as streamed:
+        events = [json.loads(line[5:]) for line in streamed.iter_lines() if line.startswith("data:")]
+    assert "".join(event["token"]["text"] for event in events) == ANSWERS[FRUIT]
+    assert events[-1]["generated_text"] == ANSWERS[FRUIT] and all(e["generated_text"] is None for e in events[:-1])
+    for parameters, named in (({"repetition_penalty": 1.3}, "repetition_penalty"), ({"best_of": 2}, "best_of")):
+        refused = httpx.post(url + "/generate", json={"inputs": text, "parameters": parameters}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error_type"] == "validation"
+        assert named in refused.json()["error"]
+    with pytest.raises(Exception, match="grammar"):
+        tgi.text_generation(text, grammar={"type": "json", "value": {}})
+    missing = httpx.post(url + "/generate", json={"parameters": {}}, timeout=60)
+    assert missing.status_code == 422
+    assert missing.json() == {"error": "inputs: Field required", "error_type": "validation"}
+    info = httpx.get(url + "/info", timeout=60).json()
+    assert (info["model_id"], info["max_input_tokens"], info["max_total_tokens"]) == ("demo", 400, 912)
+
+
 def test_anthropics_messages_api_with_the_anthropic_client(server, client):
     """`/v1/messages` through the official `anthropic` client: the chat answer as a text block, its stream of
     typed events (the client's stream helper checks them), a system prompt, thinking as a thinking block,

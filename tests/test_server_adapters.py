@@ -57,6 +57,18 @@ def test_the_adapters_are_listed_as_models_of_their_own(served, client):
             local.show("nope")
 
 
+def test_tgi_requests_name_their_adapter_by_adapter_id(served):
+    """TGI's `adapter_id` picks a served adapter, as `model` does on the other routes; an unknown one is a 404."""
+    url = served[0]
+    prompt = httpx.post(url + "/apply-template", json={"messages": ask("Name a fruit.")}).json()["prompt"]
+    body = {"inputs": prompt, "parameters": {"adapter_id": "pirate"}}
+    assert httpx.post(url + "/generate", json=body, timeout=60).json()["generated_text"] == "A pear, matey."
+    base = httpx.post(url + "/generate", json={"inputs": prompt}, timeout=60).json()["generated_text"]
+    assert base == "An apple."
+    unknown = httpx.post(url + "/generate", json={"inputs": prompt, "parameters": {"adapter_id": "nope"}})
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+
+
 def test_each_request_is_answered_by_the_model_it_names(served, client):
     """The adapter's answers where a request names it, the base model's otherwise (by its name), however the
     requests come together: each answer is the one it gets alone."""

@@ -94,6 +94,21 @@ BODIES = {
         "response_fields": ["content", "timings/predicted_n"],
         "top_k": 5,
     },
+    "/generate": {
+        "inputs": "Hello",
+        "parameters": {
+            "max_new_tokens": 4,
+            "stop": ["x"],
+            "seed": 3,
+            "do_sample": True,
+            "top_k": 5,
+            "details": True,
+            "return_full_text": True,
+            "truncate": 8,
+            "adapter_id": "demo",
+        },
+    },
+    "/": {"inputs": "Hi", "parameters": {"max_new_tokens": 4, "details": True, "stop": ["a"]}},  # (TGI's root)
     "/api/chat": {
         "stream": False,
         "messages": [{"role": "user", "content": "hi", "images": [PIXEL]}],
@@ -112,6 +127,7 @@ STREAMS = {
     "/v1/messages",
     "/v1/completions",
     "/completion",
+    "/",
     "/api/chat",
     "/api/generate",
 }
@@ -167,6 +183,8 @@ def error_shaped(route: str, reply: httpx.Response) -> bool:
     body = reply.json()
     if route.startswith("/api/"):
         return isinstance(body.get("error"), str)
+    if route in ("/generate", "/"):  # (TGI's shape)
+        return isinstance(body.get("error"), str) and isinstance(body.get("error_type"), str)
     if route.startswith("/v1/messages"):
         return body.get("type") == "error" and isinstance(body["error"].get("message"), str)
     return isinstance(body.get("error"), dict) and isinstance(body["error"].get("message"), str)

@@ -71,6 +71,7 @@ from .service import (
     thinking_asked,
     whole_events,
 )
+from .tgi import on_tgi_route, tgi_error, tgi_routes
 
 STATIC = Path(__file__).with_name("static")
 
@@ -129,11 +130,13 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
 
     def error(request: Request, body: dict, status: int) -> JSONResponse:
         """An error in its API's shape: OpenAI's, Ollama's on its routes (`{"error": message}`), Anthropic's on
-        the Messages routes."""
+        the Messages routes, TGI's on its generating routes."""
         if on_ollama_route(request):
             body = {"error": body["error"]["message"]}
         elif on_messages_route(request.url.path):
             body = anthropic_error(body, status)
+        elif on_tgi_route(request):
+            body = tgi_error(body)
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(APIError)
@@ -447,5 +450,6 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         return {"object": "infill", "model": serving.served_name(body.model), "text": text, "fill": fill}
 
     app.include_router(llamacpp_routes(model, serving, context))
+    app.include_router(tgi_routes(model, serving, context))
     app.include_router(ollama_routes(model, serving, context))
     return app

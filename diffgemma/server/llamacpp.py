@@ -32,7 +32,7 @@ from .. import __version__
 from ..api import DiffGemma
 from ..config import SAMPLER_FIELDS, SamplerSettings
 from .schema import APIError, Piece, SamplerExtras, StopField
-from .service import Answer, Serving, check_token_ids, event_stream, reply_text
+from .service import Answer, Serving, check_token_ids, event_stream, raw_prompt, reply_text
 
 # llama.cpp's routes (its own, and the token routes it shares with vLLM), whose bodies are read as JSON whatever
 # content type they name, as llama.cpp reads them
@@ -209,12 +209,9 @@ def llamacpp_routes(model: DiffGemma, serving: Serving, context: int) -> APIRout
     """llama.cpp's routes over `serving` (`context`: the tokens a request may span, as `/props` gives it)."""
     router = APIRouter()
     tokenizer = model.tokenizer
-    opening = tokenizer.encode("")  # (the BOS)
 
     def encode(text: str, bos: bool) -> list[int]:
-        """A text's ids, the BOS first where `bos`, unless the text begins with it (`/apply-template`'s prompt)."""
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        return opening + ids if bos and ids[: len(opening)] != opening else ids
+        return raw_prompt(tokenizer, text, bos)
 
     @router.post("/infill")
     async def infill(body: LlamaInfillRequest, request: Request):

@@ -226,6 +226,13 @@ def fill_limit(asked: int | None, default: int, canvas: int, suffix_tokens: int)
     return min(default if asked is None else asked, canvas - min(suffix_tokens + 1, canvas // 2))
 
 
+def raw_prompt(tokenizer: Tokenizer, text: str, bos: bool = True) -> list[int]:
+    """A raw prompt's ids, its BOS first where `bos`, unless the text begins with it (a chat rendered as text:
+    llama.cpp's `/apply-template`), where it would be read twice."""
+    opening, ids = tokenizer.encode(""), tokenizer.encode(text, add_special_tokens=False)
+    return opening + ids if bos and ids[: len(opening)] != opening else ids
+
+
 def fit_prompt(ids: list[int], opening: int, limit: int) -> tuple[list[int], bool]:
     """The prompt within `limit` tokens: its `opening` ids (the tokenizer's BOS) and as much of its end as fits;
     and whether anything was cut."""
