@@ -22,10 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..api import DiffGemma
+from ..reply import SettledText
+from .batcher import Job
 from .schema import APIError, Piece, SamplerExtras, sse
 from .service import Answer, Serving, event_stream, fit_prompt, raw_prompt, reply_text
 
@@ -110,8 +113,8 @@ def tgi_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter:
     tokenizer = model.tokenizer
     opening = len(tokenizer.encode(""))  # (the BOS, kept when a prompt is truncated)
 
-    def start(body: TgiRequest):
-        """The request's job, its reply's reader, its prompt's length, and its parameters."""
+    def start(body: TgiRequest) -> tuple[Job, SettledText, int, TgiParameters]:
+        """The request's job (queued), its reply's reader, its prompt's length, and its parameters."""
         asked = body.parameters
         sampler = asked.sampler()
         prompt = raw_prompt(tokenizer, body.inputs)
@@ -133,7 +136,7 @@ def tgi_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter:
             result["details"] = tgi_details(end.finish, end.stop_sequence, tokens, seed_of(asked, job_seed))
         return result
 
-    def stream(body: TgiRequest, started: tuple) -> Any:
+    def stream(body: TgiRequest, started: tuple[Job, SettledText, int, TgiParameters]) -> StreamingResponse:
         """The answer as TGI's events: a settled piece each, then the last (the whole text, its details)."""
         job, reply, prompt_tokens, asked = started
         state: dict[str, Any] = {"index": 0, "text": "", "finish": None, "stop": None}
