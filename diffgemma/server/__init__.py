@@ -1,4 +1,5 @@
-"""The HTTP server: OpenAI-compatible routes (and Anthropic's messages), request batching, the playground page."""
+"""The HTTP server: OpenAI-compatible routes (and Anthropic's, Ollama's, llama.cpp's and TGI's), request batching,
+the playground page."""
 
 from __future__ import annotations
 
