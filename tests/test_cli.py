@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from assets.make_demo_model import ANSWERS, SKY
+from assets.make_demo_model import ANSWERS, FRUIT, SKY
 
 import diffgemma
 from diffgemma import DiffGemmaError, sampling
@@ -485,6 +485,52 @@ def test_chat_answers_one_message_and_keeps_a_system_prompt_across_reset(capsys,
     system = {"role": "system", "content": "Be brief."}
     assert code == 0 and [m[0] for m in asked] == [system, system]
     assert asked[1] == [system, {"role": "user", "content": "Count to five."}]  # the reset kept the system prompt
+
+
+def test_chat_saves_and_loads_its_conversation(capsys, monkeypatch, tmp_path):
+    """`/save FILE` writes the conversation as {"messages": [...]} (a `chat --file` record); `/load FILE` puts a
+    saved one in place of the chat's (the system prompt first where it has none), and the next question goes on
+    from it; what fails (no file, no JSON, an unwritable place) is said and the chat goes on."""
+    import io
+    import json
+
+    from diffgemma.api import DiffGemma
+
+    asked = []
+    stream = DiffGemma.stream
+
+    def recorded(self, messages, **kw):
+        asked.append(list(messages))
+        return stream(self, messages, **kw)
+
+    monkeypatch.setattr(DiffGemma, "stream", recorded)
+    saved, bad = tmp_path / "chat.json", tmp_path / "bad.json"
+    bad.write_text("not json")
+    session = [
+        SKY,
+        f"/save {saved}",
+        "/reset",
+        f"/load {tmp_path / 'missing.json'}",
+        f"/load {bad}",
+        f"/save {tmp_path / 'no' / 'such' / 'folder.json'}",
+        f"/load {saved}",
+        FRUIT,
+    ]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(session) + "\n"))
+    code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "0", "--system", "Be brief.")
+    lines = out.splitlines()
+    system = {"role": "system", "content": "Be brief."}  # (the demo, trained without one, answers it its way)
+    first = [system, {"role": "user", "content": SKY}, {"role": "assistant", "content": lines[0]}]
+    assert code == 0 and json.loads(saved.read_text()) == {"messages": first}
+    assert asked[1] == [*first, {"role": "user", "content": FRUIT}]  # the loaded conversation went on
+    assert lines[1] == f"(saved 3 messages to {saved})" and lines[2] == "(history cleared)"
+    assert "file not found" in lines[3] and "not valid JSON" in lines[4] and lines[5].startswith("(cannot write")
+    assert lines[6] == f"(loaded 3 messages from {saved})"
+    saved.write_text(json.dumps({"messages": first[1:]}))  # (no system message of its own: --system's first)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/load {saved}\n{FRUIT}\n"))
+    asked.clear()
+    run(capsys, "chat", "--model", DEMO, "--seed", "0", "--system", "Be brief.")
+    assert asked[0] == [*first, {"role": "user", "content": FRUIT}]
 
 
 def test_generate_and_chat_print_the_text_as_it_settles(monkeypatch, demo):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import json
 import os
 import re
 import sys
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import as_path, read_text
+from ..config import as_path, read_json_value, read_text
 from ..errors import DiffGemmaError
 from ..records import RECORD_SUFFIXES, read_records, sharegpt_messages
 from ..tool_servers import ToolServers
@@ -401,7 +402,8 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
         listing = ", /tools lists the tools" if functions else ""
         listing += ", /image FILE shows a picture" if model.config.vision is not None else ""
         print(
-            f"chat with the model; /reset clears the history, /think on|off|N{listing}, /exit quits; a line ending in "
+            "chat with the model; /reset clears the history, /save FILE and /load FILE keep it, "
+            f"/think on|off|N{listing}, /exit quits; a line ending in "
             '\\ goes on to the next, and text between """ lines (pasted code, say) is one message',
             file=sys.stderr,
         )
@@ -436,6 +438,9 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
             within = f", at most {thought_budget} tokens of thought" if thinking and thought_budget is not None else ""
             print(f"(thinking {'on' if thinking else 'off'}{within})")
             continue
+        if line.split()[0] in ("/save", "/load"):
+            _save_or_load(line, model, history, opening, thinking)
+            continue
         if line.startswith("/image"):
             path = line[len("/image") :].strip()
             if not Path(path).is_file():
@@ -452,6 +457,36 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
                 raise
             del history[turns:]  # the question goes with its unfinished answer
             print("\n(interrupted)")
+
+
+def _save_or_load(
+    line: str, model, history: list[dict[str, Any]], opening: list[dict[str, Any]], thinking: bool
+) -> None:
+    """`/save FILE`: the conversation so far as JSON, {"messages": [...]} (what `chat --file` and `train chat`
+    read a record as), written atomically; `/load FILE`: a conversation saved so (or any such record) in place of
+    this one, to go on from (`--system`'s prompt first where it has none); what fails is said, the chat goes on."""
+    command, _, path = line.partition(" ")
+    path = path.strip()
+    if not path:
+        print(f'({command} FILE: the conversation as JSON, {{"messages": [...]}})')
+        return
+    if command == "/save":
+        saved = json.dumps({"messages": history}, ensure_ascii=False, indent=1, default=str)
+        try:
+            write_atomically(Path(path), saved, backup=False)
+        except OSError as err:
+            print(f"(cannot write {path}: {err.strerror or err})")
+            return
+        print(f"(saved {len(history)} messages to {path})")
+        return
+    try:
+        messages = _file_conversation(model, read_json_value(path), None, thinking)[0]
+    except DiffGemmaError as err:
+        print(f"({err})")
+        return
+    has_system = bool(messages) and messages[0].get("role") == "system"
+    history[:] = [*([] if has_system else opening), *messages]
+    print(f"(loaded {len(messages)} messages from {path})")
 
 
 BLOCK = '"""'  # a message of several lines opens and closes with it (pasted code, say)
