@@ -533,6 +533,31 @@ def test_chat_saves_and_loads_its_conversation(capsys, monkeypatch, tmp_path):
     assert asked[0] == [*first, {"role": "user", "content": FRUIT}]
 
 
+def test_chat_retry_answers_the_last_question_again_with_the_next_seed(capsys, monkeypatch):
+    """`/retry` drops the last answer (and what came with it) and asks its question again, the given seed moved on
+    by one (the same seed would draw the same answer); with nothing asked yet it says so."""
+    import io
+
+    from diffgemma.api import DiffGemma
+
+    asked = []
+    stream = DiffGemma.stream
+
+    def recorded(self, messages, **kw):
+        asked.append((list(messages), kw.get("seed")))
+        return stream(self, messages, **kw)
+
+    monkeypatch.setattr(DiffGemma, "stream", recorded)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/retry\n{SKY}\n{FRUIT}\n/retry\n"))
+    code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "4")
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == "(nothing to answer again yet)" and len(asked) == 3
+    first_turn = [{"role": "user", "content": SKY}, {"role": "assistant", "content": ANSWERS[SKY]}]
+    assert asked[1][0] == [*first_turn, {"role": "user", "content": FRUIT}] and asked[1][1] == 4
+    assert asked[2] == (asked[1][0], 5)  # the same question after the same history, the next seed
+    assert lines[1] == ANSWERS[SKY] and len(lines) == 4  # (a second turn is beyond the demo: its answers vary)
+
+
 def test_generate_and_chat_print_the_text_as_it_settles(monkeypatch, demo):
     """By default the text comes out in pieces as canvases settle (every step run here: no early stop), and
     adds up to what a generation that fixes settled prefixes gives; chat's thinking comes on its own line."""

@@ -362,9 +362,8 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
     pictures = list(args.image)  # shown with the next message
     predicted = [read_text(args.prediction)] if args.prediction else []  # the first answer's
 
-    def answer(line: str) -> None:
-        history.append({"role": "user", "content": _with_pictures(line, pictures)})
-        pictures.clear()
+    def answer(content: str | list[dict[str, Any]]) -> None:
+        history.append({"role": "user", "content": content})
         budget = {"thinking_budget": thought_budget} if thinking and thought_budget is not None else {}
         asked = {**sampler, **budget, **({"prediction": predicted.pop()} if predicted else {})}
         if args.stream and not functions and not (args.watch and terminal):
@@ -393,7 +392,7 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
         history.append({"role": "assistant", "content": content})
 
     if args.message is not None:  # one question, one answer
-        answer(args.message)
+        answer(_with_pictures(args.message, pictures))
         return
     if interactive:
         with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has it
@@ -402,8 +401,8 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
         listing = ", /tools lists the tools" if functions else ""
         listing += ", /image FILE shows a picture" if model.config.vision is not None else ""
         print(
-            "chat with the model; /reset clears the history, /save FILE and /load FILE keep it, "
-            f"/think on|off|N{listing}, /exit quits; a line ending in "
+            "chat with the model; /reset clears the history, /retry answers again, /save FILE and /load FILE keep "
+            f"it, /think on|off|N{listing}, /exit quits; a line ending in "
             '\\ goes on to the next, and text between """ lines (pasted code, say) is one message',
             file=sys.stderr,
         )
@@ -449,9 +448,21 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
             pictures.append(path)
             print(f"(image {path} goes with your next message)")
             continue
+        if line == "/retry":  # the last question again, drawn anew
+            asked_at = max((i for i, m in enumerate(history) if m["role"] == "user"), default=len(opening) - 1)
+            if asked_at < len(opening):
+                print("(nothing to answer again yet)")
+                continue
+            content = history[asked_at]["content"]
+            del history[asked_at:]
+            if args.seed is not None:  # (the same seed would draw the same answer)
+                args.seed += 1
+        else:
+            content = _with_pictures(line, pictures)
+            pictures.clear()
         turns = len(history)
         try:
-            answer(line)
+            answer(content)
         except KeyboardInterrupt:  # Ctrl-C stops the answer, not the chat (at the prompt it quits)
             if not interactive:
                 raise
