@@ -424,6 +424,8 @@ def test_llama_cpps_infill_route_as_editor_plugins_call_it(server, demo):
     assert "".join(line["content"] for line in lines) == expected
     assert lines[-1]["stop"] is True and not any(line["stop"] for line in lines[:-1])
     assert lines[-1]["stop_type"] == filled["stop_type"]
+    assert lines[-1]["tokens_predicted"] == filled["tokens_predicted"]
+    assert lines[-1]["tokens_evaluated"] == filled["tokens_evaluated"]
     if expected:  # a stop string ends the fill before it
         cut = httpx.post(url + "/infill", json={**asked, "stop": [expected[-1]]}, timeout=60).json()
         assert cut["content"] == expected[: expected.index(expected[-1])]
@@ -480,7 +482,11 @@ def test_llama_cpps_completion_and_props_routes(server, demo):
         lines = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: ")]
     assert "".join(line["content"] for line in lines) == done["content"]
     assert lines[-1]["stop"] is True and not any(line["stop"] for line in lines[:-1])
-    assert lines[-1]["stop_type"] == done["stop_type"]
+    assert lines[-1]["stop_type"] == done["stop_type"] and lines[-1]["content"] == ""
+    # (the last line as llama-server's: the counts, timings and settings of the whole answer)
+    assert lines[-1]["tokens_predicted"] == done["tokens_predicted"] and lines[-1]["timings"]["predicted_ms"] > 0
+    assert lines[-1]["tokens_evaluated"] == done["tokens_evaluated"]
+    assert lines[-1]["generation_settings"] == done["generation_settings"]
     form = httpx.post(url + "/completion", content=json.dumps(asked), headers={"content-type": "text/plain"})
     assert form.status_code == 200 and form.json()["content"] == done["content"]  # (curl -d without a header)
     nothing = httpx.post(url + "/completion", json={**asked, "n_predict": 0}, timeout=60).json()

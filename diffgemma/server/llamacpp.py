@@ -8,10 +8,11 @@ servers), for the tools written against it:
 - `GET /props`, what such clients read first: the context size, the default sampler settings, the chat template.
 
 Answers come in its response shape (`content`, `stop_type`, `timings`, the fields `response_fields` names), or
-streamed as its `data:` lines, the last with `stop: true`. Its request fields are read as the other routes read
-theirs: `n_predict` a limit (-1 or unset: the route's default), seed -1 a random one, `logit_bias` pairs (`false`:
-never that token); the settings the sampler has no place for (penalties, Mirostat, DRY, grammars) are ignored, as
-llama.cpp ignores fields it does not know; `n_probs` is refused (`/v1/completions`' `logprobs` gives them).
+streamed as its `data:` lines, the last with `stop: true` and, as llama-server's, the answer's counts and timings.
+Its request fields are read as the other routes read theirs: `n_predict` a limit (-1 or unset: the route's
+default), seed -1 a random one, `logit_bias` pairs (`false`: never that token); the settings the sampler has no
+place for (penalties, Mirostat, DRY, grammars) are ignored, as llama.cpp ignores fields it does not know; `n_probs`
+is refused (`/v1/completions`' `logprobs` gives them).
 
 A diffusion fill is a gap of fixed size between prefix and suffix on one canvas, ending early where the model
 writes its EOS. llama.cpp reads `n_predict` as a limit, so the gap takes at most what leaves the suffix (and the
@@ -22,7 +23,9 @@ beginning (the other files first, as they come first), as llama.cpp cuts it, and
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -31,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .. import __version__
 from ..api import DiffGemma
 from ..config import SAMPLER_FIELDS, SamplerSettings
+from ..reply import SettledText
+from .batcher import Job
 from .schema import APIError, Piece, SamplerExtras, StopField
 from .service import Answer, Serving, check_token_ids, event_stream, raw_prompt, reply_text
 
@@ -136,8 +141,28 @@ def stop_type(finish: str | None, stop_sequence: str | None) -> str:
     return "word" if stop_sequence is not None else "limit" if finish == "length" else "eos"
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What llama.cpp's response reports of an answer: its text, its token count (and ids, where known), how it
+    ended, its time, and the prompt tokens the prefix cache held. The default: nothing was asked for."""
+
+    content: str = ""
+    predicted: int = 0
+    ids: tuple[int, ...] = ()
+    finish: str = "length"
+    stop_sequence: str | None = None
+    seconds: float = 0.0
+    cached: int = 0
+
+    @classmethod
+    def of(cls, answer: Answer) -> Outcome:
+        done, end = answer.done, answer.end
+        ids = tuple(done.new_tokens)
+        return cls(answer.content, len(ids), ids, end.finish, end.stop_sequence, done.wall_time, done.cached)
+
+
 def llama_response(
-    answer: Answer | None,
+    outcome: Outcome,
     prompt_tokens: int,
     *,
     model_name: str,
@@ -146,27 +171,24 @@ def llama_response(
     tokens: bool = False,
     more: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An answer (None: none was asked for, `n_predict` 0) in llama.cpp's response shape (`tokens`: with its ids;
-    `more`: other fields of the route's); with `fields`, only those, a nested one (`timings/prompt_n`) brought to
-    the top under its path, as llama.cpp answers `response_fields` (a missing one left out)."""
-    done = answer.done if answer is not None else None
-    new_tokens = done.new_tokens if done is not None else []
-    seconds, cached = (done.wall_time, done.cached) if done is not None else (0.0, 0)
-    finish, stop_sequence = (answer.end.finish, answer.end.stop_sequence) if answer is not None else ("length", None)
-    predicted, milliseconds = len(new_tokens), seconds * 1000
+    """An answer in llama.cpp's response shape (`tokens`: with its ids; `more`: other fields of the route's); with
+    `fields`, only those, a nested one (`timings/prompt_n`) brought to the top under its path, as llama.cpp
+    answers `response_fields` (a missing one left out)."""
+    predicted, seconds = outcome.predicted, outcome.seconds
+    milliseconds = seconds * 1000
     response: dict[str, Any] = {
-        "content": answer.content if answer is not None else "",
-        "tokens": new_tokens if tokens else [],
+        "content": outcome.content,
+        "tokens": list(outcome.ids) if tokens else [],
         "stop": True,
-        "stop_type": stop_type(finish, stop_sequence),
-        "stopping_word": stop_sequence or "",
+        "stop_type": stop_type(outcome.finish, outcome.stop_sequence),
+        "stopping_word": outcome.stop_sequence or "",
         "model": model_name,
         "tokens_predicted": predicted,
         "tokens_evaluated": prompt_tokens,
-        "tokens_cached": cached,
+        "tokens_cached": outcome.cached,
         "truncated": truncated,
         "timings": {  # the whole answer's time, prompt included (the engine does not time them apart)
-            "prompt_n": prompt_tokens - cached,
+            "prompt_n": prompt_tokens - outcome.cached,
             "predicted_n": predicted,
             "predicted_ms": milliseconds,
             "predicted_per_token_ms": milliseconds / predicted if predicted else 0.0,
@@ -186,16 +208,25 @@ def llama_response(
     return picked
 
 
-def stream_chunk(piece: Piece) -> dict[str, Any]:
-    """One of llama.cpp's streamed lines: a piece of the answer, then the last, which says how it ended."""
-    if piece.finish is None:
-        return {"content": piece.content, "stop": False}
-    return {
-        "content": piece.content,
-        "stop": True,
-        "stop_type": stop_type(piece.finish, piece.stop_sequence),
-        "stopping_word": piece.stop_sequence or "",
-    }
+def stream_lines(prompt_tokens: int, **shape: Any) -> Callable[[Piece], list[dict[str, Any]]]:
+    """llama.cpp's streamed lines of one answer: each settled piece (`stop: false`), then, once the answer has
+    ended and been counted, one last line as llama-server sends it: `stop: true`, how it ended, its counts and
+    timings (`llama_response`'s fields, `shape` its keywords)."""
+    started = time.perf_counter()
+    ending: dict[str, Any] = {}
+
+    def lines(piece: Piece) -> list[dict[str, Any]]:
+        if piece.usage is not None:  # (after the end)
+            cached = piece.usage["prompt_tokens_details"]["cached_tokens"]
+            seconds = time.perf_counter() - started
+            outcome = Outcome("", piece.usage["completion_tokens"], (), seconds=seconds, cached=cached, **ending)
+            return [llama_response(outcome, prompt_tokens, **shape)]
+        if piece.finish is not None:
+            ending.update(finish=piece.finish, stop_sequence=piece.stop_sequence)
+            return []
+        return [{"content": piece.content, "stop": False}] if piece.content else []
+
+    return lines
 
 
 def generation_settings(settings: SamplerSettings, context: int, limit: int, stop: StopField) -> dict[str, Any]:
@@ -213,6 +244,11 @@ def llamacpp_routes(model: DiffGemma, serving: Serving, context: int) -> APIRout
     def encode(text: str, bos: bool) -> list[int]:
         return raw_prompt(tokenizer, text, bos)
 
+    def stream(jobs: list[Job], replies: list[SettledText], prompt_tokens: int, shape: dict[str, Any]):
+        """An answer streamed as llama.cpp's lines (`stream_lines`; `response_fields` are for whole answers)."""
+        lines = stream_lines(prompt_tokens, **{**shape, "fields": None})
+        return event_stream(serving.stream_jobs(jobs, replies, lines, False, prompt_tokens, [""], ""))
+
     @router.post("/infill")
     async def infill(body: LlamaInfillRequest, request: Request):
         """What editor plugins send for code completion."""
@@ -220,13 +256,13 @@ def llamacpp_routes(model: DiffGemma, serving: Serving, context: int) -> APIRout
         prompt, truncated, length = serving.plugin_fill(encode(body.prefix(), True), body.input_suffix, body.limit())
         shape = {"model_name": serving.served_name(body.model), "fields": body.response_fields, "truncated": truncated}
         if length == 0:  # (nothing asked for)
-            return llama_response(None, len(prompt), **shape)
+            return llama_response(Outcome(), len(prompt), **shape)
         reply = reply_text(model, chat=False, stop=body.stop)  # (its stop strings checked before a job is queued)
         job = serving.fill_job(prompt, body.input_suffix, length, body, warn=False)  # (a long suffix's end: by design)
         if body.stream:
-            return event_stream(serving.stream_jobs([job], [reply], stream_chunk, False, None, [""], ""))
+            return stream([job], [reply], len(prompt), shape)
         answer = await serving.run_answer(job, reply, request, None)
-        return llama_response(answer, len(prompt), tokens=body.return_tokens, **shape)
+        return llama_response(Outcome.of(answer), len(prompt), tokens=body.return_tokens, **shape)
 
     async def complete(body: LlamaCompletionRequest, request: Request):
         """A raw prompt's continuation (several prompts: a list of them), to EOS or `n_predict` tokens."""
@@ -244,16 +280,16 @@ def llamacpp_routes(model: DiffGemma, serving: Serving, context: int) -> APIRout
         more = {"generation_settings": generation_settings(settings, context, limit, body.stop)}
         shape = {"model_name": serving.served_name(body.model), "fields": body.response_fields, "more": more}
         if limit == 0:  # (the prompt is read, nothing is written: llama.cpp's way to fill its cache)
-            results = [llama_response(None, len(ids), **shape) for ids in prompts]
+            results = [llama_response(Outcome(), len(ids), **shape) for ids in prompts]
             return results[0] if len(prompts) == 1 else results
         replies = [reply_text(model, chat=False, stop=body.stop) for _ in prompts]  # (stop strings checked first)
         jobs = [serving.new_job(ids, limit, body, index, None) for index, ids in enumerate(prompts)]
         if body.stream:
-            return event_stream(serving.stream_jobs(jobs, replies, stream_chunk, False, None, [""], ""))
+            return stream(jobs, replies, len(prompts[0]), shape)
         runs = [serving.run_answer(job, reply, request, None) for job, reply in zip(jobs, replies, strict=True)]
         answers = await serving.run_answers(runs)
         results = [
-            llama_response(answer, len(ids), tokens=body.return_tokens, **shape)
+            llama_response(Outcome.of(answer), len(ids), tokens=body.return_tokens, **shape)
             for answer, ids in zip(answers, prompts, strict=True)
         ]
         return results[0] if len(prompts) == 1 else results
