@@ -467,24 +467,30 @@ def test_chat_session_with_reset(tmp_path):
 def test_chat_answers_one_message_and_keeps_a_system_prompt_across_reset(capsys, monkeypatch):
     import io
 
-    from diffgemma.api import DiffGemma
-
     sky = "Why is the sky blue?"
     code, out, _ = run(capsys, "chat", sky, "--model", DEMO, "--seed", "0")
     assert code == 0 and out == ANSWERS[sky] + "\n"
+    asked = chat_prompts(monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{sky}\n/reset\nCount to five.\n"))
+    code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "0", "--system", "Be brief.")
+    system = {"role": "system", "content": "Be brief."}
+    assert code == 0 and [messages[0] for messages, _ in asked] == [system, system]
+    assert asked[1][0] == [system, {"role": "user", "content": "Count to five."}]  # the reset kept the system prompt
+
+
+def chat_prompts(monkeypatch) -> list[tuple[list, int | None]]:
+    """What each chat answer is asked, (its messages, its seed), recorded as `DiffGemma.stream` is called."""
+    from diffgemma.api import DiffGemma
+
     asked = []
     stream = DiffGemma.stream
 
     def recorded(self, messages, **kw):
-        asked.append(list(messages))
+        asked.append((list(messages), kw.get("seed")))
         return stream(self, messages, **kw)
 
     monkeypatch.setattr(DiffGemma, "stream", recorded)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{sky}\n/reset\nCount to five.\n"))
-    code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "0", "--system", "Be brief.")
-    system = {"role": "system", "content": "Be brief."}
-    assert code == 0 and [m[0] for m in asked] == [system, system]
-    assert asked[1] == [system, {"role": "user", "content": "Count to five."}]  # the reset kept the system prompt
+    return asked
 
 
 def test_chat_saves_and_loads_its_conversation(capsys, monkeypatch, tmp_path):
@@ -494,16 +500,7 @@ def test_chat_saves_and_loads_its_conversation(capsys, monkeypatch, tmp_path):
     import io
     import json
 
-    from diffgemma.api import DiffGemma
-
-    asked = []
-    stream = DiffGemma.stream
-
-    def recorded(self, messages, **kw):
-        asked.append(list(messages))
-        return stream(self, messages, **kw)
-
-    monkeypatch.setattr(DiffGemma, "stream", recorded)
+    asked = chat_prompts(monkeypatch)
     saved, bad = tmp_path / "chat.json", tmp_path / "bad.json"
     bad.write_text("not json")
     session = [
@@ -522,7 +519,7 @@ def test_chat_saves_and_loads_its_conversation(capsys, monkeypatch, tmp_path):
     system = {"role": "system", "content": "Be brief."}  # (the demo, trained without one, answers it its way)
     first = [system, {"role": "user", "content": SKY}, {"role": "assistant", "content": lines[0]}]
     assert code == 0 and json.loads(saved.read_text()) == {"messages": first}
-    assert asked[1] == [*first, {"role": "user", "content": FRUIT}]  # the loaded conversation went on
+    assert asked[1][0] == [*first, {"role": "user", "content": FRUIT}]  # the loaded conversation went on
     assert lines[1] == f"(saved 3 messages to {saved})" and lines[2] == "(history cleared)"
     assert "file not found" in lines[3] and "not valid JSON" in lines[4] and lines[5].startswith("(cannot write")
     assert lines[6] == f"(loaded 3 messages from {saved})"
@@ -530,7 +527,7 @@ def test_chat_saves_and_loads_its_conversation(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/load {saved}\n{FRUIT}\n"))
     asked.clear()
     run(capsys, "chat", "--model", DEMO, "--seed", "0", "--system", "Be brief.")
-    assert asked[0] == [*first, {"role": "user", "content": FRUIT}]
+    assert asked[0][0] == [*first, {"role": "user", "content": FRUIT}]
 
 
 def test_chat_retry_answers_the_last_question_again_with_the_next_seed(capsys, monkeypatch):
@@ -538,16 +535,7 @@ def test_chat_retry_answers_the_last_question_again_with_the_next_seed(capsys, m
     by one (the same seed would draw the same answer); with nothing asked yet it says so."""
     import io
 
-    from diffgemma.api import DiffGemma
-
-    asked = []
-    stream = DiffGemma.stream
-
-    def recorded(self, messages, **kw):
-        asked.append((list(messages), kw.get("seed")))
-        return stream(self, messages, **kw)
-
-    monkeypatch.setattr(DiffGemma, "stream", recorded)
+    asked = chat_prompts(monkeypatch)
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"/retry\n{SKY}\n{FRUIT}\n/retry\n"))
     code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "4")
     lines = out.splitlines()
