@@ -1525,9 +1525,8 @@ def test_the_serve_command_answers_an_openai_client(demo):
         process.terminate()
         process.wait(timeout=30)
     said = process.stdout.read()
-    assert (
-        f"diffgemma: serving demo-cli at http://127.0.0.1:{port}/v1 (Ollama's clients: http://127.0.0.1:{port};" in said
-    )
+    root = f"http://127.0.0.1:{port}"
+    assert f"diffgemma: serving demo-cli at {root}/v1 (Ollama's, llama.cpp's and TGI's clients: {root};" in said
 
 
 def test_anthropic_text_documents_are_read_as_text():

@@ -37,7 +37,8 @@ def serve(model: DiffGemma, host: str = "127.0.0.1", port: int = 8000, options: 
     shown = f"[{host}]" if ":" in host else host
     root = f"http://{shown}:{port}"
     served = ", ".join([options.model_name, *model.adapters])  # (the adapters: models of their own, by name)
-    print(f"diffgemma: serving {served} at {root}/v1 (Ollama's clients: {root}; the playground: {root}/)")
+    others = f"Ollama's, llama.cpp's and TGI's clients: {root}; the playground: {root}/"
+    print(f"diffgemma: serving {served} at {root}/v1 ({others})")
     if host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         exposed = f"{host} is reachable beyond this machine and no --api-key is set: anyone who can reach it can use it"
         print(f"diffgemma: warning: {exposed}", file=sys.stderr)
