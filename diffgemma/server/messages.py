@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .schema import APIError, Piece, SamplerExtras, content_text, sse
+from .schema import APIError, Piece, SamplerExtras, content_text, sse, stream_failure
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -196,7 +196,7 @@ def anthropic_error(body: dict[str, Any], status: int) -> dict[str, Any]:
 def messages_sse(payload: dict[str, Any] | list[dict[str, Any]]) -> str:
     """Server-sent events as a Messages stream sends them: a failure mid-stream as its `error` event (Anthropic's
     clients pass over an event with no name, so an error sent as OpenAI's would end the stream unexplained)."""
-    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+    if stream_failure(payload) is not None:
         payload = anthropic_error(payload, 500)
     return sse(payload)
 

@@ -45,6 +45,7 @@ from .schema import (
     StopField,
     asked_format,
     effort_thinks,
+    stream_failure,
 )
 from .service import (
     Answer,
@@ -84,8 +85,9 @@ def ndjson(payload: dict | list[dict]) -> str:
     """A payload (or each of a list) as a line of JSON; an error as Ollama streams one: `{"error": message}`."""
     lines = []
     for one in payload if isinstance(payload, list) else [payload]:
-        if isinstance(one.get("error"), dict):
-            one = {"error": one["error"].get("message", "")}
+        error = stream_failure(one)
+        if error is not None:
+            one = {"error": error.get("message", "")}
         lines.append(json.dumps(one, ensure_ascii=False, separators=(",", ":")) + "\n")
     return "".join(lines)
 

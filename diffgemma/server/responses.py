@@ -33,6 +33,7 @@ from .schema import (
     content_text,
     effort_thinks,
     sse,
+    stream_failure,
 )
 
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -288,8 +289,9 @@ class ResponseBuilder:
         """Server-sent events as a Responses stream sends them: a failure mid-stream (`schema.error_body`'s shape)
         as an `error` event, then `response.failed` (OpenAI's clients and the Vercel AI SDK read these; chat's
         error shape is no event of this API), the failed response kept as the others are."""
-        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-            code, message = payload["error"].get("code") or "server_error", payload["error"]["message"]
+        error = stream_failure(payload)
+        if error is not None:
+            code, message = error.get("code") or "server_error", error["message"]
             failed = self.response("failed", error={"code": code, "message": message})
             if self.on_done is not None:  # (kept as it failed: GET /v1/responses/{id} says so)
                 self.on_done(failed)

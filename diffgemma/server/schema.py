@@ -59,6 +59,13 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def stream_failure(payload: object) -> dict[str, Any] | None:
+    """The error a stream's payload reports, where it is a failure mid-stream in `error_body`'s shape (what
+    `Serving.stream_jobs` sends), for each API's encoder to frame its own way; None for any other payload."""
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return error if isinstance(error, dict) else None
+
+
 def sse(payload: dict | list[dict]) -> str:
     """One server-sent event, or one for each payload of a list (none for an empty one). A typed payload (the
     Responses API's events, Anthropic's) names its type on an `event:` line too, as their servers send them."""

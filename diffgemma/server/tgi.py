@@ -29,7 +29,7 @@ from .. import __version__
 from ..api import DiffGemma
 from ..reply import SettledText
 from .batcher import Job
-from .schema import APIError, Piece, SamplerExtras, sse
+from .schema import APIError, Piece, SamplerExtras, sse, stream_failure
 from .service import Answer, Serving, event_stream, fit_prompt, raw_prompt, reply_text
 
 GENERATE_PATHS = ("/", "/generate", "/generate_stream")
@@ -161,7 +161,7 @@ def tgi_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter:
             return [event(piece.content)]
 
         def encode(payload: dict | list) -> str:
-            return sse(tgi_error(payload) if isinstance(payload, dict) and "error" in payload else payload)
+            return sse(tgi_error(payload) if stream_failure(payload) is not None else payload)
 
         chunks = serving.stream_jobs([job], [reply], chunk, False, prompt_tokens, [""], "", encode=encode)
         return event_stream(chunks)
