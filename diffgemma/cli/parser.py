@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.set_defaults(run=text.cmd_embed)
 
     chat = commands.add_parser(
-        "chat", help="an interactive chat (/reset, /think on|off|N, /exit), one message, or --file of conversations"
+        "chat",
+        help="an interactive chat (/reset, /retry, /save FILE, /load FILE, /think on|off|N, /exit), one message, or "
+        "--file of conversations",
     )
     chat.add_argument("message", nargs="?", help="answer this one message and exit (default: a conversation)")
     chat.add_argument("--system", help="a system prompt, kept across /reset")
