@@ -514,6 +514,22 @@ def test_llama_cpps_completion_and_props_routes(server, demo):
     assert "".join(piece["piece"] for piece in pieces) == demo.tokenizer.decode([p["id"] for p in pieces], False)
 
 
+def test_a_limit_over_the_servers_is_refused_by_the_name_it_was_sent(server):
+    """A token limit over `--max-tokens-limit` (512 here) is refused naming the field the request used."""
+    url, ask = server[0], [{"role": "user", "content": FRUIT}]
+    for route, body, named in (
+        ("/v1/chat/completions", {"messages": ask, "max_tokens": 10**6}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": ask, "max_completion_tokens": 10**6}, "max_completion_tokens"),
+        ("/v1/completions", {"prompt": FRUIT, "max_tokens": 10**6}, "max_tokens"),
+        ("/v1/responses", {"input": FRUIT, "max_output_tokens": 10**6}, "max_output_tokens"),
+        ("/generate", {"inputs": FRUIT, "parameters": {"max_new_tokens": 10**6}}, "max_new_tokens"),
+    ):
+        refused = httpx.post(url + route, json=body, timeout=60)
+        error = refused.json()["error"]
+        message = error if isinstance(error, str) else error["message"]
+        assert refused.status_code == 400 and message == f"{named} 1000000 is over the limit 512", (route, message)
+
+
 def test_text_generation_inference_routes_with_huggingface_hub(server, demo):
     """TGI's API through `huggingface_hub`'s InferenceClient (its text_generation posts to the server's root): a
     raw prompt's answer, whole or streamed, with `details`; greedy by default (seed 0 every time), `do_sample` with
@@ -557,7 +573,8 @@ def test_text_generation_inference_routes_with_huggingface_hub(server, demo):
         events = [json.loads(line[5:]) for line in streamed.iter_lines() if line.startswith("data:")]
     assert "".join(event["token"]["text"] for event in events) == ANSWERS[FRUIT]
     assert events[-1]["generated_text"] == ANSWERS[FRUIT] and all(e["generated_text"] is None for e in events[:-1])
-    for parameters, named in (({"repetition_penalty": 1.3}, "repetition_penalty"), ({"best_of": 2}, "best_of")):
+    limits = ({"repetition_penalty": 1.3}, "repetition_penalty"), ({"max_new_tokens": 10**6}, "max_new_tokens")
+    for parameters, named in (*limits, ({"best_of": 2}, "best_of")):
         refused = httpx.post(url + "/generate", json={"inputs": text, "parameters": parameters}, timeout=60)
         assert refused.status_code == 400 and refused.json()["error_type"] == "validation"
         assert named in refused.json()["error"]

@@ -293,7 +293,7 @@ def create_app(model: DiffGemma, options: ServerOptions | None = None, batcher: 
         budget = serving.thinking_budget(body, thinking, tools, effort=(body.reasoning or {}).get("effort"))
         prompt, images = serving.chat_prompt(messages, thinking, "input", "", offered)
         prompt += tools.lead if tools else []
-        limit = serving.admit([prompt], body.max_output_tokens, 1, chat=True)
+        limit = serving.admit([prompt], body.max_output_tokens, 1, chat=True, param="max_output_tokens")
 
         def redraw(attempt: int) -> tuple[Job, SettledText]:
             job = serving.new_job(prompt, limit, body, attempt, None, images, thinking_budget=budget)

@@ -345,11 +345,13 @@ class Serving:
             message = f"{what} is {longest} tokens; the limit is {limit}"
             raise APIError(400, message, "invalid_request_error", "context_length_exceeded", param)
 
-    def admit(self, prompts: list[list[int]], max_tokens: int | None, n: int, chat: bool = False) -> int:
+    def admit(
+        self, prompts: list[list[int]], max_tokens: int | None, n: int, chat: bool = False, param: str = "max_tokens"
+    ) -> int:
         """The request's token limit, once its prompts (each `n` choices, rows of one batch) are within limits.
         Without one, a chat answer may run to the server's limit (to EOS, as OpenAI's chat runs to the
         context), where the checkpoint's max_new_tokens (the reference's 256, one canvas) would cut most
-        answers; a text completion keeps the checkpoint's."""
+        answers; a text completion keeps the checkpoint's. `param`: what the request calls its limit."""
         options = self.options
         if not 1 <= n <= options.max_batch:  # a request's choices are denoised together, in one batch
             raise APIError(
@@ -368,13 +370,8 @@ class Serving:
             options.max_tokens if chat else min(self.model.settings.max_new_tokens, options.max_tokens)
         )
         if limit > options.max_tokens:
-            raise APIError(
-                400,
-                f"max_tokens {limit} is over the limit {options.max_tokens}",
-                "invalid_request_error",
-                "invalid_value",
-                "max_tokens",
-            )
+            message = f"{param} {limit} is over the limit {options.max_tokens}"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", param)
         if self.active + len(prompts) * n > options.max_concurrent:  # each choice is a row of a batch
             raise APIError(429, "too many concurrent requests; try again shortly", "rate_limit_error", "rate_limited")
         if not self.batcher.running:
@@ -646,7 +643,9 @@ class Serving:
         streamed); `images`: a chat prompt's (`chat_prompt`); `thinking_budget`: each choice's most tokens of
         thought. OpenAI's `prediction` starts every choice's canvas from its text; usage then says how many of its
         tokens the answers kept in place."""
-        limit = self.admit(prompts, getattr(body, "max_completion_tokens", None) or body.max_tokens, body.n, chat)
+        newer = getattr(body, "max_completion_tokens", None)  # (OpenAI's chat: the newer name, where given)
+        named = "max_completion_tokens" if newer else "max_tokens"
+        limit = self.admit(prompts, newer or body.max_tokens, body.n, chat, param=named)
         prediction = self.prediction_ids(body, limit)
         top = self.requested_logprobs(body)  # (what it refuses, it refuses before a job is queued)
         rows = [prompt for prompt in prompts for _ in range(body.n)]

@@ -120,7 +120,7 @@ def tgi_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter:
         prompt = raw_prompt(tokenizer, body.inputs)
         if asked.truncate is not None:
             prompt, _ = fit_prompt(prompt, opening, max(asked.truncate, opening + 1))
-        limit = serving.admit([prompt], asked.max_new_tokens, 1, chat=True)
+        limit = serving.admit([prompt], asked.max_new_tokens, 1, chat=True, param="max_new_tokens")
         reply = reply_text(model, chat=False, stop=asked.stop or None)  # (its stop strings checked first)
         job = serving.new_job(prompt, limit, sampler, 0, None)
         return job, reply, len(prompt), asked
