@@ -138,8 +138,9 @@ class EncoderCache:
 
     def place(self, source: EncoderCache, start: int, turn: Callable[[torch.Tensor, int, int], torch.Tensor]) -> None:
         """Take in `source`'s tokens from position `start` on (both batches of one, this one empty: new, or made to
-        begin later by `skip_to`), each moved `shift` = this cache's length - `start` positions: a prompt's
-        snapshot put where a row joining a batch needs it, or a joined row's prompt kept as a snapshot from 0.
+        begin later by `skip_to`; `source` may be a row of a padded batch, whose tokens from `start` on are its
+        own), each moved `shift` = this cache's length - `start` positions: a prompt's snapshot put where a row
+        joining a batch needs it, or a joined row's prompt kept as a snapshot from 0.
         Keys carry their positions (RoPE), so `turn(keys, layer index, shift)` turns them by the shift; values
         and sliding windows move as they are (a window keeps its slots: its layout follows the length alone)."""
         if source.batch_size != 1 or self.batch_size != 1 or source.keep_all or self.keep_all:
@@ -152,8 +153,8 @@ class EncoderCache:
                 mine.positions[into] = theirs.positions[taken] + shift
             else:
                 into = taken = slice(0, mine.ring)
-                held = theirs.positions[taken]
-                mine.positions[into] = torch.where(held >= 0, held + shift, held)
+                held = theirs.positions[taken]  # (a slot before `start`: another row's, in a padded batch)
+                mine.positions[into] = torch.where(held >= start, held + shift, -1)
             mine.keys[:, :, into] = turn(theirs.keys[:, :, taken], index, shift)
             mine.values[:, :, into] = theirs.values[:, :, taken]
             mine.valid[:, into] = theirs.valid[:, taken]
@@ -289,15 +290,23 @@ class PrefixCache:
         (None: none begins them); it is the caller's until handed back (`keep`). Snapshots made with other
         weights are passed over, not dropped: another adapter's (`AdapterBank`) serve again once it is back in
         place; the oldest go as new ones are kept."""
-        weights = _weights_state(network)
-        usable = [kept for kept in self.snapshots if weights is not None and kept.weights == weights]
-        begun = [kept for kept in usable if ids[: len(kept.ids)] == kept.ids]
-        if not begun:
+        snapshot = self._begun(network, ids)
+        if snapshot is None:
             return None
-        snapshot = max(begun, key=lambda kept: len(kept.ids))
         self.snapshots = [kept for kept in self.snapshots if kept.cache is not snapshot.cache]
         snapshot.cache.rewind(len(snapshot.ids), snapshot.windows)
         return snapshot
+
+    def holds(self, network: torch.nn.Module, ids: list[int]) -> bool:
+        """Whether `take` would find a snapshot `ids` begin with (nothing is taken)."""
+        return self._begun(network, ids) is not None
+
+    def _begun(self, network: torch.nn.Module, ids: list[int]) -> PromptSnapshot | None:
+        """The kept snapshot of the longest prompt `ids` begin with, made with the weights now in place."""
+        weights = _weights_state(network)
+        usable = [kept for kept in self.snapshots if weights is not None and kept.weights == weights]
+        begun = [kept for kept in usable if ids[: len(kept.ids)] == kept.ids]
+        return max(begun, key=lambda kept: len(kept.ids), default=None)
 
     @staticmethod
     def snapshot_of(network: torch.nn.Module, ids: list[int], cache: EncoderCache) -> PromptSnapshot:

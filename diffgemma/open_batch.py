@@ -11,10 +11,12 @@ join it (its positions would not fit before the cache's end); `fits` says so bef
 Fast mode only, each row with its own seed, limit, sampler settings, ids held in place on its generated positions
 (a fill) and ids it never draws; each canvas's settled prefix is committed early (`commit_stable_prefix`), as a
 server streams it. A row draws the random numbers it would draw alone (its draws counted while it draws for
-itself). With a prefix cache every row's prompt goes through it by itself: the longest of the first rows starts the
-batch as `denoising_loop` would, the others join it at once as later rows join (a snapshot taken is copied to where
-the row's prompt lies, its keys turned to those positions), so a chat's next turn skips its history whenever it
-comes. Without one, the first rows start the batch together, padded, and rows that come together join together.
+itself). A prompt is encoded once however many rows ask it (a request's n choices). With a prefix cache the
+longest of the first rows starts the batch as `denoising_loop` would, the others join it at once as later rows
+join: a prompt that begins with a kept snapshot by itself (the snapshot copied to where the row's prompt lies, its
+keys turned to those positions), so a chat's next turn skips its history whenever it comes, and new prompts
+together, each keeping its own snapshot. Without one, the first rows start the batch together, padded, and rows
+that come together join together.
 """
 
 from __future__ import annotations
@@ -339,19 +341,19 @@ class OpenBatch:
 
     def _admit(self) -> None:
         """The waiting rows join: the first ones start the batch; later ones are encoded to end where its cache
-        ends and join its rows. With a prefix cache every row goes through it by itself: the longest prompt
-        starts the batch, and the others join it at once."""
+        ends and join its rows (`_joining_parts`). A prompt is encoded once, however many rows ask it (the same
+        ids and adapter, no pictures: a request's n choices). With a prefix cache the longest prompt starts the
+        batch as a row alone, and the others join it at once."""
         joining, self.waiting = self.waiting, []
         if not joining:
             return
         network = self.network
-        alone = self.prefix_cache is not None
-        others = joining
+        starters: list[_Running] = []
         if self.cache is None:
-            if alone:  # (the longest first: the others' prompts end where its does)
-                longest = max(joining, key=lambda row: len(row.asked.prompt))
-                joining = [longest, *(row for row in joining if row is not longest)]
-            starters, others = (joining[:1], joining[1:]) if alone else (joining, [])
+            if self.prefix_cache is not None:
+                starters = [max(joining, key=lambda row: len(row.asked.prompt))]
+            else:
+                starters = [same[0] for same in _by_prompt(joining).values()]
             ids, mask, images = self._prompts(starters)
             capacity = max(ids.shape[1] + self._room(row) for row in joining)
             self._put_adapters(starters)  # (before the prefix cache is looked in: its snapshots are per adapter)
@@ -360,16 +362,93 @@ class OpenBatch:
             self._reuse.encode(network, ids, mask, self.cache)
             for row in starters:
                 row.cached = self._reuse.reused
+        others = [row for row in joining if all(row is not starter for starter in starters)]
         cache = self.cache
-        rows = [*self.rows, *joining]
         if others:
             length = cache.length
-            parts = [self._encoded_to(length, group) for group in ([[row] for row in others] if alone else [others])]
-            cache = cache.joined(parts, max(length + self._room(row) for row in rows))
-        self.rows = rows
+            others, parts = self._joining_parts(length, others, starters)
+            joining = [*starters, *others]
+            cache = cache.joined(parts, max(length + self._room(row) for row in [*self.rows, *joining]))
+        self.rows = [*self.rows, *joining]
         for row in joining:
             row.joined = time.perf_counter()
         self._use(cache)
+
+    def _joining_parts(
+        self, length: int, rows: list[_Running], starters: list[_Running]
+    ) -> tuple[list[_Running], list[EncoderCache]]:
+        """Caches of `rows`' prompts encoded to end at `length`, to join the batch, and the rows in the order they
+        hold them. A row asking a starter's prompt copies the starter's row; of the other prompts, without a
+        prefix cache all are encoded together, padded; with one, a prompt that begins with a kept snapshot goes by
+        itself (`_encoded_to`: the snapshot put in place), as does one with pictures, and the rest, those of one
+        adapter and one tail past their snapshot point, are encoded together (`_encoded_fresh`)."""
+        device = self.network.device
+        same = _by_prompt(rows)
+        starter_row = {_prompt_of(starter): index for index, starter in enumerate(starters)}
+        order, parts = [], []
+        for key, copies in same.items():
+            if key in starter_row:
+                parts.append(self.cache.select_rows(torch.tensor([starter_row[key]] * len(copies), device=device)))
+                order.extend(copies)
+                for copy in copies:
+                    copy.cached = starters[starter_row[key]].cached
+        asked = [copies[0] for key, copies in same.items() if key not in starter_row]
+        for group, fresh in self._encoding_groups(asked):
+            part = self._encoded_fresh(length, group) if fresh else self._encoded_to(length, group)
+            index = [at for at, row in enumerate(group) for _ in same[_prompt_of(row)]]
+            parts.append(part if len(index) == len(group) else part.select_rows(torch.tensor(index, device=device)))
+            for row in group:
+                order.extend(same[_prompt_of(row)])
+                for copy in same[_prompt_of(row)]:
+                    copy.cached = row.cached
+        return order, parts
+
+    def _encoding_groups(self, rows: list[_Running]) -> list[tuple[list[_Running], bool]]:
+        """`rows` (one of each prompt) as groups encoded together, each with whether it is a prefix cache's group
+        of prompts no snapshot begins (`_joining_parts`)."""
+        if self.prefix_cache is None:
+            return [(rows, False)] if rows else []
+        groups: list[tuple[list[_Running], bool]] = []
+        fresh: dict[tuple[str | None, int], list[_Running]] = {}
+        for row in rows:
+            prompt = row.asked.prompt
+            self._put_adapters([row])  # (the snapshots looked in are those of its adapter)
+            if row.asked.images or self.prefix_cache.holds(self.network, prompt):
+                groups.append(([row], False))
+            else:
+                tail = len(prompt) - self.prefix_cache.point(prompt)
+                fresh.setdefault((row.asked.adapter, tail), []).append(row)
+        return [*groups, *((group, True) for group in fresh.values())]
+
+    def _encoded_fresh(self, length: int, rows: list[_Running]) -> EncoderCache:
+        """A cache of `rows`' prompts (no snapshot begins them, one adapter, no pictures, one tail past their
+        snapshot points) encoded together to end at `length`: each up to its snapshot point, where a copy of its
+        row is kept in the prefix cache (moved to begin at 0), then their tails."""
+        network, prefix_cache = self.network, self.prefix_cache
+        prompts = [row.asked.prompt for row in rows]
+        points = [prefix_cache.point(prompt) for prompt in prompts]
+        tail = len(prompts[0]) - points[0]
+        ids, mask, _ = prepare_prompts(
+            [prompt[:point] for prompt, point in zip(prompts, points, strict=True)], None, self.settings.pad_id
+        )
+        part = network.new_cache(len(rows), length)
+        part.skip_to(length - tail - ids.shape[1])
+        self._put_adapters(rows)
+        network.encode(ids.to(network.device), part, mask, return_hidden=False)
+        for index, (prompt, point) in enumerate(zip(prompts, points, strict=True)):
+            kept = network.new_cache(1, point)
+            kept.place(
+                part.select_rows(torch.tensor([index], device=network.device)), length - len(prompt), network.shift_keys
+            )
+            prefix_cache.keep(prefix_cache.snapshot_of(network, prompt[:point], kept))
+        if tail:
+            tails = torch.tensor(
+                [prompt[point:] for prompt, point in zip(prompts, points, strict=True)], device=network.device
+            )
+            network.encode(tails, part, return_hidden=False)
+        for row in rows:
+            row.cached = 0
+        return part
 
     def _prompts(self, rows: list[_Running]) -> tuple[torch.Tensor, torch.Tensor | None, ImageInputs | None]:
         """The rows' prompts as a batch: ids [B, T] (left-padded), which are real (None: all), their pictures."""
@@ -436,3 +515,17 @@ class OpenBatch:
         if self._reuse is not None:
             self._reuse.__exit__(None, None, None)
             self._reuse = None
+
+
+def _prompt_of(row: _Running) -> tuple | int:
+    """What rows asking the same prompt share (its ids and adapter), so that it is encoded once; a row with
+    pictures is its own."""
+    return row.id if row.asked.images else (tuple(row.asked.prompt), row.asked.adapter)
+
+
+def _by_prompt(rows: list[_Running]) -> dict[tuple | int, list[_Running]]:
+    """`rows` by the prompt they ask (`_prompt_of`), in order of first asking."""
+    same: dict[tuple | int, list[_Running]] = {}
+    for row in rows:
+        same.setdefault(_prompt_of(row), []).append(row)
+    return same

@@ -216,6 +216,32 @@ def test_a_snapshot_moves_to_where_a_joining_row_lies(tiny):
                     torch.testing.assert_close(mine_held, wanted_held, atol=1e-4, rtol=1e-4)
 
 
+def test_a_padded_rows_prompt_moved_to_0_is_its_snapshot_alone(tiny):
+    """A prompt encoded as a row of a padded batch (beside a longer one, its window reaching before its start)
+    and moved to begin at 0 holds what encoding it alone holds: every slot's position and validity (slots of
+    the other row's tokens hold none of its), and keys and values within rounding."""
+    network = tiny.network
+    generator = torch.Generator().manual_seed(9)
+    short, longer = (torch.randint(5, tiny.config.vocab_size, (size,), generator=generator) for size in (6, 40))
+    padded = network.new_cache(2, 40)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[0, :34] = False
+    network.encode(torch.stack([torch.cat([torch.zeros(34, dtype=torch.long), short]), longer]), padded, mask)
+    moved = network.new_cache(1, 6)
+    moved.place(padded.select_rows(torch.tensor([0])), 34, network.shift_keys)
+    snapshot = network.new_cache(1, 6)
+    network.encode(short[None], snapshot, return_hidden=False)
+    assert moved.length == snapshot.length == 6
+    for mine, theirs in zip(moved.layers, snapshot.layers, strict=True):
+        stored = moved.stored_slots(mine)
+        assert torch.equal(mine.positions[:stored], theirs.positions[:stored])
+        assert torch.equal(mine.valid[:, :stored], theirs.valid[:, :stored])
+        held = theirs.valid[0, :stored]
+        for name in ("keys", "values"):
+            mine_held, wanted = (getattr(cache, name)[..., :stored, :][..., held, :] for cache in (mine, theirs))
+            torch.testing.assert_close(mine_held, wanted, atol=1e-4, rtol=1e-4)
+
+
 def test_rows_that_join_later_read_and_keep_the_prefix_cache(tiny):
     """A row joining a running batch takes the snapshot of a prompt its prompt begins with (made by a row alone),
     and keeps its own: a later row, alone or joining, takes that one. Each gives what it gives with no prefix
@@ -286,6 +312,100 @@ def test_rows_that_start_a_batch_together_each_read_the_prefix_cache(tiny):
     finally:
         tiny.prefix_cache.clear()
         tiny.prefix_cache.entries = 1
+
+
+def recorded_encodes(model, monkeypatch) -> list[tuple[int, int]]:
+    """The shape of every id batch `model`'s encoder is given from now on, in this test."""
+    shapes, encode = [], model.network.encode
+
+    def recording(ids, *args, **kwargs):
+        shapes.append(tuple(ids.shape))
+        return encode(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model.network, "encode", recording)
+    return shapes
+
+
+def test_new_prompts_that_join_together_are_encoded_together_each_keeping_its_snapshot(tiny, monkeypatch):
+    """Rows joining a running batch at once with prompts no snapshot begins (a server's burst of new chats) are
+    encoded together: those of one tail past their snapshot points (a chat's last turn opening on) in one pass
+    up to their points, where each keeps its snapshot, and one pass for the tails; one prompt asked by two rows (a
+    request's n choices) is encoded once. Each row gives what it gives alone, and a next turn of a chat padded
+    far (its sliding window reaching before its start) or of a prompt with no turn opening takes its snapshot
+    and gives what it gives with no prefix cache."""
+    tiny.prefix_cache.clear()
+    tiny.prefix_cache.entries = 8
+    length, vocab = tiny.config.canvas_length, tiny.config.vocab_size
+    generator = torch.Generator().manual_seed(13)
+
+    def more(size: int) -> list[int]:
+        return torch.randint(5, vocab, (size,), generator=generator).tolist()  # (no turn opening: 4)
+
+    turn = [4, *more(2)]  # (the last turn's opening on: the tail past the snapshot point)
+    chats = [[2, *more(size), *turn] for size in (12, 40, 25)]
+    plain = [2, *more(20)]
+    joining = [
+        BatchRow(chats[0], length, 1),
+        BatchRow(chats[1], 2 * length, 2),
+        BatchRow(plain, length, 3),
+        BatchRow(chats[1], 2 * length, 4),
+        BatchRow(chats[2], length, 5),
+    ]
+    first = BatchRow([2, *more(60)], 3 * length, 0)
+    shapes = recorded_encodes(tiny, monkeypatch)
+    batch = tiny.open_batch()
+    batch.add(first)
+    finished, sizes = run(batch, {1: joining})
+    assert sizes[1] == 1 + len(joining)
+    prompts_encoded = [shape for shape in shapes if shape[1] != length]  # (not a committed canvas)
+    assert prompts_encoded == [(1, len(first.prompt)), (3, len(chats[1]) - len(turn)), (3, len(turn)), (1, 21)]
+    follow = [BatchRow([*prompt, *more(5), *turn], length, 6) for prompt in (chats[0], plain)]
+    for row in follow:
+        batch = tiny.open_batch()
+        batch.add(row)
+        done, _ = run(batch, {})
+        finished[len(finished)] = done[0]
+    held = [len(chats[0]) - len(turn), len(plain)]
+    assert [finished[index].cached for index in (6, 7)] == held
+    assert {finished[index].cached for index in range(6)} == {0}
+    tiny.prefix_cache.clear()
+    saved, tiny.prefix_cache = tiny.prefix_cache, None
+    try:
+        for index, row in enumerate([first, *joining, *follow]):
+            assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row), index
+    finally:
+        tiny.prefix_cache = saved
+        saved.entries = 1
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_rows_asking_one_prompt_start_a_batch_encoding_it_once(tiny, monkeypatch, prefix_cache):
+    """Rows that start a batch asking one prompt (a request's n choices), beside another prompt: each prompt is
+    encoded once (with a prefix cache the longest goes first, as a row alone, and the rows asking it copy its
+    cache), and each row gives what it gives alone with its seed."""
+    saved = tiny.prefix_cache
+    tiny.prefix_cache.clear()
+    if not prefix_cache:
+        tiny.prefix_cache = None
+    length = tiny.config.canvas_length
+    asked, other = [2, *range(10, 40)], [2, *range(50, 60)]
+    rows = [BatchRow(asked, length, seed) for seed in range(3)] + [BatchRow(other, 2 * length, 3)]
+    shapes = recorded_encodes(tiny, monkeypatch)
+    try:
+        batch = tiny.open_batch()
+        for row in [rows[0], rows[3], rows[1], rows[2]]:
+            batch.add(row)
+        finished, sizes = run(batch, {})
+        assert sizes[0] == len(rows)
+        prompts_encoded = [shape for shape in shapes if shape[1] != length]
+        assert prompts_encoded == ([(1, len(asked)), (1, len(other))] if prefix_cache else [(2, len(asked))])
+        tiny.prefix_cache = None
+        for index, row in enumerate([rows[0], rows[3], rows[1], rows[2]]):
+            assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row), index
+        assert len({tuple(finished[index].new_tokens) for index in (0, 2, 3)}) > 1  # (each its own seed)
+    finally:
+        tiny.prefix_cache = saved
+        saved.clear()
 
 
 @pytest.mark.parametrize("prefix_cache", [True, False])
