@@ -936,9 +936,11 @@ class _PromptReuse:
     alone). Used as a context around the generation. A prompt with pictures is matched by its ids with each
     picture's run of image ids standing for that picture (`_prompt_key`), so another picture is another prompt.
 
-    `start`: the prompt's first position (a row joining an open batch: its prompt ends where the batch's cache
-    ends). There the snapshot taken is copied into place (its keys turned to their new positions) and handed
-    back as it was, and the one made is a copy moved to begin at 0, as every kept snapshot does."""
+    `start`: the prompt's first position in a cache of its own (a row joining an open batch: its prompt ends where
+    the batch's cache ends, perhaps at its own length, from 0). There the snapshot taken is copied into place (its
+    keys turned to their new positions) and handed back as it was, and the one made is a copy moved to begin at 0,
+    as every kept snapshot does: the row's cache is never a kept snapshot's, which another row joining with it
+    may take and rewind. None: the generation's cache is the snapshot's own, from 0."""
 
     def __init__(
         self,
@@ -948,7 +950,7 @@ class _PromptReuse:
         attention_mask: torch.Tensor | None,
         mode: str,
         images: ImageInputs | None = None,
-        start: int = 0,
+        start: int | None = None,
     ) -> None:
         usable = ids.shape[0] == 1 and attention_mask is None and mode == "fast"
         # (a batch's rows are padded apart; reference mode encodes as the reference does)
@@ -963,7 +965,7 @@ class _PromptReuse:
     def new_cache(self, network: DiffusionGemma, batch: int, capacity: int) -> EncoderCache:
         """The generation's encoder cache: the taken snapshot's, grown now to its final size (a decoder graph's
         view needs that), or a new one (beginning at `start`, the snapshot copied in)."""
-        if self.taken is None or self.start:
+        if self.taken is None or self.start is not None:
             cache = network.new_cache(batch, capacity)
             if self.start:
                 cache.skip_to(self.start)
@@ -990,7 +992,7 @@ class _PromptReuse:
             encode_part(self.reused, point)
             if self.prefix_cache is not None:
                 kept = cache
-                if self.start:
+                if self.start is not None:
                     kept = network.new_cache(1, point)
                     kept.place(cache, self.start, network.shift_keys)
                 self.snapshot = self.prefix_cache.snapshot_of(network, self.prompt_ids[:point], kept)

@@ -378,6 +378,40 @@ def test_new_prompts_that_join_together_are_encoded_together_each_keeping_its_sn
         saved.entries = 1
 
 
+def test_rows_taking_one_snapshot_at_the_batchs_start_each_keep_their_own_cache(tiny):
+    """Two rows joining a batch as it starts, each as long as the prompt that starts it (so each lies from position
+    0) and each beginning with one kept snapshot: the second's taking the snapshot (the first's handed back) does
+    not rewind or overwrite what the first encoded, and each gives what it gives alone."""
+    tiny.prefix_cache.clear()
+    tiny.prefix_cache.entries = 4
+    length = tiny.config.canvas_length
+    opening = [2, *range(10, 30)]
+    try:
+        batch = tiny.open_batch()
+        batch.add(BatchRow(opening, length, 0))
+        run(batch, {})  # (its snapshot kept)
+        rows = [
+            BatchRow([2, *range(100, 129)], length, 1),
+            BatchRow([*opening, 4, *range(40, 48)], length, 2),
+            BatchRow([*opening, 4, *range(60, 68)], 2 * length, 3),
+        ]
+        batch = tiny.open_batch()
+        for row in rows:
+            batch.add(row)
+        finished, sizes = run(batch, {})
+        assert sizes[0] == 3 and [finished[index].cached for index in (1, 2)] == [len(opening)] * 2
+        tiny.prefix_cache.clear()
+        saved, tiny.prefix_cache = tiny.prefix_cache, None
+        try:
+            for index, row in enumerate(rows):
+                assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row), index
+        finally:
+            tiny.prefix_cache = saved
+    finally:
+        tiny.prefix_cache.clear()
+        tiny.prefix_cache.entries = 1
+
+
 @pytest.mark.parametrize("prefix_cache", [True, False])
 def test_rows_asking_one_prompt_start_a_batch_encoding_it_once(tiny, monkeypatch, prefix_cache):
     """Rows that start a batch asking one prompt (a request's n choices), beside another prompt: each prompt is
