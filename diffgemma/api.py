@@ -60,7 +60,7 @@ from .reply import SettledText, StopStrings
 from .resources import check_memory, size_text
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
-from .tokenizer import THINKING_CLOSE, TURN_OPEN, Tokenizer, load_tokenizer, tokenizer_files
+from .tokenizer import THINKING_CLOSE, TURN_OPEN, Tokenizer, check_messages, load_tokenizer, tokenizer_files
 from .toolcalls import FORCED_CALL, Tool, forced_call_fault, tool_plan
 from .vision import ImageEncoder, load_image_encoder
 
@@ -325,6 +325,11 @@ class DiffGemma:
         if prediction is not None and enable_thinking:  # (before the prompt's pictures go through the tower)
             raise DiffGemmaError(PREDICTION_WITH_THINKING)
         budget = None if thinking_budget is None else self.thinking_budget(thinking_budget)
+        if images is not None and not isinstance(images, list | tuple):
+            given = f"{type(images).__name__} {images!r:.40}"
+            raise DiffGemmaError(
+                f"images must be a list of pictures (files, bytes, data: URLs or PIL images), got {given}"
+            )
         if is_conversation(prompt):
             prompt, found = split_images(list(prompt))
             if found and images:
@@ -697,6 +702,7 @@ class DiffGemma:
 
         `adapter`: the LoRA adapter (`add_adapter`) that answers, whatever `use_adapter` put in place."""
         tokenizer = self._need_tokenizer()
+        check_messages(messages, prefill)  # (before a JSON answer's instruction is added to them)
         answer_format = json_format(json_schema, "json_schema")
         offered, lead = tool_plan(tools, tool_choice)
         if thinking_budget is not None and not enable_thinking:

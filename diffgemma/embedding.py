@@ -47,6 +47,8 @@ def embed_batch(
     encoder never lets a row's tokens see (each is embedded as it would be alone); each pass goes through the
     encoder in chunks (`PREFILL_CHUNK`), so memory stays that of a chunk, not of the longest text."""
     check_rows(network, rows, "embed")
+    if not isinstance(normalize, bool):
+        raise DiffGemmaError(f"normalize must be True or False, got {normalize!r:.40}")
     hidden_size = network.config.hidden_size
     check_dimensions(dimensions, hidden_size)
     bos = network.config.bos_token_id

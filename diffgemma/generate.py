@@ -1040,6 +1040,8 @@ class _Constraints:
         clamp, token_ranges, noise_ranges = self.clamp, self.token_ranges, self.noise_ranges
         banned_tokens, first_self_conditioning = self.banned_tokens, self.first_self_conditioning
         if clamp is not None:
+            if clamp.dtype.is_floating_point or clamp.dtype.is_complex or clamp.dtype == torch.bool:
+                raise DiffGemmaError(f"clamp must hold integer token ids, got {clamp.dtype}")
             if clamp.ndim != 2 or clamp.shape[0] != batch or clamp.shape[1] > positions:
                 raise DiffGemmaError(f"clamp must be [batch={batch}, at most {positions}] token ids (-1 = free)")
             if bool(((clamp < -1) | (clamp >= vocab)).any()):

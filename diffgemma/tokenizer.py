@@ -168,9 +168,7 @@ class Tokenizer:
             raise DiffGemmaError(
                 "this checkpoint's tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)"
             )
-        check_messages(messages)
-        if not isinstance(prefill, str):
-            raise DiffGemmaError(f"a prefill is the answer's start, a text; got {type(prefill).__name__}")
+        check_messages(messages, prefill)
         if prefill and not add_generation_prompt:
             raise DiffGemmaError("a prefill begins the model's answer, so it needs the generation prompt")
         if tools and not self.renders_tools:
@@ -315,9 +313,12 @@ def _raise_template_error(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
-def check_messages(messages: Any) -> None:
+def check_messages(messages: Any, prefill: Any = "") -> None:
     """A conversation's shape, checked before anything reads it: a non-empty list of objects, each with a string
-    `role` and a `content` (an assistant's calling turn may have `tool_calls` alone, a list)."""
+    `role` and a `content` (an assistant's calling turn may have `tool_calls` alone, a list); and the answer's
+    start (`prefill`), a text."""
+    if not isinstance(prefill, str):
+        raise DiffGemmaError(f"a prefill is the answer's start, a text; got {type(prefill).__name__}")
     if not isinstance(messages, list) or not messages:
         raise DiffGemmaError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
     for i, message in enumerate(messages):

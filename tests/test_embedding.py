@@ -85,3 +85,6 @@ def test_bad_input_is_a_clear_error(ours):
     for bad in (torch.tensor([[2, 3]]), [2.5, 3], None, 5):
         with pytest.raises(DiffGemmaError, match="embed takes a text, or token ids"):
             model.embed(bad)
+    for normalize in (torch.tensor([1, 0]), None, "yes"):
+        with pytest.raises(DiffGemmaError, match="normalize must be True or False"):
+            model.embed([2, 3], normalize=normalize)

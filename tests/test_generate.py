@@ -167,6 +167,9 @@ def test_clamp_validation(tiny):
     for not_ids in (5, "x", [1, "a"], {}):  # (were TypeErrors and ValueErrors from deep inside)
         with pytest.raises(DiffGemmaError, match="clamp must be token ids"):
             tiny.generate("x", max_new_tokens=8, clamp=not_ids)
+    for floats in (torch.tensor([[40.0]]), torch.tensor([[True]])):
+        with pytest.raises(DiffGemmaError, match="clamp must hold integer token ids"):
+            tiny.generate("x", max_new_tokens=8, clamp=floats)
     # a list per row, shorter ones free at their end
     ragged = tiny.generate(["x", "y"], max_new_tokens=8, clamp=[[40], [41, None, 42]], seed=0)
     first = ragged.sequences[:, ragged.prompt_length :].tolist()
@@ -498,6 +501,10 @@ def test_bad_calls(tiny):
         tiny.generate("x", max_new_tokens=4, max_denoising_steps=10**12)  # (was an int32 overflow, deep in torch)
     with pytest.raises(DiffGemmaError, match="stop strings must be"):
         tiny.chat([{"role": "user", "content": "hi"}], stop=torch.tensor([1, 2]))  # (was a tensor's truth value)
+    with pytest.raises(DiffGemmaError, match="messages must be a non-empty list"):
+        tiny.chat(0, json_schema={"type": "object"})  # (was a TypeError adding the schema's instruction)
+    with pytest.raises(DiffGemmaError, match="a prefill is the answer's start, a text"):
+        tiny.chat([{"role": "user", "content": "hi"}], prefill=torch.tensor([1, 2]))  # (a tensor's truth value)
     # (each was a deep error from torch or Python before)
     with pytest.raises(DiffGemmaError, match="`stability_threshold` must be an integer from 0 to 1,000,000"):
         tiny.generate("x", max_new_tokens=4, stability_threshold=10**19)

@@ -112,6 +112,9 @@ def test_bad_images_are_named(vision_checkpoint, tmp_path):
     ]:
         with pytest.raises(DiffGemmaError, match=words):
             prepare_image(image, model.config.vision)
+    for images in (text, float("nan"), 3, torch.tensor([1, 2])):  # (a picture, not a list of them)
+        with pytest.raises(DiffGemmaError, match="images must be a list of pictures"):
+            model.generate([2, 5], images=images, max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
