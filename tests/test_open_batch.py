@@ -46,6 +46,29 @@ def run(batch, joining: dict[int, list[BatchRow]]):
     return finished, sizes
 
 
+@pytest.fixture
+def kept(tiny):
+    """The tiny model's prefix cache, empty, keeping `kept.entries` snapshots in this test (one again after it,
+    emptied, and back in place where the test took it away)."""
+    cache = tiny.prefix_cache
+    cache.clear()
+    yield cache
+    tiny.prefix_cache = cache
+    cache.clear()
+    cache.entries = 1
+
+
+def assert_each_as_alone(model, finished: dict, rows: list[BatchRow]) -> None:
+    """Row i's tokens and steps (`finished[i]`) are what `stream` gives it alone with no prefix cache (its whole
+    prompt encoded afresh)."""
+    saved, model.prefix_cache = model.prefix_cache, None
+    try:
+        for index, row in enumerate(rows):
+            assert (finished[index].new_tokens, finished[index].steps) == alone(model, row), index
+    finally:
+        model.prefix_cache = saved
+
+
 def test_rows_that_join_later_and_leave_early_give_what_they_give_alone(tiny):
     """Rows join after one and after three canvases, with prompts shorter and longer than the sliding window
     (so the joined ring windows hold some slots for some rows only), and end after one to four canvases: each
@@ -154,10 +177,9 @@ def test_what_cannot_join_is_refused_before_it_is_queued(tiny):
     events.close()
 
 
-def test_a_row_alone_reads_and_keeps_the_prefix_cache(tiny):
+def test_a_row_alone_reads_and_keeps_the_prefix_cache(tiny, kept):
     """A batch started by one row takes the prefix cache's snapshot of a prompt its prompt begins with, and keeps
     its own there once it no longer writes that cache (rows joined, or the batch ended)."""
-    tiny.prefix_cache.clear()
     length = tiny.config.canvas_length
     first = BatchRow([2, *range(10, 40)], length, 1)
     batch = tiny.open_batch()
@@ -169,9 +191,7 @@ def test_a_row_alone_reads_and_keeps_the_prefix_cache(tiny):
     batch.add(longer)
     finished, _ = run(batch, {1: [BatchRow([2, 3, 4], length, 3)]})
     assert finished[0].cached == len(first.prompt)
-    tiny.prefix_cache.clear()
-    assert (finished[0].new_tokens, finished[0].steps) == alone(tiny, longer)
-    tiny.prefix_cache.clear()
+    assert_each_as_alone(tiny, finished, [longer])
 
 
 def test_a_rows_output_ends_before_its_eos_within_its_limit():
@@ -242,12 +262,11 @@ def test_a_padded_rows_prompt_moved_to_0_is_its_snapshot_alone(tiny):
             torch.testing.assert_close(mine_held, wanted, atol=1e-4, rtol=1e-4)
 
 
-def test_rows_that_join_later_read_and_keep_the_prefix_cache(tiny):
+def test_rows_that_join_later_read_and_keep_the_prefix_cache(tiny, kept):
     """A row joining a running batch takes the snapshot of a prompt its prompt begins with (made by a row alone),
     and keeps its own: a later row, alone or joining, takes that one. Each gives what it gives with no prefix
     cache."""
-    tiny.prefix_cache.clear()
-    tiny.prefix_cache.entries = 4  # (every row keeps its prompt's snapshot: enough for them all)
+    kept.entries = 4  # (every row keeps its prompt's snapshot: enough for them all)
     length = tiny.config.canvas_length
     generator = torch.Generator().manual_seed(11)
 
@@ -270,48 +289,30 @@ def test_rows_that_join_later_read_and_keep_the_prefix_cache(tiny):
     batch.add(last)
     alone_finished, _ = run(batch, {})
     assert alone_finished[0].cached == len(third.prompt)  # (kept by a joined row, taken by a row alone)
-    tiny.prefix_cache.clear()
-    saved, tiny.prefix_cache = tiny.prefix_cache, None
-    try:
-        for got, row in ((finished[1], follow), (finished[3], third), (alone_finished[0], last)):
-            assert (got.new_tokens, got.steps) == alone(tiny, row)
-    finally:
-        tiny.prefix_cache = saved
-        saved.entries = 1
+    assert_each_as_alone(tiny, [finished[1], finished[3], alone_finished[0]], [follow, third, last])
 
 
-def test_rows_that_start_a_batch_together_each_read_the_prefix_cache(tiny):
+def test_rows_that_start_a_batch_together_each_read_the_prefix_cache(tiny, kept):
     """Two rows that start a batch together (a server's requests that come at once) each take their prompt's
     snapshot, whichever is longer, and give what they give alone."""
-    tiny.prefix_cache.clear()
-    tiny.prefix_cache.entries = 2
+    kept.entries = 2
     length = tiny.config.canvas_length
     openings = [BatchRow([2, *range(10, 50)], length, 1), BatchRow([2, *range(60, 75)], length, 2)]
-    try:
-        for row in openings:  # (each kept alone)
-            batch = tiny.open_batch()
-            batch.add(row)
-            run(batch, {})
-        turns = [
-            BatchRow([*openings[0].prompt, *range(80, 90)], 2 * length, 3),
-            BatchRow([*openings[1].prompt, *range(90, 120)], length, 4),  # (the longer prompt now)
-        ]
+    for row in openings:  # (each kept alone)
         batch = tiny.open_batch()
-        for row in turns:
-            batch.add(row)
-        finished, sizes = run(batch, {})
-        assert sizes[0] == 2
-        assert [finished[index].cached for index in (0, 1)] == [len(openings[0].prompt), len(openings[1].prompt)]
-        tiny.prefix_cache.clear()
-        saved, tiny.prefix_cache = tiny.prefix_cache, None
-        try:
-            for index, row in enumerate(turns):
-                assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row), index
-        finally:
-            tiny.prefix_cache = saved
-    finally:
-        tiny.prefix_cache.clear()
-        tiny.prefix_cache.entries = 1
+        batch.add(row)
+        run(batch, {})
+    turns = [
+        BatchRow([*openings[0].prompt, *range(80, 90)], 2 * length, 3),
+        BatchRow([*openings[1].prompt, *range(90, 120)], length, 4),  # (the longer prompt now)
+    ]
+    batch = tiny.open_batch()
+    for row in turns:
+        batch.add(row)
+    finished, sizes = run(batch, {})
+    assert sizes[0] == 2
+    assert [finished[index].cached for index in (0, 1)] == [len(openings[0].prompt), len(openings[1].prompt)]
+    assert_each_as_alone(tiny, finished, turns)
 
 
 def recorded_encodes(model, monkeypatch) -> list[tuple[int, int]]:
@@ -326,15 +327,14 @@ def recorded_encodes(model, monkeypatch) -> list[tuple[int, int]]:
     return shapes
 
 
-def test_new_prompts_that_join_together_are_encoded_together_each_keeping_its_snapshot(tiny, monkeypatch):
+def test_new_prompts_that_join_together_are_encoded_together_each_keeping_its_snapshot(tiny, kept, monkeypatch):
     """Rows joining a running batch at once with prompts no snapshot begins (a server's burst of new chats) are
     encoded together: those of one tail past their snapshot points (a chat's last turn opening on) in one pass
     up to their points, where each keeps its snapshot, and one pass for the tails; one prompt asked by two rows (a
     request's n choices) is encoded once. Each row gives what it gives alone, and a next turn of a chat padded
     far (its sliding window reaching before its start) or of a prompt with no turn opening takes its snapshot
     and gives what it gives with no prefix cache."""
-    tiny.prefix_cache.clear()
-    tiny.prefix_cache.entries = 8
+    kept.entries = 8
     length, vocab = tiny.config.canvas_length, tiny.config.vocab_size
     generator = torch.Generator().manual_seed(13)
 
@@ -368,78 +368,53 @@ def test_new_prompts_that_join_together_are_encoded_together_each_keeping_its_sn
     held = [len(chats[0]) - len(turn), len(plain)]
     assert [finished[index].cached for index in (6, 7)] == held
     assert {finished[index].cached for index in range(6)} == {0}
-    tiny.prefix_cache.clear()
-    saved, tiny.prefix_cache = tiny.prefix_cache, None
-    try:
-        for index, row in enumerate([first, *joining, *follow]):
-            assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row), index
-    finally:
-        tiny.prefix_cache = saved
-        saved.entries = 1
+    assert_each_as_alone(tiny, finished, [first, *joining, *follow])
 
 
-def test_rows_taking_one_snapshot_at_the_batchs_start_each_keep_their_own_cache(tiny):
+def test_rows_taking_one_snapshot_at_the_batchs_start_each_keep_their_own_cache(tiny, kept):
     """Two rows joining a batch as it starts, each as long as the prompt that starts it (so each lies from position
     0) and each beginning with one kept snapshot: the second's taking the snapshot (the first's handed back) does
     not rewind or overwrite what the first encoded, and each gives what it gives alone."""
-    tiny.prefix_cache.clear()
-    tiny.prefix_cache.entries = 4
+    kept.entries = 4
     length = tiny.config.canvas_length
     opening = [2, *range(10, 30)]
-    try:
-        batch = tiny.open_batch()
-        batch.add(BatchRow(opening, length, 0))
-        run(batch, {})  # (its snapshot kept)
-        rows = [
-            BatchRow([2, *range(100, 129)], length, 1),
-            BatchRow([*opening, 4, *range(40, 48)], length, 2),
-            BatchRow([*opening, 4, *range(60, 68)], 2 * length, 3),
-        ]
-        batch = tiny.open_batch()
-        for row in rows:
-            batch.add(row)
-        finished, sizes = run(batch, {})
-        assert sizes[0] == 3 and [finished[index].cached for index in (1, 2)] == [len(opening)] * 2
-        tiny.prefix_cache.clear()
-        saved, tiny.prefix_cache = tiny.prefix_cache, None
-        try:
-            for index, row in enumerate(rows):
-                assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row), index
-        finally:
-            tiny.prefix_cache = saved
-    finally:
-        tiny.prefix_cache.clear()
-        tiny.prefix_cache.entries = 1
+    batch = tiny.open_batch()
+    batch.add(BatchRow(opening, length, 0))
+    run(batch, {})  # (its snapshot kept)
+    rows = [
+        BatchRow([2, *range(100, 129)], length, 1),
+        BatchRow([*opening, 4, *range(40, 48)], length, 2),
+        BatchRow([*opening, 4, *range(60, 68)], 2 * length, 3),
+    ]
+    batch = tiny.open_batch()
+    for row in rows:
+        batch.add(row)
+    finished, sizes = run(batch, {})
+    assert sizes[0] == 3 and [finished[index].cached for index in (1, 2)] == [len(opening)] * 2
+    assert_each_as_alone(tiny, finished, rows)
 
 
 @pytest.mark.parametrize("prefix_cache", [True, False])
-def test_rows_asking_one_prompt_start_a_batch_encoding_it_once(tiny, monkeypatch, prefix_cache):
+def test_rows_asking_one_prompt_start_a_batch_encoding_it_once(tiny, kept, monkeypatch, prefix_cache):
     """Rows that start a batch asking one prompt (a request's n choices), beside another prompt: each prompt is
     encoded once (with a prefix cache the longest goes first, as a row alone, and the rows asking it copy its
     cache), and each row gives what it gives alone with its seed."""
-    saved = tiny.prefix_cache
-    tiny.prefix_cache.clear()
     if not prefix_cache:
         tiny.prefix_cache = None
     length = tiny.config.canvas_length
     asked, other = [2, *range(10, 40)], [2, *range(50, 60)]
-    rows = [BatchRow(asked, length, seed) for seed in range(3)] + [BatchRow(other, 2 * length, 3)]
+    rows = [BatchRow(asked, length, 0), BatchRow(other, 2 * length, 3), BatchRow(asked, length, 1)]
+    rows.append(BatchRow(asked, length, 2))
     shapes = recorded_encodes(tiny, monkeypatch)
-    try:
-        batch = tiny.open_batch()
-        for row in [rows[0], rows[3], rows[1], rows[2]]:
-            batch.add(row)
-        finished, sizes = run(batch, {})
-        assert sizes[0] == len(rows)
-        prompts_encoded = [shape for shape in shapes if shape[1] != length]
-        assert prompts_encoded == ([(1, len(asked)), (1, len(other))] if prefix_cache else [(2, len(asked))])
-        tiny.prefix_cache = None
-        for index, row in enumerate([rows[0], rows[3], rows[1], rows[2]]):
-            assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row), index
-        assert len({tuple(finished[index].new_tokens) for index in (0, 2, 3)}) > 1  # (each its own seed)
-    finally:
-        tiny.prefix_cache = saved
-        saved.clear()
+    batch = tiny.open_batch()
+    for row in rows:
+        batch.add(row)
+    finished, sizes = run(batch, {})
+    assert sizes[0] == len(rows)
+    prompts_encoded = [shape for shape in shapes if shape[1] != length]
+    assert prompts_encoded == ([(1, len(asked)), (1, len(other))] if prefix_cache else [(2, len(asked))])
+    assert_each_as_alone(tiny, finished, rows)
+    assert len({tuple(finished[index].new_tokens) for index in (0, 2, 3)}) > 1  # (each its own seed)
 
 
 @pytest.mark.parametrize("prefix_cache", [True, False])
