@@ -1,5 +1,6 @@
 """A chat's next turn with and without the prefix cache: how long until its first draft, and how many prompt
-tokens it encodes; alone, and joining a batch under way (a server's other user).
+tokens it encodes; alone, joining a batch under way (a server's other user), and a new conversation that opens
+with a system turn the cache keeps.
 
 bench-90m with random weights (byte-level tokenizer, the Gemma 4 style chat template). A conversation of
 alternating turns is grown to about each length; the turn before the last is generated first (the cache keeps
@@ -7,6 +8,8 @@ its prompt, up to its last turn's opening), then the last turn is timed to its f
 one decoder pass, the sampler), the median of --rounds, each round with and without the cache. Joining: another
 conversation, longer, runs in an open batch; the turn joins it when its first canvas is committed, timed from
 there to the turn's first draft (the other's canvas encoded, the turn's prompt encoded, a pass of both rows).
+A new conversation: a system turn of about each length and a short question, to its first draft, with no shared
+system turn kept and with the one another conversation (the same system turn) kept.
 
     python bench/prefix.py [--lengths 1024,2048,4096] [--rounds 3] [--results FILE]
 """
@@ -46,6 +49,15 @@ def conversation(tokens: int, seed: int) -> list[dict]:
     if messages[-1]["role"] == "user":
         messages.pop()
     return [*messages, {"role": "user", "content": "Why is the sky blue?"}]
+
+
+def system_turn(tokens: int, seed: int) -> dict:
+    """A system turn of random words, about `tokens` long: an assistant's instructions."""
+    rng = random.Random(seed)
+    words = []
+    while sum(len(word) + 1 for word in words) < tokens:
+        words.append(rng.choice(WORDS))
+    return {"role": "system", "content": " ".join(words)}
 
 
 def first_draft(model, messages: list[dict], counts: list[int]) -> float:
@@ -93,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = diffgemma.load(random_checkpoint(Path(tmp) / "bench", preset="bench-90m", seed=0))
+    own = model.prefix_cache  # (the model's: it knows a system turn when it sees one)
     counts: list[int] = []
     encode = model.network.encode
 
@@ -104,7 +117,7 @@ def main() -> None:
     rows = []
     for length in (int(n) for n in args.lengths.split(",")):
         messages = conversation(length, seed=length)
-        turns = {way: [] for way in ("cold", "warm", "joining, cold", "joining, warm")}
+        turns = {way: [] for way in ("cold", "warm", "joining, cold", "joining, warm", "new, cold", "new, warm")}
         encoded = {}
         prompt_tokens = len(model.tokenizer.encode_chat(messages))
         for _ in range(args.rounds):
@@ -124,12 +137,30 @@ def main() -> None:
             seconds, cached = joined_first_draft(model, host, messages)
             turns["joining, warm"].append(seconds)
             encoded["joining, warm"] = prompt_tokens - cached
-        cold, warm, joining_cold, joining_warm = (
-            statistics.median(turns[way]) * 1000 for way in ("cold", "warm", "joining, cold", "joining, warm")
+        system = system_turn(length, seed=length + 2)
+        opening = [system, {"role": "user", "content": "Why is the sky blue?"}]
+        model.prefix_cache = own
+        for _ in range(args.rounds):
+            own.clear()
+            own.shared = 0
+            turns["new, cold"].append(first_draft(model, opening, counts))
+            own.clear()
+            own.shared = 1
+            first_draft(model, [system, {"role": "user", "content": "Say hello."}], counts)  # (another conversation)
+            turns["new, warm"].append(first_draft(model, opening, counts))
+            encoded["new, warm"] = sum(counts[:2])
+        cold, warm, joining_cold, joining_warm, new_cold, new_warm = (
+            statistics.median(turns[way]) * 1000
+            for way in ("cold", "warm", "joining, cold", "joining, warm", "new, cold", "new, warm")
         )
-        for way, without, with_ in (("alone", cold, warm), ("joining a batch", joining_cold, joining_warm)):
-            kept = encoded["warm" if way == "alone" else "joining, warm"]
-            cells = (way, prompt_tokens, f"{without:.0f}", kept, f"{with_:.0f}", f"{without / with_:.1f}x")
+        ways = (
+            ("alone", cold, warm, encoded["warm"], prompt_tokens),
+            ("joining a batch", joining_cold, joining_warm, encoded["joining, warm"], prompt_tokens),
+            ("a new conversation, the same system turn", new_cold, new_warm, encoded["new, warm"], None),
+        )
+        for way, without, with_, kept, tokens in ways:
+            tokens = tokens or len(model.tokenizer.encode_chat(opening))
+            cells = (way, tokens, f"{without:.0f}", kept, f"{with_:.0f}", f"{without / with_:.1f}x")
             rows.append("| " + " | ".join(map(str, cells)) + " |")
     table = "\n".join(
         [
@@ -147,7 +178,9 @@ def main() -> None:
         "question and its own opening. 'Alone': batch 1, timed from the request. 'Joining a batch': another "
         "conversation (512 tokens longer) runs in an open batch and the turn joins it after its first canvas, "
         "timed from that canvas's commit (which encodes that canvas too); the turn before joined the same way. "
-        "Prefix cache of two entries, as the server's.",
+        "Prefix cache of two entries, as the server's. 'A new conversation': its prompt a system turn of about the "
+        "length and a question; 'with', another conversation that opens with the same system turn came first, "
+        "which keeps that turn shared (`--system-cache`), so the new one encodes its question alone.",
         args.results,
     )
 

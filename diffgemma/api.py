@@ -60,7 +60,15 @@ from .reply import SettledText, StopStrings
 from .resources import check_memory, size_text
 from .scoring import TokenScores, score_batch
 from .structured import DEFAULT_TRIES, json_format
-from .tokenizer import THINKING_CLOSE, TURN_OPEN, Tokenizer, check_messages, load_tokenizer, tokenizer_files
+from .tokenizer import (
+    SYSTEM_ROLES,
+    THINKING_CLOSE,
+    TURN_OPEN,
+    Tokenizer,
+    check_messages,
+    load_tokenizer,
+    tokenizer_files,
+)
 from .toolcalls import FORCED_CALL, Tool, forced_call_fault, tool_plan
 from .vision import ImageEncoder, load_image_encoder
 
@@ -250,7 +258,7 @@ class DiffGemma:
         self._vision: ImageEncoder | None = None
         self._image_soft_tokens: int | None = None
         self._images_seen: dict[bytes, torch.Tensor] = {}  # picture fingerprint -> its soft tokens (`image_features`)
-        self.prefix_cache: PrefixCache | None = PrefixCache(tokenizer.token_id(TURN_OPEN) if tokenizer else None)
+        self.prefix_cache: PrefixCache | None = _prefix_cache(tokenizer)
 
     @property
     def config(self) -> ModelConfig:
@@ -1141,6 +1149,20 @@ def _unfenced(answer: str) -> str:
         body = stripped[stripped.index("\n") + 1 : -3]
         return body[:-1] if body.endswith("\n") else body
     return answer
+
+
+def _prefix_cache(tokenizer: Tokenizer | None) -> PrefixCache:
+    """A prefix cache that knows the tokenizer's turn opening and what a system (or developer) turn writes after
+    it, so that a system turn many conversations open with is kept shared."""
+    if tokenizer is None:
+        return PrefixCache()
+    turn_open = tokenizer.token_id(TURN_OPEN)
+    heads = []
+    for role in SYSTEM_ROLES:
+        ids = tokenizer.encode(f"{TURN_OPEN}{role}", add_special_tokens=False)
+        if ids[:1] == [turn_open] and len(ids) > 1:
+            heads.append(tuple(ids[1:]))
+    return PrefixCache(turn_open, system_heads=tuple(heads))
 
 
 def _clamp_ids(clamp: Sequence) -> torch.Tensor:

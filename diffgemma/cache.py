@@ -161,6 +161,18 @@ class EncoderCache:
         self.length += tokens
         self.decoder_masks = {}
 
+    def copied(self) -> EncoderCache:
+        """A copy whose tensors are its own (a shared snapshot's cache, for a generation to write)."""
+        twin = copy.copy(self)
+        twin.decoder_masks = {}
+        twin.layers = [
+            LayerCache(
+                layer.keys.clone(), layer.values.clone(), layer.positions.clone(), layer.valid.clone(), layer.ring
+            )
+            for layer in self.layers
+        ]
+        return twin
+
     def windows(self) -> list[tuple[torch.Tensor, ...] | None]:
         """A copy of each sliding layer's kept window as it stands (keys, values, positions, validity; None for
         full layers), for `rewind`."""
@@ -253,12 +265,14 @@ def _weights_state(network: torch.nn.Module) -> tuple | None:
 class PromptSnapshot:
     """A batch-of-one cache as it stood once its prompt (`ids`) was encoded: the cache itself, whose full layers
     keep the prompt's slots whatever came after, and a copy of its sliding layers' `windows` then
-    (`EncoderCache.rewind` puts it back); `weights`, the network's state then."""
+    (`EncoderCache.rewind` puts it back); `weights`, the network's state then. A `shared` one (a system turn that
+    many conversations open with) is never written: each taker gets a copy, and it has no windows to put back."""
 
     ids: list[int]
     cache: EncoderCache
-    windows: list[tuple[torch.Tensor, ...] | None]
+    windows: list[tuple[torch.Tensor, ...] | None] | None
     weights: tuple | None
+    shared: bool = False
 
 
 class PrefixCache:
@@ -269,13 +283,29 @@ class PrefixCache:
     keeps a conversation's snapshot through requests of other prompts in between (a chat client's title or
     follow-up requests), at the memory of one more cache each. A snapshot is handed over to the generation that
     takes it and kept again when that one ends, so two generations never share a cache; weights changed since
-    it was made void it."""
+    it was made void it.
 
-    def __init__(self, turn_open: int | None = None, entries: int = 1) -> None:
+    A conversation's snapshot serves its own next turn, not another conversation that opens with the same system
+    turn (an assistant's instructions and tools, often thousands of tokens, each new conversation's first). So a
+    prompt that opens with system turns (a turn opening followed by one of `system_heads`, the ids a system or
+    developer role writes there) also keeps those turns, up to the next turn's opening, as a `shared` snapshot:
+    the last `shared` of them, apart from `entries`; taking one gives a copy and leaves it kept for the next."""
+
+    def __init__(
+        self,
+        turn_open: int | None = None,
+        entries: int = 1,
+        shared: int = 1,
+        system_heads: tuple[tuple[int, ...], ...] = (),
+    ) -> None:
         if entries < 1:
             raise ValueError(f"a prefix cache keeps at least one snapshot, got {entries}")
+        if shared < 0:
+            raise ValueError(f"a prefix cache keeps zero or more shared snapshots, got {shared}")
         self.turn_open = turn_open
         self.entries = entries
+        self.shared = shared
+        self.system_heads = system_heads
         self.snapshots: list[PromptSnapshot] = []  # the oldest first
 
     def point(self, ids: list[int]) -> int:
@@ -285,14 +315,33 @@ class PrefixCache:
             return len(ids) - 1 - ids[::-1].index(self.turn_open)
         return len(ids)
 
+    def shared_point(self, ids: list[int]) -> int | None:
+        """How many of a prompt's ids its opening system turns hold (up to the next turn's opening), for a shared
+        snapshot; None where it opens with none, keeps no shared snapshots, or those turns reach its snapshot
+        point (`point`)."""
+        if not self.shared or self.turn_open is None or not self.system_heads:
+            return None
+        openings = [index for index, token in enumerate(ids) if token == self.turn_open]
+        leading = 0
+        while leading < len(openings) and any(
+            ids[openings[leading] + 1 : openings[leading] + 1 + len(head)] == list(head) for head in self.system_heads
+        ):
+            leading += 1
+        if leading == 0 or leading == len(openings) or openings[leading] >= self.point(ids):
+            return None
+        return openings[leading]
+
     def take(self, network: torch.nn.Module, ids: list[int]) -> PromptSnapshot | None:
         """The kept snapshot of the longest prompt `ids` begin with, its cache restored to hold that prompt
-        (None: none begins them); it is the caller's until handed back (`keep`). Snapshots made with other
-        weights are passed over, not dropped: another adapter's (`AdapterBank`) serve again once it is back in
-        place; the oldest go as new ones are kept."""
+        (None: none begins them); it is the caller's until handed back (`keep`), but for a shared one, of which
+        the caller gets a copy (`shared` still set: nothing to hand back). Snapshots made with other weights are
+        passed over, not dropped: another adapter's (`AdapterBank`) serve again once it is back in place; the
+        oldest go as new ones are kept."""
         snapshot = self._begun(network, ids)
         if snapshot is None:
             return None
+        if snapshot.shared:
+            return PromptSnapshot(snapshot.ids, snapshot.cache.copied(), None, snapshot.weights, shared=True)
         self.snapshots = [kept for kept in self.snapshots if kept.cache is not snapshot.cache]
         snapshot.cache.rewind(len(snapshot.ids), snapshot.windows)
         return snapshot
@@ -309,14 +358,26 @@ class PrefixCache:
         return max(begun, key=lambda kept: len(kept.ids), default=None)
 
     @staticmethod
-    def snapshot_of(network: torch.nn.Module, ids: list[int], cache: EncoderCache) -> PromptSnapshot:
-        """`cache` (batch of one) right after `ids` were encoded into it, to be kept once its generation ends."""
-        return PromptSnapshot(list(ids), cache, cache.windows(), _weights_state(network))
+    def snapshot_of(
+        network: torch.nn.Module, ids: list[int], cache: EncoderCache, shared: bool = False
+    ) -> PromptSnapshot:
+        """`cache` (batch of one) right after `ids` were encoded into it, to be kept once its generation ends;
+        `shared`: a cache of its own, kept as it is (`shared_point`)."""
+        windows = None if shared else cache.windows()
+        return PromptSnapshot(list(ids), cache, windows, _weights_state(network), shared)
 
     def keep(self, snapshot: PromptSnapshot) -> None:
-        """Keep `snapshot` as the newest, the oldest going beyond `entries`."""
-        others = [kept for kept in self.snapshots if kept.cache is not snapshot.cache]
-        self.snapshots = [*others[max(0, len(others) - self.entries + 1) :], snapshot]
+        """Keep `snapshot` as the newest, the oldest of its kind going beyond `entries` (or `shared`); a shared
+        one replaces one of the same prompt and weights."""
+        if snapshot.shared:
+            same = (snapshot.ids, snapshot.weights)
+            others = [kept for kept in self.snapshots if not (kept.shared and (kept.ids, kept.weights) == same)]
+        else:
+            others = [kept for kept in self.snapshots if kept.cache is not snapshot.cache]
+        kind = [kept for kept in others if kept.shared == snapshot.shared]
+        limit = self.shared if snapshot.shared else self.entries
+        dropped = {id(kept) for kept in kind[: max(0, len(kind) - limit + 1)]}
+        self.snapshots = [*(kept for kept in others if id(kept) not in dropped), snapshot] if limit else others
 
     def clear(self) -> None:
         self.snapshots = []

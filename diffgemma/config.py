@@ -222,16 +222,19 @@ class ModelConfig:
             for shape in self.layers
         )
 
-    def prefix_cache_bytes(self, context: int, batch: int, bytes_per_value: int, entries: int = 1) -> int:
-        """What a prefix cache of `entries` snapshots (`cache.PrefixCache`) holds beside a generation's own
-        cache: each snapshot's copy of the sliding layers' windows and its cache, but for the one a batch-of-one
-        generation is using as its own."""
+    def prefix_cache_bytes(
+        self, context: int, batch: int, bytes_per_value: int, entries: int = 1, shared: int = 1
+    ) -> int:
+        """What a prefix cache of `entries` snapshots and `shared` system turns' (`cache.PrefixCache`) holds
+        beside a generation's own cache: each snapshot's copy of the sliding layers' windows and its cache, but
+        for the one a batch-of-one generation is using as its own; each shared one's cache (a system turn of at
+        most the context)."""
         windows = sum(
             _slots_bytes(shape, self.sliding_window - 1, 1, bytes_per_value)
             for shape in self.layers
             if shape.is_sliding
         )
-        caches = entries - 1 if batch == 1 else entries
+        caches = (entries - 1 if batch == 1 else entries) + shared
         return entries * windows + caches * self.cache_bytes(context, 1, bytes_per_value)
 
     def sampler_bytes(self, batch: int) -> int:

@@ -959,7 +959,8 @@ class _PromptReuse:
         self.start = start
         self.prompt_ids: list[int] = _prompt_key(ids[0], images) if self.prefix_cache is not None else []
         self.taken = self.prefix_cache.take(network, self.prompt_ids) if self.prefix_cache is not None else None
-        self.snapshot = self.taken  # the one handed back: this, unless the generation makes a longer one
+        # the one handed back: the taken one (a shared one's copy is not), unless the generation makes a longer one
+        self.snapshot = None if self.taken is not None and self.taken.shared else self.taken
         self.reused = len(self.taken.ids) if self.taken is not None else 0  # prompt tokens not encoded again
 
     def new_cache(self, network: DiffusionGemma, batch: int, capacity: int) -> EncoderCache:
@@ -978,26 +979,39 @@ class _PromptReuse:
     def encode(
         self, network: DiffusionGemma, ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: EncoderCache
     ) -> None:
-        """Encode the prompt past what the cache holds: up to the prefix cache's snapshot point, snapshot it
-        there, then the rest. (Neither cut falls inside a picture's run: a snapshot ends at a turn's opening or
-        a prompt's end, and a run is always followed by its end-of-image id.)"""
+        """Encode the prompt past what the cache holds: up to the end of its opening system turns where no
+        snapshot held them (a shared snapshot kept there, a copy), up to the prefix cache's snapshot point,
+        snapshot it there, then the rest. (No cut falls inside a picture's run: a snapshot ends at a turn's
+        opening or a prompt's end, and a run is always followed by its end-of-image id.)"""
         prompt_length = ids.shape[1]
-        point = self.prefix_cache.point(self.prompt_ids) if self.prefix_cache is not None else prompt_length
+        prefix_cache = self.prefix_cache
+        point = prefix_cache.point(self.prompt_ids) if prefix_cache is not None else prompt_length
+        shared = prefix_cache.shared_point(self.prompt_ids) if prefix_cache is not None else None
 
         def encode_part(start: int, end: int) -> None:
             images = self.images.columns(start, end) if self.images is not None else None
             network.encode(ids[:, start:end], cache, attention_mask, return_hidden=False, images=images)
 
-        if self.reused < point:
-            encode_part(self.reused, point)
-            if self.prefix_cache is not None:
-                kept = cache
-                if self.start is not None:
-                    kept = network.new_cache(1, point)
-                    kept.place(cache, self.start, network.shift_keys)
-                self.snapshot = self.prefix_cache.snapshot_of(network, self.prompt_ids[:point], kept)
-        if max(self.reused, point) < prompt_length:
-            encode_part(max(self.reused, point), prompt_length)
+        done = self.reused
+        if shared is not None and done < shared:
+            encode_part(done, shared)
+            done = shared
+            copied = self._copy(network, cache, shared)
+            prefix_cache.keep(prefix_cache.snapshot_of(network, self.prompt_ids[:shared], copied, shared=True))
+        if done < point:
+            encode_part(done, point)
+            done = point
+            if prefix_cache is not None:
+                kept = cache if self.start is None else self._copy(network, cache, point)
+                self.snapshot = prefix_cache.snapshot_of(network, self.prompt_ids[:point], kept)
+        if done < prompt_length:
+            encode_part(done, prompt_length)
+
+    def _copy(self, network: DiffusionGemma, cache: EncoderCache, length: int) -> EncoderCache:
+        """The prompt's first `length` tokens that `cache` holds now, in a cache of their own beginning at 0."""
+        kept = network.new_cache(1, length)
+        kept.place(cache, self.start or 0, network.shift_keys)
+        return kept
 
     def __enter__(self) -> _PromptReuse:
         return self

@@ -405,7 +405,7 @@ class OpenBatch:
 
     def _encoding_groups(self, rows: list[_Running]) -> list[tuple[list[_Running], bool]]:
         """`rows` (one of each prompt) as groups encoded together, each with whether it is a prefix cache's group
-        of prompts no snapshot begins (`_joining_parts`)."""
+        of prompts no snapshot begins and no system turn opens (`_joining_parts`)."""
         if self.prefix_cache is None:
             return [(rows, False)] if rows else []
         groups: list[tuple[list[_Running], bool]] = []
@@ -413,7 +413,9 @@ class OpenBatch:
         for row in rows:
             prompt = row.asked.prompt
             self._put_adapters([row])  # (the snapshots looked in are those of its adapter)
-            if row.asked.images or self.prefix_cache.holds(self.network, prompt):
+            # (a prompt that opens with system turns goes by itself, so that they are kept shared, or taken)
+            alone = self.prefix_cache.holds(self.network, prompt) or self.prefix_cache.shared_point(prompt) is not None
+            if row.asked.images or alone:
                 groups.append(([row], False))
             else:
                 tail = len(prompt) - self.prefix_cache.point(prompt)

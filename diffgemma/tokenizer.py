@@ -28,6 +28,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, TEMPLATE_FILE, "special_tokens_map.json")
 TURN_OPEN = "<|turn>"  # the chat template opens each turn with it
+SYSTEM_ROLES = ("system", "developer")  # the roles whose turns instruct the model
 THINKING_OPEN = "<|channel>thought\n"
 THINKING_CLOSE = "<channel|>"
 

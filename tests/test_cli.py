@@ -223,7 +223,8 @@ def test_info_needs_only_a_config(capsys, tmp_path):
     code, out, _ = run(capsys, "info", "--model", str(tmp_path), "--context", "4096")
     assert code == 0 and "25.25B total" in out
     int4 = next(line for line in out.splitlines() if line.strip().startswith("int4 (bf16)"))
-    assert "14.94 GiB where a kernel takes int4" in int4  # bench/RESULTS.md's 14.75, and the prefix cache's 0.2
+    # bench/RESULTS.md's 14.75, the prefix cache's 0.2 and a system turn's kept for new conversations, 0.33
+    assert "15.27 GiB where a kernel takes int4" in int4
     cpu = next(line for line in out.splitlines() if line.strip().startswith("int4 (fp32)"))
     assert "weights 15.07 GiB" in cpu  # README's "On a CPU" (the rest in float32)
 
@@ -969,15 +970,22 @@ def test_serve_hands_its_limits_to_the_server(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv, entries",
-    [(["chat"], 1), (["serve"], 2), (["chat", "--prefix-cache", "3"], 3), (["chat", "--prefix-cache", "0"], 0)],
+    "argv, entries, shared",
+    [
+        (["chat"], 1, 1),
+        (["serve"], 2, 1),
+        (["chat", "--prefix-cache", "3", "--system-cache", "4"], 3, 4),
+        (["serve", "--system-cache", "0"], 2, 0),
+        (["chat", "--prefix-cache", "0"], 0, 0),
+    ],
 )
-def test_prefix_cache_option(argv, entries):
+def test_prefix_cache_options(argv, entries, shared):
     from diffgemma.cli import build_parser
     from diffgemma.cli.common import load_model
 
     model = load_model(build_parser().parse_args([*argv, "--model", DEMO]))
-    assert (model.prefix_cache.entries if model.prefix_cache is not None else 0) == entries
+    cache = model.prefix_cache
+    assert ((cache.entries, cache.shared) if cache is not None else (0, 0)) == (entries, shared)
 
 
 @pytest.mark.parametrize(

@@ -94,10 +94,19 @@ def test_prefix_cache_estimate_matches_what_a_snapshot_holds():
     network = torch.nn.Linear(1, 1)
     snapshot = PrefixCache.snapshot_of(network, [1, 2], EncoderCache(config, 1, 50, "cpu", torch.bfloat16))
     windows = sum(t.numel() * t.element_size() for kept in snapshot.windows if kept is not None for t in kept)
-    assert windows > 0 and config.prefix_cache_bytes(50, 1, 2) == windows
+    assert windows > 0 and config.prefix_cache_bytes(50, 1, 2, shared=0) == windows
     # while a batch of several runs, the kept snapshots' caches live on beside it; so do all but one at batch 1
-    assert config.prefix_cache_bytes(50, 4, 2) == windows + config.cache_bytes(50, 1, 2)
-    assert config.prefix_cache_bytes(50, 1, 2, entries=2) == 2 * windows + config.cache_bytes(50, 1, 2)
+    assert config.prefix_cache_bytes(50, 4, 2, shared=0) == windows + config.cache_bytes(50, 1, 2)
+    assert config.prefix_cache_bytes(50, 1, 2, entries=2, shared=0) == 2 * windows + config.cache_bytes(50, 1, 2)
+    # a shared system turn's snapshot is a cache of its own, as long as that turn
+    system_turn = PrefixCache.snapshot_of(network, [1] * 50, EncoderCache(config, 1, 50, "cpu", torch.bfloat16), True)
+    held = sum(
+        t.numel() * t.element_size()
+        for layer in system_turn.cache.layers
+        for t in vars(layer).values()
+        if isinstance(t, torch.Tensor)
+    )
+    assert system_turn.windows is None and config.prefix_cache_bytes(50, 1, 2) == windows + held
 
 
 @pytest.mark.parametrize("factor", [None, "0.25", -0.5, 1.5, float("nan"), True, [0.25]])

@@ -371,6 +371,30 @@ def test_new_prompts_that_join_together_are_encoded_together_each_keeping_its_sn
     assert_each_as_alone(tiny, finished, [first, *joining, *follow])
 
 
+def test_new_conversations_with_one_system_turn_share_it_as_they_join(tiny, kept):
+    """New conversations that open with one system turn join a running batch together: the first encodes it and
+    keeps it shared, the others take copies of it (the prompt tokens the prefix cache held: the system turn's),
+    and each gives what it gives alone; one joining later takes it too."""
+    length = tiny.config.canvas_length
+    system = {"role": "system", "content": "Answer briefly, in plain words. " * 3}
+
+    def chat(question: str, seed: int) -> BatchRow:
+        prompt = tiny.tokenizer.encode_chat([system, {"role": "user", "content": question}])
+        return BatchRow(prompt, length, seed)
+
+    rows = [chat(question, seed) for seed, question in enumerate(("Hi.", "Why?", "Name a fruit."))]
+    later = chat("What now?", 3)
+    first = BatchRow([2, *range(10, 200)], 3 * length, 9)
+    batch = tiny.open_batch()
+    batch.add(first)
+    finished, sizes = run(batch, {1: rows, 2: [later]})
+    assert sizes[1:3] == [4, 2]  # (the three for a canvas, then the later one beside the first)
+    shared = kept.shared_point(rows[0].prompt)
+    assert shared is not None and [finished[index].cached for index in range(5)] == [0, 0, shared, shared, shared]
+    assert sum(snapshot.shared for snapshot in kept.snapshots) == 1
+    assert_each_as_alone(tiny, finished, [first, *rows, later])
+
+
 def test_rows_taking_one_snapshot_at_the_batchs_start_each_keep_their_own_cache(tiny, kept):
     """Two rows joining a batch as it starts, each as long as the prompt that starts it (so each lies from position
     0) and each beginning with one kept snapshot: the second's taking the snapshot (the first's handed back) does

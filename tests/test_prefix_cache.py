@@ -227,3 +227,94 @@ def test_each_adapter_takes_only_its_own_snapshots(model, encoded):
     encoded.clear()
     again = model.generate(prompt, seed=0, max_new_tokens=40)
     assert again.new_tokens == pirate.new_tokens and encoded[0] == len(prompt) - point  # its own snapshot
+
+
+SYSTEM = {"role": "system", "content": "You are a terse assistant. " * 8}  # (an assistant's instructions)
+
+
+def system_end(model, prompt: list[int]) -> int:
+    """Where a prompt's first turn after its system turn opens (the tokens before it: the system turn's)."""
+    return prompt.index(model.tokenizer.token_id(TURN_OPEN), 2)
+
+
+def test_a_system_turn_is_kept_shared_by_conversations_that_open_with_it(model, encoded):
+    """A conversation that opens with a system turn keeps that turn apart (a shared snapshot, beside its own):
+    other conversations that open with it encode only what follows it, each from a copy (the shared one stays
+    kept, however many take it), and answer as they do with no prefix cache; the first conversation's next turn
+    still takes its own snapshot, and the shared one does not count against `entries`."""
+    first = [SYSTEM, {"role": "user", "content": SKY}]
+    answer = model.chat(first, seed=0)
+    prompt = prompt_of(model, first)
+    shared = system_end(model, prompt)
+    point = last_turn_opening(model, prompt)
+    assert encoded[:3] == [shared, point - shared, len(prompt) - point]
+    kinds = [(len(kept.ids), kept.shared) for kept in model.prefix_cache.snapshots]
+    assert sorted(kinds) == [(shared, True), (point, False)]
+
+    answers = {}
+    for question in (HELLO, "Name a fruit.", HELLO):  # (new conversations, one after another)
+        encoded.clear()
+        result = model.chat([SYSTEM, {"role": "user", "content": question}], seed=1)
+        asked = prompt_of(model, [SYSTEM, {"role": "user", "content": question}])
+        assert result.result.cached_tokens == shared and encoded[0] == last_turn_opening(model, asked) - shared
+        answers.setdefault(question, result.content)
+        assert result.content == answers[question]
+    assert sum(kept.shared for kept in model.prefix_cache.snapshots) == 1
+
+    encoded.clear()
+    follow = [*first, {"role": "assistant", "content": answer.content}, {"role": "user", "content": HELLO}]
+    model.prefix_cache.entries = 2  # (the first conversation's snapshot, through the three in between)
+    model.chat(follow, seed=2)
+    model.chat(first, seed=0)
+    encoded.clear()
+    turn = model.chat(follow, seed=2)
+    assert turn.result.cached_tokens == last_turn_opening(model, prompt_of(model, follow))
+
+    saved, model.prefix_cache = model.prefix_cache, None
+    try:
+        for question, content in answers.items():
+            assert model.chat([SYSTEM, {"role": "user", "content": question}], seed=1).content == content
+        assert model.chat(follow, seed=2).content == turn.content
+    finally:
+        model.prefix_cache = saved
+
+
+def test_which_prompts_keep_a_shared_system_turn(model):
+    """Only the system (or developer) turns a prompt opens with are shared, and only where a turn follows them
+    before the prompt's snapshot point; `shared = 0` keeps none."""
+    cache = model.prefix_cache
+
+    def shared_point(*messages, **template):
+        return cache.shared_point(model.tokenizer.encode_chat(list(messages), **template))
+
+    user = {"role": "user", "content": HELLO}
+    prompt = prompt_of(model, [SYSTEM, user])
+    assert shared_point(SYSTEM, user) == system_end(model, prompt)
+    developer = {"role": "developer", "content": "Answer in French."}
+    assert shared_point(developer, user) is not None
+    assert shared_point(user) is None  # (a conversation's opening user turn is its own)
+    assert shared_point(user, {"role": "assistant", "content": "Hi."}, user) is None
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {}}}]
+    with_tools = model.tokenizer.encode_chat([SYSTEM, user], tools=tools)  # (the tools' system turn, then SYSTEM)
+    openings = [index for index, token in enumerate(with_tools) if token == model.tokenizer.token_id(TURN_OPEN)]
+    assert cache.shared_point(with_tools) == openings[2]
+    cache.shared = 0
+    assert shared_point(SYSTEM, user) is None
+
+
+def test_shared_snapshots_are_kept_apart_from_entries(model):
+    """`keep` holds the last `shared` shared snapshots and the last `entries` others, each counted apart; a shared
+    snapshot of the same prompt and weights replaces the one kept."""
+    cache = PrefixCache(4, entries=1, shared=2)
+    network = model.network
+
+    def snapshot(ids, shared):
+        return cache.snapshot_of(network, ids, network.new_cache(1, len(ids)), shared=shared)
+
+    for ids, shared in (([2, 5], True), ([2, 6], False), ([2, 7], True), ([2, 8], False), ([2, 9], True)):
+        cache.keep(snapshot(ids, shared))
+    assert [(kept.ids, kept.shared) for kept in cache.snapshots] == [([2, 7], True), ([2, 8], False), ([2, 9], True)]
+    cache.keep(snapshot([2, 7], True))
+    assert [(kept.ids, kept.shared) for kept in cache.snapshots] == [([2, 8], False), ([2, 9], True), ([2, 7], True)]
+    taken = cache.take(network, [2, 7, 3])
+    assert taken.shared and taken.cache is not cache.snapshots[-1].cache and len(cache.snapshots) == 3

@@ -39,7 +39,7 @@ def model_path(args: argparse.Namespace) -> str:
 
 def load_model(args: argparse.Namespace, path: str | os.PathLike | None = None):
     """The model of the command's options (--model unless `path` is given, --device, --dtype, --quant, --adapter,
-    --compile, --prefix-cache)."""
+    --compile, --prefix-cache, --system-cache)."""
     from ..api import load
 
     path = model_path(args) if path is None else path
@@ -55,6 +55,7 @@ def load_model(args: argparse.Namespace, path: str | os.PathLike | None = None):
         model.prefix_cache = None
     elif model.prefix_cache is not None:
         model.prefix_cache.entries = args.prefix_cache
+        model.prefix_cache.shared = args.system_cache
     return with_template(model, args)
 
 

@@ -92,9 +92,9 @@ def _add_model_options(
 ) -> None:
     """--model, --device (unless `device` is False: a command that runs nothing there), --dtype (default `dtype`,
     one of DTYPE_CHOICES), --threads (`main` applies it); for a command that runs the model (`inference`,
-    `load_model`) --quant, --adapter, --compile and --prefix-cache (default `prefix_cache`); and with `sampling` the
-    sampler's settings, --seed, --mode and (unless `length` is False: a command whose task sets how many tokens
-    it writes) --max-new-tokens."""
+    `load_model`) --quant, --adapter, --compile, --prefix-cache (default `prefix_cache`) and --system-cache; and with
+    `sampling` the sampler's settings, --seed, --mode and (unless `length` is False: a command whose task sets how
+    many tokens it writes) --max-new-tokens."""
     parser.add_argument("--model", help=f"checkpoint folder (default: ${MODEL_ENV})")
     if device:
         parser.add_argument("--device", default="auto", help="auto (a CUDA GPU if any, else the CPU), cpu, cuda:1, mps")
@@ -118,6 +118,15 @@ def _add_model_options(
             metavar="N",
             help="encoder caches of the last N prompts to keep, so a prompt that begins with one (a chat's next "
             "turn) encodes only the rest; each costs a cache's memory; 0: none (default %(default)s)",
+        )
+        parser.add_argument(
+            "--system-cache",
+            type=_at_least(0),
+            default=1,
+            metavar="N",
+            help="the system turns (instructions, tools) of the last N prompts that open with them, kept apart for "
+            "new conversations that open with the same to encode only what follows; each costs a cache of its "
+            "length; 0: none (default %(default)s)",
         )
     if not sampling:
         return
