@@ -318,3 +318,26 @@ def test_shared_snapshots_are_kept_apart_from_entries(model):
     assert [(kept.ids, kept.shared) for kept in cache.snapshots] == [([2, 8], False), ([2, 9], True), ([2, 7], True)]
     taken = cache.take(network, [2, 7, 3])
     assert taken.shared and taken.cache is not cache.snapshots[-1].cache and len(cache.snapshots) == 3
+
+
+def test_the_servers_new_conversations_share_their_system_turn_and_say_so(model):
+    """Over HTTP, a new conversation (OpenAI's chat, Anthropic's messages with their `system`) that opens with a
+    system turn another request kept encodes only what follows it, and its usage says so."""
+    app = create_app(model, ServerOptions(model_name="demo"))
+    with running(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+
+        def cached(question: str) -> int:
+            body = {"model": "demo", "messages": [SYSTEM, {"role": "user", "content": question}], "seed": 1}
+            return http.post("/v1/chat/completions", json=body).json()["usage"]["prompt_tokens_details"]
+
+        first, second = cached(SKY), cached(HELLO)
+        anthropic = {
+            "model": "demo",
+            "max_tokens": 40,
+            "system": SYSTEM["content"],
+            "messages": [{"role": "user", "content": "Name a fruit."}],
+        }
+        message = http.post("/v1/messages", json=anthropic).json()
+    shared = system_end(model, prompt_of(model, [SYSTEM, {"role": "user", "content": HELLO}]))
+    assert first == {"cached_tokens": 0} and second == {"cached_tokens": shared}
+    assert message["usage"]["cache_read_input_tokens"] == shared
