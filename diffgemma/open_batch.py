@@ -14,9 +14,10 @@ server streams it. A row draws the random numbers it would draw alone (its draws
 itself). A prompt is encoded once however many rows ask it (a request's n choices). With a prefix cache the
 longest of the first rows starts the batch as `denoising_loop` would, the others join it at once as later rows
 join: a prompt that begins with a kept snapshot by itself (the snapshot copied to where the row's prompt lies, its
-keys turned to those positions), so a chat's next turn skips its history whenever it comes, and new prompts
-together, each keeping its own snapshot. Without one, the first rows start the batch together, padded, and rows
-that come together join together.
+keys turned to those positions), so a chat's next turn skips its history whenever it comes, as does a prompt that
+opens with system turns (so that they are kept shared, or a shared copy taken: `PrefixCache.shared_point`), and
+the other new prompts together, each keeping its own snapshot. Without one, the first rows start the batch
+together, padded, and rows that come together join together.
 """
 
 from __future__ import annotations
