@@ -479,6 +479,22 @@ def test_chat_answers_one_message_and_keeps_a_system_prompt_across_reset(capsys,
     assert asked[1][0] == [system, {"role": "user", "content": "Count to five."}]  # the reset kept the system prompt
 
 
+def test_chat_reads_a_system_prompt_from_a_file(capsys, monkeypatch, tmp_path):
+    """`--system-file FILE` is `--system` with the file's text (its surrounding blank lines left out); a missing
+    file is a clear error before the model loads, and both options at once are refused."""
+    instructions = tmp_path / "system.txt"
+    instructions.write_text("Be brief.\nAnswer in plain words.\n\n", encoding="utf-8")
+    asked = chat_prompts(monkeypatch)
+    code, _, _ = run(
+        capsys, "chat", "Name a fruit.", "--model", DEMO, "--seed", "0", "--system-file", str(instructions)
+    )
+    assert code == 0 and asked[0][0][0] == {"role": "system", "content": "Be brief.\nAnswer in plain words."}
+    code, _, err = run(capsys, "chat", "hi", "--model", DEMO, "--system-file", str(tmp_path / "missing.txt"))
+    assert code == 2 and "missing.txt: file not found" in err
+    with pytest.raises(SystemExit):
+        run(capsys, "chat", "hi", "--model", DEMO, "--system", "x", "--system-file", str(instructions))
+
+
 def chat_prompts(monkeypatch) -> list[tuple[list, int | None]]:
     """What each chat answer is asked, (its messages, its seed), recorded as `DiffGemma.stream` is called."""
     from diffgemma.api import DiffGemma

@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--file of conversations",
     )
     chat.add_argument("message", nargs="?", help="answer this one message and exit (default: a conversation)")
-    chat.add_argument("--system", help="a system prompt, kept across /reset")
+    system = chat.add_mutually_exclusive_group()
+    system.add_argument("--system", help="a system prompt, kept across /reset")
+    system.add_argument("--system-file", metavar="FILE", help="the system prompt in a text file (a long one, say)")
     chat.add_argument(
         "--image",
         action="append",

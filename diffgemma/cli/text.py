@@ -347,6 +347,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None:
+    if args.system_file is not None:  # (read before the model loads: a wrong path is said at once)
+        args.system = read_text(args.system_file).strip()
     model = load_model(args)
     sampler = sampler_options(args)
     # Answers run to EOS; the checkpoint's max_new_tokens (the reference's 256: one canvas) would cut most.
