@@ -261,6 +261,9 @@ def _weights_state(network: torch.nn.Module) -> tuple | None:
         return None
 
 
+SYSTEM_SNAPSHOTS = 1  # shared system turns a prefix cache keeps for new conversations, by default
+
+
 @dataclass
 class PromptSnapshot:
     """A batch-of-one cache as it stood once its prompt (`ids`) was encoded: the cache itself, whose full layers
@@ -295,7 +298,7 @@ class PrefixCache:
         self,
         turn_open: int | None = None,
         entries: int = 1,
-        shared: int = 1,
+        shared: int = SYSTEM_SNAPSHOTS,
         system_heads: tuple[tuple[int, ...], ...] = (),
     ) -> None:
         if entries < 1:

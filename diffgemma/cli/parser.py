@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
+from ..cache import SYSTEM_SNAPSHOTS
 from ..config import QUANT_FORMATS
 from ..structured import DEFAULT_TRIES
 from . import bench as bench_command
@@ -122,7 +123,7 @@ def _add_model_options(
         parser.add_argument(
             "--system-cache",
             type=_at_least(0),
-            default=1,
+            default=SYSTEM_SNAPSHOTS,
             metavar="N",
             help="the system turns (instructions, tools) of the last N prompts that open with them, kept apart for "
             "new conversations that open with the same to encode only what follows; each costs a cache of its "
