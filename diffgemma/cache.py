@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig
+from .config import SYSTEM_SNAPSHOTS, ModelConfig
 
 
 @dataclass
@@ -259,9 +259,6 @@ def _weights_state(network: torch.nn.Module) -> tuple | None:
         return tuple((id(t), t.data_ptr(), t._version) for t in (*network.parameters(), *network.buffers()))
     except RuntimeError:
         return None
-
-
-SYSTEM_SNAPSHOTS = 1  # shared system turns a prefix cache keeps for new conversations, by default
 
 
 @dataclass

@@ -32,6 +32,7 @@ DEFAULT_ROPE = {
     FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
 }
 DEFAULT_GLOBAL_HEAD_DIM = 512
+SYSTEM_SNAPSHOTS = 1  # shared system turns a prefix cache (`cache.PrefixCache`) keeps, by default
 QUANT_FORMATS = ("int8", "int4", "fp8")  # weight formats a checkpoint is stored or loaded in (`quant.QuantFormat`)
 
 # Keys without a safe default: a config.json without them describes no particular network.
@@ -223,7 +224,7 @@ class ModelConfig:
         )
 
     def prefix_cache_bytes(
-        self, context: int, batch: int, bytes_per_value: int, entries: int = 1, shared: int = 1
+        self, context: int, batch: int, bytes_per_value: int, entries: int = 1, shared: int = SYSTEM_SNAPSHOTS
     ) -> int:
         """What a prefix cache of `entries` snapshots and `shared` system turns' (`cache.PrefixCache`) holds
         beside a generation's own cache: each snapshot's copy of the sliding layers' windows and its cache, but

@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import __version__
-from ..cache import SYSTEM_SNAPSHOTS
-from ..config import QUANT_FORMATS
+from ..config import QUANT_FORMATS, SYSTEM_SNAPSHOTS
 from ..structured import DEFAULT_TRIES
 from . import bench as bench_command
 from . import checkpoints, tasks, text, train
