@@ -50,11 +50,12 @@ def idle(batcher) -> None:
     wait_until(lambda: not batcher.batches_running(), "the engine to be idle")
 
 
-# a request of settings of its own that denoises up to four canvases (the demo's) of 200 steps each
+# a request of settings of its own that denoises up to twelve canvases (the demo's) of 200 steps each: about 2 s on
+# two cores, time enough for requests sent once it has started to join it (four canvases, 0.6 s, were not always)
 LONG_REQUEST = {
     "model": "demo",
     "prompt": "x",
-    "max_tokens": 128,
+    "max_tokens": 384,
     "confidence_threshold": 1e-9,
     "max_denoising_steps": 200,
 }
