@@ -50,24 +50,46 @@ def idle(batcher) -> None:
     wait_until(lambda: not batcher.batches_running(), "the engine to be idle")
 
 
-# a request of settings of its own that denoises up to twelve canvases (the demo's) of 200 steps each: about 2 s on
-# two cores, time enough for requests sent once it has started to join it (four canvases, 0.6 s, were not always)
+# a request of settings of its own that would denoise 128 canvases (the demo's; the server's token limit; its EOS
+# banned) of 200 steps each, 20 s and more: it is streamed and let go once the requests sent beside it are answered,
+# so they join it however slowly a loaded machine runs (one that ended by itself in 2 s did not always outlast them)
 LONG_REQUEST = {
     "model": "demo",
     "prompt": "x",
-    "max_tokens": 384,
+    "max_tokens": 4096,
     "confidence_threshold": 1e-9,
     "max_denoising_steps": 200,
+    "ignore_eos": True,
+    "stream": True,
 }
 
 
 def beside_a_long_request(url: str, batcher, calls: list) -> list:
     """Run `calls` at once while a long request runs (`LONG_REQUEST`), once its batch has started: with one batch
-    at a time (`max_runs=1`) they join it. Their results, in order."""
+    at a time (`max_runs=1`) they join it. The long request is let go (its client goes away) once they are
+    answered. Their results, in order."""
     before = len(batcher.batches_run)
+    answered = threading.Event()
+
+    def long_request() -> bool:
+        """Read the long request's stream until `calls` are answered; whether it was still running then."""
+        with httpx.stream("POST", url + "/v1/completions", json=LONG_REQUEST, timeout=120) as response:
+            assert response.status_code == 200, response.read()
+            for line in response.iter_lines():
+                if answered.is_set():
+                    return True
+                if line == "data: [DONE]":
+                    return False
+        return False
+
     with ThreadPoolExecutor(len(calls) + 1) as pool:
-        long = pool.submit(httpx.post, url + "/v1/completions", json=LONG_REQUEST, timeout=120)
-        wait_until(lambda: len(batcher.batches_run) > before, "the long request's batch to start")
-        results = list(pool.map(lambda call: call(), calls))
-        assert long.result().status_code == 200, long.result().text
+        long = pool.submit(long_request)
+        wait_until(lambda: len(batcher.batches_run) > before or long.done(), "the long request's batch to start")
+        assert not long.done(), f"the long request ended before others were sent: {long.result()}"
+        try:
+            results = list(pool.map(lambda call: call(), calls))
+        finally:
+            answered.set()
+        assert long.result(), "the long request ended before the requests beside it were answered"
+    idle(batcher)
     return results
