@@ -41,6 +41,7 @@ from .generate import (
     denoising_loop,
     infill_clamp,
     is_conversation,
+    logit_bias_rows,
     prepare_prompts,
     run_to_end,
     seed_int64,
@@ -320,6 +321,7 @@ class DiffGemma:
         prediction: str | Sequence | torch.Tensor | None = None,
         thinking_budget: int | None = None,
         adapter: str | Sequence[str | None] | None = None,
+        logit_bias: dict[int, float] | Sequence[dict[int, float] | None] | torch.Tensor | None = None,
     ) -> tuple[Iterator[Draft | CanvasCommit | Done], bool]:
         row_limits = None
         if isinstance(max_new_tokens, list | tuple):
@@ -368,6 +370,7 @@ class DiffGemma:
         first_self_conditioning = _for_every_row(
             first_self_conditioning, ids.shape[0], "first_self_conditioning must be a tensor of probabilities"
         )
+        logit_bias = logit_bias_rows(logit_bias, ids.shape[0], self.config.vocab_size)
         predictions = None if prediction is None else self._predictions(prediction, ids.shape[0])
         names = self._adapter_names(adapter, ids.shape[0])
         adapters = self._row_adapters(names)
@@ -403,6 +406,7 @@ class DiffGemma:
             thinking_budget=budget,
             adapters=adapters,
             row_settings=row_settings,
+            logit_bias=logit_bias,
         )
         return events, batched
 
@@ -517,6 +521,7 @@ class DiffGemma:
         prediction: str | Sequence | torch.Tensor | None = None,
         thinking_budget: int | None = None,
         adapter: str | Sequence[str | None] | None = None,
+        logit_bias: dict[int, float] | Sequence[dict[int, float] | None] | torch.Tensor | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids, texts or conversations).
@@ -556,6 +561,10 @@ class DiffGemma:
         `adapter`: the LoRA adapter (`add_adapter`) this call runs with, whatever `use_adapter` put in place: a
         name for every row, or a list of one a row (None there: the base model), the rows of several sharing
         every pass; left out, the one in place.
+        `logit_bias` (token id: bias, for every row; a list of them, one a row; or a float tensor [V] or [B, V])
+        is added to the logits of every generated position before the temperature and the cuts read them, as
+        OpenAI's `logit_bias`: +100 makes a token all but certain wherever it is allowed, -5 rare; `banned_tokens`
+        is the exact ban.
         """
         return run_to_end(
             self.stream(
@@ -575,6 +584,7 @@ class DiffGemma:
                 prediction=prediction,
                 thinking_budget=thinking_budget,
                 adapter=adapter,
+                logit_bias=logit_bias,
                 **sampler,
             )
         )
@@ -598,6 +608,7 @@ class DiffGemma:
         prediction: str | Sequence | torch.Tensor | None = None,
         thinking_budget: int | None = None,
         adapter: str | Sequence[str | None] | None = None,
+        logit_bias: dict[int, float] | Sequence[dict[int, float] | None] | torch.Tensor | None = None,
         **sampler: Any,
     ) -> Iterator[Draft | CanvasCommit | Done]:
         """Like `generate`, as events: a `Draft` after every denoising step, a `CanvasCommit` per canvas,
@@ -625,6 +636,7 @@ class DiffGemma:
             prediction,
             thinking_budget,
             adapter,
+            logit_bias,
         )
         try:
             for event in events:

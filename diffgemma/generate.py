@@ -554,7 +554,8 @@ class DecoderPass:
     temperature 1: in reference mode before the division, as the reference runs transformers' warpers).
     `adapters`, where rows run with LoRA adapters of their own (`AdapterBank.for_rows`), puts the rows' adapters
     in place before each pass, given the rows it runs (None: all of them). Rows of other temperatures or cuts
-    (`RowSampling`) are each scaled and cut by their own.
+    (`RowSampling`) are each scaled and cut by their own. `bias` ([B, 1, V]; None: none) is added to each row's
+    logits first, in the units of the head's logits (before the temperature, as OpenAI's `logit_bias`).
     """
 
     def __init__(
@@ -567,9 +568,11 @@ class DecoderPass:
         cuda_graph: bool | None,
         sync_free: bool,
         adapters: Callable[[list[int] | None], None] | None = None,
+        bias: torch.Tensor | None = None,
     ) -> None:
         self.network, self.cache = network, cache
         self.adapters = adapters or (lambda rows: None)
+        self.bias = bias
         # The whole schedule up front, on the device: no host-to-device copy inside the loop.
         self.temperatures = rows.temperatures
         self.inverse_temperatures = self.temperatures.reciprocal()
@@ -619,6 +622,8 @@ class DecoderPass:
         return self._cut(logits, excluded, temperature)
 
     def _cut(self, logits: torch.Tensor, excluded: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor:
+        if self.bias is not None:  # (fast mode's logits are over the temperature already: so is the bias)
+            logits.add_(self.bias / scale)
         if excluded is not None:
             logits.masked_fill_(excluded, sampling.MASKED_LOGIT)
         if len(self.truncations) == 1:
@@ -776,6 +781,7 @@ def denoising_loop(
     thinking_budget: ThinkingBudget | None = None,
     adapters: Callable[[list[int] | None], None] | None = None,
     row_settings: Sequence[SamplerSettings] | None = None,
+    logit_bias: torch.Tensor | None = None,
 ) -> Iterator[Draft | CanvasCommit | Done]:
     """The whole generation as a stream of events; closing the iterator stops the work at once.
 
@@ -819,7 +825,9 @@ def denoising_loop(
     `AdapterBank.for_rows`), so that the rows of one generation may each run with their own, and generations
     interleaved (streams stepped in turn) with others. `row_settings` (one a row) denoise each row with its own
     sampler settings (`RowSampling`: rows of adapters with settings of their own); `settings`' token limit, EOS and
-    padding ids hold for all.
+    padding ids hold for all. `logit_bias` [B, V] (finite numbers) is added to every position's logits before the
+    temperature, top-k / top-p / min-p and the entropy bound read them (OpenAI's `logit_bias`: a large one makes
+    a token all but certain, a negative one rare); the re-noising is left as it is.
     """
     _validate_mode(mode)
     started = time.perf_counter()
@@ -836,6 +844,7 @@ def denoising_loop(
         raise DiffGemmaError(f"prompt token ids must be between 0 and {vocab - 1} (the vocabulary)")
     given = _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning)
     constraints = given.checked(batch, canvases * length, vocab, device)
+    bias = None if logit_bias is None else checked_bias(logit_bias, batch, vocab).to(device)[:, None, :]
     if prompt_length + canvases * length > config.max_position_embeddings:
         raise DiffGemmaError(
             f"prompt ({prompt_length}) plus {canvases} canvas(es) of {length} exceeds the model's "
@@ -856,7 +865,7 @@ def denoising_loop(
     prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode, images)
     cache = prompt.new_cache(network, batch, capacity)
     rows = RowSampling.of(row_settings or [settings], device)
-    decoder = DecoderPass(network, cache, mode, batch, rows, cuda_graph, rng.sync_free, adapters)
+    decoder = DecoderPass(network, cache, mode, batch, rows, cuda_graph, rng.sync_free, adapters, bias)
     denoiser = CanvasDenoiser(decoder, rng, rows, mode, stop_check, commit_stable_prefix, ending_ids, tokenizer)
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -1177,6 +1186,50 @@ def banned_mask(ids: Sequence, batch: int, vocab: int, device: torch.device) -> 
     for row, banned in enumerate(rows):
         mask[row, list(banned)] = True
     return mask
+
+
+def logit_bias_rows(given: Any, batch: int, vocab: int) -> torch.Tensor | None:
+    """A logit bias as `generate` takes it, as [B, V] float32 (None: none): a dict (token id: bias) for every
+    row, a list of them (one a row; None or empty: none), or a float tensor ([V]: every row's, or [B, V])."""
+    if given is None:
+        return None
+    if isinstance(given, torch.Tensor):
+        return checked_bias(given, batch, vocab)
+    if isinstance(given, dict):
+        given = [given] * batch
+    if not isinstance(given, list | tuple) or len(given) != batch:
+        raise DiffGemmaError(
+            f"logit_bias must be a dict of token id to bias, or one (or None) a row ({batch}), got {given!r:.60}"
+        )
+    if not any(given):
+        return None
+    rows = torch.zeros(batch, vocab)
+    for row, biases in enumerate(given):
+        if not biases:
+            continue
+        if not isinstance(biases, dict):
+            raise DiffGemmaError(f"logit_bias must be a dict of token id to bias, got {biases!r:.60}")
+        ids, values = list(biases), list(biases.values())
+        if not all(is_int(token) and 0 <= token < vocab for token in ids):
+            raise DiffGemmaError(f"logit_bias's keys must be token ids below {vocab}, got {ids!r:.80}")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise DiffGemmaError(f"logit_bias's values must be finite numbers, got {values!r:.80}")
+        rows[row, ids] = torch.tensor(values, dtype=torch.float32)
+    return rows
+
+
+def checked_bias(bias: torch.Tensor, batch: int, vocab: int) -> torch.Tensor:
+    """A [B, V] logit bias tensor ([V]: every row's), checked: float32, finite."""
+    if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+        given = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise DiffGemmaError(f"logit_bias must be a float tensor [{vocab}] or [batch={batch}, {vocab}], got {given}")
+    if bias.ndim == 1:
+        bias = bias[None].expand(batch, -1)
+    if bias.shape != (batch, vocab):
+        raise DiffGemmaError(f"logit_bias must be [{vocab}] or [batch={batch}, {vocab}], got {list(bias.shape)}")
+    if not bool(bias.isfinite().all()):
+        raise DiffGemmaError("logit_bias must hold finite numbers (ban a token with banned_tokens)")
+    return bias.float()
 
 
 def _checked_ranges(

@@ -43,6 +43,7 @@ from .generate import (
     _committed,
     _PromptReuse,
     banned_mask,
+    logit_bias_rows,
     predicted_start,
     prepare_prompts,
     row_output,
@@ -64,7 +65,8 @@ class BatchRow:
     LoRA adapter its passes run with (`DiffGemma.add_adapter`; None: the base model), whatever the other rows'.
     `settings`: its own sampler settings (`SamplerSettings.replace`; None: the batch's, or its adapter's own:
     `OpenBatch.defaults`), the denoising ones (steps, temperatures, entropy and confidence bounds, stability window,
-    top-k / top-p / min-p), whatever the other rows'; the batch's EOS and padding ids hold for every row."""
+    top-k / top-p / min-p), whatever the other rows'; the batch's EOS and padding ids hold for every row.
+    `logit_bias`: token id -> what is added to its logits at every position of the row (`denoising_loop`'s)."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -77,6 +79,7 @@ class BatchRow:
     thinking_budget: ThinkingBudget | None = None
     adapter: str | None = None
     settings: SamplerSettings | None = None
+    logit_bias: dict[int, float] | None = None
 
 
 @dataclass
@@ -214,6 +217,7 @@ class OpenBatch:
         if row.settings is not None and not isinstance(row.settings, SamplerSettings):
             given = f"{row.settings!r:.60}"
             raise DiffGemmaError(f"a row's settings are SamplerSettings (settings.replace(...)), got {given}")
+        logit_bias_rows([row.logit_bias], 1, config.vocab_size)  # (checked now, not when its row joins)
         if row.adapter is not None and self.adapters is None:
             raise DiffGemmaError(f"a row asks for adapter {row.adapter!r}, and this model keeps none (add_adapter)")
         if self.adapters is not None:
@@ -506,8 +510,17 @@ class OpenBatch:
         if self.adapters is not None:
             self._rows_adapters = self.adapters([row.asked.adapter for row in rows])
         sampler = RowSampling.of([row.asked.settings or self.defaults(row.asked.adapter) for row in rows], device)
+        bias = logit_bias_rows([row.asked.logit_bias for row in rows], len(rows), self.network.config.vocab_size)
         decoder = DecoderPass(
-            self.network, cache, "fast", len(rows), sampler, self.cuda_graph, self.rng.sync_free, self._rows_adapters
+            self.network,
+            cache,
+            "fast",
+            len(rows),
+            sampler,
+            self.cuda_graph,
+            self.rng.sync_free,
+            self._rows_adapters,
+            None if bias is None else bias.to(device)[:, None, :],
         )
         self.denoiser = CanvasDenoiser(
             decoder, self.rng, sampler, "fast", self.stop_check, True, self.ending_ids, self.tokenizer

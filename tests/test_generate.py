@@ -277,6 +277,50 @@ def test_banned_tokens_stay_out_of_every_draft_and_the_output(tiny, mode):
     assert not bool(hit[:length].any()) and not bool(hit[length + 1 :].any())
 
 
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_a_logit_bias_is_added_to_the_logits_before_the_temperature(tiny, mode, monkeypatch):
+    """The first step's sampling logits with a bias are those without it plus the bias over the step's temperature
+    (the canvas and its inputs are the same then: one seed); a bias of zero changes nothing, in either mode."""
+    import diffgemma.generate as generate_module
+
+    vocab = tiny.config.vocab_size
+    prompt = tiny.tokenizer.encode("bias")
+    seen = []
+
+    def recording(logits, *args, **kwargs):
+        seen.append(logits.clone())
+        return sampler_step(logits, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "sampler_step", recording)
+    bias = torch.randn(vocab, generator=torch.Generator().manual_seed(1)) * 3
+    rows = [{int(token): float(bias[token]) for token in range(vocab)}, None]
+    asked = dict(max_new_tokens=8, seed=5, mode=mode, max_denoising_steps=1, eos_token_id=[])
+    tiny.generate([prompt, prompt], **asked)
+    tiny.generate([prompt, prompt], logit_bias=rows, **asked)
+    plain, biased = seen
+    first = tiny.settings.t_max
+    assert torch.allclose(biased[0], plain[0] + bias / first, atol=1e-4) and torch.equal(biased[1], plain[1])
+    same = tiny.generate(prompt, 16, seed=3, mode=mode, logit_bias={7: 0.0, 9: 0})
+    assert torch.equal(same.sequences, tiny.generate(prompt, 16, seed=3, mode=mode).sequences)
+
+
+def test_logit_bias_validation(tiny):
+    vocab = tiny.config.vocab_size
+    for given, message in (
+        ({vocab: 1.0}, f"keys must be token ids below {vocab}"),
+        ({"5": 1.0}, "keys must be token ids"),
+        ({5: float("nan")}, "finite numbers"),
+        ({5: True}, "finite numbers"),
+        ([{5: 1.0}], r"one \(or None\) a row \(2\)"),
+        ([{5: 1.0}, 3], "a dict of token id to bias"),
+        (torch.zeros(vocab, dtype=torch.long), "float tensor"),
+        (torch.zeros(3, vocab), rf"\[batch=2, {vocab}\], got \[3, {vocab}\]"),
+        (torch.full((vocab,), float("inf")), "finite numbers"),
+    ):
+        with pytest.raises(DiffGemmaError, match=message):
+            tiny.generate(["x", "y"], max_new_tokens=4, logit_bias=given)
+
+
 def test_banned_token_validation(tiny):
     length, vocab = tiny.config.canvas_length, tiny.config.vocab_size
     with pytest.raises(DiffGemmaError, match="boolean tensor"):

@@ -23,6 +23,7 @@ def alone(model, row: BatchRow, **sampler):
             seed=[row.seed],
             clamp=clamp,
             banned_tokens=banned,
+            logit_bias=row.logit_bias,
             commit_stable_prefix=True,
             **sampler,
         )
@@ -111,6 +112,24 @@ def test_a_fill_and_banned_ids_join_as_alone(tiny):
         assert (finished[index].new_tokens, finished[index].steps) == alone(tiny, row), index
     assert not set(finished[2].new_tokens) & set(range(50, 200))
     assert finished[1].new_tokens[6:] == [30, 31, 32] or 1 in finished[1].new_tokens[:6]  # its suffix held
+
+
+def test_rows_with_logit_biases_join_as_alone(tiny):
+    """Rows of their own logit biases (favouring some ids, disfavouring others) start a batch and join it: each
+    gives what it gives alone, which the biases changed, and a row without any is untouched by theirs."""
+    length = tiny.config.canvas_length
+    plain = BatchRow([2, 10, 11, 12, 13], 2 * length, 7)
+    favouring = BatchRow([2, 10, 11, 12, 13], 2 * length, 7, logit_bias={token: 4.0 for token in range(60, 80)})
+    disfavouring = BatchRow([2, 40, 41], length, 9, logit_bias={token: -3.0 for token in range(0, 150)})
+    batch = tiny.open_batch()
+    batch.add(favouring)
+    batch.add(plain)
+    finished, _ = run(batch, {1: [disfavouring]})
+    assert_each_as_alone(tiny, finished, [favouring, plain, disfavouring])
+    favoured = sum(60 <= token < 80 for token in finished[0].new_tokens)
+    assert favoured > 2 * sum(60 <= token < 80 for token in finished[1].new_tokens)
+    unbiased = alone(tiny, BatchRow([2, 40, 41], length, 9))[0]
+    assert sum(token < 150 for token in finished[2].new_tokens) < sum(token < 150 for token in unbiased)
 
 
 def test_rows_with_a_thinking_budget_join_as_alone(demo):

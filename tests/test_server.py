@@ -214,15 +214,36 @@ def test_ignore_eos_runs_an_answer_to_its_limit(client):
     assert made.usage.completion_tokens == 100 and made.choices[0].finish_reason == "length"
 
 
-def test_logit_bias_of_minus_100_bans_a_token_and_other_biases_are_refused(client, demo):
+def test_logit_bias_bans_at_minus_100_and_adds_other_biases_to_the_logits(server, client, demo):
+    """OpenAI's `logit_bias`: -100 (or less) bans a token; other biases are added to its logits (+100 makes it all
+    but certain, more reads as 100; 0 changes nothing); keys that are not token ids, and numbers that are not
+    finite, are refused. llama.cpp's pairs take biases too."""
+    url = server[0]
     letter = str(demo.tokenizer.encode("a", add_special_tokens=False)[0])
-    reply = client.chat.completions.create(model="demo", messages=ask(SKY), seed=1, logit_bias={letter: -100})
+    asked = dict(model="demo", messages=ask(SKY), seed=1)
+    reply = client.chat.completions.create(**asked, logit_bias={letter: -100})
     content = reply.choices[0].message.content
     assert content and "a" not in content and "a" in ANSWERS[SKY]  # the answer it gives unbanned has many
-    for bias, message in (({letter: 5}, "only -100"), ({"x": -100}, "not a token id"), ({"99999": -100}, "not a")):
+    assert client.chat.completions.create(**asked, logit_bias={letter: -1e9}).choices[0].message.content == content
+    assert client.chat.completions.create(**asked, logit_bias={letter: 0}).choices[0].message.content == ANSWERS[SKY]
+    for bias in (100, 1e9):
+        favoured = client.chat.completions.create(**asked, max_tokens=12, logit_bias={letter: bias})
+        assert favoured.choices[0].message.content == "a" * 12
+    # a bias between: fewer of the letter than unbiased, but not none (the demo is sure of its answer: -10 it takes)
+    nudged = client.chat.completions.create(**asked, logit_bias={letter: -10}).choices[0].message.content
+    assert ANSWERS[SKY].count("a") > nudged.count("a") > content.count("a") == 0
+    for bias, message in (({"x": -100}, "not a token id"), ({"99999": 5}, "not a")):
         with pytest.raises(openai.BadRequestError, match=message) as refused:
             client.chat.completions.create(model="demo", messages=ask(SKY), logit_bias=bias)
         assert refused.value.param == "logit_bias"
+    infinite = json.dumps({**asked, "logit_bias": {letter: float("inf")}})  # (Python's JSON writes Infinity)
+    refused = httpx.post(url + "/v1/chat/completions", content=infinite, headers={"content-type": "application/json"})
+    assert refused.status_code == 400 and "from -100 to 100" in refused.json()["error"]["message"]
+    pairs = {"prompt": "The sky is", "n_predict": 8, "seed": 1}
+    made = httpx.post(url + "/completion", json={**pairs, "logit_bias": [[int(letter), 100]]}, timeout=60).json()
+    assert made["content"] == "a" * 8
+    made = httpx.post(url + "/completion", json={**pairs, "logit_bias": [[int(letter), False]]}, timeout=60).json()
+    assert made["content"] and "a" not in made["content"]
 
 
 def test_top_k_top_p_and_min_p_reach_the_sampler_from_every_api(server, client, monkeypatch):

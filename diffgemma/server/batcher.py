@@ -66,11 +66,12 @@ class Job:
     sampler: dict[str, Any]  # its sampler settings that differ from the model's
     loop: asyncio.AbstractEventLoop
     clamp: list[int] | None = None  # canvas ids held in place (-1 free): a fill between a prompt and a suffix
-    banned: tuple[int, ...] = ()  # ids its row never samples (a client's logit_bias of -100)
+    banned: tuple[int, ...] = ()  # ids its row never samples (a client's logit_bias of -100, or ignore_eos)
     images: tuple[PreparedImage, ...] = ()  # the prompt's pictures (their soft tokens made as its row joins)
     prediction: list[int] | None = None  # ids its canvases start from (OpenAI's predicted output)
     adapter: str | None = None  # the LoRA adapter its passes run with (`DiffGemma.add_adapter`; None: the base)
     thinking_budget: ThinkingBudget | None = None  # the most tokens of thought its reply writes
+    logit_bias: dict[int, float] | None = None  # what is added to some ids' logits (a client's logit_bias)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)  # (how long it waits for a batch: the metrics)
@@ -132,6 +133,7 @@ class Run:
             job.thinking_budget,
             job.adapter,
             self.batch.defaults(job.adapter).replace(**job.sampler) if job.sampler else None,
+            job.logit_bias,
         )
         row = self.batch.add(asked)
         self.jobs[row], self.committed[row] = job, []

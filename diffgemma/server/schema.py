@@ -108,7 +108,7 @@ class SamplerExtras(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None  # OpenAI's: -100 bans a token (`banned_ids`); others are refused
+    logit_bias: dict[str, float] | None = None  # OpenAI's: -100 bans a token, others are added (`token_biases`)
     ignore_eos: bool = False  # vLLM's: the EOS ids banned, so an answer runs to its limit (benchmark clients)
     thinking_token_budget: int | None = Field(default=None, ge=0)  # vLLM's: the most tokens of thought (thinking on)
 

@@ -14,6 +14,7 @@ if it does not read (`structured`).
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 import uuid
@@ -67,6 +68,7 @@ from .schema import (
 )
 
 MAX_EMBED_INPUTS = 2048  # texts one embeddings request may give, as OpenAI allows
+BAN = -100  # OpenAI's `logit_bias` that bans a token; its biases run from this to -BAN
 DONE = "data: [DONE]\n\n"  # the last event of a chat or completions stream
 
 ChoiceEnd = tuple[list[int], str, int | None]  # a choice's final tokens, its finish reason, the EOS after them
@@ -397,20 +399,24 @@ class Serving:
             raise APIError(400, str(err), "invalid_request_error", "invalid_value") from None
         return overrides
 
-    def banned_ids(self, body: SamplerExtras) -> tuple[int, ...]:
-        """OpenAI's `logit_bias` as bans: a bias of -100 (never this token) is what the sampler honours; it has
-        no place for other biases (its temperature schedule and entropy bound decide), so they are refused.
-        vLLM's `ignore_eos` bans the EOS ids."""
+    def token_biases(self, body: SamplerExtras) -> tuple[tuple[int, ...], dict[int, float] | None]:
+        """OpenAI's `logit_bias` as the ids a row never draws (a bias of -100 or less: a ban, exactly) and the
+        biases added to the others' logits (up to 100, as OpenAI's range; more is read as 100, as vLLM reads
+        it). vLLM's `ignore_eos` bans the EOS ids."""
         banned = list(self.model.settings.eos_token_id) if body.ignore_eos else []
+        biases = {}
         for key, bias in (body.logit_bias or {}).items():
             if not key.isdigit() or int(key) >= self.model.config.vocab_size:
                 message = f"logit_bias: {key!r} is not a token id (0-{self.model.config.vocab_size - 1})"
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "logit_bias")
-            if bias > -100:
-                message = f"logit_bias: only -100 (never this token) is supported, got {bias} for {key}"
+            if not math.isfinite(bias):
+                message = f"logit_bias: {key!r} has {bias}; a bias is a number from -100 to 100"
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "logit_bias")
-            banned.append(int(key))
-        return tuple(banned)
+            if bias <= BAN:
+                banned.append(int(key))
+            elif bias:
+                biases[int(key)] = min(bias, -BAN)
+        return tuple(banned), biases or None
 
     def plugin_fill(self, prompt: list[int], suffix: str, asked: int | None) -> tuple[list[int], bool, int]:
         """An editor plugin's fill (llama.cpp's /infill, Ollama's generate with a suffix): (its prompt, whose
@@ -455,9 +461,11 @@ class Serving:
         base = body.seed if body.seed is not None else 0 if body.temperature == 0 else None
         seed = base + choice if base is not None else secrets.randbits(62)
         loop = asyncio.get_running_loop()
-        sampler, banned = self.sampler_overrides(body), self.banned_ids(body)
+        sampler, (banned, biases) = self.sampler_overrides(body), self.token_biases(body)
         adapter = self.adapter_for(body.model)
-        job = Job(prompt, limit, seed, sampler, loop, clamp, banned, images, prediction, adapter, thinking_budget)
+        job = Job(
+            prompt, limit, seed, sampler, loop, clamp, banned, images, prediction, adapter, thinking_budget, biases
+        )
         try:
             self.batcher.submit(job)
         except EngineStopped as err:
