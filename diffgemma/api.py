@@ -528,7 +528,10 @@ class DiffGemma:
 
         Sampler settings (`max_denoising_steps`, `entropy_bound`, `t_max`, `t_min`, `stability_threshold`,
         `confidence_threshold`, `eos_token_id`, `pad_token_id`) override the checkpoint's defaults for this
-        call; `top_k`, `top_p` and `min_p` cut what a position may draw (`sampling.truncate`; off by default).
+        call; `top_k`, `top_p` and `min_p` cut what a position may draw (`sampling.truncate`; off by default);
+        `presence_penalty`, `frequency_penalty` and `repetition_penalty` penalise what the prompt and the answer
+        hold so far (`sampling.penalize`; off by default): the answer's committed canvases and, with
+        `commit_stable_prefix`, the settled start of the one under way.
         The denoising ones (`SAMPLER_FIELDS`: all these but the ids) may be lists, one a row of a batch, which
         then shares every pass (a sweep of temperatures in one batch, say).
         `clamp` fixes generated positions to given ids (-1 or None = free), in every step and in the output.

@@ -263,7 +263,11 @@ SAMPLER_FIELDS = (
     "top_k",
     "top_p",
     "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
 )
+NEUTRAL_PENALTIES = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}  # (their "off")
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,11 @@ class SamplerSettings:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    # Penalties for what is written already (`sampling.penalize`), as OpenAI's and vLLM's; checkpoints neither
+    # read nor write them either.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     @property
     def pad_id(self) -> int:
@@ -336,6 +345,16 @@ class SamplerSettings:
             fail("top_p", "a number from 0 to 1 (1: off; 0: the likeliest token alone)")
         if not is_number(self.min_p) or not 0 <= self.min_p <= 1:
             fail("min_p", "a number from 0 to 1 (0: off)")
+        for key in ("presence_penalty", "frequency_penalty"):
+            if not is_number(getattr(self, key)) or not -2 <= getattr(self, key) <= 2:
+                fail(key, "a number from -2 to 2 (0: off)")
+        if not is_number(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            fail("repetition_penalty", "a number over 0, up to 10 (1: off)")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty for what is written already is on."""
+        return any(getattr(self, key) != off for key, off in NEUTRAL_PENALTIES.items())
 
 
 def is_int(value: Any) -> bool:

@@ -344,7 +344,7 @@ class RowSampling:
     own last step keeps its last temperature); `entropy_bound`, `confidence_threshold`: a number, or [B];
     `window`: the drafts the stop test looks back over (`windows` [B]: each row's own, where they differ);
     `truncations`: the top-k / top-p / min-p cuts, one for all rows or one a row (where cuts or temperatures
-    differ)."""
+    differ); `presence`, `frequency`, `repetition`: the penalties (`sampling.penalize`), a number or [B]."""
 
     steps: int
     row_steps: torch.Tensor | None
@@ -354,6 +354,10 @@ class RowSampling:
     window: int
     windows: torch.Tensor | None
     truncations: list[dict[str, Any]]
+    presence: float | torch.Tensor = 0.0
+    frequency: float | torch.Tensor = 0.0
+    repetition: float | torch.Tensor = 1.0
+    penalized: bool = False  # whether any row has a penalty on
 
     @classmethod
     def of(cls, rows: Sequence[SamplerSettings], device: torch.device) -> RowSampling:
@@ -391,7 +395,44 @@ class RowSampling:
             max(windows),
             None if len(set(windows)) == 1 else torch.tensor(windows, dtype=torch.long, device=device),
             truncations,
+            shared_or_per_row("presence_penalty"),
+            shared_or_per_row("frequency_penalty"),
+            shared_or_per_row("repetition_penalty"),
+            any(row.penalized for row in rows),
         )
+
+
+class Penalties:
+    """What a generation's penalties (`sampling.penalize`) read, on the device: each row's tokens written for good
+    so far (its answer's committed canvases, then the settled prefix of the canvas being denoised, where a stream
+    commits it as it goes: `commit_stable_prefix`) and the tokens its prompt holds."""
+
+    def __init__(
+        self, rows: RowSampling, prompts: list[list[int]], answers: list[list[int]], vocab: int, device: torch.device
+    ) -> None:
+        self.rows = rows
+        self.prompt_seen = torch.zeros(len(prompts), vocab, dtype=torch.bool)
+        self.counts = torch.zeros(len(prompts), vocab)
+        for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+            self.prompt_seen[row, prompt] = True
+            self.counts[row].index_add_(0, torch.tensor(answer, dtype=torch.long), torch.ones(len(answer)))
+        self.prompt_seen, self.counts = self.prompt_seen.to(device), self.counts.to(device)
+        self.now = self.counts  # with the settled prefix of the canvas under way
+
+    def commit(self, committed: torch.Tensor) -> None:
+        """A canvas [B, C] committed (a row it ended gets no more steps: its padding counts for nothing)."""
+        self.counts = self.counts.scatter_add(1, committed, torch.ones_like(committed, dtype=self.counts.dtype))
+        self.now = self.counts
+
+    def settle(self, argmax: torch.Tensor, prefix: torch.Tensor) -> None:
+        """The canvas's settled prefix now: `prefix` [B, C] marks it in the draft `argmax` [B, C]."""
+        self.now = self.counts.scatter_add(1, argmax, prefix.to(self.counts.dtype))
+
+    def apply(self, logits: torch.Tensor, scale: torch.Tensor | float, host_reads: bool) -> None:
+        rows = self.rows
+        seen = self.prompt_seen | (self.now > 0)
+        penalties = (rows.presence, rows.frequency, rows.repetition)
+        sampling.penalize(logits, self.now, seen, *penalties, scale=scale, host_reads=host_reads)
 
 
 class StopCheck:
@@ -555,7 +596,8 @@ class DecoderPass:
     `adapters`, where rows run with LoRA adapters of their own (`AdapterBank.for_rows`), puts the rows' adapters
     in place before each pass, given the rows it runs (None: all of them). Rows of other temperatures or cuts
     (`RowSampling`) are each scaled and cut by their own. `bias` ([B, 1, V]; None: none) is added to each row's
-    logits first, in the units of the head's logits (before the temperature, as OpenAI's `logit_bias`).
+    logits first, in the units of the head's logits (before the temperature, as OpenAI's `logit_bias`); then
+    `penalties` (None: none) for what each row has written already.
     """
 
     def __init__(
@@ -569,10 +611,11 @@ class DecoderPass:
         sync_free: bool,
         adapters: Callable[[list[int] | None], None] | None = None,
         bias: torch.Tensor | None = None,
+        penalties: Penalties | None = None,
     ) -> None:
         self.network, self.cache = network, cache
         self.adapters = adapters or (lambda rows: None)
-        self.bias = bias
+        self.bias, self.penalties = bias, penalties
         # The whole schedule up front, on the device: no host-to-device copy inside the loop.
         self.temperatures = rows.temperatures
         self.inverse_temperatures = self.temperatures.reciprocal()
@@ -624,6 +667,8 @@ class DecoderPass:
     def _cut(self, logits: torch.Tensor, excluded: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor:
         if self.bias is not None:  # (fast mode's logits are over the temperature already: so is the bias)
             logits.add_(self.bias / scale)
+        if self.penalties is not None:
+            self.penalties.apply(logits, scale, self.arithmetic["host_reads"])
         if excluded is not None:
             logits.masked_fill_(excluded, sampling.MASKED_LOGIT)
         if len(self.truncations) == 1:
@@ -721,6 +766,8 @@ class CanvasDenoiser:
                 )
                 prefix = torch.arange(length, device=device)[None, :] < settled[:, None]
                 fixed_ids = torch.where(prefix, new_argmax, -1 if user_ids is None else user_ids)
+                if decoder.penalties is not None:  # (what has settled is written for good: penalised from now)
+                    decoder.penalties.settle(new_argmax, prefix)
                 # A row whose settled prefix holds all it will give (its limit, or an EOS) is done: what
                 # follows could not change its output.
                 stop = stop | (settled >= wanted)
@@ -865,7 +912,12 @@ def denoising_loop(
     prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode, images)
     cache = prompt.new_cache(network, batch, capacity)
     rows = RowSampling.of(row_settings or [settings], device)
-    decoder = DecoderPass(network, cache, mode, batch, rows, cuda_graph, rng.sync_free, adapters, bias)
+    penalties = None
+    if rows.penalized:
+        real = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        prompts = [row[keep].tolist() for row, keep in zip(ids.cpu(), real.cpu(), strict=True)]
+        penalties = Penalties(rows, prompts, [[] for _ in prompts], vocab, device)
+    decoder = DecoderPass(network, cache, mode, batch, rows, cuda_graph, rng.sync_free, adapters, bias, penalties)
     denoiser = CanvasDenoiser(decoder, rng, rows, mode, stop_check, commit_stable_prefix, ending_ids, tokenizer)
     sequences = ids
     rows_done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -904,6 +956,8 @@ def denoising_loop(
             )
             decoder.end_canvas()
             committed, done_now = _committed(argmax, rows_done, row_canvases <= canvas_index + 1, ending_ids, pad)
+            if penalties is not None:
+                penalties.commit(committed)
             sequences = torch.cat([sequences, committed], dim=1)
             steps_per_canvas.append(canvas_steps.tolist())
             if end_rows is not None:

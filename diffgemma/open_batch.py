@@ -36,6 +36,7 @@ from .generate import (
     CanvasDenoiser,
     DecoderPass,
     Draft,
+    Penalties,
     RandomSource,
     RowSampling,
     StopCheck,
@@ -304,6 +305,8 @@ class OpenBatch:
             return
         if len(kept) < len(rows):
             self._use(self._kept_rows(kept))
+        elif self.denoiser.decoder.penalties is not None:
+            self.denoiser.decoder.penalties.commit(committed)
         if self._rows_adapters is not None:  # (the batcher may have run another batch's passes since this one's)
             self._rows_adapters(None)
         self.network.encode(committed[kept], self.cache, return_hidden=False)
@@ -510,7 +513,12 @@ class OpenBatch:
         if self.adapters is not None:
             self._rows_adapters = self.adapters([row.asked.adapter for row in rows])
         sampler = RowSampling.of([row.asked.settings or self.defaults(row.asked.adapter) for row in rows], device)
-        bias = logit_bias_rows([row.asked.logit_bias for row in rows], len(rows), self.network.config.vocab_size)
+        vocab = self.network.config.vocab_size
+        bias = logit_bias_rows([row.asked.logit_bias for row in rows], len(rows), vocab)
+        penalties = None
+        if sampler.penalized:
+            prompts, answers = [row.asked.prompt for row in rows], [row.generated for row in rows]
+            penalties = Penalties(sampler, prompts, answers, vocab, device)
         decoder = DecoderPass(
             self.network,
             cache,
@@ -521,6 +529,7 @@ class OpenBatch:
             self.rng.sync_free,
             self._rows_adapters,
             None if bias is None else bias.to(device)[:, None, :],
+            penalties,
         )
         self.denoiser = CanvasDenoiser(
             decoder, self.rng, sampler, "fast", self.stop_check, True, self.ending_ids, self.tokenizer

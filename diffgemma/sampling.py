@@ -148,6 +148,44 @@ def truncate(
     return logits
 
 
+def penalize(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    seen: torch.Tensor,
+    presence: float | torch.Tensor = 0.0,
+    frequency: float | torch.Tensor = 0.0,
+    repetition: float | torch.Tensor = 1.0,
+    scale: torch.Tensor | float = 1.0,
+    host_reads: bool = False,
+) -> torch.Tensor:
+    """Penalties for what is written already, on logits [B, C, V], in place, every position of a row alike: a
+    token the prompt or the answer holds (`seen` [B, V]) has its logit divided by `repetition` where positive and
+    multiplied by it where not (transformers' and vLLM's repetition penalty; 1: off); then each token loses
+    `frequency` times its count in the answer (`counts` [B, V]), and `presence` once it is there at all (OpenAI's
+    penalties; 0: off). Each a number, or one a row [B]. `scale`: as `truncate`'s (the frequency and presence
+    penalties are in temperature-1 logits, as OpenAI's are). Given `host_reads` (free on the CPU), the repetition
+    penalty reads and writes the seen tokens' logits alone (a few hundred of a vocabulary, mostly); without, it
+    goes over every logit a few positions at a time, and nothing here waits for the device."""
+    batch, vocab = counts.shape
+    rows = logits.view(batch, -1, vocab)
+    if host_reads and (isinstance(repetition, torch.Tensor) or repetition != 1.0):
+        for row in range(batch):
+            ids = seen[row].nonzero().squeeze(1)
+            own = float(repetition[row]) if isinstance(repetition, torch.Tensor) else repetition
+            columns = rows[row][:, ids]
+            rows[row][:, ids] = torch.where(columns > 0, columns / own, columns * own)
+    elif isinstance(repetition, torch.Tensor) or repetition != 1.0:
+        factor = torch.where(seen, per_row(repetition, counts), 1.0)[:, None, :]
+        chunk = max(1, TRUNCATE_CHUNK // (batch * vocab))  # (positions at a time: temporaries a fraction of the logits)
+        for start in range(0, rows.shape[1], chunk):
+            part = rows[:, start : start + chunk]
+            part.copy_(torch.where(part > 0, part / factor, part * factor))
+    if isinstance(presence, torch.Tensor) or isinstance(frequency, torch.Tensor) or presence or frequency:
+        lost = per_row(frequency, counts) * counts + per_row(presence, counts) * (counts > 0)
+        rows.sub_(lost[:, None, :] / scale)
+    return logits
+
+
 def _cut_outside_nucleus(rows: torch.Tensor, top_p: float, scale: torch.Tensor | float) -> None:
     """Top-p over whole rows of logits [N, V], in place: each sorted, the likeliest always kept."""
     ascending, order = torch.sort(rows, dim=-1)

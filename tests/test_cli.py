@@ -178,6 +178,7 @@ def test_numbers_out_of_range_are_refused_before_anything_runs(capsys, argv, exp
         (["--steps", "0"], "--steps must be a positive integer up to 1,000,000, got 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
         (["--top-p", "2"], "--top-p must be a number from 0 to 1"),
+        (["--frequency-penalty", "3"], "--frequency-penalty must be a number from -2 to 2 (0: off), got 3.0"),
         (["--t-max", "-1"], "--t-max must be a number > --t-min (0.0), got -1.0"),  # (any t_min would be >= 0)
         (["--t-min", "0.3", "--t-max", "0.2"], "--t-max must be a number > --t-min (0.3), got 0.2"),
     ],

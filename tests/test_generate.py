@@ -304,6 +304,41 @@ def test_a_logit_bias_is_added_to_the_logits_before_the_temperature(tiny, mode, 
     assert torch.equal(same.sequences, tiny.generate(prompt, 16, seed=3, mode=mode).sequences)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_penalties_count_the_committed_canvases_and_a_streams_settled_prefix(demo, stream, monkeypatch):
+    """What the penalties read on each step: the prompt's tokens as seen, and as the answer's the canvases
+    committed before, plus, where a stream commits each canvas's settled prefix as it goes, that prefix (the demo
+    settles its answer over several steps at these temperatures)."""
+    from diffgemma import sampling
+
+    length = demo.config.canvas_length
+    prompt = demo.tokenizer.encode_chat([{"role": "user", "content": "Why is the sky blue?"}])
+    seen_on_steps = []
+    penalize = sampling.penalize
+
+    def recording(logits, counts, seen, *args, **kwargs):
+        seen_on_steps.append((counts[0].clone(), seen[0].clone()))
+        return penalize(logits, counts, seen, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "penalize", recording)
+    asked = dict(seed=1, commit_stable_prefix=stream, eos_token_id=[], frequency_penalty=0.5, t_max=1.5, t_min=1.0)
+    events = list(demo.stream(prompt, 2 * length, **asked))
+    drafts = [event for event in events if isinstance(event, Draft)]
+    assert len(seen_on_steps) == len(drafts) and drafts[-1].canvas_index == 1
+    first_canvas = events[-1].result.sequences[0, len(prompt) : len(prompt) + length]
+    committed = torch.bincount(first_canvas, minlength=demo.config.vocab_size).float()
+    before, canvas = torch.zeros_like(committed), 0  # (what had settled by the step before: none on a first step)
+    for draft, (counts, seen) in zip(drafts, seen_on_steps, strict=True):
+        if draft.canvas_index != canvas:
+            before, canvas = torch.zeros_like(committed), draft.canvas_index
+        assert bool(seen[prompt].all()) and torch.equal(seen, seen | (counts > 0))
+        assert torch.equal(counts, before + (committed if canvas else 0))
+        settled = int(draft.settled[0]) if stream else 0
+        before = torch.bincount(draft.ids[0, :settled], minlength=len(before)).float()
+    partly = [int(counts.sum()) % length for counts, _ in seen_on_steps]
+    assert any(partly) == stream  # (a prefix settled, not yet the whole canvas: counted only in a stream)
+
+
 def test_logit_bias_validation(tiny):
     vocab = tiny.config.vocab_size
     for given, message in (

@@ -121,8 +121,9 @@ def test_a_chat_over_the_prompt_limit_loses_its_oldest_turns(client):
 
 
 def test_penalties_are_ignored_with_a_line_in_the_log(client, monkeypatch, caplog):
-    """Clients send Ollama's default repeat_penalty (1.1) as a matter of course; the sampler has no penalties, so
-    they are ignored, as Ollama's own engine ignored them, and the server's log says so once."""
+    """Clients send Ollama's default repeat_penalty (1.1) as a matter of course, which over the whole chat would
+    change every answer, so Ollama's penalties are ignored, as Ollama's own engine ignored them, and the server's
+    log says so once."""
     from diffgemma.server import ollama as routes
 
     monkeypatch.setattr(routes, "_warned", set())
@@ -133,7 +134,7 @@ def test_penalties_are_ignored_with_a_line_in_the_log(client, monkeypatch, caplo
             assert answer.message.content == ANSWERS[SKY]
     said = [record.getMessage() for record in caplog.records if record.name == "diffgemma.server"]
     assert said == [
-        "options repeat_penalty, presence_penalty, repeat_last_n ignored: the diffusion sampler applies no penalties"
+        "options repeat_penalty, presence_penalty, repeat_last_n ignored: Ollama's penalties are not applied here"
     ]
     neutral = client.chat(model="demo", messages=ask(SKY), options={"seed": 1, "repeat_penalty": 1})
     assert neutral.message.content == ANSWERS[SKY]

@@ -536,6 +536,34 @@ def test_rows_of_different_sampler_settings_share_the_batch_each_as_alone(demo, 
     assert len({tuple(finished[index].steps) for index in range(len(rows))}) >= 4  # (the settings told)
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["rows-leave-the-pass", "captured-pass"])
+def test_rows_with_penalties_join_as_alone(demo, graph):
+    """Rows of their own presence, frequency and repetition penalties (and one without) start a batch and join
+    it: each gives what it gives alone, where its committed canvases and settled prefix are what it is penalised
+    for (the rows' counts kept apart), which changed what those rows wrote."""
+    chats = {question: demo.tokenizer.encode_chat([{"role": "user", "content": question}]) for question in (SKY, FRUIT)}
+    asked = [
+        (SKY, {"frequency_penalty": 2.0}),
+        (FRUIT, {"repetition_penalty": 1.5}),
+        (SKY, {}),
+        (SKY, {"presence_penalty": 2.0, "frequency_penalty": 1.0}),
+    ]
+    rows = [BatchRow(chats[question], 64, 1, settings=demo.settings.replace(**own)) for question, own in asked]
+    batch = OpenBatch(demo.network, demo.settings, tokenizer=demo.tokenizer, cuda_graph=graph, sync_free=graph)
+    for row in rows[:3]:
+        batch.add(row)
+    finished, _ = run(batch, {1: rows[3:]})
+    for index, (row, (_, own)) in enumerate(zip(rows, asked, strict=True)):
+        assert (finished[index].new_tokens, finished[index].steps) == alone(demo, row, **own), (index, own)
+    plain = {question: alone(demo, BatchRow(chat, 64, 1))[0] for question, chat in chats.items()}
+    assert [finished[index].new_tokens == plain[question] for index, (question, _) in enumerate(asked)] == [
+        False,
+        False,
+        True,
+        False,
+    ]
+
+
 def test_a_rows_own_settings_must_be_sampler_settings(tiny):
     with pytest.raises(DiffGemmaError, match="SamplerSettings"):
         tiny.open_batch().add(BatchRow([2, 5], 4, 1, settings={"top_p": 0.5}))

@@ -375,6 +375,42 @@ def test_the_fast_way_cuts_min_p_in_logits_as_the_reference_does_in_probabilitie
         assert bool((kept >= 1).all()) and (min_p == 1.0 or int(kept.max()) > 1)
 
 
+def test_penalize_is_transformers_repetition_penalty_then_openais_frequency_and_presence(monkeypatch):
+    """A token the prompt or the answer holds: its logit over the repetition penalty where positive, times it where
+    not (transformers' `RepetitionPenaltyLogitsProcessor` on every position); then the frequency penalty times its
+    count in the answer, and the presence penalty once, off every position (in temperature-1 logits: over `scale`
+    where the temperature is divided in already); each row its own values; the same in chunks of positions, and
+    by the seen tokens' columns alone."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    vocab, length = 11, 5
+    prompts, answers = [[1, 4], [0]], [[4, 4, 7], [10]]
+    counts, seen = torch.zeros(2, vocab), torch.zeros(2, vocab, dtype=torch.bool)
+    for row, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+        for token in answer:
+            counts[row, token] += 1
+        seen[row, prompt + answer] = True
+    logits = torch.randn(2, length, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    repetition, frequency, presence = torch.tensor([1.3, 2.0]), torch.tensor([0.5, 0.0]), torch.tensor([0.25, -1.0])
+    scale = 0.5  # (logits at temperature 0.5: the additive penalties count double)
+    expected = logits.clone()
+    for row in range(2):
+        written = torch.tensor([prompts[row] + answers[row]])
+        processor = RepetitionPenaltyLogitsProcessor(float(repetition[row]))
+        for position in range(length):
+            expected[row, position] = processor(written, expected[row, position][None].clone())[0]
+        expected[row] -= (frequency[row] * counts[row] + presence[row] * (counts[row] > 0)) / scale
+    got = sampling.penalize(logits.clone(), counts, seen, presence, frequency, repetition, scale)
+    assert torch.allclose(got, expected, atol=1e-6)
+    monkeypatch.setattr(sampling, "TRUNCATE_CHUNK", 2 * vocab)  # (one position of both rows at a time)
+    assert torch.equal(sampling.penalize(logits.clone(), counts, seen, presence, frequency, repetition, scale), got)
+    at_seen = sampling.penalize(logits.clone(), counts, seen, presence, frequency, repetition, scale, host_reads=True)
+    assert torch.equal(at_seen, got)  # (the CPU's way: the seen tokens' columns alone)
+    assert torch.equal(sampling.penalize(logits.clone(), counts, seen), logits)  # (all off: as they were)
+    one = sampling.penalize(logits.clone(), counts, seen, 0.25, 0.5, 1.3, scale)  # (numbers: every row's)
+    assert torch.allclose(one[0], expected[0], atol=1e-6) and not torch.allclose(one[1], expected[1])
+
+
 def test_no_probability_is_small_enough_to_slow_a_cpus_products():
     """Cut tokens (top-k, top-p, min-p, bans: `MASKED_LOGIT`) and far-off ones keep a probability far inside
     float32's normal range, and so do its products with embedding weights in the next step's soft embedding: a

@@ -248,8 +248,8 @@ def test_logit_bias_bans_at_minus_100_and_adds_other_biases_to_the_logits(server
 
 def test_top_k_top_p_and_min_p_reach_the_sampler_from_every_api(server, client, monkeypatch):
     """OpenAI's top_p, vLLM's top_k (-1: off) and min_p, and Anthropic's top_k / top_p cut what the sampler draws; the
-    defaults sent explicitly cut nothing; out of range is a 422. Penalties, which the sampler lacks, are refused
-    unless neutral."""
+    defaults sent explicitly cut nothing; out of range is a 422. OpenAI's and vLLM's penalties reach it too (neutral
+    ones change nothing; out of range is a 400)."""
 
     from diffgemma import sampling
 
@@ -280,14 +280,24 @@ def test_top_k_top_p_and_min_p_reach_the_sampler_from_every_api(server, client, 
     for bad in ({"top_p": 1.5}, {"top_k": -2}, {"min_p": 2}):
         with pytest.raises(openai.UnprocessableEntityError):
             client.chat.completions.create(**chat, extra_body=bad)
-    # penalties: the sampler has none, so their neutral values pass and others are refused, never ignored
     neutral = client.chat.completions.create(**chat, frequency_penalty=0, presence_penalty=0.0)
     assert neutral.choices[0].message.content == client.chat.completions.create(**chat).choices[0].message.content
-    assert client.completions.create(model="demo", prompt="Hi", max_tokens=2, extra_body={"repetition_penalty": 1})
-    for penalty in ({"frequency_penalty": 0.5}, {"presence_penalty": -1}, {"extra_body": {"repetition_penalty": 1.1}}):
-        with pytest.raises(openai.BadRequestError, match="applies no penalties") as refused:
-            client.chat.completions.create(**chat, **penalty)
-        assert refused.value.param in ("frequency_penalty", "presence_penalty", "repetition_penalty")
+    penalised = []
+    penalize = sampling.penalize
+
+    def recording_penalties(logits, counts, seen, presence=0.0, frequency=0.0, repetition=1.0, **how):
+        penalised.append((presence, frequency, repetition))
+        return penalize(logits, counts, seen, presence, frequency, repetition, **how)
+
+    monkeypatch.setattr(sampling, "penalize", recording_penalties)
+    client.chat.completions.create(**chat, frequency_penalty=0.5, presence_penalty=-1)
+    assert set(penalised) == {(-1, 0.5, 1)}
+    penalised.clear()
+    client.completions.create(model="demo", prompt="Hi", max_tokens=2, extra_body={"repetition_penalty": 1.2})
+    assert set(penalised) == {(0, 0, 1.2)}
+    for penalty, message in (({"frequency_penalty": 2.5}, "from -2 to 2"), ({"repetition_penalty": 0}, "over 0")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.chat.completions.create(**chat, extra_body=penalty)
 
 
 def test_logprobs_score_prompts_and_completions_as_the_encoder_does(client, demo):
@@ -594,7 +604,7 @@ def test_text_generation_inference_routes_with_huggingface_hub(server, demo):
         events = [json.loads(line[5:]) for line in streamed.iter_lines() if line.startswith("data:")]
     assert "".join(event["token"]["text"] for event in events) == ANSWERS[FRUIT]
     assert events[-1]["generated_text"] == ANSWERS[FRUIT] and all(e["generated_text"] is None for e in events[:-1])
-    limits = ({"repetition_penalty": 1.3}, "repetition_penalty"), ({"max_new_tokens": 10**6}, "max_new_tokens")
+    limits = ({"repetition_penalty": 0}, "repetition_penalty"), ({"max_new_tokens": 10**6}, "max_new_tokens")
     for parameters, named in (*limits, ({"best_of": 2}, "best_of")):
         refused = httpx.post(url + "/generate", json={"inputs": text, "parameters": parameters}, timeout=60)
         assert refused.status_code == 400 and refused.json()["error_type"] == "validation"

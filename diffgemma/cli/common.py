@@ -24,6 +24,9 @@ SAMPLER_OPTIONS = {
     "top_k": "top_k",
     "top_p": "top_p",
     "min_p": "min_p",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repetition_penalty": "repetition_penalty",
 }
 
 

@@ -146,6 +146,25 @@ def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stability", type=int, default=None, help="steps the draft must stay unchanged")
     parser.add_argument("--confidence", type=float, default=None, help="mean entropy under which a canvas stops")
     _add_cut_options(parser)
+    parser.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=None,
+        help="taken off the logits of a token the answer holds so far (-2 to 2; 0: off)",
+    )
+    parser.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=None,
+        help="taken off a token's logits as many times as the answer holds it so far (-2 to 2; 0: off)",
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="a token the prompt or the answer holds has its logit divided by this where positive, multiplied "
+        "where not (1: off)",
+    )
 
 
 def _add_cut_options(parser: argparse.ArgumentParser) -> None:

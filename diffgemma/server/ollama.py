@@ -31,14 +31,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from ..api import DiffGemma
-from ..config import SAMPLER_FIELDS, SamplerSettings
+from ..config import NEUTRAL_PENALTIES, SAMPLER_FIELDS, SamplerSettings
 from ..images import PreparedImage
 from ..reply import SettledText
 from ..scoring import MAX_TOP
 from ..structured import AnswerFormat
 from .batcher import Job
 from .schema import (
-    NEUTRAL_PENALTIES,
     APIError,
     Piece,
     SamplerExtras,
@@ -57,9 +56,9 @@ from .service import (
     whole_events,
 )
 
-# Ollama's penalties: the sampler has none (nor has the reference's), and clients send Ollama's default of 1.1 as a
-# matter of course, so they are ignored with a line in the server's log, as Ollama's own engine ignored them
-# (the OpenAI routes refuse penalties other than neutral ones)
+# Ollama's penalties: clients send its default `repeat_penalty` of 1.1 as a matter of course, which over the whole
+# chat (the template's turn markers, the EOS among them, all "seen") would change every answer, so they are ignored
+# with a line in the server's log, as Ollama's own engine ignored them (the OpenAI routes take OpenAI's and vLLM's)
 PENALTIES = ("repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "penalize_newline")
 NEUTRAL = {**NEUTRAL_PENALTIES, "repeat_penalty": NEUTRAL_PENALTIES["repetition_penalty"]}  # (Ollama's name)
 log = logging.getLogger("diffgemma.server")
@@ -174,7 +173,7 @@ class OllamaRequest(BaseModel):
         options = self.options or {}
         ignored = [name for name in PENALTIES if options.get(name) not in (None, NEUTRAL.get(name))]
         if ignored:
-            _warn_once(f"options {', '.join(ignored)} ignored: the diffusion sampler applies no penalties")
+            _warn_once(f"options {', '.join(ignored)} ignored: Ollama's penalties are not applied here")
         try:
             fields = {k: v for k, v in options.items() if k not in PENALTIES and k != "model"}
             return SamplerExtras.model_validate({**fields, "model": self.model})

@@ -17,9 +17,6 @@ MAX_STOP_STRINGS = 16
 VLLM_FORMAT_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
-NEUTRAL_PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
-
-
 def effort_thinks(effort: str | None) -> bool:
     """Whether OpenAI's reasoning effort (chat's `reasoning_effort`, the Responses API's `reasoning.effort`) asks
     for thinking: the model thinks or not, so any effort but none or minimal turns it on."""
@@ -103,8 +100,7 @@ class SamplerExtras(BaseModel):
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    # OpenAI's and vLLM's penalties: the sampler has none (the reference's neither), so only their neutral
-    # values are taken; others are refused rather than ignored
+    # OpenAI's and vLLM's penalties for what is written already (`sampling.penalize`)
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None

@@ -50,7 +50,6 @@ from .messages import (
 )
 from .schema import (
     EFFORT_BUDGETS,
-    NEUTRAL_PENALTIES,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -381,15 +380,7 @@ class Serving:
         return limit
 
     def sampler_overrides(self, body: SamplerExtras) -> dict[str, Any]:
-        """The request's sampler fields (over the settings of the model or adapter it asks for); penalties, which
-        the sampler lacks, are refused unless neutral."""
-        for name, neutral in NEUTRAL_PENALTIES.items():
-            if getattr(body, name) not in (None, neutral):
-                message = (
-                    f"{name} is not supported: the diffusion sampler applies no penalties (the reference's has "
-                    f"none); send {neutral:g} or leave it out"
-                )
-                raise APIError(400, message, "invalid_request_error", "invalid_value", name)
+        """The request's sampler fields (over the settings of the model or adapter it asks for), checked."""
         overrides = {name: getattr(body, name) for name in SAMPLER_FIELDS if getattr(body, name) is not None}
         if overrides.get("top_k") == -1:
             overrides["top_k"] = 0

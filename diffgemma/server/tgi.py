@@ -12,9 +12,10 @@ read theirs: `max_new_tokens` a limit (unset: to EOS, within the server's limit)
 (0, or the request's), as the OpenAI routes read `temperature: 0`; the temperature itself is the sampler's
 schedule, not the request's. A streamed event carries a settled piece of the answer, which is one token or several
 (a canvas settles many at once), so its `token.id` is -1 and its `logprob` null; the last event has the whole
-`generated_text` and, asked for, its `details`. The settings the sampler has no place for are refused where they
-would change an answer (penalties, `best_of`, `grammar`, `watermark`, `top_n_tokens`), and `typical_p` is ignored
-(LangChain sends 0.95 by default). Errors come in TGI's shape, `{"error": ..., "error_type": ...}`.
+`generated_text` and, asked for, its `details`. `repetition_penalty` and `frequency_penalty` are the sampler's
+(`sampling.penalize`). The settings the sampler has no place for are refused where they would change an answer
+(`best_of`, `grammar`, `watermark`, `top_n_tokens`), and `typical_p` is ignored (LangChain sends 0.95 by
+default). Errors come in TGI's shape, `{"error": ..., "error_type": ...}`.
 """
 
 from __future__ import annotations
