@@ -1,7 +1,7 @@
 """Per-step time of the sampler modes on the CPU benchmark shape (bench-90m: ~90M parameters, 32k vocabulary,
-canvas 256, prompt 128), how much of a step the sampler itself takes, and what top-k / top-p / min-p add
-(there, and on random logits of the 26B's vocabulary; and to a whole fast step, whose next pass reads the cut
-distribution).
+canvas 256, prompt 128), how much of a step the sampler itself takes, and what top-k / top-p / min-p and the
+penalties add (there, and on random logits of the 26B's vocabulary; and to a whole fast step, whose next pass reads
+the cut distribution).
 
     python bench/sampler.py [--steps 16] [--threads N] [--exp-floor -50]
 """
@@ -45,6 +45,29 @@ def truncation_rows(logits: torch.Tensor, label: str, step_ms: float | None) -> 
         copy_ms = time_it(lambda: logits.clone(), 3)  # (the clone is not the cut's)
         share = f"{(ms - copy_ms) / step_ms:.0%}" if step_ms else ""
         rows.append(f"| {label} | {', '.join(f'{k} {v}' for k, v in cut.items())} | {ms - copy_ms:.1f} | {share} |")
+    return rows
+
+
+PENALTIES = (
+    ("presence 0.5, frequency 0.5", {"presence": 0.5, "frequency": 0.5}, True),
+    ("repetition 1.1, the CPU's way (seen tokens' logits)", {"repetition": 1.1}, True),
+    ("repetition 1.1, an accelerator's way (every logit)", {"repetition": 1.1}, False),
+)
+
+
+def penalty_rows(logits: torch.Tensor, label: str, step_ms: float | None) -> list[str]:
+    """A table row per penalty: its ms a step, with 300 tokens seen (a prompt and answer of a few hundred), each
+    written once (logits divided by temperature 0.8)."""
+    vocab = logits.shape[-1]
+    counts = torch.zeros(1, vocab)
+    counts[0, torch.randperm(vocab, generator=torch.Generator().manual_seed(1))[:300]] = 1
+    rows = []
+    copy_ms = time_it(lambda: logits.clone(), 3)
+    for name, penalty, host_reads in PENALTIES:
+        how = {**penalty, "scale": torch.tensor(0.8), "host_reads": host_reads}
+        ms = time_it(lambda h=how: sampling.penalize(logits.clone(), counts, counts > 0, **h), 3) - copy_ms
+        share = f"{ms / step_ms:.0%}" if step_ms else ""
+        rows.append(f"| {label} | {name} | {ms:.1f} | {share} |")
     return rows
 
 
@@ -97,6 +120,8 @@ def main() -> None:
 
         step_ms = {mode: whole_step_ms(mode) for mode in ("reference", "fast")}
         cut_step_ms = {", ".join(f"{k} {v}" for k, v in cut.items()): whole_step_ms("fast", **cut) for cut in CUTS}
+        for penalty in ({"frequency_penalty": 0.5, "presence_penalty": 0.5}, {"repetition_penalty": 1.1}):
+            cut_step_ms[", ".join(f"{k} {v}" for k, v in penalty.items())] = whole_step_ms("fast", **penalty)
     table = ["| logits | accepted/step | mode | sampler ms/step | share of a step |", "|---|---|---|---|---|"]
     for label, accepted, mode, ms in rows:
         table.append(f"| {label} | {accepted} | {mode} | {ms:.1f} | {ms / (ms + denoise_ms):.0%} |")
@@ -111,7 +136,12 @@ def main() -> None:
     # (a trained model's distributions are far peakier than random logits: top-p 0.9 keeps ~200 tokens here)
     table += truncation_rows(vocab_26b * 2, "random x2, vocabulary 262,144", None)
     table.append("")
-    table.append("| cut | whole fast step ms (generate, incl. prefill) | against no cut |")
+    table.append("| logits | penalty | ms a step | share of a fast step |")
+    table.append("|---|---|---|---|")
+    table += penalty_rows(scaled, f"bench-90m's own, vocabulary {config.vocab_size}", step_ms["fast"])
+    table += penalty_rows(vocab_26b, "random, vocabulary 262,144", None)
+    table.append("")
+    table.append("| cut or penalty | whole fast step ms (generate, incl. prefill) | against none |")
     table.append("|---|---|---|")
     for label, ms in [("none", step_ms["fast"]), *cut_step_ms.items()]:
         table.append(f"| {label} | {ms:.1f} | {ms / step_ms['fast']:.2f}x |")
