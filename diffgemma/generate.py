@@ -860,7 +860,7 @@ def denoising_loop(
     every row has ended, no further canvas is denoised.
     `prefix_cache` (fast mode, a batch of one): a prompt that begins with the one it kept encodes only the rest,
     and this prompt's cache is kept there when the generation ends. `images`: images' soft tokens in the prompt
-    (`ImageInputs`); the prefix cache tells prompts with other pictures apart (`_PromptReuse`).
+    (`ImageInputs`); the prefix cache tells prompts with other pictures apart (`PromptReuse`).
     `predictions` (one id list a row; -1: no prediction there; empty: none) are what each row's output is
     expected to be, mostly (OpenAI's predicted outputs): each canvas starts from its part of it instead of random
     tokens (`predicted_start`: after the first, the part that follows what the row has written, so an answer
@@ -909,7 +909,7 @@ def denoising_loop(
     capacity = prompt_length + canvases * length
     every_row = adapters or (lambda rows: None)
     every_row(None)  # (before the prefix cache is looked in: its snapshots are per adapter)
-    prompt = _PromptReuse(network, prefix_cache, ids, attention_mask, mode, images)
+    prompt = PromptReuse(network, prefix_cache, ids, attention_mask, mode, images)
     cache = prompt.new_cache(network, batch, capacity)
     rows = RowSampling.of(row_settings or [settings], device)
     penalties = None
@@ -955,7 +955,7 @@ def denoising_loop(
                 start,
             )
             decoder.end_canvas()
-            committed, done_now = _committed(argmax, rows_done, row_canvases <= canvas_index + 1, ending_ids, pad)
+            committed, done_now = committed_canvas(argmax, rows_done, row_canvases <= canvas_index + 1, ending_ids, pad)
             if penalties is not None:
                 penalties.commit(committed)
             sequences = torch.cat([sequences, committed], dim=1)
@@ -992,7 +992,7 @@ def denoising_loop(
     yield Done(result)
 
 
-class _PromptReuse:
+class PromptReuse:
     """A generation's use of the prefix cache (fast mode, a batch of one, no padding; otherwise none): the kept
     snapshot its prompt begins with, if any, the snapshot it makes of its own prompt, and handing that back
     to the prefix cache when the generation ends, however it ends (until then the cache is the generation's
@@ -1076,7 +1076,7 @@ class _PromptReuse:
         kept.place(cache, self.start or 0, network.shift_keys)
         return kept
 
-    def __enter__(self) -> _PromptReuse:
+    def __enter__(self) -> PromptReuse:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -1322,7 +1322,7 @@ def _check_some_allowed(excluded: torch.Tensor, fixed: torch.Tensor | None, offs
         raise DiffGemmaError(f"{where}: every token is banned or out of range")
 
 
-def _committed(
+def committed_canvas(
     argmax: torch.Tensor, rows_done: torch.Tensor, at_limit: torch.Tensor, eos: torch.Tensor, pad: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A finished canvas as it enters the sequences, and the rows it ends ([B]: `at_limit`, or an id of `eos` on

@@ -37,13 +37,13 @@ from .generate import (
     DecoderPass,
     Draft,
     Penalties,
+    PromptReuse,
     RandomSource,
     RowSampling,
     StopCheck,
     ThinkingBudget,
-    _committed,
-    _PromptReuse,
     banned_mask,
+    committed_canvas,
     logit_bias_rows,
     predicted_start,
     prepare_prompts,
@@ -170,7 +170,7 @@ class OpenBatch:
         self.rows: list[_Running] = []  # in the batch, in its order
         self.waiting: list[_Running] = []  # to join at the next canvas boundary
         self._next_id = 0
-        self._reuse: _PromptReuse | None = None  # the prefix cache's part in the cache now in use
+        self._reuse: PromptReuse | None = None  # the prefix cache's part in the cache now in use
 
     @property
     def size(self) -> int:
@@ -285,7 +285,7 @@ class OpenBatch:
             yield RowsStep(ids, canvases, cached, draft)
         self.denoiser.decoder.end_canvas()
         at_limit = starts + length >= limits
-        committed, done_now = _committed(argmax, rows_done, at_limit, self.ending_ids, self.settings.pad_token_id)
+        committed, done_now = committed_canvas(argmax, rows_done, at_limit, self.ending_ids, self.settings.pad_token_id)
         committed_ids, step_counts, draws = committed.tolist(), canvas_steps.tolist(), self.rng.counts.tolist()
         yield RowsCommitted(ids, committed_ids, step_counts)
         ending = done_now.tolist()
@@ -365,7 +365,7 @@ class OpenBatch:
             ids, mask, images = self._prompts(starters)
             capacity = max(ids.shape[1] + self._room(row) for row in joining)
             self._put_adapters(starters)  # (before the prefix cache is looked in: its snapshots are per adapter)
-            self._reuse = _PromptReuse(network, self.prefix_cache, ids, mask, "fast", images)
+            self._reuse = PromptReuse(network, self.prefix_cache, ids, mask, "fast", images)
             self.cache = self._reuse.new_cache(network, len(starters), capacity)
             self._reuse.encode(network, ids, mask, self.cache)
             for row in starters:
@@ -475,7 +475,7 @@ class OpenBatch:
         kept."""
         ids, mask, images = self._prompts(rows)
         self._put_adapters(rows)
-        with _PromptReuse(
+        with PromptReuse(
             self.network, self.prefix_cache, ids, mask, "fast", images, start=length - ids.shape[1]
         ) as reuse:
             part = reuse.new_cache(self.network, len(rows), length)
