@@ -37,6 +37,9 @@ BODIES = {
         "top_p": 0.9,  # (sampler settings: a row's own in a shared batch)
         "stability_threshold": 2,
         "t_max": 0.9,
+        "frequency_penalty": 0.5,  # (penalties and biases: a row's own too)
+        "presence_penalty": 0.2,
+        "logit_bias": {"41": 3},
     },
     "/v1/responses": {
         "max_output_tokens": 8,
@@ -75,7 +78,8 @@ BODIES = {
         "suffix": "x",
         "echo": True,
         "logprobs": 2,
-        "logit_bias": {"40": -100},
+        "logit_bias": {"40": -100, "41": 2.5},
+        "repetition_penalty": 1.1,
         "top_k": 10,
         "entropy_bound": 0.2,
         "max_denoising_steps": 6,
@@ -88,7 +92,8 @@ BODIES = {
         "prompt": [2, "Hello", 40],
         "n_predict": 4,
         "stop": ["x"],
-        "logit_bias": [[40, False]],
+        "logit_bias": [[40, False], [41, 1.5]],
+        "presence_penalty": 0.5,
         "seed": -1,
         "return_tokens": True,
         "response_fields": ["content", "timings/predicted_n"],
@@ -105,6 +110,7 @@ BODIES = {
             "details": True,
             "return_full_text": True,
             "truncate": 8,
+            "repetition_penalty": 1.2,
             "adapter_id": "demo",
         },
     },
