@@ -217,7 +217,7 @@ def test_ignore_eos_runs_an_answer_to_its_limit(client):
 def test_logit_bias_bans_at_minus_100_and_adds_other_biases_to_the_logits(server, client, demo):
     """OpenAI's `logit_bias`: -100 (or less) bans a token; other biases are added to its logits (+100 makes it all
     but certain, more reads as 100; 0 changes nothing); keys that are not token ids, and numbers that are not
-    finite, are refused. llama.cpp's pairs take biases too."""
+    finite, are refused. llama.cpp's pairs and map take biases too, and texts (each of their tokens)."""
     url = server[0]
     letter = str(demo.tokenizer.encode("a", add_special_tokens=False)[0])
     asked = dict(model="demo", messages=ask(SKY), seed=1)
@@ -240,8 +240,9 @@ def test_logit_bias_bans_at_minus_100_and_adds_other_biases_to_the_logits(server
     refused = httpx.post(url + "/v1/chat/completions", content=infinite, headers={"content-type": "application/json"})
     assert refused.status_code == 400 and "from -100 to 100" in refused.json()["error"]["message"]
     pairs = {"prompt": "The sky is", "n_predict": 8, "seed": 1}
-    made = httpx.post(url + "/completion", json={**pairs, "logit_bias": [[int(letter), 100]]}, timeout=60).json()
-    assert made["content"] == "a" * 8
+    for bias in ([[int(letter), 100]], [["a", 100]], {"a": 100}, {letter: 100}):
+        made = httpx.post(url + "/completion", json={**pairs, "logit_bias": bias}, timeout=60).json()
+        assert made["content"] == "a" * 8, bias
     made = httpx.post(url + "/completion", json={**pairs, "logit_bias": [[int(letter), False]]}, timeout=60).json()
     assert made["content"] and "a" not in made["content"]
 

@@ -10,7 +10,8 @@ servers), for the tools written against it:
 Answers come in its response shape (`content`, `stop_type`, `timings`, the fields `response_fields` names), or
 streamed as its `data:` lines, the last with `stop: true` and, as llama-server's, the answer's counts and timings.
 Its request fields are read as the other routes read theirs: `n_predict` a limit (-1 or unset: the route's
-default), seed -1 a random one, `logit_bias` pairs (`false`: never that token), `presence_penalty` and
+default), seed -1 a random one, `logit_bias` pairs or map (`false`: never that token; a text: each of its
+tokens), `presence_penalty` and
 `frequency_penalty` as OpenAI's; the settings the sampler has no place for (`repeat_penalty` over the last
 `repeat_last_n` tokens, Mirostat, DRY, grammars) are ignored, as llama.cpp ignores fields it does not know;
 `n_probs` is refused (`/v1/completions`' `logprobs` gives them).
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import __version__
 from ..api import DiffGemma
@@ -70,15 +71,27 @@ class LlamaRequest(SamplerExtras):
     def _random_seed(cls, seed: int | None) -> int | None:
         return None if seed in RANDOM_SEEDS else seed
 
-    @field_validator("logit_bias", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _bias_pairs(cls, bias: Any) -> Any:
-        """llama.cpp's `[[token, bias], ...]` (`false` for a bias: never that token) as OpenAI's map."""
+    def _bias_pairs(cls, body: Any) -> Any:
+        """llama.cpp's `logit_bias`, `[[token, bias], ...]` or `{token: bias}` (`false` for a bias: never that
+        token), as OpenAI's map of ids, where a token given as a text (not an id) is every token of that text:
+        those go to `logit_bias_texts`."""
+        bias = body.get("logit_bias") if isinstance(body, dict) else None
+        if isinstance(bias, dict):
+            bias = [[int(key) if key.isdigit() else key, value] for key, value in bias.items()]
         if not isinstance(bias, list):
-            return bias
-        if not all(isinstance(pair, list) and len(pair) == 2 for pair in bias):
-            raise ValueError("logit_bias pairs are [token id, bias]")
-        return {str(token): -100 if value is False else value for token, value in bias}
+            return body
+        if not all(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int | str) for pair in bias):
+            raise ValueError("logit_bias pairs are [token id or text, bias]")
+        ids, texts = {}, []
+        for token, value in bias:
+            value = -100 if value is False else value
+            if isinstance(token, str):
+                texts.append((token, value))
+            else:
+                ids[str(token)] = value
+        return {**body, "logit_bias": ids, "logit_bias_texts": texts}
 
     def limit(self) -> int | None:
         """`n_predict` as a limit; -1 or unset: none of its own."""

@@ -105,6 +105,8 @@ class SamplerExtras(BaseModel):
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI's: -100 bans a token, others are added (`token_biases`)
+    # (llama.cpp's: texts whose every token takes the bias; its routes read them out of `logit_bias`)
+    logit_bias_texts: list[tuple[str, float]] = Field(default_factory=list)
     ignore_eos: bool = False  # vLLM's: the EOS ids banned, so an answer runs to its limit (benchmark clients)
     thinking_token_budget: int | None = Field(default=None, ge=0)  # vLLM's: the most tokens of thought (thinking on)
 

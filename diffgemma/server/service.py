@@ -393,10 +393,14 @@ class Serving:
     def token_biases(self, body: SamplerExtras) -> tuple[tuple[int, ...], dict[int, float] | None]:
         """OpenAI's `logit_bias` as the ids a row never draws (a bias of -100 or less: a ban, exactly) and the
         biases added to the others' logits (up to 100, as OpenAI's range; more is read as 100, as vLLM reads
-        it). vLLM's `ignore_eos` bans the EOS ids."""
+        it); llama.cpp's texts (`logit_bias_texts`) give theirs to each of their tokens. vLLM's `ignore_eos` bans
+        the EOS ids."""
         banned = list(self.model.settings.eos_token_id) if body.ignore_eos else []
         biases = {}
-        for key, bias in (body.logit_bias or {}).items():
+        asked = [(key, bias) for key, bias in (body.logit_bias or {}).items()]
+        for text, bias in body.logit_bias_texts:
+            asked += [(str(token), bias) for token in self.model.tokenizer.encode(text, add_special_tokens=False)]
+        for key, bias in asked:
             if not key.isdigit() or int(key) >= self.model.config.vocab_size:
                 message = f"logit_bias: {key!r} is not a token id (0-{self.model.config.vocab_size - 1})"
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "logit_bias")
