@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import EncoderCache, PrefixCache
-from .config import SamplerSettings
+from .config import SamplerSettings, is_int
 from .errors import DiffGemmaError
 from .generate import (
     CanvasDenoiser,
@@ -67,7 +67,8 @@ class BatchRow:
     `settings`: its own sampler settings (`SamplerSettings.replace`; None: the batch's, or its adapter's own:
     `OpenBatch.defaults`), the denoising ones (steps, temperatures, entropy and confidence bounds, stability window,
     top-k / top-p / min-p), whatever the other rows'; the batch's EOS and padding ids hold for every row.
-    `logit_bias`: token id -> what is added to its logits at every position of the row (`denoising_loop`'s)."""
+    `logit_bias`: token id -> what is added to its logits at every position of the row (`denoising_loop`'s).
+    `min_tokens`: the row draws no EOS id before this many tokens (vLLM's `min_tokens`)."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -81,6 +82,7 @@ class BatchRow:
     adapter: str | None = None
     settings: SamplerSettings | None = None
     logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
 
 @dataclass
@@ -198,6 +200,8 @@ class OpenBatch:
             raise DiffGemmaError(f"a row's prompt must be token ids between 0 and {config.vocab_size - 1}")
         if row.max_new_tokens < 1:
             raise DiffGemmaError(f"a row's max_new_tokens must be at least 1, got {row.max_new_tokens}")
+        if not is_int(row.min_tokens) or row.min_tokens < 0:
+            raise DiffGemmaError(f"a row's min_tokens must be a whole number, 0 or more, got {row.min_tokens!r}")
         if not self.fits(len(row.prompt), row.max_new_tokens):
             raise DiffGemmaError("this row does not fit the batch (its prompt is longer than the batch's cache)")
         reach = math.ceil(row.max_new_tokens / config.canvas_length) * config.canvas_length  # (its canvases)
@@ -340,12 +344,21 @@ class OpenBatch:
         return with_held(clamp, held, length, device)
 
     def _banned(self, rows: list[_Running]) -> torch.Tensor | None:
-        """[B, C, V] (a view of [B, V]) the ids each row never draws, or None where no row bans any."""
-        if not any(row.asked.banned for row in rows):
+        """[B, C, V] the ids each row's positions on this canvas never draw (a view of [B, V]: its bans; made
+        whole where a row's `min_tokens` reaches the canvas, its EOS ids banned before them), or None where no
+        row bans any."""
+        length, vocab = self.network.config.canvas_length, self.network.config.vocab_size
+        early = [max(0, min(length, row.asked.min_tokens - row.canvas * length)) for row in rows]
+        if not any(row.asked.banned for row in rows) and not any(early):
             return None
-        config = self.network.config
-        mask = banned_mask([list(row.asked.banned) for row in rows], len(rows), config.vocab_size, self.network.device)
-        return mask[:, None, :].expand(len(rows), config.canvas_length, config.vocab_size)
+        mask = banned_mask([list(row.asked.banned) for row in rows], len(rows), vocab, self.network.device)
+        banned = mask[:, None, :].expand(len(rows), length, vocab)
+        if any(early):
+            banned = banned.clone()
+            eos = list(self.settings.eos_token_id)
+            for index, before in enumerate(early):
+                banned[index, :before, eos] = True
+        return banned
 
     def _admit(self) -> None:
         """The waiting rows join: the first ones start the batch; later ones are encoded to end where its cache

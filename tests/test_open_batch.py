@@ -132,6 +132,27 @@ def test_rows_with_logit_biases_join_as_alone(tiny):
     assert sum(token < 150 for token in finished[2].new_tokens) < sum(token < 150 for token in unbiased)
 
 
+def test_min_tokens_bans_the_eos_before_them_as_alone(demo):
+    """A row's `min_tokens` (vLLM's) bans its EOS ids on its first positions, across canvases (here 40 of the
+    demo's 32-token canvases): it writes what it writes alone with those bans, longer than its answer without
+    them, and rows beside it are untouched."""
+    length, vocab = demo.config.canvas_length, demo.config.vocab_size
+    chat = demo.tokenizer.encode_chat([{"role": "user", "content": FRUIT}])
+    plain, held = BatchRow(chat, 64, 0), BatchRow(chat, 64, 0, min_tokens=40)
+    batch = demo.open_batch()
+    batch.add(plain)
+    batch.add(held)
+    finished, _ = run(batch, {})
+    bans = torch.zeros(1, 2 * length, vocab, dtype=torch.bool)
+    bans[0, :40, list(demo.settings.eos_token_id)] = True
+    result = run_to_end(demo.stream([chat], [64], [0], banned_tokens=bans, commit_stable_prefix=True))
+    assert (finished[1].new_tokens, finished[1].steps) == (result.new_tokens[0], [s[0] for s in result.steps])
+    assert (finished[0].new_tokens, finished[0].steps) == alone(demo, plain)
+    assert len(finished[0].new_tokens) < 40 <= len(finished[1].new_tokens)
+    with pytest.raises(DiffGemmaError, match="min_tokens"):
+        batch.add(BatchRow(chat, 8, 0, min_tokens=-1))
+
+
 def test_rows_with_a_thinking_budget_join_as_alone(demo):
     """The demo model's thinking question with budgets whose end falls on the first canvas and on a later one,
     joining a batch at its start and after a canvas: each row writes what `stream` writes it alone, its close

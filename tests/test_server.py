@@ -214,6 +214,32 @@ def test_ignore_eos_runs_an_answer_to_its_limit(client):
     assert made.usage.completion_tokens == 100 and made.choices[0].finish_reason == "length"
 
 
+def test_vllms_min_tokens_and_allowed_token_ids_and_what_is_refused(client, demo):
+    """vLLM's `min_tokens` (no EOS before them) and `allowed_token_ids` (no other id drawn); its `stop_token_ids`
+    are taken where they are the model's EOS ids (what the model stops at anyway) and refused otherwise, as
+    `bad_words` are: a 400 naming the field, never ignored."""
+    asked = dict(model="demo", messages=ask(FRUIT), seed=0)
+    assert client.chat.completions.create(**asked).usage.completion_tokens < 20
+    held = client.chat.completions.create(**asked, extra_body={"min_tokens": 20})
+    assert held.usage.completion_tokens >= 20 and held.choices[0].message.content.startswith(ANSWERS[FRUIT])
+    allowed = [demo.tokenizer.encode(letter, add_special_tokens=False)[0] for letter in "ab "]
+    only = client.chat.completions.create(**asked, max_tokens=12, extra_body={"allowed_token_ids": allowed})
+    assert set(only.choices[0].message.content) <= set("ab ") and only.usage.completion_tokens == 12
+    eos = list(demo.settings.eos_token_id)
+    same = client.chat.completions.create(**asked, extra_body={"stop_token_ids": eos})
+    assert same.choices[0].message.content == ANSWERS[FRUIT]
+    other = demo.tokenizer.encode("q", add_special_tokens=False)[0]
+    for extra, named in (
+        ({"stop_token_ids": [other]}, "stop_token_ids"),
+        ({"bad_words": ["apple"]}, "bad_words"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**asked, extra_body=extra)
+        assert refused.value.param == named
+
+
 def test_logit_bias_bans_at_minus_100_and_adds_other_biases_to_the_logits(server, client, demo):
     """OpenAI's `logit_bias`: -100 (or less) bans a token; other biases are added to its logits (+100 makes it all
     but certain, more reads as 100; 0 changes nothing); keys that are not token ids, and numbers that are not

@@ -72,6 +72,7 @@ class Job:
     adapter: str | None = None  # the LoRA adapter its passes run with (`DiffGemma.add_adapter`; None: the base)
     thinking_budget: ThinkingBudget | None = None  # the most tokens of thought its reply writes
     logit_bias: dict[int, float] | None = None  # what is added to some ids' logits (a client's logit_bias)
+    min_tokens: int = 0  # no EOS before this many tokens (vLLM's min_tokens)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)  # (how long it waits for a batch: the metrics)
@@ -134,6 +135,7 @@ class Run:
             job.adapter,
             self.batch.defaults(job.adapter).replace(**job.sampler) if job.sampler else None,
             job.logit_bias,
+            job.min_tokens,
         )
         row = self.batch.add(asked)
         self.jobs[row], self.committed[row] = job, []

@@ -108,6 +108,11 @@ class SamplerExtras(BaseModel):
     # (llama.cpp's: texts whose every token takes the bias; its routes read them out of `logit_bias`)
     logit_bias_texts: list[tuple[str, float]] = Field(default_factory=list)
     ignore_eos: bool = False  # vLLM's: the EOS ids banned, so an answer runs to its limit (benchmark clients)
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's: no EOS before this many tokens
+    allowed_token_ids: list[int] | None = None  # vLLM's: the only ids an answer draws
+    # vLLM's with no place here: refused but for their neutral values (`Serving.token_biases`)
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     thinking_token_budget: int | None = Field(default=None, ge=0)  # vLLM's: the most tokens of thought (thinking on)
 
 

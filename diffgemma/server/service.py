@@ -394,8 +394,23 @@ class Serving:
         """OpenAI's `logit_bias` as the ids a row never draws (a bias of -100 or less: a ban, exactly) and the
         biases added to the others' logits (up to 100, as OpenAI's range; more is read as 100, as vLLM reads
         it); llama.cpp's texts (`logit_bias_texts`) give theirs to each of their tokens. vLLM's `ignore_eos` bans
-        the EOS ids."""
-        banned = list(self.model.settings.eos_token_id) if body.ignore_eos else []
+        the EOS ids, its `allowed_token_ids` every other id; its `stop_token_ids` (but the EOS ids) and
+        `bad_words` are refused."""
+        vocab, eos = self.model.config.vocab_size, self.model.settings.eos_token_id
+        for name, given in (
+            ("stop_token_ids", set(body.stop_token_ids or ()) - set(eos)),
+            ("bad_words", body.bad_words),
+        ):
+            if given:
+                message = f"{name} is not supported here (stop strings are: `stop`; bans are: logit_bias -100)"
+                raise APIError(400, message, "invalid_request_error", "invalid_value", name)
+        banned = list(eos) if body.ignore_eos else []
+        if body.allowed_token_ids is not None:
+            allowed = set(body.allowed_token_ids)
+            if not allowed or not all(0 <= token < vocab for token in allowed):
+                message = f"allowed_token_ids must name some token ids, each from 0 to {vocab - 1}"
+                raise APIError(400, message, "invalid_request_error", "invalid_value", "allowed_token_ids")
+            banned += [token for token in range(vocab) if token not in allowed]
         biases = {}
         asked = [(key, bias) for key, bias in (body.logit_bias or {}).items()]
         for text, bias in body.logit_bias_texts:
@@ -459,7 +474,19 @@ class Serving:
         sampler, (banned, biases) = self.sampler_overrides(body), self.token_biases(body)
         adapter = self.adapter_for(body.model)
         job = Job(
-            prompt, limit, seed, sampler, loop, clamp, banned, images, prediction, adapter, thinking_budget, biases
+            prompt,
+            limit,
+            seed,
+            sampler,
+            loop,
+            clamp,
+            banned,
+            images,
+            prediction,
+            adapter,
+            thinking_budget,
+            biases,
+            body.min_tokens,
         )
         try:
             self.batcher.submit(job)
