@@ -353,10 +353,13 @@ def activation_check(network: DiffusionGemma, device: torch.device, batch: int, 
     )
 
 
-def syncs_per_step(network: DiffusionGemma, device: torch.device, cuda_graph: bool = False, **cut) -> str:
+def syncs_per_step(
+    network: DiffusionGemma, device: torch.device, cuda_graph: bool = False, logit_bias: bool = False, **cut
+) -> str:
     """Run one canvas of the real loop with CUDA's sync debugging on; count synchronising calls per step
     (with `cuda_graph`, from step 3: step 1 warms the graph's pass up, step 2 captures it, which synchronises);
-    `cut`: top_k / top_p / min_p."""
+    `cut`: top_k / top_p / min_p, or penalties (then each settled prefix is committed as it goes, as a server
+    streams, so that the penalties count it); `logit_bias`: a random one on every id."""
     if device.type != "cuda":
         return "skipped (not CUDA)"
     from diffgemma.config import SamplerSettings
@@ -368,8 +371,17 @@ def syncs_per_step(network: DiffusionGemma, device: torch.device, cuda_graph: bo
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            bias = torch.randn(1, network.config.vocab_size, device=device) if logit_bias else None
             events = denoising_loop(
-                network, settings, prompt, seed=1, stop_at_eos=False, stop_check_every=100, cuda_graph=cuda_graph
+                network,
+                settings,
+                prompt,
+                seed=1,
+                stop_at_eos=False,
+                stop_check_every=100,
+                cuda_graph=cuda_graph,
+                commit_stable_prefix=settings.penalized,
+                logit_bias=bias,
             )
             for event in events:
                 if isinstance(event, Draft):
@@ -610,6 +622,16 @@ def main() -> None:
                 lines.append(f"the same with CUDA graphs: {syncs_per_step(network, device, cuda_graph=True)}")
                 graph_cut = syncs_per_step(network, device, cuda_graph=True, top_k=40, top_p=0.9, min_p=0.05)
                 lines.append(f"the same with top-k 40, top-p 0.9, min-p 0.05: {graph_cut}")
+                penalised = syncs_per_step(
+                    network,
+                    device,
+                    cuda_graph=True,
+                    logit_bias=True,
+                    presence_penalty=0.5,
+                    frequency_penalty=0.5,
+                    repetition_penalty=1.1,
+                )
+                lines.append(f"the same with a logit bias and the three penalties (a stream's way): {penalised}")
             del network
             if args.compile:  # compiled code keeps the network's tensors alive until Dynamo's caches go
                 torch._dynamo.reset()
