@@ -34,6 +34,14 @@ RECORD_DRAFTS = """
 }
 """
 
+RECORD_STATS = """
+() => {
+  window.__stats = [];
+  new MutationObserver(() => window.__stats.push(document.getElementById('stats').textContent))
+    .observe(document.getElementById('stats'), {childList: true, subtree: true, characterData: true});
+}
+"""
+
 
 def browser_driver():
     """playwright's `sync_playwright`, where Debian's chromium is here to drive (CI must have it)."""
@@ -161,5 +169,46 @@ def test_playground_thinks_within_a_budget(demo):
                 assert page.is_visible("#thinking") and page.inner_text("#thinking") == thought
                 assert page.input_value("#result")
                 page.evaluate("document.body.dataset.state = 'running'")
+        finally:
+            browser.close()
+
+
+def test_playground_sends_the_sampler_settings_filled_in(demo):
+    """The sampler settings drawer shows the server's defaults as placeholders (from /props) and sends only what
+    is filled in, as numbers: here a hot schedule (the demo then takes ten steps or more a canvas) held to three
+    steps a canvas, and a frequency penalty."""
+    sync_playwright = browser_driver()
+    with running(create_app(demo, ServerOptions(model_name="demo"))) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            steps = page.locator("#max_denoising_steps")
+            page.wait_for_function("document.getElementById('max_denoising_steps').placeholder !== ''")
+            assert steps.get_attribute("placeholder") == str(demo.settings.max_denoising_steps)
+            assert page.get_attribute("#t_max", "placeholder") == str(demo.settings.t_max)
+            page.click("#sampler summary")
+            page.fill("#prompt", "Why is the sky blue?")
+            for name, value in (
+                ("max_denoising_steps", "3"),
+                ("t_max", "3"),
+                ("t_min", "2"),
+                ("frequency_penalty", "0.5"),
+            ):
+                page.fill(f"#{name}", value)
+            page.evaluate(RECORD_STATS)
+            with page.expect_request("**/v1/chat/completions") as asked:
+                page.click("#generate")
+            page.wait_for_selector("body[data-state=done]", timeout=60_000)
+            sent = asked.value.post_data_json
+            assert [sent[name] for name in ("max_denoising_steps", "t_max", "t_min", "frequency_penalty")] == [
+                3,
+                3,
+                2,
+                0.5,
+            ]
+            assert not {"entropy_bound", "top_p", "presence_penalty", "repetition_penalty"} & set(sent)
+            shown = [int(step) for line in page.evaluate("window.__stats") for step in re.findall(r"step (\d+)", line)]
+            assert shown and max(shown) <= 3, shown  # (the statistics line names each drawn step)
         finally:
             browser.close()
