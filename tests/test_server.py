@@ -215,7 +215,8 @@ def test_ignore_eos_runs_an_answer_to_its_limit(client):
 
 
 def test_vllms_min_tokens_and_allowed_token_ids_and_what_is_refused(client, demo):
-    """vLLM's `min_tokens` (no EOS before them) and `allowed_token_ids` (no other id drawn); its `stop_token_ids`
+    """vLLM's `min_tokens` (no EOS before them), `allowed_token_ids` (no other id drawn) and
+    `truncate_prompt_tokens` (a prompt's last tokens, its BOS kept; -1: the server's limit); its `stop_token_ids`
     are taken where they are the model's EOS ids (what the model stops at anyway) and refused otherwise, as
     `bad_words` are: a 400 naming the field, never ignored."""
     asked = dict(model="demo", messages=ask(FRUIT), seed=0)
@@ -228,12 +229,23 @@ def test_vllms_min_tokens_and_allowed_token_ids_and_what_is_refused(client, demo
     eos = list(demo.settings.eos_token_id)
     same = client.chat.completions.create(**asked, extra_body={"stop_token_ids": eos})
     assert same.choices[0].message.content == ANSWERS[FRUIT]
+    long = "Name a fruit. " * 40  # (over the test server's 400-token prompt limit)
+    with pytest.raises(openai.BadRequestError, match="the limit is 400"):
+        client.completions.create(model="demo", prompt=long, max_tokens=2)
+    for keep, kept in ((30, 30), (-1, 400)):
+        cut = client.completions.create(
+            model="demo", prompt=long, max_tokens=2, extra_body={"truncate_prompt_tokens": keep}
+        )
+        assert cut.usage.prompt_tokens == kept
+    cut = client.chat.completions.create(**asked, extra_body={"truncate_prompt_tokens": 5})
+    assert cut.usage.prompt_tokens == 5
     other = demo.tokenizer.encode("q", add_special_tokens=False)[0]
     for extra, named in (
         ({"stop_token_ids": [other]}, "stop_token_ids"),
         ({"bad_words": ["apple"]}, "bad_words"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
     ):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(**asked, extra_body=extra)

@@ -346,6 +346,20 @@ class Serving:
             message = f"{what} is {longest} tokens; the limit is {limit}"
             raise APIError(400, message, "invalid_request_error", "context_length_exceeded", param)
 
+    def truncated(self, prompts: list[list[int]], body: SamplerExtras, whole: bool) -> list[list[int]]:
+        """vLLM's `truncate_prompt_tokens`: each prompt's last k tokens, its BOS kept (-1: the server's prompt
+        limit); refused where a prompt must stay `whole` (its pictures, or an echo of it)."""
+        keep = body.truncate_prompt_tokens
+        if keep is None:
+            return prompts
+        if whole or keep == 0:
+            why = "a prompt with pictures or echoed stays whole" if whole else "it keeps at least one token"
+            message = f"truncate_prompt_tokens {keep} cannot be taken here: {why}"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "truncate_prompt_tokens")
+        opening = len(self.model.tokenizer.encode(""))  # (the BOS, kept)
+        limit = self.options.max_prompt_tokens if keep == -1 else keep
+        return [fit_prompt(prompt, opening, max(limit, opening + 1))[0] for prompt in prompts]
+
     def admit(
         self, prompts: list[list[int]], max_tokens: int | None, n: int, chat: bool = False, param: str = "max_tokens"
     ) -> int:
@@ -673,6 +687,7 @@ class Serving:
         streamed); `images`: a chat prompt's (`chat_prompt`); `thinking_budget`: each choice's most tokens of
         thought. OpenAI's `prediction` starts every choice's canvas from its text; usage then says how many of its
         tokens the answers kept in place."""
+        prompts = self.truncated(prompts, body, bool(images or echoes))
         newer = getattr(body, "max_completion_tokens", None)  # (OpenAI's chat: the newer name, where given)
         named = "max_completion_tokens" if newer else "max_tokens"
         limit = self.admit(prompts, newer or body.max_tokens, body.n, chat, param=named)
