@@ -426,12 +426,12 @@ class Serving:
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "allowed_token_ids")
             banned += [token for token in range(vocab) if token not in allowed]
         biases = {}
-        asked = [(key, bias) for key, bias in (body.logit_bias or {}).items()]
+        asked = list((body.logit_bias or {}).items())
         for text, bias in body.logit_bias_texts:
             asked += [(str(token), bias) for token in self.model.tokenizer.encode(text, add_special_tokens=False)]
         for key, bias in asked:
-            if not key.isdigit() or int(key) >= self.model.config.vocab_size:
-                message = f"logit_bias: {key!r} is not a token id (0-{self.model.config.vocab_size - 1})"
+            if not key.isdigit() or int(key) >= vocab:
+                message = f"logit_bias: {key!r} is not a token id (0-{vocab - 1})"
                 raise APIError(400, message, "invalid_request_error", "invalid_value", "logit_bias")
             if not math.isfinite(bias):
                 message = f"logit_bias: {key!r} has {bias}; a bias is a number from -100 to 100"
@@ -499,8 +499,8 @@ class Serving:
             prediction,
             adapter,
             thinking_budget,
-            biases,
-            body.min_tokens,
+            logit_bias=biases,
+            min_tokens=body.min_tokens,
         )
         try:
             self.batcher.submit(job)
