@@ -627,6 +627,52 @@ def test_chat_thinking_budget_ends_the_thought_there(capsys, tmp_path, monkeypat
     ]
 
 
+def test_chat_sets_sampler_settings_in_a_session(capsys, monkeypatch):
+    """`/set NAME VALUE` (the option's spelling or the field's) changes a sampler setting for the answers that
+    follow, `/set NAME default` gives the model's back, `/set` alone lists them; a bad name or value is said
+    and the settings stay as they were."""
+    from diffgemma.api import DiffGemma
+
+    asked = []
+    stream = DiffGemma.stream
+
+    def recorded(self, messages, **kw):
+        asked.append({key: kw.get(key) for key in ("t_max", "max_denoising_steps", "frequency_penalty")})
+        return stream(self, messages, **kw)
+
+    monkeypatch.setattr(DiffGemma, "stream", recorded)
+    session = [
+        "/set t-max 1.5",
+        "/set max_denoising_steps 4",
+        "/set frequency-penalty 9",
+        "/set top-p x",
+        "/set bogus 1",
+        FRUIT,
+        "/set steps default",
+        FRUIT,
+        "/set",
+    ]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(session) + "\n"))
+    assert main(["chat", "--model", DEMO, "--seed", "0", "--frequency-penalty", "0.5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:4] == [
+        "(t_max 1.5)",
+        "(max_denoising_steps 4)",
+        "(call arguments: `frequency_penalty` must be a number from -2 to 2 (0: off), got 9.0)",
+        "(top-p takes a number, got 'x')",
+    ]
+    assert out[4].startswith("(/set NAME VALUE or /set NAME default, NAME one of ") and "t-max" in out[4]
+    assert asked == [
+        {"t_max": 1.5, "max_denoising_steps": 4, "frequency_penalty": 0.5},
+        {"t_max": 1.5, "max_denoising_steps": None, "frequency_penalty": 0.5},
+    ]
+    assert out[6] == "(max_denoising_steps 16)"
+    assert (
+        out[-1].startswith("(max_denoising_steps 16, entropy_bound 0.1, t_max 1.5,")
+        and "max_new_tokens 4096" in out[-1]
+    )
+
+
 def test_bench_times_every_step_and_prints_a_table(capsys, demo, monkeypatch):
     """`diffgemma bench`: each step of each canvas runs (no early stop, no EOS, whatever the model writes), a row
     of figures for each batch size asked, as a table or JSON lines."""

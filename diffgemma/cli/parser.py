@@ -265,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser(
         "chat",
-        help="an interactive chat (/reset, /retry, /save FILE, /load FILE, /think on|off|N, /exit), one message, or "
-        "--file of conversations",
+        help="an interactive chat (/reset, /retry, /save FILE, /load FILE, /think on|off|N, /set NAME VALUE, /exit), "
+        "one message, or --file of conversations",
     )
     chat.add_argument("message", nargs="?", help="answer this one message and exit (default: a conversation)")
     system = chat.add_mutually_exclusive_group()

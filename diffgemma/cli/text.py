@@ -16,12 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import as_path, read_json_value, read_text
+from ..config import SAMPLER_FIELDS, as_path, read_json_value, read_text
 from ..errors import DiffGemmaError
 from ..records import RECORD_SUFFIXES, read_records, sharegpt_messages
 from ..tool_servers import ToolServers
 from ..toolcalls import check_tools, run_tool_calls
-from .common import load_model, model_path, read_prompt, sampler_options
+from .common import SAMPLER_OPTIONS, load_model, model_path, read_prompt, sampler_options
 
 MAX_TOOL_ROUNDS = 16  # `chat --tools`: rounds of calls before the model is made to answer
 
@@ -404,7 +404,7 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
         listing += ", /image FILE shows a picture" if model.config.vision is not None else ""
         print(
             "chat with the model; /reset clears the history, /retry answers again, /save FILE and /load FILE keep "
-            f"it, /think on|off|N{listing}, /exit quits; a line ending in "
+            f"it, /think on|off|N, /set NAME VALUE a sampler setting{listing}, /exit quits; a line ending in "
             '\\ goes on to the next, and text between """ lines (pasted code, say) is one message',
             file=sys.stderr,
         )
@@ -442,6 +442,9 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
         if line.split()[0] in ("/save", "/load"):
             _save_or_load(line, model, history, opening, thinking)
             continue
+        if line.split()[0] == "/set":
+            _set_sampler(line, model, sampler)
+            continue
         if line.startswith("/image"):
             path = line[len("/image") :].strip()
             if not Path(path).is_file():
@@ -470,6 +473,46 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
                 raise
             del history[turns:]  # the question goes with its unfinished answer
             print("\n(interrupted)")
+
+
+def _set_sampler(line: str, model, sampler: dict[str, Any]) -> None:
+    """`/set NAME VALUE`: a sampler setting for the answers to come (NAME as its option is spelled, `t-max`, or as
+    its field, `t_max`); `/set NAME default`: the model's again; `/set` alone: the settings in effect. What is
+    wrong is said, and the chat goes on with the settings it had."""
+    names = {"max-new-tokens": "max_new_tokens", "max_new_tokens": "max_new_tokens"}
+    names |= {option.replace("_", "-"): field for option, field in SAMPLER_OPTIONS.items()}
+    names |= {field: field for field in SAMPLER_FIELDS}
+    words = line.split()[1:]
+    if not words:
+        settings = model.settings.replace(**sampler)
+        print(
+            "("
+            + ", ".join(f"{field} {getattr(settings, field)}" for field in (*SAMPLER_FIELDS, "max_new_tokens"))
+            + ")"
+        )
+        return
+    if len(words) != 2 or words[0] not in names:
+        listed = ", ".join(sorted(name for name in names if "_" not in name))
+        print(f"(/set NAME VALUE or /set NAME default, NAME one of {listed}; /set alone lists them)")
+        return
+    field, value = names[words[0]], words[1]
+    changed = {key: given for key, given in sampler.items() if key != field}
+    if value == "default" and field == "max_new_tokens":
+        changed[field] = model.chat_limit()  # (a chat's own default: its answers run to their EOS)
+    elif value != "default":
+        try:
+            changed[field] = int(value) if type(getattr(model.settings, field)) is int else float(value)
+        except ValueError:
+            print(f"({words[0]} takes a number, got {value!r})")
+            return
+    try:
+        settings = model.settings.replace(**changed)
+    except DiffGemmaError as err:
+        print(f"({err})")
+        return
+    sampler.clear()
+    sampler.update(changed)
+    print(f"({field} {getattr(settings, field)})")
 
 
 def _save_or_load(
