@@ -925,6 +925,38 @@ def test_generate_a_file_of_prompts_as_jsonl(capsys, tmp_path, demo):
     assert code == 2 and "give a prompt" in err
 
 
+def test_a_files_records_may_carry_settings_of_their_own(capsys, tmp_path, demo):
+    """A --file record's own seed, token limit and sampler settings (a sweep in one file) go over the options'
+    for its row alone, the rows of a batch denoised each with its own: each line is what its prompt gives alone
+    with those settings; `chat --file`'s records too; a bad setting is named with its record."""
+    own = [
+        {"prompt": "Hello", "max_new_tokens": 8},
+        {"prompt": "Hello", "t_max": 2.0, "t_min": 1.0, "seed": 11},
+        {"prompt": "The sky", "frequency_penalty": 1.0, "max_denoising_steps": 5},
+    ]
+    path = tmp_path / "sweep.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in own))
+    options = ["--model", DEMO, "--seed", "3", "--max-new-tokens", "40", "--batch-size", "3", "--no-stream"]
+    code, out, _ = run(capsys, "generate", "--file", str(path), *options)
+    texts = [json.loads(line)["text"] for line in out.splitlines()]
+    assert code == 0 and len(texts) == 3
+    for index, record in enumerate(own):
+        settings = {key: value for key, value in record.items() if key not in ("prompt", "seed")}
+        alone = demo.generate(
+            record["prompt"], seed=record.get("seed", 3 + index), **{"max_new_tokens": 40, **settings}
+        )
+        assert texts[index] == alone.text, index
+    assert texts[0] != texts[1]  # (one prompt, other settings)
+    chats = tmp_path / "sweep-chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": FRUIT}], "t_max": 3.0, "t_min": 2.0}) + "\n")
+    code, answered, _ = run(capsys, "chat", "--file", str(chats), "--model", DEMO, "--seed", "0")
+    hot = demo.chat([{"role": "user", "content": FRUIT}], seed=0, t_max=3.0, t_min=2.0)
+    assert code == 0 and json.loads(answered)["text"] == hot.content
+    path.write_text(json.dumps({"prompt": "x", "top_p": 2}) + "\n")
+    code, _, err = run(capsys, "generate", "--file", str(path), "--model", DEMO)
+    assert code == 2 and "sweep.jsonl:1: " in err and "`top_p` must be a number from 0 to 1" in err
+
+
 def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
     """`diffgemma generate --file F | head -1`: the pipe closes early; no traceback, the usual exit status."""
     prompts = tmp_path / "prompts.txt"

@@ -111,6 +111,24 @@ def _file_prompts(path: str, key: str = "prompt") -> list[str]:
     return [line for line in read_text(path).splitlines() if line.strip()]
 
 
+def _record_settings(model, path: str) -> list[dict[str, Any]]:
+    """Each --file record's own settings, over the options' ("seed", "max_new_tokens" and the sampler's: a sweep
+    in one file), checked as the model's settings check them; none for a text file's lines."""
+    if Path(path).suffix.lower() not in RECORD_SUFFIXES:
+        return []
+    owned = []
+    for where, record in read_records(path):
+        own = {key: record[key] for key in ("seed", "max_new_tokens", *SAMPLER_FIELDS) if key in record}
+        try:
+            if "seed" in own and (not isinstance(own["seed"], int) or isinstance(own["seed"], bool)):
+                raise DiffGemmaError(f"`seed` must be a whole number, got {own['seed']!r}")
+            model.settings.replace(**{key: value for key, value in own.items() if key != "seed"})
+        except DiffGemmaError as err:
+            raise DiffGemmaError(f"{where}: {err}") from None
+        owned.append(own)
+    return owned
+
+
 def _file_conversations(
     model, path: str, system: str | None, thinking: bool
 ) -> list[tuple[list, list[int], list[Any]]]:
@@ -155,20 +173,27 @@ def _run_file(
     pictures: list[list[Any]] | None = None,
 ) -> None:
     """`--file`'s prompts (texts or ids; `pictures`: each one's), `--batch-size` rows at a time (prompt i seeded
-    seed + i), as JSONL on stdout in the file's order: `record(i, result, row)` for prompt i, row `row` of its
-    batch's result."""
+    seed + i, or its record's own; a record's own settings are its row's: `_record_settings`), as JSONL on stdout
+    in the file's order: `record(i, result, row)` for prompt i, row `row` of its batch's result."""
     import json
 
     if not prompts:
         raise DiffGemmaError(f"{args.file}: no prompts")
+    owned = _record_settings(model, args.file) or [{} for _ in prompts]
     size = 1 if args.mode == "reference" else args.batch_size  # (reference mode draws one stream for a batch)
     tokens, seconds = 0, 0.0
     for start in range(0, len(prompts), size):
         rows = prompts[start : start + size]
-        seeds = None if args.seed is None else [args.seed + start + i for i in range(len(rows))]
+        own = owned[start : start + size]
+        seeds = [row.get("seed", None if args.seed is None else args.seed + start + i) for i, row in enumerate(own)]
+        seeds = None if all(seed is None for seed in seeds) else seeds
         seed = seeds[0] if seeds is not None and args.mode == "reference" else seeds
         shown = pictures[start : start + size] if pictures is not None and any(pictures) else None
-        result = model.generate(rows, seed=seed, mode=args.mode, stop=stop, images=shown, **sampler)
+        asked = dict(sampler)
+        for key in {key for row in own for key in row} - {"seed"}:  # (a setting the rows differ in: one a row)
+            values = [row.get(key, sampler.get(key, getattr(model.settings, key))) for row in own]
+            asked[key] = values[0] if len(set(values)) == 1 else values
+        result = model.generate(rows, seed=seed, mode=args.mode, stop=stop, images=shown, **asked)
         for row in range(len(rows)):
             print(json.dumps(record(start + row, result, row), ensure_ascii=False), flush=True)
         tokens += sum(len(row) for row in result.new_tokens)
