@@ -627,6 +627,22 @@ def test_chat_thinking_budget_ends_the_thought_there(capsys, tmp_path, monkeypat
     ]
 
 
+def test_on_a_terminal_a_line_says_how_far_the_denoising_is_until_the_text_shows(capsys, monkeypatch, demo):
+    """On a terminal, `chat` (and `generate`) say on stderr which canvas and step the denoising is on until the
+    answer's first text shows (a large model on a CPU takes minutes to a canvas); the answer on stdout is as
+    without it. Piped, nothing of it (the other tests)."""
+    from diffgemma.generate import run_to_end
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    hot = {"t_max": 3.0, "t_min": 2.0}  # (the demo then takes a dozen steps before anything settles)
+    assert main(["chat", SKY, "--model", DEMO, "--seed", "0", "--t-max", "3", "--t-min", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"denoising: canvas 1, step \d+ of 16", err), err[-500:]
+    streamed = run_to_end(demo.stream([{"role": "user", "content": SKY}], seed=0, commit_stable_prefix=True, **hot))
+    assert out == demo.settled_text(True).parts(streamed.new_tokens[0])[0] + "\n"
+
+
 def test_chat_sets_sampler_settings_in_a_session(capsys, monkeypatch):
     """`/set NAME VALUE` (the option's spelling or the field's) changes a sampler setting for the answers that
     follow, `/set NAME default` gives the model's back, `/set` alone lists them; a bad name or value is said

@@ -66,14 +66,23 @@ def _print_as_it_settles(
 ):
     """Generate, printing the answer as it settles (a canvas's leading tokens are fixed as soon as they are
     stable and confident, so the text never changes once shown): the thinking after "[thinking] " on a line of
-    its own, then `lead` and the answer. Returns (the result, the answer, the thinking)."""
+    its own, then `lead` and the answer. On a terminal, until the first of it shows, a line on stderr says how
+    far the denoising is (a large model on a CPU takes minutes to a canvas). Returns (the result, the answer, the
+    thinking)."""
     from ..generate import CanvasCommit, Done, Draft
 
     text = model.settled_text(chat, args.stop or ())
     limit = sampler.get("max_new_tokens", model.settings.max_new_tokens)
+    steps = sampler.get("max_denoising_steps", model.settings.max_denoising_steps)
     started = {"reasoning": False, "content": False}
+    waiting = _waiting_line() if sys.stdout.isatty() and sys.stderr.isatty() else None
+    began = time.perf_counter()
 
     def show(content: str, reasoning: str, final: bool = False) -> None:
+        nonlocal waiting
+        if waiting is not None and (content or reasoning or final):
+            waiting.stop()  # (gone before the text: the line was stderr's, the text is stdout's)
+            waiting = None
         if reasoning:
             print("" if started["reasoning"] else "[thinking] ", reasoning, sep="", end="", flush=True)
             started["reasoning"] = True
@@ -84,18 +93,38 @@ def _print_as_it_settles(
 
     committed: list[int] = []
     result = None
-    for event in model.stream(
-        prompt, seed=args.seed, mode=args.mode, commit_stable_prefix=True, stop=text.stops, **sampler, **extra
-    ):
-        if isinstance(event, Draft) and event.settled is not None:
-            show(*text.deltas((committed + event.ids[0, : int(event.settled[0])].tolist())[:limit]))
-        elif isinstance(event, CanvasCommit):
-            committed += event.ids[0].tolist()
-        elif isinstance(event, Done):
-            result = event.result
+    try:
+        for event in model.stream(
+            prompt, seed=args.seed, mode=args.mode, commit_stable_prefix=True, stop=text.stops, **sampler, **extra
+        ):
+            if isinstance(event, Draft) and event.settled is not None:
+                if waiting is not None:
+                    seconds = time.perf_counter() - began
+                    where = f"canvas {event.canvas_index + 1}, step {event.step} of {steps}"
+                    waiting.update(f"denoising: {where} ({seconds:.0f} s)")
+                show(*text.deltas((committed + event.ids[0, : int(event.settled[0])].tolist())[:limit]))
+            elif isinstance(event, CanvasCommit):
+                committed += event.ids[0].tolist()
+            elif isinstance(event, Done):
+                result = event.result
+    finally:
+        if waiting is not None:  # (an error, or Ctrl-C, before any text showed)
+            waiting.stop()
+            waiting = None
     show(*text.deltas(result.new_tokens[0], final=True), final=True)
     content, reasoning = text.parts(result.new_tokens[0])
     return result, content, reasoning
+
+
+def _waiting_line():
+    """A transient line on stderr (rich's status: a spinner and a message), started: "reading the prompt" until
+    the first denoising step says more."""
+    from rich.console import Console
+    from rich.status import Status
+
+    line = Status("reading the prompt", console=Console(stderr=True))
+    line.start()
+    return line
 
 
 def _file_prompts(path: str, key: str = "prompt") -> list[str]:
