@@ -629,16 +629,29 @@ def test_chat_thinking_budget_ends_the_thought_there(capsys, tmp_path, monkeypat
 
 def test_on_a_terminal_a_line_says_how_far_the_denoising_is_until_the_text_shows(capsys, monkeypatch, demo):
     """On a terminal, `chat` (and `generate`) say on stderr which canvas and step the denoising is on until the
-    answer's first text shows (a large model on a CPU takes minutes to a canvas); the answer on stdout is as
-    without it. Piped, nothing of it (the other tests)."""
+    answer's first text shows (a large model on a CPU takes minutes to a canvas), the line gone before it; the
+    answer on stdout is as without it. Piped, there is no such line (the other tests)."""
+    from diffgemma.cli import text as commands
     from diffgemma.generate import run_to_end
 
+    told = []
+
+    class Line:  # (what rich's transient status line is told, in order; its drawing is rich's own)
+        def update(self, message: str) -> None:
+            told.append(message)
+
+        def stop(self) -> None:
+            told.append(("stopped", capsys.readouterr().out))  # (what stdout held when the line went)
+
+    monkeypatch.setattr(commands, "_waiting_line", Line)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     hot = {"t_max": 3.0, "t_min": 2.0}  # (the demo then takes a dozen steps before anything settles)
     assert main(["chat", SKY, "--model", DEMO, "--seed", "0", "--t-max", "3", "--t-min", "2"]) == 0
-    out, err = capsys.readouterr()
-    assert re.search(r"denoising: canvas 1, step \d+ of 16", err), err[-500:]
+    out = capsys.readouterr().out
+    steps = [message for message in told[:-1] if isinstance(message, str)]
+    assert told[-1] == ("stopped", "") and len(steps) == len(told) - 1 >= 2, told
+    assert steps[0].startswith("denoising: canvas 1, step 1 of 16 (") and "step 2 of 16" in steps[1]
     streamed = run_to_end(demo.stream([{"role": "user", "content": SKY}], seed=0, commit_stable_prefix=True, **hot))
     assert out == demo.settled_text(True).parts(streamed.new_tokens[0])[0] + "\n"
 
