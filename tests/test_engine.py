@@ -157,6 +157,29 @@ def test_top_k_and_top_p_cut_in_chunks_of_bounded_memory(monkeypatch):
     assert 4 * chunk < memory.peak <= 7.5 * chunk, memory.peak / chunk
 
 
+@pytest.mark.parametrize("host_reads", [False, True], ids=["accelerator way", "cpu way"])
+def test_penalties_work_in_bounded_memory(monkeypatch, host_reads):
+    """The penalties add to the logits in place: the repetition penalty a chunk of positions at a time
+    (`TRUNCATE_CHUNK` elements: a few chunks' temporaries, whatever the batch and canvas) or, the CPU's way,
+    through the seen tokens' columns alone; the presence and frequency penalties as one [B, V] row."""
+    from diffgemma import sampling
+
+    batch, length, vocab = 8, 64, 16384
+    logits = torch.randn(batch, length, vocab, generator=torch.Generator().manual_seed(0))
+    counts = torch.zeros(batch, vocab)
+    counts[:, :300] = 2.0
+    seen = counts > 0
+    monkeypatch.setattr(sampling, "TRUNCATE_CHUNK", 16 * vocab)
+    chunk = 16 * vocab * logits.element_size()
+    before = logits.clone()
+    with PeakMemory() as memory:
+        sampling.penalize(logits, counts, seen, 0.5, 0.5, 1.3, torch.tensor(0.5), host_reads=host_reads)
+    assert not torch.equal(logits[:, :, :300], before[:, :, :300]) and torch.equal(
+        logits[:, :, 300:], before[:, :, 300:] - 0.0
+    )
+    assert 0 < memory.peak <= 4.5 * chunk, memory.peak / chunk  # (the logits are 32 chunks)
+
+
 def _cuda_like_attention(q, k, v, mask):
     """`model._sdpa`'s CUDA branch where flash attention cannot serve (a mask): `grouped_attention`."""
     import diffgemma.model as model_module
