@@ -215,10 +215,11 @@ def test_ignore_eos_runs_an_answer_to_its_limit(client):
 
 
 def test_vllms_min_tokens_and_allowed_token_ids_and_what_is_refused(client, demo):
-    """vLLM's `min_tokens` (no EOS before them), `allowed_token_ids` (no other id drawn) and
-    `truncate_prompt_tokens` (a prompt's last tokens, its BOS kept; -1: the server's limit); its `stop_token_ids`
-    are taken where they are the model's EOS ids (what the model stops at anyway) and refused otherwise, as
-    `bad_words` are: a 400 naming the field, never ignored."""
+    """vLLM's `min_tokens` (no EOS before them), `allowed_token_ids` (no other id drawn),
+    `truncate_prompt_tokens` (a prompt's last tokens, its BOS kept; -1: the server's limit) and `stop_token_ids`
+    (an answer ends at the first that settles, kept in it unless it is special, a token with no text, as vLLM
+    keeps them; whole or streamed; a stop string before it ends it first); its `bad_words` are refused: a 400
+    naming the field, never ignored."""
     asked = dict(model="demo", messages=ask(FRUIT), seed=0)
     assert client.chat.completions.create(**asked).usage.completion_tokens < 20
     held = client.chat.completions.create(**asked, extra_body={"min_tokens": 20})
@@ -229,6 +230,23 @@ def test_vllms_min_tokens_and_allowed_token_ids_and_what_is_refused(client, demo
     eos = list(demo.settings.eos_token_id)
     same = client.chat.completions.create(**asked, extra_body={"stop_token_ids": eos})
     assert same.choices[0].message.content == ANSWERS[FRUIT]
+    sky = dict(model="demo", messages=ask(SKY), seed=0)
+    letter = demo.tokenizer.encode("b", add_special_tokens=False)[0]  # (the answer's first b: "blue")
+    cut = ANSWERS[SKY][: ANSWERS[SKY].index("b") + 1]
+    stopped = client.chat.completions.create(**sky, extra_body={"stop_token_ids": [letter]})
+    assert stopped.choices[0].message.content == cut and stopped.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(**sky, stream=True, extra_body={"stop_token_ids": [letter]})
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == cut
+    first = client.chat.completions.create(**sky, stop=["scat"], extra_body={"stop_token_ids": [letter]})
+    assert first.choices[0].message.content == ANSWERS[SKY][: ANSWERS[SKY].index("scat")]
+    special = 3  # (a token with no text: not kept)
+    forced = {"stop_token_ids": [special], "logit_bias": {str(special): 100}}
+    made = client.chat.completions.create(**sky, max_tokens=64, extra_body=forced)
+    assert (made.choices[0].message.content, made.choices[0].finish_reason, made.usage.completion_tokens) == (
+        "",
+        "stop",
+        0,
+    )
     long = "Name a fruit. " * 40  # (over the test server's 400-token prompt limit)
     with pytest.raises(openai.BadRequestError, match="the limit is 400"):
         client.completions.create(model="demo", prompt=long, max_tokens=2)
@@ -239,9 +257,8 @@ def test_vllms_min_tokens_and_allowed_token_ids_and_what_is_refused(client, demo
         assert cut.usage.prompt_tokens == kept
     cut = client.chat.completions.create(**asked, extra_body={"truncate_prompt_tokens": 5})
     assert cut.usage.prompt_tokens == 5
-    other = demo.tokenizer.encode("q", add_special_tokens=False)[0]
     for extra, named in (
-        ({"stop_token_ids": [other]}, "stop_token_ids"),
+        ({"stop_token_ids": [10**6]}, "stop_token_ids"),
         ({"bad_words": ["apple"]}, "bad_words"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),

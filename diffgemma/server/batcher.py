@@ -73,6 +73,8 @@ class Job:
     thinking_budget: ThinkingBudget | None = None  # the most tokens of thought its reply writes
     logit_bias: dict[int, float] | None = None  # what is added to some ids' logits (a client's logit_bias)
     min_tokens: int = 0  # no EOS before this many tokens (vLLM's min_tokens)
+    # ids that end its answer as its EOS would, each kept in it (a token with text) or not (vLLM's stop_token_ids)
+    stop_ids: dict[int, bool] = field(default_factory=dict)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)  # (how long it waits for a batch: the metrics)

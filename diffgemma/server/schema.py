@@ -110,10 +110,9 @@ class SamplerExtras(BaseModel):
     ignore_eos: bool = False  # vLLM's: the EOS ids banned, so an answer runs to its limit (benchmark clients)
     min_tokens: int = Field(default=0, ge=0)  # vLLM's: no EOS before this many tokens
     allowed_token_ids: list[int] | None = None  # vLLM's: the only ids an answer draws
+    stop_token_ids: list[int] | None = None  # vLLM's: ids that end an answer (`Serving.stop_ids`)
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # vLLM's: a prompt's last k tokens (-1: limit)
-    # vLLM's with no place here: refused but for their neutral values (`Serving.token_biases`)
-    stop_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
+    bad_words: list[str] | None = None  # vLLM's, with no place here: refused unless empty (`Serving.token_biases`)
     thinking_token_budget: int | None = Field(default=None, ge=0)  # vLLM's: the most tokens of thought (thinking on)
 
 

@@ -408,16 +408,11 @@ class Serving:
         """OpenAI's `logit_bias` as the ids a row never draws (a bias of -100 or less: a ban, exactly) and the
         biases added to the others' logits (up to 100, as OpenAI's range; more is read as 100, as vLLM reads
         it); llama.cpp's texts (`logit_bias_texts`) give theirs to each of their tokens. vLLM's `ignore_eos` bans
-        the EOS ids, its `allowed_token_ids` every other id; its `stop_token_ids` (but the EOS ids) and
-        `bad_words` are refused."""
+        the EOS ids, its `allowed_token_ids` every other id; its `bad_words` are refused."""
         vocab, eos = self.model.config.vocab_size, self.model.settings.eos_token_id
-        for name, given in (
-            ("stop_token_ids", set(body.stop_token_ids or ()) - set(eos)),
-            ("bad_words", body.bad_words),
-        ):
-            if given:
-                message = f"{name} is not supported here (stop strings are: `stop`; bans are: logit_bias -100)"
-                raise APIError(400, message, "invalid_request_error", "invalid_value", name)
+        if body.bad_words:
+            message = "bad_words is not supported here (stop strings are: `stop`; bans are: logit_bias -100)"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "bad_words")
         banned = list(eos) if body.ignore_eos else []
         if body.allowed_token_ids is not None:
             allowed = set(body.allowed_token_ids)
@@ -441,6 +436,17 @@ class Serving:
             elif bias:
                 biases[int(key)] = min(bias, -BAN)
         return tuple(banned), biases or None
+
+    def stop_ids(self, body: SamplerExtras) -> dict[int, bool]:
+        """vLLM's `stop_token_ids` (but the model's EOS ids, which end an answer anyway): each id that ends an
+        answer where it settles, and whether it stays in the answer (as vLLM keeps it: unless it is special, a
+        token with no text)."""
+        vocab, eos = self.model.config.vocab_size, self.model.settings.eos_token_id
+        asked = [token for token in body.stop_token_ids or () if token not in eos]
+        if not all(0 <= token < vocab for token in asked):
+            message = f"stop_token_ids must be token ids from 0 to {vocab - 1}"
+            raise APIError(400, message, "invalid_request_error", "invalid_value", "stop_token_ids")
+        return {token: self.model.tokenizer.decode([token]) != "" for token in asked}
 
     def plugin_fill(self, prompt: list[int], suffix: str, asked: int | None) -> tuple[list[int], bool, int]:
         """An editor plugin's fill (llama.cpp's /infill, Ollama's generate with a suffix): (its prompt, whose
@@ -501,6 +507,7 @@ class Serving:
             thinking_budget,
             logit_bias=biases,
             min_tokens=body.min_tokens,
+            stop_ids=self.stop_ids(body),
         )
         try:
             self.batcher.submit(job)
@@ -1041,22 +1048,33 @@ def _answers_usage(
 
 def _ending(reply: SettledText, event: RowDraft | RowDone, job: Job) -> ChoiceEnd | None:
     """How a choice ends, given its latest event: (its final tokens, its finish reason, the EOS right after them
-    if one ended it), or None while it goes on. A stop string in its answer ends it there; else its row's end
-    does, at its token limit or before. Settled tokens never change, so they end it before its canvas does (or
-    its batch: a row that ended waits for the others): an EOS among them, or as many as its limit."""
+    if one ended it), or None while it goes on. A stop string in its answer, or one of its stop ids, ends it
+    there (the first of them); else its row's end does, at its token limit or before. Settled tokens never
+    change, so they end it before its canvas does (or its batch: a row that ended waits for the others): an EOS
+    among them, or as many as its limit."""
     if isinstance(event, RowDone):
-        through = reply.through_stop(event.new_tokens)
+        through = _stopped(reply, event.new_tokens, job)
         final = event.new_tokens if through is None else through
         finish = "stop" if through is not None or len(final) < job.max_new_tokens else "length"
         return final, finish, event.eos if final == event.new_tokens else None
     tokens = _visible(event, job)
-    through = reply.through_stop(tokens)
+    through = _stopped(reply, tokens, job)
     if through is not None:
         return through, "stop", None
     eos_at = next((index for index, token in enumerate(tokens) if token in reply.eos), None)
     if eos_at is not None:
         return tokens[:eos_at], "stop", tokens[eos_at]
     return (tokens, "length", None) if len(tokens) >= job.max_new_tokens else None
+
+
+def _stopped(reply: SettledText, tokens: list[int], job: Job) -> list[int] | None:
+    """`tokens` through the first stop string (`SettledText.through_stop`) or stop id (`Job.stop_ids`: the id
+    kept, or not) among them, whichever comes first; None where neither has come."""
+    ends = [] if (through := reply.through_stop(tokens)) is None else [through]
+    at = next((index for index, token in enumerate(tokens) if token in job.stop_ids), None)
+    if at is not None:
+        ends.append(tokens[: at + job.stop_ids[tokens[at]]])
+    return min(ends, key=len, default=None)
 
 
 def _draft_payload(event: RowDraft, model: DiffGemma) -> dict[str, Any]:
