@@ -656,6 +656,29 @@ def test_on_a_terminal_a_line_says_how_far_the_denoising_is_until_the_text_shows
     assert out == demo.settled_text(True).parts(streamed.new_tokens[0])[0] + "\n"
 
 
+def test_without_streaming_the_line_shows_until_the_whole_answer_does(capsys, monkeypatch, demo):
+    """`--no-stream` on a terminal: the progress line runs through every canvas (nothing else shows until the
+    end), gone before the text, which is the Python API's for the seed."""
+    from diffgemma.cli import text as commands
+
+    told = []
+
+    class Line:
+        def update(self, message: str) -> None:
+            told.append(message)
+
+        def stop(self) -> None:
+            told.append(("stopped", capsys.readouterr().out))
+
+    monkeypatch.setattr(commands, "_waiting_line", Line)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["chat", SKY, "--model", DEMO, "--seed", "0", "--no-stream"]) == 0  # (its answer: two canvases)
+    out = capsys.readouterr().out
+    assert told[-1] == ("stopped", "") and any("canvas 2, step 1 of 16" in line for line in told[:-1]), told
+    assert out == demo.chat([{"role": "user", "content": SKY}], seed=0).content + "\n"
+
+
 def test_chat_sets_sampler_settings_in_a_session(capsys, monkeypatch):
     """`/set NAME VALUE` (the option's spelling or the field's) changes a sampler setting for the answers that
     follow, `/set NAME default` gives the model's back, `/set` alone lists them; a bad name or value is said

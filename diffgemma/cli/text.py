@@ -99,9 +99,7 @@ def _print_as_it_settles(
         ):
             if isinstance(event, Draft) and event.settled is not None:
                 if waiting is not None:
-                    seconds = time.perf_counter() - began
-                    where = f"canvas {event.canvas_index + 1}, step {event.step} of {steps}"
-                    waiting.update(f"denoising: {where} ({seconds:.0f} s)")
+                    waiting.update(_how_far(event, steps, began))
                 show(*text.deltas((committed + event.ids[0, : int(event.settled[0])].tolist())[:limit]))
             elif isinstance(event, CanvasCommit):
                 committed += event.ids[0].tolist()
@@ -114,6 +112,33 @@ def _print_as_it_settles(
     show(*text.deltas(result.new_tokens[0], final=True), final=True)
     content, reasoning = text.parts(result.new_tokens[0])
     return result, content, reasoning
+
+
+def _generated(model, prompt: Any, args: argparse.Namespace, sampler: dict[str, Any], **extra: Any):
+    """`model.generate`'s result; on a terminal, with a transient line on stderr saying how far the denoising is
+    while it runs (nothing else shows until it ends: minutes, with a large model on a CPU)."""
+    from ..generate import Done, Draft
+
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return model.generate(prompt, seed=args.seed, mode=args.mode, **sampler, **extra)
+    steps = sampler.get("max_denoising_steps", model.settings.max_denoising_steps)
+    began, result = time.perf_counter(), None
+    line = _waiting_line()
+    try:
+        for event in model.stream(prompt, seed=args.seed, mode=args.mode, **sampler, **extra):
+            if isinstance(event, Draft):
+                line.update(_how_far(event, steps, began))
+            elif isinstance(event, Done):
+                result = event.result
+    finally:
+        line.stop()
+    return result
+
+
+def _how_far(draft, steps: int, began: float) -> str:
+    """What the terminal's progress line says at `draft`: its canvas and step, and the seconds so far."""
+    where = f"canvas {draft.canvas_index + 1}, step {draft.step} of {steps}"
+    return f"denoising: {where} ({time.perf_counter() - began:.0f} s)"
 
 
 def _waiting_line():
@@ -287,7 +312,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     elif args.stream:
         result = _print_as_it_settles(model, prompt, args, sampler, chat=False, **pictures)[0]
     else:
-        result = model.generate(prompt, seed=args.seed, mode=args.mode, stop=args.stop, **pictures, **sampler)
+        result = _generated(model, prompt, args, sampler, stop=args.stop, **pictures)
         print(result.text)
     _say_if_cut(result)
     if args.stats:
@@ -437,9 +462,7 @@ def _chat(args: argparse.Namespace, functions: list[Callable[..., Any]]) -> None
                 if args.watch and terminal:
                     result = _watch(model, history, args, asked, enable_thinking=thinking, stop=text.stops)
                 else:
-                    result = model.generate(
-                        history, seed=args.seed, mode=args.mode, enable_thinking=thinking, stop=text.stops, **asked
-                    )
+                    result = _generated(model, history, args, asked, enable_thinking=thinking, stop=text.stops)
                 content, reasoning = text.parts(result.new_tokens[0])
             if reasoning:
                 print(f"[thinking] {reasoning}")
