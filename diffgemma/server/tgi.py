@@ -31,7 +31,7 @@ from ..api import DiffGemma
 from ..reply import SettledText
 from .batcher import Job
 from .schema import APIError, Piece, SamplerExtras, sse, stream_failure
-from .service import Answer, Serving, event_stream, fit_prompt, raw_prompt, reply_text
+from .service import Answer, Serving, event_stream, raw_prompt, reply_text
 
 GENERATE_PATHS = ("/", "/generate", "/generate_stream")
 # How an answer ended, as TGI names it (by the finish reason the other routes use, a stop string apart)
@@ -91,6 +91,7 @@ class TgiParameters(BaseModel):
             top_p=self.top_p,
             repetition_penalty=self.repetition_penalty,
             frequency_penalty=self.frequency_penalty,
+            truncate_prompt_tokens=self.truncate,  # (vLLM's name for the same cut: `Serving.truncated`)
         )
 
 
@@ -112,15 +113,12 @@ def tgi_routes(model: DiffGemma, serving: Serving, context: int) -> APIRouter:
     """TGI's routes over `serving` (`context`: the tokens a request may span, as `/info` gives it)."""
     router = APIRouter()
     tokenizer = model.tokenizer
-    opening = len(tokenizer.encode(""))  # (the BOS, kept when a prompt is truncated)
 
     def start(body: TgiRequest) -> tuple[Job, SettledText, int, TgiParameters]:
         """The request's job (queued), its reply's reader, its prompt's length, and its parameters."""
         asked = body.parameters
         sampler = asked.sampler()
-        prompt = raw_prompt(tokenizer, body.inputs)
-        if asked.truncate is not None:
-            prompt, _ = fit_prompt(prompt, opening, max(asked.truncate, opening + 1))
+        prompt = serving.truncated([raw_prompt(tokenizer, body.inputs)], sampler, whole=False)[0]
         limit = serving.admit([prompt], asked.max_new_tokens, 1, chat=True, param="max_new_tokens")
         reply = reply_text(model, chat=False, stop=asked.stop or None)  # (its stop strings checked first)
         job = serving.new_job(prompt, limit, sampler, 0, None)
