@@ -595,7 +595,7 @@ class DecoderPass:
     temperature 1: in reference mode before the division, as the reference runs transformers' warpers).
     `adapters`, where rows run with LoRA adapters of their own (`AdapterBank.for_rows`), puts the rows' adapters
     in place before each pass, given the rows it runs (None: all of them). Rows of other temperatures or cuts
-    (`RowSampling`) are each scaled and cut by their own. `bias` ([B, 1, V]; None: none) is added to each row's
+    (`RowSampling`) are each scaled and cut by their own. `bias` ([B, V]; None: none) is added to each row's
     logits first, in the units of the head's logits (before the temperature, as OpenAI's `logit_bias`); then
     `penalties` (None: none) for what each row has written already.
     """
@@ -615,7 +615,8 @@ class DecoderPass:
     ) -> None:
         self.network, self.cache = network, cache
         self.adapters = adapters or (lambda rows: None)
-        self.bias, self.penalties = bias, penalties
+        self.bias = None if bias is None else bias.to(network.device)[:, None, :]  # (every position's)
+        self.penalties = penalties
         # The whole schedule up front, on the device: no host-to-device copy inside the loop.
         self.temperatures = rows.temperatures
         self.inverse_temperatures = self.temperatures.reciprocal()
@@ -891,7 +892,7 @@ def denoising_loop(
         raise DiffGemmaError(f"prompt token ids must be between 0 and {vocab - 1} (the vocabulary)")
     given = _Constraints(clamp, token_ranges, noise_ranges, banned_tokens, first_self_conditioning)
     constraints = given.checked(batch, canvases * length, vocab, device)
-    bias = None if logit_bias is None else checked_bias(logit_bias, batch, vocab).to(device)[:, None, :]
+    bias = None if logit_bias is None else checked_bias(logit_bias, batch, vocab)
     if prompt_length + canvases * length > config.max_position_embeddings:
         raise DiffGemmaError(
             f"prompt ({prompt_length}) plus {canvases} canvas(es) of {length} exceeds the model's "

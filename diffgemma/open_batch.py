@@ -541,7 +541,7 @@ class OpenBatch:
             self.cuda_graph,
             self.rng.sync_free,
             self._rows_adapters,
-            None if bias is None else bias.to(device)[:, None, :],
+            bias,
             penalties,
         )
         self.denoiser = CanvasDenoiser(

@@ -168,18 +168,19 @@ def penalize(
     goes over every logit a few positions at a time, and nothing here waits for the device."""
     batch, vocab = counts.shape
     rows = logits.view(batch, -1, vocab)
-    if host_reads and (isinstance(repetition, torch.Tensor) or repetition != 1.0):
-        for row in range(batch):
-            ids = seen[row].nonzero().squeeze(1)
-            own = float(repetition[row]) if isinstance(repetition, torch.Tensor) else repetition
-            columns = rows[row][:, ids]
-            rows[row][:, ids] = torch.where(columns > 0, columns / own, columns * own)
-    elif isinstance(repetition, torch.Tensor) or repetition != 1.0:
-        factor = torch.where(seen, per_row(repetition, counts), 1.0)[:, None, :]
-        chunk = max(1, TRUNCATE_CHUNK // (batch * vocab))  # (positions at a time: temporaries a fraction of the logits)
-        for start in range(0, rows.shape[1], chunk):
-            part = rows[:, start : start + chunk]
-            part.copy_(torch.where(part > 0, part / factor, part * factor))
+    if isinstance(repetition, torch.Tensor) or repetition != 1.0:
+        if host_reads:
+            for row in range(batch):
+                ids = seen[row].nonzero().squeeze(1)
+                own = float(repetition[row]) if isinstance(repetition, torch.Tensor) else repetition
+                columns = rows[row][:, ids]
+                rows[row][:, ids] = torch.where(columns > 0, columns / own, columns * own)
+        else:
+            factor = torch.where(seen, per_row(repetition, counts), 1.0)[:, None, :]
+            chunk = max(1, TRUNCATE_CHUNK // (batch * vocab))  # (positions at a time: temporaries a few chunks)
+            for start in range(0, rows.shape[1], chunk):
+                part = rows[:, start : start + chunk]
+                part.copy_(torch.where(part > 0, part / factor, part * factor))
     if isinstance(presence, torch.Tensor) or isinstance(frequency, torch.Tensor) or presence or frequency:
         lost = per_row(frequency, counts) * counts + per_row(presence, counts) * (counts > 0)
         rows.sub_(lost[:, None, :] / scale)
