@@ -11,10 +11,9 @@ Answers come in its response shape (`content`, `stop_type`, `timings`, the field
 streamed as its `data:` lines, the last with `stop: true` and, as llama-server's, the answer's counts and timings.
 Its request fields are read as the other routes read theirs: `n_predict` a limit (-1 or unset: the route's
 default), seed -1 a random one, `logit_bias` pairs or map (`false`: never that token; a text: each of its
-tokens), `presence_penalty` and
-`frequency_penalty` as OpenAI's; the settings the sampler has no place for (`repeat_penalty` over the last
-`repeat_last_n` tokens, Mirostat, DRY, grammars) are ignored, as llama.cpp ignores fields it does not know;
-`n_probs` is refused (`/v1/completions`' `logprobs` gives them).
+tokens), `presence_penalty` and `frequency_penalty` as OpenAI's; the settings the sampler has no place for
+(`repeat_penalty` over the last `repeat_last_n` tokens, Mirostat, DRY, grammars) are ignored, as llama.cpp ignores
+fields it does not know; `n_probs` is refused (`/v1/completions`' `logprobs` gives them).
 
 A diffusion fill is a gap of fixed size between prefix and suffix on one canvas, ending early where the model
 writes its EOS. llama.cpp reads `n_predict` as a limit, so the gap takes at most what leaves the suffix (and the
