@@ -152,26 +152,29 @@ def _waiting_line():
     return line
 
 
-def _file_prompts(path: str, key: str = "prompt") -> list[str]:
-    """Prompts (texts) from a file: {key: ...} records (a .jsonl file, a .json array, a .parquet file's rows), else
-    one a line (blank lines skipped)."""
-    if Path(path).suffix.lower() in RECORD_SUFFIXES:
-        prompts = []
-        for where, record in read_records(path):
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise DiffGemmaError(f'{where}: expected an object with a "{key}" text')
-            prompts.append(record[key])
-        return prompts
-    return [line for line in read_text(path).splitlines() if line.strip()]
+def _file_records(path: str) -> list[tuple[str, object]] | None:
+    """A --file's records, each with where it is (a .jsonl file, a .json array, a .parquet file's rows), read
+    once for the prompts and the records' own settings; None for a text file (a prompt a line)."""
+    return list(read_records(path)) if Path(path).suffix.lower() in RECORD_SUFFIXES else None
 
 
-def _record_settings(model, path: str) -> list[dict[str, Any]]:
+def _file_prompts(path: str, records: list[tuple[str, object]] | None, key: str = "prompt") -> list[str]:
+    """Prompts (texts) from a file: its {key: ...} records, else one a line (blank lines skipped)."""
+    if records is None:
+        return [line for line in read_text(path).splitlines() if line.strip()]
+    prompts = []
+    for where, record in records:
+        if not isinstance(record, dict) or not isinstance(record.get(key), str):
+            raise DiffGemmaError(f'{where}: expected an object with a "{key}" text')
+        prompts.append(record[key])
+    return prompts
+
+
+def _record_settings(model, records: list[tuple[str, object]] | None) -> list[dict[str, Any]]:
     """Each --file record's own settings, over the options' ("seed", "max_new_tokens" and the sampler's: a sweep
     in one file), checked as the model's settings check them; none for a text file's lines."""
-    if Path(path).suffix.lower() not in RECORD_SUFFIXES:
-        return []
     owned = []
-    for where, record in read_records(path):
+    for where, record in records or []:
         own = {key: record[key] for key in ("seed", "max_new_tokens", *SAMPLER_FIELDS) if key in record}
         try:
             if "seed" in own and (not isinstance(own["seed"], int) or isinstance(own["seed"], bool)):
@@ -184,15 +187,15 @@ def _record_settings(model, path: str) -> list[dict[str, Any]]:
 
 
 def _file_conversations(
-    model, path: str, system: str | None, thinking: bool
+    model, path: str, records: list[tuple[str, object]] | None, system: str | None, thinking: bool
 ) -> list[tuple[list, list[int], list[Any]]]:
     """`chat --file`'s conversations, {"messages": [...]} records (or ShareGPT's {"conversations": [...]}) in a
     .jsonl file, a .json array or a .parquet file, each with its prompt ids (rendered as `chat` renders one;
     `system` first where it has no system message) and the pictures of its image parts; errors name the line."""
-    if Path(path).suffix.lower() not in RECORD_SUFFIXES:
+    if records is None:
         raise DiffGemmaError(f'{path}: chat --file reads a .jsonl (or .json, .parquet) file of {{"messages": [...]}}')
     conversations = []
-    for where, record in read_records(path):
+    for where, record in records:
         try:
             conversations.append(_file_conversation(model, record, system, thinking))
         except DiffGemmaError as err:
@@ -222,18 +225,20 @@ def _run_file(
     args: argparse.Namespace,
     sampler: dict[str, Any],
     prompts: list,
+    records: list[tuple[str, object]] | None,
     stop: Any,
     record: Callable[[int, Any, int], dict[str, Any]],
     pictures: list[list[Any]] | None = None,
 ) -> None:
     """`--file`'s prompts (texts or ids; `pictures`: each one's), `--batch-size` rows at a time (prompt i seeded
     seed + i, or its record's own; a record's own settings are its row's: `_record_settings`), as JSONL on stdout
-    in the file's order: `record(i, result, row)` for prompt i, row `row` of its batch's result."""
+    in the file's order: `record(i, result, row)` for prompt i, row `row` of its batch's result; `records`: the
+    file's (None for a text file)."""
     import json
 
     if not prompts:
         raise DiffGemmaError(f"{args.file}: no prompts")
-    owned = _record_settings(model, args.file) or [{} for _ in prompts]
+    owned = _record_settings(model, records) or [{} for _ in prompts]
     size = 1 if args.mode == "reference" else args.batch_size  # (reference mode draws one stream for a batch)
     tokens, seconds = 0, 0.0
     for start in range(0, len(prompts), size):
@@ -263,19 +268,21 @@ def _finish_reason(result, row: int) -> str:
 
 def _generate_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
     """`generate --file`: {"prompt", "text", "finish_reason"} a prompt ("length": cut at the token limit)."""
-    prompts = _file_prompts(args.file)
+    records = _file_records(args.file)
+    prompts = _file_prompts(args.file, records)
 
     def record(index: int, result, row: int) -> dict[str, Any]:
         return {"prompt": prompts[index], "text": result.text[row], "finish_reason": _finish_reason(result, row)}
 
-    _run_file(model, args, sampler, prompts, args.stop, record)
+    _run_file(model, args, sampler, prompts, records, args.stop, record)
 
 
 def _chat_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None:
     """`chat --file`: each conversation's next answer, {"messages", "text", "reasoning" (when it thought),
     "finish_reason"} a conversation."""
     reply = model.settled_text(True, args.stop or ())  # (first: a checkpoint without a tokenizer is told here)
-    conversations = _file_conversations(model, args.file, args.system, args.think)
+    records = _file_records(args.file)
+    conversations = _file_conversations(model, args.file, records, args.system, args.think)
     if args.think and args.thinking_budget is not None:
         sampler = {**sampler, "thinking_budget": args.thinking_budget}
 
@@ -289,7 +296,7 @@ def _chat_file(model, args: argparse.Namespace, sampler: dict[str, Any]) -> None
         }
 
     prompts, pictures = [ids for _, ids, _ in conversations], [shown for _, _, shown in conversations]
-    _run_file(model, args, sampler, prompts, reply.stops, record, pictures)
+    _run_file(model, args, sampler, prompts, records, reply.stops, record, pictures)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -362,7 +369,11 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
     if bool(args.texts) == (args.file is not None):
         raise DiffGemmaError("give texts (- reads one from stdin), or --file with one text a line")
-    texts = _file_prompts(args.file, "text") if args.file else [read_prompt(text) for text in args.texts]
+    texts = (
+        _file_prompts(args.file, _file_records(args.file), "text")
+        if args.file
+        else [read_prompt(text) for text in args.texts]
+    )
     if not texts:
         raise DiffGemmaError(f"{args.file}: no texts")
     if args.similarity and (len(texts) < 2 or args.no_normalize):
