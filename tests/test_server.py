@@ -21,7 +21,7 @@ from server_util import beside_a_long_request, free_port, idle, running, wait_un
 
 from diffgemma.server import ServerOptions, create_app
 from diffgemma.server.batcher import Batcher
-from diffgemma.server.service import ToolUse, choice_ending, fill_limit, format_fault, reply_text
+from diffgemma.server.service import Serving, ToolUse, choice_ending, fill_limit, format_fault, reply_text
 from diffgemma.structured import DEFAULT_TRIES, JsonFormat, RegexFormat
 
 
@@ -267,6 +267,19 @@ def test_vllms_min_tokens_and_allowed_token_ids_and_what_is_refused(client, demo
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(**asked, extra_body=extra)
         assert refused.value.param == named
+
+
+def test_a_requests_choices_share_its_worked_out_bans(client, demo, count_calls):
+    """A request's n choices are jobs of one body: its bans (`allowed_token_ids`: the rest of the vocabulary) and
+    stop ids are worked out once for all of them, and each choice keeps to them; the next request works out its own."""
+    worked = count_calls(Serving, "token_biases")
+    allowed = [demo.tokenizer.encode(letter, add_special_tokens=False)[0] for letter in "xy "]
+    asked = dict(model="demo", messages=ask(FRUIT), seed=0, max_tokens=8, n=3)
+    made = client.chat.completions.create(**asked, extra_body={"allowed_token_ids": allowed})
+    assert len(made.choices) == 3 and all(set(choice.message.content) <= set("xy ") for choice in made.choices)
+    assert len(worked) == 1
+    other = client.chat.completions.create(**asked, extra_body={"allowed_token_ids": allowed[:1]})
+    assert len(worked) == 2 and all(set(choice.message.content) <= {"x"} for choice in other.choices)
 
 
 def test_logit_bias_bans_at_minus_100_and_adds_other_biases_to_the_logits(server, client, demo):

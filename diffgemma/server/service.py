@@ -277,6 +277,7 @@ class Serving:
         self.options = options
         self.batcher = batcher
         self.active = 0
+        self._last_settings: tuple[weakref.ref, tuple] | None = None  # (`_job_settings`)
 
     def adapter_for(self, name: str | None) -> str | None:
         """The LoRA adapter a request's `model` names (`serve --lora-modules`): None for the base model, by its
@@ -491,8 +492,7 @@ class Serving:
         base = body.seed if body.seed is not None else 0 if body.temperature == 0 else None
         seed = base + choice if base is not None else secrets.randbits(62)
         loop = asyncio.get_running_loop()
-        sampler, (banned, biases) = self.sampler_overrides(body), self.token_biases(body)
-        adapter = self.adapter_for(body.model)
+        sampler, (banned, biases), stop_ids, adapter = self._job_settings(body)
         job = Job(
             prompt,
             limit,
@@ -507,13 +507,22 @@ class Serving:
             thinking_budget,
             logit_bias=biases,
             min_tokens=body.min_tokens,
-            stop_ids=self.stop_ids(body),
+            stop_ids=stop_ids,
         )
         try:
             self.batcher.submit(job)
         except EngineStopped as err:
             raise APIError(503, str(err), "server_error", "unavailable") from None
         return job
+
+    def _job_settings(self, body: SamplerExtras) -> tuple:
+        """A request's sampler overrides, bans and biases, stop ids and adapter, worked out once for its jobs (its
+        n choices, its retries: each a job of the same body), the last request's kept while its body lives (an
+        `allowed_token_ids` ban list is most of the vocabulary)."""
+        if self._last_settings is None or self._last_settings[0]() is not body:
+            worked_out = (self.sampler_overrides(body), self.token_biases(body), self.stop_ids(body))
+            self._last_settings = (weakref.ref(body), (*worked_out, self.adapter_for(body.model)))
+        return self._last_settings[1]
 
     def ending(
         self, reply: SettledText, event: RowDraft | RowDone, job: Job
