@@ -522,6 +522,7 @@ class DiffGemma:
         thinking_budget: int | None = None,
         adapter: str | Sequence[str | None] | None = None,
         logit_bias: dict[int, float] | Sequence[dict[int, float] | None] | torch.Tensor | None = None,
+        progress: Callable[[Draft], None] | None = None,
         **sampler: Any,
     ) -> GenerationResult:
         """Generate after `prompt` (ids, text, chat messages, or a batch of ids, texts or conversations).
@@ -568,6 +569,8 @@ class DiffGemma:
         is added to the logits of every generated position before the temperature and the cuts read them, as
         OpenAI's `logit_bias`: +100 makes a token all but certain wherever it is allowed, -5 rare; `banned_tokens`
         is the exact ban.
+        `progress` is called with each denoising step's `Draft` (its canvas, its step, the draft so far): a
+        progress bar's hook, where `stream` would be more than it needs.
         """
         return run_to_end(
             self.stream(
@@ -589,7 +592,8 @@ class DiffGemma:
                 adapter=adapter,
                 logit_bias=logit_bias,
                 **sampler,
-            )
+            ),
+            progress,
         )
 
     def stream(
@@ -691,6 +695,7 @@ class DiffGemma:
         prediction: str | Sequence[int] | None = None,
         thinking_budget: int | None = None,
         adapter: str | None = None,
+        progress: Callable[[Draft], None] | None = None,
         **sampler: Any,
     ) -> ChatResult:
         """One model turn through the checkpoint's chat template; the thinking channel comes back apart.
@@ -723,7 +728,8 @@ class DiffGemma:
         `thinking_budget` (with `enable_thinking`): the most tokens of thought before the answer (`generate`'s);
         0: none. Not with a `prefill` or a forced tool call, which begin the reply where the thought would.
 
-        `adapter`: the LoRA adapter (`add_adapter`) that answers, whatever `use_adapter` put in place."""
+        `adapter`: the LoRA adapter (`add_adapter`) that answers, whatever `use_adapter` put in place.
+        `progress`: called with each denoising step's `Draft` (`generate`'s), a JSON answer's tries all told."""
         tokenizer = self._need_tokenizer()
         check_messages(messages, prefill)  # (before a JSON answer's instruction is added to them)
         answer_format = json_format(json_schema, "json_schema")
@@ -764,6 +770,7 @@ class DiffGemma:
                 prediction=prediction,
                 thinking_budget=thinking_budget,
                 adapter=adapter,
+                progress=progress,
                 **sampler,
             )
             tokens = result.new_tokens[0]

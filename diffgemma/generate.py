@@ -1365,10 +1365,15 @@ def row_output(generated: list[int], limit: int, eos_ids: tuple[int, ...]) -> tu
     return (tokens, None) if end is None else (tokens[:end], tokens[end])
 
 
-def run_to_end(events: Iterator[Draft | CanvasCommit | Done]) -> GenerationResult:
+def run_to_end(
+    events: Iterator[Draft | CanvasCommit | Done], progress: Callable[[Draft], None] | None = None
+) -> GenerationResult:
+    """The result the events end with; `progress`, if given, is called with each draft on the way."""
     for event in events:
         if isinstance(event, Done):
             return event.result
+        if progress is not None and isinstance(event, Draft):
+            progress(event)
     raise RuntimeError("generation ended without a result")  # pragma: no cover - the loop always yields Done
 
 

@@ -7,15 +7,18 @@ import json
 import os
 import pty
 import re
+import shutil
 import struct
 import subprocess
 import sys
 import termios
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from assets.make_demo_model import ANSWERS, FRUIT, SKY
+from screen_util import Terminal
 
 import diffgemma
 from diffgemma import DiffGemmaError, sampling
@@ -627,56 +630,64 @@ def test_chat_thinking_budget_ends_the_thought_there(capsys, tmp_path, monkeypat
     ]
 
 
-def test_on_a_terminal_a_line_says_how_far_the_denoising_is_until_the_text_shows(capsys, monkeypatch, demo):
-    """On a terminal, `chat` (and `generate`) say on stderr which canvas and step the denoising is on until the
-    answer's first text shows (a large model on a CPU takes minutes to a canvas), the line gone before it; the
-    answer on stdout is as without it. Piped, there is no such line (the other tests)."""
+def on_a_terminal(monkeypatch, width: int = 80) -> tuple[Terminal, list[tuple[int, int]]]:
+    """The commands' progress notes drawn on one emulated terminal `width` cells wide (stdout's text there too),
+    and the (canvas, step) each note was told, in order."""
+    from diffgemma.cli import progress
     from diffgemma.cli import text as commands
+
+    terminal, told = Terminal(width), []
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda: SimpleNamespace(columns=width, lines=24))
+
+    class Note(progress.ProgressNote):
+        def step(self, draft) -> None:
+            told.append((draft.canvas_index + 1, draft.step))
+            super().step(draft)
+
+    monkeypatch.setattr(commands, "terminal_note", lambda steps: Note(steps, out=terminal, err=terminal, tick=0))
+    return terminal, told
+
+
+def test_on_a_terminal_a_note_after_the_text_says_how_far_the_denoising_is(capsys, monkeypatch, demo):
+    """On a terminal, `chat` (and `generate`) say on stderr which canvas and step the denoising is on, a note after
+    the text shown so far (a large model on a CPU takes minutes to a canvas, and the next canvas's text settles only
+    after some steps), erased before more text and at the end: the screen then holds the answer alone, as
+    streamed without it. Piped, there is no note (the other tests)."""
     from diffgemma.generate import run_to_end
 
-    told = []
-
-    class Line:  # (what rich's transient status line is told, in order; its drawing is rich's own)
-        def update(self, message: str) -> None:
-            told.append(message)
-
-        def stop(self) -> None:
-            told.append(("stopped", capsys.readouterr().out))  # (what stdout held when the line went)
-
-    monkeypatch.setattr(commands, "_waiting_line", Line)
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    terminal, told = on_a_terminal(monkeypatch)
     hot = {"t_max": 3.0, "t_min": 2.0}  # (the demo then takes a dozen steps before anything settles)
     assert main(["chat", SKY, "--model", DEMO, "--seed", "0", "--t-max", "3", "--t-min", "2"]) == 0
-    out = capsys.readouterr().out
-    steps = [message for message in told[:-1] if isinstance(message, str)]
-    assert told[-1] == ("stopped", "") and len(steps) == len(told) - 1 >= 2, told
-    assert steps[0].startswith("denoising: canvas 1, step 1 of 16 (") and "step 2 of 16" in steps[1]
     streamed = run_to_end(demo.stream([{"role": "user", "content": SKY}], seed=0, commit_stable_prefix=True, **hot))
-    assert out == demo.settled_text(True).parts(streamed.new_tokens[0])[0] + "\n"
+    answer = demo.settled_text(True).parts(streamed.new_tokens[0])[0]
+    assert terminal.screen() == [answer, ""] and capsys.readouterr().out == ""
+    assert told[:2] == [(1, 1), (1, 2)] and max(told)[0] >= 2  # (its answer takes more than one canvas)
+    shown = terminal.getvalue()
+    first_text = shown.index(answer.split()[0])
+    assert "\x1b[2m⠋ reading the prompt" in shown[:first_text] and "canvas 1, step 1 of 16" in shown[:first_text]
+    assert re.search(r"\x1b\[2m ⠋ denoising: canvas 2, step \d+ of 16", shown[first_text:])  # (after the text)
 
 
-def test_without_streaming_the_line_shows_until_the_whole_answer_does(capsys, monkeypatch, demo):
-    """`--no-stream` on a terminal: the progress line runs through every canvas (nothing else shows until the
-    end), gone before the text, which is the Python API's for the seed."""
-    from diffgemma.cli import text as commands
+def test_without_streaming_or_with_tools_the_note_shows_until_the_whole_answer_does(
+    capsys, monkeypatch, demo, tmp_path
+):
+    """`--no-stream` on a terminal: the note runs through every canvas (nothing else shows until the end), gone
+    before the text, which is the Python API's for the seed; so it does while an agent's turn is denoised, a
+    note for each of its rounds."""
+    from assets.make_demo_model import WEATHER_ANSWER, WEATHER_QUESTION, WEATHER_RESULT
 
-    told = []
-
-    class Line:
-        def update(self, message: str) -> None:
-            told.append(message)
-
-        def stop(self) -> None:
-            told.append(("stopped", capsys.readouterr().out))
-
-    monkeypatch.setattr(commands, "_waiting_line", Line)
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    terminal, told = on_a_terminal(monkeypatch)
     assert main(["chat", SKY, "--model", DEMO, "--seed", "0", "--no-stream"]) == 0  # (its answer: two canvases)
-    out = capsys.readouterr().out
-    assert told[-1] == ("stopped", "") and any("canvas 2, step 1 of 16" in line for line in told[:-1]), told
-    assert out == demo.chat([{"role": "user", "content": SKY}], seed=0).content + "\n"
+    assert (2, 1) in told and terminal.screen() == [""]
+    assert capsys.readouterr().out == demo.chat([{"role": "user", "content": SKY}], seed=0).content + "\n"
+    tools = tmp_path / "weather.py"
+    tools.write_text(
+        f'def get_weather(city: str) -> str:\n    """The weather now in a city"""\n    return {WEATHER_RESULT!r}\n'
+    )
+    told.clear()
+    assert main(["chat", WEATHER_QUESTION, "--tools", str(tools), "--model", DEMO, "--seed", "0"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == WEATHER_ANSWER
+    assert told.count((1, 1)) == 2 and terminal.getvalue().count("reading the prompt") == 3  # (a call, an answer)
 
 
 def test_chat_sets_sampler_settings_in_a_session(capsys, monkeypatch):

@@ -121,7 +121,9 @@ def test_stream_one_draft_per_step_and_same_result_as_generate(tiny):
         last_draft = [d for d in drafts if d.canvas_index == commit.canvas_index][-1]
         expected, _ = pad_after_eos(last_draft.ids, eos, tiny.settings.pad_token_id)
         assert torch.equal(commit.ids, expected)
-    generated = tiny.generate("stream me", max_new_tokens=50, seed=3)
+    seen = []  # (generate's progress hook: each draft, as the stream gives them)
+    generated = tiny.generate("stream me", max_new_tokens=50, seed=3, progress=seen.append)
+    assert [(d.canvas_index, d.step) for d in seen] == [(d.canvas_index, d.step) for d in drafts]
     assert torch.equal(done.result.sequences, generated.sequences)
     assert done.result.text == generated.text
     assert isinstance(drafts[0].text[0], str)

@@ -22,6 +22,7 @@ from ..records import RECORD_SUFFIXES, read_records, sharegpt_messages
 from ..tool_servers import ToolServers
 from ..toolcalls import check_tools, run_tool_calls
 from .common import SAMPLER_OPTIONS, load_model, model_path, read_prompt, sampler_options
+from .progress import ProgressNote, terminal_note
 
 MAX_TOOL_ROUNDS = 16  # `chat --tools`: rounds of calls before the model is made to answer
 
@@ -66,90 +67,53 @@ def _print_as_it_settles(
 ):
     """Generate, printing the answer as it settles (a canvas's leading tokens are fixed as soon as they are
     stable and confident, so the text never changes once shown): the thinking after "[thinking] " on a line of
-    its own, then `lead` and the answer. On a terminal, until the first of it shows, a line on stderr says how
-    far the denoising is (a large model on a CPU takes minutes to a canvas). Returns (the result, the answer, the
-    thinking)."""
+    its own, then `lead` and the answer. On a terminal a note after the text says how far the denoising is
+    (`progress.ProgressNote`: a large model on a CPU takes minutes to a canvas). Returns (the result, the answer,
+    the thinking)."""
     from ..generate import CanvasCommit, Done, Draft
 
     text = model.settled_text(chat, args.stop or ())
     limit = sampler.get("max_new_tokens", model.settings.max_new_tokens)
-    steps = sampler.get("max_denoising_steps", model.settings.max_denoising_steps)
     started = {"reasoning": False, "content": False}
-    waiting = _waiting_line() if sys.stdout.isatty() and sys.stderr.isatty() else None
-    began = time.perf_counter()
+    note = _note(model, sampler)
 
     def show(content: str, reasoning: str, final: bool = False) -> None:
-        nonlocal waiting
-        if waiting is not None and (content or reasoning or final):
-            waiting.stop()  # (gone before the text: the line was stderr's, the text is stdout's)
-            waiting = None
         if reasoning:
-            print("" if started["reasoning"] else "[thinking] ", reasoning, sep="", end="", flush=True)
+            note.write(("" if started["reasoning"] else "[thinking] ") + reasoning)
             started["reasoning"] = True
         if (content or final) and not started["content"]:  # (an empty answer still gets its line)
-            print("\n" if started["reasoning"] else "", lead, sep="", end="")
+            note.write(("\n" if started["reasoning"] else "") + lead)
             started["content"] = True
-        print(content, end="\n" if final else "", flush=True)
+        note.write(content + ("\n" if final else ""))
 
     committed: list[int] = []
     result = None
-    try:
+    with note:
         for event in model.stream(
             prompt, seed=args.seed, mode=args.mode, commit_stable_prefix=True, stop=text.stops, **sampler, **extra
         ):
             if isinstance(event, Draft) and event.settled is not None:
-                if waiting is not None:
-                    waiting.update(_how_far(event, steps, began))
+                note.step(event)
                 show(*text.deltas((committed + event.ids[0, : int(event.settled[0])].tolist())[:limit]))
             elif isinstance(event, CanvasCommit):
                 committed += event.ids[0].tolist()
             elif isinstance(event, Done):
                 result = event.result
-    finally:
-        if waiting is not None:  # (an error, or Ctrl-C, before any text showed)
-            waiting.stop()
-            waiting = None
     show(*text.deltas(result.new_tokens[0], final=True), final=True)
     content, reasoning = text.parts(result.new_tokens[0])
     return result, content, reasoning
 
 
 def _generated(model, prompt: Any, args: argparse.Namespace, sampler: dict[str, Any], **extra: Any):
-    """`model.generate`'s result; on a terminal, with a transient line on stderr saying how far the denoising is
+    """`model.generate`'s result; on a terminal, with a transient note on stderr saying how far the denoising is
     while it runs (nothing else shows until it ends: minutes, with a large model on a CPU)."""
-    from ..generate import Done, Draft
-
-    if not (sys.stdout.isatty() and sys.stderr.isatty()):
-        return model.generate(prompt, seed=args.seed, mode=args.mode, **sampler, **extra)
-    steps = sampler.get("max_denoising_steps", model.settings.max_denoising_steps)
-    began, result = time.perf_counter(), None
-    line = _waiting_line()
-    try:
-        for event in model.stream(prompt, seed=args.seed, mode=args.mode, **sampler, **extra):
-            if isinstance(event, Draft):
-                line.update(_how_far(event, steps, began))
-            elif isinstance(event, Done):
-                result = event.result
-    finally:
-        line.stop()
-    return result
+    with _note(model, sampler) as note:
+        return model.generate(prompt, seed=args.seed, mode=args.mode, progress=note.step, **sampler, **extra)
 
 
-def _how_far(draft, steps: int, began: float) -> str:
-    """What the terminal's progress line says at `draft`: its canvas and step, and the seconds so far."""
-    where = f"canvas {draft.canvas_index + 1}, step {draft.step} of {steps}"
-    return f"denoising: {where} ({time.perf_counter() - began:.0f} s)"
-
-
-def _waiting_line():
-    """A transient line on stderr (rich's status: a spinner and a message), started: "reading the prompt" until
-    the first denoising step says more."""
-    from rich.console import Console
-    from rich.status import Status
-
-    line = Status("reading the prompt", console=Console(stderr=True))
-    line.start()
-    return line
+def _note(model, sampler: dict[str, Any]) -> ProgressNote:
+    """The terminal's progress note for a generation with these sampler settings (`progress.terminal_note`)."""
+    return terminal_note(sampler.get("max_denoising_steps", model.settings.max_denoising_steps))
 
 
 def _file_records(path: str) -> list[tuple[str, object]] | None:
@@ -666,7 +630,8 @@ def _agent_turn(model, history: list[dict[str, Any]], functions: list[Callable[.
     """One answer with tools: each round's calls run and shown, their results added to `history` for the model,
     until it answers; after MAX_TOOL_ROUNDS of calls it is made to answer without them. Returns its reply."""
     for _ in range(MAX_TOOL_ROUNDS):
-        reply = model.chat(history, thinking, tools=functions, **settings)
+        with _note(model, settings) as note:
+            reply = model.chat(history, thinking, tools=functions, progress=note.step, **settings)
         if not reply.tool_calls:
             return reply
         turn = run_tool_calls(reply.tool_calls, functions, reply.content)
@@ -675,7 +640,8 @@ def _agent_turn(model, history: list[dict[str, Any]], functions: list[Callable[.
             print(f"[tool] {call.name}({shown}) -> {result['content']}")
         history.extend(turn)
     print(f"[{MAX_TOOL_ROUNDS} rounds of tool calls; answering without tools]", file=sys.stderr)
-    return model.chat(history, thinking, tools=functions, tool_choice="none", **settings)
+    with _note(model, settings) as note:
+        return model.chat(history, thinking, tools=functions, tool_choice="none", progress=note.step, **settings)
 
 
 def _tool_functions(path: str) -> list[Callable[..., Any]]:
