@@ -799,13 +799,15 @@ class DiffGemma:
         length: int,
         seed: int | None = None,
         mode: str = "fast",
+        progress: Callable[[Draft], None] | None = None,
         **sampler: Any,
     ) -> InfillResult:
-        """Fill `length` tokens between `prefix` (encoded as the prompt) and `suffix` (clamped on the canvas)."""
+        """Fill `length` tokens between `prefix` (encoded as the prompt) and `suffix` (clamped on the canvas);
+        `progress`: `generate`'s."""
         tokenizer, settings = self._need_tokenizer(), self.settings
         prompt, clamp = self.infill_inputs(prefix, suffix, length)
         events, _ = self._events([prompt], self.config.canvas_length, seed, mode, [clamp], False, False, sampler)
-        result = run_to_end(events)
+        result = run_to_end(events, progress)
         fill_ids = result.new_tokens[0][:length]
         for index, token in enumerate(fill_ids):
             if token in settings.eos_token_id or token == settings.pad_id:
@@ -877,7 +879,8 @@ class DiffGemma:
         mode: str = "fast",
         **sampler: Any,
     ) -> InfillResult:
-        """Regenerate the characters `text[start:end]` in place (as many tokens as they had, or `length`)."""
+        """Regenerate the characters `text[start:end]` in place (as many tokens as they had, or `length`); the
+        sampler settings and `progress` are `infill`'s."""
         if not isinstance(text, str) or not (is_int(start) and is_int(end)):
             raise DiffGemmaError("edit takes a text and a span of integer character offsets (start, end)")
         if not 0 <= start <= end <= len(text):

@@ -690,6 +690,31 @@ def test_without_streaming_or_with_tools_the_note_shows_until_the_whole_answer_d
     assert told.count((1, 1)) == 2 and terminal.getvalue().count("reading the prompt") == 3  # (a call, an answer)
 
 
+def test_files_fills_and_edits_show_the_note_while_they_denoise(capsys, monkeypatch, tmp_path):
+    """The note shows for the other commands that denoise for long on a terminal (a `--file`'s batches, `infill`,
+    `edit` of lines or by an instruction), each erased before its output, which is as piped."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a", "max_denoising_steps": 4}\n{"prompt": "b", "max_denoising_steps": 6}\n')
+    notes = tmp_path / "notes.txt"
+    notes.write_text("one\ntwo\nthree\n")
+    runs = (
+        ["generate", "--file", str(prompts), "--max-new-tokens", "8"],
+        ["infill", "--prefix", "The sky ", "--suffix", " blue.", "--length", "3"],
+        ["edit", str(notes), "--lines", "2:2"],
+        ["edit", str(notes), "--instruction", "Capitalise the words."],
+    )
+    piped = []
+    for argv in runs:
+        assert main([*argv, "--model", DEMO, "--seed", "0"]) == 0
+        piped.append(capsys.readouterr().out)
+    for argv, out in zip(runs, piped, strict=True):
+        terminal, told = on_a_terminal(monkeypatch)
+        assert main([*argv, "--model", DEMO, "--seed", "0"]) == 0
+        assert capsys.readouterr().out == out and told and told[0] == (1, 1), argv
+        steps = 6 if argv[0] == "generate" else 16  # (a batch whose rows differ in steps: the most)
+        assert terminal.screen() == [""] and f"denoising: canvas 1, step 1 of {steps}" in terminal.getvalue()
+
+
 def test_chat_sets_sampler_settings_in_a_session(capsys, monkeypatch):
     """`/set NAME VALUE` (the option's spelling or the field's) changes a sampler setting for the answers that
     follow, `/set NAME default` gives the model's back, `/set` alone lists them; a bad name or value is said

@@ -112,8 +112,10 @@ def _generated(model, prompt: Any, args: argparse.Namespace, sampler: dict[str, 
 
 
 def _note(model, sampler: dict[str, Any]) -> ProgressNote:
-    """The terminal's progress note for a generation with these sampler settings (`progress.terminal_note`)."""
-    return terminal_note(sampler.get("max_denoising_steps", model.settings.max_denoising_steps))
+    """The terminal's progress note for a generation with these sampler settings (`progress.terminal_note`; a
+    batch's rows may each have their own steps: the most)."""
+    steps = sampler.get("max_denoising_steps", model.settings.max_denoising_steps)
+    return terminal_note(max(steps) if isinstance(steps, list | tuple) else steps)
 
 
 def _file_records(path: str) -> list[tuple[str, object]] | None:
@@ -216,7 +218,10 @@ def _run_file(
         for key in {key for row in own for key in row} - {"seed"}:  # (a setting the rows differ in: one a row)
             values = [row.get(key, sampler.get(key, getattr(model.settings, key))) for row in own]
             asked[key] = values[0] if len(set(values)) == 1 else values
-        result = model.generate(rows, seed=seed, mode=args.mode, stop=stop, images=shown, **asked)
+        with _note(model, asked) as note:
+            result = model.generate(
+                rows, seed=seed, mode=args.mode, stop=stop, images=shown, progress=note.step, **asked
+            )
         for row in range(len(rows)):
             print(json.dumps(record(start + row, result, row), ensure_ascii=False), flush=True)
         tokens += sum(len(row) for row in result.new_tokens)
@@ -674,9 +679,11 @@ def _tool_functions(path: str) -> list[Callable[..., Any]]:
 
 def cmd_infill(args: argparse.Namespace) -> None:
     model = load_model(args)
-    result = model.infill(
-        args.prefix, args.suffix, args.length, seed=args.seed, mode=args.mode, **sampler_options(args)
-    )
+    sampler = sampler_options(args)
+    with _note(model, sampler) as note:
+        result = model.infill(
+            args.prefix, args.suffix, args.length, seed=args.seed, mode=args.mode, progress=note.step, **sampler
+        )
     print(result.text)
 
 
@@ -724,7 +731,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
     end = start + sum(len(line) for line in lines[first - 1 : last])
     end -= 2 if lines[last - 1].endswith("\r\n") else lines[last - 1].endswith("\n")  # keep the span's line end
     model = load_model(args)
-    result = model.edit(text, start, end, args.length, seed=args.seed, mode=args.mode, **sampler_options(args))
+    sampler = sampler_options(args)
+    with _note(model, sampler) as note:
+        result = model.edit(text, start, end, args.length, args.seed, args.mode, progress=note.step, **sampler)
     if args.write:
         write_atomically(path, mark + result.text, backup=not args.no_backup)
         print(f"rewrote lines {first}-{last} of {path}" + ("" if args.no_backup else f" (backup: {path.name}.bak)"))
@@ -739,7 +748,9 @@ def _rewrite(path: Path, mark: str, text: str, args: argparse.Namespace) -> None
     if args.length is not None:
         raise DiffGemmaError("--length goes with --lines (an instruction's answer is as long as it needs)")
     model = load_model(args)
-    new = model.rewrite(text, args.instruction, seed=args.seed, mode=args.mode, **sampler_options(args)).content
+    sampler = sampler_options(args)
+    with _note(model, sampler) as note:
+        new = model.rewrite(text, args.instruction, args.seed, mode=args.mode, progress=note.step, **sampler).content
     if new == text:
         print(f"no change to {path}")
     elif args.write:
