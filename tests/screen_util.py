@@ -10,6 +10,8 @@ class Terminal(io.StringIO):
     """What a terminal `width` cells wide shows of what was written to it (stdout and stderr alike): the escapes
     the note uses (style, erase to the line's end, cursor left), lines wrapping at the width."""
 
+    encoding = "utf-8"  # (what it can show; a test may make it "ascii")
+
     def __init__(self, width: int) -> None:
         super().__init__()
         self.width = width

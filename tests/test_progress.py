@@ -27,14 +27,14 @@ def test_the_note_follows_the_text_and_is_gone_at_the_end(terminal):
     note = ProgressNote(16, out=terminal, err=terminal, tick=0)
     assert terminal.screen() == ["⠋ reading the prompt (0 s)"]
     note.step(draft(0, 3))
-    assert terminal.screen() == ["⠋ canvas 1 · step 3/16 · 0 s"]  # (the longest note is over the room, 38)
+    assert terminal.screen() == ["⠋ canvas 1, step 3/16, 0 s"]  # (the longest note is over the room, 38)
     note.write("The sky")
-    assert terminal.screen() == ["The sky ⠋ canvas 1 · step 3/16 · 0 s"]
+    assert terminal.screen() == ["The sky ⠋ canvas 1, step 3/16, 0 s"]
     note.step(draft(1, 1))
     note.write(" is blue because air scatters")  # (36 cells: room for the spinner's shortest note alone)
     assert terminal.screen() == ["The sky is blue because air scatters ⠋"]
     note.write(" blue light")  # (past the width: the text wraps, the note follows it on the next line)
-    assert terminal.screen() == ["The sky is blue because air scatters blu", "e light ⠋ canvas 2 · step 1/16 · 0 s"]
+    assert terminal.screen() == ["The sky is blue because air scatters blu", "e light ⠋ canvas 2, step 1/16, 0 s"]
     note.write(" more.\n")
     assert terminal.screen()[-1].startswith("⠋ ")
     note.close()
@@ -64,6 +64,15 @@ def test_the_spinner_turns_between_steps(terminal):
         time.sleep(0.01)
     note.close()
     assert len(set(re.findall(r"\x1b\[2m(.)", terminal.getvalue()))) >= 3 and terminal.screen() == [""]
+
+
+def test_a_terminal_without_braille_gets_an_ascii_spinner(terminal):
+    terminal.encoding = "ascii"
+    note = ProgressNote(16, out=terminal, err=terminal, tick=0)
+    note.step(draft(0, 2))
+    note.write("x")
+    assert terminal.screen() == ["x | canvas 1, step 2/16, 0 s"]
+    note.close()
 
 
 def test_off_a_terminal_text_is_only_written(terminal):

@@ -15,7 +15,9 @@ from typing import TextIO
 from rich.cells import cell_len
 from rich.console import Console
 
-SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+# (each character one cell wide wherever it shows: none of East Asian "ambiguous" width, which CJK terminals draw
+# two cells wide; where the terminal's encoding has no braille, the ASCII spinner)
+SPINNER, ASCII_SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏", "|/-\\"
 DIM, PLAIN, ERASE = "\x1b[2m", "\x1b[0m", "\x1b[K"  # (ERASE: from the cursor to the line's end)
 TICK = 0.25  # seconds between redraws: the spinner turns and the seconds count while a step runs
 
@@ -34,6 +36,7 @@ class ProgressNote:
         self.column: int | None = 0  # cells of text on the cursor's line (None after a tab: not known)
         self.drawn = 0  # cells of the note after the cursor
         self.turns = 0
+        self.spinner = SPINNER if _encodes(self.err, SPINNER) else ASCII_SPINNER
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._ticker = None
@@ -105,14 +108,14 @@ class ProgressNote:
 
     def _notes(self, lead: str) -> list[str]:
         """What the note may say, the most first: the line's room picks the longest that fits."""
-        spinner = f"{lead}{SPINNER[self.turns % len(SPINNER)]}"
+        spinner = f"{lead}{self.spinner[self.turns % len(self.spinner)]}"
         seconds = f"{time.perf_counter() - self.began:.0f} s"
         if self.step_of is None:
             return [f"{spinner} reading the prompt ({seconds})", f"{spinner} {seconds}", spinner]
         canvas, step = self.step_of
         return [
             f"{spinner} denoising: canvas {canvas}, step {step} of {self.steps} ({seconds})",
-            f"{spinner} canvas {canvas} · step {step}/{self.steps} · {seconds}",
+            f"{spinner} canvas {canvas}, step {step}/{self.steps}, {seconds}",
             f"{spinner} {step}/{self.steps}",
             spinner,
         ]
@@ -122,6 +125,15 @@ class ProgressNote:
             self.err.write(ERASE)
             self.err.flush()
             self.drawn = 0
+
+
+def _encodes(stream: TextIO, text: str) -> bool:
+    """Whether `stream`'s encoding can write `text`."""
+    try:
+        text.encode(getattr(stream, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 def terminal_note(steps: int) -> ProgressNote:
