@@ -130,17 +130,27 @@ def _add_model_options(
         )
     if not sampling:
         return
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--mode", default="fast", choices=["fast", "reference"])
+    parser.add_argument("--seed", type=int, default=None, help="the random draws' seed: the same output again")
+    parser.add_argument(
+        "--mode",
+        default="fast",
+        choices=["fast", "reference"],
+        help="fast: diffgemma's sampler; reference: the reference's arithmetic and random draws, step for step",
+    )
     if length:
-        parser.add_argument("--max-new-tokens", type=int, default=None)
+        parser.add_argument("--max-new-tokens", type=int, default=None, help="the most tokens to write")
     _add_sampler_options(parser)
 
 
 def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
     """The sampler's settings (`common.SAMPLER_OPTIONS`): the checkpoint's defaults, overridden."""
     parser.add_argument("--steps", type=int, default=None, help="maximum denoising steps per canvas")
-    parser.add_argument("--entropy-bound", type=float, default=None)
+    parser.add_argument(
+        "--entropy-bound",
+        type=float,
+        default=None,
+        help="a step accepts its surest positions while their entropies sum to at most this (more: fewer steps)",
+    )
     parser.add_argument("--t-max", type=float, default=None, help="temperature on the first step")
     parser.add_argument("--t-min", type=float, default=None, help="temperature towards the last step")
     parser.add_argument("--stability", type=int, default=None, help="steps the draft must stay unchanged")
