@@ -153,6 +153,20 @@ def test_commands_that_run_a_model_load_it_in_auto_training_in_float32_and_mergi
     assert parser.parse_args(["lora-merge", "--adapter", "a", "--out", "o"]).dtype == "stored"  # keeps a bf16 base
 
 
+def test_every_option_of_every_command_says_what_it_is():
+    """`--help` explains each option (an option listed with no words is one a user must guess at)."""
+    from diffgemma.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    unexplained = [
+        f"{name} {action.option_strings[-1]}"
+        for name, command in commands.items()
+        for action in command._actions
+        if action.option_strings and not action.help and action.dest != "help"
+    ]
+    assert len(commands) >= 16 and unexplained == []
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [

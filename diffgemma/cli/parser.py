@@ -318,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=text.cmd_chat)
 
     infill = commands.add_parser("infill", help="fill the middle between a prefix and a suffix")
-    infill.add_argument("--prefix", required=True)
-    infill.add_argument("--suffix", required=True)
+    infill.add_argument("--prefix", required=True, help="the text before the gap (read as the prompt)")
+    infill.add_argument("--suffix", required=True, help="the text after it (held in place on the canvas)")
     infill.add_argument("--length", type=int, default=32, help="tokens to fill")
     _add_model_options(infill, length=False)  # (its length: --length)
     infill.set_defaults(run=text.cmd_infill)
@@ -345,14 +345,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="a server for OpenAI, Anthropic, Ollama and llama.cpp clients, with a playground page"
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=_at_least(0, 65535), default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=_at_least(0, 65535), default=8000, help="port to listen on (0: any free one)")
     serve.add_argument("--name", default=None, help="model id the API reports")
     serve.add_argument("--api-key", default=None, help="require this Bearer key (or set DIFFGEMMA_API_KEY)")
-    serve.add_argument("--max-prompt-tokens", type=_at_least(1), default=8192)
-    serve.add_argument("--max-tokens-limit", type=_at_least(1), default=4096)
-    serve.add_argument("--max-concurrent", type=_at_least(1), default=16)
-    serve.add_argument("--max-batch", type=_at_least(1), default=8)
+    serve.add_argument(
+        "--max-prompt-tokens", type=_at_least(1), default=8192, help="longest prompt taken (default %(default)s)"
+    )
+    serve.add_argument(
+        "--max-tokens-limit",
+        type=_at_least(1),
+        default=4096,
+        help="most tokens an answer may ask (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-concurrent",
+        type=_at_least(1),
+        default=16,
+        help="answers (a request's n choices each) under way or waiting at once; more get 429 (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-batch", type=_at_least(1), default=8, help="rows denoised together in one batch (default %(default)s)"
+    )
     serve.add_argument(
         "--max-runs",
         type=_at_least(1),
@@ -426,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     puzzles.add_argument(
         "--givens", default="24:36", help="a number or a range A:B (20 at least; below 22, seconds a puzzle)"
     )
-    puzzles.add_argument("--seed", type=int, default=0)
+    puzzles.add_argument("--seed", type=int, default=0, help="the same seed, the same puzzles")
     puzzles.set_defaults(run=tasks.cmd_sudoku_puzzles)
 
     evaluate = commands.add_parser("eval", help="evaluate a task: `eval sudoku --puzzles FILE`")
@@ -457,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="steps between checkpoints and evaluations (sudoku 500, chat 100; 0: only the final checkpoint)",
     )
-    trainer.add_argument("--seed", type=int, default=0)
+    trainer.add_argument(
+        "--seed", type=int, default=0, help="the run's random draws: new weights, data order, corruption"
+    )
     trainer.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     trainer.add_argument("--init", default=None, help="sudoku: start from this checkpoint's weights (a new stage)")
     trainer.add_argument(
@@ -525,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=QUANT_FORMATS,
         help="chat, with --lora-rank: quantize the frozen base while loading (QLoRA: the 26B in int4 fits 18 GB)",
     )
-    trainer.add_argument("--lora-alpha", type=float, default=32.0)
+    trainer.add_argument("--lora-alpha", type=float, default=32.0, help="chat: LoRA's scale is alpha / rank")
     trainer.add_argument("--lora-self-conditioning", action="store_true", help="chat: adapt that block too")
     trainer.add_argument("--accumulation", type=_at_least(1), default=1, help="chat: micro-batches per optimizer step")
     trainer.add_argument("--thinking", action="store_true", help="chat: render prompts with thinking enabled")
@@ -548,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize = commands.add_parser("quantize", help="write a weight-quantized copy of a checkpoint (atomic)")
     quantize.add_argument("source", help="checkpoint folder")
     quantize.add_argument("destination", help="folder for the quantized checkpoint")
-    quantize.add_argument("--to", required=True, choices=QUANT_FORMATS)
+    quantize.add_argument("--to", required=True, choices=QUANT_FORMATS, help="the weights' format")
     quantize.add_argument("--group-size", type=int, default=None, help="int4: weights sharing one scale (64)")
     quantize.add_argument(
         "--attention-group-size",
@@ -588,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     random = commands.add_parser("random-checkpoint", help="write a random-weight checkpoint of a named shape")
     random.add_argument("folder")
     random.add_argument("--preset", default="tiny", help="tiny, bench-90m or 26b-a4b")
-    random.add_argument("--seed", type=int, default=0)
-    random.add_argument("--dtype", default="float32")
+    random.add_argument("--seed", type=int, default=0, help="the random weights' seed")
+    random.add_argument("--dtype", default="float32", help="the weights' dtype as written")
     random.set_defaults(run=checkpoints.cmd_random_checkpoint)
     return parser
