@@ -349,31 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_at_least(0, 65535), default=8000, help="port to listen on (0: any free one)")
     serve.add_argument("--name", default=None, help="model id the API reports")
     serve.add_argument("--api-key", default=None, help="require this Bearer key (or set DIFFGEMMA_API_KEY)")
-    serve.add_argument(
-        "--max-prompt-tokens", type=_at_least(1), default=8192, help="longest prompt taken (default %(default)s)"
-    )
-    serve.add_argument(
-        "--max-tokens-limit",
-        type=_at_least(1),
-        default=4096,
-        help="most tokens an answer may ask (default %(default)s)",
-    )
-    serve.add_argument(
-        "--max-concurrent",
-        type=_at_least(1),
-        default=16,
-        help="answers (a request's n choices each) under way or waiting at once; more get 429 (default %(default)s)",
-    )
-    serve.add_argument(
-        "--max-batch", type=_at_least(1), default=8, help="rows denoised together in one batch (default %(default)s)"
-    )
-    serve.add_argument(
-        "--max-runs",
-        type=_at_least(1),
-        default=2,
-        help="batches denoised at once, a step of each in turn: a request that arrives while a batch runs starts "
-        "at once instead of waiting for it to end; 1: one batch after another (default %(default)s)",
-    )
+    for flag, default, meaning in (  # the server's limits, each at least 1
+        ("--max-prompt-tokens", 8192, "longest prompt taken"),
+        ("--max-tokens-limit", 4096, "most tokens an answer may ask"),
+        ("--max-concurrent", 16, "answers (a request's n choices each) under way or waiting at once; more get 429"),
+        ("--max-batch", 8, "rows denoised together in one batch"),
+        (
+            "--max-runs",
+            2,
+            "batches denoised at once, a step of each in turn: a request that arrives while a batch runs starts at "
+            "once instead of waiting for it to end; 1: one batch after another",
+        ),
+    ):
+        serve.add_argument(flag, type=_at_least(1), default=default, help=f"{meaning} (default %(default)s)")
     serve.add_argument(
         "--join-first",
         action=argparse.BooleanOptionalAction,
