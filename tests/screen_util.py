@@ -2,6 +2,8 @@
 
 import io
 import re
+import shutil
+from types import SimpleNamespace
 
 ESCAPE = re.compile(r"\x1b\[(\d*)([A-Za-z])")
 
@@ -37,3 +39,10 @@ class Terminal(io.StringIO):
                 lines[-1][column : column + 1] = [char]
                 column += 1
         return ["".join(line) for line in lines]
+
+
+def sized_terminal(monkeypatch, width: int) -> Terminal:
+    """A `Terminal` `width` cells wide, which `shutil.get_terminal_size` reports for the test."""
+    terminal = Terminal(width)
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda: SimpleNamespace(columns=width, lines=24))
+    return terminal

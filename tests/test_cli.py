@@ -7,18 +7,16 @@ import json
 import os
 import pty
 import re
-import shutil
 import struct
 import subprocess
 import sys
 import termios
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from assets.make_demo_model import ANSWERS, FRUIT, SKY
-from screen_util import Terminal
+from screen_util import Terminal, sized_terminal
 
 import diffgemma
 from diffgemma import DiffGemmaError, sampling
@@ -650,8 +648,7 @@ def on_a_terminal(monkeypatch, width: int = 80) -> tuple[Terminal, list[tuple[in
     from diffgemma.cli import progress
     from diffgemma.cli import text as commands
 
-    terminal, told = Terminal(width), []
-    monkeypatch.setattr(shutil, "get_terminal_size", lambda: SimpleNamespace(columns=width, lines=24))
+    terminal, told = sized_terminal(monkeypatch, width), []
 
     class Note(progress.ProgressNote):
         def step(self, draft) -> None:
@@ -875,7 +872,7 @@ def test_ctrl_c_in_a_terminal_chat_stops_the_answer_not_the_chat(capsys, monkeyp
 
     from diffgemma.api import DiffGemma
 
-    class Terminal(io.StringIO):
+    class TypedInput(io.StringIO):  # (what a terminal's keyboard gives)
         def isatty(self) -> bool:
             return True
 
@@ -888,7 +885,7 @@ def test_ctrl_c_in_a_terminal_chat_stops_the_answer_not_the_chat(capsys, monkeyp
         return stream(self, messages, **kw)
 
     monkeypatch.setattr(DiffGemma, "stream", interrupted_once)
-    monkeypatch.setattr(sys, "stdin", Terminal("Why is the sky blue?\nSay hello.\n"))
+    monkeypatch.setattr(sys, "stdin", TypedInput("Why is the sky blue?\nSay hello.\n"))
     code, out, _ = run(capsys, "chat", "--model", DEMO, "--seed", "0")
     assert code == 0 and "(interrupted)" in out and ANSWERS["Say hello."] in out
     assert calls[1] == [{"role": "user", "content": "Say hello."}]  # the interrupted question left the history

@@ -2,21 +2,18 @@
 erased before more text and when closed, so the screen ends with the text alone."""
 
 import re
-import shutil
 import time
 from types import SimpleNamespace
 
 import pytest
-from screen_util import Terminal
+from screen_util import sized_terminal
 
 from diffgemma.cli.progress import DIM, ProgressNote
 
 
 @pytest.fixture
 def terminal(monkeypatch):
-    term = Terminal(40)
-    monkeypatch.setattr(shutil, "get_terminal_size", lambda: SimpleNamespace(columns=term.width, lines=24))
-    return term
+    return sized_terminal(monkeypatch, 40)
 
 
 def draft(canvas: int, step: int) -> SimpleNamespace:
